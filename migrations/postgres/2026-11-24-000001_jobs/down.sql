@@ -1,0 +1,2 @@
+DROP TABLE job_events;
+DROP TABLE jobs;

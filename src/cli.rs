@@ -1,0 +1,73 @@
+//! The command line: one clap derive tree; each leaf calls into the library.
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{DbArgs, ServeArgs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "Coordinator jobs and stitcher ingestion behind signed-request authentication"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service (migrates the database first).
+    Serve(ServeArgs),
+    /// Apply pending database migrations and exit.
+    Migrate(DbArgs),
+}
+
+/// How a command ended: `Config` errors exit with code 2, others with 1.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+}
+
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Migrate(args) => {
+            let cfg = args.validate(None)?;
+            let n = crate::db::migrate::run_pending(&cfg)?;
+            eprintln!("applied {n} migration(s)");
+            Ok(())
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), CliError> {
+    let config = args.validate()?;
+    if config.dev {
+        std::fs::create_dir_all(crate::config::Config::dev_dir())
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", crate::config::DEV_DIR))?;
+    }
+    let sys = actix_web::rt::System::new();
+    sys.block_on(async move {
+        let app = crate::startup::Application::build(config.clone()).await?;
+        log::info!("listening on http://{}:{}", config.bind.ip(), app.port());
+        app.run_until_stopped().await?;
+        log::info!("stopped");
+        Ok::<(), anyhow::Error>(())
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,43 @@
+//! One schema for both backends (types both SQLite and PostgreSQL have).
+//! Timestamps are unix milliseconds (`BigInt`); JSON documents are `Text`.
+
+diesel::table! {
+    jobs (id) {
+        id -> Text,
+        kind -> Text,
+        queue -> Text,
+        priority -> Integer,
+        status -> Text,
+        progress -> Integer,
+        message -> Nullable<Text>,
+        payload -> Text,
+        result -> Nullable<Text>,
+        error -> Nullable<Text>,
+        gate_results -> Nullable<Text>,
+        created_by -> Text,
+        idempotency_key -> Nullable<Text>,
+        request_hash -> Nullable<Text>,
+        attempts -> Integer,
+        max_attempts -> Integer,
+        version -> BigInt,
+        worker -> Nullable<Text>,
+        lease_expires_at -> Nullable<BigInt>,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+        started_at -> Nullable<BigInt>,
+        finished_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    job_events (job_id, seq) {
+        job_id -> Text,
+        seq -> BigInt,
+        event_type -> Text,
+        data -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::joinable!(job_events -> jobs (job_id));
+diesel::allow_tables_to_appear_in_same_query!(jobs, job_events);

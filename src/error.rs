@@ -1,0 +1,292 @@
+//! The one error type of the HTTP edge, rendered as RFC 9457 problem+json.
+//!
+//! Library code returns [`StoreError`] (storage) or module errors; conversion to
+//! [`ApiError`] happens at the HTTP edge. Internal causes are logged, never returned:
+//! a 500 body says only "internal error".
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::{json, Map, Value};
+
+/// Errors of the storage layer (repositories and the pool).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Db(#[from] diesel::result::Error),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    /// True when the error means the connection (or the server behind it) is gone,
+    /// so the pooled connection must be discarded and the request answered with 503.
+    pub fn is_connection_loss(&self) -> bool {
+        match self {
+            StoreError::Db(e) => is_connection_loss(e),
+            StoreError::Unavailable(_) => true,
+            _ => false,
+        }
+    }
+}
+
+pub(crate) fn is_connection_loss(e: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind as K, Error as E};
+    match e {
+        E::DatabaseError(K::ClosedConnection | K::UnableToSendCommand, _) => true,
+        E::BrokenTransactionManager => true,
+        E::DatabaseError(K::Unknown, info) => {
+            let m = info.message();
+            m.contains("terminating connection")
+                || m.contains("server closed the connection")
+                || m.contains("connection to server")
+                || m.contains("no connection to the server")
+        }
+        _ => false,
+    }
+}
+
+fn is_busy(e: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind as K, Error as E};
+    match e {
+        E::DatabaseError(K::Unknown, info) => {
+            let m = info.message();
+            m.contains("database is locked") || m.contains("database table is locked")
+        }
+        E::DatabaseError(K::SerializationFailure, _) => true,
+        _ => false,
+    }
+}
+
+/// Why an authentication attempt failed: a short public reason plus optional
+/// extension members (`server_time`, `canonical`) that hold no secret.
+#[derive(Debug, Clone)]
+pub struct AuthFailure {
+    pub reason: &'static str,
+    pub extra: Map<String, Value>,
+}
+
+impl AuthFailure {
+    pub fn new(reason: &'static str) -> Self {
+        AuthFailure {
+            reason,
+            extra: Map::new(),
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.extra.insert(key.to_owned(), value.into());
+        self
+    }
+}
+
+/// The error type of every handler and of the middleware.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400, naming the offending field (`body` when the JSON itself is malformed).
+    #[error("bad request: {field}: {detail}")]
+    BadRequest { field: String, detail: String },
+    #[error("unauthorized: {}", .0.reason)]
+    Unauthorized(Box<AuthFailure>),
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("payload too large")]
+    TooLarge,
+    #[error("too many requests")]
+    TooManyRequests { retry_after_secs: u64 },
+    #[error("service unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0:#}")]
+    Internal(anyhow::Error),
+}
+
+impl ApiError {
+    pub fn bad_request(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            field: field.into(),
+            detail: detail.into(),
+        }
+    }
+
+    pub fn unauthorized(failure: AuthFailure) -> Self {
+        ApiError::Unauthorized(Box::new(failure))
+    }
+
+    pub fn internal(e: impl Into<anyhow::Error>) -> Self {
+        ApiError::Internal(e.into())
+    }
+
+    fn kind(&self) -> (&'static str, &'static str) {
+        match self {
+            ApiError::BadRequest { .. } => ("bad-request", "Bad Request"),
+            ApiError::Unauthorized(_) => ("unauthorized", "Unauthorized"),
+            ApiError::Forbidden(_) => ("forbidden", "Forbidden"),
+            ApiError::NotFound => ("not-found", "Not Found"),
+            ApiError::MethodNotAllowed => ("method-not-allowed", "Method Not Allowed"),
+            ApiError::Conflict(_) => ("conflict", "Conflict"),
+            ApiError::TooLarge => ("payload-too-large", "Payload Too Large"),
+            ApiError::TooManyRequests { .. } => ("too-many-requests", "Too Many Requests"),
+            ApiError::Unavailable(_) => ("unavailable", "Service Unavailable"),
+            ApiError::Internal(_) => ("internal", "Internal Server Error"),
+        }
+    }
+
+    /// The public detail: never a cause chain, SQL, path or config name.
+    fn detail(&self) -> String {
+        match self {
+            ApiError::BadRequest { field, detail } => format!("{field}: {detail}"),
+            ApiError::Unauthorized(f) => f.reason.to_owned(),
+            ApiError::Forbidden(why) => (*why).to_owned(),
+            ApiError::NotFound => "no such resource".to_owned(),
+            ApiError::MethodNotAllowed => "method not allowed for this resource".to_owned(),
+            ApiError::Conflict(why) => why.clone(),
+            ApiError::TooLarge => "request body exceeds the configured limit".to_owned(),
+            ApiError::TooManyRequests { .. } => "too many failed attempts; retry later".to_owned(),
+            ApiError::Unavailable(_) => {
+                "the service cannot reach its database; retry later".to_owned()
+            }
+            ApiError::Internal(_) => "internal error".to_owned(),
+        }
+    }
+
+    /// The problem+json document for this error.
+    pub fn problem(&self) -> Value {
+        let (kind, title) = self.kind();
+        let mut body = json!({
+            "type": format!("urn:coordinator:problem:{kind}"),
+            "title": title,
+            "status": self.status_code().as_u16(),
+            "detail": self.detail(),
+        });
+        if let Some(obj) = body.as_object_mut() {
+            match self {
+                ApiError::BadRequest { field, .. } => {
+                    obj.insert("field".into(), Value::String(field.clone()));
+                }
+                ApiError::Unauthorized(f) => {
+                    obj.insert("reason".into(), Value::String(f.reason.to_owned()));
+                    for (k, v) in &f.extra {
+                        obj.insert(k.clone(), v.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        body
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        match self {
+            ApiError::Internal(e) => log::error!("internal error: {e:#}"),
+            ApiError::Unavailable(why) => log::warn!("database unavailable: {why}"),
+            _ => {}
+        }
+        let mut resp = HttpResponse::build(self.status_code());
+        resp.insert_header((header::CONTENT_TYPE, "application/problem+json"));
+        resp.insert_header((header::CACHE_CONTROL, "no-store"));
+        match self {
+            ApiError::TooManyRequests { retry_after_secs } => {
+                resp.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+            }
+            ApiError::Unavailable(_) => {
+                resp.insert_header((header::RETRY_AFTER, "1"));
+            }
+            ApiError::Unauthorized(_) => {
+                resp.insert_header((header::WWW_AUTHENTICATE, "Coordinator-HMAC-SHA256"));
+            }
+            _ => {}
+        }
+        resp.body(self.problem().to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => ApiError::NotFound,
+            StoreError::Conflict(why) => ApiError::Conflict(why),
+            StoreError::Unavailable(why) => ApiError::Unavailable(why),
+            StoreError::Db(diesel::result::Error::NotFound) => ApiError::NotFound,
+            StoreError::Db(ref d) if is_connection_loss(d) || is_busy(d) => {
+                ApiError::Unavailable(d.to_string())
+            }
+            StoreError::Db(d) => ApiError::Internal(d.into()),
+            StoreError::Internal(why) => ApiError::Internal(anyhow::anyhow!(why)),
+        }
+    }
+}
+
+impl From<actix_web::error::BlockingError> for ApiError {
+    fn from(e: actix_web::error::BlockingError) -> Self {
+        ApiError::Internal(anyhow::anyhow!("blocking task failed: {e}"))
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_errors_do_not_leak_their_cause() {
+        let e = ApiError::internal(anyhow::anyhow!("SELECT secret FROM /etc/passwd"));
+        let body = e.problem().to_string();
+        assert!(!body.contains("SELECT"));
+        assert!(body.contains("internal error"));
+        assert_eq!(e.status_code(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn unavailable_hides_the_cause() {
+        let e: ApiError = StoreError::Unavailable("connection refused at 10.0.0.1".into()).into();
+        assert_eq!(e.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!e.problem().to_string().contains("10.0.0.1"));
+    }
+
+    #[test]
+    fn bad_request_names_the_field() {
+        let e = ApiError::bad_request("percent", "must be between 0 and 100");
+        let p = e.problem();
+        assert_eq!(p["field"], "percent");
+        assert_eq!(p["status"], 400);
+    }
+
+    #[test]
+    fn auth_failure_carries_extension_members() {
+        let e = ApiError::unauthorized(
+            AuthFailure::new("timestamp out of range").with("server_time", 1700000000),
+        );
+        let p = e.problem();
+        assert_eq!(p["reason"], "timestamp out of range");
+        assert_eq!(p["server_time"], 1700000000);
+    }
+}

@@ -1,0 +1,128 @@
+//! Request extractors that turn actix's rejections into our problem+json errors.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// A JSON body, read up to the configured body limit (413 above it) and deserialized
+/// with the path of the failing field, so a 400 names it. An empty body reads as `{}`
+/// when `T` allows it.
+pub struct JsonBody<T>(pub T);
+
+/// Deserialize JSON bytes, naming the failing field in the error.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request("body", "must be a JSON object"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let malformed = inner.is_syntax() || inner.is_eof();
+        let field = if malformed {
+            "body".to_owned()
+        } else if path != "." && !path.is_empty() {
+            path
+        } else if let Some(name) = missing_field(&inner.to_string()) {
+            name
+        } else {
+            "body".to_owned()
+        };
+        let detail = if malformed {
+            "malformed JSON".to_owned()
+        } else {
+            // serde messages describe the expected shape; strip the position suffix.
+            let msg = inner.to_string();
+            msg.split(" at line ")
+                .next()
+                .unwrap_or("invalid value")
+                .to_owned()
+        };
+        ApiError::bad_request(field, detail)
+    })
+}
+
+fn missing_field(msg: &str) -> Option<String> {
+    let rest = msg
+        .strip_prefix("missing field `")
+        .or_else(|| msg.strip_prefix("unknown field `"))?;
+    rest.split('`').next().map(str::to_owned)
+}
+
+/// The raw request body, bounded by the body limit (413 above it).
+pub struct RawBody(pub web::Bytes);
+
+impl FromRequest for RawBody {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let bytes = web::Bytes::from_request(req, payload);
+        Box::pin(async move {
+            bytes.await.map(RawBody).map_err(|e| {
+                if e.as_response_error().status_code()
+                    == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE
+                {
+                    ApiError::TooLarge
+                } else {
+                    ApiError::bad_request("body", "could not read the request body")
+                }
+            })
+        })
+    }
+}
+
+impl<T: DeserializeOwned + 'static> FromRequest for JsonBody<T> {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let body = RawBody::from_request(req, payload);
+        Box::pin(async move { parse_json(&body.await?.0).map(JsonBody) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct T {
+        a: i32,
+        b: Option<String>,
+    }
+
+    fn field_of(body: &str) -> String {
+        match parse_json::<T>(body.as_bytes()) {
+            Err(ApiError::BadRequest { field, .. }) => field,
+            other => panic!("expected 400, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn names_the_field() {
+        assert_eq!(field_of(r#"{"a":"x"}"#), "a");
+        assert_eq!(field_of(r#"{"b":"x"}"#), "a");
+        assert_eq!(field_of(r#"{"a":1,"c":2}"#), "c");
+        assert_eq!(field_of(r#"{"a":1,"b":7}"#), "b");
+        assert_eq!(field_of(r#"{"a":"#), "body");
+        assert_eq!(field_of("[1,2]"), "body");
+    }
+
+    #[test]
+    fn empty_body_is_an_empty_object() {
+        assert_eq!(field_of(""), "a");
+    }
+}

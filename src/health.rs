@@ -1,0 +1,182 @@
+//! Liveness, readiness and the detailed health report.
+//!
+//! `GET /coordinator/health` is served from a snapshot at most one second old, taken by
+//! whichever request finds it stale (one at a time), so that a health check costs about
+//! what `/livez` costs instead of a `GROUP BY` per probe.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpResponse};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::db::migrate;
+use crate::error::{ApiError, ApiResult, StoreError};
+use crate::jobs::repo;
+use crate::startup::AppState;
+
+/// How long a health snapshot is served before it is refreshed.
+pub const SNAPSHOT_TTL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseHealth {
+    pub status: &'static str,
+    pub backend: &'static str,
+    pub latency_ms: f64,
+    pub pool_connections: u32,
+    pub pool_idle: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthReport {
+    pub status: &'static str,
+    pub version: &'static str,
+    pub database: DatabaseHealth,
+    /// queue → status → count, for PENDING, QUEUED and RUNNING jobs.
+    pub queues: BTreeMap<String, BTreeMap<String, i64>>,
+    pub oldest_queued_age_secs: Option<f64>,
+    pub generated_at: String,
+}
+
+/// The cached snapshot and the lock that makes refreshes single-flight.
+#[derive(Default)]
+pub struct HealthCache {
+    snapshot: Mutex<Option<(Instant, HealthReport)>>,
+    refresh: single_flight::Flag,
+}
+
+mod single_flight {
+    //! A flag that lets one request at a time refresh the snapshot.
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[derive(Default)]
+    pub struct Flag(AtomicBool);
+
+    impl Flag {
+        /// Try to become the one refresher; `None` when another request refreshes.
+        pub fn try_lock(&self) -> Option<Guard<'_>> {
+            self.0
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .ok()
+                .map(|_| Guard(&self.0))
+        }
+    }
+
+    pub struct Guard<'a>(&'a AtomicBool);
+
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl HealthCache {
+    fn fresh(&self, max_age: Duration) -> Option<HealthReport> {
+        let guard = self.snapshot.lock().ok()?;
+        guard
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < max_age)
+            .map(|(_, r)| r.clone())
+    }
+
+    fn store(&self, report: &HealthReport) {
+        if let Ok(mut g) = self.snapshot.lock() {
+            *g = Some((Instant::now(), report.clone()));
+        }
+    }
+}
+
+async fn take_snapshot(state: &AppState) -> Result<HealthReport, StoreError> {
+    let started = Instant::now();
+    let (depths, oldest) = state
+        .db
+        .read(|conn| {
+            let depths = repo::queue_depths(conn)?;
+            let oldest = repo::oldest_queued_created_at(conn)?;
+            Ok((depths, oldest))
+        })
+        .await?;
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let mut queues: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for (queue, status, n) in depths {
+        queues.entry(queue).or_default().insert(status, n);
+    }
+    let now = crate::db::now_millis();
+    let (connections, idle) = state.db.pool_state();
+    Ok(HealthReport {
+        status: "ok",
+        version: env!("CARGO_PKG_VERSION"),
+        database: DatabaseHealth {
+            status: "up",
+            backend: match state.db.backend() {
+                crate::db::Backend::Postgres => "postgres",
+                crate::db::Backend::Sqlite => "sqlite",
+            },
+            latency_ms,
+            pool_connections: connections,
+            pool_idle: idle,
+        },
+        queues,
+        oldest_queued_age_secs: oldest.map(|t| (now - t).max(0) as f64 / 1000.0),
+        generated_at: crate::jobs::model::rfc3339(now),
+    })
+}
+
+/// `GET /coordinator/health` [health:read]
+pub async fn health(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+    if let Some(r) = state.health.fresh(SNAPSHOT_TTL) {
+        return Ok(HttpResponse::Ok().json(r));
+    }
+    let Some(_refreshing) = state.health.refresh.try_lock() else {
+        // Someone else is refreshing: serve the previous snapshot if it is recent.
+        if let Some(r) = state.health.fresh(SNAPSHOT_TTL * 5) {
+            return Ok(HttpResponse::Ok().json(r));
+        }
+        return Ok(HttpResponse::Ok().json(take_snapshot(&state).await?));
+    };
+    match take_snapshot(&state).await {
+        Ok(r) => {
+            state.health.store(&r);
+            Ok(HttpResponse::Ok().json(r))
+        }
+        Err(e) => {
+            if let Ok(mut g) = state.health.snapshot.lock() {
+                *g = None;
+            }
+            Err(ApiError::from(e))
+        }
+    }
+}
+
+/// `GET /livez`: the process answers.
+pub async fn livez() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: the database answers and every migration has been applied.
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let ready = state
+        .db
+        .read(|conn| {
+            repo::ping(conn)?;
+            migrate::has_pending(conn).map_err(|e| StoreError::Internal(e.to_string()))
+        })
+        .await;
+    match ready {
+        Ok(false) => HttpResponse::Ok().json(json!({"status": "ready"})),
+        Ok(true) => not_ready("migrations pending"),
+        Err(e) => not_ready(&e.to_string()),
+    }
+}
+
+fn not_ready(why: &str) -> HttpResponse {
+    log::warn!("not ready: {why}");
+    HttpResponse::ServiceUnavailable()
+        .insert_header(("Retry-After", "1"))
+        .json(json!({"status": "not ready"}))
+}

@@ -1,0 +1,301 @@
+//! Job storage. Plain functions over `&mut DbConnection` so they compose inside a
+//! transaction. Every change and its `job_events` row are written in one transaction.
+//!
+//! Serialization of concurrent updates: each change starts with
+//! `UPDATE jobs SET version = version + 1 WHERE id = ?`, a write as the transaction's
+//! first statement. On PostgreSQL it takes the row lock, on SQLite the write lock, so
+//! concurrent changes to one job queue up behind each other and none is lost; the new
+//! version is the event's sequence number.
+
+use diesel::prelude::*;
+use serde_json::{json, Value};
+
+use super::model::{Change, EventRow, JobId, JobRow, NewJob};
+use super::state::{transition_error, JobStatus};
+use crate::db::schema::{job_events, jobs};
+use crate::db::{now_millis, DbConnection};
+use crate::error::StoreError;
+
+/// Events returned with a job: the newest this many, oldest first.
+pub const EVENTS_PER_READ: i64 = 1000;
+
+/// An idempotent create: the caller's key and a hash of the request body.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    pub key: String,
+    pub request_hash: String,
+}
+
+/// Outcome of a create: the job, and whether this call created it (false when an
+/// `Idempotency-Key` matched an earlier request).
+pub struct Created {
+    pub job: JobRow,
+    pub created: bool,
+}
+
+fn is_unique_violation(e: &diesel::result::Error) -> bool {
+    matches!(
+        e,
+        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)
+    )
+}
+
+fn to_text(v: &Value) -> String {
+    v.to_string()
+}
+
+/// The row for a new job (not yet written).
+pub fn new_row(job: &NewJob, created_by: &str, idem: Option<&Idempotency>, now: i64) -> JobRow {
+    JobRow {
+        id: JobId::generate().into_string(),
+        kind: job.kind.clone(),
+        queue: job.queue.clone(),
+        priority: job.priority,
+        status: job.status.as_str().to_owned(),
+        progress: 0,
+        message: None,
+        payload: to_text(&job.payload),
+        result: None,
+        error: None,
+        gate_results: None,
+        created_by: created_by.to_owned(),
+        idempotency_key: idem.map(|i| i.key.clone()),
+        request_hash: idem.map(|i| i.request_hash.clone()),
+        attempts: 0,
+        max_attempts: job.max_attempts,
+        version: 1,
+        worker: None,
+        lease_expires_at: None,
+        created_at: now,
+        updated_at: now,
+        started_at: None,
+        finished_at: None,
+    }
+}
+
+/// Insert a job row and its `created` event (inside the caller's transaction).
+pub fn insert(conn: &mut DbConnection, row: &JobRow) -> Result<(), StoreError> {
+    diesel::insert_into(jobs::table).values(row).execute(conn)?;
+    let event = EventRow {
+        job_id: row.id.clone(),
+        seq: 1,
+        event_type: "created".into(),
+        data: json!({"status": row.status, "queue": row.queue}).to_string(),
+        created_at: row.created_at,
+    };
+    diesel::insert_into(job_events::table)
+        .values(&event)
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Create a job. With an idempotency key, a repeat returns the first job; the same
+/// key with a different body is a conflict. Races are settled by the unique index.
+pub fn create(
+    conn: &mut DbConnection,
+    job: &NewJob,
+    created_by: &str,
+    idem: Option<&Idempotency>,
+) -> Result<Created, StoreError> {
+    let row = new_row(job, created_by, idem, now_millis());
+    let inserted = conn.transaction(|conn| insert(conn, &row));
+    match (inserted, idem) {
+        (Ok(()), _) => Ok(Created {
+            job: row,
+            created: true,
+        }),
+        (Err(StoreError::Db(e)), Some(idem)) if is_unique_violation(&e) => {
+            let first: JobRow = jobs::table
+                .filter(jobs::created_by.eq(created_by))
+                .filter(jobs::idempotency_key.eq(&idem.key))
+                .select(JobRow::as_select())
+                .first(conn)?;
+            if first.request_hash.as_deref() != Some(idem.request_hash.as_str()) {
+                return Err(StoreError::Conflict(
+                    "Idempotency-Key was already used with a different request".into(),
+                ));
+            }
+            Ok(Created {
+                job: first,
+                created: false,
+            })
+        }
+        (Err(e), _) => Err(e),
+    }
+}
+
+pub fn find(conn: &mut DbConnection, id: &JobId) -> Result<JobRow, StoreError> {
+    jobs::table
+        .find(id.as_str())
+        .select(JobRow::as_select())
+        .first(conn)
+        .optional()?
+        .ok_or(StoreError::NotFound)
+}
+
+/// The job with its newest events (oldest first); `true` when older ones were left out.
+pub fn find_with_events(
+    conn: &mut DbConnection,
+    id: &JobId,
+) -> Result<(JobRow, Vec<EventRow>, bool), StoreError> {
+    let job = find(conn, id)?;
+    let mut events: Vec<EventRow> = job_events::table
+        .filter(job_events::job_id.eq(id.as_str()))
+        .order(job_events::seq.desc())
+        .limit(EVENTS_PER_READ + 1)
+        .select(EventRow::as_select())
+        .load(conn)?;
+    let truncated = events.len() > usize::try_from(EVENTS_PER_READ).unwrap_or(usize::MAX);
+    events.truncate(usize::try_from(EVENTS_PER_READ).unwrap_or(usize::MAX));
+    events.reverse();
+    Ok((job, events, truncated))
+}
+
+/// Apply a change to a job in one transaction: lock (version bump), read, check the
+/// state machine, write the row and its event.
+pub fn apply(conn: &mut DbConnection, id: &JobId, change: &Change) -> Result<JobRow, StoreError> {
+    conn.transaction(|conn| {
+        let locked = diesel::update(jobs::table.find(id.as_str()))
+            .set(jobs::version.eq(jobs::version + 1))
+            .execute(conn)?;
+        if locked == 0 {
+            return Err(StoreError::NotFound);
+        }
+        let mut row = find(conn, id)?;
+        let now = now_millis();
+        let (event_type, data) = apply_to_row(&mut row, change, now)?;
+        write_change(conn, &row, event_type, &data, now)?;
+        Ok(row)
+    })
+}
+
+/// Write the changed columns of `row` and append its event (seq = row.version).
+pub fn write_change(
+    conn: &mut DbConnection,
+    row: &JobRow,
+    event_type: &str,
+    data: &Value,
+    now: i64,
+) -> Result<(), StoreError> {
+    diesel::update(jobs::table.find(&row.id))
+        .set(row.changes())
+        .execute(conn)?;
+    diesel::insert_into(job_events::table)
+        .values(&EventRow {
+            job_id: row.id.clone(),
+            seq: row.version,
+            event_type: event_type.to_owned(),
+            data: data.to_string(),
+            created_at: now,
+        })
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Move `row` to `to`, keeping the timestamps and attempt counter right.
+pub fn set_status(row: &mut JobRow, to: JobStatus, now: i64) -> Result<(), StoreError> {
+    let from = row.status();
+    if !from.can_move_to(to) {
+        return Err(StoreError::Conflict(transition_error(from, to)));
+    }
+    row.status = to.as_str().to_owned();
+    row.updated_at = now;
+    match to {
+        JobStatus::Running => {
+            row.attempts = row.attempts.saturating_add(1);
+            row.started_at.get_or_insert(now);
+        }
+        JobStatus::Queued => {
+            row.worker = None;
+            row.lease_expires_at = None;
+        }
+        t if t.is_terminal() => {
+            row.finished_at = Some(now);
+            row.lease_expires_at = None;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The pure part of a change: mutate the row, return the event to append.
+fn apply_to_row(
+    row: &mut JobRow,
+    change: &Change,
+    now: i64,
+) -> Result<(&'static str, Value), StoreError> {
+    let from = row.status();
+    match change {
+        Change::Status { to, message } => {
+            set_status(row, *to, now)?;
+            if message.is_some() {
+                row.message.clone_from(message);
+            }
+            Ok((
+                "status",
+                json!({"from": from, "to": to, "message": message}),
+            ))
+        }
+        Change::Progress { percent, message } => {
+            if from != JobStatus::Running {
+                return Err(StoreError::Conflict(format!(
+                    "progress can only be reported while RUNNING (job is {from})"
+                )));
+            }
+            row.progress = *percent;
+            row.updated_at = now;
+            if message.is_some() {
+                row.message.clone_from(message);
+            }
+            Ok(("progress", json!({"percent": percent, "message": message})))
+        }
+        Change::Complete { result } => {
+            set_status(row, JobStatus::Completed, now)?;
+            row.progress = 100;
+            row.result = result.as_ref().map(to_text);
+            Ok(("completed", json!({"from": from, "result": result})))
+        }
+        Change::Fail {
+            error,
+            gate_results,
+        } => {
+            set_status(row, JobStatus::Failed, now)?;
+            row.error = Some(error.clone());
+            row.gate_results = gate_results.as_ref().map(to_text);
+            Ok((
+                "failed",
+                json!({"from": from, "error": error, "gateResults": gate_results}),
+            ))
+        }
+    }
+}
+
+/// Number of jobs per (queue, status) for the non-terminal statuses.
+pub fn queue_depths(conn: &mut DbConnection) -> Result<Vec<(String, String, i64)>, StoreError> {
+    let open = [
+        JobStatus::Pending.as_str(),
+        JobStatus::Queued.as_str(),
+        JobStatus::Running.as_str(),
+    ];
+    let rows = jobs::table
+        .filter(jobs::status.eq_any(open))
+        .group_by((jobs::queue, jobs::status))
+        .select((jobs::queue, jobs::status, diesel::dsl::count_star()))
+        .load::<(String, String, i64)>(conn)?;
+    Ok(rows)
+}
+
+/// Age in milliseconds of the oldest QUEUED job, if any.
+pub fn oldest_queued_created_at(conn: &mut DbConnection) -> Result<Option<i64>, StoreError> {
+    Ok(jobs::table
+        .filter(jobs::status.eq(JobStatus::Queued.as_str()))
+        .select(diesel::dsl::min(jobs::created_at))
+        .first::<Option<i64>>(conn)?)
+}
+
+/// A cheap round trip to check the database answers.
+pub fn ping(conn: &mut DbConnection) -> Result<(), StoreError> {
+    use diesel::connection::SimpleConnection;
+    conn.batch_execute("SELECT 1")?;
+    Ok(())
+}

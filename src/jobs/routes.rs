@@ -1,0 +1,136 @@
+//! Job routes: parse the input, call one repository function off the executor, map
+//! the result. No SQL, no crypto.
+
+use actix_web::{http::StatusCode, web, HttpRequest, HttpResponse};
+
+use super::model::{
+    validate_message, Change, CompleteJob, CreateJob, FailJob, JobId, JobView, ProgressUpdate,
+    StatusUpdate,
+};
+use super::repo::{self, Idempotency};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{JsonBody, RawBody};
+use crate::startup::AppState;
+
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+fn idempotency(req: &HttpRequest, body_hash: String) -> ApiResult<Option<Idempotency>> {
+    let Some(v) = req.headers().get(IDEMPOTENCY_HEADER) else {
+        return Ok(None);
+    };
+    let key = v
+        .to_str()
+        .ok()
+        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "Idempotency-Key",
+                "must be 1-255 printable ASCII characters",
+            )
+        })?;
+    Ok(Some(Idempotency {
+        key: key.to_owned(),
+        request_hash: body_hash,
+    }))
+}
+
+/// `POST /coordinator/jobs`
+pub async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    RawBody(body): RawBody,
+) -> ApiResult<HttpResponse> {
+    let input: CreateJob = crate::extract::parse_json(&body)?;
+    let job = input.validate()?;
+    let idem = idempotency(&req, crate::crypto::sha256_hex(&body))?;
+    let created_by = crate::auth::caller_name(&req);
+    let out = state
+        .db
+        .write(move |conn| repo::create(conn, &job, &created_by, idem.as_ref()))
+        .await?;
+    let mut resp = HttpResponse::build(StatusCode::CREATED);
+    if !out.created {
+        resp.insert_header(("Idempotent-Replayed", "true"));
+    }
+    Ok(resp.json(JobView::from(out.job)))
+}
+
+async fn change(state: &AppState, id: &str, change: Change) -> ApiResult<HttpResponse> {
+    let id = JobId::parse(id, "id")?;
+    let row = state
+        .db
+        .write(move |conn| repo::apply(conn, &id, &change))
+        .await?;
+    Ok(HttpResponse::Ok().json(JobView::from(row)))
+}
+
+/// `PATCH /coordinator/jobs/{id}/status`
+pub async fn status(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    JsonBody(body): JsonBody<StatusUpdate>,
+) -> ApiResult<HttpResponse> {
+    validate_message(body.message.as_deref())?;
+    let c = Change::Status {
+        to: body.status,
+        message: body.message,
+    };
+    change(&state, &id, c).await
+}
+
+/// `PATCH /coordinator/jobs/{id}/progress`
+pub async fn progress(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    JsonBody(body): JsonBody<ProgressUpdate>,
+) -> ApiResult<HttpResponse> {
+    let percent = body.validate()?;
+    let c = Change::Progress {
+        percent,
+        message: body.message,
+    };
+    change(&state, &id, c).await
+}
+
+/// `POST /coordinator/jobs/{id}/complete`
+pub async fn complete(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    JsonBody(body): JsonBody<CompleteJob>,
+) -> ApiResult<HttpResponse> {
+    change(
+        &state,
+        &id,
+        Change::Complete {
+            result: body.result,
+        },
+    )
+    .await
+}
+
+/// `POST /coordinator/jobs/{id}/fail`
+pub async fn fail(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    JsonBody(body): JsonBody<FailJob>,
+) -> ApiResult<HttpResponse> {
+    body.validate()?;
+    let c = Change::Fail {
+        error: body.error,
+        gate_results: body.gate_results,
+    };
+    change(&state, &id, c).await
+}
+
+/// `GET /coordinator/jobs/{id}`
+pub async fn get(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
+    let id = JobId::parse(&id, "id")?;
+    let (job, events, truncated) = state
+        .db
+        .read(move |conn| repo::find_with_events(conn, &id))
+        .await?;
+    let mut view = JobView::from(job);
+    view.events = Some(events.into_iter().map(Into::into).collect());
+    view.events_truncated = truncated;
+    Ok(HttpResponse::Ok().json(view))
+}

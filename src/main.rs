@@ -1,0 +1,20 @@
+//! Thin: parse the command line, run it, map errors to exit codes.
+use clap::Parser;
+use coordinator::cli::{self, Cli, CliError};
+
+fn main() -> std::process::ExitCode {
+    // `.env` never overrides variables that are already set.
+    let _ = dotenvy::dotenv();
+    let cli = Cli::parse();
+    coordinator::telemetry::logger(false).init();
+    match cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("coordinator: {e}");
+            match e {
+                CliError::Config(_) => std::process::ExitCode::from(2),
+                CliError::Failed(_) => std::process::ExitCode::FAILURE,
+            }
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! `Application::build(config)` → a bound server (tests use the same), and the one
+//! route table: every route with the access it requires, registered from one list.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::{middleware, web, App, HttpServer};
+
+use crate::auth::Scope;
+use crate::config::Config;
+use crate::db::{migrate, Db};
+use crate::error::ApiError;
+use crate::health::{self, HealthCache};
+use crate::jobs::routes as jobs;
+
+/// Shared state of one application instance (never global).
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Db,
+    pub health: HealthCache,
+}
+
+/// What a route requires of its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No authentication (`/livez`, `/readyz`, `/metrics`, `/openapi.json`).
+    Open,
+    /// An authenticated principal holding this scope.
+    Scope(Scope),
+}
+
+/// One registered route.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteSpec {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub access: Access,
+}
+
+macro_rules! route_table {
+    ($( $method:ident $path:literal => $handler:path, $access:expr; )*) => {
+        /// Every route, its method and the access it requires. The middleware looks
+        /// routes up here by pattern; a matched route missing from it is refused.
+        pub const ROUTES: &[RouteSpec] = &[
+            $( RouteSpec { method: route_table!(@m $method), path: $path, access: $access }, )*
+        ];
+
+        fn register(cfg: &mut web::ServiceConfig) {
+            $(
+                cfg.service(
+                    web::resource($path)
+                        .route(web::$method().to($handler))
+                        .default_service(web::to(method_not_allowed)),
+                );
+            )*
+        }
+    };
+    (@m get) => { "GET" };
+    (@m post) => { "POST" };
+    (@m patch) => { "PATCH" };
+}
+
+route_table! {
+    get   "/livez"                            => health::livez,    Access::Open;
+    get   "/readyz"                           => health::readyz,   Access::Open;
+    get   "/coordinator/health"               => health::health,   Access::Scope(Scope::HealthRead);
+    post  "/coordinator/jobs"                 => jobs::create,     Access::Scope(Scope::JobsCreate);
+    get   "/coordinator/jobs/{id}"            => jobs::get,        Access::Scope(Scope::JobsRead);
+    patch "/coordinator/jobs/{id}/status"     => jobs::status,     Access::Scope(Scope::JobsUpdate);
+    patch "/coordinator/jobs/{id}/progress"   => jobs::progress,   Access::Scope(Scope::JobsUpdate);
+    post  "/coordinator/jobs/{id}/complete"   => jobs::complete,   Access::Scope(Scope::JobsUpdate);
+    post  "/coordinator/jobs/{id}/fail"       => jobs::fail,       Access::Scope(Scope::JobsUpdate);
+}
+
+/// The access a matched route pattern requires (`None`: not a registered route).
+pub fn access_for(path_pattern: &str) -> Option<&'static RouteSpec> {
+    ROUTES.iter().find(|r| r.path == path_pattern)
+}
+
+async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NotFound)
+}
+
+async fn method_not_allowed() -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+/// A built, bound, not yet running application.
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: web::Data<AppState>,
+}
+
+impl Application {
+    /// Migrate the database, bind the listener (port 0 picks a free port) and build
+    /// the server. Must run inside an actix system.
+    pub async fn build(config: Config) -> anyhow::Result<Application> {
+        let db_cfg = config.db.clone();
+        let ran = actix_web::rt::task::spawn_blocking(move || migrate::run_pending(&db_cfg))
+            .await
+            .map_err(|e| anyhow::anyhow!("migration task failed: {e}"))??;
+        if ran > 0 {
+            log::info!("applied {ran} migration(s)");
+        }
+        let listener = TcpListener::bind(config.bind)
+            .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", config.bind))?;
+        let port = listener.local_addr()?.port();
+        let config = Arc::new(config);
+        let state = web::Data::new(AppState {
+            db: Db::new(&config.db),
+            config: config.clone(),
+            health: HealthCache::default(),
+        });
+        let server = run(listener, state.clone(), &config)?;
+        Ok(Application {
+            port,
+            server,
+            state,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
+    }
+
+    /// Serve until SIGINT/SIGTERM (graceful: in-flight requests finish) or `stop`.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+fn run(
+    listener: TcpListener,
+    state: web::Data<AppState>,
+    config: &Config,
+) -> anyhow::Result<Server> {
+    let body_limit = config.body_limit;
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(web::PayloadConfig::new(body_limit))
+            .configure(register)
+            .default_service(web::to(not_found))
+            .wrap(middleware::from_fn(crate::telemetry::access_log))
+    })
+    .shutdown_timeout(config.shutdown_timeout.as_secs())
+    .listen(listener)?;
+    if config.workers > 0 {
+        server = server.workers(config.workers);
+    }
+    Ok(server.run())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_in_the_table_once() {
+        let mut seen = std::collections::HashSet::new();
+        for r in ROUTES {
+            assert!(
+                seen.insert((r.method, r.path)),
+                "duplicate {} {}",
+                r.method,
+                r.path
+            );
+            assert_eq!(access_for(r.path).map(|s| s.method), Some(r.method));
+        }
+    }
+
+    #[test]
+    fn only_probes_are_open() {
+        for r in ROUTES {
+            let open = matches!(r.access, Access::Open);
+            assert_eq!(
+                open,
+                ["/livez", "/readyz", "/metrics", "/openapi.json"].contains(&r.path),
+                "{}",
+                r.path
+            );
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Logging: env_logger with one JSON object per line, the request id, and the access
+//! log middleware (one line per request, written after the response).
+
+use std::io::Write;
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::{Error, HttpMessage};
+use serde_json::{json, Value};
+
+/// Log targets whose messages are already JSON objects.
+pub const ACCESS_TARGET: &str = "access";
+pub const AUDIT_TARGET: &str = "audit";
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Build the logger (default level `info`, `RUST_LOG` overrides). Call `init` once in
+/// `main`; tests use `try_init`.
+pub fn logger(test_writer: bool) -> env_logger::Builder {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    b.format(|buf, record| {
+        let target = record.target();
+        if target == ACCESS_TARGET || target == AUDIT_TARGET {
+            writeln!(buf, "{}", record.args())
+        } else {
+            let line = json!({
+                "ts": now_rfc3339(),
+                "level": record.level().as_str(),
+                "target": target,
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        }
+    });
+    if test_writer {
+        b.is_test(true);
+    }
+    b
+}
+
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The request id of a request: the caller's `X-Request-Id` when it is well formed
+/// (1–128 of `[A-Za-z0-9._-]`), else a fresh UUIDv7.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+impl RequestId {
+    fn from_header(v: Option<&HeaderValue>) -> RequestId {
+        let ok = |s: &str| {
+            (1..=128).contains(&s.len())
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        };
+        match v.and_then(|v| v.to_str().ok()) {
+            Some(s) if ok(s) => RequestId(s.to_owned()),
+            _ => RequestId(uuid::Uuid::now_v7().to_string()),
+        }
+    }
+}
+
+/// The route pattern of a request (never the raw path), or `unmatched`.
+pub fn route_of(req: &ServiceRequest) -> String {
+    req.match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned())
+}
+
+/// Access log + request id middleware (use with `middleware::from_fn`).
+pub async fn access_log(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    let started = Instant::now();
+    let rid = RequestId::from_header(req.headers().get(REQUEST_ID_HEADER));
+    req.extensions_mut().insert(rid.clone());
+    let method = req.method().to_string();
+    let route = route_of(&req);
+    let peer = req.peer_addr().map(|a| a.ip().to_string());
+    let mut res = next.call(req).await?;
+    if let Ok(v) = HeaderValue::from_str(&rid.0) {
+        res.headers_mut()
+            .insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
+    }
+    let line = json!({
+        "ts": now_rfc3339(),
+        "event": "access",
+        "method": method,
+        "route": route,
+        "status": res.status().as_u16(),
+        "latency_ms": (started.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+        "peer": peer.map(Value::String).unwrap_or(Value::Null),
+        "request_id": rid.0,
+    });
+    log::info!(target: ACCESS_TARGET, "{line}");
+    Ok(res)
+}

@@ -1,0 +1,74 @@
+//! Probes and the health report, including a database that goes away.
+
+use serde_json::json;
+
+use crate::backend_tests;
+use crate::helpers::Backend;
+
+backend_tests!(probes_answer, health_reports_queue_depths);
+
+fn probes_answer(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let r = app.get("/livez");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), json!({"status": "ok"}));
+    let r = app.get("/readyz");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.header("x-request-id").is_some());
+}
+
+fn health_reports_queue_depths(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    app.create_job(&json!({"kind": "a", "queue": "q1"}));
+    app.create_job(&json!({"kind": "a", "queue": "q1"}));
+    app.running_job();
+    let h = app.get("/coordinator/health");
+    assert_eq!(h.status, 200);
+    let h = h.json();
+    assert_eq!(h["database"]["status"], "up");
+    assert_eq!(h["queues"]["q1"]["PENDING"], 2);
+    assert_eq!(h["queues"]["default"]["RUNNING"], 1);
+    assert!(h["version"].is_string());
+}
+
+/// PostgreSQL disappears under a running app: handlers and /readyz answer 503,
+/// /livez stays 200.
+#[test]
+fn database_unreachable_is_503_postgres() {
+    let Some(app) = crate::app!(Backend::Postgres) else {
+        return;
+    };
+    let id = app.running_job();
+    let admin = std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    {
+        use diesel::connection::SimpleConnection;
+        use diesel::Connection;
+        let name = app
+            .db
+            .url
+            .rsplit('/')
+            .next()
+            .expect("name")
+            .split('?')
+            .next()
+            .expect("name")
+            .to_owned();
+        let mut c = diesel::PgConnection::establish(&admin).expect("admin");
+        c.batch_execute(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+            .expect("drop");
+    }
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{id}/progress"),
+        &json!({"percent": 5}),
+    );
+    r.problem(503);
+    assert!(
+        !r.body.contains("postgres") && !r.body.contains("coord_test"),
+        "{}",
+        r.body
+    );
+    assert_eq!(app.get("/readyz").status, 503);
+    assert_eq!(app.get("/livez").status, 200);
+    app.get(&format!("/coordinator/jobs/{id}")).problem(503);
+}

@@ -1,0 +1,344 @@
+#![allow(dead_code)]
+//! Test harness: the real `Application::build` on port 0, in its own actix system on
+//! a thread, against a throwaway database (a temp SQLite file, or a fresh PostgreSQL
+//! database created from `TEST_POSTGRES_URL` and dropped at the end).
+
+use std::collections::HashMap;
+use std::sync::{mpsc, Arc, Once};
+use std::thread::JoinHandle;
+
+use actix_web::dev::ServerHandle;
+use actix_web::web;
+use coordinator::config::Config;
+use coordinator::db::DatabaseUrl;
+use coordinator::startup::{AppState, Application};
+use diesel::connection::SimpleConnection;
+use diesel::Connection;
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+static LOG: Once = Once::new();
+
+fn init_log() {
+    LOG.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = coordinator::telemetry::logger(true).try_init();
+        }
+    });
+}
+
+/// A throwaway database; dropping the last reference removes it.
+pub struct TestDb {
+    pub url: String,
+    admin_url: Option<String>,
+    name: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(admin) = &self.admin_url {
+            if let Ok(mut c) = diesel::PgConnection::establish(admin) {
+                let _ = c.batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                    self.name
+                ));
+            }
+        }
+    }
+}
+
+fn replace_db_name(admin: &str, name: &str) -> String {
+    let (base, query) = match admin.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (admin, None),
+    };
+    let prefix = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{prefix}/{name}?{q}"),
+        None => format!("{prefix}/{name}"),
+    }
+}
+
+/// The admin URL when PostgreSQL tests can run; `None` means skip (panics instead
+/// when `REQUIRE_POSTGRES=1`).
+fn postgres_admin_url() -> Option<String> {
+    let explicit = std::env::var("TEST_POSTGRES_URL")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let url = explicit.clone().unwrap_or_else(|| DEFAULT_PG.to_owned());
+    match diesel::PgConnection::establish(&url) {
+        Ok(_) => Some(url),
+        Err(e) => {
+            if std::env::var("REQUIRE_POSTGRES").as_deref() == Ok("1") {
+                panic!(
+                    "REQUIRE_POSTGRES=1 but PostgreSQL at TEST_POSTGRES_URL is not reachable: {e}"
+                );
+            }
+            eprintln!("SKIPPED: PostgreSQL test (TEST_POSTGRES_URL unset or not answering: {e})");
+            None
+        }
+    }
+}
+
+impl TestDb {
+    pub fn create(backend: Backend) -> Option<Arc<TestDb>> {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let url = format!("sqlite://{}", dir.path().join("test.db").display());
+                Some(Arc::new(TestDb {
+                    url,
+                    admin_url: None,
+                    name: String::new(),
+                    _dir: Some(dir),
+                }))
+            }
+            Backend::Postgres => {
+                let admin = postgres_admin_url()?;
+                let name = format!("coord_test_{}", uuid::Uuid::now_v7().simple());
+                let mut c = diesel::PgConnection::establish(&admin).expect("admin connection");
+                c.batch_execute(&format!("CREATE DATABASE \"{name}\""))
+                    .expect("create test database");
+                Some(Arc::new(TestDb {
+                    url: replace_db_name(&admin, &name),
+                    admin_url: Some(admin),
+                    name,
+                    _dir: None,
+                }))
+            }
+        }
+    }
+}
+
+/// A running application instance.
+pub struct TestApp {
+    pub address: String,
+    pub backend: Backend,
+    pub db: Arc<TestDb>,
+    pub state: web::Data<AppState>,
+    handle: ServerHandle,
+    thread: Option<JoinHandle<()>>,
+    pub config: Config,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        drop(self.handle.stop(false));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn test_config(db: &TestDb) -> Config {
+    let mut cfg = Config::new(DatabaseUrl::parse(&db.url).expect("db url"));
+    cfg.workers = 2;
+    cfg.db.pool_size = 8;
+    cfg.shutdown_timeout = std::time::Duration::from_secs(1);
+    cfg
+}
+
+/// Spawn an app on a fresh database; `None` when the backend is unavailable.
+pub fn spawn_app(backend: Backend) -> Option<TestApp> {
+    spawn_app_with(backend, |_| {})
+}
+
+pub fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Option<TestApp> {
+    let db = TestDb::create(backend)?;
+    let mut cfg = test_config(&db);
+    tweak(&mut cfg);
+    Some(start(backend, db, cfg))
+}
+
+/// Start an application with this config on this database.
+pub fn start(backend: Backend, db: Arc<TestDb>, cfg: Config) -> TestApp {
+    init_log();
+    let (tx, rx) = mpsc::channel();
+    let build_cfg = cfg.clone();
+    let thread = std::thread::spawn(move || {
+        let sys = actix_web::rt::System::new();
+        sys.block_on(async move {
+            match Application::build(build_cfg).await {
+                Ok(app) => {
+                    let _ = tx.send(Ok((app.port(), app.handle(), app.state())));
+                    let _ = app.run_until_stopped().await;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(format!("{e:#}")));
+                }
+            }
+        });
+    });
+    let (port, handle, state) = rx.recv().expect("app thread").expect("app builds");
+    TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        backend,
+        db,
+        state,
+        handle,
+        thread: Some(thread),
+        config: cfg,
+    }
+}
+
+impl TestApp {
+    /// A second instance on the same database (for cross-instance tests).
+    pub fn sibling(&self) -> TestApp {
+        start(self.backend, self.db.clone(), self.config.clone())
+    }
+}
+
+/// A response read into memory.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+
+    /// Assert an RFC 9457 problem with this status; returns the document.
+    pub fn problem(&self, status: u16) -> Value {
+        assert_eq!(self.status, status, "body: {}", self.body);
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "body: {}",
+            self.body
+        );
+        let p = self.json();
+        assert_eq!(p["status"], status);
+        assert!(p["type"].is_string() && p["title"].is_string() && p["detail"].is_string());
+        p
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+}
+
+/// Send a request with these headers and body.
+pub fn send(url: &str, method: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    let mut req = agent().request(method, url);
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let res = if body.is_empty() && (method == "GET" || method == "DELETE") {
+        req.call()
+    } else {
+        req.send_bytes(body)
+    };
+    let r = match res {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("transport error for {method} {url}: {e}"),
+    };
+    let status = r.status();
+    let headers = r
+        .headers_names()
+        .into_iter()
+        .filter_map(|n| r.header(&n).map(|v| (n.to_ascii_lowercase(), v.to_owned())))
+        .collect();
+    let body = r.into_string().expect("body");
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        send(&self.url(path), method, headers, body)
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        self.request("GET", path, &[], b"")
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> Resp {
+        self.request(
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    }
+
+    pub fn patch_json(&self, path: &str, body: &Value) -> Resp {
+        self.request(
+            "PATCH",
+            path,
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    }
+
+    /// Create a job and return its id.
+    pub fn create_job(&self, body: &Value) -> String {
+        let r = self.post_json("/coordinator/jobs", body);
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Create a job and move it to RUNNING.
+    pub fn running_job(&self) -> String {
+        let id = self.create_job(&serde_json::json!({"kind": "build"}));
+        for s in ["QUEUED", "RUNNING"] {
+            let r = self.patch_json(
+                &format!("/coordinator/jobs/{id}/status"),
+                &serde_json::json!({"status": s}),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+        id
+    }
+}
+
+/// Define each listed test once per backend: `mod sqlite` and `mod postgres`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::$name($crate::helpers::Backend::Sqlite) } )*
+        }
+        mod postgres {
+            $( #[test] fn $name() { super::$name($crate::helpers::Backend::Postgres) } )*
+        }
+    };
+}
+
+/// `let Some(app) = app!(backend) else { return };` — skips when the backend is absent.
+#[macro_export]
+macro_rules! app {
+    ($backend:expr) => {
+        $crate::helpers::spawn_app($backend)
+    };
+}

@@ -1,0 +1,348 @@
+//! The job API: life cycle, state machine over HTTP, idempotency, concurrency, bad input.
+
+use serde_json::json;
+
+use crate::backend_tests;
+use crate::helpers::Backend;
+
+backend_tests!(
+    job_life_cycle_records_every_event,
+    create_defaults_and_validation,
+    idempotency_key_returns_the_first_job,
+    concurrent_idempotent_creates_make_one_job,
+    illegal_transitions_are_conflicts,
+    progress_only_while_running,
+    concurrent_progress_updates_serialize,
+    bad_input_names_the_field,
+    unknown_job_and_route_are_404,
+    body_over_the_limit_is_413,
+);
+
+fn job_life_cycle_records_every_event(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let id = app.create_job(
+        &json!({"kind": "build", "queue": "ci", "priority": 5, "payload": {"sha": "abc"}}),
+    );
+    let r = app.get(&format!("/coordinator/jobs/{id}"));
+    assert_eq!(r.status, 200);
+    let j = r.json();
+    assert_eq!(j["status"], "PENDING");
+    assert_eq!(j["queue"], "ci");
+    assert_eq!(j["priority"], 5);
+    assert_eq!(j["payload"], json!({"sha": "abc"}));
+
+    for s in ["QUEUED", "RUNNING"] {
+        let r = app.patch_json(
+            &format!("/coordinator/jobs/{id}/status"),
+            &json!({"status": s, "message": format!("to {s}")}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["status"], s);
+    }
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{id}/progress"),
+        &json!({"percent": 40, "message": "compiling"}),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["progress"], 40);
+    let r = app.post_json(
+        &format!("/coordinator/jobs/{id}/complete"),
+        &json!({"result": {"artifact": "x.tar"}}),
+    );
+    assert_eq!(r.status, 200);
+    let done = r.json();
+    assert_eq!(done["status"], "COMPLETED");
+    assert_eq!(done["result"], json!({"artifact": "x.tar"}));
+    assert_eq!(done["attempts"], 1);
+    assert!(done["finishedAt"].is_string() && done["startedAt"].is_string());
+
+    let j = app.get(&format!("/coordinator/jobs/{id}")).json();
+    let events = j["events"].as_array().expect("events");
+    let types: Vec<&str> = events
+        .iter()
+        .map(|e| e["type"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        types,
+        ["created", "status", "status", "progress", "completed"]
+    );
+    let seqs: Vec<i64> = events
+        .iter()
+        .map(|e| e["seq"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5]);
+    assert_eq!(events[2]["data"]["from"], "QUEUED");
+
+    // A failed job keeps its error and gate results.
+    let id2 = app.running_job();
+    let r = app.post_json(
+        &format!("/coordinator/jobs/{id2}/fail"),
+        &json!({"error": "tests failed", "gateResults": {"lint": "ok"}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let f = r.json();
+    assert_eq!(f["status"], "FAILED");
+    assert_eq!(f["error"], "tests failed");
+    assert_eq!(f["gateResults"], json!({"lint": "ok"}));
+}
+
+fn create_defaults_and_validation(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let r = app.post_json("/coordinator/jobs", &json!({"kind": "k"}));
+    assert_eq!(r.status, 201);
+    let j = r.json();
+    assert_eq!(j["queue"], "default");
+    assert_eq!(j["priority"], 0);
+    assert_eq!(j["payload"], json!({}));
+    assert_eq!(j["maxAttempts"], 3);
+    assert_eq!(j["status"], "PENDING");
+    let id = j["id"].as_str().expect("id");
+    assert_eq!(
+        uuid::Uuid::parse_str(id).expect("uuid").get_version_num(),
+        7
+    );
+    assert!(j["createdAt"].as_str().expect("ts").ends_with('Z'));
+}
+
+fn idempotency_key_returns_the_first_job(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let body = json!({"kind": "deploy"}).to_string();
+    let h = [
+        ("content-type", "application/json"),
+        ("Idempotency-Key", "req-1"),
+    ];
+    let first = app.request("POST", "/coordinator/jobs", &h, body.as_bytes());
+    assert_eq!(first.status, 201);
+    let again = app.request("POST", "/coordinator/jobs", &h, body.as_bytes());
+    assert_eq!(again.status, 201);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(first.json()["id"], again.json()["id"]);
+    // The same key with another body is a conflict, and makes no job.
+    let other = app.request(
+        "POST",
+        "/coordinator/jobs",
+        &h,
+        json!({"kind": "other"}).to_string().as_bytes(),
+    );
+    other.problem(409);
+    // Another key makes another job.
+    let h2 = [
+        ("content-type", "application/json"),
+        ("Idempotency-Key", "req-2"),
+    ];
+    let third = app.request("POST", "/coordinator/jobs", &h2, body.as_bytes());
+    assert_ne!(third.json()["id"], first.json()["id"]);
+}
+
+fn concurrent_idempotent_creates_make_one_job(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let url = app.url("/coordinator/jobs");
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..10)
+            .map(|_| {
+                let url = url.clone();
+                s.spawn(move || {
+                    let r = crate::helpers::send(
+                        &url,
+                        "POST",
+                        &[("Idempotency-Key", "same")],
+                        br#"{"kind":"x"}"#,
+                    );
+                    assert_eq!(r.status, 201, "{}", r.body);
+                    r.json()["id"].as_str().expect("id").to_owned()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    assert!(ids.iter().all(|i| i == &ids[0]), "{ids:?}");
+}
+
+fn illegal_transitions_are_conflicts(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let id = app.create_job(&json!({"kind": "k"}));
+    let status = |s: &str| {
+        app.patch_json(
+            &format!("/coordinator/jobs/{id}/status"),
+            &json!({"status": s}),
+        )
+    };
+    status("RUNNING").problem(409); // PENDING → RUNNING skips QUEUED
+    status("COMPLETED").problem(409);
+    assert_eq!(status("CANCELLED").status, 200);
+    // Terminal: nothing moves it any more.
+    for s in [
+        "PENDING",
+        "QUEUED",
+        "RUNNING",
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+    ] {
+        status(s).problem(409);
+    }
+    app.post_json(&format!("/coordinator/jobs/{id}/complete"), &json!({}))
+        .problem(409);
+    app.post_json(
+        &format!("/coordinator/jobs/{id}/fail"),
+        &json!({"error": "x"}),
+    )
+    .problem(409);
+    // The refused requests wrote no events.
+    let j = app.get(&format!("/coordinator/jobs/{id}")).json();
+    assert_eq!(j["events"].as_array().map(Vec::len), Some(2));
+}
+
+fn progress_only_while_running(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let id = app.create_job(&json!({"kind": "k"}));
+    app.patch_json(
+        &format!("/coordinator/jobs/{id}/progress"),
+        &json!({"percent": 10}),
+    )
+    .problem(409);
+}
+
+fn concurrent_progress_updates_serialize(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let id = app.running_job();
+    let url = app.url(&format!("/coordinator/jobs/{id}/progress"));
+    std::thread::scope(|s| {
+        for i in 1..=50 {
+            let url = url.clone();
+            s.spawn(move || {
+                let body = json!({"percent": i * 2, "message": format!("step {i}")}).to_string();
+                let r = crate::helpers::send(
+                    &url,
+                    "PATCH",
+                    &[("content-type", "application/json")],
+                    body.as_bytes(),
+                );
+                assert_eq!(r.status, 200, "{}", r.body);
+            });
+        }
+    });
+    let j = app.get(&format!("/coordinator/jobs/{id}")).json();
+    let events = j["events"].as_array().expect("events");
+    let progress: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["type"] == "progress").collect();
+    assert_eq!(progress.len(), 50);
+    // The job holds the value of the last event written, and sequence numbers have no gaps.
+    let last = progress.last().expect("last");
+    assert_eq!(j["progress"], last["data"]["percent"]);
+    assert_eq!(j["message"], last["data"]["message"]);
+    let seqs: Vec<i64> = events
+        .iter()
+        .map(|e| e["seq"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(seqs, (1..=53).collect::<Vec<i64>>());
+    let mut percents: Vec<i64> = progress
+        .iter()
+        .map(|e| e["data"]["percent"].as_i64().unwrap_or(0))
+        .collect();
+    percents.sort();
+    assert_eq!(percents, (1..=50).map(|i| i * 2).collect::<Vec<i64>>());
+}
+
+fn bad_input_names_the_field(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let id = app.running_job();
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        ("POST", "/coordinator/jobs".into(), "{not json", "body"),
+        (
+            "POST",
+            "/coordinator/jobs".into(),
+            r#"{"queue":"q"}"#,
+            "kind",
+        ),
+        (
+            "POST",
+            "/coordinator/jobs".into(),
+            r#"{"kind":"k","priority":"high"}"#,
+            "priority",
+        ),
+        (
+            "POST",
+            "/coordinator/jobs".into(),
+            r#"{"kind":"k","bogus":1}"#,
+            "bogus",
+        ),
+        (
+            "PATCH",
+            format!("/coordinator/jobs/{id}/status"),
+            r#"{"status":"DONE"}"#,
+            "status",
+        ),
+        (
+            "PATCH",
+            format!("/coordinator/jobs/{id}/progress"),
+            r#"{"percent":101}"#,
+            "percent",
+        ),
+        (
+            "PATCH",
+            format!("/coordinator/jobs/{id}/progress"),
+            r#"{"percent":-1}"#,
+            "percent",
+        ),
+        (
+            "PATCH",
+            format!("/coordinator/jobs/{id}/progress"),
+            r#"{"percent":"50"}"#,
+            "percent",
+        ),
+        (
+            "PATCH",
+            "/coordinator/jobs/not-a-uuid/progress".into(),
+            r#"{"percent":5}"#,
+            "id",
+        ),
+        (
+            "POST",
+            format!("/coordinator/jobs/{id}/fail"),
+            r#"{}"#,
+            "error",
+        ),
+    ];
+    for (method, path, body, field) in cases {
+        let r = app.request(
+            method,
+            &path,
+            &[("content-type", "application/json")],
+            body.as_bytes(),
+        );
+        let p = r.problem(400);
+        assert_eq!(p["field"], field, "{method} {path} {body}: {}", r.body);
+    }
+    let r = app.get("/coordinator/jobs/xyz");
+    assert_eq!(r.problem(400)["field"], "id");
+    // Nothing was changed by the rejected requests.
+    let j = app.get(&format!("/coordinator/jobs/{id}")).json();
+    assert_eq!(j["progress"], 0);
+    assert_eq!(j["status"], "RUNNING");
+}
+
+fn unknown_job_and_route_are_404(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let missing = uuid::Uuid::now_v7();
+    app.get(&format!("/coordinator/jobs/{missing}"))
+        .problem(404);
+    app.patch_json(
+        &format!("/coordinator/jobs/{missing}/progress"),
+        &json!({"percent": 1}),
+    )
+    .problem(404);
+    app.get("/no/such/route").problem(404);
+    app.request("DELETE", "/coordinator/jobs", &[], b"")
+        .problem(405);
+}
+
+fn body_over_the_limit_is_413(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.body_limit = 4096) else {
+        return;
+    };
+    let big = json!({"kind": "k", "payload": {"blob": "x".repeat(8000)}});
+    app.post_json("/coordinator/jobs", &big).problem(413);
+    let ok = json!({"kind": "k", "payload": {"blob": "x".repeat(1000)}});
+    assert_eq!(app.post_json("/coordinator/jobs", &ok).status, 201);
+}

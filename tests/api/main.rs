@@ -1,0 +1,6 @@
+//! Black-box tests: the real server over HTTP, on SQLite and on PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod helpers;
+
+mod health;
+mod jobs;
