@@ -45,10 +45,13 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 fn serve(args: ServeArgs) -> Result<(), CliError> {
-    let config = args.validate()?;
-    if config.dev {
+    if args.dev {
         std::fs::create_dir_all(crate::config::Config::dev_dir())
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", crate::config::DEV_DIR))?;
+    }
+    let config = args.validate()?;
+    if config.dev {
+        dev_bootstrap(&config)?;
     }
     let sys = actix_web::rt::System::new();
     sys.block_on(async move {
@@ -58,6 +61,22 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
         log::info!("stopped");
         Ok::<(), anyhow::Error>(())
     })?;
+    Ok(())
+}
+
+/// Migrate, then create (once) and print the dev caller's credentials.
+fn dev_bootstrap(config: &crate::config::Config) -> anyhow::Result<()> {
+    crate::db::migrate::run_pending(&config.db)?;
+    let db = crate::db::Db::new(&config.db);
+    let sealer = crate::crypto::seal::Sealer::new(
+        (*config.master_key).clone(),
+        config.master_key_previous.as_deref().cloned(),
+    )?;
+    let path = crate::auth::dev::credentials_path();
+    let url = format!("http://{}", config.bind);
+    let text = crate::auth::dev::ensure_dev_caller(&db, &sealer, &url, &path)?;
+    print!("{text}");
+    eprintln!("dev credentials written to {} (0600)", path.display());
     Ok(())
 }
 

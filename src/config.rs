@@ -3,10 +3,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 
+use crate::crypto::seal::MasterKey;
 use crate::db::DatabaseUrl;
 
 /// Where `serve --dev` keeps its state.
@@ -37,6 +39,108 @@ pub struct DbArgs {
     pub sqlite_busy_timeout_ms: u64,
 }
 
+/// Master keys: shared by `serve` and the commands that seal or open secrets.
+#[derive(Debug, Clone, Args)]
+pub struct KeyArgs {
+    /// Master key, 32 bytes in standard base64.
+    #[arg(
+        long = "master-key",
+        env = "COORDINATOR_MASTER_KEY",
+        hide_env_values = true,
+        hide = true
+    )]
+    pub master_key: Option<String>,
+
+    /// File holding the master key (base64), instead of COORDINATOR_MASTER_KEY.
+    #[arg(long, env = "COORDINATOR_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+
+    /// The previous master key, tried for rows sealed under its id (during rotation).
+    #[arg(
+        long = "master-key-previous",
+        env = "COORDINATOR_MASTER_KEY_PREVIOUS",
+        hide_env_values = true,
+        hide = true
+    )]
+    pub master_key_previous: Option<String>,
+}
+
+impl KeyArgs {
+    /// Load the keys; in dev mode, `./.coordinator/master.key` is used (created, 0600)
+    /// when neither the variable nor the file flag is set.
+    pub fn load(&self, dev: bool) -> Result<(Arc<MasterKey>, Option<Arc<MasterKey>>), ConfigError> {
+        let current = match (&self.master_key, &self.master_key_file) {
+            (Some(k), _) if !k.trim().is_empty() => MasterKey::from_base64(k)
+                .map_err(|_| bad("COORDINATOR_MASTER_KEY", "must be 32 bytes in base64"))?,
+            (_, Some(path)) => read_key_file(path)?,
+            _ if dev => dev_master_key()?,
+            _ => {
+                return Err(ConfigError(
+                    "COORDINATOR_MASTER_KEY is not set (or use --master-key-file; `serve --dev` generates one)"
+                        .into(),
+                ))
+            }
+        };
+        let previous = match &self.master_key_previous {
+            Some(k) if !k.trim().is_empty() => {
+                Some(Arc::new(MasterKey::from_base64(k).map_err(|_| {
+                    bad(
+                        "COORDINATOR_MASTER_KEY_PREVIOUS",
+                        "must be 32 bytes in base64",
+                    )
+                })?))
+            }
+            _ => None,
+        };
+        Ok((Arc::new(current), previous))
+    }
+}
+
+fn read_key_file(path: &std::path::Path) -> Result<MasterKey, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        bad(
+            "COORDINATOR_MASTER_KEY_FILE",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    MasterKey::from_base64(text.trim()).map_err(|_| {
+        bad(
+            "COORDINATOR_MASTER_KEY_FILE",
+            "must hold 32 bytes in base64",
+        )
+    })
+}
+
+/// The dev master key under `./.coordinator/master.key`, generated (0600) if absent.
+fn dev_master_key() -> Result<MasterKey, ConfigError> {
+    let path = Config::dev_dir().join("master.key");
+    if path.exists() {
+        return read_key_file(&path);
+    }
+    let key = MasterKey::generate();
+    crate::config::write_private(&path, key.to_base64().as_bytes())
+        .map_err(|e| ConfigError(format!("cannot write {}: {e}", path.display())))?;
+    Ok(key)
+}
+
+/// Write a file readable by its owner only (0600 on Unix).
+pub fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(contents)?;
+    f.sync_all()
+}
+
 /// Arguments of `coordinator serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -62,6 +166,34 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish on SIGINT/SIGTERM.
     #[arg(long, env = "COORDINATOR_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
+
+    #[command(flatten)]
+    pub keys: KeyArgs,
+
+    /// Bootstrap API key for caller `bootstrap` (all scopes); at least 32 characters.
+    #[arg(
+        long = "api-key",
+        env = "COORDINATOR_API_KEY",
+        hide_env_values = true,
+        hide = true
+    )]
+    pub api_key: Option<String>,
+
+    /// Kill switch: refuse API keys, accept only signed requests (and job tokens).
+    #[arg(long, env = "COORDINATOR_REQUIRE_SIGNATURE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub require_signature: bool,
+
+    /// Accepted clock skew of signed requests, in seconds.
+    #[arg(long, env = "COORDINATOR_SIGNATURE_SKEW_SECS", default_value_t = 300)]
+    pub signature_skew_secs: i64,
+
+    /// Failed authentications allowed per peer address per minute before 429.
+    #[arg(
+        long,
+        env = "COORDINATOR_AUTH_FAILURES_PER_MINUTE",
+        default_value_t = 30
+    )]
+    pub auth_failures_per_minute: u32,
 }
 
 /// Validated database settings.
@@ -82,6 +214,13 @@ pub struct Config {
     pub body_limit: usize,
     pub workers: usize,
     pub shutdown_timeout: Duration,
+    pub master_key: Arc<MasterKey>,
+    pub master_key_previous: Option<Arc<MasterKey>>,
+    /// SHA-256 of the bootstrap API key (the key itself is not kept).
+    pub bootstrap_api_key: Option<[u8; 32]>,
+    pub require_signature: bool,
+    pub signature_skew_secs: i64,
+    pub auth_failures_per_minute: u32,
 }
 
 /// A configuration error: one line naming the variable. `main` exits with code 2.
@@ -156,6 +295,26 @@ impl ServeArgs {
                 "must be at most 3600",
             ));
         }
+        let bootstrap_api_key = match &self.api_key {
+            Some(k) if k.chars().count() < 32 => {
+                return Err(bad("COORDINATOR_API_KEY", "must be at least 32 characters"))
+            }
+            Some(k) => Some(crate::crypto::sha256(k.as_bytes())),
+            None => None,
+        };
+        if !(1..=3600).contains(&self.signature_skew_secs) {
+            return Err(bad(
+                "COORDINATOR_SIGNATURE_SKEW_SECS",
+                "must be between 1 and 3600",
+            ));
+        }
+        if !(1..=100_000).contains(&self.auth_failures_per_minute) {
+            return Err(bad(
+                "COORDINATOR_AUTH_FAILURES_PER_MINUTE",
+                "must be between 1 and 100000",
+            ));
+        }
+        let (master_key, master_key_previous) = self.keys.load(self.dev)?;
         Ok(Config {
             dev: self.dev,
             bind,
@@ -163,6 +322,12 @@ impl ServeArgs {
             body_limit: self.body_limit,
             workers: self.workers,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            master_key,
+            master_key_previous,
+            bootstrap_api_key,
+            require_signature: self.require_signature,
+            signature_skew_secs: self.signature_skew_secs,
+            auth_failures_per_minute: self.auth_failures_per_minute,
         })
     }
 }
@@ -182,6 +347,12 @@ impl Config {
             body_limit: 1_048_576,
             workers: 0,
             shutdown_timeout: Duration::from_secs(30),
+            master_key: Arc::new(MasterKey::generate()),
+            master_key_previous: None,
+            bootstrap_api_key: None,
+            require_signature: false,
+            signature_skew_secs: 300,
+            auth_failures_per_minute: 30,
         }
     }
 

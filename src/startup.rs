@@ -7,8 +7,12 @@ use std::sync::Arc;
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::{middleware, web, App, HttpServer};
 
-use crate::auth::Scope;
+use crate::auth::admin::check_master_keys;
+use crate::auth::store::CredentialStore;
+use crate::auth::throttle::Throttle;
+use crate::auth::{AuthContext, AuthSettings, Scope};
 use crate::config::Config;
+use crate::crypto::seal::Sealer;
 use crate::db::{migrate, Db};
 use crate::error::ApiError;
 use crate::health::{self, HealthCache};
@@ -19,6 +23,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub db: Db,
     pub health: HealthCache,
+    pub auth: AuthContext,
 }
 
 /// What a route requires of its caller.
@@ -108,11 +113,34 @@ impl Application {
             .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", config.bind))?;
         let port = listener.local_addr()?.port();
         let config = Arc::new(config);
+        let db = Db::new(&config.db);
+        let sealer = Arc::new(Sealer::new(
+            (*config.master_key).clone(),
+            config.master_key_previous.as_deref().cloned(),
+        )?);
+        let check_db = db.clone();
+        let check_sealer = sealer.clone();
+        actix_web::rt::task::spawn_blocking(move || check_master_keys(&check_db, &check_sealer))
+            .await
+            .map_err(|e| anyhow::anyhow!("startup check failed: {e}"))?
+            .map_err(|line| anyhow::anyhow!(line))?;
+        let store = Arc::new(CredentialStore::new(db.clone(), sealer));
         let state = web::Data::new(AppState {
-            db: Db::new(&config.db),
+            db,
             config: config.clone(),
             health: HealthCache::default(),
+            auth: AuthContext {
+                store: store.clone(),
+                throttle: Throttle::new(config.auth_failures_per_minute),
+                settings: AuthSettings {
+                    skew_secs: config.signature_skew_secs,
+                    require_signature: config.require_signature,
+                    bootstrap_key_hash: config.bootstrap_api_key,
+                    body_limit: config.body_limit,
+                },
+            },
         });
+        actix_web::rt::spawn(store.run_poller());
         let server = run(listener, state.clone(), &config)?;
         Ok(Application {
             port,
@@ -151,6 +179,9 @@ fn run(
             .app_data(web::PayloadConfig::new(body_limit))
             .configure(register)
             .default_service(web::to(not_found))
+            .wrap(middleware::from_fn(
+                crate::auth::middleware::auth_middleware,
+            ))
             .wrap(middleware::from_fn(crate::telemetry::access_log))
     })
     .shutdown_timeout(config.shutdown_timeout.as_secs())

@@ -1,25 +1,47 @@
-//! Request authentication: the schemes of DESIGN §3, the principal handlers receive,
-//! and the scopes routes require.
+//! Request authentication (DESIGN §2–§4): the schemes, the credential store, the one
+//! middleware, the principal handlers receive, and the scopes routes require.
+pub mod admin;
+pub mod api_key;
+pub mod audit;
+pub mod dev;
+pub mod hmac;
+pub mod middleware;
+pub mod model;
+pub mod principal;
+pub mod repo;
 pub mod scope;
 pub mod signing;
+pub mod store;
+pub mod throttle;
+pub mod token;
+pub mod webhook;
 pub mod webhook_sig;
 
+use std::sync::Arc;
+
+pub use model::Scheme;
+pub use principal::Principal;
 pub use scope::Scope;
 
-use actix_web::{HttpMessage, HttpRequest};
+use crate::error::{ApiError, AuthFailure};
 
-/// The authenticated caller of a request, put into the request extensions by the
-/// authentication middleware.
-#[derive(Debug, Clone)]
-pub struct Principal {
-    pub caller: String,
-    pub scopes: Vec<Scope>,
+/// A 401 with a short public reason.
+pub fn fail(reason: &'static str) -> ApiError {
+    ApiError::unauthorized(AuthFailure::new(reason))
 }
 
-/// The caller's name for records such as `jobs.created_by` (`anonymous` on open routes).
-pub fn caller_name(req: &HttpRequest) -> String {
-    req.extensions()
-        .get::<Principal>()
-        .map(|p| p.caller.clone())
-        .unwrap_or_else(|| "anonymous".to_owned())
+/// Settings the middleware needs (from `Config`).
+pub struct AuthSettings {
+    pub skew_secs: i64,
+    pub require_signature: bool,
+    /// SHA-256 of `COORDINATOR_API_KEY`, the bootstrap key (never the key itself).
+    pub bootstrap_key_hash: Option<[u8; 32]>,
+    pub body_limit: usize,
+}
+
+/// Everything authentication needs, shared by the workers of one instance.
+pub struct AuthContext {
+    pub store: Arc<store::CredentialStore>,
+    pub throttle: throttle::Throttle,
+    pub settings: AuthSettings,
 }

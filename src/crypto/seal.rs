@@ -64,6 +64,12 @@ pub struct MasterKey {
     id: String,
 }
 
+impl Clone for MasterKey {
+    fn clone(&self) -> Self {
+        Self::from_bytes(Zeroizing::new(*self.bytes))
+    }
+}
+
 impl MasterKey {
     /// A fresh random master key.
     pub fn generate() -> Self {

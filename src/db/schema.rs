@@ -40,4 +40,65 @@ diesel::table! {
 }
 
 diesel::joinable!(job_events -> jobs (job_id));
-diesel::allow_tables_to_appear_in_same_query!(jobs, job_events);
+diesel::allow_tables_to_appear_in_same_query!(jobs, job_events, callers, sealed_secrets, api_keys);
+
+diesel::table! {
+    callers (name) {
+        name -> Text,
+        scopes -> Text,
+        created_at -> BigInt,
+        disabled_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    sealed_secrets (caller, purpose, version) {
+        caller -> Text,
+        purpose -> Text,
+        version -> Integer,
+        ciphertext -> Binary,
+        nonce -> Binary,
+        master_key_id -> Text,
+        created_at -> BigInt,
+        expires_at -> Nullable<BigInt>,
+        revoked_at -> Nullable<BigInt>,
+        last_used_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    api_keys (id) {
+        id -> Text,
+        caller -> Text,
+        key_hash -> Text,
+        display_prefix -> Text,
+        scopes -> Text,
+        created_at -> BigInt,
+        expires_at -> Nullable<BigInt>,
+        revoked_at -> Nullable<BigInt>,
+        last_used_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    replay_records (caller, signature_hash) {
+        caller -> Text,
+        signature_hash -> Text,
+        expires_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    revoked_tokens (jti) {
+        jti -> Text,
+        expires_at -> BigInt,
+        revoked_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    auth_state (id) {
+        id -> Integer,
+        generation -> BigInt,
+    }
+}

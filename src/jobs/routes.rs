@@ -8,6 +8,7 @@ use super::model::{
     StatusUpdate,
 };
 use super::repo::{self, Idempotency};
+use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonBody, RawBody};
 use crate::startup::AppState;
@@ -37,13 +38,14 @@ fn idempotency(req: &HttpRequest, body_hash: String) -> ApiResult<Option<Idempot
 /// `POST /coordinator/jobs`
 pub async fn create(
     state: web::Data<AppState>,
+    principal: Principal,
     req: HttpRequest,
     RawBody(body): RawBody,
 ) -> ApiResult<HttpResponse> {
     let input: CreateJob = crate::extract::parse_json(&body)?;
     let job = input.validate()?;
     let idem = idempotency(&req, crate::crypto::sha256_hex(&body))?;
-    let created_by = crate::auth::caller_name(&req);
+    let created_by = principal.caller;
     let out = state
         .db
         .write(move |conn| repo::create(conn, &job, &created_by, idem.as_ref()))
@@ -55,8 +57,14 @@ pub async fn create(
     Ok(resp.json(JobView::from(out.job)))
 }
 
-async fn change(state: &AppState, id: &str, change: Change) -> ApiResult<HttpResponse> {
+async fn change(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+    change: Change,
+) -> ApiResult<HttpResponse> {
     let id = JobId::parse(id, "id")?;
+    principal.authorize_job(&id)?;
     let row = state
         .db
         .write(move |conn| repo::apply(conn, &id, &change))
@@ -67,6 +75,7 @@ async fn change(state: &AppState, id: &str, change: Change) -> ApiResult<HttpRes
 /// `PATCH /coordinator/jobs/{id}/status`
 pub async fn status(
     state: web::Data<AppState>,
+    principal: Principal,
     id: web::Path<String>,
     JsonBody(body): JsonBody<StatusUpdate>,
 ) -> ApiResult<HttpResponse> {
@@ -75,12 +84,13 @@ pub async fn status(
         to: body.status,
         message: body.message,
     };
-    change(&state, &id, c).await
+    change(&state, &principal, &id, c).await
 }
 
 /// `PATCH /coordinator/jobs/{id}/progress`
 pub async fn progress(
     state: web::Data<AppState>,
+    principal: Principal,
     id: web::Path<String>,
     JsonBody(body): JsonBody<ProgressUpdate>,
 ) -> ApiResult<HttpResponse> {
@@ -89,17 +99,19 @@ pub async fn progress(
         percent,
         message: body.message,
     };
-    change(&state, &id, c).await
+    change(&state, &principal, &id, c).await
 }
 
 /// `POST /coordinator/jobs/{id}/complete`
 pub async fn complete(
     state: web::Data<AppState>,
+    principal: Principal,
     id: web::Path<String>,
     JsonBody(body): JsonBody<CompleteJob>,
 ) -> ApiResult<HttpResponse> {
     change(
         &state,
+        &principal,
         &id,
         Change::Complete {
             result: body.result,
@@ -111,6 +123,7 @@ pub async fn complete(
 /// `POST /coordinator/jobs/{id}/fail`
 pub async fn fail(
     state: web::Data<AppState>,
+    principal: Principal,
     id: web::Path<String>,
     JsonBody(body): JsonBody<FailJob>,
 ) -> ApiResult<HttpResponse> {
@@ -119,12 +132,17 @@ pub async fn fail(
         error: body.error,
         gate_results: body.gate_results,
     };
-    change(&state, &id, c).await
+    change(&state, &principal, &id, c).await
 }
 
 /// `GET /coordinator/jobs/{id}`
-pub async fn get(state: web::Data<AppState>, id: web::Path<String>) -> ApiResult<HttpResponse> {
+pub async fn get(
+    state: web::Data<AppState>,
+    principal: Principal,
+    id: web::Path<String>,
+) -> ApiResult<HttpResponse> {
     let id = JobId::parse(&id, "id")?;
+    principal.authorize_job(&id)?;
     let (job, events, truncated) = state
         .db
         .read(move |conn| repo::find_with_events(conn, &id))

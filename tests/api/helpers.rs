@@ -9,6 +9,8 @@ use std::thread::JoinHandle;
 
 use actix_web::dev::ServerHandle;
 use actix_web::web;
+use coordinator::auth::admin::{self, SecretKind};
+use coordinator::auth::{signing, Scope};
 use coordinator::config::Config;
 use coordinator::db::DatabaseUrl;
 use coordinator::startup::{AppState, Application};
@@ -130,6 +132,8 @@ pub struct TestApp {
     handle: ServerHandle,
     thread: Option<JoinHandle<()>>,
     pub config: Config,
+    /// The default credential: caller `tester` with every scope, signing with HMAC.
+    pub signer: Signer,
 }
 
 impl Drop for TestApp {
@@ -181,6 +185,7 @@ pub fn start(backend: Backend, db: Arc<TestDb>, cfg: Config) -> TestApp {
         });
     });
     let (port, handle, state) = rx.recv().expect("app thread").expect("app builds");
+    let signer = ensure_caller(&state, "tester", &Scope::ALL);
     TestApp {
         address: format!("http://127.0.0.1:{port}"),
         backend,
@@ -189,6 +194,75 @@ pub fn start(backend: Backend, db: Arc<TestDb>, cfg: Config) -> TestApp {
         handle,
         thread: Some(thread),
         config: cfg,
+        signer,
+    }
+}
+
+/// A caller that signs requests with its HMAC secret.
+#[derive(Clone)]
+pub struct Signer {
+    pub caller: String,
+    pub secret: String,
+    pub key_version: Option<i32>,
+}
+
+impl Signer {
+    /// The signature headers for a request, with a fresh nonce.
+    pub fn headers(
+        &self,
+        method: &str,
+        target: &str,
+        body: &[u8],
+        ts: i64,
+    ) -> Vec<(String, String)> {
+        let nonce = uuid::Uuid::now_v7().simple().to_string();
+        self.headers_with(method, target, body, ts, Some(&nonce))
+    }
+
+    pub fn headers_with(
+        &self,
+        method: &str,
+        target: &str,
+        body: &[u8],
+        ts: i64,
+        nonce: Option<&str>,
+    ) -> Vec<(String, String)> {
+        let ts = ts.to_string();
+        let canonical =
+            signing::canonical(method, target, &self.caller, &ts, nonce.unwrap_or(""), body);
+        let sig = signing::sign(&self.secret, &canonical);
+        let mut h = vec![
+            ("X-Coordinator-Caller".to_owned(), self.caller.clone()),
+            ("X-Coordinator-Timestamp".to_owned(), ts),
+            ("X-Coordinator-Signature".to_owned(), sig),
+        ];
+        if let Some(n) = nonce {
+            h.push(("X-Coordinator-Nonce".to_owned(), n.to_owned()));
+        }
+        if let Some(v) = self.key_version {
+            h.push(("X-Coordinator-Key-Version".to_owned(), v.to_string()));
+        }
+        h
+    }
+}
+
+pub fn now_secs() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn sealer(state: &AppState) -> &coordinator::crypto::seal::Sealer {
+    state.auth.store.sealer()
+}
+
+/// Create a caller with these scopes and an HMAC secret (idempotent for the caller).
+pub fn ensure_caller(state: &AppState, name: &str, scopes: &[Scope]) -> Signer {
+    let _ = admin::add_caller(&state.db, name, scopes);
+    let s = admin::add_secret(&state.db, sealer(state), name, SecretKind::Hmac, None, None)
+        .expect("secret");
+    Signer {
+        caller: name.to_owned(),
+        secret: s.plaintext.to_string(),
+        key_version: None,
     }
 }
 
@@ -275,8 +349,44 @@ impl TestApp {
         format!("{}{}", self.address, path)
     }
 
+    /// A request signed by the default caller (`tester`, every scope).
     pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        self.signed_by(&self.signer, method, path, headers, body)
+    }
+
+    /// A request signed by `signer`.
+    pub fn signed_by(
+        &self,
+        signer: &Signer,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Resp {
+        let sig = signer.headers(method, path, body, now_secs());
+        let mut all: Vec<(&str, &str)> = headers.to_vec();
+        all.extend(sig.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        send(&self.url(path), method, &all, body)
+    }
+
+    /// A request with exactly these headers (no credentials added).
+    pub fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
         send(&self.url(path), method, headers, body)
+    }
+
+    /// A caller with these scopes and an HMAC secret.
+    pub fn caller(&self, name: &str, scopes: &[Scope]) -> Signer {
+        ensure_caller(&self.state, name, scopes)
+    }
+
+    /// An API key for a (new or existing) caller with these scopes.
+    pub fn api_key(&self, name: &str, scopes: &[Scope]) -> String {
+        let _ = admin::add_caller(&self.state.db, name, scopes);
+        admin::issue_key(&self.state.db, name, None, None)
+            .expect("key")
+            .key
+            .expose_secret()
+            .to_owned()
     }
 
     pub fn get(&self, path: &str) -> Resp {

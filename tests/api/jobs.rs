@@ -136,15 +136,14 @@ fn idempotency_key_returns_the_first_job(b: Backend) {
 
 fn concurrent_idempotent_creates_make_one_job(b: Backend) {
     let Some(app) = crate::app!(b) else { return };
-    let url = app.url("/coordinator/jobs");
+    let app = &app;
     let ids: Vec<String> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..10)
             .map(|_| {
-                let url = url.clone();
                 s.spawn(move || {
-                    let r = crate::helpers::send(
-                        &url,
+                    let r = app.request(
                         "POST",
+                        "/coordinator/jobs",
                         &[("Idempotency-Key", "same")],
                         br#"{"kind":"x"}"#,
                     );
@@ -206,15 +205,15 @@ fn progress_only_while_running(b: Backend) {
 fn concurrent_progress_updates_serialize(b: Backend) {
     let Some(app) = crate::app!(b) else { return };
     let id = app.running_job();
-    let url = app.url(&format!("/coordinator/jobs/{id}/progress"));
+    let path = format!("/coordinator/jobs/{id}/progress");
     std::thread::scope(|s| {
         for i in 1..=50 {
-            let url = url.clone();
+            let (app, path) = (&app, &path);
             s.spawn(move || {
                 let body = json!({"percent": i * 2, "message": format!("step {i}")}).to_string();
-                let r = crate::helpers::send(
-                    &url,
+                let r = app.request(
                     "PATCH",
+                    path,
                     &[("content-type", "application/json")],
                     body.as_bytes(),
                 );

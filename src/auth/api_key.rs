@@ -1,0 +1,73 @@
+//! The API key scheme: format and checksum checked before any database work, then the
+//! SHA-256 hash looked up (cached); expiry, revocation and the caller's state checked.
+
+use super::audit::AuditRecord;
+use super::model::Scheme;
+use super::principal::Principal;
+use super::store::Touch;
+use super::{fail, AuthContext, Scope};
+use crate::crypto::credential::ApiKey;
+use crate::db::now_millis;
+use crate::error::ApiError;
+
+pub const HEADER: &str = "x-api-key";
+pub const BOOTSTRAP_CALLER: &str = "bootstrap";
+
+pub async fn verify(
+    ctx: &AuthContext,
+    presented: &str,
+    audit: &mut AuditRecord,
+) -> Result<Principal, ApiError> {
+    audit.scheme = Some(Scheme::ApiKey);
+    if ctx.settings.require_signature {
+        return Err(fail("signature required"));
+    }
+    if let Some(boot) = &ctx.settings.bootstrap_key_hash {
+        let given = crate::crypto::sha256(presented.as_bytes());
+        if crate::crypto::ct_eq(&given, boot) {
+            audit.caller = Some(BOOTSTRAP_CALLER.to_owned());
+            audit.key_ref = Some("bootstrap".to_owned());
+            return Ok(Principal {
+                caller: BOOTSTRAP_CALLER.to_owned(),
+                scheme: Scheme::ApiKey,
+                scopes: Scope::ALL.to_vec(),
+                key_ref: Some("bootstrap".to_owned()),
+                job_id: None,
+            });
+        }
+    }
+    let key = ApiKey::parse(presented).map_err(|_| fail("malformed api key"))?;
+    let hash = key.hash();
+    let (row, caller) = ctx
+        .store
+        .api_key(hash.as_str())
+        .await?
+        .ok_or_else(|| fail("unknown api key"))?;
+    audit.caller = Some(row.caller.clone());
+    audit.key_ref = Some(row.display_prefix.clone());
+    if row.revoked_at.is_some() {
+        return Err(fail("revoked"));
+    }
+    if row.expires_at.is_some_and(|e| e <= now_millis()) {
+        return Err(fail("expired"));
+    }
+    if caller.disabled_at.is_some() {
+        return Err(fail("caller disabled"));
+    }
+    // Effective scopes: the key's, limited to what the caller still holds.
+    let caller_scopes = caller.scope_list();
+    let scopes = row
+        .scopes
+        .split(',')
+        .filter_map(Scope::parse)
+        .filter(|s| caller_scopes.contains(s))
+        .collect();
+    ctx.store.touch(Touch::ApiKey { id: row.id.clone() });
+    Ok(Principal {
+        caller: row.caller.clone(),
+        scheme: Scheme::ApiKey,
+        scopes,
+        key_ref: Some(row.display_prefix.clone()),
+        job_id: None,
+    })
+}

@@ -1,0 +1,48 @@
+//! `serve --dev`: a bootstrap caller `dev` with every scope and one credential of each
+//! kind, printed once as `KEY=value` lines and written to
+//! `./.coordinator/dev-credentials.env` (0600). `sign` and `call` read the same variables.
+
+use std::path::{Path, PathBuf};
+
+use super::admin::{self, SecretKind};
+use super::Scope;
+use crate::crypto::seal::Sealer;
+use crate::db::Db;
+use crate::error::StoreError;
+
+pub const DEV_CALLER: &str = "dev";
+
+pub fn credentials_path() -> PathBuf {
+    crate::config::Config::dev_dir().join("dev-credentials.env")
+}
+
+/// Create the dev caller and its credentials unless they exist; returns the lines of
+/// the credentials file.
+pub fn ensure_dev_caller(
+    db: &Db,
+    sealer: &Sealer,
+    url: &str,
+    file: &Path,
+) -> anyhow::Result<String> {
+    let exists = db
+        .write_sync(|conn| super::repo::find_caller(conn, DEV_CALLER))?
+        .is_some();
+    if exists && file.exists() {
+        return Ok(std::fs::read_to_string(file)?);
+    }
+    if !exists {
+        admin::add_caller(db, DEV_CALLER, &Scope::ALL)?;
+    }
+    let hmac = admin::add_secret(db, sealer, DEV_CALLER, SecretKind::Hmac, None, None)?;
+    let webhook = admin::add_secret(db, sealer, DEV_CALLER, SecretKind::Webhook, None, None)?;
+    let key =
+        admin::issue_key(db, DEV_CALLER, None, None).map_err(|e: StoreError| anyhow::anyhow!(e))?;
+    let text = format!(
+        "COORDINATOR_URL={url}\nCOORDINATOR_CALLER={DEV_CALLER}\nCOORDINATOR_CLIENT_API_KEY={}\nCOORDINATOR_HMAC_SECRET={}\nCOORDINATOR_WEBHOOK_SECRET={}\n",
+        key.key.expose_secret(),
+        hmac.plaintext.as_str(),
+        webhook.plaintext.as_str(),
+    );
+    crate::config::write_private(file, text.as_bytes())?;
+    Ok(text)
+}
