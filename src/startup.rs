@@ -8,8 +8,10 @@ use actix_web::dev::{Server, ServerHandle};
 use actix_web::{middleware, web, App, HttpServer};
 
 use crate::auth::admin::check_master_keys;
+use crate::auth::revocation::Revocations;
 use crate::auth::store::CredentialStore;
 use crate::auth::throttle::Throttle;
+use crate::auth::token::ensure_signing_key;
 use crate::auth::{AuthContext, AuthSettings, Scope};
 use crate::config::Config;
 use crate::crypto::seal::Sealer;
@@ -76,6 +78,7 @@ route_table! {
     patch "/coordinator/jobs/{id}/progress"   => jobs::progress,   Access::Scope(Scope::JobsUpdate);
     post  "/coordinator/jobs/{id}/complete"   => jobs::complete,   Access::Scope(Scope::JobsUpdate);
     post  "/coordinator/jobs/{id}/fail"       => jobs::fail,       Access::Scope(Scope::JobsUpdate);
+    post  "/admin/tokens/revoke"              => crate::auth::routes::revoke_token, Access::Scope(Scope::Admin);
 }
 
 /// The access a matched route pattern requires (`None`: not a registered route).
@@ -124,13 +127,21 @@ impl Application {
             .await
             .map_err(|e| anyhow::anyhow!("startup check failed: {e}"))?
             .map_err(|line| anyhow::anyhow!(line))?;
+        let key_db = db.clone();
+        let key_sealer = sealer.clone();
+        actix_web::rt::task::spawn_blocking(move || ensure_signing_key(&key_db, &key_sealer))
+            .await
+            .map_err(|e| anyhow::anyhow!("startup task failed: {e}"))??;
         let store = Arc::new(CredentialStore::new(db.clone(), sealer));
+        let revocations = Arc::new(Revocations::new(db.clone()));
+        revocations.poll().await?;
         let state = web::Data::new(AppState {
             db,
             config: config.clone(),
             health: HealthCache::default(),
             auth: AuthContext {
                 store: store.clone(),
+                revocations: revocations.clone(),
                 throttle: Throttle::new(config.auth_failures_per_minute),
                 settings: AuthSettings {
                     skew_secs: config.signature_skew_secs,
@@ -141,6 +152,7 @@ impl Application {
             },
         });
         actix_web::rt::spawn(store.run_poller());
+        actix_web::rt::spawn(revocations.run_poller());
         let server = run(listener, state.clone(), &config)?;
         Ok(Application {
             port,

@@ -77,6 +77,11 @@ pub fn list_callers(db: &Db) -> Result<Vec<CallerRow>, StoreError> {
     db.write_sync(repo::list_callers)
 }
 
+/// One caller by name, if it exists.
+pub fn find_caller(db: &Db, name: &str) -> Result<Option<CallerRow>, StoreError> {
+    db.write_sync(|conn| repo::find_caller(conn, name))
+}
+
 pub fn disable_caller(db: &Db, name: &str) -> Result<(), StoreError> {
     db.write_sync(|conn| conn.transaction(|conn| repo::disable_caller(conn, name, now_millis())))
 }

@@ -9,6 +9,8 @@ pub mod middleware;
 pub mod model;
 pub mod principal;
 pub mod repo;
+pub mod revocation;
+pub mod routes;
 pub mod scope;
 pub mod signing;
 pub mod store;
@@ -42,6 +44,7 @@ pub struct AuthSettings {
 /// Everything authentication needs, shared by the workers of one instance.
 pub struct AuthContext {
     pub store: Arc<store::CredentialStore>,
+    pub revocations: Arc<revocation::Revocations>,
     pub throttle: throttle::Throttle,
     pub settings: AuthSettings,
 }

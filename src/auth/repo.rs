@@ -326,3 +326,100 @@ pub fn purge_replays(conn: &mut DbConnection, now: i64, limit: i64) -> Result<us
             .execute(conn)?,
     )
 }
+
+// ---- revoked job tokens -------------------------------------------------------------
+
+use crate::db::schema::revoked_tokens;
+
+/// Revoke a token id; revoking twice keeps the later expiry. `revoked_at` moves so
+/// every instance's incremental poll sees the row again.
+pub fn revoke_token(
+    conn: &mut DbConnection,
+    jti: &str,
+    expires_at: i64,
+    now: i64,
+) -> Result<(), StoreError> {
+    conn.transaction(|conn| {
+        let inserted = diesel::insert_into(revoked_tokens::table)
+            .values((
+                revoked_tokens::jti.eq(jti),
+                revoked_tokens::expires_at.eq(expires_at),
+                revoked_tokens::revoked_at.eq(now),
+            ))
+            .execute(conn);
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(String::new())),
+            Err(e) => Err(e.into()),
+        }
+    })
+    .or_else(|e| match e {
+        StoreError::Conflict(_) => {
+            diesel::update(revoked_tokens::table.find(jti))
+                .filter(revoked_tokens::expires_at.lt(expires_at))
+                .set((
+                    revoked_tokens::expires_at.eq(expires_at),
+                    revoked_tokens::revoked_at.eq(now),
+                ))
+                .execute(conn)?;
+            Ok(())
+        }
+        other => Err(other),
+    })
+}
+
+/// Revocations written at or after `since` (ms), for the incremental poll.
+pub fn revoked_since(
+    conn: &mut DbConnection,
+    since: i64,
+) -> Result<Vec<(String, i64, i64)>, StoreError> {
+    Ok(revoked_tokens::table
+        .filter(revoked_tokens::revoked_at.ge(since))
+        .select((
+            revoked_tokens::jti,
+            revoked_tokens::expires_at,
+            revoked_tokens::revoked_at,
+        ))
+        .load(conn)?)
+}
+
+/// Every revocation that still matters (not yet expired).
+pub fn revoked_active(
+    conn: &mut DbConnection,
+    now: i64,
+) -> Result<Vec<(String, i64, i64)>, StoreError> {
+    Ok(revoked_tokens::table
+        .filter(revoked_tokens::expires_at.gt(now))
+        .select((
+            revoked_tokens::jti,
+            revoked_tokens::expires_at,
+            revoked_tokens::revoked_at,
+        ))
+        .load(conn)?)
+}
+
+/// Direct check, used when the in-memory set is not known to be current.
+pub fn any_revoked(conn: &mut DbConnection, ids: &[&str], now: i64) -> Result<bool, StoreError> {
+    let n: i64 = revoked_tokens::table
+        .filter(revoked_tokens::jti.eq_any(ids))
+        .filter(revoked_tokens::expires_at.gt(now))
+        .count()
+        .get_result(conn)?;
+    Ok(n > 0)
+}
+
+/// Delete at most about `limit` revocations past their expiry.
+pub fn purge_revoked(conn: &mut DbConnection, now: i64, limit: i64) -> Result<usize, StoreError> {
+    let cutoff: Option<i64> = revoked_tokens::table
+        .filter(revoked_tokens::expires_at.lt(now))
+        .order(revoked_tokens::expires_at)
+        .select(revoked_tokens::expires_at)
+        .offset(limit.saturating_sub(1).max(0))
+        .first(conn)
+        .optional()?;
+    let upto = cutoff.map_or(now, |c| c.saturating_add(1).min(now));
+    Ok(
+        diesel::delete(revoked_tokens::table.filter(revoked_tokens::expires_at.lt(upto)))
+            .execute(conn)?,
+    )
+}

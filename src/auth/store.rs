@@ -75,6 +75,7 @@ struct Cache {
     keys: HashMap<String, Arc<ApiKeyRow>>,
     key_callers: HashMap<String, Arc<CallerRow>>,
     webhook: Option<Arc<Vec<WebhookKey>>>,
+    token_keys: Option<Arc<Vec<super::token::TokenKey>>>,
 }
 
 pub struct CredentialStore {
@@ -301,6 +302,25 @@ impl CredentialStore {
         let keys = Arc::new(keys);
         let mut c = self.cache.lock().map_err(|_| poisoned())?;
         c.webhook = Some(keys.clone());
+        Ok(keys)
+    }
+
+    /// The job-token signing keys, newest first.
+    pub async fn token_keys(&self) -> Result<Arc<Vec<super::token::TokenKey>>, StoreError> {
+        if self.cache_usable() {
+            let c = self.cache.lock().map_err(|_| poisoned())?;
+            if let Some(k) = &c.token_keys {
+                return Ok(k.clone());
+            }
+        }
+        let sealer = self.sealer.clone();
+        let keys = Arc::new(
+            self.db
+                .read(move |conn| super::token::load_keys(conn, &sealer))
+                .await?,
+        );
+        let mut c = self.cache.lock().map_err(|_| poisoned())?;
+        c.token_keys = Some(keys.clone());
         Ok(keys)
     }
 

@@ -26,6 +26,7 @@ diesel::table! {
         updated_at -> BigInt,
         started_at -> Nullable<BigInt>,
         finished_at -> Nullable<BigInt>,
+        tokens_until -> Nullable<BigInt>,
     }
 }
 

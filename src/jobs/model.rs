@@ -67,6 +67,8 @@ pub struct JobRow {
     pub updated_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// Latest expiry of any job token issued for this job (revoked when it ends).
+    pub tokens_until: Option<i64>,
 }
 
 /// The columns a state change may touch.

@@ -70,6 +70,7 @@ pub fn new_row(job: &NewJob, created_by: &str, idem: Option<&Idempotency>, now: 
         updated_at: now,
         started_at: None,
         finished_at: None,
+        tokens_until: None,
     }
 }
 
@@ -169,7 +170,35 @@ pub fn apply(conn: &mut DbConnection, id: &JobId, change: &Change) -> Result<Job
     })
 }
 
-/// Write the changed columns of `row` and append its event (seq = row.version).
+/// Remember the latest expiry of a token issued for this job.
+pub fn extend_tokens_until(
+    conn: &mut DbConnection,
+    id: &JobId,
+    until: i64,
+) -> Result<(), StoreError> {
+    diesel::update(jobs::table.find(id.as_str()))
+        .filter(
+            jobs::tokens_until
+                .is_null()
+                .or(jobs::tokens_until.lt(until)),
+        )
+        .set(jobs::tokens_until.eq(Some(until)))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// When a job has ended, the id under which its tokens are revoked and until when.
+pub fn ended_job_tokens(row: &JobRow, now: i64) -> Option<(String, i64)> {
+    match row.tokens_until {
+        Some(until) if row.status().is_terminal() && until > now => {
+            Some((crate::auth::revocation::job_key(&row.id), until))
+        }
+        _ => None,
+    }
+}
+
+/// Write the changed columns of `row` and append its event (seq = row.version). A
+/// job that ends has its tokens revoked in the same transaction.
 pub fn write_change(
     conn: &mut DbConnection,
     row: &JobRow,
@@ -189,6 +218,9 @@ pub fn write_change(
             created_at: now,
         })
         .execute(conn)?;
+    if let Some((key, until)) = ended_job_tokens(row, now) {
+        crate::auth::repo::revoke_token(conn, &key, until, now)?;
+    }
     Ok(())
 }
 

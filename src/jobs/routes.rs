@@ -69,6 +69,9 @@ async fn change(
         .db
         .write(move |conn| repo::apply(conn, &id, &change))
         .await?;
+    if let Some((key, until)) = repo::ended_job_tokens(&row, crate::db::now_millis()) {
+        state.auth.revocations.revoke_local(&key, until);
+    }
     Ok(HttpResponse::Ok().json(JobView::from(row)))
 }
 

@@ -452,3 +452,34 @@ macro_rules! app {
         $crate::helpers::spawn_app($backend)
     };
 }
+
+impl TestApp {
+    /// A job token for `job_id` issued the way `coordinator token issue` does it.
+    pub fn job_token(&self, job_id: &str, worker: &str, ttl: std::time::Duration) -> String {
+        let id = coordinator::jobs::JobId::parse(job_id, "id").expect("job id");
+        coordinator::auth::token::issue(
+            &self.state.db,
+            self.state.auth.store.sealer(),
+            &id,
+            worker,
+            ttl,
+        )
+        .expect("token")
+        .token
+        .to_string()
+    }
+
+    /// A request with `Authorization: Bearer <token>`.
+    pub fn with_token(&self, token: &str, method: &str, path: &str, body: &[u8]) -> Resp {
+        let auth = format!("Bearer {token}");
+        self.raw(
+            method,
+            path,
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+    }
+}

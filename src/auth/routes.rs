@@ -1,0 +1,65 @@
+//! Admin routes of the auth layer.
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::db::now_millis;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::JsonBody;
+use crate::jobs::model::rfc3339;
+use crate::startup::AppState;
+
+/// Default lifetime of a revocation when no expiry is given: 24 h (the longest a job
+/// token can live).
+pub const DEFAULT_REVOCATION_MS: i64 = 24 * 3600 * 1000;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RevokeToken {
+    pub jti: String,
+    /// RFC 3339; default now + 24 h.
+    pub expires_at: Option<String>,
+}
+
+/// Parse an optional RFC 3339 expiry (must lie in the future), default now + 24 h.
+pub fn revocation_expiry(raw: Option<&str>, field: &str) -> Result<i64, ApiError> {
+    let now = now_millis();
+    match raw {
+        None => Ok(now.saturating_add(DEFAULT_REVOCATION_MS)),
+        Some(s) => {
+            let t = chrono::DateTime::parse_from_rfc3339(s)
+                .map_err(|_| ApiError::bad_request(field, "must be an RFC 3339 timestamp"))?
+                .timestamp_millis();
+            if t <= now {
+                return Err(ApiError::bad_request(field, "must be in the future"));
+            }
+            Ok(t)
+        }
+    }
+}
+
+pub fn valid_jti(jti: &str) -> bool {
+    (1..=128).contains(&jti.len()) && jti.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// `POST /admin/tokens/revoke` [admin]
+pub async fn revoke_token(
+    state: web::Data<AppState>,
+    JsonBody(body): JsonBody<RevokeToken>,
+) -> ApiResult<HttpResponse> {
+    if !valid_jti(&body.jti) {
+        return Err(ApiError::bad_request(
+            "jti",
+            "must be 1-128 printable characters",
+        ));
+    }
+    let expires_at = revocation_expiry(body.expires_at.as_deref(), "expiresAt")?;
+    state
+        .auth
+        .revocations
+        .revoke(body.jti.clone(), expires_at)
+        .await?;
+    Ok(HttpResponse::Ok()
+        .json(json!({"jti": body.jti, "revoked": true, "expiresAt": rfc3339(expires_at)})))
+}

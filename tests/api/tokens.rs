@@ -1,0 +1,325 @@
+//! Job tokens: least privilege for workers, and revocation every instance honours.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::json;
+
+use crate::backend_tests;
+use crate::helpers::Backend;
+
+backend_tests!(
+    token_works_on_its_own_job_only,
+    bad_tokens_are_refused,
+    revocation_is_immediate_on_every_route,
+    revocation_reaches_a_second_instance_within_a_second,
+    a_new_instance_still_refuses_a_revoked_token,
+    tokens_end_with_their_job,
+    double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired,
+);
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn token_works_on_its_own_job_only(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let id = app.running_job();
+    let other = app.running_job();
+    let t = app.job_token(&id, "worker-1", HOUR);
+    let r = app.with_token(
+        &t,
+        "PATCH",
+        &format!("/coordinator/jobs/{id}/progress"),
+        br#"{"percent":10}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        app.with_token(&t, "GET", &format!("/coordinator/jobs/{id}"), b"")
+            .status,
+        200
+    );
+    // Another job: 403; a route outside jobs:update/jobs:read: 403.
+    app.with_token(
+        &t,
+        "PATCH",
+        &format!("/coordinator/jobs/{other}/progress"),
+        br#"{"percent":10}"#,
+    )
+    .problem(403);
+    app.with_token(&t, "GET", &format!("/coordinator/jobs/{other}"), b"")
+        .problem(403);
+    app.with_token(&t, "POST", "/coordinator/jobs", br#"{"kind":"x"}"#)
+        .problem(403);
+    app.with_token(&t, "GET", "/coordinator/health", b"")
+        .problem(403);
+    // Status and complete work on its own job.
+    let r = app.with_token(
+        &t,
+        "PATCH",
+        &format!("/coordinator/jobs/{id}/status"),
+        br#"{"status":"QUEUED"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    app.request(
+        "PATCH",
+        &format!("/coordinator/jobs/{id}/status"),
+        &[],
+        br#"{"status":"RUNNING"}"#,
+    );
+    let r = app.with_token(
+        &t,
+        "POST",
+        &format!("/coordinator/jobs/{id}/complete"),
+        br#"{"result":1}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Fail works on a job of its own too.
+    let t2 = app.job_token(&other, "worker-2", HOUR);
+    let r = app.with_token(
+        &t2,
+        "POST",
+        &format!("/coordinator/jobs/{other}/fail"),
+        br#"{"error":"boom"}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+fn b64(v: &serde_json::Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+fn bad_tokens_are_refused(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let id = app.running_job();
+    let path = format!("/coordinator/jobs/{id}");
+    let t = app.job_token(&id, "w", HOUR);
+    let parts: Vec<&str> = t.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    let claims = json!({"iss":"coordinator","sub":"w","jid":id,"scope":"jobs:update jobs:read","jti":"x1","iat":crate::helpers::now_secs(),"exp":crate::helpers::now_secs()+3600});
+
+    // Tampered signature and tampered claims.
+    let mut sig = parts[2].to_owned();
+    let last = if sig.ends_with('A') { 'B' } else { 'A' };
+    sig.pop();
+    sig.push(last);
+    let tampered_sig = format!("{}.{}.{}", parts[0], parts[1], sig);
+    let tampered_claims = format!("{}.{}.{}", parts[0], b64(&claims), parts[2]);
+    // alg none, RS256 header, a token signed with a key we never issued.
+    let none = format!(
+        "{}.{}.",
+        b64(&json!({"alg":"none","typ":"JWT","kid":"v1"})),
+        b64(&claims)
+    );
+    let rs = format!(
+        "{}.{}.{}",
+        b64(&json!({"alg":"RS256","typ":"JWT","kid":"v1"})),
+        b64(&claims),
+        parts[2]
+    );
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    h.kid = Some("v1".into());
+    let wrong_key = jsonwebtoken::encode(
+        &h,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(b"not-our-key"),
+    )
+    .unwrap();
+    for bad in [
+        tampered_sig,
+        tampered_claims,
+        none,
+        rs,
+        wrong_key,
+        "garbage".into(),
+        String::new(),
+    ] {
+        let r = app.with_token(&bad, "GET", &path, b"");
+        assert_eq!(r.status, 401, "token {bad}: {}", r.body);
+    }
+    // Expired.
+    let short = app.job_token(&id, "w", Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(2100));
+    let r = app.with_token(&short, "GET", &path, b"");
+    assert_eq!(r.problem(401)["reason"], "expired");
+    // The good token still works.
+    assert_eq!(app.with_token(&t, "GET", &path, b"").status, 200);
+}
+
+fn jti_of(token: &str) -> String {
+    let claims = token.split('.').nth(1).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(claims)
+            .unwrap(),
+    )
+    .unwrap();
+    v["jti"].as_str().unwrap().to_owned()
+}
+
+fn revocation_is_immediate_on_every_route(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let id = app.running_job();
+    let t = app.job_token(&id, "w", HOUR);
+    assert_eq!(
+        app.with_token(&t, "GET", &format!("/coordinator/jobs/{id}"), b"")
+            .status,
+        200
+    );
+    let r = app.post_json("/admin/tokens/revoke", &json!({"jti": jti_of(&t)}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    for (m, p, body) in [
+        ("GET", format!("/coordinator/jobs/{id}"), ""),
+        (
+            "PATCH",
+            format!("/coordinator/jobs/{id}/progress"),
+            r#"{"percent":1}"#,
+        ),
+        (
+            "PATCH",
+            format!("/coordinator/jobs/{id}/status"),
+            r#"{"status":"CANCELLED"}"#,
+        ),
+        ("POST", format!("/coordinator/jobs/{id}/complete"), "{}"),
+        (
+            "POST",
+            format!("/coordinator/jobs/{id}/fail"),
+            r#"{"error":"x"}"#,
+        ),
+    ] {
+        let r = app.with_token(&t, m, &p, body.as_bytes());
+        assert_eq!(r.problem(401)["reason"], "revoked", "{m} {p}");
+    }
+    // A caller without `admin` cannot revoke.
+    let s = app.caller("reader", &[coordinator::auth::Scope::JobsRead]);
+    let body = json!({"jti": "abc"}).to_string();
+    app.signed_by(&s, "POST", "/admin/tokens/revoke", &[], body.as_bytes())
+        .problem(403);
+    app.post_json("/admin/tokens/revoke", &json!({"jti": ""}))
+        .problem(400);
+    app.post_json(
+        "/admin/tokens/revoke",
+        &json!({"jti": "a", "expiresAt": "yesterday"}),
+    )
+    .problem(400);
+}
+
+fn revocation_reaches_a_second_instance_within_a_second(b: Backend) {
+    let Some(a) = crate::app!(b) else { return };
+    let second = a.sibling();
+    let id = a.running_job();
+    let t = a.job_token(&id, "w", HOUR);
+    let path = format!("/coordinator/jobs/{id}");
+    assert_eq!(second.with_token(&t, "GET", &path, b"").status, 200);
+    let r = a.post_json("/admin/tokens/revoke", &json!({"jti": jti_of(&t)}));
+    assert_eq!(r.status, 200);
+    let started = Instant::now();
+    loop {
+        let r = second.with_token(&t, "GET", &path, b"");
+        if r.status == 401 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "second instance still accepts after 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn a_new_instance_still_refuses_a_revoked_token(b: Backend) {
+    let Some(a) = crate::app!(b) else { return };
+    let id = a.running_job();
+    let t = a.job_token(&id, "w", HOUR);
+    a.post_json("/admin/tokens/revoke", &json!({"jti": jti_of(&t)}));
+    let restarted = a.sibling();
+    drop(a);
+    let r = restarted.with_token(&t, "GET", &format!("/coordinator/jobs/{id}"), b"");
+    assert_eq!(r.problem(401)["reason"], "revoked");
+}
+
+fn tokens_end_with_their_job(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let second = app.sibling();
+    let id = app.running_job();
+    let t = app.job_token(&id, "w", HOUR);
+    let r = app.with_token(
+        &t,
+        "POST",
+        &format!("/coordinator/jobs/{id}/complete"),
+        b"{}",
+    );
+    assert_eq!(r.status, 200);
+    let r = app.with_token(&t, "GET", &format!("/coordinator/jobs/{id}"), b"");
+    assert_eq!(r.problem(401)["reason"], "revoked");
+    std::thread::sleep(Duration::from_millis(600));
+    let r = second.with_token(&t, "GET", &format!("/coordinator/jobs/{id}"), b"");
+    assert_eq!(r.problem(401)["reason"], "revoked");
+}
+
+fn double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    use coordinator::auth::repo;
+    let now = coordinator::db::now_millis();
+    let later = "2099-01-01T00:00:00Z";
+    let sooner = "2098-01-01T00:00:00Z";
+    app.post_json(
+        "/admin/tokens/revoke",
+        &json!({"jti": "j1", "expiresAt": later}),
+    );
+    app.post_json(
+        "/admin/tokens/revoke",
+        &json!({"jti": "j1", "expiresAt": sooner}),
+    );
+    let rows = app
+        .state
+        .db
+        .write_sync(|c| repo::revoked_active(c, now))
+        .unwrap();
+    let j1 = rows.iter().find(|r| r.0 == "j1").unwrap();
+    assert_eq!(
+        j1.1,
+        chrono::DateTime::parse_from_rfc3339(later)
+            .unwrap()
+            .timestamp_millis()
+    );
+
+    app.state
+        .db
+        .write_sync(|c| {
+            repo::revoke_token(c, "old-1", now - 10_000, now - 20_000)?;
+            repo::revoke_token(c, "old-2", now - 5_000, now - 20_000)?;
+            repo::revoke_token(c, "live", now + 60_000, now)
+        })
+        .unwrap();
+    let purged = app
+        .state
+        .db
+        .write_sync(|c| repo::purge_revoked(c, now, 100))
+        .unwrap();
+    assert_eq!(purged, 2);
+    let left: Vec<String> = app
+        .state
+        .db
+        .write_sync(|c| repo::revoked_since(c, 0))
+        .unwrap()
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert!(left.contains(&"live".to_owned()) && left.contains(&"j1".to_owned()));
+    assert!(!left.contains(&"old-1".to_owned()) && !left.contains(&"old-2".to_owned()));
+    // Bounded per pass.
+    app.state
+        .db
+        .write_sync(|c| {
+            for i in 0..5 {
+                repo::revoke_token(c, &format!("o{i}"), now - 1000 - i, now - 20_000)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let purged = app
+        .state
+        .db
+        .write_sync(|c| repo::purge_revoked(c, now, 2))
+        .unwrap();
+    assert_eq!(purged, 2);
+}
