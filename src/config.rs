@@ -194,6 +194,22 @@ pub struct ServeArgs {
         default_value_t = 30
     )]
     pub auth_failures_per_minute: u32,
+
+    /// Seconds a RUNNING job may go without word from its worker before it is requeued.
+    #[arg(long, env = "COORDINATOR_LEASE_SECS", default_value_t = 300)]
+    pub lease_secs: u64,
+
+    /// Lifetime of job tokens handed out by claim, in seconds (at most 86400).
+    #[arg(long, env = "COORDINATOR_TOKEN_TTL_SECS", default_value_t = 3600)]
+    pub token_ttl_secs: u64,
+
+    /// Queue that webhook deliveries dispatch to.
+    #[arg(long, env = "COORDINATOR_WEBHOOK_QUEUE", default_value = "issues")]
+    pub webhook_queue: String,
+
+    /// Seconds between housekeeping passes (leases, replay records).
+    #[arg(long, env = "COORDINATOR_HOUSEKEEPING_SECS", default_value_t = 5)]
+    pub housekeeping_secs: u64,
 }
 
 /// Validated database settings.
@@ -221,6 +237,10 @@ pub struct Config {
     pub require_signature: bool,
     pub signature_skew_secs: i64,
     pub auth_failures_per_minute: u32,
+    pub lease: Duration,
+    pub token_ttl: Duration,
+    pub webhook_queue: String,
+    pub housekeeping_interval: Duration,
 }
 
 /// A configuration error: one line naming the variable. `main` exits with code 2.
@@ -314,6 +334,27 @@ impl ServeArgs {
                 "must be between 1 and 100000",
             ));
         }
+        if !(1..=86_400).contains(&self.lease_secs) {
+            return Err(bad("COORDINATOR_LEASE_SECS", "must be between 1 and 86400"));
+        }
+        if !(1..=86_400).contains(&self.token_ttl_secs) {
+            return Err(bad(
+                "COORDINATOR_TOKEN_TTL_SECS",
+                "must be between 1 and 86400",
+            ));
+        }
+        crate::jobs::model::validate_queue(&self.webhook_queue, "queue").map_err(|_| {
+            bad(
+                "COORDINATOR_WEBHOOK_QUEUE",
+                "must be 1-64 of [A-Za-z0-9_.-]",
+            )
+        })?;
+        if !(1..=3600).contains(&self.housekeeping_secs) {
+            return Err(bad(
+                "COORDINATOR_HOUSEKEEPING_SECS",
+                "must be between 1 and 3600",
+            ));
+        }
         let (master_key, master_key_previous) = self.keys.load(self.dev)?;
         Ok(Config {
             dev: self.dev,
@@ -328,6 +369,10 @@ impl ServeArgs {
             require_signature: self.require_signature,
             signature_skew_secs: self.signature_skew_secs,
             auth_failures_per_minute: self.auth_failures_per_minute,
+            lease: Duration::from_secs(self.lease_secs),
+            token_ttl: Duration::from_secs(self.token_ttl_secs),
+            webhook_queue: self.webhook_queue.clone(),
+            housekeeping_interval: Duration::from_secs(self.housekeeping_secs),
         })
     }
 }
@@ -353,7 +398,15 @@ impl Config {
             require_signature: false,
             signature_skew_secs: 300,
             auth_failures_per_minute: 30,
+            lease: Duration::from_secs(300),
+            token_ttl: Duration::from_secs(3600),
+            webhook_queue: "issues".to_owned(),
+            housekeeping_interval: Duration::from_secs(5),
         }
+    }
+
+    pub fn lease_ms(&self) -> i64 {
+        i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)
     }
 
     pub fn dev_dir() -> PathBuf {

@@ -11,6 +11,8 @@ pub mod db;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod housekeeping;
 pub mod jobs;
 pub mod startup;
+pub mod stitcher;
 pub mod telemetry;

@@ -78,6 +78,9 @@ route_table! {
     patch "/coordinator/jobs/{id}/progress"   => jobs::progress,   Access::Scope(Scope::JobsUpdate);
     post  "/coordinator/jobs/{id}/complete"   => jobs::complete,   Access::Scope(Scope::JobsUpdate);
     post  "/coordinator/jobs/{id}/fail"       => jobs::fail,       Access::Scope(Scope::JobsUpdate);
+    post  "/coordinator/queues/{queue}/claim" => jobs::claim,      Access::Scope(Scope::JobsUpdate);
+    post  "/stitcher/webhook"                 => crate::stitcher::routes::webhook,  Access::Scope(Scope::StitcherWebhook);
+    post  "/stitcher/dispatch"                => crate::stitcher::routes::dispatch, Access::Scope(Scope::StitcherDispatch);
     post  "/admin/tokens/revoke"              => crate::auth::routes::revoke_token, Access::Scope(Scope::Admin);
 }
 
@@ -153,6 +156,10 @@ impl Application {
         });
         actix_web::rt::spawn(store.run_poller());
         actix_web::rt::spawn(revocations.run_poller());
+        actix_web::rt::spawn(crate::housekeeping::run(
+            state.clone(),
+            config.housekeeping_interval,
+        ));
         let server = run(listener, state.clone(), &config)?;
         Ok(Application {
             port,

@@ -5,6 +5,7 @@
 //! explicit `match` on the connection variant.
 
 pub mod migrate;
+pub mod queue;
 pub mod schema;
 
 use std::time::Duration;

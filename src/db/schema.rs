@@ -103,3 +103,13 @@ diesel::table! {
         generation -> BigInt,
     }
 }
+
+diesel::table! {
+    webhook_deliveries (caller, delivery_id) {
+        caller -> Text,
+        delivery_id -> Text,
+        received_at -> BigInt,
+        payload -> Text,
+        job_id -> Text,
+    }
+}

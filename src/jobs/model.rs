@@ -386,6 +386,12 @@ pub enum Change {
         error: String,
         gate_results: Option<Value>,
     },
+    /// A worker claimed the job from its queue (QUEUED → RUNNING).
+    Claim {
+        worker: String,
+    },
+    /// The worker's lease ran out: back to QUEUED, or FAILED after the last attempt.
+    LeaseExpired,
 }
 
 #[cfg(test)]

@@ -154,7 +154,12 @@ pub fn find_with_events(
 
 /// Apply a change to a job in one transaction: lock (version bump), read, check the
 /// state machine, write the row and its event.
-pub fn apply(conn: &mut DbConnection, id: &JobId, change: &Change) -> Result<JobRow, StoreError> {
+pub fn apply(
+    conn: &mut DbConnection,
+    id: &JobId,
+    change: &Change,
+    lease_ms: i64,
+) -> Result<JobRow, StoreError> {
     conn.transaction(|conn| {
         let locked = diesel::update(jobs::table.find(id.as_str()))
             .set(jobs::version.eq(jobs::version + 1))
@@ -162,12 +167,26 @@ pub fn apply(conn: &mut DbConnection, id: &JobId, change: &Change) -> Result<Job
         if locked == 0 {
             return Err(StoreError::NotFound);
         }
-        let mut row = find(conn, id)?;
-        let now = now_millis();
-        let (event_type, data) = apply_to_row(&mut row, change, now)?;
-        write_change(conn, &row, event_type, &data, now)?;
-        Ok(row)
+        let row = find(conn, id)?;
+        apply_locked(conn, row, change, lease_ms)
     })
+}
+
+/// Apply a change to a row this transaction has locked (version already bumped).
+pub fn apply_locked(
+    conn: &mut DbConnection,
+    mut row: JobRow,
+    change: &Change,
+    lease_ms: i64,
+) -> Result<JobRow, StoreError> {
+    let now = now_millis();
+    let (event_type, data) = apply_to_row(&mut row, change, now)?;
+    if row.status() == JobStatus::Running && !matches!(change, Change::LeaseExpired) {
+        // Any word from the worker renews its lease.
+        row.lease_expires_at = Some(now.saturating_add(lease_ms));
+    }
+    write_change(conn, &row, event_type, &data, now)?;
+    Ok(row)
 }
 
 /// Remember the latest expiry of a token issued for this job.
@@ -287,6 +306,32 @@ fn apply_to_row(
             row.result = result.as_ref().map(to_text);
             Ok(("completed", json!({"from": from, "result": result})))
         }
+        Change::LeaseExpired => {
+            let expired =
+                from == JobStatus::Running && row.lease_expires_at.is_some_and(|t| t <= now);
+            if !expired {
+                return Err(StoreError::Conflict("lease is not expired".into()));
+            }
+            let worker = row.worker.clone();
+            if row.attempts >= row.max_attempts {
+                set_status(row, JobStatus::Failed, now)?;
+                row.error = Some("lease expired after the last attempt".into());
+            } else {
+                set_status(row, JobStatus::Queued, now)?;
+            }
+            Ok((
+                "lease_expired",
+                json!({"worker": worker, "to": row.status, "attempts": row.attempts}),
+            ))
+        }
+        Change::Claim { worker } => {
+            set_status(row, JobStatus::Running, now)?;
+            row.worker = Some(worker.clone());
+            Ok((
+                "claimed",
+                json!({"worker": worker, "attempt": row.attempts}),
+            ))
+        }
         Change::Fail {
             error,
             gate_results,
@@ -330,4 +375,129 @@ pub fn ping(conn: &mut DbConnection) -> Result<(), StoreError> {
     use diesel::connection::SimpleConnection;
     conn.batch_execute("SELECT 1")?;
     Ok(())
+}
+
+/// Claim the best QUEUED job of `queue` for `worker`: RUNNING with a lease, plus a job
+/// token signed with the newest key; `None` when the queue is empty.
+pub fn claim(
+    conn: &mut DbConnection,
+    queue: &str,
+    worker: &str,
+    lease_ms: i64,
+    keys: &[crate::auth::token::TokenKey],
+    ttl: std::time::Duration,
+) -> Result<Option<(JobRow, crate::auth::token::IssuedToken)>, StoreError> {
+    conn.transaction(|conn| {
+        let Some(id) = crate::db::queue::lock_next_queued(conn, queue)? else {
+            return Ok(None);
+        };
+        let id = JobId::parse(&id, "id")
+            .map_err(|_| StoreError::Internal("bad job id in database".into()))?;
+        let row = find(conn, &id)?;
+        let token = crate::auth::token::sign(keys, &id, worker, ttl)?;
+        let mut row = apply_locked(
+            conn,
+            row,
+            &Change::Claim {
+                worker: worker.to_owned(),
+            },
+            lease_ms,
+        )?;
+        extend_tokens_until(conn, &id, token.expires_at)?;
+        row.tokens_until = Some(row.tokens_until.unwrap_or(0).max(token.expires_at));
+        Ok(Some((row, token)))
+    })
+}
+
+/// Requeue (or fail, after the last attempt) at most `limit` RUNNING jobs whose lease
+/// has run out. Safe with several instances: each job is re-checked under its lock.
+pub fn expire_leases(
+    conn: &mut DbConnection,
+    now: i64,
+    limit: i64,
+    lease_ms: i64,
+) -> Result<Vec<JobRow>, StoreError> {
+    let ids: Vec<String> = jobs::table
+        .filter(jobs::status.eq(JobStatus::Running.as_str()))
+        .filter(jobs::lease_expires_at.lt(now))
+        .order(jobs::lease_expires_at)
+        .select(jobs::id)
+        .limit(limit)
+        .load(conn)?;
+    let mut out = Vec::new();
+    for id in ids {
+        let Ok(id) = JobId::parse(&id, "id") else {
+            continue;
+        };
+        match apply(conn, &id, &Change::LeaseExpired, lease_ms) {
+            Ok(row) => out.push(row),
+            Err(StoreError::Conflict(_) | StoreError::NotFound) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Inputs of a start-time estimate for a queued job.
+pub struct QueueStats {
+    pub ahead: i64,
+    pub running: i64,
+    pub avg_run_ms: Option<i64>,
+}
+
+/// Jobs queued ahead of a job with this priority, jobs running, and the mean run time
+/// of the queue's last 20 completed jobs.
+pub fn queue_stats(
+    conn: &mut DbConnection,
+    queue: &str,
+    priority: i32,
+    job_id: &str,
+) -> Result<QueueStats, StoreError> {
+    let ahead: i64 = jobs::table
+        .filter(jobs::queue.eq(queue))
+        .filter(jobs::status.eq(JobStatus::Queued.as_str()))
+        .filter(jobs::priority.ge(priority))
+        .filter(jobs::id.ne(job_id))
+        .count()
+        .get_result(conn)?;
+    let running: i64 = jobs::table
+        .filter(jobs::queue.eq(queue))
+        .filter(jobs::status.eq(JobStatus::Running.as_str()))
+        .count()
+        .get_result(conn)?;
+    let runs: Vec<(Option<i64>, Option<i64>)> = jobs::table
+        .filter(jobs::queue.eq(queue))
+        .filter(jobs::status.eq(JobStatus::Completed.as_str()))
+        .order(jobs::finished_at.desc())
+        .select((jobs::started_at, jobs::finished_at))
+        .limit(20)
+        .load(conn)?;
+    let durations: Vec<i64> = runs
+        .into_iter()
+        .filter_map(|(s, f)| Some(f? - s?))
+        .filter(|d| *d >= 0)
+        .collect();
+    let avg_run_ms = (!durations.is_empty())
+        .then(|| durations.iter().sum::<i64>() / i64::try_from(durations.len()).unwrap_or(1));
+    Ok(QueueStats {
+        ahead,
+        running,
+        avg_run_ms,
+    })
+}
+
+impl QueueStats {
+    /// Estimated start (unix ms): the jobs ahead are worked through by as many workers
+    /// as are busy now (at least one), each taking the mean recent run time. `None`
+    /// without run history.
+    pub fn estimate_start(&self, now: i64) -> Option<i64> {
+        let avg = self.avg_run_ms?;
+        let workers = self.running.max(1);
+        let rounds = if self.ahead == 0 && self.running == 0 {
+            0
+        } else {
+            (self.ahead + 1 + workers - 1) / workers
+        };
+        Some(now.saturating_add(rounds.saturating_mul(avg)))
+    }
 }

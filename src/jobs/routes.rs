@@ -15,7 +15,7 @@ use crate::startup::AppState;
 
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
-fn idempotency(req: &HttpRequest, body_hash: String) -> ApiResult<Option<Idempotency>> {
+pub fn idempotency(req: &HttpRequest, body_hash: String) -> ApiResult<Option<Idempotency>> {
     let Some(v) = req.headers().get(IDEMPOTENCY_HEADER) else {
         return Ok(None);
     };
@@ -65,9 +65,10 @@ async fn change(
 ) -> ApiResult<HttpResponse> {
     let id = JobId::parse(id, "id")?;
     principal.authorize_job(&id)?;
+    let lease_ms = state.config.lease_ms();
     let row = state
         .db
-        .write(move |conn| repo::apply(conn, &id, &change))
+        .write(move |conn| repo::apply(conn, &id, &change, lease_ms))
         .await?;
     if let Some((key, until)) = repo::ended_job_tokens(&row, crate::db::now_millis()) {
         state.auth.revocations.revoke_local(&key, until);
@@ -154,4 +155,53 @@ pub async fn get(
     view.events = Some(events.into_iter().map(Into::into).collect());
     view.events_truncated = truncated;
     Ok(HttpResponse::Ok().json(view))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClaimRequest {
+    pub worker: String,
+}
+
+/// `POST /coordinator/queues/{queue}/claim` [jobs:update]: the best QUEUED job moves to
+/// RUNNING and comes back with a job token; 204 when the queue is empty.
+pub async fn claim(
+    state: web::Data<AppState>,
+    principal: Principal,
+    queue: web::Path<String>,
+    JsonBody(body): JsonBody<ClaimRequest>,
+) -> ApiResult<HttpResponse> {
+    if principal.job_id.is_some() {
+        return Err(ApiError::Forbidden("a job token cannot claim jobs"));
+    }
+    let queue = queue.into_inner();
+    crate::jobs::model::validate_queue(&queue, "queue")?;
+    if !crate::auth::token::valid_worker(&body.worker) {
+        return Err(ApiError::bad_request(
+            "worker",
+            "must be 1-64 characters of letters, digits, '_', '.', ':' or '-'",
+        ));
+    }
+    let keys = state.auth.store.token_keys().await?;
+    let lease_ms = state.config.lease_ms();
+    let ttl = state.config.token_ttl;
+    let worker = body.worker;
+    let claimed = state
+        .db
+        .write(move |conn| repo::claim(conn, &queue, &worker, lease_ms, &keys, ttl))
+        .await?;
+    let Some((row, token)) = claimed else {
+        return Ok(HttpResponse::NoContent().finish());
+    };
+    let mut v = serde_json::to_value(JobView::from(row)).map_err(ApiError::internal)?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("token".into(), token.token.as_str().into());
+        obj.insert(
+            "tokenExpiresAt".into(),
+            crate::jobs::model::rfc3339(token.expires_at).into(),
+        );
+    }
+    Ok(HttpResponse::Ok()
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .json(v))
 }

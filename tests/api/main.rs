@@ -4,4 +4,5 @@ mod helpers;
 
 mod health;
 mod jobs;
+mod stitcher;
 mod tokens;

@@ -1,0 +1,2 @@
+DROP INDEX jobs_finished;
+DROP TABLE webhook_deliveries;

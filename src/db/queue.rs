@@ -1,0 +1,71 @@
+//! Picking the next job of a queue: the one place where the two backends need
+//! different SQL for the same thing.
+
+use diesel::prelude::*;
+
+use super::schema::jobs;
+use super::DbConnection;
+use crate::error::StoreError;
+use crate::jobs::JobStatus;
+
+/// Lock the best QUEUED job of `queue` (priority, then age) inside the caller's
+/// transaction and bump its version; `None` when the queue is empty.
+///
+/// PostgreSQL: `SELECT … FOR UPDATE SKIP LOCKED`, so concurrent claimers take different
+/// rows. SQLite: the first statement is the `UPDATE`, which takes the database write
+/// lock, so the choice cannot change under us until commit.
+pub fn lock_next_queued(
+    conn: &mut DbConnection,
+    queue: &str,
+) -> Result<Option<String>, StoreError> {
+    let queued = JobStatus::Queued.as_str();
+    match conn {
+        DbConnection::Postgresql(pg) => {
+            let id: Option<String> = jobs::table
+                .filter(jobs::queue.eq(queue))
+                .filter(jobs::status.eq(queued))
+                .order((
+                    jobs::priority.desc(),
+                    jobs::created_at.asc(),
+                    jobs::id.asc(),
+                ))
+                .select(jobs::id)
+                .limit(1)
+                .for_update()
+                .skip_locked()
+                .first(pg)
+                .optional()?;
+            if let Some(id) = &id {
+                diesel::update(jobs::table.find(id))
+                    .set(jobs::version.eq(jobs::version + 1))
+                    .execute(pg)?;
+            }
+            Ok(id)
+        }
+        DbConnection::Sqlite(lite) => {
+            let best = || {
+                jobs::table
+                    .filter(jobs::queue.eq(queue))
+                    .filter(jobs::status.eq(queued))
+                    .order((
+                        jobs::priority.desc(),
+                        jobs::created_at.asc(),
+                        jobs::id.asc(),
+                    ))
+                    .select(jobs::id)
+                    .limit(1)
+            };
+            let n = diesel::sql_query(
+                "UPDATE jobs SET version = version + 1 WHERE id = (SELECT id FROM jobs \
+                 WHERE queue = ? AND status = ? ORDER BY priority DESC, created_at, id LIMIT 1)",
+            )
+            .bind::<diesel::sql_types::Text, _>(queue)
+            .bind::<diesel::sql_types::Text, _>(queued)
+            .execute(lite)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            Ok(best().first(lite).optional()?)
+        }
+    }
+}

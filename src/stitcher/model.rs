@@ -1,0 +1,181 @@
+//! Stitcher request bodies, validated at the edge.
+
+use diesel::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::db::schema::webhook_deliveries;
+use crate::error::ApiError;
+use crate::jobs::model::{validate_priority, validate_queue, NewJob, DEFAULT_MAX_ATTEMPTS};
+use crate::jobs::JobStatus;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Assigned,
+    Mentioned,
+    Commented,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Assigned => "assigned",
+            Action::Mentioned => "mentioned",
+            Action::Commented => "commented",
+        }
+    }
+}
+
+/// `owner/name`, each 1–100 of `[A-Za-z0-9_.-]`.
+pub fn validate_repository(r: &str) -> Result<(), ApiError> {
+    let part = |p: &str| {
+        (1..=100).contains(&p.len())
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    };
+    match r.split_once('/') {
+        Some((owner, name)) if part(owner) && part(name) => Ok(()),
+        _ => Err(ApiError::bad_request(
+            "repository",
+            "must be \"owner/name\"",
+        )),
+    }
+}
+
+fn validate_issue(n: i64) -> Result<(), ApiError> {
+    if n > 0 {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "issueNumber",
+            "must be a positive integer",
+        ))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WebhookPayload {
+    pub issue_number: i64,
+    pub repository: String,
+    pub action: Action,
+    pub comment: Option<String>,
+    pub metadata: Option<Value>,
+}
+
+impl WebhookPayload {
+    /// Validate and turn into the job to dispatch on `queue`.
+    pub fn into_job(self, queue: &str, delivery_id: &str) -> Result<NewJob, ApiError> {
+        validate_issue(self.issue_number)?;
+        validate_repository(&self.repository)?;
+        if self
+            .comment
+            .as_ref()
+            .is_some_and(|c| c.chars().count() > 65_536)
+        {
+            return Err(ApiError::bad_request(
+                "comment",
+                "must be at most 65536 characters",
+            ));
+        }
+        if !matches!(self.metadata, None | Some(Value::Object(_))) {
+            return Err(ApiError::bad_request("metadata", "must be a JSON object"));
+        }
+        Ok(NewJob {
+            kind: format!("stitcher.{}", self.action.as_str()),
+            queue: queue.to_owned(),
+            priority: 0,
+            payload: json!({
+                "issueNumber": self.issue_number,
+                "repository": self.repository,
+                "action": self.action,
+                "comment": self.comment,
+                "metadata": self.metadata,
+                "deliveryId": delivery_id,
+            }),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            status: JobStatus::Queued,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DispatchRequest {
+    pub issue_number: i64,
+    pub repository: String,
+    pub queue: Option<String>,
+    pub priority: Option<i32>,
+    pub payload: Option<Value>,
+}
+
+impl DispatchRequest {
+    pub fn into_job(self, default_queue: &str) -> Result<NewJob, ApiError> {
+        validate_issue(self.issue_number)?;
+        validate_repository(&self.repository)?;
+        let queue = self.queue.unwrap_or_else(|| default_queue.to_owned());
+        validate_queue(&queue, "queue")?;
+        let priority = self.priority.unwrap_or(0);
+        validate_priority(priority, "priority")?;
+        if !matches!(self.payload, None | Some(Value::Object(_))) {
+            return Err(ApiError::bad_request("payload", "must be a JSON object"));
+        }
+        Ok(NewJob {
+            kind: "stitcher.dispatch".to_owned(),
+            queue,
+            priority,
+            payload: json!({
+                "issueNumber": self.issue_number,
+                "repository": self.repository,
+                "data": self.payload.unwrap_or_else(|| json!({})),
+            }),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            status: JobStatus::Queued,
+        })
+    }
+}
+
+/// A stored delivery.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = webhook_deliveries)]
+pub struct DeliveryRow {
+    pub caller: String,
+    pub delivery_id: String,
+    pub received_at: i64,
+    pub payload: String,
+    pub job_id: String,
+}
+
+/// The answer to a webhook or dispatch.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DispatchResult {
+    pub job_id: String,
+    pub queue_name: String,
+    pub status: JobStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_start_time: Option<String>,
+    pub duplicate: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_shape() {
+        assert!(validate_repository("octo/widgets").is_ok());
+        assert!(validate_repository("octo").is_err());
+        assert!(validate_repository("a/b/c").is_err());
+        assert!(validate_repository("/b").is_err());
+        assert!(validate_repository("a b/c").is_err());
+    }
+
+    #[test]
+    fn issue_number_must_be_positive() {
+        assert!(validate_issue(1).is_ok());
+        assert!(validate_issue(0).is_err());
+        assert!(validate_issue(-3).is_err());
+    }
+}

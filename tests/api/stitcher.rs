@@ -1,0 +1,440 @@
+//! Stitcher ingestion (Standard Webhooks, exactly once), dispatch, and the work queue.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use coordinator::auth::admin::{self, SecretKind};
+use coordinator::auth::{webhook_sig, Scope};
+use serde_json::json;
+
+use crate::backend_tests;
+use crate::helpers::{now_secs, Backend, Resp, TestApp};
+
+backend_tests!(
+    webhook_with_normal_scheme_dispatches_a_queued_job,
+    standard_webhooks_delivery_is_processed_once,
+    concurrent_duplicate_deliveries_make_one_job,
+    bad_webhook_signatures_are_refused,
+    rotated_webhook_secrets_both_verify,
+    webhook_payload_is_validated,
+    dispatch_creates_queued_jobs,
+    claim_takes_priority_then_age_and_hands_out_a_token,
+    claiming_is_exactly_once_across_two_instances,
+    lease_expiry_requeues_then_fails,
+    standard_webhooks_library_from_python_is_accepted,
+);
+
+/// A caller holding `stitcher:webhook` with a webhook secret; returns the key bytes.
+fn webhook_sender(app: &TestApp, name: &str) -> (String, Vec<u8>) {
+    let _ = admin::add_caller(&app.state.db, name, &[Scope::StitcherWebhook]);
+    let s = admin::add_secret(
+        &app.state.db,
+        app.state.auth.store.sealer(),
+        name,
+        SecretKind::Webhook,
+        None,
+        None,
+    )
+    .expect("webhook secret");
+    let secret =
+        coordinator::crypto::credential::WebhookSecret::parse(&s.plaintext).expect("whsec");
+    (s.plaintext.to_string(), secret.key_bytes().to_vec())
+}
+
+fn deliver(app: &TestApp, id: &str, ts: i64, sig: &str, body: &str) -> Resp {
+    let ts = ts.to_string();
+    app.raw(
+        "POST",
+        "/stitcher/webhook",
+        &[
+            ("webhook-id", id),
+            ("webhook-timestamp", &ts),
+            ("webhook-signature", sig),
+            ("content-type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
+}
+
+fn signed_delivery(app: &TestApp, key: &[u8], id: &str, body: &str) -> Resp {
+    let ts = now_secs();
+    let sig = webhook_sig::sign(key, id, &ts.to_string(), body.as_bytes());
+    deliver(app, id, ts, &sig, body)
+}
+
+const BODY: &str = r#"{"issueNumber":42,"repository":"octo/widgets","action":"assigned","comment":"please","metadata":{"by":"bot"}}"#;
+
+fn webhook_with_normal_scheme_dispatches_a_queued_job(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let h = [("Idempotency-Key", "d-1")];
+    let r = app.request("POST", "/stitcher/webhook", &h, BODY.as_bytes());
+    assert_eq!(r.status, 202, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["queueName"], "issues");
+    assert_eq!(v["status"], "QUEUED");
+    assert_eq!(v["duplicate"], false);
+    let job = app
+        .get(&format!(
+            "/coordinator/jobs/{}",
+            v["jobId"].as_str().unwrap()
+        ))
+        .json();
+    assert_eq!(job["kind"], "stitcher.assigned");
+    assert_eq!(job["payload"]["issueNumber"], 42);
+    assert_eq!(job["payload"]["deliveryId"], "d-1");
+    let again = app.request("POST", "/stitcher/webhook", &h, BODY.as_bytes());
+    assert_eq!(again.status, 200);
+    assert_eq!(again.json()["duplicate"], true);
+    assert_eq!(again.json()["jobId"], v["jobId"]);
+}
+
+fn standard_webhooks_delivery_is_processed_once(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let (_, key) = webhook_sender(&app, "stitcher-bot");
+    let r = signed_delivery(&app, &key, "msg_1", BODY);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let first = r.json();
+    let r = signed_delivery(&app, &key, "msg_1", BODY);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["duplicate"], true);
+    assert_eq!(r.json()["jobId"], first["jobId"]);
+    let other = signed_delivery(&app, &key, "msg_2", BODY);
+    assert_ne!(other.json()["jobId"], first["jobId"]);
+    let depth = app.get("/coordinator/health").json()["queues"]["issues"]["QUEUED"].clone();
+    assert_eq!(depth, 2);
+}
+
+fn concurrent_duplicate_deliveries_make_one_job(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let (_, key) = webhook_sender(&app, "stitcher-bot");
+    let app = &app;
+    let key = &key;
+    let ids: HashSet<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..10)
+            .map(|_| {
+                s.spawn(move || {
+                    let r = signed_delivery(app, key, "msg_same", BODY);
+                    assert!(r.status == 200 || r.status == 202, "{}", r.body);
+                    r.json()["jobId"].as_str().unwrap().to_owned()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(ids.len(), 1);
+    std::thread::sleep(Duration::from_millis(1100)); // health snapshot refresh
+    assert_eq!(
+        app.get("/coordinator/health").json()["queues"]["issues"]["QUEUED"],
+        1
+    );
+}
+
+fn bad_webhook_signatures_are_refused(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let (_, key) = webhook_sender(&app, "stitcher-bot");
+    let ts = now_secs();
+    let good = webhook_sig::sign(&key, "m", &ts.to_string(), BODY.as_bytes());
+    let tampered = BODY.replace("42", "43");
+    deliver(&app, "m", ts, &good, &tampered).problem(401);
+    let stale = now_secs() - 301;
+    let sig = webhook_sig::sign(&key, "m", &stale.to_string(), BODY.as_bytes());
+    assert_eq!(
+        deliver(&app, "m", stale, &sig, BODY).problem(401)["reason"],
+        "timestamp out of range"
+    );
+    deliver(&app, "m", ts, "v1,", BODY).problem(401);
+    deliver(&app, "m", ts, "", BODY).problem(401);
+    deliver(&app, "m", ts, "v2,abc", BODY).problem(401);
+    // A secret of a caller without `stitcher:webhook` does not verify.
+    let _ = admin::add_caller(&app.state.db, "no-scope", &[Scope::JobsRead]);
+    let s = admin::add_secret(
+        &app.state.db,
+        app.state.auth.store.sealer(),
+        "no-scope",
+        SecretKind::Webhook,
+        None,
+        None,
+    )
+    .unwrap();
+    let k = coordinator::crypto::credential::WebhookSecret::parse(&s.plaintext)
+        .unwrap()
+        .key_bytes();
+    let sig = webhook_sig::sign(&k, "m", &ts.to_string(), BODY.as_bytes());
+    deliver(&app, "m", ts, &sig, BODY).problem(401);
+    // Nothing was dispatched.
+    assert!(app.get("/coordinator/health").json()["queues"]["issues"].is_null());
+}
+
+fn rotated_webhook_secrets_both_verify(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let (_, old) = webhook_sender(&app, "stitcher-bot");
+    let s = admin::add_secret(
+        &app.state.db,
+        app.state.auth.store.sealer(),
+        "stitcher-bot",
+        SecretKind::Webhook,
+        Some(Duration::from_secs(3600)),
+        None,
+    )
+    .unwrap();
+    let new = coordinator::crypto::credential::WebhookSecret::parse(&s.plaintext)
+        .unwrap()
+        .key_bytes();
+    std::thread::sleep(Duration::from_millis(400)); // generation poll drops the cached list
+    assert_eq!(signed_delivery(&app, &old, "a", BODY).status, 202);
+    assert_eq!(signed_delivery(&app, &new, "b", BODY).status, 202);
+    // Both signatures in one header (a sender mid-rotation): any match passes.
+    let ts = now_secs();
+    let both = format!(
+        "{} {}",
+        webhook_sig::sign(
+            b"wrong-key-wrong-key-wrong-key!!!",
+            "c",
+            &ts.to_string(),
+            BODY.as_bytes()
+        ),
+        webhook_sig::sign(&new, "c", &ts.to_string(), BODY.as_bytes())
+    );
+    assert_eq!(deliver(&app, "c", ts, &both, BODY).status, 202);
+}
+
+fn webhook_payload_is_validated(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    for (body, field) in [
+        (
+            r#"{"issueNumber":0,"repository":"o/r","action":"assigned"}"#,
+            "issueNumber",
+        ),
+        (
+            r#"{"issueNumber":"7","repository":"o/r","action":"assigned"}"#,
+            "issueNumber",
+        ),
+        (
+            r#"{"issueNumber":1.5,"repository":"o/r","action":"assigned"}"#,
+            "issueNumber",
+        ),
+        (
+            r#"{"issueNumber":7,"repository":"nope","action":"assigned"}"#,
+            "repository",
+        ),
+        (
+            r#"{"issueNumber":7,"repository":"o/r","action":"closed"}"#,
+            "action",
+        ),
+        (r#"{"issueNumber":7,"repository":"o/r"}"#, "action"),
+        (
+            r#"{"issueNumber":7,"repository":"o/r","action":"assigned","extra":1}"#,
+            "extra",
+        ),
+        (
+            r#"{"issueNumber":7,"repository":"o/r","action":"assigned","metadata":[1]}"#,
+            "metadata",
+        ),
+    ] {
+        let r = app.request("POST", "/stitcher/webhook", &[], body.as_bytes());
+        assert_eq!(r.problem(400)["field"], field, "{body}");
+    }
+}
+
+fn dispatch_creates_queued_jobs(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let r = app.post_json("/stitcher/dispatch", &json!({"issueNumber": 9, "repository": "o/r", "queue": "urgent", "priority": 7, "payload": {"x": 1}}));
+    assert_eq!(r.status, 202, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["queueName"], "urgent");
+    assert_eq!(v["status"], "QUEUED");
+    let job = app
+        .get(&format!(
+            "/coordinator/jobs/{}",
+            v["jobId"].as_str().unwrap()
+        ))
+        .json();
+    assert_eq!(job["priority"], 7);
+    assert_eq!(job["payload"]["data"], json!({"x": 1}));
+    let r = app.post_json(
+        "/stitcher/dispatch",
+        &json!({"issueNumber": 9, "repository": "o/r"}),
+    );
+    assert_eq!(r.json()["queueName"], "issues");
+    app.post_json(
+        "/stitcher/dispatch",
+        &json!({"issueNumber": -1, "repository": "o/r"}),
+    )
+    .problem(400);
+    // Scope: a caller with only stitcher:webhook cannot dispatch.
+    let s = app.caller("hook-only", &[Scope::StitcherWebhook]);
+    let body = json!({"issueNumber": 9, "repository": "o/r"}).to_string();
+    app.signed_by(&s, "POST", "/stitcher/dispatch", &[], body.as_bytes())
+        .problem(403);
+}
+
+fn dispatch(app: &TestApp, queue: &str, priority: i32) -> String {
+    let r = app.post_json(
+        "/stitcher/dispatch",
+        &json!({"issueNumber": 1, "repository": "o/r", "queue": queue, "priority": priority}),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    r.json()["jobId"].as_str().unwrap().to_owned()
+}
+
+fn claim(app: &TestApp, queue: &str, worker: &str) -> Resp {
+    app.post_json(
+        &format!("/coordinator/queues/{queue}/claim"),
+        &json!({"worker": worker}),
+    )
+}
+
+fn claim_takes_priority_then_age_and_hands_out_a_token(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    assert_eq!(claim(&app, "q", "w1").status, 204);
+    let low = dispatch(&app, "q", 0);
+    let high_old = dispatch(&app, "q", 5);
+    std::thread::sleep(Duration::from_millis(5));
+    let high_new = dispatch(&app, "q", 5);
+    let order: Vec<String> = (0..3)
+        .map(|_| {
+            let r = claim(&app, "q", "w1");
+            assert_eq!(r.status, 200, "{}", r.body);
+            let v = r.json();
+            assert_eq!(v["status"], "RUNNING");
+            assert_eq!(v["attempts"], 1);
+            assert!(v["token"].as_str().unwrap().split('.').count() == 3);
+            v["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(order, [high_old.clone(), high_new, low]);
+    assert_eq!(claim(&app, "q", "w1").status, 204);
+    // The token works for its job and cannot claim.
+    let id = dispatch(&app, "q2", 0);
+    let v = claim(&app, "q2", "w2").json();
+    assert_eq!(v["id"].as_str().unwrap(), id);
+    let t = v["token"].as_str().unwrap();
+    let r = app.with_token(
+        t,
+        "PATCH",
+        &format!("/coordinator/jobs/{id}/progress"),
+        br#"{"percent":50}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    app.with_token(
+        t,
+        "POST",
+        "/coordinator/queues/q2/claim",
+        br#"{"worker":"x"}"#,
+    )
+    .problem(403);
+    app.with_token(t, "GET", &format!("/coordinator/jobs/{high_old}"), b"")
+        .problem(403);
+    claim(&app, "q", "").problem(400);
+}
+
+fn claiming_is_exactly_once_across_two_instances(b: Backend) {
+    let Some(a) = crate::app!(b) else { return };
+    let second = a.sibling();
+    for i in 0..200 {
+        dispatch(&a, "bulk", i % 3);
+    }
+    let apps = [&a, &second];
+    let claimed: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8)
+            .map(|i| {
+                let app = apps[i % 2];
+                s.spawn(move || {
+                    let mut got = Vec::new();
+                    loop {
+                        let r = claim(app, "bulk", &format!("w{i}"));
+                        match r.status {
+                            200 => got.push(r.json()["id"].as_str().unwrap().to_owned()),
+                            204 => break,
+                            other => panic!("claim answered {other}: {}", r.body),
+                        }
+                    }
+                    got
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let unique: HashSet<&String> = claimed.iter().collect();
+    assert_eq!(claimed.len(), 200, "some job claimed twice or never");
+    assert_eq!(unique.len(), 200);
+}
+
+fn lease_expiry_requeues_then_fails(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| {
+        c.lease = Duration::from_secs(1);
+        c.housekeeping_interval = Duration::from_millis(300);
+    }) else {
+        return;
+    };
+    let r = app.post_json(
+        "/coordinator/jobs",
+        &json!({"kind": "k", "queue": "lq", "maxAttempts": 2}),
+    );
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    app.patch_json(
+        &format!("/coordinator/jobs/{id}/status"),
+        &json!({"status": "QUEUED"}),
+    );
+    assert_eq!(claim(&app, "lq", "w").status, 200);
+    let wait_for = |status: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let j = app.get(&format!("/coordinator/jobs/{id}")).json();
+            if j["status"] == status {
+                return j;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job stayed {}",
+                j["status"]
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let j = wait_for("QUEUED");
+    assert!(j["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["type"] == "lease_expired"));
+    // Second attempt (the last): expiry fails the job.
+    assert_eq!(claim(&app, "lq", "w").json()["attempts"], 2);
+    let j = wait_for("FAILED");
+    assert!(j["error"].as_str().unwrap().contains("lease"));
+}
+
+/// A delivery signed by the Python `standardwebhooks` package (installed by .ci/run).
+fn standard_webhooks_library_from_python_is_accepted(b: Backend) {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import standardwebhooks"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        if std::env::var("REQUIRE_INTEROP").as_deref() == Ok("1") {
+            panic!("REQUIRE_INTEROP=1 but python3 cannot import standardwebhooks");
+        }
+        eprintln!("SKIPPED: python3 standardwebhooks not installed (pip install standardwebhooks)");
+        return;
+    }
+    let Some(app) = crate::app!(b) else { return };
+    let (secret, _) = webhook_sender(&app, "stitcher-bot");
+    let ts = now_secs();
+    let script = r#"
+import sys, datetime
+from standardwebhooks import Webhook
+secret, msg_id, ts, body = sys.argv[1:5]
+print(Webhook(secret).sign(msg_id, datetime.datetime.fromtimestamp(int(ts), tz=datetime.timezone.utc), body))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &secret, "msg_py", &ts.to_string(), BODY])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sig = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let r = deliver(&app, "msg_py", ts, &sig, BODY);
+    assert_eq!(r.status, 202, "{}", r.body);
+}
