@@ -210,6 +210,16 @@ pub struct ServeArgs {
     /// Seconds between housekeeping passes (leases, replay records).
     #[arg(long, env = "COORDINATOR_HOUSEKEEPING_SECS", default_value_t = 5)]
     pub housekeeping_secs: u64,
+
+    /// Serve /livez, /readyz, /metrics and /openapi.json on this address instead of the
+    /// service port.
+    #[arg(long, env = "COORDINATOR_METRICS_BIND")]
+    pub metrics_bind: Option<String>,
+
+    /// Delete COMPLETED/FAILED/CANCELLED jobs (and their events) this many days after
+    /// they finished; unset keeps them forever.
+    #[arg(long, env = "COORDINATOR_JOB_RETENTION_DAYS")]
+    pub job_retention_days: Option<u64>,
 }
 
 /// Validated database settings.
@@ -241,6 +251,8 @@ pub struct Config {
     pub token_ttl: Duration,
     pub webhook_queue: String,
     pub housekeeping_interval: Duration,
+    pub metrics_bind: Option<SocketAddr>,
+    pub job_retention: Option<Duration>,
 }
 
 /// A configuration error: one line naming the variable. `main` exits with code 2.
@@ -355,6 +367,31 @@ impl ServeArgs {
                 "must be between 1 and 3600",
             ));
         }
+        let metrics_bind = match self.metrics_bind.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+                bad(
+                    "COORDINATOR_METRICS_BIND",
+                    "expected HOST:PORT, e.g. 127.0.0.1:9090",
+                )
+            })?),
+        };
+        if metrics_bind.is_some() && metrics_bind == Some(bind) && bind.port() != 0 {
+            return Err(bad(
+                "COORDINATOR_METRICS_BIND",
+                "must differ from COORDINATOR_BIND",
+            ));
+        }
+        let job_retention = match self.job_retention_days {
+            None => None,
+            Some(d) if (1..=36_500).contains(&d) => Some(Duration::from_secs(d * 86_400)),
+            Some(_) => {
+                return Err(bad(
+                    "COORDINATOR_JOB_RETENTION_DAYS",
+                    "must be between 1 and 36500",
+                ))
+            }
+        };
         let (master_key, master_key_previous) = self.keys.load(self.dev)?;
         Ok(Config {
             dev: self.dev,
@@ -373,6 +410,8 @@ impl ServeArgs {
             token_ttl: Duration::from_secs(self.token_ttl_secs),
             webhook_queue: self.webhook_queue.clone(),
             housekeeping_interval: Duration::from_secs(self.housekeeping_secs),
+            metrics_bind,
+            job_retention,
         })
     }
 }
@@ -402,6 +441,8 @@ impl Config {
             token_ttl: Duration::from_secs(3600),
             webhook_queue: "issues".to_owned(),
             housekeeping_interval: Duration::from_secs(5),
+            metrics_bind: None,
+            job_retention: None,
         }
     }
 

@@ -127,28 +127,61 @@ async fn take_snapshot(state: &AppState) -> Result<HealthReport, StoreError> {
     })
 }
 
-/// `GET /coordinator/health` [health:read]
-pub async fn health(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+/// The health snapshot, at most `SNAPSHOT_TTL` old (one refresher at a time).
+pub async fn snapshot(state: &AppState) -> Result<HealthReport, StoreError> {
     if let Some(r) = state.health.fresh(SNAPSHOT_TTL) {
-        return Ok(HttpResponse::Ok().json(r));
+        return Ok(r);
     }
     let Some(_refreshing) = state.health.refresh.try_lock() else {
         // Someone else is refreshing: serve the previous snapshot if it is recent.
         if let Some(r) = state.health.fresh(SNAPSHOT_TTL * 5) {
-            return Ok(HttpResponse::Ok().json(r));
+            return Ok(r);
         }
-        return Ok(HttpResponse::Ok().json(take_snapshot(&state).await?));
+        return take_snapshot(state).await;
     };
-    match take_snapshot(&state).await {
+    match take_snapshot(state).await {
         Ok(r) => {
             state.health.store(&r);
-            Ok(HttpResponse::Ok().json(r))
+            Ok(r)
         }
         Err(e) => {
             if let Ok(mut g) = state.health.snapshot.lock() {
                 *g = None;
             }
-            Err(ApiError::from(e))
+            Err(e)
+        }
+    }
+}
+
+/// `GET /coordinator/health` [health:read]
+pub async fn health(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+    let r = snapshot(&state).await.map_err(ApiError::from)?;
+    Ok(HttpResponse::Ok().json(r))
+}
+
+/// `GET /metrics`: Prometheus text; gauges are refreshed from the health snapshot.
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let m = &state.metrics;
+    match snapshot(&state).await {
+        Ok(r) => m.set_queue_depths(&r.queues),
+        Err(e) => log::warn!("metrics: queue depths unavailable: {e}"),
+    }
+    let (connections, idle) = state.db.pool_state();
+    m.pool_connections
+        .with_label_values(&["idle"])
+        .set(i64::from(idle));
+    m.pool_connections
+        .with_label_values(&["in_use"])
+        .set(i64::from(connections.saturating_sub(idle)));
+    m.revoked_tokens
+        .set(i64::try_from(state.auth.revocations.len()).unwrap_or(i64::MAX));
+    match m.render() {
+        Ok(text) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4; charset=utf-8")
+            .body(text),
+        Err(e) => {
+            log::error!("metrics render failed: {e}");
+            HttpResponse::InternalServerError().finish()
         }
     }
 }

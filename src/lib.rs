@@ -13,6 +13,7 @@ pub mod extract;
 pub mod health;
 pub mod housekeeping;
 pub mod jobs;
+pub mod metrics;
 pub mod startup;
 pub mod stitcher;
 pub mod telemetry;

@@ -26,6 +26,7 @@ pub struct AppState {
     pub db: Db,
     pub health: HealthCache,
     pub auth: AuthContext,
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// What a route requires of its caller.
@@ -53,13 +54,16 @@ macro_rules! route_table {
             $( RouteSpec { method: route_table!(@m $method), path: $path, access: $access }, )*
         ];
 
-        fn register(cfg: &mut web::ServiceConfig) {
+        /// Register the routes whose access `keep` accepts.
+        fn register(cfg: &mut web::ServiceConfig, keep: fn(Access) -> bool) {
             $(
-                cfg.service(
-                    web::resource($path)
-                        .route(web::$method().to($handler))
-                        .default_service(web::to(method_not_allowed)),
-                );
+                if keep($access) {
+                    cfg.service(
+                        web::resource($path)
+                            .route(web::$method().to($handler))
+                            .default_service(web::to(method_not_allowed)),
+                    );
+                }
             )*
         }
     };
@@ -71,6 +75,7 @@ macro_rules! route_table {
 route_table! {
     get   "/livez"                            => health::livez,    Access::Open;
     get   "/readyz"                           => health::readyz,   Access::Open;
+    get   "/metrics"                          => health::metrics,  Access::Open;
     get   "/coordinator/health"               => health::health,   Access::Scope(Scope::HealthRead);
     post  "/coordinator/jobs"                 => jobs::create,     Access::Scope(Scope::JobsCreate);
     get   "/coordinator/jobs/{id}"            => jobs::get,        Access::Scope(Scope::JobsRead);
@@ -101,6 +106,8 @@ async fn method_not_allowed() -> Result<actix_web::HttpResponse, ApiError> {
 pub struct Application {
     port: u16,
     server: Server,
+    /// With `--metrics-bind`: the listener serving the four open routes instead.
+    probes: Option<(u16, Server)>,
     state: web::Data<AppState>,
 }
 
@@ -142,6 +149,7 @@ impl Application {
             db,
             config: config.clone(),
             health: HealthCache::default(),
+            metrics: crate::metrics::Metrics::new()?,
             auth: AuthContext {
                 store: store.clone(),
                 revocations: revocations.clone(),
@@ -160,16 +168,34 @@ impl Application {
             state.clone(),
             config.housekeeping_interval,
         ));
-        let server = run(listener, state.clone(), &config)?;
+        let (server, probes) = match config.metrics_bind {
+            None => (run(listener, state.clone(), &config, |_| true)?, None),
+            Some(addr) => {
+                let probe_listener = TcpListener::bind(addr)
+                    .map_err(|e| anyhow::anyhow!("cannot bind {addr}: {e}"))?;
+                let probe_port = probe_listener.local_addr()?.port();
+                let api = run(listener, state.clone(), &config, |a| a != Access::Open)?;
+                let open = run(probe_listener, state.clone(), &config, |a| {
+                    a == Access::Open
+                })?;
+                (api, Some((probe_port, open)))
+            }
+        };
         Ok(Application {
             port,
             server,
+            probes,
             state,
         })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The port of the separate probe listener (`--metrics-bind`), if any.
+    pub fn probe_port(&self) -> Option<u16> {
+        self.probes.as_ref().map(|(p, _)| *p)
     }
 
     pub fn handle(&self) -> ServerHandle {
@@ -182,7 +208,17 @@ impl Application {
 
     /// Serve until SIGINT/SIGTERM (graceful: in-flight requests finish) or `stop`.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        match self.probes {
+            None => self.server.await,
+            Some((_, probes)) => {
+                let probe_handle = probes.handle();
+                let probe_task = actix_web::rt::spawn(probes);
+                let r = self.server.await;
+                probe_handle.stop(true).await;
+                let _ = probe_task.await;
+                r
+            }
+        }
     }
 }
 
@@ -190,13 +226,14 @@ fn run(
     listener: TcpListener,
     state: web::Data<AppState>,
     config: &Config,
+    keep: fn(Access) -> bool,
 ) -> anyhow::Result<Server> {
     let body_limit = config.body_limit;
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .app_data(web::PayloadConfig::new(body_limit))
-            .configure(register)
+            .configure(|cfg| register(cfg, keep))
             .default_service(web::to(not_found))
             .wrap(middleware::from_fn(
                 crate::auth::middleware::auth_middleware,

@@ -81,7 +81,18 @@ pub async fn access_log(
     let method = req.method().to_string();
     let route = route_of(&req);
     let peer = req.peer_addr().map(|a| a.ip().to_string());
+    let state = req
+        .app_data::<actix_web::web::Data<crate::startup::AppState>>()
+        .cloned();
     let mut res = next.call(req).await?;
+    if let Some(state) = &state {
+        state.metrics.observe_request(
+            &route,
+            &method,
+            res.status().as_u16(),
+            started.elapsed().as_secs_f64(),
+        );
+    }
     if let Ok(v) = HeaderValue::from_str(&rid.0) {
         res.headers_mut()
             .insert(HeaderName::from_static(REQUEST_ID_HEADER), v);

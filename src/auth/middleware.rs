@@ -181,6 +181,13 @@ pub async fn auth_middleware(
             req.into_response(e.error_response()).map_into_right_body()
         }
     };
+    let status = res.status().as_u16();
+    let denied = audit.reason.is_some() || matches!(status, 401 | 403 | 429);
+    state.metrics.auth_outcome(
+        audit.scheme.map_or("none", |s| s.as_str()),
+        if denied { "deny" } else { "allow" },
+        audit.reason.unwrap_or("ok"),
+    );
     let rid = res
         .request()
         .extensions()

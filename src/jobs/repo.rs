@@ -501,3 +501,33 @@ impl QueueStats {
         Some(now.saturating_add(rounds.saturating_mul(avg)))
     }
 }
+
+/// Delete at most `limit` jobs that finished before `before` (ms), with their events
+/// and webhook deliveries; returns how many jobs went.
+pub fn purge_finished(
+    conn: &mut DbConnection,
+    before: i64,
+    limit: i64,
+) -> Result<usize, StoreError> {
+    use crate::db::schema::webhook_deliveries;
+    let terminal = [
+        JobStatus::Completed.as_str(),
+        JobStatus::Failed.as_str(),
+        JobStatus::Cancelled.as_str(),
+    ];
+    conn.transaction(|conn| {
+        let ids: Vec<String> = jobs::table
+            .filter(jobs::status.eq_any(terminal))
+            .filter(jobs::finished_at.lt(before))
+            .select(jobs::id)
+            .limit(limit)
+            .load(conn)?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        diesel::delete(job_events::table.filter(job_events::job_id.eq_any(&ids))).execute(conn)?;
+        diesel::delete(webhook_deliveries::table.filter(webhook_deliveries::job_id.eq_any(&ids)))
+            .execute(conn)?;
+        Ok(diesel::delete(jobs::table.filter(jobs::id.eq_any(&ids))).execute(conn)?)
+    })
+}

@@ -51,7 +51,9 @@ pub async fn create(
         .write(move |conn| repo::create(conn, &job, &created_by, idem.as_ref()))
         .await?;
     let mut resp = HttpResponse::build(StatusCode::CREATED);
-    if !out.created {
+    if out.created {
+        state.metrics.transition(out.job.status());
+    } else {
         resp.insert_header(("Idempotent-Replayed", "true"));
     }
     Ok(resp.json(JobView::from(out.job)))
@@ -66,10 +68,14 @@ async fn change(
     let id = JobId::parse(id, "id")?;
     principal.authorize_job(&id)?;
     let lease_ms = state.config.lease_ms();
+    let moves = !matches!(change, Change::Progress { .. });
     let row = state
         .db
         .write(move |conn| repo::apply(conn, &id, &change, lease_ms))
         .await?;
+    if moves {
+        state.metrics.transition(row.status());
+    }
     if let Some((key, until)) = repo::ended_job_tokens(&row, crate::db::now_millis()) {
         state.auth.revocations.revoke_local(&key, until);
     }
@@ -193,6 +199,7 @@ pub async fn claim(
     let Some((row, token)) = claimed else {
         return Ok(HttpResponse::NoContent().finish());
     };
+    state.metrics.transition(row.status());
     let mut v = serde_json::to_value(JobView::from(row)).map_err(ApiError::internal)?;
     if let Some(obj) = v.as_object_mut() {
         obj.insert("token".into(), token.token.as_str().into());

@@ -29,6 +29,9 @@ fn delivery_id(req: &HttpRequest) -> ApiResult<String> {
 }
 
 async fn answer(state: &AppState, job: JobRow, duplicate: bool) -> ApiResult<HttpResponse> {
+    if !duplicate {
+        state.metrics.transition(job.status());
+    }
     let (queue, priority, id) = (job.queue.clone(), job.priority, job.id.clone());
     let stats = state
         .db

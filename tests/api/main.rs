@@ -4,5 +4,6 @@ mod helpers;
 
 mod health;
 mod jobs;
+mod ops;
 mod stitcher;
 mod tokens;

@@ -1,8 +1,32 @@
-//! The command line: one clap derive tree; each leaf calls into the library.
+//! The command line: one clap derive tree; each leaf is a small `run` that loads only
+//! what it needs and calls the library.
+//!
+//! Operator commands print data for scripts on stdout (`KEY=value` lines, tables, or
+//! JSON with `--json`) and messages for people on stderr.
+
+/// `println!` for command output: a closed stdout (`… | head`) ends the command
+/// quietly instead of panicking. Evaluates to `anyhow::Result<()>`.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::common::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+mod call;
+mod caller;
+mod client;
+mod common;
+mod key;
+mod secret;
+mod sign;
 
 use clap::{Parser, Subcommand};
 
 use crate::config::{DbArgs, ServeArgs};
+
+pub use caller::CallerCommand;
+pub use key::KeyCommand;
+pub use secret::SecretCommand;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,6 +45,19 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply pending database migrations and exit.
     Migrate(DbArgs),
+    /// Manage callers (named internal services) and their scopes.
+    #[command(subcommand)]
+    Caller(CallerCommand),
+    /// Manage sealed HMAC and webhook secrets.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Print the X-Coordinator-* signature headers for a request.
+    Sign(sign::SignArgs),
+    /// Sign and send a request to COORDINATOR_URL; print the response.
+    Call(call::CallArgs),
 }
 
 /// How a command ended: `Config` errors exit with code 2, others with 1.
@@ -41,6 +78,20 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             eprintln!("applied {n} migration(s)");
             Ok(())
         }
+        Command::Caller(cmd) => cmd.run().map_err(classify),
+        Command::Secret(cmd) => cmd.run().map_err(classify),
+        Command::Key(cmd) => cmd.run().map_err(classify),
+        Command::Sign(args) => sign::run(args).map_err(classify),
+        Command::Call(args) => call::run(args).map_err(classify),
+    }
+}
+
+/// Leaves return `anyhow::Result`; a [`crate::config::ConfigError`] they return keeps
+/// its exit code 2.
+fn classify(e: anyhow::Error) -> CliError {
+    match e.downcast::<crate::config::ConfigError>() {
+        Ok(config) => CliError::Config(config),
+        Err(other) => CliError::Failed(other),
     }
 }
 

@@ -1,0 +1,612 @@
+//! The operator CLI, run as the real binary against a temporary SQLite database.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use coordinator::auth::signing;
+use coordinator::crypto::credential::{ApiKey, HmacSecret};
+use coordinator::crypto::seal::MasterKey;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_coordinator");
+
+/// A temporary working directory with a migrated SQLite database and a master key.
+struct Env {
+    dir: tempfile::TempDir,
+    db_url: String,
+    master_key: String,
+}
+
+impl Env {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db_url = format!("sqlite://{}", dir.path().join("coordinator.db").display());
+        assert!(db_url.starts_with("sqlite:///"), "{db_url}");
+        let env = Env {
+            dir,
+            db_url,
+            master_key: MasterKey::generate().to_base64().to_string(),
+        };
+        env.ok(&["migrate"]);
+        env
+    }
+
+    /// The binary with a clean environment (only what the test sets), run in the
+    /// temporary directory so no `.env` or `./.coordinator` of the repository leaks in.
+    fn bare(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env_clear()
+            .current_dir(self.dir.path())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = self.bare();
+        c.args(args)
+            .env("DATABASE_URL", &self.db_url)
+            .env("COORDINATOR_MASTER_KEY", &self.master_key);
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        check(self.cmd(args).output().unwrap(), args)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.ok(&all);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{all:?}: not JSON ({e}): {out}"))
+    }
+}
+
+fn check(out: Output, what: &[&str]) -> String {
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        out.status.success(),
+        "{what:?} failed ({:?})\nstdout: {stdout}\nstderr: {stderr}",
+        out.status.code()
+    );
+    stdout
+}
+
+/// `KEY=value` lines as a map.
+fn kv(stdout: &str) -> HashMap<String, String> {
+    stdout
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn caller_add_list_disable() {
+    let env = Env::new();
+    let out = env.ok(&["caller", "add", "svc", "--scopes", "jobs:read,jobs:update"]);
+    assert_eq!(kv(&out)["COORDINATOR_CALLER"], "svc");
+    let added = env.json(&["caller", "add", "ops", "--scopes", "all"]);
+    assert_eq!(added["name"], "ops");
+    assert_eq!(added["scopes"].as_array().unwrap().len(), 7);
+
+    let table = env.ok(&["caller", "list"]);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.contains("svc") && table.contains("jobs:update,jobs:read"));
+
+    env.ok(&["caller", "disable", "svc"]);
+    let list = env.json(&["caller", "list"]);
+    let svc = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "svc")
+        .unwrap();
+    assert!(svc["disabledAt"].is_string(), "{svc}");
+    assert_eq!(
+        svc["scopes"],
+        serde_json::json!(["jobs:update", "jobs:read"])
+    );
+
+    // Duplicates, bad names, unknown scopes and unknown callers are refused.
+    for args in [
+        &["caller", "add", "svc", "--scopes", "all"][..],
+        &["caller", "add", "Bad", "--scopes", "all"],
+        &["caller", "disable", "nobody"],
+    ] {
+        let out = env.cmd(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+    }
+    let out = env
+        .cmd(&["caller", "add", "x", "--scopes", "jobs:write"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap usage error");
+}
+
+#[test]
+fn secrets_are_shown_once_and_rotate() {
+    let env = Env::new();
+    env.ok(&["caller", "add", "svc", "--scopes", "all"]);
+
+    let out = env.ok(&["secret", "create", "svc"]);
+    let vars = kv(&out);
+    let v1 = vars["COORDINATOR_HMAC_SECRET"].clone();
+    assert!(v1.starts_with("coh_"));
+    HmacSecret::parse(&v1).expect("a well-formed secret");
+    assert_eq!(vars["COORDINATOR_KEY_VERSION"], "1");
+    assert_eq!(vars["COORDINATOR_CALLER"], "svc");
+
+    let rotated = env.json(&["secret", "rotate", "svc", "--grace", "1h"]);
+    assert_eq!(rotated["version"], 2);
+    let v2 = rotated["secret"].as_str().unwrap().to_owned();
+    HmacSecret::parse(&v2).unwrap();
+    assert_ne!(v1, v2);
+
+    let webhook = env.ok(&["secret", "create", "svc", "--kind", "webhook"]);
+    let whsec = kv(&webhook)["COORDINATOR_WEBHOOK_SECRET"].clone();
+    assert!(whsec.starts_with("whsec_"));
+
+    let text = env.ok(&["secret", "list"]);
+    let list = env.json(&["secret", "list", "svc"]);
+    for listing in [text.clone(), list.to_string()] {
+        for secret in [&v1, &v2, &whsec] {
+            assert!(!listing.contains(secret.as_str()), "list shows a secret");
+        }
+        // Not even a recognisable part of one.
+        assert!(!listing.contains(&v1[4..20]));
+    }
+    let rows = list.as_array().unwrap();
+    let hmac = |v: i64| {
+        rows.iter()
+            .find(|r| r["kind"] == "hmac" && r["version"] == v)
+            .unwrap()
+            .clone()
+    };
+    assert!(
+        hmac(1)["expiresAt"].is_string(),
+        "old version gets an expiry"
+    );
+    assert_eq!(hmac(1)["status"], "active", "still valid during the grace");
+    assert!(hmac(2)["expiresAt"].is_null());
+
+    env.ok(&["secret", "revoke", "svc", "1"]);
+    let list = env.json(&["secret", "list", "svc"]);
+    let v1_row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "hmac" && r["version"] == 1)
+        .unwrap()
+        .clone();
+    assert_eq!(v1_row["status"], "revoked");
+    let again = env.cmd(&["secret", "revoke", "svc", "1"]).output().unwrap();
+    assert_eq!(again.status.code(), Some(1));
+
+    // Nothing to re-seal: everything is under the current key already.
+    assert_eq!(env.json(&["secret", "rewrap"])["rewrapped"], 0);
+}
+
+#[test]
+fn rewrap_moves_rows_to_the_new_master_key() {
+    let mut env = Env::new();
+    env.ok(&["caller", "add", "svc", "--scopes", "all"]);
+    env.ok(&["secret", "create", "svc"]);
+    let old = env.master_key.clone();
+    env.master_key = MasterKey::generate().to_base64().to_string();
+
+    // Without the previous key: a config error naming the variable.
+    let out = env.cmd(&["secret", "rewrap"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("COORDINATOR_MASTER_KEY_PREVIOUS"));
+
+    let out = env
+        .cmd(&["secret", "rewrap", "--json"])
+        .env("COORDINATOR_MASTER_KEY_PREVIOUS", &old)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_str(&check(out, &["rewrap"])).unwrap();
+    assert_eq!(v["rewrapped"], 1);
+    let list = env.json(&["secret", "list"]);
+    assert_eq!(list[0]["masterKeyId"], v["masterKeyId"]);
+    // The new key alone is enough now.
+    assert_eq!(env.json(&["secret", "rewrap"])["rewrapped"], 0);
+}
+
+#[test]
+fn api_keys_issue_list_revoke() {
+    let env = Env::new();
+    env.ok(&["caller", "add", "svc", "--scopes", "jobs:read,jobs:update"]);
+    let out = env.ok(&["key", "issue", "svc", "--expires-in", "90d"]);
+    let vars = kv(&out);
+    let key = vars["COORDINATOR_CLIENT_API_KEY"].clone();
+    let parsed = ApiKey::parse(&key).expect("a well-formed key");
+    let hash = parsed.hash().as_str().to_owned();
+    let id = vars["COORDINATOR_KEY_ID"].clone();
+
+    let narrow = env.json(&["key", "issue", "svc", "--scopes", "jobs:read"]);
+    assert_eq!(narrow["scopes"], serde_json::json!(["jobs:read"]));
+    let narrow_key = narrow["key"].as_str().unwrap().to_owned();
+    // A key never gets more than its caller holds.
+    let out = env
+        .cmd(&["key", "issue", "svc", "--scopes", "admin"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("admin"));
+
+    let text = env.ok(&["key", "list"]);
+    let list = env.json(&["key", "list", "svc"]);
+    for listing in [text.clone(), list.to_string()] {
+        assert!(!listing.contains(&key) && !listing.contains(&narrow_key));
+        assert!(!listing.contains(&hash), "list shows the hash");
+        assert!(!listing.contains(&key[..20]));
+    }
+    assert!(text.contains(&id) && text.contains(&key[..8]), "{text}");
+    let row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(row["prefix"], &key[..8]);
+    assert!(row["expiresAt"].is_string());
+    assert!(row.get("keyHash").is_none() && row.get("key").is_none());
+
+    let revoked = env.json(&["key", "revoke", &key[..8]]);
+    assert_eq!(revoked["id"], id.as_str());
+    let list = env.json(&["key", "list"]);
+    let row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(row["status"], "revoked");
+    assert!(row["revokedAt"].is_string());
+
+    let out = env.cmd(&["key", "revoke", "cok_none"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn config_errors_exit_2_with_one_line() {
+    let env = Env::new();
+    let cases: [(&[&str], &str, &str); 4] = [
+        (&["caller", "list"], "mysql://h/db", "DATABASE_URL"),
+        (&["key", "list"], "", "DATABASE_URL"),
+        (&["secret", "list"], "sqlite://", "DATABASE_URL"),
+        (
+            &["caller", "add", "a", "--scopes", "all"],
+            "nope",
+            "DATABASE_URL",
+        ),
+    ];
+    for (args, url, var) in cases {
+        let out = env.cmd(args).env("DATABASE_URL", url).output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {url:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(var), "{err}");
+        assert!(out.stdout.is_empty());
+    }
+    // Sealing needs the master key.
+    let out = env
+        .cmd(&["secret", "create", "svc"])
+        .env_remove("COORDINATOR_MASTER_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("COORDINATOR_MASTER_KEY"));
+    let out = env
+        .cmd(&["secret", "create", "svc"])
+        .env("COORDINATOR_MASTER_KEY", "c2hvcnQ=")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn an_unmigrated_database_is_refused() {
+    let env = Env::new();
+    let url = format!("sqlite://{}", env.dir.path().join("fresh.db").display());
+    let out = env
+        .cmd(&["caller", "list"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("coordinator migrate"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!env.dir.path().join("fresh.db").exists(), "no stray file");
+}
+
+fn sign_env(env: &Env, secret: &str) -> Command {
+    let mut c = env.bare();
+    c.env("COORDINATOR_CALLER", "svc")
+        .env("COORDINATOR_HMAC_SECRET", secret);
+    c
+}
+
+#[test]
+fn sign_matches_the_library() {
+    let env = Env::new();
+    let secret = HmacSecret::generate().expose_secret().to_owned();
+    let body = r#"{"kind":"build"}"#;
+    let target = "/coordinator/jobs?b=2&a=1";
+    let out = sign_env(&env, &secret)
+        .env("COORDINATOR_KEY_VERSION", "3")
+        .args(["sign", "--method", "post", "--path", target, "--body", body])
+        .args(["--timestamp", "1700000000", "--nonce", "n-1_abc"])
+        .output()
+        .unwrap();
+    let out = check(out, &["sign"]);
+    let canonical = signing::canonical(
+        "POST",
+        target,
+        "svc",
+        "1700000000",
+        "n-1_abc",
+        body.as_bytes(),
+    );
+    let expected = format!(
+        "X-Coordinator-Caller: svc\nX-Coordinator-Timestamp: 1700000000\n\
+         X-Coordinator-Nonce: n-1_abc\nX-Coordinator-Key-Version: 3\n\
+         X-Coordinator-Signature: {}\n",
+        signing::sign(&secret, &canonical)
+    );
+    assert_eq!(out, expected);
+
+    // --no-nonce and --body-file; --json carries the same headers and the signed string.
+    std::fs::write(env.dir.path().join("body.json"), body).unwrap();
+    let out = sign_env(&env, &secret)
+        .args(["sign", "--method", "PATCH", "--path", "/x", "--no-nonce"])
+        .args(["--body-file", "body.json", "--timestamp", "42", "--json"])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_str(&check(out, &["sign --json"])).unwrap();
+    let canonical = signing::canonical("PATCH", "/x", "svc", "42", "", body.as_bytes());
+    assert_eq!(v["canonical"], canonical.as_str());
+    assert_eq!(
+        v["headers"]["X-Coordinator-Signature"],
+        signing::sign(&secret, &canonical).as_str()
+    );
+    assert!(v["headers"].get("X-Coordinator-Nonce").is_none());
+
+    // The default nonce is 32 random hex characters.
+    let out = sign_env(&env, &secret)
+        .args(["sign", "--method", "GET", "--path", "/"])
+        .output()
+        .unwrap();
+    let out = check(out, &["sign"]);
+    let nonce = out
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Coordinator-Nonce: "))
+        .unwrap();
+    assert_eq!(nonce.len(), 32);
+    assert!(nonce.bytes().all(|b| b.is_ascii_hexdigit()));
+}
+
+#[test]
+fn sign_reads_the_dev_credentials_file() {
+    let env = Env::new();
+    let secret = HmacSecret::generate().expose_secret().to_owned();
+    let dir = env.dir.path().join(".coordinator");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("dev-credentials.env"),
+        format!("COORDINATOR_CALLER=dev\nCOORDINATOR_HMAC_SECRET={secret}\n"),
+    )
+    .unwrap();
+    let out = env
+        .bare()
+        .args(["sign", "--method", "GET", "--path", "/coordinator/health"])
+        .args(["--timestamp", "1", "--no-nonce"])
+        .output()
+        .unwrap();
+    let out = check(out, &["sign"]);
+    let canonical = signing::canonical("GET", "/coordinator/health", "dev", "1", "", b"");
+    assert!(out.contains(&format!(
+        "X-Coordinator-Signature: {}",
+        signing::sign(&secret, &canonical)
+    )));
+
+    // Half a set of credentials in the environment is a config error, not a mix.
+    let out = env
+        .bare()
+        .env("COORDINATOR_CALLER", "svc")
+        .args(["sign", "--method", "GET", "--path", "/"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("COORDINATOR_HMAC_SECRET"));
+    // A damaged secret is refused before signing.
+    let out = sign_env(&env, &secret[..52])
+        .args(["sign", "--method", "GET", "--path", "/"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// A `coordinator serve` child on a free port, killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(env: &Env) -> Server {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let child = env
+        .cmd(&["serve", "--bind", &bind, "--workers", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(&bind).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Server {
+        child,
+        url: format!("http://{bind}"),
+    }
+}
+
+fn call(env: &Env, server: &Server, creds: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut c = env.bare();
+    c.env("COORDINATOR_URL", &server.url).arg("call").args(args);
+    for (k, v) in creds {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn call_signs_sends_and_explains() {
+    let env = Env::new();
+    env.ok(&["caller", "add", "svc", "--scopes", "all"]);
+    let secret = kv(&env.ok(&["secret", "create", "svc"]))["COORDINATOR_HMAC_SECRET"].clone();
+    let key = kv(&env.ok(&["key", "issue", "svc"]))["COORDINATOR_CLIENT_API_KEY"].clone();
+    let server = serve(&env);
+    let hmac = [
+        ("COORDINATOR_CALLER", "svc"),
+        ("COORDINATOR_HMAC_SECRET", secret.as_str()),
+    ];
+
+    let out = call(&env, &server, &hmac, &["GET", "/coordinator/health"]);
+    let body: Value = serde_json::from_str(&check(out, &["call health"])).unwrap();
+    assert_eq!(body["status"], "ok");
+
+    let out = call(
+        &env,
+        &server,
+        &hmac,
+        &[
+            "POST",
+            "/coordinator/jobs",
+            "--body",
+            r#"{"kind":"build"}"#,
+            "--json",
+        ],
+    );
+    let v: Value = serde_json::from_str(&check(out, &["call create"])).unwrap();
+    assert_eq!(v["status"], 201);
+    assert_eq!(v["body"]["kind"], "build");
+
+    let api = [("COORDINATOR_CLIENT_API_KEY", key.as_str())];
+    let out = call(
+        &env,
+        &server,
+        &api,
+        &["GET", "/coordinator/health", "--api-key"],
+    );
+    check(out, &["call --api-key"]);
+
+    // A wrong secret: 401, non-zero exit, and --explain shows both signed strings.
+    let wrong = HmacSecret::generate().expose_secret().to_owned();
+    let bad = [
+        ("COORDINATOR_CALLER", "svc"),
+        ("COORDINATOR_HMAC_SECRET", wrong.as_str()),
+    ];
+    let out = call(
+        &env,
+        &server,
+        &bad,
+        &["GET", "/coordinator/health?x=1", "--explain"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("HTTP 401"), "{err}");
+    assert!(err.contains("signature mismatch"), "{err}");
+    assert!(err.contains("target") && err.contains("/coordinator/health?x=1"));
+    assert!(err.contains("every component matches"), "{err}");
+
+    let out = call(
+        &env,
+        &server,
+        &bad,
+        &["GET", "/coordinator/health", "--explain", "--json"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], 401);
+    let rows = v["explain"].as_array().unwrap();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["component"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "version",
+            "method",
+            "target",
+            "caller",
+            "timestamp",
+            "nonce",
+            "body_sha256"
+        ]
+    );
+    assert!(rows.iter().all(|r| r["same"] == true));
+}
+
+#[test]
+fn dev_flag_uses_the_dev_state() {
+    let env = Env::new();
+    let dev = |args: &[&str]| {
+        let out = env.bare().args(args).arg("--dev").output().unwrap();
+        check(out, args)
+    };
+    dev(&["caller", "add", "svc", "--scopes", "jobs:read"]);
+    dev(&["secret", "create", "svc"]);
+    let dir = env.dir.path().join(".coordinator");
+    assert!(Path::new(&dir.join("coordinator.db")).exists());
+    assert!(Path::new(&dir.join("master.key")).exists());
+    assert!(dev(&["secret", "list"]).contains("svc"));
+}
+
+#[test]
+fn readme_shows_the_signing_examples_verbatim() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    for (script, fence) in [
+        ("scripts/sign_example.py", "```python\n"),
+        ("scripts/sign_example.sh", "```bash\n"),
+    ] {
+        let code = std::fs::read_to_string(root.join(script)).unwrap();
+        let block = format!("{fence}{code}```\n");
+        assert!(
+            readme.contains(&block),
+            "README must show {script} verbatim"
+        );
+    }
+}
