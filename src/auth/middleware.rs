@@ -145,20 +145,27 @@ pub async fn auth_middleware(
     let peer = req.peer_addr().map(|a| a.ip());
     let mut audit = AuditRecord::default();
 
-    let outcome = match peer.and_then(|ip| ctx.throttle.blocked_for(ip)) {
-        Some(wait) => {
-            audit.reason = Some("throttled");
+    // A peer over its failure quota still gets its credentials checked: a valid caller
+    // behind the same address (NAT, a proxy) is served, while every further failure
+    // from that peer is answered 429 instead of 401.
+    let blocked = peer.and_then(|ip| ctx.throttle.blocked_for(ip));
+    let webhook_route = route == WEBHOOK_ROUTE;
+    let outcome = match authenticate(ctx, &mut req, webhook_route, &mut audit).await {
+        Ok(p) => authorize(&p, spec, req.method().as_str()).map(|()| p),
+        Err(ApiError::Unauthorized(f)) if blocked.is_some() => {
+            audit.reason = Some(f.reason);
+            log::warn!(
+                "authentication failed on {method} {route} (throttled): {}",
+                f.reason
+            );
+            if let Some(ip) = peer {
+                ctx.throttle.record_failure(ip);
+            }
             Err(ApiError::TooManyRequests {
-                retry_after_secs: wait,
+                retry_after_secs: blocked.unwrap_or(1),
             })
         }
-        None => {
-            let webhook_route = route == WEBHOOK_ROUTE;
-            match authenticate(ctx, &mut req, webhook_route, &mut audit).await {
-                Ok(p) => authorize(&p, spec, req.method().as_str()).map(|()| p),
-                Err(e) => Err(e),
-            }
-        }
+        Err(e) => Err(e),
     };
 
     let res = match outcome {
@@ -175,6 +182,8 @@ pub async fn auth_middleware(
                         retry_after_secs: wait,
                     };
                 }
+            } else if let ApiError::TooManyRequests { .. } = &e {
+                audit.reason.get_or_insert("throttled");
             } else if let ApiError::Forbidden(why) = &e {
                 audit.reason = Some(why);
             }

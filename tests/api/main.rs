@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod helpers;
 
+mod auth;
 mod health;
 mod jobs;
 mod ops;

@@ -1,0 +1,664 @@
+//! coordinator-bench: a signing load generator and the benchmark runner.
+//!
+//! `coordinator-bench` (no arguments) starts the release server on SQLite and on
+//! PostgreSQL, creates a caller with every credential kind through the library, runs
+//! every scenario for a few seconds at 32 connections (each request signed with a fresh
+//! nonce, so replay protection never trips), measures the same progress write driven
+//! directly against the database, and writes `docs/BENCHMARKS.md`.
+//!
+//! Environment: `BENCH_DURATION_SECS` (default 5), `BENCH_CONNECTIONS` (32),
+//! `BENCH_BACKENDS` (`sqlite,postgres`), `TEST_POSTGRES_URL` (admin URL), `BENCH_OUT`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coordinator::auth::admin::{self, SecretKind};
+use coordinator::auth::{signing, webhook_sig, Scope};
+use coordinator::config::DbConfig;
+use coordinator::crypto::credential::WebhookSecret;
+use coordinator::crypto::seal::{MasterKey, Sealer};
+use coordinator::db::{DatabaseUrl, Db};
+use diesel::connection::SimpleConnection;
+use diesel::Connection;
+
+#[derive(Clone)]
+struct Creds {
+    caller: String,
+    secret: String,
+    api_key: String,
+    webhook_key: Vec<u8>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Scenario {
+    Livez,
+    HealthHmac,
+    HealthApiKey,
+    Progress,
+    Create,
+    Webhook,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Livez => "GET /livez (no auth)",
+            Scenario::HealthHmac => "GET /coordinator/health (HMAC)",
+            Scenario::HealthApiKey => "GET /coordinator/health (API key)",
+            Scenario::Progress => "PATCH …/progress (HMAC)",
+            Scenario::Create => "POST /coordinator/jobs (HMAC)",
+            Scenario::Webhook => "POST /stitcher/webhook (Standard Webhooks)",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Stats {
+    requests: u64,
+    errors: u64,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    client_cpu_pct: f64,
+}
+
+fn now_secs() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn cpu_ticks(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let p = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    p(11) + p(12) // utime + stime (fields 14, 15)
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(bin: &str, db_url: &str, master_key: &str) -> Server {
+    let port = free_port();
+    let child = Command::new(bin)
+        .args([
+            "serve",
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+            "--database-url",
+            db_url,
+        ])
+        .env("COORDINATOR_MASTER_KEY", master_key)
+        .env("RUST_LOG", "warn")
+        .env("COORDINATOR_WORKERS", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start server");
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ureq::get(&format!("{url}/readyz")).call().is_err() {
+        assert!(Instant::now() < deadline, "server did not become ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Server { child, url }
+}
+
+fn setup_credentials(db: &Db, sealer: &Sealer) -> Creds {
+    admin::add_caller(db, "bench", &Scope::ALL).expect("caller");
+    let hmac = admin::add_secret(db, sealer, "bench", SecretKind::Hmac, None, None).expect("hmac");
+    let wh =
+        admin::add_secret(db, sealer, "bench", SecretKind::Webhook, None, None).expect("webhook");
+    let key = admin::issue_key(db, "bench", None, None).expect("key");
+    Creds {
+        caller: "bench".into(),
+        secret: hmac.plaintext.to_string(),
+        api_key: key.key.expose_secret().to_owned(),
+        webhook_key: WebhookSecret::parse(&wh.plaintext)
+            .expect("whsec")
+            .key_bytes()
+            .to_vec(),
+    }
+}
+
+fn signed(
+    agent: &ureq::Agent,
+    url: &str,
+    creds: &Creds,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<u16, String> {
+    let ts = now_secs().to_string();
+    let nonce = uuid::Uuid::now_v7().simple().to_string();
+    let canonical = signing::canonical(method, path, &creds.caller, &ts, &nonce, body);
+    let sig = signing::sign(&creds.secret, &canonical);
+    let req = agent
+        .request(method, &format!("{url}{path}"))
+        .set("X-Coordinator-Caller", &creds.caller)
+        .set("X-Coordinator-Timestamp", &ts)
+        .set("X-Coordinator-Nonce", &nonce)
+        .set("X-Coordinator-Signature", &sig)
+        .set("content-type", "application/json");
+    finish(if body.is_empty() && method == "GET" {
+        req.call()
+    } else {
+        req.send_bytes(body)
+    })
+}
+
+fn finish(r: Result<ureq::Response, ureq::Error>) -> Result<u16, String> {
+    match r {
+        Ok(resp) => {
+            let status = resp.status();
+            let mut sink = Vec::new();
+            let _ = resp.into_reader().read_to_end(&mut sink);
+            Ok(status)
+        }
+        Err(ureq::Error::Status(code, resp)) => {
+            let mut sink = Vec::new();
+            let _ = resp.into_reader().read_to_end(&mut sink);
+            Err(format!("status {code}"))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn one_request(
+    agent: &ureq::Agent,
+    url: &str,
+    creds: &Creds,
+    scenario: Scenario,
+    job: &str,
+    n: u64,
+) -> Result<u16, String> {
+    match scenario {
+        Scenario::Livez => finish(agent.get(&format!("{url}/livez")).call()),
+        Scenario::HealthHmac => signed(agent, url, creds, "GET", "/coordinator/health", b""),
+        Scenario::HealthApiKey => finish(
+            agent
+                .get(&format!("{url}/coordinator/health"))
+                .set("X-API-Key", &creds.api_key)
+                .call(),
+        ),
+        Scenario::Progress => {
+            let body = format!(r#"{{"percent":{}}}"#, n % 101);
+            signed(
+                agent,
+                url,
+                creds,
+                "PATCH",
+                &format!("/coordinator/jobs/{job}/progress"),
+                body.as_bytes(),
+            )
+        }
+        Scenario::Create => signed(
+            agent,
+            url,
+            creds,
+            "POST",
+            "/coordinator/jobs",
+            br#"{"kind":"bench"}"#,
+        ),
+        Scenario::Webhook => {
+            let id = uuid::Uuid::now_v7().to_string();
+            let ts = now_secs().to_string();
+            let body = br#"{"issueNumber":7,"repository":"octo/bench","action":"commented"}"#;
+            let sig = webhook_sig::sign(&creds.webhook_key, &id, &ts, body);
+            finish(
+                agent
+                    .post(&format!("{url}/stitcher/webhook"))
+                    .set("webhook-id", &id)
+                    .set("webhook-timestamp", &ts)
+                    .set("webhook-signature", &sig)
+                    .set("content-type", "application/json")
+                    .send_bytes(body),
+            )
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Closed loop at `conns` connections, or open loop at `rate` requests/s in total
+/// (latency then counted from each request's scheduled start).
+fn run_load(
+    url: &str,
+    creds: &Creds,
+    scenario: Scenario,
+    conns: usize,
+    duration: Duration,
+    rate: Option<f64>,
+    jobs: &[String],
+) -> Stats {
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu0 = cpu_ticks("self");
+    let started = Instant::now();
+    let handles: Vec<_> = (0..conns)
+        .map(|i| {
+            let (url, creds, stop) = (url.to_owned(), creds.clone(), stop.clone());
+            let job = jobs.get(i % jobs.len().max(1)).cloned().unwrap_or_default();
+            std::thread::spawn(move || {
+                let agent = ureq::AgentBuilder::new()
+                    .max_idle_connections_per_host(1)
+                    .timeout(Duration::from_secs(10))
+                    .build();
+                let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
+                let mut lat = Vec::with_capacity(100_000);
+                let mut errors = 0u64;
+                let mut n = 0u64;
+                let t0 = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let scheduled = match interval {
+                        Some(iv) => {
+                            let at = t0 + iv.mul_f64(n as f64);
+                            let now = Instant::now();
+                            if at > now {
+                                std::thread::sleep(at - now);
+                            }
+                            at
+                        }
+                        None => Instant::now(),
+                    };
+                    match one_request(&agent, &url, &creds, scenario, &job, n) {
+                        Ok(_) => lat.push(scheduled.elapsed().as_secs_f64() * 1000.0),
+                        Err(_) => errors += 1,
+                    }
+                    n += 1;
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        let (l, e) = h.join().unwrap();
+        all.extend(l);
+        errors += e;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = (cpu_ticks("self") - cpu0) as f64 / 100.0;
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Stats {
+        requests: all.len() as u64,
+        errors,
+        rps: all.len() as f64 / wall,
+        p50_ms: percentile(&all, 0.50),
+        p99_ms: percentile(&all, 0.99),
+        client_cpu_pct: cpu / wall * 100.0,
+    }
+}
+
+/// The same write as a signed progress update (replay record + job update + event, one
+/// transaction), driven directly through the library at `conns` threads.
+fn db_direct(db: &Db, jobs: &[String], conns: usize, duration: Duration) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let handles: Vec<_> = (0..conns)
+        .map(|i| {
+            let (db, stop) = (db.clone(), stop.clone());
+            let job = coordinator::jobs::JobId::parse(&jobs[i % jobs.len()], "id").unwrap();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let sig = uuid::Uuid::now_v7().simple().to_string();
+                    let change = coordinator::jobs::model::Change::Progress {
+                        percent: i32::try_from(n % 101).unwrap(),
+                        message: None,
+                    };
+                    let r = db.write_sync(|conn| {
+                        conn.transaction(|conn| {
+                            coordinator::auth::repo::record_replay(
+                                conn,
+                                "bench",
+                                &sig,
+                                i64::MAX / 2,
+                            )?;
+                            coordinator::jobs::repo::apply(conn, &job, &change, 300_000)
+                        })
+                    });
+                    if r.is_ok() {
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let total: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+fn running_jobs(url: &str, creds: &Creds, n: usize) -> Vec<String> {
+    let agent = ureq::AgentBuilder::new().build();
+    (0..n)
+        .map(|_| {
+            let ts = now_secs().to_string();
+            let body = br#"{"kind":"bench","queue":"bench"}"#;
+            let nonce = uuid::Uuid::now_v7().simple().to_string();
+            let c = signing::canonical(
+                "POST",
+                "/coordinator/jobs",
+                &creds.caller,
+                &ts,
+                &nonce,
+                body,
+            );
+            let resp = agent
+                .post(&format!("{url}/coordinator/jobs"))
+                .set("X-Coordinator-Caller", &creds.caller)
+                .set("X-Coordinator-Timestamp", &ts)
+                .set("X-Coordinator-Nonce", &nonce)
+                .set("X-Coordinator-Signature", &signing::sign(&creds.secret, &c))
+                .send_bytes(body)
+                .expect("create");
+            let v: serde_json::Value = serde_json::from_reader(resp.into_reader()).unwrap();
+            let id = v["id"].as_str().unwrap().to_owned();
+            for s in ["QUEUED", "RUNNING"] {
+                let body = format!(r#"{{"status":"{s}"}}"#);
+                signed(
+                    &agent,
+                    url,
+                    creds,
+                    "PATCH",
+                    &format!("/coordinator/jobs/{id}/status"),
+                    body.as_bytes(),
+                )
+                .expect("status");
+            }
+            id
+        })
+        .collect()
+}
+
+struct Row {
+    backend: &'static str,
+    scenario: Scenario,
+    peak: Stats,
+    half: Option<Stats>,
+    rss_kib: u64,
+}
+
+fn bench_backend(
+    backend: &'static str,
+    bin: &str,
+    db_url: &str,
+    conns: usize,
+    duration: Duration,
+    rows: &mut Vec<Row>,
+) -> (f64, f64) {
+    let master = MasterKey::generate();
+    let key_b64 = master.to_base64().to_string();
+    let cfg = DbConfig {
+        url: DatabaseUrl::parse(db_url).unwrap(),
+        pool_size: 16,
+        timeout: Duration::from_secs(5),
+        sqlite_busy_timeout: Duration::from_secs(5),
+    };
+    coordinator::db::migrate::run_pending(&cfg).expect("migrate");
+    let db = Db::new(&cfg);
+    let sealer = Sealer::new(master, None).unwrap();
+    let creds = setup_credentials(&db, &sealer);
+    let server = start_server(bin, db_url, &key_b64);
+    let pid = server.child.id();
+    let jobs = running_jobs(&server.url, &creds, conns);
+    std::thread::sleep(Duration::from_millis(500)); // let the credential cache settle
+    let mut progress_rps = 0.0;
+    for scenario in [
+        Scenario::Livez,
+        Scenario::HealthHmac,
+        Scenario::HealthApiKey,
+        Scenario::Progress,
+        Scenario::Create,
+        Scenario::Webhook,
+    ] {
+        let _ = run_load(
+            &server.url,
+            &creds,
+            scenario,
+            conns,
+            Duration::from_secs(1),
+            None,
+            &jobs,
+        ); // warm-up
+        let peak = run_load(&server.url, &creds, scenario, conns, duration, None, &jobs);
+        let half = matches!(
+            scenario,
+            Scenario::Livez | Scenario::HealthHmac | Scenario::Progress
+        )
+        .then(|| {
+            run_load(
+                &server.url,
+                &creds,
+                scenario,
+                conns,
+                duration,
+                Some(peak.rps / 2.0),
+                &jobs,
+            )
+        });
+        if scenario == Scenario::Progress {
+            progress_rps = peak.rps;
+        }
+        eprintln!(
+            "{backend:8} {:45} {:>7} reqs {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}  loadgen cpu {:>4.0}%",
+            scenario.name(),
+            peak.requests,
+            peak.rps,
+            peak.p50_ms,
+            peak.p99_ms,
+            peak.errors,
+            peak.client_cpu_pct
+        );
+        rows.push(Row {
+            backend,
+            scenario,
+            peak,
+            half,
+            rss_kib: rss_kib(pid, "VmHWM:"),
+        });
+    }
+    drop(server);
+    let direct = db_direct(&db, &jobs, conns, duration);
+    eprintln!("{backend:8} direct DB progress write: {direct:.0} writes/s");
+    (progress_rps, direct)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_owned();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .nth(1)
+        .and_then(|k| k.parse::<u64>().ok())
+        .map(|k| k / 1024 / 1024)
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cores} cores ({cpu}), {mem} GiB RAM, Linux {}",
+        kernel.trim()
+    )
+}
+
+fn main() {
+    let duration = Duration::from_secs(
+        std::env::var("BENCH_DURATION_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5),
+    );
+    let conns: usize = std::env::var("BENCH_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let backends = std::env::var("BENCH_BACKENDS").unwrap_or_else(|_| "sqlite,postgres".into());
+    let out = std::env::var("BENCH_OUT").unwrap_or_else(|_| "docs/BENCHMARKS.md".into());
+    let bin =
+        std::env::var("COORDINATOR_BIN").unwrap_or_else(|_| "target/release/coordinator".into());
+    let admin_url = std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+
+    let mut rows = Vec::new();
+    let mut direct = Vec::new();
+    let tmp = std::env::temp_dir().join(format!(
+        "coordinator-bench-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::create_dir_all(&tmp).unwrap();
+    for backend in backends.split(',') {
+        match backend {
+            "sqlite" => {
+                let url = format!("sqlite://{}", tmp.join("bench.db").display());
+                let r = bench_backend("sqlite", &bin, &url, conns, duration, &mut rows);
+                direct.push(("sqlite", r));
+            }
+            "postgres" => {
+                let name = format!("coord_bench_{}", uuid::Uuid::now_v7().simple());
+                let mut admin =
+                    diesel::PgConnection::establish(&admin_url).expect("postgres admin");
+                admin
+                    .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+                    .unwrap();
+                let base = admin_url
+                    .rsplit_once('/')
+                    .map(|(b, _)| b)
+                    .unwrap_or(&admin_url);
+                let url = format!("{base}/{name}");
+                let r = bench_backend("postgres", &bin, &url, conns, duration, &mut rows);
+                direct.push(("postgres", r));
+                let _ = admin.batch_execute(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"));
+            }
+            other => panic!("unknown backend {other}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Produced by `bench/run.sh` (release build; {conns} connections, {}s per scenario after a 1 s warm-up; \
+         every signed request has a fresh nonce). Server and load generator share the machine, so the \
+         ratios below (measured in the same run) matter more than absolute figures.\n",
+        duration.as_secs()
+    );
+    let _ = writeln!(md, "- Machine: {}", machine());
+    let _ = writeln!(
+        md,
+        "- Date: {}\n",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
+    let _ = writeln!(
+        md,
+        "| backend | scenario | requests/s | p50 ms | p99 ms | errors | p99 ms at ½ peak | server peak RSS MiB | loadgen CPU % |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {:.1} | {:.0} |",
+            r.backend,
+            r.scenario.name(),
+            r.peak.rps,
+            r.peak.p50_ms,
+            r.peak.p99_ms,
+            r.peak.errors,
+            r.half
+                .as_ref()
+                .map_or("—".to_owned(), |h| format!("{:.2}", h.p99_ms)),
+            r.rss_kib as f64 / 1024.0,
+            r.peak.client_cpu_pct
+        );
+    }
+    let _ = writeln!(md, "\n## Ratios (DESIGN §7)\n");
+    for backend in ["sqlite", "postgres"] {
+        let get = |s: Scenario| {
+            rows.iter()
+                .find(|r| r.backend == backend && r.scenario == s)
+                .map(|r| r.peak.rps)
+        };
+        if let (Some(l), Some(h), Some(k)) = (
+            get(Scenario::Livez),
+            get(Scenario::HealthHmac),
+            get(Scenario::HealthApiKey),
+        ) {
+            let _ = writeln!(
+                md,
+                "- {backend}: signed health ÷ /livez = **{:.2}** (target ≥ 0.9); API-key health ÷ /livez = **{:.2}**",
+                h / l,
+                k / l
+            );
+        }
+        if let Some((_, (http, db))) = direct.iter().find(|(b, _)| *b == backend) {
+            let _ = writeln!(
+                md,
+                "- {backend}: signed progress over HTTP {http:.0}/s ÷ the same write driven directly {db:.0}/s = **{:.2}** (target ≥ 0.8)",
+                http / db
+            );
+        }
+    }
+    std::fs::create_dir_all(
+        std::path::Path::new(&out)
+            .parent()
+            .unwrap_or(std::path::Path::new(".")),
+    )
+    .ok();
+    std::fs::write(&out, md).expect("write report");
+    eprintln!("wrote {out}");
+}
