@@ -114,11 +114,9 @@ pub async fn verify(
         .saturating_add(ctx.settings.skew_secs)
         .saturating_add(1)
         .saturating_mul(1000);
-    let caller = entry.name.clone();
     let fresh = ctx
-        .store
-        .db()
-        .write(move |conn| super::repo::record_replay(conn, &caller, &sig_hash, expires_at))
+        .replays
+        .record(entry.name.clone(), sig_hash, expires_at)
         .await?;
     if !fresh {
         return Err(fail("replayed request"));

@@ -8,6 +8,7 @@ pub mod hmac;
 pub mod middleware;
 pub mod model;
 pub mod principal;
+pub mod replay;
 pub mod repo;
 pub mod revocation;
 pub mod routes;
@@ -44,6 +45,7 @@ pub struct AuthSettings {
 /// Everything authentication needs, shared by the workers of one instance.
 pub struct AuthContext {
     pub store: Arc<store::CredentialStore>,
+    pub replays: replay::ReplayLog,
     pub revocations: Arc<revocation::Revocations>,
     pub throttle: throttle::Throttle,
     pub settings: AuthSettings,

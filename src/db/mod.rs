@@ -4,6 +4,7 @@
 //! Backend-specific SQL (advisory locks, row locks) lives only in this module, as an
 //! explicit `match` on the connection variant.
 
+pub mod batch;
 pub mod migrate;
 pub mod queue;
 pub mod schema;

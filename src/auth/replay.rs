@@ -1,0 +1,73 @@
+//! The replay record, with group commit. Each verified signature is recorded once in
+//! the database shared by every instance; a (caller, signature) pair seen again within
+//! the window is a replay. Requests hand their record to one batching task per
+//! instance, which writes whatever has queued up in a single transaction and answers
+//! each request after the commit, so a replay check costs a share of one commit
+//! instead of one commit per request. Nothing is acknowledged before it is durable.
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::db::batch::{insert_replays, ReplayRow};
+use crate::db::Db;
+use crate::error::StoreError;
+
+/// Most records written in one transaction.
+const MAX_BATCH: usize = 512;
+/// Bounded queue: past this many waiting records, callers wait for room.
+const QUEUE: usize = 8192;
+
+type Reply = oneshot::Sender<Result<bool, String>>;
+
+#[derive(Clone)]
+pub struct ReplayLog {
+    tx: mpsc::Sender<(ReplayRow, Reply)>,
+}
+
+impl ReplayLog {
+    /// Start the batching task on the current runtime.
+    pub fn start(db: Db) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        actix_web::rt::spawn(run(db, rx));
+        ReplayLog { tx }
+    }
+
+    /// Record the pair; `Ok(false)` when it was already recorded (a replay).
+    pub async fn record(&self, caller: String, signature_hash: String, expires_at: i64) -> Result<bool, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(((caller, signature_hash, expires_at), reply))
+            .await
+            .map_err(|_| StoreError::Internal("replay log stopped".into()))?;
+        match answer.await {
+            Ok(Ok(fresh)) => Ok(fresh),
+            Ok(Err(e)) => Err(StoreError::Unavailable(e)),
+            Err(_) => Err(StoreError::Internal("replay log dropped a request".into())),
+        }
+    }
+}
+
+async fn run(db: Db, mut rx: mpsc::Receiver<(ReplayRow, Reply)>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let (rows, replies): (Vec<ReplayRow>, Vec<Reply>) = batch.into_iter().unzip();
+        match db.write(move |conn| insert_replays(conn, &rows)).await {
+            Ok(fresh) => {
+                for (reply, f) in replies.into_iter().zip(fresh) {
+                    let _ = reply.send(Ok(f));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(msg.clone()));
+                }
+            }
+        }
+    }
+}
