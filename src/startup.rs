@@ -146,12 +146,13 @@ impl Application {
         let revocations = Arc::new(Revocations::new(db.clone()));
         revocations.poll().await?;
         let state = web::Data::new(AppState {
-            db,
+            db: db.clone(),
             config: config.clone(),
             health: HealthCache::default(),
             metrics: crate::metrics::Metrics::new()?,
             auth: AuthContext {
                 store: store.clone(),
+                replays: crate::auth::replay::ReplayLog::start(db.clone()),
                 revocations: revocations.clone(),
                 throttle: Throttle::new(config.auth_failures_per_minute),
                 settings: AuthSettings {
