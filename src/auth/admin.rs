@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::model::{ApiKeyRow, CallerRow, Purpose, SecretRow};
 use super::{repo, Scope};
 use crate::crypto::credential::{ApiKey, HmacSecret, WebhookSecret};
-use crate::crypto::seal::{SealedSecret, Sealer};
+use crate::crypto::seal::Sealer;
 use crate::db::{now_millis, Db};
 use crate::error::StoreError;
 use diesel::Connection;
@@ -199,11 +199,7 @@ pub fn rewrap(db: &Db, sealer: &Sealer) -> Result<usize, StoreError> {
                 let purpose = super::model::purpose_from_str(&row.purpose).ok_or_else(|| {
                     StoreError::Internal(format!("unknown purpose {}", row.purpose))
                 })?;
-                let sealed = SealedSecret {
-                    key_id: row.master_key_id.clone(),
-                    nonce: row.nonce.clone(),
-                    ciphertext: row.ciphertext.clone(),
-                };
+                let sealed = row.sealed();
                 let plain = sealer
                     .open(purpose, &row.caller, row.version, &sealed)
                     .map_err(|e| {

@@ -10,13 +10,9 @@ use super::model::{Purpose, Scheme};
 use super::principal::Principal;
 use super::signing::{self, CanonicalRequest};
 use super::store::{Touch, MAX_VERSIONS_TRIED};
-use super::{fail, AuthContext};
+use super::{fail, header, AuthContext};
 use crate::db::now_millis;
 use crate::error::{ApiError, AuthFailure};
-
-fn header<'a>(req: &'a ServiceRequest, name: &str) -> Option<&'a str> {
-    req.headers().get(name).and_then(|v| v.to_str().ok())
-}
 
 /// The request target exactly as sent (path and `?query`).
 pub fn request_target(req: &ServiceRequest) -> &str {

@@ -28,6 +28,11 @@ pub use scope::Scope;
 
 use crate::error::{ApiError, AuthFailure};
 
+/// A request header as text (`None` when absent or not visible ASCII).
+pub fn header<'a>(req: &'a actix_web::dev::ServiceRequest, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
 /// A 401 with a short public reason.
 pub fn fail(reason: &'static str) -> ApiError {
     ApiError::unauthorized(AuthFailure::new(reason))

@@ -76,6 +76,15 @@ pub struct SecretRow {
 }
 
 impl SecretRow {
+    /// The sealed form of this row, as `Sealer::open` takes it.
+    pub fn sealed(&self) -> crate::crypto::seal::SealedSecret {
+        crate::crypto::seal::SealedSecret {
+            key_id: self.master_key_id.clone(),
+            nonce: self.nonce.clone(),
+            ciphertext: self.ciphertext.clone(),
+        }
+    }
+
     pub fn is_active(&self, now_ms: i64) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now_ms)
     }

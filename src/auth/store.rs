@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 
 use super::model::{ApiKeyRow, CallerRow, Purpose, SecretRow};
 use super::{repo, Scope};
-use crate::crypto::seal::{SealedSecret, Sealer};
+use crate::crypto::seal::Sealer;
 use crate::db::{now_millis, Db};
 use crate::error::StoreError;
 
@@ -151,11 +151,7 @@ impl CredentialStore {
 
     fn open(&self, row: &SecretRow) -> Option<Zeroizing<Vec<u8>>> {
         let purpose = super::model::purpose_from_str(&row.purpose)?;
-        let sealed = SealedSecret {
-            key_id: row.master_key_id.clone(),
-            nonce: row.nonce.clone(),
-            ciphertext: row.ciphertext.clone(),
-        };
+        let sealed = row.sealed();
         match self.sealer.open(purpose, &row.caller, row.version, &sealed) {
             Ok(p) => Some(p),
             Err(e) => {

@@ -136,11 +136,7 @@ pub fn load_keys(conn: &mut DbConnection, sealer: &Sealer) -> Result<Vec<TokenKe
     Ok(rows
         .iter()
         .filter_map(|r| {
-            let sealed = crate::crypto::seal::SealedSecret {
-                key_id: r.master_key_id.clone(),
-                nonce: r.nonce.clone(),
-                ciphertext: r.ciphertext.clone(),
-            };
+            let sealed = r.sealed();
             match sealer.open(Purpose::TokenSigning, KEY_OWNER, r.version, &sealed) {
                 Ok(key) => Some(TokenKey {
                     version: r.version,

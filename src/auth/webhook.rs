@@ -9,13 +9,9 @@ use super::audit::AuditRecord;
 use super::model::{Purpose, Scheme};
 use super::principal::Principal;
 use super::store::Touch;
-use super::{fail, webhook_sig, AuthContext};
+use super::{fail, header, webhook_sig, AuthContext};
 use crate::db::now_millis;
 use crate::error::{ApiError, AuthFailure};
-
-fn header<'a>(req: &'a ServiceRequest, name: &str) -> Option<&'a str> {
-    req.headers().get(name).and_then(|v| v.to_str().ok())
-}
 
 pub async fn verify(
     ctx: &AuthContext,
