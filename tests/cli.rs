@@ -610,3 +610,76 @@ fn readme_shows_the_signing_examples_verbatim() {
         );
     }
 }
+
+#[test]
+fn tokens_issue_revoke_and_rotate() {
+    let env = Env::new();
+    env.ok(&["caller", "add", "svc", "--scopes", "all"]);
+    let key = kv(&env.ok(&["key", "issue", "svc"]))["COORDINATOR_CLIENT_API_KEY"].clone();
+    let server = serve(&env);
+    let agent = ureq::AgentBuilder::new().build();
+    let created: Value = serde_json::from_reader(
+        agent
+            .post(&format!("{}/coordinator/jobs", server.url))
+            .set("X-API-Key", &key)
+            .send_string(r#"{"kind":"k"}"#)
+            .unwrap()
+            .into_reader(),
+    )
+    .unwrap();
+    let job = created["id"].as_str().unwrap().to_owned();
+    let get = |token: &str| -> u16 {
+        match agent
+            .get(&format!("{}/coordinator/jobs/{job}", server.url))
+            .set("Authorization", &format!("Bearer {token}"))
+            .call()
+        {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(code, _)) => code,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let issued = env.json(&[
+        "token", "issue", "--job", &job, "--worker", "w1", "--ttl", "10m",
+    ]);
+    let token = issued["token"].as_str().unwrap().to_owned();
+    let jti = issued["jti"].as_str().unwrap().to_owned();
+    assert_eq!(get(&token), 200);
+    // KEY=value output for scripts.
+    let text = kv(&env.ok(&["token", "issue", "--job", &job, "--worker", "w2"]));
+    assert_eq!(get(&text["COORDINATOR_JOB_TOKEN"]), 200);
+    assert!(!text["COORDINATOR_TOKEN_ID"].is_empty());
+
+    env.ok(&["token", "revoke", &jti]);
+    let started = Instant::now();
+    while get(&token) != 401 {
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "revocation not honoured within 1.5 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Rotation: new tokens are signed with v2, and still verify.
+    let rotated = env.json(&["token", "rotate-key", "--grace", "1h"]);
+    assert_eq!(rotated["version"], 2);
+    std::thread::sleep(Duration::from_millis(400));
+    let fresh = env.json(&["token", "issue", "--job", &job, "--worker", "w3"]);
+    let t3 = fresh["token"].as_str().unwrap();
+    assert_eq!(get(t3), 200);
+    // The earlier (unrevoked) v1 token still verifies during the grace period.
+    assert_eq!(get(&text["COORDINATOR_JOB_TOKEN"]), 200);
+    // Unknown job: a clear failure, no token.
+    let missing = env
+        .cmd(&[
+            "token",
+            "issue",
+            "--job",
+            "0192f0c1-7c1e-7aaa-8bbb-123456789abc",
+            "--worker",
+            "w",
+        ])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stdout).is_empty());
+}

@@ -19,6 +19,7 @@ mod common;
 mod key;
 mod secret;
 mod sign;
+mod token;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,7 @@ use crate::config::{DbArgs, ServeArgs};
 pub use caller::CallerCommand;
 pub use key::KeyCommand;
 pub use secret::SecretCommand;
+pub use token::TokenCommand;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -54,6 +56,9 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Issue and revoke job tokens; rotate the token-signing key.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Print the X-Coordinator-* signature headers for a request.
     Sign(sign::SignArgs),
     /// Sign and send a request to COORDINATOR_URL; print the response.
@@ -81,6 +86,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Caller(cmd) => cmd.run().map_err(classify),
         Command::Secret(cmd) => cmd.run().map_err(classify),
         Command::Key(cmd) => cmd.run().map_err(classify),
+        Command::Token(cmd) => cmd.run().map_err(classify),
         Command::Sign(args) => sign::run(args).map_err(classify),
         Command::Call(args) => call::run(args).map_err(classify),
     }

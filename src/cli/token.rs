@@ -1,0 +1,142 @@
+//! `coordinator token issue|revoke|rotate-key`: job tokens. A token is printed once, by
+//! `issue`; `revoke` takes effect on every instance within a second.
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::common::{
+    parse_positive_duration, print_json, rfc3339, store_error, OutputArgs, StoreArgs,
+};
+use crate::auth::{repo, token};
+use crate::config::KeyArgs;
+use crate::db::now_millis;
+use crate::jobs::JobId;
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Issue a job token for one job and worker (printed once).
+    Issue(IssueArgs),
+    /// Revoke a token by its id (`jti`).
+    Revoke(RevokeArgs),
+    /// Add a new token-signing key; older keys keep verifying for the grace period.
+    RotateKey(RotateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IssueArgs {
+    /// The job the token may read and update.
+    #[arg(long)]
+    pub job: String,
+    /// The worker's name (the token's `sub`).
+    #[arg(long)]
+    pub worker: String,
+    /// Lifetime, e.g. 30m (default 1h, at most 24h).
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub ttl: Option<Duration>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The token id (`jti` claim).
+    pub jti: String,
+    /// Keep the revocation until then (RFC 3339; default now + 24 h, the longest a
+    /// token can live).
+    #[arg(long)]
+    pub expires_at: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// How long tokens signed with the older keys stay valid (default 24h).
+    #[arg(long, value_parser = super::common::parse_duration, default_value = "24h")]
+    pub grace: Duration,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+impl TokenCommand {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            TokenCommand::Issue(a) => issue(a),
+            TokenCommand::Revoke(a) => revoke(a),
+            TokenCommand::RotateKey(a) => rotate(a),
+        }
+    }
+}
+
+fn issue(a: IssueArgs) -> anyhow::Result<()> {
+    let job = JobId::parse(&a.job, "job")
+        .map_err(|_| anyhow::anyhow!("--job must be a job id (UUID)"))?;
+    let db = a.store.open()?;
+    let sealer = a.store.sealer(&a.keys)?;
+    let ttl = a.ttl.unwrap_or(token::DEFAULT_TTL).min(token::MAX_TTL);
+    token::ensure_signing_key(&db, &sealer).map_err(|e| store_error(e, "token-signing key"))?;
+    let t = token::issue(&db, &sealer, &job, &a.worker, ttl)
+        .map_err(|e| store_error(e, format!("job {job}")))?;
+    if a.output.json {
+        return print_json(&json!({
+            "token": t.token.as_str(),
+            "jti": t.jti,
+            "job": job.as_str(),
+            "worker": a.worker,
+            "expiresAt": rfc3339(t.expires_at),
+        }));
+    }
+    eprintln!(
+        "issued a token for job {job}, worker `{}`, expiring {}; it is shown only this once",
+        a.worker,
+        rfc3339(t.expires_at)
+    );
+    outln!("COORDINATOR_JOB_TOKEN={}", t.token.as_str())?;
+    outln!("COORDINATOR_TOKEN_ID={}", t.jti)
+}
+
+fn revoke(a: RevokeArgs) -> anyhow::Result<()> {
+    if !crate::auth::routes::valid_jti(&a.jti) {
+        anyhow::bail!("the token id must be 1-128 printable characters");
+    }
+    let expires_at =
+        crate::auth::routes::revocation_expiry(a.expires_at.as_deref(), "--expires-at")
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let db = a.store.open()?;
+    db.write_sync(|conn| repo::revoke_token(conn, &a.jti, expires_at, now_millis()))
+        .map_err(|e| store_error(e, "token"))?;
+    if a.output.json {
+        return print_json(
+            &json!({"jti": a.jti, "revoked": true, "expiresAt": rfc3339(expires_at)}),
+        );
+    }
+    eprintln!("revoked token {} until {}", a.jti, rfc3339(expires_at));
+    Ok(())
+}
+
+fn rotate(a: RotateArgs) -> anyhow::Result<()> {
+    let db = a.store.open()?;
+    let sealer = a.store.sealer(&a.keys)?;
+    let version = token::rotate_signing_key(&db, &sealer, a.grace)
+        .map_err(|e| store_error(e, "token-signing key"))?;
+    if a.output.json {
+        return print_json(&json!({"version": version, "graceSecs": a.grace.as_secs()}));
+    }
+    eprintln!(
+        "token-signing key v{version} is now used for new tokens; older keys verify for {}s more",
+        a.grace.as_secs()
+    );
+    Ok(())
+}
