@@ -28,12 +28,42 @@ const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 static LOG: Once = Once::new();
 
-fn init_log() {
+/// Every log line the apps of this test binary write, in the production format (the
+/// leak test scans them). With `TEST_LOG` set they go to the test output instead.
+pub static CAPTURED_LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct Capture;
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut logs) = CAPTURED_LOGS.lock() {
+            logs.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub fn init_log() {
     LOG.call_once(|| {
         if std::env::var_os("TEST_LOG").is_some() {
             let _ = coordinator::telemetry::logger(true).try_init();
+        } else {
+            let _ = coordinator::telemetry::logger(false)
+                .filter_level(log::LevelFilter::Info)
+                .target(env_logger::Target::Pipe(Box::new(Capture)))
+                .try_init();
         }
     });
+}
+
+/// The captured log text so far.
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&CAPTURED_LOGS.lock().map(|l| l.clone()).unwrap_or_default())
+        .into_owned()
 }
 
 /// A throwaway database; dropping the last reference removes it.

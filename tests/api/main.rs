@@ -5,6 +5,7 @@ mod helpers;
 mod auth;
 mod health;
 mod jobs;
+mod logs;
 mod ops;
 mod stitcher;
 mod tokens;
