@@ -1,0 +1,266 @@
+//! Configuration: `.env.example` lists exactly the variables the command line knows,
+//! with their defaults, and bad values end the real binary with one line and exit
+//! code 2 before anything is started or written.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use clap::CommandFactory;
+use coordinator::cli::Cli;
+
+const BIN: &str = env!("CARGO_BIN_EXE_coordinator");
+
+/// Variables `.env.example` documents that are not clap arguments: the log filter, and
+/// the client-side variables `sign` and `call` read (also written by `serve --dev`).
+const NOT_CLAP: &[&str] = &[
+    "RUST_LOG",
+    "COORDINATOR_URL",
+    "COORDINATOR_CALLER",
+    "COORDINATOR_HMAC_SECRET",
+    "COORDINATOR_KEY_VERSION",
+    "COORDINATOR_CLIENT_API_KEY",
+];
+
+/// Every environment variable of every argument of every subcommand, with the
+/// argument's default value (`""` when it has none).
+fn clap_env_vars() -> BTreeMap<String, String> {
+    fn walk(cmd: &clap::Command, out: &mut BTreeMap<String, String>) {
+        for arg in cmd.get_arguments() {
+            let Some(name) = arg.get_env() else {
+                continue;
+            };
+            let name = name.to_str().unwrap().to_owned();
+            let default: Vec<String> = arg
+                .get_default_values()
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect();
+            let default = default.join(",");
+            // Shared argument groups appear under several subcommands: they must agree.
+            if let Some(seen) = out.insert(name.clone(), default.clone()) {
+                assert_eq!(
+                    seen, default,
+                    "{name} has different defaults under different commands"
+                );
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, out);
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(&Cli::command(), &mut out);
+    out
+}
+
+/// `NAME=value` and `# NAME=value` lines of `.env.example` (prose comments are skipped:
+/// the text before `=` must be a variable name).
+fn env_example() -> Vec<(String, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(".env.example");
+    let text = std::fs::read_to_string(path).unwrap();
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim_start();
+            let line = line.strip_prefix('#').unwrap_or(line).trim_start();
+            let (name, value) = line.split_once('=')?;
+            let is_name = name.starts_with(|c: char| c.is_ascii_uppercase())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+            is_name.then(|| (name.to_owned(), value.trim().to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn env_example_lists_every_variable_with_its_default() {
+    let clap = clap_env_vars();
+    assert!(clap.contains_key("DATABASE_URL"), "{clap:?}");
+    let listed = env_example();
+
+    let mut seen = BTreeSet::new();
+    for (name, _) in &listed {
+        assert!(seen.insert(name.clone()), ".env.example lists {name} twice");
+    }
+    let documented: BTreeSet<String> = seen
+        .iter()
+        .filter(|n| !NOT_CLAP.contains(&n.as_str()))
+        .cloned()
+        .collect();
+    let known: BTreeSet<String> = clap.keys().cloned().collect();
+    let missing: Vec<_> = known.difference(&documented).collect();
+    let unknown: Vec<_> = documented.difference(&known).collect();
+    assert!(
+        missing.is_empty() && unknown.is_empty(),
+        ".env.example is out of date: missing {missing:?}, not a clap variable {unknown:?}"
+    );
+
+    for (name, value) in &listed {
+        if let Some(default) = clap.get(name) {
+            assert_eq!(
+                value, default,
+                ".env.example shows {name}={value}, but its default is `{default}`"
+            );
+        }
+    }
+}
+
+/// The binary in an empty temporary directory with only `vars` set (no `.env`, no
+/// `./.coordinator`, nothing inherited), and the database file it was pointed at.
+fn run(args: &[&str], vars: &[(&str, &str)]) -> (Output, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_clear()
+        .current_dir(dir.path())
+        .stdin(Stdio::null());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    (cmd.output().unwrap(), dir)
+}
+
+/// Exit code 2 and exactly one line on stderr that names `var`; nothing on stdout and
+/// nothing written to the working directory (no database, no `.coordinator`).
+fn assert_config_error(out: &Output, dir: &tempfile::TempDir, var: &str, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{what}: stderr: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{what}: one line, got: {stderr}");
+    assert!(stderr.contains(var), "{what}: should name {var}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+    assert!(out.stdout.is_empty(), "{what}: stdout: {:?}", out.stdout);
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{what}: wrote {left:?} before refusing");
+}
+
+const SQLITE_URL: &str = "sqlite://./coordinator.db";
+/// 32 zero bytes in base64: a valid master key.
+const MASTER_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+#[test]
+fn serve_without_a_database_url_names_it() {
+    let (out, dir) = run(&["serve"], &[]);
+    assert_config_error(&out, &dir, "DATABASE_URL", "no DATABASE_URL");
+}
+
+#[test]
+fn serve_with_an_unknown_scheme_names_database_url() {
+    let (out, dir) = run(&["serve", "--database-url", "mysql://x"], &[]);
+    assert_config_error(&out, &dir, "DATABASE_URL", "mysql://x");
+    // The variable is refused the same way as the flag.
+    let (out, dir) = run(&["serve"], &[("DATABASE_URL", "mysql://x")]);
+    assert_config_error(&out, &dir, "DATABASE_URL", "DATABASE_URL=mysql://x");
+}
+
+#[test]
+fn a_short_bootstrap_key_is_refused() {
+    let (out, dir) = run(
+        &["serve"],
+        &[
+            ("DATABASE_URL", SQLITE_URL),
+            ("COORDINATOR_MASTER_KEY", MASTER_KEY),
+            ("COORDINATOR_API_KEY", "short"),
+        ],
+    );
+    assert_config_error(&out, &dir, "COORDINATOR_API_KEY", "short API key");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("short"), "echoed the key: {stderr}");
+}
+
+#[test]
+fn a_value_that_is_not_a_number_exits_2() {
+    let (out, _dir) = run(
+        &["serve"],
+        &[
+            ("DATABASE_URL", SQLITE_URL),
+            ("COORDINATOR_MASTER_KEY", MASTER_KEY),
+            ("COORDINATOR_BODY_LIMIT", "abc"),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(!stderr.is_empty());
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Every range check in `ServeArgs::validate` / `DbArgs::validate`, at the first value
+/// outside the documented range (docs/operations.md#configuration).
+#[test]
+fn out_of_range_values_name_their_variable() {
+    let cases: &[(&str, &str)] = &[
+        ("COORDINATOR_BIND", "localhost"),
+        ("COORDINATOR_DB_POOL_SIZE", "0"),
+        ("COORDINATOR_DB_POOL_SIZE", "513"),
+        ("COORDINATOR_DB_TIMEOUT_SECS", "0"),
+        ("COORDINATOR_DB_TIMEOUT_SECS", "301"),
+        ("COORDINATOR_SQLITE_BUSY_TIMEOUT_MS", "600001"),
+        ("COORDINATOR_BODY_LIMIT", "1023"),
+        ("COORDINATOR_BODY_LIMIT", "268435457"),
+        ("COORDINATOR_WORKERS", "257"),
+        ("COORDINATOR_SHUTDOWN_TIMEOUT_SECS", "3601"),
+        ("COORDINATOR_SIGNATURE_SKEW_SECS", "0"),
+        ("COORDINATOR_SIGNATURE_SKEW_SECS", "3601"),
+        ("COORDINATOR_AUTH_FAILURES_PER_MINUTE", "0"),
+        ("COORDINATOR_AUTH_FAILURES_PER_MINUTE", "100001"),
+        ("COORDINATOR_LEASE_SECS", "0"),
+        ("COORDINATOR_LEASE_SECS", "86401"),
+        ("COORDINATOR_TOKEN_TTL_SECS", "0"),
+        ("COORDINATOR_TOKEN_TTL_SECS", "86401"),
+        ("COORDINATOR_WEBHOOK_QUEUE", "no spaces"),
+        ("COORDINATOR_HOUSEKEEPING_SECS", "0"),
+        ("COORDINATOR_HOUSEKEEPING_SECS", "3601"),
+        ("COORDINATOR_METRICS_BIND", "nowhere"),
+        ("COORDINATOR_METRICS_BIND", "127.0.0.1:8080"),
+        ("COORDINATOR_JOB_RETENTION_DAYS", "0"),
+        ("COORDINATOR_JOB_RETENTION_DAYS", "36501"),
+        ("COORDINATOR_MASTER_KEY", "not-base64"),
+        ("COORDINATOR_MASTER_KEY_PREVIOUS", "AAAA"),
+    ];
+    for (var, value) in cases {
+        let mut vars = vec![("DATABASE_URL", SQLITE_URL)];
+        if *var != "COORDINATOR_MASTER_KEY" {
+            vars.push(("COORDINATOR_MASTER_KEY", MASTER_KEY));
+        }
+        vars.push((var, value));
+        let (out, dir) = run(&["serve"], &vars);
+        assert_config_error(&out, &dir, var, &format!("{var}={value}"));
+    }
+}
+
+#[test]
+fn a_missing_master_key_is_a_config_error() {
+    let (out, dir) = run(&["serve"], &[("DATABASE_URL", SQLITE_URL)]);
+    assert_config_error(&out, &dir, "COORDINATOR_MASTER_KEY", "no master key");
+    let (out, dir) = run(
+        &["serve"],
+        &[
+            ("DATABASE_URL", SQLITE_URL),
+            ("COORDINATOR_MASTER_KEY_FILE", "/nonexistent/master.key"),
+        ],
+    );
+    assert_config_error(
+        &out,
+        &dir,
+        "COORDINATOR_MASTER_KEY_FILE",
+        "unreadable key file",
+    );
+}
+
+#[test]
+fn flags_win_over_the_environment() {
+    // A bad variable is overridden by a good flag: the error is then about what comes
+    // next (the missing master key), not about the variable.
+    let (out, dir) = run(
+        &["serve", "--body-limit", "2048"],
+        &[
+            ("DATABASE_URL", SQLITE_URL),
+            ("COORDINATOR_BODY_LIMIT", "1"),
+        ],
+    );
+    assert_config_error(&out, &dir, "COORDINATOR_MASTER_KEY", "flag over variable");
+}
