@@ -136,24 +136,26 @@ pub fn add_secret(
     let purpose = kind.purpose();
     let now = now_millis();
     let expires_at = expires_in.map(|d| now.saturating_add(millis(d)));
-    let version = db.write_sync(|conn| {
-        conn.transaction(|conn| {
-            if repo::find_caller(conn, caller)?.is_none() {
-                return Err(StoreError::NotFound);
-            }
-            let version = repo::next_secret_version(conn, caller, purpose.as_str())?;
-            let row = seal_row(sealer, caller, purpose, version, &plaintext, expires_at)?;
-            repo::insert_secret(conn, &row)?;
-            if let Some(g) = grace {
-                repo::expire_older(
-                    conn,
-                    caller,
-                    purpose.as_str(),
-                    version,
-                    now.saturating_add(millis(g)),
-                )?;
-            }
-            Ok(version)
+    let version = retry_on_version_race(|| {
+        db.write_sync(|conn| {
+            conn.transaction(|conn| {
+                if repo::find_caller(conn, caller)?.is_none() {
+                    return Err(StoreError::NotFound);
+                }
+                let version = repo::next_secret_version(conn, caller, purpose.as_str())?;
+                let row = seal_row(sealer, caller, purpose, version, &plaintext, expires_at)?;
+                repo::insert_secret(conn, &row)?;
+                if let Some(g) = grace {
+                    repo::expire_older(
+                        conn,
+                        caller,
+                        purpose.as_str(),
+                        version,
+                        now.saturating_add(millis(g)),
+                    )?;
+                }
+                Ok(version)
+            })
         })
     })?;
     Ok(IssuedSecret {
@@ -162,6 +164,23 @@ pub fn add_secret(
         plaintext,
         expires_at,
     })
+}
+
+/// Two writers adding a version at once both pick N+1; the loser's insert hits the
+/// primary key. Try again (bounded) with the next number.
+pub fn retry_on_version_race<T>(
+    mut f: impl FnMut() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(StoreError::Db(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                _,
+            ))) if tries < 5 => tries += 1,
+            other => return other,
+        }
+    }
 }
 
 pub fn revoke_secret(

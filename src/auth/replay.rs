@@ -32,7 +32,12 @@ impl ReplayLog {
     }
 
     /// Record the pair; `Ok(false)` when it was already recorded (a replay).
-    pub async fn record(&self, caller: String, signature_hash: String, expires_at: i64) -> Result<bool, StoreError> {
+    pub async fn record(
+        &self,
+        caller: String,
+        signature_hash: String,
+        expires_at: i64,
+    ) -> Result<bool, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(((caller, signature_hash, expires_at), reply))

@@ -111,20 +111,30 @@ pub fn ensure_signing_key(db: &Db, sealer: &Sealer) -> Result<(), StoreError> {
             repo::insert_secret(conn, &seal_new_key(sealer, version)?)
         })
     })
+    .or_else(|e| match e {
+        // Another instance starting at the same moment created it first.
+        StoreError::Db(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::UniqueViolation,
+            _,
+        )) => Ok(()),
+        other => Err(other),
+    })
 }
 
 /// Add a new signing key version; older keys keep verifying until now + grace.
 pub fn rotate_signing_key(db: &Db, sealer: &Sealer, grace: Duration) -> Result<i32, StoreError> {
     use diesel::Connection;
-    db.write_sync(|conn| {
-        conn.transaction(|conn| {
-            let purpose = Purpose::TokenSigning.as_str();
-            let version = repo::next_secret_version(conn, KEY_OWNER, purpose)?;
-            repo::insert_secret(conn, &seal_new_key(sealer, version)?)?;
-            let until =
-                now_millis().saturating_add(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX));
-            repo::expire_older(conn, KEY_OWNER, purpose, version, until)?;
-            Ok(version)
+    super::admin::retry_on_version_race(|| {
+        db.write_sync(|conn| {
+            conn.transaction(|conn| {
+                let purpose = Purpose::TokenSigning.as_str();
+                let version = repo::next_secret_version(conn, KEY_OWNER, purpose)?;
+                repo::insert_secret(conn, &seal_new_key(sealer, version)?)?;
+                let until = now_millis()
+                    .saturating_add(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX));
+                repo::expire_older(conn, KEY_OWNER, purpose, version, until)?;
+                Ok(version)
+            })
         })
     })
 }

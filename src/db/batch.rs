@@ -15,7 +15,10 @@ pub type ReplayRow = (String, String, i64);
 
 /// Insert every row; `true` for each row that was new (not a replay). Duplicates
 /// within the batch: the first is new, the rest are replays.
-pub fn insert_replays(conn: &mut DbConnection, rows: &[ReplayRow]) -> Result<Vec<bool>, StoreError> {
+pub fn insert_replays(
+    conn: &mut DbConnection,
+    rows: &[ReplayRow],
+) -> Result<Vec<bool>, StoreError> {
     match conn {
         DbConnection::Postgresql(pg) => {
             let values: Vec<_> = rows

@@ -1,7 +1,8 @@
 //! Embedded migrations, one set per backend with identical folder names.
 //!
-//! On PostgreSQL, pending migrations run under `pg_advisory_lock` on a dedicated
-//! connection so that instances starting together do not race.
+//! On PostgreSQL, migrations run under `pg_advisory_lock` on a dedicated connection so
+//! that instances starting together do not race (the lock is taken before anything
+//! else, since even checking for pending migrations creates diesel's table).
 
 use diesel::connection::SimpleConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
@@ -16,6 +17,15 @@ pub const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migration
 const MIGRATION_LOCK_ID: i64 = 0x0063_6f6f_7264;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A migration failure carried through diesel's transaction API.
+#[derive(Debug, thiserror::Error)]
+enum MigrationTxError {
+    #[error("{0}")]
+    Migration(BoxError),
+    #[error(transparent)]
+    Db(#[from] diesel::result::Error),
+}
 
 /// Apply every pending migration; returns how many ran.
 pub fn run_pending(cfg: &DbConfig) -> anyhow::Result<usize> {
@@ -39,11 +49,18 @@ fn sqlite_parent_dir(cfg: &DbConfig) -> Option<&std::path::Path> {
 
 fn run_on(conn: &mut DbConnection) -> Result<usize, BoxError> {
     match conn {
-        DbConnection::Sqlite(c) => Ok(c.run_pending_migrations(SQLITE_MIGRATIONS)?.len()),
+        // One write transaction around the whole run: a second process migrating the
+        // same file waits (busy timeout), then finds nothing pending.
+        DbConnection::Sqlite(c) => c
+            .immediate_transaction(|c| {
+                c.run_pending_migrations(SQLITE_MIGRATIONS)
+                    .map(|v| v.len())
+                    .map_err(MigrationTxError::Migration)
+            })
+            .map_err(|e| Box::new(e) as BoxError),
         DbConnection::Postgresql(c) => {
-            if !c.has_pending_migration(POSTGRES_MIGRATIONS)? {
-                return Ok(0);
-            }
+            // Lock first: even the pending check creates diesel's bookkeeping table,
+            // which races when instances start together on an empty database.
             c.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_ID})"))?;
             let ran = c
                 .run_pending_migrations(POSTGRES_MIGRATIONS)

@@ -15,7 +15,7 @@ use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::r2d2::{self, ManageConnection, Pool, PooledConnection};
 use diesel::sqlite::SqliteConnection;
-use diesel::Connection;
+use diesel::{Connection, RunQueryDsl};
 
 use crate::config::DbConfig;
 use crate::error::StoreError;
@@ -105,15 +105,44 @@ impl ConnectionManager {
             }
             Backend::Sqlite => {
                 let mut c = SqliteConnection::establish(&self.url.target)?;
-                let pragmas = format!(
-                    "PRAGMA busy_timeout = {}; PRAGMA journal_mode = WAL; \
-                     PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
-                    self.busy_timeout.as_millis()
-                );
-                c.batch_execute(&pragmas)
-                    .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                let setup = |c: &mut SqliteConnection| -> diesel::QueryResult<()> {
+                    c.batch_execute(&format!(
+                        "PRAGMA busy_timeout = {};",
+                        self.busy_timeout.as_millis()
+                    ))?;
+                    sqlite_wal(c, self.busy_timeout)?;
+                    c.batch_execute("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+                };
+                setup(&mut c).map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
                 Ok(DbConnection::Sqlite(c))
             }
+        }
+    }
+}
+
+/// Switch the file to WAL once. Changing the journal mode does not wait on the busy
+/// handler, so when another process is switching it at the same moment, retry within
+/// the busy timeout.
+fn sqlite_wal(c: &mut SqliteConnection, busy_timeout: Duration) -> diesel::QueryResult<()> {
+    use diesel::sql_types::Text;
+    #[derive(diesel::QueryableByName)]
+    struct Mode {
+        #[diesel(sql_type = Text)]
+        journal_mode: String,
+    }
+    let deadline = std::time::Instant::now() + busy_timeout;
+    loop {
+        let r = diesel::sql_query("PRAGMA journal_mode = WAL").get_result::<Mode>(c);
+        match r {
+            Ok(m) if m.journal_mode.eq_ignore_ascii_case("wal") => return Ok(()),
+            Ok(_) | Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(m) => {
+                log::warn!("SQLite journal mode is {}, not WAL", m.journal_mode);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -195,7 +224,7 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
     {
-        run_blocking(self.read.clone(), f).await
+        run_blocking(self.read.clone(), false, f).await
     }
 
     /// Run work that writes on the blocking pool.
@@ -204,7 +233,7 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
     {
-        run_blocking(self.write.clone(), f).await
+        run_blocking(self.write.clone(), true, f).await
     }
 
     /// Synchronous variant for CLI commands and startup.
@@ -212,18 +241,23 @@ impl Db {
         &self,
         f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        with_conn(&self.write, f)
+        with_conn(&self.write, true, f)
     }
 }
 
 fn with_conn<T>(
     pool: &DbPool,
+    immediate: bool,
     f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     let mut c: PooledConnection<ConnectionManager> = pool
         .get()
         .map_err(|e: r2d2::PoolError| StoreError::Unavailable(e.to_string()))?;
-    let r = f(&mut c.conn);
+    let r = if immediate {
+        sqlite_immediate(&mut c.conn, f)
+    } else {
+        f(&mut c.conn)
+    };
     if let Err(e) = &r {
         if e.is_connection_loss() {
             c.broken = true;
@@ -232,12 +266,42 @@ fn with_conn<T>(
     r
 }
 
-async fn run_blocking<T, F>(pool: DbPool, f: F) -> Result<T, StoreError>
+/// On SQLite, run `f` inside `BEGIN IMMEDIATE`: the write lock is taken (waiting up to
+/// the busy timeout) before anything is read, so another process writing the same file
+/// can never make this transaction fail on upgrade. Transactions `f` opens itself
+/// become savepoints. Other backends run `f` as it is.
+fn sqlite_immediate<T>(
+    conn: &mut DbConnection,
+    f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    type Tm = AnsiTransactionManager;
+    match conn {
+        DbConnection::Sqlite(c) => Tm::begin_transaction_sql(c, "BEGIN IMMEDIATE")?,
+        DbConnection::Postgresql(_) => return f(conn),
+    }
+    let r = f(conn);
+    let DbConnection::Sqlite(c) = conn else {
+        return r;
+    };
+    match r {
+        Ok(v) => {
+            <Tm as TransactionManager<SqliteConnection>>::commit_transaction(c)?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = <Tm as TransactionManager<SqliteConnection>>::rollback_transaction(c);
+            Err(e)
+        }
+    }
+}
+
+async fn run_blocking<T, F>(pool: DbPool, immediate: bool, f: F) -> Result<T, StoreError>
 where
     T: Send + 'static,
     F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
 {
-    actix_web::rt::task::spawn_blocking(move || with_conn(&pool, f))
+    actix_web::rt::task::spawn_blocking(move || with_conn(&pool, immediate, f))
         .await
         .map_err(|e| StoreError::Internal(format!("blocking task failed: {e}")))?
 }

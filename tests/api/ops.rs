@@ -12,6 +12,7 @@ backend_tests!(
     request_id_round_trips,
     probes_can_move_to_their_own_listener,
     retention_deletes_only_old_finished_jobs,
+    instances_starting_together_on_an_empty_database,
 );
 
 fn metric(text: &str, prefix: &str) -> f64 {
@@ -130,4 +131,33 @@ fn retention_deletes_only_old_finished_jobs(b: Backend) {
     assert_eq!(gone, 1);
     app.get(&format!("/coordinator/jobs/{done}")).problem(404);
     assert_eq!(app.get(&format!("/coordinator/jobs/{open}")).status, 200);
+}
+
+/// Three instances starting at once on an empty database: migrations and the first
+/// token-signing key are created exactly once, and every instance comes up.
+fn instances_starting_together_on_an_empty_database(b: Backend) {
+    let Some(db) = crate::helpers::TestDb::create(b) else {
+        return;
+    };
+    // Instances of one deployment share the master key.
+    let cfg = crate::helpers::test_config(&db);
+    let apps: Vec<crate::helpers::TestApp> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..3)
+            .map(|_| {
+                let (db, cfg) = (db.clone(), cfg.clone());
+                s.spawn(move || crate::helpers::start(b, db, cfg))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for app in &apps {
+        assert_eq!(app.get("/readyz").status, 200);
+        assert_eq!(app.get("/coordinator/health").status, 200);
+    }
+    let id = apps[0].running_job();
+    let token = apps[0].job_token(&id, "w", Duration::from_secs(60));
+    for app in &apps {
+        let r = app.with_token(&token, "GET", &format!("/coordinator/jobs/{id}"), b"");
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
 }
