@@ -252,6 +252,44 @@ impl From<actix_web::error::BlockingError> for ApiError {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
+// The shape of `ApiError::problem` for the OpenAPI document (the body is built there).
+/// An RFC 9457 problem document, the body of every error response
+/// (`application/problem+json`). The optional members appear only where they apply
+/// and are never `null`.
+#[derive(Debug, utoipa::ToSchema)]
+#[schema(example = json!({
+    "type": "urn:coordinator:problem:bad-request",
+    "title": "Bad Request",
+    "status": 400,
+    "detail": "priority: must be between -1000 and 1000",
+    "field": "priority"
+}))]
+pub struct Problem {
+    /// `urn:coordinator:problem:` and the kind, e.g. `bad-request`, `unauthorized`.
+    #[schema(rename = "type", pattern = "^urn:coordinator:problem:[a-z-]+$")]
+    pub kind: String,
+    /// The status's reason phrase, e.g. `Not Found`.
+    pub title: String,
+    /// The HTTP status code, repeated.
+    #[schema(minimum = 400, maximum = 599)]
+    pub status: u16,
+    /// What went wrong, for people; never internals (SQL, paths, causes).
+    pub detail: String,
+    /// 400: the offending field (`body` when the JSON itself is malformed).
+    #[schema(nullable = false)]
+    pub field: Option<String>,
+    /// 401: the short public reason (`missing credentials`, `signature mismatch`, ...).
+    #[schema(nullable = false)]
+    pub reason: Option<String>,
+    /// 401 `timestamp out of range`: the server's clock, unix seconds.
+    #[schema(nullable = false)]
+    pub server_time: Option<i64>,
+    /// 401 `signature mismatch`: the string the server signed (it holds no secret), to
+    /// compare with the client's.
+    #[schema(nullable = false)]
+    pub canonical: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,31 +15,50 @@ use serde_json::json;
 use crate::db::migrate;
 use crate::error::{ApiError, ApiResult, StoreError};
 use crate::jobs::repo;
+use crate::openapi::problem;
 use crate::startup::AppState;
 
 /// How long a health snapshot is served before it is refreshed.
 pub const SNAPSHOT_TTL: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseHealth {
+    #[schema(value_type = String, example = "up")]
     pub status: &'static str,
+    #[schema(value_type = String, pattern = "^(sqlite|postgres)$")]
     pub backend: &'static str,
+    /// How long the snapshot's queries took.
     pub latency_ms: f64,
     pub pool_connections: u32,
     pub pool_idle: u32,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// The health snapshot (at most one second old).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HealthReport {
+    #[schema(value_type = String, example = "ok")]
     pub status: &'static str,
+    /// The server's version.
+    #[schema(value_type = String)]
     pub version: &'static str,
     pub database: DatabaseHealth,
     /// queue → status → count, for PENDING, QUEUED and RUNNING jobs.
+    #[schema(example = json!({"default": {"QUEUED": 3, "RUNNING": 1}}))]
     pub queues: BTreeMap<String, BTreeMap<String, i64>>,
+    /// Age of the oldest QUEUED job; `null` when none is queued.
+    #[schema(required = true)]
     pub oldest_queued_age_secs: Option<f64>,
+    #[schema(format = DateTime)]
     pub generated_at: String,
+}
+
+/// The body of `/livez` and `/readyz`: nothing beyond ok / not ready.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ProbeStatus {
+    #[schema(pattern = "^(ok|ready|not ready)$")]
+    pub status: String,
 }
 
 /// The cached snapshot and the lock that makes refreshes single-flight.
@@ -154,12 +173,38 @@ pub async fn snapshot(state: &AppState) -> Result<HealthReport, StoreError> {
 }
 
 /// `GET /coordinator/health` [health:read]
+#[utoipa::path(
+    get,
+    path = "/coordinator/health",
+    tag = "probes",
+    operation_id = "health",
+    summary = "Database status, queue depths, version",
+    responses(
+        (status = 200, description = "The health snapshot.", body = HealthReport),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(("hmac" = ["health:read"]), ("apiKey" = ["health:read"])),
+)]
 pub async fn health(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
     let r = snapshot(&state).await.map_err(ApiError::from)?;
     Ok(HttpResponse::Ok().json(r))
 }
 
 /// `GET /metrics`: Prometheus text; gauges are refreshed from the health snapshot.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "probes",
+    operation_id = "metrics",
+    summary = "Prometheus metrics",
+    responses(
+        (status = 200, description = "Prometheus text exposition format 0.0.4.",
+            body = String, content_type = "text/plain"),
+    ),
+)]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let m = &state.metrics;
     match snapshot(&state).await {
@@ -187,11 +232,36 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// `GET /livez`: the process answers.
+#[utoipa::path(
+    get,
+    path = "/livez",
+    tag = "probes",
+    operation_id = "livez",
+    summary = "Liveness",
+    responses(
+        (status = 200, description = "The process answers.", body = ProbeStatus,
+            example = json!({"status": "ok"})),
+    ),
+)]
 pub async fn livez() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
 /// `GET /readyz`: the database answers and every migration has been applied.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "probes",
+    operation_id = "readyz",
+    summary = "Readiness",
+    responses(
+        (status = 200, description = "The database answers and every migration has been \
+            applied.", body = ProbeStatus, example = json!({"status": "ready"})),
+        (status = 503, description = "Not ready; retry later.", body = ProbeStatus,
+            headers(("Retry-After" = String, description = "Seconds")),
+            example = json!({"status": "not ready"})),
+    ),
+)]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let ready = state
         .db

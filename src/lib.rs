@@ -14,6 +14,7 @@ pub mod health;
 pub mod housekeeping;
 pub mod jobs;
 pub mod metrics;
+pub mod openapi;
 pub mod startup;
 pub mod stitcher;
 pub mod telemetry;

@@ -76,6 +76,7 @@ route_table! {
     get   "/livez"                            => health::livez,    Access::Open;
     get   "/readyz"                           => health::readyz,   Access::Open;
     get   "/metrics"                          => health::metrics,  Access::Open;
+    get   "/openapi.json"                     => crate::openapi::openapi_json, Access::Open;
     get   "/coordinator/health"               => health::health,   Access::Scope(Scope::HealthRead);
     post  "/coordinator/jobs"                 => jobs::create,     Access::Scope(Scope::JobsCreate);
     get   "/coordinator/jobs/{id}"            => jobs::get,        Access::Scope(Scope::JobsRead);

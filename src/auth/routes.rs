@@ -8,18 +8,36 @@ use crate::db::now_millis;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::JsonBody;
 use crate::jobs::model::rfc3339;
+use crate::openapi::problem;
 use crate::startup::AppState;
 
 /// Default lifetime of a revocation when no expiry is given: 24 h (the longest a job
 /// token can live).
 pub const DEFAULT_REVOCATION_MS: i64 = 24 * 3600 * 1000;
 
-#[derive(Debug, Deserialize)]
+/// `POST /admin/tokens/revoke`: the job token id to revoke.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RevokeToken {
+    /// The token's `jti` claim: 1–128 printable ASCII characters.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
     pub jti: String,
-    /// RFC 3339; default now + 24 h.
+    /// RFC 3339, in the future; default now + 24 h. Revoking twice keeps the later expiry.
+    #[schema(format = DateTime)]
     pub expires_at: Option<String>,
+}
+
+// For the OpenAPI document only: `revoke_token` writes this as a JSON literal.
+/// The revocation, as recorded.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenRevoked {
+    pub jti: String,
+    /// Always `true`.
+    pub revoked: bool,
+    /// Until when this request keeps the id revoked.
+    #[schema(format = DateTime)]
+    pub expires_at: String,
 }
 
 /// Parse an optional RFC 3339 expiry (must lie in the future), default now + 24 h.
@@ -44,6 +62,25 @@ pub fn valid_jti(jti: &str) -> bool {
 }
 
 /// `POST /admin/tokens/revoke` [admin]
+#[utoipa::path(
+    post,
+    path = "/admin/tokens/revoke",
+    tag = "admin",
+    operation_id = "revokeToken",
+    summary = "Revoke a job token",
+    description = "Takes effect at once on this instance and within a second on the others.",
+    request_body(content = RevokeToken, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The token id is revoked.", body = TokenRevoked),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 413, response = problem::TooLarge),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(("hmac" = ["admin"]), ("apiKey" = ["admin"])),
+)]
 pub async fn revoke_token(
     state: web::Data<AppState>,
     JsonBody(body): JsonBody<RevokeToken>,

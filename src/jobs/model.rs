@@ -137,13 +137,19 @@ fn json_or_null(s: Option<&str>) -> Value {
         .unwrap_or(Value::Null)
 }
 
-#[derive(Debug, Serialize)]
+/// One entry of a job's history.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventView {
+    /// 1, 2, 3, ... per job, in the order the changes happened.
     pub seq: i64,
+    /// `created`, `status`, `progress`, `claimed`, `completed`, `failed` or
+    /// `lease_expired`.
     #[serde(rename = "type")]
     pub event_type: String,
+    /// What changed (event-specific JSON).
     pub data: Value,
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
@@ -158,29 +164,48 @@ impl From<EventRow> for EventView {
     }
 }
 
-/// How a job reads over the API (DESIGN §5).
-#[derive(Debug, Serialize)]
+/// How a job reads over the API. Timestamps are RFC 3339 UTC.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobView {
+    /// UUIDv7.
+    #[schema(format = "uuid")]
     pub id: String,
     pub kind: String,
     pub queue: String,
+    #[schema(minimum = -1000, maximum = 1000)]
     pub priority: i32,
     pub status: JobStatus,
+    /// Percent, 0–100.
+    #[schema(minimum = 0, maximum = 100)]
     pub progress: i32,
+    /// The last status or progress message.
+    #[schema(required = true)]
     pub message: Option<String>,
+    /// A JSON object.
     pub payload: Value,
+    /// The result given on completion, else `null`.
     pub result: Value,
+    /// The error given on failure, else `null`.
+    #[schema(required = true)]
     pub error: Option<String>,
+    /// The gate results given on failure, else `null`.
     pub gate_results: Value,
     pub attempts: i32,
     pub max_attempts: i32,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(format = DateTime)]
     pub updated_at: String,
+    #[schema(format = DateTime, required = true)]
     pub started_at: Option<String>,
+    #[schema(format = DateTime, required = true)]
     pub finished_at: Option<String>,
+    /// `GET` only: the newest events, oldest first.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub events: Option<Vec<EventView>>,
+    /// Present (and `true`) only when older events were left out of `events`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub events_truncated: bool,
 }
@@ -255,13 +280,24 @@ pub fn validate_message(m: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /coordinator/jobs`: a new job (PENDING).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateJob {
+    /// 1–100 printable ASCII characters, no space, `"` or `\`.
+    #[schema(min_length = 1, max_length = 100, pattern = r#"^[!#-\[\]-~]+$"#)]
     pub kind: String,
+    /// Default `default`.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_.-]+$")]
     pub queue: Option<String>,
+    /// Default 0; higher runs first.
+    #[schema(minimum = -1000, maximum = 1000)]
     pub priority: Option<i32>,
+    /// A JSON object; default `{}`.
+    #[schema(value_type = Option<Object>)]
     pub payload: Option<Value>,
+    /// Default 3.
+    #[schema(minimum = 1, maximum = 100)]
     pub max_attempts: Option<i32>,
 }
 
@@ -316,17 +352,22 @@ impl CreateJob {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// `PATCH /coordinator/jobs/{id}/status`: move the job along the state machine.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StatusUpdate {
     pub status: JobStatus,
+    #[schema(max_length = 4096)]
     pub message: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `PATCH /coordinator/jobs/{id}/progress`: only while RUNNING.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProgressUpdate {
+    #[schema(minimum = 0, maximum = 100)]
     pub percent: i64,
+    #[schema(max_length = 4096)]
     pub message: Option<String>,
 }
 
@@ -340,16 +381,22 @@ impl ProgressUpdate {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// `POST /coordinator/jobs/{id}/complete`: RUNNING → COMPLETED (an empty body is `{}`).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CompleteJob {
+    /// Any JSON value.
     pub result: Option<Value>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /coordinator/jobs/{id}/fail`: RUNNING → FAILED.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FailJob {
+    /// Not blank; at most 65536 characters.
+    #[schema(min_length = 1, max_length = 65536)]
     pub error: String,
+    /// Any JSON value.
     pub gate_results: Option<Value>,
 }
 

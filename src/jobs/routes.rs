@@ -11,6 +11,7 @@ use super::repo::{self, Idempotency};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{JsonBody, RawBody};
+use crate::openapi::{problem, IdempotencyKey, JobIdParam};
 use crate::startup::AppState;
 
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -36,6 +37,31 @@ pub fn idempotency(req: &HttpRequest, body_hash: String) -> ApiResult<Option<Ide
 }
 
 /// `POST /coordinator/jobs`
+#[utoipa::path(
+    post,
+    path = "/coordinator/jobs",
+    tag = "jobs",
+    operation_id = "createJob",
+    summary = "Create a job (PENDING)",
+    description = "With `Idempotency-Key`, a retry with the same body returns the first \
+        result (and `Idempotent-Replayed: true`); the same key with another body is a 409.",
+    params(IdempotencyKey),
+    request_body(content = CreateJob, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The job, created now or by the first request with \
+            this `Idempotency-Key`.", body = JobView,
+            headers(("Idempotent-Replayed" = String,
+                description = "`true` when this is the answer to an earlier request"))),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 409, response = problem::Conflict),
+        (status = 413, response = problem::TooLarge),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(("hmac" = ["jobs:create"]), ("apiKey" = ["jobs:create"])),
+)]
 pub async fn create(
     state: web::Data<AppState>,
     principal: Principal,
@@ -83,6 +109,34 @@ async fn change(
 }
 
 /// `PATCH /coordinator/jobs/{id}/status`
+#[utoipa::path(
+    patch,
+    path = "/coordinator/jobs/{id}/status",
+    tag = "jobs",
+    operation_id = "updateJobStatus",
+    summary = "Move a job along the state machine",
+    description = "`PENDING → QUEUED → RUNNING → COMPLETED | FAILED`, any non-terminal → \
+        `CANCELLED`, `RUNNING → QUEUED`; anything else, and any change to a terminal job, \
+        is a 409. A job token may change only its own job (else 403).",
+    params(JobIdParam),
+    request_body(content = StatusUpdate, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The job after the change.", body = JobView),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 404, response = problem::NotFound),
+        (status = 409, response = problem::Conflict),
+        (status = 413, response = problem::TooLarge),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(
+        ("hmac" = ["jobs:update"]),
+        ("apiKey" = ["jobs:update"]),
+        ("bearer" = ["jobs:update"])
+    ),
+)]
 pub async fn status(
     state: web::Data<AppState>,
     principal: Principal,
@@ -98,6 +152,33 @@ pub async fn status(
 }
 
 /// `PATCH /coordinator/jobs/{id}/progress`
+#[utoipa::path(
+    patch,
+    path = "/coordinator/jobs/{id}/progress",
+    tag = "jobs",
+    operation_id = "reportJobProgress",
+    summary = "Report progress of a RUNNING job",
+    description = "Only while the job is RUNNING (else 409). A job token may change only \
+        its own job (else 403).",
+    params(JobIdParam),
+    request_body(content = ProgressUpdate, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The job after the change.", body = JobView),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 404, response = problem::NotFound),
+        (status = 409, response = problem::Conflict),
+        (status = 413, response = problem::TooLarge),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(
+        ("hmac" = ["jobs:update"]),
+        ("apiKey" = ["jobs:update"]),
+        ("bearer" = ["jobs:update"])
+    ),
+)]
 pub async fn progress(
     state: web::Data<AppState>,
     principal: Principal,
@@ -113,6 +194,34 @@ pub async fn progress(
 }
 
 /// `POST /coordinator/jobs/{id}/complete`
+#[utoipa::path(
+    post,
+    path = "/coordinator/jobs/{id}/complete",
+    tag = "jobs",
+    operation_id = "completeJob",
+    summary = "Complete a RUNNING job",
+    description = "RUNNING → COMPLETED, progress 100. A job token may change only its own \
+        job (else 403).",
+    params(JobIdParam),
+    request_body(content = CompleteJob, content_type = "application/json",
+        description = "An empty body reads as `{}`."),
+    responses(
+        (status = 200, description = "The job after the change.", body = JobView),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 404, response = problem::NotFound),
+        (status = 409, response = problem::Conflict),
+        (status = 413, response = problem::TooLarge),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(
+        ("hmac" = ["jobs:update"]),
+        ("apiKey" = ["jobs:update"]),
+        ("bearer" = ["jobs:update"])
+    ),
+)]
 pub async fn complete(
     state: web::Data<AppState>,
     principal: Principal,
@@ -131,6 +240,32 @@ pub async fn complete(
 }
 
 /// `POST /coordinator/jobs/{id}/fail`
+#[utoipa::path(
+    post,
+    path = "/coordinator/jobs/{id}/fail",
+    tag = "jobs",
+    operation_id = "failJob",
+    summary = "Fail a RUNNING job",
+    description = "RUNNING → FAILED. A job token may change only its own job (else 403).",
+    params(JobIdParam),
+    request_body(content = FailJob, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The job after the change.", body = JobView),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 404, response = problem::NotFound),
+        (status = 409, response = problem::Conflict),
+        (status = 413, response = problem::TooLarge),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(
+        ("hmac" = ["jobs:update"]),
+        ("apiKey" = ["jobs:update"]),
+        ("bearer" = ["jobs:update"])
+    ),
+)]
 pub async fn fail(
     state: web::Data<AppState>,
     principal: Principal,
@@ -146,6 +281,30 @@ pub async fn fail(
 }
 
 /// `GET /coordinator/jobs/{id}`
+#[utoipa::path(
+    get,
+    path = "/coordinator/jobs/{id}",
+    tag = "jobs",
+    operation_id = "getJob",
+    summary = "Read a job with its events",
+    description = "The job and its newest events, oldest first (`eventsTruncated` when \
+        older ones were left out). A job token may read only its own job (else 403).",
+    params(JobIdParam),
+    responses(
+        (status = 200, description = "The job with `events`.", body = JobView),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 404, response = problem::NotFound),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(
+        ("hmac" = ["jobs:read"]),
+        ("apiKey" = ["jobs:read"]),
+        ("bearer" = ["jobs:read"])
+    ),
+)]
 pub async fn get(
     state: web::Data<AppState>,
     principal: Principal,
@@ -163,14 +322,58 @@ pub async fn get(
     Ok(HttpResponse::Ok().json(view))
 }
 
-#[derive(Debug, serde::Deserialize)]
+/// `POST /coordinator/queues/{queue}/claim`: who is claiming.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClaimRequest {
+    /// The worker's name; it becomes the job token's `sub`.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_.:-]+$")]
     pub worker: String,
+}
+
+// For the OpenAPI document only: `claim` builds this from a `JobView`.
+/// The claimed job, now RUNNING, with a job token for it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimedJob {
+    #[serde(flatten)]
+    pub job: JobView,
+    /// A JWT job token (`jobs:update`/`jobs:read` on this job only), sent as
+    /// `Authorization: Bearer <token>`.
+    pub token: String,
+    #[schema(format = DateTime)]
+    pub token_expires_at: String,
 }
 
 /// `POST /coordinator/queues/{queue}/claim` [jobs:update]: the best QUEUED job moves to
 /// RUNNING and comes back with a job token; 204 when the queue is empty.
+#[utoipa::path(
+    post,
+    path = "/coordinator/queues/{queue}/claim",
+    tag = "jobs",
+    operation_id = "claimJob",
+    summary = "Claim the next job of a queue",
+    description = "The best QUEUED job of the queue (highest priority, then oldest) moves \
+        to RUNNING under a lease and comes back with a job token. A job token cannot \
+        claim (403).",
+    params(
+        ("queue" = String, Path, description = "The queue name.",
+            min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_.-]+$"),
+    ),
+    request_body(content = ClaimRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The claimed job with its token.", body = ClaimedJob,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+        (status = 204, description = "The queue has no QUEUED job."),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 413, response = problem::TooLarge),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(("hmac" = ["jobs:update"]), ("apiKey" = ["jobs:update"])),
+)]
 pub async fn claim(
     state: web::Data<AppState>,
     principal: Principal,

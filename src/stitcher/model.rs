@@ -9,7 +9,8 @@ use crate::error::ApiError;
 use crate::jobs::model::{validate_priority, validate_queue, NewJob, DEFAULT_MAX_ATTEMPTS};
 use crate::jobs::JobStatus;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What happened on the issue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Assigned,
@@ -54,13 +55,20 @@ fn validate_issue(n: i64) -> Result<(), ApiError> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /stitcher/webhook`: one delivery from the bot.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WebhookPayload {
+    #[schema(minimum = 1)]
     pub issue_number: i64,
+    /// `owner/name`, each 1–100 of `[A-Za-z0-9_.-]`.
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}$")]
     pub repository: String,
     pub action: Action,
+    #[schema(max_length = 65536)]
     pub comment: Option<String>,
+    /// A JSON object.
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
 }
 
@@ -100,13 +108,23 @@ impl WebhookPayload {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// `POST /stitcher/dispatch`: a manual dispatch.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DispatchRequest {
+    #[schema(minimum = 1)]
     pub issue_number: i64,
+    /// `owner/name`, each 1–100 of `[A-Za-z0-9_.-]`.
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}$")]
     pub repository: String,
+    /// Default: the configured webhook queue.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_.-]+$")]
     pub queue: Option<String>,
+    /// Default 0; higher runs first.
+    #[schema(minimum = -1000, maximum = 1000)]
     pub priority: Option<i32>,
+    /// A JSON object, stored as the job payload's `data`.
+    #[schema(value_type = Option<Object>)]
     pub payload: Option<Value>,
 }
 
@@ -148,14 +166,19 @@ pub struct DeliveryRow {
 }
 
 /// The answer to a webhook or dispatch.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DispatchResult {
+    #[schema(format = "uuid")]
     pub job_id: String,
     pub queue_name: String,
     pub status: JobStatus,
+    /// While QUEUED, when the job is expected to start (from the queue's recent
+    /// throughput); absent when there is no estimate.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime, nullable = false)]
     pub estimated_start_time: Option<String>,
+    /// `true` when this answers a delivery or dispatch seen before (same job).
     pub duplicate: bool,
 }
 

@@ -9,6 +9,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::{parse_json, RawBody};
 use crate::jobs::model::{rfc3339, JobRow};
 use crate::jobs::repo as jobs_repo;
+use crate::openapi::{problem, IdempotencyKey};
 use crate::startup::AppState;
 
 /// The delivery id: `webhook-id` (Standard Webhooks), else `Idempotency-Key`, else a
@@ -58,6 +59,44 @@ async fn answer(state: &AppState, job: JobRow, duplicate: bool) -> ApiResult<Htt
 }
 
 /// `POST /stitcher/webhook` [stitcher:webhook]
+#[utoipa::path(
+    post,
+    path = "/stitcher/webhook",
+    tag = "stitcher",
+    operation_id = "stitcherWebhook",
+    summary = "Ingest a bot delivery and dispatch a job",
+    description = "Stored once per delivery id (`webhook-id`, else `Idempotency-Key`, else \
+        a fresh id): a repeated delivery returns the job of the first (200, \
+        `duplicate: true`). Signed with Standard Webhooks (`webhook-id`, \
+        `webhook-timestamp`, `webhook-signature`) or any caller scheme, never both.",
+    params(
+        ("webhook-id" = Option<String>, Header, min_length = 1, max_length = 256,
+            pattern = "^[!-~]+$", nullable = false,
+            description = "Standard Webhooks delivery id (1–256 printable ASCII); also the \
+                delivery id that makes repeats idempotent."),
+        ("webhook-timestamp" = Option<String>, Header, pattern = "^[0-9]+$", nullable = false,
+            description = "Standard Webhooks: unix seconds, within ±300 s of the server."),
+        IdempotencyKey,
+    ),
+    request_body(content = WebhookPayload, content_type = "application/json"),
+    responses(
+        (status = 200, description = "A delivery seen before: the job it dispatched.",
+            body = DispatchResult),
+        (status = 202, description = "A new job was dispatched (QUEUED).",
+            body = DispatchResult),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 413, response = problem::TooLarge),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(
+        ("standardWebhooks" = ["stitcher:webhook"]),
+        ("hmac" = ["stitcher:webhook"]),
+        ("apiKey" = ["stitcher:webhook"])
+    ),
+)]
 pub async fn webhook(
     state: web::Data<AppState>,
     principal: Principal,
@@ -77,6 +116,32 @@ pub async fn webhook(
 }
 
 /// `POST /stitcher/dispatch` [stitcher:dispatch]
+#[utoipa::path(
+    post,
+    path = "/stitcher/dispatch",
+    tag = "stitcher",
+    operation_id = "stitcherDispatch",
+    summary = "Dispatch a job by hand",
+    description = "The job starts QUEUED. With `Idempotency-Key`, a retry with the same body \
+        returns the first job (200, `duplicate: true`); the same key with another body is \
+        a 409.",
+    params(IdempotencyKey),
+    request_body(content = DispatchRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "A retry with the same `Idempotency-Key`: the first job.",
+            body = DispatchResult),
+        (status = 202, description = "A new job was dispatched (QUEUED).",
+            body = DispatchResult),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 409, response = problem::Conflict),
+        (status = 413, response = problem::TooLarge),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(("hmac" = ["stitcher:dispatch"]), ("apiKey" = ["stitcher:dispatch"])),
+)]
 pub async fn dispatch(
     state: web::Data<AppState>,
     principal: Principal,

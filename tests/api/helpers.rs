@@ -513,3 +513,52 @@ impl TestApp {
         )
     }
 }
+
+impl TestDb {
+    /// The PostgreSQL admin URL this database was created from (`None` for SQLite).
+    pub fn admin_url(&self) -> Option<&str> {
+        self.admin_url.as_deref()
+    }
+
+    /// The PostgreSQL database name (empty for SQLite).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The SQLite file (`None` for PostgreSQL).
+    pub fn sqlite_path(&self) -> Option<&str> {
+        self.url.strip_prefix("sqlite://")
+    }
+}
+
+/// Like [`send`], but a transport error (no answer) is returned instead of panicking.
+pub fn try_send(
+    url: &str,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Resp, String> {
+    let mut req = agent().request(method, url);
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let r = match req.send_bytes(body) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(format!("transport error for {method} {url}: {e}")),
+    };
+    let status = r.status();
+    let headers = r
+        .headers_names()
+        .into_iter()
+        .filter_map(|n| r.header(&n).map(|v| (n.to_ascii_lowercase(), v.to_owned())))
+        .collect();
+    let body = r
+        .into_string()
+        .map_err(|e| format!("body of {method} {url}: {e}"))?;
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
+}

@@ -3,9 +3,11 @@
 mod helpers;
 
 mod auth;
+mod faults;
 mod health;
 mod jobs;
 mod logs;
+mod openapi;
 mod ops;
 mod stitcher;
 mod tokens;

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Runs schemathesis against a real `coordinator serve --dev`, started in a fresh
+# temporary directory, with the dev caller's API key. Fails on any 5xx and on any
+# response that contradicts GET /openapi.json (status documented but body off-schema).
+#
+# Installs nothing (.ci/run does `python3 -m pip install schemathesis` first) and builds
+# nothing: it uses target/debug/coordinator, which `cargo test` has built.
+#
+# Knobs: SCHEMATHESIS_PORT (18282), SCHEMATHESIS_MAX_EXAMPLES per operation (100),
+# SCHEMATHESIS_SEED (random; the run prints the seed it used, for reproducing).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+bin="$root/target/debug/coordinator"
+port=${SCHEMATHESIS_PORT:-18282}
+max_examples=${SCHEMATHESIS_MAX_EXAMPLES:-100}
+seed=${SCHEMATHESIS_SEED:-}
+base="http://127.0.0.1:$port"
+
+if [ ! -x "$bin" ]; then
+  echo "schemathesis: $bin is missing; run cargo test (or cargo build) first" >&2
+  exit 1
+fi
+if ! python3 -m schemathesis.cli --version >/dev/null 2>&1; then
+  echo "schemathesis: not installed; python3 -m pip install schemathesis" >&2
+  exit 1
+fi
+
+# Nothing from the caller's environment may point the server elsewhere.
+for var in $(compgen -e); do
+  case $var in COORDINATOR_* | DATABASE_URL) unset "$var" ;; esac
+done
+
+work=$(mktemp -d)
+server_pid=
+cleanup() {
+  if [ -n "$server_pid" ]; then
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+cd "$work"
+
+# schemathesis sends bad credentials on purpose; don't let the failure throttle (429)
+# turn the rest of the run into 429s.
+COORDINATOR_AUTH_FAILURES_PER_MINUTE=100000 \
+  "$bin" serve --dev --bind "127.0.0.1:$port" --workers 2 >server.out 2>server.log &
+server_pid=$!
+
+for _ in $(seq 1 100); do
+  if curl -fsS "$base/livez" >/dev/null 2>&1; then break; fi
+  if ! kill -0 "$server_pid" 2>/dev/null; then
+    echo "schemathesis: the server exited:" >&2
+    cat server.log >&2
+    exit 1
+  fi
+  sleep 0.1
+done
+if ! curl -fsS "$base/livez" >/dev/null || ! kill -0 "$server_pid" 2>/dev/null; then
+  echo "schemathesis: our server is not answering on $base (port taken? set SCHEMATHESIS_PORT)" >&2
+  cat server.log >&2
+  exit 1
+fi
+
+set -a
+# shellcheck disable=SC1091
+. ./.coordinator/dev-credentials.env
+set +a
+
+# The dev API key as the credential of the document's `apiKey` security scheme: it is
+# sent as `X-API-Key`, and schemathesis then drops the random values it would otherwise
+# generate for the other schemes (HMAC headers, Bearer), which only get a 401 (two
+# schemes at once). It still sends requests without credentials, or with the
+# Standard Webhooks headers the webhook documents, and checks those 401s too.
+cat >schemathesis.toml <<'EOF'
+[auth.openapi.apiKey]
+api_key = "${COORDINATOR_CLIENT_API_KEY}"
+EOF
+
+args=(
+  run "$base/openapi.json"
+  --checks not_a_server_error,response_schema_conformance
+  --max-examples "$max_examples"
+  --request-timeout 30
+)
+if [ -n "$seed" ]; then
+  args+=(--seed "$seed")
+fi
+
+status=0
+timeout 1200 python3 -m schemathesis.cli --config-file schemathesis.toml "${args[@]}" || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "schemathesis: failed (exit $status); server errors logged:" >&2
+  grep '"level":"ERROR"' server.log | tail -n 40 >&2 || true
+  exit 1
+fi
+echo "schemathesis: passed"
