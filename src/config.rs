@@ -69,6 +69,14 @@ impl KeyArgs {
     /// Load the keys; in dev mode, `./.coordinator/master.key` is used (created, 0600)
     /// when neither the variable nor the file flag is set.
     pub fn load(&self, dev: bool) -> Result<(Arc<MasterKey>, Option<Arc<MasterKey>>), ConfigError> {
+        if dev {
+            // Dev mode always uses its own key (the dev database is sealed under it),
+            // never a production key that happens to be in the environment.
+            if self.master_key.is_some() || self.master_key_file.is_some() {
+                eprintln!("coordinator: --dev ignores COORDINATOR_MASTER_KEY/_FILE and uses ./.coordinator/master.key");
+            }
+            return Ok((Arc::new(dev_master_key()?), None));
+        }
         let current = match (&self.master_key, &self.master_key_file) {
             (Some(k), _) if !k.trim().is_empty() => MasterKey::from_base64(k)
                 .map_err(|_| bad("COORDINATOR_MASTER_KEY", "must be 32 bytes in base64"))?,
@@ -311,7 +319,20 @@ impl ServeArgs {
                 "expected HOST:PORT, e.g. 127.0.0.1:8080",
             )
         })?;
-        let db = self.db.validate(self.dev.then_some(DEV_DATABASE_URL))?;
+        // Dev mode always uses the dev SQLite file: a DATABASE_URL left in the
+        // environment must never get an all-scopes `dev` caller created in it.
+        let db = if self.dev {
+            if self.db.database_url.is_some() {
+                eprintln!("coordinator: --dev ignores DATABASE_URL and uses {DEV_DATABASE_URL}");
+            }
+            DbArgs {
+                database_url: None,
+                ..self.db.clone()
+            }
+            .validate(Some(DEV_DATABASE_URL))?
+        } else {
+            self.db.validate(None)?
+        };
         if !(1024..=(256 << 20)).contains(&self.body_limit) {
             return Err(bad(
                 "COORDINATOR_BODY_LIMIT",

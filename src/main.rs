@@ -5,7 +5,22 @@ use coordinator::cli::{self, Cli, CliError};
 fn main() -> std::process::ExitCode {
     // `.env` never overrides variables that are already set.
     let _ = dotenvy::dotenv();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            eprintln!("coordinator: {}", cli::describe_parse_error(&e));
+            return std::process::ExitCode::from(2);
+        }
+    };
     coordinator::telemetry::logger(false).init();
     match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

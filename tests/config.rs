@@ -182,10 +182,25 @@ fn a_value_that_is_not_a_number_exits_2() {
             ("COORDINATOR_BODY_LIMIT", "abc"),
         ],
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    assert!(!stderr.is_empty());
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_config_error(&out, &_dir, "COORDINATOR_BODY_LIMIT", "not a number");
+    // A flag of the wrong type, and a boolean that is not true/false, likewise.
+    let (out, dir) = run(
+        &["serve", "--workers", "many"],
+        &[
+            ("DATABASE_URL", SQLITE_URL),
+            ("COORDINATOR_MASTER_KEY", MASTER_KEY),
+        ],
+    );
+    assert_config_error(&out, &dir, "COORDINATOR_WORKERS", "flag not a number");
+    let (out, dir) = run(
+        &["serve"],
+        &[
+            ("DATABASE_URL", SQLITE_URL),
+            ("COORDINATOR_MASTER_KEY", MASTER_KEY),
+            ("COORDINATOR_REQUIRE_SIGNATURE", "1"),
+        ],
+    );
+    assert_config_error(&out, &dir, "COORDINATOR_REQUIRE_SIGNATURE", "bad boolean");
 }
 
 /// Every range check in `ServeArgs::validate` / `DbArgs::validate`, at the first value
@@ -263,4 +278,24 @@ fn flags_win_over_the_environment() {
         ],
     );
     assert_config_error(&out, &dir, "COORDINATOR_MASTER_KEY", "flag over variable");
+}
+
+/// `--dev` never touches the database or master key named in the environment (a
+/// production URL left in `.env` must not get an all-scopes `dev` caller).
+#[test]
+fn dev_mode_ignores_database_url_and_master_key_in_the_environment() {
+    let (out, dir) = run(
+        &["caller", "add", "probe", "--scopes", "jobs:read", "--dev"],
+        &[
+            ("DATABASE_URL", "sqlite://./production.db"),
+            ("COORDINATOR_MASTER_KEY", MASTER_KEY),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.path().join("production.db").exists());
+    assert!(dir.path().join(".coordinator/coordinator.db").exists());
 }

@@ -38,7 +38,15 @@ pub struct StoreArgs {
 impl StoreArgs {
     /// Validate the database settings (a bad value is a config error, exit code 2).
     pub fn config(&self) -> Result<DbConfig, ConfigError> {
-        self.db.validate(self.dev.then_some(DEV_DATABASE_URL))
+        if self.dev {
+            // Like `serve --dev`: always the dev database, whatever DATABASE_URL says.
+            let dev = crate::config::DbArgs {
+                database_url: None,
+                ..self.db.clone()
+            };
+            return dev.validate(Some(DEV_DATABASE_URL));
+        }
+        self.db.validate(None)
     }
 
     /// Validate, then connect. With `--dev` pending migrations are applied (as

@@ -92,6 +92,38 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+/// A command-line or environment value clap refused, as one line that names the
+/// environment variable behind the flag (exit code 2, like every config error).
+pub fn describe_parse_error(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let text = e.to_string();
+    let first = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .to_owned();
+    let flag = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.split_whitespace().next().map(str::to_owned),
+        _ => None,
+    };
+    let env = flag.and_then(|flag| env_of(&<Cli as clap::CommandFactory>::command(), &flag));
+    match env {
+        Some(var) => format!("{first} (environment variable {var})"),
+        None => first,
+    }
+}
+
+/// The environment variable of the argument whose long flag is `flag` (e.g. `--bind`).
+fn env_of(cmd: &clap::Command, flag: &str) -> Option<String> {
+    let long = flag.trim_start_matches("--");
+    cmd.get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+        .map(|v| v.to_string_lossy().into_owned())
+        .or_else(|| cmd.get_subcommands().find_map(|sc| env_of(sc, flag)))
+}
+
 /// Leaves return `anyhow::Result`; a [`crate::config::ConfigError`] they return keeps
 /// its exit code 2.
 fn classify(e: anyhow::Error) -> CliError {

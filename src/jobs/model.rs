@@ -276,7 +276,21 @@ pub fn validate_message(m: Option<&str>) -> Result<(), ApiError> {
             "message",
             "must be at most 4096 characters",
         )),
-        _ => Ok(()),
+        Some(m) => validate_text(m, "message"),
+        None => Ok(()),
+    }
+}
+
+/// Text stored in a column as it is (not inside JSON) may not hold U+0000, which
+/// PostgreSQL's text type cannot store.
+pub fn validate_text(text: &str, field: &str) -> Result<(), ApiError> {
+    if text.contains('\0') {
+        Err(ApiError::bad_request(
+            field,
+            "must not contain NUL (U+0000) characters",
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -411,7 +425,7 @@ impl FailJob {
                 "must be at most 65536 characters",
             ));
         }
-        Ok(())
+        validate_text(&self.error, "error")
     }
 }
 

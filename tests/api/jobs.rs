@@ -302,6 +302,19 @@ fn bad_input_names_the_field(b: Backend) {
             r#"{}"#,
             "error",
         ),
+        // U+0000 cannot be stored in a PostgreSQL text column: a 400, not a 500.
+        (
+            "POST",
+            format!("/coordinator/jobs/{id}/fail"),
+            r#"{"error":"x\u0000"}"#,
+            "error",
+        ),
+        (
+            "PATCH",
+            format!("/coordinator/jobs/{id}/progress"),
+            r#"{"percent":5,"message":"\u0000"}"#,
+            "message",
+        ),
     ];
     for (method, path, body, field) in cases {
         let r = app.request(
