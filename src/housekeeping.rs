@@ -16,50 +16,71 @@ const LEASES_PER_PASS: i64 = 100;
 const REPLAYS_PER_PASS: i64 = 10_000;
 const JOBS_PER_PASS: i64 = 1_000;
 
-/// One pass; returns (leases expired, replay records purged).
-pub async fn pass(state: &AppState) -> Result<(usize, usize), crate::error::StoreError> {
+/// What one pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PassReport {
+    pub leases_expired: usize,
+    pub replays_purged: usize,
+    pub jobs_deleted: usize,
+}
+
+/// One pass. Each step runs even when another fails (its error is logged), so a
+/// broken step never stops the others.
+pub async fn pass(state: &AppState) -> PassReport {
+    let mut report = PassReport::default();
     let lease_ms = state.config.lease_ms();
     let now = now_millis();
-    let expired = state
+    match state
         .db
         .write(move |conn| jobs_repo::expire_leases(conn, now, LEASES_PER_PASS, lease_ms))
-        .await?;
-    for row in &expired {
-        state.metrics.transition(row.status());
-        if let Some((key, until)) = jobs_repo::ended_job_tokens(row, now) {
-            state.auth.revocations.revoke_local(&key, until);
+        .await
+    {
+        Ok(expired) => {
+            for row in &expired {
+                state.metrics.transition(row.status());
+                if let Some((key, until)) = jobs_repo::token_revocation(row, now) {
+                    state.auth.revocations.revoke_local(&key, until);
+                }
+            }
+            report.leases_expired = expired.len();
         }
+        Err(e) => log::warn!("housekeeping: lease expiry failed: {e}"),
     }
-    let purged = state
+    match state
         .db
         .write(move |conn| auth_repo::purge_replays(conn, now, REPLAYS_PER_PASS))
-        .await?;
+        .await
+    {
+        Ok(n) => report.replays_purged = n,
+        Err(e) => log::warn!("housekeeping: replay purge failed: {e}"),
+    }
     state.auth.throttle.housekeeping();
     if let Some(keep) = state.config.job_retention {
         let before = now.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
-        let gone = state
+        match state
             .db
             .write(move |conn| jobs_repo::purge_finished(conn, before, JOBS_PER_PASS))
-            .await?;
-        if gone > 0 {
-            log::info!("retention: deleted {gone} finished job(s)");
+            .await
+        {
+            Ok(n) => report.jobs_deleted = n,
+            Err(e) => log::warn!("housekeeping: retention failed: {e}"),
         }
     }
-    Ok((expired.len(), purged))
+    report
 }
 
 pub async fn run(state: web::Data<AppState>, every: Duration) {
     let mut tick = actix_web::rt::time::interval(every);
     loop {
         tick.tick().await;
-        match pass(&state).await {
-            Ok((0, 0)) => {}
-            Ok((leases, replays)) => {
-                log::info!(
-                    "housekeeping: {leases} lease(s) expired, {replays} replay record(s) purged"
-                )
-            }
-            Err(e) => log::warn!("housekeeping failed: {e}"),
+        let r = pass(&state).await;
+        if r != PassReport::default() {
+            log::info!(
+                "housekeeping: {} lease(s) expired, {} replay record(s) purged, {} finished job(s) deleted",
+                r.leases_expired,
+                r.replays_purged,
+                r.jobs_deleted
+            );
         }
     }
 }

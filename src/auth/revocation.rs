@@ -28,6 +28,12 @@ pub fn job_key(job_id: &str) -> String {
     format!("job:{job_id}")
 }
 
+/// The id under which the tokens of one attempt of a job are revoked when that
+/// attempt ends without finishing the job (requeue, lease expiry).
+pub fn attempt_key(job_id: &str, attempt: i32) -> String {
+    format!("job:{job_id}:{attempt}")
+}
+
 struct Sync {
     cursor: i64,
     synced_at: Option<Instant>,
@@ -95,17 +101,25 @@ impl Revocations {
     }
 
     /// Is this token (or its job) revoked? Errors mean the state cannot be known.
-    pub async fn is_revoked(&self, jti: &str, job_id: &str) -> Result<bool, StoreError> {
+    pub async fn is_revoked(
+        &self,
+        jti: &str,
+        job_id: &str,
+        attempt: i32,
+    ) -> Result<bool, StoreError> {
         let now = now_millis();
         let jk = job_key(job_id);
+        let ak = attempt_key(job_id, attempt);
         if self.fresh() {
             let s = self.set.read().map_err(|_| poisoned())?;
             let hit = |k: &str| s.get(k).is_some_and(|e| *e > now);
-            return Ok(hit(jti) || hit(&jk));
+            return Ok(hit(jti) || hit(&jk) || hit(&ak));
         }
         let jti = jti.to_owned();
         self.db
-            .read(move |conn| repo::any_revoked(conn, &[jti.as_str(), jk.as_str()], now))
+            .read(move |conn| {
+                repo::any_revoked(conn, &[jti.as_str(), jk.as_str(), ak.as_str()], now)
+            })
             .await
     }
 

@@ -1,6 +1,8 @@
-//! Throttling of failed authentication per peer address. Only failures count, and only
-//! the peer that failed is slowed: a blocked peer gets 429 with `Retry-After` before any
-//! credential work; every other peer is unaffected.
+//! Throttling of failed authentication per peer address (the TCP peer; behind a load
+//! balancer that is the balancer). Only failures count. A peer over its quota still has
+//! its credentials checked: valid requests are served, every further failure is
+//! answered 429 with `Retry-After` instead of 401 (see the middleware). Other peers are
+//! unaffected.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -36,18 +36,30 @@ pub struct Claims {
     pub jti: String,
     pub iat: i64,
     pub exp: i64,
+    /// The job's attempt the token was issued for; a requeue revokes that attempt's
+    /// tokens (the next worker's token names the next attempt).
+    #[serde(default)]
+    pub att: i32,
 }
 
 /// A decrypted signing key.
 pub struct TokenKey {
     pub version: i32,
     pub key: Zeroizing<Vec<u8>>,
-    pub active: bool,
+    pub expires_at: Option<i64>,
+    pub revoked: bool,
+}
+
+impl TokenKey {
+    /// Active now (checked at use, so a cached key stops verifying when its grace ends).
+    pub fn is_active(&self, now_ms: i64) -> bool {
+        !self.revoked && self.expires_at.is_none_or(|e| e > now_ms)
+    }
 }
 
 impl std::fmt::Debug for TokenKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TokenKey(v{}, active={})", self.version, self.active)
+        write!(f, "TokenKey(v{})", self.version)
     }
 }
 
@@ -141,7 +153,6 @@ pub fn rotate_signing_key(db: &Db, sealer: &Sealer, grace: Duration) -> Result<i
 
 /// Load and open every signing key, newest first.
 pub fn load_keys(conn: &mut DbConnection, sealer: &Sealer) -> Result<Vec<TokenKey>, StoreError> {
-    let now = now_millis();
     let rows = repo::secrets_for(conn, KEY_OWNER, Purpose::TokenSigning.as_str())?;
     Ok(rows
         .iter()
@@ -151,7 +162,8 @@ pub fn load_keys(conn: &mut DbConnection, sealer: &Sealer) -> Result<Vec<TokenKe
                 Ok(key) => Some(TokenKey {
                     version: r.version,
                     key,
-                    active: r.is_active(now),
+                    expires_at: r.expires_at,
+                    revoked: r.revoked_at.is_some(),
                 }),
                 Err(e) => {
                     log::error!("cannot open token-signing key v{}: {e}", r.version);
@@ -166,12 +178,13 @@ pub fn load_keys(conn: &mut DbConnection, sealer: &Sealer) -> Result<Vec<TokenKe
 pub fn sign(
     keys: &[TokenKey],
     job_id: &JobId,
+    attempt: i32,
     worker: &str,
     ttl: Duration,
 ) -> Result<IssuedToken, StoreError> {
     let key = keys
         .iter()
-        .find(|k| k.active)
+        .find(|k| k.is_active(now_millis()))
         .ok_or_else(|| StoreError::Internal("no active token-signing key".into()))?;
     let now = now_millis() / 1000;
     let ttl = ttl.min(MAX_TTL).as_secs();
@@ -188,6 +201,7 @@ pub fn sign(
         jti: uuid::Uuid::now_v7().to_string(),
         iat: now,
         exp,
+        att: attempt,
     };
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some(format!("v{}", key.version));
@@ -222,7 +236,7 @@ pub fn issue(
             if job.status().is_terminal() {
                 return Err(StoreError::Conflict(format!("job is {}", job.status())));
             }
-            let t = sign(&keys, job_id, worker, ttl)?;
+            let t = sign(&keys, job_id, job.attempts, worker, ttl)?;
             crate::jobs::repo::extend_tokens_until(conn, job_id, t.expires_at)?;
             Ok(t)
         })
@@ -273,13 +287,13 @@ pub async fn verify_header(
     let claims = data.claims;
     audit.caller = Some(claims.sub.clone());
     audit.key_ref = Some(claims.jti.clone());
-    if !key.active {
+    if !key.is_active(now_millis()) {
         return Err(fail("expired"));
     }
     let job_id = JobId::parse(&claims.jid, "jid").map_err(|_| fail("invalid token"))?;
     if ctx
         .revocations
-        .is_revoked(&claims.jti, job_id.as_str())
+        .is_revoked(&claims.jti, job_id.as_str(), claims.att)
         .await?
     {
         return Err(fail("revoked"));

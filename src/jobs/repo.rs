@@ -206,12 +206,14 @@ pub fn extend_tokens_until(
     Ok(())
 }
 
-/// When a job has ended, the id under which its tokens are revoked and until when.
-pub fn ended_job_tokens(row: &JobRow, now: i64) -> Option<(String, i64)> {
-    match row.tokens_until {
-        Some(until) if row.status().is_terminal() && until > now => {
-            Some((crate::auth::revocation::job_key(&row.id), until))
-        }
+/// Tokens to revoke after this change, and until when: all of a job's tokens when it
+/// has ended; the tokens of the attempt that just ended when it went back to QUEUED.
+pub fn token_revocation(row: &JobRow, now: i64) -> Option<(String, i64)> {
+    use crate::auth::revocation::{attempt_key, job_key};
+    let until = row.tokens_until.filter(|u| *u > now)?;
+    match row.status() {
+        s if s.is_terminal() => Some((job_key(&row.id), until)),
+        JobStatus::Queued if row.attempts > 0 => Some((attempt_key(&row.id, row.attempts), until)),
         _ => None,
     }
 }
@@ -237,7 +239,7 @@ pub fn write_change(
             created_at: now,
         })
         .execute(conn)?;
-    if let Some((key, until)) = ended_job_tokens(row, now) {
+    if let Some((key, until)) = token_revocation(row, now) {
         crate::auth::repo::revoke_token(conn, &key, until, now)?;
     }
     Ok(())
@@ -394,7 +396,6 @@ pub fn claim(
         let id = JobId::parse(&id, "id")
             .map_err(|_| StoreError::Internal("bad job id in database".into()))?;
         let row = find(conn, &id)?;
-        let token = crate::auth::token::sign(keys, &id, worker, ttl)?;
         let mut row = apply_locked(
             conn,
             row,
@@ -403,6 +404,7 @@ pub fn claim(
             },
             lease_ms,
         )?;
+        let token = crate::auth::token::sign(keys, &id, row.attempts, worker, ttl)?;
         extend_tokens_until(conn, &id, token.expires_at)?;
         row.tokens_until = Some(row.tokens_until.unwrap_or(0).max(token.expires_at));
         Ok(Some((row, token)))

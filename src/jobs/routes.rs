@@ -102,7 +102,7 @@ async fn change(
     if moves {
         state.metrics.transition(row.status());
     }
-    if let Some((key, until)) = repo::ended_job_tokens(&row, crate::db::now_millis()) {
+    if let Some((key, until)) = repo::token_revocation(&row, crate::db::now_millis()) {
         state.auth.revocations.revoke_local(&key, until);
     }
     Ok(HttpResponse::Ok().json(JobView::from(row)))

@@ -16,7 +16,47 @@ backend_tests!(
     a_new_instance_still_refuses_a_revoked_token,
     tokens_end_with_their_job,
     double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired,
+    a_requeued_job_refuses_the_previous_workers_token,
 );
+
+fn a_requeued_job_refuses_the_previous_workers_token(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let id = app.create_job(&json!({"kind": "k", "queue": "rq"}));
+    app.patch_json(
+        &format!("/coordinator/jobs/{id}/status"),
+        &json!({"status": "QUEUED"}),
+    );
+    let claim = || {
+        app.post_json("/coordinator/queues/rq/claim", &json!({"worker": "w"}))
+            .json()
+    };
+    let first = claim();
+    let t1 = first["token"].as_str().unwrap().to_owned();
+    let path = format!("/coordinator/jobs/{id}");
+    assert_eq!(app.with_token(&t1, "GET", &path, b"").status, 200);
+    // The job goes back to the queue (a worker hands it back, or its lease expires).
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{id}/status"),
+        &json!({"status": "QUEUED"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        app.with_token(&t1, "GET", &path, b"").problem(401)["reason"],
+        "revoked"
+    );
+    // The next worker's token works; the old one stays refused.
+    let second = claim();
+    assert_eq!(second["attempts"], 2);
+    let t2 = second["token"].as_str().unwrap();
+    assert_eq!(app.with_token(t2, "GET", &path, b"").status, 200);
+    app.with_token(
+        &t1,
+        "PATCH",
+        &format!("{path}/progress"),
+        br#"{"percent":1}"#,
+    )
+    .problem(401);
+}
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -65,6 +105,10 @@ fn token_works_on_its_own_job_only(b: Backend) {
         &[],
         br#"{"status":"RUNNING"}"#,
     );
+    // Handing the job back ended that attempt: its token is refused from now on.
+    app.with_token(&t, "GET", &format!("/coordinator/jobs/{id}"), b"")
+        .problem(401);
+    let t = app.job_token(&id, "worker-1", HOUR);
     let r = app.with_token(
         &t,
         "POST",
