@@ -37,6 +37,11 @@ pub struct DbArgs {
         default_value_t = 5000
     )]
     pub sqlite_busy_timeout_ms: u64,
+
+    /// SQLite `synchronous`: `normal` (WAL; survives a crash of the process, the last
+    /// commits can be lost on power failure) or `full` (fsync on every commit).
+    #[arg(long, env = "COORDINATOR_SQLITE_SYNCHRONOUS", default_value = "normal", value_parser = ["normal", "full"])]
+    pub sqlite_synchronous: String,
 }
 
 /// Master keys: shared by `serve` and the commands that seal or open secrets.
@@ -237,6 +242,8 @@ pub struct DbConfig {
     pub pool_size: u32,
     pub timeout: Duration,
     pub sqlite_busy_timeout: Duration,
+    /// `PRAGMA synchronous = FULL` instead of NORMAL.
+    pub sqlite_synchronous_full: bool,
 }
 
 /// Validated server configuration; passed to `Application::build`, never global.
@@ -306,6 +313,7 @@ impl DbArgs {
             pool_size: self.db_pool_size,
             timeout: Duration::from_secs(self.db_timeout_secs),
             sqlite_busy_timeout: Duration::from_millis(self.sqlite_busy_timeout_ms),
+            sqlite_synchronous_full: self.sqlite_synchronous == "full",
         })
     }
 }
@@ -448,6 +456,7 @@ impl Config {
                 pool_size: 16,
                 timeout: Duration::from_secs(5),
                 sqlite_busy_timeout: Duration::from_millis(5000),
+                sqlite_synchronous_full: false,
             },
             body_limit: 1_048_576,
             workers: 0,

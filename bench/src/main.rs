@@ -437,6 +437,7 @@ fn bench_backend(
         pool_size: 16,
         timeout: Duration::from_secs(5),
         sqlite_busy_timeout: Duration::from_secs(5),
+        sqlite_synchronous_full: false,
     };
     coordinator::db::migrate::run_pending(&cfg).expect("migrate");
     let db = Db::new(&cfg);

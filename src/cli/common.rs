@@ -79,7 +79,7 @@ fn ensure_migrated(cfg: &DbConfig) -> anyhow::Result<()> {
             cfg.url.target()
         );
     }
-    let mut conn = ConnectionManager::new(cfg.url.clone(), cfg.sqlite_busy_timeout)
+    let mut conn = ConnectionManager::new(cfg)
         .establish()
         .map_err(|e| anyhow!("cannot connect to the database: {e}"))?;
     let pending = migrate::has_pending(&mut conn)

@@ -32,7 +32,7 @@ pub fn run_pending(cfg: &DbConfig) -> anyhow::Result<usize> {
     if let Some(parent) = sqlite_parent_dir(cfg) {
         std::fs::create_dir_all(parent)?;
     }
-    let mut conn = ConnectionManager::new(cfg.url.clone(), cfg.sqlite_busy_timeout)
+    let mut conn = ConnectionManager::new(cfg)
         .establish()
         .map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;
     run_on(&mut conn).map_err(|e| anyhow::anyhow!("migration failed: {e}"))

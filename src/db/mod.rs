@@ -91,11 +91,16 @@ pub struct Conn {
 pub struct ConnectionManager {
     url: DatabaseUrl,
     busy_timeout: Duration,
+    synchronous_full: bool,
 }
 
 impl ConnectionManager {
-    pub fn new(url: DatabaseUrl, busy_timeout: Duration) -> Self {
-        ConnectionManager { url, busy_timeout }
+    pub fn new(cfg: &DbConfig) -> Self {
+        ConnectionManager {
+            url: cfg.url.clone(),
+            busy_timeout: cfg.sqlite_busy_timeout,
+            synchronous_full: cfg.sqlite_synchronous_full,
+        }
     }
 
     pub fn establish(&self) -> Result<DbConnection, diesel::ConnectionError> {
@@ -111,7 +116,11 @@ impl ConnectionManager {
                         self.busy_timeout.as_millis()
                     ))?;
                     sqlite_wal(c, self.busy_timeout)?;
-                    c.batch_execute("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
+                    c.batch_execute(if self.synchronous_full {
+                        "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;"
+                    } else {
+                        "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;"
+                    })
                 };
                 setup(&mut c).map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
                 Ok(DbConnection::Sqlite(c))
@@ -191,10 +200,7 @@ impl Db {
                 .min_idle(Some(0))
                 .connection_timeout(cfg.timeout)
                 .test_on_check_out(false)
-                .build_unchecked(ConnectionManager::new(
-                    cfg.url.clone(),
-                    cfg.sqlite_busy_timeout,
-                ))
+                .build_unchecked(ConnectionManager::new(cfg))
         };
         let read = mk(cfg.pool_size);
         let write = match cfg.url.backend() {
