@@ -13,12 +13,14 @@ use crate::db::{now_millis, Db};
 use crate::error::StoreError;
 
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
-pub const MAX_STALENESS: Duration = Duration::from_secs(2);
+/// Past this without a successful poll, each check asks the database instead (so a
+/// slow or failing poll can never stretch the 1 s promise).
+pub const MAX_STALENESS: Duration = Duration::from_secs(1);
 /// Rows written up to this long before the newest one seen are read again each poll,
-/// so a revocation whose transaction committed late is not missed.
-const OVERLAP_MS: i64 = 5_000;
+/// so a revocation whose (short) transaction committed after a later one is not missed.
+const OVERLAP_MS: i64 = 1_000;
 /// A full reload this often catches anything the incremental poll could not.
-const FULL_RELOAD: Duration = Duration::from_secs(60);
+const FULL_RELOAD: Duration = Duration::from_secs(600);
 /// Expired rows are removed from the table at most this often, bounded per pass.
 const GC_EVERY: Duration = Duration::from_secs(300);
 const GC_BATCH: i64 = 10_000;
