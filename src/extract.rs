@@ -40,15 +40,25 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let detail = if malformed {
             "malformed JSON".to_owned()
         } else {
-            // serde messages describe the expected shape; strip the position suffix.
-            let msg = inner.to_string();
-            msg.split(" at line ")
-                .next()
-                .unwrap_or("invalid value")
-                .to_owned()
+            // serde messages describe the expected shape; strip the trailing position
+            // (" at line N column M") only, never text from the client's own keys.
+            strip_position(&inner.to_string()).to_owned()
         };
         ApiError::bad_request(field, detail)
     })
+}
+
+fn strip_position(msg: &str) -> &str {
+    match msg.rfind(" at line ") {
+        Some(i)
+            if msg[i + " at line ".len()..]
+                .split(" column ")
+                .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            &msg[..i]
+        }
+        _ => msg,
+    }
 }
 
 fn missing_field(msg: &str) -> Option<String> {
@@ -119,6 +129,19 @@ mod tests {
         assert_eq!(field_of(r#"{"a":1,"b":7}"#), "b");
         assert_eq!(field_of(r#"{"a":"#), "body");
         assert_eq!(field_of("[1,2]"), "body");
+    }
+
+    #[test]
+    fn only_the_trailing_position_is_stripped() {
+        assert_eq!(
+            strip_position("unknown field `a` at line 1 column 5"),
+            "unknown field `a`"
+        );
+        assert_eq!(
+            strip_position("unknown field `x at line 9` at line 1 column 14"),
+            "unknown field `x at line 9`"
+        );
+        assert_eq!(strip_position("no position here"), "no position here");
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub struct AppState {
     pub health: HealthCache,
     pub auth: AuthContext,
     pub metrics: crate::metrics::Metrics,
+    pub estimates: crate::stitcher::EstimateCache,
 }
 
 /// What a route requires of its caller.
@@ -151,6 +152,7 @@ impl Application {
             config: config.clone(),
             health: HealthCache::default(),
             metrics: crate::metrics::Metrics::new()?,
+            estimates: Default::default(),
             auth: AuthContext {
                 store: store.clone(),
                 replays: crate::auth::replay::ReplayLog::start(db.clone()),

@@ -5,10 +5,12 @@
 //! each request after the commit, so a replay check costs a share of one commit
 //! instead of one commit per request. Nothing is acknowledged before it is durable.
 
+use std::sync::{Arc, Mutex};
+
 use tokio::sync::{mpsc, oneshot};
 
 use crate::db::batch::{insert_replays, ReplayRow};
-use crate::db::Db;
+use crate::db::{Backend, Db};
 use crate::error::StoreError;
 
 /// Most records written in one transaction.
@@ -24,10 +26,26 @@ pub struct ReplayLog {
 }
 
 impl ReplayLog {
-    /// Start the batching task on the current runtime.
+    /// Start the batch writers: dedicated threads (one on SQLite, whose writes are
+    /// serial anyway; four on PostgreSQL, so batches overlap their commits). A request
+    /// waits for exactly one hand-off to a writer and one back, with no async hop in
+    /// between. The writers stop when the last `ReplayLog` is dropped.
     pub fn start(db: Db) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        actix_web::rt::spawn(run(db, rx));
+        let rx = Arc::new(Mutex::new(rx));
+        let writers = match db.backend() {
+            Backend::Sqlite => 1,
+            Backend::Postgres => 4,
+        };
+        for i in 0..writers {
+            let (db, rx) = (db.clone(), rx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("replay-log-{i}"))
+                .spawn(move || writer(&db, &rx));
+            if let Err(e) = spawned {
+                log::error!("cannot start replay writer: {e}");
+            }
+        }
         ReplayLog { tx }
     }
 
@@ -51,17 +69,26 @@ impl ReplayLog {
     }
 }
 
-async fn run(db: Db, mut rx: mpsc::Receiver<(ReplayRow, Reply)>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
+type Queue = Arc<Mutex<mpsc::Receiver<(ReplayRow, Reply)>>>;
+
+/// Take whatever is queued (waiting for the first), up to `MAX_BATCH`.
+fn next_batch(rx: &Queue) -> Option<Vec<(ReplayRow, Reply)>> {
+    let mut rx = rx.lock().ok()?;
+    let first = rx.blocking_recv()?;
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
         }
+    }
+    Some(batch)
+}
+
+fn writer(db: &Db, rx: &Queue) {
+    while let Some(batch) = next_batch(rx) {
         let (rows, replies): (Vec<ReplayRow>, Vec<Reply>) = batch.into_iter().unzip();
-        match db.write(move |conn| insert_replays(conn, &rows)).await {
+        match db.write_sync(|conn| insert_replays(conn, &rows)) {
             Ok(fresh) => {
                 for (reply, f) in replies.into_iter().zip(fresh) {
                     let _ = reply.send(Ok(f));

@@ -19,6 +19,8 @@ pub const MAX_STALENESS: Duration = Duration::from_secs(1);
 /// Rows written up to this long before the newest one seen are read again each poll,
 /// so a revocation whose (short) transaction committed after a later one is not missed.
 const OVERLAP_MS: i64 = 1_000;
+/// Clock difference tolerated between the instance that revokes and the one polling.
+const CLOCK_SKEW_MS: i64 = 5_000;
 /// A full reload this often catches anything the incremental poll could not.
 const FULL_RELOAD: Duration = Duration::from_secs(600);
 /// Expired rows are removed from the table at most this often, bounded per pass.
@@ -168,7 +170,10 @@ impl Revocations {
             }
         }
         let mut s = self.sync.lock().map_err(|_| poisoned())?;
-        s.cursor = s.cursor.max(newest);
+        // The cursor also moves with time (less the clock skew allowed between
+        // instances), so a burst of rows sharing one timestamp is re-read only for a few
+        // seconds, not on every poll until a newer revocation arrives.
+        s.cursor = s.cursor.max(newest).max(now.saturating_sub(CLOCK_SKEW_MS));
         s.synced_at = Some(Instant::now());
         if full {
             s.full_at = Some(Instant::now());

@@ -441,6 +441,7 @@ pub fn expire_leases(
 }
 
 /// Inputs of a start-time estimate for a queued job.
+#[derive(Debug, Clone, Copy)]
 pub struct QueueStats {
     pub ahead: i64,
     pub running: i64,

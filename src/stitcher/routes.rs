@@ -33,11 +33,18 @@ async fn answer(state: &AppState, job: JobRow, duplicate: bool) -> ApiResult<Htt
     if !duplicate {
         state.metrics.transition(job.status());
     }
-    let (queue, priority, id) = (job.queue.clone(), job.priority, job.id.clone());
-    let stats = state
-        .db
-        .read(move |conn| jobs_repo::queue_stats(conn, &queue, priority, &id))
-        .await?;
+    let stats = match state.estimates.get(&job.queue, job.priority) {
+        Some(s) => s,
+        None => {
+            let (queue, priority, id) = (job.queue.clone(), job.priority, job.id.clone());
+            let s = state
+                .db
+                .read(move |conn| jobs_repo::queue_stats(conn, &queue, priority, &id))
+                .await?;
+            state.estimates.put(&job.queue, job.priority, s);
+            s
+        }
+    };
     let now = crate::db::now_millis();
     let status = job.status();
     let body = DispatchResult {
