@@ -1,6 +1,7 @@
 //! Background housekeeping, bounded per pass and safe with several instances sharing a
 //! database: expire job leases, purge expired replay records, trim throttle state, and
-//! (with `COORDINATOR_JOB_RETENTION_DAYS`) delete old finished jobs.
+//! (with `COORDINATOR_JOB_RETENTION_DAYS`) delete old finished jobs; on SQLite, a passive
+//! WAL checkpoint (automatic ones are off so no request pays for one).
 //! (Expired token revocations are purged by the revocation poller.)
 
 use std::time::Duration;
@@ -55,6 +56,9 @@ pub async fn pass(state: &AppState) -> PassReport {
         Err(e) => log::warn!("housekeeping: replay purge failed: {e}"),
     }
     state.auth.throttle.housekeeping();
+    if let Err(e) = state.db.checkpoint().await {
+        log::warn!("housekeeping: WAL checkpoint failed: {e}");
+    }
     if let Some(keep) = state.config.job_retention {
         let before = now.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
         match state

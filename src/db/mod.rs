@@ -120,7 +120,10 @@ impl ConnectionManager {
                         "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;"
                     } else {
                         "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;"
-                    })
+                    })?;
+                    // Checkpoints (which fsync the database file) are not run inside a
+                    // committing request; housekeeping runs a passive one every pass.
+                    c.batch_execute("PRAGMA wal_autocheckpoint = 0;")
                 };
                 setup(&mut c).map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
                 Ok(DbConnection::Sqlite(c))
@@ -310,6 +313,21 @@ where
     actix_web::rt::task::spawn_blocking(move || with_conn(&pool, immediate, f))
         .await
         .map_err(|e| StoreError::Internal(format!("blocking task failed: {e}")))?
+}
+
+impl Db {
+    /// SQLite: copy the WAL back into the database file without blocking writers (run by
+    /// housekeeping, since automatic checkpoints are off). PostgreSQL: nothing to do.
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        if self.backend != Backend::Sqlite {
+            return Ok(());
+        }
+        self.read(|conn| {
+            conn.batch_execute("PRAGMA wal_checkpoint(PASSIVE);")?;
+            Ok(())
+        })
+        .await
+    }
 }
 
 /// Unix time in milliseconds, the storage form of every timestamp.
