@@ -23,7 +23,20 @@ pub enum StoreError {
     Internal(String),
 }
 
+/// A unique or primary-key constraint refused the write (the database settled a race).
+pub fn is_unique_violation(e: &diesel::result::Error) -> bool {
+    matches!(
+        e,
+        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)
+    )
+}
+
 impl StoreError {
+    /// See [`is_unique_violation`].
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(self, StoreError::Db(e) if is_unique_violation(e))
+    }
+
     /// True when the error means the connection (or the server behind it) is gone,
     /// so the pooled connection must be discarded and the request answered with 503.
     pub fn is_connection_loss(&self) -> bool {

@@ -174,10 +174,7 @@ pub fn retry_on_version_race<T>(
     let mut tries = 0;
     loop {
         match f() {
-            Err(StoreError::Db(diesel::result::Error::DatabaseError(
-                diesel::result::DatabaseErrorKind::UniqueViolation,
-                _,
-            ))) if tries < 5 => tries += 1,
+            Err(e) if e.is_unique_violation() && tries < 5 => tries += 1,
             other => return other,
         }
     }

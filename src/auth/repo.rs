@@ -6,14 +6,7 @@ use diesel::prelude::*;
 use super::model::{ApiKeyRow, CallerRow, SecretRow};
 use crate::db::schema::{api_keys, auth_state, callers, replay_records, sealed_secrets};
 use crate::db::DbConnection;
-use crate::error::StoreError;
-
-fn is_unique_violation(e: &diesel::result::Error) -> bool {
-    matches!(
-        e,
-        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)
-    )
-}
+use crate::error::{is_unique_violation, StoreError};
 
 /// Bump the generation every instance polls, so cached credentials are dropped everywhere.
 pub fn bump_generation(conn: &mut DbConnection) -> Result<(), StoreError> {

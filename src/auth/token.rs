@@ -125,10 +125,7 @@ pub fn ensure_signing_key(db: &Db, sealer: &Sealer) -> Result<(), StoreError> {
     })
     .or_else(|e| match e {
         // Another instance starting at the same moment created it first.
-        StoreError::Db(diesel::result::Error::DatabaseError(
-            diesel::result::DatabaseErrorKind::UniqueViolation,
-            _,
-        )) => Ok(()),
+        e if e.is_unique_violation() => Ok(()),
         other => Err(other),
     })
 }

@@ -14,7 +14,7 @@ use super::model::{Change, EventRow, JobId, JobRow, NewJob};
 use super::state::{transition_error, JobStatus};
 use crate::db::schema::{job_events, jobs};
 use crate::db::{now_millis, DbConnection};
-use crate::error::StoreError;
+use crate::error::{is_unique_violation, StoreError};
 
 /// Events returned with a job: the newest this many, oldest first.
 pub const EVENTS_PER_READ: i64 = 1000;
@@ -31,13 +31,6 @@ pub struct Idempotency {
 pub struct Created {
     pub job: JobRow,
     pub created: bool,
-}
-
-fn is_unique_violation(e: &diesel::result::Error) -> bool {
-    matches!(
-        e,
-        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)
-    )
 }
 
 fn to_text(v: &Value) -> String {

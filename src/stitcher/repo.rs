@@ -37,10 +37,7 @@ pub fn ingest(
     });
     match r {
         Ok(()) => Ok((row, false)),
-        Err(StoreError::Db(diesel::result::Error::DatabaseError(
-            diesel::result::DatabaseErrorKind::UniqueViolation,
-            _,
-        ))) => {
+        Err(e) if e.is_unique_violation() => {
             let first: DeliveryRow = webhook_deliveries::table
                 .find((caller, delivery_id))
                 .select(DeliveryRow::as_select())
