@@ -10,64 +10,20 @@
 # SCHEMATHESIS_SEED (random; the run prints the seed it used, for reproducing).
 set -euo pipefail
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-bin="$root/target/debug/coordinator"
 port=${SCHEMATHESIS_PORT:-18282}
 max_examples=${SCHEMATHESIS_MAX_EXAMPLES:-100}
 seed=${SCHEMATHESIS_SEED:-}
-base="http://127.0.0.1:$port"
 
-if [ ! -x "$bin" ]; then
-  echo "schemathesis: $bin is missing; run cargo test (or cargo build) first" >&2
-  exit 1
-fi
 if ! python3 -m schemathesis.cli --version >/dev/null 2>&1; then
   echo "schemathesis: not installed; python3 -m pip install schemathesis" >&2
   exit 1
 fi
 
-# Nothing from the caller's environment may point the server elsewhere.
-for var in $(compgen -e); do
-  case $var in COORDINATOR_* | DATABASE_URL) unset "$var" ;; esac
-done
-
-work=$(mktemp -d)
-server_pid=
-cleanup() {
-  if [ -n "$server_pid" ]; then
-    kill "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-  fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-cd "$work"
-
+# shellcheck source=scripts/dev-server.sh
+. "$(dirname "$0")/dev-server.sh"
 # schemathesis sends bad credentials on purpose; don't let the failure throttle (429)
 # turn the rest of the run into 429s.
-COORDINATOR_AUTH_FAILURES_PER_MINUTE=100000 \
-  "$bin" serve --dev --bind "127.0.0.1:$port" --workers 2 >server.out 2>server.log &
-server_pid=$!
-
-for _ in $(seq 1 100); do
-  if curl -fsS "$base/livez" >/dev/null 2>&1; then break; fi
-  if ! kill -0 "$server_pid" 2>/dev/null; then
-    echo "schemathesis: the server exited:" >&2
-    cat server.log >&2
-    exit 1
-  fi
-  sleep 0.1
-done
-if ! curl -fsS "$base/livez" >/dev/null || ! kill -0 "$server_pid" 2>/dev/null; then
-  echo "schemathesis: our server is not answering on $base (port taken? set SCHEMATHESIS_PORT)" >&2
-  cat server.log >&2
-  exit 1
-fi
-
-set -a
-# shellcheck disable=SC1091
-. ./.coordinator/dev-credentials.env
-set +a
+dev_server_start schemathesis "$port" COORDINATOR_AUTH_FAILURES_PER_MINUTE=100000
 
 # The dev API key as the credential of the document's `apiKey` security scheme: it is
 # sent as `X-API-Key`, and schemathesis then drops the random values it would otherwise

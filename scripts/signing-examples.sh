@@ -8,52 +8,10 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin="$root/target/debug/coordinator"
 port=${SIGNING_EXAMPLES_PORT:-18181}
-base="http://127.0.0.1:$port"
 
-if [ ! -x "$bin" ]; then
-  echo "signing-examples: $bin is missing; run cargo test (or cargo build) first" >&2
-  exit 1
-fi
-
-# Nothing from the caller's environment may point the server or the clients elsewhere.
-for var in $(compgen -e); do
-  case $var in COORDINATOR_* | DATABASE_URL) unset "$var" ;; esac
-done
-
-work=$(mktemp -d)
-server_pid=
-cleanup() {
-  if [ -n "$server_pid" ]; then
-    kill "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-  fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-cd "$work"
-
-"$bin" serve --dev --bind "127.0.0.1:$port" --workers 2 >server.out 2>server.log &
-server_pid=$!
-
-for _ in $(seq 1 100); do
-  if curl -fsS "$base/livez" >/dev/null 2>&1; then break; fi
-  if ! kill -0 "$server_pid" 2>/dev/null; then
-    echo "signing-examples: the server exited:" >&2
-    cat server.log >&2
-    exit 1
-  fi
-  sleep 0.1
-done
-if ! curl -fsS "$base/livez" >/dev/null || ! kill -0 "$server_pid" 2>/dev/null; then
-  echo "signing-examples: our server is not answering on $base (port taken? set SIGNING_EXAMPLES_PORT)" >&2
-  cat server.log >&2
-  exit 1
-fi
-
-set -a
-# shellcheck disable=SC1091
-. ./.coordinator/dev-credentials.env
-set +a
+# shellcheck source=scripts/dev-server.sh
+. "$root/scripts/dev-server.sh"
+dev_server_start signing-examples "$port"
 [ "$COORDINATOR_URL" = "$base" ] || { echo "unexpected COORDINATOR_URL=$COORDINATOR_URL" >&2; exit 1; }
 
 failures=0
