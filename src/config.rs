@@ -172,6 +172,10 @@ pub struct ServeArgs {
     #[arg(long, env = "COORDINATOR_BODY_LIMIT", default_value_t = 1_048_576)]
     pub body_limit: usize,
 
+    /// Seconds a request body may take to arrive once its headers passed (408 past it).
+    #[arg(long, env = "COORDINATOR_BODY_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub body_read_timeout_secs: u64,
+
     /// HTTP worker threads (0 = one per CPU).
     #[arg(long, env = "COORDINATOR_WORKERS", default_value_t = 0)]
     pub workers: usize,
@@ -253,6 +257,8 @@ pub struct Config {
     pub bind: SocketAddr,
     pub db: DbConfig,
     pub body_limit: usize,
+    /// The longest a request body may take to arrive (408 past it).
+    pub body_read_timeout: Duration,
     pub workers: usize,
     pub shutdown_timeout: Duration,
     pub master_key: Arc<MasterKey>,
@@ -350,6 +356,12 @@ impl ServeArgs {
         if self.workers > 256 {
             return Err(bad("COORDINATOR_WORKERS", "must be at most 256"));
         }
+        if !(1..=300).contains(&self.body_read_timeout_secs) {
+            return Err(bad(
+                "COORDINATOR_BODY_READ_TIMEOUT_SECS",
+                "must be between 1 and 300 seconds",
+            ));
+        }
         if self.shutdown_timeout_secs > 3600 {
             return Err(bad(
                 "COORDINATOR_SHUTDOWN_TIMEOUT_SECS",
@@ -427,6 +439,7 @@ impl ServeArgs {
             bind,
             db,
             body_limit: self.body_limit,
+            body_read_timeout: Duration::from_secs(self.body_read_timeout_secs),
             workers: self.workers,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             master_key,
@@ -459,6 +472,7 @@ impl Config {
                 sqlite_synchronous_full: false,
             },
             body_limit: 1_048_576,
+            body_read_timeout: Duration::from_secs(10),
             workers: 0,
             shutdown_timeout: Duration::from_secs(30),
             master_key: Arc::new(MasterKey::generate()),

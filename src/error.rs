@@ -110,8 +110,12 @@ pub enum ApiError {
     Forbidden(&'static str),
     #[error("not found")]
     NotFound,
+    /// 405, with the methods the resource does allow (the `Allow` header).
     #[error("method not allowed")]
-    MethodNotAllowed,
+    MethodNotAllowed(&'static str),
+    /// 408: the body did not arrive within the configured time.
+    #[error("request timeout")]
+    RequestTimeout,
     #[error("conflict: {0}")]
     Conflict(String),
     #[error("payload too large")]
@@ -146,7 +150,8 @@ impl ApiError {
             ApiError::Unauthorized(_) => ("unauthorized", "Unauthorized"),
             ApiError::Forbidden(_) => ("forbidden", "Forbidden"),
             ApiError::NotFound => ("not-found", "Not Found"),
-            ApiError::MethodNotAllowed => ("method-not-allowed", "Method Not Allowed"),
+            ApiError::MethodNotAllowed(_) => ("method-not-allowed", "Method Not Allowed"),
+            ApiError::RequestTimeout => ("request-timeout", "Request Timeout"),
             ApiError::Conflict(_) => ("conflict", "Conflict"),
             ApiError::TooLarge => ("payload-too-large", "Payload Too Large"),
             ApiError::TooManyRequests { .. } => ("too-many-requests", "Too Many Requests"),
@@ -161,8 +166,15 @@ impl ApiError {
             ApiError::BadRequest { field, detail } => format!("{field}: {detail}"),
             ApiError::Unauthorized(f) => f.reason.to_owned(),
             ApiError::Forbidden(why) => (*why).to_owned(),
-            ApiError::NotFound => "no such resource".to_owned(),
-            ApiError::MethodNotAllowed => "method not allowed for this resource".to_owned(),
+            ApiError::NotFound => {
+                "no such resource (every route is listed in /openapi.json)".to_owned()
+            }
+            ApiError::MethodNotAllowed(allow) => {
+                format!("method not allowed for this resource (allowed: {allow})")
+            }
+            ApiError::RequestTimeout => {
+                "the request body did not arrive within the configured time".to_owned()
+            }
             ApiError::Conflict(why) => why.clone(),
             ApiError::TooLarge => "request body exceeds the configured limit".to_owned(),
             ApiError::TooManyRequests { .. } => "too many failed attempts; retry later".to_owned(),
@@ -207,7 +219,8 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -234,6 +247,12 @@ impl ResponseError for ApiError {
             }
             ApiError::Unauthorized(_) => {
                 resp.insert_header((header::WWW_AUTHENTICATE, "Coordinator-HMAC-SHA256"));
+            }
+            ApiError::MethodNotAllowed(allow) => {
+                resp.insert_header((header::ALLOW, *allow));
+            }
+            ApiError::RequestTimeout => {
+                resp.insert_header((header::CONNECTION, "close"));
             }
             _ => {}
         }

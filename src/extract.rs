@@ -20,11 +20,22 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     } else {
         bytes
     };
+    if std::str::from_utf8(bytes).is_err() {
+        return Err(ApiError::bad_request("body", "must be UTF-8"));
+    }
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::bad_request("body", "must be a JSON object"));
     }
+    // A raw NUL is never valid JSON, and PostgreSQL text cannot hold one: say so plainly.
+    // (An escaped `\u0000` is JSON; fields that reach a text column reject it by name.)
+    if bytes.contains(&0) {
+        return Err(ApiError::bad_request(
+            "body",
+            "must not contain NUL characters",
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let malformed = inner.is_syntax() || inner.is_eof();
@@ -45,7 +56,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             strip_position(&inner.to_string()).to_owned()
         };
         ApiError::bad_request(field, detail)
-    })
+    })?;
+    // Nothing may follow the object but whitespace.
+    de.end()
+        .map_err(|_| ApiError::bad_request("body", "unexpected data after the JSON object"))?;
+    Ok(value)
 }
 
 fn strip_position(msg: &str) -> &str {

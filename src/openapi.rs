@@ -44,6 +44,7 @@ use crate::{auth, health, jobs, stitcher};
         jobs::routes::fail,
         jobs::routes::claim,
         stitcher::routes::webhook,
+        stitcher::routes::webhook_from_sender,
         stitcher::routes::dispatch,
         auth::routes::revoke_token,
     ),

@@ -4,15 +4,19 @@
 use std::net::TcpListener;
 use std::sync::Arc;
 
-use actix_web::dev::{Server, ServerHandle};
-use actix_web::{middleware, web, App, HttpServer};
+use actix_web::body::BoxBody;
+use actix_web::dev::{Server, ServerHandle, ServiceRequest};
+use actix_web::middleware::{self, Next};
+use actix_web::{web, App, HttpServer};
 
+use crate::auth::access::UNMATCHED;
 use crate::auth::admin::check_master_keys;
+use crate::auth::middleware::{guard, Gate};
 use crate::auth::revocation::Revocations;
 use crate::auth::store::CredentialStore;
 use crate::auth::throttle::Throttle;
 use crate::auth::token::ensure_signing_key;
-use crate::auth::{AuthContext, AuthSettings, Scope};
+use crate::auth::{Access, AuthContext, AuthSettings, RouteSpec, Scope};
 use crate::config::Config;
 use crate::crypto::seal::Sealer;
 use crate::db::{migrate, Db};
@@ -25,44 +29,45 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub db: Db,
     pub health: HealthCache,
-    pub auth: AuthContext,
-    pub metrics: crate::metrics::Metrics,
+    pub auth: Arc<AuthContext>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub estimates: crate::stitcher::EstimateCache,
-}
-
-/// What a route requires of its caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// No authentication (`/livez`, `/readyz`, `/metrics`, `/openapi.json`).
-    Open,
-    /// An authenticated principal holding this scope.
-    Scope(Scope),
-}
-
-/// One registered route.
-#[derive(Debug, Clone, Copy)]
-pub struct RouteSpec {
-    pub method: &'static str,
-    pub path: &'static str,
-    pub access: Access,
 }
 
 macro_rules! route_table {
     ($( $method:ident $path:literal => $handler:path, $access:expr; )*) => {
-        /// Every route, its method and the access it requires. The middleware looks
-        /// routes up here by pattern; a matched route missing from it is refused.
+        /// Every route, its method and the access it requires: the one list from which
+        /// routes are registered, each with its own guard.
         pub const ROUTES: &[RouteSpec] = &[
             $( RouteSpec { method: route_table!(@m $method), path: $path, access: $access }, )*
         ];
 
-        /// Register the routes whose access `keep` accepts.
-        fn register(cfg: &mut web::ServiceConfig, keep: fn(Access) -> bool) {
+        /// Register the routes whose access `keep` accepts. Each resource is wrapped
+        /// in a guard that carries this route's spec, so what is checked is always the
+        /// requirement of the route that runs (also for its 405 answer).
+        fn register(
+            cfg: &mut web::ServiceConfig,
+            keep: fn(Access) -> bool,
+            auth: &Arc<AuthContext>,
+            metrics: &Arc<crate::metrics::Metrics>,
+        ) {
             $(
                 if keep($access) {
+                    let spec = RouteSpec {
+                        method: route_table!(@m $method),
+                        path: $path,
+                        access: $access,
+                    };
+                    let gate = Arc::new(Gate::new(auth.clone(), metrics.clone(), spec));
                     cfg.service(
                         web::resource($path)
                             .route(web::$method().to($handler))
-                            .default_service(web::to(method_not_allowed)),
+                            .default_service(web::to(|| method_not_allowed(route_table!(@m $method))))
+                            .wrap(middleware::from_fn(
+                                move |req: ServiceRequest, next: Next<BoxBody>| {
+                                    guard(gate.clone(), req, next)
+                                },
+                            )),
                     );
                 }
             )*
@@ -87,11 +92,12 @@ route_table! {
     post  "/coordinator/jobs/{id}/fail"       => jobs::fail,       Access::Scope(Scope::JobsUpdate);
     post  "/coordinator/queues/{queue}/claim" => jobs::claim,      Access::Scope(Scope::JobsUpdate);
     post  "/stitcher/webhook"                 => crate::stitcher::routes::webhook,  Access::Scope(Scope::StitcherWebhook);
+    post  "/stitcher/webhook/{caller}"        => crate::stitcher::routes::webhook_from_sender, Access::Scope(Scope::StitcherWebhook);
     post  "/stitcher/dispatch"                => crate::stitcher::routes::dispatch, Access::Scope(Scope::StitcherDispatch);
     post  "/admin/tokens/revoke"              => crate::auth::routes::revoke_token, Access::Scope(Scope::Admin);
 }
 
-/// The access a matched route pattern requires (`None`: not a registered route).
+/// The registered route with this pattern (`None`: not a registered route).
 pub fn access_for(path_pattern: &str) -> Option<&'static RouteSpec> {
     ROUTES.iter().find(|r| r.path == path_pattern)
 }
@@ -100,8 +106,8 @@ async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
     Err(ApiError::NotFound)
 }
 
-async fn method_not_allowed() -> Result<actix_web::HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
+async fn method_not_allowed(allow: &'static str) -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed(allow))
 }
 
 /// A built, bound, not yet running application.
@@ -151,9 +157,9 @@ impl Application {
             db: db.clone(),
             config: config.clone(),
             health: HealthCache::default(),
-            metrics: crate::metrics::Metrics::new()?,
+            metrics: Arc::new(crate::metrics::Metrics::new()?),
             estimates: Default::default(),
-            auth: AuthContext {
+            auth: Arc::new(AuthContext {
                 store: store.clone(),
                 replays: crate::auth::replay::ReplayLog::start(db.clone()),
                 revocations: revocations.clone(),
@@ -163,8 +169,9 @@ impl Application {
                     require_signature: config.require_signature,
                     bootstrap_key_hash: config.bootstrap_api_key,
                     body_limit: config.body_limit,
+                    body_read_timeout: config.body_read_timeout,
                 },
-            },
+            }),
         });
         actix_web::rt::spawn(store.run_poller());
         actix_web::rt::spawn(revocations.run_poller());
@@ -234,15 +241,21 @@ fn run(
 ) -> anyhow::Result<Server> {
     let body_limit = config.body_limit;
     let mut server = HttpServer::new(move || {
+        let (auth, metrics) = (state.auth.clone(), state.metrics.clone());
+        let fallback = Arc::new(Gate::new(auth.clone(), metrics.clone(), UNMATCHED));
         App::new()
             .app_data(state.clone())
             .app_data(web::PayloadConfig::new(body_limit))
-            .configure(|cfg| register(cfg, keep))
-            .default_service(web::to(not_found))
+            .configure(|cfg| register(cfg, keep, &auth, &metrics))
+            // No route matched: authenticate like any route, then 404; no handler runs.
+            .default_service(web::to(not_found).wrap(middleware::from_fn(
+                move |req: ServiceRequest, next: Next<BoxBody>| guard(fallback.clone(), req, next),
+            )))
             .wrap(middleware::from_fn(
-                crate::auth::middleware::auth_middleware,
+                move |req: ServiceRequest, next: Next<BoxBody>| {
+                    crate::telemetry::access_log(metrics.clone(), req, next)
+                },
             ))
-            .wrap(middleware::from_fn(crate::telemetry::access_log))
     })
     .shutdown_timeout(config.shutdown_timeout.as_secs())
     .listen(listener)?;

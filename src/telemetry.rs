@@ -64,14 +64,23 @@ impl RequestId {
     }
 }
 
-/// The route pattern of a request (never the raw path), or `unmatched`.
-pub fn route_of(req: &ServiceRequest) -> String {
-    req.match_pattern()
-        .unwrap_or_else(|| "unmatched".to_owned())
+/// The pattern of the route that ran, put into the request extensions by that route's
+/// guard (so the access log never matches the path a second time).
+#[derive(Debug, Clone, Copy)]
+pub struct MatchedRoute(pub &'static str);
+
+/// The route pattern of a request that has been routed (never the raw path), or
+/// `unmatched`.
+pub fn route_of(req: &actix_web::HttpRequest) -> &'static str {
+    req.extensions()
+        .get::<MatchedRoute>()
+        .map_or("unmatched", |r| r.0)
 }
 
-/// Access log + request id middleware (use with `middleware::from_fn`).
+/// Access log + request id middleware (use with `middleware::from_fn`, handing it the
+/// instance's metrics).
 pub async fn access_log(
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
@@ -79,20 +88,15 @@ pub async fn access_log(
     let rid = RequestId::from_header(req.headers().get(REQUEST_ID_HEADER));
     req.extensions_mut().insert(rid.clone());
     let method = req.method().to_string();
-    let route = route_of(&req);
     let peer = req.peer_addr().map(|a| a.ip().to_string());
-    let state = req
-        .app_data::<actix_web::web::Data<crate::startup::AppState>>()
-        .cloned();
     let mut res = next.call(req).await?;
-    if let Some(state) = &state {
-        state.metrics.observe_request(
-            &route,
-            &method,
-            res.status().as_u16(),
-            started.elapsed().as_secs_f64(),
-        );
-    }
+    let route = route_of(res.request());
+    metrics.observe_request(
+        route,
+        &method,
+        res.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     if let Ok(v) = HeaderValue::from_str(&rid.0) {
         res.headers_mut()
             .insert(HeaderName::from_static(REQUEST_ID_HEADER), v);

@@ -1,6 +1,7 @@
 //! The HMAC request-signature scheme (DESIGN §3): cheap header checks, timestamp window,
-//! cached secrets (named version, or active versions newest first, at most 8),
-//! constant-time compare, then the shared replay record.
+//! cached secrets (named version, or active versions newest first, at most 8) —
+//! all before the body is read (`precheck`) — then the constant-time compare over the
+//! canonical request and the shared replay record (`finish`).
 
 use actix_web::dev::ServiceRequest;
 use actix_web::web::Bytes;
@@ -22,12 +23,26 @@ pub fn request_target(req: &ServiceRequest) -> &str {
         .unwrap_or("/")
 }
 
-pub async fn verify(
+/// Replay records are kept this long past the end of a request's timestamp window, so
+/// an instance whose clock is up to this much behind another still finds the record the
+/// faster one wrote (see docs/security.md: the clock-skew assumption).
+pub const CLOCK_SKEW_MARGIN_SECS: i64 = 60;
+
+/// What the cheap checks established before the body is read.
+pub struct Pending {
+    headers: signing::SignatureHeaders,
+    entry: std::sync::Arc<super::store::CallerEntry>,
+    /// The secret versions to try (at most `MAX_VERSIONS_TRIED`).
+    versions: Vec<i32>,
+}
+
+/// The cheap checks, before any body byte is read: header formats, the timestamp
+/// window, the caller known and enabled, a usable secret version.
+pub async fn precheck(
     ctx: &AuthContext,
     req: &ServiceRequest,
-    body: &Bytes,
     audit: &mut AuditRecord,
-) -> Result<Principal, ApiError> {
+) -> Result<Pending, ApiError> {
     audit.scheme = Some(Scheme::Hmac);
     let h = signing::parse_headers(
         header(req, signing::HEADER_CALLER),
@@ -56,7 +71,7 @@ pub async fn verify(
     }
 
     let now_ms = now_millis();
-    let candidates: Vec<&super::store::SecretVersion> = match h.key_version {
+    let versions: Vec<i32> = match h.key_version {
         Some(v) => {
             let s = entry
                 .hmac
@@ -69,19 +84,45 @@ pub async fn verify(
             if !s.is_active(now_ms) {
                 return Err(fail("expired"));
             }
-            vec![s]
+            vec![s.version]
         }
         None => entry
             .hmac
             .iter()
             .filter(|s| s.is_active(now_ms))
             .take(MAX_VERSIONS_TRIED)
+            .map(|s| s.version)
             .collect(),
     };
-    if candidates.is_empty() {
+    if versions.is_empty() {
         return Err(fail("no active secret"));
     }
+    Ok(Pending {
+        headers: h,
+        entry,
+        versions,
+    })
+}
 
+/// The MAC over the canonical request (body included), then the shared replay record.
+pub async fn finish(
+    ctx: &AuthContext,
+    req: &ServiceRequest,
+    pending: Pending,
+    body: &Bytes,
+    audit: &mut AuditRecord,
+) -> Result<Principal, ApiError> {
+    let Pending {
+        headers: h,
+        entry,
+        versions,
+    } = pending;
+    // Expiry is checked again at use: the body may have taken a while.
+    let now_ms = now_millis();
+    let candidates = entry
+        .hmac
+        .iter()
+        .filter(|s| versions.contains(&s.version) && s.is_active(now_ms));
     let method = req.method().as_str();
     let canonical = CanonicalRequest::new(
         method,
@@ -92,9 +133,8 @@ pub async fn verify(
         body,
     )
     .to_signed_string();
-    let Some(matched) = candidates
-        .into_iter()
-        .find(|s| signing::verify(&s.secret, &canonical, &h.signature))
+    let mut candidates = candidates;
+    let Some(matched) = candidates.find(|s| signing::verify(&s.secret, &canonical, &h.signature))
     else {
         return Err(ApiError::unauthorized(
             AuthFailure::new("signature mismatch").with("canonical", canonical),
@@ -103,12 +143,12 @@ pub async fn verify(
     audit.key_ref = Some(format!("v{}", matched.version));
 
     // Replay: the (caller, signature) pair may be used once within the window, on any
-    // instance sharing the database.
+    // instance sharing the database. The record outlives the window by the skew margin.
     let sig_hash = crate::crypto::sha256_hex(h.signature.as_bytes());
     let expires_at = h
         .timestamp
         .saturating_add(ctx.settings.skew_secs)
-        .saturating_add(1)
+        .saturating_add(CLOCK_SKEW_MARGIN_SECS)
         .saturating_mul(1000);
     let fresh = ctx
         .replays

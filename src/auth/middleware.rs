@@ -1,29 +1,36 @@
-//! The one authentication middleware. It wraps every route; the four open ones
-//! (`/livez`, `/readyz`, `/metrics`, `/openapi.json`) pass straight through. For the
-//! rest it picks the scheme in DESIGN §3's order, verifies, checks the route's scope,
-//! puts the `Principal` into the request extensions and writes one audit line.
+//! The authentication guard. Each registered resource is wrapped in its own guard,
+//! built from the route table with that route's `RouteSpec`, so authorization is
+//! decided on the route that actually runs — never on a second match of the path — and
+//! a handler cannot be reached without passing its own route's check. Unknown paths go
+//! to a fallback guarded as `Access::Authenticated` that answers 404 without a handler.
+//!
+//! For a guarded route the guard picks the scheme in docs/design.md's order, runs the
+//! scheme's cheap header checks before any body byte is read, reads the body (bounded
+//! in size and time), verifies, checks the route's scope (and, for a job token, that the
+//! route is its own job's), puts the `Principal` into the request extensions and writes
+//! one audit line whose outcome includes what the handler answered.
 
-use std::time::Instant;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderMap, AUTHORIZATION, CONTENT_LENGTH};
 use actix_web::middleware::Next;
-use actix_web::web::{self, Bytes, BytesMut};
+use actix_web::web::{Bytes, BytesMut};
 use actix_web::{Error, HttpMessage, ResponseError};
 use futures_util::StreamExt;
 
+use super::access::{Access, RouteSpec};
 use super::audit::{AuditLine, AuditRecord};
 use super::principal::Principal;
-use super::{api_key, fail, hmac, signing, webhook_sig, AuthContext};
+use super::{api_key, fail, hmac, signing, webhook, webhook_sig, AuthContext};
 use crate::error::ApiError;
-use crate::startup::{access_for, Access, AppState};
-use crate::telemetry::RequestId;
+use crate::metrics::Metrics;
+use crate::telemetry::{MatchedRoute, RequestId};
 
-/// The route that also accepts Standard Webhooks signatures.
-pub const WEBHOOK_ROUTE: &str = "/stitcher/webhook";
-
-/// Which scheme a request uses (DESIGN §3 order, first match wins).
+/// Which scheme a request uses (docs/design.md order, first match wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Choice {
     Hmac,
@@ -32,9 +39,41 @@ pub enum Choice {
     ApiKey,
 }
 
-/// Pure scheme choice from the headers. Any HMAC header → HMAC, with no fallback.
-/// Otherwise exactly one of webhook (on its route), bearer, API key; two or none → 401.
+/// Every header that carries (part of) a credential.
+const CREDENTIAL_HEADERS: [&str; 10] = [
+    signing::HEADER_CALLER,
+    signing::HEADER_TIMESTAMP,
+    signing::HEADER_SIGNATURE,
+    signing::HEADER_KEY_VERSION,
+    signing::HEADER_NONCE,
+    webhook_sig::HEADER_ID,
+    webhook_sig::HEADER_TIMESTAMP,
+    webhook_sig::HEADER_SIGNATURE,
+    "authorization",
+    api_key::HEADER,
+];
+
+/// Pure scheme choice from the headers. A credential header sent twice, or holding
+/// anything but visible ASCII, is refused outright. Any HMAC header → HMAC, with no
+/// fallback. Otherwise exactly one of webhook (on its routes), bearer, API key; two or
+/// none → 401.
 pub fn choose_scheme(headers: &HeaderMap, webhook_route: bool) -> Result<Choice, &'static str> {
+    for name in CREDENTIAL_HEADERS {
+        let mut values = headers.get_all(name);
+        let Some(first) = values.next() else {
+            continue;
+        };
+        if values.next().is_some() {
+            return Err("duplicate header");
+        }
+        if !first
+            .as_bytes()
+            .iter()
+            .all(|b| b.is_ascii_graphic() || *b == b' ')
+        {
+            return Err("malformed header");
+        }
+    }
     let has = |n: &str| headers.contains_key(n);
     if has(signing::HEADER_CALLER)
         || has(signing::HEADER_TIMESTAMP)
@@ -46,8 +85,7 @@ pub fn choose_scheme(headers: &HeaderMap, webhook_route: bool) -> Result<Choice,
         && (has(webhook_sig::HEADER_ID)
             || has(webhook_sig::HEADER_TIMESTAMP)
             || has(webhook_sig::HEADER_SIGNATURE));
-    let authz = headers.get(AUTHORIZATION);
-    let bearer = authz.is_some();
+    let bearer = has("authorization");
     let api_key = has(api_key::HEADER);
     match (webhook, bearer, api_key) {
         (false, false, false) => Err("missing credentials"),
@@ -58,9 +96,13 @@ pub fn choose_scheme(headers: &HeaderMap, webhook_route: bool) -> Result<Choice,
     }
 }
 
-/// Read the whole body once, bounded by the body limit, and put the same bytes back
-/// so the handler's extractors read them unchanged.
-pub async fn take_body(req: &mut ServiceRequest, limit: usize) -> Result<Bytes, ApiError> {
+/// Read the whole body once, bounded by the body limit (413) and by `within` (408),
+/// and put the same bytes back so the handler's extractors read them unchanged.
+pub async fn take_body(
+    req: &mut ServiceRequest,
+    limit: usize,
+    within: Duration,
+) -> Result<Bytes, ApiError> {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -70,16 +112,22 @@ pub async fn take_body(req: &mut ServiceRequest, limit: usize) -> Result<Bytes, 
         return Err(ApiError::TooLarge);
     }
     let mut payload = req.take_payload();
-    let mut buf = BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|_| ApiError::bad_request("body", "could not read the request body"))?;
-        if buf.len().saturating_add(chunk.len()) > limit {
-            return Err(ApiError::TooLarge);
+    let read = async move {
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::bad_request("body", format!("could not read the request body: {e}"))
+            })?;
+            if buf.len().saturating_add(chunk.len()) > limit {
+                return Err(ApiError::TooLarge);
+            }
+            buf.extend_from_slice(&chunk);
         }
-        buf.extend_from_slice(&chunk);
-    }
-    let bytes = buf.freeze();
+        Ok(buf.freeze())
+    };
+    let bytes = actix_web::rt::time::timeout(within, read)
+        .await
+        .map_err(|_elapsed| ApiError::RequestTimeout)??;
     let again = bytes.clone();
     let stream = futures_util::stream::once(async move { Ok(again) });
     let boxed: std::pin::Pin<
@@ -89,112 +137,240 @@ pub async fn take_body(req: &mut ServiceRequest, limit: usize) -> Result<Bytes, 
     Ok(bytes)
 }
 
-async fn authenticate(
-    ctx: &AuthContext,
-    req: &mut ServiceRequest,
-    webhook_route: bool,
-    audit: &mut AuditRecord,
-) -> Result<Principal, ApiError> {
-    match choose_scheme(req.headers(), webhook_route).map_err(fail)? {
-        Choice::Hmac => {
-            let body = take_body(req, ctx.settings.body_limit).await?;
-            hmac::verify(ctx, req, &body, audit).await
-        }
-        Choice::Webhook => {
-            let body = take_body(req, ctx.settings.body_limit).await?;
-            super::webhook::verify(ctx, req, &body, audit).await
-        }
-        Choice::Bearer => {
-            let value = req
-                .headers()
-                .get(AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            super::token::verify_header(ctx, value, audit).await
-        }
-        Choice::ApiKey => {
-            let value = req
-                .headers()
-                .get(api_key::HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned();
-            api_key::verify(ctx, &value, audit).await
+/// What one resource's guard needs, handed over when the route is registered.
+pub struct Gate {
+    auth: Arc<AuthContext>,
+    metrics: Arc<Metrics>,
+    spec: RouteSpec,
+}
+
+impl Gate {
+    pub fn new(auth: Arc<AuthContext>, metrics: Arc<Metrics>, spec: RouteSpec) -> Self {
+        Gate {
+            auth,
+            metrics,
+            spec,
         }
     }
 }
 
-/// The middleware (use with `middleware::from_fn`).
-pub async fn auth_middleware(
+/// Where a request stands with its peer's failure budget.
+struct Peer {
+    ip: Option<IpAddr>,
+    /// Seconds still to wait when the peer is over its budget.
+    blocked: Option<u64>,
+}
+
+/// A request that needs a MAC over its body from a blocked peer is refused before that
+/// work once the peer's verification budget is spent.
+fn spend_verification(ctx: &AuthContext, peer: &Peer) -> Result<(), ApiError> {
+    match (peer.ip, peer.blocked) {
+        (Some(ip), Some(wait)) if !ctx.throttle.may_verify(ip) => Err(ApiError::TooManyRequests {
+            retry_after_secs: wait,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Authenticate: the scheme's cheap checks, then (for schemes that sign the body) the
+/// body and the MAC. Returns whether the body was already read.
+async fn authenticate(
+    gate: &Gate,
+    req: &mut ServiceRequest,
+    peer: &Peer,
+    audit: &mut AuditRecord,
+) -> Result<(Principal, bool), ApiError> {
+    let ctx = &*gate.auth;
+    let (limit, within) = (ctx.settings.body_limit, ctx.settings.body_read_timeout);
+    match choose_scheme(req.headers(), gate.spec.accepts_webhooks()).map_err(fail)? {
+        Choice::Hmac => {
+            let pending = hmac::precheck(ctx, req, audit).await?;
+            spend_verification(ctx, peer)?;
+            let body = take_body(req, limit, within).await?;
+            Ok((hmac::finish(ctx, req, pending, &body, audit).await?, true))
+        }
+        Choice::Webhook => {
+            let pending = webhook::precheck(ctx, req, audit).await?;
+            spend_verification(ctx, peer)?;
+            let body = take_body(req, limit, within).await?;
+            Ok((webhook::finish(ctx, pending, &body, audit)?, true))
+        }
+        Choice::Bearer => {
+            let value = super::header(req, AUTHORIZATION.as_str()).unwrap_or("");
+            bearer_hints(value)?;
+            let p = super::token::verify_header(ctx, value, audit).await?;
+            Ok((p, false))
+        }
+        Choice::ApiKey => {
+            let value = super::header(req, api_key::HEADER).unwrap_or("").to_owned();
+            Ok((api_key::verify(ctx, &value, audit).await?, false))
+        }
+    }
+}
+
+/// Clear reasons for the two bearer mistakes people make (an empty token from a script
+/// whose variable was empty, an API key in the wrong header).
+fn bearer_hints(value: &str) -> Result<(), ApiError> {
+    let token = value
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
+    match token {
+        None if value.trim().eq_ignore_ascii_case("bearer") => Err(fail("empty bearer token")),
+        Some("") => Err(fail("empty bearer token")),
+        Some(t) if t.starts_with(crate::crypto::credential::API_KEY_PREFIX) => {
+            Err(fail("this looks like an API key: send it in X-API-Key"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// 401 is who-you-are, 403 is what-you-may: the scope of the route that runs, and for a
+/// job token, that this route is about its own job. Anything not explicitly allowed is
+/// refused.
+fn authorize(p: &Principal, spec: &RouteSpec, req: &ServiceRequest) -> Result<(), ApiError> {
+    match spec.access {
+        Access::Open | Access::Authenticated => {}
+        Access::Scope(scope) if p.has_scope(scope) => {}
+        Access::Scope(scope) => return Err(ApiError::Forbidden(scope.missing())),
+    }
+    if let Some(own) = &p.job_id {
+        if matches!(spec.access, Access::Authenticated) {
+            return Ok(());
+        }
+        let id = req.match_info().get("id");
+        if !spec.is_job_route() || id.is_none() {
+            return Err(ApiError::Forbidden(
+                "a job token may only be used on its own job's routes",
+            ));
+        }
+        let same = id
+            .and_then(|id| crate::jobs::JobId::parse(id, "id").ok())
+            .is_some_and(|id| &id == own);
+        if !same {
+            return Err(ApiError::Forbidden("this token is for another job"));
+        }
+    }
+    if let Some(named) = req.match_info().get(webhook::SENDER_PARAM) {
+        if named != p.caller {
+            return Err(ApiError::Forbidden(
+                "this webhook URL is for another sender",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Everything between the socket and the handler: authenticate, authorize, read the
+/// body. Failures are counted against the peer and recorded in `audit`.
+async fn admit(
+    gate: &Gate,
+    req: &mut ServiceRequest,
+    peer: &Peer,
+    audit: &mut AuditRecord,
+) -> Result<Principal, ApiError> {
+    let ctx = &*gate.auth;
+    let result = async {
+        let (principal, body_read) = authenticate(gate, req, peer, audit).await?;
+        authorize(&principal, &gate.spec, req)?;
+        if !body_read {
+            let (limit, within) = (ctx.settings.body_limit, ctx.settings.body_read_timeout);
+            take_body(req, limit, within).await?;
+        }
+        Ok(principal)
+    }
+    .await;
+    result.map_err(|e| refuse(ctx, peer, e, audit))
+}
+
+/// Record why a request is refused; failed attempts count against the peer's budget
+/// (over it, 401s and 408s become 429).
+fn refuse(ctx: &AuthContext, peer: &Peer, e: ApiError, audit: &mut AuditRecord) -> ApiError {
+    let counts = match &e {
+        ApiError::Unauthorized(f) => {
+            audit.reason = Some(f.reason);
+            true
+        }
+        ApiError::RequestTimeout => {
+            audit.reason = Some("body read timeout");
+            true
+        }
+        ApiError::Forbidden(why) => {
+            audit.reason = Some(why);
+            false
+        }
+        ApiError::TooManyRequests { .. } => {
+            audit.reason = Some("throttled");
+            false
+        }
+        ApiError::TooLarge => {
+            audit.reason = Some("body too large");
+            false
+        }
+        ApiError::Unavailable(_) => {
+            audit.reason = Some("store unavailable");
+            false
+        }
+        _ => {
+            audit.reason = Some("request refused");
+            false
+        }
+    };
+    if !counts {
+        return e;
+    }
+    let reason = audit.reason.unwrap_or("");
+    log::warn!("authentication failed: {reason}");
+    let now_blocked = peer.ip.and_then(|ip| ctx.throttle.record_failure(ip));
+    match peer.blocked.or(now_blocked) {
+        Some(wait) if !matches!(e, ApiError::RequestTimeout) => ApiError::TooManyRequests {
+            retry_after_secs: wait,
+        },
+        _ => e,
+    }
+}
+
+/// The guard of one resource (see the module docs). Use through `Gate`.
+pub async fn guard<B: MessageBody>(
+    gate: Arc<Gate>,
     mut req: ServiceRequest,
-    next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, Error> {
-    let pattern = req.match_pattern();
-    let spec = pattern.as_deref().and_then(access_for);
-    if spec.is_some_and(|s| s.access == Access::Open) {
+    next: Next<B>,
+) -> Result<ServiceResponse<EitherBody<B>>, Error> {
+    req.extensions_mut().insert(MatchedRoute(gate.spec.path));
+    if gate.spec.access == Access::Open {
         return Ok(next.call(req).await?.map_into_left_body());
     }
-    let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
-        let e = ApiError::internal(anyhow::anyhow!("application state missing"));
-        return Ok(req.into_response(e.error_response()).map_into_right_body());
-    };
-    let ctx = &state.auth;
     let started = Instant::now();
-    let route = pattern.unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().to_string();
-    let peer = req.peer_addr().map(|a| a.ip());
-    let mut audit = AuditRecord::default();
-
-    // A peer over its failure quota still gets its credentials checked: a valid caller
-    // behind the same address (NAT, a proxy) is served, while every further failure
-    // from that peer is answered 429 instead of 401.
-    let blocked = peer.and_then(|ip| ctx.throttle.blocked_for(ip));
-    let webhook_route = route == WEBHOOK_ROUTE;
-    let outcome = match authenticate(ctx, &mut req, webhook_route, &mut audit).await {
-        Ok(p) => authorize(&p, spec, req.method().as_str()).map(|()| p),
-        Err(ApiError::Unauthorized(f)) if blocked.is_some() => {
-            audit.reason = Some(f.reason);
-            log::warn!(
-                "authentication failed on {method} {route} (throttled): {}",
-                f.reason
-            );
-            if let Some(ip) = peer {
-                ctx.throttle.record_failure(ip);
-            }
-            Err(ApiError::TooManyRequests {
-                retry_after_secs: blocked.unwrap_or(1),
-            })
-        }
-        Err(e) => Err(e),
+    let ip = req.peer_addr().map(|a| a.ip());
+    let peer = Peer {
+        ip,
+        blocked: ip.and_then(|ip| gate.auth.throttle.blocked_for(ip)),
     };
-
-    let res = match outcome {
+    let mut audit = AuditRecord::default();
+    let res = match admit(&gate, &mut req, &peer, &mut audit).await {
         Ok(principal) => {
             req.extensions_mut().insert(principal);
-            next.call(req).await?.map_into_left_body()
-        }
-        Err(mut e) => {
-            if let ApiError::Unauthorized(f) = &e {
-                audit.reason = Some(f.reason);
-                log::warn!("authentication failed on {method} {route}: {}", f.reason);
-                if let Some(wait) = peer.and_then(|ip| ctx.throttle.record_failure(ip)) {
-                    e = ApiError::TooManyRequests {
-                        retry_after_secs: wait,
-                    };
-                }
-            } else if let ApiError::TooManyRequests { .. } = &e {
-                audit.reason.get_or_insert("throttled");
-            } else if let ApiError::Forbidden(why) = &e {
+            let res = next.call(req).await?;
+            // A handler's own refusal (a job token on another job) is the outcome.
+            let handler_error = res
+                .response()
+                .error()
+                .and_then(|e| e.as_error::<ApiError>());
+            if let Some(ApiError::Forbidden(why)) = handler_error {
                 audit.reason = Some(why);
             }
-            req.into_response(e.error_response()).map_into_right_body()
+            res.map_into_left_body()
         }
+        Err(e) => req.into_response(e.error_response()).map_into_right_body(),
     };
     let status = res.status().as_u16();
-    let denied = audit.reason.is_some() || matches!(status, 401 | 403 | 429);
-    state.metrics.auth_outcome(
+    gate.metrics.auth_outcome(
         audit.scheme.map_or("none", |s| s.as_str()),
-        if denied { "deny" } else { "allow" },
+        if audit.reason.is_some() {
+            "deny"
+        } else {
+            "allow"
+        },
         audit.reason.unwrap_or("ok"),
     );
     let rid = res
@@ -204,33 +380,15 @@ pub async fn auth_middleware(
         .map(|r| r.0.clone());
     AuditLine {
         record: &audit,
-        method: &method,
-        route: &route,
-        peer: peer.map(|p| p.to_string()),
-        status: res.status().as_u16(),
+        method: res.request().method().as_str(),
+        route: gate.spec.path,
+        peer: ip.map(|p| p.to_string()),
+        status,
         latency_ms: started.elapsed().as_secs_f64() * 1000.0,
         request_id: rid.as_deref(),
     }
     .write();
     Ok(res)
-}
-
-/// 401 is who-you-are, 403 is what-you-may: the route's scope, looked up by pattern.
-/// A path that matches no route, or a method the route lacks, needs only a principal
-/// (it then gets 404/405).
-fn authorize(
-    p: &Principal,
-    spec: Option<&crate::startup::RouteSpec>,
-    method: &str,
-) -> Result<(), ApiError> {
-    match spec {
-        Some(s) if s.method == method => match s.access {
-            Access::Open => Ok(()),
-            Access::Scope(scope) if p.has_scope(scope) => Ok(()),
-            Access::Scope(_) => Err(ApiError::Forbidden("missing scope for this route")),
-        },
-        _ => Ok(()),
-    }
 }
 
 #[cfg(test)]
@@ -267,5 +425,34 @@ mod tests {
         assert!(c(&["authorization", "x-api-key"], false).is_err());
         assert!(c(&["webhook-id", "x-api-key"], true).is_err());
         assert_eq!(c(&[], false), Err("missing credentials"));
+    }
+
+    #[test]
+    fn duplicate_and_non_ascii_credential_headers_are_refused() {
+        for name in CREDENTIAL_HEADERS {
+            let mut h = HeaderMap::new();
+            let n = HeaderName::from_bytes(name.as_bytes()).expect("name");
+            h.append(n.clone(), HeaderValue::from_static("a"));
+            h.append(n.clone(), HeaderValue::from_static("b"));
+            assert_eq!(choose_scheme(&h, true), Err("duplicate header"), "{name}");
+            let mut h = HeaderMap::new();
+            h.insert(n, HeaderValue::from_bytes(b"caf\xc3\xa9").expect("value"));
+            assert_eq!(choose_scheme(&h, true), Err("malformed header"), "{name}");
+        }
+    }
+
+    #[test]
+    fn bearer_mistakes_get_clear_reasons() {
+        let reason = |v: &str| match bearer_hints(v) {
+            Err(ApiError::Unauthorized(f)) => Some(f.reason),
+            _ => None,
+        };
+        assert_eq!(reason("Bearer "), Some("empty bearer token"));
+        assert_eq!(reason("Bearer"), Some("empty bearer token"));
+        assert_eq!(
+            reason("Bearer cok_abc"),
+            Some("this looks like an API key: send it in X-API-Key")
+        );
+        assert_eq!(reason("Bearer eyJ0eXAi"), None);
     }
 }

@@ -1,5 +1,6 @@
 //! Request authentication (DESIGN §2–§4): the schemes, the credential store, the one
 //! middleware, the principal handlers receive, and the scopes routes require.
+pub mod access;
 pub mod admin;
 pub mod api_key;
 pub mod audit;
@@ -22,6 +23,7 @@ pub mod webhook_sig;
 
 use std::sync::Arc;
 
+pub use access::{Access, RouteSpec};
 pub use model::Scheme;
 pub use principal::Principal;
 pub use scope::Scope;
@@ -45,6 +47,8 @@ pub struct AuthSettings {
     /// SHA-256 of `COORDINATOR_API_KEY`, the bootstrap key (never the key itself).
     pub bootstrap_key_hash: Option<[u8; 32]>,
     pub body_limit: usize,
+    /// The longest a request body may take to arrive (408 past it).
+    pub body_read_timeout: std::time::Duration,
 }
 
 /// Everything authentication needs, shared by the workers of one instance.

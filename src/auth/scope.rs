@@ -44,6 +44,19 @@ impl Scope {
         }
     }
 
+    /// The 403 detail when a principal lacks this scope (names the scope needed).
+    pub fn missing(self) -> &'static str {
+        match self {
+            Scope::JobsCreate => "missing scope jobs:create for this route",
+            Scope::JobsUpdate => "missing scope jobs:update for this route",
+            Scope::JobsRead => "missing scope jobs:read for this route",
+            Scope::HealthRead => "missing scope health:read for this route",
+            Scope::StitcherWebhook => "missing scope stitcher:webhook for this route",
+            Scope::StitcherDispatch => "missing scope stitcher:dispatch for this route",
+            Scope::Admin => "missing scope admin for this route",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Scope> {
         Scope::ALL.into_iter().find(|sc| sc.as_str() == s)
     }

@@ -16,8 +16,26 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 /// Most peers tracked as blocked at once (bounded memory under a spray of addresses).
 const MAX_BLOCKED: usize = 100_000;
 
+/// A peer over its failure budget may still start this many body verifications per
+/// second (requests that passed the cheap header checks for a known caller), so a valid
+/// caller behind the same address is served while the work a bad peer causes is bounded.
+const BLOCKED_VERIFICATIONS_PER_SEC: NonZeroU32 = NonZeroU32::MIN.saturating_add(9);
+
+/// Whole seconds to wait, rounded up (a `Retry-After` of 1.9 s is "2"), at least 1.
+pub fn ceil_secs(d: Duration) -> u64 {
+    let whole = d.as_secs();
+    let up = if d.subsec_nanos() > 0 {
+        whole.saturating_add(1)
+    } else {
+        whole
+    };
+    up.max(1)
+}
+
 pub struct Throttle {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// Expensive verifications (a MAC over a body) a blocked peer may still start.
+    verify_budget: DefaultKeyedRateLimiter<IpAddr>,
     clock: DefaultClock,
     blocked: Mutex<HashMap<IpAddr, Instant>>,
 }
@@ -28,6 +46,7 @@ impl Throttle {
         let n = NonZeroU32::new(per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
         Throttle {
             limiter: RateLimiter::keyed(Quota::per_minute(n)),
+            verify_budget: RateLimiter::keyed(Quota::per_second(BLOCKED_VERIFICATIONS_PER_SEC)),
             clock: DefaultClock::default(),
             blocked: Mutex::new(HashMap::new()),
         }
@@ -42,7 +61,12 @@ impl Throttle {
             b.remove(&ip);
             return None;
         }
-        Some((until - now).as_secs().max(1))
+        Some(ceil_secs(until - now))
+    }
+
+    /// May a blocked peer start one more expensive verification now?
+    pub fn may_verify(&self, ip: IpAddr) -> bool {
+        self.verify_budget.check_key(&ip).is_ok()
     }
 
     /// Count one failure; returns the wait in seconds when this failure went over quota.
@@ -62,13 +86,15 @@ impl Throttle {
                 b.insert(ip, Instant::now() + wait);
             }
         }
-        Some(wait.as_secs().max(1))
+        Some(ceil_secs(wait))
     }
 
     /// Drop state of peers that have been quiet (housekeeping).
     pub fn housekeeping(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
+        self.verify_budget.retain_recent();
+        self.verify_budget.shrink_to_fit();
         if let Ok(mut b) = self.blocked.lock() {
             let now = Instant::now();
             b.retain(|_, until| *until > now);
@@ -79,6 +105,22 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(ceil_secs(Duration::from_millis(1900)), 2);
+        assert_eq!(ceil_secs(Duration::from_millis(2000)), 2);
+        assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
+        assert_eq!(ceil_secs(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn blocked_peers_have_a_verification_budget() {
+        let t = Throttle::new(3);
+        let ip: IpAddr = "10.0.0.3".parse().expect("ip");
+        let allowed = (0..100).filter(|_| t.may_verify(ip)).count();
+        assert_eq!(allowed, 10);
+    }
 
     #[test]
     fn only_the_failing_peer_is_blocked() {

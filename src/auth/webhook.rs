@@ -1,6 +1,12 @@
-//! Standard Webhooks verification on `/stitcher/webhook`: the signature must match an
-//! active webhook secret of an enabled caller holding `stitcher:webhook`. Redelivery of
-//! the same `webhook-id` is settled by the deliveries table (exactly-once processing).
+//! Standard Webhooks verification on the webhook routes. A delivery names its sender
+//! before any MAC is computed: `/stitcher/webhook/{caller}`, or the bare
+//! `/stitcher/webhook` while exactly one caller holds webhook secrets. Only that
+//! sender's active secrets (at most `MAX_VERSIONS_TRIED`) are tried, and only after the
+//! header formats and the timestamp window passed (`precheck`), so a bogus delivery
+//! costs at most one sender's MACs over a body that was read only once it could pass.
+//! Redelivery of the same `webhook-id` is settled by the deliveries table.
+
+use std::sync::Arc;
 
 use actix_web::dev::ServiceRequest;
 use actix_web::web::Bytes;
@@ -8,19 +14,56 @@ use actix_web::web::Bytes;
 use super::audit::AuditRecord;
 use super::model::{Purpose, Scheme};
 use super::principal::Principal;
-use super::store::Touch;
+use super::store::{Touch, WebhookKey, MAX_VERSIONS_TRIED};
 use super::{fail, header, webhook_sig, AuthContext};
 use crate::db::now_millis;
 use crate::error::{ApiError, AuthFailure};
 
-pub async fn verify(
+/// The path parameter that names the sender.
+pub const SENDER_PARAM: &str = "caller";
+
+/// What the cheap checks established before the body is read.
+pub struct Pending {
+    headers: webhook_sig::WebhookHeaders,
+    timestamp_raw: String,
+    keys: Arc<Vec<WebhookKey>>,
+    /// Indexes into `keys`: the sender's versions to try, newest first.
+    tried: Vec<usize>,
+}
+
+/// Which caller a delivery is for: the one its URL names, or the only caller holding
+/// webhook secrets.
+fn sender<'k>(keys: &'k [WebhookKey], named: Option<&str>) -> Result<&'k str, ApiError> {
+    match named {
+        Some(name) => keys
+            .iter()
+            .find(|k| k.caller == name)
+            .map(|k| k.caller.as_str())
+            .ok_or_else(|| fail("unknown webhook sender")),
+        None => {
+            let mut callers = keys.iter().map(|k| k.caller.as_str());
+            let first = callers
+                .next()
+                .ok_or_else(|| fail("unknown webhook sender"))?;
+            if callers.any(|c| c != first) {
+                return Err(fail(
+                    "several webhook senders: deliver to /stitcher/webhook/{caller}",
+                ));
+            }
+            Ok(first)
+        }
+    }
+}
+
+pub async fn precheck(
     ctx: &AuthContext,
     req: &ServiceRequest,
-    body: &Bytes,
     audit: &mut AuditRecord,
-) -> Result<Principal, ApiError> {
+) -> Result<Pending, ApiError> {
     audit.scheme = Some(Scheme::Webhook);
-    let ts_raw = header(req, webhook_sig::HEADER_TIMESTAMP).unwrap_or("");
+    let timestamp_raw = header(req, webhook_sig::HEADER_TIMESTAMP)
+        .unwrap_or("")
+        .to_owned();
     let h = webhook_sig::parse_headers(
         header(req, webhook_sig::HEADER_ID),
         header(req, webhook_sig::HEADER_TIMESTAMP),
@@ -34,13 +77,45 @@ pub async fn verify(
         ));
     }
     let keys = ctx.store.webhook_keys().await?;
-    let Some(k) = keys
+    let named = req.match_info().get(SENDER_PARAM);
+    let caller = sender(&keys, named)?.to_owned();
+    audit.caller = Some(caller.clone());
+    let mut tried: Vec<usize> = keys
         .iter()
-        .find(|k| webhook_sig::verify(&k.key, &h, ts_raw, body))
+        .enumerate()
+        .filter(|(_, k)| k.caller == caller)
+        .map(|(i, _)| i)
+        .collect();
+    tried.sort_by_key(|i| std::cmp::Reverse(keys.get(*i).map_or(0, |k| k.version)));
+    tried.truncate(MAX_VERSIONS_TRIED);
+    Ok(Pending {
+        headers: h,
+        timestamp_raw,
+        keys,
+        tried,
+    })
+}
+
+/// The MAC over `id.timestamp.body` under each of the sender's versions.
+pub fn finish(
+    ctx: &AuthContext,
+    pending: Pending,
+    body: &Bytes,
+    audit: &mut AuditRecord,
+) -> Result<Principal, ApiError> {
+    let Pending {
+        headers,
+        timestamp_raw,
+        keys,
+        tried,
+    } = pending;
+    let Some(k) = tried
+        .iter()
+        .filter_map(|i| keys.get(*i))
+        .find(|k| webhook_sig::verify(&k.key, &headers, &timestamp_raw, body))
     else {
         return Err(fail("signature mismatch"));
     };
-    audit.caller = Some(k.caller.clone());
     audit.key_ref = Some(format!("v{}", k.version));
     ctx.store.touch(Touch::Secret {
         caller: k.caller.clone(),

@@ -12,13 +12,16 @@ use crate::jobs::model::{JobRow, NewJob};
 use crate::jobs::{repo as jobs_repo, JobId};
 
 /// Store a delivery and create its job; with a delivery id seen before, return that
-/// delivery's job and `true` (duplicate) and create nothing.
+/// delivery's job and `true` (duplicate) and create nothing. With `same_body_only` (the
+/// id is the caller's own `Idempotency-Key`), a repeat whose body differs from the
+/// first is a conflict.
 pub fn ingest(
     conn: &mut DbConnection,
     caller: &str,
     delivery_id: &str,
     payload: &str,
     job: &NewJob,
+    same_body_only: bool,
 ) -> Result<(JobRow, bool), StoreError> {
     let now = now_millis();
     let row = jobs_repo::new_row(job, caller, None, now);
@@ -42,6 +45,11 @@ pub fn ingest(
                 .find((caller, delivery_id))
                 .select(DeliveryRow::as_select())
                 .first(conn)?;
+            if same_body_only && first.payload != payload {
+                return Err(StoreError::Conflict(
+                    "Idempotency-Key was used before with a different body".into(),
+                ));
+            }
             let id = JobId::parse(&first.job_id, "jobId")
                 .map_err(|_| StoreError::Internal("bad job id in delivery".into()))?;
             Ok((jobs_repo::find(conn, &id)?, true))

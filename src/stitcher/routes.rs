@@ -13,17 +13,23 @@ use crate::openapi::{problem, IdempotencyKey};
 use crate::startup::AppState;
 
 /// The delivery id: `webhook-id` (Standard Webhooks), else `Idempotency-Key`, else a
-/// fresh id (a delivery without an id cannot be recognised when repeated).
-fn delivery_id(req: &HttpRequest) -> ApiResult<String> {
+/// fresh id (a delivery without an id cannot be recognised when repeated). The flag
+/// says whether the id is the caller's own `Idempotency-Key`: then a repeat with a
+/// different body is a 409, the same rule as `/stitcher/dispatch`. A repeated
+/// `webhook-id` keeps the Standard Webhooks behaviour (the first job, `duplicate`).
+fn delivery_id(req: &HttpRequest) -> ApiResult<(String, bool)> {
     let h = |n: &str| req.headers().get(n).map(|v| v.to_str().unwrap_or(""));
-    let raw = h(webhook_sig::HEADER_ID).or_else(|| h("idempotency-key"));
+    let (raw, field, own_key) = match h(webhook_sig::HEADER_ID) {
+        Some(v) => (Some(v), "webhook-id", false),
+        None => (h("idempotency-key"), "Idempotency-Key", true),
+    };
     match raw {
-        None => Ok(uuid::Uuid::now_v7().to_string()),
+        None => Ok((uuid::Uuid::now_v7().to_string(), false)),
         Some(v) if (1..=256).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()) => {
-            Ok(v.to_owned())
+            Ok((v.to_owned(), own_key))
         }
         Some(_) => Err(ApiError::bad_request(
-            "webhook-id",
+            field,
             "must be 1-256 printable ASCII characters",
         )),
     }
@@ -94,6 +100,7 @@ async fn answer(state: &AppState, job: JobRow, duplicate: bool) -> ApiResult<Htt
         (status = 400, response = problem::BadRequest),
         (status = 401, response = problem::Unauthorized),
         (status = 403, response = problem::Forbidden),
+        (status = 409, response = problem::Conflict),
         (status = 413, response = problem::TooLarge),
         (status = 429, response = problem::TooManyRequests),
         (status = 503, response = problem::Unavailable),
@@ -110,16 +117,69 @@ pub async fn webhook(
     req: HttpRequest,
     RawBody(body): RawBody,
 ) -> ApiResult<HttpResponse> {
-    let delivery = delivery_id(&req)?;
+    let (delivery, own_key) = delivery_id(&req)?;
     let payload: WebhookPayload = parse_json(&body)?;
     let job = payload.into_job(&state.config.webhook_queue, &delivery)?;
-    let text = String::from_utf8_lossy(&body).into_owned();
+    // `parse_json` accepted only UTF-8 JSON, so this stores exactly the verified bytes.
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::bad_request("body", "must be UTF-8"))?
+        .to_owned();
     let caller = principal.caller;
     let (row, duplicate) = state
         .db
-        .write(move |conn| repo::ingest(conn, &caller, &delivery, &text, &job))
+        .write(move |conn| repo::ingest(conn, &caller, &delivery, &text, &job, own_key))
         .await?;
     answer(&state, row, duplicate).await
+}
+
+/// `POST /stitcher/webhook/{caller}` [stitcher:webhook]: the same ingestion, for
+/// deliveries that name their sender, so only that sender's secrets are tried.
+#[utoipa::path(
+    post,
+    path = "/stitcher/webhook/{caller}",
+    tag = "stitcher",
+    operation_id = "stitcherWebhookFromSender",
+    summary = "Ingest a bot delivery from a named sender",
+    description = "As `POST /stitcher/webhook`, for the sender the URL names: a Standard \
+        Webhooks signature is checked against that caller's webhook secrets only, and a \
+        caller scheme must authenticate that same caller (403 otherwise). Needed once more \
+        than one caller holds webhook secrets.",
+    params(
+        ("caller" = String, Path, description = "The sending caller's name."),
+        ("webhook-id" = Option<String>, Header, min_length = 1, max_length = 256,
+            pattern = "^[!-~]+$", nullable = false,
+            description = "Standard Webhooks delivery id (1–256 printable ASCII)."),
+        ("webhook-timestamp" = Option<String>, Header, pattern = "^[0-9]+$", nullable = false,
+            description = "Standard Webhooks: unix seconds, within ±300 s of the server."),
+        IdempotencyKey,
+    ),
+    request_body(content = WebhookPayload, content_type = "application/json"),
+    responses(
+        (status = 200, description = "A delivery seen before: the job it dispatched.",
+            body = DispatchResult),
+        (status = 202, description = "A new job was dispatched (QUEUED).",
+            body = DispatchResult),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 409, response = problem::Conflict),
+        (status = 413, response = problem::TooLarge),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(
+        ("standardWebhooks" = ["stitcher:webhook"]),
+        ("hmac" = ["stitcher:webhook"]),
+        ("apiKey" = ["stitcher:webhook"])
+    ),
+)]
+pub async fn webhook_from_sender(
+    state: web::Data<AppState>,
+    principal: Principal,
+    req: HttpRequest,
+    body: RawBody,
+) -> ApiResult<HttpResponse> {
+    webhook(state, principal, req, body).await
 }
 
 /// `POST /stitcher/dispatch` [stitcher:dispatch]

@@ -9,5 +9,6 @@ mod jobs;
 mod logs;
 mod openapi;
 mod ops;
+mod routing;
 mod stitcher;
 mod tokens;
