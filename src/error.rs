@@ -320,6 +320,10 @@ pub struct Problem {
     /// compare with the client's.
     #[schema(nullable = false)]
     pub canonical: Option<String>,
+    /// 401 `signature mismatch` (RFC 9421): the signature base the server built (it
+    /// holds no secret).
+    #[schema(nullable = false)]
+    pub signature_base: Option<String>,
 }
 
 #[cfg(test)]

@@ -3,14 +3,18 @@
 //! all before the body is read (`precheck`) — then the constant-time compare over the
 //! canonical request and the shared replay record (`finish`).
 
+use std::sync::Arc;
+
 use actix_web::dev::ServiceRequest;
+use actix_web::http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use actix_web::web::Bytes;
 
 use super::audit::AuditRecord;
+use super::http_sig::{self, Component, Shape};
 use super::model::{Purpose, Scheme};
 use super::principal::Principal;
 use super::signing::{self, CanonicalRequest};
-use super::store::{Touch, MAX_VERSIONS_TRIED};
+use super::store::{CallerEntry, Touch, MAX_VERSIONS_TRIED};
 use super::{fail, header, AuthContext};
 use crate::db::now_millis;
 use crate::error::{ApiError, AuthFailure};
@@ -31,47 +35,30 @@ pub const CLOCK_SKEW_MARGIN_SECS: i64 = 60;
 /// What the cheap checks established before the body is read.
 pub struct Pending {
     headers: signing::SignatureHeaders,
-    entry: std::sync::Arc<super::store::CallerEntry>,
+    entry: Arc<CallerEntry>,
     /// The secret versions to try (at most `MAX_VERSIONS_TRIED`).
     versions: Vec<i32>,
 }
 
-/// The cheap checks, before any body byte is read: header formats, the timestamp
-/// window, the caller known and enabled, a usable secret version.
-pub async fn precheck(
+/// The caller (known, enabled) and the secret versions to try: the named one (known,
+/// not revoked, not expired), else the active ones newest first, at most 8.
+async fn caller_versions(
     ctx: &AuthContext,
-    req: &ServiceRequest,
+    caller: &str,
+    key_version: Option<i32>,
     audit: &mut AuditRecord,
-) -> Result<Pending, ApiError> {
-    audit.scheme = Some(Scheme::Hmac);
-    let h = signing::parse_headers(
-        header(req, signing::HEADER_CALLER),
-        header(req, signing::HEADER_TIMESTAMP),
-        header(req, signing::HEADER_SIGNATURE),
-        header(req, signing::HEADER_KEY_VERSION),
-        header(req, signing::HEADER_NONCE),
-    )
-    .map_err(|e| fail(e.reason()))?;
-
-    let now = now_millis() / 1000;
-    if !signing::timestamp_in_window(h.timestamp, now, ctx.settings.skew_secs) {
-        return Err(ApiError::unauthorized(
-            AuthFailure::new("timestamp out of range").with("server_time", now),
-        ));
-    }
-
+) -> Result<(Arc<CallerEntry>, Vec<i32>), ApiError> {
     let entry = ctx
         .store
-        .caller(&h.caller)
+        .caller(caller)
         .await?
         .ok_or_else(|| fail("unknown caller"))?;
     audit.caller = Some(entry.name.clone());
     if entry.disabled {
         return Err(fail("caller disabled"));
     }
-
     let now_ms = now_millis();
-    let versions: Vec<i32> = match h.key_version {
+    let versions: Vec<i32> = match key_version {
         Some(v) => {
             let s = entry
                 .hmac
@@ -97,6 +84,63 @@ pub async fn precheck(
     if versions.is_empty() {
         return Err(fail("no active secret"));
     }
+    Ok((entry, versions))
+}
+
+/// The timestamp window, with the server's clock in the refusal.
+fn check_window(ctx: &AuthContext, timestamp: i64) -> Result<(), ApiError> {
+    let now = now_millis() / 1000;
+    if signing::timestamp_in_window(timestamp, now, ctx.settings.skew_secs) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized(
+            AuthFailure::new("timestamp out of range").with("server_time", now),
+        ))
+    }
+}
+
+/// The (caller, signature) pair may be used once within the window, on any instance
+/// sharing the database; the record outlives the window by the skew margin.
+async fn record_once(
+    ctx: &AuthContext,
+    caller: &str,
+    signature: &[u8],
+    timestamp: i64,
+) -> Result<(), ApiError> {
+    let expires_at = timestamp
+        .saturating_add(ctx.settings.skew_secs)
+        .saturating_add(CLOCK_SKEW_MARGIN_SECS)
+        .saturating_mul(1000);
+    let sig_hash = crate::crypto::sha256_hex(signature);
+    if ctx
+        .replays
+        .record(caller.to_owned(), sig_hash, expires_at)
+        .await?
+    {
+        Ok(())
+    } else {
+        Err(fail("replayed request"))
+    }
+}
+
+/// The cheap checks, before any body byte is read: header formats, the timestamp
+/// window, the caller known and enabled, a usable secret version.
+pub async fn precheck(
+    ctx: &AuthContext,
+    req: &ServiceRequest,
+    audit: &mut AuditRecord,
+) -> Result<Pending, ApiError> {
+    audit.scheme = Some(Scheme::Hmac);
+    let h = signing::parse_headers(
+        header(req, signing::HEADER_CALLER),
+        header(req, signing::HEADER_TIMESTAMP),
+        header(req, signing::HEADER_SIGNATURE),
+        header(req, signing::HEADER_KEY_VERSION),
+        header(req, signing::HEADER_NONCE),
+    )
+    .map_err(|e| fail(e.reason()))?;
+    check_window(ctx, h.timestamp)?;
+    let (entry, versions) = caller_versions(ctx, &h.caller, h.key_version, audit).await?;
     Ok(Pending {
         headers: h,
         entry,
@@ -142,21 +186,7 @@ pub async fn finish(
     };
     audit.key_ref = Some(format!("v{}", matched.version));
 
-    // Replay: the (caller, signature) pair may be used once within the window, on any
-    // instance sharing the database. The record outlives the window by the skew margin.
-    let sig_hash = crate::crypto::sha256_hex(h.signature.as_bytes());
-    let expires_at = h
-        .timestamp
-        .saturating_add(ctx.settings.skew_secs)
-        .saturating_add(CLOCK_SKEW_MARGIN_SECS)
-        .saturating_mul(1000);
-    let fresh = ctx
-        .replays
-        .record(entry.name.clone(), sig_hash, expires_at)
-        .await?;
-    if !fresh {
-        return Err(fail("replayed request"));
-    }
+    record_once(ctx, &entry.name, h.signature.as_bytes(), h.timestamp).await?;
 
     ctx.store.touch(Touch::Secret {
         caller: entry.name.clone(),
@@ -166,6 +196,159 @@ pub async fn finish(
     Ok(Principal {
         caller: entry.name.clone(),
         scheme: Scheme::Hmac,
+        scopes: entry.scopes.clone(),
+        key_ref: Some(format!("v{}", matched.version)),
+        job_id: None,
+    })
+}
+
+/// An RFC 9421 signature after the cheap checks.
+pub struct PendingHttpSig {
+    input: http_sig::SignatureInput,
+    entry: Arc<CallerEntry>,
+    versions: Vec<i32>,
+}
+
+/// Whether the request announces a body (so `content-digest` must be covered).
+fn announces_body(req: &ServiceRequest) -> bool {
+    let length = header(req, CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<u64>().ok());
+    length.is_some_and(|n| n > 0) || req.headers().contains_key(TRANSFER_ENCODING)
+}
+
+/// RFC 9421, the cheap checks before the body: both headers parse, the chosen
+/// signature covers what the profile requires, `created` is in the window, `expires`
+/// has not passed, the caller and key version are usable.
+pub async fn precheck_http_sig(
+    ctx: &AuthContext,
+    req: &ServiceRequest,
+    audit: &mut AuditRecord,
+) -> Result<PendingHttpSig, ApiError> {
+    audit.scheme = Some(Scheme::Rfc9421);
+    let shape = Shape {
+        has_body: announces_body(req),
+        has_query: req.uri().query().is_some_and(|q| !q.is_empty()),
+    };
+    let input = http_sig::parse(
+        header(req, http_sig::HEADER_SIGNATURE_INPUT).unwrap_or(""),
+        header(req, http_sig::HEADER_SIGNATURE).unwrap_or(""),
+        shape,
+    )
+    .map_err(fail)?;
+    check_window(ctx, input.created)?;
+    if input.expires.is_some_and(|e| e < now_millis() / 1000) {
+        return Err(fail("signature expired"));
+    }
+    let (entry, versions) = caller_versions(ctx, &input.caller, input.key_version, audit).await?;
+    Ok(PendingHttpSig {
+        input,
+        entry,
+        versions,
+    })
+}
+
+/// A covered component's value in this request (`None`: absent).
+fn component_value(req: &ServiceRequest, scheme: &str, c: &Component) -> Option<String> {
+    let host = || {
+        header(req, HOST.as_str())
+            .map(str::to_owned)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+    };
+    Some(match c {
+        Component::Method => req.method().as_str().to_owned(),
+        Component::TargetUri => {
+            let authority = http_sig::authority(&host()?, scheme);
+            format!("{scheme}://{authority}{}", request_target(req))
+        }
+        Component::Authority => http_sig::authority(&host()?, scheme),
+        Component::Path => req.uri().path().to_owned(),
+        Component::Query => format!("?{}", req.uri().query().unwrap_or("")),
+        Component::Field(name) => {
+            let values: Vec<&str> = req
+                .headers()
+                .get_all(name.as_str())
+                .map(|v| v.to_str().map(str::trim))
+                .collect::<Result<_, _>>()
+                .ok()?;
+            if values.is_empty() {
+                return None;
+            }
+            values.join(", ")
+        }
+    })
+}
+
+/// RFC 9421: `Content-Digest` against the body, the base, the MAC under each candidate
+/// version (a signed `@target-uri` or `@authority` is tried with `http` and `https`, as
+/// TLS may end in front of the service), then the shared replay record.
+pub async fn finish_http_sig(
+    ctx: &AuthContext,
+    req: &ServiceRequest,
+    pending: PendingHttpSig,
+    body: &Bytes,
+    audit: &mut AuditRecord,
+) -> Result<Principal, ApiError> {
+    let PendingHttpSig {
+        input,
+        entry,
+        versions,
+    } = pending;
+    let digest_header = header(req, http_sig::HEADER_CONTENT_DIGEST);
+    if !body.is_empty() {
+        let covered = input.components.contains(&Component::Field(
+            http_sig::HEADER_CONTENT_DIGEST.to_owned(),
+        ));
+        if !covered {
+            return Err(fail("content-digest must be covered when there is a body"));
+        }
+    }
+    if let Some(d) = digest_header {
+        http_sig::check_content_digest(d, body).map_err(fail)?;
+    }
+    let scheme_matters = input
+        .components
+        .iter()
+        .any(|c| matches!(c, Component::TargetUri | Component::Authority));
+    let schemes: &[&str] = if scheme_matters {
+        &["http", "https"]
+    } else {
+        &["http"]
+    };
+    let now_ms = now_millis();
+    let secrets: Vec<&super::store::SecretVersion> = entry
+        .hmac
+        .iter()
+        .filter(|s| versions.contains(&s.version) && s.is_active(now_ms))
+        .collect();
+    let mut first_base = None;
+    let mut matched = None;
+    'outer: for scheme in schemes {
+        let base =
+            http_sig::signature_base(&input, |c| component_value(req, scheme, c)).map_err(fail)?;
+        for s in &secrets {
+            let mac = http_sig::sign(&s.secret, &base);
+            if crate::crypto::ct_eq(&mac, &input.signature) {
+                matched = Some(*s);
+                break 'outer;
+            }
+        }
+        first_base.get_or_insert(base);
+    }
+    let Some(matched) = matched else {
+        return Err(ApiError::unauthorized(
+            AuthFailure::new("signature mismatch")
+                .with("signature_base", first_base.unwrap_or_default()),
+        ));
+    };
+    audit.key_ref = Some(format!("v{}", matched.version));
+    record_once(ctx, &entry.name, &input.signature, input.created).await?;
+    ctx.store.touch(Touch::Secret {
+        caller: entry.name.clone(),
+        purpose: Purpose::HmacSecret,
+        version: matched.version,
+    });
+    Ok(Principal {
+        caller: entry.name.clone(),
+        scheme: Scheme::Rfc9421,
         scopes: entry.scopes.clone(),
         key_ref: Some(format!("v{}", matched.version)),
         job_id: None,

@@ -25,7 +25,7 @@ use futures_util::StreamExt;
 use super::access::{Access, RouteSpec};
 use super::audit::{AuditLine, AuditRecord};
 use super::principal::Principal;
-use super::{api_key, fail, hmac, signing, webhook, webhook_sig, AuthContext};
+use super::{api_key, fail, hmac, http_sig, signing, webhook, webhook_sig, AuthContext};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::telemetry::{MatchedRoute, RequestId};
@@ -34,13 +34,16 @@ use crate::telemetry::{MatchedRoute, RequestId};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Choice {
     Hmac,
+    HttpSig,
     Webhook,
     Bearer,
     ApiKey,
 }
 
 /// Every header that carries (part of) a credential.
-const CREDENTIAL_HEADERS: [&str; 10] = [
+const CREDENTIAL_HEADERS: [&str; 12] = [
+    http_sig::HEADER_SIGNATURE,
+    http_sig::HEADER_SIGNATURE_INPUT,
     signing::HEADER_CALLER,
     signing::HEADER_TIMESTAMP,
     signing::HEADER_SIGNATURE,
@@ -75,10 +78,20 @@ pub fn choose_scheme(headers: &HeaderMap, webhook_route: bool) -> Result<Choice,
         }
     }
     let has = |n: &str| headers.contains_key(n);
-    if has(signing::HEADER_CALLER)
+    let v1 = has(signing::HEADER_CALLER)
         || has(signing::HEADER_TIMESTAMP)
-        || has(signing::HEADER_SIGNATURE)
-    {
+        || has(signing::HEADER_SIGNATURE);
+    let rfc9421 = has(http_sig::HEADER_SIGNATURE) || has(http_sig::HEADER_SIGNATURE_INPUT);
+    if rfc9421 {
+        // Any RFC 9421 header commits the request to that scheme, with no fallback.
+        let other = v1 || has("authorization") || has(api_key::HEADER);
+        return if other {
+            Err("more than one credential scheme")
+        } else {
+            Ok(Choice::HttpSig)
+        };
+    }
+    if v1 {
         return Ok(Choice::Hmac);
     }
     let webhook = webhook_route
@@ -188,6 +201,15 @@ async fn authenticate(
             spend_verification(ctx, peer)?;
             let body = take_body(req, limit, within).await?;
             Ok((hmac::finish(ctx, req, pending, &body, audit).await?, true))
+        }
+        Choice::HttpSig => {
+            let pending = hmac::precheck_http_sig(ctx, req, audit).await?;
+            spend_verification(ctx, peer)?;
+            let body = take_body(req, limit, within).await?;
+            Ok((
+                hmac::finish_http_sig(ctx, req, pending, &body, audit).await?,
+                true,
+            ))
         }
         Choice::Webhook => {
             let pending = webhook::precheck(ctx, req, audit).await?;
@@ -425,6 +447,11 @@ mod tests {
         assert!(c(&["authorization", "x-api-key"], false).is_err());
         assert!(c(&["webhook-id", "x-api-key"], true).is_err());
         assert_eq!(c(&[], false), Err("missing credentials"));
+        assert_eq!(c(&["signature-input"], false), Ok(HttpSig));
+        assert_eq!(c(&["signature", "signature-input"], true), Ok(HttpSig));
+        assert!(c(&["signature", "x-coordinator-caller"], false).is_err());
+        assert!(c(&["signature-input", "x-api-key"], false).is_err());
+        assert!(c(&["signature", "authorization"], false).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod api_key;
 pub mod audit;
 pub mod dev;
 pub mod hmac;
+pub mod http_sig;
 pub mod middleware;
 pub mod model;
 pub mod principal;

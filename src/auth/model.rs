@@ -11,6 +11,9 @@ use crate::db::schema::{api_keys, callers, sealed_secrets};
 pub enum Scheme {
     #[serde(rename = "hmac")]
     Hmac,
+    /// The HMAC scheme in its RFC 9421 encoding (same secrets, window, replay record).
+    #[serde(rename = "rfc9421")]
+    Rfc9421,
     #[serde(rename = "webhook")]
     Webhook,
     #[serde(rename = "token")]
@@ -23,6 +26,7 @@ impl Scheme {
     pub fn as_str(self) -> &'static str {
         match self {
             Scheme::Hmac => "hmac",
+            Scheme::Rfc9421 => "rfc9421",
             Scheme::Webhook => "webhook",
             Scheme::Token => "token",
             Scheme::ApiKey => "api_key",

@@ -5,6 +5,7 @@ mod helpers;
 mod auth;
 mod faults;
 mod health;
+mod http_sig;
 mod jobs;
 mod logs;
 mod openapi;
