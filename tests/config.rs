@@ -299,3 +299,54 @@ fn dev_mode_ignores_database_url_and_master_key_in_the_environment() {
     assert!(!dir.path().join("production.db").exists());
     assert!(dir.path().join(".coordinator/coordinator.db").exists());
 }
+
+/// The repository is complete on its own: no document points outside it (the design
+/// lives in docs/design.md), and every relative Markdown link names a file that exists.
+#[test]
+fn docs_are_self_contained() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md"), root.join(".env.example")];
+    for dir in ["docs", "scripts"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                files.push(path);
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for needle in ["shared/", "DESIGN.md", "DESIGN §"] {
+            if text.contains(needle) {
+                problems.push(format!("{} mentions `{needle}`", file.display()));
+            }
+        }
+        if file.extension().is_some_and(|e| e == "md") {
+            let dir = file.parent().unwrap();
+            for link in markdown_links(&text) {
+                let target = link.split('#').next().unwrap_or_default();
+                if target.is_empty() || link.contains("://") || link.starts_with("mailto:") {
+                    continue;
+                }
+                if !dir.join(target).exists() {
+                    problems.push(format!("{}: broken link ({link})", file.display()));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// The targets of inline Markdown links, `[text](target)`.
+fn markdown_links(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("](") {
+        rest = &rest[i + 2..];
+        if let Some(end) = rest.find(')') {
+            out.push(rest[..end].to_owned());
+        }
+    }
+    out
+}
