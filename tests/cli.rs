@@ -503,6 +503,7 @@ fn call_signs_sends_and_explains() {
     ];
 
     let out = call(&env, &server, &hmac, &["GET", "/coordinator/health"]);
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
     let body: Value = serde_json::from_str(&check(out, &["call health"])).unwrap();
     assert_eq!(body["status"], "ok");
 
@@ -577,6 +578,127 @@ fn call_signs_sends_and_explains() {
         ]
     );
     assert!(rows.iter().all(|r| r["same"] == true));
+}
+
+/// A listener that records whether anything connected to it.
+fn watched_listener() -> (std::net::TcpListener, String) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    (l, url)
+}
+
+fn connected(l: &std::net::TcpListener) -> bool {
+    l.accept().is_ok()
+}
+
+/// `call` takes its credentials from one source and the URL from the same one: a
+/// caller named in the environment means the environment only (never the dev file's
+/// all-scopes `dev` caller), and the dev file's credentials go only to the dev file's
+/// URL, never to a `COORDINATOR_URL` from somewhere else (e.g. a planted `.env`).
+#[test]
+fn call_never_mixes_credential_sources() {
+    let env = Env::new();
+    let (dev_listener, dev_url) = watched_listener();
+    let (other_listener, other_url) = watched_listener();
+    let dir = env.dir.path().join(".coordinator");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("dev-credentials.env"),
+        format!(
+            "COORDINATOR_URL={dev_url}\nCOORDINATOR_CALLER=dev\nCOORDINATOR_CLIENT_API_KEY={}\nCOORDINATOR_HMAC_SECRET={}\n",
+            ApiKey::generate().expose_secret(),
+            HmacSecret::generate().expose_secret()
+        ),
+    )
+    .unwrap();
+
+    // The environment names a caller but has no API key: a one-line error naming it.
+    let out = env
+        .bare()
+        .env("COORDINATOR_CALLER", "builder")
+        .args(["call", "--api-key", "GET", "/coordinator/health"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("COORDINATOR_CLIENT_API_KEY is not set"),
+        "{err}"
+    );
+    assert!(err.contains("COORDINATOR_CALLER"), "{err}");
+    assert!(!connected(&dev_listener), "sent the dev credentials");
+
+    // Credentials from the dev file, URL from the environment: refused.
+    for args in [
+        &["call", "--api-key", "GET", "/coordinator/health"][..],
+        &["call", "GET", "/coordinator/health"],
+    ] {
+        let out = env
+            .bare()
+            .env("COORDINATOR_URL", &other_url)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("COORDINATOR_URL"), "{err}");
+        assert!(
+            !connected(&other_listener),
+            "{args:?}: sent the dev credentials elsewhere"
+        );
+    }
+
+    // The same URL as the file's is fine, and the request goes there.
+    let mut child = env
+        .bare()
+        .env("COORDINATOR_URL", format!("{dev_url}/"))
+        .args(["call", "--api-key", "GET", "/coordinator/health"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut reached = false;
+    while started.elapsed() < Duration::from_secs(20) {
+        if let Ok((stream, _)) = dev_listener.accept() {
+            drop(stream);
+            reached = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(reached, "the request did not go to the dev file's URL");
+    assert!(!connected(&other_listener));
+}
+
+/// A credential about to go to another machine over plain http gets a warning.
+#[test]
+fn call_warns_before_sending_a_credential_over_plain_http_to_another_host() {
+    let env = Env::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let key = ApiKey::generate();
+    let out = env
+        .bare()
+        // Not a loopback address (though Linux connects it locally, and nothing listens).
+        .env("COORDINATOR_URL", format!("http://0.0.0.0:{port}"))
+        .env("COORDINATOR_CLIENT_API_KEY", key.expose_secret())
+        .args(["call", "--api-key", "GET", "/coordinator/health"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("warning: sending an API key to http://0.0.0.0"),
+        "{err}"
+    );
 }
 
 #[test]

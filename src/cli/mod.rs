@@ -16,6 +16,7 @@ mod call;
 mod caller;
 mod client;
 mod common;
+pub mod env_file;
 mod key;
 mod secret;
 mod sign;
@@ -37,6 +38,11 @@ pub use token::TokenCommand;
     about = "Coordinator jobs and stitcher ingestion behind signed-request authentication"
 )]
 pub struct Cli {
+    /// Read settings from this file instead of ./.env (never from a parent directory).
+    /// Refused when another user could have written it.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub env_file: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -107,6 +113,22 @@ pub fn describe_parse_error(e: &clap::Error) -> String {
         Some(ContextValue::String(s)) => s.split_whitespace().next().map(str::to_owned),
         _ => None,
     };
+    // The secrets that used to have flags: say where they go instead.
+    if let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) {
+        let name = arg.split(['=', ' ']).next().unwrap_or_default();
+        let var = match name {
+            "--master-key" => Some("COORDINATOR_MASTER_KEY (or --master-key-file)"),
+            "--master-key-previous" => Some("COORDINATOR_MASTER_KEY_PREVIOUS"),
+            "--api-key" => Some("COORDINATOR_API_KEY"),
+            _ => None,
+        };
+        if let Some(var) = var {
+            return format!(
+                "{name} is not accepted: a secret on the command line is visible to every \
+                 local user in `ps`; set {var} in the environment or .env instead"
+            );
+        }
+    }
     let env = flag.and_then(|flag| env_of(&<Cli as clap::CommandFactory>::command(), &flag));
     match env {
         Some(var) => format!("{first} (environment variable {var})"),
