@@ -151,6 +151,20 @@ fn read_key_file(path: &std::path::Path) -> Result<MasterKey, ConfigError> {
             format!("cannot read {}: {e}", path.display()),
         )
     })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                eprintln!(
+                    "coordinator: warning: the master key file {} is readable by other users \
+                     (mode {mode:04o}); chmod 600 it",
+                    path.display()
+                );
+            }
+        }
+    }
     MasterKey::from_base64(text.trim()).map_err(|_| {
         bad(
             "COORDINATOR_MASTER_KEY_FILE",
@@ -161,6 +175,7 @@ fn read_key_file(path: &std::path::Path) -> Result<MasterKey, ConfigError> {
 
 /// The dev master key under `./.coordinator/master.key`, generated (0600) if absent.
 fn dev_master_key() -> Result<MasterKey, ConfigError> {
+    prepare_dev_dir()?;
     let path = Config::dev_dir().join("master.key");
     if path.exists() {
         return read_key_file(&path);
@@ -169,6 +184,77 @@ fn dev_master_key() -> Result<MasterKey, ConfigError> {
     crate::config::write_private(&path, key.to_base64().as_bytes())
         .map_err(|e| ConfigError(format!("cannot write {}: {e}", path.display())))?;
     Ok(key)
+}
+
+/// Make `./.coordinator/` private, whether it is new or not: the directory 0700 and
+/// owned by us, every file in it 0600, no symbolic links anywhere in it (a link could
+/// send a secret, or the database, somewhere else). The SQLite database is created
+/// empty and 0600 before SQLite opens it, so its `-wal` and `-shm` files (which copy
+/// the database's mode) are private from the start.
+pub fn prepare_dev_dir() -> Result<(), ConfigError> {
+    let dir = Config::dev_dir();
+    let fail = |why: String| ConfigError(format!("{}: {why}", dir.display()));
+    match std::fs::symlink_metadata(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut builder = std::fs::DirBuilder::new();
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                builder.mode(0o700);
+            }
+            builder
+                .create(&dir)
+                .map_err(|e| fail(format!("cannot create: {e}")))?;
+        }
+        Err(e) => return Err(fail(e.to_string())),
+        Ok(meta) if meta.file_type().is_symlink() => {
+            return Err(fail(
+                "is a symbolic link; refusing to keep credentials behind it".into(),
+            ))
+        }
+        Ok(meta) if !meta.is_dir() => return Err(fail("is not a directory".into())),
+        Ok(_) => {}
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::symlink_metadata(&dir).map_err(|e| fail(e.to_string()))?;
+        if let Some(uid) = current_uid() {
+            if meta.uid() != uid {
+                return Err(fail(format!(
+                    "is owned by uid {}, not by the user running this command",
+                    meta.uid()
+                )));
+            }
+        }
+        if meta.mode() & 0o777 != 0o700 {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| fail(format!("cannot make it private (chmod 700): {e}")))?;
+        }
+        let entries = std::fs::read_dir(&dir).map_err(|e| fail(e.to_string()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| fail(e.to_string()))?;
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path).map_err(|e| fail(e.to_string()))?;
+            if meta.file_type().is_symlink() {
+                return Err(ConfigError(format!(
+                    "{} is a symbolic link; refusing to use it (remove it)",
+                    path.display()
+                )));
+            }
+            if meta.is_file() && meta.mode() & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
+                    |e| ConfigError(format!("cannot chmod 600 {}: {e}", path.display())),
+                )?;
+            }
+        }
+    }
+    let db = dir.join("coordinator.db");
+    if !db.exists() {
+        write_private(&db, b"")
+            .map_err(|e| ConfigError(format!("cannot create {}: {e}", db.display())))?;
+    }
+    Ok(())
 }
 
 /// The user id this process runs as, where it can be found without `unsafe` (Linux:
@@ -185,22 +271,62 @@ pub fn current_uid() -> Option<u32> {
     }
 }
 
-/// Write a file readable by its owner only (0600 on Unix).
+/// Write a file readable by its owner only (0600 on Unix), new or not: an existing
+/// file gets mode 0600 before anything is written to it. A symbolic link is refused
+/// (never followed), and so is a path that changed between the check and the open.
 pub fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
+    use std::io::{Error, ErrorKind, Write};
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path)?;
-    f.write_all(contents)?;
-    f.sync_all()
+    let mut file = match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{} is a symbolic link; refusing to write through it",
+                    path.display()
+                ),
+            ))
+        }
+        Ok(meta) if !meta.is_file() => {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{} is not a regular file", path.display()),
+            ))
+        }
+        Ok(meta) => {
+            // Neither create nor truncate yet: first make sure this is the file checked.
+            let file = opts.write(true).open(path)?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::{MetadataExt, PermissionsExt};
+                let opened = file.metadata()?;
+                if opened.dev() != meta.dev() || opened.ino() != meta.ino() {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("{} changed while it was opened", path.display()),
+                    ));
+                }
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
+            #[cfg(not(unix))]
+            let _ = meta;
+            file.set_len(0)?;
+            file
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            // `create_new` (O_EXCL) does not follow a link planted meanwhile.
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            opts.open(path)?
+        }
+        Err(e) => return Err(e),
+    };
+    file.write_all(contents)?;
+    file.sync_all()
 }
 
 /// Arguments of `coordinator serve`.

@@ -701,6 +701,152 @@ fn call_warns_before_sending_a_credential_over_plain_http_to_another_host() {
     );
 }
 
+/// Run `serve --dev` in `dir` until it listens, then stop it; its stdout and stderr.
+fn serve_dev_once(dir: &Path) -> (String, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let (out, err) = (dir.join("serve.out"), dir.join("serve.err"));
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .current_dir(dir)
+        .args(["serve", "--dev", "--bind", &bind, "--workers", "1"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(&bind).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let err = std::fs::read_to_string(&err).unwrap();
+            panic!("serve --dev exited ({status}): {err}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    (
+        std::fs::read_to_string(out).unwrap(),
+        std::fs::read_to_string(err).unwrap(),
+    )
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// `serve --dev` prints the plaintext credentials when it creates them and only points
+/// to the file on later starts; its state is private (directory 0700, files 0600) even
+/// when it existed with looser modes, and symbolic links in it are refused.
+#[test]
+fn serve_dev_shows_credentials_once_and_keeps_its_state_private() {
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join(".coordinator");
+    // A directory left from before, readable by everyone.
+    std::fs::create_dir(&state).unwrap();
+    set_mode(&state, 0o755);
+
+    let (stdout, _) = serve_dev_once(work.path());
+    let creds = kv(&stdout);
+    let secret = creds["COORDINATOR_HMAC_SECRET"].clone();
+    assert!(secret.starts_with("coh_"), "{stdout}");
+    assert!(creds["COORDINATOR_CLIENT_API_KEY"].starts_with("cok_"));
+    assert_eq!(mode(&state), 0o700);
+    let files: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    for name in ["coordinator.db", "master.key", "dev-credentials.env"] {
+        assert!(
+            files.contains(&state.join(name)),
+            "{name} missing: {files:?}"
+        );
+    }
+    for file in &files {
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
+
+    // Loosened by someone: the next start tightens everything again, and shows no
+    // secret, only where the credentials are.
+    set_mode(&state, 0o755);
+    set_mode(&state.join("dev-credentials.env"), 0o644);
+    set_mode(&state.join("master.key"), 0o644);
+    set_mode(&state.join("coordinator.db"), 0o644);
+    let (stdout, err) = serve_dev_once(work.path());
+    assert!(!stdout.contains(&secret), "printed again: {stdout}");
+    assert!(!stdout.contains("COORDINATOR_"), "{stdout}");
+    assert!(err.contains("dev-credentials.env"), "{err}");
+    assert_eq!(mode(&state), 0o700);
+    for file in std::fs::read_dir(&state).unwrap() {
+        let file = file.unwrap().path();
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+    let saved = std::fs::read_to_string(state.join("dev-credentials.env")).unwrap();
+    assert!(saved.contains(&secret));
+
+    // A symbolic link in the state directory (here: the credentials file pointing
+    // elsewhere) is refused, and the file it points to is left alone.
+    let outside = work.path().join("outside.txt");
+    std::fs::write(&outside, "untouched").unwrap();
+    std::fs::remove_file(state.join("dev-credentials.env")).unwrap();
+    std::os::unix::fs::symlink(&outside, state.join("dev-credentials.env")).unwrap();
+    let out = Command::new(BIN)
+        .env_clear()
+        .current_dir(work.path())
+        .args(["serve", "--dev", "--bind", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "untouched");
+    assert!(out.stdout.is_empty());
+}
+
+/// A master key file that other users can read gets a warning.
+#[test]
+fn a_master_key_file_readable_by_others_gets_a_warning() {
+    let env = Env::new();
+    let key_file = env.dir.path().join("master.key");
+    std::fs::write(&key_file, &env.master_key).unwrap();
+    let run = |m: u32| {
+        set_mode(&key_file, m);
+        let out = env
+            .bare()
+            .env("DATABASE_URL", &env.db_url)
+            .env("COORDINATOR_MASTER_KEY_FILE", &key_file)
+            .args(["secret", "rewrap"])
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    let err = run(0o644);
+    assert!(
+        err.contains("warning") && err.contains("readable by other users"),
+        "{err}"
+    );
+    let err = run(0o600);
+    assert!(!err.contains("warning"), "{err}");
+}
+
 #[test]
 fn dev_flag_uses_the_dev_state() {
     let env = Env::new();

@@ -71,6 +71,7 @@ impl StoreArgs {
     pub fn open(&self) -> anyhow::Result<Db> {
         let cfg = self.config()?;
         if self.dev {
+            crate::config::prepare_dev_dir()?;
             migrate::run_pending(&cfg)?;
         } else {
             ensure_migrated(&cfg)?;

@@ -157,8 +157,7 @@ fn classify(e: anyhow::Error) -> CliError {
 
 fn serve(args: ServeArgs) -> Result<(), CliError> {
     if args.dev {
-        std::fs::create_dir_all(crate::config::Config::dev_dir())
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", crate::config::DEV_DIR))?;
+        crate::config::prepare_dev_dir()?;
     }
     let config = args.validate()?;
     if config.dev {
@@ -185,9 +184,44 @@ fn dev_bootstrap(config: &crate::config::Config) -> anyhow::Result<()> {
     )?;
     let path = crate::auth::dev::credentials_path();
     let url = format!("http://{}", config.bind);
-    let text = crate::auth::dev::ensure_dev_caller(&db, &sealer, &url, &path)?;
-    print!("{text}");
-    eprintln!("dev credentials written to {} (0600)", path.display());
+    match crate::auth::dev::ensure_dev_caller(&db, &sealer, &url, &path)? {
+        Some(text) => {
+            // Shown once, when created; later starts only point to the file.
+            common::write_stdout(format_args!("{text}"))?;
+            eprintln!("dev credentials written to {} (0600)", path.display());
+        }
+        None => {
+            keep_dev_url_current(&path, &url)?;
+            eprintln!(
+                "dev credentials (caller `dev`, every scope) are in {} (0600); load them with \
+                 `set -a; . {}; set +a`",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A later `serve --dev --bind …` on another address: point the credentials file's
+/// `COORDINATOR_URL` at it, since `call` and `sign` send the file's credentials only
+/// to the file's URL.
+fn keep_dev_url_current(path: &std::path::Path, url: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let line = format!("COORDINATOR_URL={url}");
+    if text.lines().any(|l| l == line) {
+        return Ok(());
+    }
+    let mut updated: String = text
+        .lines()
+        .filter(|l| !l.starts_with("COORDINATOR_URL="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    updated.insert_str(0, &format!("{line}\n"));
+    crate::config::write_private(path, updated.as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot update {}: {e}", path.display()))?;
+    eprintln!("dev credentials: COORDINATOR_URL is now {url}");
     Ok(())
 }
 
