@@ -165,6 +165,12 @@ fn secrets_are_shown_once_and_rotate() {
         assert!(!listing.contains(&v1[4..20]));
     }
     let rows = list.as_array().unwrap();
+    // Each secret's display prefix (with the master key at hand), never more.
+    let prefixes: Vec<&str> = rows.iter().filter_map(|r| r["prefix"].as_str()).collect();
+    for secret in [&v1, &v2] {
+        assert!(prefixes.contains(&&secret[..8]), "{prefixes:?}");
+    }
+    assert!(prefixes.contains(&&whsec[..10]), "{prefixes:?}");
     let hmac = |v: i64| {
         rows.iter()
             .find(|r| r["kind"] == "hmac" && r["version"] == v)
@@ -550,6 +556,16 @@ fn call_signs_sends_and_explains() {
     assert!(err.contains("signature mismatch"), "{err}");
     assert!(err.contains("target") && err.contains("/coordinator/health?x=1"));
     assert!(err.contains("every component matches"), "{err}");
+    // It names what the operator can compare: the version and the secret's prefix,
+    // which `secret list` shows.
+    assert!(
+        err.contains(&format!("starting `{}`", &wrong[..8])),
+        "{err}"
+    );
+    assert!(err.contains("secret list svc"), "{err}");
+    assert!(!err.contains(&wrong[8..]), "{err}");
+    let listed = env.ok(&["secret", "list", "svc"]);
+    assert!(listed.contains(&secret[..8]), "{listed}");
 
     let out = call(
         &env,

@@ -230,10 +230,16 @@ fn explain_text(
                 eprintln!("  {:<width$}  server: {}", "", c.server);
             }
         }
-        if cmp.iter().all(|c| c.client == c.server) {
+        if let (true, Some((s, _))) = (cmp.iter().all(|c| c.client == c.server), signed) {
+            let version = match s.key_version {
+                Some(v) => format!("version {v} (COORDINATOR_KEY_VERSION)"),
+                None => "no version (the server tried its active versions)".to_owned(),
+            };
             eprintln!(
-                "every component matches, so the secret differs: check COORDINATOR_HMAC_SECRET \
-                 (and COORDINATOR_KEY_VERSION) against `coordinator secret list`"
+                "every component matches, so the secret differs: this client signed as `{}` \
+                 with a secret starting `{}`, {version}. Compare with the VERSION and PREFIX \
+                 columns of `coordinator secret list {}` (PREFIX needs the master key)",
+                s.caller, s.secret_prefix, s.caller
             );
         }
         return;

@@ -206,6 +206,11 @@ pub struct Signed {
     pub canonical: String,
     /// The signed string's seven components, for `--explain`.
     pub components: Vec<(&'static str, String)>,
+    /// Who signed, with which version and which secret (its display prefix only), for
+    /// `--explain`.
+    pub caller: String,
+    pub key_version: Option<i32>,
+    pub secret_prefix: String,
 }
 
 /// Sign a request exactly as the server will check it: the same
@@ -237,6 +242,9 @@ pub fn sign_request(
         headers,
         components: req.components(),
         canonical,
+        caller: creds.caller.clone(),
+        key_version: creds.key_version,
+        secret_prefix: super::secret::display_prefix(creds.secret.expose_secret()),
     }
 }
 
