@@ -6,7 +6,7 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-bin="$root/target/debug/coordinator"
+bin="${CARGO_TARGET_DIR:-$root/target}/debug/coordinator"
 port=${SIGNING_EXAMPLES_PORT:-18181}
 
 # shellcheck source=scripts/dev-server.sh

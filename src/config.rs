@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::crypto::seal::MasterKey;
 use crate::db::DatabaseUrl;
@@ -15,8 +16,22 @@ use crate::db::DatabaseUrl;
 pub const DEV_DIR: &str = ".coordinator";
 pub const DEV_DATABASE_URL: &str = "sqlite://./.coordinator/coordinator.db";
 
+/// Variables that carry secrets. They are read from the environment (or `.env`) only,
+/// never from a command-line flag, which every local user can see in `ps`. The master
+/// key can also come from a file (`--master-key-file`).
+pub const SECRET_ENV_VARS: [&str; 3] = [
+    "COORDINATOR_MASTER_KEY",
+    "COORDINATOR_MASTER_KEY_PREVIOUS",
+    "COORDINATOR_API_KEY",
+];
+
+/// A secret from the environment (`None` when unset or not valid UTF-8).
+fn secret_env(name: &str) -> Option<SecretString> {
+    std::env::var(name).ok().map(SecretString::from)
+}
+
 /// Database selection shared by `serve`, `migrate` and the operator commands.
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct DbArgs {
     /// Database URL: `postgres://…` or `sqlite://PATH`.
     #[arg(long = "database-url", env = "DATABASE_URL")]
@@ -44,30 +59,48 @@ pub struct DbArgs {
     pub sqlite_synchronous: String,
 }
 
-/// Master keys: shared by `serve` and the commands that seal or open secrets.
+/// Redacted: a PostgreSQL URL may carry a password, so only its scheme is shown.
+impl std::fmt::Debug for DbArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbArgs")
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
+            .field("db_pool_size", &self.db_pool_size)
+            .field("db_timeout_secs", &self.db_timeout_secs)
+            .field("sqlite_busy_timeout_ms", &self.sqlite_busy_timeout_ms)
+            .field("sqlite_synchronous", &self.sqlite_synchronous)
+            .finish()
+    }
+}
+
+/// `postgres://…` for any URL: the scheme and nothing that could be a credential.
+fn redact_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, _)) => format!("{scheme}://…"),
+        None => "…".to_owned(),
+    }
+}
+
+/// Master keys: shared by `serve` and the commands that seal or open secrets. The keys
+/// themselves come from the environment only (see [`SECRET_ENV_VARS`]).
 #[derive(Debug, Clone, Args)]
 pub struct KeyArgs {
-    /// Master key, 32 bytes in standard base64.
-    #[arg(
-        long = "master-key",
-        env = "COORDINATOR_MASTER_KEY",
-        hide_env_values = true,
-        hide = true
-    )]
-    pub master_key: Option<String>,
+    /// Master key, 32 bytes in standard base64 (`COORDINATOR_MASTER_KEY`).
+    #[arg(skip = secret_env("COORDINATOR_MASTER_KEY"))]
+    pub master_key: Option<SecretString>,
 
-    /// File holding the master key (base64), instead of COORDINATOR_MASTER_KEY.
+    /// File holding the master key (base64), instead of COORDINATOR_MASTER_KEY. The
+    /// key itself is never a flag (flags show in `ps`): set COORDINATOR_MASTER_KEY, or
+    /// COORDINATOR_MASTER_KEY_PREVIOUS for the previous key during a rotation.
     #[arg(long, env = "COORDINATOR_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
 
-    /// The previous master key, tried for rows sealed under its id (during rotation).
-    #[arg(
-        long = "master-key-previous",
-        env = "COORDINATOR_MASTER_KEY_PREVIOUS",
-        hide_env_values = true,
-        hide = true
-    )]
-    pub master_key_previous: Option<String>,
+    /// The previous master key, tried for rows sealed under its id (during rotation)
+    /// (`COORDINATOR_MASTER_KEY_PREVIOUS`).
+    #[arg(skip = secret_env("COORDINATOR_MASTER_KEY_PREVIOUS"))]
+    pub master_key_previous: Option<SecretString>,
 }
 
 impl KeyArgs {
@@ -83,25 +116,27 @@ impl KeyArgs {
             return Ok((Arc::new(dev_master_key()?), None));
         }
         let current = match (&self.master_key, &self.master_key_file) {
-            (Some(k), _) if !k.trim().is_empty() => MasterKey::from_base64(k)
-                .map_err(|_| bad("COORDINATOR_MASTER_KEY", "must be 32 bytes in base64"))?,
+            (Some(k), _) if !k.expose_secret().trim().is_empty() => {
+                MasterKey::from_base64(k.expose_secret())
+                    .map_err(|_| bad("COORDINATOR_MASTER_KEY", "must be 32 bytes in base64"))?
+            }
             (_, Some(path)) => read_key_file(path)?,
-            _ if dev => dev_master_key()?,
             _ => {
                 return Err(ConfigError(
-                    "COORDINATOR_MASTER_KEY is not set (or use --master-key-file; `serve --dev` generates one)"
+                    "COORDINATOR_MASTER_KEY is not set (or use --master-key-file, or --dev for the generated ./.coordinator/master.key)"
                         .into(),
                 ))
             }
         };
         let previous = match &self.master_key_previous {
-            Some(k) if !k.trim().is_empty() => {
-                Some(Arc::new(MasterKey::from_base64(k).map_err(|_| {
+            Some(k) if !k.expose_secret().trim().is_empty() => {
+                let key = MasterKey::from_base64(k.expose_secret()).map_err(|_| {
                     bad(
                         "COORDINATOR_MASTER_KEY_PREVIOUS",
                         "must be 32 bytes in base64",
                     )
-                })?))
+                })?;
+                Some(Arc::new(key))
             }
             _ => None,
         };
@@ -116,6 +151,20 @@ fn read_key_file(path: &std::path::Path) -> Result<MasterKey, ConfigError> {
             format!("cannot read {}: {e}", path.display()),
         )
     })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                eprintln!(
+                    "coordinator: warning: the master key file {} is readable by other users \
+                     (mode {mode:04o}); chmod 600 it",
+                    path.display()
+                );
+            }
+        }
+    }
     MasterKey::from_base64(text.trim()).map_err(|_| {
         bad(
             "COORDINATOR_MASTER_KEY_FILE",
@@ -126,6 +175,7 @@ fn read_key_file(path: &std::path::Path) -> Result<MasterKey, ConfigError> {
 
 /// The dev master key under `./.coordinator/master.key`, generated (0600) if absent.
 fn dev_master_key() -> Result<MasterKey, ConfigError> {
+    prepare_dev_dir()?;
     let path = Config::dev_dir().join("master.key");
     if path.exists() {
         return read_key_file(&path);
@@ -136,22 +186,147 @@ fn dev_master_key() -> Result<MasterKey, ConfigError> {
     Ok(key)
 }
 
-/// Write a file readable by its owner only (0600 on Unix).
-pub fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+/// Make `./.coordinator/` private, whether it is new or not: the directory 0700 and
+/// owned by us, every file in it 0600, no symbolic links anywhere in it (a link could
+/// send a secret, or the database, somewhere else). The SQLite database is created
+/// empty and 0600 before SQLite opens it, so its `-wal` and `-shm` files (which copy
+/// the database's mode) are private from the start.
+pub fn prepare_dev_dir() -> Result<(), ConfigError> {
+    let dir = Config::dev_dir();
+    let fail = |why: String| ConfigError(format!("{}: {why}", dir.display()));
+    match std::fs::symlink_metadata(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut builder = std::fs::DirBuilder::new();
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                builder.mode(0o700);
+            }
+            builder
+                .create(&dir)
+                .map_err(|e| fail(format!("cannot create: {e}")))?;
+        }
+        Err(e) => return Err(fail(e.to_string())),
+        Ok(meta) if meta.file_type().is_symlink() => {
+            return Err(fail(
+                "is a symbolic link; refusing to keep credentials behind it".into(),
+            ))
+        }
+        Ok(meta) if !meta.is_dir() => return Err(fail("is not a directory".into())),
+        Ok(_) => {}
     }
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::symlink_metadata(&dir).map_err(|e| fail(e.to_string()))?;
+        if let Some(uid) = current_uid() {
+            if meta.uid() != uid {
+                return Err(fail(format!(
+                    "is owned by uid {}, not by the user running this command",
+                    meta.uid()
+                )));
+            }
+        }
+        if meta.mode() & 0o777 != 0o700 {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| fail(format!("cannot make it private (chmod 700): {e}")))?;
+        }
+        let entries = std::fs::read_dir(&dir).map_err(|e| fail(e.to_string()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| fail(e.to_string()))?;
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path).map_err(|e| fail(e.to_string()))?;
+            if meta.file_type().is_symlink() {
+                return Err(ConfigError(format!(
+                    "{} is a symbolic link; refusing to use it (remove it)",
+                    path.display()
+                )));
+            }
+            if meta.is_file() && meta.mode() & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
+                    |e| ConfigError(format!("cannot chmod 600 {}: {e}", path.display())),
+                )?;
+            }
+        }
     }
-    let mut f = opts.open(path)?;
-    f.write_all(contents)?;
-    f.sync_all()
+    let db = dir.join("coordinator.db");
+    if !db.exists() {
+        write_private(&db, b"")
+            .map_err(|e| ConfigError(format!("cannot create {}: {e}", db.display())))?;
+    }
+    Ok(())
+}
+
+/// The user id this process runs as, where it can be found without `unsafe` (Linux:
+/// the owner of `/proc/self`). `None` elsewhere: ownership checks are then skipped.
+pub fn current_uid() -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// Write a file readable by its owner only (0600 on Unix), new or not: an existing
+/// file gets mode 0600 before anything is written to it. A symbolic link is refused
+/// (never followed), and so is a path that changed between the check and the open.
+pub fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind, Write};
+    let mut opts = std::fs::OpenOptions::new();
+    let mut file = match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{} is a symbolic link; refusing to write through it",
+                    path.display()
+                ),
+            ))
+        }
+        Ok(meta) if !meta.is_file() => {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{} is not a regular file", path.display()),
+            ))
+        }
+        Ok(meta) => {
+            // Neither create nor truncate yet: first make sure this is the file checked.
+            let file = opts.write(true).open(path)?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::{MetadataExt, PermissionsExt};
+                let opened = file.metadata()?;
+                if opened.dev() != meta.dev() || opened.ino() != meta.ino() {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("{} changed while it was opened", path.display()),
+                    ));
+                }
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
+            #[cfg(not(unix))]
+            let _ = meta;
+            file.set_len(0)?;
+            file
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            // `create_new` (O_EXCL) does not follow a link planted meanwhile.
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            opts.open(path)?
+        }
+        Err(e) => return Err(e),
+    };
+    file.write_all(contents)?;
+    file.sync_all()
 }
 
 /// Arguments of `coordinator serve`.
@@ -188,13 +363,9 @@ pub struct ServeArgs {
     pub keys: KeyArgs,
 
     /// Bootstrap API key for caller `bootstrap` (all scopes); at least 32 characters.
-    #[arg(
-        long = "api-key",
-        env = "COORDINATOR_API_KEY",
-        hide_env_values = true,
-        hide = true
-    )]
-    pub api_key: Option<String>,
+    /// From `COORDINATOR_API_KEY` only, never a flag.
+    #[arg(skip = secret_env("COORDINATOR_API_KEY"))]
+    pub api_key: Option<SecretString>,
 
     /// Kill switch: refuse API keys, accept only signed requests (and job tokens).
     #[arg(long, env = "COORDINATOR_REQUIRE_SIGNATURE", default_value_t = false, action = clap::ArgAction::Set)]
@@ -369,10 +540,10 @@ impl ServeArgs {
             ));
         }
         let bootstrap_api_key = match &self.api_key {
-            Some(k) if k.chars().count() < 32 => {
+            Some(k) if k.expose_secret().chars().count() < 32 => {
                 return Err(bad("COORDINATOR_API_KEY", "must be at least 32 characters"))
             }
-            Some(k) => Some(crate::crypto::sha256(k.as_bytes())),
+            Some(k) => Some(crate::crypto::sha256(k.expose_secret().as_bytes())),
             None => None,
         };
         if !(1..=3600).contains(&self.signature_skew_secs) {
@@ -496,5 +667,40 @@ impl Config {
 
     pub fn dev_dir() -> PathBuf {
         PathBuf::from(DEV_DIR)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// `Debug` of the argument structs (e.g. in a log line or a panic message) never
+    /// shows a key or a database password.
+    #[test]
+    fn debug_redacts_every_secret() {
+        let cli = crate::cli::Cli::try_parse_from([
+            "coordinator",
+            "serve",
+            "--database-url",
+            "postgres://app:hunter2@db.internal/coordinator",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let crate::cli::Command::Serve(mut args) = cli.command else {
+            panic!("not serve");
+        };
+        args.api_key = Some(SecretString::from("bootstrap-key-0123456789-0123456789"));
+        args.keys.master_key = Some(SecretString::from("current-master-key-base64"));
+        args.keys.master_key_previous = Some(SecretString::from("previous-master-key-base64"));
+        let shown = format!("{args:?}");
+        for secret in [
+            "hunter2",
+            "bootstrap-key",
+            "current-master",
+            "previous-master",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("postgres://…"), "{shown}");
     }
 }

@@ -1,11 +1,21 @@
-//! Thin: parse the command line, run it, map errors to exit codes.
+//! Thin: load `.env`, parse the command line, run it, map errors to exit codes.
 use clap::Parser;
-use coordinator::cli::{self, Cli, CliError};
+use coordinator::cli::{self, env_file, Cli, CliError};
 
 fn main() -> std::process::ExitCode {
-    // `.env` never overrides variables that are already set.
-    let _ = dotenvy::dotenv();
-    let cli = match Cli::try_parse() {
+    // `.env` from the working directory only (or `--env-file`), loaded before parsing
+    // because clap reads the environment; it never overrides variables that are set.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let requested = env_file::requested(&args);
+    match env_file::load(requested.as_deref()) {
+        Ok(Some(path)) => eprintln!("coordinator: read settings from {}", path.display()),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("coordinator: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    }
+    let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
@@ -21,6 +31,14 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if cli.env_file != requested {
+        eprintln!(
+            "coordinator: {} must be given as `{} FILE` before any `--`",
+            env_file::FLAG,
+            env_file::FLAG
+        );
+        return std::process::ExitCode::from(2);
+    }
     coordinator::telemetry::logger(false).init();
     match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -165,6 +165,12 @@ fn secrets_are_shown_once_and_rotate() {
         assert!(!listing.contains(&v1[4..20]));
     }
     let rows = list.as_array().unwrap();
+    // Each secret's display prefix (with the master key at hand), never more.
+    let prefixes: Vec<&str> = rows.iter().filter_map(|r| r["prefix"].as_str()).collect();
+    for secret in [&v1, &v2] {
+        assert!(prefixes.contains(&&secret[..8]), "{prefixes:?}");
+    }
+    assert!(prefixes.contains(&&whsec[..10]), "{prefixes:?}");
     let hmac = |v: i64| {
         rows.iter()
             .find(|r| r["kind"] == "hmac" && r["version"] == v)
@@ -503,6 +509,7 @@ fn call_signs_sends_and_explains() {
     ];
 
     let out = call(&env, &server, &hmac, &["GET", "/coordinator/health"]);
+    assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
     let body: Value = serde_json::from_str(&check(out, &["call health"])).unwrap();
     assert_eq!(body["status"], "ok");
 
@@ -549,6 +556,16 @@ fn call_signs_sends_and_explains() {
     assert!(err.contains("signature mismatch"), "{err}");
     assert!(err.contains("target") && err.contains("/coordinator/health?x=1"));
     assert!(err.contains("every component matches"), "{err}");
+    // It names what the operator can compare: the version and the secret's prefix,
+    // which `secret list` shows.
+    assert!(
+        err.contains(&format!("starting `{}`", &wrong[..8])),
+        "{err}"
+    );
+    assert!(err.contains("secret list svc"), "{err}");
+    assert!(!err.contains(&wrong[8..]), "{err}");
+    let listed = env.ok(&["secret", "list", "svc"]);
+    assert!(listed.contains(&secret[..8]), "{listed}");
 
     let out = call(
         &env,
@@ -577,6 +594,273 @@ fn call_signs_sends_and_explains() {
         ]
     );
     assert!(rows.iter().all(|r| r["same"] == true));
+}
+
+/// A listener that records whether anything connected to it.
+fn watched_listener() -> (std::net::TcpListener, String) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    (l, url)
+}
+
+fn connected(l: &std::net::TcpListener) -> bool {
+    l.accept().is_ok()
+}
+
+/// `call` takes its credentials from one source and the URL from the same one: a
+/// caller named in the environment means the environment only (never the dev file's
+/// all-scopes `dev` caller), and the dev file's credentials go only to the dev file's
+/// URL, never to a `COORDINATOR_URL` from somewhere else (e.g. a planted `.env`).
+#[test]
+fn call_never_mixes_credential_sources() {
+    let env = Env::new();
+    let (dev_listener, dev_url) = watched_listener();
+    let (other_listener, other_url) = watched_listener();
+    let dir = env.dir.path().join(".coordinator");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("dev-credentials.env"),
+        format!(
+            "COORDINATOR_URL={dev_url}\nCOORDINATOR_CALLER=dev\nCOORDINATOR_CLIENT_API_KEY={}\nCOORDINATOR_HMAC_SECRET={}\n",
+            ApiKey::generate().expose_secret(),
+            HmacSecret::generate().expose_secret()
+        ),
+    )
+    .unwrap();
+
+    // The environment names a caller but has no API key: a one-line error naming it.
+    let out = env
+        .bare()
+        .env("COORDINATOR_CALLER", "builder")
+        .args(["call", "--api-key", "GET", "/coordinator/health"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("COORDINATOR_CLIENT_API_KEY is not set"),
+        "{err}"
+    );
+    assert!(err.contains("COORDINATOR_CALLER"), "{err}");
+    assert!(!connected(&dev_listener), "sent the dev credentials");
+
+    // Credentials from the dev file, URL from the environment: refused.
+    for args in [
+        &["call", "--api-key", "GET", "/coordinator/health"][..],
+        &["call", "GET", "/coordinator/health"],
+    ] {
+        let out = env
+            .bare()
+            .env("COORDINATOR_URL", &other_url)
+            .args(args)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("COORDINATOR_URL"), "{err}");
+        assert!(
+            !connected(&other_listener),
+            "{args:?}: sent the dev credentials elsewhere"
+        );
+    }
+
+    // The same URL as the file's is fine, and the request goes there.
+    let mut child = env
+        .bare()
+        .env("COORDINATOR_URL", format!("{dev_url}/"))
+        .args(["call", "--api-key", "GET", "/coordinator/health"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut reached = false;
+    while started.elapsed() < Duration::from_secs(20) {
+        if let Ok((stream, _)) = dev_listener.accept() {
+            drop(stream);
+            reached = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(reached, "the request did not go to the dev file's URL");
+    assert!(!connected(&other_listener));
+}
+
+/// A credential about to go to another machine over plain http gets a warning.
+#[test]
+fn call_warns_before_sending_a_credential_over_plain_http_to_another_host() {
+    let env = Env::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let key = ApiKey::generate();
+    let out = env
+        .bare()
+        // Not a loopback address (though Linux connects it locally, and nothing listens).
+        .env("COORDINATOR_URL", format!("http://0.0.0.0:{port}"))
+        .env("COORDINATOR_CLIENT_API_KEY", key.expose_secret())
+        .args(["call", "--api-key", "GET", "/coordinator/health"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("warning: sending an API key to http://0.0.0.0"),
+        "{err}"
+    );
+}
+
+/// Run `serve --dev` in `dir` until it listens, then stop it; its stdout and stderr.
+fn serve_dev_once(dir: &Path) -> (String, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let (out, err) = (dir.join("serve.out"), dir.join("serve.err"));
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .current_dir(dir)
+        .args(["serve", "--dev", "--bind", &bind, "--workers", "1"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(&bind).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let err = std::fs::read_to_string(&err).unwrap();
+            panic!("serve --dev exited ({status}): {err}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    (
+        std::fs::read_to_string(out).unwrap(),
+        std::fs::read_to_string(err).unwrap(),
+    )
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// `serve --dev` prints the plaintext credentials when it creates them and only points
+/// to the file on later starts; its state is private (directory 0700, files 0600) even
+/// when it existed with looser modes, and symbolic links in it are refused.
+#[test]
+fn serve_dev_shows_credentials_once_and_keeps_its_state_private() {
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join(".coordinator");
+    // A directory left from before, readable by everyone.
+    std::fs::create_dir(&state).unwrap();
+    set_mode(&state, 0o755);
+
+    let (stdout, _) = serve_dev_once(work.path());
+    let creds = kv(&stdout);
+    let secret = creds["COORDINATOR_HMAC_SECRET"].clone();
+    assert!(secret.starts_with("coh_"), "{stdout}");
+    assert!(creds["COORDINATOR_CLIENT_API_KEY"].starts_with("cok_"));
+    assert_eq!(mode(&state), 0o700);
+    let files: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    for name in ["coordinator.db", "master.key", "dev-credentials.env"] {
+        assert!(
+            files.contains(&state.join(name)),
+            "{name} missing: {files:?}"
+        );
+    }
+    for file in &files {
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
+
+    // Loosened by someone: the next start tightens everything again, and shows no
+    // secret, only where the credentials are.
+    set_mode(&state, 0o755);
+    set_mode(&state.join("dev-credentials.env"), 0o644);
+    set_mode(&state.join("master.key"), 0o644);
+    set_mode(&state.join("coordinator.db"), 0o644);
+    let (stdout, err) = serve_dev_once(work.path());
+    assert!(!stdout.contains(&secret), "printed again: {stdout}");
+    assert!(!stdout.contains("COORDINATOR_"), "{stdout}");
+    assert!(err.contains("dev-credentials.env"), "{err}");
+    assert_eq!(mode(&state), 0o700);
+    for file in std::fs::read_dir(&state).unwrap() {
+        let file = file.unwrap().path();
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+    let saved = std::fs::read_to_string(state.join("dev-credentials.env")).unwrap();
+    assert!(saved.contains(&secret));
+
+    // A symbolic link in the state directory (here: the credentials file pointing
+    // elsewhere) is refused, and the file it points to is left alone.
+    let outside = work.path().join("outside.txt");
+    std::fs::write(&outside, "untouched").unwrap();
+    std::fs::remove_file(state.join("dev-credentials.env")).unwrap();
+    std::os::unix::fs::symlink(&outside, state.join("dev-credentials.env")).unwrap();
+    let out = Command::new(BIN)
+        .env_clear()
+        .current_dir(work.path())
+        .args(["serve", "--dev", "--bind", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&outside).unwrap(), "untouched");
+    assert!(out.stdout.is_empty());
+}
+
+/// A master key file that other users can read gets a warning.
+#[test]
+fn a_master_key_file_readable_by_others_gets_a_warning() {
+    let env = Env::new();
+    let key_file = env.dir.path().join("master.key");
+    std::fs::write(&key_file, &env.master_key).unwrap();
+    let run = |m: u32| {
+        set_mode(&key_file, m);
+        let out = env
+            .bare()
+            .env("DATABASE_URL", &env.db_url)
+            .env("COORDINATOR_MASTER_KEY_FILE", &key_file)
+            .args(["secret", "rewrap"])
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    let err = run(0o644);
+    assert!(
+        err.contains("warning") && err.contains("readable by other users"),
+        "{err}"
+    );
+    let err = run(0o600);
+    assert!(!err.contains("warning"), "{err}");
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use clap::CommandFactory;
+use clap::{CommandFactory, Parser};
 use coordinator::cli::Cli;
 
 const BIN: &str = env!("CARGO_BIN_EXE_coordinator");
@@ -21,6 +21,10 @@ const NOT_CLAP: &[&str] = &[
     "COORDINATOR_HMAC_SECRET",
     "COORDINATOR_KEY_VERSION",
     "COORDINATOR_CLIENT_API_KEY",
+    // Secrets: environment only, never a flag (`coordinator::config::SECRET_ENV_VARS`).
+    "COORDINATOR_MASTER_KEY",
+    "COORDINATOR_MASTER_KEY_PREVIOUS",
+    "COORDINATOR_API_KEY",
 ];
 
 /// Every environment variable of every argument of every subcommand, with the
@@ -298,4 +302,232 @@ fn dev_mode_ignores_database_url_and_master_key_in_the_environment() {
     );
     assert!(!dir.path().join("production.db").exists());
     assert!(dir.path().join(".coordinator/coordinator.db").exists());
+    // And it says so, as `serve --dev` does.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--dev ignores DATABASE_URL"), "{stderr}");
+}
+
+/// An operator command without a database points to its own `--dev` flag.
+#[test]
+fn operator_commands_without_a_database_name_their_dev_flag() {
+    let (out, dir) = run(&["caller", "list"], &[]);
+    assert_config_error(&out, &dir, "DATABASE_URL", "caller list");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("add --dev"), "{stderr}");
+}
+
+/// The repository is complete on its own: no document points outside it (the design
+/// lives in docs/design.md), and every relative Markdown link names a file that exists.
+#[test]
+fn docs_are_self_contained() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md"), root.join(".env.example")];
+    for dir in ["docs", "scripts"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                files.push(path);
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for needle in ["shared/", "DESIGN.md", "DESIGN §"] {
+            if text.contains(needle) {
+                problems.push(format!("{} mentions `{needle}`", file.display()));
+            }
+        }
+        if file.extension().is_some_and(|e| e == "md") {
+            let dir = file.parent().unwrap();
+            for link in markdown_links(&text) {
+                let target = link.split('#').next().unwrap_or_default();
+                if target.is_empty() || link.contains("://") || link.starts_with("mailto:") {
+                    continue;
+                }
+                if !dir.join(target).exists() {
+                    problems.push(format!("{}: broken link ({link})", file.display()));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// The targets of inline Markdown links, `[text](target)`.
+fn markdown_links(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("](") {
+        rest = &rest[i + 2..];
+        if let Some(end) = rest.find(')') {
+            out.push(rest[..end].to_owned());
+        }
+    }
+    out
+}
+
+/// The binary in `dir` with only `vars` set.
+fn run_in(dir: &Path, args: &[&str], vars: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_clear()
+        .current_dir(dir)
+        .stdin(Stdio::null());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn write_mode(path: &Path, text: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A `.env` in a parent directory (e.g. one planted in /tmp) is never read.
+#[test]
+fn dot_env_is_not_read_from_a_parent_directory() {
+    let parent = tempfile::tempdir().unwrap();
+    write_mode(
+        &parent.path().join(".env"),
+        "DATABASE_URL=sqlite://./planted.db\n",
+        0o600,
+    );
+    let child = parent.path().join("work");
+    std::fs::create_dir(&child).unwrap();
+    let out = run_in(&child, &["migrate"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("DATABASE_URL is not set"), "{stderr}");
+    assert!(
+        !child.join("planted.db").exists(),
+        "the parent's .env was applied"
+    );
+    assert!(!stderr.contains(".env"), "{stderr}");
+}
+
+/// The working directory's `.env` is read, and stderr names it.
+#[test]
+fn dot_env_in_the_working_directory_is_read_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = dir.path().join(".env");
+    write_mode(&env, "DATABASE_URL=sqlite://./from-dot-env.db\n", 0o600);
+    let out = run_in(dir.path(), &["migrate"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(dir.path().join("from-dot-env.db").exists());
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("read settings from") && first.contains(&env.display().to_string()),
+        "{stderr}"
+    );
+
+    // `--env-file` names another file; the working directory's `.env` is then ignored.
+    let other = dir.path().join("other.env");
+    write_mode(&other, "DATABASE_URL=sqlite://./from-env-file.db\n", 0o600);
+    let out = run_in(dir.path(), &["migrate", "--env-file", "other.env"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(dir.path().join("from-env-file.db").exists());
+    assert!(stderr.contains("other.env"), "{stderr}");
+    // A variable that is set wins over the file.
+    let out = run_in(
+        dir.path(),
+        &["--env-file=other.env", "migrate"],
+        &[("DATABASE_URL", "sqlite://./from-variable.db")],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("from-variable.db").exists());
+    // A missing explicit file is an error, not silently nothing.
+    let out = run_in(dir.path(), &["migrate", "--env-file", "missing.env"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// A `.env` someone else could have written is refused before anything is read from it.
+#[test]
+fn dot_env_writable_by_others_or_owned_by_another_user_is_refused() {
+    for mode in [0o666, 0o620, 0o602] {
+        let dir = tempfile::tempdir().unwrap();
+        write_mode(
+            &dir.path().join(".env"),
+            "DATABASE_URL=sqlite://./x.db\n",
+            mode,
+        );
+        let out = run_in(dir.path(), &["migrate"], &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{mode:o}: {stderr}");
+        assert!(stderr.contains("writable by other users"), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(!dir.path().join("x.db").exists());
+    }
+    // Owned by another user (only root can set that up).
+    let dir = tempfile::tempdir().unwrap();
+    let env = dir.path().join(".env");
+    write_mode(&env, "DATABASE_URL=sqlite://./x.db\n", 0o644);
+    if std::os::unix::fs::chown(&env, Some(65_534), None).is_ok() {
+        let out = run_in(dir.path(), &["migrate"], &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("owned by uid 65534"), "{stderr}");
+        assert!(!dir.path().join("x.db").exists());
+    }
+}
+
+/// Secrets are never command-line flags (every local user can read those in `ps`): the
+/// flags are refused with a pointer to the variable, without echoing the value.
+#[test]
+fn secrets_are_not_accepted_as_flags() {
+    for (flag, var) in [
+        ("--master-key", "COORDINATOR_MASTER_KEY"),
+        ("--master-key-previous", "COORDINATOR_MASTER_KEY_PREVIOUS"),
+        ("--api-key", "COORDINATOR_API_KEY"),
+    ] {
+        for args in [
+            vec!["serve", flag, MASTER_KEY],
+            vec!["serve", &format!("{flag}={MASTER_KEY}")],
+        ] {
+            let args: Vec<&str> = args.iter().map(|a| a.as_ref()).collect();
+            let (out, dir) = run(&args, &[("DATABASE_URL", SQLITE_URL)]);
+            assert_config_error(&out, &dir, var, flag);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.contains("not accepted"), "{stderr}");
+            assert!(!stderr.contains(MASTER_KEY), "echoed the secret: {stderr}");
+        }
+    }
+    // The variables still work.
+    let (out, dir) = run(
+        &["serve"],
+        &[
+            ("DATABASE_URL", SQLITE_URL),
+            ("COORDINATOR_MASTER_KEY", MASTER_KEY),
+            ("COORDINATOR_MASTER_KEY_PREVIOUS", "AAAA"),
+        ],
+    );
+    assert_config_error(
+        &out,
+        &dir,
+        "COORDINATOR_MASTER_KEY_PREVIOUS",
+        "bad previous key",
+    );
+}
+
+/// `Debug` of the parsed command line never shows a database password.
+#[test]
+fn debug_output_redacts_the_database_url() {
+    let cli = Cli::try_parse_from([
+        "coordinator",
+        "migrate",
+        "--database-url",
+        "postgres://app:hunter2@db.internal/coordinator",
+    ])
+    .unwrap();
+    let shown = format!("{cli:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("postgres://"), "{shown}");
 }

@@ -882,7 +882,7 @@ fn main() {
             r.peak.client_cpu_pct
         );
     }
-    let _ = writeln!(md, "\n## Ratios (DESIGN §7)\n");
+    let _ = writeln!(md, "\n## Ratios (docs/design.md §9)\n");
     for backend in ["sqlite", "postgres"] {
         let get = |s: Scenario| {
             rows.iter()

@@ -1,5 +1,5 @@
 //! `serve --dev`: a bootstrap caller `dev` with every scope and one credential of each
-//! kind, printed once as `KEY=value` lines and written to
+//! kind, printed once (when created) as `KEY=value` lines and written to
 //! `./.coordinator/dev-credentials.env` (0600). `sign` and `call` read the same variables.
 
 use std::path::{Path, PathBuf};
@@ -16,19 +16,20 @@ pub fn credentials_path() -> PathBuf {
     crate::config::Config::dev_dir().join("dev-credentials.env")
 }
 
-/// Create the dev caller and its credentials unless they exist; returns the lines of
-/// the credentials file.
+/// Create the dev caller and its credentials unless they exist. Returns the lines of
+/// the credentials file when they were created just now (to be shown once), `None`
+/// when they existed already (they are in `file`, not shown again).
 pub fn ensure_dev_caller(
     db: &Db,
     sealer: &Sealer,
     url: &str,
     file: &Path,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Option<String>> {
     let exists = db
         .write_sync(|conn| super::repo::find_caller(conn, DEV_CALLER))?
         .is_some();
     if exists && file.exists() {
-        return Ok(std::fs::read_to_string(file)?);
+        return Ok(None);
     }
     if !exists {
         admin::add_caller(db, DEV_CALLER, &Scope::ALL)?;
@@ -44,5 +45,5 @@ pub fn ensure_dev_caller(
         webhook.plaintext.as_str(),
     );
     crate::config::write_private(file, text.as_bytes())?;
-    Ok(text)
+    Ok(Some(text))
 }

@@ -79,6 +79,19 @@ pub fn run(args: CallArgs) -> anyhow::Result<()> {
     if target != args.path && !args.output.json {
         eprintln!("note: the request target is sent as {target}");
     }
+    if !is_loopback_host(sent.host()) {
+        // Nothing protects the request on the way: an API key can be replayed by anyone
+        // who sees it, a signed request within the timestamp window elsewhere.
+        eprintln!(
+            "warning: sending {} to {base} over plain http: anyone on the path can read it; \
+             put the service behind TLS and call it through a local proxy",
+            if args.api_key {
+                "an API key"
+            } else {
+                "a signed request"
+            }
+        );
+    }
 
     let mut signed: Option<(Signed, String)> = None;
     if args.api_key {
@@ -161,6 +174,17 @@ pub fn run(args: CallArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `localhost` (or a name under it) or a loopback address: traffic that never leaves
+/// the machine.
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Pair the client's components with the server's signed string split on `\n`.
 fn compare(signed: &Signed, server_canonical: &str) -> Vec<Comparison> {
     let mut server = server_canonical.split('\n');
@@ -206,10 +230,16 @@ fn explain_text(
                 eprintln!("  {:<width$}  server: {}", "", c.server);
             }
         }
-        if cmp.iter().all(|c| c.client == c.server) {
+        if let (true, Some((s, _))) = (cmp.iter().all(|c| c.client == c.server), signed) {
+            let version = match s.key_version {
+                Some(v) => format!("version {v} (COORDINATOR_KEY_VERSION)"),
+                None => "no version (the server tried its active versions)".to_owned(),
+            };
             eprintln!(
-                "every component matches, so the secret differs: check COORDINATOR_HMAC_SECRET \
-                 (and COORDINATOR_KEY_VERSION) against `coordinator secret list`"
+                "every component matches, so the secret differs: this client signed as `{}` \
+                 with a secret starting `{}`, {version}. Compare with the VERSION and PREFIX \
+                 columns of `coordinator secret list {}` (PREFIX needs the master key)",
+                s.caller, s.secret_prefix, s.caller
             );
         }
         return;
@@ -233,6 +263,29 @@ mod tests {
     use super::*;
     use crate::cli::client::HmacCredentials;
     use crate::crypto::credential::HmacSecret;
+
+    #[test]
+    fn loopback_hosts() {
+        for host in [
+            "127.0.0.1",
+            "127.8.9.1",
+            "localhost",
+            "LOCALHOST",
+            "a.localhost",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "10.0.0.1",
+            "0.0.0.0",
+            "example.com",
+            "localhost.example.com",
+            "[::]",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 
     #[test]
     fn compare_marks_the_differing_component() {

@@ -1,10 +1,14 @@
 //! Client-side credentials for `sign` and `call`, and the signing they share with the
 //! server (`auth::signing`, the one canonical-string builder).
 //!
-//! Variables come from the environment (which `main` has already filled from `.env`,
-//! never overriding what is set). When none of the credential variables a command needs
-//! is set, `./.coordinator/dev-credentials.env` (written by `serve --dev`) is read
-//! instead, as a whole, so credentials from two sources are never mixed.
+//! Credentials come from exactly one source, and the URL from the same one:
+//!
+//! - the environment (which `main` has filled from `./.env` or `--env-file`, never
+//!   overriding what is set) as soon as any credential variable is set there; a
+//!   missing one is then an error naming it, never filled in from elsewhere;
+//! - otherwise `./.coordinator/dev-credentials.env` (written by `serve --dev`), as a
+//!   whole, URL included. A `COORDINATOR_URL` in the environment that names another
+//!   server is refused: the dev credentials go only where the dev file says.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -24,6 +28,10 @@ pub const VAR_KEY_VERSION: &str = "COORDINATOR_KEY_VERSION";
 pub const VAR_API_KEY: &str = "COORDINATOR_CLIENT_API_KEY";
 pub const DEFAULT_URL: &str = "http://127.0.0.1:8080";
 
+/// The variables that name a credential: any of them set in the environment makes the
+/// environment the only source.
+pub const CREDENTIAL_VARS: [&str; 4] = [VAR_CALLER, VAR_HMAC_SECRET, VAR_KEY_VERSION, VAR_API_KEY];
+
 /// The signature headers as sent, in the order they are printed.
 pub const H_CALLER: &str = "X-Coordinator-Caller";
 pub const H_TIMESTAMP: &str = "X-Coordinator-Timestamp";
@@ -31,67 +39,92 @@ pub const H_NONCE: &str = "X-Coordinator-Nonce";
 pub const H_KEY_VERSION: &str = "X-Coordinator-Key-Version";
 pub const H_SIGNATURE: &str = "X-Coordinator-Signature";
 
-/// Variables from the process environment, falling back to the dev credentials file.
+/// The client's variables, all from one source.
 pub struct ClientEnv {
-    file: HashMap<String, String>,
-    file_path: Option<PathBuf>,
+    /// `None`: the process environment; `Some`: the dev credentials file's contents.
+    file: Option<HashMap<String, String>>,
 }
 
 fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
+fn normalize_url(url: &str) -> String {
+    url.trim().trim_end_matches('/').to_owned()
+}
+
 impl ClientEnv {
     /// Load for a command that needs every variable in `needed`.
     pub fn load(needed: &[&str]) -> anyhow::Result<Self> {
-        let set: Vec<&str> = needed
+        let set: Vec<&str> = CREDENTIAL_VARS
             .iter()
             .copied()
             .filter(|n| env_var(n).is_some())
             .collect();
-        let mut env = ClientEnv {
-            file: HashMap::new(),
-            file_path: None,
-        };
-        if set.is_empty() {
-            let path = crate::auth::dev::credentials_path();
-            if path.exists() {
-                for item in dotenvy::from_path_iter(&path)
-                    .with_context(|| format!("cannot read {}", path.display()))?
-                {
-                    let (k, v) =
-                        item.with_context(|| format!("cannot parse {}", path.display()))?;
-                    env.file.insert(k, v);
-                }
-                env.file_path = Some(path);
+        if !set.is_empty() {
+            if let Some(missing) = needed.iter().find(|n| env_var(n).is_none()) {
+                return Err(ConfigError(format!(
+                    "{missing} is not set: {} is set, so the credentials come from the \
+                     environment only",
+                    set.join(" and ")
+                ))
+                .into());
+            }
+            return Ok(ClientEnv { file: None });
+        }
+        let path = crate::auth::dev::credentials_path();
+        if !path.exists() {
+            return Err(ConfigError(format!(
+                "{} is not set: set {} (or run `coordinator serve --dev` in this directory, \
+                 which writes {})",
+                needed.first().copied().unwrap_or(VAR_CALLER),
+                needed.join(" and "),
+                path.display()
+            ))
+            .into());
+        }
+        let mut file = HashMap::new();
+        for item in dotenvy::from_path_iter(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+        {
+            let (k, v) = item.with_context(|| format!("cannot parse {}", path.display()))?;
+            file.insert(k, v);
+        }
+        let env = ClientEnv { file: Some(file) };
+        if let Some(missing) = needed.iter().find(|n| env.get(n).is_none()) {
+            return Err(ConfigError(format!(
+                "{missing} is not set, and {} does not have it either",
+                path.display()
+            ))
+            .into());
+        }
+        if let Some(other) = env_var(VAR_URL) {
+            if normalize_url(&other) != env.url() {
+                return Err(ConfigError(format!(
+                    "{VAR_URL} is set to {other}, but the credentials come from {}, which is \
+                     for {}: unset {VAR_URL}, or set the credentials in the environment too",
+                    path.display(),
+                    env.url()
+                ))
+                .into());
             }
         }
-        if let Some(missing) = needed.iter().find(|n| env.get(n).is_none()) {
-            let hint = if set.is_empty() {
-                format!(
-                    "set {} (or run `coordinator serve --dev` in this directory, which writes {})",
-                    needed.join(" and "),
-                    crate::auth::dev::credentials_path().display()
-                )
-            } else {
-                format!("{} is set, so {} must be too", set.join(" and "), missing)
-            };
-            return Err(ConfigError(format!("{missing} is not set: {hint}")).into());
-        }
-        if let Some(p) = &env.file_path {
-            eprintln!("using credentials from {}", p.display());
-        }
+        eprintln!("using credentials from {}", path.display());
         Ok(env)
     }
 
+    /// A variable from the one source the credentials come from.
     pub fn get(&self, name: &str) -> Option<String> {
-        env_var(name).or_else(|| self.file.get(name).filter(|v| !v.is_empty()).cloned())
+        match &self.file {
+            None => env_var(name),
+            Some(file) => file.get(name).filter(|v| !v.trim().is_empty()).cloned(),
+        }
     }
 
-    /// `COORDINATOR_URL` without a trailing `/` (default `http://127.0.0.1:8080`).
+    /// `COORDINATOR_URL` without a trailing `/` (default `http://127.0.0.1:8080`), from
+    /// the same source as the credentials.
     pub fn url(&self) -> String {
-        let url = self.get(VAR_URL).unwrap_or_else(|| DEFAULT_URL.to_owned());
-        url.trim().trim_end_matches('/').to_owned()
+        normalize_url(&self.get(VAR_URL).unwrap_or_else(|| DEFAULT_URL.to_owned()))
     }
 
     /// The caller name, HMAC secret and optional key version, validated.
@@ -173,6 +206,11 @@ pub struct Signed {
     pub canonical: String,
     /// The signed string's seven components, for `--explain`.
     pub components: Vec<(&'static str, String)>,
+    /// Who signed, with which version and which secret (its display prefix only), for
+    /// `--explain`.
+    pub caller: String,
+    pub key_version: Option<i32>,
+    pub secret_prefix: String,
 }
 
 /// Sign a request exactly as the server will check it: the same
@@ -204,6 +242,9 @@ pub fn sign_request(
         headers,
         components: req.components(),
         canonical,
+        caller: creds.caller.clone(),
+        key_version: creds.key_version,
+        secret_prefix: super::secret::display_prefix(creds.secret.expose_secret()),
     }
 }
 

@@ -40,11 +40,26 @@ impl StoreArgs {
     pub fn config(&self) -> Result<DbConfig, ConfigError> {
         if self.dev {
             // Like `serve --dev`: always the dev database, whatever DATABASE_URL says.
+            if self.db.database_url.is_some() {
+                eprintln!("coordinator: --dev ignores DATABASE_URL and uses {DEV_DATABASE_URL}");
+            }
             let dev = crate::config::DbArgs {
                 database_url: None,
                 ..self.db.clone()
             };
             return dev.validate(Some(DEV_DATABASE_URL));
+        }
+        if self
+            .db
+            .database_url
+            .as_deref()
+            .is_none_or(|u| u.trim().is_empty())
+        {
+            return Err(ConfigError(
+                "DATABASE_URL is not set (use --database-url, or add --dev to work on the \
+                 `serve --dev` state in ./.coordinator/)"
+                    .into(),
+            ));
         }
         self.db.validate(None)
     }
@@ -56,6 +71,7 @@ impl StoreArgs {
     pub fn open(&self) -> anyhow::Result<Db> {
         let cfg = self.config()?;
         if self.dev {
+            crate::config::prepare_dev_dir()?;
             migrate::run_pending(&cfg)?;
         } else {
             ensure_migrated(&cfg)?;

@@ -16,6 +16,7 @@ mod call;
 mod caller;
 mod client;
 mod common;
+pub mod env_file;
 mod key;
 mod secret;
 mod sign;
@@ -37,6 +38,11 @@ pub use token::TokenCommand;
     about = "Coordinator jobs and stitcher ingestion behind signed-request authentication"
 )]
 pub struct Cli {
+    /// Read settings from this file instead of ./.env (never from a parent directory).
+    /// Refused when another user could have written it.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub env_file: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -107,6 +113,22 @@ pub fn describe_parse_error(e: &clap::Error) -> String {
         Some(ContextValue::String(s)) => s.split_whitespace().next().map(str::to_owned),
         _ => None,
     };
+    // The secrets that used to have flags: say where they go instead.
+    if let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) {
+        let name = arg.split(['=', ' ']).next().unwrap_or_default();
+        let var = match name {
+            "--master-key" => Some("COORDINATOR_MASTER_KEY (or --master-key-file)"),
+            "--master-key-previous" => Some("COORDINATOR_MASTER_KEY_PREVIOUS"),
+            "--api-key" => Some("COORDINATOR_API_KEY"),
+            _ => None,
+        };
+        if let Some(var) = var {
+            return format!(
+                "{name} is not accepted: a secret on the command line is visible to every \
+                 local user in `ps`; set {var} in the environment or .env instead"
+            );
+        }
+    }
     let env = flag.and_then(|flag| env_of(&<Cli as clap::CommandFactory>::command(), &flag));
     match env {
         Some(var) => format!("{first} (environment variable {var})"),
@@ -135,8 +157,7 @@ fn classify(e: anyhow::Error) -> CliError {
 
 fn serve(args: ServeArgs) -> Result<(), CliError> {
     if args.dev {
-        std::fs::create_dir_all(crate::config::Config::dev_dir())
-            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", crate::config::DEV_DIR))?;
+        crate::config::prepare_dev_dir()?;
     }
     let config = args.validate()?;
     if config.dev {
@@ -163,9 +184,44 @@ fn dev_bootstrap(config: &crate::config::Config) -> anyhow::Result<()> {
     )?;
     let path = crate::auth::dev::credentials_path();
     let url = format!("http://{}", config.bind);
-    let text = crate::auth::dev::ensure_dev_caller(&db, &sealer, &url, &path)?;
-    print!("{text}");
-    eprintln!("dev credentials written to {} (0600)", path.display());
+    match crate::auth::dev::ensure_dev_caller(&db, &sealer, &url, &path)? {
+        Some(text) => {
+            // Shown once, when created; later starts only point to the file.
+            common::write_stdout(format_args!("{text}"))?;
+            eprintln!("dev credentials written to {} (0600)", path.display());
+        }
+        None => {
+            keep_dev_url_current(&path, &url)?;
+            eprintln!(
+                "dev credentials (caller `dev`, every scope) are in {} (0600); load them with \
+                 `set -a; . {}; set +a`",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A later `serve --dev --bind …` on another address: point the credentials file's
+/// `COORDINATOR_URL` at it, since `call` and `sign` send the file's credentials only
+/// to the file's URL.
+fn keep_dev_url_current(path: &std::path::Path, url: &str) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let line = format!("COORDINATOR_URL={url}");
+    if text.lines().any(|l| l == line) {
+        return Ok(());
+    }
+    let mut updated: String = text
+        .lines()
+        .filter(|l| !l.starts_with("COORDINATOR_URL="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    updated.insert_str(0, &format!("{line}\n"));
+    crate::config::write_private(path, updated.as_bytes())
+        .map_err(|e| anyhow::anyhow!("cannot update {}: {e}", path.display()))?;
+    eprintln!("dev credentials: COORDINATOR_URL is now {url}");
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 //! `coordinator secret create|rotate|list|revoke|rewrap`: sealed HMAC and webhook
-//! secrets. Plaintext is printed once, by `create` and `rotate`; `list` never opens a
-//! seal.
+//! secrets. Plaintext is printed once, by `create` and `rotate`. `list` shows each
+//! secret's display prefix (its first characters, as an API key's prefix) when the
+//! master key is at hand, so an operator can tell which secret a client holds; never
+//! more of a secret than that.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -75,6 +77,9 @@ pub struct ListArgs {
     pub caller: Option<String>,
     #[command(flatten)]
     pub store: StoreArgs,
+    /// With a master key, each secret's display prefix is shown too.
+    #[command(flatten)]
+    pub keys: KeyArgs,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -232,11 +237,47 @@ pub fn rotate(args: RotateArgs) -> anyhow::Result<()> {
     print_issued(&issued, args.kind, Some(until), args.output.json)
 }
 
-fn row_json(row: &SecretRow, now: i64) -> Value {
+/// How many characters after the `coh_` / `whsec_` prefix a display prefix shows.
+const PREFIX_CHARS: usize = 4;
+
+/// A secret's display prefix: its kind prefix and the next [`PREFIX_CHARS`]
+/// characters (`coh_AbCd`), as `call --explain` shows the client's.
+pub fn display_prefix(secret: &str) -> String {
+    let kind = if secret.starts_with("whsec_") { 6 } else { 4 };
+    secret.chars().take(kind + PREFIX_CHARS).collect()
+}
+
+/// Each row's display prefix, when a master key is configured (or `--dev`): `None`
+/// for rows it cannot open, and for token-signing keys, which are not text.
+fn prefixes(args: &ListArgs, rows: &[SecretRow]) -> anyhow::Result<Option<Vec<Option<String>>>> {
+    let configured =
+        args.store.dev || args.keys.master_key.is_some() || args.keys.master_key_file.is_some();
+    if !configured {
+        return Ok(None);
+    }
+    let sealer = args.store.sealer(&args.keys)?;
+    Ok(Some(
+        rows.iter()
+            .map(|row| {
+                let purpose = crate::auth::model::purpose_from_str(&row.purpose)?;
+                if purpose == Purpose::TokenSigning {
+                    return None;
+                }
+                let plain = sealer
+                    .open(purpose, &row.caller, row.version, &row.sealed())
+                    .ok()?;
+                std::str::from_utf8(&plain).ok().map(display_prefix)
+            })
+            .collect(),
+    ))
+}
+
+fn row_json(row: &SecretRow, now: i64, prefix: Option<&str>) -> Value {
     json!({
         "caller": row.caller,
         "kind": row_kind(row),
         "version": row.version,
+        "prefix": prefix,
         "status": row_status(row, now),
         "masterKeyId": row.master_key_id,
         "createdAt": json_time(Some(row.created_at)),
@@ -251,18 +292,33 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
     let rows =
         admin::list_secrets(&db, args.caller.as_deref()).map_err(|e| store_error(e, "secrets"))?;
     let now = now_millis();
+    let prefixes = prefixes(&args, &rows)?;
+    let prefix_of = |i: usize| -> Option<&str> {
+        prefixes
+            .as_ref()
+            .and_then(|p| p.get(i))
+            .and_then(|p| p.as_deref())
+    };
+    if prefixes.is_none() && !args.output.json {
+        eprintln!("(PREFIX needs the master key: set COORDINATOR_MASTER_KEY or --master-key-file)");
+    }
     if args.output.json {
         return print_json(&Value::Array(
-            rows.iter().map(|r| row_json(r, now)).collect(),
+            rows.iter()
+                .enumerate()
+                .map(|(i, r)| row_json(r, now, prefix_of(i)))
+                .collect(),
         ));
     }
     let table: Vec<Vec<String>> = rows
         .iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(i, r)| {
             vec![
                 r.caller.clone(),
                 row_kind(r).to_owned(),
                 r.version.to_string(),
+                prefix_of(i).unwrap_or("-").to_owned(),
                 row_status(r, now).to_owned(),
                 r.master_key_id.clone(),
                 cell_time(Some(r.created_at)),
@@ -277,6 +333,7 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
             "CALLER",
             "KIND",
             "VERSION",
+            "PREFIX",
             "STATUS",
             "MASTER_KEY",
             "CREATED",
