@@ -3,17 +3,20 @@
 
 use std::time::{Duration, Instant};
 
-use coordinator::auth::{repo, revocation};
+use coordinator::auth::admin::{self, SecretKind};
+use coordinator::auth::{repo, revocation, webhook_sig, Scope};
 use coordinator::db::now_millis;
 use diesel::connection::SimpleConnection;
 use serde_json::json;
 
 use crate::backend_tests;
-use crate::helpers::{Backend, Resp, TestApp};
+use crate::helpers::{now_secs, Backend, Resp, TestApp};
 
 backend_tests!(
     a_revocation_written_by_a_clock_ten_seconds_behind_reaches_another_instance,
     revocations_are_capped_at_a_day_and_the_set_is_bounded,
+    an_expired_webhook_secret_stops_working_while_cached,
+    a_credential_read_that_raced_a_revocation_is_not_cached,
 );
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -164,4 +167,112 @@ fn revocations_are_capped_at_a_day_and_the_set_is_bounded(b: Backend) {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(get_job(&app, &t, &id).problem(401)["reason"], "revoked");
     assert!(gauge(&app) > i64::try_from(limit).unwrap());
+}
+// ---- item 2: a cached credential carries its expiry -------------------------------
+
+const WEBHOOK_BODY: &str = r#"{"issueNumber":7,"repository":"octo/widgets","action":"assigned"}"#;
+
+fn webhook(app: &TestApp, key: &[u8], id: &str) -> Resp {
+    let ts = now_secs().to_string();
+    let sig = webhook_sig::sign(key, id, &ts, WEBHOOK_BODY.as_bytes());
+    app.raw(
+        "POST",
+        "/stitcher/webhook",
+        &[
+            ("webhook-id", id),
+            ("webhook-timestamp", &ts),
+            ("webhook-signature", &sig),
+            ("content-type", "application/json"),
+        ],
+        WEBHOOK_BODY.as_bytes(),
+    )
+}
+
+fn webhook_key(plaintext: &str) -> Vec<u8> {
+    coordinator::crypto::credential::WebhookSecret::parse(plaintext)
+        .unwrap()
+        .key_bytes()
+        .to_vec()
+}
+
+fn an_expired_webhook_secret_stops_working_while_cached(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let sealer = app.state.auth.store.sealer();
+    admin::add_caller(&app.state.db, "hook", &[Scope::StitcherWebhook]).unwrap();
+    let v1 = admin::add_secret(
+        &app.state.db,
+        sealer,
+        "hook",
+        SecretKind::Webhook,
+        None,
+        None,
+    )
+    .unwrap();
+    let old = webhook_key(&v1.plaintext);
+    assert_eq!(webhook(&app, &old, "d1").status, 202);
+
+    // Rotate with a short grace; once every instance has dropped its cache, the old
+    // secret is loaded again (still in its grace) and cached with its expiry.
+    let grace = Duration::from_secs(2);
+    let rotated_at = Instant::now();
+    let v2 = admin::add_secret(
+        &app.state.db,
+        sealer,
+        "hook",
+        SecretKind::Webhook,
+        Some(grace),
+        None,
+    )
+    .unwrap();
+    let new = webhook_key(&v2.plaintext);
+    std::thread::sleep(Duration::from_millis(600));
+    let r = webhook(&app, &old, "d2");
+    assert_eq!(r.status, 202, "old secret during its grace: {}", r.body);
+    assert!(
+        rotated_at.elapsed() < grace,
+        "the machine is too slow for this test"
+    );
+
+    // No credential changes from here on: only the expiry can stop the cached secret.
+    std::thread::sleep((rotated_at + grace + Duration::from_millis(300)) - Instant::now());
+    let r = webhook(&app, &old, "d3");
+    assert_eq!(
+        r.problem(401)["reason"],
+        "signature mismatch",
+        "old secret after its expires_at"
+    );
+    assert_eq!(webhook(&app, &new, "d4").status, 202);
+}
+
+// ---- item 7: no stale insert after a generation move ---------------------------------
+
+fn a_credential_read_that_raced_a_revocation_is_not_cached(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let key = app.api_key("racer", &[Scope::HealthRead]);
+    let hash = coordinator::crypto::credential::ApiKey::parse(&key)
+        .unwrap()
+        .hash();
+    let hash = hash.as_str().to_owned();
+    let store = app.state.auth.store.clone();
+    let db = app.state.db.clone();
+    actix_web::rt::System::new().block_on(async move {
+        store.poll().await.unwrap();
+        // A request reads the key (still active)...
+        let fetched = store.fetch_api_key(&hash).await.unwrap();
+        let (row, _) = fetched.value.clone().unwrap();
+        assert!(row.revoked_at.is_none());
+        // ...the key is revoked and this instance's poll sees the change...
+        admin::revoke_key(&db, &row.id).unwrap();
+        store.poll().await.unwrap();
+        // ...and only then does the request try to cache what it read.
+        let inserted = store.admit_api_key(&hash, &fetched).unwrap();
+        let (now, _) = store.api_key(&hash).await.unwrap().unwrap();
+        assert!(
+            now.revoked_at.is_some(),
+            "the cache serves the key as active"
+        );
+        assert!(!inserted, "a read from before the revocation was cached");
+    });
+    let r = app.raw("GET", "/coordinator/health", &[("x-api-key", &key)], b"");
+    assert_eq!(r.problem(401)["reason"], "revoked");
 }
