@@ -4,19 +4,23 @@
 use std::time::{Duration, Instant};
 
 use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{repo, revocation, webhook_sig, Scope};
+use coordinator::auth::{repo, revocation, token, webhook_sig, Scope};
 use coordinator::db::now_millis;
 use diesel::connection::SimpleConnection;
-use serde_json::json;
+use diesel::prelude::*;
+use serde_json::{json, Value};
 
 use crate::backend_tests;
-use crate::helpers::{now_secs, Backend, Resp, TestApp};
+use crate::helpers::{captured_logs, now_secs, Backend, Resp, TestApp};
 
 backend_tests!(
     a_revocation_written_by_a_clock_ten_seconds_behind_reaches_another_instance,
     revocations_are_capped_at_a_day_and_the_set_is_bounded,
     an_expired_webhook_secret_stops_working_while_cached,
     a_credential_read_that_raced_a_revocation_is_not_cached,
+    a_job_token_names_its_caller_and_dies_with_it,
+    tokens_without_a_caller_or_with_an_unknown_one_are_refused,
+    a_token_issued_before_the_first_claim_is_fenced_by_it,
 );
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -275,4 +279,229 @@ fn a_credential_read_that_raced_a_revocation_is_not_cached(b: Backend) {
     });
     let r = app.raw("GET", "/coordinator/health", &[("x-api-key", &key)], b"");
     assert_eq!(r.problem(401)["reason"], "revoked");
+}
+
+fn queued_job(app: &TestApp, queue: &str) -> String {
+    let id = app.create_job(&json!({"kind": "k", "queue": queue}));
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{id}/status"),
+        &json!({"status": "QUEUED"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    id
+}
+
+// ---- item 4: a job token records its caller -----------------------------------------
+
+fn claim_as(app: &TestApp, who: &crate::helpers::Signer, queue: &str, worker: &str) -> Value {
+    let body = json!({"worker": worker}).to_string();
+    let r = app.signed_by(
+        who,
+        "POST",
+        &format!("/coordinator/queues/{queue}/claim"),
+        &[("content-type", "application/json")],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+/// The payload of a JWT, decoded (the test reads its claims).
+fn claims_of(token: &str) -> Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// The audit lines written for requests made with this token id.
+fn audit_lines_for(jti: &str) -> Vec<Value> {
+    let needle = format!(r#""key":"{jti}""#);
+    captured_logs()
+        .lines()
+        .filter(|l| l.contains(r#""event":"auth""#) && l.contains(&needle))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn a_job_token_names_its_caller_and_dies_with_it(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let wk = app.caller("wk", &[Scope::JobsUpdate, Scope::JobsRead]);
+    let id = queued_job(&app, "cq");
+    // The worker calls itself `dev` (another caller's name); the token still records
+    // that `wk` claimed it.
+    let claimed = claim_as(&app, &wk, "cq", "dev");
+    assert_eq!(claimed["id"], id.as_str());
+    let t = claimed["token"].as_str().unwrap().to_owned();
+    let claims = claims_of(&t);
+    assert_eq!(claims["cal"], "wk");
+    assert_eq!(claims["sub"], "dev");
+    let r = app.with_token(
+        &t,
+        "PATCH",
+        &format!("/coordinator/jobs/{id}/progress"),
+        br#"{"percent":10}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    std::thread::sleep(Duration::from_millis(200));
+    let jti = claims["jti"].as_str().unwrap();
+    let lines = audit_lines_for(jti);
+    assert!(!lines.is_empty(), "no audit line for the token");
+    for l in &lines {
+        assert_eq!(l["scheme"], "token");
+        assert_eq!(l["caller"], "wk", "{l}");
+        assert_eq!(l["worker"], "dev", "{l}");
+    }
+
+    // Disabling the caller ends its tokens (within the cache's poll).
+    admin::disable_caller(&app.state.db, "wk").unwrap();
+    let r = poll_until(
+        Duration::from_millis(1500),
+        || {
+            app.with_token(
+                &t,
+                "PATCH",
+                &format!("/coordinator/jobs/{id}/progress"),
+                br#"{"percent":20}"#,
+            )
+        },
+        |r| r.status == 401,
+    );
+    assert_eq!(r.problem(401)["reason"], "caller disabled");
+    let r = app.with_token(
+        &t,
+        "POST",
+        &format!("/coordinator/jobs/{id}/complete"),
+        br#"{"result":1}"#,
+    );
+    assert_eq!(r.problem(401)["reason"], "caller disabled");
+    std::thread::sleep(Duration::from_millis(200));
+    let denied = audit_lines_for(jti)
+        .into_iter()
+        .filter(|l| l["outcome"] == "deny")
+        .collect::<Vec<_>>();
+    assert!(!denied.is_empty());
+    assert!(denied
+        .iter()
+        .all(|l| l["caller"] == "wk" && l["worker"] == "dev"));
+}
+
+fn tokens_without_a_caller_or_with_an_unknown_one_are_refused(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let gone = app.caller("gone", &[Scope::JobsUpdate, Scope::JobsRead]);
+    let id = queued_job(&app, "uq");
+    let t = claim_as(&app, &gone, "uq", "w")["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(get_job(&app, &t, &id).status, 200);
+
+    // A token minted before tokens recorded their caller: same key, no `cal`.
+    let sealer = app.state.auth.store.sealer().clone();
+    let keys = app
+        .state
+        .db
+        .write_sync(|c| token::load_keys(c, &sealer))
+        .unwrap();
+    let key = &keys[0];
+    let now = now_secs();
+    let legacy = json!({
+        "iss": token::ISSUER, "sub": "w", "jid": id, "scope": "jobs:update jobs:read",
+        "jti": uuid::Uuid::now_v7().to_string(), "iat": now, "exp": now + 600, "att": 1,
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some(format!("v{}", key.version));
+    let legacy = jsonwebtoken::encode(
+        &header,
+        &legacy,
+        &jsonwebtoken::EncodingKey::from_secret(&key.key),
+    )
+    .unwrap();
+    assert_eq!(
+        get_job(&app, &legacy, &id).problem(401)["reason"],
+        "token without caller"
+    );
+
+    // The caller is deleted (it has no API keys, so nothing else refers to it).
+    app.state
+        .db
+        .write_sync(|c| {
+            use coordinator::db::schema::callers;
+            diesel::delete(callers::table.find("gone")).execute(c)?;
+            repo::bump_generation(c)
+        })
+        .unwrap();
+    let r = poll_until(
+        Duration::from_millis(1500),
+        || get_job(&app, &t, &id),
+        |r| r.status == 401,
+    );
+    assert_eq!(r.problem(401)["reason"], "unknown caller");
+}
+
+// ---- item 8: a token issued before any claim is fenced -------------------------------
+
+fn a_token_issued_before_the_first_claim_is_fenced_by_it(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let other = app.sibling();
+    let id = queued_job(&app, "fq");
+    // `coordinator token issue` for a job nobody has claimed: attempt 0.
+    let early = app.job_token(&id, "early", HOUR);
+    assert_eq!(claims_of(&early)["att"], 0);
+    assert_eq!(get_job(&app, &early, &id).status, 200);
+    assert_eq!(get_job(&other, &early, &id).status, 200);
+
+    let claimed = app
+        .post_json("/coordinator/queues/fq/claim", &json!({"worker": "w1"}))
+        .json();
+    assert_eq!(claimed["attempts"], 1);
+    let t1 = claimed["token"].as_str().unwrap().to_owned();
+    assert_eq!(get_job(&app, &t1, &id).status, 200);
+    // The first attempt started: the attempt-0 token is refused, here at once and on
+    // the other instance within a second.
+    assert_eq!(get_job(&app, &early, &id).problem(401)["reason"], "revoked");
+    let r = poll_until(
+        Duration::from_millis(1500),
+        || get_job(&other, &early, &id),
+        |r| r.status == 401,
+    );
+    assert_eq!(r.problem(401)["reason"], "revoked");
+    assert_eq!(get_job(&other, &t1, &id).status, 200);
+
+    // Back in the queue between attempts: no token can be issued (it would name an
+    // attempt that has ended, and could outlive the next one).
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{id}/status"),
+        &json!({"status": "QUEUED"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let job = coordinator::jobs::JobId::parse(&id, "id").unwrap();
+    let refused = token::issue(
+        &app.state.db,
+        app.state.auth.store.sealer(),
+        &job,
+        "late",
+        None,
+        HOUR,
+    );
+    assert!(
+        matches!(refused, Err(coordinator::error::StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+    // The second attempt's token works; neither earlier one does.
+    let second = app
+        .post_json("/coordinator/queues/fq/claim", &json!({"worker": "w2"}))
+        .json();
+    assert_eq!(second["attempts"], 2);
+    let t2 = second["token"].as_str().unwrap();
+    assert_eq!(get_job(&app, t2, &id).status, 200);
+    get_job(&app, &early, &id).problem(401);
+    get_job(&app, &t1, &id).problem(401);
+    // A RUNNING job gets a token for its current attempt.
+    let running = app.job_token(&id, "op", HOUR);
+    assert_eq!(claims_of(&running)["att"], 2);
+    assert_eq!(get_job(&app, &running, &id).status, 200);
 }
