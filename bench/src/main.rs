@@ -465,6 +465,7 @@ fn bench_backend(
         &sealer,
         &coordinator::jobs::JobId::parse(&token_job, "id").unwrap(),
         "bench-worker",
+        None,
         Duration::from_secs(3600),
     )
     .expect("token")
@@ -723,8 +724,15 @@ fn revocation_delays(
     let job = coordinator::jobs::JobId::parse(&creds.token_job, "id").unwrap();
     let mut delays = Vec::new();
     for _ in 0..100 {
-        let t = coordinator::auth::token::issue(db, sealer, &job, "rev", Duration::from_secs(600))
-            .unwrap();
+        let t = coordinator::auth::token::issue(
+            db,
+            sealer,
+            &job,
+            "rev",
+            None,
+            Duration::from_secs(600),
+        )
+        .unwrap();
         let get = || {
             finish(
                 agent

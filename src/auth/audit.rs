@@ -13,6 +13,7 @@ pub struct AuditRecord {
     pub caller: Option<String>,
     pub key_ref: Option<String>,
     pub reason: Option<&'static str>,
+    pub worker: Option<String>,
 }
 
 pub struct AuditLine<'a> {
@@ -43,6 +44,7 @@ impl AuditLine<'_> {
             "route": self.route,
             "caller": r.caller.as_deref().unwrap_or("unknown"),
             "key": r.key_ref,
+            "worker": r.worker,
             "peer_ip": self.peer,
             "reason": r.reason,
             "latency_ms": (self.latency_ms * 1000.0).round() / 1000.0,

@@ -324,71 +324,100 @@ pub fn purge_replays(conn: &mut DbConnection, now: i64, limit: i64) -> Result<us
 
 use crate::db::schema::revoked_tokens;
 
-/// Revoke a token id; revoking twice keeps the later expiry. `revoked_at` moves so
-/// every instance's incremental poll sees the row again.
+/// Revoke a token id; revoking twice keeps the later expiry. A revocation whose expiry
+/// moves is deleted and inserted again, so it gets a new `seq` from the database and
+/// every instance's incremental poll sees it again. `now` is only recorded
+/// (`revoked_at`, for operators): no instance orders or filters by it.
 pub fn revoke_token(
     conn: &mut DbConnection,
     jti: &str,
     expires_at: i64,
     now: i64,
 ) -> Result<(), StoreError> {
-    conn.transaction(|conn| {
-        let inserted = diesel::insert_into(revoked_tokens::table)
-            .values((
-                revoked_tokens::jti.eq(jti),
-                revoked_tokens::expires_at.eq(expires_at),
-                revoked_tokens::revoked_at.eq(now),
-            ))
-            .execute(conn);
-        match inserted {
-            Ok(_) => Ok(()),
-            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(String::new())),
-            Err(e) => Err(e.into()),
-        }
-    })
-    .or_else(|e| match e {
-        StoreError::Conflict(_) => {
-            diesel::update(revoked_tokens::table.find(jti))
-                .filter(revoked_tokens::expires_at.lt(expires_at))
-                .set((
+    let mut tries = 0;
+    loop {
+        let r: Result<(), StoreError> = conn.transaction(|conn| {
+            let existing: Option<i64> = revoked_tokens::table
+                .find(jti)
+                .select(revoked_tokens::expires_at)
+                .first(conn)
+                .optional()?;
+            match existing {
+                Some(e) if e >= expires_at => return Ok(()),
+                Some(_) => {
+                    diesel::delete(revoked_tokens::table.find(jti)).execute(conn)?;
+                }
+                None => {}
+            }
+            diesel::insert_into(revoked_tokens::table)
+                .values((
+                    revoked_tokens::jti.eq(jti),
                     revoked_tokens::expires_at.eq(expires_at),
                     revoked_tokens::revoked_at.eq(now),
                 ))
                 .execute(conn)?;
             Ok(())
+        });
+        match r {
+            // Another writer revoked the same id at the same moment: read it again.
+            Err(e) if e.is_unique_violation() && tries < 3 => tries += 1,
+            other => return other,
         }
-        other => Err(other),
-    })
+    }
 }
 
-/// Revocations written at or after `since` (ms), for the incremental poll.
-pub fn revoked_since(
+/// A revocation as the poll reads it: `(jti, expires_at, seq)`.
+pub type RevocationRow = (String, i64, i64);
+
+/// Revocations with a sequence number above `after`, oldest first, at most `limit`.
+pub fn revoked_after(
     conn: &mut DbConnection,
-    since: i64,
-) -> Result<Vec<(String, i64, i64)>, StoreError> {
+    after: i64,
+    limit: i64,
+) -> Result<Vec<RevocationRow>, StoreError> {
     Ok(revoked_tokens::table
-        .filter(revoked_tokens::revoked_at.ge(since))
+        .filter(revoked_tokens::seq.gt(after))
+        .order(revoked_tokens::seq)
+        .limit(limit)
         .select((
             revoked_tokens::jti,
             revoked_tokens::expires_at,
-            revoked_tokens::revoked_at,
+            revoked_tokens::seq,
         ))
         .load(conn)?)
 }
 
-/// Every revocation that still matters (not yet expired).
+/// Revocations that still matter (not yet expired), at most `limit`.
 pub fn revoked_active(
     conn: &mut DbConnection,
     now: i64,
-) -> Result<Vec<(String, i64, i64)>, StoreError> {
+    limit: i64,
+) -> Result<Vec<RevocationRow>, StoreError> {
     Ok(revoked_tokens::table
         .filter(revoked_tokens::expires_at.gt(now))
+        .limit(limit)
         .select((
             revoked_tokens::jti,
             revoked_tokens::expires_at,
-            revoked_tokens::revoked_at,
+            revoked_tokens::seq,
         ))
         .load(conn)?)
+}
+
+/// Number of revocations that still matter.
+pub fn count_revoked_active(conn: &mut DbConnection, now: i64) -> Result<i64, StoreError> {
+    Ok(revoked_tokens::table
+        .filter(revoked_tokens::expires_at.gt(now))
+        .count()
+        .get_result(conn)?)
+}
+
+/// The highest sequence number assigned so far (0 for an empty table).
+pub fn max_revocation_seq(conn: &mut DbConnection) -> Result<i64, StoreError> {
+    let max: Option<i64> = revoked_tokens::table
+        .select(diesel::dsl::max(revoked_tokens::seq))
+        .first(conn)?;
+    Ok(max.unwrap_or(0))
 }
 
 /// Direct check, used when the in-memory set is not known to be current.

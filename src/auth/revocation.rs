@@ -3,8 +3,25 @@
 //! 200 ms (on every instance) and at once on the instance that revokes. When the set is
 //! not known to be current (no successful poll for `MAX_STALENESS`), each check asks
 //! the database; if that fails too, the request fails closed (503).
+//!
+//! The incremental poll follows `revoked_tokens.seq`, a number the database assigns on
+//! insert, never a timestamp written by whichever process revoked (its clock may be
+//! behind ours). On SQLite there is one writer at a time, so `seq` order is commit
+//! order. A PostgreSQL identity can commit out of order: a transaction that took
+//! number 10 may become visible after one that took 11 has been read. So the poll does
+//! not start after the newest number it has seen, but after the newest number it had
+//! seen `OVERLAP` ago (by this instance's own monotonic clock): every row of the last
+//! couple of seconds is read again, and a revocation is only missed if its transaction
+//! stays uncommitted for longer than that after a later one committed, which the full
+//! reload (`FULL_RELOAD`) then repairs.
+//!
+//! Memory is bounded: past `limit()` active ids (default `MAX_REVOCATIONS`) the set is
+//! dropped and every check asks the database (an indexed primary-key lookup) until a
+//! reload finds the table small enough again; `POST /admin/tokens/revoke` is refused
+//! (409) while the set is full.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -16,16 +33,22 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Past this without a successful poll, each check asks the database instead (so a
 /// slow or failing poll can never stretch the 1 s promise).
 pub const MAX_STALENESS: Duration = Duration::from_secs(1);
-/// Rows written up to this long before the newest one seen are read again each poll,
-/// so a revocation whose (short) transaction committed after a later one is not missed.
-const OVERLAP_MS: i64 = 1_000;
-/// Clock difference tolerated between the instance that revokes and the one polling.
-const CLOCK_SKEW_MS: i64 = 5_000;
+/// Rows numbered after the newest one seen this long ago are read again each poll
+/// (PostgreSQL may commit a lower number after a higher one has been read).
+const OVERLAP: Duration = Duration::from_secs(3);
+/// After a full reload, the poll starts this many numbers below the newest one, for
+/// transactions that took a number before the reload and commit after it.
+const SEQ_MARGIN: i64 = 1024;
 /// A full reload this often catches anything the incremental poll could not.
 const FULL_RELOAD: Duration = Duration::from_secs(600);
+/// While over the limit, the table is counted again this often.
+const OVERFLOW_RECHECK: Duration = Duration::from_secs(10);
 /// Expired rows are removed from the table at most this often, bounded per pass.
 const GC_EVERY: Duration = Duration::from_secs(300);
 const GC_BATCH: i64 = 10_000;
+/// Default bound of the in-memory set: active revocations held per instance. Job
+/// tokens live at most 24 h, and so (capped) do revocations.
+pub const MAX_REVOCATIONS: usize = 100_000;
 
 /// The token id under which all tokens of a job are revoked when the job ends.
 pub fn job_key(job_id: &str) -> String {
@@ -39,39 +62,72 @@ pub fn attempt_key(job_id: &str, attempt: i32) -> String {
 }
 
 struct Sync {
-    cursor: i64,
+    /// Every row numbered up to here is taken as read; the poll reads the rows above.
+    confirmed: i64,
+    /// `(when, newest number seen)` of the recent polls, oldest first.
+    seen: VecDeque<(Instant, i64)>,
     synced_at: Option<Instant>,
     full_at: Option<Instant>,
     gc_at: Instant,
 }
 
+#[derive(Default)]
+struct Set {
+    ids: HashMap<String, i64>,
+    /// More active revocations than the limit: `ids` is empty and every check asks
+    /// the database.
+    overflow: bool,
+    /// Active revocations counted in the table while overflowing (for the gauge).
+    counted: usize,
+}
+
 pub struct Revocations {
     db: Db,
-    set: RwLock<HashMap<String, i64>>,
+    set: RwLock<Set>,
     sync: Mutex<Sync>,
+    limit: AtomicUsize,
 }
 
 fn poisoned() -> StoreError {
     StoreError::Internal("revocation lock poisoned".into())
 }
 
+fn cap(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1)
+}
+
 impl Revocations {
     pub fn new(db: Db) -> Self {
         Revocations {
             db,
-            set: RwLock::new(HashMap::new()),
+            set: RwLock::new(Set::default()),
             sync: Mutex::new(Sync {
-                cursor: 0,
+                confirmed: 0,
+                seen: VecDeque::new(),
                 synced_at: None,
                 full_at: None,
                 gc_at: Instant::now(),
             }),
+            limit: AtomicUsize::new(MAX_REVOCATIONS),
         }
     }
 
-    /// Number of revoked ids held (for metrics).
+    /// The most active revocations held in memory (and accepted by the admin route).
+    pub fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Change the bound (embedding and tests; the next poll applies it).
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit.max(1), Ordering::Relaxed);
+    }
+
+    /// Number of active revocations known (for the `revoked_tokens` gauge).
     pub fn len(&self) -> usize {
-        self.set.read().map(|s| s.len()).unwrap_or(0)
+        self.set
+            .read()
+            .map(|s| if s.overflow { s.counted } else { s.ids.len() })
+            .unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -81,13 +137,35 @@ impl Revocations {
     /// Record a revocation made by this instance (effective at once here).
     pub fn revoke_local(&self, jti: &str, expires_at: i64) {
         if let Ok(mut s) = self.set.write() {
-            let e = s.entry(jti.to_owned()).or_insert(expires_at);
+            if s.overflow {
+                return;
+            }
+            let e = s.ids.entry(jti.to_owned()).or_insert(expires_at);
             *e = (*e).max(expires_at);
         }
     }
 
-    /// Revoke in the database and locally.
+    /// Refuse a new revocation once the set holds `limit()` active ids.
+    fn check_room(&self, jti: &str, now: i64) -> Result<(), StoreError> {
+        let limit = self.limit();
+        let s = self.set.read().map_err(|_| poisoned())?;
+        let full = s.overflow
+            || (s.ids.len() >= limit
+                && !s.ids.contains_key(jti)
+                && s.ids.values().filter(|e| **e > now).count() >= limit);
+        if full {
+            return Err(StoreError::Conflict(format!(
+                "the revocation set is full ({limit} active revocations); \
+                 entries expire with the tokens they name (at most 24 h)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Revoke in the database and locally (the admin route); refused (409) while the
+    /// set is full.
     pub async fn revoke(&self, jti: String, expires_at: i64) -> Result<(), StoreError> {
+        self.check_room(&jti, now_millis())?;
         let id = jti.clone();
         self.db
             .write(move |conn| repo::revoke_token(conn, &id, expires_at, now_millis()))
@@ -116,8 +194,10 @@ impl Revocations {
         let ak = attempt_key(job_id, attempt);
         if self.fresh() {
             let s = self.set.read().map_err(|_| poisoned())?;
-            let hit = |k: &str| s.get(k).is_some_and(|e| *e > now);
-            return Ok(hit(jti) || hit(&jk) || hit(&ak));
+            if !s.overflow {
+                let hit = |k: &str| s.ids.get(k).is_some_and(|e| *e > now);
+                return Ok(hit(jti) || hit(&jk) || hit(&ak));
+            }
         }
         let jti = jti.to_owned();
         self.db
@@ -127,39 +207,56 @@ impl Revocations {
             .await
     }
 
-    /// One poll: incremental (or full, once a minute), dropping expired entries, and
-    /// the occasional bounded purge of the table.
+    /// One poll: incremental (or a full reload every `FULL_RELOAD`), and the occasional
+    /// bounded purge of the table.
     pub async fn poll(&self) -> Result<(), StoreError> {
-        let (cursor, full, gc) = {
+        let limit = self.limit();
+        let overflow = self.set.read().map_err(|_| poisoned())?.overflow;
+        let (low, full, gc) = {
             let s = self.sync.lock().map_err(|_| poisoned())?;
+            let every = if overflow {
+                OVERFLOW_RECHECK
+            } else {
+                FULL_RELOAD
+            };
             (
-                s.cursor,
-                s.full_at.is_none_or(|t| t.elapsed() >= FULL_RELOAD),
+                s.confirmed,
+                s.full_at.is_none_or(|t| t.elapsed() >= every),
                 s.gc_at.elapsed() >= GC_EVERY,
             )
         };
         let now = now_millis();
-        let rows = if full {
-            self.db
-                .read(move |conn| repo::revoked_active(conn, now))
-                .await?
+        let newest = if full {
+            self.reload(now, limit).await?
+        } else if overflow {
+            None
         } else {
-            let since = cursor.saturating_sub(OVERLAP_MS);
-            self.db
-                .read(move |conn| repo::revoked_since(conn, since))
-                .await?
-        };
-        let newest = rows.iter().map(|r| r.2).max().unwrap_or(cursor);
-        {
+            let rows = self
+                .db
+                .read(move |conn| repo::revoked_after(conn, low, cap(limit)))
+                .await?;
+            let newest = rows.iter().map(|r| r.2).max();
             let mut set = self.set.write().map_err(|_| poisoned())?;
-            if full {
-                set.retain(|_, e| *e > now);
-            }
             for (jti, exp, _) in rows {
-                let e = set.entry(jti).or_insert(exp);
-                *e = (*e).max(exp);
+                if exp > now {
+                    let e = set.ids.entry(jti).or_insert(exp);
+                    *e = (*e).max(exp);
+                }
             }
-        }
+            if set.ids.len() > limit {
+                set.ids.retain(|_, e| *e > now);
+                if set.ids.len() > limit {
+                    log::warn!(
+                        "more than {limit} active token revocations: checking each token \
+                         against the database until the set shrinks"
+                    );
+                    set.counted = set.ids.len();
+                    set.ids = HashMap::new();
+                    set.overflow = true;
+                }
+            }
+            newest
+        };
         if gc {
             let purged = self
                 .db
@@ -170,18 +267,71 @@ impl Revocations {
             }
         }
         let mut s = self.sync.lock().map_err(|_| poisoned())?;
-        // The cursor also moves with time (less the clock skew allowed between
-        // instances), so a burst of rows sharing one timestamp is re-read only for a few
-        // seconds, not on every poll until a newer revocation arrives.
-        s.cursor = s.cursor.max(newest).max(now.saturating_sub(CLOCK_SKEW_MS));
-        s.synced_at = Some(Instant::now());
+        let at = Instant::now();
         if full {
-            s.full_at = Some(Instant::now());
+            s.full_at = Some(at);
         }
+        if let Some(n) = newest {
+            s.seen.push_back((at, n));
+        }
+        // Move the start of the next read up to the newest number seen `OVERLAP` ago.
+        while let Some(&(t, n)) = s.seen.front() {
+            if at.duration_since(t) < OVERLAP {
+                break;
+            }
+            s.confirmed = s.confirmed.max(n);
+            s.seen.pop_front();
+        }
+        s.synced_at = Some(at);
         if gc {
-            s.gc_at = Instant::now();
+            s.gc_at = at;
         }
         Ok(())
+    }
+
+    /// Load every active revocation (or, past the limit, only count them); returns the
+    /// newest number assigned before the load.
+    async fn reload(&self, now: i64, limit: usize) -> Result<Option<i64>, StoreError> {
+        let (max_seq, rows, counted) = self
+            .db
+            .read(move |conn| {
+                let max_seq = repo::max_revocation_seq(conn)?;
+                let rows = repo::revoked_active(conn, now, cap(limit))?;
+                let counted = if rows.len() > limit {
+                    repo::count_revoked_active(conn, now)?
+                } else {
+                    0
+                };
+                Ok((max_seq, rows, counted))
+            })
+            .await?;
+        let mut set = self.set.write().map_err(|_| poisoned())?;
+        if rows.len() > limit {
+            if !set.overflow {
+                log::warn!(
+                    "more than {limit} active token revocations: checking each token \
+                     against the database until the set shrinks"
+                );
+            }
+            set.ids = HashMap::new();
+            set.overflow = true;
+            set.counted = usize::try_from(counted).unwrap_or(usize::MAX);
+        } else {
+            if set.overflow {
+                log::info!("token revocations back under {limit}: held in memory again");
+            }
+            set.overflow = false;
+            set.counted = 0;
+            set.ids.retain(|_, e| *e > now);
+            for (jti, exp, _) in rows {
+                let e = set.ids.entry(jti).or_insert(exp);
+                *e = (*e).max(exp);
+            }
+        }
+        drop(set);
+        let mut s = self.sync.lock().map_err(|_| poisoned())?;
+        s.confirmed = s.confirmed.max(max_seq.saturating_sub(SEQ_MARGIN));
+        Ok(Some(max_seq))
     }
 
     pub async fn run_poller(self: Arc<Self>) {

@@ -22,7 +22,8 @@ pub struct RevokeToken {
     /// The token's `jti` claim: 1–128 printable ASCII characters.
     #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
     pub jti: String,
-    /// RFC 3339, in the future; default now + 24 h. Revoking twice keeps the later expiry.
+    /// RFC 3339, in the future; default and at most now + 24 h (the longest a job token
+    /// lives; a later time is capped). Revoking twice keeps the later expiry.
     #[schema(format = DateTime)]
     pub expires_at: Option<String>,
 }
@@ -40,11 +41,14 @@ pub struct TokenRevoked {
     pub expires_at: String,
 }
 
-/// Parse an optional RFC 3339 expiry (must lie in the future), default now + 24 h.
+/// Parse an optional RFC 3339 expiry (must lie in the future), default now + 24 h. A
+/// later expiry is capped at now + 24 h: no job token lives longer, so a revocation
+/// never needs to, and the revocation set cannot be filled with ids kept for ever.
 pub fn revocation_expiry(raw: Option<&str>, field: &str) -> Result<i64, ApiError> {
     let now = now_millis();
+    let longest = now.saturating_add(DEFAULT_REVOCATION_MS);
     match raw {
-        None => Ok(now.saturating_add(DEFAULT_REVOCATION_MS)),
+        None => Ok(longest),
         Some(s) => {
             let t = chrono::DateTime::parse_from_rfc3339(s)
                 .map_err(|_| ApiError::bad_request(field, "must be an RFC 3339 timestamp"))?
@@ -52,7 +56,7 @@ pub fn revocation_expiry(raw: Option<&str>, field: &str) -> Result<i64, ApiError
             if t <= now {
                 return Err(ApiError::bad_request(field, "must be in the future"));
             }
-            Ok(t)
+            Ok(t.min(longest))
         }
     }
 }
@@ -68,13 +72,15 @@ pub fn valid_jti(jti: &str) -> bool {
     tag = "admin",
     operation_id = "revokeToken",
     summary = "Revoke a job token",
-    description = "Takes effect at once on this instance and within a second on the others.",
+    description = "Takes effect at once on this instance and within a second on the others. \
+        Refused (409) while the instance already holds its maximum of active revocations.",
     request_body(content = RevokeToken, content_type = "application/json"),
     responses(
         (status = 200, description = "The token id is revoked.", body = TokenRevoked),
         (status = 400, response = problem::BadRequest),
         (status = 401, response = problem::Unauthorized),
         (status = 403, response = problem::Forbidden),
+        (status = 409, response = problem::Conflict),
         (status = 413, response = problem::TooLarge),
         (status = 429, response = problem::TooManyRequests),
         (status = 503, response = problem::Unavailable),

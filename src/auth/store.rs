@@ -1,9 +1,17 @@
 //! The credential store: decrypted secrets and key lookups cached in memory, dropped on
 //! every instance when the database's auth generation moves (polled every 250 ms), and
 //! never trusted once the last successful poll is older than `MAX_STALENESS`.
+//!
+//! The generation is a counter the database increments under a row lock in the same
+//! transaction as the credential change, so its order is commit order and no clock is
+//! involved. Each entry is tagged with the generation read (before its rows) in the
+//! same database round trip, and inserted only if the cache is still at that
+//! generation: a change that lands between the read and the insert can never stay
+//! cached. Each entry also carries its expiry (the earliest expiry of what it holds)
+//! and is not used from then on, so an expired secret or key stops working at its
+//! `expires_at` even while cached.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +20,7 @@ use zeroize::Zeroizing;
 use super::model::{ApiKeyRow, CallerRow, Purpose, SecretRow};
 use super::{repo, Scope};
 use crate::crypto::seal::Sealer;
-use crate::db::{now_millis, Db};
+use crate::db::{now_millis, Db, DbConnection};
 use crate::error::StoreError;
 
 /// How often each instance polls the auth generation.
@@ -67,22 +75,69 @@ pub struct WebhookKey {
     pub scopes: Vec<Scope>,
     pub version: i32,
     pub key: Zeroizing<Vec<u8>>,
+    pub expires_at: Option<i64>,
 }
 
-#[derive(Default)]
+impl WebhookKey {
+    /// Not past its expiry (checked at each use, cached or not).
+    pub fn is_active(&self, now_ms: i64) -> bool {
+        self.expires_at.is_none_or(|e| e > now_ms)
+    }
+}
+
+/// A cached value and the moment (unix ms) from which it must not be used.
+struct Entry<T> {
+    value: T,
+    valid_until: Option<i64>,
+}
+
+impl<T: Clone> Entry<T> {
+    fn get(&self, now_ms: i64) -> Option<T> {
+        self.valid_until
+            .is_none_or(|u| now_ms < u)
+            .then(|| self.value.clone())
+    }
+}
+
+/// The earliest future expiry among these (the moment a cached entry goes stale).
+fn earliest(expiries: impl IntoIterator<Item = Option<i64>>, now_ms: i64) -> Option<i64> {
+    expiries.into_iter().flatten().filter(|e| *e > now_ms).min()
+}
+
+type KeyAndCaller = (Arc<ApiKeyRow>, Arc<CallerRow>);
+
 struct Cache {
-    callers: HashMap<String, Arc<CallerEntry>>,
-    keys: HashMap<String, Arc<ApiKeyRow>>,
-    key_callers: HashMap<String, Arc<CallerRow>>,
-    webhook: Option<Arc<Vec<WebhookKey>>>,
-    token_keys: Option<Arc<Vec<super::token::TokenKey>>>,
+    /// The auth generation every entry was read at; `i64::MIN` until the first poll
+    /// (and after a local invalidation), when nothing is cached.
+    generation: i64,
+    callers: HashMap<String, Entry<Arc<CallerEntry>>>,
+    keys: HashMap<String, Entry<KeyAndCaller>>,
+    webhook: Option<Entry<Arc<Vec<WebhookKey>>>>,
+    token_keys: Option<Entry<Arc<Vec<super::token::TokenKey>>>>,
+}
+
+impl Cache {
+    fn empty(generation: i64) -> Self {
+        Cache {
+            generation,
+            callers: HashMap::new(),
+            keys: HashMap::new(),
+            webhook: None,
+            token_keys: None,
+        }
+    }
+}
+
+/// What one database round trip read, with the auth generation read before it.
+pub struct Fetched<T> {
+    pub generation: i64,
+    pub value: T,
 }
 
 pub struct CredentialStore {
     db: Db,
     sealer: Arc<Sealer>,
     cache: Mutex<Cache>,
-    generation: AtomicI64,
     synced_at: Mutex<Option<Instant>>,
     touched: Mutex<HashMap<String, Instant>>,
 }
@@ -96,8 +151,7 @@ impl CredentialStore {
         CredentialStore {
             db,
             sealer,
-            cache: Mutex::new(Cache::default()),
-            generation: AtomicI64::new(i64::MIN),
+            cache: Mutex::new(Cache::empty(i64::MIN)),
             synced_at: Mutex::new(None),
             touched: Mutex::new(HashMap::new()),
         }
@@ -111,10 +165,11 @@ impl CredentialStore {
         &self.db
     }
 
-    /// Drop every cached credential (after a local change, or a generation move).
+    /// Drop every cached credential (after a local change). Nothing is cached again
+    /// until the next poll has read the generation that change produced.
     pub fn invalidate(&self) {
         if let Ok(mut c) = self.cache.lock() {
-            *c = Cache::default();
+            *c = Cache::empty(i64::MIN);
         }
     }
 
@@ -126,11 +181,50 @@ impl CredentialStore {
             .is_some_and(|t| t.elapsed() < MAX_STALENESS)
     }
 
+    /// A cache hit, if the cache is current and the entry has not expired.
+    fn cached<T>(&self, get: impl FnOnce(&Cache) -> Option<T>) -> Result<Option<T>, StoreError> {
+        if !self.cache_usable() {
+            return Ok(None);
+        }
+        let c = self.cache.lock().map_err(|_| poisoned())?;
+        Ok(get(&c))
+    }
+
+    /// Run `f` after reading the auth generation, in one database round trip.
+    async fn fetch<T, F>(&self, f: F) -> Result<Fetched<T>, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.db
+            .read(move |conn| {
+                let generation = repo::generation(conn)?;
+                let value = f(conn)?;
+                Ok(Fetched { generation, value })
+            })
+            .await
+    }
+
+    /// Insert what was read at `generation`, only if the cache is still at it (a poll
+    /// that saw a newer generation has emptied the cache, and this read may predate
+    /// the change). Returns whether it was inserted.
+    fn admit(&self, generation: i64, put: impl FnOnce(&mut Cache)) -> Result<bool, StoreError> {
+        let mut c = self.cache.lock().map_err(|_| poisoned())?;
+        if c.generation != generation || generation == i64::MIN {
+            return Ok(false);
+        }
+        put(&mut c);
+        Ok(true)
+    }
+
     /// One poll: read the generation, drop the cache when it moved.
     pub async fn poll(&self) -> Result<(), StoreError> {
         let g = self.db.read(repo::generation).await?;
-        if self.generation.swap(g, Ordering::AcqRel) != g {
-            self.invalidate();
+        {
+            let mut c = self.cache.lock().map_err(|_| poisoned())?;
+            if c.generation != g {
+                *c = Cache::empty(g);
+            }
         }
         if let Ok(mut s) = self.synced_at.lock() {
             *s = Some(Instant::now());
@@ -175,16 +269,13 @@ impl CredentialStore {
 
     /// The caller with its HMAC secrets; `None` when no such caller exists.
     pub async fn caller(&self, name: &str) -> Result<Option<Arc<CallerEntry>>, StoreError> {
-        if self.cache_usable() {
-            let c = self.cache.lock().map_err(|_| poisoned())?;
-            if let Some(e) = c.callers.get(name) {
-                return Ok(Some(e.clone()));
-            }
+        let now = now_millis();
+        if let Some(e) = self.cached(|c| c.callers.get(name).and_then(|e| e.get(now)))? {
+            return Ok(Some(e));
         }
         let owned = name.to_owned();
-        let loaded = self
-            .db
-            .read(move |conn| {
+        let fetched = self
+            .fetch(move |conn| {
                 let Some(caller) = repo::find_caller(conn, &owned)? else {
                     return Ok(None);
                 };
@@ -192,7 +283,7 @@ impl CredentialStore {
                 Ok(Some((caller, secrets)))
             })
             .await?;
-        let Some((caller, rows)) = loaded else {
+        let Some((caller, rows)) = fetched.value else {
             return Ok(None);
         };
         let entry = Arc::new(CallerEntry {
@@ -211,31 +302,40 @@ impl CredentialStore {
                 })
                 .collect(),
         });
-        let mut c = self.cache.lock().map_err(|_| poisoned())?;
-        if c.callers.len() >= MAX_CALLERS {
-            c.callers.clear();
-        }
-        c.callers.insert(entry.name.clone(), entry.clone());
+        let valid_until = earliest(entry.hmac.iter().map(|s| s.expires_at), now_millis());
+        let cached = Entry {
+            value: entry.clone(),
+            valid_until,
+        };
+        self.admit(fetched.generation, |c| {
+            if c.callers.len() >= MAX_CALLERS {
+                c.callers.clear();
+            }
+            c.callers.insert(entry.name.clone(), cached);
+        })?;
         Ok(Some(entry))
     }
 
     /// An API key row and its caller by key hash; `None` when unknown.
-    pub async fn api_key(
+    pub async fn api_key(&self, hash: &str) -> Result<Option<KeyAndCaller>, StoreError> {
+        let now = now_millis();
+        if let Some(k) = self.cached(|c| c.keys.get(hash).and_then(|e| e.get(now)))? {
+            return Ok(Some(k));
+        }
+        let fetched = self.fetch_api_key(hash).await?;
+        self.admit_api_key(hash, &fetched)?;
+        Ok(fetched.value)
+    }
+
+    /// The database half of [`Self::api_key`] (public so the race with a revocation
+    /// can be tested).
+    pub async fn fetch_api_key(
         &self,
         hash: &str,
-    ) -> Result<Option<(Arc<ApiKeyRow>, Arc<CallerRow>)>, StoreError> {
-        if self.cache_usable() {
-            let c = self.cache.lock().map_err(|_| poisoned())?;
-            if let Some(k) = c.keys.get(hash) {
-                if let Some(caller) = c.key_callers.get(&k.caller) {
-                    return Ok(Some((k.clone(), caller.clone())));
-                }
-            }
-        }
+    ) -> Result<Fetched<Option<KeyAndCaller>>, StoreError> {
         let owned = hash.to_owned();
-        let loaded = self
-            .db
-            .read(move |conn| {
+        let fetched = self
+            .fetch(move |conn| {
                 let Some(key) = repo::find_api_key(conn, &owned)? else {
                     return Ok(None);
                 };
@@ -243,36 +343,48 @@ impl CredentialStore {
                 Ok(caller.map(|c| (key, c)))
             })
             .await?;
-        let Some((key, caller)) = loaded else {
-            return Ok(None);
+        Ok(Fetched {
+            generation: fetched.generation,
+            value: fetched.value.map(|(k, c)| (Arc::new(k), Arc::new(c))),
+        })
+    }
+
+    /// The cache half of [`Self::api_key`]: inserted only if the generation read with
+    /// it is still current. Returns whether it was inserted.
+    pub fn admit_api_key(
+        &self,
+        hash: &str,
+        fetched: &Fetched<Option<KeyAndCaller>>,
+    ) -> Result<bool, StoreError> {
+        let Some((key, caller)) = &fetched.value else {
+            return Ok(false);
         };
-        let (key, caller) = (Arc::new(key), Arc::new(caller));
-        let mut c = self.cache.lock().map_err(|_| poisoned())?;
-        if c.keys.len() >= MAX_KEYS {
-            c.keys.clear();
-            c.key_callers.clear();
-        }
-        c.keys.insert(hash.to_owned(), key.clone());
-        c.key_callers.insert(caller.name.clone(), caller.clone());
-        Ok(Some((key, caller)))
+        let entry = Entry {
+            value: (key.clone(), caller.clone()),
+            valid_until: earliest([key.expires_at], now_millis()),
+        };
+        self.admit(fetched.generation, |c| {
+            if c.keys.len() >= MAX_KEYS {
+                c.keys.clear();
+            }
+            c.keys.insert(hash.to_owned(), entry);
+        })
     }
 
     /// Active webhook secrets of enabled callers holding `stitcher:webhook`.
     pub async fn webhook_keys(&self) -> Result<Arc<Vec<WebhookKey>>, StoreError> {
-        if self.cache_usable() {
-            let c = self.cache.lock().map_err(|_| poisoned())?;
-            if let Some(w) = &c.webhook {
-                return Ok(w.clone());
-            }
+        let now = now_millis();
+        if let Some(w) = self.cached(|c| c.webhook.as_ref().and_then(|e| e.get(now)))? {
+            return Ok(w);
         }
-        let (callers, rows) = self
-            .db
-            .read(|conn| {
+        let fetched = self
+            .fetch(|conn| {
                 let callers = repo::list_callers(conn)?;
                 let rows = repo::secrets_with_purpose(conn, Purpose::WebhookSecret.as_str())?;
                 Ok((callers, rows))
             })
             .await?;
+        let (callers, rows) = fetched.value;
         let now = now_millis();
         let holders: HashMap<String, Vec<Scope>> = callers
             .into_iter()
@@ -292,31 +404,36 @@ impl CredentialStore {
                     scopes,
                     version: r.version,
                     key: secret.key_bytes(),
+                    expires_at: r.expires_at,
                 })
             })
             .collect();
+        let valid_until = earliest(keys.iter().map(|k| k.expires_at), now);
         let keys = Arc::new(keys);
-        let mut c = self.cache.lock().map_err(|_| poisoned())?;
-        c.webhook = Some(keys.clone());
+        let entry = Entry {
+            value: keys.clone(),
+            valid_until,
+        };
+        self.admit(fetched.generation, |c| c.webhook = Some(entry))?;
         Ok(keys)
     }
 
     /// The job-token signing keys, newest first.
     pub async fn token_keys(&self) -> Result<Arc<Vec<super::token::TokenKey>>, StoreError> {
-        if self.cache_usable() {
-            let c = self.cache.lock().map_err(|_| poisoned())?;
-            if let Some(k) = &c.token_keys {
-                return Ok(k.clone());
-            }
+        let now = now_millis();
+        if let Some(k) = self.cached(|c| c.token_keys.as_ref().and_then(|e| e.get(now)))? {
+            return Ok(k);
         }
         let sealer = self.sealer.clone();
-        let keys = Arc::new(
-            self.db
-                .read(move |conn| super::token::load_keys(conn, &sealer))
-                .await?,
-        );
-        let mut c = self.cache.lock().map_err(|_| poisoned())?;
-        c.token_keys = Some(keys.clone());
+        let fetched = self
+            .fetch(move |conn| super::token::load_keys(conn, &sealer))
+            .await?;
+        let keys = Arc::new(fetched.value);
+        let entry = Entry {
+            value: keys.clone(),
+            valid_until: earliest(keys.iter().map(|k| k.expires_at), now_millis()),
+        };
+        self.admit(fetched.generation, |c| c.token_keys = Some(entry))?;
         Ok(keys)
     }
 

@@ -1,7 +1,11 @@
 //! Job tokens: JWT HS256 signed with a sealed, versioned `token-signing` key (`kid` =
-//! `v<version>`), claims `iss, sub (worker), jid (job id), scope, jti, iat, exp`. The
-//! algorithm is fixed on verify. Every bearer token goes through `verify_header`, which
-//! always consults the revocation set: no route can skip it.
+//! `v<version>`), claims `iss, sub (worker), cal (caller), jid (job id), att (attempt),
+//! scope, jti, iat, exp`. The algorithm is fixed on verify. Every bearer token goes
+//! through `verify_header`, which always consults the revocation set and the state of
+//! the caller the token was issued to: no route can skip either.
+//!
+//! [`issue_in`] is the one place a token is minted (by a claim, [`claim`], and by
+//! `coordinator token issue`, [`issue`]); the repositories only store.
 
 use std::time::Duration;
 
@@ -17,7 +21,8 @@ use crate::crypto::credential::HmacSecret;
 use crate::crypto::seal::Sealer;
 use crate::db::{now_millis, Db, DbConnection};
 use crate::error::{ApiError, StoreError};
-use crate::jobs::JobId;
+use crate::jobs::model::JobRow;
+use crate::jobs::{JobId, JobStatus};
 
 /// Owner of the token-signing keys in `sealed_secrets` (not a valid caller name, so it
 /// can never collide with one).
@@ -30,7 +35,13 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
     pub iss: String,
+    /// The worker name given at claim (shown in the audit line as `worker`).
     pub sub: String,
+    /// The authenticated caller the token was issued to (the audit line's `caller`).
+    /// The token is refused once that caller is disabled or gone; a token without
+    /// it (minted before callers were recorded) is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cal: Option<String>,
     pub jid: String,
     pub scope: String,
     pub jti: String,
@@ -176,6 +187,7 @@ pub fn sign(
     keys: &[TokenKey],
     job_id: &JobId,
     attempt: i32,
+    caller: &str,
     worker: &str,
     ttl: Duration,
 ) -> Result<IssuedToken, StoreError> {
@@ -189,6 +201,7 @@ pub fn sign(
     let claims = Claims {
         iss: ISSUER.to_owned(),
         sub: worker.to_owned(),
+        cal: Some(caller.to_owned()),
         jid: job_id.as_str().to_owned(),
         scope: format!(
             "{} {}",
@@ -211,13 +224,74 @@ pub fn sign(
     })
 }
 
-/// Issue a token for a job that exists and has not ended (operator command), and
-/// remember its expiry on the job so the token is revoked when the job ends.
+/// Mint a token for `job` (a row this transaction holds locked) on behalf of
+/// `caller`, for the job's current attempt, and remember its expiry on the job so the
+/// token is revoked when the attempt or the job ends. The one place a job token is
+/// issued.
+pub fn issue_in(
+    conn: &mut DbConnection,
+    keys: &[TokenKey],
+    job: &mut JobRow,
+    caller: &str,
+    worker: &str,
+    ttl: Duration,
+) -> Result<IssuedToken, StoreError> {
+    let id = JobId::parse(&job.id, "id")
+        .map_err(|_| StoreError::Internal("bad job id in database".into()))?;
+    let t = sign(keys, &id, job.attempts, caller, worker, ttl)?;
+    crate::jobs::repo::extend_tokens_until(conn, &id, t.expires_at)?;
+    job.tokens_until = Some(job.tokens_until.unwrap_or(0).max(t.expires_at));
+    Ok(t)
+}
+
+/// A claimed job, its token, and a revocation the claim wrote (to apply locally at once).
+pub struct Claimed {
+    pub job: JobRow,
+    pub token: IssuedToken,
+    pub revoked: Option<(String, i64)>,
+}
+
+/// Claim the best QUEUED job of `queue` for `worker`, on behalf of the authenticated
+/// `caller`: RUNNING under a lease, with a token for the new attempt, in one
+/// transaction. `None` when the queue is empty.
+pub fn claim(
+    conn: &mut DbConnection,
+    queue: &str,
+    caller: &str,
+    worker: &str,
+    lease_ms: i64,
+    keys: &[TokenKey],
+    ttl: Duration,
+) -> Result<Option<Claimed>, StoreError> {
+    use diesel::Connection;
+    conn.transaction(|conn| {
+        let Some(mut job) = crate::jobs::repo::claim(conn, queue, worker, lease_ms)? else {
+            return Ok(None);
+        };
+        // Before this claim's token moves `tokens_until`: what the claim itself revoked.
+        let revoked = crate::jobs::repo::token_revocation(&job, now_millis());
+        let token = issue_in(conn, keys, &mut job, caller, worker, ttl)?;
+        Ok(Some(Claimed {
+            job,
+            token,
+            revoked,
+        }))
+    })
+}
+
+/// Issue a token for one job (operator command) on behalf of `caller` (default: the
+/// caller that created the job), which must exist and be enabled.
+///
+/// A RUNNING job gets a token for its current attempt, revoked with that attempt. A job
+/// never claimed (PENDING or QUEUED, no attempt yet) gets an attempt-0 token, revoked
+/// when the first attempt starts. A job QUEUED between attempts, or one that has ended,
+/// is refused: a token for it could outlive the attempt that follows.
 pub fn issue(
     db: &Db,
     sealer: &Sealer,
     job_id: &JobId,
     worker: &str,
+    caller: Option<&str>,
     ttl: Duration,
 ) -> Result<IssuedToken, StoreError> {
     use diesel::Connection;
@@ -229,13 +303,40 @@ pub fn issue(
     db.write_sync(|conn| {
         let keys = load_keys(conn, sealer)?;
         conn.transaction(|conn| {
-            let job = crate::jobs::repo::find(conn, job_id)?;
-            if job.status().is_terminal() {
-                return Err(StoreError::Conflict(format!("job is {}", job.status())));
+            // Hold the row so no claim or requeue slips between the check and the mint.
+            crate::jobs::repo::lock_for_token(conn, job_id)?;
+            let mut job = crate::jobs::repo::find(conn, job_id)?;
+            match job.status() {
+                JobStatus::Running => {}
+                JobStatus::Pending | JobStatus::Queued if job.attempts == 0 => {}
+                s => {
+                    return Err(StoreError::Conflict(format!(
+                        "job is {s}{}; a token can be issued for a RUNNING job or one \
+                         not yet claimed",
+                        if s.is_terminal() {
+                            ""
+                        } else {
+                            " between attempts"
+                        }
+                    )))
+                }
             }
-            let t = sign(&keys, job_id, job.attempts, worker, ttl)?;
-            crate::jobs::repo::extend_tokens_until(conn, job_id, t.expires_at)?;
-            Ok(t)
+            let caller = caller.unwrap_or(&job.created_by).to_owned();
+            match repo::find_caller(conn, &caller)? {
+                Some(c) if c.disabled_at.is_some() => {
+                    return Err(StoreError::Conflict(format!(
+                        "caller `{caller}` is disabled"
+                    )))
+                }
+                Some(_) => {}
+                None if caller == super::api_key::BOOTSTRAP_CALLER => {}
+                None => {
+                    return Err(StoreError::Conflict(format!(
+                        "caller `{caller}` does not exist (name one with --caller)"
+                    )))
+                }
+            }
+            issue_in(conn, &keys, &mut job, &caller, worker, ttl)
         })
     })
 }
@@ -282,8 +383,13 @@ pub async fn verify_header(
                 _ => fail("invalid token"),
             })?;
     let claims = data.claims;
-    audit.caller = Some(claims.sub.clone());
+    audit.worker = Some(claims.sub.clone());
     audit.key_ref = Some(claims.jti.clone());
+    let Some(caller) = claims.cal.clone() else {
+        // Minted before tokens recorded their caller: nobody to hold accountable.
+        return Err(fail("token without caller"));
+    };
+    audit.caller = Some(caller.clone());
     if !key.is_active(now_millis()) {
         return Err(fail("expired"));
     }
@@ -295,6 +401,14 @@ pub async fn verify_header(
     {
         return Err(fail("revoked"));
     }
+    match ctx.store.caller(&caller).await? {
+        Some(c) if c.disabled => return Err(fail("caller disabled")),
+        Some(_) => {}
+        // The bootstrap caller has no row; its tokens live while its key is configured.
+        None if caller == super::api_key::BOOTSTRAP_CALLER
+            && ctx.settings.bootstrap_key_hash.is_some() => {}
+        None => return Err(fail("unknown caller")),
+    }
     let scopes = claims
         .scope
         .split(' ')
@@ -302,7 +416,7 @@ pub async fn verify_header(
         .filter(|s| matches!(s, Scope::JobsUpdate | Scope::JobsRead))
         .collect();
     Ok(Principal {
-        caller: claims.sub,
+        caller,
         scheme: Scheme::Token,
         scopes,
         key_ref: Some(claims.jti),

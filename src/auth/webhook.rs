@@ -77,13 +77,14 @@ pub async fn precheck(
         ));
     }
     let keys = ctx.store.webhook_keys().await?;
+    let now_ms = now_millis();
     let named = req.match_info().get(SENDER_PARAM);
     let caller = sender(&keys, named)?.to_owned();
     audit.caller = Some(caller.clone());
     let mut tried: Vec<usize> = keys
         .iter()
         .enumerate()
-        .filter(|(_, k)| k.caller == caller)
+        .filter(|(_, k)| k.caller == caller && k.is_active(now_ms))
         .map(|(i, _)| i)
         .collect();
     tried.sort_by_key(|i| std::cmp::Reverse(keys.get(*i).map_or(0, |k| k.version)));
@@ -109,9 +110,12 @@ pub fn finish(
         keys,
         tried,
     } = pending;
+    // Expiry is checked again at use: the body may have taken a while.
+    let now_ms = now_millis();
     let Some(k) = tried
         .iter()
         .filter_map(|i| keys.get(*i))
+        .filter(|k| k.is_active(now_ms))
         .find(|k| webhook_sig::verify(&k.key, &headers, &timestamp_raw, body))
     else {
         return Err(fail("signature mismatch"));

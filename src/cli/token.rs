@@ -32,6 +32,10 @@ pub struct IssueArgs {
     /// The worker's name (the token's `sub`).
     #[arg(long)]
     pub worker: String,
+    /// The caller the token acts for (default: the job's creator); refused once it
+    /// is disabled.
+    #[arg(long)]
+    pub caller: Option<String>,
     /// Lifetime, e.g. 30m (default 1h, at most 24h).
     #[arg(long, value_parser = parse_positive_duration)]
     pub ttl: Option<Duration>,
@@ -87,7 +91,7 @@ fn issue(a: IssueArgs) -> anyhow::Result<()> {
     let sealer = a.store.sealer(&a.keys)?;
     let ttl = a.ttl.unwrap_or(token::DEFAULT_TTL).min(token::MAX_TTL);
     token::ensure_signing_key(&db, &sealer).map_err(|e| store_error(e, "token-signing key"))?;
-    let t = token::issue(&db, &sealer, &job, &a.worker, ttl)
+    let t = token::issue(&db, &sealer, &job, &a.worker, a.caller.as_deref(), ttl)
         .map_err(|e| store_error(e, format!("job {job}")))?;
     if a.output.json {
         return print_json(&json!({

@@ -94,6 +94,9 @@ diesel::table! {
         jti -> Text,
         expires_at -> BigInt,
         revoked_at -> BigInt,
+        /// Assigned by the database on insert (SQLite AUTOINCREMENT, PostgreSQL
+        /// identity); the incremental revocation poll follows it.
+        seq -> BigInt,
     }
 }
 

@@ -182,6 +182,18 @@ pub fn apply_locked(
     Ok(row)
 }
 
+/// Lock a job's row for the rest of the transaction without changing it (no version,
+/// no event), so its state cannot move while a token is minted for it.
+pub fn lock_for_token(conn: &mut DbConnection, id: &JobId) -> Result<(), StoreError> {
+    let n = diesel::update(jobs::table.find(id.as_str()))
+        .set(jobs::tokens_until.eq(jobs::tokens_until))
+        .execute(conn)?;
+    if n == 0 {
+        return Err(StoreError::NotFound);
+    }
+    Ok(())
+}
+
 /// Remember the latest expiry of a token issued for this job.
 pub fn extend_tokens_until(
     conn: &mut DbConnection,
@@ -200,13 +212,18 @@ pub fn extend_tokens_until(
 }
 
 /// Tokens to revoke after this change, and until when: all of a job's tokens when it
-/// has ended; the tokens of the attempt that just ended when it went back to QUEUED.
+/// has ended; the tokens of the attempt that just ended when it went back to QUEUED;
+/// the tokens issued before any claim (attempt 0) when the first attempt has just
+/// started (its start time is this change's time).
 pub fn token_revocation(row: &JobRow, now: i64) -> Option<(String, i64)> {
     use crate::auth::revocation::{attempt_key, job_key};
     let until = row.tokens_until.filter(|u| *u > now)?;
     match row.status() {
         s if s.is_terminal() => Some((job_key(&row.id), until)),
         JobStatus::Queued if row.attempts > 0 => Some((attempt_key(&row.id, row.attempts), until)),
+        JobStatus::Running if row.attempts == 1 && row.started_at == Some(row.updated_at) => {
+            Some((attempt_key(&row.id, 0), until))
+        }
         _ => None,
     }
 }
@@ -372,16 +389,15 @@ pub fn ping(conn: &mut DbConnection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Claim the best QUEUED job of `queue` for `worker`: RUNNING with a lease, plus a job
-/// token signed with the newest key; `None` when the queue is empty.
+/// Claim the best QUEUED job of `queue` for `worker`: RUNNING with a lease; `None`
+/// when the queue is empty. Storage only: the token is minted by `auth::token::claim`,
+/// in the same transaction.
 pub fn claim(
     conn: &mut DbConnection,
     queue: &str,
     worker: &str,
     lease_ms: i64,
-    keys: &[crate::auth::token::TokenKey],
-    ttl: std::time::Duration,
-) -> Result<Option<(JobRow, crate::auth::token::IssuedToken)>, StoreError> {
+) -> Result<Option<JobRow>, StoreError> {
     conn.transaction(|conn| {
         let Some(id) = crate::db::queue::lock_next_queued(conn, queue)? else {
             return Ok(None);
@@ -389,7 +405,7 @@ pub fn claim(
         let id = JobId::parse(&id, "id")
             .map_err(|_| StoreError::Internal("bad job id in database".into()))?;
         let row = find(conn, &id)?;
-        let mut row = apply_locked(
+        let row = apply_locked(
             conn,
             row,
             &Change::Claim {
@@ -397,10 +413,7 @@ pub fn claim(
             },
             lease_ms,
         )?;
-        let token = crate::auth::token::sign(keys, &id, row.attempts, worker, ttl)?;
-        extend_tokens_until(conn, &id, token.expires_at)?;
-        row.tokens_until = Some(row.tokens_until.unwrap_or(0).max(token.expires_at));
-        Ok(Some((row, token)))
+        Ok(Some(row))
     })
 }
 

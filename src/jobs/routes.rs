@@ -326,7 +326,8 @@ pub async fn get(
 #[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClaimRequest {
-    /// The worker's name; it becomes the job token's `sub`.
+    /// The worker's name; it becomes the job token's `sub` (the audit line's
+    /// `worker`; its `caller` is the authenticated claimer).
     #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_.:-]+$")]
     pub worker: String,
 }
@@ -394,14 +395,24 @@ pub async fn claim(
     let keys = state.auth.store.token_keys().await?;
     let lease_ms = state.config.lease_ms();
     let ttl = state.config.token_ttl;
-    let worker = body.worker;
+    let (worker, caller) = (body.worker, principal.caller);
     let claimed = state
         .db
-        .write(move |conn| repo::claim(conn, &queue, &worker, lease_ms, &keys, ttl))
+        .write(move |conn| {
+            crate::auth::token::claim(conn, &queue, &caller, &worker, lease_ms, &keys, ttl)
+        })
         .await?;
-    let Some((row, token)) = claimed else {
+    let Some(crate::auth::token::Claimed {
+        job: row,
+        token,
+        revoked,
+    }) = claimed
+    else {
         return Ok(HttpResponse::NoContent().finish());
     };
+    if let Some((key, until)) = revoked {
+        state.auth.revocations.revoke_local(&key, until);
+    }
     state.metrics.transition(row.status());
     let mut v = serde_json::to_value(JobView::from(row)).map_err(ApiError::internal)?;
     if let Some(obj) = v.as_object_mut() {

@@ -492,6 +492,7 @@ impl TestApp {
             self.state.auth.store.sealer(),
             &id,
             worker,
+            None,
             ttl,
         )
         .expect("token")

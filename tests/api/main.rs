@@ -3,6 +3,7 @@
 mod helpers;
 
 mod auth;
+mod credentials;
 mod faults;
 mod health;
 mod http_sig;

@@ -303,8 +303,14 @@ fn double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired(b: Backend) 
     let Some(app) = crate::app!(b) else { return };
     use coordinator::auth::repo;
     let now = coordinator::db::now_millis();
-    let later = "2099-01-01T00:00:00Z";
-    let sooner = "2098-01-01T00:00:00Z";
+    // Both within the 24 h cap on a revocation's expiry.
+    let at = |h: i64| {
+        chrono::DateTime::from_timestamp_millis(now + h * 3_600_000)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let (later, sooner) = (at(20), at(10));
+    let (later, sooner) = (later.as_str(), sooner.as_str());
     app.post_json(
         "/admin/tokens/revoke",
         &json!({"jti": "j1", "expiresAt": later}),
@@ -316,7 +322,7 @@ fn double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired(b: Backend) 
     let rows = app
         .state
         .db
-        .write_sync(|c| repo::revoked_active(c, now))
+        .write_sync(|c| repo::revoked_active(c, now, 1000))
         .unwrap();
     let j1 = rows.iter().find(|r| r.0 == "j1").unwrap();
     assert_eq!(
@@ -343,7 +349,7 @@ fn double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired(b: Backend) 
     let left: Vec<String> = app
         .state
         .db
-        .write_sync(|c| repo::revoked_since(c, 0))
+        .write_sync(|c| repo::revoked_after(c, 0, 1000))
         .unwrap()
         .into_iter()
         .map(|r| r.0)

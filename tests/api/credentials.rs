@@ -1,0 +1,507 @@
+//! Credential lifetimes that caches and clocks must not outlive (issue 23, items 2, 3,
+//! 4, 7, 8, 9).
+
+use std::time::{Duration, Instant};
+
+use coordinator::auth::admin::{self, SecretKind};
+use coordinator::auth::{repo, revocation, token, webhook_sig, Scope};
+use coordinator::db::now_millis;
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use serde_json::{json, Value};
+
+use crate::backend_tests;
+use crate::helpers::{captured_logs, now_secs, Backend, Resp, TestApp};
+
+backend_tests!(
+    a_revocation_written_by_a_clock_ten_seconds_behind_reaches_another_instance,
+    revocations_are_capped_at_a_day_and_the_set_is_bounded,
+    an_expired_webhook_secret_stops_working_while_cached,
+    a_credential_read_that_raced_a_revocation_is_not_cached,
+    a_job_token_names_its_caller_and_dies_with_it,
+    tokens_without_a_caller_or_with_an_unknown_one_are_refused,
+    a_token_issued_before_the_first_claim_is_fenced_by_it,
+);
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Call `f` until `done` holds or `within` has passed; returns the last result.
+fn poll_until(within: Duration, mut f: impl FnMut() -> Resp, done: impl Fn(&Resp) -> bool) -> Resp {
+    let started = Instant::now();
+    loop {
+        let r = f();
+        if done(&r) || started.elapsed() >= within {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn get_job(app: &TestApp, token: &str, id: &str) -> Resp {
+    app.with_token(token, "GET", &format!("/coordinator/jobs/{id}"), b"")
+}
+
+// ---- item 3: revocations are polled by a database sequence -------------------------
+
+fn a_revocation_written_by_a_clock_ten_seconds_behind_reaches_another_instance(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let other = app.sibling();
+    let id = app.running_job();
+    let t = app.job_token(&id, "w", HOUR);
+    assert_eq!(get_job(&other, &t, &id).status, 200);
+    // Let both pollers run for a while, so their cursors have moved on.
+    std::thread::sleep(Duration::from_millis(1200));
+
+    // A writer whose clock is 10 s behind ours records the revocation.
+    let now = now_millis();
+    let key = revocation::job_key(&id);
+    app.state
+        .db
+        .write_sync(|c| repo::revoke_token(c, &key, now + 3_600_000, now - 10_000))
+        .unwrap();
+    let written = Instant::now();
+    for (name, instance) in [("other", &other), ("writer", &app)] {
+        let r = poll_until(
+            Duration::from_millis(1500),
+            || get_job(instance, &t, &id),
+            |r| r.status == 401,
+        );
+        assert_eq!(
+            r.status,
+            401,
+            "{name} instance still accepts the token {:?} after the revocation: {}",
+            written.elapsed(),
+            r.body
+        );
+        assert_eq!(r.problem(401)["reason"], "revoked");
+    }
+    assert!(written.elapsed() < Duration::from_millis(2000));
+}
+
+// ---- item 9: capped expiry, bounded set ----------------------------------------------
+
+fn gauge(app: &TestApp) -> i64 {
+    let text = app.raw("GET", "/metrics", &[], b"").body;
+    text.lines()
+        .find_map(|l| l.strip_prefix("coordinator_revoked_tokens "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1)
+}
+
+fn revocations_are_capped_at_a_day_and_the_set_is_bounded(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let before = now_millis();
+    let r = app.post_json(
+        "/admin/tokens/revoke",
+        &json!({"jti": "far", "expiresAt": "9999-12-31T23:59:59Z"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let until = chrono::DateTime::parse_from_rfc3339(r.json()["expiresAt"].as_str().unwrap())
+        .unwrap()
+        .timestamp_millis();
+    let day = 24 * 3_600_000;
+    assert!(
+        until <= now_millis() + day && until >= before + day - 1000,
+        "expiresAt not capped at now + 24 h: {}",
+        r.body
+    );
+
+    // Fill the table up to the bound (as many active revocations as an instance
+    // holds in memory), the way other instances' revocations arrive.
+    let limit = app.state.auth.revocations.limit();
+    assert_eq!(limit, revocation::MAX_REVOCATIONS);
+    let fill = limit - 1; // `far` is the other one
+    let exp = now_millis() + 3_600_000;
+    let sql = match b {
+        Backend::Sqlite => format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {fill}) \
+             INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
+             SELECT 'bulk-' || i, {exp}, 0 FROM n"
+        ),
+        Backend::Postgres => format!(
+            "INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
+             SELECT 'bulk-' || i, {exp}, 0 FROM generate_series(1, {fill}) AS i"
+        ),
+    };
+    app.state
+        .db
+        .write_sync(|c| Ok(c.batch_execute(&sql)?))
+        .unwrap();
+    let started = Instant::now();
+    while gauge(&app) < i64::try_from(limit).unwrap() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the gauge never showed the set's size: {}",
+            gauge(&app)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Full: a new revocation is refused rather than held in ever more memory.
+    let p = app
+        .post_json("/admin/tokens/revoke", &json!({"jti": "one-more"}))
+        .problem(409);
+    assert!(p["detail"]
+        .as_str()
+        .unwrap()
+        .contains("revocation set is full"));
+    // Extending one already held is not a new entry.
+    assert_eq!(
+        app.post_json("/admin/tokens/revoke", &json!({"jti": "far"}))
+            .status,
+        200
+    );
+
+    // Past the bound (a job's end is never refused), the instance stops holding the
+    // set and asks the database for each token: still correct, memory bounded.
+    let id = app.running_job();
+    let t = app.job_token(&id, "w", HOUR);
+    assert_eq!(get_job(&app, &t, &id).status, 200);
+    app.state
+        .db
+        .write_sync(|c| repo::revoke_token(c, "bulk-extra", exp, now_millis()))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(get_job(&app, &t, &id).status, 200);
+    let r = app.request(
+        "POST",
+        &format!("/coordinator/jobs/{id}/complete"),
+        &[("content-type", "application/json")],
+        br#"{"result":1}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(get_job(&app, &t, &id).problem(401)["reason"], "revoked");
+    assert!(gauge(&app) > i64::try_from(limit).unwrap());
+}
+// ---- item 2: a cached credential carries its expiry -------------------------------
+
+const WEBHOOK_BODY: &str = r#"{"issueNumber":7,"repository":"octo/widgets","action":"assigned"}"#;
+
+fn webhook(app: &TestApp, key: &[u8], id: &str) -> Resp {
+    let ts = now_secs().to_string();
+    let sig = webhook_sig::sign(key, id, &ts, WEBHOOK_BODY.as_bytes());
+    app.raw(
+        "POST",
+        "/stitcher/webhook",
+        &[
+            ("webhook-id", id),
+            ("webhook-timestamp", &ts),
+            ("webhook-signature", &sig),
+            ("content-type", "application/json"),
+        ],
+        WEBHOOK_BODY.as_bytes(),
+    )
+}
+
+fn webhook_key(plaintext: &str) -> Vec<u8> {
+    coordinator::crypto::credential::WebhookSecret::parse(plaintext)
+        .unwrap()
+        .key_bytes()
+        .to_vec()
+}
+
+fn an_expired_webhook_secret_stops_working_while_cached(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let sealer = app.state.auth.store.sealer();
+    admin::add_caller(&app.state.db, "hook", &[Scope::StitcherWebhook]).unwrap();
+    let v1 = admin::add_secret(
+        &app.state.db,
+        sealer,
+        "hook",
+        SecretKind::Webhook,
+        None,
+        None,
+    )
+    .unwrap();
+    let old = webhook_key(&v1.plaintext);
+    assert_eq!(webhook(&app, &old, "d1").status, 202);
+
+    // Rotate with a short grace; once every instance has dropped its cache, the old
+    // secret is loaded again (still in its grace) and cached with its expiry.
+    let grace = Duration::from_secs(2);
+    let rotated_at = Instant::now();
+    let v2 = admin::add_secret(
+        &app.state.db,
+        sealer,
+        "hook",
+        SecretKind::Webhook,
+        Some(grace),
+        None,
+    )
+    .unwrap();
+    let new = webhook_key(&v2.plaintext);
+    std::thread::sleep(Duration::from_millis(600));
+    let r = webhook(&app, &old, "d2");
+    assert_eq!(r.status, 202, "old secret during its grace: {}", r.body);
+    assert!(
+        rotated_at.elapsed() < grace,
+        "the machine is too slow for this test"
+    );
+
+    // No credential changes from here on: only the expiry can stop the cached secret.
+    std::thread::sleep((rotated_at + grace + Duration::from_millis(300)) - Instant::now());
+    let r = webhook(&app, &old, "d3");
+    assert_eq!(
+        r.problem(401)["reason"],
+        "signature mismatch",
+        "old secret after its expires_at"
+    );
+    assert_eq!(webhook(&app, &new, "d4").status, 202);
+}
+
+// ---- item 7: no stale insert after a generation move ---------------------------------
+
+fn a_credential_read_that_raced_a_revocation_is_not_cached(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let key = app.api_key("racer", &[Scope::HealthRead]);
+    let hash = coordinator::crypto::credential::ApiKey::parse(&key)
+        .unwrap()
+        .hash();
+    let hash = hash.as_str().to_owned();
+    let store = app.state.auth.store.clone();
+    let db = app.state.db.clone();
+    actix_web::rt::System::new().block_on(async move {
+        store.poll().await.unwrap();
+        // A request reads the key (still active)...
+        let fetched = store.fetch_api_key(&hash).await.unwrap();
+        let (row, _) = fetched.value.clone().unwrap();
+        assert!(row.revoked_at.is_none());
+        // ...the key is revoked and this instance's poll sees the change...
+        admin::revoke_key(&db, &row.id).unwrap();
+        store.poll().await.unwrap();
+        // ...and only then does the request try to cache what it read.
+        let inserted = store.admit_api_key(&hash, &fetched).unwrap();
+        let (now, _) = store.api_key(&hash).await.unwrap().unwrap();
+        assert!(
+            now.revoked_at.is_some(),
+            "the cache serves the key as active"
+        );
+        assert!(!inserted, "a read from before the revocation was cached");
+    });
+    let r = app.raw("GET", "/coordinator/health", &[("x-api-key", &key)], b"");
+    assert_eq!(r.problem(401)["reason"], "revoked");
+}
+
+fn queued_job(app: &TestApp, queue: &str) -> String {
+    let id = app.create_job(&json!({"kind": "k", "queue": queue}));
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{id}/status"),
+        &json!({"status": "QUEUED"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    id
+}
+
+// ---- item 4: a job token records its caller -----------------------------------------
+
+fn claim_as(app: &TestApp, who: &crate::helpers::Signer, queue: &str, worker: &str) -> Value {
+    let body = json!({"worker": worker}).to_string();
+    let r = app.signed_by(
+        who,
+        "POST",
+        &format!("/coordinator/queues/{queue}/claim"),
+        &[("content-type", "application/json")],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+/// The payload of a JWT, decoded (the test reads its claims).
+fn claims_of(token: &str) -> Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// The audit lines written for requests made with this token id.
+fn audit_lines_for(jti: &str) -> Vec<Value> {
+    let needle = format!(r#""key":"{jti}""#);
+    captured_logs()
+        .lines()
+        .filter(|l| l.contains(r#""event":"auth""#) && l.contains(&needle))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn a_job_token_names_its_caller_and_dies_with_it(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let wk = app.caller("wk", &[Scope::JobsUpdate, Scope::JobsRead]);
+    let id = queued_job(&app, "cq");
+    // The worker calls itself `dev` (another caller's name); the token still records
+    // that `wk` claimed it.
+    let claimed = claim_as(&app, &wk, "cq", "dev");
+    assert_eq!(claimed["id"], id.as_str());
+    let t = claimed["token"].as_str().unwrap().to_owned();
+    let claims = claims_of(&t);
+    assert_eq!(claims["cal"], "wk");
+    assert_eq!(claims["sub"], "dev");
+    let r = app.with_token(
+        &t,
+        "PATCH",
+        &format!("/coordinator/jobs/{id}/progress"),
+        br#"{"percent":10}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    std::thread::sleep(Duration::from_millis(200));
+    let jti = claims["jti"].as_str().unwrap();
+    let lines = audit_lines_for(jti);
+    assert!(!lines.is_empty(), "no audit line for the token");
+    for l in &lines {
+        assert_eq!(l["scheme"], "token");
+        assert_eq!(l["caller"], "wk", "{l}");
+        assert_eq!(l["worker"], "dev", "{l}");
+    }
+
+    // Disabling the caller ends its tokens (within the cache's poll).
+    admin::disable_caller(&app.state.db, "wk").unwrap();
+    let r = poll_until(
+        Duration::from_millis(1500),
+        || {
+            app.with_token(
+                &t,
+                "PATCH",
+                &format!("/coordinator/jobs/{id}/progress"),
+                br#"{"percent":20}"#,
+            )
+        },
+        |r| r.status == 401,
+    );
+    assert_eq!(r.problem(401)["reason"], "caller disabled");
+    let r = app.with_token(
+        &t,
+        "POST",
+        &format!("/coordinator/jobs/{id}/complete"),
+        br#"{"result":1}"#,
+    );
+    assert_eq!(r.problem(401)["reason"], "caller disabled");
+    std::thread::sleep(Duration::from_millis(200));
+    let denied = audit_lines_for(jti)
+        .into_iter()
+        .filter(|l| l["outcome"] == "deny")
+        .collect::<Vec<_>>();
+    assert!(!denied.is_empty());
+    assert!(denied
+        .iter()
+        .all(|l| l["caller"] == "wk" && l["worker"] == "dev"));
+}
+
+fn tokens_without_a_caller_or_with_an_unknown_one_are_refused(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let gone = app.caller("gone", &[Scope::JobsUpdate, Scope::JobsRead]);
+    let id = queued_job(&app, "uq");
+    let t = claim_as(&app, &gone, "uq", "w")["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(get_job(&app, &t, &id).status, 200);
+
+    // A token minted before tokens recorded their caller: same key, no `cal`.
+    let sealer = app.state.auth.store.sealer().clone();
+    let keys = app
+        .state
+        .db
+        .write_sync(|c| token::load_keys(c, &sealer))
+        .unwrap();
+    let key = &keys[0];
+    let now = now_secs();
+    let legacy = json!({
+        "iss": token::ISSUER, "sub": "w", "jid": id, "scope": "jobs:update jobs:read",
+        "jti": uuid::Uuid::now_v7().to_string(), "iat": now, "exp": now + 600, "att": 1,
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some(format!("v{}", key.version));
+    let legacy = jsonwebtoken::encode(
+        &header,
+        &legacy,
+        &jsonwebtoken::EncodingKey::from_secret(&key.key),
+    )
+    .unwrap();
+    assert_eq!(
+        get_job(&app, &legacy, &id).problem(401)["reason"],
+        "token without caller"
+    );
+
+    // The caller is deleted (it has no API keys, so nothing else refers to it).
+    app.state
+        .db
+        .write_sync(|c| {
+            use coordinator::db::schema::callers;
+            diesel::delete(callers::table.find("gone")).execute(c)?;
+            repo::bump_generation(c)
+        })
+        .unwrap();
+    let r = poll_until(
+        Duration::from_millis(1500),
+        || get_job(&app, &t, &id),
+        |r| r.status == 401,
+    );
+    assert_eq!(r.problem(401)["reason"], "unknown caller");
+}
+
+// ---- item 8: a token issued before any claim is fenced -------------------------------
+
+fn a_token_issued_before_the_first_claim_is_fenced_by_it(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let other = app.sibling();
+    let id = queued_job(&app, "fq");
+    // `coordinator token issue` for a job nobody has claimed: attempt 0.
+    let early = app.job_token(&id, "early", HOUR);
+    assert_eq!(claims_of(&early)["att"], 0);
+    assert_eq!(get_job(&app, &early, &id).status, 200);
+    assert_eq!(get_job(&other, &early, &id).status, 200);
+
+    let claimed = app
+        .post_json("/coordinator/queues/fq/claim", &json!({"worker": "w1"}))
+        .json();
+    assert_eq!(claimed["attempts"], 1);
+    let t1 = claimed["token"].as_str().unwrap().to_owned();
+    assert_eq!(get_job(&app, &t1, &id).status, 200);
+    // The first attempt started: the attempt-0 token is refused, here at once and on
+    // the other instance within a second.
+    assert_eq!(get_job(&app, &early, &id).problem(401)["reason"], "revoked");
+    let r = poll_until(
+        Duration::from_millis(1500),
+        || get_job(&other, &early, &id),
+        |r| r.status == 401,
+    );
+    assert_eq!(r.problem(401)["reason"], "revoked");
+    assert_eq!(get_job(&other, &t1, &id).status, 200);
+
+    // Back in the queue between attempts: no token can be issued (it would name an
+    // attempt that has ended, and could outlive the next one).
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{id}/status"),
+        &json!({"status": "QUEUED"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let job = coordinator::jobs::JobId::parse(&id, "id").unwrap();
+    let refused = token::issue(
+        &app.state.db,
+        app.state.auth.store.sealer(),
+        &job,
+        "late",
+        None,
+        HOUR,
+    );
+    assert!(
+        matches!(refused, Err(coordinator::error::StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+    // The second attempt's token works; neither earlier one does.
+    let second = app
+        .post_json("/coordinator/queues/fq/claim", &json!({"worker": "w2"}))
+        .json();
+    assert_eq!(second["attempts"], 2);
+    let t2 = second["token"].as_str().unwrap();
+    assert_eq!(get_job(&app, t2, &id).status, 200);
+    get_job(&app, &early, &id).problem(401);
+    get_job(&app, &t1, &id).problem(401);
+    // A RUNNING job gets a token for its current attempt.
+    let running = app.job_token(&id, "op", HOUR);
+    assert_eq!(claims_of(&running)["att"], 2);
+    assert_eq!(get_job(&app, &running, &id).status, 200);
+}
