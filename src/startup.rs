@@ -243,6 +243,8 @@ fn run(
                 crate::auth::middleware::auth_middleware,
             ))
             .wrap(middleware::from_fn(crate::telemetry::access_log))
+            // Outermost: the request's database deadline counts from its arrival.
+            .wrap(middleware::from_fn(crate::db::load::deadline))
     })
     .shutdown_timeout(config.shutdown_timeout.as_secs())
     .listen(listener)?;
