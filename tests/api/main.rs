@@ -9,5 +9,6 @@ mod jobs;
 mod logs;
 mod openapi;
 mod ops;
+mod outage;
 mod stitcher;
 mod tokens;
