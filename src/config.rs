@@ -359,6 +359,11 @@ pub struct ServeArgs {
     #[arg(long, env = "COORDINATOR_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
 
+    /// Milliseconds after its arrival past which a request is no longer sent to the
+    /// database (answered 503 instead).
+    #[arg(long, env = "COORDINATOR_REQUEST_DEADLINE_MS", default_value_t = 3000)]
+    pub request_deadline_ms: u64,
+
     #[command(flatten)]
     pub keys: KeyArgs,
 
@@ -432,6 +437,8 @@ pub struct Config {
     pub body_read_timeout: Duration,
     pub workers: usize,
     pub shutdown_timeout: Duration,
+    /// Past this after its arrival a request is not sent to the database (503).
+    pub request_deadline: Duration,
     pub master_key: Arc<MasterKey>,
     pub master_key_previous: Option<Arc<MasterKey>>,
     /// SHA-256 of the bootstrap API key (the key itself is not kept).
@@ -539,6 +546,12 @@ impl ServeArgs {
                 "must be at most 3600",
             ));
         }
+        if !(100..=300_000).contains(&self.request_deadline_ms) {
+            return Err(bad(
+                "COORDINATOR_REQUEST_DEADLINE_MS",
+                "must be between 100 and 300000",
+            ));
+        }
         let bootstrap_api_key = match &self.api_key {
             Some(k) if k.expose_secret().chars().count() < 32 => {
                 return Err(bad("COORDINATOR_API_KEY", "must be at least 32 characters"))
@@ -613,6 +626,7 @@ impl ServeArgs {
             body_read_timeout: Duration::from_secs(self.body_read_timeout_secs),
             workers: self.workers,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            request_deadline: Duration::from_millis(self.request_deadline_ms),
             master_key,
             master_key_previous,
             bootstrap_api_key,
@@ -646,6 +660,7 @@ impl Config {
             body_read_timeout: Duration::from_secs(10),
             workers: 0,
             shutdown_timeout: Duration::from_secs(30),
+            request_deadline: Duration::from_secs(3),
             master_key: Arc::new(MasterKey::generate()),
             master_key_previous: None,
             bootstrap_api_key: None,

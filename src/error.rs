@@ -17,6 +17,10 @@ pub enum StoreError {
     Conflict(String),
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// Refused before reaching the database: a queue at its bound, the request's
+    /// deadline passed, or its client gone (503, never worth a retry storm).
+    #[error("overloaded: {0}")]
+    Overloaded(&'static str),
     #[error(transparent)]
     Db(#[from] diesel::result::Error),
     #[error("internal: {0}")]
@@ -59,12 +63,16 @@ pub(crate) fn is_connection_loss(e: &diesel::result::Error) -> bool {
                 || m.contains("server closed the connection")
                 || m.contains("connection to server")
                 || m.contains("no connection to the server")
+                // SQLite: the file itself is unusable (an outage, not a bug).
+                || m.contains("disk I/O error")
+                || m.contains("unable to open database file")
+                || m.contains("database or disk is full")
         }
         _ => false,
     }
 }
 
-fn is_busy(e: &diesel::result::Error) -> bool {
+pub(crate) fn is_busy(e: &diesel::result::Error) -> bool {
     use diesel::result::{DatabaseErrorKind as K, Error as E};
     match e {
         E::DatabaseError(K::Unknown, info) => {
@@ -124,6 +132,9 @@ pub enum ApiError {
     TooManyRequests { retry_after_secs: u64 },
     #[error("service unavailable: {0}")]
     Unavailable(String),
+    /// 503: shed before reaching the database (queue full, deadline passed).
+    #[error("overloaded: {0}")]
+    Overloaded(&'static str),
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
 }
@@ -156,6 +167,7 @@ impl ApiError {
             ApiError::TooLarge => ("payload-too-large", "Payload Too Large"),
             ApiError::TooManyRequests { .. } => ("too-many-requests", "Too Many Requests"),
             ApiError::Unavailable(_) => ("unavailable", "Service Unavailable"),
+            ApiError::Overloaded(_) => ("overloaded", "Service Unavailable"),
             ApiError::Internal(_) => ("internal", "Internal Server Error"),
         }
     }
@@ -181,6 +193,7 @@ impl ApiError {
             ApiError::Unavailable(_) => {
                 "the service cannot reach its database; retry later".to_owned()
             }
+            ApiError::Overloaded(_) => "the service is overloaded; retry later".to_owned(),
             ApiError::Internal(_) => "internal error".to_owned(),
         }
     }
@@ -224,7 +237,7 @@ impl ResponseError for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -233,6 +246,9 @@ impl ResponseError for ApiError {
         match self {
             ApiError::Internal(e) => log::error!("internal error: {e:#}"),
             ApiError::Unavailable(why) => log::warn!("database unavailable: {why}"),
+            // Counted in `coordinator_db_shed_total`; a line per refusal would add
+            // to the overload.
+            ApiError::Overloaded(why) => log::debug!("request shed: {why}"),
             _ => {}
         }
         let mut resp = HttpResponse::build(self.status_code());
@@ -242,7 +258,7 @@ impl ResponseError for ApiError {
             ApiError::TooManyRequests { retry_after_secs } => {
                 resp.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
             }
-            ApiError::Unavailable(_) => {
+            ApiError::Unavailable(_) | ApiError::Overloaded(_) => {
                 resp.insert_header((header::RETRY_AFTER, "1"));
             }
             ApiError::Unauthorized(_) => {
@@ -266,6 +282,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound => ApiError::NotFound,
             StoreError::Conflict(why) => ApiError::Conflict(why),
             StoreError::Unavailable(why) => ApiError::Unavailable(why),
+            StoreError::Overloaded(why) => ApiError::Overloaded(why),
             StoreError::Db(diesel::result::Error::NotFound) => ApiError::NotFound,
             StoreError::Db(ref d) if is_connection_loss(d) || is_busy(d) => {
                 ApiError::Unavailable(d.to_string())

@@ -146,8 +146,10 @@ async fn take_snapshot(state: &AppState) -> Result<HealthReport, StoreError> {
     })
 }
 
-/// The health snapshot, at most `SNAPSHOT_TTL` old (one refresher at a time).
+/// The health snapshot, at most `SNAPSHOT_TTL` old (one refresher at a time). While
+/// the database is failing there is none: a cached "ok" must not outlive the outage.
 pub async fn snapshot(state: &AppState) -> Result<HealthReport, StoreError> {
+    state.db.health().admit()?;
     if let Some(r) = state.health.fresh(SNAPSHOT_TTL) {
         return Ok(r);
     }
@@ -207,6 +209,7 @@ pub async fn health(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
 )]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let m = &state.metrics;
+    m.db.observe(&state.db.stats(), Some(state.auth.replays.queue_stats()));
     match snapshot(&state).await {
         Ok(r) => m.set_queue_depths(&r.queues),
         Err(e) => log::warn!("metrics: queue depths unavailable: {e}"),
@@ -247,7 +250,8 @@ pub async fn livez() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// `GET /readyz`: the database answers and every migration has been applied.
+/// `GET /readyz`: the database answers and every migration has been applied. While
+/// the shared health state is not healthy the answer is 503 at once, without a query.
 #[utoipa::path(
     get,
     path = "/readyz",
@@ -263,6 +267,9 @@ pub async fn livez() -> HttpResponse {
     ),
 )]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if let Err(e) = state.db.health().admit() {
+        return not_ready(&e.to_string());
+    }
     let ready = state
         .db
         .read(|conn| {

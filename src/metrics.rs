@@ -6,11 +6,15 @@
 //! into `_other`).
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+use crate::db::health::DbState;
+use crate::db::DbStats;
 
 pub const MAX_QUEUE_SERIES: usize = 100;
 
@@ -23,6 +27,146 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     pub pool_connections: IntGaugeVec,
     pub revoked_tokens: IntGauge,
+    /// The storage layer (health state, queues, shedding, SQLite WAL), copied from
+    /// `Db::stats` at scrape time.
+    pub db: DbMetrics,
+}
+
+/// Metrics of the storage layer. Its counters live as atomics in `Db` (which has no
+/// registry); a scrape adds what they grew since the previous scrape.
+pub struct DbMetrics {
+    state: IntGaugeVec,
+    trips: IntCounter,
+    queue_depth: IntGaugeVec,
+    queue_limit: IntGaugeVec,
+    shed: IntCounterVec,
+    wal_bytes: IntGauge,
+    wal_max_bytes: IntGauge,
+    wal_checkpoints: IntCounterVec,
+    /// Serialises scrapes so counter deltas are applied once.
+    sync: Mutex<()>,
+}
+
+impl DbMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let state = IntGaugeVec::new(
+            Opts::new(
+                "db_state",
+                "Database health state of this instance: 1 for the current state",
+            ),
+            &["state"],
+        )?;
+        let trips = IntCounter::new(
+            "db_trips_total",
+            "Times the database health state left healthy (requests then get 503 at once)",
+        )?;
+        let queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "db_queue_depth",
+                "Operations waiting for or holding a database connection, per queue",
+            ),
+            &["queue"],
+        )?;
+        let queue_limit = IntGaugeVec::new(
+            Opts::new(
+                "db_queue_limit",
+                "Bound of each queue in front of the database; past it, 503 at once",
+            ),
+            &["queue"],
+        )?;
+        let shed = IntCounterVec::new(
+            Opts::new(
+                "db_shed_total",
+                "Requests refused before reaching the database, by queue and reason",
+            ),
+            &["queue", "reason"],
+        )?;
+        let wal_bytes = IntGauge::new(
+            "sqlite_wal_bytes",
+            "Size of the SQLite WAL file at the last write (SQLite only)",
+        )?;
+        let wal_max_bytes = IntGauge::new(
+            "sqlite_wal_max_bytes",
+            "Largest SQLite WAL file size measured since start (SQLite only)",
+        )?;
+        let wal_checkpoints = IntCounterVec::new(
+            Opts::new(
+                "sqlite_wal_checkpoints_total",
+                "TRUNCATE checkpoints run by the writer, by outcome (SQLite only)",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(state.clone()))?;
+        registry.register(Box::new(trips.clone()))?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(queue_limit.clone()))?;
+        registry.register(Box::new(shed.clone()))?;
+        registry.register(Box::new(wal_bytes.clone()))?;
+        registry.register(Box::new(wal_max_bytes.clone()))?;
+        registry.register(Box::new(wal_checkpoints.clone()))?;
+        Ok(DbMetrics {
+            state,
+            trips,
+            queue_depth,
+            queue_limit,
+            shed,
+            wal_bytes,
+            wal_max_bytes,
+            wal_checkpoints,
+            sync: Mutex::new(()),
+        })
+    }
+
+    /// Copy the storage layer's counters; `replay` is the replay log's (depth, bound,
+    /// refused when full).
+    pub fn observe(&self, s: &DbStats, replay: Option<(usize, usize, u64)>) {
+        let Ok(_one_at_a_time) = self.sync.lock() else {
+            return;
+        };
+        let to_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        fn catch_up(c: &IntCounter, total: u64) {
+            c.inc_by(total.saturating_sub(c.get()));
+        }
+        for st in [DbState::Healthy, DbState::Failing, DbState::Probing] {
+            self.state
+                .with_label_values(&[st.as_str()])
+                .set(i64::from(st == s.state));
+        }
+        catch_up(&self.trips, s.trips);
+        for q in &s.queues {
+            self.queue_depth
+                .with_label_values(&[q.name])
+                .set(to_i64(q.depth));
+            self.queue_limit
+                .with_label_values(&[q.name])
+                .set(to_i64(q.limit));
+            for (why, n) in &q.shed {
+                catch_up(&self.shed.with_label_values(&[q.name, why.as_str()]), *n);
+            }
+        }
+        if let Some((depth, limit, full)) = replay {
+            self.queue_depth
+                .with_label_values(&["replay_log"])
+                .set(to_i64(depth));
+            self.queue_limit
+                .with_label_values(&["replay_log"])
+                .set(to_i64(limit));
+            catch_up(&self.shed.with_label_values(&["replay_log", "full"]), full);
+        }
+        if let Some((bytes, max, checkpoints, incomplete)) = s.wal {
+            self.wal_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            self.wal_max_bytes
+                .set(i64::try_from(max).unwrap_or(i64::MAX));
+            catch_up(
+                &self.wal_checkpoints.with_label_values(&["complete"]),
+                checkpoints.saturating_sub(incomplete),
+            );
+            catch_up(
+                &self.wal_checkpoints.with_label_values(&["incomplete"]),
+                incomplete,
+            );
+        }
+    }
 }
 
 impl Metrics {
@@ -82,6 +226,7 @@ impl Metrics {
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(pool_connections.clone()))?;
         registry.register(Box::new(revoked_tokens.clone()))?;
+        let db = DbMetrics::new(&registry)?;
         Ok(Metrics {
             registry,
             http_requests,
@@ -91,6 +236,7 @@ impl Metrics {
             queue_depth,
             pool_connections,
             revoked_tokens,
+            db,
         })
     }
 
@@ -161,5 +307,41 @@ mod tests {
         assert!(text.contains(r#"method="OTHER""#));
         assert!(text.contains(r#"coordinator_queue_depth{queue="ci",status="QUEUED"} 3"#));
         assert!(text.contains("coordinator_auth_outcomes_total"));
+    }
+
+    #[test]
+    fn storage_counters_are_copied_once_per_increase() {
+        use crate::db::load::Shed;
+        use crate::db::QueueStats;
+        let m = Metrics::new().expect("metrics");
+        let stats = |shed: u64| DbStats {
+            state: DbState::Failing,
+            trips: 2,
+            queues: vec![QueueStats {
+                name: "write",
+                depth: 3,
+                limit: 65,
+                shed: vec![(Shed::Full, shed), (Shed::Unavailable, 0)],
+            }],
+            wal: Some((4096, 8192, 5, 1)),
+        };
+        m.db.observe(&stats(7), Some((2, 1024, 1)));
+        m.db.observe(&stats(7), Some((2, 1024, 1)));
+        m.db.observe(&stats(9), Some((0, 1024, 1)));
+        let text = m.render().expect("render");
+        for line in [
+            r#"coordinator_db_state{state="failing"} 1"#,
+            r#"coordinator_db_state{state="healthy"} 0"#,
+            "coordinator_db_trips_total 2",
+            r#"coordinator_db_queue_depth{queue="write"} 3"#,
+            r#"coordinator_db_queue_limit{queue="write"} 65"#,
+            r#"coordinator_db_shed_total{queue="write",reason="full"} 9"#,
+            r#"coordinator_db_queue_depth{queue="replay_log"} 0"#,
+            r#"coordinator_db_shed_total{queue="replay_log",reason="full"} 1"#,
+            "coordinator_sqlite_wal_bytes 4096",
+            r#"coordinator_sqlite_wal_checkpoints_total{outcome="complete"} 4"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 }

@@ -256,6 +256,8 @@ fn run(
                     crate::telemetry::access_log(metrics.clone(), req, next)
                 },
             ))
+            // Outermost: the request's database deadline counts from its arrival.
+            .wrap(middleware::from_fn(crate::db::load::deadline))
     })
     .shutdown_timeout(config.shutdown_timeout.as_secs())
     .listen(listener)?;

@@ -5,6 +5,7 @@
 //! each request after the commit, so a replay check costs a share of one commit
 //! instead of one commit per request. Nothing is acknowledged before it is durable.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
@@ -15,14 +16,17 @@ use crate::error::StoreError;
 
 /// Most records written in one transaction.
 const MAX_BATCH: usize = 512;
-/// Bounded queue: past this many waiting records, callers wait for room.
-const QUEUE: usize = 8192;
+/// Bounded queue: past this many waiting records, a request is refused at once (503)
+/// instead of waiting for room.
+pub const QUEUE: usize = 1024;
 
 type Reply = oneshot::Sender<Result<bool, String>>;
 
 #[derive(Clone)]
 pub struct ReplayLog {
     tx: mpsc::Sender<(ReplayRow, Reply)>,
+    /// Records refused because the queue was full.
+    shed: Arc<AtomicU64>,
 }
 
 impl ReplayLog {
@@ -46,7 +50,20 @@ impl ReplayLog {
                 log::error!("cannot start replay writer: {e}");
             }
         }
-        ReplayLog { tx }
+        ReplayLog {
+            tx,
+            shed: Arc::default(),
+        }
+    }
+
+    /// (records waiting, bound, records refused because the queue was full).
+    pub fn queue_stats(&self) -> (usize, usize, u64) {
+        let bound = self.tx.max_capacity();
+        (
+            bound - self.tx.capacity(),
+            bound,
+            self.shed.load(Ordering::Relaxed),
+        )
     }
 
     /// Record the pair; `Ok(false)` when it was already recorded (a replay).
@@ -58,9 +75,16 @@ impl ReplayLog {
     ) -> Result<bool, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(((caller, signature_hash, expires_at), reply))
-            .await
-            .map_err(|_| StoreError::Internal("replay log stopped".into()))?;
+            .try_send(((caller, signature_hash, expires_at), reply))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    self.shed.fetch_add(1, Ordering::Relaxed);
+                    StoreError::Overloaded("replay log queue full")
+                }
+                mpsc::error::TrySendError::Closed(_) => {
+                    StoreError::Internal("replay log stopped".into())
+                }
+            })?;
         match answer.await {
             Ok(Ok(fresh)) => Ok(fresh),
             Ok(Err(e)) => Err(StoreError::Unavailable(e)),

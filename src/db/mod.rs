@@ -5,11 +5,15 @@
 //! explicit `match` on the connection variant.
 
 pub mod batch;
+pub mod health;
+pub mod load;
 pub mod migrate;
 pub mod queue;
 pub mod schema;
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
@@ -19,6 +23,8 @@ use diesel::{Connection, RunQueryDsl};
 
 use crate::config::DbConfig;
 use crate::error::StoreError;
+use health::{DbHealth, DbState};
+use load::{CancelOnDrop, Gate, Shed};
 
 /// One connection type for both backends; the variant is chosen by the URL scheme.
 #[derive(diesel::MultiConnection)]
@@ -81,10 +87,12 @@ impl DatabaseUrl {
     }
 }
 
-/// A pooled connection plus a flag the pool reads to discard it after a connection loss.
+/// A pooled connection, a flag the pool reads to discard it after a connection loss,
+/// and the health epoch in which it was opened or last checked (see [`health`]).
 pub struct Conn {
     pub conn: DbConnection,
     broken: bool,
+    epoch: u64,
 }
 
 /// Opens the variant matching the URL and applies per-connection SQLite pragmas.
@@ -92,6 +100,8 @@ pub struct ConnectionManager {
     url: DatabaseUrl,
     busy_timeout: Duration,
     synchronous_full: bool,
+    /// The pool's shared health: a failed connection attempt trips it.
+    health: Option<Arc<DbHealth>>,
 }
 
 impl ConnectionManager {
@@ -100,6 +110,7 @@ impl ConnectionManager {
             url: cfg.url.clone(),
             busy_timeout: cfg.sqlite_busy_timeout,
             synchronous_full: cfg.sqlite_synchronous_full,
+            health: None,
         }
     }
 
@@ -122,13 +133,29 @@ impl ConnectionManager {
                         "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;"
                     })?;
                     // Checkpoints (which fsync the database file) are not run inside a
-                    // committing request; housekeeping runs a passive one every pass.
-                    c.batch_execute("PRAGMA wal_autocheckpoint = 0;")
+                    // committing request: the writer runs a TRUNCATE one after replying
+                    // once the WAL passes `WAL_CHECKPOINT_BYTES`, housekeeping a passive
+                    // one every pass; whatever resets the WAL cuts the file back to
+                    // `journal_size_limit`.
+                    c.batch_execute(&format!(
+                        "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_CHECKPOINT_BYTES};"
+                    ))
                 };
                 setup(&mut c).map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
                 Ok(DbConnection::Sqlite(c))
             }
         }
+    }
+
+    /// The probe of the health state: a fresh connection that answers a query.
+    fn probe(&self) -> Result<(), String> {
+        let mut c = self.establish().map_err(|e| e.to_string())?;
+        let sql = match c {
+            // Reads a page of the file, so an unreadable file fails the probe too.
+            DbConnection::Sqlite(_) => "SELECT count(*) FROM sqlite_master",
+            DbConnection::Postgresql(_) => "SELECT 1",
+        };
+        c.batch_execute(sql).map_err(|e| e.to_string())
     }
 }
 
@@ -164,10 +191,24 @@ impl ManageConnection for ConnectionManager {
     type Error = diesel::ConnectionError;
 
     fn connect(&self) -> Result<Conn, Self::Error> {
-        self.establish().map(|conn| Conn {
-            conn,
-            broken: false,
-        })
+        // Read before connecting: a trip while connecting makes this connection stale.
+        let epoch = self.health.as_ref().map_or(0, |h| h.epoch());
+        match self.establish() {
+            Ok(conn) => Ok(Conn {
+                conn,
+                broken: false,
+                epoch,
+            }),
+            Err(e) => {
+                // Another process holding the SQLite file's lock is load, not an outage.
+                let busy = matches!(&e, diesel::ConnectionError::CouldntSetupConfiguration(d)
+                    if crate::error::is_busy(d));
+                if let (Some(h), false) = (&self.health, busy) {
+                    h.trip(None, &format!("cannot connect: {e}"));
+                }
+                Err(e)
+            }
+        }
     }
 
     fn is_valid(&self, c: &mut Conn) -> Result<(), Self::Error> {
@@ -183,42 +224,143 @@ impl ManageConnection for ConnectionManager {
 
 pub type DbPool = Pool<ConnectionManager>;
 
+/// On SQLite the writer runs a TRUNCATE checkpoint (after replying) once the WAL file
+/// is at least this large; it is also the `journal_size_limit`. Keeps the WAL far below
+/// 64 MiB under continuous load.
+pub const WAL_CHECKPOINT_BYTES: u64 = 16 << 20;
+/// How long a TRUNCATE checkpoint waits for readers still using the WAL before it gives
+/// up until the next write (the writer's connection is held meanwhile).
+const CHECKPOINT_BUSY_MS: u64 = 1000;
+/// A waiter for a pooled connection looks at the health state at least this often, so
+/// requests already waiting when the database fails are refused soon after.
+const WAIT_SLICE: Duration = Duration::from_millis(20);
+
+/// What the writer knows about the SQLite WAL file.
+struct Wal {
+    path: std::path::PathBuf,
+    /// Size at the last measurement (after every write).
+    bytes: AtomicU64,
+    /// Largest size measured.
+    max_bytes: AtomicU64,
+    checkpoints: AtomicU64,
+    /// TRUNCATE checkpoints that could not finish (readers kept the WAL busy).
+    incomplete: AtomicU64,
+}
+
+impl Wal {
+    fn measure(&self) -> u64 {
+        let n = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        self.bytes.store(n, Ordering::Relaxed);
+        self.max_bytes.fetch_max(n, Ordering::Relaxed);
+        n
+    }
+}
+
+/// State shared by every clone of one `Db`.
+struct Shared {
+    health: Arc<DbHealth>,
+    read_gate: Arc<Gate>,
+    write_gate: Arc<Gate>,
+    wal: Option<Wal>,
+    timeout: Duration,
+    busy_timeout: Duration,
+}
+
 /// The database handle every handler uses. On SQLite, writes go through a pool of one
 /// connection so writers queue in-process instead of spinning on the file lock; reads
 /// use the larger pool. On PostgreSQL both are the same pool.
+///
+/// Every operation passes the shared health state (refused at once while the database
+/// is failing), a bounded queue per pool (refused at once when full) and the request's
+/// deadline (refused once it has passed) before it may wait for a connection.
 #[derive(Clone)]
 pub struct Db {
     read: DbPool,
     write: DbPool,
     backend: Backend,
+    shared: Arc<Shared>,
+}
+
+/// Counters and gauges of the storage layer, for `/metrics`.
+#[derive(Debug, Clone)]
+pub struct DbStats {
+    pub state: DbState,
+    pub trips: u64,
+    /// Per queue (`read`/`write` on SQLite, `pool` on PostgreSQL): name, depth, bound,
+    /// and refusals by reason.
+    pub queues: Vec<QueueStats>,
+    /// SQLite: (WAL bytes now, largest seen, TRUNCATE checkpoints run, incomplete ones).
+    pub wal: Option<(u64, u64, u64, u64)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueStats {
+    pub name: &'static str,
+    pub depth: usize,
+    pub limit: usize,
+    pub shed: Vec<(Shed, u64)>,
 }
 
 impl Db {
     /// Build the pools without connecting (connections are opened on demand, so a
     /// database that is down makes requests 503 instead of failing the build).
     pub fn new(cfg: &DbConfig) -> Self {
+        let prober = ConnectionManager::new(cfg);
+        let health = DbHealth::new(Box::new(move || prober.probe()));
         let mk = |size: u32| {
             Pool::builder()
                 .max_size(size)
                 .min_idle(Some(0))
                 .connection_timeout(cfg.timeout)
                 .test_on_check_out(false)
-                .build_unchecked(ConnectionManager::new(cfg))
+                // Connection failures trip the health state; they need no log line each.
+                .error_handler(Box::new(r2d2::NopErrorHandler))
+                .build_unchecked(ConnectionManager {
+                    health: Some(health.clone()),
+                    ..ConnectionManager::new(cfg)
+                })
         };
         let read = mk(cfg.pool_size);
-        let write = match cfg.url.backend() {
-            Backend::Sqlite => mk(1),
-            Backend::Postgres => read.clone(),
+        let (write, read_gate, write_gate) = match cfg.url.backend() {
+            Backend::Sqlite => (
+                mk(1),
+                Gate::new("read", cfg.pool_size),
+                Gate::new("write", 1),
+            ),
+            Backend::Postgres => {
+                let g = Gate::new("pool", cfg.pool_size);
+                (read.clone(), g.clone(), g)
+            }
         };
+        let wal = (cfg.url.backend() == Backend::Sqlite).then(|| Wal {
+            path: format!("{}-wal", cfg.url.target()).into(),
+            bytes: AtomicU64::new(0),
+            max_bytes: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            incomplete: AtomicU64::new(0),
+        });
         Db {
             read,
             write,
             backend: cfg.url.backend(),
+            shared: Arc::new(Shared {
+                health,
+                read_gate,
+                write_gate,
+                wal,
+                timeout: cfg.timeout,
+                busy_timeout: cfg.sqlite_busy_timeout,
+            }),
         }
     }
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// The shared health state of this instance's database.
+    pub fn health(&self) -> &Arc<DbHealth> {
+        &self.shared.health
     }
 
     /// Pool state for health reporting: (connections, idle).
@@ -227,13 +369,41 @@ impl Db {
         (s.connections, s.idle_connections)
     }
 
+    /// The storage layer's counters (cheap: atomics only).
+    pub fn stats(&self) -> DbStats {
+        let s = &self.shared;
+        let gate = |g: &Gate| QueueStats {
+            name: g.name,
+            depth: g.depth(),
+            limit: g.limit(),
+            shed: Shed::ALL.iter().map(|&w| (w, g.shed_count(w))).collect(),
+        };
+        let mut queues = vec![gate(&s.read_gate)];
+        if !Arc::ptr_eq(&s.read_gate, &s.write_gate) {
+            queues.push(gate(&s.write_gate));
+        }
+        DbStats {
+            state: s.health.state(),
+            trips: s.health.trips(),
+            queues,
+            wal: s.wal.as_ref().map(|w| {
+                (
+                    w.bytes.load(Ordering::Relaxed),
+                    w.max_bytes.load(Ordering::Relaxed),
+                    w.checkpoints.load(Ordering::Relaxed),
+                    w.incomplete.load(Ordering::Relaxed),
+                )
+            }),
+        }
+    }
+
     /// Run read-only work on the blocking pool.
     pub async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
     {
-        run_blocking(self.read.clone(), false, f).await
+        self.run_async(false, f).await
     }
 
     /// Run work that writes on the blocking pool.
@@ -242,37 +412,230 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
     {
-        run_blocking(self.write.clone(), true, f).await
+        self.run_async(true, f).await
     }
 
-    /// Synchronous variant for CLI commands and startup.
+    /// Synchronous variant for CLI commands, startup and the replay-log writer.
     pub fn write_sync<T>(
         &self,
         f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        with_conn(&self.write, true, f)
+        let _permit = self.shared.write_gate.enter()?;
+        let (r, due) = self.run_sync(true, None, None, f);
+        if let Some(c) = due {
+            self.truncate_wal(c);
+        }
+        r
+    }
+
+    fn gate(&self, write: bool) -> &Arc<Gate> {
+        if write {
+            &self.shared.write_gate
+        } else {
+            &self.shared.read_gate
+        }
+    }
+
+    /// Admission (health, deadline, queue bound) on the async side, then the work on
+    /// the blocking pool. The reply is sent before any WAL checkpoint the write makes
+    /// due, so no request waits for one.
+    async fn run_async<T, F>(&self, write: bool, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let gate = self.gate(write);
+        if let Err(e) = self.shared.health.admit() {
+            gate.count_shed(Shed::Unavailable);
+            return Err(e);
+        }
+        let deadline = load::current_deadline();
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            gate.count_shed(Shed::Deadline);
+            return Err(deadline_passed());
+        }
+        let permit = gate.enter()?;
+        let (cancel, gone) = CancelOnDrop::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let db = self.clone();
+        // Detached: it ends on its own, after replying.
+        drop(actix_web::rt::task::spawn_blocking(move || {
+            let _permit = permit;
+            let (r, due) = db.run_sync(write, deadline, Some(&gone), f);
+            let _ = tx.send(r);
+            if let Some(c) = due {
+                db.truncate_wal(c);
+            }
+        }));
+        let r = rx
+            .await
+            .map_err(|_| StoreError::Internal("blocking task failed".into()));
+        cancel.finish();
+        r?
+    }
+
+    /// Check out a connection and run `f`. Returns the connection as well when a WAL
+    /// checkpoint is due after this write.
+    fn run_sync<T>(
+        &self,
+        write: bool,
+        deadline: Option<Instant>,
+        gone: Option<&AtomicBool>,
+        f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
+    ) -> (
+        Result<T, StoreError>,
+        Option<PooledConnection<ConnectionManager>>,
+    ) {
+        let gate = self.gate(write);
+        let client_gone = || gone.is_some_and(|g| g.load(Ordering::Acquire));
+        if client_gone() {
+            gate.count_shed(Shed::Gone);
+            return (Err(client_gone_error()), None);
+        }
+        let pool = if write { &self.write } else { &self.read };
+        let mut c = match self.checkout(pool, gate, deadline) {
+            Ok(c) => c,
+            Err(e) => return (Err(e), None),
+        };
+        // Never start work whose client has gone; work once started runs to its commit
+        // or rollback.
+        if client_gone() {
+            gate.count_shed(Shed::Gone);
+            return (Err(client_gone_error()), None);
+        }
+        let r = if write {
+            sqlite_immediate(&mut c.conn, f)
+        } else {
+            f(&mut c.conn)
+        };
+        if let Err(e) = &r {
+            if e.is_connection_loss() {
+                c.broken = true;
+                self.shared
+                    .health
+                    .trip(Some(c.epoch), &format!("connection lost: {e}"));
+            }
+        }
+        let due = write
+            && !c.broken
+            && self
+                .shared
+                .wal
+                .as_ref()
+                .is_some_and(|w| w.measure() >= WAL_CHECKPOINT_BYTES);
+        (r, due.then_some(c))
+    }
+
+    /// Wait for a connection until the pool timeout or the request's deadline, whichever
+    /// is first, giving up at once when the health state leaves healthy. A connection
+    /// opened before the last trip is checked with one query before it is used.
+    fn checkout(
+        &self,
+        pool: &DbPool,
+        gate: &Gate,
+        deadline: Option<Instant>,
+    ) -> Result<PooledConnection<ConnectionManager>, StoreError> {
+        let health = &self.shared.health;
+        let pool_until = Instant::now() + self.shared.timeout;
+        let (until, by_request) = match deadline {
+            Some(d) if d < pool_until => (d, true),
+            _ => (pool_until, false),
+        };
+        let mut last: Option<r2d2::PoolError> = None;
+        loop {
+            if let Err(e) = health.admit() {
+                gate.count_shed(Shed::Unavailable);
+                return Err(e);
+            }
+            let now = Instant::now();
+            if now >= until {
+                if by_request {
+                    gate.count_shed(Shed::Deadline);
+                    return Err(deadline_passed());
+                }
+                // Not one connection exists: nothing to wait behind, the database does
+                // not let us in.
+                if pool.state().connections == 0 {
+                    health.trip(
+                        None,
+                        "no connection could be opened within the pool timeout",
+                    );
+                }
+                return Err(StoreError::Unavailable(last.map_or_else(
+                    || "timed out waiting for a connection".into(),
+                    |e| e.to_string(),
+                )));
+            }
+            match pool.get_timeout((until - now).min(WAIT_SLICE)) {
+                Ok(mut c) => {
+                    let epoch = health.epoch();
+                    if c.epoch == epoch {
+                        return Ok(c);
+                    }
+                    if c.conn.batch_execute("SELECT 1").is_ok() {
+                        c.epoch = epoch;
+                        return Ok(c);
+                    }
+                    // Dead since the outage: discard it and take another.
+                    c.broken = true;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+    }
+
+    /// SQLite, on the writer's connection after a write: TRUNCATE checkpoint, so the
+    /// WAL starts over from zero bytes. Readers still using the WAL are waited for at
+    /// most `CHECKPOINT_BUSY_MS`; if they keep it, the next write tries again.
+    fn truncate_wal(&self, mut c: PooledConnection<ConnectionManager>) {
+        let Some(wal) = &self.shared.wal else { return };
+        #[derive(diesel::QueryableByName)]
+        struct Outcome {
+            #[diesel(sql_type = diesel::sql_types::Integer)]
+            busy: i32,
+        }
+        let DbConnection::Sqlite(lite) = &mut c.conn else {
+            return;
+        };
+        let busy_ms = self.busy_ms();
+        let r = lite
+            .batch_execute(&format!(
+                "PRAGMA busy_timeout = {};",
+                busy_ms.min(CHECKPOINT_BUSY_MS)
+            ))
+            .and_then(|()| {
+                diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)").get_result::<Outcome>(lite)
+            });
+        let restored = lite.batch_execute(&format!("PRAGMA busy_timeout = {busy_ms};"));
+        wal.checkpoints.fetch_add(1, Ordering::Relaxed);
+        match r {
+            Ok(o) if o.busy == 0 => {}
+            Ok(_) => {
+                wal.incomplete.fetch_add(1, Ordering::Relaxed);
+                log::debug!("WAL checkpoint incomplete: readers still use the WAL");
+            }
+            Err(e) => {
+                wal.incomplete.fetch_add(1, Ordering::Relaxed);
+                log::warn!("WAL checkpoint failed: {e}");
+            }
+        }
+        if restored.is_err() {
+            c.broken = true;
+        }
+        wal.measure();
+    }
+
+    fn busy_ms(&self) -> u64 {
+        u64::try_from(self.shared.busy_timeout.as_millis()).unwrap_or(u64::MAX)
     }
 }
 
-fn with_conn<T>(
-    pool: &DbPool,
-    immediate: bool,
-    f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    let mut c: PooledConnection<ConnectionManager> = pool
-        .get()
-        .map_err(|e: r2d2::PoolError| StoreError::Unavailable(e.to_string()))?;
-    let r = if immediate {
-        sqlite_immediate(&mut c.conn, f)
-    } else {
-        f(&mut c.conn)
-    };
-    if let Err(e) = &r {
-        if e.is_connection_loss() {
-            c.broken = true;
-        }
-    }
-    r
+fn deadline_passed() -> StoreError {
+    StoreError::Overloaded("request deadline passed before the database was reached")
+}
+
+fn client_gone_error() -> StoreError {
+    StoreError::Overloaded("client went away before the database was reached")
 }
 
 /// On SQLite, run `f` inside `BEGIN IMMEDIATE`: the write lock is taken (waiting up to
@@ -303,16 +666,6 @@ fn sqlite_immediate<T>(
             Err(e)
         }
     }
-}
-
-async fn run_blocking<T, F>(pool: DbPool, immediate: bool, f: F) -> Result<T, StoreError>
-where
-    T: Send + 'static,
-    F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
-{
-    actix_web::rt::task::spawn_blocking(move || with_conn(&pool, immediate, f))
-        .await
-        .map_err(|e| StoreError::Internal(format!("blocking task failed: {e}")))?
 }
 
 impl Db {

@@ -11,6 +11,7 @@ mod jobs;
 mod logs;
 mod openapi;
 mod ops;
+mod outage;
 mod routing;
 mod stitcher;
 mod tokens;
