@@ -1135,8 +1135,14 @@ fn no_credential_leaks_into_responses_or_the_database(b: Backend) {
         "/coordinator/health",
         b"",
         &|h| {
+            // Change the last hex digit to a different one (never a no-op).
             let s = header_value(&h, "X-Coordinator-Signature");
-            with_header(&h, "X-Coordinator-Signature", &format!("{}0", &s[..63]))
+            let last = if s.ends_with('0') { '1' } else { '0' };
+            with_header(
+                &h,
+                "X-Coordinator-Signature",
+                &format!("{}{last}", &s[..63]),
+            )
         },
         1,
     );
