@@ -11,6 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::crypto::seal::MasterKey;
 use crate::db::DatabaseUrl;
+pub use crate::db::DbConfig;
 
 /// Where `serve --dev` keeps its state.
 pub const DEV_DIR: &str = ".coordinator";
@@ -413,17 +414,6 @@ pub struct ServeArgs {
     /// they finished; unset keeps them forever.
     #[arg(long, env = "COORDINATOR_JOB_RETENTION_DAYS")]
     pub job_retention_days: Option<u64>,
-}
-
-/// Validated database settings.
-#[derive(Debug, Clone)]
-pub struct DbConfig {
-    pub url: DatabaseUrl,
-    pub pool_size: u32,
-    pub timeout: Duration,
-    pub sqlite_busy_timeout: Duration,
-    /// `PRAGMA synchronous = FULL` instead of NORMAL.
-    pub sqlite_synchronous_full: bool,
 }
 
 /// Validated server configuration; passed to `Application::build`, never global.

@@ -8,15 +8,10 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use actix_web::{web, HttpResponse};
-use serde::Serialize;
-use serde_json::json;
-
-use crate::db::migrate;
-use crate::error::{ApiError, ApiResult, StoreError};
+use crate::db::Db;
+use crate::error::StoreError;
 use crate::jobs::repo;
-use crate::openapi::problem;
-use crate::startup::AppState;
+use serde::Serialize;
 
 /// How long a health snapshot is served before it is refreshed.
 pub const SNAPSHOT_TTL: Duration = Duration::from_secs(1);
@@ -110,10 +105,9 @@ impl HealthCache {
     }
 }
 
-async fn take_snapshot(state: &AppState) -> Result<HealthReport, StoreError> {
+async fn take_snapshot(db: &Db) -> Result<HealthReport, StoreError> {
     let started = Instant::now();
-    let (depths, oldest) = state
-        .db
+    let (depths, oldest) = db
         .read(|conn| {
             let depths = repo::queue_depths(conn)?;
             let oldest = repo::oldest_queued_created_at(conn)?;
@@ -126,13 +120,13 @@ async fn take_snapshot(state: &AppState) -> Result<HealthReport, StoreError> {
         queues.entry(queue).or_default().insert(status, n);
     }
     let now = crate::db::now_millis();
-    let (connections, idle) = state.db.pool_state();
+    let (connections, idle) = db.pool_state();
     Ok(HealthReport {
         status: "ok",
         version: env!("CARGO_PKG_VERSION"),
         database: DatabaseHealth {
             status: "up",
-            backend: match state.db.backend() {
+            backend: match db.backend() {
                 crate::db::Backend::Postgres => "postgres",
                 crate::db::Backend::Sqlite => "sqlite",
             },
@@ -148,145 +142,28 @@ async fn take_snapshot(state: &AppState) -> Result<HealthReport, StoreError> {
 
 /// The health snapshot, at most `SNAPSHOT_TTL` old (one refresher at a time). While
 /// the database is failing there is none: a cached "ok" must not outlive the outage.
-pub async fn snapshot(state: &AppState) -> Result<HealthReport, StoreError> {
-    state.db.health().admit()?;
-    if let Some(r) = state.health.fresh(SNAPSHOT_TTL) {
+pub async fn snapshot(db: &Db, cache: &HealthCache) -> Result<HealthReport, StoreError> {
+    db.health().admit()?;
+    if let Some(r) = cache.fresh(SNAPSHOT_TTL) {
         return Ok(r);
     }
-    let Some(_refreshing) = state.health.refresh.try_lock() else {
+    let Some(_refreshing) = cache.refresh.try_lock() else {
         // Someone else is refreshing: serve the previous snapshot if it is recent.
-        if let Some(r) = state.health.fresh(SNAPSHOT_TTL * 5) {
+        if let Some(r) = cache.fresh(SNAPSHOT_TTL * 5) {
             return Ok(r);
         }
-        return take_snapshot(state).await;
+        return take_snapshot(db).await;
     };
-    match take_snapshot(state).await {
+    match take_snapshot(db).await {
         Ok(r) => {
-            state.health.store(&r);
+            cache.store(&r);
             Ok(r)
         }
         Err(e) => {
-            if let Ok(mut g) = state.health.snapshot.lock() {
+            if let Ok(mut g) = cache.snapshot.lock() {
                 *g = None;
             }
             Err(e)
         }
     }
-}
-
-/// `GET /coordinator/health` [health:read]
-#[utoipa::path(
-    get,
-    path = "/coordinator/health",
-    tag = "probes",
-    operation_id = "health",
-    summary = "Database status, queue depths, version",
-    responses(
-        (status = 200, description = "The health snapshot.", body = HealthReport),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
-    ),
-    security(("hmac" = ["health:read"]), ("apiKey" = ["health:read"])),
-)]
-pub async fn health(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
-    let r = snapshot(&state).await.map_err(ApiError::from)?;
-    Ok(HttpResponse::Ok().json(r))
-}
-
-/// `GET /metrics`: Prometheus text; gauges are refreshed from the health snapshot.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "probes",
-    operation_id = "metrics",
-    summary = "Prometheus metrics",
-    responses(
-        (status = 200, description = "Prometheus text exposition format 0.0.4.",
-            body = String, content_type = "text/plain"),
-    ),
-)]
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    let m = &state.metrics;
-    m.db.observe(&state.db.stats(), Some(state.auth.replays.queue_stats()));
-    match snapshot(&state).await {
-        Ok(r) => m.set_queue_depths(&r.queues),
-        Err(e) => log::warn!("metrics: queue depths unavailable: {e}"),
-    }
-    let (connections, idle) = state.db.pool_state();
-    m.pool_connections
-        .with_label_values(&["idle"])
-        .set(i64::from(idle));
-    m.pool_connections
-        .with_label_values(&["in_use"])
-        .set(i64::from(connections.saturating_sub(idle)));
-    m.revoked_tokens
-        .set(i64::try_from(state.auth.revocations.len()).unwrap_or(i64::MAX));
-    match m.render() {
-        Ok(text) => HttpResponse::Ok()
-            .content_type("text/plain; version=0.0.4; charset=utf-8")
-            .body(text),
-        Err(e) => {
-            log::error!("metrics render failed: {e}");
-            HttpResponse::InternalServerError().finish()
-        }
-    }
-}
-
-/// `GET /livez`: the process answers.
-#[utoipa::path(
-    get,
-    path = "/livez",
-    tag = "probes",
-    operation_id = "livez",
-    summary = "Liveness",
-    responses(
-        (status = 200, description = "The process answers.", body = ProbeStatus,
-            example = json!({"status": "ok"})),
-    ),
-)]
-pub async fn livez() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "ok"}))
-}
-
-/// `GET /readyz`: the database answers and every migration has been applied. While
-/// the shared health state is not healthy the answer is 503 at once, without a query.
-#[utoipa::path(
-    get,
-    path = "/readyz",
-    tag = "probes",
-    operation_id = "readyz",
-    summary = "Readiness",
-    responses(
-        (status = 200, description = "The database answers and every migration has been \
-            applied.", body = ProbeStatus, example = json!({"status": "ready"})),
-        (status = 503, description = "Not ready; retry later.", body = ProbeStatus,
-            headers(("Retry-After" = String, description = "Seconds")),
-            example = json!({"status": "not ready"})),
-    ),
-)]
-pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = state.db.health().admit() {
-        return not_ready(&e.to_string());
-    }
-    let ready = state
-        .db
-        .read(|conn| {
-            repo::ping(conn)?;
-            migrate::has_pending(conn).map_err(|e| StoreError::Internal(e.to_string()))
-        })
-        .await;
-    match ready {
-        Ok(false) => HttpResponse::Ok().json(json!({"status": "ready"})),
-        Ok(true) => not_ready("migrations pending"),
-        Err(e) => not_ready(&e.to_string()),
-    }
-}
-
-fn not_ready(why: &str) -> HttpResponse {
-    log::warn!("not ready: {why}");
-    HttpResponse::ServiceUnavailable()
-        .insert_header(("Retry-After", "1"))
-        .json(json!({"status": "not ready"}))
 }

@@ -11,7 +11,7 @@ use actix_web::web;
 use crate::auth::repo as auth_repo;
 use crate::db::now_millis;
 use crate::jobs::repo as jobs_repo;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 const LEASES_PER_PASS: i64 = 100;
 const REPLAYS_PER_PASS: i64 = 10_000;

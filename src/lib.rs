@@ -1,20 +1,21 @@
 //! coordinator: jobs and stitcher ingestion behind signed-request authentication.
 //!
-//! Layout (DESIGN §6): `config` → `startup::Application` → routes in `jobs`, `health`;
-//! storage in `db`; one error type in `error`; crypto primitives in `crypto`;
-//! authentication in `auth`.
+//! Layers (docs/architecture.md): `error`, `crypto`, `db` at the bottom; the domain
+//! (`jobs`, `stitcher`, `auth`, `health`, `metrics`, `telemetry`) above them; `config`
+//! and the shared `state`; the HTTP edge in `http`; `startup` builds the server and
+//! `cli` drives everything.
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod error;
-pub mod extract;
 pub mod health;
 pub mod housekeeping;
+pub mod http;
 pub mod jobs;
 pub mod metrics;
-pub mod openapi;
 pub mod startup;
+pub mod state;
 pub mod stitcher;
 pub mod telemetry;

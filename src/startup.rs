@@ -21,18 +21,9 @@ use crate::config::Config;
 use crate::crypto::seal::Sealer;
 use crate::db::{migrate, Db};
 use crate::error::ApiError;
-use crate::health::{self, HealthCache};
-use crate::jobs::routes as jobs;
-
-/// Shared state of one application instance (never global).
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub db: Db,
-    pub health: HealthCache,
-    pub auth: Arc<AuthContext>,
-    pub metrics: Arc<crate::metrics::Metrics>,
-    pub estimates: crate::stitcher::EstimateCache,
-}
+use crate::health::HealthCache;
+use crate::http::{health, jobs};
+use crate::state::AppState;
 
 macro_rules! route_table {
     ($( $method:ident $path:literal => $handler:path, $access:expr; )*) => {
@@ -82,7 +73,7 @@ route_table! {
     get   "/livez"                            => health::livez,    Access::Open;
     get   "/readyz"                           => health::readyz,   Access::Open;
     get   "/metrics"                          => health::metrics,  Access::Open;
-    get   "/openapi.json"                     => crate::openapi::openapi_json, Access::Open;
+    get   "/openapi.json"                     => crate::http::openapi::openapi_json, Access::Open;
     get   "/coordinator/health"               => health::health,   Access::Scope(Scope::HealthRead);
     post  "/coordinator/jobs"                 => jobs::create,     Access::Scope(Scope::JobsCreate);
     get   "/coordinator/jobs/{id}"            => jobs::get,        Access::Scope(Scope::JobsRead);
@@ -91,10 +82,10 @@ route_table! {
     post  "/coordinator/jobs/{id}/complete"   => jobs::complete,   Access::Scope(Scope::JobsUpdate);
     post  "/coordinator/jobs/{id}/fail"       => jobs::fail,       Access::Scope(Scope::JobsUpdate);
     post  "/coordinator/queues/{queue}/claim" => jobs::claim,      Access::Scope(Scope::JobsUpdate);
-    post  "/stitcher/webhook"                 => crate::stitcher::routes::webhook,  Access::Scope(Scope::StitcherWebhook);
-    post  "/stitcher/webhook/{caller}"        => crate::stitcher::routes::webhook_from_sender, Access::Scope(Scope::StitcherWebhook);
-    post  "/stitcher/dispatch"                => crate::stitcher::routes::dispatch, Access::Scope(Scope::StitcherDispatch);
-    post  "/admin/tokens/revoke"              => crate::auth::routes::revoke_token, Access::Scope(Scope::Admin);
+    post  "/stitcher/webhook"                 => crate::http::stitcher::webhook,  Access::Scope(Scope::StitcherWebhook);
+    post  "/stitcher/webhook/{caller}"        => crate::http::stitcher::webhook_from_sender, Access::Scope(Scope::StitcherWebhook);
+    post  "/stitcher/dispatch"                => crate::http::stitcher::dispatch, Access::Scope(Scope::StitcherDispatch);
+    post  "/admin/tokens/revoke"              => crate::http::admin::revoke_token, Access::Scope(Scope::Admin);
 }
 
 /// The registered route with this pattern (`None`: not a registered route).
@@ -242,6 +233,7 @@ fn run(
     let body_limit = config.body_limit;
     let mut server = HttpServer::new(move || {
         let (auth, metrics) = (state.auth.clone(), state.metrics.clone());
+        let deadline = state.config.request_deadline;
         let fallback = Arc::new(Gate::new(auth.clone(), metrics.clone(), UNMATCHED));
         App::new()
             .app_data(state.clone())
@@ -257,7 +249,11 @@ fn run(
                 },
             ))
             // Outermost: the request's database deadline counts from its arrival.
-            .wrap(middleware::from_fn(crate::db::load::deadline))
+            .wrap(middleware::from_fn(
+                move |req: ServiceRequest, next: Next<BoxBody>| {
+                    crate::db::load::deadline(deadline, req, next)
+                },
+            ))
     })
     .shutdown_timeout(config.shutdown_timeout.as_secs())
     .listen(listener)?;

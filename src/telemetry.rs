@@ -82,8 +82,8 @@ pub fn route_of(req: &actix_web::HttpRequest) -> &'static str {
 pub async fn access_log(
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     req: ServiceRequest,
-    next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<impl MessageBody>, Error> {
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<actix_web::body::BoxBody>, Error> {
     let started = Instant::now();
     let rid = RequestId::from_header(req.headers().get(REQUEST_ID_HEADER));
     req.extensions_mut().insert(rid.clone());
@@ -112,5 +112,5 @@ pub async fn access_log(
         "request_id": rid.0,
     });
     log::info!(target: ACCESS_TARGET, "{line}");
-    Ok(res)
+    Ok(res.map_into_boxed_body())
 }

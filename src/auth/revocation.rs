@@ -50,16 +50,7 @@ const GC_BATCH: i64 = 10_000;
 /// tokens live at most 24 h, and so (capped) do revocations.
 pub const MAX_REVOCATIONS: usize = 100_000;
 
-/// The token id under which all tokens of a job are revoked when the job ends.
-pub fn job_key(job_id: &str) -> String {
-    format!("job:{job_id}")
-}
-
-/// The id under which the tokens of one attempt of a job are revoked when that
-/// attempt ends without finishing the job (requeue, lease expiry).
-pub fn attempt_key(job_id: &str, attempt: i32) -> String {
-    format!("job:{job_id}:{attempt}")
-}
+pub use crate::db::revoked::{attempt_key, job_key};
 
 struct Sync {
     /// Every row numbered up to here is taken as read; the poll reads the rows above.

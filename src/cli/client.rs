@@ -72,7 +72,7 @@ impl ClientEnv {
             }
             return Ok(ClientEnv { file: None });
         }
-        let path = crate::auth::dev::credentials_path();
+        let path = crate::cli::dev::credentials_path();
         if !path.exists() {
             return Err(ConfigError(format!(
                 "{} is not set: set {} (or run `coordinator serve --dev` in this directory, \

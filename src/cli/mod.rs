@@ -16,6 +16,7 @@ mod call;
 mod caller;
 mod client;
 mod common;
+pub mod dev;
 pub mod env_file;
 mod key;
 mod secret;
@@ -182,9 +183,9 @@ fn dev_bootstrap(config: &crate::config::Config) -> anyhow::Result<()> {
         (*config.master_key).clone(),
         config.master_key_previous.as_deref().cloned(),
     )?;
-    let path = crate::auth::dev::credentials_path();
+    let path = dev::credentials_path();
     let url = format!("http://{}", config.bind);
-    match crate::auth::dev::ensure_dev_caller(&db, &sealer, &url, &path)? {
+    match dev::ensure_dev_caller(&db, &sealer, &url, &path)? {
         Some(text) => {
             // Shown once, when created; later starts only point to the file.
             common::write_stdout(format_args!("{text}"))?;

@@ -112,12 +112,11 @@ fn issue(a: IssueArgs) -> anyhow::Result<()> {
 }
 
 fn revoke(a: RevokeArgs) -> anyhow::Result<()> {
-    if !crate::auth::routes::valid_jti(&a.jti) {
+    if !crate::http::admin::valid_jti(&a.jti) {
         anyhow::bail!("the token id must be 1-128 printable characters");
     }
-    let expires_at =
-        crate::auth::routes::revocation_expiry(a.expires_at.as_deref(), "--expires-at")
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let expires_at = crate::http::admin::revocation_expiry(a.expires_at.as_deref(), "--expires-at")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let db = a.store.open()?;
     db.write_sync(|conn| repo::revoke_token(conn, &a.jti, expires_at, now_millis()))
         .map_err(|e| store_error(e, "token"))?;

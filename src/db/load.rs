@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
-use actix_web::{web, Error};
+use actix_web::Error;
 
 use crate::error::StoreError;
 
@@ -134,13 +134,10 @@ pub async fn with_deadline<F: std::future::Future>(at: Instant, f: F) -> F::Outp
 /// Middleware (outermost): stamp the request with `now + request_deadline`, measured
 /// from its arrival, so time spent queued in front of authentication counts too.
 pub async fn deadline(
+    budget: Duration,
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
-    let budget = req
-        .app_data::<web::Data<crate::startup::AppState>>()
-        .map(|s| s.config.request_deadline)
-        .unwrap_or(Duration::from_secs(3));
     DEADLINE
         .scope(Instant::now() + budget, next.call(req))
         .await

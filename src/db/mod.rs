@@ -9,6 +9,7 @@ pub mod health;
 pub mod load;
 pub mod migrate;
 pub mod queue;
+pub mod revoked;
 pub mod schema;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,10 +22,20 @@ use diesel::r2d2::{self, ManageConnection, Pool, PooledConnection};
 use diesel::sqlite::SqliteConnection;
 use diesel::{Connection, RunQueryDsl};
 
-use crate::config::DbConfig;
 use crate::error::StoreError;
 use health::{DbHealth, DbState};
 use load::{CancelOnDrop, Gate, Shed};
+
+/// Validated database settings.
+#[derive(Debug, Clone)]
+pub struct DbConfig {
+    pub url: DatabaseUrl,
+    pub pool_size: u32,
+    pub timeout: Duration,
+    pub sqlite_busy_timeout: Duration,
+    /// `PRAGMA synchronous = FULL` instead of NORMAL.
+    pub sqlite_synchronous_full: bool,
+}
 
 /// One connection type for both backends; the variant is chosen by the URL scheme.
 #[derive(diesel::MultiConnection)]

@@ -6,7 +6,6 @@ use diesel::prelude::*;
 use super::schema::jobs;
 use super::DbConnection;
 use crate::error::StoreError;
-use crate::jobs::JobStatus;
 
 /// Lock the best QUEUED job of `queue` (priority, then age) inside the caller's
 /// transaction and bump its version; `None` when the queue is empty.
@@ -14,11 +13,12 @@ use crate::jobs::JobStatus;
 /// PostgreSQL: `SELECT … FOR UPDATE SKIP LOCKED`, so concurrent claimers take different
 /// rows. SQLite: the first statement is the `UPDATE`, which takes the database write
 /// lock, so the choice cannot change under us until commit.
+/// `queued` is the stored form of the QUEUED status (the job model owns it).
 pub fn lock_next_queued(
     conn: &mut DbConnection,
     queue: &str,
+    queued: &str,
 ) -> Result<Option<String>, StoreError> {
-    let queued = JobStatus::Queued.as_str();
     match conn {
         DbConnection::Postgresql(pg) => {
             let id: Option<String> = jobs::table

@@ -1,7 +1,6 @@
-//! Coordinator jobs: model, state machine, repository, routes.
+//! Coordinator jobs: model, state machine, repository (the HTTP handlers are in `http::jobs`).
 pub mod model;
 pub mod repo;
-pub mod routes;
 pub mod state;
 
 pub use model::JobId;

@@ -216,7 +216,7 @@ pub fn extend_tokens_until(
 /// the tokens issued before any claim (attempt 0) when the first attempt has just
 /// started (its start time is this change's time).
 pub fn token_revocation(row: &JobRow, now: i64) -> Option<(String, i64)> {
-    use crate::auth::revocation::{attempt_key, job_key};
+    use crate::db::revoked::{attempt_key, job_key};
     let until = row.tokens_until.filter(|u| *u > now)?;
     match row.status() {
         s if s.is_terminal() => Some((job_key(&row.id), until)),
@@ -250,7 +250,7 @@ pub fn write_change(
         })
         .execute(conn)?;
     if let Some((key, until)) = token_revocation(row, now) {
-        crate::auth::repo::revoke_token(conn, &key, until, now)?;
+        crate::db::revoked::revoke_token(conn, &key, until, now)?;
     }
     Ok(())
 }
@@ -399,7 +399,8 @@ pub fn claim(
     lease_ms: i64,
 ) -> Result<Option<JobRow>, StoreError> {
     conn.transaction(|conn| {
-        let Some(id) = crate::db::queue::lock_next_queued(conn, queue)? else {
+        let Some(id) = crate::db::queue::lock_next_queued(conn, queue, JobStatus::Queued.as_str())?
+        else {
             return Ok(None);
         };
         let id = JobId::parse(&id, "id")

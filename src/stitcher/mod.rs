@@ -2,7 +2,6 @@
 //! both turning into QUEUED jobs.
 pub mod model;
 pub mod repo;
-pub mod routes;
 
 use std::collections::HashMap;
 use std::sync::Mutex;

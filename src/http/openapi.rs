@@ -14,8 +14,8 @@ use utoipa::openapi::{Components, HeaderBuilder, RefOr, Required, Response};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::ApiError;
+use crate::http::{admin, health, jobs, stitcher};
 use crate::jobs::JobStatus;
-use crate::{auth, health, jobs, stitcher};
 
 /// The document's operations, schemas, responses and security schemes.
 #[derive(OpenApi)]
@@ -36,17 +36,17 @@ use crate::{auth, health, jobs, stitcher};
         health::metrics,
         openapi_json,
         health::health,
-        jobs::routes::create,
-        jobs::routes::get,
-        jobs::routes::status,
-        jobs::routes::progress,
-        jobs::routes::complete,
-        jobs::routes::fail,
-        jobs::routes::claim,
-        stitcher::routes::webhook,
-        stitcher::routes::webhook_from_sender,
-        stitcher::routes::dispatch,
-        auth::routes::revoke_token,
+        jobs::create,
+        jobs::get,
+        jobs::status,
+        jobs::progress,
+        jobs::complete,
+        jobs::fail,
+        jobs::claim,
+        stitcher::webhook,
+        stitcher::webhook_from_sender,
+        stitcher::dispatch,
+        admin::revoke_token,
     ),
     components(
         schemas(crate::error::Problem),

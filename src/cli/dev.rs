@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::admin::{self, SecretKind};
-use super::Scope;
+use crate::auth::admin::{self, SecretKind};
+use crate::auth::Scope;
 use crate::crypto::seal::Sealer;
 use crate::db::Db;
 use crate::error::StoreError;
@@ -26,7 +26,7 @@ pub fn ensure_dev_caller(
     file: &Path,
 ) -> anyhow::Result<Option<String>> {
     let exists = db
-        .write_sync(|conn| super::repo::find_caller(conn, DEV_CALLER))?
+        .write_sync(|conn| crate::auth::repo::find_caller(conn, DEV_CALLER))?
         .is_some();
     if exists && file.exists() {
         return Ok(None);

@@ -2,15 +2,15 @@
 
 use actix_web::{http::StatusCode, web, HttpRequest, HttpResponse};
 
-use super::model::{DispatchRequest, DispatchResult, WebhookPayload};
-use super::repo;
 use crate::auth::{webhook_sig, Principal};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{parse_json, RawBody};
+use crate::http::extract::{parse_json, RawBody};
+use crate::http::openapi::{problem, IdempotencyKey};
 use crate::jobs::model::{rfc3339, JobRow};
 use crate::jobs::repo as jobs_repo;
-use crate::openapi::{problem, IdempotencyKey};
-use crate::startup::AppState;
+use crate::state::AppState;
+use crate::stitcher::model::{DispatchRequest, DispatchResult, WebhookPayload};
+use crate::stitcher::repo;
 
 /// The delivery id: `webhook-id` (Standard Webhooks), else `Idempotency-Key`, else a
 /// fresh id (a delivery without an id cannot be recognised when repeated). The flag
@@ -217,7 +217,7 @@ pub async fn dispatch(
 ) -> ApiResult<HttpResponse> {
     let input: DispatchRequest = parse_json(&body)?;
     let job = input.into_job(&state.config.webhook_queue)?;
-    let idem = crate::jobs::routes::idempotency(&req, crate::crypto::sha256_hex(&body))?;
+    let idem = crate::http::idempotency::from_request(&req, crate::crypto::sha256_hex(&body))?;
     let caller = principal.caller;
     let out = state
         .db

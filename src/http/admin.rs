@@ -6,10 +6,10 @@ use serde_json::json;
 
 use crate::db::now_millis;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::JsonBody;
+use crate::http::extract::JsonBody;
+use crate::http::openapi::problem;
 use crate::jobs::model::rfc3339;
-use crate::openapi::problem;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// Default lifetime of a revocation when no expiry is given: 24 h (the longest a job
 /// token can live).

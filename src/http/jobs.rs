@@ -3,38 +3,16 @@
 
 use actix_web::{http::StatusCode, web, HttpRequest, HttpResponse};
 
-use super::model::{
+use crate::auth::Principal;
+use crate::error::{ApiError, ApiResult};
+use crate::http::extract::{JsonBody, RawBody};
+use crate::http::openapi::{problem, IdempotencyKey, JobIdParam};
+use crate::jobs::model::{
     validate_message, Change, CompleteJob, CreateJob, FailJob, JobId, JobView, ProgressUpdate,
     StatusUpdate,
 };
-use super::repo::{self, Idempotency};
-use crate::auth::Principal;
-use crate::error::{ApiError, ApiResult};
-use crate::extract::{JsonBody, RawBody};
-use crate::openapi::{problem, IdempotencyKey, JobIdParam};
-use crate::startup::AppState;
-
-pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
-
-pub fn idempotency(req: &HttpRequest, body_hash: String) -> ApiResult<Option<Idempotency>> {
-    let Some(v) = req.headers().get(IDEMPOTENCY_HEADER) else {
-        return Ok(None);
-    };
-    let key = v
-        .to_str()
-        .ok()
-        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "Idempotency-Key",
-                "must be 1-255 printable ASCII characters",
-            )
-        })?;
-    Ok(Some(Idempotency {
-        key: key.to_owned(),
-        request_hash: body_hash,
-    }))
-}
+use crate::jobs::repo;
+use crate::state::AppState;
 
 /// `POST /coordinator/jobs`
 #[utoipa::path(
@@ -68,9 +46,9 @@ pub async fn create(
     req: HttpRequest,
     RawBody(body): RawBody,
 ) -> ApiResult<HttpResponse> {
-    let input: CreateJob = crate::extract::parse_json(&body)?;
+    let input: CreateJob = crate::http::extract::parse_json(&body)?;
     let job = input.validate()?;
-    let idem = idempotency(&req, crate::crypto::sha256_hex(&body))?;
+    let idem = crate::http::idempotency::from_request(&req, crate::crypto::sha256_hex(&body))?;
     let created_by = principal.caller;
     let out = state
         .db

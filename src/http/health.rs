@@ -1,0 +1,130 @@
+//! The probe and health routes: `/livez`, `/readyz`, `/metrics`, `/coordinator/health`.
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use crate::db::migrate;
+use crate::error::{ApiError, ApiResult, StoreError};
+use crate::health::{snapshot, HealthReport, ProbeStatus};
+use crate::http::openapi::problem;
+use crate::jobs::repo;
+use crate::state::AppState;
+
+/// `GET /coordinator/health` [health:read]
+#[utoipa::path(
+    get,
+    path = "/coordinator/health",
+    tag = "probes",
+    operation_id = "health",
+    summary = "Database status, queue depths, version",
+    responses(
+        (status = 200, description = "The health snapshot.", body = HealthReport),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(("hmac" = ["health:read"]), ("apiKey" = ["health:read"])),
+)]
+pub async fn health(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+    let r = snapshot(&state.db, &state.health)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(HttpResponse::Ok().json(r))
+}
+
+/// `GET /metrics`: Prometheus text; gauges are refreshed from the health snapshot.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "probes",
+    operation_id = "metrics",
+    summary = "Prometheus metrics",
+    responses(
+        (status = 200, description = "Prometheus text exposition format 0.0.4.",
+            body = String, content_type = "text/plain"),
+    ),
+)]
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let m = &state.metrics;
+    m.db.observe(&state.db.stats(), Some(state.auth.replays.queue_stats()));
+    match snapshot(&state.db, &state.health).await {
+        Ok(r) => m.set_queue_depths(&r.queues),
+        Err(e) => log::warn!("metrics: queue depths unavailable: {e}"),
+    }
+    let (connections, idle) = state.db.pool_state();
+    m.pool_connections
+        .with_label_values(&["idle"])
+        .set(i64::from(idle));
+    m.pool_connections
+        .with_label_values(&["in_use"])
+        .set(i64::from(connections.saturating_sub(idle)));
+    m.revoked_tokens
+        .set(i64::try_from(state.auth.revocations.len()).unwrap_or(i64::MAX));
+    match m.render() {
+        Ok(text) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4; charset=utf-8")
+            .body(text),
+        Err(e) => {
+            log::error!("metrics render failed: {e}");
+            HttpResponse::InternalServerError().finish()
+        }
+    }
+}
+
+/// `GET /livez`: the process answers.
+#[utoipa::path(
+    get,
+    path = "/livez",
+    tag = "probes",
+    operation_id = "livez",
+    summary = "Liveness",
+    responses(
+        (status = 200, description = "The process answers.", body = ProbeStatus,
+            example = json!({"status": "ok"})),
+    ),
+)]
+pub async fn livez() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: the database answers and every migration has been applied. While
+/// the shared health state is not healthy the answer is 503 at once, without a query.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "probes",
+    operation_id = "readyz",
+    summary = "Readiness",
+    responses(
+        (status = 200, description = "The database answers and every migration has been \
+            applied.", body = ProbeStatus, example = json!({"status": "ready"})),
+        (status = 503, description = "Not ready; retry later.", body = ProbeStatus,
+            headers(("Retry-After" = String, description = "Seconds")),
+            example = json!({"status": "not ready"})),
+    ),
+)]
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if let Err(e) = state.db.health().admit() {
+        return not_ready(&e.to_string());
+    }
+    let ready = state
+        .db
+        .read(|conn| {
+            repo::ping(conn)?;
+            migrate::has_pending(conn).map_err(|e| StoreError::Internal(e.to_string()))
+        })
+        .await;
+    match ready {
+        Ok(false) => HttpResponse::Ok().json(json!({"status": "ready"})),
+        Ok(true) => not_ready("migrations pending"),
+        Err(e) => not_ready(&e.to_string()),
+    }
+}
+
+fn not_ready(why: &str) -> HttpResponse {
+    log::warn!("not ready: {why}");
+    HttpResponse::ServiceUnavailable()
+        .insert_header(("Retry-After", "1"))
+        .json(json!({"status": "not ready"}))
+}

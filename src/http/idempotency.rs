@@ -1,0 +1,29 @@
+//! `Idempotency-Key`: the caller's own key for a write, with the hash of the body it
+//! came with (the same key with another body is a 409, on every route that takes one).
+
+use actix_web::HttpRequest;
+
+use crate::error::{ApiError, ApiResult};
+use crate::jobs::repo::Idempotency;
+
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+pub fn from_request(req: &HttpRequest, body_hash: String) -> ApiResult<Option<Idempotency>> {
+    let Some(v) = req.headers().get(IDEMPOTENCY_HEADER) else {
+        return Ok(None);
+    };
+    let key = v
+        .to_str()
+        .ok()
+        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "Idempotency-Key",
+                "must be 1-255 printable ASCII characters",
+            )
+        })?;
+    Ok(Some(Idempotency {
+        key: key.to_owned(),
+        request_hash: body_hash,
+    }))
+}

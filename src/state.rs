@@ -1,0 +1,20 @@
+//! The shared state of one application instance (never global), handed to handlers
+//! as `web::Data<AppState>`. Its own module so that handlers, housekeeping and the
+//! server builder can all name it without importing each other.
+
+use std::sync::Arc;
+
+use crate::auth::AuthContext;
+use crate::config::Config;
+use crate::db::Db;
+use crate::health::HealthCache;
+
+/// Shared state of one application instance (never global).
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Db,
+    pub health: HealthCache,
+    pub auth: Arc<AuthContext>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub estimates: crate::stitcher::EstimateCache,
+}
