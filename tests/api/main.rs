@@ -6,6 +6,7 @@ mod auth;
 mod faults;
 mod health;
 mod jobs;
+mod lifecycle;
 mod logs;
 mod openapi;
 mod ops;
