@@ -804,3 +804,68 @@ fn batch_of_1000_with_duplicates(b: Backend) {
         .problem(400);
     assert_eq!(p["field"], "jobs[1].priority");
 }
+
+/// Not a check: prints list-page latency at 100 and 10,000 jobs (run with
+/// `cargo test --release --test api measure_list -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn measure_list_latency_sqlite() {
+    measure_list_latency(Backend::Sqlite);
+}
+
+#[test]
+#[ignore]
+fn measure_list_latency_postgres() {
+    measure_list_latency(Backend::Postgres);
+}
+
+fn measure_list_latency(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let mut total = 0;
+    for target in [100, 10_000] {
+        while total < target {
+            let n = (target - total).min(1000);
+            let jobs: Vec<Value> = (0..n)
+                .map(|i| json!({"kind": format!("k{}", i % 5), "queue": format!("q{}", i % 4)}))
+                .collect();
+            let r = app.post_json("/coordinator/jobs/batch", &json!({"jobs": jobs}));
+            assert_eq!(r.status, 200, "{}", r.body);
+            total += n;
+        }
+        // A cursor from the middle of the walk, for a deep page.
+        let mut cursor = String::new();
+        for _ in 0..(total / 2 / 50) {
+            let page = list(&app, &format!("?limit=50{cursor}"));
+            match page["nextCursor"].as_str() {
+                Some(c) => cursor = format!("&cursor={c}"),
+                None => break,
+            }
+        }
+        for (name, q) in [
+            ("first page, no filter", "?limit=50".to_owned()),
+            ("deep page, no filter", format!("?limit=50{cursor}")),
+            (
+                "queue + status",
+                "?limit=50&queue=q1&status=PENDING".to_owned(),
+            ),
+            (
+                "kind, 2 statuses",
+                "?limit=50&kind=k2&status=PENDING&status=QUEUED".to_owned(),
+            ),
+        ] {
+            let mut ms: Vec<f64> = (0..100)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    let r = app.get(&format!("/coordinator/jobs{q}"));
+                    assert_eq!(r.status, 200);
+                    t.elapsed().as_secs_f64() * 1000.0
+                })
+                .collect();
+            ms.sort_by(f64::total_cmp);
+            eprintln!(
+                "{b:?} {total} jobs, {name}: median {:.2} ms, p95 {:.2} ms",
+                ms[50], ms[95]
+            );
+        }
+    }
+}
