@@ -15,6 +15,9 @@ pub enum StoreError {
     NotFound,
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The job was cancelled: a conflict of its own kind, so a worker can tell it apart.
+    #[error("job cancelled")]
+    JobCancelled,
     #[error("database unavailable: {0}")]
     Unavailable(String),
     /// Refused before reaching the database: a queue at its bound, the request's
@@ -126,6 +129,9 @@ pub enum ApiError {
     RequestTimeout,
     #[error("conflict: {0}")]
     Conflict(String),
+    /// 409 of type `job-cancelled`: the job was cancelled; stop working on it.
+    #[error("job cancelled")]
+    JobCancelled,
     #[error("payload too large")]
     TooLarge,
     #[error("too many requests")]
@@ -164,6 +170,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => ("method-not-allowed", "Method Not Allowed"),
             ApiError::RequestTimeout => ("request-timeout", "Request Timeout"),
             ApiError::Conflict(_) => ("conflict", "Conflict"),
+            ApiError::JobCancelled => ("job-cancelled", "Conflict"),
             ApiError::TooLarge => ("payload-too-large", "Payload Too Large"),
             ApiError::TooManyRequests { .. } => ("too-many-requests", "Too Many Requests"),
             ApiError::Unavailable(_) => ("unavailable", "Service Unavailable"),
@@ -188,6 +195,7 @@ impl ApiError {
                 "the request body did not arrive within the configured time".to_owned()
             }
             ApiError::Conflict(why) => why.clone(),
+            ApiError::JobCancelled => "the job was cancelled; stop working on it".to_owned(),
             ApiError::TooLarge => "request body exceeds the configured limit".to_owned(),
             ApiError::TooManyRequests { .. } => "too many failed attempts; retry later".to_owned(),
             ApiError::Unavailable(_) => {
@@ -234,7 +242,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Conflict(_) | ApiError::JobCancelled => StatusCode::CONFLICT,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -281,6 +289,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => ApiError::NotFound,
             StoreError::Conflict(why) => ApiError::Conflict(why),
+            StoreError::JobCancelled => ApiError::JobCancelled,
             StoreError::Unavailable(why) => ApiError::Unavailable(why),
             StoreError::Overloaded(why) => ApiError::Overloaded(why),
             StoreError::Db(diesel::result::Error::NotFound) => ApiError::NotFound,

@@ -39,7 +39,7 @@ pub async fn pass(state: &AppState) -> PassReport {
         Ok(expired) => {
             for row in &expired {
                 state.metrics.transition(row.status());
-                if let Some((key, until)) = jobs_repo::token_revocation(row, now) {
+                for (key, until) in jobs_repo::token_revocation(row, now) {
                     state.auth.revocations.revoke_local(&key, until);
                 }
             }

@@ -35,7 +35,9 @@ macro_rules! route_table {
 
         /// Register the routes whose access `keep` accepts. Each resource is wrapped
         /// in a guard that carries this route's spec, so what is checked is always the
-        /// requirement of the route that runs (also for its 405 answer).
+        /// requirement of the route that runs. A path may carry several methods (one
+        /// resource each, selected by method); after them, one resource per path answers
+        /// 405 for any other method, behind the guard of the path's first route.
         fn register(
             cfg: &mut web::ServiceConfig,
             keep: fn(Access) -> bool,
@@ -52,8 +54,8 @@ macro_rules! route_table {
                     let gate = Arc::new(Gate::new(auth.clone(), metrics.clone(), spec));
                     cfg.service(
                         web::resource($path)
+                            .guard(route_table!(@g $method))
                             .route(web::$method().to($handler))
-                            .default_service(web::to(|| method_not_allowed(route_table!(@m $method))))
                             .wrap(middleware::from_fn(
                                 move |req: ServiceRequest, next: Next<BoxBody>| {
                                     guard(gate.clone(), req, next)
@@ -62,11 +64,30 @@ macro_rules! route_table {
                     );
                 }
             )*
+            for (i, spec) in ROUTES.iter().enumerate() {
+                if !keep(spec.access) || ROUTES[..i].iter().any(|r| r.path == spec.path) {
+                    continue;
+                }
+                let allow = allowed_methods(spec.path);
+                let gate = Arc::new(Gate::new(auth.clone(), metrics.clone(), *spec));
+                cfg.service(
+                    web::resource(spec.path)
+                        .default_service(web::to(move || method_not_allowed(allow)))
+                        .wrap(middleware::from_fn(
+                            move |req: ServiceRequest, next: Next<BoxBody>| {
+                                guard(gate.clone(), req, next)
+                            },
+                        )),
+                );
+            }
         }
     };
     (@m get) => { "GET" };
     (@m post) => { "POST" };
     (@m patch) => { "PATCH" };
+    (@g get) => { actix_web::guard::Get() };
+    (@g post) => { actix_web::guard::Post() };
+    (@g patch) => { actix_web::guard::Patch() };
 }
 
 route_table! {
@@ -76,11 +97,18 @@ route_table! {
     get   "/openapi.json"                     => crate::http::openapi::openapi_json, Access::Open;
     get   "/coordinator/health"               => health::health,   Access::Scope(Scope::HealthRead);
     post  "/coordinator/jobs"                 => jobs::create,     Access::Scope(Scope::JobsCreate);
+    get   "/coordinator/jobs"                 => jobs::list,       Access::Scope(Scope::JobsRead);
+    post  "/coordinator/jobs/batch"           => jobs::batch,      Access::Scope(Scope::JobsCreate);
     get   "/coordinator/jobs/{id}"            => jobs::get,        Access::Scope(Scope::JobsRead);
     patch "/coordinator/jobs/{id}/status"     => jobs::status,     Access::Scope(Scope::JobsUpdate);
     patch "/coordinator/jobs/{id}/progress"   => jobs::progress,   Access::Scope(Scope::JobsUpdate);
+    post  "/coordinator/jobs/{id}/heartbeat"  => jobs::heartbeat,  Access::Scope(Scope::JobsUpdate);
     post  "/coordinator/jobs/{id}/complete"   => jobs::complete,   Access::Scope(Scope::JobsUpdate);
     post  "/coordinator/jobs/{id}/fail"       => jobs::fail,       Access::Scope(Scope::JobsUpdate);
+    post  "/coordinator/jobs/{id}/cancel"     => jobs::cancel,     Access::Scope(Scope::JobsUpdate);
+    post  "/coordinator/jobs/{id}/retry"      => jobs::retry,      Access::Scope(Scope::JobsUpdate);
+    get   "/coordinator/queues"               => jobs::queues,     Access::Scope(Scope::HealthRead);
+    patch "/coordinator/queues/{queue}"       => jobs::patch_queue, Access::Scope(Scope::Admin);
     post  "/coordinator/queues/{queue}/claim" => jobs::claim,      Access::Scope(Scope::JobsUpdate);
     post  "/stitcher/webhook"                 => crate::http::stitcher::webhook,  Access::Scope(Scope::StitcherWebhook);
     post  "/stitcher/webhook/{caller}"        => crate::http::stitcher::webhook_from_sender, Access::Scope(Scope::StitcherWebhook);
@@ -88,9 +116,40 @@ route_table! {
     post  "/admin/tokens/revoke"              => crate::http::admin::revoke_token, Access::Scope(Scope::Admin);
 }
 
-/// The registered route with this pattern (`None`: not a registered route).
-pub fn access_for(path_pattern: &str) -> Option<&'static RouteSpec> {
-    ROUTES.iter().find(|r| r.path == path_pattern)
+/// The registered route with this method and pattern (`None`: not a registered route).
+pub fn access_for(method: &str, path_pattern: &str) -> Option<&'static RouteSpec> {
+    ROUTES
+        .iter()
+        .find(|r| r.method == method && r.path == path_pattern)
+}
+
+/// The `Allow` value of a path: its methods in table order (built once per process).
+fn allowed_methods(path: &str) -> &'static str {
+    static ALLOW: std::sync::OnceLock<Vec<(&'static str, &'static str)>> =
+        std::sync::OnceLock::new();
+    let table = ALLOW.get_or_init(|| {
+        let mut out: Vec<(&'static str, &'static str)> = Vec::new();
+        for r in ROUTES {
+            if out.iter().any(|(p, _)| *p == r.path) {
+                continue;
+            }
+            let methods: Vec<&str> = ROUTES
+                .iter()
+                .filter(|x| x.path == r.path)
+                .map(|x| x.method)
+                .collect();
+            let allow: &'static str = match methods.as_slice() {
+                [one] => one,
+                many => Box::leak(many.join(", ").into_boxed_str()),
+            };
+            out.push((r.path, allow));
+        }
+        out
+    });
+    table
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map_or("", |(_, a)| *a)
 }
 
 async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
@@ -277,8 +336,10 @@ mod tests {
                 r.method,
                 r.path
             );
-            assert_eq!(access_for(r.path).map(|s| s.method), Some(r.method));
+            assert_eq!(access_for(r.method, r.path), Some(r));
         }
+        assert_eq!(allowed_methods("/coordinator/jobs"), "POST, GET");
+        assert_eq!(allowed_methods("/coordinator/jobs/{id}"), "GET");
     }
 
     #[test]

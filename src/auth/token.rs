@@ -248,7 +248,7 @@ pub fn issue_in(
 pub struct Claimed {
     pub job: JobRow,
     pub token: IssuedToken,
-    pub revoked: Option<(String, i64)>,
+    pub revoked: Vec<(String, i64)>,
 }
 
 /// Claim the best QUEUED job of `queue` for `worker`, on behalf of the authenticated

@@ -7,8 +7,9 @@ use super::schema::jobs;
 use super::DbConnection;
 use crate::error::StoreError;
 
-/// Lock the best QUEUED job of `queue` (priority, then age) inside the caller's
-/// transaction and bump its version; `None` when the queue is empty.
+/// Lock the best QUEUED job of `queue` (priority, then age) that is due (`run_at` not
+/// in the future) inside the caller's transaction and bump its version; `None` when
+/// the queue has no due job.
 ///
 /// PostgreSQL: `SELECT … FOR UPDATE SKIP LOCKED`, so concurrent claimers take different
 /// rows. SQLite: the first statement is the `UPDATE`, which takes the database write
@@ -19,11 +20,13 @@ pub fn lock_next_queued(
     queue: &str,
     queued: &str,
 ) -> Result<Option<String>, StoreError> {
+    let now = super::now_millis();
     match conn {
         DbConnection::Postgresql(pg) => {
             let id: Option<String> = jobs::table
                 .filter(jobs::queue.eq(queue))
                 .filter(jobs::status.eq(queued))
+                .filter(jobs::run_at.le(now))
                 .order((
                     jobs::priority.desc(),
                     jobs::created_at.asc(),
@@ -47,6 +50,7 @@ pub fn lock_next_queued(
                 jobs::table
                     .filter(jobs::queue.eq(queue))
                     .filter(jobs::status.eq(queued))
+                    .filter(jobs::run_at.le(now))
                     .order((
                         jobs::priority.desc(),
                         jobs::created_at.asc(),
@@ -57,10 +61,12 @@ pub fn lock_next_queued(
             };
             let n = diesel::sql_query(
                 "UPDATE jobs SET version = version + 1 WHERE id = (SELECT id FROM jobs \
-                 WHERE queue = ? AND status = ? ORDER BY priority DESC, created_at, id LIMIT 1)",
+                 WHERE queue = ? AND status = ? AND run_at <= ? \
+                 ORDER BY priority DESC, created_at, id LIMIT 1)",
             )
             .bind::<diesel::sql_types::Text, _>(queue)
             .bind::<diesel::sql_types::Text, _>(queued)
+            .bind::<diesel::sql_types::BigInt, _>(now)
             .execute(lite)?;
             if n == 0 {
                 return Ok(None);

@@ -27,6 +27,10 @@ diesel::table! {
         started_at -> Nullable<BigInt>,
         finished_at -> Nullable<BigInt>,
         tokens_until -> Nullable<BigInt>,
+        run_at -> BigInt,
+        retry_base_ms -> BigInt,
+        retry_cap_ms -> BigInt,
+        attempt_budget -> Integer,
     }
 }
 
@@ -114,5 +118,14 @@ diesel::table! {
         received_at -> BigInt,
         payload -> Text,
         job_id -> Text,
+    }
+}
+
+diesel::table! {
+    queues (queue) {
+        queue -> Text,
+        paused -> Bool,
+        max_running -> Nullable<Integer>,
+        updated_at -> BigInt,
     }
 }

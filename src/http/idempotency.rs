@@ -8,20 +8,21 @@ use crate::jobs::repo::Idempotency;
 
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 
+/// 1–255 printable ASCII characters.
+pub fn valid_key(k: &str) -> bool {
+    (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic())
+}
+
 pub fn from_request(req: &HttpRequest, body_hash: String) -> ApiResult<Option<Idempotency>> {
     let Some(v) = req.headers().get(IDEMPOTENCY_HEADER) else {
         return Ok(None);
     };
-    let key = v
-        .to_str()
-        .ok()
-        .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "Idempotency-Key",
-                "must be 1-255 printable ASCII characters",
-            )
-        })?;
+    let key = v.to_str().ok().filter(|k| valid_key(k)).ok_or_else(|| {
+        ApiError::bad_request(
+            "Idempotency-Key",
+            "must be 1-255 printable ASCII characters",
+        )
+    })?;
     Ok(Some(Idempotency {
         key: key.to_owned(),
         request_hash: body_hash,

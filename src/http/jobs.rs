@@ -8,10 +8,12 @@ use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{JsonBody, RawBody};
 use crate::http::openapi::{problem, IdempotencyKey, JobIdParam};
 use crate::jobs::model::{
-    validate_message, Change, CompleteJob, CreateJob, FailJob, JobId, JobView, ProgressUpdate,
-    StatusUpdate,
+    validate_message, BatchCreate, BatchCreated, BatchItem, CancelJob, Change, CompleteJob,
+    CreateJob, FailJob, HeartbeatView, JobId, JobPage, JobView, ListFilter, ProgressUpdate,
+    QueueList, QueuePatch, QueueView, StatusUpdate, MAX_BATCH,
 };
 use crate::jobs::repo;
+use crate::jobs::JobStatus;
 use crate::state::AppState;
 
 /// `POST /coordinator/jobs`
@@ -80,10 +82,20 @@ async fn change(
     if moves {
         state.metrics.transition(row.status());
     }
-    if let Some((key, until)) = repo::token_revocation(&row, crate::db::now_millis()) {
+    for (key, until) in repo::token_revocation(&row, crate::db::now_millis()) {
         state.auth.revocations.revoke_local(&key, until);
     }
     Ok(HttpResponse::Ok().json(JobView::from(row)))
+}
+
+/// Routes an operator uses on a job, never its worker's token.
+fn not_a_job_token(principal: &Principal) -> ApiResult<()> {
+    if principal.job_id.is_some() {
+        return Err(ApiError::Forbidden(
+            "a job token cannot cancel or retry jobs",
+        ));
+    }
+    Ok(())
 }
 
 /// `PATCH /coordinator/jobs/{id}/status`
@@ -224,7 +236,10 @@ pub async fn complete(
     tag = "jobs",
     operation_id = "failJob",
     summary = "Fail a RUNNING job",
-    description = "RUNNING → FAILED. A job token may change only its own job (else 403).",
+    description = "RUNNING → FAILED; or, with `retryable: true` while attempts are left \
+        (`attempts < maxAttempts`), back to QUEUED with `runAt` = now + the job's backoff \
+        (exponential with full jitter), its attempt's tokens revoked (event \
+        `retry_scheduled`). A job token may change only its own job (else 403).",
     params(JobIdParam),
     request_body(content = FailJob, content_type = "application/json"),
     responses(
@@ -254,6 +269,7 @@ pub async fn fail(
     let c = Change::Fail {
         error: body.error,
         gate_results: body.gate_results,
+        retryable: body.retryable.unwrap_or(false),
     };
     change(&state, &principal, &id, c).await
 }
@@ -388,7 +404,7 @@ pub async fn claim(
     else {
         return Ok(HttpResponse::NoContent().finish());
     };
-    if let Some((key, until)) = revoked {
+    for (key, until) in revoked {
         state.auth.revocations.revoke_local(&key, until);
     }
     state.metrics.transition(row.status());
@@ -403,4 +419,329 @@ pub async fn claim(
     Ok(HttpResponse::Ok()
         .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
         .json(v))
+}
+
+/// `GET /coordinator/jobs`
+#[utoipa::path(
+    get,
+    path = "/coordinator/jobs",
+    tag = "jobs",
+    operation_id = "listJobs",
+    summary = "List jobs, newest first",
+    description = "Filtered by `queue`, `status` (repeatable: any of them), `kind` and \
+        creation time (exclusive bounds); newest first (`createdAt`, then `id`). Keyset \
+        pagination: pass `nextCursor` as `cursor` for the next page. A job is on exactly \
+        one page of a walk, also while jobs are being created (they are newer than the \
+        walk's position). Items carry no events. A job token cannot list (403).",
+    params(
+        ("queue" = Option<String>, Query, min_length = 1, max_length = 64,
+            pattern = "^[A-Za-z0-9_.-]+$", description = "Only this queue."),
+        ("status" = Option<Vec<JobStatus>>, Query, explode = true,
+            description = "Only these statuses (repeat the parameter for several)."),
+        ("kind" = Option<String>, Query, min_length = 1, max_length = 100,
+            description = "Only this kind."),
+        ("createdAfter" = Option<String>, Query, format = DateTime,
+            description = "Only jobs created after this (RFC 3339)."),
+        ("createdBefore" = Option<String>, Query, format = DateTime,
+            description = "Only jobs created before this (RFC 3339)."),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 500,
+            description = "Page size, default 50."),
+        ("cursor" = Option<String>, Query,
+            description = "`nextCursor` of the previous page (opaque)."),
+    ),
+    responses(
+        (status = 200, description = "One page.", body = JobPage),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(("hmac" = ["jobs:read"]), ("apiKey" = ["jobs:read"])),
+)]
+pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
+    let pairs = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+        .map_err(|_| ApiError::bad_request("query", "malformed query string"))?
+        .into_inner();
+    let filter = ListFilter::parse(&pairs)?;
+    let (rows, next) = state.db.read(move |conn| repo::list(conn, &filter)).await?;
+    Ok(HttpResponse::Ok().json(JobPage {
+        items: rows.into_iter().map(JobView::from).collect(),
+        next_cursor: next.map(|c| c.encode()),
+    }))
+}
+
+/// `POST /coordinator/jobs/{id}/cancel`
+#[utoipa::path(
+    post,
+    path = "/coordinator/jobs/{id}/cancel",
+    tag = "jobs",
+    operation_id = "cancelJob",
+    summary = "Cancel a job",
+    description = "Any non-terminal job → CANCELLED (event `cancelled`), its job tokens \
+        revoked at once. The worker's next heartbeat, progress or other change, sent with \
+        its caller credential, is a 409 of type `urn:coordinator:problem:job-cancelled`; \
+        its job token is refused (401 `revoked`). A job token cannot cancel (403). An \
+        empty body reads as `{}`.",
+    params(JobIdParam),
+    request_body(content = CancelJob, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The cancelled job.", body = JobView),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 404, response = problem::NotFound),
+        (status = 409, response = problem::Conflict),
+        (status = 413, response = problem::TooLarge),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(("hmac" = ["jobs:update"]), ("apiKey" = ["jobs:update"])),
+)]
+pub async fn cancel(
+    state: web::Data<AppState>,
+    principal: Principal,
+    id: web::Path<String>,
+    JsonBody(body): JsonBody<CancelJob>,
+) -> ApiResult<HttpResponse> {
+    not_a_job_token(&principal)?;
+    validate_message(body.reason.as_deref())?;
+    change(
+        &state,
+        &principal,
+        &id,
+        Change::Cancel {
+            reason: body.reason,
+        },
+    )
+    .await
+}
+
+/// `POST /coordinator/jobs/{id}/retry`
+#[utoipa::path(
+    post,
+    path = "/coordinator/jobs/{id}/retry",
+    tag = "jobs",
+    operation_id = "retryJob",
+    summary = "Redrive a FAILED or CANCELLED job",
+    description = "FAILED or CANCELLED → QUEUED, due at once, with a fresh attempt budget: \
+        `maxAttempts` becomes `attempts` plus the number of attempts the job was created \
+        with (`attempts` keeps counting, so no new job token shares an attempt with a \
+        revoked one). Result, error and gate results are cleared; the event `redriven` \
+        records it. Any other status is a 409. A job token cannot retry (403).",
+    params(JobIdParam),
+    responses(
+        (status = 200, description = "The job, QUEUED again.", body = JobView),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 404, response = problem::NotFound),
+        (status = 409, response = problem::Conflict),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(("hmac" = ["jobs:update"]), ("apiKey" = ["jobs:update"])),
+)]
+pub async fn retry(
+    state: web::Data<AppState>,
+    principal: Principal,
+    id: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    not_a_job_token(&principal)?;
+    change(&state, &principal, &id, Change::Redrive).await
+}
+
+/// `POST /coordinator/jobs/{id}/heartbeat`
+#[utoipa::path(
+    post,
+    path = "/coordinator/jobs/{id}/heartbeat",
+    tag = "jobs",
+    operation_id = "heartbeatJob",
+    summary = "Renew a RUNNING job's lease",
+    description = "Extends the lease by `COORDINATOR_LEASE_SECS` without an event, so a \
+        frequent heartbeat does not grow the job's history. Only while RUNNING: a \
+        cancelled job is a 409 of type `urn:coordinator:problem:job-cancelled`, any other \
+        status a 409 `conflict`. A job token may renew only its own job (else 403). The \
+        body is ignored.",
+    params(JobIdParam),
+    responses(
+        (status = 200, description = "The new lease.", body = HeartbeatView),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 404, response = problem::NotFound),
+        (status = 409, response = problem::Conflict),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(
+        ("hmac" = ["jobs:update"]),
+        ("apiKey" = ["jobs:update"]),
+        ("bearer" = ["jobs:update"])
+    ),
+)]
+pub async fn heartbeat(
+    state: web::Data<AppState>,
+    principal: Principal,
+    id: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    let id = JobId::parse(&id, "id")?;
+    principal.authorize_job(&id)?;
+    let lease_ms = state.config.lease_ms();
+    let until = state
+        .db
+        .write(move |conn| repo::heartbeat(conn, &id, lease_ms))
+        .await?;
+    Ok(HttpResponse::Ok().json(HeartbeatView {
+        lease_expires_at: crate::jobs::model::rfc3339(until),
+        cancel_requested: false,
+    }))
+}
+
+/// `GET /coordinator/queues`
+#[utoipa::path(
+    get,
+    path = "/coordinator/queues",
+    tag = "jobs",
+    operation_id = "listQueues",
+    summary = "Every queue with its depth and controls",
+    description = "Every queue that has a job not yet ended or has controls set: jobs \
+        PENDING, QUEUED and RUNNING, how long its longest-waiting due job has waited \
+        (since its `runAt`), whether it is paused and its running limit.",
+    responses(
+        (status = 200, description = "The queues, by name.", body = QueueList),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(("hmac" = ["health:read"]), ("apiKey" = ["health:read"])),
+)]
+pub async fn queues(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+    let now = crate::db::now_millis();
+    let queues = state
+        .db
+        .read(move |conn| repo::list_queues(conn, now))
+        .await?;
+    Ok(HttpResponse::Ok().json(QueueList { queues }))
+}
+
+/// `PATCH /coordinator/queues/{queue}`
+#[utoipa::path(
+    patch,
+    path = "/coordinator/queues/{queue}",
+    tag = "jobs",
+    operation_id = "updateQueue",
+    summary = "Pause, resume or limit a queue",
+    description = "`paused: true` makes claims on the queue hand out nothing (204); \
+        `maxRunning: n` hands out nothing while n of its jobs are RUNNING, exactly, also \
+        with concurrent claimers on several instances; `null` removes the limit. Members \
+        left out stay as they are. Jobs already RUNNING are not touched; a `PATCH …/status` \
+        to RUNNING by an operator is not a claim and is not limited.",
+    params(
+        ("queue" = String, Path, description = "The queue name.",
+            min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_.-]+$"),
+    ),
+    request_body(content = QueuePatch, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The queue after the change.", body = QueueView),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 413, response = problem::TooLarge),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(("hmac" = ["admin"]), ("apiKey" = ["admin"])),
+)]
+pub async fn patch_queue(
+    state: web::Data<AppState>,
+    queue: web::Path<String>,
+    JsonBody(body): JsonBody<QueuePatch>,
+) -> ApiResult<HttpResponse> {
+    let queue = queue.into_inner();
+    crate::jobs::model::validate_queue(&queue, "queue")?;
+    body.validate()?;
+    let view = state
+        .db
+        .write(move |conn| repo::patch_queue(conn, &queue, body.paused, body.max_running))
+        .await?;
+    Ok(HttpResponse::Ok().json(view))
+}
+
+/// `POST /coordinator/jobs/batch`
+#[utoipa::path(
+    post,
+    path = "/coordinator/jobs/batch",
+    tag = "jobs",
+    operation_id = "createJobs",
+    summary = "Create up to 1000 jobs in one transaction",
+    description = "All or none. Each job may carry its own `idempotencyKey` (shared with \
+        the `Idempotency-Key` of single creates, per caller): a key seen before returns \
+        that job (`created: false`), also for a repeat within the batch; the same key with \
+        different contents is a 409 for the whole batch. Answered in request order. The \
+        body limit applies to the whole batch.",
+    request_body(content = BatchCreate, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Every job, in request order.", body = BatchCreated),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 409, response = problem::Conflict),
+        (status = 413, response = problem::TooLarge),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(("hmac" = ["jobs:create"]), ("apiKey" = ["jobs:create"])),
+)]
+pub async fn batch(
+    state: web::Data<AppState>,
+    principal: Principal,
+    JsonBody(body): JsonBody<BatchCreate>,
+) -> ApiResult<HttpResponse> {
+    if body.jobs.is_empty() || body.jobs.len() > MAX_BATCH {
+        return Err(ApiError::bad_request("jobs", "must hold 1-1000 jobs"));
+    }
+    let mut items = Vec::with_capacity(body.jobs.len());
+    for (i, job) in body.jobs.into_iter().enumerate() {
+        let hash =
+            crate::crypto::sha256_hex(&serde_json::to_vec(&job).map_err(ApiError::internal)?);
+        let (create, key) = job.into_create();
+        let new = create.validate().map_err(|e| match e {
+            ApiError::BadRequest { field, detail } => {
+                ApiError::bad_request(format!("jobs[{i}].{field}"), detail)
+            }
+            other => other,
+        })?;
+        let idem = match key {
+            Some(k) if crate::http::idempotency::valid_key(&k) => Some(repo::Idempotency {
+                key: k,
+                request_hash: hash,
+            }),
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    format!("jobs[{i}].idempotencyKey"),
+                    "must be 1-255 printable ASCII characters",
+                ))
+            }
+            None => None,
+        };
+        items.push((new, idem));
+    }
+    let created_by = principal.caller;
+    let out = state
+        .db
+        .write(move |conn| repo::create_batch(conn, &items, &created_by))
+        .await?;
+    let mut jobs = Vec::with_capacity(out.len());
+    for c in out {
+        if c.created {
+            state.metrics.transition(c.job.status());
+        }
+        jobs.push(BatchItem {
+            created: c.created,
+            job: JobView::from(c.job),
+        });
+    }
+    Ok(HttpResponse::Ok().json(BatchCreated { jobs }))
 }

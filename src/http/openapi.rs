@@ -37,11 +37,18 @@ use crate::jobs::JobStatus;
         openapi_json,
         health::health,
         jobs::create,
+        jobs::list,
+        jobs::batch,
         jobs::get,
         jobs::status,
         jobs::progress,
+        jobs::heartbeat,
         jobs::complete,
         jobs::fail,
+        jobs::cancel,
+        jobs::retry,
+        jobs::queues,
+        jobs::patch_queue,
         jobs::claim,
         stitcher::webhook,
         stitcher::webhook_from_sender,
@@ -49,7 +56,7 @@ use crate::jobs::JobStatus;
         admin::revoke_token,
     ),
     components(
-        schemas(crate::error::Problem),
+        schemas(crate::error::Problem, crate::jobs::model::EventType),
         responses(
             problem::BadRequest,
             problem::Unauthorized,
@@ -155,7 +162,9 @@ pub mod problem {
     pub struct NotFound(pub Problem);
 
     /// The state machine refuses the change (a terminal job never changes), or an
-    /// `Idempotency-Key` was already used with a different request.
+    /// `Idempotency-Key` was already used with a different request. A change to a
+    /// cancelled job has its own type, `urn:coordinator:problem:job-cancelled`, so a
+    /// worker can tell that it should stop.
     #[derive(utoipa::ToResponse)]
     #[response(content_type = "application/problem+json")]
     pub struct Conflict(pub Problem);
@@ -366,6 +375,7 @@ mod tests {
             ApiError::Forbidden("missing scope for this route"),
             ApiError::NotFound,
             ApiError::Conflict("job is COMPLETED and can no longer change".into()),
+            ApiError::JobCancelled,
             ApiError::TooLarge,
             ApiError::TooManyRequests {
                 retry_after_secs: 3,
@@ -393,6 +403,11 @@ mod tests {
             "CompleteJob",
             "FailJob",
             "ClaimRequest",
+            "CancelJob",
+            "QueuePatch",
+            "BatchCreate",
+            "BatchJob",
+            "RetryBackoff",
             "WebhookPayload",
             "DispatchRequest",
             "RevokeToken",

@@ -53,9 +53,14 @@ async fn answer(state: &AppState, job: JobRow, duplicate: bool) -> ApiResult<Htt
     };
     let now = crate::db::now_millis();
     let status = job.status();
+    // A scheduled job starts no earlier than its `runAt`.
+    let estimate = match stats.estimate_start(now) {
+        Some(t) => Some(t.max(job.run_at)),
+        None => (job.run_at > now).then_some(job.run_at),
+    };
     let body = DispatchResult {
         estimated_start_time: (status == crate::jobs::JobStatus::Queued)
-            .then(|| stats.estimate_start(now))
+            .then_some(estimate)
             .flatten()
             .map(rfc3339),
         job_id: job.id,

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::state::JobStatus;
-use crate::db::schema::{job_events, jobs};
+use crate::db::schema::{job_events, jobs, queues};
 use crate::error::ApiError;
 
 /// A job id: a UUID (v7 when we mint it), stored as its hyphenated lower-case string.
@@ -69,6 +69,12 @@ pub struct JobRow {
     pub finished_at: Option<i64>,
     /// Latest expiry of any job token issued for this job (revoked when it ends).
     pub tokens_until: Option<i64>,
+    /// Not claimable before this (unix ms); the creation time unless scheduled.
+    pub run_at: i64,
+    pub retry_base_ms: i64,
+    pub retry_cap_ms: i64,
+    /// Attempts granted per run: at creation, and again by each redrive.
+    pub attempt_budget: i32,
 }
 
 /// The columns a state change may touch.
@@ -82,11 +88,13 @@ pub struct JobChanges<'a> {
     pub error: Option<&'a str>,
     pub gate_results: Option<&'a str>,
     pub attempts: i32,
+    pub max_attempts: i32,
     pub worker: Option<&'a str>,
     pub lease_expires_at: Option<i64>,
     pub updated_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    pub run_at: i64,
 }
 
 impl JobRow {
@@ -105,11 +113,13 @@ impl JobRow {
             error: self.error.as_deref(),
             gate_results: self.gate_results.as_deref(),
             attempts: self.attempts,
+            max_attempts: self.max_attempts,
             worker: self.worker.as_deref(),
             lease_expires_at: self.lease_expires_at,
             updated_at: self.updated_at,
             started_at: self.started_at,
             finished_at: self.finished_at,
+            run_at: self.run_at,
         }
     }
 }
@@ -137,17 +147,64 @@ fn json_or_null(s: Option<&str>) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// The type of a job event. Every event that changes the status has `from` (the
+/// status before; `null` for `created`) and `to` (the status after) in its `data`:
+///
+/// - `created`: the job was created (`to` PENDING or QUEUED; also `queue`, `runAt`).
+/// - `status`: a `PATCH …/status` move (`message`).
+/// - `claimed`: a worker claimed it, QUEUED → RUNNING (`worker`, `attempt`).
+/// - `progress`: progress while RUNNING (`percent`, `message`); no status change.
+/// - `completed`: RUNNING → COMPLETED (`result`).
+/// - `failed`: → FAILED, for good (`error`, `gateResults`, `retryable`).
+/// - `retry_scheduled`: a retryable failure with attempts left, RUNNING → QUEUED
+///   (`error`, `gateResults`, `attempt`, `runAt`).
+/// - `lease_expired`: the worker's lease ran out, RUNNING → QUEUED (with `runAt`) or,
+///   after the last attempt, FAILED (`worker`, `attempts`).
+/// - `cancelled`: → CANCELLED (`reason`).
+/// - `redriven`: a FAILED or CANCELLED job back to QUEUED with a fresh attempt budget
+///   (`maxAttempts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    Created,
+    Status,
+    Claimed,
+    Progress,
+    Completed,
+    Failed,
+    RetryScheduled,
+    LeaseExpired,
+    Cancelled,
+    Redriven,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Created => "created",
+            EventType::Status => "status",
+            EventType::Claimed => "claimed",
+            EventType::Progress => "progress",
+            EventType::Completed => "completed",
+            EventType::Failed => "failed",
+            EventType::RetryScheduled => "retry_scheduled",
+            EventType::LeaseExpired => "lease_expired",
+            EventType::Cancelled => "cancelled",
+            EventType::Redriven => "redriven",
+        }
+    }
+}
+
 /// One entry of a job's history.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventView {
     /// 1, 2, 3, ... per job, in the order the changes happened.
     pub seq: i64,
-    /// `created`, `status`, `progress`, `claimed`, `completed`, `failed` or
-    /// `lease_expired`.
     #[serde(rename = "type")]
+    #[schema(value_type = EventType)]
     pub event_type: String,
-    /// What changed (event-specific JSON).
+    /// What changed (event-specific JSON; see `EventType`).
     pub data: Value,
     #[schema(format = DateTime)]
     pub created_at: String,
@@ -192,7 +249,16 @@ pub struct JobView {
     /// The gate results given on failure, else `null`.
     pub gate_results: Value,
     pub attempts: i32,
+    /// Attempts allowed in all; a redrive raises it by the job's attempt budget.
     pub max_attempts: i32,
+    /// Not claimable before this: the creation time, the scheduled `runAt`, or the next
+    /// retry after a backoff.
+    #[schema(format = DateTime)]
+    pub run_at: String,
+    /// While RUNNING: when the worker's lease runs out unless renewed.
+    #[schema(format = DateTime, required = true)]
+    pub lease_expires_at: Option<String>,
+    pub retry_backoff: RetryBackoffView,
     #[schema(format = DateTime)]
     pub created_at: String,
     #[schema(format = DateTime)]
@@ -230,10 +296,25 @@ impl From<JobRow> for JobView {
             error: r.error,
             attempts: r.attempts,
             max_attempts: r.max_attempts,
+            run_at: rfc3339(r.run_at),
+            lease_expires_at: r.lease_expires_at.map(rfc3339),
+            retry_backoff: RetryBackoffView {
+                base_ms: r.retry_base_ms,
+                cap_ms: r.retry_cap_ms,
+            },
             events: None,
             events_truncated: false,
         }
     }
+}
+
+/// The backoff between retries: the delay before retry `n` is a uniform random
+/// duration between 0 and `min(capMs, baseMs × 2^(n-1))`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBackoffView {
+    pub base_ms: i64,
+    pub cap_ms: i64,
 }
 
 // ---- request bodies -------------------------------------------------------------
@@ -243,6 +324,74 @@ pub const MAX_PRIORITY: i32 = 1000;
 pub const MAX_ATTEMPTS: i32 = 100;
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
 pub const DEFAULT_QUEUE: &str = "default";
+/// Retry backoff defaults (a job may set its own at create, `retryBackoff`).
+pub const DEFAULT_RETRY_BASE_MS: i64 = 5_000;
+pub const DEFAULT_RETRY_CAP_MS: i64 = 3_600_000;
+/// Bounds of `retryBackoff`: a base up to a day, a cap up to a week.
+pub const MAX_RETRY_BASE_MS: i64 = 86_400_000;
+pub const MAX_RETRY_CAP_MS: i64 = 604_800_000;
+
+/// Parse an RFC 3339 timestamp (with an offset) into unix milliseconds.
+pub fn parse_time(raw: &str, field: &str) -> Result<i64, ApiError> {
+    chrono::DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.timestamp_millis())
+        .map_err(|_| {
+            ApiError::bad_request(
+                field,
+                "must be an RFC 3339 timestamp, e.g. 2026-01-31T12:00:00Z",
+            )
+        })
+}
+
+/// `retryBackoff` on create: either member may be left out (then the default).
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryBackoff {
+    /// Default 5000 (5 s); 1 ms to 1 day.
+    #[schema(minimum = 1, maximum = 86_400_000)]
+    pub base_ms: Option<i64>,
+    /// Default 3600000 (1 h); at least `baseMs`, at most 7 days.
+    #[schema(minimum = 1, maximum = 604_800_000)]
+    pub cap_ms: Option<i64>,
+}
+
+/// A validated backoff: (base, cap) in ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub base_ms: i64,
+    pub cap_ms: i64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base_ms: DEFAULT_RETRY_BASE_MS,
+            cap_ms: DEFAULT_RETRY_CAP_MS,
+        }
+    }
+}
+
+impl RetryBackoff {
+    pub fn validate(&self) -> Result<Backoff, ApiError> {
+        let base_ms = self.base_ms.unwrap_or(DEFAULT_RETRY_BASE_MS);
+        if !(1..=MAX_RETRY_BASE_MS).contains(&base_ms) {
+            return Err(ApiError::bad_request(
+                "retryBackoff.baseMs",
+                "must be between 1 and 86400000",
+            ));
+        }
+        let cap_ms = self
+            .cap_ms
+            .unwrap_or_else(|| DEFAULT_RETRY_CAP_MS.max(base_ms));
+        if !(base_ms..=MAX_RETRY_CAP_MS).contains(&cap_ms) {
+            return Err(ApiError::bad_request(
+                "retryBackoff.capMs",
+                "must be between baseMs and 604800000",
+            ));
+        }
+        Ok(Backoff { base_ms, cap_ms })
+    }
+}
 
 /// Queue names appear in URLs: 1–64 of `[A-Za-z0-9_.-]`.
 pub fn validate_queue(q: &str, field: &str) -> Result<(), ApiError> {
@@ -313,6 +462,11 @@ pub struct CreateJob {
     /// Default 3.
     #[schema(minimum = 1, maximum = 100)]
     pub max_attempts: Option<i32>,
+    /// RFC 3339; the job is not claimable before it. Default: at once.
+    #[schema(format = DateTime)]
+    pub run_at: Option<String>,
+    /// The backoff between retries; default base 5 s, cap 1 h.
+    pub retry_backoff: Option<RetryBackoff>,
 }
 
 /// A validated job to insert.
@@ -324,6 +478,9 @@ pub struct NewJob {
     pub payload: Value,
     pub max_attempts: i32,
     pub status: JobStatus,
+    /// Unix ms; `None` is "at once" (the creation time).
+    pub run_at: Option<i64>,
+    pub backoff: Backoff,
 }
 
 impl CreateJob {
@@ -355,6 +512,15 @@ impl CreateJob {
                 "must be between 1 and 100",
             ));
         }
+        let run_at = self
+            .run_at
+            .as_deref()
+            .map(|t| parse_time(t, "runAt"))
+            .transpose()?;
+        let backoff = match &self.retry_backoff {
+            Some(b) => b.validate()?,
+            None => Backoff::default(),
+        };
         Ok(NewJob {
             kind: self.kind,
             queue,
@@ -362,6 +528,8 @@ impl CreateJob {
             payload,
             max_attempts,
             status: JobStatus::Pending,
+            run_at,
+            backoff,
         })
     }
 }
@@ -403,7 +571,8 @@ pub struct CompleteJob {
     pub result: Option<Value>,
 }
 
-/// `POST /coordinator/jobs/{id}/fail`: RUNNING → FAILED.
+/// `POST /coordinator/jobs/{id}/fail`: RUNNING → FAILED, or back to QUEUED after a
+/// backoff when `retryable` and attempts are left.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FailJob {
@@ -412,6 +581,8 @@ pub struct FailJob {
     pub error: String,
     /// Any JSON value.
     pub gate_results: Option<Value>,
+    /// Default `false`: the failure is final.
+    pub retryable: Option<bool>,
 }
 
 impl FailJob {
@@ -446,13 +617,309 @@ pub enum Change {
     Fail {
         error: String,
         gate_results: Option<Value>,
+        retryable: bool,
     },
+    /// Any non-terminal job → CANCELLED.
+    Cancel {
+        reason: Option<String>,
+    },
+    /// A FAILED or CANCELLED job back to QUEUED with a fresh attempt budget.
+    Redrive,
     /// A worker claimed the job from its queue (QUEUED → RUNNING).
     Claim {
         worker: String,
     },
     /// The worker's lease ran out: back to QUEUED, or FAILED after the last attempt.
     LeaseExpired,
+}
+
+/// `POST /coordinator/jobs/{id}/cancel` (an empty body is `{}`).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CancelJob {
+    /// Why; kept as the job's `message`.
+    #[schema(max_length = 4096)]
+    pub reason: Option<String>,
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatView {
+    #[schema(format = DateTime)]
+    pub lease_expires_at: String,
+    /// Always `false` in a 200: a cancel takes effect at once, and a heartbeat for a
+    /// cancelled job is a 409 of type `urn:coordinator:problem:job-cancelled`.
+    pub cancel_requested: bool,
+}
+
+// ---- list -----------------------------------------------------------------------
+
+pub const DEFAULT_PAGE: i64 = 50;
+pub const MAX_PAGE: i64 = 500;
+
+/// Where a page ends: the (createdAt, id) of its last job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: i64,
+    pub id: String,
+}
+
+impl Cursor {
+    /// Opaque to clients: base64url of `createdAt:id`.
+    pub fn encode(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("{}:{}", self.created_at, self.id))
+    }
+
+    pub fn decode(raw: &str) -> Result<Cursor, ApiError> {
+        use base64::Engine;
+        let bad = || ApiError::bad_request("cursor", "is not a cursor from a previous page");
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(raw)
+            .map_err(|_| bad())?;
+        let text = String::from_utf8(bytes).map_err(|_| bad())?;
+        let (t, id) = text.split_once(':').ok_or_else(bad)?;
+        let created_at = t.parse().map_err(|_| bad())?;
+        let id = JobId::parse(id, "cursor").map_err(|_| bad())?;
+        Ok(Cursor {
+            created_at,
+            id: id.into_string(),
+        })
+    }
+}
+
+/// The filters and page of `GET /coordinator/jobs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListFilter {
+    pub queue: Option<String>,
+    /// Empty: every status.
+    pub statuses: Vec<JobStatus>,
+    pub kind: Option<String>,
+    /// Exclusive bounds, unix ms.
+    pub created_after: Option<i64>,
+    pub created_before: Option<i64>,
+    pub limit: i64,
+    pub after: Option<Cursor>,
+}
+
+impl ListFilter {
+    /// From the query string's pairs (`status` may repeat); unknown names are a 400.
+    pub fn parse(pairs: &[(String, String)]) -> Result<ListFilter, ApiError> {
+        let mut f = ListFilter {
+            queue: None,
+            statuses: Vec::new(),
+            kind: None,
+            created_after: None,
+            created_before: None,
+            limit: DEFAULT_PAGE,
+            after: None,
+        };
+        for (k, v) in pairs {
+            match k.as_str() {
+                "queue" => {
+                    validate_queue(v, "queue")?;
+                    f.queue = Some(v.clone());
+                }
+                "status" => {
+                    let s = JobStatus::parse(v).ok_or_else(|| {
+                        ApiError::bad_request(
+                            "status",
+                            "must be PENDING, QUEUED, RUNNING, COMPLETED, FAILED or CANCELLED",
+                        )
+                    })?;
+                    if !f.statuses.contains(&s) {
+                        f.statuses.push(s);
+                    }
+                }
+                "kind" => {
+                    if !(1..=100).contains(&v.len()) || v.contains('\0') {
+                        return Err(ApiError::bad_request("kind", "must be 1-100 characters"));
+                    }
+                    f.kind = Some(v.clone());
+                }
+                "createdAfter" => f.created_after = Some(parse_time(v, "createdAfter")?),
+                "createdBefore" => f.created_before = Some(parse_time(v, "createdBefore")?),
+                "limit" => {
+                    f.limit = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_PAGE).contains(n))
+                        .ok_or_else(|| {
+                            ApiError::bad_request("limit", "must be between 1 and 500")
+                        })?;
+                }
+                "cursor" => f.after = Some(Cursor::decode(v)?),
+                other => {
+                    return Err(ApiError::bad_request(
+                        other.chars().take(64).collect::<String>(),
+                        "unknown query parameter",
+                    ))
+                }
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// One page of jobs, newest first (no events).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobPage {
+    pub items: Vec<JobView>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    #[schema(required = true)]
+    pub next_cursor: Option<String>,
+}
+
+// ---- queues ---------------------------------------------------------------------
+
+/// A `queues` row: the controls of one queue (queues without a row have none).
+#[derive(Debug, Clone, Queryable, Selectable, Insertable, AsChangeset)]
+#[diesel(table_name = queues, treat_none_as_null = true)]
+pub struct QueueRow {
+    pub queue: String,
+    pub paused: bool,
+    pub max_running: Option<i32>,
+    pub updated_at: i64,
+}
+
+pub const MAX_RUNNING_LIMIT: i32 = 1_000_000;
+
+/// Jobs of a queue that have not ended, per status.
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub struct QueueDepth {
+    pub pending: i64,
+    pub queued: i64,
+    pub running: i64,
+}
+
+/// A queue: its depth, its oldest due job and its controls.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueView {
+    pub queue: String,
+    pub depth: QueueDepth,
+    /// How long the longest-waiting due QUEUED job has been claimable (ms); `null`
+    /// when none is due.
+    #[schema(required = true)]
+    pub oldest_queued_age_ms: Option<i64>,
+    /// A paused queue hands out no job.
+    pub paused: bool,
+    /// At most this many jobs of the queue RUNNING at once; `null`: no limit.
+    #[schema(required = true)]
+    pub max_running: Option<i32>,
+}
+
+/// `GET /coordinator/queues`
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueList {
+    pub queues: Vec<QueueView>,
+}
+
+fn some_value<'de, D, T>(de: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(de).map(Some)
+}
+
+/// `PATCH /coordinator/queues/{queue}`: members left out stay as they are.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QueuePatch {
+    pub paused: Option<bool>,
+    /// 1–1000000, or `null` to remove the limit.
+    #[serde(default, deserialize_with = "some_value")]
+    #[schema(value_type = Option<i32>, minimum = 1, maximum = 1_000_000)]
+    pub max_running: Option<Option<i32>>,
+}
+
+impl QueuePatch {
+    pub fn validate(&self) -> Result<(), ApiError> {
+        match self.max_running {
+            Some(Some(n)) if !(1..=MAX_RUNNING_LIMIT).contains(&n) => Err(ApiError::bad_request(
+                "maxRunning",
+                "must be between 1 and 1000000, or null",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+// ---- batch ----------------------------------------------------------------------
+
+pub const MAX_BATCH: usize = 1_000;
+
+/// One job of a batch: a `CreateJob` with its own optional idempotency key.
+#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BatchJob {
+    #[schema(min_length = 1, max_length = 100, pattern = r#"^[!#-\[\]-~]+$"#)]
+    pub kind: String,
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_.-]+$")]
+    pub queue: Option<String>,
+    #[schema(minimum = -1000, maximum = 1000)]
+    pub priority: Option<i32>,
+    #[schema(value_type = Option<Object>)]
+    pub payload: Option<Value>,
+    #[schema(minimum = 1, maximum = 100)]
+    pub max_attempts: Option<i32>,
+    #[schema(format = DateTime)]
+    pub run_at: Option<String>,
+    pub retry_backoff: Option<RetryBackoff>,
+    /// Like the `Idempotency-Key` header of a single create (and unique with those, per
+    /// caller): a job with this key already made is returned instead (`created: false`);
+    /// the same key with different contents is a 409 for the whole batch.
+    #[serde(skip_serializing)]
+    #[schema(min_length = 1, max_length = 255, pattern = "^[!-~]+$")]
+    pub idempotency_key: Option<String>,
+}
+
+impl BatchJob {
+    pub fn into_create(self) -> (CreateJob, Option<String>) {
+        (
+            CreateJob {
+                kind: self.kind,
+                queue: self.queue,
+                priority: self.priority,
+                payload: self.payload,
+                max_attempts: self.max_attempts,
+                run_at: self.run_at,
+                retry_backoff: self.retry_backoff,
+            },
+            self.idempotency_key,
+        )
+    }
+}
+
+/// `POST /coordinator/jobs/batch`
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BatchCreate {
+    /// 1–1000 jobs, created in one transaction (all or none).
+    #[schema(min_items = 1, max_items = 1000)]
+    pub jobs: Vec<BatchJob>,
+}
+
+/// One job of a batch answer, in request order.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchItem {
+    /// `false` when an earlier request (or an earlier item) with the same
+    /// idempotency key made it.
+    pub created: bool,
+    pub job: JobView,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchCreated {
+    pub jobs: Vec<BatchItem>,
 }
 
 #[cfg(test)]
@@ -484,6 +951,8 @@ mod tests {
             priority: None,
             payload: None,
             max_attempts: None,
+            run_at: None,
+            retry_backoff: None,
         }
         .validate()
         .expect("valid");
@@ -500,6 +969,8 @@ mod tests {
             priority: None,
             payload: None,
             max_attempts: None,
+            run_at: None,
+            retry_backoff: None,
         };
         assert_eq!(
             bad(CreateJob {
@@ -536,6 +1007,51 @@ mod tests {
             }),
             "maxAttempts"
         );
+        assert_eq!(
+            bad(CreateJob {
+                run_at: Some("tomorrow".into()),
+                ..base()
+            }),
+            "runAt"
+        );
+        assert_eq!(
+            bad(CreateJob {
+                retry_backoff: Some(RetryBackoff {
+                    base_ms: Some(10_000),
+                    cap_ms: Some(5_000),
+                }),
+                ..base()
+            }),
+            "retryBackoff.capMs"
+        );
+        assert_eq!(
+            bad(CreateJob {
+                retry_backoff: Some(RetryBackoff {
+                    base_ms: Some(0),
+                    cap_ms: None,
+                }),
+                ..base()
+            }),
+            "retryBackoff.baseMs"
+        );
+        let j = CreateJob {
+            run_at: Some("2030-01-01T00:00:00+01:00".into()),
+            retry_backoff: Some(RetryBackoff {
+                base_ms: Some(100),
+                cap_ms: None,
+            }),
+            ..base()
+        }
+        .validate()
+        .expect("valid");
+        assert_eq!(j.run_at, Some(1_893_452_400_000));
+        assert_eq!(
+            j.backoff,
+            Backoff {
+                base_ms: 100,
+                cap_ms: DEFAULT_RETRY_CAP_MS
+            }
+        );
     }
 
     #[test]
@@ -552,6 +1068,59 @@ mod tests {
         assert!(p(-1).is_err());
         assert!(p(101).is_err());
         assert!(p(i64::MAX).is_err());
+    }
+
+    #[test]
+    fn list_filters_parse_and_refuse() {
+        let p = |q: &[(&str, &str)]| {
+            let pairs: Vec<(String, String)> = q
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            ListFilter::parse(&pairs)
+        };
+        let f = p(&[
+            ("status", "QUEUED"),
+            ("status", "RUNNING"),
+            ("status", "QUEUED"),
+            ("queue", "ci"),
+            ("limit", "500"),
+        ])
+        .expect("valid");
+        assert_eq!(f.statuses, [JobStatus::Queued, JobStatus::Running]);
+        assert_eq!(f.queue.as_deref(), Some("ci"));
+        assert_eq!(f.limit, 500);
+        assert_eq!(p(&[]).expect("valid").limit, DEFAULT_PAGE);
+        let field = |q: &[(&str, &str)]| match p(q) {
+            Err(ApiError::BadRequest { field, .. }) => field,
+            other => panic!("expected 400, got {other:?}"),
+        };
+        assert_eq!(field(&[("limit", "501")]), "limit");
+        assert_eq!(field(&[("limit", "0")]), "limit");
+        assert_eq!(field(&[("status", "running")]), "status");
+        assert_eq!(field(&[("cursor", "nope")]), "cursor");
+        assert_eq!(field(&[("createdAfter", "yesterday")]), "createdAfter");
+        assert_eq!(field(&[("sort", "asc")]), "sort");
+    }
+
+    #[test]
+    fn cursors_round_trip() {
+        let c = Cursor {
+            created_at: 1_700_000_000_123,
+            id: "0192f0c1-7c1e-7aaa-8bbb-123456789abc".into(),
+        };
+        assert_eq!(Cursor::decode(&c.encode()).ok(), Some(c));
+        assert!(Cursor::decode("MTIzOm5vdC1hLXV1aWQ").is_err());
+    }
+
+    #[test]
+    fn queue_patch_tells_null_from_absent() {
+        let p: QueuePatch = serde_json::from_str(r#"{"maxRunning": null}"#).expect("json");
+        assert_eq!(p.max_running, Some(None));
+        let p: QueuePatch = serde_json::from_str(r#"{"paused": true}"#).expect("json");
+        assert_eq!(p.max_running, None);
+        let p: QueuePatch = serde_json::from_str(r#"{"maxRunning": 0}"#).expect("json");
+        assert!(p.validate().is_err());
     }
 
     #[test]

@@ -10,11 +10,30 @@
 use diesel::prelude::*;
 use serde_json::{json, Value};
 
-use super::model::{Change, EventRow, JobId, JobRow, NewJob};
-use super::state::{transition_error, JobStatus};
-use crate::db::schema::{job_events, jobs};
+use super::model::{
+    Change, Cursor, EventRow, EventType, JobId, JobRow, ListFilter, NewJob, QueueDepth, QueueRow,
+    QueueView,
+};
+use super::state::{backoff_delay_ms, transition_error, JobStatus};
+use crate::db::schema::{job_events, jobs, queues};
 use crate::db::{now_millis, DbConnection};
 use crate::error::{is_unique_violation, StoreError};
+
+/// Insert a row, or nothing when a unique key already holds one; `true` when
+/// inserted. (Each backend's own spelling of the same statement.)
+macro_rules! insert_or_ignore {
+    ($conn:expr, $table:expr, $values:expr) => {
+        match $conn {
+            DbConnection::Postgresql(pg) => diesel::insert_into($table)
+                .values($values)
+                .on_conflict_do_nothing()
+                .execute(pg),
+            DbConnection::Sqlite(lite) => diesel::insert_or_ignore_into($table)
+                .values($values)
+                .execute(lite),
+        }
+    };
+}
 
 /// Events returned with a job: the newest this many, oldest first.
 pub const EVENTS_PER_READ: i64 = 1000;
@@ -64,21 +83,35 @@ pub fn new_row(job: &NewJob, created_by: &str, idem: Option<&Idempotency>, now: 
         started_at: None,
         finished_at: None,
         tokens_until: None,
+        run_at: job.run_at.unwrap_or(now),
+        retry_base_ms: job.backoff.base_ms,
+        retry_cap_ms: job.backoff.cap_ms,
+        attempt_budget: job.max_attempts,
+    }
+}
+
+fn created_event(row: &JobRow) -> EventRow {
+    EventRow {
+        job_id: row.id.clone(),
+        seq: 1,
+        event_type: EventType::Created.as_str().into(),
+        data: json!({
+            "from": null,
+            "to": row.status,
+            "status": row.status,
+            "queue": row.queue,
+            "runAt": super::model::rfc3339(row.run_at),
+        })
+        .to_string(),
+        created_at: row.created_at,
     }
 }
 
 /// Insert a job row and its `created` event (inside the caller's transaction).
 pub fn insert(conn: &mut DbConnection, row: &JobRow) -> Result<(), StoreError> {
     diesel::insert_into(jobs::table).values(row).execute(conn)?;
-    let event = EventRow {
-        job_id: row.id.clone(),
-        seq: 1,
-        event_type: "created".into(),
-        data: json!({"status": row.status, "queue": row.queue}).to_string(),
-        created_at: row.created_at,
-    };
     diesel::insert_into(job_events::table)
-        .values(&event)
+        .values(&created_event(row))
         .execute(conn)?;
     Ok(())
 }
@@ -116,6 +149,81 @@ pub fn create(
         }
         (Err(e), _) => Err(e),
     }
+}
+
+/// Create many jobs in one transaction (all or none), answered in input order. Jobs
+/// without a key are written with multi-row inserts; a keyed job is inserted unless
+/// its key is taken (by an earlier request or an earlier item), and then the job
+/// holding the key is returned, or the batch refused when its contents differ.
+pub fn create_batch(
+    conn: &mut DbConnection,
+    jobs: &[(NewJob, Option<Idempotency>)],
+    created_by: &str,
+) -> Result<Vec<Created>, StoreError> {
+    /// Rows per multi-row insert (jobs have ~30 columns; both backends allow 32766
+    /// bind parameters per statement).
+    const CHUNK: usize = 500;
+    let now = now_millis();
+    conn.transaction(|conn| {
+        let mut out = Vec::with_capacity(jobs.len());
+        let mut plain: Vec<JobRow> = Vec::new();
+        for (i, (job, idem)) in jobs.iter().enumerate() {
+            let row = new_row(job, created_by, idem.as_ref(), now);
+            let Some(idem) = idem else {
+                plain.push(row.clone());
+                out.push(Created {
+                    job: row,
+                    created: true,
+                });
+                continue;
+            };
+            if insert_or_ignore!(conn, jobs::table, &row)? == 1 {
+                diesel::insert_into(job_events::table)
+                    .values(&created_event(&row))
+                    .execute(conn)?;
+                out.push(Created {
+                    job: row,
+                    created: true,
+                });
+                continue;
+            }
+            let first: JobRow = jobs::table
+                .filter(jobs::created_by.eq(created_by))
+                .filter(jobs::idempotency_key.eq(&idem.key))
+                .select(JobRow::as_select())
+                .first(conn)?;
+            if first.request_hash.as_deref() != Some(idem.request_hash.as_str()) {
+                return Err(StoreError::Conflict(format!(
+                    "jobs[{i}]: idempotencyKey was already used with different contents"
+                )));
+            }
+            out.push(Created {
+                job: first,
+                created: false,
+            });
+        }
+        for chunk in plain.chunks(CHUNK) {
+            let events: Vec<EventRow> = chunk.iter().map(created_event).collect();
+            // Multi-row inserts are typed per backend (not through `MultiConnection`).
+            match &mut *conn {
+                DbConnection::Postgresql(pg) => {
+                    diesel::insert_into(jobs::table).values(chunk).execute(pg)?;
+                    diesel::insert_into(job_events::table)
+                        .values(&events)
+                        .execute(pg)?;
+                }
+                DbConnection::Sqlite(lite) => {
+                    diesel::insert_into(jobs::table)
+                        .values(chunk)
+                        .execute(lite)?;
+                    diesel::insert_into(job_events::table)
+                        .values(&events)
+                        .execute(lite)?;
+                }
+            }
+        }
+        Ok(out)
+    })
 }
 
 pub fn find(conn: &mut DbConnection, id: &JobId) -> Result<JobRow, StoreError> {
@@ -173,7 +281,8 @@ pub fn apply_locked(
     lease_ms: i64,
 ) -> Result<JobRow, StoreError> {
     let now = now_millis();
-    let (event_type, data) = apply_to_row(&mut row, change, now)?;
+    let jitter = rand::random::<f64>();
+    let (event_type, data) = apply_to_row(&mut row, change, now, jitter)?;
     if row.status() == JobStatus::Running && !matches!(change, Change::LeaseExpired) {
         // Any word from the worker renews its lease.
         row.lease_expires_at = Some(now.saturating_add(lease_ms));
@@ -215,16 +324,28 @@ pub fn extend_tokens_until(
 /// has ended; the tokens of the attempt that just ended when it went back to QUEUED;
 /// the tokens issued before any claim (attempt 0) when the first attempt has just
 /// started (its start time is this change's time).
-pub fn token_revocation(row: &JobRow, now: i64) -> Option<(String, i64)> {
-    use crate::db::revoked::{attempt_key, job_key};
-    let until = row.tokens_until.filter(|u| *u > now)?;
+///
+/// "All" is every attempt's key (0 for tokens issued before the first claim), not the
+/// job-wide key: a redriven job gets new tokens, which the job-wide key would refuse
+/// until the old ones expire. Attempt numbers only grow (a redrive raises
+/// `maxAttempts` instead of resetting `attempts`), so no new token shares a key with
+/// a revoked one.
+pub fn token_revocation(row: &JobRow, now: i64) -> Vec<(String, i64)> {
+    use crate::db::revoked::attempt_key;
+    let Some(until) = row.tokens_until.filter(|u| *u > now) else {
+        return Vec::new();
+    };
     match row.status() {
-        s if s.is_terminal() => Some((job_key(&row.id), until)),
-        JobStatus::Queued if row.attempts > 0 => Some((attempt_key(&row.id, row.attempts), until)),
-        JobStatus::Running if row.attempts == 1 && row.started_at == Some(row.updated_at) => {
-            Some((attempt_key(&row.id, 0), until))
+        s if s.is_terminal() => (0..=row.attempts)
+            .map(|a| (attempt_key(&row.id, a), until))
+            .collect(),
+        JobStatus::Queued if row.attempts > 0 => {
+            vec![(attempt_key(&row.id, row.attempts), until)]
         }
-        _ => None,
+        JobStatus::Running if row.attempts == 1 && row.started_at == Some(row.updated_at) => {
+            vec![(attempt_key(&row.id, 0), until)]
+        }
+        _ => Vec::new(),
     }
 }
 
@@ -249,7 +370,7 @@ pub fn write_change(
             created_at: now,
         })
         .execute(conn)?;
-    if let Some((key, until)) = token_revocation(row, now) {
+    for (key, until) in token_revocation(row, now) {
         crate::db::revoked::revoke_token(conn, &key, until, now)?;
     }
     Ok(())
@@ -281,21 +402,39 @@ pub fn set_status(row: &mut JobRow, to: JobStatus, now: i64) -> Result<(), Store
     Ok(())
 }
 
-/// The pure part of a change: mutate the row, return the event to append.
+/// Back to QUEUED after a failed attempt: claimable again after the job's backoff.
+fn schedule_retry(row: &mut JobRow, now: i64, jitter: f64) -> Result<(), StoreError> {
+    set_status(row, JobStatus::Queued, now)?;
+    let delay = backoff_delay_ms(row.retry_base_ms, row.retry_cap_ms, row.attempts, jitter);
+    row.run_at = now.saturating_add(delay);
+    Ok(())
+}
+
+/// The pure part of a change: mutate the row, return the event to append. `jitter`
+/// is a uniform random number in `[0, 1]` for a retry's backoff.
 fn apply_to_row(
     row: &mut JobRow,
     change: &Change,
     now: i64,
+    jitter: f64,
 ) -> Result<(&'static str, Value), StoreError> {
     let from = row.status();
+    if from == JobStatus::Cancelled && !matches!(change, Change::Redrive) {
+        return Err(StoreError::JobCancelled);
+    }
     match change {
         Change::Status { to, message } => {
             set_status(row, *to, now)?;
             if message.is_some() {
                 row.message.clone_from(message);
             }
+            let kind = if *to == JobStatus::Cancelled {
+                EventType::Cancelled
+            } else {
+                EventType::Status
+            };
             Ok((
-                "status",
+                kind.as_str(),
                 json!({"from": from, "to": to, "message": message}),
             ))
         }
@@ -310,13 +449,19 @@ fn apply_to_row(
             if message.is_some() {
                 row.message.clone_from(message);
             }
-            Ok(("progress", json!({"percent": percent, "message": message})))
+            Ok((
+                EventType::Progress.as_str(),
+                json!({"percent": percent, "message": message}),
+            ))
         }
         Change::Complete { result } => {
             set_status(row, JobStatus::Completed, now)?;
             row.progress = 100;
             row.result = result.as_ref().map(to_text);
-            Ok(("completed", json!({"from": from, "result": result})))
+            Ok((
+                EventType::Completed.as_str(),
+                json!({"from": from, "to": row.status, "result": result}),
+            ))
         }
         Change::LeaseExpired => {
             let expired =
@@ -329,34 +474,314 @@ fn apply_to_row(
                 set_status(row, JobStatus::Failed, now)?;
                 row.error = Some("lease expired after the last attempt".into());
             } else {
-                set_status(row, JobStatus::Queued, now)?;
+                schedule_retry(row, now, jitter)?;
             }
             Ok((
-                "lease_expired",
-                json!({"worker": worker, "to": row.status, "attempts": row.attempts}),
+                EventType::LeaseExpired.as_str(),
+                json!({
+                    "from": from,
+                    "to": row.status,
+                    "worker": worker,
+                    "attempts": row.attempts,
+                    "runAt": (row.status() == JobStatus::Queued)
+                        .then(|| super::model::rfc3339(row.run_at)),
+                }),
             ))
         }
         Change::Claim { worker } => {
             set_status(row, JobStatus::Running, now)?;
             row.worker = Some(worker.clone());
             Ok((
-                "claimed",
-                json!({"worker": worker, "attempt": row.attempts}),
+                EventType::Claimed.as_str(),
+                json!({"from": from, "to": row.status, "worker": worker, "attempt": row.attempts}),
             ))
         }
         Change::Fail {
             error,
             gate_results,
+            retryable,
         } => {
+            if from == JobStatus::Running && *retryable && row.attempts < row.max_attempts {
+                schedule_retry(row, now, jitter)?;
+                row.error = Some(error.clone());
+                row.gate_results = gate_results.as_ref().map(to_text);
+                return Ok((
+                    EventType::RetryScheduled.as_str(),
+                    json!({
+                        "from": from,
+                        "to": row.status,
+                        "error": error,
+                        "gateResults": gate_results,
+                        "attempt": row.attempts,
+                        "runAt": super::model::rfc3339(row.run_at),
+                    }),
+                ));
+            }
             set_status(row, JobStatus::Failed, now)?;
             row.error = Some(error.clone());
             row.gate_results = gate_results.as_ref().map(to_text);
             Ok((
-                "failed",
-                json!({"from": from, "error": error, "gateResults": gate_results}),
+                EventType::Failed.as_str(),
+                json!({
+                    "from": from,
+                    "to": row.status,
+                    "error": error,
+                    "gateResults": gate_results,
+                    "retryable": retryable,
+                }),
+            ))
+        }
+        Change::Cancel { reason } => {
+            set_status(row, JobStatus::Cancelled, now)?;
+            if reason.is_some() {
+                row.message.clone_from(reason);
+            }
+            Ok((
+                EventType::Cancelled.as_str(),
+                json!({"from": from, "to": row.status, "reason": reason}),
+            ))
+        }
+        Change::Redrive => {
+            if !from.can_redrive() {
+                return Err(StoreError::Conflict(format!(
+                    "only a FAILED or CANCELLED job can be retried (job is {from})"
+                )));
+            }
+            row.status = JobStatus::Queued.as_str().to_owned();
+            row.max_attempts = row.attempts.saturating_add(row.attempt_budget);
+            row.progress = 0;
+            row.result = None;
+            row.error = None;
+            row.gate_results = None;
+            row.worker = None;
+            row.lease_expires_at = None;
+            row.finished_at = None;
+            row.run_at = now;
+            row.updated_at = now;
+            Ok((
+                EventType::Redriven.as_str(),
+                json!({"from": from, "to": row.status, "maxAttempts": row.max_attempts}),
             ))
         }
     }
+}
+
+/// Renew the lease of a RUNNING job without an event (a heartbeat); returns the new
+/// expiry. A cancelled job is `JobCancelled`, any other state a conflict.
+pub fn heartbeat(conn: &mut DbConnection, id: &JobId, lease_ms: i64) -> Result<i64, StoreError> {
+    let until = now_millis().saturating_add(lease_ms);
+    let n = diesel::update(jobs::table.find(id.as_str()))
+        .filter(jobs::status.eq(JobStatus::Running.as_str()))
+        .set(jobs::lease_expires_at.eq(Some(until)))
+        .execute(conn)?;
+    if n == 1 {
+        return Ok(until);
+    }
+    match find(conn, id)?.status() {
+        JobStatus::Cancelled => Err(StoreError::JobCancelled),
+        s => Err(StoreError::Conflict(format!(
+            "a heartbeat is only accepted while RUNNING (job is {s})"
+        ))),
+    }
+}
+
+/// One page of jobs, newest first. Each status is read on its own (an index range of
+/// `(status, …, created_at, id)` per status, see the migration), and the per-status
+/// pages are merged: a page costs `statuses × limit` rows however many jobs there are.
+pub fn list(
+    conn: &mut DbConnection,
+    f: &ListFilter,
+) -> Result<(Vec<JobRow>, Option<Cursor>), StoreError> {
+    let statuses = if f.statuses.is_empty() {
+        JobStatus::ALL.to_vec()
+    } else {
+        f.statuses.clone()
+    };
+    let mut rows: Vec<JobRow> = Vec::new();
+    for status in statuses {
+        let mut q = jobs::table
+            .filter(jobs::status.eq(status.as_str()))
+            .select(JobRow::as_select())
+            .into_boxed();
+        if let Some(queue) = &f.queue {
+            q = q.filter(jobs::queue.eq(queue.clone()));
+        }
+        if let Some(kind) = &f.kind {
+            q = q.filter(jobs::kind.eq(kind.clone()));
+        }
+        if let Some(after) = f.created_after {
+            q = q.filter(jobs::created_at.gt(after));
+        }
+        if let Some(before) = f.created_before {
+            q = q.filter(jobs::created_at.lt(before));
+        }
+        if let Some(c) = &f.after {
+            // (created_at, id) < cursor, written so the first term bounds the index range.
+            q = q.filter(
+                jobs::created_at.le(c.created_at).and(
+                    jobs::created_at
+                        .lt(c.created_at)
+                        .or(jobs::id.lt(c.id.clone())),
+                ),
+            );
+        }
+        let page: Vec<JobRow> = q
+            .order((jobs::created_at.desc(), jobs::id.desc()))
+            .limit(f.limit.saturating_add(1))
+            .load(conn)?;
+        rows.extend(page);
+    }
+    rows.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
+    let limit = usize::try_from(f.limit).unwrap_or(usize::MAX);
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next = if more {
+        rows.last().map(|r| Cursor {
+            created_at: r.created_at,
+            id: r.id.clone(),
+        })
+    } else {
+        None
+    };
+    Ok((rows, next))
+}
+
+/// May `queue` hand out a job now (not paused, under its `maxRunning`)? Called inside
+/// the claim's transaction, before a job is picked.
+///
+/// Exactness with concurrent claimers: on SQLite the claim holds the database write
+/// lock (`BEGIN IMMEDIATE`), so the count cannot change before commit. On PostgreSQL a
+/// limited queue's row is locked `FOR UPDATE`, so its claimers run one at a time and
+/// each counts (in a fresh READ COMMITTED snapshot) the RUNNING jobs committed by the
+/// ones before. An unlimited queue's row is locked `FOR SHARE` (claimers run side by
+/// side), which makes a `PATCH` that sets a limit wait for the claims in flight; a
+/// claimer that finds a limit under its share lock hands out nothing this time instead
+/// of upgrading the lock (two upgrades would deadlock).
+pub fn queue_admits(conn: &mut DbConnection, queue: &str) -> Result<bool, StoreError> {
+    let seen: Option<QueueRow> = queues::table
+        .find(queue)
+        .select(QueueRow::as_select())
+        .first(conn)
+        .optional()?;
+    let Some(seen) = seen else {
+        return Ok(true);
+    };
+    let row = match conn {
+        DbConnection::Postgresql(pg) => {
+            let q = queues::table.find(queue).select(QueueRow::as_select());
+            let locked = if seen.max_running.is_some() {
+                q.for_update().first(pg)
+            } else {
+                q.for_share().first(pg)
+            };
+            let locked = locked.optional()?;
+            match locked {
+                Some(r) if seen.max_running.is_none() && r.max_running.is_some() => {
+                    return Ok(false)
+                }
+                Some(r) => r,
+                None => return Ok(true),
+            }
+        }
+        DbConnection::Sqlite(_) => seen,
+    };
+    if row.paused {
+        return Ok(false);
+    }
+    let Some(max) = row.max_running else {
+        return Ok(true);
+    };
+    let running: i64 = jobs::table
+        .filter(jobs::queue.eq(queue))
+        .filter(jobs::status.eq(JobStatus::Running.as_str()))
+        .count()
+        .get_result(conn)?;
+    Ok(running < i64::from(max))
+}
+
+/// Every queue that has jobs not yet ended or controls: depth per open status, the
+/// wait of its longest-waiting due job, and its controls.
+pub fn list_queues(conn: &mut DbConnection, now: i64) -> Result<Vec<QueueView>, StoreError> {
+    use std::collections::BTreeMap;
+    let mut out: BTreeMap<String, QueueView> = BTreeMap::new();
+    let blank = |q: &str| QueueView {
+        queue: q.to_owned(),
+        depth: QueueDepth::default(),
+        oldest_queued_age_ms: None,
+        paused: false,
+        max_running: None,
+    };
+    for (queue, status, n) in queue_depths(conn)? {
+        let v = out.entry(queue.clone()).or_insert_with(|| blank(&queue));
+        match JobStatus::parse(&status) {
+            Some(JobStatus::Pending) => v.depth.pending = n,
+            Some(JobStatus::Queued) => v.depth.queued = n,
+            Some(JobStatus::Running) => v.depth.running = n,
+            _ => {}
+        }
+    }
+    let due: Vec<(String, Option<i64>)> = jobs::table
+        .filter(jobs::status.eq(JobStatus::Queued.as_str()))
+        .filter(jobs::run_at.le(now))
+        .group_by(jobs::queue)
+        .select((jobs::queue, diesel::dsl::min(jobs::run_at)))
+        .load(conn)?;
+    for (queue, oldest) in due {
+        if let (Some(v), Some(t)) = (out.get_mut(&queue), oldest) {
+            v.oldest_queued_age_ms = Some(now.saturating_sub(t).max(0));
+        }
+    }
+    let controls: Vec<QueueRow> = queues::table.select(QueueRow::as_select()).load(conn)?;
+    for c in controls {
+        let v = out
+            .entry(c.queue.clone())
+            .or_insert_with(|| blank(&c.queue));
+        v.paused = c.paused;
+        v.max_running = c.max_running;
+    }
+    Ok(out.into_values().collect())
+}
+
+/// The members of a queue `PATCH` (a member left out is not written).
+#[derive(AsChangeset)]
+#[diesel(table_name = queues)]
+struct QueueChanges {
+    paused: Option<bool>,
+    max_running: Option<Option<i32>>,
+    updated_at: i64,
+}
+
+/// Set a queue's controls (`None`: leave as is); returns its view. Only the given
+/// members are written, so two patches of different members never undo each other.
+pub fn patch_queue(
+    conn: &mut DbConnection,
+    queue: &str,
+    paused: Option<bool>,
+    max_running: Option<Option<i32>>,
+) -> Result<QueueView, StoreError> {
+    let now = now_millis();
+    conn.transaction(|conn| {
+        let blank = QueueRow {
+            queue: queue.to_owned(),
+            paused: false,
+            max_running: None,
+            updated_at: now,
+        };
+        insert_or_ignore!(conn, queues::table, &blank)?;
+        diesel::update(queues::table.find(queue))
+            .set(&QueueChanges {
+                paused,
+                max_running,
+                updated_at: now,
+            })
+            .execute(conn)?;
+        Ok::<_, StoreError>(())
+    })?;
+    let views = list_queues(conn, now)?;
+    views
+        .into_iter()
+        .find(|v| v.queue == queue)
+        .ok_or_else(|| StoreError::Internal("queue row vanished".into()))
 }
 
 /// Number of jobs per (queue, status) for the non-terminal statuses.
@@ -399,6 +824,9 @@ pub fn claim(
     lease_ms: i64,
 ) -> Result<Option<JobRow>, StoreError> {
     conn.transaction(|conn| {
+        if !queue_admits(conn, queue)? {
+            return Ok(None);
+        }
         let Some(id) = crate::db::queue::lock_next_queued(conn, queue, JobStatus::Queued.as_str())?
         else {
             return Ok(None);
@@ -440,7 +868,7 @@ pub fn expire_leases(
         };
         match apply(conn, &id, &Change::LeaseExpired, lease_ms) {
             Ok(row) => out.push(row),
-            Err(StoreError::Conflict(_) | StoreError::NotFound) => {}
+            Err(StoreError::Conflict(_) | StoreError::JobCancelled | StoreError::NotFound) => {}
             Err(e) => return Err(e),
         }
     }

@@ -2,7 +2,8 @@
 //!
 //! `PENDING → QUEUED → RUNNING → COMPLETED | FAILED`, any non-terminal → `CANCELLED`,
 //! and `RUNNING → QUEUED` when a worker hands a job back or its lease expires.
-//! A terminal job never changes.
+//! A terminal job never changes, except through a redrive (FAILED or CANCELLED →
+//! QUEUED, `POST /coordinator/jobs/{id}/retry`), which is its own rule below.
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +63,28 @@ impl JobStatus {
     }
 }
 
+impl JobStatus {
+    /// A dead job that a redrive may put back in its queue.
+    pub fn can_redrive(self) -> bool {
+        matches!(self, JobStatus::Failed | JobStatus::Cancelled)
+    }
+}
+
+/// The delay before retry number `attempt` (1 = the retry after the first attempt):
+/// exponential with full jitter, `unit × min(cap, base × 2^(attempt-1))`, where `unit`
+/// is a uniform random number in `[0, 1]` (passed in so this stays pure).
+pub fn backoff_delay_ms(base_ms: i64, cap_ms: i64, attempt: i32, unit: f64) -> i64 {
+    let exp = u32::try_from(attempt.saturating_sub(1).clamp(0, 62)).unwrap_or(0);
+    let ceiling = base_ms
+        .max(0)
+        .saturating_mul(2_i64.saturating_pow(exp))
+        .min(cap_ms.max(0));
+    // `ceiling` is at most the cap (< 2^53 in practice), so the float is exact enough.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+    let delay = (ceiling as f64 * unit.clamp(0.0, 1.0)).round() as i64;
+    delay.clamp(0, ceiling)
+}
+
 impl std::fmt::Display for JobStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -110,6 +133,32 @@ mod tests {
             assert!(from.is_terminal());
             assert!(JobStatus::ALL.iter().all(|to| !from.can_move_to(*to)));
         }
+    }
+
+    #[test]
+    fn only_dead_jobs_can_be_redriven() {
+        for s in JobStatus::ALL {
+            assert_eq!(s.can_redrive(), matches!(s, Failed | Cancelled), "{s}");
+        }
+    }
+
+    #[test]
+    fn backoff_is_exponential_capped_and_jittered() {
+        use super::backoff_delay_ms as d;
+        // The ceiling doubles per attempt...
+        assert_eq!(d(1000, 60_000, 1, 1.0), 1000);
+        assert_eq!(d(1000, 60_000, 2, 1.0), 2000);
+        assert_eq!(d(1000, 60_000, 4, 1.0), 8000);
+        // ...up to the cap, also for absurd attempt numbers.
+        assert_eq!(d(1000, 60_000, 10, 1.0), 60_000);
+        assert_eq!(d(1000, 60_000, i32::MAX, 1.0), 60_000);
+        // Full jitter: anywhere from 0 to the ceiling.
+        assert_eq!(d(1000, 60_000, 3, 0.0), 0);
+        assert_eq!(d(1000, 60_000, 3, 0.5), 2000);
+        // Out-of-range inputs stay in range.
+        assert_eq!(d(1000, 60_000, 0, 1.0), 1000);
+        assert_eq!(d(1000, 60_000, 1, 7.0), 1000);
+        assert_eq!(d(-5, 60_000, 3, 1.0), 0);
     }
 
     #[test]

@@ -6,7 +6,9 @@ use serde_json::{json, Value};
 
 use crate::db::schema::webhook_deliveries;
 use crate::error::ApiError;
-use crate::jobs::model::{validate_priority, validate_queue, NewJob, DEFAULT_MAX_ATTEMPTS};
+use crate::jobs::model::{
+    parse_time, validate_priority, validate_queue, Backoff, NewJob, DEFAULT_MAX_ATTEMPTS,
+};
 use crate::jobs::JobStatus;
 
 /// What happened on the issue.
@@ -104,6 +106,8 @@ impl WebhookPayload {
             }),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             status: JobStatus::Queued,
+            run_at: None,
+            backoff: Backoff::default(),
         })
     }
 }
@@ -126,6 +130,9 @@ pub struct DispatchRequest {
     /// A JSON object, stored as the job payload's `data`.
     #[schema(value_type = Option<Object>)]
     pub payload: Option<Value>,
+    /// RFC 3339; the job is not claimable before it. Default: at once.
+    #[schema(format = DateTime)]
+    pub run_at: Option<String>,
 }
 
 impl DispatchRequest {
@@ -139,6 +146,11 @@ impl DispatchRequest {
         if !matches!(self.payload, None | Some(Value::Object(_))) {
             return Err(ApiError::bad_request("payload", "must be a JSON object"));
         }
+        let run_at = self
+            .run_at
+            .as_deref()
+            .map(|t| parse_time(t, "runAt"))
+            .transpose()?;
         Ok(NewJob {
             kind: "stitcher.dispatch".to_owned(),
             queue,
@@ -150,6 +162,8 @@ impl DispatchRequest {
             }),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             status: JobStatus::Queued,
+            run_at,
+            backoff: Backoff::default(),
         })
     }
 }

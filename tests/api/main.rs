@@ -8,6 +8,7 @@ mod faults;
 mod health;
 mod http_sig;
 mod jobs;
+mod lifecycle;
 mod logs;
 mod openapi;
 mod ops;

@@ -369,7 +369,9 @@ fn lease_expiry_requeues_then_fails(b: Backend) {
     };
     let r = app.post_json(
         "/coordinator/jobs",
-        &json!({"kind": "k", "queue": "lq", "maxAttempts": 2}),
+        // A lease expiry backs off like a retryable failure; 1 ms keeps this test quick.
+        &json!({"kind": "k", "queue": "lq", "maxAttempts": 2,
+                "retryBackoff": {"baseMs": 1, "capMs": 1}}),
     );
     let id = r.json()["id"].as_str().unwrap().to_owned();
     app.patch_json(

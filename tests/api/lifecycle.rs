@@ -1,0 +1,871 @@
+//! Job lifecycle: list and pagination, scheduled jobs, retries with backoff, redrive,
+//! cancel, heartbeat, one event shape, queue controls, batch create.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use coordinator::auth::Scope;
+use serde_json::{json, Value};
+
+use crate::backend_tests;
+use crate::helpers::{Backend, TestApp};
+
+backend_tests!(
+    list_filters_and_pages_newest_first,
+    pagination_while_the_table_grows_returns_every_job_once,
+    a_scheduled_job_is_not_claimed_early_and_is_claimed_once_due,
+    a_retryable_failure_comes_back_after_its_backoff_and_the_old_token_is_refused,
+    exhausted_attempts_fail_for_good,
+    an_expired_lease_follows_the_retry_rule,
+    redrive_puts_a_dead_job_back_with_a_fresh_budget,
+    cancel_while_running_stops_the_worker_and_revokes_its_token,
+    heartbeat_renews_the_lease_without_an_event,
+    every_status_event_has_from_and_to,
+    a_paused_queue_hands_out_nothing,
+    max_running_holds_with_concurrent_claimers_on_two_instances,
+    batch_of_1000_with_duplicates,
+);
+
+fn rfc3339_in(ms_from_now: i64) -> String {
+    let t = chrono::Utc::now() + chrono::Duration::milliseconds(ms_from_now);
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn ms(ts: &Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(ts.as_str().expect("timestamp"))
+        .expect("RFC 3339")
+        .timestamp_millis()
+}
+
+/// Create a job and move it to QUEUED.
+fn queued_job(app: &TestApp, body: Value) -> String {
+    let id = app.create_job(&body);
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{id}/status"),
+        &json!({"status": "QUEUED"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    id
+}
+
+/// Claim from `queue`: the claimed job (with `token`), or `None` on 204.
+fn claim(app: &TestApp, queue: &str) -> Option<Value> {
+    let r = app.post_json(
+        &format!("/coordinator/queues/{queue}/claim"),
+        &json!({"worker": "w1"}),
+    );
+    match r.status {
+        200 => Some(r.json()),
+        204 => None,
+        s => panic!("claim answered {s}: {}", r.body),
+    }
+}
+
+/// Claim until a job comes (each answer is checked; the deadline only stops a hung test).
+fn claim_when_due(app: &TestApp, queue: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(j) = claim(app, queue) {
+            return j;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never became claimable"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn events(app: &TestApp, id: &str) -> Vec<Value> {
+    app.get(&format!("/coordinator/jobs/{id}")).json()["events"]
+        .as_array()
+        .expect("events")
+        .clone()
+}
+
+fn list(app: &TestApp, query: &str) -> Value {
+    let r = app.get(&format!("/coordinator/jobs{query}"));
+    assert_eq!(r.status, 200, "{query}: {}", r.body);
+    r.json()
+}
+
+fn ids(page: &Value) -> Vec<String> {
+    page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|j| j["id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+fn list_filters_and_pages_newest_first(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let a1 = app.create_job(&json!({"kind": "build", "queue": "la"}));
+    let a2 = queued_job(&app, json!({"kind": "test", "queue": "la"}));
+    let b1 = queued_job(&app, json!({"kind": "build", "queue": "lb"}));
+    let b2 = app.create_job(&json!({"kind": "build", "queue": "lb"}));
+
+    // Newest first, no events in items.
+    let all = list(&app, "");
+    assert_eq!(
+        ids(&all),
+        [b2.as_str(), b1.as_str(), a2.as_str(), a1.as_str()]
+    );
+    assert!(all["items"][0].get("events").is_none());
+    assert!(all["nextCursor"].is_null());
+
+    assert_eq!(ids(&list(&app, "?queue=la")), [a2.as_str(), a1.as_str()]);
+    assert_eq!(
+        ids(&list(&app, "?status=QUEUED")),
+        [b1.as_str(), a2.as_str()]
+    );
+    assert_eq!(
+        ids(&list(&app, "?status=QUEUED&status=PENDING&queue=lb")),
+        [b2.as_str(), b1.as_str()]
+    );
+    assert_eq!(ids(&list(&app, "?kind=build&queue=la")), [a1.as_str()]);
+    assert!(ids(&list(&app, "?status=FAILED")).is_empty());
+
+    // Creation-time bounds are exclusive.
+    let created =
+        |id: &str| app.get(&format!("/coordinator/jobs/{id}")).json()["createdAt"].clone();
+    let t_a1 = created(&a1);
+    let after = list(
+        &app,
+        &format!(
+            "?createdAfter={}",
+            t_a1.as_str().unwrap().replace('+', "%2B")
+        ),
+    );
+    assert!(!ids(&after).contains(&a1));
+    let before = list(&app, &format!("?createdBefore={}", rfc3339_in(3_600_000)));
+    assert_eq!(ids(&before).len(), 4);
+
+    // Pages of one.
+    let p1 = list(&app, "?limit=1");
+    assert_eq!(ids(&p1), [b2.as_str()]);
+    let c = p1["nextCursor"].as_str().expect("cursor");
+    let p2 = list(&app, &format!("?limit=1&cursor={c}"));
+    assert_eq!(ids(&p2), [b1.as_str()]);
+
+    // Bad input names the parameter; a job token cannot list.
+    for (q, field) in [
+        ("?limit=501", "limit"),
+        ("?limit=0", "limit"),
+        ("?status=running", "status"),
+        ("?cursor=xyz", "cursor"),
+        ("?createdAfter=yesterday", "createdAfter"),
+        ("?queue=a%20b", "queue"),
+        ("?order=asc", "order"),
+    ] {
+        let p = app.get(&format!("/coordinator/jobs{q}")).problem(400);
+        assert_eq!(p["field"], field, "{q}");
+    }
+    let running = app.running_job();
+    let token = app.job_token(&running, "w", Duration::from_secs(600));
+    app.with_token(&token, "GET", "/coordinator/jobs", b"")
+        .problem(403);
+    // A caller without jobs:read is refused; POST on the same path still creates.
+    let key = app.api_key("creator", &[Scope::JobsCreate]);
+    let r = app.raw("GET", "/coordinator/jobs", &[("X-API-Key", &key)], b"");
+    r.problem(403);
+    let r = app.raw(
+        "POST",
+        "/coordinator/jobs",
+        &[("X-API-Key", &key), ("content-type", "application/json")],
+        br#"{"kind":"k"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = app.request("DELETE", "/coordinator/jobs", &[], b"");
+    assert_eq!(r.status, 405, "{}", r.body);
+    assert_eq!(r.header("allow"), Some("POST, GET"));
+}
+
+fn pagination_while_the_table_grows_returns_every_job_once(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let jobs: Vec<Value> = (0..60)
+        .map(|i| json!({"kind": "k", "queue": "pg", "payload": {"i": i}}))
+        .collect();
+    let r = app.post_json("/coordinator/jobs/batch", &json!({"jobs": jobs}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut before: HashSet<String> = HashSet::new();
+    for j in r.json()["jobs"].as_array().expect("jobs") {
+        before.insert(j["job"]["id"].as_str().expect("id").to_owned());
+    }
+    // Jobs made in one batch share a creation time: the cursor must break ties by id.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut cursor: Option<String> = None;
+    let mut added = 0;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("?queue=pg&limit=7&cursor={c}"),
+            None => "?queue=pg&limit=7".to_owned(),
+        };
+        let page = list(&app, &q);
+        for id in ids(&page) {
+            *seen.entry(id).or_default() += 1;
+        }
+        // The table grows during the walk.
+        for _ in 0..3 {
+            app.create_job(&json!({"kind": "k", "queue": "pg"}));
+            added += 1;
+        }
+        match page["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert!(added > 20);
+    for id in &before {
+        assert_eq!(
+            seen.get(id),
+            Some(&1),
+            "job {id} seen {:?} times",
+            seen.get(id)
+        );
+    }
+    assert!(seen.values().all(|n| *n == 1), "a job came twice");
+}
+
+fn a_scheduled_job_is_not_claimed_early_and_is_claimed_once_due(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let far = queued_job(
+        &app,
+        json!({"kind": "k", "queue": "sq", "runAt": rfc3339_in(3_600_000), "priority": 9}),
+    );
+    let j = app.get(&format!("/coordinator/jobs/{far}")).json();
+    assert!(ms(&j["runAt"]) > ms(&j["createdAt"]) + 3_000_000);
+    // Not claimable early, even with a higher priority than anything else.
+    assert!(claim(&app, "sq").is_none());
+    let soon_at = rfc3339_in(300);
+    let soon = queued_job(&app, json!({"kind": "k", "queue": "sq", "runAt": soon_at}));
+    let got = claim_when_due(&app, "sq");
+    assert_eq!(got["id"], soon.as_str());
+    assert!(ms(&got["startedAt"]) >= ms(&got["runAt"]), "{got}");
+    assert!(claim(&app, "sq").is_none());
+    assert_eq!(
+        app.get(&format!("/coordinator/jobs/{far}")).json()["status"],
+        "QUEUED"
+    );
+
+    // Dispatch takes runAt too, and the estimate is not before it.
+    let at = rfc3339_in(7_200_000);
+    let r = app.post_json(
+        "/stitcher/dispatch",
+        &json!({"issueNumber": 1, "repository": "o/r", "queue": "sq2", "runAt": at}),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let est = r.json()["estimatedStartTime"].clone();
+    assert!(ms(&est) >= ms(&json!(at)), "{est} before {at}");
+    assert!(claim(&app, "sq2").is_none());
+    let p = app
+        .post_json("/coordinator/jobs", &json!({"kind": "k", "runAt": "soon"}))
+        .problem(400);
+    assert_eq!(p["field"], "runAt");
+}
+
+fn a_retryable_failure_comes_back_after_its_backoff_and_the_old_token_is_refused(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let id = queued_job(
+        &app,
+        json!({"kind": "k", "queue": "rt", "maxAttempts": 3,
+               "retryBackoff": {"baseMs": 300, "capMs": 300}}),
+    );
+    let first = claim(&app, "rt").expect("claimed");
+    let t1 = first["token"].as_str().expect("token").to_owned();
+    let path = format!("/coordinator/jobs/{id}");
+    let r = app.with_token(
+        &t1,
+        "POST",
+        &format!("{path}/fail"),
+        br#"{"error":"flaky network","retryable":true}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["status"], "QUEUED");
+    assert_eq!(j["attempts"], 1);
+    assert_eq!(j["maxAttempts"], 3);
+    assert_eq!(j["error"], "flaky network");
+    assert_eq!(j["retryBackoff"], json!({"baseMs": 300, "capMs": 300}));
+    let run_at = ms(&j["runAt"]);
+    let failed_at = ms(&j["updatedAt"]);
+    assert!((failed_at..=failed_at + 300).contains(&run_at), "{j}");
+    let last = events(&app, &id).pop().expect("event");
+    assert_eq!(last["type"], "retry_scheduled");
+    assert_eq!(last["data"]["runAt"], j["runAt"]);
+    // The old attempt's token is refused at once.
+    assert_eq!(
+        app.with_token(&t1, "GET", &path, b"").problem(401)["reason"],
+        "revoked"
+    );
+    // It comes back, not before its runAt.
+    let second = claim_when_due(&app, "rt");
+    assert_eq!(second["id"], id.as_str());
+    assert_eq!(second["attempts"], 2);
+    assert!(ms(&second["updatedAt"]) >= run_at);
+    let t2 = second["token"].as_str().expect("token");
+    assert_eq!(app.with_token(t2, "GET", &path, b"").status, 200);
+    assert_eq!(
+        app.with_token(&t1, "GET", &path, b"").problem(401)["reason"],
+        "revoked"
+    );
+
+    // A long backoff keeps it out of reach; a non-retryable failure is final.
+    let slow = queued_job(
+        &app,
+        json!({"kind": "k", "queue": "rt2", "retryBackoff": {"baseMs": 3600000, "capMs": 3600000}}),
+    );
+    claim(&app, "rt2").expect("claimed");
+    let r = app.post_json(
+        &format!("/coordinator/jobs/{slow}/fail"),
+        &json!({"error": "x", "retryable": true}),
+    );
+    assert_eq!(r.json()["status"], "QUEUED");
+    // (Full jitter may pick a delay near 0; the run time says which.)
+    if ms(&r.json()["runAt"]) > crate::helpers::now_secs() * 1000 + 60_000 {
+        assert!(claim(&app, "rt2").is_none());
+    }
+    let other = queued_job(&app, json!({"kind": "k", "queue": "rt3"}));
+    claim(&app, "rt3").expect("claimed");
+    let r = app.post_json(
+        &format!("/coordinator/jobs/{other}/fail"),
+        &json!({"error": "bad input"}),
+    );
+    assert_eq!(r.json()["status"], "FAILED");
+}
+
+fn exhausted_attempts_fail_for_good(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let id = queued_job(
+        &app,
+        json!({"kind": "k", "queue": "ex", "maxAttempts": 2, "retryBackoff": {"baseMs": 1, "capMs": 1}}),
+    );
+    for attempt in 1..=2 {
+        let c = claim_when_due(&app, "ex");
+        assert_eq!(c["attempts"], attempt);
+        let r = app.post_json(
+            &format!("/coordinator/jobs/{id}/fail"),
+            &json!({"error": format!("try {attempt}"), "retryable": true}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let want = if attempt == 1 { "QUEUED" } else { "FAILED" };
+        assert_eq!(r.json()["status"], want);
+    }
+    let last = events(&app, &id).pop().expect("event");
+    assert_eq!(last["type"], "failed");
+    assert_eq!(last["data"]["retryable"], true);
+    assert!(claim(&app, "ex").is_none());
+}
+
+fn an_expired_lease_follows_the_retry_rule(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| {
+        c.lease = Duration::from_millis(1);
+        c.housekeeping_interval = Duration::from_millis(50);
+    }) else {
+        return;
+    };
+    let id = queued_job(
+        &app,
+        json!({"kind": "k", "queue": "le", "maxAttempts": 2,
+               "retryBackoff": {"baseMs": 3600000, "capMs": 3600000}}),
+    );
+    claim(&app, "le").expect("claimed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let j = loop {
+        let j = app.get(&format!("/coordinator/jobs/{id}")).json();
+        if j["status"] != "RUNNING" {
+            break j;
+        }
+        assert!(std::time::Instant::now() < deadline, "lease never expired");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(j["status"], "QUEUED");
+    let ev = j["events"]
+        .as_array()
+        .expect("events")
+        .last()
+        .cloned()
+        .expect("event");
+    assert_eq!(ev["type"], "lease_expired");
+    assert_eq!(ev["data"]["from"], "RUNNING");
+    assert_eq!(ev["data"]["to"], "QUEUED");
+    assert_eq!(ev["data"]["runAt"], j["runAt"]);
+    assert!(ms(&j["runAt"]) >= ms(&ev["createdAt"]));
+}
+
+fn redrive_puts_a_dead_job_back_with_a_fresh_budget(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let id = queued_job(&app, json!({"kind": "k", "queue": "rd", "maxAttempts": 1}));
+    let c = claim(&app, "rd").expect("claimed");
+    let t1 = c["token"].as_str().expect("token").to_owned();
+    let path = format!("/coordinator/jobs/{id}");
+    let r = app.with_token(
+        &t1,
+        "POST",
+        &format!("{path}/fail"),
+        br#"{"error":"boom","retryable":true}"#,
+    );
+    assert_eq!(r.json()["status"], "FAILED", "no attempts left");
+    // Terminal: every other route refuses to change it.
+    app.post_json(&format!("{path}/complete"), &json!({}))
+        .problem(409);
+    app.patch_json(&format!("{path}/status"), &json!({"status": "QUEUED"}))
+        .problem(409);
+    // A job token cannot redrive, even its own job's.
+    app.with_token(&t1, "POST", &format!("{path}/retry"), b"")
+        .problem(401);
+    let live = app.running_job();
+    let lt = app.job_token(&live, "w", Duration::from_secs(600));
+    app.with_token(&lt, "POST", &format!("/coordinator/jobs/{live}/retry"), b"")
+        .problem(403);
+    app.post_json(&format!("/coordinator/jobs/{live}/retry"), &json!({}))
+        .problem(409);
+
+    let r = app.post_json(&format!("{path}/retry"), &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["status"], "QUEUED");
+    assert_eq!(j["attempts"], 1);
+    assert_eq!(j["maxAttempts"], 2);
+    assert!(j["error"].is_null() && j["finishedAt"].is_null());
+    let ev = events(&app, &id).pop().expect("event");
+    assert_eq!(ev["type"], "redriven");
+    assert_eq!(ev["data"]["from"], "FAILED");
+    assert_eq!(ev["data"]["to"], "QUEUED");
+    // The next worker's token works; the dead attempt's stays refused.
+    let c2 = claim(&app, "rd").expect("claimed again");
+    assert_eq!(c2["attempts"], 2);
+    let t2 = c2["token"].as_str().expect("token");
+    let r = app.with_token(t2, "POST", &format!("{path}/complete"), b"{}");
+    assert_eq!(r.status, 200, "{}", r.body);
+    app.with_token(&t1, "GET", &path, b"").problem(401);
+    // COMPLETED is not redriven; CANCELLED is.
+    app.post_json(&format!("{path}/retry"), &json!({}))
+        .problem(409);
+    let cancelled = app.create_job(&json!({"kind": "k"}));
+    app.post_json(&format!("/coordinator/jobs/{cancelled}/cancel"), &json!({}));
+    let r = app.post_json(&format!("/coordinator/jobs/{cancelled}/retry"), &json!({}));
+    assert_eq!(r.json()["status"], "QUEUED");
+}
+
+fn cancel_while_running_stops_the_worker_and_revokes_its_token(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let id = queued_job(&app, json!({"kind": "k", "queue": "cx"}));
+    let c = claim(&app, "cx").expect("claimed");
+    let token = c["token"].as_str().expect("token").to_owned();
+    let path = format!("/coordinator/jobs/{id}");
+    // The worker's own token cannot cancel.
+    app.with_token(&token, "POST", &format!("{path}/cancel"), b"{}")
+        .problem(403);
+    let r = app.post_json(&format!("{path}/cancel"), &json!({"reason": "superseded"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["status"], "CANCELLED");
+    assert_eq!(r.json()["message"], "superseded");
+    // The worker's next call says cancelled, not a generic conflict.
+    for (method, route, body) in [
+        ("POST", "heartbeat", json!({})),
+        ("PATCH", "progress", json!({"percent": 50})),
+        ("POST", "complete", json!({})),
+    ] {
+        let r = app.request(
+            method,
+            &format!("{path}/{route}"),
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+        );
+        let p = r.problem(409);
+        assert_eq!(
+            p["type"], "urn:coordinator:problem:job-cancelled",
+            "{route}"
+        );
+    }
+    // Its token is revoked at once.
+    for route in ["", "/heartbeat"] {
+        let method = if route.is_empty() { "GET" } else { "POST" };
+        let r = app.with_token(&token, method, &format!("{path}{route}"), b"");
+        assert_eq!(r.problem(401)["reason"], "revoked");
+    }
+    let ev = events(&app, &id).pop().expect("event");
+    assert_eq!(ev["type"], "cancelled");
+    assert_eq!(ev["data"]["from"], "RUNNING");
+    assert_eq!(ev["data"]["reason"], "superseded");
+    // Cancelling again, or a finished job, is a conflict; an unknown job a 404.
+    app.post_json(&format!("{path}/cancel"), &json!({}))
+        .problem(409);
+    let done = app.running_job();
+    app.post_json(&format!("/coordinator/jobs/{done}/complete"), &json!({}));
+    let p = app
+        .post_json(&format!("/coordinator/jobs/{done}/cancel"), &json!({}))
+        .problem(409);
+    assert_eq!(p["type"], "urn:coordinator:problem:conflict");
+    let unknown = uuid::Uuid::now_v7();
+    app.post_json(&format!("/coordinator/jobs/{unknown}/cancel"), &json!({}))
+        .problem(404);
+    // PENDING and QUEUED jobs cancel too.
+    let pending = app.create_job(&json!({"kind": "k"}));
+    let r = app.request(
+        "POST",
+        &format!("/coordinator/jobs/{pending}/cancel"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.json()["status"], "CANCELLED");
+}
+
+fn heartbeat_renews_the_lease_without_an_event(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let id = queued_job(&app, json!({"kind": "k", "queue": "hb"}));
+    let c = claim(&app, "hb").expect("claimed");
+    let token = c["token"].as_str().expect("token").to_owned();
+    let lease0 = ms(&c["leaseExpiresAt"]);
+    let path = format!("/coordinator/jobs/{id}");
+    let n = events(&app, &id).len();
+    let mut last = lease0;
+    for _ in 0..5 {
+        let r = app.with_token(&token, "POST", &format!("{path}/heartbeat"), b"");
+        assert_eq!(r.status, 200, "{}", r.body);
+        let h = r.json();
+        assert_eq!(h["cancelRequested"], false);
+        let lease = ms(&h["leaseExpiresAt"]);
+        assert!(lease >= last);
+        last = lease;
+    }
+    let j = app.get(&path).json();
+    assert_eq!(ms(&j["leaseExpiresAt"]), last);
+    assert_eq!(j["events"].as_array().expect("events").len(), n, "no event");
+    // Progress still renews the lease (and is an event).
+    let r = app.with_token(
+        &token,
+        "PATCH",
+        &format!("{path}/progress"),
+        br#"{"percent":5}"#,
+    );
+    assert!(ms(&r.json()["leaseExpiresAt"]) >= last);
+    // Only while RUNNING; a token for another job is refused.
+    let queued = queued_job(&app, json!({"kind": "k", "queue": "hb2"}));
+    let p = app
+        .post_json(&format!("/coordinator/jobs/{queued}/heartbeat"), &json!({}))
+        .problem(409);
+    assert_eq!(p["type"], "urn:coordinator:problem:conflict");
+    app.with_token(
+        &token,
+        "POST",
+        &format!("/coordinator/jobs/{queued}/heartbeat"),
+        b"",
+    )
+    .problem(403);
+}
+
+fn every_status_event_has_from_and_to(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let id = queued_job(
+        &app,
+        json!({"kind": "k", "queue": "ev", "retryBackoff": {"baseMs": 1, "capMs": 1}}),
+    );
+    let path = format!("/coordinator/jobs/{id}");
+    claim(&app, "ev").expect("claimed");
+    app.patch_json(&format!("{path}/progress"), &json!({"percent": 10}));
+    app.post_json(
+        &format!("{path}/fail"),
+        &json!({"error": "e", "retryable": true}),
+    );
+    claim_when_due(&app, "ev");
+    app.post_json(&format!("{path}/complete"), &json!({"result": 1}));
+    let other = app.running_job();
+    app.post_json(&format!("/coordinator/jobs/{other}/cancel"), &json!({}));
+    app.post_json(&format!("/coordinator/jobs/{other}/retry"), &json!({}));
+
+    let mut types = Vec::new();
+    for job in [&id, &other] {
+        let j = app.get(&format!("/coordinator/jobs/{job}")).json();
+        // Replaying from/to alone reconstructs the status, with no special case.
+        let mut status = Value::Null;
+        for e in j["events"].as_array().expect("events") {
+            types.push(e["type"].as_str().unwrap_or("").to_owned());
+            if e["type"] == "progress" {
+                assert!(e["data"].get("to").is_none());
+                continue;
+            }
+            assert_eq!(e["data"]["from"], status, "{e}");
+            assert!(e["data"]["to"].is_string(), "{e}");
+            status = e["data"]["to"].clone();
+        }
+        assert_eq!(status, j["status"], "{job}");
+    }
+    for t in [
+        "created",
+        "status",
+        "claimed",
+        "progress",
+        "retry_scheduled",
+        "completed",
+        "cancelled",
+        "redriven",
+    ] {
+        assert!(types.iter().any(|x| x == t), "no {t} event in {types:?}");
+    }
+}
+
+fn a_paused_queue_hands_out_nothing(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    for _ in 0..3 {
+        queued_job(&app, json!({"kind": "k", "queue": "pq"}));
+    }
+    let r = app.patch_json("/coordinator/queues/pq", &json!({"paused": true}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["paused"], true);
+    assert!(claim(&app, "pq").is_none());
+    let q = app.get("/coordinator/queues").json();
+    let pq = q["queues"]
+        .as_array()
+        .expect("queues")
+        .iter()
+        .find(|q| q["queue"] == "pq")
+        .cloned()
+        .expect("pq listed");
+    assert_eq!(pq["paused"], true);
+    assert_eq!(
+        pq["depth"],
+        json!({"PENDING": 0, "QUEUED": 3, "RUNNING": 0})
+    );
+    assert!(pq["oldestQueuedAgeMs"].as_i64().expect("age") >= 0);
+    assert!(pq["maxRunning"].is_null());
+    // A limit set later leaves the pause alone; resuming hands jobs out again.
+    let r = app.patch_json("/coordinator/queues/pq", &json!({"maxRunning": 2}));
+    assert_eq!(r.json()["paused"], true);
+    assert!(claim(&app, "pq").is_none());
+    let r = app.patch_json("/coordinator/queues/pq", &json!({"paused": false}));
+    assert_eq!(r.json()["maxRunning"], 2);
+    assert!(claim(&app, "pq").is_some());
+    // Admin only, and validated.
+    let ops = app.caller("ops", &[Scope::HealthRead, Scope::JobsUpdate]);
+    let r = app.signed_by(
+        &ops,
+        "PATCH",
+        "/coordinator/queues/pq",
+        &[("content-type", "application/json")],
+        br#"{"paused":true}"#,
+    );
+    r.problem(403);
+    let r = app.signed_by(&ops, "GET", "/coordinator/queues", &[], b"");
+    assert_eq!(r.status, 200);
+    for (body, field) in [
+        (json!({"maxRunning": 0}), "maxRunning"),
+        (json!({"paused": "yes"}), "paused"),
+        (json!({"speed": 1}), "body"),
+    ] {
+        let p = app.patch_json("/coordinator/queues/pq", &body).problem(400);
+        if field != "body" {
+            assert_eq!(p["field"], field);
+        }
+    }
+    app.patch_json("/coordinator/queues/a%20b", &json!({}))
+        .problem(400);
+}
+
+fn max_running_holds_with_concurrent_claimers_on_two_instances(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let second = app.sibling();
+    for _ in 0..40 {
+        queued_job(&app, json!({"kind": "k", "queue": "mr"}));
+    }
+    let r = app.patch_json("/coordinator/queues/mr", &json!({"maxRunning": 3}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let apps = [Arc::new(app), Arc::new(second)];
+
+    // Phase 1: nothing finishes, so exactly three claims may succeed of all 16 × 3.
+    let won = Arc::new(AtomicI64::new(0));
+    std::thread::scope(|s| {
+        for t in 0..16 {
+            let app = apps[t % 2].clone();
+            let won = won.clone();
+            s.spawn(move || {
+                for _ in 0..3 {
+                    if claim(&app, "mr").is_some() {
+                        won.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(won.load(Ordering::SeqCst), 3);
+    let running = |app: &TestApp| ids(&list(app, "?queue=mr&status=RUNNING")).len();
+    assert_eq!(running(&apps[0]), 3);
+
+    // Phase 2: claimers finish their jobs and claim again. `holding` counts jobs a
+    // claimer holds; it rises after the claim committed and falls before the complete
+    // is sent, so it never exceeds the server's RUNNING count.
+    let holding = Arc::new(AtomicI64::new(0));
+    let peak = Arc::new(AtomicI64::new(0));
+    let claims = Arc::new(AtomicI64::new(0));
+    for id in ids(&list(&apps[0], "?queue=mr&status=RUNNING")) {
+        apps[0].post_json(&format!("/coordinator/jobs/{id}/complete"), &json!({}));
+    }
+    std::thread::scope(|s| {
+        for t in 0..16 {
+            let app = apps[t % 2].clone();
+            let (holding, peak, claims) = (holding.clone(), peak.clone(), claims.clone());
+            s.spawn(move || {
+                for _ in 0..6 {
+                    let Some(job) = claim(&app, "mr") else {
+                        continue;
+                    };
+                    let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    claims.fetch_add(1, Ordering::SeqCst);
+                    holding.fetch_sub(1, Ordering::SeqCst);
+                    let r = app.post_json(
+                        &format!("/coordinator/jobs/{}/complete", job["id"].as_str().unwrap()),
+                        &json!({}),
+                    );
+                    assert_eq!(r.status, 200, "{}", r.body);
+                }
+            });
+        }
+    });
+    assert!(
+        peak.load(Ordering::SeqCst) <= 3,
+        "peak {}",
+        peak.load(Ordering::SeqCst)
+    );
+    assert!(claims.load(Ordering::SeqCst) > 3, "the queue kept moving");
+    assert!(running(&apps[0]) <= 3);
+}
+
+fn batch_of_1000_with_duplicates(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let item = |i: usize| {
+        let mut j = json!({"kind": "bulk", "queue": "bt", "payload": {"i": i}});
+        if i < 10 {
+            j["idempotencyKey"] = json!(format!("key-{i}"));
+        }
+        j
+    };
+    // 990 distinct jobs, then the first ten again (same keys, same contents).
+    let mut jobs: Vec<Value> = (0..990).map(item).collect();
+    jobs.extend((0..10).map(item));
+    let r = app.post_json("/coordinator/jobs/batch", &json!({"jobs": jobs}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let out = r.json()["jobs"].as_array().expect("jobs").clone();
+    assert_eq!(out.len(), 1000);
+    for (i, o) in out.iter().enumerate() {
+        assert_eq!(o["created"], i < 990, "item {i}");
+        assert_eq!(o["job"]["payload"]["i"], json!(i % 990));
+        assert_eq!(o["job"]["status"], "PENDING");
+    }
+    for i in 0..10 {
+        assert_eq!(out[990 + i]["job"]["id"], out[i]["job"]["id"]);
+    }
+    let distinct: HashSet<&str> = out.iter().filter_map(|o| o["job"]["id"].as_str()).collect();
+    assert_eq!(distinct.len(), 990);
+    let count = |app: &TestApp| {
+        let mut n = 0;
+        let mut cursor = String::new();
+        loop {
+            let page = list(app, &format!("?queue=bt&limit=500{cursor}"));
+            n += ids(&page).len();
+            match page["nextCursor"].as_str() {
+                Some(c) => cursor = format!("&cursor={c}"),
+                None => return n,
+            }
+        }
+    };
+    assert_eq!(count(&app), 990);
+
+    // Sent again: nothing new for the keyed jobs.
+    let again: Vec<Value> = (0..10).map(item).collect();
+    let r = app.post_json("/coordinator/jobs/batch", &json!({"jobs": again}));
+    assert!(r.json()["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .all(|o| o["created"] == false));
+    // A key reused with other contents refuses the whole batch: nothing is created.
+    let mut clash = vec![json!({"kind": "bulk", "queue": "bt"})];
+    clash.push(json!({"kind": "other", "queue": "bt", "idempotencyKey": "key-3"}));
+    let p = app
+        .post_json("/coordinator/jobs/batch", &json!({"jobs": clash}))
+        .problem(409);
+    assert!(p["detail"].as_str().unwrap().contains("jobs[1]"), "{p}");
+    assert_eq!(count(&app), 990);
+    // Limits and per-item validation.
+    let too_many: Vec<Value> = (0..1001).map(|_| json!({"kind": "k"})).collect();
+    app.post_json("/coordinator/jobs/batch", &json!({"jobs": too_many}))
+        .problem(400);
+    app.post_json("/coordinator/jobs/batch", &json!({"jobs": []}))
+        .problem(400);
+    let p = app
+        .post_json(
+            "/coordinator/jobs/batch",
+            &json!({"jobs": [{"kind": "k"}, {"kind": "k", "priority": 5000}]}),
+        )
+        .problem(400);
+    assert_eq!(p["field"], "jobs[1].priority");
+}
+
+/// Not a check: prints list-page latency at 100 and 10,000 jobs (run with
+/// `cargo test --release --test api measure_list -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn measure_list_latency_sqlite() {
+    measure_list_latency(Backend::Sqlite);
+}
+
+#[test]
+#[ignore]
+fn measure_list_latency_postgres() {
+    measure_list_latency(Backend::Postgres);
+}
+
+fn measure_list_latency(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let mut total = 0;
+    for target in [100, 10_000] {
+        while total < target {
+            let n = (target - total).min(1000);
+            let jobs: Vec<Value> = (0..n)
+                .map(|i| json!({"kind": format!("k{}", i % 5), "queue": format!("q{}", i % 4)}))
+                .collect();
+            let r = app.post_json("/coordinator/jobs/batch", &json!({"jobs": jobs}));
+            assert_eq!(r.status, 200, "{}", r.body);
+            total += n;
+        }
+        // A cursor from the middle of the walk, for a deep page.
+        let mut cursor = String::new();
+        for _ in 0..(total / 2 / 50) {
+            let page = list(&app, &format!("?limit=50{cursor}"));
+            match page["nextCursor"].as_str() {
+                Some(c) => cursor = format!("&cursor={c}"),
+                None => break,
+            }
+        }
+        for (name, q) in [
+            ("first page, no filter", "?limit=50".to_owned()),
+            ("deep page, no filter", format!("?limit=50{cursor}")),
+            (
+                "queue + status",
+                "?limit=50&queue=q1&status=PENDING".to_owned(),
+            ),
+            (
+                "kind, 2 statuses",
+                "?limit=50&kind=k2&status=PENDING&status=QUEUED".to_owned(),
+            ),
+        ] {
+            let mut ms: Vec<f64> = (0..100)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    let r = app.get(&format!("/coordinator/jobs{q}"));
+                    assert_eq!(r.status, 200);
+                    t.elapsed().as_secs_f64() * 1000.0
+                })
+                .collect();
+            ms.sort_by(f64::total_cmp);
+            eprintln!(
+                "{b:?} {total} jobs, {name}: median {:.2} ms, p95 {:.2} ms",
+                ms[50], ms[95]
+            );
+        }
+    }
+}
