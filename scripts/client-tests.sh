@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The Python client's tests (clients/python): installs the package with its test extras
-# into a fresh virtual environment, checks docs/signing-vectors.json is what
-# scripts/signing_vectors.py writes, starts `coordinator serve --dev` and runs pytest
-# against it, then stops the server. Nothing is skipped: a missing server or package
-# is a failure. Builds nothing: it uses target/debug/coordinator, which `cargo test`
-# has built.
+# The clients' tests against one `coordinator serve --dev`. Python (clients/python):
+# checks docs/signing-vectors.json is what scripts/signing_vectors.py writes, installs
+# the package with its test extras into a fresh virtual environment and runs pytest.
+# Rust (clients/rust): cargo test, live tests included. Nothing is skipped: a missing
+# server, credential or package is a failure. The server is target/debug/coordinator,
+# which `cargo test` has built; then the server is stopped.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,6 +32,13 @@ status=0
 "$py" -m pytest -q -p no:cacheprovider -rfE "$root/clients/python/tests" || status=$?
 if [ "$status" -ne 0 ]; then
   echo "client-tests: pytest failed ($status); server log:" >&2
+  tail -n 20 server.log >&2
+  exit "$status"
+fi
+# The Rust client (clients/rust): its unit tests, and the live ones against this server.
+cargo test --quiet -p coordinator-client --manifest-path "$root/Cargo.toml" -- --include-ignored || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "client-tests: the Rust client's tests failed ($status); server log:" >&2
   tail -n 20 server.log >&2
   exit "$status"
 fi
