@@ -1,0 +1,381 @@
+"""`Client`: one method per route of the coordinator service."""
+from __future__ import annotations
+
+import email.utils
+import json as _json
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+from urllib.parse import quote
+
+import requests
+
+from .errors import ProblemError, TransportError, error_for
+from .signing import ApiKeyAuth, BearerAuth, Rfc9421Auth, V1Auth
+from .webhooks import sign_webhook
+
+__all__ = ["Client", "Claim", "Job"]
+
+#: A job as the server returns it (camelCase keys: id, kind, queue, status, progress,
+#: payload, result, error, attempts, maxAttempts, createdAt, …).
+Job = Dict[str, Any]
+
+RETRY_STATUSES = (429, 503)
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claimed job (RUNNING now) and the job token that acts on it."""
+
+    job: Job
+    token: str
+    token_expires_at: str
+
+    @property
+    def id(self) -> str:
+        return str(self.job["id"])
+
+
+def _seg(s: str) -> str:
+    return quote(str(s), safe="")
+
+
+def retry_after_seconds(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date; ``None`` if absent or
+    unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class Client:
+    """A coordinator client over one ``requests.Session`` (keep-alive).
+
+    Credentials, one of: ``caller`` + ``secret`` (signed requests, ``scheme="v1"`` or
+    ``"rfc9421"``), ``api_key`` (``X-API-Key``), ``token`` (a job token, ``Bearer``), or
+    any ``requests`` auth object as ``auth``.
+
+    503 and 429 answers are retried up to ``retries`` times, waiting ``Retry-After`` when
+    the server sends it, else an exponential backoff with jitter (capped at
+    ``max_backoff``); a connection error is retried only for GET or a request with an
+    ``Idempotency-Key``. Each retry is signed afresh. Error answers raise the typed
+    exceptions of :mod:`coordinator_client.errors`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        caller: Optional[str] = None,
+        secret: Optional[str] = None,
+        *,
+        api_key: Optional[str] = None,
+        token: Optional[str] = None,
+        key_version: Optional[int] = None,
+        scheme: str = "v1",
+        auth: Optional[requests.auth.AuthBase] = None,
+        timeout: float = 30.0,
+        retries: int = 4,
+        backoff: float = 0.25,
+        max_backoff: float = 30.0,
+        session: Optional[requests.Session] = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.url = url.rstrip("/")
+        if auth is None:
+            if caller and secret:
+                if scheme == "v1":
+                    auth = V1Auth(caller, secret, key_version)
+                elif scheme == "rfc9421":
+                    auth = Rfc9421Auth(caller, secret, key_version)
+                else:
+                    raise ValueError(f"unknown signature scheme {scheme!r}")
+            elif api_key:
+                auth = ApiKeyAuth(api_key)
+            elif token:
+                auth = BearerAuth(token)
+        self.auth = auth
+        self.caller = caller
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.session = session or requests.Session()
+        self._sleep = sleep
+
+    @classmethod
+    def from_env(
+        cls, env: Optional[Mapping[str, str]] = None, *, prefer: str = "hmac", **kwargs: Any
+    ) -> "Client":
+        """From ``COORDINATOR_URL`` and ``COORDINATOR_CALLER`` + ``COORDINATOR_HMAC_SECRET``
+        (+ ``COORDINATOR_KEY_VERSION``) or ``COORDINATOR_CLIENT_API_KEY`` — the variables
+        ``serve --dev`` writes to ``.coordinator/dev-credentials.env``."""
+        e = os.environ if env is None else env
+        url = e.get("COORDINATOR_URL", "http://127.0.0.1:8080")
+        caller, secret = e.get("COORDINATOR_CALLER"), e.get("COORDINATOR_HMAC_SECRET")
+        api_key = e.get("COORDINATOR_CLIENT_API_KEY")
+        kv = e.get("COORDINATOR_KEY_VERSION")
+        if prefer == "api_key" and api_key:
+            return cls(url, api_key=api_key, **kwargs)
+        if caller and secret:
+            return cls(url, caller, secret, key_version=int(kv) if kv else None, **kwargs)
+        if api_key:
+            return cls(url, api_key=api_key, **kwargs)
+        raise ValueError(
+            "set COORDINATOR_CALLER and COORDINATOR_HMAC_SECRET, or COORDINATOR_CLIENT_API_KEY"
+        )
+
+    def with_token(self, token: str) -> "Client":
+        """A client acting with a job token, sharing this one's connection pool."""
+        return Client(
+            self.url,
+            token=token,
+            timeout=self.timeout,
+            retries=self.retries,
+            backoff=self.backoff,
+            max_backoff=self.max_backoff,
+            session=self.session,
+            sleep=self._sleep,
+        )
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- transport ----------------------------------------------------------------
+
+    def _delay(self, attempt: int, resp: Optional[requests.Response]) -> float:
+        if resp is not None:
+            after = retry_after_seconds(resp.headers.get("Retry-After"))
+            if after is not None:
+                return min(after, self.max_backoff)
+        base = min(self.max_backoff, self.backoff * 2.0 ** attempt)
+        return base * (0.5 + random.random() / 2)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        body: Optional[bytes] = None,
+        headers: Optional[Dict[str, str]] = None,
+        auth: Any = "default",
+        ok: Iterable[int] = (200, 201, 202, 204),
+    ) -> requests.Response:
+        """Send one request (retrying 503/429), raise a typed error for any status not
+        in ``ok``. ``json`` is serialised once, compactly, and the exact bytes are both
+        signed and sent."""
+        method = method.upper()
+        hdrs = dict(headers or {})
+        if json is not None:
+            body = _json.dumps(json, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            hdrs.setdefault("Content-Type", "application/json")
+        use_auth = self.auth if auth == "default" else auth
+        may_resend = method in _SAFE_METHODS or "Idempotency-Key" in hdrs
+        url = self.url + path
+        attempt = 0
+        while True:
+            try:
+                resp = self.session.request(
+                    method, url, data=body, headers=hdrs, auth=use_auth, timeout=self.timeout
+                )
+            except (requests.ConnectionError, requests.Timeout) as e:
+                if may_resend and attempt < self.retries:
+                    self._sleep(self._delay(attempt, None))
+                    attempt += 1
+                    continue
+                raise TransportError(f"{method} {path}: {e}") from e
+            if resp.status_code in RETRY_STATUSES and attempt < self.retries:
+                self._sleep(self._delay(attempt, resp))
+                attempt += 1
+                continue
+            if resp.status_code not in tuple(ok):
+                raise _problem(resp)
+            return resp
+
+    def _json(self, method: str, path: str, **kw: Any) -> Dict[str, Any]:
+        resp = self.request(method, path, **kw)
+        data: Dict[str, Any] = resp.json() if resp.content else {}
+        return data
+
+    # ---- open routes ----------------------------------------------------------------
+
+    def livez(self) -> Any:
+        """``GET /livez`` (no credential)."""
+        return _decode(self.request("GET", "/livez", auth=None))
+
+    def readyz(self) -> Any:
+        """``GET /readyz`` (no credential)."""
+        return _decode(self.request("GET", "/readyz", auth=None))
+
+    def metrics(self) -> str:
+        """``GET /metrics``: Prometheus text."""
+        return self.request("GET", "/metrics", auth=None).text
+
+    def openapi(self) -> Dict[str, Any]:
+        """``GET /openapi.json``."""
+        doc: Dict[str, Any] = self.request("GET", "/openapi.json", auth=None).json()
+        return doc
+
+    # ---- jobs -----------------------------------------------------------------------
+
+    def health(self) -> Dict[str, Any]:
+        """``GET /coordinator/health`` [health:read]."""
+        return self._json("GET", "/coordinator/health")
+
+    def create_job(
+        self,
+        kind: str,
+        *,
+        queue: Optional[str] = None,
+        priority: Optional[int] = None,
+        payload: Optional[Dict[str, Any]] = None,
+        max_attempts: Optional[int] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> Job:
+        """``POST /coordinator/jobs`` [jobs:create]: a PENDING job."""
+        body: Dict[str, Any] = {"kind": kind}
+        for k, v in (("queue", queue), ("priority", priority), ("payload", payload),
+                     ("maxAttempts", max_attempts)):
+            if v is not None:
+                body[k] = v
+        hdrs = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._json("POST", "/coordinator/jobs", json=body, headers=hdrs)
+
+    def get_job(self, job_id: str) -> Job:
+        """``GET /coordinator/jobs/{id}`` [jobs:read]: the job with its events."""
+        return self._json("GET", f"/coordinator/jobs/{_seg(job_id)}")
+
+    def set_status(self, job_id: str, status: str, message: Optional[str] = None) -> Job:
+        """``PATCH /coordinator/jobs/{id}/status`` [jobs:update]."""
+        body: Dict[str, Any] = {"status": status}
+        if message is not None:
+            body["message"] = message
+        return self._json("PATCH", f"/coordinator/jobs/{_seg(job_id)}/status", json=body)
+
+    def report_progress(self, job_id: str, percent: int, message: Optional[str] = None) -> Job:
+        """``PATCH /coordinator/jobs/{id}/progress`` [jobs:update]; renews the lease."""
+        body: Dict[str, Any] = {"percent": percent}
+        if message is not None:
+            body["message"] = message
+        return self._json("PATCH", f"/coordinator/jobs/{_seg(job_id)}/progress", json=body)
+
+    def complete_job(self, job_id: str, result: Any = None) -> Job:
+        """``POST /coordinator/jobs/{id}/complete`` [jobs:update]."""
+        body = {} if result is None else {"result": result}
+        return self._json("POST", f"/coordinator/jobs/{_seg(job_id)}/complete", json=body)
+
+    def fail_job(self, job_id: str, error: str, gate_results: Any = None) -> Job:
+        """``POST /coordinator/jobs/{id}/fail`` [jobs:update]: RUNNING → FAILED."""
+        body: Dict[str, Any] = {"error": error}
+        if gate_results is not None:
+            body["gateResults"] = gate_results
+        return self._json("POST", f"/coordinator/jobs/{_seg(job_id)}/fail", json=body)
+
+    def heartbeat(self, job_id: str) -> Dict[str, Any]:
+        """``POST /coordinator/jobs/{id}/heartbeat``: renews the lease. Servers without
+        the route answer 404/405 (:class:`NotFound`/:class:`MethodNotAllowed`)."""
+        return self._json("POST", f"/coordinator/jobs/{_seg(job_id)}/heartbeat", json={})
+
+    def claim(self, queue: str, worker: str) -> Optional[Claim]:
+        """``POST /coordinator/queues/{queue}/claim`` [jobs:update]: the best QUEUED job,
+        now RUNNING, with its job token; ``None`` when the queue is empty (204)."""
+        resp = self.request(
+            "POST", f"/coordinator/queues/{_seg(queue)}/claim", json={"worker": worker}, ok=(200, 204)
+        )
+        if resp.status_code == 204:
+            return None
+        data = resp.json()
+        token = data.pop("token")
+        expires = data.pop("tokenExpiresAt", "")
+        return Claim(job=data, token=token, token_expires_at=expires)
+
+    # ---- stitcher and admin -----------------------------------------------------------
+
+    def stitcher_webhook(
+        self,
+        payload: Dict[str, Any],
+        *,
+        sender: Optional[str] = None,
+        webhook_secret: Optional[str] = None,
+        webhook_id: Optional[str] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """``POST /stitcher/webhook`` (or ``/stitcher/webhook/{sender}``). With
+        ``webhook_secret`` the delivery is signed with Standard Webhooks instead of the
+        client's credential (the server accepts one or the other, never both)."""
+        body = _json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        hdrs = {"Content-Type": "application/json"}
+        if idempotency_key:
+            hdrs["Idempotency-Key"] = idempotency_key
+        auth: Any = "default"
+        if webhook_secret:
+            wid = webhook_id or f"msg_{os.urandom(12).hex()}"
+            hdrs.update(sign_webhook(webhook_secret, wid, str(int(time.time())), body))
+            auth = None
+        elif webhook_id:
+            hdrs["webhook-id"] = webhook_id
+        path = "/stitcher/webhook" + (f"/{_seg(sender)}" if sender else "")
+        out: Dict[str, Any] = self.request("POST", path, body=body, headers=hdrs, auth=auth).json()
+        return out
+
+    def dispatch(
+        self,
+        issue_number: int,
+        repository: str,
+        *,
+        queue: Optional[str] = None,
+        priority: Optional[int] = None,
+        payload: Optional[Dict[str, Any]] = None,
+        idempotency_key: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """``POST /stitcher/dispatch`` [stitcher:dispatch]: a QUEUED job."""
+        body: Dict[str, Any] = {"issueNumber": issue_number, "repository": repository}
+        for k, v in (("queue", queue), ("priority", priority), ("payload", payload)):
+            if v is not None:
+                body[k] = v
+        hdrs = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._json("POST", "/stitcher/dispatch", json=body, headers=hdrs)
+
+    def revoke_token(self, jti: str, expires_at: Optional[str] = None) -> Dict[str, Any]:
+        """``POST /admin/tokens/revoke`` [admin]."""
+        body: Dict[str, Any] = {"jti": jti}
+        if expires_at is not None:
+            body["expiresAt"] = expires_at
+        return self._json("POST", "/admin/tokens/revoke", json=body)
+
+
+def _decode(resp: requests.Response) -> Any:
+    if "json" in resp.headers.get("Content-Type", ""):
+        return resp.json()
+    return resp.text
+
+
+def _problem(resp: requests.Response) -> ProblemError:
+    problem: Dict[str, Any]
+    try:
+        parsed = resp.json()
+        problem = parsed if isinstance(parsed, dict) else {"detail": str(parsed)}
+    except ValueError:
+        problem = {"title": resp.reason or "", "detail": resp.text[:500]}
+    problem.setdefault("status", resp.status_code)
+    return error_for(resp.status_code, problem, dict(resp.headers))
+
+

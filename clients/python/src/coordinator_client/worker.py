@@ -1,0 +1,272 @@
+"""`Worker`: claim jobs from a queue and run a handler on each.
+
+    def build(job: JobContext) -> dict:
+        job.progress(50, "compiling")
+        return {"artifact": "x.tar"}
+
+    Worker("ci", build).run()
+
+While the handler runs, a heartbeat thread renews the lease (``POST …/heartbeat``
+where the server has it, else a progress report). The handler's return value completes
+the job; an exception fails it, or hands it back to the queue when it is a
+:class:`Retry` (or one of ``retry_on``) and attempts remain. When the server says the
+job is no longer ours (cancelled, requeued, ended: 409/401/403/404 on a heartbeat),
+``job.cancelled`` is set and the outcome is not reported. SIGTERM (or :meth:`Worker.stop`)
+sets ``job.cancelled``, waits ``shutdown_grace`` seconds for the handler, and hands an
+unfinished job back (RUNNING → QUEUED) instead of dropping it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import threading
+import time
+from typing import Any, Callable, Dict, Optional, Tuple, Type
+
+from .client import Claim, Client, Job
+from .errors import (
+    Conflict,
+    CoordinatorError,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    ProblemError,
+    Unauthorized,
+)
+
+__all__ = ["Worker", "JobContext", "Retry", "JobCancelled"]
+
+log = logging.getLogger("coordinator_client.worker")
+
+
+class Retry(Exception):
+    """Raise from a handler to hand the job back to the queue for another attempt."""
+
+
+class JobCancelled(Exception):
+    """Raised by :meth:`JobContext.raise_if_cancelled` once the job is no longer ours
+    or the worker is stopping."""
+
+
+class JobContext:
+    """What a handler gets: the job, its payload, a job-token client, progress
+    reporting and the cancellation flag."""
+
+    def __init__(self, claim: Claim, client: Client) -> None:
+        self.claim = claim
+        self.job: Job = claim.job
+        self.id: str = claim.id
+        self.payload: Any = claim.job.get("payload")
+        self.attempt: int = int(claim.job.get("attempts", 1))
+        self.max_attempts: int = int(claim.job.get("maxAttempts", 1))
+        self.client = client
+        self.cancelled = threading.Event()
+        #: Set when the server told us the job is no longer ours.
+        self.lost = threading.Event()
+        self.percent: int = int(claim.job.get("progress", 0) or 0)
+
+    @property
+    def is_cancelled(self) -> bool:
+        return self.cancelled.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise JobCancelled(self.id)
+
+    def progress(self, percent: int, message: Optional[str] = None) -> None:
+        """Report progress (also renews the lease)."""
+        try:
+            self.client.report_progress(self.id, percent, message)
+            self.percent = percent
+        except (Conflict, Unauthorized, Forbidden, NotFound):
+            self._lose()
+            raise JobCancelled(self.id) from None
+
+    def _lose(self) -> None:
+        self.lost.set()
+        self.cancelled.set()
+
+
+_WORKER_NAME = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+def default_worker_name() -> str:
+    name = _WORKER_NAME.sub("-", f"{socket.gethostname()}-{os.getpid()}")
+    return name[:64] or "worker"
+
+
+class Worker:
+    """Claims jobs of ``queue`` and runs ``handler(JobContext)`` on each."""
+
+    def __init__(
+        self,
+        queue: str,
+        handler: Callable[[JobContext], Any],
+        *,
+        client: Optional[Client] = None,
+        name: Optional[str] = None,
+        heartbeat_interval: float = 30.0,
+        poll_min: float = 0.5,
+        poll_max: float = 10.0,
+        shutdown_grace: float = 10.0,
+        retry_on: Tuple[Type[BaseException], ...] = (),
+        handle_signals: bool = True,
+    ) -> None:
+        self.queue = queue
+        self.handler = handler
+        self.client = client or Client.from_env()
+        self.name = name or default_worker_name()
+        self.heartbeat_interval = heartbeat_interval
+        self.poll_min = poll_min
+        self.poll_max = poll_max
+        self.shutdown_grace = shutdown_grace
+        self.retry_on = (Retry,) + tuple(retry_on)
+        self.handle_signals = handle_signals
+        self._stop = threading.Event()
+        #: None until the first heartbeat tells whether the server has the route.
+        self.heartbeat_route: Optional[bool] = None
+        self.processed = 0
+
+    def stop(self) -> None:
+        """Ask the loop to stop: what SIGTERM does. Thread- and signal-safe."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # ---- the loop -----------------------------------------------------------------
+
+    def run(self, max_jobs: Optional[int] = None, stop_when_idle: bool = False) -> int:
+        """Claim and process jobs until stopped (SIGTERM, :meth:`stop`), ``max_jobs``
+        have been processed, or — with ``stop_when_idle`` — the queue is empty.
+        Returns the number of jobs processed."""
+        previous = None
+        install = self.handle_signals and threading.current_thread() is threading.main_thread()
+        if install:
+            previous = signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        try:
+            delay = self.poll_min
+            while not self.stopping and (max_jobs is None or self.processed < max_jobs):
+                try:
+                    claim = self.client.claim(self.queue, self.name)
+                except (Unauthorized, Forbidden):
+                    raise
+                except CoordinatorError as e:
+                    log.warning("claim on %s failed: %s", self.queue, e)
+                    claim = None
+                if claim is None:
+                    if stop_when_idle:
+                        break
+                    self._stop.wait(delay * (0.75 + random.random() / 2))
+                    delay = min(self.poll_max, delay * 2)
+                    continue
+                delay = self.poll_min
+                self.process(claim)
+                self.processed += 1
+        except KeyboardInterrupt:
+            self.stop()
+        finally:
+            if install:
+                signal.signal(signal.SIGTERM, previous)
+        return self.processed
+
+    def run_once(self) -> bool:
+        """Claim one job and process it; ``False`` when the queue was empty."""
+        claim = self.client.claim(self.queue, self.name)
+        if claim is None:
+            return False
+        self.process(claim)
+        self.processed += 1
+        return True
+
+    # ---- one job --------------------------------------------------------------------
+
+    def process(self, claim: Claim) -> None:
+        ctx = JobContext(claim, self.client.with_token(claim.token))
+        done = threading.Event()
+        outcome: Dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                outcome["result"] = self.handler(ctx)
+            except BaseException as e:  # noqa: B902 - reported below, never lost
+                outcome["error"] = e
+            finally:
+                done.set()
+
+        beat = threading.Thread(target=self._heartbeat, args=(ctx, done), daemon=True,
+                                name=f"heartbeat-{ctx.id}")
+        work = threading.Thread(target=target, daemon=True, name=f"job-{ctx.id}")
+        beat.start()
+        work.start()
+        deadline: Optional[float] = None
+        try:
+            while not done.wait(0.1):
+                if self.stopping and deadline is None:
+                    ctx.cancelled.set()
+                    deadline = time.monotonic() + self.shutdown_grace
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        except KeyboardInterrupt:
+            self.stop()
+            ctx.cancelled.set()
+        finished = done.is_set()
+        self._settle(ctx, finished, outcome)
+        done.set()  # stops the heartbeat thread
+        beat.join(timeout=5)
+
+    def _settle(self, ctx: JobContext, finished: bool, outcome: Dict[str, Any]) -> None:
+        tc = ctx.client
+        try:
+            if ctx.lost.is_set():
+                log.info("job %s is no longer ours; not reporting its outcome", ctx.id)
+                return
+            error = outcome.get("error")
+            if not finished or (self.stopping and error is not None):
+                log.info("handing job %s back: worker stopping", ctx.id)
+                tc.set_status(ctx.id, "QUEUED", "worker shutting down")
+                return
+            if error is None:
+                tc.complete_job(ctx.id, outcome.get("result"))
+            elif isinstance(error, JobCancelled):
+                tc.set_status(ctx.id, "QUEUED", "handler cancelled")
+            elif isinstance(error, self.retry_on) and ctx.attempt < ctx.max_attempts:
+                tc.set_status(ctx.id, "QUEUED", _describe(error)[:4096])
+            else:
+                tc.fail_job(ctx.id, _describe(error))
+        except (Conflict, Unauthorized, Forbidden, NotFound) as e:
+            log.info("job %s changed under us: %s", ctx.id, e)
+        except CoordinatorError as e:
+            log.warning("reporting job %s failed: %s (the lease will requeue it)", ctx.id, e)
+
+    def _heartbeat(self, ctx: JobContext, done: threading.Event) -> None:
+        while not done.wait(self.heartbeat_interval):
+            try:
+                if self.heartbeat_route is not False:
+                    try:
+                        ctx.client.heartbeat(ctx.id)
+                        self.heartbeat_route = True
+                        continue
+                    except (NotFound, MethodNotAllowed):
+                        if self.heartbeat_route:
+                            raise  # the route exists: the job is gone
+                        self.heartbeat_route = False
+                ctx.client.report_progress(ctx.id, ctx.percent)
+            except (Conflict, Unauthorized, Forbidden, NotFound) as e:
+                log.info("job %s: %s; cancelling the handler", ctx.id, e)
+                ctx._lose()
+                return
+            except CoordinatorError as e:
+                log.warning("heartbeat for job %s failed: %s", ctx.id, e)
+
+
+def _describe(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    if isinstance(e, ProblemError):
+        text = f"{type(e).__name__}: {e.detail or e}"
+    return text[:65536] or type(e).__name__

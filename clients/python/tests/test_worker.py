@@ -1,0 +1,123 @@
+"""The Worker loop against a real `coordinator serve --dev`."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from typing import Any, Dict, List
+
+from coordinator_client import Client, JobContext, Retry, Worker
+
+
+def queued(client: Client, queue: str, n: int = 1, **kw: Any) -> List[str]:
+    ids = []
+    for i in range(n):
+        job = client.create_job("work", queue=queue, payload={"i": i}, **kw)
+        client.set_status(job["id"], "QUEUED")
+        ids.append(job["id"])
+    return ids
+
+
+def wait_for(pred, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_complete_on_return_fail_on_exception(client: Client, queue: str) -> None:
+    ok, bad = queued(client, queue, 2)
+
+    def handler(job: JobContext) -> Dict[str, Any]:
+        if job.id == bad:
+            raise ValueError("broken input")
+        job.progress(50, "half way")
+        return {"seen": job.payload}
+
+    w = Worker(queue, handler, client=client, handle_signals=False)
+    assert w.run(stop_when_idle=True) == 2
+    done, failed = client.get_job(ok), client.get_job(bad)
+    assert done["status"] == "COMPLETED" and done["result"] == {"seen": {"i": 0}}
+    assert failed["status"] == "FAILED" and failed["error"] == "ValueError: broken input"
+
+
+def test_retry_hands_back_until_the_last_attempt(client: Client, queue: str) -> None:
+    (jid,) = queued(client, queue, 1, max_attempts=2)
+    attempts: List[int] = []
+
+    def handler(job: JobContext) -> None:
+        attempts.append(job.attempt)
+        raise Retry("flaky dependency")
+
+    Worker(queue, handler, client=client, handle_signals=False, poll_min=0.01).run(max_jobs=2)
+    assert attempts == [1, 2]
+    job = client.get_job(jid)
+    assert job["status"] == "FAILED" and "flaky dependency" in job["error"]
+    assert [e["data"].get("to") for e in job["events"] if e["type"] == "status"][-1] == "QUEUED"
+
+
+def test_heartbeat_renews_the_lease_while_the_handler_runs(client: Client, queue: str) -> None:
+    (jid,) = queued(client, queue)
+    w = Worker(queue, lambda job: time.sleep(1.0) or "ok", client=client,
+               handle_signals=False, heartbeat_interval=0.2)
+    w.run(max_jobs=1)
+    assert w.heartbeat_route is not None, "no heartbeat was sent"
+    job = client.get_job(jid)
+    assert job["status"] == "COMPLETED"
+    if w.heartbeat_route is False:  # the server has no heartbeat route: progress instead
+        assert sum(e["type"] == "progress" for e in job["events"]) >= 2
+
+
+def test_cancellation_reaches_the_handler(client: Client, queue: str) -> None:
+    (jid,) = queued(client, queue)
+    saw: List[bool] = []
+
+    def handler(job: JobContext) -> str:
+        saw.append(job.cancelled.wait(15))
+        return "too late"
+
+    w = Worker(queue, handler, client=client, handle_signals=False, heartbeat_interval=0.1)
+    t = threading.Thread(target=w.run, kwargs={"max_jobs": 1})
+    t.start()
+    wait_for(lambda: client.get_job(jid)["status"] == "RUNNING")
+    client.set_status(jid, "CANCELLED", "operator")
+    t.join(20)
+    assert saw == [True]
+    assert client.get_job(jid)["status"] == "CANCELLED"
+
+
+def test_sigterm_hands_the_running_job_back(client: Client, queue: str, env: Dict[str, str]) -> None:
+    (jid,) = queued(client, queue)
+    script = textwrap.dedent(f"""
+        import time
+        from coordinator_client import Worker
+        def handler(job):
+            print("started", flush=True)
+            time.sleep(60)
+        Worker({queue!r}, handler, heartbeat_interval=0.2, shutdown_grace=0.5).run()
+        print("stopped", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "started"
+        assert client.get_job(jid)["status"] == "RUNNING"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "stopped" in out
+    job = client.get_job(jid)
+    assert job["status"] == "QUEUED" and job["message"] == "worker shutting down"
+    # The next worker gets it.
+    claim = client.claim(queue, "w2")
+    assert claim is not None and claim.id == jid and claim.job["attempts"] == 2

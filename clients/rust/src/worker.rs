@@ -1,0 +1,369 @@
+//! [`Worker`]: claim jobs from a queue and run a handler on each.
+//!
+//! While the handler runs, a heartbeat thread renews the lease (`POST …/heartbeat`
+//! where the server has it, else a progress report). `Ok(result)` completes the job;
+//! `Err(JobError::Fail)` fails it; `Err(JobError::Retry)` hands it back while attempts
+//! remain. When the server says the job is no longer ours (409/401/403/404 on a
+//! heartbeat), [`JobContext::is_cancelled`] turns true and the outcome is not
+//! reported. Setting the [`Worker::stop_flag`] (wire it to SIGTERM, e.g. with
+//! `signal_hook::flag::register`) cancels the running job, waits `shutdown_grace` for
+//! the handler, and hands an unfinished job back to the queue instead of dropping it.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::client::{Claim, Client, Job};
+use crate::error::{Error, ProblemKind};
+
+/// How a handler ends without a result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobError {
+    /// Hand the job back for another attempt (fails it after the last attempt).
+    Retry(String),
+    /// Fail the job (terminal).
+    Fail(String),
+    /// The handler stopped because the job was cancelled.
+    Cancelled,
+}
+
+pub type HandlerResult = Result<Value, JobError>;
+
+/// What a handler gets.
+#[derive(Debug)]
+pub struct JobContext {
+    pub job: Job,
+    pub id: String,
+    pub attempt: i64,
+    pub max_attempts: i64,
+    client: Client,
+    cancelled: Arc<AtomicBool>,
+    lost: AtomicBool,
+    percent: AtomicU8,
+}
+
+fn gone(e: &Error) -> bool {
+    matches!(
+        e.kind(),
+        Some(
+            ProblemKind::Conflict
+                | ProblemKind::Unauthorized
+                | ProblemKind::Forbidden
+                | ProblemKind::NotFound
+        )
+    )
+}
+
+impl JobContext {
+    fn new(claim: Claim, client: Client, cancelled: Arc<AtomicBool>) -> Self {
+        let int = |k: &str, d: i64| claim.job.get(k).and_then(Value::as_i64).unwrap_or(d);
+        let percent = u8::try_from(int("progress", 0).clamp(0, 100)).unwrap_or(0);
+        JobContext {
+            id: claim.id().to_owned(),
+            attempt: int("attempts", 1),
+            max_attempts: int("maxAttempts", 1),
+            job: claim.job,
+            client,
+            cancelled,
+            lost: AtomicBool::new(false),
+            percent: AtomicU8::new(percent),
+        }
+    }
+
+    pub fn payload(&self) -> &Value {
+        self.job.get("payload").unwrap_or(&Value::Null)
+    }
+
+    /// A client acting with this job's token.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// True once the job is no longer ours or the worker is stopping.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Report progress (renews the lease too). `Err(JobError::Cancelled)` when the job
+    /// is no longer ours.
+    pub fn progress(&self, percent: u8, message: Option<&str>) -> Result<(), JobError> {
+        match self.client.report_progress(&self.id, percent, message) {
+            Ok(_) => {
+                self.percent.store(percent, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) if gone(&e) => {
+                self.lose();
+                Err(JobError::Cancelled)
+            }
+            Err(e) => Err(JobError::Retry(e.to_string())),
+        }
+    }
+
+    fn lose(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+}
+
+const ROUTE_UNKNOWN: u8 = 0;
+const ROUTE_YES: u8 = 1;
+const ROUTE_NO: u8 = 2;
+
+/// Claims jobs of a queue and runs a handler on each.
+pub struct Worker {
+    client: Client,
+    queue: String,
+    pub name: String,
+    pub heartbeat_interval: Duration,
+    pub poll_min: Duration,
+    pub poll_max: Duration,
+    pub shutdown_grace: Duration,
+    stop: Arc<AtomicBool>,
+    heartbeat_route: Arc<AtomicU8>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Worker {
+    pub fn new(client: Client, queue: &str) -> Self {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
+        let name: String = format!("{host}-{}", std::process::id())
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "_.:-".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(64)
+            .collect();
+        Worker {
+            client,
+            queue: queue.to_owned(),
+            name,
+            heartbeat_interval: Duration::from_secs(30),
+            poll_min: Duration::from_millis(500),
+            poll_max: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+            stop: Arc::new(AtomicBool::new(false)),
+            heartbeat_route: Arc::new(AtomicU8::new(ROUTE_UNKNOWN)),
+            log: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// Set it to stop the loop (what SIGTERM should do).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// `Some(true)` once a heartbeat went through the heartbeat route, `Some(false)` when
+    /// the server lacks it (progress reports renew the lease instead).
+    pub fn heartbeat_route(&self) -> Option<bool> {
+        match self.heartbeat_route.load(Ordering::SeqCst) {
+            ROUTE_YES => Some(true),
+            ROUTE_NO => Some(false),
+            _ => None,
+        }
+    }
+
+    /// What happened, one line per event (for logs and tests).
+    pub fn events(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    fn note(&self, line: String) {
+        if let Ok(mut l) = self.log.lock() {
+            l.push(line);
+        }
+    }
+
+    /// Claim and process jobs until stopped, `max_jobs` are done, or (with
+    /// `stop_when_idle`) the queue is empty. Returns the number processed. A 401/403 on
+    /// claim is returned as an error; other claim errors back off and retry.
+    pub fn run<F>(
+        &self,
+        handler: F,
+        max_jobs: Option<usize>,
+        stop_when_idle: bool,
+    ) -> Result<usize, Error>
+    where
+        F: Fn(&JobContext) -> HandlerResult + Send + Sync + 'static,
+    {
+        let handler = Arc::new(handler);
+        let mut processed = 0;
+        let mut delay = self.poll_min;
+        while !self.stopping() && max_jobs.is_none_or(|m| processed < m) {
+            let claim = match self.client.claim(&self.queue, &self.name) {
+                Ok(c) => c,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        Some(ProblemKind::Unauthorized | ProblemKind::Forbidden)
+                    ) =>
+                {
+                    return Err(e)
+                }
+                Err(e) => {
+                    self.note(format!("claim failed: {e}"));
+                    None
+                }
+            };
+            let Some(claim) = claim else {
+                if stop_when_idle {
+                    break;
+                }
+                self.idle(delay.mul_f64(0.75 + rand::random::<f64>() / 2.0));
+                delay = (delay * 2).min(self.poll_max);
+                continue;
+            };
+            delay = self.poll_min;
+            self.process(claim, handler.clone());
+            processed += 1;
+        }
+        Ok(processed)
+    }
+
+    fn idle(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while !self.stopping() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
+        }
+    }
+
+    /// Run the handler on one claimed job and report its outcome.
+    pub fn process<F>(&self, claim: Claim, handler: Arc<F>)
+    where
+        F: Fn(&JobContext) -> HandlerResult + Send + Sync + 'static,
+    {
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let token_client = self.client.with_token(&claim.token);
+        let ctx = Arc::new(JobContext::new(claim, token_client, cancelled.clone()));
+
+        let (beat_stop, beat_rx) = mpsc::channel::<()>();
+        let beat = {
+            let ctx = ctx.clone();
+            let interval = self.heartbeat_interval;
+            let route = self.heartbeat_route.clone();
+            let log = self.log.clone();
+            std::thread::spawn(move || heartbeat(&ctx, interval, &route, &beat_rx, &log))
+        };
+        let (done_tx, done_rx) = mpsc::channel::<HandlerResult>();
+        {
+            let ctx = ctx.clone();
+            std::thread::spawn(move || {
+                let _ = done_tx.send(handler(&ctx));
+            });
+        }
+        let mut deadline: Option<Instant> = None;
+        let outcome = loop {
+            match done_rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(r) => break Some(r),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    break Some(Err(JobError::Fail("the handler panicked".into())))
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if self.stopping() && deadline.is_none() {
+                cancelled.store(true, Ordering::SeqCst);
+                deadline = Some(Instant::now() + self.shutdown_grace);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break None;
+            }
+        };
+        self.settle(&ctx, outcome);
+        drop(beat_stop);
+        let _ = beat.join();
+    }
+
+    fn settle(&self, ctx: &JobContext, outcome: Option<HandlerResult>) {
+        let c = &ctx.client;
+        let id = ctx.id.as_str();
+        if ctx.lost.load(Ordering::SeqCst) {
+            self.note(format!("{id}: no longer ours; outcome not reported"));
+            return;
+        }
+        let stopping = self.stopping();
+        let result = match outcome {
+            None => c.set_status(id, "QUEUED", Some("worker shutting down")),
+            Some(Err(_)) if stopping => c.set_status(id, "QUEUED", Some("worker shutting down")),
+            Some(Ok(v)) => c.complete_job(id, Some(&v)),
+            Some(Err(JobError::Cancelled)) => c.set_status(id, "QUEUED", Some("handler cancelled")),
+            Some(Err(JobError::Retry(why))) if ctx.attempt < ctx.max_attempts => {
+                c.set_status(id, "QUEUED", Some(&why))
+            }
+            Some(Err(JobError::Retry(why) | JobError::Fail(why))) => {
+                let why = if why.trim().is_empty() {
+                    "failed".to_owned()
+                } else {
+                    why
+                };
+                c.fail_job(id, &why, None)
+            }
+        };
+        match result {
+            Ok(job) => self.note(format!(
+                "{id}: {}",
+                job.get("status").and_then(Value::as_str).unwrap_or("?")
+            )),
+            Err(e) => self.note(format!("{id}: reporting failed: {e}")),
+        }
+    }
+}
+
+fn heartbeat(
+    ctx: &JobContext,
+    interval: Duration,
+    route: &AtomicU8,
+    stop: &mpsc::Receiver<()>,
+    log: &Mutex<Vec<String>>,
+) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+        let mut result = Err(Error::Invalid("no heartbeat sent".into()));
+        if route.load(Ordering::SeqCst) != ROUTE_NO {
+            result = ctx.client.heartbeat(&ctx.id).map(|_| ());
+            match &result {
+                Ok(()) => route.store(ROUTE_YES, Ordering::SeqCst),
+                Err(e)
+                    if route.load(Ordering::SeqCst) == ROUTE_UNKNOWN
+                        && matches!(
+                            e.kind(),
+                            Some(ProblemKind::NotFound | ProblemKind::MethodNotAllowed)
+                        ) =>
+                {
+                    route.store(ROUTE_NO, Ordering::SeqCst);
+                }
+                Err(_) => {}
+            }
+        }
+        if route.load(Ordering::SeqCst) == ROUTE_NO {
+            let percent = ctx.percent.load(Ordering::SeqCst);
+            result = ctx
+                .client
+                .report_progress(&ctx.id, percent, None)
+                .map(|_| ());
+        }
+        match result {
+            Ok(()) => {}
+            Err(e) if gone(&e) => {
+                if let Ok(mut l) = log.lock() {
+                    l.push(format!("{}: {e}; cancelling the handler", ctx.id));
+                }
+                ctx.lose();
+                return;
+            }
+            Err(e) => {
+                if let Ok(mut l) = log.lock() {
+                    l.push(format!("{}: heartbeat failed: {e}", ctx.id));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Against a real `coordinator serve --dev` whose credentials are in the environment.
+//! Ignored by a plain `cargo test`; scripts/client-tests.sh starts the server and runs
+//! them with `--include-ignored`, where missing credentials fail them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use coordinator_client::{Client, Credentials, JobError, ProblemKind, Worker};
+use serde_json::{json, Value};
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} unset: run scripts/client-tests.sh"))
+}
+
+fn client() -> Client {
+    Client::v1(
+        &env("COORDINATOR_URL"),
+        &env("COORDINATOR_CALLER"),
+        &env("COORDINATOR_HMAC_SECRET"),
+        None,
+    )
+}
+
+fn queue() -> String {
+    format!("rs-{}-{}", std::process::id(), rand_suffix())
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        % 1_000_000_007
+}
+
+fn queued(c: &Client, queue: &str, max_attempts: i64) -> String {
+    let job = c
+        .create_job(
+            &json!({"kind": "work", "queue": queue, "maxAttempts": max_attempts}),
+            None,
+        )
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    c.set_status(&id, "QUEUED", None).unwrap();
+    id
+}
+
+fn status(c: &Client, id: &str) -> Value {
+    c.get_job(id).unwrap()
+}
+
+#[test]
+#[ignore = "needs a serve --dev: scripts/client-tests.sh"]
+fn signed_and_api_key_health() {
+    let c = client();
+    assert!(c.health().unwrap().is_object());
+    let k = Client::new(
+        &env("COORDINATOR_URL"),
+        Credentials::ApiKey(env("COORDINATOR_CLIENT_API_KEY")),
+    );
+    assert!(k.health().unwrap().is_object());
+    assert!(c.open("/livez").unwrap().status == 200);
+    let wrong = Client::v1(
+        &env("COORDINATOR_URL"),
+        &env("COORDINATOR_CALLER"),
+        "coh_0000000000000000000000000000000000000000000000000",
+        None,
+    );
+    let e = wrong.health().unwrap_err();
+    let p = e.problem().unwrap();
+    assert_eq!(p.kind, ProblemKind::Unauthorized);
+    assert_eq!(p.reason(), Some("signature mismatch"));
+    assert!(p
+        .canonical()
+        .unwrap()
+        .starts_with("v1\nGET\n/coordinator/health\n"));
+}
+
+#[test]
+#[ignore = "needs a serve --dev: scripts/client-tests.sh"]
+fn a_jobs_whole_life_and_typed_errors() {
+    let c = client();
+    let q = queue();
+    assert!(c.claim(&q, "w1").unwrap().is_none());
+    let id = queued(&c, &q, 3);
+    let claim = c.claim(&q, "w1").unwrap().unwrap();
+    assert_eq!(claim.id(), id);
+    let t = c.with_token(&claim.token);
+    assert_eq!(
+        t.report_progress(&id, 40, Some("compiling")).unwrap()["progress"],
+        40
+    );
+    assert_eq!(
+        t.claim(&q, "w1").unwrap_err().kind(),
+        Some(ProblemKind::Forbidden)
+    );
+    let done = t
+        .complete_job(&id, Some(&json!({"artifact": "x"})))
+        .unwrap();
+    assert_eq!(done["status"], "COMPLETED");
+    assert_eq!(
+        t.report_progress(&id, 50, None).unwrap_err().kind(),
+        Some(ProblemKind::Unauthorized)
+    );
+    assert_eq!(
+        c.complete_job(&id, None).unwrap_err().kind(),
+        Some(ProblemKind::Conflict)
+    );
+    let e = c
+        .create_job(&json!({"kind": "has space"}), None)
+        .unwrap_err();
+    assert_eq!(e.problem().unwrap().field(), Some("kind"));
+    // Percent-encoded UTF-8 in the path is signed as sent: the route answers, not auth.
+    let e = c.claim("café", "w1").unwrap_err();
+    assert_eq!(e.problem().unwrap().field(), Some("queue"));
+    assert_eq!(
+        c.get_job("0190a0a0-0000-7000-8000-000000000009")
+            .unwrap_err()
+            .kind(),
+        Some(ProblemKind::NotFound)
+    );
+}
+
+#[test]
+#[ignore = "needs a serve --dev: scripts/client-tests.sh"]
+fn webhook_and_dispatch() {
+    let c = client();
+    let r = c
+        .stitcher_webhook(
+            &env("COORDINATOR_CALLER"),
+            &json!({"issueNumber": 9, "repository": "acme/app", "action": "commented"}),
+            &env("COORDINATOR_WEBHOOK_SECRET"),
+            &format!("msg_rs_{}", rand_suffix()),
+        )
+        .unwrap();
+    assert_eq!(r["duplicate"], false);
+    let d = c
+        .dispatch(&json!({"issueNumber": 10, "repository": "acme/app"}), None)
+        .unwrap();
+    assert_eq!(d["status"], "QUEUED");
+}
+
+#[test]
+#[ignore = "needs a serve --dev: scripts/client-tests.sh"]
+fn worker_completes_fails_and_retries() {
+    let c = client();
+    let q = queue();
+    let ok = queued(&c, &q, 1);
+    let bad = queued(&c, &q, 1);
+    let flaky = queued(&c, &q, 2);
+    let (ok2, bad2) = (ok.clone(), bad.clone());
+    let mut w = Worker::new(c.clone(), &q);
+    w.poll_min = Duration::from_millis(10);
+    let n = w
+        .run(
+            move |job| {
+                if job.id == ok2 {
+                    job.progress(50, None)?;
+                    Ok(json!({"seen": job.payload()}))
+                } else if job.id == bad2 {
+                    Err(JobError::Fail("broken input".into()))
+                } else {
+                    Err(JobError::Retry(format!("flaky, attempt {}", job.attempt)))
+                }
+            },
+            None,
+            true,
+        )
+        .unwrap();
+    assert_eq!(n, 4, "{:?}", w.events());
+    assert_eq!(status(&c, &ok)["status"], "COMPLETED");
+    assert_eq!(status(&c, &ok)["result"], json!({"seen": {}}));
+    assert_eq!(status(&c, &bad)["error"], "broken input");
+    let f = status(&c, &flaky);
+    assert_eq!(f["status"], "FAILED");
+    assert_eq!(f["attempts"], 2);
+}
+
+#[test]
+#[ignore = "needs a serve --dev: scripts/client-tests.sh"]
+fn heartbeat_cancellation_and_stop_hand_back() {
+    let c = client();
+    let q = queue();
+    // Heartbeats while the handler runs; the job is cancelled under it.
+    let id = queued(&c, &q, 3);
+    let mut w = Worker::new(c.clone(), &q);
+    w.heartbeat_interval = Duration::from_millis(100);
+    let saw = Arc::new(Mutex::new(None));
+    let s = saw.clone();
+    let c2 = c.clone();
+    let id2 = id.clone();
+    let canceller = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        while status(&c2, &id2)["status"] != "RUNNING" {
+            assert!(t0.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        c2.set_status(&id2, "CANCELLED", Some("operator")).unwrap();
+    });
+    w.run(
+        move |job| {
+            let t0 = Instant::now();
+            while !job.is_cancelled() && t0.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            *s.lock().unwrap() = Some(job.is_cancelled());
+            Ok(json!("too late"))
+        },
+        Some(1),
+        false,
+    )
+    .unwrap();
+    canceller.join().unwrap();
+    assert_eq!(*saw.lock().unwrap(), Some(true));
+    assert!(w.heartbeat_route().is_some(), "no heartbeat sent");
+    let job = status(&c, &id);
+    assert_eq!(job["status"], "CANCELLED");
+    if w.heartbeat_route() == Some(false) {
+        let beats = job["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == "progress")
+            .count();
+        assert!(beats >= 2, "{job}");
+    }
+
+    // The stop flag hands a running job back.
+    let id = queued(&c, &q, 3);
+    let mut w = Worker::new(c.clone(), &q);
+    w.shutdown_grace = Duration::from_millis(200);
+    let stop = w.stop_flag();
+    let c3 = c.clone();
+    let id3 = id.clone();
+    std::thread::spawn(move || {
+        while status(&c3, &id3)["status"] != "RUNNING" {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+    w.run(
+        |_| {
+            std::thread::sleep(Duration::from_secs(30));
+            Ok(Value::Null)
+        },
+        None,
+        false,
+    )
+    .unwrap();
+    let job = status(&c, &id);
+    assert_eq!(job["status"], "QUEUED", "{:?}", w.events());
+    assert_eq!(job["message"], "worker shutting down");
+}

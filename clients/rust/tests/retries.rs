@@ -1,0 +1,144 @@
+//! Retries, Retry-After and typed errors against a scripted local HTTP server.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use coordinator_client::{Client, Credentials, Error, ProblemKind};
+use serde_json::json;
+
+type Seen = Arc<Mutex<Vec<Vec<(String, String)>>>>;
+type Answer = (u16, Vec<(&'static str, &'static str)>, &'static str);
+
+/// Serves `answers` in order, one per connection, recording each request's headers.
+fn serve(answers: Vec<Answer>) -> (String, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen: Seen = Arc::default();
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for (status, headers, body) in answers {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut req_headers = Vec::new();
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let line = line.trim_end().to_owned();
+                if line.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(": ") {
+                    if k.eq_ignore_ascii_case("content-length") {
+                        len = v.parse().unwrap();
+                    }
+                    req_headers.push((k.to_owned(), v.to_owned()));
+                }
+            }
+            let mut body_in = vec![0; len];
+            reader.read_exact(&mut body_in).unwrap();
+            record.lock().unwrap().push(req_headers);
+            let mut out = stream;
+            let mut head = format!(
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+                body.len()
+            );
+            for (k, v) in headers {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+            head.push_str("\r\n");
+            out.write_all(head.as_bytes()).unwrap();
+            out.write_all(body.as_bytes()).unwrap();
+        }
+    });
+    (url, seen)
+}
+
+const PJ: (&str, &str) = ("Content-Type", "application/problem+json");
+
+#[test]
+fn retries_503_and_429_honouring_retry_after_and_signs_afresh() {
+    let (url, seen) = serve(vec![
+        (503, vec![PJ, ("Retry-After", "2")], r#"{"status":503}"#),
+        (429, vec![PJ, ("Retry-After", "1")], r#"{"status":429}"#),
+        (
+            200,
+            vec![("Content-Type", "application/json")],
+            r#"{"ok":true}"#,
+        ),
+    ]);
+    let slept: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let s = slept.clone();
+    let c =
+        Client::v1(&url, "svc", "coh_secret", None).with_sleep(move |d| s.lock().unwrap().push(d));
+    assert_eq!(c.health().unwrap(), json!({"ok": true}));
+    assert_eq!(
+        *slept.lock().unwrap(),
+        [Duration::from_secs(2), Duration::from_secs(1)]
+    );
+    let sigs: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            h.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("x-coordinator-signature"))
+                .unwrap()
+                .1
+                .clone()
+        })
+        .collect();
+    assert_eq!(sigs.len(), 3);
+    assert!(sigs[0] != sigs[1] && sigs[1] != sigs[2]);
+}
+
+#[test]
+fn problems_are_typed_after_retries_run_out() {
+    let (url, _) = serve(vec![
+        (503, vec![PJ], r#"{"status":503,"detail":"db"}"#),
+        (503, vec![PJ], r#"{"status":503,"detail":"db"}"#),
+        (
+            400,
+            vec![PJ],
+            r#"{"status":400,"field":"kind","detail":"kind: bad"}"#,
+        ),
+        (500, vec![("Content-Type", "text/plain")], "boom"),
+    ]);
+    let mut c = Client::new(&url, Credentials::ApiKey("cok_x".into())).with_sleep(|_| {});
+    c.retries = 1;
+    let e = c.create_job(&json!({"kind": "b"}), None).unwrap_err();
+    assert_eq!(e.kind(), Some(ProblemKind::Unavailable));
+    assert_eq!(e.problem().unwrap().detail(), "db");
+    let e = c.create_job(&json!({"kind": "b b"}), None).unwrap_err();
+    assert_eq!(e.kind(), Some(ProblemKind::BadRequest));
+    assert_eq!(e.problem().unwrap().field(), Some("kind"));
+    let e = c.health().unwrap_err();
+    assert_eq!(e.kind(), Some(ProblemKind::Server));
+    assert_eq!(e.problem().unwrap().detail(), "boom");
+}
+
+#[test]
+fn connection_errors_retry_only_when_safe() {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let count = Arc::new(Mutex::new(0));
+    let n = count.clone();
+    let c = Client::new(
+        &format!("http://127.0.0.1:{port}"),
+        Credentials::ApiKey("k".into()),
+    )
+    .with_sleep(move |_| *n.lock().unwrap() += 1);
+    assert!(matches!(c.health(), Err(Error::Transport(_))));
+    assert_eq!(*count.lock().unwrap(), 4);
+    *count.lock().unwrap() = 0;
+    assert!(matches!(
+        c.create_job(&json!({"kind": "b"}), None),
+        Err(Error::Transport(_))
+    ));
+    assert_eq!(*count.lock().unwrap(), 0);
+}
