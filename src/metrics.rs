@@ -1,9 +1,10 @@
 //! Prometheus metrics, one registry per application instance (no global state).
 //!
 //! Label values are bounded: route *patterns* (never raw paths), methods, status codes,
-//! scheme and reason strings from fixed sets, job statuses; queue names are validated
-//! at creation and at most `MAX_QUEUE_SERIES` of them are exported (the rest summed
-//! into `_other`).
+//! scheme and reason strings from fixed sets, job statuses. `/metrics` is open, so no
+//! series carries a string a caller chose: job depth is per status only, summed over
+//! queues (per-queue depth is behind `health:read`: `GET /coordinator/queues` and
+//! `GET /coordinator/health`).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -15,8 +16,6 @@ use prometheus::{
 
 use crate::db::health::DbState;
 use crate::db::DbStats;
-
-pub const MAX_QUEUE_SERIES: usize = 100;
 
 pub struct Metrics {
     registry: Registry,
@@ -206,9 +205,10 @@ impl Metrics {
         let queue_depth = IntGaugeVec::new(
             Opts::new(
                 "queue_depth",
-                "Jobs per queue and non-terminal status (at scrape time, at most 1 s old)",
+                "Jobs per non-terminal status, all queues together (at scrape time, at most \
+                 1 s old; per-queue depth needs health:read)",
             ),
-            &["queue", "status"],
+            &["status"],
         )?;
         let pool_connections = IntGaugeVec::new(
             Opts::new(
@@ -264,17 +264,18 @@ impl Metrics {
         self.job_transitions.with_label_values(&[to.as_str()]).inc();
     }
 
-    /// Replace the queue-depth series with this snapshot.
+    /// Replace the depth series with this snapshot, summed over queues (queue names are
+    /// chosen by callers and never become labels on the open listener).
     pub fn set_queue_depths(&self, queues: &BTreeMap<String, BTreeMap<String, i64>>) {
         self.queue_depth.reset();
-        for (i, (queue, statuses)) in queues.iter().enumerate() {
-            let name = if i < MAX_QUEUE_SERIES {
-                queue.as_str()
-            } else {
-                "_other"
-            };
+        for statuses in queues.values() {
             for (status, n) in statuses {
-                self.queue_depth.with_label_values(&[name, status]).add(*n);
+                // Statuses come from the job model's fixed set; anything else is summed.
+                let label = match status.as_str() {
+                    "PENDING" | "QUEUED" | "RUNNING" => status.as_str(),
+                    _ => "OTHER",
+                };
+                self.queue_depth.with_label_values(&[label]).add(*n);
             }
         }
     }
@@ -299,13 +300,18 @@ mod tests {
         m.auth_outcome("hmac", "deny", "signature mismatch");
         let mut q = BTreeMap::new();
         q.insert("ci".to_owned(), BTreeMap::from([("QUEUED".to_owned(), 3)]));
+        q.insert("<b>".to_owned(), BTreeMap::from([("QUEUED".to_owned(), 2)]));
         m.set_queue_depths(&q);
         let text = m.render().expect("render");
         assert!(text.contains(
             r#"coordinator_http_requests_total{method="GET",route="/livez",status="200"} 1"#
         ));
         assert!(text.contains(r#"method="OTHER""#));
-        assert!(text.contains(r#"coordinator_queue_depth{queue="ci",status="QUEUED"} 3"#));
+        assert!(text.contains(r#"coordinator_queue_depth{status="QUEUED"} 5"#));
+        assert!(
+            !text.contains("ci") && !text.contains("<b>"),
+            "no queue name: {text}"
+        );
         assert!(text.contains("coordinator_auth_outcomes_total"));
     }
 

@@ -54,7 +54,7 @@ fn metrics_move_when_requests_happen(b: Backend) {
         ) >= 3.0
     );
     assert!(
-        after.contains(r#"coordinator_queue_depth{queue="default",status="RUNNING"} 1"#),
+        after.contains(r#"coordinator_queue_depth{status="RUNNING"} 1"#),
         "{after}"
     );
     assert!(after.contains("coordinator_http_request_duration_seconds_bucket"));
