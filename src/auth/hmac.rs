@@ -48,12 +48,21 @@ async fn caller_versions(
     key_version: Option<i32>,
     audit: &mut AuditRecord,
 ) -> Result<(Arc<CallerEntry>, Vec<i32>), ApiError> {
-    let entry = ctx
+    let mut entry = ctx
         .store
         .caller(caller)
         .await?
         .ok_or_else(|| fail("unknown caller"))?;
     audit.caller = Some(entry.name.clone());
+    // A version this instance has not seen yet (rotated elsewhere moments ago): re-read
+    // the caller once (rate-limited per caller) before refusing.
+    if let Some(v) = key_version {
+        if !entry.hmac.iter().any(|s| s.version == v) {
+            if let Some(fresh) = ctx.store.caller_reread(caller).await? {
+                entry = fresh;
+            }
+        }
+    }
     if entry.disabled {
         return Err(fail("caller disabled"));
     }

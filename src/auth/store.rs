@@ -140,7 +140,15 @@ pub struct CredentialStore {
     cache: Mutex<Cache>,
     synced_at: Mutex<Option<Instant>>,
     touched: Mutex<HashMap<String, Instant>>,
+    /// When each caller's entry was last re-read because a request named a key version
+    /// the cache did not know (at most once per `REREAD_EVERY` per caller).
+    reread: Mutex<HashMap<String, Instant>>,
 }
+
+/// A known caller's secrets are re-read at most this often on an unknown key version,
+/// so "rotate, then use" works at once on every instance without letting
+/// unauthenticated requests drive database reads.
+const REREAD_EVERY: Duration = Duration::from_secs(1);
 
 fn poisoned() -> StoreError {
     StoreError::Internal("credential cache lock poisoned".into())
@@ -154,6 +162,7 @@ impl CredentialStore {
             cache: Mutex::new(Cache::empty(i64::MIN)),
             synced_at: Mutex::new(None),
             touched: Mutex::new(HashMap::new()),
+            reread: Mutex::new(HashMap::new()),
         }
     }
 
@@ -268,6 +277,30 @@ impl CredentialStore {
     }
 
     /// The caller with its HMAC secrets; `None` when no such caller exists.
+    /// The caller read again from the database, bypassing the cache, when a request
+    /// named a key version its cached entry lacks (a secret rotated on another instance
+    /// moments ago). `None` when a re-read for this caller happened within
+    /// `REREAD_EVERY` (the caller of this function then refuses the request as before).
+    pub async fn caller_reread(&self, name: &str) -> Result<Option<Arc<CallerEntry>>, StoreError> {
+        {
+            let mut r = self.reread.lock().map_err(|_| poisoned())?;
+            if r.get(name).is_some_and(|t| t.elapsed() < REREAD_EVERY) {
+                return Ok(None);
+            }
+            if r.len() >= MAX_CALLERS {
+                r.retain(|_, t| t.elapsed() < REREAD_EVERY);
+            }
+            if r.len() >= MAX_CALLERS {
+                return Ok(None);
+            }
+            r.insert(name.to_owned(), Instant::now());
+        }
+        if let Ok(mut c) = self.cache.lock() {
+            c.callers.remove(name);
+        }
+        self.caller(name).await
+    }
+
     pub async fn caller(&self, name: &str) -> Result<Option<Arc<CallerEntry>>, StoreError> {
         let now = now_millis();
         if let Some(e) = self.cached(|c| c.callers.get(name).and_then(|e| e.get(now)))? {

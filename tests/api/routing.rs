@@ -34,6 +34,7 @@ backend_tests!(
     bogus_delivery_is_answered_before_its_body_is_read,
     blocked_peer_gets_429_for_bogus_deliveries_but_valid_callers_pass,
     scope_refusals_name_the_scope,
+    a_new_key_version_works_at_once_on_a_warm_instance,
 );
 
 // ---- a raw HTTP/1.1 client -----------------------------------------------------------
@@ -772,4 +773,31 @@ fn scope_refusals_name_the_scope(b: Backend) {
         metrics.contains("missing scope jobs:create for this route"),
         "the refusal is counted with its reason"
     );
+}
+
+fn a_new_key_version_works_at_once_on_a_warm_instance(b: Backend) {
+    let Some(app) = app(b) else { return };
+    // Warm this instance's cache for `tester` (versions known: 1).
+    assert_eq!(app.get("/coordinator/health").status, 200);
+    // Rotate behind its back (as another instance would), then use the new version at
+    // once, naming it: the instance re-reads the caller instead of answering
+    // `unknown key version` until its next generation poll.
+    let s = admin::add_secret(
+        &app.state.db,
+        app.state.auth.store.sealer(),
+        "tester",
+        SecretKind::Hmac,
+        None,
+        None,
+    )
+    .expect("secret");
+    let mut signer = app.signer.clone();
+    signer.secret = s.plaintext.to_string();
+    signer.key_version = Some(s.version);
+    let r = app.signed_by(&signer, "GET", "/coordinator/health", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A version that does not exist is still refused, and re-reads are rate-limited.
+    signer.key_version = Some(s.version + 5);
+    let r = app.signed_by(&signer, "GET", "/coordinator/health", &[], b"");
+    assert_eq!(r.problem(401)["reason"], "unknown key version");
 }
