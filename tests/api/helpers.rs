@@ -16,7 +16,7 @@ use coordinator::db::DatabaseUrl;
 use coordinator::startup::Application;
 use coordinator::state::AppState;
 use diesel::connection::SimpleConnection;
-use diesel::Connection;
+use diesel::{Connection, RunQueryDsl};
 use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +79,26 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some(admin) = &self.admin_url {
             if let Ok(mut c) = diesel::PgConnection::establish(admin) {
+                // Give the app's own threads a moment to close their sessions, so a
+                // passing run prints no "terminating connection" FATAL from libpq.
+                #[derive(diesel::QueryableByName)]
+                struct Sessions {
+                    #[diesel(sql_type = diesel::sql_types::BigInt)]
+                    n: i64,
+                }
+                for _ in 0..40 {
+                    let open = diesel::sql_query(
+                        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = $1",
+                    )
+                    .bind::<diesel::sql_types::Text, _>(&self.name)
+                    .get_result::<Sessions>(&mut c)
+                    .map(|s| s.n)
+                    .unwrap_or(0);
+                    if open == 0 {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
                 let _ = c.batch_execute(&format!(
                     "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
                     self.name
@@ -158,8 +178,10 @@ impl TestDb {
 pub struct TestApp {
     pub address: String,
     pub backend: Backend,
-    pub db: Arc<TestDb>,
+    // Fields drop in order: the state (and its pool's connections) before the database
+    // is dropped, so PostgreSQL never has to terminate live sessions of a passing test.
     pub state: web::Data<AppState>,
+    pub db: Arc<TestDb>,
     handle: ServerHandle,
     thread: Option<JoinHandle<()>>,
     pub config: Config,
