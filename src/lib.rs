@@ -1,6 +1,6 @@
 //! coordinator: jobs and stitcher ingestion behind signed-request authentication.
 //!
-//! Layout (DESIGN §6): `config` → `startup::Application` → routes in `jobs`, `health`;
+//! Layout (docs/design.md §8): `config` → `startup::Application` → routes in `jobs`, `health`;
 //! storage in `db`; one error type in `error`; crypto primitives in `crypto`;
 //! authentication in `auth`.
 pub mod auth;

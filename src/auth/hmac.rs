@@ -1,4 +1,4 @@
-//! The HMAC request-signature scheme (DESIGN §3): cheap header checks, timestamp window,
+//! The HMAC request-signature scheme (docs/design.md §4): cheap header checks, timestamp window,
 //! cached secrets (named version, or active versions newest first, at most 8),
 //! constant-time compare, then the shared replay record.
 

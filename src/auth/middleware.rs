@@ -1,6 +1,6 @@
 //! The one authentication middleware. It wraps every route; the four open ones
 //! (`/livez`, `/readyz`, `/metrics`, `/openapi.json`) pass straight through. For the
-//! rest it picks the scheme in DESIGN §3's order, verifies, checks the route's scope,
+//! rest it picks the scheme in docs/design.md §4's order, verifies, checks the route's scope,
 //! puts the `Principal` into the request extensions and writes one audit line.
 
 use std::time::Instant;
@@ -23,7 +23,7 @@ use crate::telemetry::RequestId;
 /// The route that also accepts Standard Webhooks signatures.
 pub const WEBHOOK_ROUTE: &str = "/stitcher/webhook";
 
-/// Which scheme a request uses (DESIGN §3 order, first match wins).
+/// Which scheme a request uses (docs/design.md §4 order, first match wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Choice {
     Hmac,
