@@ -1,4 +1,4 @@
-//! One audit line per authenticated route request (DESIGN §3 fields). Never a secret,
+//! One audit line per authenticated route request (docs/design.md §4 fields). Never a secret,
 //! key, token or signature: only names, versions, key prefixes and reasons.
 
 use serde_json::{json, Value};

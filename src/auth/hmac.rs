@@ -1,4 +1,4 @@
-//! The HMAC request-signature scheme (DESIGN §3): cheap header checks, timestamp window,
+//! The HMAC request-signature scheme (docs/design.md §4): cheap header checks, timestamp window,
 //! cached secrets (named version, or active versions newest first, at most 8) —
 //! all before the body is read (`precheck`) — then the constant-time compare over the
 //! canonical request and the shared replay record (`finish`).

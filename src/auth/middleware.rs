@@ -4,7 +4,7 @@
 //! a handler cannot be reached without passing its own route's check. Unknown paths go
 //! to a fallback guarded as `Access::Authenticated` that answers 404 without a handler.
 //!
-//! For a guarded route the guard picks the scheme in docs/design.md's order, runs the
+//! For a guarded route the guard picks the scheme in docs/design.md §4's order, runs the
 //! scheme's cheap header checks before any body byte is read, reads the body (bounded
 //! in size and time), verifies, checks the route's scope (and, for a job token, that the
 //! route is its own job's), puts the `Principal` into the request extensions and writes
@@ -30,7 +30,7 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::telemetry::{MatchedRoute, RequestId};
 
-/// Which scheme a request uses (docs/design.md order, first match wins).
+/// Which scheme a request uses (docs/design.md §4 order, first match wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Choice {
     Hmac,

@@ -1,4 +1,4 @@
-//! Request authentication (DESIGN §2–§4): the schemes, the credential store, the one
+//! Request authentication (docs/design.md §3–§5): the schemes, the credential store, the one
 //! middleware, the principal handlers receive, and the scopes routes require.
 pub mod access;
 pub mod admin;

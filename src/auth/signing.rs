@@ -1,4 +1,4 @@
-//! The HMAC request-signature scheme of DESIGN §3, pure: no I/O, no actix types.
+//! The HMAC request-signature scheme of docs/design.md §4, pure: no I/O, no actix types.
 //!
 //! The server, `coordinator sign` and `coordinator call` all build the signed string
 //! with [`canonical`] / [`CanonicalRequest`], so `--explain` compares like with like.

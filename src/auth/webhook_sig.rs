@@ -1,4 +1,4 @@
-//! Standard Webhooks signature verification (DESIGN §3), pure: no I/O, no actix types.
+//! Standard Webhooks signature verification (docs/design.md §4), pure: no I/O, no actix types.
 //!
 //! Signed content is `webhook-id.webhook-timestamp.body`, HMAC-SHA256 keyed by the
 //! base64-decoded secret after `whsec_`; `webhook-signature` is a space-separated list

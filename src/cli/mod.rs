@@ -51,6 +51,11 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP service (migrates the database first).
+    #[command(
+        after_help = "Secrets are read from the environment (or .env) only, never \
+        from flags, which every local user can see in `ps`: COORDINATOR_MASTER_KEY (or \
+        --master-key-file), COORDINATOR_MASTER_KEY_PREVIOUS, COORDINATOR_API_KEY."
+    )]
     Serve(ServeArgs),
     /// Apply pending database migrations and exit.
     Migrate(DbArgs),

@@ -1,4 +1,4 @@
-//! Credential formats (DESIGN §2): HMAC secrets, API keys and webhook secrets.
+//! Credential formats (docs/design.md §3): HMAC secrets, API keys and webhook secrets.
 //!
 //! Each credential is a newtype over [`SecretString`] (zeroized on drop) with no
 //! `Display`/`Serialize` and a `Debug` that prints at most the public prefix. The only
@@ -64,7 +64,7 @@ pub enum CredentialError {
 /// to 6 characters. `u32::MAX` is `4gfFC3`, so 6 digits always suffice.
 pub fn checksum(text: &str) -> String {
     // The `base62` crate's standard alphabet is `0-9A-Z a-z` (digits, upper, lower),
-    // which is the DESIGN §2 order; a unit test pins it with known answers.
+    // which is the docs/design.md §3 order; a unit test pins it with known answers.
     let digits = base62::encode(crc32fast::hash(text.as_bytes()));
     format!("{digits:0>CHECKSUM_LEN$}")
 }

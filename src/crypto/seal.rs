@@ -1,4 +1,4 @@
-//! Sealing secrets at rest: AES-256-GCM under per-purpose HKDF subkeys (DESIGN §2).
+//! Sealing secrets at rest: AES-256-GCM under per-purpose HKDF subkeys (docs/design.md §3).
 //!
 //! - subkey = HKDF-SHA256(salt: none, ikm: master key, info: purpose string)
 //! - nonce = 12 fresh bytes from the OS RNG per seal

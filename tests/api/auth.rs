@@ -1,4 +1,4 @@
-//! Request authentication (DESIGN §2–§3), black-box over HTTP on both backends:
+//! Request authentication (docs/design.md §3–§4), black-box over HTTP on both backends:
 //! HMAC signatures and every way to tamper with one, the timestamp window, replays
 //! (also across instances), secret rotation and revocation, API keys, the kill switch,
 //! scheme choice, scopes, throttling, the body reaching the handler unchanged, and no
