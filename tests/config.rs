@@ -500,16 +500,21 @@ fn dot_env_writable_by_others_or_owned_by_another_user_is_refused() {
 /// flags are refused with a pointer to the variable, without echoing the value.
 #[test]
 fn secrets_are_not_accepted_as_flags() {
-    for (flag, var) in [
-        ("--master-key", "COORDINATOR_MASTER_KEY"),
-        ("--master-key-previous", "COORDINATOR_MASTER_KEY_PREVIOUS"),
-        ("--api-key", "COORDINATOR_API_KEY"),
+    // Commands that cannot start anything if the flag were accepted (no database file
+    // for `secret rewrap`; no master key for `serve`), so a regression fails, never hangs.
+    for (command, flag, var) in [
+        ("secret rewrap", "--master-key", "COORDINATOR_MASTER_KEY"),
+        (
+            "secret rewrap",
+            "--master-key-previous",
+            "COORDINATOR_MASTER_KEY_PREVIOUS",
+        ),
+        ("serve", "--api-key", "COORDINATOR_API_KEY"),
     ] {
-        for args in [
-            vec!["serve", flag, MASTER_KEY],
-            vec!["serve", &format!("{flag}={MASTER_KEY}")],
-        ] {
-            let args: Vec<&str> = args.iter().map(|a| a.as_ref()).collect();
+        let command: Vec<&str> = command.split(' ').collect();
+        let joined = format!("{flag}={MASTER_KEY}");
+        for tail in [vec![flag, MASTER_KEY], vec![joined.as_str()]] {
+            let args: Vec<&str> = command.iter().copied().chain(tail).collect();
             let (out, dir) = run(&args, &[("DATABASE_URL", SQLITE_URL)]);
             assert_config_error(&out, &dir, var, flag);
             let stderr = String::from_utf8_lossy(&out.stderr);
