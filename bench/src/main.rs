@@ -6,8 +6,13 @@
 //! nonce, so replay protection never trips), measures the same progress write driven
 //! directly against the database, and writes `docs/BENCHMARKS.md`.
 //!
+//! Other modes, each writing its own section of the report: `--webhooks` (issue 22),
+//! `--peer DIR` (side by side with the Node peer, issue 14), `--soak MINUTES` (issue 14).
+//!
 //! Environment: `BENCH_DURATION_SECS` (default 5), `BENCH_CONNECTIONS` (32),
-//! `BENCH_BACKENDS` (`sqlite,postgres`), `TEST_POSTGRES_URL` (admin URL), `BENCH_OUT`.
+//! `BENCH_BACKENDS` (`sqlite,postgres`), `TEST_POSTGRES_URL` (admin URL), `BENCH_OUT`,
+//! `COORDINATOR_BIN`, `BENCH_WEBHOOK_CONNECTIONS` (8), `BENCH_NOTE` (added to the
+//! machine line, e.g. that the machine was shared).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -573,6 +578,10 @@ fn bench_backend(
             .find(|r| r.backend == backend && r.scenario == s)
             .map_or(0.0, |r| r.peak.rps)
     };
+    // Before the store grows: its 100 000 revoked ids fill the server's revocation set,
+    // and a full set refuses further revocations (409).
+    let revocation = (backend == "postgres")
+        .then(|| revocation_delays(bin, db_url, &key_b64, &server.url, &db, &sealer, &creds));
     populate(&db, &sealer, 100_000, 1_000, 100_000);
     // Steady state: the revocation poll stops re-reading the burst after ~6 s.
     std::thread::sleep(Duration::from_secs(8));
@@ -600,8 +609,6 @@ fn bench_backend(
         );
         scale.push((s, before, after));
     }
-    let revocation = (backend == "postgres")
-        .then(|| revocation_delays(bin, db_url, &key_b64, &server.url, &db, &sealer, &creds));
     drop(server);
     let direct = db_direct(&db, &jobs, conns, duration);
     eprintln!("{backend:8} direct DB progress write: {direct:.0} writes/s");
@@ -833,9 +840,15 @@ fn machine() -> String {
         .map(|k| k / 1024 / 1024)
         .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    let note = std::env::var("BENCH_NOTE")
+        .map(|n| format!("; {n}"))
+        .unwrap_or_default();
     format!(
-        "{cores} cores ({cpu}), {mem} GiB RAM, Linux {}",
-        kernel.trim()
+        "{cores} cores ({cpu}), {mem} GiB RAM, Linux {}; load average (1/5/15 min) when the section was written: {}{note}",
+        kernel.trim(),
+        load.join(" / ")
     )
 }
 
