@@ -931,11 +931,11 @@ fn main() {
     let _ = std::fs::remove_dir_all(&tmp);
 
     let mut md = String::new();
-    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(md, "## Every scenario, SQLite and PostgreSQL\n");
     let _ = writeln!(
         md,
-        "Each section below is written by one mode of `coordinator-bench` and says how it was run. \
-         This one: `{}`.\n",
+        "Each section of this file is written by one mode of `coordinator-bench` and says how it \
+         was run. This one: `{}`.\n",
         report::command_line()
     );
     let _ = writeln!(
