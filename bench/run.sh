@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# Build the release server and the load generator, run every scenario on SQLite and
-# PostgreSQL, and write docs/BENCHMARKS.md.
+# Build the release server and the load generator, copy both out of the target directory
+# (it may be shared with builds of other branches), and run coordinator-bench with the
+# given arguments. Each mode rewrites only its own section of docs/BENCHMARKS.md:
+#   bench/run.sh                    every scenario on SQLite and PostgreSQL
+#   bench/run.sh --webhooks         bogus/valid Standard Webhooks deliveries (issue 22)
+#   bench/run.sh --peer DIR         side by side with the Node peer in DIR (issue 14)
+#   bench/run.sh --soak MINUTES     signed progress soak on SQLite (issue 14)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TEST_POSTGRES_URL="${TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+target="${CARGO_TARGET_DIR:-target}"
 cargo build --release --bin coordinator -p coordinator
 cargo build --release -p coordinator-bench
-exec target/release/coordinator-bench "$@"
+bin_dir="${BENCH_BIN_DIR:-/tmp/bench-bin}"
+mkdir -p "$bin_dir"
+cp "$target/release/coordinator" "$target/release/coordinator-bench" "$bin_dir/"
+COORDINATOR_BIN="$bin_dir/coordinator" exec "$bin_dir/coordinator-bench" "$@"

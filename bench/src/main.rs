@@ -6,8 +6,13 @@
 //! nonce, so replay protection never trips), measures the same progress write driven
 //! directly against the database, and writes `docs/BENCHMARKS.md`.
 //!
+//! Other modes, each writing its own section of the report: `--webhooks` (issue 22),
+//! `--peer DIR` (side by side with the Node peer, issue 14), `--soak MINUTES` (issue 14).
+//!
 //! Environment: `BENCH_DURATION_SECS` (default 5), `BENCH_CONNECTIONS` (32),
-//! `BENCH_BACKENDS` (`sqlite,postgres`), `TEST_POSTGRES_URL` (admin URL), `BENCH_OUT`.
+//! `BENCH_BACKENDS` (`sqlite,postgres`), `TEST_POSTGRES_URL` (admin URL), `BENCH_OUT`,
+//! `COORDINATOR_BIN`, `BENCH_WEBHOOK_CONNECTIONS` (8), `BENCH_NOTE` (added to the
+//! machine line, e.g. that the machine was shared).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,6 +22,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod drive;
+mod peer;
+mod report;
+mod soak;
+mod webhooks;
 
 use coordinator::auth::admin::{self, SecretKind};
 use coordinator::auth::{signing, webhook_sig, Scope};
@@ -71,7 +82,12 @@ struct Stats {
     p50_ms: f64,
     p99_ms: f64,
     client_cpu_pct: f64,
+    /// Server CPU (utime + stime of its process) per request answered, µs.
+    server_cpu_us: f64,
 }
+
+/// Clock ticks per second of /proc/PID/stat (USER_HZ, 100 on Linux).
+const CLK_TCK: f64 = 100.0;
 
 fn now_secs() -> i64 {
     chrono::Utc::now().timestamp()
@@ -116,6 +132,11 @@ impl Drop for Server {
 }
 
 fn start_server(bin: &str, db_url: &str, master_key: &str) -> Server {
+    start_server_env(bin, db_url, master_key, &[])
+}
+
+/// The release server with extra environment variables.
+fn start_server_env(bin: &str, db_url: &str, master_key: &str, env: &[(&str, &str)]) -> Server {
     let port = free_port();
     let child = Command::new(bin)
         .args([
@@ -128,6 +149,7 @@ fn start_server(bin: &str, db_url: &str, master_key: &str) -> Server {
         .env("COORDINATOR_MASTER_KEY", master_key)
         .env("RUST_LOG", "info")
         .env("COORDINATOR_WORKERS", "2")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -271,6 +293,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Closed loop at `conns` connections, or open loop at `rate` requests/s in total
 /// (latency then counted from each request's scheduled start).
 fn run_load(
@@ -281,9 +304,11 @@ fn run_load(
     duration: Duration,
     rate: Option<f64>,
     jobs: &[String],
+    pid: u32,
 ) -> Stats {
     let stop = Arc::new(AtomicBool::new(false));
     let cpu0 = cpu_ticks("self");
+    let server0 = cpu_ticks(&pid.to_string());
     let started = Instant::now();
     let handles: Vec<_> = (0..conns)
         .map(|i| {
@@ -332,8 +357,11 @@ fn run_load(
     }
     let wall = started.elapsed().as_secs_f64();
     let cpu = (cpu_ticks("self") - cpu0) as f64 / 100.0;
+    let server_cpu = cpu_ticks(&pid.to_string()).saturating_sub(server0) as f64 / CLK_TCK;
+    let answered = all.len() as u64 + errors;
     all.sort_by(|a, b| a.partial_cmp(b).unwrap());
     Stats {
+        server_cpu_us: server_cpu * 1e6 / answered.max(1) as f64,
         requests: all.len() as u64,
         errors,
         rps: all.len() as f64 / wall,
@@ -406,6 +434,7 @@ fn running_jobs(url: &str, creds: &Creds, n: usize) -> Vec<String> {
                 .set("X-Coordinator-Timestamp", &ts)
                 .set("X-Coordinator-Nonce", &nonce)
                 .set("X-Coordinator-Signature", &signing::sign(&creds.secret, &c))
+                .set("content-type", "application/json")
                 .send_bytes(body)
                 .expect("create");
             let v: serde_json::Value = serde_json::from_reader(resp.into_reader()).unwrap();
@@ -491,8 +520,18 @@ fn bench_backend(
             Duration::from_secs(1),
             None,
             &jobs,
+            pid,
         ); // warm-up
-        let peak = run_load(&server.url, &creds, scenario, conns, duration, None, &jobs);
+        let peak = run_load(
+            &server.url,
+            &creds,
+            scenario,
+            conns,
+            duration,
+            None,
+            &jobs,
+            pid,
+        );
         let half = matches!(
             scenario,
             Scenario::Livez | Scenario::HealthHmac | Scenario::Progress
@@ -506,19 +545,21 @@ fn bench_backend(
                 duration,
                 Some(peak.rps / 2.0),
                 &jobs,
+                pid,
             )
         });
         if scenario == Scenario::Progress {
             progress_rps = peak.rps;
         }
         eprintln!(
-            "{backend:8} {:45} {:>7} reqs {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}  loadgen cpu {:>4.0}%",
+            "{backend:8} {:45} {:>7} reqs {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}  server {:>5.0} µs/req  loadgen cpu {:>4.0}%",
             scenario.name(),
             peak.requests,
             peak.rps,
             peak.p50_ms,
             peak.p99_ms,
             peak.errors,
+            peak.server_cpu_us,
             peak.client_cpu_pct
         );
         rows.push(Row {
@@ -537,6 +578,10 @@ fn bench_backend(
             .find(|r| r.backend == backend && r.scenario == s)
             .map_or(0.0, |r| r.peak.rps)
     };
+    // Before the store grows: its 100 000 revoked ids fill the server's revocation set,
+    // and a full set refuses further revocations (409).
+    let revocation = (backend == "postgres")
+        .then(|| revocation_delays(bin, db_url, &key_b64, &server.url, &db, &sealer, &creds));
     populate(&db, &sealer, 100_000, 1_000, 100_000);
     // Steady state: the revocation poll stops re-reading the burst after ~6 s.
     std::thread::sleep(Duration::from_secs(8));
@@ -554,8 +599,9 @@ fn bench_backend(
             Duration::from_secs(1),
             None,
             &jobs,
+            pid,
         );
-        let after = run_load(&server.url, &creds, s, conns, duration, None, &jobs).rps;
+        let after = run_load(&server.url, &creds, s, conns, duration, None, &jobs, pid).rps;
         let before = peak_of(rows, s);
         eprintln!(
             "{backend:8} {:45} small {before:.0}/s  large {after:.0}/s",
@@ -563,8 +609,6 @@ fn bench_backend(
         );
         scale.push((s, before, after));
     }
-    let revocation = (backend == "postgres")
-        .then(|| revocation_delays(bin, db_url, &key_b64, &server.url, &db, &sealer, &creds));
     drop(server);
     let direct = db_direct(&db, &jobs, conns, duration);
     eprintln!("{backend:8} direct DB progress write: {direct:.0} writes/s");
@@ -597,6 +641,8 @@ fn claims_per_sec(url: &str, creds: &Creds, db: &Db, n: usize, claimers: usize) 
         payload: serde_json::json!({}),
         max_attempts: 3,
         status: coordinator::jobs::JobStatus::Queued,
+        run_at: None,
+        backoff: coordinator::jobs::model::Backoff::default(),
     };
     db.write_sync(|conn| {
         conn.transaction(|conn| {
@@ -794,9 +840,15 @@ fn machine() -> String {
         .map(|k| k / 1024 / 1024)
         .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    let note = std::env::var("BENCH_NOTE")
+        .map(|n| format!("; {n}"))
+        .unwrap_or_default();
     format!(
-        "{cores} cores ({cpu}), {mem} GiB RAM, Linux {}",
-        kernel.trim()
+        "{cores} cores ({cpu}), {mem} GiB RAM, Linux {}; load average (1/5/15 min) when the section was written: {}{note}",
+        kernel.trim(),
+        load.join(" / ")
     )
 }
 
@@ -817,6 +869,31 @@ fn main() {
         std::env::var("COORDINATOR_BIN").unwrap_or_else(|_| "target/release/coordinator".into());
     let admin_url = std::env::var("TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let value = |flag: &str| {
+        args.iter().position(|a| a == flag).map(|i| {
+            args.get(i + 1)
+                .cloned()
+                .unwrap_or_else(|| panic!("{flag} needs a value"))
+        })
+    };
+    if let Some(minutes) = value("--soak") {
+        let minutes: f64 = minutes.parse().expect("--soak MINUTES");
+        soak::run(&bin, &out, conns, minutes);
+        return;
+    }
+    if let Some(dir) = value("--peer") {
+        peer::run(&bin, &dir, &out, conns, duration);
+        return;
+    }
+    if args.iter().any(|a| a == "--webhooks") {
+        webhooks::run(&bin, &out, duration);
+        return;
+    }
+    if let Some(other) = args.first() {
+        panic!("unknown argument {other}: use --soak MINUTES, --peer DIR, --webhooks or none");
+    }
 
     let mut rows = Vec::new();
     let mut direct = Vec::new();
@@ -854,7 +931,13 @@ fn main() {
     let _ = std::fs::remove_dir_all(&tmp);
 
     let mut md = String::new();
-    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(md, "## Every scenario, SQLite and PostgreSQL\n");
+    let _ = writeln!(
+        md,
+        "Each section of this file is written by one mode of `coordinator-bench` and says how it \
+         was run. This one: `{}`.\n",
+        report::command_line()
+    );
     let _ = writeln!(
         md,
         "Produced by `bench/run.sh` (release build; {conns} connections, {}s per scenario after a 1 s warm-up; \
@@ -870,16 +953,17 @@ fn main() {
     );
     let _ = writeln!(
         md,
-        "| backend | scenario | requests/s | p50 ms | p99 ms | errors | p99 ms at ½ peak | server peak RSS MiB | loadgen CPU % |"
+        "| backend | scenario | requests/s | server CPU µs/req | p50 ms | p99 ms | errors | p99 ms at ½ peak | server peak RSS MiB | loadgen CPU % |"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {:.1} | {:.0} |",
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {} | {} | {:.1} | {:.0} |",
             r.backend,
             r.scenario.name(),
             r.peak.rps,
+            r.peak.server_cpu_us,
             r.peak.p50_ms,
             r.peak.p99_ms,
             r.peak.errors,
@@ -962,12 +1046,5 @@ fn main() {
             );
         }
     }
-    std::fs::create_dir_all(
-        std::path::Path::new(&out)
-            .parent()
-            .unwrap_or(std::path::Path::new(".")),
-    )
-    .ok();
-    std::fs::write(&out, md).expect("write report");
-    eprintln!("wrote {out}");
+    report::splice(&out, "main", &md);
 }
