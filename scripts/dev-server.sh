@@ -13,7 +13,7 @@ dev_server_start() {
   shift 2
   local root bin
   root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-  bin="${CARGO_TARGET_DIR:-$root/target}/debug/coordinator"
+  bin="${COORDINATOR_BIN:-${CARGO_TARGET_DIR:-$root/target}/debug/coordinator}"
   base="http://127.0.0.1:$port"
   if [ ! -x "$bin" ]; then
     echo "$name: $bin is missing; run cargo test (or cargo build) first" >&2

@@ -95,6 +95,9 @@ route_table! {
     get   "/readyz"                           => health::readyz,   Access::Open;
     get   "/metrics"                          => health::metrics,  Access::Open;
     get   "/openapi.json"                     => crate::http::openapi::openapi_json, Access::Open;
+    get   "/ui/"                              => crate::http::ui::index,  Access::Open;
+    get   "/ui/app.js"                        => crate::http::ui::script, Access::Open;
+    get   "/ui/app.css"                       => crate::http::ui::style,  Access::Open;
     get   "/coordinator/health"               => health::health,   Access::Scope(Scope::HealthRead);
     post  "/coordinator/jobs"                 => jobs::create,     Access::Scope(Scope::JobsCreate);
     get   "/coordinator/jobs"                 => jobs::list,       Access::Scope(Scope::JobsRead);
@@ -348,7 +351,16 @@ mod tests {
             let open = matches!(r.access, Access::Open);
             assert_eq!(
                 open,
-                ["/livez", "/readyz", "/metrics", "/openapi.json"].contains(&r.path),
+                [
+                    "/livez",
+                    "/readyz",
+                    "/metrics",
+                    "/openapi.json",
+                    "/ui/",
+                    "/ui/app.js",
+                    "/ui/app.css"
+                ]
+                .contains(&r.path),
                 "{}",
                 r.path
             );

@@ -8,3 +8,4 @@ pub mod idempotency;
 pub mod jobs;
 pub mod openapi;
 pub mod stitcher;
+pub mod ui;

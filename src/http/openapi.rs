@@ -14,7 +14,7 @@ use utoipa::openapi::{Components, HeaderBuilder, RefOr, Required, Response};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::ApiError;
-use crate::http::{admin, health, jobs, stitcher};
+use crate::http::{admin, health, jobs, stitcher, ui};
 use crate::jobs::JobStatus;
 
 /// The document's operations, schemas, responses and security schemes.
@@ -23,7 +23,8 @@ use crate::jobs::JobStatus;
     info(
         title = "coordinator",
         description = "Jobs and stitcher ingestion behind signed-request authentication. \
-            Every route except `/livez`, `/readyz`, `/metrics` and `/openapi.json` needs one \
+            Every route except `/livez`, `/readyz`, `/metrics`, `/openapi.json` and the \
+            dashboard's static files under `/ui/` needs one \
             credential scheme (HMAC signature, API key, job token, or Standard Webhooks on \
             `/stitcher/webhook`) and the route's scope, listed in each operation's security \
             requirements: a missing or bad credential is a 401, a missing scope a 403. \
@@ -54,6 +55,9 @@ use crate::jobs::JobStatus;
         stitcher::webhook_from_sender,
         stitcher::dispatch,
         admin::revoke_token,
+        ui::index,
+        ui::script,
+        ui::style,
     ),
     components(
         schemas(crate::error::Problem, crate::jobs::model::EventType),
@@ -74,6 +78,7 @@ use crate::jobs::JobStatus;
         (name = "stitcher", description = "Bot webhooks and manual dispatch."),
         (name = "admin", description = "Credential administration."),
         (name = "probes", description = "Liveness, readiness, health, metrics, this document."),
+        (name = "ui", description = "The operator dashboard: static files, open, holding no data."),
     )
 )]
 pub struct ApiDoc;

@@ -16,3 +16,4 @@ mod outage;
 mod routing;
 mod stitcher;
 mod tokens;
+mod ui;
