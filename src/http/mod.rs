@@ -7,4 +7,5 @@ pub mod health;
 pub mod idempotency;
 pub mod jobs;
 pub mod openapi;
+pub mod push;
 pub mod stitcher;
