@@ -38,6 +38,7 @@ pub async fn pass(state: &AppState) -> PassReport {
     {
         Ok(expired) => {
             for row in &expired {
+                state.notifier.row_changed(row);
                 state.metrics.transition(row.status());
                 for (key, until) in jobs_repo::token_revocation(row, now) {
                     state.auth.revocations.revoke_local(&key, until);

@@ -113,6 +113,7 @@ route_table! {
     get   "/coordinator/queues"               => jobs::queues,     Access::Scope(Scope::HealthRead);
     patch "/coordinator/queues/{queue}"       => jobs::patch_queue, Access::Scope(Scope::Admin);
     post  "/coordinator/queues/{queue}/claim" => jobs::claim,      Access::Scope(Scope::JobsUpdate);
+    get   "/coordinator/jobs/{id}/events"     => crate::http::push::job_events, Access::Scope(Scope::JobsRead);
     post  "/stitcher/webhook"                 => crate::http::stitcher::webhook,  Access::Scope(Scope::StitcherWebhook);
     post  "/stitcher/webhook/{caller}"        => crate::http::stitcher::webhook_from_sender, Access::Scope(Scope::StitcherWebhook);
     post  "/stitcher/dispatch"                => crate::http::stitcher::dispatch, Access::Scope(Scope::StitcherDispatch);
@@ -206,12 +207,18 @@ impl Application {
         let store = Arc::new(CredentialStore::new(db.clone(), sealer));
         let revocations = Arc::new(Revocations::new(db.clone()));
         revocations.poll().await?;
+        let notifier = crate::jobs::notify::Notifier::new(
+            crate::jobs::notify::MAX_WAITING_CLAIMS,
+            crate::jobs::notify::MAX_STREAMS,
+        );
+        crate::jobs::notify::start_listener(&notifier, &config.db.url);
         let state = web::Data::new(AppState {
             db: db.clone(),
             config: config.clone(),
             health: HealthCache::default(),
             metrics: Arc::new(crate::metrics::Metrics::new()?),
             estimates: Default::default(),
+            notifier,
             auth: Arc::new(AuthContext {
                 store: store.clone(),
                 replays: crate::auth::replay::ReplayLog::start(db.clone()),
@@ -318,6 +325,9 @@ fn run(
             ))
     })
     .shutdown_timeout(config.shutdown_timeout.as_secs())
+    // A client that closes its connection ends its request: the handler is dropped, so
+    // a long-poll claim stops waiting (see `http::push`).
+    .h1_allow_half_closed(false)
     .listen(listener)?;
     if config.workers > 0 {
         server = server.workers(config.workers);

@@ -17,4 +17,6 @@ pub struct AppState {
     pub auth: Arc<AuthContext>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub estimates: crate::stitcher::EstimateCache,
+    /// Wake-ups for long-poll claims and event streams.
+    pub notifier: Arc<crate::jobs::notify::Notifier>,
 }

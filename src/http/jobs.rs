@@ -58,6 +58,7 @@ pub async fn create(
         .await?;
     let mut resp = HttpResponse::build(StatusCode::CREATED);
     if out.created {
+        state.notifier.row_changed(&out.job);
         state.metrics.transition(out.job.status());
     } else {
         resp.insert_header(("Idempotent-Replayed", "true"));
@@ -79,6 +80,7 @@ async fn change(
         .db
         .write(move |conn| repo::apply(conn, &id, &change, lease_ms))
         .await?;
+    state.notifier.row_changed(&row);
     if moves {
         state.metrics.transition(row.status());
     }
@@ -324,6 +326,10 @@ pub struct ClaimRequest {
     /// `worker`; its `caller` is the authenticated claimer).
     #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_.:-]+$")]
     pub worker: String,
+    /// Long poll: hold the request up to this many seconds until a job becomes
+    /// claimable (also `?wait=`; the body wins). 0 or absent: answer at once.
+    #[schema(minimum = 0, maximum = 60)]
+    pub wait: Option<f64>,
 }
 
 // For the OpenAPI document only: `claim` builds this from a `JobView`.
@@ -350,16 +356,22 @@ pub struct ClaimedJob {
     summary = "Claim the next job of a queue",
     description = "The best QUEUED job of the queue (highest priority, then oldest) moves \
         to RUNNING under a lease and comes back with a job token. A job token cannot \
-        claim (403).",
+        claim (403). With `wait` (seconds, 0-60, in the body or `?wait=`) the request \
+        is held until a job becomes claimable (created, requeued, due, the queue resumed, \
+        a running slot freed; on any instance) or the wait ends (204). Waiting claims \
+        per instance are bounded (429 with `Retry-After` beyond). A job claimed for a \
+        client that has gone goes back to QUEUED at once.",
     params(
         ("queue" = String, Path, description = "The queue name.",
             min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_.-]+$"),
+        ("wait" = Option<f64>, Query, minimum = 0, maximum = 60,
+            description = "Long poll: seconds to wait for a job (the body's `wait` wins)."),
     ),
     request_body(content = ClaimRequest, content_type = "application/json"),
     responses(
         (status = 200, description = "The claimed job with its token.", body = ClaimedJob,
             headers(("Cache-Control" = String, description = "`no-store`"))),
-        (status = 204, description = "The queue has no QUEUED job."),
+        (status = 204, description = "The queue has no claimable job (within `wait`)."),
         (status = 400, response = problem::BadRequest),
         (status = 401, response = problem::Unauthorized),
         (status = 403, response = problem::Forbidden),
@@ -372,6 +384,7 @@ pub struct ClaimedJob {
 pub async fn claim(
     state: web::Data<AppState>,
     principal: Principal,
+    req: HttpRequest,
     queue: web::Path<String>,
     JsonBody(body): JsonBody<ClaimRequest>,
 ) -> ApiResult<HttpResponse> {
@@ -386,28 +399,48 @@ pub async fn claim(
             "must be 1-64 characters of letters, digits, '_', '.', ':' or '-'",
         ));
     }
+    let wait = crate::http::push::wait_of(&req, body.wait)?;
+    let (worker, caller) = (body.worker, principal.caller);
+    if !wait.is_zero() {
+        return crate::http::push::long_claim(state, queue, caller, worker, wait).await;
+    }
+    match claim_once(&state, queue, caller, worker).await? {
+        Some(c) => claimed_response(c),
+        None => Ok(HttpResponse::NoContent().finish()),
+    }
+}
+
+/// One claim attempt: the job and its token, or `None` when nothing is claimable.
+pub(crate) async fn claim_once(
+    state: &AppState,
+    queue: String,
+    caller: String,
+    worker: String,
+) -> ApiResult<Option<crate::auth::token::Claimed>> {
     let keys = state.auth.store.token_keys().await?;
     let lease_ms = state.config.lease_ms();
     let ttl = state.config.token_ttl;
-    let (worker, caller) = (body.worker, principal.caller);
     let claimed = state
         .db
         .write(move |conn| {
             crate::auth::token::claim(conn, &queue, &caller, &worker, lease_ms, &keys, ttl)
         })
         .await?;
-    let Some(crate::auth::token::Claimed {
-        job: row,
-        token,
-        revoked,
-    }) = claimed
-    else {
-        return Ok(HttpResponse::NoContent().finish());
-    };
-    for (key, until) in revoked {
-        state.auth.revocations.revoke_local(&key, until);
+    if let Some(c) = &claimed {
+        for (key, until) in &c.revoked {
+            state.auth.revocations.revoke_local(key, *until);
+        }
+        state.notifier.row_changed(&c.job);
+        state.metrics.transition(c.job.status());
     }
-    state.metrics.transition(row.status());
+    Ok(claimed)
+}
+
+/// The 200 answer of a claim: the job with its token.
+pub(crate) fn claimed_response(c: crate::auth::token::Claimed) -> ApiResult<HttpResponse> {
+    let crate::auth::token::Claimed {
+        job: row, token, ..
+    } = c;
     let mut v = serde_json::to_value(JobView::from(row)).map_err(ApiError::internal)?;
     if let Some(obj) = v.as_object_mut() {
         obj.insert("token".into(), token.token.as_str().into());
@@ -662,10 +695,12 @@ pub async fn patch_queue(
     let queue = queue.into_inner();
     crate::jobs::model::validate_queue(&queue, "queue")?;
     body.validate()?;
+    let q = queue.clone();
     let view = state
         .db
-        .write(move |conn| repo::patch_queue(conn, &queue, body.paused, body.max_running))
+        .write(move |conn| repo::patch_queue(conn, &q, body.paused, body.max_running))
         .await?;
+    state.notifier.queue_changed(&queue);
     Ok(HttpResponse::Ok().json(view))
 }
 
@@ -736,6 +771,7 @@ pub async fn batch(
     let mut jobs = Vec::with_capacity(out.len());
     for c in out {
         if c.created {
+            state.notifier.row_changed(&c.job);
             state.metrics.transition(c.job.status());
         }
         jobs.push(BatchItem {

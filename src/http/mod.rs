@@ -7,5 +7,6 @@ pub mod health;
 pub mod idempotency;
 pub mod jobs;
 pub mod openapi;
+pub mod push;
 pub mod stitcher;
 pub mod ui;

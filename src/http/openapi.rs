@@ -51,6 +51,7 @@ use crate::jobs::JobStatus;
         jobs::queues,
         jobs::patch_queue,
         jobs::claim,
+        crate::http::push::job_events,
         stitcher::webhook,
         stitcher::webhook_from_sender,
         stitcher::dispatch,

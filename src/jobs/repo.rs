@@ -113,6 +113,25 @@ pub fn insert(conn: &mut DbConnection, row: &JobRow) -> Result<(), StoreError> {
     diesel::insert_into(job_events::table)
         .values(&created_event(row))
         .execute(conn)?;
+    notify_change(conn, &row.queue, &row.id, row.version, &row.status)
+}
+
+/// On PostgreSQL, tell every instance's listener about a change at commit (see
+/// `jobs::notify`); SQLite instances find it in `job_events` instead.
+pub fn notify_change(
+    conn: &mut DbConnection,
+    queue: &str,
+    id: &str,
+    seq: i64,
+    status: &str,
+) -> Result<(), StoreError> {
+    use diesel::sql_types::Text;
+    if let DbConnection::Postgresql(pg) = conn {
+        diesel::sql_query("SELECT pg_notify($1, $2)")
+            .bind::<Text, _>(super::notify::CHANNEL)
+            .bind::<Text, _>(super::notify::payload(queue, id, seq, status))
+            .execute(pg)?;
+    }
     Ok(())
 }
 
@@ -181,6 +200,7 @@ pub fn create_batch(
                 diesel::insert_into(job_events::table)
                     .values(&created_event(&row))
                     .execute(conn)?;
+                notify_change(conn, &row.queue, &row.id, row.version, &row.status)?;
                 out.push(Created {
                     job: row,
                     created: true,
@@ -201,6 +221,13 @@ pub fn create_batch(
                 job: first,
                 created: false,
             });
+        }
+        // One notification per queue for the plain rows (nobody watches a new job yet).
+        let mut queues: Vec<&str> = plain.iter().map(|r| r.queue.as_str()).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        for q in queues {
+            notify_change(conn, q, "", 0, "")?;
         }
         for chunk in plain.chunks(CHUNK) {
             let events: Vec<EventRow> = chunk.iter().map(created_event).collect();
@@ -251,6 +278,46 @@ pub fn find_with_events(
     events.truncate(usize::try_from(EVENTS_PER_READ).unwrap_or(usize::MAX));
     events.reverse();
     Ok((job, events, truncated))
+}
+
+/// A job's events after `after` (oldest first, at most `limit`) and its status read
+/// before them (so a terminal status means no event after the last one returned).
+pub fn events_after(
+    conn: &mut DbConnection,
+    id: &JobId,
+    after: i64,
+    limit: i64,
+) -> Result<(JobStatus, Vec<EventRow>), StoreError> {
+    let status: String = jobs::table
+        .find(id.as_str())
+        .select(jobs::status)
+        .first(conn)
+        .optional()?
+        .ok_or(StoreError::NotFound)?;
+    let status = JobStatus::parse(&status)
+        .ok_or_else(|| StoreError::Internal("bad job status in database".into()))?;
+    let events = job_events::table
+        .filter(job_events::job_id.eq(id.as_str()))
+        .filter(job_events::seq.gt(after))
+        .order(job_events::seq.asc())
+        .limit(limit)
+        .select(EventRow::as_select())
+        .load(conn)?;
+    Ok((status, events))
+}
+
+/// When the next QUEUED job of `queue` scheduled after `now` becomes due, if any.
+pub fn next_run_at(
+    conn: &mut DbConnection,
+    queue: &str,
+    now: i64,
+) -> Result<Option<i64>, StoreError> {
+    Ok(jobs::table
+        .filter(jobs::queue.eq(queue))
+        .filter(jobs::status.eq(JobStatus::Queued.as_str()))
+        .filter(jobs::run_at.gt(now))
+        .select(diesel::dsl::min(jobs::run_at))
+        .first::<Option<i64>>(conn)?)
 }
 
 /// Apply a change to a job in one transaction: lock (version bump), read, check the
@@ -373,7 +440,7 @@ pub fn write_change(
     for (key, until) in token_revocation(row, now) {
         crate::db::revoked::revoke_token(conn, &key, until, now)?;
     }
-    Ok(())
+    notify_change(conn, &row.queue, &row.id, row.version, &row.status)
 }
 
 /// Move `row` to `to`, keeping the timestamps and attempt counter right.
@@ -775,7 +842,7 @@ pub fn patch_queue(
                 updated_at: now,
             })
             .execute(conn)?;
-        Ok::<_, StoreError>(())
+        notify_change(conn, queue, "", 0, "")
     })?;
     let views = list_queues(conn, now)?;
     views

@@ -13,6 +13,7 @@ mod logs;
 mod openapi;
 mod ops;
 mod outage;
+mod push;
 mod routing;
 mod stitcher;
 mod tokens;
