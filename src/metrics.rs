@@ -26,6 +26,10 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     pub pool_connections: IntGaugeVec,
     pub revoked_tokens: IntGauge,
+    /// Push (`jobs::notify`): waiting claims and open streams now, and changes
+    /// received from the database, set at scrape time.
+    pub push_open: IntGaugeVec,
+    pub push_received: IntGauge,
     /// The storage layer (health state, queues, shedding, SQLite WAL), copied from
     /// `Db::stats` at scrape time.
     pub db: DbMetrics,
@@ -226,6 +230,19 @@ impl Metrics {
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(pool_connections.clone()))?;
         registry.register(Box::new(revoked_tokens.clone()))?;
+        let push_open = IntGaugeVec::new(
+            Opts::new(
+                "push_open",
+                "Long-poll claims waiting and event streams open on this instance",
+            ),
+            &["kind"],
+        )?;
+        let push_received = IntGauge::new(
+            "push_notifications_received",
+            "Job and queue changes this instance has received from the database",
+        )?;
+        registry.register(Box::new(push_open.clone()))?;
+        registry.register(Box::new(push_received.clone()))?;
         let db = DbMetrics::new(&registry)?;
         Ok(Metrics {
             registry,
@@ -236,6 +253,8 @@ impl Metrics {
             queue_depth,
             pool_connections,
             revoked_tokens,
+            push_open,
+            push_received,
             db,
         })
     }

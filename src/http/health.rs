@@ -61,6 +61,23 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .set(i64::from(connections.saturating_sub(idle)));
     m.revoked_tokens
         .set(i64::try_from(state.auth.revocations.len()).unwrap_or(i64::MAX));
+    let (waiting, streams) = state.notifier.counts();
+    let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    m.push_open
+        .with_label_values(&["claims"])
+        .set(gauge(waiting));
+    m.push_open
+        .with_label_values(&["streams"])
+        .set(gauge(streams));
+    m.push_received.set(
+        i64::try_from(
+            state
+                .notifier
+                .received
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .unwrap_or(i64::MAX),
+    );
     match m.render() {
         Ok(text) => HttpResponse::Ok()
             .content_type("text/plain; version=0.0.4; charset=utf-8")

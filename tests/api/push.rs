@@ -70,8 +70,15 @@ fn a_waiter_on_one_instance_gets_a_job_queued_through_another(backend: Backend) 
     let id = pending(&b, "xq");
     let waiter = spawn_claim(&a, "xq", 20.0, "w1");
     until_waiting(&a, 1);
+    let m = a.raw("GET", "/metrics", &[], b"").body;
+    assert!(
+        m.contains("coordinator_push_open{kind=\"claims\"} 1"),
+        "{m}"
+    );
     to_queued(&b, &id);
     let (r, took) = waiter.join().unwrap();
+    let m = a.raw("GET", "/metrics", &[], b"").body;
+    assert!(m.contains("coordinator_push_notifications_received"), "{m}");
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["id"], id);
     assert_eq!(r.json()["status"], "RUNNING");
