@@ -1,5 +1,5 @@
 //! `coordinator-bench --peer DIR` (issue 14): the service and the Node peer in
-//! `DIR` (a copy of `shared/perf-peer` with `npm ci` done) side by side in one run, with
+//! `DIR` (a copy of the Node peer `perf-peer`, kept outside this repository, with `npm ci` done) side by side in one run, with
 //! the same caller, HMAC secret and API key, the same load generator and requests.
 
 use std::fmt::Write as _;
@@ -163,7 +163,7 @@ pub fn run(bin: &str, dir: &str, out_path: &str, conns: usize, duration: Duratio
         md,
         "`{}` — SQLite. The service (release build, `serve` on a fresh SQLite database, \
          `COORDINATOR_WORKERS=2`, `RUST_LOG=info`) and the Node peer (`node server.js` from a copy of \
-         `shared/perf-peer`, Fastify 5 + better-sqlite3, `PEER_LOG_LEVEL=info`) run at the same time, \
+         the Node peer `perf-peer` (outside this repository), Fastify 5 + better-sqlite3, `PEER_LOG_LEVEL=info`) run at the same time, \
          with the same caller, HMAC secret and API key (created through the library, as `serve --dev` \
          does). {conns} closed-loop keep-alive connections, each signed request with a fresh nonce; \
          each scenario is run service → peer → peer → service, {} s each after a 1 s warm-up, and the \
