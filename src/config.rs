@@ -119,7 +119,7 @@ impl KeyArgs {
         let current = match (&self.master_key, &self.master_key_file) {
             (Some(k), _) if !k.expose_secret().trim().is_empty() => {
                 MasterKey::from_base64(k.expose_secret())
-                    .map_err(|_| bad("COORDINATOR_MASTER_KEY", "must be 32 bytes in base64"))?
+                    .map_err(|e| bad("COORDINATOR_MASTER_KEY", e))?
             }
             (_, Some(path)) => read_key_file(path)?,
             _ => {
@@ -131,12 +131,8 @@ impl KeyArgs {
         };
         let previous = match &self.master_key_previous {
             Some(k) if !k.expose_secret().trim().is_empty() => {
-                let key = MasterKey::from_base64(k.expose_secret()).map_err(|_| {
-                    bad(
-                        "COORDINATOR_MASTER_KEY_PREVIOUS",
-                        "must be 32 bytes in base64",
-                    )
-                })?;
+                let key = MasterKey::from_base64(k.expose_secret())
+                    .map_err(|e| bad("COORDINATOR_MASTER_KEY_PREVIOUS", e))?;
                 Some(Arc::new(key))
             }
             _ => None,
@@ -166,12 +162,7 @@ fn read_key_file(path: &std::path::Path) -> Result<MasterKey, ConfigError> {
             }
         }
     }
-    MasterKey::from_base64(text.trim()).map_err(|_| {
-        bad(
-            "COORDINATOR_MASTER_KEY_FILE",
-            "must hold 32 bytes in base64",
-        )
-    })
+    MasterKey::from_base64(text.trim()).map_err(|e| bad("COORDINATOR_MASTER_KEY_FILE", e))
 }
 
 /// The dev master key under `./.coordinator/master.key`, generated (0600) if absent.
@@ -495,10 +486,10 @@ impl DbArgs {
 impl ServeArgs {
     /// All cross-field rules in one place.
     pub fn validate(&self) -> Result<Config, ConfigError> {
-        let bind: SocketAddr = self.bind.parse().map_err(|_| {
+        let bind: SocketAddr = self.bind.parse().map_err(|e| {
             bad(
                 "COORDINATOR_BIND",
-                "expected HOST:PORT, e.g. 127.0.0.1:8080",
+                format!("expected HOST:PORT, e.g. 127.0.0.1:8080 ({e})"),
             )
         })?;
         // Dev mode always uses the dev SQLite file: a DATABASE_URL left in the
@@ -570,12 +561,8 @@ impl ServeArgs {
                 "must be between 1 and 86400",
             ));
         }
-        crate::jobs::model::validate_queue(&self.webhook_queue, "queue").map_err(|_| {
-            bad(
-                "COORDINATOR_WEBHOOK_QUEUE",
-                "must be 1-64 of [A-Za-z0-9_.-]",
-            )
-        })?;
+        crate::jobs::model::validate_queue(&self.webhook_queue, "queue")
+            .map_err(|e| bad("COORDINATOR_WEBHOOK_QUEUE", e))?;
         if !(1..=3600).contains(&self.housekeeping_secs) {
             return Err(bad(
                 "COORDINATOR_HOUSEKEEPING_SECS",
@@ -584,10 +571,10 @@ impl ServeArgs {
         }
         let metrics_bind = match self.metrics_bind.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
                 bad(
                     "COORDINATOR_METRICS_BIND",
-                    "expected HOST:PORT, e.g. 127.0.0.1:9090",
+                    format!("expected HOST:PORT, e.g. 127.0.0.1:9090 ({e})"),
                 )
             })?),
         };

@@ -135,7 +135,9 @@ async fn take_snapshot(db: &Db) -> Result<HealthReport, StoreError> {
             pool_idle: idle,
         },
         queues,
-        oldest_queued_age_secs: oldest.map(|t| (now - t).max(0) as f64 / 1000.0),
+        oldest_queued_age_secs: oldest.map(|t| {
+            std::time::Duration::from_millis(u64::try_from(now - t).unwrap_or(0)).as_secs_f64()
+        }),
         generated_at: crate::jobs::model::rfc3339(now),
     })
 }

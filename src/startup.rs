@@ -65,7 +65,7 @@ macro_rules! route_table {
                 }
             )*
             for (i, spec) in ROUTES.iter().enumerate() {
-                if !keep(spec.access) || ROUTES[..i].iter().any(|r| r.path == spec.path) {
+                if !keep(spec.access) || ROUTES.iter().take(i).any(|r| r.path == spec.path) {
                     continue;
                 }
                 let allow = allowed_methods(spec.path);

@@ -1,5 +1,10 @@
 //! The operator CLI, run as the real binary against a temporary SQLite database.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "test code: a panic on a missing value or an out-of-range index is the failed assertion"
+)]
 
 use std::collections::HashMap;
 use std::path::Path;

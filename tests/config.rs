@@ -1,7 +1,12 @@
 //! Configuration: `.env.example` lists exactly the variables the command line knows,
 //! with their defaults, and bad values end the real binary with one line and exit
 //! code 2 before anything is started or written.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "test code: a panic on a missing value or an out-of-range index is the failed assertion"
+)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

@@ -11,7 +11,12 @@
 //! shown to keep writing to the jobs that were open when it died.
 //!
 //! Run with `cargo test --test crash -- --nocapture` to see the counts.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "test code: a panic on a missing value or an out-of-range index is the failed assertion"
+)]
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;

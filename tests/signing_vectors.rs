@@ -2,7 +2,12 @@
 //! which the Python and Rust clients are checked against too: one set of answers for
 //! every signer, computed by an implementation none of them shares
 //! (scripts/signing_vectors.py).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "test code: a panic on a missing value or an out-of-range index is the failed assertion"
+)]
 
 use coordinator::auth::signing::{self, CanonicalRequest};
 use serde_json::Value;

@@ -99,7 +99,11 @@ fn dictionary(value: &str, what: &'static str) -> Result<Dictionary, &'static st
     if value.len() > MAX_HEADER_BYTES {
         return Err(what);
     }
-    Parser::new(value).parse::<Dictionary>().map_err(|_| what)
+    Parser::new(value).parse::<Dictionary>().map_err(|e| {
+        // sfv's error is a message and a position, never the header's text.
+        log::debug!("{what}: {e}");
+        what
+    })
 }
 
 fn covered(list: &InnerList) -> Result<Vec<Component>, &'static str> {

@@ -79,8 +79,8 @@ pub struct Revocations {
     limit: AtomicUsize,
 }
 
-fn poisoned() -> StoreError {
-    StoreError::Internal("revocation lock poisoned".into())
+fn poisoned<T>(e: std::sync::PoisonError<T>) -> StoreError {
+    StoreError::Internal(format!("revocation lock: {e}"))
 }
 
 fn cap(limit: usize) -> i64 {
@@ -139,7 +139,7 @@ impl Revocations {
     /// Refuse a new revocation once the set holds `limit()` active ids.
     fn check_room(&self, jti: &str, now: i64) -> Result<(), StoreError> {
         let limit = self.limit();
-        let s = self.set.read().map_err(|_| poisoned())?;
+        let s = self.set.read().map_err(poisoned)?;
         let full = s.overflow
             || (s.ids.len() >= limit
                 && !s.ids.contains_key(jti)
@@ -184,7 +184,7 @@ impl Revocations {
         let jk = job_key(job_id);
         let ak = attempt_key(job_id, attempt);
         if self.fresh() {
-            let s = self.set.read().map_err(|_| poisoned())?;
+            let s = self.set.read().map_err(poisoned)?;
             if !s.overflow {
                 let hit = |k: &str| s.ids.get(k).is_some_and(|e| *e > now);
                 return Ok(hit(jti) || hit(&jk) || hit(&ak));
@@ -202,9 +202,9 @@ impl Revocations {
     /// bounded purge of the table.
     pub async fn poll(&self) -> Result<(), StoreError> {
         let limit = self.limit();
-        let overflow = self.set.read().map_err(|_| poisoned())?.overflow;
+        let overflow = self.set.read().map_err(poisoned)?.overflow;
         let (low, full, gc) = {
-            let s = self.sync.lock().map_err(|_| poisoned())?;
+            let s = self.sync.lock().map_err(poisoned)?;
             let every = if overflow {
                 OVERFLOW_RECHECK
             } else {
@@ -227,7 +227,7 @@ impl Revocations {
                 .read(move |conn| repo::revoked_after(conn, low, cap(limit)))
                 .await?;
             let newest = rows.iter().map(|r| r.2).max();
-            let mut set = self.set.write().map_err(|_| poisoned())?;
+            let mut set = self.set.write().map_err(poisoned)?;
             for (jti, exp, _) in rows {
                 if exp > now {
                     let e = set.ids.entry(jti).or_insert(exp);
@@ -257,7 +257,7 @@ impl Revocations {
                 log::info!("purged {purged} expired token revocations");
             }
         }
-        let mut s = self.sync.lock().map_err(|_| poisoned())?;
+        let mut s = self.sync.lock().map_err(poisoned)?;
         let at = Instant::now();
         if full {
             s.full_at = Some(at);
@@ -296,7 +296,7 @@ impl Revocations {
                 Ok((max_seq, rows, counted))
             })
             .await?;
-        let mut set = self.set.write().map_err(|_| poisoned())?;
+        let mut set = self.set.write().map_err(poisoned)?;
         if rows.len() > limit {
             if !set.overflow {
                 log::warn!(
@@ -320,7 +320,7 @@ impl Revocations {
             }
         }
         drop(set);
-        let mut s = self.sync.lock().map_err(|_| poisoned())?;
+        let mut s = self.sync.lock().map_err(poisoned)?;
         s.confirmed = s.confirmed.max(max_seq.saturating_sub(SEQ_MARGIN));
         Ok(Some(max_seq))
     }

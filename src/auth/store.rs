@@ -150,8 +150,8 @@ pub struct CredentialStore {
 /// unauthenticated requests drive database reads.
 const REREAD_EVERY: Duration = Duration::from_secs(1);
 
-fn poisoned() -> StoreError {
-    StoreError::Internal("credential cache lock poisoned".into())
+fn poisoned<T>(e: std::sync::PoisonError<T>) -> StoreError {
+    StoreError::Internal(format!("credential cache lock: {e}"))
 }
 
 impl CredentialStore {
@@ -195,7 +195,7 @@ impl CredentialStore {
         if !self.cache_usable() {
             return Ok(None);
         }
-        let c = self.cache.lock().map_err(|_| poisoned())?;
+        let c = self.cache.lock().map_err(poisoned)?;
         Ok(get(&c))
     }
 
@@ -218,7 +218,7 @@ impl CredentialStore {
     /// that saw a newer generation has emptied the cache, and this read may predate
     /// the change). Returns whether it was inserted.
     fn admit(&self, generation: i64, put: impl FnOnce(&mut Cache)) -> Result<bool, StoreError> {
-        let mut c = self.cache.lock().map_err(|_| poisoned())?;
+        let mut c = self.cache.lock().map_err(poisoned)?;
         if c.generation != generation || generation == i64::MIN {
             return Ok(false);
         }
@@ -230,7 +230,7 @@ impl CredentialStore {
     pub async fn poll(&self) -> Result<(), StoreError> {
         let g = self.db.read(repo::generation).await?;
         {
-            let mut c = self.cache.lock().map_err(|_| poisoned())?;
+            let mut c = self.cache.lock().map_err(poisoned)?;
             if c.generation != g {
                 *c = Cache::empty(g);
             }
@@ -283,7 +283,7 @@ impl CredentialStore {
     /// `REREAD_EVERY` (the caller of this function then refuses the request as before).
     pub async fn caller_reread(&self, name: &str) -> Result<Option<Arc<CallerEntry>>, StoreError> {
         {
-            let mut r = self.reread.lock().map_err(|_| poisoned())?;
+            let mut r = self.reread.lock().map_err(poisoned)?;
             if r.get(name).is_some_and(|t| t.elapsed() < REREAD_EVERY) {
                 return Ok(None);
             }

@@ -183,7 +183,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (digits, unit) = text.split_at(split);
     let n: u64 = digits
         .parse()
-        .map_err(|_| format!("`{text}` must start with a whole number (e.g. 30d)"))?;
+        .map_err(|e| format!("`{text}` must start with a whole number (e.g. 30d): {e}"))?;
     let unit_secs: u64 = match unit {
         "s" => 1,
         "m" => 60,

@@ -86,7 +86,7 @@ impl TokenCommand {
 
 fn issue(a: IssueArgs) -> anyhow::Result<()> {
     let job = JobId::parse(&a.job, "job")
-        .map_err(|_| anyhow::anyhow!("--job must be a job id (UUID)"))?;
+        .map_err(|e| anyhow::anyhow!("--job must be a job id (UUID): {e}"))?;
     let db = a.store.open()?;
     let sealer = a.store.sealer(&a.keys)?;
     let ttl = a.ttl.unwrap_or(token::DEFAULT_TTL).min(token::MAX_TTL);

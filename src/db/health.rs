@@ -33,6 +33,16 @@ pub enum DbState {
     Probing = 2,
 }
 
+impl From<DbState> for u8 {
+    fn from(s: DbState) -> u8 {
+        match s {
+            DbState::Healthy => 0,
+            DbState::Failing => 1,
+            DbState::Probing => 2,
+        }
+    }
+}
+
 impl DbState {
     fn from_u8(v: u8) -> DbState {
         match v {
@@ -75,7 +85,7 @@ pub struct DbHealth {
 impl DbHealth {
     pub fn new(probe: ProbeFn) -> Arc<DbHealth> {
         Arc::new(DbHealth {
-            state: AtomicU8::new(DbState::Healthy as u8),
+            state: AtomicU8::new(u8::from(DbState::Healthy)),
             epoch: AtomicU64::new(0),
             trips: AtomicU64::new(0),
             timeline: Mutex::new(Timeline {
@@ -126,8 +136,8 @@ impl DbHealth {
         if self
             .state
             .compare_exchange(
-                DbState::Healthy as u8,
-                DbState::Failing as u8,
+                u8::from(DbState::Healthy),
+                u8::from(DbState::Failing),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             )
@@ -155,7 +165,8 @@ impl DbHealth {
         if let Err(e) = spawned {
             // Without a probe nothing would ever let traffic through again.
             log::error!("cannot start the database probe ({e}); staying healthy");
-            self.state.store(DbState::Healthy as u8, Ordering::Release);
+            self.state
+                .store(u8::from(DbState::Healthy), Ordering::Release);
         }
     }
 
@@ -169,7 +180,8 @@ impl DbHealth {
             }
             Err(_) => None,
         };
-        self.state.store(DbState::Healthy as u8, Ordering::Release);
+        self.state
+            .store(u8::from(DbState::Healthy), Ordering::Release);
         log::info!(
             "database reachable again after {:.3} s; letting traffic through",
             down_for.unwrap_or_default().as_secs_f64()
@@ -184,7 +196,7 @@ fn probe_loop(health: &Weak<DbHealth>, start: Duration) {
     loop {
         std::thread::sleep(backoff);
         let Some(h) = health.upgrade() else { return };
-        h.state.store(DbState::Probing as u8, Ordering::Release);
+        h.state.store(u8::from(DbState::Probing), Ordering::Release);
         match (h.probe)() {
             Ok(()) => {
                 h.recover(backoff);
@@ -192,7 +204,7 @@ fn probe_loop(health: &Weak<DbHealth>, start: Duration) {
             }
             Err(e) => {
                 log::debug!("database probe failed: {e}");
-                h.state.store(DbState::Failing as u8, Ordering::Release);
+                h.state.store(u8::from(DbState::Failing), Ordering::Release);
                 backoff = (backoff * 2).min(PROBE_MAX);
             }
         }

@@ -86,13 +86,23 @@ impl Gate {
         self.depth.load(Ordering::Acquire)
     }
 
+    fn shed_counter(&self, why: Shed) -> &AtomicU64 {
+        let [full, deadline, unavailable, gone] = &self.shed;
+        match why {
+            Shed::Full => full,
+            Shed::Deadline => deadline,
+            Shed::Unavailable => unavailable,
+            Shed::Gone => gone,
+        }
+    }
+
     /// How many operations were refused for this reason.
     pub fn shed_count(&self, why: Shed) -> u64 {
-        self.shed[why as usize].load(Ordering::Relaxed)
+        self.shed_counter(why).load(Ordering::Relaxed)
     }
 
     pub fn count_shed(&self, why: Shed) {
-        self.shed[why as usize].fetch_add(1, Ordering::Relaxed);
+        self.shed_counter(why).fetch_add(1, Ordering::Relaxed);
     }
 
     /// Admit one operation, or refuse it at once when the bound is reached.

@@ -57,7 +57,7 @@ fn run_on(conn: &mut DbConnection) -> Result<usize, BoxError> {
                     .map(|v| v.len())
                     .map_err(MigrationTxError::Migration)
             })
-            .map_err(|e| Box::new(e) as BoxError),
+            .map_err(BoxError::from),
         DbConnection::Postgresql(c) => {
             // Lock first: even the pending check creates diesel's bookkeeping table,
             // which races when instances start together on an empty database.

@@ -480,7 +480,7 @@ impl Db {
         }));
         let r = rx
             .await
-            .map_err(|_| StoreError::Internal("blocking task failed".into()));
+            .map_err(|e| StoreError::Internal(format!("blocking task failed: {e}")));
         cancel.finish();
         r?
     }

@@ -51,7 +51,9 @@ pub fn revocation_expiry(raw: Option<&str>, field: &str) -> Result<i64, ApiError
         None => Ok(longest),
         Some(s) => {
             let t = chrono::DateTime::parse_from_rfc3339(s)
-                .map_err(|_| ApiError::bad_request(field, "must be an RFC 3339 timestamp"))?
+                .map_err(|e| {
+                    ApiError::bad_request(field, format!("must be an RFC 3339 timestamp ({e})"))
+                })?
                 .timestamp_millis();
             if t <= now {
                 return Err(ApiError::bad_request(field, "must be in the future"));

@@ -58,8 +58,12 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         ApiError::bad_request(field, detail)
     })?;
     // Nothing may follow the object but whitespace.
-    de.end()
-        .map_err(|_| ApiError::bad_request("body", "unexpected data after the JSON object"))?;
+    de.end().map_err(|e| {
+        ApiError::bad_request(
+            "body",
+            format!("unexpected data after the JSON object ({e})"),
+        )
+    })?;
     Ok(value)
 }
 
@@ -123,7 +127,7 @@ mod tests {
 
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
+    #[allow(dead_code, reason = "the fields exist to be deserialized, never read")]
     struct T {
         a: i32,
         b: Option<String>,

@@ -494,7 +494,7 @@ pub(crate) fn claimed_response(c: crate::auth::token::Claimed) -> ApiResult<Http
 )]
 pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
     let pairs = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
-        .map_err(|_| ApiError::bad_request("query", "malformed query string"))?
+        .map_err(|e| ApiError::bad_request("query", format!("malformed query string ({e})")))?
         .into_inner();
     let filter = ListFilter::parse(&pairs)?;
     let (rows, next) = state.db.read(move |conn| repo::list(conn, &filter)).await?;

@@ -127,7 +127,7 @@ pub async fn webhook(
     let job = payload.into_job(&state.config.webhook_queue, &delivery)?;
     // `parse_json` accepted only UTF-8 JSON, so this stores exactly the verified bytes.
     let text = std::str::from_utf8(&body)
-        .map_err(|_| ApiError::bad_request("body", "must be UTF-8"))?
+        .map_err(|e| ApiError::bad_request("body", format!("must be UTF-8 ({e})")))?
         .to_owned();
     let caller = principal.caller;
     let (row, duplicate) = state

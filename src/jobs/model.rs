@@ -22,7 +22,7 @@ impl JobId {
     pub fn parse(raw: &str, field: &str) -> Result<Self, ApiError> {
         uuid::Uuid::try_parse(raw)
             .map(|u| JobId(u.hyphenated().to_string()))
-            .map_err(|_| ApiError::bad_request(field, "must be a UUID"))
+            .map_err(|e| ApiError::bad_request(field, format!("must be a UUID ({e})")))
     }
 
     pub fn as_str(&self) -> &str {
@@ -335,10 +335,10 @@ pub const MAX_RETRY_CAP_MS: i64 = 604_800_000;
 pub fn parse_time(raw: &str, field: &str) -> Result<i64, ApiError> {
     chrono::DateTime::parse_from_rfc3339(raw)
         .map(|t| t.timestamp_millis())
-        .map_err(|_| {
+        .map_err(|e| {
             ApiError::bad_request(
                 field,
-                "must be an RFC 3339 timestamp, e.g. 2026-01-31T12:00:00Z",
+                format!("must be an RFC 3339 timestamp, e.g. 2026-01-31T12:00:00Z ({e})"),
             )
         })
 }
@@ -673,6 +673,10 @@ impl Cursor {
             .encode(format!("{}:{}", self.created_at, self.id))
     }
 
+    #[expect(
+        clippy::map_err_ignore,
+        reason = "a cursor is opaque to its caller: which step failed to decode it tells them nothing"
+    )]
     pub fn decode(raw: &str) -> Result<Cursor, ApiError> {
         use base64::Engine;
         let bad = || ApiError::bad_request("cursor", "is not a cursor from a previous page");

@@ -899,7 +899,7 @@ pub fn claim(
             return Ok(None);
         };
         let id = JobId::parse(&id, "id")
-            .map_err(|_| StoreError::Internal("bad job id in database".into()))?;
+            .map_err(|e| StoreError::Internal(format!("bad job id in database: {e}")))?;
         let row = find(conn, &id)?;
         let row = apply_locked(
             conn,

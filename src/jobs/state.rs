@@ -80,7 +80,15 @@ pub fn backoff_delay_ms(base_ms: i64, cap_ms: i64, attempt: i32, unit: f64) -> i
         .saturating_mul(2_i64.saturating_pow(exp))
         .min(cap_ms.max(0));
     // `ceiling` is at most the cap (< 2^53 in practice), so the float is exact enough.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+    #[expect(
+        clippy::as_conversions,
+        reason = "std has no f64 to i64 conversion; the result is clamped to [0, ceiling] below"
+    )]
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_precision_loss,
+        reason = "the float is exact enough (see above) and the result is clamped"
+    )]
     let delay = (ceiling as f64 * unit.clamp(0.0, 1.0)).round() as i64;
     delay.clamp(0, ceiling)
 }

@@ -51,7 +51,7 @@ pub fn ingest(
                 ));
             }
             let id = JobId::parse(&first.job_id, "jobId")
-                .map_err(|_| StoreError::Internal("bad job id in delivery".into()))?;
+                .map_err(|e| StoreError::Internal(format!("bad job id in delivery: {e}")))?;
             Ok((jobs_repo::find(conn, &id)?, true))
         }
         Err(e) => Err(e),

@@ -1,4 +1,7 @@
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "each test module uses its own subset of the helpers"
+)]
 //! Test harness: the real `Application::build` on port 0, in its own actix system on
 //! a thread, against a throwaway database (a temp SQLite file, or a fresh PostgreSQL
 //! database created from `TEST_POSTGRES_URL` and dropped at the end).

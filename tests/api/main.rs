@@ -1,5 +1,10 @@
 //! Black-box tests: the real server over HTTP, on SQLite and on PostgreSQL.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "test code: a panic on a missing value or an out-of-range index is the failed assertion"
+)]
 mod helpers;
 
 mod auth;

@@ -9,6 +9,10 @@
 //! Bounds here are functional ("answered while the lock was still held", "did not wait
 //! out the connect timeout"), never performance thresholds; the measured times are
 //! printed (`--nocapture`).
+#![allow(
+    clippy::as_conversions,
+    reason = "measured sizes and times become floats only for printing and percentiles"
+)]
 
 use std::collections::HashSet;
 use std::sync::{Barrier, Mutex};
@@ -370,7 +374,10 @@ impl Drop for Lock {
 
 /// Send `n` API-key progress updates at once while `Lock` is held for `hold`; returns
 /// (message, time taken, when answered, response) and the release instant.
-#[allow(clippy::type_complexity)]
+#[allow(
+    clippy::type_complexity,
+    reason = "a one-off tuple of per-request results, read once by its caller"
+)]
 fn burst_behind_lock(
     app: &TestApp,
     key: &str,
