@@ -31,13 +31,14 @@ pub fn wait_of(req: &HttpRequest, body: Option<f64>) -> ApiResult<Duration> {
         Some(w) => Some(w),
         None => {
             let pairs = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
-                .map_err(|_| ApiError::bad_request("query", "malformed query string"))?
+                .map_err(|e| {
+                    ApiError::bad_request("query", format!("malformed query string ({e})"))
+                })?
                 .into_inner();
             match pairs.iter().find(|(k, _)| k == "wait") {
-                Some((_, v)) => Some(
-                    v.parse::<f64>()
-                        .map_err(|_| ApiError::bad_request("wait", "must be a number"))?,
-                ),
+                Some((_, v)) => Some(v.parse::<f64>().map_err(|e| {
+                    ApiError::bad_request("wait", format!("must be a number ({e})"))
+                })?),
                 None => None,
             }
         }
@@ -80,7 +81,7 @@ async fn claim_detached(
         }
     });
     rx.await
-        .map_err(|_| ApiError::internal(anyhow::anyhow!("claim task ended without answer")))?
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("claim task ended without answer: {e}")))?
 }
 
 /// A job claimed for a client that has gone: back to QUEUED (its token revoked).
@@ -173,13 +174,13 @@ fn after_of(req: &HttpRequest) -> ApiResult<i64> {
             .ok_or_else(|| ApiError::bad_request(field, "must be an event seq (0 or more)"))
     };
     if let Some(h) = req.headers().get("last-event-id") {
-        let v = h
-            .to_str()
-            .map_err(|_| ApiError::bad_request("Last-Event-ID", "must be an event seq"))?;
+        let v = h.to_str().map_err(|e| {
+            ApiError::bad_request("Last-Event-ID", format!("must be an event seq ({e})"))
+        })?;
         return parse(v, "Last-Event-ID");
     }
     let pairs = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
-        .map_err(|_| ApiError::bad_request("query", "malformed query string"))?
+        .map_err(|e| ApiError::bad_request("query", format!("malformed query string ({e})")))?
         .into_inner();
     match pairs.iter().find(|(k, _)| k == "after") {
         Some((_, v)) => parse(v, "after"),
