@@ -29,6 +29,44 @@ mod report;
 mod soak;
 mod webhooks;
 
+/// A fresh SQLite store for one bench mode: its directory, database URL, master key
+/// (base64, for the server's environment), pool and sealer, migrated.
+pub struct FreshStore {
+    pub dir: std::path::PathBuf,
+    pub db_url: String,
+    pub key_b64: String,
+    pub db: Db,
+    pub sealer: Sealer,
+}
+
+pub fn fresh_sqlite_store(tag: &str) -> FreshStore {
+    let dir = std::env::temp_dir().join(format!(
+        "coordinator-bench-{tag}-{}",
+        uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db_url = format!("sqlite://{}", dir.join("bench.db").display());
+    let master = MasterKey::generate();
+    let key_b64 = master.to_base64().to_string();
+    let cfg = DbConfig {
+        url: DatabaseUrl::parse(&db_url).unwrap(),
+        pool_size: 4,
+        timeout: Duration::from_secs(5),
+        sqlite_busy_timeout: Duration::from_secs(5),
+        sqlite_synchronous_full: false,
+    };
+    coordinator::db::migrate::run_pending(&cfg).expect("migrate");
+    let db = Db::new(&cfg);
+    let sealer = Sealer::new(master, None).unwrap();
+    FreshStore {
+        dir,
+        db_url,
+        key_b64,
+        db,
+        sealer,
+    }
+}
+
 use coordinator::auth::admin::{self, SecretKind};
 use coordinator::auth::{signing, webhook_sig, Scope};
 use coordinator::config::DbConfig;

@@ -6,10 +6,6 @@ use std::fmt::Write as _;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use coordinator::config::DbConfig;
-use coordinator::crypto::seal::{MasterKey, Sealer};
-use coordinator::db::{DatabaseUrl, Db};
-
 use crate::{
     free_port, machine, rss_kib, run_load, running_jobs, setup_credentials, start_server, Scenario,
     Stats,
@@ -59,24 +55,15 @@ const SCENARIOS: [Scenario; 4] = [
 ];
 
 pub fn run(bin: &str, dir: &str, out_path: &str, conns: usize, duration: Duration) {
-    let tmp = std::env::temp_dir().join(format!(
-        "coordinator-bench-peer-{}",
-        uuid::Uuid::now_v7().simple()
-    ));
-    std::fs::create_dir_all(&tmp).unwrap();
-    let db_url = format!("sqlite://{}", tmp.join("bench.db").display());
-    let master = MasterKey::generate();
-    let key_b64 = master.to_base64().to_string();
-    let cfg = DbConfig {
-        url: DatabaseUrl::parse(&db_url).unwrap(),
-        pool_size: 4,
-        timeout: Duration::from_secs(5),
-        sqlite_busy_timeout: Duration::from_secs(5),
-        sqlite_synchronous_full: false,
-    };
-    coordinator::db::migrate::run_pending(&cfg).expect("migrate");
-    let db = Db::new(&cfg);
-    let sealer = Sealer::new(master, None).unwrap();
+    let store = crate::fresh_sqlite_store("peer");
+    let tmp = store.dir.clone();
+    let crate::FreshStore {
+        db_url,
+        key_b64,
+        db,
+        sealer,
+        ..
+    } = store;
     let creds = setup_credentials(&db, &sealer);
 
     let server = start_server(bin, &db_url, &key_b64);

@@ -7,9 +7,6 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use coordinator::config::DbConfig;
-use coordinator::crypto::seal::{MasterKey, Sealer};
-use coordinator::db::{DatabaseUrl, Db};
 use diesel::{Connection, QueryDsl, RunQueryDsl};
 
 use crate::{
@@ -28,26 +25,17 @@ struct Sample {
 }
 
 pub fn run(bin: &str, out_path: &str, conns: usize, minutes: f64) {
-    let tmp = std::env::temp_dir().join(format!(
-        "coordinator-bench-soak-{}",
-        uuid::Uuid::now_v7().simple()
-    ));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let store = crate::fresh_sqlite_store("soak");
+    let tmp = store.dir.clone();
     let db_path = tmp.join("bench.db");
     let wal_path = tmp.join("bench.db-wal");
-    let db_url = format!("sqlite://{}", db_path.display());
-    let master = MasterKey::generate();
-    let key_b64 = master.to_base64().to_string();
-    let cfg = DbConfig {
-        url: DatabaseUrl::parse(&db_url).unwrap(),
-        pool_size: 4,
-        timeout: Duration::from_secs(5),
-        sqlite_busy_timeout: Duration::from_secs(5),
-        sqlite_synchronous_full: false,
-    };
-    coordinator::db::migrate::run_pending(&cfg).expect("migrate");
-    let db = Db::new(&cfg);
-    let sealer = Sealer::new(master, None).unwrap();
+    let crate::FreshStore {
+        db_url,
+        key_b64,
+        db,
+        sealer,
+        ..
+    } = store;
     let creds = setup_credentials(&db, &sealer);
     drop(db);
     let server = start_server(bin, &db_url, &key_b64);

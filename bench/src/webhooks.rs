@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 
 use coordinator::auth::admin::{self, SecretKind};
 use coordinator::auth::{webhook_sig, Scope};
-use coordinator::config::DbConfig;
 use coordinator::crypto::credential::WebhookSecret;
-use coordinator::crypto::seal::{MasterKey, Sealer};
-use coordinator::db::{DatabaseUrl, Db};
+use coordinator::crypto::seal::Sealer;
+use coordinator::db::Db;
 
 use crate::drive::{drive, status, Outcome};
 use crate::{machine, now_secs, percentile, start_server_env};
@@ -97,24 +96,15 @@ pub fn run(bin: &str, out_path: &str, duration: Duration) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(8);
-    let tmp = std::env::temp_dir().join(format!(
-        "coordinator-bench-wh-{}",
-        uuid::Uuid::now_v7().simple()
-    ));
-    std::fs::create_dir_all(&tmp).unwrap();
-    let db_url = format!("sqlite://{}", tmp.join("bench.db").display());
-    let master = MasterKey::generate();
-    let key_b64 = master.to_base64().to_string();
-    let cfg = DbConfig {
-        url: DatabaseUrl::parse(&db_url).unwrap(),
-        pool_size: 4,
-        timeout: Duration::from_secs(5),
-        sqlite_busy_timeout: Duration::from_secs(5),
-        sqlite_synchronous_full: false,
-    };
-    coordinator::db::migrate::run_pending(&cfg).expect("migrate");
-    let db = Db::new(&cfg);
-    let sealer = Sealer::new(master, None).unwrap();
+    let store = crate::fresh_sqlite_store("wh");
+    let tmp = store.dir.clone();
+    let crate::FreshStore {
+        db_url,
+        key_b64,
+        db,
+        sealer,
+        ..
+    } = store;
 
     let small = {
         let mut b = br#"{"issueNumber":7,"repository":"octo/bench","action":"commented","pad":""}"#
