@@ -23,3 +23,4 @@ mod routing;
 mod stitcher;
 mod tokens;
 mod ui;
+mod writes;
