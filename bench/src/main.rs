@@ -7,7 +7,8 @@
 //! directly against the database, and writes `docs/BENCHMARKS.md`.
 //!
 //! Other modes, each writing its own section of the report: `--webhooks` (issue 22),
-//! `--peer DIR` (side by side with the Node peer, issue 14), `--soak MINUTES` (issue 14).
+//! `--peer DIR` (side by side with the Node peer, issue 14), `--soak MINUTES` (issue 14),
+//! `--overload` (0.5×/1×/2× the sustainable rate, issue 20).
 //!
 //! Environment: `BENCH_DURATION_SECS` (default 5), `BENCH_CONNECTIONS` (32),
 //! `BENCH_BACKENDS` (`sqlite,postgres`), `TEST_POSTGRES_URL` (admin URL), `BENCH_OUT`,
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod drive;
+mod overload;
 mod peer;
 mod report;
 mod soak;
@@ -46,6 +48,37 @@ pub fn fresh_sqlite_store(tag: &str) -> FreshStore {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let db_url = format!("sqlite://{}", dir.join("bench.db").display());
+    store_at(dir, db_url)
+}
+
+/// A fresh PostgreSQL database on the server of `admin_url` (drop it with
+/// [`drop_postgres_store`]).
+pub fn fresh_postgres_store(tag: &str, admin_url: &str) -> FreshStore {
+    let name = format!("coord_bench_{tag}_{}", uuid::Uuid::now_v7().simple());
+    let mut admin = diesel::PgConnection::establish(admin_url).expect("postgres admin");
+    admin
+        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+        .unwrap();
+    let base = admin_url
+        .rsplit_once('/')
+        .map(|(b, _)| b)
+        .unwrap_or(admin_url);
+    store_at(
+        std::path::PathBuf::from(name.clone()),
+        format!("{base}/{name}"),
+    )
+}
+
+/// Drop a database made by [`fresh_postgres_store`] (its name is the store's `dir`).
+pub fn drop_postgres_store(store: FreshStore, admin_url: &str) {
+    let name = store.dir.display().to_string();
+    drop(store);
+    if let Ok(mut admin) = diesel::PgConnection::establish(admin_url) {
+        let _ = admin.batch_execute(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"));
+    }
+}
+
+fn store_at(dir: std::path::PathBuf, db_url: String) -> FreshStore {
     let master = MasterKey::generate();
     let key_b64 = master.to_base64().to_string();
     let cfg = DbConfig {
@@ -228,6 +261,18 @@ fn signed(
     path: &str,
     body: &[u8],
 ) -> Result<u16, String> {
+    finish(signed_request(agent, url, creds, method, path, body))
+}
+
+/// One HMAC-signed request (fresh nonce), its response unread.
+fn signed_request(
+    agent: &ureq::Agent,
+    url: &str,
+    creds: &Creds,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<ureq::Response, ureq::Error> {
     let ts = now_secs().to_string();
     let nonce = uuid::Uuid::now_v7().simple().to_string();
     let canonical = signing::canonical(method, path, &creds.caller, &ts, &nonce, body);
@@ -239,11 +284,11 @@ fn signed(
         .set("X-Coordinator-Nonce", &nonce)
         .set("X-Coordinator-Signature", &sig)
         .set("content-type", "application/json");
-    finish(if body.is_empty() && method == "GET" {
+    if body.is_empty() && method == "GET" {
         req.call()
     } else {
         req.send_bytes(body)
-    })
+    }
 }
 
 fn finish(r: Result<ureq::Response, ureq::Error>) -> Result<u16, String> {
@@ -925,12 +970,24 @@ fn main() {
         peer::run(&bin, &dir, &out, conns, duration);
         return;
     }
+    if args.iter().any(|a| a == "--overload") {
+        let stores = backends
+            .split(',')
+            .map(|b| match b {
+                "sqlite" => ("sqlite", fresh_sqlite_store("overload")),
+                "postgres" => ("postgres", fresh_postgres_store("overload", &admin_url)),
+                other => panic!("unknown backend {other}"),
+            })
+            .collect();
+        overload::run(&bin, &out, conns, duration, stores, &admin_url);
+        return;
+    }
     if args.iter().any(|a| a == "--webhooks") {
         webhooks::run(&bin, &out, duration);
         return;
     }
     if let Some(other) = args.first() {
-        panic!("unknown argument {other}: use --soak MINUTES, --peer DIR, --webhooks or none");
+        panic!("unknown argument {other}: use --soak MINUTES, --peer DIR, --webhooks, --overload or none");
     }
 
     let mut rows = Vec::new();

@@ -9,12 +9,12 @@
 //! - on PostgreSQL requests hand their record to batching threads, each of which
 //!   writes whatever has queued up with one statement and answers after the commit.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::db::batch::{insert_replays, ReplayRow};
+use crate::db::load::{Gate, Permit, Shed};
 use crate::db::{Backend, Db};
 use crate::error::StoreError;
 
@@ -30,11 +30,14 @@ type Reply = oneshot::Sender<Result<bool, String>>;
 pub struct ReplayLog {
     /// PostgreSQL: the batching threads' queue. SQLite: `None`, records go through
     /// `db` like any write.
-    tx: Option<mpsc::Sender<(ReplayRow, Reply)>>,
+    tx: Option<mpsc::UnboundedSender<Queued>>,
     db: Db,
-    /// Records refused because the queue was full.
-    shed: Arc<AtomicU64>,
+    /// PostgreSQL: the bound of that queue, in number and in waiting time.
+    gate: Arc<Gate>,
 }
+
+/// A record waiting for a batch, with its reply and its admission.
+type Queued = (ReplayRow, Reply, Permit);
 
 impl ReplayLog {
     /// Start the batch writers: dedicated threads (one on SQLite, whose writes are
@@ -46,10 +49,10 @@ impl ReplayLog {
             return ReplayLog {
                 tx: None,
                 db,
-                shed: Arc::default(),
+                gate: Gate::bounded("replay", 0),
             };
         }
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (tx, rx) = mpsc::unbounded_channel();
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..4 {
             let (db, rx) = (db.clone(), rx.clone());
@@ -63,21 +66,18 @@ impl ReplayLog {
         ReplayLog {
             tx: Some(tx),
             db,
-            shed: Arc::default(),
+            gate: Gate::bounded("replay", QUEUE),
         }
     }
 
-    /// (records waiting, bound, records refused because the queue was full).
+    /// (records waiting, bound, records refused: queue full or too slow).
     /// On SQLite the records share the database's write queue (its own metrics).
     pub fn queue_stats(&self) -> (usize, usize, u64) {
-        let Some(tx) = &self.tx else {
-            return (0, 0, 0);
-        };
-        let bound = tx.max_capacity();
+        let g = &self.gate;
         (
-            bound - tx.capacity(),
-            bound,
-            self.shed.load(Ordering::Relaxed),
+            g.depth(),
+            g.limit(),
+            g.shed_count(Shed::Full) + g.shed_count(Shed::Delay),
         )
     }
 
@@ -98,17 +98,10 @@ impl ReplayLog {
                 .copied()
                 .ok_or_else(|| StoreError::Internal("replay insert returned nothing".into()));
         };
+        let permit = self.gate.enter()?;
         let (reply, answer) = oneshot::channel();
-        tx.try_send(((caller, signature_hash, expires_at), reply))
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => {
-                    self.shed.fetch_add(1, Ordering::Relaxed);
-                    StoreError::Overloaded("replay log queue full")
-                }
-                mpsc::error::TrySendError::Closed(_) => {
-                    StoreError::Internal("replay log stopped".into())
-                }
-            })?;
+        tx.send(((caller, signature_hash, expires_at), reply, permit))
+            .map_err(|_closed| StoreError::Internal("replay log stopped".into()))?;
         match answer.await {
             Ok(Ok(fresh)) => Ok(fresh),
             Ok(Err(e)) => Err(StoreError::Unavailable(e)),
@@ -117,10 +110,10 @@ impl ReplayLog {
     }
 }
 
-type Queue = Arc<Mutex<mpsc::Receiver<(ReplayRow, Reply)>>>;
+type Queue = Arc<Mutex<mpsc::UnboundedReceiver<Queued>>>;
 
 /// Take whatever is queued (waiting for the first), up to `MAX_BATCH`.
-fn next_batch(rx: &Queue) -> Option<Vec<(ReplayRow, Reply)>> {
+fn next_batch(rx: &Queue) -> Option<Vec<Queued>> {
     let mut rx = rx.lock().ok()?;
     let first = rx.blocking_recv()?;
     let mut batch = vec![first];
@@ -135,16 +128,23 @@ fn next_batch(rx: &Queue) -> Option<Vec<(ReplayRow, Reply)>> {
 
 fn writer(db: &Db, rx: &Queue) {
     while let Some(batch) = next_batch(rx) {
-        let (rows, replies): (Vec<ReplayRow>, Vec<Reply>) = batch.into_iter().unzip();
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for (row, reply, permit) in batch {
+            permit.started();
+            rows.push(row);
+            // Held until the answer is sent: the queue's depth counts it until then.
+            replies.push((reply, permit));
+        }
         match db.write_sync(|conn| insert_replays(conn, &rows)) {
             Ok(fresh) => {
-                for (reply, f) in replies.into_iter().zip(fresh) {
+                for ((reply, _permit), f) in replies.into_iter().zip(fresh) {
                     let _ = reply.send(Ok(f));
                 }
             }
             Err(e) => {
                 let msg = e.to_string();
-                for reply in replies {
+                for (reply, _permit) in replies {
                     let _ = reply.send(Err(msg.clone()));
                 }
             }

@@ -1,7 +1,16 @@
 //! Load shedding in front of the pools: a bounded number of operations may wait for or
-//! hold a connection (past it, 503 at once), each request carries a deadline after
-//! which it is not sent to the database, and work whose client has gone is dropped
-//! before it starts.
+//! hold a connection (past it, 503 at once), a queue that stays slow is refused new
+//! work until it drains (below), each request carries a deadline after which it is not
+//! sent to the database, and work whose client has gone is dropped before it starts.
+//!
+//! A bound on the *number* waiting alone does not bound the *time* waiting: at twice
+//! the rate a database can take, a queue of a few hundred fills and every admitted
+//! request waits its full length. So each gate also watches how long operations waited
+//! for their turn (a connection, or the SQLite writer), in the manner of CoDel: when
+//! even the shortest wait of a whole interval was above the target, a standing queue
+//! has formed, and new arrivals are refused (503, reason `queue_delay`) until an
+//! interval passes whose shortest wait is below it again. Bursts that drain within an
+//! interval are never refused.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -31,10 +40,18 @@ pub enum Shed {
     Unavailable,
     /// The client went away before the work started.
     Gone,
+    /// Operations have been waiting longer than the target for a whole interval.
+    Delay,
 }
 
 impl Shed {
-    pub const ALL: [Shed; 4] = [Shed::Full, Shed::Deadline, Shed::Unavailable, Shed::Gone];
+    pub const ALL: [Shed; 5] = [
+        Shed::Full,
+        Shed::Deadline,
+        Shed::Unavailable,
+        Shed::Gone,
+        Shed::Delay,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -42,9 +59,15 @@ impl Shed {
             Shed::Deadline => "deadline",
             Shed::Unavailable => "unavailable",
             Shed::Gone => "client_gone",
+            Shed::Delay => "queue_delay",
         }
     }
 }
+
+/// A wait every operation of a whole interval exceeded means a standing queue.
+pub const DELAY_TARGET: Duration = Duration::from_millis(50);
+/// The interval over which the shortest wait is taken.
+pub const DELAY_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The admission bound of one pool.
 pub struct Gate {
@@ -52,15 +75,83 @@ pub struct Gate {
     limit: usize,
     /// Admitted and not finished: waiting for a connection or using one.
     depth: AtomicUsize,
-    shed: [AtomicU64; 4],
+    shed: [AtomicU64; 5],
+    delay: DelayWatch,
+}
+
+/// The shortest wait of the current interval, and whether the last complete interval's
+/// shortest wait was above the target.
+struct DelayWatch {
+    epoch: Instant,
+    /// Start of the current interval, µs since `epoch`.
+    window_start: AtomicU64,
+    /// Shortest wait recorded in it, µs (`u64::MAX`: none yet).
+    min_wait: AtomicU64,
+    congested: AtomicBool,
+}
+
+impl DelayWatch {
+    fn new() -> Self {
+        DelayWatch {
+            epoch: Instant::now(),
+            window_start: AtomicU64::new(0),
+            min_wait: AtomicU64::new(u64::MAX),
+            congested: AtomicBool::new(false),
+        }
+    }
+
+    fn micros(d: Duration) -> u64 {
+        u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Close the interval when it is over: congested when it saw waits and the
+    /// shortest was above the target. An interval without any (everything was refused
+    /// or idle) ends congestion.
+    fn tick(&self) {
+        let now = Self::micros(self.epoch.elapsed());
+        let start = self.window_start.load(Ordering::Acquire);
+        if now.saturating_sub(start) < Self::micros(DELAY_INTERVAL) {
+            return;
+        }
+        if self
+            .window_start
+            .compare_exchange(start, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let min = self.min_wait.swap(u64::MAX, Ordering::AcqRel);
+            let congested = min != u64::MAX && min > Self::micros(DELAY_TARGET);
+            self.congested.store(congested, Ordering::Release);
+        }
+    }
+
+    fn record(&self, waited: Duration) {
+        self.tick();
+        self.min_wait
+            .fetch_min(Self::micros(waited), Ordering::AcqRel);
+    }
+
+    fn congested(&self) -> bool {
+        self.tick();
+        self.congested.load(Ordering::Acquire)
+    }
 }
 
 /// One admitted operation; leaving drops the depth.
-pub struct Permit(Arc<Gate>);
+pub struct Permit {
+    gate: Arc<Gate>,
+    admitted: Instant,
+}
+
+impl Permit {
+    /// The operation got its turn: record how long it waited since admission.
+    pub fn started(&self) {
+        self.gate.record_wait(self.admitted.elapsed());
+    }
+}
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.0.depth.fetch_sub(1, Ordering::AcqRel);
+        self.gate.depth.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -75,6 +166,18 @@ impl Gate {
                 .saturating_add(per),
             depth: AtomicUsize::new(0),
             shed: Default::default(),
+            delay: DelayWatch::new(),
+        })
+    }
+
+    /// A gate with an explicit bound (a queue that is not a pool's).
+    pub fn bounded(name: &'static str, limit: usize) -> Arc<Gate> {
+        Arc::new(Gate {
+            name,
+            limit,
+            depth: AtomicUsize::new(0),
+            shed: Default::default(),
+            delay: DelayWatch::new(),
         })
     }
 
@@ -87,12 +190,13 @@ impl Gate {
     }
 
     fn shed_counter(&self, why: Shed) -> &AtomicU64 {
-        let [full, deadline, unavailable, gone] = &self.shed;
+        let [full, deadline, unavailable, gone, delay] = &self.shed;
         match why {
             Shed::Full => full,
             Shed::Deadline => deadline,
             Shed::Unavailable => unavailable,
             Shed::Gone => gone,
+            Shed::Delay => delay,
         }
     }
 
@@ -105,8 +209,19 @@ impl Gate {
         self.shed_counter(why).fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Admit one operation, or refuse it at once when the bound is reached.
+    /// How long an admitted operation waited for its turn (a connection, or the
+    /// SQLite writer).
+    pub fn record_wait(&self, waited: Duration) {
+        self.delay.record(waited);
+    }
+
+    /// Admit one operation, or refuse it at once when the bound is reached or a
+    /// standing queue has formed.
     pub fn enter(self: &Arc<Self>) -> Result<Permit, StoreError> {
+        if self.delay.congested() {
+            self.count_shed(Shed::Delay);
+            return Err(StoreError::Overloaded("database queue too slow"));
+        }
         let mut cur = self.depth.load(Ordering::Acquire);
         loop {
             if cur >= self.limit {
@@ -119,7 +234,12 @@ impl Gate {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return Ok(Permit(self.clone())),
+                Ok(_) => {
+                    return Ok(Permit {
+                        gate: self.clone(),
+                        admitted: Instant::now(),
+                    })
+                }
                 Err(now) => cur = now,
             }
         }
@@ -202,6 +322,28 @@ mod tests {
         drop(permits);
         assert_eq!(g.depth(), 0);
         assert!(g.enter().is_ok());
+    }
+
+    #[test]
+    fn a_standing_queue_refuses_arrivals_until_an_interval_drains_it() {
+        let g = Gate::new("write", 1);
+        // A burst: one long wait among short ones never congests.
+        g.record_wait(DELAY_TARGET * 4);
+        g.record_wait(Duration::from_millis(1));
+        std::thread::sleep(DELAY_INTERVAL + Duration::from_millis(20));
+        assert!(g.enter().is_ok(), "a burst that drained was refused");
+        // A whole interval of waits above the target: refused, counted as queue_delay.
+        g.record_wait(DELAY_TARGET * 2);
+        g.record_wait(DELAY_TARGET + Duration::from_millis(1));
+        std::thread::sleep(DELAY_INTERVAL + Duration::from_millis(20));
+        assert!(matches!(g.enter(), Err(StoreError::Overloaded(_))));
+        assert_eq!(g.shed_count(Shed::Delay), 1);
+        // The queue drained: an interval with only short waits (or none) admits again.
+        g.record_wait(Duration::from_millis(2));
+        std::thread::sleep(DELAY_INTERVAL + Duration::from_millis(20));
+        assert!(g.enter().is_ok(), "still refused after the queue drained");
+        std::thread::sleep(DELAY_INTERVAL + Duration::from_millis(20));
+        assert!(g.enter().is_ok(), "an interval without waits kept refusing");
     }
 
     #[test]

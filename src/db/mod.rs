@@ -349,10 +349,13 @@ impl Db {
         };
         let read = mk(cfg.pool_size);
         let (write, read_gate, write_gate) = match cfg.url.backend() {
+            // The SQLite writer commits a whole batch of queued writes at once, so its
+            // queue is as deep as the read pool's (513 by default); the gate's delay
+            // watch bounds the time they wait.
             Backend::Sqlite => (
                 mk(1),
                 Gate::new("read", cfg.pool_size),
-                Gate::new("write", 1),
+                Gate::bounded("write", Gate::new("read", cfg.pool_size).limit()),
             ),
             Backend::Postgres => {
                 let g = Gate::new("pool", cfg.pool_size);
@@ -457,8 +460,8 @@ impl Db {
         &self,
         f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let _permit = self.shared.write_gate.enter()?;
-        let (r, due) = self.run_sync(true, None, None, f);
+        let permit = self.shared.write_gate.enter()?;
+        let (r, due) = self.run_sync(true, None, None, &permit, f);
         if let Some(c) = due {
             truncate_wal(&self.shared, c);
         }
@@ -528,8 +531,8 @@ impl Db {
         let db = self.clone();
         // Detached: it ends on its own, after replying.
         drop(actix_web::rt::task::spawn_blocking(move || {
-            let _permit = permit;
-            let (r, due) = db.run_sync(write, deadline, Some(&gone), f);
+            let (r, due) = db.run_sync(write, deadline, Some(&gone), &permit, f);
+            drop(permit);
             let _ = tx.send(r);
             if let Some(c) = due {
                 truncate_wal(&db.shared, c);
@@ -549,6 +552,7 @@ impl Db {
         write: bool,
         deadline: Option<Instant>,
         gone: Option<&AtomicBool>,
+        permit: &load::Permit,
         f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
     ) -> (
         Result<T, StoreError>,
@@ -565,6 +569,7 @@ impl Db {
             Ok(c) => c,
             Err(e) => return (Err(e), None),
         };
+        permit.started();
         // Never start work whose client has gone; work once started runs to its commit
         // or rollback.
         if client_gone() {
@@ -713,7 +718,10 @@ where
                 gate.count_shed(Shed::Gone);
                 Err(client_gone_error())
             }
-            writer::Slot::Run(conn) => f(conn),
+            writer::Slot::Run(conn) => {
+                permit.started();
+                f(conn)
+            }
         };
         let ok = r.is_ok();
         let reply: writer::Reply = Box::new(move |failed| {

@@ -481,7 +481,7 @@ fn deadline_refuses_requests_stuck_behind_a_lock(b: Backend) {
     );
 }
 
-/// One pooled connection (so the queue bound is 65), a long deadline, and the lock
+/// One pooled connection (so the queue bound is 65, for SQLite writes too), a long deadline, and the lock
 /// held for 2 s under 100 concurrent updates: the first takes the connection and waits
 /// for the lock, 64 queue, and the rest are answered 503 (`overloaded`) at once — while
 /// the lock is still held. After the release every admitted update succeeds, and the

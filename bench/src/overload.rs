@@ -1,0 +1,237 @@
+//! `--overload`: signed progress updates on SQLite and PostgreSQL at 0.5×, 1× and 2× the
+//! sustainable rate (issue 20). The sustainable rate is the closed-loop peak at the
+//! usual connection count; the three loads are then offered open-loop by many more
+//! connections than that, each request sent at its scheduled time whatever happened
+//! to the ones before, so past capacity the server's queues fill and its bounds decide
+//! between queueing (latency grows) and refusing (503/429 at once). Latency is counted
+//! from each request's scheduled start and reported for admitted (2xx) requests only;
+//! the refused fraction is reported beside it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::{
+    machine, percentile, run_load, running_jobs, setup_credentials, signed_request, start_server,
+    Creds, FreshStore, Scenario,
+};
+
+/// Open-loop connections: enough that the offered rate never waits on a connection.
+const OPEN_CONNECTIONS: usize = 512;
+
+struct Level {
+    factor: f64,
+    offered: f64,
+    admitted_rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    shed: u64,
+    total: u64,
+    other: BTreeMap<u16, u64>,
+}
+
+fn offer(url: &str, creds: &Creds, jobs: &[String], rate: f64, duration: Duration) -> Level {
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    let interval = Duration::from_secs_f64(OPEN_CONNECTIONS as f64 / rate);
+    let per: Vec<(Vec<f64>, BTreeMap<u16, u64>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..OPEN_CONNECTIONS)
+            .map(|c| {
+                let stop = &stop;
+                let job = jobs[c % jobs.len()].clone();
+                s.spawn(move || {
+                    let agent = ureq::AgentBuilder::new()
+                        .max_idle_connections_per_host(1)
+                        .timeout(Duration::from_secs(30))
+                        .build();
+                    let path = format!("/coordinator/jobs/{job}/progress");
+                    // Spread the connections' schedules over one interval.
+                    let t0 = Instant::now() + interval.mul_f64(c as f64 / OPEN_CONNECTIONS as f64);
+                    let mut lat = Vec::new();
+                    let mut statuses = BTreeMap::new();
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let at = t0 + interval.mul_f64(n as f64);
+                        let now = Instant::now();
+                        if at > now {
+                            std::thread::sleep(at - now);
+                        }
+                        let body = format!(r#"{{"percent":{}}}"#, n % 101);
+                        let code = crate::drive::status(signed_request(
+                            &agent,
+                            url,
+                            creds,
+                            "PATCH",
+                            &path,
+                            body.as_bytes(),
+                        ));
+                        if (200..300).contains(&code) {
+                            lat.push(at.elapsed().as_secs_f64() * 1000.0);
+                        }
+                        *statuses.entry(code).or_insert(0u64) += 1;
+                        n += 1;
+                    }
+                    (lat, statuses)
+                })
+            })
+            .collect();
+        std::thread::sleep(duration);
+        stop.store(true, Ordering::Relaxed);
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let wall = started.elapsed().as_secs_f64();
+    let mut lat = Vec::new();
+    let mut statuses = BTreeMap::new();
+    for (l, st) in per {
+        lat.extend(l);
+        for (k, v) in st {
+            *statuses.entry(k).or_insert(0) += v;
+        }
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let shed = statuses.get(&503).copied().unwrap_or(0) + statuses.get(&429).copied().unwrap_or(0);
+    let total = statuses.values().sum();
+    let other = statuses
+        .into_iter()
+        .filter(|(k, _)| !(200..300).contains(k) && *k != 503 && *k != 429)
+        .collect();
+    Level {
+        factor: 0.0,
+        offered: rate,
+        admitted_rps: lat.len() as f64 / wall,
+        p50_ms: percentile(&lat, 0.5),
+        p99_ms: percentile(&lat, 0.99),
+        shed,
+        total,
+        other,
+    }
+}
+
+pub fn run(
+    bin: &str,
+    out_path: &str,
+    conns: usize,
+    duration: Duration,
+    stores: Vec<(&'static str, FreshStore)>,
+    admin_url: &str,
+) {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## Overload: 0.5×, 1× and 2× the sustainable rate (issue 20)\n"
+    );
+    let _ = writeln!(
+        md,
+        "`{}`. Signed `PATCH …/progress` (fresh nonce each). The sustainable rate is the \
+         closed-loop peak at {conns} connections ({}s); each load is then offered open-loop for \
+         {}s by {OPEN_CONNECTIONS} connections, every request sent at its scheduled time. \
+         Latency counts from the scheduled start, for admitted (2xx) requests; refused means \
+         answered 503 or 429. Default settings (`serve`, no tuning).\n",
+        crate::report::command_line(),
+        duration.as_secs(),
+        duration.as_secs()
+    );
+    let _ = writeln!(md, "- Machine: {}", machine());
+    let _ = writeln!(
+        md,
+        "- Date: {}\n",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
+    let _ = writeln!(
+        md,
+        "| backend | load | offered req/s | admitted req/s | p50 ms | p99 ms | refused | other answers |"
+    );
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---|");
+    let mut verdicts = Vec::new();
+    for (backend, store) in stores {
+        let creds = setup_credentials(&store.db, &store.sealer);
+        let server = start_server(bin, &store.db_url, &store.key_b64);
+        let pid = server.child.id();
+        let jobs = running_jobs(&server.url, &creds, OPEN_CONNECTIONS);
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = run_load(
+            &server.url,
+            &creds,
+            Scenario::Progress,
+            conns,
+            Duration::from_secs(1),
+            None,
+            &jobs,
+            pid,
+        );
+        let peak = run_load(
+            &server.url,
+            &creds,
+            Scenario::Progress,
+            conns,
+            duration,
+            None,
+            &jobs,
+            pid,
+        );
+        eprintln!(
+            "overload {backend}: closed-loop peak {:.0} req/s, p99 {:.1} ms",
+            peak.rps, peak.p99_ms
+        );
+        let mut levels = Vec::new();
+        for factor in [0.5, 1.0, 2.0] {
+            let mut l = offer(&server.url, &creds, &jobs, peak.rps * factor, duration);
+            l.factor = factor;
+            eprintln!(
+                "overload {backend} {factor}×: offered {:.0}, admitted {:.0} req/s, p99 {:.1} ms, refused {}/{}",
+                l.offered, l.admitted_rps, l.p99_ms, l.shed, l.total
+            );
+            levels.push(l);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        for l in &levels {
+            let other = l
+                .other
+                .iter()
+                .map(|(k, v)| {
+                    if *k == 0 {
+                        format!("no answer × {v}")
+                    } else {
+                        format!("{k} × {v}")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(
+                md,
+                "| {backend} | {}× | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} % ({}) | {} |",
+                l.factor,
+                l.offered,
+                l.admitted_rps,
+                l.p50_ms,
+                l.p99_ms,
+                l.shed as f64 * 100.0 / l.total.max(1) as f64,
+                l.shed,
+                if other.is_empty() {
+                    "—".into()
+                } else {
+                    other
+                }
+            );
+        }
+        if let (Some(half), Some(double)) = (levels.first(), levels.last()) {
+            verdicts.push(format!(
+                "{backend}: p99 of admitted requests at 2× ÷ at 0.5× = **{:.2}** (goal ≤ 2); refused at 2×: {:.1} %",
+                double.p99_ms / half.p99_ms.max(1e-9),
+                double.shed as f64 * 100.0 / double.total.max(1) as f64
+            ));
+        }
+        drop(server);
+        if backend == "postgres" {
+            crate::drop_postgres_store(store, admin_url);
+        } else {
+            let _ = std::fs::remove_dir_all(&store.dir);
+        }
+    }
+    let _ = writeln!(md);
+    for v in verdicts {
+        let _ = writeln!(md, "- {v}");
+    }
+    crate::report::splice(out_path, "overload", &md);
+}
