@@ -56,17 +56,19 @@ pub fn canonical_v1(
     nonce: &str,
     body: &[u8],
 ) -> String {
-    let body_sha256 = hex::encode(Sha256::digest(body));
-    [
-        "v1",
-        &method.to_ascii_uppercase(),
-        target,
-        caller,
-        timestamp,
-        nonce,
-        &body_sha256,
-    ]
-    .join("\n")
+    // One allocation, sized up front: this runs once per request.
+    let mut out = String::with_capacity(
+        3 + method.len() + target.len() + caller.len() + timestamp.len() + nonce.len() + 5 + 64,
+    );
+    out.push_str("v1\n");
+    out.extend(method.chars().map(|c| c.to_ascii_uppercase()));
+    for part in [target, caller, timestamp, nonce] {
+        out.push('\n');
+        out.push_str(part);
+    }
+    out.push('\n');
+    out.push_str(&hex::encode(Sha256::digest(body)));
+    out
 }
 
 /// Lower-case hex HMAC-SHA256 of `canonical`, keyed by the UTF-8 secret string.
@@ -124,10 +126,9 @@ pub fn v1_headers(method: &str, target: &str, body: &[u8], p: &V1Params<'_>) -> 
 /// Sign one request with `v1`: the headers and the signed string.
 pub fn v1_sign(method: &str, target: &str, body: &[u8], p: &V1Params<'_>) -> V1Signature {
     let canonical = canonical_v1(method, target, p.caller, p.timestamp, p.nonce, body);
-    let mut h = vec![
-        (HEADER_CALLER.to_owned(), p.caller.to_owned()),
-        (HEADER_TIMESTAMP.to_owned(), p.timestamp.to_owned()),
-    ];
+    let mut h = Vec::with_capacity(5);
+    h.push((HEADER_CALLER.to_owned(), p.caller.to_owned()));
+    h.push((HEADER_TIMESTAMP.to_owned(), p.timestamp.to_owned()));
     if !p.nonce.is_empty() {
         h.push((HEADER_NONCE.to_owned(), p.nonce.to_owned()));
     }
