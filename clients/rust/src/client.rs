@@ -743,3 +743,27 @@ impl Client {
         self.call("POST", "/admin/tokens/revoke", Some(&body), &[])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_filter_query_encodes_every_value() {
+        assert_eq!(JobFilter::default().query(), "");
+        let f = JobFilter {
+            queue: Some("ci".into()),
+            statuses: vec!["QUEUED".into(), "RUNNING".into()],
+            kind: Some("a b".into()),
+            created_after: Some("2026-01-01T00:00:00+01:00".into()),
+            created_before: None,
+            limit: Some(10),
+            cursor: Some("x/y=".into()),
+        };
+        assert_eq!(
+            f.query(),
+            "?queue=ci&status=QUEUED&status=RUNNING&kind=a%20b\
+             &createdAfter=2026-01-01T00%3A00%3A00%2B01%3A00&limit=10&cursor=x%2Fy%3D"
+        );
+    }
+}
