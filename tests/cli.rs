@@ -18,11 +18,27 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_coordinator");
 
-/// A temporary working directory with a migrated SQLite database and a master key.
+/// A temporary working directory with a migrated database (SQLite unless made with
+/// [`Env::postgres`]) and a master key.
 struct Env {
     dir: tempfile::TempDir,
     db_url: String,
     master_key: String,
+    /// PostgreSQL: the admin URL and the database to drop afterwards.
+    pg: Option<(String, String)>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        use diesel::connection::SimpleConnection;
+        use diesel::Connection;
+        if let Some((admin, name)) = &self.pg {
+            if let Ok(mut c) = diesel::PgConnection::establish(admin) {
+                let _ =
+                    c.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"));
+            }
+        }
+    }
 }
 
 impl Env {
@@ -34,9 +50,45 @@ impl Env {
             dir,
             db_url,
             master_key: MasterKey::generate().to_base64().to_string(),
+            pg: None,
         };
         env.ok(&["migrate"]);
         env
+    }
+
+    /// Like [`Env::new`] on a fresh PostgreSQL database at `TEST_POSTGRES_URL`; `None`
+    /// (skipped) when none answers, a panic instead with `REQUIRE_POSTGRES=1`.
+    fn postgres() -> Option<Self> {
+        use diesel::connection::SimpleConnection;
+        use diesel::Connection;
+        let admin = std::env::var("TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let mut c = match diesel::PgConnection::establish(&admin) {
+            Ok(c) => c,
+            Err(e) => {
+                assert_ne!(
+                    std::env::var("REQUIRE_POSTGRES").as_deref(),
+                    Ok("1"),
+                    "REQUIRE_POSTGRES=1 but PostgreSQL is not reachable: {e}"
+                );
+                eprintln!("SKIPPED: PostgreSQL CLI test ({e})");
+                return None;
+            }
+        };
+        let name = format!("coord_cli_{}", uuid::Uuid::now_v7().simple());
+        c.batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .unwrap();
+        let (base, _) = admin.rsplit_once('/').unwrap();
+        let env = Env {
+            dir: tempfile::tempdir().unwrap(),
+            db_url: format!("{base}/{name}"),
+            master_key: MasterKey::generate().to_base64().to_string(),
+            pg: Some((admin, name)),
+        };
+        env.ok(&["migrate"]);
+        Some(env)
     }
 
     /// The binary with a clean environment (only what the test sets), run in the
@@ -971,4 +1023,454 @@ fn tokens_issue_revoke_and_rotate() {
         .unwrap();
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stdout).is_empty());
+}
+
+// ---- jobs and queues (issue 15 item 10) -------------------------------------------
+
+/// The binary as a client of `server` with `creds`, in the temporary directory.
+fn client(env: &Env, server: &Server, creds: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut c = env.bare();
+    c.env("COORDINATOR_URL", &server.url).args(args);
+    for (k, v) in creds {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn client_json(env: &Env, server: &Server, creds: &[(&str, &str)], args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = client(env, server, creds, &all);
+    let text = check(out, &all);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{all:?}: not JSON ({e}): {text}"))
+}
+
+/// A job created through `call`; its id.
+fn create(env: &Env, server: &Server, creds: &[(&str, &str)], body: &str) -> String {
+    let out = call(
+        env,
+        server,
+        creds,
+        &["POST", "/coordinator/jobs", "--body", body],
+    );
+    let v: Value = serde_json::from_str(&check(out, &["create"])).unwrap();
+    v["id"].as_str().unwrap().to_owned()
+}
+
+fn jobs_and_queues_commands_on(env: &Env) {
+    env.ok(&["caller", "add", "svc", "--scopes", "all"]);
+    env.ok(&[
+        "caller",
+        "add",
+        "reader",
+        "--scopes",
+        "jobs:read,health:read",
+    ]);
+    let secret = kv(&env.ok(&["secret", "create", "svc"]))["COORDINATOR_HMAC_SECRET"].clone();
+    let reader = kv(&env.ok(&["secret", "create", "reader"]))["COORDINATOR_HMAC_SECRET"].clone();
+    let key = kv(&env.ok(&["key", "issue", "svc"]))["COORDINATOR_CLIENT_API_KEY"].clone();
+    let server = serve(env);
+    let svc = [
+        ("COORDINATOR_CALLER", "svc"),
+        ("COORDINATOR_HMAC_SECRET", secret.as_str()),
+    ];
+    let ro = [
+        ("COORDINATOR_CALLER", "reader"),
+        ("COORDINATOR_HMAC_SECRET", reader.as_str()),
+    ];
+    let a = create(env, &server, &svc, r#"{"kind":"build","queue":"ci"}"#);
+    let b = create(env, &server, &svc, r#"{"kind":"test","queue":"ci"}"#);
+    let other = create(env, &server, &svc, r#"{"kind":"build","queue":"web"}"#);
+
+    // list: a table, newest first, filters, pages with a cursor.
+    let out = client(env, &server, &svc, &["jobs", "list"]);
+    let table = check(out, &["jobs list"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("ID") && lines[0].contains("STATUS"),
+        "{table}"
+    );
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(
+        lines[1].starts_with(&other) && lines[3].starts_with(&a),
+        "{table}"
+    );
+    assert!(
+        lines[3].contains("PENDING") && lines[3].contains("ci"),
+        "{table}"
+    );
+    let page = client_json(
+        env,
+        &server,
+        &svc,
+        &["jobs", "list", "--queue", "ci", "--kind", "build"],
+    );
+    let ids: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [a.as_str()]);
+    let out = client(
+        env,
+        &server,
+        &svc,
+        &["jobs", "list", "--queue", "ci", "--limit", "1"],
+    );
+    let err = stderr(&out);
+    let first = check(out, &["jobs list --limit 1"]);
+    assert!(first.contains(&b) && !first.contains(&a), "{first}");
+    let cursor = err
+        .split("--cursor ")
+        .nth(1)
+        .expect("a cursor on stderr")
+        .trim()
+        .to_owned();
+    let next = client_json(
+        env,
+        &server,
+        &svc,
+        &[
+            "jobs", "list", "--queue", "ci", "--limit", "1", "--cursor", &cursor,
+        ],
+    );
+    assert_eq!(next["items"][0]["id"], a.as_str());
+    let none = client_json(env, &server, &svc, &["jobs", "list", "--status", "running"]);
+    assert_eq!(none["items"], serde_json::json!([]));
+    // A bad value is refused by the command line, a bad filter by the server.
+    let out = client(env, &server, &svc, &["jobs", "list", "--status", "done"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = client(
+        env,
+        &server,
+        &svc,
+        &["jobs", "list", "--created-after", "yesterday"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("HTTP 400") && stderr(&out).contains("createdAfter"),
+        "{}",
+        stderr(&out)
+    );
+
+    // get: the job and its events.
+    let out = client(env, &server, &svc, &["jobs", "get", &a]);
+    let text = check(out, &["jobs get"]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("status") && l.ends_with("PENDING")),
+        "{text}"
+    );
+    assert!(text.contains("EVENT") && text.contains("created"), "{text}");
+    assert_eq!(
+        client_json(env, &server, &svc, &["jobs", "get", &a])["id"],
+        a.as_str()
+    );
+    let out = client(
+        env,
+        &server,
+        &svc,
+        &["jobs", "get", "0192b5c6-0000-7000-8000-000000000000"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("HTTP 404"), "{}", stderr(&out));
+
+    // cancel and retry (redrive); a second cancel is a conflict.
+    let out = client(
+        env,
+        &server,
+        &svc,
+        &["jobs", "cancel", &a, "--reason", "superseded"],
+    );
+    assert_eq!(
+        check(out, &["jobs cancel"]).trim(),
+        format!("{a} CANCELLED")
+    );
+    let j = client_json(env, &server, &svc, &["jobs", "get", &a]);
+    assert_eq!(
+        (j["status"].as_str(), j["message"].as_str()),
+        (Some("CANCELLED"), Some("superseded"))
+    );
+    let out = client(env, &server, &svc, &["jobs", "cancel", &a]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("HTTP 409 Conflict"),
+        "{}",
+        stderr(&out)
+    );
+    let out = client(env, &server, &svc, &["jobs", "retry", &a]);
+    assert_eq!(check(out, &["jobs retry"]).trim(), format!("{a} QUEUED"));
+    // The API key works the same way; a QUEUED job is not redriven.
+    let with_key = [("COORDINATOR_CLIENT_API_KEY", key.as_str())];
+    let out = client(env, &server, &with_key, &["jobs", "retry", &a, "--api-key"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("HTTP 409"), "{}", stderr(&out));
+    let j = client_json(env, &server, &with_key, &["jobs", "get", &a, "--api-key"]);
+    assert_eq!(j["status"], "QUEUED");
+
+    // queues: list, pause (claim hands out nothing), resume, limit, and the scopes.
+    let claim = |creds: &[(&str, &str)]| {
+        call(
+            env,
+            &server,
+            creds,
+            &[
+                "POST",
+                "/coordinator/queues/ci/claim",
+                "--body",
+                r#"{"worker":"w"}"#,
+            ],
+        )
+    };
+    let out = client(env, &server, &svc, &["queues", "pause", "ci"]);
+    assert_eq!(
+        check(out, &["queues pause"]).trim(),
+        "ci paused=true maxRunning=-"
+    );
+    let out = claim(&svc);
+    assert!(stderr(&out).contains("HTTP 204"), "{}", stderr(&out));
+    let out = client(env, &server, &svc, &["queues", "list"]);
+    let table = check(out, &["queues list"]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("ci "))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    // QUEUE PENDING QUEUED RUNNING OLDEST_QUEUED PAUSED MAX_RUNNING
+    assert_eq!(cells[1..4], ["1", "1", "0"], "{table}");
+    assert_eq!(cells[5..], ["true", "-"], "{table}");
+    assert!(
+        table.lines().next().unwrap().starts_with("QUEUE"),
+        "{table}"
+    );
+    let out = client(env, &server, &svc, &["queues", "resume", "ci"]);
+    assert_eq!(
+        check(out, &["queues resume"]).trim(),
+        "ci paused=false maxRunning=-"
+    );
+    let out = client(env, &server, &svc, &["queues", "limit", "ci", "1"]);
+    assert_eq!(
+        check(out, &["queues limit"]).trim(),
+        "ci paused=false maxRunning=1"
+    );
+    let out = claim(&svc);
+    assert!(stderr(&out).contains("HTTP 200"), "{}", stderr(&out));
+    let claimed: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(claimed["id"], a.as_str());
+    // At the limit: nothing more until the running job ends.
+    call(
+        env,
+        &server,
+        &svc,
+        &[
+            "PATCH",
+            &format!("/coordinator/jobs/{b}/status"),
+            "--body",
+            r#"{"status":"QUEUED"}"#,
+        ],
+    );
+    let out = claim(&svc);
+    assert!(stderr(&out).contains("HTTP 204"), "{}", stderr(&out));
+    let q = client_json(env, &server, &svc, &["queues", "limit", "ci", "none"]);
+    assert_eq!(
+        (q["queue"].as_str(), q["maxRunning"].is_null()),
+        (Some("ci"), true)
+    );
+    let all = client_json(env, &server, &ro, &["queues", "list"]);
+    let ci = all["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == "ci")
+        .unwrap()
+        .clone();
+    assert_eq!(ci["depth"]["RUNNING"], 1);
+    assert_eq!(ci["paused"], false);
+    // Scopes are the routes': a reader can list but not pause or cancel.
+    let out = client(env, &server, &ro, &["queues", "pause", "ci"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("HTTP 403"), "{}", stderr(&out));
+    let out = client(env, &server, &ro, &["jobs", "cancel", &b]);
+    assert!(stderr(&out).contains("HTTP 403"), "{}", stderr(&out));
+    assert_eq!(
+        client_json(env, &server, &ro, &["jobs", "get", &b])["status"],
+        "QUEUED"
+    );
+    let out = client(env, &server, &svc, &["queues", "limit", "ci", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = client(env, &server, &svc, &["queues", "pause", "bad/name"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+}
+
+#[test]
+fn jobs_and_queues_commands_sqlite() {
+    jobs_and_queues_commands_on(&Env::new());
+}
+
+#[test]
+fn jobs_and_queues_commands_postgres() {
+    if let Some(env) = Env::postgres() {
+        jobs_and_queues_commands_on(&env);
+    }
+}
+
+// ---- https with a private CA (issue 17) -------------------------------------------
+
+fn tls_fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("clients/rust/tests/tls")
+        .join(name)
+}
+
+/// An HTTPS server (certificate for `localhost` from the client crate's throw-away CA)
+/// answering `{"ok":true}`; its URL and the request heads it received.
+fn tls_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::{Arc, Mutex};
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(tls_fixture("server.pem"))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(tls_fixture("server.key")).unwrap();
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let heads: Arc<Mutex<Vec<String>>> = Arc::default();
+    let record = heads.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, stream);
+            let mut head = String::new();
+            let complete = {
+                let mut reader = BufReader::new(&mut tls);
+                loop {
+                    let mut line = String::new();
+                    match reader.read_line(&mut line) {
+                        Ok(0) | Err(_) => break false,
+                        Ok(_) if line == "\r\n" => break true,
+                        Ok(_) => head.push_str(&line),
+                    }
+                }
+            };
+            if complete {
+                record.lock().unwrap().push(head);
+                let body = r#"{"ok":true}"#;
+                let _ = write!(
+                    tls,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        }
+    });
+    (format!("https://localhost:{port}"), heads)
+}
+
+#[test]
+fn call_and_jobs_speak_https_with_a_private_ca() {
+    let env = Env::new();
+    let secret = HmacSecret::generate();
+    let (url, heads) = tls_server();
+    let ca = tls_fixture("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let run = |args: &[&str], ca_env: Option<&str>| {
+        let mut c = env.bare();
+        c.env("COORDINATOR_URL", &url)
+            .env("COORDINATOR_CALLER", "svc")
+            .env("COORDINATOR_HMAC_SECRET", secret.expose_secret())
+            .args(args);
+        if let Some(f) = ca_env {
+            c.env("COORDINATOR_CA_FILE", f);
+        }
+        c.output().unwrap()
+    };
+    // With the CA (flag or environment) the request is sent, signed, over TLS.
+    let out = run(
+        &["call", "GET", "/coordinator/health", "--ca-file", ca],
+        None,
+    );
+    assert_eq!(check(out, &["call https"]).trim(), r#"{"ok":true}"#);
+    let out = run(&["jobs", "list", "--json"], Some(ca));
+    assert_eq!(
+        serde_json::from_str::<Value>(&check(out, &["jobs https"])).unwrap()["ok"],
+        true
+    );
+    let seen = heads.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(
+        seen[0].starts_with("GET /coordinator/health HTTP/1.1"),
+        "{seen:?}"
+    );
+    assert!(
+        seen[1].starts_with("GET /coordinator/jobs?limit=50 HTTP/1.1"),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|h| h.to_ascii_lowercase().contains("x-coordinator-signature: ")),
+        "{seen:?}"
+    );
+    assert!(!stderr(&run(&["call", "GET", "/", "--ca-file", ca], None)).contains("warning"));
+    // Without it the public roots do not know the CA: nothing is sent.
+    let out = run(&["call", "GET", "/coordinator/health"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).to_lowercase().contains("certificate"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&["queues", "list"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(heads.lock().unwrap().len(), 3);
+    // A CA file that is missing or holds no certificate is a configuration error.
+    let out = run(
+        &["call", "GET", "/", "--ca-file", "/nonexistent/ca.pem"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("COORDINATOR_CA_FILE"),
+        "{}",
+        stderr(&out)
+    );
+    let junk = env.dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let out = run(&["jobs", "list"], Some(junk.to_str().unwrap()));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no PEM certificate"),
+        "{}",
+        stderr(&out)
+    );
+    // Another scheme is refused before anything is sent.
+    let mut c = env.bare();
+    let out = c
+        .env("COORDINATOR_URL", "ftp://localhost:1")
+        .env("COORDINATOR_CALLER", "svc")
+        .env("COORDINATOR_HMAC_SECRET", secret.expose_secret())
+        .args(["call", "GET", "/"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }

@@ -1,5 +1,6 @@
-//! The server's own `v1` signer against the known answers in docs/signing-vectors.json,
-//! which the Python and Rust clients are checked against too: one set of answers for
+//! The server's own `v1` signer and the client crate's (the one Rust signer, which
+//! `sign` and `call` use) against the known answers in docs/signing-vectors.json, which
+//! the Python and Rust clients are checked against too: one set of answers for
 //! every signer, computed by an implementation none of them shares
 //! (scripts/signing_vectors.py).
 #![allow(
@@ -87,6 +88,55 @@ fn v1_vectors_match_the_server_signer() {
         );
         assert!(
             !signing::verify(s(v, "secret"), &changed, &signature),
+            "{name}"
+        );
+    }
+}
+
+/// The signer `coordinator sign` and `call` use (the coordinator-client crate, the one
+/// Rust signer) gives the known answers, header for header, and the server verifies them.
+#[test]
+fn v1_vectors_match_the_client_signer_the_cli_uses() {
+    use coordinator_client::signing::{v1_sign, V1Params};
+    let all = vectors();
+    for v in all["v1"].as_array().expect("a v1 list") {
+        let name = s(v, "name");
+        let key_version = v["key_version"]
+            .as_u64()
+            .map(|n| u32::try_from(n).expect("a small version"));
+        let p = V1Params {
+            caller: s(v, "caller"),
+            secret: s(v, "secret"),
+            key_version,
+            timestamp: s(v, "timestamp"),
+            nonce: s(v, "nonce"),
+        };
+        let signed = v1_sign(s(v, "method"), s(v, "target"), s(v, "body").as_bytes(), &p);
+        assert_eq!(signed.canonical, s(v, "canonical"), "{name}");
+        let expected: Vec<(String, String)> = v["headers"]
+            .as_object()
+            .expect("headers")
+            .iter()
+            .map(|(k, x)| {
+                (
+                    k.to_ascii_lowercase(),
+                    x.as_str().expect("a string").to_owned(),
+                )
+            })
+            .collect();
+        let mut got: Vec<(String, String)> = signed
+            .headers
+            .iter()
+            .map(|(k, x)| (k.to_ascii_lowercase(), x.clone()))
+            .collect();
+        let mut want = expected.clone();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "{name}");
+        let sig = &signed.headers.last().expect("a signature").1;
+        assert_eq!(sig, s(v, "signature"), "{name}");
+        assert!(
+            signing::verify(s(v, "secret"), &signed.canonical, sig),
             "{name}"
         );
     }

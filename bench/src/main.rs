@@ -8,7 +8,8 @@
 //!
 //! Other modes, each writing its own section of the report: `--webhooks` (issue 22),
 //! `--peer DIR` (side by side with the Node peer, issue 14), `--soak MINUTES` (issue 14),
-//! `--overload` (0.5×/1×/2× the sustainable rate, issue 20).
+//! `--overload` (0.5×/1×/2× the sustainable rate, issue 20); `--signers` (issue 17)
+//! prints the client crate's signer against the previous one.
 //!
 //! Environment: `BENCH_DURATION_SECS` (default 5), `BENCH_CONNECTIONS` (32),
 //! `BENCH_BACKENDS` (`sqlite,postgres`), `TEST_POSTGRES_URL` (admin URL), `BENCH_OUT`,
@@ -28,6 +29,7 @@ mod drive;
 mod overload;
 mod peer;
 mod report;
+mod signers;
 mod soak;
 mod webhooks;
 
@@ -101,7 +103,7 @@ fn store_at(dir: std::path::PathBuf, db_url: String) -> FreshStore {
 }
 
 use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{signing, webhook_sig, Scope};
+use coordinator::auth::{webhook_sig, Scope};
 use coordinator::config::DbConfig;
 use coordinator::crypto::credential::WebhookSecret;
 use coordinator::crypto::seal::{MasterKey, Sealer};
@@ -253,6 +255,21 @@ fn setup_credentials(db: &Db, sealer: &Sealer) -> Creds {
     }
 }
 
+/// The `v1` headers for one request, signed now with a fresh nonce by the client crate
+/// (the one Rust signer; `--signers` compares it with the server's own functions).
+fn v1(creds: &Creds, method: &str, path: &str, body: &[u8]) -> Vec<(String, String)> {
+    let ts = now_secs().to_string();
+    let nonce = uuid::Uuid::now_v7().simple().to_string();
+    let p = coordinator_client::signing::V1Params {
+        caller: &creds.caller,
+        secret: &creds.secret,
+        key_version: None,
+        timestamp: &ts,
+        nonce: &nonce,
+    };
+    coordinator_client::signing::v1_headers(method, path, body, &p)
+}
+
 fn signed(
     agent: &ureq::Agent,
     url: &str,
@@ -273,17 +290,12 @@ fn signed_request(
     path: &str,
     body: &[u8],
 ) -> Result<ureq::Response, ureq::Error> {
-    let ts = now_secs().to_string();
-    let nonce = uuid::Uuid::now_v7().simple().to_string();
-    let canonical = signing::canonical(method, path, &creds.caller, &ts, &nonce, body);
-    let sig = signing::sign(&creds.secret, &canonical);
-    let req = agent
+    let mut req = agent
         .request(method, &format!("{url}{path}"))
-        .set("X-Coordinator-Caller", &creds.caller)
-        .set("X-Coordinator-Timestamp", &ts)
-        .set("X-Coordinator-Nonce", &nonce)
-        .set("X-Coordinator-Signature", &sig)
         .set("content-type", "application/json");
+    for (k, v) in v1(creds, method, path, body) {
+        req = req.set(&k, &v);
+    }
     if body.is_empty() && method == "GET" {
         req.call()
     } else {
@@ -500,26 +512,14 @@ fn running_jobs(url: &str, creds: &Creds, n: usize) -> Vec<String> {
     let agent = ureq::AgentBuilder::new().build();
     (0..n)
         .map(|_| {
-            let ts = now_secs().to_string();
             let body = br#"{"kind":"bench","queue":"bench"}"#;
-            let nonce = uuid::Uuid::now_v7().simple().to_string();
-            let c = signing::canonical(
-                "POST",
-                "/coordinator/jobs",
-                &creds.caller,
-                &ts,
-                &nonce,
-                body,
-            );
-            let resp = agent
+            let mut req = agent
                 .post(&format!("{url}/coordinator/jobs"))
-                .set("X-Coordinator-Caller", &creds.caller)
-                .set("X-Coordinator-Timestamp", &ts)
-                .set("X-Coordinator-Nonce", &nonce)
-                .set("X-Coordinator-Signature", &signing::sign(&creds.secret, &c))
-                .set("content-type", "application/json")
-                .send_bytes(body)
-                .expect("create");
+                .set("content-type", "application/json");
+            for (k, v) in v1(creds, "POST", "/coordinator/jobs", body) {
+                req = req.set(&k, &v);
+            }
+            let resp = req.send_bytes(body).expect("create");
             let v: serde_json::Value = serde_json::from_reader(resp.into_reader()).unwrap();
             let id = v["id"].as_str().unwrap().to_owned();
             for s in ["QUEUED", "RUNNING"] {
@@ -982,12 +982,19 @@ fn main() {
         overload::run(&bin, &out, conns, duration, stores, &admin_url);
         return;
     }
+    if args.iter().any(|a| a == "--signers") {
+        signers::run(&bin, duration);
+        return;
+    }
     if args.iter().any(|a| a == "--webhooks") {
         webhooks::run(&bin, &out, duration);
         return;
     }
     if let Some(other) = args.first() {
-        panic!("unknown argument {other}: use --soak MINUTES, --peer DIR, --webhooks, --overload or none");
+        panic!(
+            "unknown argument {other}: use --soak MINUTES, --peer DIR, --webhooks, --overload, \
+             --signers or none"
+        );
     }
 
     let mut rows = Vec::new();

@@ -198,6 +198,21 @@ impl Revocations {
             .await
     }
 
+    /// Was this job cancelled? Asked only once a token for it turned out revoked, so
+    /// that its worker learns "cancelled" (409) rather than a bare "revoked" (401).
+    pub async fn job_cancelled(&self, job_id: &crate::jobs::JobId) -> Result<bool, StoreError> {
+        let id = job_id.clone();
+        match self
+            .db
+            .read(move |conn| crate::jobs::repo::find(conn, &id))
+            .await
+        {
+            Ok(row) => Ok(row.status() == crate::jobs::JobStatus::Cancelled),
+            Err(StoreError::NotFound) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// One poll: incremental (or a full reload every `FULL_RELOAD`), and the occasional
     /// bounded purge of the table.
     pub async fn poll(&self) -> Result<(), StoreError> {

@@ -403,6 +403,13 @@ pub async fn verify_header(
         .is_revoked(&claims.jti, job_id.as_str(), claims.att)
         .await?
     {
+        // A validly signed token whose job was cancelled: its holder is the worker that
+        // was running it, and "cancelled" (409) is the signal it acts on, where a bare
+        // "revoked" (401) would look like a credential fault. The token still grants
+        // nothing; a revoked token of a job in any other state stays a 401.
+        if ctx.revocations.job_cancelled(&job_id).await? {
+            return Err(ApiError::JobCancelled);
+        }
         return Err(fail("revoked"));
     }
     match ctx.store.caller(&caller).await? {

@@ -3,18 +3,17 @@
 //! 400 or more exits non-zero. `--explain` on a 401 puts the server's signed string
 //! beside this client's, component by component.
 
-use std::time::Duration;
-
-use anyhow::{anyhow, bail};
+use anyhow::bail;
 use clap::Args;
+use coordinator_client::signing::V1Signature;
+use coordinator_client::Credentials;
 use serde_json::{json, Value};
 
-use super::client::{self, BodyArgs, ClientEnv, Signed};
+use super::client::{self, BodyArgs, ClientEnv, ConnArgs, HmacCredentials};
 use super::client::{VAR_API_KEY, VAR_CALLER, VAR_HMAC_SECRET, VAR_URL};
 use super::common::{print_json, OutputArgs};
 use crate::config::ConfigError;
-
-const TIMEOUT: Duration = Duration::from_secs(30);
+use crate::crypto::credential::ApiKey;
 
 #[derive(Debug, Args)]
 pub struct CallArgs {
@@ -36,6 +35,8 @@ pub struct CallArgs {
     #[arg(long, conflicts_with = "api_key")]
     pub explain: bool,
     #[command(flatten)]
+    pub conn: ConnArgs,
+    #[command(flatten)]
     pub output: OutputArgs,
 }
 
@@ -46,6 +47,15 @@ struct Comparison {
     server: String,
 }
 
+/// What was signed, for `--explain`.
+struct Signed {
+    signature: V1Signature,
+    caller: String,
+    key_version: Option<u32>,
+    secret_prefix: String,
+    timestamp: String,
+}
+
 pub fn run(args: CallArgs) -> anyhow::Result<()> {
     let needed: &[&str] = if args.api_key {
         &[VAR_API_KEY]
@@ -53,83 +63,62 @@ pub fn run(args: CallArgs) -> anyhow::Result<()> {
         &[VAR_CALLER, VAR_HMAC_SECRET]
     };
     let env = ClientEnv::load(needed)?;
-    let base = env.url();
-    if !base.starts_with("http://") {
-        return Err(ConfigError(format!(
-            "invalid {VAR_URL}: expected http://HOST:PORT (this client has no TLS; \
-             put it behind a TLS-terminating proxy or use curl)"
-        ))
-        .into());
-    }
     let body = args.body.read()?;
-    let agent = ureq::AgentBuilder::new()
-        .redirects(0) // a redirect would send the signature for another target
-        .timeout(TIMEOUT)
-        .build();
-    let url = format!("{base}{}", args.path);
-    let mut req = agent.request(&args.method, &url);
-    // Sign the target exactly as ureq will put it on the request line.
-    let sent = req
-        .request_url()
-        .map_err(|e| ConfigError(format!("invalid {VAR_URL} or path: {e}")))?;
-    let target = match sent.as_url().query() {
-        Some(q) if !q.is_empty() => format!("{}?{q}", sent.path()),
-        _ => sent.path().to_owned(),
-    };
-    if target != args.path && !args.output.json {
-        eprintln!("note: the request target is sent as {target}");
-    }
-    if !is_loopback_host(sent.host()) {
-        // Nothing protects the request on the way: an API key can be replayed by anyone
-        // who sees it, a signed request within the timestamp window elsewhere.
-        eprintln!(
-            "warning: sending {} to {base} over plain http: anyone on the path can read it; \
-             put the service behind TLS and call it through a local proxy",
-            if args.api_key {
-                "an API key"
-            } else {
-                "a signed request"
-            }
-        );
-    }
-
-    let mut signed: Option<(Signed, String)> = None;
-    if args.api_key {
-        let key = env.api_key()?;
-        req = req.set("X-API-Key", key.expose_secret());
+    let (auth, what) = if args.api_key {
+        (Auth::ApiKey(env.api_key()?), "an API key")
     } else {
-        let creds = env.hmac()?;
-        let ts = client::now_timestamp();
-        let s = client::sign_request(
-            &creds,
-            &args.method,
-            &target,
-            &ts,
-            &client::random_nonce(),
-            &body,
-        );
-        for (h, v) in &s.headers {
-            req = req.set(h, v);
-        }
-        signed = Some((s, ts));
-    }
-    if !body.is_empty() {
-        req = req.set("Content-Type", &args.content_type);
-    }
-
-    let resp = match req.send_bytes(&body) {
-        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-        Err(ureq::Error::Transport(t)) => bail!("request to {url} failed: {t}"),
+        (Auth::Hmac(env.hmac()?), "a signed request")
     };
-    let status = resp.status();
-    let status_text = resp.status_text().to_owned();
-    let text = resp
-        .into_string()
-        .map_err(|e| anyhow!("cannot read the response body: {e}"))?;
+    // Signed below, in `send_once`, for the exact target sent.
+    let client = client::connect(&env, &args.conn, Credentials::None, what)?;
+    let url = format!("{}{}", client.base(), args.path);
+
+    let mut signed: Option<Signed> = None;
+    let mut headers: Vec<(&str, &str)> = Vec::new();
+    if !body.is_empty() {
+        headers.push(("Content-Type", &args.content_type));
+    }
+    let answer = client.send_once(&args.method, &args.path, &body, &headers, |_, target| {
+        if target != args.path && !args.output.json {
+            eprintln!("note: the request target is sent as {target}");
+        }
+        Ok(match &auth {
+            Auth::ApiKey(key) => vec![("X-API-Key".to_owned(), key.expose_secret().to_owned())],
+            Auth::Hmac(creds) => {
+                let timestamp = client::now_timestamp();
+                let signature = creds.sign(
+                    &args.method,
+                    target,
+                    &timestamp,
+                    &client::random_nonce(),
+                    &body,
+                );
+                let headers = signature.headers.clone();
+                signed = Some(Signed {
+                    signature,
+                    caller: creds.caller.clone(),
+                    key_version: creds.key_version,
+                    secret_prefix: creds.secret_prefix(),
+                    timestamp,
+                });
+                headers
+            }
+        })
+    });
+    let resp = match answer {
+        Ok(r) => r,
+        Err(coordinator_client::Error::Invalid(why)) => {
+            return Err(ConfigError(format!("invalid {VAR_URL} or path: {why}")).into())
+        }
+        Err(e) => bail!("request to {url} failed: {e}"),
+    };
+    let status = resp.status;
+    let status_text = status_text(status);
+    let text = resp.text();
     let parsed: Option<Value> = serde_json::from_str(&text).ok();
 
     let comparison = match (&signed, &parsed) {
-        (Some((s, _)), Some(problem)) if args.explain && status == 401 => problem
+        (Some(s), Some(problem)) if args.explain && status == 401 => problem
             .get("canonical")
             .and_then(Value::as_str)
             .map(|c| compare(s, c)),
@@ -174,26 +163,47 @@ pub fn run(args: CallArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `localhost` (or a name under it) or a loopback address: traffic that never leaves
-/// the machine.
-fn is_loopback_host(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
-        return true;
+enum Auth {
+    ApiKey(ApiKey),
+    Hmac(HmacCredentials),
+}
+
+/// The reason phrase of a status this service sends (the client keeps none).
+fn status_text(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        413 => "Payload Too Large",
+        415 => "Unsupported Media Type",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "",
     }
-    host.parse::<std::net::IpAddr>()
-        .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Pair the client's components with the server's signed string split on `\n`.
 fn compare(signed: &Signed, server_canonical: &str) -> Vec<Comparison> {
     let mut server = server_canonical.split('\n');
     let mut out: Vec<Comparison> = signed
-        .components
-        .iter()
+        .signature
+        .components()
+        .into_iter()
         .map(|(name, client)| Comparison {
             name,
-            client: client.clone(),
+            client: client.to_owned(),
             server: server.next().unwrap_or_default().to_owned(),
         })
         .collect();
@@ -211,7 +221,7 @@ fn compare(signed: &Signed, server_canonical: &str) -> Vec<Comparison> {
 fn explain_text(
     comparison: Option<&[Comparison]>,
     problem: Option<&Value>,
-    signed: Option<&(Signed, String)>,
+    signed: Option<&Signed>,
 ) {
     let reason = problem
         .and_then(|p| p.get("reason").or_else(|| p.get("detail")))
@@ -230,7 +240,7 @@ fn explain_text(
                 eprintln!("  {:<width$}  server: {}", "", c.server);
             }
         }
-        if let (true, Some((s, _))) = (cmp.iter().all(|c| c.client == c.server), signed) {
+        if let (true, Some(s)) = (cmp.iter().all(|c| c.client == c.server), signed) {
             let version = match s.key_version {
                 Some(v) => format!("version {v} (COORDINATOR_KEY_VERSION)"),
                 None => "no version (the server tried its active versions)".to_owned(),
@@ -247,7 +257,7 @@ fn explain_text(
     let server_time = problem
         .and_then(|p| p.get("server_time"))
         .and_then(Value::as_i64);
-    let client_time = signed.and_then(|(_, ts)| ts.parse::<i64>().ok());
+    let client_time = signed.and_then(|s| s.timestamp.parse::<i64>().ok());
     if let (Some(server), Some(client)) = (server_time, client_time) {
         eprintln!(
             "server time {server}, client timestamp {client}: the clocks differ by {}s",
@@ -261,31 +271,7 @@ fn explain_text(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::client::HmacCredentials;
     use crate::crypto::credential::HmacSecret;
-
-    #[test]
-    fn loopback_hosts() {
-        for host in [
-            "127.0.0.1",
-            "127.8.9.1",
-            "localhost",
-            "LOCALHOST",
-            "a.localhost",
-            "[::1]",
-        ] {
-            assert!(is_loopback_host(host), "{host}");
-        }
-        for host in [
-            "10.0.0.1",
-            "0.0.0.0",
-            "example.com",
-            "localhost.example.com",
-            "[::]",
-        ] {
-            assert!(!is_loopback_host(host), "{host}");
-        }
-    }
 
     #[test]
     fn compare_marks_the_differing_component() {
@@ -294,9 +280,16 @@ mod tests {
             secret: HmacSecret::generate(),
             key_version: None,
         };
-        let s = client::sign_request(&creds, "GET", "/a?b=1", "1700000000", "n1", b"");
+        let signature = creds.sign("GET", "/a?b=1", "1700000000", "n1", b"");
         // A proxy that rewrote the path: the server saw another target.
-        let server = s.canonical.replace("/a?b=1", "/api/a?b=1");
+        let server = signature.canonical.replace("/a?b=1", "/api/a?b=1");
+        let s = Signed {
+            signature,
+            caller: "svc".into(),
+            key_version: None,
+            secret_prefix: String::new(),
+            timestamp: "1700000000".into(),
+        };
         let cmp = compare(&s, &server);
         let differing: Vec<&str> = cmp
             .iter()
@@ -310,5 +303,11 @@ mod tests {
         let short = compare(&s, "v1\nGET");
         assert_eq!(short.len(), 7);
         assert_eq!(short.last().map(|c| c.server.as_str()), Some(""));
+    }
+
+    #[test]
+    fn status_texts() {
+        assert_eq!(status_text(401), "Unauthorized");
+        assert_eq!(status_text(299), "");
     }
 }

@@ -17,7 +17,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
-use crate::auth::signing::{self, CanonicalRequest};
+use coordinator_client::signing::{self, V1Params, V1Signature};
+use coordinator_client::{Client, ClientOptions, Credentials};
+
 use crate::config::ConfigError;
 use crate::crypto::credential::{ApiKey, HmacSecret};
 
@@ -31,13 +33,6 @@ pub const DEFAULT_URL: &str = "http://127.0.0.1:8080";
 /// The variables that name a credential: any of them set in the environment makes the
 /// environment the only source.
 pub const CREDENTIAL_VARS: [&str; 4] = [VAR_CALLER, VAR_HMAC_SECRET, VAR_KEY_VERSION, VAR_API_KEY];
-
-/// The signature headers as sent, in the order they are printed.
-pub const H_CALLER: &str = "X-Coordinator-Caller";
-pub const H_TIMESTAMP: &str = "X-Coordinator-Timestamp";
-pub const H_NONCE: &str = "X-Coordinator-Nonce";
-pub const H_KEY_VERSION: &str = "X-Coordinator-Key-Version";
-pub const H_SIGNATURE: &str = "X-Coordinator-Signature";
 
 /// The client's variables, all from one source.
 pub struct ClientEnv {
@@ -130,7 +125,7 @@ impl ClientEnv {
     /// The caller name, HMAC secret and optional key version, validated.
     pub fn hmac(&self) -> anyhow::Result<HmacCredentials> {
         let caller = self.get(VAR_CALLER).unwrap_or_default();
-        if !signing::is_valid_caller_name(&caller) {
+        if !crate::auth::signing::is_valid_caller_name(&caller) {
             return Err(invalid(VAR_CALLER, "must match ^[a-z][a-z0-9_-]{0,31}$"));
         }
         let secret_text = zeroize::Zeroizing::new(self.get(VAR_HMAC_SECRET).unwrap_or_default());
@@ -138,7 +133,7 @@ impl ClientEnv {
             HmacSecret::parse(secret_text.trim()).map_err(|e| invalid(VAR_HMAC_SECRET, e))?;
         let key_version = match self.get(VAR_KEY_VERSION) {
             None => None,
-            Some(v) => match v.trim().parse::<i32>() {
+            Some(v) => match v.trim().parse::<u32>() {
                 Ok(n) if n > 0 => Some(n),
                 _ => return Err(invalid(VAR_KEY_VERSION, "must be a positive integer")),
             },
@@ -165,7 +160,7 @@ fn invalid(var: &str, why: impl std::fmt::Display) -> anyhow::Error {
 pub struct HmacCredentials {
     pub caller: String,
     pub secret: HmacSecret,
-    pub key_version: Option<i32>,
+    pub key_version: Option<u32>,
 }
 
 /// A request body from `--body` or `--body-file` (at most one; none is empty).
@@ -199,63 +194,133 @@ impl BodyArgs {
     }
 }
 
-/// The signature headers of one request, and what was signed.
-pub struct Signed {
-    /// `(header, value)` in the order of [`H_CALLER`] … [`H_SIGNATURE`].
-    pub headers: Vec<(&'static str, String)>,
-    pub canonical: String,
-    /// The signed string's seven components, for `--explain`.
-    pub components: Vec<(&'static str, String)>,
-    /// Who signed, with which version and which secret (its display prefix only), for
-    /// `--explain`.
-    pub caller: String,
-    pub key_version: Option<i32>,
-    pub secret_prefix: String,
+/// `--ca-file`, taken by every command that calls the server.
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// PEM file of the CA that issued the server's certificate, for an https://
+    /// COORDINATOR_URL signed by a private CA (default: the public webpki roots).
+    #[arg(long, env = "COORDINATOR_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
-/// Sign a request exactly as the server will check it: the same
-/// [`CanonicalRequest`] the middleware builds, then HMAC-SHA256 keyed by the secret.
-/// `nonce` is `""` for none.
-pub fn sign_request(
-    creds: &HmacCredentials,
-    method: &str,
-    target: &str,
-    timestamp: &str,
-    nonce: &str,
-    body: &[u8],
-) -> Signed {
-    let req = CanonicalRequest::new(method, target, &creds.caller, timestamp, nonce, body);
-    let canonical = req.to_signed_string();
-    let signature = signing::sign(creds.secret.expose_secret(), &canonical);
-    let mut headers = vec![
-        (H_CALLER, creds.caller.clone()),
-        (H_TIMESTAMP, timestamp.to_owned()),
-    ];
-    if !nonce.is_empty() {
-        headers.push((H_NONCE, nonce.to_owned()));
+/// The coordinator-client [`Client`] for `env`'s URL with `credentials`: the one HTTP
+/// client and signer of the Rust code. `http://` and `https://` only; sending `what`
+/// (e.g. "a signed request") over plain http to another machine gets a warning on
+/// stderr.
+pub fn connect(
+    env: &ClientEnv,
+    conn: &ConnArgs,
+    credentials: Credentials,
+    what: &str,
+) -> anyhow::Result<Client> {
+    let base = env.url();
+    let scheme = base.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    match scheme.as_deref() {
+        Some("https") => {}
+        Some("http") => {
+            let host = host_of(&base);
+            if !is_loopback_host(host) {
+                // Nothing protects the request on the way: an API key can be replayed by
+                // anyone who sees it, a signed request within the timestamp window
+                // elsewhere.
+                eprintln!(
+                    "warning: sending {what} to {base} over plain http: anyone on the \
+                     path can read it; use an https:// {VAR_URL} (with --ca-file for a \
+                     private CA)"
+                );
+            }
+        }
+        _ => {
+            return Err(ConfigError(format!(
+                "invalid {VAR_URL}: expected http://HOST:PORT or https://HOST:PORT"
+            ))
+            .into())
+        }
     }
-    if let Some(v) = creds.key_version {
-        headers.push((H_KEY_VERSION, v.to_string()));
+    if let Some(path) = &conn.ca_file {
+        if !path.is_file() {
+            return Err(ConfigError(format!(
+                "invalid COORDINATOR_CA_FILE: {} is not a readable file",
+                path.display()
+            ))
+            .into());
+        }
     }
-    headers.push((H_SIGNATURE, signature));
-    Signed {
-        headers,
-        components: req.components(),
-        canonical,
-        caller: creds.caller.clone(),
-        key_version: creds.key_version,
-        secret_prefix: super::secret::display_prefix(creds.secret.expose_secret()),
+    let options = ClientOptions {
+        timeout: TIMEOUT,
+        ca_file: conn.ca_file.clone(),
+    };
+    Client::with_options(&base, credentials, &options)
+        .map_err(|e| ConfigError(format!("cannot set up the client: {e}")).into())
+}
+
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The host of an `http(s)://host:port/…` URL, as spelled.
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let hostport = authority.rsplit('@').next().unwrap_or(authority);
+    if hostport.starts_with('[') {
+        return hostport.split_inclusive(']').next().unwrap_or(hostport);
+    }
+    hostport.split(':').next().unwrap_or(hostport)
+}
+
+/// `localhost` (or a name under it) or a loopback address: traffic that never leaves
+/// the machine.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl HmacCredentials {
+    /// As coordinator-client credentials (`v1` signatures).
+    pub fn to_client(&self) -> Credentials {
+        Credentials::V1 {
+            caller: self.caller.clone(),
+            secret: self.secret.expose_secret().to_owned(),
+            key_version: self.key_version,
+        }
+    }
+
+    /// The secret's display prefix (never the secret), for `--explain`.
+    pub fn secret_prefix(&self) -> String {
+        super::secret::display_prefix(self.secret.expose_secret())
+    }
+
+    /// Sign one request with the client crate's `v1` signer.
+    pub fn sign(
+        &self,
+        method: &str,
+        target: &str,
+        timestamp: &str,
+        nonce: &str,
+        body: &[u8],
+    ) -> V1Signature {
+        let params = V1Params {
+            caller: &self.caller,
+            secret: self.secret.expose_secret(),
+            key_version: self.key_version,
+            timestamp,
+            nonce,
+        };
+        signing::v1_sign(method, target, body, &params)
     }
 }
 
 /// A fresh nonce: 32 random hex characters.
 pub fn random_nonce() -> String {
-    hex::encode(crate::crypto::random_bytes::<16>())
+    signing::new_nonce()
 }
 
 /// The current unix time in seconds, as the timestamp header carries it.
 pub fn now_timestamp() -> String {
-    (crate::db::now_millis() / 1000).to_string()
+    signing::now_secs().to_string()
 }
 
 /// Clap value parser: a nonce the server accepts (1–64 of `[A-Za-z0-9_-]`).
@@ -301,20 +366,24 @@ pub fn parse_target(text: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::signing as server;
+    use crate::crypto::credential::HmacSecret;
 
     #[test]
     fn header_names_match_the_server() {
-        for (shown, server) in [
-            (H_CALLER, signing::HEADER_CALLER),
-            (H_TIMESTAMP, signing::HEADER_TIMESTAMP),
-            (H_NONCE, signing::HEADER_NONCE),
-            (H_KEY_VERSION, signing::HEADER_KEY_VERSION),
-            (H_SIGNATURE, signing::HEADER_SIGNATURE),
+        for (client, srv) in [
+            (signing::HEADER_CALLER, server::HEADER_CALLER),
+            (signing::HEADER_TIMESTAMP, server::HEADER_TIMESTAMP),
+            (signing::HEADER_NONCE, server::HEADER_NONCE),
+            (signing::HEADER_KEY_VERSION, server::HEADER_KEY_VERSION),
+            (signing::HEADER_SIGNATURE, server::HEADER_SIGNATURE),
         ] {
-            assert!(shown.eq_ignore_ascii_case(server), "{shown}");
+            assert!(client.eq_ignore_ascii_case(srv), "{client}");
         }
     }
 
+    /// The client crate's signer, as the CLI uses it, builds the server's signed string
+    /// and component names, and the server's verifier accepts its signature.
     #[test]
     fn signs_like_the_server() {
         let creds = HmacCredentials {
@@ -324,34 +393,69 @@ mod tests {
             key_version: Some(2),
         };
         let body = br#"{"kind":"build"}"#;
-        let s = sign_request(
-            &creds,
-            "post",
-            "/coordinator/jobs?b=2&a=1",
-            "1700000000",
-            "n-1_abc",
-            body,
-        );
-        let expected = signing::canonical(
-            "POST",
-            "/coordinator/jobs?b=2&a=1",
-            "svc",
-            "1700000000",
-            "n-1_abc",
-            body,
-        );
-        assert_eq!(s.canonical, expected);
-        let names: Vec<_> = s.headers.iter().map(|(h, _)| *h).collect();
+        let target = "/coordinator/jobs?b=2&a=1";
+        let s = creds.sign("post", target, "1700000000", "n-1_abc", body);
+        let server_req =
+            server::CanonicalRequest::new("POST", target, "svc", "1700000000", "n-1_abc", body);
+        assert_eq!(s.canonical, server_req.to_signed_string());
+        let ours: Vec<(&str, String)> = s
+            .components()
+            .into_iter()
+            .map(|(n, v)| (n, v.to_owned()))
+            .collect();
+        assert_eq!(ours, server_req.components());
+        let names: Vec<_> = s.headers.iter().map(|(h, _)| h.as_str()).collect();
         assert_eq!(
             names,
-            [H_CALLER, H_TIMESTAMP, H_NONCE, H_KEY_VERSION, H_SIGNATURE]
+            [
+                signing::HEADER_CALLER,
+                signing::HEADER_TIMESTAMP,
+                signing::HEADER_NONCE,
+                signing::HEADER_KEY_VERSION,
+                signing::HEADER_SIGNATURE
+            ]
         );
+        let sig = s.headers.last().map(|(_, v)| v.as_str()).unwrap();
         assert_eq!(
-            s.headers.last().map(|(_, v)| v.as_str()),
-            Some("4bfc5bbd579d98fd67445a802a82004eb2d80ba6302568aa6499062f92027957")
+            sig,
+            "4bfc5bbd579d98fd67445a802a82004eb2d80ba6302568aa6499062f92027957"
         );
-        let no_nonce = sign_request(&creds, "GET", "/", "1", "", b"");
-        assert!(no_nonce.headers.iter().all(|(h, _)| *h != H_NONCE));
+        assert!(server::verify(
+            creds.secret.expose_secret(),
+            &s.canonical,
+            sig
+        ));
+        let no_nonce = creds.sign("GET", "/", "1", "", b"");
+        assert!(no_nonce
+            .headers
+            .iter()
+            .all(|(h, _)| h != signing::HEADER_NONCE));
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for host in [
+            "127.0.0.1",
+            "127.8.9.1",
+            "localhost",
+            "LOCALHOST",
+            "a.localhost",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "10.0.0.1",
+            "0.0.0.0",
+            "example.com",
+            "localhost.example.com",
+            "[::]",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+        assert_eq!(host_of("http://127.0.0.1:8080"), "127.0.0.1");
+        assert_eq!(host_of("https://u@Example.com/x"), "Example.com");
+        assert_eq!(host_of("http://[::1]:80"), "[::1]");
     }
 
     #[test]

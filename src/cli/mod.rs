@@ -18,6 +18,7 @@ mod client;
 mod common;
 pub mod dev;
 pub mod env_file;
+mod jobs;
 mod key;
 mod secret;
 mod sign;
@@ -75,6 +76,10 @@ pub enum Command {
     Sign(sign::SignArgs),
     /// Sign and send a request to COORDINATOR_URL; print the response.
     Call(call::CallArgs),
+    /// List, inspect, cancel and redrive jobs over HTTP (credentials as for `call`).
+    Jobs(jobs::JobsArgs),
+    /// List queues; pause, resume or limit one over HTTP (credentials as for `call`).
+    Queues(jobs::QueuesArgs),
 }
 
 /// How a command ended: `Config` errors exit with code 2, others with 1.
@@ -101,6 +106,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Token(cmd) => cmd.run().map_err(classify),
         Command::Sign(args) => sign::run(args).map_err(classify),
         Command::Call(args) => call::run(args).map_err(classify),
+        Command::Jobs(args) => args.run().map_err(classify),
+        Command::Queues(args) => args.run().map_err(classify),
     }
 }
 

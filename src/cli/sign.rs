@@ -40,12 +40,12 @@ pub fn run(args: SignArgs) -> anyhow::Result<()> {
         (false, None) => client::random_nonce(),
     };
     let timestamp = args.timestamp.unwrap_or_else(client::now_timestamp);
-    let signed = client::sign_request(&creds, &args.method, &args.path, &timestamp, &nonce, &body);
+    let signed = creds.sign(&args.method, &args.path, &timestamp, &nonce, &body);
     if args.output.json {
         let headers: Map<String, Value> = signed
             .headers
             .iter()
-            .map(|(h, v)| ((*h).to_owned(), Value::String(v.clone())))
+            .map(|(h, v)| (h.clone(), Value::String(v.clone())))
             .collect();
         return print_json(&json!({
             "method": args.method,

@@ -513,8 +513,8 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> ApiResult<Htt
     summary = "Cancel a job",
     description = "Any non-terminal job → CANCELLED (event `cancelled`), its job tokens \
         revoked at once. The worker's next heartbeat, progress or other change, sent with \
-        its caller credential, is a 409 of type `urn:coordinator:problem:job-cancelled`; \
-        its job token is refused (401 `revoked`). A job token cannot cancel (403). An \
+        its caller credential or with its (now revoked) job token, is a 409 of type \
+        `urn:coordinator:problem:job-cancelled`. A job token cannot cancel (403). An \
         empty body reads as `{}`.",
     params(JobIdParam),
     request_body(content = CancelJob, content_type = "application/json"),

@@ -16,7 +16,7 @@ use diesel::Connection;
 use serde_json::{json, Value};
 
 use crate::backend_tests;
-use crate::helpers::{now_secs, send, try_send, Backend, Resp, Signer, TestApp};
+use crate::helpers::{jti_of, now_secs, send, try_send, Backend, Resp, Signer, TestApp};
 
 backend_tests!(
     two_instances_lose_no_progress_update,
@@ -197,16 +197,6 @@ struct Creds {
     key: String,
     unknown_key: String,
     revoked_token: String,
-}
-
-fn jti_of(token: &str) -> String {
-    use base64::Engine;
-    let claims = token.split('.').nth(1).expect("JWT claims");
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(claims)
-        .expect("base64url claims");
-    let v: Value = serde_json::from_slice(&bytes).expect("claims JSON");
-    v["jti"].as_str().expect("jti").to_owned()
 }
 
 /// Send one probe; progress updates carry a unique message, returned with the reply.

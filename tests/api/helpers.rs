@@ -589,3 +589,14 @@ pub fn try_send(
         body,
     })
 }
+
+/// The `jti` claim of a job token (for `/admin/tokens/revoke`).
+pub fn jti_of(token: &str) -> String {
+    use base64::Engine;
+    let claims = token.split('.').nth(1).expect("JWT claims");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims)
+        .expect("base64url claims");
+    let v: Value = serde_json::from_slice(&bytes).expect("claims JSON");
+    v["jti"].as_str().expect("jti").to_owned()
+}

@@ -10,7 +10,7 @@ use coordinator::auth::Scope;
 use serde_json::{json, Value};
 
 use crate::backend_tests;
-use crate::helpers::{Backend, TestApp};
+use crate::helpers::{jti_of, Backend, TestApp};
 
 backend_tests!(
     list_filters_and_pages_newest_first,
@@ -481,12 +481,52 @@ fn cancel_while_running_stops_the_worker_and_revokes_its_token(b: Backend) {
             "{route}"
         );
     }
-    // Its token is revoked at once.
-    for route in ["", "/heartbeat"] {
-        let method = if route.is_empty() { "GET" } else { "POST" };
-        let r = app.with_token(&token, method, &format!("{path}{route}"), b"");
-        assert_eq!(r.problem(401)["reason"], "revoked");
+    // Its token is revoked at once, and the worker holding it is told why: every call
+    // it makes with it (progress, heartbeat, complete, fail, read) is the cancelled
+    // problem, not a 401 that would look like a credential fault.
+    for (method, route, body) in [
+        ("PATCH", "/progress", r#"{"percent":60}"#),
+        ("POST", "/heartbeat", "{}"),
+        ("POST", "/complete", r#"{"result":1}"#),
+        ("POST", "/fail", r#"{"error":"x"}"#),
+        ("GET", "", ""),
+    ] {
+        let r = app.with_token(&token, method, &format!("{path}{route}"), body.as_bytes());
+        let p = r.problem(409);
+        assert_eq!(
+            p["type"], "urn:coordinator:problem:job-cancelled",
+            "{route}"
+        );
+        assert!(p.get("reason").is_none(), "{route}: {p}");
     }
+    let j = app.get(&path).json();
+    assert_eq!(j["status"], "CANCELLED");
+    assert!(j["result"].is_null() && j["progress"] != 60, "{j}");
+    // Revocation is not weakened: a revoked token of a job still RUNNING stays a 401.
+    let live = queued_job(&app, json!({"kind": "k", "queue": "cy"}));
+    let c = claim(&app, "cy").expect("claimed");
+    let live_token = c["token"].as_str().expect("token").to_owned();
+    let live_path = format!("/coordinator/jobs/{live}");
+    assert_eq!(
+        app.with_token(&live_token, "GET", &live_path, b"").status,
+        200
+    );
+    let r = app.post_json("/admin/tokens/revoke", &json!({"jti": jti_of(&live_token)}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    for (method, route, body) in [
+        ("PATCH", "/progress", r#"{"percent":60}"#),
+        ("POST", "/heartbeat", "{}"),
+        ("POST", "/complete", "{}"),
+    ] {
+        let r = app.with_token(
+            &live_token,
+            method,
+            &format!("{live_path}{route}"),
+            body.as_bytes(),
+        );
+        assert_eq!(r.problem(401)["reason"], "revoked", "{route}");
+    }
+    assert_eq!(app.get(&live_path).json()["status"], "RUNNING");
     let ev = events(&app, &id).pop().expect("event");
     assert_eq!(ev["type"], "cancelled");
     assert_eq!(ev["data"]["from"], "RUNNING");

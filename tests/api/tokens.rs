@@ -6,7 +6,7 @@ use base64::Engine;
 use serde_json::json;
 
 use crate::backend_tests;
-use crate::helpers::Backend;
+use crate::helpers::{jti_of, Backend};
 
 backend_tests!(
     token_works_on_its_own_job_only,
@@ -186,17 +186,6 @@ fn bad_tokens_are_refused(b: Backend) {
     assert_eq!(r.problem(401)["reason"], "expired");
     // The good token still works.
     assert_eq!(app.with_token(&t, "GET", &path, b"").status, 200);
-}
-
-fn jti_of(token: &str) -> String {
-    let claims = token.split('.').nth(1).unwrap();
-    let v: serde_json::Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(claims)
-            .unwrap(),
-    )
-    .unwrap();
-    v["jti"].as_str().unwrap().to_owned()
 }
 
 fn revocation_is_immediate_on_every_route(b: Backend) {

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
 import uuid
-from typing import Dict
+from typing import Any, Dict, List
 
 import pytest
 import requests
@@ -134,14 +136,126 @@ def test_stitcher_routes(client: Client, env: Dict[str, str]) -> None:
     assert d["status"] == "QUEUED"
 
 
-def test_rfc9421_signer_sends_well_formed_headers(env: Dict[str, str]) -> None:
-    # The server's RFC 9421 verifier is not in this tree yet; whatever it answers, the
-    # request must carry a digest and a signature covering it.
-    c = Client(env["COORDINATOR_URL"], env["COORDINATOR_CALLER"], env["COORDINATOR_HMAC_SECRET"],
+def _signed_rfc9421(c: Client, method: str, url: str, body: bytes = b"") -> requests.PreparedRequest:
+    req = requests.Request(method, url, data=body or None, auth=c.auth,
+                           headers={"Content-Type": "application/json"} if body else {})
+    return c.session.prepare_request(req)
+
+
+def test_rfc9421_signed_requests_pass_and_tampered_ones_fail(env: Dict[str, str], queue: str) -> None:
+    """The RFC 9421 signer against the server's verifier: the request as signed is
+    accepted; the same request with one byte of method, path, query, body or
+    `created` changed is refused (401) and has no effect."""
+    base = env["COORDINATOR_URL"]
+    c = Client(base, env["COORDINATOR_CALLER"], env["COORDINATOR_HMAC_SECRET"],
                scheme="rfc9421", retries=0)
-    r = c.session.post(env["COORDINATOR_URL"] + "/coordinator/jobs", data=b'{"kind":"b"}',
-                       auth=c.auth, timeout=10)
+    kind = "k" + uuid.uuid4().hex[:8]
+    body = json.dumps({"kind": kind, "queue": queue}, separators=(",", ":")).encode()
+
+    def send(p: requests.PreparedRequest) -> requests.Response:
+        return c.session.send(p, timeout=10)
+
+    def refused(p: requests.PreparedRequest, what: str) -> None:
+        r = send(p)
+        assert r.status_code == 401, f"{what}: the server accepted a tampered request: {r.status_code} {r.text}"
+        assert r.json().get("reason") != "replayed request", what
+
+    # Tampered first, each signed afresh, so no refusal is a replay.
+    p = _signed_rfc9421(c, "POST", base + "/coordinator/jobs", body)
+    p.body = body.replace(kind.encode(), (kind[:-1] + "z").encode())
+    refused(p, "body")
+    p = _signed_rfc9421(c, "GET", base + f"/coordinator/jobs?queue={queue}")
+    p.method = "POST"
+    refused(p, "method")
+    p = _signed_rfc9421(c, "GET", base + f"/coordinator/jobs?queue={queue}")
+    p.url = base + f"/coordinator/jobS?queue={queue}"
+    refused(p, "path")
+    p = _signed_rfc9421(c, "GET", base + f"/coordinator/jobs?queue={queue}")
+    p.url = base + f"/coordinator/jobs?queue={queue[:-1]}x"
+    refused(p, "query")
+    p = _signed_rfc9421(c, "GET", base + f"/coordinator/jobs?queue={queue}")
+    sig_input = p.headers["Signature-Input"]
+    created = int(sig_input.split(";created=")[1].split(";")[0])
+    p.headers["Signature-Input"] = sig_input.replace(f"created={created}", f"created={created - 1}")
+    refused(p, "created")
+    # Nothing was created by the tampered POST.
+    assert client_for(env).list_jobs(queue=queue)["items"] == []
+
+    # The untampered request passes.
+    r = send(_signed_rfc9421(c, "POST", base + "/coordinator/jobs", body))
+    assert r.status_code == 201, r.text
     sent = r.request.headers
     assert sent["Content-Digest"].startswith("sha-256=:")
     assert '"content-digest"' in sent["Signature-Input"] and sent["Signature"].startswith("sig1=:")
-    assert r.status_code in (201, 401), r.text
+    assert r.json()["kind"] == kind
+    r = send(_signed_rfc9421(c, "GET", base + f"/coordinator/jobs?queue={queue}"))
+    assert r.status_code == 200, r.text
+    assert [j["kind"] for j in r.json()["items"]] == [kind]
+    # And the client's own methods work with it.
+    assert c.get_job(r.json()["items"][0]["id"])["kind"] == kind
+
+
+def client_for(env: Dict[str, str]) -> Client:
+    return Client(env["COORDINATOR_URL"], env["COORDINATOR_CALLER"], env["COORDINATOR_HMAC_SECRET"])
+
+
+def test_long_poll_claim(client: Client, queue: str) -> None:
+    # Empty queue: the wait ends with None.
+    assert client.claim(queue, "w1", wait=0.2) is None
+    job = client.create_job("build", queue=queue)
+    got: List[Any] = []
+    t = threading.Thread(target=lambda: got.append(client_for_thread(client).claim(queue, "w1", wait=30)))
+    t.start()
+    # Queued while the claim is waiting: the waiting claim gets it (a plain claim would
+    # already have answered None).
+    time.sleep(0.3)
+    client.set_status(job["id"], "QUEUED")
+    t.join(40)
+    assert len(got) == 1 and got[0] is not None and got[0].id == job["id"], got
+    with pytest.raises(ValueError):
+        client.claim(queue, "w1", wait=61)
+
+
+def client_for_thread(c: Client) -> Client:
+    return Client(c.url, auth=c.auth, retries=0)
+
+
+def test_heartbeat_then_cancel_reaches_the_worker(client: Client, queue: str) -> None:
+    job = client.create_job("build", queue=queue)
+    client.set_status(job["id"], "QUEUED")
+    claim = client.claim(queue, "w1")
+    assert claim is not None
+    tc = client.with_token(claim.token)
+    events = len(client.get_job(claim.id)["events"])
+    beat = tc.heartbeat(claim.id)
+    assert beat["cancelRequested"] is False and beat["leaseExpiresAt"]
+    assert len(client.get_job(claim.id)["events"]) == events  # no event per heartbeat
+    assert client.cancel_job(claim.id, "superseded")["status"] == "CANCELLED"
+    # The worker's next calls, with its (now revoked) job token, say cancelled.
+    for call in (lambda: tc.heartbeat(claim.id), lambda: tc.report_progress(claim.id, 60),
+                 lambda: tc.complete_job(claim.id, {"late": True})):
+        with pytest.raises(Conflict) as e:
+            call()
+        assert e.value.type == "urn:coordinator:problem:job-cancelled"
+    assert client.get_job(claim.id)["result"] is None
+    assert client.retry_job(claim.id)["status"] == "QUEUED"
+
+
+def test_list_jobs_and_queue_controls(client: Client, queue: str) -> None:
+    a = client.create_job("build", queue=queue)
+    b = client.create_job("test", queue=queue)
+    page = client.list_jobs(queue=queue, limit=1)
+    assert [j["id"] for j in page["items"]] == [b["id"]] and page["nextCursor"]
+    rest = client.list_jobs(queue=queue, limit=1, cursor=page["nextCursor"])
+    assert [j["id"] for j in rest["items"]] == [a["id"]]
+    assert client.list_jobs(queue=queue, status=["RUNNING", "FAILED"])["items"] == []
+    client.set_status(a["id"], "QUEUED")
+    q = client.patch_queue(queue, paused=True, max_running=2)
+    assert q["paused"] is True and q["maxRunning"] == 2
+    assert client.claim(queue, "w1") is None  # paused
+    mine = [x for x in client.list_queues()["queues"] if x["queue"] == queue]
+    assert mine and mine[0]["depth"]["QUEUED"] == 1 and mine[0]["paused"] is True
+    q = client.patch_queue(queue, paused=False, max_running=None)
+    assert q["paused"] is False and q["maxRunning"] is None
+    claim = client.claim(queue, "w1")
+    assert claim is not None and claim.id == a["id"]

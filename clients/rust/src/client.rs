@@ -1,6 +1,7 @@
 //! [`Client`]: one method per route, on a blocking `ureq` agent (keep-alive pool).
 
 use std::io::Read as _;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +63,103 @@ impl Response {
 
 type Sleep = Arc<dyn Fn(Duration) + Send + Sync>;
 
+/// How the client connects. `https://` URLs are verified against the webpki roots
+/// (Mozilla's list), or against `ca_file` alone when set (a private CA); `http://`
+/// stays plain.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Per-request timeout (connect, send and read together).
+    pub timeout: Duration,
+    /// PEM file of the CA certificate(s) to trust instead of the public roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            timeout: Duration::from_secs(30),
+            ca_file: None,
+        }
+    }
+}
+
+/// A rustls configuration that trusts only the certificates in `path` (PEM).
+fn private_ca(path: &Path) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::CertificateDer;
+    let bad = |why: String| Error::Invalid(format!("CA file {}: {why}", path.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
+        let cert = cert.map_err(|e| bad(e.to_string()))?;
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no PEM certificate in it".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// One listing filter for [`Client::list_jobs`]; empty members are left out.
+#[derive(Clone, Debug, Default)]
+pub struct JobFilter {
+    pub queue: Option<String>,
+    pub statuses: Vec<String>,
+    pub kind: Option<String>,
+    /// RFC 3339.
+    pub created_after: Option<String>,
+    /// RFC 3339.
+    pub created_before: Option<String>,
+    /// 1–500 (the server's default is 50).
+    pub limit: Option<u32>,
+    /// `nextCursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// Percent-encodes a query value (everything but RFC 3986 unreserved characters).
+fn encode_query(s: &str) -> String {
+    encode_segment(s)
+}
+
+impl JobFilter {
+    /// `?queue=…&status=…` (or `""`).
+    pub fn query(&self) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        let mut add = |k: &str, v: &str| parts.push(format!("{k}={}", encode_query(v)));
+        if let Some(q) = &self.queue {
+            add("queue", q);
+        }
+        for st in &self.statuses {
+            add("status", st);
+        }
+        if let Some(k) = &self.kind {
+            add("kind", k);
+        }
+        if let Some(t) = &self.created_after {
+            add("createdAfter", t);
+        }
+        if let Some(t) = &self.created_before {
+            add("createdBefore", t);
+        }
+        if let Some(n) = self.limit {
+            add("limit", &n.to_string());
+        }
+        if let Some(c) = &self.cursor {
+            add("cursor", c);
+        }
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", parts.join("&"))
+        }
+    }
+}
+
 /// A coordinator client. 503 and 429 are retried (`retries` times) waiting
 /// `Retry-After` when sent, else an exponential backoff with jitter capped at
 /// `max_backoff`; connection errors are retried for GET and requests with an
@@ -71,6 +169,7 @@ pub struct Client {
     base: String,
     credentials: Credentials,
     agent: ureq::Agent,
+    timeout: Duration,
     pub retries: u32,
     pub backoff: Duration,
     pub max_backoff: Duration,
@@ -104,6 +203,39 @@ fn compact(v: &Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
+/// The absolute URL and the request target as ureq will send them (after its URL
+/// parsing): what a signature must cover.
+fn sent_target(req: &ureq::Request, url: &str) -> Result<(String, String)> {
+    let sent = req
+        .request_url()
+        .map_err(|e| Error::Invalid(format!("{url}: {e}")))?;
+    let target = match sent.as_url().query() {
+        Some(q) => format!("{}?{q}", sent.path()),
+        None => sent.path().to_owned(),
+    };
+    Ok((sent.as_url().as_str().to_owned(), target))
+}
+
+/// Status, headers and (at most [`MAX_BODY`] of) the body.
+fn read_response(method: &str, path: &str, resp: ureq::Response) -> Result<Response> {
+    let status = resp.status();
+    let headers: Vec<(String, String)> = resp
+        .headers_names()
+        .into_iter()
+        .filter_map(|n| resp.header(&n).map(|v| (n.clone(), v.to_owned())))
+        .collect();
+    let mut body = Vec::new();
+    resp.into_reader()
+        .take(MAX_BODY)
+        .read_to_end(&mut body)
+        .map_err(|e| Error::Transport(format!("{method} {path}: reading: {e}")))?;
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
 fn retry_after_secs(value: Option<&str>) -> Option<Duration> {
     let v = value?.trim();
     if let Ok(secs) = v.parse::<u64>() {
@@ -117,12 +249,53 @@ fn retry_after_secs(value: Option<&str>) -> Option<Duration> {
 }
 
 impl Client {
-    /// A client for `base` (e.g. `http://127.0.0.1:8080`), 30 s timeout, 4 retries.
+    /// A client for `base` (e.g. `http://127.0.0.1:8080`), 30 s timeout, 4 retries,
+    /// the public roots for `https://`.
     pub fn new(base: &str, credentials: Credentials) -> Self {
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(30))
-            .build();
+        let options = ClientOptions::default();
+        Self::with_agent(
+            base,
+            credentials,
+            Self::agent_builder(&options),
+            options.timeout,
+        )
+    }
+
+    /// A client with [`ClientOptions`] (a private CA, another timeout). Fails when the
+    /// CA file cannot be read or holds no certificate.
+    pub fn with_options(
+        base: &str,
+        credentials: Credentials,
+        options: &ClientOptions,
+    ) -> Result<Self> {
+        let mut builder = Self::agent_builder(options);
+        if let Some(path) = &options.ca_file {
+            builder = builder.tls_config(private_ca(path)?);
+        }
+        Ok(Self::with_agent(
+            base,
+            credentials,
+            builder,
+            options.timeout,
+        ))
+    }
+
+    fn agent_builder(options: &ClientOptions) -> ureq::AgentBuilder {
+        ureq::AgentBuilder::new()
+            // A redirect would carry a signature made for another target.
+            .redirects(0)
+            .timeout(options.timeout)
+    }
+
+    fn with_agent(
+        base: &str,
+        credentials: Credentials,
+        builder: ureq::AgentBuilder,
+        timeout: Duration,
+    ) -> Self {
+        let agent = builder.build();
         Client {
+            timeout,
             base: base.trim_end_matches('/').to_owned(),
             credentials,
             agent,
@@ -147,10 +320,15 @@ impl Client {
 
     /// From `COORDINATOR_URL` and `COORDINATOR_CALLER` + `COORDINATOR_HMAC_SECRET`
     /// (+ `COORDINATOR_KEY_VERSION`), else `COORDINATOR_CLIENT_API_KEY`: the variables
-    /// `serve --dev` writes to `.coordinator/dev-credentials.env`.
+    /// `serve --dev` writes to `.coordinator/dev-credentials.env`; `COORDINATOR_CA_FILE`
+    /// names a private CA for `https://`.
     pub fn from_env() -> Result<Self> {
         let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
         let url = var("COORDINATOR_URL").unwrap_or_else(|| "http://127.0.0.1:8080".to_owned());
+        let options = ClientOptions {
+            ca_file: var("COORDINATOR_CA_FILE").map(PathBuf::from),
+            ..ClientOptions::default()
+        };
         let key_version = match var("COORDINATOR_KEY_VERSION") {
             Some(v) => Some(v.parse::<u32>().map_err(|_| {
                 Error::Invalid("COORDINATOR_KEY_VERSION must be a positive integer".into())
@@ -162,8 +340,16 @@ impl Client {
             var("COORDINATOR_HMAC_SECRET"),
             var("COORDINATOR_CLIENT_API_KEY"),
         ) {
-            (Some(c), Some(s), _) => Ok(Self::v1(&url, &c, &s, key_version)),
-            (_, _, Some(k)) => Ok(Self::new(&url, Credentials::ApiKey(k))),
+            (Some(caller), Some(secret), _) => Self::with_options(
+                &url,
+                Credentials::V1 {
+                    caller,
+                    secret,
+                    key_version,
+                },
+                &options,
+            ),
+            (_, _, Some(k)) => Self::with_options(&url, Credentials::ApiKey(k), &options),
             _ => Err(Error::Invalid(
                 "set COORDINATOR_CALLER and COORDINATOR_HMAC_SECRET, or COORDINATOR_CLIENT_API_KEY"
                     .into(),
@@ -229,15 +415,7 @@ impl Client {
         let mut attempt = 0;
         loop {
             let mut req = self.agent.request(&method, &url);
-            // Sign what ureq will put on the request line, after its URL parsing.
-            let sent = req
-                .request_url()
-                .map_err(|e| Error::Invalid(format!("{url}: {e}")))?;
-            let target = match sent.as_url().query() {
-                Some(q) => format!("{}?{q}", sent.path()),
-                None => sent.path().to_owned(),
-            };
-            let full = sent.as_url().as_str().to_owned();
+            let (full, target) = sent_target(&req, &url)?;
             for (k, v) in creds.headers(&method, &full, &target, body.unwrap_or_default())? {
                 req = req.set(&k, &v);
             }
@@ -261,16 +439,11 @@ impl Client {
                 }
             };
             let retry_after = retry_after_secs(resp.header("retry-after"));
-            let headers: Vec<(String, String)> = resp
-                .headers_names()
-                .into_iter()
-                .filter_map(|n| resp.header(&n).map(|v| (n.clone(), v.to_owned())))
-                .collect();
-            let mut bytes = Vec::new();
-            resp.into_reader()
-                .take(MAX_BODY)
-                .read_to_end(&mut bytes)
-                .map_err(|e| Error::Transport(format!("{method} {path}: reading: {e}")))?;
+            let Response {
+                headers,
+                body: bytes,
+                ..
+            } = read_response(&method, path, resp)?;
             if matches!(status, 429 | 503) && attempt < self.retries {
                 (self.sleep)(self.delay(attempt, retry_after));
                 attempt += 1;
@@ -292,6 +465,45 @@ impl Client {
                 body: bytes,
             });
         }
+    }
+
+    /// One attempt, no retry, every status answered as a [`Response`] (4xx and 5xx
+    /// too): for tools that show an answer as it came. `sign` receives the absolute URL
+    /// and the request target exactly as they are sent and returns the headers that
+    /// authenticate the request.
+    pub fn send_once<F>(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        headers: &[(&str, &str)],
+        sign: F,
+    ) -> Result<Response>
+    where
+        F: FnOnce(&str, &str) -> Result<Vec<crate::signing::Header>>,
+    {
+        let method = method.to_ascii_uppercase();
+        let url = format!("{}{path}", self.base);
+        let mut req = self.agent.request(&method, &url);
+        let (full, target) = sent_target(&req, &url)?;
+        for (k, v) in sign(&full, &target)? {
+            req = req.set(&k, &v);
+        }
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let result = if body.is_empty() {
+            req.call()
+        } else {
+            req.send_bytes(body)
+        };
+        let resp = match result {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(ureq::Error::Transport(t)) => {
+                return Err(Error::Transport(format!("{method} {url}: {t}")))
+            }
+        };
+        read_response(&method, path, resp)
     }
 
     fn call(
@@ -395,8 +607,12 @@ impl Client {
     /// `POST /coordinator/queues/{queue}/claim` [jobs:update]: the best QUEUED job, now
     /// RUNNING, with its job token; `None` when the queue is empty (204).
     pub fn claim(&self, queue: &str, worker: &str) -> Result<Option<Claim>> {
+        self.claim_with(queue, &json!({ "worker": worker }))
+    }
+
+    fn claim_with(&self, queue: &str, request: &Value) -> Result<Option<Claim>> {
         let path = format!("/coordinator/queues/{}/claim", encode_segment(queue));
-        let body = compact(&json!({ "worker": worker }));
+        let body = compact(request);
         let resp = self.request(
             "POST",
             &path,
@@ -424,6 +640,64 @@ impl Client {
             token,
             token_expires_at,
         }))
+    }
+
+    /// `POST /coordinator/queues/{queue}/claim` with a long poll: waits up to `wait`
+    /// (at most 60 s, whole and fractional seconds) for a job before answering `None`.
+    /// The wait is cut to leave 5 s of the client's timeout for the answer.
+    pub fn claim_wait(&self, queue: &str, worker: &str, wait: Duration) -> Result<Option<Claim>> {
+        let room = self.timeout.saturating_sub(Duration::from_secs(5));
+        let secs = wait.min(room).as_secs_f64().min(60.0);
+        self.claim_with(queue, &json!({ "worker": worker, "wait": secs }))
+    }
+
+    /// `GET /coordinator/jobs` [jobs:read]: one page, newest first (`items`,
+    /// `nextCursor`).
+    pub fn list_jobs(&self, filter: &JobFilter) -> Result<Value> {
+        let path = format!("/coordinator/jobs{}", filter.query());
+        self.call("GET", &path, None, &[])
+    }
+
+    /// `POST /coordinator/jobs/{id}/cancel` [jobs:update, not a job token]: any job that
+    /// has not ended → CANCELLED, its tokens revoked.
+    pub fn cancel_job(&self, id: &str, reason: Option<&str>) -> Result<Job> {
+        let body = match reason {
+            Some(r) => json!({ "reason": r }),
+            None => json!({}),
+        };
+        let path = format!("/coordinator/jobs/{}/cancel", encode_segment(id));
+        self.call("POST", &path, Some(&body), &[])
+    }
+
+    /// `POST /coordinator/jobs/{id}/retry` [jobs:update, not a job token]: a FAILED or
+    /// CANCELLED job back to QUEUED with a fresh attempt budget (redrive).
+    pub fn retry_job(&self, id: &str) -> Result<Job> {
+        let path = format!("/coordinator/jobs/{}/retry", encode_segment(id));
+        self.call("POST", &path, Some(&json!({})), &[])
+    }
+
+    /// `GET /coordinator/queues` [health:read]: `{"queues": [...]}`.
+    pub fn list_queues(&self) -> Result<Value> {
+        self.call("GET", "/coordinator/queues", None, &[])
+    }
+
+    /// `PATCH /coordinator/queues/{queue}` [admin]: `paused`, and `max_running`
+    /// (`Some(None)` removes the limit); members left `None` stay as they are.
+    pub fn patch_queue(
+        &self,
+        queue: &str,
+        paused: Option<bool>,
+        max_running: Option<Option<u32>>,
+    ) -> Result<Value> {
+        let mut body = Map::new();
+        if let Some(p) = paused {
+            body.insert("paused".into(), p.into());
+        }
+        if let Some(m) = max_running {
+            body.insert("maxRunning".into(), m.map_or(Value::Null, Value::from));
+        }
+        let path = format!("/coordinator/queues/{}", encode_segment(queue));
+        self.call("PATCH", &path, Some(&Value::Object(body)), &[])
     }
 
     // ---- stitcher and admin -------------------------------------------------------------
@@ -467,5 +741,29 @@ impl Client {
             obj.insert("expiresAt".into(), e.into());
         }
         self.call("POST", "/admin/tokens/revoke", Some(&body), &[])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_filter_query_encodes_every_value() {
+        assert_eq!(JobFilter::default().query(), "");
+        let f = JobFilter {
+            queue: Some("ci".into()),
+            statuses: vec!["QUEUED".into(), "RUNNING".into()],
+            kind: Some("a b".into()),
+            created_after: Some("2026-01-01T00:00:00+01:00".into()),
+            created_before: None,
+            limit: Some(10),
+            cursor: Some("x/y=".into()),
+        };
+        assert_eq!(
+            f.query(),
+            "?queue=ci&status=QUEUED&status=RUNNING&kind=a%20b\
+             &createdAfter=2026-01-01T00%3A00%3A00%2B01%3A00&limit=10&cursor=x%2Fy%3D"
+        );
     }
 }

@@ -25,7 +25,7 @@ pub mod signing;
 pub mod webhooks;
 pub mod worker;
 
-pub use client::{encode_segment, Claim, Client, Job, Response};
+pub use client::{encode_segment, Claim, Client, ClientOptions, Job, JobFilter, Response};
 pub use error::{Error, Problem, ProblemKind, Result};
 pub use signing::Credentials;
 pub use webhooks::{sign_webhook, verify_webhook, WebhookError};

@@ -56,17 +56,19 @@ pub fn canonical_v1(
     nonce: &str,
     body: &[u8],
 ) -> String {
-    let body_sha256 = hex::encode(Sha256::digest(body));
-    [
-        "v1",
-        &method.to_ascii_uppercase(),
-        target,
-        caller,
-        timestamp,
-        nonce,
-        &body_sha256,
-    ]
-    .join("\n")
+    // One allocation, sized up front: this runs once per request.
+    let mut out = String::with_capacity(
+        3 + method.len() + target.len() + caller.len() + timestamp.len() + nonce.len() + 5 + 64,
+    );
+    out.push_str("v1\n");
+    out.extend(method.chars().map(|c| c.to_ascii_uppercase()));
+    for part in [target, caller, timestamp, nonce] {
+        out.push('\n');
+        out.push_str(part);
+    }
+    out.push('\n');
+    out.push_str(&hex::encode(Sha256::digest(body)));
+    out
 }
 
 /// Lower-case hex HMAC-SHA256 of `canonical`, keyed by the UTF-8 secret string.
@@ -85,13 +87,48 @@ pub struct V1Params<'a> {
     pub nonce: &'a str,
 }
 
+/// The names of the `v1` signed string's seven lines, in order (as the server's 401
+/// `canonical` lists them).
+pub const V1_COMPONENTS: [&str; 7] = [
+    "version",
+    "method",
+    "target",
+    "caller",
+    "timestamp",
+    "nonce",
+    "body_sha256",
+];
+
+/// One `v1` signature: the headers to send and the string they sign.
+#[derive(Clone, Debug)]
+pub struct V1Signature {
+    /// In the order caller, timestamp, nonce (if any), key version (if any), signature.
+    pub headers: Vec<Header>,
+    pub canonical: String,
+}
+
+impl V1Signature {
+    /// `(name, value)` per line of the signed string (see [`V1_COMPONENTS`]).
+    pub fn components(&self) -> Vec<(&'static str, &str)> {
+        V1_COMPONENTS
+            .iter()
+            .copied()
+            .zip(self.canonical.split('\n'))
+            .collect()
+    }
+}
+
 /// The `X-Coordinator-*` headers for one request, in a fixed order.
 pub fn v1_headers(method: &str, target: &str, body: &[u8], p: &V1Params<'_>) -> Vec<Header> {
+    v1_sign(method, target, body, p).headers
+}
+
+/// Sign one request with `v1`: the headers and the signed string.
+pub fn v1_sign(method: &str, target: &str, body: &[u8], p: &V1Params<'_>) -> V1Signature {
     let canonical = canonical_v1(method, target, p.caller, p.timestamp, p.nonce, body);
-    let mut h = vec![
-        (HEADER_CALLER.to_owned(), p.caller.to_owned()),
-        (HEADER_TIMESTAMP.to_owned(), p.timestamp.to_owned()),
-    ];
+    let mut h = Vec::with_capacity(5);
+    h.push((HEADER_CALLER.to_owned(), p.caller.to_owned()));
+    h.push((HEADER_TIMESTAMP.to_owned(), p.timestamp.to_owned()));
     if !p.nonce.is_empty() {
         h.push((HEADER_NONCE.to_owned(), p.nonce.to_owned()));
     }
@@ -99,7 +136,10 @@ pub fn v1_headers(method: &str, target: &str, body: &[u8], p: &V1Params<'_>) -> 
         h.push((HEADER_KEY_VERSION.to_owned(), v.to_string()));
     }
     h.push((HEADER_SIGNATURE.to_owned(), sign_v1(p.secret, &canonical)));
-    h
+    V1Signature {
+        headers: h,
+        canonical,
+    }
 }
 
 // ---- RFC 9421 -----------------------------------------------------------------------

@@ -67,6 +67,9 @@ class Client:
     ``"rfc9421"``), ``api_key`` (``X-API-Key``), ``token`` (a job token, ``Bearer``), or
     any ``requests`` auth object as ``auth``.
 
+    ``https://`` URLs are verified against the CA bundle ``requests`` uses (certifi), or
+    against ``ca_file`` alone (a PEM file, for a private CA) when given.
+
     503 and 429 answers are retried up to ``retries`` times, waiting ``Retry-After`` when
     the server sends it, else an exponential backoff with jitter (capped at
     ``max_backoff``); a connection error is retried only for GET or a request with an
@@ -91,6 +94,7 @@ class Client:
         max_backoff: float = 30.0,
         session: Optional[requests.Session] = None,
         sleep: Callable[[float], None] = time.sleep,
+        ca_file: Optional[str] = None,
     ) -> None:
         self.url = url.rstrip("/")
         if auth is None:
@@ -112,6 +116,14 @@ class Client:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.session = session or requests.Session()
+        self.ca_file = ca_file
+        if ca_file is not None:
+            if not os.path.isfile(ca_file):
+                raise ValueError(f"CA file {ca_file!r} is not a readable file")
+            # Only this CA (bundle) is trusted for https://, like curl --cacert. Passed
+            # with each request too: requests lets REQUESTS_CA_BUNDLE override a
+            # session's `verify`, never a request's.
+            self.session.verify = ca_file
         self._sleep = sleep
 
     @classmethod
@@ -120,9 +132,12 @@ class Client:
     ) -> "Client":
         """From ``COORDINATOR_URL`` and ``COORDINATOR_CALLER`` + ``COORDINATOR_HMAC_SECRET``
         (+ ``COORDINATOR_KEY_VERSION``) or ``COORDINATOR_CLIENT_API_KEY`` — the variables
-        ``serve --dev`` writes to ``.coordinator/dev-credentials.env``."""
+        ``serve --dev`` writes to ``.coordinator/dev-credentials.env`` — and
+        ``COORDINATOR_CA_FILE`` (a private CA for ``https://``)."""
         e = os.environ if env is None else env
         url = e.get("COORDINATOR_URL", "http://127.0.0.1:8080")
+        if e.get("COORDINATOR_CA_FILE") and "ca_file" not in kwargs:
+            kwargs["ca_file"] = e["COORDINATOR_CA_FILE"]
         caller, secret = e.get("COORDINATOR_CALLER"), e.get("COORDINATOR_HMAC_SECRET")
         api_key = e.get("COORDINATOR_CLIENT_API_KEY")
         kv = e.get("COORDINATOR_KEY_VERSION")
@@ -147,6 +162,7 @@ class Client:
             max_backoff=self.max_backoff,
             session=self.session,
             sleep=self._sleep,
+            ca_file=self.ca_file,
         )
 
     def close(self) -> None:
@@ -178,6 +194,7 @@ class Client:
         headers: Optional[Dict[str, str]] = None,
         auth: Any = "default",
         ok: Iterable[int] = (200, 201, 202, 204),
+        timeout: Optional[float] = None,
     ) -> requests.Response:
         """Send one request (retrying 503/429), raise a typed error for any status not
         in ``ok``. ``json`` is serialised once, compactly, and the exact bytes are both
@@ -194,7 +211,9 @@ class Client:
         while True:
             try:
                 resp = self.session.request(
-                    method, url, data=body, headers=hdrs, auth=use_auth, timeout=self.timeout
+                    method, url, data=body, headers=hdrs, auth=use_auth,
+                    timeout=self.timeout if timeout is None else timeout,
+                    verify=self.ca_file if self.ca_file is not None else True,
                 )
             except (requests.ConnectionError, requests.Timeout) as e:
                 if may_resend and attempt < self.retries:
@@ -290,15 +309,31 @@ class Client:
         return self._json("POST", f"/coordinator/jobs/{_seg(job_id)}/fail", json=body)
 
     def heartbeat(self, job_id: str) -> Dict[str, Any]:
-        """``POST /coordinator/jobs/{id}/heartbeat``: renews the lease. Servers without
-        the route answer 404/405 (:class:`NotFound`/:class:`MethodNotAllowed`)."""
+        """``POST /coordinator/jobs/{id}/heartbeat`` [jobs:update]: renews a RUNNING job's
+        lease without an event; answers ``{"leaseExpiresAt", "cancelRequested"}``. A
+        cancelled job raises :class:`Conflict` with ``type``
+        ``urn:coordinator:problem:job-cancelled`` (with the caller's credential or the
+        job's own token); servers without the route answer 404/405
+        (:class:`NotFound`/:class:`MethodNotAllowed`)."""
         return self._json("POST", f"/coordinator/jobs/{_seg(job_id)}/heartbeat", json={})
 
-    def claim(self, queue: str, worker: str) -> Optional[Claim]:
+    def claim(self, queue: str, worker: str, wait: Optional[float] = None) -> Optional[Claim]:
         """``POST /coordinator/queues/{queue}/claim`` [jobs:update]: the best QUEUED job,
-        now RUNNING, with its job token; ``None`` when the queue is empty (204)."""
+        now RUNNING, with its job token; ``None`` when the queue is empty (204).
+
+        With ``wait`` (seconds, at most 60) the server holds the request open until a
+        job becomes claimable or the wait ends (a long poll); the read timeout is
+        stretched to cover it."""
+        body: Dict[str, Any] = {"worker": worker}
+        timeout = None
+        if wait is not None:
+            if not 0 <= wait <= 60:
+                raise ValueError("wait must be between 0 and 60 seconds")
+            body["wait"] = wait
+            timeout = max(self.timeout, wait + 10.0)
         resp = self.request(
-            "POST", f"/coordinator/queues/{_seg(queue)}/claim", json={"worker": worker}, ok=(200, 204)
+            "POST", f"/coordinator/queues/{_seg(queue)}/claim", json=body, ok=(200, 204),
+            timeout=timeout,
         )
         if resp.status_code == 204:
             return None
@@ -306,6 +341,54 @@ class Client:
         token = data.pop("token")
         expires = data.pop("tokenExpiresAt", "")
         return Claim(job=data, token=token, token_expires_at=expires)
+
+    def list_jobs(
+        self,
+        *,
+        queue: Optional[str] = None,
+        status: Iterable[str] = (),
+        kind: Optional[str] = None,
+        created_after: Optional[str] = None,
+        created_before: Optional[str] = None,
+        limit: Optional[int] = None,
+        cursor: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """``GET /coordinator/jobs`` [jobs:read]: one page, newest first
+        (``{"items": [...], "nextCursor": ...}``)."""
+        params = [("status", s) for s in status]
+        for k, v in (("queue", queue), ("kind", kind), ("createdAfter", created_after),
+                     ("createdBefore", created_before), ("limit", limit), ("cursor", cursor)):
+            if v is not None:
+                params.append((k, str(v)))
+        query = "&".join(f"{k}={quote(v, safe='')}" for k, v in params)
+        return self._json("GET", "/coordinator/jobs" + (f"?{query}" if query else ""))
+
+    def cancel_job(self, job_id: str, reason: Optional[str] = None) -> Job:
+        """``POST /coordinator/jobs/{id}/cancel`` [jobs:update, not a job token]."""
+        body = {} if reason is None else {"reason": reason}
+        return self._json("POST", f"/coordinator/jobs/{_seg(job_id)}/cancel", json=body)
+
+    def retry_job(self, job_id: str) -> Job:
+        """``POST /coordinator/jobs/{id}/retry`` [jobs:update, not a job token]: a FAILED
+        or CANCELLED job back to QUEUED with a fresh attempt budget."""
+        return self._json("POST", f"/coordinator/jobs/{_seg(job_id)}/retry", json={})
+
+    def list_queues(self) -> Dict[str, Any]:
+        """``GET /coordinator/queues`` [health:read]."""
+        return self._json("GET", "/coordinator/queues")
+
+    _UNSET: Any = object()
+
+    def patch_queue(self, queue: str, *, paused: Optional[bool] = None,
+                    max_running: Any = _UNSET) -> Dict[str, Any]:
+        """``PATCH /coordinator/queues/{queue}`` [admin]; ``max_running=None`` removes
+        the limit, leaving it out keeps it."""
+        body: Dict[str, Any] = {}
+        if paused is not None:
+            body["paused"] = paused
+        if max_running is not Client._UNSET:
+            body["maxRunning"] = max_running
+        return self._json("PATCH", f"/coordinator/queues/{_seg(queue)}", json=body)
 
     # ---- stitcher and admin -----------------------------------------------------------
 

@@ -6,6 +6,8 @@
 
     Worker("ci", build).run()
 
+Each claim is a long poll (``long_poll`` seconds, default 20): the server answers as
+soon as a job is claimable, so an idle worker neither spins nor sleeps past new work.
 While the handler runs, a heartbeat thread renews the lease (``POST …/heartbeat``
 where the server has it, else a progress report). The handler's return value completes
 the job; an exception fails it, or hands it back to the queue when it is a
@@ -112,6 +114,7 @@ class Worker:
         heartbeat_interval: float = 30.0,
         poll_min: float = 0.5,
         poll_max: float = 10.0,
+        long_poll: float = 20.0,
         shutdown_grace: float = 10.0,
         retry_on: Tuple[Type[BaseException], ...] = (),
         handle_signals: bool = True,
@@ -123,6 +126,8 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         self.poll_min = poll_min
         self.poll_max = poll_max
+        #: Seconds each claim waits on the server for a job (0: plain polling).
+        self.long_poll = long_poll
         self.shutdown_grace = shutdown_grace
         self.retry_on = (Retry,) + tuple(retry_on)
         self.handle_signals = handle_signals
@@ -151,17 +156,26 @@ class Worker:
             previous = signal.signal(signal.SIGTERM, lambda *_: self.stop())
         try:
             delay = self.poll_min
+            # A worker that stops when idle asks once; otherwise each claim long-polls.
+            wait = None if stop_when_idle or self.long_poll <= 0 else self.long_poll
             while not self.stopping and (max_jobs is None or self.processed < max_jobs):
+                started = time.monotonic()
                 try:
-                    claim = self.client.claim(self.queue, self.name)
+                    claim = self.client.claim(self.queue, self.name, wait=wait)
                 except (Unauthorized, Forbidden):
                     raise
                 except CoordinatorError as e:
                     log.warning("claim on %s failed: %s", self.queue, e)
                     claim = None
+                if claim is not None and self.stopping:
+                    # Stopped during the long poll: hand the job straight back.
+                    self._hand_back(claim)
+                    break
                 if claim is None:
                     if stop_when_idle:
                         break
+                    if wait is not None and time.monotonic() - started >= wait / 2:
+                        continue  # the server held the claim open: ask again at once
                     self._stop.wait(delay * (0.75 + random.random() / 2))
                     delay = min(self.poll_max, delay * 2)
                     continue
@@ -183,6 +197,12 @@ class Worker:
         self.process(claim)
         self.processed += 1
         return True
+
+    def _hand_back(self, claim: Claim) -> None:
+        try:
+            self.client.with_token(claim.token).set_status(claim.id, "QUEUED", "worker stopping")
+        except CoordinatorError as e:
+            log.warning("handing job %s back failed: %s (the lease will requeue it)", claim.id, e)
 
     # ---- one job --------------------------------------------------------------------
 
