@@ -8,9 +8,10 @@
 //! request waits its full length. So each gate also watches how long operations waited
 //! for their turn (a connection, or the SQLite writer), in the manner of CoDel: when
 //! even the shortest wait of a whole interval was above the target, a standing queue
-//! has formed, and new arrivals are refused (503, reason `queue_delay`) until an
-//! interval passes whose shortest wait is below it again. Bursts that drain within an
-//! interval are never refused.
+//! has formed, and while the queue is also at least a quarter full new arrivals are
+//! refused (503, reason `queue_delay`) until an interval passes whose shortest wait is
+//! below the target again. Bursts that drain within an interval are never refused, nor
+//! are a few writers waiting on one hot row.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -119,7 +120,9 @@ impl DelayWatch {
             .is_ok()
         {
             let min = self.min_wait.swap(u64::MAX, Ordering::AcqRel);
-            let congested = min != u64::MAX && min > Self::micros(DELAY_TARGET);
+            // Samples of an interval that ended long ago say nothing about the queue now.
+            let stale = now.saturating_sub(start) >= 2 * Self::micros(DELAY_INTERVAL);
+            let congested = !stale && min != u64::MAX && min > Self::micros(DELAY_TARGET);
             self.congested.store(congested, Ordering::Release);
         }
     }
@@ -218,7 +221,9 @@ impl Gate {
     /// Admit one operation, or refuse it at once when the bound is reached or a
     /// standing queue has formed.
     pub fn enter(self: &Arc<Self>) -> Result<Permit, StoreError> {
-        if self.delay.congested() {
+        // A slow queue alone is not overload (one hot row makes a few writers wait):
+        // refuse only while it is also a quarter full.
+        if self.depth() >= self.limit / 4 && self.delay.congested() {
             self.count_shed(Shed::Delay);
             return Err(StoreError::Overloaded("database queue too slow"));
         }
@@ -332,13 +337,23 @@ mod tests {
         g.record_wait(Duration::from_millis(1));
         std::thread::sleep(DELAY_INTERVAL + Duration::from_millis(20));
         assert!(g.enter().is_ok(), "a burst that drained was refused");
-        // A whole interval of waits above the target: refused, counted as queue_delay.
+        // A whole interval of waits above the target, with a queue a quarter full:
+        // refused, counted as queue_delay.
+        let queued: Vec<Permit> = (0..g.limit() / 4)
+            .map(|_| g.enter().expect("room"))
+            .collect();
         g.record_wait(DELAY_TARGET * 2);
         g.record_wait(DELAY_TARGET + Duration::from_millis(1));
         std::thread::sleep(DELAY_INTERVAL + Duration::from_millis(20));
         assert!(matches!(g.enter(), Err(StoreError::Overloaded(_))));
         assert_eq!(g.shed_count(Shed::Delay), 1);
+        // The same slow interval with a nearly empty queue (a hot row, not overload).
+        drop(queued);
+        assert!(g.enter().is_ok(), "refused with an empty queue");
         // The queue drained: an interval with only short waits (or none) admits again.
+        let _queued: Vec<Permit> = (0..g.limit() / 4)
+            .map(|_| g.enter().expect("room"))
+            .collect();
         g.record_wait(Duration::from_millis(2));
         std::thread::sleep(DELAY_INTERVAL + Duration::from_millis(20));
         assert!(g.enter().is_ok(), "still refused after the queue drained");
