@@ -7,7 +7,7 @@ usage: signing_vectors.py [--check]   (--check: exit 1 if the file differs)
 Python 3 standard library only, written straight from the specifications
 (README "Signing requests"; RFC 9421 sections 2 and 3; RFC 9530), so that the clients'
 signers and the server's are checked against an implementation none of them shares.
-The `v1` answers are also checked by the server's own signer (tests/signing_vectors.rs)
+The `v1` answers are also checked by the server's own signer (tests/api/signing_vectors.rs)
 and the RFC 9421 ones by the PyPI library http-message-signatures
 (clients/python/tests/test_vectors.py).
 """

@@ -8,6 +8,9 @@
 mod helpers;
 
 mod auth;
+mod cli;
+mod config;
+mod crash;
 mod credentials;
 mod faults;
 mod health;
@@ -20,6 +23,7 @@ mod ops;
 mod outage;
 mod push;
 mod routing;
+mod signing_vectors;
 mod stitcher;
 mod tokens;
 mod ui;

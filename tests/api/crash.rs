@@ -10,7 +10,7 @@
 //! workers carry on to 1000 attempted writes in total, so the restarted server is also
 //! shown to keep writing to the jobs that were open when it died.
 //!
-//! Run with `cargo test --test crash -- --nocapture` to see the counts.
+//! Run with `cargo test --test api crash -- --nocapture` to see the counts.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
