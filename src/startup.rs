@@ -377,3 +377,188 @@ mod tests {
         }
     }
 }
+
+/// The OpenAPI document against the route table, without a server: it lists exactly the
+/// routes of `ROUTES` (method + pattern, both directions) with the access each requires.
+#[cfg(test)]
+mod openapi_document {
+    #![allow(
+        clippy::indexing_slicing,
+        clippy::expect_used,
+        reason = "test code: a missing key is the failed assertion"
+    )]
+    use std::collections::BTreeSet;
+
+    use serde_json::{json, Value};
+    use utoipa::OpenApi;
+
+    use super::ROUTES;
+    use crate::auth::{Access, Scope};
+
+    const METHODS: [&str; 8] = [
+        "get", "put", "post", "delete", "options", "head", "patch", "trace",
+    ];
+
+    fn document() -> Value {
+        serde_json::to_value(crate::http::openapi::ApiDoc::openapi()).expect("document")
+    }
+
+    /// (METHOD, path pattern) of every operation in the document.
+    fn documented(doc: &Value) -> BTreeSet<(String, String)> {
+        let paths = doc["paths"].as_object().expect("paths");
+        let mut out = BTreeSet::new();
+        for (path, item) in paths {
+            for method in METHODS {
+                if item.get(method).is_some() {
+                    out.insert((method.to_ascii_uppercase(), path.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    fn operation<'a>(doc: &'a Value, method: &str, path: &str) -> &'a Value {
+        let op = &doc["paths"][path][method.to_ascii_lowercase()];
+        assert!(op.is_object(), "{method} {path} is not documented");
+        op
+    }
+
+    /// Follow a local `$ref` (`#/components/...`).
+    fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+        match v.get("$ref").and_then(Value::as_str) {
+            Some(r) => {
+                let pointer = r.strip_prefix('#').expect("local $ref");
+                let target = doc
+                    .pointer(pointer)
+                    .unwrap_or_else(|| panic!("dangling {r}"));
+                resolve(doc, target)
+            }
+            None => v,
+        }
+    }
+
+    #[test]
+    fn document_lists_every_registered_route() {
+        let doc = document();
+        let registered: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|r| (r.method.to_owned(), r.path.to_owned()))
+            .collect();
+        let documented = documented(&doc);
+        let undocumented: Vec<_> = registered.difference(&documented).collect();
+        let unregistered: Vec<_> = documented.difference(&registered).collect();
+        assert!(
+            undocumented.is_empty(),
+            "registered routes missing from the document: {undocumented:?}"
+        );
+        assert!(
+            unregistered.is_empty(),
+            "documented operations that no route serves: {unregistered:?}"
+        );
+        // Operation ids are unique, and every `{param}` of a pattern is a path parameter.
+        let mut ids = BTreeSet::new();
+        for r in ROUTES {
+            let op = operation(&doc, r.method, r.path);
+            let id = op["operationId"].as_str().expect("operationId");
+            assert!(ids.insert(id.to_owned()), "duplicate operationId {id}");
+            let params: BTreeSet<&str> = op["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| resolve(&doc, p))
+                .filter(|p| p["in"] == "path")
+                .filter_map(|p| p["name"].as_str())
+                .collect();
+            let in_pattern: BTreeSet<&str> = r
+                .path
+                .split('/')
+                .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
+                .collect();
+            assert_eq!(
+                params, in_pattern,
+                "path parameters of {} {}",
+                r.method, r.path
+            );
+        }
+    }
+
+    #[test]
+    fn operations_require_the_routes_access() {
+        let doc = document();
+        assert!(
+            doc.get("security").is_none(),
+            "no document-wide requirement"
+        );
+        let schemes = doc["components"]["securitySchemes"]
+            .as_object()
+            .expect("securitySchemes");
+        for name in ["hmac", "apiKey", "bearer", "standardWebhooks"] {
+            assert!(schemes.contains_key(name), "security scheme {name}");
+        }
+        assert_eq!(schemes["hmac"]["in"], "header");
+        assert_eq!(schemes["hmac"]["name"], "X-Coordinator-Signature");
+        assert_eq!(schemes["apiKey"]["name"], "X-API-Key");
+        assert_eq!(schemes["bearer"]["scheme"], "bearer");
+        assert_eq!(schemes["standardWebhooks"]["name"], "webhook-signature");
+
+        for r in ROUTES {
+            let op = operation(&doc, r.method, r.path);
+            let requirements = op["security"].as_array().cloned().unwrap_or_default();
+            let Access::Scope(scope) = r.access else {
+                assert!(
+                    requirements.is_empty(),
+                    "open route {} {} lists security",
+                    r.method,
+                    r.path
+                );
+                continue;
+            };
+            let mut names = BTreeSet::new();
+            for req in &requirements {
+                let req = req.as_object().expect("requirement");
+                assert_eq!(req.len(), 1, "one scheme per alternative: {req:?}");
+                for (name, scopes) in req {
+                    assert!(schemes.contains_key(name), "unknown scheme {name}");
+                    assert_eq!(
+                        scopes,
+                        &json!([scope.as_str()]),
+                        "{} {} requires {}",
+                        r.method,
+                        r.path,
+                        scope.as_str()
+                    );
+                    names.insert(name.as_str());
+                }
+            }
+            assert!(
+                names.contains("hmac") && names.contains("apiKey"),
+                "{}",
+                r.path
+            );
+            // Job tokens carry jobs:read / jobs:update only; Standard Webhooks is accepted
+            // on the webhook route only.
+            if names.contains("bearer") {
+                assert!(
+                    matches!(scope, Scope::JobsRead | Scope::JobsUpdate),
+                    "{}",
+                    r.path
+                );
+            }
+            assert_eq!(
+                names.contains("standardWebhooks"),
+                r.accepts_webhooks(),
+                "{}",
+                r.path
+            );
+            let responses = op["responses"].as_object().expect("responses");
+            for status in ["401", "403", "429", "503"] {
+                assert!(
+                    responses.contains_key(status),
+                    "{} {} documents no {status}",
+                    r.method,
+                    r.path
+                );
+            }
+        }
+    }
+}

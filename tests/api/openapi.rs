@@ -1,27 +1,23 @@
-//! `GET /openapi.json` against the app itself: the document lists exactly the routes of
-//! `startup::ROUTES` (method + pattern, both directions) with the access each requires,
-//! every error response is problem+json, and real responses have the documented shape.
+//! `GET /openapi.json` against the app itself: every error response is problem+json, and
+//! real responses have the documented shape. (That the document lists exactly the
+//! routes of `startup::ROUTES` with the access each requires is checked without a
+//! server, by the unit tests in src/startup.rs.)
 
 use std::collections::BTreeSet;
 
 use coordinator::auth::Access;
-use coordinator::auth::Scope;
 use coordinator::startup::ROUTES;
 use serde_json::{json, Map, Value};
 
 use crate::backend_tests;
 use crate::helpers::{Backend, TestApp};
 
+// The document's own checks (every route listed with its access, and nothing else)
+// need no database: they are unit tests in src/startup.rs.
 backend_tests!(
-    document_lists_every_registered_route,
-    operations_require_the_routes_access,
     error_responses_are_problem_json,
     responses_have_the_documented_fields,
 );
-
-const METHODS: [&str; 8] = [
-    "get", "put", "post", "delete", "options", "head", "patch", "trace",
-];
 
 /// The document, fetched without credentials (it is an open route).
 fn document(app: &TestApp) -> Value {
@@ -35,20 +31,6 @@ fn document(app: &TestApp) -> Value {
         doc["openapi"]
     );
     doc
-}
-
-/// (METHOD, path pattern) of every operation in the document.
-fn documented(doc: &Value) -> BTreeSet<(String, String)> {
-    let paths = doc["paths"].as_object().expect("paths");
-    let mut out = BTreeSet::new();
-    for (path, item) in paths {
-        for method in METHODS {
-            if item.get(method).is_some() {
-                out.insert((method.to_ascii_uppercase(), path.clone()));
-            }
-        }
-    }
-    out
 }
 
 fn operation<'a>(doc: &'a Value, method: &str, path: &str) -> &'a Value {
@@ -68,131 +50,6 @@ fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
             resolve(doc, target)
         }
         None => v,
-    }
-}
-
-fn document_lists_every_registered_route(b: Backend) {
-    let Some(app) = crate::app!(b) else { return };
-    let doc = document(&app);
-    let registered: BTreeSet<(String, String)> = ROUTES
-        .iter()
-        .map(|r| (r.method.to_owned(), r.path.to_owned()))
-        .collect();
-    let documented = documented(&doc);
-    let undocumented: Vec<_> = registered.difference(&documented).collect();
-    let unregistered: Vec<_> = documented.difference(&registered).collect();
-    assert!(
-        undocumented.is_empty(),
-        "registered routes missing from the document: {undocumented:?}"
-    );
-    assert!(
-        unregistered.is_empty(),
-        "documented operations that no route serves: {unregistered:?}"
-    );
-    // Operation ids are unique, and every `{param}` of a pattern is a path parameter.
-    let mut ids = BTreeSet::new();
-    for r in ROUTES {
-        let op = operation(&doc, r.method, r.path);
-        let id = op["operationId"].as_str().expect("operationId");
-        assert!(ids.insert(id.to_owned()), "duplicate operationId {id}");
-        let params: BTreeSet<&str> = op["parameters"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| resolve(&doc, p))
-            .filter(|p| p["in"] == "path")
-            .filter_map(|p| p["name"].as_str())
-            .collect();
-        let in_pattern: BTreeSet<&str> = r
-            .path
-            .split('/')
-            .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
-            .collect();
-        assert_eq!(
-            params, in_pattern,
-            "path parameters of {} {}",
-            r.method, r.path
-        );
-    }
-}
-
-fn operations_require_the_routes_access(b: Backend) {
-    let Some(app) = crate::app!(b) else { return };
-    let doc = document(&app);
-    assert!(
-        doc.get("security").is_none(),
-        "no document-wide requirement"
-    );
-    let schemes = doc["components"]["securitySchemes"]
-        .as_object()
-        .expect("securitySchemes");
-    for name in ["hmac", "apiKey", "bearer", "standardWebhooks"] {
-        assert!(schemes.contains_key(name), "security scheme {name}");
-    }
-    assert_eq!(schemes["hmac"]["in"], "header");
-    assert_eq!(schemes["hmac"]["name"], "X-Coordinator-Signature");
-    assert_eq!(schemes["apiKey"]["name"], "X-API-Key");
-    assert_eq!(schemes["bearer"]["scheme"], "bearer");
-    assert_eq!(schemes["standardWebhooks"]["name"], "webhook-signature");
-
-    for r in ROUTES {
-        let op = operation(&doc, r.method, r.path);
-        let requirements = op["security"].as_array().cloned().unwrap_or_default();
-        let Access::Scope(scope) = r.access else {
-            assert!(
-                requirements.is_empty(),
-                "open route {} {} lists security",
-                r.method,
-                r.path
-            );
-            continue;
-        };
-        let mut names = BTreeSet::new();
-        for req in &requirements {
-            let req = req.as_object().expect("requirement");
-            assert_eq!(req.len(), 1, "one scheme per alternative: {req:?}");
-            for (name, scopes) in req {
-                assert!(schemes.contains_key(name), "unknown scheme {name}");
-                assert_eq!(
-                    scopes,
-                    &json!([scope.as_str()]),
-                    "{} {} requires {}",
-                    r.method,
-                    r.path,
-                    scope.as_str()
-                );
-                names.insert(name.as_str());
-            }
-        }
-        assert!(
-            names.contains("hmac") && names.contains("apiKey"),
-            "{}",
-            r.path
-        );
-        // Job tokens carry jobs:read / jobs:update only; Standard Webhooks is accepted
-        // on the webhook route only.
-        if names.contains("bearer") {
-            assert!(
-                matches!(scope, Scope::JobsRead | Scope::JobsUpdate),
-                "{}",
-                r.path
-            );
-        }
-        assert_eq!(
-            names.contains("standardWebhooks"),
-            r.accepts_webhooks(),
-            "{}",
-            r.path
-        );
-        let responses = op["responses"].as_object().expect("responses");
-        for status in ["401", "403", "429", "503"] {
-            assert!(
-                responses.contains_key(status),
-                "{} {} documents no {status}",
-                r.method,
-                r.path
-            );
-        }
     }
 }
 
