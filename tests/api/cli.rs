@@ -146,7 +146,6 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-#[test]
 fn caller_add_list_disable() {
     let env = Env::new();
     let out = env.ok(&["caller", "add", "svc", "--scopes", "jobs:read,jobs:update"]);
@@ -189,7 +188,6 @@ fn caller_add_list_disable() {
     assert_eq!(out.status.code(), Some(2), "clap usage error");
 }
 
-#[test]
 fn secrets_are_shown_once_and_rotate() {
     let env = Env::new();
     env.ok(&["caller", "add", "svc", "--scopes", "all"]);
@@ -258,7 +256,6 @@ fn secrets_are_shown_once_and_rotate() {
     assert_eq!(env.json(&["secret", "rewrap"])["rewrapped"], 0);
 }
 
-#[test]
 fn rewrap_moves_rows_to_the_new_master_key() {
     let mut env = Env::new();
     env.ok(&["caller", "add", "svc", "--scopes", "all"]);
@@ -284,7 +281,6 @@ fn rewrap_moves_rows_to_the_new_master_key() {
     assert_eq!(env.json(&["secret", "rewrap"])["rewrapped"], 0);
 }
 
-#[test]
 fn api_keys_issue_list_revoke() {
     let env = Env::new();
     env.ok(&["caller", "add", "svc", "--scopes", "jobs:read,jobs:update"]);
@@ -342,7 +338,6 @@ fn api_keys_issue_list_revoke() {
     assert_eq!(out.status.code(), Some(1));
 }
 
-#[test]
 fn config_errors_exit_2_with_one_line() {
     let env = Env::new();
     let cases: [(&[&str], &str, &str); 4] = [
@@ -379,7 +374,6 @@ fn config_errors_exit_2_with_one_line() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-#[test]
 fn an_unmigrated_database_is_refused() {
     let env = Env::new();
     let url = format!("sqlite://{}", env.dir.path().join("fresh.db").display());
@@ -404,7 +398,6 @@ fn sign_env(env: &Env, secret: &str) -> Command {
     c
 }
 
-#[test]
 fn sign_matches_the_library() {
     let env = Env::new();
     let secret = HmacSecret::generate().expose_secret().to_owned();
@@ -463,7 +456,6 @@ fn sign_matches_the_library() {
     assert!(nonce.bytes().all(|b| b.is_ascii_hexdigit()));
 }
 
-#[test]
 fn sign_reads_the_dev_credentials_file() {
     let env = Env::new();
     let secret = HmacSecret::generate().expose_secret().to_owned();
@@ -553,7 +545,6 @@ fn call(env: &Env, server: &Server, creds: &[(&str, &str)], args: &[&str]) -> Ou
     c.output().unwrap()
 }
 
-#[test]
 fn call_signs_sends_and_explains() {
     let env = Env::new();
     env.ok(&["caller", "add", "svc", "--scopes", "all"]);
@@ -669,7 +660,6 @@ fn connected(l: &std::net::TcpListener) -> bool {
 /// caller named in the environment means the environment only (never the dev file's
 /// all-scopes `dev` caller), and the dev file's credentials go only to the dev file's
 /// URL, never to a `COORDINATOR_URL` from somewhere else (e.g. a planted `.env`).
-#[test]
 fn call_never_mixes_credential_sources() {
     let env = Env::new();
     let (dev_listener, dev_url) = watched_listener();
@@ -749,7 +739,6 @@ fn call_never_mixes_credential_sources() {
 }
 
 /// A credential about to go to another machine over plain http gets a warning.
-#[test]
 fn call_warns_before_sending_a_credential_over_plain_http_to_another_host() {
     let env = Env::new();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -827,7 +816,6 @@ fn set_mode(path: &Path, mode: u32) {
 /// `serve --dev` prints the plaintext credentials when it creates them and only points
 /// to the file on later starts; its state is private (directory 0700, files 0600) even
 /// when it existed with looser modes, and symbolic links in it are refused.
-#[test]
 fn serve_dev_shows_credentials_once_and_keeps_its_state_private() {
     let work = tempfile::tempdir().unwrap();
     let state = work.path().join(".coordinator");
@@ -893,7 +881,6 @@ fn serve_dev_shows_credentials_once_and_keeps_its_state_private() {
 }
 
 /// A master key file that other users can read gets a warning.
-#[test]
 fn a_master_key_file_readable_by_others_gets_a_warning() {
     let env = Env::new();
     let key_file = env.dir.path().join("master.key");
@@ -920,7 +907,6 @@ fn a_master_key_file_readable_by_others_gets_a_warning() {
     assert!(!err.contains("warning"), "{err}");
 }
 
-#[test]
 fn dev_flag_uses_the_dev_state() {
     let env = Env::new();
     let dev = |args: &[&str]| {
@@ -935,7 +921,6 @@ fn dev_flag_uses_the_dev_state() {
     assert!(dev(&["secret", "list"]).contains("svc"));
 }
 
-#[test]
 fn readme_shows_the_signing_examples_verbatim() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
@@ -952,7 +937,6 @@ fn readme_shows_the_signing_examples_verbatim() {
     }
 }
 
-#[test]
 fn tokens_issue_revoke_and_rotate() {
     let env = Env::new();
     env.ok(&["caller", "add", "svc", "--scopes", "all"]);
@@ -1307,13 +1291,11 @@ fn jobs_and_queues_commands_on(env: &Env) {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 }
 
-#[test]
 fn jobs_and_queues_commands_sqlite() {
     jobs_and_queues_commands_on(&Env::new());
 }
 
-#[test]
-fn jobs_and_queues_commands_postgres() {
+fn jobs_and_queues_commands_postgres(_: crate::helpers::Backend) {
     if let Some(env) = Env::postgres() {
         jobs_and_queues_commands_on(&env);
     }
@@ -1387,7 +1369,6 @@ fn tls_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     (format!("https://localhost:{port}"), heads)
 }
 
-#[test]
 fn call_and_jobs_speak_https_with_a_private_ca() {
     let env = Env::new();
     let secret = HmacSecret::generate();
@@ -1474,3 +1455,25 @@ fn call_and_jobs_speak_https_with_a_private_ca() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+crate::plain_tests!(
+    caller_add_list_disable,
+    secrets_are_shown_once_and_rotate,
+    rewrap_moves_rows_to_the_new_master_key,
+    api_keys_issue_list_revoke,
+    config_errors_exit_2_with_one_line,
+    an_unmigrated_database_is_refused,
+    sign_matches_the_library,
+    sign_reads_the_dev_credentials_file,
+    call_signs_sends_and_explains,
+    call_never_mixes_credential_sources,
+    call_warns_before_sending_a_credential_over_plain_http_to_another_host,
+    serve_dev_shows_credentials_once_and_keeps_its_state_private,
+    a_master_key_file_readable_by_others_gets_a_warning,
+    dev_flag_uses_the_dev_state,
+    readme_shows_the_signing_examples_verbatim,
+    tokens_issue_revoke_and_rotate,
+    jobs_and_queues_commands_sqlite,
+    call_and_jobs_speak_https_with_a_private_ca,
+);
+crate::postgres_tests!(jobs_and_queues_commands_postgres);

@@ -83,7 +83,6 @@ fn env_example() -> Vec<(String, String)> {
         .collect()
 }
 
-#[test]
 fn env_example_lists_every_variable_with_its_default() {
     let clap = clap_env_vars();
     assert!(clap.contains_key("DATABASE_URL"), "{clap:?}");
@@ -151,13 +150,11 @@ const SQLITE_URL: &str = "sqlite://./coordinator.db";
 /// 32 zero bytes in base64: a valid master key.
 const MASTER_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 
-#[test]
 fn serve_without_a_database_url_names_it() {
     let (out, dir) = run(&["serve"], &[]);
     assert_config_error(&out, &dir, "DATABASE_URL", "no DATABASE_URL");
 }
 
-#[test]
 fn serve_with_an_unknown_scheme_names_database_url() {
     let (out, dir) = run(&["serve", "--database-url", "mysql://x"], &[]);
     assert_config_error(&out, &dir, "DATABASE_URL", "mysql://x");
@@ -166,7 +163,6 @@ fn serve_with_an_unknown_scheme_names_database_url() {
     assert_config_error(&out, &dir, "DATABASE_URL", "DATABASE_URL=mysql://x");
 }
 
-#[test]
 fn a_short_bootstrap_key_is_refused() {
     let (out, dir) = run(
         &["serve"],
@@ -181,7 +177,6 @@ fn a_short_bootstrap_key_is_refused() {
     assert!(!stderr.contains("short"), "echoed the key: {stderr}");
 }
 
-#[test]
 fn a_value_that_is_not_a_number_exits_2() {
     let (out, _dir) = run(
         &["serve"],
@@ -214,7 +209,6 @@ fn a_value_that_is_not_a_number_exits_2() {
 
 /// Every range check in `ServeArgs::validate` / `DbArgs::validate`, at the first value
 /// outside the documented range (docs/operations.md#configuration).
-#[test]
 fn out_of_range_values_name_their_variable() {
     let cases: &[(&str, &str)] = &[
         ("COORDINATOR_BIND", "localhost"),
@@ -256,7 +250,6 @@ fn out_of_range_values_name_their_variable() {
     }
 }
 
-#[test]
 fn a_missing_master_key_is_a_config_error() {
     let (out, dir) = run(&["serve"], &[("DATABASE_URL", SQLITE_URL)]);
     assert_config_error(&out, &dir, "COORDINATOR_MASTER_KEY", "no master key");
@@ -275,7 +268,6 @@ fn a_missing_master_key_is_a_config_error() {
     );
 }
 
-#[test]
 fn flags_win_over_the_environment() {
     // A bad variable is overridden by a good flag: the error is then about what comes
     // next (the missing master key), not about the variable.
@@ -291,7 +283,6 @@ fn flags_win_over_the_environment() {
 
 /// `--dev` never touches the database or master key named in the environment (a
 /// production URL left in `.env` must not get an all-scopes `dev` caller).
-#[test]
 fn dev_mode_ignores_database_url_and_master_key_in_the_environment() {
     let (out, dir) = run(
         &["caller", "add", "probe", "--scopes", "jobs:read", "--dev"],
@@ -313,7 +304,6 @@ fn dev_mode_ignores_database_url_and_master_key_in_the_environment() {
 }
 
 /// An operator command without a database points to its own `--dev` flag.
-#[test]
 fn operator_commands_without_a_database_name_their_dev_flag() {
     let (out, dir) = run(&["caller", "list"], &[]);
     assert_config_error(&out, &dir, "DATABASE_URL", "caller list");
@@ -323,7 +313,6 @@ fn operator_commands_without_a_database_name_their_dev_flag() {
 
 /// The repository is complete on its own: no document points outside it (the design
 /// lives in docs/design.md), and every relative Markdown link names a file that exists.
-#[test]
 fn docs_are_self_contained() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = vec![
@@ -409,7 +398,6 @@ fn write_mode(path: &Path, text: &str, mode: u32) {
 }
 
 /// A `.env` in a parent directory (e.g. one planted in /tmp) is never read.
-#[test]
 fn dot_env_is_not_read_from_a_parent_directory() {
     let parent = tempfile::tempdir().unwrap();
     write_mode(
@@ -431,7 +419,6 @@ fn dot_env_is_not_read_from_a_parent_directory() {
 }
 
 /// The working directory's `.env` is read, and stderr names it.
-#[test]
 fn dot_env_in_the_working_directory_is_read_and_named() {
     let dir = tempfile::tempdir().unwrap();
     let env = dir.path().join(".env");
@@ -472,7 +459,6 @@ fn dot_env_in_the_working_directory_is_read_and_named() {
 }
 
 /// A `.env` someone else could have written is refused before anything is read from it.
-#[test]
 fn dot_env_writable_by_others_or_owned_by_another_user_is_refused() {
     for mode in [0o666, 0o620, 0o602] {
         let dir = tempfile::tempdir().unwrap();
@@ -503,7 +489,6 @@ fn dot_env_writable_by_others_or_owned_by_another_user_is_refused() {
 
 /// Secrets are never command-line flags (every local user can read those in `ps`): the
 /// flags are refused with a pointer to the variable, without echoing the value.
-#[test]
 fn secrets_are_not_accepted_as_flags() {
     // Commands that cannot start anything if the flag were accepted (no database file
     // for `secret rewrap`; no master key for `serve`), so a regression fails, never hangs.
@@ -545,7 +530,6 @@ fn secrets_are_not_accepted_as_flags() {
 }
 
 /// `Debug` of the parsed command line never shows a database password.
-#[test]
 fn debug_output_redacts_the_database_url() {
     let cli = Cli::try_parse_from([
         "coordinator",
@@ -558,3 +542,22 @@ fn debug_output_redacts_the_database_url() {
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(shown.contains("postgres://"), "{shown}");
 }
+
+crate::plain_tests!(
+    env_example_lists_every_variable_with_its_default,
+    serve_without_a_database_url_names_it,
+    serve_with_an_unknown_scheme_names_database_url,
+    a_short_bootstrap_key_is_refused,
+    a_value_that_is_not_a_number_exits_2,
+    out_of_range_values_name_their_variable,
+    a_missing_master_key_is_a_config_error,
+    flags_win_over_the_environment,
+    dev_mode_ignores_database_url_and_master_key_in_the_environment,
+    operator_commands_without_a_database_name_their_dev_flag,
+    docs_are_self_contained,
+    dot_env_is_not_read_from_a_parent_directory,
+    dot_env_in_the_working_directory_is_read_and_named,
+    dot_env_writable_by_others_or_owned_by_another_user_is_refused,
+    secrets_are_not_accepted_as_flags,
+    debug_output_redacts_the_database_url,
+);

@@ -792,18 +792,19 @@ fn crash_and_restart(label: &str, db: &CrashDb, dir: &Path) {
     assert!(acked_before >= KILL_AFTER_ACKS);
 }
 
-#[test]
 fn sqlite_keeps_every_acknowledged_write_across_sigkill() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = CrashDb::sqlite(dir.path());
     crash_and_restart("sqlite", &db, dir.path());
 }
 
-#[test]
-fn postgres_keeps_every_acknowledged_write_across_sigkill() {
+fn postgres_keeps_every_acknowledged_write_across_sigkill(_: crate::helpers::Backend) {
     let Some(db) = CrashDb::postgres() else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     crash_and_restart("postgres", &db, dir.path());
 }
+
+crate::plain_tests!(sqlite_keeps_every_acknowledged_write_across_sigkill);
+crate::postgres_tests!(postgres_keeps_every_acknowledged_write_across_sigkill);

@@ -23,28 +23,14 @@ backend_tests!(
     same_signed_request_on_two_instances_is_accepted_once,
 );
 
-/// Faults only PostgreSQL has: the server refusing connections, connections cut.
-mod postgres_only {
-    #[test]
-    fn unreachable_database_is_503_never_500_and_recovers() {
-        super::unreachable_database_is_503_never_500_and_recovers(crate::helpers::Backend::Postgres)
-    }
+// Faults only PostgreSQL has: the server refusing connections, connections cut.
+crate::postgres_tests!(
+    unreachable_database_is_503_never_500_and_recovers,
+    connections_killed_mid_request_are_503_never_500,
+);
 
-    #[test]
-    fn connections_killed_mid_request_are_503_never_500() {
-        super::connections_killed_mid_request_are_503_never_500(crate::helpers::Backend::Postgres)
-    }
-}
-
-/// A fault only SQLite has: another process holding the file's write lock.
-mod sqlite_only {
-    #[test]
-    fn locked_database_file_is_503_or_a_wait_never_corruption() {
-        super::locked_database_file_is_503_or_a_wait_never_corruption(
-            crate::helpers::Backend::Sqlite,
-        )
-    }
-}
+// A fault only SQLite has: another process holding the file's write lock.
+crate::sqlite_tests!(locked_database_file_is_503_or_a_wait_never_corruption);
 
 const JSON: (&str, &str) = ("content-type", "application/json");
 

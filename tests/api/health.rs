@@ -33,9 +33,8 @@ fn health_reports_queue_depths(b: Backend) {
 
 /// PostgreSQL disappears under a running app: handlers and /readyz answer 503,
 /// /livez stays 200.
-#[test]
-fn database_unreachable_is_503_postgres() {
-    let Some(app) = crate::app!(Backend::Postgres) else {
+fn database_unreachable_is_503(b: Backend) {
+    let Some(app) = crate::app!(b) else {
         return;
     };
     let id = app.running_job();
@@ -72,3 +71,5 @@ fn database_unreachable_is_503_postgres() {
     assert_eq!(app.get("/livez").status, 200);
     app.get(&format!("/coordinator/jobs/{id}")).problem(503);
 }
+
+crate::postgres_tests!(database_unreachable_is_503);

@@ -141,7 +141,6 @@ fn postgres_admin_url() -> Option<String> {
                     "REQUIRE_POSTGRES=1 but PostgreSQL at TEST_POSTGRES_URL is not reachable: {e}"
                 );
             }
-            eprintln!("SKIPPED: PostgreSQL test (TEST_POSTGRES_URL unset or not answering: {e})");
             None
         }
     }
@@ -488,17 +487,134 @@ impl TestApp {
     }
 }
 
-/// Define each listed test once per backend: `mod sqlite` and `mod postgres`.
+/// One test of this binary (collected with `inventory`; `main.rs` runs them with
+/// libtest-mimic). A test whose backend or interop library is missing is reported as
+/// ignored, never as passed.
+pub struct Test {
+    /// `module_path!()` of the file that defines it.
+    pub module: &'static str,
+    /// `sqlite` / `postgres` for a test defined once per backend, else empty.
+    pub variant: &'static str,
+    pub name: &'static str,
+    pub run: fn(),
+    pub needs_postgres: bool,
+    /// Needs the Python `standardwebhooks` package (`REQUIRE_INTEROP=1`: must be there).
+    pub needs_python_interop: bool,
+    /// Not a check (a measurement): run only with `--ignored`.
+    pub ignored: bool,
+}
+
+inventory::collect!(Test);
+
+impl Test {
+    pub const fn new(
+        module: &'static str,
+        variant: &'static str,
+        name: &'static str,
+        run: fn(),
+    ) -> Test {
+        Test {
+            module,
+            variant,
+            name,
+            run,
+            needs_postgres: false,
+            needs_python_interop: false,
+            ignored: false,
+        }
+    }
+
+    pub const fn on_postgres(mut self) -> Test {
+        self.needs_postgres = true;
+        self
+    }
+
+    pub const fn with_python_interop(mut self) -> Test {
+        self.needs_python_interop = true;
+        self
+    }
+
+    pub const fn measurement(mut self) -> Test {
+        self.ignored = true;
+        self
+    }
+}
+
+/// Define each listed test `fn name(b: Backend)` once per backend (`…::sqlite::name`,
+/// `…::postgres::name`).
 #[macro_export]
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[test] fn $name() { super::$name($crate::helpers::Backend::Sqlite) } )*
-        }
-        mod postgres {
-            $( #[test] fn $name() { super::$name($crate::helpers::Backend::Postgres) } )*
-        }
+        $(
+            inventory::submit! {
+                $crate::helpers::Test::new(module_path!(), "sqlite", stringify!($name),
+                    || $name($crate::helpers::Backend::Sqlite))
+            }
+            inventory::submit! {
+                $crate::helpers::Test::new(module_path!(), "postgres", stringify!($name),
+                    || $name($crate::helpers::Backend::Postgres)).on_postgres()
+            }
+        )*
     };
+}
+
+/// Tests `fn name()` that need no database or make their own SQLite one.
+#[macro_export]
+macro_rules! plain_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            inventory::submit! {
+                $crate::helpers::Test::new(module_path!(), "", stringify!($name), $name)
+            }
+        )*
+    };
+}
+
+/// Tests `fn name(b: Backend)` that exist for PostgreSQL only (ignored without it).
+#[macro_export]
+macro_rules! postgres_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            inventory::submit! {
+                $crate::helpers::Test::new(module_path!(), "postgres", stringify!($name),
+                    || $name($crate::helpers::Backend::Postgres)).on_postgres()
+            }
+        )*
+    };
+}
+
+/// Tests `fn name(b: Backend)` that exist for SQLite only.
+#[macro_export]
+macro_rules! sqlite_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            inventory::submit! {
+                $crate::helpers::Test::new(module_path!(), "sqlite", stringify!($name),
+                    || $name($crate::helpers::Backend::Sqlite))
+            }
+        )*
+    };
+}
+
+/// Is PostgreSQL reachable for the tests? Panics when it is not and
+/// `REQUIRE_POSTGRES=1`, so CI never mistakes a missing server for a pass.
+pub fn postgres_reachable() -> bool {
+    postgres_admin_url().is_some()
+}
+
+/// Can `python3` import `standardwebhooks`? Panics when it cannot and
+/// `REQUIRE_INTEROP=1`.
+pub fn python_interop_available() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import standardwebhooks"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok && std::env::var("REQUIRE_INTEROP").as_deref() == Ok("1") {
+        panic!("REQUIRE_INTEROP=1 but python3 cannot import standardwebhooks");
+    }
+    ok
 }
 
 /// `let Some(app) = app!(backend) else { return };` — skips when the backend is absent.

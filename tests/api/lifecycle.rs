@@ -845,18 +845,20 @@ fn batch_of_1000_with_duplicates(b: Backend) {
     assert_eq!(p["field"], "jobs[1].priority");
 }
 
-/// Not a check: prints list-page latency at 100 and 10,000 jobs (run with
-/// `cargo test --release --test api measure_list -- --ignored --nocapture`).
-#[test]
-#[ignore]
-fn measure_list_latency_sqlite() {
-    measure_list_latency(Backend::Sqlite);
+// Not a check: prints list-page latency at 100 and 10,000 jobs (run with
+// `cargo test --release --test api measure_list -- --ignored --nocapture`).
+inventory::submit! {
+    crate::helpers::Test::new(module_path!(), "sqlite", "measure_list_latency", || {
+        measure_list_latency(Backend::Sqlite)
+    })
+    .measurement()
 }
-
-#[test]
-#[ignore]
-fn measure_list_latency_postgres() {
-    measure_list_latency(Backend::Postgres);
+inventory::submit! {
+    crate::helpers::Test::new(module_path!(), "postgres", "measure_list_latency", || {
+        measure_list_latency(Backend::Postgres)
+    })
+    .on_postgres()
+    .measurement()
 }
 
 fn measure_list_latency(b: Backend) {

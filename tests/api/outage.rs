@@ -32,21 +32,8 @@ backend_tests!(
     graceful_stop_loses_no_acknowledged_write,
 );
 
-mod postgres_only {
-    #[test]
-    fn cut_off_database_is_503_at_once_and_recovers_without_restart() {
-        super::cut_off_database_is_503_at_once_and_recovers_without_restart(
-            crate::helpers::Backend::Postgres,
-        )
-    }
-}
-
-mod sqlite_only {
-    #[test]
-    fn wal_stays_bounded_under_continuous_writes_and_reads() {
-        super::wal_stays_bounded_under_continuous_writes_and_reads()
-    }
-}
+crate::postgres_tests!(cut_off_database_is_503_at_once_and_recovers_without_restart);
+crate::plain_tests!(wal_stays_bounded_under_continuous_writes_and_reads);
 
 const JSON: (&str, &str) = ("content-type", "application/json");
 

@@ -25,7 +25,6 @@ fn s<'a>(v: &'a Value, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
-#[test]
 fn v1_vectors_match_the_server_signer() {
     let all = vectors();
     let list = all["v1"].as_array().expect("a v1 list");
@@ -95,7 +94,6 @@ fn v1_vectors_match_the_server_signer() {
 
 /// The signer `coordinator sign` and `call` use (the coordinator-client crate, the one
 /// Rust signer) gives the known answers, header for header, and the server verifies them.
-#[test]
 fn v1_vectors_match_the_client_signer_the_cli_uses() {
     use coordinator_client::signing::{v1_sign, V1Params};
     let all = vectors();
@@ -142,7 +140,6 @@ fn v1_vectors_match_the_client_signer_the_cli_uses() {
     }
 }
 
-#[test]
 fn vectors_cover_bodies_queries_and_non_ascii_paths() {
     let all = vectors();
     for scheme in ["v1", "rfc9421"] {
@@ -172,3 +169,9 @@ fn vectors_cover_bodies_queries_and_non_ascii_paths() {
         );
     }
 }
+
+crate::plain_tests!(
+    v1_vectors_match_the_server_signer,
+    v1_vectors_match_the_client_signer_the_cli_uses,
+    vectors_cover_bodies_queries_and_non_ascii_paths,
+);
