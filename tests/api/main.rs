@@ -77,7 +77,10 @@ fn no_test_attribute_is_left_behind() {
             }
         }
     }
-    assert!(stray.is_empty(), "#[test] never runs in this binary: {stray:?}");
+    assert!(
+        stray.is_empty(),
+        "#[test] never runs in this binary: {stray:?}"
+    );
 }
 
 plain_tests!(no_test_attribute_is_left_behind);

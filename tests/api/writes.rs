@@ -11,7 +11,10 @@ use diesel::prelude::*;
 use crate::backend_tests;
 use crate::helpers::Backend;
 
-backend_tests!(a_failing_write_never_sinks_the_writes_committed_with_it);
+backend_tests!(
+    a_failing_write_never_sinks_the_writes_committed_with_it,
+    housekeeping_purges_every_expired_replay_record,
+);
 
 const CALLER: &str = "group-commit-test";
 
@@ -73,4 +76,55 @@ fn a_failing_write_never_sinks_the_writes_committed_with_it(b: Backend) {
         }))
         .expect("read back");
     assert_eq!(stored, expected);
+}
+
+/// 25,000 expired replay records (many purge chunks) and 10 live ones: one
+/// housekeeping pass deletes every expired record, in several writes, and keeps the live
+/// ones — the table stays bounded by the window however fast records arrive.
+fn housekeeping_purges_every_expired_replay_record(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let now = coordinator::db::now_millis();
+    let rows: Vec<_> = (0..25_010)
+        .map(|i| {
+            let expires = if i < 25_000 {
+                now - 1_000
+            } else {
+                now + 600_000
+            };
+            ("purge-test".to_owned(), format!("sig-{i:05}"), expires)
+        })
+        .collect();
+    let db = app.state.db.clone();
+    let state = app.state.clone();
+    let (report, left) = actix_web::rt::System::new().block_on(async move {
+        // In slices: one PostgreSQL statement takes at most 65,535 parameters.
+        db.write(move |conn| {
+            conn.transaction(|conn| {
+                for slice in rows.chunks(1_000) {
+                    insert_replays(conn, slice)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+        .expect("insert");
+        let report = coordinator::housekeeping::pass(&state).await;
+        let left: i64 = db
+            .read(|conn| {
+                Ok(replay_records::table
+                    .filter(replay_records::caller.eq("purge-test"))
+                    .count()
+                    .get_result(conn)?)
+            })
+            .await
+            .expect("count");
+        (report, left)
+    });
+    // The app's own housekeeping task (every 5 s) may have run the same pass first.
+    assert!(
+        report.replays_purged <= 25_000,
+        "purged {}",
+        report.replays_purged
+    );
+    assert_eq!(left, 10, "the live records stay, every expired one went");
 }
