@@ -330,6 +330,7 @@ pub fn apply(
 ) -> Result<JobRow, StoreError> {
     conn.transaction(|conn| {
         // Lock (version bump) and read in one statement: one round trip fewer.
+        // (`all_columns` is positional: `JobRow` keeps the table's column order.)
         let row = diesel::update(jobs::table.find(id.as_str()))
             .set(jobs::version.eq(jobs::version + 1))
             .returning(jobs::all_columns)
