@@ -21,5 +21,6 @@ mod outage;
 mod push;
 mod routing;
 mod stitcher;
+mod tls;
 mod tokens;
 mod ui;
