@@ -188,6 +188,15 @@ impl Application {
             Some(t) => {
                 let certs = crate::tls::CertReloader::load(&t.cert, &t.key)?;
                 let server = crate::tls::server_config(t, certs.clone())?;
+                log::info!(
+                    "TLS: serving HTTPS with {}{}",
+                    t.cert.display(),
+                    if t.client_ca.is_some() {
+                        " (client certificates accepted)"
+                    } else {
+                        ""
+                    }
+                );
                 Some((server, certs, t.reload_every))
             }
             None => None,
