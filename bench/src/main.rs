@@ -27,6 +27,7 @@ mod drive;
 mod peer;
 mod report;
 mod soak;
+mod tls;
 mod webhooks;
 
 /// A fresh SQLite store for one bench mode: its directory, database URL, master key
@@ -929,8 +930,14 @@ fn main() {
         webhooks::run(&bin, &out, duration);
         return;
     }
+    if args.iter().any(|a| a == "--tls") {
+        tls::run(&bin, &out, conns, duration);
+        return;
+    }
     if let Some(other) = args.first() {
-        panic!("unknown argument {other}: use --soak MINUTES, --peer DIR, --webhooks or none");
+        panic!(
+            "unknown argument {other}: use --soak MINUTES, --peer DIR, --webhooks, --tls or none"
+        );
     }
 
     let mut rows = Vec::new();
