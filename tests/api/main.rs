@@ -18,6 +18,7 @@ mod logs;
 mod openapi;
 mod ops;
 mod outage;
+mod pg_tls;
 mod push;
 mod routing;
 mod stitcher;

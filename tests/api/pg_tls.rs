@@ -4,13 +4,6 @@
 //! 5432 is never touched. As root, the cluster runs as the `postgres` user through
 //! `runuser` (initdb refuses root). Without PostgreSQL binaries the test is skipped,
 //! unless REQUIRE_POSTGRES=1, where that is a failure.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    reason = "test code: a panic on a missing value or an out-of-range index is the failed assertion"
-)]
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
