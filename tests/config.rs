@@ -558,3 +558,46 @@ fn debug_output_redacts_the_database_url() {
     assert!(!shown.contains("hunter2"), "{shown}");
     assert!(shown.contains("postgres://"), "{shown}");
 }
+
+#[test]
+fn tls_settings_that_cannot_work_name_their_variable() {
+    let base = [
+        ("DATABASE_URL", SQLITE_URL),
+        ("COORDINATOR_MASTER_KEY", MASTER_KEY),
+    ];
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("COORDINATOR_TLS_CERT", "/x.crt")], "COORDINATOR_TLS_KEY"),
+        (&[("COORDINATOR_TLS_KEY", "/x.key")], "COORDINATOR_TLS_CERT"),
+        (
+            &[("COORDINATOR_TLS_CLIENT_CA", "/ca.crt")],
+            "COORDINATOR_TLS_CLIENT_CA",
+        ),
+        (
+            &[
+                ("COORDINATOR_TLS_CERT", "/x.crt"),
+                ("COORDINATOR_TLS_KEY", "/x.key"),
+                ("COORDINATOR_INSECURE_HTTP", "true"),
+            ],
+            "COORDINATOR_INSECURE_HTTP",
+        ),
+        (
+            &[("COORDINATOR_TLS_CLIENT_IDENTITY", "subject")],
+            "COORDINATOR_TLS_CLIENT_IDENTITY",
+        ),
+        (
+            &[("COORDINATOR_TLS_RELOAD_SECS", "0")],
+            "COORDINATOR_TLS_RELOAD_SECS",
+        ),
+        (
+            &[("DATABASE_URL", "postgres://app@db.example/c?sslmode=prefer")],
+            "COORDINATOR_DB_ALLOW_TLS_DOWNGRADE",
+        ),
+    ];
+    for (vars, var) in cases {
+        let mut all: Vec<(&str, &str)> = base.to_vec();
+        all.retain(|(k, _)| !vars.iter().any(|(v, _)| v == k));
+        all.extend_from_slice(vars);
+        let (out, dir) = run(&["serve"], &all);
+        assert_config_error(&out, &dir, var, var);
+    }
+}

@@ -126,7 +126,7 @@ fn operations_require_the_routes_access(b: Backend) {
     let schemes = doc["components"]["securitySchemes"]
         .as_object()
         .expect("securitySchemes");
-    for name in ["hmac", "apiKey", "bearer", "standardWebhooks"] {
+    for name in ["hmac", "apiKey", "bearer", "standardWebhooks", "mutualTLS"] {
         assert!(schemes.contains_key(name), "security scheme {name}");
     }
     assert_eq!(schemes["hmac"]["in"], "header");
@@ -134,6 +134,7 @@ fn operations_require_the_routes_access(b: Backend) {
     assert_eq!(schemes["apiKey"]["name"], "X-API-Key");
     assert_eq!(schemes["bearer"]["scheme"], "bearer");
     assert_eq!(schemes["standardWebhooks"]["name"], "webhook-signature");
+    assert_eq!(schemes["mutualTLS"]["type"], "mutualTLS");
 
     for r in ROUTES {
         let op = operation(&doc, r.method, r.path);
@@ -165,7 +166,7 @@ fn operations_require_the_routes_access(b: Backend) {
             }
         }
         assert!(
-            names.contains("hmac") && names.contains("apiKey"),
+            names.contains("hmac") && names.contains("apiKey") && names.contains("mutualTLS"),
             "{}",
             r.path
         );

@@ -445,3 +445,73 @@ fn a_new_certificate_is_served_without_a_restart() {
     assert!(connect(&client(&second, None, &[]), port, "localhost").is_ok());
     assert!(connect(&client(&first, None, &[]), port, "localhost").is_err());
 }
+
+/// Start the real binary, read its log until it listens, stop it: the log lines.
+fn start_up_log(args: &[&str], env: &[(&str, &str)]) -> Vec<String> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("c.db").display());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .current_dir(dir.path())
+        .args(["serve", "--bind", "127.0.0.1:0", "--database-url", &db])
+        .args(args)
+        .env(
+            "COORDINATOR_MASTER_KEY",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        )
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let done = line.contains("listening on");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    lines
+}
+
+#[test]
+fn plain_http_in_production_warns_once_at_start() {
+    let warnings = |lines: &[String]| {
+        lines
+            .iter()
+            .filter(|l| l.contains("serving plain HTTP"))
+            .count()
+    };
+    let plain = start_up_log(&[], &[]);
+    assert!(
+        plain.iter().any(|l| l.contains("listening on")),
+        "{plain:?}"
+    );
+    assert_eq!(warnings(&plain), 1, "{plain:?}");
+    assert_eq!(warnings(&start_up_log(&["--insecure-http"], &[])), 0);
+    let dev = start_up_log(&["--dev"], &[]);
+    assert!(dev.iter().any(|l| l.contains("listening on")), "{dev:?}");
+    assert_eq!(warnings(&dev), 0, "{dev:?}");
+    assert_eq!(
+        warnings(&start_up_log(&[], &[("COORDINATOR_INSECURE_HTTP", "true")])),
+        0
+    );
+    let ca = Ca::new("test CA");
+    let files = TlsFiles::new(&ca.server(), None);
+    let (cert, key) = (
+        files.cert.to_str().unwrap().to_owned(),
+        files.key.to_str().unwrap().to_owned(),
+    );
+    let tls = start_up_log(&["--tls-cert", &cert, "--tls-key", &key], &[]);
+    assert_eq!(warnings(&tls), 0, "{tls:?}");
+    assert!(
+        tls.iter().any(|l| l.contains("TLS: serving HTTPS")),
+        "{tls:?}"
+    );
+}
