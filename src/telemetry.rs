@@ -21,6 +21,8 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// `main`; tests use `try_init`.
 pub fn logger(test_writer: bool) -> env_logger::Builder {
     let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    // JSON lines carry no colour; without this every line is scanned for escapes.
+    b.write_style(env_logger::WriteStyle::Never);
     b.format(|buf, record| {
         let target = record.target();
         if target == ACCESS_TARGET || target == AUDIT_TARGET {

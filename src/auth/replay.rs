@@ -1,9 +1,13 @@
 //! The replay record, with group commit. Each verified signature is recorded once in
 //! the database shared by every instance; a (caller, signature) pair seen again within
-//! the window is a replay. Requests hand their record to one batching task per
-//! instance, which writes whatever has queued up in a single transaction and answers
-//! each request after the commit, so a replay check costs a share of one commit
-//! instead of one commit per request. Nothing is acknowledged before it is durable.
+//! the window is a replay. A replay check costs a share of one commit instead of one
+//! commit per request, and nothing is acknowledged before it is durable:
+//!
+//! - on SQLite the record is one more write for the database's group-commit writer
+//!   (`db::writer`), committed together with whatever other writes have queued up —
+//!   the job changes of other requests included;
+//! - on PostgreSQL requests hand their record to batching threads, each of which
+//!   writes whatever has queued up with one statement and answers after the commit.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +28,10 @@ type Reply = oneshot::Sender<Result<bool, String>>;
 
 #[derive(Clone)]
 pub struct ReplayLog {
-    tx: mpsc::Sender<(ReplayRow, Reply)>,
+    /// PostgreSQL: the batching threads' queue. SQLite: `None`, records go through
+    /// `db` like any write.
+    tx: Option<mpsc::Sender<(ReplayRow, Reply)>>,
+    db: Db,
     /// Records refused because the queue was full.
     shed: Arc<AtomicU64>,
 }
@@ -35,13 +42,16 @@ impl ReplayLog {
     /// waits for exactly one hand-off to a writer and one back, with no async hop in
     /// between. The writers stop when the last `ReplayLog` is dropped.
     pub fn start(db: Db) -> Self {
+        if db.backend() == Backend::Sqlite {
+            return ReplayLog {
+                tx: None,
+                db,
+                shed: Arc::default(),
+            };
+        }
         let (tx, rx) = mpsc::channel(QUEUE);
         let rx = Arc::new(Mutex::new(rx));
-        let writers = match db.backend() {
-            Backend::Sqlite => 1,
-            Backend::Postgres => 4,
-        };
-        for i in 0..writers {
+        for i in 0..4 {
             let (db, rx) = (db.clone(), rx.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("replay-log-{i}"))
@@ -51,16 +61,21 @@ impl ReplayLog {
             }
         }
         ReplayLog {
-            tx,
+            tx: Some(tx),
+            db,
             shed: Arc::default(),
         }
     }
 
     /// (records waiting, bound, records refused because the queue was full).
+    /// On SQLite the records share the database's write queue (its own metrics).
     pub fn queue_stats(&self) -> (usize, usize, u64) {
-        let bound = self.tx.max_capacity();
+        let Some(tx) = &self.tx else {
+            return (0, 0, 0);
+        };
+        let bound = tx.max_capacity();
         (
-            bound - self.tx.capacity(),
+            bound - tx.capacity(),
             bound,
             self.shed.load(Ordering::Relaxed),
         )
@@ -73,9 +88,18 @@ impl ReplayLog {
         signature_hash: String,
         expires_at: i64,
     ) -> Result<bool, StoreError> {
+        let Some(tx) = &self.tx else {
+            let row = (caller, signature_hash, expires_at);
+            return self
+                .db
+                .write(move |conn| insert_replays(conn, std::slice::from_ref(&row)))
+                .await?
+                .first()
+                .copied()
+                .ok_or_else(|| StoreError::Internal("replay insert returned nothing".into()));
+        };
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .try_send(((caller, signature_hash, expires_at), reply))
+        tx.try_send(((caller, signature_hash, expires_at), reply))
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => {
                     self.shed.fetch_add(1, Ordering::Relaxed);

@@ -11,6 +11,7 @@ pub mod migrate;
 pub mod queue;
 pub mod revoked;
 pub mod schema;
+mod writer;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -373,6 +374,21 @@ struct Shared {
     wal: Option<Wal>,
     timeout: Duration,
     busy_timeout: Duration,
+    /// SQLite: the group-commit writer every async write goes through.
+    writer: Option<writer::Sender>,
+}
+
+impl Shared {
+    /// After a write: is the SQLite WAL past its checkpoint threshold?
+    fn wal_due(&self) -> bool {
+        self.wal
+            .as_ref()
+            .is_some_and(|w| w.measure() >= WAL_CHECKPOINT_BYTES)
+    }
+
+    fn busy_ms(&self) -> u64 {
+        u64::try_from(self.busy_timeout.as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 /// The database handle every handler uses. On SQLite, writes go through a pool of one
@@ -448,18 +464,28 @@ impl Db {
             checkpoints: AtomicU64::new(0),
             incomplete: AtomicU64::new(0),
         });
+        let backend = cfg.url.backend();
+        let shared = Arc::new_cyclic(|me| Shared {
+            health,
+            read_gate,
+            write_gate,
+            wal,
+            timeout: cfg.timeout,
+            busy_timeout: cfg.sqlite_busy_timeout,
+            // Without the thread, writes run one per transaction on the pool.
+            writer: (backend == Backend::Sqlite)
+                .then(|| writer::start(write.clone(), me.clone()))
+                .and_then(|started| {
+                    started
+                        .map_err(|e| log::error!("cannot start the SQLite writer: {e}"))
+                        .ok()
+                }),
+        });
         Db {
             read,
             write,
-            backend: cfg.url.backend(),
-            shared: Arc::new(Shared {
-                health,
-                read_gate,
-                write_gate,
-                wal,
-                timeout: cfg.timeout,
-                busy_timeout: cfg.sqlite_busy_timeout,
-            }),
+            backend,
+            shared,
         }
     }
 
@@ -532,7 +558,7 @@ impl Db {
         let _permit = self.shared.write_gate.enter()?;
         let (r, due) = self.run_sync(true, None, None, f);
         if let Some(c) = due {
-            self.truncate_wal(c);
+            truncate_wal(&self.shared, c);
         }
         r
     }
@@ -566,6 +592,37 @@ impl Db {
         let permit = gate.enter()?;
         let (cancel, gone) = CancelOnDrop::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
+        if let (true, Some(writer)) = (write, &self.shared.writer) {
+            let taken = Arc::new(AtomicBool::new(false));
+            let work = group_work(gate.clone(), permit, taken.clone(), gone, f, tx);
+            if writer.send(work).is_err() {
+                return Err(StoreError::Internal("the SQLite writer stopped".into()));
+            }
+            let mut rx = rx;
+            let mut answer = None;
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                match actix_web::rt::time::timeout(left, &mut rx).await {
+                    Ok(r) => answer = Some(r),
+                    // Past the deadline and not yet started (its batch may be waiting
+                    // for another process's lock): withdraw it and answer now. Once
+                    // started it runs to its commit, and the answer waits for it.
+                    Err(_) if !taken.swap(true, Ordering::AcqRel) => {
+                        gate.count_shed(Shed::Deadline);
+                        cancel.finish();
+                        return Err(deadline_passed());
+                    }
+                    Err(_) => {}
+                }
+            }
+            let r = match answer {
+                Some(r) => r,
+                None => rx.await,
+            }
+            .map_err(|e| StoreError::Internal(format!("the SQLite writer failed: {e}")));
+            cancel.finish();
+            return r?;
+        }
         let db = self.clone();
         // Detached: it ends on its own, after replying.
         drop(actix_web::rt::task::spawn_blocking(move || {
@@ -573,7 +630,7 @@ impl Db {
             let (r, due) = db.run_sync(write, deadline, Some(&gone), f);
             let _ = tx.send(r);
             if let Some(c) = due {
-                db.truncate_wal(c);
+                truncate_wal(&db.shared, c);
             }
         }));
         let r = rx
@@ -602,7 +659,7 @@ impl Db {
             return (Err(client_gone_error()), None);
         }
         let pool = if write { &self.write } else { &self.read };
-        let mut c = match self.checkout(pool, gate, deadline) {
+        let mut c = match checkout(&self.shared, pool, gate, deadline) {
             Ok(c) => c,
             Err(e) => return (Err(e), None),
         };
@@ -625,118 +682,148 @@ impl Db {
                     .trip(Some(c.epoch), &format!("connection lost: {e}"));
             }
         }
-        let due = write
-            && !c.broken
-            && self
-                .shared
-                .wal
-                .as_ref()
-                .is_some_and(|w| w.measure() >= WAL_CHECKPOINT_BYTES);
+        let due = write && !c.broken && self.shared.wal_due();
         (r, due.then_some(c))
     }
+}
 
-    /// Wait for a connection until the pool timeout or the request's deadline, whichever
-    /// is first, giving up at once when the health state leaves healthy. A connection
-    /// opened before the last trip is checked with one query before it is used.
-    fn checkout(
-        &self,
-        pool: &DbPool,
-        gate: &Gate,
-        deadline: Option<Instant>,
-    ) -> Result<PooledConnection<ConnectionManager>, StoreError> {
-        let health = &self.shared.health;
-        let pool_until = Instant::now() + self.shared.timeout;
-        let (until, by_request) = match deadline {
-            Some(d) if d < pool_until => (d, true),
-            _ => (pool_until, false),
+/// Wait for a connection until the pool timeout or the request's deadline, whichever
+/// is first, giving up at once when the health state leaves healthy. A connection
+/// opened before the last trip is checked with one query before it is used.
+fn checkout(
+    shared: &Shared,
+    pool: &DbPool,
+    gate: &Gate,
+    deadline: Option<Instant>,
+) -> Result<PooledConnection<ConnectionManager>, StoreError> {
+    let health = &shared.health;
+    let pool_until = Instant::now() + shared.timeout;
+    let (until, by_request) = match deadline {
+        Some(d) if d < pool_until => (d, true),
+        _ => (pool_until, false),
+    };
+    let mut last: Option<r2d2::PoolError> = None;
+    loop {
+        if let Err(e) = health.admit() {
+            gate.count_shed(Shed::Unavailable);
+            return Err(e);
+        }
+        let now = Instant::now();
+        if now >= until {
+            if by_request {
+                gate.count_shed(Shed::Deadline);
+                return Err(deadline_passed());
+            }
+            // Not one connection exists: nothing to wait behind, the database does
+            // not let us in.
+            if pool.state().connections == 0 {
+                health.trip(
+                    None,
+                    "no connection could be opened within the pool timeout",
+                );
+            }
+            return Err(StoreError::Unavailable(last.map_or_else(
+                || "timed out waiting for a connection".into(),
+                |e| e.to_string(),
+            )));
+        }
+        match pool.get_timeout((until - now).min(WAIT_SLICE)) {
+            Ok(mut c) => {
+                let epoch = health.epoch();
+                if c.epoch == epoch {
+                    return Ok(c);
+                }
+                if c.conn.batch_execute("SELECT 1").is_ok() {
+                    c.epoch = epoch;
+                    return Ok(c);
+                }
+                // Dead since the outage: discard it and take another.
+                c.broken = true;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+}
+
+/// SQLite, on the writer's connection after a write: TRUNCATE checkpoint, so the
+/// WAL starts over from zero bytes. Readers still using the WAL are waited for at
+/// most `CHECKPOINT_BUSY_MS`; if they keep it, the next write tries again.
+fn truncate_wal(shared: &Shared, mut c: PooledConnection<ConnectionManager>) {
+    let Some(wal) = &shared.wal else { return };
+    #[derive(diesel::QueryableByName)]
+    struct Outcome {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        busy: i32,
+    }
+    let DbConnection::Sqlite(lite) = &mut c.conn else {
+        return;
+    };
+    let busy_ms = shared.busy_ms();
+    let r = lite
+        .batch_execute(&format!(
+            "PRAGMA busy_timeout = {};",
+            busy_ms.min(CHECKPOINT_BUSY_MS)
+        ))
+        .and_then(|()| {
+            diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)").get_result::<Outcome>(lite)
+        });
+    let restored = lite.batch_execute(&format!("PRAGMA busy_timeout = {busy_ms};"));
+    wal.checkpoints.fetch_add(1, Ordering::Relaxed);
+    match r {
+        Ok(o) if o.busy == 0 => {}
+        Ok(_) => {
+            wal.incomplete.fetch_add(1, Ordering::Relaxed);
+            log::debug!("WAL checkpoint incomplete: readers still use the WAL");
+        }
+        Err(e) => {
+            wal.incomplete.fetch_add(1, Ordering::Relaxed);
+            log::warn!("WAL checkpoint failed: {e}");
+        }
+    }
+    if restored.is_err() {
+        c.broken = true;
+    }
+    wal.measure();
+}
+
+/// Wrap one request's write for the SQLite writer: skipped when the request withdrew
+/// it (`taken` already set: its deadline passed while it was queued) or its client
+/// left; otherwise run in its savepoint, and answered only once the batch's commit is
+/// known.
+fn group_work<T, F>(
+    gate: Arc<Gate>,
+    permit: load::Permit,
+    taken: Arc<AtomicBool>,
+    gone: Arc<AtomicBool>,
+    f: F,
+    tx: tokio::sync::oneshot::Sender<Result<T, StoreError>>,
+) -> writer::Work
+where
+    T: Send + 'static,
+    F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
+{
+    Box::new(move |slot| {
+        let r = match slot {
+            writer::Slot::Refused(e) => Err(e),
+            // Withdrawn by the request (which has answered already and counted it).
+            writer::Slot::Run(_) if taken.swap(true, Ordering::AcqRel) => Err(deadline_passed()),
+            writer::Slot::Run(_) if gone.load(Ordering::Acquire) => {
+                gate.count_shed(Shed::Gone);
+                Err(client_gone_error())
+            }
+            writer::Slot::Run(conn) => f(conn),
         };
-        let mut last: Option<r2d2::PoolError> = None;
-        loop {
-            if let Err(e) = health.admit() {
-                gate.count_shed(Shed::Unavailable);
-                return Err(e);
-            }
-            let now = Instant::now();
-            if now >= until {
-                if by_request {
-                    gate.count_shed(Shed::Deadline);
-                    return Err(deadline_passed());
-                }
-                // Not one connection exists: nothing to wait behind, the database does
-                // not let us in.
-                if pool.state().connections == 0 {
-                    health.trip(
-                        None,
-                        "no connection could be opened within the pool timeout",
-                    );
-                }
-                return Err(StoreError::Unavailable(last.map_or_else(
-                    || "timed out waiting for a connection".into(),
-                    |e| e.to_string(),
-                )));
-            }
-            match pool.get_timeout((until - now).min(WAIT_SLICE)) {
-                Ok(mut c) => {
-                    let epoch = health.epoch();
-                    if c.epoch == epoch {
-                        return Ok(c);
-                    }
-                    if c.conn.batch_execute("SELECT 1").is_ok() {
-                        c.epoch = epoch;
-                        return Ok(c);
-                    }
-                    // Dead since the outage: discard it and take another.
-                    c.broken = true;
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-    }
-
-    /// SQLite, on the writer's connection after a write: TRUNCATE checkpoint, so the
-    /// WAL starts over from zero bytes. Readers still using the WAL are waited for at
-    /// most `CHECKPOINT_BUSY_MS`; if they keep it, the next write tries again.
-    fn truncate_wal(&self, mut c: PooledConnection<ConnectionManager>) {
-        let Some(wal) = &self.shared.wal else { return };
-        #[derive(diesel::QueryableByName)]
-        struct Outcome {
-            #[diesel(sql_type = diesel::sql_types::Integer)]
-            busy: i32,
-        }
-        let DbConnection::Sqlite(lite) = &mut c.conn else {
-            return;
-        };
-        let busy_ms = self.busy_ms();
-        let r = lite
-            .batch_execute(&format!(
-                "PRAGMA busy_timeout = {};",
-                busy_ms.min(CHECKPOINT_BUSY_MS)
-            ))
-            .and_then(|()| {
-                diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)").get_result::<Outcome>(lite)
-            });
-        let restored = lite.batch_execute(&format!("PRAGMA busy_timeout = {busy_ms};"));
-        wal.checkpoints.fetch_add(1, Ordering::Relaxed);
-        match r {
-            Ok(o) if o.busy == 0 => {}
-            Ok(_) => {
-                wal.incomplete.fetch_add(1, Ordering::Relaxed);
-                log::debug!("WAL checkpoint incomplete: readers still use the WAL");
-            }
-            Err(e) => {
-                wal.incomplete.fetch_add(1, Ordering::Relaxed);
-                log::warn!("WAL checkpoint failed: {e}");
-            }
-        }
-        if restored.is_err() {
-            c.broken = true;
-        }
-        wal.measure();
-    }
-
-    fn busy_ms(&self) -> u64 {
-        u64::try_from(self.shared.busy_timeout.as_millis()).unwrap_or(u64::MAX)
-    }
+        let ok = r.is_ok();
+        let reply: writer::Reply = Box::new(move |failed| {
+            let r = match (r, failed) {
+                (Ok(_), Some(why)) => Err(StoreError::Unavailable(why.to_owned())),
+                (r, _) => r,
+            };
+            let _ = tx.send(r);
+            drop(permit);
+        });
+        (ok, reply)
+    })
 }
 
 fn deadline_passed() -> StoreError {

@@ -25,3 +25,4 @@ mod stitcher;
 mod tls;
 mod tokens;
 mod ui;
+mod writes;

@@ -1,0 +1,164 @@
+//! SQLite group commit. SQLite takes one writer at a time and every commit writes the
+//! WAL pages it touched, so one commit per request caps the write rate at the
+//! database's per-commit ceiling. Instead one writer thread per instance takes every
+//! write that has queued up, opens one `BEGIN IMMEDIATE` transaction, runs each
+//! request's work in its own savepoint (a failing request rolls back to its savepoint
+//! and never sinks the batch), commits once, and only then answers each request. No
+//! write is acknowledged before the commit that makes it durable; when the commit
+//! fails, every request of the batch gets the error.
+//!
+//! The writer also owns WAL checkpointing: a TRUNCATE checkpoint between batches once
+//! the WAL has grown past its threshold.
+
+use std::sync::Weak;
+
+use diesel::connection::{AnsiTransactionManager, TransactionManager};
+use diesel::sqlite::SqliteConnection;
+use tokio::sync::mpsc;
+
+use super::{DbConnection, DbPool, Shared};
+use crate::error::StoreError;
+
+/// Most requests committed together.
+const MAX_BATCH: usize = 256;
+
+/// What the writer hands a queued request: its connection inside its savepoint, or
+/// the reason it cannot run (the connection could not be had).
+pub(super) enum Slot<'a> {
+    Run(&'a mut DbConnection),
+    Refused(StoreError),
+}
+
+/// Sends a request its result once the batch's fate is known: `None` when the batch
+/// committed, otherwise why it did not.
+pub(super) type Reply = Box<dyn FnOnce(Option<&str>) + Send>;
+
+/// One request's work. Returns whether it succeeded (keep its savepoint) and its reply.
+pub(super) type Work = Box<dyn FnOnce(Slot<'_>) -> (bool, Reply) + Send>;
+
+type Tm = AnsiTransactionManager;
+
+/// Start the writer thread; it ends when every sender (every `Db` clone) is gone.
+pub(super) fn start(write: DbPool, shared: Weak<Shared>) -> std::io::Result<Sender> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("sqlite-writer".into())
+        .spawn(move || run(&write, &shared, rx))?;
+    Ok(tx)
+}
+
+fn run(write: &DbPool, shared: &Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Work>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let Some(shared) = shared.upgrade() else {
+            refuse_all(batch, || StoreError::Internal("database closed".into()));
+            return;
+        };
+        let mut conn = match super::checkout(&shared, write, &shared.write_gate, None) {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = e.to_string();
+                refuse_all(batch, || StoreError::Unavailable(msg.clone()));
+                continue;
+            }
+        };
+        let (replies, failed) = commit_batch(&mut conn.conn, batch);
+        // A failed batch may leave the connection mid-transaction: open a fresh one.
+        conn.broken |= failed;
+        let due = !failed && shared.wal_due();
+        for (reply, outcome) in replies {
+            reply(outcome.as_deref());
+        }
+        if due {
+            super::truncate_wal(&shared, conn);
+        }
+    }
+}
+
+fn refuse_all(batch: Vec<Work>, why: impl Fn() -> StoreError) {
+    for work in batch {
+        let (_, reply) = work(Slot::Refused(why()));
+        reply(None);
+    }
+}
+
+/// Apply a transaction-manager step to the SQLite connection inside `conn`.
+fn on_lite(
+    conn: &mut DbConnection,
+    step: impl FnOnce(&mut SqliteConnection) -> diesel::QueryResult<()>,
+) -> Result<(), String> {
+    match conn {
+        DbConnection::Sqlite(lite) => step(lite).map_err(|e| StoreError::from(e).to_string()),
+        DbConnection::Postgresql(_) => Err("group commit on a non-SQLite connection".into()),
+    }
+}
+
+/// Run the batch in one transaction; each reply with the outcome it must report.
+/// `true` as well when the batch failed as a whole.
+fn commit_batch(conn: &mut DbConnection, batch: Vec<Work>) -> (Vec<(Reply, Option<String>)>, bool) {
+    let mut replies = Vec::with_capacity(batch.len());
+    let mut broken = on_lite(conn, |c| Tm::begin_transaction_sql(c, "BEGIN IMMEDIATE")).err();
+    let began = broken.is_none();
+    for work in batch {
+        if let Some(why) = &broken {
+            let (_, reply) = work(Slot::Refused(StoreError::Unavailable(why.clone())));
+            replies.push((reply, None));
+            continue;
+        }
+        if let Err(why) = on_lite(
+            conn,
+            <Tm as TransactionManager<SqliteConnection>>::begin_transaction,
+        ) {
+            let (_, reply) = work(Slot::Refused(StoreError::Unavailable(why.clone())));
+            replies.push((reply, None));
+            broken = Some(why);
+            continue;
+        }
+        let (ok, reply) = work(Slot::Run(conn));
+        let closed = if ok {
+            on_lite(
+                conn,
+                <Tm as TransactionManager<SqliteConnection>>::commit_transaction,
+            )
+        } else {
+            on_lite(
+                conn,
+                <Tm as TransactionManager<SqliteConnection>>::rollback_transaction,
+            )
+        };
+        // A savepoint that could not be released or rolled back leaves the transaction
+        // in an unknown state: nothing of it may be acknowledged.
+        broken = closed.err();
+        replies.push((reply, None));
+    }
+    let outcome = match broken {
+        None => on_lite(
+            conn,
+            <Tm as TransactionManager<SqliteConnection>>::commit_transaction,
+        )
+        .err(),
+        Some(why) => Some(why),
+    };
+    let failed = outcome.is_some();
+    if let Some(why) = outcome {
+        if began {
+            let _ = on_lite(
+                conn,
+                <Tm as TransactionManager<SqliteConnection>>::rollback_transaction,
+            );
+        }
+        for (_, o) in &mut replies {
+            *o = Some(why.clone());
+        }
+    }
+    (replies, failed)
+}
+
+/// The handle `Db` keeps to submit work.
+pub(super) type Sender = mpsc::UnboundedSender<Work>;

@@ -1,0 +1,76 @@
+//! Concurrent writes through the storage layer. On SQLite every write goes through one
+//! group-commit writer (many requests, one transaction, one savepoint each); on
+//! PostgreSQL each runs in its own transaction. Either way each request's write stands
+//! or falls on its own, and nothing is answered before it is committed.
+
+use coordinator::db::batch::insert_replays;
+use coordinator::db::schema::replay_records;
+use coordinator::error::StoreError;
+use diesel::prelude::*;
+
+use crate::backend_tests;
+use crate::helpers::Backend;
+
+backend_tests!(a_failing_write_never_sinks_the_writes_committed_with_it);
+
+const CALLER: &str = "group-commit-test";
+
+/// 60 writes at once (within the write queue's bound), each inserting a row and every
+/// third failing after its insert: exactly the others' rows are stored, each failed one
+/// is answered with its own error, and every success was answered after its commit (its
+/// row is there to read once all answers are in).
+fn a_failing_write_never_sinks_the_writes_committed_with_it(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let db = app.state.db.clone();
+    let n: usize = 60;
+    let answers = actix_web::rt::System::new().block_on(async move {
+        let writes = (0..n).map(|i| {
+            let db = db.clone();
+            async move {
+                let answer = db
+                    .write(move |conn| {
+                        // Repositories open their own transaction (PostgreSQL runs the
+                        // closure on an autocommit connection; on SQLite it nests).
+                        conn.transaction(|conn| {
+                            let row = (CALLER.to_owned(), format!("sig-{i:03}"), i64::MAX);
+                            insert_replays(conn, std::slice::from_ref(&row))?;
+                            if i % 3 == 0 {
+                                return Err(StoreError::Conflict(format!("write {i} fails")));
+                            }
+                            Ok(i)
+                        })
+                    })
+                    .await;
+                (i, answer)
+            }
+        });
+        futures_util::future::join_all(writes).await
+    });
+    let mut expected = Vec::new();
+    for (i, answer) in answers {
+        match answer {
+            Ok(v) => {
+                assert_ne!(i % 3, 0, "write {i} should have failed");
+                assert_eq!(v, i);
+                expected.push(format!("sig-{i:03}"));
+            }
+            Err(StoreError::Conflict(m)) => {
+                assert_eq!(i % 3, 0, "write {i} failed: {m}");
+                assert_eq!(m, format!("write {i} fails"), "another write's error");
+            }
+            Err(e) => panic!("write {i}: unexpected error {e}"),
+        }
+    }
+    assert_eq!(expected.len(), n - n.div_ceil(3));
+    let db = app.state.db.clone();
+    let stored: Vec<String> = actix_web::rt::System::new()
+        .block_on(db.read(|conn| {
+            Ok(replay_records::table
+                .filter(replay_records::caller.eq(CALLER))
+                .select(replay_records::signature_hash)
+                .order(replay_records::signature_hash)
+                .load::<String>(conn)?)
+        }))
+        .expect("read back");
+    assert_eq!(stored, expected);
+}
