@@ -177,13 +177,7 @@ impl Application {
     /// Migrate the database, bind the listener (port 0 picks a free port) and build
     /// the server. Must run inside an actix system.
     pub async fn build(config: Config) -> anyhow::Result<Application> {
-        let db_cfg = config.db.clone();
-        let ran = actix_web::rt::task::spawn_blocking(move || migrate::run_pending(&db_cfg))
-            .await
-            .map_err(|e| anyhow::anyhow!("migration task failed: {e}"))??;
-        if ran > 0 {
-            log::info!("applied {ran} migration(s)");
-        }
+        // The certificate first: a bad pair stops the start before the database is touched.
         let tls = match &config.tls {
             Some(t) => {
                 let certs = crate::tls::CertReloader::load(&t.cert, &t.key)?;
@@ -201,6 +195,13 @@ impl Application {
             }
             None => None,
         };
+        let db_cfg = config.db.clone();
+        let ran = actix_web::rt::task::spawn_blocking(move || migrate::run_pending(&db_cfg))
+            .await
+            .map_err(|e| anyhow::anyhow!("migration task failed: {e}"))??;
+        if ran > 0 {
+            log::info!("applied {ran} migration(s)");
+        }
         let listener = TcpListener::bind(config.bind)
             .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", config.bind))?;
         if tls.is_none() && !config.dev && !config.insecure_http {

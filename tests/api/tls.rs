@@ -515,3 +515,35 @@ fn plain_http_in_production_warns_once_at_start() {
         "{tls:?}"
     );
 }
+
+#[test]
+fn a_mismatched_key_stops_the_start_before_the_database_is_touched() {
+    let ca = Ca::new("test CA");
+    let (a, b) = (ca.server(), ca.server());
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("a.crt"), dir.path().join("b.key"));
+    std::fs::write(&cert, &a.cert_pem).unwrap();
+    std::fs::write(&key, &b.key_pem).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .current_dir(dir.path())
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .args(["--database-url", "sqlite://./c.db"])
+        .args(["--tls-cert", cert.to_str().unwrap()])
+        .args(["--tls-key", key.to_str().unwrap()])
+        .env(
+            "COORDINATOR_MASTER_KEY",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        )
+        .env("RUST_LOG", "off")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("do not belong together"), "{stderr}");
+    assert!(
+        !dir.path().join("c.db").exists(),
+        "the database was created"
+    );
+}
