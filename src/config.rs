@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Args;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::auth::client_cert::ClientIdentity;
 use crate::crypto::seal::MasterKey;
 use crate::db::DatabaseUrl;
 pub use crate::db::DbConfig;
@@ -58,6 +59,12 @@ pub struct DbArgs {
     /// commits can be lost on power failure) or `full` (fsync on every commit).
     #[arg(long, env = "COORDINATOR_SQLITE_SYNCHRONOUS", default_value = "normal", value_parser = ["normal", "full"])]
     pub sqlite_synchronous: String,
+
+    /// Accept `sslmode=prefer` or `allow` in a PostgreSQL URL (TLS that silently falls
+    /// back to plain text). Refused at start without this flag.
+    #[arg(long, env = "COORDINATOR_DB_ALLOW_TLS_DOWNGRADE", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub db_allow_tls_downgrade: bool,
 }
 
 /// Redacted: a PostgreSQL URL may carry a password, so only its scheme is shown.
@@ -72,6 +79,7 @@ impl std::fmt::Debug for DbArgs {
             .field("db_timeout_secs", &self.db_timeout_secs)
             .field("sqlite_busy_timeout_ms", &self.sqlite_busy_timeout_ms)
             .field("sqlite_synchronous", &self.sqlite_synchronous)
+            .field("db_allow_tls_downgrade", &self.db_allow_tls_downgrade)
             .finish()
     }
 }
@@ -405,6 +413,47 @@ pub struct ServeArgs {
     /// they finished; unset keeps them forever.
     #[arg(long, env = "COORDINATOR_JOB_RETENTION_DAYS")]
     pub job_retention_days: Option<u64>,
+
+    /// PEM certificate chain (leaf first): serve HTTPS on COORDINATOR_BIND. Needs
+    /// --tls-key.
+    #[arg(long, env = "COORDINATOR_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "COORDINATOR_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Seconds between checks of the certificate and key files; changed files are
+    /// loaded without a restart (also at once on SIGHUP).
+    #[arg(long, env = "COORDINATOR_TLS_RELOAD_SECS", default_value_t = 60)]
+    pub tls_reload_secs: u64,
+
+    /// PEM CA certificate(s) for client certificates (mutual TLS). A client presenting
+    /// a certificate not issued by them is refused in the handshake.
+    #[arg(long, env = "COORDINATOR_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Which name in a client certificate is the caller: cn, san-dns:SUFFIX or
+    /// san-uri:PREFIX.
+    #[arg(long, env = "COORDINATOR_TLS_CLIENT_IDENTITY", default_value = "cn")]
+    pub tls_client_identity: String,
+
+    /// Serve plain HTTP without the start-up warning (TLS is terminated in front).
+    #[arg(long, env = "COORDINATOR_INSECURE_HTTP", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub insecure_http: bool,
+}
+
+/// HTTPS on the service listener (`--tls-cert`/`--tls-key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// How often the files are checked for a new certificate.
+    pub reload_every: Duration,
+    /// Mutual TLS: the CA bundle client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+    pub client_identity: ClientIdentity,
 }
 
 /// Validated server configuration; passed to `Application::build`, never global.
@@ -433,6 +482,10 @@ pub struct Config {
     pub housekeeping_interval: Duration,
     pub metrics_bind: Option<SocketAddr>,
     pub job_retention: Option<Duration>,
+    /// `None`: plain HTTP.
+    pub tls: Option<TlsConfig>,
+    /// Plain HTTP on purpose (`--insecure-http`): no start-up warning.
+    pub insecure_http: bool,
 }
 
 /// A configuration error: one line naming the variable. `main` exits with code 2.
@@ -457,7 +510,9 @@ impl DbArgs {
                 ))
             }
         };
-        let url = DatabaseUrl::parse(&raw).map_err(|why| bad("DATABASE_URL", why))?;
+        let url = DatabaseUrl::parse(&raw)
+            .and_then(|u| u.with_tls_policy(self.db_allow_tls_downgrade))
+            .map_err(|why| bad("DATABASE_URL", why))?;
         if !(1..=512).contains(&self.db_pool_size) {
             return Err(bad("COORDINATOR_DB_POOL_SIZE", "must be between 1 and 512"));
         }
@@ -594,6 +649,7 @@ impl ServeArgs {
                 ))
             }
         };
+        let tls = self.tls()?;
         let (master_key, master_key_previous) = self.keys.load(self.dev)?;
         Ok(Config {
             dev: self.dev,
@@ -616,7 +672,57 @@ impl ServeArgs {
             housekeeping_interval: Duration::from_secs(self.housekeeping_secs),
             metrics_bind,
             job_retention,
+            tls,
+            insecure_http: self.insecure_http,
         })
+    }
+
+    fn tls(&self) -> Result<Option<TlsConfig>, ConfigError> {
+        let identity = ClientIdentity::parse(&self.tls_client_identity)
+            .map_err(|why| bad("COORDINATOR_TLS_CLIENT_IDENTITY", why))?;
+        if !(1..=86_400).contains(&self.tls_reload_secs) {
+            return Err(bad(
+                "COORDINATOR_TLS_RELOAD_SECS",
+                "must be between 1 and 86400",
+            ));
+        }
+        let (cert, key) = match (&self.tls_cert, &self.tls_key) {
+            (None, None) => {
+                if self.tls_client_ca.is_some() {
+                    return Err(bad(
+                        "COORDINATOR_TLS_CLIENT_CA",
+                        "needs COORDINATOR_TLS_CERT and COORDINATOR_TLS_KEY",
+                    ));
+                }
+                return Ok(None);
+            }
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            (Some(_), None) => {
+                return Err(bad(
+                    "COORDINATOR_TLS_KEY",
+                    "is required with COORDINATOR_TLS_CERT",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(bad(
+                    "COORDINATOR_TLS_CERT",
+                    "is required with COORDINATOR_TLS_KEY",
+                ))
+            }
+        };
+        if self.insecure_http {
+            return Err(bad(
+                "COORDINATOR_INSECURE_HTTP",
+                "contradicts COORDINATOR_TLS_CERT (HTTPS is on)",
+            ));
+        }
+        Ok(Some(TlsConfig {
+            cert,
+            key,
+            reload_every: Duration::from_secs(self.tls_reload_secs),
+            client_ca: self.tls_client_ca.clone(),
+            client_identity: identity,
+        }))
     }
 }
 
@@ -650,6 +756,8 @@ impl Config {
             housekeeping_interval: Duration::from_secs(5),
             metrics_bind: None,
             job_retention: None,
+            tls: None,
+            insecure_http: false,
         }
     }
 

@@ -2,7 +2,7 @@
 //!
 //! Layers (docs/architecture.md): `error`, `crypto`, `db` at the bottom; the domain
 //! (`jobs`, `stitcher`, `auth`, `health`, `metrics`, `telemetry`) above them; `config`
-//! and the shared `state`; the HTTP edge in `http`; `startup` builds the server and
+//! and the shared `state`; the HTTP edge in `http`; `startup` builds the server (with `tls` for HTTPS) and
 //! `cli` drives everything.
 pub mod auth;
 pub mod cli;
@@ -19,3 +19,4 @@ pub mod startup;
 pub mod state;
 pub mod stitcher;
 pub mod telemetry;
+pub mod tls;

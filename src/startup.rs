@@ -177,6 +177,24 @@ impl Application {
     /// Migrate the database, bind the listener (port 0 picks a free port) and build
     /// the server. Must run inside an actix system.
     pub async fn build(config: Config) -> anyhow::Result<Application> {
+        // The certificate first: a bad pair stops the start before the database is touched.
+        let tls = match &config.tls {
+            Some(t) => {
+                let certs = crate::tls::CertReloader::load(&t.cert, &t.key)?;
+                let server = crate::tls::server_config(t, certs.clone())?;
+                log::info!(
+                    "TLS: serving HTTPS with {}{}",
+                    t.cert.display(),
+                    if t.client_ca.is_some() {
+                        " (client certificates accepted)"
+                    } else {
+                        ""
+                    }
+                );
+                Some((server, certs, t.reload_every))
+            }
+            None => None,
+        };
         let db_cfg = config.db.clone();
         let ran = actix_web::rt::task::spawn_blocking(move || migrate::run_pending(&db_cfg))
             .await
@@ -186,6 +204,14 @@ impl Application {
         }
         let listener = TcpListener::bind(config.bind)
             .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", config.bind))?;
+        if tls.is_none() && !config.dev && !config.insecure_http {
+            log::warn!(
+                "serving plain HTTP on {}: API keys, job tokens and payloads cross the network \
+                 readable; set COORDINATOR_TLS_CERT and COORDINATOR_TLS_KEY, or \
+                 COORDINATOR_INSECURE_HTTP=true when TLS is terminated in front",
+                config.bind
+            );
+        }
         let port = listener.local_addr()?.port();
         let config = Arc::new(config);
         let db = Db::new(&config.db);
@@ -230,6 +256,11 @@ impl Application {
                     bootstrap_key_hash: config.bootstrap_api_key,
                     body_limit: config.body_limit,
                     body_read_timeout: config.body_read_timeout,
+                    client_identity: config
+                        .tls
+                        .as_ref()
+                        .filter(|t| t.client_ca.is_some())
+                        .map(|t| t.client_identity.clone()),
                 },
             }),
         });
@@ -239,14 +270,25 @@ impl Application {
             state.clone(),
             config.housekeeping_interval,
         ));
+        let api_tls = tls.map(|(server, certs, every)| {
+            actix_web::rt::spawn(certs.watch(every));
+            server
+        });
         let (server, probes) = match config.metrics_bind {
-            None => (run(listener, state.clone(), &config, |_| true)?, None),
+            None => (
+                run(listener, api_tls, state.clone(), &config, |_| true)?,
+                None,
+            ),
             Some(addr) => {
                 let probe_listener = TcpListener::bind(addr)
                     .map_err(|e| anyhow::anyhow!("cannot bind {addr}: {e}"))?;
                 let probe_port = probe_listener.local_addr()?.port();
-                let api = run(listener, state.clone(), &config, |a| a != Access::Open)?;
-                let open = run(probe_listener, state.clone(), &config, |a| {
+                let api = run(listener, api_tls, state.clone(), &config, |a| {
+                    a != Access::Open
+                })?;
+                // The probe listener stays plain HTTP (kubelet and Prometheus scrape it
+                // on a private address; it serves no credentials).
+                let open = run(probe_listener, None, state.clone(), &config, |a| {
                     a == Access::Open
                 })?;
                 (api, Some((probe_port, open)))
@@ -295,6 +337,7 @@ impl Application {
 
 fn run(
     listener: TcpListener,
+    tls: Option<rustls::ServerConfig>,
     state: web::Data<AppState>,
     config: &Config,
     keep: fn(Access) -> bool,
@@ -328,7 +371,11 @@ fn run(
     // A client that closes its connection ends its request: the handler is dropped, so
     // a long-poll claim stops waiting (see `http::push`).
     .h1_allow_half_closed(false)
-    .listen(listener)?;
+    .on_connect(crate::tls::on_connect);
+    server = match tls {
+        Some(tls) => server.listen_rustls_0_23(listener, tls)?,
+        None => server.listen(listener)?,
+    };
     if config.workers > 0 {
         server = server.workers(config.workers);
     }
@@ -492,7 +539,7 @@ mod openapi_document {
         let schemes = doc["components"]["securitySchemes"]
             .as_object()
             .expect("securitySchemes");
-        for name in ["hmac", "apiKey", "bearer", "standardWebhooks"] {
+        for name in ["hmac", "apiKey", "bearer", "standardWebhooks", "mutualTLS"] {
             assert!(schemes.contains_key(name), "security scheme {name}");
         }
         assert_eq!(schemes["hmac"]["in"], "header");
@@ -500,6 +547,7 @@ mod openapi_document {
         assert_eq!(schemes["apiKey"]["name"], "X-API-Key");
         assert_eq!(schemes["bearer"]["scheme"], "bearer");
         assert_eq!(schemes["standardWebhooks"]["name"], "webhook-signature");
+        assert_eq!(schemes["mutualTLS"]["type"], "mutualTLS");
 
         for r in ROUTES {
             let op = operation(&doc, r.method, r.path);
@@ -531,7 +579,7 @@ mod openapi_document {
                 }
             }
             assert!(
-                names.contains("hmac") && names.contains("apiKey"),
+                names.contains("hmac") && names.contains("apiKey") && names.contains("mutualTLS"),
                 "{}",
                 r.path
             );

@@ -31,6 +31,7 @@ mod peer;
 mod report;
 mod signers;
 mod soak;
+mod tls;
 mod webhooks;
 
 /// A fresh SQLite store for one bench mode: its directory, database URL, master key
@@ -990,10 +991,14 @@ fn main() {
         webhooks::run(&bin, &out, duration);
         return;
     }
+    if args.iter().any(|a| a == "--tls") {
+        tls::run(&bin, &out, conns, duration);
+        return;
+    }
     if let Some(other) = args.first() {
         panic!(
             "unknown argument {other}: use --soak MINUTES, --peer DIR, --webhooks, --overload, \
-             --signers or none"
+             --signers, --tls or none"
         );
     }
 

@@ -24,6 +24,7 @@ use futures_util::StreamExt;
 
 use super::access::{Access, RouteSpec};
 use super::audit::{AuditLine, AuditRecord};
+use super::client_cert::{self, PeerCertificate};
 use super::principal::Principal;
 use super::{api_key, fail, hmac, http_sig, signing, webhook, webhook_sig, AuthContext};
 use crate::error::ApiError;
@@ -185,8 +186,12 @@ fn spend_verification(ctx: &AuthContext, peer: &Peer) -> Result<(), ApiError> {
     }
 }
 
-/// Authenticate: the scheme's cheap checks, then (for schemes that sign the body) the
-/// body and the MAC. Returns whether the body was already read.
+/// Authenticate. A client certificate verified in the TLS handshake (mutual TLS) is
+/// checked first and must name a known, enabled caller — if it does not, the request is
+/// refused whatever else it carries. Without credential headers it is the credential;
+/// with them, the headers are verified as always (a bad signature is refused, never
+/// downgraded to the certificate) and must name the same caller, and the header
+/// scheme's principal (its scopes, a job token's one job) is the one used.
 async fn authenticate(
     gate: &Gate,
     req: &mut ServiceRequest,
@@ -194,8 +199,35 @@ async fn authenticate(
     audit: &mut AuditRecord,
 ) -> Result<(Principal, bool), ApiError> {
     let ctx = &*gate.auth;
+    let cert = req.conn_data::<PeerCertificate>().cloned();
+    let (Some(identity), Some(cert)) = (&ctx.settings.client_identity, cert) else {
+        let choice = choose_scheme(req.headers(), gate.spec.accepts_webhooks()).map_err(fail)?;
+        return authenticate_with(gate, choice, req, peer, audit).await;
+    };
+    let by_cert = client_cert::verify(ctx, identity, &cert, audit).await?;
+    let choice = match choose_scheme(req.headers(), gate.spec.accepts_webhooks()) {
+        Err("missing credentials") => return Ok((by_cert, false)),
+        other => other.map_err(fail)?,
+    };
+    let (p, body_read) = authenticate_with(gate, choice, req, peer, audit).await?;
+    if p.caller != by_cert.caller {
+        return Err(fail("client certificate names another caller"));
+    }
+    Ok((p, body_read))
+}
+
+/// One header scheme: its cheap checks, then (for schemes that sign the body) the body
+/// and the MAC. Returns whether the body was already read.
+async fn authenticate_with(
+    gate: &Gate,
+    choice: Choice,
+    req: &mut ServiceRequest,
+    peer: &Peer,
+    audit: &mut AuditRecord,
+) -> Result<(Principal, bool), ApiError> {
+    let ctx = &*gate.auth;
     let (limit, within) = (ctx.settings.body_limit, ctx.settings.body_read_timeout);
-    match choose_scheme(req.headers(), gate.spec.accepts_webhooks()).map_err(fail)? {
+    match choice {
         Choice::Hmac => {
             let pending = hmac::precheck(ctx, req, audit).await?;
             spend_verification(ctx, peer)?;

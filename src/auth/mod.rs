@@ -4,6 +4,7 @@ pub mod access;
 pub mod admin;
 pub mod api_key;
 pub mod audit;
+pub mod client_cert;
 pub mod hmac;
 pub mod http_sig;
 pub mod middleware;
@@ -48,6 +49,8 @@ pub struct AuthSettings {
     pub body_limit: usize,
     /// The longest a request body may take to arrive (408 past it).
     pub body_read_timeout: std::time::Duration,
+    /// With `COORDINATOR_TLS_CLIENT_CA`: which certificate name names the caller.
+    pub client_identity: Option<client_cert::ClientIdentity>,
 }
 
 /// Everything authentication needs, shared by the workers of one instance.

@@ -20,6 +20,9 @@ pub enum Scheme {
     Token,
     #[serde(rename = "api_key")]
     ApiKey,
+    /// A client certificate verified in the TLS handshake (mutual TLS).
+    #[serde(rename = "client_cert")]
+    ClientCert,
 }
 
 impl Scheme {
@@ -30,6 +33,7 @@ impl Scheme {
             Scheme::Webhook => "webhook",
             Scheme::Token => "token",
             Scheme::ApiKey => "api_key",
+            Scheme::ClientCert => "client_cert",
         }
     }
 }

@@ -32,9 +32,12 @@ pub fn run_pending(cfg: &DbConfig) -> anyhow::Result<usize> {
     if let Some(parent) = sqlite_parent_dir(cfg) {
         std::fs::create_dir_all(parent)?;
     }
-    let mut conn = ConnectionManager::new(cfg)
-        .establish()
-        .map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;
+    let mut conn = ConnectionManager::new(cfg).establish().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to the database: {}",
+            super::one_line(&e.to_string())
+        )
+    })?;
     run_on(&mut conn).map_err(|e| anyhow::anyhow!("migration failed: {e}"))
 }
 

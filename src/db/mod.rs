@@ -89,6 +89,46 @@ impl DatabaseUrl {
         }
     }
 
+    /// PostgreSQL TLS policy, applied to the URL the service connects with: an explicit
+    /// `sslmode=prefer` or `allow` (TLS that silently falls back to plain text) is refused
+    /// unless `allow_downgrade`; a URL without `sslmode` gets `sslmode=verify-full` when
+    /// any host it names is not local (a Unix socket or a loopback address), so the
+    /// server's certificate is checked against `sslrootcert` (libpq's default
+    /// `~/.postgresql/root.crt`, or `sslrootcert=system`). SQLite URLs pass unchanged.
+    pub fn with_tls_policy(mut self, allow_downgrade: bool) -> Result<Self, String> {
+        if self.backend != Backend::Postgres {
+            return Ok(self);
+        }
+        let pg = pg_url::Parts::of(&self.target);
+        match pg.sslmode.as_deref() {
+            Some("prefer" | "allow") if !allow_downgrade => Err(format!(
+                "sslmode={} may connect without TLS; use sslmode=verify-full (or require, \
+                 verify-ca, disable), or set COORDINATOR_DB_ALLOW_TLS_DOWNGRADE=true",
+                pg.sslmode.as_deref().unwrap_or_default()
+            )),
+            Some("disable" | "allow" | "prefer" | "require" | "verify-ca" | "verify-full") => {
+                Ok(self)
+            }
+            Some(other) => Err(format!(
+                "unknown sslmode {other:?}; expected disable, require, verify-ca or verify-full"
+            )),
+            None if pg.all_hosts_local() => Ok(self),
+            None => {
+                let sep = if self.target.contains('?') { '&' } else { '?' };
+                self.target.push(sep);
+                self.target.push_str("sslmode=verify-full");
+                Ok(self)
+            }
+        }
+    }
+
+    /// The `sslmode` the URL asks for, if any.
+    pub fn sslmode(&self) -> Option<String> {
+        (self.backend == Backend::Postgres)
+            .then(|| pg_url::Parts::of(&self.target).sslmode)
+            .flatten()
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }
@@ -96,6 +136,61 @@ impl DatabaseUrl {
     /// The connection string handed to the driver (a file path for SQLite).
     pub fn target(&self) -> &str {
         &self.target
+    }
+}
+
+/// A driver message on one line (libpq's run over several: "connection to server … failed:
+/// SSL error: certificate verify failed\n").
+pub fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Just enough of a libpq connection URI to apply the TLS policy: the hosts (from the
+/// authority, or a `host=` parameter, which wins as in libpq) and `sslmode`.
+mod pg_url {
+    pub struct Parts {
+        pub hosts: Vec<String>,
+        pub sslmode: Option<String>,
+    }
+
+    impl Parts {
+        pub fn of(url: &str) -> Parts {
+            let rest = url.split_once("://").map_or(url, |(_, r)| r);
+            let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let authority = before_query.split('/').next().unwrap_or_default();
+            let hostlist = authority.rsplit('@').next().unwrap_or_default();
+            let mut hosts: Vec<String> = hostlist.split(',').map(strip_port).collect();
+            let mut sslmode = None;
+            for pair in query.split('&') {
+                match pair.split_once('=') {
+                    Some(("sslmode", v)) => sslmode = Some(v.to_owned()),
+                    Some(("host", v)) => hosts = v.split(',').map(str::to_owned).collect(),
+                    _ => {}
+                }
+            }
+            Parts { hosts, sslmode }
+        }
+
+        /// Every host is a Unix socket directory, empty (libpq's default socket),
+        /// `localhost` or a loopback address.
+        pub fn all_hosts_local(&self) -> bool {
+            self.hosts.iter().all(|h| {
+                let h = h.trim_start_matches('[').trim_end_matches(']');
+                h.is_empty()
+                    || h.starts_with('/')
+                    || h.to_ascii_lowercase().starts_with("%2f")
+                    || h.eq_ignore_ascii_case("localhost")
+                    || h.parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            })
+        }
+    }
+
+    fn strip_port(host: &str) -> String {
+        if let Some(end) = host.find(']') {
+            return host.get(..=end).unwrap_or(host).to_owned();
+        }
+        host.split(':').next().unwrap_or(host).to_owned()
     }
 }
 
@@ -216,7 +311,10 @@ impl ManageConnection for ConnectionManager {
                 let busy = matches!(&e, diesel::ConnectionError::CouldntSetupConfiguration(d)
                     if crate::error::is_busy(d));
                 if let (Some(h), false) = (&self.health, busy) {
-                    h.trip(None, &format!("cannot connect: {e}"));
+                    h.trip(
+                        None,
+                        &format!("cannot connect: {}", one_line(&e.to_string())),
+                    );
                 }
                 Err(e)
             }
@@ -815,6 +913,55 @@ mod tests {
         assert!(DatabaseUrl::parse("./x.db").is_err());
         assert!(DatabaseUrl::parse("sqlite://").is_err());
         assert!(DatabaseUrl::parse("sqlite::memory:").is_err());
+    }
+
+    #[test]
+    fn postgres_tls_policy() {
+        let policy = |url: &str, allow: bool| {
+            DatabaseUrl::parse(url)
+                .and_then(|u| u.with_tls_policy(allow))
+                .map(|u| u.target().to_owned())
+        };
+        // A remote host without sslmode gets verify-full; local ones are left alone.
+        assert_eq!(
+            policy("postgres://u:p@db.example:5432/c", false).as_deref(),
+            Ok("postgres://u:p@db.example:5432/c?sslmode=verify-full")
+        );
+        assert_eq!(
+            policy("postgres://u@10.0.0.5/c?connect_timeout=3", false).as_deref(),
+            Ok("postgres://u@10.0.0.5/c?connect_timeout=3&sslmode=verify-full")
+        );
+        assert_eq!(
+            policy("postgres://u@localhost,db.example/c", false).as_deref(),
+            Ok("postgres://u@localhost,db.example/c?sslmode=verify-full")
+        );
+        for local in [
+            "postgres://u@127.0.0.1:5432/c",
+            "postgres://u@localhost/c",
+            "postgres://u@[::1]:5432/c",
+            "postgresql:///c",
+            "postgres://u@%2Fvar%2Frun%2Fpostgresql/c",
+            "postgres://u@/c?host=/var/run/postgresql",
+        ] {
+            assert_eq!(policy(local, false).as_deref(), Ok(local), "{local}");
+        }
+        // host= wins over the authority, as in libpq.
+        assert!(policy("postgres://u@localhost/c?host=db.example", false)
+            .is_ok_and(|t| t.ends_with("&sslmode=verify-full")));
+        // Explicit modes are kept; prefer/allow only when allowed.
+        for mode in ["disable", "require", "verify-ca", "verify-full"] {
+            let url = format!("postgres://u@db.example/c?sslmode={mode}");
+            assert_eq!(policy(&url, false), Ok(url.clone()));
+        }
+        for mode in ["prefer", "allow"] {
+            let url = format!("postgres://u@db.example/c?sslmode={mode}");
+            let err = policy(&url, false).expect_err("refused");
+            assert!(err.contains("COORDINATOR_DB_ALLOW_TLS_DOWNGRADE"), "{err}");
+            assert!(!err.contains('\n'));
+            assert_eq!(policy(&url, true), Ok(url.clone()));
+        }
+        assert!(policy("postgres://u@h/c?sslmode=verify_full", false).is_err());
+        assert_eq!(policy("sqlite://./x.db", false).as_deref(), Ok("./x.db"));
     }
 
     #[test]

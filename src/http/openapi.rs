@@ -9,7 +9,9 @@ use std::sync::OnceLock;
 use actix_web::{HttpResponse, ResponseError};
 use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn};
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
-use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{
+    ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+};
 use utoipa::openapi::{Components, HeaderBuilder, RefOr, Required, Response};
 use utoipa::{Modify, OpenApi};
 
@@ -238,7 +240,7 @@ const WEBHOOK_DESCRIPTION: &str = "Standard Webhooks signature, on `/stitcher/we
 a space-separated list of `v1,<base64 HMAC-SHA256>` over `webhook-id.webhook-timestamp.body`, \
 keyed by the base64-decoded webhook secret after `whsec_`; `webhook-timestamp` within ±300 s.";
 
-/// The four security schemes the operations refer to.
+/// The five security schemes the operations refer to.
 struct SecuritySchemes;
 
 impl Modify for SecuritySchemes {
@@ -266,8 +268,40 @@ impl Modify for SecuritySchemes {
             "standardWebhooks",
             header("webhook-signature", WEBHOOK_DESCRIPTION),
         );
+        components.add_security_scheme(
+            "mutualTLS",
+            SecurityScheme::MutualTls {
+                description: Some(MTLS_DESCRIPTION.to_owned()),
+                extensions: None,
+            },
+        );
+        // A client certificate names a caller and carries that caller's scopes: it is an
+        // alternative wherever an HMAC signature is, with the same scopes.
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.patch,
+                &mut item.put,
+                &mut item.delete,
+            ];
+            for op in ops.into_iter().flatten() {
+                let Some(security) = op.security.as_mut() else {
+                    continue;
+                };
+                let hmac_scopes = serde_json::to_value(&*security)
+                    .ok()
+                    .and_then(|v| v.as_array()?.iter().find_map(|r| r.get("hmac").cloned()))
+                    .and_then(|v| serde_json::from_value::<Vec<String>>(v).ok());
+                if let Some(scopes) = hmac_scopes {
+                    security.push(SecurityRequirement::new("mutualTLS", scopes));
+                }
+            }
+        }
     }
 }
+
+const MTLS_DESCRIPTION: &str = "A client certificate verified in the TLS handshake (servers started with `COORDINATOR_TLS_CLIENT_CA`); its subject CN (or a configured SAN) names the caller, whose scopes apply. Optional: callers without one use another scheme.";
 
 /// `X-Request-Id`, accepted and answered by every route (the access-log middleware).
 struct RequestIdHeader;

@@ -543,6 +543,48 @@ fn debug_output_redacts_the_database_url() {
     assert!(shown.contains("postgres://"), "{shown}");
 }
 
+fn tls_settings_that_cannot_work_name_their_variable() {
+    let base = [
+        ("DATABASE_URL", SQLITE_URL),
+        ("COORDINATOR_MASTER_KEY", MASTER_KEY),
+    ];
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("COORDINATOR_TLS_CERT", "/x.crt")], "COORDINATOR_TLS_KEY"),
+        (&[("COORDINATOR_TLS_KEY", "/x.key")], "COORDINATOR_TLS_CERT"),
+        (
+            &[("COORDINATOR_TLS_CLIENT_CA", "/ca.crt")],
+            "COORDINATOR_TLS_CLIENT_CA",
+        ),
+        (
+            &[
+                ("COORDINATOR_TLS_CERT", "/x.crt"),
+                ("COORDINATOR_TLS_KEY", "/x.key"),
+                ("COORDINATOR_INSECURE_HTTP", "true"),
+            ],
+            "COORDINATOR_INSECURE_HTTP",
+        ),
+        (
+            &[("COORDINATOR_TLS_CLIENT_IDENTITY", "subject")],
+            "COORDINATOR_TLS_CLIENT_IDENTITY",
+        ),
+        (
+            &[("COORDINATOR_TLS_RELOAD_SECS", "0")],
+            "COORDINATOR_TLS_RELOAD_SECS",
+        ),
+        (
+            &[("DATABASE_URL", "postgres://app@db.example/c?sslmode=prefer")],
+            "COORDINATOR_DB_ALLOW_TLS_DOWNGRADE",
+        ),
+    ];
+    for (vars, var) in cases {
+        let mut all: Vec<(&str, &str)> = base.to_vec();
+        all.retain(|(k, _)| !vars.iter().any(|(v, _)| v == k));
+        all.extend_from_slice(vars);
+        let (out, dir) = run(&["serve"], &all);
+        assert_config_error(&out, &dir, var, var);
+    }
+}
+
 crate::plain_tests!(
     env_example_lists_every_variable_with_its_default,
     serve_without_a_database_url_names_it,
@@ -560,4 +602,5 @@ crate::plain_tests!(
     dot_env_writable_by_others_or_owned_by_another_user_is_refused,
     secrets_are_not_accepted_as_flags,
     debug_output_redacts_the_database_url,
+    tls_settings_that_cannot_work_name_their_variable,
 );

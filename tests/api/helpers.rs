@@ -498,8 +498,9 @@ pub struct Test {
     pub name: &'static str,
     pub run: fn(),
     pub needs_postgres: bool,
-    /// Needs the Python `standardwebhooks` package (`REQUIRE_INTEROP=1`: must be there).
-    pub needs_python_interop: bool,
+    /// Whether what else it needs is here (checked once, before the run; it panics
+    /// itself when a `REQUIRE_…` variable says it must be).
+    pub available: fn() -> bool,
     /// Not a check (a measurement): run only with `--ignored`.
     pub ignored: bool,
 }
@@ -519,7 +520,7 @@ impl Test {
             name,
             run,
             needs_postgres: false,
-            needs_python_interop: false,
+            available: || true,
             ignored: false,
         }
     }
@@ -529,8 +530,15 @@ impl Test {
         self
     }
 
+    /// Needs the Python `standardwebhooks` package (`REQUIRE_INTEROP=1`: must be there).
     pub const fn with_python_interop(mut self) -> Test {
-        self.needs_python_interop = true;
+        self.available = python_interop_available;
+        self
+    }
+
+    /// Runs only where `available()` says what it needs is installed.
+    pub const fn when(mut self, available: fn() -> bool) -> Test {
+        self.available = available;
         self
     }
 

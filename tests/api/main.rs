@@ -21,10 +21,12 @@ mod logs;
 mod openapi;
 mod ops;
 mod outage;
+mod pg_tls;
 mod push;
 mod routing;
 mod signing_vectors;
 mod stitcher;
+mod tls;
 mod tokens;
 mod ui;
 mod writes;
@@ -36,7 +38,6 @@ mod writes;
 fn main() {
     let args = libtest_mimic::Arguments::from_args();
     let postgres = helpers::postgres_reachable();
-    let python = helpers::python_interop_available();
     if !postgres {
         eprintln!("PostgreSQL is not reachable (TEST_POSTGRES_URL): its tests are ignored");
     }
@@ -49,7 +50,7 @@ fn main() {
             } else {
                 format!("{module}::{}::{}", t.variant, t.name)
             };
-            let missing = (t.needs_postgres && !postgres) || (t.needs_python_interop && !python);
+            let missing = (t.needs_postgres && !postgres) || !(t.available)();
             let run = t.run;
             libtest_mimic::Trial::test(name, move || {
                 run();

@@ -1,0 +1,191 @@
+//! HTTPS on the service listener (rustls, ring): TLS 1.3 and 1.2 with rustls' AEAD-only
+//! suites, ALPN `h2` and `http/1.1` (added by actix), a certificate that is reloaded
+//! from its files without a restart, and optional client certificates (mutual TLS).
+//!
+//! Reload: [`CertReloader`] is the listener's certificate resolver. Every handshake asks
+//! it for the current certificate, so installing a new one affects new handshakes only;
+//! established connections keep theirs and are never dropped. The files are re-read every
+//! `COORDINATOR_TLS_RELOAD_SECS` and at once on SIGHUP; a new pair is installed only when
+//! the files changed and the key matches the certificate, otherwise the old one stays and
+//! a warning is logged (a half-written file is picked up on the next check).
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use actix_web::dev::Extensions;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::auth::client_cert::PeerCertificate;
+use crate::config::TlsConfig;
+
+/// The listener's certificate, replaceable while the server runs.
+#[derive(Debug)]
+pub struct CertReloader {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    current: RwLock<Arc<CertifiedKey>>,
+    /// SHA-256 of the certificate and key files as last loaded (never the key itself).
+    loaded: Mutex<[u8; 32]>,
+}
+
+impl CertReloader {
+    /// Load the pair once; an unreadable or mismatched pair is a start-up error.
+    pub fn load(cert_path: &Path, key_path: &Path) -> anyhow::Result<Arc<CertReloader>> {
+        let (key, digest) = read_pair(cert_path, key_path).map_err(|e| anyhow::anyhow!(e))?;
+        Ok(Arc::new(CertReloader {
+            cert_path: cert_path.to_owned(),
+            key_path: key_path.to_owned(),
+            current: RwLock::new(Arc::new(key)),
+            loaded: Mutex::new(digest),
+        }))
+    }
+
+    /// Re-read the files: `Ok(true)` when a new certificate was installed, `Ok(false)`
+    /// when they are unchanged.
+    pub fn reload(&self) -> Result<bool, String> {
+        let (key, digest) = read_pair(&self.cert_path, &self.key_path)?;
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        if *loaded == digest {
+            return Ok(false);
+        }
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+        *loaded = digest;
+        Ok(true)
+    }
+
+    /// Check the files every `every` and on SIGHUP, for as long as the server runs.
+    pub async fn watch(self: Arc<Self>, every: Duration) {
+        let mut hangup =
+            match actix_rt::signal::unix::signal(actix_rt::signal::unix::SignalKind::hangup()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    log::warn!("TLS: cannot listen for SIGHUP ({e}); reloading on a timer only");
+                    None
+                }
+            };
+        let mut tick = actix_web::rt::time::interval(every);
+        tick.tick().await;
+        loop {
+            let by_signal = match hangup.as_mut() {
+                Some(h) => tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = h.recv() => true,
+                },
+                None => {
+                    tick.tick().await;
+                    false
+                }
+            };
+            match self.reload() {
+                Ok(true) => log::info!(
+                    "TLS: loaded a new certificate from {}",
+                    self.cert_path.display()
+                ),
+                Ok(false) if by_signal => log::info!("TLS: SIGHUP: certificate unchanged"),
+                Ok(false) => {}
+                Err(e) => log::warn!("TLS: keeping the current certificate: {e}"),
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for CertReloader {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+    }
+}
+
+/// The certificate chain and key from their PEM files, checked to belong together.
+fn read_pair(cert_path: &Path, key_path: &Path) -> Result<(CertifiedKey, [u8; 32]), String> {
+    let cert_pem = std::fs::read(cert_path)
+        .map_err(|e| format!("cannot read {}: {e}", cert_path.display()))?;
+    let mut key_pem =
+        std::fs::read(key_path).map_err(|e| format!("cannot read {}: {e}", key_path.display()))?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate chain ({e})", cert_path.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no CERTIFICATE in it", cert_path.display()));
+    }
+    #[expect(
+        clippy::map_err_ignore,
+        reason = "the key file's parse error could quote key material; only its path is shown"
+    )]
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|_| format!("{}: no PEM private key in it", key_path.display()))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| format!("{}: unsupported private key ({e})", key_path.display()))?;
+    let certified = CertifiedKey::new(chain, signer);
+    certified.keys_match().map_err(|e| {
+        format!(
+            "{} and {} do not belong together ({e})",
+            cert_path.display(),
+            key_path.display()
+        )
+    })?;
+    let mut both = cert_pem;
+    both.extend_from_slice(&key_pem);
+    let digest = crate::crypto::sha256(&both);
+    zeroize::Zeroize::zeroize(&mut both);
+    zeroize::Zeroize::zeroize(&mut key_pem);
+    Ok((certified, digest))
+}
+
+/// The listener's rustls configuration: TLS 1.3 and 1.2 only, the ring provider's
+/// suites (ECDHE with AES-GCM or ChaCha20-Poly1305), the reloading certificate, and —
+/// with a client CA — client certificates that are optional but, when presented, must
+/// chain to that CA (or the handshake fails).
+pub fn server_config(tls: &TlsConfig, certs: Arc<CertReloader>) -> anyhow::Result<ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let builder = match &tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            let read = CertificateDer::pem_file_iter(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            for cert in read {
+                let cert =
+                    cert.map_err(|e| anyhow::anyhow!("{}: not PEM ({e})", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| anyhow::anyhow!("{}: unusable CA ({e})", path.display()))?;
+            }
+            if roots.is_empty() {
+                anyhow::bail!("{}: no CERTIFICATE in it", path.display());
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| anyhow::anyhow!("client CA {}: {e}", path.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    Ok(builder.with_cert_resolver(certs))
+}
+
+/// `HttpServer::on_connect`: the names of a client certificate the handshake verified,
+/// for every request of this connection. A verified certificate whose names cannot be
+/// read still attaches (with no names), so it is refused rather than ignored.
+pub fn on_connect(conn: &dyn Any, ext: &mut Extensions) {
+    type Tls = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
+    let Some(tls) = conn.downcast_ref::<Tls>() else {
+        return;
+    };
+    let (_, session) = tls.get_ref();
+    if let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) {
+        ext.insert(PeerCertificate::from_der(leaf).unwrap_or_default());
+    }
+}

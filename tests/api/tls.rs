@@ -1,0 +1,552 @@
+//! HTTPS on the service listener and client certificates (mutual TLS), with a
+//! certificate authority generated in the test and a rustls client driven directly.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coordinator::auth::client_cert::ClientIdentity;
+use coordinator::auth::{admin, Scope};
+use coordinator::config::TlsConfig;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+use crate::helpers::{now_secs, spawn_app_with, Backend, Signer, TestApp};
+
+/// A certificate authority made for one test.
+pub struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+/// A certificate and its key, as PEM and as what rustls takes.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+    der: CertificateDer<'static>,
+    key_der: Vec<u8>,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Ca {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    pub fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    fn issue(&self, cn: &str, sans: &[&str], client: bool, expired: bool) -> Issued {
+        let mut p =
+            CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+                .unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.extended_key_usages = vec![if client {
+            ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        if expired {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+            key_der: key.serialize_der(),
+        }
+    }
+
+    /// A server certificate for `localhost` and 127.0.0.1.
+    pub fn server(&self) -> Issued {
+        self.issue("localhost", &["localhost", "127.0.0.1"], false, false)
+    }
+
+    pub fn client(&self, cn: &str) -> Issued {
+        self.issue(cn, &[], true, false)
+    }
+}
+
+/// The server's certificate files in a directory that lives as long as the test.
+pub struct TlsFiles {
+    pub dir: tempfile::TempDir,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+impl TlsFiles {
+    fn new(server: &Issued, client_ca: Option<&Ca>) -> TlsFiles {
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            cert: dir.path().join("server.crt"),
+            key: dir.path().join("server.key"),
+            client_ca: dir.path().join("clients.crt"),
+            dir,
+        };
+        files.install(server);
+        if let Some(ca) = client_ca {
+            std::fs::write(&files.client_ca, ca.pem()).unwrap();
+        }
+        files
+    }
+
+    /// Replace the certificate and key (each file written whole, then renamed).
+    fn install(&self, server: &Issued) {
+        for (path, text) in [(&self.cert, &server.cert_pem), (&self.key, &server.key_pem)] {
+            let tmp = self.dir.path().join("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, path).unwrap();
+        }
+    }
+
+    fn config(&self, mtls: bool, reload: Duration) -> TlsConfig {
+        TlsConfig {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            reload_every: reload,
+            client_ca: mtls.then(|| self.client_ca.clone()),
+            client_identity: ClientIdentity::CommonName,
+        }
+    }
+}
+
+fn tls_app(backend: Backend, files: &TlsFiles, mtls: bool, reload: Duration) -> Option<TestApp> {
+    let tls = files.config(mtls, reload);
+    spawn_app_with(backend, |cfg| cfg.tls = Some(tls))
+}
+
+fn port_of(app: &TestApp) -> u16 {
+    app.address.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// A rustls client trusting `ca`, optionally presenting `cert`.
+fn client(ca: &Ca, cert: Option<&Issued>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut cfg = match cert {
+        None => builder.with_no_client_auth(),
+        Some(c) => builder
+            .with_client_auth_cert(
+                vec![c.der.clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(c.key_der.clone())),
+            )
+            .unwrap(),
+    };
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// Connect and finish the handshake (TLS 1.3 reports a refused client certificate on
+/// the first read, so callers send a request to see it).
+fn connect(cfg: &Arc<rustls::ClientConfig>, port: u16, host: &str) -> Result<Tls, String> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let name = ServerName::try_from(host.to_owned()).unwrap();
+    let conn = rustls::ClientConnection::new(cfg.clone(), name).map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(tls)
+}
+
+/// One HTTP/1.1 request on a kept-alive connection: (status, body).
+fn request(
+    tls: &mut Tls,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<(u16, String), String> {
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    tls.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    tls.flush().map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tls.read(&mut chunk).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        if body.len() >= len {
+            let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+            return Ok((status, body.to_owned()));
+        }
+    }
+}
+
+/// Connect and send one request.
+fn get(
+    cfg: &Arc<rustls::ClientConfig>,
+    port: u16,
+    path: &str,
+    headers: &[(String, String)],
+) -> Result<(u16, String), String> {
+    let mut tls = connect(cfg, port, "localhost")?;
+    request(&mut tls, path, headers)
+}
+
+fn signed(signer: &Signer, path: &str) -> Vec<(String, String)> {
+    signer.headers("GET", path, b"", now_secs())
+}
+
+const HEALTH: &str = "/coordinator/health";
+
+fn https_serves_and_plain_http_to_the_tls_port_fails() {
+    let ca = Ca::new("test CA");
+    let files = TlsFiles::new(&ca.server(), None);
+    let Some(app) = tls_app(Backend::Sqlite, &files, false, Duration::from_secs(60)) else {
+        return;
+    };
+    let port = port_of(&app);
+    let cfg = client(&ca, None, &[b"http/1.1"]);
+    assert_eq!(get(&cfg, port, "/livez", &[]).unwrap().0, 200);
+    // A signed request over HTTPS, twice on one kept-alive connection.
+    let mut tls = connect(&cfg, port, "localhost").unwrap();
+    for _ in 0..2 {
+        let (status, body) = request(&mut tls, HEALTH, &signed(&app.signer, HEALTH)).unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    // ALPN: h2 is offered first and chosen; TLS 1.2 still works, nothing older exists
+    // in rustls.
+    let h2 = connect(&client(&ca, None, &[b"h2", b"http/1.1"]), port, "localhost").unwrap();
+    assert_eq!(h2.conn.alpn_protocol(), Some(&b"h2"[..]));
+    let tls12 = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates({
+            let mut r = rustls::RootCertStore::empty();
+            r.add(ca.cert.der().clone()).unwrap();
+            r
+        })
+        .with_no_client_auth(),
+    );
+    let old = connect(&tls12, port, "localhost").unwrap();
+    assert_eq!(
+        old.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    // Plain HTTP to the TLS port gets no HTTP answer.
+    let mut plain = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    plain
+        .write_all(b"GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("HTTP/1.1"),
+        "{answer:?}"
+    );
+    // And the plain-HTTP client of the other tests cannot reach it either.
+    assert!(ureq::get(&app.url("/livez")).call().is_err());
+}
+
+fn clients_refuse_a_wrong_ca_a_wrong_host_or_an_expired_certificate() {
+    let ca = Ca::new("test CA");
+    let other = Ca::new("someone else's CA");
+    let files = TlsFiles::new(&ca.server(), None);
+    let Some(app) = tls_app(Backend::Sqlite, &files, false, Duration::from_secs(60)) else {
+        return;
+    };
+    let port = port_of(&app);
+    // The control: the right CA and host succeed.
+    assert!(connect(&client(&ca, None, &[]), port, "localhost").is_ok());
+    let wrong_ca = connect(&client(&other, None, &[]), port, "localhost").unwrap_err();
+    assert!(wrong_ca.contains("UnknownIssuer"), "{wrong_ca}");
+
+    let wrong_host = connect(&client(&ca, None, &[]), port, "db.example.org").unwrap_err();
+    assert!(
+        wrong_host.to_lowercase().contains("not valid for name"),
+        "{wrong_host}"
+    );
+
+    let expired = ca.issue("localhost", &["localhost"], false, true);
+    let files = TlsFiles::new(&expired, None);
+    let Some(app) = tls_app(Backend::Sqlite, &files, false, Duration::from_secs(60)) else {
+        return;
+    };
+    let err = connect(&client(&ca, None, &[]), port_of(&app), "localhost").unwrap_err();
+    assert!(err.to_lowercase().contains("expired"), "{err}");
+}
+
+fn client_certificates(backend: Backend) {
+    let ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let files = TlsFiles::new(&ca.server(), Some(&clients));
+    let Some(app) = tls_app(backend, &files, true, Duration::from_secs(60)) else {
+        return;
+    };
+    let port = port_of(&app);
+    let svc = app.caller("svc-a", &[Scope::HealthRead]);
+    let with = |cert: &Issued| client(&ca, Some(cert), &[]);
+    let svc_cert = clients.client("svc-a");
+
+    // A verified certificate naming a known caller: that caller, with its scopes.
+    let (status, body) = get(&with(&svc_cert), port, HEALTH, &[]).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = get(&with(&svc_cert), port, "/coordinator/jobs", &[]).unwrap();
+    assert_eq!(status, 403, "svc-a lacks jobs:read");
+    let logs = crate::helpers::captured_logs();
+    assert!(
+        logs.lines().any(|l| l.contains(r#""scheme":"client_cert""#)
+            && l.contains(r#""caller":"svc-a""#)
+            && l.contains(r#""outcome":"allow""#)),
+        "no audit line for the certificate"
+    );
+    // Without a certificate (optional) the usual schemes still work, and nothing is
+    // not enough.
+    let plain = client(&ca, None, &[]);
+    assert_eq!(
+        get(&plain, port, HEALTH, &signed(&svc, HEALTH)).unwrap().0,
+        200
+    );
+    let (status, body) = get(&plain, port, HEALTH, &[]).unwrap();
+    assert_eq!(status, 401);
+    assert!(body.contains("missing credentials"), "{body}");
+
+    // Certificate plus a valid signature by the same caller: fine. A bad signature is
+    // refused, never downgraded to the certificate; another caller's signature too.
+    assert_eq!(
+        get(&with(&svc_cert), port, HEALTH, &signed(&svc, HEALTH))
+            .unwrap()
+            .0,
+        200
+    );
+    let forged = Signer {
+        secret: "0".repeat(64),
+        ..svc.clone()
+    };
+    let (status, body) = get(&with(&svc_cert), port, HEALTH, &signed(&forged, HEALTH)).unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("signature mismatch"), "{body}");
+    let (status, body) = get(&with(&svc_cert), port, HEALTH, &signed(&app.signer, HEALTH)).unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body.contains("client certificate names another caller"),
+        "{body}"
+    );
+
+    // A certificate naming no known caller is refused, even with a valid signature.
+    let stranger = clients.client("nobody");
+    let (status, body) = get(&with(&stranger), port, HEALTH, &signed(&app.signer, HEALTH)).unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("unknown caller"), "{body}");
+
+    // A certificate from another CA ends the handshake: no request gets through.
+    let rogue = Ca::new("rogue CA").client("svc-a");
+    let err = get(&with(&rogue), port, HEALTH, &[]).unwrap_err();
+    assert!(!err.is_empty());
+
+    // A disabled caller's certificate is refused (within the store's poll interval).
+    admin::disable_caller(&app.state.db, "svc-a").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = get(&with(&svc_cert), port, HEALTH, &[]).unwrap();
+        if status == 401 {
+            assert!(body.contains("caller disabled"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "disabled caller still accepted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+crate::backend_tests!(client_certificates);
+
+fn a_new_certificate_is_served_without_a_restart() {
+    let first = Ca::new("first CA");
+    let second = Ca::new("second CA");
+    let files = TlsFiles::new(&first.server(), None);
+    let Some(app) = tls_app(Backend::Sqlite, &files, false, Duration::from_secs(1)) else {
+        return;
+    };
+    let port = port_of(&app);
+    let mut kept = connect(&client(&first, None, &[]), port, "localhost").unwrap();
+    assert_eq!(request(&mut kept, "/livez", &[]).unwrap().0, 200);
+    assert!(connect(&client(&second, None, &[]), port, "localhost").is_err());
+
+    files.install(&second.server());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while connect(&client(&second, None, &[]), port, "localhost").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // New handshakes get the new certificate; the old connection is still served.
+    assert!(connect(&client(&first, None, &[]), port, "localhost").is_err());
+    assert_eq!(request(&mut kept, "/livez", &[]).unwrap().0, 200);
+
+    // A broken pair (the key of another certificate) is not installed: the server
+    // says so and keeps serving the last good one.
+    let third = first.server();
+    std::fs::write(&files.cert, &third.cert_pem).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !crate::helpers::captured_logs().contains("do not belong together") {
+        assert!(
+            Instant::now() < deadline,
+            "the broken pair was never checked"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(connect(&client(&second, None, &[]), port, "localhost").is_ok());
+    assert!(connect(&client(&first, None, &[]), port, "localhost").is_err());
+}
+
+/// Start the real binary, read its log until it listens, stop it: the log lines.
+fn start_up_log(args: &[&str], env: &[(&str, &str)]) -> Vec<String> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("c.db").display());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .current_dir(dir.path())
+        .args(["serve", "--bind", "127.0.0.1:0", "--database-url", &db])
+        .args(args)
+        .env(
+            "COORDINATOR_MASTER_KEY",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        )
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = Vec::new();
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let done = line.contains("listening on");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    lines
+}
+
+fn plain_http_in_production_warns_once_at_start() {
+    let warnings = |lines: &[String]| {
+        lines
+            .iter()
+            .filter(|l| l.contains("serving plain HTTP"))
+            .count()
+    };
+    let plain = start_up_log(&[], &[]);
+    assert!(
+        plain.iter().any(|l| l.contains("listening on")),
+        "{plain:?}"
+    );
+    assert_eq!(warnings(&plain), 1, "{plain:?}");
+    assert_eq!(warnings(&start_up_log(&["--insecure-http"], &[])), 0);
+    let dev = start_up_log(&["--dev"], &[]);
+    assert!(dev.iter().any(|l| l.contains("listening on")), "{dev:?}");
+    assert_eq!(warnings(&dev), 0, "{dev:?}");
+    assert_eq!(
+        warnings(&start_up_log(&[], &[("COORDINATOR_INSECURE_HTTP", "true")])),
+        0
+    );
+    let ca = Ca::new("test CA");
+    let files = TlsFiles::new(&ca.server(), None);
+    let (cert, key) = (
+        files.cert.to_str().unwrap().to_owned(),
+        files.key.to_str().unwrap().to_owned(),
+    );
+    let tls = start_up_log(&["--tls-cert", &cert, "--tls-key", &key], &[]);
+    assert_eq!(warnings(&tls), 0, "{tls:?}");
+    assert!(
+        tls.iter().any(|l| l.contains("TLS: serving HTTPS")),
+        "{tls:?}"
+    );
+}
+
+fn a_mismatched_key_stops_the_start_before_the_database_is_touched() {
+    let ca = Ca::new("test CA");
+    let (a, b) = (ca.server(), ca.server());
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("a.crt"), dir.path().join("b.key"));
+    std::fs::write(&cert, &a.cert_pem).unwrap();
+    std::fs::write(&key, &b.key_pem).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .current_dir(dir.path())
+        .args(["serve", "--bind", "127.0.0.1:0"])
+        .args(["--database-url", "sqlite://./c.db"])
+        .args(["--tls-cert", cert.to_str().unwrap()])
+        .args(["--tls-key", key.to_str().unwrap()])
+        .env(
+            "COORDINATOR_MASTER_KEY",
+            "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        )
+        .env("RUST_LOG", "off")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("do not belong together"), "{stderr}");
+    assert!(
+        !dir.path().join("c.db").exists(),
+        "the database was created"
+    );
+}
+
+crate::plain_tests!(
+    https_serves_and_plain_http_to_the_tls_port_fails,
+    clients_refuse_a_wrong_ca_a_wrong_host_or_an_expired_certificate,
+    a_new_certificate_is_served_without_a_restart,
+    plain_http_in_production_warns_once_at_start,
+    a_mismatched_key_stops_the_start_before_the_database_is_touched,
+);
