@@ -405,6 +405,61 @@ pub struct ServeArgs {
     /// they finished; unset keeps them forever.
     #[arg(long, env = "COORDINATOR_JOB_RETENTION_DAYS")]
     pub job_retention_days: Option<u64>,
+
+    #[command(flatten)]
+    pub push: PushArgs,
+}
+
+/// Bounds on long-poll claims and event streams (issue 16), per instance and per caller.
+#[derive(Debug, Clone, Args)]
+pub struct PushArgs {
+    /// Long-poll claims waiting at once on this instance (beyond: 429).
+    #[arg(long, env = "COORDINATOR_MAX_WAITING_CLAIMS", default_value_t = crate::jobs::notify::MAX_WAITING_CLAIMS)]
+    pub max_waiting_claims: usize,
+
+    /// Long-poll claims one caller may have waiting at once on this instance.
+    #[arg(long, env = "COORDINATOR_MAX_WAITING_CLAIMS_PER_CALLER", default_value_t = crate::jobs::notify::MAX_WAITING_CLAIMS_PER_CALLER)]
+    pub max_waiting_claims_per_caller: usize,
+
+    /// Event streams (job and queue) open at once on this instance (beyond: 429).
+    #[arg(long, env = "COORDINATOR_MAX_STREAMS", default_value_t = crate::jobs::notify::MAX_STREAMS)]
+    pub max_streams: usize,
+
+    /// Event streams one caller may have open at once on this instance.
+    #[arg(long, env = "COORDINATOR_MAX_STREAMS_PER_CALLER", default_value_t = crate::jobs::notify::MAX_STREAMS_PER_CALLER)]
+    pub max_streams_per_caller: usize,
+}
+
+impl PushArgs {
+    fn validate(&self) -> Result<crate::jobs::notify::PushLimits, ConfigError> {
+        let check = |v: usize, var: &str, max: usize| {
+            if (1..=max).contains(&v) {
+                Ok(v)
+            } else {
+                Err(bad(var, format!("must be between 1 and {max}")))
+            }
+        };
+        let waiting = check(
+            self.max_waiting_claims,
+            "COORDINATOR_MAX_WAITING_CLAIMS",
+            100_000,
+        )?;
+        let streams = check(self.max_streams, "COORDINATOR_MAX_STREAMS", 100_000)?;
+        Ok(crate::jobs::notify::PushLimits {
+            waiting,
+            streams,
+            waiting_per_caller: check(
+                self.max_waiting_claims_per_caller,
+                "COORDINATOR_MAX_WAITING_CLAIMS_PER_CALLER",
+                waiting,
+            )?,
+            streams_per_caller: check(
+                self.max_streams_per_caller,
+                "COORDINATOR_MAX_STREAMS_PER_CALLER",
+                streams,
+            )?,
+        })
+    }
 }
 
 /// Validated server configuration; passed to `Application::build`, never global.
@@ -433,6 +488,8 @@ pub struct Config {
     pub housekeeping_interval: Duration,
     pub metrics_bind: Option<SocketAddr>,
     pub job_retention: Option<Duration>,
+    /// Bounds on waiting claims and open streams.
+    pub push: crate::jobs::notify::PushLimits,
 }
 
 /// A configuration error: one line naming the variable. `main` exits with code 2.
@@ -594,6 +651,7 @@ impl ServeArgs {
                 ))
             }
         };
+        let push = self.push.validate()?;
         let (master_key, master_key_previous) = self.keys.load(self.dev)?;
         Ok(Config {
             dev: self.dev,
@@ -616,6 +674,7 @@ impl ServeArgs {
             housekeeping_interval: Duration::from_secs(self.housekeeping_secs),
             metrics_bind,
             job_retention,
+            push,
         })
     }
 }
@@ -650,6 +709,7 @@ impl Config {
             housekeeping_interval: Duration::from_secs(5),
             metrics_bind: None,
             job_retention: None,
+            push: crate::jobs::notify::PushLimits::default(),
         }
     }
 

@@ -114,6 +114,7 @@ route_table! {
     patch "/coordinator/queues/{queue}"       => jobs::patch_queue, Access::Scope(Scope::Admin);
     post  "/coordinator/queues/{queue}/claim" => jobs::claim,      Access::Scope(Scope::JobsUpdate);
     get   "/coordinator/jobs/{id}/events"     => crate::http::push::job_events, Access::Scope(Scope::JobsRead);
+    get   "/coordinator/queues/{queue}/events" => crate::http::push::queue_events, Access::Scope(Scope::HealthRead);
     post  "/stitcher/webhook"                 => crate::http::stitcher::webhook,  Access::Scope(Scope::StitcherWebhook);
     post  "/stitcher/webhook/{caller}"        => crate::http::stitcher::webhook_from_sender, Access::Scope(Scope::StitcherWebhook);
     post  "/stitcher/dispatch"                => crate::http::stitcher::dispatch, Access::Scope(Scope::StitcherDispatch);
@@ -207,10 +208,7 @@ impl Application {
         let store = Arc::new(CredentialStore::new(db.clone(), sealer));
         let revocations = Arc::new(Revocations::new(db.clone()));
         revocations.poll().await?;
-        let notifier = crate::jobs::notify::Notifier::new(
-            crate::jobs::notify::MAX_WAITING_CLAIMS,
-            crate::jobs::notify::MAX_STREAMS,
-        );
+        let notifier = crate::jobs::notify::Notifier::new(config.push);
         crate::jobs::notify::start_listener(&notifier, &config.db.url);
         let state = web::Data::new(AppState {
             db: db.clone(),
@@ -273,13 +271,25 @@ impl Application {
         self.server.handle()
     }
 
+    /// Stops the server the way SIGTERM does: waiting claims and streams end first.
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            server: self.server.handle(),
+            notifier: self.state.notifier.clone(),
+        }
+    }
+
     pub fn state(&self) -> web::Data<AppState> {
         self.state.clone()
     }
 
-    /// Serve until SIGINT/SIGTERM (graceful: in-flight requests finish) or `stop`.
+    /// Serve until SIGTERM (graceful: in-flight requests finish; waiting claims answer
+    /// 204 and streams end at once), SIGINT (forced) or `stop`; then let the replay log
+    /// and the database's writer finish what they were handed before returning.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        match self.probes {
+        let notifier = self.state.notifier.clone();
+        let signals = actix_web::rt::spawn(close_on_signal(notifier.clone()));
+        let r = match self.probes {
             None => self.server.await,
             Some((_, probes)) => {
                 let probe_handle = probes.handle();
@@ -289,8 +299,53 @@ impl Application {
                 let _ = probe_task.await;
                 r
             }
+        };
+        signals.abort();
+        notifier.close();
+        // Flush: the replay batchers (PostgreSQL) and the database's writes (on SQLite
+        // the group-commit writer) finish what they were handed before the process ends.
+        let within = self.state.config.shutdown_timeout;
+        if !self.state.auth.replays.drain(within).await {
+            log::warn!("replay log: records still unwritten at exit");
         }
+        if !self.state.db.drain_writes(within).await {
+            log::warn!("database writes still under way at exit");
+        }
+        r
     }
+}
+
+/// Stops an [`Application`] from outside (tests, embedding).
+#[derive(Clone)]
+pub struct Stopper {
+    server: ServerHandle,
+    notifier: Arc<crate::jobs::notify::Notifier>,
+}
+
+impl Stopper {
+    /// End waiting claims and streams, then stop the server (`graceful`: in-flight
+    /// requests get the shutdown timeout to finish).
+    pub async fn stop(&self, graceful: bool) {
+        self.notifier.close();
+        self.server.stop(graceful).await;
+    }
+}
+
+/// On SIGTERM or SIGINT, end waiting claims and streams (actix stops the server on
+/// the same signal; without this a stream would hold a graceful stop for the whole
+/// shutdown timeout).
+async fn close_on_signal(notifier: Arc<crate::jobs::notify::Notifier>) {
+    use actix_web::rt::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        log::warn!("cannot watch SIGTERM/SIGINT: streams end at the shutdown timeout");
+        return;
+    };
+    futures_util::future::select(Box::pin(term.recv()), Box::pin(int.recv())).await;
+    log::info!("shutting down: ending waiting claims and event streams");
+    notifier.close();
 }
 
 fn run(

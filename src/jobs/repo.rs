@@ -129,7 +129,7 @@ pub fn notify_change(
     if let DbConnection::Postgresql(pg) = conn {
         diesel::sql_query("SELECT pg_notify($1, $2)")
             .bind::<Text, _>(super::notify::CHANNEL)
-            .bind::<Text, _>(super::notify::payload(queue, id, seq, status))
+            .bind::<Text, _>(super::notify::payload(queue, id, seq, status, now_millis()))
             .execute(pg)?;
     }
     Ok(())
@@ -304,6 +304,27 @@ pub fn events_after(
         .select(EventRow::as_select())
         .load(conn)?;
     Ok((status, events))
+}
+
+/// The events named by (job id, seq), in the order given; any that are gone (the job
+/// purged) are left out.
+pub fn events_by_key(
+    conn: &mut DbConnection,
+    keys: &[(String, i64)],
+) -> Result<Vec<(String, EventRow)>, StoreError> {
+    let mut out = Vec::with_capacity(keys.len());
+    for (id, seq) in keys {
+        let e = job_events::table
+            .filter(job_events::job_id.eq(id))
+            .filter(job_events::seq.eq(*seq))
+            .select(EventRow::as_select())
+            .first(conn)
+            .optional()?;
+        if let Some(e) = e {
+            out.push((id.clone(), e));
+        }
+    }
+    Ok(out)
 }
 
 /// When the next QUEUED job of `queue` scheduled after `now` becomes due, if any.
