@@ -413,6 +413,7 @@ pub async fn job_events(
 #[derive(Debug, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 struct QueueEvent {
+    queue: String,
     job_id: String,
     /// The job's status after this change, when known.
     status: Option<&'static str>,
@@ -482,9 +483,16 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
         .filter(|n| n.seq > 0)
         .map(|n| (n.job_id.clone(), n.seq))
         .collect();
-    if notes.iter().any(|n| n.seq == 0) {
+    let mut wide: Vec<&str> = notes
+        .iter()
+        .filter(|n| n.seq == 0)
+        .map(|n| n.queue.as_str())
+        .collect();
+    wide.sort_unstable();
+    wide.dedup();
+    for queue in wide {
         // A queue-wide change (controls, a batch of new jobs): re-read the queue.
-        let data = serde_json::json!({ "queue": s.queue });
+        let data = serde_json::json!({ "queue": queue });
         out.push_str(&format!("event: queue\ndata: {data}\n\n"));
     }
     if !keys.is_empty() {
@@ -501,14 +509,13 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
             }
         };
         for (job_id, e) in events {
-            let status = notes
-                .iter()
-                .find(|n| n.job_id == job_id && n.seq == e.seq)
-                .and_then(|n| n.status)
-                .map(JobStatus::as_str);
+            let note = notes.iter().find(|n| n.job_id == job_id && n.seq == e.seq);
+            let status = note.and_then(|n| n.status).map(JobStatus::as_str);
+            let queue = note.map_or_else(|| s.queue.clone(), |n| n.queue.clone());
             s.state.metrics.wakeup("queue_stream", e.created_at);
             let kind = e.event_type.clone();
             let data = serde_json::to_string(&QueueEvent {
+                queue,
                 job_id,
                 status,
                 event: EventView::from(e),
@@ -532,8 +539,9 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
     operation_id = "queueEvents",
     summary = "A live stream of every job event of a queue",
     description = "Server-Sent Events (always; `Accept: text/event-stream` is expected): \
-        every job event of the queue from now on, as it happens on any instance — \
-        `event:` the event type, `data:` `{jobId, status, seq, type, data, createdAt}` — \
+        every job event of the queue (of every queue for `*`) from now on, as it happens \
+        on any instance — `event:` the event type, `data:` \
+        `{queue, jobId, status, seq, type, data, createdAt}` — \
         and `event: queue` (`data: {queue}`) when the queue changed as a whole (paused, \
         resumed, a batch of jobs created): re-read it then. There is no replay: events \
         carry no `id:`, and a client that (re)connects reads the queue and its jobs first \
@@ -543,8 +551,8 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
         instance shuts down. Open streams per caller and per instance are bounded (429 \
         with `Retry-After` beyond).",
     params(
-        ("queue" = String, Path, description = "The queue name.",
-            min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_.-]+$"),
+        ("queue" = String, Path, description = "The queue name, or `*` for every queue.",
+            min_length = 1, max_length = 64, pattern = "^([A-Za-z0-9_.-]+|\\*)$"),
     ),
     responses(
         (status = 200, description = "The stream.", content((String = "text/event-stream"))),
@@ -562,7 +570,9 @@ pub async fn queue_events(
     queue: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let queue = queue.into_inner();
-    crate::jobs::model::validate_queue(&queue, "queue")?;
+    if queue != crate::jobs::notify::ALL_QUEUES {
+        crate::jobs::model::validate_queue(&queue, "queue")?;
+    }
     let slot = state
         .notifier
         .stream_slot(&principal.caller)

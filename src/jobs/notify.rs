@@ -40,6 +40,8 @@ pub const MAX_WAITING_CLAIMS_PER_CALLER: usize = 256;
 pub const MAX_STREAMS_PER_CALLER: usize = 64;
 /// Changes a queue stream may fall behind by before it is dropped (slow consumer).
 pub const QUEUE_STREAM_BUFFER: usize = 256;
+/// The queue "name" of a stream of every queue (not a valid queue name).
+pub const ALL_QUEUES: &str = "*";
 /// How often the PostgreSQL listener drains its socket (no server round trip).
 pub const PG_DRAIN: Duration = Duration::from_millis(5);
 /// How often the PostgreSQL listener checks its connection with a query.
@@ -114,6 +116,7 @@ pub enum Refused {
 /// an empty `job_id`: a queue-wide change (controls, a batch of new jobs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueNote {
+    pub queue: String,
     pub job_id: String,
     pub seq: i64,
     /// The job's status after the change, when known.
@@ -300,11 +303,13 @@ impl Notifier {
         self.queues.lock().map_or(0, |q| q.len())
     }
 
-    fn note(&self, queue: &str, note: QueueNote) {
+    fn note(&self, note: QueueNote) {
         if let Ok(queues) = self.queues.lock() {
-            if let Some(tx) = queues.get(queue) {
-                // No receiver left: nothing to do.
-                let _ = tx.send(note);
+            for key in [note.queue.as_str(), ALL_QUEUES] {
+                if let Some(tx) = queues.get(key) {
+                    // No receiver left: nothing to do.
+                    let _ = tx.send(note.clone());
+                }
             }
         }
     }
@@ -429,9 +434,10 @@ impl Notifier {
             }
         }
         if let Ok(queues) = self.queues.lock() {
-            for tx in queues.values() {
+            for (queue, tx) in queues.iter() {
                 // A queue-wide note: the stream's reader looks again.
                 let _ = tx.send(QueueNote {
+                    queue: queue.clone(),
                     job_id: String::new(),
                     seq: 0,
                     status: None,
@@ -453,19 +459,17 @@ impl Notifier {
             }
             self.wake(&Topic::Job(id.to_owned()), at);
         }
-        self.note(
-            queue,
-            QueueNote {
-                job_id: if seq > 0 {
-                    id.to_owned()
-                } else {
-                    String::new()
-                },
-                seq: seq.max(0),
-                status,
-                at,
+        self.note(QueueNote {
+            queue: queue.to_owned(),
+            job_id: if seq > 0 {
+                id.to_owned()
+            } else {
+                String::new()
             },
-        );
+            seq: seq.max(0),
+            status,
+            at,
+        });
         let claimable = status.is_none_or(|s| s == JobStatus::Queued || s.is_terminal());
         if claimable {
             self.wake(&Topic::Claimable(queue.to_owned()), at);
@@ -787,10 +791,11 @@ mod tests {
         let mut a = n.subscribe(Topic::Claimable("q".into()));
         let mut b = n.subscribe(Topic::Job("j1".into()));
         let mut q = n.subscribe_queue("q");
+        let mut all = n.subscribe_queue(ALL_QUEUES);
         a.mark_seen();
         b.mark_seen();
         assert_eq!(n.topics(), 2);
-        assert_eq!(n.watched_queues(), 1);
+        assert_eq!(n.watched_queues(), 2);
         n.job_changed("q", "j1", 2, Some(JobStatus::Queued), 1234);
         assert!(a.rx.has_changed().unwrap_or(false));
         assert!(b.rx.has_changed().unwrap_or(false));
@@ -811,12 +816,24 @@ mod tests {
         })
         .collect();
         assert_eq!(seqs, vec![(2, 1234), (3, 1400)]);
+        n.job_changed("elsewhere", "j2", 1, Some(JobStatus::Pending), 1500);
+        let everywhere: Vec<(String, i64)> = std::iter::from_fn(|| match all.try_recv() {
+            Some(QueueRecv::Note(n)) => Some((n.queue, n.seq)),
+            _ => None,
+        })
+        .collect();
+        let name = |s: &str| s.to_owned();
+        assert_eq!(
+            everywhere,
+            vec![(name("q"), 2), (name("q"), 3), (name("elsewhere"), 1)]
+        );
         // An older instance's payload (no time) still wakes.
         n.from_db("q|j1|4|QUEUED");
         assert!(a.rx.has_changed().unwrap_or(false));
         drop(a);
         drop(b);
         drop(q);
+        drop(all);
         assert_eq!(n.topics(), 0);
         assert_eq!(n.watched_queues(), 0);
     }

@@ -470,11 +470,13 @@ fn a_queue_stream_sees_its_queues_events_from_either_instance(backend: Backend) 
     };
     let b = a.sibling();
     let rx = sse(&a.url(""), &a.signer, "/coordinator/queues/qs/events").expect("opens");
+    let all = sse(&b.url(""), &b.signer, "/coordinator/queues/*/events").expect("opens");
     let id = pending(&b, "qs"); // through the other instance
     let _elsewhere = pending(&a, "other"); // another queue: not on this stream
     to_queued(&a, &id);
     let (e1, d1) = next_event(&rx);
     assert_eq!(e1, "created");
+    assert_eq!(d1["queue"], "qs");
     assert_eq!(d1["jobId"], id.as_str());
     assert_eq!(d1["seq"], 1);
     assert_eq!(d1["status"], "PENDING");
@@ -491,6 +493,14 @@ fn a_queue_stream_sees_its_queues_events_from_either_instance(backend: Backend) 
     assert_eq!(r.status, 200, "{}", r.body);
     let (e3, d3) = next_event(&rx);
     assert_eq!((e3.as_str(), &d3), ("queue", &json!({"queue": "qs"})));
+    // The stream of every queue saw all of it, the other queue's job too.
+    let seen: Vec<(String, Value)> = (0..4).map(|_| next_event(&all)).collect();
+    let mut queues: Vec<&str> = seen
+        .iter()
+        .map(|(_, d)| d["queue"].as_str().unwrap_or(""))
+        .collect();
+    queues.sort_unstable();
+    assert_eq!(queues, vec!["other", "qs", "qs", "qs"], "{seen:?}");
     // The stream needs health:read, and a valid queue name.
     let reader = a.caller("jobs-reader", &[Scope::JobsRead]);
     let r = sse(&a.url(""), &reader, "/coordinator/queues/qs/events").expect_err("403");
