@@ -40,17 +40,17 @@ macro_rules! route_table {
         /// 405 for any other method, behind the guard of the path's first route.
         fn register(
             cfg: &mut web::ServiceConfig,
-            keep: fn(Access) -> bool,
+            keep: fn(&RouteSpec) -> bool,
             auth: &Arc<AuthContext>,
             metrics: &Arc<crate::metrics::Metrics>,
         ) {
             $(
-                if keep($access) {
-                    let spec = RouteSpec {
-                        method: route_table!(@m $method),
-                        path: $path,
-                        access: $access,
-                    };
+                let spec = RouteSpec {
+                    method: route_table!(@m $method),
+                    path: $path,
+                    access: $access,
+                };
+                if keep(&spec) {
                     let gate = Arc::new(Gate::new(auth.clone(), metrics.clone(), spec));
                     cfg.service(
                         web::resource($path)
@@ -65,7 +65,7 @@ macro_rules! route_table {
                 }
             )*
             for (i, spec) in ROUTES.iter().enumerate() {
-                if !keep(spec.access) || ROUTES.iter().take(i).any(|r| r.path == spec.path) {
+                if !keep(spec) || ROUTES.iter().take(i).any(|r| r.path == spec.path) {
                     continue;
                 }
                 let allow = allowed_methods(spec.path);
@@ -119,6 +119,11 @@ route_table! {
     post  "/stitcher/webhook/{caller}"        => crate::http::stitcher::webhook_from_sender, Access::Scope(Scope::StitcherWebhook);
     post  "/stitcher/dispatch"                => crate::http::stitcher::dispatch, Access::Scope(Scope::StitcherDispatch);
     post  "/admin/tokens/revoke"              => crate::http::admin::revoke_token, Access::Scope(Scope::Admin);
+}
+
+/// The dashboard's routes: open, but served with the API (see `--metrics-bind`).
+pub fn is_page(r: &RouteSpec) -> bool {
+    r.path.starts_with("/ui/")
 }
 
 /// The registered route with this method and pattern (`None`: not a registered route).
@@ -239,13 +244,16 @@ impl Application {
         ));
         let (server, probes) = match config.metrics_bind {
             None => (run(listener, state.clone(), &config, |_| true)?, None),
+            // The dashboard stays with the API it calls (same origin, `connect-src 'self'`).
             Some(addr) => {
                 let probe_listener = TcpListener::bind(addr)
                     .map_err(|e| anyhow::anyhow!("cannot bind {addr}: {e}"))?;
                 let probe_port = probe_listener.local_addr()?.port();
-                let api = run(listener, state.clone(), &config, |a| a != Access::Open)?;
-                let open = run(probe_listener, state.clone(), &config, |a| {
-                    a == Access::Open
+                let api = run(listener, state.clone(), &config, |r| {
+                    r.access != Access::Open || is_page(r)
+                })?;
+                let open = run(probe_listener, state.clone(), &config, |r| {
+                    r.access == Access::Open && !is_page(r)
                 })?;
                 (api, Some((probe_port, open)))
             }
@@ -352,7 +360,7 @@ fn run(
     listener: TcpListener,
     state: web::Data<AppState>,
     config: &Config,
-    keep: fn(Access) -> bool,
+    keep: fn(&RouteSpec) -> bool,
 ) -> anyhow::Result<Server> {
     let body_limit = config.body_limit;
     let mut server = HttpServer::new(move || {
