@@ -8,8 +8,9 @@
 //!
 //! Other modes, each writing its own section of the report: `--webhooks` (issue 22),
 //! `--peer DIR` (side by side with the Node peer, issue 14), `--soak MINUTES` (issue 14),
-//! `--overload` (0.5×/1×/2× the sustainable rate, issue 20); `--signers` (issue 17)
-//! prints the client crate's signer against the previous one.
+//! `--overload` (0.5×/1×/2× the sustainable rate, issue 20), `--push` (idle waiters,
+//! long-poll cycles and open streams, issue 16); `--signers` (issue 17) prints the
+//! client crate's signer against the previous one.
 //!
 //! Environment: `BENCH_DURATION_SECS` (default 5), `BENCH_CONNECTIONS` (32),
 //! `BENCH_BACKENDS` (`sqlite,postgres`), `TEST_POSTGRES_URL` (admin URL), `BENCH_OUT`,
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 mod drive;
 mod overload;
 mod peer;
+mod push;
 mod report;
 mod signers;
 mod soak;
@@ -986,6 +988,10 @@ fn main() {
         signers::run(&bin, duration);
         return;
     }
+    if args.iter().any(|a| a == "--push") {
+        push::run(&bin, &out, &admin_url);
+        return;
+    }
     if args.iter().any(|a| a == "--webhooks") {
         webhooks::run(&bin, &out, duration);
         return;
@@ -993,7 +999,7 @@ fn main() {
     if let Some(other) = args.first() {
         panic!(
             "unknown argument {other}: use --soak MINUTES, --peer DIR, --webhooks, --overload, \
-             --signers or none"
+             --signers, --push or none"
         );
     }
 
