@@ -171,6 +171,7 @@ fn run_backend(backend: &'static str, bin: &str, db_url: &str, pg: Option<(&str,
         &key_b64,
         &[
             ("COORDINATOR_MAX_STREAMS", &limit),
+            ("COORDINATOR_MAX_WAITING_CLAIMS", &limit),
             ("COORDINATOR_MAX_STREAMS_PER_CALLER", &limit),
             ("COORDINATOR_MAX_WAITING_CLAIMS_PER_CALLER", &limit),
             ("RUST_LOG", "warn"),

@@ -426,9 +426,18 @@ struct QueueStream {
     state: web::Data<AppState>,
     queue: String,
     sub: QueueSubscription,
+    /// When the stream opened (ms): a job first seen is read from its events since.
+    since: i64,
+    /// The last seq sent per job (bounded: see [`QUEUE_JOBS_TRACKED`]), so each job's
+    /// events go out once and in order however their wake-ups arrive.
+    sent: std::collections::HashMap<String, i64>,
     done: bool,
     _slot: Slot,
 }
+
+/// Jobs whose last sent event a queue stream remembers; past it the map is cleared
+/// (a job then seen again may have events since the stream opened sent twice).
+const QUEUE_JOBS_TRACKED: usize = 10_000;
 
 /// `event: dropped` then the end: the consumer fell too far behind.
 fn dropped(missed: u64) -> Bytes {
@@ -478,11 +487,23 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
         return Some((Ok(dropped(n)), s));
     }
     let mut out = String::new();
-    let keys: Vec<(String, i64)> = notes
-        .iter()
-        .filter(|n| n.seq > 0)
-        .map(|n| (n.job_id.clone(), n.seq))
-        .collect();
+    // One range per job: up to its newest change named here, after what was sent.
+    let mut ranges: Vec<repo::EventRange> = Vec::new();
+    for n in notes.iter().filter(|n| n.seq > 0) {
+        let after = s.sent.get(&n.job_id).copied();
+        if after.is_some_and(|a| a >= n.seq) {
+            continue; // sent already (read with an earlier range)
+        }
+        match ranges.iter_mut().find(|r| r.job_id == n.job_id) {
+            Some(r) => r.upto = r.upto.max(n.seq),
+            None => ranges.push(repo::EventRange {
+                job_id: n.job_id.clone(),
+                after,
+                upto: n.seq,
+                since: s.since,
+            }),
+        }
+    }
     let mut wide: Vec<&str> = notes
         .iter()
         .filter(|n| n.seq == 0)
@@ -495,10 +516,12 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
         let data = serde_json::json!({ "queue": queue });
         out.push_str(&format!("event: queue\ndata: {data}\n\n"));
     }
-    if !keys.is_empty() {
+    if !ranges.is_empty() {
         let read = fresh(
             &s.state,
-            s.state.db.read(move |c| repo::events_by_key(c, &keys)),
+            s.state
+                .db
+                .read(move |c| repo::events_in_ranges(c, &ranges, EVENTS_PER_CHUNK)),
         )
         .await;
         let events = match read {
@@ -508,7 +531,12 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
                 return None;
             }
         };
+        if s.sent.len() + events.len() > QUEUE_JOBS_TRACKED {
+            s.sent.clear();
+        }
         for (job_id, e) in events {
+            let last = s.sent.entry(job_id.clone()).or_insert(0);
+            *last = (*last).max(e.seq);
             let note = notes.iter().find(|n| n.job_id == job_id && n.seq == e.seq);
             let status = note.and_then(|n| n.status).map(JobStatus::as_str);
             let queue = note.map_or_else(|| s.queue.clone(), |n| n.queue.clone());
@@ -582,6 +610,8 @@ pub async fn queue_events(
         state: state.clone(),
         queue,
         sub,
+        since: crate::db::now_millis(),
+        sent: std::collections::HashMap::new(),
         done: false,
         _slot: slot,
     };

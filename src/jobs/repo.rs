@@ -306,23 +306,38 @@ pub fn events_after(
     Ok((status, events))
 }
 
-/// The events named by (job id, seq), in the order given; any that are gone (the job
-/// purged) are left out.
-pub fn events_by_key(
+/// What a queue stream reads of one job: its events up to `upto`, after `after` when
+/// the stream has sent that one, else those written since `since` (ms; the stream's
+/// start), oldest first, at most `limit`.
+pub struct EventRange {
+    pub job_id: String,
+    pub after: Option<i64>,
+    pub upto: i64,
+    pub since: i64,
+}
+
+/// The events of each range, in the order given (a purged job has none).
+pub fn events_in_ranges(
     conn: &mut DbConnection,
-    keys: &[(String, i64)],
+    ranges: &[EventRange],
+    limit: i64,
 ) -> Result<Vec<(String, EventRow)>, StoreError> {
-    let mut out = Vec::with_capacity(keys.len());
-    for (id, seq) in keys {
-        let e = job_events::table
-            .filter(job_events::job_id.eq(id))
-            .filter(job_events::seq.eq(*seq))
+    let mut out = Vec::new();
+    for r in ranges {
+        let mut q = job_events::table
+            .filter(job_events::job_id.eq(&r.job_id))
+            .filter(job_events::seq.le(r.upto))
+            .into_boxed();
+        q = match r.after {
+            Some(after) => q.filter(job_events::seq.gt(after)),
+            None => q.filter(job_events::created_at.ge(r.since)),
+        };
+        let events: Vec<EventRow> = q
+            .order(job_events::seq.asc())
+            .limit(limit)
             .select(EventRow::as_select())
-            .first(conn)
-            .optional()?;
-        if let Some(e) = e {
-            out.push((id.clone(), e));
-        }
+            .load(conn)?;
+        out.extend(events.into_iter().map(|e| (r.job_id.clone(), e)));
     }
     Ok(out)
 }
