@@ -226,7 +226,11 @@ fn start_server_env(bin: &str, db_url: &str, master_key: &str, env: &[(&str, &st
         .env("COORDINATOR_WORKERS", "2")
         .envs(env.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        // BENCH_SERVER_LOG=FILE keeps the server's log (for debugging a run).
+        .stderr(match std::env::var("BENCH_SERVER_LOG") {
+            Ok(f) => Stdio::from(std::fs::File::create(f).expect("server log")),
+            Err(_) => Stdio::null(),
+        })
         .spawn()
         .expect("start server");
     let url = format!("http://127.0.0.1:{port}");
