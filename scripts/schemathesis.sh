@@ -35,13 +35,15 @@ cat >schemathesis.toml <<'EOF'
 api_key = "${COORDINATOR_CLIENT_API_KEY}"
 EOF
 
-# Two operations hold a request open by design: a long-poll claim waits up to `wait`
-# seconds (60 at most) and a job's event stream lasts until the job ends. Generated
-# inputs would only time out there; tests/api/push.rs covers both on both backends.
+# Three operations hold a request open by design: a long-poll claim waits up to `wait`
+# seconds (60 at most), a job's event stream lasts until the job ends and a queue's
+# until the client leaves. Generated inputs would only time out there;
+# tests/api/push.rs covers them on both backends.
 args=(
   run "$base/openapi.json"
   --exclude-operation-id claimJob
   --exclude-operation-id jobEvents
+  --exclude-operation-id queueEvents
   --checks not_a_server_error,response_schema_conformance
   --max-examples "$max_examples"
   --request-timeout 30

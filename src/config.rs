@@ -442,6 +442,9 @@ pub struct ServeArgs {
     #[arg(long, env = "COORDINATOR_INSECURE_HTTP", default_value_t = false, num_args = 0..=1,
           default_missing_value = "true", action = clap::ArgAction::Set)]
     pub insecure_http: bool,
+
+    #[command(flatten)]
+    pub push: PushArgs,
 }
 
 /// HTTPS on the service listener (`--tls-cert`/`--tls-key`).
@@ -454,6 +457,58 @@ pub struct TlsConfig {
     /// Mutual TLS: the CA bundle client certificates must chain to.
     pub client_ca: Option<PathBuf>,
     pub client_identity: ClientIdentity,
+}
+
+/// Bounds on long-poll claims and event streams (issue 16), per instance and per caller.
+#[derive(Debug, Clone, Args)]
+pub struct PushArgs {
+    /// Long-poll claims waiting at once on this instance (beyond: 429).
+    #[arg(long, env = "COORDINATOR_MAX_WAITING_CLAIMS", default_value_t = crate::jobs::notify::MAX_WAITING_CLAIMS)]
+    pub max_waiting_claims: usize,
+
+    /// Long-poll claims one caller may have waiting at once on this instance.
+    #[arg(long, env = "COORDINATOR_MAX_WAITING_CLAIMS_PER_CALLER", default_value_t = crate::jobs::notify::MAX_WAITING_CLAIMS_PER_CALLER)]
+    pub max_waiting_claims_per_caller: usize,
+
+    /// Event streams (job and queue) open at once on this instance (beyond: 429).
+    #[arg(long, env = "COORDINATOR_MAX_STREAMS", default_value_t = crate::jobs::notify::MAX_STREAMS)]
+    pub max_streams: usize,
+
+    /// Event streams one caller may have open at once on this instance.
+    #[arg(long, env = "COORDINATOR_MAX_STREAMS_PER_CALLER", default_value_t = crate::jobs::notify::MAX_STREAMS_PER_CALLER)]
+    pub max_streams_per_caller: usize,
+}
+
+impl PushArgs {
+    fn validate(&self) -> Result<crate::jobs::notify::PushLimits, ConfigError> {
+        let check = |v: usize, var: &str, max: usize| {
+            if (1..=max).contains(&v) {
+                Ok(v)
+            } else {
+                Err(bad(var, format!("must be between 1 and {max}")))
+            }
+        };
+        let waiting = check(
+            self.max_waiting_claims,
+            "COORDINATOR_MAX_WAITING_CLAIMS",
+            100_000,
+        )?;
+        let streams = check(self.max_streams, "COORDINATOR_MAX_STREAMS", 100_000)?;
+        Ok(crate::jobs::notify::PushLimits {
+            waiting,
+            streams,
+            waiting_per_caller: check(
+                self.max_waiting_claims_per_caller,
+                "COORDINATOR_MAX_WAITING_CLAIMS_PER_CALLER",
+                waiting,
+            )?,
+            streams_per_caller: check(
+                self.max_streams_per_caller,
+                "COORDINATOR_MAX_STREAMS_PER_CALLER",
+                streams,
+            )?,
+        })
+    }
 }
 
 /// Validated server configuration; passed to `Application::build`, never global.
@@ -486,6 +541,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Plain HTTP on purpose (`--insecure-http`): no start-up warning.
     pub insecure_http: bool,
+    /// Bounds on waiting claims and open streams.
+    pub push: crate::jobs::notify::PushLimits,
 }
 
 /// A configuration error: one line naming the variable. `main` exits with code 2.
@@ -650,6 +707,7 @@ impl ServeArgs {
             }
         };
         let tls = self.tls()?;
+        let push = self.push.validate()?;
         let (master_key, master_key_previous) = self.keys.load(self.dev)?;
         Ok(Config {
             dev: self.dev,
@@ -674,6 +732,7 @@ impl ServeArgs {
             job_retention,
             tls,
             insecure_http: self.insecure_http,
+            push,
         })
     }
 
@@ -758,6 +817,7 @@ impl Config {
             job_retention: None,
             tls: None,
             insecure_http: false,
+            push: crate::jobs::notify::PushLimits::default(),
         }
     }
 

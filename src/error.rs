@@ -136,6 +136,13 @@ pub enum ApiError {
     TooLarge,
     #[error("too many requests")]
     TooManyRequests { retry_after_secs: u64 },
+    /// 429: a bound on open streams or waiting claims (this caller's or the instance's)
+    /// is reached; `what` names it for the detail.
+    #[error("busy: {what}")]
+    Busy {
+        what: &'static str,
+        retry_after_secs: u64,
+    },
     #[error("service unavailable: {0}")]
     Unavailable(String),
     /// 503: shed before reaching the database (queue full, deadline passed).
@@ -172,7 +179,9 @@ impl ApiError {
             ApiError::Conflict(_) => ("conflict", "Conflict"),
             ApiError::JobCancelled => ("job-cancelled", "Conflict"),
             ApiError::TooLarge => ("payload-too-large", "Payload Too Large"),
-            ApiError::TooManyRequests { .. } => ("too-many-requests", "Too Many Requests"),
+            ApiError::TooManyRequests { .. } | ApiError::Busy { .. } => {
+                ("too-many-requests", "Too Many Requests")
+            }
             ApiError::Unavailable(_) => ("unavailable", "Service Unavailable"),
             ApiError::Overloaded(_) => ("overloaded", "Service Unavailable"),
             ApiError::Internal(_) => ("internal", "Internal Server Error"),
@@ -198,6 +207,7 @@ impl ApiError {
             ApiError::JobCancelled => "the job was cancelled; stop working on it".to_owned(),
             ApiError::TooLarge => "request body exceeds the configured limit".to_owned(),
             ApiError::TooManyRequests { .. } => "too many failed attempts; retry later".to_owned(),
+            ApiError::Busy { what, .. } => format!("too many {what}; retry later"),
             ApiError::Unavailable(_) => {
                 "the service cannot reach its database; retry later".to_owned()
             }
@@ -244,7 +254,9 @@ impl ResponseError for ApiError {
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Conflict(_) | ApiError::JobCancelled => StatusCode::CONFLICT,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyRequests { .. } | ApiError::Busy { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Unavailable(_) | ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -263,7 +275,10 @@ impl ResponseError for ApiError {
         resp.insert_header((header::CONTENT_TYPE, "application/problem+json"));
         resp.insert_header((header::CACHE_CONTROL, "no-store"));
         match self {
-            ApiError::TooManyRequests { retry_after_secs } => {
+            ApiError::TooManyRequests { retry_after_secs }
+            | ApiError::Busy {
+                retry_after_secs, ..
+            } => {
                 resp.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
             }
             ApiError::Unavailable(_) | ApiError::Overloaded(_) => {

@@ -30,6 +30,8 @@ pub struct Metrics {
     /// received from the database, set at scrape time.
     pub push_open: IntGaugeVec,
     pub push_received: IntGauge,
+    /// Seconds from a change being written to its delivery to a woken waiter.
+    pub push_wakeup: HistogramVec,
     /// The storage layer (health state, queues, shedding, SQLite WAL), copied from
     /// `Db::stats` at scrape time.
     pub db: DbMetrics,
@@ -241,8 +243,21 @@ impl Metrics {
             "push_notifications_received",
             "Job and queue changes this instance has received from the database",
         )?;
+        let push_wakeup = HistogramVec::new(
+            HistogramOpts::new(
+                "push_wakeup_seconds",
+                "From a job change being written (on any instance) to a woken long-poll \
+                 claim getting its job (kind=claim) or a stream sending the event \
+                 (kind=job_stream|queue_stream)",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["kind"],
+        )?;
         registry.register(Box::new(push_open.clone()))?;
         registry.register(Box::new(push_received.clone()))?;
+        registry.register(Box::new(push_wakeup.clone()))?;
         let db = DbMetrics::new(&registry)?;
         Ok(Metrics {
             registry,
@@ -255,6 +270,7 @@ impl Metrics {
             revoked_tokens,
             push_open,
             push_received,
+            push_wakeup,
             db,
         })
     }
@@ -277,6 +293,14 @@ impl Metrics {
         self.auth_outcomes
             .with_label_values(&[scheme, outcome, reason])
             .inc();
+    }
+
+    /// A woken waiter delivered a change written at `written_ms` (the writer's clock;
+    /// a negative difference from clock skew counts as 0).
+    pub fn wakeup(&self, kind: &str, written_ms: i64) {
+        let ms = crate::db::now_millis().saturating_sub(written_ms).max(0);
+        let secs = f64::from(u32::try_from(ms).unwrap_or(u32::MAX)) / 1000.0;
+        self.push_wakeup.with_label_values(&[kind]).observe(secs);
     }
 
     pub fn transition(&self, to: crate::jobs::JobStatus) {

@@ -40,17 +40,17 @@ macro_rules! route_table {
         /// 405 for any other method, behind the guard of the path's first route.
         fn register(
             cfg: &mut web::ServiceConfig,
-            keep: fn(Access) -> bool,
+            keep: fn(&RouteSpec) -> bool,
             auth: &Arc<AuthContext>,
             metrics: &Arc<crate::metrics::Metrics>,
         ) {
             $(
-                if keep($access) {
-                    let spec = RouteSpec {
-                        method: route_table!(@m $method),
-                        path: $path,
-                        access: $access,
-                    };
+                let spec = RouteSpec {
+                    method: route_table!(@m $method),
+                    path: $path,
+                    access: $access,
+                };
+                if keep(&spec) {
                     let gate = Arc::new(Gate::new(auth.clone(), metrics.clone(), spec));
                     cfg.service(
                         web::resource($path)
@@ -65,7 +65,7 @@ macro_rules! route_table {
                 }
             )*
             for (i, spec) in ROUTES.iter().enumerate() {
-                if !keep(spec.access) || ROUTES.iter().take(i).any(|r| r.path == spec.path) {
+                if !keep(spec) || ROUTES.iter().take(i).any(|r| r.path == spec.path) {
                     continue;
                 }
                 let allow = allowed_methods(spec.path);
@@ -114,10 +114,16 @@ route_table! {
     patch "/coordinator/queues/{queue}"       => jobs::patch_queue, Access::Scope(Scope::Admin);
     post  "/coordinator/queues/{queue}/claim" => jobs::claim,      Access::Scope(Scope::JobsUpdate);
     get   "/coordinator/jobs/{id}/events"     => crate::http::push::job_events, Access::Scope(Scope::JobsRead);
+    get   "/coordinator/queues/{queue}/events" => crate::http::push::queue_events, Access::Scope(Scope::HealthRead);
     post  "/stitcher/webhook"                 => crate::http::stitcher::webhook,  Access::Scope(Scope::StitcherWebhook);
     post  "/stitcher/webhook/{caller}"        => crate::http::stitcher::webhook_from_sender, Access::Scope(Scope::StitcherWebhook);
     post  "/stitcher/dispatch"                => crate::http::stitcher::dispatch, Access::Scope(Scope::StitcherDispatch);
     post  "/admin/tokens/revoke"              => crate::http::admin::revoke_token, Access::Scope(Scope::Admin);
+}
+
+/// The dashboard's routes: open, but served with the API (see `--metrics-bind`).
+pub fn is_page(r: &RouteSpec) -> bool {
+    r.path.starts_with("/ui/")
 }
 
 /// The registered route with this method and pattern (`None`: not a registered route).
@@ -233,10 +239,7 @@ impl Application {
         let store = Arc::new(CredentialStore::new(db.clone(), sealer));
         let revocations = Arc::new(Revocations::new(db.clone()));
         revocations.poll().await?;
-        let notifier = crate::jobs::notify::Notifier::new(
-            crate::jobs::notify::MAX_WAITING_CLAIMS,
-            crate::jobs::notify::MAX_STREAMS,
-        );
+        let notifier = crate::jobs::notify::Notifier::new(config.push);
         crate::jobs::notify::start_listener(&notifier, &config.db.url);
         let state = web::Data::new(AppState {
             db: db.clone(),
@@ -279,17 +282,18 @@ impl Application {
                 run(listener, api_tls, state.clone(), &config, |_| true)?,
                 None,
             ),
+            // The dashboard stays with the API it calls (same origin, `connect-src 'self'`).
             Some(addr) => {
                 let probe_listener = TcpListener::bind(addr)
                     .map_err(|e| anyhow::anyhow!("cannot bind {addr}: {e}"))?;
                 let probe_port = probe_listener.local_addr()?.port();
-                let api = run(listener, api_tls, state.clone(), &config, |a| {
-                    a != Access::Open
+                let api = run(listener, api_tls, state.clone(), &config, |r| {
+                    r.access != Access::Open || is_page(r)
                 })?;
                 // The probe listener stays plain HTTP (kubelet and Prometheus scrape it
                 // on a private address; it serves no credentials).
-                let open = run(probe_listener, None, state.clone(), &config, |a| {
-                    a == Access::Open
+                let open = run(probe_listener, None, state.clone(), &config, |r| {
+                    r.access == Access::Open && !is_page(r)
                 })?;
                 (api, Some((probe_port, open)))
             }
@@ -315,13 +319,25 @@ impl Application {
         self.server.handle()
     }
 
+    /// Stops the server the way SIGTERM does: waiting claims and streams end first.
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            server: self.server.handle(),
+            notifier: self.state.notifier.clone(),
+        }
+    }
+
     pub fn state(&self) -> web::Data<AppState> {
         self.state.clone()
     }
 
-    /// Serve until SIGINT/SIGTERM (graceful: in-flight requests finish) or `stop`.
+    /// Serve until SIGTERM (graceful: in-flight requests finish; waiting claims answer
+    /// 204 and streams end at once), SIGINT (forced) or `stop`; then let the replay log
+    /// and the database's writer finish what they were handed before returning.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        match self.probes {
+        let notifier = self.state.notifier.clone();
+        let signals = actix_web::rt::spawn(close_on_signal(notifier.clone()));
+        let r = match self.probes {
             None => self.server.await,
             Some((_, probes)) => {
                 let probe_handle = probes.handle();
@@ -331,8 +347,53 @@ impl Application {
                 let _ = probe_task.await;
                 r
             }
+        };
+        signals.abort();
+        notifier.close();
+        // Flush: the replay batchers (PostgreSQL) and the database's writes (on SQLite
+        // the group-commit writer) finish what they were handed before the process ends.
+        let within = self.state.config.shutdown_timeout;
+        if !self.state.auth.replays.drain(within).await {
+            log::warn!("replay log: records still unwritten at exit");
         }
+        if !self.state.db.drain_writes(within).await {
+            log::warn!("database writes still under way at exit");
+        }
+        r
     }
+}
+
+/// Stops an [`Application`] from outside (tests, embedding).
+#[derive(Clone)]
+pub struct Stopper {
+    server: ServerHandle,
+    notifier: Arc<crate::jobs::notify::Notifier>,
+}
+
+impl Stopper {
+    /// End waiting claims and streams, then stop the server (`graceful`: in-flight
+    /// requests get the shutdown timeout to finish).
+    pub async fn stop(&self, graceful: bool) {
+        self.notifier.close();
+        self.server.stop(graceful).await;
+    }
+}
+
+/// On SIGTERM or SIGINT, end waiting claims and streams (actix stops the server on
+/// the same signal; without this a stream would hold a graceful stop for the whole
+/// shutdown timeout).
+async fn close_on_signal(notifier: Arc<crate::jobs::notify::Notifier>) {
+    use actix_web::rt::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        log::warn!("cannot watch SIGTERM/SIGINT: streams end at the shutdown timeout");
+        return;
+    };
+    futures_util::future::select(Box::pin(term.recv()), Box::pin(int.recv())).await;
+    log::info!("shutting down: ending waiting claims and event streams");
+    notifier.close();
 }
 
 fn run(
@@ -340,7 +401,7 @@ fn run(
     tls: Option<rustls::ServerConfig>,
     state: web::Data<AppState>,
     config: &Config,
-    keep: fn(Access) -> bool,
+    keep: fn(&RouteSpec) -> bool,
 ) -> anyhow::Result<Server> {
     let body_limit = config.body_limit;
     let mut server = HttpServer::new(move || {

@@ -50,6 +50,12 @@ try {
       failures.push(`console error: ${m.text()}`);
     }
   });
+  const streams = [];
+  page.on('request', (r) => {
+    if (r.url().includes('/events') && (r.headers().accept || '').includes('text/event-stream')) {
+      streams.push(new URL(r.url()).pathname);
+    }
+  });
   const bodies = [];
   page.on('response', (r) => {
     if (new URL(r.url()).pathname.startsWith('/ui/')) {
@@ -86,6 +92,10 @@ try {
   // Open it; claim, progress and complete through the API; the page follows by itself.
   await page.click(`#jobs-table tr[data-id="${job.id}"] a`);
   await page.locator('#job-status').filter({ hasText: 'PENDING' }).waitFor();
+  // Live: the page follows the job's event stream (it polls only when that fails), so
+  // what follows arrives over the stream.
+  await page.locator('#job-live').filter({ hasText: 'Live' }).waitFor({ timeout: 5000 });
+  assert.ok(streams.includes(`/coordinator/jobs/${job.id}/events`), `job stream opened (${streams})`);
   await call('PATCH', `/coordinator/jobs/${job.id}/status`, { status: 'QUEUED' });
   const claimed = await call('POST', '/coordinator/queues/uiq/claim', { worker: 'w' });
   assert.equal(claimed.id, job.id);
@@ -97,12 +107,29 @@ try {
   await page.locator('#job-events li[data-type="progress"]').first().waitFor({ timeout: 5000 });
   step('progress bar at 50% and a progress event, without a reload');
   await page.screenshot({ path: `${shots}/job.png`, fullPage: true });
+  assert.ok(await page.locator('#job-live').filter({ hasText: 'Live' }).isVisible(),
+    'still live, not polling');
   await call('POST', `/coordinator/jobs/${job.id}/complete`, {}, claimed.token);
   await page.locator('#job-status').filter({ hasText: 'COMPLETED' }).waitFor({ timeout: 5000 });
+  await page.locator('#job-live').filter({ hasText: 'Finished' }).waitFor({ timeout: 5000 });
   await page.waitForFunction(() => document.getElementById('job-progress').value === 100,
     null, { timeout: 5000 }).catch(() => {}); // completion need not set 100
   assert.ok(await page.locator('#job-cancel').isHidden(), 'no cancel button on a finished job');
   step('completion shows without a reload');
+
+  // Without a stream (refused as at the stream bound: 429), the job page falls back to
+  // polling and still follows the job.
+  await page.route('**/coordinator/jobs/*/events', (r) => r.fulfill({
+    status: 429, contentType: 'application/problem+json', headers: { 'Retry-After': '1' },
+    body: JSON.stringify({ status: 429, title: 'Too Many Requests' }),
+  }));
+  const polled = await call('POST', '/coordinator/jobs', { kind: 'ui-polled', queue: 'uiq' });
+  await page.goto(`${base}/ui/#/job/${polled.id}`);
+  await page.locator('#job-live').filter({ hasText: 'Polled' }).waitFor({ timeout: 5000 });
+  await call('PATCH', `/coordinator/jobs/${polled.id}/status`, { status: 'QUEUED' });
+  await page.locator('#job-status').filter({ hasText: 'QUEUED' }).waitFor({ timeout: 5000 });
+  await page.unroute('**/coordinator/jobs/*/events');
+  step('without the stream the job page polls, and still follows the job');
 
   // Cancel from the UI, then retry it.
   const doomed = await call('POST', '/coordinator/jobs', { kind: 'ui-doomed', queue: 'uiq' });
@@ -147,6 +174,19 @@ try {
   await page.locator('#queues-table tr[data-queue="uiq"] td').filter({ hasText: 'active' })
     .waitFor({ timeout: 5000 });
   step('pause and resume from the UI with an admin key');
+  // Live: the queue stream of every queue; a change made through the API shows without a
+  // reload (no poll is scheduled while the stream is open: the next timed re-read is 30 s
+  // away).
+  await page.locator('#queues-live').filter({ hasText: 'Live' }).waitFor({ timeout: 5000 });
+  assert.ok(streams.includes('/coordinator/queues/*/events'), `queue stream opened (${streams})`);
+  await call('PATCH', '/coordinator/queues/uiq', { paused: true });
+  await page.locator('#queues-table tr[data-queue="uiq"] td').filter({ hasText: 'paused' })
+    .waitFor({ timeout: 5000 });
+  const fresh = await call('POST', '/coordinator/jobs', { kind: 'ui-live', queue: 'uilive' });
+  await page.locator('#queues-table tr[data-queue="uilive"]').waitFor({ timeout: 5000 });
+  await call('PATCH', '/coordinator/queues/uiq', { paused: false });
+  await call('POST', `/coordinator/jobs/${fresh.id}/cancel`, {});
+  step('the queues table follows changes made through the API live');
 
   await page.goto(`${base}/ui/#/health`);
   await page.locator('#health-fields').waitFor({ timeout: 5000 });

@@ -10,10 +10,13 @@
   const ROOT = new URL('../', window.location.href); // the page lives at /ui/
   const STATUSES = ['PENDING', 'QUEUED', 'RUNNING', 'COMPLETED', 'FAILED', 'CANCELLED'];
   const OPEN_STATUSES = ['PENDING', 'QUEUED', 'RUNNING'];
-  const JOB_POLL_MS = 1500;
-  const LIST_POLL_MS = 3000;
+  const JOB_POLL_MS = 1500; // without a live stream
+  const LIST_POLL_MS = 3000; // without a live stream
+  const LIVE_REFRESH_MS = 30000; // with one: ages and anything a stream does not carry
+  const COALESCE_MS = 250; // a burst of stream events makes one re-read
 
   let timer = null; // the current view's refresh timer
+  let live = null; // the current view's event stream (an AbortController)
   let generation = 0; // bumps on every navigation; stale responses are dropped
   let scopes = null; // {admin, update}: probed once per key
 
@@ -110,6 +113,54 @@
     return { status: r.status, ok: r.ok, data };
   }
 
+  /** A Server-Sent Events stream read with fetch (EventSource cannot send the key
+   *  header). onEvent(type, data) per event. `done` resolves to 'end' (the server
+   *  closed the stream), 'failed' (not opened, or cut) or 'aborted'. */
+  function stream(path, headers, onOpen, onEvent) {
+    const ctl = new AbortController();
+    const done = (async () => {
+      let r;
+      try {
+        r = await fetch(new URL(path, ROOT), {
+          headers: Object.assign({ 'X-API-Key': key(), Accept: 'text/event-stream' }, headers),
+          credentials: 'omit', cache: 'no-store', redirect: 'error', signal: ctl.signal,
+        });
+      } catch (_) {
+        return ctl.signal.aborted ? 'aborted' : 'failed';
+      }
+      if (!r.ok || !r.body) return 'failed';
+      onOpen();
+      const reader = r.body.getReader();
+      const decoder = new TextDecoder();
+      let buf = '';
+      try {
+        for (;;) {
+          const { value, done: finished } = await reader.read();
+          if (finished) return 'end';
+          buf += decoder.decode(value, { stream: true });
+          let at;
+          while ((at = buf.indexOf('\n\n')) >= 0) {
+            const block = buf.slice(0, at);
+            buf = buf.slice(at + 2);
+            let type = 'message';
+            let data = '';
+            for (const line of block.split('\n')) {
+              if (line.startsWith('event: ')) type = line.slice(7);
+              else if (line.startsWith('data: ')) data += line.slice(6);
+            }
+            if (!data) continue; // a comment (keep-alive)
+            let parsed = null;
+            try { parsed = JSON.parse(data); } catch (_) { parsed = null; }
+            onEvent(type, parsed);
+          }
+        }
+      } catch (_) {
+        return ctl.signal.aborted ? 'aborted' : 'failed';
+      }
+    })();
+    return { ctl, done };
+  }
+
   function problem(r) {
     const d = r.data && typeof r.data === 'object' ? r.data : {};
     let text = (r.status || 'error') + ' ' + (d.title || '');
@@ -144,6 +195,8 @@
   function stop() {
     if (timer) window.clearTimeout(timer);
     timer = null;
+    if (live) live.abort();
+    live = null;
     generation += 1;
     return generation;
   }
@@ -177,8 +230,9 @@
 
   async function queuesView(gen) {
     const body = el('tbody');
+    const mode = el('caption', { class: 'muted', id: 'queues-live' }, 'Loading…');
     const table = el('table', { id: 'queues-table' },
-      el('caption', { class: 'muted' }, 'Refreshes every few seconds.'),
+      mode,
       el('thead', {}, el('tr', {},
         el('th', { scope: 'col' }, 'Queue'),
         el('th', { scope: 'col', class: 'num' }, 'Pending'),
@@ -191,7 +245,9 @@
     const state = el('p', { class: 'muted' });
     replace(view(), el('h2', {}, 'Queues'), state, table);
 
+    let dirty = false; // a stream event arrived while a read was under way
     const load = async () => {
+      dirty = false;
       const [r, s] = await Promise.all([api('GET', 'coordinator/queues'), probeScopes()]);
       if (gen !== generation) return;
       if (!r.ok) {
@@ -234,7 +290,31 @@
         const button = again && again.querySelector('button');
         if (button) button.focus();
       }
-      schedule(gen, load, LIST_POLL_MS);
+      if (streaming) {
+        // Live: a change re-reads at once; this slow refresh only ages "Oldest queued".
+        schedule(gen, load, dirty ? COALESCE_MS : LIVE_REFRESH_MS);
+      } else if (failed) {
+        mode.textContent = 'Refreshes every few seconds (the live stream is unavailable).';
+        schedule(gen, load, LIST_POLL_MS);
+      } else {
+        follow();
+      }
+    };
+    // One stream of every queue: any job event or queue change re-reads the table.
+    let streaming = false;
+    let failed = false;
+    const follow = () => {
+      streaming = true;
+      const s = stream('coordinator/queues/*/events', {},
+        () => { mode.textContent = 'Live: changes arrive over an event stream.'; },
+        () => { dirty = true; schedule(gen, load, COALESCE_MS); });
+      live = s.ctl;
+      s.done.then((how) => {
+        if (gen !== generation || how === 'aborted') return;
+        streaming = false;
+        failed = how === 'failed';
+        load();
+      });
     };
     await load();
   }
@@ -379,6 +459,7 @@
     };
     const timeline = el('ol', { class: 'timeline', id: 'job-events' });
     const state = el('p', { class: 'muted', role: 'status' });
+    const mode = el('p', { class: 'muted', id: 'job-live' }, 'Loading…');
     replace(view(),
       el('p', {}, el('a', { href: '#/jobs' }, '← Jobs')),
       title,
@@ -390,7 +471,7 @@
         el('section', { 'aria-labelledby': 'h-fields' }, el('h3', { id: 'h-fields' }, 'Fields'), dl),
         el('section', { 'aria-labelledby': 'h-events' },
           el('h3', { id: 'h-events' }, 'Events'),
-          el('p', { class: 'muted' }, 'Polled every 1.5 s (live streams are not built yet).'),
+          mode,
           timeline)),
       el('h3', {}, 'Payload'), blocks.payload,
       el('h3', {}, 'Result'), blocks.result,
@@ -415,7 +496,9 @@
     cancel.addEventListener('click', act('cancel'));
     retry.addEventListener('click', act('retry'));
 
+    let dirty = false; // a stream event arrived while a read was under way
     const load = async () => {
+      dirty = false;
       const [r, s] = await Promise.all([api('GET', path), probeScopes()]);
       if (gen !== generation) return;
       if (!r.ok) {
@@ -448,7 +531,36 @@
         if (j.eventsTruncated) events.unshift(el('li', { class: 'muted' }, 'Older events left out.'));
         replace(timeline, events);
       }
-      schedule(gen, load, JOB_POLL_MS);
+      if (!OPEN_STATUSES.includes(j.status)) {
+        mode.textContent = 'Finished: this job changes no more (unless retried).';
+        return;
+      }
+      if (streaming) {
+        if (dirty) schedule(gen, load, COALESCE_MS);
+        return;
+      }
+      if (failed) {
+        mode.textContent = 'Polled every 1.5 s (the live stream is unavailable).';
+        return schedule(gen, load, JOB_POLL_MS);
+      }
+      const seqs = (j.events || []).map((e) => e.seq);
+      follow(seqs.length ? Math.max(...seqs) : 0);
+    };
+    // The job's event stream, from the last event shown: each event re-reads the job.
+    let streaming = false;
+    let failed = false;
+    const follow = (after) => {
+      streaming = true;
+      const s = stream(path + '/events', { 'Last-Event-ID': String(after) },
+        () => { mode.textContent = 'Live: events arrive over an event stream.'; },
+        () => { dirty = true; schedule(gen, load, COALESCE_MS); });
+      live = s.ctl;
+      s.done.then((how) => {
+        if (gen !== generation || how === 'aborted') return;
+        streaming = false;
+        failed = how === 'failed';
+        load(); // the final state; a job that goes on is followed again (or polled)
+      });
     };
     await load();
   }

@@ -8,8 +8,9 @@
 //!
 //! Other modes, each writing its own section of the report: `--webhooks` (issue 22),
 //! `--peer DIR` (side by side with the Node peer, issue 14), `--soak MINUTES` (issue 14),
-//! `--overload` (0.5×/1×/2× the sustainable rate, issue 20); `--signers` (issue 17)
-//! prints the client crate's signer against the previous one.
+//! `--overload` (0.5×/1×/2× the sustainable rate, issue 20), `--push` (idle waiters,
+//! long-poll cycles and open streams, issue 16); `--signers` (issue 17) prints the
+//! client crate's signer against the previous one.
 //!
 //! Environment: `BENCH_DURATION_SECS` (default 5), `BENCH_CONNECTIONS` (32),
 //! `BENCH_BACKENDS` (`sqlite,postgres`), `TEST_POSTGRES_URL` (admin URL), `BENCH_OUT`,
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 mod drive;
 mod overload;
 mod peer;
+mod push;
 mod report;
 mod signers;
 mod soak;
@@ -225,7 +227,11 @@ fn start_server_env(bin: &str, db_url: &str, master_key: &str, env: &[(&str, &st
         .env("COORDINATOR_WORKERS", "2")
         .envs(env.iter().copied())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        // BENCH_SERVER_LOG=FILE keeps the server's log (for debugging a run).
+        .stderr(match std::env::var("BENCH_SERVER_LOG") {
+            Ok(f) => Stdio::from(std::fs::File::create(f).expect("server log")),
+            Err(_) => Stdio::null(),
+        })
         .spawn()
         .expect("start server");
     let url = format!("http://127.0.0.1:{port}");
@@ -987,6 +993,10 @@ fn main() {
         signers::run(&bin, duration);
         return;
     }
+    if args.iter().any(|a| a == "--push") {
+        push::run(&bin, &out, &admin_url);
+        return;
+    }
     if args.iter().any(|a| a == "--webhooks") {
         webhooks::run(&bin, &out, duration);
         return;
@@ -998,7 +1008,7 @@ fn main() {
     if let Some(other) = args.first() {
         panic!(
             "unknown argument {other}: use --soak MINUTES, --peer DIR, --webhooks, --overload, \
-             --signers, --tls or none"
+             --signers, --tls, --push or none"
         );
     }
 

@@ -70,6 +70,21 @@ impl ReplayLog {
         }
     }
 
+    /// Wait (at most `within`) until every record handed over has been written (each
+    /// holds its admission until its batch is answered): the shutdown's flush. `false`
+    /// when some were still unwritten. On SQLite the records are the database's writes
+    /// (`Db::drain_writes`).
+    pub async fn drain(&self, within: std::time::Duration) -> bool {
+        let until = std::time::Instant::now() + within;
+        while self.gate.depth() > 0 {
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            actix_web::rt::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
+    }
+
     /// (records waiting, bound, records refused: queue full or too slow).
     /// On SQLite the records share the database's write queue (its own metrics).
     pub fn queue_stats(&self) -> (usize, usize, u64) {

@@ -57,7 +57,7 @@ pub enum Command {
         from flags, which every local user can see in `ps`: COORDINATOR_MASTER_KEY (or \
         --master-key-file), COORDINATOR_MASTER_KEY_PREVIOUS, COORDINATOR_API_KEY."
     )]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply pending database migrations and exit.
     Migrate(DbArgs),
     /// Manage callers (named internal services) and their scopes.
@@ -93,7 +93,7 @@ pub enum CliError {
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Migrate(args) => {
             let cfg = args.validate(None)?;
             let n = crate::db::migrate::run_pending(&cfg)?;

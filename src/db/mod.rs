@@ -553,6 +553,20 @@ impl Db {
         self.run_async(true, f).await
     }
 
+    /// Wait (at most `within`) until no admitted write is queued or running — on SQLite
+    /// until the group-commit writer has committed and answered everything handed to
+    /// it: the shutdown's flush. `false` when some were still under way.
+    pub async fn drain_writes(&self, within: Duration) -> bool {
+        let until = Instant::now() + within;
+        while self.shared.write_gate.depth() > 0 {
+            if Instant::now() >= until {
+                return false;
+            }
+            actix_web::rt::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
     /// Synchronous variant for CLI commands, startup and the replay-log writer.
     pub fn write_sync<T>(
         &self,

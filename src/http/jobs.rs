@@ -358,9 +358,10 @@ pub struct ClaimedJob {
         to RUNNING under a lease and comes back with a job token. A job token cannot \
         claim (403). With `wait` (seconds, 0-60, in the body or `?wait=`) the request \
         is held until a job becomes claimable (created, requeued, due, the queue resumed, \
-        a running slot freed; on any instance) or the wait ends (204). Waiting claims \
-        per instance are bounded (429 with `Retry-After` beyond). A job claimed for a \
-        client that has gone goes back to QUEUED at once.",
+        a running slot freed; on any instance) or the wait ends (204; also at once when \
+        the instance shuts down). Waiting claims per caller and per instance are bounded \
+        (429 with `Retry-After` beyond). A job claimed for a client that has gone goes \
+        back to QUEUED at once.",
     params(
         ("queue" = String, Path, description = "The queue name.",
             min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9_.-]+$"),

@@ -54,6 +54,7 @@ use crate::jobs::JobStatus;
         jobs::patch_queue,
         jobs::claim,
         crate::http::push::job_events,
+        crate::http::push::queue_events,
         stitcher::webhook,
         stitcher::webhook_from_sender,
         stitcher::dispatch,

@@ -1,5 +1,7 @@
-//! Push over HTTP: long-poll claims and job event streams (Server-Sent Events), both
-//! woken by `jobs::notify`. No SQL here: storage is `jobs::repo`.
+//! Push over HTTP: long-poll claims, job event streams and queue event streams
+//! (Server-Sent Events), all woken by `jobs::notify`. No SQL here: storage is
+//! `jobs::repo`. On shutdown (`Notifier::close`) every waiting claim answers 204 and
+//! every stream ends, so they do not hold the graceful shutdown for their lifetime.
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +13,7 @@ use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::http::openapi::{problem, JobIdParam};
 use crate::jobs::model::{Change, EventRow, EventView, JobId};
-use crate::jobs::notify::{Slot, Subscription, Topic};
+use crate::jobs::notify::{QueueRecv, QueueSubscription, Refused, Slot, Subscription, Topic};
 use crate::jobs::repo;
 use crate::jobs::JobStatus;
 use crate::state::AppState;
@@ -24,6 +26,22 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const EVENTS_PER_CHUNK: i64 = 500;
 /// `Retry-After` of a 429 at the waiting-claim or stream bound.
 const BUSY_RETRY_SECS: u64 = 1;
+/// Changes a queue stream reads from the database in one go.
+const QUEUE_NOTES_PER_READ: usize = 100;
+
+/// The 429 for a refused slot.
+fn busy(r: Refused, stream: bool) -> ApiError {
+    let what = match (stream, r) {
+        (true, Refused::Caller) => "open event streams for this caller",
+        (true, Refused::Instance) => "open event streams on this instance",
+        (false, Refused::Caller) => "waiting claims for this caller",
+        (false, Refused::Instance) => "waiting claims on this instance",
+    };
+    ApiError::Busy {
+        what,
+        retry_after_secs: BUSY_RETRY_SECS,
+    }
+}
 
 /// The long-poll wait of a claim: the body's `wait`, else `?wait=`, else none.
 pub fn wait_of(req: &HttpRequest, body: Option<f64>) -> ApiResult<Duration> {
@@ -124,20 +142,25 @@ pub async fn long_claim(
     worker: String,
     wait: Duration,
 ) -> ApiResult<HttpResponse> {
-    let Some(_slot) = state.notifier.waiting_slot() else {
-        return Err(ApiError::TooManyRequests {
-            retry_after_secs: BUSY_RETRY_SECS,
-        });
-    };
+    let _slot = state
+        .notifier
+        .waiting_slot(&caller)
+        .map_err(|r| busy(r, false))?;
     let deadline = Instant::now() + wait;
     let mut sub = state.notifier.subscribe(Topic::Claimable(queue.clone()));
+    // The time of the change that woke this waiter last (None: not woken by a change).
+    let mut woken_by: Option<i64> = None;
     loop {
         sub.mark_seen();
         if let Some(c) = claim_detached(&state, &queue, &caller, &worker).await? {
+            if let Some(at) = woken_by {
+                state.metrics.wakeup("claim", at);
+            }
             return crate::http::jobs::claimed_response(c);
         }
         let now = Instant::now();
-        if now >= deadline {
+        // Shutting down: answer as at the deadline instead of holding the shutdown.
+        if now >= deadline || state.notifier.is_closing() {
             return Ok(HttpResponse::NoContent().finish());
         }
         let now_ms = crate::db::now_millis();
@@ -153,7 +176,16 @@ pub async fn long_claim(
             until = until.min(now + Duration::from_millis(ms));
         }
         let sleep = actix_web::rt::time::sleep(until.saturating_duration_since(now));
-        select(Box::pin(sub.changed()), Box::pin(sleep)).await;
+        let closed = state.notifier.closed();
+        woken_by = match select(
+            Box::pin(sub.changed()),
+            select(Box::pin(sleep), Box::pin(closed)),
+        )
+        .await
+        {
+            Either::Left((at, _)) => Some(at),
+            Either::Right(_) => None,
+        };
     }
 }
 
@@ -211,6 +243,8 @@ struct Stream {
     sub: Subscription,
     /// A read already made (the first, done before answering so a 404 is a 404).
     pending: Option<(JobStatus, Vec<EventRow>)>,
+    /// Past the first read: what is sent now is live (counted in the wake-up metric).
+    live: bool,
     done: bool,
     _slot: Slot,
 }
@@ -232,12 +266,14 @@ async fn read_after(
 
 async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)> {
     loop {
-        if s.done {
+        if s.done || s.state.notifier.is_closing() {
+            // Shutting down: the client reconnects elsewhere with Last-Event-ID.
             return None;
         }
         let (status, events) = match s.pending.take() {
             Some(p) => p,
             None => {
+                s.live = true;
                 s.sub.mark_seen();
                 match read_after(&s.state, &s.id, s.last).await {
                     Ok(p) => p,
@@ -254,6 +290,9 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
             let mut out = String::new();
             for e in events {
                 s.last = e.seq;
+                if s.live {
+                    s.state.metrics.wakeup("job_stream", e.created_at);
+                }
                 sse_event(&mut out, e);
             }
             // The status was read before the events: terminal means these were the last.
@@ -266,10 +305,19 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
             return None;
         }
         let sleep = actix_web::rt::time::sleep(KEEP_ALIVE);
-        let woken = matches!(
-            select(Box::pin(s.sub.changed()), Box::pin(sleep)).await,
-            Either::Left(_)
-        );
+        let notifier = s.state.notifier.clone();
+        let woken = match select(
+            Box::pin(s.sub.changed()),
+            select(Box::pin(sleep), Box::pin(notifier.closed())),
+        )
+        .await
+        {
+            Either::Left(_) => Some(true),
+            Either::Right((Either::Left(_), _)) => Some(false),
+            Either::Right((Either::Right(_), _)) => None,
+        };
+        // None: shutting down.
+        let woken = woken?;
         if !woken {
             // Idle: keep proxies from closing the stream; the next step re-reads, which
             // also catches a change whose wake-up was lost.
@@ -288,8 +336,9 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
     description = "With `Accept: text/event-stream`: Server-Sent Events, one per job event \
         (`id:` its `seq`, `event:` its type, `data:` the event as JSON), starting after \
         `Last-Event-ID` (or `?after=`), then live as they happen on any instance, until \
-        the job is terminal (the stream then ends). An idle stream gets a `: keep-alive` \
-        comment every 15 s. Open streams per instance are bounded (429 with \
+        the job is terminal (the stream then ends; also when the instance shuts down: \
+        reconnect with `Last-Event-ID`). An idle stream gets a `: keep-alive` comment \
+        every 15 s. Open streams per caller and per instance are bounded (429 with \
         `Retry-After` beyond). Otherwise the events after `after` as JSON (at most 1000). \
         A job token may read only its own job (else 403).",
     params(
@@ -336,11 +385,10 @@ pub async fn job_events(
             events: events.into_iter().map(Into::into).collect(),
         }));
     }
-    let Some(slot) = state.notifier.stream_slot() else {
-        return Err(ApiError::TooManyRequests {
-            retry_after_secs: BUSY_RETRY_SECS,
-        });
-    };
+    let slot = state
+        .notifier
+        .stream_slot(&principal.caller)
+        .map_err(|r| busy(r, true))?;
     let mut sub = state.notifier.subscribe(Topic::Job(id.to_string()));
     sub.mark_seen();
     let first = read_after(&state, &id, after).await?;
@@ -350,6 +398,7 @@ pub async fn job_events(
         last: after,
         sub,
         pending: Some(first),
+        live: false,
         done: false,
         _slot: slot,
     };
@@ -358,4 +407,224 @@ pub async fn job_events(
         .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
         .insert_header(("X-Accel-Buffering", "no"))
         .streaming(futures_util::stream::unfold(stream, step)))
+}
+
+/// One event of a queue stream (`data:`): the job event with its job's id and status.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct QueueEvent {
+    queue: String,
+    job_id: String,
+    /// The job's status after this change, when known.
+    status: Option<&'static str>,
+    #[serde(flatten)]
+    event: EventView,
+}
+
+/// The state of one open queue stream.
+struct QueueStream {
+    state: web::Data<AppState>,
+    queue: String,
+    sub: QueueSubscription,
+    /// When the stream opened (ms): a job first seen is read from its events since.
+    since: i64,
+    /// The last seq sent per job (bounded: see [`QUEUE_JOBS_TRACKED`]), so each job's
+    /// events go out once and in order however their wake-ups arrive.
+    sent: std::collections::HashMap<String, i64>,
+    done: bool,
+    _slot: Slot,
+}
+
+/// Jobs whose last sent event a queue stream remembers; past it the map is cleared
+/// (a job then seen again may have events since the stream opened sent twice).
+const QUEUE_JOBS_TRACKED: usize = 10_000;
+
+/// `event: dropped` then the end: the consumer fell too far behind.
+fn dropped(missed: u64) -> Bytes {
+    let data = serde_json::json!({"reason": "slow consumer", "missed": missed});
+    Bytes::from(format!("event: dropped\ndata: {data}\n\n"))
+}
+
+async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Error>, QueueStream)> {
+    if s.done || s.state.notifier.is_closing() {
+        return None;
+    }
+    let sleep = actix_web::rt::time::sleep(KEEP_ALIVE);
+    let notifier = s.state.notifier.clone();
+    // Some(None): idle for KEEP_ALIVE; None: shutting down.
+    let got = match select(
+        Box::pin(s.sub.recv()),
+        select(Box::pin(sleep), Box::pin(notifier.closed())),
+    )
+    .await
+    {
+        Either::Left((r, _)) => Some(Some(r)),
+        Either::Right((Either::Left(_), _)) => Some(None),
+        Either::Right((Either::Right(_), _)) => None,
+    };
+    let Some(first) = got? else {
+        return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), s));
+    };
+    // Take what else has queued up, so one read serves a burst.
+    let mut notes = Vec::new();
+    let mut lagged = None;
+    let mut next = Some(first);
+    while let Some(r) = next.take() {
+        match r {
+            QueueRecv::Note(n) => notes.push(n),
+            QueueRecv::Lagged(n) => {
+                lagged = Some(n);
+                break;
+            }
+        }
+        if notes.len() < QUEUE_NOTES_PER_READ {
+            next = s.sub.try_recv();
+        }
+    }
+    if let Some(n) = lagged {
+        log::info!("push: queue stream of {} dropped (slow consumer)", s.queue);
+        s.done = true;
+        return Some((Ok(dropped(n)), s));
+    }
+    let mut out = String::new();
+    // One range per job: up to its newest change named here, after what was sent.
+    let mut ranges: Vec<repo::EventRange> = Vec::new();
+    for n in notes.iter().filter(|n| n.seq > 0) {
+        let after = s.sent.get(&n.job_id).copied();
+        if after.is_some_and(|a| a >= n.seq) {
+            continue; // sent already (read with an earlier range)
+        }
+        match ranges.iter_mut().find(|r| r.job_id == n.job_id) {
+            Some(r) => r.upto = r.upto.max(n.seq),
+            None => ranges.push(repo::EventRange {
+                job_id: n.job_id.clone(),
+                after,
+                upto: n.seq,
+                since: s.since,
+            }),
+        }
+    }
+    let mut wide: Vec<&str> = notes
+        .iter()
+        .filter(|n| n.seq == 0)
+        .map(|n| n.queue.as_str())
+        .collect();
+    wide.sort_unstable();
+    wide.dedup();
+    for queue in wide {
+        // A queue-wide change (controls, a batch of new jobs): re-read the queue.
+        let data = serde_json::json!({ "queue": queue });
+        out.push_str(&format!("event: queue\ndata: {data}\n\n"));
+    }
+    if !ranges.is_empty() {
+        let read = fresh(
+            &s.state,
+            s.state
+                .db
+                .read(move |c| repo::events_in_ranges(c, &ranges, EVENTS_PER_CHUNK)),
+        )
+        .await;
+        let events = match read {
+            Ok(e) => e,
+            Err(e) => {
+                log::warn!("push: queue stream of {} ended: {e}", s.queue);
+                return None;
+            }
+        };
+        if s.sent.len() + events.len() > QUEUE_JOBS_TRACKED {
+            s.sent.clear();
+        }
+        for (job_id, e) in events {
+            let last = s.sent.entry(job_id.clone()).or_insert(0);
+            *last = (*last).max(e.seq);
+            let note = notes.iter().find(|n| n.job_id == job_id && n.seq == e.seq);
+            let status = note.and_then(|n| n.status).map(JobStatus::as_str);
+            let queue = note.map_or_else(|| s.queue.clone(), |n| n.queue.clone());
+            s.state.metrics.wakeup("queue_stream", e.created_at);
+            let kind = e.event_type.clone();
+            let data = serde_json::to_string(&QueueEvent {
+                queue,
+                job_id,
+                status,
+                event: EventView::from(e),
+            })
+            .unwrap_or_else(|_| "null".into());
+            out.push_str(&format!("event: {kind}\ndata: {data}\n\n"));
+        }
+    }
+    if out.is_empty() {
+        // Every change named was gone already: say nothing, but keep the stream going.
+        out.push_str(": changed\n\n");
+    }
+    Some((Ok(Bytes::from(out)), s))
+}
+
+/// `GET /coordinator/queues/{queue}/events`
+#[utoipa::path(
+    get,
+    path = "/coordinator/queues/{queue}/events",
+    tag = "jobs",
+    operation_id = "queueEvents",
+    summary = "A live stream of every job event of a queue",
+    description = "Server-Sent Events (always; `Accept: text/event-stream` is expected): \
+        every job event of the queue (of every queue for `*`) from now on, as it happens \
+        on any instance — `event:` the event type, `data:` \
+        `{queue, jobId, status, seq, type, data, createdAt}` — \
+        and `event: queue` (`data: {queue}`) when the queue changed as a whole (paused, \
+        resumed, a batch of jobs created): re-read it then. There is no replay: events \
+        carry no `id:`, and a client that (re)connects reads the queue and its jobs first \
+        (a job's own stream replays exactly). A consumer that falls 256 changes behind \
+        gets `event: dropped` (`data: {reason, missed}`) and the stream ends. An idle \
+        stream gets a `: keep-alive` comment every 15 s; the stream ends when the \
+        instance shuts down. Open streams per caller and per instance are bounded (429 \
+        with `Retry-After` beyond).",
+    params(
+        ("queue" = String, Path, description = "The queue name, or `*` for every queue.",
+            min_length = 1, max_length = 64, pattern = "^([A-Za-z0-9_.-]+|\\*)$"),
+    ),
+    responses(
+        (status = 200, description = "The stream.", content((String = "text/event-stream"))),
+        (status = 400, response = problem::BadRequest),
+        (status = 401, response = problem::Unauthorized),
+        (status = 403, response = problem::Forbidden),
+        (status = 429, response = problem::TooManyRequests),
+        (status = 503, response = problem::Unavailable),
+    ),
+    security(("hmac" = ["health:read"]), ("apiKey" = ["health:read"])),
+)]
+pub async fn queue_events(
+    state: web::Data<AppState>,
+    principal: Principal,
+    queue: web::Path<String>,
+) -> ApiResult<HttpResponse> {
+    let queue = queue.into_inner();
+    if queue != crate::jobs::notify::ALL_QUEUES {
+        crate::jobs::model::validate_queue(&queue, "queue")?;
+    }
+    let slot = state
+        .notifier
+        .stream_slot(&principal.caller)
+        .map_err(|r| busy(r, true))?;
+    let sub = state.notifier.subscribe_queue(&queue);
+    let stream = QueueStream {
+        state: state.clone(),
+        queue,
+        sub,
+        since: crate::db::now_millis(),
+        sent: std::collections::HashMap::new(),
+        done: false,
+        _slot: slot,
+    };
+    // A first comment, so the client sees the stream open (and subscribed) at once.
+    let hello = futures_util::stream::once(async {
+        Ok::<_, actix_web::Error>(Bytes::from_static(b": open\n\n"))
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(futures_util::StreamExt::chain(
+            hello,
+            futures_util::stream::unfold(stream, queue_step),
+        )))
 }

@@ -30,10 +30,18 @@ use super::JobStatus;
 
 /// The PostgreSQL notification channel.
 pub const CHANNEL: &str = "coordinator_jobs";
-/// Long-poll claims one instance holds at once (beyond: 429).
+/// Default: long-poll claims one instance holds at once (beyond: 429).
 pub const MAX_WAITING_CLAIMS: usize = 1024;
-/// Open event streams one instance holds at once (beyond: 429).
+/// Default: open event streams one instance holds at once (beyond: 429).
 pub const MAX_STREAMS: usize = 1024;
+/// Default: long-poll claims one caller may hold on one instance.
+pub const MAX_WAITING_CLAIMS_PER_CALLER: usize = 256;
+/// Default: event streams one caller may hold open on one instance.
+pub const MAX_STREAMS_PER_CALLER: usize = 64;
+/// Changes a queue stream may fall behind by before it is dropped (slow consumer).
+pub const QUEUE_STREAM_BUFFER: usize = 256;
+/// The queue "name" of a stream of every queue (not a valid queue name).
+pub const ALL_QUEUES: &str = "*";
 /// How often the PostgreSQL listener drains its socket (no server round trip).
 pub const PG_DRAIN: Duration = Duration::from_millis(5);
 /// How often the PostgreSQL listener checks its connection with a query.
@@ -75,14 +83,62 @@ impl Recent {
     }
 }
 
+/// The bounds on waiting claims and open streams (per instance and per caller).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushLimits {
+    pub waiting: usize,
+    pub streams: usize,
+    pub waiting_per_caller: usize,
+    pub streams_per_caller: usize,
+}
+
+impl Default for PushLimits {
+    fn default() -> Self {
+        PushLimits {
+            waiting: MAX_WAITING_CLAIMS,
+            streams: MAX_STREAMS,
+            waiting_per_caller: MAX_WAITING_CLAIMS_PER_CALLER,
+            streams_per_caller: MAX_STREAMS_PER_CALLER,
+        }
+    }
+}
+
+/// Why a slot was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The instance holds its bound.
+    Instance,
+    /// This caller holds its bound on this instance.
+    Caller,
+}
+
+/// One change of a job of a watched queue, as a queue stream receives it. `seq` 0 and
+/// an empty `job_id`: a queue-wide change (controls, a batch of new jobs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueNote {
+    pub queue: String,
+    pub job_id: String,
+    pub seq: i64,
+    /// The job's status after the change, when known.
+    pub status: Option<JobStatus>,
+    /// When the change was written (ms since the epoch, the writer's clock).
+    pub at: i64,
+}
+
 /// The wake-up hub of one instance.
 pub struct Notifier {
-    topics: Mutex<HashMap<Topic, watch::Sender<u64>>>,
+    /// Each topic's channel carries the time (ms) of the change that last woke it.
+    topics: Mutex<HashMap<Topic, watch::Sender<i64>>>,
+    /// Queue streams: every change of the queue, bounded per subscriber.
+    queues: Mutex<HashMap<String, tokio::sync::broadcast::Sender<QueueNote>>>,
     recent: Mutex<Recent>,
     waiting: AtomicUsize,
     streams: AtomicUsize,
-    max_waiting: usize,
-    max_streams: usize,
+    /// (waiting claims, open streams) per caller; a caller with none has no entry.
+    per_caller: Mutex<HashMap<String, [usize; 2]>>,
+    limits: PushLimits,
+    /// `true` once the instance is shutting down: waits and streams end.
+    closing: watch::Sender<bool>,
     /// Changes received from the database (other instances, or this one's echo).
     pub received: AtomicU64,
 }
@@ -91,7 +147,7 @@ pub struct Notifier {
 pub struct Subscription {
     notifier: Arc<Notifier>,
     topic: Topic,
-    rx: watch::Receiver<u64>,
+    rx: watch::Receiver<i64>,
 }
 
 impl Subscription {
@@ -102,11 +158,65 @@ impl Subscription {
         self.rx.borrow_and_update();
     }
 
-    /// Wait for a wake-up after the last [`Subscription::mark_seen`].
-    pub async fn changed(&mut self) {
+    /// Wait for a wake-up after the last [`Subscription::mark_seen`]; the time (ms) of
+    /// the change that woke it.
+    pub async fn changed(&mut self) -> i64 {
         if self.rx.changed().await.is_err() {
             // The sender never goes while we hold the topic; do not spin if it did.
             std::future::pending::<()>().await;
+        }
+        *self.rx.borrow()
+    }
+}
+
+/// A queue stream's registration; dropping it removes the queue's channel when it was
+/// the last.
+pub struct QueueSubscription {
+    notifier: Arc<Notifier>,
+    queue: String,
+    rx: tokio::sync::broadcast::Receiver<QueueNote>,
+}
+
+/// What a queue stream receives next.
+#[derive(Debug)]
+pub enum QueueRecv {
+    Note(QueueNote),
+    /// The subscriber fell this many changes behind and was dropped.
+    Lagged(u64),
+}
+
+impl QueueSubscription {
+    /// The next change of the queue (waits for one).
+    pub async fn recv(&mut self) -> QueueRecv {
+        use tokio::sync::broadcast::error::RecvError;
+        match self.rx.recv().await {
+            Ok(n) => QueueRecv::Note(n),
+            Err(RecvError::Lagged(n)) => QueueRecv::Lagged(n),
+            // The sender never goes while we hold the queue; do not spin if it did.
+            Err(RecvError::Closed) => std::future::pending().await,
+        }
+    }
+
+    /// A change already waiting, without waiting (`None`: none now).
+    pub fn try_recv(&mut self) -> Option<QueueRecv> {
+        use tokio::sync::broadcast::error::TryRecvError;
+        match self.rx.try_recv() {
+            Ok(n) => Some(QueueRecv::Note(n)),
+            Err(TryRecvError::Lagged(n)) => Some(QueueRecv::Lagged(n)),
+            Err(_) => None,
+        }
+    }
+}
+
+impl Drop for QueueSubscription {
+    fn drop(&mut self) {
+        if let Ok(mut queues) = self.notifier.queues.lock() {
+            if queues
+                .get(&self.queue)
+                .is_some_and(|tx| tx.receiver_count() <= 1)
+            {
+                queues.remove(&self.queue);
+            }
         }
     }
 }
@@ -124,10 +234,12 @@ impl Drop for Subscription {
     }
 }
 
-/// A counted slot (a waiting claim or an open stream); dropping it frees the slot.
+/// A counted slot (a waiting claim or an open stream) of one caller; dropping it frees
+/// the slot.
 pub struct Slot {
     notifier: Arc<Notifier>,
     stream: bool,
+    caller: String,
 }
 
 impl Drop for Slot {
@@ -138,20 +250,91 @@ impl Drop for Slot {
             &self.notifier.waiting
         };
         n.fetch_sub(1, Ordering::AcqRel);
+        if let Ok(mut per) = self.notifier.per_caller.lock() {
+            let i = usize::from(self.stream);
+            let empty = per.get_mut(&self.caller).is_some_and(|c| {
+                if let Some(v) = c.get_mut(i) {
+                    *v = v.saturating_sub(1);
+                }
+                c.iter().all(|v| *v == 0)
+            });
+            if empty {
+                per.remove(&self.caller);
+            }
+        }
     }
 }
 
 impl Notifier {
-    pub fn new(max_waiting: usize, max_streams: usize) -> Arc<Notifier> {
+    pub fn new(limits: PushLimits) -> Arc<Notifier> {
         Arc::new(Notifier {
             topics: Mutex::new(HashMap::new()),
+            queues: Mutex::new(HashMap::new()),
             recent: Mutex::new(Recent::default()),
             waiting: AtomicUsize::new(0),
             streams: AtomicUsize::new(0),
-            max_waiting,
-            max_streams,
+            per_caller: Mutex::new(HashMap::new()),
+            limits,
+            closing: watch::channel(false).0,
             received: AtomicU64::new(0),
         })
+    }
+
+    /// Register a queue stream: every change of `queue` from now on.
+    pub fn subscribe_queue(self: &Arc<Self>, queue: &str) -> QueueSubscription {
+        let rx = match self.queues.lock() {
+            Ok(mut queues) => queues
+                .entry(queue.to_owned())
+                .or_insert_with(|| tokio::sync::broadcast::channel(QUEUE_STREAM_BUFFER).0)
+                .subscribe(),
+            // A poisoned map: a receiver nobody sends on (the stream keeps alive until
+            // its client or the shutdown ends it).
+            Err(_) => tokio::sync::broadcast::channel(1).1,
+        };
+        QueueSubscription {
+            notifier: self.clone(),
+            queue: queue.to_owned(),
+            rx,
+        }
+    }
+
+    /// Queue streams with at least one subscriber now.
+    pub fn watched_queues(&self) -> usize {
+        self.queues.lock().map_or(0, |q| q.len())
+    }
+
+    fn note(&self, note: QueueNote) {
+        if let Ok(queues) = self.queues.lock() {
+            for key in [note.queue.as_str(), ALL_QUEUES] {
+                if let Some(tx) = queues.get(key) {
+                    // No receiver left: nothing to do.
+                    let _ = tx.send(note.clone());
+                }
+            }
+        }
+    }
+
+    /// Begin the shutdown: every waiting claim answers and every stream ends now, and
+    /// new ones do not wait.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// `true` once [`Notifier::close`] was called.
+    pub fn is_closing(&self) -> bool {
+        *self.closing.borrow()
+    }
+
+    /// Resolves once [`Notifier::close`] is called (at once if it was).
+    pub async fn closed(&self) {
+        let mut rx = self.closing.subscribe();
+        // The sender lives as long as `self`.
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// The bounds this notifier applies.
+    pub fn limits(&self) -> PushLimits {
+        self.limits
     }
 
     pub fn subscribe(self: &Arc<Self>, topic: Topic) -> Subscription {
@@ -171,37 +354,53 @@ impl Notifier {
         }
     }
 
-    fn take(self: &Arc<Self>, stream: bool) -> Option<Slot> {
-        let (n, max) = if stream {
-            (&self.streams, self.max_streams)
+    fn take(self: &Arc<Self>, stream: bool, caller: &str) -> Result<Slot, Refused> {
+        let (n, max, per_max) = if stream {
+            (
+                &self.streams,
+                self.limits.streams,
+                self.limits.streams_per_caller,
+            )
         } else {
-            (&self.waiting, self.max_waiting)
+            (
+                &self.waiting,
+                self.limits.waiting,
+                self.limits.waiting_per_caller,
+            )
         };
-        let mut cur = n.load(Ordering::Acquire);
-        loop {
-            if cur >= max {
-                return None;
-            }
-            match n.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => {
-                    return Some(Slot {
-                        notifier: self.clone(),
-                        stream,
-                    })
-                }
-                Err(now) => cur = now,
-            }
+        let i = usize::from(stream);
+        let mut per = self
+            .per_caller
+            .lock()
+            .map_err(|_poisoned| Refused::Instance)?;
+        let mine = per.get(caller).and_then(|c| c.get(i)).copied().unwrap_or(0);
+        if mine >= per_max {
+            return Err(Refused::Caller);
         }
+        // Counted under the per-caller lock, so the two bounds are checked together.
+        if n.load(Ordering::Acquire) >= max {
+            return Err(Refused::Instance);
+        }
+        n.fetch_add(1, Ordering::AcqRel);
+        if let Some(v) = per.entry(caller.to_owned()).or_insert([0, 0]).get_mut(i) {
+            *v += 1;
+        }
+        Ok(Slot {
+            notifier: self.clone(),
+            stream,
+            caller: caller.to_owned(),
+        })
     }
 
-    /// A waiting-claim slot, `None` at the bound.
-    pub fn waiting_slot(self: &Arc<Self>) -> Option<Slot> {
-        self.take(false)
+    /// A waiting-claim slot for `caller`, refused at the instance's or the caller's
+    /// bound.
+    pub fn waiting_slot(self: &Arc<Self>, caller: &str) -> Result<Slot, Refused> {
+        self.take(false, caller)
     }
 
-    /// An open-stream slot, `None` at the bound.
-    pub fn stream_slot(self: &Arc<Self>) -> Option<Slot> {
-        self.take(true)
+    /// An open-stream slot for `caller`, refused at either bound.
+    pub fn stream_slot(self: &Arc<Self>, caller: &str) -> Result<Slot, Refused> {
+        self.take(true, caller)
     }
 
     /// Waiting claims and open streams now.
@@ -217,10 +416,10 @@ impl Notifier {
         self.topics.lock().map_or(0, |t| t.len())
     }
 
-    fn wake(&self, topic: &Topic) {
+    fn wake(&self, topic: &Topic, at: i64) {
         if let Ok(topics) = self.topics.lock() {
             if let Some(tx) = topics.get(topic) {
-                tx.send_modify(|v| *v = v.wrapping_add(1));
+                tx.send_modify(|v| *v = at);
             }
         }
     }
@@ -228,62 +427,103 @@ impl Notifier {
     /// Wake every waiter (after the database listener lost its connection, so a
     /// change may have been missed).
     pub fn wake_all(&self) {
+        let at = crate::db::now_millis();
         if let Ok(topics) = self.topics.lock() {
             for tx in topics.values() {
-                tx.send_modify(|v| *v = v.wrapping_add(1));
+                tx.send_modify(|v| *v = at);
+            }
+        }
+        if let Ok(queues) = self.queues.lock() {
+            for (queue, tx) in queues.iter() {
+                // A queue-wide note: the stream's reader looks again.
+                let _ = tx.send(QueueNote {
+                    queue: queue.clone(),
+                    job_id: String::new(),
+                    seq: 0,
+                    status: None,
+                    at,
+                });
             }
         }
     }
 
-    /// A job changed (event `seq`) and is now `status`: wake its stream readers and,
-    /// when the change can make a job of `queue` claimable (it is QUEUED, or it ended
-    /// and freed a slot), the queue's waiting claims. Each (job, seq) fans out once.
-    pub fn job_changed(&self, queue: &str, id: &str, seq: i64, status: Option<JobStatus>) {
+    /// A job changed (event `seq`, written at `at` ms) and is now `status`: wake its
+    /// stream readers and the queue's streams and, when the change can make a job of
+    /// `queue` claimable (it is QUEUED, or it ended and freed a slot), the queue's
+    /// waiting claims. Each (job, seq) fans out once.
+    pub fn job_changed(&self, queue: &str, id: &str, seq: i64, status: Option<JobStatus>, at: i64) {
         if seq > 0 {
             let first = self.recent.lock().map_or(true, |mut r| r.insert(id, seq));
             if !first {
                 return;
             }
-            self.wake(&Topic::Job(id.to_owned()));
+            self.wake(&Topic::Job(id.to_owned()), at);
         }
+        self.note(QueueNote {
+            queue: queue.to_owned(),
+            job_id: if seq > 0 {
+                id.to_owned()
+            } else {
+                String::new()
+            },
+            seq: seq.max(0),
+            status,
+            at,
+        });
         let claimable = status.is_none_or(|s| s == JobStatus::Queued || s.is_terminal());
         if claimable {
-            self.wake(&Topic::Claimable(queue.to_owned()));
+            self.wake(&Topic::Claimable(queue.to_owned()), at);
         }
     }
 
     /// [`Notifier::job_changed`] for a row just written.
     pub fn row_changed(&self, row: &JobRow) {
-        self.job_changed(&row.queue, &row.id, row.version, Some(row.status()));
+        self.job_changed(
+            &row.queue,
+            &row.id,
+            row.version,
+            Some(row.status()),
+            row.updated_at,
+        );
     }
 
-    /// A queue's controls changed (resumed, limit raised): wake its waiting claims.
+    /// A queue's controls changed (resumed, limit raised): wake its waiting claims and
+    /// tell its streams.
     pub fn queue_changed(&self, queue: &str) {
-        self.wake(&Topic::Claimable(queue.to_owned()));
+        self.job_changed(queue, "", 0, None, crate::db::now_millis());
     }
 
     /// A notification payload from the database (see [`payload`]).
     pub fn from_db(&self, payload: &str) {
         self.received.fetch_add(1, Ordering::Relaxed);
-        let mut parts = payload.splitn(4, '|');
-        let (Some(queue), Some(id), Some(seq), status) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let mut parts = payload.splitn(5, '|');
+        let (Some(queue), Some(id), Some(seq), status, at) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return;
         };
         let seq = seq.parse::<i64>().unwrap_or(0);
+        // An older instance's payload has no time: count from now.
+        let at = at
+            .and_then(|a| a.parse::<i64>().ok())
+            .unwrap_or_else(crate::db::now_millis);
         if id.is_empty() || seq <= 0 {
-            self.queue_changed(queue);
+            self.job_changed(queue, "", 0, None, at);
             return;
         }
-        self.job_changed(queue, id, seq, status.and_then(JobStatus::parse));
+        self.job_changed(queue, id, seq, status.and_then(JobStatus::parse), at);
     }
 }
 
-/// The notification payload of a change: `queue|job id|seq|status` (job id and seq
-/// empty and 0 for a queue-wide change).
-pub fn payload(queue: &str, id: &str, seq: i64, status: &str) -> String {
-    format!("{queue}|{id}|{seq}|{status}")
+/// The notification payload of a change: `queue|job id|seq|status|ms` (job id and seq
+/// empty and 0 for a queue-wide change; `ms` when it was written, for the wake-up
+/// latency metric).
+pub fn payload(queue: &str, id: &str, seq: i64, status: &str, at: i64) -> String {
+    format!("{queue}|{id}|{seq}|{status}|{at}")
 }
 
 /// Start the background thread that carries other instances' changes into `notifier`
@@ -398,6 +638,8 @@ struct NewEvent {
     queue: String,
     #[diesel(sql_type = diesel::sql_types::Text)]
     status: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    created_at: i64,
 }
 
 #[derive(diesel::QueryableByName)]
@@ -449,7 +691,7 @@ fn sqlite_poll(
     marks.version = version;
     loop {
         let rows: Vec<NewEvent> = diesel::sql_query(
-            "SELECT e.rowid AS rid, e.job_id, e.seq, j.queue, j.status \
+            "SELECT e.rowid AS rid, e.job_id, e.seq, j.queue, j.status, e.created_at \
              FROM job_events e JOIN jobs j ON j.id = e.job_id \
              WHERE e.rowid > ? ORDER BY e.rowid LIMIT 1000",
         )
@@ -459,7 +701,13 @@ fn sqlite_poll(
         for r in rows {
             marks.event = marks.event.max(r.rid);
             n.received.fetch_add(1, Ordering::Relaxed);
-            n.job_changed(&r.queue, &r.job_id, r.seq, JobStatus::parse(&r.status));
+            n.job_changed(
+                &r.queue,
+                &r.job_id,
+                r.seq,
+                JobStatus::parse(&r.status),
+                r.created_at,
+            );
         }
         if !more {
             break;
@@ -472,7 +720,7 @@ fn sqlite_poll(
     for q in queues {
         marks.queue = marks.queue.max(q.updated_at);
         n.received.fetch_add(1, Ordering::Relaxed);
-        n.queue_changed(&q.queue);
+        n.job_changed(&q.queue, "", 0, None, q.updated_at);
     }
     Ok(())
 }
@@ -528,42 +776,110 @@ fn sqlite_watch(weak: &Weak<Notifier>, path: &str) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_change_fans_out_once_and_topics_go_with_their_last_waiter() {
-        let n = Notifier::new(2, 1);
-        let mut a = n.subscribe(Topic::Claimable("q".into()));
-        let mut b = n.subscribe(Topic::Job("j1".into()));
-        a.mark_seen();
-        b.mark_seen();
-        assert_eq!(n.topics(), 2);
-        n.job_changed("q", "j1", 2, Some(JobStatus::Queued));
-        assert!(a.rx.has_changed().unwrap_or(false));
-        assert!(b.rx.has_changed().unwrap_or(false));
-        a.mark_seen();
-        b.mark_seen();
-        // The same change again (from the database): nothing.
-        n.from_db(&payload("q", "j1", 2, "QUEUED"));
-        assert!(!a.rx.has_changed().unwrap_or(true));
-        // A RUNNING change wakes the job's readers only.
-        n.from_db(&payload("q", "j1", 3, "RUNNING"));
-        assert!(!a.rx.has_changed().unwrap_or(true));
-        assert!(b.rx.has_changed().unwrap_or(false));
-        drop(a);
-        drop(b);
-        assert_eq!(n.topics(), 0);
+    fn limits(waiting: usize, streams: usize, per_caller: usize) -> PushLimits {
+        PushLimits {
+            waiting,
+            streams,
+            waiting_per_caller: per_caller,
+            streams_per_caller: per_caller,
+        }
     }
 
     #[test]
-    fn slots_are_bounded() {
-        let n = Notifier::new(2, 1);
-        let s1 = n.waiting_slot();
-        let s2 = n.waiting_slot();
-        assert!(s1.is_some() && s2.is_some());
-        assert!(n.waiting_slot().is_none());
+    fn a_change_fans_out_once_and_topics_go_with_their_last_waiter() {
+        let n = Notifier::new(limits(2, 1, 2));
+        let mut a = n.subscribe(Topic::Claimable("q".into()));
+        let mut b = n.subscribe(Topic::Job("j1".into()));
+        let mut q = n.subscribe_queue("q");
+        let mut all = n.subscribe_queue(ALL_QUEUES);
+        a.mark_seen();
+        b.mark_seen();
+        assert_eq!(n.topics(), 2);
+        assert_eq!(n.watched_queues(), 2);
+        n.job_changed("q", "j1", 2, Some(JobStatus::Queued), 1234);
+        assert!(a.rx.has_changed().unwrap_or(false));
+        assert!(b.rx.has_changed().unwrap_or(false));
+        assert_eq!(*a.rx.borrow(), 1234, "the wake carries the change's time");
+        a.mark_seen();
+        b.mark_seen();
+        // The same change again (from the database): nothing.
+        n.from_db(&payload("q", "j1", 2, "QUEUED", 1300));
+        assert!(!a.rx.has_changed().unwrap_or(true));
+        // A RUNNING change wakes the job's readers only.
+        n.from_db(&payload("q", "j1", 3, "RUNNING", 1400));
+        assert!(!a.rx.has_changed().unwrap_or(true));
+        assert!(b.rx.has_changed().unwrap_or(false));
+        // The queue stream saw each change once, in order.
+        let seqs: Vec<(i64, i64)> = std::iter::from_fn(|| match q.try_recv() {
+            Some(QueueRecv::Note(n)) => Some((n.seq, n.at)),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(seqs, vec![(2, 1234), (3, 1400)]);
+        n.job_changed("elsewhere", "j2", 1, Some(JobStatus::Pending), 1500);
+        let everywhere: Vec<(String, i64)> = std::iter::from_fn(|| match all.try_recv() {
+            Some(QueueRecv::Note(n)) => Some((n.queue, n.seq)),
+            _ => None,
+        })
+        .collect();
+        let name = |s: &str| s.to_owned();
+        assert_eq!(
+            everywhere,
+            vec![(name("q"), 2), (name("q"), 3), (name("elsewhere"), 1)]
+        );
+        // An older instance's payload (no time) still wakes.
+        n.from_db("q|j1|4|QUEUED");
+        assert!(a.rx.has_changed().unwrap_or(false));
+        drop(a);
+        drop(b);
+        drop(q);
+        drop(all);
+        assert_eq!(n.topics(), 0);
+        assert_eq!(n.watched_queues(), 0);
+    }
+
+    #[test]
+    fn a_slow_queue_subscriber_is_told_it_lagged() {
+        let n = Notifier::new(PushLimits::default());
+        let mut q = n.subscribe_queue("q");
+        for seq in 1..=i64::try_from(QUEUE_STREAM_BUFFER + 5).unwrap_or(i64::MAX) {
+            n.job_changed("q", "j", seq, Some(JobStatus::Running), 0);
+        }
+        assert!(matches!(q.try_recv(), Some(QueueRecv::Lagged(5))));
+    }
+
+    #[test]
+    fn slots_are_bounded_per_instance_and_per_caller() {
+        let n = Notifier::new(limits(3, 1, 2));
+        let s1 = n.waiting_slot("a");
+        let s2 = n.waiting_slot("a");
+        assert!(s1.is_ok() && s2.is_ok());
+        assert_eq!(n.waiting_slot("a").err(), Some(Refused::Caller));
+        let s3 = n.waiting_slot("b");
+        assert!(s3.is_ok());
+        assert_eq!(n.waiting_slot("c").err(), Some(Refused::Instance));
         drop(s1);
-        assert!(n.waiting_slot().is_some());
-        let t = n.stream_slot();
-        assert!(t.is_some());
-        assert!(n.stream_slot().is_none());
+        assert!(n.waiting_slot("a").is_ok());
+        let t = n.stream_slot("a");
+        assert!(t.is_ok());
+        assert_eq!(n.stream_slot("b").err(), Some(Refused::Instance));
+        drop((s2, s3, t));
+        assert_eq!(n.counts(), (0, 0));
+        assert!(n.per_caller.lock().map(|p| p.is_empty()).unwrap_or(false));
+    }
+
+    #[test]
+    fn close_ends_waits() {
+        let n = Notifier::new(PushLimits::default());
+        assert!(!n.is_closing());
+        n.close();
+        assert!(n.is_closing());
+        // `closed` resolves at once after `close`.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build();
+        if let Ok(rt) = rt {
+            rt.block_on(n.closed());
+        }
     }
 }

@@ -129,7 +129,7 @@ pub fn notify_change(
     if let DbConnection::Postgresql(pg) = conn {
         diesel::sql_query("SELECT pg_notify($1, $2)")
             .bind::<Text, _>(super::notify::CHANNEL)
-            .bind::<Text, _>(super::notify::payload(queue, id, seq, status))
+            .bind::<Text, _>(super::notify::payload(queue, id, seq, status, now_millis()))
             .execute(pg)?;
     }
     Ok(())
@@ -304,6 +304,42 @@ pub fn events_after(
         .select(EventRow::as_select())
         .load(conn)?;
     Ok((status, events))
+}
+
+/// What a queue stream reads of one job: its events up to `upto`, after `after` when
+/// the stream has sent that one, else those written since `since` (ms; the stream's
+/// start), oldest first, at most `limit`.
+pub struct EventRange {
+    pub job_id: String,
+    pub after: Option<i64>,
+    pub upto: i64,
+    pub since: i64,
+}
+
+/// The events of each range, in the order given (a purged job has none).
+pub fn events_in_ranges(
+    conn: &mut DbConnection,
+    ranges: &[EventRange],
+    limit: i64,
+) -> Result<Vec<(String, EventRow)>, StoreError> {
+    let mut out = Vec::new();
+    for r in ranges {
+        let mut q = job_events::table
+            .filter(job_events::job_id.eq(&r.job_id))
+            .filter(job_events::seq.le(r.upto))
+            .into_boxed();
+        q = match r.after {
+            Some(after) => q.filter(job_events::seq.gt(after)),
+            None => q.filter(job_events::created_at.ge(r.since)),
+        };
+        let events: Vec<EventRow> = q
+            .order(job_events::seq.asc())
+            .limit(limit)
+            .select(EventRow::as_select())
+            .load(conn)?;
+        out.extend(events.into_iter().map(|e| (r.job_id.clone(), e)));
+    }
+    Ok(out)
 }
 
 /// When the next QUEUED job of `queue` scheduled after `now` becomes due, if any.

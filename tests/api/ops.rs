@@ -114,6 +114,12 @@ fn probes_can_move_to_their_own_listener(b: Backend) {
         401
     );
     assert_eq!(app.get("/coordinator/health").status, 200);
+    // The dashboard stays with the API it calls (same origin), not on the probe port.
+    let page = app.raw("GET", "/ui/", &[], b"");
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.header("content-security-policy").is_some());
+    assert_eq!(app.raw("GET", "/ui/app.js", &[], b"").status, 200);
+    assert_eq!(send(&probe_url("/ui/"), "GET", &[], b"").status, 401);
 }
 
 fn retention_deletes_only_old_finished_jobs(b: Backend) {

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::backend_tests;
-use crate::helpers::{now_secs, Backend, Resp, TestApp};
+use crate::helpers::{now_secs, Backend, Resp, Signer, TestApp};
+use coordinator::auth::Scope;
 
 backend_tests!(
     a_waiter_on_one_instance_gets_a_job_queued_through_another,
@@ -18,6 +19,9 @@ backend_tests!(
     a_stream_resumes_after_last_event_id_goes_live_and_ends_at_completed,
     events_without_accept_are_json,
     wake_up_latency,
+    a_queue_stream_sees_its_queues_events_from_either_instance,
+    streams_and_waiters_are_bounded_per_caller,
+    shutdown_ends_streams_and_waiting_claims_and_loses_no_write,
 );
 
 /// Create a job on `queue` (PENDING) and return its id.
@@ -79,6 +83,10 @@ fn a_waiter_on_one_instance_gets_a_job_queued_through_another(backend: Backend) 
     let (r, took) = waiter.join().unwrap();
     let m = a.raw("GET", "/metrics", &[], b"").body;
     assert!(m.contains("coordinator_push_notifications_received"), "{m}");
+    assert!(
+        m.contains("coordinator_push_wakeup_seconds_count{kind=\"claim\"} 1"),
+        "{m}"
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["id"], id);
     assert_eq!(r.json()["status"], "RUNNING");
@@ -289,6 +297,12 @@ fn a_stream_resumes_after_last_event_id_goes_live_and_ends_at_completed(backend:
     progress(&b, 50); // 5
     let (s5, t5, _) = next();
     assert_eq!((s5, t5.as_str()), (5, "progress"));
+    // Live events (not the replayed ones) count in the wake-up latency.
+    let m = a.raw("GET", "/metrics", &[], b"").body;
+    assert!(
+        m.contains("coordinator_push_wakeup_seconds_count{kind=\"job_stream\"} 1"),
+        "{m}"
+    );
     let r = b.with_token(
         &token,
         "POST",
@@ -375,4 +389,305 @@ fn wake_up_latency(backend: Backend) {
         println!("wake-up latency {backend:?} {name}: p50 {p50:.1} ms, max {p99:.1} ms");
         assert!(p50 < 5000.0);
     }
+}
+
+/// What an SSE reader thread reports.
+#[derive(Debug)]
+enum Sse {
+    /// `event:` and the parsed `data:` of one event.
+    Event(String, Value),
+    /// The stream ended: `true` for a clean end of the body, `false` for a cut
+    /// connection.
+    End(bool),
+}
+
+/// Open an SSE stream signed by `signer` at `base` and read it on a thread.
+fn sse(base: &str, signer: &Signer, path: &str) -> Result<mpsc::Receiver<Sse>, Resp> {
+    let sig = signer.headers("GET", path, b"", now_secs());
+    let mut req = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .get(&format!("{base}{path}"))
+        .set("accept", "text/event-stream");
+    for (k, v) in &sig {
+        req = req.set(k, v);
+    }
+    let r = match req.call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(status, r)) => {
+            let headers = r
+                .headers_names()
+                .into_iter()
+                .filter_map(|n| r.header(&n).map(|v| (n.to_ascii_lowercase(), v.to_owned())))
+                .collect();
+            let body = r.into_string().unwrap_or_default();
+            return Err(Resp {
+                status,
+                headers,
+                body,
+            });
+        }
+        Err(e) => panic!("stream {path}: {e}"),
+    };
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(r.into_reader());
+        let (mut event, mut data) = (None, None);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) => {
+                    let _ = tx.send(Sse::End(true));
+                    return;
+                }
+                Err(_) => {
+                    let _ = tx.send(Sse::End(false));
+                    return;
+                }
+                Ok(_) => {}
+            }
+            let l = line.trim_end_matches('\n');
+            if l.is_empty() {
+                if let (Some(e), Some(d)) = (event.take(), data.take()) {
+                    if tx.send(Sse::Event(e, d)).is_err() {
+                        return;
+                    }
+                }
+            } else if let Some(v) = l.strip_prefix("event: ") {
+                event = Some(v.to_owned());
+            } else if let Some(v) = l.strip_prefix("data: ") {
+                data = serde_json::from_str(v).ok();
+            } else if l.starts_with("id:") {
+                let _ = tx.send(Sse::Event("unexpected id".into(), Value::Null));
+            }
+        }
+    });
+    Ok(rx)
+}
+
+fn next_event(rx: &mpsc::Receiver<Sse>) -> (String, Value) {
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(Sse::Event(e, d)) => (e, d),
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+fn a_queue_stream_sees_its_queues_events_from_either_instance(backend: Backend) {
+    let Some(a) = crate::app!(backend) else {
+        return;
+    };
+    let b = a.sibling();
+    let rx = sse(&a.url(""), &a.signer, "/coordinator/queues/qs/events").expect("opens");
+    let all = sse(&b.url(""), &b.signer, "/coordinator/queues/*/events").expect("opens");
+    let id = pending(&b, "qs"); // through the other instance
+    let _elsewhere = pending(&a, "other"); // another queue: not on this stream
+    to_queued(&a, &id);
+    let (e1, d1) = next_event(&rx);
+    assert_eq!(e1, "created");
+    assert_eq!(d1["queue"], "qs");
+    assert_eq!(d1["jobId"], id.as_str());
+    assert_eq!(d1["seq"], 1);
+    // Each job's events come once and in order, although the first change reaches this
+    // instance from the other one and the second one is made here.
+    let (e2, d2) = next_event(&rx);
+    assert_eq!(e2, "status");
+    assert_eq!(
+        (d2["jobId"].as_str(), d2["seq"].as_i64()),
+        (Some(id.as_str()), Some(2))
+    );
+    assert_eq!(d2["status"], "QUEUED");
+    assert_eq!(d2["data"]["to"], "QUEUED", "{d2}");
+    // A queue-wide change (the queue paused) is announced as such.
+    let r = a.patch_json("/coordinator/queues/qs", &json!({"paused": true}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (e3, d3) = next_event(&rx);
+    assert_eq!((e3.as_str(), &d3), ("queue", &json!({"queue": "qs"})));
+    // The stream of every queue saw all of it, the other queue's job too.
+    let seen: Vec<(String, Value)> = (0..4).map(|_| next_event(&all)).collect();
+    let mut queues: Vec<&str> = seen
+        .iter()
+        .map(|(_, d)| d["queue"].as_str().unwrap_or(""))
+        .collect();
+    queues.sort_unstable();
+    assert_eq!(queues, vec!["other", "qs", "qs", "qs"], "{seen:?}");
+    // The stream needs health:read, and a valid queue name.
+    let reader = a.caller("jobs-reader", &[Scope::JobsRead]);
+    let r = sse(&a.url(""), &reader, "/coordinator/queues/qs/events").expect_err("403");
+    r.problem(403);
+    let r = sse(
+        &a.url(""),
+        &a.signer,
+        "/coordinator/queues/no%20such/events",
+    )
+    .expect_err("400");
+    r.problem(400);
+    let m = a.raw("GET", "/metrics", &[], b"").body;
+    assert!(
+        m.contains("coordinator_push_open{kind=\"streams\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("coordinator_push_wakeup_seconds_count{kind=\"queue_stream\"}"),
+        "{m}"
+    );
+}
+
+fn streams_and_waiters_are_bounded_per_caller(backend: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(backend, |c| {
+        c.push.streams_per_caller = 1;
+        c.push.waiting_per_caller = 1;
+    }) else {
+        return;
+    };
+    let base = app.url("");
+    let _first = sse(&base, &app.signer, "/coordinator/queues/b/events").expect("opens");
+    let job = pending(&app, "b");
+    for path in [
+        "/coordinator/queues/b/events".to_owned(),
+        format!("/coordinator/jobs/{job}/events"),
+    ] {
+        let r = sse(&base, &app.signer, &path).expect_err("429");
+        let p = r.problem(429);
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert!(
+            p["detail"].as_str().unwrap_or("").contains("this caller"),
+            "{p}"
+        );
+    }
+    // Another caller has its own allowance.
+    let other = app.caller("watcher", &Scope::ALL);
+    let _second = sse(&base, &other, "/coordinator/queues/b/events").expect("opens");
+    let waiter = spawn_claim(&app, "b-empty", 30.0, "w1");
+    until_waiting(&app, 1);
+    let r = app.post_json(
+        "/coordinator/queues/b-empty/claim",
+        &json!({"worker": "w2", "wait": 5}),
+    );
+    r.problem(429);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // A claim without a wait is not a waiter: not bounded by it.
+    let r = app.post_json(
+        "/coordinator/queues/b-empty/claim",
+        &json!({"worker": "w3"}),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    let id = pending(&app, "b-empty");
+    to_queued(&app, &id);
+    let (r, _) = waiter.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The slot is free again.
+    let r = app.post_json(
+        "/coordinator/queues/b-empty/claim",
+        &json!({"worker": "w2", "wait": 0.1}),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+}
+
+/// A graceful stop with a job stream, a queue stream and a long-poll claim open, and
+/// writes acknowledged just before it: the claim answers 204, both streams end cleanly
+/// (not cut at the shutdown timeout, which is an hour here), the server stops, and
+/// every acknowledged write is there afterwards.
+fn shutdown_ends_streams_and_waiting_claims_and_loses_no_write(backend: Backend) {
+    let Some(db) = crate::helpers::TestDb::create(backend) else {
+        return;
+    };
+    let mut cfg = crate::helpers::test_config(&db);
+    cfg.shutdown_timeout = Duration::from_secs(3600);
+    crate::helpers::init_log();
+    let (tx, rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    let build_cfg = cfg.clone();
+    std::thread::spawn(move || {
+        let r = actix_web::rt::System::new().block_on(async move {
+            let app = coordinator::startup::Application::build(build_cfg)
+                .await
+                .expect("app builds");
+            let _ = tx.send((app.port(), app.stopper(), app.state()));
+            app.run_until_stopped().await.map_err(|e| e.to_string())
+        });
+        let _ = done_tx.send(r);
+    });
+    let (port, stopper, state) = rx.recv().expect("app thread");
+    let signer = crate::helpers::ensure_caller(&state, "tester", &Scope::ALL);
+    let base = format!("http://127.0.0.1:{port}");
+    let send = |method: &str, path: &str, body: &str| {
+        let sig = signer.headers(method, path, body.as_bytes(), now_secs());
+        let mut h: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+        h.extend(sig.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        crate::helpers::send(&format!("{base}{path}"), method, &h, body.as_bytes())
+    };
+    let r = send("POST", "/coordinator/jobs", r#"{"kind":"k","queue":"sd"}"#);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let job_stream = sse(&base, &signer, &format!("/coordinator/jobs/{id}/events")).expect("opens");
+    let queue_stream = sse(&base, &signer, "/coordinator/queues/sd/events").expect("opens");
+    let claim = {
+        let (base, signer) = (base.clone(), signer.clone());
+        std::thread::spawn(move || {
+            let path = "/coordinator/queues/sd-empty/claim";
+            let body = json!({"worker": "w", "wait": 60}).to_string();
+            let sig = signer.headers("POST", path, body.as_bytes(), now_secs());
+            let mut h: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+            h.extend(sig.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            crate::helpers::try_send(&format!("{base}{path}"), "POST", &h, body.as_bytes())
+        })
+    };
+    let end = Instant::now() + Duration::from_secs(20);
+    while state.notifier.counts() != (1, 2) {
+        assert!(
+            Instant::now() < end,
+            "waiters never parked: {:?}",
+            state.notifier.counts()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Writes acknowledged right before the stop (each one's replay record goes through
+    // the batcher).
+    let mut acked: usize = 0;
+    for s in ["QUEUED", "RUNNING"] {
+        let r = send(
+            "PATCH",
+            &format!("/coordinator/jobs/{id}/status"),
+            &json!({"status": s}).to_string(),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        acked += 1;
+    }
+    for i in 0..5 {
+        let r = send(
+            "PATCH",
+            &format!("/coordinator/jobs/{id}/progress"),
+            &json!({"percent": i * 10}).to_string(),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        acked += 1;
+    }
+    actix_web::rt::System::new().block_on(stopper.stop(true));
+    let r = claim
+        .join()
+        .expect("claim thread")
+        .expect("the claim is answered");
+    assert_eq!(r.status, 204, "{}", r.body);
+    for (name, rx) in [("job", &job_stream), ("queue", &queue_stream)] {
+        let end = loop {
+            match rx.recv_timeout(Duration::from_secs(120)) {
+                Ok(Sse::Event(..)) => continue,
+                Ok(Sse::End(clean)) => break clean,
+                Err(e) => panic!("the {name} stream did not end: {e}"),
+            }
+        };
+        assert!(end, "the {name} stream was cut instead of ending");
+    }
+    let stopped = done_rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the server stops before its shutdown timeout");
+    assert_eq!(stopped, Ok(()));
+    drop(state);
+    let after = crate::helpers::start(backend, db, cfg);
+    let job = after.get(&format!("/coordinator/jobs/{id}")).json();
+    assert_eq!(job["status"], "RUNNING", "{job}");
+    assert_eq!(job["progress"], 40, "{job}");
+    assert_eq!(job["events"].as_array().map(Vec::len), Some(1 + acked));
 }
