@@ -179,7 +179,16 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
     let sys = actix_web::rt::System::new();
     sys.block_on(async move {
         let app = crate::startup::Application::build(config.clone()).await?;
-        log::info!("listening on http://{}:{}", config.bind.ip(), app.port());
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        log::info!(
+            "listening on {scheme}://{}:{}",
+            config.bind.ip(),
+            app.port()
+        );
         app.run_until_stopped().await?;
         log::info!("stopped");
         Ok::<(), anyhow::Error>(())
