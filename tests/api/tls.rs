@@ -549,4 +549,80 @@ crate::plain_tests!(
     a_new_certificate_is_served_without_a_restart,
     plain_http_in_production_warns_once_at_start,
     a_mismatched_key_stops_the_start_before_the_database_is_touched,
+    the_cli_verifies_the_servers_certificate,
 );
+
+/// The CLI against the real HTTPS listener (`jobs list --api-key`, the same client code
+/// as `call`): with the test CA it gets its answer; without it, against a certificate for
+/// another host, or an expired one, it refuses to talk and says why, exit code 1.
+fn the_cli_verifies_the_servers_certificate() {
+    let ca = Ca::new("cli test CA");
+    let run = |port: u16, ca_file: Option<&std::path::Path>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"));
+        c.env_clear()
+            .env("RUST_LOG", "warn")
+            .env("COORDINATOR_URL", format!("https://localhost:{port}"))
+            .args(["jobs", "list", "--api-key", "--json"]);
+        if let Some(f) = ca_file {
+            c.arg("--ca-file").arg(f);
+        }
+        c
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+
+    let files = TlsFiles::new(&ca.server(), None);
+    let Some(app) = tls_app(Backend::Sqlite, &files, false, Duration::from_secs(60)) else {
+        return;
+    };
+    let key = app.api_key("cli-tls", &[Scope::JobsRead]);
+    let port = port_of(&app);
+    let out = run(port, Some(&ca_file))
+        .env("COORDINATOR_CLIENT_API_KEY", &key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without the CA: the public roots do not know it.
+    let out = run(port, None)
+        .env("COORDINATOR_CLIENT_API_KEY", &key)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        err.contains("unknownissuer") || err.contains("issuer"),
+        "{err}"
+    );
+
+    for (what, cert, expect) in [
+        (
+            "wrong host",
+            ca.issue("db.example.org", &["db.example.org"], false, false),
+            "not valid for name",
+        ),
+        (
+            "expired",
+            ca.issue("localhost", &["localhost"], false, true),
+            "expired",
+        ),
+    ] {
+        let files = TlsFiles::new(&cert, None);
+        let Some(app) = tls_app(Backend::Sqlite, &files, false, Duration::from_secs(60)) else {
+            return;
+        };
+        let key = app.api_key("cli-tls", &[Scope::JobsRead]);
+        let out = run(port_of(&app), Some(&ca_file))
+            .env("COORDINATOR_CLIENT_API_KEY", &key)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{what}");
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(err.contains(expect), "{what}: {err}");
+        assert!(!err.contains(&key.to_lowercase()), "{what}: the key leaked");
+    }
+}
