@@ -120,6 +120,9 @@ pub struct Worker {
     pub heartbeat_interval: Duration,
     pub poll_min: Duration,
     pub poll_max: Duration,
+    /// How long each claim waits on the server for a job (long poll); zero: ask and
+    /// back off between empty answers (`poll_min`..`poll_max`).
+    pub long_poll: Duration,
     pub shutdown_grace: Duration,
     stop: Arc<AtomicBool>,
     heartbeat_route: Arc<AtomicU8>,
@@ -147,6 +150,7 @@ impl Worker {
             heartbeat_interval: Duration::from_secs(30),
             poll_min: Duration::from_millis(500),
             poll_max: Duration::from_secs(10),
+            long_poll: Duration::from_secs(20),
             shutdown_grace: Duration::from_secs(10),
             stop: Arc::new(AtomicBool::new(false)),
             heartbeat_route: Arc::new(AtomicU8::new(ROUTE_UNKNOWN)),
@@ -199,8 +203,15 @@ impl Worker {
         let handler = Arc::new(handler);
         let mut processed = 0;
         let mut delay = self.poll_min;
+        // A worker that stops when idle asks once; otherwise each claim long-polls.
+        let wait = (!stop_when_idle && !self.long_poll.is_zero()).then_some(self.long_poll);
         while !self.stopping() && max_jobs.is_none_or(|m| processed < m) {
-            let claim = match self.client.claim(&self.queue, &self.name) {
+            let started = Instant::now();
+            let asked = match wait {
+                Some(w) => self.client.claim_wait(&self.queue, &self.name, w),
+                None => self.client.claim(&self.queue, &self.name),
+            };
+            let claim = match asked {
                 Ok(c) => c,
                 Err(e)
                     if matches!(
@@ -215,9 +226,22 @@ impl Worker {
                     None
                 }
             };
+            if let (Some(c), true) = (&claim, self.stopping()) {
+                // Stopped during the long poll: hand the job straight back.
+                let back = self.client.with_token(&c.token).set_status(
+                    c.id(),
+                    "QUEUED",
+                    Some("worker shutting down"),
+                );
+                self.note(format!("handed {} back on stop: {back:?}", c.id()));
+                break;
+            }
             let Some(claim) = claim else {
                 if stop_when_idle {
                     break;
+                }
+                if wait.is_some_and(|w| started.elapsed() >= w / 2) {
+                    continue; // the server held the claim open: ask again at once
                 }
                 self.idle(delay.mul_f64(0.75 + rand::random::<f64>() / 2.0));
                 delay = (delay * 2).min(self.poll_max);

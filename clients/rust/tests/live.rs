@@ -254,3 +254,41 @@ fn heartbeat_cancellation_and_stop_hand_back() {
     assert_eq!(job["status"], "QUEUED", "{:?}", w.events());
     assert_eq!(job["message"], "worker shutting down");
 }
+
+#[test]
+#[ignore = "needs a serve --dev: scripts/client-tests.sh"]
+fn an_idle_worker_long_polls_and_gets_new_work() {
+    let c = client();
+    let q = queue();
+    let mut w = Worker::new(c.clone(), &q);
+    w.long_poll = Duration::from_secs(10);
+    // Back-off polling would wait this long between empty answers; the long poll must
+    // not.
+    w.poll_min = Duration::from_secs(30);
+    w.poll_max = Duration::from_secs(30);
+    let c2 = c.clone();
+    let q2 = q.clone();
+    let creator = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        (Instant::now(), queued(&c2, &q2, 1))
+    });
+    let done = Arc::new(Mutex::new(None));
+    let d = done.clone();
+    let n = w
+        .run(
+            move |job| {
+                *d.lock().unwrap() = Some((Instant::now(), job.id.clone()));
+                Ok(json!("ok"))
+            },
+            Some(1),
+            false,
+        )
+        .unwrap();
+    let (created_at, id) = creator.join().unwrap();
+    assert_eq!(n, 1, "{:?}", w.events());
+    let (ran_at, ran) = done.lock().unwrap().clone().unwrap();
+    assert_eq!(ran, id);
+    // Well inside the 30 s a polling worker would have slept.
+    assert!(ran_at.duration_since(created_at) < Duration::from_secs(15));
+    assert_eq!(status(&c, &id)["status"], "COMPLETED");
+}
