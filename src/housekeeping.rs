@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use actix_web::web;
 
-use crate::auth::repo as auth_repo;
 use crate::db::now_millis;
 use crate::jobs::repo as jobs_repo;
 use crate::state::AppState;
@@ -59,7 +58,7 @@ pub async fn pass(state: &AppState) -> PassReport {
     for _ in 0..REPLAY_CHUNKS_PER_PASS {
         match state
             .db
-            .write(move |conn| auth_repo::purge_replays(conn, now, REPLAY_CHUNK))
+            .write(move |conn| crate::db::replay::purge_replays(conn, now, REPLAY_CHUNK))
             .await
         {
             Ok(n) => {

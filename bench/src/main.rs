@@ -492,7 +492,7 @@ fn db_direct(db: &Db, jobs: &[String], conns: usize, duration: Duration) -> f64 
                     };
                     let r = db.write_sync(|conn| {
                         conn.transaction(|conn| {
-                            coordinator::auth::repo::record_replay(
+                            coordinator::db::replay::record_replay(
                                 conn,
                                 "bench",
                                 &sig,

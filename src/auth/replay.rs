@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::batch::{insert_replays, ReplayRow};
 use crate::db::load::{Gate, Permit, Shed};
+use crate::db::replay::{insert_replays, ReplayRow};
 use crate::db::{Backend, Db};
 use crate::error::StoreError;
 

@@ -4,7 +4,7 @@
 use diesel::prelude::*;
 
 use super::model::{ApiKeyRow, CallerRow, SecretRow};
-use crate::db::schema::{api_keys, auth_state, callers, replay_records, sealed_secrets};
+use crate::db::schema::{api_keys, auth_state, callers, sealed_secrets};
 use crate::db::DbConnection;
 use crate::error::{is_unique_violation, StoreError};
 
@@ -281,44 +281,6 @@ pub fn touch_api_key(conn: &mut DbConnection, id: &str, now: i64) -> Result<(), 
 }
 
 // ---- replay records -----------------------------------------------------------------
-
-/// Record a (caller, signature hash) pair; `false` when it was already there (a replay).
-pub fn record_replay(
-    conn: &mut DbConnection,
-    caller: &str,
-    signature_hash: &str,
-    expires_at: i64,
-) -> Result<bool, StoreError> {
-    let r = diesel::insert_into(replay_records::table)
-        .values((
-            replay_records::caller.eq(caller),
-            replay_records::signature_hash.eq(signature_hash),
-            replay_records::expires_at.eq(expires_at),
-        ))
-        .execute(conn);
-    match r {
-        Ok(_) => Ok(true),
-        Err(e) if is_unique_violation(&e) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Delete at most about `limit` expired replay records (bounded per pass); returns
-/// how many went.
-pub fn purge_replays(conn: &mut DbConnection, now: i64, limit: i64) -> Result<usize, StoreError> {
-    let cutoff: Option<i64> = replay_records::table
-        .filter(replay_records::expires_at.lt(now))
-        .order(replay_records::expires_at)
-        .select(replay_records::expires_at)
-        .offset(limit.saturating_sub(1).max(0))
-        .first(conn)
-        .optional()?;
-    let upto = cutoff.map_or(now, |c| c.saturating_add(1).min(now));
-    Ok(
-        diesel::delete(replay_records::table.filter(replay_records::expires_at.lt(upto)))
-            .execute(conn)?,
-    )
-}
 
 // ---- revoked job tokens: stored in `db::revoked` (job transitions write them too) ---
 

@@ -4,11 +4,11 @@
 //! Backend-specific SQL (advisory locks, row locks) lives only in this module, as an
 //! explicit `match` on the connection variant.
 
-pub mod batch;
 pub mod health;
 pub mod load;
 pub mod migrate;
 pub mod queue;
+pub mod replay;
 pub mod revoked;
 pub mod schema;
 mod writer;

@@ -3,7 +3,7 @@
 //! PostgreSQL each runs in its own transaction. Either way each request's write stands
 //! or falls on its own, and nothing is answered before it is committed.
 
-use coordinator::db::batch::insert_replays;
+use coordinator::db::replay::insert_replays;
 use coordinator::db::schema::replay_records;
 use coordinator::error::StoreError;
 use diesel::prelude::*;

@@ -1,6 +1,8 @@
-//! Batched insert of replay records (group commit): one statement per batch on
-//! PostgreSQL (`ON CONFLICT DO NOTHING RETURNING`), `INSERT OR IGNORE` per row inside
-//! one transaction on SQLite. Either way one commit covers the whole batch.
+//! The `replay_records` table, all of its storage in one place: batched insert (one
+//! statement per batch on PostgreSQL, `ON CONFLICT DO NOTHING RETURNING`; `INSERT OR
+//! IGNORE` per row inside one transaction on SQLite), the single insert, and the purge
+//! of expired records. The replay log that decides when to write lives in
+//! `auth/replay.rs`.
 
 use std::collections::HashSet;
 
@@ -8,7 +10,7 @@ use diesel::prelude::*;
 
 use super::schema::replay_records;
 use super::DbConnection;
-use crate::error::StoreError;
+use crate::error::{is_unique_violation, StoreError};
 
 /// One replay record: (caller, signature hash, expires_at ms).
 pub type ReplayRow = (String, String, i64);
@@ -58,4 +60,42 @@ pub fn insert_replays(
                 .collect()
         }),
     }
+}
+
+/// Record a (caller, signature hash) pair; `false` when it was already there (a replay).
+pub fn record_replay(
+    conn: &mut DbConnection,
+    caller: &str,
+    signature_hash: &str,
+    expires_at: i64,
+) -> Result<bool, StoreError> {
+    let r = diesel::insert_into(replay_records::table)
+        .values((
+            replay_records::caller.eq(caller),
+            replay_records::signature_hash.eq(signature_hash),
+            replay_records::expires_at.eq(expires_at),
+        ))
+        .execute(conn);
+    match r {
+        Ok(_) => Ok(true),
+        Err(e) if is_unique_violation(&e) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Delete at most about `limit` expired replay records (bounded per pass); returns
+/// how many went.
+pub fn purge_replays(conn: &mut DbConnection, now: i64, limit: i64) -> Result<usize, StoreError> {
+    let cutoff: Option<i64> = replay_records::table
+        .filter(replay_records::expires_at.lt(now))
+        .order(replay_records::expires_at)
+        .select(replay_records::expires_at)
+        .offset(limit.saturating_sub(1).max(0))
+        .first(conn)
+        .optional()?;
+    let upto = cutoff.map_or(now, |c| c.saturating_add(1).min(now));
+    Ok(
+        diesel::delete(replay_records::table.filter(replay_records::expires_at.lt(upto)))
+            .execute(conn)?,
+    )
 }
