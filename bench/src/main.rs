@@ -9,7 +9,9 @@
 //! Other modes, each writing its own section of the report: `--webhooks` (issue 22),
 //! `--peer DIR` (side by side with the Node peer, issue 14), `--soak MINUTES` (issue 14),
 //! `--overload` (0.5×/1×/2× the sustainable rate, issue 20), `--push` (idle waiters,
-//! long-poll cycles and open streams, issue 16); `--signers` (issue 17) prints the
+//! long-poll cycles and open streams, issue 16), `--lifecycle` (list pages at 10 k and
+//! 1 M jobs, claims/s with and without `maxRunning`, batch vs single creates, issue 15);
+//! `--signers` (issue 17) prints the
 //! client crate's signer against the previous one.
 //!
 //! Environment: `BENCH_DURATION_SECS` (default 5), `BENCH_CONNECTIONS` (32),
@@ -27,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod drive;
+mod lifecycle;
 mod overload;
 mod peer;
 mod push;
@@ -997,6 +1000,10 @@ fn main() {
         push::run(&bin, &out, &admin_url);
         return;
     }
+    if args.iter().any(|a| a == "--lifecycle") {
+        lifecycle::run(&bin, &out, &admin_url);
+        return;
+    }
     if args.iter().any(|a| a == "--webhooks") {
         webhooks::run(&bin, &out, duration);
         return;
@@ -1008,7 +1015,7 @@ fn main() {
     if let Some(other) = args.first() {
         panic!(
             "unknown argument {other}: use --soak MINUTES, --peer DIR, --webhooks, --overload, \
-             --signers, --tls, --push or none"
+             --signers, --tls, --push, --lifecycle or none"
         );
     }
 
