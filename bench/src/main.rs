@@ -292,6 +292,7 @@ fn signed(
 }
 
 /// One HMAC-signed request (fresh nonce), its response unread.
+#[allow(clippy::result_large_err, reason = "ureq's own error type, passed through")]
 fn signed_request(
     agent: &ureq::Agent,
     url: &str,
