@@ -292,7 +292,10 @@ fn signed(
 }
 
 /// One HMAC-signed request (fresh nonce), its response unread.
-#[allow(clippy::result_large_err, reason = "ureq's own error type, passed through")]
+#[allow(
+    clippy::result_large_err,
+    reason = "ureq's own error type, passed through"
+)]
 fn signed_request(
     agent: &ureq::Agent,
     url: &str,

@@ -33,7 +33,6 @@ use diesel::Connection;
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_coordinator");
-const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// Writes attempted in all (before and after the crash).
 const TARGET_ATTEMPTS: usize = 1000;
 /// The server is killed once this many writes have been acknowledged.
@@ -45,41 +44,7 @@ const PROGRESS_PER_JOB: usize = 25;
 
 // ---- databases -----------------------------------------------------------------------
 
-/// The admin URL when PostgreSQL tests can run; `None` means skip (panics instead when
-/// `REQUIRE_POSTGRES=1`). The same rule as the API test harness.
-fn postgres_admin_url() -> Option<String> {
-    let url = std::env::var("TEST_POSTGRES_URL")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| DEFAULT_PG.to_owned());
-    match diesel::PgConnection::establish(&url) {
-        Ok(_) => Some(url),
-        Err(e) => {
-            if std::env::var("REQUIRE_POSTGRES").as_deref() == Ok("1") {
-                panic!(
-                    "REQUIRE_POSTGRES=1 but PostgreSQL at TEST_POSTGRES_URL is not reachable: {e}"
-                );
-            }
-            eprintln!("SKIPPED: PostgreSQL test (TEST_POSTGRES_URL unset or not answering: {e})");
-            None
-        }
-    }
-}
-
-fn replace_db_name(admin: &str, name: &str) -> String {
-    let (base, query) = match admin.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (admin, None),
-    };
-    let prefix = match base.rfind('/') {
-        Some(i) if i > "postgres://".len() => &base[..i],
-        _ => base,
-    };
-    match query {
-        Some(q) => format!("{prefix}/{name}?{q}"),
-        None => format!("{prefix}/{name}"),
-    }
-}
+use crate::helpers::{postgres_admin_url, replace_db_name};
 
 /// A throwaway database: a SQLite file in the temp dir, or a fresh PostgreSQL database
 /// dropped (`WITH (FORCE)`) when this goes out of scope, whatever the test's outcome.

@@ -111,7 +111,7 @@ impl Drop for TestDb {
     }
 }
 
-fn replace_db_name(admin: &str, name: &str) -> String {
+pub fn replace_db_name(admin: &str, name: &str) -> String {
     let (base, query) = match admin.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (admin, None),
@@ -128,7 +128,7 @@ fn replace_db_name(admin: &str, name: &str) -> String {
 
 /// The admin URL when PostgreSQL tests can run; `None` means skip (panics instead
 /// when `REQUIRE_POSTGRES=1`).
-fn postgres_admin_url() -> Option<String> {
+pub fn postgres_admin_url() -> Option<String> {
     let explicit = std::env::var("TEST_POSTGRES_URL")
         .ok()
         .filter(|s| !s.is_empty());
