@@ -1,5 +1,5 @@
-//! `Application::build(config)` → a bound server (tests use the same), and the one
-//! route table: every route with the access it requires, registered from one list.
+//! `Application::build(config)` → a bound server (tests use the same): the shared state,
+//! the listeners (routes from `http::routes`), the background tasks and the shutdown.
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -9,166 +9,18 @@ use actix_web::dev::{Server, ServerHandle, ServiceRequest};
 use actix_web::middleware::{self, Next};
 use actix_web::{web, App, HttpServer};
 
-use crate::auth::access::UNMATCHED;
 use crate::auth::admin::check_master_keys;
-use crate::auth::middleware::{guard, Gate};
 use crate::auth::revocation::Revocations;
 use crate::auth::store::CredentialStore;
 use crate::auth::throttle::Throttle;
 use crate::auth::token::ensure_signing_key;
-use crate::auth::{Access, AuthContext, AuthSettings, RouteSpec, Scope};
+use crate::auth::{Access, AuthContext, AuthSettings, RouteSpec};
 use crate::config::Config;
 use crate::crypto::seal::Sealer;
 use crate::db::{migrate, Db};
-use crate::error::ApiError;
 use crate::health::HealthCache;
-use crate::http::{health, jobs};
+use crate::http::routes;
 use crate::state::AppState;
-
-macro_rules! route_table {
-    ($( $method:ident $path:literal => $handler:path, $access:expr; )*) => {
-        /// Every route, its method and the access it requires: the one list from which
-        /// routes are registered, each with its own guard.
-        pub const ROUTES: &[RouteSpec] = &[
-            $( RouteSpec { method: route_table!(@m $method), path: $path, access: $access }, )*
-        ];
-
-        /// Register the routes whose access `keep` accepts. Each resource is wrapped
-        /// in a guard that carries this route's spec, so what is checked is always the
-        /// requirement of the route that runs. A path may carry several methods (one
-        /// resource each, selected by method); after them, one resource per path answers
-        /// 405 for any other method, behind the guard of the path's first route.
-        fn register(
-            cfg: &mut web::ServiceConfig,
-            keep: fn(&RouteSpec) -> bool,
-            auth: &Arc<AuthContext>,
-            metrics: &Arc<crate::metrics::Metrics>,
-        ) {
-            $(
-                let spec = RouteSpec {
-                    method: route_table!(@m $method),
-                    path: $path,
-                    access: $access,
-                };
-                if keep(&spec) {
-                    let gate = Arc::new(Gate::new(auth.clone(), metrics.clone(), spec));
-                    cfg.service(
-                        web::resource($path)
-                            .guard(route_table!(@g $method))
-                            .route(web::$method().to($handler))
-                            .wrap(middleware::from_fn(
-                                move |req: ServiceRequest, next: Next<BoxBody>| {
-                                    guard(gate.clone(), req, next)
-                                },
-                            )),
-                    );
-                }
-            )*
-            for (i, spec) in ROUTES.iter().enumerate() {
-                if !keep(spec) || ROUTES.iter().take(i).any(|r| r.path == spec.path) {
-                    continue;
-                }
-                let allow = allowed_methods(spec.path);
-                let gate = Arc::new(Gate::new(auth.clone(), metrics.clone(), *spec));
-                cfg.service(
-                    web::resource(spec.path)
-                        .default_service(web::to(move || method_not_allowed(allow)))
-                        .wrap(middleware::from_fn(
-                            move |req: ServiceRequest, next: Next<BoxBody>| {
-                                guard(gate.clone(), req, next)
-                            },
-                        )),
-                );
-            }
-        }
-    };
-    (@m get) => { "GET" };
-    (@m post) => { "POST" };
-    (@m patch) => { "PATCH" };
-    (@g get) => { actix_web::guard::Get() };
-    (@g post) => { actix_web::guard::Post() };
-    (@g patch) => { actix_web::guard::Patch() };
-}
-
-route_table! {
-    get   "/livez"                            => health::livez,    Access::Open;
-    get   "/readyz"                           => health::readyz,   Access::Open;
-    get   "/metrics"                          => health::metrics,  Access::Open;
-    get   "/openapi.json"                     => crate::http::openapi::openapi_json, Access::Open;
-    get   "/ui/"                              => crate::http::ui::index,  Access::Open;
-    get   "/ui/app.js"                        => crate::http::ui::script, Access::Open;
-    get   "/ui/app.css"                       => crate::http::ui::style,  Access::Open;
-    get   "/coordinator/health"               => health::health,   Access::Scope(Scope::HealthRead);
-    post  "/coordinator/jobs"                 => jobs::create,     Access::Scope(Scope::JobsCreate);
-    get   "/coordinator/jobs"                 => jobs::list,       Access::Scope(Scope::JobsRead);
-    post  "/coordinator/jobs/batch"           => jobs::batch,      Access::Scope(Scope::JobsCreate);
-    get   "/coordinator/jobs/{id}"            => jobs::get,        Access::Scope(Scope::JobsRead);
-    patch "/coordinator/jobs/{id}/status"     => jobs::status,     Access::Scope(Scope::JobsUpdate);
-    patch "/coordinator/jobs/{id}/progress"   => jobs::progress,   Access::Scope(Scope::JobsUpdate);
-    post  "/coordinator/jobs/{id}/heartbeat"  => jobs::heartbeat,  Access::Scope(Scope::JobsUpdate);
-    post  "/coordinator/jobs/{id}/complete"   => jobs::complete,   Access::Scope(Scope::JobsUpdate);
-    post  "/coordinator/jobs/{id}/fail"       => jobs::fail,       Access::Scope(Scope::JobsUpdate);
-    post  "/coordinator/jobs/{id}/cancel"     => jobs::cancel,     Access::Scope(Scope::JobsUpdate);
-    post  "/coordinator/jobs/{id}/retry"      => jobs::retry,      Access::Scope(Scope::JobsUpdate);
-    get   "/coordinator/queues"               => jobs::queues,     Access::Scope(Scope::HealthRead);
-    patch "/coordinator/queues/{queue}"       => jobs::patch_queue, Access::Scope(Scope::Admin);
-    post  "/coordinator/queues/{queue}/claim" => jobs::claim,      Access::Scope(Scope::JobsUpdate);
-    get   "/coordinator/jobs/{id}/events"     => crate::http::push::job_events, Access::Scope(Scope::JobsRead);
-    get   "/coordinator/queues/{queue}/events" => crate::http::push::queue_events, Access::Scope(Scope::HealthRead);
-    post  "/stitcher/webhook"                 => crate::http::stitcher::webhook,  Access::Scope(Scope::StitcherWebhook);
-    post  "/stitcher/webhook/{caller}"        => crate::http::stitcher::webhook_from_sender, Access::Scope(Scope::StitcherWebhook);
-    post  "/stitcher/dispatch"                => crate::http::stitcher::dispatch, Access::Scope(Scope::StitcherDispatch);
-    post  "/admin/tokens/revoke"              => crate::http::admin::revoke_token, Access::Scope(Scope::Admin);
-}
-
-/// The dashboard's routes: open, but served with the API (see `--metrics-bind`).
-pub fn is_page(r: &RouteSpec) -> bool {
-    r.path.starts_with("/ui/")
-}
-
-/// The registered route with this method and pattern (`None`: not a registered route).
-pub fn access_for(method: &str, path_pattern: &str) -> Option<&'static RouteSpec> {
-    ROUTES
-        .iter()
-        .find(|r| r.method == method && r.path == path_pattern)
-}
-
-/// The `Allow` value of a path: its methods in table order (built once per process).
-fn allowed_methods(path: &str) -> &'static str {
-    static ALLOW: std::sync::OnceLock<Vec<(&'static str, &'static str)>> =
-        std::sync::OnceLock::new();
-    let table = ALLOW.get_or_init(|| {
-        let mut out: Vec<(&'static str, &'static str)> = Vec::new();
-        for r in ROUTES {
-            if out.iter().any(|(p, _)| *p == r.path) {
-                continue;
-            }
-            let methods: Vec<&str> = ROUTES
-                .iter()
-                .filter(|x| x.path == r.path)
-                .map(|x| x.method)
-                .collect();
-            let allow: &'static str = match methods.as_slice() {
-                [one] => one,
-                many => Box::leak(many.join(", ").into_boxed_str()),
-            };
-            out.push((r.path, allow));
-        }
-        out
-    });
-    table
-        .iter()
-        .find(|(p, _)| *p == path)
-        .map_or("", |(_, a)| *a)
-}
-
-async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
-    Err(ApiError::NotFound)
-}
-
-async fn method_not_allowed(allow: &'static str) -> Result<actix_web::HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed(allow))
-}
 
 /// A built, bound, not yet running application.
 pub struct Application {
@@ -288,12 +140,12 @@ impl Application {
                     .map_err(|e| anyhow::anyhow!("cannot bind {addr}: {e}"))?;
                 let probe_port = probe_listener.local_addr()?.port();
                 let api = run(listener, api_tls, state.clone(), &config, |r| {
-                    r.access != Access::Open || is_page(r)
+                    r.access != Access::Open || routes::is_page(r)
                 })?;
                 // The probe listener stays plain HTTP (kubelet and Prometheus scrape it
                 // on a private address; it serves no credentials).
                 let open = run(probe_listener, None, state.clone(), &config, |r| {
-                    r.access == Access::Open && !is_page(r)
+                    r.access == Access::Open && !routes::is_page(r)
                 })?;
                 (api, Some((probe_port, open)))
             }
@@ -407,15 +259,11 @@ fn run(
     let mut server = HttpServer::new(move || {
         let (auth, metrics) = (state.auth.clone(), state.metrics.clone());
         let deadline = state.config.request_deadline;
-        let fallback = Arc::new(Gate::new(auth.clone(), metrics.clone(), UNMATCHED));
         App::new()
             .app_data(state.clone())
             .app_data(web::PayloadConfig::new(body_limit))
-            .configure(|cfg| register(cfg, keep, &auth, &metrics))
-            // No route matched: authenticate like any route, then 404; no handler runs.
-            .default_service(web::to(not_found).wrap(middleware::from_fn(
-                move |req: ServiceRequest, next: Next<BoxBody>| guard(fallback.clone(), req, next),
-            )))
+            .configure(|cfg| routes::register(cfg, keep, &auth, &metrics))
+            .default_service(routes::unmatched(auth.clone(), metrics.clone()))
             .wrap(middleware::from_fn(
                 move |req: ServiceRequest, next: Next<BoxBody>| {
                     crate::telemetry::access_log(metrics.clone(), req, next)
@@ -441,233 +289,4 @@ fn run(
         server = server.workers(config.workers);
     }
     Ok(server.run())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_route_is_in_the_table_once() {
-        let mut seen = std::collections::HashSet::new();
-        for r in ROUTES {
-            assert!(
-                seen.insert((r.method, r.path)),
-                "duplicate {} {}",
-                r.method,
-                r.path
-            );
-            assert_eq!(access_for(r.method, r.path), Some(r));
-        }
-        assert_eq!(allowed_methods("/coordinator/jobs"), "POST, GET");
-        assert_eq!(allowed_methods("/coordinator/jobs/{id}"), "GET");
-    }
-
-    #[test]
-    fn only_probes_are_open() {
-        for r in ROUTES {
-            let open = matches!(r.access, Access::Open);
-            assert_eq!(
-                open,
-                [
-                    "/livez",
-                    "/readyz",
-                    "/metrics",
-                    "/openapi.json",
-                    "/ui/",
-                    "/ui/app.js",
-                    "/ui/app.css"
-                ]
-                .contains(&r.path),
-                "{}",
-                r.path
-            );
-        }
-    }
-}
-
-/// The OpenAPI document against the route table, without a server: it lists exactly the
-/// routes of `ROUTES` (method + pattern, both directions) with the access each requires.
-#[cfg(test)]
-mod openapi_document {
-    #![allow(
-        clippy::indexing_slicing,
-        clippy::expect_used,
-        reason = "test code: a missing key is the failed assertion"
-    )]
-    use std::collections::BTreeSet;
-
-    use serde_json::{json, Value};
-    use utoipa::OpenApi;
-
-    use super::ROUTES;
-    use crate::auth::{Access, Scope};
-
-    const METHODS: [&str; 8] = [
-        "get", "put", "post", "delete", "options", "head", "patch", "trace",
-    ];
-
-    fn document() -> Value {
-        serde_json::to_value(crate::http::openapi::ApiDoc::openapi()).expect("document")
-    }
-
-    /// (METHOD, path pattern) of every operation in the document.
-    fn documented(doc: &Value) -> BTreeSet<(String, String)> {
-        let paths = doc["paths"].as_object().expect("paths");
-        let mut out = BTreeSet::new();
-        for (path, item) in paths {
-            for method in METHODS {
-                if item.get(method).is_some() {
-                    out.insert((method.to_ascii_uppercase(), path.clone()));
-                }
-            }
-        }
-        out
-    }
-
-    fn operation<'a>(doc: &'a Value, method: &str, path: &str) -> &'a Value {
-        let op = &doc["paths"][path][method.to_ascii_lowercase()];
-        assert!(op.is_object(), "{method} {path} is not documented");
-        op
-    }
-
-    /// Follow a local `$ref` (`#/components/...`).
-    fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
-        match v.get("$ref").and_then(Value::as_str) {
-            Some(r) => {
-                let pointer = r.strip_prefix('#').expect("local $ref");
-                let target = doc
-                    .pointer(pointer)
-                    .unwrap_or_else(|| panic!("dangling {r}"));
-                resolve(doc, target)
-            }
-            None => v,
-        }
-    }
-
-    #[test]
-    fn document_lists_every_registered_route() {
-        let doc = document();
-        let registered: BTreeSet<(String, String)> = ROUTES
-            .iter()
-            .map(|r| (r.method.to_owned(), r.path.to_owned()))
-            .collect();
-        let documented = documented(&doc);
-        let undocumented: Vec<_> = registered.difference(&documented).collect();
-        let unregistered: Vec<_> = documented.difference(&registered).collect();
-        assert!(
-            undocumented.is_empty(),
-            "registered routes missing from the document: {undocumented:?}"
-        );
-        assert!(
-            unregistered.is_empty(),
-            "documented operations that no route serves: {unregistered:?}"
-        );
-        // Operation ids are unique, and every `{param}` of a pattern is a path parameter.
-        let mut ids = BTreeSet::new();
-        for r in ROUTES {
-            let op = operation(&doc, r.method, r.path);
-            let id = op["operationId"].as_str().expect("operationId");
-            assert!(ids.insert(id.to_owned()), "duplicate operationId {id}");
-            let params: BTreeSet<&str> = op["parameters"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| resolve(&doc, p))
-                .filter(|p| p["in"] == "path")
-                .filter_map(|p| p["name"].as_str())
-                .collect();
-            let in_pattern: BTreeSet<&str> = r
-                .path
-                .split('/')
-                .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
-                .collect();
-            assert_eq!(
-                params, in_pattern,
-                "path parameters of {} {}",
-                r.method, r.path
-            );
-        }
-    }
-
-    #[test]
-    fn operations_require_the_routes_access() {
-        let doc = document();
-        assert!(
-            doc.get("security").is_none(),
-            "no document-wide requirement"
-        );
-        let schemes = doc["components"]["securitySchemes"]
-            .as_object()
-            .expect("securitySchemes");
-        for name in ["hmac", "apiKey", "bearer", "standardWebhooks", "mutualTLS"] {
-            assert!(schemes.contains_key(name), "security scheme {name}");
-        }
-        assert_eq!(schemes["hmac"]["in"], "header");
-        assert_eq!(schemes["hmac"]["name"], "X-Coordinator-Signature");
-        assert_eq!(schemes["apiKey"]["name"], "X-API-Key");
-        assert_eq!(schemes["bearer"]["scheme"], "bearer");
-        assert_eq!(schemes["standardWebhooks"]["name"], "webhook-signature");
-        assert_eq!(schemes["mutualTLS"]["type"], "mutualTLS");
-
-        for r in ROUTES {
-            let op = operation(&doc, r.method, r.path);
-            let requirements = op["security"].as_array().cloned().unwrap_or_default();
-            let Access::Scope(scope) = r.access else {
-                assert!(
-                    requirements.is_empty(),
-                    "open route {} {} lists security",
-                    r.method,
-                    r.path
-                );
-                continue;
-            };
-            let mut names = BTreeSet::new();
-            for req in &requirements {
-                let req = req.as_object().expect("requirement");
-                assert_eq!(req.len(), 1, "one scheme per alternative: {req:?}");
-                for (name, scopes) in req {
-                    assert!(schemes.contains_key(name), "unknown scheme {name}");
-                    assert_eq!(
-                        scopes,
-                        &json!([scope.as_str()]),
-                        "{} {} requires {}",
-                        r.method,
-                        r.path,
-                        scope.as_str()
-                    );
-                    names.insert(name.as_str());
-                }
-            }
-            assert!(
-                names.contains("hmac") && names.contains("apiKey") && names.contains("mutualTLS"),
-                "{}",
-                r.path
-            );
-            // Job tokens carry jobs:read / jobs:update only; Standard Webhooks is accepted
-            // on the webhook route only.
-            if names.contains("bearer") {
-                assert!(
-                    matches!(scope, Scope::JobsRead | Scope::JobsUpdate),
-                    "{}",
-                    r.path
-                );
-            }
-            assert_eq!(
-                names.contains("standardWebhooks"),
-                r.accepts_webhooks(),
-                "{}",
-                r.path
-            );
-            let responses = op["responses"].as_object().expect("responses");
-            for status in ["401", "403", "429", "503"] {
-                assert!(
-                    responses.contains_key(status),
-                    "{} {} documents no {status}",
-                    r.method,
-                    r.path
-                );
-            }
-        }
-    }
 }

@@ -14,6 +14,19 @@ pub enum Access {
     Authenticated,
     /// An authenticated principal holding this scope.
     Scope(Scope),
+    /// The same, and also a job token carrying the scope, for the job named by the
+    /// route's `{id}` only: the routes a worker uses on the job it holds.
+    Job(Scope),
+}
+
+impl Access {
+    /// The scope a caller must hold (`None`: open, or the unmatched fallback).
+    pub fn scope(&self) -> Option<Scope> {
+        match self {
+            Access::Scope(s) | Access::Job(s) => Some(*s),
+            Access::Open | Access::Authenticated => None,
+        }
+    }
 }
 
 /// One registered route.
@@ -32,10 +45,9 @@ pub const UNMATCHED: RouteSpec = RouteSpec {
 };
 
 impl RouteSpec {
-    /// Routes about one job (`{id}` in the path): the only routes a job token may use,
-    /// and only for its own job.
-    pub fn is_job_route(&self) -> bool {
-        self.path.contains("{id}")
+    /// The only routes a job token may use, and only for its own job (`Access::Job`).
+    pub fn accepts_job_tokens(&self) -> bool {
+        matches!(self.access, Access::Job(_))
     }
 
     /// Routes that also accept Standard Webhooks signatures.

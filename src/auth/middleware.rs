@@ -285,15 +285,17 @@ fn bearer_hints(value: &str) -> Result<(), ApiError> {
 fn authorize(p: &Principal, spec: &RouteSpec, req: &ServiceRequest) -> Result<(), ApiError> {
     match spec.access {
         Access::Open | Access::Authenticated => {}
-        Access::Scope(scope) if p.has_scope(scope) => {}
-        Access::Scope(scope) => return Err(ApiError::Forbidden(scope.missing())),
+        Access::Scope(scope) | Access::Job(scope) if p.has_scope(scope) => {}
+        Access::Scope(scope) | Access::Job(scope) => {
+            return Err(ApiError::Forbidden(scope.missing()))
+        }
     }
     if let Some(own) = &p.job_id {
         if matches!(spec.access, Access::Authenticated) {
             return Ok(());
         }
         let id = req.match_info().get("id");
-        if !spec.is_job_route() || id.is_none() {
+        if !spec.accepts_job_tokens() || id.is_none() {
             return Err(ApiError::Forbidden(
                 "a job token may only be used on its own job's routes",
             ));

@@ -7,7 +7,7 @@ use serde_json::json;
 use crate::db::now_millis;
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::JsonBody;
-use crate::http::openapi::problem;
+use crate::http::problem;
 use crate::jobs::model::rfc3339;
 use crate::state::AppState;
 
@@ -79,15 +79,8 @@ pub fn valid_jti(jti: &str) -> bool {
     request_body(content = RevokeToken, content_type = "application/json"),
     responses(
         (status = 200, description = "The token id is revoked.", body = TokenRevoked),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 409, response = problem::Conflict),
-        (status = 413, response = problem::TooLarge),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
+        problem::WriteErrors,
     ),
-    security(("hmac" = ["admin"]), ("apiKey" = ["admin"])),
 )]
 pub async fn revoke_token(
     state: web::Data<AppState>,

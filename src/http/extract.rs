@@ -120,6 +120,15 @@ impl<T: DeserializeOwned + 'static> FromRequest for JsonBody<T> {
     }
 }
 
+/// The `{id}` path parameter of the job routes.
+#[derive(utoipa::IntoParams)]
+#[into_params(names("id"), parameter_in = Path)]
+pub struct JobIdParam(
+    /// The job id (a UUID).
+    #[param(format = "uuid")]
+    pub String,
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

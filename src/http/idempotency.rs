@@ -28,3 +28,18 @@ pub fn from_request(req: &HttpRequest, body_hash: String) -> ApiResult<Option<Id
         request_hash: body_hash,
     }))
 }
+
+/// The `Idempotency-Key` request header.
+#[derive(utoipa::IntoParams)]
+#[into_params(names("Idempotency-Key"), parameter_in = Header)]
+pub struct IdempotencyKey(
+    /// Makes retries return the first result: 1–255 printable ASCII characters, unique
+    /// per caller.
+    #[param(
+        min_length = 1,
+        max_length = 255,
+        pattern = "^[!-~]+$",
+        nullable = false
+    )]
+    pub Option<String>,
+);

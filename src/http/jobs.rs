@@ -5,8 +5,10 @@ use actix_web::{http::StatusCode, web, HttpRequest, HttpResponse};
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
+use crate::http::extract::JobIdParam;
 use crate::http::extract::{JsonBody, RawBody};
-use crate::http::openapi::{problem, IdempotencyKey, JobIdParam};
+use crate::http::idempotency::IdempotencyKey;
+use crate::http::problem;
 use crate::jobs::model::{
     validate_message, BatchCreate, BatchCreated, BatchItem, CancelJob, Change, CompleteJob,
     CreateJob, FailJob, HeartbeatView, JobId, JobPage, JobView, ListFilter, ProgressUpdate,
@@ -32,15 +34,8 @@ use crate::state::AppState;
             this `Idempotency-Key`.", body = JobView,
             headers(("Idempotent-Replayed" = String,
                 description = "`true` when this is the answer to an earlier request"))),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 409, response = problem::Conflict),
-        (status = 413, response = problem::TooLarge),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
+        problem::WriteErrors,
     ),
-    security(("hmac" = ["jobs:create"]), ("apiKey" = ["jobs:create"])),
 )]
 pub async fn create(
     state: web::Data<AppState>,
@@ -90,16 +85,6 @@ async fn change(
     Ok(HttpResponse::Ok().json(JobView::from(row)))
 }
 
-/// Routes an operator uses on a job, never its worker's token.
-fn not_a_job_token(principal: &Principal) -> ApiResult<()> {
-    if principal.job_id.is_some() {
-        return Err(ApiError::Forbidden(
-            "a job token cannot cancel or retry jobs",
-        ));
-    }
-    Ok(())
-}
-
 /// `PATCH /coordinator/jobs/{id}/status`
 #[utoipa::path(
     patch,
@@ -114,19 +99,7 @@ fn not_a_job_token(principal: &Principal) -> ApiResult<()> {
     request_body(content = StatusUpdate, content_type = "application/json"),
     responses(
         (status = 200, description = "The job after the change.", body = JobView),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 404, response = problem::NotFound),
-        (status = 409, response = problem::Conflict),
-        (status = 413, response = problem::TooLarge),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
-    ),
-    security(
-        ("hmac" = ["jobs:update"]),
-        ("apiKey" = ["jobs:update"]),
-        ("bearer" = ["jobs:update"])
+        problem::JobWriteErrors,
     ),
 )]
 pub async fn status(
@@ -156,19 +129,7 @@ pub async fn status(
     request_body(content = ProgressUpdate, content_type = "application/json"),
     responses(
         (status = 200, description = "The job after the change.", body = JobView),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 404, response = problem::NotFound),
-        (status = 409, response = problem::Conflict),
-        (status = 413, response = problem::TooLarge),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
-    ),
-    security(
-        ("hmac" = ["jobs:update"]),
-        ("apiKey" = ["jobs:update"]),
-        ("bearer" = ["jobs:update"])
+        problem::JobWriteErrors,
     ),
 )]
 pub async fn progress(
@@ -199,19 +160,7 @@ pub async fn progress(
         description = "An empty body reads as `{}`."),
     responses(
         (status = 200, description = "The job after the change.", body = JobView),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 404, response = problem::NotFound),
-        (status = 409, response = problem::Conflict),
-        (status = 413, response = problem::TooLarge),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
-    ),
-    security(
-        ("hmac" = ["jobs:update"]),
-        ("apiKey" = ["jobs:update"]),
-        ("bearer" = ["jobs:update"])
+        problem::JobWriteErrors,
     ),
 )]
 pub async fn complete(
@@ -246,19 +195,7 @@ pub async fn complete(
     request_body(content = FailJob, content_type = "application/json"),
     responses(
         (status = 200, description = "The job after the change.", body = JobView),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 404, response = problem::NotFound),
-        (status = 409, response = problem::Conflict),
-        (status = 413, response = problem::TooLarge),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
-    ),
-    security(
-        ("hmac" = ["jobs:update"]),
-        ("apiKey" = ["jobs:update"]),
-        ("bearer" = ["jobs:update"])
+        problem::JobWriteErrors,
     ),
 )]
 pub async fn fail(
@@ -288,17 +225,7 @@ pub async fn fail(
     params(JobIdParam),
     responses(
         (status = 200, description = "The job with `events`.", body = JobView),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 404, response = problem::NotFound),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
-    ),
-    security(
-        ("hmac" = ["jobs:read"]),
-        ("apiKey" = ["jobs:read"]),
-        ("bearer" = ["jobs:read"])
+        problem::JobReadErrors,
     ),
 )]
 pub async fn get(
@@ -373,14 +300,8 @@ pub struct ClaimedJob {
         (status = 200, description = "The claimed job with its token.", body = ClaimedJob,
             headers(("Cache-Control" = String, description = "`no-store`"))),
         (status = 204, description = "The queue has no claimable job (within `wait`)."),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 413, response = problem::TooLarge),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
+        problem::InputErrors,
     ),
-    security(("hmac" = ["jobs:update"]), ("apiKey" = ["jobs:update"])),
 )]
 pub async fn claim(
     state: web::Data<AppState>,
@@ -485,13 +406,8 @@ pub(crate) fn claimed_response(c: crate::auth::token::Claimed) -> ApiResult<Http
     ),
     responses(
         (status = 200, description = "One page.", body = JobPage),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
+        problem::InputErrors,
     ),
-    security(("hmac" = ["jobs:read"]), ("apiKey" = ["jobs:read"])),
 )]
 pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> ApiResult<HttpResponse> {
     let pairs = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
@@ -521,16 +437,8 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> ApiResult<Htt
     request_body(content = CancelJob, content_type = "application/json"),
     responses(
         (status = 200, description = "The cancelled job.", body = JobView),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 404, response = problem::NotFound),
-        (status = 409, response = problem::Conflict),
-        (status = 413, response = problem::TooLarge),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
+        problem::JobWriteErrors,
     ),
-    security(("hmac" = ["jobs:update"]), ("apiKey" = ["jobs:update"])),
 )]
 pub async fn cancel(
     state: web::Data<AppState>,
@@ -538,7 +446,6 @@ pub async fn cancel(
     id: web::Path<String>,
     JsonBody(body): JsonBody<CancelJob>,
 ) -> ApiResult<HttpResponse> {
-    not_a_job_token(&principal)?;
     validate_message(body.reason.as_deref())?;
     change(
         &state,
@@ -566,22 +473,14 @@ pub async fn cancel(
     params(JobIdParam),
     responses(
         (status = 200, description = "The job, QUEUED again.", body = JobView),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 404, response = problem::NotFound),
-        (status = 409, response = problem::Conflict),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
+        problem::JobWriteErrors,
     ),
-    security(("hmac" = ["jobs:update"]), ("apiKey" = ["jobs:update"])),
 )]
 pub async fn retry(
     state: web::Data<AppState>,
     principal: Principal,
     id: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
-    not_a_job_token(&principal)?;
     change(&state, &principal, &id, Change::Redrive).await
 }
 
@@ -600,18 +499,7 @@ pub async fn retry(
     params(JobIdParam),
     responses(
         (status = 200, description = "The new lease.", body = HeartbeatView),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 404, response = problem::NotFound),
-        (status = 409, response = problem::Conflict),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
-    ),
-    security(
-        ("hmac" = ["jobs:update"]),
-        ("apiKey" = ["jobs:update"]),
-        ("bearer" = ["jobs:update"])
+        problem::JobWriteErrors,
     ),
 )]
 pub async fn heartbeat(
@@ -644,12 +532,7 @@ pub async fn heartbeat(
         (since its `runAt`), whether it is paused and its running limit.",
     responses(
         (status = 200, description = "The queues, by name.", body = QueueList),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
     ),
-    security(("hmac" = ["health:read"]), ("apiKey" = ["health:read"])),
 )]
 pub async fn queues(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
     let now = crate::db::now_millis();
@@ -679,14 +562,8 @@ pub async fn queues(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
     request_body(content = QueuePatch, content_type = "application/json"),
     responses(
         (status = 200, description = "The queue after the change.", body = QueueView),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 413, response = problem::TooLarge),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
+        problem::InputErrors,
     ),
-    security(("hmac" = ["admin"]), ("apiKey" = ["admin"])),
 )]
 pub async fn patch_queue(
     state: web::Data<AppState>,
@@ -720,15 +597,8 @@ pub async fn patch_queue(
     request_body(content = BatchCreate, content_type = "application/json"),
     responses(
         (status = 200, description = "Every job, in request order.", body = BatchCreated),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 409, response = problem::Conflict),
-        (status = 413, response = problem::TooLarge),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
+        problem::WriteErrors,
     ),
-    security(("hmac" = ["jobs:create"]), ("apiKey" = ["jobs:create"])),
 )]
 pub async fn batch(
     state: web::Data<AppState>,

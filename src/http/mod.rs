@@ -7,6 +7,8 @@ pub mod health;
 pub mod idempotency;
 pub mod jobs;
 pub mod openapi;
+pub mod problem;
 pub mod push;
+pub mod routes;
 pub mod stitcher;
 pub mod ui;

@@ -1,7 +1,9 @@
-//! The OpenAPI 3 document, `GET /openapi.json`, generated from the code: the handlers'
-//! `#[utoipa::path]` attributes, the `ToSchema` derives of the request and response
-//! types, and the reusable problem+json responses below. `tests/api/openapi.rs`
-//! compares its operations (and their scopes) with `startup::ROUTES`, both directions.
+//! The OpenAPI 3 document, `GET /openapi.json`, generated from the code: the operations
+//! of the route table (`http::routes::RouteDoc`, each handler's `#[utoipa::path]`),
+//! the `ToSchema` derives of the request and response types, the reusable problem+json
+//! responses (`http::problem`), and — from each route's `Access` in the table — its
+//! security requirements and the answers of its guard. `tests/api/openapi.rs` checks
+//! real responses against it.
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
@@ -15,11 +17,14 @@ use utoipa::openapi::security::{
 use utoipa::openapi::{Components, HeaderBuilder, RefOr, Required, Response};
 use utoipa::{Modify, OpenApi};
 
+use crate::auth::{Access, RouteSpec};
 use crate::error::ApiError;
-use crate::http::{admin, health, jobs, stitcher, ui};
+use crate::http::problem::{self, BodyErrors, GuardErrors};
+use crate::http::routes::{RouteDoc, ROUTES};
 use crate::jobs::JobStatus;
 
-/// The document's operations, schemas, responses and security schemes.
+/// The document's description, shared schemas, responses and tags; the operations come
+/// from the route table ([`document`]).
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -32,36 +37,6 @@ use crate::jobs::JobStatus;
             requirements: a missing or bad credential is a 401, a missing scope a 403. \
             Errors are RFC 9457 problem+json documents (`Problem`). JSON field names are \
             camelCase."
-    ),
-    paths(
-        health::livez,
-        health::readyz,
-        health::metrics,
-        openapi_json,
-        health::health,
-        jobs::create,
-        jobs::list,
-        jobs::batch,
-        jobs::get,
-        jobs::status,
-        jobs::progress,
-        jobs::heartbeat,
-        jobs::complete,
-        jobs::fail,
-        jobs::cancel,
-        jobs::retry,
-        jobs::queues,
-        jobs::patch_queue,
-        jobs::claim,
-        crate::http::push::job_events,
-        crate::http::push::queue_events,
-        stitcher::webhook,
-        stitcher::webhook_from_sender,
-        stitcher::dispatch,
-        admin::revoke_token,
-        ui::index,
-        ui::script,
-        ui::style,
     ),
     components(
         schemas(crate::error::Problem, crate::jobs::model::EventType),
@@ -76,7 +51,6 @@ use crate::jobs::JobStatus;
             problem::Unavailable,
         )
     ),
-    modifiers(&SecuritySchemes, &RequestIdHeader),
     tags(
         (name = "jobs", description = "Coordinator jobs: create, update, read, claim."),
         (name = "stitcher", description = "Bot webhooks and manual dispatch."),
@@ -86,6 +60,17 @@ use crate::jobs::JobStatus;
     )
 )]
 pub struct ApiDoc;
+
+/// The whole document: [`ApiDoc`], the route table's operations, then what every
+/// operation gets from its route: security requirements, guard answers, `X-Request-Id`.
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.merge(RouteDoc::openapi());
+    SecuritySchemes.modify(&mut doc);
+    RouteAccess.modify(&mut doc);
+    RequestIdHeader.modify(&mut doc);
+    doc
+}
 
 /// `GET /openapi.json`: this document (built once per process; it depends on the code
 /// only, never on configuration or state).
@@ -104,7 +89,7 @@ pub async fn openapi_json() -> HttpResponse {
     static DOCUMENT: OnceLock<String> = OnceLock::new();
     let text = match DOCUMENT.get() {
         Some(text) => text,
-        None => match ApiDoc::openapi().to_json() {
+        None => match document().to_json() {
             Ok(text) => DOCUMENT.get_or_init(|| text),
             Err(e) => return ApiError::internal(e).error_response(),
         },
@@ -112,92 +97,6 @@ pub async fn openapi_json() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
         .body(text.as_str())
-}
-
-/// The `{id}` path parameter of the job routes.
-#[derive(utoipa::IntoParams)]
-#[into_params(names("id"), parameter_in = Path)]
-pub struct JobIdParam(
-    /// The job id (a UUID).
-    #[param(format = "uuid")]
-    pub String,
-);
-
-/// The `Idempotency-Key` request header.
-#[derive(utoipa::IntoParams)]
-#[into_params(names("Idempotency-Key"), parameter_in = Header)]
-pub struct IdempotencyKey(
-    /// Makes retries return the first result: 1–255 printable ASCII characters, unique
-    /// per caller.
-    #[param(
-        min_length = 1,
-        max_length = 255,
-        pattern = "^[!-~]+$",
-        nullable = false
-    )]
-    pub Option<String>,
-);
-
-/// The problem+json responses the operations refer to (`components/responses`).
-pub mod problem {
-    use crate::error::Problem;
-
-    /// The request is malformed; `field` names the offending field (`body` when the
-    /// JSON itself is malformed, `id` for a path id that is not a UUID, or a header).
-    #[derive(utoipa::ToResponse)]
-    #[response(content_type = "application/problem+json")]
-    pub struct BadRequest(pub Problem);
-
-    /// Missing, malformed, unknown, expired, revoked or replayed credentials, two
-    /// credential schemes at once, or a bad signature. `reason` says which;
-    /// `server_time` comes with `timestamp out of range`, `canonical` with
-    /// `signature mismatch`.
-    #[derive(utoipa::ToResponse)]
-    #[response(
-        content_type = "application/problem+json",
-        headers(("WWW-Authenticate" = String, description = "`Coordinator-HMAC-SHA256`"))
-    )]
-    pub struct Unauthorized(pub Problem);
-
-    /// Authenticated, but the caller lacks the route's scope, or a job token is used
-    /// for another job (or to claim).
-    #[derive(utoipa::ToResponse)]
-    #[response(content_type = "application/problem+json")]
-    pub struct Forbidden(pub Problem);
-
-    /// No such job.
-    #[derive(utoipa::ToResponse)]
-    #[response(content_type = "application/problem+json")]
-    pub struct NotFound(pub Problem);
-
-    /// The state machine refuses the change (a terminal job never changes), or an
-    /// `Idempotency-Key` was already used with a different request. A change to a
-    /// cancelled job has its own type, `urn:coordinator:problem:job-cancelled`, so a
-    /// worker can tell that it should stop.
-    #[derive(utoipa::ToResponse)]
-    #[response(content_type = "application/problem+json")]
-    pub struct Conflict(pub Problem);
-
-    /// The request body exceeds the configured limit (default 1 MiB).
-    #[derive(utoipa::ToResponse)]
-    #[response(content_type = "application/problem+json")]
-    pub struct TooLarge(pub Problem);
-
-    /// Too many failed authentication attempts from this address; retry later.
-    #[derive(utoipa::ToResponse)]
-    #[response(
-        content_type = "application/problem+json",
-        headers(("Retry-After" = String, description = "Seconds to wait"))
-    )]
-    pub struct TooManyRequests(pub Problem);
-
-    /// The database cannot be reached (the service fails closed); retry later.
-    #[derive(utoipa::ToResponse)]
-    #[response(
-        content_type = "application/problem+json",
-        headers(("Retry-After" = String, description = "Seconds to wait"))
-    )]
-    pub struct Unavailable(pub Problem);
 }
 
 /// `JobStatus` reads and writes as the strings of [`JobStatus::as_str`].
@@ -276,27 +175,60 @@ impl Modify for SecuritySchemes {
                 extensions: None,
             },
         );
-        // A client certificate names a caller and carries that caller's scopes: it is an
-        // alternative wherever an HMAC signature is, with the same scopes.
-        for item in openapi.paths.paths.values_mut() {
-            let ops = [
-                &mut item.get,
-                &mut item.post,
-                &mut item.patch,
-                &mut item.put,
-                &mut item.delete,
-            ];
-            for op in ops.into_iter().flatten() {
-                let Some(security) = op.security.as_mut() else {
-                    continue;
-                };
-                let hmac_scopes = serde_json::to_value(&*security)
-                    .ok()
-                    .and_then(|v| v.as_array()?.iter().find_map(|r| r.get("hmac").cloned()))
-                    .and_then(|v| serde_json::from_value::<Vec<String>>(v).ok());
-                if let Some(scopes) = hmac_scopes {
-                    security.push(SecurityRequirement::new("mutualTLS", scopes));
-                }
+    }
+}
+
+/// Each operation's security requirements and guard answers, from its route's `Access`:
+/// a scoped route accepts an HMAC signature, an API key or a client certificate whose
+/// caller holds the scope; a job token too where the access is `Access::Job`; Standard
+/// Webhooks on the webhook routes. Any guarded route may answer 401, 403, 429 and 503,
+/// and 413 where the guard reads a body (POST and PATCH).
+struct RouteAccess;
+
+impl RouteAccess {
+    fn requirements(route: &RouteSpec) -> Vec<SecurityRequirement> {
+        let Some(scope) = route.access.scope() else {
+            return Vec::new();
+        };
+        let mut schemes = Vec::new();
+        if route.accepts_webhooks() {
+            schemes.push("standardWebhooks");
+        }
+        schemes.extend(["hmac", "apiKey"]);
+        if route.accepts_job_tokens() {
+            schemes.push("bearer");
+        }
+        schemes.push("mutualTLS");
+        schemes
+            .into_iter()
+            .map(|name| SecurityRequirement::new(name, [scope.as_str()]))
+            .collect()
+    }
+}
+
+impl Modify for RouteAccess {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::IntoResponses;
+        for route in ROUTES {
+            let Some(op) = openapi
+                .paths
+                .paths
+                .get_mut(route.path)
+                .and_then(|item| operation(item, route.method))
+            else {
+                continue;
+            };
+            if route.access == Access::Open {
+                op.security = None;
+                continue;
+            }
+            op.security = Some(Self::requirements(route));
+            let mut answers = GuardErrors::responses();
+            if matches!(route.method, "POST" | "PATCH") {
+                answers.extend(BodyErrors::responses());
+            }
+            for (status, response) in answers {
+                op.responses.responses.entry(status).or_insert(response);
             }
         }
     }
@@ -356,6 +288,19 @@ impl Modify for RequestIdHeader {
     }
 }
 
+/// The operation of a path item for an upper-case method of the route table.
+fn operation<'a>(
+    item: &'a mut utoipa::openapi::PathItem,
+    method: &str,
+) -> Option<&'a mut Operation> {
+    match method {
+        "GET" => item.get.as_mut(),
+        "POST" => item.post.as_mut(),
+        "PATCH" => item.patch.as_mut(),
+        _ => None,
+    }
+}
+
 /// The operations of a path item (the methods the route table uses).
 fn operations(item: &mut utoipa::openapi::PathItem) -> impl Iterator<Item = &mut Operation> {
     [
@@ -375,7 +320,7 @@ mod tests {
     use serde_json::Value;
 
     fn doc() -> Value {
-        serde_json::to_value(ApiDoc::openapi()).expect("document serializes")
+        serde_json::to_value(document()).expect("document serializes")
     }
 
     #[test]
@@ -458,6 +403,197 @@ mod tests {
                 Value::Bool(false),
                 "{name}"
             );
+        }
+    }
+}
+
+/// The OpenAPI document against the route table, without a server: it lists exactly the
+/// routes of `ROUTES` (method + pattern, both directions) with the access each requires.
+#[cfg(test)]
+mod against_the_route_table {
+    #![allow(
+        clippy::indexing_slicing,
+        clippy::expect_used,
+        reason = "test code: a missing key is the failed assertion"
+    )]
+    use std::collections::BTreeSet;
+
+    use serde_json::{json, Value};
+
+    use crate::auth::Scope;
+    use crate::http::routes::ROUTES;
+
+    const METHODS: [&str; 8] = [
+        "get", "put", "post", "delete", "options", "head", "patch", "trace",
+    ];
+
+    fn document() -> Value {
+        serde_json::to_value(super::document()).expect("document")
+    }
+
+    /// (METHOD, path pattern) of every operation in the document.
+    fn documented(doc: &Value) -> BTreeSet<(String, String)> {
+        let paths = doc["paths"].as_object().expect("paths");
+        let mut out = BTreeSet::new();
+        for (path, item) in paths {
+            for method in METHODS {
+                if item.get(method).is_some() {
+                    out.insert((method.to_ascii_uppercase(), path.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    fn operation<'a>(doc: &'a Value, method: &str, path: &str) -> &'a Value {
+        let op = &doc["paths"][path][method.to_ascii_lowercase()];
+        assert!(op.is_object(), "{method} {path} is not documented");
+        op
+    }
+
+    /// Follow a local `$ref` (`#/components/...`).
+    fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+        match v.get("$ref").and_then(Value::as_str) {
+            Some(r) => {
+                let pointer = r.strip_prefix('#').expect("local $ref");
+                let target = doc
+                    .pointer(pointer)
+                    .unwrap_or_else(|| panic!("dangling {r}"));
+                resolve(doc, target)
+            }
+            None => v,
+        }
+    }
+
+    #[test]
+    fn document_lists_every_registered_route() {
+        let doc = document();
+        let registered: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|r| (r.method.to_owned(), r.path.to_owned()))
+            .collect();
+        let documented = documented(&doc);
+        let undocumented: Vec<_> = registered.difference(&documented).collect();
+        let unregistered: Vec<_> = documented.difference(&registered).collect();
+        assert!(
+            undocumented.is_empty(),
+            "registered routes missing from the document: {undocumented:?}"
+        );
+        assert!(
+            unregistered.is_empty(),
+            "documented operations that no route serves: {unregistered:?}"
+        );
+        // Operation ids are unique, and every `{param}` of a pattern is a path parameter.
+        let mut ids = BTreeSet::new();
+        for r in ROUTES {
+            let op = operation(&doc, r.method, r.path);
+            let id = op["operationId"].as_str().expect("operationId");
+            assert!(ids.insert(id.to_owned()), "duplicate operationId {id}");
+            let params: BTreeSet<&str> = op["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| resolve(&doc, p))
+                .filter(|p| p["in"] == "path")
+                .filter_map(|p| p["name"].as_str())
+                .collect();
+            let in_pattern: BTreeSet<&str> = r
+                .path
+                .split('/')
+                .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
+                .collect();
+            assert_eq!(
+                params, in_pattern,
+                "path parameters of {} {}",
+                r.method, r.path
+            );
+        }
+    }
+
+    #[test]
+    fn operations_require_the_routes_access() {
+        let doc = document();
+        assert!(
+            doc.get("security").is_none(),
+            "no document-wide requirement"
+        );
+        let schemes = doc["components"]["securitySchemes"]
+            .as_object()
+            .expect("securitySchemes");
+        for name in ["hmac", "apiKey", "bearer", "standardWebhooks", "mutualTLS"] {
+            assert!(schemes.contains_key(name), "security scheme {name}");
+        }
+        assert_eq!(schemes["hmac"]["in"], "header");
+        assert_eq!(schemes["hmac"]["name"], "X-Coordinator-Signature");
+        assert_eq!(schemes["apiKey"]["name"], "X-API-Key");
+        assert_eq!(schemes["bearer"]["scheme"], "bearer");
+        assert_eq!(schemes["standardWebhooks"]["name"], "webhook-signature");
+        assert_eq!(schemes["mutualTLS"]["type"], "mutualTLS");
+
+        for r in ROUTES {
+            let op = operation(&doc, r.method, r.path);
+            let requirements = op["security"].as_array().cloned().unwrap_or_default();
+            let Some(scope) = r.access.scope() else {
+                assert!(
+                    requirements.is_empty(),
+                    "open route {} {} lists security",
+                    r.method,
+                    r.path
+                );
+                continue;
+            };
+            let mut names = BTreeSet::new();
+            for req in &requirements {
+                let req = req.as_object().expect("requirement");
+                assert_eq!(req.len(), 1, "one scheme per alternative: {req:?}");
+                for (name, scopes) in req {
+                    assert!(schemes.contains_key(name), "unknown scheme {name}");
+                    assert_eq!(
+                        scopes,
+                        &json!([scope.as_str()]),
+                        "{} {} requires {}",
+                        r.method,
+                        r.path,
+                        scope.as_str()
+                    );
+                    names.insert(name.as_str());
+                }
+            }
+            assert!(
+                names.contains("hmac") && names.contains("apiKey") && names.contains("mutualTLS"),
+                "{}",
+                r.path
+            );
+            // Job tokens carry jobs:read / jobs:update only; Standard Webhooks is accepted
+            // on the webhook route only.
+            assert_eq!(
+                names.contains("bearer"),
+                r.accepts_job_tokens(),
+                "{}",
+                r.path
+            );
+            if names.contains("bearer") {
+                assert!(
+                    matches!(scope, Scope::JobsRead | Scope::JobsUpdate) && r.path.contains("{id}"),
+                    "{}",
+                    r.path
+                );
+            }
+            assert_eq!(
+                names.contains("standardWebhooks"),
+                r.accepts_webhooks(),
+                "{}",
+                r.path
+            );
+            let responses = op["responses"].as_object().expect("responses");
+            for status in ["401", "403", "429", "503"] {
+                assert!(
+                    responses.contains_key(status),
+                    "{} {} documents no {status}",
+                    r.method,
+                    r.path
+                );
+            }
         }
     }
 }

@@ -11,7 +11,8 @@ use futures_util::future::{select, Either};
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
-use crate::http::openapi::{problem, JobIdParam};
+use crate::http::extract::JobIdParam;
+use crate::http::problem;
 use crate::jobs::model::{Change, EventRow, EventView, JobId};
 use crate::jobs::notify::{QueueRecv, QueueSubscription, Refused, Slot, Subscription, Topic};
 use crate::jobs::repo;
@@ -354,17 +355,7 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
                 (JobEvents = "application/json"),
                 (String = "text/event-stream"),
             )),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 404, response = problem::NotFound),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
-    ),
-    security(
-        ("hmac" = ["jobs:read"]),
-        ("apiKey" = ["jobs:read"]),
-        ("bearer" = ["jobs:read"])
+        problem::JobReadErrors,
     ),
 )]
 pub async fn job_events(
@@ -584,13 +575,8 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
     ),
     responses(
         (status = 200, description = "The stream.", content((String = "text/event-stream"))),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
+        problem::InputErrors,
     ),
-    security(("hmac" = ["health:read"]), ("apiKey" = ["health:read"])),
 )]
 pub async fn queue_events(
     state: web::Data<AppState>,

@@ -5,7 +5,8 @@ use actix_web::{http::StatusCode, web, HttpRequest, HttpResponse};
 use crate::auth::{webhook_sig, Principal};
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{parse_json, RawBody};
-use crate::http::openapi::{problem, IdempotencyKey};
+use crate::http::idempotency::IdempotencyKey;
+use crate::http::problem;
 use crate::jobs::model::{rfc3339, JobRow};
 use crate::jobs::repo as jobs_repo;
 use crate::state::AppState;
@@ -102,18 +103,7 @@ async fn answer(state: &AppState, job: JobRow, duplicate: bool) -> ApiResult<Htt
             body = DispatchResult),
         (status = 202, description = "A new job was dispatched (QUEUED).",
             body = DispatchResult),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 409, response = problem::Conflict),
-        (status = 413, response = problem::TooLarge),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
-    ),
-    security(
-        ("standardWebhooks" = ["stitcher:webhook"]),
-        ("hmac" = ["stitcher:webhook"]),
-        ("apiKey" = ["stitcher:webhook"])
+        problem::WriteErrors,
     ),
 )]
 pub async fn webhook(
@@ -164,18 +154,7 @@ pub async fn webhook(
             body = DispatchResult),
         (status = 202, description = "A new job was dispatched (QUEUED).",
             body = DispatchResult),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 409, response = problem::Conflict),
-        (status = 413, response = problem::TooLarge),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
-    ),
-    security(
-        ("standardWebhooks" = ["stitcher:webhook"]),
-        ("hmac" = ["stitcher:webhook"]),
-        ("apiKey" = ["stitcher:webhook"])
+        problem::WriteErrors,
     ),
 )]
 pub async fn webhook_from_sender(
@@ -204,15 +183,8 @@ pub async fn webhook_from_sender(
             body = DispatchResult),
         (status = 202, description = "A new job was dispatched (QUEUED).",
             body = DispatchResult),
-        (status = 400, response = problem::BadRequest),
-        (status = 401, response = problem::Unauthorized),
-        (status = 403, response = problem::Forbidden),
-        (status = 409, response = problem::Conflict),
-        (status = 413, response = problem::TooLarge),
-        (status = 429, response = problem::TooManyRequests),
-        (status = 503, response = problem::Unavailable),
+        problem::WriteErrors,
     ),
-    security(("hmac" = ["stitcher:dispatch"]), ("apiKey" = ["stitcher:dispatch"])),
 )]
 pub async fn dispatch(
     state: web::Data<AppState>,

@@ -1,19 +1,19 @@
 //! `GET /openapi.json` against the app itself: every error response is problem+json, and
 //! real responses have the documented shape. (That the document lists exactly the
-//! routes of `startup::ROUTES` with the access each requires is checked without a
-//! server, by the unit tests in src/startup.rs.)
+//! routes of `http::routes::ROUTES` with the access each requires is checked without a
+//! server, by the unit tests in src/http/openapi.rs.)
 
 use std::collections::BTreeSet;
 
 use coordinator::auth::Access;
-use coordinator::startup::ROUTES;
+use coordinator::http::routes::ROUTES;
 use serde_json::{json, Map, Value};
 
 use crate::backend_tests;
 use crate::helpers::{Backend, TestApp};
 
 // The document's own checks (every route listed with its access, and nothing else)
-// need no database: they are unit tests in src/startup.rs.
+// need no database: they are unit tests in src/http/openapi.rs.
 backend_tests!(
     error_responses_are_problem_json,
     responses_have_the_documented_fields,

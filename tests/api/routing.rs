@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use coordinator::auth::admin::{self, SecretKind};
 use coordinator::auth::{webhook_sig, Access, Scope};
-use coordinator::startup::ROUTES;
+use coordinator::http::routes::ROUTES;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -210,7 +210,7 @@ fn encoded_paths_never_bypass_scopes(b: Backend) {
     let key = app.api_key("ro", &[Scope::JobsRead]);
     let mut tried = 0usize;
     for route in ROUTES {
-        let Access::Scope(scope) = route.access else {
+        let Some(scope) = route.access.scope() else {
             continue;
         };
         if scope == Scope::JobsRead {
@@ -274,6 +274,30 @@ fn job_tokens_reach_only_their_own_job(b: Backend) {
             tried += 1;
         }
     }
+    // On its own job a token reaches only the routes whose access is `Access::Job`
+    // (what the document lists as `bearer`): every other route refuses it.
+    for route in ROUTES
+        .iter()
+        .filter(|r| r.access != Access::Open && !r.accepts_job_tokens())
+    {
+        let target = concrete(route.path, &own);
+        let r = raw(
+            &app,
+            route.method,
+            &target,
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
+            body_for(route.method),
+        );
+        assert_eq!(
+            r.status, 403,
+            "token on its own job: {} {target} answered {}",
+            route.method, r.body
+        );
+        tried += 1;
+    }
     // The other job is untouched, and the token still works on its own job (encoded).
     assert_eq!(
         app.get(&format!("/coordinator/jobs/{other}")).json()["status"],
@@ -310,7 +334,7 @@ fn random_encodings_agree_with_routing(b: Backend) {
             &[("X-API-Key", &key), ("Content-Type", "application/json")],
             body_for(route.method),
         );
-        if route.access == Access::Scope(Scope::JobsRead) {
+        if route.access.scope() == Some(Scope::JobsRead) {
             // Either routed to the read route (200) or to no route (404): never a 403.
             assert!(
                 matches!(r.status, 200 | 404),
