@@ -6,6 +6,8 @@
 #   bench/run.sh --webhooks         bogus/valid Standard Webhooks deliveries (issue 22)
 #   bench/run.sh --peer DIR         side by side with the Node peer in DIR (issue 14)
 #   bench/run.sh --soak MINUTES     signed progress soak on SQLite (issue 14)
+#   bench/run.sh --soak MINUTES --backend postgres   the same on PostgreSQL, with table bloat
+#   bench/run.sh --pgbench          PostgreSQL progress updates vs pgbench doing the same write
 #   bench/run.sh --tls              HTTPS vs plain HTTP: keep-alive req/s, new connections/s (issue 21)
 #   bench/run.sh --push             idle waiters, long-poll cycles, 1 000 streams (issue 16)
 #   bench/run.sh --lifecycle        list pages at 10 k / 1 M jobs, claims/s ± maxRunning, batch creates (issue 15)

@@ -32,6 +32,7 @@ mod drive;
 mod lifecycle;
 mod overload;
 mod peer;
+mod pgbench;
 mod push;
 mod report;
 mod signers;
@@ -977,11 +978,16 @@ fn main() {
     };
     if let Some(minutes) = value("--soak") {
         let minutes: f64 = minutes.parse().expect("--soak MINUTES");
-        soak::run(&bin, &out, conns, minutes);
+        let backend = value("--backend").unwrap_or_else(|| "sqlite".into());
+        soak::run(&bin, &out, conns, minutes, &backend, &admin_url);
         return;
     }
     if let Some(dir) = value("--peer") {
         peer::run(&bin, &dir, &out, conns, duration);
+        return;
+    }
+    if args.iter().any(|a| a == "--pgbench") {
+        pgbench::run(&bin, &out, conns, duration, &admin_url);
         return;
     }
     if args.iter().any(|a| a == "--overload") {
@@ -1019,7 +1025,7 @@ fn main() {
     if let Some(other) = args.first() {
         panic!(
             "unknown argument {other}: use --soak MINUTES, --peer DIR, --webhooks, --overload, \
-             --signers, --tls, --push, --lifecycle or none"
+             --pgbench, --signers, --tls, --push, --lifecycle or none"
         );
     }
 

@@ -1,13 +1,15 @@
-//! `coordinator-bench --soak MINUTES` (issue 14 goal 3): full-load signed progress
-//! updates on SQLite for MINUTES, sampling every 10 s the requests/s of the last
-//! interval, the size of the `-wal` file next to the database, the server's RSS and the
-//! replay table's row count.
+//! `coordinator-bench --soak MINUTES [--backend postgres]` (issue 14 goal 3): full-load
+//! signed progress updates for MINUTES, sampling every 10 s the requests/s of the last
+//! interval, the server's RSS and the replay table's row count, and on SQLite the size of
+//! the `-wal` file next to the database, on PostgreSQL the size (table + indexes + TOAST)
+//! and dead tuples of `jobs` and `replay_records` and the autovacuum runs (bloat).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use diesel::{Connection, QueryDsl, RunQueryDsl};
+use diesel::sql_types::BigInt;
+use diesel::{Connection, QueryDsl, QueryableByName, RunQueryDsl};
 
 use crate::{
     cpu_ticks, machine, rss_kib, running_jobs, setup_credentials, signed, start_server, CLK_TCK,
@@ -15,8 +17,64 @@ use crate::{
 
 const INTERVAL: Duration = Duration::from_secs(10);
 
+/// PostgreSQL's view of the tables a progress update writes.
+#[derive(QueryableByName, Clone, Copy)]
+struct PgTables {
+    #[diesel(sql_type = BigInt)]
+    jobs_bytes: i64,
+    #[diesel(sql_type = BigInt)]
+    jobs_dead: i64,
+    #[diesel(sql_type = BigInt)]
+    replay_bytes: i64,
+    #[diesel(sql_type = BigInt)]
+    replay_dead: i64,
+    #[diesel(sql_type = BigInt)]
+    replay_rows: i64,
+    #[diesel(sql_type = BigInt)]
+    events_bytes: i64,
+    #[diesel(sql_type = BigInt)]
+    autovacuums: i64,
+}
+
+const PG_TABLES: &str = "SELECT pg_total_relation_size('jobs') AS jobs_bytes, \
+    coalesce((SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'jobs'), 0) AS jobs_dead, \
+    pg_total_relation_size('replay_records') AS replay_bytes, \
+    coalesce((SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'replay_records'), 0) AS replay_dead, \
+    (SELECT count(*) FROM replay_records) AS replay_rows, \
+    pg_total_relation_size('job_events') AS events_bytes, \
+    (SELECT coalesce(sum(autovacuum_count), 0)::bigint FROM pg_stat_user_tables \
+        WHERE relname IN ('jobs', 'replay_records', 'job_events')) AS autovacuums";
+
+/// Where the samples of the database come from.
+enum Probe {
+    Sqlite(Option<diesel::SqliteConnection>),
+    Postgres(Option<diesel::PgConnection>),
+}
+
+impl Probe {
+    fn replay_rows(&mut self) -> Option<i64> {
+        match self {
+            Probe::Sqlite(c) => c.as_mut().and_then(|c| {
+                coordinator::db::schema::replay_records::table
+                    .count()
+                    .get_result::<i64>(c)
+                    .ok()
+            }),
+            Probe::Postgres(_) => self.pg().map(|t| t.replay_rows),
+        }
+    }
+
+    fn pg(&mut self) -> Option<PgTables> {
+        match self {
+            Probe::Postgres(Some(c)) => diesel::sql_query(PG_TABLES).get_result(c).ok(),
+            _ => None,
+        }
+    }
+}
+
 struct Sample {
     at_s: f64,
+    pg: Option<PgTables>,
     rps: f64,
     wal_bytes: u64,
     rss_kib: u64,
@@ -24,25 +82,31 @@ struct Sample {
     server_cpu_us: f64,
 }
 
-pub fn run(bin: &str, out_path: &str, conns: usize, minutes: f64) {
-    let store = crate::fresh_sqlite_store("soak");
+pub fn run(bin: &str, out_path: &str, conns: usize, minutes: f64, backend: &str, admin_url: &str) {
+    let postgres = match backend {
+        "sqlite" => false,
+        "postgres" => true,
+        other => panic!("--backend {other}: sqlite or postgres"),
+    };
+    let store = if postgres {
+        crate::fresh_postgres_store("soak", admin_url)
+    } else {
+        crate::fresh_sqlite_store("soak")
+    };
     let tmp = store.dir.clone();
     let db_path = tmp.join("bench.db");
     let wal_path = tmp.join("bench.db-wal");
-    let crate::FreshStore {
-        db_url,
-        key_b64,
-        db,
-        sealer,
-        ..
-    } = store;
-    let creds = setup_credentials(&db, &sealer);
-    drop(db);
-    let server = start_server(bin, &db_url, &key_b64);
+    let creds = setup_credentials(&store.db, &store.sealer);
+    let server = start_server(bin, &store.db_url, &store.key_b64);
     let pid = server.child.id();
     let jobs = running_jobs(&server.url, &creds, conns);
-    // A reader of its own for the replay count (WAL: it never blocks the writer).
-    let mut reader = diesel::SqliteConnection::establish(&db_path.display().to_string()).ok();
+    // A connection of its own for the samples (SQLite in WAL mode: it never blocks the
+    // writer).
+    let mut probe = if postgres {
+        Probe::Postgres(diesel::PgConnection::establish(&store.db_url).ok())
+    } else {
+        Probe::Sqlite(diesel::SqliteConnection::establish(&db_path.display().to_string()).ok())
+    };
 
     let stop = AtomicBool::new(false);
     let done = AtomicU64::new(0);
@@ -72,7 +136,7 @@ pub fn run(bin: &str, out_path: &str, conns: usize, minutes: f64) {
             });
         }
         // The WAL between samples: its largest size, polled every 100 ms.
-        {
+        if !postgres {
             let (stop, wal_max, wal_path) = (&stop, &wal_max, &wal_path);
             s.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
@@ -94,35 +158,47 @@ pub fn run(bin: &str, out_path: &str, conns: usize, minutes: f64) {
             let d = done.load(Ordering::Relaxed);
             let t = cpu_ticks(&pid.to_string());
             let reqs = d - last.0;
+            let pg = probe.pg();
             let sample = Sample {
+                pg,
                 at_s: started.elapsed().as_secs_f64(),
                 rps: reqs as f64 / INTERVAL.as_secs_f64(),
                 wal_bytes: std::fs::metadata(&wal_path).map(|m| m.len()).unwrap_or(0),
                 rss_kib: rss_kib(pid, "VmRSS:"),
-                replay_rows: reader.as_mut().and_then(|c| {
-                    coordinator::db::schema::replay_records::table
-                        .count()
-                        .get_result::<i64>(c)
-                        .ok()
-                }),
+                replay_rows: pg.map(|t| t.replay_rows).or_else(|| probe.replay_rows()),
                 server_cpu_us: t.saturating_sub(last.1) as f64 / CLK_TCK * 1e6 / reqs.max(1) as f64,
             };
             last = (d, t);
             eprintln!(
-                "soak {:>5.0} s  {:>7.0} req/s  WAL {:>8.1} MiB  RSS {:>6.1} MiB  replay rows {}  server {:>4.0} µs/req",
+                "soak {:>5.0} s  {:>7.0} req/s  WAL {:>8.1} MiB  RSS {:>6.1} MiB  replay rows {}  server {:>4.0} µs/req{}",
                 sample.at_s,
                 sample.rps,
                 sample.wal_bytes as f64 / 1048576.0,
                 sample.rss_kib as f64 / 1024.0,
                 sample.replay_rows.map_or("?".into(), |n| n.to_string()),
-                sample.server_cpu_us
+                sample.server_cpu_us,
+                pg.map_or(String::new(), |t| format!(
+                    "  jobs {:.1} MiB ({} dead)  replay {:.1} MiB ({} dead)  events {:.1} MiB  autovacuums {}",
+                    t.jobs_bytes as f64 / 1048576.0,
+                    t.jobs_dead,
+                    t.replay_bytes as f64 / 1048576.0,
+                    t.replay_dead,
+                    t.events_bytes as f64 / 1048576.0,
+                    t.autovacuums
+                ))
             );
             samples.push(sample);
         }
         stop.store(true, Ordering::Relaxed);
     });
     drop(server);
-    let _ = std::fs::remove_dir_all(&tmp);
+    drop(probe);
+    if postgres {
+        crate::drop_postgres_store(store, admin_url);
+    } else {
+        drop(store);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
 
     let minute = |from: f64, to: f64| {
         let v: Vec<f64> = samples
@@ -149,22 +225,30 @@ pub fn run(bin: &str, out_path: &str, conns: usize, minutes: f64) {
     let met = |ok: bool| if ok { "met" } else { "**not met**" };
 
     let mut md = String::new();
+    let name = if postgres { "PostgreSQL" } else { "SQLite" };
     let _ = writeln!(
         md,
-        "## Soak: signed progress updates on SQLite (issue 14 goal 3)\n"
+        "## Soak: signed progress updates on {name} (issue 14 goal 3)\n"
     );
     let _ = writeln!(
         md,
-        "`{}` — {minutes} minutes{}, SQLite only (the PostgreSQL soak is not run). {conns} \
+        "`{}` — {minutes} minutes{}, {conns} \
          closed-loop connections send signed `PATCH …/progress` (fresh \
          nonce each) to the release server for the whole time; every 10 s the last interval's \
-         requests/s, the size of `bench.db-wal`, the server's VmRSS, the `replay_records` row count \
+         requests/s, {}, the server's VmRSS, the `replay_records` row count \
          and the server CPU per update are sampled. Errors over the soak: {}.\n",
         crate::report::command_line(),
         if minutes < 10.0 {
             " (**not the 10 the goal asks for**)"
         } else {
             ""
+        },
+        if postgres {
+            "the size (`pg_total_relation_size`: table, indexes, TOAST) and dead tuples of `jobs` \
+             and `replay_records`, the size of `job_events` (it grows by one row per update, by \
+             design, until retention) and the autovacuum runs of the three"
+        } else {
+            "the size of `bench.db-wal`"
         },
         errors.load(Ordering::Relaxed)
     );
@@ -182,12 +266,49 @@ pub fn run(bin: &str, out_path: &str, conns: usize, minutes: f64) {
         lastm / first.max(1e-9),
         met(lastm >= 0.9 * first)
     );
-    let _ = writeln!(
-        md,
-        "| largest WAL file (polled every 100 ms) | ≤ 64 MiB | **{:.1} MiB** | {} |",
-        mib(max_wal),
-        met(max_wal <= 64 << 20)
-    );
+    let pg: Vec<PgTables> = samples.iter().filter_map(|s| s.pg).collect();
+    if postgres {
+        let range = |f: fn(&PgTables) -> i64| {
+            let v: Vec<i64> = pg.iter().map(f).collect();
+            (
+                v.first().copied().unwrap_or(0),
+                v.last().copied().unwrap_or(0),
+                v.iter().copied().max().unwrap_or(0),
+            )
+        };
+        let mibi = |b: i64| b as f64 / 1048576.0;
+        for (what, f) in [
+            (
+                "`jobs` size (32 rows)",
+                (|t: &PgTables| t.jobs_bytes) as fn(&PgTables) -> i64,
+            ),
+            ("`replay_records` size", |t: &PgTables| t.replay_bytes),
+        ] {
+            let (a, b, m) = range(f);
+            let _ = writeln!(
+                md,
+                "| {what}, first → last sample (max) | bounded (autovacuum keeps up) | {:.1} → {:.1} MiB ({:.1}) | see samples |",
+                mibi(a),
+                mibi(b),
+                mibi(m)
+            );
+        }
+        let (_, _, jd) = range(|t| t.jobs_dead);
+        let (_, _, rd) = range(|t| t.replay_dead);
+        let (a0, a1, _) = range(|t| t.autovacuums);
+        let _ = writeln!(
+            md,
+            "| dead tuples, largest sample: `jobs` / `replay_records` | bounded | {jd} / {rd} | autovacuum ran {} times on the three tables |",
+            a1 - a0
+        );
+    } else {
+        let _ = writeln!(
+            md,
+            "| largest WAL file (polled every 100 ms) | ≤ 64 MiB | **{:.1} MiB** | {} |",
+            mib(max_wal),
+            met(max_wal <= 64 << 20)
+        );
+    }
     let _ = writeln!(
         md,
         "| RSS start → end (max) | flat within 10 % | {:.1} → {:.1} MiB ({:.1}) | {} |",
@@ -207,6 +328,51 @@ pub fn run(bin: &str, out_path: &str, conns: usize, minutes: f64) {
              margin, longer than this soak, so none expired yet"
         }
     );
+    if postgres {
+        let _ = writeln!(
+            md,
+            "\nRSS start is the first sample (10 s into the load). Sizes are \
+             `pg_total_relation_size` (table, indexes and TOAST); dead tuples from \
+             `pg_stat_user_tables`."
+        );
+        let _ = writeln!(
+            md,
+            "\n| t s | req/s | RSS MiB | replay rows | `jobs` MiB | `jobs` dead | `replay_records` MiB | replay dead | `job_events` MiB | autovacuums | server CPU µs/update |"
+        );
+        let _ = writeln!(
+            md,
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for s in &samples {
+            let t = s.pg;
+            let cell = |f: fn(&PgTables) -> i64, bytes: bool| {
+                t.map_or("?".into(), |t| {
+                    if bytes {
+                        format!("{:.1}", f(&t) as f64 / 1048576.0)
+                    } else {
+                        f(&t).to_string()
+                    }
+                })
+            };
+            let _ = writeln!(
+                md,
+                "| {:.0} | {:.0} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+                s.at_s,
+                s.rps,
+                s.rss_kib as f64 / 1024.0,
+                s.replay_rows.map_or("?".into(), |n| n.to_string()),
+                cell(|t| t.jobs_bytes, true),
+                cell(|t| t.jobs_dead, false),
+                cell(|t| t.replay_bytes, true),
+                cell(|t| t.replay_dead, false),
+                cell(|t| t.events_bytes, true),
+                cell(|t| t.autovacuums, false),
+                s.server_cpu_us
+            );
+        }
+        crate::report::splice(out_path, "soak-postgres", &md);
+        return;
+    }
     let _ = writeln!(
         md,
         "\nRSS start is the first sample (10 s into the load). The WAL column is the file's size \
