@@ -1,0 +1,1 @@
+CREATE INDEX jobs_lease ON jobs (lease_expires_at);
