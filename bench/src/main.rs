@@ -109,7 +109,7 @@ fn store_at(dir: std::path::PathBuf, db_url: String) -> FreshStore {
 }
 
 use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{webhook_sig, Scope};
+use coordinator::auth::{webhook, Scope};
 use coordinator::config::DbConfig;
 use coordinator::crypto::credential::WebhookSecret;
 use coordinator::crypto::seal::{MasterKey, Sealer};
@@ -380,7 +380,7 @@ fn one_request(
             let id = uuid::Uuid::now_v7().to_string();
             let ts = now_secs().to_string();
             let body = br#"{"issueNumber":7,"repository":"octo/bench","action":"commented"}"#;
-            let sig = webhook_sig::sign(&creds.webhook_key, &id, &ts, body);
+            let sig = webhook::wire::sign(&creds.webhook_key, &id, &ts, body);
             finish(
                 agent
                     .post(&format!("{url}/stitcher/webhook"))

@@ -43,7 +43,7 @@ pub struct IssuedKey {
 }
 
 fn validate_name(name: &str) -> Result<(), StoreError> {
-    if crate::auth::signing::is_valid_caller_name(name) {
+    if crate::auth::hmac::wire::is_valid_caller_name(name) {
         Ok(())
     } else {
         Err(StoreError::Conflict(

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{signing, Scope};
+use coordinator::auth::{hmac, Scope};
 use serde_json::{json, Value};
 
 use crate::backend_tests;
@@ -199,7 +199,7 @@ fn every_tamper_is_a_signature_mismatch(b: Backend) {
     let base = s.headers_with("POST", target, &body, ts, Some(nonce));
     let tss = ts.to_string();
     let canon = |method: &str, target: &str, caller: &str, ts: &str, nonce: &str, body: &[u8]| {
-        signing::canonical(method, target, caller, ts, nonce, body)
+        hmac::wire::canonical(method, target, caller, ts, nonce, body)
     };
     let send_base = |method: &str, t: &str, h: &[(String, String)], body: &[u8]| {
         send_with(&app, method, t, h, &[JSON_CT], body)

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{repo, revocation, token, webhook_sig, Scope};
+use coordinator::auth::{repo, revocation, token, webhook, Scope};
 use coordinator::db::now_millis;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -178,7 +178,7 @@ const WEBHOOK_BODY: &str = r#"{"issueNumber":7,"repository":"octo/widgets","acti
 
 fn webhook(app: &TestApp, key: &[u8], id: &str) -> Resp {
     let ts = now_secs().to_string();
-    let sig = webhook_sig::sign(key, id, &ts, WEBHOOK_BODY.as_bytes());
+    let sig = webhook::wire::sign(key, id, &ts, WEBHOOK_BODY.as_bytes());
     app.raw(
         "POST",
         "/stitcher/webhook",

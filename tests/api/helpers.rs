@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use actix_web::dev::ServerHandle;
 use actix_web::web;
 use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{signing, Scope};
+use coordinator::auth::{hmac, Scope};
 use coordinator::config::Config;
 use coordinator::db::DatabaseUrl;
 use coordinator::startup::Application;
@@ -284,8 +284,8 @@ impl Signer {
     ) -> Vec<(String, String)> {
         let ts = ts.to_string();
         let canonical =
-            signing::canonical(method, target, &self.caller, &ts, nonce.unwrap_or(""), body);
-        let sig = signing::sign(&self.secret, &canonical);
+            hmac::wire::canonical(method, target, &self.caller, &ts, nonce.unwrap_or(""), body);
+        let sig = hmac::wire::sign(&self.secret, &canonical);
         let mut h = vec![
             ("X-Coordinator-Caller".to_owned(), self.caller.clone()),
             ("X-Coordinator-Timestamp".to_owned(), ts),

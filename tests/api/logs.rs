@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{webhook_sig, Scope};
+use coordinator::auth::{webhook, Scope};
 use serde_json::json;
 
 use crate::backend_tests;
@@ -89,7 +89,7 @@ fn logs_and_responses_never_carry_credentials(b: Backend) {
         .key_bytes();
     let payload = br#"{"issueNumber":1,"repository":"o/r","action":"mentioned"}"#;
     let ts = now_secs().to_string();
-    let wsig = webhook_sig::sign(&k, "msg-leak", &ts, payload);
+    let wsig = webhook::wire::sign(&k, "msg-leak", &ts, payload);
     sent_signatures.push(wsig.trim_start_matches("v1,").to_owned());
     for sig in [
         wsig.as_str(),

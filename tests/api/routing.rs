@@ -12,7 +12,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{webhook_sig, Access, Scope};
+use coordinator::auth::{webhook, Access, Scope};
 use coordinator::http::routes::ROUTES;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -645,7 +645,7 @@ fn sender(app: &TestApp, name: &str) -> Vec<u8> {
 
 fn delivery(app: &TestApp, path: &str, key: &[u8], id: &str, ts: i64, body: &[u8]) -> Raw {
     let ts = ts.to_string();
-    let sig = webhook_sig::sign(key, id, &ts, body);
+    let sig = webhook::wire::sign(key, id, &ts, body);
     raw(
         app,
         "POST",

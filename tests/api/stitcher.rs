@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{webhook_sig, Scope};
+use coordinator::auth::{webhook, Scope};
 use serde_json::json;
 
 use crate::backend_tests;
@@ -57,7 +57,7 @@ fn deliver(app: &TestApp, id: &str, ts: i64, sig: &str, body: &str) -> Resp {
 
 fn signed_delivery(app: &TestApp, key: &[u8], id: &str, body: &str) -> Resp {
     let ts = now_secs();
-    let sig = webhook_sig::sign(key, id, &ts.to_string(), body.as_bytes());
+    let sig = webhook::wire::sign(key, id, &ts.to_string(), body.as_bytes());
     deliver(app, id, ts, &sig, body)
 }
 
@@ -132,11 +132,11 @@ fn bad_webhook_signatures_are_refused(b: Backend) {
     let Some(app) = crate::app!(b) else { return };
     let (_, key) = webhook_sender(&app, "stitcher-bot");
     let ts = now_secs();
-    let good = webhook_sig::sign(&key, "m", &ts.to_string(), BODY.as_bytes());
+    let good = webhook::wire::sign(&key, "m", &ts.to_string(), BODY.as_bytes());
     let tampered = BODY.replace("42", "43");
     deliver(&app, "m", ts, &good, &tampered).problem(401);
     let stale = now_secs() - 301;
-    let sig = webhook_sig::sign(&key, "m", &stale.to_string(), BODY.as_bytes());
+    let sig = webhook::wire::sign(&key, "m", &stale.to_string(), BODY.as_bytes());
     assert_eq!(
         deliver(&app, "m", stale, &sig, BODY).problem(401)["reason"],
         "timestamp out of range"
@@ -158,7 +158,7 @@ fn bad_webhook_signatures_are_refused(b: Backend) {
     let k = coordinator::crypto::credential::WebhookSecret::parse(&s.plaintext)
         .unwrap()
         .key_bytes();
-    let sig = webhook_sig::sign(&k, "m", &ts.to_string(), BODY.as_bytes());
+    let sig = webhook::wire::sign(&k, "m", &ts.to_string(), BODY.as_bytes());
     deliver(&app, "m", ts, &sig, BODY).problem(401);
     // Nothing was dispatched.
     assert!(app.get("/coordinator/health").json()["queues"]["issues"].is_null());
@@ -186,13 +186,13 @@ fn rotated_webhook_secrets_both_verify(b: Backend) {
     let ts = now_secs();
     let both = format!(
         "{} {}",
-        webhook_sig::sign(
+        webhook::wire::sign(
             b"wrong-key-wrong-key-wrong-key!!!",
             "c",
             &ts.to_string(),
             BODY.as_bytes()
         ),
-        webhook_sig::sign(&new, "c", &ts.to_string(), BODY.as_bytes())
+        webhook::wire::sign(&new, "c", &ts.to_string(), BODY.as_bytes())
     );
     assert_eq!(deliver(&app, "c", ts, &both, BODY).status, 202);
 }
