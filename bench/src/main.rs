@@ -108,7 +108,7 @@ fn store_at(dir: std::path::PathBuf, db_url: String) -> FreshStore {
     }
 }
 
-use coordinator::auth::admin::{self, SecretKind};
+use coordinator::auth::credentials::{self, SecretKind};
 use coordinator::auth::{webhook, Scope};
 use coordinator::config::DbConfig;
 use coordinator::crypto::credential::WebhookSecret;
@@ -247,11 +247,12 @@ fn start_server_env(bin: &str, db_url: &str, master_key: &str, env: &[(&str, &st
 }
 
 fn setup_credentials(db: &Db, sealer: &Sealer) -> Creds {
-    admin::add_caller(db, "bench", &Scope::ALL).expect("caller");
-    let hmac = admin::add_secret(db, sealer, "bench", SecretKind::Hmac, None, None).expect("hmac");
-    let wh =
-        admin::add_secret(db, sealer, "bench", SecretKind::Webhook, None, None).expect("webhook");
-    let key = admin::issue_key(db, "bench", None, None).expect("key");
+    credentials::add_caller(db, "bench", &Scope::ALL).expect("caller");
+    let hmac =
+        credentials::add_secret(db, sealer, "bench", SecretKind::Hmac, None, None).expect("hmac");
+    let wh = credentials::add_secret(db, sealer, "bench", SecretKind::Webhook, None, None)
+        .expect("webhook");
+    let key = credentials::issue_key(db, "bench", None, None).expect("key");
     Creds {
         caller: "bench".into(),
         secret: hmac.plaintext.to_string(),
@@ -839,7 +840,7 @@ fn populate(db: &Db, sealer: &Sealer, keys: usize, callers: usize, revoked: usiz
     })
     .expect("populate");
     for i in 0..callers {
-        admin::add_secret(
+        credentials::add_secret(
             db,
             sealer,
             &format!("svc-{i}"),

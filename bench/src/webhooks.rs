@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use coordinator::auth::admin::{self, SecretKind};
+use coordinator::auth::credentials::{self, SecretKind};
 use coordinator::auth::{webhook, Scope};
 use coordinator::crypto::credential::WebhookSecret;
 use coordinator::crypto::seal::Sealer;
@@ -31,8 +31,8 @@ fn add_senders(db: &Db, sealer: &Sealer, from: usize, to: usize) -> Vec<Sender> 
     (from..to)
         .map(|i| {
             let name = format!("wh-{i:04}");
-            admin::add_caller(db, &name, &[Scope::StitcherWebhook]).expect("caller");
-            let s = admin::add_secret(db, sealer, &name, SecretKind::Webhook, None, None)
+            credentials::add_caller(db, &name, &[Scope::StitcherWebhook]).expect("caller");
+            let s = credentials::add_secret(db, sealer, &name, SecretKind::Webhook, None, None)
                 .expect("webhook secret");
             let key = WebhookSecret::parse(&s.plaintext)
                 .expect("whsec")
@@ -117,8 +117,8 @@ pub fn run(bin: &str, out_path: &str, duration: Duration) {
 
     // Reference: the same 1 MiB read and refused without any MAC (an API-key request whose
     // body is not a job), to tell receiving the body apart from hashing it.
-    admin::add_caller(&db, "ref-api", &Scope::ALL).expect("caller");
-    let api_key = admin::issue_key(&db, "ref-api", None, None)
+    credentials::add_caller(&db, "ref-api", &Scope::ALL).expect("caller");
+    let api_key = credentials::issue_key(&db, "ref-api", None, None)
         .expect("key")
         .key
         .expose_secret()

@@ -1,10 +1,10 @@
 //! Request authentication (docs/design.md §3–§5): the schemes, the credential store, the one
 //! middleware, the principal handlers receive, and the scopes routes require.
 pub mod access;
-pub mod admin;
 pub mod api_key;
 pub mod audit;
 pub mod client_cert;
+pub mod credentials;
 pub mod hmac;
 pub mod middleware;
 pub mod model;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use coordinator::auth::admin::{self, SecretKind};
+use coordinator::auth::credentials::{self, SecretKind};
 use coordinator::auth::{webhook, Scope};
 use serde_json::json;
 
@@ -73,8 +73,8 @@ fn logs_and_responses_never_carry_credentials(b: Backend) {
     responses.push(app.with_token(&tampered, "GET", &format!("/coordinator/jobs/{job}"), b""));
 
     // Standard Webhooks: valid and forged.
-    let _ = admin::add_caller(&app.state.db, "hook", &[Scope::StitcherWebhook]);
-    let ws = admin::add_secret(
+    let _ = credentials::add_caller(&app.state.db, "hook", &[Scope::StitcherWebhook]);
+    let ws = credentials::add_secret(
         &app.state.db,
         app.state.auth.store.sealer(),
         "hook",

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use coordinator::auth::admin::{self, SecretKind};
+use coordinator::auth::credentials::{self, SecretKind};
 use coordinator::auth::{webhook, Scope};
 use serde_json::json;
 
@@ -25,8 +25,8 @@ backend_tests!(
 
 /// A caller holding `stitcher:webhook` with a webhook secret; returns the key bytes.
 fn webhook_sender(app: &TestApp, name: &str) -> (String, Vec<u8>) {
-    let _ = admin::add_caller(&app.state.db, name, &[Scope::StitcherWebhook]);
-    let s = admin::add_secret(
+    let _ = credentials::add_caller(&app.state.db, name, &[Scope::StitcherWebhook]);
+    let s = credentials::add_secret(
         &app.state.db,
         app.state.auth.store.sealer(),
         name,
@@ -145,8 +145,8 @@ fn bad_webhook_signatures_are_refused(b: Backend) {
     deliver(&app, "m", ts, "", BODY).problem(401);
     deliver(&app, "m", ts, "v2,abc", BODY).problem(401);
     // A secret of a caller without `stitcher:webhook` does not verify.
-    let _ = admin::add_caller(&app.state.db, "no-scope", &[Scope::JobsRead]);
-    let s = admin::add_secret(
+    let _ = credentials::add_caller(&app.state.db, "no-scope", &[Scope::JobsRead]);
+    let s = credentials::add_secret(
         &app.state.db,
         app.state.auth.store.sealer(),
         "no-scope",
@@ -167,7 +167,7 @@ fn bad_webhook_signatures_are_refused(b: Backend) {
 fn rotated_webhook_secrets_both_verify(b: Backend) {
     let Some(app) = crate::app!(b) else { return };
     let (_, old) = webhook_sender(&app, "stitcher-bot");
-    let s = admin::add_secret(
+    let s = credentials::add_secret(
         &app.state.db,
         app.state.auth.store.sealer(),
         "stitcher-bot",

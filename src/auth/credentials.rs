@@ -1,6 +1,7 @@
 //! Operator actions on credentials (used by the CLI, `serve --dev` and tests). Each
 //! change bumps the auth generation so every instance drops its cache within a second.
-//! Plaintext credentials are returned exactly once, at issue.
+//! Plaintext credentials are returned exactly once, at issue. (The admin HTTP route is
+//! `http::admin`; this module has no HTTP side.)
 
 use std::time::Duration;
 
