@@ -833,7 +833,7 @@ fn populate(db: &Db, sealer: &Sealer, keys: usize, callers: usize, revoked: usiz
             }
             for _ in 0..revoked {
                 let jti = uuid::Uuid::now_v7().to_string();
-                coordinator::auth::repo::revoke_token(conn, &jti, now + 3_600_000, now)?;
+                coordinator::db::revoked::revoke_token(conn, &jti, now + 3_600_000, now)?;
             }
             coordinator::auth::repo::bump_generation(conn)
         })

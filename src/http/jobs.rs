@@ -79,9 +79,10 @@ async fn change(
     if moves {
         state.metrics.transition(row.status());
     }
-    for (key, until) in repo::token_revocation(&row, crate::db::now_millis()) {
-        state.auth.revocations.revoke_local(&key, until);
-    }
+    state
+        .auth
+        .revocations
+        .job_changed(&row, crate::db::now_millis());
     Ok(HttpResponse::Ok().json(JobView::from(row)))
 }
 
@@ -349,9 +350,7 @@ pub(crate) async fn claim_once(
         })
         .await?;
     if let Some(c) = &claimed {
-        for (key, until) in &c.revoked {
-            state.auth.revocations.revoke_local(key, *until);
-        }
+        state.auth.revocations.revoke_local_all(&c.revoked);
         state.notifier.row_changed(&c.job);
         state.metrics.transition(c.job.status());
     }

@@ -123,9 +123,10 @@ async fn give_back(state: &AppState, id: String) {
     match r {
         Ok(row) => {
             log::info!("push: job {} given back (claimer gone)", row.id);
-            for (key, until) in repo::token_revocation(&row, crate::db::now_millis()) {
-                state.auth.revocations.revoke_local(&key, until);
-            }
+            state
+                .auth
+                .revocations
+                .job_changed(&row, crate::db::now_millis());
             state.notifier.row_changed(&row);
             state.metrics.transition(row.status());
         }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use coordinator::auth::credentials::{self, SecretKind};
 use coordinator::auth::{repo, revocation, token, webhook, Scope};
-use coordinator::db::now_millis;
+use coordinator::db::{now_millis, revoked};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use serde_json::{json, Value};
@@ -54,10 +54,10 @@ fn a_revocation_written_by_a_clock_ten_seconds_behind_reaches_another_instance(b
 
     // A writer whose clock is 10 s behind ours records the revocation.
     let now = now_millis();
-    let key = revocation::job_key(&id);
+    let key = revoked::job_key(&id);
     app.state
         .db
-        .write_sync(|c| repo::revoke_token(c, &key, now + 3_600_000, now - 10_000))
+        .write_sync(|c| revoked::revoke_token(c, &key, now + 3_600_000, now - 10_000))
         .unwrap();
     let written = Instant::now();
     for (name, instance) in [("other", &other), ("writer", &app)] {
@@ -158,7 +158,7 @@ fn revocations_are_capped_at_a_day_and_the_set_is_bounded(b: Backend) {
     assert_eq!(get_job(&app, &t, &id).status, 200);
     app.state
         .db
-        .write_sync(|c| repo::revoke_token(c, "bulk-extra", exp, now_millis()))
+        .write_sync(|c| revoked::revoke_token(c, "bulk-extra", exp, now_millis()))
         .unwrap();
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(get_job(&app, &t, &id).status, 200);
