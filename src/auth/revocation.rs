@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use crate::db::revoked::{self, attempt_key, job_key};
 use crate::db::{now_millis, Db};
 use crate::error::{ApiError, StoreError};
-use crate::jobs::model::JobRow;
+use crate::jobs::row::JobRow;
 
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Past this without a successful poll, each check asks the database instead (so a

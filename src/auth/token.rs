@@ -21,7 +21,7 @@ use crate::crypto::credential::HmacSecret;
 use crate::crypto::seal::Sealer;
 use crate::db::{now_millis, Db, DbConnection};
 use crate::error::{ApiError, StoreError};
-use crate::jobs::model::JobRow;
+use crate::jobs::row::JobRow;
 use crate::jobs::{JobId, JobStatus};
 
 /// Owner of the token-signing keys in `sealed_secrets` (not a valid caller name, so it
