@@ -1,6 +1,6 @@
 //! `coordinator-bench --signers` (issue 17): the coordinator-client crate's `v1` signer
 //! (the one Rust signer, which the bench now signs with) against the bench's previous
-//! signer (the server's own `auth::signing::canonical` + `sign`, which the server keeps
+//! signer (the server's own `auth::hmac::wire::canonical` + `sign`, which the server keeps
 //! for verifying). Two figures each: µs per signature (a tight loop over the same
 //! inputs, release build), and signed `GET /coordinator/health` requests/s on one
 //! keep-alive connection against the release server on SQLite, the three ways of
