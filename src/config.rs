@@ -673,7 +673,7 @@ impl ServeArgs {
                 "must be between 1 and 86400",
             ));
         }
-        crate::jobs::model::validate_queue(&self.webhook_queue, "queue")
+        crate::jobs::request::validate_queue(&self.webhook_queue, "queue")
             .map_err(|e| bad("COORDINATOR_WEBHOOK_QUEUE", e))?;
         if !(1..=3600).contains(&self.housekeeping_secs) {
             return Err(bad(

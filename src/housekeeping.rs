@@ -43,9 +43,7 @@ pub async fn pass(state: &AppState) -> PassReport {
             for row in &expired {
                 state.notifier.row_changed(row);
                 state.metrics.transition(row.status());
-                for (key, until) in jobs_repo::token_revocation(row, now) {
-                    state.auth.revocations.revoke_local(&key, until);
-                }
+                state.auth.revocations.job_changed(row, now);
             }
             report.leases_expired = expired.len();
         }

@@ -9,7 +9,7 @@ use actix_web::dev::{Server, ServerHandle, ServiceRequest};
 use actix_web::middleware::{self, Next};
 use actix_web::{web, App, HttpServer};
 
-use crate::auth::admin::check_master_keys;
+use crate::auth::credentials::check_master_keys;
 use crate::auth::revocation::Revocations;
 use crate::auth::store::CredentialStore;
 use crate::auth::throttle::Throttle;

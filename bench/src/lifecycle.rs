@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use coordinator::db::schema::jobs;
 use coordinator::db::{Db, DbConnection};
-use coordinator::jobs::model::{Backoff, JobRow, NewJob};
+use coordinator::jobs::model::{Backoff, NewJob};
+use coordinator::jobs::row::JobRow;
 use coordinator::jobs::JobStatus;
 use diesel::{Connection, RunQueryDsl};
 

@@ -109,8 +109,8 @@ fn store_at(dir: std::path::PathBuf, db_url: String) -> FreshStore {
     }
 }
 
-use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{webhook_sig, Scope};
+use coordinator::auth::credentials::{self, SecretKind};
+use coordinator::auth::{webhook, Scope};
 use coordinator::config::DbConfig;
 use coordinator::crypto::credential::WebhookSecret;
 use coordinator::crypto::seal::{MasterKey, Sealer};
@@ -248,11 +248,12 @@ fn start_server_env(bin: &str, db_url: &str, master_key: &str, env: &[(&str, &st
 }
 
 fn setup_credentials(db: &Db, sealer: &Sealer) -> Creds {
-    admin::add_caller(db, "bench", &Scope::ALL).expect("caller");
-    let hmac = admin::add_secret(db, sealer, "bench", SecretKind::Hmac, None, None).expect("hmac");
-    let wh =
-        admin::add_secret(db, sealer, "bench", SecretKind::Webhook, None, None).expect("webhook");
-    let key = admin::issue_key(db, "bench", None, None).expect("key");
+    credentials::add_caller(db, "bench", &Scope::ALL).expect("caller");
+    let hmac =
+        credentials::add_secret(db, sealer, "bench", SecretKind::Hmac, None, None).expect("hmac");
+    let wh = credentials::add_secret(db, sealer, "bench", SecretKind::Webhook, None, None)
+        .expect("webhook");
+    let key = credentials::issue_key(db, "bench", None, None).expect("key");
     Creds {
         caller: "bench".into(),
         secret: hmac.plaintext.to_string(),
@@ -381,7 +382,7 @@ fn one_request(
             let id = uuid::Uuid::now_v7().to_string();
             let ts = now_secs().to_string();
             let body = br#"{"issueNumber":7,"repository":"octo/bench","action":"commented"}"#;
-            let sig = webhook_sig::sign(&creds.webhook_key, &id, &ts, body);
+            let sig = webhook::wire::sign(&creds.webhook_key, &id, &ts, body);
             finish(
                 agent
                     .post(&format!("{url}/stitcher/webhook"))
@@ -833,14 +834,14 @@ fn populate(db: &Db, sealer: &Sealer, keys: usize, callers: usize, revoked: usiz
             }
             for _ in 0..revoked {
                 let jti = uuid::Uuid::now_v7().to_string();
-                coordinator::auth::repo::revoke_token(conn, &jti, now + 3_600_000, now)?;
+                coordinator::db::revoked::revoke_token(conn, &jti, now + 3_600_000, now)?;
             }
             coordinator::auth::repo::bump_generation(conn)
         })
     })
     .expect("populate");
     for i in 0..callers {
-        admin::add_secret(
+        credentials::add_secret(
             db,
             sealer,
             &format!("svc-{i}"),

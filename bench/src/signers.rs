@@ -1,6 +1,6 @@
 //! `coordinator-bench --signers` (issue 17): the coordinator-client crate's `v1` signer
 //! (the one Rust signer, which the bench now signs with) against the bench's previous
-//! signer (the server's own `auth::signing::canonical` + `sign`, which the server keeps
+//! signer (the server's own `auth::hmac::wire::canonical` + `sign`, which the server keeps
 //! for verifying). Two figures each: µs per signature (a tight loop over the same
 //! inputs, release build), and signed `GET /coordinator/health` requests/s on one
 //! keep-alive connection against the release server on SQLite, the three ways of
@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use coordinator::auth::signing;
+use coordinator::auth::hmac;
 use coordinator_client::signing::{v1_headers, V1Params};
 
 use crate::{fresh_sqlite_store, now_secs, setup_credentials, start_server, Creds};
@@ -24,14 +24,14 @@ fn old_headers(
     nonce: &str,
     body: &[u8],
 ) -> [(&'static str, String); 4] {
-    let canonical = signing::canonical(method, path, &creds.caller, ts, nonce, body);
+    let canonical = hmac::wire::canonical(method, path, &creds.caller, ts, nonce, body);
     [
         ("X-Coordinator-Caller", creds.caller.clone()),
         ("X-Coordinator-Timestamp", ts.to_owned()),
         ("X-Coordinator-Nonce", nonce.to_owned()),
         (
             "X-Coordinator-Signature",
-            signing::sign(&creds.secret, &canonical),
+            hmac::wire::sign(&creds.secret, &canonical),
         ),
     ]
 }

@@ -97,8 +97,8 @@ fn signed_health(creds: &Creds) -> Vec<u8> {
     let ts = now_secs().to_string();
     let nonce = uuid::Uuid::now_v7().simple().to_string();
     let canonical =
-        coordinator::auth::signing::canonical("GET", path, &creds.caller, &ts, &nonce, b"");
-    let sig = coordinator::auth::signing::sign(&creds.secret, &canonical);
+        coordinator::auth::hmac::wire::canonical("GET", path, &creds.caller, &ts, &nonce, b"");
+    let sig = coordinator::auth::hmac::wire::sign(&creds.secret, &canonical);
     format!(
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nX-Coordinator-Caller: {}\r\n\
          X-Coordinator-Timestamp: {ts}\r\nX-Coordinator-Nonce: {nonce}\r\n\

@@ -7,8 +7,8 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{webhook_sig, Scope};
+use coordinator::auth::credentials::{self, SecretKind};
+use coordinator::auth::{webhook, Scope};
 use coordinator::crypto::credential::WebhookSecret;
 use coordinator::crypto::seal::Sealer;
 use coordinator::db::Db;
@@ -31,8 +31,8 @@ fn add_senders(db: &Db, sealer: &Sealer, from: usize, to: usize) -> Vec<Sender> 
     (from..to)
         .map(|i| {
             let name = format!("wh-{i:04}");
-            admin::add_caller(db, &name, &[Scope::StitcherWebhook]).expect("caller");
-            let s = admin::add_secret(db, sealer, &name, SecretKind::Webhook, None, None)
+            credentials::add_caller(db, &name, &[Scope::StitcherWebhook]).expect("caller");
+            let s = credentials::add_secret(db, sealer, &name, SecretKind::Webhook, None, None)
                 .expect("webhook secret");
             let key = WebhookSecret::parse(&s.plaintext)
                 .expect("whsec")
@@ -48,10 +48,10 @@ fn deliver(agent: &ureq::Agent, url: &str, sender: &Sender, body: &[u8], valid: 
     let id = uuid::Uuid::now_v7().to_string();
     let ts = now_secs().to_string();
     let sig = if valid {
-        webhook_sig::sign(&sender.key, &id, &ts, body)
+        webhook::wire::sign(&sender.key, &id, &ts, body)
     } else {
         // Well-formed `v1,<base64 of 32 bytes>`, but not the MAC.
-        webhook_sig::sign(b"not the sender's key", &id, &ts, b"")
+        webhook::wire::sign(b"not the sender's key", &id, &ts, b"")
     };
     status(
         agent
@@ -70,7 +70,7 @@ fn one_mac_us(len: usize) -> f64 {
     let mut t: Vec<f64> = (0..31)
         .map(|_| {
             let s = Instant::now();
-            std::hint::black_box(webhook_sig::sign(b"key", "msg_1", "1700000000", &body));
+            std::hint::black_box(webhook::wire::sign(b"key", "msg_1", "1700000000", &body));
             s.elapsed().as_secs_f64() * 1e6
         })
         .collect();
@@ -117,8 +117,8 @@ pub fn run(bin: &str, out_path: &str, duration: Duration) {
 
     // Reference: the same 1 MiB read and refused without any MAC (an API-key request whose
     // body is not a job), to tell receiving the body apart from hashing it.
-    admin::add_caller(&db, "ref-api", &Scope::ALL).expect("caller");
-    let api_key = admin::issue_key(&db, "ref-api", None, None)
+    credentials::add_caller(&db, "ref-api", &Scope::ALL).expect("caller");
+    let api_key = credentials::issue_key(&db, "ref-api", None, None)
         .expect("key")
         .key
         .expose_secret()

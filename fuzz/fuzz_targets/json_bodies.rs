@@ -7,7 +7,7 @@
 use coordinator::db::DatabaseUrl;
 use coordinator::error::ApiError;
 use coordinator::http::extract::parse_json;
-use coordinator::jobs::model::{CompleteJob, CreateJob, FailJob, ProgressUpdate, StatusUpdate};
+use coordinator::jobs::request::{CompleteJob, CreateJob, FailJob, ProgressUpdate, StatusUpdate};
 use coordinator::jobs::JobId;
 use coordinator::stitcher::model::{DispatchRequest, WebhookPayload};
 use libfuzzer_sys::fuzz_target;

@@ -6,8 +6,9 @@
 //! (the body is the raw bytes after the 8th separator).
 #![no_main]
 
-use coordinator::auth::signing::{
-    self, parse_headers, timestamp_in_window, CanonicalRequest, SIGNATURE_HEX_LEN,
+use coordinator::auth::hmac::{
+    self,
+    wire::{parse_headers, timestamp_in_window, CanonicalRequest, SIGNATURE_HEX_LEN},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -49,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
     match &parsed {
         Ok(h) => {
             assert!(
-                signing::is_valid_caller_name(&h.caller),
+                hmac::wire::is_valid_caller_name(&h.caller),
                 "accepted caller {:?}",
                 h.caller
             );
@@ -90,26 +91,26 @@ fuzz_target!(|data: &[u8]| {
     let joined: Vec<String> = req.components().into_iter().map(|(_, v)| v).collect();
     assert_eq!(joined.join("\n"), signed);
     assert_eq!(
-        signing::canonical(&method, &target, &caller, &ts, &nonce, body),
+        hmac::wire::canonical(&method, &target, &caller, &ts, &nonce, body),
         signed
     );
 
     // 3. Verification: arbitrary signature strings never panic; a real signature
     //    verifies in either case; a signature over other content does not.
-    let _ = signing::verify(&secret, &signed, &sig);
-    let good = signing::sign(&secret, &signed);
+    let _ = hmac::wire::verify(&secret, &signed, &sig);
+    let good = hmac::wire::sign(&secret, &signed);
     assert_eq!(good.len(), SIGNATURE_HEX_LEN);
-    assert!(signing::verify(&secret, &signed, &good));
-    assert!(signing::verify(
+    assert!(hmac::wire::verify(&secret, &signed, &good));
+    assert!(hmac::wire::verify(
         &secret,
         &signed,
         &good.to_ascii_uppercase()
     ));
     let other = format!("{signed}x");
-    assert!(!signing::verify(&secret, &other, &good));
+    assert!(!hmac::wire::verify(&secret, &other, &good));
     if let Ok(h) = &parsed {
         assert_eq!(
-            signing::verify(&secret, &signed, &h.signature),
+            hmac::wire::verify(&secret, &signed, &h.signature),
             h.signature == good
         );
     }

@@ -5,7 +5,7 @@
 //! (raw bytes; the body is everything after the 4th separator).
 #![no_main]
 
-use coordinator::auth::webhook_sig::{parse_headers, sign, verify};
+use coordinator::auth::webhook::wire::{parse_headers, sign, verify};
 use libfuzzer_sys::fuzz_target;
 
 const SEP: u8 = 0xFF;

@@ -26,7 +26,7 @@ use super::access::{Access, RouteSpec};
 use super::audit::{AuditLine, AuditRecord};
 use super::client_cert::{self, PeerCertificate};
 use super::principal::Principal;
-use super::{api_key, fail, hmac, http_sig, signing, webhook, webhook_sig, AuthContext};
+use super::{api_key, fail, hmac, webhook, AuthContext};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::telemetry::{MatchedRoute, RequestId};
@@ -43,16 +43,16 @@ pub enum Choice {
 
 /// Every header that carries (part of) a credential.
 const CREDENTIAL_HEADERS: [&str; 12] = [
-    http_sig::HEADER_SIGNATURE,
-    http_sig::HEADER_SIGNATURE_INPUT,
-    signing::HEADER_CALLER,
-    signing::HEADER_TIMESTAMP,
-    signing::HEADER_SIGNATURE,
-    signing::HEADER_KEY_VERSION,
-    signing::HEADER_NONCE,
-    webhook_sig::HEADER_ID,
-    webhook_sig::HEADER_TIMESTAMP,
-    webhook_sig::HEADER_SIGNATURE,
+    hmac::rfc9421::HEADER_SIGNATURE,
+    hmac::rfc9421::HEADER_SIGNATURE_INPUT,
+    hmac::wire::HEADER_CALLER,
+    hmac::wire::HEADER_TIMESTAMP,
+    hmac::wire::HEADER_SIGNATURE,
+    hmac::wire::HEADER_KEY_VERSION,
+    hmac::wire::HEADER_NONCE,
+    webhook::wire::HEADER_ID,
+    webhook::wire::HEADER_TIMESTAMP,
+    webhook::wire::HEADER_SIGNATURE,
     "authorization",
     api_key::HEADER,
 ];
@@ -79,10 +79,11 @@ pub fn choose_scheme(headers: &HeaderMap, webhook_route: bool) -> Result<Choice,
         }
     }
     let has = |n: &str| headers.contains_key(n);
-    let v1 = has(signing::HEADER_CALLER)
-        || has(signing::HEADER_TIMESTAMP)
-        || has(signing::HEADER_SIGNATURE);
-    let rfc9421 = has(http_sig::HEADER_SIGNATURE) || has(http_sig::HEADER_SIGNATURE_INPUT);
+    let v1 = has(hmac::wire::HEADER_CALLER)
+        || has(hmac::wire::HEADER_TIMESTAMP)
+        || has(hmac::wire::HEADER_SIGNATURE);
+    let rfc9421 =
+        has(hmac::rfc9421::HEADER_SIGNATURE) || has(hmac::rfc9421::HEADER_SIGNATURE_INPUT);
     if rfc9421 {
         // Any RFC 9421 header commits the request to that scheme, with no fallback.
         let other = v1 || has("authorization") || has(api_key::HEADER);
@@ -96,9 +97,9 @@ pub fn choose_scheme(headers: &HeaderMap, webhook_route: bool) -> Result<Choice,
         return Ok(Choice::Hmac);
     }
     let webhook = webhook_route
-        && (has(webhook_sig::HEADER_ID)
-            || has(webhook_sig::HEADER_TIMESTAMP)
-            || has(webhook_sig::HEADER_SIGNATURE));
+        && (has(webhook::wire::HEADER_ID)
+            || has(webhook::wire::HEADER_TIMESTAMP)
+            || has(webhook::wire::HEADER_SIGNATURE));
     let bearer = has("authorization");
     let api_key = has(api_key::HEADER);
     match (webhook, bearer, api_key) {

@@ -1,12 +1,11 @@
 //! Request authentication (docs/design.md §3–§5): the schemes, the credential store, the one
 //! middleware, the principal handlers receive, and the scopes routes require.
 pub mod access;
-pub mod admin;
 pub mod api_key;
 pub mod audit;
 pub mod client_cert;
+pub mod credentials;
 pub mod hmac;
-pub mod http_sig;
 pub mod middleware;
 pub mod model;
 pub mod principal;
@@ -14,12 +13,10 @@ pub mod replay;
 pub mod repo;
 pub mod revocation;
 pub mod scope;
-pub mod signing;
 pub mod store;
 pub mod throttle;
 pub mod token;
 pub mod webhook;
-pub mod webhook_sig;
 
 use std::sync::Arc;
 

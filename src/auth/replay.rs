@@ -8,6 +8,10 @@
 //!   the job changes of other requests included;
 //! - on PostgreSQL requests hand their record to batching threads, each of which
 //!   writes whatever has queued up with one statement and answers after the commit.
+//!
+//! The replay record lives here and in `db::replay`, nowhere else: this module decides
+//! when to write (the runtime log); that one is the `replay_records` table (insert,
+//! purge).
 
 use std::sync::{Arc, Mutex};
 

@@ -1,5 +1,6 @@
-//! Credential storage: callers, sealed secrets, API key hashes, replay records and the
-//! auth generation counter. Plain functions over `&mut DbConnection`.
+//! Credential storage: callers, sealed secrets, API key hashes and the auth generation
+//! counter. Plain functions over `&mut DbConnection`. (Replay records are stored by
+//! `db::replay`, revoked job tokens by `db::revoked`.)
 
 use diesel::prelude::*;
 
@@ -279,9 +280,3 @@ pub fn touch_api_key(conn: &mut DbConnection, id: &str, now: i64) -> Result<(), 
         .execute(conn)?;
     Ok(())
 }
-
-// ---- replay records -----------------------------------------------------------------
-
-// ---- revoked job tokens: stored in `db::revoked` (job transitions write them too) ---
-
-pub use crate::db::revoked::*;

@@ -19,15 +19,23 @@
 //! dropped and every check asks the database (an indexed primary-key lookup) until a
 //! reload finds the table small enough again; `POST /admin/tokens/revoke` is refused
 //! (409) while the set is full.
+//!
+//! Revocation lives here and in `db::revoked`, nowhere else: that module stores the
+//! `revoked_tokens` table (in `db` because a job change writes its revocations in the
+//! job's own transaction, `jobs::repo::write_change`, using `jobs::repo::token_revocation`
+//! to say which); this one holds the in-memory set, applies a job change's revocations
+//! at once on this instance ([`Revocations::job_changed`]), revokes for the admin route
+//! and the CLI, and owns the rules for a revocation's id and expiry.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use super::repo;
+use crate::db::revoked::{self, attempt_key, job_key};
 use crate::db::{now_millis, Db};
-use crate::error::StoreError;
+use crate::error::{ApiError, StoreError};
+use crate::jobs::row::JobRow;
 
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Past this without a successful poll, each check asks the database instead (so a
@@ -49,8 +57,41 @@ const GC_BATCH: i64 = 10_000;
 /// Default bound of the in-memory set: active revocations held per instance. Job
 /// tokens live at most 24 h, and so (capped) do revocations.
 pub const MAX_REVOCATIONS: usize = 100_000;
+/// Default lifetime of a revocation when no expiry is given: 24 h (the longest a job
+/// token can live).
+pub const DEFAULT_REVOCATION_MS: i64 = 24 * 3600 * 1000;
 
-pub use crate::db::revoked::{attempt_key, job_key};
+/// Parse an optional RFC 3339 expiry (must lie in the future), default now + 24 h. A
+/// later expiry is capped at now + 24 h: no job token lives longer, so a revocation
+/// never needs to, and the revocation set cannot be filled with ids kept for ever.
+pub fn revocation_expiry(raw: Option<&str>, field: &str) -> Result<i64, ApiError> {
+    let now = now_millis();
+    let longest = now.saturating_add(DEFAULT_REVOCATION_MS);
+    match raw {
+        None => Ok(longest),
+        Some(s) => {
+            let t = chrono::DateTime::parse_from_rfc3339(s)
+                .map_err(|e| {
+                    ApiError::bad_request(field, format!("must be an RFC 3339 timestamp ({e})"))
+                })?
+                .timestamp_millis();
+            if t <= now {
+                return Err(ApiError::bad_request(field, "must be in the future"));
+            }
+            Ok(t.min(longest))
+        }
+    }
+}
+
+pub fn valid_jti(jti: &str) -> bool {
+    (1..=128).contains(&jti.len()) && jti.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Revoke in the database only (`coordinator token revoke`): every instance's poll
+/// picks it up within a second. Unlike [`Revocations::revoke`], not bounded by the set.
+pub fn revoke_in_db(db: &Db, jti: &str, expires_at: i64) -> Result<(), StoreError> {
+    db.write_sync(|conn| revoked::revoke_token(conn, jti, expires_at, now_millis()))
+}
 
 struct Sync {
     /// Every row numbered up to here is taken as read; the poll reads the rows above.
@@ -136,6 +177,19 @@ impl Revocations {
         }
     }
 
+    /// Apply at once, on this instance, revocations a job change wrote to the database
+    /// in its own transaction (`jobs::repo::token_revocation`).
+    pub fn revoke_local_all(&self, revoked: &[(String, i64)]) {
+        for (key, until) in revoked {
+            self.revoke_local(key, *until);
+        }
+    }
+
+    /// After `row` changed (and its transaction committed): its revoked tokens, at once.
+    pub fn job_changed(&self, row: &JobRow, now: i64) {
+        self.revoke_local_all(&crate::jobs::repo::token_revocation(row, now));
+    }
+
     /// Refuse a new revocation once the set holds `limit()` active ids.
     fn check_room(&self, jti: &str, now: i64) -> Result<(), StoreError> {
         let limit = self.limit();
@@ -159,7 +213,7 @@ impl Revocations {
         self.check_room(&jti, now_millis())?;
         let id = jti.clone();
         self.db
-            .write(move |conn| repo::revoke_token(conn, &id, expires_at, now_millis()))
+            .write(move |conn| revoked::revoke_token(conn, &id, expires_at, now_millis()))
             .await?;
         self.revoke_local(&jti, expires_at);
         Ok(())
@@ -193,7 +247,7 @@ impl Revocations {
         let jti = jti.to_owned();
         self.db
             .read(move |conn| {
-                repo::any_revoked(conn, &[jti.as_str(), jk.as_str(), ak.as_str()], now)
+                revoked::any_revoked(conn, &[jti.as_str(), jk.as_str(), ak.as_str()], now)
             })
             .await
     }
@@ -239,7 +293,7 @@ impl Revocations {
         } else {
             let rows = self
                 .db
-                .read(move |conn| repo::revoked_after(conn, low, cap(limit)))
+                .read(move |conn| revoked::revoked_after(conn, low, cap(limit)))
                 .await?;
             let newest = rows.iter().map(|r| r.2).max();
             let mut set = self.set.write().map_err(poisoned)?;
@@ -266,7 +320,7 @@ impl Revocations {
         if gc {
             let purged = self
                 .db
-                .write(move |conn| repo::purge_revoked(conn, now, GC_BATCH))
+                .write(move |conn| revoked::purge_revoked(conn, now, GC_BATCH))
                 .await?;
             if purged > 0 {
                 log::info!("purged {purged} expired token revocations");
@@ -301,10 +355,10 @@ impl Revocations {
         let (max_seq, rows, counted) = self
             .db
             .read(move |conn| {
-                let max_seq = repo::max_revocation_seq(conn)?;
-                let rows = repo::revoked_active(conn, now, cap(limit))?;
+                let max_seq = revoked::max_revocation_seq(conn)?;
+                let rows = revoked::revoked_active(conn, now, cap(limit))?;
                 let counted = if rows.len() > limit {
-                    repo::count_revoked_active(conn, now)?
+                    revoked::count_revoked_active(conn, now)?
                 } else {
                     0
                 };

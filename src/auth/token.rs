@@ -21,7 +21,7 @@ use crate::crypto::credential::HmacSecret;
 use crate::crypto::seal::Sealer;
 use crate::db::{now_millis, Db, DbConnection};
 use crate::error::{ApiError, StoreError};
-use crate::jobs::model::JobRow;
+use crate::jobs::row::JobRow;
 use crate::jobs::{JobId, JobStatus};
 
 /// Owner of the token-signing keys in `sealed_secrets` (not a valid caller name, so it
@@ -144,7 +144,7 @@ pub fn ensure_signing_key(db: &Db, sealer: &Sealer) -> Result<(), StoreError> {
 /// Add a new signing key version; older keys keep verifying until now + grace.
 pub fn rotate_signing_key(db: &Db, sealer: &Sealer, grace: Duration) -> Result<i32, StoreError> {
     use diesel::Connection;
-    super::admin::retry_on_version_race(|| {
+    super::credentials::retry_on_version_race(|| {
         db.write_sync(|conn| {
             conn.transaction(|conn| {
                 let purpose = Purpose::TokenSigning.as_str();

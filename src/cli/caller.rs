@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 
 use super::common::{cell_time, json_time, print_json, print_table, store_error};
 use super::common::{OutputArgs, StoreArgs};
-use crate::auth::admin;
+use crate::auth::credentials;
 use crate::auth::model::CallerRow;
 use crate::auth::Scope;
 
@@ -86,7 +86,7 @@ fn caller_json(c: &CallerRow) -> Value {
 
 pub fn add(args: AddArgs) -> anyhow::Result<()> {
     let db = args.store.open()?;
-    let row = admin::add_caller(&db, &args.name, &args.scopes.0)
+    let row = credentials::add_caller(&db, &args.name, &args.scopes.0)
         .map_err(|e| store_error(e, format!("caller `{}`", args.name)))?;
     if args.output.json {
         return print_json(&caller_json(&row));
@@ -102,7 +102,7 @@ pub fn add(args: AddArgs) -> anyhow::Result<()> {
 
 pub fn list(args: ListArgs) -> anyhow::Result<()> {
     let db = args.store.open()?;
-    let rows = admin::list_callers(&db).map_err(|e| store_error(e, "callers"))?;
+    let rows = credentials::list_callers(&db).map_err(|e| store_error(e, "callers"))?;
     if args.output.json {
         return print_json(&Value::Array(rows.iter().map(caller_json).collect()));
     }
@@ -127,9 +127,9 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
 
 pub fn disable(args: DisableArgs) -> anyhow::Result<()> {
     let db = args.store.open()?;
-    admin::disable_caller(&db, &args.name)
+    credentials::disable_caller(&db, &args.name)
         .map_err(|e| store_error(e, format!("caller `{}`", args.name)))?;
-    let row = admin::find_caller(&db, &args.name)
+    let row = credentials::find_caller(&db, &args.name)
         .map_err(|e| store_error(e, format!("caller `{}`", args.name)))?;
     if args.output.json {
         return print_json(&row.as_ref().map_or(Value::Null, caller_json));

@@ -1,5 +1,5 @@
 //! Client-side credentials for `sign` and `call`, and the signing they share with the
-//! server (`auth::signing`, the one canonical-string builder).
+//! server (`auth::hmac::wire`, the one canonical-string builder).
 //!
 //! Credentials come from exactly one source, and the URL from the same one:
 //!
@@ -125,7 +125,7 @@ impl ClientEnv {
     /// The caller name, HMAC secret and optional key version, validated.
     pub fn hmac(&self) -> anyhow::Result<HmacCredentials> {
         let caller = self.get(VAR_CALLER).unwrap_or_default();
-        if !crate::auth::signing::is_valid_caller_name(&caller) {
+        if !crate::auth::hmac::wire::is_valid_caller_name(&caller) {
             return Err(invalid(VAR_CALLER, "must match ^[a-z][a-z0-9_-]{0,31}$"));
         }
         let secret_text = zeroize::Zeroizing::new(self.get(VAR_HMAC_SECRET).unwrap_or_default());
@@ -366,7 +366,7 @@ pub fn parse_target(text: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::signing as server;
+    use crate::auth::hmac::wire as server;
     use crate::crypto::credential::HmacSecret;
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::auth::admin::{self, SecretKind};
+use crate::auth::credentials::{self, SecretKind};
 use crate::auth::Scope;
 use crate::crypto::seal::Sealer;
 use crate::db::Db;
@@ -32,12 +32,12 @@ pub fn ensure_dev_caller(
         return Ok(None);
     }
     if !exists {
-        admin::add_caller(db, DEV_CALLER, &Scope::ALL)?;
+        credentials::add_caller(db, DEV_CALLER, &Scope::ALL)?;
     }
-    let hmac = admin::add_secret(db, sealer, DEV_CALLER, SecretKind::Hmac, None, None)?;
-    let webhook = admin::add_secret(db, sealer, DEV_CALLER, SecretKind::Webhook, None, None)?;
-    let key =
-        admin::issue_key(db, DEV_CALLER, None, None).map_err(|e: StoreError| anyhow::anyhow!(e))?;
+    let hmac = credentials::add_secret(db, sealer, DEV_CALLER, SecretKind::Hmac, None, None)?;
+    let webhook = credentials::add_secret(db, sealer, DEV_CALLER, SecretKind::Webhook, None, None)?;
+    let key = credentials::issue_key(db, DEV_CALLER, None, None)
+        .map_err(|e: StoreError| anyhow::anyhow!(e))?;
     let text = format!(
         "COORDINATOR_URL={url}\nCOORDINATOR_CALLER={DEV_CALLER}\nCOORDINATOR_CLIENT_API_KEY={}\nCOORDINATOR_HMAC_SECRET={}\nCOORDINATOR_WEBHOOK_SECRET={}\n",
         key.key.expose_secret(),

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::caller::{parse_scopes, Scopes};
 use super::common::{cell_time, json_time, print_json, print_table, rfc3339, store_error};
 use super::common::{parse_positive_duration, OutputArgs, StoreArgs};
-use crate::auth::admin;
+use crate::auth::credentials;
 use crate::auth::model::ApiKeyRow;
 use crate::auth::Scope;
 use crate::db::now_millis;
@@ -100,7 +100,8 @@ fn key_json(row: &ApiKeyRow, now: i64) -> Value {
 pub fn issue(args: IssueArgs) -> anyhow::Result<()> {
     let db = args.store.open()?;
     let what = format!("caller `{}`", args.caller);
-    let Some(caller) = admin::find_caller(&db, &args.caller).map_err(|e| store_error(e, &what))?
+    let Some(caller) =
+        credentials::find_caller(&db, &args.caller).map_err(|e| store_error(e, &what))?
     else {
         bail!("{what} not found");
     };
@@ -124,7 +125,7 @@ pub fn issue(args: IssueArgs) -> anyhow::Result<()> {
     if caller.disabled_at.is_some() {
         eprintln!("warning: {what} is disabled; requests with this key will be refused");
     }
-    let issued = admin::issue_key(
+    let issued = credentials::issue_key(
         &db,
         &args.caller,
         args.scopes.as_ref().map(|s| s.0.as_slice()),
@@ -159,8 +160,8 @@ pub fn issue(args: IssueArgs) -> anyhow::Result<()> {
 
 pub fn list(args: ListArgs) -> anyhow::Result<()> {
     let db = args.store.open()?;
-    let rows =
-        admin::list_keys(&db, args.caller.as_deref()).map_err(|e| store_error(e, "API keys"))?;
+    let rows = credentials::list_keys(&db, args.caller.as_deref())
+        .map_err(|e| store_error(e, "API keys"))?;
     let now = now_millis();
     if args.output.json {
         return print_json(&Value::Array(
@@ -201,7 +202,7 @@ pub fn list(args: ListArgs) -> anyhow::Result<()> {
 
 pub fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
     let db = args.store.open()?;
-    let row = admin::revoke_key(&db, &args.id_or_prefix)
+    let row = credentials::revoke_key(&db, &args.id_or_prefix)
         .map_err(|e| store_error(e, format!("API key `{}`", args.id_or_prefix)))?;
     if args.output.json {
         return print_json(&json!({

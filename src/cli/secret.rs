@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::common::{after, cell_time, json_time, print_json, print_table, rfc3339};
 use super::common::{parse_duration, parse_positive_duration, store_error};
 use super::common::{OutputArgs, StoreArgs};
-use crate::auth::admin::{self, IssuedSecret, SecretKind};
+use crate::auth::credentials::{self, IssuedSecret, SecretKind};
 use crate::auth::model::{Purpose, SecretRow};
 use crate::config::{ConfigError, KeyArgs};
 use crate::db::now_millis;
@@ -183,8 +183,9 @@ fn print_issued(
 pub fn create(args: CreateArgs) -> anyhow::Result<()> {
     let sealer = args.store.sealer(&args.keys)?;
     let db = args.store.open()?;
-    let issued = admin::add_secret(&db, &sealer, &args.caller, args.kind, None, args.expires_in)
-        .map_err(|e| store_error(e, format!("caller `{}`", args.caller)))?;
+    let issued =
+        credentials::add_secret(&db, &sealer, &args.caller, args.kind, None, args.expires_in)
+            .map_err(|e| store_error(e, format!("caller `{}`", args.caller)))?;
     if !args.output.json {
         eprintln!(
             "issued {} secret version {} for `{}`{}; it is shown only this once",
@@ -203,7 +204,7 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
 pub fn rotate(args: RotateArgs) -> anyhow::Result<()> {
     let sealer = args.store.sealer(&args.keys)?;
     let db = args.store.open()?;
-    let issued = admin::add_secret(
+    let issued = credentials::add_secret(
         &db,
         &sealer,
         &args.caller,
@@ -289,8 +290,8 @@ fn row_json(row: &SecretRow, now: i64, prefix: Option<&str>) -> Value {
 
 pub fn list(args: ListArgs) -> anyhow::Result<()> {
     let db = args.store.open()?;
-    let rows =
-        admin::list_secrets(&db, args.caller.as_deref()).map_err(|e| store_error(e, "secrets"))?;
+    let rows = credentials::list_secrets(&db, args.caller.as_deref())
+        .map_err(|e| store_error(e, "secrets"))?;
     let now = now_millis();
     let prefixes = prefixes(&args, &rows)?;
     let prefix_of = |i: usize| -> Option<&str> {
@@ -353,11 +354,11 @@ pub fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
         args.version,
         args.caller
     );
-    admin::revoke_secret(&db, &args.caller, args.kind, args.version)
+    credentials::revoke_secret(&db, &args.caller, args.kind, args.version)
         .map_err(|e| store_error(e, &what))?;
     let now = now_millis();
     let purpose = args.kind.purpose().as_str();
-    let remaining = admin::list_secrets(&db, Some(&args.caller))
+    let remaining = credentials::list_secrets(&db, Some(&args.caller))
         .map_err(|e| store_error(e, "secrets"))?
         .iter()
         .filter(|r| r.purpose == purpose && r.is_active(now))
@@ -391,7 +392,7 @@ pub fn rewrap(args: RewrapArgs) -> anyhow::Result<()> {
     let sealer = args.store.sealer(&args.keys)?;
     let db = args.store.open()?;
     // Refuse up front when some rows name a key we do not hold: a config problem.
-    let rows = admin::list_secrets(&db, None).map_err(|e| store_error(e, "secrets"))?;
+    let rows = credentials::list_secrets(&db, None).map_err(|e| store_error(e, "secrets"))?;
     let mut unknown: BTreeMap<&str, usize> = BTreeMap::new();
     for r in rows
         .iter()
@@ -415,7 +416,7 @@ pub fn rewrap(args: RewrapArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let n = admin::rewrap(&db, &sealer).map_err(|e| store_error(e, "rewrap"))?;
+    let n = credentials::rewrap(&db, &sealer).map_err(|e| store_error(e, "rewrap"))?;
     let current = sealer.current_key_id();
     if args.output.json {
         return print_json(&json!({

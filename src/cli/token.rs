@@ -9,9 +9,8 @@ use serde_json::json;
 use super::common::{
     parse_positive_duration, print_json, rfc3339, store_error, OutputArgs, StoreArgs,
 };
-use crate::auth::{repo, token};
+use crate::auth::{revocation, token};
 use crate::config::KeyArgs;
-use crate::db::now_millis;
 use crate::jobs::JobId;
 
 #[derive(Debug, Subcommand)]
@@ -112,14 +111,13 @@ fn issue(a: IssueArgs) -> anyhow::Result<()> {
 }
 
 fn revoke(a: RevokeArgs) -> anyhow::Result<()> {
-    if !crate::http::admin::valid_jti(&a.jti) {
+    if !revocation::valid_jti(&a.jti) {
         anyhow::bail!("the token id must be 1-128 printable characters");
     }
-    let expires_at = crate::http::admin::revocation_expiry(a.expires_at.as_deref(), "--expires-at")
+    let expires_at = revocation::revocation_expiry(a.expires_at.as_deref(), "--expires-at")
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let db = a.store.open()?;
-    db.write_sync(|conn| repo::revoke_token(conn, &a.jti, expires_at, now_millis()))
-        .map_err(|e| store_error(e, "token"))?;
+    revocation::revoke_in_db(&db, &a.jti, expires_at).map_err(|e| store_error(e, "token"))?;
     if a.output.json {
         return print_json(
             &json!({"jti": a.jti, "revoked": true, "expiresAt": rfc3339(expires_at)}),

@@ -4,16 +4,12 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::db::now_millis;
+use crate::auth::revocation;
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::JsonBody;
 use crate::http::problem;
 use crate::jobs::model::rfc3339;
 use crate::state::AppState;
-
-/// Default lifetime of a revocation when no expiry is given: 24 h (the longest a job
-/// token can live).
-pub const DEFAULT_REVOCATION_MS: i64 = 24 * 3600 * 1000;
 
 /// `POST /admin/tokens/revoke`: the job token id to revoke.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -41,32 +37,6 @@ pub struct TokenRevoked {
     pub expires_at: String,
 }
 
-/// Parse an optional RFC 3339 expiry (must lie in the future), default now + 24 h. A
-/// later expiry is capped at now + 24 h: no job token lives longer, so a revocation
-/// never needs to, and the revocation set cannot be filled with ids kept for ever.
-pub fn revocation_expiry(raw: Option<&str>, field: &str) -> Result<i64, ApiError> {
-    let now = now_millis();
-    let longest = now.saturating_add(DEFAULT_REVOCATION_MS);
-    match raw {
-        None => Ok(longest),
-        Some(s) => {
-            let t = chrono::DateTime::parse_from_rfc3339(s)
-                .map_err(|e| {
-                    ApiError::bad_request(field, format!("must be an RFC 3339 timestamp ({e})"))
-                })?
-                .timestamp_millis();
-            if t <= now {
-                return Err(ApiError::bad_request(field, "must be in the future"));
-            }
-            Ok(t.min(longest))
-        }
-    }
-}
-
-pub fn valid_jti(jti: &str) -> bool {
-    (1..=128).contains(&jti.len()) && jti.bytes().all(|b| b.is_ascii_graphic())
-}
-
 /// `POST /admin/tokens/revoke` [admin]
 #[utoipa::path(
     post,
@@ -86,13 +56,13 @@ pub async fn revoke_token(
     state: web::Data<AppState>,
     JsonBody(body): JsonBody<RevokeToken>,
 ) -> ApiResult<HttpResponse> {
-    if !valid_jti(&body.jti) {
+    if !revocation::valid_jti(&body.jti) {
         return Err(ApiError::bad_request(
             "jti",
             "must be 1-128 printable characters",
         ));
     }
-    let expires_at = revocation_expiry(body.expires_at.as_deref(), "expiresAt")?;
+    let expires_at = revocation::revocation_expiry(body.expires_at.as_deref(), "expiresAt")?;
     state
         .auth
         .revocations

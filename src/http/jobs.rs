@@ -9,12 +9,15 @@ use crate::http::extract::JobIdParam;
 use crate::http::extract::{JsonBody, RawBody};
 use crate::http::idempotency::IdempotencyKey;
 use crate::http::problem;
-use crate::jobs::model::{
-    validate_message, BatchCreate, BatchCreated, BatchItem, CancelJob, Change, CompleteJob,
-    CreateJob, FailJob, HeartbeatView, JobId, JobPage, JobView, ListFilter, ProgressUpdate,
-    QueueList, QueuePatch, QueueView, StatusUpdate, MAX_BATCH,
-};
+use crate::jobs::model::{Change, JobId};
 use crate::jobs::repo;
+use crate::jobs::request::{
+    validate_message, BatchCreate, CancelJob, CompleteJob, CreateJob, FailJob, ListFilter,
+    ProgressUpdate, QueuePatch, StatusUpdate, MAX_BATCH,
+};
+use crate::jobs::view::{
+    BatchCreated, BatchItem, HeartbeatView, JobPage, JobView, QueueList, QueueView,
+};
 use crate::jobs::JobStatus;
 use crate::state::AppState;
 
@@ -79,9 +82,10 @@ async fn change(
     if moves {
         state.metrics.transition(row.status());
     }
-    for (key, until) in repo::token_revocation(&row, crate::db::now_millis()) {
-        state.auth.revocations.revoke_local(&key, until);
-    }
+    state
+        .auth
+        .revocations
+        .job_changed(&row, crate::db::now_millis());
     Ok(HttpResponse::Ok().json(JobView::from(row)))
 }
 
@@ -314,7 +318,7 @@ pub async fn claim(
         return Err(ApiError::Forbidden("a job token cannot claim jobs"));
     }
     let queue = queue.into_inner();
-    crate::jobs::model::validate_queue(&queue, "queue")?;
+    crate::jobs::request::validate_queue(&queue, "queue")?;
     if !crate::auth::token::valid_worker(&body.worker) {
         return Err(ApiError::bad_request(
             "worker",
@@ -349,9 +353,7 @@ pub(crate) async fn claim_once(
         })
         .await?;
     if let Some(c) = &claimed {
-        for (key, until) in &c.revoked {
-            state.auth.revocations.revoke_local(key, *until);
-        }
+        state.auth.revocations.revoke_local_all(&c.revoked);
         state.notifier.row_changed(&c.job);
         state.metrics.transition(c.job.status());
     }
@@ -571,7 +573,7 @@ pub async fn patch_queue(
     JsonBody(body): JsonBody<QueuePatch>,
 ) -> ApiResult<HttpResponse> {
     let queue = queue.into_inner();
-    crate::jobs::model::validate_queue(&queue, "queue")?;
+    crate::jobs::request::validate_queue(&queue, "queue")?;
     body.validate()?;
     let q = queue.clone();
     let view = state

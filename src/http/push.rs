@@ -13,9 +13,11 @@ use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::JobIdParam;
 use crate::http::problem;
-use crate::jobs::model::{Change, EventRow, EventView, JobId};
+use crate::jobs::model::{Change, JobId};
 use crate::jobs::notify::{QueueRecv, QueueSubscription, Refused, Slot, Subscription, Topic};
 use crate::jobs::repo;
+use crate::jobs::row::EventRow;
+use crate::jobs::view::EventView;
 use crate::jobs::JobStatus;
 use crate::state::AppState;
 
@@ -123,9 +125,10 @@ async fn give_back(state: &AppState, id: String) {
     match r {
         Ok(row) => {
             log::info!("push: job {} given back (claimer gone)", row.id);
-            for (key, until) in repo::token_revocation(&row, crate::db::now_millis()) {
-                state.auth.revocations.revoke_local(&key, until);
-            }
+            state
+                .auth
+                .revocations
+                .job_changed(&row, crate::db::now_millis());
             state.notifier.row_changed(&row);
             state.metrics.transition(row.status());
         }
@@ -585,7 +588,7 @@ pub async fn queue_events(
 ) -> ApiResult<HttpResponse> {
     let queue = queue.into_inner();
     if queue != crate::jobs::notify::ALL_QUEUES {
-        crate::jobs::model::validate_queue(&queue, "queue")?;
+        crate::jobs::request::validate_queue(&queue, "queue")?;
     }
     let slot = state
         .notifier

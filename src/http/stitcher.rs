@@ -2,13 +2,14 @@
 
 use actix_web::{http::StatusCode, web, HttpRequest, HttpResponse};
 
-use crate::auth::{webhook_sig, Principal};
+use crate::auth::{webhook, Principal};
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::{parse_json, RawBody};
 use crate::http::idempotency::IdempotencyKey;
 use crate::http::problem;
-use crate::jobs::model::{rfc3339, JobRow};
+use crate::jobs::model::rfc3339;
 use crate::jobs::repo as jobs_repo;
+use crate::jobs::row::JobRow;
 use crate::state::AppState;
 use crate::stitcher::model::{DispatchRequest, DispatchResult, WebhookPayload};
 use crate::stitcher::repo;
@@ -20,7 +21,7 @@ use crate::stitcher::repo;
 /// `webhook-id` keeps the Standard Webhooks behaviour (the first job, `duplicate`).
 fn delivery_id(req: &HttpRequest) -> ApiResult<(String, bool)> {
     let h = |n: &str| req.headers().get(n).map(|v| v.to_str().unwrap_or(""));
-    let (raw, field, own_key) = match h(webhook_sig::HEADER_ID) {
+    let (raw, field, own_key) = match h(webhook::wire::HEADER_ID) {
         Some(v) => (Some(v), "webhook-id", false),
         None => (h("idempotency-key"), "Idempotency-Key", true),
     };

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::model::JobRow;
+use super::row::JobRow;
 use super::JobStatus;
 
 /// The PostgreSQL notification channel.

@@ -10,11 +10,11 @@
 use diesel::prelude::*;
 use serde_json::{json, Value};
 
-use super::model::{
-    Change, Cursor, EventRow, EventType, JobId, JobRow, ListFilter, NewJob, QueueDepth, QueueRow,
-    QueueView,
-};
+use super::model::{Change, EventType, JobId, NewJob};
+use super::request::{Cursor, ListFilter};
+use super::row::{EventRow, JobRow, QueueRow};
 use super::state::{backoff_delay_ms, transition_error, JobStatus};
+use super::view::{QueueDepth, QueueView};
 use crate::db::schema::{job_events, jobs, queues};
 use crate::db::{now_millis, DbConnection};
 use crate::error::{is_unique_violation, StoreError};

@@ -6,9 +6,8 @@ use serde_json::{json, Value};
 
 use crate::db::schema::webhook_deliveries;
 use crate::error::ApiError;
-use crate::jobs::model::{
-    parse_time, validate_priority, validate_queue, Backoff, NewJob, DEFAULT_MAX_ATTEMPTS,
-};
+use crate::jobs::model::{Backoff, NewJob};
+use crate::jobs::request::{parse_time, validate_priority, validate_queue, DEFAULT_MAX_ATTEMPTS};
 use crate::jobs::JobStatus;
 
 /// What happened on the issue.

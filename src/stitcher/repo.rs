@@ -8,7 +8,8 @@ use super::model::DeliveryRow;
 use crate::db::schema::webhook_deliveries;
 use crate::db::{now_millis, DbConnection};
 use crate::error::StoreError;
-use crate::jobs::model::{JobRow, NewJob};
+use crate::jobs::model::NewJob;
+use crate::jobs::row::JobRow;
 use crate::jobs::{repo as jobs_repo, JobId};
 
 /// Store a delivery and create its job; with a delivery id seen before, return that

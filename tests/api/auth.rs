@@ -9,8 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{signing, Scope};
+use coordinator::auth::credentials::{self, SecretKind};
+use coordinator::auth::{hmac, Scope};
 use serde_json::{json, Value};
 
 use crate::backend_tests;
@@ -166,8 +166,8 @@ fn early_in_a_second() {
     }
 }
 
-fn rotate(app: &TestApp, caller: &str, grace: Option<Duration>) -> admin::IssuedSecret {
-    admin::add_secret(
+fn rotate(app: &TestApp, caller: &str, grace: Option<Duration>) -> credentials::IssuedSecret {
+    credentials::add_secret(
         &app.state.db,
         app.state.auth.store.sealer(),
         caller,
@@ -178,7 +178,7 @@ fn rotate(app: &TestApp, caller: &str, grace: Option<Duration>) -> admin::Issued
     .expect("add secret")
 }
 
-fn signer_for(issued: &admin::IssuedSecret) -> Signer {
+fn signer_for(issued: &credentials::IssuedSecret) -> Signer {
     Signer {
         caller: issued.caller.clone(),
         secret: issued.plaintext.to_string(),
@@ -199,7 +199,7 @@ fn every_tamper_is_a_signature_mismatch(b: Backend) {
     let base = s.headers_with("POST", target, &body, ts, Some(nonce));
     let tss = ts.to_string();
     let canon = |method: &str, target: &str, caller: &str, ts: &str, nonce: &str, body: &[u8]| {
-        signing::canonical(method, target, caller, ts, nonce, body)
+        hmac::wire::canonical(method, target, caller, ts, nonce, body)
     };
     let send_base = |method: &str, t: &str, h: &[(String, String)], body: &[u8]| {
         send_with(&app, method, t, h, &[JSON_CT], body)
@@ -504,7 +504,7 @@ fn revoked_secret_is_refused_within_a_second(b: Backend) {
     assert_eq!(health(&app, &v1).status, 200, "warm the cache");
     assert_eq!(health(&app, &v2).status, 200);
 
-    admin::revoke_secret(&app.state.db, "revokee", SecretKind::Hmac, 1).expect("revoke");
+    credentials::revoke_secret(&app.state.db, "revokee", SecretKind::Hmac, 1).expect("revoke");
     let (r, took) = poll_until(
         Duration::from_secs(2),
         || health(&app, &v1),
@@ -519,7 +519,7 @@ fn revoked_secret_is_refused_within_a_second(b: Backend) {
     assert_eq!(health(&app, &v2).status, 200);
 
     // Revoking the last active version leaves nothing to verify with.
-    admin::revoke_secret(&app.state.db, "revokee", SecretKind::Hmac, 2).expect("revoke");
+    credentials::revoke_secret(&app.state.db, "revokee", SecretKind::Hmac, 2).expect("revoke");
     let (r, took) = poll_until(
         Duration::from_secs(2),
         || health(&app, &v2),
@@ -541,7 +541,7 @@ fn disabled_caller_is_refused(b: Backend) {
     let by_key = || app.raw("GET", "/coordinator/health", &[("X-API-Key", &key)], b"");
     assert_eq!(by_key().status, 200);
 
-    admin::disable_caller(&app.state.db, "soon-off").expect("disable");
+    credentials::disable_caller(&app.state.db, "soon-off").expect("disable");
     let (r, took) = poll_until(
         Duration::from_secs(2),
         || health(&app, &s),
@@ -673,8 +673,9 @@ fn api_keys(b: Backend) {
     assert_401(&r, "unknown api key");
 
     // Expired.
-    let issued = admin::issue_key(&app.state.db, "keys", None, Some(Duration::from_millis(1)))
-        .expect("issue");
+    let issued =
+        credentials::issue_key(&app.state.db, "keys", None, Some(Duration::from_millis(1)))
+            .expect("issue");
     std::thread::sleep(Duration::from_millis(20));
     let r = with_key("X-API-Key", issued.key.expose_secret());
     assert_401(&r, "expired");
@@ -686,14 +687,14 @@ fn api_keys(b: Backend) {
 fn revoked_api_key_is_refused_within_a_second(b: Backend) {
     let Some(app) = lenient_app(b) else { return };
     let _ = app.api_key("revkey", &Scope::ALL);
-    let issued = admin::issue_key(&app.state.db, "revkey", None, None).expect("issue");
+    let issued = credentials::issue_key(&app.state.db, "revkey", None, None).expect("issue");
     let key = issued.key.expose_secret().to_owned();
     let other = app.api_key("revkey", &Scope::ALL);
     let path = "/coordinator/health";
     let call = |k: &str| app.raw("GET", path, &[("X-API-Key", k)], b"");
     assert_eq!(call(&key).status, 200, "warm the cache");
 
-    admin::revoke_key(&app.state.db, &issued.row.id).expect("revoke");
+    credentials::revoke_key(&app.state.db, &issued.row.id).expect("revoke");
     let (r, took) = poll_until(Duration::from_secs(2), || call(&key), |r| r.status == 401);
     assert_eq!(r.status, 401, "still accepted after {took:?}: {}", r.body);
     assert!(took <= Duration::from_millis(1500), "took {took:?}");
@@ -1035,7 +1036,7 @@ fn no_credential_leaks_into_responses_or_the_database(b: Backend) {
     secrets.push(leaky.secret.clone());
     let rotated = rotate(&app, "leaky", Some(Duration::from_secs(3600)));
     secrets.push(rotated.plaintext.to_string());
-    let webhook = admin::add_secret(
+    let webhook = credentials::add_secret(
         &app.state.db,
         app.state.auth.store.sealer(),
         "leaky",
@@ -1047,10 +1048,10 @@ fn no_credential_leaks_into_responses_or_the_database(b: Backend) {
     secrets.push(webhook.plaintext.to_string());
     let key = app.api_key("leaky", &Scope::ALL);
     secrets.push(key.clone());
-    let revoked = admin::issue_key(&app.state.db, "leaky", None, None).expect("issue");
+    let revoked = credentials::issue_key(&app.state.db, "leaky", None, None).expect("issue");
     let revoked_key = revoked.key.expose_secret().to_owned();
     secrets.push(revoked_key.clone());
-    admin::revoke_key(&app.state.db, &revoked.row.id).expect("revoke");
+    credentials::revoke_key(&app.state.db, &revoked.row.id).expect("revoke");
 
     let mut hmac = |label: &str,
                     signer: &Signer,

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use coordinator::auth::signing;
+use coordinator::auth::hmac;
 use coordinator::crypto::credential::{ApiKey, HmacSecret};
 use coordinator::crypto::seal::MasterKey;
 use serde_json::Value;
@@ -410,7 +410,7 @@ fn sign_matches_the_library() {
         .output()
         .unwrap();
     let out = check(out, &["sign"]);
-    let canonical = signing::canonical(
+    let canonical = hmac::wire::canonical(
         "POST",
         target,
         "svc",
@@ -422,7 +422,7 @@ fn sign_matches_the_library() {
         "X-Coordinator-Caller: svc\nX-Coordinator-Timestamp: 1700000000\n\
          X-Coordinator-Nonce: n-1_abc\nX-Coordinator-Key-Version: 3\n\
          X-Coordinator-Signature: {}\n",
-        signing::sign(&secret, &canonical)
+        hmac::wire::sign(&secret, &canonical)
     );
     assert_eq!(out, expected);
 
@@ -434,11 +434,11 @@ fn sign_matches_the_library() {
         .output()
         .unwrap();
     let v: Value = serde_json::from_str(&check(out, &["sign --json"])).unwrap();
-    let canonical = signing::canonical("PATCH", "/x", "svc", "42", "", body.as_bytes());
+    let canonical = hmac::wire::canonical("PATCH", "/x", "svc", "42", "", body.as_bytes());
     assert_eq!(v["canonical"], canonical.as_str());
     assert_eq!(
         v["headers"]["X-Coordinator-Signature"],
-        signing::sign(&secret, &canonical).as_str()
+        hmac::wire::sign(&secret, &canonical).as_str()
     );
     assert!(v["headers"].get("X-Coordinator-Nonce").is_none());
 
@@ -473,10 +473,10 @@ fn sign_reads_the_dev_credentials_file() {
         .output()
         .unwrap();
     let out = check(out, &["sign"]);
-    let canonical = signing::canonical("GET", "/coordinator/health", "dev", "1", "", b"");
+    let canonical = hmac::wire::canonical("GET", "/coordinator/health", "dev", "1", "", b"");
     assert!(out.contains(&format!(
         "X-Coordinator-Signature: {}",
-        signing::sign(&secret, &canonical)
+        hmac::wire::sign(&secret, &canonical)
     )));
 
     // Half a set of credentials in the environment is a config error, not a mix.

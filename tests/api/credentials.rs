@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{repo, revocation, token, webhook_sig, Scope};
-use coordinator::db::now_millis;
+use coordinator::auth::credentials::{self, SecretKind};
+use coordinator::auth::{repo, revocation, token, webhook, Scope};
+use coordinator::db::{now_millis, revoked};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use serde_json::{json, Value};
@@ -54,10 +54,10 @@ fn a_revocation_written_by_a_clock_ten_seconds_behind_reaches_another_instance(b
 
     // A writer whose clock is 10 s behind ours records the revocation.
     let now = now_millis();
-    let key = revocation::job_key(&id);
+    let key = revoked::job_key(&id);
     app.state
         .db
-        .write_sync(|c| repo::revoke_token(c, &key, now + 3_600_000, now - 10_000))
+        .write_sync(|c| revoked::revoke_token(c, &key, now + 3_600_000, now - 10_000))
         .unwrap();
     let written = Instant::now();
     for (name, instance) in [("other", &other), ("writer", &app)] {
@@ -158,7 +158,7 @@ fn revocations_are_capped_at_a_day_and_the_set_is_bounded(b: Backend) {
     assert_eq!(get_job(&app, &t, &id).status, 200);
     app.state
         .db
-        .write_sync(|c| repo::revoke_token(c, "bulk-extra", exp, now_millis()))
+        .write_sync(|c| revoked::revoke_token(c, "bulk-extra", exp, now_millis()))
         .unwrap();
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(get_job(&app, &t, &id).status, 200);
@@ -178,7 +178,7 @@ const WEBHOOK_BODY: &str = r#"{"issueNumber":7,"repository":"octo/widgets","acti
 
 fn webhook(app: &TestApp, key: &[u8], id: &str) -> Resp {
     let ts = now_secs().to_string();
-    let sig = webhook_sig::sign(key, id, &ts, WEBHOOK_BODY.as_bytes());
+    let sig = webhook::wire::sign(key, id, &ts, WEBHOOK_BODY.as_bytes());
     app.raw(
         "POST",
         "/stitcher/webhook",
@@ -202,8 +202,8 @@ fn webhook_key(plaintext: &str) -> Vec<u8> {
 fn an_expired_webhook_secret_stops_working_while_cached(b: Backend) {
     let Some(app) = crate::app!(b) else { return };
     let sealer = app.state.auth.store.sealer();
-    admin::add_caller(&app.state.db, "hook", &[Scope::StitcherWebhook]).unwrap();
-    let v1 = admin::add_secret(
+    credentials::add_caller(&app.state.db, "hook", &[Scope::StitcherWebhook]).unwrap();
+    let v1 = credentials::add_secret(
         &app.state.db,
         sealer,
         "hook",
@@ -219,7 +219,7 @@ fn an_expired_webhook_secret_stops_working_while_cached(b: Backend) {
     // secret is loaded again (still in its grace) and cached with its expiry.
     let grace = Duration::from_secs(2);
     let rotated_at = Instant::now();
-    let v2 = admin::add_secret(
+    let v2 = credentials::add_secret(
         &app.state.db,
         sealer,
         "hook",
@@ -266,7 +266,7 @@ fn a_credential_read_that_raced_a_revocation_is_not_cached(b: Backend) {
         let (row, _) = fetched.value.clone().unwrap();
         assert!(row.revoked_at.is_none());
         // ...the key is revoked and this instance's poll sees the change...
-        admin::revoke_key(&db, &row.id).unwrap();
+        credentials::revoke_key(&db, &row.id).unwrap();
         store.poll().await.unwrap();
         // ...and only then does the request try to cache what it read.
         let inserted = store.admit_api_key(&hash, &fetched).unwrap();
@@ -357,7 +357,7 @@ fn a_job_token_names_its_caller_and_dies_with_it(b: Backend) {
     }
 
     // Disabling the caller ends its tokens (within the cache's poll).
-    admin::disable_caller(&app.state.db, "wk").unwrap();
+    credentials::disable_caller(&app.state.db, "wk").unwrap();
     let r = poll_until(
         Duration::from_millis(1500),
         || {

@@ -12,8 +12,8 @@ use std::thread::JoinHandle;
 
 use actix_web::dev::ServerHandle;
 use actix_web::web;
-use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{signing, Scope};
+use coordinator::auth::credentials::{self, SecretKind};
+use coordinator::auth::{hmac, Scope};
 use coordinator::config::Config;
 use coordinator::db::DatabaseUrl;
 use coordinator::startup::Application;
@@ -284,8 +284,8 @@ impl Signer {
     ) -> Vec<(String, String)> {
         let ts = ts.to_string();
         let canonical =
-            signing::canonical(method, target, &self.caller, &ts, nonce.unwrap_or(""), body);
-        let sig = signing::sign(&self.secret, &canonical);
+            hmac::wire::canonical(method, target, &self.caller, &ts, nonce.unwrap_or(""), body);
+        let sig = hmac::wire::sign(&self.secret, &canonical);
         let mut h = vec![
             ("X-Coordinator-Caller".to_owned(), self.caller.clone()),
             ("X-Coordinator-Timestamp".to_owned(), ts),
@@ -311,8 +311,8 @@ fn sealer(state: &AppState) -> &coordinator::crypto::seal::Sealer {
 
 /// Create a caller with these scopes and an HMAC secret (idempotent for the caller).
 pub fn ensure_caller(state: &AppState, name: &str, scopes: &[Scope]) -> Signer {
-    let _ = admin::add_caller(&state.db, name, scopes);
-    let s = admin::add_secret(&state.db, sealer(state), name, SecretKind::Hmac, None, None)
+    let _ = credentials::add_caller(&state.db, name, scopes);
+    let s = credentials::add_secret(&state.db, sealer(state), name, SecretKind::Hmac, None, None)
         .expect("secret");
     Signer {
         caller: name.to_owned(),
@@ -436,8 +436,8 @@ impl TestApp {
 
     /// An API key for a (new or existing) caller with these scopes.
     pub fn api_key(&self, name: &str, scopes: &[Scope]) -> String {
-        let _ = admin::add_caller(&self.state.db, name, scopes);
-        admin::issue_key(&self.state.db, name, None, None)
+        let _ = credentials::add_caller(&self.state.db, name, scopes);
+        credentials::issue_key(&self.state.db, name, None, None)
             .expect("key")
             .key
             .expose_secret()

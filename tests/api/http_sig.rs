@@ -4,7 +4,7 @@
 //! Interop with off-the-shelf libraries: scripts/rfc9421-interop.sh (in .ci/run).
 
 use base64::Engine;
-use coordinator::auth::http_sig;
+use coordinator::auth::hmac::rfc9421;
 use serde_json::Value;
 use sha2::Digest;
 
@@ -78,7 +78,7 @@ fn signed(app: &TestApp, sig: &Sig, method: &str, target: &str, body: &[u8], dig
         base.push_str(&format!("\"{c}\": {v}\n"));
     }
     base.push_str(&format!("\"@signature-params\": {}", sig.params()));
-    let mac = http_sig::sign(&app.signer.secret, &base);
+    let mac = rfc9421::sign(&app.signer.secret, &base);
     let input = format!("sig1={}", sig.params());
     let signature = format!("sig1=:{}:", b64(&mac));
     let mut headers = vec![
@@ -254,7 +254,7 @@ fn expires_and_replay_are_honoured(b: Backend) {
         "\"@method\": GET\n\"@target-uri\": http://{authority}/coordinator/health\n\"@signature-params\": {}",
         s.params()
     );
-    let mac = http_sig::sign(&app.signer.secret, &base);
+    let mac = rfc9421::sign(&app.signer.secret, &base);
     // Sent to the sibling with the Host of the first instance, so the base is the same.
     let r = send(
         &sibling.url("/coordinator/health"),

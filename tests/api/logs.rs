@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{webhook_sig, Scope};
+use coordinator::auth::credentials::{self, SecretKind};
+use coordinator::auth::{webhook, Scope};
 use serde_json::json;
 
 use crate::backend_tests;
@@ -73,8 +73,8 @@ fn logs_and_responses_never_carry_credentials(b: Backend) {
     responses.push(app.with_token(&tampered, "GET", &format!("/coordinator/jobs/{job}"), b""));
 
     // Standard Webhooks: valid and forged.
-    let _ = admin::add_caller(&app.state.db, "hook", &[Scope::StitcherWebhook]);
-    let ws = admin::add_secret(
+    let _ = credentials::add_caller(&app.state.db, "hook", &[Scope::StitcherWebhook]);
+    let ws = credentials::add_secret(
         &app.state.db,
         app.state.auth.store.sealer(),
         "hook",
@@ -89,7 +89,7 @@ fn logs_and_responses_never_carry_credentials(b: Backend) {
         .key_bytes();
     let payload = br#"{"issueNumber":1,"repository":"o/r","action":"mentioned"}"#;
     let ts = now_secs().to_string();
-    let wsig = webhook_sig::sign(&k, "msg-leak", &ts, payload);
+    let wsig = webhook::wire::sign(&k, "msg-leak", &ts, payload);
     sent_signatures.push(wsig.trim_start_matches("v1,").to_owned());
     for sig in [
         wsig.as_str(),

@@ -11,8 +11,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{webhook_sig, Access, Scope};
+use coordinator::auth::credentials::{self, SecretKind};
+use coordinator::auth::{webhook, Access, Scope};
 use coordinator::http::routes::ROUTES;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -627,8 +627,8 @@ fn bodies_are_json_utf8_without_trailing_bytes_or_nul(b: Backend) {
 
 /// A caller holding `stitcher:webhook` with a webhook secret; the key bytes.
 fn sender(app: &TestApp, name: &str) -> Vec<u8> {
-    let _ = admin::add_caller(&app.state.db, name, &[Scope::StitcherWebhook]);
-    let s = admin::add_secret(
+    let _ = credentials::add_caller(&app.state.db, name, &[Scope::StitcherWebhook]);
+    let s = credentials::add_secret(
         &app.state.db,
         app.state.auth.store.sealer(),
         name,
@@ -645,7 +645,7 @@ fn sender(app: &TestApp, name: &str) -> Vec<u8> {
 
 fn delivery(app: &TestApp, path: &str, key: &[u8], id: &str, ts: i64, body: &[u8]) -> Raw {
     let ts = ts.to_string();
-    let sig = webhook_sig::sign(key, id, &ts, body);
+    let sig = webhook::wire::sign(key, id, &ts, body);
     raw(
         app,
         "POST",
@@ -806,7 +806,7 @@ fn a_new_key_version_works_at_once_on_a_warm_instance(b: Backend) {
     // Rotate behind its back (as another instance would), then use the new version at
     // once, naming it: the instance re-reads the caller instead of answering
     // `unknown key version` until its next generation poll.
-    let s = admin::add_secret(
+    let s = credentials::add_secret(
         &app.state.db,
         app.state.auth.store.sealer(),
         "tester",

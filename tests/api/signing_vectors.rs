@@ -10,7 +10,7 @@
     reason = "test code: a panic on a missing value or an out-of-range index is the failed assertion"
 )]
 
-use coordinator::auth::signing::{self, CanonicalRequest};
+use coordinator::auth::hmac::{self, wire::CanonicalRequest};
 use serde_json::Value;
 
 fn vectors() -> Value {
@@ -42,17 +42,17 @@ fn v1_vectors_match_the_server_signer() {
         assert_eq!(req.body_sha256_hex, s(v, "body_sha256"), "{name}");
         let canonical = req.to_signed_string();
         assert_eq!(canonical, s(v, "canonical"), "{name}");
-        let signature = signing::sign(s(v, "secret"), &canonical);
+        let signature = hmac::wire::sign(s(v, "secret"), &canonical);
         assert_eq!(signature, s(v, "signature"), "{name}");
         assert!(
-            signing::verify(s(v, "secret"), &canonical, s(v, "signature")),
+            hmac::wire::verify(s(v, "secret"), &canonical, s(v, "signature")),
             "{name}"
         );
 
         // The headers a client sends parse back to the signed values.
         let h = &v["headers"];
         let header = |n: &str| h.get(n).and_then(Value::as_str);
-        let parsed = signing::parse_headers(
+        let parsed = hmac::wire::parse_headers(
             header("X-Coordinator-Caller"),
             header("X-Coordinator-Timestamp"),
             header("X-Coordinator-Signature"),
@@ -77,7 +77,7 @@ fn v1_vectors_match_the_server_signer() {
         // One flipped bit of the body no longer verifies.
         let mut body = s(v, "body").as_bytes().to_vec();
         body.push(b' ');
-        let changed = signing::canonical(
+        let changed = hmac::wire::canonical(
             s(v, "method"),
             s(v, "target"),
             s(v, "caller"),
@@ -86,7 +86,7 @@ fn v1_vectors_match_the_server_signer() {
             &body,
         );
         assert!(
-            !signing::verify(s(v, "secret"), &changed, &signature),
+            !hmac::wire::verify(s(v, "secret"), &changed, &signature),
             "{name}"
         );
     }
@@ -134,7 +134,7 @@ fn v1_vectors_match_the_client_signer_the_cli_uses() {
         let sig = &signed.headers.last().expect("a signature").1;
         assert_eq!(sig, s(v, "signature"), "{name}");
         assert!(
-            signing::verify(s(v, "secret"), &signed.canonical, sig),
+            hmac::wire::verify(s(v, "secret"), &signed.canonical, sig),
             "{name}"
         );
     }

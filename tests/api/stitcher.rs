@@ -3,8 +3,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use coordinator::auth::admin::{self, SecretKind};
-use coordinator::auth::{webhook_sig, Scope};
+use coordinator::auth::credentials::{self, SecretKind};
+use coordinator::auth::{webhook, Scope};
 use serde_json::json;
 
 use crate::backend_tests;
@@ -25,8 +25,8 @@ backend_tests!(
 
 /// A caller holding `stitcher:webhook` with a webhook secret; returns the key bytes.
 fn webhook_sender(app: &TestApp, name: &str) -> (String, Vec<u8>) {
-    let _ = admin::add_caller(&app.state.db, name, &[Scope::StitcherWebhook]);
-    let s = admin::add_secret(
+    let _ = credentials::add_caller(&app.state.db, name, &[Scope::StitcherWebhook]);
+    let s = credentials::add_secret(
         &app.state.db,
         app.state.auth.store.sealer(),
         name,
@@ -57,7 +57,7 @@ fn deliver(app: &TestApp, id: &str, ts: i64, sig: &str, body: &str) -> Resp {
 
 fn signed_delivery(app: &TestApp, key: &[u8], id: &str, body: &str) -> Resp {
     let ts = now_secs();
-    let sig = webhook_sig::sign(key, id, &ts.to_string(), body.as_bytes());
+    let sig = webhook::wire::sign(key, id, &ts.to_string(), body.as_bytes());
     deliver(app, id, ts, &sig, body)
 }
 
@@ -132,11 +132,11 @@ fn bad_webhook_signatures_are_refused(b: Backend) {
     let Some(app) = crate::app!(b) else { return };
     let (_, key) = webhook_sender(&app, "stitcher-bot");
     let ts = now_secs();
-    let good = webhook_sig::sign(&key, "m", &ts.to_string(), BODY.as_bytes());
+    let good = webhook::wire::sign(&key, "m", &ts.to_string(), BODY.as_bytes());
     let tampered = BODY.replace("42", "43");
     deliver(&app, "m", ts, &good, &tampered).problem(401);
     let stale = now_secs() - 301;
-    let sig = webhook_sig::sign(&key, "m", &stale.to_string(), BODY.as_bytes());
+    let sig = webhook::wire::sign(&key, "m", &stale.to_string(), BODY.as_bytes());
     assert_eq!(
         deliver(&app, "m", stale, &sig, BODY).problem(401)["reason"],
         "timestamp out of range"
@@ -145,8 +145,8 @@ fn bad_webhook_signatures_are_refused(b: Backend) {
     deliver(&app, "m", ts, "", BODY).problem(401);
     deliver(&app, "m", ts, "v2,abc", BODY).problem(401);
     // A secret of a caller without `stitcher:webhook` does not verify.
-    let _ = admin::add_caller(&app.state.db, "no-scope", &[Scope::JobsRead]);
-    let s = admin::add_secret(
+    let _ = credentials::add_caller(&app.state.db, "no-scope", &[Scope::JobsRead]);
+    let s = credentials::add_secret(
         &app.state.db,
         app.state.auth.store.sealer(),
         "no-scope",
@@ -158,7 +158,7 @@ fn bad_webhook_signatures_are_refused(b: Backend) {
     let k = coordinator::crypto::credential::WebhookSecret::parse(&s.plaintext)
         .unwrap()
         .key_bytes();
-    let sig = webhook_sig::sign(&k, "m", &ts.to_string(), BODY.as_bytes());
+    let sig = webhook::wire::sign(&k, "m", &ts.to_string(), BODY.as_bytes());
     deliver(&app, "m", ts, &sig, BODY).problem(401);
     // Nothing was dispatched.
     assert!(app.get("/coordinator/health").json()["queues"]["issues"].is_null());
@@ -167,7 +167,7 @@ fn bad_webhook_signatures_are_refused(b: Backend) {
 fn rotated_webhook_secrets_both_verify(b: Backend) {
     let Some(app) = crate::app!(b) else { return };
     let (_, old) = webhook_sender(&app, "stitcher-bot");
-    let s = admin::add_secret(
+    let s = credentials::add_secret(
         &app.state.db,
         app.state.auth.store.sealer(),
         "stitcher-bot",
@@ -186,13 +186,13 @@ fn rotated_webhook_secrets_both_verify(b: Backend) {
     let ts = now_secs();
     let both = format!(
         "{} {}",
-        webhook_sig::sign(
+        webhook::wire::sign(
             b"wrong-key-wrong-key-wrong-key!!!",
             "c",
             &ts.to_string(),
             BODY.as_bytes()
         ),
-        webhook_sig::sign(&new, "c", &ts.to_string(), BODY.as_bytes())
+        webhook::wire::sign(&new, "c", &ts.to_string(), BODY.as_bytes())
     );
     assert_eq!(deliver(&app, "c", ts, &both, BODY).status, 202);
 }

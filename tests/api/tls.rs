@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coordinator::auth::client_cert::ClientIdentity;
-use coordinator::auth::{admin, Scope};
+use coordinator::auth::{credentials, Scope};
 use coordinator::config::TlsConfig;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -387,7 +387,7 @@ fn client_certificates(backend: Backend) {
     assert!(!err.is_empty());
 
     // A disabled caller's certificate is refused (within the store's poll interval).
-    admin::disable_caller(&app.state.db, "svc-a").unwrap();
+    credentials::disable_caller(&app.state.db, "svc-a").unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, body) = get(&with(&svc_cert), port, HEALTH, &[]).unwrap();

@@ -290,7 +290,7 @@ fn tokens_end_with_their_job(b: Backend) {
 
 fn double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired(b: Backend) {
     let Some(app) = crate::app!(b) else { return };
-    use coordinator::auth::repo;
+    use coordinator::db::revoked;
     let now = coordinator::db::now_millis();
     // Both within the 24 h cap on a revocation's expiry.
     let at = |h: i64| {
@@ -311,7 +311,7 @@ fn double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired(b: Backend) 
     let rows = app
         .state
         .db
-        .write_sync(|c| repo::revoked_active(c, now, 1000))
+        .write_sync(|c| revoked::revoked_active(c, now, 1000))
         .unwrap();
     let j1 = rows.iter().find(|r| r.0 == "j1").unwrap();
     assert_eq!(
@@ -324,21 +324,21 @@ fn double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired(b: Backend) 
     app.state
         .db
         .write_sync(|c| {
-            repo::revoke_token(c, "old-1", now - 10_000, now - 20_000)?;
-            repo::revoke_token(c, "old-2", now - 5_000, now - 20_000)?;
-            repo::revoke_token(c, "live", now + 60_000, now)
+            revoked::revoke_token(c, "old-1", now - 10_000, now - 20_000)?;
+            revoked::revoke_token(c, "old-2", now - 5_000, now - 20_000)?;
+            revoked::revoke_token(c, "live", now + 60_000, now)
         })
         .unwrap();
     let purged = app
         .state
         .db
-        .write_sync(|c| repo::purge_revoked(c, now, 100))
+        .write_sync(|c| revoked::purge_revoked(c, now, 100))
         .unwrap();
     assert_eq!(purged, 2);
     let left: Vec<String> = app
         .state
         .db
-        .write_sync(|c| repo::revoked_after(c, 0, 1000))
+        .write_sync(|c| revoked::revoked_after(c, 0, 1000))
         .unwrap()
         .into_iter()
         .map(|r| r.0)
@@ -350,7 +350,7 @@ fn double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired(b: Backend) 
         .db
         .write_sync(|c| {
             for i in 0..5 {
-                repo::revoke_token(c, &format!("o{i}"), now - 1000 - i, now - 20_000)?;
+                revoked::revoke_token(c, &format!("o{i}"), now - 1000 - i, now - 20_000)?;
             }
             Ok(())
         })
@@ -358,7 +358,7 @@ fn double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired(b: Backend) 
     let purged = app
         .state
         .db
-        .write_sync(|c| repo::purge_revoked(c, now, 2))
+        .write_sync(|c| revoked::purge_revoked(c, now, 2))
         .unwrap();
     assert_eq!(purged, 2);
 }

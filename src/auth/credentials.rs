@@ -1,6 +1,7 @@
 //! Operator actions on credentials (used by the CLI, `serve --dev` and tests). Each
 //! change bumps the auth generation so every instance drops its cache within a second.
-//! Plaintext credentials are returned exactly once, at issue.
+//! Plaintext credentials are returned exactly once, at issue. (The admin HTTP route is
+//! `http::admin`; this module has no HTTP side.)
 
 use std::time::Duration;
 
@@ -43,7 +44,7 @@ pub struct IssuedKey {
 }
 
 fn validate_name(name: &str) -> Result<(), StoreError> {
-    if crate::auth::signing::is_valid_caller_name(name) {
+    if crate::auth::hmac::wire::is_valid_caller_name(name) {
         Ok(())
     } else {
         Err(StoreError::Conflict(

@@ -2,6 +2,13 @@
 //! cached secrets (named version, or active versions newest first, at most 8) —
 //! all before the body is read (`precheck`) — then the constant-time compare over the
 //! canonical request and the shared replay record (`finish`).
+//!
+//! This file is the verifier; the wire formats are pure and beside it: [`wire`] (the
+//! `X-Coordinator-*` headers and the canonical string) and [`rfc9421`] (the RFC 9421
+//! encoding).
+
+pub mod rfc9421;
+pub mod wire;
 
 use std::sync::Arc;
 
@@ -9,11 +16,11 @@ use actix_web::dev::ServiceRequest;
 use actix_web::http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use actix_web::web::Bytes;
 
+use self::rfc9421::{Component, Shape};
+use self::wire::CanonicalRequest;
 use super::audit::AuditRecord;
-use super::http_sig::{self, Component, Shape};
 use super::model::{Purpose, Scheme};
 use super::principal::Principal;
-use super::signing::{self, CanonicalRequest};
 use super::store::{CallerEntry, Touch, MAX_VERSIONS_TRIED};
 use super::{fail, header, AuthContext};
 use crate::db::now_millis;
@@ -34,7 +41,7 @@ pub const CLOCK_SKEW_MARGIN_SECS: i64 = 60;
 
 /// What the cheap checks established before the body is read.
 pub struct Pending {
-    headers: signing::SignatureHeaders,
+    headers: wire::SignatureHeaders,
     entry: Arc<CallerEntry>,
     /// The secret versions to try (at most `MAX_VERSIONS_TRIED`).
     versions: Vec<i32>,
@@ -99,7 +106,7 @@ async fn caller_versions(
 /// The timestamp window, with the server's clock in the refusal.
 fn check_window(ctx: &AuthContext, timestamp: i64) -> Result<(), ApiError> {
     let now = now_millis() / 1000;
-    if signing::timestamp_in_window(timestamp, now, ctx.settings.skew_secs) {
+    if wire::timestamp_in_window(timestamp, now, ctx.settings.skew_secs) {
         Ok(())
     } else {
         Err(ApiError::unauthorized(
@@ -140,12 +147,12 @@ pub async fn precheck(
     audit: &mut AuditRecord,
 ) -> Result<Pending, ApiError> {
     audit.scheme = Some(Scheme::Hmac);
-    let h = signing::parse_headers(
-        header(req, signing::HEADER_CALLER),
-        header(req, signing::HEADER_TIMESTAMP),
-        header(req, signing::HEADER_SIGNATURE),
-        header(req, signing::HEADER_KEY_VERSION),
-        header(req, signing::HEADER_NONCE),
+    let h = wire::parse_headers(
+        header(req, wire::HEADER_CALLER),
+        header(req, wire::HEADER_TIMESTAMP),
+        header(req, wire::HEADER_SIGNATURE),
+        header(req, wire::HEADER_KEY_VERSION),
+        header(req, wire::HEADER_NONCE),
     )
     .map_err(|e| fail(e.reason()))?;
     check_window(ctx, h.timestamp)?;
@@ -187,7 +194,7 @@ pub async fn finish(
     )
     .to_signed_string();
     let mut candidates = candidates;
-    let Some(matched) = candidates.find(|s| signing::verify(&s.secret, &canonical, &h.signature))
+    let Some(matched) = candidates.find(|s| wire::verify(&s.secret, &canonical, &h.signature))
     else {
         return Err(ApiError::unauthorized(
             AuthFailure::new("signature mismatch").with("canonical", canonical),
@@ -213,7 +220,7 @@ pub async fn finish(
 
 /// An RFC 9421 signature after the cheap checks.
 pub struct PendingHttpSig {
-    input: http_sig::SignatureInput,
+    input: rfc9421::SignatureInput,
     entry: Arc<CallerEntry>,
     versions: Vec<i32>,
 }
@@ -237,9 +244,9 @@ pub async fn precheck_http_sig(
         has_body: announces_body(req),
         has_query: req.uri().query().is_some_and(|q| !q.is_empty()),
     };
-    let input = http_sig::parse(
-        header(req, http_sig::HEADER_SIGNATURE_INPUT).unwrap_or(""),
-        header(req, http_sig::HEADER_SIGNATURE).unwrap_or(""),
+    let input = rfc9421::parse(
+        header(req, rfc9421::HEADER_SIGNATURE_INPUT).unwrap_or(""),
+        header(req, rfc9421::HEADER_SIGNATURE).unwrap_or(""),
         shape,
     )
     .map_err(fail)?;
@@ -265,10 +272,10 @@ fn component_value(req: &ServiceRequest, scheme: &str, c: &Component) -> Option<
     Some(match c {
         Component::Method => req.method().as_str().to_owned(),
         Component::TargetUri => {
-            let authority = http_sig::authority(&host()?, scheme);
+            let authority = rfc9421::authority(&host()?, scheme);
             format!("{scheme}://{authority}{}", request_target(req))
         }
-        Component::Authority => http_sig::authority(&host()?, scheme),
+        Component::Authority => rfc9421::authority(&host()?, scheme),
         Component::Path => req.uri().path().to_owned(),
         Component::Query => format!("?{}", req.uri().query().unwrap_or("")),
         Component::Field(name) => {
@@ -301,17 +308,17 @@ pub async fn finish_http_sig(
         entry,
         versions,
     } = pending;
-    let digest_header = header(req, http_sig::HEADER_CONTENT_DIGEST);
+    let digest_header = header(req, rfc9421::HEADER_CONTENT_DIGEST);
     if !body.is_empty() {
-        let covered = input.components.contains(&Component::Field(
-            http_sig::HEADER_CONTENT_DIGEST.to_owned(),
-        ));
+        let covered = input
+            .components
+            .contains(&Component::Field(rfc9421::HEADER_CONTENT_DIGEST.to_owned()));
         if !covered {
             return Err(fail("content-digest must be covered when there is a body"));
         }
     }
     if let Some(d) = digest_header {
-        http_sig::check_content_digest(d, body).map_err(fail)?;
+        rfc9421::check_content_digest(d, body).map_err(fail)?;
     }
     let scheme_matters = input
         .components
@@ -332,9 +339,9 @@ pub async fn finish_http_sig(
     let mut matched = None;
     'outer: for scheme in schemes {
         let base =
-            http_sig::signature_base(&input, |c| component_value(req, scheme, c)).map_err(fail)?;
+            rfc9421::signature_base(&input, |c| component_value(req, scheme, c)).map_err(fail)?;
         for s in &secrets {
-            let mac = http_sig::sign(&s.secret, &base);
+            let mac = rfc9421::sign(&s.secret, &base);
             if crate::crypto::ct_eq(&mac, &input.signature) {
                 matched = Some(*s);
                 break 'outer;

@@ -1,4 +1,5 @@
-//! Standard Webhooks signature verification (docs/design.md §4), pure: no I/O, no actix types.
+//! The wire format of Standard Webhooks (docs/design.md §4): header syntax, signed content,
+//! MAC check. Pure: no I/O, no actix types (the verifier is `auth::webhook`).
 //!
 //! Signed content is `webhook-id.webhook-timestamp.body`, HMAC-SHA256 keyed by the
 //! base64-decoded secret after `whsec_`; `webhook-signature` is a space-separated list

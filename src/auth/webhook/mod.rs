@@ -5,6 +5,10 @@
 //! header formats and the timestamp window passed (`precheck`), so a bogus delivery
 //! costs at most one sender's MACs over a body that was read only once it could pass.
 //! Redelivery of the same `webhook-id` is settled by the deliveries table.
+//!
+//! This file is the verifier; the wire format (headers, signed content) is [`wire`].
+
+pub mod wire;
 
 use std::sync::Arc;
 
@@ -15,7 +19,7 @@ use super::audit::AuditRecord;
 use super::model::{Purpose, Scheme};
 use super::principal::Principal;
 use super::store::{Touch, WebhookKey, MAX_VERSIONS_TRIED};
-use super::{fail, header, webhook_sig, AuthContext};
+use super::{fail, header, AuthContext};
 use crate::db::now_millis;
 use crate::error::{ApiError, AuthFailure};
 
@@ -24,7 +28,7 @@ pub const SENDER_PARAM: &str = "caller";
 
 /// What the cheap checks established before the body is read.
 pub struct Pending {
-    headers: webhook_sig::WebhookHeaders,
+    headers: wire::WebhookHeaders,
     timestamp_raw: String,
     keys: Arc<Vec<WebhookKey>>,
     /// Indexes into `keys`: the sender's versions to try, newest first.
@@ -61,17 +65,15 @@ pub async fn precheck(
     audit: &mut AuditRecord,
 ) -> Result<Pending, ApiError> {
     audit.scheme = Some(Scheme::Webhook);
-    let timestamp_raw = header(req, webhook_sig::HEADER_TIMESTAMP)
-        .unwrap_or("")
-        .to_owned();
-    let h = webhook_sig::parse_headers(
-        header(req, webhook_sig::HEADER_ID),
-        header(req, webhook_sig::HEADER_TIMESTAMP),
-        header(req, webhook_sig::HEADER_SIGNATURE),
+    let timestamp_raw = header(req, wire::HEADER_TIMESTAMP).unwrap_or("").to_owned();
+    let h = wire::parse_headers(
+        header(req, wire::HEADER_ID),
+        header(req, wire::HEADER_TIMESTAMP),
+        header(req, wire::HEADER_SIGNATURE),
     )
     .map_err(|e| fail(e.reason()))?;
     let now = now_millis() / 1000;
-    if !super::signing::timestamp_in_window(h.timestamp, now, ctx.settings.skew_secs) {
+    if !super::hmac::wire::timestamp_in_window(h.timestamp, now, ctx.settings.skew_secs) {
         return Err(ApiError::unauthorized(
             AuthFailure::new("timestamp out of range").with("server_time", now),
         ));
@@ -116,7 +118,7 @@ pub fn finish(
         .iter()
         .filter_map(|i| keys.get(*i))
         .filter(|k| k.is_active(now_ms))
-        .find(|k| webhook_sig::verify(&k.key, &headers, &timestamp_raw, body))
+        .find(|k| wire::verify(&k.key, &headers, &timestamp_raw, body))
     else {
         return Err(fail("signature mismatch"));
     };

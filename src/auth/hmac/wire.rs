@@ -1,4 +1,6 @@
-//! The HMAC request-signature scheme of docs/design.md §4, pure: no I/O, no actix types.
+//! The wire format of the HMAC request-signature scheme (docs/design.md §4): the
+//! `X-Coordinator-*` headers and the canonical string. Pure: no I/O, no actix types (the
+//! verifier is `auth::hmac`).
 //!
 //! The server, `coordinator sign` and `coordinator call` all build the signed string
 //! with [`canonical`] / [`CanonicalRequest`], so `--explain` compares like with like.

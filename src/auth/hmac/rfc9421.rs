@@ -157,7 +157,7 @@ fn keyid(raw: &str) -> Result<(String, Option<i32>), &'static str> {
         }
         None => (raw, None),
     };
-    if !super::signing::is_valid_caller_name(caller) {
+    if !super::wire::is_valid_caller_name(caller) {
         return Err("malformed keyid");
     }
     Ok((caller.to_owned(), version))
