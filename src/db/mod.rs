@@ -376,6 +376,10 @@ struct Shared {
     busy_timeout: Duration,
     /// SQLite: the group-commit writer every async write goes through.
     writer: Option<writer::Sender>,
+    /// SQLite: whose turn it is to checkpoint, the writer's or the backfiller's.
+    checkpointing: std::sync::Mutex<()>,
+    /// PostgreSQL: replay records purged since the replay table was last vacuumed.
+    replays_unvacuumed: AtomicU64,
 }
 
 impl Shared {
@@ -384,6 +388,13 @@ impl Shared {
         self.wal
             .as_ref()
             .is_some_and(|w| w.measure() >= WAL_CHECKPOINT_BYTES)
+    }
+
+    /// Does the WAL hold anything (as of the writer's last measurement)?
+    fn wal_has_frames(&self) -> bool {
+        self.wal
+            .as_ref()
+            .is_some_and(|w| w.bytes.load(Ordering::Relaxed) > 0)
     }
 
     fn busy_ms(&self) -> u64 {
@@ -483,7 +494,14 @@ impl Db {
                         .map_err(|e| log::error!("cannot start the SQLite writer: {e}"))
                         .ok()
                 }),
+            checkpointing: std::sync::Mutex::new(()),
+            replays_unvacuumed: AtomicU64::new(0),
         });
+        if backend == Backend::Sqlite {
+            if let Err(e) = writer::start_backfiller(read.clone(), Arc::downgrade(&shared)) {
+                log::error!("cannot start the SQLite WAL backfiller: {e}");
+            }
+        }
         Db {
             read,
             write,
@@ -494,6 +512,26 @@ impl Db {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// PostgreSQL: count `purged` replay records; `true` (and the count starts over)
+    /// once [`replay::VACUUM_AFTER_PURGED`] have gone since the table was last vacuumed.
+    /// SQLite reuses freed pages by itself: never.
+    pub fn replay_vacuum_due(&self, purged: usize) -> bool {
+        if self.backend != Backend::Postgres {
+            return false;
+        }
+        let n = u64::try_from(purged).unwrap_or(u64::MAX);
+        let total = self
+            .shared
+            .replays_unvacuumed
+            .fetch_add(n, Ordering::Relaxed)
+            .saturating_add(n);
+        if total < replay::VACUUM_AFTER_PURGED {
+            return false;
+        }
+        self.shared.replays_unvacuumed.store(0, Ordering::Relaxed);
+        true
     }
 
     /// The shared health state of this instance's database.

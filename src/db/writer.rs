@@ -8,9 +8,15 @@
 //! fails, every request of the batch gets the error.
 //!
 //! The writer also owns WAL checkpointing: a TRUNCATE checkpoint between batches once
-//! the WAL has grown past its threshold.
+//! the WAL has grown past its threshold. Writes wait while it runs, so a second thread,
+//! the backfiller, copies the WAL into the database file in the background every
+//! [`BACKFILL_EVERY`] with PASSIVE checkpoints (which never block the writer): by the
+//! time the writer truncates, only the last few frames are left to copy. The two take
+//! turns through `Shared::checkpointing`; the writer never waits for the backfiller, it
+//! skips and truncates after a later batch.
 
-use std::sync::Weak;
+use std::sync::{Mutex, MutexGuard, TryLockError, Weak};
+use std::time::Duration;
 
 use diesel::connection::{AnsiTransactionManager, TransactionManager};
 use diesel::sqlite::SqliteConnection;
@@ -21,6 +27,48 @@ use crate::error::StoreError;
 
 /// Most requests committed together.
 const MAX_BATCH: usize = 256;
+
+/// How often the backfiller copies the WAL into the database file.
+pub(super) const BACKFILL_EVERY: Duration = Duration::from_millis(100);
+
+/// The turn to checkpoint, without waiting (`None`: the other thread is at it). A
+/// poisoned lock guards nothing but the turn, so it is taken all the same.
+pub(super) fn checkpoint_turn(lock: &Mutex<()>) -> Option<MutexGuard<'_, ()>> {
+    match lock.try_lock() {
+        Ok(g) => Some(g),
+        Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
+}
+
+/// Start the backfiller; it ends with the last `Db` clone. It borrows a read connection
+/// for each pass (never waiting long for one: under load it skips a pass instead).
+pub(super) fn start_backfiller(read: DbPool, shared: Weak<Shared>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("sqlite-backfill".into())
+        .spawn(move || loop {
+            std::thread::sleep(BACKFILL_EVERY);
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            if !shared.wal_has_frames() {
+                continue;
+            }
+            let Some(_turn) = checkpoint_turn(&shared.checkpointing) else {
+                continue;
+            };
+            let Ok(mut c) = read.get_timeout(Duration::from_millis(20)) else {
+                continue;
+            };
+            if let DbConnection::Sqlite(lite) = &mut c.conn {
+                use diesel::connection::SimpleConnection;
+                if let Err(e) = lite.batch_execute("PRAGMA wal_checkpoint(PASSIVE);") {
+                    log::debug!("WAL backfill: {e}");
+                }
+            }
+        })
+        .map(drop)
+}
 
 /// What the writer hands a queued request: its connection inside its savepoint, or
 /// the reason it cannot run (the connection could not be had).
@@ -76,7 +124,9 @@ fn run(write: &DbPool, shared: &Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Wo
             reply(outcome.as_deref());
         }
         if due {
-            super::truncate_wal(&shared, conn);
+            if let Some(_turn) = checkpoint_turn(&shared.checkpointing) {
+                super::truncate_wal(&shared, conn);
+            }
         }
     }
 }
