@@ -71,6 +71,11 @@ pub async fn pass(state: &AppState) -> PassReport {
             }
         }
     }
+    if state.db.replay_vacuum_due(report.replays_purged) {
+        if let Err(e) = state.db.read(crate::db::replay::vacuum_replays).await {
+            log::info!("housekeeping: replay table vacuum skipped: {e}");
+        }
+    }
     state.auth.throttle.housekeeping();
     if let Err(e) = state.db.checkpoint().await {
         log::warn!("housekeeping: WAL checkpoint failed: {e}");

@@ -99,3 +99,22 @@ pub fn purge_replays(conn: &mut DbConnection, now: i64, limit: i64) -> Result<us
             .execute(conn)?,
     )
 }
+
+/// PostgreSQL: the replay table is the one the service deletes from all the time (every
+/// record expires), so its dead tuples are reclaimed here instead of being left to
+/// autovacuum, which may be off or slow to start on a busy table. Run once at least
+/// this many rows were purged since the last run.
+pub const VACUUM_AFTER_PURGED: u64 = 50_000;
+
+/// `VACUUM (ANALYZE) replay_records`, giving up at once when another instance is
+/// vacuuming it (it will have done the work). Not in a transaction (VACUUM refuses one).
+pub fn vacuum_replays(conn: &mut DbConnection) -> Result<(), StoreError> {
+    use diesel::connection::SimpleConnection;
+    if !matches!(conn, DbConnection::Postgresql(_)) {
+        return Ok(());
+    }
+    conn.batch_execute("SET lock_timeout = '100ms'")?;
+    let r = conn.batch_execute("VACUUM (ANALYZE) replay_records");
+    conn.batch_execute("RESET lock_timeout")?;
+    Ok(r?)
+}

@@ -11,6 +11,8 @@ use diesel::prelude::*;
 use crate::backend_tests;
 use crate::helpers::Backend;
 
+crate::postgres_tests!(housekeeping_vacuums_the_replay_table_after_large_purges);
+
 backend_tests!(
     a_failing_write_never_sinks_the_writes_committed_with_it,
     housekeeping_purges_every_expired_replay_record,
@@ -127,4 +129,47 @@ fn housekeeping_purges_every_expired_replay_record(b: Backend) {
         report.replays_purged
     );
     assert_eq!(left, 10, "the live records stay, every expired one went");
+}
+
+/// PostgreSQL: once a purge has deleted `VACUUM_AFTER_PURGED` replay records,
+/// housekeeping vacuums the table itself (autovacuum may be off, as it is on this
+/// machine's server, or late on a busy table): its dead tuples do not pile up.
+fn housekeeping_vacuums_the_replay_table_after_large_purges(b: Backend) {
+    #[derive(QueryableByName)]
+    struct Stats {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        vacuums: i64,
+    }
+    let Some(app) = crate::app!(b) else { return };
+    let n = usize::try_from(coordinator::db::replay::VACUUM_AFTER_PURGED).expect("small") + 1_000;
+    let now = coordinator::db::now_millis();
+    let rows: Vec<_> = (0..n)
+        .map(|i| ("vacuum-test".to_owned(), format!("sig-{i:06}"), now - 1_000))
+        .collect();
+    let db = app.state.db.clone();
+    let state = app.state.clone();
+    let vacuums = actix_web::rt::System::new().block_on(async move {
+        db.write(move |conn| {
+            conn.transaction(|conn| {
+                for slice in rows.chunks(1_000) {
+                    insert_replays(conn, slice)?;
+                }
+                Ok(())
+            })
+        })
+        .await
+        .expect("insert");
+        coordinator::housekeeping::pass(&state).await;
+        db.read(|conn| {
+            Ok(diesel::sql_query(
+                "SELECT coalesce(vacuum_count, 0) AS vacuums FROM pg_stat_user_tables \
+                 WHERE relname = 'replay_records'",
+            )
+            .get_result::<Stats>(conn)?
+            .vacuums)
+        })
+        .await
+        .expect("stats")
+    });
+    assert!(vacuums >= 1, "the replay table was not vacuumed");
 }
