@@ -27,7 +27,7 @@ use coordinator::jobs::row::JobRow;
 use coordinator::jobs::JobStatus;
 use diesel::{Connection, RunQueryDsl};
 
-use crate::{machine, percentile, setup_credentials, start_server, Creds, FreshStore};
+use crate::{percentile, setup_credentials, start_server, Creds, FreshStore};
 
 const CLAIMERS: usize = 8;
 const CREATE_CONNECTIONS: usize = 8;
@@ -465,12 +465,7 @@ pub fn run(bin: &str, out: &str, admin_url: &str) {
          every request authenticated with an API key, so no replay record is written).\n",
         crate::report::command_line()
     );
-    let _ = writeln!(md, "- Machine: {}", machine());
-    let _ = writeln!(
-        md,
-        "- Date: {}\n",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
-    );
+    crate::report::machine_and_date(&mut md);
     let _ = writeln!(md, "### List-page latency\n");
     let _ = writeln!(
         md,

@@ -1080,12 +1080,7 @@ fn main() {
          ratios below (measured in the same run) matter more than absolute figures.\n",
         duration.as_secs()
     );
-    let _ = writeln!(md, "- Machine: {}", machine());
-    let _ = writeln!(
-        md,
-        "- Date: {}\n",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
-    );
+    crate::report::machine_and_date(&mut md);
     let _ = writeln!(
         md,
         "| backend | scenario | requests/s | server CPU µs/req | p50 ms | p99 ms | errors | p99 ms at ½ peak | server peak RSS MiB | loadgen CPU % |"

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::{
-    machine, percentile, run_load, running_jobs, setup_credentials, signed_request, start_server,
-    Creds, FreshStore, Scenario,
+    percentile, run_load, running_jobs, setup_credentials, signed_request, start_server, Creds,
+    FreshStore, Scenario,
 };
 
 /// Open-loop connections: enough that the offered rate never waits on a connection.
@@ -132,12 +132,7 @@ pub fn run(
         duration.as_secs(),
         duration.as_secs()
     );
-    let _ = writeln!(md, "- Machine: {}", machine());
-    let _ = writeln!(
-        md,
-        "- Date: {}\n",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
-    );
+    crate::report::machine_and_date(&mut md);
     let _ = writeln!(
         md,
         "| backend | load | offered req/s | admitted req/s | p50 ms | p99 ms | refused | other answers |"

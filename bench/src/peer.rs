@@ -7,8 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{
-    free_port, machine, rss_kib, run_load, running_jobs, setup_credentials, start_server, Scenario,
-    Stats,
+    free_port, rss_kib, run_load, running_jobs, setup_credentials, start_server, Scenario, Stats,
 };
 
 struct Node {
@@ -158,12 +157,7 @@ pub fn run(bin: &str, dir: &str, out_path: &str, conns: usize, duration: Duratio
         crate::report::command_line(),
         duration.as_secs()
     );
-    let _ = writeln!(md, "- Machine: {}", machine());
-    let _ = writeln!(
-        md,
-        "- Date: {}\n",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
-    );
+    crate::report::machine_and_date(&mut md);
     let _ = writeln!(
         md,
         "| scenario | service req/s | service CPU µs/req | peer req/s | peer CPU µs/req | service ÷ peer req/s | errors (service / peer) |"

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::drive::drive;
 use crate::{
-    drop_postgres_store, fresh_postgres_store, machine, running_jobs, setup_credentials, signed,
+    drop_postgres_store, fresh_postgres_store, running_jobs, setup_credentials, signed,
     start_server,
 };
 
@@ -137,12 +137,7 @@ pub fn run(bin: &str, out_path: &str, conns: usize, duration: Duration, admin_ur
         crate::report::command_line(),
         duration.as_secs()
     );
-    let _ = writeln!(md, "- Machine: {}", machine());
-    let _ = writeln!(
-        md,
-        "- Date: {}\n",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
-    );
+    crate::report::machine_and_date(&mut md);
     let _ = writeln!(
         md,
         "| round | service req/s | service p99 ms | server CPU µs/update | pgbench tps |"

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, RunQueryDsl};
 
-use crate::{cpu_ticks, machine, rss_kib, setup_credentials, start_server_env, Creds, CLK_TCK};
+use crate::{cpu_ticks, rss_kib, setup_credentials, start_server_env, Creds, CLK_TCK};
 
 const IDLE_WAITERS: usize = 100;
 const WORKERS: usize = 32;
@@ -389,12 +389,7 @@ pub fn run(bin: &str, out: &str, admin_url: &str) {
          {STREAMS} queue event streams held open on raw sockets.\n",
         crate::report::command_line()
     );
-    let _ = writeln!(md, "- Machine: {}", machine());
-    let _ = writeln!(
-        md,
-        "- Date: {}\n",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
-    );
+    crate::report::machine_and_date(&mut md);
     let _ = writeln!(
         md,
         "| backend | idle database work | cycles/s (32 long-polling workers) | jobs completed | claim wake-up p50 / p99 (histogram bucket) | RSS idle | RSS with {STREAMS} streams | per stream |"

@@ -45,3 +45,15 @@ pub fn command_line() -> String {
     parts.extend(std::env::args().skip(1));
     parts.join(" ")
 }
+
+/// The machine and date lines every section starts with (the machine line carries the
+/// load average, since server and load generator share the cores).
+pub fn machine_and_date(md: &mut String) {
+    use std::fmt::Write as _;
+    let _ = writeln!(md, "- Machine: {}", crate::machine());
+    let _ = writeln!(
+        md,
+        "- Date: {}\n",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
+}

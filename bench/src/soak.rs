@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 use diesel::sql_types::BigInt;
 use diesel::{Connection, QueryDsl, QueryableByName, RunQueryDsl};
 
-use crate::{
-    cpu_ticks, machine, rss_kib, running_jobs, setup_credentials, signed, start_server, CLK_TCK,
-};
+use crate::{cpu_ticks, rss_kib, running_jobs, setup_credentials, signed, start_server, CLK_TCK};
 
 const INTERVAL: Duration = Duration::from_secs(10);
 
@@ -252,12 +250,7 @@ pub fn run(bin: &str, out_path: &str, conns: usize, minutes: f64, backend: &str,
         },
         errors.load(Ordering::Relaxed)
     );
-    let _ = writeln!(md, "- Machine: {}", machine());
-    let _ = writeln!(
-        md,
-        "- Date: {}\n",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
-    );
+    crate::report::machine_and_date(&mut md);
     let _ = writeln!(md, "| measure | target | measured | |");
     let _ = writeln!(md, "|---|---:|---:|---|");
     let _ = writeln!(

@@ -320,12 +320,7 @@ pub fn run(bin: &str, out_path: &str, conns: usize, duration: Duration) {
         crate::report::command_line(),
         duration.as_secs()
     );
-    let _ = writeln!(md, "- Machine: {}", crate::machine());
-    let _ = writeln!(
-        md,
-        "- Date: {}\n",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
-    );
+    crate::report::machine_and_date(&mut md);
     let _ = writeln!(
         md,
         "| listener | signed health req/s (keep-alive) | server CPU µs/req | errors | new connections/s (handshake + GET /livez) | server CPU µs/conn | errors |"

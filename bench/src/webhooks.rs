@@ -14,7 +14,7 @@ use coordinator::crypto::seal::Sealer;
 use coordinator::db::Db;
 
 use crate::drive::{drive, status, Outcome};
-use crate::{machine, now_secs, percentile, start_server_env};
+use crate::{now_secs, percentile, start_server_env};
 
 const MIB: usize = 1 << 20;
 /// Failure budget for the verification runs: the largest the server accepts. Its burst
@@ -247,12 +247,7 @@ pub fn run(bin: &str, out_path: &str, duration: Duration) {
         crate::report::command_line(),
         duration.as_secs()
     );
-    let _ = writeln!(md, "- Machine: {}", machine());
-    let _ = writeln!(
-        md,
-        "- Date: {}\n",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
-    );
+    crate::report::machine_and_date(&mut md);
     let _ = writeln!(
         md,
         "| senders | delivery | requests/s | server CPU µs/req | p50 ms | p99 ms | answers |"

@@ -385,9 +385,12 @@ struct Shared {
 impl Shared {
     /// After a write: is the SQLite WAL past its checkpoint threshold?
     fn wal_due(&self) -> bool {
-        self.wal
-            .as_ref()
-            .is_some_and(|w| w.measure() >= WAL_CHECKPOINT_BYTES)
+        self.wal_bytes() >= WAL_CHECKPOINT_BYTES
+    }
+
+    /// After a write: the size of the SQLite WAL file (0 on PostgreSQL).
+    fn wal_bytes(&self) -> u64 {
+        self.wal.as_ref().map_or(0, Wal::measure)
     }
 
     /// Does the WAL hold anything (as of the writer's last measurement)?

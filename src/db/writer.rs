@@ -12,8 +12,9 @@
 //! the backfiller, copies the WAL into the database file in the background every
 //! [`BACKFILL_EVERY`] with PASSIVE checkpoints (which never block the writer): by the
 //! time the writer truncates, only the last few frames are left to copy. The two take
-//! turns through `Shared::checkpointing`; the writer never waits for the backfiller, it
-//! skips and truncates after a later batch.
+//! turns through `Shared::checkpointing`; the writer does not wait for the backfiller,
+//! it skips and truncates after a later batch — unless the WAL has reached twice the
+//! threshold, when it waits for the pass to end.
 
 use std::sync::{Mutex, MutexGuard, TryLockError, Weak};
 use std::time::Duration;
@@ -31,9 +32,15 @@ const MAX_BATCH: usize = 256;
 /// How often the backfiller copies the WAL into the database file.
 pub(super) const BACKFILL_EVERY: Duration = Duration::from_millis(100);
 
-/// The turn to checkpoint, without waiting (`None`: the other thread is at it). A
+/// The turn to checkpoint (`None`: the other thread is at it and `wait` is false). A
 /// poisoned lock guards nothing but the turn, so it is taken all the same.
-pub(super) fn checkpoint_turn(lock: &Mutex<()>) -> Option<MutexGuard<'_, ()>> {
+pub(super) fn checkpoint_turn(lock: &Mutex<()>, wait: bool) -> Option<MutexGuard<'_, ()>> {
+    if wait {
+        return Some(
+            lock.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+    }
     match lock.try_lock() {
         Ok(g) => Some(g),
         Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
@@ -54,7 +61,7 @@ pub(super) fn start_backfiller(read: DbPool, shared: Weak<Shared>) -> std::io::R
             if !shared.wal_has_frames() {
                 continue;
             }
-            let Some(_turn) = checkpoint_turn(&shared.checkpointing) else {
+            let Some(_turn) = checkpoint_turn(&shared.checkpointing, false) else {
                 continue;
             };
             let Ok(mut c) = read.get_timeout(Duration::from_millis(20)) else {
@@ -119,12 +126,15 @@ fn run(write: &DbPool, shared: &Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Wo
         let (replies, failed) = commit_batch(&mut conn.conn, batch);
         // A failed batch may leave the connection mid-transaction: open a fresh one.
         conn.broken |= failed;
-        let due = !failed && shared.wal_due();
+        let wal = if failed { 0 } else { shared.wal_bytes() };
         for (reply, outcome) in replies {
             reply(outcome.as_deref());
         }
-        if due {
-            if let Some(_turn) = checkpoint_turn(&shared.checkpointing) {
+        if wal >= super::WAL_CHECKPOINT_BYTES {
+            // Past twice the threshold the writer waits for the backfill's pass to end
+            // instead of skipping again: a long pass must not let the WAL run on.
+            let urgent = wal >= super::WAL_CHECKPOINT_BYTES.saturating_mul(2);
+            if let Some(_turn) = checkpoint_turn(&shared.checkpointing, urgent) {
                 super::truncate_wal(&shared, conn);
             }
         }
