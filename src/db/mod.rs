@@ -517,6 +517,16 @@ impl Db {
         self.backend
     }
 
+    /// SQLite: has the WAL reached twice its checkpoint threshold (as of the writer's last
+    /// measurement)? Then checkpoints are not keeping up — readers hold the WAL, or a
+    /// pass of the backfill is running — and background writes (the replay purge) wait
+    /// for a later pass instead of growing it further. Always `false` on PostgreSQL.
+    pub fn wal_backlogged(&self) -> bool {
+        self.shared.wal.as_ref().is_some_and(|w| {
+            w.bytes.load(Ordering::Relaxed) >= WAL_CHECKPOINT_BYTES.saturating_mul(2)
+        })
+    }
+
     /// PostgreSQL: count `purged` replay records; `true` (and the count starts over)
     /// once [`replay::VACUUM_AFTER_PURGED`] have gone since the table was last vacuumed.
     /// SQLite reuses freed pages by itself: never.
