@@ -364,6 +364,17 @@ pub struct ServeArgs {
     #[arg(long, env = "COORDINATOR_REQUEST_DEADLINE_MS", default_value_t = 3000)]
     pub request_deadline_ms: u64,
 
+    /// Requests one HTTP worker may have in progress at once (waiting claims not
+    /// counted); past it a request is answered 503 at once. The ceiling of the adaptive
+    /// limit.
+    #[arg(long, env = "COORDINATOR_MAX_IN_FLIGHT", default_value_t = 32)]
+    pub max_in_flight: usize,
+
+    /// Queueing delay, in milliseconds, above which a worker lowers its in-flight limit
+    /// (event-loop lag or time in the server); 0 keeps the limit at its ceiling.
+    #[arg(long, env = "COORDINATOR_OVERLOAD_TARGET_MS", default_value_t = 10)]
+    pub overload_target_ms: u64,
+
     #[command(flatten)]
     pub keys: KeyArgs,
 
@@ -524,6 +535,11 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Past this after its arrival a request is not sent to the database (503).
     pub request_deadline: Duration,
+    /// Delay past which a worker lowers its in-flight limit (`db::admission`); zero:
+    /// the limit stays at `max_in_flight`.
+    pub overload_target: Duration,
+    /// Requests in progress per HTTP worker before 503 (`db::admission`).
+    pub max_in_flight: usize,
     pub master_key: Arc<MasterKey>,
     pub master_key_previous: Option<Arc<MasterKey>>,
     /// SHA-256 of the bootstrap API key (the key itself is not kept).
@@ -639,6 +655,18 @@ impl ServeArgs {
                 "must be at most 3600",
             ));
         }
+        if !(1..=100_000).contains(&self.max_in_flight) {
+            return Err(bad(
+                "COORDINATOR_MAX_IN_FLIGHT",
+                "must be between 1 and 100000",
+            ));
+        }
+        if self.overload_target_ms > 1000 {
+            return Err(bad(
+                "COORDINATOR_OVERLOAD_TARGET_MS",
+                "must be between 0 (off) and 1000",
+            ));
+        }
         if !(100..=300_000).contains(&self.request_deadline_ms) {
             return Err(bad(
                 "COORDINATOR_REQUEST_DEADLINE_MS",
@@ -718,6 +746,8 @@ impl ServeArgs {
             workers: self.workers,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             request_deadline: Duration::from_millis(self.request_deadline_ms),
+            overload_target: Duration::from_millis(self.overload_target_ms),
+            max_in_flight: self.max_in_flight,
             master_key,
             master_key_previous,
             bootstrap_api_key,
@@ -803,6 +833,8 @@ impl Config {
             workers: 0,
             shutdown_timeout: Duration::from_secs(30),
             request_deadline: Duration::from_secs(3),
+            overload_target: Duration::from_millis(10),
+            max_in_flight: 32,
             master_key: Arc::new(MasterKey::generate()),
             master_key_previous: None,
             bootstrap_api_key: None,

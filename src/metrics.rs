@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::db::health::DbState;
@@ -48,6 +48,8 @@ pub struct DbMetrics {
     wal_bytes: IntGauge,
     wal_max_bytes: IntGauge,
     wal_checkpoints: IntCounterVec,
+    in_flight_limit: IntGauge,
+    queue_delay: Gauge,
     /// Serialises scrapes so counter deltas are applied once.
     sync: Mutex<()>,
 }
@@ -101,6 +103,16 @@ impl DbMetrics {
             ),
             &["outcome"],
         )?;
+        let in_flight_limit = IntGauge::new(
+            "http_in_flight_limit",
+            "Requests the instance's HTTP workers may have in progress now (adaptive; past it, 503 at once)",
+        )?;
+        let queue_delay = Gauge::new(
+            "http_queue_delay_seconds",
+            "Largest over the HTTP workers of the last interval's delay (shortest event-loop lag or request time)",
+        )?;
+        registry.register(Box::new(in_flight_limit.clone()))?;
+        registry.register(Box::new(queue_delay.clone()))?;
         registry.register(Box::new(state.clone()))?;
         registry.register(Box::new(trips.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
@@ -118,8 +130,23 @@ impl DbMetrics {
             wal_bytes,
             wal_max_bytes,
             wal_checkpoints,
+            in_flight_limit,
+            queue_delay,
             sync: Mutex::new(()),
         })
+    }
+
+    /// The HTTP workers' doors (`db::admission`): refused so far, the instance's
+    /// in-flight limit, the largest delay.
+    pub fn observe_door(&self, shed: u64, limit: u64, delay: std::time::Duration) {
+        let Ok(_one_at_a_time) = self.sync.lock() else {
+            return;
+        };
+        let c = self.shed.with_label_values(&["http", "in_flight"]);
+        c.inc_by(shed.saturating_sub(c.get()));
+        self.in_flight_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+        self.queue_delay.set(delay.as_secs_f64());
     }
 
     /// Copy the storage layer's counters; `replay` is the replay log's (depth, bound,

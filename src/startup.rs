@@ -100,6 +100,10 @@ impl Application {
             metrics: Arc::new(crate::metrics::Metrics::new()?),
             estimates: Default::default(),
             notifier,
+            door: crate::db::admission::DoorStats::new(
+                config.overload_target,
+                config.max_in_flight,
+            ),
             auth: Arc::new(AuthContext {
                 store: store.clone(),
                 replays: crate::auth::replay::ReplayLog::start(db.clone()),
@@ -259,6 +263,8 @@ fn run(
     let mut server = HttpServer::new(move || {
         let (auth, metrics) = (state.auth.clone(), state.metrics.clone());
         let deadline = state.config.request_deadline;
+        // One door per worker (it measures that worker's event-loop lag).
+        let door = crate::db::admission::Door::new(state.door.clone());
         App::new()
             .app_data(state.clone())
             .app_data(web::PayloadConfig::new(body_limit))
@@ -269,10 +275,17 @@ fn run(
                     crate::telemetry::access_log(metrics.clone(), req, next)
                 },
             ))
-            // Outermost: the request's database deadline counts from its arrival.
+            // The request's database deadline counts from its arrival.
             .wrap(middleware::from_fn(
                 move |req: ServiceRequest, next: Next<BoxBody>| {
                     crate::db::load::deadline(deadline, req, next)
+                },
+            ))
+            // Outermost, before routing, authentication and the access line: a refusal
+            // under CPU overload costs no MAC, no body read, no log write (it is counted).
+            .wrap(middleware::from_fn(
+                move |req: ServiceRequest, next: Next<_>| {
+                    crate::db::admission::door(door.clone(), req, next)
                 },
             ))
     })

@@ -19,4 +19,6 @@ pub struct AppState {
     pub estimates: crate::stitcher::EstimateCache,
     /// Wake-ups for long-poll claims and event streams.
     pub notifier: Arc<crate::jobs::notify::Notifier>,
+    /// What the HTTP workers' doors (CPU overload shedding) report.
+    pub door: Arc<crate::db::admission::DoorStats>,
 }

@@ -218,7 +218,17 @@ fn start_server(bin: &str, db_url: &str, master_key: &str) -> Server {
 /// The release server with extra environment variables.
 fn start_server_env(bin: &str, db_url: &str, master_key: &str, env: &[(&str, &str)]) -> Server {
     let port = free_port();
-    let child = Command::new(bin)
+    // BENCH_SERVER_CPUS=LIST runs the server under `taskset -c LIST` (run the bench itself
+    // under `taskset` on the other CPUs, so the generator never takes the server's CPU).
+    let mut cmd = match std::env::var("BENCH_SERVER_CPUS") {
+        Ok(cpus) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpus, bin]);
+            c
+        }
+        Err(_) => Command::new(bin),
+    };
+    let child = cmd
         .args([
             "serve",
             "--bind",

@@ -9,12 +9,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::{
-    percentile, run_load, running_jobs, setup_credentials, signed_request, start_server, Creds,
-    FreshStore, Scenario,
+    percentile, run_load, running_jobs, setup_credentials, start_server, Creds, FreshStore,
+    Scenario,
 };
 
 /// Open-loop connections: enough that the offered rate never waits on a connection.
@@ -29,67 +28,131 @@ struct Level {
     shed: u64,
     total: u64,
     other: BTreeMap<u16, u64>,
+    /// p99 of how late the generator sent a request after its scheduled time (ms):
+    /// past a few ms the generator, not the server, is what queues.
+    late_p99_ms: f64,
+    /// Refusals counted by the server, by where (`/metrics`, `coordinator_db_shed_total`).
+    server_shed: BTreeMap<String, u64>,
+}
+
+/// One connection's results: admitted latencies, send lateness (ms), answers by status.
+type Connection = (Vec<f64>, Vec<f64>, BTreeMap<u16, u64>);
+
+/// `coordinator_db_shed_total` by `queue/reason`, read from `/metrics`.
+fn shed_counters(url: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let Ok(resp) = ureq::get(&format!("{url}/metrics")).call() else {
+        return out;
+    };
+    let text = resp.into_string().unwrap_or_default();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("coordinator_db_shed_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                .map(|v| v.trim_end_matches('"').to_owned())
+                .unwrap_or_default()
+        };
+        let n = value.trim().parse::<f64>().unwrap_or(0.0) as u64;
+        out.insert(format!("{}/{}", label("queue"), label("reason")), n);
+    }
+    out
 }
 
 fn offer(url: &str, creds: &Creds, jobs: &[String], rate: f64, duration: Duration) -> Level {
-    let stop = AtomicBool::new(false);
     let started = Instant::now();
     let interval = Duration::from_secs_f64(OPEN_CONNECTIONS as f64 / rate);
-    let per: Vec<(Vec<f64>, BTreeMap<u16, u64>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..OPEN_CONNECTIONS)
+    let before = shed_counters(url);
+    // One thread, one task per connection: the generator's cost per request stays far
+    // below the server's, so it can offer twice what the server takes.
+    let per: Vec<Connection> = actix_rt::System::new().block_on(async {
+        let client = awc::Client::builder()
+            .connector(awc::Connector::new().limit(OPEN_CONNECTIONS))
+            .timeout(Duration::from_secs(30))
+            .finish();
+        let until = Instant::now() + duration;
+        let tasks: Vec<_> = (0..OPEN_CONNECTIONS)
             .map(|c| {
-                let stop = &stop;
+                let client = client.clone();
                 let job = jobs[c % jobs.len()].clone();
-                s.spawn(move || {
-                    let agent = ureq::AgentBuilder::new()
-                        .max_idle_connections_per_host(1)
-                        .timeout(Duration::from_secs(30))
-                        .build();
+                let (url, creds) = (url.to_owned(), creds.clone());
+                actix_rt::spawn(async move {
                     let path = format!("/coordinator/jobs/{job}/progress");
+                    let full = format!("{url}{path}");
                     // Spread the connections' schedules over one interval.
                     let t0 = Instant::now() + interval.mul_f64(c as f64 / OPEN_CONNECTIONS as f64);
                     let mut lat = Vec::new();
+                    let mut late = Vec::new();
                     let mut statuses = BTreeMap::new();
                     let mut n = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
+                    loop {
                         let at = t0 + interval.mul_f64(n as f64);
-                        let now = Instant::now();
-                        if at > now {
-                            std::thread::sleep(at - now);
+                        if at >= until {
+                            break;
                         }
+                        actix_rt::time::sleep_until(at.into()).await;
+                        late.push(at.elapsed().as_secs_f64() * 1000.0);
                         let body = format!(r#"{{"percent":{}}}"#, n % 101);
-                        let code = crate::drive::status(signed_request(
-                            &agent,
-                            url,
-                            creds,
-                            "PATCH",
-                            &path,
-                            body.as_bytes(),
-                        ));
+                        let mut req = client
+                            .patch(&full)
+                            .insert_header(("content-type", "application/json"));
+                        for (k, v) in crate::v1(&creds, "PATCH", &path, body.as_bytes()) {
+                            req = req.insert_header((k, v));
+                        }
+                        let code = match req.send_body(body).await {
+                            Ok(mut resp) => {
+                                let _ = resp.body().await;
+                                resp.status().as_u16()
+                            }
+                            Err(_) => 0,
+                        };
                         if (200..300).contains(&code) {
                             lat.push(at.elapsed().as_secs_f64() * 1000.0);
                         }
                         *statuses.entry(code).or_insert(0u64) += 1;
                         n += 1;
                     }
-                    (lat, statuses)
+                    (lat, late, statuses)
                 })
             })
             .collect();
-        std::thread::sleep(duration);
-        stop.store(true, Ordering::Relaxed);
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let mut out = Vec::new();
+        for t in tasks {
+            if let Ok(r) = t.await {
+                out.push(r);
+            }
+        }
+        out
     });
     let wall = started.elapsed().as_secs_f64();
     let mut lat = Vec::new();
+    let mut late = Vec::new();
     let mut statuses = BTreeMap::new();
-    for (l, st) in per {
+    for (l, lt, st) in per {
         lat.extend(l);
+        late.extend(lt);
         for (k, v) in st {
             *statuses.entry(k).or_insert(0) += v;
         }
     }
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    late.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let server_shed = shed_counters(url)
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.saturating_sub(before.get(&k).copied().unwrap_or(0)),
+            )
+        })
+        .filter(|(_, v)| *v > 0)
+        .collect();
     let shed = statuses.get(&503).copied().unwrap_or(0) + statuses.get(&429).copied().unwrap_or(0);
     let total = statuses.values().sum();
     let other = statuses
@@ -105,6 +168,8 @@ fn offer(url: &str, creds: &Creds, jobs: &[String], rate: f64, duration: Duratio
         shed,
         total,
         other,
+        late_p99_ms: percentile(&late, 0.99),
+        server_shed,
     }
 }
 
@@ -127,17 +192,30 @@ pub fn run(
          closed-loop peak at {conns} connections ({}s); each load is then offered open-loop for \
          {}s by {OPEN_CONNECTIONS} connections, every request sent at its scheduled time. \
          Latency counts from the scheduled start, for admitted (2xx) requests; refused means \
-         answered 503 or 429. Default settings (`serve`, no tuning).\n",
+         answered 503 or 429, and the server's own count says where (`coordinator_db_shed_total`: \
+         `http/in_flight` is the door, refused before authentication at a worker's adaptive \
+         in-flight limit; the others are database queues). *Sent late* is the p99 of how long \
+         after its scheduled time the generator sent a request (its previous request on the \
+         same connection included). The generator is async, one thread; {}. Default settings \
+         (`serve`, no tuning).\n",
         crate::report::command_line(),
         duration.as_secs(),
-        duration.as_secs()
+        duration.as_secs(),
+        match std::env::var("BENCH_SERVER_CPUS") {
+            Ok(c) => format!(
+                "the server ran on CPU {c} (`BENCH_SERVER_CPUS={c}`) and the generator under \
+                 `taskset` on the other, so neither takes the other's CPU (PostgreSQL's own \
+                 processes are not pinned)"
+            ),
+            Err(_) => "server and generator shared the CPUs".to_owned(),
+        }
     );
     crate::report::machine_and_date(&mut md);
     let _ = writeln!(
         md,
-        "| backend | load | offered req/s | admitted req/s | p50 ms | p99 ms | refused | other answers |"
+        "| backend | load | offered req/s | admitted req/s | p50 ms | p99 ms | refused | refused by (server count) | sent late p99 ms | other answers |"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---|");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---|---:|---|");
     let mut verdicts = Vec::new();
     for (backend, store) in stores {
         let creds = setup_credentials(&store.db, &store.sealer);
@@ -174,8 +252,8 @@ pub fn run(
             let mut l = offer(&server.url, &creds, &jobs, peak.rps * factor, duration);
             l.factor = factor;
             eprintln!(
-                "overload {backend} {factor}×: offered {:.0}, admitted {:.0} req/s, p99 {:.1} ms, refused {}/{}",
-                l.offered, l.admitted_rps, l.p99_ms, l.shed, l.total
+                "overload {backend} {factor}×: offered {:.0}, admitted {:.0} req/s, p99 {:.1} ms, refused {}/{} {:?}, sent late p99 {:.1} ms",
+                l.offered, l.admitted_rps, l.p99_ms, l.shed, l.total, l.server_shed, l.late_p99_ms
             );
             levels.push(l);
             std::thread::sleep(Duration::from_secs(1));
@@ -195,7 +273,7 @@ pub fn run(
                 .join(", ");
             let _ = writeln!(
                 md,
-                "| {backend} | {}× | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} % ({}) | {} |",
+                "| {backend} | {}× | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} % ({}) | {} | {:.1} | {} |",
                 l.factor,
                 l.offered,
                 l.admitted_rps,
@@ -203,6 +281,16 @@ pub fn run(
                 l.p99_ms,
                 l.shed as f64 * 100.0 / l.total.max(1) as f64,
                 l.shed,
+                if l.server_shed.is_empty() {
+                    "—".to_owned()
+                } else {
+                    l.server_shed
+                        .iter()
+                        .map(|(k, v)| format!("{k} × {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+                l.late_p99_ms,
                 if other.is_empty() {
                     "—".into()
                 } else {

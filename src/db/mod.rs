@@ -4,6 +4,7 @@
 //! Backend-specific SQL (advisory locks, row locks) lives only in this module, as an
 //! explicit `match` on the connection variant.
 
+pub mod admission;
 pub mod health;
 pub mod load;
 pub mod migrate;

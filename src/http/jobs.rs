@@ -328,6 +328,8 @@ pub async fn claim(
     let wait = crate::http::push::wait_of(&req, body.wait)?;
     let (worker, caller) = (body.worker, principal.caller);
     if !wait.is_zero() {
+        // Its time in the server is waiting by design, not a backlog (see db::admission).
+        crate::db::admission::waits_by_design(&req);
         return crate::http::push::long_claim(state, queue, caller, worker, wait).await;
     }
     match claim_once(&state, queue, caller, worker).await? {

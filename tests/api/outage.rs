@@ -29,6 +29,7 @@ use crate::helpers::{now_secs, try_send, Backend, Resp, TestApp};
 backend_tests!(
     deadline_refuses_requests_stuck_behind_a_lock,
     full_queue_refuses_at_once_and_loses_no_admitted_write,
+    in_flight_limit_refuses_at_once_and_loses_no_admitted_write,
     graceful_stop_loses_no_acknowledged_write,
 );
 
@@ -473,12 +474,31 @@ fn deadline_refuses_requests_stuck_behind_a_lock(b: Backend) {
 /// for the lock, 64 queue, and the rest are answered 503 (`overloaded`) at once — while
 /// the lock is still held. After the release every admitted update succeeds, and the
 /// stored progress is exactly what was acknowledged.
+/// (The door's in-flight limit is raised out of the way: this is the database queue.)
 fn full_queue_refuses_at_once_and_loses_no_admitted_write(b: Backend) {
+    refused_at_once_behind_a_lock(b, 10_000, "queue full", "reason=\"full\"");
+}
+
+/// The same burst with the door's in-flight limit at 8 per worker (2 workers): at most
+/// 16 updates get in, the rest are refused at once before authentication (counted as
+/// `queue="http",reason="in_flight"`) while the lock is still held; every admitted
+/// update is stored after the release, nothing refused is.
+fn in_flight_limit_refuses_at_once_and_loses_no_admitted_write(b: Backend) {
+    refused_at_once_behind_a_lock(
+        b,
+        8,
+        "in-flight limit",
+        "queue=\"http\",reason=\"in_flight\"",
+    );
+}
+
+fn refused_at_once_behind_a_lock(b: Backend, max_in_flight: usize, what: &str, counter: &str) {
     let Some(app) = crate::helpers::spawn_app_with(b, |c| {
         c.db.pool_size = 1;
         c.request_deadline = Duration::from_secs(20);
         c.db.timeout = Duration::from_secs(20);
         c.db.sqlite_busy_timeout = Duration::from_secs(20);
+        c.max_in_flight = max_in_flight;
     }) else {
         return;
     };
@@ -514,15 +534,23 @@ fn full_queue_refuses_at_once_and_loses_no_admitted_write(b: Backend) {
         "no request was refused at once while the queue was full"
     );
     let metrics = app.raw("GET", "/metrics", &[], b"").body;
-    let shed_full: f64 = metrics
+    let shed: f64 = metrics
         .lines()
-        .filter(|l| l.starts_with("coordinator_db_shed_total") && l.contains("reason=\"full\""))
+        .filter(|l| l.starts_with("coordinator_db_shed_total") && l.contains(counter))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
-    assert!(shed_full >= 1.0, "db_shed_total{{reason=\"full\"}} counted");
+    assert!(shed >= 1.0, "db_shed_total{{{counter}}} not counted");
+    if max_in_flight < 100 {
+        // 2 workers: at most twice the ceiling got in (the limit only ever shrinks).
+        assert!(
+            acked.len() - 1 <= 2 * max_in_flight,
+            "{} admitted past an in-flight limit of {max_in_flight} per worker",
+            acked.len() - 1
+        );
+    }
     full.sort();
     eprintln!(
-        "outage[{b:?} queue full]: 100 requests behind a 2 s lock with one connection: {} \
+        "outage[{b:?} {what}]: 100 requests behind a 2 s lock with one connection: {} \
          admitted and acknowledged, {} refused at once (p50 {:.0} ms, max {:.0} ms), {other503} \
          other 503s",
         acked.len() - 1,

@@ -1,0 +1,487 @@
+//! The door: refuse work the server has no room for, before it costs anything.
+//!
+//! The database queues (`db::load`) bound what waits for a connection or the writer.
+//! When the CPU is what runs out, the queue forms earlier, where no counter of those
+//! sees it: requests wait in an HTTP worker's run queue while the worker verifies the
+//! signatures of the ones ahead of them, and every admitted request waits for all of
+//! that at each of its awaits. So each worker bounds the requests it has in progress:
+//! past its limit a request is answered 503 + `Retry-After` at once, before routing,
+//! authentication or the access line, so a refusal costs a small fraction of admitted
+//! work and the excess is answered instead of queued.
+//!
+//! The limit adapts (additive increase, multiplicative decrease, as TCP does with its
+//! window) to two delays a worker measures, taking the shortest of each per
+//! [`INTERVAL`] (as in CoDel: one fast sample proves there is no standing backlog):
+//!
+//! - its event-loop lag: a probe task sleeps [`PROBE_EVERY`] and records how late it
+//!   woke. A worker with CPU to spare wakes on time; one with a backlog wakes only after
+//!   running every task ahead of it;
+//! - the time its requests spend inside the server (this middleware to the response),
+//!   leaving out waiting claims, which wait by design ([`waits_by_design`]).
+//!
+//! When the larger of the two is above the target, the limit shrinks by 30 % (not
+//! below [`MIN_LIMIT`]); when it is below half the target and the limit was reached in
+//! the interval, it grows by a quarter (at least 2), up to the configured ceiling. A
+//! zero target keeps the limit at the ceiling. The probes (`/livez`, `/readyz`) and
+//! `/metrics` are never refused and never counted: they are how operators see an
+//! overload.
+
+use std::cell::Cell;
+use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use actix_web::{Error, HttpMessage};
+
+use crate::error::ApiError;
+
+/// How often the probe wakes.
+pub const PROBE_EVERY: Duration = Duration::from_millis(10);
+/// How often the limit is adjusted, from the shortest delays seen in it.
+pub const INTERVAL: Duration = Duration::from_millis(100);
+/// The lowest a worker's limit goes: some requests always get through, so the delays
+/// reflect real work and the limit can grow back.
+pub const MIN_LIMIT: usize = 2;
+/// Workers the metrics report (more are served, not reported).
+const SLOTS: usize = 64;
+
+/// What the workers' doors share: settings, and what `/metrics` reports.
+pub struct DoorStats {
+    /// Delay above which a worker's limit shrinks; zero: the limit stays at `ceiling`.
+    target: Duration,
+    /// The most requests one worker may have in progress.
+    ceiling: usize,
+    shed: AtomicU64,
+    next_slot: AtomicUsize,
+    /// Each worker's current limit (`u32::MAX`: slot unused).
+    limits: [AtomicU32; SLOTS],
+    /// Each worker's delay of its last interval, µs.
+    delays_us: [AtomicU32; SLOTS],
+}
+
+impl DoorStats {
+    pub fn new(target: Duration, ceiling: usize) -> Arc<DoorStats> {
+        Arc::new(DoorStats {
+            target,
+            ceiling: ceiling.max(1),
+            shed: AtomicU64::new(0),
+            next_slot: AtomicUsize::new(0),
+            limits: std::array::from_fn(|_| AtomicU32::new(u32::MAX)),
+            delays_us: std::array::from_fn(|_| AtomicU32::new(0)),
+        })
+    }
+
+    /// Requests refused at the door since start.
+    pub fn shed(&self) -> u64 {
+        self.shed.load(Ordering::Relaxed)
+    }
+
+    /// The instance's limit: the sum of its workers' (0 before the first worker).
+    pub fn limit(&self) -> u64 {
+        self.limits
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .filter(|&a| a != u32::MAX)
+            .map(u64::from)
+            .sum()
+    }
+
+    /// The largest of the workers' last-interval delays.
+    pub fn delay(&self) -> Duration {
+        let us = self
+            .delays_us
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        Duration::from_micros(u64::from(us))
+    }
+}
+
+/// One HTTP worker's door (single-threaded: the worker's middleware and its probe).
+pub struct Door {
+    stats: Arc<DoorStats>,
+    slot: Option<usize>,
+    limit: Cell<usize>,
+    in_flight: Cell<usize>,
+    /// The limit was reached in the current interval.
+    reached: Cell<bool>,
+    interval_start: Cell<Instant>,
+    min_lag: Cell<Option<Duration>>,
+    min_sojourn: Cell<Option<Duration>>,
+    probing: Cell<bool>,
+}
+
+/// One admitted request's place in its worker's count, given back when the request
+/// ends or, for a waiting claim, when it starts to wait ([`waits_by_design`]).
+struct Place {
+    door: Rc<Door>,
+    released: Cell<bool>,
+}
+
+impl Place {
+    /// Give the place back; `false` when it already was.
+    fn release(&self) -> bool {
+        if self.released.replace(true) {
+            return false;
+        }
+        let d = &self.door;
+        d.in_flight.set(d.in_flight.get().saturating_sub(1));
+        true
+    }
+}
+
+/// In the request's extensions, for [`waits_by_design`].
+#[derive(Clone)]
+struct PlaceRef(Rc<Place>);
+
+/// Gives the place back if the request is dropped unfinished (its client went away).
+struct ReleaseOnDrop(Rc<Place>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// A request that from here on waits by design (a long-poll claim): it no longer
+/// counts as in progress, and its time in the server says nothing about a backlog.
+pub fn waits_by_design(req: &actix_web::HttpRequest) {
+    if let Some(PlaceRef(place)) = req.extensions().get::<PlaceRef>() {
+        place.release();
+    }
+}
+
+impl Door {
+    pub fn new(stats: Arc<DoorStats>) -> Rc<Door> {
+        let slot = stats.next_slot.fetch_add(1, Ordering::Relaxed);
+        let slot = (slot < SLOTS).then_some(slot);
+        let door = Door {
+            limit: Cell::new(stats.ceiling),
+            stats,
+            slot,
+            in_flight: Cell::new(0),
+            reached: Cell::new(false),
+            interval_start: Cell::new(Instant::now()),
+            min_lag: Cell::new(None),
+            min_sojourn: Cell::new(None),
+            probing: Cell::new(false),
+        };
+        door.publish(Duration::ZERO);
+        Rc::new(door)
+    }
+
+    /// Requests this worker may have in progress now.
+    pub fn limit(&self) -> usize {
+        self.limit.get()
+    }
+
+    /// One probe sample taken at `now`: how late the probe woke.
+    pub fn record_lag(&self, lag: Duration, now: Instant) {
+        let min = self.min_lag.get().map_or(lag, |m| m.min(lag));
+        self.min_lag.set(Some(min));
+        self.maybe_adjust(now);
+    }
+
+    /// One request's time in the server, finished at `now`.
+    pub fn record_sojourn(&self, took: Duration, now: Instant) {
+        let min = self.min_sojourn.get().map_or(took, |m| m.min(took));
+        self.min_sojourn.set(Some(min));
+        self.maybe_adjust(now);
+    }
+
+    /// At the end of an interval: adjust the limit from its shortest delays (an
+    /// interval without requests has only the lag to go by).
+    fn maybe_adjust(&self, now: Instant) {
+        if now.saturating_duration_since(self.interval_start.get()) < INTERVAL {
+            return;
+        }
+        self.interval_start.set(now);
+        let lag = self.min_lag.take().unwrap_or(Duration::ZERO);
+        let sojourn = self.min_sojourn.take().unwrap_or(Duration::ZERO);
+        let delay = lag.max(sojourn);
+        let reached = self.reached.replace(false);
+        let (target, ceiling) = (self.stats.target, self.stats.ceiling);
+        let limit = self.limit.get();
+        let limit = if target.is_zero() {
+            ceiling
+        } else if delay > target {
+            limit
+                .saturating_sub((limit * 3 / 10).max(1))
+                .max(MIN_LIMIT)
+                .min(ceiling)
+        } else if delay < target / 2 && reached {
+            limit.saturating_add((limit / 4).max(2)).min(ceiling)
+        } else {
+            limit
+        };
+        self.limit.set(limit);
+        self.publish(delay);
+    }
+
+    fn publish(&self, delay: Duration) {
+        let Some(i) = self.slot else { return };
+        if let (Some(l), Some(d)) = (self.stats.limits.get(i), self.stats.delays_us.get(i)) {
+            l.store(
+                u32::try_from(self.limit.get()).unwrap_or(u32::MAX - 1),
+                Ordering::Relaxed,
+            );
+            d.store(
+                u32::try_from(delay.as_micros()).unwrap_or(u32::MAX),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Take a place for a new request, or `None` (counted as shed) at the limit.
+    fn enter(self: &Rc<Self>) -> Option<Rc<Place>> {
+        if self.in_flight.get() >= self.limit.get() {
+            self.reached.set(true);
+            self.stats.shed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.in_flight.set(self.in_flight.get() + 1);
+        if self.in_flight.get() >= self.limit.get() {
+            self.reached.set(true);
+        }
+        Some(Rc::new(Place {
+            door: self.clone(),
+            released: Cell::new(false),
+        }))
+    }
+}
+
+/// The probe: sleeps, measures how late it woke, feeds the door. Ends with the door.
+async fn probe(door: Weak<Door>) {
+    loop {
+        let start = Instant::now();
+        actix_web::rt::time::sleep(PROBE_EVERY).await;
+        let Some(door) = door.upgrade() else { return };
+        let now = Instant::now();
+        let late = now
+            .saturating_duration_since(start)
+            .saturating_sub(PROBE_EVERY);
+        door.record_lag(late, now);
+    }
+}
+
+/// Paths never refused at the door: the probes and the metrics.
+fn exempt(path: &str) -> bool {
+    matches!(path, "/livez" | "/readyz" | "/metrics")
+}
+
+/// Middleware (outermost: before routing, authentication and the access line, so a
+/// refusal costs no MAC, no body read and no log write; it is counted in
+/// `coordinator_db_shed_total{queue="http"}`).
+pub async fn door<B: MessageBody + 'static>(
+    door: Rc<Door>,
+    req: ServiceRequest,
+    next: Next<B>,
+) -> Result<ServiceResponse<BoxBody>, Error> {
+    if exempt(req.path()) {
+        return next
+            .call(req)
+            .await
+            .map(ServiceResponse::map_into_boxed_body);
+    }
+    if !door.stats.target.is_zero() && !door.probing.replace(true) {
+        // First request on this worker: its runtime is running, start the probe here.
+        actix_web::rt::spawn(probe(Rc::downgrade(&door)));
+    }
+    let Some(place) = door.enter() else {
+        return Ok(req.error_response(ApiError::Overloaded("server busy")));
+    };
+    req.extensions_mut().insert(PlaceRef(place.clone()));
+    let guard = ReleaseOnDrop(place);
+    let start = Instant::now();
+    let resp = next.call(req).await;
+    // Already released: the request waited by design; its time is not a backlog.
+    if guard.0.release() {
+        let now = Instant::now();
+        door.record_sojourn(now.saturating_duration_since(start), now);
+    }
+    resp.map(ServiceResponse::map_into_boxed_body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::dev::Service;
+    use actix_web::test as atest;
+    use actix_web::{middleware, web, App, HttpRequest, HttpResponse};
+    use tokio::sync::Notify;
+
+    const TARGET: Duration = Duration::from_millis(10);
+
+    /// Feed `n` intervals whose delay is `d`, the limit reached in each or not.
+    fn intervals(door: &Door, n: usize, d: Duration, reached: bool, t: &mut Instant) {
+        for _ in 0..n {
+            door.reached.set(reached);
+            *t += INTERVAL;
+            door.record_lag(d, *t);
+        }
+    }
+
+    #[test]
+    fn limit_shrinks_while_delayed_and_grows_back_when_reached() {
+        let stats = DoorStats::new(TARGET, 32);
+        let door = Door::new(stats.clone());
+        let mut t = Instant::now();
+        intervals(&door, 3, Duration::from_millis(1), true, &mut t);
+        assert_eq!(door.limit(), 32, "never above the ceiling");
+        intervals(&door, 1, TARGET * 3, true, &mut t);
+        assert_eq!(door.limit(), 23, "32 less 30 %");
+        intervals(&door, 50, TARGET * 3, true, &mut t);
+        assert_eq!(door.limit(), MIN_LIMIT, "floor");
+        assert_eq!(stats.limit(), 2);
+        assert_eq!(stats.delay(), TARGET * 3);
+        // Between half the target and the target: held.
+        intervals(&door, 5, TARGET * 3 / 4, true, &mut t);
+        assert_eq!(door.limit(), MIN_LIMIT);
+        // Fast, but the limit was not what held requests back: no reason to grow.
+        intervals(&door, 5, Duration::ZERO, false, &mut t);
+        assert_eq!(door.limit(), MIN_LIMIT);
+        intervals(&door, 3, Duration::ZERO, true, &mut t);
+        assert_eq!(door.limit(), 8, "2 → 4 → 6 → 8");
+        intervals(&door, 20, Duration::ZERO, true, &mut t);
+        assert_eq!(door.limit(), 32);
+    }
+
+    #[test]
+    fn one_fast_sample_in_an_interval_means_no_backlog() {
+        let door = Door::new(DoorStats::new(TARGET, 32));
+        let mut t = Instant::now();
+        for i in 0..9 {
+            door.record_sojourn(TARGET * 5, t + Duration::from_millis(i * 10));
+        }
+        t += INTERVAL;
+        door.record_lag(Duration::from_millis(1), t);
+        // The interval's shortest sojourn was long: shrink. Next interval, one fast one.
+        assert_eq!(door.limit(), 23);
+        for i in 0..9 {
+            door.record_sojourn(TARGET * 5, t + Duration::from_millis(i * 10));
+        }
+        door.record_sojourn(Duration::from_millis(1), t + Duration::from_millis(95));
+        t += INTERVAL;
+        door.record_lag(Duration::from_millis(1), t);
+        assert_eq!(
+            door.limit(),
+            23,
+            "a fast request in the interval: no standing backlog"
+        );
+    }
+
+    #[test]
+    fn a_zero_target_keeps_the_ceiling() {
+        let door = Door::new(DoorStats::new(Duration::ZERO, 5));
+        let mut t = Instant::now();
+        intervals(&door, 60, Duration::from_secs(1), true, &mut t);
+        assert_eq!(door.limit(), 5);
+    }
+
+    /// (status, Retry-After, body) of an answer.
+    async fn parts(resp: ServiceResponse) -> (u16, Option<String>, String) {
+        let status = resp.status().as_u16();
+        let retry = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = String::from_utf8_lossy(&atest::read_body(resp).await).into_owned();
+        (status, retry, body)
+    }
+
+    /// With a ceiling of 2: two requests held in a handler, the third is refused at
+    /// once (503 problem, `Retry-After`, never reaching the handler) while the probes
+    /// still answer; a claim that waits by design gives its place back; once the held
+    /// requests end, requests are admitted again.
+    #[actix_web::test]
+    async fn past_the_limit_a_request_is_refused_at_once_before_the_handler() {
+        let stats = DoorStats::new(TARGET, 2);
+        let door = Door::new(stats.clone());
+        let gate = Rc::new(Notify::new());
+        let hits = Rc::new(Cell::new(0u32));
+        let (g1, g2, h) = (gate.clone(), gate.clone(), hits.clone());
+        let app = Rc::new(
+            atest::init_service(
+                App::new()
+                    .route(
+                        "/hold",
+                        web::get().to(move || {
+                            let g = g1.clone();
+                            async move {
+                                g.notified().await;
+                                HttpResponse::Ok().finish()
+                            }
+                        }),
+                    )
+                    .route(
+                        "/wait",
+                        web::get().to(move |req: HttpRequest| {
+                            let g = g2.clone();
+                            async move {
+                                waits_by_design(&req);
+                                g.notified().await;
+                                HttpResponse::Ok().finish()
+                            }
+                        }),
+                    )
+                    .route(
+                        "/work",
+                        web::get().to(move || {
+                            h.set(h.get() + 1);
+                            async { HttpResponse::Ok().finish() }
+                        }),
+                    )
+                    .route("/livez", web::get().to(HttpResponse::Ok))
+                    .wrap(middleware::from_fn(move |req, next| {
+                        super::door(door.clone(), req, next)
+                    })),
+            )
+            .await,
+        );
+        let get = |path: &str| atest::TestRequest::get().uri(path).to_request();
+        // A waiting claim first: it leaves the count as soon as it starts waiting.
+        let waiting = {
+            let app = app.clone();
+            let req = get("/wait");
+            actix_web::rt::spawn(async move { app.call(req).await.map(|r| r.status()) })
+        };
+        let held: Vec<_> = (0..2)
+            .map(|_| {
+                let app = app.clone();
+                let req = get("/hold");
+                actix_web::rt::spawn(async move { app.call(req).await.map(|r| r.status()) })
+            })
+            .collect();
+        // Let the three reach their handlers.
+        for _ in 0..10 {
+            actix_web::rt::task::yield_now().await;
+        }
+        let (status, retry, body) = parts(app.call(get("/work")).await.expect("answer")).await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(retry.as_deref(), Some("1"));
+        assert!(body.contains("overloaded"), "{body}");
+        assert_eq!(hits.get(), 0, "a refused request reached its handler");
+        assert_eq!(stats.shed(), 1);
+        for _ in 0..5 {
+            let (status, _, _) = parts(app.call(get("/livez")).await.expect("answer")).await;
+            assert_eq!(status, 200, "a probe was refused");
+        }
+        gate.notify_waiters();
+        for h in held {
+            assert_eq!(h.await.expect("task").expect("answer").as_u16(), 200);
+        }
+        assert_eq!(waiting.await.expect("task").expect("answer").as_u16(), 200);
+        for _ in 0..5 {
+            let (status, _, _) = parts(app.call(get("/work")).await.expect("answer")).await;
+            assert_eq!(status, 200);
+        }
+        assert_eq!(hits.get(), 5);
+        assert_eq!(stats.shed(), 1);
+    }
+}
