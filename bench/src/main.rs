@@ -511,12 +511,13 @@ fn db_direct(db: &Db, jobs: &[String], conns: usize, duration: Duration) -> f64 
                     };
                     let r = db.write_sync(|conn| {
                         conn.transaction(|conn| {
-                            coordinator::db::replay::record_replay(
-                                conn,
+                            let row = coordinator::db::replay::ReplayRow::new(
                                 "bench",
-                                &sig,
+                                sig.as_str(),
+                                coordinator::db::now_millis() / 1000,
                                 i64::MAX / 2,
-                            )?;
+                            );
+                            coordinator::db::replay::record_replay(conn, &row)?;
                             coordinator::jobs::repo::apply(conn, &job, &change, 300_000)
                         })
                     });

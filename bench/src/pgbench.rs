@@ -25,9 +25,10 @@ fn scripts(dir: &std::path::Path, jobs: &[String]) -> Vec<String> {
             let sql = format!(
                 "\\set p random(0, 100)\n\
                  BEGIN;\n\
-                 INSERT INTO replay_records (caller, signature_hash, expires_at) VALUES \
-                 ('bench', md5(random()::text) || md5(random()::text), \
-                 (extract(epoch from now()) * 1000)::bigint + 360000);\n\
+                 INSERT INTO replay_records (caller, signature_hash, expires_at, signed_at) \
+                 VALUES ('bench', md5(random()::text) || md5(random()::text), \
+                 (extract(epoch from now()) * 1000)::bigint + 360000, \
+                 extract(epoch from now())::bigint);\n\
                  UPDATE jobs SET version = version + 1, progress = :p, \
                  updated_at = (extract(epoch from now()) * 1000)::bigint, \
                  lease_expires_at = (extract(epoch from now()) * 1000)::bigint + 300000 \

@@ -100,15 +100,10 @@ impl ReplayLog {
         )
     }
 
-    /// Record the pair; `Ok(false)` when it was already recorded (a replay).
-    pub async fn record(
-        &self,
-        caller: String,
-        signature_hash: String,
-        expires_at: i64,
-    ) -> Result<bool, StoreError> {
+    /// Record the (caller, signature) pair; `Ok(false)` when it was already recorded (a
+    /// replay).
+    pub async fn record(&self, row: ReplayRow) -> Result<bool, StoreError> {
         let Some(tx) = &self.tx else {
-            let row = (caller, signature_hash, expires_at);
             return self
                 .db
                 .write(move |conn| insert_replays(conn, std::slice::from_ref(&row)))
@@ -119,7 +114,7 @@ impl ReplayLog {
         };
         let permit = self.gate.enter()?;
         let (reply, answer) = oneshot::channel();
-        tx.send(((caller, signature_hash, expires_at), reply, permit))
+        tx.send((row, reply, permit))
             .map_err(|_closed| StoreError::Internal("replay log stopped".into()))?;
         match answer.await {
             Ok(Ok(fresh)) => Ok(fresh),

@@ -3,6 +3,12 @@
 //! IGNORE` per row inside one transaction on SQLite), the single insert, and the purge
 //! of expired records. The replay log that decides when to write lives in
 //! `auth/replay.rs`.
+//!
+//! On SQLite the table is keyed by the signed time first (`signed_at`, `caller`,
+//! `signature_hash`, WITHOUT ROWID): inserts land at the end of its one B-tree and
+//! the purge deletes its beginning, a few pages per commit instead of one page per
+//! record. PostgreSQL keeps its (`caller`, `signature_hash`) key and `expires_at`
+//! index, which instances of the release before rely on during a rolling upgrade.
 
 use std::collections::HashSet;
 
@@ -12,8 +18,32 @@ use super::schema::replay_records;
 use super::DbConnection;
 use crate::error::{is_unique_violation, StoreError};
 
-/// One replay record: (caller, signature hash, expires_at ms).
-pub type ReplayRow = (String, String, i64);
+/// One replay record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayRow {
+    pub caller: String,
+    pub signature_hash: String,
+    /// The signed timestamp (unix seconds): the key's first column on SQLite.
+    pub signed_at: i64,
+    /// Unix milliseconds.
+    pub expires_at: i64,
+}
+
+impl ReplayRow {
+    pub fn new(
+        caller: impl Into<String>,
+        signature_hash: impl Into<String>,
+        signed_at: i64,
+        expires_at: i64,
+    ) -> Self {
+        ReplayRow {
+            caller: caller.into(),
+            signature_hash: signature_hash.into(),
+            signed_at,
+            expires_at,
+        }
+    }
+}
 
 /// Insert every row; `true` for each row that was new (not a replay). Duplicates
 /// within the batch: the first is new, the rest are replays.
@@ -23,16 +53,7 @@ pub fn insert_replays(
 ) -> Result<Vec<bool>, StoreError> {
     match conn {
         DbConnection::Postgresql(pg) => {
-            let values: Vec<_> = rows
-                .iter()
-                .map(|(c, h, e)| {
-                    (
-                        replay_records::caller.eq(c),
-                        replay_records::signature_hash.eq(h),
-                        replay_records::expires_at.eq(*e),
-                    )
-                })
-                .collect();
+            let values: Vec<_> = rows.iter().map(values).collect();
             let inserted: Vec<(String, String)> = diesel::insert_into(replay_records::table)
                 .values(&values)
                 .on_conflict_do_nothing()
@@ -41,18 +62,14 @@ pub fn insert_replays(
             let mut fresh: HashSet<(String, String)> = inserted.into_iter().collect();
             Ok(rows
                 .iter()
-                .map(|(c, h, _)| fresh.remove(&(c.clone(), h.clone())))
+                .map(|r| fresh.remove(&(r.caller.clone(), r.signature_hash.clone())))
                 .collect())
         }
         DbConnection::Sqlite(lite) => lite.transaction(|lite| {
             rows.iter()
-                .map(|(c, h, e)| {
+                .map(|r| {
                     diesel::insert_or_ignore_into(replay_records::table)
-                        .values((
-                            replay_records::caller.eq(c),
-                            replay_records::signature_hash.eq(h),
-                            replay_records::expires_at.eq(*e),
-                        ))
+                        .values(values(r))
                         .execute(lite)
                         .map(|n| n == 1)
                         .map_err(StoreError::from)
@@ -62,19 +79,26 @@ pub fn insert_replays(
     }
 }
 
-/// Record a (caller, signature hash) pair; `false` when it was already there (a replay).
-pub fn record_replay(
-    conn: &mut DbConnection,
-    caller: &str,
-    signature_hash: &str,
-    expires_at: i64,
-) -> Result<bool, StoreError> {
+type Values<'a> = (
+    diesel::dsl::Eq<replay_records::caller, &'a String>,
+    diesel::dsl::Eq<replay_records::signature_hash, &'a String>,
+    diesel::dsl::Eq<replay_records::expires_at, i64>,
+    diesel::dsl::Eq<replay_records::signed_at, Option<i64>>,
+);
+
+fn values(r: &ReplayRow) -> Values<'_> {
+    (
+        replay_records::caller.eq(&r.caller),
+        replay_records::signature_hash.eq(&r.signature_hash),
+        replay_records::expires_at.eq(r.expires_at),
+        replay_records::signed_at.eq(Some(r.signed_at)),
+    )
+}
+
+/// Record one row; `false` when it was already there (a replay).
+pub fn record_replay(conn: &mut DbConnection, row: &ReplayRow) -> Result<bool, StoreError> {
     let r = diesel::insert_into(replay_records::table)
-        .values((
-            replay_records::caller.eq(caller),
-            replay_records::signature_hash.eq(signature_hash),
-            replay_records::expires_at.eq(expires_at),
-        ))
+        .values(values(row))
         .execute(conn);
     match r {
         Ok(_) => Ok(true),
@@ -84,13 +108,50 @@ pub fn record_replay(
 }
 
 /// Delete at most about `limit` expired replay records (bounded per pass); returns
-/// how many went.
-pub fn purge_replays(conn: &mut DbConnection, now: i64, limit: i64) -> Result<usize, StoreError> {
+/// how many went. `now` in milliseconds; `skew_secs` is this instance's accepted clock
+/// skew.
+///
+/// SQLite: by the key's first column, `signed_at`, so the search and the delete are a
+/// range at the start of the table's one B-tree. Records signed before `now - skew -
+/// CLOCK_SKEW_MARGIN_SECS` are out of this instance's window; `expires_at < now` still
+/// keeps any written with a wider window (a larger skew before a restart) until they
+/// expire. A chunk ends at a whole second, so it may exceed `limit` by the records of
+/// its last second.
+///
+/// PostgreSQL: by `expires_at` (its index): instances of the release before write no
+/// `signed_at`, and a rolling upgrade runs both.
+pub fn purge_replays(
+    conn: &mut DbConnection,
+    now: i64,
+    skew_secs: i64,
+    limit: i64,
+) -> Result<usize, StoreError> {
+    use diesel::sql_types::BigInt;
+    let offset = limit.saturating_sub(1).max(0);
+    if let DbConnection::Sqlite(lite) = conn {
+        #[derive(QueryableByName)]
+        struct Cutoff {
+            #[diesel(sql_type = BigInt)]
+            signed_at: i64,
+        }
+        let bound = signed_before(now, skew_secs);
+        let cutoff = diesel::sql_query(SQLITE_PURGE_CUTOFF)
+            .bind::<BigInt, _>(bound)
+            .bind::<BigInt, _>(now)
+            .bind::<BigInt, _>(offset)
+            .get_result::<Cutoff>(lite)
+            .optional()?;
+        let upto = cutoff.map_or(bound, |c| c.signed_at.saturating_add(1).min(bound));
+        return Ok(diesel::sql_query(SQLITE_PURGE)
+            .bind::<BigInt, _>(upto)
+            .bind::<BigInt, _>(now)
+            .execute(lite)?);
+    }
     let cutoff: Option<i64> = replay_records::table
         .filter(replay_records::expires_at.lt(now))
         .order(replay_records::expires_at)
         .select(replay_records::expires_at)
-        .offset(limit.saturating_sub(1).max(0))
+        .offset(offset)
         .first(conn)
         .optional()?;
     let upto = cutoff.map_or(now, |c| c.saturating_add(1).min(now));
@@ -98,6 +159,22 @@ pub fn purge_replays(conn: &mut DbConnection, now: i64, limit: i64) -> Result<us
         diesel::delete(replay_records::table.filter(replay_records::expires_at.lt(upto)))
             .execute(conn)?,
     )
+}
+
+/// SQLite: the signed time ending a purge chunk (`?` bound, now, offset). A range of the
+/// primary key (`EXPLAIN QUERY PLAN`: SEARCH replay_records USING PRIMARY KEY
+/// (signed_at<?); see the test below).
+const SQLITE_PURGE_CUTOFF: &str = "SELECT signed_at FROM replay_records \
+     WHERE signed_at < ? AND expires_at < ? ORDER BY signed_at LIMIT 1 OFFSET ?";
+/// SQLite: one purge chunk (upto, now), the same range of the primary key.
+const SQLITE_PURGE: &str = "DELETE FROM replay_records WHERE signed_at < ? AND expires_at < ?";
+
+/// The signed time (seconds) before which a request is outside the window of an
+/// instance accepting `skew_secs`, margin included, at `now` (milliseconds).
+fn signed_before(now: i64, skew_secs: i64) -> i64 {
+    (now / 1000)
+        .saturating_sub(skew_secs)
+        .saturating_sub(crate::auth::hmac::CLOCK_SKEW_MARGIN_SECS)
 }
 
 /// PostgreSQL: the replay table is the one the service deletes from all the time (every
@@ -117,4 +194,43 @@ pub fn vacuum_replays(conn: &mut DbConnection) -> Result<(), StoreError> {
     let r = conn.batch_execute("VACUUM (ANALYZE) replay_records");
     conn.batch_execute("RESET lock_timeout")?;
     Ok(r?)
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::prelude::*;
+    use diesel::sql_types::{BigInt, Text};
+    use diesel_migrations::MigrationHarness;
+
+    #[derive(QueryableByName)]
+    struct Step {
+        #[diesel(sql_type = Text)]
+        detail: String,
+    }
+
+    /// The SQLite purge reads and deletes a range of the primary key: no scan of the
+    /// table, no other index (there is none).
+    #[test]
+    fn the_sqlite_purge_searches_the_primary_key() {
+        let mut c = SqliteConnection::establish(":memory:").expect("sqlite");
+        c.run_pending_migrations(crate::db::migrate::SQLITE_MIGRATIONS)
+            .expect("migrations");
+        for (sql, binds) in [(super::SQLITE_PURGE_CUTOFF, 3), (super::SQLITE_PURGE, 2)] {
+            let mut q = diesel::sql_query(format!("EXPLAIN QUERY PLAN {sql}")).into_boxed();
+            for v in 0..binds {
+                q = q.bind::<BigInt, _>(1_000_000 - v);
+            }
+            let plan: Vec<String> = q
+                .load::<Step>(&mut c)
+                .expect("plan")
+                .into_iter()
+                .map(|s| s.detail)
+                .collect();
+            assert_eq!(
+                plan,
+                ["SEARCH replay_records USING PRIMARY KEY (signed_at<?)"],
+                "{sql}"
+            );
+        }
+    }
 }

@@ -86,10 +86,16 @@ diesel::table! {
 }
 
 diesel::table! {
+    /// The key declared here is the identity of a record; the stored primary key is
+    /// (`signed_at`, `caller`, `signature_hash`) on SQLite (a pair always carries the
+    /// same signed time) and (`caller`, `signature_hash`) on PostgreSQL. `signed_at` is
+    /// in seconds, NOT NULL on SQLite and NULL on PostgreSQL in rows written by the
+    /// release before it (rolling upgrades). Always read with explicit selects.
     replay_records (caller, signature_hash) {
         caller -> Text,
         signature_hash -> Text,
         expires_at -> BigInt,
+        signed_at -> Nullable<BigInt>,
     }
 }
 

@@ -3,19 +3,20 @@
 //! PostgreSQL each runs in its own transaction. Either way each request's write stands
 //! or falls on its own, and nothing is answered before it is committed.
 
-use coordinator::db::replay::insert_replays;
+use coordinator::db::replay::{insert_replays, ReplayRow};
 use coordinator::db::schema::replay_records;
 use coordinator::error::StoreError;
 use diesel::prelude::*;
 
 use crate::backend_tests;
-use crate::helpers::Backend;
+use crate::helpers::{Backend, TestDb};
 
 crate::postgres_tests!(housekeeping_vacuums_the_replay_table_after_large_purges);
 
 backend_tests!(
     a_failing_write_never_sinks_the_writes_committed_with_it,
     housekeeping_purges_every_expired_replay_record,
+    a_replay_recorded_before_the_by_time_migration_is_still_refused,
 );
 
 const CALLER: &str = "group-commit-test";
@@ -37,7 +38,7 @@ fn a_failing_write_never_sinks_the_writes_committed_with_it(b: Backend) {
                         // Repositories open their own transaction (PostgreSQL runs the
                         // closure on an autocommit connection; on SQLite it nests).
                         conn.transaction(|conn| {
-                            let row = (CALLER.to_owned(), format!("sig-{i:03}"), i64::MAX);
+                            let row = ReplayRow::new(CALLER, format!("sig-{i:03}"), 0, i64::MAX);
                             insert_replays(conn, std::slice::from_ref(&row))?;
                             if i % 3 == 0 {
                                 return Err(StoreError::Conflict(format!("write {i} fails")));
@@ -80,20 +81,27 @@ fn a_failing_write_never_sinks_the_writes_committed_with_it(b: Backend) {
     assert_eq!(stored, expected);
 }
 
-/// 25,000 expired replay records (many purge chunks) and 10 live ones: one
-/// housekeeping pass deletes every expired record, in several writes, and keeps the live
-/// ones — the table stays bounded by the window however fast records arrive.
+/// 25,000 expired replay records (many purge chunks, signed long enough ago to be out of
+/// the window), 10 live ones (signed now) and 10 signed as long ago but expiring in the
+/// future (as an instance with a wider window writes them): one housekeeping pass
+/// deletes every expired record, in several writes, and keeps the other 20 — the table
+/// stays bounded by the window however fast records arrive. The expired records are
+/// spread over several seconds, so the SQLite purge's chunks (by signed time) end
+/// inside and between them.
 fn housekeeping_purges_every_expired_replay_record(b: Backend) {
     let Some(app) = crate::app!(b) else { return };
     let now = coordinator::db::now_millis();
-    let rows: Vec<_> = (0..25_010)
+    let old = now / 1000 - 2_000;
+    let rows: Vec<_> = (0..25_020)
         .map(|i| {
-            let expires = if i < 25_000 {
-                now - 1_000
-            } else {
-                now + 600_000
-            };
-            ("purge-test".to_owned(), format!("sig-{i:05}"), expires)
+            let sig = format!("sig-{i:05}");
+            match i {
+                // 5,000 a second over five seconds.
+                0..25_000 => ReplayRow::new("purge-test", sig, old + i / 5_000, now - 1_000),
+                // Interleaved with the expired ones, in the same seconds.
+                25_000..25_010 => ReplayRow::new("purge-test", sig, old + (i % 5), now + 600_000),
+                _ => ReplayRow::new("purge-test", sig, now / 1000, now + 360_000),
+            }
         })
         .collect();
     let db = app.state.db.clone();
@@ -111,15 +119,16 @@ fn housekeeping_purges_every_expired_replay_record(b: Backend) {
         .await
         .expect("insert");
         let report = coordinator::housekeeping::pass(&state).await;
-        let left: i64 = db
+        let left: Vec<String> = db
             .read(|conn| {
                 Ok(replay_records::table
                     .filter(replay_records::caller.eq("purge-test"))
-                    .count()
-                    .get_result(conn)?)
+                    .select(replay_records::signature_hash)
+                    .order(replay_records::signature_hash)
+                    .load(conn)?)
             })
             .await
-            .expect("count");
+            .expect("read back");
         (report, left)
     });
     // The app's own housekeeping task (every 5 s) may have run the same pass first.
@@ -128,7 +137,8 @@ fn housekeeping_purges_every_expired_replay_record(b: Backend) {
         "purged {}",
         report.replays_purged
     );
-    assert_eq!(left, 10, "the live records stay, every expired one went");
+    let kept: Vec<String> = (25_000..25_020).map(|i| format!("sig-{i:05}")).collect();
+    assert_eq!(left, kept, "the live records stay, every expired one went");
 }
 
 /// PostgreSQL: once a purge has deleted `VACUUM_AFTER_PURGED` replay records,
@@ -144,7 +154,10 @@ fn housekeeping_vacuums_the_replay_table_after_large_purges(b: Backend) {
     let n = usize::try_from(coordinator::db::replay::VACUUM_AFTER_PURGED).expect("small") + 1_000;
     let now = coordinator::db::now_millis();
     let rows: Vec<_> = (0..n)
-        .map(|i| ("vacuum-test".to_owned(), format!("sig-{i:06}"), now - 1_000))
+        .map(|i| {
+            let signed = now / 1000 - 2_000;
+            ReplayRow::new("vacuum-test", format!("sig-{i:06}"), signed, now - 1_000)
+        })
         .collect();
     let db = app.state.db.clone();
     let state = app.state.clone();
@@ -172,4 +185,98 @@ fn housekeeping_vacuums_the_replay_table_after_large_purges(b: Backend) {
         .expect("stats")
     });
     assert!(vacuums >= 1, "the replay table was not vacuumed");
+}
+
+/// The migration keying replay records by signed time keeps what was recorded before
+/// it: a record written in the old shape (caller, signature hash, expiry: the release
+/// before) still refuses the same signed request afterwards. SQLite rebuilds the table
+/// and derives the signed time from the expiry with the default window; PostgreSQL
+/// keeps the row (no signed time) and its key. A new signature is still accepted.
+fn a_replay_recorded_before_the_by_time_migration_is_still_refused(b: Backend) {
+    use coordinator::db::migrate::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+    use coordinator::db::DbConnection;
+    use diesel::backend::Backend as DieselBackend;
+    use diesel::migration::MigrationSource;
+    use diesel_migrations::{EmbeddedMigrations, MigrationHarness};
+
+    const BY_TIME: &str = "2026-12-04-000002_replay_records_by_time";
+    let Some(db) = TestDb::create(b) else { return };
+    // A request signed now with the default skew (300 s) and margin (60 s).
+    let signed = coordinator::db::now_millis() / 1000;
+    let expires = (signed + 300 + 60) * 1000;
+    let legacy = format!(
+        "INSERT INTO replay_records (caller, signature_hash, expires_at) \
+         VALUES ('legacy', 'sig-legacy', {expires})"
+    );
+
+    fn migrate_around<DB, C>(c: &mut C, source: EmbeddedMigrations, between: &str)
+    where
+        DB: DieselBackend,
+        C: MigrationHarness<DB> + diesel::connection::SimpleConnection,
+        EmbeddedMigrations: MigrationSource<DB>,
+    {
+        let all = MigrationSource::<DB>::migrations(&source).expect("migrations");
+        // Creates diesel's bookkeeping table (run_migration expects it).
+        c.applied_migrations().expect("bookkeeping table");
+        let mut before = 0;
+        for m in all
+            .iter()
+            .filter(|m| m.name().to_string().as_str() < BY_TIME)
+        {
+            c.run_migration(m.as_ref()).expect("older migration");
+            before += 1;
+        }
+        assert!(before > 0 && before < all.len(), "{BY_TIME} not found");
+        c.batch_execute(between).expect("legacy row");
+        let rest = c.run_pending_migrations(source).expect("newer migrations");
+        assert_eq!(
+            rest.first().map(ToString::to_string),
+            Some(
+                BY_TIME
+                    .replace(['-', '_'], "")
+                    .chars()
+                    .take(14)
+                    .collect::<String>()
+            ),
+        );
+    }
+
+    let mut conn = match b {
+        Backend::Sqlite => {
+            let path = db.url.strip_prefix("sqlite://").expect("sqlite url");
+            let mut c = diesel::SqliteConnection::establish(path).expect("open sqlite");
+            migrate_around(&mut c, SQLITE_MIGRATIONS, &legacy);
+            DbConnection::Sqlite(c)
+        }
+        Backend::Postgres => {
+            let mut c = diesel::PgConnection::establish(&db.url).expect("open postgres");
+            migrate_around(&mut c, POSTGRES_MIGRATIONS, &legacy);
+            DbConnection::Postgresql(c)
+        }
+    };
+    let replay = ReplayRow::new("legacy", "sig-legacy", signed, expires);
+    let fresh = ReplayRow::new("legacy", "sig-fresh", signed, expires);
+    let answers = insert_replays(&mut conn, &[replay, fresh]).expect("insert");
+    assert_eq!(answers, [false, true], "(replay, new signature)");
+    let kept: Vec<(String, i64, Option<i64>)> = replay_records::table
+        .filter(replay_records::caller.eq("legacy"))
+        .select((
+            replay_records::signature_hash,
+            replay_records::expires_at,
+            replay_records::signed_at,
+        ))
+        .order(replay_records::signature_hash)
+        .load(&mut conn)
+        .expect("read back");
+    let legacy_signed = match b {
+        Backend::Sqlite => Some(signed),
+        Backend::Postgres => None,
+    };
+    assert_eq!(
+        kept,
+        [
+            ("sig-fresh".to_owned(), expires, Some(signed)),
+            ("sig-legacy".to_owned(), expires, legacy_signed),
+        ]
+    );
 }

@@ -128,11 +128,8 @@ async fn record_once(
         .saturating_add(CLOCK_SKEW_MARGIN_SECS)
         .saturating_mul(1000);
     let sig_hash = crate::crypto::sha256_hex(signature);
-    if ctx
-        .replays
-        .record(caller.to_owned(), sig_hash, expires_at)
-        .await?
-    {
+    let row = crate::db::replay::ReplayRow::new(caller, sig_hash, timestamp, expires_at);
+    if ctx.replays.record(row).await? {
         Ok(())
     } else {
         Err(fail("replayed request"))
