@@ -370,9 +370,9 @@ pub struct ServeArgs {
     #[arg(long, env = "COORDINATOR_MAX_IN_FLIGHT", default_value_t = 32)]
     pub max_in_flight: usize,
 
-    /// Queueing delay, in milliseconds, above which a worker lowers its in-flight limit
-    /// (event-loop lag or time in the server); 0 keeps the limit at its ceiling.
-    #[arg(long, env = "COORDINATOR_OVERLOAD_TARGET_MS", default_value_t = 10)]
+    /// Event-loop lag, in milliseconds, above which a worker lowers its in-flight limit;
+    /// 0 keeps the limit at its ceiling.
+    #[arg(long, env = "COORDINATOR_OVERLOAD_TARGET_MS", default_value_t = 5)]
     pub overload_target_ms: u64,
 
     #[command(flatten)]
@@ -833,7 +833,7 @@ impl Config {
             workers: 0,
             shutdown_timeout: Duration::from_secs(30),
             request_deadline: Duration::from_secs(3),
-            overload_target: Duration::from_millis(10),
+            overload_target: Duration::from_millis(5),
             max_in_flight: 32,
             master_key: Arc::new(MasterKey::generate()),
             master_key_previous: None,

@@ -108,8 +108,8 @@ impl DbMetrics {
             "Requests the instance's HTTP workers may have in progress now (adaptive; past it, 503 at once)",
         )?;
         let queue_delay = Gauge::new(
-            "http_queue_delay_seconds",
-            "Largest over the HTTP workers of the last interval's delay (shortest event-loop lag or request time)",
+            "http_event_loop_lag_seconds",
+            "Largest over the HTTP workers of the last interval's shortest event-loop lag",
         )?;
         registry.register(Box::new(in_flight_limit.clone()))?;
         registry.register(Box::new(queue_delay.clone()))?;

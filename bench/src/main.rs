@@ -936,9 +936,12 @@ fn machine() -> String {
         .unwrap_or("unknown")
         .trim()
         .to_owned();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    // The machine's CPUs, not this process's (the bench may run under `taskset`).
+    let cores = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
     let mem = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
         .lines()

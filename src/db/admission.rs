@@ -10,16 +10,15 @@
 //! work and the excess is answered instead of queued.
 //!
 //! The limit adapts (additive increase, multiplicative decrease, as TCP does with its
-//! window) to two delays a worker measures, taking the shortest of each per
-//! [`INTERVAL`] (as in CoDel: one fast sample proves there is no standing backlog):
+//! window) to the worker's event-loop lag: a probe task sleeps [`PROBE_EVERY`] and
+//! records how late it woke. A worker with CPU to spare wakes on time; one with a
+//! backlog wakes only after running every task ahead of it. Per [`INTERVAL`] the
+//! shortest lag counts (as in CoDel: one wake-up on time proves there is no standing
+//! backlog). The time requests take is deliberately not the signal: a request that
+//! waits for a row lock or a slow query is not a CPU backlog, and the database queues
+//! (`db::load`) bound that wait already.
 //!
-//! - its event-loop lag: a probe task sleeps [`PROBE_EVERY`] and records how late it
-//!   woke. A worker with CPU to spare wakes on time; one with a backlog wakes only after
-//!   running every task ahead of it;
-//! - the time its requests spend inside the server (this middleware to the response),
-//!   leaving out waiting claims, which wait by design ([`waits_by_design`]).
-//!
-//! When the larger of the two is above the target, the limit shrinks by 30 % (not
+//! When the lag is above the target, the limit shrinks by 30 % (not
 //! below [`MIN_LIMIT`]); when it is below half the target and the limit was reached in
 //! the interval, it grows by a quarter (at least 2), up to the configured ceiling. A
 //! zero target keeps the limit at the ceiling. The probes (`/livez`, `/readyz`) and
@@ -41,10 +40,10 @@ use crate::error::ApiError;
 
 /// How often the probe wakes.
 pub const PROBE_EVERY: Duration = Duration::from_millis(10);
-/// How often the limit is adjusted, from the shortest delays seen in it.
+/// How often the limit is adjusted, from the shortest lag seen in it.
 pub const INTERVAL: Duration = Duration::from_millis(100);
-/// The lowest a worker's limit goes: some requests always get through, so the delays
-/// reflect real work and the limit can grow back.
+/// The lowest a worker's limit goes: some requests always get through, so the lag
+/// reflects real work and the limit can grow back.
 pub const MIN_LIMIT: usize = 2;
 /// Workers the metrics report (more are served, not reported).
 const SLOTS: usize = 64;
@@ -59,7 +58,7 @@ pub struct DoorStats {
     next_slot: AtomicUsize,
     /// Each worker's current limit (`u32::MAX`: slot unused).
     limits: [AtomicU32; SLOTS],
-    /// Each worker's delay of its last interval, µs.
+    /// Each worker's shortest lag of its last interval, µs.
     delays_us: [AtomicU32; SLOTS],
 }
 
@@ -90,7 +89,7 @@ impl DoorStats {
             .sum()
     }
 
-    /// The largest of the workers' last-interval delays.
+    /// The largest of the workers' last-interval shortest lags.
     pub fn delay(&self) -> Duration {
         let us = self
             .delays_us
@@ -112,7 +111,6 @@ pub struct Door {
     reached: Cell<bool>,
     interval_start: Cell<Instant>,
     min_lag: Cell<Option<Duration>>,
-    min_sojourn: Cell<Option<Duration>>,
     probing: Cell<bool>,
 }
 
@@ -149,7 +147,7 @@ impl Drop for ReleaseOnDrop {
 }
 
 /// A request that from here on waits by design (a long-poll claim): it no longer
-/// counts as in progress, and its time in the server says nothing about a backlog.
+/// counts as in progress.
 pub fn waits_by_design(req: &actix_web::HttpRequest) {
     if let Some(PlaceRef(place)) = req.extensions().get::<PlaceRef>() {
         place.release();
@@ -168,7 +166,6 @@ impl Door {
             reached: Cell::new(false),
             interval_start: Cell::new(Instant::now()),
             min_lag: Cell::new(None),
-            min_sojourn: Cell::new(None),
             probing: Cell::new(false),
         };
         door.publish(Duration::ZERO);
@@ -187,23 +184,13 @@ impl Door {
         self.maybe_adjust(now);
     }
 
-    /// One request's time in the server, finished at `now`.
-    pub fn record_sojourn(&self, took: Duration, now: Instant) {
-        let min = self.min_sojourn.get().map_or(took, |m| m.min(took));
-        self.min_sojourn.set(Some(min));
-        self.maybe_adjust(now);
-    }
-
-    /// At the end of an interval: adjust the limit from its shortest delays (an
-    /// interval without requests has only the lag to go by).
+    /// At the end of an interval: adjust the limit from its shortest lag.
     fn maybe_adjust(&self, now: Instant) {
         if now.saturating_duration_since(self.interval_start.get()) < INTERVAL {
             return;
         }
         self.interval_start.set(now);
-        let lag = self.min_lag.take().unwrap_or(Duration::ZERO);
-        let sojourn = self.min_sojourn.take().unwrap_or(Duration::ZERO);
-        let delay = lag.max(sojourn);
+        let delay = self.min_lag.take().unwrap_or(Duration::ZERO);
         let reached = self.reached.replace(false);
         let (target, ceiling) = (self.stats.target, self.stats.ceiling);
         let limit = self.limit.get();
@@ -296,15 +283,10 @@ pub async fn door<B: MessageBody + 'static>(
         return Ok(req.error_response(ApiError::Overloaded("server busy")));
     };
     req.extensions_mut().insert(PlaceRef(place.clone()));
-    let guard = ReleaseOnDrop(place);
-    let start = Instant::now();
-    let resp = next.call(req).await;
-    // Already released: the request waited by design; its time is not a backlog.
-    if guard.0.release() {
-        let now = Instant::now();
-        door.record_sojourn(now.saturating_duration_since(start), now);
-    }
-    resp.map(ServiceResponse::map_into_boxed_body)
+    let _place = ReleaseOnDrop(place);
+    next.call(req)
+        .await
+        .map(ServiceResponse::map_into_boxed_body)
 }
 
 #[cfg(test)]
@@ -352,26 +334,25 @@ mod tests {
     }
 
     #[test]
-    fn one_fast_sample_in_an_interval_means_no_backlog() {
+    fn one_fast_wakeup_in_an_interval_means_no_backlog() {
         let door = Door::new(DoorStats::new(TARGET, 32));
         let mut t = Instant::now();
         for i in 0..9 {
-            door.record_sojourn(TARGET * 5, t + Duration::from_millis(i * 10));
+            door.record_lag(TARGET * 5, t + Duration::from_millis(i * 10));
         }
         t += INTERVAL;
-        door.record_lag(Duration::from_millis(1), t);
-        // The interval's shortest sojourn was long: shrink. Next interval, one fast one.
-        assert_eq!(door.limit(), 23);
+        door.record_lag(TARGET * 5, t);
+        assert_eq!(door.limit(), 23, "a whole interval late: shrink");
         for i in 0..9 {
-            door.record_sojourn(TARGET * 5, t + Duration::from_millis(i * 10));
+            door.record_lag(TARGET * 5, t + Duration::from_millis(i * 10));
         }
-        door.record_sojourn(Duration::from_millis(1), t + Duration::from_millis(95));
+        door.record_lag(Duration::from_millis(1), t + Duration::from_millis(95));
         t += INTERVAL;
-        door.record_lag(Duration::from_millis(1), t);
+        door.record_lag(TARGET * 5, t);
         assert_eq!(
             door.limit(),
             23,
-            "a fast request in the interval: no standing backlog"
+            "one wake-up on time in the interval: no backlog"
         );
     }
 
