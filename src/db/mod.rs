@@ -341,7 +341,7 @@ pub type DbPool = Pool<ConnectionManager>;
 pub const WAL_CHECKPOINT_BYTES: u64 = 16 << 20;
 /// How long a TRUNCATE checkpoint waits for readers still using the WAL before it gives
 /// up until the next write (the writer's connection is held meanwhile).
-const CHECKPOINT_BUSY_MS: u64 = 1000;
+const CHECKPOINT_BUSY_MS: u64 = 100;
 /// A waiter for a pooled connection looks at the health state at least this often, so
 /// requests already waiting when the database fails are refused soon after.
 const WAIT_SLICE: Duration = Duration::from_millis(20);
