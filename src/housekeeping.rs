@@ -56,9 +56,9 @@ pub async fn pass(state: &AppState) -> PassReport {
     // one chunk, never for the whole backlog, and the WAL grows by one chunk at a time.
     // Up to REPLAY_CHUNKS_PER_PASS chunks a pass keeps up with far more signed requests
     // per second than one instance serves.
-    let skew_secs = state.config.signature_skew_secs;
+    let window = crate::auth::hmac::record_window_secs(state.config.signature_skew_secs);
     let purge =
-        move |conn: &mut _| crate::db::replay::purge_replays(conn, now, skew_secs, REPLAY_CHUNK);
+        move |conn: &mut _| crate::db::replay::purge_replays(conn, now, window, REPLAY_CHUNK);
     for _ in 0..REPLAY_CHUNKS_PER_PASS {
         // SQLite: while checkpoints lag (readers hold the WAL), the purge waits for a
         // later pass rather than push the WAL past its bound. Expired records refuse

@@ -108,12 +108,13 @@ pub fn record_replay(conn: &mut DbConnection, row: &ReplayRow) -> Result<bool, S
 }
 
 /// Delete at most about `limit` expired replay records (bounded per pass); returns
-/// how many went. `now` in milliseconds; `skew_secs` is this instance's accepted clock
-/// skew.
+/// how many went. `now` in milliseconds; `window_secs` is how long after its signed
+/// time this instance keeps a record (its accepted clock skew plus the margin,
+/// `auth::hmac::record_window_secs`).
 ///
 /// SQLite: by the key's first column, `signed_at`, so the search and the delete are a
-/// range at the start of the table's one B-tree. Records signed before `now - skew -
-/// CLOCK_SKEW_MARGIN_SECS` are out of this instance's window; `expires_at < now` still
+/// range at the start of the table's one B-tree. Records signed before `now -
+/// window_secs` are out of this instance's window; `expires_at < now` still
 /// keeps any written with a wider window (a larger skew before a restart) until they
 /// expire. A chunk ends at a whole second, so it may exceed `limit` by the records of
 /// its last second.
@@ -123,7 +124,7 @@ pub fn record_replay(conn: &mut DbConnection, row: &ReplayRow) -> Result<bool, S
 pub fn purge_replays(
     conn: &mut DbConnection,
     now: i64,
-    skew_secs: i64,
+    window_secs: i64,
     limit: i64,
 ) -> Result<usize, StoreError> {
     use diesel::sql_types::BigInt;
@@ -134,7 +135,7 @@ pub fn purge_replays(
             #[diesel(sql_type = BigInt)]
             signed_at: i64,
         }
-        let bound = signed_before(now, skew_secs);
+        let bound = (now / 1000).saturating_sub(window_secs);
         let cutoff = diesel::sql_query(SQLITE_PURGE_CUTOFF)
             .bind::<BigInt, _>(bound)
             .bind::<BigInt, _>(now)
@@ -168,14 +169,6 @@ const SQLITE_PURGE_CUTOFF: &str = "SELECT signed_at FROM replay_records \
      WHERE signed_at < ? AND expires_at < ? ORDER BY signed_at LIMIT 1 OFFSET ?";
 /// SQLite: one purge chunk (upto, now), the same range of the primary key.
 const SQLITE_PURGE: &str = "DELETE FROM replay_records WHERE signed_at < ? AND expires_at < ?";
-
-/// The signed time (seconds) before which a request is outside the window of an
-/// instance accepting `skew_secs`, margin included, at `now` (milliseconds).
-fn signed_before(now: i64, skew_secs: i64) -> i64 {
-    (now / 1000)
-        .saturating_sub(skew_secs)
-        .saturating_sub(crate::auth::hmac::CLOCK_SKEW_MARGIN_SECS)
-}
 
 /// PostgreSQL: the replay table is the one the service deletes from all the time (every
 /// record expires), so its dead tuples are reclaimed here instead of being left to

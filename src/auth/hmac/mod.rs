@@ -115,6 +115,12 @@ fn check_window(ctx: &AuthContext, timestamp: i64) -> Result<(), ApiError> {
     }
 }
 
+/// How long after its signed time a replay record is kept: the accepted skew plus
+/// the margin.
+pub fn record_window_secs(skew_secs: i64) -> i64 {
+    skew_secs.saturating_add(CLOCK_SKEW_MARGIN_SECS)
+}
+
 /// The (caller, signature) pair may be used once within the window, on any instance
 /// sharing the database; the record outlives the window by the skew margin.
 async fn record_once(
@@ -124,8 +130,7 @@ async fn record_once(
     timestamp: i64,
 ) -> Result<(), ApiError> {
     let expires_at = timestamp
-        .saturating_add(ctx.settings.skew_secs)
-        .saturating_add(CLOCK_SKEW_MARGIN_SECS)
+        .saturating_add(record_window_secs(ctx.settings.skew_secs))
         .saturating_mul(1000);
     let sig_hash = crate::crypto::sha256_hex(signature);
     let row = crate::db::replay::ReplayRow::new(caller, sig_hash, timestamp, expires_at);
