@@ -328,7 +328,7 @@ pub async fn claim(
     let wait = crate::http::push::wait_of(&req, body.wait)?;
     let (worker, caller) = (body.worker, principal.caller);
     if !wait.is_zero() {
-        // Its time in the server is waiting by design, not a backlog (see db::admission).
+        // It waits by design: it gives its place at the door back (see db::admission).
         crate::db::admission::waits_by_design(&req);
         return crate::http::push::long_claim(state, queue, caller, worker, wait).await;
     }
