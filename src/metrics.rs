@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::db::health::DbState;
@@ -44,12 +44,14 @@ pub struct DbMetrics {
     trips: IntCounter,
     queue_depth: IntGaugeVec,
     queue_limit: IntGaugeVec,
+    queue_wait: GaugeVec,
     shed: IntCounterVec,
     wal_bytes: IntGauge,
     wal_max_bytes: IntGauge,
     wal_checkpoints: IntCounterVec,
     in_flight_limit: IntGauge,
     queue_delay: Gauge,
+    shortest_request: Gauge,
     /// Serialises scrapes so counter deltas are applied once.
     sync: Mutex<()>,
 }
@@ -88,6 +90,13 @@ impl DbMetrics {
             ),
             &["queue", "reason"],
         )?;
+        let queue_wait = GaugeVec::new(
+            Opts::new(
+                "db_queue_standing_wait_seconds",
+                "Shortest wait for a turn over the last interval, per queue: a standing queue ",
+            ),
+            &["queue"],
+        )?;
         let wal_bytes = IntGauge::new(
             "sqlite_wal_bytes",
             "Size of the SQLite WAL file at the last write (SQLite only)",
@@ -113,10 +122,16 @@ impl DbMetrics {
         )?;
         registry.register(Box::new(in_flight_limit.clone()))?;
         registry.register(Box::new(queue_delay.clone()))?;
+        let shortest_request = Gauge::new(
+            "http_shortest_request_seconds",
+            "Largest over the HTTP workers of the last interval's shortest admitted request (door to reply)",
+        )?;
+        registry.register(Box::new(shortest_request.clone()))?;
         registry.register(Box::new(state.clone()))?;
         registry.register(Box::new(trips.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(queue_limit.clone()))?;
+        registry.register(Box::new(queue_wait.clone()))?;
         registry.register(Box::new(shed.clone()))?;
         registry.register(Box::new(wal_bytes.clone()))?;
         registry.register(Box::new(wal_max_bytes.clone()))?;
@@ -126,19 +141,27 @@ impl DbMetrics {
             trips,
             queue_depth,
             queue_limit,
+            queue_wait,
             shed,
             wal_bytes,
             wal_max_bytes,
             wal_checkpoints,
             in_flight_limit,
             queue_delay,
+            shortest_request,
             sync: Mutex::new(()),
         })
     }
 
     /// The HTTP workers' doors (`db::admission`): refused so far, the instance's
     /// in-flight limit, the largest delay.
-    pub fn observe_door(&self, shed: u64, limit: u64, delay: std::time::Duration) {
+    pub fn observe_door(
+        &self,
+        shed: u64,
+        limit: u64,
+        delay: std::time::Duration,
+        shortest: std::time::Duration,
+    ) {
         let Ok(_one_at_a_time) = self.sync.lock() else {
             return;
         };
@@ -147,6 +170,7 @@ impl DbMetrics {
         self.in_flight_limit
             .set(i64::try_from(limit).unwrap_or(i64::MAX));
         self.queue_delay.set(delay.as_secs_f64());
+        self.shortest_request.set(shortest.as_secs_f64());
     }
 
     /// Copy the storage layer's counters; `replay` is the replay log's (depth, bound,
@@ -172,6 +196,9 @@ impl DbMetrics {
             self.queue_limit
                 .with_label_values(&[q.name])
                 .set(to_i64(q.limit));
+            self.queue_wait
+                .with_label_values(&[q.name])
+                .set(q.standing.as_secs_f64());
             for (why, n) in &q.shed {
                 catch_up(&self.shed.with_label_values(&[q.name, why.as_str()]), *n);
             }
@@ -397,6 +424,7 @@ mod tests {
                 name: "write",
                 depth: 3,
                 limit: 65,
+                standing: std::time::Duration::from_millis(3),
                 shed: vec![(Shed::Full, shed), (Shed::Unavailable, 0)],
             }],
             wal: Some((4096, 8192, 5, 1)),
@@ -411,6 +439,7 @@ mod tests {
             "coordinator_db_trips_total 2",
             r#"coordinator_db_queue_depth{queue="write"} 3"#,
             r#"coordinator_db_queue_limit{queue="write"} 65"#,
+            r#"coordinator_db_queue_standing_wait_seconds{queue="write"} 0.003"#,
             r#"coordinator_db_shed_total{queue="write",reason="full"} 9"#,
             r#"coordinator_db_queue_depth{queue="replay_log"} 0"#,
             r#"coordinator_db_shed_total{queue="replay_log",reason="full"} 1"#,

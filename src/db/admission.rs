@@ -14,11 +14,19 @@
 //! records how late it woke. A worker with CPU to spare wakes on time; one with a
 //! backlog wakes only after running every task ahead of it. Per [`INTERVAL`] the
 //! shortest lag counts (as in CoDel: one wake-up on time proves there is no standing
-//! backlog). The time requests take is deliberately not the signal: a request that
-//! waits for a row lock or a slow query is not a CPU backlog, and the database queues
-//! (`db::load`) bound that wait already.
+//! backlog).
 //!
-//! When the lag is above the target, the limit shrinks by 30 % (not
+//! The lag does not see a backlog further in: on PostgreSQL at twice its rate the
+//! database's own processes are what is saturated, every request waits inside it, and
+//! the workers' event loops stay idle. So the second signal is how much slower than
+//! usual the *shortest* admitted request of the interval was (door to reply). One fast
+//! request proves there is no standing queue in front of it; a request waiting on a row
+//! lock or a slow query makes only itself slow, not the fastest one. The usual time is
+//! the lowest seen, drifting up slowly so that a database further away sets its own
+//! baseline instead of counting as backlog (see [`Door::slower_than_usual`]). The
+//! larger of the two signals is the interval's delay.
+//!
+//! When the delay is above the target, the limit shrinks by 30 % (not
 //! below [`MIN_LIMIT`]); when it is below half the target and the limit was reached in
 //! the interval, it grows by a quarter (at least 2), up to the configured ceiling. A
 //! zero target keeps the limit at the ceiling. The probes (`/livez`, `/readyz`) and
@@ -45,6 +53,12 @@ pub const INTERVAL: Duration = Duration::from_millis(100);
 /// The lowest a worker's limit goes: some requests always get through, so the lag
 /// reflects real work and the limit can grow back.
 pub const MIN_LIMIT: usize = 2;
+/// How fast the usual request time drifts up towards a slower interval's shortest
+/// request: 1/`n` of the difference per interval, `n` this while the limit held
+/// requests back (overload: the usual time stays what it was before it) ...
+const DRIFT_WHEN_LIMITED: u32 = 1024;
+/// ... and this otherwise (a database that became slower for good).
+const DRIFT_WHEN_FREE: u32 = 16;
 /// Workers the metrics report (more are served, not reported).
 const SLOTS: usize = 64;
 
@@ -60,6 +74,8 @@ pub struct DoorStats {
     limits: [AtomicU32; SLOTS],
     /// Each worker's shortest lag of its last interval, µs.
     delays_us: [AtomicU32; SLOTS],
+    /// Each worker's shortest admitted request of its last interval, µs.
+    took_us: [AtomicU32; SLOTS],
 }
 
 impl DoorStats {
@@ -71,6 +87,7 @@ impl DoorStats {
             next_slot: AtomicUsize::new(0),
             limits: std::array::from_fn(|_| AtomicU32::new(u32::MAX)),
             delays_us: std::array::from_fn(|_| AtomicU32::new(0)),
+            took_us: std::array::from_fn(|_| AtomicU32::new(0)),
         })
     }
 
@@ -91,8 +108,16 @@ impl DoorStats {
 
     /// The largest of the workers' last-interval shortest lags.
     pub fn delay(&self) -> Duration {
-        let us = self
-            .delays_us
+        Self::largest(&self.delays_us)
+    }
+
+    /// The largest of the workers' last-interval shortest admitted requests.
+    pub fn shortest_request(&self) -> Duration {
+        Self::largest(&self.took_us)
+    }
+
+    fn largest(slots: &[AtomicU32; SLOTS]) -> Duration {
+        let us = slots
             .iter()
             .map(|l| l.load(Ordering::Relaxed))
             .max()
@@ -111,6 +136,11 @@ pub struct Door {
     reached: Cell<bool>,
     interval_start: Cell<Instant>,
     min_lag: Cell<Option<Duration>>,
+    /// The shortest admitted request of the current interval (door to reply).
+    min_took: Cell<Option<Duration>>,
+    /// What the shortest request of an interval usually takes (see
+    /// [`Door::slower_than_usual`]).
+    usual_took: Cell<Option<Duration>>,
     probing: Cell<bool>,
 }
 
@@ -118,6 +148,7 @@ pub struct Door {
 /// ends or, for a waiting claim, when it starts to wait ([`waits_by_design`]).
 struct Place {
     door: Rc<Door>,
+    entered: Instant,
     released: Cell<bool>,
 }
 
@@ -129,6 +160,9 @@ impl Place {
         }
         let d = &self.door;
         d.in_flight.set(d.in_flight.get().saturating_sub(1));
+        let took = self.entered.elapsed();
+        d.min_took
+            .set(Some(d.min_took.get().map_or(took, |m| m.min(took))));
         true
     }
 }
@@ -166,6 +200,8 @@ impl Door {
             reached: Cell::new(false),
             interval_start: Cell::new(Instant::now()),
             min_lag: Cell::new(None),
+            min_took: Cell::new(None),
+            usual_took: Cell::new(None),
             probing: Cell::new(false),
         };
         door.publish(Duration::ZERO);
@@ -184,14 +220,19 @@ impl Door {
         self.maybe_adjust(now);
     }
 
-    /// At the end of an interval: adjust the limit from its shortest lag.
+    /// At the end of an interval: adjust the limit from its shortest lag and how much
+    /// slower than usual its shortest request was.
     fn maybe_adjust(&self, now: Instant) {
         if now.saturating_duration_since(self.interval_start.get()) < INTERVAL {
             return;
         }
         self.interval_start.set(now);
-        let delay = self.min_lag.take().unwrap_or(Duration::ZERO);
+        let lag = self.min_lag.take().unwrap_or(Duration::ZERO);
+        let took = self.min_took.take();
         let reached = self.reached.replace(false);
+        // Requests slower than usual by half the target count as a full target's lag:
+        // a backlog further in costs every request, not only the ones behind it.
+        let delay = lag.max(self.slower_than_usual(took, reached));
         let (target, ceiling) = (self.stats.target, self.stats.ceiling);
         let limit = self.limit.get();
         let limit = if target.is_zero() {
@@ -207,10 +248,51 @@ impl Door {
             limit
         };
         self.limit.set(limit);
-        self.publish(delay);
+        self.publish_lag(lag);
+        self.publish_took(took.unwrap_or(Duration::ZERO));
+    }
+
+    /// How much slower than usual this interval's shortest request was: when even the
+    /// fastest request took longer than it usually does, every request waited behind
+    /// a backlog further in (the database's own CPU, or its locks) that neither the lag
+    /// nor the pool queues see. The usual time is the lowest seen, drifting up slowly
+    /// (fast while the limit held nobody back), so a database that is simply further
+    /// away sets its own usual time instead of counting as backlog.
+    fn slower_than_usual(&self, took: Option<Duration>, limited: bool) -> Duration {
+        let Some(took) = took else {
+            return Duration::ZERO;
+        };
+        let usual = match self.usual_took.get() {
+            Some(u) if u < took => {
+                let n = if limited {
+                    DRIFT_WHEN_LIMITED
+                } else {
+                    DRIFT_WHEN_FREE
+                };
+                u + (took - u) / n
+            }
+            _ => took,
+        };
+        self.usual_took.set(Some(usual));
+        took.saturating_sub(usual)
     }
 
     fn publish(&self, delay: Duration) {
+        self.publish_took(Duration::ZERO);
+        self.publish_lag(delay);
+    }
+
+    fn publish_took(&self, took: Duration) {
+        let Some(i) = self.slot else { return };
+        if let Some(t) = self.stats.took_us.get(i) {
+            t.store(
+                u32::try_from(took.as_micros()).unwrap_or(u32::MAX),
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    fn publish_lag(&self, delay: Duration) {
         let Some(i) = self.slot else { return };
         if let (Some(l), Some(d)) = (self.stats.limits.get(i), self.stats.delays_us.get(i)) {
             l.store(
@@ -237,6 +319,7 @@ impl Door {
         }
         Some(Rc::new(Place {
             door: self.clone(),
+            entered: Instant::now(),
             released: Cell::new(false),
         }))
     }
@@ -330,6 +413,52 @@ mod tests {
         intervals(&door, 3, Duration::ZERO, true, &mut t);
         assert_eq!(door.limit(), 8, "2 → 4 → 6 → 8");
         intervals(&door, 20, Duration::ZERO, true, &mut t);
+        assert_eq!(door.limit(), 32);
+    }
+
+    /// Feed `n` intervals without lag whose shortest admitted request took `took`.
+    fn requests(door: &Door, n: usize, took: Duration, reached: bool, t: &mut Instant) {
+        for _ in 0..n {
+            door.min_took.set(Some(took));
+            door.reached.set(reached);
+            *t += INTERVAL;
+            door.record_lag(Duration::ZERO, *t);
+        }
+    }
+
+    #[test]
+    fn every_request_slower_than_usual_shrinks_the_limit_and_a_farther_database_does_not() {
+        let stats = DoorStats::new(TARGET, 32);
+        let door = Door::new(stats.clone());
+        let mut t = Instant::now();
+        let usual = Duration::from_millis(2);
+        requests(&door, 5, usual, true, &mut t);
+        assert_eq!(door.limit(), 32);
+        // Even the fastest request waited three targets longer than usual (a backlog
+        // inside the database; the event loop is idle): shrink, as for lag.
+        requests(&door, 1, usual + TARGET * 3, true, &mut t);
+        assert_eq!(door.limit(), 23, "32 less 30 %");
+        assert_eq!(stats.shortest_request(), usual + TARGET * 3);
+        // While overloaded (the limit reached), the usual time barely moves: a few
+        // seconds of slow intervals keep shrinking the limit to the floor.
+        requests(&door, 30, usual + TARGET * 3, true, &mut t);
+        assert_eq!(door.limit(), MIN_LIMIT);
+        // Back to the usual time: grows again.
+        requests(&door, 20, usual, true, &mut t);
+        assert_eq!(door.limit(), 32);
+        // A database that became farther away for good, while nothing was held back:
+        // the usual time follows within a few seconds (the limit, unused meanwhile,
+        // shrinks and grows back), and from then on it is not backlog.
+        let farther = usual + TARGET * 4;
+        requests(&door, 100, farther, false, &mut t);
+        requests(&door, 20, farther, true, &mut t);
+        assert_eq!(door.limit(), 32);
+        requests(&door, 50, farther, true, &mut t);
+        assert_eq!(door.limit(), 32, "a slower baseline counted as backlog");
+        // An interval without a finished request says nothing.
+        door.min_took.set(None);
+        t += INTERVAL;
+        door.record_lag(Duration::ZERO, t);
         assert_eq!(door.limit(), 32);
     }
 

@@ -88,6 +88,8 @@ struct DelayWatch {
     window_start: AtomicU64,
     /// Shortest wait recorded in it, µs (`u64::MAX`: none yet).
     min_wait: AtomicU64,
+    /// The last complete interval's shortest wait, µs (0: none, or no waits in it).
+    last_min: AtomicU64,
     congested: AtomicBool,
 }
 
@@ -97,6 +99,7 @@ impl DelayWatch {
             epoch: Instant::now(),
             window_start: AtomicU64::new(0),
             min_wait: AtomicU64::new(u64::MAX),
+            last_min: AtomicU64::new(0),
             congested: AtomicBool::new(false),
         }
     }
@@ -122,8 +125,10 @@ impl DelayWatch {
             let min = self.min_wait.swap(u64::MAX, Ordering::AcqRel);
             // Samples of an interval that ended long ago say nothing about the queue now.
             let stale = now.saturating_sub(start) >= 2 * Self::micros(DELAY_INTERVAL);
-            let congested = !stale && min != u64::MAX && min > Self::micros(DELAY_TARGET);
-            self.congested.store(congested, Ordering::Release);
+            let min = if stale || min == u64::MAX { 0 } else { min };
+            self.last_min.store(min, Ordering::Release);
+            self.congested
+                .store(min > Self::micros(DELAY_TARGET), Ordering::Release);
         }
     }
 
@@ -136,6 +141,13 @@ impl DelayWatch {
     fn congested(&self) -> bool {
         self.tick();
         self.congested.load(Ordering::Acquire)
+    }
+
+    /// The shortest wait of the last complete interval; zero when it saw no waits or
+    /// ended long ago (nothing has waited since).
+    fn standing(&self) -> Duration {
+        self.tick();
+        Duration::from_micros(self.last_min.load(Ordering::Acquire))
     }
 }
 
@@ -216,6 +228,12 @@ impl Gate {
     /// SQLite writer).
     pub fn record_wait(&self, waited: Duration) {
         self.delay.record(waited);
+    }
+
+    /// The standing queue: the shortest wait for a turn over the last interval (zero
+    /// when nothing waited). The door (`db::admission`) counts it as backlog.
+    pub fn standing_wait(&self) -> Duration {
+        self.delay.standing()
     }
 
     /// Admit one operation, or refuse it at once when the bound is reached or a

@@ -438,6 +438,8 @@ pub struct QueueStats {
     pub name: &'static str,
     pub depth: usize,
     pub limit: usize,
+    /// The shortest wait for a turn over the last interval: a standing queue.
+    pub standing: Duration,
     pub shed: Vec<(Shed, u64)>,
 }
 
@@ -566,6 +568,7 @@ impl Db {
             name: g.name,
             depth: g.depth(),
             limit: g.limit(),
+            standing: g.standing_wait(),
             shed: Shed::ALL.iter().map(|&w| (w, g.shed_count(w))).collect(),
         };
         let mut queues = vec![gate(&s.read_gate)];

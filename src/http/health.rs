@@ -42,7 +42,12 @@ pub async fn health(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let m = &state.metrics;
     m.db.observe(&state.db.stats(), Some(state.auth.replays.queue_stats()));
-    m.db.observe_door(state.door.shed(), state.door.limit(), state.door.delay());
+    m.db.observe_door(
+        state.door.shed(),
+        state.door.limit(),
+        state.door.delay(),
+        state.door.shortest_request(),
+    );
     match snapshot(&state.db, &state.health).await {
         Ok(r) => m.set_queue_depths(&r.queues),
         Err(e) => log::warn!("metrics: queue depths unavailable: {e}"),
