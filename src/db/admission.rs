@@ -141,6 +141,8 @@ pub struct Door {
     /// What the shortest request of an interval usually takes (see
     /// [`Door::slower_than_usual`]).
     usual_took: Cell<Option<Duration>>,
+    /// The last interval's shortest request was slower than usual by over the target.
+    was_slow: Cell<bool>,
     probing: Cell<bool>,
 }
 
@@ -202,6 +204,7 @@ impl Door {
             min_lag: Cell::new(None),
             min_took: Cell::new(None),
             usual_took: Cell::new(None),
+            was_slow: Cell::new(false),
             probing: Cell::new(false),
         };
         door.publish(Duration::ZERO);
@@ -230,9 +233,15 @@ impl Door {
         let lag = self.min_lag.take().unwrap_or(Duration::ZERO);
         let took = self.min_took.take();
         let reached = self.reached.replace(false);
-        // Requests slower than usual by half the target count as a full target's lag:
-        // a backlog further in costs every request, not only the ones behind it.
-        let delay = lag.max(self.slower_than_usual(took, reached));
+        // Slowness counts from its second interval in a row: a stall shorter than that
+        // (a checkpoint waiting for readers) passes without refusing anyone.
+        let slow = self.slower_than_usual(took, reached);
+        let slow = if self.was_slow.replace(slow > self.stats.target) {
+            slow
+        } else {
+            Duration::ZERO
+        };
+        let delay = lag.max(slow);
         let (target, ceiling) = (self.stats.target, self.stats.ceiling);
         let limit = self.limit.get();
         let limit = if target.is_zero() {
@@ -434,9 +443,14 @@ mod tests {
         let usual = Duration::from_millis(2);
         requests(&door, 5, usual, true, &mut t);
         assert_eq!(door.limit(), 32);
-        // Even the fastest request waited three targets longer than usual (a backlog
-        // inside the database; the event loop is idle): shrink, as for lag.
+        // One interval where even the fastest request waited longer than usual: a
+        // stall, not yet a backlog.
         requests(&door, 1, usual + TARGET * 3, true, &mut t);
+        assert_eq!(door.limit(), 32, "one slow interval refused");
+        requests(&door, 1, usual, true, &mut t);
+        // Two in a row (a backlog inside the database; the event loop is idle):
+        // shrink, as for lag.
+        requests(&door, 2, usual + TARGET * 3, true, &mut t);
         assert_eq!(door.limit(), 23, "32 less 30 %");
         assert_eq!(stats.shortest_request(), usual + TARGET * 3);
         // While overloaded (the limit reached), the usual time barely moves: a few
