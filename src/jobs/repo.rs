@@ -496,48 +496,91 @@ fn write_change_pg(
     data: &Value,
     now: i64,
 ) -> Result<(), StoreError> {
-    use diesel::sql_types::{BigInt, Integer, Nullable, Text};
-    diesel::sql_query(
-        "WITH changed AS (\
-           UPDATE jobs SET status = $1, progress = $2, message = $3, result = $4, \
-             error = $5, gate_results = $6, attempts = $7, max_attempts = $8, \
-             worker = $9, lease_expires_at = $10, updated_at = $11, started_at = $12, \
-             finished_at = $13, run_at = $14 \
-           WHERE id = $15 RETURNING id), \
-         event AS (\
-           INSERT INTO job_events (job_id, seq, event_type, data, created_at) \
-           VALUES ($15, $16, $17, $18, $19)) \
-         SELECT pg_notify($20, $21) FROM changed",
-    )
-    .bind::<Text, _>(&row.status)
-    .bind::<Integer, _>(row.progress)
-    .bind::<Nullable<Text>, _>(row.message.as_deref())
-    .bind::<Nullable<Text>, _>(row.result.as_deref())
-    .bind::<Nullable<Text>, _>(row.error.as_deref())
-    .bind::<Nullable<Text>, _>(row.gate_results.as_deref())
-    .bind::<Integer, _>(row.attempts)
-    .bind::<Integer, _>(row.max_attempts)
-    .bind::<Nullable<Text>, _>(row.worker.as_deref())
-    .bind::<Nullable<BigInt>, _>(row.lease_expires_at)
-    .bind::<BigInt, _>(row.updated_at)
-    .bind::<Nullable<BigInt>, _>(row.started_at)
-    .bind::<Nullable<BigInt>, _>(row.finished_at)
-    .bind::<BigInt, _>(row.run_at)
-    .bind::<Text, _>(&row.id)
-    .bind::<BigInt, _>(row.version)
-    .bind::<Text, _>(event_type)
-    .bind::<Text, _>(data.to_string())
-    .bind::<BigInt, _>(now)
-    .bind::<Text, _>(super::notify::CHANNEL)
-    .bind::<Text, _>(super::notify::payload(
-        &row.queue,
-        &row.id,
-        row.version,
-        &row.status,
-        now_millis(),
-    ))
+    PgChange {
+        row,
+        event_type,
+        data: data.to_string(),
+        now,
+        payload: super::notify::payload(&row.queue, &row.id, row.version, &row.status, now),
+    }
     .execute(pg)?;
     Ok(())
+}
+
+/// The statement of [`write_change_pg`] as a query type with a static id, so diesel
+/// keeps it prepared per connection (a `sql_query` is parsed and planned every call).
+struct PgChange<'a> {
+    row: &'a JobRow,
+    event_type: &'a str,
+    data: String,
+    now: i64,
+    payload: String,
+}
+
+impl diesel::query_builder::QueryId for PgChange<'_> {
+    type QueryId = PgChange<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<Conn> RunQueryDsl<Conn> for PgChange<'_> {}
+
+impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for PgChange<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{BigInt, Integer, Nullable, Text};
+        let r = self.row;
+        out.push_sql("WITH changed AS (UPDATE jobs SET status = ");
+        out.push_bind_param::<Text, _>(&r.status)?;
+        out.push_sql(", progress = ");
+        out.push_bind_param::<Integer, _>(&r.progress)?;
+        out.push_sql(", message = ");
+        out.push_bind_param::<Nullable<Text>, _>(&r.message)?;
+        out.push_sql(", result = ");
+        out.push_bind_param::<Nullable<Text>, _>(&r.result)?;
+        out.push_sql(", error = ");
+        out.push_bind_param::<Nullable<Text>, _>(&r.error)?;
+        out.push_sql(", gate_results = ");
+        out.push_bind_param::<Nullable<Text>, _>(&r.gate_results)?;
+        out.push_sql(", attempts = ");
+        out.push_bind_param::<Integer, _>(&r.attempts)?;
+        out.push_sql(", max_attempts = ");
+        out.push_bind_param::<Integer, _>(&r.max_attempts)?;
+        out.push_sql(", worker = ");
+        out.push_bind_param::<Nullable<Text>, _>(&r.worker)?;
+        out.push_sql(", lease_expires_at = ");
+        out.push_bind_param::<Nullable<BigInt>, _>(&r.lease_expires_at)?;
+        out.push_sql(", updated_at = ");
+        out.push_bind_param::<BigInt, _>(&r.updated_at)?;
+        out.push_sql(", started_at = ");
+        out.push_bind_param::<Nullable<BigInt>, _>(&r.started_at)?;
+        out.push_sql(", finished_at = ");
+        out.push_bind_param::<Nullable<BigInt>, _>(&r.finished_at)?;
+        out.push_sql(", run_at = ");
+        out.push_bind_param::<BigInt, _>(&r.run_at)?;
+        out.push_sql(" WHERE id = ");
+        out.push_bind_param::<Text, _>(&r.id)?;
+        out.push_sql(
+            " RETURNING id), event AS (INSERT INTO job_events \
+             (job_id, seq, event_type, data, created_at) VALUES (",
+        );
+        out.push_bind_param::<Text, _>(&r.id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&r.version)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.event_type)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.data)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql(")) SELECT pg_notify(");
+        out.push_bind_param::<Text, _>(&super::notify::CHANNEL)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.payload)?;
+        out.push_sql(") FROM changed");
+        Ok(())
+    }
 }
 
 /// Move `row` to `to`, keeping the timestamps and attempt counter right.
