@@ -234,7 +234,7 @@ impl Door {
         let took = self.min_took.take();
         let reached = self.reached.replace(false);
         // Slowness counts from its second interval in a row: a stall shorter than that
-        // (a checkpoint waiting for readers) passes without refusing anyone.
+        // (the SQLite writer's WAL checkpoint) passes without refusing anyone.
         let slow = self.slower_than_usual(took, reached);
         let slow = if self.was_slow.replace(slow > self.stats.target) {
             slow

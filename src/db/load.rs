@@ -231,7 +231,9 @@ impl Gate {
     }
 
     /// The standing queue: the shortest wait for a turn over the last interval (zero
-    /// when nothing waited). The door (`db::admission`) counts it as backlog.
+    /// when nothing waited), for `/metrics`. (Not a signal for the door: r2d2 lets a new
+    /// arrival take a returned connection before a waiter wakes, so under load some
+    /// waits stay near zero however long the queue.)
     pub fn standing_wait(&self) -> Duration {
         self.delay.standing()
     }
