@@ -55,7 +55,15 @@ fn progress(
 /// The job's events: asserts contiguous `seq`s 1..n and returns the messages of its
 /// `progress` events, in order.
 fn progress_messages(app: &TestApp, id: &str) -> Vec<String> {
-    let r = app.get(&format!("/coordinator/jobs/{id}"));
+    // Right after a fault an idle pooled connection may still be a dead one: its first
+    // use trips the health state and answers 503 + Retry-After, as designed. Retry as a
+    // client would; a 503 that outlasts the recovery probe fails below.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut r = app.get(&format!("/coordinator/jobs/{id}"));
+    while r.status == 503 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        r = app.get(&format!("/coordinator/jobs/{id}"));
+    }
     assert_eq!(r.status, 200, "{}", r.body);
     let j = r.json();
     assert!(j.get("eventsTruncated").is_none(), "events truncated");
