@@ -1176,3 +1176,48 @@ pub fn purge_finished(
         Ok(diesel::delete(jobs::table.filter(jobs::id.eq_any(&ids))).execute(conn)?)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The columns a SET clause assigns, in order (`"col" = $n` or `col = $n`).
+    fn set_columns(sql: &str) -> Vec<String> {
+        let set = sql.split(" SET ").nth(1).unwrap_or("");
+        let set = set.split(" WHERE ").next().unwrap_or("");
+        set.split(", ")
+            .filter_map(|a| a.split(" = ").next())
+            .map(|c| c.trim_matches(|q| q == '"' || q == '`').to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn postgres_change_statement_writes_the_columns_of_job_changes() {
+        let job = NewJob {
+            kind: "k".into(),
+            queue: "q".into(),
+            priority: 0,
+            payload: json!({}),
+            max_attempts: 3,
+            status: JobStatus::Queued,
+            run_at: None,
+            backoff: Default::default(),
+        };
+        let row = new_row(&job, "c", None, 1);
+        let builder = diesel::debug_query::<diesel::sqlite::Sqlite, _>(
+            &diesel::update(jobs::table.find(&row.id)).set(row.changes()),
+        )
+        .to_string();
+        let ours = diesel::debug_query::<diesel::pg::Pg, _>(&PgChange {
+            row: &row,
+            event_type: "progress",
+            data: "{}".into(),
+            now: 1,
+            payload: String::new(),
+        })
+        .to_string();
+        let want = set_columns(&builder);
+        assert_eq!(want.len(), 14, "{builder}");
+        assert_eq!(set_columns(&ours), want, "{ours}");
+    }
+}
