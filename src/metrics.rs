@@ -108,7 +108,7 @@ impl DbMetrics {
         let wal_checkpoints = IntCounterVec::new(
             Opts::new(
                 "sqlite_wal_checkpoints_total",
-                "TRUNCATE checkpoints run by the writer, by outcome (SQLite only)",
+                "WAL resets (RESTART checkpoints) run by the writer, by outcome (SQLite only)",
             ),
             &["outcome"],
         )?;

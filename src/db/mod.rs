@@ -241,12 +241,15 @@ impl ConnectionManager {
                         "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;"
                     })?;
                     // Checkpoints (which fsync the database file) are not run inside a
-                    // committing request: the writer runs a TRUNCATE one after replying
-                    // once the WAL passes `WAL_CHECKPOINT_BYTES`, housekeeping a passive
-                    // one every pass; whatever resets the WAL cuts the file back to
-                    // `journal_size_limit`.
+                    // committing request: the writer runs a RESTART one after replying
+                    // once the WAL holds `WAL_RESET_BYTES`, the backfiller a passive one
+                    // every pass; whatever resets the WAL cuts the file back to
+                    // `journal_size_limit`. The savepoints' statement journals stay in
+                    // memory rather than in temporary files created and deleted on
+                    // the writer's thread.
                     c.batch_execute(&format!(
-                        "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_CHECKPOINT_BYTES};"
+                        "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}; \
+                         PRAGMA temp_store = MEMORY;"
                     ))
                 };
                 setup(&mut c).map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
@@ -335,11 +338,21 @@ impl ManageConnection for ConnectionManager {
 
 pub type DbPool = Pool<ConnectionManager>;
 
-/// On SQLite the writer runs a TRUNCATE checkpoint (after replying) once the WAL file
-/// is at least this large; it is also the `journal_size_limit`. Keeps the WAL far below
-/// 64 MiB under continuous load.
-pub const WAL_CHECKPOINT_BYTES: u64 = 16 << 20;
-/// How long a TRUNCATE checkpoint waits for readers still using the WAL before it gives
+/// On SQLite the writer resets the WAL (a RESTART checkpoint, after replying) once it
+/// holds this many bytes of frames, as counted by the backfiller's last pass. The next
+/// write then starts over at the front of the file, overwriting blocks already
+/// allocated: no truncation, no fresh blocks for the file system to allocate, journal
+/// or discard. Every reset makes the writes queued behind it wait for a few fsyncs, so
+/// fewer, larger resets leave fewer requests waiting (docs/decisions.md).
+pub const WAL_RESET_BYTES: u64 = 32 << 20;
+/// The `journal_size_limit`: a WAL file that grew past it (while resets could not run,
+/// or while the frame count lagged) is cut back to it when the WAL next restarts. The
+/// file keeps its size across resets, so only a file past this says anything about the
+/// frames in it: then a reset is due whatever the count says, and one frame count or
+/// file this far past it makes it urgent (the writer waits for the backfiller's turn
+/// instead of skipping). Keeps the WAL file below 64 MiB under continuous load.
+pub const WAL_LIMIT_BYTES: u64 = 40 << 20;
+/// How long a RESTART checkpoint waits for readers still using the WAL before it gives
 /// up until the next write (the writer's connection is held meanwhile).
 const CHECKPOINT_BUSY_MS: u64 = 100;
 /// A waiter for a pooled connection looks at the health state at least this often, so
@@ -349,13 +362,26 @@ const WAIT_SLICE: Duration = Duration::from_millis(20);
 /// What the writer knows about the SQLite WAL file.
 struct Wal {
     path: std::path::PathBuf,
-    /// Size at the last measurement (after every write).
+    /// File size at the last measurement (after every write).
     bytes: AtomicU64,
-    /// Largest size measured.
+    /// Largest file size measured.
     max_bytes: AtomicU64,
+    /// Bytes of frames in the WAL as of the backfiller's last pass (0 after a reset).
+    frame_bytes: AtomicU64,
+    /// Writes measured so far: the backfiller skips its pass when none came since.
+    writes: AtomicU64,
     checkpoints: AtomicU64,
-    /// TRUNCATE checkpoints that could not finish (readers kept the WAL busy).
+    /// Resets that could not finish (readers kept the WAL busy).
     incomplete: AtomicU64,
+}
+
+/// Is a WAL reset due after a write, and has the WAL run so far past it that the
+/// writer should wait for its turn rather than skip?
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum WalReset {
+    No,
+    Due,
+    Urgent,
 }
 
 impl Wal {
@@ -364,6 +390,27 @@ impl Wal {
         self.bytes.store(n, Ordering::Relaxed);
         self.max_bytes.fetch_max(n, Ordering::Relaxed);
         n
+    }
+
+    /// After a write: measure the file and say whether a reset is due.
+    fn after_write(&self) -> WalReset {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        let file = self.measure();
+        wal_reset(self.frame_bytes.load(Ordering::Relaxed), file)
+    }
+}
+
+/// The reset rule: due at [`WAL_RESET_BYTES`] of frames or a file past
+/// [`WAL_LIMIT_BYTES`] (the frame count is only as fresh as the backfiller's last pass);
+/// urgent at the limit of frames or a file as far again past it.
+fn wal_reset(frame_bytes: u64, file_bytes: u64) -> WalReset {
+    let margin = WAL_LIMIT_BYTES - WAL_RESET_BYTES;
+    if frame_bytes >= WAL_LIMIT_BYTES || file_bytes >= WAL_LIMIT_BYTES + margin {
+        WalReset::Urgent
+    } else if frame_bytes >= WAL_RESET_BYTES || file_bytes > WAL_LIMIT_BYTES {
+        WalReset::Due
+    } else {
+        WalReset::No
     }
 }
 
@@ -384,21 +431,9 @@ struct Shared {
 }
 
 impl Shared {
-    /// After a write: is the SQLite WAL past its checkpoint threshold?
-    fn wal_due(&self) -> bool {
-        self.wal_bytes() >= WAL_CHECKPOINT_BYTES
-    }
-
-    /// After a write: the size of the SQLite WAL file (0 on PostgreSQL).
-    fn wal_bytes(&self) -> u64 {
-        self.wal.as_ref().map_or(0, Wal::measure)
-    }
-
-    /// Does the WAL hold anything (as of the writer's last measurement)?
-    fn wal_has_frames(&self) -> bool {
-        self.wal
-            .as_ref()
-            .is_some_and(|w| w.bytes.load(Ordering::Relaxed) > 0)
+    /// After a write: is a reset of the SQLite WAL due (never on PostgreSQL)?
+    fn wal_after_write(&self) -> WalReset {
+        self.wal.as_ref().map_or(WalReset::No, Wal::after_write)
     }
 
     fn busy_ms(&self) -> u64 {
@@ -429,7 +464,7 @@ pub struct DbStats {
     /// Per queue (`read`/`write` on SQLite, `pool` on PostgreSQL): name, depth, bound,
     /// and refusals by reason.
     pub queues: Vec<QueueStats>,
-    /// SQLite: (WAL bytes now, largest seen, TRUNCATE checkpoints run, incomplete ones).
+    /// SQLite: (WAL file bytes now, largest seen, resets run, incomplete ones).
     pub wal: Option<(u64, u64, u64, u64)>,
 }
 
@@ -481,6 +516,8 @@ impl Db {
             path: format!("{}-wal", cfg.url.target()).into(),
             bytes: AtomicU64::new(0),
             max_bytes: AtomicU64::new(0),
+            frame_bytes: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             incomplete: AtomicU64::new(0),
         });
@@ -520,13 +557,16 @@ impl Db {
         self.backend
     }
 
-    /// SQLite: has the WAL reached twice its checkpoint threshold (as of the writer's last
-    /// measurement)? Then checkpoints are not keeping up — readers hold the WAL, or a
+    /// SQLite: has the WAL run past its limit (as of the writer's last measurement and
+    /// the backfiller's last count)? Then resets are not keeping up — readers hold the WAL, or a
     /// pass of the backfill is running — and background writes (the replay purge) wait
     /// for a later pass instead of growing it further. Always `false` on PostgreSQL.
     pub fn wal_backlogged(&self) -> bool {
         self.shared.wal.as_ref().is_some_and(|w| {
-            w.bytes.load(Ordering::Relaxed) >= WAL_CHECKPOINT_BYTES.saturating_mul(2)
+            wal_reset(
+                w.frame_bytes.load(Ordering::Relaxed),
+                w.bytes.load(Ordering::Relaxed),
+            ) == WalReset::Urgent
         })
     }
 
@@ -630,7 +670,7 @@ impl Db {
         let permit = self.shared.write_gate.enter()?;
         let (r, due) = self.run_sync(true, None, None, &permit, f);
         if let Some(c) = due {
-            truncate_wal(&self.shared, c);
+            reset_wal(&self.shared, c);
         }
         r
     }
@@ -702,7 +742,7 @@ impl Db {
             drop(permit);
             let _ = tx.send(r);
             if let Some(c) = due {
-                truncate_wal(&db.shared, c);
+                reset_wal(&db.shared, c);
             }
         }));
         let r = rx
@@ -756,7 +796,7 @@ impl Db {
                     .trip(Some(c.epoch), &format!("connection lost: {e}"));
             }
         }
-        let due = write && !c.broken && self.shared.wal_due();
+        let due = write && !c.broken && self.shared.wal_after_write() != WalReset::No;
         (r, due.then_some(c))
     }
 }
@@ -819,16 +859,23 @@ fn checkout(
     }
 }
 
-/// SQLite, on the writer's connection after a write: TRUNCATE checkpoint, so the
-/// WAL starts over from zero bytes. Readers still using the WAL are waited for at
-/// most `CHECKPOINT_BUSY_MS`; if they keep it, the next write tries again.
-fn truncate_wal(shared: &Shared, mut c: PooledConnection<ConnectionManager>) {
+/// A row of `PRAGMA wal_checkpoint(…)`: whether it could not finish, the frames in the
+/// WAL and how many of them are now in the database file.
+#[derive(diesel::QueryableByName)]
+struct CheckpointOutcome {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    busy: i32,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    log: i32,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    checkpointed: i32,
+}
+
+/// SQLite, on the writer's connection after a write: RESTART checkpoint, so the next
+/// write starts the WAL over at its front. Readers still using the WAL are waited for
+/// at most `CHECKPOINT_BUSY_MS`; if they keep it, the next write tries again.
+fn reset_wal(shared: &Shared, mut c: PooledConnection<ConnectionManager>) {
     let Some(wal) = &shared.wal else { return };
-    #[derive(diesel::QueryableByName)]
-    struct Outcome {
-        #[diesel(sql_type = diesel::sql_types::Integer)]
-        busy: i32,
-    }
     let DbConnection::Sqlite(lite) = &mut c.conn else {
         return;
     };
@@ -839,12 +886,13 @@ fn truncate_wal(shared: &Shared, mut c: PooledConnection<ConnectionManager>) {
             busy_ms.min(CHECKPOINT_BUSY_MS)
         ))
         .and_then(|()| {
-            diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)").get_result::<Outcome>(lite)
+            diesel::sql_query("PRAGMA wal_checkpoint(RESTART)")
+                .get_result::<CheckpointOutcome>(lite)
         });
     let restored = lite.batch_execute(&format!("PRAGMA busy_timeout = {busy_ms};"));
     wal.checkpoints.fetch_add(1, Ordering::Relaxed);
     match r {
-        Ok(o) if o.busy == 0 => {}
+        Ok(o) if o.busy == 0 => wal.frame_bytes.store(0, Ordering::Relaxed),
         Ok(_) => {
             wal.incomplete.fetch_add(1, Ordering::Relaxed);
             log::debug!("WAL checkpoint incomplete: readers still use the WAL");
@@ -964,6 +1012,27 @@ pub fn now_millis() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wal_reset_is_due_on_the_frame_count_or_a_file_grown_past_the_limit() {
+        const MIB: u64 = 1 << 20;
+        // The file keeps its size after a reset (up to the journal size limit): a
+        // large file with few frames is no reason for another reset.
+        assert_eq!(wal_reset(0, 40 * MIB), WalReset::No);
+        assert_eq!(wal_reset(31 * MIB, 40 * MIB), WalReset::No);
+        assert_eq!(wal_reset(32 * MIB, 40 * MIB), WalReset::Due);
+        // A stale frame count: a file grown past the limit is enough.
+        assert_eq!(wal_reset(4 * MIB, 40 * MIB + 1), WalReset::Due);
+        assert_eq!(wal_reset(40 * MIB, 40 * MIB), WalReset::Urgent);
+        assert_eq!(wal_reset(0, 48 * MIB), WalReset::Urgent);
+        const { assert!(WAL_RESET_BYTES < WAL_LIMIT_BYTES) };
+        const {
+            assert!(
+                2 * WAL_LIMIT_BYTES - WAL_RESET_BYTES < 64 * MIB,
+                "below 64 MiB"
+            )
+        };
+    }
 
     #[test]
     fn url_scheme_picks_the_backend() {

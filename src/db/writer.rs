@@ -7,23 +7,28 @@
 //! write is acknowledged before the commit that makes it durable; when the commit
 //! fails, every request of the batch gets the error.
 //!
-//! The writer also owns WAL checkpointing: a TRUNCATE checkpoint between batches once
-//! the WAL has grown past its threshold. Writes wait while it runs, so a second thread,
-//! the backfiller, copies the WAL into the database file in the background every
-//! [`BACKFILL_EVERY`] with PASSIVE checkpoints (which never block the writer): by the
-//! time the writer truncates, only the last few frames are left to copy. The two take
+//! The writer also owns WAL checkpointing: a RESTART checkpoint between batches once
+//! the WAL holds [`super::WAL_RESET_BYTES`] of frames, after which the next write starts
+//! the WAL over at the front of the same file (a TRUNCATE would hand every later write
+//! freshly allocated blocks, and the file system's journal would pay for them at every
+//! checkpoint's fsync). Writes wait while it runs, so a second thread, the backfiller,
+//! copies the WAL into the database file in the background every [`BACKFILL_EVERY`]
+//! with PASSIVE checkpoints (which never block the writer) and counts the frames: by the
+//! time the writer resets, only the last few frames are left to copy. The two take
 //! turns through `Shared::checkpointing`; the writer does not wait for the backfiller,
-//! it skips and truncates after a later batch — unless the WAL has reached twice the
-//! threshold, when it waits for the pass to end.
+//! it skips and resets after a later batch — unless the WAL has run past its limit,
+//! when it waits for the pass to end.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard, TryLockError, Weak};
 use std::time::Duration;
 
 use diesel::connection::{AnsiTransactionManager, TransactionManager};
 use diesel::sqlite::SqliteConnection;
+use diesel::{QueryResult, RunQueryDsl};
 use tokio::sync::mpsc;
 
-use super::{DbConnection, DbPool, Shared};
+use super::{CheckpointOutcome, DbConnection, DbPool, Shared, WalReset};
 use crate::error::StoreError;
 
 /// Most requests committed together.
@@ -49,32 +54,69 @@ pub(super) fn checkpoint_turn(lock: &Mutex<()>, wait: bool) -> Option<MutexGuard
 }
 
 /// Start the backfiller; it ends with the last `Db` clone. It borrows a read connection
-/// for each pass (never waiting long for one: under load it skips a pass instead).
+/// for each pass (never waiting long for one: under load it skips a pass instead), and
+/// skips the pass when nothing was written since the last one caught up.
 pub(super) fn start_backfiller(read: DbPool, shared: Weak<Shared>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("sqlite-backfill".into())
-        .spawn(move || loop {
-            std::thread::sleep(BACKFILL_EVERY);
-            let Some(shared) = shared.upgrade() else {
-                return;
-            };
-            if !shared.wal_has_frames() {
-                continue;
-            }
-            let Some(_turn) = checkpoint_turn(&shared.checkpointing, false) else {
-                continue;
-            };
-            let Ok(mut c) = read.get_timeout(Duration::from_millis(20)) else {
-                continue;
-            };
-            if let DbConnection::Sqlite(lite) = &mut c.conn {
-                use diesel::connection::SimpleConnection;
-                if let Err(e) = lite.batch_execute("PRAGMA wal_checkpoint(PASSIVE);") {
-                    log::debug!("WAL backfill: {e}");
+        .spawn(move || {
+            let mut seen_writes = 0;
+            let mut caught_up = true;
+            let mut frame_size = None;
+            loop {
+                std::thread::sleep(BACKFILL_EVERY);
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                let Some(wal) = &shared.wal else { return };
+                let writes = wal.writes.load(Ordering::Relaxed);
+                if caught_up && writes == seen_writes {
+                    continue;
+                }
+                let Some(_turn) = checkpoint_turn(&shared.checkpointing, false) else {
+                    continue;
+                };
+                let Ok(mut c) = read.get_timeout(Duration::from_millis(20)) else {
+                    continue;
+                };
+                let DbConnection::Sqlite(lite) = &mut c.conn else {
+                    return;
+                };
+                match backfill(lite, &mut frame_size) {
+                    Ok((frames, caught)) => {
+                        seen_writes = writes;
+                        caught_up = caught;
+                        wal.frame_bytes.store(frames, Ordering::Relaxed);
+                    }
+                    Err(e) => log::debug!("WAL backfill: {e}"),
                 }
             }
         })
         .map(drop)
+}
+
+/// One PASSIVE checkpoint: the bytes of frames in the WAL (the writer resets it past a
+/// threshold) and whether all of them are now in the database file.
+fn backfill(lite: &mut SqliteConnection, frame_size: &mut Option<u64>) -> QueryResult<(u64, bool)> {
+    #[derive(diesel::QueryableByName)]
+    struct PageSize {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        page_size: i64,
+    }
+    let size = match *frame_size {
+        Some(s) => s,
+        None => {
+            let page = diesel::sql_query("PRAGMA page_size").get_result::<PageSize>(lite)?;
+            // Each frame is a 24-byte header and one page.
+            let s = u64::try_from(page.page_size).unwrap_or(0) + 24;
+            *frame_size = Some(s);
+            s
+        }
+    };
+    let o = diesel::sql_query("PRAGMA wal_checkpoint(PASSIVE)")
+        .get_result::<CheckpointOutcome>(lite)?;
+    let frames = u64::try_from(o.log).unwrap_or(0);
+    Ok((frames.saturating_mul(size), o.log <= o.checkpointed))
 }
 
 /// What the writer hands a queued request: its connection inside its savepoint, or
@@ -126,16 +168,20 @@ fn run(write: &DbPool, shared: &Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Wo
         let (replies, failed) = commit_batch(&mut conn.conn, batch);
         // A failed batch may leave the connection mid-transaction: open a fresh one.
         conn.broken |= failed;
-        let wal = if failed { 0 } else { shared.wal_bytes() };
+        let reset = if failed {
+            WalReset::No
+        } else {
+            shared.wal_after_write()
+        };
         for (reply, outcome) in replies {
             reply(outcome.as_deref());
         }
-        if wal >= super::WAL_CHECKPOINT_BYTES {
-            // Past twice the threshold the writer waits for the backfill's pass to end
-            // instead of skipping again: a long pass must not let the WAL run on.
-            let urgent = wal >= super::WAL_CHECKPOINT_BYTES.saturating_mul(2);
+        if reset != WalReset::No {
+            // Past the limit the writer waits for the backfill's pass to end instead of
+            // skipping again: a long pass must not let the WAL run on.
+            let urgent = reset == WalReset::Urgent;
             if let Some(_turn) = checkpoint_turn(&shared.checkpointing, urgent) {
-                super::truncate_wal(&shared, conn);
+                super::reset_wal(&shared, conn);
             }
         }
     }

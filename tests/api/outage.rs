@@ -570,7 +570,7 @@ fn refused_at_once_behind_a_lock(b: Backend, max_in_flight: usize, what: &str, c
 /// 128 MiB written in 512 KiB transactions through the service's `Db` while another
 /// connection keeps read transactions open back to back (what keeps a passive
 /// checkpoint from ever resetting the WAL): the WAL file, measured after every write,
-/// never passes 64 MiB, and the writer's TRUNCATE checkpoints ran.
+/// never passes 64 MiB, and the writer's WAL resets ran.
 fn wal_stays_bounded_under_continuous_writes_and_reads() {
     use std::sync::atomic::{AtomicBool, Ordering};
     const LIMIT: u64 = 64 << 20;
@@ -623,7 +623,7 @@ fn wal_stays_bounded_under_continuous_writes_and_reads() {
     let (_, measured_max, checkpoints, incomplete) = stats.wal.expect("sqlite wal stats");
     eprintln!(
         "outage[sqlite WAL]: {} MiB written in {WRITES} transactions under continuous reads: \
-         WAL at most {:.1} MiB (writer measured {:.1} MiB), {checkpoints} TRUNCATE checkpoints \
+         WAL at most {:.1} MiB (writer measured {:.1} MiB), {checkpoints} resets \
          ({incomplete} incomplete)",
         (CHUNK * WRITES) >> 20,
         max_wal as f64 / (1 << 20) as f64,
