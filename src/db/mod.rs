@@ -342,19 +342,23 @@ pub type DbPool = Pool<ConnectionManager>;
 /// holds this many bytes of frames, as counted by the backfiller's last pass. The next
 /// write then starts over at the front of the file, overwriting blocks already
 /// allocated: no truncation, no fresh blocks for the file system to allocate, journal
-/// or discard. Every reset makes the writes queued behind it wait for a few fsyncs, so
-/// fewer, larger resets leave fewer requests waiting (docs/decisions.md).
-pub const WAL_RESET_BYTES: u64 = 32 << 20;
+/// or discard. Every reset makes the writes queued behind it wait for a few fsyncs;
+/// why this size and not a larger one is in docs/decisions.md.
+pub const WAL_RESET_BYTES: u64 = 16 << 20;
 /// The `journal_size_limit`: a WAL file that grew past it (while resets could not run,
 /// or while the frame count lagged) is cut back to it when the WAL next restarts. The
 /// file keeps its size across resets, so only a file past this says anything about the
 /// frames in it: then a reset is due whatever the count says, and one frame count or
 /// file this far past it makes it urgent (the writer waits for the backfiller's turn
 /// instead of skipping). Keeps the WAL file below 64 MiB under continuous load.
-pub const WAL_LIMIT_BYTES: u64 = 40 << 20;
+pub const WAL_LIMIT_BYTES: u64 = 24 << 20;
 /// How long a RESTART checkpoint waits for readers still using the WAL before it gives
-/// up until the next write (the writer's connection is held meanwhile).
+/// up (the writer's connection is held meanwhile, so every queued write waits too).
 const CHECKPOINT_BUSY_MS: u64 = 100;
+/// After a reset that readers kept from finishing, a due one is not tried again for
+/// this long (an urgent one is): a long read must not stall every batch by
+/// `CHECKPOINT_BUSY_MS`.
+const RESET_RETRY_AFTER_MS: u64 = 250;
 /// A waiter for a pooled connection looks at the health state at least this often, so
 /// requests already waiting when the database fails are refused soon after.
 const WAIT_SLICE: Duration = Duration::from_millis(20);
@@ -370,6 +374,11 @@ struct Wal {
     frame_bytes: AtomicU64,
     /// Writes measured so far: the backfiller skips its pass when none came since.
     writes: AtomicU64,
+    /// What `retry_at_ms` counts from.
+    opened: Instant,
+    /// No due (not urgent) reset before this, in ms since `opened` (set by an
+    /// incomplete one).
+    retry_at_ms: AtomicU64,
     checkpoints: AtomicU64,
     /// Resets that could not finish (readers kept the WAL busy).
     incomplete: AtomicU64,
@@ -396,7 +405,28 @@ impl Wal {
     fn after_write(&self) -> WalReset {
         self.writes.fetch_add(1, Ordering::Relaxed);
         let file = self.measure();
-        wal_reset(self.frame_bytes.load(Ordering::Relaxed), file)
+        match wal_reset(self.frame_bytes.load(Ordering::Relaxed), file) {
+            WalReset::Due if self.elapsed_ms() < self.retry_at_ms.load(Ordering::Relaxed) => {
+                WalReset::No
+            }
+            r => r,
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Record a reset's outcome: the next due one may run at once, or after a pause.
+    fn reset_done(&self, complete: bool) {
+        let at = if complete {
+            self.frame_bytes.store(0, Ordering::Relaxed);
+            0
+        } else {
+            self.incomplete.fetch_add(1, Ordering::Relaxed);
+            self.elapsed_ms().saturating_add(RESET_RETRY_AFTER_MS)
+        };
+        self.retry_at_ms.store(at, Ordering::Relaxed);
     }
 }
 
@@ -518,6 +548,8 @@ impl Db {
             max_bytes: AtomicU64::new(0),
             frame_bytes: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            opened: Instant::now(),
+            retry_at_ms: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             incomplete: AtomicU64::new(0),
         });
@@ -892,14 +924,14 @@ fn reset_wal(shared: &Shared, mut c: PooledConnection<ConnectionManager>) {
     let restored = lite.batch_execute(&format!("PRAGMA busy_timeout = {busy_ms};"));
     wal.checkpoints.fetch_add(1, Ordering::Relaxed);
     match r {
-        Ok(o) if o.busy == 0 => wal.frame_bytes.store(0, Ordering::Relaxed),
+        Ok(o) if o.busy == 0 => wal.reset_done(true),
         Ok(_) => {
-            wal.incomplete.fetch_add(1, Ordering::Relaxed);
-            log::debug!("WAL checkpoint incomplete: readers still use the WAL");
+            wal.reset_done(false);
+            log::debug!("WAL reset incomplete: readers still use the WAL");
         }
         Err(e) => {
-            wal.incomplete.fetch_add(1, Ordering::Relaxed);
-            log::warn!("WAL checkpoint failed: {e}");
+            wal.reset_done(false);
+            log::warn!("WAL reset failed: {e}");
         }
     }
     if restored.is_err() {
@@ -1015,21 +1047,24 @@ mod tests {
 
     #[test]
     fn wal_reset_is_due_on_the_frame_count_or_a_file_grown_past_the_limit() {
-        const MIB: u64 = 1 << 20;
+        let (reset, limit) = (WAL_RESET_BYTES, WAL_LIMIT_BYTES);
         // The file keeps its size after a reset (up to the journal size limit): a
         // large file with few frames is no reason for another reset.
-        assert_eq!(wal_reset(0, 40 * MIB), WalReset::No);
-        assert_eq!(wal_reset(31 * MIB, 40 * MIB), WalReset::No);
-        assert_eq!(wal_reset(32 * MIB, 40 * MIB), WalReset::Due);
+        assert_eq!(wal_reset(0, limit), WalReset::No);
+        assert_eq!(wal_reset(reset - 1, limit), WalReset::No);
+        assert_eq!(wal_reset(reset, limit), WalReset::Due);
         // A stale frame count: a file grown past the limit is enough.
-        assert_eq!(wal_reset(4 * MIB, 40 * MIB + 1), WalReset::Due);
-        assert_eq!(wal_reset(40 * MIB, 40 * MIB), WalReset::Urgent);
-        assert_eq!(wal_reset(0, 48 * MIB), WalReset::Urgent);
+        assert_eq!(wal_reset(0, limit + 1), WalReset::Due);
+        assert_eq!(wal_reset(limit - 1, limit), WalReset::Due);
+        assert_eq!(wal_reset(limit, limit), WalReset::Urgent);
+        let far = limit + (limit - reset);
+        assert_eq!(wal_reset(0, far - 1), WalReset::Due);
+        assert_eq!(wal_reset(0, far), WalReset::Urgent);
         const { assert!(WAL_RESET_BYTES < WAL_LIMIT_BYTES) };
         const {
             assert!(
-                2 * WAL_LIMIT_BYTES - WAL_RESET_BYTES < 64 * MIB,
-                "below 64 MiB"
+                2 * WAL_LIMIT_BYTES - WAL_RESET_BYTES <= 32 << 20,
+                "urgent well below 64 MiB"
             )
         };
     }
