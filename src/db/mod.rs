@@ -374,6 +374,9 @@ struct Wal {
     frame_bytes: AtomicU64,
     /// Writes measured so far: the backfiller skips its pass when none came since.
     writes: AtomicU64,
+    /// `writes` when the last complete reset ran: until the next write (which starts
+    /// the WAL over) the WAL still reports its old frames, all copied back.
+    writes_at_reset: AtomicU64,
     /// What `retry_at_ms` counts from.
     opened: Instant,
     /// No due (not urgent) reset before this, in ms since `opened` (set by an
@@ -421,6 +424,8 @@ impl Wal {
     fn reset_done(&self, complete: bool) {
         let at = if complete {
             self.frame_bytes.store(0, Ordering::Relaxed);
+            self.writes_at_reset
+                .store(self.writes.load(Ordering::Relaxed), Ordering::Relaxed);
             0
         } else {
             self.incomplete.fetch_add(1, Ordering::Relaxed);
@@ -548,6 +553,7 @@ impl Db {
             max_bytes: AtomicU64::new(0),
             frame_bytes: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            writes_at_reset: AtomicU64::new(u64::MAX),
             opened: Instant::now(),
             retry_at_ms: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),

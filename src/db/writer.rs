@@ -9,9 +9,9 @@
 //!
 //! The writer also owns WAL checkpointing: a RESTART checkpoint between batches once
 //! the WAL holds [`super::WAL_RESET_BYTES`] of frames, after which the next write starts
-//! the WAL over at the front of the same file (a TRUNCATE would hand every later write
-//! freshly allocated blocks, and the file system's journal would pay for them at every
-//! checkpoint's fsync). Writes wait while it runs, so a second thread, the backfiller,
+//! the WAL over at the front of the same file (a TRUNCATE frees the file's blocks,
+//! which can wait for the device to discard them, and hands every later write freshly
+//! allocated ones). Writes wait while it runs, so a second thread, the backfiller,
 //! copies the WAL into the database file in the background every [`BACKFILL_EVERY`]
 //! with PASSIVE checkpoints (which never block the writer) and counts the frames: by the
 //! time the writer resets, only the last few frames are left to copy. The two take
@@ -86,7 +86,11 @@ pub(super) fn start_backfiller(read: DbPool, shared: Weak<Shared>) -> std::io::R
                     Ok((frames, caught)) => {
                         seen_writes = writes;
                         caught_up = caught;
-                        wal.frame_bytes.store(frames, Ordering::Relaxed);
+                        // Reset and not written since: the next write starts the WAL
+                        // over, whatever its header still counts.
+                        let reset = writes == wal.writes_at_reset.load(Ordering::Relaxed);
+                        wal.frame_bytes
+                            .store(if reset { 0 } else { frames }, Ordering::Relaxed);
                     }
                     Err(e) => log::debug!("WAL backfill: {e}"),
                 }
