@@ -1076,6 +1076,54 @@ mod tests {
     }
 
     #[test]
+    fn a_reset_readers_held_up_is_not_retried_at_once_unless_urgent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.db-wal");
+        std::fs::write(&path, b"").expect("wal file");
+        let wal = Wal {
+            path,
+            bytes: AtomicU64::new(0),
+            max_bytes: AtomicU64::new(0),
+            frame_bytes: AtomicU64::new(WAL_RESET_BYTES),
+            writes: AtomicU64::new(0),
+            writes_at_reset: AtomicU64::new(u64::MAX),
+            opened: Instant::now(),
+            retry_at_ms: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            incomplete: AtomicU64::new(0),
+        };
+        assert_eq!(wal.after_write(), WalReset::Due);
+        wal.reset_done(false);
+        assert_eq!(wal.incomplete.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            wal.after_write(),
+            WalReset::No,
+            "paused after an incomplete reset"
+        );
+        wal.frame_bytes.store(WAL_LIMIT_BYTES, Ordering::Relaxed);
+        assert_eq!(
+            wal.after_write(),
+            WalReset::Urgent,
+            "an urgent one is not paused"
+        );
+        wal.frame_bytes.store(WAL_RESET_BYTES, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(RESET_RETRY_AFTER_MS + 20));
+        assert_eq!(
+            wal.after_write(),
+            WalReset::Due,
+            "due again after the pause"
+        );
+        wal.reset_done(true);
+        assert_eq!(wal.frame_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            wal.writes_at_reset.load(Ordering::Relaxed),
+            4,
+            "the backfiller learns after which write the reset ran"
+        );
+        assert_eq!(wal.after_write(), WalReset::No);
+    }
+
+    #[test]
     fn url_scheme_picks_the_backend() {
         assert_eq!(
             DatabaseUrl::parse("postgres://u@h/db").map(|u| u.backend()),
