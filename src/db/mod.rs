@@ -397,6 +397,21 @@ pub(crate) enum WalReset {
 }
 
 impl Wal {
+    fn new(path: std::path::PathBuf) -> Self {
+        Wal {
+            path,
+            bytes: AtomicU64::new(0),
+            max_bytes: AtomicU64::new(0),
+            frame_bytes: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            writes_at_reset: AtomicU64::new(u64::MAX),
+            opened: Instant::now(),
+            retry_at_ms: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            incomplete: AtomicU64::new(0),
+        }
+    }
+
     fn measure(&self) -> u64 {
         let n = std::fs::metadata(&self.path).map_or(0, |m| m.len());
         self.bytes.store(n, Ordering::Relaxed);
@@ -547,18 +562,8 @@ impl Db {
                 (read.clone(), g.clone(), g)
             }
         };
-        let wal = (cfg.url.backend() == Backend::Sqlite).then(|| Wal {
-            path: format!("{}-wal", cfg.url.target()).into(),
-            bytes: AtomicU64::new(0),
-            max_bytes: AtomicU64::new(0),
-            frame_bytes: AtomicU64::new(0),
-            writes: AtomicU64::new(0),
-            writes_at_reset: AtomicU64::new(u64::MAX),
-            opened: Instant::now(),
-            retry_at_ms: AtomicU64::new(0),
-            checkpoints: AtomicU64::new(0),
-            incomplete: AtomicU64::new(0),
-        });
+        let wal = (cfg.url.backend() == Backend::Sqlite)
+            .then(|| Wal::new(format!("{}-wal", cfg.url.target()).into()));
         let backend = cfg.url.backend();
         let shared = Arc::new_cyclic(|me| Shared {
             health,
@@ -1080,18 +1085,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("x.db-wal");
         std::fs::write(&path, b"").expect("wal file");
-        let wal = Wal {
-            path,
-            bytes: AtomicU64::new(0),
-            max_bytes: AtomicU64::new(0),
-            frame_bytes: AtomicU64::new(WAL_RESET_BYTES),
-            writes: AtomicU64::new(0),
-            writes_at_reset: AtomicU64::new(u64::MAX),
-            opened: Instant::now(),
-            retry_at_ms: AtomicU64::new(0),
-            checkpoints: AtomicU64::new(0),
-            incomplete: AtomicU64::new(0),
-        };
+        let wal = Wal::new(path);
+        wal.frame_bytes.store(WAL_RESET_BYTES, Ordering::Relaxed);
         assert_eq!(wal.after_write(), WalReset::Due);
         wal.reset_done(false);
         assert_eq!(wal.incomplete.load(Ordering::Relaxed), 1);
