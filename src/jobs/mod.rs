@@ -7,6 +7,7 @@ pub mod repo;
 pub mod request;
 pub mod row;
 pub mod state;
+pub mod statements;
 pub mod view;
 
 pub use model::JobId;

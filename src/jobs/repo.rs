@@ -14,6 +14,7 @@ use super::model::{Change, EventType, JobId, NewJob};
 use super::request::{Cursor, ListFilter};
 use super::row::{EventRow, JobRow, QueueRow};
 use super::state::{backoff_delay_ms, transition_error, JobStatus};
+use super::statements::{LockJob, PgChange, SetChanges};
 use super::view::{QueueDepth, QueueView};
 use crate::db::schema::{job_events, jobs, queues};
 use crate::db::{now_millis, DbConnection};
@@ -367,12 +368,13 @@ pub fn apply(
     conn.transaction(|conn| {
         // Lock (version bump) and read in one statement: one round trip fewer.
         // (`all_columns` is positional: `JobRow` keeps the table's column order.)
-        let row = diesel::update(jobs::table.find(id.as_str()))
-            .set(jobs::version.eq(jobs::version + 1))
-            .returning(jobs::all_columns)
-            .get_result(conn)
-            .optional()?
-            .ok_or(StoreError::NotFound)?;
+        let lock = LockJob(id.as_str());
+        let row = match conn {
+            DbConnection::Sqlite(lite) => lock.get_result::<JobRow>(lite),
+            DbConnection::Postgresql(pg) => lock.get_result::<JobRow>(pg),
+        }
+        .optional()?
+        .ok_or(StoreError::NotFound)?;
         apply_locked(conn, row, change, lease_ms)
     })
 }
@@ -464,10 +466,8 @@ pub fn write_change(
 ) -> Result<(), StoreError> {
     match conn {
         DbConnection::Postgresql(pg) => write_change_pg(pg, row, event_type, data, now)?,
-        DbConnection::Sqlite(_) => {
-            diesel::update(jobs::table.find(&row.id))
-                .set(row.changes())
-                .execute(conn)?;
+        DbConnection::Sqlite(lite) => {
+            SetChanges(row).execute(lite)?;
             diesel::insert_into(job_events::table)
                 .values(&EventRow {
                     job_id: row.id.clone(),
@@ -476,7 +476,7 @@ pub fn write_change(
                     data: data.to_string(),
                     created_at: now,
                 })
-                .execute(conn)?;
+                .execute(lite)?;
         }
     }
     for (key, until) in token_revocation(row, now) {
@@ -505,82 +505,6 @@ fn write_change_pg(
     }
     .execute(pg)?;
     Ok(())
-}
-
-/// The statement of [`write_change_pg`] as a query type with a static id, so diesel
-/// keeps it prepared per connection (a `sql_query` is parsed and planned every call).
-struct PgChange<'a> {
-    row: &'a JobRow,
-    event_type: &'a str,
-    data: String,
-    now: i64,
-    payload: String,
-}
-
-impl diesel::query_builder::QueryId for PgChange<'_> {
-    type QueryId = PgChange<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl<Conn> RunQueryDsl<Conn> for PgChange<'_> {}
-
-impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for PgChange<'_> {
-    fn walk_ast<'b>(
-        &'b self,
-        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
-    ) -> QueryResult<()> {
-        use diesel::sql_types::{BigInt, Integer, Nullable, Text};
-        let r = self.row;
-        out.push_sql("WITH changed AS (UPDATE jobs SET status = ");
-        out.push_bind_param::<Text, _>(&r.status)?;
-        out.push_sql(", progress = ");
-        out.push_bind_param::<Integer, _>(&r.progress)?;
-        out.push_sql(", message = ");
-        out.push_bind_param::<Nullable<Text>, _>(&r.message)?;
-        out.push_sql(", result = ");
-        out.push_bind_param::<Nullable<Text>, _>(&r.result)?;
-        out.push_sql(", error = ");
-        out.push_bind_param::<Nullable<Text>, _>(&r.error)?;
-        out.push_sql(", gate_results = ");
-        out.push_bind_param::<Nullable<Text>, _>(&r.gate_results)?;
-        out.push_sql(", attempts = ");
-        out.push_bind_param::<Integer, _>(&r.attempts)?;
-        out.push_sql(", max_attempts = ");
-        out.push_bind_param::<Integer, _>(&r.max_attempts)?;
-        out.push_sql(", worker = ");
-        out.push_bind_param::<Nullable<Text>, _>(&r.worker)?;
-        out.push_sql(", lease_expires_at = ");
-        out.push_bind_param::<Nullable<BigInt>, _>(&r.lease_expires_at)?;
-        out.push_sql(", updated_at = ");
-        out.push_bind_param::<BigInt, _>(&r.updated_at)?;
-        out.push_sql(", started_at = ");
-        out.push_bind_param::<Nullable<BigInt>, _>(&r.started_at)?;
-        out.push_sql(", finished_at = ");
-        out.push_bind_param::<Nullable<BigInt>, _>(&r.finished_at)?;
-        out.push_sql(", run_at = ");
-        out.push_bind_param::<BigInt, _>(&r.run_at)?;
-        out.push_sql(" WHERE id = ");
-        out.push_bind_param::<Text, _>(&r.id)?;
-        out.push_sql(
-            " RETURNING id), event AS (INSERT INTO job_events \
-             (job_id, seq, event_type, data, created_at) VALUES (",
-        );
-        out.push_bind_param::<Text, _>(&r.id)?;
-        out.push_sql(", ");
-        out.push_bind_param::<BigInt, _>(&r.version)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(&self.event_type)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(&self.data)?;
-        out.push_sql(", ");
-        out.push_bind_param::<BigInt, _>(&self.now)?;
-        out.push_sql(")) SELECT pg_notify(");
-        out.push_bind_param::<Text, _>(&super::notify::CHANNEL)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(&self.payload)?;
-        out.push_sql(") FROM changed");
-        Ok(())
-    }
 }
 
 /// Move `row` to `to`, keeping the timestamps and attempt counter right.
@@ -1175,49 +1099,4 @@ pub fn purge_finished(
             .execute(conn)?;
         Ok(diesel::delete(jobs::table.filter(jobs::id.eq_any(&ids))).execute(conn)?)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The columns a SET clause assigns, in order (`"col" = $n` or `col = $n`).
-    fn set_columns(sql: &str) -> Vec<String> {
-        let set = sql.split(" SET ").nth(1).unwrap_or("");
-        let set = set.split(" WHERE ").next().unwrap_or("");
-        set.split(", ")
-            .filter_map(|a| a.split(" = ").next())
-            .map(|c| c.trim_matches(|q| q == '"' || q == '`').to_owned())
-            .collect()
-    }
-
-    #[test]
-    fn postgres_change_statement_writes_the_columns_of_job_changes() {
-        let job = NewJob {
-            kind: "k".into(),
-            queue: "q".into(),
-            priority: 0,
-            payload: json!({}),
-            max_attempts: 3,
-            status: JobStatus::Queued,
-            run_at: None,
-            backoff: Default::default(),
-        };
-        let row = new_row(&job, "c", None, 1);
-        let builder = diesel::debug_query::<diesel::sqlite::Sqlite, _>(
-            &diesel::update(jobs::table.find(&row.id)).set(row.changes()),
-        )
-        .to_string();
-        let ours = diesel::debug_query::<diesel::pg::Pg, _>(&PgChange {
-            row: &row,
-            event_type: "progress",
-            data: "{}".into(),
-            now: 1,
-            payload: String::new(),
-        })
-        .to_string();
-        let want = set_columns(&builder);
-        assert_eq!(want.len(), 14, "{builder}");
-        assert_eq!(set_columns(&ours), want, "{ours}");
-    }
 }

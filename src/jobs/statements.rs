@@ -1,0 +1,309 @@
+//! The job statements of the write path, written out as statement types with a static
+//! query id so that diesel keeps them prepared on each connection.
+//!
+//! Diesel never caches one of its own `UPDATE` statements (a changeset's `None` fields
+//! may change its SQL), so every `diesel::update` is parsed and planned again on every
+//! call — for the lock with its 28 returned columns, most of the writer's allocations
+//! per progress update. The statements here always have the same SQL, so the cache
+//! keyed by their type is right:
+//!
+//! - [`LockJob`]: the version bump that locks a job's row and reads it back;
+//! - [`SetChanges`]: the columns of [`JobRow::changes`] (SQLite runs it alone,
+//!   PostgreSQL inside [`PgChange`]);
+//! - [`PgChange`]: on PostgreSQL the changed columns, the event and the notification in
+//!   one statement (one round trip instead of three; the writes are data-modifying
+//!   CTEs, which run whether or not the final SELECT reads them).
+
+use diesel::backend::Backend;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::serialize::ToSql;
+use diesel::sql_types::{BigInt, HasSqlType, Integer, Nullable, Text};
+use diesel::{QueryResult, RunQueryDsl, Table};
+
+use super::row::JobRow;
+use crate::db::schema::jobs;
+
+/// `UPDATE jobs SET version = version + 1 WHERE id = ? RETURNING <every column>`:
+/// the first statement of every change, which takes the row lock (PostgreSQL) or the
+/// write lock (SQLite) and reads the row in one round trip.
+pub struct LockJob<'a>(pub &'a str);
+
+impl QueryId for LockJob<'_> {
+    type QueryId = LockJob<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for LockJob<'_> {
+    type SqlType = diesel::dsl::SqlTypeOf<<jobs::table as Table>::AllColumns>;
+}
+
+impl<Conn> RunQueryDsl<Conn> for LockJob<'_> {}
+
+impl<DB> QueryFragment<DB> for LockJob<'_>
+where
+    DB: Backend + HasSqlType<Text> + HasSqlType<Integer> + HasSqlType<BigInt>,
+    String: ToSql<Text, DB>,
+    str: ToSql<Text, DB>,
+    i32: ToSql<Integer, DB>,
+    i64: ToSql<BigInt, DB>,
+    <jobs::table as Table>::AllColumns: QueryFragment<DB>,
+{
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        out.push_sql("UPDATE jobs SET version = version + 1 WHERE id = ");
+        out.push_bind_param::<Text, _>(self.0)?;
+        // The columns in the table's order, which `JobRow` (positional) keeps.
+        out.push_sql(" RETURNING ");
+        jobs::all_columns.walk_ast(out.reborrow())
+    }
+}
+
+/// `UPDATE jobs SET <the columns of JobRow::changes> WHERE id = ?`.
+pub struct SetChanges<'a>(pub &'a JobRow);
+
+impl QueryId for SetChanges<'_> {
+    type QueryId = SetChanges<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<Conn> RunQueryDsl<Conn> for SetChanges<'_> {}
+
+impl<DB> QueryFragment<DB> for SetChanges<'_>
+where
+    DB: Backend + HasSqlType<Text> + HasSqlType<Integer> + HasSqlType<BigInt>,
+    String: ToSql<Text, DB>,
+    i32: ToSql<Integer, DB>,
+    i64: ToSql<BigInt, DB>,
+{
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        push_set_changes(self.0, &mut out)
+    }
+}
+
+/// The SQL and binds of [`SetChanges`].
+fn push_set_changes<'b, DB>(r: &'b JobRow, out: &mut AstPass<'_, 'b, DB>) -> QueryResult<()>
+where
+    DB: Backend + HasSqlType<Text> + HasSqlType<Integer> + HasSqlType<BigInt>,
+    String: ToSql<Text, DB>,
+    i32: ToSql<Integer, DB>,
+    i64: ToSql<BigInt, DB>,
+{
+    out.push_sql("UPDATE jobs SET status = ");
+    out.push_bind_param::<Text, _>(&r.status)?;
+    out.push_sql(", progress = ");
+    out.push_bind_param::<Integer, _>(&r.progress)?;
+    out.push_sql(", message = ");
+    out.push_bind_param::<Nullable<Text>, _>(&r.message)?;
+    out.push_sql(", result = ");
+    out.push_bind_param::<Nullable<Text>, _>(&r.result)?;
+    out.push_sql(", error = ");
+    out.push_bind_param::<Nullable<Text>, _>(&r.error)?;
+    out.push_sql(", gate_results = ");
+    out.push_bind_param::<Nullable<Text>, _>(&r.gate_results)?;
+    out.push_sql(", attempts = ");
+    out.push_bind_param::<Integer, _>(&r.attempts)?;
+    out.push_sql(", max_attempts = ");
+    out.push_bind_param::<Integer, _>(&r.max_attempts)?;
+    out.push_sql(", worker = ");
+    out.push_bind_param::<Nullable<Text>, _>(&r.worker)?;
+    out.push_sql(", lease_expires_at = ");
+    out.push_bind_param::<Nullable<BigInt>, _>(&r.lease_expires_at)?;
+    out.push_sql(", updated_at = ");
+    out.push_bind_param::<BigInt, _>(&r.updated_at)?;
+    out.push_sql(", started_at = ");
+    out.push_bind_param::<Nullable<BigInt>, _>(&r.started_at)?;
+    out.push_sql(", finished_at = ");
+    out.push_bind_param::<Nullable<BigInt>, _>(&r.finished_at)?;
+    out.push_sql(", run_at = ");
+    out.push_bind_param::<BigInt, _>(&r.run_at)?;
+    out.push_sql(" WHERE id = ");
+    out.push_bind_param::<Text, _>(&r.id)?;
+    Ok(())
+}
+
+/// PostgreSQL: [`SetChanges`], the job's event and its notification in one statement.
+pub struct PgChange<'a> {
+    pub row: &'a JobRow,
+    pub event_type: &'a str,
+    pub data: String,
+    pub now: i64,
+    pub payload: String,
+}
+
+impl QueryId for PgChange<'_> {
+    type QueryId = PgChange<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<Conn> RunQueryDsl<Conn> for PgChange<'_> {}
+
+impl QueryFragment<diesel::pg::Pg> for PgChange<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, diesel::pg::Pg>) -> QueryResult<()> {
+        let r = self.row;
+        out.push_sql("WITH changed AS (");
+        push_set_changes(r, &mut out)?;
+        out.push_sql(
+            " RETURNING id), event AS (INSERT INTO job_events \
+             (job_id, seq, event_type, data, created_at) VALUES (",
+        );
+        out.push_bind_param::<Text, _>(&r.id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&r.version)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.event_type)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.data)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql(")) SELECT pg_notify(");
+        out.push_bind_param::<Text, _>(&super::notify::CHANNEL)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.payload)?;
+        out.push_sql(") FROM changed");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use diesel::connection::{Instrumentation, InstrumentationEvent};
+    use diesel::prelude::*;
+    use diesel::sqlite::{Sqlite, SqliteConnection};
+    use diesel_migrations::MigrationHarness;
+    use serde_json::json;
+
+    use super::*;
+    use crate::jobs::model::NewJob;
+    use crate::jobs::repo::new_row;
+    use crate::jobs::JobStatus;
+
+    fn row() -> JobRow {
+        let job = NewJob {
+            kind: "k".into(),
+            queue: "q".into(),
+            priority: 0,
+            payload: json!({}),
+            max_attempts: 3,
+            status: JobStatus::Queued,
+            run_at: None,
+            backoff: Default::default(),
+        };
+        new_row(&job, "c", None, 1)
+    }
+
+    /// The column names of a comma-separated list, unquoted and unqualified.
+    fn names<'a>(list: impl Iterator<Item = &'a str>) -> Vec<String> {
+        list.map(|c| {
+            let c = c.split(" = ").next().unwrap_or("").trim();
+            let c = c.rsplit('.').next().unwrap_or("");
+            c.trim_matches(|q| q == '"' || q == '`').to_owned()
+        })
+        .collect()
+    }
+
+    /// The columns a SET clause assigns, in order.
+    fn set_columns(sql: &str) -> Vec<String> {
+        let set = sql.split(" SET ").nth(1).unwrap_or("");
+        names(set.split(" WHERE ").next().unwrap_or("").split(", "))
+    }
+
+    /// The columns a RETURNING clause returns, in order.
+    fn returned_columns(sql: &str) -> Vec<String> {
+        let ret = sql.split(" RETURNING ").nth(1).unwrap_or("");
+        names(ret.split(" -- ").next().unwrap_or("").split(", "))
+    }
+
+    #[test]
+    fn set_changes_writes_the_columns_of_job_changes_on_both_backends() {
+        let row = row();
+        let builder = diesel::debug_query::<Sqlite, _>(
+            &diesel::update(jobs::table.find(&row.id)).set(row.changes()),
+        )
+        .to_string();
+        let want = set_columns(&builder);
+        assert_eq!(want.len(), 14, "{builder}");
+        let lite = diesel::debug_query::<Sqlite, _>(&SetChanges(&row)).to_string();
+        assert_eq!(set_columns(&lite), want, "{lite}");
+        let pg = diesel::debug_query::<diesel::pg::Pg, _>(&PgChange {
+            row: &row,
+            event_type: "progress",
+            data: "{}".into(),
+            now: 1,
+            payload: String::new(),
+        })
+        .to_string();
+        assert_eq!(set_columns(&pg), want, "{pg}");
+    }
+
+    #[test]
+    fn lock_job_returns_every_column_in_the_order_job_row_reads_them() {
+        let builder = diesel::debug_query::<diesel::pg::Pg, _>(
+            &diesel::update(jobs::table.find("j"))
+                .set(jobs::version.eq(jobs::version + 1))
+                .returning(jobs::all_columns),
+        )
+        .to_string();
+        let want = returned_columns(&builder);
+        assert_eq!(want.len(), 28, "{builder}");
+        assert_eq!(want.first().map(String::as_str), Some("id"));
+        let lite = diesel::debug_query::<Sqlite, _>(&LockJob("j")).to_string();
+        assert_eq!(returned_columns(&lite), want, "{lite}");
+        let pg = diesel::debug_query::<diesel::pg::Pg, _>(&LockJob("j")).to_string();
+        assert_eq!(returned_columns(&pg), want, "{pg}");
+    }
+
+    /// Counts the statements a connection prepares for its cache and the queries it runs.
+    #[derive(Default)]
+    struct Prepares {
+        cached: usize,
+        queries: usize,
+    }
+
+    struct Counter(Arc<Mutex<Prepares>>);
+
+    impl Instrumentation for Counter {
+        fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+            let mut p = self.0.lock().expect("counter");
+            match event {
+                InstrumentationEvent::CacheQuery { .. } => p.cached += 1,
+                InstrumentationEvent::StartQuery { .. } => p.queries += 1,
+                _ => {}
+            }
+        }
+    }
+
+    /// The point of these statements: each is prepared once per connection, then
+    /// reused (diesel's own UPDATE would be prepared again on every call).
+    #[test]
+    fn the_write_path_statements_are_prepared_once_per_connection() {
+        let mut c = SqliteConnection::establish(":memory:").expect("sqlite");
+        c.run_pending_migrations(crate::db::migrate::SQLITE_MIGRATIONS)
+            .expect("migrations");
+        let mut row = row();
+        diesel::insert_into(jobs::table)
+            .values(&row)
+            .execute(&mut c)
+            .expect("insert");
+        let counts = Arc::new(Mutex::new(Prepares::default()));
+        c.set_instrumentation(Counter(counts.clone()));
+        for i in 1..=5 {
+            let locked: JobRow = LockJob(&row.id).get_result(&mut c).expect("lock");
+            assert_eq!(locked.version, row.version + 1);
+            row = locked;
+            row.progress = i * 10;
+            assert_eq!(SetChanges(&row).execute(&mut c).expect("set"), 1);
+        }
+        let p = counts.lock().expect("counter");
+        assert_eq!(p.queries, 10);
+        assert_eq!(p.cached, 2, "each statement prepared once");
+        drop(p);
+        let stored: JobRow = jobs::table.find(&row.id).first(&mut c).expect("read");
+        assert_eq!((stored.progress, stored.version), (50, row.version));
+        assert!(LockJob("missing")
+            .get_result::<JobRow>(&mut c)
+            .optional()
+            .expect("lock")
+            .is_none());
+    }
+}
