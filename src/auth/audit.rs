@@ -1,7 +1,7 @@
 //! One audit line per authenticated route request (docs/design.md §4 fields). Never a secret,
 //! key, token or signature: only names, versions, key prefixes and reasons.
 
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::model::Scheme;
 use crate::telemetry::{now_rfc3339, AUDIT_TARGET};
@@ -26,30 +26,51 @@ pub struct AuditLine<'a> {
     pub request_id: Option<&'a str>,
 }
 
+/// The line as written (field order is the line's).
+#[derive(Serialize)]
+struct Line<'a> {
+    ts: String,
+    event: &'static str,
+    outcome: &'static str,
+    status: u16,
+    scheme: Option<&'static str>,
+    method: &'a str,
+    route: &'a str,
+    caller: &'a str,
+    key: Option<&'a str>,
+    worker: Option<&'a str>,
+    peer_ip: Option<&'a str>,
+    reason: Option<&'static str>,
+    latency_ms: f64,
+    request_id: Option<&'a str>,
+}
+
 impl AuditLine<'_> {
-    pub fn to_json(&self) -> Value {
+    /// The JSON line (serialized straight from borrowed fields: no intermediate map).
+    pub fn to_json(&self) -> String {
         let r = self.record;
         let outcome = if r.reason.is_some() || matches!(self.status, 401 | 403 | 429) {
             "deny"
         } else {
             "allow"
         };
-        json!({
-            "ts": now_rfc3339(),
-            "event": "auth",
-            "outcome": outcome,
-            "status": self.status,
-            "scheme": r.scheme.map(Scheme::as_str),
-            "method": self.method,
-            "route": self.route,
-            "caller": r.caller.as_deref().unwrap_or("unknown"),
-            "key": r.key_ref,
-            "worker": r.worker,
-            "peer_ip": self.peer,
-            "reason": r.reason,
-            "latency_ms": (self.latency_ms * 1000.0).round() / 1000.0,
-            "request_id": self.request_id,
+        serde_json::to_string(&Line {
+            ts: now_rfc3339(),
+            event: "auth",
+            outcome,
+            status: self.status,
+            scheme: r.scheme.map(Scheme::as_str),
+            method: self.method,
+            route: self.route,
+            caller: r.caller.as_deref().unwrap_or("unknown"),
+            key: r.key_ref.as_deref(),
+            worker: r.worker.as_deref(),
+            peer_ip: self.peer.as_deref(),
+            reason: r.reason,
+            latency_ms: (self.latency_ms * 1000.0).round() / 1000.0,
+            request_id: self.request_id,
         })
+        .unwrap_or_default()
     }
 
     pub fn write(&self) {
