@@ -29,7 +29,8 @@
 //! When the delay is above the target, the limit shrinks by 30 % (not
 //! below [`MIN_LIMIT`]); when it is below half the target and the limit was reached in
 //! the interval, it grows by a quarter (at least 2), up to the configured ceiling. A
-//! zero target keeps the limit at the ceiling. The probes (`/livez`, `/readyz`) and
+//! zero target keeps the limit at the ceiling. A refusal keeps the connection open
+//! when the request's body has already arrived (see [`door`]). The probes (`/livez`, `/readyz`) and
 //! `/metrics` are never refused and never counted: they are how operators see an
 //! overload.
 
@@ -372,6 +373,12 @@ pub async fn door<B: MessageBody + 'static>(
         actix_web::rt::spawn(probe(Rc::downgrade(&door)));
     }
     let Some(place) = door.enter() else {
+        // Answer on the next poll, not this one: by then the connection has taken in
+        // the rest of a request body that already arrived. A response sent while the
+        // body is unread makes actix close the connection, and a client that has to
+        // reconnect after every refusal costs both sides a TCP handshake, more than
+        // the refusal itself. (A body still on its way still closes it.)
+        actix_web::rt::task::yield_now().await;
         return Ok(req.error_response(ApiError::Overloaded("server busy")));
     };
     req.extensions_mut().insert(PlaceRef(place.clone()));

@@ -30,6 +30,7 @@ backend_tests!(
     deadline_refuses_requests_stuck_behind_a_lock,
     full_queue_refuses_at_once_and_loses_no_admitted_write,
     in_flight_limit_refuses_at_once_and_loses_no_admitted_write,
+    a_refusal_at_the_door_keeps_the_connection_open,
     graceful_stop_loses_no_acknowledged_write,
 );
 
@@ -563,6 +564,91 @@ fn refused_at_once_behind_a_lock(b: Backend, max_in_flight: usize, what: &str, c
         stored, acked,
         "stored progress is exactly what was acknowledged"
     );
+}
+
+/// One request in flight per worker (2 workers), and four updates held behind a lock:
+/// an update sent on a keep-alive connection, headers and body in one write, is refused
+/// at the door (503) without `Connection: close`, and the same connection then carries
+/// a second request. (A refusal that closed the connection would make every refused
+/// client reconnect, which under overload costs more than the refusal.)
+fn a_refusal_at_the_door_keeps_the_connection_open(b: Backend) {
+    use std::io::{Read, Write};
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| {
+        c.db.pool_size = 1;
+        c.request_deadline = Duration::from_secs(20);
+        c.db.timeout = Duration::from_secs(20);
+        c.db.sqlite_busy_timeout = Duration::from_secs(20);
+        c.max_in_flight = 1;
+    }) else {
+        return;
+    };
+    let id = app.running_job();
+    let key = app.api_key("door-worker", &[Scope::JobsUpdate]);
+    let path = format!("/coordinator/jobs/{id}/progress");
+    let mut lock = Lock::take(&app, &id);
+    let (status, close, second) = std::thread::scope(|s| {
+        for i in 0..4 {
+            let (app, key, path) = (&app, &key, &path);
+            s.spawn(move || key_progress(app, key, path, &format!("held-{i}")));
+        }
+        // Let the held updates take both workers' places.
+        std::thread::sleep(Duration::from_millis(500));
+        let host = app.address.trim_start_matches("http://");
+        let mut conn = std::net::TcpStream::connect(host).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let body = json!({"percent": 41, "message": "refused"}).to_string();
+        let request = format!(
+            "PATCH {path} HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(request.as_bytes()).expect("send");
+        let head = read_response(&mut conn);
+        let status = head.lines().next().unwrap_or("").to_owned();
+        let close = head.to_ascii_lowercase().contains("connection: close");
+        conn.write_all(format!("GET /livez HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .expect("send the second request");
+        let second = read_response(&mut conn);
+        lock.release();
+        (
+            status,
+            close,
+            second.lines().next().unwrap_or("").to_owned(),
+        )
+    });
+    assert!(status.contains(" 503 "), "{status}");
+    assert!(!close, "the refusal closed the connection");
+    assert!(
+        second.contains(" 200 "),
+        "second request on the connection: {second:?}"
+    );
+
+    /// One response (head and `Content-Length` body) from a keep-alive connection.
+    fn read_response(conn: &mut std::net::TcpStream) -> String {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + length {
+                    return text;
+                }
+            }
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => return String::from_utf8_lossy(&got).into_owned(),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
 }
 
 // ---- 3. the SQLite WAL ----------------------------------------------------------------
