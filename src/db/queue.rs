@@ -1,7 +1,11 @@
 //! Picking the next job of a queue: the one place where the two backends need
 //! different SQL for the same thing.
 
+use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, QueryFragment, QueryId};
+use diesel::sql_types::{BigInt, Text};
+use diesel::sqlite::Sqlite;
 
 use super::schema::jobs;
 use super::DbConnection;
@@ -39,9 +43,7 @@ pub fn lock_next_queued(
                 .first(pg)
                 .optional()?;
             if let Some(id) = &id {
-                diesel::update(jobs::table.find(id))
-                    .set(jobs::version.eq(jobs::version + 1))
-                    .execute(pg)?;
+                BumpVersion(id).execute(pg)?;
             }
             Ok(id)
         }
@@ -59,19 +61,61 @@ pub fn lock_next_queued(
                     .select(jobs::id)
                     .limit(1)
             };
-            let n = diesel::sql_query(
-                "UPDATE jobs SET version = version + 1 WHERE id = (SELECT id FROM jobs \
-                 WHERE queue = ? AND status = ? AND run_at <= ? \
-                 ORDER BY priority DESC, created_at, id LIMIT 1)",
-            )
-            .bind::<diesel::sql_types::Text, _>(queue)
-            .bind::<diesel::sql_types::Text, _>(queued)
-            .bind::<diesel::sql_types::BigInt, _>(now)
-            .execute(lite)?;
+            let n = BumpNextQueued { queue, queued, now }.execute(lite)?;
             if n == 0 {
                 return Ok(None);
             }
             Ok(best().first(lite).optional()?)
         }
+    }
+}
+
+// The two version bumps as statement types with a static query id, so that diesel keeps
+// them prepared on each connection (it never caches its own UPDATE or a `sql_query`).
+
+/// PostgreSQL: `UPDATE jobs SET version = version + 1 WHERE id = ?` (the row is locked).
+struct BumpVersion<'a>(&'a str);
+
+impl QueryId for BumpVersion<'_> {
+    type QueryId = BumpVersion<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<Conn> RunQueryDsl<Conn> for BumpVersion<'_> {}
+
+impl QueryFragment<Pg> for BumpVersion<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("UPDATE jobs SET version = version + 1 WHERE id = ");
+        out.push_bind_param::<Text, _>(self.0)
+    }
+}
+
+/// SQLite: bump the version of the best due job of `queue` in state `queued`, as its
+/// first statement (which takes the write lock).
+struct BumpNextQueued<'a> {
+    queue: &'a str,
+    queued: &'a str,
+    now: i64,
+}
+
+impl QueryId for BumpNextQueued<'_> {
+    type QueryId = BumpNextQueued<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<Conn> RunQueryDsl<Conn> for BumpNextQueued<'_> {}
+
+impl QueryFragment<Sqlite> for BumpNextQueued<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        out.push_sql(
+            "UPDATE jobs SET version = version + 1 WHERE id = (SELECT id FROM jobs WHERE queue = ",
+        );
+        out.push_bind_param::<Text, _>(self.queue)?;
+        out.push_sql(" AND status = ");
+        out.push_bind_param::<Text, _>(self.queued)?;
+        out.push_sql(" AND run_at <= ");
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql(" ORDER BY priority DESC, created_at, id LIMIT 1)");
+        Ok(())
     }
 }

@@ -14,7 +14,7 @@ use super::model::{Change, EventType, JobId, NewJob};
 use super::request::{Cursor, ListFilter};
 use super::row::{EventRow, JobRow, QueueRow};
 use super::state::{backoff_delay_ms, transition_error, JobStatus};
-use super::statements::{LockJob, PgChange, SetChanges};
+use super::statements::{Heartbeat, LockJob, PgChange, SetChanges};
 use super::view::{QueueDepth, QueueView};
 use crate::db::schema::{job_events, jobs, queues};
 use crate::db::{now_millis, DbConnection};
@@ -701,10 +701,15 @@ fn apply_to_row(
 /// expiry. A cancelled job is `JobCancelled`, any other state a conflict.
 pub fn heartbeat(conn: &mut DbConnection, id: &JobId, lease_ms: i64) -> Result<i64, StoreError> {
     let until = now_millis().saturating_add(lease_ms);
-    let n = diesel::update(jobs::table.find(id.as_str()))
-        .filter(jobs::status.eq(JobStatus::Running.as_str()))
-        .set(jobs::lease_expires_at.eq(Some(until)))
-        .execute(conn)?;
+    let beat = Heartbeat {
+        id: id.as_str(),
+        status: JobStatus::Running.as_str(),
+        until,
+    };
+    let n = match conn {
+        DbConnection::Sqlite(lite) => beat.execute(lite)?,
+        DbConnection::Postgresql(pg) => beat.execute(pg)?,
+    };
     if n == 1 {
         return Ok(until);
     }

@@ -12,7 +12,8 @@
 //!   PostgreSQL inside [`PgChange`]);
 //! - [`PgChange`]: on PostgreSQL the changed columns, the event and the notification in
 //!   one statement (one round trip instead of three; the writes are data-modifying
-//!   CTEs, which run whether or not the final SELECT reads them).
+//!   CTEs, which run whether or not the final SELECT reads them);
+//! - [`Heartbeat`]: a RUNNING job's new lease expiry.
 
 use diesel::backend::Backend;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
@@ -118,6 +119,38 @@ where
     out.push_sql(" WHERE id = ");
     out.push_bind_param::<Text, _>(&r.id)?;
     Ok(())
+}
+
+/// `UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND status = ?`: renew the lease
+/// of a job in the given (RUNNING) state; 0 rows when it is in another.
+pub struct Heartbeat<'a> {
+    pub id: &'a str,
+    pub status: &'a str,
+    pub until: i64,
+}
+
+impl QueryId for Heartbeat<'_> {
+    type QueryId = Heartbeat<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<Conn> RunQueryDsl<Conn> for Heartbeat<'_> {}
+
+impl<DB> QueryFragment<DB> for Heartbeat<'_>
+where
+    DB: Backend + HasSqlType<Text> + HasSqlType<BigInt>,
+    str: ToSql<Text, DB>,
+    i64: ToSql<BigInt, DB>,
+{
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        out.push_sql("UPDATE jobs SET lease_expires_at = ");
+        out.push_bind_param::<BigInt, _>(&self.until)?;
+        out.push_sql(" WHERE id = ");
+        out.push_bind_param::<Text, _>(self.id)?;
+        out.push_sql(" AND status = ");
+        out.push_bind_param::<Text, _>(self.status)?;
+        Ok(())
+    }
 }
 
 /// PostgreSQL: [`SetChanges`], the job's event and its notification in one statement.
@@ -294,12 +327,24 @@ mod tests {
             row.progress = i * 10;
             assert_eq!(SetChanges(&row).execute(&mut c).expect("set"), 1);
         }
+        let beat = |c: &mut SqliteConnection, status: &str| {
+            Heartbeat {
+                id: &row.id,
+                status,
+                until: 99,
+            }
+            .execute(c)
+            .expect("heartbeat")
+        };
+        assert_eq!(beat(&mut c, &row.status), 1);
+        assert_eq!(beat(&mut c, "RUNNING-NOT"), 0, "only in the given state");
         let p = counts.lock().expect("counter");
-        assert_eq!(p.queries, 10);
-        assert_eq!(p.cached, 2, "each statement prepared once");
+        assert_eq!(p.queries, 12);
+        assert_eq!(p.cached, 3, "each statement prepared once");
         drop(p);
         let stored: JobRow = jobs::table.find(&row.id).first(&mut c).expect("read");
         assert_eq!((stored.progress, stored.version), (50, row.version));
+        assert_eq!(stored.lease_expires_at, Some(99));
         assert!(LockJob("missing")
             .get_result::<JobRow>(&mut c)
             .optional()
