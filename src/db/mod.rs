@@ -4,6 +4,22 @@
 //! Backend-specific SQL (advisory locks, row locks) lives only in this module, as an
 //! explicit `match` on the connection variant.
 
+/// Marks hand-written statement types (each a `QueryFragment` with one fixed SQL text
+/// and one lifetime parameter) as statements diesel keeps prepared on each connection:
+/// a static query id, which diesel's statement cache is keyed by, and `RunQueryDsl`.
+/// (Diesel never caches its own `UPDATE`s or a `sql_query`; see `jobs::statements`.)
+macro_rules! prepared_statement {
+    ($($t:ident),+ $(,)?) => {$(
+        impl diesel::query_builder::QueryId for $t<'_> {
+            type QueryId = $t<'static>;
+            const HAS_STATIC_QUERY_ID: bool = true;
+        }
+
+        impl<Conn> diesel::RunQueryDsl<Conn> for $t<'_> {}
+    )+};
+}
+pub(crate) use prepared_statement;
+
 pub mod admission;
 pub mod health;
 pub mod load;

@@ -3,7 +3,7 @@
 
 use diesel::pg::Pg;
 use diesel::prelude::*;
-use diesel::query_builder::{AstPass, QueryFragment, QueryId};
+use diesel::query_builder::{AstPass, QueryFragment};
 use diesel::sql_types::{BigInt, Text};
 use diesel::sqlite::Sqlite;
 
@@ -76,12 +76,7 @@ pub fn lock_next_queued(
 /// PostgreSQL: `UPDATE jobs SET version = version + 1 WHERE id = ?` (the row is locked).
 struct BumpVersion<'a>(&'a str);
 
-impl QueryId for BumpVersion<'_> {
-    type QueryId = BumpVersion<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl<Conn> RunQueryDsl<Conn> for BumpVersion<'_> {}
+prepared_statement!(BumpVersion, BumpNextQueued);
 
 impl QueryFragment<Pg> for BumpVersion<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
@@ -97,13 +92,6 @@ struct BumpNextQueued<'a> {
     queued: &'a str,
     now: i64,
 }
-
-impl QueryId for BumpNextQueued<'_> {
-    type QueryId = BumpNextQueued<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl<Conn> RunQueryDsl<Conn> for BumpNextQueued<'_> {}
 
 impl QueryFragment<Sqlite> for BumpNextQueued<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {

@@ -16,12 +16,13 @@
 //! - [`Heartbeat`]: a RUNNING job's new lease expiry.
 
 use diesel::backend::Backend;
-use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::query_builder::{AstPass, Query, QueryFragment};
 use diesel::serialize::ToSql;
 use diesel::sql_types::{BigInt, HasSqlType, Integer, Nullable, Text};
-use diesel::{QueryResult, RunQueryDsl, Table};
+use diesel::{QueryResult, Table};
 
 use super::row::JobRow;
+use crate::db::prepared_statement;
 use crate::db::schema::jobs;
 
 /// `UPDATE jobs SET version = version + 1 WHERE id = ? RETURNING <every column>`:
@@ -29,16 +30,11 @@ use crate::db::schema::jobs;
 /// write lock (SQLite) and reads the row in one round trip.
 pub struct LockJob<'a>(pub &'a str);
 
-impl QueryId for LockJob<'_> {
-    type QueryId = LockJob<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
+prepared_statement!(LockJob, SetChanges, Heartbeat, PgChange);
 
 impl Query for LockJob<'_> {
     type SqlType = diesel::dsl::SqlTypeOf<<jobs::table as Table>::AllColumns>;
 }
-
-impl<Conn> RunQueryDsl<Conn> for LockJob<'_> {}
 
 impl<DB> QueryFragment<DB> for LockJob<'_>
 where
@@ -60,13 +56,6 @@ where
 
 /// `UPDATE jobs SET <the columns of JobRow::changes> WHERE id = ?`.
 pub struct SetChanges<'a>(pub &'a JobRow);
-
-impl QueryId for SetChanges<'_> {
-    type QueryId = SetChanges<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl<Conn> RunQueryDsl<Conn> for SetChanges<'_> {}
 
 impl<DB> QueryFragment<DB> for SetChanges<'_>
 where
@@ -129,13 +118,6 @@ pub struct Heartbeat<'a> {
     pub until: i64,
 }
 
-impl QueryId for Heartbeat<'_> {
-    type QueryId = Heartbeat<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl<Conn> RunQueryDsl<Conn> for Heartbeat<'_> {}
-
 impl<DB> QueryFragment<DB> for Heartbeat<'_>
 where
     DB: Backend + HasSqlType<Text> + HasSqlType<BigInt>,
@@ -161,13 +143,6 @@ pub struct PgChange<'a> {
     pub now: i64,
     pub payload: String,
 }
-
-impl QueryId for PgChange<'_> {
-    type QueryId = PgChange<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
-
-impl<Conn> RunQueryDsl<Conn> for PgChange<'_> {}
 
 impl QueryFragment<diesel::pg::Pg> for PgChange<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, diesel::pg::Pg>) -> QueryResult<()> {
