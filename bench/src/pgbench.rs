@@ -9,9 +9,9 @@ use std::fmt::Write as _;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::drive::drive;
+use crate::drive::{drive, status};
 use crate::{
-    drop_postgres_store, fresh_postgres_store, running_jobs, setup_credentials, signed,
+    drop_postgres_store, fresh_postgres_store, running_jobs, setup_credentials, signed_request,
     start_server,
 };
 
@@ -96,7 +96,15 @@ pub fn run(bin: &str, out_path: &str, conns: usize, duration: Duration, admin_ur
         let o = drive(conns, duration, pid, |agent, c, n| {
             let body = format!(r#"{{"percent":{}}}"#, n % 101);
             let path = format!("/coordinator/jobs/{}/progress", jobs[c % jobs.len()]);
-            signed(agent, &server.url, &creds, "PATCH", &path, body.as_bytes()).unwrap_or(0)
+            // The status of each answer (0 only when there was none): a refusal is a 503.
+            status(signed_request(
+                agent,
+                &server.url,
+                &creds,
+                "PATCH",
+                &path,
+                body.as_bytes(),
+            ))
         });
         eprintln!(
             "service: {:.0} req/s, p99 {:.1} ms, {:.0} µs server CPU/update, {}",
