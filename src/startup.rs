@@ -293,6 +293,9 @@ fn run(
     // A client that closes its connection ends its request: the handler is dropped, so
     // a long-poll claim stops waiting (see `http::push`).
     .h1_allow_half_closed(false)
+    // Database work is the only blocking work a worker runs, and no more of it runs at
+    // once than the pool has turns (`db::load`), so a worker never needs more threads.
+    .worker_max_blocking_threads(usize::try_from(config.db.pool_size).unwrap_or(16).max(1))
     .on_connect(crate::tls::on_connect);
     server = match tls {
         Some(tls) => server.listen_rustls_0_23(listener, tls)?,

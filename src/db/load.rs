@@ -12,6 +12,14 @@
 //! refused (503, reason `queue_delay`) until an interval passes whose shortest wait is
 //! below the target again. Bursts that drain within an interval are never refused, nor
 //! are a few writers waiting on one hot row.
+//!
+//! A pool's operations wait for a *turn* (one per pooled connection, handed out in
+//! arrival order by an async semaphore) before they take a blocking thread and a
+//! connection. So a waiting operation holds no thread, and its wait is the real one:
+//! r2d2 itself lets a new arrival take a returned connection before a waiter wakes,
+//! which kept some waits near zero however long the queue. A pool's queue counts as
+//! standing when every turn is taken and the shortest wait of an interval was above
+//! [`TURN_DELAY_TARGET`]; a few writers behind one hot row wait holding their turns.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -67,6 +75,10 @@ impl Shed {
 
 /// A wait every operation of a whole interval exceeded means a standing queue.
 pub const DELAY_TARGET: Duration = Duration::from_millis(50);
+/// The same for a pool's turns (below): their waits are first come, first served, so
+/// a whole interval above this is a queue of arrivals the pool cannot serve, never a
+/// few writers behind one hot row (those wait holding their turn).
+pub const TURN_DELAY_TARGET: Duration = Duration::from_millis(10);
 /// The interval over which the shortest wait is taken.
 pub const DELAY_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -74,6 +86,12 @@ pub const DELAY_INTERVAL: Duration = Duration::from_millis(200);
 pub struct Gate {
     pub name: &'static str,
     limit: usize,
+    /// A pool's turns, one per pooled connection, handed out in arrival order. r2d2
+    /// lets a new arrival take a returned connection before a waiter wakes, and each
+    /// waiter would hold a blocking thread; waiting for a turn instead is an async wait
+    /// in arrival order, so the delay watch sees every operation's real wait. `None`
+    /// for a queue that is not a pool's (the SQLite writer's).
+    turns: Option<Arc<tokio::sync::Semaphore>>,
     /// Admitted and not finished: waiting for a connection or using one.
     depth: AtomicUsize,
     shed: [AtomicU64; 5],
@@ -91,11 +109,13 @@ struct DelayWatch {
     /// The last complete interval's shortest wait, µs (0: none, or no waits in it).
     last_min: AtomicU64,
     congested: AtomicBool,
+    target: Duration,
 }
 
 impl DelayWatch {
-    fn new() -> Self {
+    fn new(target: Duration) -> Self {
         DelayWatch {
+            target,
             epoch: Instant::now(),
             window_start: AtomicU64::new(0),
             min_wait: AtomicU64::new(u64::MAX),
@@ -128,7 +148,7 @@ impl DelayWatch {
             let min = if stale || min == u64::MAX { 0 } else { min };
             self.last_min.store(min, Ordering::Release);
             self.congested
-                .store(min > Self::micros(DELAY_TARGET), Ordering::Release);
+                .store(min > Self::micros(self.target), Ordering::Release);
         }
     }
 
@@ -172,16 +192,17 @@ impl Drop for Permit {
 
 impl Gate {
     pub fn new(name: &'static str, connections: u32) -> Arc<Gate> {
-        let per = usize::try_from(connections).unwrap_or(1);
+        let per = usize::try_from(connections).unwrap_or(1).max(1);
         Arc::new(Gate {
             name,
             limit: per
                 .saturating_mul(QUEUE_PER_CONNECTION)
                 .max(QUEUE_MIN)
                 .saturating_add(per),
+            turns: Some(Arc::new(tokio::sync::Semaphore::new(per))),
             depth: AtomicUsize::new(0),
             shed: Default::default(),
-            delay: DelayWatch::new(),
+            delay: DelayWatch::new(TURN_DELAY_TARGET),
         })
     }
 
@@ -190,14 +211,20 @@ impl Gate {
         Arc::new(Gate {
             name,
             limit,
+            turns: None,
             depth: AtomicUsize::new(0),
             shed: Default::default(),
-            delay: DelayWatch::new(),
+            delay: DelayWatch::new(DELAY_TARGET),
         })
     }
 
     pub fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// The pool's turns (see the field), if this gate is a pool's.
+    pub fn turns(&self) -> Option<&Arc<tokio::sync::Semaphore>> {
+        self.turns.as_ref()
     }
 
     pub fn depth(&self) -> usize {
@@ -231,9 +258,7 @@ impl Gate {
     }
 
     /// The standing queue: the shortest wait for a turn over the last interval (zero
-    /// when nothing waited), for `/metrics`. (Not a signal for the door: r2d2 lets a new
-    /// arrival take a returned connection before a waiter wakes, so under load some
-    /// waits stay near zero however long the queue.)
+    /// when nothing waited), for `/metrics`.
     pub fn standing_wait(&self) -> Duration {
         self.delay.standing()
     }
@@ -242,8 +267,13 @@ impl Gate {
     /// standing queue has formed.
     pub fn enter(self: &Arc<Self>) -> Result<Permit, StoreError> {
         // A slow queue alone is not overload (one hot row makes a few writers wait):
-        // refuse only while it is also a quarter full.
-        if self.depth() >= self.limit / 4 && self.delay.congested() {
+        // refuse only while it is also a quarter full, or for a pool's turns, while
+        // every turn is taken (its waits are for a turn, never behind a row).
+        let queued = match &self.turns {
+            Some(t) => t.available_permits() == 0,
+            None => self.depth() >= self.limit / 4,
+        };
+        if queued && self.delay.congested() {
             self.count_shed(Shed::Delay);
             return Err(StoreError::Overloaded("database queue too slow"));
         }
@@ -351,7 +381,7 @@ mod tests {
 
     #[test]
     fn a_standing_queue_refuses_arrivals_until_an_interval_drains_it() {
-        let g = Gate::new("write", 1);
+        let g = Gate::bounded("write", QUEUE_MIN);
         // A burst: one long wait among short ones never congests.
         g.record_wait(DELAY_TARGET * 4);
         g.record_wait(Duration::from_millis(1));
@@ -379,6 +409,33 @@ mod tests {
         assert!(g.enter().is_ok(), "still refused after the queue drained");
         std::thread::sleep(DELAY_INTERVAL + Duration::from_millis(20));
         assert!(g.enter().is_ok(), "an interval without waits kept refusing");
+    }
+
+    #[test]
+    fn a_pools_slow_turns_refuse_arrivals_only_while_every_turn_is_taken() {
+        let g = Gate::new("pool", 2);
+        let turns = g.turns().expect("a pool's gate has turns").clone();
+        assert_eq!(turns.available_permits(), 2);
+        // Whole intervals of waits for a turn above its target ...
+        let slow = || {
+            g.record_wait(TURN_DELAY_TARGET * 3);
+            g.record_wait(TURN_DELAY_TARGET + Duration::from_millis(1));
+            std::thread::sleep(DELAY_INTERVAL + Duration::from_millis(20));
+        };
+        slow();
+        // ... with a turn free: nobody would wait behind the queue, admitted.
+        let held = turns.clone().try_acquire_owned().expect("a free turn");
+        assert!(g.enter().is_ok(), "refused with a turn free");
+        // Every turn taken: refused, counted as queue_delay, whatever the depth.
+        let held2 = turns.clone().try_acquire_owned().expect("a free turn");
+        slow();
+        assert_eq!(g.depth(), 0);
+        assert!(matches!(g.enter(), Err(StoreError::Overloaded(_))));
+        assert_eq!(g.shed_count(Shed::Delay), 1);
+        // Waits at the writer's 50 ms target would be far over a turn's 10 ms one.
+        assert!(TURN_DELAY_TARGET < DELAY_TARGET);
+        drop((held, held2));
+        assert!(g.enter().is_ok(), "refused with every turn free");
     }
 
     #[test]

@@ -794,6 +794,10 @@ impl Db {
             cancel.finish();
             return r?;
         }
+        let turn = match gate.turns() {
+            Some(turns) => Some(take_turn(&self.shared, turns, gate, deadline).await?),
+            None => None,
+        };
         let db = self.clone();
         // Detached: it ends on its own, after replying.
         drop(actix_web::rt::task::spawn_blocking(move || {
@@ -803,6 +807,7 @@ impl Db {
             if let Some(c) = due {
                 reset_wal(&db.shared, c);
             }
+            drop(turn);
         }));
         let r = rx
             .await
@@ -857,6 +862,48 @@ impl Db {
         }
         let due = write && !c.broken && self.shared.wal_after_write() != WalReset::No;
         (r, due.then_some(c))
+    }
+}
+
+/// Wait for one of the pool's turns (see `load::Gate`), in arrival order, until the
+/// pool timeout or the request's deadline, whichever is first; refused as soon as the
+/// health state leaves healthy (looked at every `WAIT_SLICE`, without losing the
+/// place in the queue).
+async fn take_turn(
+    shared: &Shared,
+    turns: &Arc<tokio::sync::Semaphore>,
+    gate: &Gate,
+    deadline: Option<Instant>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, StoreError> {
+    let pool_until = Instant::now() + shared.timeout;
+    let (until, by_request) = match deadline {
+        Some(d) if d < pool_until => (d, true),
+        _ => (pool_until, false),
+    };
+    let turn = turns.clone().acquire_owned();
+    tokio::pin!(turn);
+    loop {
+        let now = Instant::now();
+        if now >= until {
+            if by_request {
+                gate.count_shed(Shed::Deadline);
+                return Err(deadline_passed());
+            }
+            return Err(StoreError::Unavailable(
+                "timed out waiting for a connection".into(),
+            ));
+        }
+        tokio::select! {
+            biased;
+            t = &mut turn => {
+                return t.map_err(|e| StoreError::Internal(format!("the pool's turns: {e}")));
+            }
+            () = actix_web::rt::time::sleep((until - now).min(WAIT_SLICE)) => {}
+        }
+        if let Err(e) = shared.health.admit() {
+            gate.count_shed(Shed::Unavailable);
+            return Err(e);
+        }
     }
 }
 
