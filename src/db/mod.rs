@@ -262,11 +262,11 @@ impl ConnectionManager {
                     // every pass; whatever resets the WAL cuts the file back to
                     // `journal_size_limit`. The savepoints' statement journals stay in
                     // memory rather than in temporary files created and deleted on
-                    // the writer's thread. Each connection's page cache is capped at
-                    // `SQLITE_CACHE_KIB` (see there).
+                    // the writer's thread. The page cache keeps SQLite's default size
+                    // (docs/decisions.md, "SQLite's page cache keeps its default size").
                     c.batch_execute(&format!(
                         "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}; \
-                         PRAGMA temp_store = MEMORY; PRAGMA cache_size = -{SQLITE_CACHE_KIB};"
+                         PRAGMA temp_store = MEMORY;"
                     ))
                 };
                 setup(&mut c).map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
@@ -376,14 +376,6 @@ const CHECKPOINT_BUSY_MS: u64 = 100;
 /// this long (an urgent one is): a long read must not stall every batch by
 /// `CHECKPOINT_BUSY_MS`.
 const RESET_RETRY_AFTER_MS: u64 = 250;
-/// Each SQLite connection's own page cache, KiB (SQLite's default is 2 000). Every
-/// pooled connection fills its cache as it meets new pages, so under a steady load the
-/// process grew by up to 2 MB per connection over many minutes: +17 % RSS in a
-/// 10-minute soak, most of it once the replay purge began to read the other end of
-/// the table. The kernel's page cache keeps the file's hot pages anyway, so a page not
-/// in this one costs a `pread` (docs/decisions.md).
-pub const SQLITE_CACHE_KIB: u32 = 256;
-
 /// A waiter for a pooled connection looks at the health state at least this often, so
 /// requests already waiting when the database fails are refused soon after.
 const WAIT_SLICE: Duration = Duration::from_millis(20);
@@ -1182,7 +1174,6 @@ mod tests {
                 .map(|p| p.value)
                 .expect(name)
         };
-        assert_eq!(pragma("cache_size"), -i64::from(SQLITE_CACHE_KIB));
         assert_eq!(pragma("busy_timeout"), 1234);
         assert_eq!(pragma("synchronous"), 1, "NORMAL");
         assert_eq!(pragma("temp_store"), 2, "MEMORY");
