@@ -866,6 +866,16 @@ impl Db {
     }
 }
 
+/// How long an operation may wait for its turn or its connection: until the pool
+/// timeout from now, or the request's deadline when that comes first (`true`).
+fn wait_until(shared: &Shared, deadline: Option<Instant>) -> (Instant, bool) {
+    let pool_until = Instant::now() + shared.timeout;
+    match deadline {
+        Some(d) if d < pool_until => (d, true),
+        _ => (pool_until, false),
+    }
+}
+
 /// Wait for one of the pool's turns (see `load::Gate`), in arrival order, until the
 /// pool timeout or the request's deadline, whichever is first; refused as soon as the
 /// health state leaves healthy (looked at every `WAIT_SLICE`, without losing the
@@ -876,11 +886,7 @@ async fn take_turn(
     gate: &Gate,
     deadline: Option<Instant>,
 ) -> Result<tokio::sync::OwnedSemaphorePermit, StoreError> {
-    let pool_until = Instant::now() + shared.timeout;
-    let (until, by_request) = match deadline {
-        Some(d) if d < pool_until => (d, true),
-        _ => (pool_until, false),
-    };
+    let (until, by_request) = wait_until(shared, deadline);
     let turn = turns.clone().acquire_owned();
     tokio::pin!(turn);
     loop {
@@ -918,11 +924,7 @@ fn checkout(
     deadline: Option<Instant>,
 ) -> Result<PooledConnection<ConnectionManager>, StoreError> {
     let health = &shared.health;
-    let pool_until = Instant::now() + shared.timeout;
-    let (until, by_request) = match deadline {
-        Some(d) if d < pool_until => (d, true),
-        _ => (pool_until, false),
-    };
+    let (until, by_request) = wait_until(shared, deadline);
     let mut last: Option<r2d2::PoolError> = None;
     loop {
         if let Err(e) = health.admit() {
