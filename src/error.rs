@@ -24,6 +24,10 @@ pub enum StoreError {
     /// deadline passed, or its client gone (503, never worth a retry storm).
     #[error("overloaded: {0}")]
     Overloaded(&'static str),
+    /// The request's signature was already recorded (its deferred replay record,
+    /// `db::replay::Deferred`): nothing of it was written.
+    #[error("replayed request")]
+    Replayed,
     #[error(transparent)]
     Db(#[from] diesel::result::Error),
     #[error("internal: {0}")]
@@ -307,6 +311,7 @@ impl From<StoreError> for ApiError {
             StoreError::JobCancelled => ApiError::JobCancelled,
             StoreError::Unavailable(why) => ApiError::Unavailable(why),
             StoreError::Overloaded(why) => ApiError::Overloaded(why),
+            StoreError::Replayed => ApiError::unauthorized(AuthFailure::new("replayed request")),
             StoreError::Db(diesel::result::Error::NotFound) => ApiError::NotFound,
             StoreError::Db(ref d) if is_connection_loss(d) || is_busy(d) => {
                 ApiError::Unavailable(d.to_string())

@@ -27,6 +27,7 @@ use super::audit::{AuditLine, AuditRecord};
 use super::client_cert::{self, PeerCertificate};
 use super::principal::Principal;
 use super::{api_key, fail, hmac, webhook, AuthContext};
+use crate::db::replay::Deferred;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::telemetry::{MatchedRoute, RequestId};
@@ -407,7 +408,30 @@ pub async fn guard<B: MessageBody>(
     let res = match admit(&gate, &mut req, &peer, &mut audit).await {
         Ok(principal) => {
             req.extensions_mut().insert(principal);
-            let res = next.call(req).await?;
+            let deferred = req.extensions_mut().remove::<Arc<Deferred>>();
+            let called = match &deferred {
+                Some(d) => d.scope(next.call(req)).await,
+                None => next.call(req).await,
+            };
+            // A deferred replay record decides last, whatever the handler did: a
+            // replay (or a record that could not be written) replaces its answer.
+            let verdict = match &deferred {
+                Some(d) => settle_replay(&gate.auth, d).await,
+                None => Ok(()),
+            };
+            let res = called?;
+            if let Err(e) = verdict {
+                let e = refuse(&gate.auth, &peer, e, &mut audit);
+                let (req, _) = res.into_parts();
+                let res = ServiceResponse::new(req, e.error_response());
+                return Ok(finish(
+                    &gate,
+                    &audit,
+                    res.map_into_right_body(),
+                    ip,
+                    started,
+                ));
+            }
             // A handler's own refusal (a job token on another job) is the outcome.
             let handler_error = res
                 .response()
@@ -420,6 +444,26 @@ pub async fn guard<B: MessageBody>(
         }
         Err(e) => req.into_response(e.error_response()).map_into_right_body(),
     };
+    Ok(finish(&gate, &audit, res, ip, started))
+}
+
+/// The verdict of a deferred replay record, after the handler (`db::replay::Deferred`).
+async fn settle_replay(ctx: &AuthContext, deferred: &Deferred) -> Result<(), ApiError> {
+    if ctx.replays.settle(deferred).await? {
+        Ok(())
+    } else {
+        Err(fail("replayed request"))
+    }
+}
+
+/// Count the outcome and write the audit line.
+fn finish<B>(
+    gate: &Gate,
+    audit: &AuditRecord,
+    res: ServiceResponse<B>,
+    ip: Option<IpAddr>,
+    started: Instant,
+) -> ServiceResponse<B> {
     let status = res.status().as_u16();
     gate.metrics.auth_outcome(
         audit.scheme.map_or("none", |s| s.as_str()),
@@ -436,7 +480,7 @@ pub async fn guard<B: MessageBody>(
         .get::<RequestId>()
         .map(|r| r.0.clone());
     AuditLine {
-        record: &audit,
+        record: audit,
         method: res.request().method().as_str(),
         route: gate.spec.path,
         peer: ip.map(|p| p.to_string()),
@@ -445,7 +489,7 @@ pub async fn guard<B: MessageBody>(
         request_id: rid.as_deref(),
     }
     .write();
-    Ok(res)
+    res
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::db::load::{Gate, Permit, Shed};
-use crate::db::replay::{insert_replays, ReplayRow};
+use crate::db::replay::{insert_replays, Deferred, ReplayRow, Turn, Verdict};
 use crate::db::{Backend, Db};
 use crate::error::StoreError;
 
@@ -98,6 +98,32 @@ impl ReplayLog {
             g.limit(),
             g.shed_count(Shed::Full) + g.shed_count(Shed::Delay),
         )
+    }
+
+    /// Whether a request's record is deferred to its first database work
+    /// (`db::replay::Deferred`) instead of written now: on SQLite, where the record
+    /// and the request's write then share one work item of the group commit.
+    pub fn defers(&self) -> bool {
+        self.tx.is_none()
+    }
+
+    /// After the handler: whether a deferred record was fresh (`Ok(false)`: a replay),
+    /// writing it now when no database work of the request took it.
+    pub async fn settle(&self, deferred: &Deferred) -> Result<bool, StoreError> {
+        match deferred.turn().await {
+            Turn::Clear => Ok(true),
+            Turn::Refused(StoreError::Replayed) => Ok(false),
+            Turn::Refused(e) => Err(e),
+            Turn::Take(row) => {
+                let r = self.record(row).await;
+                deferred.settle(match &r {
+                    Ok(true) => Verdict::Fresh,
+                    Ok(false) => Verdict::Replayed,
+                    Err(e) => Verdict::Failed(e.to_string()),
+                });
+                r
+            }
+        }
     }
 
     /// Record the (caller, signature) pair; `Ok(false)` when it was already recorded (a

@@ -743,10 +743,44 @@ impl Db {
         }
     }
 
+    /// Settle the request's deferred replay record first, if it has one
+    /// (`replay::Deferred`): on SQLite a write carries it in the same work item, so
+    /// the record and the write share one commit; a read (or a write elsewhere)
+    /// writes it on its own first. A replayed or unrecorded request gets no further
+    /// database work.
+    async fn run_async<T, F>(&self, write: bool, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let Some(deferred) = replay::current_deferred() else {
+            return self.dispatch(write, f).await;
+        };
+        match deferred.turn().await {
+            replay::Turn::Clear => self.dispatch(write, f).await,
+            replay::Turn::Refused(e) => Err(e),
+            replay::Turn::Take(row) if write && self.shared.writer.is_some() => {
+                let r = self
+                    .dispatch(true, move |conn| replay::record_then(conn, &row, f))
+                    .await;
+                deferred.settle(replay::verdict_of(&r));
+                r?
+            }
+            replay::Turn::Take(row) => {
+                let r = self
+                    .dispatch(true, move |conn| replay::record(conn, &row))
+                    .await;
+                deferred.settle(replay::verdict_of(&r));
+                r?;
+                self.dispatch(write, f).await
+            }
+        }
+    }
+
     /// Admission (health, deadline, queue bound) on the async side, then the work on
     /// the blocking pool. The reply is sent before any WAL checkpoint the write makes
     /// due, so no request waits for one.
-    async fn run_async<T, F>(&self, write: bool, f: F) -> Result<T, StoreError>
+    async fn dispatch<T, F>(&self, write: bool, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,

@@ -51,8 +51,8 @@ pub fn insert_replays(
     conn: &mut DbConnection,
     rows: &[ReplayRow],
 ) -> Result<Vec<bool>, StoreError> {
-    match conn {
-        DbConnection::Postgresql(pg) => {
+    match (conn, rows) {
+        (DbConnection::Postgresql(pg), rows) => {
             let values: Vec<_> = rows.iter().map(values).collect();
             let inserted: Vec<(String, String)> = diesel::insert_into(replay_records::table)
                 .values(&values)
@@ -65,7 +65,14 @@ pub fn insert_replays(
                 .map(|r| fresh.remove(&(r.caller.clone(), r.signature_hash.clone())))
                 .collect())
         }
-        DbConnection::Sqlite(lite) => lite.transaction(|lite| {
+        // One statement needs no transaction of its own.
+        (DbConnection::Sqlite(lite), [row]) => {
+            let n = diesel::insert_or_ignore_into(replay_records::table)
+                .values(values(row))
+                .execute(lite)?;
+            Ok(vec![n == 1])
+        }
+        (DbConnection::Sqlite(lite), rows) => lite.transaction(|lite| {
             rows.iter()
                 .map(|r| {
                     diesel::insert_or_ignore_into(replay_records::table)
@@ -226,4 +233,148 @@ mod tests {
             );
         }
     }
+}
+
+/// What became of a deferred replay record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Recorded (committed): the signature was new.
+    Fresh,
+    /// Already recorded: a replay. Nothing of the request was written.
+    Replayed,
+    /// Not recorded (the database refused or failed): the request may not be answered
+    /// as if it had been.
+    Failed(String),
+}
+
+/// A signed request's replay record, held back on SQLite so it commits with the
+/// request's own first write — one share of one group commit per request instead of
+/// two (docs/decisions.md, "The replay record rides with the request's first write").
+///
+/// The guard (`auth::middleware`) runs the handler under [`Deferred::scope`]. Inside
+/// it `Db` settles the record before any database work: a write runs the insert first
+/// in the same savepoint-protected work item (a replay runs nothing else; the
+/// request's own work runs in a savepoint of its own, so a request that fails still
+/// burns its signature); a read first writes the record on its own. Once the verdict
+/// is anything but [`Verdict::Fresh`], every later database operation of the request
+/// fails. Whatever the handler did, the guard settles a record still pending after it
+/// and answers 401 for a replay, 503 for a record that could not be written.
+pub struct Deferred {
+    state: std::sync::Mutex<DeferredState>,
+    settled: tokio::sync::Notify,
+}
+
+enum DeferredState {
+    Pending(ReplayRow),
+    /// Taken by a database operation that has not answered yet.
+    Riding,
+    Settled(Verdict),
+}
+
+/// What a database operation finds when it asks for the current request's record.
+pub enum Turn {
+    /// No deferred record in this request, or it was recorded fresh: go ahead.
+    Clear,
+    /// The record is the caller's to write, with (or before) its work.
+    Take(ReplayRow),
+    /// Refused: the record was a replay or could not be written.
+    Refused(StoreError),
+}
+
+tokio::task_local! {
+    static DEFERRED: std::sync::Arc<Deferred>;
+}
+
+impl Deferred {
+    pub fn new(row: ReplayRow) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Deferred {
+            state: std::sync::Mutex::new(DeferredState::Pending(row)),
+            settled: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Run `f` (the handler) with this record deferred.
+    pub async fn scope<F: std::future::Future>(self: &std::sync::Arc<Self>, f: F) -> F::Output {
+        DEFERRED.scope(self.clone(), f).await
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DeferredState> {
+        // The state is replaced whole under the lock, so a poisoned one is consistent.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Record the verdict of a taken record and wake whoever waits for it.
+    pub fn settle(&self, verdict: Verdict) {
+        *self.lock() = DeferredState::Settled(verdict);
+        self.settled.notify_waiters();
+    }
+
+    /// Take the record if it is still pending; otherwise wait for its verdict.
+    pub async fn turn(&self) -> Turn {
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut state = self.lock();
+                match std::mem::replace(&mut *state, DeferredState::Riding) {
+                    DeferredState::Pending(row) => return Turn::Take(row),
+                    DeferredState::Riding => {}
+                    DeferredState::Settled(v) => {
+                        let turn = refusal(&v);
+                        *state = DeferredState::Settled(v);
+                        return turn;
+                    }
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+fn refusal(v: &Verdict) -> Turn {
+    match v {
+        Verdict::Fresh => Turn::Clear,
+        Verdict::Replayed => Turn::Refused(StoreError::Replayed),
+        Verdict::Failed(why) => Turn::Refused(StoreError::Unavailable(why.clone())),
+    }
+}
+
+/// The current request's deferred record, if it runs under [`Deferred::scope`].
+pub fn current_deferred() -> Option<std::sync::Arc<Deferred>> {
+    DEFERRED.try_with(std::sync::Arc::clone).ok()
+}
+
+/// The verdict a settled outcome gives: `Ok` the record committed, or why not.
+pub fn verdict_of<T>(r: &Result<T, StoreError>) -> Verdict {
+    match r {
+        Ok(_) => Verdict::Fresh,
+        Err(StoreError::Replayed) => Verdict::Replayed,
+        Err(e) => Verdict::Failed(e.to_string()),
+    }
+}
+
+/// Insert the record alone: `Err(Replayed)` when it was already there.
+pub fn record(conn: &mut DbConnection, row: &ReplayRow) -> Result<(), StoreError> {
+    let fresh = insert_replays(conn, std::slice::from_ref(row))?;
+    if fresh.first().copied().unwrap_or(false) {
+        Ok(())
+    } else {
+        Err(StoreError::Replayed)
+    }
+}
+
+/// One request's write with its record in front: insert the record; a replay stops
+/// there (`Err(Replayed)`, so the work item keeps nothing); otherwise run `f` in a
+/// savepoint of its own and return its result inside `Ok`, so the work item keeps the
+/// record even when `f` fails.
+pub fn record_then<T>(
+    conn: &mut DbConnection,
+    row: &ReplayRow,
+    f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
+) -> Result<Result<T, StoreError>, StoreError> {
+    record(conn, row)?;
+    Ok(conn.transaction(f))
 }

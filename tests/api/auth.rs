@@ -23,6 +23,8 @@ backend_tests!(
     replay_is_refused,
     replay_is_refused_by_a_sibling_instance,
     concurrent_replays_let_exactly_one_through,
+    a_replayed_write_changes_nothing_and_a_failed_request_burns_its_signature,
+    concurrent_replays_of_a_write_create_one_job,
     rotation_with_grace,
     at_most_eight_versions_are_tried,
     revoked_secret_is_refused_within_a_second,
@@ -372,6 +374,100 @@ fn replay_is_refused(b: Backend) {
     let r = send_with(&app, "POST", "/coordinator/jobs", &h, &[JSON_CT], body);
     assert_401(&r, "replayed request");
     assert_eq!(job_count(&app), 1, "one job, not two");
+}
+
+/// On SQLite a signed request's replay record commits with its first write (or is
+/// written before its first read, or after a handler that touched no database): a
+/// replay is refused whichever way its record went, and changes nothing.
+fn a_replayed_write_changes_nothing_and_a_failed_request_burns_its_signature(b: Backend) {
+    let Some(app) = lenient_app(b) else { return };
+    let id = app.running_job();
+    let path = format!("/coordinator/jobs/{id}/progress");
+    // A write that succeeds: the replay is refused and the job keeps the first change.
+    let body = br#"{"percent":40}"#;
+    let h = app.signer.headers("PATCH", &path, body, now_secs());
+    let r = send_with(&app, "PATCH", &path, &h, &[JSON_CT], body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = app.patch_json(&path, &json!({"percent": 60}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = send_with(&app, "PATCH", &path, &h, &[JSON_CT], body);
+    assert_401(&r, "replayed request");
+    let job = app.get(&format!("/coordinator/jobs/{id}"));
+    assert_eq!(job.json()["progress"], 60, "the replay changed nothing");
+
+    // A write the job refuses (409) still burns its signature, so the captured request
+    // cannot succeed later, once the job would accept it.
+    let queued = app.create_job(&json!({"kind": "later"}));
+    let later = format!("/coordinator/jobs/{queued}/progress");
+    let h = app.signer.headers("PATCH", &later, body, now_secs());
+    let r = send_with(&app, "PATCH", &later, &h, &[JSON_CT], body);
+    assert_eq!(r.status, 409, "{}", r.body);
+    for s in ["QUEUED", "RUNNING"] {
+        let path = format!("/coordinator/jobs/{queued}/status");
+        let r = app.patch_json(&path, &json!({"status": s}));
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let r = send_with(&app, "PATCH", &later, &h, &[JSON_CT], body);
+    assert_401(&r, "replayed request");
+    let job = app.get(&format!("/coordinator/jobs/{queued}"));
+    assert_eq!(job.json()["progress"], 0, "{}", job.body);
+
+    // A body the handler refuses before any database work (400) burns it too.
+    let bad = br#"{"percent":400}"#;
+    let h = app.signer.headers("PATCH", &path, bad, now_secs());
+    let r = send_with(&app, "PATCH", &path, &h, &[JSON_CT], bad);
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = send_with(&app, "PATCH", &path, &h, &[JSON_CT], bad);
+    assert_401(&r, "replayed request");
+
+    // A read: its record is written before the read runs.
+    let get = format!("/coordinator/jobs/{id}");
+    let h = app.signer.headers("GET", &get, b"", now_secs());
+    let r = send_with(&app, "GET", &get, &h, &[], b"");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = send_with(&app, "GET", &get, &h, &[], b"");
+    assert_401(&r, "replayed request");
+    assert!(
+        !r.body.contains(&id),
+        "a replay sees nothing of the job: {}",
+        r.body
+    );
+}
+
+/// The same signed create sent many times at once, to two instances: one job, one 201,
+/// every other answer a 401 replay (on SQLite the copies may share a group commit).
+fn concurrent_replays_of_a_write_create_one_job(b: Backend) {
+    let Some(app) = lenient_app(b) else { return };
+    let other = app.sibling();
+    let body = br#"{"kind":"race"}"#;
+    let h = app
+        .signer
+        .headers("POST", "/coordinator/jobs", body, now_secs());
+    let statuses: Vec<u16> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..16)
+            .map(|i| {
+                let (app, other, h) = (&app, &other, &h);
+                sc.spawn(move || {
+                    let target = if i % 2 == 0 { app } else { other };
+                    let r = send_with(target, "POST", "/coordinator/jobs", h, &[JSON_CT], body);
+                    if r.status != 201 {
+                        assert_401(&r, "replayed request");
+                    }
+                    r.status
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect()
+    });
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(job_count(&app), 1, "one job, not more");
 }
 
 fn replay_is_refused_by_a_sibling_instance(b: Backend) {

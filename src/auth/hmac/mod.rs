@@ -15,6 +15,7 @@ use std::sync::Arc;
 use actix_web::dev::ServiceRequest;
 use actix_web::http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use actix_web::web::Bytes;
+use actix_web::HttpMessage;
 
 use self::rfc9421::{Component, Shape};
 use self::wire::CanonicalRequest;
@@ -122,9 +123,12 @@ pub fn record_window_secs(skew_secs: i64) -> i64 {
 }
 
 /// The (caller, signature) pair may be used once within the window, on any instance
-/// sharing the database; the record outlives the window by the skew margin.
+/// sharing the database; the record outlives the window by the skew margin. Where the
+/// replay log defers it (SQLite), the record goes into the request for the guard, which
+/// has it written with the request's first database work.
 async fn record_once(
     ctx: &AuthContext,
+    req: &ServiceRequest,
     caller: &str,
     signature: &[u8],
     timestamp: i64,
@@ -134,6 +138,11 @@ async fn record_once(
         .saturating_mul(1000);
     let sig_hash = crate::crypto::sha256_hex(signature);
     let row = crate::db::replay::ReplayRow::new(caller, sig_hash, timestamp, expires_at);
+    if ctx.replays.defers() {
+        req.extensions_mut()
+            .insert(crate::db::replay::Deferred::new(row));
+        return Ok(());
+    }
     if ctx.replays.record(row).await? {
         Ok(())
     } else {
@@ -204,7 +213,7 @@ pub async fn finish(
     };
     audit.key_ref = Some(format!("v{}", matched.version));
 
-    record_once(ctx, &entry.name, h.signature.as_bytes(), h.timestamp).await?;
+    record_once(ctx, req, &entry.name, h.signature.as_bytes(), h.timestamp).await?;
 
     ctx.store.touch(Touch::Secret {
         caller: entry.name.clone(),
@@ -358,7 +367,7 @@ pub async fn finish_http_sig(
         ));
     };
     audit.key_ref = Some(format!("v{}", matched.version));
-    record_once(ctx, &entry.name, &input.signature, input.created).await?;
+    record_once(ctx, req, &entry.name, &input.signature, input.created).await?;
     ctx.store.touch(Touch::Secret {
         caller: entry.name.clone(),
         purpose: Purpose::HmacSecret,
