@@ -753,28 +753,56 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
     {
-        let Some(deferred) = replay::current_deferred() else {
-            return self.dispatch(write, f).await;
+        let (deferred, row) = self.deferred_record(write).await?;
+        // One closure type per call site, deferred record or not: `dispatch` is
+        // generic over it, and a second instance per call site doubles the code.
+        let r = self
+            .dispatch(write, move |conn| match &row {
+                Some(row) => replay::record_then(conn, row, f),
+                None => f(conn).map(Ok),
+            })
+            .await;
+        if let Some(d) = deferred {
+            d.settle(replay::verdict_of(&r));
+        }
+        r?
+    }
+
+    /// The request's deferred replay record, if it has one still to write: with the
+    /// work when it is a write for SQLite's writer (the record, and its holder to
+    /// settle), otherwise written alone first. Not generic, so compiled once.
+    async fn deferred_record(
+        &self,
+        write: bool,
+    ) -> Result<(Option<Arc<replay::Deferred>>, Option<replay::ReplayRow>), StoreError> {
+        let Some(d) = replay::current_deferred() else {
+            return Ok((None, None));
         };
-        match deferred.turn().await {
-            replay::Turn::Clear => self.dispatch(write, f).await,
+        match d.turn().await {
+            replay::Turn::Clear => Ok((None, None)),
             replay::Turn::Refused(e) => Err(e),
             replay::Turn::Take(row) if write && self.shared.writer.is_some() => {
-                let r = self
-                    .dispatch(true, move |conn| replay::record_then(conn, &row, f))
-                    .await;
-                deferred.settle(replay::verdict_of(&r));
-                r?
+                Ok((Some(d), Some(row)))
             }
             replay::Turn::Take(row) => {
-                let r = self
-                    .dispatch(true, move |conn| replay::record(conn, &row))
-                    .await;
-                deferred.settle(replay::verdict_of(&r));
-                r?;
-                self.dispatch(write, f).await
+                self.record_alone(&d, row).await?;
+                Ok((None, None))
             }
         }
+    }
+
+    /// Write a deferred replay record on its own (before a read, or where there is no
+    /// group-commit writer) and settle it.
+    async fn record_alone(
+        &self,
+        deferred: &replay::Deferred,
+        row: replay::ReplayRow,
+    ) -> Result<(), StoreError> {
+        let r = self
+            .dispatch(true, move |conn| replay::record(conn, &row))
+            .await;
+        deferred.settle(replay::verdict_of(&r));
+        r
     }
 
     /// Admission (health, deadline, queue bound) on the async side, then the work on

@@ -375,6 +375,17 @@ pub fn record_then<T>(
     row: &ReplayRow,
     f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
 ) -> Result<Result<T, StoreError>, StoreError> {
+    use diesel::connection::TransactionManager;
+    type Tm = <DbConnection as Connection>::TransactionManager;
     record(conn, row)?;
-    Ok(conn.transaction(f))
+    // By hand rather than `conn.transaction(f)`: this is instantiated for every write
+    // call site, so only the call of `f` is generic.
+    Tm::begin_transaction(conn)?;
+    let r = f(conn);
+    if r.is_ok() {
+        Tm::commit_transaction(conn)?;
+    } else {
+        Tm::rollback_transaction(conn)?;
+    }
+    Ok(r)
 }
