@@ -420,6 +420,16 @@ pub async fn guard<B: MessageBody>(
                 None => Ok(()),
             };
             let res = called?;
+            // A record that could not be written because the request's own write was
+            // refused (overload, outage): the handler's 5xx already says so.
+            let verdict = match verdict {
+                Err(ApiError::Unavailable(_) | ApiError::Overloaded(_))
+                    if res.status().is_server_error() =>
+                {
+                    Ok(())
+                }
+                v => v,
+            };
             if let Err(e) = verdict {
                 let e = refuse(&gate.auth, &peer, e, &mut audit);
                 let (req, _) = res.into_parts();

@@ -443,24 +443,8 @@ fn concurrent_replays_of_a_write_create_one_job(b: Backend) {
     let h = app
         .signer
         .headers("POST", "/coordinator/jobs", body, now_secs());
-    let statuses: Vec<u16> = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..16)
-            .map(|i| {
-                let (app, other, h) = (&app, &other, &h);
-                sc.spawn(move || {
-                    let target = if i % 2 == 0 { app } else { other };
-                    let r = send_with(target, "POST", "/coordinator/jobs", h, &[JSON_CT], body);
-                    if r.status != 201 {
-                        assert_401(&r, "replayed request");
-                    }
-                    r.status
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|t| t.join().expect("thread"))
-            .collect()
+    let statuses = race(&app, &other, 16, 201, |t| {
+        send_with(t, "POST", "/coordinator/jobs", &h, &[JSON_CT], body)
     });
     assert_eq!(
         statuses.iter().filter(|&&s| s == 201).count(),
@@ -492,14 +476,32 @@ fn concurrent_replays_let_exactly_one_through(b: Backend) {
     let other = app.sibling();
     let path = "/coordinator/health";
     let h = app.signer.headers("GET", path, b"", now_secs());
-    let statuses: Vec<u16> = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..8)
+    let statuses = race(&app, &other, 8, 200, |t| {
+        send_with(t, "GET", path, &h, &[], b"")
+    });
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+}
+
+/// Send the same signed request (`send`) `n` times at once, alternately to `app` and
+/// `other`; every answer but `ok` must be a 401 replay. The statuses, in no order.
+fn race(
+    app: &TestApp,
+    other: &TestApp,
+    n: usize,
+    ok: u16,
+    send: impl Fn(&TestApp) -> Resp + Sync,
+) -> Vec<u16> {
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..n)
             .map(|i| {
-                let (app, other, h) = (&app, &other, &h);
+                let send = &send;
                 sc.spawn(move || {
-                    let target = if i % 2 == 0 { app } else { other };
-                    let r = send_with(target, "GET", path, h, &[], b"");
-                    if r.status != 200 {
+                    let r = send(if i % 2 == 0 { app } else { other });
+                    if r.status != ok {
                         assert_401(&r, "replayed request");
                     }
                     r.status
@@ -510,12 +512,7 @@ fn concurrent_replays_let_exactly_one_through(b: Backend) {
             .into_iter()
             .map(|t| t.join().expect("thread"))
             .collect()
-    });
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 200).count(),
-        1,
-        "{statuses:?}"
-    );
+    })
 }
 
 // ---- 4. rotation ----------------------------------------------------------------------
