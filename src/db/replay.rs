@@ -233,6 +233,55 @@ mod tests {
             );
         }
     }
+
+    fn row() -> super::ReplayRow {
+        super::ReplayRow::new("c", "sig", 1, 2)
+    }
+
+    /// The first operation takes the record; a second one waits for its verdict; after
+    /// a replay every later one is refused, after a fresh record every one goes ahead.
+    #[actix_web::test]
+    async fn a_deferred_record_is_taken_once_and_its_verdict_holds() {
+        use super::{Deferred, Turn, Verdict};
+        let d = Deferred::new(row());
+        assert!(matches!(d.turn().await, Turn::Take(r) if r == row()));
+        let waiter = {
+            let d = d.clone();
+            actix_web::rt::spawn(async move { d.turn().await })
+        };
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "waits while the record rides");
+        d.settle(Verdict::Replayed);
+        let waited = waiter.await.expect("join");
+        assert!(matches!(
+            waited,
+            Turn::Refused(crate::error::StoreError::Replayed)
+        ));
+        assert!(matches!(d.turn().await, Turn::Refused(_)));
+
+        let d = Deferred::new(row());
+        assert!(matches!(d.turn().await, Turn::Take(_)));
+        d.settle(Verdict::Fresh);
+        assert!(matches!(d.turn().await, Turn::Clear));
+
+        let d = Deferred::new(row());
+        assert!(matches!(d.turn().await, Turn::Take(_)));
+        d.settle(Verdict::Failed("down".into()));
+        assert!(matches!(
+            d.turn().await,
+            Turn::Refused(crate::error::StoreError::Unavailable(_))
+        ));
+    }
+
+    /// Only inside its scope is a record the current request's.
+    #[actix_web::test]
+    async fn a_deferred_record_belongs_to_its_scope_only() {
+        assert!(super::current_deferred().is_none());
+        let d = super::Deferred::new(row());
+        let inside = d.scope(async { super::current_deferred().is_some() }).await;
+        assert!(inside);
+        assert!(super::current_deferred().is_none());
+    }
 }
 
 /// What became of a deferred replay record.
