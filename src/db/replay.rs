@@ -196,94 +196,6 @@ pub fn vacuum_replays(conn: &mut DbConnection) -> Result<(), StoreError> {
     Ok(r?)
 }
 
-#[cfg(test)]
-mod tests {
-    use diesel::prelude::*;
-    use diesel::sql_types::{BigInt, Text};
-    use diesel_migrations::MigrationHarness;
-
-    #[derive(QueryableByName)]
-    struct Step {
-        #[diesel(sql_type = Text)]
-        detail: String,
-    }
-
-    /// The SQLite purge reads and deletes a range of the primary key: no scan of the
-    /// table, no other index (there is none).
-    #[test]
-    fn the_sqlite_purge_searches_the_primary_key() {
-        let mut c = SqliteConnection::establish(":memory:").expect("sqlite");
-        c.run_pending_migrations(crate::db::migrate::SQLITE_MIGRATIONS)
-            .expect("migrations");
-        for (sql, binds) in [(super::SQLITE_PURGE_CUTOFF, 3), (super::SQLITE_PURGE, 2)] {
-            let mut q = diesel::sql_query(format!("EXPLAIN QUERY PLAN {sql}")).into_boxed();
-            for v in 0..binds {
-                q = q.bind::<BigInt, _>(1_000_000 - v);
-            }
-            let plan: Vec<String> = q
-                .load::<Step>(&mut c)
-                .expect("plan")
-                .into_iter()
-                .map(|s| s.detail)
-                .collect();
-            assert_eq!(
-                plan,
-                ["SEARCH replay_records USING PRIMARY KEY (signed_at<?)"],
-                "{sql}"
-            );
-        }
-    }
-
-    fn row() -> super::ReplayRow {
-        super::ReplayRow::new("c", "sig", 1, 2)
-    }
-
-    /// The first operation takes the record; a second one waits for its verdict; after
-    /// a replay every later one is refused, after a fresh record every one goes ahead.
-    #[actix_web::test]
-    async fn a_deferred_record_is_taken_once_and_its_verdict_holds() {
-        use super::{Deferred, Turn, Verdict};
-        let d = Deferred::new(row());
-        assert!(matches!(d.turn().await, Turn::Take(r) if r == row()));
-        let waiter = {
-            let d = d.clone();
-            actix_web::rt::spawn(async move { d.turn().await })
-        };
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
-        assert!(!waiter.is_finished(), "waits while the record rides");
-        d.settle(Verdict::Replayed);
-        let waited = waiter.await.expect("join");
-        assert!(matches!(
-            waited,
-            Turn::Refused(crate::error::StoreError::Replayed)
-        ));
-        assert!(matches!(d.turn().await, Turn::Refused(_)));
-
-        let d = Deferred::new(row());
-        assert!(matches!(d.turn().await, Turn::Take(_)));
-        d.settle(Verdict::Fresh);
-        assert!(matches!(d.turn().await, Turn::Clear));
-
-        let d = Deferred::new(row());
-        assert!(matches!(d.turn().await, Turn::Take(_)));
-        d.settle(Verdict::Failed("down".into()));
-        assert!(matches!(
-            d.turn().await,
-            Turn::Refused(crate::error::StoreError::Unavailable(_))
-        ));
-    }
-
-    /// Only inside its scope is a record the current request's.
-    #[actix_web::test]
-    async fn a_deferred_record_belongs_to_its_scope_only() {
-        assert!(super::current_deferred().is_none());
-        let d = super::Deferred::new(row());
-        let inside = d.scope(async { super::current_deferred().is_some() }).await;
-        assert!(inside);
-        assert!(super::current_deferred().is_none());
-    }
-}
-
 /// What became of a deferred replay record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -437,4 +349,92 @@ pub fn record_then<T>(
         Tm::rollback_transaction(conn)?;
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::prelude::*;
+    use diesel::sql_types::{BigInt, Text};
+    use diesel_migrations::MigrationHarness;
+
+    #[derive(QueryableByName)]
+    struct Step {
+        #[diesel(sql_type = Text)]
+        detail: String,
+    }
+
+    /// The SQLite purge reads and deletes a range of the primary key: no scan of the
+    /// table, no other index (there is none).
+    #[test]
+    fn the_sqlite_purge_searches_the_primary_key() {
+        let mut c = SqliteConnection::establish(":memory:").expect("sqlite");
+        c.run_pending_migrations(crate::db::migrate::SQLITE_MIGRATIONS)
+            .expect("migrations");
+        for (sql, binds) in [(super::SQLITE_PURGE_CUTOFF, 3), (super::SQLITE_PURGE, 2)] {
+            let mut q = diesel::sql_query(format!("EXPLAIN QUERY PLAN {sql}")).into_boxed();
+            for v in 0..binds {
+                q = q.bind::<BigInt, _>(1_000_000 - v);
+            }
+            let plan: Vec<String> = q
+                .load::<Step>(&mut c)
+                .expect("plan")
+                .into_iter()
+                .map(|s| s.detail)
+                .collect();
+            assert_eq!(
+                plan,
+                ["SEARCH replay_records USING PRIMARY KEY (signed_at<?)"],
+                "{sql}"
+            );
+        }
+    }
+
+    fn row() -> super::ReplayRow {
+        super::ReplayRow::new("c", "sig", 1, 2)
+    }
+
+    /// The first operation takes the record; a second one waits for its verdict; after
+    /// a replay every later one is refused, after a fresh record every one goes ahead.
+    #[actix_web::test]
+    async fn a_deferred_record_is_taken_once_and_its_verdict_holds() {
+        use super::{Deferred, Turn, Verdict};
+        let d = Deferred::new(row());
+        assert!(matches!(d.turn().await, Turn::Take(r) if r == row()));
+        let waiter = {
+            let d = d.clone();
+            actix_web::rt::spawn(async move { d.turn().await })
+        };
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "waits while the record rides");
+        d.settle(Verdict::Replayed);
+        let waited = waiter.await.expect("join");
+        assert!(matches!(
+            waited,
+            Turn::Refused(crate::error::StoreError::Replayed)
+        ));
+        assert!(matches!(d.turn().await, Turn::Refused(_)));
+
+        let d = Deferred::new(row());
+        assert!(matches!(d.turn().await, Turn::Take(_)));
+        d.settle(Verdict::Fresh);
+        assert!(matches!(d.turn().await, Turn::Clear));
+
+        let d = Deferred::new(row());
+        assert!(matches!(d.turn().await, Turn::Take(_)));
+        d.settle(Verdict::Failed("down".into()));
+        assert!(matches!(
+            d.turn().await,
+            Turn::Refused(crate::error::StoreError::Unavailable(_))
+        ));
+    }
+
+    /// Only inside its scope is a record the current request's.
+    #[actix_web::test]
+    async fn a_deferred_record_belongs_to_its_scope_only() {
+        assert!(super::current_deferred().is_none());
+        let d = super::Deferred::new(row());
+        let inside = d.scope(async { super::current_deferred().is_some() }).await;
+        assert!(inside);
+        assert!(super::current_deferred().is_none());
+    }
 }
