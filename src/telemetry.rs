@@ -1,5 +1,7 @@
 //! Logging: env_logger with one JSON object per line, the request id, and the access
-//! log middleware (one line per request, written after the response).
+//! log middleware. Every request gets one line, written after the response: the audit
+//! line when the auth guard ran (it carries the request's status, latency and id), else
+//! the access line.
 
 use std::io::Write;
 use std::time::Instant;
@@ -62,10 +64,28 @@ impl RequestId {
         };
         match v.and_then(|v| v.to_str().ok()) {
             Some(s) if ok(s) => RequestId(s.to_owned()),
-            _ => RequestId(uuid::Uuid::now_v7().to_string()),
+            _ => RequestId(fresh_v7().to_string()),
         }
     }
 }
+
+/// A UUIDv7 from the clock and the thread's RNG: no `getrandom` system call per request
+/// (what `Uuid::now_v7` makes). A request id needs to be unique and ordered by time, not
+/// unpredictable.
+fn fresh_v7() -> uuid::Uuid {
+    use rand::RngCore;
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let mut random = [0u8; 10];
+    rand::thread_rng().fill_bytes(&mut random);
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
+}
+
+/// Put into a request's extensions by whoever wrote that request's log line (the auth
+/// guard's audit line), so the access log writes none.
+#[derive(Debug, Clone, Copy)]
+pub struct LineWritten;
 
 /// The pattern of the route that ran, put into the request extensions by that route's
 /// guard (so the access log never matches the path a second time).
@@ -94,7 +114,8 @@ struct AccessLine<'a> {
 }
 
 /// Access log + request id middleware (use with `middleware::from_fn`, handing it the
-/// instance's metrics).
+/// instance's metrics). Request metrics for every request; the access line only for a
+/// request whose line nobody else wrote ([`LineWritten`]).
 pub async fn access_log(
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     req: ServiceRequest,
@@ -104,7 +125,6 @@ pub async fn access_log(
     let rid = RequestId::from_header(req.headers().get(REQUEST_ID_HEADER));
     req.extensions_mut().insert(rid.clone());
     let method = req.method().clone();
-    let peer = req.peer_addr().map(|a| a.ip().to_string());
     let mut res = next.call(req).await?;
     let route = route_of(res.request());
     metrics.observe_request(
@@ -117,6 +137,10 @@ pub async fn access_log(
         res.headers_mut()
             .insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
     }
+    if res.request().extensions().contains::<LineWritten>() {
+        return Ok(res.map_into_boxed_body());
+    }
+    let peer = res.request().peer_addr().map(|a| a.ip().to_string());
     let line = serde_json::to_string(&AccessLine {
         ts: now_rfc3339(),
         event: "access",
@@ -130,4 +154,40 @@ pub async fn access_log(
     .unwrap_or_default();
     log::info!(target: ACCESS_TARGET, "{line}");
     Ok(res.map_into_boxed_body())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_request_id_is_a_v7_of_now_and_never_repeats() {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis();
+        let ids: std::collections::HashSet<uuid::Uuid> = (0..1000).map(|_| fresh_v7()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            assert_eq!(id.get_version_num(), 7);
+            let (secs, nanos) = id.get_timestamp().expect("v7 timestamp").to_unix();
+            let millis = u128::from(secs * 1000 + u64::from(nanos) / 1_000_000);
+            assert!(
+                millis >= before && millis < before + 60_000,
+                "{millis} vs {before}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_caller_request_id_is_kept_only_when_well_formed() {
+        let id =
+            |v: &str| RequestId::from_header(Some(&HeaderValue::from_str(v).expect("value"))).0;
+        assert_eq!(id("abc-1.2_3"), "abc-1.2_3");
+        for bad in ["", "a b", "x/y", &"a".repeat(129)] {
+            let got = RequestId::from_header(HeaderValue::from_str(bad).ok().as_ref()).0;
+            assert_ne!(got, bad);
+            assert!(uuid::Uuid::parse_str(&got).is_ok());
+        }
+    }
 }

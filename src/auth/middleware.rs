@@ -30,7 +30,7 @@ use super::{api_key, fail, hmac, webhook, AuthContext};
 use crate::db::replay::Deferred;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::telemetry::{MatchedRoute, RequestId};
+use crate::telemetry::{LineWritten, MatchedRoute, RequestId};
 
 /// Which scheme a request uses (docs/design.md §4 order, first match wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -499,6 +499,7 @@ fn finish<B>(
         request_id: rid.as_deref(),
     }
     .write();
+    res.request().extensions_mut().insert(LineWritten);
     res
 }
 

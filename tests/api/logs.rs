@@ -1,6 +1,7 @@
 //! Logs never carry a secret: a run through every scheme, success and failure, then a
 //! scan of everything the app logged (access + audit lines, warnings) and every
-//! response for each secret, key, token and signature that was used.
+//! response for each secret, key, token and signature that was used. Also: one line per
+//! request (the audit line, or the access line where no audit line was written).
 
 use std::time::Duration;
 
@@ -109,6 +110,20 @@ fn logs_and_responses_never_carry_credentials(b: Backend) {
     let revoke = app.post_json("/admin/tokens/revoke", &json!({"jti": "leak-jti"}));
     assert_eq!(revoke.status, 200);
 
+    // One line per request: an authenticated request's audit line is its only line, an
+    // open route's request gets the access line.
+    let rid = |what: &str| format!("log-{what}-{}", uuid::Uuid::now_v7().simple());
+    let (guarded, open) = (rid("guarded"), rid("open"));
+    let keyed = app.raw(
+        "GET",
+        "/coordinator/health",
+        &[("X-API-Key", &key), ("X-Request-Id", &guarded)],
+        b"",
+    );
+    assert_eq!(keyed.status, 200);
+    let live = app.raw("GET", "/livez", &[("X-Request-Id", &open)], b"");
+    assert_eq!(live.status, 200);
+
     std::thread::sleep(Duration::from_millis(200));
     let logs = captured_logs();
     // The capture works: audit lines for this run are there.
@@ -118,7 +133,21 @@ fn logs_and_responses_never_carry_credentials(b: Backend) {
     );
     assert!(logs.contains(r#""caller":"keyholder""#));
     assert!(logs.contains(r#""reason":"replayed request""#));
-    assert!(logs.contains(r#""event":"access""#));
+    let lines_of = |id: &str| -> Vec<&str> {
+        logs.lines()
+            .filter(|l| l.contains(&format!(r#""request_id":"{id}""#)))
+            .collect()
+    };
+    let lines = lines_of(&guarded);
+    assert_eq!(
+        lines.len(),
+        1,
+        "one line per authenticated request: {lines:?}"
+    );
+    assert!(lines[0].contains(r#""event":"auth""#) && lines[0].contains(r#""status":200"#));
+    let lines = lines_of(&open);
+    assert_eq!(lines.len(), 1, "one line per open request: {lines:?}");
+    assert!(lines[0].contains(r#""event":"access""#) && lines[0].contains(r#""route":"/livez""#));
     let mut haystacks: Vec<String> = responses
         .iter()
         .map(|r| format!("{:?}\n{}", r.headers, r.body))
