@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
-use actix_web::http::header::{HeaderMap, AUTHORIZATION, CONTENT_LENGTH};
+use actix_web::http::header::{HeaderMap, HeaderName, AUTHORIZATION, CONTENT_LENGTH};
 use actix_web::middleware::Next;
 use actix_web::web::{Bytes, BytesMut};
 use actix_web::{Error, HttpMessage, ResponseError};
@@ -26,7 +26,7 @@ use super::access::{Access, RouteSpec};
 use super::audit::{AuditLine, AuditRecord};
 use super::client_cert::{self, PeerCertificate};
 use super::principal::Principal;
-use super::{api_key, fail, hmac, webhook, AuthContext};
+use super::{api_key, fail, hmac, names, webhook, AuthContext};
 use crate::db::replay::Deferred;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -43,19 +43,19 @@ pub enum Choice {
 }
 
 /// Every header that carries (part of) a credential.
-const CREDENTIAL_HEADERS: [&str; 12] = [
-    hmac::rfc9421::HEADER_SIGNATURE,
-    hmac::rfc9421::HEADER_SIGNATURE_INPUT,
-    hmac::wire::HEADER_CALLER,
-    hmac::wire::HEADER_TIMESTAMP,
-    hmac::wire::HEADER_SIGNATURE,
-    hmac::wire::HEADER_KEY_VERSION,
-    hmac::wire::HEADER_NONCE,
-    webhook::wire::HEADER_ID,
-    webhook::wire::HEADER_TIMESTAMP,
-    webhook::wire::HEADER_SIGNATURE,
-    "authorization",
-    api_key::HEADER,
+static CREDENTIAL_HEADERS: [&HeaderName; 12] = [
+    &names::SIGNATURE,
+    &names::SIGNATURE_INPUT,
+    &names::HMAC_CALLER,
+    &names::HMAC_TIMESTAMP,
+    &names::HMAC_SIGNATURE,
+    &names::HMAC_KEY_VERSION,
+    &names::HMAC_NONCE,
+    &names::WEBHOOK_ID,
+    &names::WEBHOOK_TIMESTAMP,
+    &names::WEBHOOK_SIGNATURE,
+    &AUTHORIZATION,
+    &names::API_KEY,
 ];
 
 /// Pure scheme choice from the headers. A credential header sent twice, or holding
@@ -79,15 +79,12 @@ pub fn choose_scheme(headers: &HeaderMap, webhook_route: bool) -> Result<Choice,
             return Err("malformed header");
         }
     }
-    let has = |n: &str| headers.contains_key(n);
-    let v1 = has(hmac::wire::HEADER_CALLER)
-        || has(hmac::wire::HEADER_TIMESTAMP)
-        || has(hmac::wire::HEADER_SIGNATURE);
-    let rfc9421 =
-        has(hmac::rfc9421::HEADER_SIGNATURE) || has(hmac::rfc9421::HEADER_SIGNATURE_INPUT);
+    let has = |n: &HeaderName| headers.contains_key(n);
+    let v1 = has(&names::HMAC_CALLER) || has(&names::HMAC_TIMESTAMP) || has(&names::HMAC_SIGNATURE);
+    let rfc9421 = has(&names::SIGNATURE) || has(&names::SIGNATURE_INPUT);
     if rfc9421 {
         // Any RFC 9421 header commits the request to that scheme, with no fallback.
-        let other = v1 || has("authorization") || has(api_key::HEADER);
+        let other = v1 || has(&AUTHORIZATION) || has(&names::API_KEY);
         return if other {
             Err("more than one credential scheme")
         } else {
@@ -98,11 +95,11 @@ pub fn choose_scheme(headers: &HeaderMap, webhook_route: bool) -> Result<Choice,
         return Ok(Choice::Hmac);
     }
     let webhook = webhook_route
-        && (has(webhook::wire::HEADER_ID)
-            || has(webhook::wire::HEADER_TIMESTAMP)
-            || has(webhook::wire::HEADER_SIGNATURE));
-    let bearer = has("authorization");
-    let api_key = has(api_key::HEADER);
+        && (has(&names::WEBHOOK_ID)
+            || has(&names::WEBHOOK_TIMESTAMP)
+            || has(&names::WEBHOOK_SIGNATURE));
+    let bearer = has(&AUTHORIZATION);
+    let api_key = has(&names::API_KEY);
     match (webhook, bearer, api_key) {
         (false, false, false) => Err("missing credentials"),
         (true, false, false) => Ok(Choice::Webhook),
@@ -252,13 +249,13 @@ async fn authenticate_with(
             Ok((webhook::finish(ctx, pending, &body, audit)?, true))
         }
         Choice::Bearer => {
-            let value = super::header(req, AUTHORIZATION.as_str()).unwrap_or("");
+            let value = super::header(req, &AUTHORIZATION).unwrap_or("");
             bearer_hints(value)?;
             let p = super::token::verify_header(ctx, value, audit).await?;
             Ok((p, false))
         }
         Choice::ApiKey => {
-            let value = super::header(req, api_key::HEADER).unwrap_or("").to_owned();
+            let value = super::header(req, &names::API_KEY).unwrap_or("").to_owned();
             Ok((api_key::verify(ctx, &value, audit).await?, false))
         }
     }
@@ -506,7 +503,7 @@ fn finish<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actix_web::http::header::{HeaderName, HeaderValue};
+    use actix_web::http::header::HeaderValue;
 
     fn headers(names: &[&str]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -548,7 +545,7 @@ mod tests {
     fn duplicate_and_non_ascii_credential_headers_are_refused() {
         for name in CREDENTIAL_HEADERS {
             let mut h = HeaderMap::new();
-            let n = HeaderName::from_bytes(name.as_bytes()).expect("name");
+            let n = (*name).clone();
             h.append(n.clone(), HeaderValue::from_static("a"));
             h.append(n.clone(), HeaderValue::from_static("b"));
             assert_eq!(choose_scheme(&h, true), Err("duplicate header"), "{name}");

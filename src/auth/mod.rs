@@ -27,9 +27,40 @@ pub use scope::Scope;
 
 use crate::error::{ApiError, AuthFailure};
 
-/// A request header as text (`None` when absent or not visible ASCII).
-pub fn header<'a>(req: &'a actix_web::dev::ServiceRequest, name: &str) -> Option<&'a str> {
+/// A request header as text (`None` when absent or not visible ASCII). By
+/// [`HeaderName`](actix_web::http::header::HeaderName), from [`names`]: a lookup by `&str`
+/// parses and lowercases the name first, a dozen times per authenticated request.
+pub fn header<'a>(
+    req: &'a actix_web::dev::ServiceRequest,
+    name: &actix_web::http::header::HeaderName,
+) -> Option<&'a str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The credential headers the middleware reads, as header names (the wire modules name
+/// them as text, which is what clients and the CLI need).
+pub mod names {
+    use actix_web::http::header::HeaderName;
+
+    use super::{api_key, hmac, webhook};
+
+    pub static HMAC_CALLER: HeaderName = HeaderName::from_static(hmac::wire::HEADER_CALLER);
+    pub static HMAC_TIMESTAMP: HeaderName = HeaderName::from_static(hmac::wire::HEADER_TIMESTAMP);
+    pub static HMAC_SIGNATURE: HeaderName = HeaderName::from_static(hmac::wire::HEADER_SIGNATURE);
+    pub static HMAC_KEY_VERSION: HeaderName =
+        HeaderName::from_static(hmac::wire::HEADER_KEY_VERSION);
+    pub static HMAC_NONCE: HeaderName = HeaderName::from_static(hmac::wire::HEADER_NONCE);
+    pub static SIGNATURE: HeaderName = HeaderName::from_static(hmac::rfc9421::HEADER_SIGNATURE);
+    pub static SIGNATURE_INPUT: HeaderName =
+        HeaderName::from_static(hmac::rfc9421::HEADER_SIGNATURE_INPUT);
+    pub static CONTENT_DIGEST: HeaderName =
+        HeaderName::from_static(hmac::rfc9421::HEADER_CONTENT_DIGEST);
+    pub static WEBHOOK_ID: HeaderName = HeaderName::from_static(webhook::wire::HEADER_ID);
+    pub static WEBHOOK_TIMESTAMP: HeaderName =
+        HeaderName::from_static(webhook::wire::HEADER_TIMESTAMP);
+    pub static WEBHOOK_SIGNATURE: HeaderName =
+        HeaderName::from_static(webhook::wire::HEADER_SIGNATURE);
+    pub static API_KEY: HeaderName = HeaderName::from_static(api_key::HEADER);
 }
 
 /// A 401 with a short public reason.

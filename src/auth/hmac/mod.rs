@@ -23,7 +23,7 @@ use super::audit::AuditRecord;
 use super::model::{Purpose, Scheme};
 use super::principal::Principal;
 use super::store::{CallerEntry, Touch, MAX_VERSIONS_TRIED};
-use super::{fail, header, AuthContext};
+use super::{fail, header, names, AuthContext};
 use crate::db::now_millis;
 use crate::error::{ApiError, AuthFailure};
 
@@ -159,11 +159,11 @@ pub async fn precheck(
 ) -> Result<Pending, ApiError> {
     audit.scheme = Some(Scheme::Hmac);
     let h = wire::parse_headers(
-        header(req, wire::HEADER_CALLER),
-        header(req, wire::HEADER_TIMESTAMP),
-        header(req, wire::HEADER_SIGNATURE),
-        header(req, wire::HEADER_KEY_VERSION),
-        header(req, wire::HEADER_NONCE),
+        header(req, &names::HMAC_CALLER),
+        header(req, &names::HMAC_TIMESTAMP),
+        header(req, &names::HMAC_SIGNATURE),
+        header(req, &names::HMAC_KEY_VERSION),
+        header(req, &names::HMAC_NONCE),
     )
     .map_err(|e| fail(e.reason()))?;
     check_window(ctx, h.timestamp)?;
@@ -238,7 +238,7 @@ pub struct PendingHttpSig {
 
 /// Whether the request announces a body (so `content-digest` must be covered).
 fn announces_body(req: &ServiceRequest) -> bool {
-    let length = header(req, CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<u64>().ok());
+    let length = header(req, &CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
     length.is_some_and(|n| n > 0) || req.headers().contains_key(TRANSFER_ENCODING)
 }
 
@@ -256,8 +256,8 @@ pub async fn precheck_http_sig(
         has_query: req.uri().query().is_some_and(|q| !q.is_empty()),
     };
     let input = rfc9421::parse(
-        header(req, rfc9421::HEADER_SIGNATURE_INPUT).unwrap_or(""),
-        header(req, rfc9421::HEADER_SIGNATURE).unwrap_or(""),
+        header(req, &names::SIGNATURE_INPUT).unwrap_or(""),
+        header(req, &names::SIGNATURE).unwrap_or(""),
         shape,
     )
     .map_err(fail)?;
@@ -276,7 +276,7 @@ pub async fn precheck_http_sig(
 /// A covered component's value in this request (`None`: absent).
 fn component_value(req: &ServiceRequest, scheme: &str, c: &Component) -> Option<String> {
     let host = || {
-        header(req, HOST.as_str())
+        header(req, &HOST)
             .map(str::to_owned)
             .or_else(|| req.uri().authority().map(|a| a.to_string()))
     };
@@ -319,7 +319,7 @@ pub async fn finish_http_sig(
         entry,
         versions,
     } = pending;
-    let digest_header = header(req, rfc9421::HEADER_CONTENT_DIGEST);
+    let digest_header = header(req, &names::CONTENT_DIGEST);
     if !body.is_empty() {
         let covered = input
             .components

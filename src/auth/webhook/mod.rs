@@ -19,7 +19,7 @@ use super::audit::AuditRecord;
 use super::model::{Purpose, Scheme};
 use super::principal::Principal;
 use super::store::{Touch, WebhookKey, MAX_VERSIONS_TRIED};
-use super::{fail, header, AuthContext};
+use super::{fail, header, names, AuthContext};
 use crate::db::now_millis;
 use crate::error::{ApiError, AuthFailure};
 
@@ -65,11 +65,13 @@ pub async fn precheck(
     audit: &mut AuditRecord,
 ) -> Result<Pending, ApiError> {
     audit.scheme = Some(Scheme::Webhook);
-    let timestamp_raw = header(req, wire::HEADER_TIMESTAMP).unwrap_or("").to_owned();
+    let timestamp_raw = header(req, &names::WEBHOOK_TIMESTAMP)
+        .unwrap_or("")
+        .to_owned();
     let h = wire::parse_headers(
-        header(req, wire::HEADER_ID),
-        header(req, wire::HEADER_TIMESTAMP),
-        header(req, wire::HEADER_SIGNATURE),
+        header(req, &names::WEBHOOK_ID),
+        header(req, &names::WEBHOOK_TIMESTAMP),
+        header(req, &names::WEBHOOK_SIGNATURE),
     )
     .map_err(|e| fail(e.reason()))?;
     let now = now_millis() / 1000;
