@@ -262,11 +262,13 @@ impl ConnectionManager {
                     // every pass; whatever resets the WAL cuts the file back to
                     // `journal_size_limit`. The savepoints' statement journals stay in
                     // memory rather than in temporary files created and deleted on
-                    // the writer's thread. The page cache keeps SQLite's default size
-                    // (docs/decisions.md, "SQLite's page cache keeps its default size").
+                    // the writer's thread. Each page cache keeps SQLite's default size,
+                    // and all of SQLite's memory together has one budget
+                    // (`SQLITE_MEMORY_BUDGET`; docs/decisions.md, "SQLite's memory has one
+                    // budget").
                     c.batch_execute(&format!(
                         "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}; \
-                         PRAGMA temp_store = MEMORY;"
+                         PRAGMA temp_store = MEMORY; PRAGMA soft_heap_limit = {SQLITE_MEMORY_BUDGET};"
                     ))
                 };
                 setup(&mut c).map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
@@ -369,6 +371,13 @@ pub const WAL_RESET_BYTES: u64 = 16 << 20;
 /// file this far past it makes it urgent (the writer waits for the backfiller's turn
 /// instead of skipping). Keeps the WAL file below 64 MiB under continuous load.
 pub const WAL_LIMIT_BYTES: u64 = 24 << 20;
+/// The soft limit on all of SQLite's memory in this process (`PRAGMA soft_heap_limit`,
+/// which is process-wide): past it a connection's page cache reuses its own least
+/// recently used pages instead of growing. Without it the caches of the read pool's
+/// connections (up to 2 MB each, 16 connections) keep growing for as long as reads meet
+/// pages they have not cached, and so does the RSS. The writer fills its cache within
+/// seconds of the first writes, so in practice the budget binds the read connections.
+pub const SQLITE_MEMORY_BUDGET: u64 = 4 << 20;
 /// How long a RESTART checkpoint waits for readers still using the WAL before it gives
 /// up (the writer's connection is held meanwhile, so every queued write waits too).
 const CHECKPOINT_BUSY_MS: u64 = 100;
@@ -1242,6 +1251,18 @@ mod tests {
         assert_eq!(pragma("synchronous"), 1, "NORMAL");
         assert_eq!(pragma("temp_store"), 2, "MEMORY");
         assert_eq!(pragma("foreign_keys"), 1);
+        #[derive(diesel::QueryableByName)]
+        struct Limit {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            soft_heap_limit: i64,
+        }
+        let limit = diesel::sql_query("PRAGMA soft_heap_limit")
+            .get_result::<Limit>(&mut c)
+            .expect("soft_heap_limit");
+        assert_eq!(
+            u64::try_from(limit.soft_heap_limit).ok(),
+            Some(SQLITE_MEMORY_BUDGET)
+        );
     }
 
     #[test]
