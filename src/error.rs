@@ -43,6 +43,19 @@ pub fn is_unique_violation(e: &diesel::result::Error) -> bool {
 }
 
 impl StoreError {
+    /// The same refusal for another request that shared the failed work (a batch of
+    /// replay records, a deferred replay record): an overload stays an overload (503
+    /// `overloaded`) and a replay a replay; anything else means the database did not
+    /// take the write (503 `unavailable`), its cause kept for the log line.
+    pub fn shared(&self) -> StoreError {
+        match self {
+            StoreError::Overloaded(why) => StoreError::Overloaded(why),
+            StoreError::Replayed => StoreError::Replayed,
+            StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
+            e => StoreError::Unavailable(e.to_string()),
+        }
+    }
+
     /// See [`is_unique_violation`].
     pub fn is_unique_violation(&self) -> bool {
         matches!(self, StoreError::Db(e) if is_unique_violation(e))
@@ -375,6 +388,29 @@ pub struct Problem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refusal passed on to the other requests of a failed batch keeps its kind: an
+    /// overload is still answered `overloaded`, not as an outage.
+    #[test]
+    fn a_shared_refusal_keeps_its_kind() {
+        let kind = |e: StoreError| ApiError::from(e.shared()).problem()["type"].clone();
+        assert_eq!(
+            kind(StoreError::Overloaded("database queue too slow")),
+            "urn:coordinator:problem:overloaded"
+        );
+        assert_eq!(
+            kind(StoreError::Unavailable("connection refused".into())),
+            "urn:coordinator:problem:unavailable"
+        );
+        assert_eq!(
+            kind(StoreError::Db(diesel::result::Error::RollbackTransaction)),
+            "urn:coordinator:problem:unavailable"
+        );
+        assert!(matches!(
+            StoreError::Replayed.shared(),
+            StoreError::Replayed
+        ));
+    }
 
     #[test]
     fn internal_errors_do_not_leak_their_cause() {

@@ -28,7 +28,7 @@ const MAX_BATCH: usize = 512;
 /// instead of waiting for room.
 pub const QUEUE: usize = 1024;
 
-type Reply = oneshot::Sender<Result<bool, String>>;
+type Reply = oneshot::Sender<Result<bool, StoreError>>;
 
 #[derive(Clone)]
 pub struct ReplayLog {
@@ -119,7 +119,7 @@ impl ReplayLog {
                 deferred.settle(match &r {
                     Ok(true) => Verdict::Fresh,
                     Ok(false) => Verdict::Replayed,
-                    Err(e) => Verdict::Failed(e.to_string()),
+                    Err(e) => Verdict::Failed(e.shared()),
                 });
                 r
             }
@@ -144,7 +144,7 @@ impl ReplayLog {
             .map_err(|_closed| StoreError::Internal("replay log stopped".into()))?;
         match answer.await {
             Ok(Ok(fresh)) => Ok(fresh),
-            Ok(Err(e)) => Err(StoreError::Unavailable(e)),
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(StoreError::Internal("replay log dropped a request".into())),
         }
     }
@@ -183,9 +183,8 @@ fn writer(db: &Db, rx: &Queue) {
                 }
             }
             Err(e) => {
-                let msg = e.to_string();
                 for (reply, _permit) in replies {
-                    let _ = reply.send(Err(msg.clone()));
+                    let _ = reply.send(Err(e.shared()));
                 }
             }
         }

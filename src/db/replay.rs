@@ -197,15 +197,15 @@ pub fn vacuum_replays(conn: &mut DbConnection) -> Result<(), StoreError> {
 }
 
 /// What became of a deferred replay record.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Verdict {
     /// Recorded (committed): the signature was new.
     Fresh,
     /// Already recorded: a replay. Nothing of the request was written.
     Replayed,
     /// Not recorded (the database refused or failed): the request may not be answered
-    /// as if it had been.
-    Failed(String),
+    /// as if it had been (the refusal, as [`StoreError::shared`] passes it on).
+    Failed(StoreError),
 }
 
 /// A signed request's replay record, held back on SQLite so it commits with the
@@ -299,7 +299,7 @@ fn refusal(v: &Verdict) -> Turn {
     match v {
         Verdict::Fresh => Turn::Clear,
         Verdict::Replayed => Turn::Refused(StoreError::Replayed),
-        Verdict::Failed(why) => Turn::Refused(StoreError::Unavailable(why.clone())),
+        Verdict::Failed(e) => Turn::Refused(e.shared()),
     }
 }
 
@@ -313,7 +313,7 @@ pub fn verdict_of<T>(r: &Result<T, StoreError>) -> Verdict {
     match r {
         Ok(_) => Verdict::Fresh,
         Err(StoreError::Replayed) => Verdict::Replayed,
-        Err(e) => Verdict::Failed(e.to_string()),
+        Err(e) => Verdict::Failed(e.shared()),
     }
 }
 
@@ -421,7 +421,9 @@ mod tests {
 
         let d = Deferred::new(row());
         assert!(matches!(d.turn().await, Turn::Take(_)));
-        d.settle(Verdict::Failed("down".into()));
+        d.settle(Verdict::Failed(crate::error::StoreError::Unavailable(
+            "down".into(),
+        )));
         assert!(matches!(
             d.turn().await,
             Turn::Refused(crate::error::StoreError::Unavailable(_))

@@ -113,9 +113,26 @@ fn problem_type(r: &Resp) -> String {
         .unwrap_or_default()
 }
 
+/// `send` again while it is answered 503 `overloaded` (a queue still shedding right
+/// after a burst drained: its delay watch remembers the burst's waits for an interval),
+/// as a client honouring `Retry-After` would, for at most 5 s; any other answer is
+/// returned as it is.
+fn once_admitted(mut send: impl FnMut() -> Resp) -> Resp {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = send();
+        if !(is_problem_503(&r) && problem_type(&r) == "urn:coordinator:problem:overloaded")
+            || Instant::now() >= until
+        {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The messages of the job's progress events.
 fn progress_messages(app: &TestApp, id: &str) -> Vec<String> {
-    let r = app.get(&format!("/coordinator/jobs/{id}"));
+    let r = once_admitted(|| app.get(&format!("/coordinator/jobs/{id}")));
     assert_eq!(r.status, 200, "{}", r.body);
     r.json()["events"]
         .as_array()
