@@ -381,6 +381,10 @@ pub const SQLITE_MEMORY_BUDGET: u64 = 4 << 20;
 /// How long a RESTART checkpoint waits for readers still using the WAL before it gives
 /// up (the writer's connection is held meanwhile, so every queued write waits too).
 const CHECKPOINT_BUSY_MS: u64 = 100;
+/// The same wait once the reset is urgent (the WAL ran past its limit because readers
+/// kept the resets before from finishing): writes stall for up to this long rather than
+/// let the WAL grow without bound; the door and the request deadlines shed meanwhile.
+const URGENT_CHECKPOINT_BUSY_MS: u64 = 1000;
 /// After a reset that readers kept from finishing, a due one is not tried again for
 /// this long (an urgent one is): a long read must not stall every batch by
 /// `CHECKPOINT_BUSY_MS`.
@@ -738,8 +742,8 @@ impl Db {
     ) -> Result<T, StoreError> {
         let permit = self.shared.write_gate.enter()?;
         let (r, due) = self.run_sync(true, None, None, &permit, f);
-        if let Some(c) = due {
-            reset_wal(&self.shared, c);
+        if let Some((c, reset)) = due {
+            reset_wal(&self.shared, c, reset);
         }
         r
     }
@@ -876,8 +880,8 @@ impl Db {
             let (r, due) = db.run_sync(write, deadline, Some(&gone), &permit, f);
             drop(permit);
             let _ = tx.send(r);
-            if let Some(c) = due {
-                reset_wal(&db.shared, c);
+            if let Some((c, reset)) = due {
+                reset_wal(&db.shared, c, reset);
             }
             drop(turn);
         }));
@@ -899,7 +903,7 @@ impl Db {
         f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
     ) -> (
         Result<T, StoreError>,
-        Option<PooledConnection<ConnectionManager>>,
+        Option<(PooledConnection<ConnectionManager>, WalReset)>,
     ) {
         let gate = self.gate(write);
         let client_gone = || gone.is_some_and(|g| g.load(Ordering::Acquire));
@@ -932,8 +936,12 @@ impl Db {
                     .trip(Some(c.epoch), &format!("connection lost: {e}"));
             }
         }
-        let due = write && !c.broken && self.shared.wal_after_write() != WalReset::No;
-        (r, due.then_some(c))
+        let reset = if write && !c.broken {
+            self.shared.wal_after_write()
+        } else {
+            WalReset::No
+        };
+        (r, (reset != WalReset::No).then_some((c, reset)))
     }
 }
 
@@ -1051,20 +1059,30 @@ struct CheckpointOutcome {
     checkpointed: i32,
 }
 
-/// SQLite, on the writer's connection after a write: RESTART checkpoint, so the next
-/// write starts the WAL over at its front. Readers still using the WAL are waited for
-/// at most `CHECKPOINT_BUSY_MS`; if they keep it, the next write tries again.
-fn reset_wal(shared: &Shared, mut c: PooledConnection<ConnectionManager>) {
+/// SQLite, on the writing connection after a write (the writer thread's, or a
+/// synchronous write's): RESTART checkpoint, so the next write starts the WAL over at
+/// its front. It takes the checkpoint turn from the backfiller — skipping when a pass
+/// is running, unless the reset is urgent, when it waits for the pass to end. Readers
+/// still using the WAL are waited for at most `CHECKPOINT_BUSY_MS`
+/// (`URGENT_CHECKPOINT_BUSY_MS` when urgent); if they keep it, a later write tries
+/// again.
+fn reset_wal(shared: &Shared, mut c: PooledConnection<ConnectionManager>, reset: WalReset) {
     let Some(wal) = &shared.wal else { return };
+    let urgent = reset == WalReset::Urgent;
+    let Some(_turn) = writer::checkpoint_turn(&shared.checkpointing, urgent) else {
+        return;
+    };
     let DbConnection::Sqlite(lite) = &mut c.conn else {
         return;
     };
     let busy_ms = shared.busy_ms();
+    let wait_ms = if urgent {
+        URGENT_CHECKPOINT_BUSY_MS
+    } else {
+        CHECKPOINT_BUSY_MS
+    };
     let r = lite
-        .batch_execute(&format!(
-            "PRAGMA busy_timeout = {};",
-            busy_ms.min(CHECKPOINT_BUSY_MS)
-        ))
+        .batch_execute(&format!("PRAGMA busy_timeout = {};", busy_ms.min(wait_ms)))
         .and_then(|()| {
             diesel::sql_query("PRAGMA wal_checkpoint(RESTART)")
                 .get_result::<CheckpointOutcome>(lite)

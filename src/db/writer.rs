@@ -183,10 +183,7 @@ fn run(write: &DbPool, shared: &Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Wo
         if reset != WalReset::No {
             // Past the limit the writer waits for the backfill's pass to end instead of
             // skipping again: a long pass must not let the WAL run on.
-            let urgent = reset == WalReset::Urgent;
-            if let Some(_turn) = checkpoint_turn(&shared.checkpointing, urgent) {
-                super::reset_wal(&shared, conn);
-            }
+            super::reset_wal(&shared, conn, reset);
         }
     }
 }
