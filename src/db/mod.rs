@@ -417,6 +417,9 @@ struct Wal {
     incomplete: AtomicU64,
 }
 
+/// A WAL reset due after a write, with the connection that wrote (it runs the reset).
+type ResetDue = (PooledConnection<ConnectionManager>, WalReset);
+
 /// Is a WAL reset due after a write, and has the WAL run so far past it that the
 /// writer should wait for its turn rather than skip?
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -901,10 +904,7 @@ impl Db {
         gone: Option<&AtomicBool>,
         permit: &load::Permit,
         f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
-    ) -> (
-        Result<T, StoreError>,
-        Option<(PooledConnection<ConnectionManager>, WalReset)>,
-    ) {
+    ) -> (Result<T, StoreError>, Option<ResetDue>) {
         let gate = self.gate(write);
         let client_gone = || gone.is_some_and(|g| g.load(Ordering::Acquire));
         if client_gone() {
