@@ -73,12 +73,11 @@ fn shed_counters(url: &str) -> BTreeMap<String, u64> {
 }
 
 fn offer(url: &str, creds: &Creds, jobs: &[String], rate: f64, duration: Duration) -> Level {
-    let started = Instant::now();
     let interval = Duration::from_secs_f64(OPEN_CONNECTIONS as f64 / rate);
     let before = shed_counters(url);
     // One thread, one task per connection: the generator's cost per request stays far
     // below the server's, so it can offer twice what the server takes.
-    let per: Vec<Connection> = actix_rt::System::new().block_on(async {
+    let (per, started): (Vec<Connection>, Instant) = actix_rt::System::new().block_on(async {
         let client = awc::Client::builder()
             .connector(awc::Connector::new().limit(OPEN_CONNECTIONS))
             .timeout(Duration::from_secs(30))
@@ -100,7 +99,9 @@ fn offer(url: &str, creds: &Creds, jobs: &[String], rate: f64, duration: Duratio
         for w in warm {
             let _ = w.await;
         }
-        let until = Instant::now() + duration;
+        // The run (and its admitted rate) starts here, after the warm-up.
+        let started = Instant::now();
+        let until = started + duration;
         let tasks: Vec<_> = (0..OPEN_CONNECTIONS)
             .map(|c| {
                 let client = client.clone();
@@ -158,7 +159,7 @@ fn offer(url: &str, creds: &Creds, jobs: &[String], rate: f64, duration: Duratio
                 out.push(r);
             }
         }
-        out
+        (out, started)
     });
     let wall = started.elapsed().as_secs_f64();
     let mut lat = Vec::new();
