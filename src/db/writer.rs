@@ -181,8 +181,8 @@ fn run(write: &DbPool, shared: &Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Wo
             reply(outcome.as_deref());
         }
         if reset != WalReset::No {
-            // Past the limit the writer waits for the backfill's pass to end instead of
-            // skipping again: a long pass must not let the WAL run on.
+            // After the replies: the batch's requests never wait for the reset (which
+            // skips a running backfill pass, or waits for it once urgent).
             super::reset_wal(&shared, conn, reset);
         }
     }

@@ -36,11 +36,6 @@ mod writes;
 /// there is decided once, before any test runs; a test that needs what is missing is
 /// reported as ignored.
 fn main() {
-    // `RUST_LOG=warn cargo test …` shows the servers' own log lines (all tests' lines
-    // together, on stderr): how a failing test's 503 or 500 is explained.
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = env_logger::try_init();
-    }
     let args = libtest_mimic::Arguments::from_args();
     let postgres = helpers::postgres_reachable();
     if !postgres {
