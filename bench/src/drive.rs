@@ -34,6 +34,25 @@ impl Outcome {
             .collect::<Vec<_>>()
             .join(", ")
     }
+    /// Answers with a 2xx status: work done (a refusal is an answer, not work).
+    pub fn succeeded(&self) -> u64 {
+        self.statuses
+            .iter()
+            .filter(|(s, _)| (200..300).contains(*s))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Succeeded requests per second.
+    pub fn succeeded_rps(&self) -> f64 {
+        self.rps * self.succeeded() as f64 / self.requests.max(1) as f64
+    }
+
+    /// Server CPU per succeeded request, µs (refusals' CPU included in the cost).
+    pub fn cpu_per_success_us(&self) -> f64 {
+        self.server_cpu_us * self.requests as f64 / self.succeeded().max(1) as f64
+    }
+
     pub fn count(&self, status: u16) -> u64 {
         self.statuses.get(&status).copied().unwrap_or(0)
     }
