@@ -14,7 +14,7 @@ use super::model::{Change, EventType, JobId, NewJob};
 use super::request::{Cursor, ListFilter};
 use super::row::{EventRow, JobRow, QueueRow};
 use super::state::{backoff_delay_ms, transition_error, JobStatus};
-use super::statements::{Heartbeat, LockJob, PgChange, SetChanges};
+use super::statements::{Heartbeat, LockJob, PgChange, PgProgress, SetChanges};
 use super::view::{QueueDepth, QueueView};
 use crate::db::schema::{job_events, jobs, queues};
 use crate::db::{now_millis, DbConnection};
@@ -365,6 +365,13 @@ pub fn apply(
     change: &Change,
     lease_ms: i64,
 ) -> Result<JobRow, StoreError> {
+    if let (DbConnection::Postgresql(pg), Change::Progress { percent, message }) =
+        (&mut *conn, change)
+    {
+        if let Some(row) = progress_pg(pg, id, *percent, message.as_deref(), lease_ms)? {
+            return Ok(row);
+        }
+    }
     conn.transaction(|conn| {
         // Lock (version bump) and read in one statement: one round trip fewer.
         // (`all_columns` is positional: `JobRow` keeps the table's column order.)
@@ -377,6 +384,29 @@ pub fn apply(
         .ok_or(StoreError::NotFound)?;
         apply_locked(conn, row, change, lease_ms)
     })
+}
+
+/// PostgreSQL's progress report in one statement ([`PgProgress`]), the worker's most
+/// frequent write; `None` when it does not apply (the job is not RUNNING, or the
+/// report would revoke tokens), and the general path answers instead.
+fn progress_pg(
+    pg: &mut diesel::PgConnection,
+    id: &JobId,
+    percent: i32,
+    message: Option<&str>,
+    lease_ms: i64,
+) -> Result<Option<JobRow>, StoreError> {
+    let now = now_millis();
+    Ok(PgProgress {
+        id: id.as_str(),
+        percent,
+        message,
+        now,
+        lease_until: now.saturating_add(lease_ms),
+        data: json!({"percent": percent, "message": message}).to_string(),
+    }
+    .get_result::<JobRow>(pg)
+    .optional()?)
 }
 
 /// Apply a change to a row this transaction has locked (version already bumped).

@@ -13,7 +13,10 @@
 //! - [`PgChange`]: on PostgreSQL the changed columns, the event and the notification in
 //!   one statement (one round trip instead of three; the writes are data-modifying
 //!   CTEs, which run whether or not the final SELECT reads them);
-//! - [`Heartbeat`]: a RUNNING job's new lease expiry.
+//! - [`Heartbeat`]: a RUNNING job's new lease expiry;
+//! - [`PgProgress`]: on PostgreSQL a RUNNING job's progress report — version bump,
+//!   progress, message, lease, event and notification — in one statement that commits
+//!   on its own (one round trip instead of four: `BEGIN`, lock, change, `COMMIT`).
 
 use diesel::backend::Backend;
 use diesel::query_builder::{AstPass, Query, QueryFragment};
@@ -21,7 +24,9 @@ use diesel::serialize::ToSql;
 use diesel::sql_types::{BigInt, HasSqlType, Integer, Nullable, Text};
 use diesel::{QueryResult, Table};
 
+use super::model::EventType;
 use super::row::JobRow;
+use super::JobStatus;
 use crate::db::prepared_statement;
 use crate::db::schema::jobs;
 
@@ -30,7 +35,7 @@ use crate::db::schema::jobs;
 /// write lock (SQLite) and reads the row in one round trip.
 pub struct LockJob<'a>(pub &'a str);
 
-prepared_statement!(LockJob, SetChanges, Heartbeat, PgChange);
+prepared_statement!(LockJob, SetChanges, Heartbeat, PgChange, PgProgress);
 
 impl Query for LockJob<'_> {
     type SqlType = diesel::dsl::SqlTypeOf<<jobs::table as Table>::AllColumns>;
@@ -167,6 +172,67 @@ impl QueryFragment<diesel::pg::Pg> for PgChange<'_> {
         out.push_sql(", ");
         out.push_bind_param::<Text, _>(&self.payload)?;
         out.push_sql(") FROM changed");
+        Ok(())
+    }
+}
+
+/// PostgreSQL: a progress report on a RUNNING job as one statement, returning the
+/// changed row (every column, as [`LockJob`]) — no row when the job is not RUNNING,
+/// does not exist, or the report would revoke tokens (see `repo::token_revocation`:
+/// the first attempt's report in the millisecond of its claim). The caller then takes
+/// the general path (lock, [`super::repo::apply_locked`]), which gives the exact
+/// answer. What it writes is what that path writes for `Change::Progress`: version + 1,
+/// `progress`, `message` when one is given, `updated_at`, the renewed lease, the
+/// `progress` event with `seq` = the new version, and the notification
+/// (`notify::payload`'s format: `queue|id|seq|status|at`).
+pub struct PgProgress<'a> {
+    pub id: &'a str,
+    pub percent: i32,
+    pub message: Option<&'a str>,
+    pub now: i64,
+    pub lease_until: i64,
+    /// The event's `data`.
+    pub data: String,
+}
+
+impl Query for PgProgress<'_> {
+    type SqlType = diesel::dsl::SqlTypeOf<<jobs::table as Table>::AllColumns>;
+}
+
+impl QueryFragment<diesel::pg::Pg> for PgProgress<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, diesel::pg::Pg>) -> QueryResult<()> {
+        out.push_sql("WITH changed AS (UPDATE jobs SET version = version + 1, progress = ");
+        out.push_bind_param::<Integer, _>(&self.percent)?;
+        out.push_sql(", message = COALESCE(");
+        out.push_bind_param::<Nullable<Text>, _>(&self.message)?;
+        out.push_sql(", message), updated_at = ");
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql(", lease_expires_at = ");
+        out.push_bind_param::<BigInt, _>(&self.lease_until)?;
+        out.push_sql(" WHERE id = ");
+        out.push_bind_param::<Text, _>(self.id)?;
+        out.push_sql(" AND status = ");
+        out.push_bind_param::<Text, _>(JobStatus::Running.as_str())?;
+        out.push_sql(" AND (attempts <> 1 OR started_at IS DISTINCT FROM ");
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql(
+            ") RETURNING *), event AS (INSERT INTO job_events \
+             (job_id, seq, event_type, data, created_at) SELECT id, version, ",
+        );
+        out.push_bind_param::<Text, _>(EventType::Progress.as_str())?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&self.data)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql(" FROM changed), note AS (SELECT pg_notify(");
+        out.push_bind_param::<Text, _>(&super::notify::CHANNEL)?;
+        out.push_sql(", queue || '|' || id || '|' || version || '|' || status || '|' || ");
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        // The CTE is named `jobs` in the final SELECT, so the table's qualified column
+        // names (the same list as `LockJob`'s) read it.
+        out.push_sql(") FROM changed) SELECT ");
+        jobs::all_columns.walk_ast(out.reborrow())?;
+        out.push_sql(" FROM changed AS jobs, note");
         Ok(())
     }
 }

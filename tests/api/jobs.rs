@@ -12,6 +12,7 @@ backend_tests!(
     concurrent_idempotent_creates_make_one_job,
     illegal_transitions_are_conflicts,
     progress_only_while_running,
+    a_progress_report_writes_the_row_its_event_and_its_notification,
     concurrent_progress_updates_serialize,
     bad_input_names_the_field,
     unknown_job_and_route_are_404,
@@ -200,6 +201,89 @@ fn progress_only_while_running(b: Backend) {
         &json!({"percent": 10}),
     )
     .problem(409);
+}
+
+/// What a progress report writes, the same on both backends (PostgreSQL takes a
+/// one-statement path, `statements::PgProgress`; SQLite the general lock-and-change):
+/// version + 1, the percent, the message only when one is sent, a renewed lease, one
+/// `progress` event with `seq` = the new version, and on PostgreSQL the notification
+/// other instances read (`queue|id|seq|status|at`).
+fn a_progress_report_writes_the_row_its_event_and_its_notification(b: Backend) {
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+    let Some(app) = crate::app!(b) else { return };
+    let id = app.running_job();
+    let path = format!("/coordinator/jobs/{id}/progress");
+    let mut listener = (b == Backend::Postgres).then(|| {
+        let mut c = diesel::PgConnection::establish(&app.db.url).expect("open postgres");
+        c.batch_execute("LISTEN coordinator_jobs").expect("listen");
+        c
+    });
+    let before = app.get(&format!("/coordinator/jobs/{id}")).json();
+    let queue = before["queue"].as_str().expect("queue").to_owned();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let first = app.patch_json(&path, &json!({"percent": 30, "message": "m1"}));
+    assert_eq!(first.status, 200, "{}", first.body);
+    let second = app.patch_json(&path, &json!({"percent": 40})).json();
+    assert_eq!(second["progress"], 40);
+    assert_eq!(second["message"], "m1", "no message keeps the last one");
+    assert_eq!(second["status"], "RUNNING");
+    assert_eq!(second["attempts"], 1);
+    assert!(
+        second["leaseExpiresAt"].as_str() > before["leaseExpiresAt"].as_str(),
+        "the lease is renewed: {before} -> {second}"
+    );
+    let job = app.get(&format!("/coordinator/jobs/{id}")).json();
+    assert_eq!(job["progress"], 40);
+    assert_eq!(job["message"], "m1");
+    let events = job["events"].as_array().expect("events");
+    let tail: Vec<_> = events
+        .iter()
+        .rev()
+        .take(2)
+        .rev()
+        .map(|e| (e["seq"].clone(), e["type"].clone(), e["data"].clone()))
+        .collect();
+    let n = i64::try_from(events.len()).expect("event count");
+    assert_eq!(
+        tail,
+        [
+            (
+                json!(n - 1),
+                json!("progress"),
+                json!({"percent": 30, "message": "m1"})
+            ),
+            (
+                json!(n),
+                json!("progress"),
+                json!({"percent": 40, "message": null})
+            ),
+        ]
+    );
+    let Some(c) = listener.as_mut() else { return };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut payloads = Vec::new();
+    while payloads.len() < 2 && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        c.batch_execute("SELECT 1").expect("poll");
+        payloads.extend(
+            c.notifications_iter()
+                .map(|n| n.expect("notification").payload),
+        );
+    }
+    let fields: Vec<Vec<String>> = payloads
+        .iter()
+        .map(|p| p.split('|').map(str::to_owned).collect())
+        .collect();
+    assert_eq!(fields.len(), 2, "{payloads:?}");
+    for (f, seq) in fields.iter().zip([n - 1, n]) {
+        assert_eq!(
+            f[..4],
+            [queue.clone(), id.clone(), seq.to_string(), "RUNNING".into()],
+            "{payloads:?}"
+        );
+        assert!(f[4].parse::<i64>().is_ok_and(|ms| ms > 0), "{payloads:?}");
+    }
 }
 
 fn concurrent_progress_updates_serialize(b: Backend) {
