@@ -92,7 +92,7 @@ impl Application {
         let revocations = Arc::new(Revocations::new(db.clone()));
         revocations.poll().await?;
         let notifier = crate::jobs::notify::Notifier::new(config.push);
-        crate::jobs::notify::start_listener(&notifier, &config.db.url);
+        crate::jobs::notify::start_listener(&notifier, &db, &config.db.url);
         let state = web::Data::new(AppState {
             db: db.clone(),
             config: config.clone(),

@@ -145,7 +145,7 @@ pub fn run(bin: &str, out_path: &str, conns: usize, duration: Duration, admin_ur
          then `pgbench -n -M prepared -c {conns} -j 2` running the same write directly (replay \
          record + job version/progress/lease update + event row, one transaction, over the same \
          {conns} jobs), {} s each, twice, alternating. The service also verifies the signature, \
-         checks the scope, writes the job's `pg_notify` and answers HTTP; pgbench only writes.\n",
+         checks the scope, sends the job's notification after the commit and answers HTTP; pgbench only writes.\n",
         crate::report::command_line(),
         duration.as_secs()
     );

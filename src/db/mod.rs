@@ -24,6 +24,7 @@ pub mod admission;
 pub mod health;
 pub mod load;
 pub mod migrate;
+pub mod outbox;
 pub mod queue;
 pub mod replay;
 pub mod revoked;
@@ -511,6 +512,8 @@ struct Shared {
     checkpointing: std::sync::Mutex<()>,
     /// PostgreSQL: replay records purged since the replay table was last vacuumed.
     replays_unvacuumed: AtomicU64,
+    /// PostgreSQL: where committed writes' notifications go.
+    outbox: outbox::Outbox,
 }
 
 impl Shared {
@@ -615,6 +618,7 @@ impl Db {
                 }),
             checkpointing: std::sync::Mutex::new(()),
             replays_unvacuumed: AtomicU64::new(0),
+            outbox: outbox::Outbox::default(),
         });
         if backend == Backend::Sqlite {
             if let Err(e) = writer::start_backfiller(read.clone(), Arc::downgrade(&shared)) {
@@ -631,6 +635,12 @@ impl Db {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// The receiving end of committed writes' notifications (PostgreSQL), for the one
+    /// thread that sends them; `None` once taken (see [`outbox`]).
+    pub fn take_notifications(&self) -> Option<std::sync::mpsc::Receiver<Vec<String>>> {
+        self.shared.outbox.take_receiver()
     }
 
     /// SQLite: has the WAL run past its limit (as of the writer's last measurement and
@@ -924,7 +934,14 @@ impl Db {
             return (Err(client_gone_error()), None);
         }
         let r = if write {
-            sqlite_immediate(&mut c.conn, f)
+            outbox::clear();
+            let r = sqlite_immediate(&mut c.conn, f);
+            // Committed (the work's transactions end inside `f`): notify; else drop.
+            let queued = outbox::take();
+            if r.is_ok() {
+                self.shared.outbox.publish(&mut c.conn, queued);
+            }
+            r
         } else {
             f(&mut c.conn)
         };

@@ -6,10 +6,15 @@
 //! Writes on this instance fan out in process at once ([`Notifier::job_changed`]); writes
 //! on other instances arrive through one background thread per instance:
 //!
-//! - PostgreSQL: `LISTEN coordinator_jobs` on one dedicated connection; every change
-//!   `pg_notify`s in its own transaction (delivered at commit). The thread drains the
-//!   connection's socket without a round trip every [`PG_DRAIN`] and pings the server
-//!   every [`PG_PING`] to notice a lost connection (then reconnects and wakes everyone).
+//! - PostgreSQL: `LISTEN coordinator_jobs` on one dedicated connection. A change's
+//!   notification is sent after its transaction has committed, not inside it
+//!   (`db::outbox`: a `NOTIFY` in the transaction would serialize the commits of every
+//!   instance): the same thread takes the payloads of this instance's committed writes
+//!   and sends each lot with one statement on its connection (`synchronous_commit` off
+//!   there: a notification is not data). It drains the connection's socket without a
+//!   round trip at least every [`PG_DRAIN`] (at once when payloads arrive) and pings the
+//!   server every [`PG_PING`] to notice a lost connection (then reconnects, sends what
+//!   it still holds and wakes everyone).
 //! - SQLite: `PRAGMA data_version` on one dedicated connection every [`SQLITE_TICK`]
 //!   (no table read); only when another connection has committed does it read the new
 //!   `job_events` rows (by rowid) and changed `queues` rows.
@@ -20,6 +25,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -29,7 +35,7 @@ use super::row::JobRow;
 use super::JobStatus;
 
 /// The PostgreSQL notification channel.
-pub const CHANNEL: &str = "coordinator_jobs";
+pub use crate::db::outbox::CHANNEL;
 /// Default: long-poll claims one instance holds at once (beyond: 429).
 pub const MAX_WAITING_CLAIMS: usize = 1024;
 /// Default: open event streams one instance holds at once (beyond: 429).
@@ -528,13 +534,16 @@ pub fn payload(queue: &str, id: &str, seq: i64, status: &str, at: i64) -> String
 
 /// Start the background thread that carries other instances' changes into `notifier`
 /// (see the module documentation). It ends once the notifier is gone.
-pub fn start_listener(notifier: &Arc<Notifier>, url: &crate::db::DatabaseUrl) {
+pub fn start_listener(notifier: &Arc<Notifier>, db: &crate::db::Db, url: &crate::db::DatabaseUrl) {
     let weak = Arc::downgrade(notifier);
     let url = url.clone();
+    let outgoing = (url.backend() == crate::db::Backend::Postgres)
+        .then(|| db.take_notifications())
+        .flatten();
     let spawned = std::thread::Builder::new()
         .name("coordinator-listen".into())
         .spawn(move || match url.backend() {
-            crate::db::Backend::Postgres => pg_listen(&weak, url.target()),
+            crate::db::Backend::Postgres => pg_listen(&weak, url.target(), outgoing.as_ref()),
             crate::db::Backend::Sqlite => sqlite_watch(&weak, url.target()),
         });
     if let Err(e) = spawned {
@@ -554,10 +563,12 @@ fn sleep_alive(weak: &Weak<Notifier>, d: Duration) -> bool {
     weak.strong_count() > 0
 }
 
-fn pg_listen(weak: &Weak<Notifier>, url: &str) {
+fn pg_listen(weak: &Weak<Notifier>, url: &str, outgoing: Option<&Receiver<Vec<String>>>) {
     use diesel::connection::SimpleConnection;
     use diesel::Connection;
     let mut first = true;
+    // Payloads taken from `outgoing` and not sent yet (the connection was lost).
+    let mut held: Vec<String> = Vec::new();
     loop {
         if weak.strong_count() == 0 {
             return;
@@ -572,7 +583,8 @@ fn pg_listen(weak: &Weak<Notifier>, url: &str) {
                 continue;
             }
         };
-        if let Err(e) = conn.batch_execute(&format!("LISTEN {CHANNEL}")) {
+        let setup = format!("SET synchronous_commit = off; LISTEN {CHANNEL}");
+        if let Err(e) = conn.batch_execute(&setup) {
             log::warn!("push: LISTEN failed: {e}");
             if !sleep_alive(weak, Duration::from_secs(1)) {
                 return;
@@ -606,10 +618,58 @@ fn pg_listen(weak: &Weak<Notifier>, url: &str) {
                 }
                 pinged = Instant::now();
             }
-            std::thread::sleep(PG_DRAIN);
+            if let Err(e) = send_outgoing(&mut conn, outgoing, &mut held) {
+                log::warn!("push: listener connection lost: {e}");
+                break 'conn;
+            }
         }
         if !sleep_alive(weak, Duration::from_millis(200)) {
             return;
+        }
+    }
+}
+
+/// Most payloads sent with one statement.
+const SEND_BATCH: usize = 4096;
+
+/// Wait up to [`PG_DRAIN`] for this instance's committed changes and send them: what
+/// is `held` from a lost connection first, then whatever has queued up. Without a
+/// queue (or once it is closed) it only waits. A payload that fails twice is dropped
+/// (logged), so one bad lot cannot stall the rest.
+fn send_outgoing(
+    conn: &mut diesel::PgConnection,
+    outgoing: Option<&Receiver<Vec<String>>>,
+    held: &mut Vec<String>,
+) -> Result<(), crate::error::StoreError> {
+    if held.is_empty() {
+        match outgoing.map(|rx| rx.recv_timeout(PG_DRAIN)) {
+            Some(Ok(first)) => *held = first,
+            Some(Err(RecvTimeoutError::Timeout)) => return Ok(()),
+            Some(Err(RecvTimeoutError::Disconnected)) | None => {
+                std::thread::sleep(PG_DRAIN);
+                return Ok(());
+            }
+        }
+    }
+    while held.len() < SEND_BATCH {
+        match outgoing.map(Receiver::try_recv) {
+            Some(Ok(more)) => held.extend(more),
+            _ => break,
+        }
+    }
+    match crate::db::outbox::send_now_pg(conn, held) {
+        Ok(()) => {
+            held.clear();
+            Ok(())
+        }
+        Err(e) if e.is_connection_loss() => Err(e),
+        Err(e) => {
+            log::warn!(
+                "push: dropped {} notifications other instances would have read: {e}",
+                held.len()
+            );
+            held.clear();
+            Ok(())
         }
     }
 }

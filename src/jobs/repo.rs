@@ -16,6 +16,7 @@ use super::row::{EventRow, JobRow, QueueRow};
 use super::state::{backoff_delay_ms, transition_error, JobStatus};
 use super::statements::{Heartbeat, LockJob, PgChange, PgProgress, SetChanges};
 use super::view::{QueueDepth, QueueView};
+use crate::db::outbox::after_commit;
 use crate::db::schema::{job_events, jobs, queues};
 use crate::db::{now_millis, DbConnection};
 use crate::error::{is_unique_violation, StoreError};
@@ -117,8 +118,8 @@ pub fn insert(conn: &mut DbConnection, row: &JobRow) -> Result<(), StoreError> {
     notify_change(conn, &row.queue, &row.id, row.version, &row.status)
 }
 
-/// On PostgreSQL, tell every instance's listener about a change at commit (see
-/// `jobs::notify`); SQLite instances find it in `job_events` instead.
+/// On PostgreSQL, tell every instance's listener about a change once it has committed
+/// (`db::outbox`, `jobs::notify`); SQLite instances find it in `job_events` instead.
 pub fn notify_change(
     conn: &mut DbConnection,
     queue: &str,
@@ -126,12 +127,8 @@ pub fn notify_change(
     seq: i64,
     status: &str,
 ) -> Result<(), StoreError> {
-    use diesel::sql_types::Text;
-    if let DbConnection::Postgresql(pg) = conn {
-        diesel::sql_query("SELECT pg_notify($1, $2)")
-            .bind::<Text, _>(super::notify::CHANNEL)
-            .bind::<Text, _>(super::notify::payload(queue, id, seq, status, now_millis()))
-            .execute(pg)?;
+    if let DbConnection::Postgresql(_) = conn {
+        after_commit(super::notify::payload(queue, id, seq, status, now_millis()));
     }
     Ok(())
 }
@@ -397,7 +394,7 @@ fn progress_pg(
     lease_ms: i64,
 ) -> Result<Option<JobRow>, StoreError> {
     let now = now_millis();
-    Ok(PgProgress {
+    let row = PgProgress {
         id: id.as_str(),
         percent,
         message,
@@ -406,7 +403,13 @@ fn progress_pg(
         data: json!({"percent": percent, "message": message}).to_string(),
     }
     .get_result::<JobRow>(pg)
-    .optional()?)
+    .optional()?;
+    if let Some(r) = &row {
+        after_commit(super::notify::payload(
+            &r.queue, &r.id, r.version, &r.status, now,
+        ));
+    }
+    Ok(row)
 }
 
 /// Apply a change to a row this transaction has locked (version already bumped).
@@ -515,10 +518,10 @@ pub fn write_change(
     Ok(())
 }
 
-/// PostgreSQL: the row's changed columns, its event and the notification in one
-/// statement (one round trip instead of three; the writes are data-modifying CTEs,
-/// which run whether or not the final SELECT reads them). The same columns as
-/// `JobRow::changes`.
+/// PostgreSQL: the row's changed columns and its event in one statement (one round
+/// trip instead of two; the writes are data-modifying CTEs, which run whether or not
+/// the final SELECT reads them), and the notification queued for after the commit.
+/// The same columns as `JobRow::changes`.
 fn write_change_pg(
     pg: &mut diesel::PgConnection,
     row: &JobRow,
@@ -531,9 +534,15 @@ fn write_change_pg(
         event_type,
         data: data.to_string(),
         now,
-        payload: super::notify::payload(&row.queue, &row.id, row.version, &row.status, now),
     }
     .execute(pg)?;
+    after_commit(super::notify::payload(
+        &row.queue,
+        &row.id,
+        row.version,
+        &row.status,
+        now,
+    ));
     Ok(())
 }
 

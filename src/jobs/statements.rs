@@ -10,13 +10,13 @@
 //! - [`LockJob`]: the version bump that locks a job's row and reads it back;
 //! - [`SetChanges`]: the columns of [`JobRow::changes`] (SQLite runs it alone,
 //!   PostgreSQL inside [`PgChange`]);
-//! - [`PgChange`]: on PostgreSQL the changed columns, the event and the notification in
-//!   one statement (one round trip instead of three; the writes are data-modifying
-//!   CTEs, which run whether or not the final SELECT reads them);
+//! - [`PgChange`]: on PostgreSQL the changed columns and the event in one statement
+//!   (one round trip instead of two; the writes are data-modifying CTEs, which run
+//!   whether or not the final SELECT reads them);
 //! - [`Heartbeat`]: a RUNNING job's new lease expiry;
 //! - [`PgProgress`]: on PostgreSQL a RUNNING job's progress report — version bump,
-//!   progress, message, lease, event and notification — in one statement that commits
-//!   on its own (one round trip instead of four: `BEGIN`, lock, change, `COMMIT`).
+//!   progress, message, lease and event — in one statement that commits on its own
+//!   (one round trip instead of four: `BEGIN`, lock, change, `COMMIT`).
 
 use diesel::backend::Backend;
 use diesel::query_builder::{AstPass, Query, QueryFragment};
@@ -140,13 +140,12 @@ where
     }
 }
 
-/// PostgreSQL: [`SetChanges`], the job's event and its notification in one statement.
+/// PostgreSQL: [`SetChanges`] and the job's event in one statement.
 pub struct PgChange<'a> {
     pub row: &'a JobRow,
     pub event_type: &'a str,
     pub data: String,
     pub now: i64,
-    pub payload: String,
 }
 
 impl QueryFragment<diesel::pg::Pg> for PgChange<'_> {
@@ -167,11 +166,7 @@ impl QueryFragment<diesel::pg::Pg> for PgChange<'_> {
         out.push_bind_param::<Text, _>(&self.data)?;
         out.push_sql(", ");
         out.push_bind_param::<BigInt, _>(&self.now)?;
-        out.push_sql(")) SELECT pg_notify(");
-        out.push_bind_param::<Text, _>(&super::notify::CHANNEL)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(&self.payload)?;
-        out.push_sql(") FROM changed");
+        out.push_sql(")) SELECT 1 FROM changed");
         Ok(())
     }
 }
@@ -182,9 +177,9 @@ impl QueryFragment<diesel::pg::Pg> for PgChange<'_> {
 /// the first attempt's report in the millisecond of its claim). The caller then takes
 /// the general path (lock, [`super::repo::apply_locked`]), which gives the exact
 /// answer. What it writes is what that path writes for `Change::Progress`: version + 1,
-/// `progress`, `message` when one is given, `updated_at`, the renewed lease, the
-/// `progress` event with `seq` = the new version, and the notification
-/// (`notify::payload`'s format: `queue|id|seq|status|at`).
+/// `progress`, `message` when one is given, `updated_at`, the renewed lease and the
+/// `progress` event with `seq` = the new version. (The notification goes after the
+/// commit, `db::outbox`.)
 pub struct PgProgress<'a> {
     pub id: &'a str,
     pub percent: i32,
@@ -224,15 +219,11 @@ impl QueryFragment<diesel::pg::Pg> for PgProgress<'_> {
         out.push_bind_param::<Text, _>(&self.data)?;
         out.push_sql(", ");
         out.push_bind_param::<BigInt, _>(&self.now)?;
-        out.push_sql(" FROM changed), note AS (SELECT pg_notify(");
-        out.push_bind_param::<Text, _>(&super::notify::CHANNEL)?;
-        out.push_sql(", queue || '|' || id || '|' || version || '|' || status || '|' || ");
-        out.push_bind_param::<BigInt, _>(&self.now)?;
         // The CTE is named `jobs` in the final SELECT, so the table's qualified column
         // names (the same list as `LockJob`'s) read it.
-        out.push_sql(") FROM changed) SELECT ");
+        out.push_sql(" FROM changed) SELECT ");
         jobs::all_columns.walk_ast(out.reborrow())?;
-        out.push_sql(" FROM changed AS jobs, note");
+        out.push_sql(" FROM changed AS jobs");
         Ok(())
     }
 }
@@ -304,10 +295,10 @@ mod tests {
             event_type: "progress",
             data: "{}".into(),
             now: 1,
-            payload: String::new(),
         })
         .to_string();
         assert_eq!(set_columns(&pg), want, "{pg}");
+        assert!(!pg.contains("pg_notify"), "{pg}");
     }
 
     #[test]
@@ -325,6 +316,21 @@ mod tests {
         assert_eq!(returned_columns(&lite), want, "{lite}");
         let pg = diesel::debug_query::<diesel::pg::Pg, _>(&LockJob("j")).to_string();
         assert_eq!(returned_columns(&pg), want, "{pg}");
+        // PostgreSQL's one-statement progress report reads the row back the same way,
+        // and notifies nobody before its commit (`db::outbox`).
+        let progress = diesel::debug_query::<diesel::pg::Pg, _>(&PgProgress {
+            id: "j",
+            percent: 1,
+            message: None,
+            now: 1,
+            lease_until: 2,
+            data: "{}".into(),
+        })
+        .to_string();
+        let selected = progress.rsplit(") SELECT ").next().unwrap_or("");
+        let selected = selected.split(" FROM changed AS jobs").next().unwrap_or("");
+        assert_eq!(names(selected.split(", ")), want, "{progress}");
+        assert!(!progress.contains("pg_notify"), "{progress}");
     }
 
     /// Counts the statements a connection prepares for its cache and the queries it runs.

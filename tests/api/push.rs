@@ -23,6 +23,7 @@ backend_tests!(
     streams_and_waiters_are_bounded_per_caller,
     shutdown_ends_streams_and_waiting_claims_and_loses_no_write,
 );
+crate::postgres_tests!(a_notification_leaves_after_its_write_commits_never_for_a_failed_one);
 
 /// Create a job on `queue` (PENDING) and return its id.
 fn pending(app: &TestApp, queue: &str) -> String {
@@ -690,4 +691,52 @@ fn shutdown_ends_streams_and_waiting_claims_and_loses_no_write(backend: Backend)
     assert_eq!(job["status"], "RUNNING", "{job}");
     assert_eq!(job["progress"], 40, "{job}");
     assert_eq!(job["events"].as_array().map(Vec::len), Some(1 + acked));
+}
+
+/// PostgreSQL sends a change's notification after its write has committed
+/// (`db::outbox`): never for a write that failed; on the writer's own connection while
+/// no notification thread has taken the queue; to that thread once one has.
+fn a_notification_leaves_after_its_write_commits_never_for_a_failed_one(b: Backend) {
+    use coordinator::error::StoreError;
+    use coordinator::jobs::repo::notify_change;
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+    let Some(tdb) = crate::helpers::TestDb::create(b) else {
+        return;
+    };
+    let url = coordinator::db::DatabaseUrl::parse(&tdb.url).expect("url");
+    let db = coordinator::db::Db::new(&coordinator::config::Config::new(url).db);
+    let mut listen = diesel::PgConnection::establish(&tdb.url).expect("listener");
+    listen
+        .batch_execute("LISTEN coordinator_jobs")
+        .expect("listen");
+
+    let failed = db.write_sync(|c| {
+        notify_change(c, "q", "rolled-back", 1, "QUEUED")?;
+        Err::<(), _>(StoreError::Conflict("refused".into()))
+    });
+    assert!(failed.is_err());
+    db.write_sync(|c| notify_change(c, "q", "committed", 2, "QUEUED"))
+        .expect("write");
+    let rx = db.take_notifications().expect("the queue");
+    assert!(db.take_notifications().is_none(), "one thread takes it");
+    db.write_sync(|c| notify_change(c, "q", "handed-over", 3, "QUEUED"))
+        .expect("write");
+    let lot = rx.try_recv().expect("handed to the thread");
+    assert_eq!(lot.len(), 1);
+    assert!(lot[0].starts_with("q|handed-over|3|QUEUED|"), "{lot:?}");
+
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut seen = Vec::new();
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+        listen.batch_execute("SELECT 1").expect("poll");
+        seen.extend(
+            listen
+                .notifications_iter()
+                .map(|n| n.expect("note").payload),
+        );
+    }
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].starts_with("q|committed|2|QUEUED|"), "{seen:?}");
 }
