@@ -634,7 +634,8 @@ const SEND_BATCH: usize = 4096;
 
 /// Wait up to [`PG_DRAIN`] for this instance's committed changes and send them: what
 /// is `held` from a lost connection first, then whatever has queued up. Without a
-/// queue (or once it is closed) it only waits. A payload that fails twice is dropped
+/// queue (or once it is closed) it only waits. A lot is kept across a lost connection
+/// and sent after the reconnect; one that fails for any other reason is dropped
 /// (logged), so one bad lot cannot stall the rest.
 fn send_outgoing(
     conn: &mut diesel::PgConnection,
