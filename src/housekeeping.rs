@@ -117,14 +117,14 @@ pub async fn pass(state: &AppState) -> PassReport {
 /// go back every pass"). Elsewhere (musl, other systems) it does nothing.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code, reason = "glibc's malloc_trim has no safe wrapper")]
-pub fn release_freed_memory() -> bool {
+fn release_freed_memory() -> bool {
     // SAFETY: `malloc_trim` takes no pointers and touches only the allocator's own free
     // lists, under each arena's lock; it is safe to call from any thread at any time.
     unsafe { libc::malloc_trim(0) == 1 }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn release_freed_memory() -> bool {
+fn release_freed_memory() -> bool {
     false
 }
 
@@ -145,6 +145,7 @@ pub async fn run(state: web::Data<AppState>, every: Duration) {
 }
 
 #[cfg(test)]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod tests {
     use super::*;
 
@@ -160,7 +161,6 @@ mod tests {
 
     /// 32 MiB freed below a live chunk stays resident (glibc keeps it), and the call
     /// gives it back and says so.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn freed_memory_below_a_live_allocation_is_given_back() {
         let (held, released, after) = std::thread::spawn(|| {
