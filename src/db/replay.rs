@@ -183,15 +183,18 @@ const SQLITE_PURGE: &str = "DELETE FROM replay_records WHERE signed_at < ? AND e
 /// this many rows were purged since the last run.
 pub const VACUUM_AFTER_PURGED: u64 = 50_000;
 
-/// `VACUUM (ANALYZE) replay_records`, giving up at once when another instance is
-/// vacuuming it (it will have done the work). Not in a transaction (VACUUM refuses one).
+/// `VACUUM replay_records`, giving up at once when another instance is vacuuming it (it
+/// will have done the work). Not in a transaction (VACUUM refuses one). No `ANALYZE`:
+/// it reads a sample of the table under a snapshot, and for as long as that takes no
+/// backend may prune the row versions every progress update leaves in `jobs`
+/// (docs/decisions.md, "Housekeeping vacuums `replay_records` on PostgreSQL").
 pub fn vacuum_replays(conn: &mut DbConnection) -> Result<(), StoreError> {
     use diesel::connection::SimpleConnection;
     if !matches!(conn, DbConnection::Postgresql(_)) {
         return Ok(());
     }
     conn.batch_execute("SET lock_timeout = '100ms'")?;
-    let r = conn.batch_execute("VACUUM (ANALYZE) replay_records");
+    let r = conn.batch_execute("VACUUM replay_records");
     conn.batch_execute("RESET lock_timeout")?;
     Ok(r?)
 }
