@@ -173,9 +173,9 @@ impl DbMetrics {
         self.shortest_request.set(shortest.as_secs_f64());
     }
 
-    /// Copy the storage layer's counters; `replay` is the replay log's (depth, bound,
-    /// refused when full).
-    pub fn observe(&self, s: &DbStats, replay: Option<(usize, usize, u64)>) {
+    /// Copy the storage layer's counters (its pools' queues and, on PostgreSQL, the
+    /// batching threads': `replay_log`, `progress_log`).
+    pub fn observe(&self, s: &DbStats) {
         let Ok(_one_at_a_time) = self.sync.lock() else {
             return;
         };
@@ -202,15 +202,6 @@ impl DbMetrics {
             for (why, n) in &q.shed {
                 catch_up(&self.shed.with_label_values(&[q.name, why.as_str()]), *n);
             }
-        }
-        if let Some((depth, limit, full)) = replay {
-            self.queue_depth
-                .with_label_values(&["replay_log"])
-                .set(to_i64(depth));
-            self.queue_limit
-                .with_label_values(&["replay_log"])
-                .set(to_i64(limit));
-            catch_up(&self.shed.with_label_values(&["replay_log", "full"]), full);
         }
         if let Some((bytes, max, checkpoints, incomplete)) = s.wal {
             self.wal_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
@@ -420,18 +411,27 @@ mod tests {
         let stats = |shed: u64| DbStats {
             state: DbState::Failing,
             trips: 2,
-            queues: vec![QueueStats {
-                name: "write",
-                depth: 3,
-                limit: 65,
-                standing: std::time::Duration::from_millis(3),
-                shed: vec![(Shed::Full, shed), (Shed::Unavailable, 0)],
-            }],
+            queues: vec![
+                QueueStats {
+                    name: "write",
+                    depth: 3,
+                    limit: 65,
+                    standing: std::time::Duration::from_millis(3),
+                    shed: vec![(Shed::Full, shed), (Shed::Unavailable, 0)],
+                },
+                QueueStats {
+                    name: "replay_log",
+                    depth: 0,
+                    limit: 1024,
+                    standing: std::time::Duration::ZERO,
+                    shed: vec![(Shed::Full, 1)],
+                },
+            ],
             wal: Some((4096, 8192, 5, 1)),
         };
-        m.db.observe(&stats(7), Some((2, 1024, 1)));
-        m.db.observe(&stats(7), Some((2, 1024, 1)));
-        m.db.observe(&stats(9), Some((0, 1024, 1)));
+        m.db.observe(&stats(7));
+        m.db.observe(&stats(7));
+        m.db.observe(&stats(9));
         let text = m.render().expect("render");
         for line in [
             r#"coordinator_db_state{state="failing"} 1"#,

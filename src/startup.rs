@@ -97,6 +97,7 @@ impl Application {
             db: db.clone(),
             config: config.clone(),
             health: HealthCache::default(),
+            progress: crate::jobs::progress::ProgressLog::start(db.clone()),
             metrics: Arc::new(crate::metrics::Metrics::new()?),
             estimates: Default::default(),
             notifier,

@@ -17,6 +17,8 @@ pub struct AppState {
     pub auth: Arc<AuthContext>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub estimates: crate::stitcher::EstimateCache,
+    /// Progress reports, batched on PostgreSQL.
+    pub progress: crate::jobs::progress::ProgressLog,
     /// Wake-ups for long-poll claims and event streams.
     pub notifier: Arc<crate::jobs::notify::Notifier>,
     /// What the HTTP workers' doors (CPU overload shedding) report.

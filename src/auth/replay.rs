@@ -13,11 +13,10 @@
 //! when to write (the runtime log); that one is the `replay_records` table (insert,
 //! purge).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
-
-use crate::db::load::{Gate, Permit, Shed};
+use crate::db::batch::{Batcher, Shape};
+use crate::db::load::Gate;
 use crate::db::replay::{insert_replays, Deferred, ReplayRow, Turn, Verdict};
 use crate::db::{Backend, Db};
 use crate::error::StoreError;
@@ -28,20 +27,15 @@ const MAX_BATCH: usize = 512;
 /// instead of waiting for room.
 pub const QUEUE: usize = 1024;
 
-type Reply = oneshot::Sender<Result<bool, StoreError>>;
-
 #[derive(Clone)]
 pub struct ReplayLog {
-    /// PostgreSQL: the batching threads' queue. SQLite: `None`, records go through
-    /// `db` like any write.
-    tx: Option<mpsc::UnboundedSender<Queued>>,
+    /// PostgreSQL: the batching threads (`db::batch`). SQLite: `None`, records go
+    /// through `db` like any write.
+    batcher: Option<Batcher<ReplayRow, bool>>,
     db: Db,
     /// PostgreSQL: the bound of that queue, in number and in waiting time.
     gate: Arc<Gate>,
 }
-
-/// A record waiting for a batch, with its reply and its admission.
-type Queued = (ReplayRow, Reply, Permit);
 
 impl ReplayLog {
     /// Start the batch writers: dedicated threads (one on SQLite, whose writes are
@@ -51,26 +45,25 @@ impl ReplayLog {
     pub fn start(db: Db) -> Self {
         if db.backend() == Backend::Sqlite {
             return ReplayLog {
-                tx: None,
+                batcher: None,
                 db,
                 gate: Gate::bounded("replay", 0),
             };
         }
-        let (tx, rx) = mpsc::unbounded_channel();
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..4 {
-            let (db, rx) = (db.clone(), rx.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("replay-log-{i}"))
-                .spawn(move || writer(&db, &rx));
-            if let Err(e) = spawned {
-                log::error!("cannot start replay writer: {e}");
-            }
-        }
+        let batcher = Batcher::start(
+            &db,
+            Shape {
+                name: "replay_log",
+                threads: 4,
+                max_batch: MAX_BATCH,
+                bound: QUEUE,
+                run: |conn, rows| insert_replays(conn, &rows),
+            },
+        );
         ReplayLog {
-            tx: Some(tx),
+            gate: batcher.gate().clone(),
+            batcher: Some(batcher),
             db,
-            gate: Gate::bounded("replay", QUEUE),
         }
     }
 
@@ -89,22 +82,11 @@ impl ReplayLog {
         true
     }
 
-    /// (records waiting, bound, records refused: queue full or too slow).
-    /// On SQLite the records share the database's write queue (its own metrics).
-    pub fn queue_stats(&self) -> (usize, usize, u64) {
-        let g = &self.gate;
-        (
-            g.depth(),
-            g.limit(),
-            g.shed_count(Shed::Full) + g.shed_count(Shed::Delay),
-        )
-    }
-
     /// Whether a request's record is deferred to its first database work
     /// (`db::replay::Deferred`) instead of written now: on SQLite, where the record
     /// and the request's write then share one work item of the group commit.
     pub fn defers(&self) -> bool {
-        self.tx.is_none()
+        self.batcher.is_none()
     }
 
     /// After the handler: whether a deferred record was fresh (`Ok(false)`: a replay),
@@ -129,64 +111,15 @@ impl ReplayLog {
     /// Record the (caller, signature) pair; `Ok(false)` when it was already recorded (a
     /// replay).
     pub async fn record(&self, row: ReplayRow) -> Result<bool, StoreError> {
-        let Some(tx) = &self.tx else {
-            return self
+        match &self.batcher {
+            Some(b) => b.submit(row).await,
+            None => self
                 .db
                 .write(move |conn| insert_replays(conn, std::slice::from_ref(&row)))
                 .await?
                 .first()
                 .copied()
-                .ok_or_else(|| StoreError::Internal("replay insert returned nothing".into()));
-        };
-        let permit = self.gate.enter()?;
-        let (reply, answer) = oneshot::channel();
-        tx.send((row, reply, permit))
-            .map_err(|_closed| StoreError::Internal("replay log stopped".into()))?;
-        match answer.await {
-            Ok(Ok(fresh)) => Ok(fresh),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(StoreError::Internal("replay log dropped a request".into())),
-        }
-    }
-}
-
-type Queue = Arc<Mutex<mpsc::UnboundedReceiver<Queued>>>;
-
-/// Take whatever is queued (waiting for the first), up to `MAX_BATCH`.
-fn next_batch(rx: &Queue) -> Option<Vec<Queued>> {
-    let mut rx = rx.lock().ok()?;
-    let first = rx.blocking_recv()?;
-    let mut batch = vec![first];
-    while batch.len() < MAX_BATCH {
-        match rx.try_recv() {
-            Ok(next) => batch.push(next),
-            Err(_) => break,
-        }
-    }
-    Some(batch)
-}
-
-fn writer(db: &Db, rx: &Queue) {
-    while let Some(batch) = next_batch(rx) {
-        let mut rows = Vec::with_capacity(batch.len());
-        let mut replies = Vec::with_capacity(batch.len());
-        for (row, reply, permit) in batch {
-            permit.started();
-            rows.push(row);
-            // Held until the answer is sent: the queue's depth counts it until then.
-            replies.push((reply, permit));
-        }
-        match db.write_sync(|conn| insert_replays(conn, &rows)) {
-            Ok(fresh) => {
-                for ((reply, _permit), f) in replies.into_iter().zip(fresh) {
-                    let _ = reply.send(Ok(f));
-                }
-            }
-            Err(e) => {
-                for (reply, _permit) in replies {
-                    let _ = reply.send(Err(e.shared()));
-                }
-            }
+                .ok_or_else(|| StoreError::Internal("replay insert returned nothing".into())),
         }
     }
 }

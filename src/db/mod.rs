@@ -21,6 +21,7 @@ macro_rules! prepared_statement {
 pub(crate) use prepared_statement;
 
 pub mod admission;
+pub mod batch;
 pub mod health;
 pub mod load;
 pub mod migrate;
@@ -514,6 +515,8 @@ struct Shared {
     replays_unvacuumed: AtomicU64,
     /// PostgreSQL: where committed writes' notifications go.
     outbox: outbox::Outbox,
+    /// The queues of the batching threads (`batch`), reported with the pools'.
+    batch_gates: std::sync::Mutex<Vec<Arc<Gate>>>,
 }
 
 impl Shared {
@@ -619,6 +622,7 @@ impl Db {
             checkpointing: std::sync::Mutex::new(()),
             replays_unvacuumed: AtomicU64::new(0),
             outbox: outbox::Outbox::default(),
+            batch_gates: std::sync::Mutex::default(),
         });
         if backend == Backend::Sqlite {
             if let Err(e) = writer::start_backfiller(read.clone(), Arc::downgrade(&shared)) {
@@ -687,6 +691,13 @@ impl Db {
         (s.connections, s.idle_connections)
     }
 
+    /// Report a batching thread's queue with the pools' (`batch`).
+    fn register_gate(&self, gate: Arc<Gate>) {
+        if let Ok(mut gates) = self.shared.batch_gates.lock() {
+            gates.push(gate);
+        }
+    }
+
     /// The storage layer's counters (cheap: atomics only).
     pub fn stats(&self) -> DbStats {
         let s = &self.shared;
@@ -700,6 +711,9 @@ impl Db {
         let mut queues = vec![gate(&s.read_gate)];
         if !Arc::ptr_eq(&s.read_gate, &s.write_gate) {
             queues.push(gate(&s.write_gate));
+        }
+        if let Ok(batches) = s.batch_gates.lock() {
+            queues.extend(batches.iter().map(|g| gate(g)));
         }
         DbStats {
             state: s.health.state(),
@@ -1166,7 +1180,7 @@ where
     })
 }
 
-fn deadline_passed() -> StoreError {
+pub(crate) fn deadline_passed() -> StoreError {
     StoreError::Overloaded("request deadline passed before the database was reached")
 }
 

@@ -41,7 +41,7 @@ pub async fn health(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
 )]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let m = &state.metrics;
-    m.db.observe(&state.db.stats(), Some(state.auth.replays.queue_stats()));
+    m.db.observe(&state.db.stats());
     m.db.observe_door(
         state.door.shed(),
         state.door.limit(),

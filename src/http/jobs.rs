@@ -10,7 +10,7 @@ use crate::http::extract::{JsonBody, RawBody};
 use crate::http::idempotency::IdempotencyKey;
 use crate::http::problem;
 use crate::jobs::model::{Change, JobId};
-use crate::jobs::repo;
+use crate::jobs::repo::{self, ProgressReport};
 use crate::jobs::request::{
     validate_message, BatchCreate, CancelJob, CompleteJob, CreateJob, FailJob, ListFilter,
     ProgressUpdate, QueuePatch, StatusUpdate, MAX_BATCH,
@@ -74,10 +74,23 @@ async fn change(
     principal.authorize_job(&id)?;
     let lease_ms = state.config.lease_ms();
     let moves = !matches!(change, Change::Progress { .. });
-    let row = state
-        .db
-        .write(move |conn| repo::apply(conn, &id, &change, lease_ms))
-        .await?;
+    let row = match change {
+        Change::Progress { percent, message } => {
+            let report = ProgressReport {
+                id,
+                percent,
+                message,
+                lease_ms,
+            };
+            state.progress.report(report).await?
+        }
+        change => {
+            state
+                .db
+                .write(move |conn| repo::apply(conn, &id, &change, lease_ms))
+                .await?
+        }
+    };
     state.notifier.row_changed(&row);
     if moves {
         state.metrics.transition(row.status());

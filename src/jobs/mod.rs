@@ -3,6 +3,7 @@
 //! handlers are in `http::jobs`).
 pub mod model;
 pub mod notify;
+pub mod progress;
 pub mod repo;
 pub mod request;
 pub mod row;

@@ -14,7 +14,7 @@ use super::model::{Change, EventType, JobId, NewJob};
 use super::request::{Cursor, ListFilter};
 use super::row::{EventRow, JobRow, QueueRow};
 use super::state::{backoff_delay_ms, transition_error, JobStatus};
-use super::statements::{Heartbeat, LockJob, PgChange, PgProgress, SetChanges};
+use super::statements::{Heartbeat, LockJob, PgChange, PgProgress, PgProgressBatch, SetChanges};
 use super::view::{QueueDepth, QueueView};
 use crate::db::outbox::after_commit;
 use crate::db::schema::{job_events, jobs, queues};
@@ -410,6 +410,111 @@ fn progress_pg(
         ));
     }
     Ok(row)
+}
+
+/// One progress report of a batch ([`progress_batch`]).
+#[derive(Debug, Clone)]
+pub struct ProgressReport {
+    pub id: JobId,
+    pub percent: i32,
+    pub message: Option<String>,
+    pub lease_ms: i64,
+}
+
+/// PostgreSQL: several progress reports with one statement and one commit
+/// ([`PgProgressBatch`]), the progress log's batch (`jobs::progress`). Per report, in
+/// order: the changed row, or `None` where [`apply`]'s general path must answer (the
+/// job is not RUNNING, or the report would revoke tokens), or the error of a report
+/// written on its own.
+///
+/// - A job's first report of the batch goes into the statement, which locks the jobs'
+///   rows in id order, so two batches lock theirs in the same order; a later report of
+///   the same job is written on its own after it, in arrival order.
+/// - If the statement fails for any reason but a lost connection (a deadlock with
+///   another instance's change, say), each of its reports is written on its own
+///   instead, so one bad report cannot sink the others.
+///
+/// On SQLite every report is `None`: its writes go through the group-commit writer.
+pub fn progress_batch(
+    conn: &mut DbConnection,
+    reports: Vec<ProgressReport>,
+) -> Result<Vec<Result<Option<JobRow>, StoreError>>, StoreError> {
+    let DbConnection::Postgresql(pg) = conn else {
+        return Ok(reports.iter().map(|_| Ok(None)).collect());
+    };
+    // (arrival index, report), by job id; stable, so a job's reports keep their order.
+    let mut sorted: Vec<(usize, &ProgressReport)> = reports.iter().enumerate().collect();
+    sorted.sort_by(|a, b| a.1.id.as_str().cmp(b.1.id.as_str()));
+    let (mut firsts, mut later) = (Vec::with_capacity(sorted.len()), Vec::new());
+    let mut last: Option<&JobId> = None;
+    for (i, r) in sorted {
+        if last == Some(&r.id) {
+            later.push((i, r));
+        } else {
+            last = Some(&r.id);
+            firsts.push((i, r));
+        }
+    }
+    later.sort_unstable_by_key(|&(i, _)| i);
+    let now = now_millis();
+    let alone = |pg: &mut diesel::PgConnection, r: &ProgressReport| {
+        progress_pg(pg, &r.id, r.percent, r.message.as_deref(), r.lease_ms)
+    };
+    let statement = PgProgressBatch {
+        ids: firsts.iter().map(|(_, r)| r.id.as_str()).collect(),
+        percents: firsts.iter().map(|(_, r)| r.percent).collect(),
+        messages: firsts.iter().map(|(_, r)| r.message.as_deref()).collect(),
+        lease_until: firsts
+            .iter()
+            .map(|(_, r)| now.saturating_add(r.lease_ms))
+            .collect(),
+        data: firsts
+            .iter()
+            .map(|(_, r)| json!({"percent": r.percent, "message": r.message}).to_string())
+            .collect(),
+        now,
+    };
+    // (arrival index, answer): every report exactly once.
+    let mut answers: Vec<(usize, Result<Option<JobRow>, StoreError>)> =
+        Vec::with_capacity(reports.len());
+    match statement.load::<JobRow>(pg) {
+        Ok(rows) => {
+            let mut changed: std::collections::HashMap<String, JobRow> =
+                rows.into_iter().map(|r| (r.id.clone(), r)).collect();
+            for (i, r) in &firsts {
+                let row = changed.remove(r.id.as_str());
+                if let Some(r) = &row {
+                    after_commit(super::notify::payload(
+                        &r.queue, &r.id, r.version, &r.status, now,
+                    ));
+                }
+                answers.push((*i, Ok(row)));
+            }
+        }
+        Err(e) => {
+            let e = StoreError::from(e);
+            if e.is_connection_loss() {
+                return Err(e);
+            }
+            log::warn!("progress batch of {} written one by one: {e}", firsts.len());
+            for (i, r) in &firsts {
+                answers.push((*i, alone(pg, r)));
+            }
+        }
+    }
+    for (i, r) in &later {
+        answers.push((*i, alone(pg, r)));
+    }
+    // A lost connection is the whole batch's failure (the pool discards the
+    // connection and the health state trips), as for any write.
+    if let Some((_, Err(e))) = answers
+        .iter()
+        .find(|(_, r)| r.as_ref().is_err_and(StoreError::is_connection_loss))
+    {
+        return Err(e.shared());
+    }
+    answers.sort_unstable_by_key(|&(i, _)| i);
+    Ok(answers.into_iter().map(|(_, r)| r).collect())
 }
 
 /// Apply a change to a row this transaction has locked (version already bumped).

@@ -16,7 +16,9 @@
 //! - [`Heartbeat`]: a RUNNING job's new lease expiry;
 //! - [`PgProgress`]: on PostgreSQL a RUNNING job's progress report — version bump,
 //!   progress, message, lease and event — in one statement that commits on its own
-//!   (one round trip instead of four: `BEGIN`, lock, change, `COMMIT`).
+//!   (one round trip instead of four: `BEGIN`, lock, change, `COMMIT`);
+//! - [`PgProgressBatch`]: the same for several jobs' reports in one statement, the
+//!   group commit of `jobs::progress`.
 
 use diesel::backend::Backend;
 use diesel::query_builder::{AstPass, Query, QueryFragment};
@@ -35,7 +37,14 @@ use crate::db::schema::jobs;
 /// write lock (SQLite) and reads the row in one round trip.
 pub struct LockJob<'a>(pub &'a str);
 
-prepared_statement!(LockJob, SetChanges, Heartbeat, PgChange, PgProgress);
+prepared_statement!(
+    LockJob,
+    SetChanges,
+    Heartbeat,
+    PgChange,
+    PgProgress,
+    PgProgressBatch
+);
 
 impl Query for LockJob<'_> {
     type SqlType = diesel::dsl::SqlTypeOf<<jobs::table as Table>::AllColumns>;
@@ -221,6 +230,66 @@ impl QueryFragment<diesel::pg::Pg> for PgProgress<'_> {
         out.push_bind_param::<BigInt, _>(&self.now)?;
         // The CTE is named `jobs` in the final SELECT, so the table's qualified column
         // names (the same list as `LockJob`'s) read it.
+        out.push_sql(" FROM changed) SELECT ");
+        jobs::all_columns.walk_ast(out.reborrow())?;
+        out.push_sql(" FROM changed AS jobs");
+        Ok(())
+    }
+}
+
+/// PostgreSQL: [`PgProgress`] for several jobs at once, one statement and one commit
+/// (the progress log's batch, `jobs::progress`): every job id at most once, in the
+/// order the rows are to be locked. Returns a row for each job it changed, and none for
+/// a job [`PgProgress`] would not change either. The arrays are the reports' columns,
+/// index by index.
+pub struct PgProgressBatch<'a> {
+    pub ids: Vec<&'a str>,
+    pub percents: Vec<i32>,
+    pub messages: Vec<Option<&'a str>>,
+    pub lease_until: Vec<i64>,
+    /// The events' `data`.
+    pub data: Vec<String>,
+    pub now: i64,
+}
+
+impl Query for PgProgressBatch<'_> {
+    type SqlType = diesel::dsl::SqlTypeOf<<jobs::table as Table>::AllColumns>;
+}
+
+impl QueryFragment<diesel::pg::Pg> for PgProgressBatch<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, diesel::pg::Pg>) -> QueryResult<()> {
+        use diesel::sql_types::Array;
+        out.push_sql("WITH input AS (SELECT * FROM unnest(");
+        out.push_bind_param::<Array<Text>, _>(&self.ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Integer>, _>(&self.percents)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.messages)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.lease_until)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.data)?;
+        out.push_sql(
+            ") AS i(id, percent, message, lease_until, data)), \
+             changed AS (UPDATE jobs SET version = jobs.version + 1, progress = i.percent, \
+             message = COALESCE(i.message, jobs.message), updated_at = ",
+        );
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql(
+            ", lease_expires_at = i.lease_until FROM input AS i \
+             WHERE jobs.id = i.id AND jobs.status = ",
+        );
+        out.push_bind_param::<Text, _>(JobStatus::Running.as_str())?;
+        out.push_sql(" AND (jobs.attempts <> 1 OR jobs.started_at IS DISTINCT FROM ");
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql(
+            ") RETURNING jobs.*, i.data AS event_data), event AS (INSERT INTO job_events \
+             (job_id, seq, event_type, data, created_at) SELECT id, version, ",
+        );
+        out.push_bind_param::<Text, _>(EventType::Progress.as_str())?;
+        out.push_sql(", event_data, ");
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        // As in `PgProgress`: the CTE is named `jobs` in the final SELECT.
         out.push_sql(" FROM changed) SELECT ");
         jobs::all_columns.walk_ast(out.reborrow())?;
         out.push_sql(" FROM changed AS jobs");

@@ -6,12 +6,19 @@
 use coordinator::db::replay::{insert_replays, ReplayRow};
 use coordinator::db::schema::replay_records;
 use coordinator::error::StoreError;
+use coordinator::jobs::repo::{progress_batch, ProgressReport};
+use coordinator::jobs::JobId;
 use diesel::prelude::*;
+use serde_json::json;
 
 use crate::backend_tests;
 use crate::helpers::{Backend, TestDb};
 
-crate::postgres_tests!(housekeeping_vacuums_the_replay_table_after_large_purges);
+crate::postgres_tests!(
+    housekeeping_vacuums_the_replay_table_after_large_purges,
+    a_progress_batch_writes_each_report_once_in_order,
+    one_bad_report_does_not_sink_its_progress_batch,
+);
 
 backend_tests!(
     a_failing_write_never_sinks_the_writes_committed_with_it,
@@ -287,4 +294,148 @@ fn a_replay_recorded_before_the_by_time_migration_is_still_refused(b: Backend) {
             ("sig-legacy".to_owned(), expires, legacy_signed),
         ]
     );
+}
+
+fn report(id: &str, percent: i32, message: Option<&str>) -> ProgressReport {
+    ProgressReport {
+        id: JobId::parse(id, "id").expect("job id"),
+        percent,
+        message: message.map(str::to_owned),
+        lease_ms: 60_000,
+    }
+}
+
+/// Run one progress batch as the progress log's threads do.
+fn run_batch(
+    app: &crate::helpers::TestApp,
+    reports: Vec<ProgressReport>,
+) -> Vec<Result<Option<coordinator::jobs::row::JobRow>, StoreError>> {
+    let db = app.state.db.clone();
+    actix_web::rt::System::new()
+        .block_on(db.write(move |conn| progress_batch(conn, reports)))
+        .expect("batch")
+}
+
+/// The `progress` events of a job: (seq, percent, message).
+fn progress_events(app: &crate::helpers::TestApp, id: &str) -> Vec<(i64, i64, Option<String>)> {
+    let j = app.get(&format!("/coordinator/jobs/{id}")).json();
+    j["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["type"] == "progress")
+        .map(|e| {
+            (
+                e["seq"].as_i64().expect("seq"),
+                e["data"]["percent"].as_i64().expect("percent"),
+                e["data"]["message"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+/// PostgreSQL's progress batch (one statement for several jobs): a job reported twice in
+/// one batch gets both reports, in arrival order, each its own version and event; a job
+/// that is not RUNNING and one that does not exist get `None` (the general path then
+/// answers 409 or 404); each answer is that report's own row.
+fn a_progress_batch_writes_each_report_once_in_order(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let (a, bj) = (app.running_job(), app.running_job());
+    let queued = app.create_job(&json!({"kind": "build"}));
+    let missing = "00000000-0000-4000-8000-000000000000";
+    // The job's version is its newest event's `seq`.
+    let version = |id: &str| {
+        let j = app.get(&format!("/coordinator/jobs/{id}")).json();
+        j["events"]
+            .as_array()
+            .and_then(|e| e.last())
+            .and_then(|e| e["seq"].as_i64())
+    };
+    let (va, vb) = (version(&a).expect("a"), version(&bj).expect("b"));
+    let out = run_batch(
+        &app,
+        vec![
+            report(&a, 10, Some("a1")),
+            report(&bj, 20, None),
+            report(&a, 30, Some("a3")),
+            report(&queued, 40, None),
+            report(missing, 50, None),
+            report(&a, 35, None),
+        ],
+    );
+    type Changed = (String, i64, i32, Option<String>);
+    let rows: Vec<Option<Changed>> = out
+        .into_iter()
+        .map(|r| {
+            r.expect("no report fails")
+                .map(|row| (row.id, row.version, row.progress, row.message))
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            Some((a.clone(), va + 1, 10, Some("a1".into()))),
+            Some((bj.clone(), vb + 1, 20, None)),
+            Some((a.clone(), va + 2, 30, Some("a3".into()))),
+            None,
+            None,
+            // No message: the last one stays.
+            Some((a.clone(), va + 3, 35, Some("a3".into()))),
+        ]
+    );
+    assert_eq!(
+        progress_events(&app, &a),
+        vec![
+            (va + 1, 10, Some("a1".into())),
+            (va + 2, 30, Some("a3".into())),
+            (va + 3, 35, None),
+        ]
+    );
+    assert_eq!(progress_events(&app, &bj), vec![(vb + 1, 20, None)]);
+    assert!(progress_events(&app, &queued).is_empty());
+    let j = app.get(&format!("/coordinator/jobs/{a}")).json();
+    assert_eq!(
+        (j["progress"].as_i64(), j["message"].as_str()),
+        (Some(35), Some("a3"))
+    );
+    // Over HTTP the queued job's report takes the general path: 409, nothing written.
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{queued}/progress"),
+        &json!({"percent": 40}),
+    );
+    assert_eq!(r.status, 409, "{}", r.body);
+    let metrics = app.get("/metrics").body;
+    assert!(
+        metrics.contains(r#"coordinator_db_queue_limit{queue="progress_log"} 1024"#),
+        "the progress log's queue is exported"
+    );
+}
+
+/// A report PostgreSQL cannot store (a NUL character in its message) fails the batch's
+/// statement; each report is then written on its own, so only that one fails and the
+/// others of its batch are stored and answered.
+fn one_bad_report_does_not_sink_its_progress_batch(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let (a, bj, c) = (app.running_job(), app.running_job(), app.running_job());
+    let out = run_batch(
+        &app,
+        vec![
+            report(&a, 10, None),
+            report(&bj, 20, Some("nul \u{0} here")),
+            report(&c, 30, None),
+        ],
+    );
+    let [first, bad, third] = <[_; 3]>::try_from(out).expect("three answers");
+    assert_eq!(first.expect("a").expect("a changed").progress, 10);
+    assert!(bad.is_err(), "the bad report fails: {bad:?}");
+    assert_eq!(third.expect("c").expect("c changed").progress, 30);
+    let percents = |id: &str| -> Vec<i64> {
+        progress_events(&app, id)
+            .into_iter()
+            .map(|(_, p, _)| p)
+            .collect()
+    };
+    assert_eq!(percents(&a), vec![10]);
+    assert!(percents(&bj).is_empty());
+    assert_eq!(percents(&c), vec![30]);
 }

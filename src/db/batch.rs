@@ -1,0 +1,203 @@
+//! Group commit on PostgreSQL: requests hand one item each to a bounded queue, and a
+//! few dedicated threads each take whatever has queued up (up to a limit), write it
+//! with one statement on one connection and answer every item after the commit. A
+//! request waits for exactly one hand-off to a thread and one back, with no async hop
+//! in between, and its write costs a share of one commit instead of one commit of its
+//! own. Nothing is answered before its batch has committed; a failed batch answers the
+//! same error to every item in it.
+//!
+//! Used by the replay log (`auth::replay`) and by the progress reports
+//! (`jobs::progress`). SQLite has its own group-commit writer (`db::writer`), through
+//! which every write goes anyway.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::load::{current_deadline, Gate, Permit, Shed};
+use super::{deadline_passed, Db, DbConnection};
+use crate::error::StoreError;
+
+/// What a batch writes: one output per item, in the items' order.
+pub type Run<I, O> = fn(&mut DbConnection, Vec<I>) -> Result<Vec<O>, StoreError>;
+
+type Reply<O> = oneshot::Sender<Result<O, StoreError>>;
+/// An item waiting for a batch, with its reply, its admission, and whether a thread
+/// has taken it or its request withdrawn it (whoever sets it first).
+type Queued<I, O> = (I, Reply<O>, Permit, Arc<AtomicBool>);
+type Queue<I, O> = Arc<Mutex<mpsc::UnboundedReceiver<Queued<I, O>>>>;
+
+/// The batching threads' queue. The threads stop when the last clone is dropped.
+pub struct Batcher<I, O> {
+    tx: mpsc::UnboundedSender<Queued<I, O>>,
+    db: Db,
+    gate: Arc<Gate>,
+}
+
+impl<I, O> Clone for Batcher<I, O> {
+    fn clone(&self) -> Self {
+        Batcher {
+            tx: self.tx.clone(),
+            db: self.db.clone(),
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+/// How a [`Batcher`] is shaped.
+pub struct Shape<I, O> {
+    /// The queue's name in metrics (`replay_log`) and, with `-` for `_`, its threads'.
+    pub name: &'static str,
+    /// Threads, so that batches overlap their commits.
+    pub threads: usize,
+    /// Most items written in one batch.
+    pub max_batch: usize,
+    /// Past this many waiting items a request is refused at once (503).
+    pub bound: usize,
+    pub run: Run<I, O>,
+}
+
+impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
+    pub fn start(db: &Db, shape: Shape<I, O>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let rx: Queue<I, O> = Arc::new(Mutex::new(rx));
+        for i in 0..shape.threads.max(1) {
+            let (db, rx) = (db.clone(), rx.clone());
+            let (run, max) = (shape.run, shape.max_batch.max(1));
+            let spawned = std::thread::Builder::new()
+                .name(format!("{}-{i}", shape.name.replace('_', "-")))
+                .spawn(move || writer(&db, &rx, max, run));
+            if let Err(e) = spawned {
+                log::error!("cannot start a {} writer: {e}", shape.name);
+            }
+        }
+        let gate = Gate::bounded(shape.name, shape.bound);
+        db.register_gate(gate.clone());
+        Batcher {
+            tx,
+            db: db.clone(),
+            gate,
+        }
+    }
+
+    /// The queue's bound, depth and refusals.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    /// Write `item` with the next batch and return its output once that batch has
+    /// committed. Refused at once (503) while the database is known to be down, past
+    /// the request's deadline, or when the queue is full; and refused at its deadline
+    /// when no thread has taken it by then (the threads may all be waiting on a lock).
+    /// Once taken, it runs to its batch's commit and the answer waits for that.
+    pub async fn submit(&self, item: I) -> Result<O, StoreError> {
+        if let Err(e) = self.db.health().admit() {
+            self.gate.count_shed(Shed::Unavailable);
+            return Err(e);
+        }
+        let deadline = current_deadline();
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            self.gate.count_shed(Shed::Deadline);
+            return Err(deadline_passed());
+        }
+        let permit = self.gate.enter()?;
+        let (reply, mut answer) = oneshot::channel();
+        let taken = Arc::new(AtomicBool::new(false));
+        // A request dropped before a thread took its item (its client went away)
+        // withdraws it: work whose client has gone is never started.
+        let _withdraw = Withdraw(taken.clone());
+        self.tx
+            .send((item, reply, permit, taken.clone()))
+            .map_err(|_closed| StoreError::Internal(format!("{} stopped", self.gate.name)))?;
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            match actix_web::rt::time::timeout(left, &mut answer).await {
+                Ok(r) => return self.answered(r),
+                Err(_) if !taken.swap(true, Ordering::AcqRel) => {
+                    self.gate.count_shed(Shed::Deadline);
+                    return Err(deadline_passed());
+                }
+                Err(_) => {}
+            }
+        }
+        self.answered(answer.await)
+    }
+
+    fn answered(
+        &self,
+        r: Result<Result<O, StoreError>, oneshot::error::RecvError>,
+    ) -> Result<O, StoreError> {
+        r.unwrap_or_else(|_| {
+            Err(StoreError::Internal(format!(
+                "{} dropped a request",
+                self.gate.name
+            )))
+        })
+    }
+}
+
+/// Marks its item taken when dropped, so that no thread starts it afterwards.
+struct Withdraw(Arc<AtomicBool>);
+
+impl Drop for Withdraw {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Take whatever is queued (waiting for the first), up to `max`.
+fn next_batch<I, O>(rx: &Queue<I, O>, max: usize) -> Option<Vec<Queued<I, O>>> {
+    let mut rx = rx.lock().ok()?;
+    let first = rx.blocking_recv()?;
+    let mut batch = vec![first];
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+fn writer<I, O>(db: &Db, rx: &Queue<I, O>, max: usize, run: Run<I, O>) {
+    while let Some(batch) = next_batch(rx, max) {
+        let mut items = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for (item, reply, permit, taken) in batch {
+            if taken.swap(true, Ordering::AcqRel) {
+                // Withdrawn (its deadline passed, or its request was dropped): not
+                // written, and its answer was given already or is not wanted.
+                continue;
+            }
+            permit.started();
+            items.push(item);
+            // Held until the answer is sent: the queue's depth counts it until then.
+            replies.push((reply, permit));
+        }
+        let n = items.len();
+        if n == 0 {
+            continue;
+        }
+        match db.write_sync(|conn| run(conn, items)) {
+            Ok(outs) if outs.len() == n => {
+                for ((reply, _permit), out) in replies.into_iter().zip(outs) {
+                    let _ = reply.send(Ok(out));
+                }
+            }
+            Ok(outs) => {
+                let e =
+                    StoreError::Internal(format!("a batch of {n} returned {} answers", outs.len()));
+                for (reply, _permit) in replies {
+                    let _ = reply.send(Err(e.shared()));
+                }
+            }
+            Err(e) => {
+                for (reply, _permit) in replies {
+                    let _ = reply.send(Err(e.shared()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! A worker's progress report, the service's most frequent write, with group commit.
+//!
+//! On PostgreSQL each report is handed to batching threads (`db::batch`): each takes
+//! whatever reports have queued up and writes them with one statement and one commit
+//! (`repo::progress_batch`), and answers each report after that commit. A report that
+//! statement does not apply to (the job is not RUNNING, or the report would revoke
+//! tokens) takes the general path of every change (`repo::apply`), which gives the
+//! exact answer. On SQLite every write already shares the group-commit writer's
+//! commits, so a report goes straight to the general path.
+
+use super::model::Change;
+use super::repo::{self, ProgressReport};
+use super::row::JobRow;
+use crate::db::batch::{Batcher, Shape};
+use crate::db::{Backend, Db};
+use crate::error::StoreError;
+
+/// Most reports written in one statement.
+const MAX_BATCH: usize = 256;
+/// Past this many waiting reports, a request is refused at once (503).
+const QUEUE: usize = 1024;
+
+type Written = Result<Option<JobRow>, StoreError>;
+
+#[derive(Clone)]
+pub struct ProgressLog {
+    /// PostgreSQL: the batching threads; SQLite: `None`.
+    batcher: Option<Batcher<ProgressReport, Written>>,
+    db: Db,
+}
+
+impl ProgressLog {
+    /// Start the batching threads (PostgreSQL: two, so one batch's commit overlaps the
+    /// next batch's statement). They stop when the last `ProgressLog` is dropped.
+    pub fn start(db: Db) -> Self {
+        let batcher = (db.backend() == Backend::Postgres).then(|| {
+            Batcher::start(
+                &db,
+                Shape {
+                    name: "progress_log",
+                    threads: 2,
+                    max_batch: MAX_BATCH,
+                    bound: QUEUE,
+                    run: repo::progress_batch,
+                },
+            )
+        });
+        ProgressLog { batcher, db }
+    }
+
+    /// Write a progress report and return the job after it.
+    pub async fn report(&self, report: ProgressReport) -> Result<JobRow, StoreError> {
+        if let Some(b) = &self.batcher {
+            if let Some(row) = b.submit(report.clone()).await?? {
+                return Ok(row);
+            }
+        }
+        let ProgressReport {
+            id,
+            percent,
+            message,
+            lease_ms,
+        } = report;
+        let change = Change::Progress { percent, message };
+        self.db
+            .write(move |conn| repo::apply(conn, &id, &change, lease_ms))
+            .await
+    }
+}
