@@ -53,12 +53,13 @@ pub fn insert_replays(
 ) -> Result<Vec<bool>, StoreError> {
     match (conn, rows) {
         (DbConnection::Postgresql(pg), rows) => {
-            let values: Vec<_> = rows.iter().map(values).collect();
-            let inserted: Vec<(String, String)> = diesel::insert_into(replay_records::table)
-                .values(&values)
-                .on_conflict_do_nothing()
-                .returning((replay_records::caller, replay_records::signature_hash))
-                .get_results(pg)?;
+            let inserted: Vec<(String, String)> = PgInsertReplays {
+                callers: rows.iter().map(|r| r.caller.as_str()).collect(),
+                hashes: rows.iter().map(|r| r.signature_hash.as_str()).collect(),
+                expires: rows.iter().map(|r| r.expires_at).collect(),
+                signed: rows.iter().map(|r| r.signed_at).collect(),
+            }
+            .load(pg)?;
             let mut fresh: HashSet<(String, String)> = inserted.into_iter().collect();
             Ok(rows
                 .iter()
@@ -83,6 +84,46 @@ pub fn insert_replays(
                 })
                 .collect()
         }),
+    }
+}
+
+/// PostgreSQL: a batch of records with one statement whose SQL is the same for every
+/// batch size (the rows go as four arrays), so it stays prepared on each connection,
+/// where a multi-row `VALUES` list is parsed and planned again for each batch.
+/// Returns the (caller, signature) of each row it inserted; a row already there, or
+/// the second of a pair within the batch, is skipped (`ON CONFLICT DO NOTHING`).
+struct PgInsertReplays<'a> {
+    callers: Vec<&'a str>,
+    hashes: Vec<&'a str>,
+    expires: Vec<i64>,
+    signed: Vec<i64>,
+}
+
+super::prepared_statement!(PgInsertReplays);
+
+impl diesel::query_builder::Query for PgInsertReplays<'_> {
+    type SqlType = (diesel::sql_types::Text, diesel::sql_types::Text);
+}
+
+impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for PgInsertReplays<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> QueryResult<()> {
+        use diesel::sql_types::{Array, BigInt, Text};
+        out.push_sql(
+            "INSERT INTO replay_records (caller, signature_hash, expires_at, signed_at) \
+             SELECT * FROM unnest(",
+        );
+        out.push_bind_param::<Array<Text>, _>(&self.callers)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.hashes)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.expires)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.signed)?;
+        out.push_sql(") ON CONFLICT DO NOTHING RETURNING caller, signature_hash");
+        Ok(())
     }
 }
 

@@ -24,6 +24,7 @@ backend_tests!(
     a_failing_write_never_sinks_the_writes_committed_with_it,
     housekeeping_purges_every_expired_replay_record,
     a_replay_recorded_before_the_by_time_migration_is_still_refused,
+    a_replay_batch_answers_each_record_in_order,
 );
 
 const CALLER: &str = "group-commit-test";
@@ -438,4 +439,39 @@ fn one_bad_report_does_not_sink_its_progress_batch(b: Backend) {
     assert_eq!(percents(&a), vec![10]);
     assert!(percents(&bj).is_empty());
     assert_eq!(percents(&c), vec![30]);
+}
+
+/// One batch of replay records as the replay log writes it: a record already stored
+/// and the second of a pair within the batch are replays (`false`), every other one is
+/// new (`true`), answered in the batch's order; each pair is stored once.
+fn a_replay_batch_answers_each_record_in_order(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let now = coordinator::db::now_millis();
+    let row = move |sig: &str| ReplayRow::new("batch-test", sig, now / 1000, now + 60_000);
+    let db = app.state.db.clone();
+    let (first, second, stored) = actix_web::rt::System::new().block_on(async move {
+        let first = db
+            .write(move |conn| insert_replays(conn, &[row("a")]))
+            .await
+            .expect("first");
+        let batch = vec![row("b"), row("a"), row("c"), row("b"), row("d")];
+        let second = db
+            .write(move |conn| insert_replays(conn, &batch))
+            .await
+            .expect("second");
+        let stored: Vec<String> = db
+            .read(|conn| {
+                Ok(replay_records::table
+                    .filter(replay_records::caller.eq("batch-test"))
+                    .select(replay_records::signature_hash)
+                    .order(replay_records::signature_hash)
+                    .load(conn)?)
+            })
+            .await
+            .expect("read back");
+        (first, second, stored)
+    });
+    assert_eq!(first, [true]);
+    assert_eq!(second, [true, false, true, false, true]);
+    assert_eq!(stored, ["a", "b", "c", "d"]);
 }
