@@ -207,11 +207,15 @@ impl Application {
         };
         signals.abort();
         notifier.close();
-        // Flush: the replay batchers (PostgreSQL) and the database's writes (on SQLite
-        // the group-commit writer) finish what they were handed before the process ends.
+        // Flush: the batching threads (PostgreSQL's replay records and progress
+        // reports) and the database's writes (on SQLite the group-commit writer) finish
+        // what they were handed before the process ends.
         let within = self.state.config.shutdown_timeout;
         if !self.state.auth.replays.drain(within).await {
             log::warn!("replay log: records still unwritten at exit");
+        }
+        if !self.state.progress.drain(within).await {
+            log::warn!("progress log: reports still unwritten at exit");
         }
         if !self.state.db.drain_writes(within).await {
             log::warn!("database writes still under way at exit");

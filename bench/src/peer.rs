@@ -151,7 +151,9 @@ pub fn run(bin: &str, dir: &str, out_path: &str, conns: usize, duration: Duratio
          `COORDINATOR_WORKERS=2`, `RUST_LOG=info`) and the Node peer (`node server.js` from a copy of \
          the Node peer `perf-peer` (outside this repository), Fastify 5 + better-sqlite3, `PEER_LOG_LEVEL=info`) run at the same time, \
          with the same caller, HMAC secret and API key (created through the library, as `serve --dev` \
-         does). {conns} closed-loop keep-alive connections, each signed request with a fresh nonce; \
+         does). {conns} closed-loop keep-alive connections, shared out over two event-loop client threads \
+         (`awc`; before 2026-12-05 09:15 a blocking client with a thread per connection, which took \
+         most of what the server left of the two cores), each signed request with a fresh nonce; \
          each scenario is run service → peer → peer → service, {} s each after a 1 s warm-up, and the \
          two runs of each are averaged. Server CPU = Δ(utime+stime) of the server process ÷ requests.\n",
         crate::report::command_line(),

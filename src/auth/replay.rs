@@ -13,10 +13,7 @@
 //! when to write (the runtime log); that one is the `replay_records` table (insert,
 //! purge).
 
-use std::sync::Arc;
-
 use crate::db::batch::{Batcher, Shape};
-use crate::db::load::Gate;
 use crate::db::replay::{insert_replays, Deferred, ReplayRow, Turn, Verdict};
 use crate::db::{Backend, Db};
 use crate::error::StoreError;
@@ -33,8 +30,6 @@ pub struct ReplayLog {
     /// through `db` like any write.
     batcher: Option<Batcher<ReplayRow, bool>>,
     db: Db,
-    /// PostgreSQL: the bound of that queue, in number and in waiting time.
-    gate: Arc<Gate>,
 }
 
 impl ReplayLog {
@@ -44,11 +39,7 @@ impl ReplayLog {
     /// between. The writers stop when the last `ReplayLog` is dropped.
     pub fn start(db: Db) -> Self {
         if db.backend() == Backend::Sqlite {
-            return ReplayLog {
-                batcher: None,
-                db,
-                gate: Gate::bounded("replay", 0),
-            };
+            return ReplayLog { batcher: None, db };
         }
         let batcher = Batcher::start(
             &db,
@@ -61,7 +52,6 @@ impl ReplayLog {
             },
         );
         ReplayLog {
-            gate: batcher.gate().clone(),
             batcher: Some(batcher),
             db,
         }
@@ -72,14 +62,10 @@ impl ReplayLog {
     /// when some were still unwritten. On SQLite the records are the database's writes
     /// (`Db::drain_writes`).
     pub async fn drain(&self, within: std::time::Duration) -> bool {
-        let until = std::time::Instant::now() + within;
-        while self.gate.depth() > 0 {
-            if std::time::Instant::now() >= until {
-                return false;
-            }
-            actix_web::rt::time::sleep(std::time::Duration::from_millis(5)).await;
+        match &self.batcher {
+            Some(b) => b.drain(within).await,
+            None => true,
         }
-        true
     }
 
     /// Whether a request's record is deferred to its first database work

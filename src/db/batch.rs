@@ -82,6 +82,20 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         }
     }
 
+    /// Wait (at most `within`) until every item handed over has been answered (each
+    /// holds its admission until then): the shutdown's flush. `false` when some were
+    /// still unwritten.
+    pub async fn drain(&self, within: std::time::Duration) -> bool {
+        let until = Instant::now() + within;
+        while self.gate.depth() > 0 {
+            if Instant::now() >= until {
+                return false;
+            }
+            actix_web::rt::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
+    }
+
     /// The queue's bound, depth and refusals.
     pub fn gate(&self) -> &Arc<Gate> {
         &self.gate

@@ -48,6 +48,15 @@ impl ProgressLog {
         ProgressLog { batcher, db }
     }
 
+    /// Wait (at most `within`) until every report handed to the batching threads has
+    /// been written and answered: the shutdown's flush. `false` when some were not.
+    pub async fn drain(&self, within: std::time::Duration) -> bool {
+        match &self.batcher {
+            Some(b) => b.drain(within).await,
+            None => true,
+        }
+    }
+
     /// Write a progress report and return the job after it.
     pub async fn report(&self, report: ProgressReport) -> Result<JobRow, StoreError> {
         if let Some(b) = &self.batcher {
