@@ -29,6 +29,19 @@ backend_tests!(
 
 const CALLER: &str = "group-commit-test";
 
+/// The signatures stored for `caller`, in order.
+async fn stored_signatures(db: &coordinator::db::Db, caller: &'static str) -> Vec<String> {
+    db.read(move |conn| {
+        Ok(replay_records::table
+            .filter(replay_records::caller.eq(caller))
+            .select(replay_records::signature_hash)
+            .order(replay_records::signature_hash)
+            .load(conn)?)
+    })
+    .await
+    .expect("read back")
+}
+
 /// 60 writes at once (within the write queue's bound), each inserting a row and every
 /// third failing after its insert: exactly the others' rows are stored, each failed one
 /// is answered with its own error, and every success was answered after its commit (its
@@ -85,15 +98,7 @@ fn a_failing_write_never_sinks_the_writes_committed_with_it(b: Backend) {
     }
     assert_eq!(expected.len(), n - n.div_ceil(3));
     let db = app.state.db.clone();
-    let stored: Vec<String> = actix_web::rt::System::new()
-        .block_on(db.read(|conn| {
-            Ok(replay_records::table
-                .filter(replay_records::caller.eq(CALLER))
-                .select(replay_records::signature_hash)
-                .order(replay_records::signature_hash)
-                .load::<String>(conn)?)
-        }))
-        .expect("read back");
+    let stored = actix_web::rt::System::new().block_on(stored_signatures(&db, CALLER));
     assert_eq!(stored, expected);
 }
 
@@ -135,16 +140,7 @@ fn housekeeping_purges_every_expired_replay_record(b: Backend) {
         .await
         .expect("insert");
         let report = coordinator::housekeeping::pass(&state).await;
-        let left: Vec<String> = db
-            .read(|conn| {
-                Ok(replay_records::table
-                    .filter(replay_records::caller.eq("purge-test"))
-                    .select(replay_records::signature_hash)
-                    .order(replay_records::signature_hash)
-                    .load(conn)?)
-            })
-            .await
-            .expect("read back");
+        let left = stored_signatures(&db, "purge-test").await;
         (report, left)
     });
     // The app's own housekeeping task (every 5 s) may have run the same pass first.
@@ -459,16 +455,7 @@ fn a_replay_batch_answers_each_record_in_order(b: Backend) {
             .write(move |conn| insert_replays(conn, &batch))
             .await
             .expect("second");
-        let stored: Vec<String> = db
-            .read(|conn| {
-                Ok(replay_records::table
-                    .filter(replay_records::caller.eq("batch-test"))
-                    .select(replay_records::signature_hash)
-                    .order(replay_records::signature_hash)
-                    .load(conn)?)
-            })
-            .await
-            .expect("read back");
+        let stored = stored_signatures(&db, "batch-test").await;
         (first, second, stored)
     });
     assert_eq!(first, [true]);
