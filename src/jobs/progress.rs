@@ -59,7 +59,11 @@ impl ProgressLog {
 
     /// Write a progress report and return the job after it.
     pub async fn report(&self, report: ProgressReport) -> Result<JobRow, StoreError> {
-        if let Some(b) = &self.batcher {
+        // A request whose replay record is deferred to its first database work
+        // (`db::replay::Deferred`, SQLite's way) must have it settled before its write
+        // runs; only `Db`'s own path does that, so such a report never takes the batch.
+        let deferred = crate::db::replay::current_deferred().is_some();
+        if let (Some(b), false) = (&self.batcher, deferred) {
             if let Some(row) = b.submit(report.clone()).await?? {
                 return Ok(row);
             }
