@@ -14,7 +14,7 @@ use super::model::{Change, EventType, JobId, NewJob};
 use super::request::{Cursor, ListFilter};
 use super::row::{EventRow, JobRow, QueueRow};
 use super::state::{backoff_delay_ms, transition_error, JobStatus};
-use super::statements::{Heartbeat, LockJob, PgChange, PgProgress, PgProgressBatch, SetChanges};
+use super::statements::{Heartbeat, LockJob, PgChange, PgProgressBatch, SetChanges};
 use super::view::{QueueDepth, QueueView};
 use crate::db::outbox::after_commit;
 use crate::db::schema::{job_events, jobs, queues};
@@ -383,9 +383,9 @@ pub fn apply(
     })
 }
 
-/// PostgreSQL's progress report in one statement ([`PgProgress`]), the worker's most
-/// frequent write; `None` when it does not apply (the job is not RUNNING, or the
-/// report would revoke tokens), and the general path answers instead.
+/// PostgreSQL's progress report in one statement, the worker's most frequent write;
+/// `None` when it does not apply (the job is not RUNNING, or the report would revoke
+/// tokens), and the general path answers instead.
 fn progress_pg(
     pg: &mut diesel::PgConnection,
     id: &JobId,
@@ -393,23 +393,38 @@ fn progress_pg(
     message: Option<&str>,
     lease_ms: i64,
 ) -> Result<Option<JobRow>, StoreError> {
+    let rows = write_progress(pg, &[(id.as_str(), percent, message, lease_ms)])?;
+    Ok(rows.into_iter().next())
+}
+
+/// One report for [`write_progress`]: job id, percent, message, lease (ms).
+type Report<'a> = (&'a str, i32, Option<&'a str>, i64);
+
+/// [`PgProgressBatch`] for `reports` (each job at most once, in locking order): the rows
+/// it changed, their notifications queued for after the commit.
+fn write_progress(
+    pg: &mut diesel::PgConnection,
+    reports: &[Report<'_>],
+) -> diesel::QueryResult<Vec<JobRow>> {
     let now = now_millis();
-    let row = PgProgress {
-        id: id.as_str(),
-        percent,
-        message,
+    let rows = PgProgressBatch {
+        ids: reports.iter().map(|r| r.0).collect(),
+        percents: reports.iter().map(|r| r.1).collect(),
+        messages: reports.iter().map(|r| r.2).collect(),
+        lease_until: reports.iter().map(|r| now.saturating_add(r.3)).collect(),
+        data: reports
+            .iter()
+            .map(|r| json!({"percent": r.1, "message": r.2}).to_string())
+            .collect(),
         now,
-        lease_until: now.saturating_add(lease_ms),
-        data: json!({"percent": percent, "message": message}).to_string(),
     }
-    .get_result::<JobRow>(pg)
-    .optional()?;
-    if let Some(r) = &row {
+    .load::<JobRow>(pg)?;
+    for r in &rows {
         after_commit(super::notify::payload(
             &r.queue, &r.id, r.version, &r.status, now,
         ));
     }
-    Ok(row)
+    Ok(rows)
 }
 
 /// One progress report of a batch ([`progress_batch`]).
@@ -456,39 +471,22 @@ pub fn progress_batch(
         }
     }
     later.sort_unstable_by_key(|&(i, _)| i);
-    let now = now_millis();
     let alone = |pg: &mut diesel::PgConnection, r: &ProgressReport| {
         progress_pg(pg, &r.id, r.percent, r.message.as_deref(), r.lease_ms)
     };
-    let statement = PgProgressBatch {
-        ids: firsts.iter().map(|(_, r)| r.id.as_str()).collect(),
-        percents: firsts.iter().map(|(_, r)| r.percent).collect(),
-        messages: firsts.iter().map(|(_, r)| r.message.as_deref()).collect(),
-        lease_until: firsts
-            .iter()
-            .map(|(_, r)| now.saturating_add(r.lease_ms))
-            .collect(),
-        data: firsts
-            .iter()
-            .map(|(_, r)| json!({"percent": r.percent, "message": r.message}).to_string())
-            .collect(),
-        now,
-    };
+    let statement: Vec<Report<'_>> = firsts
+        .iter()
+        .map(|(_, r)| (r.id.as_str(), r.percent, r.message.as_deref(), r.lease_ms))
+        .collect();
     // (arrival index, answer): every report exactly once.
     let mut answers: Vec<(usize, Result<Option<JobRow>, StoreError>)> =
         Vec::with_capacity(reports.len());
-    match statement.load::<JobRow>(pg) {
+    match write_progress(pg, &statement) {
         Ok(rows) => {
             let mut changed: std::collections::HashMap<String, JobRow> =
                 rows.into_iter().map(|r| (r.id.clone(), r)).collect();
             for (i, r) in &firsts {
-                let row = changed.remove(r.id.as_str());
-                if let Some(r) = &row {
-                    after_commit(super::notify::payload(
-                        &r.queue, &r.id, r.version, &r.status, now,
-                    ));
-                }
-                answers.push((*i, Ok(row)));
+                answers.push((*i, Ok(changed.remove(r.id.as_str()))));
             }
         }
         Err(e) => {

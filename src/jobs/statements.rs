@@ -14,11 +14,10 @@
 //!   (one round trip instead of two; the writes are data-modifying CTEs, which run
 //!   whether or not the final SELECT reads them);
 //! - [`Heartbeat`]: a RUNNING job's new lease expiry;
-//! - [`PgProgress`]: on PostgreSQL a RUNNING job's progress report — version bump,
-//!   progress, message, lease and event — in one statement that commits on its own
-//!   (one round trip instead of four: `BEGIN`, lock, change, `COMMIT`);
-//! - [`PgProgressBatch`]: the same for several jobs' reports in one statement, the
-//!   group commit of `jobs::progress`.
+//! - [`PgProgressBatch`]: on PostgreSQL RUNNING jobs' progress reports — version
+//!   bump, progress, message, lease and event — in one statement that commits on its
+//!   own (one round trip instead of four: `BEGIN`, lock, change, `COMMIT`), for one
+//!   report or for the progress log's batch (`jobs::progress`).
 
 use diesel::backend::Backend;
 use diesel::query_builder::{AstPass, Query, QueryFragment};
@@ -37,14 +36,7 @@ use crate::db::schema::jobs;
 /// write lock (SQLite) and reads the row in one round trip.
 pub struct LockJob<'a>(pub &'a str);
 
-prepared_statement!(
-    LockJob,
-    SetChanges,
-    Heartbeat,
-    PgChange,
-    PgProgress,
-    PgProgressBatch
-);
+prepared_statement!(LockJob, SetChanges, Heartbeat, PgChange, PgProgressBatch);
 
 impl Query for LockJob<'_> {
     type SqlType = diesel::dsl::SqlTypeOf<<jobs::table as Table>::AllColumns>;
@@ -180,68 +172,18 @@ impl QueryFragment<diesel::pg::Pg> for PgChange<'_> {
     }
 }
 
-/// PostgreSQL: a progress report on a RUNNING job as one statement, returning the
-/// changed row (every column, as [`LockJob`]) — no row when the job is not RUNNING,
-/// does not exist, or the report would revoke tokens (see `repo::token_revocation`:
-/// the first attempt's report in the millisecond of its claim). The caller then takes
-/// the general path (lock, [`super::repo::apply_locked`]), which gives the exact
-/// answer. What it writes is what that path writes for `Change::Progress`: version + 1,
-/// `progress`, `message` when one is given, `updated_at`, the renewed lease and the
-/// `progress` event with `seq` = the new version. (The notification goes after the
-/// commit, `db::outbox`.)
-pub struct PgProgress<'a> {
-    pub id: &'a str,
-    pub percent: i32,
-    pub message: Option<&'a str>,
-    pub now: i64,
-    pub lease_until: i64,
-    /// The event's `data`.
-    pub data: String,
-}
-
-impl Query for PgProgress<'_> {
-    type SqlType = diesel::dsl::SqlTypeOf<<jobs::table as Table>::AllColumns>;
-}
-
-impl QueryFragment<diesel::pg::Pg> for PgProgress<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, diesel::pg::Pg>) -> QueryResult<()> {
-        out.push_sql("WITH changed AS (UPDATE jobs SET version = version + 1, progress = ");
-        out.push_bind_param::<Integer, _>(&self.percent)?;
-        out.push_sql(", message = COALESCE(");
-        out.push_bind_param::<Nullable<Text>, _>(&self.message)?;
-        out.push_sql(", message), updated_at = ");
-        out.push_bind_param::<BigInt, _>(&self.now)?;
-        out.push_sql(", lease_expires_at = ");
-        out.push_bind_param::<BigInt, _>(&self.lease_until)?;
-        out.push_sql(" WHERE id = ");
-        out.push_bind_param::<Text, _>(self.id)?;
-        out.push_sql(" AND status = ");
-        out.push_bind_param::<Text, _>(JobStatus::Running.as_str())?;
-        out.push_sql(" AND (attempts <> 1 OR started_at IS DISTINCT FROM ");
-        out.push_bind_param::<BigInt, _>(&self.now)?;
-        out.push_sql(
-            ") RETURNING *), event AS (INSERT INTO job_events \
-             (job_id, seq, event_type, data, created_at) SELECT id, version, ",
-        );
-        out.push_bind_param::<Text, _>(EventType::Progress.as_str())?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(&self.data)?;
-        out.push_sql(", ");
-        out.push_bind_param::<BigInt, _>(&self.now)?;
-        // The CTE is named `jobs` in the final SELECT, so the table's qualified column
-        // names (the same list as `LockJob`'s) read it.
-        out.push_sql(" FROM changed) SELECT ");
-        jobs::all_columns.walk_ast(out.reborrow())?;
-        out.push_sql(" FROM changed AS jobs");
-        Ok(())
-    }
-}
-
-/// PostgreSQL: [`PgProgress`] for several jobs at once, one statement and one commit
-/// (the progress log's batch, `jobs::progress`): every job id at most once, in the
-/// order the rows are to be locked. Returns a row for each job it changed, and none for
-/// a job [`PgProgress`] would not change either. The arrays are the reports' columns,
-/// index by index.
+/// PostgreSQL: progress reports on RUNNING jobs as one statement that commits on its
+/// own, returning each changed row (every column, as [`LockJob`]) — one report for a
+/// request alone, several for the progress log's batch (`jobs::progress`), each job at
+/// most once, in the order the rows are to be locked. No row for a job that is not
+/// RUNNING, does not exist, or whose report would revoke tokens (see
+/// `repo::token_revocation`: the first attempt's report in the millisecond of its
+/// claim); the caller then takes the general path (lock,
+/// [`super::repo::apply_locked`]), which gives the exact answer. What it writes is what
+/// that path writes for `Change::Progress`: version + 1, `progress`, `message` when one
+/// is given, `updated_at`, the renewed lease and the `progress` event with `seq` = the
+/// new version. (The notification goes after the commit, `db::outbox`.) The arrays are
+/// the reports' columns, index by index.
 pub struct PgProgressBatch<'a> {
     pub ids: Vec<&'a str>,
     pub percents: Vec<i32>,
@@ -289,7 +231,8 @@ impl QueryFragment<diesel::pg::Pg> for PgProgressBatch<'_> {
         out.push_bind_param::<Text, _>(EventType::Progress.as_str())?;
         out.push_sql(", event_data, ");
         out.push_bind_param::<BigInt, _>(&self.now)?;
-        // As in `PgProgress`: the CTE is named `jobs` in the final SELECT.
+        // The CTE is named `jobs` in the final SELECT, so the table's qualified column
+        // names (the same list as `LockJob`'s) read it.
         out.push_sql(" FROM changed) SELECT ");
         jobs::all_columns.walk_ast(out.reborrow())?;
         out.push_sql(" FROM changed AS jobs");
@@ -387,13 +330,13 @@ mod tests {
         assert_eq!(returned_columns(&pg), want, "{pg}");
         // PostgreSQL's one-statement progress report reads the row back the same way,
         // and notifies nobody before its commit (`db::outbox`).
-        let progress = diesel::debug_query::<diesel::pg::Pg, _>(&PgProgress {
-            id: "j",
-            percent: 1,
-            message: None,
+        let progress = diesel::debug_query::<diesel::pg::Pg, _>(&PgProgressBatch {
+            ids: vec!["j"],
+            percents: vec![1],
+            messages: vec![None],
+            lease_until: vec![2],
+            data: vec!["{}".into()],
             now: 1,
-            lease_until: 2,
-            data: "{}".into(),
         })
         .to_string();
         let selected = progress.rsplit(") SELECT ").next().unwrap_or("");

@@ -204,7 +204,8 @@ fn progress_only_while_running(b: Backend) {
 }
 
 /// What a progress report writes, the same on both backends (PostgreSQL takes a
-/// one-statement path, `statements::PgProgress`; SQLite the general lock-and-change):
+/// one-statement path, `statements::PgProgressBatch`, alone or batched; SQLite the
+/// general lock-and-change):
 /// version + 1, the percent, the message only when one is sent, a renewed lease, one
 /// `progress` event with `seq` = the new version, and on PostgreSQL the notification
 /// other instances read (`queue|id|seq|status|at`).
