@@ -33,10 +33,9 @@ pub struct ReplayLog {
 }
 
 impl ReplayLog {
-    /// Start the batch writers: dedicated threads (one on SQLite, whose writes are
-    /// serial anyway; four on PostgreSQL, so batches overlap their commits). A request
-    /// waits for exactly one hand-off to a writer and one back, with no async hop in
-    /// between. The writers stop when the last `ReplayLog` is dropped.
+    /// Start the batch writers on PostgreSQL: four threads (`db::batch`), so batches
+    /// overlap their commits; they stop when the last `ReplayLog` is dropped. SQLite
+    /// has none: its records are writes of the group-commit writer.
     pub fn start(db: Db) -> Self {
         if db.backend() == Backend::Sqlite {
             return ReplayLog { batcher: None, db };

@@ -96,11 +96,6 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         true
     }
 
-    /// The queue's bound, depth and refusals.
-    pub fn gate(&self) -> &Arc<Gate> {
-        &self.gate
-    }
-
     /// Write `item` with the next batch and return its output once that batch has
     /// committed. Refused at once (503) while the database is known to be down, past
     /// the request's deadline, or when the queue is full; and refused at its deadline
