@@ -352,6 +352,19 @@ pub fn current_deferred() -> Option<std::sync::Arc<Deferred>> {
     DEFERRED.try_with(std::sync::Arc::clone).ok()
 }
 
+/// `f` under the current request's deferred record, if it has one: for work the
+/// request hands to a task of its own (a task-local does not cross `spawn`). Without
+/// it that task's database work would run unchecked, before the record's verdict.
+pub fn carry<F: std::future::Future>(f: F) -> impl std::future::Future<Output = F::Output> {
+    let deferred = current_deferred();
+    async move {
+        match deferred {
+            Some(d) => d.scope(f).await,
+            None => f.await,
+        }
+    }
+}
+
 /// The verdict a settled outcome gives: `Ok` the record committed, or why not.
 pub fn verdict_of<T>(r: &Result<T, StoreError>) -> Verdict {
     match r {

@@ -91,7 +91,9 @@ async fn claim_detached(
     let (tx, rx) = tokio::sync::oneshot::channel();
     let st = state.clone();
     let (queue, caller, worker) = (queue.to_owned(), caller.to_owned(), worker.to_owned());
-    actix_web::rt::spawn(async move {
+    // The task carries the request's deferred replay record (`db::replay::carry`): a
+    // replayed claim must take no job.
+    actix_web::rt::spawn(crate::db::replay::carry(async move {
         let r = fresh(
             &st,
             crate::http::jobs::claim_once(&st, queue, caller, worker),
@@ -100,7 +102,7 @@ async fn claim_detached(
         if let Err(Ok(Some(c))) = tx.send(r) {
             give_back(&st, c.job.id).await;
         }
-    });
+    }));
     rx.await
         .map_err(|e| ApiError::internal(anyhow::anyhow!("claim task ended without answer: {e}")))?
 }

@@ -25,6 +25,7 @@ backend_tests!(
     concurrent_replays_let_exactly_one_through,
     a_replayed_write_changes_nothing_and_a_failed_request_burns_its_signature,
     concurrent_replays_of_a_write_create_one_job,
+    a_replayed_long_claim_takes_no_job,
     rotation_with_grace,
     at_most_eight_versions_are_tried,
     revoked_secret_is_refused_within_a_second,
@@ -452,6 +453,35 @@ fn concurrent_replays_of_a_write_create_one_job(b: Backend) {
         "{statuses:?}"
     );
     assert_eq!(job_count(&app), 1, "one job, not more");
+}
+
+/// A claim with a `wait` runs its attempts in a task of their own (so a client that
+/// leaves does not take a job with it): the replay check must reach that task too, or
+/// a captured claim would take a job for nobody before its replay is refused.
+fn a_replayed_long_claim_takes_no_job(b: Backend) {
+    let Some(app) = lenient_app(b) else { return };
+    let mut queued = Vec::new();
+    for _ in 0..2 {
+        let id = app.create_job(&json!({"kind": "build", "queue": "rq"}));
+        let r = app.patch_json(
+            &format!("/coordinator/jobs/{id}/status"),
+            &json!({"status": "QUEUED"}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        queued.push(id);
+    }
+    let path = "/coordinator/queues/rq/claim";
+    let body = br#"{"worker":"w1","wait":1}"#;
+    let h = app.signer.headers("POST", path, body, now_secs());
+    let r = send_with(&app, "POST", path, &h, &[JSON_CT], body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = send_with(&app, "POST", path, &h, &[JSON_CT], body);
+    assert_401(&r, "replayed request");
+    let running = queued
+        .iter()
+        .filter(|id| app.get(&format!("/coordinator/jobs/{id}")).json()["status"] == "RUNNING")
+        .count();
+    assert_eq!(running, 1, "the replay claimed a job");
 }
 
 fn replay_is_refused_by_a_sibling_instance(b: Backend) {
