@@ -3,11 +3,14 @@
 //! the window is a replay. A replay check costs a share of one commit instead of one
 //! commit per request, and nothing is acknowledged before it is durable:
 //!
-//! - on SQLite the record is one more write for the database's group-commit writer
-//!   (`db::writer`), committed together with whatever other writes have queued up —
-//!   the job changes of other requests included;
-//! - on PostgreSQL requests hand their record to batching threads, each of which
-//!   writes whatever has queued up with one statement and answers after the commit.
+//! - the guard defers the record to the request's first database work
+//!   (`db::replay::Deferred`): a job change on SQLite and a progress report on
+//!   PostgreSQL carry it in their own transaction, so the request costs one commit;
+//! - written on its own (before a read, another write on PostgreSQL, or after a
+//!   handler that did no database work), it is one more write for SQLite's
+//!   group-commit writer (`db::writer`), or on PostgreSQL it goes to batching
+//!   threads, each of which writes whatever has queued up with one statement and
+//!   answers after the commit.
 //!
 //! The replay record lives here and in `db::replay`, nowhere else: this module decides
 //! when to write (the runtime log); that one is the `replay_records` table (insert,
@@ -67,11 +70,10 @@ impl ReplayLog {
         }
     }
 
-    /// Whether a request's record is deferred to its first database work
-    /// (`db::replay::Deferred`) instead of written now: on SQLite, where the record
-    /// and the request's write then share one work item of the group commit.
-    pub fn defers(&self) -> bool {
-        self.batcher.is_none()
+    /// A request's record, deferred to its first database work
+    /// (`db::replay::Deferred`).
+    pub fn defer(&self, row: ReplayRow) -> std::sync::Arc<Deferred> {
+        Deferred::new(row, self.batcher.clone())
     }
 
     /// After the handler: whether a deferred record was fresh (`Ok(false)`: a replay),
@@ -95,7 +97,7 @@ impl ReplayLog {
 
     /// Record the (caller, signature) pair; `Ok(false)` when it was already recorded (a
     /// replay).
-    pub async fn record(&self, row: ReplayRow) -> Result<bool, StoreError> {
+    async fn record(&self, row: ReplayRow) -> Result<bool, StoreError> {
         match &self.batcher {
             Some(b) => b.submit(row).await,
             None => self

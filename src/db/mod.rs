@@ -832,15 +832,24 @@ impl Db {
     }
 
     /// Write a deferred replay record on its own (before a read, or where there is no
-    /// group-commit writer) and settle it.
+    /// group-commit writer) and settle it: with PostgreSQL's replay batch, or as a
+    /// write of SQLite's writer.
     async fn record_alone(
         &self,
         deferred: &replay::Deferred,
         row: replay::ReplayRow,
     ) -> Result<(), StoreError> {
-        let r = self
-            .dispatch(true, move |conn| replay::record(conn, &row))
-            .await;
+        let r = match deferred.batch() {
+            Some(batch) => match batch.submit(row).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(StoreError::Replayed),
+                Err(e) => Err(e),
+            },
+            None => {
+                self.dispatch(true, move |conn| replay::record(conn, &row))
+                    .await
+            }
+        };
         deferred.settle(replay::verdict_of(&r));
         r
     }

@@ -14,6 +14,7 @@ use std::collections::HashSet;
 
 use diesel::prelude::*;
 
+use super::batch::Batcher;
 use super::schema::replay_records;
 use super::DbConnection;
 use crate::error::{is_unique_violation, StoreError};
@@ -52,20 +53,7 @@ pub fn insert_replays(
     rows: &[ReplayRow],
 ) -> Result<Vec<bool>, StoreError> {
     match (conn, rows) {
-        (DbConnection::Postgresql(pg), rows) => {
-            let inserted: Vec<(String, String)> = PgInsertReplays {
-                callers: rows.iter().map(|r| r.caller.as_str()).collect(),
-                hashes: rows.iter().map(|r| r.signature_hash.as_str()).collect(),
-                expires: rows.iter().map(|r| r.expires_at).collect(),
-                signed: rows.iter().map(|r| r.signed_at).collect(),
-            }
-            .load(pg)?;
-            let mut fresh: HashSet<(String, String)> = inserted.into_iter().collect();
-            Ok(rows
-                .iter()
-                .map(|r| fresh.remove(&(r.caller.clone(), r.signature_hash.clone())))
-                .collect())
-        }
+        (DbConnection::Postgresql(pg), rows) => Ok(insert_replays_pg(pg, rows)?),
         // One statement needs no transaction of its own.
         (DbConnection::Sqlite(lite), [row]) => {
             let n = diesel::insert_or_ignore_into(replay_records::table)
@@ -85,6 +73,27 @@ pub fn insert_replays(
                 .collect()
         }),
     }
+}
+
+/// [`insert_replays`] on PostgreSQL: one statement ([`PgInsertReplays`]), in whatever
+/// transaction `pg` is in (the progress log's batch writes its reports' records in
+/// its own, `jobs::repo::progress_batch`).
+pub fn insert_replays_pg(
+    pg: &mut diesel::PgConnection,
+    rows: &[ReplayRow],
+) -> QueryResult<Vec<bool>> {
+    let inserted: Vec<(String, String)> = PgInsertReplays {
+        callers: rows.iter().map(|r| r.caller.as_str()).collect(),
+        hashes: rows.iter().map(|r| r.signature_hash.as_str()).collect(),
+        expires: rows.iter().map(|r| r.expires_at).collect(),
+        signed: rows.iter().map(|r| r.signed_at).collect(),
+    }
+    .load(pg)?;
+    let mut fresh: HashSet<(String, String)> = inserted.into_iter().collect();
+    Ok(rows
+        .iter()
+        .map(|r| fresh.remove(&(r.caller.clone(), r.signature_hash.clone())))
+        .collect())
 }
 
 /// PostgreSQL: a batch of records with one statement whose SQL is the same for every
@@ -252,21 +261,30 @@ pub enum Verdict {
     Failed(StoreError),
 }
 
-/// A signed request's replay record, held back on SQLite so it commits with the
-/// request's own first write — one share of one group commit per request instead of
-/// two (docs/decisions.md, "The replay record rides with the request's first write").
+/// A signed request's replay record, held back so it commits with the request's own
+/// first write where that saves a commit — one share of one group commit per request
+/// instead of two (docs/decisions.md, "The replay record rides with the request's
+/// first write").
 ///
 /// The guard (`auth::middleware`) runs the handler under [`Deferred::scope`]. Inside
-/// it `Db` settles the record before any database work: a write runs the insert first
-/// in the same savepoint-protected work item (a replay runs nothing else; the
-/// request's own work runs in a savepoint of its own, so a request that fails still
-/// burns its signature); a read first writes the record on its own. Once the verdict
-/// is anything but [`Verdict::Fresh`], every later database operation of the request
-/// fails. Whatever the handler did, the guard settles a record still pending after it
-/// and answers 401 for a replay, 503 for a record that could not be written.
+/// it the record is settled before any database work:
+/// - on SQLite a write runs the insert first in the same savepoint-protected work
+///   item of the group-commit writer (a replay runs nothing else; the request's own
+///   work runs in a savepoint of its own, so a request that fails still burns its
+///   signature);
+/// - on PostgreSQL a progress report writes it in its batch's transaction
+///   (`jobs::repo::progress_batch`), with the same rules;
+/// - any other database work first writes the record on its own: through
+///   PostgreSQL's replay batch ([`Deferred::batch`]) or SQLite's writer.
+///
+/// Once the verdict is anything but [`Verdict::Fresh`], every later database operation
+/// of the request fails. Whatever the handler did, the guard settles a record still
+/// pending after it and answers 401 for a replay, 503 for a record that could not be
+/// written.
 pub struct Deferred {
     state: std::sync::Mutex<DeferredState>,
     settled: tokio::sync::Notify,
+    batch: Option<Batcher<ReplayRow, bool>>,
 }
 
 enum DeferredState {
@@ -291,11 +309,19 @@ tokio::task_local! {
 }
 
 impl Deferred {
-    pub fn new(row: ReplayRow) -> std::sync::Arc<Self> {
+    /// `batch`: where the record goes when it is written on its own (PostgreSQL's
+    /// replay batch, `auth::replay`); `None` for a write through `Db`.
+    pub fn new(row: ReplayRow, batch: Option<Batcher<ReplayRow, bool>>) -> std::sync::Arc<Self> {
         std::sync::Arc::new(Deferred {
             state: std::sync::Mutex::new(DeferredState::Pending(row)),
             settled: tokio::sync::Notify::new(),
+            batch,
         })
+    }
+
+    /// Where the record goes when it is written on its own, if not through `Db`.
+    pub fn batch(&self) -> Option<&Batcher<ReplayRow, bool>> {
+        self.batch.as_ref()
     }
 
     /// Run `f` (the handler) with this record deferred.
@@ -455,7 +481,7 @@ mod tests {
     #[actix_web::test]
     async fn a_deferred_record_is_taken_once_and_its_verdict_holds() {
         use super::{Deferred, Turn, Verdict};
-        let d = Deferred::new(row());
+        let d = Deferred::new(row(), None);
         assert!(matches!(d.turn().await, Turn::Take(r) if r == row()));
         let waiter = {
             let d = d.clone();
@@ -471,12 +497,12 @@ mod tests {
         ));
         assert!(matches!(d.turn().await, Turn::Refused(_)));
 
-        let d = Deferred::new(row());
+        let d = Deferred::new(row(), None);
         assert!(matches!(d.turn().await, Turn::Take(_)));
         d.settle(Verdict::Fresh);
         assert!(matches!(d.turn().await, Turn::Clear));
 
-        let d = Deferred::new(row());
+        let d = Deferred::new(row(), None);
         assert!(matches!(d.turn().await, Turn::Take(_)));
         d.settle(Verdict::Failed(crate::error::StoreError::Unavailable(
             "down".into(),
@@ -491,7 +517,7 @@ mod tests {
     #[actix_web::test]
     async fn a_deferred_record_belongs_to_its_scope_only() {
         assert!(super::current_deferred().is_none());
-        let d = super::Deferred::new(row());
+        let d = super::Deferred::new(row(), None);
         let inside = d.scope(async { super::current_deferred().is_some() }).await;
         assert!(inside);
         assert!(super::current_deferred().is_none());

@@ -81,6 +81,7 @@ async fn change(
                 percent,
                 message,
                 lease_ms,
+                record: None,
             };
             state.progress.report(report).await?
         }

@@ -17,9 +17,10 @@ use super::state::{backoff_delay_ms, transition_error, JobStatus};
 use super::statements::{Heartbeat, LockJob, PgChange, PgProgressBatch, SetChanges};
 use super::view::{QueueDepth, QueueView};
 use crate::db::outbox::after_commit;
+use crate::db::replay::{insert_replays_pg, ReplayRow};
 use crate::db::schema::{job_events, jobs, queues};
 use crate::db::{now_millis, DbConnection};
-use crate::error::{is_unique_violation, StoreError};
+use crate::error::{is_connection_loss, is_unique_violation, StoreError};
 
 /// Insert a row, or nothing when a unique key already holds one; `true` when
 /// inserted. (Each backend's own spelling of the same statement.)
@@ -434,31 +435,108 @@ pub struct ProgressReport {
     pub percent: i32,
     pub message: Option<String>,
     pub lease_ms: i64,
+    /// The request's deferred replay record (`db::replay::Deferred`), written in the
+    /// batch's transaction before the report; a replay is answered
+    /// `Err(StoreError::Replayed)` and its report is not written.
+    pub record: Option<ReplayRow>,
 }
+
+type Written = Result<Option<JobRow>, StoreError>;
 
 /// PostgreSQL: several progress reports with one statement and one commit
 /// ([`PgProgressBatch`]), the progress log's batch (`jobs::progress`). Per report, in
 /// order: the changed row, or `None` where [`apply`]'s general path must answer (the
 /// job is not RUNNING, or the report would revoke tokens), or the error of a report
-/// written on its own.
+/// written on its own, or `Replayed` for a report whose replay record was already
+/// stored.
 ///
+/// - Reports that carry a replay record: the records go first, with one statement in
+///   the same transaction, so a signed report costs one commit, not two. A report
+///   whose record is new is written, and its record stays even when the report then
+///   fails (the signature is burned, as on every path).
 /// - A job's first report of the batch goes into the statement, which locks the jobs'
 ///   rows in id order, so two batches lock theirs in the same order; a later report of
 ///   the same job is written on its own after it, in arrival order.
 /// - If the statement fails for any reason but a lost connection (a deadlock with
 ///   another instance's change, say), each of its reports is written on its own
-///   instead, so one bad report cannot sink the others.
+///   instead, so one bad report cannot sink the others. In a transaction that means
+///   starting it again, with each report in a savepoint of its own.
 ///
 /// On SQLite every report is `None`: its writes go through the group-commit writer.
 pub fn progress_batch(
     conn: &mut DbConnection,
     reports: Vec<ProgressReport>,
-) -> Result<Vec<Result<Option<JobRow>, StoreError>>, StoreError> {
+) -> Result<Vec<Written>, StoreError> {
     let DbConnection::Postgresql(pg) = conn else {
         return Ok(reports.iter().map(|_| Ok(None)).collect());
     };
-    // (arrival index, report), by job id; stable, so a job's reports keep their order.
-    let mut sorted: Vec<(usize, &ProgressReport)> = reports.iter().enumerate().collect();
+    let records: Vec<ReplayRow> = reports.iter().filter_map(|r| r.record.clone()).collect();
+    let mut answers = if records.is_empty() {
+        write_reports(pg, reports.iter().enumerate().collect(), Alone::Plain)?
+    } else {
+        let attempt = |pg: &mut diesel::PgConnection, alone: Alone| {
+            pg.transaction(|pg| {
+                let mut fresh = insert_replays_pg(pg, &records)?.into_iter();
+                let mut replayed = Vec::new();
+                let mut todo = Vec::with_capacity(reports.len());
+                for (i, r) in reports.iter().enumerate() {
+                    if r.record.is_none() || fresh.next() == Some(true) {
+                        todo.push((i, r));
+                    } else {
+                        replayed.push((i, Err(StoreError::Replayed)));
+                    }
+                }
+                let mut answers = write_reports(pg, todo, alone)?;
+                answers.append(&mut replayed);
+                Ok::<_, StoreError>(answers)
+            })
+        };
+        match attempt(pg, Alone::FirstTry) {
+            Err(e) if !e.is_connection_loss() => {
+                log::warn!(
+                    "progress batch of {} written one by one: {e}",
+                    reports.len()
+                );
+                attempt(pg, Alone::Savepoint)?
+            }
+            r => r?,
+        }
+    };
+    // A lost connection is the whole batch's failure (the pool discards the
+    // connection and the health state trips), as for any write.
+    if let Some((_, Err(e))) = answers
+        .iter()
+        .find(|(_, r)| r.as_ref().is_err_and(StoreError::is_connection_loss))
+    {
+        return Err(e.shared());
+    }
+    answers.sort_unstable_by_key(|&(i, _)| i);
+    Ok(answers.into_iter().map(|(_, r)| r).collect())
+}
+
+/// How [`write_reports`] runs a report on its own, and whether it tries the batch's
+/// statement first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Alone {
+    /// No transaction: the statement, and if it fails each report as a statement
+    /// that commits on its own.
+    Plain,
+    /// In a transaction: the statement, whose failure fails the transaction (to be
+    /// tried again with [`Alone::Savepoint`]); a later report of a job in a savepoint.
+    FirstTry,
+    /// In a transaction: every report in a savepoint of its own, no batch statement.
+    Savepoint,
+}
+
+/// The reports (arrival index, report) by [`PgProgressBatch`], as [`progress_batch`]
+/// says: (arrival index, answer) for every report exactly once.
+fn write_reports(
+    pg: &mut diesel::PgConnection,
+    todo: Vec<(usize, &ProgressReport)>,
+    mode: Alone,
+) -> Result<Vec<(usize, Written)>, StoreError> {
+    // By job id; stable, so a job's reports keep their order.
+    let mut sorted = todo;
     sorted.sort_by(|a, b| a.1.id.as_str().cmp(b.1.id.as_str()));
     let (mut firsts, mut later) = (Vec::with_capacity(sorted.len()), Vec::new());
     let mut last: Option<&JobId> = None;
@@ -472,29 +550,41 @@ pub fn progress_batch(
     }
     later.sort_unstable_by_key(|&(i, _)| i);
     let alone = |pg: &mut diesel::PgConnection, r: &ProgressReport| {
-        progress_pg(pg, &r.id, r.percent, r.message.as_deref(), r.lease_ms)
+        let one = |pg: &mut diesel::PgConnection| {
+            progress_pg(pg, &r.id, r.percent, r.message.as_deref(), r.lease_ms)
+        };
+        match mode {
+            Alone::Plain => one(pg),
+            Alone::FirstTry | Alone::Savepoint => pg.transaction(one),
+        }
     };
+    let mut answers: Vec<(usize, Written)> = Vec::with_capacity(firsts.len() + later.len());
     let statement: Vec<Report<'_>> = firsts
         .iter()
         .map(|(_, r)| (r.id.as_str(), r.percent, r.message.as_deref(), r.lease_ms))
         .collect();
-    // (arrival index, answer): every report exactly once.
-    let mut answers: Vec<(usize, Result<Option<JobRow>, StoreError>)> =
-        Vec::with_capacity(reports.len());
-    match write_progress(pg, &statement) {
-        Ok(rows) => {
+    let written = match mode {
+        Alone::Savepoint => None,
+        Alone::Plain | Alone::FirstTry => Some(write_progress(pg, &statement)),
+    };
+    let rows = match written {
+        Some(Ok(rows)) => Some(rows),
+        Some(Err(e)) if mode == Alone::FirstTry || is_connection_loss(&e) => return Err(e.into()),
+        Some(Err(e)) => {
+            log::warn!("progress batch of {} written one by one: {e}", firsts.len());
+            None
+        }
+        None => None,
+    };
+    match rows {
+        Some(rows) => {
             let mut changed: std::collections::HashMap<String, JobRow> =
                 rows.into_iter().map(|r| (r.id.clone(), r)).collect();
             for (i, r) in &firsts {
                 answers.push((*i, Ok(changed.remove(r.id.as_str()))));
             }
         }
-        Err(e) => {
-            let e = StoreError::from(e);
-            if e.is_connection_loss() {
-                return Err(e);
-            }
-            log::warn!("progress batch of {} written one by one: {e}", firsts.len());
+        None => {
             for (i, r) in &firsts {
                 answers.push((*i, alone(pg, r)));
             }
@@ -503,16 +593,7 @@ pub fn progress_batch(
     for (i, r) in &later {
         answers.push((*i, alone(pg, r)));
     }
-    // A lost connection is the whole batch's failure (the pool discards the
-    // connection and the health state trips), as for any write.
-    if let Some((_, Err(e))) = answers
-        .iter()
-        .find(|(_, r)| r.as_ref().is_err_and(StoreError::is_connection_loss))
-    {
-        return Err(e.shared());
-    }
-    answers.sort_unstable_by_key(|&(i, _)| i);
-    Ok(answers.into_iter().map(|(_, r)| r).collect())
+    Ok(answers)
 }
 
 /// Apply a change to a row this transaction has locked (version already bumped).

@@ -18,6 +18,7 @@ crate::postgres_tests!(
     housekeeping_vacuums_the_replay_table_after_large_purges,
     a_progress_batch_writes_each_report_once_in_order,
     one_bad_report_does_not_sink_its_progress_batch,
+    a_progress_batch_writes_its_replay_records_in_the_same_commit,
 );
 
 backend_tests!(
@@ -299,6 +300,7 @@ fn report(id: &str, percent: i32, message: Option<&str>) -> ProgressReport {
         percent,
         message: message.map(str::to_owned),
         lease_ms: 60_000,
+        record: None,
     }
 }
 
@@ -435,6 +437,90 @@ fn one_bad_report_does_not_sink_its_progress_batch(b: Backend) {
     assert_eq!(percents(&a), vec![10]);
     assert!(percents(&bj).is_empty());
     assert_eq!(percents(&c), vec![30]);
+}
+
+/// Signed reports carry their replay records into PostgreSQL's progress batch: a report
+/// whose record is new is written; one whose record is already stored, or that repeats
+/// another record of the batch, is answered `Replayed` and writes nothing; a report that
+/// fails on its own (a NUL in its message, so the batch is written again report by
+/// report) keeps its record, and its batch's other reports are written. Reports without
+/// a record (API key, job token) share the batch.
+fn a_progress_batch_writes_its_replay_records_in_the_same_commit(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let now = coordinator::db::now_millis();
+    let row = move |sig: &str| ReplayRow::new("progress-batch", sig, now / 1000, now + 60_000);
+    let signed = |id: &str, percent: i32, message: Option<&str>, sig: &str| ProgressReport {
+        record: Some(row(sig)),
+        ..report(id, percent, message)
+    };
+    let jobs: Vec<String> = (0..5).map(|_| app.running_job()).collect();
+    let db = app.state.db.clone();
+    let seen = row("seen");
+    actix_web::rt::System::new()
+        .block_on(db.write(move |conn| insert_replays(conn, &[seen])))
+        .expect("stored");
+    let percents = |id: &str| -> Vec<i64> {
+        progress_events(&app, id)
+            .into_iter()
+            .map(|(_, p, _)| p)
+            .collect()
+    };
+    // Every statement succeeds: one transaction.
+    let out = run_batch(
+        &app,
+        vec![
+            signed(&jobs[0], 10, None, "s1"),
+            signed(&jobs[1], 20, None, "seen"),
+            report(&jobs[2], 30, None),
+            signed(&jobs[3], 40, None, "s1"),
+        ],
+    );
+    let got: Vec<Result<Option<i32>, bool>> = out
+        .into_iter()
+        .map(|r| {
+            r.map(|row| row.map(|row| row.progress))
+                .map_err(|e| matches!(e, StoreError::Replayed))
+        })
+        .collect();
+    assert_eq!(got, vec![Ok(Some(10)), Err(true), Ok(Some(30)), Err(true)]);
+    assert_eq!(percents(&jobs[0]), vec![10]);
+    assert!(percents(&jobs[1]).is_empty(), "a replay writes nothing");
+    assert_eq!(percents(&jobs[2]), vec![30]);
+    assert!(
+        percents(&jobs[3]).is_empty(),
+        "a repeated record writes nothing"
+    );
+    // The batch's statement fails: written again, report by report.
+    let out = run_batch(
+        &app,
+        vec![
+            signed(&jobs[0], 11, None, "s2"),
+            signed(&jobs[4], 50, Some("nul \u{0} here"), "s3"),
+            signed(&jobs[1], 21, None, "seen"),
+            report(&jobs[2], 31, None),
+        ],
+    );
+    let [first, bad, replayed, plain] = <[_; 4]>::try_from(out).expect("four answers");
+    assert_eq!(first.expect("first").expect("changed").progress, 11);
+    assert!(
+        bad.as_ref()
+            .is_err_and(|e| !matches!(e, StoreError::Replayed)),
+        "the bad report fails on its own: {bad:?}"
+    );
+    assert!(
+        matches!(replayed, Err(StoreError::Replayed)),
+        "{replayed:?}"
+    );
+    assert_eq!(plain.expect("plain").expect("changed").progress, 31);
+    assert_eq!(percents(&jobs[0]), vec![10, 11]);
+    assert!(percents(&jobs[4]).is_empty());
+    let db = app.state.db.clone();
+    let stored = actix_web::rt::System::new().block_on(stored_signatures(&db, "progress-batch"));
+    assert_eq!(
+        stored,
+        ["s1", "s2", "s3", "seen"],
+        "the bad report's record stays"
+    );
 }
 
 /// One batch of replay records as the replay log writes it: a record already stored

@@ -123,31 +123,22 @@ pub fn record_window_secs(skew_secs: i64) -> i64 {
 }
 
 /// The (caller, signature) pair may be used once within the window, on any instance
-/// sharing the database; the record outlives the window by the skew margin. Where the
-/// replay log defers it (SQLite), the record goes into the request for the guard, which
-/// has it written with the request's first database work.
-async fn record_once(
+/// sharing the database; the record outlives the window by the skew margin. The
+/// record goes into the request for the guard, which has it written with the
+/// request's first database work (`db::replay::Deferred`).
+fn record_once(
     ctx: &AuthContext,
     req: &ServiceRequest,
     caller: &str,
     signature: &[u8],
     timestamp: i64,
-) -> Result<(), ApiError> {
+) {
     let expires_at = timestamp
         .saturating_add(record_window_secs(ctx.settings.skew_secs))
         .saturating_mul(1000);
     let sig_hash = crate::crypto::sha256_hex(signature);
     let row = crate::db::replay::ReplayRow::new(caller, sig_hash, timestamp, expires_at);
-    if ctx.replays.defers() {
-        req.extensions_mut()
-            .insert(crate::db::replay::Deferred::new(row));
-        return Ok(());
-    }
-    if ctx.replays.record(row).await? {
-        Ok(())
-    } else {
-        Err(fail("replayed request"))
-    }
+    req.extensions_mut().insert(ctx.replays.defer(row));
 }
 
 /// The cheap checks, before any body byte is read: header formats, the timestamp
@@ -213,7 +204,7 @@ pub async fn finish(
     };
     audit.key_ref = Some(format!("v{}", matched.version));
 
-    record_once(ctx, req, &entry.name, h.signature.as_bytes(), h.timestamp).await?;
+    record_once(ctx, req, &entry.name, h.signature.as_bytes(), h.timestamp);
 
     ctx.store.touch(Touch::Secret {
         caller: entry.name.clone(),
@@ -367,7 +358,7 @@ pub async fn finish_http_sig(
         ));
     };
     audit.key_ref = Some(format!("v{}", matched.version));
-    record_once(ctx, req, &entry.name, &input.signature, input.created).await?;
+    record_once(ctx, req, &entry.name, &input.signature, input.created);
     ctx.store.touch(Touch::Secret {
         caller: entry.name.clone(),
         purpose: Purpose::HmacSecret,
