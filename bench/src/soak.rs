@@ -114,12 +114,15 @@ pub fn run(bin: &str, out_path: &str, conns: usize, minutes: f64, backend: &str,
     let stop = AtomicBool::new(false);
     let done = AtomicU64::new(0);
     let errors = AtomicU64::new(0);
+    // Each kind of error ("status 503", a transport error), with its count.
+    let kinds: std::sync::Mutex<std::collections::BTreeMap<String, u64>> = Default::default();
     let wal_max = AtomicU64::new(0);
     let total = Duration::from_secs_f64(minutes * 60.0);
     let mut samples: Vec<Sample> = Vec::new();
     std::thread::scope(|s| {
         for c in 0..conns {
             let (stop, done, errors, creds, url) = (&stop, &done, &errors, &creds, &server.url);
+            let kinds = &kinds;
             let job = jobs[c % jobs.len()].clone();
             s.spawn(move || {
                 let agent = ureq::AgentBuilder::new()
@@ -132,7 +135,12 @@ pub fn run(bin: &str, out_path: &str, conns: usize, minutes: f64, backend: &str,
                     let body = format!(r#"{{"percent":{}}}"#, n % 101);
                     match signed(&agent, url, creds, "PATCH", &path, body.as_bytes()) {
                         Ok(_) => done.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            if let Ok(mut k) = kinds.lock() {
+                                *k.entry(e.chars().take(80).collect()).or_default() += 1;
+                            }
+                            errors.fetch_add(1, Ordering::Relaxed)
+                        }
                     };
                     n += 1;
                 }
@@ -239,7 +247,7 @@ pub fn run(bin: &str, out_path: &str, conns: usize, minutes: f64, backend: &str,
          closed-loop connections send signed `PATCH …/progress` (fresh \
          nonce each) to the release server for the whole time; every 10 s the last interval's \
          requests/s, {}, the server's VmRSS, the `replay_records` row count (on PostgreSQL its statistics' live-tuple count) \
-         and the server CPU per update are sampled. Errors over the soak: {}.\n",
+         and the server CPU per update are sampled. Errors over the soak: {}{}.\n",
         crate::report::command_line(),
         if minutes < 10.0 {
             " (**not the 10 the goal asks for**)"
@@ -253,7 +261,8 @@ pub fn run(bin: &str, out_path: &str, conns: usize, minutes: f64, backend: &str,
         } else {
             "the size of `bench.db-wal`"
         },
-        errors.load(Ordering::Relaxed)
+        errors.load(Ordering::Relaxed),
+        error_kinds(&kinds)
     );
     crate::report::machine_and_date(&mut md);
     let _ = writeln!(md, "| measure | target | measured | |");
@@ -394,4 +403,16 @@ pub fn run(bin: &str, out_path: &str, conns: usize, minutes: f64, backend: &str,
         );
     }
     crate::report::splice(out_path, "soak", &md);
+}
+
+/// " (status 503 × 60, …)", or nothing when there were no errors.
+fn error_kinds(kinds: &std::sync::Mutex<std::collections::BTreeMap<String, u64>>) -> String {
+    let Ok(k) = kinds.lock() else {
+        return String::new();
+    };
+    if k.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = k.iter().map(|(e, n)| format!("{e} × {n}")).collect();
+    format!(" ({})", parts.join(", "))
 }
