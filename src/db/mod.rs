@@ -511,8 +511,8 @@ struct Shared {
     writer: Option<writer::Sender>,
     /// SQLite: whose turn it is to checkpoint, the writer's or the backfiller's.
     checkpointing: std::sync::Mutex<()>,
-    /// PostgreSQL: replay records purged since the replay table was last vacuumed.
-    replays_unvacuumed: AtomicU64,
+    /// PostgreSQL: when the replay table is due for its vacuum.
+    replay_vacuum: std::sync::Mutex<replay::VacuumPacer>,
     /// PostgreSQL: where committed writes' notifications go.
     outbox: outbox::Outbox,
     /// The queues of the batching threads (`batch`), reported with the pools'.
@@ -620,7 +620,7 @@ impl Db {
                         .ok()
                 }),
             checkpointing: std::sync::Mutex::new(()),
-            replays_unvacuumed: AtomicU64::new(0),
+            replay_vacuum: std::sync::Mutex::default(),
             outbox: outbox::Outbox::default(),
             batch_gates: std::sync::Mutex::default(),
         });
@@ -660,24 +660,20 @@ impl Db {
         })
     }
 
-    /// PostgreSQL: count `purged` replay records; `true` (and the count starts over)
-    /// once [`replay::VACUUM_AFTER_PURGED`] have gone since the table was last vacuumed.
-    /// SQLite reuses freed pages by itself: never.
+    /// PostgreSQL: count `purged` replay records; `true` when the replay table is due
+    /// for its vacuum (`replay::VacuumPacer`). SQLite reuses freed pages by itself:
+    /// never.
     pub fn replay_vacuum_due(&self, purged: usize) -> bool {
         if self.backend != Backend::Postgres {
             return false;
         }
         let n = u64::try_from(purged).unwrap_or(u64::MAX);
-        let total = self
+        let mut pacer = self
             .shared
-            .replays_unvacuumed
-            .fetch_add(n, Ordering::Relaxed)
-            .saturating_add(n);
-        if total < replay::VACUUM_AFTER_PURGED {
-            return false;
-        }
-        self.shared.replays_unvacuumed.store(0, Ordering::Relaxed);
-        true
+            .replay_vacuum
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pacer.due(n, std::time::Instant::now())
     }
 
     /// The shared health state of this instance's database.

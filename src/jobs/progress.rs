@@ -2,7 +2,9 @@
 //!
 //! On PostgreSQL each report is handed to batching threads (`db::batch`): each takes
 //! whatever reports have queued up and writes them with one statement and one commit
-//! (`repo::progress_batch`), and answers each report after that commit. A report that
+//! (`repo::progress_batch`), and answers each report after that commit. A signed
+//! report's replay record (`db::replay::Deferred`) is written in the same
+//! transaction, so the request costs one commit, not two. A report that
 //! statement does not apply to (the job is not RUNNING, or the report would revoke
 //! tokens) takes the general path of every change (`repo::apply`), which gives the
 //! exact answer. On SQLite every write already shares the group-commit writer's
