@@ -14,7 +14,7 @@ use super::model::{Change, EventType, JobId, NewJob};
 use super::request::{Cursor, ListFilter};
 use super::row::{EventRow, JobRow, QueueRow};
 use super::state::{backoff_delay_ms, transition_error, JobStatus};
-use super::statements::{Heartbeat, LockJob, PgChange, PgProgressBatch, SetChanges};
+use super::statements::{Heartbeat, LiteProgress, LockJob, PgChange, PgProgressBatch, SetChanges};
 use super::view::{QueueDepth, QueueView};
 use crate::db::outbox::after_commit;
 use crate::db::replay::{insert_replays_pg, ReplayRow};
@@ -363,10 +363,13 @@ pub fn apply(
     change: &Change,
     lease_ms: i64,
 ) -> Result<JobRow, StoreError> {
-    if let (DbConnection::Postgresql(pg), Change::Progress { percent, message }) =
-        (&mut *conn, change)
-    {
-        if let Some(row) = progress_pg(pg, id, *percent, message.as_deref(), lease_ms)? {
+    if let Change::Progress { percent, message } = change {
+        let message = message.as_deref();
+        let fast = match &mut *conn {
+            DbConnection::Postgresql(pg) => progress_pg(pg, id, *percent, message, lease_ms)?,
+            DbConnection::Sqlite(lite) => progress_lite(lite, id, *percent, message, lease_ms)?,
+        };
+        if let Some(row) = fast {
             return Ok(row);
         }
     }
@@ -396,6 +399,43 @@ fn progress_pg(
 ) -> Result<Option<JobRow>, StoreError> {
     let rows = write_progress(pg, &[(id.as_str(), percent, message, lease_ms)])?;
     Ok(rows.into_iter().next())
+}
+
+/// SQLite's progress report in two statements, the row's change and its event
+/// ([`LiteProgress`]), where the general path locks, reads and writes the row in three;
+/// `None` when it does not apply, as [`progress_pg`].
+fn progress_lite(
+    lite: &mut diesel::SqliteConnection,
+    id: &JobId,
+    percent: i32,
+    message: Option<&str>,
+    lease_ms: i64,
+) -> Result<Option<JobRow>, StoreError> {
+    lite.transaction(|lite| {
+        let now = now_millis();
+        let row = LiteProgress {
+            id: id.as_str(),
+            percent,
+            message,
+            lease_until: now.saturating_add(lease_ms),
+            now,
+        }
+        .get_result::<JobRow>(lite)
+        .optional()?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        diesel::insert_into(job_events::table)
+            .values(&EventRow {
+                job_id: row.id.clone(),
+                seq: row.version,
+                event_type: EventType::Progress.as_str().to_owned(),
+                data: json!({"percent": percent, "message": message}).to_string(),
+                created_at: now,
+            })
+            .execute(lite)?;
+        Ok(Some(row))
+    })
 }
 
 /// One report for [`write_progress`]: job id, percent, message, lease (ms).

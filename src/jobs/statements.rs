@@ -17,7 +17,10 @@
 //! - [`PgProgressBatch`]: on PostgreSQL RUNNING jobs' progress reports — version
 //!   bump, progress, message, lease and event — in one statement that commits on its
 //!   own (one round trip instead of four: `BEGIN`, lock, change, `COMMIT`), for one
-//!   report or for the progress log's batch (`jobs::progress`).
+//!   report or for the progress log's batch (`jobs::progress`);
+//! - [`LiteProgress`]: on SQLite a RUNNING job's progress report — version bump,
+//!   progress, message, lease — as one `UPDATE … RETURNING` instead of a lock and a
+//!   write (the event is a second statement).
 
 use diesel::backend::Backend;
 use diesel::query_builder::{AstPass, Query, QueryFragment};
@@ -36,7 +39,14 @@ use crate::db::schema::jobs;
 /// write lock (SQLite) and reads the row in one round trip.
 pub struct LockJob<'a>(pub &'a str);
 
-prepared_statement!(LockJob, SetChanges, Heartbeat, PgChange, PgProgressBatch);
+prepared_statement!(
+    LockJob,
+    SetChanges,
+    Heartbeat,
+    PgChange,
+    PgProgressBatch,
+    LiteProgress
+);
 
 impl Query for LockJob<'_> {
     type SqlType = diesel::dsl::SqlTypeOf<<jobs::table as Table>::AllColumns>;
@@ -240,6 +250,45 @@ impl QueryFragment<diesel::pg::Pg> for PgProgressBatch<'_> {
     }
 }
 
+/// SQLite: a progress report on a RUNNING job as one statement, returning the changed
+/// row (every column, as [`LockJob`]); no row under the same conditions as
+/// [`PgProgressBatch`] (not RUNNING, missing, or a report that would revoke tokens),
+/// and the caller then takes the general path. It writes what that path writes for
+/// `Change::Progress` but the event, which the caller inserts next in the same
+/// transaction.
+pub struct LiteProgress<'a> {
+    pub id: &'a str,
+    pub percent: i32,
+    pub message: Option<&'a str>,
+    pub lease_until: i64,
+    pub now: i64,
+}
+
+impl Query for LiteProgress<'_> {
+    type SqlType = diesel::dsl::SqlTypeOf<<jobs::table as Table>::AllColumns>;
+}
+
+impl QueryFragment<diesel::sqlite::Sqlite> for LiteProgress<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, diesel::sqlite::Sqlite>) -> QueryResult<()> {
+        out.push_sql("UPDATE jobs SET version = version + 1, progress = ");
+        out.push_bind_param::<Integer, _>(&self.percent)?;
+        out.push_sql(", message = COALESCE(");
+        out.push_bind_param::<Nullable<Text>, _>(&self.message)?;
+        out.push_sql(", message), updated_at = ");
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql(", lease_expires_at = ");
+        out.push_bind_param::<BigInt, _>(&self.lease_until)?;
+        out.push_sql(" WHERE id = ");
+        out.push_bind_param::<Text, _>(self.id)?;
+        out.push_sql(" AND status = ");
+        out.push_bind_param::<Text, _>(JobStatus::Running.as_str())?;
+        out.push_sql(" AND (attempts <> 1 OR started_at IS NOT ");
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql(") RETURNING ");
+        jobs::all_columns.walk_ast(out.reborrow())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
@@ -409,5 +458,105 @@ mod tests {
             .optional()
             .expect("lock")
             .is_none());
+    }
+
+    /// SQLite's one-statement progress report ([`LiteProgress`], through `repo::apply`)
+    /// leaves the row and the event exactly as the general path (lock, then
+    /// `apply_locked`) does; a report on a job that is not RUNNING still gets the
+    /// general path's 409.
+    #[test]
+    fn sqlite_progress_in_one_statement_writes_what_the_general_path_writes() {
+        use crate::db::DbConnection;
+        use crate::error::StoreError;
+        use crate::jobs::model::{Change, JobId};
+        use crate::jobs::repo::{apply, apply_locked};
+        let mut lite = SqliteConnection::establish(":memory:").expect("sqlite");
+        lite.run_pending_migrations(crate::db::migrate::SQLITE_MIGRATIONS)
+            .expect("migrations");
+        let mut c = DbConnection::Sqlite(lite);
+        let running = |c: &mut DbConnection| {
+            let mut r = row();
+            r.status = JobStatus::Running.as_str().to_owned();
+            r.attempts = 2;
+            r.started_at = Some(1);
+            r.worker = Some("w".into());
+            r.message = Some("before".into());
+            diesel::insert_into(jobs::table)
+                .values(&r)
+                .execute(c)
+                .expect("insert");
+            r.id
+        };
+        let (fast, general) = (running(&mut c), running(&mut c));
+        let id = |s: &str| JobId::parse(s, "id").expect("id");
+        let counts = Arc::new(Mutex::new(Prepares::default()));
+        c.set_instrumentation(Counter(counts.clone()));
+        let queries = || counts.lock().map(|p| p.queries).unwrap_or(0);
+        let (mut fast_queries, mut general_queries) = (0, 0);
+        for message in [Some("half".to_owned()), None] {
+            let change = Change::Progress {
+                percent: 40,
+                message,
+            };
+            let before = queries();
+            let a = apply(&mut c, &id(&fast), &change, 60_000).expect("fast");
+            fast_queries += queries() - before;
+            let before = queries();
+            let b = c
+                .transaction(|c| {
+                    let locked = match c {
+                        DbConnection::Sqlite(l) => LockJob(&general).get_result::<JobRow>(l),
+                        DbConnection::Postgresql(p) => LockJob(&general).get_result::<JobRow>(p),
+                    }?;
+                    apply_locked(c, locked, &change, 60_000)
+                })
+                .expect("general");
+            general_queries += queries() - before;
+            let seen = |r: &JobRow| {
+                (
+                    r.version,
+                    r.progress,
+                    r.message.clone(),
+                    r.status.clone(),
+                    r.lease_expires_at.map(|l| l - r.updated_at),
+                )
+            };
+            assert_eq!(seen(&a), seen(&b));
+            let stored = |c: &mut DbConnection, i: &str| -> JobRow {
+                jobs::table.find(i).first(c).expect("read")
+            };
+            assert_eq!(
+                seen(&stored(&mut c, &fast)),
+                seen(&a),
+                "what it returns is stored"
+            );
+        }
+        let events = |c: &mut DbConnection, i: &str| -> Vec<(i64, String, String)> {
+            use crate::db::schema::job_events;
+            job_events::table
+                .filter(job_events::job_id.eq(i))
+                .order(job_events::seq)
+                .select((job_events::seq, job_events::event_type, job_events::data))
+                .load(c)
+                .expect("events")
+        };
+        // Savepoint, change, event, release; the general path has one more statement.
+        assert_eq!((fast_queries, general_queries), (8, 10));
+        let (ea, eb) = (events(&mut c, &fast), events(&mut c, &general));
+        assert_eq!(ea.len(), 2);
+        assert_eq!(ea, eb);
+        let mut queued = row();
+        diesel::insert_into(jobs::table)
+            .values(&queued)
+            .execute(&mut c)
+            .expect("insert");
+        let change = Change::Progress {
+            percent: 1,
+            message: None,
+        };
+        let r = apply(&mut c, &id(&queued.id), &change, 60_000);
+        assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
+        queued = jobs::table.find(&queued.id).first(&mut c).expect("read");
+        assert_eq!((queued.version, queued.progress), (row().version, 0));
     }
 }
