@@ -241,9 +241,16 @@ fn start_server_env(bin: &str, db_url: &str, master_key: &str, env: &[(&str, &st
         .env("COORDINATOR_WORKERS", "2")
         .envs(env.iter().copied())
         .stdout(Stdio::null())
-        // BENCH_SERVER_LOG=FILE keeps the server's log (for debugging a run).
+        // BENCH_SERVER_LOG=FILE keeps the logs of every server the run starts (for
+        // debugging a run), one after another.
         .stderr(match std::env::var("BENCH_SERVER_LOG") {
-            Ok(f) => Stdio::from(std::fs::File::create(f).expect("server log")),
+            Ok(f) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(f)
+                    .expect("server log"),
+            ),
             Err(_) => Stdio::null(),
         })
         .spawn()
@@ -484,7 +491,15 @@ fn closed_loop(
                                                 errors += 1;
                                             }
                                         }
-                                        Err(_) => errors += 1,
+                                        Err(e) => {
+                                            if errors == 0 {
+                                                eprintln!(
+                                                    "closed loop, {}: no answer: {e}",
+                                                    scenario.name()
+                                                );
+                                            }
+                                            errors += 1;
+                                        }
                                     }
                                 }
                                 (lat, errors)
