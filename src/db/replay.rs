@@ -233,9 +233,9 @@ const SQLITE_PURGE: &str = "DELETE FROM replay_records WHERE signed_at < ? AND e
 /// this many rows were purged since the last run.
 pub const VACUUM_AFTER_PURGED: u64 = 50_000;
 
-/// ... and at least this long after the last one: each `VACUUM` scans the table's two
-/// indexes whole, whatever few rows it reclaims, and at 7 000 signed requests/s the
-/// 50 000 came every 7 s (docs/decisions.md, "Housekeeping vacuums `replay_records`
+/// The least time between two vacuums of the replay table: each `VACUUM` scans the
+/// table's two indexes whole, whatever few rows it reclaims, and at 7 000 signed
+/// requests/s [`VACUUM_AFTER_PURGED`] came every 7 s (docs/decisions.md, "Housekeeping vacuums `replay_records`
 /// on PostgreSQL"). Between two vacuums the dead tuples stay below a minute's purge.
 pub const VACUUM_AT_MOST_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -506,8 +506,6 @@ mod tests {
         super::ReplayRow::new("c", "sig", 1, 2)
     }
 
-    /// The first operation takes the record; a second one waits for its verdict; after
-    /// a replay every later one is refused, after a fresh record every one goes ahead.
     #[test]
     fn the_replay_vacuum_waits_for_enough_purged_records_and_a_minute() {
         use super::{VacuumPacer, VACUUM_AFTER_PURGED, VACUUM_AT_MOST_EVERY};
@@ -524,6 +522,8 @@ mod tests {
         assert!(p.due(1, later));
     }
 
+    /// The first operation takes the record; a second one waits for its verdict; after
+    /// a replay every later one is refused, after a fresh record every one goes ahead.
     #[actix_web::test]
     async fn a_deferred_record_is_taken_once_and_its_verdict_holds() {
         use super::{Deferred, Turn, Verdict};
