@@ -6,9 +6,12 @@ use diesel::prelude::*;
 use super::state::JobStatus;
 use crate::db::schema::{job_events, jobs, queues};
 
-/// A `jobs` row.
+/// A `jobs` row. Inserted with every column bound (`None` as NULL, which is each
+/// nullable column's default anyway): with diesel's default, `None` becomes the SQL
+/// keyword `DEFAULT`, so the statement's text depends on the values and diesel
+/// prepares it again for every insert.
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
-#[diesel(table_name = jobs)]
+#[diesel(table_name = jobs, treat_none_as_default_value = false)]
 pub struct JobRow {
     pub id: String,
     pub kind: String,

@@ -460,6 +460,28 @@ mod tests {
             .is_none());
     }
 
+    /// A job's insert is prepared once per connection, whatever its `None` columns.
+    #[test]
+    fn the_job_insert_is_prepared_once_per_connection() {
+        let mut c = SqliteConnection::establish(":memory:").expect("sqlite");
+        c.run_pending_migrations(crate::db::migrate::SQLITE_MIGRATIONS)
+            .expect("migrations");
+        let counts = Arc::new(Mutex::new(Prepares::default()));
+        c.set_instrumentation(Counter(counts.clone()));
+        for i in 0..3 {
+            let mut r = row();
+            if i == 1 {
+                r.message = Some("set".into());
+            }
+            diesel::insert_into(jobs::table)
+                .values(&r)
+                .execute(&mut c)
+                .expect("insert");
+        }
+        let p = counts.lock().expect("counter");
+        assert_eq!((p.queries, p.cached), (3, 1));
+    }
+
     /// SQLite's one-statement progress report ([`LiteProgress`], through `repo::apply`)
     /// leaves the row and the event exactly as the general path (lock, then
     /// `apply_locked`) does; a report on a job that is not RUNNING still gets the
