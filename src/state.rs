@@ -17,6 +17,8 @@ pub struct AppState {
     pub auth: Arc<AuthContext>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub estimates: crate::stitcher::EstimateCache,
+    /// Job creates, batched on PostgreSQL.
+    pub creates: crate::jobs::creates::CreateLog,
     /// Progress reports, batched on PostgreSQL.
     pub progress: crate::jobs::progress::ProgressLog,
     /// Wake-ups for long-poll claims and event streams.

@@ -12,7 +12,9 @@
 //! long-poll cycles and open streams, issue 16), `--lifecycle` (list pages at 10 k and
 //! 1 M jobs, claims/s with and without `maxRunning`, batch vs single creates, issue 15);
 //! `--signers` (issue 17) prints the
-//! client crate's signer against the previous one.
+//! client crate's signer against the previous one; `--only create,webhook` (words:
+//! livez, health-hmac, health-key, progress, create, webhook, token) runs just those
+//! scenarios at peak and prints them, for A/B runs, writing nothing.
 //!
 //! Environment: `BENCH_DURATION_SECS` (default 5), `BENCH_CONNECTIONS` (32),
 //! `BENCH_BACKENDS` (`sqlite,postgres`), `TEST_POSTGRES_URL` (admin URL), `BENCH_OUT`,
@@ -141,6 +143,29 @@ enum Scenario {
 }
 
 impl Scenario {
+    const ALL: [Scenario; 7] = [
+        Scenario::Livez,
+        Scenario::HealthHmac,
+        Scenario::HealthApiKey,
+        Scenario::Progress,
+        Scenario::Create,
+        Scenario::Webhook,
+        Scenario::TokenGet,
+    ];
+
+    /// Its word for `--only`.
+    fn word(self) -> &'static str {
+        match self {
+            Scenario::Livez => "livez",
+            Scenario::HealthHmac => "health-hmac",
+            Scenario::HealthApiKey => "health-key",
+            Scenario::Progress => "progress",
+            Scenario::Create => "create",
+            Scenario::Webhook => "webhook",
+            Scenario::TokenGet => "token",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Scenario::Livez => "GET /livez (no auth)",
@@ -718,6 +743,7 @@ fn bench_backend(
     db_url: &str,
     conns: usize,
     duration: Duration,
+    only: Option<&[Scenario]>,
     rows: &mut Vec<Row>,
 ) -> Extras {
     let master = MasterKey::generate();
@@ -751,15 +777,7 @@ fn bench_backend(
     creds.token_job = token_job;
     std::thread::sleep(Duration::from_millis(500)); // let the credential cache settle
     let mut progress_rps = 0.0;
-    for scenario in [
-        Scenario::Livez,
-        Scenario::HealthHmac,
-        Scenario::HealthApiKey,
-        Scenario::Progress,
-        Scenario::Create,
-        Scenario::Webhook,
-        Scenario::TokenGet,
-    ] {
+    for scenario in only.unwrap_or(&Scenario::ALL).iter().copied() {
         let _ = run_load(
             &server.url,
             &creds,
@@ -780,10 +798,11 @@ fn bench_backend(
             &jobs,
             pid,
         );
-        let half = matches!(
-            scenario,
-            Scenario::Livez | Scenario::HealthHmac | Scenario::Progress
-        )
+        let half = (only.is_none()
+            && matches!(
+                scenario,
+                Scenario::Livez | Scenario::HealthHmac | Scenario::Progress
+            ))
         .then(|| {
             run_load(
                 &server.url,
@@ -817,6 +836,15 @@ fn bench_backend(
             half,
             rss_kib: rss_kib(pid, "VmHWM:"),
         });
+    }
+    if only.is_some() {
+        return Extras {
+            progress_rps,
+            direct: 0.0,
+            claims: 0.0,
+            scale: Vec::new(),
+            revocation: None,
+        };
     }
     let claims = claims_per_sec(&server.url, &creds, &db, 2000, 8);
     eprintln!("{backend:8} claims: {claims:.0}/s (8 claimers)");
@@ -1183,10 +1211,21 @@ fn main() {
         tls::run(&bin, &out, conns, duration);
         return;
     }
-    if let Some(other) = args.first() {
+    let only: Option<Vec<Scenario>> = value("--only").map(|words| {
+        words
+            .split(',')
+            .map(|w| {
+                Scenario::ALL
+                    .into_iter()
+                    .find(|s| s.word() == w)
+                    .unwrap_or_else(|| panic!("--only: unknown scenario {w}"))
+            })
+            .collect()
+    });
+    if let (Some(other), None) = (args.first(), &only) {
         panic!(
             "unknown argument {other}: use --soak MINUTES, --peer DIR, --webhooks, --overload, \
-             --pgbench, --signers, --tls, --push, --lifecycle or none"
+             --pgbench, --signers, --tls, --push, --lifecycle, --only SCENARIOS or none"
         );
     }
 
@@ -1197,13 +1236,24 @@ fn main() {
         uuid::Uuid::now_v7().simple()
     ));
     std::fs::create_dir_all(&tmp).unwrap();
+    let mut run = |backend: &'static str, url: &str| {
+        let r = bench_backend(
+            backend,
+            &bin,
+            url,
+            conns,
+            duration,
+            only.as_deref(),
+            &mut rows,
+        );
+        direct.push((backend, r));
+    };
     for backend in backends.split(',') {
         match backend {
-            "sqlite" => {
-                let url = format!("sqlite://{}", tmp.join("bench.db").display());
-                let r = bench_backend("sqlite", &bin, &url, conns, duration, &mut rows);
-                direct.push(("sqlite", r));
-            }
+            "sqlite" => run(
+                "sqlite",
+                &format!("sqlite://{}", tmp.join("bench.db").display()),
+            ),
             "postgres" => {
                 let name = format!("coord_bench_{}", uuid::Uuid::now_v7().simple());
                 let mut admin =
@@ -1215,15 +1265,17 @@ fn main() {
                     .rsplit_once('/')
                     .map(|(b, _)| b)
                     .unwrap_or(&admin_url);
-                let url = format!("{base}/{name}");
-                let r = bench_backend("postgres", &bin, &url, conns, duration, &mut rows);
-                direct.push(("postgres", r));
+                run("postgres", &format!("{base}/{name}"));
                 let _ = admin.batch_execute(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"));
             }
             other => panic!("unknown backend {other}"),
         }
     }
     let _ = std::fs::remove_dir_all(&tmp);
+    if only.is_some() {
+        // A quick look at a few scenarios (peak only): printed above, not written.
+        return;
+    }
 
     let mut md = String::new();
     let _ = writeln!(md, "## Every scenario, SQLite and PostgreSQL\n");

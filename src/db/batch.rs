@@ -6,8 +6,8 @@
 //! own. Nothing is answered before its batch has committed; a failed batch answers the
 //! same error to every item in it.
 //!
-//! Used by the replay log (`auth::replay`) and by the progress reports
-//! (`jobs::progress`). SQLite has its own group-commit writer (`db::writer`), through
+//! Used by the replay log (`auth::replay`), the progress reports (`jobs::progress`) and
+//! the job creates (`jobs::creates`). SQLite has its own group-commit writer (`db::writer`), through
 //! which every write goes anyway.
 
 use std::sync::atomic::{AtomicBool, Ordering};

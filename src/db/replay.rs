@@ -302,8 +302,9 @@ pub enum Verdict {
 ///   item of the group-commit writer (a replay runs nothing else; the request's own
 ///   work runs in a savepoint of its own, so a request that fails still burns its
 ///   signature);
-/// - on PostgreSQL a progress report writes it in its batch's transaction
-///   (`jobs::repo::progress_batch`), with the same rules;
+/// - on PostgreSQL a progress report or a job create writes it in its batch's
+///   transaction (`jobs::repo::progress_batch`, `create_group`; [`ride`]), with the
+///   same rules;
 /// - any other database work first writes the record on its own: through
 ///   PostgreSQL's replay batch ([`Deferred::batch`]) or SQLite's writer.
 ///
@@ -419,6 +420,44 @@ pub fn carry<F: std::future::Future>(f: F) -> impl std::future::Future<Output = 
             None => f.await,
         }
     }
+}
+
+/// Hand `item` to a batch that writes a request's deferred record in its own
+/// transaction (PostgreSQL's progress and create logs): the record still pending, if
+/// the request has one, goes with the item (`attach`), and its verdict is settled from
+/// the batch's answer — the batch's own failure (or a refusal before it) wrote no
+/// record, while an item's own error came after its record was committed. A request
+/// whose record was refused before gets that refusal and writes nothing.
+pub async fn ride<I, T>(
+    batcher: &Batcher<I, Result<T, StoreError>>,
+    mut item: I,
+    attach: impl FnOnce(&mut I, ReplayRow),
+) -> Result<Result<T, StoreError>, StoreError>
+where
+    I: Send + 'static,
+    T: Send + 'static,
+{
+    let deferred = current_deferred();
+    let mut carried = false;
+    if let Some(d) = &deferred {
+        match d.turn().await {
+            Turn::Clear => {}
+            Turn::Refused(e) => return Err(e),
+            Turn::Take(row) => {
+                attach(&mut item, row);
+                carried = true;
+            }
+        }
+    }
+    let written = batcher.submit(item).await;
+    if let (Some(d), true) = (&deferred, carried) {
+        d.settle(match &written {
+            Err(e) => Verdict::Failed(e.shared()),
+            Ok(Err(StoreError::Replayed)) => Verdict::Replayed,
+            Ok(_) => Verdict::Fresh,
+        });
+    }
+    written
 }
 
 /// The verdict a settled outcome gives: `Ok` the record committed, or why not.

@@ -49,11 +49,7 @@ pub async fn create(
     let input: CreateJob = crate::http::extract::parse_json(&body)?;
     let job = input.validate()?;
     let idem = crate::http::idempotency::from_request(&req, crate::crypto::sha256_hex(&body))?;
-    let created_by = principal.caller;
-    let out = state
-        .db
-        .write(move |conn| repo::create(conn, &job, &created_by, idem.as_ref()))
-        .await?;
+    let out = state.creates.create(job, principal.caller, idem).await?;
     let mut resp = HttpResponse::build(StatusCode::CREATED);
     if out.created {
         state.notifier.row_changed(&out.job);

@@ -196,10 +196,6 @@ pub async fn dispatch(
     let input: DispatchRequest = parse_json(&body)?;
     let job = input.into_job(&state.config.webhook_queue)?;
     let idem = crate::http::idempotency::from_request(&req, crate::crypto::sha256_hex(&body))?;
-    let caller = principal.caller;
-    let out = state
-        .db
-        .write(move |conn| jobs_repo::create(conn, &job, &caller, idem.as_ref()))
-        .await?;
+    let out = state.creates.create(job, principal.caller, idem).await?;
     answer(&state, out.job, !out.created).await
 }

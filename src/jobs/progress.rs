@@ -14,7 +14,7 @@ use super::model::Change;
 use super::repo::{self, ProgressReport};
 use super::row::JobRow;
 use crate::db::batch::{Batcher, Shape};
-use crate::db::replay::{Turn, Verdict};
+use crate::db::replay;
 use crate::db::{Backend, Db};
 use crate::error::StoreError;
 
@@ -64,27 +64,9 @@ impl ProgressLog {
     /// request's deferred replay record, if it has one still to write, goes with the
     /// report into its batch's transaction (`db::replay::Deferred`), and its verdict is
     /// settled from the batch's answer.
-    pub async fn report(&self, mut report: ProgressReport) -> Result<JobRow, StoreError> {
+    pub async fn report(&self, report: ProgressReport) -> Result<JobRow, StoreError> {
         if let Some(b) = &self.batcher {
-            let deferred = crate::db::replay::current_deferred();
-            if let Some(d) = &deferred {
-                match d.turn().await {
-                    Turn::Clear => {}
-                    Turn::Refused(e) => return Err(e),
-                    Turn::Take(row) => report.record = Some(row),
-                }
-            }
-            let carried = report.record.is_some();
-            let written = b.submit(report.clone()).await;
-            if let (Some(d), true) = (&deferred, carried) {
-                // The batch's own failure (or a refusal before it) wrote no record; a
-                // report's own error came after its record was committed.
-                d.settle(match &written {
-                    Err(e) => Verdict::Failed(e.shared()),
-                    Ok(Err(StoreError::Replayed)) => Verdict::Replayed,
-                    Ok(_) => Verdict::Fresh,
-                });
-            }
+            let written = replay::ride(b, report.clone(), |r, row| r.record = Some(row)).await;
             if let Some(row) = written?? {
                 return Ok(row);
             }

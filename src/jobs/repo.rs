@@ -50,6 +50,7 @@ pub struct Idempotency {
 
 /// Outcome of a create: the job, and whether this call created it (false when an
 /// `Idempotency-Key` matched an earlier request).
+#[derive(Debug)]
 pub struct Created {
     pub job: JobRow,
     pub created: bool,
@@ -178,9 +179,6 @@ pub fn create_batch(
     jobs: &[(NewJob, Option<Idempotency>)],
     created_by: &str,
 ) -> Result<Vec<Created>, StoreError> {
-    /// Rows per multi-row insert (jobs have ~30 columns; both backends allow 32766
-    /// bind parameters per statement).
-    const CHUNK: usize = 500;
     let now = now_millis();
     conn.transaction(|conn| {
         let mut out = Vec::with_capacity(jobs.len());
@@ -228,28 +226,199 @@ pub fn create_batch(
         for q in queues {
             notify_change(conn, q, "", 0, "")?;
         }
-        for chunk in plain.chunks(CHUNK) {
-            let events: Vec<EventRow> = chunk.iter().map(created_event).collect();
-            // Multi-row inserts are typed per backend (not through `MultiConnection`).
-            match &mut *conn {
-                DbConnection::Postgresql(pg) => {
-                    diesel::insert_into(jobs::table).values(chunk).execute(pg)?;
-                    diesel::insert_into(job_events::table)
-                        .values(&events)
-                        .execute(pg)?;
-                }
-                DbConnection::Sqlite(lite) => {
-                    diesel::insert_into(jobs::table)
-                        .values(chunk)
-                        .execute(lite)?;
-                    diesel::insert_into(job_events::table)
-                        .values(&events)
-                        .execute(lite)?;
-                }
-            }
-        }
+        insert_rows(conn, &plain)?;
+        let events: Vec<EventRow> = plain.iter().map(created_event).collect();
+        insert_events(conn, &events)?;
         Ok(out)
     })
+}
+
+/// One create of a group ([`create_group`]): what [`create`] takes, and the request's
+/// deferred replay record (`db::replay::Deferred`) to write in the group's
+/// transaction before it.
+#[derive(Debug, Clone)]
+pub struct NewCreate {
+    pub job: NewJob,
+    pub created_by: String,
+    pub idem: Option<Idempotency>,
+    pub record: Option<ReplayRow>,
+}
+
+/// A create's answer in a group: the job, or this create's own error (`Replayed` for a
+/// create whose replay record was stored already, `Conflict` for a reused key).
+pub type Made = Result<Created, StoreError>;
+
+/// Several creates with one commit, the create log's batch (`jobs::creates`); per
+/// create, in order, what [`create`] would answer for it alone.
+///
+/// - The creates' replay records go first, with one statement in the same
+///   transaction; a create whose record was already stored (or repeated within the
+///   group) is answered `Replayed` and writes nothing. A create whose record is new
+///   keeps it even when the create itself fails (the signature is burned).
+/// - The jobs without a key are written with one multi-row insert, their `created`
+///   events with another. A keyed job is inserted unless its key is taken (by an
+///   earlier request or an earlier create of the group): then the job holding the key
+///   is the answer, or a conflict when its body differs — which wrote nothing. Keyed
+///   creates go in key order, so two groups inserting the same keys wait for each
+///   other instead of deadlocking.
+/// - If a statement fails for any reason but a lost connection, the transaction runs
+///   again with each create in a savepoint of its own ([`create`]), so one bad create
+///   cannot sink the others.
+pub fn create_group(
+    conn: &mut DbConnection,
+    group: Vec<NewCreate>,
+) -> Result<Vec<Made>, StoreError> {
+    let records: Vec<ReplayRow> = group.iter().filter_map(|c| c.record.clone()).collect();
+    let attempt = |conn: &mut DbConnection, one_by_one: bool| {
+        conn.transaction(|conn| {
+            let mut fresh = if records.is_empty() {
+                Vec::new()
+            } else {
+                crate::db::replay::insert_replays(conn, &records)?
+            }
+            .into_iter();
+            let mut answers: Vec<(usize, Made)> = Vec::with_capacity(group.len());
+            let mut todo = Vec::with_capacity(group.len());
+            for (i, c) in group.iter().enumerate() {
+                if c.record.is_none() || fresh.next() == Some(true) {
+                    todo.push((i, c));
+                } else {
+                    answers.push((i, Err(StoreError::Replayed)));
+                }
+            }
+            if one_by_one {
+                for (i, c) in todo {
+                    let made = conn
+                        .transaction(|conn| create(conn, &c.job, &c.created_by, c.idem.as_ref()));
+                    answers.push((i, made));
+                }
+            } else {
+                answers.append(&mut write_creates(conn, todo)?);
+            }
+            Ok::<_, StoreError>(answers)
+        })
+    };
+    let mut answers = match attempt(conn, false) {
+        Err(e) if !e.is_connection_loss() => {
+            log::warn!("a group of {} creates written one by one: {e}", group.len());
+            attempt(conn, true)?
+        }
+        r => r?,
+    };
+    answers.sort_unstable_by_key(|&(i, _)| i);
+    Ok(answers.into_iter().map(|(_, made)| made).collect())
+}
+
+/// [`create_group`]'s creates (group index, create) in few statements: (group index,
+/// answer) for each. Fails as a whole on any statement's error, and queues the
+/// notifications only once every statement has run, so the attempt that failed
+/// leaves none behind.
+fn write_creates(
+    conn: &mut DbConnection,
+    todo: Vec<(usize, &NewCreate)>,
+) -> Result<Vec<(usize, Made)>, StoreError> {
+    let now = now_millis();
+    let (mut keyed, mut plain) = (Vec::new(), Vec::new());
+    for (i, c) in todo {
+        match &c.idem {
+            Some(idem) => keyed.push((i, c, idem)),
+            None => plain.push((i, c)),
+        }
+    }
+    keyed.sort_by(|a, b| {
+        (a.1.created_by.as_str(), a.2.key.as_str())
+            .cmp(&(b.1.created_by.as_str(), b.2.key.as_str()))
+    });
+    let mut answers = Vec::with_capacity(keyed.len() + plain.len());
+    let mut written: Vec<JobRow> = Vec::with_capacity(keyed.len() + plain.len());
+    for (i, c, idem) in keyed {
+        let row = new_row(&c.job, &c.created_by, Some(idem), now);
+        if insert_or_ignore!(&mut *conn, jobs::table, &row)? == 1 {
+            written.push(row.clone());
+            answers.push((
+                i,
+                Ok(Created {
+                    job: row,
+                    created: true,
+                }),
+            ));
+            continue;
+        }
+        let first: JobRow = jobs::table
+            .filter(jobs::created_by.eq(&c.created_by))
+            .filter(jobs::idempotency_key.eq(&idem.key))
+            .select(JobRow::as_select())
+            .first(conn)?;
+        answers.push((
+            i,
+            if first.request_hash.as_deref() == Some(idem.request_hash.as_str()) {
+                Ok(Created {
+                    job: first,
+                    created: false,
+                })
+            } else {
+                Err(StoreError::Conflict(
+                    "Idempotency-Key was already used with a different request".into(),
+                ))
+            },
+        ));
+    }
+    let rows: Vec<JobRow> = plain
+        .iter()
+        .map(|(_, c)| new_row(&c.job, &c.created_by, None, now))
+        .collect();
+    insert_rows(conn, &rows)?;
+    for ((i, _), row) in plain.iter().zip(&rows) {
+        answers.push((
+            *i,
+            Ok(Created {
+                job: row.clone(),
+                created: true,
+            }),
+        ));
+    }
+    written.extend(rows);
+    let events: Vec<EventRow> = written.iter().map(created_event).collect();
+    insert_events(conn, &events)?;
+    for row in &written {
+        notify_change(conn, &row.queue, &row.id, row.version, &row.status)?;
+    }
+    Ok(answers)
+}
+
+/// Rows per multi-row insert (jobs have ~30 columns; both backends allow 32766 bind
+/// parameters per statement).
+const INSERT_CHUNK: usize = 500;
+
+/// Job rows with multi-row inserts (typed per backend, not through
+/// `MultiConnection`).
+fn insert_rows(conn: &mut DbConnection, rows: &[JobRow]) -> Result<(), StoreError> {
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        match &mut *conn {
+            DbConnection::Postgresql(pg) => {
+                diesel::insert_into(jobs::table).values(chunk).execute(pg)?
+            }
+            DbConnection::Sqlite(lite) => diesel::insert_into(jobs::table)
+                .values(chunk)
+                .execute(lite)?,
+        };
+    }
+    Ok(())
+}
+
+/// Event rows with multi-row inserts, as [`insert_rows`].
+fn insert_events(conn: &mut DbConnection, events: &[EventRow]) -> Result<(), StoreError> {
+    for chunk in events.chunks(INSERT_CHUNK) {
+        match &mut *conn {
+            DbConnection::Postgresql(pg) => diesel::insert_into(job_events::table)
+                .values(chunk)
+                .execute(pg)?,
+            DbConnection::Sqlite(lite) => diesel::insert_into(job_events::table)
+                .values(chunk)
+                .execute(lite)?,
+        };
+    }
+    Ok(())
 }
 
 pub fn find(conn: &mut DbConnection, id: &JobId) -> Result<JobRow, StoreError> {

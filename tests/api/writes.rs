@@ -6,7 +6,8 @@
 use coordinator::db::replay::{insert_replays, ReplayRow};
 use coordinator::db::schema::replay_records;
 use coordinator::error::StoreError;
-use coordinator::jobs::repo::{progress_batch, ProgressReport};
+use coordinator::jobs::repo::progress_batch;
+use coordinator::jobs::repo::{create_group, Idempotency, Made, NewCreate, ProgressReport};
 use coordinator::jobs::JobId;
 use diesel::prelude::*;
 use serde_json::json;
@@ -22,6 +23,7 @@ crate::postgres_tests!(
 );
 
 backend_tests!(
+    a_create_group_writes_its_replay_records_in_the_same_commit,
     a_failing_write_never_sinks_the_writes_committed_with_it,
     housekeeping_purges_every_expired_replay_record,
     a_replay_recorded_before_the_by_time_migration_is_still_refused,
@@ -520,6 +522,153 @@ fn a_progress_batch_writes_its_replay_records_in_the_same_commit(b: Backend) {
         stored,
         ["s1", "s2", "s3", "seen"],
         "the bad report's record stays"
+    );
+}
+
+/// Run one create group as the create log's threads do (on SQLite, as a write of the
+/// group-commit writer).
+fn run_group(app: &crate::helpers::TestApp, group: Vec<NewCreate>) -> Vec<Made> {
+    let db = app.state.db.clone();
+    actix_web::rt::System::new()
+        .block_on(db.write(move |conn| create_group(conn, group)))
+        .expect("group")
+}
+
+/// A create group: signed creates carry their replay records into its transaction. A
+/// create whose record is new is written; one whose record is already stored, or
+/// repeats another record of the group, is answered `Replayed` and writes nothing. A
+/// keyed create is written once: a repeat (in the group or later) answers the first
+/// job, the same key with another body is a conflict that writes nothing. On
+/// PostgreSQL a create that fails on its own (a NUL in its kind, so the group is
+/// written again create by create) keeps its record and sinks no other create.
+fn a_create_group_writes_its_replay_records_in_the_same_commit(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let pg = b == Backend::Postgres;
+    const BY: &str = "create-group";
+    let now = coordinator::db::now_millis();
+    let record = move |sig: &str| ReplayRow::new(BY, sig, now / 1000, now + 60_000);
+    let create = |kind: &str, key: Option<(&str, &str)>, sig: Option<&str>| NewCreate {
+        job: coordinator::jobs::model::NewJob {
+            kind: kind.into(),
+            queue: "group".into(),
+            priority: 0,
+            payload: json!({"kind": kind}),
+            max_attempts: 3,
+            status: coordinator::jobs::JobStatus::Queued,
+            run_at: None,
+            backoff: coordinator::jobs::model::Backoff::default(),
+        },
+        created_by: BY.into(),
+        idem: key.map(|(key, hash)| Idempotency {
+            key: key.into(),
+            request_hash: hash.into(),
+        }),
+        record: sig.map(record),
+    };
+    let db = app.state.db.clone();
+    let seen = record("seen");
+    actix_web::rt::System::new()
+        .block_on(db.write(move |conn| insert_replays(conn, &[seen])))
+        .expect("stored");
+    // Every statement succeeds: one transaction.
+    let out = run_group(
+        &app,
+        vec![
+            create("a", None, Some("c1")),
+            create("b", None, Some("seen")),
+            create("c", None, None),
+            create("d", None, Some("c1")),
+            create("e", Some(("k1", "h1")), Some("c2")),
+            create("e", Some(("k1", "h1")), None),
+            create("f", Some(("k1", "h2")), None),
+        ],
+    );
+    let [a, b_, c, d, e, e2, f] = <[_; 7]>::try_from(out).expect("seven answers");
+    let made = |m: Made| m.map(|c| (c.job.kind, c.created));
+    assert_eq!(made(a).expect("a"), ("a".into(), true));
+    assert!(
+        matches!(b_, Err(StoreError::Replayed)),
+        "a replay: {:?}",
+        b_.err()
+    );
+    assert_eq!(made(c).expect("c"), ("c".into(), true));
+    assert!(
+        matches!(d, Err(StoreError::Replayed)),
+        "a repeat: {:?}",
+        d.err()
+    );
+    let e = e.expect("e");
+    let e2 = e2.expect("e again");
+    assert!(
+        e.created && !e2.created,
+        "the key's repeat is not created again"
+    );
+    assert_eq!(e.job.id, e2.job.id);
+    assert!(matches!(f, Err(StoreError::Conflict(_))), "{:?}", f.err());
+    // A keyed create of a later group finds the key taken.
+    let later = run_group(&app, vec![create("e", Some(("k1", "h1")), None)]);
+    let later = later.into_iter().next().expect("one").expect("later");
+    assert_eq!(
+        (later.job.id.as_str(), later.created),
+        (e.job.id.as_str(), false)
+    );
+    // A create that fails on its own (PostgreSQL refuses a NUL in text).
+    let out = run_group(
+        &app,
+        vec![
+            create("g", None, Some("c3")),
+            create("nul \u{0} here", None, Some("c4")),
+            create("h", Some(("k2", "h1")), None),
+            create("i", None, Some("seen")),
+        ],
+    );
+    let [g, bad, h, i] = <[_; 4]>::try_from(out).expect("four answers");
+    assert_eq!(made(g).expect("g"), ("g".into(), true));
+    if pg {
+        assert!(
+            bad.as_ref()
+                .is_err_and(|e| !matches!(e, StoreError::Replayed)),
+            "the bad create fails on its own"
+        );
+    } else {
+        assert!(bad.is_ok(), "SQLite stores a NUL");
+    }
+    assert_eq!(made(h).expect("h"), ("h".into(), true));
+    assert!(matches!(i, Err(StoreError::Replayed)), "{:?}", i.err());
+    let db = app.state.db.clone();
+    let (mut kinds, events) = actix_web::rt::System::new()
+        .block_on(db.read(|conn| {
+            use coordinator::db::schema::{job_events, jobs};
+            let kinds: Vec<String> = jobs::table
+                .filter(jobs::created_by.eq(BY))
+                .select(jobs::kind)
+                .load(conn)?;
+            let events: i64 = job_events::table
+                .inner_join(jobs::table)
+                .filter(jobs::created_by.eq(BY))
+                .filter(job_events::event_type.eq("created"))
+                .count()
+                .get_result(conn)?;
+            Ok((kinds, events))
+        }))
+        .expect("read back");
+    kinds.sort();
+    let mut want = vec!["a", "c", "e", "g", "h"];
+    if !pg {
+        want.push("nul \u{0} here");
+    }
+    want.sort();
+    assert_eq!(kinds, want);
+    assert_eq!(
+        events,
+        i64::try_from(want.len()).expect("small"),
+        "one event per job"
+    );
+    let stored = actix_web::rt::System::new().block_on(stored_signatures(&db, BY));
+    assert_eq!(
+        stored,
+        ["c1", "c2", "c3", "c4", "seen"],
+        "the bad create's record stays"
     );
 }
 
