@@ -174,7 +174,7 @@ impl DbMetrics {
     }
 
     /// Copy the storage layer's counters (its pools' queues and, on PostgreSQL, the
-    /// batching threads': `replay_log`, `progress_log`, `create_log`).
+    /// batching threads': `replay_log`, `progress_log`, `create_log`, `ingest_log`).
     pub fn observe(&self, s: &DbStats) {
         let Ok(_one_at_a_time) = self.sync.lock() else {
             return;

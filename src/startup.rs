@@ -98,7 +98,8 @@ impl Application {
             config: config.clone(),
             health: HealthCache::default(),
             progress: crate::jobs::progress::ProgressLog::start(db.clone()),
-            creates: crate::jobs::creates::CreateLog::start(db.clone()),
+            creates: crate::jobs::creates::CreateLog::start(&db),
+            ingests: crate::stitcher::ingest::IngestLog::start(&db),
             metrics: Arc::new(crate::metrics::Metrics::new()?),
             estimates: Default::default(),
             notifier,
@@ -208,8 +209,8 @@ impl Application {
         };
         signals.abort();
         notifier.close();
-        // Flush: the batching threads (PostgreSQL's replay records, progress reports
-        // and creates) and the database's writes (on SQLite the group-commit writer) finish
+        // Flush: the batching threads (PostgreSQL's replay records, progress reports,
+        // creates and deliveries) and the database's writes (on SQLite the group-commit writer) finish
         // what they were handed before the process ends.
         let within = self.state.config.shutdown_timeout;
         if !self.state.auth.replays.drain(within).await {
@@ -220,6 +221,9 @@ impl Application {
         }
         if !self.state.creates.drain(within).await {
             log::warn!("create log: creates still unwritten at exit");
+        }
+        if !self.state.ingests.drain(within).await {
+            log::warn!("ingest log: deliveries still unwritten at exit");
         }
         if !self.state.db.drain_writes(within).await {
             log::warn!("database writes still under way at exit");

@@ -19,6 +19,8 @@ pub struct AppState {
     pub estimates: crate::stitcher::EstimateCache,
     /// Job creates, batched on PostgreSQL.
     pub creates: crate::jobs::creates::CreateLog,
+    /// Webhook deliveries, batched on PostgreSQL.
+    pub ingests: crate::stitcher::ingest::IngestLog,
     /// Progress reports, batched on PostgreSQL.
     pub progress: crate::jobs::progress::ProgressLog,
     /// Wake-ups for long-poll claims and event streams.

@@ -6,8 +6,9 @@
 //! own. Nothing is answered before its batch has committed; a failed batch answers the
 //! same error to every item in it.
 //!
-//! Used by the replay log (`auth::replay`), the progress reports (`jobs::progress`) and
-//! the job creates (`jobs::creates`). SQLite has its own group-commit writer (`db::writer`), through
+//! Used by the replay log (`auth::replay`), the progress reports (`jobs::progress`), and
+//! through [`GroupLog`] the job creates (`jobs::creates`) and webhook deliveries
+//! (`stitcher::ingest`). SQLite has its own group-commit writer (`db::writer`), through
 //! which every write goes anyway.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -144,6 +145,58 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                 self.gate.name
             )))
         })
+    }
+}
+
+/// One kind of write with group commit on PostgreSQL (job creates, webhook
+/// deliveries): its batching threads there; on SQLite none, where every write already
+/// shares the group-commit writer's commits and an item is written alone, as a write.
+pub struct GroupLog<I, O> {
+    batcher: Option<Batcher<I, Result<O, StoreError>>>,
+    db: Db,
+}
+
+impl<I, O> Clone for GroupLog<I, O> {
+    fn clone(&self) -> Self {
+        GroupLog {
+            batcher: self.batcher.clone(),
+            db: self.db.clone(),
+        }
+    }
+}
+
+impl<I: Send + 'static, O: Send + 'static> GroupLog<I, O> {
+    /// Start the batching threads on PostgreSQL. They stop when the last clone is
+    /// dropped.
+    pub fn start(db: &Db, shape: Shape<I, Result<O, StoreError>>) -> Self {
+        GroupLog {
+            batcher: (db.backend() == super::Backend::Postgres).then(|| Batcher::start(db, shape)),
+            db: db.clone(),
+        }
+    }
+
+    /// Wait (at most `within`) until every item handed to the batching threads has
+    /// been written and answered: the shutdown's flush. `false` when some were not.
+    pub async fn drain(&self, within: std::time::Duration) -> bool {
+        match &self.batcher {
+            Some(b) => b.drain(within).await,
+            None => true,
+        }
+    }
+
+    /// Write `item`: on PostgreSQL with the next batch, the request's deferred replay
+    /// record (if it has one still to write) riding along in the batch's transaction
+    /// (`attach`, [`super::replay::ride`]); on SQLite by `alone`, as a write.
+    pub async fn write(
+        &self,
+        item: I,
+        attach: fn(&mut I, super::replay::ReplayRow),
+        alone: fn(&mut DbConnection, I) -> Result<O, StoreError>,
+    ) -> Result<O, StoreError> {
+        match &self.batcher {
+            Some(b) => super::replay::ride(b, item, attach).await?,
+            None => self.db.write(move |conn| alone(conn, item)).await,
+        }
     }
 }
 

@@ -460,6 +460,72 @@ where
     written
 }
 
+/// Answers of a group of writes, in the group's order: each item's own outcome.
+pub type Answers<T> = Vec<Result<T, StoreError>>;
+/// Answers keyed by the item's place in its group, in any order.
+pub type Placed<T> = Vec<(usize, Result<T, StoreError>)>;
+/// How [`write_group`] writes a group's items together: (place, item) in, answers out.
+pub type Together<C, T> = fn(&mut DbConnection, Vec<(usize, &C)>) -> Result<Placed<T>, StoreError>;
+
+/// One group of writes in one transaction, as PostgreSQL's create and delivery logs
+/// write theirs, with the items' deferred replay records (`record`):
+///
+/// - the records go first, with one statement; an item whose record was already
+///   stored (or repeats another of the group) is answered `Replayed` and writes
+///   nothing, and one whose record is new keeps it even when the item itself fails
+///   (the signature is burned, as on every path);
+/// - the other items are written by `together`, in few statements, answering each
+///   (it must fail as a whole on any statement's error, and an item it answers with an
+///   error must have written nothing);
+/// - if that fails for any reason but a lost connection, the transaction runs again
+///   with each item written by `alone` in a savepoint of its own, so one bad item
+///   sinks none of the others.
+pub fn write_group<C, T>(
+    conn: &mut DbConnection,
+    group: &[C],
+    record: fn(&C) -> Option<&ReplayRow>,
+    together: Together<C, T>,
+    alone: fn(&mut DbConnection, &C) -> Result<T, StoreError>,
+) -> Result<Answers<T>, StoreError> {
+    let records: Vec<ReplayRow> = group.iter().filter_map(|c| record(c).cloned()).collect();
+    let attempt = |conn: &mut DbConnection, one_by_one: bool| {
+        conn.transaction(|conn| {
+            let mut fresh = if records.is_empty() {
+                Vec::new()
+            } else {
+                insert_replays(conn, &records)?
+            }
+            .into_iter();
+            let mut answers: Placed<T> = Vec::with_capacity(group.len());
+            let mut todo = Vec::with_capacity(group.len());
+            for (i, c) in group.iter().enumerate() {
+                if record(c).is_none() || fresh.next() == Some(true) {
+                    todo.push((i, c));
+                } else {
+                    answers.push((i, Err(StoreError::Replayed)));
+                }
+            }
+            if one_by_one {
+                for (i, c) in todo {
+                    answers.push((i, conn.transaction(|conn| alone(conn, c))));
+                }
+            } else {
+                answers.append(&mut together(conn, todo)?);
+            }
+            Ok::<_, StoreError>(answers)
+        })
+    };
+    let mut answers = match attempt(conn, false) {
+        Err(e) if !e.is_connection_loss() => {
+            log::warn!("a group of {} writes written one by one: {e}", group.len());
+            attempt(conn, true)?
+        }
+        r => r?,
+    };
+    answers.sort_unstable_by_key(|&(i, _)| i);
+    Ok(answers.into_iter().map(|(_, a)| a).collect())
+}
+
 /// The verdict a settled outcome gives: `Ok` the record committed, or why not.
 pub fn verdict_of<T>(r: &Result<T, StoreError>) -> Verdict {
     match r {

@@ -12,7 +12,6 @@ use crate::jobs::repo as jobs_repo;
 use crate::jobs::row::JobRow;
 use crate::state::AppState;
 use crate::stitcher::model::{DispatchRequest, DispatchResult, WebhookPayload};
-use crate::stitcher::repo;
 
 /// The delivery id: `webhook-id` (Standard Webhooks), else `Idempotency-Key`, else a
 /// fresh id (a delivery without an id cannot be recognised when repeated). The flag
@@ -120,10 +119,9 @@ pub async fn webhook(
     let text = std::str::from_utf8(&body)
         .map_err(|e| ApiError::bad_request("body", format!("must be UTF-8 ({e})")))?
         .to_owned();
-    let caller = principal.caller;
     let (row, duplicate) = state
-        .db
-        .write(move |conn| repo::ingest(conn, &caller, &delivery, &text, &job, own_key))
+        .ingests
+        .ingest(principal.caller, delivery, text, job, own_key)
         .await?;
     answer(&state, row, duplicate).await
 }

@@ -17,7 +17,7 @@ use super::state::{backoff_delay_ms, transition_error, JobStatus};
 use super::statements::{Heartbeat, LiteProgress, LockJob, PgChange, PgProgressBatch, SetChanges};
 use super::view::{QueueDepth, QueueView};
 use crate::db::outbox::after_commit;
-use crate::db::replay::{insert_replays_pg, ReplayRow};
+use crate::db::replay::{insert_replays_pg, Placed, ReplayRow};
 use crate::db::schema::{job_events, jobs, queues};
 use crate::db::{now_millis, DbConnection};
 use crate::error::{is_connection_loss, is_unique_violation, StoreError};
@@ -268,45 +268,13 @@ pub fn create_group(
     conn: &mut DbConnection,
     group: Vec<NewCreate>,
 ) -> Result<Vec<Made>, StoreError> {
-    let records: Vec<ReplayRow> = group.iter().filter_map(|c| c.record.clone()).collect();
-    let attempt = |conn: &mut DbConnection, one_by_one: bool| {
-        conn.transaction(|conn| {
-            let mut fresh = if records.is_empty() {
-                Vec::new()
-            } else {
-                crate::db::replay::insert_replays(conn, &records)?
-            }
-            .into_iter();
-            let mut answers: Vec<(usize, Made)> = Vec::with_capacity(group.len());
-            let mut todo = Vec::with_capacity(group.len());
-            for (i, c) in group.iter().enumerate() {
-                if c.record.is_none() || fresh.next() == Some(true) {
-                    todo.push((i, c));
-                } else {
-                    answers.push((i, Err(StoreError::Replayed)));
-                }
-            }
-            if one_by_one {
-                for (i, c) in todo {
-                    let made = conn
-                        .transaction(|conn| create(conn, &c.job, &c.created_by, c.idem.as_ref()));
-                    answers.push((i, made));
-                }
-            } else {
-                answers.append(&mut write_creates(conn, todo)?);
-            }
-            Ok::<_, StoreError>(answers)
-        })
-    };
-    let mut answers = match attempt(conn, false) {
-        Err(e) if !e.is_connection_loss() => {
-            log::warn!("a group of {} creates written one by one: {e}", group.len());
-            attempt(conn, true)?
-        }
-        r => r?,
-    };
-    answers.sort_unstable_by_key(|&(i, _)| i);
-    Ok(answers.into_iter().map(|(_, made)| made).collect())
+    crate::db::replay::write_group(
+        conn,
+        &group,
+        |c| c.record.as_ref(),
+        write_creates,
+        |conn, c| create(conn, &c.job, &c.created_by, c.idem.as_ref()),
+    )
 }
 
 /// [`create_group`]'s creates (group index, create) in few statements: (group index,
@@ -316,7 +284,7 @@ pub fn create_group(
 fn write_creates(
     conn: &mut DbConnection,
     todo: Vec<(usize, &NewCreate)>,
-) -> Result<Vec<(usize, Made)>, StoreError> {
+) -> Result<Placed<Created>, StoreError> {
     let now = now_millis();
     let (mut keyed, mut plain) = (Vec::new(), Vec::new());
     for (i, c) in todo {
@@ -378,12 +346,27 @@ fn write_creates(
         ));
     }
     written.extend(rows);
-    let events: Vec<EventRow> = written.iter().map(created_event).collect();
+    announce(conn, &written)?;
+    Ok(answers)
+}
+
+/// New jobs (none of them stored yet) with multi-row inserts, their `created` events
+/// with more, and their notifications for after the commit: the write of a group of
+/// new jobs (`stitcher::repo::ingest_group`).
+pub fn insert_many(conn: &mut DbConnection, rows: &[JobRow]) -> Result<(), StoreError> {
+    insert_rows(conn, rows)?;
+    announce(conn, rows)
+}
+
+/// The `created` events of jobs just inserted, and their notifications for after the
+/// commit.
+fn announce(conn: &mut DbConnection, rows: &[JobRow]) -> Result<(), StoreError> {
+    let events: Vec<EventRow> = rows.iter().map(created_event).collect();
     insert_events(conn, &events)?;
-    for row in &written {
+    for row in rows {
         notify_change(conn, &row.queue, &row.id, row.version, &row.status)?;
     }
-    Ok(answers)
+    Ok(())
 }
 
 /// Rows per multi-row insert (jobs have ~30 columns; both backends allow 32766 bind

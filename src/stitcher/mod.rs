@@ -1,5 +1,6 @@
 //! Stitcher ingestion: webhook deliveries (processed exactly once) and manual dispatch,
 //! both turning into QUEUED jobs.
+pub mod ingest;
 pub mod model;
 pub mod repo;
 

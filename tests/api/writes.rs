@@ -24,6 +24,7 @@ crate::postgres_tests!(
 
 backend_tests!(
     a_create_group_writes_its_replay_records_in_the_same_commit,
+    a_delivery_group_answers_each_delivery_as_alone,
     a_failing_write_never_sinks_the_writes_committed_with_it,
     housekeeping_purges_every_expired_replay_record,
     a_replay_recorded_before_the_by_time_migration_is_still_refused,
@@ -670,6 +671,124 @@ fn a_create_group_writes_its_replay_records_in_the_same_commit(b: Backend) {
         ["c1", "c2", "c3", "c4", "seen"],
         "the bad create's record stays"
     );
+}
+
+/// A group of webhook deliveries in one transaction: a new delivery makes its job; a
+/// delivery stored before, or repeated within the group, is a duplicate answering the
+/// first's job (a conflict when its id is the caller's own key and the body differs,
+/// which writes nothing); a signed delivery whose record was stored is a replay. On
+/// PostgreSQL a delivery that fails on its own (a NUL in its body, so the group is
+/// written again delivery by delivery) sinks no other.
+fn a_delivery_group_answers_each_delivery_as_alone(b: Backend) {
+    use coordinator::stitcher::repo::{ingest_group, Ingest, Ingested};
+    let Some(app) = crate::app!(b) else { return };
+    let pg = b == Backend::Postgres;
+    const BY: &str = "delivery-group";
+    let now = coordinator::db::now_millis();
+    let delivery = |id: &str, body: &str, own_key: bool, sig: Option<&str>| Ingest {
+        caller: BY.into(),
+        delivery_id: id.into(),
+        payload: body.into(),
+        job: coordinator::jobs::model::NewJob {
+            kind: format!("deliver-{id}"),
+            queue: "webhooks".into(),
+            priority: 0,
+            payload: json!({}),
+            max_attempts: 3,
+            status: coordinator::jobs::JobStatus::Queued,
+            run_at: None,
+            backoff: coordinator::jobs::model::Backoff::default(),
+        },
+        same_body_only: own_key,
+        record: sig.map(|s| ReplayRow::new(BY, s, now / 1000, now + 60_000)),
+    };
+    let run = |group: Vec<Ingest>| -> Vec<Ingested> {
+        let db = app.state.db.clone();
+        actix_web::rt::System::new()
+            .block_on(db.write(move |conn| ingest_group(conn, group)))
+            .expect("group")
+    };
+    let db = app.state.db.clone();
+    let seen = ReplayRow::new(BY, "seen", now / 1000, now + 60_000);
+    actix_web::rt::System::new()
+        .block_on(db.write(move |conn| insert_replays(conn, &[seen])))
+        .expect("stored");
+    let first = run(vec![delivery("d1", "{}", false, None)]);
+    let d1 = first.into_iter().next().expect("one").expect("d1").0;
+    let out = run(vec![
+        delivery("d2", "{}", false, Some("s1")),
+        delivery("d1", "{\"other\":1}", false, None),
+        delivery("d2", "{}", false, None),
+        delivery("k1", "{}", true, None),
+        delivery("k1", "{\"other\":1}", true, None),
+        delivery("d3", "{}", false, Some("seen")),
+    ]);
+    let [d2, again1, again2, k1, k1_other, replayed] = <[_; 6]>::try_from(out).expect("six");
+    let (d2, dup) = d2.expect("d2");
+    assert!(!dup);
+    let (j, dup) = again1.expect("d1 again");
+    assert!(
+        dup && j.id == d1.id,
+        "a delivery stored before answers its first job"
+    );
+    let (j, dup) = again2.expect("d2 again");
+    assert!(
+        dup && j.id == d2.id,
+        "a repeat within the group answers the first's job"
+    );
+    assert!(!k1.expect("k1").1);
+    assert!(
+        matches!(k1_other, Err(StoreError::Conflict(_))),
+        "{:?}",
+        k1_other.err()
+    );
+    assert!(
+        matches!(replayed, Err(StoreError::Replayed)),
+        "{:?}",
+        replayed.err()
+    );
+    let out = run(vec![
+        delivery("d4", "{}", false, None),
+        delivery("d5", "nul \u{0} here", false, Some("s2")),
+        delivery("d6", "{}", false, None),
+    ]);
+    let [d4, bad, d6] = <[_; 3]>::try_from(out).expect("three");
+    assert!(!d4.expect("d4").1 && !d6.expect("d6").1);
+    assert_eq!(
+        bad.is_err(),
+        pg,
+        "PostgreSQL refuses a NUL in text, SQLite stores it"
+    );
+    let (mut kinds, deliveries) = actix_web::rt::System::new()
+        .block_on(db.read(|conn| {
+            use coordinator::db::schema::{jobs, webhook_deliveries};
+            let kinds: Vec<String> = jobs::table
+                .filter(jobs::created_by.eq(BY))
+                .select(jobs::kind)
+                .load(conn)?;
+            let n: i64 = webhook_deliveries::table
+                .filter(webhook_deliveries::caller.eq(BY))
+                .count()
+                .get_result(conn)?;
+            Ok((kinds, n))
+        }))
+        .expect("read back");
+    kinds.sort();
+    let mut want = vec![
+        "deliver-d1",
+        "deliver-d2",
+        "deliver-d4",
+        "deliver-d6",
+        "deliver-k1",
+    ];
+    if !pg {
+        want.push("deliver-d5");
+    }
+    want.sort();
+    assert_eq!(kinds, want, "one job per new delivery");
+    assert_eq!(deliveries, i64::try_from(want.len()).expect("small"));
+    let stored = actix_web::rt::System::new().block_on(stored_signatures(&db, BY));
+    assert_eq!(stored, ["s1", "s2", "seen"]);
 }
 
 /// One batch of replay records as the replay log writes it: a record already stored
