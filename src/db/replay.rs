@@ -7,9 +7,8 @@
 //! On SQLite the table is keyed by the signed time first (`signed_at`, `caller`,
 //! `signature_hash`, WITHOUT ROWID): inserts land at the end of its one B-tree and
 //! the purge deletes its beginning, a few pages per commit instead of one page per
-//! record. PostgreSQL's table has had the same key since 2026-12-05 (its inserts then
-//! land at the key index's end too), and keeps the `expires_at` index it purges by,
-//! which instances of the release before rely on during a rolling upgrade.
+//! record. PostgreSQL keeps its (`caller`, `signature_hash`) key and `expires_at`
+//! index, which instances of the release before rely on during a rolling upgrade.
 
 use std::collections::HashSet;
 
@@ -177,8 +176,8 @@ pub fn record_replay(conn: &mut DbConnection, row: &ReplayRow) -> Result<bool, S
 /// expire. A chunk ends at a whole second, so it may exceed `limit` by the records of
 /// its last second.
 ///
-/// PostgreSQL: by `expires_at` (its index), as instances of the release before purge
-/// too, and a rolling upgrade runs both.
+/// PostgreSQL: by `expires_at` (its index): instances of the release before write no
+/// `signed_at`, and a rolling upgrade runs both.
 pub fn purge_replays(
     conn: &mut DbConnection,
     now: i64,
