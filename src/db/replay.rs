@@ -302,9 +302,9 @@ pub enum Verdict {
 ///   item of the group-commit writer (a replay runs nothing else; the request's own
 ///   work runs in a savepoint of its own, so a request that fails still burns its
 ///   signature);
-/// - on PostgreSQL a progress report or a job create writes it in its batch's
-///   transaction (`jobs::repo::progress_batch`, `create_group`; [`ride`]), with the
-///   same rules;
+/// - on PostgreSQL a progress report, a job create or a webhook delivery writes it in
+///   its batch's transaction (`jobs::repo::progress_batch`, [`write_group`]; [`ride`]),
+///   with the same rules;
 /// - any other database work first writes the record on its own: through
 ///   PostgreSQL's replay batch ([`Deferred::batch`]) or SQLite's writer.
 ///
@@ -423,7 +423,7 @@ pub fn carry<F: std::future::Future>(f: F) -> impl std::future::Future<Output = 
 }
 
 /// Hand `item` to a batch that writes a request's deferred record in its own
-/// transaction (PostgreSQL's progress and create logs): the record still pending, if
+/// transaction (PostgreSQL's progress, create and delivery logs): the record still pending, if
 /// the request has one, goes with the item (`attach`), and its verdict is settled from
 /// the batch's answer — the batch's own failure (or a refusal before it) wrote no
 /// record, while an item's own error came after its record was committed. A request
