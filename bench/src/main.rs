@@ -14,7 +14,8 @@
 //! `--signers` (issue 17) prints the
 //! client crate's signer against the previous one; `--only create,webhook` (words:
 //! livez, health-hmac, health-key, progress, create, webhook, token) runs just those
-//! scenarios at peak and prints them, for A/B runs, writing nothing.
+//! scenarios (at peak, and at half peak where the main run does) and prints them, for
+//! A/B runs, writing nothing.
 //!
 //! Environment: `BENCH_DURATION_SECS` (default 5), `BENCH_CONNECTIONS` (32),
 //! `BENCH_BACKENDS` (`sqlite,postgres`), `TEST_POSTGRES_URL` (admin URL), `BENCH_OUT`,
@@ -800,15 +801,14 @@ fn bench_backend(
         );
         // Half of the peak, open loop: the unauthenticated baseline, signed health and
         // every signed write (issue 14 goal 4).
-        let half = (only.is_none()
-            && matches!(
-                scenario,
-                Scenario::Livez
-                    | Scenario::HealthHmac
-                    | Scenario::Progress
-                    | Scenario::Create
-                    | Scenario::Webhook
-            ))
+        let half = matches!(
+            scenario,
+            Scenario::Livez
+                | Scenario::HealthHmac
+                | Scenario::Progress
+                | Scenario::Create
+                | Scenario::Webhook
+        )
         .then(|| {
             run_load(
                 &server.url,
@@ -825,7 +825,7 @@ fn bench_backend(
             progress_rps = peak.rps;
         }
         eprintln!(
-            "{backend:8} {:45} {:>7} reqs {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}  server {:>5.0} µs/req  loadgen cpu {:>4.0}%",
+            "{backend:8} {:45} {:>7} reqs {:>9.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}  server {:>5.0} µs/req  loadgen cpu {:>4.0}%{}",
             scenario.name(),
             peak.requests,
             peak.rps,
@@ -833,7 +833,10 @@ fn bench_backend(
             peak.p99_ms,
             peak.errors,
             peak.server_cpu_us,
-            peak.client_cpu_pct
+            peak.client_cpu_pct,
+            half.as_ref()
+                .map(|h| format!("  p99 at half peak {:.2} ms", h.p99_ms))
+                .unwrap_or_default()
         );
         rows.push(Row {
             backend,
