@@ -5,7 +5,7 @@
 //! what `/livez` costs instead of a `GROUP BY` per probe.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::db::Db;
@@ -49,6 +49,24 @@ pub struct HealthReport {
     pub generated_at: String,
 }
 
+/// A health report with its JSON body, serialized once when the report is taken, so a
+/// request for the cached report costs no serialization.
+pub struct Snapshot {
+    pub report: HealthReport,
+    pub json: actix_web::web::Bytes,
+}
+
+impl Snapshot {
+    fn new(report: HealthReport) -> Result<Self, StoreError> {
+        let json = serde_json::to_vec(&report)
+            .map_err(|e| StoreError::Internal(format!("health report: {e}")))?;
+        Ok(Snapshot {
+            report,
+            json: json.into(),
+        })
+    }
+}
+
 /// The body of `/livez` and `/readyz`: nothing beyond ok / not ready.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ProbeStatus {
@@ -59,7 +77,7 @@ pub struct ProbeStatus {
 /// The cached snapshot and the lock that makes refreshes single-flight.
 #[derive(Default)]
 pub struct HealthCache {
-    snapshot: Mutex<Option<(Instant, HealthReport)>>,
+    snapshot: Mutex<Option<(Instant, Arc<Snapshot>)>>,
     refresh: single_flight::Flag,
 }
 
@@ -90,17 +108,17 @@ mod single_flight {
 }
 
 impl HealthCache {
-    fn fresh(&self, max_age: Duration) -> Option<HealthReport> {
+    fn fresh(&self, max_age: Duration) -> Option<Arc<Snapshot>> {
         let guard = self.snapshot.lock().ok()?;
         guard
             .as_ref()
             .filter(|(at, _)| at.elapsed() < max_age)
-            .map(|(_, r)| r.clone())
+            .map(|(_, r)| Arc::clone(r))
     }
 
-    fn store(&self, report: &HealthReport) {
+    fn store(&self, report: &Arc<Snapshot>) {
         if let Ok(mut g) = self.snapshot.lock() {
-            *g = Some((Instant::now(), report.clone()));
+            *g = Some((Instant::now(), Arc::clone(report)));
         }
     }
 }
@@ -144,7 +162,7 @@ async fn take_snapshot(db: &Db) -> Result<HealthReport, StoreError> {
 
 /// The health snapshot, at most `SNAPSHOT_TTL` old (one refresher at a time). While
 /// the database is failing there is none: a cached "ok" must not outlive the outage.
-pub async fn snapshot(db: &Db, cache: &HealthCache) -> Result<HealthReport, StoreError> {
+pub async fn snapshot(db: &Db, cache: &HealthCache) -> Result<Arc<Snapshot>, StoreError> {
     db.health().admit()?;
     if let Some(r) = cache.fresh(SNAPSHOT_TTL) {
         return Ok(r);
@@ -154,9 +172,16 @@ pub async fn snapshot(db: &Db, cache: &HealthCache) -> Result<HealthReport, Stor
         if let Some(r) = cache.fresh(SNAPSHOT_TTL * 5) {
             return Ok(r);
         }
-        return take_snapshot(db).await;
+        return take_snapshot(db)
+            .await
+            .and_then(Snapshot::new)
+            .map(Arc::new);
     };
-    match take_snapshot(db).await {
+    match take_snapshot(db)
+        .await
+        .and_then(Snapshot::new)
+        .map(Arc::new)
+    {
         Ok(r) => {
             cache.store(&r);
             Ok(r)

@@ -326,8 +326,12 @@ impl Metrics {
             "GET" | "POST" | "PATCH" | "PUT" | "DELETE" | "HEAD" | "OPTIONS" => method,
             _ => "OTHER",
         };
+        // A status code is three digits: its label without an allocation.
+        let digits =
+            [100, 10, 1].map(|d| b'0'.saturating_add(u8::try_from(status / d % 10).unwrap_or(0)));
+        let code = std::str::from_utf8(&digits).unwrap_or("000");
         self.http_requests
-            .with_label_values(&[route, method, &status.to_string()])
+            .with_label_values(&[route, method, code])
             .inc();
         self.http_latency
             .with_label_values(&[route])

@@ -42,11 +42,12 @@ pub async fn verify(
     }
     let key = ApiKey::parse(presented).map_err(|_| fail("malformed api key"))?;
     let hash = key.hash();
-    let (row, caller) = ctx
+    let found = ctx
         .store
         .api_key(hash.as_str())
         .await?
         .ok_or_else(|| fail("unknown api key"))?;
+    let (row, caller) = (&found.key, &found.caller);
     audit.caller = Some(row.caller.clone());
     audit.key_ref = Some(row.display_prefix.clone());
     if row.revoked_at.is_some() {
@@ -58,14 +59,9 @@ pub async fn verify(
     if caller.disabled_at.is_some() {
         return Err(fail("caller disabled"));
     }
-    // Effective scopes: the key's, limited to what the caller still holds.
-    let caller_scopes = caller.scope_list();
-    let scopes = row
-        .scopes
-        .split(',')
-        .filter_map(Scope::parse)
-        .filter(|s| caller_scopes.contains(s))
-        .collect();
+    // Effective scopes (the key's, limited to what the caller still holds), worked out
+    // when the key was read.
+    let scopes = found.scopes.to_vec();
     ctx.store.touch(Touch::ApiKey { id: row.id.clone() });
     Ok(Principal {
         caller: row.caller.clone(),

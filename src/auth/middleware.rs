@@ -63,15 +63,19 @@ static CREDENTIAL_HEADERS: [&HeaderName; 12] = [
 /// fallback. Otherwise exactly one of webhook (on its routes), bearer, API key; two or
 /// none → 401.
 pub fn choose_scheme(headers: &HeaderMap, webhook_route: bool) -> Result<Choice, &'static str> {
-    for name in CREDENTIAL_HEADERS {
-        let mut values = headers.get_all(name);
-        let Some(first) = values.next() else {
+    // One pass over the request's headers (a handful), noting which credential headers
+    // came, rather than a lookup per credential header name.
+    let mut seen: u16 = 0;
+    for (name, value) in headers.iter() {
+        let Some(i) = CREDENTIAL_HEADERS.iter().position(|c| *c == name) else {
             continue;
         };
-        if values.next().is_some() {
+        let bit = 1u16 << i;
+        if seen & bit != 0 {
             return Err("duplicate header");
         }
-        if !first
+        seen |= bit;
+        if !value
             .as_bytes()
             .iter()
             .all(|b| b.is_ascii_graphic() || *b == b' ')
@@ -79,7 +83,12 @@ pub fn choose_scheme(headers: &HeaderMap, webhook_route: bool) -> Result<Choice,
             return Err("malformed header");
         }
     }
-    let has = |n: &HeaderName| headers.contains_key(n);
+    let has = |n: &HeaderName| {
+        CREDENTIAL_HEADERS
+            .iter()
+            .position(|c| *c == n)
+            .is_some_and(|i| seen & (1u16 << i) != 0)
+    };
     let v1 = has(&names::HMAC_CALLER) || has(&names::HMAC_TIMESTAMP) || has(&names::HMAC_SIGNATURE);
     let rfc9421 = has(&names::SIGNATURE) || has(&names::SIGNATURE_INPUT);
     if rfc9421 {
@@ -125,6 +134,11 @@ pub async fn take_body(
         return Err(ApiError::TooLarge);
     }
     let mut payload = req.take_payload();
+    if matches!(payload, Payload::None) {
+        // No body at all (HTTP/1 without a length or chunking): nothing to read, and
+        // no read timer to arm. The request is left with the same empty payload.
+        return Ok(Bytes::new());
+    }
     let read = async move {
         let mut buf = BytesMut::new();
         while let Some(chunk) = payload.next().await {

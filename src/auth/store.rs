@@ -104,7 +104,31 @@ fn earliest(expiries: impl IntoIterator<Item = Option<i64>>, now_ms: i64) -> Opt
     expiries.into_iter().flatten().filter(|e| *e > now_ms).min()
 }
 
-type KeyAndCaller = (Arc<ApiKeyRow>, Arc<CallerRow>);
+/// An API key with its caller, and the key's effective scopes (its own, limited to
+/// what the caller holds; unknown names dropped), worked out once when read.
+#[derive(Clone)]
+pub struct KeyAndCaller {
+    pub key: Arc<ApiKeyRow>,
+    pub caller: Arc<CallerRow>,
+    pub scopes: Arc<[Scope]>,
+}
+
+impl KeyAndCaller {
+    fn new(key: ApiKeyRow, caller: CallerRow) -> Self {
+        let held = caller.scope_list();
+        let scopes = key
+            .scopes
+            .split(',')
+            .filter_map(Scope::parse)
+            .filter(|s| held.contains(s))
+            .collect();
+        KeyAndCaller {
+            key: Arc::new(key),
+            caller: Arc::new(caller),
+            scopes,
+        }
+    }
+}
 
 struct Cache {
     /// The auth generation every entry was read at; `i64::MIN` until the first poll
@@ -139,7 +163,7 @@ pub struct CredentialStore {
     sealer: Arc<Sealer>,
     cache: Mutex<Cache>,
     synced_at: Mutex<Option<Instant>>,
-    touched: Mutex<HashMap<String, Instant>>,
+    touched: Mutex<HashMap<Touch, Instant>>,
     /// When each caller's entry was last re-read because a request named a key version
     /// the cache did not know (at most once per `REREAD_EVERY` per caller).
     reread: Mutex<HashMap<String, Instant>>,
@@ -378,7 +402,7 @@ impl CredentialStore {
             .await?;
         Ok(Fetched {
             generation: fetched.generation,
-            value: fetched.value.map(|(k, c)| (Arc::new(k), Arc::new(c))),
+            value: fetched.value.map(|(k, c)| KeyAndCaller::new(k, c)),
         })
     }
 
@@ -389,12 +413,12 @@ impl CredentialStore {
         hash: &str,
         fetched: &Fetched<Option<KeyAndCaller>>,
     ) -> Result<bool, StoreError> {
-        let Some((key, caller)) = &fetched.value else {
+        let Some(found) = &fetched.value else {
             return Ok(false);
         };
         let entry = Entry {
-            value: (key.clone(), caller.clone()),
-            valid_until: earliest([key.expires_at], now_millis()),
+            value: found.clone(),
+            valid_until: earliest([found.key.expires_at], now_millis()),
         };
         self.admit(fetched.generation, |c| {
             if c.keys.len() >= MAX_KEYS {
@@ -473,19 +497,11 @@ impl CredentialStore {
     /// Note that a credential was used; writes `last_used_at` at most once a minute per
     /// credential, off the request path.
     pub fn touch(&self, what: Touch) {
-        let id = match &what {
-            Touch::Secret {
-                caller,
-                purpose,
-                version,
-            } => format!("s:{caller}:{}:{version}", purpose.as_str()),
-            Touch::ApiKey { id } => format!("k:{id}"),
-        };
         {
             let Ok(mut t) = self.touched.lock() else {
                 return;
             };
-            if t.get(&id).is_some_and(|at| at.elapsed() < TOUCH_EVERY) {
+            if t.get(&what).is_some_and(|at| at.elapsed() < TOUCH_EVERY) {
                 return;
             }
             if t.len() >= MAX_TOUCH_ENTRIES {
@@ -494,7 +510,7 @@ impl CredentialStore {
                     return;
                 }
             }
-            t.insert(id, Instant::now());
+            t.insert(what.clone(), Instant::now());
         }
         let db = self.db.clone();
         actix_web::rt::spawn(async move {
@@ -516,7 +532,9 @@ impl CredentialStore {
     }
 }
 
-/// A credential whose `last_used_at` should move.
+/// A credential whose `last_used_at` should move (also the key of the once-a-minute
+/// map, so the common case, a recent touch, allocates nothing).
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub enum Touch {
     Secret {
         caller: String,

@@ -63,10 +63,24 @@ pub enum CredentialError {
 /// integer in base62 (`0-9A-Za-z`), most significant digit first, left-padded with `0`
 /// to 6 characters. `u32::MAX` is `4gfFC3`, so 6 digits always suffice.
 pub fn checksum(text: &str) -> String {
+    checksum_digits(text)
+        .iter()
+        .map(|&b| char::from(b))
+        .collect()
+}
+
+/// `checksum` in a stack buffer (no allocation on the verification path).
+fn checksum_digits(text: &str) -> [u8; CHECKSUM_LEN] {
     // The `base62` crate's standard alphabet is `0-9A-Z a-z` (digits, upper, lower),
     // which is the docs/design.md §3 order; a unit test pins it with known answers.
-    let digits = base62::encode(crc32fast::hash(text.as_bytes()));
-    format!("{digits:0>CHECKSUM_LEN$}")
+    let mut digits = [b'0'; CHECKSUM_LEN];
+    // Six digits hold any u32, so this cannot fail; `0` would leave "000000".
+    let n = base62::encode_bytes(crc32fast::hash(text.as_bytes()), &mut digits).unwrap_or(0);
+    // The digits were written at the front: move them right and pad with '0'.
+    let pad = CHECKSUM_LEN.saturating_sub(n);
+    digits.rotate_right(pad);
+    digits.iter_mut().take(pad).for_each(|d| *d = b'0');
+    digits
 }
 
 /// `prefix` + `body_len` random base62 + checksum, built in one exact-size buffer so
@@ -95,7 +109,7 @@ fn validate_checked(text: &str, prefix: &str, body_len: usize) -> Result<(), Cre
     let (signed, sum) = text
         .split_at_checked(prefix.len() + body_len)
         .ok_or(CredentialError::WrongLength)?;
-    if !ct_eq(checksum(signed).as_bytes(), sum.as_bytes()) {
+    if !ct_eq(&checksum_digits(signed), sum.as_bytes()) {
         return Err(CredentialError::BadChecksum);
     }
     Ok(())

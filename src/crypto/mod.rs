@@ -24,7 +24,18 @@ const SHA256_BLOCK: usize = 64;
 
 /// Lower-case hex SHA-256 of `data`.
 pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
+    digest_hex(&Sha256::digest(data).into())
+}
+
+/// Lower-case hex of a 32-byte digest, through a stack buffer: `hex::encode` builds
+/// its string one `char` at a time, which showed in the API-key path's profile.
+fn digest_hex(digest: &[u8; 32]) -> String {
+    let mut out = [0u8; 64];
+    let encoded = hex::encode_to_slice(digest, &mut out).map(|()| std::str::from_utf8(&out));
+    match encoded {
+        Ok(Ok(text)) => text.to_owned(),
+        _ => hex::encode(digest),
+    }
 }
 
 /// Raw SHA-256 of `data`.
@@ -48,7 +59,7 @@ pub fn hmac_sha256_parts(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 
 /// Lower-case hex HMAC-SHA256 of `msg` under `key`.
 pub fn hmac_sha256_hex(key: &[u8], msg: &[u8]) -> String {
-    hex::encode(hmac_sha256(key, msg))
+    digest_hex(&hmac_sha256(key, msg))
 }
 
 /// Builds the HMAC state infallibly.

@@ -40,7 +40,7 @@ pub enum SealError {
 }
 
 /// What a sealed secret is for; each purpose gets its own subkey and AAD prefix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Purpose {
     HmacSecret,
     WebhookSecret,

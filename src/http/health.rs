@@ -1,5 +1,6 @@
 //! The probe and health routes: `/livez`, `/readyz`, `/metrics`, `/coordinator/health`.
 
+use actix_web::http::header::ContentType;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
@@ -24,7 +25,9 @@ pub async fn health(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
     let r = snapshot(&state.db, &state.health)
         .await
         .map_err(ApiError::from)?;
-    Ok(HttpResponse::Ok().json(r))
+    Ok(HttpResponse::Ok()
+        .content_type(ContentType::json())
+        .body(r.json.clone()))
 }
 
 /// `GET /metrics`: Prometheus text; gauges are refreshed from the health snapshot.
@@ -49,7 +52,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         state.door.shortest_request(),
     );
     match snapshot(&state.db, &state.health).await {
-        Ok(r) => m.set_queue_depths(&r.queues),
+        Ok(r) => m.set_queue_depths(&r.report.queues),
         Err(e) => log::warn!("metrics: queue depths unavailable: {e}"),
     }
     let (connections, idle) = state.db.pool_state();

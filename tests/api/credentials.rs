@@ -263,14 +263,14 @@ fn a_credential_read_that_raced_a_revocation_is_not_cached(b: Backend) {
         store.poll().await.unwrap();
         // A request reads the key (still active)...
         let fetched = store.fetch_api_key(&hash).await.unwrap();
-        let (row, _) = fetched.value.clone().unwrap();
+        let row = fetched.value.clone().unwrap().key;
         assert!(row.revoked_at.is_none());
         // ...the key is revoked and this instance's poll sees the change...
         credentials::revoke_key(&db, &row.id).unwrap();
         store.poll().await.unwrap();
         // ...and only then does the request try to cache what it read.
         let inserted = store.admit_api_key(&hash, &fetched).unwrap();
-        let (now, _) = store.api_key(&hash).await.unwrap().unwrap();
+        let now = store.api_key(&hash).await.unwrap().unwrap().key;
         assert!(
             now.revoked_at.is_some(),
             "the cache serves the key as active"
