@@ -19,7 +19,7 @@ use super::view::{QueueDepth, QueueView};
 use crate::db::outbox::after_commit;
 use crate::db::replay::{insert_replays_pg, Placed, ReplayRow};
 use crate::db::schema::{job_events, jobs, queues};
-use crate::db::{now_millis, DbConnection};
+use crate::db::{now_millis, on_backend, DbConnection};
 use crate::error::{is_connection_loss, is_unique_violation, StoreError};
 
 /// Insert a row, or nothing when a unique key already holds one; `true` when
@@ -405,12 +405,12 @@ fn insert_events(conn: &mut DbConnection, events: &[EventRow]) -> Result<(), Sto
 }
 
 pub fn find(conn: &mut DbConnection, id: &JobId) -> Result<JobRow, StoreError> {
-    jobs::table
+    on_backend!(conn, |c| jobs::table
         .find(id.as_str())
         .select(JobRow::as_select())
-        .first(conn)
-        .optional()?
-        .ok_or(StoreError::NotFound)
+        .first(c)
+        .optional())?
+    .ok_or(StoreError::NotFound)
 }
 
 /// The job with its newest events (oldest first); `true` when older ones were left out.
@@ -419,12 +419,12 @@ pub fn find_with_events(
     id: &JobId,
 ) -> Result<(JobRow, Vec<EventRow>, bool), StoreError> {
     let job = find(conn, id)?;
-    let mut events: Vec<EventRow> = job_events::table
+    let mut events: Vec<EventRow> = on_backend!(conn, |c| job_events::table
         .filter(job_events::job_id.eq(id.as_str()))
         .order(job_events::seq.desc())
         .limit(EVENTS_PER_READ + 1)
         .select(EventRow::as_select())
-        .load(conn)?;
+        .load(c))?;
     let truncated = events.len() > usize::try_from(EVENTS_PER_READ).unwrap_or(usize::MAX);
     events.truncate(usize::try_from(EVENTS_PER_READ).unwrap_or(usize::MAX));
     events.reverse();
@@ -439,21 +439,21 @@ pub fn events_after(
     after: i64,
     limit: i64,
 ) -> Result<(JobStatus, Vec<EventRow>), StoreError> {
-    let status: String = jobs::table
+    let status: String = on_backend!(conn, |c| jobs::table
         .find(id.as_str())
         .select(jobs::status)
-        .first(conn)
-        .optional()?
-        .ok_or(StoreError::NotFound)?;
+        .first(c)
+        .optional())?
+    .ok_or(StoreError::NotFound)?;
     let status = JobStatus::parse(&status)
         .ok_or_else(|| StoreError::Internal("bad job status in database".into()))?;
-    let events = job_events::table
+    let events = on_backend!(conn, |c| job_events::table
         .filter(job_events::job_id.eq(id.as_str()))
         .filter(job_events::seq.gt(after))
         .order(job_events::seq.asc())
         .limit(limit)
         .select(EventRow::as_select())
-        .load(conn)?;
+        .load(c))?;
     Ok((status, events))
 }
 
@@ -1209,11 +1209,11 @@ pub fn list(
 /// claimer that finds a limit under its share lock hands out nothing this time instead
 /// of upgrading the lock (two upgrades would deadlock).
 pub fn queue_admits(conn: &mut DbConnection, queue: &str) -> Result<bool, StoreError> {
-    let seen: Option<QueueRow> = queues::table
+    let seen: Option<QueueRow> = on_backend!(conn, |c| queues::table
         .find(queue)
         .select(QueueRow::as_select())
-        .first(conn)
-        .optional()?;
+        .first(c)
+        .optional())?;
     let Some(seen) = seen else {
         return Ok(true);
     };
@@ -1242,11 +1242,11 @@ pub fn queue_admits(conn: &mut DbConnection, queue: &str) -> Result<bool, StoreE
     let Some(max) = row.max_running else {
         return Ok(true);
     };
-    let running: i64 = jobs::table
+    let running: i64 = on_backend!(conn, |c| jobs::table
         .filter(jobs::queue.eq(queue))
         .filter(jobs::status.eq(JobStatus::Running.as_str()))
         .count()
-        .get_result(conn)?;
+        .get_result(c))?;
     Ok(running < i64::from(max))
 }
 
@@ -1449,11 +1449,11 @@ pub fn queue_stats(
         .filter(jobs::id.ne(job_id))
         .count()
         .get_result(conn)?;
-    let running: i64 = jobs::table
+    let running: i64 = on_backend!(conn, |c| jobs::table
         .filter(jobs::queue.eq(queue))
         .filter(jobs::status.eq(JobStatus::Running.as_str()))
         .count()
-        .get_result(conn)?;
+        .get_result(c))?;
     let runs: Vec<(Option<i64>, Option<i64>)> = jobs::table
         .filter(jobs::queue.eq(queue))
         .filter(jobs::status.eq(JobStatus::Completed.as_str()))
