@@ -5,6 +5,9 @@
 #
 #   bench/instructions.sh [BIN ...]      each server binary (default: target/release/coordinator)
 #
+# Scenarios: /livez, health with an API key and signed (HMAC), and a job-token GET of
+# a claimed job (created and claimed through the API with the dev key first).
+#
 # For each binary and scenario: `serve --dev` (SQLite, one HTTP worker) in a fresh
 # directory under callgrind with instrumentation off; 300 unmeasured requests on one
 # keep-alive connection; then N measured requests (BENCH_REQUESTS, default 2000), one at a
@@ -37,11 +40,29 @@ measure() {
     sleep 1
   done
   python3 - "$port" "$path" "$auth" "$dir/out.txt" "$n" <<'PY'
-import hashlib, hmac, http.client, subprocess, sys, time, uuid
+import hashlib, hmac, http.client, json, subprocess, sys, time, uuid
 port, path, auth, creds, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 env = dict(l.strip().split("=", 1) for l in open(creds) if "=" in l)
 conn = http.client.HTTPConnection("127.0.0.1", int(port))
+def call(method, target, body, hdrs):
+    h = dict(hdrs, **({"content-type": "application/json"} if body is not None else {}))
+    conn.request(method, target, body=json.dumps(body) if body is not None else None, headers=h)
+    r = conn.getresponse()
+    data = r.read()
+    if r.status not in (200, 201):
+        sys.exit(f"{method} {target}: {r.status} {data[:200]!r}")
+    return json.loads(data)
+token = None
+if auth == "token":
+    # A claimed job and its token, through the API with the dev key.
+    key = {"x-api-key": env["COORDINATOR_CLIENT_API_KEY"]}
+    job = call("POST", "/coordinator/jobs", {"kind": "bench", "queue": "instr"}, key)["id"]
+    call("PATCH", f"/coordinator/jobs/{job}/status", {"status": "QUEUED"}, key)
+    token = call("POST", "/coordinator/queues/instr/claim", {"worker": "w"}, key)["token"]
+    path = path.replace("{id}", job)
 def headers():
+    if auth == "token":
+        return {"authorization": "Bearer " + token}
     if auth == "apikey":
         return {"x-api-key": env["COORDINATOR_CLIENT_API_KEY"]}
     if auth == "hmac":
@@ -79,14 +100,15 @@ PY
   echo $((total / n))
 }
 
-echo "| binary | GET /livez | GET /coordinator/health (API key) | GET /coordinator/health (HMAC) |"
-echo "|---|---:|---:|---:|"
+echo "| binary | GET /livez | GET /coordinator/health (API key) | GET /coordinator/health (HMAC) | GET /coordinator/jobs/{id} (job token) |"
+echo "|---|---:|---:|---:|---:|"
 for bin in "${bins[@]}"; do
   bin="$(realpath "$bin")"
   livez="$(measure "$bin" /livez none)"
   key="$(measure "$bin" /coordinator/health apikey)"
   signed="$(measure "$bin" /coordinator/health hmac)"
-  echo "| \`$bin\` | $livez | $key | $signed |"
+  token="$(measure "$bin" '/coordinator/jobs/{id}' token)"
+  echo "| \`$bin\` | $livez | $key | $signed | $token |"
 done
 echo
 echo "Instructions per request (callgrind, every server thread, $n requests one at a time after 300 unmeasured)."
