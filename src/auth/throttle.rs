@@ -1,5 +1,6 @@
 //! Throttling of failed authentication per peer address (the TCP peer; behind a load
-//! balancer that is the balancer). Only failures count. A peer over its quota still has
+//! balancer that is the balancer; an IPv6 peer by its /64, see [`peer_key`]). Only
+//! failures count. A peer over its quota still has
 //! its credentials checked: valid requests are served, every further failure is
 //! answered 429 with `Retry-After` instead of 401 (see the middleware). Other peers are
 //! unaffected.
@@ -32,6 +33,22 @@ pub fn ceil_secs(d: Duration) -> u64 {
     up.max(1)
 }
 
+/// The key a peer is counted under: an IPv4 address as it is (an IPv4-mapped IPv6
+/// address too), an IPv6 address by its /64 prefix. One IPv6 host or subnet usually
+/// holds a whole /64, so keyed by full address it could send each failure from a fresh
+/// one: never throttled, and a new entry in the limiters' maps with every request.
+pub fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !(u128::from(u64::MAX)),
+            )),
+        },
+    }
+}
+
 pub struct Throttle {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     /// Expensive verifications (a MAC over a body) a blocked peer may still start.
@@ -54,6 +71,7 @@ impl Throttle {
 
     /// Seconds the peer must still wait, if it is blocked.
     pub fn blocked_for(&self, ip: IpAddr) -> Option<u64> {
+        let ip = peer_key(ip);
         let mut b = self.blocked.lock().ok()?;
         let until = *b.get(&ip)?;
         let now = Instant::now();
@@ -66,11 +84,12 @@ impl Throttle {
 
     /// May a blocked peer start one more expensive verification now?
     pub fn may_verify(&self, ip: IpAddr) -> bool {
-        self.verify_budget.check_key(&ip).is_ok()
+        self.verify_budget.check_key(&peer_key(ip)).is_ok()
     }
 
     /// Count one failure; returns the wait in seconds when this failure went over quota.
     pub fn record_failure(&self, ip: IpAddr) -> Option<u64> {
+        let ip = peer_key(ip);
         let Err(not_until) = self.limiter.check_key(&ip) else {
             return None;
         };
@@ -120,6 +139,26 @@ mod tests {
         let ip: IpAddr = "10.0.0.3".parse().expect("ip");
         let allowed = (0..100).filter(|_| t.may_verify(ip)).count();
         assert_eq!(allowed, 10);
+    }
+
+    #[test]
+    fn an_ipv6_peer_counts_by_its_64_and_a_mapped_ipv4_as_ipv4() {
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        assert_eq!(
+            peer_key(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            ip("2001:db8:1:2::")
+        );
+        assert_eq!(peer_key(ip("::ffff:10.0.0.9")), ip("10.0.0.9"));
+        assert_eq!(peer_key(ip("10.0.0.9")), ip("10.0.0.9"));
+        // Failures from fresh addresses of one /64 share one budget...
+        let t = Throttle::new(3);
+        for i in 1..=3u16 {
+            assert_eq!(t.record_failure(ip(&format!("2001:db8::{i:x}"))), None);
+        }
+        assert!(t.record_failure(ip("2001:db8::ffff")).is_some());
+        assert!(t.blocked_for(ip("2001:db8::1234")).is_some());
+        // ...and another /64 is not blocked.
+        assert_eq!(t.blocked_for(ip("2001:db8:0:1::1")), None);
     }
 
     #[test]
