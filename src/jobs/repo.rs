@@ -113,10 +113,13 @@ fn created_event(row: &JobRow) -> EventRow {
 
 /// Insert a job row and its `created` event (inside the caller's transaction).
 pub fn insert(conn: &mut DbConnection, row: &JobRow) -> Result<(), StoreError> {
-    diesel::insert_into(jobs::table).values(row).execute(conn)?;
-    diesel::insert_into(job_events::table)
-        .values(&created_event(row))
-        .execute(conn)?;
+    let event = created_event(row);
+    on_backend!(conn, |c| diesel::insert_into(jobs::table)
+        .values(row)
+        .execute(c))?;
+    on_backend!(conn, |c| diesel::insert_into(job_events::table)
+        .values(&event)
+        .execute(c))?;
     notify_change(conn, &row.queue, &row.id, row.version, &row.status)
 }
 

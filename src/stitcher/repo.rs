@@ -7,7 +7,7 @@ use diesel::prelude::*;
 use super::model::DeliveryRow;
 use crate::db::replay::{write_group, Placed, ReplayRow};
 use crate::db::schema::webhook_deliveries;
-use crate::db::{now_millis, DbConnection};
+use crate::db::{now_millis, on_backend, DbConnection};
 use crate::error::StoreError;
 use crate::jobs::model::NewJob;
 use crate::jobs::row::JobRow;
@@ -35,9 +35,9 @@ pub fn ingest(
         job_id: row.id.clone(),
     };
     let r = conn.transaction(|conn| {
-        diesel::insert_into(webhook_deliveries::table)
+        on_backend!(conn, |c| diesel::insert_into(webhook_deliveries::table)
             .values(&delivery)
-            .execute(conn)?;
+            .execute(c))?;
         jobs_repo::insert(conn, &row)
     });
     match r {
