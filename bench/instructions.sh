@@ -5,8 +5,9 @@
 #
 #   bench/instructions.sh [BIN ...]      each server binary (default: target/release/coordinator)
 #
-# Scenarios: /livez, health with an API key and signed (HMAC), and a job-token GET of
-# a claimed job (created and claimed through the API with the dev key first).
+# Scenarios: /livez, health with an API key and signed (HMAC), a job-token GET of a
+# claimed job (created and claimed through the API with the dev key first), and a job
+# create with the dev key.
 #
 # For each binary and scenario: `serve --dev` (SQLite, one HTTP worker) in a fresh
 # directory under callgrind with instrumentation off; 300 unmeasured requests on one
@@ -61,6 +62,8 @@ if auth == "token":
     token = call("POST", "/coordinator/queues/instr/claim", {"worker": "w"}, key)["token"]
     path = path.replace("{id}", job)
 def headers():
+    if auth == "create":
+        return {"x-api-key": env["COORDINATOR_CLIENT_API_KEY"], "content-type": "application/json"}
     if auth == "token":
         return {"authorization": "Bearer " + token}
     if auth == "apikey":
@@ -77,10 +80,13 @@ def headers():
     return {}
 def send(k):
     for _ in range(k):
-        conn.request("GET", path, headers=headers())
+        if auth == "create":
+            conn.request("POST", path, body=b'{"kind":"bench","queue":"instr"}', headers=headers())
+        else:
+            conn.request("GET", path, headers=headers())
         r = conn.getresponse()
         r.read()
-        if r.status != 200:
+        if r.status not in (200, 201):
             sys.exit(f"{path}: {r.status}")
 send(300)
 subprocess.run(["callgrind_control", "-i", "on"], check=True, capture_output=True)
@@ -100,15 +106,16 @@ PY
   echo $((total / n))
 }
 
-echo "| binary | GET /livez | GET /coordinator/health (API key) | GET /coordinator/health (HMAC) | GET /coordinator/jobs/{id} (job token) |"
-echo "|---|---:|---:|---:|---:|"
+echo "| binary | GET /livez | GET /coordinator/health (API key) | GET /coordinator/health (HMAC) | GET /coordinator/jobs/{id} (job token) | POST /coordinator/jobs (API key) |"
+echo "|---|---:|---:|---:|---:|---:|"
 for bin in "${bins[@]}"; do
   bin="$(realpath "$bin")"
   livez="$(measure "$bin" /livez none)"
   key="$(measure "$bin" /coordinator/health apikey)"
   signed="$(measure "$bin" /coordinator/health hmac)"
   token="$(measure "$bin" '/coordinator/jobs/{id}' token)"
-  echo "| \`$bin\` | $livez | $key | $signed | $token |"
+  create="$(measure "$bin" /coordinator/jobs create)"
+  echo "| \`$bin\` | $livez | $key | $signed | $token | $create |"
 done
 echo
 echo "Instructions per request (callgrind, every server thread, $n requests one at a time after 300 unmeasured)."
