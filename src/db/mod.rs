@@ -26,7 +26,8 @@ pub(crate) use prepared_statement;
 /// two or three times, even when the prepared statement is cached — for a job read with
 /// 28 columns that was a fifth of a job-token GET's instructions. On the concrete
 /// connection a query with a static query id is found in the statement cache by its
-/// type. For the hot reads; elsewhere the enum is simpler and fast enough.
+/// type. For the hot queries (a job's reads, a create's and a delivery's inserts);
+/// elsewhere the enum is simpler and fast enough.
 macro_rules! on_backend {
     ($conn:expr, |$c:ident| $body:expr) => {
         match $conn {
