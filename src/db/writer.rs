@@ -13,15 +13,17 @@
 //! which can wait for the device to discard them, and hands every later write freshly
 //! allocated ones). Writes wait while it runs, so a second thread, the backfiller,
 //! copies the WAL into the database file in the background every [`BACKFILL_EVERY`]
-//! with PASSIVE checkpoints (which never block the writer) and counts the frames: by the
-//! time the writer resets, only the last few frames are left to copy. The two take
+//! with PASSIVE checkpoints (which never block the writer) and counts the frames; once
+//! they near a reset it passes every [`BACKFILL_NEAR_RESET`], and once they reach one it
+//! runs a few passes back to back before it reports the count (`catch_up`): by the time
+//! the writer resets, only the frames of a batch or two are left to copy and sync. The two take
 //! turns through `Shared::checkpointing`; the writer does not wait for the backfiller,
 //! it skips and resets after a later batch — unless the WAL has run past its limit,
 //! when it waits for the pass to end.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard, TryLockError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::connection::{AnsiTransactionManager, TransactionManager};
 use diesel::sqlite::SqliteConnection;
@@ -36,6 +38,18 @@ const MAX_BATCH: usize = 256;
 
 /// How often the backfiller copies the WAL into the database file.
 pub(super) const BACKFILL_EVERY: Duration = Duration::from_millis(100);
+
+/// How often once the last pass counted half the frames of a reset: the count the
+/// writer's reset rule reads is then at most this old, so the reset comes at about
+/// [`super::WAL_RESET_BYTES`] of frames, right after a pass, and not later on the file's
+/// size (at `WAL_LIMIT_BYTES`, at any moment, with a whole interval's frames to copy).
+pub(super) const BACKFILL_NEAR_RESET: Duration = Duration::from_millis(25);
+
+/// Most extra passes before a reset ([`catch_up`]).
+const CATCH_UP_PASSES: usize = 3;
+
+/// A pass this short left next to nothing behind: no further pass before a reset.
+const CATCH_UP_SHORT: Duration = Duration::from_micros(500);
 
 /// The turn to checkpoint (`None`: the other thread is at it and `wait` is false). A
 /// poisoned lock guards nothing but the turn, so it is taken all the same.
@@ -63,8 +77,13 @@ pub(super) fn start_backfiller(read: DbPool, shared: Weak<Shared>) -> std::io::R
             let mut seen_writes = 0;
             let mut caught_up = true;
             let mut frame_size = None;
+            let mut frames_seen = 0;
             loop {
-                std::thread::sleep(BACKFILL_EVERY);
+                std::thread::sleep(if frames_seen >= super::WAL_RESET_BYTES / 2 {
+                    BACKFILL_NEAR_RESET
+                } else {
+                    BACKFILL_EVERY
+                });
                 let Some(shared) = shared.upgrade() else {
                     return;
                 };
@@ -82,21 +101,41 @@ pub(super) fn start_backfiller(read: DbPool, shared: Weak<Shared>) -> std::io::R
                 let DbConnection::Sqlite(lite) = &mut c.conn else {
                     return;
                 };
-                match backfill(lite, &mut frame_size) {
+                match catch_up(lite, &mut frame_size) {
                     Ok((frames, caught)) => {
                         seen_writes = writes;
                         caught_up = caught;
                         // Reset and not written since: the next write starts the WAL
                         // over, whatever its header still counts.
                         let reset = writes == wal.writes_at_reset.load(Ordering::Relaxed);
-                        wal.frame_bytes
-                            .store(if reset { 0 } else { frames }, Ordering::Relaxed);
+                        frames_seen = if reset { 0 } else { frames };
+                        wal.frame_bytes.store(frames_seen, Ordering::Relaxed);
                     }
                     Err(e) => log::debug!("WAL backfill: {e}"),
                 }
             }
         })
         .map(drop)
+}
+
+/// A pass, and once the WAL holds enough frames for the writer to reset it, more passes
+/// back to back (at most [`CATCH_UP_PASSES`], while the one before took longer than
+/// [`CATCH_UP_SHORT`]): each copies what was written while the one before ran. The
+/// writer resets only after it sees this pass's count, and every write waits while it
+/// does, so its reset then copies the frames of a batch or two instead of all those of
+/// the last [`BACKFILL_EVERY`], and its fsyncs flush that much.
+fn catch_up(lite: &mut SqliteConnection, frame_size: &mut Option<u64>) -> QueryResult<(u64, bool)> {
+    let mut started = Instant::now();
+    let mut outcome = backfill(lite, frame_size)?;
+    for _ in 0..CATCH_UP_PASSES {
+        let (frames, caught) = outcome;
+        if frames < super::WAL_RESET_BYTES || !caught || started.elapsed() <= CATCH_UP_SHORT {
+            break;
+        }
+        started = Instant::now();
+        outcome = backfill(lite, frame_size)?;
+    }
+    Ok(outcome)
 }
 
 /// One PASSIVE checkpoint: the bytes of frames in the WAL (the writer resets it past a
@@ -269,3 +308,67 @@ fn commit_batch(conn: &mut DbConnection, batch: Vec<Work>) -> (Vec<(Reply, Optio
 
 /// The handle `Db` keeps to submit work.
 pub(super) type Sender = mpsc::UnboundedSender<Work>;
+
+#[cfg(test)]
+mod tests {
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+
+    use super::*;
+
+    fn open(path: &std::path::Path) -> SqliteConnection {
+        let mut c = SqliteConnection::establish(&path.to_string_lossy()).expect("open");
+        c.batch_execute("PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;")
+            .expect("pragmas");
+        c
+    }
+
+    /// `bytes` of new pages, in one transaction, so as many bytes of WAL frames.
+    fn write(c: &mut SqliteConnection, bytes: u64) {
+        let rows = bytes / 4096 + 1;
+        c.batch_execute(&format!(
+            "BEGIN; \
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {rows}) \
+             INSERT INTO t (b) SELECT randomblob(4000) FROM n; COMMIT;"
+        ))
+        .expect("write");
+    }
+
+    #[test]
+    fn a_pass_copies_every_frame_and_counts_them_below_and_past_a_reset() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.db");
+        let mut writer = open(&path);
+        writer
+            .batch_execute("CREATE TABLE t (b BLOB NOT NULL)")
+            .expect("table");
+        let mut reader = open(&path);
+        let mut frame_size = None;
+
+        write(&mut writer, 1 << 20);
+        let (frames, caught) = catch_up(&mut reader, &mut frame_size).expect("pass");
+        assert!(caught, "a pass with no writer running copies every frame");
+        assert!(
+            (1 << 20..super::super::WAL_RESET_BYTES).contains(&frames),
+            "{frames}"
+        );
+        assert_eq!(
+            frame_size,
+            Some(4096 + 24),
+            "a frame is its header and a page"
+        );
+
+        // Past a reset's worth, while the writer keeps writing: the count still covers
+        // every frame of the passes, and what the last pass found is all copied.
+        write(&mut writer, super::super::WAL_RESET_BYTES);
+        let keep_writing = std::thread::spawn(move || {
+            for _ in 0..20 {
+                write(&mut writer, 64 << 10);
+            }
+        });
+        let (frames, caught) = catch_up(&mut reader, &mut frame_size).expect("catch up");
+        keep_writing.join().expect("writer");
+        assert!(caught);
+        assert!(frames > super::super::WAL_RESET_BYTES, "{frames}");
+    }
+}
