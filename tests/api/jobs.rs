@@ -17,6 +17,7 @@ backend_tests!(
     bad_input_names_the_field,
     unknown_job_and_route_are_404,
     body_over_the_limit_is_413,
+    a_job_read_keeps_its_newest_events_and_says_when_older_ones_were_left_out,
 );
 
 fn job_life_cycle_records_every_event(b: Backend) {
@@ -442,4 +443,74 @@ fn body_over_the_limit_is_413(b: Backend) {
     app.post_json("/coordinator/jobs", &big).problem(413);
     let ok = json!({"kind": "k", "payload": {"blob": "x".repeat(1000)}});
     assert_eq!(app.post_json("/coordinator/jobs", &ok).status, 201);
+}
+
+/// `GET /coordinator/jobs/{id}` returns at most 1 000 events: the newest, oldest first,
+/// with `eventsTruncated` when older ones were left out; each event's data comes back
+/// as written (quotes and non-ASCII included), and a job without events has an empty
+/// list.
+fn a_job_read_keeps_its_newest_events_and_says_when_older_ones_were_left_out(b: Backend) {
+    use coordinator::db::schema::job_events;
+    use coordinator::db::DbConnection;
+    use coordinator::jobs::row::EventRow;
+    use diesel::prelude::*;
+
+    let Some(app) = crate::app!(b) else { return };
+    let id = app.create_job(&json!({"kind": "build"}));
+    let read = || {
+        let r = app.get(&format!("/coordinator/jobs/{id}"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    let j = read();
+    assert_eq!(j["events"].as_array().map(Vec::len), Some(1), "{j}");
+    assert!(j.get("eventsTruncated").is_none(), "{j}");
+
+    let rows: Vec<EventRow> = (2..=1001)
+        .map(|seq| EventRow {
+            job_id: id.clone(),
+            seq,
+            event_type: "progress".into(),
+            data: json!({"percent": seq % 100, "message": format!("say \"{seq}\" é")}).to_string(),
+            created_at: 1_700_000_000_000 + seq,
+        })
+        .collect();
+    let db = &app.state.db;
+    db.write_sync(move |conn| {
+        // One statement per chunk, on the concrete connection (diesel's multi-backend
+        // connection has no multi-row insert).
+        for chunk in rows.chunks(200) {
+            let insert = diesel::insert_into(job_events::table).values(chunk);
+            match conn {
+                DbConnection::Postgresql(pg) => insert.execute(pg)?,
+                DbConnection::Sqlite(lite) => insert.execute(lite)?,
+            };
+        }
+        Ok(())
+    })
+    .expect("insert events");
+    let j = read();
+    let events = j["events"].as_array().expect("events");
+    assert_eq!(events.len(), 1000);
+    assert_eq!(j["eventsTruncated"], true);
+    assert_eq!(events[0]["seq"], 2, "the oldest one, seq 1, was left out");
+    assert_eq!(events[999]["seq"], 1001);
+    assert_eq!(events[999]["type"], "progress");
+    assert_eq!(
+        events[999]["data"],
+        json!({"percent": 1, "message": "say \"1001\" é"})
+    );
+    assert!(events
+        .windows(2)
+        .all(|w| w[0]["seq"].as_i64() < w[1]["seq"].as_i64()));
+
+    let gone = id.clone();
+    db.write_sync(move |conn| {
+        diesel::delete(job_events::table.filter(job_events::job_id.eq(gone))).execute(conn)?;
+        Ok(())
+    })
+    .expect("delete events");
+    let j = read();
+    assert_eq!(j["events"], json!([]), "{j}");
+    assert!(j.get("eventsTruncated").is_none(), "{j}");
 }
