@@ -102,7 +102,14 @@ pub(super) fn start_backfiller(read: DbPool, shared: Weak<Shared>) -> std::io::R
                     return;
                 };
                 match catch_up(lite, &mut frame_size) {
-                    Ok((frames, caught)) => {
+                    Ok(CaughtUp {
+                        frames,
+                        caught,
+                        passes,
+                    }) => {
+                        if passes > 1 {
+                            log::debug!("WAL backfill: {passes} passes before a reset");
+                        }
                         seen_writes = writes;
                         caught_up = caught;
                         // Reset and not written since: the next write starts the WAL
@@ -124,18 +131,32 @@ pub(super) fn start_backfiller(read: DbPool, shared: Weak<Shared>) -> std::io::R
 /// writer resets only after it sees this pass's count, and every write waits while it
 /// does, so its reset then copies the frames of a batch or two instead of all those of
 /// the last [`BACKFILL_EVERY`], and its fsyncs flush that much.
-fn catch_up(lite: &mut SqliteConnection, frame_size: &mut Option<u64>) -> QueryResult<(u64, bool)> {
+fn catch_up(lite: &mut SqliteConnection, frame_size: &mut Option<u64>) -> QueryResult<CaughtUp> {
     let mut started = Instant::now();
-    let mut outcome = backfill(lite, frame_size)?;
-    for _ in 0..CATCH_UP_PASSES {
-        let (frames, caught) = outcome;
-        if frames < super::WAL_RESET_BYTES || !caught || started.elapsed() <= CATCH_UP_SHORT {
-            break;
-        }
+    let (mut frames, mut caught) = backfill(lite, frame_size)?;
+    let mut passes = 1;
+    while passes <= CATCH_UP_PASSES
+        && frames >= super::WAL_RESET_BYTES
+        && caught
+        && started.elapsed() > CATCH_UP_SHORT
+    {
         started = Instant::now();
-        outcome = backfill(lite, frame_size)?;
+        (frames, caught) = backfill(lite, frame_size)?;
+        passes += 1;
     }
-    Ok(outcome)
+    Ok(CaughtUp {
+        frames,
+        caught,
+        passes,
+    })
+}
+
+/// What [`catch_up`] left: the last pass's frame count (bytes) and whether it copied
+/// all of them, and how many passes it ran.
+struct CaughtUp {
+    frames: u64,
+    caught: bool,
+    passes: usize,
 }
 
 /// One PASSIVE checkpoint: the bytes of frames in the WAL (the writer resets it past a
@@ -346,29 +367,44 @@ mod tests {
         let mut frame_size = None;
 
         write(&mut writer, 1 << 20);
-        let (frames, caught) = catch_up(&mut reader, &mut frame_size).expect("pass");
-        assert!(caught, "a pass with no writer running copies every frame");
+        let pass = catch_up(&mut reader, &mut frame_size).expect("pass");
         assert!(
-            (1 << 20..super::super::WAL_RESET_BYTES).contains(&frames),
-            "{frames}"
+            pass.caught,
+            "a pass with no writer running copies every frame"
         );
+        assert!(
+            (1 << 20..super::super::WAL_RESET_BYTES).contains(&pass.frames),
+            "{}",
+            pass.frames
+        );
+        assert_eq!(pass.passes, 1, "below a reset's worth: one pass");
         assert_eq!(
             frame_size,
             Some(4096 + 24),
             "a frame is its header and a page"
         );
 
-        // Past a reset's worth, while the writer keeps writing: the count still covers
-        // every frame of the passes, and what the last pass found is all copied.
+        // Past a reset's worth, while the writer keeps writing: more passes follow the
+        // first (which copied a reset's worth, far longer than `CATCH_UP_SHORT`), and
+        // the count still covers every frame; what the last pass found is all copied.
         write(&mut writer, super::super::WAL_RESET_BYTES);
         let keep_writing = std::thread::spawn(move || {
             for _ in 0..20 {
                 write(&mut writer, 64 << 10);
             }
         });
-        let (frames, caught) = catch_up(&mut reader, &mut frame_size).expect("catch up");
+        let pass = catch_up(&mut reader, &mut frame_size).expect("catch up");
         keep_writing.join().expect("writer");
-        assert!(caught);
-        assert!(frames > super::super::WAL_RESET_BYTES, "{frames}");
+        assert!(pass.caught);
+        assert!(
+            pass.frames > super::super::WAL_RESET_BYTES,
+            "{}",
+            pass.frames
+        );
+        assert!(
+            (2..=CATCH_UP_PASSES + 1).contains(&pass.passes),
+            "{} passes",
+            pass.passes
+        );
     }
 }
