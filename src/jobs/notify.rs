@@ -140,6 +140,8 @@ pub struct Notifier {
     recent: Mutex<Recent>,
     waiting: AtomicUsize,
     streams: AtomicUsize,
+    /// Subscribers inside [`Subscription::changed`] now: they have looked and wait.
+    parked: AtomicUsize,
     /// (waiting claims, open streams) per caller; a caller with none has no entry.
     per_caller: Mutex<HashMap<String, [usize; 2]>>,
     limits: PushLimits,
@@ -167,11 +169,28 @@ impl Subscription {
     /// Wait for a wake-up after the last [`Subscription::mark_seen`]; the time (ms) of
     /// the change that woke it.
     pub async fn changed(&mut self) -> i64 {
+        let _parked = Parked::new(&self.notifier.parked);
         if self.rx.changed().await.is_err() {
             // The sender never goes while we hold the topic; do not spin if it did.
             std::future::pending::<()>().await;
         }
         *self.rx.borrow()
+    }
+}
+
+/// Counts a subscriber as parked while it lives (also when its wait is cancelled).
+struct Parked<'a>(&'a AtomicUsize);
+
+impl<'a> Parked<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Self(n)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -279,6 +298,7 @@ impl Notifier {
             recent: Mutex::new(Recent::default()),
             waiting: AtomicUsize::new(0),
             streams: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
             per_caller: Mutex::new(HashMap::new()),
             limits,
             closing: watch::channel(false).0,
@@ -415,6 +435,13 @@ impl Notifier {
             self.waiting.load(Ordering::Acquire),
             self.streams.load(Ordering::Acquire),
         )
+    }
+
+    /// Subscribers that have looked and now wait for a change. A waiting claim holds
+    /// its slot (see [`Notifier::counts`]) from before its first look, so this is the
+    /// count that says a change made now wakes it rather than meets its first look.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::Acquire)
     }
 
     /// Topics with at least one waiter now.
@@ -942,5 +969,41 @@ mod tests {
         if let Ok(rt) = rt {
             rt.block_on(n.closed());
         }
+    }
+
+    /// Poll a future once, from inside a task.
+    async fn poll_once<F: std::future::Future>(
+        mut f: std::pin::Pin<&mut F>,
+    ) -> std::task::Poll<F::Output> {
+        std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx))).await
+    }
+
+    #[test]
+    fn a_subscriber_counts_as_parked_only_while_it_waits_for_a_change() {
+        let n = Notifier::new(PushLimits::default());
+        let mut sub = n.subscribe(Topic::Claimable("q".into()));
+        assert_eq!(n.parked(), 0, "subscribed is not parked");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            sub.mark_seen();
+            let mut wait = Box::pin(sub.changed());
+            // One poll: the wait is pending, so the subscriber is parked.
+            assert!(poll_once(wait.as_mut()).await.is_pending());
+            assert_eq!(n.parked(), 1);
+            n.wake(&Topic::Claimable("q".into()), 7);
+            assert_eq!(wait.await, 7);
+        });
+        assert_eq!(n.parked(), 0, "woken is no longer parked");
+        // A wait given up (dropped mid-way, as by a deadline) is not parked either.
+        rt.block_on(async {
+            sub.mark_seen();
+            let mut wait = Box::pin(sub.changed());
+            assert!(poll_once(wait.as_mut()).await.is_pending());
+            assert_eq!(n.parked(), 1);
+        });
+        assert_eq!(n.parked(), 0);
     }
 }

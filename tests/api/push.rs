@@ -58,10 +58,12 @@ fn spawn_claim(
     })
 }
 
-/// Wait until `app` holds `n` waiting claims (functional: the waiters are parked).
+/// Wait until `app` holds `n` waiting claims that have each made their first look and
+/// now wait for a change (a claim holds its slot from before that look, so a change
+/// made once only the slot shows would meet the first look, not wake a waiter).
 fn until_waiting(app: &TestApp, n: usize) {
     let end = Instant::now() + Duration::from_secs(20);
-    while app.state.notifier.counts().0 < n {
+    while app.state.notifier.counts().0 < n || app.state.notifier.parked() < n {
         assert!(Instant::now() < end, "waiters never parked");
         std::thread::sleep(Duration::from_millis(10));
     }
