@@ -3,7 +3,7 @@
 
 use super::audit::AuditRecord;
 use super::model::Scheme;
-use super::principal::Principal;
+use super::principal::{Held, Principal};
 use super::store::Touch;
 use super::{fail, AuthContext, Scope};
 use crate::crypto::credential::ApiKey;
@@ -37,6 +37,7 @@ pub async fn verify(
                 scopes: Scope::ALL.to_vec(),
                 key_ref: Some("bootstrap".to_owned()),
                 job_id: None,
+                held: Held::Bootstrap,
             });
         }
     }
@@ -69,5 +70,8 @@ pub async fn verify(
         scopes,
         key_ref: Some(row.display_prefix.clone()),
         job_id: None,
+        held: Held::ApiKey {
+            hash: hash.as_str().to_owned(),
+        },
     })
 }

@@ -7,7 +7,7 @@
 
 use super::audit::AuditRecord;
 use super::model::Scheme;
-use super::principal::Principal;
+use super::principal::{Held, Principal};
 use super::{fail, AuthContext};
 use crate::error::ApiError;
 
@@ -260,6 +260,7 @@ pub async fn verify(
         scopes: caller.scopes.clone(),
         key_ref: None,
         job_id: None,
+        held: Held::Caller,
     })
 }
 

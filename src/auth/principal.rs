@@ -5,7 +5,8 @@ use std::future::{ready, Ready};
 use actix_web::{dev::Payload, FromRequest, HttpMessage, HttpRequest};
 
 use super::model::Scheme;
-use super::Scope;
+use super::{fail, AuthContext, Scope};
+use crate::db::now_millis;
 use crate::error::ApiError;
 use crate::jobs::JobId;
 
@@ -19,9 +20,114 @@ pub struct Principal {
     pub key_ref: Option<String>,
     /// For job tokens: the one job this principal may touch.
     pub job_id: Option<JobId>,
+    /// The credential it was proved with, to check again later (see [`Principal::recheck`]).
+    pub held: Held,
+}
+
+/// The credential a principal was proved with, as much of it as checking it again
+/// needs: never the secret, key or token itself.
+#[derive(Clone)]
+pub enum Held {
+    /// A signature (HMAC or RFC 9421) under this version of the caller's secret.
+    Secret { version: i32 },
+    /// An API key, by its SHA-256 (what the key table is keyed on).
+    ApiKey { hash: String },
+    /// A job token.
+    Token {
+        jti: String,
+        attempt: i32,
+        /// `exp`, seconds since the epoch.
+        expires_at: i64,
+    },
+    /// The bootstrap key: valid while it is configured, which is for the process's life.
+    Bootstrap,
+    /// Nothing beyond the caller itself (a client certificate, a webhook signature).
+    Caller,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Held::Secret { version } => write!(f, "Secret(v{version})"),
+            Held::ApiKey { .. } => f.write_str("ApiKey([redacted])"),
+            Held::Token { jti, .. } => write!(f, "Token({jti})"),
+            Held::Bootstrap => f.write_str("Bootstrap"),
+            Held::Caller => f.write_str("Caller"),
+        }
+    }
 }
 
 impl Principal {
+    /// Is the credential this principal was proved with still good: its caller enabled,
+    /// its key, secret version or token neither revoked nor expired? For what outlives
+    /// its request's authentication (an event stream, a waiting claim), so that
+    /// disabling a caller or revoking a credential also ends those. Answers from the
+    /// credential store and the revocation set (cached, polled every 250 ms); a store
+    /// that cannot answer counts as a failure (the stream ends; the client reconnects
+    /// and is authenticated afresh).
+    pub async fn recheck(&self, ctx: &AuthContext) -> Result<(), ApiError> {
+        let caller_enabled = || async {
+            match ctx.store.caller(&self.caller).await? {
+                Some(c) if c.disabled => Err(fail("caller disabled")),
+                Some(c) => Ok(Some(c)),
+                None => Err(fail("unknown caller")),
+            }
+        };
+        match &self.held {
+            Held::Bootstrap => Ok(()),
+            Held::Caller => caller_enabled().await.map(drop),
+            Held::Secret { version } => {
+                let entry = caller_enabled().await?;
+                let now = now_millis();
+                match entry.and_then(|c| {
+                    c.hmac
+                        .iter()
+                        .find(|s| s.version == *version)
+                        .map(|s| s.is_active(now))
+                }) {
+                    Some(true) => Ok(()),
+                    _ => Err(fail("revoked")),
+                }
+            }
+            Held::ApiKey { hash } => {
+                let found = ctx
+                    .store
+                    .api_key(hash)
+                    .await?
+                    .ok_or_else(|| fail("unknown api key"))?;
+                if found.key.revoked_at.is_some() {
+                    return Err(fail("revoked"));
+                }
+                if found.key.expires_at.is_some_and(|e| e <= now_millis()) {
+                    return Err(fail("expired"));
+                }
+                if found.caller.disabled_at.is_some() {
+                    return Err(fail("caller disabled"));
+                }
+                Ok(())
+            }
+            Held::Token {
+                jti,
+                attempt,
+                expires_at,
+            } => {
+                if expires_at.saturating_mul(1000) <= now_millis() {
+                    return Err(fail("expired"));
+                }
+                let job = self.job_id.as_ref().map_or("", JobId::as_str);
+                if ctx.revocations.is_revoked(jti, job, *attempt).await? {
+                    return Err(fail("revoked"));
+                }
+                if self.caller == super::api_key::BOOTSTRAP_CALLER
+                    && ctx.settings.bootstrap_key_hash.is_some()
+                {
+                    return Ok(());
+                }
+                caller_enabled().await.map(drop)
+            }
+        }
+    }
+
     pub fn has_scope(&self, scope: Scope) -> bool {
         self.scopes.contains(&scope)
     }
@@ -58,6 +164,7 @@ mod tests {
             scopes: vec![Scope::JobsUpdate],
             key_ref: None,
             job_id: job.map(|j| JobId::parse(j, "id").expect("uuid")),
+            held: Held::Caller,
         }
     }
 

@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use super::audit::AuditRecord;
 use super::model::{Purpose, Scheme};
-use super::principal::Principal;
+use super::principal::{Held, Principal};
 use super::{fail, repo, AuthContext, Scope};
 use crate::crypto::credential::HmacSecret;
 use crate::crypto::seal::Sealer;
@@ -430,6 +430,11 @@ pub async fn verify_header(
         caller,
         scheme: Scheme::Token,
         scopes,
+        held: Held::Token {
+            jti: claims.jti.clone(),
+            attempt: claims.att,
+            expires_at: claims.exp,
+        },
         key_ref: Some(claims.jti),
         job_id: Some(job_id),
     })

@@ -108,7 +108,8 @@ async fn change(
     summary = "Move a job along the state machine",
     description = "`PENDING → QUEUED → RUNNING → COMPLETED | FAILED`, any non-terminal → \
         `CANCELLED`, `RUNNING → QUEUED`; anything else, and any change to a terminal job, \
-        is a 409. A job token may change only its own job (else 403).",
+        is a 409. A job token may change only its own job (else 403), and cannot \
+        cancel it (403: cancelling is an operator's, as on `/cancel`).",
     params(JobIdParam),
     request_body(content = StatusUpdate, content_type = "application/json"),
     responses(
@@ -123,6 +124,11 @@ pub async fn status(
     JsonBody(body): JsonBody<StatusUpdate>,
 ) -> ApiResult<HttpResponse> {
     validate_message(body.message.as_deref())?;
+    // The guard lets a job token reach this route for its worker's moves (hand back,
+    // complete, fail); cancelling is refused to it here as it is on `/cancel`.
+    if principal.job_id.is_some() && body.status == JobStatus::Cancelled {
+        return Err(ApiError::Forbidden("a job token cannot cancel"));
+    }
     let c = Change::Status {
         to: body.status,
         message: body.message,
@@ -336,12 +342,13 @@ pub async fn claim(
         ));
     }
     let wait = crate::http::push::wait_of(&req, body.wait)?;
-    let (worker, caller) = (body.worker, principal.caller);
+    let worker = body.worker;
     if !wait.is_zero() {
         // It waits by design: it gives its place at the door back (see db::admission).
         crate::db::admission::waits_by_design(&req);
-        return crate::http::push::long_claim(state, queue, caller, worker, wait).await;
+        return crate::http::push::long_claim(state, queue, principal, worker, wait).await;
     }
+    let caller = principal.caller;
     match claim_once(&state, queue, caller, worker).await? {
         Some(c) => claimed_response(c),
         None => Ok(HttpResponse::NoContent().finish()),

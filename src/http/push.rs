@@ -9,7 +9,7 @@ use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::future::{select, Either};
 
-use crate::auth::Principal;
+use crate::auth::{Principal, Scope};
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::JobIdParam;
 use crate::http::problem;
@@ -144,21 +144,28 @@ async fn give_back(state: &AppState, id: String) {
 pub async fn long_claim(
     state: web::Data<AppState>,
     queue: String,
-    caller: String,
+    principal: Principal,
     worker: String,
     wait: Duration,
 ) -> ApiResult<HttpResponse> {
+    let caller = principal.caller.as_str();
     let _slot = state
         .notifier
-        .waiting_slot(&caller)
+        .waiting_slot(caller)
         .map_err(|r| busy(r, false))?;
     let deadline = Instant::now() + wait;
     let mut sub = state.notifier.subscribe(Topic::Claimable(queue.clone()));
     // The time of the change that woke this waiter last (None: not woken by a change).
     let mut woken_by: Option<i64> = None;
+    let mut first = true;
     loop {
         sub.mark_seen();
-        if let Some(c) = claim_detached(&state, &queue, &caller, &worker).await? {
+        // The first look is right after authentication; a later one (seconds on) claims
+        // only while the credential still holds.
+        if !std::mem::take(&mut first) {
+            fresh(&state, principal.recheck(&state.auth)).await?;
+        }
+        if let Some(c) = claim_detached(&state, &queue, caller, &worker).await? {
             if let Some(at) = woken_by {
                 state.metrics.wakeup("claim", at);
             }
@@ -241,9 +248,24 @@ fn sse_event(out: &mut String, e: EventRow) {
     out.push_str(&format!("id: {seq}\nevent: {kind}\ndata: {data}\n\n"));
 }
 
+/// Does the credential a stream was opened with still hold? Checked before each read
+/// of a stream after its first, so a disabled caller or a revoked credential gets no
+/// event written after that (within the credential store's 250 ms poll).
+async fn still_holds(state: &AppState, principal: &Principal, what: &str) -> bool {
+    match fresh(state, principal.recheck(&state.auth)).await {
+        Ok(()) => true,
+        Err(e) => {
+            log::info!("push: {what} of caller {} ended: {e}", principal.caller);
+            false
+        }
+    }
+}
+
 /// The state of one open stream.
 struct Stream {
     state: web::Data<AppState>,
+    /// Who opened it, checked again before every read after the first.
+    principal: Principal,
     id: JobId,
     last: i64,
     sub: Subscription,
@@ -279,6 +301,9 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
         let (status, events) = match s.pending.take() {
             Some(p) => p,
             None => {
+                if !still_holds(&s.state, &s.principal, "event stream").await {
+                    return None;
+                }
                 s.live = true;
                 s.sub.mark_seen();
                 match read_after(&s.state, &s.id, s.last).await {
@@ -343,7 +368,10 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
         (`id:` its `seq`, `event:` its type, `data:` the event as JSON), starting after \
         `Last-Event-ID` (or `?after=`), then live as they happen on any instance, until \
         the job is terminal (the stream then ends; also when the instance shuts down: \
-        reconnect with `Last-Event-ID`). An idle stream gets a `: keep-alive` comment \
+        reconnect with `Last-Event-ID`). The credential is checked again before every \
+        read: once its caller is disabled or it is revoked or expired (a job token is \
+        revoked when its job ends), the stream ends without sending more. An idle \
+        stream gets a `: keep-alive` comment \
         every 15 s. Open streams per caller and per instance are bounded (429 with \
         `Retry-After` beyond). Otherwise the events after `after` as JSON (at most 1000). \
         A job token may read only its own job (else 403).",
@@ -390,6 +418,7 @@ pub async fn job_events(
     let first = read_after(&state, &id, after).await?;
     let stream = Stream {
         state: state.clone(),
+        principal,
         id,
         last: after,
         sub,
@@ -420,6 +449,10 @@ struct QueueEvent {
 /// The state of one open queue stream.
 struct QueueStream {
     state: web::Data<AppState>,
+    /// Who opened it, checked again before every read.
+    principal: Principal,
+    /// Whether events carry their `data` (the opener holds `jobs:read`).
+    with_data: bool,
     queue: String,
     sub: QueueSubscription,
     /// When the stream opened (ms): a job first seen is read from its events since.
@@ -458,7 +491,11 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
         Either::Right((Either::Left(_), _)) => Some(None),
         Either::Right((Either::Right(_), _)) => None,
     };
-    let Some(first) = got? else {
+    let got = got?;
+    if !still_holds(&s.state, &s.principal, "queue stream").await {
+        return None;
+    }
+    let Some(first) = got else {
         return Some((Ok(Bytes::from_static(b": keep-alive\n\n")), s));
     };
     // Take what else has queued up, so one read serves a burst.
@@ -538,11 +575,16 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
             let queue = note.map_or_else(|| s.queue.clone(), |n| n.queue.clone());
             s.state.metrics.wakeup("queue_stream", e.created_at);
             let kind = e.event_type.clone();
+            let mut event = EventView::from(e);
+            if !s.with_data {
+                // What changed (messages, results, errors) is `jobs:read`'s to see.
+                event.data = serde_json::Value::Null;
+            }
             let data = serde_json::to_string(&QueueEvent {
                 queue,
                 job_id,
                 status,
-                event: EventView::from(e),
+                event,
             })
             .unwrap_or_else(|_| "null".into());
             out.push_str(&format!("event: {kind}\ndata: {data}\n\n"));
@@ -565,14 +607,17 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
     description = "Server-Sent Events (always; `Accept: text/event-stream` is expected): \
         every job event of the queue (of every queue for `*`) from now on, as it happens \
         on any instance — `event:` the event type, `data:` \
-        `{queue, jobId, status, seq, type, data, createdAt}` — \
+        `{queue, jobId, status, seq, type, data, createdAt}`, where `data` (what \
+        changed: messages, results, errors) is null unless the caller holds \
+        `jobs:read` — \
         and `event: queue` (`data: {queue}`) when the queue changed as a whole (paused, \
         resumed, a batch of jobs created): re-read it then. There is no replay: events \
         carry no `id:`, and a client that (re)connects reads the queue and its jobs first \
         (a job's own stream replays exactly). A consumer that falls 256 changes behind \
         gets `event: dropped` (`data: {reason, missed}`) and the stream ends. An idle \
         stream gets a `: keep-alive` comment every 15 s; the stream ends when the \
-        instance shuts down. Open streams per caller and per instance are bounded (429 \
+        instance shuts down, and once its credential no longer holds (caller disabled, \
+        key or secret revoked or expired; checked before every read). Open streams per caller and per instance are bounded (429 \
         with `Retry-After` beyond).",
     params(
         ("queue" = String, Path, description = "The queue name, or `*` for every queue.",
@@ -599,6 +644,8 @@ pub async fn queue_events(
     let sub = state.notifier.subscribe_queue(&queue);
     let stream = QueueStream {
         state: state.clone(),
+        with_data: principal.has_scope(Scope::JobsRead),
+        principal,
         queue,
         sub,
         since: crate::db::now_millis(),

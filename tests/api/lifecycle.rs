@@ -456,9 +456,24 @@ fn cancel_while_running_stops_the_worker_and_revokes_its_token(b: Backend) {
     let c = claim(&app, "cx").expect("claimed");
     let token = c["token"].as_str().expect("token").to_owned();
     let path = format!("/coordinator/jobs/{id}");
-    // The worker's own token cannot cancel.
+    // The worker's own token cannot cancel, on `/cancel` nor through the status route
+    // (where it may hand the job back, complete or fail it).
     app.with_token(&token, "POST", &format!("{path}/cancel"), b"{}")
         .problem(403);
+    let p = app
+        .with_token(
+            &token,
+            "PATCH",
+            &format!("{path}/status"),
+            br#"{"status":"CANCELLED","message":"by token"}"#,
+        )
+        .problem(403);
+    assert!(
+        p["detail"].as_str().unwrap_or("").contains("cannot cancel"),
+        "{p}"
+    );
+    let r = app.get(&path);
+    assert_eq!(r.json()["status"], "RUNNING", "{}", r.body);
     let r = app.post_json(&format!("{path}/cancel"), &json!({"reason": "superseded"}));
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["status"], "CANCELLED");

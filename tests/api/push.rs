@@ -21,6 +21,9 @@ backend_tests!(
     wake_up_latency,
     a_queue_stream_sees_its_queues_events_from_either_instance,
     streams_and_waiters_are_bounded_per_caller,
+    an_open_stream_ends_once_its_credential_no_longer_holds,
+    a_waiting_claim_takes_no_job_once_its_caller_is_disabled,
+    a_queue_stream_without_jobs_read_carries_no_event_data,
     shutdown_ends_streams_and_waiting_claims_and_loses_no_write,
 );
 crate::postgres_tests!(a_notification_leaves_after_its_write_commits_never_for_a_failed_one);
@@ -45,7 +48,18 @@ fn spawn_claim(
     wait: f64,
     worker: &str,
 ) -> std::thread::JoinHandle<(Resp, Duration)> {
-    let (url, signer) = (app.url(""), app.signer.clone());
+    spawn_claim_by(app, &app.signer, queue, wait, worker)
+}
+
+/// The same, signed by `signer`.
+fn spawn_claim_by(
+    app: &TestApp,
+    signer: &Signer,
+    queue: &str,
+    wait: f64,
+    worker: &str,
+) -> std::thread::JoinHandle<(Resp, Duration)> {
+    let (url, signer) = (app.url(""), signer.clone());
     let path = format!("/coordinator/queues/{queue}/claim");
     let body = json!({"worker": worker, "wait": wait}).to_string();
     std::thread::spawn(move || {
@@ -406,13 +420,19 @@ enum Sse {
 
 /// Open an SSE stream signed by `signer` at `base` and read it on a thread.
 fn sse(base: &str, signer: &Signer, path: &str) -> Result<mpsc::Receiver<Sse>, Resp> {
-    let sig = signer.headers("GET", path, b"", now_secs());
+    sse_with(base, &signer.headers("GET", path, b"", now_secs()), path)
+}
+
+/// An SSE stream opened with these credential headers. A queue stream's events carry
+/// no `id:` (one is reported as an event named "unexpected id"); a job stream's do.
+fn sse_with(base: &str, sig: &[(String, String)], path: &str) -> Result<mpsc::Receiver<Sse>, Resp> {
+    let ids_expected = path.starts_with("/coordinator/jobs/");
     let mut req = ureq::AgentBuilder::new()
         .timeout(Duration::from_secs(120))
         .build()
         .get(&format!("{base}{path}"))
         .set("accept", "text/event-stream");
-    for (k, v) in &sig {
+    for (k, v) in sig {
         req = req.set(k, v);
     }
     let r = match req.call() {
@@ -462,7 +482,7 @@ fn sse(base: &str, signer: &Signer, path: &str) -> Result<mpsc::Receiver<Sse>, R
                 event = Some(v.to_owned());
             } else if let Some(v) = l.strip_prefix("data: ") {
                 data = serde_json::from_str(v).ok();
-            } else if l.starts_with("id:") {
+            } else if l.starts_with("id:") && !ids_expected {
                 let _ = tx.send(Sse::Event("unexpected id".into(), Value::Null));
             }
         }
@@ -741,4 +761,141 @@ fn a_notification_leaves_after_its_write_commits_never_for_a_failed_one(b: Backe
     }
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert!(seen[0].starts_with("q|committed|2|QUEUED|"), "{seen:?}");
+}
+
+/// Repeat `request` until it is refused (401), at most 5 s: the credential store and the
+/// revocation set pick a change up within their 250 ms polls.
+fn until_refused(what: &str, mut request: impl FnMut() -> Resp) {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = request();
+        if r.status == 401 {
+            return;
+        }
+        assert!(Instant::now() < end, "{what}: still answered {}", r.status);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The next thing a stream delivers must be its end: no event written after its
+/// credential stopped holding reaches it.
+fn ends_without_another_event(rx: &mpsc::Receiver<Sse>, what: &str) {
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(Sse::End(_)) => {}
+        other => panic!("{what}: expected the stream to end, got {other:?}"),
+    }
+}
+
+/// A stream outlives its request's authentication, so it is checked again before every
+/// read: disabling its caller, revoking its API key or its job token ends it before
+/// any later event is sent.
+fn an_open_stream_ends_once_its_credential_no_longer_holds(backend: Backend) {
+    let Some(app) = crate::app!(backend) else {
+        return;
+    };
+    let base = app.url("");
+    // A caller disabled: its queue stream (HMAC) ends.
+    let watcher = app.caller("watcher", &[Scope::HealthRead, Scope::JobsRead]);
+    let rx = sse(&base, &watcher, "/coordinator/queues/rv/events").expect("opens");
+    let first = pending(&app, "rv");
+    let (e, d) = next_event(&rx);
+    assert_eq!(
+        (e.as_str(), d["jobId"].as_str()),
+        ("created", Some(first.as_str()))
+    );
+    coordinator::auth::credentials::disable_caller(&app.state.db, "watcher").expect("disable");
+    until_refused("disabled caller", || {
+        app.signed_by(&watcher, "GET", "/coordinator/health", &[], b"")
+    });
+    to_queued(&app, &first);
+    ends_without_another_event(&rx, "queue stream of a disabled caller");
+
+    // An API key revoked: its job stream ends.
+    let key = app.api_key("keyed", &[Scope::HealthRead, Scope::JobsRead]);
+    let id = pending(&app, "rv2");
+    let path = format!("/coordinator/jobs/{id}/events");
+    let rx = sse_with(&base, &[("X-API-Key".into(), key.clone())], &path).expect("opens");
+    assert_eq!(next_event(&rx).0, "created");
+    let rows =
+        coordinator::auth::credentials::list_keys(&app.state.db, Some("keyed")).expect("keys");
+    let row = rows.first().expect("the key");
+    coordinator::auth::credentials::revoke_key(&app.state.db, &row.id).expect("revoke");
+    until_refused("revoked API key", || {
+        app.raw("GET", "/coordinator/health", &[("X-API-Key", &key)], b"")
+    });
+    to_queued(&app, &id);
+    ends_without_another_event(&rx, "job stream of a revoked API key");
+
+    // A job token revoked: its own job's stream ends.
+    let r = app.post_json("/coordinator/queues/rv2/claim", &json!({"worker": "w"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let bearer = [("Authorization".to_owned(), format!("Bearer {token}"))];
+    let rx = sse_with(&base, &bearer, &path).expect("opens");
+    // The stream replays from the start: created, status, claimed.
+    for want in ["created", "status", "claimed"] {
+        assert_eq!(next_event(&rx).0, want);
+    }
+    let jti = crate::helpers::jti_of(&token);
+    let r = app.post_json("/admin/tokens/revoke", &json!({"jti": jti}));
+    assert!(r.status < 300, "{}", r.body);
+    until_refused("revoked job token", || {
+        app.with_token(&token, "GET", &format!("/coordinator/jobs/{id}"), b"")
+    });
+    // A change made with the operator's credential (the job is still RUNNING).
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{id}/progress"),
+        &json!({"percent": 70, "message": "after the revocation"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    ends_without_another_event(&rx, "job stream of a revoked job token");
+}
+
+/// A long-poll claim waits for seconds after its authentication: a caller disabled in
+/// the meantime is answered 401 at its next look and takes no job.
+fn a_waiting_claim_takes_no_job_once_its_caller_is_disabled(backend: Backend) {
+    let Some(app) = crate::app!(backend) else {
+        return;
+    };
+    let claimer = app.caller("claimer", &[Scope::JobsUpdate, Scope::HealthRead]);
+    let id = pending(&app, "wq");
+    let waiter = spawn_claim_by(&app, &claimer, "wq", 20.0, "w1");
+    until_waiting(&app, 1);
+    coordinator::auth::credentials::disable_caller(&app.state.db, "claimer").expect("disable");
+    until_refused("disabled caller", || {
+        app.signed_by(&claimer, "GET", "/coordinator/health", &[], b"")
+    });
+    to_queued(&app, &id);
+    let (r, _) = waiter.join().expect("waiter");
+    assert_eq!(r.problem(401)["reason"], "caller disabled", "{}", r.body);
+    let job = app.get(&format!("/coordinator/jobs/{id}"));
+    assert_eq!(job.json()["status"], "QUEUED", "{}", job.body);
+}
+
+/// The queue stream needs only `health:read`; what changed in a job (messages,
+/// results, errors) is `jobs:read`'s, so without it events carry `data: null`.
+fn a_queue_stream_without_jobs_read_carries_no_event_data(backend: Backend) {
+    let Some(app) = crate::app!(backend) else {
+        return;
+    };
+    let base = app.url("");
+    let health_only = app.caller("dash", &[Scope::HealthRead]);
+    let narrow = sse(&base, &health_only, "/coordinator/queues/dq/events").expect("opens");
+    let full = sse(&base, &app.signer, "/coordinator/queues/dq/events").expect("opens");
+    let id = pending(&app, "dq");
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{id}/status"),
+        &json!({"status": "QUEUED", "message": "secret-ish message"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    for _ in 0..2 {
+        let (e, d) = next_event(&narrow);
+        assert!(d["data"].is_null(), "{e}: {d}");
+        assert_eq!(d["jobId"], id.as_str());
+        assert!(d["seq"].is_i64() && d["type"].is_string(), "{d}");
+    }
+    let (_, created) = next_event(&full);
+    assert!(created["data"].is_object(), "{created}");
+    let (_, status) = next_event(&full);
+    assert_eq!(status["data"]["message"], "secret-ish message", "{status}");
 }

@@ -21,7 +21,7 @@ use self::rfc9421::{Component, Shape};
 use self::wire::CanonicalRequest;
 use super::audit::AuditRecord;
 use super::model::{Purpose, Scheme};
-use super::principal::Principal;
+use super::principal::{Held, Principal};
 use super::store::{CallerEntry, Touch, MAX_VERSIONS_TRIED};
 use super::{fail, header, names, AuthContext};
 use crate::db::now_millis;
@@ -217,6 +217,9 @@ pub async fn finish(
         scopes: entry.scopes.clone(),
         key_ref: Some(format!("v{}", matched.version)),
         job_id: None,
+        held: Held::Secret {
+            version: matched.version,
+        },
     })
 }
 
@@ -370,5 +373,8 @@ pub async fn finish_http_sig(
         scopes: entry.scopes.clone(),
         key_ref: Some(format!("v{}", matched.version)),
         job_id: None,
+        held: Held::Secret {
+            version: matched.version,
+        },
     })
 }

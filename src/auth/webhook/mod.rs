@@ -17,7 +17,7 @@ use actix_web::web::Bytes;
 
 use super::audit::AuditRecord;
 use super::model::{Purpose, Scheme};
-use super::principal::Principal;
+use super::principal::{Held, Principal};
 use super::store::{Touch, WebhookKey, MAX_VERSIONS_TRIED};
 use super::{fail, header, names, AuthContext};
 use crate::db::now_millis;
@@ -136,5 +136,6 @@ pub fn finish(
         scopes: k.scopes.clone(),
         key_ref: Some(format!("v{}", k.version)),
         job_id: None,
+        held: Held::Caller,
     })
 }
