@@ -169,6 +169,13 @@ try {
     .waitFor({ timeout: 5000 });
   assert.equal((await call('GET', '/coordinator/queues')).queues.find((q) => q.queue === 'uiq').paused,
     true);
+  // The depth cells show the API's figures (keyed by status name).
+  const api = (await call('GET', '/coordinator/queues')).queues.find((q) => q.queue === 'uiq');
+  const cells = await page.locator('#queues-table tr[data-queue="uiq"] td').allInnerTexts();
+  const maxRunning = api.maxRunning === null ? '∞' : String(api.maxRunning);
+  assert.deepEqual(cells.slice(0, 3),
+    [String(api.depth.PENDING), String(api.depth.QUEUED), `${api.depth.RUNNING} / ${maxRunning}`],
+    `queue depth cells ${JSON.stringify(cells)}`);
   await page.screenshot({ path: `${shots}/queues.png`, fullPage: true });
   await page.locator('#queues-table tr[data-queue="uiq"] button.pause').click();
   await page.locator('#queues-table tr[data-queue="uiq"] td').filter({ hasText: 'active' })

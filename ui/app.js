@@ -270,10 +270,11 @@
         return el('tr', { 'data-queue': q.queue },
           el('th', { scope: 'row', 'data-label': 'Queue' },
             el('a', { href: '#/jobs?queue=' + encodeURIComponent(q.queue) }, q.queue)),
-          el('td', { class: 'num', 'data-label': 'Pending' }, q.depth.pending),
-          el('td', { class: 'num', 'data-label': 'Queued' }, q.depth.queued),
+          // The depth is keyed by status name, as everywhere in the API.
+          el('td', { class: 'num', 'data-label': 'Pending' }, String(q.depth.PENDING)),
+          el('td', { class: 'num', 'data-label': 'Queued' }, String(q.depth.QUEUED)),
           el('td', { class: 'num', 'data-label': 'Running / max' },
-            q.depth.running + ' / ' + (q.maxRunning === null ? '∞' : q.maxRunning)),
+            q.depth.RUNNING + ' / ' + (q.maxRunning === null ? '∞' : q.maxRunning)),
           el('td', { class: 'num', 'data-label': 'Oldest queued' }, age(q.oldestQueuedAgeMs)),
           el('td', { 'data-label': 'State' }, q.paused ? 'paused' : 'active'),
           actions);

@@ -44,6 +44,13 @@ pub struct IssuedKey {
 }
 
 fn validate_name(name: &str) -> Result<(), StoreError> {
+    if name == super::api_key::BOOTSTRAP_CALLER {
+        // The bootstrap key's identity: a caller of that name would share its
+        // idempotency scope and the check of its job tokens.
+        return Err(StoreError::Conflict(format!(
+            "caller name '{name}' is reserved for the bootstrap key"
+        )));
+    }
     if crate::auth::hmac::wire::is_valid_caller_name(name) {
         Ok(())
     } else {

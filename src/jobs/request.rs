@@ -66,17 +66,20 @@ impl RetryBackoff {
     }
 }
 
-/// Queue names appear in URLs: 1–64 of `[A-Za-z0-9_.-]`.
+/// Queue names appear in URLs: 1–64 of `[A-Za-z0-9_.-]`, not only dots (`.` and `..`
+/// are path segments that clients and browsers normalise away, so a queue named so
+/// could be filled but not claimed from, paused or read through them).
 pub fn validate_queue(q: &str, field: &str) -> Result<(), ApiError> {
     let ok = (1..=64).contains(&q.len())
         && q.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && !q.bytes().all(|b| b == b'.');
     if ok {
         Ok(())
     } else {
         Err(ApiError::bad_request(
             field,
-            "must be 1-64 characters of letters, digits, '_', '.' or '-'",
+            "must be 1-64 characters of letters, digits, '_', '.' or '-', not only dots",
         ))
     }
 }
@@ -654,5 +657,22 @@ mod tests {
         assert_eq!(p.max_running, None);
         let p: QueuePatch = serde_json::from_str(r#"{"maxRunning": 0}"#).expect("json");
         assert!(p.validate().is_err());
+    }
+
+    #[test]
+    fn queue_names_are_url_segments_and_never_only_dots() {
+        for ok in ["default", "a", "ci.linux-x86_64", ".hidden", "a..b", "...a"] {
+            assert!(validate_queue(ok, "queue").is_ok(), "{ok}");
+        }
+        let long = "q".repeat(65);
+        for bad in ["", ".", "..", "...", "a/b", "a b", "é", "*", long.as_str()] {
+            assert!(
+                matches!(
+                    validate_queue(bad, "queue"),
+                    Err(ApiError::BadRequest { .. })
+                ),
+                "{bad:?}"
+            );
+        }
     }
 }

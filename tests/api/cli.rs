@@ -172,15 +172,22 @@ fn caller_add_list_disable() {
         serde_json::json!(["jobs:update", "jobs:read"])
     );
 
-    // Duplicates, bad names, unknown scopes and unknown callers are refused.
+    // Duplicates, bad names, the bootstrap key's reserved name, unknown scopes and
+    // unknown callers are refused.
     for args in [
         &["caller", "add", "svc", "--scopes", "all"][..],
         &["caller", "add", "Bad", "--scopes", "all"],
+        &["caller", "add", "bootstrap", "--scopes", "jobs:read"],
         &["caller", "disable", "nobody"],
     ] {
         let out = env.cmd(args).output().unwrap();
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
     }
+    let out = env
+        .cmd(&["caller", "add", "bootstrap", "--scopes", "jobs:read"])
+        .output()
+        .unwrap();
+    assert!(stderr(&out).contains("reserved"), "{}", stderr(&out));
     let out = env
         .cmd(&["caller", "add", "x", "--scopes", "jobs:write"])
         .output()
