@@ -28,6 +28,10 @@ pub enum StoreError {
     /// `db::replay::Deferred`): nothing of it was written.
     #[error("replayed request")]
     Replayed,
+    /// A job token's write found its job on a later attempt (handed back and claimed
+    /// again after the token was checked): the token is revoked, nothing was written.
+    #[error("job token of an earlier attempt")]
+    StaleAttempt,
     #[error(transparent)]
     Db(#[from] diesel::result::Error),
     #[error("internal: {0}")]
@@ -97,7 +101,10 @@ pub(crate) fn is_busy(e: &diesel::result::Error) -> bool {
     match e {
         E::DatabaseError(K::Unknown, info) => {
             let m = info.message();
-            m.contains("database is locked") || m.contains("database table is locked")
+            m.contains("database is locked")
+                || m.contains("database table is locked")
+                // PostgreSQL broke a lock cycle by failing this transaction: transient.
+                || m.contains("deadlock detected")
         }
         E::DatabaseError(K::SerializationFailure, _) => true,
         _ => false,
@@ -325,6 +332,7 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(why) => ApiError::Unavailable(why),
             StoreError::Overloaded(why) => ApiError::Overloaded(why),
             StoreError::Replayed => ApiError::unauthorized(AuthFailure::new("replayed request")),
+            StoreError::StaleAttempt => ApiError::unauthorized(AuthFailure::new("revoked")),
             StoreError::Db(diesel::result::Error::NotFound) => ApiError::NotFound,
             StoreError::Db(ref d) if is_connection_loss(d) || is_busy(d) => {
                 ApiError::Unavailable(d.to_string())

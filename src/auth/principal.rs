@@ -58,6 +58,15 @@ impl std::fmt::Debug for Held {
 }
 
 impl Principal {
+    /// The attempt of the job a job token was issued for (`None` for other schemes):
+    /// its writes apply only while the job is still on it (`jobs::repo::apply`).
+    pub fn token_attempt(&self) -> Option<i32> {
+        match self.held {
+            Held::Token { attempt, .. } => Some(attempt),
+            _ => None,
+        }
+    }
+
     /// Is the credential this principal was proved with still good: its caller enabled,
     /// its key, secret version or token neither revoked nor expired? For what outlives
     /// its request's authentication (an event stream, a waiting claim), so that

@@ -77,14 +77,16 @@ async fn change(
                 percent,
                 message,
                 lease_ms,
+                attempt: principal.token_attempt(),
                 record: None,
             };
             state.progress.report(report).await?
         }
         change => {
+            let attempt = principal.token_attempt();
             state
                 .db
-                .write(move |conn| repo::apply(conn, &id, &change, lease_ms))
+                .write(move |conn| repo::apply(conn, &id, &change, lease_ms, attempt))
                 .await?
         }
     };
@@ -108,8 +110,10 @@ async fn change(
     summary = "Move a job along the state machine",
     description = "`PENDING → QUEUED → RUNNING → COMPLETED | FAILED`, any non-terminal → \
         `CANCELLED`, `RUNNING → QUEUED`; anything else, and any change to a terminal job, \
-        is a 409. A job token may change only its own job (else 403), and cannot \
-        cancel it (403: cancelling is an operator's, as on `/cancel`).",
+        is a 409. A job token may change only its own job (else 403), and only to \
+        QUEUED (hand it back), COMPLETED or FAILED (else 403: cancelling is an \
+        operator's, as on `/cancel`). A job token's change applies only while the job \
+        is still on the token's attempt (else 401 `revoked`).",
     params(JobIdParam),
     request_body(content = StatusUpdate, content_type = "application/json"),
     responses(
@@ -124,10 +128,20 @@ pub async fn status(
     JsonBody(body): JsonBody<StatusUpdate>,
 ) -> ApiResult<HttpResponse> {
     validate_message(body.message.as_deref())?;
-    // The guard lets a job token reach this route for its worker's moves (hand back,
-    // complete, fail); cancelling is refused to it here as it is on `/cancel`.
-    if principal.job_id.is_some() && body.status == JobStatus::Cancelled {
-        return Err(ApiError::Forbidden("a job token cannot cancel"));
+    // The guard lets a job token reach this route for its worker's moves: hand the job
+    // back (QUEUED), complete or fail it. Cancelling is refused to it here as it is on
+    // `/cancel`, and so is moving a job to RUNNING or PENDING (a claim's and an
+    // operator's moves, never a worker's).
+    if principal.job_id.is_some() {
+        match body.status {
+            JobStatus::Queued | JobStatus::Completed | JobStatus::Failed => {}
+            JobStatus::Cancelled => return Err(ApiError::Forbidden("a job token cannot cancel")),
+            JobStatus::Pending | JobStatus::Running => {
+                return Err(ApiError::Forbidden(
+                    "a job token may only hand its job back (QUEUED), complete or fail it",
+                ))
+            }
+        }
     }
     let c = Change::Status {
         to: body.status,
@@ -531,9 +545,10 @@ pub async fn heartbeat(
     let id = JobId::parse(&id, "id")?;
     principal.authorize_job(&id)?;
     let lease_ms = state.config.lease_ms();
+    let attempt = principal.token_attempt();
     let until = state
         .db
-        .write(move |conn| repo::heartbeat(conn, &id, lease_ms))
+        .write(move |conn| repo::heartbeat(conn, &id, lease_ms, attempt))
         .await?;
     Ok(HttpResponse::Ok().json(HeartbeatView {
         lease_expires_at: crate::jobs::model::rfc3339(until),

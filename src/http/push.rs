@@ -121,7 +121,7 @@ async fn give_back(state: &AppState, id: String) {
         state,
         state
             .db
-            .write(move |conn| repo::apply(conn, &id, &change, lease_ms)),
+            .write(move |conn| repo::apply(conn, &id, &change, lease_ms, None)),
     )
     .await;
     match r {

@@ -76,11 +76,12 @@ impl ProgressLog {
             percent,
             message,
             lease_ms,
+            attempt,
             record: _,
         } = report;
         let change = Change::Progress { percent, message };
         self.db
-            .write(move |conn| repo::apply(conn, &id, &change, lease_ms))
+            .write(move |conn| repo::apply(conn, &id, &change, lease_ms, attempt))
             .await
     }
 }

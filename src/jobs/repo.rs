@@ -14,7 +14,9 @@ use super::model::{Change, EventType, JobId, NewJob};
 use super::request::{Cursor, ListFilter};
 use super::row::{EventRow, JobRow, QueueRow};
 use super::state::{backoff_delay_ms, transition_error, JobStatus};
-use super::statements::{Heartbeat, LiteProgress, LockJob, PgChange, PgProgressBatch, SetChanges};
+use super::statements::{
+    attempt_fence, Heartbeat, LiteProgress, LockJob, PgChange, PgProgressBatch, SetChanges,
+};
 use super::view::{QueueDepth, QueueView};
 use crate::db::outbox::after_commit;
 use crate::db::replay::{insert_replays_pg, Placed, ReplayRow};
@@ -183,28 +185,46 @@ pub fn create_batch(
     created_by: &str,
 ) -> Result<Vec<Created>, StoreError> {
     let now = now_millis();
+    // Keyed items in key order (stable: a key repeated in the batch keeps its order), so
+    // two batches sharing keys take their unique-index locks in the same order: in
+    // request order, `[a, b]` and `[b, a]` deadlock on PostgreSQL. Answers keep the
+    // request's order.
+    let mut keyed: Vec<(usize, &NewJob, &Idempotency)> = jobs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (job, idem))| idem.as_ref().map(|k| (i, job, k)))
+        .collect();
+    keyed.sort_by(|a, b| a.2.key.cmp(&b.2.key));
     conn.transaction(|conn| {
-        let mut out = Vec::with_capacity(jobs.len());
+        let mut out: Vec<(usize, Created)> = Vec::with_capacity(jobs.len());
         let mut plain: Vec<JobRow> = Vec::new();
         for (i, (job, idem)) in jobs.iter().enumerate() {
-            let row = new_row(job, created_by, idem.as_ref(), now);
-            let Some(idem) = idem else {
+            if idem.is_none() {
+                let row = new_row(job, created_by, None, now);
                 plain.push(row.clone());
-                out.push(Created {
-                    job: row,
-                    created: true,
-                });
-                continue;
-            };
+                out.push((
+                    i,
+                    Created {
+                        job: row,
+                        created: true,
+                    },
+                ));
+            }
+        }
+        for &(i, job, idem) in &keyed {
+            let row = new_row(job, created_by, Some(idem), now);
             if insert_or_ignore!(conn, jobs::table, &row)? == 1 {
                 diesel::insert_into(job_events::table)
                     .values(&created_event(&row))
                     .execute(conn)?;
                 notify_change(conn, &row.queue, &row.id, row.version, &row.status)?;
-                out.push(Created {
-                    job: row,
-                    created: true,
-                });
+                out.push((
+                    i,
+                    Created {
+                        job: row,
+                        created: true,
+                    },
+                ));
                 continue;
             }
             let first: JobRow = jobs::table
@@ -217,11 +237,16 @@ pub fn create_batch(
                     "jobs[{i}]: idempotencyKey was already used with different contents"
                 )));
             }
-            out.push(Created {
-                job: first,
-                created: false,
-            });
+            out.push((
+                i,
+                Created {
+                    job: first,
+                    created: false,
+                },
+            ));
         }
+        out.sort_unstable_by_key(|&(i, _)| i);
+        let out: Vec<Created> = out.into_iter().map(|(_, c)| c).collect();
         // One notification per queue for the plain rows (nobody watches a new job yet).
         let mut queues: Vec<&str> = plain.iter().map(|r| r.queue.as_str()).collect();
         queues.sort_unstable();
@@ -512,17 +537,29 @@ pub fn next_run_at(
 
 /// Apply a change to a job in one transaction: lock (version bump), read, check the
 /// state machine, write the row and its event.
+///
+/// `attempt` is a job token's (`None` for a caller credential): the change applies only
+/// while the job is still on that attempt, else [`StoreError::StaleAttempt`]. The token
+/// was checked when its request was authenticated, and the job can have been handed
+/// back and claimed again since; its worker must not write into the next attempt.
 pub fn apply(
     conn: &mut DbConnection,
     id: &JobId,
     change: &Change,
     lease_ms: i64,
+    attempt: Option<i32>,
 ) -> Result<JobRow, StoreError> {
     if let Change::Progress { percent, message } = change {
-        let message = message.as_deref();
+        let report = Report {
+            id: id.as_str(),
+            percent: *percent,
+            message: message.as_deref(),
+            lease_ms,
+            attempt: attempt_fence(attempt),
+        };
         let fast = match &mut *conn {
-            DbConnection::Postgresql(pg) => progress_pg(pg, id, *percent, message, lease_ms)?,
-            DbConnection::Sqlite(lite) => progress_lite(lite, id, *percent, message, lease_ms)?,
+            DbConnection::Postgresql(pg) => progress_pg(pg, report)?,
+            DbConnection::Sqlite(lite) => progress_lite(lite, report)?,
         };
         if let Some(row) = fast {
             return Ok(row);
@@ -538,8 +575,18 @@ pub fn apply(
         }
         .optional()?
         .ok_or(StoreError::NotFound)?;
+        on_attempt(&row, attempt)?;
         apply_locked(conn, row, change, lease_ms)
     })
+}
+
+/// [`StoreError::StaleAttempt`] when a job token's `attempt` is not the job's current
+/// one (see [`apply`]).
+fn on_attempt(row: &JobRow, attempt: Option<i32>) -> Result<(), StoreError> {
+    match attempt {
+        Some(a) if a != row.attempts => Err(StoreError::StaleAttempt),
+        _ => Ok(()),
+    }
 }
 
 /// PostgreSQL's progress report in one statement, the worker's most frequent write;
@@ -547,12 +594,9 @@ pub fn apply(
 /// tokens), and the general path answers instead.
 fn progress_pg(
     pg: &mut diesel::PgConnection,
-    id: &JobId,
-    percent: i32,
-    message: Option<&str>,
-    lease_ms: i64,
+    report: Report<'_>,
 ) -> Result<Option<JobRow>, StoreError> {
-    let rows = write_progress(pg, &[(id.as_str(), percent, message, lease_ms)])?;
+    let rows = write_progress(pg, &[report])?;
     Ok(rows.into_iter().next())
 }
 
@@ -561,18 +605,23 @@ fn progress_pg(
 /// `None` when it does not apply, as [`progress_pg`].
 fn progress_lite(
     lite: &mut diesel::SqliteConnection,
-    id: &JobId,
-    percent: i32,
-    message: Option<&str>,
-    lease_ms: i64,
+    report: Report<'_>,
 ) -> Result<Option<JobRow>, StoreError> {
+    let Report {
+        id,
+        percent,
+        message,
+        lease_ms,
+        attempt,
+    } = report;
     lite.transaction(|lite| {
         let now = now_millis();
         let row = LiteProgress {
-            id: id.as_str(),
+            id,
             percent,
             message,
             lease_until: now.saturating_add(lease_ms),
+            attempt,
             now,
         }
         .get_result::<JobRow>(lite)
@@ -593,8 +642,16 @@ fn progress_lite(
     })
 }
 
-/// One report for [`write_progress`]: job id, percent, message, lease (ms).
-type Report<'a> = (&'a str, i32, Option<&'a str>, i64);
+/// One report for [`write_progress`] and [`progress_lite`].
+#[derive(Clone, Copy)]
+struct Report<'a> {
+    id: &'a str,
+    percent: i32,
+    message: Option<&'a str>,
+    lease_ms: i64,
+    /// [`attempt_fence`].
+    attempt: i32,
+}
 
 /// [`PgProgressBatch`] for `reports` (each job at most once, in locking order): the rows
 /// it changed, their notifications queued for after the commit.
@@ -604,14 +661,18 @@ fn write_progress(
 ) -> diesel::QueryResult<Vec<JobRow>> {
     let now = now_millis();
     let rows = PgProgressBatch {
-        ids: reports.iter().map(|r| r.0).collect(),
-        percents: reports.iter().map(|r| r.1).collect(),
-        messages: reports.iter().map(|r| r.2).collect(),
-        lease_until: reports.iter().map(|r| now.saturating_add(r.3)).collect(),
+        ids: reports.iter().map(|r| r.id).collect(),
+        percents: reports.iter().map(|r| r.percent).collect(),
+        messages: reports.iter().map(|r| r.message).collect(),
+        lease_until: reports
+            .iter()
+            .map(|r| now.saturating_add(r.lease_ms))
+            .collect(),
         data: reports
             .iter()
-            .map(|r| json!({"percent": r.1, "message": r.2}).to_string())
+            .map(|r| json!({"percent": r.percent, "message": r.message}).to_string())
             .collect(),
+        attempts: reports.iter().map(|r| r.attempt).collect(),
         now,
     }
     .load::<JobRow>(pg)?;
@@ -630,10 +691,25 @@ pub struct ProgressReport {
     pub percent: i32,
     pub message: Option<String>,
     pub lease_ms: i64,
+    /// A job token's attempt: the report is written only while the job is on it (see
+    /// [`apply`]); `None` for a caller credential.
+    pub attempt: Option<i32>,
     /// The request's deferred replay record (`db::replay::Deferred`), written in the
     /// batch's transaction before the report; a replay is answered
     /// `Err(StoreError::Replayed)` and its report is not written.
     pub record: Option<ReplayRow>,
+}
+
+impl ProgressReport {
+    fn statement(&self) -> Report<'_> {
+        Report {
+            id: self.id.as_str(),
+            percent: self.percent,
+            message: self.message.as_deref(),
+            lease_ms: self.lease_ms,
+            attempt: attempt_fence(self.attempt),
+        }
+    }
 }
 
 type Written = Result<Option<JobRow>, StoreError>;
@@ -745,19 +821,14 @@ fn write_reports(
     }
     later.sort_unstable_by_key(|&(i, _)| i);
     let alone = |pg: &mut diesel::PgConnection, r: &ProgressReport| {
-        let one = |pg: &mut diesel::PgConnection| {
-            progress_pg(pg, &r.id, r.percent, r.message.as_deref(), r.lease_ms)
-        };
+        let one = |pg: &mut diesel::PgConnection| progress_pg(pg, r.statement());
         match mode {
             Alone::Plain => one(pg),
             Alone::FirstTry | Alone::Savepoint => pg.transaction(one),
         }
     };
     let mut answers: Vec<(usize, Written)> = Vec::with_capacity(firsts.len() + later.len());
-    let statement: Vec<Report<'_>> = firsts
-        .iter()
-        .map(|(_, r)| (r.id.as_str(), r.percent, r.message.as_deref(), r.lease_ms))
-        .collect();
+    let statement: Vec<Report<'_>> = firsts.iter().map(|(_, r)| r.statement()).collect();
     let written = match mode {
         Alone::Savepoint => None,
         Alone::Plain | Alone::FirstTry => Some(write_progress(pg, &statement)),
@@ -1117,12 +1188,18 @@ fn apply_to_row(
 
 /// Renew the lease of a RUNNING job without an event (a heartbeat); returns the new
 /// expiry. A cancelled job is `JobCancelled`, any other state a conflict.
-pub fn heartbeat(conn: &mut DbConnection, id: &JobId, lease_ms: i64) -> Result<i64, StoreError> {
+pub fn heartbeat(
+    conn: &mut DbConnection,
+    id: &JobId,
+    lease_ms: i64,
+    attempt: Option<i32>,
+) -> Result<i64, StoreError> {
     let until = now_millis().saturating_add(lease_ms);
     let beat = Heartbeat {
         id: id.as_str(),
         status: JobStatus::Running.as_str(),
         until,
+        attempt: attempt_fence(attempt),
     };
     let n = match conn {
         DbConnection::Sqlite(lite) => beat.execute(lite)?,
@@ -1131,7 +1208,9 @@ pub fn heartbeat(conn: &mut DbConnection, id: &JobId, lease_ms: i64) -> Result<i
     if n == 1 {
         return Ok(until);
     }
-    match find(conn, id)?.status() {
+    let row = find(conn, id)?;
+    on_attempt(&row, attempt)?;
+    match row.status() {
         JobStatus::Cancelled => Err(StoreError::JobCancelled),
         s => Err(StoreError::Conflict(format!(
             "a heartbeat is only accepted while RUNNING (job is {s})"
@@ -1420,7 +1499,7 @@ pub fn expire_leases(
         let Ok(id) = JobId::parse(&id, "id") else {
             continue;
         };
-        match apply(conn, &id, &Change::LeaseExpired, lease_ms) {
+        match apply(conn, &id, &Change::LeaseExpired, lease_ms, None) {
             Ok(row) => out.push(row),
             Err(StoreError::Conflict(_) | StoreError::JobCancelled | StoreError::NotFound) => {}
             Err(e) => return Err(e),

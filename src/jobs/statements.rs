@@ -126,19 +126,33 @@ where
     Ok(())
 }
 
-/// `UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND status = ?`: renew the lease
-/// of a job in the given (RUNNING) state; 0 rows when it is in another.
+/// A job token's attempt, as the statements take it: the write applies only while the
+/// job is still on that attempt ([`ANY_ATTEMPT`] for a caller credential, which is not
+/// tied to one). A token checked at authentication can be a moment old by the time its
+/// write runs: the job may have been handed back and claimed again since.
+pub fn attempt_fence(attempt: Option<i32>) -> i32 {
+    attempt.unwrap_or(ANY_ATTEMPT)
+}
+
+/// No attempt to match (attempts are never negative).
+pub const ANY_ATTEMPT: i32 = -1;
+
+/// `UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND status = ? AND <attempt>`:
+/// renew the lease of a job in the given (RUNNING) state and, for a job token, still on
+/// the token's attempt ([`attempt_fence`]); 0 rows otherwise.
 pub struct Heartbeat<'a> {
     pub id: &'a str,
     pub status: &'a str,
     pub until: i64,
+    pub attempt: i32,
 }
 
 impl<DB> QueryFragment<DB> for Heartbeat<'_>
 where
-    DB: Backend + HasSqlType<Text> + HasSqlType<BigInt>,
+    DB: Backend + HasSqlType<Text> + HasSqlType<BigInt> + HasSqlType<Integer>,
     str: ToSql<Text, DB>,
     i64: ToSql<BigInt, DB>,
+    i32: ToSql<Integer, DB>,
 {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
         out.push_sql("UPDATE jobs SET lease_expires_at = ");
@@ -147,6 +161,11 @@ where
         out.push_bind_param::<Text, _>(self.id)?;
         out.push_sql(" AND status = ");
         out.push_bind_param::<Text, _>(self.status)?;
+        out.push_sql(" AND (");
+        out.push_bind_param::<Integer, _>(&self.attempt)?;
+        out.push_sql(" < 0 OR attempts = ");
+        out.push_bind_param::<Integer, _>(&self.attempt)?;
+        out.push_sql(")");
         Ok(())
     }
 }
@@ -186,7 +205,8 @@ impl QueryFragment<diesel::pg::Pg> for PgChange<'_> {
 /// own, returning each changed row (every column, as [`LockJob`]) — one report for a
 /// request alone, several for the progress log's batch (`jobs::progress`), each job at
 /// most once, in the order the rows are to be locked. No row for a job that is not
-/// RUNNING, does not exist, or whose report would revoke tokens (see
+/// RUNNING, does not exist, is no longer on a job token's attempt, or whose report would
+/// revoke tokens (see
 /// `repo::token_revocation`: the first attempt's report in the millisecond of its
 /// claim); the caller then takes the general path (lock,
 /// [`super::repo::apply_locked`]), which gives the exact answer. What it writes is what
@@ -201,6 +221,8 @@ pub struct PgProgressBatch<'a> {
     pub lease_until: Vec<i64>,
     /// The events' `data`.
     pub data: Vec<String>,
+    /// Each report's [`attempt_fence`].
+    pub attempts: Vec<i32>,
     pub now: i64,
 }
 
@@ -221,15 +243,18 @@ impl QueryFragment<diesel::pg::Pg> for PgProgressBatch<'_> {
         out.push_bind_param::<Array<BigInt>, _>(&self.lease_until)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<Text>, _>(&self.data)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Integer>, _>(&self.attempts)?;
         out.push_sql(
-            ") AS i(id, percent, message, lease_until, data)), \
+            ") AS i(id, percent, message, lease_until, data, attempt)), \
              changed AS (UPDATE jobs SET version = jobs.version + 1, progress = i.percent, \
              message = COALESCE(i.message, jobs.message), updated_at = ",
         );
         out.push_bind_param::<BigInt, _>(&self.now)?;
         out.push_sql(
             ", lease_expires_at = i.lease_until FROM input AS i \
-             WHERE jobs.id = i.id AND jobs.status = ",
+             WHERE jobs.id = i.id AND (i.attempt < 0 OR jobs.attempts = i.attempt) \
+             AND jobs.status = ",
         );
         out.push_bind_param::<Text, _>(JobStatus::Running.as_str())?;
         out.push_sql(" AND (jobs.attempts <> 1 OR jobs.started_at IS DISTINCT FROM ");
@@ -252,7 +277,8 @@ impl QueryFragment<diesel::pg::Pg> for PgProgressBatch<'_> {
 
 /// SQLite: a progress report on a RUNNING job as one statement, returning the changed
 /// row (every column, as [`LockJob`]); no row under the same conditions as
-/// [`PgProgressBatch`] (not RUNNING, missing, or a report that would revoke tokens),
+/// [`PgProgressBatch`] (not RUNNING, missing, past the token's attempt, or a report that
+/// would revoke tokens),
 /// and the caller then takes the general path. It writes what that path writes for
 /// `Change::Progress` but the event, which the caller inserts next in the same
 /// transaction.
@@ -261,6 +287,8 @@ pub struct LiteProgress<'a> {
     pub percent: i32,
     pub message: Option<&'a str>,
     pub lease_until: i64,
+    /// [`attempt_fence`].
+    pub attempt: i32,
     pub now: i64,
 }
 
@@ -282,7 +310,11 @@ impl QueryFragment<diesel::sqlite::Sqlite> for LiteProgress<'_> {
         out.push_bind_param::<Text, _>(self.id)?;
         out.push_sql(" AND status = ");
         out.push_bind_param::<Text, _>(JobStatus::Running.as_str())?;
-        out.push_sql(" AND (attempts <> 1 OR started_at IS NOT ");
+        out.push_sql(" AND (");
+        out.push_bind_param::<Integer, _>(&self.attempt)?;
+        out.push_sql(" < 0 OR attempts = ");
+        out.push_bind_param::<Integer, _>(&self.attempt)?;
+        out.push_sql(") AND (attempts <> 1 OR started_at IS NOT ");
         out.push_bind_param::<BigInt, _>(&self.now)?;
         out.push_sql(") RETURNING ");
         jobs::all_columns.walk_ast(out.reborrow())
@@ -385,6 +417,7 @@ mod tests {
             messages: vec![None],
             lease_until: vec![2],
             data: vec!["{}".into()],
+            attempts: vec![ANY_ATTEMPT],
             now: 1,
         })
         .to_string();
@@ -435,19 +468,34 @@ mod tests {
             row.progress = i * 10;
             assert_eq!(SetChanges(&row).execute(&mut c).expect("set"), 1);
         }
-        let beat = |c: &mut SqliteConnection, status: &str| {
+        let beat = |c: &mut SqliteConnection, status: &str, attempt: i32| {
             Heartbeat {
                 id: &row.id,
                 status,
                 until: 99,
+                attempt,
             }
             .execute(c)
             .expect("heartbeat")
         };
-        assert_eq!(beat(&mut c, &row.status), 1);
-        assert_eq!(beat(&mut c, "RUNNING-NOT"), 0, "only in the given state");
+        assert_eq!(beat(&mut c, &row.status, ANY_ATTEMPT), 1);
+        assert_eq!(
+            beat(&mut c, "RUNNING-NOT", ANY_ATTEMPT),
+            0,
+            "only in the given state"
+        );
+        assert_eq!(
+            beat(&mut c, &row.status, row.attempts),
+            1,
+            "on the token's attempt"
+        );
+        assert_eq!(
+            beat(&mut c, &row.status, row.attempts + 1),
+            0,
+            "not on another attempt"
+        );
         let p = counts.lock().expect("counter");
-        assert_eq!(p.queries, 12);
+        assert_eq!(p.queries, 14);
         assert_eq!(p.cached, 3, "each statement prepared once");
         drop(p);
         let stored: JobRow = jobs::table.find(&row.id).first(&mut c).expect("read");
@@ -521,7 +569,7 @@ mod tests {
                 message,
             };
             let before = queries();
-            let a = apply(&mut c, &id(&fast), &change, 60_000).expect("fast");
+            let a = apply(&mut c, &id(&fast), &change, 60_000, None).expect("fast");
             fast_queries += queries() - before;
             let before = queries();
             let b = c
@@ -576,7 +624,7 @@ mod tests {
             percent: 1,
             message: None,
         };
-        let r = apply(&mut c, &id(&queued.id), &change, 60_000);
+        let r = apply(&mut c, &id(&queued.id), &change, 60_000, None);
         assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
         queued = jobs::table.find(&queued.id).first(&mut c).expect("read");
         assert_eq!((queued.version, queued.progress), (row().version, 0));

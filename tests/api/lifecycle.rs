@@ -26,6 +26,9 @@ backend_tests!(
     a_paused_queue_hands_out_nothing,
     max_running_holds_with_concurrent_claimers_on_two_instances,
     batch_of_1000_with_duplicates,
+    a_token_writes_only_into_its_own_attempt,
+    an_earlier_attempts_token_is_refused_on_every_instance,
+    overlapping_keyed_batches_never_deadlock,
 );
 
 fn rfc3339_in(ms_from_now: i64) -> String {
@@ -472,6 +475,16 @@ fn cancel_while_running_stops_the_worker_and_revokes_its_token(b: Backend) {
         p["detail"].as_str().unwrap_or("").contains("cannot cancel"),
         "{p}"
     );
+    // Nor make a claim's or an operator's moves.
+    for to in ["RUNNING", "PENDING"] {
+        app.with_token(
+            &token,
+            "PATCH",
+            &format!("{path}/status"),
+            format!(r#"{{"status":"{to}"}}"#).as_bytes(),
+        )
+        .problem(403);
+    }
     let r = app.get(&path);
     assert_eq!(r.json()["status"], "RUNNING", "{}", r.body);
     let r = app.post_json(&format!("{path}/cancel"), &json!({"reason": "superseded"}));
@@ -924,5 +937,187 @@ fn measure_list_latency(b: Backend) {
                 ms[50], ms[95]
             );
         }
+    }
+}
+
+/// Claim `queue` on `app`, then hand the job back and claim it again: (job id, the first
+/// attempt's token, the second's).
+fn two_attempts(app: &TestApp, queue: &str) -> (String, String, String) {
+    let id = queued_job(app, json!({"kind": "k", "queue": queue}));
+    let first = claim(app, queue).expect("claimed");
+    assert_eq!(first["attempts"], 1, "{first}");
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{id}/status"),
+        &json!({"status": "QUEUED"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let second = claim(app, queue).expect("claimed again");
+    assert_eq!(second["attempts"], 2, "{second}");
+    let token = |v: &Value| v["token"].as_str().expect("token").to_owned();
+    (id, token(&first), token(&second))
+}
+
+/// A job token is checked when its request is authenticated, and its write runs a
+/// moment later: by then the job may have been handed back and claimed again. Each
+/// write a token makes (progress, alone and in a batch; heartbeat; status, complete,
+/// fail) applies only while the job is still on the token's attempt, else the store
+/// answers `StaleAttempt` (401 `revoked`) and writes nothing. Driven at the store, as a
+/// write whose authentication came just before the hand-back.
+fn a_token_writes_only_into_its_own_attempt(b: Backend) {
+    use coordinator::error::StoreError;
+    use coordinator::jobs::model::{Change, JobId};
+    use coordinator::jobs::repo::{self, ProgressReport};
+    let Some(app) = crate::app!(b) else { return };
+    let (id, _, _) = two_attempts(&app, "fence");
+    let job = JobId::parse(&id, "id").expect("id");
+    let db = app.state.db.clone();
+    let state = app.state.clone();
+    let changes = [
+        Change::Progress {
+            percent: 10,
+            message: Some("from attempt 1".into()),
+        },
+        Change::Status {
+            to: coordinator::jobs::JobStatus::Queued,
+            message: None,
+        },
+        Change::Complete {
+            result: Some(json!({"by": "attempt 1"})),
+        },
+        Change::Fail {
+            error: "attempt 1".into(),
+            gate_results: None,
+            retryable: false,
+        },
+    ];
+    actix_web::rt::System::new().block_on(async move {
+        for change in changes {
+            let (j, what) = (job.clone(), format!("{change:?}"));
+            let r = db
+                .write(move |conn| repo::apply(conn, &j, &change, 60_000, Some(1)))
+                .await;
+            assert!(matches!(r, Err(StoreError::StaleAttempt)), "{what}: {r:?}");
+        }
+        let j = job.clone();
+        let r = db
+            .write(move |conn| repo::heartbeat(conn, &j, 60_000, Some(1)))
+            .await;
+        assert!(
+            matches!(r, Err(StoreError::StaleAttempt)),
+            "heartbeat: {r:?}"
+        );
+        // A progress report through the progress log (PostgreSQL's batch, SQLite's
+        // writer): refused for attempt 1, written for attempt 2.
+        let report = |attempt: i32, percent: i32| ProgressReport {
+            id: job.clone(),
+            percent,
+            message: None,
+            lease_ms: 60_000,
+            attempt: Some(attempt),
+            record: None,
+        };
+        let r = state.progress.report(report(1, 20)).await;
+        assert!(
+            matches!(r, Err(StoreError::StaleAttempt)),
+            "progress log: {r:?}"
+        );
+        let row = state
+            .progress
+            .report(report(2, 30))
+            .await
+            .expect("attempt 2");
+        assert_eq!(row.progress, 30);
+        let j = job.clone();
+        db.write(move |conn| repo::heartbeat(conn, &j, 60_000, Some(2)))
+            .await
+            .expect("attempt 2's heartbeat");
+    });
+    // Nothing of attempt 1 was written: the job runs attempt 2, whose report is the
+    // only progress event.
+    let j = app.get(&format!("/coordinator/jobs/{id}")).json();
+    assert_eq!(
+        (j["status"].as_str(), j["attempts"].as_i64()),
+        (Some("RUNNING"), Some(2)),
+        "{j}"
+    );
+    let progress: Vec<&Value> = j["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["type"] == "progress")
+        .collect();
+    assert_eq!(progress.len(), 1, "{progress:?}");
+    assert_eq!(progress[0]["data"]["percent"], 30);
+}
+
+/// The same race over HTTP, across two instances: the instance that did not write the
+/// hand-back learns of the old token's revocation only at its next poll, so it lets the
+/// token through authentication; the write must still refuse it (401 `revoked`), and
+/// the new worker's token completes the job.
+fn an_earlier_attempts_token_is_refused_on_every_instance(b: Backend) {
+    let Some(a) = crate::app!(b) else { return };
+    let other = a.sibling();
+    for round in 0..3 {
+        let (id, old, new) = two_attempts(&a, &format!("fence-x{round}"));
+        let path = format!("/coordinator/jobs/{id}");
+        for (method, route, body) in [
+            ("PATCH", "/progress", r#"{"percent":60}"#),
+            ("POST", "/heartbeat", "{}"),
+            ("POST", "/complete", r#"{"result":{"by":"old"}}"#),
+            ("PATCH", "/status", r#"{"status":"QUEUED"}"#),
+        ] {
+            for app in [&other, &a] {
+                let r = app.with_token(&old, method, &format!("{path}{route}"), body.as_bytes());
+                assert_eq!(r.problem(401)["reason"], "revoked", "{route}: {}", r.body);
+            }
+        }
+        let r = other.with_token(
+            &new,
+            "POST",
+            &format!("{path}/complete"),
+            br#"{"result":{"by":"new"}}"#,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let j = a.get(&path).json();
+        assert_eq!(j["result"], json!({"by": "new"}), "{j}");
+    }
+}
+
+/// Two batches that share idempotency keys, in opposite orders, at once: both are
+/// answered (no deadlock, no 500), and each key names one job.
+fn overlapping_keyed_batches_never_deadlock(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    for round in 0..10 {
+        let keys: Vec<String> = (0..4).map(|k| format!("dl-{round}-{k}")).collect();
+        let batch = |order: Vec<&String>| {
+            let jobs: Vec<Value> = order
+                .into_iter()
+                .map(|k| json!({"kind": "k", "queue": "dl", "idempotencyKey": k}))
+                .collect();
+            json!({ "jobs": jobs })
+        };
+        let forward = batch(keys.iter().collect());
+        let backward = batch(keys.iter().rev().collect());
+        let answers: Vec<crate::helpers::Resp> = std::thread::scope(|s| {
+            let f = s.spawn(|| app.post_json("/coordinator/jobs/batch", &forward));
+            let r = s.spawn(|| app.post_json("/coordinator/jobs/batch", &backward));
+            vec![f.join().expect("forward"), r.join().expect("backward")]
+        });
+        // Answers come in request order: the second batch's keys are reversed.
+        let mut ids: HashMap<String, String> = HashMap::new();
+        for (r, order) in answers
+            .iter()
+            .zip([keys.clone(), keys.iter().rev().cloned().collect()])
+        {
+            assert_eq!(r.status, 200, "{}", r.body);
+            let items = r.json()["jobs"].as_array().expect("jobs").clone();
+            assert_eq!(items.len(), order.len());
+            for (item, key) in items.iter().zip(order) {
+                let id = item["job"]["id"].as_str().expect("id").to_owned();
+                let known = ids.entry(key.clone()).or_insert_with(|| id.clone());
+                assert_eq!(*known, id, "key {key} names two jobs");
+            }
+        }
+        assert_eq!(ids.len(), keys.len());
     }
 }

@@ -303,6 +303,7 @@ fn report(id: &str, percent: i32, message: Option<&str>) -> ProgressReport {
         percent,
         message: message.map(str::to_owned),
         lease_ms: 60_000,
+        attempt: None,
         record: None,
     }
 }
