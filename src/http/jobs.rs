@@ -111,8 +111,8 @@ async fn change(
     description = "`PENDING → QUEUED → RUNNING → COMPLETED | FAILED`, any non-terminal → \
         `CANCELLED`, `RUNNING → QUEUED`; anything else, and any change to a terminal job, \
         is a 409. A job token may change only its own job (else 403), and only to \
-        QUEUED (hand it back), COMPLETED or FAILED (else 403: cancelling is an \
-        operator's, as on `/cancel`). A job token's change applies only while the job \
+        QUEUED (hand a RUNNING job back; else 409), COMPLETED or FAILED (else 403: \
+        cancelling is an operator's, as on `/cancel`). A job token's change applies only while the job \
         is still on the token's attempt (else 401 `revoked`).",
     params(JobIdParam),
     request_body(content = StatusUpdate, content_type = "application/json"),

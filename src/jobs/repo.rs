@@ -576,8 +576,28 @@ pub fn apply(
         .optional()?
         .ok_or(StoreError::NotFound)?;
         on_attempt(&row, attempt)?;
+        if attempt.is_some() {
+            worker_move(&row, change)?;
+        }
         apply_locked(conn, row, change, lease_ms)
     })
+}
+
+/// A job token's status change to QUEUED is its worker handing the job back, so it
+/// applies to a RUNNING job only: a token issued for a job not yet claimed (`token
+/// issue`, attempt 0) must not release a PENDING job, which is an operator's move.
+fn worker_move(row: &JobRow, change: &Change) -> Result<(), StoreError> {
+    match change {
+        Change::Status {
+            to: JobStatus::Queued,
+            ..
+        } if row.status() != JobStatus::Running => Err(StoreError::Conflict(format!(
+            "a job token hands back only a RUNNING job (job is {}); releasing it is an \
+             operator's move",
+            row.status()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// [`StoreError::StaleAttempt`] when a job token's `attempt` is not the job's current

@@ -475,6 +475,19 @@ fn cancel_while_running_stops_the_worker_and_revokes_its_token(b: Backend) {
         p["detail"].as_str().unwrap_or("").contains("cannot cancel"),
         "{p}"
     );
+    // Nor release a job not yet claimed: a token issued for a PENDING job (attempt 0)
+    // cannot move it to QUEUED (an operator's move; for a RUNNING job it is a hand back).
+    let held = app.create_job(&json!({"kind": "k", "queue": "cx"}));
+    let early = app.job_token(&held, "w0", Duration::from_secs(600));
+    let r = app.with_token(
+        &early,
+        "PATCH",
+        &format!("/coordinator/jobs/{held}/status"),
+        br#"{"status":"QUEUED"}"#,
+    );
+    r.problem(409);
+    let r = app.get(&format!("/coordinator/jobs/{held}"));
+    assert_eq!(r.json()["status"], "PENDING", "{}", r.body);
     // Nor make a claim's or an operator's moves.
     for to in ["RUNNING", "PENDING"] {
         app.with_token(
