@@ -53,8 +53,8 @@ macro_rules! route_table {
                     let gate = Arc::new(Gate::new(auth.clone(), metrics.clone(), spec));
                     cfg.service(
                         web::resource($path)
-                            .guard(route_table!(@g $method))
-                            .route(web::$method().to($($handler)::+))
+                            .guard(method_guard(&spec))
+                            .route(web::route().to($($handler)::+))
                             .wrap(middleware::from_fn(
                                 move |req: ServiceRequest, next: Next<BoxBody>| {
                                     guard(gate.clone(), req, next)
@@ -84,9 +84,6 @@ macro_rules! route_table {
     (@m get) => { "GET" };
     (@m post) => { "POST" };
     (@m patch) => { "PATCH" };
-    (@g get) => { actix_web::guard::Get() };
-    (@g post) => { actix_web::guard::Post() };
-    (@g patch) => { actix_web::guard::Patch() };
 }
 
 route_table! {
@@ -94,6 +91,7 @@ route_table! {
     get   "/readyz"                            => health::readyz,   Access::Open;
     get   "/metrics"                           => health::metrics,  Access::Open;
     get   "/openapi.json"                      => openapi::openapi_json, Access::Open;
+    get   "/ui"                                => ui::redirect,     Access::Open;
     get   "/ui/"                               => ui::index,        Access::Open;
     get   "/ui/app.js"                         => ui::script,       Access::Open;
     get   "/ui/app.css"                        => ui::style,        Access::Open;
@@ -122,7 +120,24 @@ route_table! {
 
 /// The dashboard's routes: open, but served with the API (see `--metrics-bind`).
 pub fn is_page(r: &RouteSpec) -> bool {
-    r.path.starts_with("/ui/")
+    r.path == "/ui" || r.path.starts_with("/ui/")
+}
+
+/// Which methods select a route: its own, and `HEAD` beside `GET` on the open routes
+/// (load balancers probe with `HEAD`; actix sends the head of the `GET` answer without
+/// its body). Authenticated `GET` routes keep `GET` alone: a signature covers the
+/// method, and a `HEAD` on an event stream would hold a connection for nothing.
+fn method_guard(spec: &RouteSpec) -> actix_web::guard::AnyGuard {
+    use actix_web::guard;
+    match spec.method {
+        "GET" if matches!(spec.access, crate::auth::Access::Open) => {
+            guard::Any(guard::Get()).or(guard::Head())
+        }
+        "GET" => guard::Any(guard::Get()),
+        "POST" => guard::Any(guard::Post()),
+        "PATCH" => guard::Any(guard::Patch()),
+        _ => guard::Any(guard::fn_guard(|_| false)),
+    }
 }
 
 /// What answers when no route matched: authenticated like any route, then 404; no
@@ -144,11 +159,14 @@ fn allowed_methods(path: &str) -> &'static str {
             if out.iter().any(|(p, _)| *p == r.path) {
                 continue;
             }
-            let methods: Vec<&str> = ROUTES
+            let mut methods: Vec<&str> = ROUTES
                 .iter()
                 .filter(|x| x.path == r.path)
                 .map(|x| x.method)
                 .collect();
+            if matches!(r.access, Access::Open) && methods.contains(&"GET") {
+                methods.push("HEAD");
+            }
             let allow: &'static str = match methods.as_slice() {
                 [one] => one,
                 many => Box::leak(many.join(", ").into_boxed_str()),
@@ -188,6 +206,7 @@ mod tests {
         }
         assert_eq!(allowed_methods("/coordinator/jobs"), "POST, GET");
         assert_eq!(allowed_methods("/coordinator/jobs/{id}"), "GET");
+        assert_eq!(allowed_methods("/livez"), "GET, HEAD");
         assert_eq!(allowed_methods("/nowhere"), "");
     }
 
@@ -202,6 +221,7 @@ mod tests {
                     "/readyz",
                     "/metrics",
                     "/openapi.json",
+                    "/ui",
                     "/ui/",
                     "/ui/app.js",
                     "/ui/app.css"

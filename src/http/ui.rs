@@ -38,6 +38,25 @@ fn asset(content_type: &'static str, body: &'static str) -> HttpResponse {
         .body(body)
 }
 
+/// `GET /ui`: a permanent redirect to `/ui/`, whose relative links the page needs. The
+/// `Location` is relative (`ui/`), so it holds behind a proxy that adds a path prefix.
+#[utoipa::path(
+    get,
+    path = "/ui",
+    tag = "ui",
+    operation_id = "uiRedirect",
+    summary = "Redirect to the dashboard",
+    responses(
+        (status = 308, description = "`Location: ui/`, which resolves to `/ui/`."),
+    ),
+)]
+pub async fn redirect() -> HttpResponse {
+    HttpResponse::PermanentRedirect()
+        .insert_header((header::LOCATION, HeaderValue::from_static("ui/")))
+        .insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")))
+        .finish()
+}
+
 /// `GET /ui/`: the dashboard page.
 #[utoipa::path(
     get,

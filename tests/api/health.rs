@@ -15,6 +15,19 @@ fn probes_answer(b: Backend) {
     let r = app.get("/readyz");
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.header("x-request-id").is_some());
+    // Load balancers probe with HEAD: the GET's status and head, no body.
+    for path in ["/livez", "/readyz"] {
+        let r = app.raw("HEAD", path, &[], b"");
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(r.header("content-type"), Some("application/json"), "{path}");
+        assert!(r.body.is_empty(), "{path}: {}", r.body);
+    }
+    // Only the open routes take HEAD: on an authenticated one the credential is
+    // checked first, then the method is refused.
+    assert_eq!(app.raw("HEAD", "/coordinator/health", &[], b"").status, 401);
+    let r = app.request("HEAD", "/coordinator/health", &[], b"");
+    assert_eq!(r.status, 405, "{}", r.body);
+    assert_eq!(r.header("allow"), Some("GET"));
 }
 
 fn health_reports_queue_depths(b: Backend) {

@@ -371,6 +371,7 @@ impl Resp {
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
         .timeout(std::time::Duration::from_secs(30))
+        .redirects(0)
         .build()
 }
 
@@ -380,7 +381,7 @@ pub fn send(url: &str, method: &str, headers: &[(&str, &str)], body: &[u8]) -> R
     for (k, v) in headers {
         req = req.set(k, v);
     }
-    let res = if body.is_empty() && (method == "GET" || method == "DELETE") {
+    let res = if body.is_empty() && matches!(method, "GET" | "HEAD" | "DELETE") {
         req.call()
     } else {
         req.send_bytes(body)

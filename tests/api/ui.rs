@@ -45,5 +45,16 @@ fn ui_is_open_static_and_strict(b: Backend) {
     // A wrong method is a 405, other paths under /ui/ are not served without a key.
     let r = app.raw("POST", "/ui/", &[], b"");
     assert_eq!(r.status, 405, "{}", r.body);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    // HEAD answers the GET's head without its body.
+    let r = app.raw("HEAD", "/ui/", &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(r.header("content-security-policy"), Some(CSP));
+    assert!(r.body.is_empty(), "{}", r.body);
+    // `/ui` without its slash redirects to the page (a relative `Location`).
+    let r = app.raw("GET", "/ui", &[], b"");
+    assert_eq!(r.status, 308, "{}", r.body);
+    assert_eq!(r.header("location"), Some("ui/"));
     assert_eq!(app.raw("GET", "/ui/secret", &[], b"").status, 401);
 }
