@@ -31,11 +31,12 @@ pub fn logger(test_writer: bool) -> env_logger::Builder {
         if target == ACCESS_TARGET || target == AUDIT_TARGET {
             writeln!(buf, "{}", record.args())
         } else {
+            let msg = record.args().to_string();
             let line = json!({
                 "ts": now_rfc3339(),
-                "level": record.level().as_str(),
+                "level": level_of(record.level(), target, &msg),
                 "target": target,
-                "msg": record.args().to_string(),
+                "msg": msg,
             });
             writeln!(buf, "{line}")
         }
@@ -44,6 +45,21 @@ pub fn logger(test_writer: bool) -> env_logger::Builder {
         b.is_test(true);
     }
     b
+}
+
+/// The level a line is written with. actix logs a request it cannot parse (a bad
+/// header, duplicate `Content-Length`, garbage) at ERROR, once per connection, before
+/// any route or credential is looked at: that is a client's fault, so it is written as
+/// WARN and an alert on ERROR lines stays meaningful. Its message names the kind of
+/// fault only, never the bytes sent.
+fn level_of(level: log::Level, target: &str, msg: &str) -> &'static str {
+    if level == log::Level::Error
+        && target == "actix_http::h1::dispatcher"
+        && msg.starts_with("stream error: request parse error")
+    {
+        return log::Level::Warn.as_str();
+    }
+    level.as_str()
 }
 
 pub fn now_rfc3339() -> String {
@@ -159,6 +175,21 @@ pub async fn access_log(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_actix_cannot_parse_is_a_warning() {
+        use log::Level::{Error, Info, Warn};
+        let parse = "stream error: request parse error: invalid Header provided";
+        assert_eq!(level_of(Error, "actix_http::h1::dispatcher", parse), "WARN");
+        // Anything else keeps its level.
+        assert_eq!(
+            level_of(Error, "actix_http::h1::dispatcher", "other"),
+            "ERROR"
+        );
+        assert_eq!(level_of(Error, "coordinator::db", parse), "ERROR");
+        assert_eq!(level_of(Warn, "actix_http::h1::dispatcher", parse), "WARN");
+        assert_eq!(level_of(Info, "coordinator::cli", "listening"), "INFO");
+    }
 
     #[test]
     fn a_fresh_request_id_is_a_v7_of_now_and_never_repeats() {
