@@ -26,7 +26,9 @@ use super::access::{Access, RouteSpec};
 use super::audit::{AuditLine, AuditRecord};
 use super::client_cert::{self, PeerCertificate};
 use super::principal::Principal;
+use super::throttle::BodyReadRefused;
 use super::{api_key, fail, hmac, names, webhook, AuthContext};
+use crate::db::admission;
 use crate::db::replay::Deferred;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -164,6 +166,33 @@ pub async fn take_body(
     Ok(bytes)
 }
 
+/// The body of a request whose MAC covers it, read before the request is verified.
+/// Anyone who knows a caller's name gets this far, so the wait is bounded per peer and
+/// per instance (`throttle::begin_body_read`: 429 for a peer at its bound, 503 for the
+/// instance), and the request steps out of its worker's count of requests in progress
+/// while it waits (`admission::step_out`): slow bodies hold no place a verified
+/// request needs. Once the body is there the request takes a place again, or is
+/// refused like any request over the limit.
+async fn take_unverified_body(
+    ctx: &AuthContext,
+    req: &mut ServiceRequest,
+    peer: &Peer,
+) -> Result<Bytes, ApiError> {
+    let _reading = ctx.throttle.begin_body_read(peer.ip).map_err(|r| match r {
+        BodyReadRefused::Peer => ApiError::TooManyRequests {
+            retry_after_secs: 1,
+        },
+        BodyReadRefused::All => ApiError::Overloaded("too many bodies on their way"),
+    })?;
+    let (limit, within) = (ctx.settings.body_limit, ctx.settings.body_read_timeout);
+    admission::step_out(req.request());
+    let body = take_body(req, limit, within).await?;
+    if !admission::back_in(req.request()) {
+        return Err(ApiError::Overloaded("server busy"));
+    }
+    Ok(body)
+}
+
 /// What one resource's guard needs, handed over when the route is registered.
 pub struct Gate {
     auth: Arc<AuthContext>,
@@ -239,18 +268,17 @@ async fn authenticate_with(
     audit: &mut AuditRecord,
 ) -> Result<(Principal, bool), ApiError> {
     let ctx = &*gate.auth;
-    let (limit, within) = (ctx.settings.body_limit, ctx.settings.body_read_timeout);
     match choice {
         Choice::Hmac => {
             let pending = hmac::precheck(ctx, req, audit).await?;
             spend_verification(ctx, peer)?;
-            let body = take_body(req, limit, within).await?;
+            let body = take_unverified_body(ctx, req, peer).await?;
             Ok((hmac::finish(ctx, req, pending, &body, audit).await?, true))
         }
         Choice::HttpSig => {
             let pending = hmac::precheck_http_sig(ctx, req, audit).await?;
             spend_verification(ctx, peer)?;
-            let body = take_body(req, limit, within).await?;
+            let body = take_unverified_body(ctx, req, peer).await?;
             Ok((
                 hmac::finish_http_sig(ctx, req, pending, &body, audit).await?,
                 true,
@@ -259,7 +287,7 @@ async fn authenticate_with(
         Choice::Webhook => {
             let pending = webhook::precheck(ctx, req, audit).await?;
             spend_verification(ctx, peer)?;
-            let body = take_body(req, limit, within).await?;
+            let body = take_unverified_body(ctx, req, peer).await?;
             Ok((webhook::finish(ctx, pending, &body, audit)?, true))
         }
         Choice::Bearer => {
@@ -378,6 +406,10 @@ fn refuse(ctx: &AuthContext, peer: &Peer, e: ApiError, audit: &mut AuditRecord) 
         }
         ApiError::Unavailable(_) => {
             audit.reason = Some("store unavailable");
+            false
+        }
+        ApiError::Overloaded(why) => {
+            audit.reason = Some(why);
             false
         }
         _ => {

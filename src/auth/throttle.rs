@@ -4,6 +4,12 @@
 //! its credentials checked: valid requests are served, every further failure is
 //! answered 429 with `Retry-After` instead of 401 (see the middleware). Other peers are
 //! unaffected.
+//!
+//! Also here: the bound on bodies read before their request is verified
+//! ([`Throttle::begin_body_read`]). A signed request or a webhook delivery passes its
+//! header checks without any secret (a caller's name is not one), and then the server
+//! waits for its body. Those waits are bounded per instance and per peer, so one peer
+//! sending bodies slowly cannot take every place.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -21,6 +27,48 @@ const MAX_BLOCKED: usize = 100_000;
 /// second (requests that passed the cheap header checks for a known caller), so a valid
 /// caller behind the same address is served while the work a bad peer causes is bounded.
 const BLOCKED_VERIFICATIONS_PER_SEC: NonZeroU32 = NonZeroU32::MIN.saturating_add(9);
+
+/// Most bodies read at once, before their requests are verified, per instance ...
+pub const MAX_BODY_READS: usize = 256;
+/// ... and per peer (so one peer takes at most an eighth of them). A body of a
+/// well-behaved client arrives in a moment, so even a load balancer forwarding every
+/// client has few in this phase at any time.
+pub const MAX_BODY_READS_PER_PEER: u32 = 32;
+
+/// Why a body read was not started.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BodyReadRefused {
+    /// This peer already has [`MAX_BODY_READS_PER_PEER`] bodies on their way.
+    Peer,
+    /// The instance has [`MAX_BODY_READS`].
+    All,
+}
+
+#[derive(Default)]
+struct BodyReads {
+    per_peer: HashMap<Option<IpAddr>, u32>,
+    total: usize,
+}
+
+/// One body being read; counted until dropped.
+pub struct BodyRead<'a> {
+    throttle: &'a Throttle,
+    key: Option<IpAddr>,
+}
+
+impl Drop for BodyRead<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.throttle.body_reads.lock() {
+            r.total = r.total.saturating_sub(1);
+            if let Some(n) = r.per_peer.get_mut(&self.key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    r.per_peer.remove(&self.key);
+                }
+            }
+        }
+    }
+}
 
 /// Whole seconds to wait, rounded up (a `Retry-After` of 1.9 s is "2"), at least 1.
 pub fn ceil_secs(d: Duration) -> u64 {
@@ -55,6 +103,7 @@ pub struct Throttle {
     verify_budget: DefaultKeyedRateLimiter<IpAddr>,
     clock: DefaultClock,
     blocked: Mutex<HashMap<IpAddr, Instant>>,
+    body_reads: Mutex<BodyReads>,
 }
 
 impl Throttle {
@@ -66,7 +115,32 @@ impl Throttle {
             verify_budget: RateLimiter::keyed(Quota::per_second(BLOCKED_VERIFICATIONS_PER_SEC)),
             clock: DefaultClock::default(),
             blocked: Mutex::new(HashMap::new()),
+            body_reads: Mutex::new(BodyReads::default()),
         }
+    }
+
+    /// Count a body about to be read for a request not yet verified, or refuse it when
+    /// its peer (`None`: a peer without an address shares one count) or the instance
+    /// is at its bound. The count ends when the returned guard is dropped.
+    pub fn begin_body_read(&self, ip: Option<IpAddr>) -> Result<BodyRead<'_>, BodyReadRefused> {
+        let key = ip.map(peer_key);
+        let mut r = self
+            .body_reads
+            .lock()
+            .map_err(|_poisoned| BodyReadRefused::All)?;
+        if r.total >= MAX_BODY_READS {
+            return Err(BodyReadRefused::All);
+        }
+        let n = r.per_peer.entry(key).or_insert(0);
+        if *n >= MAX_BODY_READS_PER_PEER {
+            return Err(BodyReadRefused::Peer);
+        }
+        *n += 1;
+        r.total += 1;
+        Ok(BodyRead {
+            throttle: self,
+            key,
+        })
     }
 
     /// Seconds the peer must still wait, if it is blocked.
@@ -159,6 +233,35 @@ mod tests {
         assert!(t.blocked_for(ip("2001:db8::1234")).is_some());
         // ...and another /64 is not blocked.
         assert_eq!(t.blocked_for(ip("2001:db8:0:1::1")), None);
+    }
+
+    #[test]
+    fn bodies_read_before_verification_are_bounded_per_peer_and_in_all() {
+        let t = Throttle::new(3);
+        let ip = |i: u32| -> Option<IpAddr> { Some(IpAddr::from(std::net::Ipv4Addr::from(i))) };
+        let mut held: Vec<BodyRead<'_>> = (0..MAX_BODY_READS_PER_PEER)
+            .map(|_| t.begin_body_read(ip(1)).expect("within the peer's bound"))
+            .collect();
+        assert_eq!(t.begin_body_read(ip(1)).err(), Some(BodyReadRefused::Peer));
+        // Another peer is not affected.
+        let other = t.begin_body_read(ip(2)).expect("another peer");
+        drop(other);
+        // One ends: its peer may start one more.
+        held.pop();
+        held.push(t.begin_body_read(ip(1)).expect("a place came free"));
+        // Peers together reach the instance's bound; then everyone waits.
+        let per = usize::try_from(MAX_BODY_READS_PER_PEER).expect("u32 fits");
+        let mut peer = 10;
+        while held.len() < MAX_BODY_READS {
+            for _ in 0..per.min(MAX_BODY_READS - held.len()) {
+                held.push(t.begin_body_read(ip(peer)).expect("below the bound"));
+            }
+            peer += 1;
+        }
+        assert_eq!(t.begin_body_read(ip(999)).err(), Some(BodyReadRefused::All));
+        drop(held);
+        assert!(t.begin_body_read(ip(999)).is_ok(), "every count given back");
+        assert!(t.body_reads.lock().expect("lock").per_peer.is_empty());
     }
 
     #[test]

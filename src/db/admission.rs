@@ -151,11 +151,25 @@ pub struct Door {
 /// ends or, for a waiting claim, when it starts to wait ([`waits_by_design`]).
 struct Place {
     door: Rc<Door>,
-    entered: Instant,
+    entered: Cell<Instant>,
     released: Cell<bool>,
 }
 
 impl Place {
+    /// Take the place again after [`step_out`]; `false` (counted as shed) when the
+    /// worker is at its limit now. A place never given back is simply kept.
+    fn back_in(&self) -> bool {
+        if !self.released.get() {
+            return true;
+        }
+        if !self.door.take() {
+            return false;
+        }
+        self.entered.set(Instant::now());
+        self.released.set(false);
+        true
+    }
+
     /// Give the place back; `false` when it already was.
     fn release(&self) -> bool {
         if self.released.replace(true) {
@@ -163,7 +177,7 @@ impl Place {
         }
         let d = &self.door;
         d.in_flight.set(d.in_flight.get().saturating_sub(1));
-        let took = self.entered.elapsed();
+        let took = self.entered.get().elapsed();
         d.min_took
             .set(Some(d.min_took.get().map_or(took, |m| m.min(took))));
         true
@@ -180,6 +194,25 @@ struct ReleaseOnDrop(Rc<Place>);
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
         self.0.release();
+    }
+}
+
+/// A request about to wait for its body before it is authenticated steps out: a body
+/// still on its way costs no CPU, and a peer that sends bodies slowly (it needs no
+/// secret to get that far) must not hold the places verified requests need. What bounds
+/// those waits instead is `auth::throttle`'s count of bodies being read. The request
+/// takes a place again with [`back_in`] once its body is there.
+pub fn step_out(req: &actix_web::HttpRequest) {
+    waits_by_design(req);
+}
+
+/// Take a place again after [`step_out`]: `false` when the worker is at its limit, and
+/// the request is refused like any other over it. A request that never had a place (a
+/// probe, or no door in front) passes.
+pub fn back_in(req: &actix_web::HttpRequest) -> bool {
+    match req.extensions().get::<PlaceRef>() {
+        Some(PlaceRef(place)) => place.back_in(),
+        None => true,
     }
 }
 
@@ -316,20 +349,28 @@ impl Door {
         }
     }
 
-    /// Take a place for a new request, or `None` (counted as shed) at the limit.
-    fn enter(self: &Rc<Self>) -> Option<Rc<Place>> {
+    /// Count one more request in progress, or `false` (counted as shed) at the limit.
+    fn take(&self) -> bool {
         if self.in_flight.get() >= self.limit.get() {
             self.reached.set(true);
             self.stats.shed.fetch_add(1, Ordering::Relaxed);
-            return None;
+            return false;
         }
         self.in_flight.set(self.in_flight.get() + 1);
         if self.in_flight.get() >= self.limit.get() {
             self.reached.set(true);
         }
+        true
+    }
+
+    /// Take a place for a new request, or `None` (counted as shed) at the limit.
+    fn enter(self: &Rc<Self>) -> Option<Rc<Place>> {
+        if !self.take() {
+            return None;
+        }
         Some(Rc::new(Place {
             door: self.clone(),
-            entered: Instant::now(),
+            entered: Cell::new(Instant::now()),
             released: Cell::new(false),
         }))
     }

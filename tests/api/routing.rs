@@ -27,6 +27,7 @@ backend_tests!(
     unknown_paths_and_methods_run_no_handler,
     headers_are_checked_before_the_body_is_read,
     slow_bodies_get_408,
+    slow_unverified_bodies_hold_no_place_verified_requests_need,
     duplicate_or_non_ascii_credential_headers_are_refused,
     webhook_idempotency_key_with_another_body_is_a_conflict,
     bodies_are_json_utf8_without_trailing_bytes_or_nul,
@@ -447,6 +448,99 @@ fn slow_bodies_get_408(b: Backend) {
     s.write_all(request_head("POST", "/coordinator/jobs", &[("X-API-Key", &key)], 100).as_bytes())
         .expect("write");
     assert_eq!(read_response(s).status, 408);
+}
+
+/// Review finding (2026-12-05): a signed request passes its header checks with no
+/// secret (a caller's name, the time, 64 zeros), then waits for its body. Sent slowly,
+/// 70 such bodies took every place of the workers' in-flight limit (2 × 32) and every
+/// other request was answered 503. Now a request waiting for its body before it is
+/// verified holds no place, and such waits are bounded per peer (429 past it).
+fn slow_unverified_bodies_hold_no_place_verified_requests_need(b: Backend) {
+    use coordinator::auth::throttle::MAX_BODY_READS_PER_PEER;
+    let Some(app) = spawn_app_with(b, |c| {
+        c.max_in_flight = 4;
+        c.body_read_timeout = Duration::from_secs(60);
+        c.auth_failures_per_minute = 1_000_000;
+    }) else {
+        return;
+    };
+    let key = app.api_key("operator", &[Scope::HealthRead]);
+    let ts = now_secs().to_string();
+    let zeros = "0".repeat(64);
+    let forged: [(&str, &str); 3] = [
+        ("X-Coordinator-Caller", app.signer.caller.as_str()),
+        ("X-Coordinator-Timestamp", &ts),
+        ("X-Coordinator-Signature", &zeros),
+    ];
+    let slow = |n: usize| -> Vec<TcpStream> {
+        (0..n)
+            .map(|_| {
+                let mut s = connect(&app);
+                s.write_all(request_head("POST", "/coordinator/jobs", &forged, 100).as_bytes())
+                    .expect("write");
+                s.write_all(b"{").expect("write");
+                // One at a time: each steps out of the door before the next arrives.
+                std::thread::sleep(Duration::from_millis(30));
+                s
+            })
+            .collect()
+    };
+    // Every one of them is waiting for its body, none was answered.
+    let unanswered = |streams: &[TcpStream]| {
+        for s in streams {
+            s.set_nonblocking(true).expect("nonblocking");
+            let mut byte = [0u8; 1];
+            let r = (&*s).read(&mut byte);
+            assert!(
+                matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+                "a stalled body was answered: {r:?}"
+            );
+            s.set_nonblocking(false).expect("blocking");
+        }
+    };
+    // Far more stalled bodies than the workers' places (2 workers × 4).
+    let stalled = slow(20);
+    std::thread::sleep(Duration::from_millis(300));
+    unanswered(&stalled);
+    for _ in 0..5 {
+        let r = app.raw("GET", "/coordinator/health", &[("X-API-Key", &key)], b"");
+        assert_eq!(r.status, 200, "an API-key caller is refused: {}", r.body);
+        let r = app.get("/coordinator/health");
+        assert_eq!(r.status, 200, "a signed caller is refused: {}", r.body);
+    }
+    // The peer's bound: past it, a further body is refused at once, before it is read.
+    let per_peer = usize::try_from(MAX_BODY_READS_PER_PEER).expect("fits");
+    let more = slow(per_peer - stalled.len());
+    std::thread::sleep(Duration::from_millis(300));
+    unanswered(&more);
+    let started = Instant::now();
+    let mut s = connect(&app);
+    s.write_all(request_head("POST", "/coordinator/jobs", &forged, 100).as_bytes())
+        .expect("write");
+    let r = read_response(s);
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.head.contains("retry-after: 1"), "{}", r.head);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Requests that read no body before they are verified are not affected.
+    let r = app.raw("GET", "/coordinator/health", &[("X-API-Key", &key)], b"");
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Once the stalled connections close, the peer's count is given back.
+    drop(stalled);
+    drop(more);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = app.get("/coordinator/health");
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still refused: {} {}",
+            r.status,
+            r.body
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn duplicate_or_non_ascii_credential_headers_are_refused(b: Backend) {
