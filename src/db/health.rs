@@ -7,6 +7,15 @@
 //! opens a fresh connection; when that works the state is healthy again and traffic
 //! flows. Connections opened before a trip are checked once before their next use
 //! (see [`DbHealth::epoch`]), so a pool full of dead sessions cannot trip it again.
+//!
+//! A database can also stop answering without refusing anything (a network partition,
+//! a hung host): connections stay open and every query waits. On PostgreSQL a watch
+//! thread ([`DbHealth::watch_for_stalls`]) counts the operations under way (request
+//! work and the group-commit threads, not housekeeping). When operations have been under
+//! way for [`STALL_AFTER`] without one of them finishing, it asks the probe: a fresh
+//! connection that answers within [`SUSPECT_WAIT`] means the database is up and the
+//! work waits on something else (another session's lock), and nothing changes; one that
+//! fails or does not answer trips the state.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -18,6 +27,16 @@ use crate::error::StoreError;
 pub const PROBE_MIN: Duration = Duration::from_millis(50);
 /// Longest wait between probes: bounds the recovery time once the database is back.
 pub const PROBE_MAX: Duration = Duration::from_millis(500);
+/// Operations under way this long with none finishing: the database may have stopped
+/// answering, and the probe is asked.
+pub const STALL_AFTER: Duration = Duration::from_secs(1);
+/// How long the probe may take to answer when a stall is suspected; no answer trips
+/// the state. With [`STALL_AFTER`], a stall is found within about 2 s, before the
+/// default per-request deadline (3 s) of the requests waiting behind it.
+pub const SUSPECT_WAIT: Duration = Duration::from_secs(1);
+/// How often the watch thread looks.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+
 /// A trip this soon after a recovery resumes the backoff where it stopped (a database
 /// that answers a probe but fails real work must not be hammered every 50 ms).
 const FLAP_WINDOW: Duration = Duration::from_secs(5);
@@ -80,6 +99,25 @@ pub struct DbHealth {
     trips: AtomicU64,
     timeline: Mutex<Timeline>,
     probe: ProbeFn,
+    /// A probe started on a suspected stall has not returned yet.
+    suspect_probing: std::sync::atomic::AtomicBool,
+    /// Operations under way ([`DbHealth::under_way`]).
+    under_way: AtomicU64,
+    /// When one last finished, or started with none under way (ms since `born`).
+    last_sign_ms: AtomicU64,
+    born: Instant,
+}
+
+/// One database operation under way; finished when dropped.
+pub struct UnderWay<'a>(&'a DbHealth);
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        self.0
+            .last_sign_ms
+            .store(self.0.now_ms(), Ordering::Release);
+        self.0.under_way.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl DbHealth {
@@ -94,7 +132,108 @@ impl DbHealth {
                 last_backoff: PROBE_MIN,
             }),
             probe,
+            suspect_probing: std::sync::atomic::AtomicBool::new(false),
+            under_way: AtomicU64::new(0),
+            last_sign_ms: AtomicU64::new(0),
+            born: Instant::now(),
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Count one operation as under way until the guard is dropped (it should hold a
+    /// connection and be doing the work, not waiting for a turn).
+    pub fn under_way(&self) -> UnderWay<'_> {
+        if self.under_way.fetch_add(1, Ordering::AcqRel) == 0 {
+            // The first after a quiet spell: the quiet was no stall.
+            self.last_sign_ms.store(self.now_ms(), Ordering::Release);
+        }
+        UnderWay(self)
+    }
+
+    /// How long operations have been under way without one finishing, when that is
+    /// [`STALL_AFTER`] or more while healthy.
+    fn stalled_for(&self) -> Option<(Duration, u64)> {
+        if !self.is_healthy() {
+            return None;
+        }
+        let n = self.under_way.load(Ordering::Acquire);
+        if n == 0 {
+            return None;
+        }
+        let quiet = Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.last_sign_ms.load(Ordering::Acquire)),
+        );
+        (quiet >= STALL_AFTER).then_some((quiet, n))
+    }
+
+    /// One look of the watch thread: on a suspected stall, ask the probe.
+    fn look_for_a_stall(self: &Arc<Self>) {
+        let Some((quiet, n)) = self.stalled_for() else {
+            return;
+        };
+        let stalled = format!(
+            "no database operation finished for {:.1} s while {n} were under way",
+            quiet.as_secs_f64()
+        );
+        match self.probe_within(SUSPECT_WAIT) {
+            Some(Ok(())) => {
+                // The database answers: the work waits on something else. Look again
+                // after another full period.
+                log::debug!("{stalled}, but a fresh connection answers");
+                self.last_sign_ms.store(self.now_ms(), Ordering::Release);
+            }
+            Some(Err(e)) => self.trip(None, &format!("{stalled}, and the probe failed: {e}")),
+            None => self.trip(
+                None,
+                &format!(
+                    "{stalled}, and the probe did not answer within {} s",
+                    SUSPECT_WAIT.as_secs()
+                ),
+            ),
+        }
+    }
+
+    /// Run the probe on its own thread and wait at most `wait` for it; `None` when it
+    /// did not answer in time (its thread is left to finish; while it has not, the
+    /// next suspicion gets `None` at once, so hung probes never pile up).
+    fn probe_within(self: &Arc<Self>, wait: Duration) -> Option<Result<(), String>> {
+        if self.suspect_probing.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let h = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("db-suspect".into())
+            .spawn(move || {
+                let r = (h.probe)();
+                h.suspect_probing.store(false, Ordering::Release);
+                let _ = tx.send(r);
+            });
+        if let Err(e) = spawned {
+            self.suspect_probing.store(false, Ordering::Release);
+            return Some(Err(format!("cannot start the probe: {e}")));
+        }
+        rx.recv_timeout(wait).ok()
+    }
+
+    /// Start the watch thread (see the module documentation). It ends with the last
+    /// reference to this state.
+    pub fn watch_for_stalls(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("db-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(WATCH_EVERY);
+                let Some(h) = weak.upgrade() else { return };
+                h.look_for_a_stall();
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start the database stall watch: {e}");
+        }
     }
 
     pub fn state(&self) -> DbState {
@@ -180,6 +319,9 @@ impl DbHealth {
             }
             Err(_) => None,
         };
+        // Operations stuck since before the trip get a full period again before they
+        // count as a new stall.
+        self.last_sign_ms.store(self.now_ms(), Ordering::Release);
         self.state
             .store(u8::from(DbState::Healthy), Ordering::Release);
         log::info!(
@@ -266,6 +408,72 @@ mod tests {
         // A failure on a connection from before the trip does not trip again.
         h.trip(Some(e0), "stale");
         assert!(h.is_healthy());
+        assert_eq!(h.trips(), 1);
+    }
+
+    #[test]
+    fn operations_under_way_with_none_finishing_trip_the_state() {
+        let up = Arc::new(AtomicBool::new(true));
+        let u = up.clone();
+        let h = DbHealth::new(Box::new(move || {
+            if u.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("down".into())
+            }
+        }));
+        h.watch_for_stalls();
+        // Work that keeps finishing is no stall, however long the load lasts.
+        let until = Instant::now() + STALL_AFTER + Duration::from_millis(500);
+        let long = h.under_way();
+        while Instant::now() < until {
+            drop(h.under_way());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(h.is_healthy(), "another operation finished meanwhile");
+        assert_eq!(h.trips(), 0);
+        // Nothing finishes any more, but a fresh connection answers (the work waits on
+        // a lock): not tripped.
+        std::thread::sleep(STALL_AFTER * 2 + WATCH_EVERY * 2);
+        assert!(h.is_healthy(), "the database answers the probe");
+        // The probe fails too: tripped within the period and one look.
+        up.store(false, Ordering::SeqCst);
+        let stuck_at = Instant::now();
+        assert!(wait_for(&h, DbState::Failing) || h.state() == DbState::Probing);
+        let took = stuck_at.elapsed();
+        assert!(took <= STALL_AFTER * 2 + WATCH_EVERY * 3, "{took:?}");
+        assert!(h.admit().is_err());
+        // The probe decides when it is over, not the stuck operation.
+        drop(long);
+        std::thread::sleep(PROBE_MAX);
+        assert!(!h.is_healthy());
+        up.store(true, Ordering::SeqCst);
+        assert!(wait_for(&h, DbState::Healthy));
+        // Quiet (nothing under way) is no stall.
+        std::thread::sleep(STALL_AFTER + WATCH_EVERY * 2);
+        assert!(h.is_healthy());
+        assert_eq!(h.trips(), 1);
+    }
+
+    #[test]
+    fn a_probe_that_does_not_answer_trips_a_suspected_stall() {
+        let h = DbHealth::new(Box::new(|| {
+            std::thread::sleep(SUSPECT_WAIT * 3);
+            Ok(())
+        }));
+        h.watch_for_stalls();
+        let _stuck = h.under_way();
+        let started = Instant::now();
+        let until = started + STALL_AFTER + SUSPECT_WAIT + Duration::from_secs(2);
+        while h.is_healthy() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !h.is_healthy(),
+            "a hung probe means the database does not answer"
+        );
+        let took = started.elapsed();
+        assert!(took >= STALL_AFTER + SUSPECT_WAIT - WATCH_EVERY, "{took:?}");
         assert_eq!(h.trips(), 1);
     }
 

@@ -647,6 +647,12 @@ impl Db {
                 log::error!("cannot start the SQLite WAL backfiller: {e}");
             }
         }
+        // A PostgreSQL server can stop answering without refusing anything (a
+        // partition): watch for operations that no longer finish. A SQLite file is
+        // local; a write that waits on another process's lock is not a stall.
+        if backend == Backend::Postgres {
+            shared.health.watch_for_stalls();
+        }
         Db {
             read,
             write,
@@ -782,7 +788,7 @@ impl Db {
         f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let permit = self.shared.write_gate.enter()?;
-        let (r, due) = self.run_sync(true, None, None, &permit, f);
+        let (r, due) = self.run_sync(true, None, None, true, &permit, f);
         if let Some((c, reset)) = due {
             reset_wal(&self.shared, c, reset);
         }
@@ -927,7 +933,10 @@ impl Db {
         let db = self.clone();
         // Detached: it ends on its own, after replying.
         drop(actix_web::rt::task::spawn_blocking(move || {
-            let (r, due) = db.run_sync(write, deadline, Some(&gone), &permit, f);
+            // Request work is watched for stalls; housekeeping (no deadline) is not:
+            // its vacuum may take long on its own.
+            let watched = deadline.is_some();
+            let (r, due) = db.run_sync(write, deadline, Some(&gone), watched, &permit, f);
             drop(permit);
             let _ = tx.send(r);
             if let Some((c, reset)) = due {
@@ -943,12 +952,14 @@ impl Db {
     }
 
     /// Check out a connection and run `f`. Returns the connection as well when a WAL
-    /// checkpoint is due after this write.
+    /// checkpoint is due after this write. `watched`: the work counts as under way for
+    /// the health state's stall watch (`DbHealth::under_way`).
     fn run_sync<T>(
         &self,
         write: bool,
         deadline: Option<Instant>,
         gone: Option<&AtomicBool>,
+        watched: bool,
         permit: &load::Permit,
         f: impl FnOnce(&mut DbConnection) -> Result<T, StoreError>,
     ) -> (Result<T, StoreError>, Option<ResetDue>) {
@@ -970,6 +981,7 @@ impl Db {
             gate.count_shed(Shed::Gone);
             return (Err(client_gone_error()), None);
         }
+        let under_way = watched.then(|| self.shared.health.under_way());
         let r = if write {
             outbox::clear();
             let r = sqlite_immediate(&mut c.conn, f);
@@ -990,6 +1002,7 @@ impl Db {
                     .trip(Some(c.epoch), &format!("connection lost: {e}"));
             }
         }
+        drop(under_way);
         let reset = if write && !c.broken {
             self.shared.wal_after_write()
         } else {

@@ -34,7 +34,10 @@ backend_tests!(
     graceful_stop_loses_no_acknowledged_write,
 );
 
-crate::postgres_tests!(cut_off_database_is_503_at_once_and_recovers_without_restart);
+crate::postgres_tests!(
+    cut_off_database_is_503_at_once_and_recovers_without_restart,
+    a_database_that_stops_answering_is_refused_at_once_and_recovers,
+);
 crate::plain_tests!(wal_stays_bounded_under_continuous_writes_and_reads);
 
 const JSON: (&str, &str) = ("content-type", "application/json");
@@ -167,6 +170,204 @@ fn metric(app: &TestApp, line_prefix: &str) -> Option<f64> {
 }
 
 // ---- 1. the database cut off --------------------------------------------------------
+
+/// A TCP relay between the app and PostgreSQL that can stop passing bytes without
+/// closing anything: a partition, or a host that hangs. Held, every query and every
+/// new connection waits; released, what was sent meanwhile goes through.
+struct Relay {
+    port: u16,
+    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    fn start(upstream: String) -> Relay {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let port = listener.local_addr().expect("addr").port();
+        let held = Arc::new(AtomicBool::new(false));
+        let h = held.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    ),
+                    (server, client),
+                ] {
+                    let held = h.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            while held.load(Ordering::Acquire) {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { port, held }
+    }
+
+    fn hold(&self, on: bool) {
+        self.held.store(on, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Review finding (2026-12-05): with PostgreSQL not refusing anything but no longer
+/// answering (a partition), the health state never left healthy: `/readyz` stayed 200
+/// or hung, and every request waited out its 3 s deadline or hung. Now the stall watch
+/// finds it (operations under way, none finishing, and the probe does not answer), and
+/// from then on requests and `/readyz` are answered 503 `unavailable` at once. When the
+/// database answers again traffic resumes without a restart, and what was acknowledged
+/// is stored.
+fn a_database_that_stops_answering_is_refused_at_once_and_recovers(b: Backend) {
+    let mut relay = None;
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| {
+        let url = c.db.url.target().to_owned();
+        let (head, rest) = url.split_once('@').expect("postgres url with a user");
+        let (authority, path) = rest.split_once('/').expect("postgres url with a database");
+        let r = Relay::start(authority.to_owned());
+        let through = format!("{head}@127.0.0.1:{}/{path}", r.port);
+        c.db.url = coordinator::db::DatabaseUrl::parse(&through).expect("relay url");
+        relay = Some(r);
+    }) else {
+        return;
+    };
+    let relay = relay.expect("relay");
+    let relay = &relay;
+    let id = app.running_job();
+    let key = app.api_key("stall-worker", &[Scope::JobsUpdate, Scope::HealthRead]);
+    let path = format!("/coordinator/jobs/{id}/progress");
+    let r = key_progress(&app, &key, &path, "warm").expect("answered");
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Writers keep sending throughout; what was acknowledged must be stored.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let acked = Mutex::new(HashSet::from(["warm".to_owned()]));
+    std::thread::scope(|s| {
+        for w in 0..4 {
+            let (stop, acked, path, key, app) = (&stop, &acked, &path, &key, &app);
+            s.spawn(move || {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    i += 1;
+                    let m = format!("w{w}-{i}");
+                    if let Ok(r) = key_progress(app, key, path, &m) {
+                        if r.status == 200 {
+                            acked.lock().expect("lock").insert(m);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+        // Whatever happens below (a failed assertion too), the writers stop and the
+        // relay passes bytes again, so the scope can end.
+        struct Finally<'a>(&'a std::sync::atomic::AtomicBool, &'a Relay);
+        impl Drop for Finally<'_> {
+            fn drop(&mut self) {
+                self.1.hold(false);
+                self.0.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let _finally = Finally(&stop, relay);
+        std::thread::sleep(Duration::from_millis(300));
+        relay.hold(true);
+        let held_at = Instant::now();
+        // Found: /readyz answers 503 at once (not after waiting for the database).
+        let found = loop {
+            let t = Instant::now();
+            let r = app.raw("GET", "/readyz", &[], b"");
+            if r.status == 503 && t.elapsed() < Duration::from_millis(500) {
+                break held_at.elapsed();
+            }
+            assert!(
+                held_at.elapsed() < Duration::from_secs(15),
+                "the stall was not found: {} {}",
+                r.status,
+                r.body
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // 100 concurrent requests that need the database: all 503 `unavailable`,
+        // none waiting for the database or its deadline.
+        let burst = Instant::now();
+        let answers: Vec<Resp> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..100)
+                .map(|i| {
+                    let (app, key) = (&app, &key);
+                    let id = &id;
+                    s.spawn(move || {
+                        if i % 2 == 0 {
+                            app.raw(
+                                "GET",
+                                "/coordinator/health",
+                                &[("X-API-Key", key.as_str())],
+                                b"",
+                            )
+                        } else {
+                            app.get(&format!("/coordinator/jobs/{id}"))
+                        }
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("joined")).collect()
+        });
+        let took = burst.elapsed();
+        for r in &answers {
+            assert!(is_problem_503(r), "{} {}", r.status, r.body);
+            assert_eq!(
+                problem_type(r),
+                "urn:coordinator:problem:unavailable",
+                "{}",
+                r.body
+            );
+        }
+        assert!(took < Duration::from_secs(2), "the burst waited: {took:?}");
+        assert_eq!(app.get("/livez").status, 200);
+        eprintln!(
+            "outage[{b:?} stall]: found after {:.0} ms; 100 requests answered 503 in {:.0} ms",
+            ms(found),
+            ms(took)
+        );
+        // Answering again: traffic resumes without a restart.
+        relay.hold(false);
+        let back = Instant::now();
+        loop {
+            let r = key_progress(&app, &key, &path, "after").expect("answered");
+            if r.status == 200 {
+                acked.lock().expect("lock").insert("after".to_owned());
+                break;
+            }
+            assert!(
+                back.elapsed() < Duration::from_secs(15),
+                "no recovery: {}",
+                r.body
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let acked = acked.into_inner().expect("lock");
+    let stored: HashSet<String> = progress_messages(&app, &id).into_iter().collect();
+    let lost: Vec<&String> = acked.difference(&stored).collect();
+    assert!(lost.is_empty(), "acknowledged but not stored: {lost:?}");
+}
 
 /// PostgreSQL refuses connections and every session is terminated, with a 10 s pool
 /// connect timeout. The first request that meets the outage gets a 503; from then on
