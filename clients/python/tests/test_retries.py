@@ -94,6 +94,10 @@ def test_backoff_without_retry_after_then_typed_error(fake) -> None:
 def test_retry_after_http_date_is_capped() -> None:
     assert retry_after_seconds(formatdate(1_000_100, usegmt=True), now=1_000_000) == 100
     assert retry_after_seconds("garbage") is None
+    # ASCII digits only: "²" and "٣" are digits to str.isdigit(), not to HTTP.
+    assert retry_after_seconds("\u00b2") is None
+    assert retry_after_seconds("\u0663") is None
+    assert retry_after_seconds(" 7 ") == 7
     assert retry_after_seconds(None) is None
 
 

@@ -32,6 +32,12 @@ def test_reference_vector() -> None:
         (headers(), BODY, int(TS) + 301, "out of range"),
         (headers(), BODY, int(TS) - 301, "out of range"),
         (headers(ts="16142653x0"), BODY, int(TS), "malformed"),
+        # Unicode digits: str.isdigit() takes them, int() or the server does not.
+        (headers(ts="\u00b2"), BODY, 2, "malformed"),
+        (headers(ts="1614265330\u00b9"), BODY, int(TS), "malformed"),
+        (headers(ts=" 1614265330"), BODY, int(TS), "malformed"),
+        (headers(ts=""), BODY, int(TS), "missing"),
+        ({**headers(), "Webhook-Id": "msg_\udcff"}, BODY, int(TS), "malformed"),
         ({"webhook-id": ID, "webhook-timestamp": TS}, BODY, int(TS), "missing"),
     ],
 )
@@ -43,3 +49,13 @@ def test_refusals(hdrs: dict, body: bytes, now: int, why: str) -> None:
 def test_wrong_secret() -> None:
     with pytest.raises(WebhookVerificationError):
         verify_webhook(headers(), BODY, "whsec_" + "A" * 32, now=int(TS))
+
+
+def test_a_timestamp_in_other_digits_is_malformed_even_when_signed() -> None:
+    # 1614265330 in Arabic-Indic digits, correctly signed: the server refuses it, and
+    # so does the verifier (not only by the signature).
+    ts = "\u0661\u0666\u0661\u0664\u0662\u0666\u0665\u0663\u0663\u0660"
+    assert int(ts) == int(TS)
+    signed = sign_webhook(SECRET, ID, ts, BODY)["webhook-signature"]
+    with pytest.raises(WebhookVerificationError, match="malformed webhook timestamp"):
+        verify_webhook(headers(signed, ts), BODY, SECRET, now=int(TS))

@@ -16,12 +16,23 @@ const MAX_BODY: u64 = 16 * 1024 * 1024;
 /// A job as the server returns it (camelCase members: `id`, `status`, `payload`, …).
 pub type Job = Value;
 
-/// A claimed job (RUNNING now) and the job token that acts on it.
-#[derive(Clone, Debug)]
+/// A claimed job (RUNNING now) and the job token that acts on it. Its `Debug` never
+/// shows the token.
+#[derive(Clone)]
 pub struct Claim {
     pub job: Job,
     pub token: String,
     pub token_expires_at: String,
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim")
+            .field("job", &self.job)
+            .field("token", &format_args!(".."))
+            .field("token_expires_at", &self.token_expires_at)
+            .finish()
+    }
 }
 
 impl Claim {
@@ -396,7 +407,8 @@ impl Client {
     }
 
     /// One request (retrying 503/429). `path` is the path and `?query`, percent-encoded;
-    /// `body` the exact bytes sent and signed. An error status is an [`Error::Problem`].
+    /// `body` the exact bytes sent and signed. Any status but 2xx is an
+    /// [`Error::Problem`]: a 3xx too, as redirects are not followed.
     pub fn request(
         &self,
         method: &str,
@@ -449,7 +461,7 @@ impl Client {
                 attempt += 1;
                 continue;
             }
-            if status >= 400 {
+            if !(200..300).contains(&status) {
                 let doc = serde_json::from_slice::<Value>(&bytes)
                     .ok()
                     .filter(Value::is_object)
@@ -765,5 +777,26 @@ mod tests {
             "?queue=ci&status=QUEUED&status=RUNNING&kind=a%20b\
              &createdAfter=2026-01-01T00%3A00%3A00%2B01%3A00&limit=10&cursor=x%2Fy%3D"
         );
+    }
+
+    #[test]
+    fn a_claims_debug_never_shows_its_token() {
+        let claim = Claim {
+            job: json!({"id": "j1", "status": "RUNNING"}),
+            token: "tok_SECRET".into(),
+            token_expires_at: "2026-01-01T00:00:00Z".into(),
+        };
+        for shown in [
+            format!("{claim:?}"),
+            format!("{claim:#?}"),
+            format!("{:?}", Some(&claim)),
+        ] {
+            assert!(!shown.contains("tok_SECRET"), "{shown}");
+            assert!(shown.contains("token: .."), "{shown}");
+            assert!(
+                shown.contains("\"j1\"") && shown.contains("2026-01-01"),
+                "{shown}"
+            );
+        }
     }
 }

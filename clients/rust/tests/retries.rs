@@ -142,3 +142,42 @@ fn connection_errors_retry_only_when_safe() {
     ));
     assert_eq!(*count.lock().unwrap(), 0);
 }
+
+#[test]
+fn a_redirect_is_never_followed_and_is_an_error() {
+    // Where the redirects point: it must see nothing, neither credential nor body.
+    let (elsewhere, seen_elsewhere) = serve(vec![(200, vec![], "{}")]);
+    let to = |path: &str| -> &'static str { format!("{elsewhere}{path}").leak() };
+    let (url, seen) = serve(vec![
+        (307, vec![("Location", to("/coordinator/jobs"))], ""),
+        (308, vec![("Location", to("/coordinator/jobs"))], ""),
+        (302, vec![("Location", to("/coordinator/health"))], ""),
+        (301, vec![("Location", to("/coordinator/health"))], ""),
+    ]);
+    let v1 = Credentials::V1 {
+        caller: "svc".into(),
+        secret: "coh_secret".into(),
+        key_version: None,
+    };
+    let key = Credentials::ApiKey("cok_secret".into());
+    // (credentials, status answered, a POST with a signed body or a GET)
+    let cases = [
+        (v1.clone(), 307, true),
+        (key.clone(), 308, true),
+        (v1, 302, false),
+        (key, 301, false),
+    ];
+    for (credentials, status, post) in cases {
+        let c = Client::new(&url, credentials).with_sleep(|_| {});
+        let e = if post {
+            c.create_job(&json!({"kind": "b"}), None)
+        } else {
+            c.health()
+        }
+        .unwrap_err();
+        assert_eq!(e.status(), Some(status), "{e}");
+        assert_eq!(e.kind(), Some(ProblemKind::Other));
+    }
+    assert_eq!(seen.lock().unwrap().len(), 4);
+    assert!(seen_elsewhere.lock().unwrap().is_empty());
+}

@@ -7,12 +7,12 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 from urllib.parse import quote
 
 import requests
 
-from .errors import ProblemError, TransportError, error_for
+from .errors import ProblemError, ResponseTooLarge, TransportError, error_for
 from .signing import ApiKeyAuth, BearerAuth, Rfc9421Auth, V1Auth
 from .webhooks import sign_webhook
 
@@ -25,8 +25,17 @@ Job = Dict[str, Any]
 RETRY_STATUSES = (429, 503)
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
+#: Largest answer body read (as the Rust client); past it :class:`ResponseTooLarge`.
+MAX_BODY = 16 * 1024 * 1024
+_READ_CHUNK = 64 * 1024
 
-@dataclass(frozen=True)
+
+def _ascii_digits(s: str) -> bool:
+    """``str.isdigit()`` for ASCII only: it also takes ``"²"`` or ``"٣"``."""
+    return s.isascii() and s.isdigit()
+
+
+@dataclass(frozen=True, repr=False)
 class Claim:
     """A claimed job (RUNNING now) and the job token that acts on it."""
 
@@ -37,6 +46,10 @@ class Claim:
     @property
     def id(self) -> str:
         return str(self.job["id"])
+
+    def __repr__(self) -> str:  # never the token
+        return (f"Claim(job={self.job!r}, token=..., "
+                f"token_expires_at={self.token_expires_at!r})")
 
 
 def _seg(s: str) -> str:
@@ -49,7 +62,7 @@ def retry_after_seconds(value: Optional[str], now: Optional[float] = None) -> Op
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _ascii_digits(value):
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -75,6 +88,11 @@ class Client:
     ``max_backoff``); a connection error is retried only for GET or a request with an
     ``Idempotency-Key``. Each retry is signed afresh. Error answers raise the typed
     exceptions of :mod:`coordinator_client.errors`.
+
+    Redirects are never followed (they would carry the credential, and a signature made
+    for another target, to wherever ``Location`` points): a 3xx raises
+    :class:`ProblemError` like any other unexpected status. An answer's body is read up
+    to :data:`MAX_BODY` (16 MiB); a larger one raises :class:`ResponseTooLarge`.
     """
 
     def __init__(
@@ -141,6 +159,8 @@ class Client:
         caller, secret = e.get("COORDINATOR_CALLER"), e.get("COORDINATOR_HMAC_SECRET")
         api_key = e.get("COORDINATOR_CLIENT_API_KEY")
         kv = e.get("COORDINATOR_KEY_VERSION")
+        if kv and not _ascii_digits(kv):
+            raise ValueError("COORDINATOR_KEY_VERSION must be a positive integer")
         if prefer == "api_key" and api_key:
             return cls(url, api_key=api_key, **kwargs)
         if caller and secret:
@@ -197,31 +217,44 @@ class Client:
         timeout: Optional[float] = None,
     ) -> requests.Response:
         """Send one request (retrying 503/429), raise a typed error for any status not
-        in ``ok``. ``json`` is serialised once, compactly, and the exact bytes are both
-        signed and sent."""
+        in ``ok`` (a redirect is never followed: a 3xx raises too). ``json`` is
+        serialised once, compactly, and the exact bytes are both signed and sent. The
+        body is read whole, at most :data:`MAX_BODY` bytes (else
+        :class:`ResponseTooLarge`)."""
         method = method.upper()
         hdrs = dict(headers or {})
         if json is not None:
             body = _json.dumps(json, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
             hdrs.setdefault("Content-Type", "application/json")
+        # No compression (as the Rust client): the cap bounds what is decoded too.
+        hdrs.setdefault("Accept-Encoding", "identity")
         use_auth = self.auth if auth == "default" else auth
         may_resend = method in _SAFE_METHODS or "Idempotency-Key" in hdrs
         url = self.url + path
         attempt = 0
         while True:
             try:
+                # A redirect would carry the credential headers and a signature made
+                # for another target (with a 307/308, the body too) to another host.
                 resp = self.session.request(
                     method, url, data=body, headers=hdrs, auth=use_auth,
                     timeout=self.timeout if timeout is None else timeout,
                     verify=self.ca_file if self.ca_file is not None else True,
+                    allow_redirects=False, stream=True,
                 )
-            except (requests.ConnectionError, requests.Timeout) as e:
+                retry = resp.status_code in RETRY_STATUSES and attempt < self.retries
+                if retry:
+                    resp.close()  # its body is not needed
+                else:
+                    _read_body(resp, method, path)
+            except (requests.ConnectionError, requests.Timeout,
+                    requests.exceptions.ChunkedEncodingError) as e:
                 if may_resend and attempt < self.retries:
                     self._sleep(self._delay(attempt, None))
                     attempt += 1
                     continue
                 raise TransportError(f"{method} {path}: {e}") from e
-            if resp.status_code in RETRY_STATUSES and attempt < self.retries:
+            if retry:
                 self._sleep(self._delay(attempt, resp))
                 attempt += 1
                 continue
@@ -443,6 +476,34 @@ class Client:
         if expires_at is not None:
             body["expiresAt"] = expires_at
         return self._json("POST", "/admin/tokens/revoke", json=body)
+
+
+def _read_body(resp: requests.Response, method: str, path: str) -> None:
+    """Read the answer's body into ``resp`` (``.content``, ``.json()`` and ``.text``
+    then work as usual), at most :data:`MAX_BODY` bytes: past that the connection is
+    closed with the rest unread and :class:`ResponseTooLarge` raised."""
+    too_large = ResponseTooLarge(
+        f"{method} {path}: the answer ({resp.status_code}) is larger than "
+        f"{MAX_BODY // (1024 * 1024)} MiB"
+    )
+    declared = resp.headers.get("Content-Length", "").strip()
+    if _ascii_digits(declared) and int(declared) > MAX_BODY:
+        resp.close()
+        raise too_large
+    chunks: List[bytes] = []
+    size = 0
+    try:
+        for chunk in resp.iter_content(_READ_CHUNK):
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise too_large
+            chunks.append(chunk)
+    except BaseException:
+        resp.close()
+        raise
+    # What requests itself does when it reads a body that is not streamed.
+    resp._content = b"".join(chunks)
+    resp._content_consumed = True
 
 
 def _decode(resp: requests.Response) -> Any:

@@ -12,6 +12,11 @@ class TransportError(CoordinatorError):
     """The request did not get an HTTP answer (connection refused, reset, timeout)."""
 
 
+class ResponseTooLarge(CoordinatorError):
+    """The answer's body is larger than the client reads (16 MiB): the connection is
+    closed with the rest unread. Not retried."""
+
+
 class ProblemError(CoordinatorError):
     """An HTTP error answer. ``problem`` is the problem+json document (or a stand-in
     built from the status when the body was not one)."""

@@ -61,13 +61,19 @@ def verify_webhook(
     sigs = lower.get("webhook-signature")
     if not msg_id or not ts or not sigs:
         raise WebhookVerificationError("missing webhook headers")
-    if not ts.isdigit() or len(ts) > 12:
+    # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and
+    # other scripts' digits (which the server refuses).
+    if not (ts.isascii() and ts.isdigit()) or len(ts) > 12:
         raise WebhookVerificationError("malformed webhook timestamp")
     current = time.time() if now is None else now
     if abs(current - int(ts)) > tolerance:
         raise WebhookVerificationError("webhook timestamp out of range")
     raw = body.encode("utf-8") if isinstance(body, str) else bytes(body)
-    expected = _mac(_key(secret), msg_id, ts, raw)
+    key = _key(secret)
+    try:
+        expected = _mac(key, msg_id, ts, raw)
+    except UnicodeEncodeError:  # e.g. a lone surrogate: no bytes were sent as this id
+        raise WebhookVerificationError("malformed webhook id") from None
     found = False
     for entry in sigs.split(" "):
         version, _, encoded = entry.partition(",")
