@@ -212,20 +212,22 @@ impl Application {
         // Flush: the batching threads (PostgreSQL's replay records, progress reports,
         // creates and deliveries) and the database's writes (on SQLite the group-commit writer) finish
         // what they were handed before the process ends.
-        let within = self.state.config.shutdown_timeout;
-        if !self.state.auth.replays.drain(within).await {
+        // One shutdown timeout for the whole flush, not one per queue.
+        let until = std::time::Instant::now() + self.state.config.shutdown_timeout;
+        let left = || until.saturating_duration_since(std::time::Instant::now());
+        if !self.state.auth.replays.drain(left()).await {
             log::warn!("replay log: records still unwritten at exit");
         }
-        if !self.state.progress.drain(within).await {
+        if !self.state.progress.drain(left()).await {
             log::warn!("progress log: reports still unwritten at exit");
         }
-        if !self.state.creates.drain(within).await {
+        if !self.state.creates.drain(left()).await {
             log::warn!("create log: creates still unwritten at exit");
         }
-        if !self.state.ingests.drain(within).await {
+        if !self.state.ingests.drain(left()).await {
             log::warn!("ingest log: deliveries still unwritten at exit");
         }
-        if !self.state.db.drain_writes(within).await {
+        if !self.state.db.drain_writes(left()).await {
             log::warn!("database writes still under way at exit");
         }
         r

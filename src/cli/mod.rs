@@ -190,10 +190,32 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
             app.port()
         );
         app.run_until_stopped().await?;
+        exit_if_stuck(config.shutdown_timeout);
         log::info!("stopped");
         Ok::<(), anyhow::Error>(())
     })?;
     Ok(())
+}
+
+/// After the stop and the flush, the runtime waits for its blocking threads. One held
+/// in the database client by a server that stopped answering would hold the exit
+/// without end, so past one more shutdown timeout the process exits anyway. What such
+/// a thread was doing was never acknowledged (its reply was not sent).
+fn exit_if_stuck(within: std::time::Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("exit-watch".into())
+        .spawn(move || {
+            std::thread::sleep(within);
+            log::warn!(
+                "database calls still waiting {} s after the stop; exiting",
+                within.as_secs()
+            );
+            log::logger().flush();
+            std::process::exit(0);
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot watch the exit: {e}");
+    }
 }
 
 /// Migrate, then create (once) and print the dev caller's credentials.
