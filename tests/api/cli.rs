@@ -1483,4 +1483,103 @@ crate::plain_tests!(
     jobs_and_queues_commands_sqlite,
     call_and_jobs_speak_https_with_a_private_ca,
 );
-crate::postgres_tests!(jobs_and_queues_commands_postgres);
+crate::postgres_tests!(
+    jobs_and_queues_commands_postgres,
+    a_stop_ends_the_process_while_the_database_does_not_answer,
+);
+
+/// Review finding (2026-12-05): SIGTERM while PostgreSQL no longer answered (held in
+/// a relay): the process outlived its shutdown timeout, in one run until the database
+/// answered again, because the runtime waits for threads held in the database client.
+/// Now it exits (code 0) within the stop, the flush and one more timeout.
+fn a_stop_ends_the_process_while_the_database_does_not_answer(_: crate::helpers::Backend) {
+    let Some(env) = Env::postgres() else { return };
+    let key = kv(&env.ok(&["caller", "add", "svc", "--scopes", "all"]));
+    drop(key);
+    let key = kv(&env.ok(&["key", "issue", "svc"]))["COORDINATOR_CLIENT_API_KEY"].clone();
+    let (relay, through) = crate::helpers::Relay::in_front_of(&env.db_url);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let mut child = env
+        .cmd(&["serve", "--bind", &bind, "--workers", "2"])
+        .env("DATABASE_URL", &through)
+        .env("COORDINATOR_SHUTDOWN_TIMEOUT_SECS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://{bind}");
+    let started = Instant::now();
+    loop {
+        let r = crate::helpers::try_send(
+            &format!("{url}/coordinator/jobs?limit=1"),
+            "GET",
+            &[("X-API-Key", &key)],
+            b"",
+        );
+        if r.is_ok_and(|r| r.status == 200) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    relay.hold(true);
+    // Requests of every kind now wait in the database client.
+    let waiting: Vec<_> = (0..6)
+        .map(|i| {
+            let (url, key) = (url.clone(), key.clone());
+            std::thread::spawn(move || {
+                let (method, path, body): (&str, &str, &[u8]) = if i % 2 == 0 {
+                    ("GET", "/coordinator/jobs?limit=5", b"")
+                } else {
+                    ("POST", "/coordinator/jobs", br#"{"kind":"stuck"}"#)
+                };
+                let _ = crate::helpers::try_send(
+                    &format!("{url}{path}"),
+                    method,
+                    &[("X-API-Key", &key), ("content-type", "application/json")],
+                    body,
+                );
+            })
+        })
+        .collect();
+    // Long enough for the background work (housekeeping, the pollers) to be held too.
+    std::thread::sleep(Duration::from_secs(4));
+    let stop = Instant::now();
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if stop.elapsed() > Duration::from_secs(20) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    relay.hold(false);
+    let took = stop.elapsed();
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    for w in waiting {
+        let _ = w.join();
+    }
+    let status = status.unwrap_or_else(|| panic!("still running {took:?} after SIGTERM"));
+    assert!(status.success(), "{status:?}");
+    eprintln!(
+        "cli: stopped with the database held: exited after {:.1} s",
+        took.as_secs_f64()
+    );
+}

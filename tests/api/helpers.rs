@@ -730,3 +730,70 @@ pub fn jti_of(token: &str) -> String {
     let v: Value = serde_json::from_slice(&bytes).expect("claims JSON");
     v["jti"].as_str().expect("jti").to_owned()
 }
+
+/// A TCP relay between the app and PostgreSQL that can stop passing bytes without
+/// closing anything: a partition, or a host that hangs. Held, every query and every
+/// new connection waits; released, what was sent meanwhile goes through.
+pub struct Relay {
+    pub port: u16,
+    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    pub fn start(upstream: String) -> Relay {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let port = listener.local_addr().expect("addr").port();
+        let held = Arc::new(AtomicBool::new(false));
+        let h = held.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    ),
+                    (server, client),
+                ] {
+                    let held = h.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            while held.load(Ordering::Acquire) {
+                                std::thread::sleep(std::time::Duration::from_millis(5));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { port, held }
+    }
+
+    /// A relay to the host of this PostgreSQL URL, and the same URL through it.
+    pub fn in_front_of(url: &str) -> (Relay, String) {
+        let (head, rest) = url.split_once('@').expect("postgres url with a user");
+        let (authority, path) = rest.split_once('/').expect("postgres url with a database");
+        let r = Relay::start(authority.to_owned());
+        let through = format!("{head}@127.0.0.1:{}/{path}", r.port);
+        (r, through)
+    }
+
+    pub fn hold(&self, on: bool) {
+        self.held.store(on, std::sync::atomic::Ordering::Release);
+    }
+}

@@ -24,7 +24,7 @@ use diesel::Connection;
 use serde_json::json;
 
 use crate::backend_tests;
-use crate::helpers::{now_secs, try_send, Backend, Resp, TestApp};
+use crate::helpers::{now_secs, try_send, Backend, Relay, Resp, TestApp};
 
 backend_tests!(
     deadline_refuses_requests_stuck_behind_a_lock,
@@ -171,64 +171,6 @@ fn metric(app: &TestApp, line_prefix: &str) -> Option<f64> {
 
 // ---- 1. the database cut off --------------------------------------------------------
 
-/// A TCP relay between the app and PostgreSQL that can stop passing bytes without
-/// closing anything: a partition, or a host that hangs. Held, every query and every
-/// new connection waits; released, what was sent meanwhile goes through.
-struct Relay {
-    port: u16,
-    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Relay {
-    fn start(upstream: String) -> Relay {
-        use std::io::{Read, Write};
-        use std::net::{TcpListener, TcpStream};
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::Arc;
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
-        let port = listener.local_addr().expect("addr").port();
-        let held = Arc::new(AtomicBool::new(false));
-        let h = held.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let Ok(server) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                for (mut from, mut to) in [
-                    (
-                        client.try_clone().expect("clone"),
-                        server.try_clone().expect("clone"),
-                    ),
-                    (server, client),
-                ] {
-                    let held = h.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16 * 1024];
-                        loop {
-                            let n = match from.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => n,
-                            };
-                            while held.load(Ordering::Acquire) {
-                                std::thread::sleep(Duration::from_millis(5));
-                            }
-                            if to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Relay { port, held }
-    }
-
-    fn hold(&self, on: bool) {
-        self.held.store(on, std::sync::atomic::Ordering::Release);
-    }
-}
-
 /// Review finding (2026-12-05): with PostgreSQL not refusing anything but no longer
 /// answering (a partition), the health state never left healthy: `/readyz` stayed 200
 /// or hung, and every request waited out its 3 s deadline or hung. Now the stall watch
@@ -239,11 +181,7 @@ impl Relay {
 fn a_database_that_stops_answering_is_refused_at_once_and_recovers(b: Backend) {
     let mut relay = None;
     let Some(app) = crate::helpers::spawn_app_with(b, |c| {
-        let url = c.db.url.target().to_owned();
-        let (head, rest) = url.split_once('@').expect("postgres url with a user");
-        let (authority, path) = rest.split_once('/').expect("postgres url with a database");
-        let r = Relay::start(authority.to_owned());
-        let through = format!("{head}@127.0.0.1:{}/{path}", r.port);
+        let (r, through) = Relay::in_front_of(c.db.url.target());
         c.db.url = coordinator::db::DatabaseUrl::parse(&through).expect("relay url");
         relay = Some(r);
     }) else {
