@@ -51,13 +51,51 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
     check_trusted(&path)
         .map_err(|why| ConfigError(format!("refusing {}: {why}", shown.display())))?;
     dotenvy::from_path(&path).map_err(|e| match e {
-        dotenvy::Error::LineParse(line, index) => ConfigError(format!(
-            "cannot parse {} at `{line}` (position {index})",
-            shown.display()
+        // dotenvy's error holds the text it failed on, which may be a secret: name the
+        // line and its variable instead.
+        dotenvy::Error::LineParse(..) => ConfigError(format!(
+            "cannot parse {}{} (values are not shown)",
+            shown.display(),
+            first_bad_line(&path).map_or_else(String::new, |(n, name)| match name {
+                Some(name) => format!(": line {n} ({name})"),
+                None => format!(": line {n}"),
+            })
         )),
         other => ConfigError(format!("cannot read {}: {other}", shown.display())),
     })?;
     Ok(Some(shown))
+}
+
+/// The first line of the file that does not parse on its own, and the variable it
+/// sets: where the file's parse error most likely is (a quoted value over several lines
+/// is valid in the file but not line by line, so this is looked up only once the file
+/// as a whole failed).
+fn first_bad_line(path: &Path) -> Option<(usize, Option<String>)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().enumerate().find_map(|(i, line)| {
+        let bad = dotenvy::from_read_iter(line.as_bytes()).any(|item| item.is_err());
+        bad.then(|| (i + 1, variable_of(line).map(str::to_owned)))
+    })
+}
+
+/// The variable a line that failed to parse sets, when its name is plain; never any of
+/// the value, which is likely a secret.
+fn variable_of(line: &str) -> Option<&str> {
+    let line = line.trim_start();
+    let line = line.strip_prefix("export ").unwrap_or(line).trim_start();
+    let (name, _) = line.split_once('=')?;
+    let name = name.trim_end();
+    // Upper case, digits and `_`, as every variable this reads: a line without a name
+    // may start with a (base64) value, which has lower case letters.
+    let plain = name.len() <= 64
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_uppercase() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    plain.then_some(name)
 }
 
 /// A file we may take settings from: a regular file (after following a symlink) that
@@ -112,5 +150,42 @@ mod tests {
         );
         assert_eq!(requested(&args(&["call", "--", "--env-file", "x"])), None);
         assert_eq!(requested(&args(&["serve", "--env-file"])), None);
+    }
+
+    #[test]
+    fn a_line_that_does_not_parse_is_named_by_its_variable_never_its_value() {
+        let dir = tempfile::tempdir().expect("dir");
+        let secret = "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI=";
+        for (text, name) in [
+            (
+                format!("COORD_TEST_UNSET_A=\"{secret}\n"),
+                Some("COORD_TEST_UNSET_A"),
+            ),
+            (
+                format!("export COORD_TEST_UNSET_B={secret} x y\n"),
+                Some("COORD_TEST_UNSET_B"),
+            ),
+            (
+                format!("COORD_TEST_UNSET_C='{secret}\\'\n"),
+                Some("COORD_TEST_UNSET_C"),
+            ),
+            (format!("{secret} no name\n"), None),
+        ] {
+            let path = dir.path().join("bad.env");
+            std::fs::write(&path, format!("# settings\n{text}")).expect("write");
+            let Err(ConfigError(msg)) = load(Some(&path)) else {
+                panic!("parsed: {text}");
+            };
+            assert!(msg.starts_with("cannot parse "), "{msg}");
+            assert!(!msg.contains(&secret[..12]), "the value shown: {msg}");
+            match name {
+                Some(n) => assert!(msg.contains(&format!(": line 2 ({n})")), "{msg}"),
+                None => assert!(msg.contains(": line 2 (values"), "{msg}"),
+            }
+        }
+        assert_eq!(variable_of("  export  A_1 = x"), Some("A_1"));
+        assert_eq!(variable_of("A-B=x"), None);
+        assert_eq!(variable_of("abcDEF0="), None);
+        assert_eq!(variable_of("no equals sign"), None);
     }
 }
