@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use super::model::{ApiKeyRow, CallerRow, Purpose, SecretRow};
+use super::store::MAX_VERSIONS_TRIED;
 use super::{repo, Scope};
 use crate::crypto::credential::{ApiKey, HmacSecret, WebhookSecret};
 use crate::crypto::seal::Sealer;
@@ -21,6 +22,22 @@ pub enum SecretKind {
 }
 
 impl SecretKind {
+    /// As the CLI names it: `hmac`, `webhook`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SecretKind::Hmac => "hmac",
+            SecretKind::Webhook => "webhook",
+        }
+    }
+
+    /// The CLI flag that selects it (none for the default, HMAC).
+    pub fn flag(self) -> &'static str {
+        match self {
+            SecretKind::Hmac => "",
+            SecretKind::Webhook => " --kind webhook",
+        }
+    }
+
     pub fn purpose(self) -> Purpose {
         match self {
             SecretKind::Hmac => Purpose::HmacSecret,
@@ -149,6 +166,21 @@ pub fn add_secret(
             conn.transaction(|conn| {
                 if repo::find_caller(conn, caller)?.is_none() {
                     return Err(StoreError::NotFound);
+                }
+                // Only the newest `MAX_VERSIONS_TRIED` active versions are tried: one
+                // more would silently stop the oldest working during its grace.
+                let ends_the_others = grace.is_some_and(|g| g.is_zero());
+                let active = repo::count_active_secrets(conn, caller, purpose.as_str(), now)?;
+                if !ends_the_others
+                    && usize::try_from(active).unwrap_or(usize::MAX) >= MAX_VERSIONS_TRIED
+                {
+                    return Err(StoreError::Conflict(format!(
+                        "`{caller}` already has {active} active {} secret versions, the most \
+                         that are tried; revoke an older one first (`coordinator secret \
+                         revoke {caller} VERSION{}`), or rotate with `--grace 0s`",
+                        kind.name(),
+                        kind.flag()
+                    )));
                 }
                 let version = repo::next_secret_version(conn, caller, purpose.as_str())?;
                 let row = seal_row(sealer, caller, purpose, version, &plaintext, expires_at)?;

@@ -117,6 +117,26 @@ pub fn next_secret_version(
     Ok(max.unwrap_or(0).saturating_add(1))
 }
 
+/// Versions of this caller's secret of this purpose that are neither revoked nor expired.
+pub fn count_active_secrets(
+    conn: &mut DbConnection,
+    caller: &str,
+    purpose: &str,
+    now: i64,
+) -> Result<i64, StoreError> {
+    Ok(sealed_secrets::table
+        .filter(sealed_secrets::caller.eq(caller))
+        .filter(sealed_secrets::purpose.eq(purpose))
+        .filter(sealed_secrets::revoked_at.is_null())
+        .filter(
+            sealed_secrets::expires_at
+                .is_null()
+                .or(sealed_secrets::expires_at.gt(now)),
+        )
+        .count()
+        .get_result(conn)?)
+}
+
 pub fn insert_secret(conn: &mut DbConnection, row: &SecretRow) -> Result<(), StoreError> {
     diesel::insert_into(sealed_secrets::table)
         .values(row)

@@ -122,13 +122,6 @@ impl SecretCommand {
     }
 }
 
-fn kind_name(kind: SecretKind) -> &'static str {
-    match kind {
-        SecretKind::Hmac => "hmac",
-        SecretKind::Webhook => "webhook",
-    }
-}
-
 /// The kind column of a stored row (`hmac`, `webhook`, or the purpose as stored).
 fn row_kind(row: &SecretRow) -> &str {
     if row.purpose == Purpose::HmacSecret.as_str() {
@@ -160,7 +153,7 @@ fn print_issued(
     if json {
         return print_json(&json!({
             "caller": issued.caller,
-            "kind": kind_name(kind),
+            "kind": kind.name(),
             "version": issued.version,
             "secret": issued.plaintext.as_str(),
             "expiresAt": json_time(issued.expires_at),
@@ -189,7 +182,7 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
     if !args.output.json {
         eprintln!(
             "issued {} secret version {} for `{}`{}; it is shown only this once",
-            kind_name(args.kind),
+            args.kind.name(),
             issued.version,
             issued.caller,
             issued
@@ -217,7 +210,7 @@ pub fn rotate(args: RotateArgs) -> anyhow::Result<()> {
     if !args.output.json {
         eprintln!(
             "issued {} secret version {} for `{}`; it is shown only this once",
-            kind_name(args.kind),
+            args.kind.name(),
             issued.version,
             issued.caller,
         );
@@ -228,10 +221,7 @@ pub fn rotate(args: RotateArgs) -> anyhow::Result<()> {
                 rfc3339(until),
                 issued.caller,
                 issued.version.saturating_sub(1),
-                match args.kind {
-                    SecretKind::Hmac => "",
-                    SecretKind::Webhook => " --kind webhook",
-                },
+                args.kind.flag(),
             );
         }
     }
@@ -350,7 +340,7 @@ pub fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
     let db = args.store.open()?;
     let what = format!(
         "active {} secret version {} of `{}`",
-        kind_name(args.kind),
+        args.kind.name(),
         args.version,
         args.caller
     );
@@ -366,7 +356,7 @@ pub fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
     if args.output.json {
         return print_json(&json!({
             "caller": args.caller,
-            "kind": kind_name(args.kind),
+            "kind": args.kind.name(),
             "version": args.version,
             "revoked": true,
             "activeVersionsLeft": remaining,
@@ -374,7 +364,7 @@ pub fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
     }
     eprintln!(
         "revoked {} secret version {} of `{}`",
-        kind_name(args.kind),
+        args.kind.name(),
         args.version,
         args.caller
     );
@@ -382,7 +372,7 @@ pub fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
         eprintln!(
             "warning: `{}` has no active {} secret left",
             args.caller,
-            kind_name(args.kind)
+            args.kind.name()
         );
     }
     Ok(())

@@ -21,6 +21,7 @@ backend_tests!(
     a_job_token_names_its_caller_and_dies_with_it,
     tokens_without_a_caller_or_with_an_unknown_one_are_refused,
     a_token_issued_before_the_first_claim_is_fenced_by_it,
+    no_more_versions_are_issued_than_are_tried,
 );
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -504,4 +505,48 @@ fn a_token_issued_before_the_first_claim_is_fenced_by_it(b: Backend) {
     let running = app.job_token(&id, "op", HOUR);
     assert_eq!(claims_of(&running)["att"], 2);
     assert_eq!(get_job(&app, &running, &id).status, 200);
+}
+
+/// Review finding (2026-12-05): only the newest 8 active versions of a secret are
+/// tried, but `secret rotate` issued a ninth and said the older ones stayed valid, while
+/// the oldest had silently stopped working. Now a version past the eighth active one is
+/// refused (409 `Conflict`, naming the remedy), unless the rotation ends the others.
+fn no_more_versions_are_issued_than_are_tried(b: Backend) {
+    use coordinator::auth::store::MAX_VERSIONS_TRIED;
+    use coordinator::error::StoreError;
+    let Some(app) = crate::app!(b) else { return };
+    let sealer = app.state.auth.store.sealer();
+    credentials::add_caller(&app.state.db, "many", &[Scope::StitcherWebhook]).unwrap();
+    let add = |grace: Option<Duration>| {
+        credentials::add_secret(
+            &app.state.db,
+            sealer,
+            "many",
+            SecretKind::Webhook,
+            grace,
+            None,
+        )
+    };
+    for v in 1..=MAX_VERSIONS_TRIED {
+        let issued = add(Some(HOUR)).unwrap_or_else(|e| panic!("version {v}: {e}"));
+        assert_eq!(usize::try_from(issued.version).unwrap(), v);
+    }
+    match add(Some(HOUR)) {
+        Err(StoreError::Conflict(why)) => {
+            assert!(why.contains("revoke"), "{why}");
+            assert!(why.contains("--kind webhook"), "{why}");
+        }
+        Err(e) => panic!("another error: {e}"),
+        Ok(v) => panic!("a ninth active version was issued: {}", v.version),
+    }
+    // Another kind counts on its own.
+    credentials::add_secret(&app.state.db, sealer, "many", SecretKind::Hmac, None, None)
+        .expect("an HMAC secret beside eight webhook versions");
+    // One revoked: room for one more.
+    credentials::revoke_secret(&app.state.db, "many", SecretKind::Webhook, 1).unwrap();
+    let ninth = add(Some(HOUR)).expect("after a revocation");
+    assert!(matches!(add(Some(HOUR)), Err(StoreError::Conflict(_))));
+    // A rotation that ends every other version at once is always possible.
+    let tenth = add(Some(Duration::ZERO)).expect("with --grace 0s");
+    assert_eq!(tenth.version, ninth.version + 1);
 }
