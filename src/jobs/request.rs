@@ -20,16 +20,30 @@ pub const DEFAULT_QUEUE: &str = "default";
 pub const MAX_RETRY_BASE_MS: i64 = 86_400_000;
 pub const MAX_RETRY_CAP_MS: i64 = 604_800_000;
 
-/// Parse an RFC 3339 timestamp (with an offset) into unix milliseconds.
+/// The earliest and latest instants a timestamp may name (0001-01-01T00:00:00Z and
+/// 9999-12-31T23:59:59.999Z): what RFC 3339 can write in UTC, as every answer does.
+const EARLIEST_MS: i64 = -62_135_596_800_000;
+const LATEST_MS: i64 = 253_402_300_799_999;
+
+/// Parse an RFC 3339 timestamp (with an offset) into unix milliseconds. The instant must
+/// be writable in UTC: `9999-12-31T23:59:59-23:59` parses, but is in the year 10000 in
+/// UTC, which no answer could show as RFC 3339.
 pub fn parse_time(raw: &str, field: &str) -> Result<i64, ApiError> {
-    chrono::DateTime::parse_from_rfc3339(raw)
+    let ms = chrono::DateTime::parse_from_rfc3339(raw)
         .map(|t| t.timestamp_millis())
         .map_err(|e| {
             ApiError::bad_request(
                 field,
                 format!("must be an RFC 3339 timestamp, e.g. 2026-01-31T12:00:00Z ({e})"),
             )
-        })
+        })?;
+    if !(EARLIEST_MS..=LATEST_MS).contains(&ms) {
+        return Err(ApiError::bad_request(
+            field,
+            "must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z in UTC",
+        ));
+    }
+    Ok(ms)
 }
 
 /// `retryBackoff` on create: either member may be left out (then the default).
@@ -477,6 +491,43 @@ pub struct BatchCreate {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_timestamp_must_be_writable_in_utc() {
+        for ok in [
+            "0001-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.999Z",
+            "2026-01-31T12:00:00+01:00",
+        ] {
+            assert!(parse_time(ok, "runAt").is_ok(), "{ok}");
+        }
+        for bad in [
+            "9999-12-31T23:59:59-23:59",
+            "0001-01-01T00:00:00+00:01",
+            "0000-01-01T00:00:00+23:59",
+        ] {
+            match parse_time(bad, "runAt") {
+                Err(ApiError::BadRequest { field, detail }) => {
+                    assert_eq!(field, "runAt");
+                    assert!(detail.contains("9999-12-31"), "{detail}");
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            chrono::DateTime::parse_from_rfc3339("0001-01-01T00:00:00Z")
+                .expect("parses")
+                .timestamp_millis(),
+            EARLIEST_MS
+        );
+        assert_eq!(
+            chrono::DateTime::parse_from_rfc3339("9999-12-31T23:59:59.999Z")
+                .expect("parses")
+                .timestamp_millis(),
+            LATEST_MS
+        );
+    }
+
     use super::*;
 
     #[test]
