@@ -597,21 +597,46 @@ fn rotation_with_grace(b: Backend) {
 }
 
 fn at_most_eight_versions_are_tried(b: Backend) {
+    use diesel::connection::SimpleConnection;
     let Some(app) = lenient_app(b) else { return };
     let v1 = app.caller("many", &Scope::ALL);
-    // Versions 2..=9, all active (no grace): v1 is the ninth newest.
-    let mut last = None;
-    for _ in 0..8 {
-        last = Some(rotate(&app, "many", None));
+    // Versions 2..=8, all active (no grace): v1 is the eighth newest, still tried.
+    for _ in 0..7 {
+        rotate(&app, "many", None);
     }
-    let v9 = signer_for(&last.expect("rotated"));
+    assert_eq!(health(&app, &v1).status, 200, "the eighth newest is tried");
+    // A ninth active version is not issued (it would push v1 out unseen).
+    let ninth = credentials::add_secret(
+        &app.state.db,
+        app.state.auth.store.sealer(),
+        "many",
+        SecretKind::Hmac,
+        None,
+        None,
+    );
+    assert!(ninth.is_err(), "a ninth active version was issued");
+    // Nine active versions from before that rule (one revoked, a ninth issued, the
+    // revocation undone in the table): v1 is the ninth newest and no longer tried.
+    credentials::revoke_secret(&app.state.db, "many", SecretKind::Hmac, 5).expect("revoke");
+    let v9 = signer_for(&rotate(&app, "many", None));
+    app.state
+        .db
+        .write_sync(|c| {
+            c.batch_execute("UPDATE sealed_secrets SET revoked_at = NULL WHERE caller = 'many'")
+                .map_err(coordinator::error::StoreError::from)
+        })
+        .expect("un-revoke");
     let (r, _) = poll_until(
         Duration::from_secs(2),
         || health(&app, &v9),
         |r| r.status == 200,
     );
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = health(&app, &v1);
+    let (r, _) = poll_until(
+        Duration::from_secs(2),
+        || health(&app, &v1),
+        |r| r.status == 401,
+    );
     assert_401(&r, "signature mismatch");
     // Named explicitly, the old version is still valid.
     let r = health(&app, &with_version(&v1, Some(1)));
