@@ -164,7 +164,7 @@ pub fn add_secret(
     let version = retry_on_version_race(|| {
         db.write_sync(|conn| {
             conn.transaction(|conn| {
-                if repo::find_caller(conn, caller)?.is_none() {
+                if repo::lock_caller(conn, caller)?.is_none() {
                     return Err(StoreError::NotFound);
                 }
                 // Only the newest `MAX_VERSIONS_TRIED` active versions are tried: one

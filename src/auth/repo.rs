@@ -48,6 +48,21 @@ pub fn find_caller(conn: &mut DbConnection, name: &str) -> Result<Option<CallerR
         .optional()?)
 }
 
+/// The caller, its row locked until the transaction ends on PostgreSQL (`FOR UPDATE`),
+/// so writers that count and then add to its credentials run one at a time. SQLite's
+/// writes already hold the database's write lock.
+pub fn lock_caller(conn: &mut DbConnection, name: &str) -> Result<Option<CallerRow>, StoreError> {
+    match conn {
+        DbConnection::Postgresql(pg) => Ok(callers::table
+            .find(name)
+            .select(CallerRow::as_select())
+            .for_update()
+            .first(pg)
+            .optional()?),
+        DbConnection::Sqlite(_) => find_caller(conn, name),
+    }
+}
+
 pub fn list_callers(conn: &mut DbConnection) -> Result<Vec<CallerRow>, StoreError> {
     Ok(callers::table
         .order(callers::name)

@@ -22,6 +22,7 @@ backend_tests!(
     tokens_without_a_caller_or_with_an_unknown_one_are_refused,
     a_token_issued_before_the_first_claim_is_fenced_by_it,
     no_more_versions_are_issued_than_are_tried,
+    concurrent_rotations_issue_no_more_than_are_tried,
 );
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -549,4 +550,34 @@ fn no_more_versions_are_issued_than_are_tried(b: Backend) {
     // A rotation that ends every other version at once is always possible.
     let tenth = add(Some(Duration::ZERO)).expect("with --grace 0s");
     assert_eq!(tenth.version, ninth.version + 1);
+}
+
+/// The same bound when rotations race (two operators, or a script run twice): exactly
+/// eight of twelve concurrent rotations are issued. On PostgreSQL the count and the
+/// insert run under the caller's row lock; without it, READ COMMITTED takes a snapshot
+/// per statement, so a rotation could count before another's commit and pick its
+/// version after it (rare: the version's primary key catches the common interleaving).
+fn concurrent_rotations_issue_no_more_than_are_tried(b: Backend) {
+    use coordinator::auth::store::MAX_VERSIONS_TRIED;
+    let Some(app) = crate::app!(b) else { return };
+    let sealer = app.state.auth.store.sealer();
+    credentials::add_caller(&app.state.db, "racy", &[Scope::JobsRead]).unwrap();
+    let barrier = std::sync::Barrier::new(12);
+    let issued = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..12)
+            .map(|_| {
+                let (db, barrier) = (&app.state.db, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    credentials::add_secret(db, sealer, "racy", SecretKind::Hmac, Some(HOUR), None)
+                        .is_ok()
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("joined"))
+            .filter(|ok| *ok)
+            .count()
+    });
+    assert_eq!(issued, MAX_VERSIONS_TRIED);
 }
