@@ -517,6 +517,11 @@ impl Drop for Server {
 }
 
 fn serve(env: &Env) -> Server {
+    serve_with(env, &[])
+}
+
+/// `serve` with these variables set as well.
+fn serve_with(env: &Env, vars: &[(&str, &str)]) -> Server {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -525,6 +530,7 @@ fn serve(env: &Env) -> Server {
     let bind = format!("127.0.0.1:{port}");
     let child = env
         .cmd(&["serve", "--bind", &bind, "--workers", "1"])
+        .envs(vars.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -1494,42 +1500,26 @@ crate::postgres_tests!(
 /// Now it exits (code 0) within the stop, the flush and one more timeout.
 fn a_stop_ends_the_process_while_the_database_does_not_answer(_: crate::helpers::Backend) {
     let Some(env) = Env::postgres() else { return };
-    let key = kv(&env.ok(&["caller", "add", "svc", "--scopes", "all"]));
-    drop(key);
+    env.ok(&["caller", "add", "svc", "--scopes", "all"]);
     let key = kv(&env.ok(&["key", "issue", "svc"]))["COORDINATOR_CLIENT_API_KEY"].clone();
     let (relay, through) = crate::helpers::Relay::in_front_of(&env.db_url);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let bind = format!("127.0.0.1:{port}");
-    let mut child = env
-        .cmd(&["serve", "--bind", &bind, "--workers", "2"])
-        .env("DATABASE_URL", &through)
-        .env("COORDINATOR_SHUTDOWN_TIMEOUT_SECS", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://{bind}");
-    let started = Instant::now();
-    loop {
-        let r = crate::helpers::try_send(
-            &format!("{url}/coordinator/jobs?limit=1"),
-            "GET",
-            &[("X-API-Key", &key)],
-            b"",
-        );
-        if r.is_ok_and(|r| r.status == 200) {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut server = serve_with(
+        &env,
+        &[
+            ("DATABASE_URL", &through),
+            ("COORDINATOR_SHUTDOWN_TIMEOUT_SECS", "1"),
+        ],
+    );
+    let url = server.url.clone();
+    // Warm: a request that reached the database.
+    let r = crate::helpers::try_send(
+        &format!("{url}/coordinator/jobs?limit=1"),
+        "GET",
+        &[("X-API-Key", &key)],
+        b"",
+    )
+    .expect("answered");
+    assert_eq!(r.status, 200, "{}", r.body);
     relay.hold(true);
     // Requests of every kind now wait in the database client.
     let waiting: Vec<_> = (0..6)
@@ -1554,12 +1544,12 @@ fn a_stop_ends_the_process_while_the_database_does_not_answer(_: crate::helpers:
     std::thread::sleep(Duration::from_secs(4));
     let stop = Instant::now();
     let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &server.child.id().to_string()])
         .status()
         .unwrap();
     assert!(term.success());
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = server.child.try_wait().unwrap() {
             break Some(s);
         }
         if stop.elapsed() > Duration::from_secs(20) {
@@ -1569,10 +1559,7 @@ fn a_stop_ends_the_process_while_the_database_does_not_answer(_: crate::helpers:
     };
     relay.hold(false);
     let took = stop.elapsed();
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop(server); // kills it if it is still running
     for w in waiting {
         let _ = w.join();
     }
