@@ -170,16 +170,26 @@ impl Place {
         true
     }
 
-    /// Give the place back; `false` when it already was.
+    /// Give the place back; `false` when it already was. The time since entry counts
+    /// as a request's time for the door's "shortest request" signal.
     fn release(&self) -> bool {
+        if !self.give_back() {
+            return false;
+        }
+        let d = &self.door;
+        let took = self.entered.get().elapsed();
+        d.min_took
+            .set(Some(d.min_took.get().map_or(took, |m| m.min(took))));
+        true
+    }
+
+    /// Give the place back without counting a request's time (the request is not done).
+    fn give_back(&self) -> bool {
         if self.released.replace(true) {
             return false;
         }
         let d = &self.door;
         d.in_flight.set(d.in_flight.get().saturating_sub(1));
-        let took = self.entered.get().elapsed();
-        d.min_took
-            .set(Some(d.min_took.get().map_or(took, |m| m.min(took))));
         true
     }
 }
@@ -203,7 +213,11 @@ impl Drop for ReleaseOnDrop {
 /// those waits instead is `auth::throttle`'s count of bodies being read. The request
 /// takes a place again with [`back_in`] once its body is there.
 pub fn step_out(req: &actix_web::HttpRequest) {
-    waits_by_design(req);
+    // Not `release`: the header checks alone are no request's time, and would read as
+    // the shortest request of the interval, hiding a backlog further in.
+    if let Some(PlaceRef(place)) = req.extensions().get::<PlaceRef>() {
+        place.give_back();
+    }
 }
 
 /// Take a place again after [`step_out`]: `false` when the worker is at its limit, and
@@ -571,6 +585,34 @@ mod tests {
     /// once (503 problem, `Retry-After`, never reaching the handler) while the probes
     /// still answer; a claim that waits by design gives its place back; once the held
     /// requests end, requests are admitted again.
+    #[test]
+    fn a_request_waiting_for_its_body_holds_no_place_and_takes_one_again() {
+        let stats = DoorStats::new(TARGET, 2);
+        let door = Door::new(stats.clone());
+        let slow = door.enter().expect("first place");
+        let _other = door.enter().expect("second place");
+        assert!(door.enter().is_none(), "at the limit");
+        // Waiting for its body: the place is free for another request, and the
+        // header checks alone do not count as the interval's shortest request.
+        assert!(slow.give_back());
+        assert_eq!(door.in_flight.get(), 1);
+        assert_eq!(door.min_took.get(), None);
+        let third = door.enter().expect("the freed place");
+        // The body arrived while the worker is full: refused, counted as shed.
+        let shed = stats.shed.load(Ordering::Relaxed);
+        assert!(!slow.back_in());
+        assert_eq!(stats.shed.load(Ordering::Relaxed), shed + 1);
+        // Room again: it takes a place, and giving it back counts its time.
+        assert!(third.release());
+        assert!(slow.back_in());
+        assert_eq!(door.in_flight.get(), 2);
+        assert!(slow.back_in(), "holding a place already: kept");
+        assert_eq!(door.in_flight.get(), 2);
+        assert!(slow.release());
+        assert!(!slow.release(), "given back once");
+        assert_eq!(door.in_flight.get(), 1);
+    }
+
     #[actix_web::test]
     async fn past_the_limit_a_request_is_refused_at_once_before_the_handler() {
         let stats = DoorStats::new(TARGET, 2);
