@@ -1250,6 +1250,42 @@ pub fn list(
     } else {
         f.statuses.clone()
     };
+    // Every status's range from one snapshot: read at different moments, a job that
+    // moved between two statuses meanwhile would be read twice (QUEUED, then RUNNING)
+    // or not at all (handed back). PostgreSQL's default READ COMMITTED takes a snapshot
+    // per statement, so this one is REPEATABLE READ; a SQLite read transaction keeps
+    // the snapshot of its first read.
+    let postgres = matches!(conn, DbConnection::Postgresql(_));
+    let mut rows = conn.transaction(|conn| {
+        if postgres {
+            diesel::connection::SimpleConnection::batch_execute(
+                conn,
+                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+            )?;
+        }
+        list_ranges(conn, f, statuses)
+    })?;
+    rows.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
+    let limit = usize::try_from(f.limit).unwrap_or(usize::MAX);
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next = if more {
+        rows.last().map(|r| Cursor {
+            created_at: r.created_at,
+            id: r.id.clone(),
+        })
+    } else {
+        None
+    };
+    Ok((rows, next))
+}
+
+/// One page's rows of each status (at most `limit + 1` each), unmerged.
+fn list_ranges(
+    conn: &mut DbConnection,
+    f: &ListFilter,
+    statuses: Vec<JobStatus>,
+) -> Result<Vec<JobRow>, StoreError> {
     let mut rows: Vec<JobRow> = Vec::new();
     for status in statuses {
         let mut q = jobs::table
@@ -1284,19 +1320,7 @@ pub fn list(
             .load(conn)?;
         rows.extend(page);
     }
-    rows.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
-    let limit = usize::try_from(f.limit).unwrap_or(usize::MAX);
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    let next = if more {
-        rows.last().map(|r| Cursor {
-            created_at: r.created_at,
-            id: r.id.clone(),
-        })
-    } else {
-        None
-    };
-    Ok((rows, next))
+    Ok(rows)
 }
 
 /// May `queue` hand out a job now (not paused, under its `maxRunning`)? Called inside

@@ -15,6 +15,7 @@ use crate::helpers::{jti_of, Backend, TestApp};
 backend_tests!(
     list_filters_and_pages_newest_first,
     pagination_while_the_table_grows_returns_every_job_once,
+    a_page_reads_every_status_at_one_moment,
     a_scheduled_job_is_not_claimed_early_and_is_claimed_once_due,
     a_retryable_failure_comes_back_after_its_backoff_and_the_old_token_is_refused,
     exhausted_attempts_fail_for_good,
@@ -230,6 +231,63 @@ fn pagination_while_the_table_grows_returns_every_job_once(b: Backend) {
         );
     }
     assert!(seen.values().all(|n| *n == 1), "a job came twice");
+}
+
+/// Review finding (2026-12-05): a page read each status's range at its own moment, so
+/// while workers claimed and handed back jobs, a page listed a job twice (QUEUED, then
+/// RUNNING) or left one out (RUNNING, then QUEUED again). Now every page is read from
+/// one snapshot: each job is on it exactly once, whatever moves meanwhile.
+fn a_page_reads_every_status_at_one_moment(b: Backend) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some(app) = crate::app!(b) else { return };
+    let all: HashSet<String> = (0..80)
+        .map(|_| queued_job(&app, json!({"kind": "k", "queue": "churn"})))
+        .collect();
+    let stop = AtomicBool::new(false);
+    let problems = std::thread::scope(|s| {
+        for _ in 0..3 {
+            let (app, stop) = (&app, &stop);
+            s.spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    let Some(job) = claim(app, "churn") else {
+                        continue;
+                    };
+                    let id = job["job"]["id"]
+                        .as_str()
+                        .or(job["id"].as_str())
+                        .expect("id");
+                    let token = job["token"].as_str().expect("token");
+                    let bearer = format!("Bearer {token}");
+                    let r = app.raw(
+                        "PATCH",
+                        &format!("/coordinator/jobs/{id}/status"),
+                        &[
+                            ("Authorization", bearer.as_str()),
+                            ("content-type", "application/json"),
+                        ],
+                        br#"{"status":"QUEUED"}"#,
+                    );
+                    assert_eq!(r.status, 200, "hand back: {}", r.body);
+                }
+            });
+        }
+        let mut problems = Vec::new();
+        for _ in 0..60 {
+            let listed = ids(&list(&app, "?queue=churn&limit=500"));
+            let distinct: HashSet<String> = listed.iter().cloned().collect();
+            if listed.len() != distinct.len() || distinct != all {
+                problems.push(format!(
+                    "{} listed, {} distinct, {} missing",
+                    listed.len(),
+                    distinct.len(),
+                    all.difference(&distinct).count()
+                ));
+            }
+        }
+        stop.store(true, Ordering::Release);
+        problems
+    });
+    assert!(problems.is_empty(), "{problems:?}");
 }
 
 fn a_scheduled_job_is_not_claimed_early_and_is_claimed_once_due(b: Backend) {
