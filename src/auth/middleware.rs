@@ -25,6 +25,7 @@ use futures_util::StreamExt;
 use super::access::{Access, RouteSpec};
 use super::audit::{AuditLine, AuditRecord};
 use super::client_cert::{self, PeerCertificate};
+use super::model::Scheme;
 use super::principal::Principal;
 use super::throttle::BodyReadRefused;
 use super::{api_key, fail, hmac, names, webhook, AuthContext};
@@ -384,6 +385,15 @@ async fn admit(
 /// (over it, 401s and 408s become 429).
 fn refuse(ctx: &AuthContext, peer: &Peer, e: ApiError, audit: &mut AuditRecord) -> ApiError {
     let counts = match &e {
+        // A job token whose signature holds but that was revoked or has expired is a
+        // worker that lost a race with its lease, its job's end or the clock, not a
+        // guess: mass lease expiries must not turn a host's workers' answers into 429s.
+        ApiError::Unauthorized(f)
+            if audit.scheme == Some(Scheme::Token) && matches!(f.reason, "revoked" | "expired") =>
+        {
+            audit.reason = Some(f.reason);
+            false
+        }
         ApiError::Unauthorized(f) => {
             audit.reason = Some(f.reason);
             true

@@ -17,6 +17,7 @@ backend_tests!(
     tokens_end_with_their_job,
     double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired,
     a_requeued_job_refuses_the_previous_workers_token,
+    a_revoked_job_token_is_no_failed_guess,
 );
 
 fn a_requeued_job_refuses_the_previous_workers_token(b: Backend) {
@@ -286,6 +287,40 @@ fn tokens_end_with_their_job(b: Backend) {
     std::thread::sleep(Duration::from_millis(600));
     let r = second.with_token(&t, "GET", &format!("/coordinator/jobs/{id}"), b"");
     assert_eq!(r.problem(401)["reason"], "revoked");
+}
+
+/// Review finding (2026-12-05): after a mass lease expiry, the workers of one host got
+/// 429 instead of 401 `revoked`, because each revoked token counted as a failed
+/// guess against the host's budget. A token whose signature holds is no guess: only
+/// tokens that fail their signature (or are malformed) count.
+fn a_revoked_job_token_is_no_failed_guess(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.auth_failures_per_minute = 5) else {
+        return;
+    };
+    let id = app.running_job();
+    let t = app.job_token(&id, "w", HOUR);
+    let done = app.with_token(
+        &t,
+        "POST",
+        &format!("/coordinator/jobs/{id}/complete"),
+        b"{}",
+    );
+    assert_eq!(done.status, 200, "{}", done.body);
+    for _ in 0..20 {
+        let r = app.with_token(&t, "POST", &format!("/coordinator/jobs/{id}/fail"), b"{}");
+        assert_eq!(r.problem(401)["reason"], "revoked");
+    }
+    // A forged token still counts: past the budget, 429.
+    let (signed, sig) = t.rsplit_once('.').expect("a JWT");
+    let flipped = if sig.starts_with('A') { 'B' } else { 'A' };
+    let forged = format!("{signed}.{flipped}{}", &sig[1..]);
+    let statuses: Vec<u16> = (0..10)
+        .map(|_| {
+            app.with_token(&forged, "GET", &format!("/coordinator/jobs/{id}"), b"")
+                .status
+        })
+        .collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
 }
 
 fn double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired(b: Backend) {
