@@ -219,7 +219,9 @@ impl ApiError {
             ApiError::Unauthorized(f) => f.reason.to_owned(),
             ApiError::Forbidden(why) => (*why).to_owned(),
             ApiError::NotFound => {
-                "no such resource (every route is listed in /openapi.json)".to_owned()
+                "no such resource: no such job or queue, or no such route (every route is \
+                 listed in /openapi.json)"
+                    .to_owned()
             }
             ApiError::MethodNotAllowed(allow) => {
                 format!("method not allowed for this resource (allowed: {allow})")

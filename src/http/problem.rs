@@ -95,8 +95,9 @@ response_set! {
     BodyErrors = ["413" => TooLarge];
     /// A handler that validates its input (query, path, body).
     InputErrors = ["400" => BadRequest];
-    /// A handler that reads one job by id.
-    JobReadErrors = ["400" => BadRequest, "404" => NotFound];
+    /// A handler that reads one job by id (409 `job-cancelled`: a cancelled job's own
+    /// token).
+    JobReadErrors = ["400" => BadRequest, "404" => NotFound, "409" => Conflict];
     /// A handler that writes (an `Idempotency-Key` reused with another body, or a state
     /// the write refuses).
     WriteErrors = ["400" => BadRequest, "409" => Conflict];
