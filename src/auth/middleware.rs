@@ -179,19 +179,32 @@ async fn take_unverified_body(
     req: &mut ServiceRequest,
     peer: &Peer,
 ) -> Result<Bytes, ApiError> {
+    let (limit, within) = (ctx.settings.body_limit, ctx.settings.body_read_timeout);
+    if !announces_a_body(req) {
+        // Nothing to wait for (a signed GET): no place, no count.
+        return take_body(req, limit, within).await;
+    }
     let _reading = ctx.throttle.begin_body_read(peer.ip).map_err(|r| match r {
         BodyReadRefused::Peer => ApiError::TooManyRequests {
             retry_after_secs: 1,
         },
         BodyReadRefused::All => ApiError::Overloaded("too many bodies on their way"),
     })?;
-    let (limit, within) = (ctx.settings.body_limit, ctx.settings.body_read_timeout);
     admission::step_out(req.request());
     let body = take_body(req, limit, within).await?;
     if !admission::back_in(req.request()) {
         return Err(ApiError::Overloaded("server busy"));
     }
     Ok(body)
+}
+
+/// Whether the request says a body follows: chunked, or a `Content-Length` above zero.
+fn announces_a_body(req: &ServiceRequest) -> bool {
+    let headers = req.headers();
+    headers.contains_key(actix_web::http::header::TRANSFER_ENCODING)
+        || headers
+            .get(CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
 }
 
 /// What one resource's guard needs, handed over when the route is registered.

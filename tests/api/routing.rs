@@ -521,9 +521,12 @@ fn slow_unverified_bodies_hold_no_place_verified_requests_need(b: Backend) {
     assert_eq!(r.status, 429, "{}", r.body);
     assert!(r.head.contains("retry-after: 1"), "{}", r.head);
     assert!(started.elapsed() < Duration::from_secs(10));
-    // Requests that read no body before they are verified are not affected.
+    // Requests that read no body before they are verified are not affected: API-key
+    // ones, and signed ones without a body, even from the peer at its bound.
     let r = app.raw("GET", "/coordinator/health", &[("X-API-Key", &key)], b"");
     assert_eq!(r.status, 200, "{}", r.body);
+    let r = app.get("/coordinator/health");
+    assert_eq!(r.status, 200, "a signed GET waits for no body: {}", r.body);
     // Once the stalled connections close, the peer's count is given back.
     drop(stalled);
     drop(more);
