@@ -22,7 +22,9 @@ cp -r "$root/clients/python" "$venv_dir/src"
 
 # shellcheck source=scripts/dev-server.sh
 . "$root/scripts/dev-server.sh"
-dev_server_start client-tests "$port"
+# Job tokens live 6 s here: a worker test runs a job longer than that, which only a
+# token renewed by a heartbeat can finish.
+dev_server_start client-tests "$port" COORDINATOR_TOKEN_TTL_SECS=6
 trap 'dev_server_cleanup; rm -rf "$venv_dir"' EXIT
 [ "$COORDINATOR_URL" = "$base" ] || { echo "unexpected COORDINATOR_URL=$COORDINATOR_URL" >&2; exit 1; }
 

@@ -38,6 +38,8 @@ pub enum Held {
         attempt: i32,
         /// `exp`, seconds since the epoch.
         expires_at: i64,
+        /// The worker it names (`sub`), for a renewal (`auth::token::renewal_due`).
+        worker: String,
     },
     /// The bootstrap key: valid while it is configured, which is for the process's life.
     Bootstrap,
@@ -119,6 +121,7 @@ impl Principal {
                 jti,
                 attempt,
                 expires_at,
+                ..
             } => {
                 if expires_at.saturating_mul(1000) <= now_millis() {
                     return Err(fail("expired"));

@@ -4,8 +4,9 @@
 //! through `verify_header`, which always consults the revocation set and the state of
 //! the caller the token was issued to: no route can skip either.
 //!
-//! [`issue_in`] is the one place a token is minted (by a claim, [`claim`], and by
-//! `coordinator token issue`, [`issue`]); the repositories only store.
+//! [`mint`] is the one place a token is minted (by a claim, [`claim`], by
+//! `coordinator token issue`, [`issue`], and as a renewal on a heartbeat,
+//! [`heartbeat_renewing`]); the repositories only store.
 
 use std::time::Duration;
 
@@ -182,15 +183,18 @@ pub fn load_keys(conn: &mut DbConnection, sealer: &Sealer) -> Result<Vec<TokenKe
         .collect())
 }
 
-/// Sign claims with the newest active key.
-pub fn sign(
-    keys: &[TokenKey],
-    job_id: &JobId,
+/// What a token is minted for: its job's attempt, the caller accountable for it, the
+/// worker it names, and its id (`None`: a fresh one; a renewal keeps its token's id).
+struct Grant<'a> {
+    job_id: &'a JobId,
     attempt: i32,
-    caller: &str,
-    worker: &str,
-    ttl: Duration,
-) -> Result<IssuedToken, StoreError> {
+    caller: &'a str,
+    worker: &'a str,
+    jti: Option<&'a str>,
+}
+
+/// Sign claims with the newest active key.
+fn sign(keys: &[TokenKey], grant: &Grant<'_>, ttl: Duration) -> Result<IssuedToken, StoreError> {
     let key = keys
         .iter()
         .find(|k| k.is_active(now_millis()))
@@ -200,18 +204,20 @@ pub fn sign(
     let exp = now.saturating_add(i64::try_from(ttl).unwrap_or(3600));
     let claims = Claims {
         iss: ISSUER.to_owned(),
-        sub: worker.to_owned(),
-        cal: Some(caller.to_owned()),
-        jid: job_id.as_str().to_owned(),
+        sub: grant.worker.to_owned(),
+        cal: Some(grant.caller.to_owned()),
+        jid: grant.job_id.as_str().to_owned(),
         scope: format!(
             "{} {}",
             Scope::JobsUpdate.as_str(),
             Scope::JobsRead.as_str()
         ),
-        jti: uuid::Uuid::now_v7().to_string(),
+        jti: grant
+            .jti
+            .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned),
         iat: now,
         exp,
-        att: attempt,
+        att: grant.attempt,
     };
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some(format!("v{}", key.version));
@@ -226,8 +232,7 @@ pub fn sign(
 
 /// Mint a token for `job` (a row this transaction holds locked) on behalf of
 /// `caller`, for the job's current attempt, and remember its expiry on the job so the
-/// token is revoked when the attempt or the job ends. The one place a job token is
-/// issued.
+/// token is revoked when the attempt or the job ends.
 pub fn issue_in(
     conn: &mut DbConnection,
     keys: &[TokenKey],
@@ -238,10 +243,88 @@ pub fn issue_in(
 ) -> Result<IssuedToken, StoreError> {
     let id = JobId::parse(&job.id, "id")
         .map_err(|e| StoreError::Internal(format!("bad job id in database: {e}")))?;
-    let t = sign(keys, &id, job.attempts, caller, worker, ttl)?;
-    crate::jobs::repo::extend_tokens_until(conn, &id, t.expires_at)?;
+    let grant = Grant {
+        job_id: &id,
+        attempt: job.attempts,
+        caller,
+        worker,
+        jti: None,
+    };
+    let t = mint(conn, keys, &grant, ttl)?;
     job.tokens_until = Some(job.tokens_until.unwrap_or(0).max(t.expires_at));
     Ok(t)
+}
+
+/// Sign, and move the job's `tokens_until` to the new token's expiry, so the
+/// revocation written when the attempt or the job ends lasts as long as it does.
+fn mint(
+    conn: &mut DbConnection,
+    keys: &[TokenKey],
+    grant: &Grant<'_>,
+    ttl: Duration,
+) -> Result<IssuedToken, StoreError> {
+    let t = sign(keys, grant, ttl)?;
+    crate::jobs::repo::extend_tokens_until(conn, grant.job_id, t.expires_at)?;
+    Ok(t)
+}
+
+/// A job token that a heartbeat renews: one with less than half of `ttl` left.
+#[derive(Debug)]
+pub struct Renewal {
+    caller: String,
+    worker: String,
+    attempt: i32,
+    jti: String,
+}
+
+/// Is `principal` a job token due for renewal (less than half of the configured
+/// lifetime left)? A job's run is then not capped by its token's lifetime: each
+/// heartbeat in a token's second half hands out its successor.
+pub fn renewal_due(principal: &Principal, ttl: Duration, now_ms: i64) -> Option<Renewal> {
+    let Held::Token {
+        jti,
+        attempt,
+        expires_at,
+        worker,
+    } = &principal.held
+    else {
+        return None;
+    };
+    let half_ms = i64::try_from(ttl.min(MAX_TTL).as_millis() / 2).unwrap_or(i64::MAX);
+    let left_ms = expires_at.saturating_mul(1000).saturating_sub(now_ms);
+    (left_ms < half_ms).then(|| Renewal {
+        caller: principal.caller.clone(),
+        worker: worker.clone(),
+        attempt: *attempt,
+        jti: jti.clone(),
+    })
+}
+
+/// A heartbeat with a job token due for renewal: the lease renewed (under the same
+/// checks as any heartbeat: RUNNING, on the token's attempt) and the token's successor
+/// minted, in one transaction. The successor keeps the token's id, attempt, caller and
+/// worker, so what revokes the one (its id, the attempt's end, the job's end) revokes
+/// the other; only its expiry is new. Nothing is minted when the heartbeat is refused.
+pub fn heartbeat_renewing(
+    conn: &mut DbConnection,
+    keys: &[TokenKey],
+    id: &JobId,
+    lease_ms: i64,
+    renewal: &Renewal,
+    ttl: Duration,
+) -> Result<(i64, IssuedToken), StoreError> {
+    use diesel::Connection;
+    conn.transaction(|conn| {
+        let until = crate::jobs::repo::heartbeat(conn, id, lease_ms, Some(renewal.attempt))?;
+        let grant = Grant {
+            job_id: id,
+            attempt: renewal.attempt,
+            caller: &renewal.caller,
+            worker: &renewal.worker,
+            jti: Some(&renewal.jti),
+        };
+        Ok((until, mint(conn, keys, &grant, ttl)?))
+    })
 }
 
 /// A claimed job, its token, and a revocation the claim wrote (to apply locally at once).
@@ -434,6 +517,7 @@ pub async fn verify_header(
             jti: claims.jti.clone(),
             attempt: claims.att,
             expires_at: claims.exp,
+            worker: claims.sub,
         },
         key_ref: Some(claims.jti),
         job_id: Some(job_id),

@@ -529,8 +529,11 @@ pub async fn retry(
     description = "Extends the lease by `COORDINATOR_LEASE_SECS` without an event, so a \
         frequent heartbeat does not grow the job's history. Only while RUNNING: a \
         cancelled job is a 409 of type `urn:coordinator:problem:job-cancelled`, any other \
-        status a 409 `conflict`. A job token may renew only its own job (else 403). The \
-        body is ignored.",
+        status a 409 `conflict`. A job token may renew only its own job (else 403). Sent \
+        with a job token that has less than half of `COORDINATOR_TOKEN_TTL_SECS` left, \
+        the answer also carries the token's successor (`token`, `tokenExpiresAt`; same \
+        id, job and attempt, so a run is not capped by a token's lifetime). The body is \
+        ignored.",
     params(JobIdParam),
     responses(
         (status = 200, description = "The new lease.", body = HeartbeatView),
@@ -542,18 +545,37 @@ pub async fn heartbeat(
     principal: Principal,
     id: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
+    use crate::auth::token;
     let id = JobId::parse(&id, "id")?;
     principal.authorize_job(&id)?;
     let lease_ms = state.config.lease_ms();
-    let attempt = principal.token_attempt();
-    let until = state
+    let ttl = state.config.token_ttl;
+    let Some(renewal) = token::renewal_due(&principal, ttl, crate::db::now_millis()) else {
+        let attempt = principal.token_attempt();
+        let until = state
+            .db
+            .write(move |conn| repo::heartbeat(conn, &id, lease_ms, attempt))
+            .await?;
+        return Ok(HttpResponse::Ok().json(HeartbeatView {
+            lease_expires_at: crate::jobs::model::rfc3339(until),
+            cancel_requested: false,
+            token: None,
+            token_expires_at: None,
+        }));
+    };
+    let keys = state.auth.store.token_keys().await?;
+    let (until, renewed) = state
         .db
-        .write(move |conn| repo::heartbeat(conn, &id, lease_ms, attempt))
+        .write(move |conn| token::heartbeat_renewing(conn, &keys, &id, lease_ms, &renewal, ttl))
         .await?;
-    Ok(HttpResponse::Ok().json(HeartbeatView {
-        lease_expires_at: crate::jobs::model::rfc3339(until),
-        cancel_requested: false,
-    }))
+    Ok(HttpResponse::Ok()
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))
+        .json(HeartbeatView {
+            lease_expires_at: crate::jobs::model::rfc3339(until),
+            cancel_requested: false,
+            token: Some(renewed.token.as_str().to_owned()),
+            token_expires_at: Some(crate::jobs::model::rfc3339(renewed.expires_at)),
+        }))
 }
 
 /// `GET /coordinator/queues`

@@ -135,8 +135,8 @@ pub struct RetryBackoffView {
     pub cap_ms: i64,
 }
 
-/// The answer to a heartbeat.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+/// The answer to a heartbeat. Its `Debug` never shows the token.
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HeartbeatView {
     #[schema(format = DateTime)]
@@ -144,6 +144,26 @@ pub struct HeartbeatView {
     /// Always `false` in a 200: a cancel takes effect at once, and a heartbeat for a
     /// cancelled job is a 409 of type `urn:coordinator:problem:job-cancelled`.
     pub cancel_requested: bool,
+    /// Only to a heartbeat sent with a job token in the second half of its life: the
+    /// token's successor (same id, job, attempt and scopes; a new expiry). Use it from
+    /// now on; the old one stays valid until it expires.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// With `token`: when the new token expires.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub token_expires_at: Option<String>,
+}
+
+impl std::fmt::Debug for HeartbeatView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeartbeatView")
+            .field("lease_expires_at", &self.lease_expires_at)
+            .field("cancel_requested", &self.cancel_requested)
+            .field("token", &self.token.as_ref().map(|_| ".."))
+            .field("token_expires_at", &self.token_expires_at)
+            .finish()
+    }
 }
 
 /// One page of jobs, newest first (no events).

@@ -479,6 +479,25 @@ impl TestApp {
         r.json()["id"].as_str().expect("id").to_owned()
     }
 
+    /// Create a job on `queue`, queue it and claim it as worker `w`: its id and the
+    /// claim's answer (with `token` and `tokenExpiresAt`).
+    pub fn claimed_job(&self, queue: &str) -> (String, Value) {
+        let id = self.create_job(&serde_json::json!({"kind": "k", "queue": queue}));
+        let r = self.patch_json(
+            &format!("/coordinator/jobs/{id}/status"),
+            &serde_json::json!({"status": "QUEUED"}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = self.post_json(
+            &format!("/coordinator/queues/{queue}/claim"),
+            &serde_json::json!({"worker": "w"}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let claim = r.json();
+        assert_eq!(claim["id"], id.as_str());
+        (id, claim)
+    }
+
     /// Create a job and move it to RUNNING.
     pub fn running_job(&self) -> String {
         let id = self.create_job(&serde_json::json!({"kind": "build"}));

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::backend_tests;
 use crate::helpers::{jti_of, Backend};
@@ -18,6 +18,8 @@ backend_tests!(
     double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired,
     a_requeued_job_refuses_the_previous_workers_token,
     a_revoked_job_token_is_no_failed_guess,
+    a_heartbeat_renews_a_token_in_its_second_half,
+    a_renewed_token_is_revoked_with_its_predecessor,
 );
 
 fn a_requeued_job_refuses_the_previous_workers_token(b: Backend) {
@@ -396,4 +398,146 @@ fn double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired(b: Backend) 
         .write_sync(|c| revoked::purge_revoked(c, now, 2))
         .unwrap();
     assert_eq!(purged, 2);
+}
+
+/// A heartbeat in a job token's second half hands out its successor, so a job can run
+/// longer than one token lives; the successor ends with the job like the token did.
+fn a_heartbeat_renews_a_token_in_its_second_half(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.token_ttl = Duration::from_secs(4))
+    else {
+        return;
+    };
+    let (id, claimed) = app.claimed_job("renew");
+    let t1 = claimed["token"].as_str().unwrap().to_owned();
+    let path = format!("/coordinator/jobs/{id}");
+    let beat = format!("{path}/heartbeat");
+    // More than half of its 4 s left: no successor.
+    let r = app.with_token(&t1, "POST", &beat, b"{}");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.json().get("token").is_none(), "{}", r.body);
+    // A caller's own heartbeat never gets a token.
+    let r = app.post_json(&beat, &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.json().get("token").is_none(), "{}", r.body);
+
+    std::thread::sleep(Duration::from_millis(2300));
+    let r = app.with_token(&t1, "POST", &beat, b"{}");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let v = r.json();
+    let t2 = v["token"].as_str().expect("a successor").to_owned();
+    assert_ne!(t2, t1);
+    assert_eq!(crate::helpers::jti_of(&t2), crate::helpers::jti_of(&t1));
+    let exp = |t: &Value| {
+        chrono::DateTime::parse_from_rfc3339(t.as_str().unwrap())
+            .unwrap()
+            .timestamp_millis()
+    };
+    assert!(exp(&v["tokenExpiresAt"]) > exp(&claimed["tokenExpiresAt"]));
+
+    // Past the first token's expiry (checked in whole seconds) the job still runs on
+    // its successor.
+    std::thread::sleep(Duration::from_millis(2800));
+    assert_eq!(
+        app.with_token(&t1, "GET", &path, b"").problem(401)["reason"],
+        "expired"
+    );
+    assert_eq!(app.with_token(&t2, "GET", &path, b"").status, 200);
+    let r = app.with_token(
+        &t2,
+        "POST",
+        &format!("{path}/complete"),
+        br#"{"result":{"ok":true}}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["status"], "COMPLETED");
+    // The successor ended with the job, and its revocation lasts as long as it does.
+    assert_eq!(
+        app.with_token(&t2, "GET", &path, b"").problem(401)["reason"],
+        "revoked"
+    );
+    let now = coordinator::db::now_millis();
+    let rows = app
+        .state
+        .db
+        .write_sync(|c| coordinator::db::revoked::revoked_active(c, now, 1000))
+        .unwrap();
+    let kept = rows
+        .iter()
+        .filter(|r| r.0.contains(id.as_str()))
+        .map(|r| r.1)
+        .max()
+        .expect("the job's revocation");
+    assert!(kept >= exp(&v["tokenExpiresAt"]), "{rows:?}");
+}
+
+/// What revokes a token revokes its successor: its id, its attempt's end, a cancel. A
+/// heartbeat that is refused mints nothing.
+fn a_renewed_token_is_revoked_with_its_predecessor(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.token_ttl = Duration::from_secs(3))
+    else {
+        return;
+    };
+    let mut jobs = Vec::new();
+    let mut latest = 0;
+    for queue in ["rv-jti", "rv-attempt", "rv-cancel"] {
+        let (id, c) = app.claimed_job(queue);
+        let exp = chrono::DateTime::parse_from_rfc3339(c["tokenExpiresAt"].as_str().unwrap())
+            .unwrap()
+            .timestamp_millis();
+        latest = latest.max(exp);
+        jobs.push((id, c["token"].as_str().unwrap().to_owned()));
+    }
+    // Into the second half of every token's 3 s (less than 1.5 s left).
+    let wait = latest - 1400 - coordinator::db::now_millis();
+    std::thread::sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(0)));
+    let renewed: Vec<(String, String, String)> = jobs
+        .into_iter()
+        .map(|(id, t1)| {
+            let r = app.with_token(
+                &t1,
+                "POST",
+                &format!("/coordinator/jobs/{id}/heartbeat"),
+                b"{}",
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+            let t2 = r.json()["token"].as_str().expect("a successor").to_owned();
+            (id, t1, t2)
+        })
+        .collect();
+    let [(jti_job, t1, jti_t2), (attempt_job, _, attempt_t2), (cancel_job, _, cancel_t2)] =
+        &renewed[..]
+    else {
+        unreachable!()
+    };
+
+    // By id: revoking the token's jti refuses its successor too.
+    let r = app.post_json(
+        "/admin/tokens/revoke",
+        &json!({"jti": crate::helpers::jti_of(t1)}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let path = format!("/coordinator/jobs/{jti_job}");
+    assert_eq!(
+        app.with_token(jti_t2, "GET", &path, b"").problem(401)["reason"],
+        "revoked"
+    );
+
+    // By the attempt's end: a job handed back refuses the successor, and its heartbeat
+    // is refused without a new token.
+    let path = format!("/coordinator/jobs/{attempt_job}");
+    let r = app.patch_json(&format!("{path}/status"), &json!({"status": "QUEUED"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = app.with_token(attempt_t2, "POST", &format!("{path}/heartbeat"), b"{}");
+    assert_eq!(r.problem(401)["reason"], "revoked");
+    assert!(!r.body.contains("token"), "{}", r.body);
+
+    // By a cancel: the successor's worker is told the job was cancelled.
+    let path = format!("/coordinator/jobs/{cancel_job}");
+    let r = app.post_json(&format!("{path}/cancel"), &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = app.with_token(cancel_t2, "POST", &format!("{path}/heartbeat"), b"{}");
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("job-cancelled"), "{}", r.body);
+    assert!(!r.body.contains("tokenExpiresAt"), "{}", r.body);
 }

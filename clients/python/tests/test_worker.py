@@ -75,6 +75,27 @@ def test_heartbeat_renews_the_lease_while_the_handler_runs(client: Client, queue
     assert not any(e["type"] == "progress" for e in job["events"])
 
 
+def test_a_job_outlives_its_first_token(client: Client, queue: str) -> None:
+    # scripts/client-tests.sh runs the server with 6 s job tokens: the handler runs
+    # longer, so it can report its outcome only with a token a heartbeat renewed.
+    (jid,) = queued(client, queue)
+    seen: Dict[str, Any] = {}
+
+    def handler(job: JobContext) -> str:
+        seen["first"] = job.claim.token
+        time.sleep(8.0)
+        job.progress(90, "almost")  # with the renewed token too
+        seen["client"] = job.client
+        return "ok"
+
+    w = Worker(queue, handler, client=client, handle_signals=False, heartbeat_interval=0.5)
+    assert w.run(max_jobs=1) == 1
+    job = client.get_job(jid)
+    assert job["status"] == "COMPLETED" and job["result"] == "ok", job["status"]
+    assert seen["client"].auth._token != seen["first"]
+    assert "token" not in repr(seen["client"].auth)
+
+
 def test_an_idle_worker_long_polls_and_gets_new_work(client: Client, queue: str) -> None:
     seen: List[str] = []
     w = Worker(queue, lambda job: seen.append(job.id) or "ok", client=client,

@@ -610,7 +610,9 @@ impl Client {
     }
 
     /// `POST /coordinator/jobs/{id}/heartbeat`: renews the lease. Servers without the
-    /// route answer 404/405.
+    /// route answer 404/405. Sent with a job token in the second half of its life, the
+    /// answer carries the token's successor as `token` (with `tokenExpiresAt`): act
+    /// with it from then on ([`Client::with_token`]; the [`crate::Worker`] does).
     pub fn heartbeat(&self, id: &str) -> Result<Value> {
         let path = format!("/coordinator/jobs/{}/heartbeat", encode_segment(id));
         self.call("POST", &path, Some(&json!({})), &[])

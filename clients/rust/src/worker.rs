@@ -8,9 +8,13 @@
 //! reported. Setting the [`Worker::stop_flag`] (wire it to SIGTERM, e.g. with
 //! `signal_hook::flag::register`) cancels the running job, waits `shutdown_grace` for
 //! the handler, and hands an unfinished job back to the queue instead of dropping it.
+//!
+//! A heartbeat in the second half of the job token's life gets the token's successor
+//! from the server; the job's client acts with it from then on, so a job may run longer
+//! than one token lives.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -38,7 +42,8 @@ pub struct JobContext {
     pub id: String,
     pub attempt: i64,
     pub max_attempts: i64,
-    client: Client,
+    /// Acting with the job's token; replaced when a heartbeat renews the token.
+    client: RwLock<Client>,
     cancelled: Arc<AtomicBool>,
     lost: AtomicBool,
     percent: AtomicU8,
@@ -65,7 +70,7 @@ impl JobContext {
             attempt: int("attempts", 1),
             max_attempts: int("maxAttempts", 1),
             job: claim.job,
-            client,
+            client: RwLock::new(client),
             cancelled,
             lost: AtomicBool::new(false),
             percent: AtomicU8::new(percent),
@@ -76,9 +81,18 @@ impl JobContext {
         self.job.get("payload").unwrap_or(&Value::Null)
     }
 
-    /// A client acting with this job's token.
-    pub fn client(&self) -> &Client {
-        &self.client
+    /// A client acting with this job's token (its latest renewal).
+    pub fn client(&self) -> Client {
+        self.client
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Act with `token` from now on (the successor a heartbeat handed out).
+    fn renew(&self, token: &str) {
+        let mut c = self.client.write().unwrap_or_else(PoisonError::into_inner);
+        *c = c.with_token(token);
     }
 
     /// True once the job is no longer ours or the worker is stopping.
@@ -89,7 +103,7 @@ impl JobContext {
     /// Report progress (renews the lease too). `Err(JobError::Cancelled)` when the job
     /// is no longer ours.
     pub fn progress(&self, percent: u8, message: Option<&str>) -> Result<(), JobError> {
-        match self.client.report_progress(&self.id, percent, message) {
+        match self.client().report_progress(&self.id, percent, message) {
             Ok(_) => {
                 self.percent.store(percent, Ordering::SeqCst);
                 Ok(())
@@ -308,7 +322,7 @@ impl Worker {
     }
 
     fn settle(&self, ctx: &JobContext, outcome: Option<HandlerResult>) {
-        let c = &ctx.client;
+        let c = &ctx.client();
         let id = ctx.id.as_str();
         if ctx.lost.load(Ordering::SeqCst) {
             self.note(format!("{id}: no longer ours; outcome not reported"));
@@ -352,7 +366,11 @@ fn heartbeat(
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
         let mut result = Err(Error::Invalid("no heartbeat sent".into()));
         if route.load(Ordering::SeqCst) != ROUTE_NO {
-            result = ctx.client.heartbeat(&ctx.id).map(|_| ());
+            result = ctx.client().heartbeat(&ctx.id).map(|answer| {
+                if let Some(token) = answer.get("token").and_then(Value::as_str) {
+                    ctx.renew(token);
+                }
+            });
             match &result {
                 Ok(()) => route.store(ROUTE_YES, Ordering::SeqCst),
                 Err(e)
@@ -370,7 +388,7 @@ fn heartbeat(
         if route.load(Ordering::SeqCst) == ROUTE_NO {
             let percent = ctx.percent.load(Ordering::SeqCst);
             result = ctx
-                .client
+                .client()
                 .report_progress(&ctx.id, percent, None)
                 .map(|_| ());
         }

@@ -257,6 +257,33 @@ fn heartbeat_cancellation_and_stop_hand_back() {
 
 #[test]
 #[ignore = "needs a serve --dev: scripts/client-tests.sh"]
+fn a_job_outlives_its_first_token() {
+    // scripts/client-tests.sh runs the server with 6 s job tokens: the handler runs
+    // longer, so it can report its outcome only with a token a heartbeat renewed.
+    let c = client();
+    let q = queue();
+    let id = queued(&c, &q, 1);
+    let mut w = Worker::new(c.clone(), &q);
+    w.heartbeat_interval = Duration::from_millis(500);
+    w.run(
+        move |job| {
+            std::thread::sleep(Duration::from_secs(8));
+            job.progress(90, Some("almost"))
+                .map_err(|e| JobError::Fail(format!("{e:?}")))?;
+            Ok(json!("ok"))
+        },
+        Some(1),
+        false,
+    )
+    .unwrap();
+    let job = status(&c, &id);
+    assert_eq!(job["status"], "COMPLETED", "{:?}", w.events());
+    assert_eq!(job["result"], "ok");
+    assert_eq!(job["progress"], 100);
+}
+
+#[test]
+#[ignore = "needs a serve --dev: scripts/client-tests.sh"]
 fn an_idle_worker_long_polls_and_gets_new_work() {
     let c = client();
     let q = queue();

@@ -347,8 +347,17 @@ class Client:
         cancelled job raises :class:`Conflict` with ``type``
         ``urn:coordinator:problem:job-cancelled`` (with the caller's credential or the
         job's own token); servers without the route answer 404/405
-        (:class:`NotFound`/:class:`MethodNotAllowed`)."""
-        return self._json("POST", f"/coordinator/jobs/{_seg(job_id)}/heartbeat", json={})
+        (:class:`NotFound`/:class:`MethodNotAllowed`).
+
+        Sent with a job token in the second half of its life, the answer also carries
+        the token's successor: this client acts with it from then on (so a job may run
+        longer than one token lives). The returned dict keeps ``tokenExpiresAt`` but
+        never the token itself."""
+        data = self._json("POST", f"/coordinator/jobs/{_seg(job_id)}/heartbeat", json={})
+        token = data.pop("token", None)
+        if isinstance(token, str) and token and isinstance(self.auth, BearerAuth):
+            self.auth.replace(token)
+        return data
 
     def claim(self, queue: str, worker: str, wait: Optional[float] = None) -> Optional[Claim]:
         """``POST /coordinator/queues/{queue}/claim`` [jobs:update]: the best QUEUED job,

@@ -315,5 +315,10 @@ class BearerAuth(requests.auth.AuthBase):
         r.headers["Authorization"] = f"Bearer {self._token}"
         return r
 
+    def replace(self, token: str) -> None:
+        """Act with ``token`` from now on (a renewed job token). One assignment, so a
+        request on another thread sends either the old token or the new one."""
+        self._token = token
+
     def __repr__(self) -> str:
         return "BearerAuth(...)"
