@@ -204,9 +204,12 @@ pub async fn long_claim(
 
 /// `GET /coordinator/jobs/{id}/events` as JSON.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct JobEvents {
     /// Events after `after` (or `Last-Event-ID`), oldest first, at most 1000.
     pub events: Vec<EventView>,
+    /// More events follow these: ask again with `after` set to the last one's `seq`.
+    pub has_more: bool,
 }
 
 /// Where a stream starts: `Last-Event-ID`, else `?after=`, else the beginning.
@@ -373,8 +376,9 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
         revoked when its job ends), the stream ends without sending more. An idle \
         stream gets a `: keep-alive` comment \
         every 15 s. Open streams per caller and per instance are bounded (429 with \
-        `Retry-After` beyond). Otherwise the events after `after` as JSON (at most 1000). \
-        A job token may read only its own job (else 403).",
+        `Retry-After` beyond). Otherwise the events after `after` as JSON (at most \
+        1000; `hasMore` when more follow: ask again with `after` = the last `seq`). A \
+        job token may read only its own job (else 403).",
     params(
         JobIdParam,
         ("after" = Option<i64>, Query, minimum = 0,
@@ -401,12 +405,17 @@ pub async fn job_events(
     principal.authorize_job(&id)?;
     let after = after_of(&req)?;
     if !wants_sse(&req) {
-        let (_, events) = state
+        // One more than a page: whether it is there says if more follow.
+        let (_, mut events) = state
             .db
-            .read(move |c| repo::events_after(c, &id, after, repo::EVENTS_PER_READ))
+            .read(move |c| repo::events_after(c, &id, after, repo::EVENTS_PER_READ + 1))
             .await?;
+        let page = usize::try_from(repo::EVENTS_PER_READ).unwrap_or(usize::MAX);
+        let has_more = events.len() > page;
+        events.truncate(page);
         return Ok(HttpResponse::Ok().json(JobEvents {
             events: events.into_iter().map(Into::into).collect(),
+            has_more,
         }));
     }
     let slot = state

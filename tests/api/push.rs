@@ -18,6 +18,7 @@ backend_tests!(
     wait_is_validated_and_zero_answers_at_once,
     a_stream_resumes_after_last_event_id_goes_live_and_ends_at_completed,
     events_without_accept_are_json,
+    a_page_of_events_says_whether_more_follow,
     wake_up_latency,
     a_queue_stream_sees_its_queues_events_from_either_instance,
     streams_and_waiters_are_bounded_per_caller,
@@ -338,6 +339,40 @@ fn a_stream_resumes_after_last_event_id_goes_live_and_ends_at_completed(backend:
     let rx = open_stream(&a, &format!("/coordinator/jobs/{id}/events?after=4"), None);
     let seqs: Vec<i64> = rx.iter().map(|(s, _, _)| s).collect();
     assert_eq!(seqs, vec![5, 6]);
+}
+
+fn a_page_of_events_says_whether_more_follow(backend: Backend) {
+    let Some(app) = crate::app!(backend) else {
+        return;
+    };
+    // 1 001 events: created, queued and running, 998 progress reports.
+    let id = app.running_job();
+    for i in 0..998 {
+        let r = app.patch_json(
+            &format!("/coordinator/jobs/{id}/progress"),
+            &json!({"percent": i % 100}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let path = format!("/coordinator/jobs/{id}/events");
+    let first = app.get(&path).json();
+    let seqs = |v: &Value| -> Vec<i64> {
+        v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(seqs(&first), (1..=1000).collect::<Vec<_>>());
+    assert_eq!(first["hasMore"], true);
+    let rest = app.get(&format!("{path}?after=1000")).json();
+    assert_eq!(seqs(&rest), vec![1001]);
+    assert_eq!(rest["hasMore"], false);
+    // Exactly a page left: nothing more.
+    let last = app.get(&format!("{path}?after=1")).json();
+    assert_eq!(seqs(&last).len(), 1000);
+    assert_eq!(last["hasMore"], false);
 }
 
 fn events_without_accept_are_json(backend: Backend) {
