@@ -3,6 +3,7 @@ use clap::Parser;
 use coordinator::cli::{self, env_file, Cli, CliError};
 
 fn main() -> std::process::ExitCode {
+    coordinator::db::prepare_process();
     // `.env` from the working directory only (or `--env-file`), loaded before parsing
     // because clap reads the environment; it never overrides variables that are set.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
