@@ -1302,6 +1302,13 @@ fn jobs_and_queues_commands_on(env: &Env) {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let out = client(env, &server, &svc, &["queues", "pause", "bad/name"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    // A name of dots would be normalised out of the URL (PATCH /coordinator/queues, a
+    // 404): refused before sending, naming the reason.
+    for name in ["..", "."] {
+        let out = client(env, &server, &svc, &["queues", "pause", name]);
+        assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(stderr(&out).contains("URL normalisation"), "{}", stderr(&out));
+    }
 }
 
 fn jobs_and_queues_commands_sqlite() {

@@ -103,6 +103,21 @@ def test_a_redirect_is_never_followed_and_raises(serve, status: int, creds: Dict
     assert elsewhere.seen == []  # neither the credential nor the body went there
 
 
+@pytest.mark.parametrize("queue", ["..", ".", "%2e%2E"])
+def test_a_dot_segment_is_refused_before_anything_is_sent(serve, queue: str) -> None:
+    # `..` would be normalised away: PATCH /coordinator/queues/.. became PATCH /coordinator/.
+    here = serve(lambda h: send(h, 200, b"{}"))
+    c = Client(here.url, api_key="k", retries=0)
+    with pytest.raises(ValueError, match="URL normalisation"):
+        c.request("PATCH", f"/coordinator/queues/{queue}", json={"paused": True})
+    if queue != "%2e%2E":
+        with pytest.raises(ValueError):
+            c.patch_queue(queue, paused=True)
+    assert here.seen == []
+    c.request("GET", "/a/b..c/.d?x=/../")  # dots inside a segment or the query are fine
+    assert len(here.seen) == 1
+
+
 def test_a_redirect_on_a_custom_session_is_not_followed_either(serve) -> None:
     elsewhere = serve(lambda h: send(h, 200))
     here = serve(lambda h: send(h, 307, b"", {"Location": elsewhere.url + h.path}))

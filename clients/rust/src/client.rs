@@ -216,6 +216,17 @@ fn compact(v: &Value) -> Vec<u8> {
 
 /// The absolute URL and the request target as ureq will send them (after its URL
 /// parsing): what a signature must cover.
+/// A `.` or `..` path segment (also percent-encoded): URL normalisation drops it, so
+/// the request would reach another route than the one named (`queues pause ..` would
+/// patch `/coordinator/queues`).
+fn dot_segment(path: &str) -> Option<&str> {
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    path.split('/').find(|s| {
+        let plain = s.to_ascii_lowercase().replace("%2e", ".");
+        plain == "." || plain == ".."
+    })
+}
+
 fn sent_target(req: &ureq::Request, url: &str) -> Result<(String, String)> {
     let sent = req
         .request_url()
@@ -417,6 +428,12 @@ impl Client {
         headers: &[(&str, &str)],
         credentials: Option<&Credentials>,
     ) -> Result<Response> {
+        if let Some(seg) = dot_segment(path) {
+            return Err(Error::Invalid(format!(
+                "{path}: a path segment `{seg}` would be dropped by URL normalisation \
+                 (a queue or job name cannot be only dots)"
+            )));
+        }
         let creds = credentials.unwrap_or(&self.credentials);
         let method = method.to_ascii_uppercase();
         let may_resend = matches!(method.as_str(), "GET" | "HEAD" | "OPTIONS")
@@ -779,6 +796,30 @@ mod tests {
             "?queue=ci&status=QUEUED&status=RUNNING&kind=a%20b\
              &createdAfter=2026-01-01T00%3A00%3A00%2B01%3A00&limit=10&cursor=x%2Fy%3D"
         );
+    }
+
+    #[test]
+    fn a_dot_segment_is_refused_before_anything_is_sent() {
+        // Port 9 (discard): were anything sent, the error would be a transport one.
+        let c = Client::new("http://127.0.0.1:9", Credentials::ApiKey("k".into()));
+        for queue in ["..", ".", "%2e%2E"] {
+            match c.request(
+                "PATCH",
+                &format!("/coordinator/queues/{queue}"),
+                None,
+                &[],
+                None,
+            ) {
+                Err(Error::Invalid(why)) => assert!(why.contains("dropped"), "{why}"),
+                other => panic!("{queue}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            c.patch_queue("..", Some(true), None),
+            Err(Error::Invalid(_))
+        ));
+        assert_eq!(dot_segment("/a/b..c/.d/?x=/../"), None);
+        assert_eq!(dot_segment("/a/./b"), Some("."));
     }
 
     #[test]

@@ -56,6 +56,15 @@ def _seg(s: str) -> str:
     return quote(str(s), safe="")
 
 
+def _dot_segment(path: str) -> Optional[str]:
+    """A ``.`` or ``..`` path segment (also percent-encoded): URL normalisation drops
+    it, so the request would reach another route than the one named."""
+    for seg in path.split("?", 1)[0].split("#", 1)[0].split("/"):
+        if seg.lower().replace("%2e", ".") in (".", ".."):
+            return seg
+    return None
+
+
 def retry_after_seconds(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
     """``Retry-After`` as seconds: delta-seconds or an HTTP date; ``None`` if absent or
     unreadable."""
@@ -221,6 +230,10 @@ class Client:
         serialised once, compactly, and the exact bytes are both signed and sent. The
         body is read whole, at most :data:`MAX_BODY` bytes (else
         :class:`ResponseTooLarge`)."""
+        seg = _dot_segment(path)
+        if seg is not None:
+            raise ValueError(f"{path}: a path segment {seg!r} would be dropped by URL "
+                             "normalisation (a queue or job name cannot be only dots)")
         method = method.upper()
         hdrs = dict(headers or {})
         if json is not None:
