@@ -172,6 +172,10 @@ pub enum ApiError {
     /// 503: shed before reaching the database (queue full, deadline passed).
     #[error("overloaded: {0}")]
     Overloaded(&'static str),
+    /// 503 with `Connection: close`: a body read before its request was verified, whose
+    /// place went to a peer holding fewer (`auth::throttle::Throttle::begin_body_read`).
+    #[error("overloaded: body read ended for another peer")]
+    BodyEvicted,
     #[error("internal error: {0:#}")]
     Internal(anyhow::Error),
 }
@@ -207,7 +211,9 @@ impl ApiError {
                 ("too-many-requests", "Too Many Requests")
             }
             ApiError::Unavailable(_) => ("unavailable", "Service Unavailable"),
-            ApiError::Overloaded(_) => ("overloaded", "Service Unavailable"),
+            ApiError::Overloaded(_) | ApiError::BodyEvicted => {
+                ("overloaded", "Service Unavailable")
+            }
             ApiError::Internal(_) => ("internal", "Internal Server Error"),
         }
     }
@@ -237,7 +243,9 @@ impl ApiError {
             ApiError::Unavailable(_) => {
                 "the service cannot reach its database; retry later".to_owned()
             }
-            ApiError::Overloaded(_) => "the service is overloaded; retry later".to_owned(),
+            ApiError::Overloaded(_) | ApiError::BodyEvicted => {
+                "the service is overloaded; retry later".to_owned()
+            }
             ApiError::Internal(_) => "internal error".to_owned(),
         }
     }
@@ -283,7 +291,9 @@ impl ResponseError for ApiError {
             ApiError::TooManyRequests { .. } | ApiError::Busy { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            ApiError::Unavailable(_) | ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Overloaded(_) | ApiError::BodyEvicted => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -317,6 +327,11 @@ impl ResponseError for ApiError {
                 resp.insert_header((header::ALLOW, *allow));
             }
             ApiError::RequestTimeout => {
+                resp.insert_header((header::CONNECTION, "close"));
+            }
+            // The rest of its body is not read: the connection cannot be reused.
+            ApiError::BodyEvicted => {
+                resp.insert_header((header::RETRY_AFTER, "1"));
                 resp.insert_header((header::CONNECTION, "close"));
             }
             _ => {}

@@ -26,6 +26,10 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     pub pool_connections: IntGaugeVec,
     pub revoked_tokens: IntGauge,
+    /// Bodies on their way before their requests are verified, and those whose place
+    /// went to a peer holding fewer (`auth::throttle`), set at scrape time.
+    pub unverified_body_reads: IntGauge,
+    pub unverified_body_reads_evicted: IntCounter,
     /// Push (`jobs::notify`): waiting claims and open streams now, and changes
     /// received from the database, set at scrape time.
     pub push_open: IntGaugeVec,
@@ -277,6 +281,18 @@ impl Metrics {
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(pool_connections.clone()))?;
         registry.register(Box::new(revoked_tokens.clone()))?;
+        let unverified_body_reads = IntGauge::new(
+            "unverified_body_reads",
+            "Request bodies being read before their request is verified (HMAC, RFC 9421, \
+             webhooks)",
+        )?;
+        let unverified_body_reads_evicted = IntCounter::new(
+            "unverified_body_reads_evicted_total",
+            "Such reads ended (503) to give their place to a peer holding fewer, while \
+             every place was taken",
+        )?;
+        registry.register(Box::new(unverified_body_reads.clone()))?;
+        registry.register(Box::new(unverified_body_reads_evicted.clone()))?;
         let push_open = IntGaugeVec::new(
             Opts::new(
                 "push_open",
@@ -313,6 +329,8 @@ impl Metrics {
             queue_depth,
             pool_connections,
             revoked_tokens,
+            unverified_body_reads,
+            unverified_body_reads_evicted,
             push_open,
             push_received,
             push_wakeup,

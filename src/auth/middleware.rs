@@ -184,14 +184,18 @@ async fn take_unverified_body(
         // Nothing to wait for (a signed GET): no place, no count.
         return take_body(req, limit, within).await;
     }
-    let _reading = ctx.throttle.begin_body_read(peer.ip).map_err(|r| match r {
+    let reading = ctx.throttle.begin_body_read(peer.ip).map_err(|r| match r {
         BodyReadRefused::Peer => ApiError::TooManyRequests {
             retry_after_secs: 1,
         },
         BodyReadRefused::All => ApiError::Overloaded("too many bodies on their way"),
     })?;
     admission::step_out(req.request());
-    let body = take_body(req, limit, within).await?;
+    let body = tokio::select! {
+        body = take_body(req, limit, within) => body?,
+        () = reading.evicted() => return Err(ApiError::BodyEvicted),
+    };
+    drop(reading);
     if !admission::back_in(req.request()) {
         return Err(ApiError::Overloaded("server busy"));
     }

@@ -14,11 +14,12 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio::sync::Notify;
 
 /// Most peers tracked as blocked at once (bounded memory under a spray of addresses).
 const MAX_BLOCKED: usize = 100_000;
@@ -40,32 +41,73 @@ pub const MAX_BODY_READS_PER_PEER: u32 = 32;
 pub enum BodyReadRefused {
     /// This peer already has [`MAX_BODY_READS_PER_PEER`] bodies on their way.
     Peer,
-    /// The instance has [`MAX_BODY_READS`].
+    /// The instance has [`MAX_BODY_READS`], and no peer holds more than this one.
     All,
+}
+
+/// One body on its way, as the count sees it.
+struct Reader {
+    id: u64,
+    since: Instant,
+    evict: Arc<Notify>,
 }
 
 #[derive(Default)]
 struct BodyReads {
-    per_peer: HashMap<Option<IpAddr>, u32>,
+    /// Each peer's readers, oldest first.
+    per_peer: HashMap<Option<IpAddr>, Vec<Reader>>,
     total: usize,
+    next_id: u64,
+    evicted: u64,
 }
 
-/// One body being read; counted until dropped.
+impl BodyReads {
+    /// When every place is taken: the oldest read of the peer holding the most places,
+    /// if that is more than `mine` (ties: the peer whose oldest read is oldest).
+    fn victim(&self, mine: usize) -> Option<Option<IpAddr>> {
+        self.per_peer
+            .iter()
+            .filter(|(_, readers)| readers.len() > mine)
+            .max_by_key(|(_, readers)| {
+                let oldest = readers.first().map(|r| r.since);
+                (readers.len(), std::cmp::Reverse(oldest))
+            })
+            .map(|(key, _)| *key)
+    }
+}
+
+/// One body being read; counted until dropped, or until a peer holding fewer places
+/// takes its place ([`BodyRead::evicted`]).
 pub struct BodyRead<'a> {
     throttle: &'a Throttle,
     key: Option<IpAddr>,
+    id: u64,
+    evict: Arc<Notify>,
+}
+
+impl BodyRead<'_> {
+    /// Resolves when this read's place was given to another peer: its body is then no
+    /// longer waited for.
+    pub async fn evicted(&self) {
+        self.evict.notified().await;
+    }
 }
 
 impl Drop for BodyRead<'_> {
     fn drop(&mut self) {
         if let Ok(mut r) = self.throttle.body_reads.lock() {
-            r.total = r.total.saturating_sub(1);
-            if let Some(n) = r.per_peer.get_mut(&self.key) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    r.per_peer.remove(&self.key);
-                }
+            let Some(readers) = r.per_peer.get_mut(&self.key) else {
+                return;
+            };
+            // Not there: evicted, its place already counted for another.
+            let Some(at) = readers.iter().position(|x| x.id == self.id) else {
+                return;
+            };
+            readers.remove(at);
+            if readers.is_empty() {
+                r.per_peer.remove(&self.key);
             }
+            r.total = r.total.saturating_sub(1);
         }
     }
 }
@@ -120,27 +162,58 @@ impl Throttle {
     }
 
     /// Count a body about to be read for a request not yet verified, or refuse it when
-    /// its peer (`None`: a peer without an address shares one count) or the instance
-    /// is at its bound. The count ends when the returned guard is dropped.
+    /// its peer (`None`: a peer without an address shares one count) is at its bound.
+    /// When the instance is at its bound, a peer holding fewer places than another
+    /// takes the oldest place of the peer holding the most, whose read then ends
+    /// ([`BodyRead::evicted`]); else it is refused. So a few addresses holding every
+    /// place with bodies that never finish cannot keep everyone else out. The count
+    /// ends when the returned guard is dropped.
     pub fn begin_body_read(&self, ip: Option<IpAddr>) -> Result<BodyRead<'_>, BodyReadRefused> {
         let key = ip.map(peer_key);
         let mut r = self
             .body_reads
             .lock()
             .map_err(|_poisoned| BodyReadRefused::All)?;
-        if r.total >= MAX_BODY_READS {
-            return Err(BodyReadRefused::All);
-        }
-        let n = r.per_peer.entry(key).or_insert(0);
-        if *n >= MAX_BODY_READS_PER_PEER {
+        let mine = r.per_peer.get(&key).map_or(0, Vec::len);
+        if mine >= usize::try_from(MAX_BODY_READS_PER_PEER).unwrap_or(usize::MAX) {
             return Err(BodyReadRefused::Peer);
         }
-        *n += 1;
+        if r.total >= MAX_BODY_READS {
+            let victim = r.victim(mine).ok_or(BodyReadRefused::All)?;
+            if let Some(readers) = r.per_peer.get_mut(&victim) {
+                if !readers.is_empty() {
+                    readers.remove(0).evict.notify_one();
+                }
+                if readers.is_empty() {
+                    r.per_peer.remove(&victim);
+                }
+            }
+            r.total = r.total.saturating_sub(1);
+            r.evicted = r.evicted.saturating_add(1);
+        }
+        let id = r.next_id;
+        r.next_id = r.next_id.wrapping_add(1);
+        let evict = Arc::new(Notify::new());
+        r.per_peer.entry(key).or_default().push(Reader {
+            id,
+            since: Instant::now(),
+            evict: evict.clone(),
+        });
         r.total += 1;
         Ok(BodyRead {
             throttle: self,
             key,
+            id,
+            evict,
         })
+    }
+
+    /// Bodies on their way now, and reads ended so far to give their place to a peer
+    /// holding fewer (for `/metrics`).
+    pub fn body_reads(&self) -> (usize, u64) {
+        self.body_reads
+            .lock()
+            .map_or((0, 0), |r| (r.total, r.evicted))
     }
 
     /// Seconds the peer must still wait, if it is blocked.
@@ -258,10 +331,59 @@ mod tests {
             }
             peer += 1;
         }
-        assert_eq!(t.begin_body_read(ip(999)).err(), Some(BodyReadRefused::All));
+        // The instance is full; a peer at its own bound stays refused as such.
+        assert_eq!(t.begin_body_read(ip(10)).err(), Some(BodyReadRefused::Peer));
         drop(held);
         assert!(t.begin_body_read(ip(999)).is_ok(), "every count given back");
         assert!(t.body_reads.lock().expect("lock").per_peer.is_empty());
+    }
+
+    /// Eight addresses holding every place (review finding, 2026-12-05) no longer keep
+    /// out a peer holding fewer: it takes the oldest place of a peer holding the most.
+    #[test]
+    fn a_peer_holding_fewer_takes_the_place_of_one_holding_most() {
+        let t = Throttle::new(3);
+        let ip = |i: u32| -> Option<IpAddr> { Some(IpAddr::from(std::net::Ipv4Addr::from(i))) };
+        let per = usize::try_from(MAX_BODY_READS_PER_PEER).expect("u32 fits");
+        let peers = u32::try_from(MAX_BODY_READS / per).expect("fits");
+        let mut held: Vec<BodyRead<'_>> = Vec::new();
+        for peer in 1..=peers {
+            for _ in 0..per {
+                held.push(t.begin_body_read(ip(peer)).expect("below the bound"));
+            }
+        }
+        assert_eq!(t.body_reads(), (MAX_BODY_READS, 0));
+        let evicted =
+            |r: &BodyRead<'_>| futures_util::FutureExt::now_or_never(r.evicted()).is_some();
+        assert!(!held.iter().any(evicted));
+        // A peer with none takes the oldest place of the first peer (all hold 32; its
+        // oldest read is the oldest).
+        let newcomer = t.begin_body_read(ip(1000)).expect("takes a place");
+        assert_eq!(t.body_reads(), (MAX_BODY_READS, 1));
+        let gone: Vec<usize> = (0..held.len()).filter(|&i| evicted(&held[i])).collect();
+        assert_eq!(gone, vec![0], "the oldest read of the peer holding most");
+        // Dropping the evicted read gives nothing back twice.
+        held.remove(0);
+        assert_eq!(t.body_reads().0, MAX_BODY_READS);
+        // Peer 1 now holds 31: it takes a place from a peer holding 32 (peer 2's oldest).
+        held.push(t.begin_body_read(ip(1)).expect("fewer than peer 2"));
+        assert!(evicted(&held[per - 1]), "peer 2's oldest read");
+        held.remove(per - 1);
+        drop(newcomer);
+        drop(held);
+        assert_eq!(t.body_reads().0, 0);
+        assert!(t.body_reads.lock().expect("lock").per_peer.is_empty());
+        // Every peer holding as many as the others: a peer that holds one is refused,
+        // one that holds none still takes a place.
+        let mut held: Vec<BodyRead<'_>> = (0..MAX_BODY_READS)
+            .map(|i| {
+                t.begin_body_read(ip(u32::try_from(i).expect("fits")))
+                    .expect("one each")
+            })
+            .collect();
+        assert_eq!(t.begin_body_read(ip(5)).err(), Some(BodyReadRefused::All));
+        held.push(t.begin_body_read(ip(5000)).expect("holds none"));
+        assert!(evicted(&held[0]));
     }
 
     #[test]

@@ -1307,7 +1307,11 @@ fn jobs_and_queues_commands_on(env: &Env) {
     for name in ["..", "."] {
         let out = client(env, &server, &svc, &["queues", "pause", name]);
         assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
-        assert!(stderr(&out).contains("URL normalisation"), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("URL normalisation"),
+            "{}",
+            stderr(&out)
+        );
     }
 }
 

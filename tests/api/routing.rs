@@ -28,6 +28,7 @@ backend_tests!(
     headers_are_checked_before_the_body_is_read,
     slow_bodies_get_408,
     slow_unverified_bodies_hold_no_place_verified_requests_need,
+    a_few_addresses_cannot_hold_every_body_place,
     duplicate_or_non_ascii_credential_headers_are_refused,
     webhook_idempotency_key_with_another_body_is_a_conflict,
     bodies_are_json_utf8_without_trailing_bytes_or_nul,
@@ -455,6 +456,104 @@ fn slow_bodies_get_408(b: Backend) {
 /// 70 such bodies took every place of the workers' in-flight limit (2 × 32) and every
 /// other request was answered 503. Now a request waiting for its body before it is
 /// verified holds no place, and such waits are bounded per peer (429 past it).
+/// A connection to the app from the loopback address `127.0.0.{host}`: another peer.
+fn connect_from(app: &TestApp, host: u8) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    let from = std::net::SocketAddr::from(([127, 0, 0, host], 0));
+    socket.bind(&from.into()).expect("bind a loopback address");
+    let to = std::net::SocketAddr::from(([127, 0, 0, 1], port(app)));
+    socket.connect(&to.into()).expect("connect");
+    let s = TcpStream::from(socket);
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s
+}
+
+/// Review finding (2026-12-05): eight addresses, each at its bound of 32 bodies that
+/// never finish, held all 256 places of the instance, and every signed write with a
+/// body from anyone else got 503 until they let go. Now a peer holding fewer places
+/// takes the oldest place of the peer holding the most, whose read ends in a 503.
+fn a_few_addresses_cannot_hold_every_body_place(b: Backend) {
+    use coordinator::auth::throttle::{MAX_BODY_READS, MAX_BODY_READS_PER_PEER};
+    let Some(app) = spawn_app_with(b, |c| {
+        c.body_read_timeout = Duration::from_secs(60);
+        c.auth_failures_per_minute = 1_000_000;
+    }) else {
+        return;
+    };
+    let ts = now_secs().to_string();
+    let zeros = "0".repeat(64);
+    let forged: [(&str, &str); 3] = [
+        ("X-Coordinator-Caller", app.signer.caller.as_str()),
+        ("X-Coordinator-Timestamp", &ts),
+        ("X-Coordinator-Signature", &zeros),
+    ];
+    let per = usize::try_from(MAX_BODY_READS_PER_PEER).expect("fits");
+    let hosts = u8::try_from(MAX_BODY_READS / per).expect("fits");
+    let mut stalled = Vec::new();
+    for host in 2..2 + hosts {
+        for _ in 0..per {
+            let mut s = connect_from(&app, host);
+            s.write_all(request_head("POST", "/coordinator/jobs", &forged, 100).as_bytes())
+                .expect("write");
+            s.write_all(b"{").expect("write");
+            stalled.push(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let full = Instant::now() + Duration::from_secs(10);
+    while app.state.auth.throttle.body_reads().0 < MAX_BODY_READS {
+        assert!(
+            Instant::now() < full,
+            "{:?}",
+            app.state.auth.throttle.body_reads()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Every place is held: a signed write from another address is still served.
+    for _ in 0..3 {
+        let r = app.post_json("/coordinator/jobs", &json!({"kind": "k"}));
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    // It took the place of a stalled body (the oldest of a peer holding the most),
+    // which was answered 503 and closed.
+    let answered = |s: &TcpStream| {
+        s.set_nonblocking(true).expect("nonblocking");
+        let mut byte = [0u8; 1];
+        let ready = matches!(s.peek(&mut byte), Ok(n) if n > 0);
+        s.set_nonblocking(false).expect("blocking");
+        ready
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let at = loop {
+        if let Some(at) = stalled.iter().position(answered) {
+            break at;
+        }
+        assert!(Instant::now() < deadline, "no stalled body was let go");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let r = read_response(stalled.remove(at));
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.head.contains("connection: close"), "{}", r.head);
+    assert!(r.head.contains("retry-after: 1"), "{}", r.head);
+    assert!(r.body.contains("overloaded"), "{}", r.body);
+    let metrics = app.raw("GET", "/metrics", &[], b"").body;
+    let evicted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("coordinator_unverified_body_reads_evicted_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the eviction counter");
+    assert!(evicted >= 1, "{metrics}");
+    // A stalled peer gains nothing from it: one that holds as many as the others
+    // cannot take their places (its own bound answers first).
+    let mut s = connect_from(&app, 3);
+    s.write_all(request_head("POST", "/coordinator/jobs", &forged, 100).as_bytes())
+        .expect("write");
+    let r = read_response(s);
+    assert_eq!(r.status, 429, "{}", r.body);
+}
+
 fn slow_unverified_bodies_hold_no_place_verified_requests_need(b: Backend) {
     use coordinator::auth::throttle::MAX_BODY_READS_PER_PEER;
     let Some(app) = spawn_app_with(b, |c| {
