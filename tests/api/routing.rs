@@ -456,6 +456,32 @@ fn slow_bodies_get_408(b: Backend) {
 /// 70 such bodies took every place of the workers' in-flight limit (2 × 32) and every
 /// other request was answered 503. Now a request waiting for its body before it is
 /// verified holds no place, and such waits are bounded per peer (429 past it).
+/// The headers of a signed request that pass every check made before its body is
+/// read, with no secret: a known caller, the current time, a signature of zeros.
+struct ForgedHead {
+    caller: String,
+    ts: String,
+    signature: String,
+}
+
+impl ForgedHead {
+    fn new(app: &TestApp) -> Self {
+        ForgedHead {
+            caller: app.signer.caller.clone(),
+            ts: now_secs().to_string(),
+            signature: "0".repeat(64),
+        }
+    }
+
+    fn headers(&self) -> [(&str, &str); 3] {
+        [
+            ("X-Coordinator-Caller", &self.caller),
+            ("X-Coordinator-Timestamp", &self.ts),
+            ("X-Coordinator-Signature", &self.signature),
+        ]
+    }
+}
+
 /// A connection to the app from the loopback address `127.0.0.{host}`: another peer.
 fn connect_from(app: &TestApp, host: u8) -> TcpStream {
     use socket2::{Domain, Socket, Type};
@@ -482,13 +508,8 @@ fn a_few_addresses_cannot_hold_every_body_place(b: Backend) {
     }) else {
         return;
     };
-    let ts = now_secs().to_string();
-    let zeros = "0".repeat(64);
-    let forged: [(&str, &str); 3] = [
-        ("X-Coordinator-Caller", app.signer.caller.as_str()),
-        ("X-Coordinator-Timestamp", &ts),
-        ("X-Coordinator-Signature", &zeros),
-    ];
+    let forged = ForgedHead::new(&app);
+    let forged = forged.headers();
     let per = usize::try_from(MAX_BODY_READS_PER_PEER).expect("fits");
     let hosts = u8::try_from(MAX_BODY_READS / per).expect("fits");
     let mut stalled = Vec::new();
@@ -564,13 +585,8 @@ fn slow_unverified_bodies_hold_no_place_verified_requests_need(b: Backend) {
         return;
     };
     let key = app.api_key("operator", &[Scope::HealthRead]);
-    let ts = now_secs().to_string();
-    let zeros = "0".repeat(64);
-    let forged: [(&str, &str); 3] = [
-        ("X-Coordinator-Caller", app.signer.caller.as_str()),
-        ("X-Coordinator-Timestamp", &ts),
-        ("X-Coordinator-Signature", &zeros),
-    ];
+    let forged = ForgedHead::new(&app);
+    let forged = forged.headers();
     let slow = |n: usize| -> Vec<TcpStream> {
         (0..n)
             .map(|_| {
