@@ -512,6 +512,8 @@ fn a_few_addresses_cannot_hold_every_body_place(b: Backend) {
     let forged = forged.headers();
     let per = usize::try_from(MAX_BODY_READS_PER_PEER).expect("fits");
     let hosts = u8::try_from(MAX_BODY_READS / per).expect("fits");
+    // One at a time, each waiting for its body before the next is sent: together
+    // they would also meet the door's in-flight limit while their heads are checked.
     let mut stalled = Vec::new();
     for host in 2..2 + hosts {
         for _ in 0..per {
@@ -520,18 +522,19 @@ fn a_few_addresses_cannot_hold_every_body_place(b: Backend) {
                 .expect("write");
             s.write_all(b"{").expect("write");
             stalled.push(s);
+            let waiting = Instant::now() + Duration::from_secs(10);
+            while app.state.auth.throttle.body_reads().0 < stalled.len() {
+                assert!(
+                    Instant::now() < waiting,
+                    "{} sent, {:?} waiting for their bodies",
+                    stalled.len(),
+                    app.state.auth.throttle.body_reads()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    let full = Instant::now() + Duration::from_secs(10);
-    while app.state.auth.throttle.body_reads().0 < MAX_BODY_READS {
-        assert!(
-            Instant::now() < full,
-            "{:?}",
-            app.state.auth.throttle.body_reads()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert_eq!(app.state.auth.throttle.body_reads().0, MAX_BODY_READS);
     // Every place is held: a signed write from another address is still served.
     for _ in 0..3 {
         let r = app.post_json("/coordinator/jobs", &json!({"kind": "k"}));
