@@ -38,6 +38,8 @@ pub enum Held {
         attempt: i32,
         /// `exp`, seconds since the epoch.
         expires_at: i64,
+        /// `iat`, seconds since the epoch: with `exp`, the lifetime a renewal keeps.
+        issued_at: i64,
         /// The worker it names (`sub`), for a renewal (`auth::token::renewal_due`).
         worker: String,
     },

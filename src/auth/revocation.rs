@@ -63,10 +63,22 @@ pub const DEFAULT_REVOCATION_MS: i64 = 24 * 3600 * 1000;
 
 /// Parse an optional RFC 3339 expiry (must lie in the future), default now + 24 h. A
 /// later expiry is capped at now + 24 h: no job token lives longer, so a revocation
-/// never needs to, and the revocation set cannot be filled with ids kept for ever.
-pub fn revocation_expiry(raw: Option<&str>, field: &str) -> Result<i64, ApiError> {
+/// never needs to, and the revocation set cannot be filled with ids kept for ever. An
+/// earlier one is raised to now + `token_ttl` + 1 s: a heartbeat may have renewed the
+/// token just before (until the revocation reaches every instance, within a second),
+/// and that successor, with the same id, outlives the token's own `exp` by up to its
+/// lifetime (review finding, 2026-12-06: a revocation "until the token's exp" let the
+/// successor work again after that time).
+pub fn revocation_expiry(
+    raw: Option<&str>,
+    field: &str,
+    token_ttl: std::time::Duration,
+) -> Result<i64, ApiError> {
     let now = now_millis();
     let longest = now.saturating_add(DEFAULT_REVOCATION_MS);
+    let shortest = now
+        .saturating_add(i64::try_from(token_ttl.as_millis()).unwrap_or(i64::MAX))
+        .saturating_add(1000);
     match raw {
         None => Ok(longest),
         Some(s) => {
@@ -78,7 +90,7 @@ pub fn revocation_expiry(raw: Option<&str>, field: &str) -> Result<i64, ApiError
             if t <= now {
                 return Err(ApiError::bad_request(field, "must be in the future"));
             }
-            Ok(t.min(longest))
+            Ok(t.max(shortest).min(longest))
         }
     }
 }

@@ -268,35 +268,46 @@ fn mint(
     Ok(t)
 }
 
-/// A job token that a heartbeat renews: one with less than half of `ttl` left.
+/// A job token that a heartbeat renews: one with less than half of its own lifetime
+/// left.
 #[derive(Debug)]
 pub struct Renewal {
     caller: String,
     worker: String,
     attempt: i32,
     jti: String,
+    /// The token's own lifetime (`exp - iat`), which its successor keeps.
+    lifetime: Duration,
 }
 
-/// Is `principal` a job token due for renewal (less than half of the configured
-/// lifetime left)? A job's run is then not capped by its token's lifetime: each
-/// heartbeat in a token's second half hands out its successor.
-pub fn renewal_due(principal: &Principal, ttl: Duration, now_ms: i64) -> Option<Renewal> {
+/// Is `principal` a job token due for renewal (less than half of its lifetime left)?
+/// A job's run is then not capped by its token's lifetime: each heartbeat in a token's
+/// second half hands out its successor, which lives as long as the token was made to
+/// (a claim's token `COORDINATOR_TOKEN_TTL_SECS`, one from `token issue --ttl` that).
+pub fn renewal_due(principal: &Principal, now_ms: i64) -> Option<Renewal> {
     let Held::Token {
         jti,
         attempt,
         expires_at,
+        issued_at,
         worker,
     } = &principal.held
     else {
         return None;
     };
-    let half_ms = i64::try_from(ttl.min(MAX_TTL).as_millis() / 2).unwrap_or(i64::MAX);
+    let secs = u64::try_from(expires_at.saturating_sub(*issued_at)).ok()?;
+    let lifetime = Duration::from_secs(secs).min(MAX_TTL);
+    if lifetime.is_zero() {
+        return None;
+    }
+    let half_ms = i64::try_from(lifetime.as_millis() / 2).unwrap_or(i64::MAX);
     let left_ms = expires_at.saturating_mul(1000).saturating_sub(now_ms);
     (left_ms < half_ms).then(|| Renewal {
         caller: principal.caller.clone(),
         worker: worker.clone(),
         attempt: *attempt,
         jti: jti.clone(),
+        lifetime,
     })
 }
 
@@ -311,7 +322,6 @@ pub fn heartbeat_renewing(
     id: &JobId,
     lease_ms: i64,
     renewal: &Renewal,
-    ttl: Duration,
 ) -> Result<(i64, IssuedToken), StoreError> {
     use diesel::Connection;
     conn.transaction(|conn| {
@@ -323,7 +333,7 @@ pub fn heartbeat_renewing(
             worker: &renewal.worker,
             jti: Some(&renewal.jti),
         };
-        Ok((until, mint(conn, keys, &grant, ttl)?))
+        Ok((until, mint(conn, keys, &grant, renewal.lifetime)?))
     })
 }
 
@@ -470,6 +480,12 @@ pub async fn verify_header(
                 _ => fail("invalid token"),
             })?;
     let claims = data.claims;
+    // The library compares whole seconds, so a token would pass for the whole second
+    // of its `exp`, while its revocation ends at `exp` to the millisecond: a revoked
+    // token worked again for up to a second (review finding, 2026-12-06).
+    if claims.exp.saturating_mul(1000) <= now_millis() {
+        return Err(fail("expired"));
+    }
     audit.worker = Some(claims.sub.clone());
     audit.key_ref = Some(claims.jti.clone());
     let Some(caller) = claims.cal.clone() else {
@@ -517,6 +533,7 @@ pub async fn verify_header(
             jti: claims.jti.clone(),
             attempt: claims.att,
             expires_at: claims.exp,
+            issued_at: claims.iat,
             worker: claims.sub,
         },
         key_ref: Some(claims.jti),

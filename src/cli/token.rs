@@ -51,9 +51,14 @@ pub struct RevokeArgs {
     /// The token id (`jti` claim).
     pub jti: String,
     /// Keep the revocation until then (RFC 3339; default now + 24 h, the longest a
-    /// token can live).
+    /// token can live). An earlier time is raised to now + the token lifetime + 1 s:
+    /// a token renewed by a heartbeat outlives its first `exp`.
     #[arg(long)]
     pub expires_at: Option<String>,
+    /// The lifetime of the servers' job tokens (as they are configured).
+    #[arg(long, env = "COORDINATOR_TOKEN_TTL_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub token_ttl_secs: u64,
     #[command(flatten)]
     pub store: StoreArgs,
     #[command(flatten)]
@@ -114,8 +119,12 @@ fn revoke(a: RevokeArgs) -> anyhow::Result<()> {
     if !revocation::valid_jti(&a.jti) {
         anyhow::bail!("the token id must be 1-128 printable characters");
     }
-    let expires_at = revocation::revocation_expiry(a.expires_at.as_deref(), "--expires-at")
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let expires_at = revocation::revocation_expiry(
+        a.expires_at.as_deref(),
+        "--expires-at",
+        Duration::from_secs(a.token_ttl_secs),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let db = a.store.open()?;
     revocation::revoke_in_db(&db, &a.jti, expires_at).map_err(|e| store_error(e, "token"))?;
     if a.output.json {

@@ -62,7 +62,11 @@ pub async fn revoke_token(
             "must be 1-128 printable characters",
         ));
     }
-    let expires_at = revocation::revocation_expiry(body.expires_at.as_deref(), "expiresAt")?;
+    let expires_at = revocation::revocation_expiry(
+        body.expires_at.as_deref(),
+        "expiresAt",
+        state.config.token_ttl,
+    )?;
     state
         .auth
         .revocations

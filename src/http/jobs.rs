@@ -530,9 +530,9 @@ pub async fn retry(
         frequent heartbeat does not grow the job's history. Only while RUNNING: a \
         cancelled job is a 409 of type `urn:coordinator:problem:job-cancelled`, any other \
         status a 409 `conflict`. A job token may renew only its own job (else 403). Sent \
-        with a job token that has less than half of `COORDINATOR_TOKEN_TTL_SECS` left, \
-        the answer also carries the token's successor (`token`, `tokenExpiresAt`; same \
-        id, job and attempt, so a run is not capped by a token's lifetime). The body is \
+        with a job token that has less than half of its lifetime left, the answer also \
+        carries the token's successor (`token`, `tokenExpiresAt`; same id, job, attempt \
+        and lifetime, so a run is not capped by a token's lifetime). The body is \
         ignored.",
     params(JobIdParam),
     responses(
@@ -549,8 +549,7 @@ pub async fn heartbeat(
     let id = JobId::parse(&id, "id")?;
     principal.authorize_job(&id)?;
     let lease_ms = state.config.lease_ms();
-    let ttl = state.config.token_ttl;
-    let Some(renewal) = token::renewal_due(&principal, ttl, crate::db::now_millis()) else {
+    let Some(renewal) = token::renewal_due(&principal, crate::db::now_millis()) else {
         let attempt = principal.token_attempt();
         let until = state
             .db
@@ -566,7 +565,7 @@ pub async fn heartbeat(
     let keys = state.auth.store.token_keys().await?;
     let (until, renewed) = state
         .db
-        .write(move |conn| token::heartbeat_renewing(conn, &keys, &id, lease_ms, &renewal, ttl))
+        .write(move |conn| token::heartbeat_renewing(conn, &keys, &id, lease_ms, &renewal))
         .await?;
     Ok(HttpResponse::Ok()
         .insert_header((actix_web::http::header::CACHE_CONTROL, "no-store"))

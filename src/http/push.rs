@@ -79,6 +79,33 @@ async fn fresh<T>(state: &AppState, f: impl std::future::Future<Output = T>) -> 
     crate::db::load::with_deadline(Instant::now() + state.config.request_deadline, f).await
 }
 
+/// Attempts of a stream's read while the database sheds load, and the first pause
+/// between them (doubled each time: 50, 100, 200, 400 ms).
+const STREAM_READ_TRIES: u32 = 5;
+const STREAM_READ_PAUSE: Duration = Duration::from_millis(50);
+
+/// A stream's read (with a fresh deadline), tried again while the database sheds load
+/// (503 `overloaded`). A burst of changes wakes every stream at once and each reads;
+/// ending every stream the shedding touches would send all their clients back at the
+/// same moment, a reconnect storm made of the same burst. Other errors end at once.
+async fn stream_read<T, F, Fut>(state: &AppState, mut read: F) -> ApiResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ApiResult<T>>,
+{
+    let mut pause = STREAM_READ_PAUSE;
+    for _ in 1..STREAM_READ_TRIES {
+        match fresh(state, read()).await {
+            Err(ApiError::Overloaded(_)) if !state.notifier.is_closing() => {
+                actix_web::rt::time::sleep(pause).await;
+                pause = pause.saturating_mul(2);
+            }
+            other => return other,
+        }
+    }
+    fresh(state, read()).await
+}
+
 /// One claim attempt in a task of its own, so that a client that goes away while it
 /// runs (actix drops the handler) does not take the job with it: the job goes back to
 /// QUEUED at once.
@@ -285,14 +312,16 @@ async fn read_after(
     id: &JobId,
     after: i64,
 ) -> ApiResult<(JobStatus, Vec<EventRow>)> {
-    let id = id.clone();
-    Ok(fresh(
-        state,
-        state
-            .db
-            .read(move |c| repo::events_after(c, &id, after, EVENTS_PER_CHUNK)),
-    )
-    .await?)
+    stream_read(state, || {
+        let id = id.clone();
+        async move {
+            Ok(state
+                .db
+                .read(move |c| repo::events_after(c, &id, after, EVENTS_PER_CHUNK))
+                .await?)
+        }
+    })
+    .await
 }
 
 async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)> {
@@ -477,9 +506,10 @@ struct QueueStream {
 /// (a job then seen again may have events since the stream opened sent twice).
 const QUEUE_JOBS_TRACKED: usize = 10_000;
 
-/// `event: dropped` then the end: the consumer fell too far behind.
-fn dropped(missed: u64) -> Bytes {
-    let data = serde_json::json!({"reason": "slow consumer", "missed": missed});
+/// `event: dropped` then the end: the consumer fell too far behind (`slow consumer`),
+/// or the server could not read what changed (`server busy`).
+fn dropped(reason: &str, missed: u64) -> Bytes {
+    let data = serde_json::json!({"reason": reason, "missed": missed});
     Bytes::from(format!("event: dropped\ndata: {data}\n\n"))
 }
 
@@ -526,7 +556,7 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
     if let Some(n) = lagged {
         log::info!("push: queue stream of {} dropped (slow consumer)", s.queue);
         s.done = true;
-        return Some((Ok(dropped(n)), s));
+        return Some((Ok(dropped("slow consumer", n)), s));
     }
     let mut out = String::new();
     // One range per job: up to its newest change named here, after what was sent.
@@ -559,18 +589,24 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
         out.push_str(&format!("event: queue\ndata: {data}\n\n"));
     }
     if !ranges.is_empty() {
-        let read = fresh(
-            &s.state,
-            s.state
-                .db
-                .read(move |c| repo::events_in_ranges(c, &ranges, EVENTS_PER_CHUNK)),
-        )
+        let state = s.state.clone();
+        let read = stream_read(&s.state, || {
+            let (state, ranges) = (state.clone(), ranges.clone());
+            async move {
+                Ok(state
+                    .db
+                    .read(move |c| repo::events_in_ranges(c, &ranges, EVENTS_PER_CHUNK))
+                    .await?)
+            }
+        })
         .await;
         let events = match read {
             Ok(e) => e,
             Err(e) => {
+                // Said, not silent: the consumer re-reads the queue (no replay here).
                 log::warn!("push: queue stream of {} ended: {e}", s.queue);
-                return None;
+                s.done = true;
+                return Some((Ok(dropped("server busy", 0)), s));
             }
         };
         if s.sent.len() + events.len() > QUEUE_JOBS_TRACKED {

@@ -488,6 +488,7 @@ pub fn events_after(
 /// What a queue stream reads of one job: its events up to `upto`, after `after` when
 /// the stream has sent that one, else those written since `since` (ms; the stream's
 /// start), oldest first, at most `limit`.
+#[derive(Debug, Clone)]
 pub struct EventRange {
     pub job_id: String,
     pub after: Option<i64>,

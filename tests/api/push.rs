@@ -21,6 +21,7 @@ backend_tests!(
     a_page_of_events_says_whether_more_follow,
     wake_up_latency,
     a_queue_stream_sees_its_queues_events_from_either_instance,
+    a_burst_that_sheds_stream_reads_ends_no_stream_silently,
     streams_and_waiters_are_bounded_per_caller,
     an_open_stream_ends_once_its_credential_no_longer_holds,
     a_waiting_claim_takes_no_job_once_its_caller_is_disabled,
@@ -530,6 +531,77 @@ fn next_event(rx: &mpsc::Receiver<Sse>) -> (String, Value) {
         Ok(Sse::Event(e, d)) => (e, d),
         other => panic!("expected an event, got {other:?}"),
     }
+}
+
+/// Review finding (2026-12-06): a burst of changes woke every queue stream at once,
+/// the database shed some of their reads (503 `overloaded`), and each such stream
+/// ended without a word (37–44 of 64 in the review; a queue stream has no replay, so
+/// each consumer must notice and re-read). Now a shed read is tried again, and a
+/// stream that still cannot read says so with `event: dropped` before it ends.
+fn a_burst_that_sheds_stream_reads_ends_no_stream_silently(backend: Backend) {
+    // One read connection: the streams' reads queue up behind each other.
+    let Some(app) = crate::helpers::spawn_app_with(backend, |c| c.db.pool_size = 1) else {
+        return;
+    };
+    let streams: Vec<_> = (0..48)
+        .map(|_| {
+            sse(
+                &app.url(""),
+                &app.signer,
+                "/coordinator/queues/burst/events",
+            )
+            .expect("opens")
+        })
+        .collect();
+    let jobs: Vec<String> = (0..5)
+        .map(|_| {
+            let id = pending(&app, "burst");
+            to_queued(&app, &id);
+            let r = app.patch_json(
+                &format!("/coordinator/jobs/{id}/status"),
+                &json!({"status": "RUNNING"}),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+            id
+        })
+        .collect();
+    let message = "m".repeat(2000);
+    for i in 0..40 {
+        for id in &jobs {
+            let r = app.patch_json(
+                &format!("/coordinator/jobs/{id}/progress"),
+                &json!({"percent": i + 1, "message": message}),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+    }
+    // 5 × (created, QUEUED, RUNNING) + 200 progress reports.
+    let all = 215;
+    let (mut complete, mut told) = (0, 0);
+    for rx in &streams {
+        let mut seen = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Sse::Event(kind, _)) if kind == "dropped" => {
+                    told += 1;
+                    break;
+                }
+                Ok(Sse::Event(kind, _)) if kind == "queue" => {}
+                Ok(Sse::Event(_, _)) => {
+                    seen += 1;
+                    if seen == all {
+                        complete += 1;
+                        break;
+                    }
+                }
+                other => panic!("a stream ended without a word after {seen} events: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(complete + told, streams.len());
+    eprintln!("{complete} streams saw every event, {told} were told they were dropped");
 }
 
 fn a_queue_stream_sees_its_queues_events_from_either_instance(backend: Backend) {

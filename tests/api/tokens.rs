@@ -20,6 +20,9 @@ backend_tests!(
     a_revoked_job_token_is_no_failed_guess,
     a_heartbeat_renews_a_token_in_its_second_half,
     a_renewed_token_is_revoked_with_its_predecessor,
+    a_token_is_refused_from_its_exp_to_the_millisecond,
+    a_renewal_keeps_the_tokens_own_lifetime,
+    a_revocation_outlives_any_successor,
 );
 
 fn a_requeued_job_refuses_the_previous_workers_token(b: Backend) {
@@ -540,4 +543,92 @@ fn a_renewed_token_is_revoked_with_its_predecessor(b: Backend) {
     assert_eq!(r.status, 409, "{}", r.body);
     assert!(r.body.contains("job-cancelled"), "{}", r.body);
     assert!(!r.body.contains("tokenExpiresAt"), "{}", r.body);
+}
+
+fn rfc3339_ms(v: &Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(v.as_str().expect("a timestamp"))
+        .expect("RFC 3339")
+        .timestamp_millis()
+}
+
+/// Review finding (2026-12-06): the token library compares whole seconds, so a token
+/// passed for the whole second of its `exp`, while its revocation ended at `exp` to
+/// the millisecond: a finished job's token read the job again for up to a second.
+fn a_token_is_refused_from_its_exp_to_the_millisecond(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.token_ttl = Duration::from_secs(2))
+    else {
+        return;
+    };
+    let (id, claim) = app.claimed_job("exp-ms");
+    let token = claim["token"].as_str().unwrap();
+    let exp = rfc3339_ms(&claim["tokenExpiresAt"]);
+    let path = format!("/coordinator/jobs/{id}");
+    let r = app.with_token(token, "POST", &format!("{path}/complete"), b"{}");
+    assert_eq!(r.status, 200, "{}", r.body);
+    // From before its exp until well past it, it never reads the job again.
+    while coordinator::db::now_millis() < exp + 1300 {
+        let r = app.with_token(token, "GET", &path, b"");
+        assert_eq!(
+            r.status,
+            401,
+            "{} ms after exp: {}",
+            coordinator::db::now_millis() - exp,
+            r.body
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Review finding (2026-12-06): a 5-minute token from `token issue --ttl` came back
+/// from its first heartbeat as a 1-hour token (the server's TTL). A successor keeps
+/// the lifetime its token was made with.
+fn a_renewal_keeps_the_tokens_own_lifetime(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let (id, _) = app.claimed_job("own-ttl");
+    let short = app.job_token(&id, "debugger", Duration::from_secs(2));
+    let beat = format!("/coordinator/jobs/{id}/heartbeat");
+    let r = app.with_token(&short, "POST", &beat, b"{}");
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Claimed at most a second ago, with 2 s to live: maybe already in its second half.
+    let successor = match r.json()["tokenExpiresAt"].clone() {
+        Value::Null => {
+            std::thread::sleep(Duration::from_millis(1100));
+            let r = app.with_token(&short, "POST", &beat, b"{}");
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["tokenExpiresAt"].clone()
+        }
+        v => v,
+    };
+    let left = rfc3339_ms(&successor) - coordinator::db::now_millis();
+    assert!(
+        (0..=2000).contains(&left),
+        "the successor lives {left} ms, not 2 s"
+    );
+}
+
+/// An operator revoking a token's id "until the token's exp" would let a successor
+/// renewed just before work again after that time: an earlier expiry is raised to
+/// now + the token lifetime + 1 s.
+fn a_revocation_outlives_any_successor(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.token_ttl = Duration::from_secs(60))
+    else {
+        return;
+    };
+    let soon = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let soon = soon.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let r = app.post_json(
+        "/admin/tokens/revoke",
+        &json!({"jti": "j-soon", "expiresAt": soon}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let kept = rfc3339_ms(&r.json()["expiresAt"]) - coordinator::db::now_millis();
+    assert!(kept >= 60_000, "kept only {kept} ms");
+    // Later than that is kept as asked.
+    let later = chrono::Utc::now() + chrono::Duration::hours(2);
+    let later_s = later.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let r = app.post_json(
+        "/admin/tokens/revoke",
+        &json!({"jti": "j-later", "expiresAt": later_s}),
+    );
+    assert_eq!(rfc3339_ms(&r.json()["expiresAt"]), later.timestamp_millis());
 }
