@@ -250,3 +250,20 @@ def test_a_key_version_is_ascii_digits(version: str) -> None:
         Client.from_env(env)
     env["COORDINATOR_KEY_VERSION"] = "3"
     assert "key_version=3" in repr(Client.from_env(env).auth)
+
+
+def test_a_worker_heartbeats_often_enough_for_a_short_lease_or_token() -> None:
+    from coordinator_client import Worker
+
+    w = Worker("q", lambda job: None, client=Client("http://127.0.0.1:9", api_key="k"),
+               handle_signals=False)
+    job = {"id": "j", "startedAt": "2026-12-06T01:00:00.000Z",
+           "leaseExpiresAt": "2026-12-06T01:00:30.000Z"}
+    short_token = Claim(job=job, token="t", token_expires_at="2026-12-06T01:00:06.000Z")
+    assert w.beat_interval(short_token) == 1.5  # a quarter of the token's 6 s
+    long_token = Claim(job=job, token="t", token_expires_at="2026-12-06T02:00:00.000Z")
+    assert w.beat_interval(long_token) == 10.0  # a third of the 30 s lease
+    w.heartbeat_interval = 2.0
+    assert w.beat_interval(long_token) == 2.0  # never longer than configured
+    odd = Claim(job={"id": "j"}, token="t", token_expires_at="not a time")
+    assert w.beat_interval(odd) == 2.0

@@ -1,9 +1,10 @@
 //! [`Worker`]: claim jobs from a queue and run a handler on each.
 //!
 //! While the handler runs, a heartbeat thread renews the lease (`POST …/heartbeat`
-//! where the server has it, else a progress report). `Ok(result)` completes the job;
-//! `Err(JobError::Fail)` fails it; `Err(JobError::Retry)` hands it back while attempts
-//! remain. When the server says the job is no longer ours (409/401/403/404 on a
+//! where the server has it, else a progress report) every `heartbeat_interval`, or
+//! more often when the job's lease or token is short ([`Worker::beat_interval`]).
+//! `Ok(result)` completes the job; `Err(JobError::Fail)` fails it;
+//! `Err(JobError::Retry)` hands it back while attempts remain. When the server says the job is no longer ours (409/401/403/404 on a
 //! heartbeat), [`JobContext::is_cancelled`] turns true and the outcome is not
 //! reported. Setting the [`Worker::stop_flag`] (wire it to SIGTERM, e.g. with
 //! `signal_hook::flag::register`) cancels the running job, waits `shutdown_grace` for
@@ -172,6 +173,33 @@ impl Worker {
         }
     }
 
+    /// `heartbeat_interval`, shortened for this job so that its lease (a third of it)
+    /// and its job token (a quarter of its lifetime) are renewed in time. Both lengths
+    /// come from the server's own timestamps (`startedAt` to `leaseExpiresAt` and to
+    /// `tokenExpiresAt`), so this host's clock does not matter.
+    pub fn beat_interval(&self, claim: &Claim) -> Duration {
+        let at = |v: Option<&str>| {
+            v.and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                .map(|t| t.timestamp_millis())
+        };
+        let mut interval = self.heartbeat_interval;
+        let Some(started) = at(claim.job.get("startedAt").and_then(Value::as_str)) else {
+            return interval;
+        };
+        let lease = at(claim.job.get("leaseExpiresAt").and_then(Value::as_str));
+        let token = at(Some(claim.token_expires_at.as_str()));
+        for (end, share) in [(lease, 3), (token, 4)] {
+            let Some(ms) = end.and_then(|e| u64::try_from(e - started).ok()) else {
+                continue;
+            };
+            if ms > 0 {
+                let part = Duration::from_millis(ms / share).max(Duration::from_millis(100));
+                interval = interval.min(part);
+            }
+        }
+        interval
+    }
+
     /// Set it to stop the loop (what SIGTERM should do).
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
@@ -281,13 +309,13 @@ impl Worker {
         F: Fn(&JobContext) -> HandlerResult + Send + Sync + 'static,
     {
         let cancelled = Arc::new(AtomicBool::new(false));
+        let interval = self.beat_interval(&claim);
         let token_client = self.client.with_token(&claim.token);
         let ctx = Arc::new(JobContext::new(claim, token_client, cancelled.clone()));
 
         let (beat_stop, beat_rx) = mpsc::channel::<()>();
         let beat = {
             let ctx = ctx.clone();
-            let interval = self.heartbeat_interval;
             let route = self.heartbeat_route.clone();
             let log = self.log.clone();
             std::thread::spawn(move || heartbeat(&ctx, interval, &route, &beat_rx, &log))
@@ -407,5 +435,49 @@ fn heartbeat(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Credentials;
+    use serde_json::json;
+
+    #[test]
+    fn a_worker_heartbeats_often_enough_for_a_short_lease_or_token() {
+        let client = Client::new("http://127.0.0.1:9", Credentials::ApiKey("k".into()));
+        let mut w = Worker::new(client, "q");
+        let job = json!({
+            "id": "j",
+            "startedAt": "2026-12-06T01:00:00.000Z",
+            "leaseExpiresAt": "2026-12-06T01:00:30.000Z",
+        });
+        let claim = |token_expires_at: &str| Claim {
+            job: job.clone(),
+            token: "t".into(),
+            token_expires_at: token_expires_at.into(),
+        };
+        // A quarter of the token's 6 s; a third of the 30 s lease; never above the
+        // configured interval; only that when the times do not parse.
+        assert_eq!(
+            w.beat_interval(&claim("2026-12-06T01:00:06.000Z")),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            w.beat_interval(&claim("2026-12-06T02:00:00.000Z")),
+            Duration::from_secs(10)
+        );
+        w.heartbeat_interval = Duration::from_secs(2);
+        assert_eq!(
+            w.beat_interval(&claim("2026-12-06T02:00:00.000Z")),
+            Duration::from_secs(2)
+        );
+        let odd = Claim {
+            job: json!({"id": "j"}),
+            token: "t".into(),
+            token_expires_at: "not a time".into(),
+        };
+        assert_eq!(w.beat_interval(&odd), Duration::from_secs(2));
     }
 }

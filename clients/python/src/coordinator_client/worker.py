@@ -9,7 +9,8 @@
 Each claim is a long poll (``long_poll`` seconds, default 20): the server answers as
 soon as a job is claimable, so an idle worker neither spins nor sleeps past new work.
 While the handler runs, a heartbeat thread renews the lease (``POST …/heartbeat``
-where the server has it, else a progress report). The handler's return value completes
+where the server has it, else a progress report) every ``heartbeat_interval`` seconds,
+or more often when the job's lease or token is short (:meth:`Worker.beat_interval`). The handler's return value completes
 the job; an exception fails it, or hands it back to the queue when it is a
 :class:`Retry` (or one of ``retry_on``) and attempts remain. When the server says the
 job is no longer ours (cancelled, requeued, ended: 409/401/403/404 on a heartbeat),
@@ -27,6 +28,7 @@ import signal
 import socket
 import threading
 import time
+from datetime import datetime
 from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 from .client import Claim, Client, Job
@@ -206,6 +208,22 @@ class Worker:
 
     # ---- one job --------------------------------------------------------------------
 
+    def beat_interval(self, claim: Claim) -> float:
+        """``heartbeat_interval``, shortened for this job so that its lease (a third of
+        it) and its job token (a quarter of its lifetime) are renewed in time. Both
+        lengths come from the server's own timestamps (``startedAt`` to
+        ``leaseExpiresAt`` and to ``tokenExpiresAt``), so this host's clock does not
+        matter."""
+        started = _epoch(claim.job.get("startedAt"))
+        interval = self.heartbeat_interval
+        if started is None:
+            return interval
+        for until, share in ((claim.job.get("leaseExpiresAt"), 3), (claim.token_expires_at, 4)):
+            end = _epoch(until)
+            if end is not None and end > started:
+                interval = min(interval, max(0.1, (end - started) / share))
+        return interval
+
     def process(self, claim: Claim) -> None:
         ctx = JobContext(claim, self.client.with_token(claim.token))
         done = threading.Event()
@@ -219,7 +237,8 @@ class Worker:
             finally:
                 done.set()
 
-        beat = threading.Thread(target=self._heartbeat, args=(ctx, done), daemon=True,
+        beat = threading.Thread(target=self._heartbeat,
+                                args=(ctx, done, self.beat_interval(claim)), daemon=True,
                                 name=f"heartbeat-{ctx.id}")
         work = threading.Thread(target=target, daemon=True, name=f"job-{ctx.id}")
         beat.start()
@@ -264,8 +283,8 @@ class Worker:
         except CoordinatorError as e:
             log.warning("reporting job %s failed: %s (the lease will requeue it)", ctx.id, e)
 
-    def _heartbeat(self, ctx: JobContext, done: threading.Event) -> None:
-        while not done.wait(self.heartbeat_interval):
+    def _heartbeat(self, ctx: JobContext, done: threading.Event, interval: float) -> None:
+        while not done.wait(interval):
             try:
                 if self.heartbeat_route is not False:
                     try:
@@ -283,6 +302,16 @@ class Worker:
                 return
             except CoordinatorError as e:
                 log.warning("heartbeat for job %s failed: %s", ctx.id, e)
+
+
+def _epoch(stamp: Any) -> Optional[float]:
+    """An RFC 3339 timestamp of the server (``…Z``) as seconds since the epoch."""
+    if not isinstance(stamp, str) or not stamp:
+        return None
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _describe(e: BaseException) -> str:
