@@ -8,6 +8,34 @@ use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
 
+/// The query string's parameters, each named in `known` and given at most once (400
+/// naming the parameter otherwise: a hostile or confused client must not get one of
+/// two values silently). Returns the value of each known parameter that was given.
+pub fn query_params<'k>(
+    req: &HttpRequest,
+    known: &[&'k str],
+) -> Result<Vec<(&'k str, String)>, ApiError> {
+    let pairs = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+        .map_err(|e| ApiError::bad_request("query", format!("malformed query string ({e})")))?
+        .into_inner();
+    let mut out: Vec<(&'k str, String)> = Vec::with_capacity(pairs.len());
+    for (k, v) in pairs {
+        let Some(name) = known.iter().find(|n| **n == k) else {
+            let detail = if known.is_empty() {
+                "unknown query parameter (this route takes none)".to_owned()
+            } else {
+                format!("unknown query parameter (known: {})", known.join(", "))
+            };
+            return Err(ApiError::bad_request(k, detail));
+        };
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(ApiError::bad_request(k, "given more than once"));
+        }
+        out.push((name, v));
+    }
+    Ok(out)
+}
+
 /// A JSON body, read up to the configured body limit (413 above it) and deserialized
 /// with the path of the failing field, so a 400 names it. An empty body reads as `{}`
 /// when `T` allows it.

@@ -48,22 +48,17 @@ fn busy(r: Refused, stream: bool) -> ApiError {
 
 /// The long-poll wait of a claim: the body's `wait`, else `?wait=`, else none.
 pub fn wait_of(req: &HttpRequest, body: Option<f64>) -> ApiResult<Duration> {
-    let raw = match body {
-        Some(w) => Some(w),
-        None => {
-            let pairs = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
-                .map_err(|e| {
-                    ApiError::bad_request("query", format!("malformed query string ({e})"))
-                })?
-                .into_inner();
-            match pairs.iter().find(|(k, _)| k == "wait") {
+    let pairs = crate::http::extract::query_params(req, &["wait"])?;
+    let raw =
+        match body {
+            Some(w) => Some(w),
+            None => match pairs.first() {
                 Some((_, v)) => Some(v.parse::<f64>().map_err(|e| {
                     ApiError::bad_request("wait", format!("must be a number ({e})"))
                 })?),
                 None => None,
-            }
-        }
-    };
+            },
+        };
     match raw {
         None => Ok(Duration::ZERO),
         Some(w) if w.is_finite() && (0.0..=MAX_WAIT_SECS).contains(&w) => {
@@ -248,16 +243,21 @@ fn after_of(req: &HttpRequest) -> ApiResult<i64> {
             .filter(|n| *n >= 0)
             .ok_or_else(|| ApiError::bad_request(field, "must be an event seq (0 or more)"))
     };
-    if let Some(h) = req.headers().get("last-event-id") {
+    let pairs = crate::http::extract::query_params(req, &["after"])?;
+    let mut ids = req.headers().get_all("last-event-id");
+    if let Some(h) = ids.next() {
+        if ids.next().is_some() {
+            return Err(ApiError::bad_request(
+                "Last-Event-ID",
+                "given more than once",
+            ));
+        }
         let v = h.to_str().map_err(|e| {
             ApiError::bad_request("Last-Event-ID", format!("must be an event seq ({e})"))
         })?;
         return parse(v, "Last-Event-ID");
     }
-    let pairs = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
-        .map_err(|e| ApiError::bad_request("query", format!("malformed query string ({e})")))?
-        .into_inner();
-    match pairs.iter().find(|(k, _)| k == "after") {
+    match pairs.first() {
         Some((_, v)) => parse(v, "after"),
         None => Ok(0),
     }
@@ -677,7 +677,9 @@ pub async fn queue_events(
     state: web::Data<AppState>,
     principal: Principal,
     queue: web::Path<String>,
+    req: HttpRequest,
 ) -> ApiResult<HttpResponse> {
+    crate::http::extract::query_params(&req, &[])?;
     let queue = queue.into_inner();
     if queue != crate::jobs::notify::ALL_QUEUES {
         crate::jobs::request::validate_queue(&queue, "queue")?;

@@ -218,6 +218,15 @@ fn wait_is_validated_and_zero_answers_at_once(backend: Backend) {
         &json!({"worker": "w"}),
     );
     r.problem(400);
+    // Given twice, or a parameter the route does not know: 400 naming it, never one
+    // of the values picked silently.
+    for (query, field) in [("wait=1&wait=0", "wait"), ("wiat=1", "wiat")] {
+        let r = app.post_json(
+            &format!("/coordinator/queues/v/claim?{query}"),
+            &json!({"worker": "w", "wait": 0}),
+        );
+        assert_eq!(r.problem(400)["field"], field, "{query}");
+    }
     let t = Instant::now();
     let r = app.post_json(
         "/coordinator/queues/v/claim?wait=0",
@@ -396,6 +405,30 @@ fn events_without_accept_are_json(backend: Backend) {
     assert_eq!(r.json()["events"].as_array().unwrap().len(), 1);
     app.get(&format!("/coordinator/jobs/{id}/events?after=-1"))
         .problem(400);
+    for (query, field) in [("after=1&after=0", "after"), ("afer=1", "afer")] {
+        let r = app.get(&format!("/coordinator/jobs/{id}/events?{query}"));
+        assert_eq!(r.problem(400)["field"], field, "{query}");
+    }
+    let key = app.api_key("reader", &[Scope::JobsRead, Scope::HealthRead]);
+    // Two Last-Event-ID headers (the HTTP client here would merge them: a raw request).
+    let addr = app.url("").trim_start_matches("http://").to_owned();
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let head = format!(
+        "GET /coordinator/jobs/{id}/events HTTP/1.1\r\nHost: x\r\nX-API-Key: {key}\r\n\
+         Last-Event-ID: 1\r\nLast-Event-ID: 0\r\nConnection: close\r\n\r\n"
+    );
+    std::io::Write::write_all(&mut s, head.as_bytes()).expect("write");
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut s, &mut answer).expect("read");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains(r#""field":"Last-Event-ID""#), "{answer}");
+    let r = app.raw(
+        "GET",
+        "/coordinator/queues/q/events?after=1",
+        &[("X-API-Key", &key), ("Accept", "text/event-stream")],
+        b"",
+    );
+    assert_eq!(r.problem(400)["field"], "after");
     app.get("/coordinator/jobs/0190a6e2-0000-7000-8000-000000000000/events")
         .problem(404);
     // A job token reads its own job's events, not another's.
