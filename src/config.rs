@@ -477,17 +477,19 @@ pub struct PushArgs {
     #[arg(long, env = "COORDINATOR_MAX_WAITING_CLAIMS", default_value_t = crate::jobs::notify::MAX_WAITING_CLAIMS)]
     pub max_waiting_claims: usize,
 
-    /// Long-poll claims one caller may have waiting at once on this instance.
-    #[arg(long, env = "COORDINATOR_MAX_WAITING_CLAIMS_PER_CALLER", default_value_t = crate::jobs::notify::MAX_WAITING_CLAIMS_PER_CALLER)]
-    pub max_waiting_claims_per_caller: usize,
+    /// Long-poll claims one caller may have waiting at once on this instance (default
+    /// 256, or the instance's bound when that is lower).
+    #[arg(long, env = "COORDINATOR_MAX_WAITING_CLAIMS_PER_CALLER")]
+    pub max_waiting_claims_per_caller: Option<usize>,
 
     /// Event streams (job and queue) open at once on this instance (beyond: 429).
     #[arg(long, env = "COORDINATOR_MAX_STREAMS", default_value_t = crate::jobs::notify::MAX_STREAMS)]
     pub max_streams: usize,
 
-    /// Event streams one caller may have open at once on this instance.
-    #[arg(long, env = "COORDINATOR_MAX_STREAMS_PER_CALLER", default_value_t = crate::jobs::notify::MAX_STREAMS_PER_CALLER)]
-    pub max_streams_per_caller: usize,
+    /// Event streams one caller may have open at once on this instance (default 64, or
+    /// the instance's bound when that is lower).
+    #[arg(long, env = "COORDINATOR_MAX_STREAMS_PER_CALLER")]
+    pub max_streams_per_caller: Option<usize>,
 }
 
 impl PushArgs {
@@ -508,13 +510,17 @@ impl PushArgs {
         Ok(crate::jobs::notify::PushLimits {
             waiting,
             streams,
+            // Unset, a per-caller bound follows a lower instance bound down: lowering
+            // only the instance's bound must not make the default refuse to start.
             waiting_per_caller: check(
-                self.max_waiting_claims_per_caller,
+                self.max_waiting_claims_per_caller
+                    .unwrap_or(crate::jobs::notify::MAX_WAITING_CLAIMS_PER_CALLER.min(waiting)),
                 "COORDINATOR_MAX_WAITING_CLAIMS_PER_CALLER",
                 waiting,
             )?,
             streams_per_caller: check(
-                self.max_streams_per_caller,
+                self.max_streams_per_caller
+                    .unwrap_or(crate::jobs::notify::MAX_STREAMS_PER_CALLER.min(streams)),
                 "COORDINATOR_MAX_STREAMS_PER_CALLER",
                 streams,
             )?,
@@ -866,6 +872,40 @@ impl Config {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    /// Review finding (2026-12-06): `COORDINATOR_MAX_STREAMS=32` alone was refused,
+    /// naming `COORDINATOR_MAX_STREAMS_PER_CALLER` (its default, 64, above 32).
+    #[test]
+    fn a_lower_instance_bound_lowers_an_unset_per_caller_one() {
+        let push = |waiting, streams, per_caller: Option<usize>| PushArgs {
+            max_waiting_claims: waiting,
+            max_waiting_claims_per_caller: per_caller,
+            max_streams: streams,
+            max_streams_per_caller: per_caller,
+        };
+        let l = push(100, 32, None)
+            .validate()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((l.waiting_per_caller, l.streams_per_caller), (100, 32));
+        let l = push(100_000, 100_000, None)
+            .validate()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((l.waiting_per_caller, l.streams_per_caller), (256, 64));
+        let l = push(100, 32, Some(8))
+            .validate()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((l.waiting_per_caller, l.streams_per_caller), (8, 8));
+        // Set above the instance's bound: still refused, naming the variable.
+        let e = push(100, 32, Some(40))
+            .validate()
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.contains("COORDINATOR_MAX_STREAMS_PER_CALLER")),
+            "{e:?}"
+        );
+    }
 
     /// `Debug` of the argument structs (e.g. in a log line or a panic message) never
     /// shows a key or a database password.

@@ -201,6 +201,20 @@ try {
   await page.screenshot({ path: `${shots}/health.png`, fullPage: true });
   step('health view');
 
+  // With --metrics-bind, /metrics on this port is refused (401): the page must not ask
+  // again every few seconds, spending the address's budget of failed attempts.
+  let metricsAsked = 0;
+  await page.route('**/metrics', (route) => {
+    metricsAsked += 1;
+    return route.fulfill({ status: 401, contentType: 'application/problem+json', body: '{}' });
+  });
+  await page.reload();
+  await page.locator('#health-fields').waitFor({ timeout: 5000 });
+  await page.waitForTimeout(7000); // two more refreshes of the health view
+  assert.equal(metricsAsked, 1, `a refused /metrics is asked once per page load (${metricsAsked})`);
+  await page.unroute('**/metrics');
+  step('a refused /metrics is not asked for again');
+
   // Keyboard: the nav links and the key form are reachable with Tab.
   await page.goto(`${base}/ui/#/jobs`);
   await page.locator('#jobs-table tr[data-id]').first().waitFor();

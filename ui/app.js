@@ -596,11 +596,19 @@
     await load();
   }
 
-  /** /metrics is an open route: the auth outcome counters come from there. */
+  /** /metrics is an open route: the auth outcome counters come from there. With
+   *  `--metrics-bind` it is served elsewhere and this port answers 401: asked again
+   *  every few seconds, that would spend the address's budget of failed attempts
+   *  (shared by everyone behind the same proxy), so after a refusal it is not asked
+   *  again until the page is reloaded. */
+  let metricsServedHere = true;
   async function metricsText() {
+    if (!metricsServedHere) return '';
     try {
       const r = await fetch(new URL('metrics', ROOT), { credentials: 'omit', cache: 'no-store' });
-      return r.ok ? await r.text() : '';
+      if (r.ok) return await r.text();
+      if (r.status === 401 || r.status === 403 || r.status === 404) metricsServedHere = false;
+      return '';
     } catch (_) {
       return '';
     }

@@ -227,7 +227,14 @@ fn dev_bootstrap(config: &crate::config::Config) -> anyhow::Result<()> {
         config.master_key_previous.as_deref().cloned(),
     )?;
     let path = dev::credentials_path();
-    let url = format!("http://{}", config.bind);
+    // The scheme the listener speaks: `call`, `jobs` and `queues` send the file's
+    // credentials only to the file's URL.
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let url = format!("{scheme}://{}", config.bind);
     match dev::ensure_dev_caller(&db, &sealer, &url, &path)? {
         Some(text) => {
             // Shown once, when created; later starts only point to the file.

@@ -607,7 +607,7 @@ impl Db {
         let read = mk(cfg.pool_size);
         let (write, read_gate, write_gate) = match cfg.url.backend() {
             // The SQLite writer commits a whole batch of queued writes at once, so its
-            // queue is as deep as the read pool's (513 by default); the gate's delay
+            // queue is as deep as the read pool's (528 by default); the gate's delay
             // watch bounds the time they wait.
             Backend::Sqlite => (
                 mk(1),

@@ -516,17 +516,22 @@ impl Drop for Server {
     }
 }
 
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 fn serve(env: &Env) -> Server {
     serve_with(env, &[])
 }
 
 /// `serve` with these variables set as well.
 fn serve_with(env: &Env, vars: &[(&str, &str)]) -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let bind = format!("127.0.0.1:{port}");
     let child = env
         .cmd(&["serve", "--bind", &bind, "--workers", "1"])
@@ -754,11 +759,7 @@ fn call_never_mixes_credential_sources() {
 /// A credential about to go to another machine over plain http gets a warning.
 fn call_warns_before_sending_a_credential_over_plain_http_to_another_host() {
     let env = Env::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let key = ApiKey::generate();
     let out = env
         .bare()
@@ -778,11 +779,7 @@ fn call_warns_before_sending_a_credential_over_plain_http_to_another_host() {
 
 /// Run `serve --dev` in `dir` until it listens, then stop it; its stdout and stderr.
 fn serve_dev_once(dir: &Path) -> (String, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let bind = format!("127.0.0.1:{port}");
     let (out, err) = (dir.join("serve.out"), dir.join("serve.err"));
     let mut child = Command::new(BIN)
@@ -920,6 +917,49 @@ fn a_master_key_file_readable_by_others_gets_a_warning() {
     assert!(!err.contains("warning"), "{err}");
 }
 
+/// Review finding (2026-12-06): `serve --dev` with a certificate wrote an `http://`
+/// URL into the dev credentials, so `call` spoke HTTP to a TLS listener and could not
+/// be pointed at the `https://` one (the file's credentials go only to its URL).
+fn serve_dev_with_tls_writes_an_https_url() {
+    let env = Env::new();
+    let port = free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let (cert, key) = (tls_fixture("server.pem"), tls_fixture("server.key"));
+    let mut child = env
+        .bare()
+        .args(["serve", "--dev", "--bind", &bind, "--workers", "1"])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let file = env.dir.path().join(".coordinator/dev-credentials.env");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(&bind).is_err() || !file.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = kv(&std::fs::read_to_string(&file).unwrap())["COORDINATOR_URL"].clone();
+    let ca = tls_fixture("ca.pem");
+    let out = env
+        .bare()
+        .args(["call", "GET", "/coordinator/health", "--ca-file"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(url, format!("https://{bind}"));
+    let body = check(out, &["call over https with the dev credentials"]);
+    assert!(body.contains("\"ok\""), "{body}");
+}
+
 fn dev_flag_uses_the_dev_state() {
     let env = Env::new();
     let dev = |args: &[&str]| {
@@ -983,6 +1023,15 @@ fn tokens_issue_revoke_and_rotate() {
     let token = issued["token"].as_str().unwrap().to_owned();
     let jti = issued["jti"].as_str().unwrap().to_owned();
     assert_eq!(get(&token), 200);
+    // Longer than a token may live: refused (exit 2), not cut short.
+    let out = env
+        .cmd(&[
+            "token", "issue", "--job", &job, "--worker", "w1", "--ttl", "25h",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("24h"), "{}", stderr(&out));
     // KEY=value output for scripts.
     let text = kv(&env.ok(&["token", "issue", "--job", &job, "--worker", "w2"]));
     assert_eq!(get(&text["COORDINATOR_JOB_TOKEN"]), 200);
@@ -1495,6 +1544,7 @@ crate::plain_tests!(
     serve_dev_shows_credentials_once_and_keeps_its_state_private,
     a_master_key_file_readable_by_others_gets_a_warning,
     dev_flag_uses_the_dev_state,
+    serve_dev_with_tls_writes_an_https_url,
     readme_shows_the_signing_examples_verbatim,
     tokens_issue_revoke_and_rotate,
     jobs_and_queues_commands_sqlite,
