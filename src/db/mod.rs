@@ -159,6 +159,43 @@ impl DatabaseUrl {
         }
     }
 
+    /// The connection string libpq gets: the URL with bounds on the network added,
+    /// unless it names them itself. `connect_timeout` (the pool's wait, at least the
+    /// 2 s libpq allows): a host that does not answer would otherwise hold a pool
+    /// thread in `PQconnectdb` for good. TCP keepalives (idle 10 s, then 3 probes 5 s
+    /// apart) and `tcp_user_timeout` (20 s for sent data to be acknowledged): an
+    /// established connection whose peer vanished (a failed-over address, a host that
+    /// froze) fails within about half a minute instead of after the kernel's ~15 min of
+    /// retransmissions, is discarded by the pool, and its request answered 503. None of
+    /// this touches a slow query: the server acknowledges what it is sent. Unix sockets
+    /// ignore them.
+    pub fn pg_conninfo(&self, connect_timeout: Duration) -> String {
+        let secs = connect_timeout.as_secs().max(2);
+        let given = |name: &str| {
+            let query = self.target.split_once('?').map_or("", |(_, q)| q);
+            query
+                .split('&')
+                .any(|pair| pair.split_once('=').map_or(pair, |(k, _)| k) == name)
+        };
+        let mut out = self.target.clone();
+        for (name, value) in [
+            ("connect_timeout", secs.to_string()),
+            ("keepalives", "1".to_owned()),
+            ("keepalives_idle", "10".to_owned()),
+            ("keepalives_interval", "5".to_owned()),
+            ("keepalives_count", "3".to_owned()),
+            ("tcp_user_timeout", "20000".to_owned()),
+        ] {
+            if !given(name) {
+                out.push(if out.contains('?') { '&' } else { '?' });
+                out.push_str(name);
+                out.push('=');
+                out.push_str(&value);
+            }
+        }
+        out
+    }
+
     /// The `sslmode` the URL asks for, if any.
     pub fn sslmode(&self) -> Option<String> {
         (self.backend == Backend::Postgres)
@@ -242,6 +279,8 @@ pub struct Conn {
 /// Opens the variant matching the URL and applies per-connection SQLite pragmas.
 pub struct ConnectionManager {
     url: DatabaseUrl,
+    /// What libpq connects with (`DatabaseUrl::pg_conninfo`); empty for SQLite.
+    conninfo: String,
     busy_timeout: Duration,
     synchronous_full: bool,
     /// The pool's shared health: a failed connection attempt trips it.
@@ -252,6 +291,10 @@ impl ConnectionManager {
     pub fn new(cfg: &DbConfig) -> Self {
         ConnectionManager {
             url: cfg.url.clone(),
+            conninfo: match cfg.url.backend {
+                Backend::Postgres => cfg.url.pg_conninfo(cfg.timeout),
+                Backend::Sqlite => String::new(),
+            },
             busy_timeout: cfg.sqlite_busy_timeout,
             synchronous_full: cfg.sqlite_synchronous_full,
             health: None,
@@ -261,7 +304,7 @@ impl ConnectionManager {
     pub fn establish(&self) -> Result<DbConnection, diesel::ConnectionError> {
         match self.url.backend {
             Backend::Postgres => {
-                PgConnection::establish(&self.url.target).map(DbConnection::Postgresql)
+                PgConnection::establish(&self.conninfo).map(DbConnection::Postgresql)
             }
             Backend::Sqlite => {
                 let mut c = SqliteConnection::establish(&self.url.target)?;
@@ -1417,6 +1460,30 @@ mod tests {
         assert!(DatabaseUrl::parse("./x.db").is_err());
         assert!(DatabaseUrl::parse("sqlite://").is_err());
         assert!(DatabaseUrl::parse("sqlite::memory:").is_err());
+    }
+
+    #[test]
+    fn libpq_gets_network_bounds_the_url_does_not_set() {
+        let info = |url: &str| {
+            DatabaseUrl::parse(url)
+                .map(|u| u.pg_conninfo(Duration::from_secs(5)))
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            info("postgres://u@db/c"),
+            "postgres://u@db/c?connect_timeout=5&keepalives=1&keepalives_idle=10&\
+             keepalives_interval=5&keepalives_count=3&tcp_user_timeout=20000"
+        );
+        // What the URL sets stays; the rest is added after it.
+        let own = info("postgres://u@db/c?sslmode=require&keepalives_idle=60&tcp_user_timeout=0");
+        assert!(own.starts_with("postgres://u@db/c?sslmode=require&keepalives_idle=60&tcp_user_timeout=0&connect_timeout=5&keepalives=1&keepalives_interval=5"), "{own}");
+        assert_eq!(own.matches("keepalives_idle").count(), 1, "{own}");
+        assert_eq!(own.matches("tcp_user_timeout").count(), 1, "{own}");
+        // libpq's smallest connect_timeout is 2 s.
+        let quick = DatabaseUrl::parse("postgres://u@db/c")
+            .map(|u| u.pg_conninfo(Duration::from_millis(500)))
+            .unwrap_or_default();
+        assert!(quick.contains("connect_timeout=2&"), "{quick}");
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub const QUEUE_STREAM_BUFFER: usize = 256;
 pub const ALL_QUEUES: &str = "*";
 /// How often the PostgreSQL listener drains its socket (no server round trip).
 pub const PG_DRAIN: Duration = Duration::from_millis(5);
+/// How long the PostgreSQL listener waits for its connection to be established.
+const LISTENER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How often the PostgreSQL listener checks its connection with a query.
 pub const PG_PING: Duration = Duration::from_secs(5);
 /// How often the SQLite watcher asks whether another connection committed.
@@ -570,7 +573,13 @@ pub fn start_listener(notifier: &Arc<Notifier>, db: &crate::db::Db, url: &crate:
     let spawned = std::thread::Builder::new()
         .name("coordinator-listen".into())
         .spawn(move || match url.backend() {
-            crate::db::Backend::Postgres => pg_listen(&weak, url.target(), outgoing.as_ref()),
+            // With the network bounds of the pool's connections (`pg_conninfo`): a
+            // listener whose peer vanished would otherwise wait on it for minutes.
+            crate::db::Backend::Postgres => pg_listen(
+                &weak,
+                &url.pg_conninfo(LISTENER_CONNECT_TIMEOUT),
+                outgoing.as_ref(),
+            ),
             crate::db::Backend::Sqlite => sqlite_watch(&weak, url.target()),
         });
     if let Err(e) = spawned {
