@@ -191,11 +191,13 @@ async fn take_unverified_body(
         BodyReadRefused::All => ApiError::Overloaded("too many bodies on their way"),
     })?;
     admission::step_out(req.request());
+    let arriving = std::time::Instant::now();
     let body = tokio::select! {
         body = take_body(req, limit, within) => body?,
         () = reading.evicted() => return Err(ApiError::BodyEvicted),
     };
     drop(reading);
+    crate::db::load::extend_deadline(arriving.elapsed());
     if !admission::back_in(req.request()) {
         return Err(ApiError::Overloaded("server busy"));
     }

@@ -303,17 +303,26 @@ impl Gate {
 
 tokio::task_local! {
     /// The instant after which the current request is no longer sent to the database.
-    static DEADLINE: Instant;
+    static DEADLINE: std::cell::Cell<Instant>;
 }
 
 /// The current request's deadline, if the request runs under [`deadline`].
 pub fn current_deadline() -> Option<Instant> {
-    DEADLINE.try_with(|d| *d).ok()
+    DEADLINE.try_with(std::cell::Cell::get).ok()
 }
 
 /// Run `f` with this deadline (tests and callers outside a request).
 pub async fn with_deadline<F: std::future::Future>(at: Instant, f: F) -> F::Output {
-    DEADLINE.scope(at, f).await
+    DEADLINE.scope(std::cell::Cell::new(at), f).await
+}
+
+/// Move the current request's deadline later by `by`: the time its body took to arrive
+/// before the request could be verified. A body on its way is no work of the server's,
+/// so a slow upload must not use up the budget meant for waiting on the database (a
+/// review saw every signed 200 KB create at 50 KB/s answered 503 `overloaded`, which a
+/// client retries on the same slow link for ever).
+pub fn extend_deadline(by: Duration) {
+    let _ = DEADLINE.try_with(|d| d.set(d.get() + by));
 }
 
 /// Middleware (outermost): stamp the request with `now + request_deadline`, measured
@@ -324,7 +333,10 @@ pub async fn deadline(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
     DEADLINE
-        .scope(Instant::now() + budget, next.call(req))
+        .scope(
+            std::cell::Cell::new(Instant::now() + budget),
+            next.call(req),
+        )
         .await
 }
 

@@ -29,6 +29,7 @@ backend_tests!(
     slow_bodies_get_408,
     slow_unverified_bodies_hold_no_place_verified_requests_need,
     a_few_addresses_cannot_hold_every_body_place,
+    a_slow_signed_upload_does_not_use_up_the_request_deadline,
     duplicate_or_non_ascii_credential_headers_are_refused,
     webhook_idempotency_key_with_another_body_is_a_conflict,
     bodies_are_json_utf8_without_trailing_bytes_or_nul,
@@ -576,6 +577,36 @@ fn a_few_addresses_cannot_hold_every_body_place(b: Backend) {
         .expect("write");
     let r = read_response(s);
     assert_eq!(r.status, 429, "{}", r.body);
+}
+
+/// Review finding (2026-12-06): the request deadline (time allowed before the
+/// database is reached) counted the time a signed request's body took to arrive, so a
+/// 200 KB create at 50 KB/s was always answered 503 `overloaded`, and a client retried
+/// it on the same slow link for ever. The body's arrival no longer counts.
+fn a_slow_signed_upload_does_not_use_up_the_request_deadline(b: Backend) {
+    let Some(app) = spawn_app_with(b, |c| c.request_deadline = Duration::from_millis(300)) else {
+        return;
+    };
+    let body = serde_json::to_vec(&json!({"kind": "slow", "payload": {"pad": "x".repeat(3000)}}))
+        .expect("json");
+    let headers = app
+        .signer
+        .headers("POST", "/coordinator/jobs", &body, now_secs());
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain([("Content-Type", "application/json")])
+        .collect();
+    let mut s = connect(&app);
+    s.write_all(request_head("POST", "/coordinator/jobs", &headers, body.len()).as_bytes())
+        .expect("write");
+    // The body in ten pieces over about a second: three times the deadline.
+    for piece in body.chunks(body.len() / 10 + 1) {
+        s.write_all(piece).expect("write");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = read_response(s);
+    assert_eq!(r.status, 201, "{}", r.body);
 }
 
 fn slow_unverified_bodies_hold_no_place_verified_requests_need(b: Backend) {
