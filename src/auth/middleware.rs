@@ -128,6 +128,16 @@ pub async fn take_body(
     limit: usize,
     within: Duration,
 ) -> Result<Bytes, ApiError> {
+    take_body_watched(req, limit, within, || {}).await
+}
+
+/// [`take_body`], calling `progressed` as each piece of the body arrives.
+async fn take_body_watched(
+    req: &mut ServiceRequest,
+    limit: usize,
+    within: Duration,
+    progressed: impl Fn(),
+) -> Result<Bytes, ApiError> {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -151,6 +161,7 @@ pub async fn take_body(
             if buf.len().saturating_add(chunk.len()) > limit {
                 return Err(ApiError::TooLarge);
             }
+            progressed();
             buf.extend_from_slice(&chunk);
         }
         Ok(buf.freeze())
@@ -193,7 +204,7 @@ async fn take_unverified_body(
     admission::step_out(req.request());
     let arriving = std::time::Instant::now();
     let body = tokio::select! {
-        body = take_body(req, limit, within) => body?,
+        body = take_body_watched(req, limit, within, || reading.progressed()) => body?,
         () = reading.evicted() => return Err(ApiError::BodyEvicted),
     };
     drop(reading);

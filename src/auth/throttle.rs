@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,7 +50,14 @@ pub enum BodyReadRefused {
 struct Reader {
     id: u64,
     since: Instant,
-    evict: Arc<Notify>,
+    shared: Arc<ReadShared>,
+}
+
+/// What a read and the count share: the signal that ends it, and when its last bytes
+/// came (ms since the throttle's epoch).
+struct ReadShared {
+    evict: Notify,
+    progress_ms: AtomicU64,
 }
 
 #[derive(Default)]
@@ -62,17 +70,18 @@ struct BodyReads {
 }
 
 impl BodyReads {
-    /// When every place is taken: the oldest read of the peer holding the most places,
-    /// if that is more than `mine` (ties: the peer whose oldest read is oldest).
-    fn victim(&self, mine: usize) -> Option<Option<IpAddr>> {
+    /// When every place is taken: of the peers holding more places than `mine`, the
+    /// read whose bytes stopped coming longest ago (ties: the oldest read). A body
+    /// that keeps arriving, however slowly, is chosen only after every stalled one;
+    /// choosing the oldest read instead cut honest uploads off mid-body while stalled
+    /// ones, reopened at once, were always newer (review finding, 2026-12-06).
+    fn victim(&self, mine: usize) -> Option<(Option<IpAddr>, u64)> {
         self.per_peer
             .iter()
             .filter(|(_, readers)| readers.len() > mine)
-            .max_by_key(|(_, readers)| {
-                let oldest = readers.first().map(|r| r.since);
-                (readers.len(), std::cmp::Reverse(oldest))
-            })
-            .map(|(key, _)| *key)
+            .flat_map(|(key, readers)| readers.iter().map(move |r| (key, r)))
+            .min_by_key(|(_, r)| (r.shared.progress_ms.load(Ordering::Relaxed), r.since))
+            .map(|(key, r)| (*key, r.id))
     }
 }
 
@@ -82,14 +91,21 @@ pub struct BodyRead<'a> {
     throttle: &'a Throttle,
     key: Option<IpAddr>,
     id: u64,
-    evict: Arc<Notify>,
+    shared: Arc<ReadShared>,
 }
 
 impl BodyRead<'_> {
     /// Resolves when this read's place was given to another peer: its body is then no
     /// longer waited for.
     pub async fn evicted(&self) {
-        self.evict.notified().await;
+        self.shared.evict.notified().await;
+    }
+
+    /// More of the body came: this read is not stalled.
+    pub fn progressed(&self) {
+        self.shared
+            .progress_ms
+            .store(self.throttle.ms_since_epoch(), Ordering::Relaxed);
     }
 }
 
@@ -146,6 +162,8 @@ pub struct Throttle {
     clock: DefaultClock,
     blocked: Mutex<HashMap<IpAddr, Instant>>,
     body_reads: Mutex<BodyReads>,
+    /// Zero of the body reads' progress times.
+    epoch: Instant,
 }
 
 impl Throttle {
@@ -158,6 +176,7 @@ impl Throttle {
             clock: DefaultClock::default(),
             blocked: Mutex::new(HashMap::new()),
             body_reads: Mutex::new(BodyReads::default()),
+            epoch: Instant::now(),
         }
     }
 
@@ -179,10 +198,10 @@ impl Throttle {
             return Err(BodyReadRefused::Peer);
         }
         if r.total >= MAX_BODY_READS {
-            let victim = r.victim(mine).ok_or(BodyReadRefused::All)?;
+            let (victim, victim_id) = r.victim(mine).ok_or(BodyReadRefused::All)?;
             if let Some(readers) = r.per_peer.get_mut(&victim) {
-                if !readers.is_empty() {
-                    readers.remove(0).evict.notify_one();
+                if let Some(at) = readers.iter().position(|x| x.id == victim_id) {
+                    readers.remove(at).shared.evict.notify_one();
                 }
                 if readers.is_empty() {
                     r.per_peer.remove(&victim);
@@ -193,19 +212,26 @@ impl Throttle {
         }
         let id = r.next_id;
         r.next_id = r.next_id.wrapping_add(1);
-        let evict = Arc::new(Notify::new());
+        let shared = Arc::new(ReadShared {
+            evict: Notify::new(),
+            progress_ms: AtomicU64::new(self.ms_since_epoch()),
+        });
         r.per_peer.entry(key).or_default().push(Reader {
             id,
             since: Instant::now(),
-            evict: evict.clone(),
+            shared: shared.clone(),
         });
         r.total += 1;
         Ok(BodyRead {
             throttle: self,
             key,
             id,
-            evict,
+            shared,
         })
+    }
+
+    fn ms_since_epoch(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Bodies on their way now, and reads ended so far to give their place to a peer
@@ -338,6 +364,37 @@ mod tests {
         assert!(t.body_reads.lock().expect("lock").per_peer.is_empty());
     }
 
+    /// Peers 0.0.0.1, 0.0.0.2, … each at its bound until every place is held, oldest
+    /// first.
+    fn every_place_held(t: &Throttle) -> Vec<BodyRead<'_>> {
+        let per = usize::try_from(MAX_BODY_READS_PER_PEER).expect("u32 fits");
+        let peers = u32::try_from(MAX_BODY_READS / per).expect("fits");
+        let mut held = Vec::new();
+        for peer in 1..=peers {
+            for _ in 0..per {
+                let ip = Some(IpAddr::from(std::net::Ipv4Addr::from(peer)));
+                held.push(t.begin_body_read(ip).expect("below the bound"));
+            }
+        }
+        held
+    }
+
+    /// A body that keeps arriving is chosen only after every stalled one: a follow-up
+    /// review cut honest uploads off mid-body because they were the oldest reads.
+    #[test]
+    fn a_read_that_keeps_arriving_is_spared() {
+        let t = Throttle::new(3);
+        let ip = |i: u32| -> Option<IpAddr> { Some(IpAddr::from(std::net::Ipv4Addr::from(i))) };
+        let held = every_place_held(&t);
+        std::thread::sleep(Duration::from_millis(5));
+        held[0].progressed();
+        let evicted =
+            |r: &BodyRead<'_>| futures_util::FutureExt::now_or_never(r.evicted()).is_some();
+        let _newcomer = t.begin_body_read(ip(1000)).expect("takes a place");
+        assert!(!evicted(&held[0]), "the read that keeps arriving stays");
+        assert!(evicted(&held[1]), "the stalest read goes");
+    }
+
     /// Eight addresses holding every place (review finding, 2026-12-05) no longer keep
     /// out a peer holding fewer: it takes the oldest place of a peer holding the most.
     #[test]
@@ -345,13 +402,7 @@ mod tests {
         let t = Throttle::new(3);
         let ip = |i: u32| -> Option<IpAddr> { Some(IpAddr::from(std::net::Ipv4Addr::from(i))) };
         let per = usize::try_from(MAX_BODY_READS_PER_PEER).expect("u32 fits");
-        let peers = u32::try_from(MAX_BODY_READS / per).expect("fits");
-        let mut held: Vec<BodyRead<'_>> = Vec::new();
-        for peer in 1..=peers {
-            for _ in 0..per {
-                held.push(t.begin_body_read(ip(peer)).expect("below the bound"));
-            }
-        }
+        let mut held = every_place_held(&t);
         assert_eq!(t.body_reads(), (MAX_BODY_READS, 0));
         let evicted =
             |r: &BodyRead<'_>| futures_util::FutureExt::now_or_never(r.evicted()).is_some();

@@ -29,6 +29,7 @@ backend_tests!(
     slow_bodies_get_408,
     slow_unverified_bodies_hold_no_place_verified_requests_need,
     a_few_addresses_cannot_hold_every_body_place,
+    an_upload_that_keeps_arriving_outlasts_stalled_ones,
     a_slow_signed_upload_does_not_use_up_the_request_deadline,
     duplicate_or_non_ascii_credential_headers_are_refused,
     webhook_idempotency_key_with_another_body_is_a_conflict,
@@ -577,6 +578,87 @@ fn a_few_addresses_cannot_hold_every_body_place(b: Backend) {
         .expect("write");
     let r = read_response(s);
     assert_eq!(r.status, 429, "{}", r.body);
+}
+
+/// Follow-up review (2026-12-06): when every place was held, the oldest read of the
+/// peer holding the most was ended, and an honest upload, older than stalled reads
+/// that attackers reopened at once, was cut off mid-body. Now the read whose bytes
+/// stopped coming longest ago is ended: an upload that keeps arriving outlasts them.
+fn an_upload_that_keeps_arriving_outlasts_stalled_ones(b: Backend) {
+    use coordinator::auth::throttle::{MAX_BODY_READS, MAX_BODY_READS_PER_PEER};
+    let Some(app) = spawn_app_with(b, |c| {
+        c.body_read_timeout = Duration::from_secs(60);
+        c.request_deadline = Duration::from_secs(60);
+        c.auth_failures_per_minute = 1_000_000;
+    }) else {
+        return;
+    };
+    let counted = |n: usize| {
+        let waiting = Instant::now() + Duration::from_secs(10);
+        while app.state.auth.throttle.body_reads().0 < n {
+            assert!(
+                Instant::now() < waiting,
+                "{:?}",
+                app.state.auth.throttle.body_reads()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    // The honest upload: signed, its body in 40 pieces 100 ms apart, and the oldest
+    // read of all.
+    let body = serde_json::to_vec(&json!({"kind": "honest", "payload": {"pad": "x".repeat(3000)}}))
+        .expect("json");
+    let headers = app
+        .signer
+        .headers("POST", "/coordinator/jobs", &body, now_secs());
+    let mut head_headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    head_headers.push(("Content-Type", "application/json"));
+    let head = request_head("POST", "/coordinator/jobs", &head_headers, body.len());
+    let mut honest = connect(&app);
+    honest.write_all(head.as_bytes()).expect("write");
+    let pieces: Vec<Vec<u8>> = body
+        .chunks(body.len() / 40 + 1)
+        .map(<[u8]>::to_vec)
+        .collect();
+    honest.write_all(&pieces[0]).expect("write");
+    counted(1);
+    let uploading = std::thread::spawn(move || {
+        for piece in &pieces[1..] {
+            std::thread::sleep(Duration::from_millis(100));
+            honest.write_all(piece).expect("write");
+        }
+        read_response(honest)
+    });
+    // Stalled bodies fill every other place, then fresh addresses take places.
+    let forged = ForgedHead::new(&app);
+    let forged = forged.headers();
+    let stall = |host: u8| {
+        let mut s = connect_from(&app, host);
+        s.write_all(request_head("POST", "/coordinator/jobs", &forged, 100).as_bytes())
+            .expect("write");
+        s.write_all(b"{").expect("write");
+        s
+    };
+    let per = usize::try_from(MAX_BODY_READS_PER_PEER).expect("fits");
+    let mut stalled = Vec::new();
+    let mut host = 2;
+    while stalled.len() + 1 < MAX_BODY_READS {
+        stalled.push(stall(host));
+        counted(stalled.len() + 1);
+        if stalled.len() % per == 0 {
+            host += 1;
+        }
+    }
+    for fresh in 100..110 {
+        stalled.push(stall(fresh));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(app.state.auth.throttle.body_reads().1 >= 10);
+    let r = uploading.join().expect("uploader");
+    assert_eq!(r.status, 201, "{} {}", r.head, r.body);
 }
 
 /// Review finding (2026-12-06): the request deadline (time allowed before the
