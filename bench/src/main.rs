@@ -1149,6 +1149,8 @@ fn machine() -> String {
 }
 
 fn main() {
+    // OpenSSL must not clean up at exit while a pool thread may be inside libpq.
+    coordinator::db::prepare_process();
     let duration = Duration::from_secs(
         std::env::var("BENCH_DURATION_SECS")
             .ok()

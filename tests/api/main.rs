@@ -36,6 +36,11 @@ mod writes;
 /// there is decided once, before any test runs; a test that needs what is missing is
 /// reported as ignored.
 fn main() {
+    // As the service's own `main` does: OpenSSL must not clean up at exit while pool
+    // threads of the tests' apps may still be inside libpq. Without it this process
+    // once aborted at exit, after every test had passed ("corrupted size vs. prev_size
+    // in fastbins", CI 2026-12-06).
+    coordinator::db::prepare_process();
     let args = libtest_mimic::Arguments::from_args();
     let postgres = helpers::postgres_reachable();
     if !postgres {
