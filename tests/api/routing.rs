@@ -666,7 +666,7 @@ fn an_upload_that_keeps_arriving_outlasts_stalled_ones(b: Backend) {
 /// 200 KB create at 50 KB/s was always answered 503 `overloaded`, and a client retried
 /// it on the same slow link for ever. The body's arrival no longer counts.
 fn a_slow_signed_upload_does_not_use_up_the_request_deadline(b: Backend) {
-    let Some(app) = spawn_app_with(b, |c| c.request_deadline = Duration::from_millis(300)) else {
+    let Some(app) = spawn_app_with(b, |c| c.request_deadline = Duration::from_millis(500)) else {
         return;
     };
     let body = serde_json::to_vec(&json!({"kind": "slow", "payload": {"pad": "x".repeat(3000)}}))
@@ -682,10 +682,10 @@ fn a_slow_signed_upload_does_not_use_up_the_request_deadline(b: Backend) {
     let mut s = connect(&app);
     s.write_all(request_head("POST", "/coordinator/jobs", &headers, body.len()).as_bytes())
         .expect("write");
-    // The body in ten pieces over about a second: three times the deadline.
+    // The body in ten pieces over about 1.5 s: three times the deadline.
     for piece in body.chunks(body.len() / 10 + 1) {
         s.write_all(piece).expect("write");
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(150));
     }
     let r = read_response(s);
     assert_eq!(r.status, 201, "{}", r.body);

@@ -477,7 +477,7 @@ fn a_heartbeat_renews_a_token_in_its_second_half(b: Backend) {
 /// What revokes a token revokes its successor: its id, its attempt's end, a cancel. A
 /// heartbeat that is refused mints nothing.
 fn a_renewed_token_is_revoked_with_its_predecessor(b: Backend) {
-    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.token_ttl = Duration::from_secs(3))
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.token_ttl = Duration::from_secs(4))
     else {
         return;
     };
@@ -491,8 +491,9 @@ fn a_renewed_token_is_revoked_with_its_predecessor(b: Backend) {
         latest = latest.max(exp);
         jobs.push((id, c["token"].as_str().unwrap().to_owned()));
     }
-    // Into the second half of every token's 3 s (less than 1.5 s left).
-    let wait = latest - 1400 - coordinator::db::now_millis();
+    // Into the second half of every token's 4 s (less than 2 s left); the earliest, at
+    // most a second before the latest, still has more than 0.9 s.
+    let wait = latest - 1900 - coordinator::db::now_millis();
     std::thread::sleep(Duration::from_millis(u64::try_from(wait).unwrap_or(0)));
     let renewed: Vec<(String, String, String)> = jobs
         .into_iter()
