@@ -237,10 +237,7 @@ pub struct JobEvents {
 /// Where a stream starts: `Last-Event-ID`, else `?after=`, else the beginning.
 fn after_of(req: &HttpRequest) -> ApiResult<i64> {
     let parse = |v: &str, field: &str| {
-        v.trim()
-            .parse::<i64>()
-            .ok()
-            .filter(|n| *n >= 0)
+        crate::jobs::request::digits::<i64>(v.trim())
             .ok_or_else(|| ApiError::bad_request(field, "must be an event seq (0 or more)"))
     };
     let pairs = crate::http::extract::query_params(req, &["after"])?;

@@ -9,6 +9,16 @@ use super::model::{Backoff, JobId, NewJob, DEFAULT_RETRY_BASE_MS, DEFAULT_RETRY_
 use super::state::JobStatus;
 use crate::error::ApiError;
 
+/// A count or sequence number written as plain decimal digits (at most 18, so it fits
+/// any integer type used here). Rust's `parse` also takes a leading `+`; a query value
+/// like `+1` or ` 1` is more likely a mangled request than a number, so it is refused.
+pub fn digits<T: std::str::FromStr>(v: &str) -> Option<T> {
+    if v.is_empty() || v.len() > 18 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
 // ---- job bodies -----------------------------------------------------------------
 
 pub const MAX_MESSAGE_CHARS: usize = 4096;
@@ -378,9 +388,7 @@ impl ListFilter {
                 "createdAfter" => f.created_after = Some(parse_time(v, "createdAfter")?),
                 "createdBefore" => f.created_before = Some(parse_time(v, "createdBefore")?),
                 "limit" => {
-                    f.limit = v
-                        .parse()
-                        .ok()
+                    f.limit = digits(v)
                         .filter(|n| (1..=MAX_PAGE).contains(n))
                         .ok_or_else(|| {
                             ApiError::bad_request("limit", "must be between 1 and 500")
@@ -491,6 +499,28 @@ pub struct BatchCreate {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn digits_take_plain_decimal_only() {
+        assert_eq!(digits::<i64>("0"), Some(0));
+        assert_eq!(digits::<i64>("42"), Some(42));
+        assert_eq!(digits::<i64>("000000000000000007"), Some(7));
+        for bad in [
+            "",
+            "+1",
+            "-1",
+            " 1",
+            "1 ",
+            "1e3",
+            "0x10",
+            "1_000",
+            "\u{661}",
+            "9999999999999999999",
+        ] {
+            assert_eq!(digits::<i64>(bad), None, "{bad:?}");
+        }
+        assert_eq!(digits::<u8>("256"), None);
+    }
 
     #[test]
     fn a_timestamp_must_be_writable_in_utc() {

@@ -158,6 +158,8 @@ fn list_filters_and_pages_newest_first(b: Backend) {
     for (q, field) in [
         ("?limit=501", "limit"),
         ("?limit=0", "limit"),
+        ("?limit=%2B5", "limit"),
+        ("?limit=5%20", "limit"),
         ("?status=running", "status"),
         ("?cursor=xyz", "cursor"),
         ("?createdAfter=yesterday", "createdAfter"),

@@ -405,7 +405,14 @@ fn events_without_accept_are_json(backend: Backend) {
     assert_eq!(r.json()["events"].as_array().unwrap().len(), 1);
     app.get(&format!("/coordinator/jobs/{id}/events?after=-1"))
         .problem(400);
-    for (query, field) in [("after=1&after=0", "after"), ("afer=1", "afer")] {
+    for (query, field) in [
+        ("after=1&after=0", "after"),
+        ("afer=1", "afer"),
+        // Only plain digits: Rust's integer parse alone would read `+1` as 1.
+        ("after=%2B1", "after"),
+        ("after=1e0", "after"),
+        ("after=", "after"),
+    ] {
         let r = app.get(&format!("/coordinator/jobs/{id}/events?{query}"));
         assert_eq!(r.problem(400)["field"], field, "{query}");
     }
@@ -422,6 +429,13 @@ fn events_without_accept_are_json(backend: Backend) {
     std::io::Read::read_to_string(&mut s, &mut answer).expect("read");
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains(r#""field":"Last-Event-ID""#), "{answer}");
+    let r = app.raw(
+        "GET",
+        &format!("/coordinator/jobs/{id}/events"),
+        &[("X-API-Key", &key), ("Last-Event-ID", "+1")],
+        b"",
+    );
+    assert_eq!(r.problem(400)["field"], "Last-Event-ID");
     let r = app.raw(
         "GET",
         "/coordinator/queues/q/events?after=1",
