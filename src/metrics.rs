@@ -28,8 +28,9 @@ pub struct Metrics {
     pub revoked_tokens: IntGauge,
     /// Bodies on their way before their requests are verified, and those whose place
     /// went to a peer holding fewer (`auth::throttle`), set at scrape time.
-    pub unverified_body_reads: IntGauge,
-    pub unverified_body_reads_evicted: IntCounter,
+    unverified_body_reads: IntGauge,
+    unverified_body_reads_evicted: IntCounter,
+    body_reads_sync: Mutex<()>,
     /// Push (`jobs::notify`): waiting claims and open streams now, and changes
     /// received from the database, set at scrape time.
     pub push_open: IntGaugeVec,
@@ -224,6 +225,19 @@ impl DbMetrics {
 }
 
 impl Metrics {
+    /// The unverified bodies on their way now, and those ended so far to give their
+    /// place to a peer holding fewer (`auth::throttle`). Under a lock: two scrapes at
+    /// once must not both add the difference.
+    pub fn observe_body_reads(&self, reading: usize, evicted: u64) {
+        let Ok(_one_at_a_time) = self.body_reads_sync.lock() else {
+            return;
+        };
+        self.unverified_body_reads
+            .set(i64::try_from(reading).unwrap_or(i64::MAX));
+        let c = &self.unverified_body_reads_evicted;
+        c.inc_by(evicted.saturating_sub(c.get()));
+    }
+
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some("coordinator".into()), None)?;
         let http_requests = IntCounterVec::new(
@@ -331,6 +345,7 @@ impl Metrics {
             revoked_tokens,
             unverified_body_reads,
             unverified_body_reads_evicted,
+            body_reads_sync: Mutex::new(()),
             push_open,
             push_received,
             push_wakeup,
@@ -401,6 +416,29 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Scrapes at once copy the eviction count, never add it twice.
+    #[test]
+    fn scrapes_at_once_copy_the_body_read_count_once() {
+        let m = std::sync::Arc::new(Metrics::new().expect("metrics"));
+        let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (m, start) = (m.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    for n in 1..=100_000u64 {
+                        m.observe_body_reads(1, n);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert_eq!(m.unverified_body_reads_evicted.get(), 100_000);
+        assert_eq!(m.unverified_body_reads.get(), 1);
+    }
 
     #[test]
     fn renders_prometheus_text() {

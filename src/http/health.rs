@@ -65,10 +65,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     m.revoked_tokens
         .set(i64::try_from(state.auth.revocations.len()).unwrap_or(i64::MAX));
     let (reading, evicted) = state.auth.throttle.body_reads();
-    m.unverified_body_reads
-        .set(i64::try_from(reading).unwrap_or(i64::MAX));
-    m.unverified_body_reads_evicted
-        .inc_by(evicted.saturating_sub(m.unverified_body_reads_evicted.get()));
+    m.observe_body_reads(reading, evicted);
     let (waiting, streams) = state.notifier.counts();
     let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
     m.push_open
