@@ -1312,7 +1312,6 @@ impl Db {
     }
 }
 
-/// Unix time in milliseconds, the storage form of every timestamp.
 /// Process-wide setup of the database client libraries, first thing in `main`:
 /// libpq's OpenSSL is initialised without its exit-time cleanup. Without this, a
 /// process that exits while a pool thread is still inside libpq (r2d2 opening a
@@ -1325,6 +1324,7 @@ pub fn prepare_process() {
     openssl_sys::init();
 }
 
+/// Unix time in milliseconds, the storage form of every timestamp.
 pub fn now_millis() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
