@@ -20,6 +20,7 @@ pub const BOOTSTRAP_CALLER: &str = "bootstrap";
 pub async fn verify(
     ctx: &AuthContext,
     presented: &str,
+    before_lookup: impl FnOnce() -> Result<(), ApiError>,
     audit: &mut AuditRecord,
 ) -> Result<Principal, ApiError> {
     audit.scheme = Some(Scheme::ApiKey);
@@ -43,11 +44,17 @@ pub async fn verify(
     }
     let key = ApiKey::parse(presented).map_err(|_| fail("malformed api key"))?;
     let hash = key.hash();
-    let found = ctx
-        .store
-        .api_key(hash.as_str())
-        .await?
-        .ok_or_else(|| fail("unknown api key"))?;
+    let found = match ctx.store.cached_api_key(hash.as_str())? {
+        Some(found) => found,
+        None => {
+            // A database read: the caller may bound who gets to cause one.
+            before_lookup()?;
+            ctx.store
+                .api_key(hash.as_str())
+                .await?
+                .ok_or_else(|| fail("unknown api key"))?
+        }
+    };
     let (row, caller) = (&found.key, &found.caller);
     audit.caller = Some(row.caller.clone());
     audit.key_ref = Some(row.display_prefix.clone());

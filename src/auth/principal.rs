@@ -30,6 +30,8 @@ pub struct Principal {
 pub enum Held {
     /// A signature (HMAC or RFC 9421) under this version of the caller's secret.
     Secret { version: i32 },
+    /// A Standard Webhooks signature under this version of the sender's webhook secret.
+    WebhookSecret { version: i32 },
     /// An API key, by its SHA-256 (what the key table is keyed on).
     ApiKey { hash: String },
     /// A job token.
@@ -42,10 +44,13 @@ pub enum Held {
         issued_at: i64,
         /// The worker it names (`sub`), for a renewal (`auth::token::renewal_due`).
         worker: String,
+        /// The version of the signing key that signed it (`kid`): retiring that key
+        /// ends what the token keeps open too.
+        key_version: i32,
     },
     /// The bootstrap key: valid while it is configured, which is for the process's life.
     Bootstrap,
-    /// Nothing beyond the caller itself (a client certificate, a webhook signature).
+    /// Nothing beyond the caller itself (a client certificate).
     Caller,
 }
 
@@ -53,6 +58,7 @@ impl std::fmt::Debug for Held {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Held::Secret { version } => write!(f, "Secret(v{version})"),
+            Held::WebhookSecret { version } => write!(f, "WebhookSecret(v{version})"),
             Held::ApiKey { .. } => f.write_str("ApiKey([redacted])"),
             Held::Token { jti, .. } => write!(f, "Token({jti})"),
             Held::Bootstrap => f.write_str("Bootstrap"),
@@ -102,6 +108,19 @@ impl Principal {
                     _ => Err(fail("revoked")),
                 }
             }
+            Held::WebhookSecret { version } => {
+                caller_enabled().await?;
+                let now = now_millis();
+                let keys = ctx.store.webhook_keys().await?;
+                let held = keys
+                    .iter()
+                    .any(|k| k.caller == self.caller && k.version == *version && k.is_active(now));
+                if held {
+                    Ok(())
+                } else {
+                    Err(fail("revoked"))
+                }
+            }
             Held::ApiKey { hash } => {
                 let found = ctx
                     .store
@@ -123,9 +142,21 @@ impl Principal {
                 jti,
                 attempt,
                 expires_at,
+                key_version,
                 ..
             } => {
-                if expires_at.saturating_mul(1000) <= now_millis() {
+                let now = now_millis();
+                if expires_at.saturating_mul(1000) <= now {
+                    return Err(fail("expired"));
+                }
+                // A signing key retired (its grace over, or `rotate-key --grace 0s` after
+                // a leak) ends open streams as it refuses new requests (review finding,
+                // 2026-12-06: a stream kept delivering).
+                let keys = ctx.store.token_keys().await?;
+                if !keys
+                    .iter()
+                    .any(|k| k.version == *key_version && k.is_active(now))
+                {
                     return Err(fail("expired"));
                 }
                 let job = self.job_id.as_ref().map_or("", JobId::as_str);

@@ -57,42 +57,33 @@ const GC_BATCH: i64 = 10_000;
 /// Default bound of the in-memory set: active revocations held per instance. Job
 /// tokens live at most 24 h, and so (capped) do revocations.
 pub const MAX_REVOCATIONS: usize = 100_000;
-/// Default lifetime of a revocation when no expiry is given: 24 h (the longest a job
-/// token can live).
-pub const DEFAULT_REVOCATION_MS: i64 = 24 * 3600 * 1000;
+/// How long a revocation made by hand lasts: 24 h (the longest a job token lives) and
+/// 1 s (until the revocation reaches every instance, a heartbeat there may still renew
+/// the token).
+pub const REVOCATION_MS: i64 = 24 * 3600 * 1000 + 1000;
 
-/// Parse an optional RFC 3339 expiry (must lie in the future), default now + 24 h. A
-/// later expiry is capped at now + 24 h: no job token lives longer, so a revocation
-/// never needs to, and the revocation set cannot be filled with ids kept for ever. An
-/// earlier one is raised to now + `token_ttl` + 1 s: a heartbeat may have renewed the
-/// token just before (until the revocation reaches every instance, within a second),
-/// and that successor, with the same id, outlives the token's own `exp` by up to its
-/// lifetime (review finding, 2026-12-06: a revocation "until the token's exp" let the
-/// successor work again after that time).
-pub fn revocation_expiry(
-    raw: Option<&str>,
-    field: &str,
-    token_ttl: std::time::Duration,
-) -> Result<i64, ApiError> {
+/// When a revocation made by hand (`token revoke`, `POST /admin/tokens/revoke`) ends:
+/// always now + [`REVOCATION_MS`]. An `expiresAt` is still checked (RFC 3339, in the
+/// future; else 400 naming `field`) but cannot shorten it: a token's successors share
+/// its id and each lives as long as the token was made to (up to 24 h from a renewal
+/// that may come just before the revocation is seen), and the revoking operator does
+/// not know that lifetime. Review findings, 2026-12-06: a revocation "until the token's
+/// exp" let a renewed successor work again; then one raised only to the server's claim
+/// TTL let a `token issue --ttl 10m` token work again. Nor can it lengthen it: the
+/// revocation set cannot be filled with ids kept for ever.
+pub fn revocation_expiry(raw: Option<&str>, field: &str) -> Result<i64, ApiError> {
     let now = now_millis();
-    let longest = now.saturating_add(DEFAULT_REVOCATION_MS);
-    let shortest = now
-        .saturating_add(i64::try_from(token_ttl.as_millis()).unwrap_or(i64::MAX))
-        .saturating_add(1000);
-    match raw {
-        None => Ok(longest),
-        Some(s) => {
-            let t = chrono::DateTime::parse_from_rfc3339(s)
-                .map_err(|e| {
-                    ApiError::bad_request(field, format!("must be an RFC 3339 timestamp ({e})"))
-                })?
-                .timestamp_millis();
-            if t <= now {
-                return Err(ApiError::bad_request(field, "must be in the future"));
-            }
-            Ok(t.max(shortest).min(longest))
+    if let Some(s) = raw {
+        let t = chrono::DateTime::parse_from_rfc3339(s)
+            .map_err(|e| {
+                ApiError::bad_request(field, format!("must be an RFC 3339 timestamp ({e})"))
+            })?
+            .timestamp_millis();
+        if t <= now {
+            return Err(ApiError::bad_request(field, "must be in the future"));
         }
     }
+    Ok(now.saturating_add(REVOCATION_MS))
 }
 
 pub fn valid_jti(jti: &str) -> bool {

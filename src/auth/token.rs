@@ -291,6 +291,7 @@ pub fn renewal_due(principal: &Principal, now_ms: i64) -> Option<Renewal> {
         expires_at,
         issued_at,
         worker,
+        ..
     } = &principal.held
     else {
         return None;
@@ -535,6 +536,7 @@ pub async fn verify_header(
             expires_at: claims.exp,
             issued_at: claims.iat,
             worker: claims.sub,
+            key_version: version,
         },
         key_ref: Some(claims.jti),
         job_id: Some(job_id),

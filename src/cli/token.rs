@@ -50,15 +50,11 @@ pub struct IssueArgs {
 pub struct RevokeArgs {
     /// The token id (`jti` claim).
     pub jti: String,
-    /// Keep the revocation until then (RFC 3339; default now + 24 h, the longest a
-    /// token can live). An earlier time is raised to now + the token lifetime + 1 s:
-    /// a token renewed by a heartbeat outlives its first `exp`.
+    /// Accepted for compatibility (RFC 3339, in the future), but a revocation always
+    /// lasts 24 h + 1 s: the longest a token with that id, renewed successors
+    /// included, can live after it.
     #[arg(long)]
     pub expires_at: Option<String>,
-    /// The lifetime of the servers' job tokens (as they are configured).
-    #[arg(long, env = "COORDINATOR_TOKEN_TTL_SECS", default_value_t = 3600,
-          value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub token_ttl_secs: u64,
     #[command(flatten)]
     pub store: StoreArgs,
     #[command(flatten)]
@@ -131,12 +127,8 @@ fn revoke(a: RevokeArgs) -> anyhow::Result<()> {
     if !revocation::valid_jti(&a.jti) {
         anyhow::bail!("the token id must be 1-128 printable characters");
     }
-    let expires_at = revocation::revocation_expiry(
-        a.expires_at.as_deref(),
-        "--expires-at",
-        Duration::from_secs(a.token_ttl_secs),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let expires_at = revocation::revocation_expiry(a.expires_at.as_deref(), "--expires-at")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let db = a.store.open()?;
     revocation::revoke_in_db(&db, &a.jti, expires_at).map_err(|e| store_error(e, "token"))?;
     if a.output.json {

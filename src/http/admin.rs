@@ -18,8 +18,9 @@ pub struct RevokeToken {
     /// The token's `jti` claim: 1–128 printable ASCII characters.
     #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
     pub jti: String,
-    /// RFC 3339, in the future; default and at most now + 24 h (the longest a job token
-    /// lives; a later time is capped). Revoking twice keeps the later expiry.
+    /// RFC 3339, in the future (else 400). Accepted for compatibility: a revocation
+    /// always lasts now + 24 h + 1 s, the longest a token with this id (its renewed
+    /// successors included) can live after it. Revoking twice keeps the later expiry.
     #[schema(format = DateTime)]
     pub expires_at: Option<String>,
 }
@@ -62,11 +63,7 @@ pub async fn revoke_token(
             "must be 1-128 printable characters",
         ));
     }
-    let expires_at = revocation::revocation_expiry(
-        body.expires_at.as_deref(),
-        "expiresAt",
-        state.config.token_ttl,
-    )?;
+    let expires_at = revocation::revocation_expiry(body.expires_at.as_deref(), "expiresAt")?;
     state
         .auth
         .revocations

@@ -1003,6 +1003,35 @@ fn an_open_stream_ends_once_its_credential_no_longer_holds(backend: Backend) {
     );
     assert_eq!(r.status, 200, "{}", r.body);
     ends_without_another_event(&rx, "job stream of a revoked job token");
+
+    // The key that signed a job token retired (`token rotate-key --grace 0s`, the answer
+    // to a leaked signing key): its stream ends too (review finding, 2026-12-06).
+    let id = pending(&app, "rv3");
+    to_queued(&app, &id);
+    let r = app.post_json("/coordinator/queues/rv3/claim", &json!({"worker": "w"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let bearer = [("Authorization".to_owned(), format!("Bearer {token}"))];
+    let path = format!("/coordinator/jobs/{id}/events");
+    let rx = sse_with(&base, &bearer, &path).expect("opens");
+    for want in ["created", "status", "claimed"] {
+        assert_eq!(next_event(&rx).0, want);
+    }
+    coordinator::auth::token::rotate_signing_key(
+        &app.state.db,
+        app.state.auth.store.sealer(),
+        Duration::ZERO,
+    )
+    .expect("rotate");
+    until_refused("token of a retired key", || {
+        app.with_token(&token, "GET", &format!("/coordinator/jobs/{id}"), b"")
+    });
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{id}/progress"),
+        &json!({"percent": 70, "message": "after the key retired"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    ends_without_another_event(&rx, "job stream of a token whose key retired");
 }
 
 /// A long-poll claim waits for seconds after its authentication: a caller disabled in

@@ -31,12 +31,14 @@ backend_tests!(
     a_few_addresses_cannot_hold_every_body_place,
     an_upload_that_keeps_arriving_outlasts_stalled_ones,
     a_slow_signed_upload_does_not_use_up_the_request_deadline,
+    a_credential_revoked_while_its_body_arrives_is_refused_at_its_end,
     duplicate_or_non_ascii_credential_headers_are_refused,
     webhook_idempotency_key_with_another_body_is_a_conflict,
     bodies_are_json_utf8_without_trailing_bytes_or_nul,
     webhook_deliveries_name_their_sender,
     bogus_delivery_is_answered_before_its_body_is_read,
     blocked_peer_gets_429_for_bogus_deliveries_but_valid_callers_pass,
+    a_blocked_peer_cannot_make_a_lookup_per_request,
     scope_refusals_name_the_scope,
     a_new_key_version_works_at_once_on_a_warm_instance,
 );
@@ -990,6 +992,103 @@ fn delivery(app: &TestApp, path: &str, key: &[u8], id: &str, ts: i64, body: &[u8
 
 const HOOK: &[u8] = br#"{"issueNumber":7,"repository":"o/r","action":"assigned","comment":"c"}"#;
 
+/// Headers and the first bytes of a body sent now, the rest after `between` ran: the
+/// answer.
+fn split_upload(
+    app: &TestApp,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    between: impl FnOnce(),
+) -> Raw {
+    let mut s = connect(app);
+    s.write_all(request_head("POST", target, headers, body.len()).as_bytes())
+        .expect("write");
+    s.write_all(&body[..5]).expect("write");
+    std::thread::sleep(Duration::from_millis(100));
+    between();
+    s.write_all(&body[5..]).expect("write");
+    read_response(s)
+}
+
+/// A signed request's credential is looked up before its body; one revoked (or its
+/// caller disabled) while the body is on its way must not be accepted when the body is
+/// complete (review finding, 2026-12-06: a webhook secret revoked mid-body still
+/// created a job, and so did an HMAC create of a caller disabled mid-body).
+fn a_credential_revoked_while_its_body_arrives_is_refused_at_its_end(b: Backend) {
+    let Some(app) = spawn_app_with(b, |c| {
+        c.auth_failures_per_minute = 1_000_000;
+        c.body_read_timeout = Duration::from_secs(20);
+    }) else {
+        return;
+    };
+    let jobs = |app: &TestApp| {
+        app.get("/coordinator/jobs?limit=500").json()["items"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    // A webhook secret revoked mid-body.
+    let key = sender(&app, "hooker");
+    let ts = now_secs().to_string();
+    let sig = webhook::wire::sign(&key, "mid-1", &ts, HOOK);
+    let headers = [
+        ("webhook-id", "mid-1"),
+        ("webhook-timestamp", ts.as_str()),
+        ("webhook-signature", sig.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    // Counted once the probes below are done (one of them may dispatch a job).
+    let before = std::cell::Cell::new(0);
+    let r = split_upload(&app, "/stitcher/webhook/hooker", &headers, HOOK, || {
+        credentials::revoke_secret(&app.state.db, "hooker", SecretKind::Webhook, 1)
+            .expect("revoke");
+        // Until a fresh delivery with the secret is refused, this instance has seen it.
+        let end = Instant::now() + Duration::from_secs(5);
+        while delivery(
+            &app,
+            "/stitcher/webhook/hooker",
+            &key,
+            "probe",
+            now_secs(),
+            HOOK,
+        )
+        .status
+            != 401
+        {
+            assert!(Instant::now() < end, "the revocation was never seen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        before.set(jobs(&app));
+    });
+    assert_eq!(r.status, 401, "{}", r.body);
+    let before = before.get();
+    assert_eq!(jobs(&app), before, "a job was created");
+
+    // An HMAC caller disabled mid-body.
+    let signer = app.caller("slowpoke", &[Scope::JobsCreate]);
+    let body = serde_json::to_vec(&json!({"kind": "mid-body"})).expect("json");
+    let signed = signer.headers("POST", "/coordinator/jobs", &body, now_secs());
+    let headers: Vec<(&str, &str)> = signed
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain([("Content-Type", "application/json")])
+        .collect();
+    let r = split_upload(&app, "/coordinator/jobs", &headers, &body, || {
+        credentials::disable_caller(&app.state.db, "slowpoke").expect("disable");
+        let end = Instant::now() + Duration::from_secs(5);
+        while app
+            .signed_by(&signer, "GET", "/coordinator/health", &[], b"")
+            .status
+            != 401
+        {
+            assert!(Instant::now() < end, "the disable was never seen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(jobs(&app), before, "a job was created");
+}
+
 fn webhook_deliveries_name_their_sender(b: Backend) {
     let Some(app) = app(b) else { return };
     let first = sender(&app, "sender-0");
@@ -1098,6 +1197,53 @@ fn blocked_peer_gets_429_for_bogus_deliveries_but_valid_callers_pass(b: Backend)
     assert_eq!(
         delivery(&app, "/stitcher/webhook/hook", &key, "ok", now_secs(), HOOK).status,
         202
+    );
+}
+
+/// Unknown caller names and unknown (well-formed) API keys are database reads, and
+/// not-found is not cached: a blocked peer spends its verification budget (10 a second)
+/// before them (review finding, 2026-12-06: 300 requests answered 429 made 300 reads).
+/// A valid API key from the same address is still served (it is cached).
+fn a_blocked_peer_cannot_make_a_lookup_per_request(b: Backend) {
+    let Some(app) = spawn_app_with(b, |c| c.auth_failures_per_minute = 3) else {
+        return;
+    };
+    let key = app.api_key("ops", &[Scope::HealthRead]);
+    let health = |k: &str| raw(&app, "GET", "/coordinator/health", &[("X-API-Key", k)], b"");
+    assert_eq!(health(&key).status, 200);
+    // Blocked.
+    for _ in 0..4 {
+        health(coordinator::crypto::credential::ApiKey::generate().expose_secret());
+    }
+    let store = &app.state.auth.store;
+    let before = store.fetches();
+    let started = Instant::now();
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        let unknown = coordinator::crypto::credential::ApiKey::generate()
+            .expose_secret()
+            .to_owned();
+        statuses.push(health(&unknown).status);
+        let forged = [
+            ("X-Coordinator-Caller", format!("nobody-{i}")),
+            ("X-Coordinator-Timestamp", now_secs().to_string()),
+            ("X-Coordinator-Signature", "0".repeat(64)),
+        ];
+        let forged: Vec<(&str, &str)> = forged.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        statuses.push(raw(&app, "GET", "/coordinator/health", &forged, b"").status);
+    }
+    let reads = store.fetches() - before;
+    assert!(statuses.iter().all(|s| *s == 429), "{statuses:?}");
+    // The budget's burst (10) and what refilled while the requests ran.
+    let refilled = started.elapsed().as_secs() * 10 + 10;
+    assert!(
+        reads <= refilled + 2,
+        "{reads} database reads for 80 refused requests (budget {refilled})"
+    );
+    assert_eq!(
+        health(&key).status,
+        200,
+        "a valid cached key is still served"
     );
 }
 

@@ -136,6 +136,6 @@ pub fn finish(
         scopes: k.scopes.clone(),
         key_ref: Some(format!("v{}", k.version)),
         job_id: None,
-        held: Held::Caller,
+        held: Held::WebhookSecret { version: k.version },
     })
 }
