@@ -187,6 +187,12 @@ pub async fn long_claim(
         if !std::mem::take(&mut first) {
             fresh(&state, principal.recheck(&state.auth)).await?;
         }
+        // Taken before the claim's own clock: a job that became due after the claim
+        // looked is then still "next" below, and the waiter looks again at once. With
+        // a clock read after the claim, a job due in between was neither claimed nor
+        // next, and the waiter slept to its deadline (review finding, 2026-12-06: 3-4
+        // in 100 such jobs claimed seconds late).
+        let looked_at = crate::db::now_millis();
         if let Some(c) = claim_detached(&state, &queue, caller, &worker).await? {
             if let Some(at) = woken_by {
                 state.metrics.wakeup("claim", at);
@@ -202,7 +208,7 @@ pub async fn long_claim(
         let q = queue.clone();
         let due = fresh(
             &state,
-            state.db.read(move |c| repo::next_run_at(c, &q, now_ms)),
+            state.db.read(move |c| repo::next_run_at(c, &q, looked_at)),
         )
         .await?;
         let mut until = deadline;

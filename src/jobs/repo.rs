@@ -522,7 +522,8 @@ pub fn events_in_ranges(
     Ok(out)
 }
 
-/// When the next QUEUED job of `queue` scheduled after `now` becomes due, if any.
+/// When the next QUEUED job of `queue` scheduled after `now` becomes due, if any (a
+/// time already past when `now` was taken before a claim that missed it).
 pub fn next_run_at(
     conn: &mut DbConnection,
     queue: &str,
