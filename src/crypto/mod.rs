@@ -24,18 +24,35 @@ const SHA256_BLOCK: usize = 64;
 
 /// Lower-case hex SHA-256 of `data`.
 pub fn sha256_hex(data: &[u8]) -> String {
-    digest_hex(&Sha256::digest(data).into())
+    sha256_hex_buf(data).as_str().to_owned()
 }
 
 /// Lower-case hex of a 32-byte digest, through a stack buffer: `hex::encode` builds
 /// its string one `char` at a time, which showed in the API-key path's profile.
 fn digest_hex(digest: &[u8; 32]) -> String {
-    let mut out = [0u8; 64];
-    let encoded = hex::encode_to_slice(digest, &mut out).map(|()| std::str::from_utf8(&out));
-    match encoded {
-        Ok(Ok(text)) => text.to_owned(),
-        _ => hex::encode(digest),
+    HexDigest::of(digest).as_str().to_owned()
+}
+
+/// Lower-case hex of a SHA-256 digest, on the stack.
+pub struct HexDigest([u8; 64]);
+
+impl HexDigest {
+    fn of(digest: &[u8; 32]) -> Self {
+        let mut out = [0u8; 64];
+        // Cannot fail: the buffer is exactly twice the digest's length.
+        let _ = hex::encode_to_slice(digest, &mut out);
+        HexDigest(out)
     }
+
+    pub fn as_str(&self) -> &str {
+        // Hex digits only, so always valid UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+/// [`sha256_hex`] without an allocation.
+pub fn sha256_hex_buf(data: &[u8]) -> HexDigest {
+    HexDigest::of(&Sha256::digest(data).into())
 }
 
 /// Raw SHA-256 of `data`.
