@@ -62,8 +62,204 @@ fn level_of(level: log::Level, target: &str, msg: &str) -> &'static str {
     level.as_str()
 }
 
+/// The time now as `2026-12-06T04:28:00.123Z` (RFC 3339, UTC, milliseconds).
 pub fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    let now = std::time::SystemTime::now();
+    match rfc3339_millis(now) {
+        Some(text) => String::from_utf8_lossy(&text).into_owned(),
+        None => chrono::DateTime::<chrono::Utc>::from(now)
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    }
+}
+
+/// `t` as chrono's `to_rfc3339_opts(SecondsFormat::Millis, true)` writes it, for years
+/// 1970 to 9999 (`None` outside them), without its formatting machinery: the date from
+/// the day count by Howard Hinnant's `civil_from_days`, the rest by division. Each
+/// request's log line carries one, and chrono's took about 900 instructions.
+fn rfc3339_millis(t: std::time::SystemTime) -> Option<[u8; 24]> {
+    let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    let secs = since.as_secs();
+    let (days, of_day) = (secs / 86_400, secs % 86_400);
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    if year > 9_999 {
+        return None;
+    }
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let fields = [
+        (0, 4, year),
+        (5, 2, month),
+        (8, 2, day),
+        (11, 2, of_day / 3_600),
+        (14, 2, of_day / 60 % 60),
+        (17, 2, of_day % 60),
+        (20, 3, u64::from(since.subsec_millis())),
+    ];
+    for (at, width, mut value) in fields {
+        for i in (at..at + width).rev() {
+            let digit = u8::try_from(value % 10).unwrap_or(0);
+            *out.get_mut(i)? = b'0' + digit;
+            value /= 10;
+        }
+    }
+    Some(out)
+}
+
+/// A one-line JSON object written field by field, in the order the fields are added:
+/// the same bytes `serde_json` writes for a struct with those fields, without its
+/// per-field machinery (a string value is copied as it is unless it holds a byte JSON
+/// must escape; then `serde_json` escapes it). Field names are static and never
+/// escaped.
+pub struct JsonLine {
+    buf: Vec<u8>,
+}
+
+impl JsonLine {
+    pub fn with_capacity(capacity: usize) -> Self {
+        let mut buf = Vec::with_capacity(capacity);
+        buf.push(b'{');
+        JsonLine { buf }
+    }
+
+    fn key(&mut self, key: &'static str) {
+        debug_assert!(!needs_escape(key), "{key}");
+        if self.buf.len() > 1 {
+            self.buf.push(b',');
+        }
+        self.buf.push(b'"');
+        self.buf.extend_from_slice(key.as_bytes());
+        self.buf.extend_from_slice(b"\":");
+    }
+
+    fn push_str(&mut self, value: &str) {
+        if needs_escape(value) {
+            // Writing into a Vec does not fail.
+            let _ = serde_json::to_writer(&mut self.buf, value);
+        } else {
+            self.buf.push(b'"');
+            self.buf.extend_from_slice(value.as_bytes());
+            self.buf.push(b'"');
+        }
+    }
+
+    /// A value the server wrote itself (a route pattern, a fixed word). Still checked
+    /// like any string (a few bytes scanned): a log line must not be breakable even if
+    /// a caller of this one day passes something else.
+    pub fn plain(&mut self, key: &'static str, value: &str) -> &mut Self {
+        debug_assert!(!needs_escape(value), "{value}");
+        self.str(key, value)
+    }
+
+    /// The time now, as [`now_rfc3339`] writes it.
+    pub fn now(&mut self, key: &'static str) -> &mut Self {
+        match rfc3339_millis(std::time::SystemTime::now()) {
+            Some(text) => {
+                self.key(key);
+                self.buf.push(b'"');
+                self.buf.extend_from_slice(&text);
+                self.buf.push(b'"');
+            }
+            None => {
+                self.str(key, &now_rfc3339());
+            }
+        }
+        self
+    }
+
+    pub fn str(&mut self, key: &'static str, value: &str) -> &mut Self {
+        self.key(key);
+        self.push_str(value);
+        self
+    }
+
+    /// `null` for `None`.
+    pub fn opt_str(&mut self, key: &'static str, value: Option<&str>) -> &mut Self {
+        self.key(key);
+        match value {
+            Some(v) => self.push_str(v),
+            None => self.buf.extend_from_slice(b"null"),
+        }
+        self
+    }
+
+    pub fn u16(&mut self, key: &'static str, value: u16) -> &mut Self {
+        self.key(key);
+        let mut digits = [0u8; 5];
+        let mut n = value;
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            if let Some(d) = digits.get_mut(at) {
+                *d = b'0' + u8::try_from(n % 10).unwrap_or(0);
+            }
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.buf
+            .extend_from_slice(digits.get(at..).unwrap_or_default());
+        self
+    }
+
+    /// As `serde_json` writes an `f64` (`null` when not finite).
+    pub fn f64(&mut self, key: &'static str, value: f64) -> &mut Self {
+        self.key(key);
+        // Writing into a Vec does not fail.
+        let _ = serde_json::to_writer(&mut self.buf, &value);
+        self
+    }
+
+    /// An address as its `Display` text (`null` for `None`); IPv4 without the
+    /// formatting machinery.
+    pub fn ip(&mut self, key: &'static str, value: Option<std::net::IpAddr>) -> &mut Self {
+        self.key(key);
+        match value {
+            None => self.buf.extend_from_slice(b"null"),
+            Some(std::net::IpAddr::V4(v4)) => {
+                self.buf.push(b'"');
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.buf.push(b'.');
+                    }
+                    if octet >= 100 {
+                        self.buf.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        self.buf.push(b'0' + octet / 10 % 10);
+                    }
+                    self.buf.push(b'0' + octet % 10);
+                }
+                self.buf.push(b'"');
+            }
+            Some(v6) => {
+                // Hex digits, colons and dots: nothing to escape. Writing into a Vec
+                // does not fail.
+                let _ = write!(self.buf, "\"{v6}\"");
+            }
+        }
+        self
+    }
+
+    pub fn finish(mut self) -> String {
+        self.buf.push(b'}');
+        // Only `&str` values and ASCII were written, so this is valid UTF-8.
+        String::from_utf8(self.buf)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    }
+}
+
+/// Whether JSON needs this text escaped (what `serde_json` escapes: the quote, the
+/// backslash and control characters).
+fn needs_escape(s: &str) -> bool {
+    s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 /// The request id of a request: the caller's `X-Request-Id` when it is well formed
@@ -175,6 +371,41 @@ pub async fn access_log(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_are_written_as_chrono_writes_them() {
+        use std::time::{Duration, SystemTime, UNIX_EPOCH};
+        let chrono_text = |t: SystemTime| {
+            chrono::DateTime::<chrono::Utc>::from(t)
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        };
+        // Day boundaries around leap years and centuries, then a spread of instants up
+        // to the end of year 9999 (a multiplicative walk over the seconds).
+        let mut secs: Vec<u64> = vec![
+            0,
+            86_399,
+            951_782_400,   // 2000-02-29
+            951_868_800,   // 2000-03-01
+            4_107_542_400, // 2100-02-28
+            4_107_628_800, // 2100-03-01
+            1_798_761_599, // 2026-12-31T23:59:59
+            253_402_300_799,
+        ];
+        let mut s: u64 = 12_345;
+        for _ in 0..20_000 {
+            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1) % 253_402_300_800;
+            secs.push(s);
+        }
+        for (i, sec) in secs.into_iter().enumerate() {
+            let millis = u64::try_from(i % 1000).expect("millis");
+            let t = UNIX_EPOCH + Duration::from_secs(sec) + Duration::from_millis(millis);
+            let ours = rfc3339_millis(t).expect("in range");
+            assert_eq!(std::str::from_utf8(&ours).expect("utf-8"), chrono_text(t));
+        }
+        let after = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
+        assert_eq!(rfc3339_millis(after), None);
+        assert_eq!(now_rfc3339().len(), 24);
+    }
 
     #[test]
     fn a_request_actix_cannot_parse_is_a_warning() {

@@ -30,20 +30,22 @@ pub async fn verify(
     if let Some(boot) = &ctx.settings.bootstrap_key_hash {
         let given = crate::crypto::sha256(presented.as_bytes());
         if crate::crypto::ct_eq(&given, boot) {
-            audit.caller = Some(BOOTSTRAP_CALLER.to_owned());
-            audit.key_ref = Some("bootstrap".to_owned());
+            let key_ref: std::sync::Arc<str> = "bootstrap".into();
+            audit.caller = Some(BOOTSTRAP_CALLER.into());
+            audit.key_ref = Some(key_ref.clone());
             return Ok(Principal {
                 caller: BOOTSTRAP_CALLER.to_owned(),
                 scheme: Scheme::ApiKey,
-                scopes: Scope::ALL.to_vec(),
-                key_ref: Some("bootstrap".to_owned()),
+                scopes: Scope::ALL.into(),
+                key_ref: Some(key_ref),
                 job_id: None,
                 held: Held::Bootstrap,
             });
         }
     }
-    let key = ApiKey::parse(presented).map_err(|_| fail("malformed api key"))?;
-    let hash = key.hash();
+    ApiKey::validate(presented).map_err(|_| fail("malformed api key"))?;
+    // The stored form, in a stack buffer: the key itself is not copied anywhere.
+    let hash = crate::crypto::sha256_hex_buf(presented.as_bytes());
     let found = match ctx.store.cached_api_key(hash.as_str())? {
         Some(found) => found,
         None => {
@@ -56,8 +58,8 @@ pub async fn verify(
         }
     };
     let (row, caller) = (&found.key, &found.caller);
-    audit.caller = Some(row.caller.clone());
-    audit.key_ref = Some(row.display_prefix.clone());
+    audit.caller = Some(found.caller_name.clone());
+    audit.key_ref = Some(found.display_prefix.clone());
     if row.revoked_at.is_some() {
         return Err(fail("revoked"));
     }
@@ -67,18 +69,19 @@ pub async fn verify(
     if caller.disabled_at.is_some() {
         return Err(fail("caller disabled"));
     }
-    // Effective scopes (the key's, limited to what the caller still holds), worked out
-    // when the key was read.
-    let scopes = found.scopes.to_vec();
-    ctx.store.touch(Touch::ApiKey { id: row.id.clone() });
+    ctx.store.touch(Touch::ApiKey {
+        id: found.id.clone(),
+    });
     Ok(Principal {
         caller: row.caller.clone(),
         scheme: Scheme::ApiKey,
-        scopes,
-        key_ref: Some(row.display_prefix.clone()),
+        // Effective scopes (the key's, limited to what the caller still holds), worked
+        // out when the key was read.
+        scopes: found.scopes.clone(),
+        key_ref: Some(found.display_prefix.clone()),
         job_id: None,
         held: Held::ApiKey {
-            hash: hash.as_str().to_owned(),
+            hash: found.hash.clone(),
         },
     })
 }

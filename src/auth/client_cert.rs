@@ -245,7 +245,7 @@ pub async fn verify(
 ) -> Result<Principal, ApiError> {
     audit.scheme = Some(Scheme::ClientCert);
     let name = identity.caller_of(cert).map_err(fail)?;
-    audit.caller = Some(name.to_owned());
+    audit.caller = Some(name.into());
     let caller = ctx
         .store
         .caller(name)
@@ -255,7 +255,7 @@ pub async fn verify(
         return Err(fail("caller disabled"));
     }
     Ok(Principal {
-        caller: caller.name.clone(),
+        caller: caller.name.to_string(),
         scheme: Scheme::ClientCert,
         scopes: caller.scopes.clone(),
         key_ref: None,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
-use actix_web::http::header::{HeaderMap, HeaderName, AUTHORIZATION, CONTENT_LENGTH};
+use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_LENGTH};
 use actix_web::middleware::Next;
 use actix_web::web::{Bytes, BytesMut};
 use actix_web::{Error, HttpMessage, ResponseError};
@@ -28,7 +28,7 @@ use super::client_cert::{self, PeerCertificate};
 use super::model::Scheme;
 use super::principal::Principal;
 use super::throttle::BodyReadRefused;
-use super::{api_key, fail, hmac, names, webhook, AuthContext};
+use super::{api_key, fail, hmac, webhook, AuthContext};
 use crate::db::admission;
 use crate::db::replay::Deferred;
 use crate::error::ApiError;
@@ -45,32 +45,80 @@ pub enum Choice {
     ApiKey,
 }
 
-/// Every header that carries (part of) a credential.
+/// Every header that carries (part of) a credential, in the order of their bits in
+/// [`scan_credentials`]' mask ([`credential_index`]; a test holds the two together).
+#[cfg(test)]
 static CREDENTIAL_HEADERS: [&HeaderName; 12] = [
-    &names::SIGNATURE,
-    &names::SIGNATURE_INPUT,
-    &names::HMAC_CALLER,
-    &names::HMAC_TIMESTAMP,
-    &names::HMAC_SIGNATURE,
-    &names::HMAC_KEY_VERSION,
-    &names::HMAC_NONCE,
-    &names::WEBHOOK_ID,
-    &names::WEBHOOK_TIMESTAMP,
-    &names::WEBHOOK_SIGNATURE,
+    &super::names::SIGNATURE,
+    &super::names::SIGNATURE_INPUT,
+    &super::names::HMAC_CALLER,
+    &super::names::HMAC_TIMESTAMP,
+    &super::names::HMAC_SIGNATURE,
+    &super::names::HMAC_KEY_VERSION,
+    &super::names::HMAC_NONCE,
+    &super::names::WEBHOOK_ID,
+    &super::names::WEBHOOK_TIMESTAMP,
+    &super::names::WEBHOOK_SIGNATURE,
     &AUTHORIZATION,
-    &names::API_KEY,
+    &super::names::API_KEY,
 ];
+
+/// The bits of the credential headers in [`scan_credentials`]' mask, by name.
+mod bit {
+    pub const SIGNATURE: u16 = 1 << 0;
+    pub const SIGNATURE_INPUT: u16 = 1 << 1;
+    pub const HMAC_CALLER: u16 = 1 << 2;
+    pub const HMAC_TIMESTAMP: u16 = 1 << 3;
+    pub const HMAC_SIGNATURE: u16 = 1 << 4;
+    pub const WEBHOOK_ID: u16 = 1 << 7;
+    pub const WEBHOOK_TIMESTAMP: u16 = 1 << 8;
+    pub const WEBHOOK_SIGNATURE: u16 = 1 << 9;
+    pub const AUTHORIZATION: u16 = 1 << 10;
+    pub const API_KEY: u16 = 1 << 11;
+}
+
+/// A credential header's bit number in [`scan_credentials`]' mask: one `match` on the (already
+/// lower-case) name, which compiles to length checks and a compare or two, instead of
+/// an equality test against each of the twelve names.
+fn credential_index(name: &HeaderName) -> Option<u32> {
+    use super::{api_key, hmac::rfc9421, hmac::wire, webhook::wire as webhook_wire};
+    Some(match name.as_str() {
+        rfc9421::HEADER_SIGNATURE => 0,
+        rfc9421::HEADER_SIGNATURE_INPUT => 1,
+        wire::HEADER_CALLER => 2,
+        wire::HEADER_TIMESTAMP => 3,
+        wire::HEADER_SIGNATURE => 4,
+        wire::HEADER_KEY_VERSION => 5,
+        wire::HEADER_NONCE => 6,
+        webhook_wire::HEADER_ID => 7,
+        webhook_wire::HEADER_TIMESTAMP => 8,
+        webhook_wire::HEADER_SIGNATURE => 9,
+        "authorization" => 10,
+        api_key::HEADER => 11,
+        _ => return None,
+    })
+}
 
 /// Pure scheme choice from the headers. A credential header sent twice, or holding
 /// anything but visible ASCII, is refused outright. Any HMAC header → HMAC, with no
 /// fallback. Otherwise exactly one of webhook (on its routes), bearer, API key; two or
 /// none → 401.
 pub fn choose_scheme(headers: &HeaderMap, webhook_route: bool) -> Result<Choice, &'static str> {
+    scan_credentials(headers, webhook_route).map(|(choice, _)| choice)
+}
+
+/// [`choose_scheme`], with the `X-API-Key` value when that header came (a cheap clone of
+/// the request's bytes), so the API-key path does not look the header up again.
+fn scan_credentials(
+    headers: &HeaderMap,
+    webhook_route: bool,
+) -> Result<(Choice, Option<HeaderValue>), &'static str> {
     // One pass over the request's headers (a handful), noting which credential headers
     // came, rather than a lookup per credential header name.
     let mut seen: u16 = 0;
+    let mut api_key = None;
     for (name, value) in headers.iter() {
-        let Some(i) = CREDENTIAL_HEADERS.iter().position(|c| *c == name) else {
+        let Some(i) = credential_index(name) else {
             continue;
         };
         let bit = 1u16 << i;
@@ -85,40 +133,39 @@ pub fn choose_scheme(headers: &HeaderMap, webhook_route: bool) -> Result<Choice,
         {
             return Err("malformed header");
         }
+        if bit == bit::API_KEY {
+            api_key = Some(value);
+        }
     }
-    let has = |n: &HeaderName| {
-        CREDENTIAL_HEADERS
-            .iter()
-            .position(|c| *c == n)
-            .is_some_and(|i| seen & (1u16 << i) != 0)
-    };
-    let v1 = has(&names::HMAC_CALLER) || has(&names::HMAC_TIMESTAMP) || has(&names::HMAC_SIGNATURE);
-    let rfc9421 = has(&names::SIGNATURE) || has(&names::SIGNATURE_INPUT);
-    if rfc9421 {
+    let has = |b: u16| seen & b != 0;
+    let v1 = has(bit::HMAC_CALLER | bit::HMAC_TIMESTAMP | bit::HMAC_SIGNATURE);
+    let rfc9421 = has(bit::SIGNATURE | bit::SIGNATURE_INPUT);
+    let choice = if rfc9421 {
         // Any RFC 9421 header commits the request to that scheme, with no fallback.
-        let other = v1 || has(&AUTHORIZATION) || has(&names::API_KEY);
-        return if other {
-            Err("more than one credential scheme")
-        } else {
-            Ok(Choice::HttpSig)
-        };
-    }
-    if v1 {
-        return Ok(Choice::Hmac);
-    }
-    let webhook = webhook_route
-        && (has(&names::WEBHOOK_ID)
-            || has(&names::WEBHOOK_TIMESTAMP)
-            || has(&names::WEBHOOK_SIGNATURE));
-    let bearer = has(&AUTHORIZATION);
-    let api_key = has(&names::API_KEY);
-    match (webhook, bearer, api_key) {
-        (false, false, false) => Err("missing credentials"),
-        (true, false, false) => Ok(Choice::Webhook),
-        (false, true, false) => Ok(Choice::Bearer),
-        (false, false, true) => Ok(Choice::ApiKey),
-        _ => Err("more than one credential scheme"),
-    }
+        let other = v1 || has(bit::AUTHORIZATION | bit::API_KEY);
+        if other {
+            return Err("more than one credential scheme");
+        }
+        Choice::HttpSig
+    } else if v1 {
+        Choice::Hmac
+    } else {
+        let webhook =
+            webhook_route && has(bit::WEBHOOK_ID | bit::WEBHOOK_TIMESTAMP | bit::WEBHOOK_SIGNATURE);
+        let bearer = has(bit::AUTHORIZATION);
+        match (webhook, bearer, api_key.is_some()) {
+            (false, false, false) => return Err("missing credentials"),
+            (true, false, false) => Choice::Webhook,
+            (false, true, false) => Choice::Bearer,
+            (false, false, true) => Choice::ApiKey,
+            _ => return Err("more than one credential scheme"),
+        }
+    };
+    let api_key = match choice {
+        Choice::ApiKey => api_key.cloned(),
+        _ => None,
+    };
+    Ok((choice, api_key))
 }
 
 /// Read the whole body once, bounded by the body limit (413) and by `within` (408),
@@ -309,15 +356,16 @@ async fn authenticate(
     let ctx = &*gate.auth;
     let cert = req.conn_data::<PeerCertificate>().cloned();
     let (Some(identity), Some(cert)) = (&ctx.settings.client_identity, cert) else {
-        let choice = choose_scheme(req.headers(), gate.spec.accepts_webhooks()).map_err(fail)?;
-        return authenticate_with(gate, choice, req, peer, audit).await;
+        let (choice, api_key) =
+            scan_credentials(req.headers(), gate.spec.accepts_webhooks()).map_err(fail)?;
+        return authenticate_with(gate, choice, api_key, req, peer, audit).await;
     };
     let by_cert = client_cert::verify(ctx, identity, &cert, audit).await?;
-    let choice = match choose_scheme(req.headers(), gate.spec.accepts_webhooks()) {
+    let (choice, api_key) = match scan_credentials(req.headers(), gate.spec.accepts_webhooks()) {
         Err("missing credentials") => return Ok((by_cert, false)),
         other => other.map_err(fail)?,
     };
-    let (p, body_read) = authenticate_with(gate, choice, req, peer, audit).await?;
+    let (p, body_read) = authenticate_with(gate, choice, api_key, req, peer, audit).await?;
     if p.caller != by_cert.caller {
         return Err(fail("client certificate names another caller"));
     }
@@ -325,10 +373,12 @@ async fn authenticate(
 }
 
 /// One header scheme: its cheap checks, then (for schemes that sign the body) the body
-/// and the MAC. Returns whether the body was already read.
+/// and the MAC. Returns whether the body was already read. `api_key` is the
+/// `X-API-Key` value [`scan_credentials`] found for [`Choice::ApiKey`].
 async fn authenticate_with(
     gate: &Gate,
     choice: Choice,
+    api_key: Option<HeaderValue>,
     req: &mut ServiceRequest,
     peer: &Peer,
     audit: &mut AuditRecord,
@@ -366,9 +416,13 @@ async fn authenticate_with(
             return Ok((p, false));
         }
         Choice::ApiKey => {
-            let value = super::header(req, &names::API_KEY).unwrap_or("").to_owned();
+            // Visible ASCII (checked by the scan), so UTF-8.
+            let value = api_key
+                .as_ref()
+                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+                .unwrap_or("");
             let before_lookup = || spend_verification(ctx, peer);
-            let p = api_key::verify(ctx, &value, before_lookup, audit).await?;
+            let p = api_key::verify(ctx, value, before_lookup, audit).await?;
             return Ok((p, false));
         }
     };
@@ -615,21 +669,19 @@ fn finish<B>(
         },
         audit.reason.unwrap_or("ok"),
     );
-    let rid = res
-        .request()
-        .extensions()
-        .get::<RequestId>()
-        .map(|r| r.0.clone());
-    AuditLine {
-        record: audit,
-        method: res.request().method().as_str(),
-        route: gate.spec.path,
-        peer: ip.map(|p| p.to_string()),
-        status,
-        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-        request_id: rid.as_deref(),
+    {
+        let extensions = res.request().extensions();
+        AuditLine {
+            record: audit,
+            method: res.request().method().as_str(),
+            route: gate.spec.path,
+            peer: ip,
+            status,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            request_id: extensions.get::<RequestId>().map(|r| r.0.as_str()),
+        }
+        .write();
     }
-    .write();
     res.request().extensions_mut().insert(LineWritten);
     res
 }
@@ -637,7 +689,7 @@ fn finish<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actix_web::http::header::HeaderValue;
+    use crate::auth::names;
 
     fn payload(
         s: impl futures_util::Stream<Item = Result<Bytes, actix_web::error::PayloadError>> + 'static,
@@ -713,6 +765,49 @@ mod tests {
         assert!(c(&["signature", "x-coordinator-caller"], false).is_err());
         assert!(c(&["signature-input", "x-api-key"], false).is_err());
         assert!(c(&["signature", "authorization"], false).is_err());
+    }
+
+    #[test]
+    fn credential_bits_follow_the_header_table() {
+        for (i, name) in CREDENTIAL_HEADERS.iter().enumerate() {
+            assert_eq!(credential_index(name), u32::try_from(i).ok(), "{name}");
+        }
+        let bit_of = |n: &HeaderName| credential_index(n).map(|i| 1u16 << i);
+        assert_eq!(bit_of(&names::SIGNATURE), Some(bit::SIGNATURE));
+        assert_eq!(bit_of(&names::SIGNATURE_INPUT), Some(bit::SIGNATURE_INPUT));
+        assert_eq!(bit_of(&names::HMAC_CALLER), Some(bit::HMAC_CALLER));
+        assert_eq!(bit_of(&names::HMAC_TIMESTAMP), Some(bit::HMAC_TIMESTAMP));
+        assert_eq!(bit_of(&names::HMAC_SIGNATURE), Some(bit::HMAC_SIGNATURE));
+        assert_eq!(bit_of(&names::WEBHOOK_ID), Some(bit::WEBHOOK_ID));
+        assert_eq!(
+            bit_of(&names::WEBHOOK_TIMESTAMP),
+            Some(bit::WEBHOOK_TIMESTAMP)
+        );
+        assert_eq!(
+            bit_of(&names::WEBHOOK_SIGNATURE),
+            Some(bit::WEBHOOK_SIGNATURE)
+        );
+        assert_eq!(bit_of(&AUTHORIZATION), Some(bit::AUTHORIZATION));
+        assert_eq!(bit_of(&names::API_KEY), Some(bit::API_KEY));
+        assert_eq!(credential_index(&actix_web::http::header::HOST), None);
+        assert_eq!(credential_index(&names::CONTENT_DIGEST), None);
+    }
+
+    #[test]
+    fn the_api_key_value_comes_with_its_choice() {
+        let mut h = HeaderMap::new();
+        h.insert(names::API_KEY.clone(), HeaderValue::from_static("cok_x"));
+        let (choice, value) = scan_credentials(&h, false).expect("scan");
+        assert_eq!(choice, Choice::ApiKey);
+        assert_eq!(
+            value.as_ref().map(HeaderValue::as_bytes),
+            Some(&b"cok_x"[..])
+        );
+        h.insert(names::HMAC_CALLER.clone(), HeaderValue::from_static("c"));
+        assert_eq!(
+            scan_credentials(&h, false).map(|(c, v)| (c, v.is_none())),
+            Ok((Choice::Hmac, true))
+        );
     }
 
     #[test]

@@ -15,9 +15,10 @@ use crate::jobs::JobId;
 pub struct Principal {
     pub caller: String,
     pub scheme: Scheme,
-    pub scopes: Vec<Scope>,
+    /// Shared with the credential cache where it comes from there.
+    pub scopes: std::sync::Arc<[Scope]>,
     /// Key version (`v3`), API key display prefix, or token `jti`.
-    pub key_ref: Option<String>,
+    pub key_ref: Option<std::sync::Arc<str>>,
     /// For job tokens: the one job this principal may touch.
     pub job_id: Option<JobId>,
     /// The credential it was proved with, to check again later (see [`Principal::recheck`]).
@@ -33,7 +34,7 @@ pub enum Held {
     /// A Standard Webhooks signature under this version of the sender's webhook secret.
     WebhookSecret { version: i32 },
     /// An API key, by its SHA-256 (what the key table is keyed on).
-    ApiKey { hash: String },
+    ApiKey { hash: std::sync::Arc<str> },
     /// A job token.
     Token {
         jti: String,
@@ -206,7 +207,7 @@ mod tests {
         Principal {
             caller: "w".into(),
             scheme: Scheme::Token,
-            scopes: vec![Scope::JobsUpdate],
+            scopes: [Scope::JobsUpdate].into(),
             key_ref: None,
             job_id: job.map(|j| JobId::parse(j, "id").expect("uuid")),
             held: Held::Caller,

@@ -62,8 +62,9 @@ impl SecretVersion {
 /// A caller with its HMAC secrets, newest first.
 #[derive(Debug)]
 pub struct CallerEntry {
-    pub name: String,
-    pub scopes: Vec<Scope>,
+    /// Shared with each request's audit record and last-used note (no copy per request).
+    pub name: Arc<str>,
+    pub scopes: Arc<[Scope]>,
     pub disabled: bool,
     pub hmac: Vec<SecretVersion>,
 }
@@ -105,12 +106,22 @@ fn earliest(expiries: impl IntoIterator<Item = Option<i64>>, now_ms: i64) -> Opt
 }
 
 /// An API key with its caller, and the key's effective scopes (its own, limited to
-/// what the caller holds; unknown names dropped), worked out once when read.
+/// what the caller holds; unknown names dropped), worked out once when read, as are
+/// the shared copies of the row's texts each request hands on (its principal, audit
+/// record and last-used note): cloning those is a count, not an allocation.
 #[derive(Clone)]
 pub struct KeyAndCaller {
     pub key: Arc<ApiKeyRow>,
     pub caller: Arc<CallerRow>,
     pub scopes: Arc<[Scope]>,
+    /// `key.caller`.
+    pub caller_name: Arc<str>,
+    /// `key.display_prefix`.
+    pub display_prefix: Arc<str>,
+    /// `key.key_hash`.
+    pub hash: Arc<str>,
+    /// `key.id`.
+    pub id: Arc<str>,
 }
 
 impl KeyAndCaller {
@@ -123,6 +134,10 @@ impl KeyAndCaller {
             .filter(|s| held.contains(s))
             .collect();
         KeyAndCaller {
+            caller_name: key.caller.as_str().into(),
+            display_prefix: key.display_prefix.as_str().into(),
+            hash: key.key_hash.as_str().into(),
+            id: key.id.as_str().into(),
             key: Arc::new(key),
             caller: Arc::new(caller),
             scopes,
@@ -349,9 +364,9 @@ impl CredentialStore {
             return Ok(None);
         };
         let entry = Arc::new(CallerEntry {
-            scopes: caller.scope_list(),
+            scopes: caller.scope_list().into(),
             disabled: caller.disabled_at.is_some(),
-            name: caller.name,
+            name: caller.name.into(),
             hmac: rows
                 .iter()
                 .filter_map(|r| {
@@ -373,7 +388,7 @@ impl CredentialStore {
             if c.callers.len() >= MAX_CALLERS {
                 c.callers.clear();
             }
-            c.callers.insert(entry.name.clone(), cached);
+            c.callers.insert(entry.name.to_string(), cached);
         })?;
         Ok(Some(entry))
     }
@@ -553,11 +568,11 @@ impl CredentialStore {
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub enum Touch {
     Secret {
-        caller: String,
+        caller: Arc<str>,
         purpose: Purpose,
         version: i32,
     },
     ApiKey {
-        id: String,
+        id: Arc<str>,
     },
 }

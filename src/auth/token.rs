@@ -488,12 +488,13 @@ pub async fn verify_header(
         return Err(fail("expired"));
     }
     audit.worker = Some(claims.sub.clone());
-    audit.key_ref = Some(claims.jti.clone());
+    let jti: std::sync::Arc<str> = claims.jti.as_str().into();
+    audit.key_ref = Some(jti.clone());
     let Some(caller) = claims.cal.clone() else {
         // Minted before tokens recorded their caller: nobody to hold accountable.
         return Err(fail("token without caller"));
     };
-    audit.caller = Some(caller.clone());
+    audit.caller = Some(caller.as_str().into());
     if !key.is_active(now_millis()) {
         return Err(fail("expired"));
     }
@@ -531,14 +532,14 @@ pub async fn verify_header(
         scheme: Scheme::Token,
         scopes,
         held: Held::Token {
-            jti: claims.jti.clone(),
+            jti: claims.jti,
             attempt: claims.att,
             expires_at: claims.exp,
             issued_at: claims.iat,
             worker: claims.sub,
             key_version: version,
         },
-        key_ref: Some(claims.jti),
+        key_ref: Some(jti),
         job_id: Some(job_id),
     })
 }

@@ -153,8 +153,14 @@ impl ApiKey {
 
     /// Validates `text` (prefix, length, alphabet, checksum) and wraps it.
     pub fn parse(text: &str) -> Result<Self, CredentialError> {
-        validate_checked(text, API_KEY_PREFIX, API_KEY_BODY_LEN)?;
+        Self::validate(text)?;
         Ok(Self(SecretString::from(text)))
+    }
+
+    /// The checks of [`ApiKey::parse`] (prefix, length, alphabet, checksum), without
+    /// keeping a copy of the key.
+    pub fn validate(text: &str) -> Result<(), CredentialError> {
+        validate_checked(text, API_KEY_PREFIX, API_KEY_BODY_LEN)
     }
 
     /// The whole key string.

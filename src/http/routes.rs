@@ -37,19 +37,21 @@ macro_rules! route_table {
         /// requirement of the route that runs. A path may carry several methods (one
         /// resource each, selected by method); after them, one resource per path answers
         /// 405 for any other method, behind the guard of the path's first route.
+        /// Registered in [`registration_pass`] order, each pass in table order.
         pub fn register(
             cfg: &mut web::ServiceConfig,
             keep: fn(&RouteSpec) -> bool,
             auth: &Arc<AuthContext>,
             metrics: &Arc<Metrics>,
         ) {
+            for pass in 0..REGISTRATION_PASSES {
             $(
                 let spec = RouteSpec {
                     method: route_table!(@m $method),
                     path: $path,
                     access: $access,
                 };
-                if keep(&spec) {
+                if keep(&spec) && registration_pass(&spec) == pass {
                     let gate = Arc::new(Gate::new(auth.clone(), metrics.clone(), spec));
                     cfg.service(
                         web::resource($path)
@@ -63,6 +65,7 @@ macro_rules! route_table {
                     );
                 }
             )*
+            }
             for (i, spec) in ROUTES.iter().enumerate() {
                 if !keep(spec) || ROUTES.iter().take(i).any(|r| r.path == spec.path) {
                     continue;
@@ -116,6 +119,22 @@ route_table! {
     post  "/stitcher/webhook/{caller}"         => stitcher::webhook_from_sender, Access::Scope(Scope::StitcherWebhook);
     post  "/stitcher/dispatch"                 => stitcher::dispatch, Access::Scope(Scope::StitcherDispatch);
     post  "/admin/tokens/revoke"               => admin::revoke_token, Access::Scope(Scope::Admin);
+}
+
+const REGISTRATION_PASSES: u8 = 3;
+
+/// When a route is registered: actix tries resources in registration order, and each
+/// one passed over costs a path comparison (about 230 instructions under callgrind),
+/// so `/livez` goes first, the API next and the other open routes (the readiness
+/// probe, metrics, the OpenAPI document and the dashboard, each of which does far
+/// more work than that per request) last. No open path overlaps an API path, so the
+/// order changes which resource is tried first, never which one answers.
+fn registration_pass(spec: &RouteSpec) -> u8 {
+    match spec.access {
+        Access::Open if spec.path == "/livez" => 0,
+        Access::Open => 2,
+        _ => 1,
+    }
 }
 
 /// The dashboard's routes: open, but served with the API (see `--metrics-bind`).
@@ -208,6 +227,30 @@ mod tests {
         assert_eq!(allowed_methods("/coordinator/jobs/{id}"), "GET");
         assert_eq!(allowed_methods("/livez"), "GET, HEAD");
         assert_eq!(allowed_methods("/nowhere"), "");
+    }
+
+    #[test]
+    fn registration_order_cannot_change_which_route_answers() {
+        // Resources are registered out of table order (`registration_pass`): that is
+        // only sound while no open path shares a prefix with an API path.
+        for open in ROUTES.iter().filter(|r| matches!(r.access, Access::Open)) {
+            let top = open.path.split('/').nth(1).unwrap_or("");
+            assert!(
+                ROUTES
+                    .iter()
+                    .filter(|r| !matches!(r.access, Access::Open))
+                    .all(|r| r.path.split('/').nth(1) != Some(top)),
+                "{}",
+                open.path
+            );
+        }
+        assert_eq!(
+            ROUTES.iter().filter(|r| registration_pass(r) == 0).count(),
+            1
+        );
+        assert!(ROUTES
+            .iter()
+            .all(|r| registration_pass(r) < REGISTRATION_PASSES));
     }
 
     #[test]

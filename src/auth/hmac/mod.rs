@@ -202,7 +202,8 @@ pub async fn finish(
             AuthFailure::new("signature mismatch").with("canonical", canonical),
         ));
     };
-    audit.key_ref = Some(format!("v{}", matched.version));
+    let key_ref: Arc<str> = format!("v{}", matched.version).into();
+    audit.key_ref = Some(key_ref.clone());
 
     record_once(ctx, req, &entry.name, h.signature.as_bytes(), h.timestamp);
 
@@ -212,10 +213,10 @@ pub async fn finish(
         version: matched.version,
     });
     Ok(Principal {
-        caller: entry.name.clone(),
+        caller: entry.name.to_string(),
         scheme: Scheme::Hmac,
         scopes: entry.scopes.clone(),
-        key_ref: Some(format!("v{}", matched.version)),
+        key_ref: Some(key_ref),
         job_id: None,
         held: Held::Secret {
             version: matched.version,
@@ -360,7 +361,8 @@ pub async fn finish_http_sig(
                 .with("signature_base", first_base.unwrap_or_default()),
         ));
     };
-    audit.key_ref = Some(format!("v{}", matched.version));
+    let key_ref: Arc<str> = format!("v{}", matched.version).into();
+    audit.key_ref = Some(key_ref.clone());
     record_once(ctx, req, &entry.name, &input.signature, input.created);
     ctx.store.touch(Touch::Secret {
         caller: entry.name.clone(),
@@ -368,10 +370,10 @@ pub async fn finish_http_sig(
         version: matched.version,
     });
     Ok(Principal {
-        caller: entry.name.clone(),
+        caller: entry.name.to_string(),
         scheme: Scheme::Rfc9421,
         scopes: entry.scopes.clone(),
-        key_ref: Some(format!("v{}", matched.version)),
+        key_ref: Some(key_ref),
         job_id: None,
         held: Held::Secret {
             version: matched.version,

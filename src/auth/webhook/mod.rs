@@ -84,7 +84,7 @@ pub async fn precheck(
     let now_ms = now_millis();
     let named = req.match_info().get(SENDER_PARAM);
     let caller = sender(&keys, named)?.to_owned();
-    audit.caller = Some(caller.clone());
+    audit.caller = Some(caller.as_str().into());
     let mut tried: Vec<usize> = keys
         .iter()
         .enumerate()
@@ -124,17 +124,18 @@ pub fn finish(
     else {
         return Err(fail("signature mismatch"));
     };
-    audit.key_ref = Some(format!("v{}", k.version));
+    let key_ref: std::sync::Arc<str> = format!("v{}", k.version).into();
+    audit.key_ref = Some(key_ref.clone());
     ctx.store.touch(Touch::Secret {
-        caller: k.caller.clone(),
+        caller: k.caller.as_str().into(),
         purpose: Purpose::WebhookSecret,
         version: k.version,
     });
     Ok(Principal {
         caller: k.caller.clone(),
         scheme: Scheme::Webhook,
-        scopes: k.scopes.clone(),
-        key_ref: Some(format!("v{}", k.version)),
+        scopes: k.scopes.as_slice().into(),
+        key_ref: Some(key_ref),
         job_id: None,
         held: Held::WebhookSecret { version: k.version },
     })
