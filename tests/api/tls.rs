@@ -626,3 +626,143 @@ fn the_cli_verifies_the_servers_certificate() {
         assert!(!err.contains(&key.to_lowercase()), "{what}: the key leaked");
     }
 }
+
+// ---- HTTP/2 ----------------------------------------------------------------------------
+
+/// One HTTP/2 frame: its header (length, type, flags, stream) and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap();
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK integer with an `n`-bit prefix, its first byte or-ed with `first`.
+fn hpack_int(out: &mut Vec<u8>, first: u8, n: u32, mut value: usize) {
+    let max = (1usize << n) - 1;
+    if value < max {
+        out.push(first | u8::try_from(value).unwrap());
+        return;
+    }
+    out.push(first | u8::try_from(max).unwrap());
+    value -= max;
+    while value >= 128 {
+        out.push(u8::try_from(value % 128).unwrap() | 0x80);
+        value /= 128;
+    }
+    out.push(u8::try_from(value).unwrap());
+}
+
+/// A header block of literals without indexing, new names, no Huffman coding.
+fn hpack(headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in headers {
+        out.push(0);
+        hpack_int(&mut out, 0, 7, k.len());
+        out.extend_from_slice(k.as_bytes());
+        hpack_int(&mut out, 0, 7, v.len());
+        out.extend_from_slice(v.as_bytes());
+    }
+    out
+}
+
+/// An HTTP/2 request carries its body without `Content-Length` or `Transfer-Encoding`.
+/// Such bodies, sent slowly before their request was verified, escaped the bound on
+/// bodies on their way (32 per address), and two connections held every request place
+/// of the instance (review finding, 2026-12-06). Now 33 streams of one address, each
+/// with one byte of its body sent, hold 32 places and the one left over is answered at
+/// once.
+fn http2_bodies_without_a_length_are_counted() {
+    let ca = Ca::new("h2 test CA");
+    let files = TlsFiles::new(&ca.server(), None);
+    let Some(app) = spawn_app_with(Backend::Sqlite, |cfg| {
+        cfg.tls = Some(files.config(false, Duration::from_secs(3600)));
+        cfg.body_read_timeout = Duration::from_secs(60);
+        cfg.auth_failures_per_minute = 1_000_000;
+        // 33 requests at once on one connection: above the door's default of 32 per
+        // worker, which would answer the 33rd itself.
+        cfg.max_in_flight = 256;
+    }) else {
+        return;
+    };
+    let port = port_of(&app);
+    let mut tls = connect(&client(&ca, None, &[b"h2"]), port, "localhost").unwrap();
+    assert_eq!(tls.conn.alpn_protocol(), Some(&b"h2"[..]));
+    tls.sock
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(4, 0, 0, &[]));
+    let ts = now_secs().to_string();
+    let zeros = "0".repeat(64);
+    let authority = format!("localhost:{port}");
+    let streams: Vec<u32> = (0..33).map(|i| 1 + 2 * i).collect();
+    for &id in &streams {
+        let block = hpack(&[
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":path", "/coordinator/jobs"),
+            (":authority", &authority),
+            ("content-type", "application/json"),
+            ("x-coordinator-caller", &app.signer.caller),
+            ("x-coordinator-timestamp", &ts),
+            ("x-coordinator-signature", &zeros),
+        ]);
+        out.extend(h2_frame(1, 0x4, id, &block)); // HEADERS, END_HEADERS, no END_STREAM
+        out.extend(h2_frame(0, 0, id, b"{")); // one byte of the body
+    }
+    tls.write_all(&out).unwrap();
+    tls.flush().unwrap();
+    // Read frames until one answers a request stream; acknowledge the server's SETTINGS.
+    let mut buf = Vec::new();
+    let mut answered = Vec::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    while answered.is_empty() && Instant::now() < end {
+        let mut chunk = [0u8; 4096];
+        match tls.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("read: {e}"),
+        }
+        while buf.len() >= 9 {
+            let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (buf[3], buf[4]);
+            let stream = u32::from_be_bytes([buf[5] & 0x7f, buf[6], buf[7], buf[8]]);
+            if kind == 4 && flags & 1 == 0 {
+                tls.write_all(&h2_frame(4, 1, 0, &[])).unwrap();
+                tls.flush().unwrap();
+            }
+            if kind == 1 && stream != 0 {
+                answered.push(stream);
+            }
+            buf.drain(..9 + len);
+        }
+    }
+    // 32 wait for their bodies; one, the stream that found its address at the bound,
+    // was answered (429) at once.
+    assert_eq!(answered.len(), 1, "streams answered: {answered:?}");
+    let metrics = get(&client(&ca, None, &[b"http/1.1"]), port, "/metrics", &[])
+        .unwrap()
+        .1;
+    assert!(
+        metrics.contains("coordinator_unverified_body_reads 32\n"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("unverified"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+crate::plain_tests!(http2_bodies_without_a_length_are_counted);
