@@ -607,6 +607,13 @@ fn worker_move(row: &JobRow, change: &Change) -> Result<(), StoreError> {
 fn on_attempt(row: &JobRow, attempt: Option<i32>) -> Result<(), StoreError> {
     match attempt {
         Some(a) if a != row.attempts => Err(StoreError::StaleAttempt),
+        // A job that completed or failed has revoked its tokens (`job:<id>`); an
+        // instance that has not seen that revocation yet (within a second) answers as
+        // it will then, 401 `revoked`, not a 409 (a review saw the two instances
+        // disagree). A cancelled job's token keeps its 409 `job-cancelled`.
+        Some(_) if row.status().is_terminal() && row.status() != JobStatus::Cancelled => {
+            Err(StoreError::StaleAttempt)
+        }
         _ => Ok(()),
     }
 }

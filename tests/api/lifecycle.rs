@@ -1151,6 +1151,16 @@ fn an_earlier_attempts_token_is_refused_on_every_instance(b: Backend) {
             br#"{"result":{"by":"new"}}"#,
         );
         assert_eq!(r.status, 200, "{}", r.body);
+        // At once on the instance that did not see the job end (its revocation arrives
+        // within a second): 401 `revoked`, as on the one that did, not a 409.
+        for (method, route, body) in [
+            ("PATCH", "/progress", r#"{"percent":99}"#),
+            ("POST", "/heartbeat", "{}"),
+            ("POST", "/complete", r#"{"result":{"by":"again"}}"#),
+        ] {
+            let r = a.with_token(&new, method, &format!("{path}{route}"), body.as_bytes());
+            assert_eq!(r.problem(401)["reason"], "revoked", "{route}: {}", r.body);
+        }
         let j = a.get(&path).json();
         assert_eq!(j["result"], json!({"by": "new"}), "{j}");
     }
