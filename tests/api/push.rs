@@ -1012,57 +1012,52 @@ fn an_open_stream_ends_once_its_credential_no_longer_holds(backend: Backend) {
     ends_without_another_event(&rx, "job stream of a revoked API key");
 
     // A job token revoked: its own job's stream ends.
-    let r = app.post_json("/coordinator/queues/rv2/claim", &json!({"worker": "w"}));
-    assert_eq!(r.status, 200, "{}", r.body);
-    let token = r.json()["token"].as_str().expect("token").to_owned();
-    let bearer = [("Authorization".to_owned(), format!("Bearer {token}"))];
-    let rx = sse_with(&base, &bearer, &path).expect("opens");
-    // The stream replays from the start: created, status, claimed.
-    for want in ["created", "status", "claimed"] {
-        assert_eq!(next_event(&rx).0, want);
-    }
-    let jti = crate::helpers::jti_of(&token);
-    let r = app.post_json("/admin/tokens/revoke", &json!({"jti": jti}));
-    assert!(r.status < 300, "{}", r.body);
-    until_refused("revoked job token", || {
-        app.with_token(&token, "GET", &format!("/coordinator/jobs/{id}"), b"")
+    token_stream_ends_when(&app, "rv3", "revoked job token", |token| {
+        let jti = crate::helpers::jti_of(token);
+        let r = app.post_json("/admin/tokens/revoke", &json!({"jti": jti}));
+        assert!(r.status < 300, "{}", r.body);
     });
-    // A change made with the operator's credential (the job is still RUNNING).
-    let r = app.patch_json(
-        &format!("/coordinator/jobs/{id}/progress"),
-        &json!({"percent": 70, "message": "after the revocation"}),
-    );
-    assert_eq!(r.status, 200, "{}", r.body);
-    ends_without_another_event(&rx, "job stream of a revoked job token");
-
     // The key that signed a job token retired (`token rotate-key --grace 0s`, the answer
     // to a leaked signing key): its stream ends too (review finding, 2026-12-06).
-    let id = pending(&app, "rv3");
-    to_queued(&app, &id);
-    let r = app.post_json("/coordinator/queues/rv3/claim", &json!({"worker": "w"}));
+    token_stream_ends_when(&app, "rv4", "token of a retired key", |_| {
+        coordinator::auth::token::rotate_signing_key(
+            &app.state.db,
+            app.state.auth.store.sealer(),
+            Duration::ZERO,
+        )
+        .expect("rotate");
+    });
+}
+
+/// A job claimed on `queue` and its token's stream of it; after `cut(token)` the token
+/// is refused, and a change made with the operator's credential (the job is still
+/// RUNNING) reaches the stream no more.
+fn token_stream_ends_when(app: &TestApp, queue: &str, what: &str, cut: impl FnOnce(&str)) {
+    let id = pending(app, queue);
+    to_queued(app, &id);
+    let r = app.post_json(
+        &format!("/coordinator/queues/{queue}/claim"),
+        &json!({"worker": "w"}),
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     let token = r.json()["token"].as_str().expect("token").to_owned();
     let bearer = [("Authorization".to_owned(), format!("Bearer {token}"))];
     let path = format!("/coordinator/jobs/{id}/events");
-    let rx = sse_with(&base, &bearer, &path).expect("opens");
+    let rx = sse_with(&app.url(""), &bearer, &path).expect("opens");
+    // The stream replays from the start: created, status, claimed.
     for want in ["created", "status", "claimed"] {
         assert_eq!(next_event(&rx).0, want);
     }
-    coordinator::auth::token::rotate_signing_key(
-        &app.state.db,
-        app.state.auth.store.sealer(),
-        Duration::ZERO,
-    )
-    .expect("rotate");
-    until_refused("token of a retired key", || {
+    cut(&token);
+    until_refused(what, || {
         app.with_token(&token, "GET", &format!("/coordinator/jobs/{id}"), b"")
     });
     let r = app.patch_json(
         &format!("/coordinator/jobs/{id}/progress"),
-        &json!({"percent": 70, "message": "after the key retired"}),
+        &json!({"percent": 70, "message": "after the token stopped holding"}),
     );
     assert_eq!(r.status, 200, "{}", r.body);
-    ends_without_another_event(&rx, "job stream of a token whose key retired");
+    ends_without_another_event(&rx, what);
 }
 
 /// A long-poll claim waits for seconds after its authentication: a caller disabled in
