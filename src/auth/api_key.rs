@@ -20,7 +20,6 @@ pub const BOOTSTRAP_CALLER: &str = "bootstrap";
 pub async fn verify(
     ctx: &AuthContext,
     presented: &str,
-    before_lookup: impl FnOnce() -> Result<(), ApiError>,
     audit: &mut AuditRecord,
 ) -> Result<Principal, ApiError> {
     audit.scheme = Some(Scheme::ApiKey);
@@ -46,17 +45,11 @@ pub async fn verify(
     ApiKey::validate(presented).map_err(|_| fail("malformed api key"))?;
     // The stored form, in a stack buffer: the key itself is not copied anywhere.
     let hash = crate::crypto::sha256_hex_buf(presented.as_bytes());
-    let found = match ctx.store.cached_api_key(hash.as_str())? {
-        Some(found) => found,
-        None => {
-            // A database read: the caller may bound who gets to cause one.
-            before_lookup()?;
-            ctx.store
-                .api_key(hash.as_str())
-                .await?
-                .ok_or_else(|| fail("unknown api key"))?
-        }
-    };
+    let found = ctx
+        .store
+        .api_key(hash.as_str())
+        .await?
+        .ok_or_else(|| fail("unknown api key"))?;
     let (row, caller) = (&found.key, &found.caller);
     audit.caller = Some(found.caller_name.clone());
     audit.key_ref = Some(found.display_prefix.clone());

@@ -168,17 +168,39 @@ fn scan_credentials(
     Ok((choice, api_key))
 }
 
-/// Read the whole body once, bounded by the body limit (413) and by `within` (408),
-/// and put the same bytes back so the handler's extractors read them unchanged.
-pub async fn take_body(
-    req: &mut ServiceRequest,
-    limit: usize,
-    within: Duration,
-) -> Result<Bytes, ApiError> {
+/// The body of a request already authenticated (API key, job token, client
+/// certificate), put back for the handler; `true` when it had to be waited for. Its
+/// arrival time does not count against the request deadline, as for an unverified body
+/// (review, 2026-12-06: a valid API-key create whose body took 4 s got 503).
+async fn take_verified_body(ctx: &AuthContext, req: &mut ServiceRequest) -> Result<bool, ApiError> {
+    let (limit, within) = (ctx.settings.body_limit, ctx.settings.body_read_timeout);
     let mut payload = take_payload(req, limit)?;
     let mut buf = BytesMut::new();
+    if arrived_with_the_request(&mut payload, &mut buf, limit).await? {
+        put_back(req, buf);
+        return Ok(false);
+    }
+    let arriving = Instant::now();
     read_rest(&mut payload, &mut buf, limit, within, || {}).await?;
-    Ok(put_back(req, buf))
+    crate::db::load::extend_deadline(arriving.elapsed());
+    put_back(req, buf);
+    Ok(true)
+}
+
+/// [`read_arrived`], after giving the connection one turn if the body was not all
+/// there: actix's HTTP/1 dispatcher polls a request once before it decodes the body
+/// bytes that came in the same read as the headers (review, 2026-12-06: a POST sent in
+/// one write took a body place and could evict a slow upload).
+async fn arrived_with_the_request(
+    payload: &mut Payload,
+    buf: &mut BytesMut,
+    limit: usize,
+) -> Result<bool, ApiError> {
+    if read_arrived(payload, buf, limit)? {
+        return Ok(true);
+    }
+    actix_web::rt::task::yield_now().await;
+    read_arrived(payload, buf, limit)
 }
 
 /// The request's payload, once its declared length is known to be within `limit`.
@@ -283,7 +305,7 @@ async fn take_unverified_body(
     let (limit, within) = (ctx.settings.body_limit, ctx.settings.body_read_timeout);
     let mut payload = take_payload(req, limit)?;
     let mut buf = BytesMut::new();
-    if read_arrived(&mut payload, &mut buf, limit)? {
+    if arrived_with_the_request(&mut payload, &mut buf, limit).await? {
         return Ok((put_back(req, buf), false));
     }
     let reading = ctx.throttle.begin_body_read(peer.ip).map_err(|r| match r {
@@ -384,28 +406,28 @@ async fn authenticate_with(
     audit: &mut AuditRecord,
 ) -> Result<(Principal, bool), ApiError> {
     let ctx = &*gate.auth;
-    // A blocked peer spends its verification budget before the scheme looks anything
-    // up: an unknown caller name or API key reads the database, and not-found is not
-    // cached (review finding, 2026-12-06: 300 requests answered 429 still made 300
-    // reads). An API key spends it only when it is not cached, so a valid key behind a
-    // blocked address is not slowed.
+    // A blocked peer's verification budget is spent after the scheme's cheap checks,
+    // before the body and its MAC. Spending it before the lookups (to bound the
+    // database reads that unknown names and keys cause) was tried and reverted: after
+    // any cache drop a valid client behind the address then competed for the same 10
+    // a second with whoever kept it blocked, and lost (review, 2026-12-06).
     let (principal, waited) = match choice {
         Choice::Hmac => {
-            spend_verification(ctx, peer)?;
             let pending = hmac::precheck(ctx, req, audit).await?;
+            spend_verification(ctx, peer)?;
             let (body, waited) = take_unverified_body(ctx, req, peer).await?;
             (hmac::finish(ctx, req, pending, &body, audit).await?, waited)
         }
         Choice::HttpSig => {
-            spend_verification(ctx, peer)?;
             let pending = hmac::precheck_http_sig(ctx, req, audit).await?;
+            spend_verification(ctx, peer)?;
             let (body, waited) = take_unverified_body(ctx, req, peer).await?;
             let p = hmac::finish_http_sig(ctx, req, pending, &body, audit).await?;
             (p, waited)
         }
         Choice::Webhook => {
-            spend_verification(ctx, peer)?;
             let pending = webhook::precheck(ctx, req, audit).await?;
+            spend_verification(ctx, peer)?;
             let (body, waited) = take_unverified_body(ctx, req, peer).await?;
             (webhook::finish(ctx, pending, &body, audit)?, waited)
         }
@@ -421,9 +443,7 @@ async fn authenticate_with(
                 .as_ref()
                 .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
                 .unwrap_or("");
-            let before_lookup = || spend_verification(ctx, peer);
-            let p = api_key::verify(ctx, value, before_lookup, audit).await?;
-            return Ok((p, false));
+            return Ok((api_key::verify(ctx, value, audit).await?, false));
         }
     };
     if waited {
@@ -503,9 +523,11 @@ async fn admit(
     let result = async {
         let (principal, body_read) = authenticate(gate, req, peer, audit).await?;
         authorize(&principal, &gate.spec, req)?;
-        if !body_read {
-            let (limit, within) = (ctx.settings.body_limit, ctx.settings.body_read_timeout);
-            take_body(req, limit, within).await?;
+        if !body_read && take_verified_body(ctx, req).await? {
+            // The same as after an unverified body that had to be waited for: the
+            // credential may have been revoked while the body arrived (review,
+            // 2026-12-06: an API key revoked mid-body still created a job).
+            principal.recheck(ctx).await?;
         }
         Ok(principal)
     }

@@ -182,8 +182,6 @@ pub struct CredentialStore {
     /// When each caller's entry was last re-read because a request named a key version
     /// the cache did not know (at most once per `REREAD_EVERY` per caller).
     reread: Mutex<HashMap<String, Instant>>,
-    /// Database reads made for lookups the cache could not answer (see [`Self::fetches`]).
-    fetches: std::sync::atomic::AtomicU64,
 }
 
 /// A known caller's secrets are re-read at most this often on an unknown key version,
@@ -204,7 +202,6 @@ impl CredentialStore {
             synced_at: Mutex::new(None),
             touched: Mutex::new(HashMap::new()),
             reread: Mutex::new(HashMap::new()),
-            fetches: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -247,8 +244,6 @@ impl CredentialStore {
         T: Send + 'static,
         F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.fetches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.db
             .read(move |conn| {
                 let generation = repo::generation(conn)?;
@@ -394,12 +389,6 @@ impl CredentialStore {
     }
 
     /// An API key row and its caller by key hash; `None` when unknown.
-    /// Database reads made so far for lookups the cache could not answer: what an
-    /// unauthenticated peer can make the store do (tests bound it per blocked peer).
-    pub fn fetches(&self) -> u64 {
-        self.fetches.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// The cached entry of an API key, if there is one (no database read).
     pub fn cached_api_key(&self, hash: &str) -> Result<Option<KeyAndCaller>, StoreError> {
         let now = now_millis();
