@@ -6,7 +6,8 @@
 //! `Ok(result)` completes the job; `Err(JobError::Fail)` fails it;
 //! `Err(JobError::Retry)` hands it back while attempts remain. When the server says the job is no longer ours (409/401/403/404 on a
 //! heartbeat), [`JobContext::is_cancelled`] turns true and the outcome is not
-//! reported. Setting the [`Worker::stop_flag`] (wire it to SIGTERM, e.g. with
+//! reported. [`JobContext::progress`] is best-effort: a transient failure is recorded
+//! and answers `Ok(())`, so `job.progress(..)?` hands a job back only when it is gone. Setting the [`Worker::stop_flag`] (wire it to SIGTERM, e.g. with
 //! `signal_hook::flag::register`) cancels the running job, waits `shutdown_grace` for
 //! the handler, and hands an unfinished job back to the queue instead of dropping it.
 //!
@@ -48,6 +49,25 @@ pub struct JobContext {
     cancelled: Arc<AtomicBool>,
     lost: AtomicBool,
     percent: AtomicU8,
+    log: Log,
+}
+
+/// The worker's event lines, shared with its jobs' contexts and heartbeat threads.
+type Log = Arc<Mutex<Vec<String>>>;
+
+fn note(log: &Mutex<Vec<String>>, line: String) {
+    if let Ok(mut l) = log.lock() {
+        l.push(line);
+    }
+}
+
+/// An error that says nothing about the job: no (readable) answer, or the server (or a
+/// proxy in front of it) busy or failing.
+fn transient(e: &Error) -> bool {
+    match e {
+        Error::Problem(p) => matches!(p.status, 408 | 429) || p.status >= 500,
+        Error::Transport(_) | Error::Invalid(_) => true,
+    }
 }
 
 fn gone(e: &Error) -> bool {
@@ -63,7 +83,7 @@ fn gone(e: &Error) -> bool {
 }
 
 impl JobContext {
-    fn new(claim: Claim, client: Client, cancelled: Arc<AtomicBool>) -> Self {
+    fn new(claim: Claim, client: Client, cancelled: Arc<AtomicBool>, log: Log) -> Self {
         let int = |k: &str, d: i64| claim.job.get(k).and_then(Value::as_i64).unwrap_or(d);
         let percent = u8::try_from(int("progress", 0).clamp(0, 100)).unwrap_or(0);
         JobContext {
@@ -75,6 +95,7 @@ impl JobContext {
             cancelled,
             lost: AtomicBool::new(false),
             percent: AtomicU8::new(percent),
+            log,
         }
     }
 
@@ -101,8 +122,12 @@ impl JobContext {
         self.cancelled.load(Ordering::SeqCst)
     }
 
-    /// Report progress (renews the lease too). `Err(JobError::Cancelled)` when the job
-    /// is no longer ours.
+    /// Report progress (renews the lease too). Best-effort: a transient failure (no
+    /// answer, 408, 429, 5xx, an unreadable answer) is recorded in the worker's
+    /// [`Worker::events`] and answers `Ok(())` — the heartbeat keeps the lease, so `?`
+    /// on it never hands a job back for a blip. `Err(JobError::Cancelled)` when the
+    /// job is no longer ours; `Err(JobError::Retry)` for any other error answer (e.g. a
+    /// 400).
     pub fn progress(&self, percent: u8, message: Option<&str>) -> Result<(), JobError> {
         match self.client().report_progress(&self.id, percent, message) {
             Ok(_) => {
@@ -112,6 +137,13 @@ impl JobContext {
             Err(e) if gone(&e) => {
                 self.lose();
                 Err(JobError::Cancelled)
+            }
+            Err(e) if transient(&e) => {
+                note(
+                    &self.log,
+                    format!("{}: progress report failed: {e} (carrying on)", self.id),
+                );
+                Ok(())
             }
             Err(e) => Err(JobError::Retry(e.to_string())),
         }
@@ -141,7 +173,7 @@ pub struct Worker {
     pub shutdown_grace: Duration,
     stop: Arc<AtomicBool>,
     heartbeat_route: Arc<AtomicU8>,
-    log: Arc<Mutex<Vec<String>>>,
+    log: Log,
 }
 
 impl Worker {
@@ -225,9 +257,7 @@ impl Worker {
     }
 
     fn note(&self, line: String) {
-        if let Ok(mut l) = self.log.lock() {
-            l.push(line);
-        }
+        note(&self.log, line);
     }
 
     /// Claim and process jobs until stopped, `max_jobs` are done, or (with
@@ -311,7 +341,12 @@ impl Worker {
         let cancelled = Arc::new(AtomicBool::new(false));
         let interval = self.beat_interval(&claim);
         let token_client = self.client.with_token(&claim.token);
-        let ctx = Arc::new(JobContext::new(claim, token_client, cancelled.clone()));
+        let ctx = Arc::new(JobContext::new(
+            claim,
+            token_client,
+            cancelled.clone(),
+            self.log.clone(),
+        ));
 
         let (beat_stop, beat_rx) = mpsc::channel::<()>();
         let beat = {
@@ -423,17 +458,11 @@ fn heartbeat(
         match result {
             Ok(()) => {}
             Err(e) if gone(&e) => {
-                if let Ok(mut l) = log.lock() {
-                    l.push(format!("{}: {e}; cancelling the handler", ctx.id));
-                }
+                note(log, format!("{}: {e}; cancelling the handler", ctx.id));
                 ctx.lose();
                 return;
             }
-            Err(e) => {
-                if let Ok(mut l) = log.lock() {
-                    l.push(format!("{}: heartbeat failed: {e}", ctx.id));
-                }
-            }
+            Err(e) => note(log, format!("{}: heartbeat failed: {e}", ctx.id)),
         }
     }
 }
@@ -479,5 +508,33 @@ mod tests {
             token_expires_at: "not a time".into(),
         };
         assert_eq!(w.beat_interval(&odd), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_transient_progress_failure_is_recorded_not_fatal() {
+        // Nothing listens on the port: a transport error.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(9);
+        let client = Client::new(
+            &format!("http://127.0.0.1:{port}"),
+            Credentials::Bearer("t".into()),
+        );
+        let log = Log::default();
+        let claim = Claim {
+            job: json!({"id": "j1", "progress": 5}),
+            token: "t".into(),
+            token_expires_at: String::new(),
+        };
+        let ctx = JobContext::new(claim, client, Arc::default(), log.clone());
+        assert_eq!(ctx.progress(50, Some("half")), Ok(()));
+        assert!(!ctx.is_cancelled());
+        assert_eq!(ctx.percent.load(Ordering::SeqCst), 5);
+        let lines = log.lock().map(|l| l.clone()).unwrap_or_default();
+        assert!(
+            lines.iter().any(|l| l.contains("progress report failed")),
+            "{lines:?}"
+        );
     }
 }

@@ -14,7 +14,8 @@ or more often when the job's lease or token is short (:meth:`Worker.beat_interva
 the job; an exception fails it, or hands it back to the queue when it is a
 :class:`Retry` (or one of ``retry_on``) and attempts remain. When the server says the
 job is no longer ours (cancelled, requeued, ended: 409/401/403/404 on a heartbeat),
-``job.cancelled`` is set and the outcome is not reported. SIGTERM (or :meth:`Worker.stop`)
+``job.cancelled`` is set and the outcome is not reported. Progress reports are
+best-effort: a transient failure is logged and the handler carries on. SIGTERM (or :meth:`Worker.stop`)
 sets ``job.cancelled``, waits ``shutdown_grace`` seconds for the handler, and hands an
 unfinished job back (RUNNING → QUEUED) instead of dropping it.
 """
@@ -81,14 +82,23 @@ class JobContext:
         if self.cancelled.is_set():
             raise JobCancelled(self.id)
 
-    def progress(self, percent: int, message: Optional[str] = None) -> None:
-        """Report progress (also renews the lease)."""
+    def progress(self, percent: int, message: Optional[str] = None) -> bool:
+        """Report progress (also renews the lease). Best-effort: a transient failure
+        (no answer, 408, 429, 5xx) is logged and ``False`` returned — the heartbeat
+        keeps the lease. Raises :class:`JobCancelled` when the job is no longer ours;
+        any other error answer (e.g. a 400 for a bad ``percent``) is raised."""
         try:
             self.client.report_progress(self.id, percent, message)
-            self.percent = percent
         except (Conflict, Unauthorized, Forbidden, NotFound):
             self._lose()
             raise JobCancelled(self.id) from None
+        except CoordinatorError as e:
+            if not _transient(e):
+                raise
+            log.warning("job %s: progress report failed: %s (carrying on)", self.id, e)
+            return False
+        self.percent = percent
+        return True
 
     def _lose(self) -> None:
         self.lost.set()
@@ -302,6 +312,14 @@ class Worker:
                 return
             except CoordinatorError as e:
                 log.warning("heartbeat for job %s failed: %s", ctx.id, e)
+
+
+def _transient(e: CoordinatorError) -> bool:
+    """An error that says nothing about the job: no (readable) answer, or the server
+    (or a proxy) busy or failing."""
+    if isinstance(e, ProblemError):
+        return e.status in (408, 429) or e.status >= 500
+    return True
 
 
 def _epoch(stamp: Any) -> Optional[float]:

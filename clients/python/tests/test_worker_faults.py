@@ -1,0 +1,107 @@
+"""The Worker against a tiny fake server: faults the real server cannot produce (a
+proxy's 503, a heartbeat that never answers, an answer that is not JSON)."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+from coordinator_client import Client, JobContext, Worker
+from coordinator_client.client import Claim
+
+#: (status, headers, body) for a request (method, path); None: never answer.
+Route = Callable[[str, str], Optional[Tuple[int, Dict[str, str], bytes]]]
+
+
+class Fake:
+    def __init__(self) -> None:
+        self.route: Route = lambda method, path: (200, {"Content-Type": "application/json"}, b"{}")
+        self.seen: List[Tuple[str, str]] = []
+        self.release = threading.Event()
+
+
+@pytest.fixture
+def fake() -> Iterator[Tuple[str, Fake]]:
+    state = Fake()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_any(self) -> None:
+            n = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(n)
+            state.seen.append((self.command, self.path))
+            answer = state.route(self.command, self.path)
+            if answer is None:  # hang until the test ends
+                state.release.wait(60)
+                return
+            status, headers, out = answer
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        do_GET = do_POST = do_PATCH = do_any
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", state
+    state.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+JSON = {"Content-Type": "application/json"}
+PROXY_503 = (503, {"Content-Type": "text/html"}, b"<html>503 Service Unavailable</html>")
+
+
+def stamp(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def claim(lease: float = 30.0, token: float = 600.0) -> Claim:
+    now = datetime.now(timezone.utc)
+    job = {"id": "j1", "status": "RUNNING", "attempts": 1, "maxAttempts": 3,
+           "startedAt": stamp(now), "leaseExpiresAt": stamp(now + timedelta(seconds=lease))}
+    return Claim(job=job, token="tok", token_expires_at=stamp(now + timedelta(seconds=token)))
+
+
+def paths(fake: Fake, suffix: str) -> List[str]:
+    return [p for _, p in fake.seen if p.endswith(suffix)]
+
+
+def test_a_transient_progress_failure_does_not_fail_the_job(fake) -> None:
+    url, state = fake
+    state.route = lambda m, p: PROXY_503 if p.endswith("/progress") else (200, JSON, b"{}")
+    results: List[bool] = []
+
+    def handler(job: JobContext) -> str:
+        results.append(job.progress(50, "half way"))
+        return "ok"
+
+    w = Worker("q", handler, client=Client(url, api_key="k", retries=1, backoff=0.01),
+               handle_signals=False)
+    w.process(claim())
+    assert results == [False]
+    assert paths(state, "/complete") == ["/coordinator/jobs/j1/complete"]
+    assert paths(state, "/fail") == []
+
+
+def test_progress_without_an_answer_is_not_fatal() -> None:
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens here now
+    ctx = JobContext(claim(), Client(f"http://127.0.0.1:{port}", token="t", retries=0))
+    assert ctx.progress(10) is False
+    assert not ctx.is_cancelled and ctx.percent == 0
