@@ -105,3 +105,40 @@ def test_progress_without_an_answer_is_not_fatal() -> None:
     ctx = JobContext(claim(), Client(f"http://127.0.0.1:{port}", token="t", retries=0))
     assert ctx.progress(10) is False
     assert not ctx.is_cancelled and ctx.percent == 0
+
+
+def test_a_lost_lease_cancels_the_job_and_a_stuck_heartbeat_blocks_nothing(fake) -> None:
+    url, state = fake
+    # Heartbeats never get an answer: the 2 s lease runs out without a renewal.
+    state.route = lambda m, p: None if p.endswith("/heartbeat") else (200, JSON, b"{}")
+    saw: List[bool] = []
+
+    def handler(job: JobContext) -> str:
+        saw.append(job.cancelled.wait(10))
+        return "too late"
+
+    w = Worker("q", handler, client=Client(url, api_key="k"), handle_signals=False)
+    t0 = time.monotonic()
+    w.process(claim(lease=2.0))
+    took = time.monotonic() - t0
+    assert saw == [True]
+    assert took < 5, took
+    # Not completed, failed or handed back: the job is no longer ours.
+    assert [p for _, p in state.seen if not p.endswith("/heartbeat")] == []
+    beats = paths(state, "/heartbeat")
+    assert 1 <= len(beats) <= 3, beats  # one attempt each, no retries
+
+
+def test_a_renewed_lease_is_kept(fake) -> None:
+    url, state = fake
+    beat = json.dumps({"leaseExpiresAt": "2026-01-01T00:00:00Z", "cancelRequested": False})
+    state.route = lambda m, p: (200, JSON, beat.encode() if p.endswith("/heartbeat") else b"{}")
+
+    def handler(job: JobContext) -> str:
+        time.sleep(2.5)  # longer than the lease: only heartbeats keep it
+        return "done" if not job.is_cancelled else "cancelled"
+
+    w = Worker("q", handler, client=Client(url, api_key="k"), handle_signals=False)
+    w.process(claim(lease=1.5))
+    assert len(paths(state, "/heartbeat")) >= 3
+    assert paths(state, "/complete") == ["/coordinator/jobs/j1/complete"]

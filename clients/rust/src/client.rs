@@ -428,6 +428,22 @@ impl Client {
         headers: &[(&str, &str)],
         credentials: Option<&Credentials>,
     ) -> Result<Response> {
+        self.send(method, path, body, headers, credentials, self.retries, None)
+    }
+
+    /// [`Client::request`] with at most `retries` retries and, when given, `timeout`
+    /// instead of the client's.
+    #[allow(clippy::too_many_arguments, reason = "the private core of `request`")]
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+        credentials: Option<&Credentials>,
+        retries: u32,
+        timeout: Option<Duration>,
+    ) -> Result<Response> {
         if let Some(seg) = dot_segment(path) {
             return Err(Error::Invalid(format!(
                 "{path}: a path segment `{seg}` would be dropped by URL normalisation \
@@ -444,6 +460,9 @@ impl Client {
         let mut attempt = 0;
         loop {
             let mut req = self.agent.request(&method, &url);
+            if let Some(t) = timeout {
+                req = req.timeout(t);
+            }
             let (full, target) = sent_target(&req, &url)?;
             for (k, v) in creds.headers(&method, &full, &target, body.unwrap_or_default())? {
                 req = req.set(&k, &v);
@@ -459,7 +478,7 @@ impl Client {
                 Ok(r) => (r.status(), r),
                 Err(ureq::Error::Status(code, r)) => (code, r),
                 Err(ureq::Error::Transport(t)) => {
-                    if may_resend && attempt < self.retries {
+                    if may_resend && attempt < retries {
                         (self.sleep)(self.delay(attempt, None));
                         attempt += 1;
                         continue;
@@ -473,7 +492,7 @@ impl Client {
                 body: bytes,
                 ..
             } = read_response(&method, path, resp)?;
-            if matches!(status, 429 | 503) && attempt < self.retries {
+            if matches!(status, 429 | 503) && attempt < retries {
                 (self.sleep)(self.delay(attempt, retry_after));
                 attempt += 1;
                 continue;
@@ -633,6 +652,36 @@ impl Client {
     pub fn heartbeat(&self, id: &str) -> Result<Value> {
         let path = format!("/coordinator/jobs/{}/heartbeat", encode_segment(id));
         self.call("POST", &path, Some(&json!({})), &[])
+    }
+
+    /// [`Client::heartbeat`] as one attempt, no retry, within `timeout`: what the
+    /// [`crate::Worker`] sends, bounded by the time left on the lease.
+    pub fn heartbeat_once(&self, id: &str, timeout: Duration) -> Result<Value> {
+        let path = format!("/coordinator/jobs/{}/heartbeat", encode_segment(id));
+        self.once("POST", &path, &json!({}), timeout)
+    }
+
+    /// [`Client::report_progress`] (without a message) as one attempt within `timeout`.
+    pub(crate) fn report_progress_once(
+        &self,
+        id: &str,
+        percent: u8,
+        timeout: Duration,
+    ) -> Result<Job> {
+        let path = format!("/coordinator/jobs/{}/progress", encode_segment(id));
+        self.once("PATCH", &path, &json!({ "percent": percent }), timeout)
+    }
+
+    fn once(&self, method: &str, path: &str, body: &Value, timeout: Duration) -> Result<Value> {
+        let bytes = compact(body);
+        let h = [("Content-Type", "application/json")];
+        self.send(method, path, Some(&bytes), &h, None, 0, Some(timeout))?
+            .json()
+    }
+
+    /// The per-request timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// `POST /coordinator/queues/{queue}/claim` [jobs:update]: the best QUEUED job, now

@@ -5,8 +5,10 @@
 //! more often when the job's lease or token is short ([`Worker::beat_interval`]).
 //! `Ok(result)` completes the job; `Err(JobError::Fail)` fails it;
 //! `Err(JobError::Retry)` hands it back while attempts remain. When the server says the job is no longer ours (409/401/403/404 on a
-//! heartbeat), [`JobContext::is_cancelled`] turns true and the outcome is not
-//! reported. [`JobContext::progress`] is best-effort: a transient failure is recorded
+//! heartbeat), or the lease has run out without a renewal (each heartbeat is one
+//! attempt bounded by the time left; the lease is timed on this host's monotonic clock
+//! from the send time of the claim or of the last renewal),
+//! [`JobContext::is_cancelled`] turns true and the outcome is not reported. [`JobContext::progress`] is best-effort: a transient failure is recorded
 //! and answers `Ok(())`, so `job.progress(..)?` hands a job back only when it is gone. Setting the [`Worker::stop_flag`] (wire it to SIGTERM, e.g. with
 //! `signal_hook::flag::register`) cancels the running job, waits `shutdown_grace` for
 //! the handler, and hands an unfinished job back to the queue instead of dropping it.
@@ -50,6 +52,10 @@ pub struct JobContext {
     lost: AtomicBool,
     percent: AtomicU8,
     log: Log,
+    /// The lease's length (from the server's timestamps), when known.
+    lease_len: Option<Duration>,
+    /// When the lease runs out without a renewal, on this host's monotonic clock.
+    lease_until: Mutex<Option<Instant>>,
 }
 
 /// The worker's event lines, shared with its jobs' contexts and heartbeat threads.
@@ -83,10 +89,20 @@ fn gone(e: &Error) -> bool {
 }
 
 impl JobContext {
-    fn new(claim: Claim, client: Client, cancelled: Arc<AtomicBool>, log: Log) -> Self {
+    /// `claimed_at`: when the claim was sent, the start of the lease's clock.
+    fn new(
+        claim: Claim,
+        client: Client,
+        cancelled: Arc<AtomicBool>,
+        log: Log,
+        claimed_at: Instant,
+    ) -> Self {
         let int = |k: &str, d: i64| claim.job.get(k).and_then(Value::as_i64).unwrap_or(d);
         let percent = u8::try_from(int("progress", 0).clamp(0, 100)).unwrap_or(0);
+        let lease_len = lease_length(&claim);
         JobContext {
+            lease_len,
+            lease_until: Mutex::new(lease_len.map(|l| claimed_at + l)),
             id: claim.id().to_owned(),
             attempt: int("attempts", 1),
             max_attempts: int("maxAttempts", 1),
@@ -117,6 +133,27 @@ impl JobContext {
         *c = c.with_token(token);
     }
 
+    /// How long until the lease runs out without a renewal (zero: it has); `None` when
+    /// the lease's length is unknown. Timed on this host's monotonic clock from the
+    /// send time of the claim or of the last renewal.
+    pub fn lease_left(&self) -> Option<Duration> {
+        let until = *self.lease_until.lock().unwrap_or_else(PoisonError::into_inner);
+        until.map(|u| u.saturating_duration_since(Instant::now()))
+    }
+
+    fn lease_expired(&self) -> bool {
+        self.lease_left().is_some_and(|l| l.is_zero())
+    }
+
+    /// A request sent at `sent` renewed the lease.
+    fn renewed(&self, sent: Instant) {
+        let Some(len) = self.lease_len else { return };
+        let mut until = self.lease_until.lock().unwrap_or_else(PoisonError::into_inner);
+        if until.is_none_or(|u| u < sent + len) {
+            *until = Some(sent + len);
+        }
+    }
+
     /// True once the job is no longer ours or the worker is stopping.
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::SeqCst)
@@ -129,9 +166,11 @@ impl JobContext {
     /// job is no longer ours; `Err(JobError::Retry)` for any other error answer (e.g. a
     /// 400).
     pub fn progress(&self, percent: u8, message: Option<&str>) -> Result<(), JobError> {
+        let sent = Instant::now();
         match self.client().report_progress(&self.id, percent, message) {
             Ok(_) => {
                 self.percent.store(percent, Ordering::SeqCst);
+                self.renewed(sent);
                 Ok(())
             }
             Err(e) if gone(&e) => {
@@ -146,6 +185,19 @@ impl JobContext {
                 Ok(())
             }
             Err(e) => Err(JobError::Retry(e.to_string())),
+        }
+    }
+
+    fn lose_lease(&self) {
+        if !self.lost.load(Ordering::SeqCst) {
+            note(
+                &self.log,
+                format!(
+                    "{}: the lease ran out without a renewal; cancelling the handler",
+                    self.id
+                ),
+            );
+            self.lose();
         }
     }
 
@@ -210,23 +262,11 @@ impl Worker {
     /// come from the server's own timestamps (`startedAt` to `leaseExpiresAt` and to
     /// `tokenExpiresAt`), so this host's clock does not matter.
     pub fn beat_interval(&self, claim: &Claim) -> Duration {
-        let at = |v: Option<&str>| {
-            v.and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
-                .map(|t| t.timestamp_millis())
-        };
         let mut interval = self.heartbeat_interval;
-        let Some(started) = at(claim.job.get("startedAt").and_then(Value::as_str)) else {
-            return interval;
-        };
-        let lease = at(claim.job.get("leaseExpiresAt").and_then(Value::as_str));
-        let token = at(Some(claim.token_expires_at.as_str()));
-        for (end, share) in [(lease, 3), (token, 4)] {
-            let Some(ms) = end.and_then(|e| u64::try_from(e - started).ok()) else {
-                continue;
-            };
-            if ms > 0 {
-                let part = Duration::from_millis(ms / share).max(Duration::from_millis(100));
-                interval = interval.min(part);
+        let token = span(claim, Some(claim.token_expires_at.as_str()));
+        for (length, share) in [(lease_length(claim), 3), (token, 4)] {
+            if let Some(len) = length {
+                interval = interval.min((len / share).max(Duration::from_millis(100)));
             }
         }
         interval
@@ -320,7 +360,7 @@ impl Worker {
                 continue;
             };
             delay = self.poll_min;
-            self.process(claim, handler.clone());
+            self.process_claimed(claim, handler.clone(), started);
             processed += 1;
         }
         Ok(processed)
@@ -333,8 +373,19 @@ impl Worker {
         }
     }
 
-    /// Run the handler on one claimed job and report its outcome.
+    /// Run the handler on one claimed job and report its outcome. The lease is timed
+    /// from now: once it has run out without a renewal the job is no longer ours (the
+    /// handler is cancelled, its outcome never reported).
     pub fn process<F>(&self, claim: Claim, handler: Arc<F>)
+    where
+        F: Fn(&JobContext) -> HandlerResult + Send + Sync + 'static,
+    {
+        self.process_claimed(claim, handler, Instant::now());
+    }
+
+    /// [`Worker::process`] with the lease timed from `claimed_at`, when the claim was
+    /// sent.
+    pub fn process_claimed<F>(&self, claim: Claim, handler: Arc<F>, claimed_at: Instant)
     where
         F: Fn(&JobContext) -> HandlerResult + Send + Sync + 'static,
     {
@@ -346,6 +397,7 @@ impl Worker {
             token_client,
             cancelled.clone(),
             self.log.clone(),
+            claimed_at,
         ));
 
         let (beat_stop, beat_rx) = mpsc::channel::<()>();
@@ -371,6 +423,10 @@ impl Worker {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }
+            if ctx.lease_expired() {
+                // Also when the heartbeat thread is stuck in a request.
+                ctx.lose_lease();
+            }
             if self.stopping() && deadline.is_none() {
                 cancelled.store(true, Ordering::SeqCst);
                 deadline = Some(Instant::now() + self.shutdown_grace);
@@ -379,9 +435,16 @@ impl Worker {
                 break None;
             }
         };
+        if ctx.lease_expired() {
+            ctx.lose_lease();
+        }
         self.settle(&ctx, outcome);
         drop(beat_stop);
-        let _ = beat.join();
+        // Not waited for when busy: a heartbeat in flight ends within the time that was
+        // left on the lease, and the thread then sees the stop.
+        if beat.is_finished() {
+            let _ = beat.join();
+        }
     }
 
     fn settle(&self, ctx: &JobContext, outcome: Option<HandlerResult>) {
@@ -426,10 +489,28 @@ fn heartbeat(
     stop: &mpsc::Receiver<()>,
     log: &Mutex<Vec<String>>,
 ) {
-    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+    loop {
+        let wait = ctx.lease_left().map_or(interval, |left| left.min(interval));
+        if !matches!(
+            stop.recv_timeout(wait),
+            Err(mpsc::RecvTimeoutError::Timeout)
+        ) || ctx.lost.load(Ordering::SeqCst)
+        {
+            return;
+        }
+        // One attempt, with no more time than is left on the lease.
+        let timeout = match ctx.lease_left() {
+            Some(left) if left.is_zero() => {
+                ctx.lose_lease();
+                return;
+            }
+            Some(left) => left.min(ctx.client().timeout()),
+            None => ctx.client().timeout(),
+        };
+        let sent = Instant::now();
         let mut result = Err(Error::Invalid("no heartbeat sent".into()));
         if route.load(Ordering::SeqCst) != ROUTE_NO {
-            result = ctx.client().heartbeat(&ctx.id).map(|answer| {
+            result = ctx.client().heartbeat_once(&ctx.id, timeout).map(|answer| {
                 if let Some(token) = answer.get("token").and_then(Value::as_str) {
                     ctx.renew(token);
                 }
@@ -452,11 +533,11 @@ fn heartbeat(
             let percent = ctx.percent.load(Ordering::SeqCst);
             result = ctx
                 .client()
-                .report_progress(&ctx.id, percent, None)
+                .report_progress_once(&ctx.id, percent, timeout)
                 .map(|_| ());
         }
         match result {
-            Ok(()) => {}
+            Ok(()) => ctx.renewed(sent),
             Err(e) if gone(&e) => {
                 note(log, format!("{}: {e}; cancelling the handler", ctx.id));
                 ctx.lose();
@@ -465,6 +546,23 @@ fn heartbeat(
             Err(e) => note(log, format!("{}: heartbeat failed: {e}", ctx.id)),
         }
     }
+}
+
+/// Duration from the job's `startedAt` to `until` (server timestamps both).
+fn span(claim: &Claim, until: Option<&str>) -> Option<Duration> {
+    let at = |v: Option<&str>| {
+        v.and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+            .map(|t| t.timestamp_millis())
+    };
+    let started = at(claim.job.get("startedAt").and_then(Value::as_str))?;
+    let ms = u64::try_from(at(until)? - started).ok()?;
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+/// The job's lease length (`startedAt` to `leaseExpiresAt`, both the server's, so this
+/// host's clock does not matter).
+fn lease_length(claim: &Claim) -> Option<Duration> {
+    span(claim, claim.job.get("leaseExpiresAt").and_then(Value::as_str))
 }
 
 #[cfg(test)]
@@ -527,7 +625,7 @@ mod tests {
             token: "t".into(),
             token_expires_at: String::new(),
         };
-        let ctx = JobContext::new(claim, client, Arc::default(), log.clone());
+        let ctx = JobContext::new(claim, client, Arc::default(), log.clone(), Instant::now());
         assert_eq!(ctx.progress(50, Some("half")), Ok(()));
         assert!(!ctx.is_cancelled());
         assert_eq!(ctx.percent.load(Ordering::SeqCst), 5);

@@ -224,12 +224,14 @@ class Client:
         auth: Any = "default",
         ok: Iterable[int] = (200, 201, 202, 204),
         timeout: Optional[float] = None,
+        retries: Optional[int] = None,
     ) -> requests.Response:
         """Send one request (retrying 503/429), raise a typed error for any status not
         in ``ok`` (a redirect is never followed: a 3xx raises too). ``json`` is
         serialised once, compactly, and the exact bytes are both signed and sent. The
         body is read whole, at most :data:`MAX_BODY` bytes (else
-        :class:`ResponseTooLarge`)."""
+        :class:`ResponseTooLarge`). ``retries`` overrides the client's (0: one
+        attempt)."""
         seg = _dot_segment(path)
         if seg is not None:
             raise ValueError(f"{path}: a path segment {seg!r} would be dropped by URL "
@@ -244,6 +246,7 @@ class Client:
         use_auth = self.auth if auth == "default" else auth
         may_resend = method in _SAFE_METHODS or "Idempotency-Key" in hdrs
         url = self.url + path
+        max_retries = self.retries if retries is None else retries
         attempt = 0
         while True:
             try:
@@ -255,14 +258,14 @@ class Client:
                     verify=self.ca_file if self.ca_file is not None else True,
                     allow_redirects=False, stream=True,
                 )
-                retry = resp.status_code in RETRY_STATUSES and attempt < self.retries
+                retry = resp.status_code in RETRY_STATUSES and attempt < max_retries
                 if retry:
                     resp.close()  # its body is not needed
                 else:
                     _read_body(resp, method, path)
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as e:
-                if may_resend and attempt < self.retries:
+                if may_resend and attempt < max_retries:
                     self._sleep(self._delay(attempt, None))
                     attempt += 1
                     continue
@@ -335,12 +338,16 @@ class Client:
             body["message"] = message
         return self._json("PATCH", f"/coordinator/jobs/{_seg(job_id)}/status", json=body)
 
-    def report_progress(self, job_id: str, percent: int, message: Optional[str] = None) -> Job:
-        """``PATCH /coordinator/jobs/{id}/progress`` [jobs:update]; renews the lease."""
+    def report_progress(self, job_id: str, percent: int, message: Optional[str] = None, *,
+                        timeout: Optional[float] = None,
+                        retries: Optional[int] = None) -> Job:
+        """``PATCH /coordinator/jobs/{id}/progress`` [jobs:update]; renews the lease.
+        ``timeout`` and ``retries`` override the client's for this request."""
         body: Dict[str, Any] = {"percent": percent}
         if message is not None:
             body["message"] = message
-        return self._json("PATCH", f"/coordinator/jobs/{_seg(job_id)}/progress", json=body)
+        return self._json("PATCH", f"/coordinator/jobs/{_seg(job_id)}/progress", json=body,
+                          timeout=timeout, retries=retries)
 
     def complete_job(self, job_id: str, result: Any = None) -> Job:
         """``POST /coordinator/jobs/{id}/complete`` [jobs:update]."""
@@ -354,7 +361,8 @@ class Client:
             body["gateResults"] = gate_results
         return self._json("POST", f"/coordinator/jobs/{_seg(job_id)}/fail", json=body)
 
-    def heartbeat(self, job_id: str) -> Dict[str, Any]:
+    def heartbeat(self, job_id: str, *, timeout: Optional[float] = None,
+                  retries: Optional[int] = None) -> Dict[str, Any]:
         """``POST /coordinator/jobs/{id}/heartbeat`` [jobs:update]: renews a RUNNING job's
         lease without an event; answers ``{"leaseExpiresAt", "cancelRequested"}``. A
         cancelled job raises :class:`Conflict` with ``type``
@@ -365,8 +373,10 @@ class Client:
         Sent with a job token in the second half of its life, the answer also carries
         the token's successor: this client acts with it from then on (so a job may run
         longer than one token lives). The returned dict keeps ``tokenExpiresAt`` but
-        never the token itself."""
-        data = self._json("POST", f"/coordinator/jobs/{_seg(job_id)}/heartbeat", json={})
+        never the token itself. ``timeout`` and ``retries`` override the client's (the
+        :class:`Worker` sends one attempt, bounded by the time left on the lease)."""
+        data = self._json("POST", f"/coordinator/jobs/{_seg(job_id)}/heartbeat", json={},
+                          timeout=timeout, retries=retries)
         token = data.pop("token", None)
         if isinstance(token, str) and token and isinstance(self.auth, BearerAuth):
             self.auth.replace(token)

@@ -14,7 +14,10 @@ or more often when the job's lease or token is short (:meth:`Worker.beat_interva
 the job; an exception fails it, or hands it back to the queue when it is a
 :class:`Retry` (or one of ``retry_on``) and attempts remain. When the server says the
 job is no longer ours (cancelled, requeued, ended: 409/401/403/404 on a heartbeat),
-``job.cancelled`` is set and the outcome is not reported. Progress reports are
+or when the lease has run out without a renewal (each heartbeat is one attempt bounded
+by the time left; the lease is timed on this host's monotonic clock from the send time
+of the claim or of the last renewal), ``job.cancelled`` is set and the outcome is not
+reported. Progress reports are
 best-effort: a transient failure is logged and the handler carries on. SIGTERM (or :meth:`Worker.stop`)
 sets ``job.cancelled``, waits ``shutdown_grace`` seconds for the handler, and hands an
 unfinished job back (RUNNING → QUEUED) instead of dropping it.
@@ -61,7 +64,8 @@ class JobContext:
     """What a handler gets: the job, its payload, a job-token client, progress
     reporting and the cancellation flag."""
 
-    def __init__(self, claim: Claim, client: Client) -> None:
+    def __init__(self, claim: Claim, client: Client,
+                 claimed_at: Optional[float] = None) -> None:
         self.claim = claim
         self.job: Job = claim.job
         self.id: str = claim.id
@@ -73,6 +77,15 @@ class JobContext:
         #: Set when the server told us the job is no longer ours.
         self.lost = threading.Event()
         self.percent: int = int(claim.job.get("progress", 0) or 0)
+        #: The lease's length (from the server's timestamps), None when unknown.
+        self.lease_length: Optional[float] = lease_length(claim)
+        #: When the lease runs out, on this host's monotonic clock: the send time of
+        #: the claim (``claimed_at``) or of the last renewal, plus ``lease_length``.
+        self.lease_deadline: Optional[float] = None
+        if self.lease_length is not None:
+            sent = time.monotonic() if claimed_at is None else claimed_at
+            self.lease_deadline = sent + self.lease_length
+        self._lease_lock = threading.Lock()
 
     @property
     def is_cancelled(self) -> bool:
@@ -82,11 +95,31 @@ class JobContext:
         if self.cancelled.is_set():
             raise JobCancelled(self.id)
 
+    def lease_left(self) -> Optional[float]:
+        """Seconds until the lease runs out without a renewal (negative: it has), or
+        None when the lease's length is unknown."""
+        deadline = self.lease_deadline
+        return None if deadline is None else deadline - time.monotonic()
+
+    def lease_expired(self) -> bool:
+        left = self.lease_left()
+        return left is not None and left <= 0
+
+    def _renewed(self, sent_at: float) -> None:
+        """A request sent at ``sent_at`` (monotonic) renewed the lease."""
+        if self.lease_length is None:
+            return
+        with self._lease_lock:
+            until = sent_at + self.lease_length
+            if self.lease_deadline is None or until > self.lease_deadline:
+                self.lease_deadline = until
+
     def progress(self, percent: int, message: Optional[str] = None) -> bool:
         """Report progress (also renews the lease). Best-effort: a transient failure
         (no answer, 408, 429, 5xx) is logged and ``False`` returned — the heartbeat
         keeps the lease. Raises :class:`JobCancelled` when the job is no longer ours;
         any other error answer (e.g. a 400 for a bad ``percent``) is raised."""
+        sent = time.monotonic()
         try:
             self.client.report_progress(self.id, percent, message)
         except (Conflict, Unauthorized, Forbidden, NotFound):
@@ -98,6 +131,7 @@ class JobContext:
             log.warning("job %s: progress report failed: %s (carrying on)", self.id, e)
             return False
         self.percent = percent
+        self._renewed(sent)
         return True
 
     def _lose(self) -> None:
@@ -192,7 +226,7 @@ class Worker:
                     delay = min(self.poll_max, delay * 2)
                     continue
                 delay = self.poll_min
-                self.process(claim)
+                self.process(claim, claimed_at=started)
                 self.processed += 1
         except KeyboardInterrupt:
             self.stop()
@@ -203,10 +237,11 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim one job and process it; ``False`` when the queue was empty."""
+        started = time.monotonic()
         claim = self.client.claim(self.queue, self.name)
         if claim is None:
             return False
-        self.process(claim)
+        self.process(claim, claimed_at=started)
         self.processed += 1
         return True
 
@@ -224,18 +259,18 @@ class Worker:
         lengths come from the server's own timestamps (``startedAt`` to
         ``leaseExpiresAt`` and to ``tokenExpiresAt``), so this host's clock does not
         matter."""
-        started = _epoch(claim.job.get("startedAt"))
         interval = self.heartbeat_interval
-        if started is None:
-            return interval
-        for until, share in ((claim.job.get("leaseExpiresAt"), 3), (claim.token_expires_at, 4)):
-            end = _epoch(until)
-            if end is not None and end > started:
-                interval = min(interval, max(0.1, (end - started) / share))
+        for length, share in ((lease_length(claim), 3), (_span(claim, claim.token_expires_at), 4)):
+            if length is not None:
+                interval = min(interval, max(0.1, length / share))
         return interval
 
-    def process(self, claim: Claim) -> None:
-        ctx = JobContext(claim, self.client.with_token(claim.token))
+    def process(self, claim: Claim, claimed_at: Optional[float] = None) -> None:
+        """Run the handler on one claimed job and report its outcome. ``claimed_at``
+        (``time.monotonic()`` when the claim was sent, default now) starts the lease's
+        clock: once the lease has run out without a renewal the job is no longer
+        ours — the handler is cancelled and its outcome never reported."""
+        ctx = JobContext(claim, self.client.with_token(claim.token), claimed_at)
         done = threading.Event()
         outcome: Dict[str, Any] = {}
 
@@ -256,6 +291,9 @@ class Worker:
         deadline: Optional[float] = None
         try:
             while not done.wait(0.1):
+                if ctx.lease_expired() and not ctx.lost.is_set():
+                    # Also when the heartbeat thread is stuck in a request.
+                    self._lease_lost(ctx)
                 if self.stopping and deadline is None:
                     ctx.cancelled.set()
                     deadline = time.monotonic() + self.shutdown_grace
@@ -265,9 +303,17 @@ class Worker:
             self.stop()
             ctx.cancelled.set()
         finished = done.is_set()
+        if ctx.lease_expired() and not ctx.lost.is_set():
+            self._lease_lost(ctx)
         self._settle(ctx, finished, outcome)
-        done.set()  # stops the heartbeat thread
-        beat.join(timeout=5)
+        # Stops the heartbeat thread; it is not waited for: a request in flight ends
+        # within the time that was left on the lease.
+        done.set()
+
+    def _lease_lost(self, ctx: JobContext) -> None:
+        log.warning("job %s: the lease ran out without a renewal; cancelling the "
+                    "handler, the outcome will not be reported", ctx.id)
+        ctx._lose()
 
     def _settle(self, ctx: JobContext, finished: bool, outcome: Dict[str, Any]) -> None:
         tc = ctx.client
@@ -294,24 +340,43 @@ class Worker:
             log.warning("reporting job %s failed: %s (the lease will requeue it)", ctx.id, e)
 
     def _heartbeat(self, ctx: JobContext, done: threading.Event, interval: float) -> None:
-        while not done.wait(interval):
+        """Renew the lease every ``interval`` seconds, each time with one attempt whose
+        timeout is the time left on the lease; past the lease without a renewal the
+        job is lost."""
+        while True:
+            left = ctx.lease_left()
+            if done.wait(interval if left is None else max(0.0, min(interval, left))):
+                return
+            if ctx.lost.is_set():
+                return
+            left = ctx.lease_left()
+            if left is not None and left <= 0:
+                self._lease_lost(ctx)
+                return
+            timeout = self.client.timeout if left is None else max(
+                0.05, min(self.client.timeout, left))
+            sent = time.monotonic()
             try:
                 if self.heartbeat_route is not False:
                     try:
-                        ctx.client.heartbeat(ctx.id)
+                        ctx.client.heartbeat(ctx.id, timeout=timeout, retries=0)
                         self.heartbeat_route = True
+                        ctx._renewed(sent)
                         continue
                     except (NotFound, MethodNotAllowed):
                         if self.heartbeat_route:
                             raise  # the route exists: the job is gone
                         self.heartbeat_route = False
-                ctx.client.report_progress(ctx.id, ctx.percent)
+                ctx.client.report_progress(ctx.id, ctx.percent, timeout=timeout, retries=0)
+                ctx._renewed(sent)
             except (Conflict, Unauthorized, Forbidden, NotFound) as e:
                 log.info("job %s: %s; cancelling the handler", ctx.id, e)
                 ctx._lose()
                 return
             except CoordinatorError as e:
                 log.warning("heartbeat for job %s failed: %s", ctx.id, e)
+            except Exception:  # noqa: BLE001 - the thread must outlive any one beat
+                log.exception("heartbeat for job %s failed", ctx.id)
 
 
 def _transient(e: CoordinatorError) -> bool:
@@ -320,6 +385,20 @@ def _transient(e: CoordinatorError) -> bool:
     if isinstance(e, ProblemError):
         return e.status in (408, 429) or e.status >= 500
     return True
+
+
+def _span(claim: Claim, until: Any) -> Optional[float]:
+    """Seconds from the job's ``startedAt`` to ``until`` (server timestamps both)."""
+    started, end = _epoch(claim.job.get("startedAt")), _epoch(until)
+    if started is None or end is None or end <= started:
+        return None
+    return end - started
+
+
+def lease_length(claim: Claim) -> Optional[float]:
+    """The job's lease length in seconds (``startedAt`` to ``leaseExpiresAt``, both the
+    server's, so this host's clock does not matter), or None when unknown."""
+    return _span(claim, claim.job.get("leaseExpiresAt"))
 
 
 def _epoch(stamp: Any) -> Optional[float]:

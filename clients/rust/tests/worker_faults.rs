@@ -1,0 +1,190 @@
+//! The Worker against a tiny fake server: faults the real server cannot produce (a
+//! proxy's 503, a heartbeat that never answers).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use coordinator_client::{Claim, Client, Credentials, JobError, Worker};
+use serde_json::{json, Value};
+
+/// What the fake server answers to (method, path): status, content type and body;
+/// `None`: no answer at all (the connection is held open).
+type Route = Arc<dyn Fn(&str, &str) -> Option<(u16, &'static str, String)> + Send + Sync>;
+type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
+/// A keep-alive HTTP/1.1 server, one thread per connection; `release` ends held requests.
+fn serve(route: Route) -> (String, Seen, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen: Seen = Arc::default();
+    let release = Arc::new(AtomicBool::new(false));
+    let (record, rel) = (seen.clone(), release.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let (route, record, rel) = (route.clone(), record.clone(), rel.clone());
+            std::thread::spawn(move || connection(stream, &*route, &record, &rel));
+        }
+    });
+    (url, seen, release)
+}
+
+fn connection(
+    stream: TcpStream,
+    route: &(dyn Fn(&str, &str) -> Option<(u16, &'static str, String)> + Send + Sync),
+    seen: &Mutex<Vec<(String, String)>>,
+    release: &AtomicBool,
+) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut out = stream;
+    loop {
+        let mut start = String::new();
+        if reader.read_line(&mut start).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = start.split_whitespace();
+        let (method, path) = (
+            parts.next().unwrap_or_default().to_owned(),
+            parts.next().unwrap_or_default().to_owned(),
+        );
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(": ") {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        seen.lock().unwrap().push((method.clone(), path.clone()));
+        let Some((status, ctype, answer)) = route(&method, &path) else {
+            let t0 = Instant::now();
+            while !release.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return;
+        };
+        let head = format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
+            answer.len()
+        );
+        if out.write_all(head.as_bytes()).is_err() || out.write_all(answer.as_bytes()).is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn stamp(t: SystemTime) -> String {
+    let ms = t.duration_since(UNIX_EPOCH).unwrap().as_millis();
+    chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap())
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A claimed job whose lease is `lease` long (its token lives 10 minutes).
+fn claim(lease: Duration) -> Claim {
+    let now = SystemTime::now();
+    Claim {
+        job: json!({
+            "id": "j1", "status": "RUNNING", "attempts": 1, "maxAttempts": 3,
+            "startedAt": stamp(now), "leaseExpiresAt": stamp(now + lease),
+        }),
+        token: "tok".into(),
+        token_expires_at: stamp(now + Duration::from_secs(600)),
+    }
+}
+
+fn paths(seen: &Seen, suffix: &str) -> Vec<String> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, p)| p.ends_with(suffix))
+        .map(|(_, p)| p.clone())
+        .collect()
+}
+
+#[test]
+fn a_lost_lease_cancels_the_job_and_a_stuck_heartbeat_blocks_nothing() {
+    // Heartbeats never get an answer: the 2 s lease runs out without a renewal.
+    let (url, seen, release) = serve(Arc::new(|_, path| {
+        (!path.ends_with("/heartbeat")).then(|| (200, "application/json", "{}".to_owned()))
+    }));
+    let w = Worker::new(Client::new(&url, Credentials::ApiKey("k".into())), "q");
+    let saw = Arc::new(Mutex::new(None));
+    let s = saw.clone();
+    let t0 = Instant::now();
+    w.process(
+        claim(Duration::from_secs(2)),
+        Arc::new(move |job: &coordinator_client::JobContext| {
+            let t = Instant::now();
+            while !job.is_cancelled() && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            *s.lock().unwrap() = Some(job.is_cancelled());
+            Ok(json!("too late"))
+        }),
+    );
+    let took = t0.elapsed();
+    release.store(true, Ordering::SeqCst);
+    assert_eq!(*saw.lock().unwrap(), Some(true), "{:?}", w.events());
+    assert!(took < Duration::from_secs(5), "{took:?} {:?}", w.events());
+    // Not completed, failed or handed back: the job is no longer ours.
+    let others: Vec<(String, String)> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, p)| !p.ends_with("/heartbeat"))
+        .cloned()
+        .collect();
+    assert!(others.is_empty(), "{others:?}");
+    let beats = paths(&seen, "/heartbeat").len();
+    assert!((1..=3).contains(&beats), "{beats}: one attempt each, no retries");
+    assert!(
+        w.events().iter().any(|e| e.contains("lease ran out")),
+        "{:?}",
+        w.events()
+    );
+}
+
+#[test]
+fn a_renewed_lease_is_kept() {
+    let (url, seen, _) = serve(Arc::new(|_, _| {
+        Some((200, "application/json", r#"{"cancelRequested":false}"#.to_owned()))
+    }));
+    let w = Worker::new(Client::new(&url, Credentials::ApiKey("k".into())), "q");
+    w.process(
+        claim(Duration::from_millis(1500)),
+        Arc::new(|job: &coordinator_client::JobContext| {
+            // Longer than the lease: only the heartbeats keep it.
+            std::thread::sleep(Duration::from_millis(2500));
+            if job.is_cancelled() {
+                Err(JobError::Cancelled)
+            } else {
+                Ok(Value::Null)
+            }
+        }),
+    );
+    assert!(paths(&seen, "/heartbeat").len() >= 3, "{:?}", w.events());
+    assert_eq!(
+        paths(&seen, "/complete"),
+        ["/coordinator/jobs/j1/complete"],
+        "{:?}",
+        w.events()
+    );
+}
