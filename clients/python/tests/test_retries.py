@@ -140,3 +140,29 @@ def test_connection_errors_retry_only_when_safe() -> None:
     with pytest.raises(TransportError):
         c.create_job("build", idempotency_key="k1")
     assert len(sleeps) == 2
+
+
+def test_a_proxys_503_is_retried_only_when_resending_is_safe(fake) -> None:
+    url, script = fake
+    page = (503, {"Content-Type": "text/html"}, b"<html>503 Service Unavailable</html>")
+    sleeps: List[float] = []
+    c = Client(url, api_key="k", retries=2, sleep=sleeps.append)
+    # Not the server's refusal: the job may have been created already.
+    script.answers = [page, (201, {"Content-Type": "application/json"}, b'{"id":"j2"}')]
+    with pytest.raises(Unavailable):
+        c.create_job("build")
+    assert len(script.seen) == 1 and sleeps == []
+    script.answers = [page]
+    with pytest.raises(Unavailable):
+        c.claim("q", "w1")
+    assert len(script.seen) == 2 and sleeps == []
+    # A GET, or a request with an Idempotency-Key, is sent again.
+    script.answers = [page, (200, {"Content-Type": "application/json"}, b'{"ok":true}')]
+    assert c.health() == {"ok": True}
+    script.answers = [page, (201, {"Content-Type": "application/json"}, b'{"id":"j3"}')]
+    assert c.create_job("build", idempotency_key="k1")["id"] == "j3"
+    assert len(script.seen) == 6 and len(sleeps) == 2
+    # The server's own refusal (problem+json) is retried for any request.
+    script.answers = [(503, {**PJ, "Retry-After": "0"}, problem(503)),
+                      (201, {"Content-Type": "application/json"}, b'{"id":"j4"}')]
+    assert c.create_job("build")["id"] == "j4"

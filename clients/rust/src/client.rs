@@ -173,7 +173,9 @@ impl JobFilter {
 
 /// A coordinator client. 503 and 429 are retried (`retries` times) waiting
 /// `Retry-After` when sent, else an exponential backoff with jitter capped at
-/// `max_backoff`; connection errors are retried for GET and requests with an
+/// `max_backoff` — a POST or PATCH without an `Idempotency-Key` only when the answer is
+/// the server's own refusal (`application/problem+json`, not a proxy's page), as it
+/// may come after the server acted; connection errors are retried for GET and requests with an
 /// `Idempotency-Key`. Each attempt is signed afresh, so a retry is never a replay.
 #[derive(Clone)]
 pub struct Client {
@@ -487,12 +489,17 @@ impl Client {
                 }
             };
             let retry_after = retry_after_secs(resp.header("retry-after"));
+            // The server's own refusal, sent before it does any work (a proxy's 503 may
+            // come after the server acted).
+            let refused = resp
+                .content_type()
+                .eq_ignore_ascii_case("application/problem+json");
             let Response {
                 headers,
                 body: bytes,
                 ..
             } = read_response(&method, path, resp)?;
-            if matches!(status, 429 | 503) && attempt < retries {
+            if matches!(status, 429 | 503) && attempt < retries && (may_resend || refused) {
                 (self.sleep)(self.delay(attempt, retry_after));
                 attempt += 1;
                 continue;

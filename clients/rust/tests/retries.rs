@@ -181,3 +181,39 @@ fn a_redirect_is_never_followed_and_is_an_error() {
     assert_eq!(seen.lock().unwrap().len(), 4);
     assert!(seen_elsewhere.lock().unwrap().is_empty());
 }
+
+#[test]
+fn a_proxys_503_is_retried_only_when_resending_is_safe() {
+    let page: Answer = (503, vec![("Content-Type", "text/html")], "<html>503</html>");
+    let ok: Answer = (
+        201,
+        vec![("Content-Type", "application/json")],
+        r#"{"id":"j"}"#,
+    );
+    let (url, seen) = serve(vec![
+        page.clone(),
+        page.clone(),
+        page.clone(),
+        ok.clone(),
+        page,
+        ok.clone(),
+        (503, vec![PJ, ("Retry-After", "0")], r#"{"status":503}"#),
+        ok,
+    ]);
+    let c = Client::new(&url, Credentials::ApiKey("k".into())).with_sleep(|_| {});
+    // Not the server's refusal: the job may have been created, or claimed, already.
+    let e = c.create_job(&json!({"kind": "b"}), None).unwrap_err();
+    assert_eq!(e.kind(), Some(ProblemKind::Unavailable));
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    let e = c.claim("q", "w1").unwrap_err();
+    assert_eq!(e.kind(), Some(ProblemKind::Unavailable));
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    // With an Idempotency-Key it is sent again; a GET too.
+    let job = c.create_job(&json!({"kind": "b"}), Some("k1")).unwrap();
+    assert_eq!(job["id"], "j");
+    assert_eq!(seen.lock().unwrap().len(), 4);
+    assert_eq!(c.health().unwrap()["id"], "j");
+    // The server's own refusal (problem+json) is retried for any request.
+    assert_eq!(c.create_job(&json!({"kind": "b"}), None).unwrap()["id"], "j");
+    assert_eq!(seen.lock().unwrap().len(), 8);
+}

@@ -94,7 +94,9 @@ class Client:
 
     503 and 429 answers are retried up to ``retries`` times, waiting ``Retry-After`` when
     the server sends it, else an exponential backoff with jitter (capped at
-    ``max_backoff``); a connection error is retried only for GET or a request with an
+    ``max_backoff``) — for a POST or PATCH without an ``Idempotency-Key`` only when the
+    answer is the server's own refusal (``application/problem+json``, not, say, a
+    proxy's page); a connection error is retried only for GET or a request with an
     ``Idempotency-Key``. Each retry is signed afresh. Error answers raise the typed
     exceptions of :mod:`coordinator_client.errors`.
 
@@ -258,7 +260,11 @@ class Client:
                     verify=self.ca_file if self.ca_file is not None else True,
                     allow_redirects=False, stream=True,
                 )
-                retry = resp.status_code in RETRY_STATUSES and attempt < max_retries
+                # A POST or PATCH without an Idempotency-Key is sent again only when
+                # the answer is the server's own refusal (problem+json, sent before it
+                # does any work): a proxy's 503 may come after the server acted.
+                retry = (resp.status_code in RETRY_STATUSES and attempt < max_retries
+                         and (may_resend or _is_problem(resp)))
                 if retry:
                     resp.close()  # its body is not needed
                 else:
@@ -536,6 +542,12 @@ def _read_body(resp: requests.Response, method: str, path: str) -> None:
     # What requests itself does when it reads a body that is not streamed.
     resp._content = b"".join(chunks)
     resp._content_consumed = True
+
+
+def _is_problem(resp: requests.Response) -> bool:
+    """The answer is a problem+json document: the service's own error answer."""
+    ctype = resp.headers.get("Content-Type", "")
+    return ctype.split(";", 1)[0].strip().lower() == "application/problem+json"
 
 
 def _decode(resp: requests.Response) -> Any:
