@@ -458,8 +458,10 @@ impl Client {
             || headers
                 .iter()
                 .any(|(k, _)| k.eq_ignore_ascii_case("idempotency-key"));
+        let safe = matches!(method.as_str(), "GET" | "HEAD" | "OPTIONS");
         let url = format!("{}{path}", self.base);
         let mut attempt = 0;
+        let mut resigned = false;
         loop {
             let mut req = self.agent.request(&method, &url);
             if let Some(t) = timeout {
@@ -511,6 +513,17 @@ impl Client {
                     .unwrap_or_else(
                         || json!({"status": status, "detail": String::from_utf8_lossy(&bytes)}),
                     );
+                // ureq sends a safe request again by itself when a reused connection
+                // fails, with the headers already signed: the server refuses that copy
+                // as a replay. Sign it afresh and send it once more.
+                if status == 401
+                    && safe
+                    && !resigned
+                    && doc.get("reason").and_then(Value::as_str) == Some("replayed request")
+                {
+                    resigned = true;
+                    continue;
+                }
                 let secs = retry_after.map(|d| d.as_secs());
                 return Err(Error::Problem(Problem::new(status, doc, secs)));
             }

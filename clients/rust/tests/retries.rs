@@ -217,3 +217,40 @@ fn a_proxys_503_is_retried_only_when_resending_is_safe() {
     assert_eq!(c.create_job(&json!({"kind": "b"}), None).unwrap()["id"], "j");
     assert_eq!(seen.lock().unwrap().len(), 8);
 }
+
+#[test]
+fn a_get_refused_as_a_replay_is_signed_afresh_once() {
+    let replayed: Answer = (
+        401,
+        vec![PJ],
+        r#"{"status":401,"title":"Unauthorized","reason":"replayed request"}"#,
+    );
+    let ok: Answer = (200, vec![("Content-Type", "application/json")], "{}");
+    let (url, seen) = serve(vec![
+        replayed.clone(),
+        ok,
+        replayed.clone(),
+        replayed.clone(),
+        replayed,
+    ]);
+    let c = Client::v1(&url, "svc", "coh_secret", None).with_sleep(|_| {});
+    assert_eq!(c.health().unwrap(), json!({}));
+    let nonce = |i: usize| {
+        seen.lock().unwrap()[i]
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("x-coordinator-nonce"))
+            .unwrap()
+            .1
+            .clone()
+    };
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    assert_ne!(nonce(0), nonce(1));
+    // Only once: a second refusal is the answer.
+    let e = c.health().unwrap_err();
+    assert_eq!(e.problem().unwrap().reason(), Some("replayed request"));
+    assert_eq!(seen.lock().unwrap().len(), 4);
+    // A POST is never resent by ureq: its refusal is the answer at once.
+    let e = c.create_job(&json!({"kind": "b"}), None).unwrap_err();
+    assert_eq!(e.kind(), Some(ProblemKind::Unauthorized));
+    assert_eq!(seen.lock().unwrap().len(), 5);
+}
