@@ -233,9 +233,11 @@ fn sent_target(req: &ureq::Request, url: &str) -> Result<(String, String)> {
     let sent = req
         .request_url()
         .map_err(|e| Error::Invalid(format!("{url}: {e}")))?;
+    // ureq writes `?query` only when the query is not empty: `/path?` goes out as
+    // `/path`, and is signed so.
     let target = match sent.as_url().query() {
-        Some(q) => format!("{}?{q}", sent.path()),
-        None => sent.path().to_owned(),
+        Some(q) if !q.is_empty() => format!("{}?{q}", sent.path()),
+        _ => sent.path().to_owned(),
     };
     Ok((sent.as_url().as_str().to_owned(), target))
 }
@@ -889,6 +891,21 @@ mod tests {
         ));
         assert_eq!(dot_segment("/a/b..c/.d/?x=/../"), None);
         assert_eq!(dot_segment("/a/./b"), Some("."));
+    }
+
+    #[test]
+    fn the_signed_target_is_the_one_sent() {
+        let agent = ureq::AgentBuilder::new().build();
+        for (url, target) in [
+            ("http://h/a/b?", "/a/b"),
+            ("http://h/a/b?x=1", "/a/b?x=1"),
+            ("http://h/a/b", "/a/b"),
+            ("http://h/?", "/"),
+        ] {
+            let req = agent.request("GET", url);
+            let (_, t) = sent_target(&req, url).unwrap_or_default();
+            assert_eq!(t, target, "{url}");
+        }
     }
 
     #[test]

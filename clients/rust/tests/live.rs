@@ -62,6 +62,11 @@ fn signed_and_api_key_health() {
     );
     assert!(k.health().unwrap().is_object());
     assert!(c.open("/livez").unwrap().status == 200);
+    // An empty query is not sent (ureq drops the `?`): nor is it signed.
+    let r = c
+        .request("GET", "/coordinator/health?", None, &[], None)
+        .unwrap();
+    assert_eq!(r.status, 200);
     let wrong = Client::v1(
         &env("COORDINATOR_URL"),
         &env("COORDINATOR_CALLER"),
