@@ -17,6 +17,7 @@
 //! from the server; the job's client acts with it from then on, so a job may run longer
 //! than one token lives.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -58,12 +59,16 @@ pub struct JobContext {
     lease_until: Mutex<Option<Instant>>,
 }
 
-/// The worker's event lines, shared with its jobs' contexts and heartbeat threads.
-type Log = Arc<Mutex<Vec<String>>>;
+/// The worker's event lines, shared with its jobs' contexts and heartbeat threads:
+/// the last [`Worker::MAX_EVENTS`].
+type Log = Arc<Mutex<VecDeque<String>>>;
 
-fn note(log: &Mutex<Vec<String>>, line: String) {
+fn note(log: &Mutex<VecDeque<String>>, line: String) {
     if let Ok(mut l) = log.lock() {
-        l.push(line);
+        while l.len() >= Worker::MAX_EVENTS {
+            l.pop_front();
+        }
+        l.push_back(line);
     }
 }
 
@@ -229,6 +234,9 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// How many event lines [`Worker::events`] keeps (the latest).
+    pub const MAX_EVENTS: usize = 1000;
+
     pub fn new(client: Client, queue: &str) -> Self {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
         let name: String = format!("{host}-{}", std::process::id())
@@ -253,7 +261,7 @@ impl Worker {
             shutdown_grace: Duration::from_secs(10),
             stop: Arc::new(AtomicBool::new(false)),
             heartbeat_route: Arc::new(AtomicU8::new(ROUTE_UNKNOWN)),
-            log: Arc::new(Mutex::new(Vec::new())),
+            log: Log::default(),
         }
     }
 
@@ -291,9 +299,13 @@ impl Worker {
         }
     }
 
-    /// What happened, one line per event (for logs and tests).
+    /// What happened, one line per event (for logs and tests): the last
+    /// [`Worker::MAX_EVENTS`], oldest first.
     pub fn events(&self) -> Vec<String> {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+        self.log
+            .lock()
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     fn note(&self, line: String) {
@@ -487,7 +499,7 @@ fn heartbeat(
     interval: Duration,
     route: &AtomicU8,
     stop: &mpsc::Receiver<()>,
-    log: &Mutex<Vec<String>>,
+    log: &Mutex<VecDeque<String>>,
 ) {
     loop {
         let wait = ctx.lease_left().map_or(interval, |left| left.min(interval));
@@ -609,6 +621,19 @@ mod tests {
     }
 
     #[test]
+    fn the_event_log_keeps_the_last_lines_only() {
+        let client = Client::new("http://127.0.0.1:9", Credentials::ApiKey("k".into()));
+        let w = Worker::new(client, "q");
+        for i in 0..Worker::MAX_EVENTS + 500 {
+            w.note(format!("line {i}"));
+        }
+        let events = w.events();
+        assert_eq!(events.len(), Worker::MAX_EVENTS);
+        assert_eq!(events.first().map(String::as_str), Some("line 500"));
+        assert_eq!(events.last().map(String::as_str), Some("line 1499"));
+    }
+
+    #[test]
     fn a_transient_progress_failure_is_recorded_not_fatal() {
         // Nothing listens on the port: a transport error.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -629,7 +654,10 @@ mod tests {
         assert_eq!(ctx.progress(50, Some("half")), Ok(()));
         assert!(!ctx.is_cancelled());
         assert_eq!(ctx.percent.load(Ordering::SeqCst), 5);
-        let lines = log.lock().map(|l| l.clone()).unwrap_or_default();
+        let lines: Vec<String> = log
+            .lock()
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default();
         assert!(
             lines.iter().any(|l| l.contains("progress report failed")),
             "{lines:?}"
