@@ -11,7 +11,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from coordinator_client import Client, JobContext, Worker
+from coordinator_client import Client, CoordinatorError, InvalidAnswer, JobContext, Worker
 from coordinator_client.client import Claim
 
 #: (status, headers, body) for a request (method, path); None: never answer.
@@ -140,5 +140,39 @@ def test_a_renewed_lease_is_kept(fake) -> None:
 
     w = Worker("q", handler, client=Client(url, api_key="k"), handle_signals=False)
     w.process(claim(lease=1.5))
+    assert len(paths(state, "/heartbeat")) >= 3
+    assert paths(state, "/complete") == ["/coordinator/jobs/j1/complete"]
+
+
+HTML_200 = (200, {"Content-Type": "text/html"}, b"<html>hello from the proxy</html>")
+
+
+def test_a_non_json_answer_is_a_coordinator_error(fake) -> None:
+    url, state = fake
+    state.route = lambda m, p: HTML_200
+    c = Client(url, api_key="k", retries=0)
+    for call in (c.health, lambda: c.heartbeat("j1"), lambda: c.claim("q", "w"),
+                 lambda: c.get_job("j1"), c.openapi):
+        with pytest.raises(InvalidAnswer) as e:
+            call()
+        assert isinstance(e.value, CoordinatorError)
+    # A JSON answer without a token is no claim either.
+    state.route = lambda m, p: (200, JSON, b'{"id":"j1"}')
+    with pytest.raises(InvalidAnswer):
+        c.claim("q", "w")
+
+
+def test_a_worker_outlives_answers_that_are_not_json(fake) -> None:
+    url, state = fake
+    state.route = lambda m, p: HTML_200
+    w = Worker("q", lambda job: "ok", client=Client(url, api_key="k", retries=0),
+               handle_signals=False)
+    assert w.run(stop_when_idle=True) == 0  # the claim's answer is logged, not raised
+    # The heartbeat thread goes on beating through such answers.
+    state.route = lambda m, p: HTML_200 if p.endswith("/heartbeat") else (200, JSON, b"{}")
+    w = Worker("q", lambda job: time.sleep(1.0) or "ok",
+               client=Client(url, api_key="k", retries=0), handle_signals=False,
+               heartbeat_interval=0.2)
+    w.process(claim(lease=30))
     assert len(paths(state, "/heartbeat")) >= 3
     assert paths(state, "/complete") == ["/coordinator/jobs/j1/complete"]

@@ -5,6 +5,7 @@ from .errors import (
     Conflict,
     CoordinatorError,
     Forbidden,
+    InvalidAnswer,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -37,7 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ApiKeyAuth", "BadRequest", "BearerAuth", "Claim", "Client", "Conflict",
-    "CoordinatorError", "Forbidden", "Job", "JobCancelled", "JobContext",
+    "CoordinatorError", "Forbidden", "InvalidAnswer", "Job", "JobCancelled", "JobContext",
     "MethodNotAllowed", "NotFound", "PayloadTooLarge", "ProblemError", "RequestTimeout",
     "ResponseTooLarge", "Retry", "Rfc9421Auth", "ServerError", "TooManyRequests",
     "TransportError", "Unauthorized", "Unavailable", "V1Auth",

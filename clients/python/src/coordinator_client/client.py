@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import requests
 
-from .errors import ProblemError, ResponseTooLarge, TransportError, error_for
+from .errors import InvalidAnswer, ProblemError, ResponseTooLarge, TransportError, error_for
 from .signing import ApiKeyAuth, BearerAuth, Rfc9421Auth, V1Auth
 from .webhooks import sign_webhook
 
@@ -286,7 +286,11 @@ class Client:
 
     def _json(self, method: str, path: str, **kw: Any) -> Dict[str, Any]:
         resp = self.request(method, path, **kw)
-        data: Dict[str, Any] = resp.json() if resp.content else {}
+        if not resp.content:
+            return {}
+        data = _parse(resp)
+        if not isinstance(data, dict):
+            raise InvalidAnswer(f"{method} {path}: the answer is not a JSON object")
         return data
 
     # ---- open routes ----------------------------------------------------------------
@@ -305,7 +309,7 @@ class Client:
 
     def openapi(self) -> Dict[str, Any]:
         """``GET /openapi.json``."""
-        doc: Dict[str, Any] = self.request("GET", "/openapi.json", auth=None).json()
+        doc: Dict[str, Any] = _parse(self.request("GET", "/openapi.json", auth=None))
         return doc
 
     # ---- jobs -----------------------------------------------------------------------
@@ -408,8 +412,11 @@ class Client:
         )
         if resp.status_code == 204:
             return None
-        data = resp.json()
-        token = data.pop("token")
+        data = _parse(resp)
+        token = data.pop("token", None) if isinstance(data, dict) else None
+        if not isinstance(token, str) or not token:
+            raise InvalidAnswer(f"POST /coordinator/queues/{_seg(queue)}/claim: "
+                                "the answer holds no job token")
         expires = data.pop("tokenExpiresAt", "")
         return Claim(job=data, token=token, token_expires_at=expires)
 
@@ -487,7 +494,7 @@ class Client:
         elif webhook_id:
             hdrs["webhook-id"] = webhook_id
         path = "/stitcher/webhook" + (f"/{_seg(sender)}" if sender else "")
-        out: Dict[str, Any] = self.request("POST", path, body=body, headers=hdrs, auth=auth).json()
+        out: Dict[str, Any] = _parse(self.request("POST", path, body=body, headers=hdrs, auth=auth))
         return out
 
     def dispatch(
@@ -550,9 +557,21 @@ def _is_problem(resp: requests.Response) -> bool:
     return ctype.split(";", 1)[0].strip().lower() == "application/problem+json"
 
 
+def _parse(resp: requests.Response) -> Any:
+    """The answer's JSON body; :class:`InvalidAnswer` when it is not JSON (a proxy's
+    page, a cut-off body)."""
+    try:
+        return resp.json()
+    except ValueError as e:
+        ctype = resp.headers.get("Content-Type", "")
+        raise InvalidAnswer(
+            f"{resp.request.method} {resp.url}: the answer ({resp.status_code}, "
+            f"{ctype or 'no Content-Type'}) is not JSON: {e}") from e
+
+
 def _decode(resp: requests.Response) -> Any:
     if "json" in resp.headers.get("Content-Type", ""):
-        return resp.json()
+        return _parse(resp)
     return resp.text
 
 

@@ -17,6 +17,11 @@ class ResponseTooLarge(CoordinatorError):
     closed with the rest unread. Not retried."""
 
 
+class InvalidAnswer(CoordinatorError, ValueError):
+    """A success answer this client cannot read (not JSON, or not the expected
+    document), e.g. a proxy's HTML page with status 200."""
+
+
 class ProblemError(CoordinatorError):
     """An HTTP error answer. ``problem`` is the problem+json document (or a stand-in
     built from the status when the body was not one)."""
