@@ -11,7 +11,15 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from coordinator_client import Client, CoordinatorError, InvalidAnswer, JobContext, Worker
+from coordinator_client import (
+    BadRequest,
+    Client,
+    CoordinatorError,
+    InvalidAnswer,
+    JobContext,
+    ProblemError,
+    Worker,
+)
 from coordinator_client.client import Claim
 
 #: (status, headers, body) for a request (method, path); None: never answer.
@@ -176,3 +184,32 @@ def test_a_worker_outlives_answers_that_are_not_json(fake) -> None:
     w.process(claim(lease=30))
     assert len(paths(state, "/heartbeat")) >= 3
     assert paths(state, "/complete") == ["/coordinator/jobs/j1/complete"]
+
+
+@pytest.mark.parametrize("status", [400, 404, 422])
+def test_a_claim_refused_with_a_client_error_stops_the_worker(fake, status: int) -> None:
+    url, state = fake
+    body = json.dumps({"type": "urn:coordinator:problem:x", "title": "T", "status": status,
+                       "detail": "queue: bad"}).encode()
+    state.route = lambda m, p: (status, {"Content-Type": "application/problem+json"}, body)
+    w = Worker("q", lambda job: "ok", client=Client(url, api_key="k", retries=0),
+               handle_signals=False, long_poll=0, poll_min=0.01, poll_max=0.01)
+    raised: List[BaseException] = []
+
+    def go() -> None:
+        try:
+            w.run()
+        except CoordinatorError as e:
+            raised.append(e)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(5)
+    still_running = t.is_alive()
+    w.stop()
+    t.join(10)
+    assert not still_running, f"the worker kept claiming ({len(state.seen)} claims)"
+    assert len(raised) == 1 and isinstance(raised[0], ProblemError)
+    assert raised[0].status == status
+    assert status != 400 or isinstance(raised[0], BadRequest)
+    assert len(state.seen) == 1

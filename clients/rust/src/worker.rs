@@ -81,6 +81,12 @@ fn transient(e: &Error) -> bool {
     }
 }
 
+/// A client error answer: sending the same request again gets the same answer.
+fn refused(e: &Error) -> bool {
+    e.status()
+        .is_some_and(|s| (400..500).contains(&s) && !matches!(s, 408 | 409 | 429))
+}
+
 fn gone(e: &Error) -> bool {
     matches!(
         e.kind(),
@@ -313,8 +319,10 @@ impl Worker {
     }
 
     /// Claim and process jobs until stopped, `max_jobs` are done, or (with
-    /// `stop_when_idle`) the queue is empty. Returns the number processed. A 401/403 on
-    /// claim is returned as an error; other claim errors back off and retry.
+    /// `stop_when_idle`) the queue is empty. Returns the number processed. A claim
+    /// refused with a client error (400, 401, 403, 404, 422, …: a bad queue or worker
+    /// name, a credential that may not claim) is returned as an error; transient claim
+    /// errors (no answer, 408, 409, 429, 5xx) back off and retry.
     pub fn run<F>(
         &self,
         handler: F,
@@ -337,14 +345,8 @@ impl Worker {
             };
             let claim = match asked {
                 Ok(c) => c,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        Some(ProblemKind::Unauthorized | ProblemKind::Forbidden)
-                    ) =>
-                {
-                    return Err(e)
-                }
+                // Asking again would be refused again: not the worker's to fix.
+                Err(e) if refused(&e) => return Err(e),
                 Err(e) => {
                     self.note(format!("claim failed: {e}"));
                     None

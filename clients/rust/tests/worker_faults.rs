@@ -188,3 +188,32 @@ fn a_renewed_lease_is_kept() {
         w.events()
     );
 }
+
+#[test]
+fn a_claim_refused_with_a_client_error_stops_the_worker() {
+    for status in [400u16, 404, 422] {
+        let (url, seen, _) = serve(Arc::new(move |_, _| {
+            Some((
+                status,
+                "application/problem+json",
+                format!(r#"{{"status":{status},"detail":"queue: bad"}}"#),
+            ))
+        }));
+        let mut w = Worker::new(Client::new(&url, Credentials::ApiKey("k".into())), "q");
+        w.long_poll = Duration::ZERO;
+        w.poll_min = Duration::from_millis(10);
+        w.poll_max = Duration::from_millis(10);
+        let stop = w.stop_flag();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(w.run(|_| Ok(Value::Null), None, false));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(5));
+        stop.store(true, Ordering::SeqCst);
+        let e = got
+            .unwrap_or_else(|_| panic!("{status}: the worker kept claiming"))
+            .unwrap_err();
+        assert_eq!(e.status(), Some(status));
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+}

@@ -195,7 +195,10 @@ class Worker:
     def run(self, max_jobs: Optional[int] = None, stop_when_idle: bool = False) -> int:
         """Claim and process jobs until stopped (SIGTERM, :meth:`stop`), ``max_jobs``
         have been processed, or — with ``stop_when_idle`` — the queue is empty.
-        Returns the number of jobs processed."""
+        Returns the number of jobs processed. A claim refused with a client error
+        (400, 401, 403, 404, 422, …: a bad queue or worker name, a credential that may
+        not claim) is raised; a transient one (no answer, 408, 409, 429, 5xx) is logged
+        and the claim asked again after a pause."""
         previous = None
         install = self.handle_signals and threading.current_thread() is threading.main_thread()
         if install:
@@ -208,9 +211,9 @@ class Worker:
                 started = time.monotonic()
                 try:
                     claim = self.client.claim(self.queue, self.name, wait=wait)
-                except (Unauthorized, Forbidden):
-                    raise
                 except CoordinatorError as e:
+                    if _refused(e):
+                        raise  # asking again would be refused again: not ours to fix
                     log.warning("claim on %s failed: %s", self.queue, e)
                     claim = None
                 if claim is not None and self.stopping:
@@ -377,6 +380,12 @@ class Worker:
                 log.warning("heartbeat for job %s failed: %s", ctx.id, e)
             except Exception:  # noqa: BLE001 - the thread must outlive any one beat
                 log.exception("heartbeat for job %s failed", ctx.id)
+
+
+def _refused(e: CoordinatorError) -> bool:
+    """A client error answer: sending the same request again gets the same answer."""
+    return isinstance(e, ProblemError) and 400 <= e.status < 500 and e.status not in (
+        408, 409, 429)
 
 
 def _transient(e: CoordinatorError) -> bool:
