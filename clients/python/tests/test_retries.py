@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator, List, Tuple
@@ -166,3 +167,22 @@ def test_a_proxys_503_is_retried_only_when_resending_is_safe(fake) -> None:
     script.answers = [(503, {**PJ, "Retry-After": "0"}, problem(503)),
                       (201, {"Content-Type": "application/json"}, b'{"id":"j4"}')]
     assert c.create_job("build")["id"] == "j4"
+
+
+def test_a_stop_ends_the_pause_between_retries_and_starts_no_retry(fake) -> None:
+    url, script = fake
+    script.answers = [(503, {**PJ, "Retry-After": "30"}, problem(503))] * 5
+    stop = threading.Event()
+    c = Client(url, api_key="k").with_stop(stop)
+    timer = threading.Timer(0.3, stop.set)
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable):
+        c.health()
+    assert time.monotonic() - t0 < 5
+    assert len(script.seen) == 1
+    # Once stopping, no retry is started, by a token client of it too.
+    script.answers = [(503, PJ, problem(503)), (200, {"Content-Type": "application/json"}, b"{}")]
+    with pytest.raises(Unavailable):
+        c.with_token("t").health()
+    assert len(script.seen) == 2

@@ -213,3 +213,21 @@ def test_a_claim_refused_with_a_client_error_stops_the_worker(fake, status: int)
     assert raised[0].status == status
     assert status != 400 or isinstance(raised[0], BadRequest)
     assert len(state.seen) == 1
+
+
+def test_stopping_the_worker_ends_its_pause_between_retries(fake) -> None:
+    url, state = fake
+    body = json.dumps({"type": "urn:coordinator:problem:x", "title": "T", "status": 503,
+                       "detail": "busy"}).encode()
+    state.route = lambda m, p: (503, {"Content-Type": "application/problem+json",
+                                      "Retry-After": "30"}, body)
+    w = Worker("q", lambda job: "ok", client=Client(url, api_key="k"), handle_signals=False,
+               long_poll=1)
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    time.sleep(0.3)  # the claim was refused: the client waits 30 s to ask again
+    t0 = time.monotonic()
+    w.stop()
+    t.join(10)
+    assert not t.is_alive() and time.monotonic() - t0 < 3
+    assert len(state.seen) == 1

@@ -2,8 +2,9 @@
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
@@ -186,7 +187,9 @@ pub struct Client {
     pub retries: u32,
     pub backoff: Duration,
     pub max_backoff: Duration,
-    sleep: Sleep,
+    /// `None`: a sleep that ends early when `stop` is set.
+    sleep: Option<Sleep>,
+    stop: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -328,7 +331,8 @@ impl Client {
             retries: 4,
             backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(30),
-            sleep: Arc::new(std::thread::sleep),
+            sleep: None,
+            stop: None,
         }
     }
 
@@ -398,8 +402,41 @@ impl Client {
 
     /// Replace the sleep used between retries (tests).
     pub fn with_sleep(mut self, sleep: impl Fn(Duration) + Send + Sync + 'static) -> Self {
-        self.sleep = Arc::new(sleep);
+        self.sleep = Some(Arc::new(sleep));
         self
+    }
+
+    /// Once `stop` is set, no retry is started and a pause between retries ends at
+    /// once (the [`crate::Worker`] passes its stop flag). Kept by
+    /// [`Client::with_token`] and [`Client::with_credentials`].
+    pub fn with_stop(mut self, stop: Arc<AtomicBool>) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    }
+
+    /// Wait before a retry; `false` when stopped (then no retry is sent).
+    fn pause(&self, d: Duration) -> bool {
+        if self.stopping() {
+            return false;
+        }
+        match &self.sleep {
+            Some(sleep) => sleep(d),
+            None => {
+                let until = Instant::now() + d;
+                loop {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() || self.stopping() {
+                        break;
+                    }
+                    std::thread::sleep(left.min(Duration::from_millis(50)));
+                }
+            }
+        }
+        !self.stopping()
     }
 
     pub fn base(&self) -> &str {
@@ -484,8 +521,7 @@ impl Client {
                 Ok(r) => (r.status(), r),
                 Err(ureq::Error::Status(code, r)) => (code, r),
                 Err(ureq::Error::Transport(t)) => {
-                    if may_resend && attempt < retries {
-                        (self.sleep)(self.delay(attempt, None));
+                    if may_resend && attempt < retries && self.pause(self.delay(attempt, None)) {
                         attempt += 1;
                         continue;
                     }
@@ -503,8 +539,11 @@ impl Client {
                 body: bytes,
                 ..
             } = read_response(&method, path, resp)?;
-            if matches!(status, 429 | 503) && attempt < retries && (may_resend || refused) {
-                (self.sleep)(self.delay(attempt, retry_after));
+            if matches!(status, 429 | 503)
+                && attempt < retries
+                && (may_resend || refused)
+                && self.pause(self.delay(attempt, retry_after))
+            {
                 attempt += 1;
                 continue;
             }

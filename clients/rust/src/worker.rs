@@ -256,8 +256,10 @@ impl Worker {
             })
             .take(64)
             .collect();
+        let stop = Arc::new(AtomicBool::new(false));
         Worker {
-            client,
+            // The stop flag also ends its pauses between retries, and stops its retries.
+            client: client.with_stop(stop.clone()),
             queue: queue.to_owned(),
             name,
             heartbeat_interval: Duration::from_secs(30),
@@ -265,7 +267,7 @@ impl Worker {
             poll_max: Duration::from_secs(10),
             long_poll: Duration::from_secs(20),
             shutdown_grace: Duration::from_secs(10),
-            stop: Arc::new(AtomicBool::new(false)),
+            stop,
             heartbeat_route: Arc::new(AtomicU8::new(ROUTE_UNKNOWN)),
             log: Log::default(),
         }

@@ -254,3 +254,25 @@ fn a_get_refused_as_a_replay_is_signed_afresh_once() {
     assert_eq!(e.kind(), Some(ProblemKind::Unauthorized));
     assert_eq!(seen.lock().unwrap().len(), 5);
 }
+
+#[test]
+fn a_stop_ends_the_pause_between_retries_and_starts_no_retry() {
+    let busy: Answer = (503, vec![PJ, ("Retry-After", "30")], r#"{"status":503}"#);
+    let (url, seen) = serve(vec![busy.clone(), busy.clone(), busy]);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let c = Client::new(&url, Credentials::ApiKey("k".into())).with_stop(stop.clone());
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        s.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let t0 = std::time::Instant::now();
+    let e = c.health().unwrap_err();
+    assert_eq!(e.kind(), Some(ProblemKind::Unavailable));
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    // Once stopping, no retry is started, by a token client of it too.
+    let e = c.with_token("t").health().unwrap_err();
+    assert_eq!(e.kind(), Some(ProblemKind::Unavailable));
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}

@@ -217,3 +217,30 @@ fn a_claim_refused_with_a_client_error_stops_the_worker() {
         assert_eq!(seen.lock().unwrap().len(), 1);
     }
 }
+
+#[test]
+fn stopping_the_worker_ends_its_pause_between_retries() {
+    // (The content type carries one more header line: `Retry-After`.)
+    let (url, seen, _) = serve(Arc::new(|_, _| {
+        Some((
+            503,
+            "application/problem+json\r\nRetry-After: 30",
+            r#"{"status":503}"#.to_owned(),
+        ))
+    }));
+    let mut w = Worker::new(Client::new(&url, Credentials::ApiKey("k".into())), "q");
+    w.long_poll = Duration::from_secs(1);
+    let stop = w.stop_flag();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(w.run(|_| Ok(Value::Null), None, false).map_err(|e| e.to_string()));
+    });
+    // The claim was refused: the client waits 30 s to ask again.
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    stop.store(true, Ordering::SeqCst);
+    let got = rx.recv_timeout(Duration::from_secs(10));
+    assert!(got.is_ok(), "the worker did not stop");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}

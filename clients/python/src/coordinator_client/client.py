@@ -1,10 +1,12 @@
 """`Client`: one method per route of the coordinator service."""
 from __future__ import annotations
 
+import copy
 import email.utils
 import json as _json
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
@@ -124,6 +126,7 @@ class Client:
         session: Optional[requests.Session] = None,
         sleep: Callable[[float], None] = time.sleep,
         ca_file: Optional[str] = None,
+        stop: Optional[threading.Event] = None,
     ) -> None:
         self.url = url.rstrip("/")
         if auth is None:
@@ -154,6 +157,9 @@ class Client:
             # session's `verify`, never a request's.
             self.session.verify = ca_file
         self._sleep = sleep
+        #: Once set, no retry is started and a pause between retries ends at once
+        #: (the :class:`Worker` passes its stop flag).
+        self.stop = stop
 
     @classmethod
     def from_env(
@@ -194,7 +200,27 @@ class Client:
             session=self.session,
             sleep=self._sleep,
             ca_file=self.ca_file,
+            stop=self.stop,
         )
+
+    def with_stop(self, stop: threading.Event) -> "Client":
+        """This client (same credential and connection pool) that starts no retry
+        once ``stop`` is set, and whose pauses between retries end when it is."""
+        c = copy.copy(self)
+        c.stop = stop
+        return c
+
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait before a retry; ``False`` when stopped (then no retry is sent)."""
+        if self._stopping():
+            return False
+        if self.stop is not None and self._sleep is time.sleep:
+            return not self.stop.wait(seconds)
+        self._sleep(seconds)
+        return not self._stopping()
 
     def close(self) -> None:
         self.session.close()
@@ -265,19 +291,17 @@ class Client:
                 # does any work): a proxy's 503 may come after the server acted.
                 retry = (resp.status_code in RETRY_STATUSES and attempt < max_retries
                          and (may_resend or _is_problem(resp)))
-                if retry:
-                    resp.close()  # its body is not needed
-                else:
-                    _read_body(resp, method, path)
+                # Read even when it is to be retried: it is the error when the retry is
+                # not sent (the worker stopping).
+                _read_body(resp, method, path)
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as e:
-                if may_resend and attempt < max_retries:
-                    self._sleep(self._delay(attempt, None))
+                if (may_resend and attempt < max_retries
+                        and self._pause(self._delay(attempt, None))):
                     attempt += 1
                     continue
                 raise TransportError(f"{method} {path}: {e}") from e
-            if retry:
-                self._sleep(self._delay(attempt, resp))
+            if retry and self._pause(self._delay(attempt, resp)):
                 attempt += 1
                 continue
             if resp.status_code not in tuple(ok):

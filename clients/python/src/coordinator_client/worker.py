@@ -167,7 +167,9 @@ class Worker:
     ) -> None:
         self.queue = queue
         self.handler = handler
-        self.client = client or Client.from_env()
+        self._stop = threading.Event()
+        # The stop flag also ends its pauses between retries, and stops its retries.
+        self.client = (client or Client.from_env()).with_stop(self._stop)
         self.name = name or default_worker_name()
         self.heartbeat_interval = heartbeat_interval
         self.poll_min = poll_min
@@ -177,7 +179,6 @@ class Worker:
         self.shutdown_grace = shutdown_grace
         self.retry_on = (Retry,) + tuple(retry_on)
         self.handle_signals = handle_signals
-        self._stop = threading.Event()
         #: None until the first heartbeat tells whether the server has the route.
         self.heartbeat_route: Optional[bool] = None
         self.processed = 0
