@@ -4,12 +4,14 @@
 //! where the server has it, else a progress report) every `heartbeat_interval`, or
 //! more often when the job's lease or token is short ([`Worker::beat_interval`]).
 //! `Ok(result)` completes the job; `Err(JobError::Fail)` fails it;
-//! `Err(JobError::Retry)` hands it back while attempts remain. When the server says the job is no longer ours (409/401/403/404 on a
-//! heartbeat), or the lease has run out without a renewal (each heartbeat is one
-//! attempt bounded by the time left; the lease is timed on this host's monotonic clock
-//! from the send time of the claim or of the last renewal),
-//! [`JobContext::is_cancelled`] turns true and the outcome is not reported. [`JobContext::progress`] is best-effort: a transient failure is recorded
-//! and answers `Ok(())`, so `job.progress(..)?` hands a job back only when it is gone. Setting the [`Worker::stop_flag`] (wire it to SIGTERM, e.g. with
+//! `Err(JobError::Retry)` hands it back while attempts remain. When the server says the
+//! job is no longer ours (409/401/403/404 on a heartbeat), or the lease has run out
+//! without a renewal (each heartbeat is one attempt bounded by the time left; the lease
+//! is timed on this host's monotonic clock from the send time of the claim or of the
+//! last renewal), [`JobContext::is_cancelled`] turns true and the outcome is not
+//! reported. [`JobContext::progress`] is best-effort: a transient failure is recorded
+//! and answers `Ok(())`, so `job.progress(..)?` hands a job back only when it is gone.
+//! Setting the [`Worker::stop_flag`] (wire it to SIGTERM, e.g. with
 //! `signal_hook::flag::register`) cancels the running job, waits `shutdown_grace` for
 //! the handler, and hands an unfinished job back to the queue instead of dropping it.
 //!
