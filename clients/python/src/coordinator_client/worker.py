@@ -17,10 +17,10 @@ job is no longer ours (cancelled, requeued, ended: 409/401/403/404 on a heartbea
 or when the lease has run out without a renewal (each heartbeat is one attempt bounded
 by the time left; the lease is timed on this host's monotonic clock from the send time
 of the claim or of the last renewal), ``job.cancelled`` is set and the outcome is not
-reported. Progress reports are
-best-effort: a transient failure is logged and the handler carries on. SIGTERM (or :meth:`Worker.stop`)
-sets ``job.cancelled``, waits ``shutdown_grace`` seconds for the handler, and hands an
-unfinished job back (RUNNING → QUEUED) instead of dropping it.
+reported. Progress reports are best-effort: a transient failure is logged and the
+handler carries on. SIGTERM (or :meth:`Worker.stop`) sets ``job.cancelled``, waits
+``shutdown_grace`` seconds for the handler, and hands an unfinished job back (RUNNING →
+QUEUED) instead of dropping it; it also ends the client's pauses between retries.
 """
 from __future__ import annotations
 
