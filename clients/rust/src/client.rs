@@ -175,9 +175,10 @@ impl JobFilter {
 /// A coordinator client. 503 and 429 are retried (`retries` times) waiting
 /// `Retry-After` when sent, else an exponential backoff with jitter capped at
 /// `max_backoff` — a POST or PATCH without an `Idempotency-Key` only when the answer is
-/// the server's own refusal (`application/problem+json`, not a proxy's page), as it
-/// may come after the server acted; connection errors are retried for GET and requests with an
-/// `Idempotency-Key`. Each attempt is signed afresh, so a retry is never a replay.
+/// the server's own refusal (`application/problem+json`, not a proxy's page, which may
+/// come after the server acted); connection errors are retried for GET and requests
+/// with an `Idempotency-Key`. Each attempt is signed afresh, so a retry is never a
+/// replay.
 #[derive(Clone)]
 pub struct Client {
     base: String,
