@@ -378,7 +378,13 @@ impl Worker {
                 continue;
             };
             delay = self.poll_min;
-            self.process_claimed(claim, handler.clone(), started);
+            // The lease starts when the server hands the job out: for a long poll that
+            // may be long after the claim was sent, and at most the answer's travel
+            // (taken as up to 1 s) before it came.
+            let claimed_at = Instant::now()
+                .checked_sub(Duration::from_secs(1))
+                .map_or(started, |t| t.max(started));
+            self.process_claimed(claim, handler.clone(), claimed_at);
             processed += 1;
         }
         Ok(processed)

@@ -230,7 +230,10 @@ class Worker:
                     delay = min(self.poll_max, delay * 2)
                     continue
                 delay = self.poll_min
-                self.process(claim, claimed_at=started)
+                # The lease starts when the server hands the job out: for a long poll
+                # that may be long after the claim was sent, and at most the answer's
+                # travel (taken as up to 1 s) before it came.
+                self.process(claim, claimed_at=max(started, time.monotonic() - 1.0))
                 self.processed += 1
         except KeyboardInterrupt:
             self.stop()
