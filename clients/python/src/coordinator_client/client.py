@@ -291,9 +291,10 @@ class Client:
                 # does any work): a proxy's 503 may come after the server acted.
                 retry = (resp.status_code in RETRY_STATUSES and attempt < max_retries
                          and (may_resend or _is_problem(resp)))
-                # Read even when it is to be retried: it is the error when the retry is
-                # not sent (the worker stopping).
-                _read_body(resp, method, path)
+                if retry:
+                    resp.close()  # its body is not needed
+                else:
+                    _read_body(resp, method, path)
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as e:
                 if (may_resend and attempt < max_retries
@@ -301,7 +302,12 @@ class Client:
                     attempt += 1
                     continue
                 raise TransportError(f"{method} {path}: {e}") from e
-            if retry and self._pause(self._delay(attempt, resp)):
+            if retry:
+                if not self._pause(self._delay(attempt, resp)):
+                    # Stopping: the answer (its body unread) is the error.
+                    raise error_for(resp.status_code,
+                                    {"status": resp.status_code, "title": resp.reason or ""},
+                                    dict(resp.headers))
                 attempt += 1
                 continue
             if resp.status_code not in tuple(ok):
