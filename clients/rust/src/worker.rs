@@ -150,7 +150,10 @@ impl JobContext {
     /// the lease's length is unknown. Timed on this host's monotonic clock from the
     /// send time of the claim or of the last renewal.
     pub fn lease_left(&self) -> Option<Duration> {
-        let until = *self.lease_until.lock().unwrap_or_else(PoisonError::into_inner);
+        let until = *self
+            .lease_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         until.map(|u| u.saturating_duration_since(Instant::now()))
     }
 
@@ -161,7 +164,10 @@ impl JobContext {
     /// A request sent at `sent` renewed the lease.
     fn renewed(&self, sent: Instant) {
         let Some(len) = self.lease_len else { return };
-        let mut until = self.lease_until.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut until = self
+            .lease_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if until.is_none_or(|u| u < sent + len) {
             *until = Some(sent + len);
         }
@@ -586,7 +592,10 @@ fn span(claim: &Claim, until: Option<&str>) -> Option<Duration> {
 /// The job's lease length (`startedAt` to `leaseExpiresAt`, both the server's, so this
 /// host's clock does not matter).
 fn lease_length(claim: &Claim) -> Option<Duration> {
-    span(claim, claim.job.get("leaseExpiresAt").and_then(Value::as_str))
+    span(
+        claim,
+        claim.job.get("leaseExpiresAt").and_then(Value::as_str),
+    )
 }
 
 #[cfg(test)]

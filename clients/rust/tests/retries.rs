@@ -214,7 +214,10 @@ fn a_proxys_503_is_retried_only_when_resending_is_safe() {
     assert_eq!(seen.lock().unwrap().len(), 4);
     assert_eq!(c.health().unwrap()["id"], "j");
     // The server's own refusal (problem+json) is retried for any request.
-    assert_eq!(c.create_job(&json!({"kind": "b"}), None).unwrap()["id"], "j");
+    assert_eq!(
+        c.create_job(&json!({"kind": "b"}), None).unwrap()["id"],
+        "j"
+    );
     assert_eq!(seen.lock().unwrap().len(), 8);
 }
 

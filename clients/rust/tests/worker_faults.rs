@@ -13,7 +13,8 @@ use serde_json::{json, Value};
 
 /// What the fake server answers to (method, path): status, content type and body;
 /// `None`: no answer at all (the connection is held open).
-type Route = Arc<dyn Fn(&str, &str) -> Option<(u16, &'static str, String)> + Send + Sync>;
+type RouteFn = dyn Fn(&str, &str) -> Option<(u16, &'static str, String)> + Send + Sync;
+type Route = Arc<RouteFn>;
 type Seen = Arc<Mutex<Vec<(String, String)>>>;
 
 /// A keep-alive HTTP/1.1 server, one thread per connection; `release` ends held requests.
@@ -35,7 +36,7 @@ fn serve(route: Route) -> (String, Seen, Arc<AtomicBool>) {
 
 fn connection(
     stream: TcpStream,
-    route: &(dyn Fn(&str, &str) -> Option<(u16, &'static str, String)> + Send + Sync),
+    route: &RouteFn,
     seen: &Mutex<Vec<(String, String)>>,
     release: &AtomicBool,
 ) {
@@ -83,8 +84,7 @@ fn connection(
             "HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
             answer.len()
         );
-        if out.write_all(head.as_bytes()).is_err() || out.write_all(answer.as_bytes()).is_err()
-        {
+        if out.write_all(head.as_bytes()).is_err() || out.write_all(answer.as_bytes()).is_err() {
             return;
         }
     }
@@ -154,7 +154,10 @@ fn a_lost_lease_cancels_the_job_and_a_stuck_heartbeat_blocks_nothing() {
         .collect();
     assert!(others.is_empty(), "{others:?}");
     let beats = paths(&seen, "/heartbeat").len();
-    assert!((1..=3).contains(&beats), "{beats}: one attempt each, no retries");
+    assert!(
+        (1..=3).contains(&beats),
+        "{beats}: one attempt each, no retries"
+    );
     assert!(
         w.events().iter().any(|e| e.contains("lease ran out")),
         "{:?}",
@@ -165,7 +168,11 @@ fn a_lost_lease_cancels_the_job_and_a_stuck_heartbeat_blocks_nothing() {
 #[test]
 fn a_renewed_lease_is_kept() {
     let (url, seen, _) = serve(Arc::new(|_, _| {
-        Some((200, "application/json", r#"{"cancelRequested":false}"#.to_owned()))
+        Some((
+            200,
+            "application/json",
+            r#"{"cancelRequested":false}"#.to_owned(),
+        ))
     }));
     let w = Worker::new(Client::new(&url, Credentials::ApiKey("k".into())), "q");
     w.process(
@@ -233,7 +240,10 @@ fn stopping_the_worker_ends_its_pause_between_retries() {
     let stop = w.stop_flag();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(w.run(|_| Ok(Value::Null), None, false).map_err(|e| e.to_string()));
+        let _ = tx.send(
+            w.run(|_| Ok(Value::Null), None, false)
+                .map_err(|e| e.to_string()),
+        );
     });
     // The claim was refused: the client waits 30 s to ask again.
     std::thread::sleep(Duration::from_millis(300));
