@@ -100,6 +100,17 @@ fn read_response(mut s: TcpStream) -> Raw {
     }
 }
 
+/// The headers of a signed `POST /coordinator/jobs` of `body`, `Content-Type` included.
+fn signed_create(signer: &crate::helpers::Signer, body: &[u8]) -> Vec<(String, String)> {
+    let mut h = signer.headers("POST", "/coordinator/jobs", body, now_secs());
+    h.push(("Content-Type".into(), "application/json".into()));
+    h
+}
+
+fn pairs(h: &[(String, String)]) -> Vec<(&str, &str)> {
+    h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
 /// Send exactly this request line, headers and body.
 fn raw(app: &TestApp, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Raw {
     let mut s = connect(app);
@@ -544,14 +555,8 @@ fn a_few_addresses_cannot_hold_every_body_place(b: Backend) {
     // its body came with it (review, 2026-12-06: actix had not yet decoded it at the
     // first look, and it got 429, or took someone's place).
     let body = serde_json::to_vec(&json!({"kind": "whole"})).expect("json");
-    let signed = app
-        .signer
-        .headers("POST", "/coordinator/jobs", &body, now_secs());
-    let headers: Vec<(&str, &str)> = signed
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .chain([("Content-Type", "application/json")])
-        .collect();
+    let signed = signed_create(&app.signer, &body);
+    let headers = pairs(&signed);
     let mut s = connect_from(&app, 2);
     let mut bytes = request_head("POST", "/coordinator/jobs", &headers, body.len()).into_bytes();
     bytes.extend_from_slice(&body);
@@ -564,14 +569,8 @@ fn a_few_addresses_cannot_hold_every_body_place(b: Backend) {
     // with its request takes no place at all.
     for _ in 0..3 {
         let body = serde_json::to_vec(&json!({"kind": "k"})).expect("json");
-        let signed = app
-            .signer
-            .headers("POST", "/coordinator/jobs", &body, now_secs());
-        let headers: Vec<(&str, &str)> = signed
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .chain([("Content-Type", "application/json")])
-            .collect();
+        let signed = signed_create(&app.signer, &body);
+        let headers = pairs(&signed);
         let r = split_upload(&app, "/coordinator/jobs", &headers, &body, || {});
         assert_eq!(r.status, 201, "{}", r.body);
     }
@@ -1042,6 +1041,23 @@ fn split_upload(
     read_response(s)
 }
 
+/// Repeat `probe` until it answers 401, at most 5 s: the credential store picks a
+/// change up within its 250 ms poll.
+fn until_refused(what: &str, mut probe: impl FnMut() -> u16) {
+    let end = Instant::now() + Duration::from_secs(5);
+    while probe() != 401 {
+        assert!(Instant::now() < end, "{what} was never seen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Jobs listed (at most 500).
+fn job_count(app: &TestApp) -> usize {
+    app.get("/coordinator/jobs?limit=500").json()["items"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
 /// A request authenticated before its body (API key, job token) is checked again when
 /// a slow body has arrived, and the body's arrival does not use up the request deadline
 /// (review, 2026-12-06: an API key revoked mid-body still created a job, and a valid
@@ -1065,32 +1081,23 @@ fn a_key_revoked_while_its_body_arrives_is_refused_at_its_end(b: Backend) {
         std::thread::sleep(Duration::from_millis(1500));
     });
     assert_eq!(r.status, 201, "{}", r.body);
-    let jobs = |app: &TestApp| {
-        app.get("/coordinator/jobs?limit=500").json()["items"]
-            .as_array()
-            .map_or(0, Vec::len)
-    };
-    let before = jobs(&app);
+    let before = job_count(&app);
     let r = split_upload(&app, "/coordinator/jobs", &headers, &body, || {
         let rows = credentials::list_keys(&app.state.db, Some("slowkey")).expect("keys");
         credentials::revoke_key(&app.state.db, &rows.first().expect("the key").id).expect("revoke");
-        let end = Instant::now() + Duration::from_secs(5);
-        while raw(
-            &app,
-            "GET",
-            "/coordinator/jobs",
-            &[("X-API-Key", &key)],
-            b"",
-        )
-        .status
-            != 401
-        {
-            assert!(Instant::now() < end, "the revocation was never seen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        until_refused("the revocation", || {
+            raw(
+                &app,
+                "GET",
+                "/coordinator/jobs",
+                &[("X-API-Key", &key)],
+                b"",
+            )
+            .status
+        });
     });
     assert_eq!(r.status, 401, "{}", r.body);
-    assert_eq!(jobs(&app), before, "a job was created");
+    assert_eq!(job_count(&app), before, "a job was created");
 }
 
 /// A signed request's credential is looked up before its body; one revoked (or its
@@ -1103,11 +1110,6 @@ fn a_credential_revoked_while_its_body_arrives_is_refused_at_its_end(b: Backend)
         c.body_read_timeout = Duration::from_secs(20);
     }) else {
         return;
-    };
-    let jobs = |app: &TestApp| {
-        app.get("/coordinator/jobs?limit=500").json()["items"]
-            .as_array()
-            .map_or(0, Vec::len)
     };
     // A webhook secret revoked mid-body.
     let key = sender(&app, "hooker");
@@ -1125,50 +1127,37 @@ fn a_credential_revoked_while_its_body_arrives_is_refused_at_its_end(b: Backend)
         credentials::revoke_secret(&app.state.db, "hooker", SecretKind::Webhook, 1)
             .expect("revoke");
         // Until a fresh delivery with the secret is refused, this instance has seen it.
-        let end = Instant::now() + Duration::from_secs(5);
-        while delivery(
-            &app,
-            "/stitcher/webhook/hooker",
-            &key,
-            "probe",
-            now_secs(),
-            HOOK,
-        )
-        .status
-            != 401
-        {
-            assert!(Instant::now() < end, "the revocation was never seen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        before.set(jobs(&app));
+        until_refused("the revocation", || {
+            delivery(
+                &app,
+                "/stitcher/webhook/hooker",
+                &key,
+                "probe",
+                now_secs(),
+                HOOK,
+            )
+            .status
+        });
+        before.set(job_count(&app));
     });
     assert_eq!(r.status, 401, "{}", r.body);
     let before = before.get();
-    assert_eq!(jobs(&app), before, "a job was created");
+    assert_eq!(job_count(&app), before, "a job was created");
 
     // An HMAC caller disabled mid-body.
     let signer = app.caller("slowpoke", &[Scope::JobsCreate]);
     let body = serde_json::to_vec(&json!({"kind": "mid-body"})).expect("json");
-    let signed = signer.headers("POST", "/coordinator/jobs", &body, now_secs());
-    let headers: Vec<(&str, &str)> = signed
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .chain([("Content-Type", "application/json")])
-        .collect();
+    let signed = signed_create(&signer, &body);
+    let headers = pairs(&signed);
     let r = split_upload(&app, "/coordinator/jobs", &headers, &body, || {
         credentials::disable_caller(&app.state.db, "slowpoke").expect("disable");
-        let end = Instant::now() + Duration::from_secs(5);
-        while app
-            .signed_by(&signer, "GET", "/coordinator/health", &[], b"")
-            .status
-            != 401
-        {
-            assert!(Instant::now() < end, "the disable was never seen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        until_refused("the disable", || {
+            app.signed_by(&signer, "GET", "/coordinator/health", &[], b"")
+                .status
+        });
     });
     assert_eq!(r.status, 401, "{}", r.body);
-    assert_eq!(jobs(&app), before, "a job was created");
+    assert_eq!(job_count(&app), before, "a job was created");
 }
 
 fn webhook_deliveries_name_their_sender(b: Backend) {
