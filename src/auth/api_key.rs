@@ -4,7 +4,7 @@
 use super::audit::AuditRecord;
 use super::model::Scheme;
 use super::principal::{Held, Principal};
-use super::store::Touch;
+use super::store::{Lookup, Touch};
 use super::{fail, AuthContext, Scope};
 use crate::crypto::credential::ApiKey;
 use crate::db::now_millis;
@@ -17,9 +17,12 @@ pub const BOOTSTRAP_CALLER: &str = "bootstrap";
     clippy::map_err_ignore,
     reason = "the presented key is a secret: why it fails to parse stays out of logs and responses"
 )]
+/// `blocked`: the request's address is over its failure budget (see
+/// [`super::store::CredentialStore::surely_unknown`]).
 pub async fn verify(
     ctx: &AuthContext,
     presented: &str,
+    blocked: bool,
     audit: &mut AuditRecord,
 ) -> Result<Principal, ApiError> {
     audit.scheme = Some(Scheme::ApiKey);
@@ -45,6 +48,10 @@ pub async fn verify(
     ApiKey::validate(presented).map_err(|_| fail("malformed api key"))?;
     // The stored form, in a stack buffer: the key itself is not copied anywhere.
     let hash = crate::crypto::sha256_hex_buf(presented.as_bytes());
+    // A blocked address guessing keys costs no database read.
+    if blocked && ctx.store.surely_unknown(Lookup::ApiKey(hash.as_str())) {
+        return Err(fail("unknown api key"));
+    }
     let found = ctx
         .store
         .api_key(hash.as_str())

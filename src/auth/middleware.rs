@@ -410,16 +410,18 @@ async fn authenticate_with(
     // before the body and its MAC. Spending it before the lookups (to bound the
     // database reads that unknown names and keys cause) was tried and reverted: after
     // any cache drop a valid client behind the address then competed for the same 10
-    // a second with whoever kept it blocked, and lost (review, 2026-12-06).
+    // a second with whoever kept it blocked, and lost (review, 2026-12-06). Those
+    // reads are bounded by the credential directory instead: a blocked peer's caller
+    // name or key that it lacks is refused unread (`CredentialStore::surely_unknown`).
     let (principal, waited) = match choice {
         Choice::Hmac => {
-            let pending = hmac::precheck(ctx, req, audit).await?;
+            let pending = hmac::precheck(ctx, req, peer.blocked.is_some(), audit).await?;
             spend_verification(ctx, peer)?;
             let (body, waited) = take_unverified_body(ctx, req, peer).await?;
             (hmac::finish(ctx, req, pending, &body, audit).await?, waited)
         }
         Choice::HttpSig => {
-            let pending = hmac::precheck_http_sig(ctx, req, audit).await?;
+            let pending = hmac::precheck_http_sig(ctx, req, peer.blocked.is_some(), audit).await?;
             spend_verification(ctx, peer)?;
             let (body, waited) = take_unverified_body(ctx, req, peer).await?;
             let p = hmac::finish_http_sig(ctx, req, pending, &body, audit).await?;
@@ -443,7 +445,10 @@ async fn authenticate_with(
                 .as_ref()
                 .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
                 .unwrap_or("");
-            return Ok((api_key::verify(ctx, value, audit).await?, false));
+            return Ok((
+                api_key::verify(ctx, value, peer.blocked.is_some(), audit).await?,
+                false,
+            ));
         }
     };
     if waited {

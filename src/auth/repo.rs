@@ -63,6 +63,24 @@ pub fn lock_caller(conn: &mut DbConnection, name: &str) -> Result<Option<CallerR
     }
 }
 
+/// Every caller's name and every API key's hash, at most `limit` of each (for the
+/// credential store's directory; a caller asks for one more than it keeps to tell a
+/// full list from a cut one).
+pub fn directory(
+    conn: &mut DbConnection,
+    limit: i64,
+) -> Result<(Vec<String>, Vec<String>), StoreError> {
+    let names = callers::table
+        .select(callers::name)
+        .limit(limit)
+        .load(conn)?;
+    let hashes = api_keys::table
+        .select(api_keys::key_hash)
+        .limit(limit)
+        .load(conn)?;
+    Ok((names, hashes))
+}
+
 pub fn list_callers(conn: &mut DbConnection) -> Result<Vec<CallerRow>, StoreError> {
     Ok(callers::table
         .order(callers::name)

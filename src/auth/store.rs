@@ -11,7 +11,8 @@
 //! and is not used from then on, so an expired secret or key stops working at its
 //! `expires_at` even while cached.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,8 @@ pub const MAX_STALENESS: Duration = Duration::from_secs(2);
 /// Upper bounds of the caches (cleared wholesale when exceeded).
 const MAX_CALLERS: usize = 10_000;
 const MAX_KEYS: usize = 200_000;
+/// The directory is kept while it lists at most this many callers and as many keys.
+const MAX_DIRECTORY: usize = 200_000;
 /// At most this many secret versions are tried per request.
 pub const MAX_VERSIONS_TRIED: usize = 8;
 /// `last_used_at` is written at most once a minute per credential.
@@ -145,10 +148,33 @@ impl KeyAndCaller {
     }
 }
 
+/// Every caller name and API-key hash there was at the cache's generation (read after
+/// it, so perhaps a few more). One missing from it did not exist then, so a request
+/// from a blocked address naming it is refused without a database read
+/// ([`CredentialStore::surely_unknown`]).
+enum Directory {
+    NotRead,
+    Read {
+        callers: HashSet<Box<str>>,
+        keys: HashSet<Box<str>>,
+    },
+    /// More than `MAX_DIRECTORY` of either: lookups decide, as without a directory.
+    TooLarge,
+}
+
+/// A caller name or an API key's hash (hex), as [`CredentialStore::surely_unknown`]
+/// looks it up.
+#[derive(Clone, Copy)]
+pub enum Lookup<'a> {
+    Caller(&'a str),
+    ApiKey(&'a str),
+}
+
 struct Cache {
     /// The auth generation every entry was read at; `i64::MIN` until the first poll
     /// (and after a local invalidation), when nothing is cached.
     generation: i64,
+    directory: Directory,
     callers: HashMap<String, Entry<Arc<CallerEntry>>>,
     keys: HashMap<String, Entry<KeyAndCaller>>,
     webhook: Option<Entry<Arc<Vec<WebhookKey>>>>,
@@ -159,6 +185,7 @@ impl Cache {
     fn empty(generation: i64) -> Self {
         Cache {
             generation,
+            directory: Directory::NotRead,
             callers: HashMap::new(),
             keys: HashMap::new(),
             webhook: None,
@@ -182,6 +209,8 @@ pub struct CredentialStore {
     /// When each caller's entry was last re-read because a request named a key version
     /// the cache did not know (at most once per `REREAD_EVERY` per caller).
     reread: Mutex<HashMap<String, Instant>>,
+    /// Database reads of one caller or one API key so far (a cache miss each).
+    lookups: AtomicU64,
 }
 
 /// A known caller's secrets are re-read at most this often on an unknown key version,
@@ -202,6 +231,32 @@ impl CredentialStore {
             synced_at: Mutex::new(None),
             touched: Mutex::new(HashMap::new()),
             reread: Mutex::new(HashMap::new()),
+            lookups: AtomicU64::new(0),
+        }
+    }
+
+    /// Database reads of one caller or one API key so far.
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Relaxed)
+    }
+
+    /// Whether a lookup of this caller or key would surely find nothing: it is not
+    /// cached, and the directory read at the cache's generation lacks it. `false`
+    /// when there is no current directory (after a change, until the next poll has
+    /// read one): only a lookup can tell then.
+    pub fn surely_unknown(&self, what: Lookup<'_>) -> bool {
+        if !self.cache_usable() {
+            return false;
+        }
+        let Ok(c) = self.cache.lock() else {
+            return false;
+        };
+        let Directory::Read { callers, keys } = &c.directory else {
+            return false;
+        };
+        match what {
+            Lookup::Caller(name) => !c.callers.contains_key(name) && !callers.contains(name),
+            Lookup::ApiKey(hash) => !c.keys.contains_key(hash) && !keys.contains(hash),
         }
     }
 
@@ -265,18 +320,45 @@ impl CredentialStore {
         Ok(true)
     }
 
-    /// One poll: read the generation, drop the cache when it moved.
+    /// One poll: read the generation, drop the cache when it moved, and read the
+    /// directory of the new generation.
     pub async fn poll(&self) -> Result<(), StoreError> {
         let g = self.db.read(repo::generation).await?;
-        {
+        let unread = {
             let mut c = self.cache.lock().map_err(poisoned)?;
             if c.generation != g {
                 *c = Cache::empty(g);
             }
-        }
+            matches!(c.directory, Directory::NotRead)
+        };
         if let Ok(mut s) = self.synced_at.lock() {
             *s = Some(Instant::now());
         }
+        if unread {
+            self.read_directory().await?;
+        }
+        Ok(())
+    }
+
+    /// Every caller name and key hash, kept if the cache is still at the generation
+    /// read with them.
+    async fn read_directory(&self) -> Result<(), StoreError> {
+        let limit = i64::try_from(MAX_DIRECTORY + 1).unwrap_or(i64::MAX);
+        let fetched = self.fetch(move |conn| repo::directory(conn, limit)).await?;
+        let (names, hashes) = fetched.value;
+        let directory = if names.len() > MAX_DIRECTORY || hashes.len() > MAX_DIRECTORY {
+            log::warn!(
+                "more than {MAX_DIRECTORY} callers or API keys: unknown ones from blocked \
+                 addresses are looked up one by one"
+            );
+            Directory::TooLarge
+        } else {
+            Directory::Read {
+                callers: names.into_iter().map(String::into_boxed_str).collect(),
+                keys: hashes.into_iter().map(String::into_boxed_str).collect(),
+            }
+        };
+        self.admit(fetched.generation, |c| c.directory = directory)?;
         Ok(())
     }
 
@@ -346,6 +428,7 @@ impl CredentialStore {
             return Ok(Some(e));
         }
         let owned = name.to_owned();
+        self.lookups.fetch_add(1, Ordering::Relaxed);
         let fetched = self
             .fetch(move |conn| {
                 let Some(caller) = repo::find_caller(conn, &owned)? else {
@@ -411,6 +494,7 @@ impl CredentialStore {
         hash: &str,
     ) -> Result<Fetched<Option<KeyAndCaller>>, StoreError> {
         let owned = hash.to_owned();
+        self.lookups.fetch_add(1, Ordering::Relaxed);
         let fetched = self
             .fetch(move |conn| {
                 let Some(key) = repo::find_api_key(conn, &owned)? else {

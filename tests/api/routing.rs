@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::backend_tests;
-use crate::helpers::{now_secs, spawn_app_with, Backend, TestApp};
+use crate::helpers::{now_secs, spawn_app_with, Backend, Signer, TestApp};
 
 backend_tests!(
     encoded_paths_never_bypass_scopes,
@@ -39,6 +39,7 @@ backend_tests!(
     bogus_delivery_is_answered_before_its_body_is_read,
     blocked_peer_gets_429_for_bogus_deliveries_but_valid_callers_pass,
     a_valid_key_behind_a_blocked_address_is_served,
+    a_blocked_address_guessing_credentials_costs_no_lookup,
     a_key_revoked_while_its_body_arrives_is_refused_at_its_end,
     scope_refusals_name_the_scope,
     a_new_key_version_works_at_once_on_a_warm_instance,
@@ -1296,6 +1297,75 @@ fn a_valid_key_behind_a_blocked_address_is_served(b: Backend) {
         }
         let r = health(&key);
         assert_eq!(r.status, 200, "round {round}: {}", r.body);
+    }
+}
+
+/// A blocked address sending unknown API keys and caller names is refused without a
+/// database read each (the directory of names and key hashes read at the cache's
+/// generation says they are unknown), while a valid key from the same address is
+/// served, a key issued after the block works once the next poll has read the
+/// directory again, and after a cache drop lookups decide until then.
+fn a_blocked_address_guessing_credentials_costs_no_lookup(b: Backend) {
+    let Some(app) = spawn_app_with(b, |c| c.auth_failures_per_minute = 3) else {
+        return;
+    };
+    let key = app.api_key("ops", &[Scope::HealthRead]);
+    let store = &app.state.auth.store;
+    let health = |h: &[(&str, &str)]| raw(&app, "GET", "/coordinator/health", h, b"");
+    let guess_key = || {
+        let k = coordinator::crypto::credential::ApiKey::generate();
+        health(&[("X-API-Key", k.expose_secret())]).status
+    };
+    let guess_caller = || {
+        let name = format!("nobody-{}", uuid::Uuid::now_v7().simple());
+        let signer = Signer {
+            caller: name,
+            secret: "x".repeat(43),
+            key_version: None,
+        };
+        let h = signer.headers("GET", "/coordinator/health", b"", now_secs());
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        health(&h).status
+    };
+    for _ in 0..5 {
+        guess_key();
+    }
+    assert_eq!(guess_key(), 429, "blocked");
+    // The directory is read by the poll after the key was issued (every 250 ms).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = store.lookups();
+        for _ in 0..5 {
+            assert_eq!(guess_key(), 429);
+        }
+        if store.lookups() == before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no directory read in 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = store.lookups();
+    for _ in 0..50 {
+        assert_eq!(guess_key(), 429);
+        assert_eq!(guess_caller(), 429);
+    }
+    assert_eq!(
+        store.lookups(),
+        before,
+        "guesses from a blocked address read the database"
+    );
+    assert_eq!(health(&[("X-API-Key", &key)]).status, 200);
+    // A cache drop takes the directory with it: the valid key is looked up, not refused.
+    store.invalidate();
+    let r = health(&[("X-API-Key", &key)]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A key issued after the block works from the blocked address once the directory
+    // has been read again.
+    let late = app.api_key("late", &[Scope::HealthRead]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(&[("X-API-Key", &late)]).status != 200 {
+        assert!(Instant::now() < deadline, "a new key refused for 10 s");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -22,7 +22,7 @@ use self::wire::CanonicalRequest;
 use super::audit::AuditRecord;
 use super::model::{Purpose, Scheme};
 use super::principal::{Held, Principal};
-use super::store::{CallerEntry, Touch, MAX_VERSIONS_TRIED};
+use super::store::{CallerEntry, Lookup, Touch, MAX_VERSIONS_TRIED};
 use super::{fail, header, names, AuthContext};
 use crate::db::now_millis;
 use crate::error::{ApiError, AuthFailure};
@@ -54,8 +54,13 @@ async fn caller_versions(
     ctx: &AuthContext,
     caller: &str,
     key_version: Option<i32>,
+    blocked: bool,
     audit: &mut AuditRecord,
 ) -> Result<(Arc<CallerEntry>, Vec<i32>), ApiError> {
+    // A blocked address guessing caller names costs no database read.
+    if blocked && ctx.store.surely_unknown(Lookup::Caller(caller)) {
+        return Err(fail("unknown caller"));
+    }
     let mut entry = ctx
         .store
         .caller(caller)
@@ -146,6 +151,7 @@ fn record_once(
 pub async fn precheck(
     ctx: &AuthContext,
     req: &ServiceRequest,
+    blocked: bool,
     audit: &mut AuditRecord,
 ) -> Result<Pending, ApiError> {
     audit.scheme = Some(Scheme::Hmac);
@@ -158,7 +164,7 @@ pub async fn precheck(
     )
     .map_err(|e| fail(e.reason()))?;
     check_window(ctx, h.timestamp)?;
-    let (entry, versions) = caller_versions(ctx, &h.caller, h.key_version, audit).await?;
+    let (entry, versions) = caller_versions(ctx, &h.caller, h.key_version, blocked, audit).await?;
     Ok(Pending {
         headers: h,
         entry,
@@ -243,6 +249,7 @@ fn announces_body(req: &ServiceRequest) -> bool {
 pub async fn precheck_http_sig(
     ctx: &AuthContext,
     req: &ServiceRequest,
+    blocked: bool,
     audit: &mut AuditRecord,
 ) -> Result<PendingHttpSig, ApiError> {
     audit.scheme = Some(Scheme::Rfc9421);
@@ -260,7 +267,8 @@ pub async fn precheck_http_sig(
     if input.expires.is_some_and(|e| e < now_millis() / 1000) {
         return Err(fail("signature expired"));
     }
-    let (entry, versions) = caller_versions(ctx, &input.caller, input.key_version, audit).await?;
+    let (entry, versions) =
+        caller_versions(ctx, &input.caller, input.key_version, blocked, audit).await?;
     Ok(PendingHttpSig {
         input,
         entry,
