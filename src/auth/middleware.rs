@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
-use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_LENGTH};
+use actix_web::http::header::{
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, HOST, ORIGIN,
+};
 use actix_web::middleware::Next;
 use actix_web::web::{Bytes, BytesMut};
 use actix_web::{Error, HttpMessage, ResponseError};
@@ -384,7 +386,10 @@ async fn authenticate(
     };
     let by_cert = client_cert::verify(ctx, identity, &cert, audit).await?;
     let (choice, api_key) = match scan_credentials(req.headers(), gate.spec.accepts_webhooks()) {
-        Err("missing credentials") => return Ok((by_cert, false)),
+        Err("missing credentials") => {
+            not_from_another_site(req)?;
+            return Ok((by_cert, false));
+        }
         other => other.map_err(fail)?,
     };
     let (p, body_read) = authenticate_with(gate, choice, api_key, req, peer, audit).await?;
@@ -392,6 +397,34 @@ async fn authenticate(
         return Err(fail("client certificate names another caller"));
     }
     Ok((p, body_read))
+}
+
+/// A client certificate is an ambient credential: a browser that holds one presents it
+/// for any page's request, a foreign page's form post included (the headers schemes are
+/// not: a page cannot set them on another site's request without a preflight, which
+/// fails). So a certificate alone is refused for a request a browser made for another
+/// site: `Sec-Fetch-Site` other than `none` or `same-origin`, or an `Origin` other
+/// than this service's own (`https://` and the `Host` header). Other clients send
+/// neither header. 403, not counted as a failed attempt: the address is the victim's.
+fn not_from_another_site(req: &ServiceRequest) -> Result<(), ApiError> {
+    const REFUSED: ApiError =
+        ApiError::Forbidden("a client certificate alone is not accepted from another site");
+    let headers = req.headers();
+    if let Some(site) = headers.get("sec-fetch-site") {
+        if !matches!(site.as_bytes(), b"none" | b"same-origin") {
+            return Err(REFUSED);
+        }
+    }
+    if let Some(origin) = headers.get(ORIGIN) {
+        let own = headers
+            .get(HOST)
+            .map(HeaderValue::as_bytes)
+            .is_some_and(|host| origin.as_bytes().strip_prefix(b"https://") == Some(host));
+        if !own {
+            return Err(REFUSED);
+        }
+    }
+    Ok(())
 }
 
 /// One header scheme: its cheap checks, then (for schemes that sign the body) the body
@@ -710,6 +743,13 @@ fn finish<B>(
         .write();
     }
     res.request().extensions_mut().insert(LineWritten);
+    // An authenticated answer is for its caller alone: no shared cache may keep it
+    // (`X-API-Key` is not `Authorization`, which caches already treat so).
+    let mut res = res;
+    let headers = res.headers_mut();
+    if !headers.contains_key(CACHE_CONTROL) {
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     res
 }
 

@@ -40,6 +40,7 @@ backend_tests!(
     blocked_peer_gets_429_for_bogus_deliveries_but_valid_callers_pass,
     a_valid_key_behind_a_blocked_address_is_served,
     a_blocked_address_guessing_credentials_costs_no_lookup,
+    authenticated_answers_are_not_cached,
     a_key_revoked_while_its_body_arrives_is_refused_at_its_end,
     scope_refusals_name_the_scope,
     a_new_key_version_works_at_once_on_a_warm_instance,
@@ -1366,6 +1367,38 @@ fn a_blocked_address_guessing_credentials_costs_no_lookup(b: Backend) {
     while health(&[("X-API-Key", &late)]).status != 200 {
         assert!(Instant::now() < deadline, "a new key refused for 10 s");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every answer of a guarded route says `Cache-Control: no-store`: `X-API-Key` is not
+/// `Authorization`, so a shared cache in front of the service could otherwise keep
+/// one caller's jobs and hand them to the next (review, 2026-12-06).
+fn authenticated_answers_are_not_cached(b: Backend) {
+    let Some(app) = app(b) else { return };
+    let key = app.api_key(
+        "reader",
+        &[Scope::JobsRead, Scope::JobsCreate, Scope::HealthRead],
+    );
+    let k = [("X-API-Key", key.as_str())];
+    let created = raw(
+        &app,
+        "POST",
+        "/coordinator/jobs",
+        &k,
+        br#"{"kind":"k","queue":"q"}"#,
+    );
+    assert_eq!(created.status, 201, "{}", created.body);
+    let id = created.json()["id"].as_str().unwrap().to_owned();
+    let job = format!("/coordinator/jobs/{id}");
+    for r in [
+        created,
+        raw(&app, "GET", &job, &k, b""),
+        raw(&app, "GET", "/coordinator/jobs?limit=5", &k, b""),
+        raw(&app, "GET", "/coordinator/queues", &k, b""),
+        raw(&app, "GET", "/coordinator/health", &k, b""),
+    ] {
+        assert!(r.status < 300, "{}", r.body);
+        assert!(r.head.contains("cache-control: no-store"), "{}", r.head);
     }
 }
 

@@ -335,6 +335,48 @@ fn client_certificates(backend: Backend) {
     assert_eq!(status, 200, "{body}");
     let (status, _) = get(&with(&svc_cert), port, "/coordinator/jobs", &[]).unwrap();
     assert_eq!(status, 403, "svc-a lacks jobs:read");
+    // A certificate is ambient in a browser: alone, it is refused for a request a
+    // browser made for another site (a foreign page's form post), not for one from the
+    // service's own origin or typed into the address bar. A header credential is
+    // not ambient, so with one such a request is served.
+    let h = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    for foreign in [
+        h(&[("Origin", "https://evil.example")]),
+        h(&[("Origin", "null")]),
+        h(&[("Origin", "http://localhost")]),
+        h(&[("Sec-Fetch-Site", "cross-site")]),
+        h(&[("Sec-Fetch-Site", "same-site")]),
+        h(&[
+            ("Sec-Fetch-Site", "same-origin"),
+            ("Origin", "https://evil.example"),
+        ]),
+    ] {
+        let (status, body) = get(&with(&svc_cert), port, HEALTH, &foreign).unwrap();
+        assert_eq!(status, 403, "{foreign:?}: {body}");
+        assert!(body.contains("from another site"), "{body}");
+    }
+    for own in [
+        h(&[("Sec-Fetch-Site", "none")]),
+        h(&[
+            ("Sec-Fetch-Site", "same-origin"),
+            ("Origin", "https://localhost"),
+        ]),
+        h(&[("Origin", "https://localhost")]),
+    ] {
+        let (status, body) = get(&with(&svc_cert), port, HEALTH, &own).unwrap();
+        assert_eq!(status, 200, "{own:?}: {body}");
+    }
+    let mut with_header = signed(&svc, HEALTH);
+    with_header.extend(h(&[("Origin", "https://evil.example")]));
+    assert_eq!(
+        get(&with(&svc_cert), port, HEALTH, &with_header).unwrap().0,
+        200
+    );
     let logs = crate::helpers::captured_logs();
     assert!(
         logs.lines().any(|l| l.contains(r#""scheme":"client_cert""#)
