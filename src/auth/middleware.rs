@@ -469,7 +469,12 @@ async fn authenticate_with(
         Choice::Bearer => {
             let value = super::header(req, &AUTHORIZATION).unwrap_or("");
             bearer_hints(value)?;
-            let p = super::token::verify_header(ctx, value, audit).await?;
+            let route_job = gate
+                .spec
+                .accepts_job_tokens()
+                .then(|| req.match_info().get("id"))
+                .flatten();
+            let p = super::token::verify_header(ctx, value, route_job, audit).await?;
             return Ok((p, false));
         }
         Choice::ApiKey => {

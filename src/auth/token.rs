@@ -440,9 +440,11 @@ pub fn issue(
     clippy::map_err_ignore,
     reason = "decode errors can quote the bearer token, a secret; only the public reason leaves"
 )]
+/// `route_job`: the `{id}` of the route, when it is one a job token may use.
 pub async fn verify_header(
     ctx: &AuthContext,
     value: &str,
+    route_job: Option<&str>,
     audit: &mut AuditRecord,
 ) -> Result<Principal, ApiError> {
     audit.scheme = Some(Scheme::Token);
@@ -504,11 +506,16 @@ pub async fn verify_header(
         .is_revoked(&claims.jti, job_id.as_str(), claims.att)
         .await?
     {
-        // A validly signed token whose job was cancelled: its holder is the worker that
-        // was running it, and "cancelled" (409) is the signal it acts on, where a bare
-        // "revoked" (401) would look like a credential fault. The token still grants
-        // nothing; a revoked token of a job in any other state stays a 401.
-        if ctx.revocations.job_cancelled(&job_id).await? {
+        // A validly signed token whose job was cancelled, on that job's own route: its
+        // holder is the worker that was running it, and "cancelled" (409) is the signal
+        // it acts on, where a bare "revoked" (401) would look like a credential fault.
+        // The token still grants nothing. Anywhere else (another job, a list, a claim)
+        // it is a 401 like any revoked token: a 409 there would say that job was
+        // cancelled (review, 2026-12-06).
+        let own_route = route_job
+            .and_then(|id| JobId::parse(id, "id").ok())
+            .is_some_and(|id| id == job_id);
+        if own_route && ctx.revocations.job_cancelled(&job_id).await? {
             return Err(ApiError::JobCancelled);
         }
         return Err(fail("revoked"));

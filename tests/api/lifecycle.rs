@@ -600,6 +600,28 @@ fn cancel_while_running_stops_the_worker_and_revokes_its_token(b: Backend) {
         );
         assert!(p.get("reason").is_none(), "{route}: {p}");
     }
+    // Anywhere else it is a revoked token like any other: a 409 there would say that
+    // other job, or the list, was cancelled (review, 2026-12-06).
+    let other = app.create_job(&json!({"kind": "k", "queue": "cz"}));
+    for (method, target, body) in [
+        (
+            "PATCH",
+            format!("/coordinator/jobs/{other}/progress"),
+            r#"{"percent":1}"#,
+        ),
+        ("GET", format!("/coordinator/jobs/{other}"), ""),
+        ("GET", "/coordinator/jobs".to_owned(), ""),
+        ("GET", "/coordinator/health".to_owned(), ""),
+        (
+            "POST",
+            "/coordinator/queues/cz/claim".to_owned(),
+            r#"{"worker":"w"}"#,
+        ),
+    ] {
+        let r = app.with_token(&token, method, &target, body.as_bytes());
+        let p = r.problem(401);
+        assert_eq!(p["reason"], "revoked", "{target}: {p}");
+    }
     let j = app.get(&path).json();
     assert_eq!(j["status"], "CANCELLED");
     assert!(j["result"].is_null() && j["progress"] != 60, "{j}");
