@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use actix_web::http::header::HeaderValue;
 use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
 use serde::de::DeserializeOwned;
 
@@ -34,6 +35,21 @@ pub fn query_params<'k>(
         out.push((name, v));
     }
     Ok(out)
+}
+
+/// A request header given at most once (400 naming it otherwise: two values, from a
+/// proxy that appends one, would leave which one counts to chance).
+pub fn single_header<'r>(
+    req: &'r HttpRequest,
+    name: &str,
+    field: &'static str,
+) -> Result<Option<&'r HeaderValue>, ApiError> {
+    let mut values = req.headers().get_all(name);
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(field, "given more than once"));
+    }
+    Ok(first)
 }
 
 /// A JSON body, read up to the configured body limit (413 above it) and deserialized

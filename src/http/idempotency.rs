@@ -4,6 +4,7 @@
 use actix_web::HttpRequest;
 
 use crate::error::{ApiError, ApiResult};
+use crate::http::extract::single_header;
 use crate::jobs::repo::Idempotency;
 
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
@@ -14,7 +15,7 @@ pub fn valid_key(k: &str) -> bool {
 }
 
 pub fn from_request(req: &HttpRequest, body_hash: String) -> ApiResult<Option<Idempotency>> {
-    let Some(v) = req.headers().get(IDEMPOTENCY_HEADER) else {
+    let Some(v) = single_header(req, IDEMPOTENCY_HEADER, "Idempotency-Key")? else {
         return Ok(None);
     };
     let key = v.to_str().ok().filter(|k| valid_key(k)).ok_or_else(|| {

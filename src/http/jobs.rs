@@ -127,7 +127,7 @@ pub async fn status(
     id: web::Path<String>,
     JsonBody(body): JsonBody<StatusUpdate>,
 ) -> ApiResult<HttpResponse> {
-    validate_message(body.message.as_deref())?;
+    validate_message(body.message.as_deref(), "message")?;
     // The guard lets a job token reach this route for its worker's moves: hand the job
     // back (QUEUED), complete or fail it. Cancelling is refused to it here as it is on
     // `/cancel`, and so is moving a job to RUNNING or PENDING (a claim's and an
@@ -481,7 +481,7 @@ pub async fn cancel(
     id: web::Path<String>,
     JsonBody(body): JsonBody<CancelJob>,
 ) -> ApiResult<HttpResponse> {
-    validate_message(body.reason.as_deref())?;
+    validate_message(body.reason.as_deref(), "reason")?;
     change(
         &state,
         &principal,
@@ -659,9 +659,21 @@ pub async fn patch_queue(
 )]
 pub async fn batch(
     state: web::Data<AppState>,
+    req: HttpRequest,
     principal: Principal,
     JsonBody(body): JsonBody<BatchCreate>,
 ) -> ApiResult<HttpResponse> {
+    // A client that sends the header believes a retry is safe: it is not, here (each
+    // job takes its own `idempotencyKey`), so say so instead of creating twice.
+    if req
+        .headers()
+        .contains_key(crate::http::idempotency::IDEMPOTENCY_HEADER)
+    {
+        return Err(ApiError::bad_request(
+            "Idempotency-Key",
+            "not taken by a batch: give each job its own idempotencyKey",
+        ));
+    }
     if body.jobs.is_empty() || body.jobs.len() > MAX_BATCH {
         return Err(ApiError::bad_request("jobs", "must hold 1-1000 jobs"));
     }

@@ -247,14 +247,7 @@ fn after_of(req: &HttpRequest) -> ApiResult<i64> {
             .ok_or_else(|| ApiError::bad_request(field, "must be an event seq (0 or more)"))
     };
     let pairs = crate::http::extract::query_params(req, &["after"])?;
-    let mut ids = req.headers().get_all("last-event-id");
-    if let Some(h) = ids.next() {
-        if ids.next().is_some() {
-            return Err(ApiError::bad_request(
-                "Last-Event-ID",
-                "given more than once",
-            ));
-        }
+    if let Some(h) = crate::http::extract::single_header(req, "last-event-id", "Last-Event-ID")? {
         let v = h.to_str().map_err(|e| {
             ApiError::bad_request("Last-Event-ID", format!("must be an event seq ({e})"))
         })?;

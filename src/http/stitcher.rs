@@ -4,7 +4,7 @@ use actix_web::{http::StatusCode, web, HttpRequest, HttpResponse};
 
 use crate::auth::{webhook, Principal};
 use crate::error::{ApiError, ApiResult};
-use crate::http::extract::{parse_json, RawBody};
+use crate::http::extract::{parse_json, single_header, RawBody};
 use crate::http::idempotency::IdempotencyKey;
 use crate::http::problem;
 use crate::jobs::model::rfc3339;
@@ -19,10 +19,16 @@ use crate::stitcher::model::{DispatchRequest, DispatchResult, WebhookPayload};
 /// different body is a 409, the same rule as `/stitcher/dispatch`. A repeated
 /// `webhook-id` keeps the Standard Webhooks behaviour (the first job, `duplicate`).
 fn delivery_id(req: &HttpRequest) -> ApiResult<(String, bool)> {
-    let h = |n: &str| req.headers().get(n).map(|v| v.to_str().unwrap_or(""));
-    let (raw, field, own_key) = match h(webhook::wire::HEADER_ID) {
+    let h = |n: &str, field: &'static str| {
+        Ok::<_, ApiError>(single_header(req, n, field)?.map(|v| v.to_str().unwrap_or("")))
+    };
+    let (raw, field, own_key) = match h(webhook::wire::HEADER_ID, "webhook-id")? {
         Some(v) => (Some(v), "webhook-id", false),
-        None => (h("idempotency-key"), "Idempotency-Key", true),
+        None => (
+            h("idempotency-key", "Idempotency-Key")?,
+            "Idempotency-Key",
+            true,
+        ),
     };
     match raw {
         None => Ok((uuid::Uuid::now_v7().to_string(), false)),

@@ -119,13 +119,14 @@ pub fn validate_priority(p: i32, field: &str) -> Result<(), ApiError> {
     }
 }
 
-pub fn validate_message(m: Option<&str>) -> Result<(), ApiError> {
+/// A message (or a cancel's `reason`, named by `field`): at most 4096 characters.
+pub fn validate_message(m: Option<&str>, field: &str) -> Result<(), ApiError> {
     match m {
         Some(m) if m.chars().count() > MAX_MESSAGE_CHARS => Err(ApiError::bad_request(
-            "message",
+            field,
             "must be at most 4096 characters",
         )),
-        Some(m) => validate_text(m, "message"),
+        Some(m) => validate_text(m, field),
         None => Ok(()),
     }
 }
@@ -241,7 +242,7 @@ pub struct ProgressUpdate {
 
 impl ProgressUpdate {
     pub fn validate(&self) -> Result<i32, ApiError> {
-        validate_message(self.message.as_deref())?;
+        validate_message(self.message.as_deref(), "message")?;
         i32::try_from(self.percent)
             .ok()
             .filter(|p| (0..=100).contains(p))
@@ -362,7 +363,22 @@ impl ListFilter {
             limit: DEFAULT_PAGE,
             after: None,
         };
+        let mut seen: Vec<&str> = Vec::with_capacity(pairs.len());
         for (k, v) in pairs {
+            if k.is_empty() {
+                return Err(ApiError::bad_request("query", "a parameter without a name"));
+            }
+            // Only `status` may repeat (each one adds a status): any other given twice
+            // would leave one of two values to chance.
+            if k != "status" {
+                if seen.contains(&k.as_str()) {
+                    return Err(ApiError::bad_request(
+                        k.chars().take(64).collect::<String>(),
+                        "given more than once",
+                    ));
+                }
+                seen.push(k);
+            }
             match k.as_str() {
                 "queue" => {
                     validate_queue(v, "queue")?;

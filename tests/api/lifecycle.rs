@@ -165,6 +165,11 @@ fn list_filters_and_pages_newest_first(b: Backend) {
         ("?createdAfter=yesterday", "createdAfter"),
         ("?queue=a%20b", "queue"),
         ("?order=asc", "order"),
+        // One value each, except `status` (review, 2026-12-06: the last one won).
+        ("?limit=1&limit=2", "limit"),
+        ("?queue=a&queue=b", "queue"),
+        ("?kind=a&kind=a", "kind"),
+        ("?=x", "query"),
     ] {
         let p = app.get(&format!("/coordinator/jobs{q}")).problem(400);
         assert_eq!(p["field"], field, "{q}");
@@ -560,6 +565,11 @@ fn cancel_while_running_stops_the_worker_and_revokes_its_token(b: Backend) {
     }
     let r = app.get(&path);
     assert_eq!(r.json()["status"], "RUNNING", "{}", r.body);
+    // A bad reason is a 400 naming `reason` (it said `message`, a field the body lacks).
+    for bad in ["x".repeat(4097), "a\u{0}b".to_owned()] {
+        let r = app.post_json(&format!("{path}/cancel"), &json!({"reason": bad}));
+        assert_eq!(r.problem(400)["field"], "reason");
+    }
     let r = app.post_json(&format!("{path}/cancel"), &json!({"reason": "superseded"}));
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["status"], "CANCELLED");

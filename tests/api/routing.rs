@@ -41,6 +41,7 @@ backend_tests!(
     a_valid_key_behind_a_blocked_address_is_served,
     a_blocked_address_guessing_credentials_costs_no_lookup,
     authenticated_answers_are_not_cached,
+    an_idempotency_key_given_twice_or_to_a_batch_is_refused,
     a_key_revoked_while_its_body_arrives_is_refused_at_its_end,
     scope_refusals_name_the_scope,
     a_new_key_version_works_at_once_on_a_warm_instance,
@@ -1400,6 +1401,61 @@ fn authenticated_answers_are_not_cached(b: Backend) {
         assert!(r.status < 300, "{}", r.body);
         assert!(r.head.contains("cache-control: no-store"), "{}", r.head);
     }
+}
+
+/// Two `Idempotency-Key`s (a proxy that appends one) are a 400 naming the header, not
+/// first-wins; and a batch, which takes a key per job, refuses the header rather than
+/// create its jobs again on a retry (review, 2026-12-06). Nothing is created.
+fn an_idempotency_key_given_twice_or_to_a_batch_is_refused(b: Backend) {
+    let Some(app) = app(b) else { return };
+    let key = app.api_key(
+        "twice",
+        &[
+            Scope::JobsCreate,
+            Scope::JobsRead,
+            Scope::StitcherWebhook,
+            Scope::StitcherDispatch,
+        ],
+    );
+    let before = job_count(&app);
+    let k = ("X-API-Key", key.as_str());
+    for (target, body) in [
+        ("/coordinator/jobs", &br#"{"kind":"k","queue":"q"}"#[..]),
+        (
+            "/stitcher/dispatch",
+            br#"{"issueNumber":1,"repository":"o/r"}"#,
+        ),
+        (
+            "/stitcher/webhook",
+            br#"{"issueNumber":1,"repository":"o/r","action":"assigned","comment":"c"}"#,
+        ),
+    ] {
+        for pair in [["a", "b"], ["a", "a"]] {
+            let h = [
+                k,
+                ("Idempotency-Key", pair[0]),
+                ("Idempotency-Key", pair[1]),
+            ];
+            let r = raw(&app, "POST", target, &h, body);
+            assert_eq!(r.status, 400, "{target}: {}", r.body);
+            assert_eq!(r.json()["field"], "Idempotency-Key", "{}", r.body);
+        }
+    }
+    let batch = br#"{"jobs":[{"kind":"k","queue":"q"}]}"#;
+    let r = raw(
+        &app,
+        "POST",
+        "/coordinator/jobs/batch",
+        &[k, ("Idempotency-Key", "x")],
+        batch,
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["field"], "Idempotency-Key", "{}", r.body);
+    assert_eq!(job_count(&app), before, "a refused request created a job");
+    assert_eq!(
+        raw(&app, "POST", "/coordinator/jobs/batch", &[k], batch).status,
+        200
+    );
 }
 
 fn scope_refusals_name_the_scope(b: Backend) {
