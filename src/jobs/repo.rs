@@ -1074,6 +1074,10 @@ fn apply_to_row(
     match change {
         Change::Status { to, message } => {
             set_status(row, *to, now)?;
+            // Completing sets progress to 100, by either route (review, 2026-12-06).
+            if *to == JobStatus::Completed {
+                row.progress = 100;
+            }
             if message.is_some() {
                 row.message.clone_from(message);
             }

@@ -68,6 +68,20 @@ fn job_life_cycle_records_every_event(b: Backend) {
         types,
         ["created", "status", "status", "progress", "completed"]
     );
+    assert_eq!(done["progress"], 100);
+    // Completed through the status route: progress is 100 there too (review,
+    // 2026-12-06: it stayed where the worker left it).
+    let other = app.create_job(&json!({"kind": "build"}));
+    for s in ["QUEUED", "RUNNING"] {
+        app.patch_json(&format!("/coordinator/jobs/{other}/status"), &json!({"status": s}));
+    }
+    app.patch_json(&format!("/coordinator/jobs/{other}/progress"), &json!({"percent": 40}));
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{other}/status"),
+        &json!({"status": "COMPLETED"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["progress"], 100, "{}", r.body);
     let seqs: Vec<i64> = events
         .iter()
         .map(|e| e["seq"].as_i64().unwrap_or(0))
