@@ -277,6 +277,7 @@ class Client:
         max_retries = self.retries if retries is None else retries
         attempt = 0
         while True:
+            failure: Optional[TransportError] = None
             try:
                 # A redirect would carry the credential headers and a signature made
                 # for another target (with a 307/308, the body too) to another host.
@@ -301,7 +302,13 @@ class Client:
                         and self._pause(self._delay(attempt, None))):
                     attempt += 1
                     continue
-                raise TransportError(f"{method} {path}: {e}") from e
+                failure = TransportError(f"{method} {path}: {_transport_reason(e)}")
+            if failure is not None:
+                # Raised outside the `except`: neither chained (`__cause__`) nor with
+                # the original as `__context__`. That one holds the request as sent
+                # (`.request.headers`: X-API-Key, Bearer token, signature) and its
+                # traceback's frames hold the raw request bytes.
+                raise failure
             if retry:
                 if not self._pause(self._delay(attempt, resp)):
                     # Stopping: the answer (its body unread) is the error.
@@ -579,6 +586,13 @@ def _read_body(resp: requests.Response, method: str, path: str) -> None:
     # What requests itself does when it reads a body that is not streamed.
     resp._content = b"".join(chunks)
     resp._content_consumed = True
+
+
+def _transport_reason(e: BaseException) -> str:
+    """What went wrong with a request that got no answer: the exception's type and
+    text (urllib3's and the socket's: host, port, URL path, OS error — never a request
+    header), nothing of the request object it carries."""
+    return f"{type(e).__name__}: {e}"
 
 
 def _is_problem(resp: requests.Response) -> bool:
