@@ -246,6 +246,22 @@ fn sent_target(req: &ureq::Request, url: &str) -> Result<(String, String)> {
     Ok((sent.as_url().as_str().to_owned(), target))
 }
 
+/// A request that got no answer: ureq's error kind, message and cause, but never its
+/// URL (with any `user:password@` of the base) nor, for a header it refused, the
+/// message (it holds the whole header line, credential and all).
+fn transport(method: &str, path: &str, t: &ureq::Transport) -> Error {
+    let mut text = format!("{method} {path}: {}", t.kind());
+    if t.kind() != ureq::ErrorKind::BadHeader {
+        if let Some(m) = t.message() {
+            text.push_str(&format!(": {m}"));
+        }
+    }
+    if let Some(cause) = std::error::Error::source(t) {
+        text.push_str(&format!(": {cause}"));
+    }
+    Error::Transport(text)
+}
+
 /// Status, headers and (at most [`MAX_BODY`] of) the body.
 fn read_response(method: &str, path: &str, resp: ureq::Response) -> Result<Response> {
     let status = resp.status();
@@ -526,7 +542,7 @@ impl Client {
                         attempt += 1;
                         continue;
                     }
-                    return Err(Error::Transport(format!("{method} {path}: {t}")));
+                    return Err(transport(&method, path, &t));
                 }
             };
             let retry_after = retry_after_secs(resp.header("retry-after"));
@@ -609,9 +625,7 @@ impl Client {
         };
         let resp = match result {
             Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-            Err(ureq::Error::Transport(t)) => {
-                return Err(Error::Transport(format!("{method} {url}: {t}")))
-            }
+            Err(ureq::Error::Transport(t)) => return Err(transport(&method, path, &t)),
         };
         read_response(&method, path, resp)
     }
