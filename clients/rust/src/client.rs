@@ -551,6 +551,7 @@ impl Client {
             let refused = resp
                 .content_type()
                 .eq_ignore_ascii_case("application/problem+json");
+            let reason = resp.status_text().to_owned();
             let Response {
                 headers,
                 body: bytes,
@@ -565,25 +566,20 @@ impl Client {
                 continue;
             }
             if !(200..300).contains(&status) {
-                let doc = serde_json::from_slice::<Value>(&bytes)
-                    .ok()
-                    .filter(Value::is_object)
-                    .unwrap_or_else(
-                        || json!({"status": status, "detail": String::from_utf8_lossy(&bytes)}),
-                    );
+                let secs = retry_after.map(|d| d.as_secs());
+                let problem = Problem::from_answer(status, &reason, headers, &bytes, secs);
                 // ureq sends a safe request again by itself when a reused connection
                 // fails, with the headers already signed: the server refuses that copy
                 // as a replay. Sign it afresh and send it once more.
                 if status == 401
                     && safe
                     && !resigned
-                    && doc.get("reason").and_then(Value::as_str) == Some("replayed request")
+                    && problem.reason() == Some("replayed request")
                 {
                     resigned = true;
                     continue;
                 }
-                let secs = retry_after.map(|d| d.as_secs());
-                return Err(Error::Problem(Problem::new(status, doc, secs)));
+                return Err(Error::Problem(problem));
             }
             return Ok(Response {
                 status,

@@ -116,16 +116,31 @@ fn a_jobs_whole_life_and_typed_errors() {
     let e = c
         .create_job(&json!({"kind": "has space"}), None)
         .unwrap_err();
-    assert_eq!(e.problem().unwrap().field(), Some("kind"));
+    // Why the server refused: the problem document as it came.
+    let p = e.problem().unwrap();
+    assert_eq!(p.field(), Some("kind"));
+    assert_eq!(p.body["status"], json!(400));
+    assert!(
+        p.problem_type().starts_with("urn:coordinator:problem:"),
+        "{p:?}"
+    );
+    assert!(!p.title().is_empty() && !p.detail().is_empty(), "{p:?}");
+    assert!(
+        p.header("content-type")
+            .is_some_and(|t| t.starts_with("application/problem+json")),
+        "{p:?}"
+    );
+    assert!(e.to_string().contains(p.detail()), "{e}");
     // Percent-encoded UTF-8 in the path is signed as sent: the route answers, not auth.
     let e = c.claim("café", "w1").unwrap_err();
     assert_eq!(e.problem().unwrap().field(), Some("queue"));
-    assert_eq!(
-        c.get_job("0190a0a0-0000-7000-8000-000000000009")
-            .unwrap_err()
-            .kind(),
-        Some(ProblemKind::NotFound)
-    );
+    let e = c
+        .get_job("0190a0a0-0000-7000-8000-000000000009")
+        .unwrap_err();
+    assert_eq!(e.kind(), Some(ProblemKind::NotFound));
+    let p = e.problem().unwrap();
+    assert_eq!(p.body["status"], json!(404));
+    assert!(!p.detail().is_empty(), "{p:?}");
 }
 
 #[test]

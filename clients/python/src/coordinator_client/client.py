@@ -620,12 +620,16 @@ def _decode(resp: requests.Response) -> Any:
 
 
 def _problem(resp: requests.Response) -> ProblemError:
-    problem: Dict[str, Any]
+    """The error for an answer: its problem document with every member, ``status``
+    added when missing; for a body that is not a JSON object (a proxy's page), a
+    stand-in with the reason phrase and the body's first 500 characters (as the Rust
+    client's ``Problem``)."""
     try:
         parsed = resp.json()
-        problem = parsed if isinstance(parsed, dict) else {"detail": str(parsed)}
     except ValueError:
-        problem = {"title": resp.reason or "", "detail": resp.text[:500]}
+        parsed = None
+    problem: Dict[str, Any] = (parsed if isinstance(parsed, dict)
+                               else {"title": resp.reason or "", "detail": resp.text[:500]})
     problem.setdefault("status", resp.status_code)
     return error_for(resp.status_code, problem, dict(resp.headers))
 
