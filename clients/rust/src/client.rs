@@ -794,12 +794,48 @@ impl Client {
         }))
     }
 
+    /// The longest one claim request of a client with a stop flag waits on the
+    /// server: its long poll is made of such claims, the flag looked at between them,
+    /// so a stop ends a waiting claim within this (as the Python client's
+    /// `STOP_POLL`).
+    pub const STOP_POLL: Duration = Duration::from_secs(2);
+
     /// `POST /coordinator/queues/{queue}/claim` with a long poll: waits up to `wait`
     /// (at most 60 s, whole and fractional seconds) for a job before answering `None`.
     /// The wait is cut to leave 5 s of the client's timeout for the answer.
+    ///
+    /// A client with a stop flag ([`Client::with_stop`], as every
+    /// [`crate::Worker`]'s) asks in claims that wait at most [`Client::STOP_POLL`]
+    /// each, and ends the wait with `None` once the flag is set: a request in flight
+    /// cannot be called back without losing a job the server may just have handed
+    /// out, so it is let finish — a job it brings is returned (the worker hands it
+    /// back).
     pub fn claim_wait(&self, queue: &str, worker: &str, wait: Duration) -> Result<Option<Claim>> {
         let room = self.timeout.saturating_sub(Duration::from_secs(5));
-        let secs = wait.min(room).as_secs_f64().min(60.0);
+        let wait = wait.min(room).min(Duration::from_secs(60));
+        if self.stop.is_none() {
+            return self.claim_waiting(queue, worker, wait);
+        }
+        let deadline = Instant::now() + wait;
+        while !self.stopping() {
+            let part = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Self::STOP_POLL);
+            let sent = Instant::now();
+            let claim = self.claim_waiting(queue, worker, part)?;
+            let now = Instant::now();
+            // Answered well before its wait: the server did not hold the claim (say, it
+            // is shutting down); the caller pauses rather than this asking again.
+            if claim.is_some() || now >= deadline || now - sent < part / 2 {
+                return Ok(claim);
+            }
+        }
+        Ok(None)
+    }
+
+    /// One claim request, waiting up to `wait` on the server.
+    fn claim_waiting(&self, queue: &str, worker: &str, wait: Duration) -> Result<Option<Claim>> {
+        let secs = wait.as_secs_f64();
         self.claim_with(queue, &json!({ "worker": worker, "wait": secs }))
     }
 

@@ -304,6 +304,60 @@ fn a_job_outlives_its_first_token() {
 
 #[test]
 #[ignore = "needs a serve --dev: scripts/client-tests.sh"]
+fn stop_ends_a_waiting_claim_promptly() {
+    let c = client();
+    let q = queue();
+    let mut w = Worker::new(c.clone(), &q);
+    w.long_poll = Duration::from_secs(20);
+    let stop = w.stop_flag();
+    let ran = Arc::new(Mutex::new(0));
+    let r = ran.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let got = w.run(
+            move |_| {
+                *r.lock().unwrap() += 1;
+                Ok(Value::Null)
+            },
+            None,
+            false,
+        );
+        let _ = tx.send(got.map_err(|e| e.to_string()));
+    });
+    // The worker waits in its long poll on the empty queue.
+    std::thread::sleep(Duration::from_secs(1));
+    let stopped = Instant::now();
+    stop.store(true, Ordering::SeqCst);
+    let got = rx.recv_timeout(Duration::from_secs(10));
+    let took = stopped.elapsed();
+    assert_eq!(got, Ok(Ok(0)), "the worker did not stop");
+    assert!(took < Duration::from_millis(3500), "the stop took {took:?}");
+    assert_eq!(*ran.lock().unwrap(), 0);
+    // A plain client with a stop flag ends its long poll the same way.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sc = c.clone().with_stop(stop.clone());
+    let setter = stop.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        setter.store(true, Ordering::SeqCst);
+    });
+    let started = Instant::now();
+    assert!(sc
+        .claim_wait(&q, "w1", Duration::from_secs(20))
+        .unwrap()
+        .is_none());
+    assert!(started.elapsed() < Duration::from_millis(3500));
+    // Without one, the wait is the server's (one request).
+    let started = Instant::now();
+    assert!(c
+        .claim_wait(&q, "w1", Duration::from_secs(1))
+        .unwrap()
+        .is_none());
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[test]
+#[ignore = "needs a serve --dev: scripts/client-tests.sh"]
 fn an_idle_worker_long_polls_and_gets_new_work() {
     let c = client();
     let q = queue();

@@ -27,6 +27,11 @@ Job = Dict[str, Any]
 RETRY_STATUSES = (429, 503)
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
+#: The longest one claim request of a client with a stop flag waits on the server
+#: (seconds): its long poll is made of such claims, the flag looked at between them, so
+#: a stop ends a waiting claim within this (as the Rust client's ``Client::STOP_POLL``).
+STOP_POLL = 2.0
+
 #: Largest answer body read (as the Rust client); past it :class:`ResponseTooLarge`.
 MAX_BODY = 16 * 1024 * 1024
 _READ_CHUNK = 64 * 1024
@@ -435,12 +440,32 @@ class Client:
 
         With ``wait`` (seconds, at most 60) the server holds the request open until a
         job becomes claimable or the wait ends (a long poll); the read timeout is
-        stretched to cover it."""
+        stretched to cover it. A client with a stop flag (:meth:`with_stop`, as every
+        :class:`Worker`'s) asks in claims that wait at most :data:`STOP_POLL` each, and
+        ends the wait with ``None`` once the flag is set: a request in flight cannot be
+        called back without losing a job the server may just have handed out, so it is
+        let finish — a job it brings is returned (the worker hands it back)."""
+        if wait is not None and not 0 <= wait <= 60:
+            raise ValueError("wait must be between 0 and 60 seconds")
+        if wait is None or self.stop is None:
+            return self._claim(queue, worker, wait)
+        deadline = time.monotonic() + wait
+        while not self._stopping():
+            part = min(STOP_POLL, max(0.0, deadline - time.monotonic()))
+            sent = time.monotonic()
+            claim = self._claim(queue, worker, part)
+            now = time.monotonic()
+            # Answered well before its wait: the server did not hold the claim (say, it
+            # is shutting down); the caller pauses rather than this asking again.
+            if claim is not None or now >= deadline or now - sent < part / 2:
+                return claim
+        return None
+
+    def _claim(self, queue: str, worker: str, wait: Optional[float]) -> Optional[Claim]:
+        """One claim request, waiting up to ``wait`` on the server."""
         body: Dict[str, Any] = {"worker": worker}
         timeout = None
         if wait is not None:
-            if not 0 <= wait <= 60:
-                raise ValueError("wait must be between 0 and 60 seconds")
             body["wait"] = wait
             timeout = max(self.timeout, wait + 10.0)
         resp = self.request(
