@@ -102,6 +102,34 @@ def test_retry_after_http_date_is_capped() -> None:
     assert retry_after_seconds(None) is None
 
 
+def test_a_problem_keeps_the_whole_document_and_the_headers(fake) -> None:
+    url, script = fake
+    page = b"<html>bad gateway</html>" * 100
+    script.answers = [
+        (409, {**PJ, "X-Request-Id": "r1"},
+         b'{"type":"urn:coordinator:problem:conflict","title":"Conflict",'
+         b'"detail":"job is COMPLETED","jobStatus":"COMPLETED"}'),
+        (502, {"Content-Type": "text/html"}, page),
+        (502, {"Content-Type": "application/json"}, b'["not", "a", "problem"]'),
+    ]
+    c = Client(url, api_key="k", retries=0)
+    with pytest.raises(Conflict) as e:
+        c.complete_job("j1")
+    p = e.value
+    assert (p.type, p.title, p.detail) == ("urn:coordinator:problem:conflict", "Conflict",
+                                           "job is COMPLETED")
+    assert p.problem["jobStatus"] == "COMPLETED" and p.problem["status"] == 409
+    assert p.headers["X-Request-Id"] == "r1"
+    assert str(p) == "409 Conflict: job is COMPLETED"
+    for _ in range(2):  # not a problem document: the reason phrase, the body's start
+        with pytest.raises(ServerError) as e2:
+            c.health()
+        assert e2.value.problem["status"] == 502 and e2.value.title == "Bad Gateway"
+        assert e2.value.detail == e2.value.problem["detail"]
+        assert len(e2.value.detail) <= 500
+    assert e2.value.detail == '["not", "a", "problem"]'
+
+
 def test_errors_are_typed(fake) -> None:
     url, script = fake
     script.answers = [

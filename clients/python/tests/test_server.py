@@ -100,8 +100,14 @@ def test_typed_errors(client: Client, queue: str) -> None:
     with pytest.raises(BadRequest) as e:
         client.create_job("has space")
     assert e.value.field == "kind" and e.value.status == 400
-    with pytest.raises(NotFound):
+    # Why the server refused: the problem document as it came (as the Rust client).
+    assert e.value.problem["status"] == 400 and e.value.detail and e.value.title
+    assert e.value.type.startswith("urn:coordinator:problem:")
+    assert e.value.headers["Content-Type"].startswith("application/problem+json")
+    assert e.value.detail in str(e.value)
+    with pytest.raises(NotFound) as nf:
         client.get_job(str(uuid.uuid4()))
+    assert nf.value.problem["status"] == 404 and nf.value.detail
     job = client.create_job("build", queue=queue)
     with pytest.raises(Conflict) as c:
         client.complete_job(job["id"])  # PENDING cannot complete

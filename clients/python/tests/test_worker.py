@@ -110,6 +110,32 @@ def test_an_idle_worker_long_polls_and_gets_new_work(client: Client, queue: str)
     assert client.get_job(jid)["status"] == "COMPLETED"
 
 
+def test_stop_ends_a_waiting_claim_promptly(client: Client, queue: str) -> None:
+    ran: List[str] = []
+    w = Worker(queue, lambda job: ran.append(job.id), client=client, handle_signals=False,
+               long_poll=30)
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    time.sleep(1.0)  # the worker waits in its long poll on the empty queue
+    stopped = time.monotonic()
+    w.stop()
+    t.join(10)
+    took = time.monotonic() - stopped
+    assert not t.is_alive() and took < 3.5, f"the stop took {took:.1f} s"
+    assert ran == [] and w.processed == 0
+    # A plain client with a stop flag ends its long poll the same way.
+    stop = threading.Event()
+    c = client.with_stop(stop)
+    threading.Timer(0.5, stop.set).start()
+    started = time.monotonic()
+    assert c.claim(queue, "w1", wait=30) is None
+    assert time.monotonic() - started < 3.5
+    # Without one, the wait is the server's (one request).
+    started = time.monotonic()
+    assert client.claim(queue, "w1", wait=1) is None
+    assert time.monotonic() - started >= 0.9
+
+
 def test_cancellation_reaches_the_handler(client: Client, queue: str) -> None:
     (jid,) = queued(client, queue)
     saw: List[bool] = []

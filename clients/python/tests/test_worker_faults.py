@@ -231,3 +231,30 @@ def test_stopping_the_worker_ends_its_pause_between_retries(fake) -> None:
     t.join(10)
     assert not t.is_alive() and time.monotonic() - t0 < 3
     assert len(state.seen) == 1
+
+
+def test_a_job_claimed_as_the_worker_stops_is_handed_back(fake) -> None:
+    url, state = fake
+    c = claim()
+    answer = json.dumps({**c.job, "token": "tok_j1", "tokenExpiresAt": c.token_expires_at})
+    w: Optional[Worker] = None
+
+    def route(method: str, path: str) -> Tuple[int, Dict[str, str], bytes]:
+        if path.endswith("/claim"):
+            assert w is not None
+            w.stop()  # the stop comes while the claim that gets the job is in flight
+            time.sleep(0.2)
+            return 200, JSON, answer.encode()
+        return 200, JSON, json.dumps({**c.job, "status": "QUEUED"}).encode()
+
+    state.route = route
+    ran: List[str] = []
+    w = Worker("q", lambda job: ran.append(job.id), client=Client(url, api_key="k"),
+               handle_signals=False, long_poll=20)
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+    assert ran == []  # not run: the worker is stopping ...
+    assert state.seen[-1] == ("PATCH", "/coordinator/jobs/j1/status")  # ... but handed back
+    assert paths(state, "/claim") == ["/coordinator/queues/q/claim"]

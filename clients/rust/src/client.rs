@@ -246,6 +246,22 @@ fn sent_target(req: &ureq::Request, url: &str) -> Result<(String, String)> {
     Ok((sent.as_url().as_str().to_owned(), target))
 }
 
+/// A request that got no answer: ureq's error kind, message and cause, but never its
+/// URL (with any `user:password@` of the base) nor, for a header it refused, the
+/// message (it holds the whole header line, credential and all).
+fn transport(method: &str, path: &str, t: &ureq::Transport) -> Error {
+    let mut text = format!("{method} {path}: {}", t.kind());
+    if t.kind() != ureq::ErrorKind::BadHeader {
+        if let Some(m) = t.message() {
+            text.push_str(&format!(": {m}"));
+        }
+    }
+    if let Some(cause) = std::error::Error::source(t) {
+        text.push_str(&format!(": {cause}"));
+    }
+    Error::Transport(text)
+}
+
 /// Status, headers and (at most [`MAX_BODY`] of) the body.
 fn read_response(method: &str, path: &str, resp: ureq::Response) -> Result<Response> {
     let status = resp.status();
@@ -526,7 +542,7 @@ impl Client {
                         attempt += 1;
                         continue;
                     }
-                    return Err(Error::Transport(format!("{method} {path}: {t}")));
+                    return Err(transport(&method, path, &t));
                 }
             };
             let retry_after = retry_after_secs(resp.header("retry-after"));
@@ -535,6 +551,7 @@ impl Client {
             let refused = resp
                 .content_type()
                 .eq_ignore_ascii_case("application/problem+json");
+            let reason = resp.status_text().to_owned();
             let Response {
                 headers,
                 body: bytes,
@@ -549,25 +566,20 @@ impl Client {
                 continue;
             }
             if !(200..300).contains(&status) {
-                let doc = serde_json::from_slice::<Value>(&bytes)
-                    .ok()
-                    .filter(Value::is_object)
-                    .unwrap_or_else(
-                        || json!({"status": status, "detail": String::from_utf8_lossy(&bytes)}),
-                    );
+                let secs = retry_after.map(|d| d.as_secs());
+                let problem = Problem::from_answer(status, &reason, headers, &bytes, secs);
                 // ureq sends a safe request again by itself when a reused connection
                 // fails, with the headers already signed: the server refuses that copy
                 // as a replay. Sign it afresh and send it once more.
                 if status == 401
                     && safe
                     && !resigned
-                    && doc.get("reason").and_then(Value::as_str) == Some("replayed request")
+                    && problem.reason() == Some("replayed request")
                 {
                     resigned = true;
                     continue;
                 }
-                let secs = retry_after.map(|d| d.as_secs());
-                return Err(Error::Problem(Problem::new(status, doc, secs)));
+                return Err(Error::Problem(problem));
             }
             return Ok(Response {
                 status,
@@ -609,9 +621,7 @@ impl Client {
         };
         let resp = match result {
             Ok(r) | Err(ureq::Error::Status(_, r)) => r,
-            Err(ureq::Error::Transport(t)) => {
-                return Err(Error::Transport(format!("{method} {url}: {t}")))
-            }
+            Err(ureq::Error::Transport(t)) => return Err(transport(&method, path, &t)),
         };
         read_response(&method, path, resp)
     }
@@ -784,12 +794,48 @@ impl Client {
         }))
     }
 
+    /// The longest one claim request of a client with a stop flag waits on the
+    /// server: its long poll is made of such claims, the flag looked at between them,
+    /// so a stop ends a waiting claim within this (as the Python client's
+    /// `STOP_POLL`).
+    pub const STOP_POLL: Duration = Duration::from_secs(2);
+
     /// `POST /coordinator/queues/{queue}/claim` with a long poll: waits up to `wait`
     /// (at most 60 s, whole and fractional seconds) for a job before answering `None`.
     /// The wait is cut to leave 5 s of the client's timeout for the answer.
+    ///
+    /// A client with a stop flag ([`Client::with_stop`], as every
+    /// [`crate::Worker`]'s) asks in claims that wait at most [`Client::STOP_POLL`]
+    /// each, and ends the wait with `None` once the flag is set: a request in flight
+    /// cannot be called back without losing a job the server may just have handed
+    /// out, so it is let finish — a job it brings is returned (the worker hands it
+    /// back).
     pub fn claim_wait(&self, queue: &str, worker: &str, wait: Duration) -> Result<Option<Claim>> {
         let room = self.timeout.saturating_sub(Duration::from_secs(5));
-        let secs = wait.min(room).as_secs_f64().min(60.0);
+        let wait = wait.min(room).min(Duration::from_secs(60));
+        if self.stop.is_none() {
+            return self.claim_waiting(queue, worker, wait);
+        }
+        let deadline = Instant::now() + wait;
+        while !self.stopping() {
+            let part = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Self::STOP_POLL);
+            let sent = Instant::now();
+            let claim = self.claim_waiting(queue, worker, part)?;
+            let now = Instant::now();
+            // Answered well before its wait: the server did not hold the claim (say, it
+            // is shutting down); the caller pauses rather than this asking again.
+            if claim.is_some() || now >= deadline || now - sent < part / 2 {
+                return Ok(claim);
+            }
+        }
+        Ok(None)
+    }
+
+    /// One claim request, waiting up to `wait` on the server.
+    fn claim_waiting(&self, queue: &str, worker: &str, wait: Duration) -> Result<Option<Claim>> {
+        let secs = wait.as_secs_f64();
         self.claim_with(queue, &json!({ "worker": worker, "wait": secs }))
     }
 

@@ -38,15 +38,22 @@ impl ProblemKind {
     }
 }
 
-/// An error answer: its status and problem document.
+/// An error answer: its status, problem document and headers (as the Python client's
+/// `ProblemError`: `.status`, `.problem`, `.headers`, `.type`, `.title`, `.detail`).
 #[derive(Clone, Debug)]
 pub struct Problem {
     pub status: u16,
     pub kind: ProblemKind,
-    /// The whole problem+json document (a stand-in when the body was not one).
+    /// The whole problem+json document, every member kept (`type`, `title`, `status`,
+    /// `detail`, and `field`, `reason`, … as the server sent them); `status` added when
+    /// it was missing. When the body was not a JSON object, a stand-in:
+    /// `{"status", "title": the reason phrase, "detail": the body's first 500
+    /// characters}`.
     pub body: Value,
-    /// `Retry-After` in seconds, when sent as a number.
+    /// `Retry-After` in seconds (sent as a number or an HTTP date).
     pub retry_after: Option<u64>,
+    /// The answer's headers (e.g. a 3xx's `Location`).
+    pub headers: Vec<(String, String)>,
 }
 
 impl Problem {
@@ -56,39 +63,83 @@ impl Problem {
             kind: ProblemKind::from_status(status),
             body,
             retry_after,
+            headers: Vec::new(),
         }
     }
 
-    fn member(&self, name: &str) -> Option<&str> {
-        self.body.get(name).and_then(Value::as_str)
+    /// From an answer: `body` is read as the problem document (see [`Problem::body`]).
+    pub(crate) fn from_answer(
+        status: u16,
+        reason: &str,
+        headers: Vec<(String, String)>,
+        body: &[u8],
+        retry_after: Option<u64>,
+    ) -> Self {
+        let mut doc = match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(doc)) => doc,
+            _ => {
+                let text: String = String::from_utf8_lossy(body).chars().take(500).collect();
+                let mut doc = serde_json::Map::new();
+                doc.insert("title".into(), reason.into());
+                doc.insert("detail".into(), text.into());
+                doc
+            }
+        };
+        doc.entry("status").or_insert_with(|| status.into());
+        Problem {
+            headers,
+            ..Problem::new(status, Value::Object(doc), retry_after)
+        }
+    }
+
+    /// A member of the problem document, e.g. `field` of a 400.
+    pub fn member(&self, name: &str) -> Option<&Value> {
+        self.body.get(name)
+    }
+
+    fn text(&self, name: &str) -> Option<&str> {
+        self.member(name).and_then(Value::as_str)
+    }
+
+    /// An answer header (the first of that name, case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     /// `type`, e.g. `urn:coordinator:problem:conflict`.
     pub fn problem_type(&self) -> &str {
-        self.member("type").unwrap_or("about:blank")
+        self.text("type").unwrap_or("about:blank")
     }
 
     pub fn title(&self) -> &str {
-        self.member("title").unwrap_or_default()
+        self.text("title").unwrap_or_default()
     }
 
     pub fn detail(&self) -> &str {
-        self.member("detail").unwrap_or_default()
+        self.text("detail").unwrap_or_default()
     }
 
     /// 400: the offending field.
     pub fn field(&self) -> Option<&str> {
-        self.member("field")
+        self.text("field")
     }
 
     /// 401: which rule failed.
     pub fn reason(&self) -> Option<&str> {
-        self.member("reason")
+        self.text("reason")
     }
 
     /// 401 for a bad signature: the string the server signed (it holds no secret).
     pub fn canonical(&self) -> Option<&str> {
-        self.member("canonical")
+        self.text("canonical")
+    }
+
+    /// 401 for a timestamp out of the window: the server's clock (unix seconds).
+    pub fn server_time(&self) -> Option<i64> {
+        self.member("server_time").and_then(Value::as_i64)
     }
 }
 

@@ -399,6 +399,22 @@ pub fn rfc9421_headers(
 
 // ---- credentials ----------------------------------------------------------------------
 
+/// `value` when it can be sent as a header value as it is; else an error naming `what`
+/// but never showing the value (ureq's own error holds the whole header line: a key
+/// read from a file with its trailing newline would be in the message).
+fn header_value(what: &str, value: &str) -> Result<String, SigningError> {
+    let printable = value
+        .bytes()
+        .all(|b| b == b'\t' || (0x20..=0x7e).contains(&b));
+    if !printable || value.trim_matches([' ', '\t']) != value {
+        return Err(SigningError(format!(
+            "{what} is not a valid HTTP header value (a line break, a control or \
+             non-ASCII character, or surrounding whitespace)"
+        )));
+    }
+    Ok(value.to_owned())
+}
+
 /// How a client authenticates.
 #[derive(Clone)]
 pub enum Credentials {
@@ -484,8 +500,13 @@ impl Credentials {
                 };
                 rfc9421_headers(method, url, body, secret.as_bytes(), &p, options)?
             }
-            Credentials::ApiKey(k) => vec![("X-API-Key".to_owned(), k.clone())],
-            Credentials::Bearer(t) => vec![("Authorization".to_owned(), format!("Bearer {t}"))],
+            Credentials::ApiKey(k) => {
+                vec![("X-API-Key".to_owned(), header_value("the API key", k)?)]
+            }
+            Credentials::Bearer(t) => vec![(
+                "Authorization".to_owned(),
+                format!("Bearer {}", header_value("the job token", t)?),
+            )],
             Credentials::None => Vec::new(),
         })
     }

@@ -14,6 +14,9 @@
 //! Setting the [`Worker::stop_flag`] (wire it to SIGTERM, e.g. with
 //! `signal_hook::flag::register`) cancels the running job, waits `shutdown_grace` for
 //! the handler, and hands an unfinished job back to the queue instead of dropping it.
+//! An idle worker's long poll is made of claims of at most [`Client::STOP_POLL`]
+//! (2 s) each, the stop flag looked at between them: a stop ends a waiting claim within
+//! that, and a job the last claim brought is handed straight back.
 //!
 //! A heartbeat in the second half of the job token's life gets the token's successor
 //! from the server; the job's client acts with it from then on, so a job may run longer

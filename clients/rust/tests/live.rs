@@ -116,16 +116,31 @@ fn a_jobs_whole_life_and_typed_errors() {
     let e = c
         .create_job(&json!({"kind": "has space"}), None)
         .unwrap_err();
-    assert_eq!(e.problem().unwrap().field(), Some("kind"));
+    // Why the server refused: the problem document as it came.
+    let p = e.problem().unwrap();
+    assert_eq!(p.field(), Some("kind"));
+    assert_eq!(p.body["status"], json!(400));
+    assert!(
+        p.problem_type().starts_with("urn:coordinator:problem:"),
+        "{p:?}"
+    );
+    assert!(!p.title().is_empty() && !p.detail().is_empty(), "{p:?}");
+    assert!(
+        p.header("content-type")
+            .is_some_and(|t| t.starts_with("application/problem+json")),
+        "{p:?}"
+    );
+    assert!(e.to_string().contains(p.detail()), "{e}");
     // Percent-encoded UTF-8 in the path is signed as sent: the route answers, not auth.
     let e = c.claim("café", "w1").unwrap_err();
     assert_eq!(e.problem().unwrap().field(), Some("queue"));
-    assert_eq!(
-        c.get_job("0190a0a0-0000-7000-8000-000000000009")
-            .unwrap_err()
-            .kind(),
-        Some(ProblemKind::NotFound)
-    );
+    let e = c
+        .get_job("0190a0a0-0000-7000-8000-000000000009")
+        .unwrap_err();
+    assert_eq!(e.kind(), Some(ProblemKind::NotFound));
+    let p = e.problem().unwrap();
+    assert_eq!(p.body["status"], json!(404));
+    assert!(!p.detail().is_empty(), "{p:?}");
 }
 
 #[test]
@@ -285,6 +300,60 @@ fn a_job_outlives_its_first_token() {
     assert_eq!(job["status"], "COMPLETED", "{:?}", w.events());
     assert_eq!(job["result"], "ok");
     assert_eq!(job["progress"], 100);
+}
+
+#[test]
+#[ignore = "needs a serve --dev: scripts/client-tests.sh"]
+fn stop_ends_a_waiting_claim_promptly() {
+    let c = client();
+    let q = queue();
+    let mut w = Worker::new(c.clone(), &q);
+    w.long_poll = Duration::from_secs(20);
+    let stop = w.stop_flag();
+    let ran = Arc::new(Mutex::new(0));
+    let r = ran.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let got = w.run(
+            move |_| {
+                *r.lock().unwrap() += 1;
+                Ok(Value::Null)
+            },
+            None,
+            false,
+        );
+        let _ = tx.send(got.map_err(|e| e.to_string()));
+    });
+    // The worker waits in its long poll on the empty queue.
+    std::thread::sleep(Duration::from_secs(1));
+    let stopped = Instant::now();
+    stop.store(true, Ordering::SeqCst);
+    let got = rx.recv_timeout(Duration::from_secs(10));
+    let took = stopped.elapsed();
+    assert_eq!(got, Ok(Ok(0)), "the worker did not stop");
+    assert!(took < Duration::from_millis(3500), "the stop took {took:?}");
+    assert_eq!(*ran.lock().unwrap(), 0);
+    // A plain client with a stop flag ends its long poll the same way.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sc = c.clone().with_stop(stop.clone());
+    let setter = stop.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        setter.store(true, Ordering::SeqCst);
+    });
+    let started = Instant::now();
+    assert!(sc
+        .claim_wait(&q, "w1", Duration::from_secs(20))
+        .unwrap()
+        .is_none());
+    assert!(started.elapsed() < Duration::from_millis(3500));
+    // Without one, the wait is the server's (one request).
+    let started = Instant::now();
+    assert!(c
+        .claim_wait(&q, "w1", Duration::from_secs(1))
+        .unwrap()
+        .is_none());
+    assert!(started.elapsed() >= Duration::from_millis(900));
 }
 
 #[test]

@@ -121,6 +121,43 @@ fn problems_are_typed_after_retries_run_out() {
 }
 
 #[test]
+fn a_problem_keeps_the_whole_document_and_the_headers() {
+    let page = "<html>bad gateway</html>".repeat(100);
+    let page: &'static str = Box::leak(page.into_boxed_str());
+    let (url, _) = serve(vec![
+        (
+            409,
+            vec![PJ, ("X-Request-Id", "r1")],
+            r#"{"type":"urn:coordinator:problem:conflict","title":"Conflict","detail":"job is COMPLETED","jobStatus":"COMPLETED"}"#,
+        ),
+        (502, vec![("Content-Type", "text/html")], page),
+        (302, vec![("Location", "http://elsewhere/x")], ""),
+    ]);
+    let c = Client::new(&url, Credentials::ApiKey("cok_x".into())).with_sleep(|_| {});
+    let e = c.complete_job("j1", None).unwrap_err();
+    let p = e.problem().unwrap();
+    assert_eq!(p.problem_type(), "urn:coordinator:problem:conflict");
+    assert_eq!((p.title(), p.detail()), ("Conflict", "job is COMPLETED"));
+    // Every member is kept, and `status` added when the document left it out.
+    assert_eq!(p.member("jobStatus"), Some(&json!("COMPLETED")));
+    assert_eq!(p.body["status"], json!(409));
+    assert_eq!(p.header("x-request-id"), Some("r1"));
+    assert_eq!(e.to_string(), "409 Conflict: job is COMPLETED");
+    // Not a problem document: the reason phrase and the body's first 500 characters.
+    let e = c.health().unwrap_err();
+    let p = e.problem().unwrap();
+    assert_eq!(p.kind, ProblemKind::Server);
+    assert_eq!(p.title(), "X");
+    assert_eq!(p.detail(), &page[..500]);
+    assert_eq!(p.body["status"], json!(502));
+    let e = c.health().unwrap_err();
+    assert_eq!(
+        e.problem().unwrap().header("location"),
+        Some("http://elsewhere/x")
+    );
+}
+
+#[test]
 fn connection_errors_retry_only_when_safe() {
     let port = {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();

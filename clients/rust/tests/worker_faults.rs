@@ -254,3 +254,54 @@ fn stopping_the_worker_ends_its_pause_between_retries() {
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     assert_eq!(seen.lock().unwrap().len(), 1);
 }
+
+#[test]
+fn a_job_claimed_as_the_worker_stops_is_handed_back() {
+    let c = claim(Duration::from_secs(30));
+    let mut answer = c.job.clone();
+    answer["token"] = json!("tok_j1");
+    answer["tokenExpiresAt"] = json!(c.token_expires_at);
+    let answer = answer.to_string();
+    let stop_slot: Arc<Mutex<Option<Arc<AtomicBool>>>> = Arc::default();
+    let slot = stop_slot.clone();
+    let (url, seen, _) = serve(Arc::new(move |_, path| {
+        if path.ends_with("/claim") {
+            // The stop comes while the claim that gets the job is in flight.
+            if let Some(stop) = slot.lock().unwrap().as_ref() {
+                stop.store(true, Ordering::SeqCst);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            return Some((200, "application/json", answer.clone()));
+        }
+        Some((
+            200,
+            "application/json",
+            r#"{"id":"j1","status":"QUEUED"}"#.into(),
+        ))
+    }));
+    let mut w = Worker::new(Client::new(&url, Credentials::ApiKey("k".into())), "q");
+    w.long_poll = Duration::from_secs(20);
+    *stop_slot.lock().unwrap() = Some(w.stop_flag());
+    let ran = Arc::new(AtomicBool::new(false));
+    let r = ran.clone();
+    let done = w.run(
+        move |_| {
+            r.store(true, Ordering::SeqCst);
+            Ok(Value::Null)
+        },
+        None,
+        false,
+    );
+    assert_eq!(done.unwrap(), 0);
+    assert!(
+        !ran.load(Ordering::SeqCst),
+        "not run: the worker is stopping ..."
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.last().unwrap(),
+        &("PATCH".to_owned(), "/coordinator/jobs/j1/status".to_owned()),
+        "... but handed back: {seen:?}"
+    );
+    assert_eq!(seen.len(), 2, "{seen:?}");
+}

@@ -27,6 +27,11 @@ Job = Dict[str, Any]
 RETRY_STATUSES = (429, 503)
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
+#: The longest one claim request of a client with a stop flag waits on the server
+#: (seconds): its long poll is made of such claims, the flag looked at between them, so
+#: a stop ends a waiting claim within this (as the Rust client's ``Client::STOP_POLL``).
+STOP_POLL = 2.0
+
 #: Largest answer body read (as the Rust client); past it :class:`ResponseTooLarge`.
 MAX_BODY = 16 * 1024 * 1024
 _READ_CHUNK = 64 * 1024
@@ -277,6 +282,7 @@ class Client:
         max_retries = self.retries if retries is None else retries
         attempt = 0
         while True:
+            failure: Optional[TransportError] = None
             try:
                 # A redirect would carry the credential headers and a signature made
                 # for another target (with a 307/308, the body too) to another host.
@@ -301,7 +307,13 @@ class Client:
                         and self._pause(self._delay(attempt, None))):
                     attempt += 1
                     continue
-                raise TransportError(f"{method} {path}: {e}") from e
+                failure = TransportError(f"{method} {path}: {_transport_reason(e)}")
+            if failure is not None:
+                # Raised outside the `except`: neither chained (`__cause__`) nor with
+                # the original as `__context__`. That one holds the request as sent
+                # (`.request.headers`: X-API-Key, Bearer token, signature) and its
+                # traceback's frames hold the raw request bytes.
+                raise failure
             if retry:
                 if not self._pause(self._delay(attempt, resp)):
                     # Stopping: the answer (its body unread) is the error.
@@ -428,12 +440,32 @@ class Client:
 
         With ``wait`` (seconds, at most 60) the server holds the request open until a
         job becomes claimable or the wait ends (a long poll); the read timeout is
-        stretched to cover it."""
+        stretched to cover it. A client with a stop flag (:meth:`with_stop`, as every
+        :class:`Worker`'s) asks in claims that wait at most :data:`STOP_POLL` each, and
+        ends the wait with ``None`` once the flag is set: a request in flight cannot be
+        called back without losing a job the server may just have handed out, so it is
+        let finish — a job it brings is returned (the worker hands it back)."""
+        if wait is not None and not 0 <= wait <= 60:
+            raise ValueError("wait must be between 0 and 60 seconds")
+        if wait is None or self.stop is None:
+            return self._claim(queue, worker, wait)
+        deadline = time.monotonic() + wait
+        while not self._stopping():
+            part = min(STOP_POLL, max(0.0, deadline - time.monotonic()))
+            sent = time.monotonic()
+            claim = self._claim(queue, worker, part)
+            now = time.monotonic()
+            # Answered well before its wait: the server did not hold the claim (say, it
+            # is shutting down); the caller pauses rather than this asking again.
+            if claim is not None or now >= deadline or now - sent < part / 2:
+                return claim
+        return None
+
+    def _claim(self, queue: str, worker: str, wait: Optional[float]) -> Optional[Claim]:
+        """One claim request, waiting up to ``wait`` on the server."""
         body: Dict[str, Any] = {"worker": worker}
         timeout = None
         if wait is not None:
-            if not 0 <= wait <= 60:
-                raise ValueError("wait must be between 0 and 60 seconds")
             body["wait"] = wait
             timeout = max(self.timeout, wait + 10.0)
         resp = self.request(
@@ -581,6 +613,13 @@ def _read_body(resp: requests.Response, method: str, path: str) -> None:
     resp._content_consumed = True
 
 
+def _transport_reason(e: BaseException) -> str:
+    """What went wrong with a request that got no answer: the exception's type and
+    text (urllib3's and the socket's: host, port, URL path, OS error — never a request
+    header), nothing of the request object it carries."""
+    return f"{type(e).__name__}: {e}"
+
+
 def _is_problem(resp: requests.Response) -> bool:
     """The answer is a problem+json document: the service's own error answer."""
     ctype = resp.headers.get("Content-Type", "")
@@ -606,12 +645,16 @@ def _decode(resp: requests.Response) -> Any:
 
 
 def _problem(resp: requests.Response) -> ProblemError:
-    problem: Dict[str, Any]
+    """The error for an answer: its problem document with every member, ``status``
+    added when missing; for a body that is not a JSON object (a proxy's page), a
+    stand-in with the reason phrase and the body's first 500 characters (as the Rust
+    client's ``Problem``)."""
     try:
         parsed = resp.json()
-        problem = parsed if isinstance(parsed, dict) else {"detail": str(parsed)}
     except ValueError:
-        problem = {"title": resp.reason or "", "detail": resp.text[:500]}
+        parsed = None
+    problem: Dict[str, Any] = (parsed if isinstance(parsed, dict)
+                               else {"title": resp.reason or "", "detail": resp.text[:500]})
     problem.setdefault("status", resp.status_code)
     return error_for(resp.status_code, problem, dict(resp.headers))
 

@@ -1,7 +1,9 @@
 """RFC 9457 problem+json answers as typed exceptions."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, Mapping, Optional, Type
+
+from requests.structures import CaseInsensitiveDict
 
 
 class CoordinatorError(Exception):
@@ -24,14 +26,16 @@ class InvalidAnswer(CoordinatorError, ValueError):
 
 class ProblemError(CoordinatorError):
     """An HTTP error answer. ``problem`` is the problem+json document (or a stand-in
-    built from the status when the body was not one)."""
+    built from the status when the body was not one); ``headers`` the answer's, looked
+    up case-insensitively (as the Rust client's ``Problem::header``)."""
 
     status: int = 0
 
-    def __init__(self, status: int, problem: Dict[str, Any], headers: Optional[Dict[str, str]] = None):
+    def __init__(self, status: int, problem: Dict[str, Any],
+                 headers: Optional[Mapping[str, str]] = None):
         self.status = status
         self.problem = problem
-        self.headers = dict(headers or {})
+        self.headers: CaseInsensitiveDict[str] = CaseInsensitiveDict(headers or {})
         self.type: str = str(problem.get("type", "about:blank"))
         self.title: str = str(problem.get("title", ""))
         self.detail: str = str(problem.get("detail", ""))
@@ -113,6 +117,7 @@ _BY_STATUS: Dict[int, Type[ProblemError]] = {
 }
 
 
-def error_for(status: int, problem: Dict[str, Any], headers: Optional[Dict[str, str]] = None) -> ProblemError:
+def error_for(status: int, problem: Dict[str, Any],
+              headers: Optional[Mapping[str, str]] = None) -> ProblemError:
     cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else ProblemError)
     return cls(status, problem, headers)

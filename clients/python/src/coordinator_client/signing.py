@@ -291,11 +291,22 @@ class Rfc9421Auth(requests.auth.AuthBase):
         return f"Rfc9421Auth(keyid={self.keyid!r}, label={self.label!r})"
 
 
+def _header_value(what: str, value: str) -> str:
+    """``value`` when it can be sent as a header value as it is, else ``ValueError``
+    naming ``what`` but never showing the value (http.client's own error would: a key
+    read from a file with its trailing newline would be in the message)."""
+    if (not isinstance(value, str) or value != value.strip(" \t")
+            or any(not (0x20 <= ord(c) <= 0x7E or c == "\t") for c in value)):
+        raise ValueError(f"{what} is not a valid HTTP header value (a line break, a "
+                         "control or non-ASCII character, or surrounding whitespace)")
+    return value
+
+
 class ApiKeyAuth(requests.auth.AuthBase):
     """``X-API-Key: <key>``."""
 
     def __init__(self, api_key: str) -> None:
-        self._key = api_key
+        self._key = _header_value("the API key", api_key)
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         r.headers["X-API-Key"] = self._key
@@ -309,7 +320,7 @@ class BearerAuth(requests.auth.AuthBase):
     """``Authorization: Bearer <job token>``."""
 
     def __init__(self, token: str) -> None:
-        self._token = token
+        self._token = _header_value("the job token", token)
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
         r.headers["Authorization"] = f"Bearer {self._token}"
@@ -318,7 +329,7 @@ class BearerAuth(requests.auth.AuthBase):
     def replace(self, token: str) -> None:
         """Act with ``token`` from now on (a renewed job token). One assignment, so a
         request on another thread sends either the old token or the new one."""
-        self._token = token
+        self._token = _header_value("the job token", token)
 
     def __repr__(self) -> str:
         return "BearerAuth(...)"

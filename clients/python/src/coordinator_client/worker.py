@@ -8,6 +8,9 @@
 
 Each claim is a long poll (``long_poll`` seconds, default 20): the server answers as
 soon as a job is claimable, so an idle worker neither spins nor sleeps past new work.
+The long poll is made of claims of at most ``client.STOP_POLL`` (2 s) each, the stop
+flag looked at between them: a stop ends a waiting claim within that, and a job the
+last claim brought is handed straight back.
 While the handler runs, a heartbeat thread renews the lease (``POST …/heartbeat``
 where the server has it, else a progress report) every ``heartbeat_interval`` seconds,
 or more often when the job's lease or token is short (:meth:`Worker.beat_interval`). The handler's return value completes

@@ -1,0 +1,151 @@
+//! No credential in an error: a request that got no answer (refused, reset, closed)
+//! is an `Error::Transport` whose `Display` and `Debug` hold neither the API key, the
+//! job token, the HMAC secret nor the signature sent; a credential that cannot be
+//! sent as a header is refused without being shown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use coordinator_client::{Client, ClientOptions, Credentials, Error};
+use serde_json::json;
+
+const CANARY: &str = "LEAKCANARY7";
+
+/// Accepts connections and ends each one: `reset` after reading the request's first
+/// bytes only (closing with unread data sends an RST), else after reading (and
+/// recording) the request, with a plain close.
+fn dead_server(reset: bool) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            stream
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut buf = vec![0; if reset { 8 } else { 65536 }];
+            let n = stream.read(&mut buf).unwrap_or(0);
+            if !reset {
+                record
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            drop(stream);
+        }
+    });
+    (url, seen)
+}
+
+fn refused_url() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    drop(l); // nothing listens there now
+    url
+}
+
+/// The signature header values of the requests the server saw.
+fn signatures(seen: &Mutex<Vec<String>>) -> Vec<String> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .flat_map(|req| req.lines().map(str::to_owned).collect::<Vec<_>>())
+        .filter_map(|line| {
+            let (k, v) = line.split_once(": ")?;
+            let k = k.to_ascii_lowercase();
+            (k == "x-coordinator-signature" || k == "signature").then(|| v.to_owned())
+        })
+        .collect()
+}
+
+fn check(e: &Error, secrets: &[&str]) {
+    let shown = format!("{e} {e:?} {e:#?}");
+    for s in secrets {
+        assert!(!shown.contains(s), "{s:?} in {shown}");
+    }
+}
+
+fn client(url: &str, credentials: Credentials) -> Client {
+    let options = ClientOptions {
+        timeout: Duration::from_secs(5),
+        ..ClientOptions::default()
+    };
+    let mut c = Client::with_options(url, credentials, &options).unwrap();
+    c.retries = 0;
+    c
+}
+
+fn calls(c: &Client) -> Vec<Error> {
+    vec![
+        c.health().unwrap_err(),
+        c.create_job(&json!({"kind": "build", "payload": {"x": 1}}), None)
+            .unwrap_err(),
+        c.claim_wait("ci", "w1", Duration::from_secs(1))
+            .unwrap_err(),
+    ]
+}
+
+#[test]
+fn a_transport_failure_never_shows_a_credential() {
+    let (reset, _) = dead_server(true);
+    let (closed, closed_seen) = dead_server(false);
+    let mut errors = Vec::new();
+    for url in [refused_url(), reset, closed] {
+        let key = format!("cok_{CANARY}");
+        let token = format!("tok_{CANARY}");
+        let secret = format!("coh_{CANARY}");
+        for (credentials, shown) in [
+            (Credentials::ApiKey(key.clone()), key.as_str()),
+            (Credentials::Bearer(token.clone()), token.as_str()),
+            (
+                Credentials::V1 {
+                    caller: "svc".into(),
+                    secret: secret.clone(),
+                    key_version: None,
+                },
+                secret.as_str(),
+            ),
+        ] {
+            for e in calls(&client(&url, credentials)) {
+                assert!(matches!(e, Error::Transport(_)), "{e:?}");
+                check(&e, &[shown, CANARY]);
+                errors.push(e);
+            }
+        }
+    }
+    // Nor did any show a signature (each unused: the server never answered).
+    let sigs = signatures(&closed_seen);
+    assert!(sigs.len() >= 3, "{sigs:?}");
+    assert!(closed_seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|r| r.contains(CANARY)));
+    for e in errors {
+        for sig in &sigs {
+            check(&e, &[sig]);
+        }
+    }
+}
+
+#[test]
+fn a_credential_that_is_no_header_value_is_refused_unshown() {
+    let (url, seen) = dead_server(false);
+    for credentials in [
+        Credentials::ApiKey(format!("cok_{CANARY}\n")),
+        Credentials::Bearer(format!("tok_{CANARY}\r\nX: y")),
+        Credentials::ApiKey(format!("cok_{CANARY}\u{e9}")),
+        Credentials::ApiKey(format!(" cok_{CANARY}")),
+    ] {
+        for e in calls(&client(&url, credentials)) {
+            check(&e, &[CANARY]);
+            assert!(matches!(e, Error::Invalid(_)), "{e:?}");
+        }
+    }
+    assert!(seen.lock().unwrap().is_empty(), "nothing is sent");
+}
