@@ -42,7 +42,9 @@ pub struct HealthReport {
     /// queue → status → count, for PENDING, QUEUED and RUNNING jobs.
     #[schema(example = json!({"default": {"QUEUED": 3, "RUNNING": 1}}))]
     pub queues: BTreeMap<String, BTreeMap<String, i64>>,
-    /// Age of the oldest QUEUED job; `null` when none is queued.
+    /// How long the oldest QUEUED job that is due has waited, since its `runAt` (a job
+    /// scheduled for later, or waiting out a retry's backoff, is not waiting yet);
+    /// `null` when none is.
     #[schema(required = true)]
     pub oldest_queued_age_secs: Option<f64>,
     #[schema(format = DateTime)]
@@ -125,11 +127,12 @@ impl HealthCache {
 
 async fn take_snapshot(db: &Db) -> Result<HealthReport, StoreError> {
     let started = Instant::now();
-    let (depths, oldest) = db
+    let (depths, oldest, now) = db
         .read(|conn| {
+            let now = crate::db::now_millis();
             let depths = repo::queue_depths(conn)?;
-            let oldest = repo::oldest_queued_created_at(conn)?;
-            Ok((depths, oldest))
+            let oldest = repo::oldest_due_run_at(conn, now)?;
+            Ok((depths, oldest, now))
         })
         .await?;
     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -137,7 +140,6 @@ async fn take_snapshot(db: &Db) -> Result<HealthReport, StoreError> {
     for (queue, status, n) in depths {
         queues.entry(queue).or_default().insert(status, n);
     }
-    let now = crate::db::now_millis();
     let (connections, idle) = db.pool_state();
     Ok(HealthReport {
         status: "ok",

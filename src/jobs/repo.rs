@@ -1489,11 +1489,14 @@ pub fn queue_depths(conn: &mut DbConnection) -> Result<Vec<(String, String, i64)
     Ok(rows)
 }
 
-/// Age in milliseconds of the oldest QUEUED job, if any.
-pub fn oldest_queued_created_at(conn: &mut DbConnection) -> Result<Option<i64>, StoreError> {
+/// The earliest `run_at` of the QUEUED jobs due at `now`, if any: how long the oldest
+/// job that could run has waited (one scheduled for later, or waiting out a retry's
+/// backoff, is not waiting yet), as `GET /coordinator/queues` counts it per queue.
+pub fn oldest_due_run_at(conn: &mut DbConnection, now: i64) -> Result<Option<i64>, StoreError> {
     Ok(jobs::table
         .filter(jobs::status.eq(JobStatus::Queued.as_str()))
-        .select(diesel::dsl::min(jobs::created_at))
+        .filter(jobs::run_at.le(now))
+        .select(diesel::dsl::min(jobs::run_at))
         .first::<Option<i64>>(conn)?)
 }
 

@@ -35,13 +35,33 @@ fn health_reports_queue_depths(b: Backend) {
     app.create_job(&json!({"kind": "a", "queue": "q1"}));
     app.create_job(&json!({"kind": "a", "queue": "q1"}));
     app.running_job();
+    // A job scheduled for later is queued but not waiting: it is no queue's oldest
+    // (review, 2026-12-06: a future runAt read as waiting since its creation, so any
+    // creator could set off the alert on this figure).
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let queue = |body: serde_json::Value| {
+        let id = app.create_job(&body);
+        let r = app.patch_json(
+            &format!("/coordinator/jobs/{id}/status"),
+            &json!({"status": "QUEUED"}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    queue(json!({"kind": "a", "queue": "q2", "runAt": later.to_rfc3339()}));
     let h = app.get("/coordinator/health");
     assert_eq!(h.status, 200);
     let h = h.json();
     assert_eq!(h["database"]["status"], "up");
     assert_eq!(h["queues"]["q1"]["PENDING"], 2);
+    assert_eq!(h["queues"]["q2"]["QUEUED"], 1);
     assert_eq!(h["queues"]["default"]["RUNNING"], 1);
     assert!(h["version"].is_string());
+    assert!(h["oldestQueuedAgeSecs"].is_null(), "{h}");
+    queue(json!({"kind": "a", "queue": "q2"}));
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // the snapshot's age
+    let h = app.get("/coordinator/health").json();
+    let age = h["oldestQueuedAgeSecs"].as_f64().expect("a due job waits");
+    assert!((0.0..60.0).contains(&age), "{h}");
 }
 
 /// PostgreSQL disappears under a running app: handlers and /readyz answer 503,
