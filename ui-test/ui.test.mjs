@@ -259,6 +259,46 @@ try {
   await ro.close();
   step('a key without admin gets no pause button');
 
+  // A scope probe still under way when its key is forgotten must not grant its answer to
+  // the next key: the admin key's probe is held back until a read-only key has replaced
+  // it; the queues page must then still offer no pause button.
+  const swap = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const swapPage = await swap.newPage();
+  swapPage.on('pageerror', (e) => failures.push(`page error: ${e.message}`));
+  let heldBack;
+  const held = new Promise((resolve) => { heldBack = resolve; });
+  await swapPage.route('**/coordinator/queues/~', async (r) => {
+    if (r.request().headers()['x-api-key'] !== adminKey) return r.continue();
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    await r.continue();
+    heldBack();
+  });
+  const lateProbe = swapPage.waitForResponse((r) => r.url().endsWith('/coordinator/queues/~')
+    && r.request().headers()['x-api-key'] === adminKey, { timeout: 10000 });
+  await swapPage.goto(`${base}/ui/#/queues`);
+  await swapPage.fill('#api-key', adminKey);
+  await swapPage.click('#key-use');
+  await swapPage.waitForTimeout(300);
+  await swapPage.click('#key-forget');
+  await swapPage.fill('#api-key', roKey);
+  await swapPage.click('#key-use');
+  await swapPage.getByText('Your key lacks admin').waitFor({ timeout: 5000 });
+  await held;
+  await lateProbe;
+  await swapPage.waitForTimeout(300); // the late answer is read
+  // Another visit re-reads the table with the scopes the page now holds.
+  await swapPage.evaluate(() => { window.location.hash = '#/jobs'; });
+  await swapPage.locator('#jobs-table').waitFor({ timeout: 5000 });
+  await swapPage.evaluate(() => { window.location.hash = '#/queues'; });
+  await swapPage.locator('#queues-table tr[data-queue="uiq"]').waitFor({ timeout: 5000 });
+  const said = swapPage.locator('#view p.muted').filter({ hasText: 'Your key' });
+  await said.waitFor({ timeout: 5000 });
+  assert.match(await said.textContent(), /lacks admin/, 'the scopes of the previous key');
+  assert.equal(await swapPage.locator('#queues-table button').count(), 0,
+    'no pause button from the previous key\'s late scope probe');
+  await swap.close();
+  step('a late scope probe of a forgotten key does not carry over to the next key');
+
   // Time to first render of the jobs page with 10,000 more jobs in the database.
   for (let i = 0; i < 10; i += 1) {
     await call('POST', '/coordinator/jobs/batch', {

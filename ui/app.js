@@ -171,16 +171,20 @@
 
   /** Which optional actions the key may take, asked without side effects: each probe
    *  is refused by the route's guard (403) without the scope, and by the handler
-   *  (400, an invalid name or id) with it; nothing is written either way. */
+   *  (400, an invalid name or id) with it; nothing is written either way. The answer
+   *  is kept only if the key is still the one it was asked with: a slow probe of a key
+   *  since forgotten must not grant its scopes to the next key. */
   async function probeScopes() {
     if (scopes) return scopes;
+    const asked = key();
     const [admin, update] = await Promise.all([
       api('PATCH', 'coordinator/queues/~', {}),
       api('POST', 'coordinator/jobs/~/cancel', {}),
     ]);
     const has = (r) => r.status !== 0 && r.status !== 401 && r.status !== 403;
-    scopes = { admin: has(admin), update: has(update) };
-    return scopes;
+    const found = { admin: has(admin), update: has(update) };
+    if (key() === asked) scopes = found;
+    return found;
   }
 
   // ---- routing -------------------------------------------------------------------
