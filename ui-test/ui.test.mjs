@@ -195,6 +195,15 @@ try {
   await call('POST', `/coordinator/jobs/${fresh.id}/cancel`, {});
   step('the queues table follows changes made through the API live');
 
+  // A malformed % escape in the address: the page says it cannot read it, and no
+  // stopped view is left on screen claiming to be live.
+  await page.locator('#queues-live').filter({ hasText: 'Live' }).waitFor({ timeout: 5000 });
+  await page.evaluate(() => { window.location.hash = '#/job/%E0%A4%A'; });
+  await page.locator('#missing').filter({ hasText: 'could not be read' }).waitFor({ timeout: 5000 });
+  assert.equal(await page.locator('#view h2').textContent(), 'Page not found');
+  assert.equal(await page.locator('#queues-live').count(), 0, 'no stale "Live" queues table');
+  step('a malformed % escape in the address shows "Page not found", not a stale live view');
+
   await page.goto(`${base}/ui/#/health`);
   await page.locator('#health-fields').waitFor({ timeout: 5000 });
   await page.locator('#auth-table').waitFor({ timeout: 5000 });

@@ -189,10 +189,17 @@
 
   // ---- routing -------------------------------------------------------------------
 
+  /** The route in the address's hash. A malformed % escape (decodeURIComponent throws)
+   *  gives the route 'unreadable', which render() shows as such: it never throws. */
   function parseHash() {
     const h = window.location.hash.replace(/^#\/?/, '');
     const [path, query] = h.split('?');
-    const parts = path.split('/').filter(Boolean).map(decodeURIComponent);
+    let parts;
+    try {
+      parts = path.split('/').filter(Boolean).map(decodeURIComponent);
+    } catch (_) {
+      return { name: 'unreadable', arg: window.location.hash, params: new URLSearchParams() };
+    }
     return { name: parts[0] || 'jobs', arg: parts[1], params: new URLSearchParams(query || '') };
   }
 
@@ -212,8 +219,8 @@
   }
 
   async function render() {
+    const route = parseHash(); // never throws; read before the current view is stopped
     const gen = stop();
-    const route = parseHash();
     for (const n of ['queues', 'jobs', 'health']) {
       const a = document.getElementById('nav-' + n);
       const current = route.name === n || (n === 'jobs' && route.name === 'job');
@@ -224,10 +231,25 @@
         'The page itself holds no data.'));
       return;
     }
+    if (route.name === 'unreadable') {
+      return missing('Page not found', 'This address could not be read (a malformed % escape): ',
+        route.arg);
+    }
     if (route.name === 'queues') return queuesView(gen);
     if (route.name === 'job' && route.arg) return jobView(gen, route.arg);
     if (route.name === 'health') return healthView(gen);
     return jobsView(gen, route.params);
+  }
+
+  /** A page for an address that names nothing: the address's text appears only in
+   *  quotes inside the message (shortened), never as a heading. */
+  function missing(heading, message, raw) {
+    const text = String(raw);
+    const shown = text.length > 80 ? text.slice(0, 80) + '…' : text;
+    replace(view(),
+      el('p', {}, el('a', { href: '#/jobs' }, '← Jobs')),
+      el('h2', {}, heading),
+      el('p', { class: 'error', id: 'missing' }, message, '“', shown, '”.'));
   }
 
   // ---- Queues --------------------------------------------------------------------
