@@ -204,6 +204,20 @@ try {
   assert.equal(await page.locator('#queues-live').count(), 0, 'no stale "Live" queues table');
   step('a malformed % escape in the address shows "Page not found", not a stale live view');
 
+  // #/job/<text> that is no job id: the text is not made the heading, only quoted (as
+  // text) in the message, and the server is not asked for it.
+  const lure = 'Your account is locked. Call <b>+1 555 0100</b> now';
+  let asked = 0;
+  page.on('request', (r) => { if (r.url().includes('/coordinator/jobs/Your')) asked += 1; });
+  await page.evaluate((h) => { window.location.hash = h; }, `#/job/${encodeURIComponent(lure)}`);
+  await page.locator('#missing').waitFor({ timeout: 5000 });
+  assert.equal(await page.locator('#view h2').textContent(), 'Not a job id');
+  assert.equal(await page.locator('#missing').textContent(),
+    `This address names no job (job ids are UUIDs): “${lure}”.`);
+  assert.equal(await page.locator('#view b').count(), 0, 'the text is not markup');
+  assert.equal(asked, 0, 'no request for a non-id');
+  step('#/job/<not an id> shows "Not a job id", the text only quoted in the message');
+
   await page.goto(`${base}/ui/#/health`);
   await page.locator('#health-fields').waitFor({ timeout: 5000 });
   await page.locator('#auth-table').waitFor({ timeout: 5000 });

@@ -14,6 +14,8 @@
   const LIST_POLL_MS = 3000; // without a live stream
   const LIVE_REFRESH_MS = 30000; // with one: ages and anything a stream does not carry
   const COALESCE_MS = 250; // a burst of stream events makes one re-read
+  // A job id as the server writes it (a hyphenated UUID); nothing else is shown as one.
+  const JOB_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
   let timer = null; // the current view's refresh timer
   let live = null; // the current view's event stream (an AbortController)
@@ -236,7 +238,14 @@
         route.arg);
     }
     if (route.name === 'queues') return queuesView(gen);
-    if (route.name === 'job' && route.arg) return jobView(gen, route.arg);
+    if (route.name === 'job' && route.arg) {
+      // Anything after #/job/ would otherwise be the page's heading ("Job <text>").
+      if (!JOB_ID.test(route.arg)) {
+        return missing('Not a job id', 'This address names no job (job ids are UUIDs): ',
+          route.arg);
+      }
+      return jobView(gen, route.arg);
+    }
     if (route.name === 'health') return healthView(gen);
     return jobsView(gen, route.params);
   }
