@@ -195,6 +195,29 @@ try {
   await call('POST', `/coordinator/jobs/${fresh.id}/cancel`, {});
   step('the queues table follows changes made through the API live');
 
+  // A malformed % escape in the address: the page says it cannot read it, and no
+  // stopped view is left on screen claiming to be live.
+  await page.locator('#queues-live').filter({ hasText: 'Live' }).waitFor({ timeout: 5000 });
+  await page.evaluate(() => { window.location.hash = '#/job/%E0%A4%A'; });
+  await page.locator('#missing').filter({ hasText: 'could not be read' }).waitFor({ timeout: 5000 });
+  assert.equal(await page.locator('#view h2').textContent(), 'Page not found');
+  assert.equal(await page.locator('#queues-live').count(), 0, 'no stale "Live" queues table');
+  step('a malformed % escape in the address shows "Page not found", not a stale live view');
+
+  // #/job/<text> that is no job id: the text is not made the heading, only quoted (as
+  // text) in the message, and the server is not asked for it.
+  const lure = 'Your account is locked. Call <b>+1 555 0100</b> now';
+  let asked = 0;
+  page.on('request', (r) => { if (r.url().includes('/coordinator/jobs/Your')) asked += 1; });
+  await page.evaluate((h) => { window.location.hash = h; }, `#/job/${encodeURIComponent(lure)}`);
+  await page.locator('#missing').waitFor({ timeout: 5000 });
+  assert.equal(await page.locator('#view h2').textContent(), 'Not a job id');
+  assert.equal(await page.locator('#missing').textContent(),
+    `This address names no job (job ids are UUIDs): “${lure}”.`);
+  assert.equal(await page.locator('#view b').count(), 0, 'the text is not markup');
+  assert.equal(asked, 0, 'no request for a non-id');
+  step('#/job/<not an id> shows "Not a job id", the text only quoted in the message');
+
   await page.goto(`${base}/ui/#/health`);
   await page.locator('#health-fields').waitFor({ timeout: 5000 });
   await page.locator('#auth-table').waitFor({ timeout: 5000 });
@@ -258,6 +281,46 @@ try {
   assert.ok(await roPage.locator('#job-cancel').isHidden(), 'no cancel button without jobs:update');
   await ro.close();
   step('a key without admin gets no pause button');
+
+  // A scope probe still under way when its key is forgotten must not grant its answer to
+  // the next key: the admin key's probe is held back until a read-only key has replaced
+  // it; the queues page must then still offer no pause button.
+  const swap = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const swapPage = await swap.newPage();
+  swapPage.on('pageerror', (e) => failures.push(`page error: ${e.message}`));
+  let heldBack;
+  const held = new Promise((resolve) => { heldBack = resolve; });
+  await swapPage.route('**/coordinator/queues/~', async (r) => {
+    if (r.request().headers()['x-api-key'] !== adminKey) return r.continue();
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    await r.continue();
+    heldBack();
+  });
+  const lateProbe = swapPage.waitForResponse((r) => r.url().endsWith('/coordinator/queues/~')
+    && r.request().headers()['x-api-key'] === adminKey, { timeout: 10000 });
+  await swapPage.goto(`${base}/ui/#/queues`);
+  await swapPage.fill('#api-key', adminKey);
+  await swapPage.click('#key-use');
+  await swapPage.waitForTimeout(300);
+  await swapPage.click('#key-forget');
+  await swapPage.fill('#api-key', roKey);
+  await swapPage.click('#key-use');
+  await swapPage.getByText('Your key lacks admin').waitFor({ timeout: 5000 });
+  await held;
+  await lateProbe;
+  await swapPage.waitForTimeout(300); // the late answer is read
+  // Another visit re-reads the table with the scopes the page now holds.
+  await swapPage.evaluate(() => { window.location.hash = '#/jobs'; });
+  await swapPage.locator('#jobs-table').waitFor({ timeout: 5000 });
+  await swapPage.evaluate(() => { window.location.hash = '#/queues'; });
+  await swapPage.locator('#queues-table tr[data-queue="uiq"]').waitFor({ timeout: 5000 });
+  const said = swapPage.locator('#view p.muted').filter({ hasText: 'Your key' });
+  await said.waitFor({ timeout: 5000 });
+  assert.match(await said.textContent(), /lacks admin/, 'the scopes of the previous key');
+  assert.equal(await swapPage.locator('#queues-table button').count(), 0,
+    'no pause button from the previous key\'s late scope probe');
+  await swap.close();
+  step('a late scope probe of a forgotten key does not carry over to the next key');
 
   // Time to first render of the jobs page with 10,000 more jobs in the database.
   for (let i = 0; i < 10; i += 1) {

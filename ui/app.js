@@ -14,6 +14,8 @@
   const LIST_POLL_MS = 3000; // without a live stream
   const LIVE_REFRESH_MS = 30000; // with one: ages and anything a stream does not carry
   const COALESCE_MS = 250; // a burst of stream events makes one re-read
+  // A job id as the server writes it (a hyphenated UUID); nothing else is shown as one.
+  const JOB_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
   let timer = null; // the current view's refresh timer
   let live = null; // the current view's event stream (an AbortController)
@@ -171,24 +173,35 @@
 
   /** Which optional actions the key may take, asked without side effects: each probe
    *  is refused by the route's guard (403) without the scope, and by the handler
-   *  (400, an invalid name or id) with it; nothing is written either way. */
+   *  (400, an invalid name or id) with it; nothing is written either way. The answer
+   *  is kept only if the key is still the one it was asked with: a slow probe of a key
+   *  since forgotten must not grant its scopes to the next key. */
   async function probeScopes() {
     if (scopes) return scopes;
+    const asked = key();
     const [admin, update] = await Promise.all([
       api('PATCH', 'coordinator/queues/~', {}),
       api('POST', 'coordinator/jobs/~/cancel', {}),
     ]);
     const has = (r) => r.status !== 0 && r.status !== 401 && r.status !== 403;
-    scopes = { admin: has(admin), update: has(update) };
-    return scopes;
+    const found = { admin: has(admin), update: has(update) };
+    if (key() === asked) scopes = found;
+    return found;
   }
 
   // ---- routing -------------------------------------------------------------------
 
+  /** The route in the address's hash. A malformed % escape (decodeURIComponent throws)
+   *  gives the route 'unreadable', which render() shows as such: it never throws. */
   function parseHash() {
     const h = window.location.hash.replace(/^#\/?/, '');
     const [path, query] = h.split('?');
-    const parts = path.split('/').filter(Boolean).map(decodeURIComponent);
+    let parts;
+    try {
+      parts = path.split('/').filter(Boolean).map(decodeURIComponent);
+    } catch (_) {
+      return { name: 'unreadable', arg: window.location.hash, params: new URLSearchParams() };
+    }
     return { name: parts[0] || 'jobs', arg: parts[1], params: new URLSearchParams(query || '') };
   }
 
@@ -208,8 +221,8 @@
   }
 
   async function render() {
+    const route = parseHash(); // never throws; read before the current view is stopped
     const gen = stop();
-    const route = parseHash();
     for (const n of ['queues', 'jobs', 'health']) {
       const a = document.getElementById('nav-' + n);
       const current = route.name === n || (n === 'jobs' && route.name === 'job');
@@ -220,10 +233,32 @@
         'The page itself holds no data.'));
       return;
     }
+    if (route.name === 'unreadable') {
+      return missing('Page not found', 'This address could not be read (a malformed % escape): ',
+        route.arg);
+    }
     if (route.name === 'queues') return queuesView(gen);
-    if (route.name === 'job' && route.arg) return jobView(gen, route.arg);
+    if (route.name === 'job' && route.arg) {
+      // Anything after #/job/ would otherwise be the page's heading ("Job <text>").
+      if (!JOB_ID.test(route.arg)) {
+        return missing('Not a job id', 'This address names no job (job ids are UUIDs): ',
+          route.arg);
+      }
+      return jobView(gen, route.arg);
+    }
     if (route.name === 'health') return healthView(gen);
     return jobsView(gen, route.params);
+  }
+
+  /** A page for an address that names nothing: the address's text appears only in
+   *  quotes inside the message (shortened), never as a heading. */
+  function missing(heading, message, raw) {
+    const text = String(raw);
+    const shown = text.length > 80 ? text.slice(0, 80) + '…' : text;
+    replace(view(),
+      el('p', {}, el('a', { href: '#/jobs' }, '← Jobs')),
+      el('h2', {}, heading),
+      el('p', { class: 'error', id: 'missing' }, message, '“', shown, '”.'));
   }
 
   // ---- Queues --------------------------------------------------------------------
