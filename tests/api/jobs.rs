@@ -73,9 +73,15 @@ fn job_life_cycle_records_every_event(b: Backend) {
     // 2026-12-06: it stayed where the worker left it).
     let other = app.create_job(&json!({"kind": "build"}));
     for s in ["QUEUED", "RUNNING"] {
-        app.patch_json(&format!("/coordinator/jobs/{other}/status"), &json!({"status": s}));
+        app.patch_json(
+            &format!("/coordinator/jobs/{other}/status"),
+            &json!({"status": s}),
+        );
     }
-    app.patch_json(&format!("/coordinator/jobs/{other}/progress"), &json!({"percent": 40}));
+    app.patch_json(
+        &format!("/coordinator/jobs/{other}/progress"),
+        &json!({"percent": 40}),
+    );
     let r = app.patch_json(
         &format!("/coordinator/jobs/{other}/status"),
         &json!({"status": "COMPLETED"}),
