@@ -261,9 +261,25 @@ fn after_of(req: &HttpRequest) -> ApiResult<i64> {
 
 fn wants_sse(req: &HttpRequest) -> bool {
     req.headers()
-        .get(actix_web::http::header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"))
+        .get_all(actix_web::http::header::ACCEPT)
+        .filter_map(|v| v.to_str().ok())
+        .any(accepts_sse)
+}
+
+/// Whether an `Accept` value names `text/event-stream` (media types are
+/// case-insensitive) without refusing it (`q=0`).
+fn accepts_sse(accept: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim();
+        let refused = parts.any(|p| {
+            p.split_once('=').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("q")
+                    && v.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+            })
+        });
+        media.eq_ignore_ascii_case("text/event-stream") && !refused
+    })
 }
 
 /// One SSE event per job event: `id:` seq, `event:` type, `data:` the event as JSON.
@@ -708,4 +724,32 @@ pub async fn queue_events(
             hello,
             futures_util::stream::unfold(stream, queue_step),
         )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::accepts_sse;
+
+    #[test]
+    fn accept_names_the_stream_case_insensitively_and_not_refused() {
+        for yes in [
+            "text/event-stream",
+            "TEXT/Event-Stream",
+            "application/json, text/event-stream;q=0.5",
+            " text/event-stream ; charset=utf-8",
+        ] {
+            assert!(accepts_sse(yes), "{yes}");
+        }
+        for no in [
+            "",
+            "application/json",
+            "text/event-stream;q=0",
+            "text/event-stream; Q=0.0",
+            "text/event-streams",
+            "x-text/event-stream",
+            "*/*",
+        ] {
+            assert!(!accepts_sse(no), "{no}");
+        }
+    }
 }

@@ -29,18 +29,21 @@ impl Action {
     }
 }
 
-/// `owner/name`, each 1–100 of `[A-Za-z0-9_.-]`.
+/// `owner/name`, each 1–100 of `[A-Za-z0-9_.-]`, not only dots.
 pub fn validate_repository(r: &str) -> Result<(), ApiError> {
+    // Not only dots: `..` would be a path segment to a worker that builds a path or a
+    // URL from it (GitHub allows no such name either).
     let part = |p: &str| {
         (1..=100).contains(&p.len())
             && p.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+            && !p.bytes().all(|b| b == b'.')
     };
     match r.split_once('/') {
         Some((owner, name)) if part(owner) && part(name) => Ok(()),
         _ => Err(ApiError::bad_request(
             "repository",
-            "must be \"owner/name\"",
+            "must be \"owner/name\" (letters, digits, '_', '.' or '-'; not only dots)",
         )),
     }
 }
@@ -62,7 +65,7 @@ fn validate_issue(n: i64) -> Result<(), ApiError> {
 pub struct WebhookPayload {
     #[schema(minimum = 1)]
     pub issue_number: i64,
-    /// `owner/name`, each 1–100 of `[A-Za-z0-9_.-]`.
+    /// `owner/name`, each 1–100 of `[A-Za-z0-9_.-]`, not only dots.
     #[schema(pattern = "^[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}$")]
     pub repository: String,
     pub action: Action,
@@ -117,7 +120,7 @@ impl WebhookPayload {
 pub struct DispatchRequest {
     #[schema(minimum = 1)]
     pub issue_number: i64,
-    /// `owner/name`, each 1–100 of `[A-Za-z0-9_.-]`.
+    /// `owner/name`, each 1–100 of `[A-Za-z0-9_.-]`, not only dots.
     #[schema(pattern = "^[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}$")]
     pub repository: String,
     /// Default: the configured webhook queue.
@@ -206,6 +209,11 @@ mod tests {
         assert!(validate_repository("a/b/c").is_err());
         assert!(validate_repository("/b").is_err());
         assert!(validate_repository("a b/c").is_err());
+        for dots in ["../..", "./x", "x/..", "x/."] {
+            assert!(validate_repository(dots).is_err(), "{dots}");
+        }
+        assert!(validate_repository("x/.github").is_ok());
+        assert!(validate_repository("x/a..b").is_ok());
     }
 
     #[test]
