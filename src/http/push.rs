@@ -689,9 +689,8 @@ pub async fn queue_events(
     state: web::Data<AppState>,
     principal: Principal,
     queue: web::Path<String>,
-    req: HttpRequest,
 ) -> ApiResult<HttpResponse> {
-    crate::http::extract::query_params(&req, &[])?;
+    // A query string is refused by the guard (this route declares no parameter).
     let queue = queue.into_inner();
     if queue != crate::jobs::notify::ALL_QUEUES {
         crate::jobs::request::validate_queue(&queue, "queue")?;

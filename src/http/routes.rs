@@ -52,7 +52,11 @@ macro_rules! route_table {
                     access: $access,
                 };
                 if keep(&spec) && registration_pass(&spec) == pass {
-                    let gate = Arc::new(Gate::new(auth.clone(), metrics.clone(), spec));
+                    let mut gate = Gate::new(auth.clone(), metrics.clone(), spec);
+                    if !takes_query(&spec) {
+                        gate = gate.taking_no_query();
+                    }
+                    let gate = Arc::new(gate);
                     cfg.service(
                         web::resource($path)
                             .guard(method_guard(&spec))
@@ -166,6 +170,38 @@ pub fn unmatched(auth: Arc<AuthContext>, metrics: Arc<Metrics>) -> actix_web::Ro
     web::to(not_found).wrap(middleware::from_fn(
         move |req: ServiceRequest, next: Next<BoxBody>| guard(fallback.clone(), req, next),
     ))
+}
+
+/// Whether a route reads a query string: its operation in the OpenAPI document declares
+/// a query parameter (the handlers that read one document it; built once per process).
+pub fn takes_query(spec: &RouteSpec) -> bool {
+    static TAKING: std::sync::OnceLock<Vec<(&'static str, &'static str)>> =
+        std::sync::OnceLock::new();
+    let table = TAKING.get_or_init(|| {
+        use utoipa::openapi::path::ParameterIn;
+        use utoipa::OpenApi;
+        let doc = RouteDoc::openapi();
+        ROUTES
+            .iter()
+            .filter(|r| {
+                let Some(item) = doc.paths.paths.get(r.path) else {
+                    return false;
+                };
+                let op = match r.method {
+                    "GET" => item.get.as_ref(),
+                    "POST" => item.post.as_ref(),
+                    "PATCH" => item.patch.as_ref(),
+                    _ => None,
+                };
+                op.and_then(|o| o.parameters.as_ref())
+                    .is_some_and(|ps| ps.iter().any(|p| p.parameter_in == ParameterIn::Query))
+            })
+            .map(|r| (r.method, r.path))
+            .collect()
+    });
+    table
+        .iter()
+        .any(|(m, p)| *m == spec.method && *p == spec.path)
 }
 
 /// The `Allow` value of a path: its methods in table order (built once per process).

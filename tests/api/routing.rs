@@ -42,6 +42,7 @@ backend_tests!(
     a_blocked_address_guessing_credentials_costs_no_lookup,
     authenticated_answers_are_not_cached,
     an_idempotency_key_given_twice_or_to_a_batch_is_refused,
+    an_unknown_query_parameter_is_refused_on_every_route,
     a_key_revoked_while_its_body_arrives_is_refused_at_its_end,
     scope_refusals_name_the_scope,
     a_new_key_version_works_at_once_on_a_warm_instance,
@@ -1456,6 +1457,66 @@ fn an_idempotency_key_given_twice_or_to_a_batch_is_refused(b: Backend) {
         raw(&app, "POST", "/coordinator/jobs/batch", &[k], batch).status,
         200
     );
+}
+
+/// Every guarded route refuses a query parameter it does not read, with a 400 naming
+/// it, before any work (review, 2026-12-06: most routes ignored `?bogus=1` while the
+/// list, claims and streams refused it). Nothing is created or changed.
+fn an_unknown_query_parameter_is_refused_on_every_route(b: Backend) {
+    let Some(app) = app(b) else { return };
+    let job = app.create_job(&json!({"kind": "build", "queue": "q"}));
+    let key = app.api_key("tester", &Scope::ALL);
+    let before = job_count(&app);
+    let mut taking = Vec::new();
+    for route in ROUTES.iter().filter(|r| r.access != Access::Open) {
+        if coordinator::http::routes::takes_query(route) {
+            taking.push(format!("{} {}", route.method, route.path));
+        }
+        let target = format!("{}?bogus=1", concrete(route.path, &job));
+        // A claim reads its body before its query: give it a valid one.
+        let body = if route.path.ends_with("/claim") {
+            &br#"{"worker":"w"}"#[..]
+        } else {
+            body_for(route.method)
+        };
+        let r = raw(
+            &app,
+            route.method,
+            &target,
+            &[("X-API-Key", &key), ("Content-Type", "application/json")],
+            body,
+        );
+        assert_eq!(r.status, 400, "{} {target}: {}", route.method, r.body);
+        assert_eq!(
+            r.json()["field"],
+            "bogus",
+            "{} {target}: {}",
+            route.method,
+            r.body
+        );
+    }
+    assert_eq!(
+        taking,
+        [
+            "GET /coordinator/jobs",
+            "POST /coordinator/queues/{queue}/claim",
+            "GET /coordinator/jobs/{id}/events",
+        ]
+    );
+    assert_eq!(job_count(&app), before);
+    assert_eq!(
+        app.get(&format!("/coordinator/jobs/{job}")).json()["status"],
+        "PENDING"
+    );
+    // An empty query (`/path?`, as some clients send it) is no parameter.
+    let r = raw(
+        &app,
+        "GET",
+        "/coordinator/health?",
+        &[("X-API-Key", &key)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 fn scope_refusals_name_the_scope(b: Backend) {
