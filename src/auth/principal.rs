@@ -85,6 +85,20 @@ impl Principal {
     /// credential store and the revocation set (cached, polled every 250 ms); a store
     /// that cannot answer counts as a failure (the stream ends; the client reconnects
     /// and is authenticated afresh).
+    /// Resolves once something [`Self::recheck`] reads may have changed: the credential
+    /// cache was dropped (a credential changed, here or on another instance, seen by the
+    /// 250 ms poll) or a token revocation new to this instance was added. A stream
+    /// waiting for events waits for this too, so an idle one ends within a poll of a
+    /// revocation rather than at its next keep-alive. Registered when called: a change
+    /// after the call and before the first poll of the future is not missed.
+    pub fn credentials_changed(ctx: &AuthContext) -> impl std::future::Future<Output = ()> + '_ {
+        let dropped = ctx.store.dropped().notified();
+        let added = ctx.revocations.added().notified();
+        async move {
+            futures_util::future::select(Box::pin(dropped), Box::pin(added)).await;
+        }
+    }
+
     pub async fn recheck(&self, ctx: &AuthContext) -> Result<(), ApiError> {
         let caller_enabled = || async {
             match ctx.store.caller(&self.caller).await? {

@@ -121,6 +121,24 @@ pub struct Revocations {
     set: RwLock<Set>,
     sync: Mutex<Sync>,
     limit: AtomicUsize,
+    /// Woken when an id the set did not hold is added (open streams check their
+    /// credential again then, not at their next keep-alive).
+    added: tokio::sync::Notify,
+}
+
+/// Hold `jti` until `exp` (the later of two expiries); whether it is new to the set.
+fn hold(ids: &mut HashMap<String, i64>, jti: String, exp: i64) -> bool {
+    match ids.entry(jti) {
+        std::collections::hash_map::Entry::Occupied(mut e) => {
+            let held = e.get_mut();
+            *held = (*held).max(exp);
+            false
+        }
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(exp);
+            true
+        }
+    }
 }
 
 fn poisoned<T>(e: std::sync::PoisonError<T>) -> StoreError {
@@ -144,6 +162,7 @@ impl Revocations {
                 gc_at: Instant::now(),
             }),
             limit: AtomicUsize::new(MAX_REVOCATIONS),
+            added: tokio::sync::Notify::new(),
         }
     }
 
@@ -169,14 +188,27 @@ impl Revocations {
         self.len() == 0
     }
 
+    /// Woken when a revocation new to this instance is held (by a poll or locally).
+    /// While the set is in overflow (every token checked against the database) it is
+    /// not: streams then notice at their next keep-alive.
+    pub fn added(&self) -> &tokio::sync::Notify {
+        &self.added
+    }
+
     /// Record a revocation made by this instance (effective at once here).
     pub fn revoke_local(&self, jti: &str, expires_at: i64) {
-        if let Ok(mut s) = self.set.write() {
-            if s.overflow {
-                return;
-            }
-            let e = s.ids.entry(jti.to_owned()).or_insert(expires_at);
-            *e = (*e).max(expires_at);
+        let added = match self.set.write() {
+            Ok(mut s) if !s.overflow => match s.ids.get_mut(jti) {
+                Some(held) => {
+                    *held = (*held).max(expires_at);
+                    false
+                }
+                None => hold(&mut s.ids, jti.to_owned(), expires_at),
+            },
+            _ => false,
+        };
+        if added {
+            self.added.notify_waiters();
         }
     }
 
@@ -294,6 +326,7 @@ impl Revocations {
         } else if overflow {
             None
         } else {
+            let mut added = false;
             let rows = self
                 .db
                 .read(move |conn| revoked::revoked_after(conn, low, cap(limit)))
@@ -302,8 +335,7 @@ impl Revocations {
             let mut set = self.set.write().map_err(poisoned)?;
             for (jti, exp, _) in rows {
                 if exp > now {
-                    let e = set.ids.entry(jti).or_insert(exp);
-                    *e = (*e).max(exp);
+                    added |= hold(&mut set.ids, jti, exp);
                 }
             }
             if set.ids.len() > limit {
@@ -317,6 +349,10 @@ impl Revocations {
                     set.ids = HashMap::new();
                     set.overflow = true;
                 }
+            }
+            drop(set);
+            if added {
+                self.added.notify_waiters();
             }
             newest
         };
@@ -355,6 +391,7 @@ impl Revocations {
     /// Load every active revocation (or, past the limit, only count them); returns the
     /// newest number assigned before the load.
     async fn reload(&self, now: i64, limit: usize) -> Result<Option<i64>, StoreError> {
+        let mut added = false;
         let (max_seq, rows, counted) = self
             .db
             .read(move |conn| {
@@ -387,11 +424,15 @@ impl Revocations {
             set.counted = 0;
             set.ids.retain(|_, e| *e > now);
             for (jti, exp, _) in rows {
-                let e = set.ids.entry(jti).or_insert(exp);
-                *e = (*e).max(exp);
+                if hold(&mut set.ids, jti, exp) {
+                    added = true;
+                }
             }
         }
         drop(set);
+        if added {
+            self.added.notify_waiters();
+        }
         let mut s = self.sync.lock().map_err(poisoned)?;
         s.confirmed = s.confirmed.max(max_seq.saturating_sub(SEQ_MARGIN));
         Ok(Some(max_seq))

@@ -211,6 +211,9 @@ pub struct CredentialStore {
     reread: Mutex<HashMap<String, Instant>>,
     /// Database reads of one caller or one API key so far (a cache miss each).
     lookups: AtomicU64,
+    /// Woken when the cache is dropped (a poll saw a new generation, or a local
+    /// change): open streams check their credential again then.
+    dropped: tokio::sync::Notify,
 }
 
 /// A known caller's secrets are re-read at most this often on an unknown key version,
@@ -232,7 +235,13 @@ impl CredentialStore {
             touched: Mutex::new(HashMap::new()),
             reread: Mutex::new(HashMap::new()),
             lookups: AtomicU64::new(0),
+            dropped: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Woken each time the cache is dropped, after the change that dropped it.
+    pub fn dropped(&self) -> &tokio::sync::Notify {
+        &self.dropped
     }
 
     /// Database reads of one caller or one API key so far.
@@ -274,6 +283,7 @@ impl CredentialStore {
         if let Ok(mut c) = self.cache.lock() {
             *c = Cache::empty(i64::MIN);
         }
+        self.dropped.notify_waiters();
     }
 
     fn cache_usable(&self) -> bool {
@@ -324,13 +334,17 @@ impl CredentialStore {
     /// directory of the new generation.
     pub async fn poll(&self) -> Result<(), StoreError> {
         let g = self.db.read(repo::generation).await?;
-        let unread = {
+        let (moved, unread) = {
             let mut c = self.cache.lock().map_err(poisoned)?;
-            if c.generation != g {
+            let moved = c.generation != g;
+            if moved {
                 *c = Cache::empty(g);
             }
-            matches!(c.directory, Directory::NotRead)
+            (moved, matches!(c.directory, Directory::NotRead))
         };
+        if moved {
+            self.dropped.notify_waiters();
+        }
         if let Ok(mut s) = self.synced_at.lock() {
             *s = Some(Instant::now());
         }

@@ -381,8 +381,12 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
         }
         let sleep = actix_web::rt::time::sleep(KEEP_ALIVE);
         let notifier = s.state.notifier.clone();
+        let state = s.state.clone();
+        // A credential change wakes the stream like an event: the next turn checks the
+        // credential again (and finds nothing new to send if it still holds).
+        let changed = Principal::credentials_changed(&state.auth);
         let woken = match select(
-            Box::pin(s.sub.changed()),
+            select(Box::pin(s.sub.changed()), Box::pin(changed)),
             select(Box::pin(sleep), Box::pin(notifier.closed())),
         )
         .await
@@ -529,20 +533,32 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
     if s.done || s.state.notifier.is_closing() {
         return None;
     }
-    let sleep = actix_web::rt::time::sleep(KEEP_ALIVE);
     let notifier = s.state.notifier.clone();
-    // Some(None): idle for KEEP_ALIVE; None: shutting down.
-    let got = match select(
-        Box::pin(s.sub.recv()),
-        select(Box::pin(sleep), Box::pin(notifier.closed())),
-    )
-    .await
-    {
-        Either::Left((r, _)) => Some(Some(r)),
-        Either::Right((Either::Left(_), _)) => Some(None),
-        Either::Right((Either::Right(_), _)) => None,
+    let state = s.state.clone();
+    // Some(None): idle for KEEP_ALIVE; None: shutting down. A credential change that
+    // leaves the credential holding goes back to waiting, until the keep-alive is due.
+    let keep_alive = actix_web::rt::time::Instant::now() + KEEP_ALIVE;
+    let got = loop {
+        let sleep = actix_web::rt::time::sleep_until(keep_alive);
+        let changed = Principal::credentials_changed(&state.auth);
+        let got = match select(
+            select(Box::pin(s.sub.recv()), Box::pin(changed)),
+            select(Box::pin(sleep), Box::pin(notifier.closed())),
+        )
+        .await
+        {
+            Either::Left((Either::Left((r, _)), _)) => Some(Some(r)),
+            Either::Left((Either::Right(_), _)) => {
+                if !still_holds(&s.state, &s.principal, "queue stream").await {
+                    return None;
+                }
+                continue;
+            }
+            Either::Right((Either::Left(_), _)) => Some(None),
+            Either::Right((Either::Right(_), _)) => None,
+        };
+        break got?;
     };
-    let got = got?;
     if !still_holds(&s.state, &s.principal, "queue stream").await {
         return None;
     }

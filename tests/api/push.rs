@@ -25,6 +25,7 @@ backend_tests!(
     a_burst_that_sheds_stream_reads_ends_no_stream_silently,
     streams_and_waiters_are_bounded_per_caller,
     an_open_stream_ends_once_its_credential_no_longer_holds,
+    an_idle_stream_ends_soon_after_its_credential_goes,
     a_waiting_claim_takes_no_job_once_its_caller_is_disabled,
     a_queue_stream_without_jobs_read_carries_no_event_data,
     shutdown_ends_streams_and_waiting_claims_and_loses_no_write,
@@ -1027,6 +1028,73 @@ fn an_open_stream_ends_once_its_credential_no_longer_holds(backend: Backend) {
         )
         .expect("rotate");
     });
+}
+
+/// An idle stream ends within a poll or two of its credential's revocation, not at its
+/// next keep-alive (15 s): a credential change, seen by the 250 ms polls as another
+/// instance's would be, wakes every open stream to check its own. A stream whose
+/// credential still holds stays open.
+fn an_idle_stream_ends_soon_after_its_credential_goes(backend: Backend) {
+    let Some(app) = crate::app!(backend) else {
+        return;
+    };
+    let base = app.url("");
+    let key = app.api_key("idle", &[Scope::HealthRead, Scope::JobsRead]);
+    let keeper = app.api_key("keeper", &[Scope::HealthRead, Scope::JobsRead]);
+    let with = |k: &str| [("X-API-Key".to_owned(), k.to_owned())];
+    let id = pending(&app, "idle");
+    let job_rx = sse_with(
+        &base,
+        &with(&key),
+        &format!("/coordinator/jobs/{id}/events"),
+    )
+    .expect("opens");
+    assert_eq!(next_event(&job_rx).0, "created");
+    let queue_rx = sse_with(&base, &with(&key), "/coordinator/queues/idle/events").expect("opens");
+    let kept_rx =
+        sse_with(&base, &with(&keeper), "/coordinator/queues/idle/events").expect("opens");
+    // A job token's stream, its token revoked in the database (by another instance).
+    let token_job = pending(&app, "idle-t");
+    to_queued(&app, &token_job);
+    let r = app.post_json("/coordinator/queues/idle-t/claim", &json!({"worker": "w"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let bearer = [("Authorization".to_owned(), format!("Bearer {token}"))];
+    let token_rx = sse_with(
+        &base,
+        &bearer,
+        &format!("/coordinator/jobs/{token_job}/events"),
+    )
+    .expect("opens");
+    for want in ["created", "status", "claimed"] {
+        assert_eq!(next_event(&token_rx).0, want);
+    }
+    std::thread::sleep(Duration::from_millis(300)); // every stream idle, waiting
+
+    let rows =
+        coordinator::auth::credentials::list_keys(&app.state.db, Some("idle")).expect("keys");
+    coordinator::auth::credentials::revoke_key(&app.state.db, &rows[0].id).expect("revoke");
+    let jti = crate::helpers::jti_of(&token);
+    let until = coordinator::db::now_millis() + 3_600_000;
+    coordinator::auth::revocation::revoke_in_db(&app.state.db, &jti, until).expect("revoke");
+    for (rx, what) in [
+        (&job_rx, "job stream of a revoked key"),
+        (&queue_rx, "queue stream of a revoked key"),
+        (&token_rx, "job stream of a revoked token"),
+    ] {
+        // Well before the 15 s keep-alive, and with no event to wake it.
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Sse::End(_)) => {}
+            other => panic!("{what}: expected the stream to end, got {other:?}"),
+        }
+    }
+    // The other key's stream still holds: it gets the next event.
+    let next = pending(&app, "idle");
+    let (e, d) = next_event(&kept_rx);
+    assert_eq!(
+        (e.as_str(), d["jobId"].as_str()),
+        ("created", Some(next.as_str()))
+    );
 }
 
 /// A job claimed on `queue` and its token's stream of it; after `cut(token)` the token
