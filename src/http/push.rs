@@ -290,11 +290,65 @@ fn sse_event(out: &mut String, e: EventRow) {
     out.push_str(&format!("id: {seq}\nevent: {kind}\ndata: {data}\n\n"));
 }
 
+/// How a stream's wait ended.
+enum Wait<T> {
+    /// What it waited for came.
+    Woken(T),
+    /// Nothing for `KEEP_ALIVE`: time for a keep-alive comment.
+    KeepAlive,
+    /// The instance is shutting down, or the credential no longer holds.
+    End,
+}
+
+/// Wait for `next` (a stream's next change), at most `KEEP_ALIVE`. A credential change
+/// (any instance's, seen by the credential store's or the revocation set's poll) is
+/// checked at once: the stream ends if its credential no longer holds, else goes on
+/// waiting. So an idle stream ends within a poll of a revocation rather than at its
+/// next keep-alive; each check first waits a random moment of up to a poll interval,
+/// so the streams a change wakes together do not all read at once.
+async fn wait<T>(
+    state: &AppState,
+    principal: &Principal,
+    what: &str,
+    next: impl std::future::Future<Output = T>,
+) -> Wait<T> {
+    let keep_alive = actix_web::rt::time::Instant::now() + KEEP_ALIVE;
+    let mut next = Box::pin(next);
+    loop {
+        let changed = Principal::credentials_changed(&state.auth);
+        let sleep = actix_web::rt::time::sleep_until(keep_alive);
+        let closed = state.notifier.closed();
+        match select(
+            select(next.as_mut(), Box::pin(changed)),
+            select(Box::pin(sleep), Box::pin(closed)),
+        )
+        .await
+        {
+            Either::Left((Either::Left((got, _)), _)) => return Wait::Woken(got),
+            Either::Left((Either::Right(_), _)) => {
+                let spread = rand::Rng::gen_range(&mut rand::thread_rng(), 0..CHECK_SPREAD_MS);
+                actix_web::rt::time::sleep(Duration::from_millis(spread)).await;
+                if !still_holds(state, principal, what).await {
+                    return Wait::End;
+                }
+            }
+            Either::Right((Either::Left(_), _)) => return Wait::KeepAlive,
+            Either::Right((Either::Right(_), _)) => return Wait::End,
+        }
+    }
+}
+
+/// The streams a credential change wakes check their credential within this many
+/// milliseconds of it (the credential store's poll interval).
+const CHECK_SPREAD_MS: u64 = 250;
+
 /// Does the credential a stream was opened with still hold? Checked before each read
 /// of a stream after its first, so a disabled caller or a revoked credential gets no
 /// event written after that (within the credential store's 250 ms poll).
 async fn still_holds(state: &AppState, principal: &Principal, what: &str) -> bool {
-    match fresh(state, principal.recheck(&state.auth)).await {
+    // Tried again while the database sheds load, as a read is: a burst of rechecks
+    // must not end the streams it touches.
+    match stream_read(state, || principal.recheck(&state.auth)).await {
         Ok(()) => true,
         Err(e) => {
             log::info!("push: {what} of caller {} ended: {e}", principal.caller);
@@ -379,24 +433,11 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
         if status.is_terminal() {
             return None;
         }
-        let sleep = actix_web::rt::time::sleep(KEEP_ALIVE);
-        let notifier = s.state.notifier.clone();
-        let state = s.state.clone();
-        // A credential change wakes the stream like an event: the next turn checks the
-        // credential again (and finds nothing new to send if it still holds).
-        let changed = Principal::credentials_changed(&state.auth);
-        let woken = match select(
-            select(Box::pin(s.sub.changed()), Box::pin(changed)),
-            select(Box::pin(sleep), Box::pin(notifier.closed())),
-        )
-        .await
-        {
-            Either::Left(_) => Some(true),
-            Either::Right((Either::Left(_), _)) => Some(false),
-            Either::Right((Either::Right(_), _)) => None,
+        let woken = match wait(&s.state, &s.principal, "event stream", s.sub.changed()).await {
+            Wait::Woken(_) => true,
+            Wait::KeepAlive => false,
+            Wait::End => return None,
         };
-        // None: shutting down.
-        let woken = woken?;
         if !woken {
             // Idle: keep proxies from closing the stream; the next step re-reads, which
             // also catches a change whose wake-up was lost.
@@ -533,31 +574,10 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
     if s.done || s.state.notifier.is_closing() {
         return None;
     }
-    let notifier = s.state.notifier.clone();
-    let state = s.state.clone();
-    // Some(None): idle for KEEP_ALIVE; None: shutting down. A credential change that
-    // leaves the credential holding goes back to waiting, until the keep-alive is due.
-    let keep_alive = actix_web::rt::time::Instant::now() + KEEP_ALIVE;
-    let got = loop {
-        let sleep = actix_web::rt::time::sleep_until(keep_alive);
-        let changed = Principal::credentials_changed(&state.auth);
-        let got = match select(
-            select(Box::pin(s.sub.recv()), Box::pin(changed)),
-            select(Box::pin(sleep), Box::pin(notifier.closed())),
-        )
-        .await
-        {
-            Either::Left((Either::Left((r, _)), _)) => Some(Some(r)),
-            Either::Left((Either::Right(_), _)) => {
-                if !still_holds(&s.state, &s.principal, "queue stream").await {
-                    return None;
-                }
-                continue;
-            }
-            Either::Right((Either::Left(_), _)) => Some(None),
-            Either::Right((Either::Right(_), _)) => None,
-        };
-        break got?;
+    let got = match wait(&s.state, &s.principal, "queue stream", s.sub.recv()).await {
+        Wait::Woken(r) => Some(r),
+        Wait::KeepAlive => None,
+        Wait::End => return None,
     };
     if !still_holds(&s.state, &s.principal, "queue stream").await {
         return None;
