@@ -50,7 +50,7 @@ check("requests-http-signature POST /coordinator/jobs",
       requests.post(f"{URL}/coordinator/jobs", data=job_body(),
                     headers={"Content-Type": "application/json"}, auth=auth), 201)
 check("requests-http-signature GET with a query",
-      requests.get(f"{URL}/coordinator/health?verbose=1", auth=auth), 200)
+      requests.get(f"{URL}/coordinator/jobs?limit=1&queue=interop", auth=auth), 200)
 bad = HTTPSignatureAuth(signature_algorithm=rhs_algorithms.HMAC_SHA256,
                         key=b"coh_not-the-secret", key_id=CALLER)
 check("requests-http-signature with a wrong secret",

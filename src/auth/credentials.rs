@@ -10,7 +10,7 @@ use super::store::MAX_VERSIONS_TRIED;
 use super::{repo, Scope};
 use crate::crypto::credential::{ApiKey, HmacSecret, WebhookSecret};
 use crate::crypto::seal::Sealer;
-use crate::db::{now_millis, Db};
+use crate::db::{now_millis, Db, DbConnection};
 use crate::error::StoreError;
 use diesel::Connection;
 
@@ -167,6 +167,7 @@ pub fn add_secret(
                 if repo::lock_caller(conn, caller)?.is_none() {
                     return Err(StoreError::NotFound);
                 }
+                refuse_a_foreign_master_key(conn, sealer)?;
                 // Only the newest `MAX_VERSIONS_TRIED` active versions are tried: one
                 // more would silently stop the oldest working during its grace.
                 let ends_the_others = grace.is_some_and(|g| g.is_zero());
@@ -242,14 +243,31 @@ pub fn list_secrets(db: &Db, caller: Option<&str>) -> Result<Vec<SecretRow>, Sto
     Ok(rows)
 }
 
-/// Re-seal every row under the current master key; returns how many rows changed.
-pub fn rewrap(db: &Db, sealer: &Sealer) -> Result<usize, StoreError> {
+/// What [`rewrap`] did.
+pub struct Rewrapped {
+    /// Rows re-sealed under the current master key.
+    pub rows: usize,
+    /// Revoked or expired rows sealed under a key this sealer does not hold, left as
+    /// they are: nothing opens them again, and they stay listed.
+    pub left_inactive: usize,
+}
+
+/// Re-seal every row under the current master key. A revoked or expired row under a
+/// key the sealer lacks (a stray key's row, revoked) is left: it would otherwise keep
+/// every later rewrap from running (review, 2026-12-06).
+pub fn rewrap(db: &Db, sealer: &Sealer) -> Result<Rewrapped, StoreError> {
     let current = sealer.current_key_id();
+    let now = now_millis();
     db.write_sync(|conn| {
         conn.transaction(|conn| {
             let mut n = 0;
+            let mut left_inactive = 0;
             for row in repo::all_secrets(conn)? {
                 if row.master_key_id == current {
+                    continue;
+                }
+                if !row.is_active(now) && !sealer.knows_key_id(&row.master_key_id) {
+                    left_inactive += 1;
                     continue;
                 }
                 let purpose = super::model::purpose_from_str(&row.purpose).ok_or_else(|| {
@@ -273,7 +291,10 @@ pub fn rewrap(db: &Db, sealer: &Sealer) -> Result<usize, StoreError> {
             if n > 0 {
                 repo::bump_generation(conn)?;
             }
-            Ok(n)
+            Ok(Rewrapped {
+                rows: n,
+                left_inactive,
+            })
         })
     })
 }
@@ -284,20 +305,46 @@ pub fn check_master_keys(db: &Db, sealer: &Sealer) -> Result<(), String> {
     let rows = db
         .write_sync(|conn| repo::active_seal_key_ids(conn, now_millis()))
         .map_err(|e| format!("cannot read sealed secrets: {e}"))?;
+    match unknown_master_keys(&rows, sealer) {
+        None => Ok(()),
+        Some(unknown) => Err(format!(
+            "active sealed secrets use unknown master key id(s): {unknown}; current is {}. \
+             Set COORDINATOR_MASTER_KEY_PREVIOUS to the old key and run `coordinator secret rewrap`",
+            sealer.current_key_id()
+        )),
+    }
+}
+
+/// The master key ids of `rows` (id, active rows) that `sealer` holds neither as its
+/// current nor as its previous key, with their counts; `None` when it holds them all.
+fn unknown_master_keys(rows: &[(String, i64)], sealer: &Sealer) -> Option<String> {
     let unknown: Vec<String> = rows
         .iter()
         .filter(|(id, _)| !sealer.knows_key_id(id))
         .map(|(id, n)| format!("{id} ({n} rows)"))
         .collect();
-    if unknown.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "active sealed secrets use unknown master key id(s): {}; current is {}. \
-             Set COORDINATOR_MASTER_KEY_PREVIOUS to the old key and run `coordinator secret rewrap`",
-            unknown.join(", "),
+    (!unknown.is_empty()).then(|| unknown.join(", "))
+}
+
+/// Before sealing a new row (in its transaction): every active sealed row must be one
+/// this sealer can open. An operator command run with a stray master key (a leftover
+/// `COORDINATOR_MASTER_KEY` in the shell) would otherwise seal under a key no instance
+/// holds: the new secret fails everywhere, the old ones may already be expired, and no
+/// instance starts again (review, 2026-12-06).
+pub fn refuse_a_foreign_master_key(
+    conn: &mut DbConnection,
+    sealer: &Sealer,
+) -> Result<(), StoreError> {
+    let rows = repo::active_seal_key_ids(conn, now_millis())?;
+    match unknown_master_keys(&rows, sealer) {
+        None => Ok(()),
+        Some(unknown) => Err(StoreError::Conflict(format!(
+            "this command's master key ({}) is not the one the active sealed secrets use \
+             ({unknown}): nothing was written. Check COORDINATOR_MASTER_KEY / \
+             COORDINATOR_MASTER_KEY_FILE (the environment wins over --env-file); during a \
+             master-key rotation set COORDINATOR_MASTER_KEY_PREVIOUS to the old key",
             sealer.current_key_id()
-        ))
+        ))),
     }
 }
 

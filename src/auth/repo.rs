@@ -89,12 +89,19 @@ pub fn list_callers(conn: &mut DbConnection) -> Result<Vec<CallerRow>, StoreErro
 }
 
 pub fn disable_caller(conn: &mut DbConnection, name: &str, now: i64) -> Result<(), StoreError> {
-    let n = diesel::update(callers::table.find(name))
+    let Some(caller) = lock_caller(conn, name)? else {
+        return Err(StoreError::NotFound);
+    };
+    // Disabled once: the first time stays the record (it dates the incident).
+    if let Some(at) = caller.disabled_at {
+        return Err(StoreError::Conflict(format!(
+            "caller {name} was already disabled at {}",
+            crate::jobs::model::rfc3339(at)
+        )));
+    }
+    diesel::update(callers::table.find(name))
         .set(callers::disabled_at.eq(Some(now)))
         .execute(conn)?;
-    if n == 0 {
-        return Err(StoreError::NotFound);
-    }
     bump_generation(conn)
 }
 
@@ -320,6 +327,14 @@ pub fn revoke_api_key(
             ))
         }
     };
+    // Revoked once: the first time stays the record (it dates the incident).
+    if let Some(at) = row.revoked_at {
+        return Err(StoreError::Conflict(format!(
+            "API key {} was already revoked at {}",
+            row.display_prefix,
+            crate::jobs::model::rfc3339(at)
+        )));
+    }
     diesel::update(api_keys::table.find(&row.id))
         .set(api_keys::revoked_at.eq(Some(now)))
         .execute(conn)?;

@@ -123,13 +123,25 @@ fn seal_new_key(sealer: &Sealer, version: i32) -> Result<super::model::SecretRow
 /// Create signing key v1 when no active key exists (at start).
 pub fn ensure_signing_key(db: &Db, sealer: &Sealer) -> Result<(), StoreError> {
     use diesel::Connection;
+    let has_one = |conn: &mut crate::db::DbConnection| -> Result<bool, StoreError> {
+        let now = now_millis();
+        let rows = repo::secrets_for(conn, KEY_OWNER, Purpose::TokenSigning.as_str())?;
+        Ok(rows.iter().any(|r| r.is_active(now)))
+    };
+    if db.write_sync(has_one)? {
+        return Ok(());
+    }
     db.write_sync(|conn| {
         conn.transaction(|conn| {
-            let now = now_millis();
-            let rows = repo::secrets_for(conn, KEY_OWNER, Purpose::TokenSigning.as_str())?;
-            if rows.iter().any(|r| r.is_active(now)) {
+            // Instances starting together: each statement of a PostgreSQL transaction
+            // sees what committed before it, so two could both find no key, and the
+            // second then number its own after the first's (two active keys; review,
+            // 2026-12-06). The generation row's lock orders them; the second looks again.
+            repo::bump_generation(conn)?;
+            if has_one(conn)? {
                 return Ok(());
             }
+            super::credentials::refuse_a_foreign_master_key(conn, sealer)?;
             let version =
                 repo::next_secret_version(conn, KEY_OWNER, Purpose::TokenSigning.as_str())?;
             repo::insert_secret(conn, &seal_new_key(sealer, version)?)
@@ -148,6 +160,7 @@ pub fn rotate_signing_key(db: &Db, sealer: &Sealer, grace: Duration) -> Result<i
     super::credentials::retry_on_version_race(|| {
         db.write_sync(|conn| {
             conn.transaction(|conn| {
+                super::credentials::refuse_a_foreign_master_key(conn, sealer)?;
                 let purpose = Purpose::TokenSigning.as_str();
                 let version = repo::next_secret_version(conn, KEY_OWNER, purpose)?;
                 repo::insert_secret(conn, &seal_new_key(sealer, version)?)?;

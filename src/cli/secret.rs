@@ -382,11 +382,13 @@ pub fn rewrap(args: RewrapArgs) -> anyhow::Result<()> {
     let sealer = args.store.sealer(&args.keys)?;
     let db = args.store.open()?;
     // Refuse up front when some rows name a key we do not hold: a config problem.
+    // Only active rows count: a revoked or expired one under a key nobody holds is left.
     let rows = credentials::list_secrets(&db, None).map_err(|e| store_error(e, "secrets"))?;
+    let now = crate::db::now_millis();
     let mut unknown: BTreeMap<&str, usize> = BTreeMap::new();
     for r in rows
         .iter()
-        .filter(|r| !sealer.knows_key_id(&r.master_key_id))
+        .filter(|r| r.is_active(now) && !sealer.knows_key_id(&r.master_key_id))
     {
         *unknown.entry(r.master_key_id.as_str()).or_default() += 1;
     }
@@ -406,18 +408,28 @@ pub fn rewrap(args: RewrapArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let n = credentials::rewrap(&db, &sealer).map_err(|e| store_error(e, "rewrap"))?;
+    let done = credentials::rewrap(&db, &sealer).map_err(|e| store_error(e, "rewrap"))?;
+    let n = done.rows;
     let current = sealer.current_key_id();
     if args.output.json {
         return print_json(&json!({
             "rewrapped": n,
             "rows": rows.len(),
+            "leftInactive": done.left_inactive,
             "masterKeyId": current,
         }));
     }
+    if done.left_inactive > 0 {
+        eprintln!(
+            "left {} revoked or expired row(s) sealed under a master key not given here \
+             (nothing opens them again)",
+            done.left_inactive
+        );
+    }
     eprintln!(
         "re-sealed {n} of {} row(s) under master key {current}; \
-         COORDINATOR_MASTER_KEY_PREVIOUS is no longer needed",
+         COORDINATOR_MASTER_KEY_PREVIOUS is no longer needed once every instance runs \
+         with the new key (restart any still running with only the old one)",
         rows.len()
     );
     outln!("REWRAPPED={n}")?;

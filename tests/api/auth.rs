@@ -257,13 +257,13 @@ fn every_tamper_is_a_signature_mismatch(b: Backend) {
     assert_mismatch(&r, &canon("POST", target, "tester", &tss, nonce, &body));
 
     // Query order is signed as sent, not normalized.
-    let q_signed = "/coordinator/health?a=1&b=2";
-    let q_sent = "/coordinator/health?b=2&a=1";
+    let q_signed = "/coordinator/jobs?limit=1&queue=q";
+    let q_sent = "/coordinator/jobs?queue=q&limit=1";
     let qh = s.headers_with("GET", q_signed, b"", ts, Some(nonce));
     let r = send_with(&app, "GET", q_sent, &qh, &[], b"");
     assert_mismatch(&r, &canon("GET", q_sent, "tester", &tss, nonce, b""));
     // ... and an untouched request with an odd query (encoded, unordered) passes.
-    let odd = "/coordinator/health?z=%2F%20&b=2&a=1";
+    let odd = "/coordinator/jobs?kind=%2F%20&queue=q&limit=1";
     let oh = s.headers("GET", odd, b"", now_secs());
     let r = send_with(&app, "GET", odd, &oh, &[], b"");
     assert_eq!(r.status, 200, "{}", r.body);

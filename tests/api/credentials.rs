@@ -23,6 +23,8 @@ backend_tests!(
     a_token_issued_before_the_first_claim_is_fenced_by_it,
     no_more_versions_are_issued_than_are_tried,
     concurrent_rotations_issue_no_more_than_are_tried,
+    a_stray_master_key_seals_nothing_and_revocations_keep_their_first_time,
+    instances_starting_together_make_one_signing_key,
 );
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -581,4 +583,129 @@ fn concurrent_rotations_issue_no_more_than_are_tried(b: Backend) {
             .count()
     });
     assert_eq!(issued, MAX_VERSIONS_TRIED);
+}
+
+/// Review (2026-12-06): an operator command run with a stray master key (a leftover
+/// `COORDINATOR_MASTER_KEY` in the shell) sealed a new secret version under a key no
+/// instance held, expiring the working one, and a later `token rotate-key` made every
+/// claim fail. Sealing now refuses while active rows use keys the sealer lacks, and
+/// writes nothing. A revoked row under such a key is left by `rewrap` rather than
+/// blocking it for ever. Revoking a key or disabling a caller a second time is refused
+/// and keeps the first time.
+fn a_stray_master_key_seals_nothing_and_revocations_keep_their_first_time(b: Backend) {
+    use coordinator::crypto::seal::{MasterKey, Sealer};
+    let Some(app) = crate::app!(b) else { return };
+    let db = &app.state.db;
+    let sealer = app.state.auth.store.sealer();
+    app.caller("svc", &[Scope::HealthRead]);
+    let stray = Sealer::new(MasterKey::generate(), None).expect("sealer");
+    let hmac_rows = || {
+        credentials::list_secrets(db, Some("svc"))
+            .expect("list")
+            .into_iter()
+            .filter(|r| r.purpose == "hmac")
+            .collect::<Vec<_>>()
+    };
+    let before = hmac_rows();
+    let err = credentials::add_secret(
+        db,
+        &stray,
+        "svc",
+        SecretKind::Hmac,
+        Some(Duration::ZERO),
+        None,
+    )
+    .err()
+    .expect("a stray key is refused");
+    assert!(err.to_string().contains("nothing was written"), "{err}");
+    let after = hmac_rows();
+    assert_eq!(after.len(), before.len());
+    assert!(
+        after.iter().all(|r| r.expires_at.is_none()),
+        "an expiry was written"
+    );
+    token::rotate_signing_key(db, &stray, Duration::ZERO).expect_err("a stray key is refused");
+    // Claims still get tokens from the instance's own signing key.
+    app.running_job();
+    // With the right key, sealing works as before.
+    credentials::add_secret(db, sealer, "svc", SecretKind::Hmac, None, None).expect("sealed");
+
+    // A revoked row under a key nobody holds does not stop a rewrap.
+    let stray_row = stray
+        .seal(
+            coordinator::auth::model::Purpose::HmacSecret,
+            "svc",
+            99,
+            b"x",
+        )
+        .expect("seal");
+    let now = now_millis();
+    let row = coordinator::auth::model::SecretRow {
+        caller: "svc".into(),
+        purpose: "hmac".into(),
+        version: 99,
+        ciphertext: stray_row.ciphertext,
+        nonce: stray_row.nonce,
+        master_key_id: stray_row.key_id,
+        created_at: now,
+        expires_at: None,
+        revoked_at: Some(now),
+        last_used_at: None,
+    };
+    db.write_sync(|conn| repo::insert_secret(conn, &row))
+        .expect("insert");
+    let done = credentials::rewrap(db, sealer).expect("rewrap runs");
+    assert_eq!((done.rows, done.left_inactive), (0, 1));
+
+    // Revoked or disabled twice: refused, and the first time stays.
+    let key = credentials::issue_key(db, "svc", None, None).expect("key");
+    let first = credentials::revoke_key(db, &key.row.id).expect("revoke");
+    let first_at = credentials::list_keys(db, Some("svc")).expect("keys")[0].revoked_at;
+    assert!(first_at.is_some());
+    std::thread::sleep(Duration::from_millis(5));
+    let again = credentials::revoke_key(db, &first.id).expect_err("revoked twice");
+    assert!(again.to_string().contains("already revoked"), "{again}");
+    assert_eq!(
+        credentials::list_keys(db, Some("svc")).expect("keys")[0].revoked_at,
+        first_at
+    );
+    credentials::disable_caller(db, "svc").expect("disable");
+    let again = credentials::disable_caller(db, "svc").expect_err("disabled twice");
+    assert!(again.to_string().contains("already disabled"), "{again}");
+}
+
+/// Review (2026-12-06): two instances starting at once on PostgreSQL could each create
+/// a token-signing key (v1 and v2 both active), as each statement of a transaction
+/// sees what committed before it. Eight starts at once, twenty times: one key each time.
+fn instances_starting_together_make_one_signing_key(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let db = &app.state.db;
+    let sealer = app.state.auth.store.sealer();
+    let active = || {
+        let now = now_millis();
+        credentials::list_secrets(db, Some(token::KEY_OWNER))
+            .expect("list")
+            .iter()
+            .filter(|r| r.is_active(now))
+            .count()
+    };
+    for round in 0..20 {
+        db.write_sync(|conn| {
+            conn.batch_execute(&format!(
+                "UPDATE sealed_secrets SET revoked_at = {} WHERE caller = '{}' \
+                 AND revoked_at IS NULL",
+                now_millis(),
+                token::KEY_OWNER
+            ))
+            .map_err(Into::into)
+        })
+        .expect("retire");
+        assert_eq!(active(), 0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| token::ensure_signing_key(db, sealer).expect("ensure"));
+            }
+        });
+        assert_eq!(active(), 1, "round {round}");
+    }
 }

@@ -110,7 +110,7 @@ fn signed_requests_pass_and_tampered_ones_fail(b: Backend) {
         &app,
         &Sig::new(&app, &["@method", "@path", "@query"]),
         "GET",
-        "/coordinator/health?x=1",
+        "/coordinator/jobs?limit=1",
         b"",
         false,
     );
