@@ -76,8 +76,12 @@ def send(req):
         return s.send(req)
 
 
-check("http-message-signatures POST /coordinator/jobs?x=1",
-      send(signed("POST", "/coordinator/jobs?x=1", job_body())), 201)
+check("http-message-signatures POST /coordinator/jobs",
+      send(signed("POST", "/coordinator/jobs", job_body())), 201)
+# A POST with a query (the claim reads `wait`): an empty queue answers 204 at once.
+check("http-message-signatures POST /coordinator/queues/interop/claim?wait=0",
+      send(signed("POST", "/coordinator/queues/interop/claim?wait=0",
+                  b'{"worker":"interop"}')), 204)
 check("http-message-signatures GET /coordinator/health (@target-uri)",
       send(signed("GET", "/coordinator/health",
                   components=("@method", "@target-uri", "@authority"))), 200)
