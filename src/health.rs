@@ -1,4 +1,5 @@
-//! Liveness, readiness and the detailed health report.
+//! The detailed health report and the readiness check (the probe routes themselves,
+//! `/livez`, `/readyz` and `/coordinator/health`, are in `http::health`).
 //!
 //! `GET /coordinator/health` is served from a snapshot at most one second old, taken by
 //! whichever request finds it stale (one at a time), so that a health check costs about
@@ -8,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::db::Db;
+use crate::db::{Db, DbConnection};
 use crate::error::StoreError;
 use crate::jobs::repo;
 use serde::Serialize;
@@ -160,6 +161,13 @@ async fn take_snapshot(db: &Db) -> Result<HealthReport, StoreError> {
         }),
         generated_at: crate::jobs::model::rfc3339(now),
     })
+}
+
+/// Readiness, asked of one connection: the database answers, and whether a migration
+/// is still pending (`true`: not ready).
+pub fn migrations_pending(conn: &mut DbConnection) -> Result<bool, StoreError> {
+    repo::ping(conn)?;
+    crate::db::migrate::has_pending(conn).map_err(|e| StoreError::Internal(e.to_string()))
 }
 
 /// The health snapshot, at most `SNAPSHOT_TTL` old (one refresher at a time). While

@@ -7,7 +7,8 @@ use super::Scope;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// No authentication (`/livez`, `/readyz`, `/metrics`, `/openapi.json`).
+    /// No authentication: `/livez`, `/readyz`, `/metrics`, `/openapi.json` and the
+    /// dashboard's `/ui`, `/ui/`, `/ui/app.js`, `/ui/app.css`.
     Open,
     /// Any authenticated principal; only the fallback for unknown paths (which then
     /// answers 404 without running a handler).

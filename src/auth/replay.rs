@@ -4,8 +4,10 @@
 //! commit per request, and nothing is acknowledged before it is durable:
 //!
 //! - the guard defers the record to the request's first database work
-//!   (`db::replay::Deferred`): a job change on SQLite and a progress report on
-//!   PostgreSQL carry it in their own transaction, so the request costs one commit;
+//!   (`db::replay::Deferred`): a job change on SQLite, and on PostgreSQL a progress
+//!   report, a job create (`POST /coordinator/jobs`, `POST /stitcher/dispatch`) or a
+//!   webhook delivery signed with HMAC (either encoding), carry it in their own
+//!   transaction, so the request costs one commit;
 //! - written on its own (before a read, another write on PostgreSQL, or after a
 //!   handler that did no database work), it is one more write for SQLite's
 //!   group-commit writer (`db::writer`), or on PostgreSQL it goes to batching

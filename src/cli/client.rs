@@ -1,5 +1,8 @@
-//! Client-side credentials for `sign` and `call`, and the signing they share with the
-//! server (`auth::hmac::wire`, the one canonical-string builder).
+//! Client-side credentials for `sign`, `call`, `jobs` and `queues`, and the `v1`
+//! signing `sign` and `call` share: the coordinator-client crate's signer
+//! (`coordinator_client::signing`), never the server's `auth::hmac::wire`. The unit test
+//! `signs_like_the_server` below and tests/api/signing_vectors.rs hold the two to the
+//! same signed string.
 //!
 //! Credentials come from exactly one source, and the URL from the same one:
 //!

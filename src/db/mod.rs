@@ -1,8 +1,12 @@
 //! Storage: one Diesel connection type over SQLite and PostgreSQL, an r2d2 pool, and
 //! the helper that runs blocking database work off the async executor.
 //!
-//! Backend-specific SQL (advisory locks, row locks) lives only in this module, as an
-//! explicit `match` on the connection variant.
+//! Backend-specific SQL is an explicit `match` on the connection variant (or
+//! `on_backend!`), written beside the storage it belongs to: in `db/` the claim
+//! (`queue.rs`), the migration lock (`migrate.rs`), the replay records (`replay.rs`) and
+//! PostgreSQL's notifications (`outbox.rs`); outside it the job write path
+//! (`jobs::repo`, `jobs::statements`), PostgreSQL's `LISTEN` (`jobs::notify`), the
+//! caller row lock (`auth::repo`) and deliveries (`stitcher::repo`).
 
 /// Marks hand-written statement types (each a `QueryFragment` with one fixed SQL text
 /// and one lifetime parameter) as statements diesel keeps prepared on each connection:

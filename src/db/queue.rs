@@ -1,5 +1,5 @@
-//! Picking the next job of a queue: the one place where the two backends need
-//! different SQL for the same thing.
+//! Picking the next job of a queue, with different SQL on each backend (the other
+//! backend-specific statements are listed in `db`'s module documentation).
 
 use diesel::pg::Pg;
 use diesel::prelude::*;

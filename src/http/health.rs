@@ -4,10 +4,8 @@ use actix_web::http::header::ContentType;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
-use crate::db::migrate;
-use crate::error::{ApiError, ApiResult, StoreError};
+use crate::error::{ApiError, ApiResult};
 use crate::health::{snapshot, HealthReport, ProbeStatus};
-use crate::jobs::repo;
 use crate::state::AppState;
 
 /// `GET /coordinator/health` [health:read]
@@ -134,10 +132,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     if let Err(e) = state.db.health().admit() {
         return not_ready(&e.to_string());
     }
-    let ready = state.db.read(|conn| {
-        repo::ping(conn)?;
-        migrate::has_pending(conn).map_err(|e| StoreError::Internal(e.to_string()))
-    });
+    let ready = state.db.read(crate::health::migrations_pending);
     // A database that stopped answering holds the query; the probe's client should
     // not wait for the stall watch to notice (`db::health::STALL_AFTER`).
     match actix_web::rt::time::timeout(READY_WITHIN, ready).await {

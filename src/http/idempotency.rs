@@ -14,7 +14,9 @@ pub fn valid_key(k: &str) -> bool {
     (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic())
 }
 
-pub fn from_request(req: &HttpRequest, body_hash: String) -> ApiResult<Option<Idempotency>> {
+/// The request's `Idempotency-Key`, if it has one, with the body it came with (kept as
+/// its hash, [`Idempotency::for_body`]).
+pub fn from_request(req: &HttpRequest, body: &[u8]) -> ApiResult<Option<Idempotency>> {
     let Some(v) = single_header(req, IDEMPOTENCY_HEADER, "Idempotency-Key")? else {
         return Ok(None);
     };
@@ -24,10 +26,7 @@ pub fn from_request(req: &HttpRequest, body_hash: String) -> ApiResult<Option<Id
             "must be 1-255 printable ASCII characters",
         )
     })?;
-    Ok(Some(Idempotency {
-        key: key.to_owned(),
-        request_hash: body_hash,
-    }))
+    Ok(Some(Idempotency::for_body(key.to_owned(), body)))
 }
 
 /// The `Idempotency-Key` request header.

@@ -48,7 +48,7 @@ pub async fn create(
 ) -> ApiResult<HttpResponse> {
     let input: CreateJob = crate::http::extract::parse_json(&body)?;
     let job = input.validate()?;
-    let idem = crate::http::idempotency::from_request(&req, crate::crypto::sha256_hex(&body))?;
+    let idem = crate::http::idempotency::from_request(&req, &body)?;
     let out = state.creates.create(job, principal.caller, idem).await?;
     let mut resp = HttpResponse::build(StatusCode::CREATED);
     if out.created {
@@ -679,8 +679,8 @@ pub async fn batch(
     }
     let mut items = Vec::with_capacity(body.jobs.len());
     for (i, job) in body.jobs.into_iter().enumerate() {
-        let hash =
-            crate::crypto::sha256_hex(&serde_json::to_vec(&job).map_err(ApiError::internal)?);
+        // The item as sent, for its key's conflict check (`repo::Idempotency::for_body`).
+        let item = serde_json::to_vec(&job).map_err(ApiError::internal)?;
         let (create, key) = job.into_create();
         let new = create.validate().map_err(|e| match e {
             ApiError::BadRequest { field, detail } => {
@@ -689,10 +689,9 @@ pub async fn batch(
             other => other,
         })?;
         let idem = match key {
-            Some(k) if crate::http::idempotency::valid_key(&k) => Some(repo::Idempotency {
-                key: k,
-                request_hash: hash,
-            }),
+            Some(k) if crate::http::idempotency::valid_key(&k) => {
+                Some(repo::Idempotency::for_body(k, &item))
+            }
             Some(_) => {
                 return Err(ApiError::bad_request(
                     format!("jobs[{i}].idempotencyKey"),

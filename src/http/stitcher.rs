@@ -199,7 +199,7 @@ pub async fn dispatch(
 ) -> ApiResult<HttpResponse> {
     let input: DispatchRequest = parse_json(&body)?;
     let job = input.into_job(&state.config.webhook_queue)?;
-    let idem = crate::http::idempotency::from_request(&req, crate::crypto::sha256_hex(&body))?;
+    let idem = crate::http::idempotency::from_request(&req, &body)?;
     let out = state.creates.create(job, principal.caller, idem).await?;
     answer(&state, out.job, !out.created).await
 }

@@ -1,6 +1,9 @@
 //! Coordinator jobs: the job's own types (`model`), storage rows (`row`), what clients
-//! send (`request`) and are shown (`view`), the state machine, the repository (the HTTP
-//! handlers are in `http::jobs`).
+//! send (`request`) and are shown (`view`), the state machine (`state`), the repository
+//! (`repo`) and the write path's prepared statements (`statements`), the group commit of
+//! progress reports (`progress`) and of creates (`creates`) on PostgreSQL, and the
+//! wake-ups of long-poll claims and event streams (`notify`). The HTTP handlers are in
+//! `http::jobs` and `http::push`.
 pub mod creates;
 pub mod model;
 pub mod notify;

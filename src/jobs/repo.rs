@@ -50,6 +50,17 @@ pub struct Idempotency {
     pub request_hash: String,
 }
 
+impl Idempotency {
+    /// The caller's `key` for a create sent with `body`: the body is kept as its SHA-256
+    /// (hex), so the same key with another body is told apart (409).
+    pub fn for_body(key: String, body: &[u8]) -> Self {
+        Idempotency {
+            key,
+            request_hash: crate::crypto::sha256_hex(body),
+        }
+    }
+}
+
 /// Outcome of a create: the job, and whether this call created it (false when an
 /// `Idempotency-Key` matched an earlier request).
 #[derive(Debug)]

@@ -2,8 +2,11 @@
 //! `X-Coordinator-*` headers and the canonical string. Pure: no I/O, no actix types (the
 //! verifier is `auth::hmac`).
 //!
-//! The server, `coordinator sign` and `coordinator call` all build the signed string
-//! with [`canonical`] / [`CanonicalRequest`], so `--explain` compares like with like.
+//! The server builds the signed string with [`CanonicalRequest`]. `coordinator sign`
+//! and `coordinator call` sign with the coordinator-client crate
+//! (`coordinator_client::signing`); a unit test in `cli/client.rs` and
+//! tests/api/signing_vectors.rs hold its string to this one, so `--explain` compares
+//! like with like.
 
 use crate::crypto::{ct_eq, hmac_sha256, hmac_sha256_hex, sha256_hex};
 
