@@ -562,14 +562,18 @@ fn authorize(p: &Principal, spec: &RouteSpec, req: &ServiceRequest) -> Result<()
             return Ok(());
         }
         let id = req.match_info().get("id");
-        if !spec.accepts_job_tokens() || id.is_none() {
-            return Err(ApiError::Forbidden(
-                "a job token may only be used on its own job's routes",
-            ));
-        }
         let same = id
             .and_then(|id| crate::jobs::JobId::parse(id, "id").ok())
             .is_some_and(|id| &id == own);
+        if !spec.accepts_job_tokens() {
+            // Its own job's cancel or retry says so, rather than "its own job's routes"
+            // (review, 2026-12-06: that read as if the job were another).
+            return Err(ApiError::Forbidden(if same {
+                "a job token cannot cancel or retry its job: that needs a caller credential"
+            } else {
+                "a job token may only be used on its own job's routes"
+            }));
+        }
         if !same {
             return Err(ApiError::Forbidden("this token is for another job"));
         }

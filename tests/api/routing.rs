@@ -318,6 +318,14 @@ fn job_tokens_reach_only_their_own_job(b: Backend) {
             "token on its own job: {} {target} answered {}",
             route.method, r.body
         );
+        // Its own job's cancel and retry say what is wrong: the credential, not the job.
+        if route.path.contains("{id}") {
+            assert!(
+                r.body.contains("cannot cancel or retry its job"),
+                "{target}: {}",
+                r.body
+            );
+        }
         tried += 1;
     }
     // The other job is untouched, and the token still works on its own job (encoded).
