@@ -356,9 +356,11 @@
   }
 
   async function setPaused(gen, queue, paused, reload) {
+    const asked = key();
     const r = await api('PATCH', 'coordinator/queues/' + encodeURIComponent(queue), { paused });
     if (r.status === 403) {
-      scopes = Object.assign({}, scopes, { admin: false });
+      // Only for the key that was refused: another may have been pasted meanwhile.
+      if (key() === asked) scopes = Object.assign({}, scopes, { admin: false });
       notice('Your key lacks admin: ' + problem(r), true);
     } else if (!r.ok) {
       notice(problem(r), true);
@@ -517,9 +519,10 @@
     let last = '';
     const path = 'coordinator/jobs/' + encodeURIComponent(id);
     const act = (verb) => async () => {
+      const asked = key();
       const r = await api('POST', path + '/' + verb, verb === 'cancel' ? {} : undefined);
       if (r.status === 403) {
-        scopes = Object.assign({}, scopes, { update: false });
+        if (key() === asked) scopes = Object.assign({}, scopes, { update: false });
         notice('Your key lacks jobs:update: ' + problem(r), true);
       } else if (!r.ok) {
         notice(problem(r), true);
