@@ -49,7 +49,12 @@ pub async fn verify(
     // The stored form, in a stack buffer: the key itself is not copied anywhere.
     let hash = crate::crypto::sha256_hex_buf(presented.as_bytes());
     // A blocked address guessing keys costs no database read.
-    if blocked && ctx.store.surely_unknown(Lookup::ApiKey(hash.as_str())) {
+    if blocked
+        && ctx
+            .store
+            .surely_unknown(Lookup::ApiKey(hash.as_str()))
+            .await
+    {
         return Err(fail("unknown api key"));
     }
     let found = ctx

@@ -446,10 +446,14 @@ fn not_from_another_site(req: &ServiceRequest) -> Result<(), ApiError> {
         }
     }
     if let Some(origin) = headers.get(ORIGIN) {
-        let own = headers
+        // HTTP/2 carries the authority in `:authority` (the URI), not in `Host`. Never
+        // `X-Forwarded-Host`: whoever sends the request sets it.
+        let host = headers
             .get(HOST)
             .map(HeaderValue::as_bytes)
-            .is_some_and(|host| origin.as_bytes().strip_prefix(b"https://") == Some(host));
+            .or_else(|| req.uri().authority().map(|a| a.as_str().as_bytes()));
+        let own =
+            host.is_some_and(|host| origin.as_bytes().strip_prefix(b"https://") == Some(host));
         if !own {
             return Err(REFUSED);
         }

@@ -335,9 +335,17 @@ pub fn revoke_api_key(
             crate::jobs::model::rfc3339(at)
         )));
     }
-    diesel::update(api_keys::table.find(&row.id))
+    // Only while not revoked: two revocations at once, the second changes nothing.
+    let n = diesel::update(api_keys::table.find(&row.id))
+        .filter(api_keys::revoked_at.is_null())
         .set(api_keys::revoked_at.eq(Some(now)))
         .execute(conn)?;
+    if n == 0 {
+        return Err(StoreError::Conflict(format!(
+            "API key {} was already revoked",
+            row.display_prefix
+        )));
+    }
     bump_generation(conn)?;
     Ok(row)
 }

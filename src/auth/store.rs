@@ -214,7 +214,13 @@ pub struct CredentialStore {
     /// Woken when the cache is dropped (a poll saw a new generation, or a local
     /// change): open streams check their credential again then.
     dropped: tokio::sync::Notify,
+    /// When the last read of the generation for a directory miss started, and what it
+    /// read ([`Self::surely_unknown`]).
+    confirmed: tokio::sync::Mutex<Option<(Instant, i64)>>,
 }
+
+/// Directory misses read the generation at most this often (shared by all of them).
+const CONFIRM_EVERY: Duration = Duration::from_millis(20);
 
 /// A known caller's secrets are re-read at most this often on an unknown key version,
 /// so "rotate, then use" works at once on every instance without letting
@@ -236,6 +242,7 @@ impl CredentialStore {
             reread: Mutex::new(HashMap::new()),
             lookups: AtomicU64::new(0),
             dropped: tokio::sync::Notify::new(),
+            confirmed: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -250,23 +257,53 @@ impl CredentialStore {
     }
 
     /// Whether a lookup of this caller or key would surely find nothing: it is not
-    /// cached, and the directory read at the cache's generation lacks it. `false`
-    /// when there is no current directory (after a change, until the next poll has
-    /// read one): only a lookup can tell then.
-    pub fn surely_unknown(&self, what: Lookup<'_>) -> bool {
-        if !self.cache_usable() {
+    /// cached, the directory read at the cache's generation lacks it, and the
+    /// generation has not moved since (a credential created since, on any instance or
+    /// by the CLI, moved it: then a lookup decides, so a new credential is never
+    /// refused for the directory's age; review, 2026-12-06). That last check is one
+    /// read of the generation shared by every miss that arrived before it started, at
+    /// most one per `CONFIRM_EVERY`: a miss waits for the next such read, so misses
+    /// cost the database at most 50 reads a second however many arrive. `false` when
+    /// there is no current directory: only a lookup can tell then.
+    pub async fn surely_unknown(&self, what: Lookup<'_>) -> bool {
+        let Some(generation) = self.directory_lacks(what) else {
             return false;
+        };
+        let arrived = Instant::now();
+        let mut last = self.confirmed.lock().await;
+        match *last {
+            // A read that started after this miss arrived answers for it too.
+            Some((started, read)) if started >= arrived => return read == generation,
+            Some((started, _)) => {
+                actix_web::rt::time::sleep_until((started + CONFIRM_EVERY).into()).await;
+            }
+            None => {}
         }
-        let Ok(c) = self.cache.lock() else {
-            return false;
-        };
+        let started = Instant::now();
+        match self.db.read(repo::generation).await {
+            Ok(read) => {
+                *last = Some((started, read));
+                read == generation
+            }
+            // The database cannot say: nor could a lookup, which then answers 503.
+            Err(_) => false,
+        }
+    }
+
+    /// The cache's generation, when its directory lacks `what` and no entry holds it.
+    fn directory_lacks(&self, what: Lookup<'_>) -> Option<i64> {
+        if !self.cache_usable() {
+            return None;
+        }
+        let c = self.cache.lock().ok()?;
         let Directory::Read { callers, keys } = &c.directory else {
-            return false;
+            return None;
         };
-        match what {
+        let lacks = match what {
             Lookup::Caller(name) => !c.callers.contains_key(name) && !callers.contains(name),
             Lookup::ApiKey(hash) => !c.keys.contains_key(hash) && !keys.contains(hash),
-        }
+        };
+        lacks.then_some(c.generation)
     }
 
     pub fn sealer(&self) -> &Arc<Sealer> {

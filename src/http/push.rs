@@ -314,18 +314,20 @@ async fn wait<T>(
 ) -> Wait<T> {
     let keep_alive = actix_web::rt::time::Instant::now() + KEEP_ALIVE;
     let mut next = Box::pin(next);
+    let mut changed = Box::pin(Principal::credentials_changed(&state.auth));
     loop {
-        let changed = Principal::credentials_changed(&state.auth);
         let sleep = actix_web::rt::time::sleep_until(keep_alive);
         let closed = state.notifier.closed();
         match select(
-            select(next.as_mut(), Box::pin(changed)),
+            select(next.as_mut(), changed.as_mut()),
             select(Box::pin(sleep), Box::pin(closed)),
         )
         .await
         {
             Either::Left((Either::Left((got, _)), _)) => return Wait::Woken(got),
             Either::Left((Either::Right(_), _)) => {
+                // Registered before the check: a change while it runs is not missed.
+                changed = Box::pin(Principal::credentials_changed(&state.auth));
                 let spread = rand::Rng::gen_range(&mut rand::thread_rng(), 0..CHECK_SPREAD_MS);
                 actix_web::rt::time::sleep(Duration::from_millis(spread)).await;
                 if !still_holds(state, principal, what).await {

@@ -371,6 +371,21 @@ fn client_certificates(backend: Backend) {
         let (status, body) = get(&with(&svc_cert), port, HEALTH, &own).unwrap();
         assert_eq!(status, 200, "{own:?}: {body}");
     }
+    // Over HTTP/2 the authority is `:authority`, not `Host`: the own origin still
+    // passes there, a foreign one is still refused (review, 2026-12-06: the own origin
+    // got 403 over h2).
+    let h2 = client(&ca, Some(&svc_cert), &[b"h2"]);
+    let own = format!("https://localhost:{port}");
+    assert_eq!(
+        h2_status_is_200(&h2, port, &own),
+        Some(true),
+        "own origin over h2"
+    );
+    assert_eq!(
+        h2_status_is_200(&h2, port, "https://evil.example"),
+        Some(false),
+        "foreign origin over h2"
+    );
     let mut with_header = signed(&svc, HEALTH);
     with_header.extend(h(&[("Origin", "https://evil.example")]));
     assert_eq!(
@@ -716,6 +731,62 @@ fn hpack(headers: &[(&str, &str)]) -> Vec<u8> {
 /// of the instance (review finding, 2026-12-06). Now 33 streams of one address, each
 /// with one byte of its body sent, hold 32 places and the one left over is answered at
 /// once.
+/// One HTTP/2 `GET /coordinator/health` with this `Origin` (and `:authority`
+/// `localhost:PORT`): whether its answer was 200 (`:status` 200 is HPACK static index
+/// 8, so its header block starts with 0x88); `None` without an answer.
+fn h2_status_is_200(cfg: &Arc<rustls::ClientConfig>, port: u16, origin: &str) -> Option<bool> {
+    let mut tls = connect(cfg, port, "localhost").ok()?;
+    assert_eq!(tls.conn.alpn_protocol(), Some(&b"h2"[..]));
+    tls.sock
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(4, 0, 0, &[]));
+    let authority = format!("localhost:{port}");
+    let block = hpack(&[
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":path", HEALTH),
+        (":authority", &authority),
+        ("origin", origin),
+    ]);
+    out.extend(h2_frame(1, 0x4 | 0x1, 1, &block)); // HEADERS, END_HEADERS, END_STREAM
+    tls.write_all(&out).unwrap();
+    tls.flush().unwrap();
+    let mut buf = Vec::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        let mut chunk = [0u8; 4096];
+        match tls.read(&mut chunk) {
+            Ok(0) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("read: {e}"),
+        }
+        while buf.len() >= 9 {
+            let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (buf[3], buf[4]);
+            let stream = u32::from_be_bytes([buf[5] & 0x7f, buf[6], buf[7], buf[8]]);
+            if kind == 4 && flags & 1 == 0 {
+                tls.write_all(&h2_frame(4, 1, 0, &[])).unwrap();
+                tls.flush().unwrap();
+            }
+            if kind == 1 && stream == 1 {
+                return Some(buf.get(9) == Some(&0x88));
+            }
+            buf.drain(..9 + len);
+        }
+    }
+    None
+}
+
 fn http2_bodies_without_a_length_are_counted() {
     let ca = Ca::new("h2 test CA");
     let files = TlsFiles::new(&ca.server(), None);

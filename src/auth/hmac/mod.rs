@@ -58,7 +58,7 @@ async fn caller_versions(
     audit: &mut AuditRecord,
 ) -> Result<(Arc<CallerEntry>, Vec<i32>), ApiError> {
     // A blocked address guessing caller names costs no database read.
-    if blocked && ctx.store.surely_unknown(Lookup::Caller(caller)) {
+    if blocked && ctx.store.surely_unknown(Lookup::Caller(caller)).await {
         return Err(fail("unknown caller"));
     }
     let mut entry = ctx
