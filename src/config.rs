@@ -36,7 +36,8 @@ fn secret_env(name: &str) -> Option<SecretString> {
 #[derive(Clone, Args)]
 pub struct DbArgs {
     /// Database URL: `postgres://…` or `sqlite://PATH`.
-    #[arg(long = "database-url", env = "DATABASE_URL")]
+    // `hide_env_values`: `--help` would otherwise print the URL, password included.
+    #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
     /// Maximum connections in the pool.

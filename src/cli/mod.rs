@@ -285,4 +285,33 @@ mod tests {
     fn verify_cli() {
         Cli::command().debug_assert();
     }
+
+    /// `--help` shows an argument's environment value unless told not to: every
+    /// variable that can hold a secret (a password in a URL, a key, a token) hides it.
+    #[test]
+    fn help_never_shows_a_secret_environment_value() {
+        fn walk(cmd: &clap::Command, bad: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let Some(var) = a.get_env().map(|v| v.to_string_lossy().into_owned()) else {
+                    continue;
+                };
+                // A URL can carry a password; a path to a key file is fine to show.
+                let secret = var == "DATABASE_URL"
+                    || var.contains("PASSWORD")
+                    || (["_KEY", "_SECRET", "_TOKEN", "_PREVIOUS"]
+                        .iter()
+                        .any(|end| var.ends_with(end))
+                        && var != "COORDINATOR_TLS_KEY");
+                if secret && !a.is_hide_env_values_set() {
+                    bad.push(format!("{} {var}", cmd.get_name()));
+                }
+            }
+            for sc in cmd.get_subcommands() {
+                walk(sc, bad);
+            }
+        }
+        let mut bad = Vec::new();
+        walk(&Cli::command(), &mut bad);
+        assert!(bad.is_empty(), "shown by --help: {bad:?}");
+    }
 }

@@ -381,6 +381,33 @@ fn config_errors_exit_2_with_one_line() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// Review finding: `--help` printed `[env: DATABASE_URL=postgres://user:password@…]`.
+fn help_never_shows_the_database_password() {
+    let env = Env::new();
+    let password = "Sup3rS3cretDbPassw0rd";
+    let url = format!("postgres://svc:{password}@127.0.0.1:5432/coord");
+    for args in [
+        &["key", "list", "--help"][..],
+        &["migrate", "--help"],
+        &["serve", "--help"],
+        &["secret", "create", "--help"],
+    ] {
+        let out = env
+            .bare()
+            .args(args)
+            .env("DATABASE_URL", &url)
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+        assert!(out.status.success(), "{args:?}: {text}");
+        assert!(text.contains("DATABASE_URL"), "{args:?}: {text}");
+        assert!(
+            !text.contains(password),
+            "{args:?} shows the password: {text}"
+        );
+    }
+}
+
 fn an_unmigrated_database_is_refused() {
     let env = Env::new();
     let url = format!("sqlite://{}", env.dir.path().join("fresh.db").display());
@@ -1536,6 +1563,7 @@ crate::plain_tests!(
     api_keys_issue_list_revoke,
     config_errors_exit_2_with_one_line,
     an_unmigrated_database_is_refused,
+    help_never_shows_the_database_password,
     sign_matches_the_library,
     sign_reads_the_dev_credentials_file,
     call_signs_sends_and_explains,
