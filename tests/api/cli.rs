@@ -345,6 +345,93 @@ fn api_keys_issue_list_revoke() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// A stdout whose reader is gone: `… | true` once `true` has exited.
+fn closed_pipe() -> Stdio {
+    let mut reader = Command::new("true").stdin(Stdio::piped()).spawn().unwrap();
+    let writer = reader.stdin.take().unwrap();
+    assert!(reader.wait().unwrap().success());
+    Stdio::from(writer)
+}
+
+/// A stdout on a full disk.
+fn full_disk() -> Stdio {
+    Stdio::from(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap(),
+    )
+}
+
+/// Review finding: `key issue svc | true` exited 0 and `> /dev/full` exited 1, both
+/// after storing a key that nobody then held. A secret that cannot be written is an
+/// error (exit 1) that names the credential, and the credential is revoked.
+fn a_secret_that_cannot_be_written_fails_and_is_revoked() {
+    let env = Env::new();
+    env.ok(&["caller", "add", "svc", "--scopes", "all"]);
+    env.ok(&["secret", "create", "svc"]);
+    type MakeStdout = fn() -> Stdio;
+    let outputs: [(&str, MakeStdout); 2] = [("closed pipe", closed_pipe), ("/dev/full", full_disk)];
+    for (name, stdout) in outputs {
+        for json in [false, true] {
+            let mut args = vec!["key", "issue", "svc"];
+            if json {
+                args.push("--json");
+            }
+            let out = env.cmd(&args).stdout(stdout()).output().unwrap();
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(1), "{name} {args:?}: {err}");
+            assert!(
+                err.contains("was created but not delivered, so it has been revoked"),
+                "{name}: {err}"
+            );
+            assert!(err.contains("coordinator key issue svc"), "{err}");
+            let keys = env.json(&["key", "list", "svc"]);
+            let newest = keys.as_array().unwrap().last().unwrap().clone();
+            assert!(
+                err.contains(newest["id"].as_str().unwrap()),
+                "names the key: {err}"
+            );
+            assert_eq!(newest["status"], "revoked", "{name}: {newest}");
+        }
+        for args in [
+            &["secret", "create", "svc"][..],
+            &["secret", "rotate", "svc", "--grace", "1h"],
+        ] {
+            let out = env.cmd(args).stdout(stdout()).output().unwrap();
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(1), "{name} {args:?}: {err}");
+            assert!(
+                err.contains("was created but not delivered, so it has been revoked"),
+                "{name}: {err}"
+            );
+            let list = env.json(&["secret", "list", "svc"]);
+            let newest = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .max_by_key(|r| r["version"].as_i64())
+                .unwrap()
+                .clone();
+            assert!(
+                err.contains(&format!("version {} of `svc`", newest["version"])),
+                "{err}"
+            );
+            assert_eq!(newest["status"], "revoked", "{name}: {newest}");
+        }
+    }
+    // Version 1, the only one delivered, still works (the rotations' grace is 1h).
+    let list = env.json(&["secret", "list", "svc"]);
+    let active: Vec<&Value> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == "active")
+        .collect();
+    assert_eq!(active.len(), 1, "{list}");
+    assert_eq!(active[0]["version"], 1);
+}
+
 fn config_errors_exit_2_with_one_line() {
     let env = Env::new();
     let cases: [(&[&str], &str, &str); 4] = [
@@ -1060,6 +1147,18 @@ fn tokens_issue_revoke_and_rotate() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("24h"), "{}", stderr(&out));
     // KEY=value output for scripts.
+    // A token that cannot be written is revoked, and the command fails.
+    let out = env
+        .cmd(&["token", "issue", "--job", &job, "--worker", "w3"])
+        .stdout(full_disk())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("was created but not delivered, so it has been revoked"),
+        "{err}"
+    );
     let text = kv(&env.ok(&["token", "issue", "--job", &job, "--worker", "w2"]));
     assert_eq!(get(&text["COORDINATOR_JOB_TOKEN"]), 200);
     assert!(!text["COORDINATOR_TOKEN_ID"].is_empty());
@@ -1564,6 +1663,7 @@ crate::plain_tests!(
     config_errors_exit_2_with_one_line,
     an_unmigrated_database_is_refused,
     help_never_shows_the_database_password,
+    a_secret_that_cannot_be_written_fails_and_is_revoked,
     sign_matches_the_library,
     sign_reads_the_dev_credentials_file,
     call_signs_sends_and_explains,
