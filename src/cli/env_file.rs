@@ -3,7 +3,8 @@
 //! the environment while parsing; never overrides a variable that is already set.
 //!
 //! A file that another user could have written is refused: one that is group- or
-//! world-writable, or not owned by the user running the command.
+//! world-writable, or not owned by the user running the command. So is one that sets a
+//! variable twice (a shell sourcing it would take the other value).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -50,7 +51,7 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
     let shown = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
     check_trusted(&path)
         .map_err(|why| ConfigError(format!("refusing {}: {why}", shown.display())))?;
-    dotenvy::from_path(&path).map_err(|e| match e {
+    let parse_error = |e: dotenvy::Error| match e {
         // dotenvy's error holds the text it failed on, which may be a secret: name the
         // line and its variable instead.
         dotenvy::Error::LineParse(..) => ConfigError(format!(
@@ -62,8 +63,38 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
             })
         )),
         other => ConfigError(format!("cannot read {}: {other}", shown.display())),
+    };
+    // Read once: the checks below and the loading see the same text.
+    let bytes = std::fs::read(&path)
+        .map_err(|e| ConfigError(format!("cannot read {}: {e}", shown.display())))?;
+    let text = zeroize::Zeroizing::new(bytes);
+    let body = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&text);
+    let entries = dotenvy::from_read_iter(body)
+        .collect::<Result<Vec<(String, String)>, _>>()
+        .map_err(parse_error)?;
+    let entries: Vec<(String, zeroize::Zeroizing<String>)> = entries
+        .into_iter()
+        .map(|(k, v)| (k, zeroize::Zeroizing::new(v)))
+        .collect();
+    refuse_duplicates(&entries).map_err(|name| {
+        ConfigError(format!(
+            "{}: {name} is set more than once; a shell sourcing the file takes the last \
+             value and this command the first, so keep only one",
+            shown.display()
+        ))
     })?;
+    dotenvy::from_read(body).map_err(parse_error)?;
     Ok(Some(shown))
+}
+
+/// The first variable the file sets twice. dotenvy takes the first value, a shell's
+/// `. file` the last: one file, two meanings.
+fn refuse_duplicates<V>(entries: &[(String, V)]) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    match entries.iter().find(|(name, _)| !seen.insert(name.as_str())) {
+        Some((name, _)) => Err(name.clone()),
+        None => Ok(()),
+    }
 }
 
 /// The first line of the file that does not parse on its own, and the variable it

@@ -493,6 +493,31 @@ fn dot_env_writable_by_others_or_owned_by_another_user_is_refused() {
     }
 }
 
+/// Review finding: a variable set twice took the first value, while a shell's `. file`
+/// takes the last: refused (exit 2), naming the variable and never a value.
+fn an_env_file_that_sets_a_variable_twice_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "DATABASE_URL=sqlite://./first.db\nCOORDINATOR_INSECURE_HTTP=true\n\
+                DATABASE_URL=sqlite://./Second-V4lue.db\n";
+    write_mode(&dir.path().join("dup.env"), text, 0o600);
+    write_mode(&dir.path().join(".env"), text, 0o600);
+    for args in [&["migrate", "--env-file", "dup.env"][..], &["migrate"]] {
+        let out = run_in(dir.path(), args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("DATABASE_URL is set more than once"),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains("first.db") && !stderr.contains("V4lue"),
+            "{stderr}"
+        );
+        assert!(!dir.path().join("first.db").exists());
+    }
+}
+
 /// Secrets are never command-line flags (every local user can read those in `ps`): the
 /// flags are refused with a pointer to the variable, without echoing the value.
 fn secrets_are_not_accepted_as_flags() {
@@ -606,6 +631,7 @@ crate::plain_tests!(
     dot_env_is_not_read_from_a_parent_directory,
     dot_env_in_the_working_directory_is_read_and_named,
     dot_env_writable_by_others_or_owned_by_another_user_is_refused,
+    an_env_file_that_sets_a_variable_twice_is_refused,
     secrets_are_not_accepted_as_flags,
     debug_output_redacts_the_database_url,
     tls_settings_that_cannot_work_name_their_variable,
