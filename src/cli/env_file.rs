@@ -4,7 +4,8 @@
 //!
 //! A file that another user could have written is refused: one that is group- or
 //! world-writable, or not owned by the user running the command. So is one that sets a
-//! variable twice (a shell sourcing it would take the other value).
+//! variable twice (a shell sourcing it would take the other value). One that holds a
+//! secret and that other users can read is used, with a warning.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -83,6 +84,7 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
             shown.display()
         ))
     })?;
+    warn_if_readable(&path, &shown, &entries);
     dotenvy::from_read(body).map_err(parse_error)?;
     Ok(Some(shown))
 }
@@ -95,6 +97,62 @@ fn refuse_duplicates<V>(entries: &[(String, V)]) -> Result<(), String> {
         Some((name, _)) => Err(name.clone()),
         None => Ok(()),
     }
+}
+
+/// Variables whose value is a secret (beside a `DATABASE_URL` with a password).
+const SECRET_VARS: [&str; 6] = [
+    "COORDINATOR_MASTER_KEY",
+    "COORDINATOR_MASTER_KEY_PREVIOUS",
+    "COORDINATOR_API_KEY",
+    super::client::VAR_API_KEY,
+    super::client::VAR_HMAC_SECRET,
+    "COORDINATOR_WEBHOOK_SECRET",
+];
+
+/// Does this variable hold a secret: one of [`SECRET_VARS`], or a database URL with a
+/// password (`user:password@` or `password=`)?
+fn holds_secret(name: &str, value: &str) -> bool {
+    if SECRET_VARS.contains(&name) {
+        return !value.trim().is_empty();
+    }
+    if name != "DATABASE_URL" {
+        return false;
+    }
+    let rest = value.split_once("://").map_or(value, |(_, r)| r);
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let authority = before_query.split('/').next().unwrap_or_default();
+    let in_userinfo = authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.split_once(':').is_some_and(|(_, p)| !p.is_empty()));
+    in_userinfo
+        || query
+            .split('&')
+            .any(|pair| pair.to_ascii_lowercase().starts_with("password="))
+}
+
+/// A file with secrets that other users can read: one line on stderr, as for a
+/// readable `COORDINATOR_MASTER_KEY_FILE` (write access is refused above).
+fn warn_if_readable<V: AsRef<str>>(path: &Path, shown: &Path, entries: &[(String, V)]) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o044 == 0 {
+            return;
+        }
+        if let Some((name, _)) = entries.iter().find(|(k, v)| holds_secret(k, v.as_ref())) {
+            eprintln!(
+                "coordinator: warning: {} holds a secret ({name}) and is readable by other \
+                 users (mode {mode:04o}); chmod 600 it",
+                shown.display()
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, shown, entries);
 }
 
 /// The first line of the file that does not parse on its own, and the variable it

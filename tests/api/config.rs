@@ -518,6 +518,76 @@ fn an_env_file_that_sets_a_variable_twice_is_refused() {
     }
 }
 
+/// Review finding: an env file holding a secret that other users can read was used
+/// without a word (only write access was checked). One warning line, no value.
+fn an_env_file_with_a_secret_readable_by_others_gets_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = coordinator::crypto::seal::MasterKey::generate()
+        .to_base64()
+        .to_string();
+    let sqlite = "DATABASE_URL=sqlite://./x.db\n";
+    let cases: [(String, u32, bool); 7] = [
+        (
+            format!("COORDINATOR_MASTER_KEY={key}\n{sqlite}"),
+            0o644,
+            true,
+        ),
+        (
+            format!("COORDINATOR_MASTER_KEY={key}\n{sqlite}"),
+            0o640,
+            true,
+        ),
+        (
+            format!("COORDINATOR_MASTER_KEY={key}\n{sqlite}"),
+            0o600,
+            false,
+        ),
+        (
+            format!("COORDINATOR_MASTER_KEY_PREVIOUS={key}\n{sqlite}"),
+            0o604,
+            true,
+        ),
+        (format!("COORDINATOR_API_KEY={key}\n{sqlite}"), 0o644, true),
+        (
+            "DATABASE_URL=postgres://svc:Pa55w0rdXyz@127.0.0.1:1/db\n".to_owned(),
+            0o644,
+            true,
+        ),
+        (
+            "DATABASE_URL=postgres://svc@127.0.0.1:1/db\n".to_owned(),
+            0o644,
+            false,
+        ),
+    ];
+    for (text, mode, warned) in cases {
+        // Named by its variable in failures, never by its value.
+        let var = text.split('=').next().unwrap_or_default().to_owned();
+        write_mode(&dir.path().join("s.env"), &text, mode);
+        // `--help` exits 0 once the file is loaded, whatever the database.
+        let out = run_in(
+            dir.path(),
+            &["--env-file", "s.env", "migrate", "--help"],
+            &[],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{var} {mode:o}: {stderr}");
+        let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning")).collect();
+        if warned {
+            assert_eq!(warnings.len(), 1, "{var} {mode:o}: {stderr}");
+            assert!(
+                warnings[0].contains("s.env") && warnings[0].contains("chmod 600"),
+                "{stderr}"
+            );
+        } else {
+            assert!(warnings.is_empty(), "{var} {mode:o}: {stderr}");
+        }
+        assert!(
+            !stderr.contains(&key) && !stderr.contains("Pa55w0rd"),
+            "{stderr}"
+        );
+    }
+}
+
 /// Secrets are never command-line flags (every local user can read those in `ps`): the
 /// flags are refused with a pointer to the variable, without echoing the value.
 fn secrets_are_not_accepted_as_flags() {
@@ -632,6 +702,7 @@ crate::plain_tests!(
     dot_env_in_the_working_directory_is_read_and_named,
     dot_env_writable_by_others_or_owned_by_another_user_is_refused,
     an_env_file_that_sets_a_variable_twice_is_refused,
+    an_env_file_with_a_secret_readable_by_others_gets_a_warning,
     secrets_are_not_accepted_as_flags,
     debug_output_redacts_the_database_url,
     tls_settings_that_cannot_work_name_their_variable,
