@@ -1,6 +1,7 @@
 //! `.env`: read from the working directory only (never a parent's), or from the file
 //! named by `--env-file`. Loaded before the command line is parsed, since clap reads
-//! the environment while parsing; never overrides a variable that is already set.
+//! the environment while parsing; never overrides a variable that is already set (for
+//! an explicit `--env-file`, a different value in the environment is named on stderr).
 //!
 //! A file that another user could have written is refused: one that is group- or
 //! world-writable, or not owned by the user running the command. So is one that sets a
@@ -85,6 +86,9 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
         ))
     })?;
     warn_if_readable(&path, &shown, &entries);
+    if explicit.is_some() {
+        warn_overridden(&shown, &entries);
+    }
     dotenvy::from_read(body).map_err(parse_error)?;
     Ok(Some(shown))
 }
@@ -153,6 +157,22 @@ fn warn_if_readable<V: AsRef<str>>(path: &Path, shown: &Path, entries: &[(String
     }
     #[cfg(not(unix))]
     let _ = (path, shown, entries);
+}
+
+/// Variables of an explicit `--env-file` that the environment sets to something else:
+/// the environment wins, so say so, once per variable, naming it (never a value).
+fn warn_overridden<V: AsRef<str>>(shown: &Path, entries: &[(String, V)]) {
+    for (name, value) in entries {
+        if let Some(set) = std::env::var_os(name) {
+            if set != std::ffi::OsStr::new(value.as_ref()) {
+                eprintln!(
+                    "coordinator: warning: {name} is set in the environment, which wins over \
+                     its different value in {}",
+                    shown.display()
+                );
+            }
+        }
+    }
 }
 
 /// The first line of the file that does not parse on its own, and the variable it

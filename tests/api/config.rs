@@ -588,6 +588,44 @@ fn an_env_file_with_a_secret_readable_by_others_gets_a_warning() {
     }
 }
 
+/// The environment wins over an explicit `--env-file`; when their values differ that
+/// is said once per variable, by name only.
+fn an_env_file_value_the_environment_overrides_gets_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "DATABASE_URL=sqlite://./from-file.db\nCOORDINATOR_DB_POOL_SIZE=4\n";
+    write_mode(&dir.path().join("o.env"), text, 0o600);
+    write_mode(&dir.path().join(".env"), text, 0o600);
+    let overridden = |args: &[&str], vars: &[(&str, &str)]| -> Vec<String> {
+        let out = run_in(dir.path(), args, vars);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            !stderr.contains("from-file") && !stderr.contains("from-var"),
+            "{stderr}"
+        );
+        stderr
+            .lines()
+            .filter(|l| l.contains("warning"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let vars = [
+        ("DATABASE_URL", "sqlite://./from-var.db"),
+        ("COORDINATOR_DB_POOL_SIZE", "4"),
+    ];
+    let warnings = overridden(&["--env-file", "o.env", "migrate"], &vars);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("DATABASE_URL") && warnings[0].contains("o.env"),
+        "{warnings:?}"
+    );
+    assert!(dir.path().join("from-var.db").exists());
+    // The same value: nothing to say. The implicit ./.env: as before, quietly.
+    let same = [("DATABASE_URL", "sqlite://./from-file.db")];
+    assert!(overridden(&["--env-file", "o.env", "migrate"], &same).is_empty());
+    assert!(overridden(&["migrate"], &vars).is_empty());
+}
+
 /// Secrets are never command-line flags (every local user can read those in `ps`): the
 /// flags are refused with a pointer to the variable, without echoing the value.
 fn secrets_are_not_accepted_as_flags() {
@@ -703,6 +741,7 @@ crate::plain_tests!(
     dot_env_writable_by_others_or_owned_by_another_user_is_refused,
     an_env_file_that_sets_a_variable_twice_is_refused,
     an_env_file_with_a_secret_readable_by_others_gets_a_warning,
+    an_env_file_value_the_environment_overrides_gets_a_warning,
     secrets_are_not_accepted_as_flags,
     debug_output_redacts_the_database_url,
     tls_settings_that_cannot_work_name_their_variable,
