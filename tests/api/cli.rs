@@ -891,6 +891,52 @@ fn call_warns_before_sending_a_credential_over_plain_http_to_another_host() {
     );
 }
 
+/// Review finding: `call` exited 0 on a redirect it does not follow. Now exit 1, with
+/// the Location on stderr.
+fn call_fails_on_a_redirect_and_names_its_location() {
+    use std::io::{BufRead, BufReader, Write};
+    let env = Env::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let _ = stream.write_all(
+                b"HTTP/1.1 307 Temporary Redirect\r\nLocation: https://elsewhere.example/moved\r\n\
+                  Content-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    for json in [false, true] {
+        let mut args = vec!["call", "--api-key", "GET", "/coordinator/health"];
+        if json {
+            args.push("--json");
+        }
+        let out = env
+            .bare()
+            .env("COORDINATOR_URL", &url)
+            .env(
+                "COORDINATOR_CLIENT_API_KEY",
+                ApiKey::generate().expose_secret(),
+            )
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("Location: https://elsewhere.example/moved"),
+            "{err}"
+        );
+        assert!(err.contains("HTTP 307"), "{err}");
+    }
+}
+
 /// Run `serve --dev` in `dir` until it listens, then stop it; its stdout and stderr.
 fn serve_dev_once(dir: &Path) -> (String, String) {
     let port = free_port();
@@ -1669,6 +1715,7 @@ crate::plain_tests!(
     call_signs_sends_and_explains,
     call_never_mixes_credential_sources,
     call_warns_before_sending_a_credential_over_plain_http_to_another_host,
+    call_fails_on_a_redirect_and_names_its_location,
     serve_dev_shows_credentials_once_and_keeps_its_state_private,
     a_master_key_file_readable_by_others_gets_a_warning,
     dev_flag_uses_the_dev_state,
