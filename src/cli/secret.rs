@@ -280,14 +280,21 @@ pub fn rotate(args: RotateArgs) -> anyhow::Result<()> {
         &again,
     )?;
     if !args.output.json && issued.version > 1 {
-        eprintln!(
-            "older versions stay valid until {} at the latest; deploy the new secret to \
-             the client, then `coordinator secret revoke {} {}{}`",
-            rfc3339(until),
-            issued.caller,
-            issued.version.saturating_sub(1),
-            args.kind.flag(),
-        );
+        if args.grace.is_zero() {
+            eprintln!(
+                "older versions stopped working now (--grace 0s); deploy the new secret to \
+                 the client, whose requests are refused until then"
+            );
+        } else {
+            eprintln!(
+                "older versions stay valid until {} at the latest; deploy the new secret to \
+                 the client, then `coordinator secret revoke {} {}{}`",
+                rfc3339(until),
+                issued.caller,
+                issued.version.saturating_sub(1),
+                args.kind.flag(),
+            );
+        }
     }
     Ok(())
 }

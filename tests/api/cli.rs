@@ -263,6 +263,32 @@ fn secrets_are_shown_once_and_rotate() {
     assert_eq!(env.json(&["secret", "rewrap"])["rewrapped"], 0);
 }
 
+/// Review finding: `secret rotate --grace 0s` said the older versions "stay valid
+/// until <now>" and to revoke version N-1, though they had already stopped.
+fn rotate_without_grace_says_the_older_versions_stopped() {
+    let env = Env::new();
+    env.ok(&["caller", "add", "svc", "--scopes", "all"]);
+    env.ok(&["secret", "create", "svc"]);
+    let out = env
+        .cmd(&["secret", "rotate", "svc", "--grace", "0s"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("older versions stopped working now"), "{err}");
+    assert!(
+        !err.contains("stay valid") && !err.contains("secret revoke"),
+        "{err}"
+    );
+    let out = env
+        .cmd(&["secret", "rotate", "svc", "--grace", "1h"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(err.contains("older versions stay valid until"), "{err}");
+    assert!(err.contains("coordinator secret revoke svc 2"), "{err}");
+}
+
 fn rewrap_moves_rows_to_the_new_master_key() {
     let mut env = Env::new();
     env.ok(&["caller", "add", "svc", "--scopes", "all"]);
@@ -1705,6 +1731,7 @@ crate::plain_tests!(
     caller_add_list_disable,
     secrets_are_shown_once_and_rotate,
     rewrap_moves_rows_to_the_new_master_key,
+    rotate_without_grace_says_the_older_versions_stopped,
     api_keys_issue_list_revoke,
     config_errors_exit_2_with_one_line,
     an_unmigrated_database_is_refused,
