@@ -116,12 +116,23 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 pub fn describe_parse_error(e: &clap::Error) -> String {
     use clap::error::{ContextKind, ContextValue};
     let text = e.to_string();
-    let first = text
-        .lines()
-        .find(|l| !l.trim().is_empty())
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let mut first = lines
+        .next()
         .unwrap_or("invalid arguments")
         .trim_start_matches("error: ")
         .to_owned();
+    // "the following required arguments were not provided:" names them on the next
+    // (indented) lines, up to the usage: keep them.
+    if first.ends_with(':') {
+        let named: Vec<&str> = lines
+            .take_while(|l| l.starts_with(' ') || l.starts_with('\t'))
+            .map(str::trim)
+            .collect();
+        if !named.is_empty() {
+            first = format!("{first} {}", named.join(", "));
+        }
+    }
     let flag = match e.get(ContextKind::InvalidArg) {
         Some(ContextValue::String(s)) => s.split_whitespace().next().map(str::to_owned),
         _ => None,

@@ -626,6 +626,18 @@ fn an_env_file_value_the_environment_overrides_gets_a_warning() {
     assert!(overridden(&["migrate"], &vars).is_empty());
 }
 
+/// Review finding: a missing argument's error lost its name (the line after "the
+/// following required arguments were not provided:").
+fn a_missing_argument_is_named() {
+    for (args, named) in [
+        (&["key", "issue"][..], "<CALLER>"),
+        (&["secret", "revoke", "svc"], "<VERSION>"),
+    ] {
+        let (out, dir) = run(args, &[]);
+        assert_config_error(&out, &dir, named, &args.join(" "));
+    }
+}
+
 /// Secrets are never command-line flags (every local user can read those in `ps`): the
 /// flags are refused with a pointer to the variable, without echoing the value.
 fn secrets_are_not_accepted_as_flags() {
@@ -742,6 +754,7 @@ crate::plain_tests!(
     an_env_file_that_sets_a_variable_twice_is_refused,
     an_env_file_with_a_secret_readable_by_others_gets_a_warning,
     an_env_file_value_the_environment_overrides_gets_a_warning,
+    a_missing_argument_is_named,
     secrets_are_not_accepted_as_flags,
     debug_output_redacts_the_database_url,
     tls_settings_that_cannot_work_name_their_variable,
