@@ -337,7 +337,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub dev: bool,
 
-    /// Address to listen on.
+    /// Address to listen on: IP:PORT (an IP address, not a host name).
     #[arg(long, env = "COORDINATOR_BIND", default_value = "127.0.0.1:8080")]
     pub bind: String,
 
@@ -416,8 +416,8 @@ pub struct ServeArgs {
     #[arg(long, env = "COORDINATOR_HOUSEKEEPING_SECS", default_value_t = 5)]
     pub housekeeping_secs: u64,
 
-    /// Serve /livez, /readyz, /metrics and /openapi.json on this address instead of the
-    /// service port.
+    /// Serve /livez, /readyz, /metrics and /openapi.json on this address (IP:PORT)
+    /// instead of the service port.
     #[arg(long, env = "COORDINATOR_METRICS_BIND")]
     pub metrics_bind: Option<String>,
 
@@ -624,7 +624,7 @@ impl ServeArgs {
         let bind: SocketAddr = self.bind.parse().map_err(|e| {
             bad(
                 "COORDINATOR_BIND",
-                format!("expected HOST:PORT, e.g. 127.0.0.1:8080 ({e})"),
+                format!("expected IP:PORT (not a host name), e.g. 127.0.0.1:8080 ({e})"),
             )
         })?;
         // Dev mode always uses the dev SQLite file: a DATABASE_URL left in the
@@ -721,7 +721,7 @@ impl ServeArgs {
             Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
                 bad(
                     "COORDINATOR_METRICS_BIND",
-                    format!("expected HOST:PORT, e.g. 127.0.0.1:9090 ({e})"),
+                    format!("expected IP:PORT (not a host name), e.g. 127.0.0.1:9090 ({e})"),
                 )
             })?),
         };

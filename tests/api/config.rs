@@ -638,6 +638,21 @@ fn a_missing_argument_is_named() {
     }
 }
 
+/// Review finding: `--bind localhost:…` was told "expected HOST:PORT", though only an
+/// IP address is taken.
+fn a_bind_address_that_is_a_name_is_told_ip_port() {
+    let (out, dir) = run(
+        &["serve", "--bind", "localhost:8080"],
+        &[
+            ("DATABASE_URL", SQLITE_URL),
+            ("COORDINATOR_MASTER_KEY", MASTER_KEY),
+        ],
+    );
+    assert_config_error(&out, &dir, "COORDINATOR_BIND", "--bind localhost:8080");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("expected IP:PORT"), "{stderr}");
+}
+
 /// Secrets are never command-line flags (every local user can read those in `ps`): the
 /// flags are refused with a pointer to the variable, without echoing the value.
 fn secrets_are_not_accepted_as_flags() {
@@ -755,6 +770,7 @@ crate::plain_tests!(
     an_env_file_with_a_secret_readable_by_others_gets_a_warning,
     an_env_file_value_the_environment_overrides_gets_a_warning,
     a_missing_argument_is_named,
+    a_bind_address_that_is_a_name_is_told_ip_port,
     secrets_are_not_accepted_as_flags,
     debug_output_redacts_the_database_url,
     tls_settings_that_cannot_work_name_their_variable,
