@@ -577,6 +577,36 @@ fn bad(var: &str, why: impl std::fmt::Display) -> ConfigError {
     ConfigError(format!("invalid {var}: {why}"))
 }
 
+/// Every port a PostgreSQL URL names (`host:PORT`, several hosts, or `?port=`) is a
+/// number libpq can use: otherwise the mistake would only show as "cannot connect"
+/// (exit 1) instead of a bad setting (exit 2). The message never quotes the URL, which
+/// may hold a password.
+fn check_pg_ports(url: &str) -> Result<(), String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    // As libpq reads it: the user info ends at an `@` before the first `/`.
+    let authority = before_query.split('/').next().unwrap_or_default();
+    let hostlist = authority.rsplit('@').next().unwrap_or_default();
+    let from_hosts = hostlist.split(',').filter_map(|host| match host.find(']') {
+        Some(end) => host.get(end + 1..).and_then(|p| p.strip_prefix(':')),
+        None => host.split_once(':').map(|(_, p)| p),
+    });
+    let from_query = query
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("port="))
+        .flat_map(|ports| ports.split(','));
+    for port in from_hosts.chain(from_query) {
+        // An empty port is libpq's default, 5432.
+        let ok = port.is_empty()
+            || (port.bytes().all(|b| b.is_ascii_digit())
+                && port.parse::<u16>().is_ok_and(|p| p != 0));
+        if !ok {
+            return Err("a port must be a number from 1 to 65535 (the URL is not shown)".into());
+        }
+    }
+    Ok(())
+}
+
 impl DbArgs {
     /// Validate; `dev_default` is used when no URL is given (serve --dev).
     pub fn validate(&self, dev_default: Option<&str>) -> Result<DbConfig, ConfigError> {
@@ -593,6 +623,9 @@ impl DbArgs {
         let url = DatabaseUrl::parse(&raw)
             .and_then(|u| u.with_tls_policy(self.db_allow_tls_downgrade))
             .map_err(|why| bad("DATABASE_URL", why))?;
+        if url.backend() == crate::db::Backend::Postgres {
+            check_pg_ports(&raw).map_err(|why| bad("DATABASE_URL", why))?;
+        }
         if !(1..=512).contains(&self.db_pool_size) {
             return Err(bad("COORDINATOR_DB_POOL_SIZE", "must be between 1 and 512"));
         }

@@ -653,6 +653,22 @@ fn a_bind_address_that_is_a_name_is_told_ip_port() {
     assert!(stderr.contains("expected IP:PORT"), "{stderr}");
 }
 
+/// Review finding: a PostgreSQL URL whose port is not a number failed only when
+/// connecting (exit 1, "cannot connect"), not as a bad setting (exit 2).
+fn a_database_port_that_is_not_a_number_exits_2() {
+    for url in [
+        "postgres://svc:Pa55w0rdXyz@127.0.0.1:54x2/db",
+        "postgres://svc:Pa55w0rdXyz@h1:5432,[::1]:70000/db",
+        "postgresql://svc:Pa55w0rdXyz@127.0.0.1/db?port=abc",
+    ] {
+        let (out, dir) = run(&["key", "list"], &[("DATABASE_URL", url)]);
+        assert_config_error(&out, &dir, "DATABASE_URL", url);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("port"), "{stderr}");
+        assert!(!stderr.contains("Pa55w0rd"), "{stderr}");
+    }
+}
+
 /// Secrets are never command-line flags (every local user can read those in `ps`): the
 /// flags are refused with a pointer to the variable, without echoing the value.
 fn secrets_are_not_accepted_as_flags() {
@@ -771,6 +787,7 @@ crate::plain_tests!(
     an_env_file_value_the_environment_overrides_gets_a_warning,
     a_missing_argument_is_named,
     a_bind_address_that_is_a_name_is_told_ip_port,
+    a_database_port_that_is_not_a_number_exits_2,
     secrets_are_not_accepted_as_flags,
     debug_output_redacts_the_database_url,
     tls_settings_that_cannot_work_name_their_variable,
