@@ -36,7 +36,8 @@ fn secret_env(name: &str) -> Option<SecretString> {
 #[derive(Clone, Args)]
 pub struct DbArgs {
     /// Database URL: `postgres://…` or `sqlite://PATH`.
-    #[arg(long = "database-url", env = "DATABASE_URL")]
+    // `hide_env_values`: `--help` would otherwise print the URL, password included.
+    #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
     /// Maximum connections in the pool.
@@ -336,7 +337,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub dev: bool,
 
-    /// Address to listen on.
+    /// Address to listen on: IP:PORT (an IP address, not a host name).
     #[arg(long, env = "COORDINATOR_BIND", default_value = "127.0.0.1:8080")]
     pub bind: String,
 
@@ -415,8 +416,8 @@ pub struct ServeArgs {
     #[arg(long, env = "COORDINATOR_HOUSEKEEPING_SECS", default_value_t = 5)]
     pub housekeeping_secs: u64,
 
-    /// Serve /livez, /readyz, /metrics and /openapi.json on this address instead of the
-    /// service port.
+    /// Serve /livez, /readyz, /metrics and /openapi.json on this address (IP:PORT)
+    /// instead of the service port.
     #[arg(long, env = "COORDINATOR_METRICS_BIND")]
     pub metrics_bind: Option<String>,
 
@@ -576,6 +577,36 @@ fn bad(var: &str, why: impl std::fmt::Display) -> ConfigError {
     ConfigError(format!("invalid {var}: {why}"))
 }
 
+/// Every port a PostgreSQL URL names (`host:PORT`, several hosts, or `?port=`) is a
+/// number libpq can use: otherwise the mistake would only show as "cannot connect"
+/// (exit 1) instead of a bad setting (exit 2). The message never quotes the URL, which
+/// may hold a password.
+fn check_pg_ports(url: &str) -> Result<(), String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    // As libpq reads it: the user info ends at an `@` before the first `/`.
+    let authority = before_query.split('/').next().unwrap_or_default();
+    let hostlist = authority.rsplit('@').next().unwrap_or_default();
+    let from_hosts = hostlist.split(',').filter_map(|host| match host.find(']') {
+        Some(end) => host.get(end + 1..).and_then(|p| p.strip_prefix(':')),
+        None => host.split_once(':').map(|(_, p)| p),
+    });
+    let from_query = query
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("port="))
+        .flat_map(|ports| ports.split(','));
+    for port in from_hosts.chain(from_query) {
+        // An empty port is libpq's default, 5432.
+        let ok = port.is_empty()
+            || (port.bytes().all(|b| b.is_ascii_digit())
+                && port.parse::<u16>().is_ok_and(|p| p != 0));
+        if !ok {
+            return Err("a port must be a number from 1 to 65535 (the URL is not shown)".into());
+        }
+    }
+    Ok(())
+}
+
 impl DbArgs {
     /// Validate; `dev_default` is used when no URL is given (serve --dev).
     pub fn validate(&self, dev_default: Option<&str>) -> Result<DbConfig, ConfigError> {
@@ -592,6 +623,9 @@ impl DbArgs {
         let url = DatabaseUrl::parse(&raw)
             .and_then(|u| u.with_tls_policy(self.db_allow_tls_downgrade))
             .map_err(|why| bad("DATABASE_URL", why))?;
+        if url.backend() == crate::db::Backend::Postgres {
+            check_pg_ports(&raw).map_err(|why| bad("DATABASE_URL", why))?;
+        }
         if !(1..=512).contains(&self.db_pool_size) {
             return Err(bad("COORDINATOR_DB_POOL_SIZE", "must be between 1 and 512"));
         }
@@ -623,7 +657,7 @@ impl ServeArgs {
         let bind: SocketAddr = self.bind.parse().map_err(|e| {
             bad(
                 "COORDINATOR_BIND",
-                format!("expected HOST:PORT, e.g. 127.0.0.1:8080 ({e})"),
+                format!("expected IP:PORT (not a host name), e.g. 127.0.0.1:8080 ({e})"),
             )
         })?;
         // Dev mode always uses the dev SQLite file: a DATABASE_URL left in the
@@ -720,7 +754,7 @@ impl ServeArgs {
             Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
                 bad(
                     "COORDINATOR_METRICS_BIND",
-                    format!("expected HOST:PORT, e.g. 127.0.0.1:9090 ({e})"),
+                    format!("expected IP:PORT (not a host name), e.g. 127.0.0.1:9090 ({e})"),
                 )
             })?),
         };

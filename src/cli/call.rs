@@ -1,6 +1,6 @@
 //! `coordinator call`: sign (or use the API key), send, print the response. The status
 //! line goes to stderr and the body to stdout, so `call … | jq` works; any status of
-//! 400 or more exits non-zero. `--explain` on a 401 puts the server's signed string
+//! 300 or more exits non-zero (a redirect is not followed; its Location goes to stderr). `--explain` on a 401 puts the server's signed string
 //! beside this client's, component by component.
 
 use anyhow::bail;
@@ -157,6 +157,20 @@ pub fn run(args: CallArgs) -> anyhow::Result<()> {
             explain_text(comparison.as_deref(), parsed.as_ref(), signed.as_ref());
         }
     }
+    if (300..400).contains(&status) {
+        // Not followed (a credential is never sent on to another URL): the request did
+        // not happen where it was meant to, so it is no success.
+        match resp.header("location") {
+            Some(to) => eprintln!(
+                "not followed: Location: {}",
+                to.chars()
+                    .map(|c| if c.is_control() { '?' } else { c })
+                    .collect::<String>()
+            ),
+            None => eprintln!("not followed: the response has no Location header"),
+        }
+        bail!("HTTP {status} {status_text}: a redirect, which `call` does not follow");
+    }
     if status >= 400 {
         bail!("HTTP {status} {status_text}");
     }
@@ -175,7 +189,12 @@ fn status_text(status: u16) -> &'static str {
         201 => "Created",
         202 => "Accepted",
         204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
         304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",

@@ -125,6 +125,47 @@ pub fn write_stdout(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     }
 }
 
+/// Write output that holds a secret shown only this once, all of it in one write.
+/// Unlike [`write_stdout`], a reader that went away (`EPIPE`) is an error: the secret
+/// did not arrive anywhere.
+pub fn write_secret(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|()| out.flush())
+}
+
+/// [`write_secret`] of one JSON document.
+pub fn write_secret_json(value: &Value) -> anyhow::Result<std::io::Result<()>> {
+    let text = zeroize::Zeroizing::new(
+        serde_json::to_string_pretty(value).context("cannot encode JSON output")? + "\n",
+    );
+    Ok(write_secret(&text))
+}
+
+/// A credential that was stored but whose secret could not be written (`e`): nobody
+/// has it, so `revoke` it and say so, naming it (never its secret) and how to get a
+/// new one. When revoking fails too, give the exact command to revoke it by hand.
+/// `what` names the credential, e.g. "API key cok_AbCd (id …) of `svc`".
+pub fn undelivered(
+    e: &std::io::Error,
+    what: &str,
+    revoke: impl FnOnce() -> anyhow::Result<()>,
+    revoke_command: &str,
+    again_command: &str,
+) -> anyhow::Error {
+    match revoke() {
+        Ok(()) => anyhow!(
+            "cannot write the secret to stdout ({e}); {what} was created but not delivered, \
+             so it has been revoked; issue a new one with `{again_command}`"
+        ),
+        Err(why) => anyhow!(
+            "cannot write the secret to stdout ({e}); {what} was created but not delivered \
+             and is STILL ACTIVE (revoking it failed: {why:#}): revoke it with \
+             `{revoke_command}`, then issue a new one with `{again_command}`"
+        ),
+    }
+}
+
 /// Print one JSON document on stdout.
 pub fn print_json(value: &Value) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value).context("cannot encode JSON output")?;

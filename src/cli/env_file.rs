@@ -1,9 +1,12 @@
 //! `.env`: read from the working directory only (never a parent's), or from the file
 //! named by `--env-file`. Loaded before the command line is parsed, since clap reads
-//! the environment while parsing; never overrides a variable that is already set.
+//! the environment while parsing; never overrides a variable that is already set (for
+//! an explicit `--env-file`, a different value in the environment is named on stderr).
 //!
 //! A file that another user could have written is refused: one that is group- or
-//! world-writable, or not owned by the user running the command.
+//! world-writable, or not owned by the user running the command. So is one that sets a
+//! variable twice (a shell sourcing it would take the other value). One that holds a
+//! secret and that other users can read is used, with a warning.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -50,7 +53,7 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
     let shown = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
     check_trusted(&path)
         .map_err(|why| ConfigError(format!("refusing {}: {why}", shown.display())))?;
-    dotenvy::from_path(&path).map_err(|e| match e {
+    let parse_error = |e: dotenvy::Error| match e {
         // dotenvy's error holds the text it failed on, which may be a secret: name the
         // line and its variable instead.
         dotenvy::Error::LineParse(..) => ConfigError(format!(
@@ -62,8 +65,114 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
             })
         )),
         other => ConfigError(format!("cannot read {}: {other}", shown.display())),
+    };
+    // Read once: the checks below and the loading see the same text.
+    let bytes = std::fs::read(&path)
+        .map_err(|e| ConfigError(format!("cannot read {}: {e}", shown.display())))?;
+    let text = zeroize::Zeroizing::new(bytes);
+    let body = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&text);
+    let entries = dotenvy::from_read_iter(body)
+        .collect::<Result<Vec<(String, String)>, _>>()
+        .map_err(parse_error)?;
+    let entries: Vec<(String, zeroize::Zeroizing<String>)> = entries
+        .into_iter()
+        .map(|(k, v)| (k, zeroize::Zeroizing::new(v)))
+        .collect();
+    refuse_duplicates(&entries).map_err(|name| {
+        ConfigError(format!(
+            "{}: {name} is set more than once; a shell sourcing the file takes the last \
+             value and this command the first, so keep only one",
+            shown.display()
+        ))
     })?;
+    warn_if_readable(&path, &shown, &entries);
+    if explicit.is_some() {
+        warn_overridden(&shown, &entries);
+    }
+    dotenvy::from_read(body).map_err(parse_error)?;
     Ok(Some(shown))
+}
+
+/// The first variable the file sets twice. dotenvy takes the first value, a shell's
+/// `. file` the last: one file, two meanings.
+fn refuse_duplicates<V>(entries: &[(String, V)]) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    match entries.iter().find(|(name, _)| !seen.insert(name.as_str())) {
+        Some((name, _)) => Err(name.clone()),
+        None => Ok(()),
+    }
+}
+
+/// Variables whose value is a secret (beside a `DATABASE_URL` with a password).
+const SECRET_VARS: [&str; 6] = [
+    "COORDINATOR_MASTER_KEY",
+    "COORDINATOR_MASTER_KEY_PREVIOUS",
+    "COORDINATOR_API_KEY",
+    super::client::VAR_API_KEY,
+    super::client::VAR_HMAC_SECRET,
+    "COORDINATOR_WEBHOOK_SECRET",
+];
+
+/// Does this variable hold a secret: one of [`SECRET_VARS`], or a database URL with a
+/// password (`user:password@` or `password=`)?
+fn holds_secret(name: &str, value: &str) -> bool {
+    if SECRET_VARS.contains(&name) {
+        return !value.trim().is_empty();
+    }
+    if name != "DATABASE_URL" {
+        return false;
+    }
+    let rest = value.split_once("://").map_or(value, |(_, r)| r);
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let authority = before_query.split('/').next().unwrap_or_default();
+    let in_userinfo = authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.split_once(':').is_some_and(|(_, p)| !p.is_empty()));
+    in_userinfo
+        || query
+            .split('&')
+            .any(|pair| pair.to_ascii_lowercase().starts_with("password="))
+}
+
+/// A file with secrets that other users can read: one line on stderr, as for a
+/// readable `COORDINATOR_MASTER_KEY_FILE` (write access is refused above).
+fn warn_if_readable<V: AsRef<str>>(path: &Path, shown: &Path, entries: &[(String, V)]) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o044 == 0 {
+            return;
+        }
+        if let Some((name, _)) = entries.iter().find(|(k, v)| holds_secret(k, v.as_ref())) {
+            eprintln!(
+                "coordinator: warning: {} holds a secret ({name}) and is readable by other \
+                 users (mode {mode:04o}); chmod 600 it",
+                shown.display()
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, shown, entries);
+}
+
+/// Variables of an explicit `--env-file` that the environment sets to something else:
+/// the environment wins, so say so, once per variable, naming it (never a value).
+fn warn_overridden<V: AsRef<str>>(shown: &Path, entries: &[(String, V)]) {
+    for (name, value) in entries {
+        if let Some(set) = std::env::var_os(name) {
+            if set != std::ffi::OsStr::new(value.as_ref()) {
+                eprintln!(
+                    "coordinator: warning: {name} is set in the environment, which wins over \
+                     its different value in {}",
+                    shown.display()
+                );
+            }
+        }
+    }
 }
 
 /// The first line of the file that does not parse on its own, and the variable it

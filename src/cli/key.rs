@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use super::caller::{parse_scopes, Scopes};
 use super::common::{cell_time, json_time, print_json, print_table, rfc3339, store_error};
 use super::common::{parse_positive_duration, OutputArgs, StoreArgs};
+use super::common::{undelivered, write_secret, write_secret_json};
 use crate::auth::credentials;
 use crate::auth::model::ApiKeyRow;
 use crate::auth::Scope;
@@ -133,7 +134,7 @@ pub fn issue(args: IssueArgs) -> anyhow::Result<()> {
     )
     .map_err(|e| store_error(e, &what))?;
     let row = &issued.row;
-    if args.output.json {
+    let written = if args.output.json {
         let mut v = key_json(row, now_millis());
         if let Some(obj) = v.as_object_mut() {
             obj.insert(
@@ -141,21 +142,48 @@ pub fn issue(args: IssueArgs) -> anyhow::Result<()> {
                 Value::String(issued.key.expose_secret().into()),
             );
         }
-        return print_json(&v);
-    }
-    eprintln!(
-        "issued API key {} ({}) for `{}` with scopes {}{}; it is shown only this once",
-        row.display_prefix,
-        row.id,
-        row.caller,
-        row.scopes,
-        row.expires_at
-            .map(|t| format!(", expires {}", rfc3339(t)))
-            .unwrap_or_default(),
-    );
-    outln!("COORDINATOR_CLIENT_API_KEY={}", issued.key.expose_secret())?;
-    outln!("COORDINATOR_KEY_ID={}", row.id)?;
-    Ok(())
+        write_secret_json(&v)?
+    } else {
+        eprintln!(
+            "issued API key {} ({}) for `{}` with scopes {}{}; it is shown only this once",
+            row.display_prefix,
+            row.id,
+            row.caller,
+            row.scopes,
+            row.expires_at
+                .map(|t| format!(", expires {}", rfc3339(t)))
+                .unwrap_or_default(),
+        );
+        write_secret(&zeroize::Zeroizing::new(format!(
+            "COORDINATOR_CLIENT_API_KEY={}\nCOORDINATOR_KEY_ID={}\n",
+            issued.key.expose_secret(),
+            row.id
+        )))
+    };
+    // Stored but not delivered: nobody holds the key, so it must not stay usable.
+    written.map_err(|e| {
+        let mut again = format!("coordinator key issue {}", row.caller);
+        if let Some(Scopes(s)) = &args.scopes {
+            again.push_str(&format!(" --scopes {}", Scope::join(s)));
+        }
+        if let Some(d) = args.expires_in {
+            again.push_str(&format!(" --expires-in {}s", d.as_secs()));
+        }
+        undelivered(
+            &e,
+            &format!(
+                "API key {} (id {}) of `{}`",
+                row.display_prefix, row.id, row.caller
+            ),
+            || {
+                credentials::revoke_key(&db, &row.id)
+                    .map(drop)
+                    .map_err(|e| store_error(e, "API key"))
+            },
+            &format!("coordinator key revoke {}", row.id),
+            &again,
+        )
+    })
 }
 
 pub fn list(args: ListArgs) -> anyhow::Result<()> {

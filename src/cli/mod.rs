@@ -116,12 +116,23 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 pub fn describe_parse_error(e: &clap::Error) -> String {
     use clap::error::{ContextKind, ContextValue};
     let text = e.to_string();
-    let first = text
-        .lines()
-        .find(|l| !l.trim().is_empty())
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let mut first = lines
+        .next()
         .unwrap_or("invalid arguments")
         .trim_start_matches("error: ")
         .to_owned();
+    // "the following required arguments were not provided:" names them on the next
+    // (indented) lines, up to the usage: keep them.
+    if first.ends_with(':') {
+        let named: Vec<&str> = lines
+            .take_while(|l| l.starts_with(' ') || l.starts_with('\t'))
+            .map(str::trim)
+            .collect();
+        if !named.is_empty() {
+            first = format!("{first} {}", named.join(", "));
+        }
+    }
     let flag = match e.get(ContextKind::InvalidArg) {
         Some(ContextValue::String(s)) => s.split_whitespace().next().map(str::to_owned),
         _ => None,
@@ -284,5 +295,34 @@ mod tests {
     #[test]
     fn verify_cli() {
         Cli::command().debug_assert();
+    }
+
+    /// `--help` shows an argument's environment value unless told not to: every
+    /// variable that can hold a secret (a password in a URL, a key, a token) hides it.
+    #[test]
+    fn help_never_shows_a_secret_environment_value() {
+        fn walk(cmd: &clap::Command, bad: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let Some(var) = a.get_env().map(|v| v.to_string_lossy().into_owned()) else {
+                    continue;
+                };
+                // A URL can carry a password; a path to a key file is fine to show.
+                let secret = var == "DATABASE_URL"
+                    || var.contains("PASSWORD")
+                    || (["_KEY", "_SECRET", "_TOKEN", "_PREVIOUS"]
+                        .iter()
+                        .any(|end| var.ends_with(end))
+                        && var != "COORDINATOR_TLS_KEY");
+                if secret && !a.is_hide_env_values_set() {
+                    bad.push(format!("{} {var}", cmd.get_name()));
+                }
+            }
+            for sc in cmd.get_subcommands() {
+                walk(sc, bad);
+            }
+        }
+        let mut bad = Vec::new();
+        walk(&Cli::command(), &mut bad);
+        assert!(bad.is_empty(), "shown by --help: {bad:?}");
     }
 }

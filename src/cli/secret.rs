@@ -12,11 +12,11 @@ use serde_json::{json, Value};
 
 use super::common::{after, cell_time, json_time, print_json, print_table, rfc3339};
 use super::common::{parse_duration, parse_positive_duration, store_error};
-use super::common::{OutputArgs, StoreArgs};
+use super::common::{undelivered, write_secret, write_secret_json, OutputArgs, StoreArgs};
 use crate::auth::credentials::{self, IssuedSecret, SecretKind};
 use crate::auth::model::{Purpose, SecretRow};
 use crate::config::{ConfigError, KeyArgs};
-use crate::db::now_millis;
+use crate::db::{now_millis, Db};
 
 #[derive(Debug, Subcommand)]
 pub enum SecretCommand {
@@ -143,34 +143,73 @@ fn row_status(row: &SecretRow, now: i64) -> &'static str {
     }
 }
 
-/// Print a freshly issued secret: `KEY=value` lines (or JSON), shown this once.
+/// Print a freshly issued secret: `KEY=value` lines (or JSON), shown this once, in
+/// one write. A failed write leaves the new version revoked (see [`undelivered`]).
 fn print_issued(
+    db: &Db,
     issued: &IssuedSecret,
     kind: SecretKind,
     older_expire_at: Option<i64>,
     json: bool,
+    again: &str,
 ) -> anyhow::Result<()> {
-    if json {
-        return print_json(&json!({
+    let written = if json {
+        write_secret_json(&json!({
             "caller": issued.caller,
             "kind": kind.name(),
             "version": issued.version,
             "secret": issued.plaintext.as_str(),
             "expiresAt": json_time(issued.expires_at),
             "olderVersionsExpireAt": json_time(older_expire_at),
-        }));
-    }
-    let (secret_var, version_var) = match kind {
-        SecretKind::Hmac => ("COORDINATOR_HMAC_SECRET", "COORDINATOR_KEY_VERSION"),
-        SecretKind::Webhook => (
-            "COORDINATOR_WEBHOOK_SECRET",
-            "COORDINATOR_WEBHOOK_SECRET_VERSION",
-        ),
+        }))?
+    } else {
+        let (secret_var, version_var) = match kind {
+            SecretKind::Hmac => ("COORDINATOR_HMAC_SECRET", "COORDINATOR_KEY_VERSION"),
+            SecretKind::Webhook => (
+                "COORDINATOR_WEBHOOK_SECRET",
+                "COORDINATOR_WEBHOOK_SECRET_VERSION",
+            ),
+        };
+        write_secret(&zeroize::Zeroizing::new(format!(
+            "COORDINATOR_CALLER={}\n{secret_var}={}\n{version_var}={}\n",
+            issued.caller,
+            issued.plaintext.as_str(),
+            issued.version
+        )))
     };
-    outln!("COORDINATOR_CALLER={}", issued.caller)?;
-    outln!("{secret_var}={}", issued.plaintext.as_str())?;
-    outln!("{version_var}={}", issued.version)?;
-    Ok(())
+    written.map_err(|e| {
+        let what = format!(
+            "{} secret version {} of `{}`",
+            kind.name(),
+            issued.version,
+            issued.caller
+        );
+        let err = undelivered(
+            &e,
+            &what,
+            || {
+                credentials::revoke_secret(db, &issued.caller, kind, issued.version)
+                    .map_err(|e| store_error(e, &what))
+            },
+            &format!(
+                "coordinator secret revoke {} {}{}",
+                issued.caller,
+                issued.version,
+                kind.flag()
+            ),
+            again,
+        );
+        match older_expire_at.filter(|_| issued.version > 1) {
+            Some(t) if t <= now_millis() => anyhow::anyhow!(
+                "{err:#}; the older versions stopped working when it was created (--grace 0s)"
+            ),
+            Some(t) => anyhow::anyhow!(
+                "{err:#}; the older versions still expire at {}, as this rotation set",
+                rfc3339(t)
+            ),
+            None => err,
+        }
+    })
 }
 
 pub fn create(args: CreateArgs) -> anyhow::Result<()> {
@@ -191,7 +230,15 @@ pub fn create(args: CreateArgs) -> anyhow::Result<()> {
                 .unwrap_or_default(),
         );
     }
-    print_issued(&issued, args.kind, None, args.output.json)
+    let again = format!(
+        "coordinator secret create {}{}{}",
+        issued.caller,
+        args.kind.flag(),
+        args.expires_in
+            .map(|d| format!(" --expires-in {}s", d.as_secs()))
+            .unwrap_or_default()
+    );
+    print_issued(&db, &issued, args.kind, None, args.output.json, &again)
 }
 
 pub fn rotate(args: RotateArgs) -> anyhow::Result<()> {
@@ -214,7 +261,31 @@ pub fn rotate(args: RotateArgs) -> anyhow::Result<()> {
             issued.version,
             issued.caller,
         );
-        if issued.version > 1 {
+    }
+    let again = format!(
+        "coordinator secret rotate {}{} --grace {}s{}",
+        issued.caller,
+        args.kind.flag(),
+        args.grace.as_secs(),
+        args.expires_in
+            .map(|d| format!(" --expires-in {}s", d.as_secs()))
+            .unwrap_or_default()
+    );
+    print_issued(
+        &db,
+        &issued,
+        args.kind,
+        Some(until),
+        args.output.json,
+        &again,
+    )?;
+    if !args.output.json && issued.version > 1 {
+        if args.grace.is_zero() {
+            eprintln!(
+                "older versions stopped working now (--grace 0s); deploy the new secret to \
+                 the client, whose requests are refused until then"
+            );
+        } else {
             eprintln!(
                 "older versions stay valid until {} at the latest; deploy the new secret to \
                  the client, then `coordinator secret revoke {} {}{}`",
@@ -225,7 +296,7 @@ pub fn rotate(args: RotateArgs) -> anyhow::Result<()> {
             );
         }
     }
-    print_issued(&issued, args.kind, Some(until), args.output.json)
+    Ok(())
 }
 
 /// How many characters after the `coh_` / `whsec_` prefix a display prefix shows.

@@ -9,6 +9,7 @@ use serde_json::json;
 use super::common::{
     parse_positive_duration, print_json, rfc3339, store_error, OutputArgs, StoreArgs,
 };
+use super::common::{undelivered, write_secret, write_secret_json};
 use crate::auth::{revocation, token};
 use crate::config::KeyArgs;
 use crate::jobs::JobId;
@@ -105,22 +106,46 @@ fn issue(a: IssueArgs) -> anyhow::Result<()> {
     token::ensure_signing_key(&db, &sealer).map_err(|e| store_error(e, "token-signing key"))?;
     let t = token::issue(&db, &sealer, &job, &a.worker, a.caller.as_deref(), ttl)
         .map_err(|e| store_error(e, format!("job {job}")))?;
-    if a.output.json {
-        return print_json(&json!({
+    let written = if a.output.json {
+        write_secret_json(&json!({
             "token": t.token.as_str(),
             "jti": t.jti,
             "job": job.as_str(),
             "worker": a.worker,
             "expiresAt": rfc3339(t.expires_at),
-        }));
-    }
-    eprintln!(
-        "issued a token for job {job}, worker `{}`, expiring {}; it is shown only this once",
-        a.worker,
-        rfc3339(t.expires_at)
-    );
-    outln!("COORDINATOR_JOB_TOKEN={}", t.token.as_str())?;
-    outln!("COORDINATOR_TOKEN_ID={}", t.jti)
+        }))?
+    } else {
+        eprintln!(
+            "issued a token for job {job}, worker `{}`, expiring {}; it is shown only this once",
+            a.worker,
+            rfc3339(t.expires_at)
+        );
+        write_secret(&zeroize::Zeroizing::new(format!(
+            "COORDINATOR_JOB_TOKEN={}\nCOORDINATOR_TOKEN_ID={}\n",
+            t.token.as_str(),
+            t.jti
+        )))
+    };
+    written.map_err(|e| {
+        let mut again = format!("coordinator token issue --job {job} --worker {}", a.worker);
+        if let Some(c) = &a.caller {
+            again.push_str(&format!(" --caller {c}"));
+        }
+        if let Some(ttl) = a.ttl {
+            again.push_str(&format!(" --ttl {}s", ttl.as_secs()));
+        }
+        undelivered(
+            &e,
+            &format!("job token {} (job {job}, worker `{}`)", t.jti, a.worker),
+            || {
+                let until = revocation::revocation_expiry(None, "--expires-at")
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                revocation::revoke_in_db(&db, &t.jti, until).map_err(|e| store_error(e, "token"))
+            },
+            &format!("coordinator token revoke {}", t.jti),
+            &again,
+        )
+    })
 }
 
 fn revoke(a: RevokeArgs) -> anyhow::Result<()> {

@@ -263,6 +263,32 @@ fn secrets_are_shown_once_and_rotate() {
     assert_eq!(env.json(&["secret", "rewrap"])["rewrapped"], 0);
 }
 
+/// Review finding: `secret rotate --grace 0s` said the older versions "stay valid
+/// until <now>" and to revoke version N-1, though they had already stopped.
+fn rotate_without_grace_says_the_older_versions_stopped() {
+    let env = Env::new();
+    env.ok(&["caller", "add", "svc", "--scopes", "all"]);
+    env.ok(&["secret", "create", "svc"]);
+    let out = env
+        .cmd(&["secret", "rotate", "svc", "--grace", "0s"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("older versions stopped working now"), "{err}");
+    assert!(
+        !err.contains("stay valid") && !err.contains("secret revoke"),
+        "{err}"
+    );
+    let out = env
+        .cmd(&["secret", "rotate", "svc", "--grace", "1h"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(err.contains("older versions stay valid until"), "{err}");
+    assert!(err.contains("coordinator secret revoke svc 2"), "{err}");
+}
+
 fn rewrap_moves_rows_to_the_new_master_key() {
     let mut env = Env::new();
     env.ok(&["caller", "add", "svc", "--scopes", "all"]);
@@ -345,6 +371,93 @@ fn api_keys_issue_list_revoke() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// A stdout whose reader is gone: `… | true` once `true` has exited.
+fn closed_pipe() -> Stdio {
+    let mut reader = Command::new("true").stdin(Stdio::piped()).spawn().unwrap();
+    let writer = reader.stdin.take().unwrap();
+    assert!(reader.wait().unwrap().success());
+    Stdio::from(writer)
+}
+
+/// A stdout on a full disk.
+fn full_disk() -> Stdio {
+    Stdio::from(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap(),
+    )
+}
+
+/// Review finding: `key issue svc | true` exited 0 and `> /dev/full` exited 1, both
+/// after storing a key that nobody then held. A secret that cannot be written is an
+/// error (exit 1) that names the credential, and the credential is revoked.
+fn a_secret_that_cannot_be_written_fails_and_is_revoked() {
+    let env = Env::new();
+    env.ok(&["caller", "add", "svc", "--scopes", "all"]);
+    env.ok(&["secret", "create", "svc"]);
+    type MakeStdout = fn() -> Stdio;
+    let outputs: [(&str, MakeStdout); 2] = [("closed pipe", closed_pipe), ("/dev/full", full_disk)];
+    for (name, stdout) in outputs {
+        for json in [false, true] {
+            let mut args = vec!["key", "issue", "svc"];
+            if json {
+                args.push("--json");
+            }
+            let out = env.cmd(&args).stdout(stdout()).output().unwrap();
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(1), "{name} {args:?}: {err}");
+            assert!(
+                err.contains("was created but not delivered, so it has been revoked"),
+                "{name}: {err}"
+            );
+            assert!(err.contains("coordinator key issue svc"), "{err}");
+            let keys = env.json(&["key", "list", "svc"]);
+            let newest = keys.as_array().unwrap().last().unwrap().clone();
+            assert!(
+                err.contains(newest["id"].as_str().unwrap()),
+                "names the key: {err}"
+            );
+            assert_eq!(newest["status"], "revoked", "{name}: {newest}");
+        }
+        for args in [
+            &["secret", "create", "svc"][..],
+            &["secret", "rotate", "svc", "--grace", "1h"],
+        ] {
+            let out = env.cmd(args).stdout(stdout()).output().unwrap();
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(1), "{name} {args:?}: {err}");
+            assert!(
+                err.contains("was created but not delivered, so it has been revoked"),
+                "{name}: {err}"
+            );
+            let list = env.json(&["secret", "list", "svc"]);
+            let newest = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .max_by_key(|r| r["version"].as_i64())
+                .unwrap()
+                .clone();
+            assert!(
+                err.contains(&format!("version {} of `svc`", newest["version"])),
+                "{err}"
+            );
+            assert_eq!(newest["status"], "revoked", "{name}: {newest}");
+        }
+    }
+    // Version 1, the only one delivered, still works (the rotations' grace is 1h).
+    let list = env.json(&["secret", "list", "svc"]);
+    let active: Vec<&Value> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == "active")
+        .collect();
+    assert_eq!(active.len(), 1, "{list}");
+    assert_eq!(active[0]["version"], 1);
+}
+
 fn config_errors_exit_2_with_one_line() {
     let env = Env::new();
     let cases: [(&[&str], &str, &str); 4] = [
@@ -379,6 +492,33 @@ fn config_errors_exit_2_with_one_line() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Review finding: `--help` printed `[env: DATABASE_URL=postgres://user:password@…]`.
+fn help_never_shows_the_database_password() {
+    let env = Env::new();
+    let password = "Sup3rS3cretDbPassw0rd";
+    let url = format!("postgres://svc:{password}@127.0.0.1:5432/coord");
+    for args in [
+        &["key", "list", "--help"][..],
+        &["migrate", "--help"],
+        &["serve", "--help"],
+        &["secret", "create", "--help"],
+    ] {
+        let out = env
+            .bare()
+            .args(args)
+            .env("DATABASE_URL", &url)
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+        assert!(out.status.success(), "{args:?}: {text}");
+        assert!(text.contains("DATABASE_URL"), "{args:?}: {text}");
+        assert!(
+            !text.contains(password),
+            "{args:?} shows the password: {text}"
+        );
+    }
 }
 
 fn an_unmigrated_database_is_refused() {
@@ -777,6 +917,52 @@ fn call_warns_before_sending_a_credential_over_plain_http_to_another_host() {
     );
 }
 
+/// Review finding: `call` exited 0 on a redirect it does not follow. Now exit 1, with
+/// the Location on stderr.
+fn call_fails_on_a_redirect_and_names_its_location() {
+    use std::io::{BufRead, BufReader, Write};
+    let env = Env::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let _ = stream.write_all(
+                b"HTTP/1.1 307 Temporary Redirect\r\nLocation: https://elsewhere.example/moved\r\n\
+                  Content-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    for json in [false, true] {
+        let mut args = vec!["call", "--api-key", "GET", "/coordinator/health"];
+        if json {
+            args.push("--json");
+        }
+        let out = env
+            .bare()
+            .env("COORDINATOR_URL", &url)
+            .env(
+                "COORDINATOR_CLIENT_API_KEY",
+                ApiKey::generate().expose_secret(),
+            )
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("Location: https://elsewhere.example/moved"),
+            "{err}"
+        );
+        assert!(err.contains("HTTP 307"), "{err}");
+    }
+}
+
 /// Run `serve --dev` in `dir` until it listens, then stop it; its stdout and stderr.
 fn serve_dev_once(dir: &Path) -> (String, String) {
     let port = free_port();
@@ -1033,6 +1219,18 @@ fn tokens_issue_revoke_and_rotate() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("24h"), "{}", stderr(&out));
     // KEY=value output for scripts.
+    // A token that cannot be written is revoked, and the command fails.
+    let out = env
+        .cmd(&["token", "issue", "--job", &job, "--worker", "w3"])
+        .stdout(full_disk())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("was created but not delivered, so it has been revoked"),
+        "{err}"
+    );
     let text = kv(&env.ok(&["token", "issue", "--job", &job, "--worker", "w2"]));
     assert_eq!(get(&text["COORDINATOR_JOB_TOKEN"]), 200);
     assert!(!text["COORDINATOR_TOKEN_ID"].is_empty());
@@ -1533,14 +1731,18 @@ crate::plain_tests!(
     caller_add_list_disable,
     secrets_are_shown_once_and_rotate,
     rewrap_moves_rows_to_the_new_master_key,
+    rotate_without_grace_says_the_older_versions_stopped,
     api_keys_issue_list_revoke,
     config_errors_exit_2_with_one_line,
     an_unmigrated_database_is_refused,
+    help_never_shows_the_database_password,
+    a_secret_that_cannot_be_written_fails_and_is_revoked,
     sign_matches_the_library,
     sign_reads_the_dev_credentials_file,
     call_signs_sends_and_explains,
     call_never_mixes_credential_sources,
     call_warns_before_sending_a_credential_over_plain_http_to_another_host,
+    call_fails_on_a_redirect_and_names_its_location,
     serve_dev_shows_credentials_once_and_keeps_its_state_private,
     a_master_key_file_readable_by_others_gets_a_warning,
     dev_flag_uses_the_dev_state,

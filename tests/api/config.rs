@@ -493,6 +493,182 @@ fn dot_env_writable_by_others_or_owned_by_another_user_is_refused() {
     }
 }
 
+/// Review finding: a variable set twice took the first value, while a shell's `. file`
+/// takes the last: refused (exit 2), naming the variable and never a value.
+fn an_env_file_that_sets_a_variable_twice_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "DATABASE_URL=sqlite://./first.db\nCOORDINATOR_INSECURE_HTTP=true\n\
+                DATABASE_URL=sqlite://./Second-V4lue.db\n";
+    write_mode(&dir.path().join("dup.env"), text, 0o600);
+    write_mode(&dir.path().join(".env"), text, 0o600);
+    for args in [&["migrate", "--env-file", "dup.env"][..], &["migrate"]] {
+        let out = run_in(dir.path(), args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("DATABASE_URL is set more than once"),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains("first.db") && !stderr.contains("V4lue"),
+            "{stderr}"
+        );
+        assert!(!dir.path().join("first.db").exists());
+    }
+}
+
+/// Review finding: an env file holding a secret that other users can read was used
+/// without a word (only write access was checked). One warning line, no value.
+fn an_env_file_with_a_secret_readable_by_others_gets_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = coordinator::crypto::seal::MasterKey::generate()
+        .to_base64()
+        .to_string();
+    let sqlite = "DATABASE_URL=sqlite://./x.db\n";
+    let cases: [(String, u32, bool); 7] = [
+        (
+            format!("COORDINATOR_MASTER_KEY={key}\n{sqlite}"),
+            0o644,
+            true,
+        ),
+        (
+            format!("COORDINATOR_MASTER_KEY={key}\n{sqlite}"),
+            0o640,
+            true,
+        ),
+        (
+            format!("COORDINATOR_MASTER_KEY={key}\n{sqlite}"),
+            0o600,
+            false,
+        ),
+        (
+            format!("COORDINATOR_MASTER_KEY_PREVIOUS={key}\n{sqlite}"),
+            0o604,
+            true,
+        ),
+        (format!("COORDINATOR_API_KEY={key}\n{sqlite}"), 0o644, true),
+        (
+            "DATABASE_URL=postgres://svc:Pa55w0rdXyz@127.0.0.1:1/db\n".to_owned(),
+            0o644,
+            true,
+        ),
+        (
+            "DATABASE_URL=postgres://svc@127.0.0.1:1/db\n".to_owned(),
+            0o644,
+            false,
+        ),
+    ];
+    for (text, mode, warned) in cases {
+        // Named by its variable in failures, never by its value.
+        let var = text.split('=').next().unwrap_or_default().to_owned();
+        write_mode(&dir.path().join("s.env"), &text, mode);
+        // `--help` exits 0 once the file is loaded, whatever the database.
+        let out = run_in(
+            dir.path(),
+            &["--env-file", "s.env", "migrate", "--help"],
+            &[],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{var} {mode:o}: {stderr}");
+        let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning")).collect();
+        if warned {
+            assert_eq!(warnings.len(), 1, "{var} {mode:o}: {stderr}");
+            assert!(
+                warnings[0].contains("s.env") && warnings[0].contains("chmod 600"),
+                "{stderr}"
+            );
+        } else {
+            assert!(warnings.is_empty(), "{var} {mode:o}: {stderr}");
+        }
+        assert!(
+            !stderr.contains(&key) && !stderr.contains("Pa55w0rd"),
+            "{stderr}"
+        );
+    }
+}
+
+/// The environment wins over an explicit `--env-file`; when their values differ that
+/// is said once per variable, by name only.
+fn an_env_file_value_the_environment_overrides_gets_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "DATABASE_URL=sqlite://./from-file.db\nCOORDINATOR_DB_POOL_SIZE=4\n";
+    write_mode(&dir.path().join("o.env"), text, 0o600);
+    write_mode(&dir.path().join(".env"), text, 0o600);
+    let overridden = |args: &[&str], vars: &[(&str, &str)]| -> Vec<String> {
+        let out = run_in(dir.path(), args, vars);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            !stderr.contains("from-file") && !stderr.contains("from-var"),
+            "{stderr}"
+        );
+        stderr
+            .lines()
+            .filter(|l| l.contains("warning"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let vars = [
+        ("DATABASE_URL", "sqlite://./from-var.db"),
+        ("COORDINATOR_DB_POOL_SIZE", "4"),
+    ];
+    let warnings = overridden(&["--env-file", "o.env", "migrate"], &vars);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("DATABASE_URL") && warnings[0].contains("o.env"),
+        "{warnings:?}"
+    );
+    assert!(dir.path().join("from-var.db").exists());
+    // The same value: nothing to say. The implicit ./.env: as before, quietly.
+    let same = [("DATABASE_URL", "sqlite://./from-file.db")];
+    assert!(overridden(&["--env-file", "o.env", "migrate"], &same).is_empty());
+    assert!(overridden(&["migrate"], &vars).is_empty());
+}
+
+/// Review finding: a missing argument's error lost its name (the line after "the
+/// following required arguments were not provided:").
+fn a_missing_argument_is_named() {
+    for (args, named) in [
+        (&["key", "issue"][..], "<CALLER>"),
+        (&["secret", "revoke", "svc"], "<VERSION>"),
+    ] {
+        let (out, dir) = run(args, &[]);
+        assert_config_error(&out, &dir, named, &args.join(" "));
+    }
+}
+
+/// Review finding: `--bind localhost:…` was told "expected HOST:PORT", though only an
+/// IP address is taken.
+fn a_bind_address_that_is_a_name_is_told_ip_port() {
+    let (out, dir) = run(
+        &["serve", "--bind", "localhost:8080"],
+        &[
+            ("DATABASE_URL", SQLITE_URL),
+            ("COORDINATOR_MASTER_KEY", MASTER_KEY),
+        ],
+    );
+    assert_config_error(&out, &dir, "COORDINATOR_BIND", "--bind localhost:8080");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("expected IP:PORT"), "{stderr}");
+}
+
+/// Review finding: a PostgreSQL URL whose port is not a number failed only when
+/// connecting (exit 1, "cannot connect"), not as a bad setting (exit 2).
+fn a_database_port_that_is_not_a_number_exits_2() {
+    for url in [
+        "postgres://svc:Pa55w0rdXyz@127.0.0.1:54x2/db",
+        "postgres://svc:Pa55w0rdXyz@h1:5432,[::1]:70000/db",
+        "postgresql://svc:Pa55w0rdXyz@127.0.0.1/db?port=abc",
+    ] {
+        let (out, dir) = run(&["key", "list"], &[("DATABASE_URL", url)]);
+        assert_config_error(&out, &dir, "DATABASE_URL", url);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("port"), "{stderr}");
+        assert!(!stderr.contains("Pa55w0rd"), "{stderr}");
+    }
+}
+
 /// Secrets are never command-line flags (every local user can read those in `ps`): the
 /// flags are refused with a pointer to the variable, without echoing the value.
 fn secrets_are_not_accepted_as_flags() {
@@ -606,6 +782,12 @@ crate::plain_tests!(
     dot_env_is_not_read_from_a_parent_directory,
     dot_env_in_the_working_directory_is_read_and_named,
     dot_env_writable_by_others_or_owned_by_another_user_is_refused,
+    an_env_file_that_sets_a_variable_twice_is_refused,
+    an_env_file_with_a_secret_readable_by_others_gets_a_warning,
+    an_env_file_value_the_environment_overrides_gets_a_warning,
+    a_missing_argument_is_named,
+    a_bind_address_that_is_a_name_is_told_ip_port,
+    a_database_port_that_is_not_a_number_exits_2,
     secrets_are_not_accepted_as_flags,
     debug_output_redacts_the_database_url,
     tls_settings_that_cannot_work_name_their_variable,
