@@ -80,8 +80,9 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
         .collect();
     refuse_duplicates(&entries).map_err(|name| {
         ConfigError(format!(
-            "{}: {name} is set more than once; a shell sourcing the file takes the last \
-             value and this command the first, so keep only one",
+            "{}: {name} is set more than once; which value counts would differ between \
+             a shell sourcing the file (the last) and a reader taking the first, so keep \
+             only one",
             shown.display()
         ))
     })?;
