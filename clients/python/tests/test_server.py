@@ -63,10 +63,12 @@ def test_wrong_secret_is_401_with_the_servers_canonical(env: Dict[str, str]) -> 
 
 
 def test_signed_request_with_query_and_non_ascii_path(client: Client) -> None:
-    # Signed exactly as sent: the server recomputes the same canonical string and then
-    # answers for the route (404: no such job), not 401.
+    # Signed exactly as sent (a percent-encoded UTF-8 value, parameters in no order):
+    # the server recomputes the same canonical string and answers for the route, not 401.
+    page = client.request("GET", "/coordinator/jobs?kind=%E2%9C%93&queue=q-none&limit=2")
+    assert page.status_code == 200 and page.json()["items"] == []
     with pytest.raises(NotFound):
-        client.request("GET", f"/coordinator/jobs/{uuid.uuid4()}?x=%E2%9C%93&b=2&a=1")
+        client.request("GET", f"/coordinator/jobs/{uuid.uuid4()}/events?after=0")
     with pytest.raises(BadRequest) as e:
         client.claim("café", "w1")  # percent-encoded UTF-8 in the path, then refused
     assert e.value.field == "queue"
