@@ -753,12 +753,23 @@ fn h2_status_is_200(cfg: &Arc<rustls::ClientConfig>, port: u16, origin: &str) ->
     out.extend(h2_frame(1, 0x4 | 0x1, 1, &block)); // HEADERS, END_HEADERS, END_STREAM
     tls.write_all(&out).unwrap();
     tls.flush().unwrap();
+    h2_answers(&mut tls)
+        .into_iter()
+        .find(|(stream, _)| *stream == 1)
+        .map(|(_, block)| block.first() == Some(&0x88))
+}
+
+/// Read frames (for up to 10 s, acknowledging the server's SETTINGS) until some
+/// arrive that answer a request stream: each such HEADERS frame's stream and header
+/// block, in the order read. Empty when none came.
+fn h2_answers(tls: &mut Tls) -> Vec<(u32, Vec<u8>)> {
     let mut buf = Vec::new();
+    let mut answered = Vec::new();
     let end = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < end {
+    while answered.is_empty() && Instant::now() < end {
         let mut chunk = [0u8; 4096];
         match tls.read(&mut chunk) {
-            Ok(0) => return None,
+            Ok(0) => break,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e)
                 if matches!(
@@ -778,13 +789,13 @@ fn h2_status_is_200(cfg: &Arc<rustls::ClientConfig>, port: u16, origin: &str) ->
                 tls.write_all(&h2_frame(4, 1, 0, &[])).unwrap();
                 tls.flush().unwrap();
             }
-            if kind == 1 && stream == 1 {
-                return Some(buf.get(9) == Some(&0x88));
+            if kind == 1 && stream != 0 {
+                answered.push((stream, buf[9..9 + len].to_vec()));
             }
             buf.drain(..9 + len);
         }
     }
-    None
+    answered
 }
 
 fn http2_bodies_without_a_length_are_counted() {
@@ -828,39 +839,7 @@ fn http2_bodies_without_a_length_are_counted() {
     }
     tls.write_all(&out).unwrap();
     tls.flush().unwrap();
-    // Read frames until one answers a request stream; acknowledge the server's SETTINGS.
-    let mut buf = Vec::new();
-    let mut answered = Vec::new();
-    let end = Instant::now() + Duration::from_secs(10);
-    while answered.is_empty() && Instant::now() < end {
-        let mut chunk = [0u8; 4096];
-        match tls.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => panic!("read: {e}"),
-        }
-        while buf.len() >= 9 {
-            let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
-            if buf.len() < 9 + len {
-                break;
-            }
-            let (kind, flags) = (buf[3], buf[4]);
-            let stream = u32::from_be_bytes([buf[5] & 0x7f, buf[6], buf[7], buf[8]]);
-            if kind == 4 && flags & 1 == 0 {
-                tls.write_all(&h2_frame(4, 1, 0, &[])).unwrap();
-                tls.flush().unwrap();
-            }
-            if kind == 1 && stream != 0 {
-                answered.push(stream);
-            }
-            buf.drain(..9 + len);
-        }
-    }
+    let answered: Vec<u32> = h2_answers(&mut tls).into_iter().map(|(s, _)| s).collect();
     // 32 wait for their bodies; one, the stream that found its address at the bound,
     // was answered (429) at once.
     assert_eq!(answered.len(), 1, "streams answered: {answered:?}");
