@@ -731,17 +731,25 @@ fn hpack(headers: &[(&str, &str)]) -> Vec<u8> {
 /// of the instance (review finding, 2026-12-06). Now 33 streams of one address, each
 /// with one byte of its body sent, hold 32 places and the one left over is answered at
 /// once.
-/// One HTTP/2 `GET /coordinator/health` with this `Origin` (and `:authority`
-/// `localhost:PORT`): whether its answer was 200 (`:status` 200 is HPACK static index
-/// 8, so its header block starts with 0x88); `None` without an answer.
-fn h2_status_is_200(cfg: &Arc<rustls::ClientConfig>, port: u16, origin: &str) -> Option<bool> {
-    let mut tls = connect(cfg, port, "localhost").ok()?;
+/// An HTTP/2 connection (ALPN `h2`, reads time out after 100 ms) and the bytes that
+/// open it: the client preface and an empty SETTINGS frame, for the caller to send
+/// with its first frames.
+fn h2_connect(cfg: &Arc<rustls::ClientConfig>, port: u16) -> Result<(Tls, Vec<u8>), String> {
+    let tls = connect(cfg, port, "localhost")?;
     assert_eq!(tls.conn.alpn_protocol(), Some(&b"h2"[..]));
     tls.sock
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     out.extend(h2_frame(4, 0, 0, &[]));
+    Ok((tls, out))
+}
+
+/// One HTTP/2 `GET /coordinator/health` with this `Origin` (and `:authority`
+/// `localhost:PORT`): whether its answer was 200 (`:status` 200 is HPACK static index
+/// 8, so its header block starts with 0x88); `None` without an answer.
+fn h2_status_is_200(cfg: &Arc<rustls::ClientConfig>, port: u16, origin: &str) -> Option<bool> {
+    let (mut tls, mut out) = h2_connect(cfg, port).ok()?;
     let authority = format!("localhost:{port}");
     let block = hpack(&[
         (":method", "GET"),
@@ -812,13 +820,7 @@ fn http2_bodies_without_a_length_are_counted() {
         return;
     };
     let port = port_of(&app);
-    let mut tls = connect(&client(&ca, None, &[b"h2"]), port, "localhost").unwrap();
-    assert_eq!(tls.conn.alpn_protocol(), Some(&b"h2"[..]));
-    tls.sock
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(h2_frame(4, 0, 0, &[]));
+    let (mut tls, mut out) = h2_connect(&client(&ca, None, &[b"h2"]), port).unwrap();
     let ts = now_secs().to_string();
     let zeros = "0".repeat(64);
     let authority = format!("localhost:{port}");
