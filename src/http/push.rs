@@ -216,18 +216,22 @@ pub async fn long_claim(
             let ms = u64::try_from(at.saturating_sub(now_ms)).unwrap_or(0);
             until = until.min(now + Duration::from_millis(ms));
         }
-        let sleep = actix_web::rt::time::sleep(until.saturating_duration_since(now));
-        let closed = state.notifier.closed();
-        woken_by = match select(
-            Box::pin(sub.changed()),
-            select(Box::pin(sleep), Box::pin(closed)),
-        )
-        .await
+        // Woken by a change, at the deadline or the next due job, or by the shutdown or a
+        // credential change: each leads to the next look, which ends the wait when the
+        // credential no longer holds (401) or the instance is closing (204).
+        let until = actix_web::rt::time::Instant::from_std(until);
+        woken_by = match wait_for_change(&state, &principal, "waiting claim", sub.changed(), until)
+            .await
         {
-            Either::Left((at, _)) => Some(at),
-            Either::Right(_) => None,
+            Wait::Woken(at) => Some(at),
+            Wait::TimeUp | Wait::End => None,
         };
     }
+}
+
+/// The end of a stream's wait: its next keep-alive.
+fn keep_alive() -> actix_web::rt::time::Instant {
+    actix_web::rt::time::Instant::now() + KEEP_ALIVE
 }
 
 /// `GET /coordinator/jobs/{id}/events` as JSON.
@@ -290,33 +294,35 @@ fn sse_event(out: &mut String, e: EventRow) {
     out.push_str(&format!("id: {seq}\nevent: {kind}\ndata: {data}\n\n"));
 }
 
-/// How a stream's wait ended.
+/// How a wait for a change ended.
 enum Wait<T> {
     /// What it waited for came.
     Woken(T),
-    /// Nothing for `KEEP_ALIVE`: time for a keep-alive comment.
-    KeepAlive,
+    /// Nothing until the wait's end (a stream's keep-alive, a claim's deadline or the
+    /// next due job).
+    TimeUp,
     /// The instance is shutting down, or the credential no longer holds.
     End,
 }
 
-/// Wait for `next` (a stream's next change), at most `KEEP_ALIVE`. A credential change
-/// (any instance's, seen by the credential store's or the revocation set's poll) is
-/// checked at once: the stream ends if its credential no longer holds, else goes on
-/// waiting. So an idle stream ends within a poll of a revocation rather than at its
-/// next keep-alive; each check first waits a random moment of up to a poll interval,
-/// so the streams a change wakes together do not all read at once.
-async fn wait<T>(
+/// Wait for `next` (a stream's next change, a claimable job), at most until `until`. A
+/// credential change (any instance's, seen by the credential store's or the revocation
+/// set's poll) is checked at once: the wait ends if its credential no longer holds,
+/// else goes on. So an idle stream or a waiting claim ends within a poll of a
+/// revocation rather than at its next keep-alive or deadline; each check first waits a
+/// random moment of up to a poll interval, so the waiters a change wakes together do
+/// not all read at once.
+async fn wait_for_change<T>(
     state: &AppState,
     principal: &Principal,
     what: &str,
     next: impl std::future::Future<Output = T>,
+    until: actix_web::rt::time::Instant,
 ) -> Wait<T> {
-    let keep_alive = actix_web::rt::time::Instant::now() + KEEP_ALIVE;
     let mut next = Box::pin(next);
     let mut changed = Box::pin(Principal::credentials_changed(&state.auth));
     loop {
-        let sleep = actix_web::rt::time::sleep_until(keep_alive);
+        let sleep = actix_web::rt::time::sleep_until(until);
         let closed = state.notifier.closed();
         match select(
             select(next.as_mut(), changed.as_mut()),
@@ -334,7 +340,7 @@ async fn wait<T>(
                     return Wait::End;
                 }
             }
-            Either::Right((Either::Left(_), _)) => return Wait::KeepAlive,
+            Either::Right((Either::Left(_), _)) => return Wait::TimeUp,
             Either::Right((Either::Right(_), _)) => return Wait::End,
         }
     }
@@ -435,9 +441,17 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
         if status.is_terminal() {
             return None;
         }
-        let woken = match wait(&s.state, &s.principal, "event stream", s.sub.changed()).await {
+        let woken = match wait_for_change(
+            &s.state,
+            &s.principal,
+            "event stream",
+            s.sub.changed(),
+            keep_alive(),
+        )
+        .await
+        {
             Wait::Woken(_) => true,
-            Wait::KeepAlive => false,
+            Wait::TimeUp => false,
             Wait::End => return None,
         };
         if !woken {
@@ -576,9 +590,17 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
     if s.done || s.state.notifier.is_closing() {
         return None;
     }
-    let got = match wait(&s.state, &s.principal, "queue stream", s.sub.recv()).await {
+    let got = match wait_for_change(
+        &s.state,
+        &s.principal,
+        "queue stream",
+        s.sub.recv(),
+        keep_alive(),
+    )
+    .await
+    {
         Wait::Woken(r) => Some(r),
-        Wait::KeepAlive => None,
+        Wait::TimeUp => None,
         Wait::End => return None,
     };
     if !still_holds(&s.state, &s.principal, "queue stream").await {

@@ -27,6 +27,7 @@ backend_tests!(
     an_open_stream_ends_once_its_credential_no_longer_holds,
     an_idle_stream_ends_soon_after_its_credential_goes,
     a_waiting_claim_takes_no_job_once_its_caller_is_disabled,
+    a_waiting_claim_ends_soon_after_its_credential_goes,
     a_queue_stream_without_jobs_read_carries_no_event_data,
     shutdown_ends_streams_and_waiting_claims_and_loses_no_write,
 );
@@ -1147,6 +1148,50 @@ fn a_waiting_claim_takes_no_job_once_its_caller_is_disabled(backend: Backend) {
     assert_eq!(r.problem(401)["reason"], "caller disabled", "{}", r.body);
     let job = app.get(&format!("/coordinator/jobs/{id}"));
     assert_eq!(job.json()["status"], "QUEUED", "{}", job.body);
+}
+
+/// A waiting claim whose caller is disabled, or whose key is revoked, ends with 401
+/// within a poll of it, with no job change to wake it (before, it held its slot until
+/// its deadline). A waiter whose credential holds goes on waiting.
+fn a_waiting_claim_ends_soon_after_its_credential_goes(backend: Backend) {
+    let Some(app) = crate::app!(backend) else {
+        return;
+    };
+    let claimer = app.caller("claimer", &[Scope::JobsUpdate]);
+    let by_key = app.api_key("keyed", &[Scope::JobsUpdate]);
+    let url = app.url("/coordinator/queues/gone/claim");
+    let keyed = std::thread::spawn(move || {
+        let h = [
+            ("X-API-Key", by_key.as_str()),
+            ("content-type", "application/json"),
+        ];
+        crate::helpers::send(&url, "POST", &h, br#"{"worker":"k","wait":30}"#)
+    });
+    let signed = spawn_claim_by(&app, &claimer, "gone", 30.0, "s");
+    let kept = spawn_claim(&app, "gone", 30.0, "kept");
+    until_waiting(&app, 3);
+    let cut = Instant::now();
+    coordinator::auth::credentials::disable_caller(&app.state.db, "claimer").expect("disable");
+    let rows =
+        coordinator::auth::credentials::list_keys(&app.state.db, Some("keyed")).expect("keys");
+    coordinator::auth::credentials::revoke_key(&app.state.db, &rows[0].id).expect("revoke");
+    let (r, _) = signed.join().expect("signed waiter");
+    assert_eq!(r.problem(401)["reason"], "caller disabled", "{}", r.body);
+    let r = keyed.join().expect("keyed waiter");
+    assert_eq!(r.problem(401)["reason"], "revoked", "{}", r.body);
+    // Well before the 30 s deadline, with no job change.
+    assert!(
+        cut.elapsed() < Duration::from_secs(5),
+        "ended only after {:?}",
+        cut.elapsed()
+    );
+    // The other waiter still waits, and gets the next job.
+    assert_eq!(app.state.notifier.counts().0, 1);
+    let id = pending(&app, "gone");
+    to_queued(&app, &id);
+    let (r, _) = kept.join().expect("kept waiter");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["id"], id);
 }
 
 /// The queue stream needs only `health:read`; what changed in a job (messages,
