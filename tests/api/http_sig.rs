@@ -16,6 +16,7 @@ backend_tests!(
     refusals_name_the_rule_and_show_the_base,
     expires_and_replay_are_honoured,
     no_fallback_to_another_scheme,
+    a_host_that_is_no_authority_is_refused,
 );
 
 fn b64(bytes: &[u8]) -> String {
@@ -287,4 +288,72 @@ fn no_fallback_to_another_scheme(b: Backend) {
         b"",
     );
     assert_eq!(r.status, 401);
+}
+
+/// `@target-uri` is the scheme, the `Host` and the target run together, so a `Host`
+/// holding a path moved the split between them: a signature over
+/// `http://HOST/coordinator/health` verified for `GET /health` sent with
+/// `Host: HOST/coordinator`, a request to another path than the one signed (review,
+/// 2026-12-06). A `Host` (or `@authority`) that is no `host[:port]` is refused.
+fn a_host_that_is_no_authority_is_refused(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let authority = app.address.trim_start_matches("http://").to_owned();
+    for (components, header) in [
+        (&["@method", "@target-uri"][..], "@target-uri"),
+        (&["@method", "@authority", "@path"][..], "@authority"),
+    ] {
+        let sig = Sig::new(&app, components);
+        let base = if header == "@target-uri" {
+            format!(
+                "\"@method\": GET\n\"@target-uri\": http://{authority}/coordinator/health\n\"@signature-params\": {}",
+                sig.params()
+            )
+        } else {
+            format!(
+                "\"@method\": GET\n\"@authority\": {authority}/coordinator\n\"@path\": /health\n\"@signature-params\": {}",
+                sig.params()
+            )
+        };
+        let mac = rfc9421::sign(&app.signer.secret, &base);
+        let r = send(
+            &app.url("/health"),
+            "GET",
+            &[
+                ("host", &format!("{authority}/coordinator")),
+                ("signature-input", &format!("sig1={}", sig.params())),
+                ("signature", &format!("sig1=:{}:", b64(&mac))),
+            ],
+            b"",
+        );
+        assert_eq!(r.problem(401)["reason"], "malformed host", "{header}");
+    }
+    // Other spellings that are no authority either.
+    let user = format!("user@{authority}");
+    for host in [user.as_str(), "a b", "h?x", "h#x", ""] {
+        let sig = Sig::new(&app, &["@method", "@target-uri"]);
+        let r = send(
+            &app.url("/coordinator/health"),
+            "GET",
+            &[
+                ("host", host),
+                ("signature-input", &format!("sig1={}", sig.params())),
+                (
+                    "signature",
+                    "sig1=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:",
+                ),
+            ],
+            b"",
+        );
+        assert_eq!(r.problem(401)["reason"], "malformed host", "{host:?}");
+    }
+    // A real authority (any case, an IP literal, a port) still verifies.
+    let r = signed(
+        &app,
+        &Sig::new(&app, &["@method", "@target-uri"]),
+        "GET",
+        "/coordinator/health",
+        b"",
+        false,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
 }

@@ -264,6 +264,13 @@ pub async fn precheck_http_sig(
     )
     .map_err(fail)?;
     check_window(ctx, input.created)?;
+    let names_authority = input
+        .components
+        .iter()
+        .any(|c| matches!(c, Component::TargetUri | Component::Authority));
+    if names_authority && host(req).is_some_and(|h| !rfc9421::is_authority(&h)) {
+        return Err(fail("malformed host"));
+    }
     if input.expires.is_some_and(|e| e < now_millis() / 1000) {
         return Err(fail("signature expired"));
     }
@@ -276,13 +283,16 @@ pub async fn precheck_http_sig(
     })
 }
 
+/// The request's authority: its `Host`, else (HTTP/2) the URI's.
+fn host(req: &ServiceRequest) -> Option<String> {
+    header(req, &HOST)
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+}
+
 /// A covered component's value in this request (`None`: absent).
 fn component_value(req: &ServiceRequest, scheme: &str, c: &Component) -> Option<String> {
-    let host = || {
-        header(req, &HOST)
-            .map(str::to_owned)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-    };
+    let host = || host(req);
     Some(match c {
         Component::Method => req.method().as_str().to_owned(),
         Component::TargetUri => {

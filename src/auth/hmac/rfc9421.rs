@@ -325,6 +325,19 @@ pub fn check_content_digest(header: &str, body: &[u8]) -> Result<(), &'static st
     }
 }
 
+/// Whether a `Host` value (or a request's authority) is a `host[:port]` (RFC 9110
+/// §7.2: a reg-name, IPv4 address or IP literal, and a port): no user info and nothing
+/// of a path, query or fragment. `@target-uri` runs the scheme, the authority and the
+/// target together, so a `Host` of `h/coordinator` with the target `/health` would
+/// read as the same URI as `h` with `/coordinator/health`: a signature over one
+/// request verified for another path.
+pub fn is_authority(host: &str) -> bool {
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
+}
+
 /// `@authority`: the Host, lower-cased, default port removed.
 pub fn authority(host: &str, scheme: &str) -> String {
     let h = host.trim().to_ascii_lowercase();
@@ -540,6 +553,31 @@ mod tests {
             check_content_digest("sha-256=abc", body),
             Err("malformed content-digest")
         );
+    }
+
+    #[test]
+    fn an_authority_holds_no_path_user_or_query() {
+        for ok in [
+            "example.com",
+            "Example.COM:8080",
+            "127.0.0.1:80",
+            "[::1]:443",
+            "a_b-c.d~",
+        ] {
+            assert!(is_authority(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "h/coordinator",
+            "user@h",
+            "h?x",
+            "h#x",
+            "a b",
+            "h\\x",
+            "h\"x",
+        ] {
+            assert!(!is_authority(bad), "{bad}");
+        }
     }
 
     #[test]
