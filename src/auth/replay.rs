@@ -97,6 +97,13 @@ impl ReplayLog {
         }
     }
 
+    /// Record a (caller, signature) pair now rather than with the request's first
+    /// write: a request's other signatures (`hmac::finish_http_sig`). `Ok(false)` when
+    /// it was already recorded.
+    pub async fn record_now(&self, row: ReplayRow) -> Result<bool, StoreError> {
+        self.record(row).await
+    }
+
     /// Record the (caller, signature) pair; `Ok(false)` when it was already recorded (a
     /// replay).
     async fn record(&self, row: ReplayRow) -> Result<bool, StoreError> {

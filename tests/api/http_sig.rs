@@ -17,6 +17,7 @@ backend_tests!(
     expires_and_replay_are_honoured,
     no_fallback_to_another_scheme,
     a_host_that_is_no_authority_is_refused,
+    every_signature_of_a_request_is_used_once,
 );
 
 fn b64(bytes: &[u8]) -> String {
@@ -56,10 +57,21 @@ impl Sig {
     }
 }
 
-/// Send `method target` signed with `sig`; `digest` adds a Content-Digest of `body`.
-fn signed(app: &TestApp, sig: &Sig, method: &str, target: &str, body: &[u8], digest: bool) -> Resp {
+fn digest_of(body: &[u8]) -> String {
+    format!("sha-256=:{}:", b64(&sha2::Sha256::digest(body)))
+}
+
+/// `sig`'s MAC under `secret` over `method target` with `body`, in base64.
+fn mac_of(
+    app: &TestApp,
+    secret: &str,
+    sig: &Sig,
+    method: &str,
+    target: &str,
+    body: &[u8],
+) -> String {
     let authority = app.address.trim_start_matches("http://").to_owned();
-    let digest_value = format!("sha-256=:{}:", b64(&sha2::Sha256::digest(body)));
+    let digest_value = digest_of(body);
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p.to_owned(), format!("?{q}")),
         None => (target.to_owned(), "?".to_owned()),
@@ -79,9 +91,15 @@ fn signed(app: &TestApp, sig: &Sig, method: &str, target: &str, body: &[u8], dig
         base.push_str(&format!("\"{c}\": {v}\n"));
     }
     base.push_str(&format!("\"@signature-params\": {}", sig.params()));
-    let mac = rfc9421::sign(&app.signer.secret, &base);
+    b64(&rfc9421::sign(secret, &base))
+}
+
+/// Send `method target` signed with `sig`; `digest` adds a Content-Digest of `body`.
+fn signed(app: &TestApp, sig: &Sig, method: &str, target: &str, body: &[u8], digest: bool) -> Resp {
+    let digest_value = digest_of(body);
+    let mac = mac_of(app, &app.signer.secret, sig, method, target, body);
     let input = format!("sig1={}", sig.params());
-    let signature = format!("sig1=:{}:", b64(&mac));
+    let signature = format!("sig1=:{mac}:");
     let mut headers = vec![
         ("signature-input", input.as_str()),
         ("signature", signature.as_str()),
@@ -356,4 +374,78 @@ fn a_host_that_is_no_authority_is_refused(b: Backend) {
         false,
     );
     assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// A request carrying two valid signatures (two callers here; two secret versions of one
+/// caller are the same case) runs once: sent again with the labels swapped, or with
+/// either signature alone, it is a replay. Before, the replay record held only the
+/// chosen signature, so each of these ran the create again.
+fn every_signature_of_a_request_is_used_once(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let second = app.caller("second", &[coordinator::auth::Scope::JobsCreate]);
+    let body = br#"{"kind":"two-signatures"}"#;
+    let target = "/coordinator/jobs";
+    let mine = Sig::new(&app, &FULL);
+    let mut theirs = Sig::new(&app, &FULL);
+    theirs.keyid = second.caller.clone();
+    let mac_mine = mac_of(&app, &app.signer.secret, &mine, "POST", target, body);
+    let mac_theirs = mac_of(&app, &second.secret, &theirs, "POST", target, body);
+    let digest = digest_of(body);
+    let send_with = |labels: &[(&str, &Sig, &str)]| {
+        let input: Vec<String> = labels
+            .iter()
+            .map(|(l, sig, _)| format!("{l}={}", sig.params()))
+            .collect();
+        let signature: Vec<String> = labels
+            .iter()
+            .map(|(l, _, m)| format!("{l}=:{m}:"))
+            .collect();
+        send(
+            &app.url(target),
+            "POST",
+            &[
+                ("signature-input", &input.join(", ")),
+                ("signature", &signature.join(", ")),
+                ("content-type", "application/json"),
+                ("content-digest", &digest),
+            ],
+            body,
+        )
+    };
+    let r = send_with(&[
+        ("coordinator", &mine, &mac_mine),
+        ("other", &theirs, &mac_theirs),
+    ]);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let attempts: [&[(&str, &Sig, &str)]; 3] = [
+        &[
+            ("other", &mine, &mac_mine),
+            ("coordinator", &theirs, &mac_theirs),
+        ],
+        &[("coordinator", &theirs, &mac_theirs)],
+        &[("sig1", &mine, &mac_mine)],
+    ];
+    for (i, labels) in attempts.into_iter().enumerate() {
+        let r = send_with(labels);
+        assert_eq!(r.problem(401)["reason"], "replayed request", "attempt {i}");
+    }
+    let jobs = app.get("/coordinator/jobs?limit=100");
+    let made = jobs.json()["items"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter(|j| j["kind"] == "two-signatures")
+        .count();
+    assert_eq!(made, 1, "{}", jobs.body);
+    // A fresh pair of signatures runs (the first one's records do not spill over).
+    let mine = Sig::new(&app, &FULL);
+    let mut theirs = Sig::new(&app, &FULL);
+    theirs.keyid = second.caller.clone();
+    let mac_mine = mac_of(&app, &app.signer.secret, &mine, "POST", target, body);
+    let mac_theirs = mac_of(&app, &second.secret, &theirs, "POST", target, body);
+    let r = send_with(&[
+        ("other", &theirs, &mac_theirs),
+        ("coordinator", &mine, &mac_mine),
+    ]);
+    assert_eq!(r.status, 201, "{}", r.body);
 }

@@ -146,6 +146,35 @@ fn record_once(
     req.extensions_mut().insert(ctx.replays.defer(row));
 }
 
+/// Record the request's other signatures in the RFC 9421 profile as used, before the
+/// request runs, so none of them can run it again (alone, or relabelled as the
+/// preferred one). One of them already recorded means the request was run with it:
+/// refused as a replay. Unverified (a caller may attach anything next to its own valid
+/// signature), so each is recorded under the caller its `keyid` names, only while its
+/// `created` is in the window (it could not be used otherwise), and at most
+/// [`rfc9421::MAX_OTHER_SIGNATURES`] per request.
+async fn record_others(
+    ctx: &AuthContext,
+    others: &[rfc9421::OtherSignature],
+) -> Result<(), ApiError> {
+    let now = now_millis() / 1000;
+    for o in others {
+        if !wire::timestamp_in_window(o.created, now, ctx.settings.skew_secs) {
+            continue;
+        }
+        let expires_at = o
+            .created
+            .saturating_add(record_window_secs(ctx.settings.skew_secs))
+            .saturating_mul(1000);
+        let sig_hash = crate::crypto::sha256_hex(&o.signature);
+        let row = crate::db::replay::ReplayRow::new(&o.caller, sig_hash, o.created, expires_at);
+        if !ctx.replays.record_now(row).await? {
+            return Err(fail("replayed request"));
+        }
+    }
+    Ok(())
+}
+
 /// The cheap checks, before any body byte is read: header formats, the timestamp
 /// window, the caller known and enabled, a usable secret version.
 pub async fn precheck(
@@ -381,6 +410,7 @@ pub async fn finish_http_sig(
     };
     let key_ref: Arc<str> = format!("v{}", matched.version).into();
     audit.key_ref = Some(key_ref.clone());
+    record_others(ctx, &input.others).await?;
     record_once(ctx, req, &entry.name, &input.signature, input.created);
     ctx.store.touch(Touch::Secret {
         caller: entry.name.clone(),

@@ -86,7 +86,26 @@ pub struct SignatureInput {
     pub params: String,
     /// The signature bytes (an HMAC-SHA256: 32 bytes).
     pub signature: Vec<u8>,
+    /// The request's other signatures in this profile (see [`OtherSignature`]).
+    pub others: Vec<OtherSignature>,
 }
+
+/// A signature of the request besides the chosen one that is in this profile (its
+/// parameters parse, 32 bytes): it may be a second valid signature of this service's
+/// over the same request, by another caller or secret version. Such a signature, sent
+/// alone or under the preferred label, would run the request again, so once the
+/// chosen one has verified each of these is recorded as used as well (review,
+/// 2026-12-06: swapping the labels of two valid signatures ran a create twice).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherSignature {
+    pub caller: String,
+    pub created: i64,
+    pub signature: Vec<u8>,
+}
+
+/// The most other signatures in this profile a request may carry (each is one more
+/// replay record to write).
+pub const MAX_OTHER_SIGNATURES: usize = 4;
 
 /// What the request says about itself, for the required-components rule.
 #[derive(Debug, Clone, Copy)]
@@ -212,6 +231,7 @@ fn parameters(list: &InnerList) -> Result<SignatureInput, &'static str> {
         nonce,
         params,
         signature: Vec::new(),
+        others: Vec::new(),
     })
 }
 
@@ -269,7 +289,45 @@ pub fn parse(
     }
     input.label = label;
     input.signature = bytes.to_vec();
+    input.others = others(&inputs, &signatures, &input)?;
     Ok(input)
+}
+
+/// The request's signatures besides `chosen` that are in this profile, each (caller,
+/// signature) once and not the chosen one's.
+fn others(
+    inputs: &Dictionary,
+    signatures: &Dictionary,
+    chosen: &SignatureInput,
+) -> Result<Vec<OtherSignature>, &'static str> {
+    let mut found: Vec<OtherSignature> = Vec::new();
+    for (label, entry) in inputs {
+        if label.as_str() == chosen.label {
+            continue;
+        }
+        let (ListEntry::InnerList(list), Some((_, ListEntry::Item(sig)))) =
+            (entry, signatures.iter().find(|(k, _)| *k == label))
+        else {
+            continue;
+        };
+        let (Ok(params), Some(bytes)) = (parameters(list), sig.bare_item.as_byte_sequence()) else {
+            continue;
+        };
+        let other = OtherSignature {
+            caller: params.caller,
+            created: params.created,
+            signature: bytes.to_vec(),
+        };
+        let same_as_chosen = other.caller == chosen.caller && other.signature == chosen.signature;
+        if bytes.len() != 32 || same_as_chosen || found.contains(&other) {
+            continue;
+        }
+        if found.len() == MAX_OTHER_SIGNATURES {
+            return Err("too many signatures");
+        }
+        found.push(other);
+    }
+    Ok(found)
 }
 
 /// The signature base (RFC 9421 §2.5). `value` gives each covered component's value
@@ -423,6 +481,7 @@ mod tests {
             nonce: None,
             params,
             signature: Vec::new(),
+            others: Vec::new(),
         };
         let base = signature_base(&s, |c| {
             Some(match c.name() {
@@ -553,6 +612,47 @@ mod tests {
             check_content_digest("sha-256=abc", body),
             Err("malformed content-digest")
         );
+    }
+
+    #[test]
+    fn the_other_signatures_in_this_profile_are_listed() {
+        let sigs = format!(
+            "{}, {}, {}, {}",
+            sig_header("coordinator", &[3; 32]),
+            sig_header("x", &[1; 32]),
+            sig_header("proxy", &[2; 32]),
+            sig_header("copy", &[3; 32])
+        );
+        let input = r#"coordinator=("@method" "@path");created=1;keyid="c", x=("@authority");created=2;keyid="a:2", proxy=("@method");created=1;keyid="p";foo=1, copy=("@method" "@path");created=1;keyid="c""#;
+        let s = parse(input, &sigs, NO_BODY).expect("parses");
+        // `x` covers too little to be chosen but could be another valid signature; the
+        // proxy's has a parameter of another profile; `copy` is the chosen one again.
+        assert_eq!(
+            s.others,
+            vec![OtherSignature {
+                caller: "a".into(),
+                created: 2,
+                signature: vec![1; 32],
+            }]
+        );
+        // At most MAX_OTHER_SIGNATURES of them.
+        let labels: Vec<String> = (0..=MAX_OTHER_SIGNATURES)
+            .map(|i| format!("o{i}"))
+            .collect();
+        let mut input = vec![r#"coordinator=("@method" "@path");created=1;keyid="c""#.to_owned()];
+        let mut sigs = vec![sig_header("coordinator", &[3; 32])];
+        for (i, l) in labels.iter().enumerate() {
+            input.push(format!(r#"{l}=("@method");created=1;keyid="c""#));
+            sigs.push(sig_header(l, &[u8::try_from(i + 10).expect("small"); 32]));
+        }
+        assert_eq!(
+            parse(&input.join(", "), &sigs.join(", "), NO_BODY).err(),
+            Some("too many signatures")
+        );
+        input.pop();
+        sigs.pop();
+        let s = parse(&input.join(", "), &sigs.join(", "), NO_BODY).expect("four");
+        assert_eq!(s.others.len(), MAX_OTHER_SIGNATURES);
     }
 
     #[test]
