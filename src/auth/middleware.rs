@@ -743,7 +743,24 @@ pub async fn guard<B: MessageBody>(
             }
             res.map_into_left_body()
         }
-        Err(e) => req.into_response(e.error_response()).map_into_right_body(),
+        Err(e) => {
+            // A signature that verified is used even when the request is then refused
+            // (scope, query, a credential gone mid-body), as one the handler refuses
+            // is: a captured request must not run later, once it would be let through.
+            // A replay of it gets the 401; a record that could not be written leaves
+            // the refusal as it was.
+            let deferred = req.extensions_mut().remove::<Arc<Deferred>>();
+            let e = match &deferred {
+                Some(d) => match settle_replay(&gate.auth, d).await {
+                    Err(replayed @ ApiError::Unauthorized(_)) => {
+                        refuse(&gate.auth, &peer, replayed, &mut audit)
+                    }
+                    _ => e,
+                },
+                None => e,
+            };
+            req.into_response(e.error_response()).map_into_right_body()
+        }
     };
     Ok(finish(&gate, &audit, res, ip, started))
 }

@@ -421,6 +421,26 @@ fn a_replayed_write_changes_nothing_and_a_failed_request_burns_its_signature(b: 
     let r = send_with(&app, "PATCH", &path, &h, &[JSON_CT], bad);
     assert_401(&r, "replayed request");
 
+    // A request the guard refuses after its signature verified (a scope the caller
+    // lacks, a query the route does not read) burns it too.
+    let narrow = app.caller("narrow", &[Scope::HealthRead]);
+    let create = br#"{"kind":"refused"}"#;
+    let h = narrow.headers("POST", "/coordinator/jobs", create, now_secs());
+    let r = send_with(&app, "POST", "/coordinator/jobs", &h, &[JSON_CT], create);
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_401(
+        &send_with(&app, "POST", "/coordinator/jobs", &h, &[JSON_CT], create),
+        "replayed request",
+    );
+    let odd = "/coordinator/health?x=1";
+    let h = app.signer.headers("GET", odd, b"", now_secs());
+    let r = send_with(&app, "GET", odd, &h, &[], b"");
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_401(
+        &send_with(&app, "GET", odd, &h, &[], b""),
+        "replayed request",
+    );
+
     // A read: its record is written before the read runs.
     let get = format!("/coordinator/jobs/{id}");
     let h = app.signer.headers("GET", &get, b"", now_secs());
