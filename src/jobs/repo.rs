@@ -618,7 +618,7 @@ fn worker_move(row: &JobRow, change: &Change) -> Result<(), StoreError> {
 fn on_attempt(row: &JobRow, attempt: Option<i32>) -> Result<(), StoreError> {
     match attempt {
         Some(a) if a != row.attempts => Err(StoreError::StaleAttempt),
-        // A job that completed or failed has revoked its tokens (`job:<id>`); an
+        // A job that completed or failed has revoked its tokens (its attempts' keys); an
         // instance that has not seen that revocation yet (within a second) answers as
         // it will then, 401 `revoked`, not a 409 (a review saw the two instances
         // disagree). A cancelled job's token keeps its 409 `job-cancelled`.
@@ -949,25 +949,29 @@ pub fn extend_tokens_until(
     Ok(())
 }
 
-/// Tokens to revoke after this change, and until when: all of a job's tokens when it
-/// has ended; the tokens of the attempt that just ended when it went back to QUEUED;
-/// the tokens issued before any claim (attempt 0) when the first attempt has just
-/// started (its start time is this change's time).
+/// Tokens to revoke after this change, and until when: the tokens of the job's last
+/// attempt when it has ended (attempt 0 for one never claimed); the tokens of the
+/// attempt that just ended when it went back to QUEUED; the tokens issued before any
+/// claim (attempt 0) when the first attempt has just started (its start time is this
+/// change's time).
 ///
-/// "All" is every attempt's key (0 for tokens issued before the first claim), not the
-/// job-wide key: a redriven job gets new tokens, which the job-wide key would refuse
-/// until the old ones expire. Attempt numbers only grow (a redrive raises
-/// `maxAttempts` instead of resetting `attempts`), so no new token shares a key with
-/// a revoked one.
+/// An ended job's earlier attempts need nothing more: each was revoked when it ended,
+/// until `tokens_until` as it stood then, which no token of that attempt outlives (a
+/// token is only minted, or renewed, while its attempt is the job's current one, and
+/// the mint moves `tokens_until` in the same transaction). Revoking every attempt's key
+/// again (review, 2026-12-06) made one request's work grow with the job's attempts,
+/// which claims and hand-backs grow without bound, and a redrive, claim and cancel
+/// redid all of it. Keys are per attempt, not job-wide: a redriven job gets new
+/// tokens, which a job-wide key would refuse until the old ones expire. Attempt
+/// numbers only grow (a redrive raises `maxAttempts` instead of resetting
+/// `attempts`), so no new token shares a key with a revoked one.
 pub fn token_revocation(row: &JobRow, now: i64) -> Vec<(String, i64)> {
     use crate::db::revoked::attempt_key;
     let Some(until) = row.tokens_until.filter(|u| *u > now) else {
         return Vec::new();
     };
     match row.status() {
-        s if s.is_terminal() => (0..=row.attempts)
-            .map(|a| (attempt_key(&row.id, a), until))
-            .collect(),
+        s if s.is_terminal() => vec![(attempt_key(&row.id, row.attempts), until)],
         JobStatus::Queued if row.attempts > 0 => {
             vec![(attempt_key(&row.id, row.attempts), until)]
         }

@@ -23,6 +23,7 @@ backend_tests!(
     a_token_is_refused_from_its_exp_to_the_millisecond,
     a_renewal_keeps_the_tokens_own_lifetime,
     a_revocation_outlives_any_successor,
+    a_jobs_end_revokes_only_its_last_attempt,
 );
 
 fn a_requeued_job_refuses_the_previous_workers_token(b: Backend) {
@@ -648,5 +649,80 @@ fn a_revocation_outlives_any_successor(b: Backend) {
             &json!({"jti": "j-bad", "expiresAt": bad}),
         );
         assert_eq!(r.problem(400)["field"], "expiresAt", "{bad}");
+    }
+}
+
+/// Review finding (2026-12-06): a job's end revoked the key of every attempt it ever
+/// had again (`job:<id>:0` … `job:<id>:<attempts>`, each moved to the job's latest
+/// token expiry, so each a new row every instance reads again). One request did work in
+/// proportion to the job's attempts, which a caller holding `jobs:update` grows without
+/// bound (claim, hand back, claim …), and each redrive, claim and cancel redid all of it.
+/// The earlier attempts were revoked when they ended, for as long as their tokens live:
+/// the end revokes the last attempt only, and their tokens stay refused.
+fn a_jobs_end_revokes_only_its_last_attempt(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    use coordinator::db::revoked;
+    let id = app.create_job(&json!({"kind": "k", "queue": "ends"}));
+    let path = format!("/coordinator/jobs/{id}");
+    let status = |s: &str| {
+        let r = app.patch_json(&format!("{path}/status"), &json!({ "status": s }));
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    let claim = || {
+        let r = app.post_json("/coordinator/queues/ends/claim", &json!({"worker": "w"}));
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    // The revocation ids a step writes (a new row, or one moved to a later expiry).
+    let written_by = |step: &dyn Fn()| -> Vec<String> {
+        let before = app
+            .state
+            .db
+            .write_sync(revoked::max_revocation_seq)
+            .unwrap();
+        step();
+        app.state
+            .db
+            .write_sync(move |c| revoked::revoked_after(c, before, 10_000))
+            .unwrap()
+            .into_iter()
+            .map(|r| r.0)
+            .collect()
+    };
+    status("QUEUED");
+    let first = claim()["token"].as_str().unwrap().to_owned();
+    for _ in 0..9 {
+        status("QUEUED");
+        claim();
+    }
+    // A second on, so the last claim's token outlives every earlier one.
+    std::thread::sleep(Duration::from_millis(1100));
+    status("QUEUED");
+    let last = claim();
+    assert_eq!(last["attempts"], 11);
+    let token = last["token"].as_str().unwrap().to_owned();
+    let done = written_by(&|| {
+        let r = app.with_token(&token, "POST", &format!("{path}/fail"), br#"{"error":"e"}"#);
+        assert_eq!(r.status, 200, "{}", r.body);
+    });
+    assert_eq!(done, vec![format!("job:{id}:11")]);
+    for t in [&first, &token] {
+        let r = app.with_token(t, "GET", &path, b"");
+        assert_eq!(r.problem(401)["reason"], "revoked");
+    }
+    // Redriven, claimed a second later, cancelled: again only that attempt.
+    let r = app.request("POST", &format!("{path}/retry"), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.body);
+    std::thread::sleep(Duration::from_millis(1100));
+    let again = claim();
+    assert_eq!(again["attempts"], 12);
+    let cancelled = written_by(&|| {
+        let r = app.post_json(&format!("{path}/cancel"), &json!({}));
+        assert_eq!(r.status, 200, "{}", r.body);
+    });
+    assert_eq!(cancelled, vec![format!("job:{id}:12")]);
+    for t in [&first, &token, again["token"].as_str().unwrap()] {
+        let r = app.with_token(t, "GET", &path, b"");
+        assert_eq!(r.status, 409, "{}", r.body);
     }
 }
