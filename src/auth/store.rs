@@ -209,6 +209,9 @@ pub struct CredentialStore {
     /// When each caller's entry was last re-read because a request named a key version
     /// the cache did not know (at most once per `REREAD_EVERY` per caller).
     reread: Mutex<HashMap<String, Instant>>,
+    /// When the token-signing keys were last re-read because a token named a version
+    /// newer than any cached (at most once per `REREAD_EVERY`).
+    keys_reread: Mutex<Option<Instant>>,
     /// Database reads of one caller or one API key so far (a cache miss each).
     lookups: AtomicU64,
     /// Woken when the cache is dropped (a poll saw a new generation, or a local
@@ -240,6 +243,7 @@ impl CredentialStore {
             synced_at: Mutex::new(None),
             touched: Mutex::new(HashMap::new()),
             reread: Mutex::new(HashMap::new()),
+            keys_reread: Mutex::new(None),
             lookups: AtomicU64::new(0),
             dropped: tokio::sync::Notify::new(),
             confirmed: tokio::sync::Mutex::new(None),
@@ -628,6 +632,27 @@ impl CredentialStore {
         };
         self.admit(fetched.generation, |c| c.webhook = Some(entry))?;
         Ok(keys)
+    }
+
+    /// The token-signing keys read again from the database, bypassing the cache, when a
+    /// token names a version newer than any cached: a key rotated moments ago (by
+    /// `token rotate-key`), whose tokens another instance or `token issue` already
+    /// hands out. `None` when a re-read happened within `REREAD_EVERY` (the token is
+    /// then refused as before), so made-up versions cannot drive database reads.
+    pub async fn token_keys_reread(
+        &self,
+    ) -> Result<Option<Arc<Vec<super::token::TokenKey>>>, StoreError> {
+        {
+            let mut last = self.keys_reread.lock().map_err(poisoned)?;
+            if last.is_some_and(|t| t.elapsed() < REREAD_EVERY) {
+                return Ok(None);
+            }
+            *last = Some(Instant::now());
+        }
+        if let Ok(mut c) = self.cache.lock() {
+            c.token_keys = None;
+        }
+        self.token_keys().await.map(Some)
     }
 
     /// The job-token signing keys, newest first.

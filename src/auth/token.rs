@@ -479,7 +479,17 @@ pub async fn verify_header(
         .and_then(|k| k.strip_prefix('v'))
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| fail("invalid token"))?;
-    let keys = ctx.store.token_keys().await?;
+    let mut keys = ctx.store.token_keys().await?;
+    // A version newer than any held here: a key rotated moments ago, whose tokens
+    // another instance (or `token issue`) already hands out. Read the keys again (at
+    // most once a second) before refusing, as a signed request naming a secret version
+    // rotated elsewhere is (review, 2026-12-06: such tokens were `invalid token`, and
+    // counted as guesses, until this instance's next poll).
+    if keys.iter().all(|k| k.version < version) {
+        if let Some(fresh) = ctx.store.token_keys_reread().await? {
+            keys = fresh;
+        }
+    }
     let key = keys
         .iter()
         .find(|k| k.version == version)

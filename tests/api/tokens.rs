@@ -24,6 +24,7 @@ backend_tests!(
     a_renewal_keeps_the_tokens_own_lifetime,
     a_revocation_outlives_any_successor,
     a_jobs_end_revokes_only_its_last_attempt,
+    a_token_of_a_key_rotated_a_moment_ago_verifies_at_once,
 );
 
 fn a_requeued_job_refuses_the_previous_workers_token(b: Backend) {
@@ -725,4 +726,37 @@ fn a_jobs_end_revokes_only_its_last_attempt(b: Backend) {
         let r = app.with_token(t, "GET", &path, b"");
         assert_eq!(r.status, 409, "{}", r.body);
     }
+}
+
+/// Review finding (2026-12-06): right after `token rotate-key`, a token signed with the
+/// new key (from an instance that had already seen it, or from `token issue`) was
+/// `invalid token`, and counted as a failed guess, on every instance that had not yet
+/// polled the credential generation. An instance now reads the keys again (at most
+/// once a second) when a token names a version newer than any it holds.
+fn a_token_of_a_key_rotated_a_moment_ago_verifies_at_once(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let other = app.sibling();
+    let id = app.running_job();
+    let path = format!("/coordinator/jobs/{id}");
+    let old = app.job_token(&id, "w", HOUR);
+    // Both instances hold the signing keys in their caches.
+    for instance in [&app, &other] {
+        assert_eq!(instance.with_token(&old, "GET", &path, b"").status, 200);
+    }
+    let v = coordinator::auth::token::rotate_signing_key(
+        &app.state.db,
+        app.state.auth.store.sealer(),
+        HOUR,
+    )
+    .unwrap();
+    // Minted as `token issue` does, with the keys read from the database: the new one.
+    let new = app.job_token(&id, "w", HOUR);
+    let kid = jsonwebtoken::decode_header(&new).unwrap().kid;
+    assert_eq!(kid, Some(format!("v{v}")));
+    for instance in [&other, &app] {
+        let r = instance.with_token(&new, "GET", &path, b"");
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // The old key is in its grace: its token still works.
+    assert_eq!(other.with_token(&old, "GET", &path, b"").status, 200);
 }
