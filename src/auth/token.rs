@@ -392,7 +392,8 @@ pub fn claim(
 /// A RUNNING job gets a token for its current attempt, revoked with that attempt. A job
 /// never claimed (PENDING or QUEUED, no attempt yet) gets an attempt-0 token, revoked
 /// when the first attempt starts. A job QUEUED between attempts, or one that has ended,
-/// is refused: a token for it could outlive the attempt that follows.
+/// is refused: a token for it could outlive the attempt that follows. So is one whose
+/// attempt's tokens are revoked already: the new token would be refused at once.
 pub fn issue(
     db: &Db,
     sealer: &Sealer,
@@ -427,6 +428,24 @@ pub fn issue(
                         }
                     )))
                 }
+            }
+            // A token its own attempt's revocation would refuse at once is not printed as
+            // if it worked: a job never claimed, cancelled and retried, still has its
+            // attempt-0 tokens revoked (until they expire), and an operator may have
+            // revoked the attempt or the job by hand (review, 2026-12-06).
+            let keys_of = [
+                crate::db::revoked::job_key(&job.id),
+                crate::db::revoked::attempt_key(&job.id, job.attempts),
+            ];
+            let ids: Vec<&str> = keys_of.iter().map(String::as_str).collect();
+            if crate::db::revoked::any_revoked(conn, &ids, now_millis())? {
+                return Err(StoreError::Conflict(format!(
+                    "tokens of this job's attempt {} are revoked (its job was cancelled \
+                     before a claim and retried, or they were revoked by hand), so a new \
+                     one would be refused: claim the job, then issue a token for the \
+                     RUNNING attempt",
+                    job.attempts
+                )));
             }
             let caller = caller.unwrap_or(&job.created_by).to_owned();
             match repo::find_caller(conn, &caller)? {

@@ -25,6 +25,7 @@ backend_tests!(
     a_revocation_outlives_any_successor,
     a_jobs_end_revokes_only_its_last_attempt,
     a_token_of_a_key_rotated_a_moment_ago_verifies_at_once,
+    a_token_that_would_be_refused_at_once_is_not_issued,
 );
 
 fn a_requeued_job_refuses_the_previous_workers_token(b: Backend) {
@@ -759,4 +760,56 @@ fn a_token_of_a_key_rotated_a_moment_ago_verifies_at_once(b: Backend) {
     }
     // The old key is in its grace: its token still works.
     assert_eq!(other.with_token(&old, "GET", &path, b"").status, 200);
+}
+
+/// Review finding (2026-12-06): `coordinator token issue` for a job never claimed that
+/// was cancelled and retried printed a token (exit 0) that was 401 `revoked` from the
+/// start: the cancel revoked the job's attempt-0 tokens, and the new one is one of
+/// them. It is refused (409) now, as is a token for an attempt revoked by hand.
+fn a_token_that_would_be_refused_at_once_is_not_issued(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let issue = |id: &str| {
+        coordinator::auth::token::issue(
+            &app.state.db,
+            app.state.auth.store.sealer(),
+            &coordinator::jobs::JobId::parse(id, "id").unwrap(),
+            "w",
+            None,
+            HOUR,
+        )
+    };
+    let refused = |r: Result<
+        coordinator::auth::token::IssuedToken,
+        coordinator::error::StoreError,
+    >| match r {
+        Err(coordinator::error::StoreError::Conflict(why)) => {
+            assert!(why.contains("revoked"), "{why}")
+        }
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(t) => panic!("issued a token that is refused: {}", {
+            let r = app.with_token(&t.token, "GET", "/coordinator/jobs", b"");
+            r.body
+        }),
+    };
+    let id = app.create_job(&json!({"kind": "k", "queue": "dead"}));
+    let path = format!("/coordinator/jobs/{id}");
+    let first = issue(&id).unwrap();
+    assert_eq!(app.with_token(&first.token, "GET", &path, b"").status, 200);
+    let r = app.post_json(&format!("{path}/cancel"), &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = app.request("POST", &format!("{path}/retry"), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.body);
+    refused(issue(&id));
+    // Claimed, it gets a working token again (and `token issue` one for that attempt).
+    let r = app.post_json("/coordinator/queues/dead/claim", &json!({"worker": "w"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let again = issue(&id).unwrap();
+    assert_eq!(app.with_token(&again.token, "GET", &path, b"").status, 200);
+    // An attempt revoked by hand: no token for it either.
+    let r = app.post_json(
+        "/admin/tokens/revoke",
+        &json!({ "jti": format!("job:{id}:1") }),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    refused(issue(&id));
 }
