@@ -291,6 +291,25 @@ pub struct Renewal {
     jti: String,
     /// The token's own lifetime (`exp - iat`), which its successor keeps.
     lifetime: Duration,
+    /// The version of the key that signed the token (see [`Renewal::signed_by_active_key`]).
+    key_version: i32,
+}
+
+impl Renewal {
+    /// Is the key that signed the token still active in `keys`, the set its successor
+    /// is minted from? The guard checked it against the cache as it was then; a key
+    /// retired in between (`token rotate-key --grace 0s` after a leak) must not hand
+    /// its token a successor signed with the new key (review, 2026-12-06).
+    pub fn signed_by_active_key(&self, keys: &[TokenKey], now_ms: i64) -> Result<(), ApiError> {
+        if keys
+            .iter()
+            .any(|k| k.version == self.key_version && k.is_active(now_ms))
+        {
+            Ok(())
+        } else {
+            Err(fail("expired"))
+        }
+    }
 }
 
 /// Is `principal` a job token due for renewal (less than half of its lifetime left)?
@@ -304,7 +323,7 @@ pub fn renewal_due(principal: &Principal, now_ms: i64) -> Option<Renewal> {
         expires_at,
         issued_at,
         worker,
-        ..
+        key_version,
     } = &principal.held
     else {
         return None;
@@ -322,6 +341,7 @@ pub fn renewal_due(principal: &Principal, now_ms: i64) -> Option<Renewal> {
         attempt: *attempt,
         jti: jti.clone(),
         lifetime,
+        key_version: *key_version,
     })
 }
 
@@ -591,4 +611,51 @@ pub async fn verify_header(
         key_ref: Some(jti),
         job_id: Some(job_id),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(version: i32, expires_at: Option<i64>, revoked: bool) -> TokenKey {
+        TokenKey {
+            version,
+            key: Zeroizing::new(vec![7; 32]),
+            expires_at,
+            revoked,
+        }
+    }
+
+    #[test]
+    fn a_renewal_needs_the_signing_key_still_active() {
+        let renewal = Renewal {
+            caller: "dev".into(),
+            worker: "w".into(),
+            attempt: 1,
+            jti: "j".into(),
+            lifetime: Duration::from_secs(60),
+            key_version: 1,
+        };
+        let now = 1_000_000;
+        assert!(renewal
+            .signed_by_active_key(&[key(2, None, false), key(1, None, false)], now)
+            .is_ok());
+        assert!(renewal
+            .signed_by_active_key(&[key(1, Some(now + 1), false)], now)
+            .is_ok());
+        // Retired with no grace, its grace over, revoked, or gone from the set.
+        for keys in [
+            vec![key(2, None, false), key(1, Some(now), false)],
+            vec![key(2, None, false), key(1, None, true)],
+            vec![key(2, None, false)],
+        ] {
+            let e = renewal
+                .signed_by_active_key(&keys, now)
+                .expect_err("refused");
+            assert!(
+                matches!(e, ApiError::Unauthorized(ref f) if f.reason == "expired"),
+                "{e:?}"
+            );
+        }
+    }
 }

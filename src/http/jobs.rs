@@ -563,6 +563,7 @@ pub async fn heartbeat(
         }));
     };
     let keys = state.auth.store.token_keys().await?;
+    renewal.signed_by_active_key(&keys, crate::db::now_millis())?;
     let (until, renewed) = state
         .db
         .write(move |conn| token::heartbeat_renewing(conn, &keys, &id, lease_ms, &renewal))
