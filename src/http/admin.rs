@@ -45,8 +45,7 @@ pub struct TokenRevoked {
     tag = "admin",
     operation_id = "revokeToken",
     summary = "Revoke a job token",
-    description = "Takes effect at once on this instance and within a second on the others. \
-        Refused (409) while the instance already holds its maximum of active revocations.",
+    description = "Takes effect at once on this instance and within a second on the others.",
     request_body(content = RevokeToken, content_type = "application/json"),
     responses(
         (status = 200, description = "The token id is revoked.", body = TokenRevoked),

@@ -11,7 +11,7 @@ use diesel::prelude::*;
 use serde_json::{json, Value};
 
 use crate::backend_tests;
-use crate::helpers::{captured_logs, now_secs, Backend, Resp, TestApp};
+use crate::helpers::{captured_logs, jti_of, now_secs, Backend, Resp, TestApp};
 
 backend_tests!(
     a_revocation_written_by_a_clock_ten_seconds_behind_reaches_another_instance,
@@ -141,20 +141,27 @@ fn revocations_are_capped_at_a_day_and_the_set_is_bounded(b: Backend) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Full: a new revocation is refused rather than held in ever more memory.
-    let p = app
-        .post_json("/admin/tokens/revoke", &json!({"jti": "one-more"}))
-        .problem(409);
-    assert!(p["detail"]
-        .as_str()
-        .unwrap()
-        .contains("revocation set is full"));
+    // Full: an operator's revocation is still taken, and holds at once. Workers can
+    // fill the set (every hand-back revokes its attempt); that must not disarm it.
+    let id = app.running_job();
+    let t = app.job_token(&id, "w", HOUR);
+    assert_eq!(get_job(&app, &t, &id).status, 200);
+    let r = app.post_json("/admin/tokens/revoke", &json!({"jti": jti_of(&t)}));
+    assert_eq!(
+        r.status, 200,
+        "a revocation refused while the set is full: {}",
+        r.body
+    );
+    assert_eq!(get_job(&app, &t, &id).problem(401)["reason"], "revoked");
     // Extending one already held is not a new entry.
     assert_eq!(
         app.post_json("/admin/tokens/revoke", &json!({"jti": "far"}))
             .status,
         200
     );
+    // Still revoked once the next poll has found the table over the bound.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(get_job(&app, &t, &id).problem(401)["reason"], "revoked");
 
     // Past the bound (a job's end is never refused), the instance stops holding the
     // set and asks the database for each token: still correct, memory bounded.
