@@ -471,7 +471,8 @@ pub struct TlsConfig {
     pub client_identity: ClientIdentity,
 }
 
-/// Bounds on long-poll claims and event streams (issue 16), per instance and per caller.
+/// Bounds on long-poll claims and event streams, per instance and per caller
+/// (`jobs::notify::PushLimits`; beyond them, 429).
 #[derive(Debug, Clone, Args)]
 pub struct PushArgs {
     /// Long-poll claims waiting at once on this instance (beyond: 429).

@@ -3,6 +3,14 @@
 //! Library code returns [`StoreError`] (storage) or module errors; conversion to
 //! [`ApiError`] happens at the HTTP edge. Internal causes are logged, never returned:
 //! a 500 body says only "internal error".
+//!
+//! The headers of an error answer are set in one place, `ApiError::error_response`,
+//! `Retry-After` included: a 429 carries its own `retry_after_secs` (the time left of
+//! a blocked peer's block, `auth::throttle::Throttle::blocked_for` and `record_failure`,
+//! in whole seconds rounded up; 1 for a peer at its bound on bodies being read, in
+//! `auth::middleware`; 1 at a bound on waiting claims or streams, `http::push`), and
+//! every 503 (`Unavailable`, `Overloaded`, `BodyEvicted`) says 1. The one other
+//! `Retry-After` is `/readyz`'s own 503 (`http::health`).
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};

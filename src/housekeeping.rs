@@ -1,8 +1,11 @@
 //! Background housekeeping, bounded per pass and safe with several instances sharing a
-//! database: expire job leases, purge expired replay records, trim throttle state, and
-//! (with `COORDINATOR_JOB_RETENTION_DAYS`) delete old finished jobs; on SQLite, a passive
-//! WAL checkpoint (automatic ones are off so no request pays for one); last, hand the
-//! memory the allocator keeps after it was freed back to the system.
+//! database, in this order: expire job leases (`jobs::repo::expire_leases`: back to
+//! QUEUED, or FAILED after the last attempt, with that attempt's tokens revoked), purge
+//! expired replay records (and on PostgreSQL vacuum their table now and then), trim
+//! throttle state, on SQLite a passive WAL checkpoint (automatic ones are off so no
+//! request pays for one; most are the writer's backfill thread's and resets,
+//! `db/writer.rs`), (with `COORDINATOR_JOB_RETENTION_DAYS`) delete old finished jobs,
+//! and last hand the memory the allocator keeps after it was freed back to the system.
 //! (Expired token revocations are purged by the revocation poller.)
 
 use std::time::Duration;

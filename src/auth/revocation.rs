@@ -21,11 +21,16 @@
 //! of room: an operator's must work most when the set is full.
 //!
 //! Revocation lives here and in `db::revoked`, nowhere else: that module stores the
-//! `revoked_tokens` table (in `db` because a job change writes its revocations in the
-//! job's own transaction, `jobs::repo::write_change`, using `jobs::repo::token_revocation`
-//! to say which); this one holds the in-memory set, applies a job change's revocations
-//! at once on this instance ([`Revocations::job_changed`]), revokes for the admin route
-//! and the CLI, and owns the rules for a revocation's id and expiry.
+//! `revoked_tokens` table and names the ids a job's tokens are revoked under
+//! (`db::revoked::attempt_key`, `job:<id>:<attempt>`), in `db` because a job change
+//! writes its revocations in the job's own transaction (`jobs::repo::write_change`,
+//! with `jobs::repo::token_revocation` saying which); this one holds the in-memory set,
+//! checks a token against it ([`Revocations::is_revoked`]: its `jti`, its attempt's id
+//! and the job-wide `job:<id>`), applies a job change's revocations at once on this
+//! instance ([`Revocations::job_changed`]), revokes for the admin route
+//! ([`Revocations::revoke`]) and the CLI ([`revoke_in_db`]), and owns the rules of a
+//! revocation made by hand: which ids are valid ([`valid_jti`]) and when it ends
+//! ([`revocation_expiry`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1302,8 +1302,10 @@ fn sqlite_immediate<T>(
 }
 
 impl Db {
-    /// SQLite: copy the WAL back into the database file without blocking writers (run by
-    /// housekeeping, since automatic checkpoints are off). PostgreSQL: nothing to do.
+    /// SQLite: copy the WAL back into the database file without blocking writers (a
+    /// PASSIVE checkpoint, run once per housekeeping pass). Automatic checkpoints are
+    /// off; most checkpoints are the writer's backfill thread's (every 100 ms) and its
+    /// RESTART resets (`reset_wal`), see `db/writer.rs`. PostgreSQL: nothing to do.
     pub async fn checkpoint(&self) -> Result<(), StoreError> {
         if self.backend != Backend::Sqlite {
             return Ok(());

@@ -1,8 +1,22 @@
-//! The `replay_records` table, all of its storage in one place: batched insert (one
-//! statement per batch on PostgreSQL, `ON CONFLICT DO NOTHING RETURNING`; `INSERT OR
-//! IGNORE` per row inside one transaction on SQLite), the single insert, and the purge
-//! of expired records. The replay log that decides when to write lives in
-//! `auth/replay.rs`.
+//! The `replay_records` table, all of its storage in one place, and the deferred record
+//! that a signed request's first database operation settles.
+//!
+//! - The table: [`insert_replays`], the one insert every path uses (one statement per
+//!   batch on PostgreSQL, [`insert_replays_pg`], `ON CONFLICT DO NOTHING RETURNING`;
+//!   `INSERT OR IGNORE` per row inside one transaction on SQLite), and the purge of
+//!   expired records ([`purge_replays`], run by housekeeping; [`vacuum_replays`] on
+//!   PostgreSQL). [`record_replay`] is a plain single insert kept for the load
+//!   generator (`bench/`); the server does not call it.
+//! - Where a record is written: [`Deferred`] holds a request's record until its first
+//!   database work. SQLite: a write through `Db` (`db/mod.rs`, `run_async`) runs
+//!   [`record_then`], the record and the request's write in one work item of the
+//!   group-commit writer; a read first writes the record alone, as a write of its own.
+//!   PostgreSQL: the progress, create and delivery batches carry it in their own
+//!   transaction ([`ride`], [`write_group`], `jobs::repo::progress_batch`); any other
+//!   operation first writes it alone through the replay log's batching threads
+//!   (`auth::replay::ReplayLog`, `Db::record_alone`).
+//!
+//! The replay log that decides when to write lives in `auth/replay.rs`.
 //!
 //! On SQLite the table is keyed by the signed time first (`signed_at`, `caller`,
 //! `signature_hash`, WITHOUT ROWID): inserts land at the end of its one B-tree and

@@ -9,13 +9,18 @@ use super::schema::revoked_tokens;
 use super::DbConnection;
 use crate::error::StoreError;
 
-/// The token id under which all tokens of a job are revoked when the job ends.
+/// The job-wide id, `job:<id>`: a row under it refuses every token of the job. No job
+/// change writes it any more (a job's end revokes its last attempt's id,
+/// [`attempt_key`], so a redriven job's new tokens work); it is still checked, for a
+/// revocation made by hand (`token revoke job:<id>`) or written by an older release.
 pub fn job_key(job_id: &str) -> String {
     format!("job:{job_id}")
 }
 
 /// The id under which the tokens of one attempt of a job are revoked when that
-/// attempt ends without finishing the job (requeue, lease expiry).
+/// attempt ends: a requeue or lease expiry, the job's end (its last attempt), and
+/// attempt 0 (tokens issued before any claim) when the first attempt starts; see
+/// `jobs::repo::token_revocation`.
 pub fn attempt_key(job_id: &str, attempt: i32) -> String {
     format!("job:{job_id}:{attempt}")
 }

@@ -7,19 +7,22 @@
 //! write is acknowledged before the commit that makes it durable; when the commit
 //! fails, every request of the batch gets the error.
 //!
-//! The writer also owns WAL checkpointing: a RESTART checkpoint between batches once
-//! the WAL holds [`super::WAL_RESET_BYTES`] of frames, after which the next write starts
-//! the WAL over at the front of the same file (a TRUNCATE frees the file's blocks,
-//! which can wait for the device to discard them, and hands every later write freshly
-//! allocated ones). Writes wait while it runs, so a second thread, the backfiller,
-//! copies the WAL into the database file in the background every [`BACKFILL_EVERY`]
-//! with PASSIVE checkpoints (which never block the writer) and counts the frames; once
-//! they near a reset it passes every [`BACKFILL_NEAR_RESET`], and once they reach one it
-//! runs a few passes back to back before it reports the count (`catch_up`): by the time
-//! the writer resets, only the frames of a batch or two are left to copy and sync. The two take
-//! turns through `Shared::checkpointing`; the writer does not wait for the backfiller,
-//! it skips and resets after a later batch — unless the WAL has run past its limit,
-//! when it waits for the pass to end.
+//! The writer also drives WAL checkpointing (automatic checkpoints are off): a RESTART
+//! checkpoint between batches once the WAL holds [`super::WAL_RESET_BYTES`] of frames
+//! (`reset_wal` in `db/mod.rs`, also run after a write made outside this thread, such
+//! as `Db::write_sync`; `wal_reset` there decides when one is due), after which the
+//! next write starts the WAL over at the front of the same file (a TRUNCATE frees the
+//! file's blocks, which can wait for the device to discard them, and hands every later
+//! write freshly allocated ones). Writes wait while it runs, so a second thread, the
+//! backfiller, copies the WAL into the database file in the background every
+//! [`BACKFILL_EVERY`] with PASSIVE checkpoints (which never block the writer) and
+//! counts the frames; once they near a reset it passes every [`BACKFILL_NEAR_RESET`],
+//! and once they reach one it runs a few passes back to back before it reports the
+//! count (`catch_up`): by the time the writer resets, only the frames of a batch or two
+//! are left to copy and sync. The two take turns through `Shared::checkpointing`; the
+//! writer does not wait for the backfiller, it skips and resets after a later batch —
+//! unless the WAL has run past its limit, when it waits for the pass to end.
+//! Housekeeping runs one more PASSIVE checkpoint per pass (`Db::checkpoint`).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard, TryLockError, Weak};

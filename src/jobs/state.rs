@@ -1,9 +1,17 @@
-//! The job state machine: one pure function decides every transition.
+//! The job state machine: one pure rule, [`JobStatus::can_move_to`], decides which
+//! status moves are allowed, and [`backoff_delay_ms`] how long a retry waits.
 //!
 //! `PENDING → QUEUED → RUNNING → COMPLETED | FAILED`, any non-terminal → `CANCELLED`,
-//! and `RUNNING → QUEUED` when a worker hands a job back or its lease expires.
-//! A terminal job never changes, except through a redrive (FAILED or CANCELLED →
-//! QUEUED, `POST /coordinator/jobs/{id}/retry`), which is its own rule below.
+//! and `RUNNING → QUEUED` when a worker hands a job back, fails it with `retryable`
+//! while attempts remain, or its lease expires with attempts remaining (on the last
+//! attempt an expired lease fails the job). A terminal job never changes, except
+//! through a redrive (FAILED or CANCELLED → QUEUED, `POST
+//! /coordinator/jobs/{id}/retry`), which is its own rule below.
+//!
+//! What each change does to the row (attempts, lease, `run_at` after a backoff, the
+//! event it appends) is `jobs::repo::apply_to_row`, under the row lock taken by
+//! `jobs::repo::apply`. The lease sweep is `jobs::repo::expire_leases`, run by each
+//! housekeeping pass (`housekeeping::pass`), which also revokes the attempt's tokens.
 
 use serde::{Deserialize, Serialize};
 
