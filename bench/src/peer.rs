@@ -1,5 +1,6 @@
 //! `coordinator-bench --peer DIR` (issue 14): the service and the Node peer in
-//! `DIR` (a copy of the Node peer `perf-peer`, kept outside this repository, with `npm ci` done) side by side in one run, with
+//! `DIR` (a copy of the Node peer, a reference implementation of the same API that is not
+//! part of this repository, with `npm ci` done) side by side in one run, with
 //! the same caller, HMAC secret and API key, the same load generator and requests.
 
 use std::fmt::Write as _;
@@ -148,8 +149,9 @@ pub fn run(bin: &str, dir: &str, out_path: &str, conns: usize, duration: Duratio
     let _ = writeln!(
         md,
         "`{}` — SQLite. The service (release build, `serve` on a fresh SQLite database, \
-         `COORDINATOR_WORKERS=2`, `RUST_LOG=info`) and the Node peer (`node server.js` from a copy of \
-         the Node peer `perf-peer` (outside this repository), Fastify 5 + better-sqlite3, `PEER_LOG_LEVEL=info`) run at the same time, \
+         `COORDINATOR_WORKERS=2`, `RUST_LOG=info`) and the Node peer (`node server.js` in the directory \
+         given to `--peer`, a copy of the Node peer: a reference implementation of the same API, not part \
+         of this repository; Fastify 5 + better-sqlite3, `PEER_LOG_LEVEL=info`) run at the same time, \
          with the same caller, HMAC secret and API key (created through the library, as `serve --dev` \
          does). {conns} closed-loop keep-alive connections, shared out over two event-loop client threads \
          (`awc`; before 2026-12-05 09:15 a blocking client with a thread per connection, which took \
