@@ -151,12 +151,15 @@ impl KeyArgs {
 }
 
 fn read_key_file(path: &std::path::Path) -> Result<MasterKey, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        bad(
-            "COORDINATOR_MASTER_KEY_FILE",
-            format!("cannot read {}: {e}", path.display()),
-        )
-    })?;
+    // The file's text is the key itself: wiped when dropped, as the key is.
+    let text = std::fs::read_to_string(path)
+        .map(zeroize::Zeroizing::new)
+        .map_err(|e| {
+            bad(
+                "COORDINATOR_MASTER_KEY_FILE",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

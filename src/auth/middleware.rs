@@ -311,7 +311,8 @@ async fn take_unverified_body(
         return Ok((put_back(req, buf), false));
     }
     let reading = ctx.throttle.begin_body_read(peer.ip).map_err(|r| match r {
-        BodyReadRefused::Peer => ApiError::TooManyRequests {
+        BodyReadRefused::Peer => ApiError::Busy {
+            what: "request bodies on their way from this address",
             retry_after_secs: 1,
         },
         BodyReadRefused::All => ApiError::Overloaded("too many bodies on their way"),

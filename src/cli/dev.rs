@@ -34,8 +34,21 @@ pub fn ensure_dev_caller(
     if !exists {
         credentials::add_caller(db, DEV_CALLER, &Scope::ALL)?;
     }
-    let hmac = credentials::add_secret(db, sealer, DEV_CALLER, SecretKind::Hmac, None, None)?;
-    let webhook = credentials::add_secret(db, sealer, DEV_CALLER, SecretKind::Webhook, None, None)?;
+    // With the caller there but its file gone, the file was the only copy of the old
+    // credentials: the new ones end them (grace 0) instead of piling up beside them,
+    // where after eight starts the limit on active secret versions stopped `serve --dev`.
+    let grace = exists.then_some(std::time::Duration::ZERO);
+    let hmac = credentials::add_secret(db, sealer, DEV_CALLER, SecretKind::Hmac, grace, None)?;
+    let webhook =
+        credentials::add_secret(db, sealer, DEV_CALLER, SecretKind::Webhook, grace, None)?;
+    if exists {
+        let now = crate::db::now_millis();
+        for old in credentials::list_keys(db, Some(DEV_CALLER))? {
+            if old.revoked_at.is_none() && old.expires_at.is_none_or(|t| t > now) {
+                credentials::revoke_key(db, &old.id)?;
+            }
+        }
+    }
     let key = credentials::issue_key(db, DEV_CALLER, None, None)
         .map_err(|e: StoreError| anyhow::anyhow!(e))?;
     let text = format!(

@@ -181,7 +181,8 @@ fn warn_overridden<V: AsRef<str>>(shown: &Path, entries: &[(String, V)]) {
 /// is valid in the file but not line by line, so this is looked up only once the file
 /// as a whole failed).
 fn first_bad_line(path: &Path) -> Option<(usize, Option<String>)> {
-    let text = std::fs::read_to_string(path).ok()?;
+    // Secrets, likely: wiped when dropped.
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).ok()?);
     text.lines().enumerate().find_map(|(i, line)| {
         let bad = dotenvy::from_read_iter(line.as_bytes()).any(|item| item.is_err());
         bad.then(|| (i + 1, variable_of(line).map(str::to_owned)))

@@ -269,18 +269,21 @@ fn dev_bootstrap(config: &crate::config::Config) -> anyhow::Result<()> {
 /// `COORDINATOR_URL` at it, since `call` and `sign` send the file's credentials only
 /// to the file's URL.
 fn keep_dev_url_current(path: &std::path::Path, url: &str) -> anyhow::Result<()> {
+    // The file holds the dev credentials: both copies are wiped when dropped.
     let text = std::fs::read_to_string(path)
+        .map(zeroize::Zeroizing::new)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
     let line = format!("COORDINATOR_URL={url}");
     if text.lines().any(|l| l == line) {
         return Ok(());
     }
-    let mut updated: String = text
-        .lines()
-        .filter(|l| !l.starts_with("COORDINATOR_URL="))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    updated.insert_str(0, &format!("{line}\n"));
+    let mut updated = zeroize::Zeroizing::new(String::with_capacity(text.len() + line.len() + 2));
+    updated.push_str(&line);
+    updated.push('\n');
+    for l in text.lines().filter(|l| !l.starts_with("COORDINATOR_URL=")) {
+        updated.push_str(l);
+        updated.push('\n');
+    }
     crate::config::write_private(path, updated.as_bytes())
         .map_err(|e| anyhow::anyhow!("cannot update {}: {e}", path.display()))?;
     eprintln!("dev credentials: COORDINATOR_URL is now {url}");

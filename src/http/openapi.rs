@@ -32,8 +32,9 @@ use crate::jobs::JobStatus;
         description = "Jobs and stitcher ingestion behind signed-request authentication. \
             Every route except `/livez`, `/readyz`, `/metrics`, `/openapi.json` and the \
             dashboard's static files under `/ui/` needs one \
-            credential scheme (HMAC signature, API key, job token, or Standard Webhooks on \
-            `/stitcher/webhook`) and the route's scope, listed in each operation's security \
+            credential scheme (HMAC signature, API key, job token, Standard Webhooks on \
+            `/stitcher/webhook`, or on an HTTPS listener with a client CA a client \
+            certificate verified in the handshake) and the route's scope, listed in each operation's security \
             requirements: a missing or bad credential is a 401, a missing scope a 403. \
             Errors are RFC 9457 problem+json documents (`Problem`). JSON field names are \
             camelCase."

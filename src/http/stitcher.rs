@@ -30,14 +30,17 @@ fn delivery_id(req: &HttpRequest) -> ApiResult<(String, bool)> {
             true,
         ),
     };
+    // `webhook-id` takes up to 256 characters; an `Idempotency-Key` follows the rule it
+    // has on every route (1-255).
+    let max = if own_key { 255 } else { 256 };
     match raw {
         None => Ok((uuid::Uuid::now_v7().to_string(), false)),
-        Some(v) if (1..=256).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()) => {
+        Some(v) if (1..=max).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()) => {
             Ok((v.to_owned(), own_key))
         }
         Some(_) => Err(ApiError::bad_request(
             field,
-            "must be 1-256 printable ASCII characters",
+            format!("must be 1-{max} printable ASCII characters"),
         )),
     }
 }

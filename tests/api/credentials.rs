@@ -25,6 +25,7 @@ backend_tests!(
     concurrent_rotations_issue_no_more_than_are_tried,
     a_stray_master_key_seals_nothing_and_revocations_keep_their_first_time,
     instances_starting_together_make_one_signing_key,
+    dev_credentials_issued_again_end_the_lost_ones,
 );
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -715,4 +716,51 @@ fn instances_starting_together_make_one_signing_key(b: Backend) {
         });
         assert_eq!(active(), 1, "round {round}");
     }
+}
+
+/// `serve --dev` with the `dev` caller in the database but its credentials file gone
+/// issues new credentials; the lost ones end with it. Before, they stayed active, and
+/// the ninth such start failed on the limit of active secret versions.
+fn dev_credentials_issued_again_end_the_lost_ones(b: Backend) {
+    use coordinator::cli::dev::{ensure_dev_caller, DEV_CALLER};
+    let Some(app) = crate::app!(b) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dev-credentials.env");
+    let db = &app.state.db;
+    let sealer = app.state.auth.store.sealer();
+    let mut last = String::new();
+    for start in 0..10 {
+        let _ = std::fs::remove_file(&file);
+        last = ensure_dev_caller(db, sealer, "http://127.0.0.1:1", &file)
+            .unwrap_or_else(|e| panic!("start {start}: {e}"))
+            .expect("issued");
+    }
+    assert!(ensure_dev_caller(db, sealer, "http://127.0.0.1:1", &file)
+        .unwrap()
+        .is_none());
+    let now = now_millis();
+    let live = |revoked: Option<i64>, expires: Option<i64>| {
+        revoked.is_none() && expires.is_none_or(|t| t > now)
+    };
+    let secrets = credentials::list_secrets(db, Some(DEV_CALLER)).unwrap();
+    for purpose in ["hmac-secret", "webhook-secret"] {
+        let active = secrets
+            .iter()
+            .filter(|s| s.purpose == purpose && live(s.revoked_at, s.expires_at))
+            .count();
+        assert_eq!(active, 1, "{purpose} versions still active");
+    }
+    let keys = credentials::list_keys(db, Some(DEV_CALLER)).unwrap();
+    let active = keys
+        .iter()
+        .filter(|k| live(k.revoked_at, k.expires_at))
+        .count();
+    assert_eq!(active, 1, "API keys still active");
+    // The newest key is the one that works.
+    let key = last
+        .lines()
+        .find_map(|l| l.strip_prefix("COORDINATOR_CLIENT_API_KEY="))
+        .unwrap();
+    let r = app.raw("GET", "/coordinator/health", &[("x-api-key", key)], b"");
+    assert_eq!(r.status, 200, "{}", r.body);
 }

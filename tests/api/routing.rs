@@ -795,6 +795,7 @@ fn slow_unverified_bodies_hold_no_place_verified_requests_need(b: Backend) {
     let r = read_response(s);
     assert_eq!(r.status, 429, "{}", r.body);
     assert!(r.head.contains("retry-after: 1"), "{}", r.head);
+    assert!(r.body.contains("request bodies on their way"), "{}", r.body);
     assert!(started.elapsed() < Duration::from_secs(10));
     // Requests that read no body before they are verified are not affected: API-key
     // ones, and signed ones without a body, even from the peer at its bound.

@@ -85,6 +85,16 @@ fn webhook_with_normal_scheme_dispatches_a_queued_job(b: Backend) {
     assert_eq!(again.status, 200);
     assert_eq!(again.json()["duplicate"], true);
     assert_eq!(again.json()["jobId"], v["jobId"]);
+    // An `Idempotency-Key` here has the bound it has on every route (1-255).
+    let long = "k".repeat(256);
+    let h = [("Idempotency-Key", long.as_str())];
+    let p = app
+        .request("POST", "/stitcher/webhook", &h, BODY.as_bytes())
+        .problem(400);
+    assert_eq!(p["field"], "Idempotency-Key", "{p}");
+    let h = [("Idempotency-Key", &long[..255])];
+    let r = app.request("POST", "/stitcher/webhook", &h, BODY.as_bytes());
+    assert_eq!(r.status, 202, "{}", r.body);
 }
 
 fn standard_webhooks_delivery_is_processed_once(b: Backend) {
@@ -99,8 +109,15 @@ fn standard_webhooks_delivery_is_processed_once(b: Backend) {
     assert_eq!(r.json()["jobId"], first["jobId"]);
     let other = signed_delivery(&app, &key, "msg_2", BODY);
     assert_ne!(other.json()["jobId"], first["jobId"]);
+    // A Standard Webhooks `webhook-id` may be 256 characters; one more is refused
+    // before its signature is checked.
+    let long = format!("msg_{}", "x".repeat(252));
+    let r = signed_delivery(&app, &key, &long, BODY);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let p = signed_delivery(&app, &key, &format!("{long}x"), BODY).problem(401);
+    assert_eq!(p["reason"], "malformed webhook id", "{p}");
     let depth = app.get("/coordinator/health").json()["queues"]["issues"]["QUEUED"].clone();
-    assert_eq!(depth, 2);
+    assert_eq!(depth, 3);
 }
 
 fn concurrent_duplicate_deliveries_make_one_job(b: Backend) {
