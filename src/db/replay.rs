@@ -166,7 +166,10 @@ fn values(r: &ReplayRow) -> Values<'_> {
     )
 }
 
-/// Record one row; `false` when it was already there (a replay).
+/// Record one row; `false` when it was already there (a replay). Only the load
+/// generator's direct-write baseline uses it: it learns of a replay from the unique-key
+/// violation, which on PostgreSQL aborts a surrounding transaction, so it must run in
+/// a transaction of its own there (the service records with [`insert_replays`]).
 pub fn record_replay(conn: &mut DbConnection, row: &ReplayRow) -> Result<bool, StoreError> {
     let r = diesel::insert_into(replay_records::table)
         .values(values(row))
