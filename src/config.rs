@@ -407,6 +407,11 @@ pub struct ServeArgs {
     #[arg(long, env = "COORDINATOR_LEASE_SECS", default_value_t = 300)]
     pub lease_secs: u64,
 
+    /// Events one job keeps: its newest this many (a few more between trims, at most
+    /// 1/16 more); older ones are deleted as new ones are written (16-100000).
+    #[arg(long, env = "COORDINATOR_EVENTS_PER_JOB", default_value_t = 1000)]
+    pub events_per_job: i64,
+
     /// Lifetime of job tokens handed out by claim, in seconds (at most 86400).
     #[arg(long, env = "COORDINATOR_TOKEN_TTL_SECS", default_value_t = 3600)]
     pub token_ttl_secs: u64,
@@ -559,6 +564,8 @@ pub struct Config {
     pub signature_skew_secs: i64,
     pub auth_failures_per_minute: u32,
     pub lease: Duration,
+    /// Events one job keeps (`COORDINATOR_EVENTS_PER_JOB`).
+    pub events: crate::jobs::model::EventBound,
     pub token_ttl: Duration,
     pub webhook_queue: String,
     pub housekeeping_interval: Duration,
@@ -609,6 +616,23 @@ fn check_pg_ports(url: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// `COORDINATOR_EVENTS_PER_JOB`: the bound of a job's events, within
+/// `EventBound::MIN..=EventBound::MAX`.
+fn events_per_job(n: i64) -> Result<crate::jobs::model::EventBound, ConfigError> {
+    use crate::jobs::model::EventBound;
+    if !(EventBound::MIN..=EventBound::MAX).contains(&n) {
+        return Err(bad(
+            "COORDINATOR_EVENTS_PER_JOB",
+            format!(
+                "must be between {} and {}",
+                EventBound::MIN,
+                EventBound::MAX
+            ),
+        ));
+    }
+    Ok(EventBound::new(n))
 }
 
 impl DbArgs {
@@ -739,6 +763,7 @@ impl ServeArgs {
         if !(1..=86_400).contains(&self.lease_secs) {
             return Err(bad("COORDINATOR_LEASE_SECS", "must be between 1 and 86400"));
         }
+        let events = events_per_job(self.events_per_job)?;
         if !(1..=86_400).contains(&self.token_ttl_secs) {
             return Err(bad(
                 "COORDINATOR_TOKEN_TTL_SECS",
@@ -799,6 +824,7 @@ impl ServeArgs {
             signature_skew_secs: self.signature_skew_secs,
             auth_failures_per_minute: self.auth_failures_per_minute,
             lease: Duration::from_secs(self.lease_secs),
+            events,
             token_ttl: Duration::from_secs(self.token_ttl_secs),
             webhook_queue: self.webhook_queue.clone(),
             housekeeping_interval: Duration::from_secs(self.housekeeping_secs),
@@ -886,6 +912,7 @@ impl Config {
             signature_skew_secs: 300,
             auth_failures_per_minute: 30,
             lease: Duration::from_secs(300),
+            events: crate::jobs::model::EventBound::default(),
             token_ttl: Duration::from_secs(3600),
             webhook_queue: "issues".to_owned(),
             housekeeping_interval: Duration::from_secs(5),
@@ -899,6 +926,14 @@ impl Config {
 
     pub fn lease_ms(&self) -> i64 {
         i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// What these settings add to a job change: its lease and the events it keeps.
+    pub fn terms(&self) -> crate::jobs::model::Terms {
+        crate::jobs::model::Terms {
+            lease_ms: self.lease_ms(),
+            events: self.events,
+        }
     }
 
     pub fn dev_dir() -> PathBuf {
@@ -943,6 +978,37 @@ mod tests {
                 .is_some_and(|e| e.contains("COORDINATOR_MAX_STREAMS_PER_CALLER")),
             "{e:?}"
         );
+    }
+
+    /// `COORDINATOR_EVENTS_PER_JOB`: 16 to 100000 (default 1000), anything else one
+    /// line naming the variable; the step of the trim follows from it.
+    #[test]
+    fn events_per_job_is_bounded() {
+        let parse = |value: Option<&str>| {
+            let mut argv = vec!["coordinator", "serve", "--database-url", "sqlite://x.db"];
+            let flag = value.map(|v| format!("--events-per-job={v}"));
+            argv.extend(flag.as_deref());
+            let cli = crate::cli::Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{e}"));
+            let crate::cli::Command::Serve(args) = cli.command else {
+                panic!("not serve");
+            };
+            events_per_job(args.events_per_job)
+        };
+        let default = parse(None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((default.keep(), default.step()), (1000, 62));
+        assert_eq!(default, crate::jobs::model::EventBound::default());
+        let low = parse(Some("16")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((low.keep(), low.step()), (16, 1));
+        let high = parse(Some("100000")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((high.keep(), high.step()), (100_000, 64));
+        for bad in ["15", "0", "-1", "100001"] {
+            let e = parse(Some(bad)).err().map(|e| e.to_string());
+            assert_eq!(
+                e.as_deref(),
+                Some("invalid COORDINATOR_EVENTS_PER_JOB: must be between 16 and 100000"),
+                "{bad}"
+            );
+        }
     }
 
     /// `Debug` of the argument structs (e.g. in a log line or a panic message) never

@@ -39,11 +39,11 @@ pub struct PassReport {
 /// broken step never stops the others.
 pub async fn pass(state: &AppState) -> PassReport {
     let mut report = PassReport::default();
-    let lease_ms = state.config.lease_ms();
+    let terms = state.config.terms();
     let now = now_millis();
     match state
         .db
-        .write(move |conn| jobs_repo::expire_leases(conn, now, LEASES_PER_PASS, lease_ms))
+        .write(move |conn| jobs_repo::expire_leases(conn, now, LEASES_PER_PASS, terms))
         .await
     {
         Ok(expired) => {

@@ -682,7 +682,13 @@ fn db_direct(db: &Db, jobs: &[String], conns: usize, duration: Duration) -> f64 
                                 i64::MAX / 2,
                             );
                             coordinator::db::replay::record_replay(conn, &row)?;
-                            coordinator::jobs::repo::apply(conn, &job, &change, 300_000, None)
+                            coordinator::jobs::repo::apply(
+                                conn,
+                                &job,
+                                &change,
+                                coordinator::jobs::model::Terms::with_lease_ms(300_000),
+                                None,
+                            )
                         })
                     });
                     if r.is_ok() {

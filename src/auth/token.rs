@@ -386,13 +386,13 @@ pub fn claim(
     queue: &str,
     caller: &str,
     worker: &str,
-    lease_ms: i64,
+    terms: crate::jobs::model::Terms,
     keys: &[TokenKey],
     ttl: Duration,
 ) -> Result<Option<Claimed>, StoreError> {
     use diesel::Connection;
     conn.transaction(|conn| {
-        let Some(mut job) = crate::jobs::repo::claim(conn, queue, worker, lease_ms)? else {
+        let Some(mut job) = crate::jobs::repo::claim(conn, queue, worker, terms)? else {
             return Ok(None);
         };
         // Before this claim's token moves `tokens_until`: what the claim itself revoked.

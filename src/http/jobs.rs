@@ -68,7 +68,7 @@ async fn change(
 ) -> ApiResult<HttpResponse> {
     let id = JobId::parse(id, "id")?;
     principal.authorize_job(&id)?;
-    let lease_ms = state.config.lease_ms();
+    let terms = state.config.terms();
     let moves = !matches!(change, Change::Progress { .. });
     let row = match change {
         Change::Progress { percent, message } => {
@@ -76,7 +76,7 @@ async fn change(
                 id,
                 percent,
                 message,
-                lease_ms,
+                terms,
                 attempt: principal.token_attempt(),
                 record: None,
             };
@@ -86,7 +86,7 @@ async fn change(
             let attempt = principal.token_attempt();
             state
                 .db
-                .write(move |conn| repo::apply(conn, &id, &change, lease_ms, attempt))
+                .write(move |conn| repo::apply(conn, &id, &change, terms, attempt))
                 .await?
         }
     };
@@ -377,12 +377,12 @@ pub(crate) async fn claim_once(
     worker: String,
 ) -> ApiResult<Option<crate::auth::token::Claimed>> {
     let keys = state.auth.store.token_keys().await?;
-    let lease_ms = state.config.lease_ms();
+    let terms = state.config.terms();
     let ttl = state.config.token_ttl;
     let claimed = state
         .db
         .write(move |conn| {
-            crate::auth::token::claim(conn, &queue, &caller, &worker, lease_ms, &keys, ttl)
+            crate::auth::token::claim(conn, &queue, &caller, &worker, terms, &keys, ttl)
         })
         .await?;
     if let Some(c) = &claimed {

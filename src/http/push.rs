@@ -134,7 +134,7 @@ async fn give_back(state: &AppState, id: String) {
     let Ok(id) = JobId::parse(&id, "id") else {
         return;
     };
-    let lease_ms = state.config.lease_ms();
+    let terms = state.config.terms();
     let change = Change::Status {
         to: JobStatus::Queued,
         message: Some("the claiming client disconnected before the answer".into()),
@@ -143,7 +143,7 @@ async fn give_back(state: &AppState, id: String) {
         state,
         state
             .db
-            .write(move |conn| repo::apply(conn, &id, &change, lease_ms, None)),
+            .write(move |conn| repo::apply(conn, &id, &change, terms, None)),
     )
     .await;
     match r {

@@ -162,6 +162,92 @@ pub enum Change {
     LeaseExpired,
 }
 
+/// How many events one job keeps (`COORDINATOR_EVENTS_PER_JOB`), and how often its
+/// older ones are trimmed.
+///
+/// The trim is amortized: the write of an event whose `seq` is a multiple of
+/// [`EventBound::step`] and above [`EventBound::keep`] also deletes the job's events
+/// with `seq <= seq - keep` (one contiguous range of the primary key), in the same
+/// statement or transaction. So a job holds at most `keep + step - 1` events (a job's
+/// `seq` has no holes: every version is an event), and the delete runs on one write in
+/// `step`, removing `step` rows at a time once the job is past `keep`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventBound {
+    // Read by reference by the statements that bind them (`jobs::statements`).
+    pub(super) keep: i64,
+    pub(super) step: i64,
+}
+
+impl EventBound {
+    /// Events a job keeps by default: as many as `GET …/jobs/{id}` shows
+    /// (`repo::EVENTS_PER_READ`).
+    pub const DEFAULT: i64 = 1_000;
+    /// The smallest setting: fewer would trim a single attempt's own status events
+    /// (created, queued, claimed, completed) away under a few progress reports.
+    pub const MIN: i64 = 16;
+    /// The largest setting: 100 000 events of a few hundred bytes is tens of MiB per
+    /// job, the most one `jobs:update` caller should be able to pin per job.
+    pub const MAX: i64 = 100_000;
+    /// The longest step: the rows one trim deletes at most (once a job is past
+    /// `keep`).
+    pub const MAX_STEP: i64 = 64;
+
+    /// Keep the newest `keep` events (clamped to [`Self::MIN`]..=[`Self::MAX`]); the
+    /// step is `keep / 16`, at least 1 and at most [`Self::MAX_STEP`], so a job holds
+    /// at most about 6 % more than `keep`.
+    pub fn new(keep: i64) -> Self {
+        let keep = keep.clamp(Self::MIN, Self::MAX);
+        EventBound {
+            keep,
+            step: (keep / 16).clamp(1, Self::MAX_STEP),
+        }
+    }
+
+    pub fn keep(&self) -> i64 {
+        self.keep
+    }
+
+    pub fn step(&self) -> i64 {
+        self.step
+    }
+
+    /// The most events a job holds: `keep + step - 1`.
+    pub fn most(&self) -> i64 {
+        self.keep + self.step - 1
+    }
+
+    /// The newest `seq` the write of event `seq` deletes (with every older one), or
+    /// `None` when that write trims nothing. The statements compute the same in SQL.
+    pub fn trim_upto(&self, seq: i64) -> Option<i64> {
+        (seq > self.keep && seq % self.step == 0).then(|| seq - self.keep)
+    }
+}
+
+impl Default for EventBound {
+    fn default() -> Self {
+        EventBound::new(EventBound::DEFAULT)
+    }
+}
+
+/// What the settings add to a job change: the lease a RUNNING job gets from it
+/// (`COORDINATOR_LEASE_SECS`) and how many events the job keeps
+/// (`COORDINATOR_EVENTS_PER_JOB`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terms {
+    pub lease_ms: i64,
+    pub events: EventBound,
+}
+
+impl Terms {
+    /// This lease, and the default event bound.
+    pub fn with_lease_ms(lease_ms: i64) -> Self {
+        Terms {
+            lease_ms,
+            events: EventBound::default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +272,28 @@ mod tests {
     #[test]
     fn timestamps_are_rfc3339_utc() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn an_event_bound_trims_every_step_th_event_past_keep() {
+        let b = EventBound::new(1000);
+        assert_eq!((b.keep(), b.step(), b.most()), (1000, 62, 1061));
+        assert_eq!(b.trim_upto(992), None, "not past keep yet");
+        assert_eq!(b.trim_upto(1054), Some(54));
+        assert_eq!(b.trim_upto(1055), None);
+        assert_eq!(EventBound::new(16).step(), 1);
+        assert_eq!(EventBound::new(1).keep(), EventBound::MIN);
+        assert_eq!(EventBound::new(i64::MAX).step(), EventBound::MAX_STEP);
+        // Every event written in turn: never more than `most` kept.
+        let b = EventBound::new(100);
+        let mut kept: Vec<i64> = Vec::new();
+        for seq in 1..=2_000 {
+            kept.push(seq);
+            if let Some(upto) = b.trim_upto(seq) {
+                kept.retain(|s| *s > upto);
+            }
+            assert!(i64::try_from(kept.len()).unwrap_or(i64::MAX) <= b.most());
+        }
+        assert_eq!(kept.last(), Some(&2_000));
     }
 }

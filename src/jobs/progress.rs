@@ -75,13 +75,13 @@ impl ProgressLog {
             id,
             percent,
             message,
-            lease_ms,
+            terms,
             attempt,
             record: _,
         } = report;
         let change = Change::Progress { percent, message };
         self.db
-            .write(move |conn| repo::apply(conn, &id, &change, lease_ms, attempt))
+            .write(move |conn| repo::apply(conn, &id, &change, terms, attempt))
             .await
     }
 }

@@ -6,11 +6,16 @@
 //! first statement. On PostgreSQL it takes the row lock, on SQLite the write lock, so
 //! concurrent changes to one job queue up behind each other and none is lost; the new
 //! version is the event's sequence number.
+//!
+//! A job keeps only its newest events ([`EventBound`], `COORDINATOR_EVENTS_PER_JOB`):
+//! every write of an event whose `seq` is a trimming one deletes the older ones in the
+//! same transaction (on PostgreSQL in the same statement). A `created` event
+//! (`seq` 1) never trims, so the inserts of new jobs have none.
 
 use diesel::prelude::*;
 use serde_json::{json, Value};
 
-use super::model::{Change, EventType, JobId, NewJob};
+use super::model::{Change, EventBound, EventType, JobId, NewJob, Terms};
 use super::request::{Cursor, ListFilter};
 use super::row::{EventRow, JobRow, QueueRow};
 use super::state::{backoff_delay_ms, transition_error, JobStatus};
@@ -559,7 +564,7 @@ pub fn apply(
     conn: &mut DbConnection,
     id: &JobId,
     change: &Change,
-    lease_ms: i64,
+    terms: Terms,
     attempt: Option<i32>,
 ) -> Result<JobRow, StoreError> {
     if let Change::Progress { percent, message } = change {
@@ -567,7 +572,8 @@ pub fn apply(
             id: id.as_str(),
             percent: *percent,
             message: message.as_deref(),
-            lease_ms,
+            lease_ms: terms.lease_ms,
+            events: terms.events,
             attempt: attempt_fence(attempt),
         };
         let fast = match &mut *conn {
@@ -592,7 +598,7 @@ pub fn apply(
         if attempt.is_some() {
             worker_move(&row, change)?;
         }
-        apply_locked(conn, row, change, lease_ms)
+        apply_locked(conn, row, change, terms)
     })
 }
 
@@ -652,6 +658,7 @@ fn progress_lite(
         percent,
         message,
         lease_ms,
+        events,
         attempt,
     } = report;
     lite.transaction(|lite| {
@@ -678,8 +685,30 @@ fn progress_lite(
                 created_at: now,
             })
             .execute(lite)?;
+        trim_lite(lite, &row.id, events, row.version)?;
         Ok(Some(row))
     })
+}
+
+/// SQLite: after the write of event `seq` of job `id`, delete the job's events that
+/// `events` no longer keeps, when `seq` is a trimming one (one write in
+/// [`EventBound::step`]); one range of the primary key. (PostgreSQL's statements
+/// trim themselves: `PgChange`, `PgProgressBatch`.)
+fn trim_lite(
+    lite: &mut diesel::SqliteConnection,
+    id: &str,
+    events: EventBound,
+    seq: i64,
+) -> diesel::QueryResult<()> {
+    if let Some(upto) = events.trim_upto(seq) {
+        diesel::delete(
+            job_events::table
+                .filter(job_events::job_id.eq(id))
+                .filter(job_events::seq.le(upto)),
+        )
+        .execute(lite)?;
+    }
+    Ok(())
 }
 
 /// One report for [`write_progress`] and [`progress_lite`].
@@ -689,6 +718,7 @@ struct Report<'a> {
     percent: i32,
     message: Option<&'a str>,
     lease_ms: i64,
+    events: EventBound,
     /// [`attempt_fence`].
     attempt: i32,
 }
@@ -713,6 +743,8 @@ fn write_progress(
             .map(|r| json!({"percent": r.percent, "message": r.message}).to_string())
             .collect(),
         attempts: reports.iter().map(|r| r.attempt).collect(),
+        keeps: reports.iter().map(|r| r.events.keep()).collect(),
+        steps: reports.iter().map(|r| r.events.step()).collect(),
         now,
     }
     .load::<JobRow>(pg)?;
@@ -730,7 +762,8 @@ pub struct ProgressReport {
     pub id: JobId,
     pub percent: i32,
     pub message: Option<String>,
-    pub lease_ms: i64,
+    /// The lease it renews and the events its job keeps.
+    pub terms: Terms,
     /// A job token's attempt: the report is written only while the job is on it (see
     /// [`apply`]); `None` for a caller credential.
     pub attempt: Option<i32>,
@@ -746,7 +779,8 @@ impl ProgressReport {
             id: self.id.as_str(),
             percent: self.percent,
             message: self.message.as_deref(),
-            lease_ms: self.lease_ms,
+            lease_ms: self.terms.lease_ms,
+            events: self.terms.events,
             attempt: attempt_fence(self.attempt),
         }
     }
@@ -907,16 +941,16 @@ pub fn apply_locked(
     conn: &mut DbConnection,
     mut row: JobRow,
     change: &Change,
-    lease_ms: i64,
+    terms: Terms,
 ) -> Result<JobRow, StoreError> {
     let now = now_millis();
     let jitter = rand::random::<f64>();
     let (event_type, data) = apply_to_row(&mut row, change, now, jitter)?;
     if row.status() == JobStatus::Running && !matches!(change, Change::LeaseExpired) {
         // Any word from the worker renews its lease.
-        row.lease_expires_at = Some(now.saturating_add(lease_ms));
+        row.lease_expires_at = Some(now.saturating_add(terms.lease_ms));
     }
-    write_change(conn, &row, event_type, &data, now)?;
+    write_change(conn, &row, event_type, &data, now, terms.events)?;
     Ok(row)
 }
 
@@ -982,17 +1016,19 @@ pub fn token_revocation(row: &JobRow, now: i64) -> Vec<(String, i64)> {
     }
 }
 
-/// Write the changed columns of `row` and append its event (seq = row.version). A
-/// job that ends has its tokens revoked in the same transaction.
+/// Write the changed columns of `row` and append its event (seq = row.version),
+/// trimming the job's oldest events as `events` says. A job that ends has its tokens
+/// revoked in the same transaction.
 pub fn write_change(
     conn: &mut DbConnection,
     row: &JobRow,
     event_type: &str,
     data: &Value,
     now: i64,
+    events: EventBound,
 ) -> Result<(), StoreError> {
     match conn {
-        DbConnection::Postgresql(pg) => write_change_pg(pg, row, event_type, data, now)?,
+        DbConnection::Postgresql(pg) => write_change_pg(pg, row, event_type, data, now, events)?,
         DbConnection::Sqlite(lite) => {
             SetChanges(row).execute(lite)?;
             diesel::insert_into(job_events::table)
@@ -1004,6 +1040,7 @@ pub fn write_change(
                     created_at: now,
                 })
                 .execute(lite)?;
+            trim_lite(lite, &row.id, events, row.version)?;
         }
     }
     for (key, until) in token_revocation(row, now) {
@@ -1015,19 +1052,21 @@ pub fn write_change(
 /// PostgreSQL: the row's changed columns and its event in one statement (one round
 /// trip instead of two; the writes are data-modifying CTEs, which run whether or not
 /// the final SELECT reads them), and the notification queued for after the commit.
-/// The same columns as `JobRow::changes`.
+/// The same columns as `JobRow::changes`; the trim, when due, in the same statement.
 fn write_change_pg(
     pg: &mut diesel::PgConnection,
     row: &JobRow,
     event_type: &str,
     data: &Value,
     now: i64,
+    events: EventBound,
 ) -> Result<(), StoreError> {
     PgChange {
         row,
         event_type,
         data: data.to_string(),
         now,
+        events,
     }
     .execute(pg)?;
     after_commit(super::notify::payload(
@@ -1529,7 +1568,7 @@ pub fn claim(
     conn: &mut DbConnection,
     queue: &str,
     worker: &str,
-    lease_ms: i64,
+    terms: Terms,
 ) -> Result<Option<JobRow>, StoreError> {
     conn.transaction(|conn| {
         if !queue_admits(conn, queue)? {
@@ -1548,7 +1587,7 @@ pub fn claim(
             &Change::Claim {
                 worker: worker.to_owned(),
             },
-            lease_ms,
+            terms,
         )?;
         Ok(Some(row))
     })
@@ -1560,7 +1599,7 @@ pub fn expire_leases(
     conn: &mut DbConnection,
     now: i64,
     limit: i64,
-    lease_ms: i64,
+    terms: Terms,
 ) -> Result<Vec<JobRow>, StoreError> {
     let ids: Vec<String> = jobs::table
         .filter(jobs::status.eq(JobStatus::Running.as_str()))
@@ -1574,7 +1613,7 @@ pub fn expire_leases(
         let Ok(id) = JobId::parse(&id, "id") else {
             continue;
         };
-        match apply(conn, &id, &Change::LeaseExpired, lease_ms, None) {
+        match apply(conn, &id, &Change::LeaseExpired, terms, None) {
             Ok(row) => out.push(row),
             Err(StoreError::Conflict(_) | StoreError::JobCancelled | StoreError::NotFound) => {}
             Err(e) => return Err(e),

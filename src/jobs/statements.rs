@@ -12,15 +12,22 @@
 //!   PostgreSQL inside [`PgChange`]);
 //! - [`PgChange`]: on PostgreSQL the changed columns and the event in one statement
 //!   (one round trip instead of two; the writes are data-modifying CTEs, which run
-//!   whether or not the final SELECT reads them);
+//!   whether or not the final SELECT reads them), with the trim of the job's oldest
+//!   events ([`EventBound`]) when the event's `seq` calls for one;
 //! - [`Heartbeat`]: a RUNNING job's new lease expiry;
 //! - [`PgProgressBatch`]: on PostgreSQL RUNNING jobs' progress reports — version
 //!   bump, progress, message, lease and event — in one statement that commits on its
 //!   own (one round trip instead of four: `BEGIN`, lock, change, `COMMIT`), for one
-//!   report or for the progress log's batch (`jobs::progress`);
+//!   report or for the progress log's batch (`jobs::progress`), trims included;
 //! - [`LiteProgress`]: on SQLite a RUNNING job's progress report — version bump,
 //!   progress, message, lease — as one `UPDATE … RETURNING` instead of a lock and a
-//!   write (the event is a second statement).
+//!   write (the event is a second statement, and the trim, on one event in
+//!   [`EventBound::step`], a third).
+//!
+//! The trims bind the bound (`keep`, `step`) as parameters: the SQL text stays one
+//! constant, and on PostgreSQL a trim whose condition is false is a `One-Time Filter`
+//! (`PgChange`) or a filter on the few rows the statement changed (`PgProgressBatch`),
+//! so it costs nothing on the writes that do not trim.
 
 use diesel::backend::Backend;
 use diesel::query_builder::{AstPass, Query, QueryFragment};
@@ -28,7 +35,7 @@ use diesel::serialize::ToSql;
 use diesel::sql_types::{BigInt, HasSqlType, Integer, Nullable, Text};
 use diesel::{QueryResult, Table};
 
-use super::model::EventType;
+use super::model::{EventBound, EventType};
 use super::row::JobRow;
 use super::JobStatus;
 use crate::db::prepared_statement;
@@ -170,12 +177,17 @@ where
     }
 }
 
-/// PostgreSQL: [`SetChanges`] and the job's event in one statement.
+/// PostgreSQL: [`SetChanges`] and the job's event in one statement; when the event's
+/// `seq` (the row's version) is a trimming one ([`EventBound::trim_upto`]), the same
+/// statement deletes the job's events `keep` and more behind it. The condition reads
+/// only parameters, so PostgreSQL plans it as a `One-Time Filter` and the delete does
+/// not run at all on the other writes.
 pub struct PgChange<'a> {
     pub row: &'a JobRow,
     pub event_type: &'a str,
     pub data: String,
     pub now: i64,
+    pub events: EventBound,
 }
 
 impl QueryFragment<diesel::pg::Pg> for PgChange<'_> {
@@ -196,7 +208,21 @@ impl QueryFragment<diesel::pg::Pg> for PgChange<'_> {
         out.push_bind_param::<Text, _>(&self.data)?;
         out.push_sql(", ");
         out.push_bind_param::<BigInt, _>(&self.now)?;
-        out.push_sql(")) SELECT 1 FROM changed");
+        out.push_sql(")), trim AS (DELETE FROM job_events WHERE job_id = ");
+        out.push_bind_param::<Text, _>(&r.id)?;
+        out.push_sql(" AND seq <= ");
+        out.push_bind_param::<BigInt, _>(&r.version)?;
+        out.push_sql(" - ");
+        out.push_bind_param::<BigInt, _>(&self.events.keep)?;
+        out.push_sql(" AND ");
+        out.push_bind_param::<BigInt, _>(&r.version)?;
+        out.push_sql(" > ");
+        out.push_bind_param::<BigInt, _>(&self.events.keep)?;
+        out.push_sql(" AND ");
+        out.push_bind_param::<BigInt, _>(&r.version)?;
+        out.push_sql(" % ");
+        out.push_bind_param::<BigInt, _>(&self.events.step)?;
+        out.push_sql(" = 0) SELECT 1 FROM changed");
         Ok(())
     }
 }
@@ -212,8 +238,12 @@ impl QueryFragment<diesel::pg::Pg> for PgChange<'_> {
 /// [`super::repo::apply_locked`]), which gives the exact answer. What it writes is what
 /// that path writes for `Change::Progress`: version + 1, `progress`, `message` when one
 /// is given, `updated_at`, the renewed lease and the `progress` event with `seq` = the
-/// new version. (The notification goes after the commit, `db::outbox`.) The arrays are
-/// the reports' columns, index by index.
+/// new version — and the trim of a job's oldest events when that `seq` calls for one
+/// ([`EventBound::trim_upto`], with each report's own `keep` and `step`): the
+/// delete joins only the rows the statement changed whose new version trims, and
+/// reads the job's events by their primary key range, so it touches no row of
+/// `job_events` when no report of the batch trims. (The notification goes after the
+/// commit, `db::outbox`.) The arrays are the reports' columns, index by index.
 pub struct PgProgressBatch<'a> {
     pub ids: Vec<&'a str>,
     pub percents: Vec<i32>,
@@ -223,6 +253,9 @@ pub struct PgProgressBatch<'a> {
     pub data: Vec<String>,
     /// Each report's [`attempt_fence`].
     pub attempts: Vec<i32>,
+    /// Each report's [`EventBound::keep`] and [`EventBound::step`].
+    pub keeps: Vec<i64>,
+    pub steps: Vec<i64>,
     pub now: i64,
 }
 
@@ -245,8 +278,12 @@ impl QueryFragment<diesel::pg::Pg> for PgProgressBatch<'_> {
         out.push_bind_param::<Array<Text>, _>(&self.data)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<Integer>, _>(&self.attempts)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.keeps)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.steps)?;
         out.push_sql(
-            ") AS i(id, percent, message, lease_until, data, attempt)), \
+            ") AS i(id, percent, message, lease_until, data, attempt, keep, step)), \
              changed AS (UPDATE jobs SET version = jobs.version + 1, progress = i.percent, \
              message = COALESCE(i.message, jobs.message), updated_at = ",
         );
@@ -260,15 +297,21 @@ impl QueryFragment<diesel::pg::Pg> for PgProgressBatch<'_> {
         out.push_sql(" AND (jobs.attempts <> 1 OR jobs.started_at IS DISTINCT FROM ");
         out.push_bind_param::<BigInt, _>(&self.now)?;
         out.push_sql(
-            ") RETURNING jobs.*, i.data AS event_data), event AS (INSERT INTO job_events \
+            ") RETURNING jobs.*, i.data AS event_data, i.keep AS event_keep, \
+             i.step AS event_step), event AS (INSERT INTO job_events \
              (job_id, seq, event_type, data, created_at) SELECT id, version, ",
         );
         out.push_bind_param::<Text, _>(EventType::Progress.as_str())?;
         out.push_sql(", event_data, ");
         out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql(
+            " FROM changed), trim AS (DELETE FROM job_events USING changed AS c \
+             WHERE c.version > c.event_keep AND c.version % c.event_step = 0 \
+             AND job_events.job_id = c.id AND job_events.seq <= c.version - c.event_keep)",
+        );
         // The CTE is named `jobs` in the final SELECT, so the table's qualified column
         // names (the same list as `LockJob`'s) read it.
-        out.push_sql(" FROM changed) SELECT ");
+        out.push_sql(" SELECT ");
         jobs::all_columns.walk_ast(out.reborrow())?;
         out.push_sql(" FROM changed AS jobs");
         Ok(())
@@ -388,6 +431,7 @@ mod tests {
             event_type: "progress",
             data: "{}".into(),
             now: 1,
+            events: EventBound::default(),
         })
         .to_string();
         assert_eq!(set_columns(&pg), want, "{pg}");
@@ -418,6 +462,8 @@ mod tests {
             lease_until: vec![2],
             data: vec!["{}".into()],
             attempts: vec![ANY_ATTEMPT],
+            keeps: vec![1000],
+            steps: vec![62],
             now: 1,
         })
         .to_string();
@@ -425,6 +471,53 @@ mod tests {
         let selected = selected.split(" FROM changed AS jobs").next().unwrap_or("");
         assert_eq!(names(selected.split(", ")), want, "{progress}");
         assert!(!progress.contains("pg_notify"), "{progress}");
+    }
+
+    /// The trims bind their bound: whatever `keep`, `step` and version, each statement
+    /// has one SQL text (so it stays one prepared statement), and the text holds the
+    /// trim's delete.
+    #[test]
+    fn the_trims_keep_one_sql_text_whatever_the_bound() {
+        let sql = |q: String| q.split(" -- binds").next().unwrap_or("").to_owned();
+        let change = |keep: i64, version: i64| {
+            let mut r = row();
+            r.version = version;
+            sql(diesel::debug_query::<diesel::pg::Pg, _>(&PgChange {
+                row: &r,
+                event_type: "progress",
+                data: "{}".into(),
+                now: 1,
+                events: EventBound::new(keep),
+            })
+            .to_string())
+        };
+        let a = change(16, 17);
+        assert_eq!(a, change(100_000, 64_000), "{a}");
+        assert!(
+            a.contains("trim AS (DELETE FROM job_events WHERE job_id = $"),
+            "{a}"
+        );
+        let batch = |keeps: Vec<i64>| {
+            let n = keeps.len();
+            sql(diesel::debug_query::<diesel::pg::Pg, _>(&PgProgressBatch {
+                ids: vec!["j"; n],
+                percents: vec![1; n],
+                messages: vec![None; n],
+                lease_until: vec![2; n],
+                data: vec!["{}".into(); n],
+                attempts: vec![ANY_ATTEMPT; n],
+                steps: keeps.iter().map(|k| EventBound::new(*k).step()).collect(),
+                keeps,
+                now: 1,
+            })
+            .to_string())
+        };
+        let b = batch(vec![16]);
+        assert_eq!(b, batch(vec![1000, 50, 100_000]), "{b}");
+        assert!(
+            b.contains("trim AS (DELETE FROM job_events USING changed"),
+            "{b}"
+        );
     }
 
     /// Counts the statements a connection prepares for its cache and the queries it runs.
@@ -540,6 +633,7 @@ mod tests {
         use crate::error::StoreError;
         use crate::jobs::model::{Change, JobId};
         use crate::jobs::repo::{apply, apply_locked};
+        let terms = || crate::jobs::model::Terms::with_lease_ms(60_000);
         let mut lite = SqliteConnection::establish(":memory:").expect("sqlite");
         lite.run_pending_migrations(crate::db::migrate::SQLITE_MIGRATIONS)
             .expect("migrations");
@@ -569,7 +663,7 @@ mod tests {
                 message,
             };
             let before = queries();
-            let a = apply(&mut c, &id(&fast), &change, 60_000, None).expect("fast");
+            let a = apply(&mut c, &id(&fast), &change, terms(), None).expect("fast");
             fast_queries += queries() - before;
             let before = queries();
             let b = c
@@ -578,7 +672,7 @@ mod tests {
                         DbConnection::Sqlite(l) => LockJob(&general).get_result::<JobRow>(l),
                         DbConnection::Postgresql(p) => LockJob(&general).get_result::<JobRow>(p),
                     }?;
-                    apply_locked(c, locked, &change, 60_000)
+                    apply_locked(c, locked, &change, terms())
                 })
                 .expect("general");
             general_queries += queries() - before;
@@ -624,7 +718,7 @@ mod tests {
             percent: 1,
             message: None,
         };
-        let r = apply(&mut c, &id(&queued.id), &change, 60_000, None);
+        let r = apply(&mut c, &id(&queued.id), &change, terms(), None);
         assert!(matches!(r, Err(StoreError::Conflict(_))), "{r:?}");
         queued = jobs::table.find(&queued.id).first(&mut c).expect("read");
         assert_eq!((queued.version, queued.progress), (row().version, 0));

@@ -227,6 +227,8 @@ fn out_of_range_values_name_their_variable() {
         ("COORDINATOR_AUTH_FAILURES_PER_MINUTE", "100001"),
         ("COORDINATOR_LEASE_SECS", "0"),
         ("COORDINATOR_LEASE_SECS", "86401"),
+        ("COORDINATOR_EVENTS_PER_JOB", "15"),
+        ("COORDINATOR_EVENTS_PER_JOB", "100001"),
         ("COORDINATOR_TOKEN_TTL_SECS", "0"),
         ("COORDINATOR_TOKEN_TTL_SECS", "86401"),
         ("COORDINATOR_WEBHOOK_QUEUE", "no spaces"),

@@ -1070,7 +1070,7 @@ fn two_attempts(app: &TestApp, queue: &str) -> (String, String, String) {
 /// write whose authentication came just before the hand-back.
 fn a_token_writes_only_into_its_own_attempt(b: Backend) {
     use coordinator::error::StoreError;
-    use coordinator::jobs::model::{Change, JobId};
+    use coordinator::jobs::model::{Change, JobId, Terms};
     use coordinator::jobs::repo::{self, ProgressReport};
     let Some(app) = crate::app!(b) else { return };
     let (id, _, _) = two_attempts(&app, "fence");
@@ -1099,7 +1099,9 @@ fn a_token_writes_only_into_its_own_attempt(b: Backend) {
         for change in changes {
             let (j, what) = (job.clone(), format!("{change:?}"));
             let r = db
-                .write(move |conn| repo::apply(conn, &j, &change, 60_000, Some(1)))
+                .write(move |conn| {
+                    repo::apply(conn, &j, &change, Terms::with_lease_ms(60_000), Some(1))
+                })
                 .await;
             assert!(matches!(r, Err(StoreError::StaleAttempt)), "{what}: {r:?}");
         }
@@ -1117,7 +1119,7 @@ fn a_token_writes_only_into_its_own_attempt(b: Backend) {
             id: job.clone(),
             percent,
             message: None,
-            lease_ms: 60_000,
+            terms: Terms::with_lease_ms(60_000),
             attempt: Some(attempt),
             record: None,
         };

@@ -6,6 +6,7 @@
 use coordinator::db::replay::{insert_replays, ReplayRow};
 use coordinator::db::schema::replay_records;
 use coordinator::error::StoreError;
+use coordinator::jobs::model::Terms;
 use coordinator::jobs::repo::progress_batch;
 use coordinator::jobs::repo::{create_group, Idempotency, Made, NewCreate, ProgressReport};
 use coordinator::jobs::JobId;
@@ -302,7 +303,7 @@ fn report(id: &str, percent: i32, message: Option<&str>) -> ProgressReport {
         id: JobId::parse(id, "id").expect("job id"),
         percent,
         message: message.map(str::to_owned),
-        lease_ms: 60_000,
+        terms: Terms::with_lease_ms(60_000),
         attempt: None,
         record: None,
     }
