@@ -294,6 +294,21 @@ fn sse_event(out: &mut String, e: EventRow) {
     out.push_str(&format!("id: {seq}\nevent: {kind}\ndata: {data}\n\n"));
 }
 
+/// A job's `seq` has no holes, so a first event past `last + 1` means the ones
+/// between are no longer kept (`COORDINATOR_EVENTS_PER_JOB`: the stream resumed, or
+/// fell, further behind than the job keeps). The stream says so in one SSE comment
+/// (`EventSource` ignores it; a raw reader sees it) and goes on from the oldest event
+/// kept: the jump in `id:` says the same to any client.
+fn gap_comment(last: i64, first: i64) -> Option<String> {
+    (first > last.saturating_add(1)).then(|| {
+        format!(
+            ": gap: events {} to {} are no longer kept\n\n",
+            last.saturating_add(1),
+            first.saturating_sub(1)
+        )
+    })
+}
+
 /// How a wait for a change ended.
 enum Wait<T> {
     /// What it waited for came.
@@ -423,8 +438,11 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
             }
         };
         let full = i64::try_from(events.len()).unwrap_or(i64::MAX) >= EVENTS_PER_CHUNK;
-        if !events.is_empty() {
+        if let Some(first) = events.first() {
             let mut out = String::new();
+            if let Some(gap) = gap_comment(s.last, first.seq) {
+                out.push_str(&gap);
+            }
             for e in events {
                 s.last = e.seq;
                 if s.live {
@@ -478,7 +496,11 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
         revoked when its job ends), the stream ends without sending more. An idle \
         stream gets a `: keep-alive` comment \
         every 15 s. Open streams per caller and per instance are bounded (429 with \
-        `Retry-After` beyond). Otherwise the events after `after` as JSON (at most \
+        `Retry-After` beyond). A job keeps only its newest events \
+        (`COORDINATOR_EVENTS_PER_JOB`, default 1000): a `Last-Event-ID` (or `after`) older \
+        than the oldest one kept resumes at that one, the stream saying so first with a \
+        comment `: gap: events A to B are no longer kept` (`seq` otherwise has no \
+        holes). Otherwise the events after `after` as JSON (at most \
         1000; `hasMore` when more follow: ask again with `after` = the last `seq`). A \
         job token may read only its own job (else 403).",
     params(
