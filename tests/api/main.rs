@@ -12,6 +12,7 @@ mod cli;
 mod config;
 mod crash;
 mod credentials;
+mod events;
 mod faults;
 mod health;
 mod http_sig;

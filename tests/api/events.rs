@@ -1,0 +1,287 @@
+//! A job keeps only its newest events (`COORDINATOR_EVENTS_PER_JOB`): every write path
+//! that adds an event trims the older ones in its own transaction, and a stream resumed
+//! from an event no longer kept starts at the oldest one kept.
+
+use std::time::Duration;
+
+use coordinator::jobs::model::{EventBound, Terms};
+use coordinator::jobs::repo::{progress_batch, ProgressReport};
+use coordinator::jobs::JobId;
+use diesel::prelude::*;
+use serde_json::{json, Value};
+
+use crate::backend_tests;
+use crate::helpers::{now_secs, Backend, TestApp};
+
+backend_tests!(
+    progress_reports_and_state_changes_keep_only_the_newest_events,
+    a_stream_resumed_before_the_oldest_kept_event_starts_there,
+);
+crate::postgres_tests!(a_progress_batch_trims_each_job_by_its_own_version_and_bound);
+
+/// The seqs a job keeps after `version` events (every version is an event), written
+/// one by one under `bound`: the last trim was at the greatest multiple of the step
+/// not above `version`, if that is past `keep`.
+fn kept(version: i64, bound: EventBound) -> Vec<i64> {
+    let t = version / bound.step() * bound.step();
+    let lo = if t > bound.keep() {
+        t - bound.keep() + 1
+    } else {
+        1
+    };
+    (lo..=version).collect()
+}
+
+/// The seqs of a job's events as stored, oldest first.
+fn stored(app: &TestApp, id: &str) -> Vec<i64> {
+    use coordinator::db::schema::job_events;
+    let (db, id) = (app.state.db.clone(), id.to_owned());
+    actix_web::rt::System::new()
+        .block_on(db.read(move |conn| {
+            Ok(job_events::table
+                .filter(job_events::job_id.eq(id))
+                .order(job_events::seq)
+                .select(job_events::seq)
+                .load::<i64>(conn)?)
+        }))
+        .expect("events")
+}
+
+/// The seqs `GET /coordinator/jobs/{id}` shows, oldest first.
+fn shown(app: &TestApp, id: &str) -> Vec<i64> {
+    let r = app.get(&format!("/coordinator/jobs/{id}"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_ne!(j["eventsTruncated"], true, "{}", r.body);
+    j["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["seq"].as_i64().expect("seq"))
+        .collect()
+}
+
+/// The job has exactly the events `kept` says after `version` changes: the newest
+/// included, never more than the bound's most, in the database and over HTTP.
+fn assert_kept(app: &TestApp, id: &str, version: i64, bound: EventBound, what: &str) {
+    let want = kept(version, bound);
+    assert!(i64::try_from(want.len()).expect("len") <= bound.most());
+    assert_eq!(stored(app, id), want, "{what}: stored");
+    assert_eq!(shown(app, id), want, "{what}: shown");
+}
+
+/// Queue a PENDING job of `queue` and claim it: its job token.
+fn claim(app: &TestApp, id: &str, queue: &str) -> String {
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{id}/status"),
+        &json!({"status": "QUEUED"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    claim_again(app, id, queue)
+}
+
+/// Claim the QUEUED job `id`, alone on `queue`: its job token.
+fn claim_again(app: &TestApp, id: &str, queue: &str) -> String {
+    let r = app.post_json(
+        &format!("/coordinator/queues/{queue}/claim"),
+        &json!({"worker": "w"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["id"], id);
+    r.json()["token"].as_str().expect("token").to_owned()
+}
+
+fn with_token_ok(app: &TestApp, token: &str, method: &str, path: &str, body: &Value) {
+    let r = app.with_token(token, method, path, body.to_string().as_bytes());
+    assert_eq!(r.status, 200, "{method} {path}: {}", r.body);
+}
+
+/// Far more progress reports than the bound (from job tokens, several jobs at once so
+/// PostgreSQL's progress log batches them), then claims and hand-backs, a retryable
+/// failure, cancels and redrives: each job keeps exactly its newest events, trimmed
+/// every `step` events. Heartbeats write no event and change nothing here.
+fn progress_reports_and_state_changes_keep_only_the_newest_events(b: Backend) {
+    let bound = EventBound::new(64);
+    assert_eq!(bound.step(), 4);
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.events = bound) else {
+        return;
+    };
+    let jobs: Vec<(String, String, String)> = (0..3)
+        .map(|i| {
+            let queue = format!("trim-{i}");
+            let id = app.create_job(&json!({"kind": "k", "queue": queue, "maxAttempts": 100}));
+            let token = claim(&app, &id, &queue); // created, status, claimed: 3
+            (id, queue, token)
+        })
+        .collect();
+    const REPORTS: i64 = 150;
+    std::thread::scope(|s| {
+        for (id, _, token) in &jobs {
+            let app = &app;
+            s.spawn(move || {
+                let path = format!("/coordinator/jobs/{id}/progress");
+                for p in 0..REPORTS {
+                    with_token_ok(app, token, "PATCH", &path, &json!({"percent": p % 100}));
+                    if p % 50 == 0 {
+                        let beat = format!("/coordinator/jobs/{id}/heartbeat");
+                        with_token_ok(app, token, "POST", &beat, &json!({}));
+                    }
+                }
+            });
+        }
+    });
+    let mut version = 3 + REPORTS;
+    for (id, _, _) in &jobs {
+        assert_kept(&app, id, version, bound, "after progress reports");
+    }
+
+    // Claims and hand-backs (the general path: lock, change, event).
+    let (id, queue, mut token) = jobs.into_iter().next().expect("a job");
+    for _ in 0..25 {
+        let path = format!("/coordinator/jobs/{id}/status");
+        with_token_ok(&app, &token, "PATCH", &path, &json!({"status": "QUEUED"}));
+        token = claim_again(&app, &id, &queue);
+        version += 2;
+    }
+    assert_kept(&app, &id, version, bound, "after hand-backs");
+    let path = format!("/coordinator/jobs/{id}/fail");
+    with_token_ok(
+        &app,
+        &token,
+        "POST",
+        &path,
+        &json!({"error": "again", "retryable": true}),
+    );
+    version += 1; // retry_scheduled
+    for _ in 0..40 {
+        let r = app.post_json(&format!("/coordinator/jobs/{id}/cancel"), &json!({}));
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = app.post_json(&format!("/coordinator/jobs/{id}/retry"), &json!({}));
+        assert_eq!(r.status, 200, "{}", r.body);
+        version += 2;
+    }
+    assert_kept(&app, &id, version, bound, "after cancels and redrives");
+}
+
+/// A stream (and a page) asked for the events after one the job no longer keeps starts
+/// at the oldest one kept; the stream says first, in a comment, which were not kept.
+fn a_stream_resumed_before_the_oldest_kept_event_starts_there(b: Backend) {
+    let bound = EventBound::new(32);
+    assert_eq!(bound.step(), 2);
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.events = bound) else {
+        return;
+    };
+    let id = app.create_job(&json!({"kind": "k", "queue": "gap"}));
+    let token = claim(&app, &id, "gap"); // 3 events
+    let path = format!("/coordinator/jobs/{id}/progress");
+    for p in 0..60 {
+        with_token_ok(&app, &token, "PATCH", &path, &json!({"percent": p}));
+    }
+    let done = format!("/coordinator/jobs/{id}/complete");
+    with_token_ok(&app, &token, "POST", &done, &json!({})); // 64
+    assert_kept(&app, &id, 64, bound, "before reading");
+    assert_eq!(kept(64, bound).first(), Some(&33));
+
+    // The job is COMPLETED: a stream sends what is kept after its start, then ends.
+    let read = |last_event_id: &str| -> String {
+        let events = format!("/coordinator/jobs/{id}/events");
+        let mut req = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .get(&app.url(&events))
+            .set("accept", "text/event-stream")
+            .set("last-event-id", last_event_id);
+        for (k, v) in &app.signer.headers("GET", &events, b"", now_secs()) {
+            req = req.set(k, v);
+        }
+        let r = req.call().expect("stream opens");
+        assert_eq!(r.header("content-type"), Some("text/event-stream"));
+        r.into_string().expect("the stream, to its end")
+    };
+    let ids = |body: &str| -> Vec<i64> {
+        body.lines()
+            .filter_map(|l| l.strip_prefix("id: "))
+            .map(|i| i.parse().expect("id"))
+            .collect()
+    };
+    let body = read("5");
+    assert!(
+        body.starts_with(": gap: events 6 to 32 are no longer kept\n\nid: 33\n"),
+        "{body}"
+    );
+    assert_eq!(ids(&body), (33..=64).collect::<Vec<_>>(), "{body}");
+    assert!(body.contains("event: completed"), "{body}");
+    // From a kept event: no gap, nothing said.
+    let body = read("40");
+    assert!(body.starts_with("id: 41\n"), "{body}");
+    assert_eq!(ids(&body), (41..=64).collect::<Vec<_>>());
+    // The JSON page starts at the oldest kept one too.
+    let page = app
+        .get(&format!("/coordinator/jobs/{id}/events?after=0"))
+        .json();
+    let seqs: Vec<i64> = page["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["seq"].as_i64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, (33..=64).collect::<Vec<_>>());
+    assert_eq!(page["hasMore"], false);
+}
+
+/// PostgreSQL's progress batch: several jobs in one statement, some of whose new
+/// versions trim and some not, each trimmed by its own report's bound.
+fn a_progress_batch_trims_each_job_by_its_own_version_and_bound(b: Backend) {
+    let bound = EventBound::new(32);
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.events = bound) else {
+        return;
+    };
+    // Three RUNNING jobs (3 events each), moved apart: versions 3, 4 and 5.
+    let ids: Vec<String> = (0..3).map(|_| app.running_job()).collect();
+    let mut versions = [3, 3, 3];
+    for (i, id) in ids.iter().enumerate() {
+        for _ in 0..i {
+            let r = app.patch_json(
+                &format!("/coordinator/jobs/{id}/progress"),
+                &json!({"percent": 1}),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+            versions[i] += 1;
+        }
+    }
+    // The third job's reports keep more (64) than the app's bound (32).
+    let wide = EventBound::new(64);
+    let bounds = [bound, bound, wide];
+    for round in 0..50 {
+        let reports: Vec<ProgressReport> = ids
+            .iter()
+            .zip(bounds)
+            .map(|(id, events)| ProgressReport {
+                id: JobId::parse(id, "id").expect("job id"),
+                percent: round,
+                message: None,
+                terms: Terms {
+                    lease_ms: 60_000,
+                    events,
+                },
+                attempt: None,
+                record: None,
+            })
+            .collect();
+        let db = app.state.db.clone();
+        let written = actix_web::rt::System::new()
+            .block_on(db.write(move |conn| progress_batch(conn, reports)))
+            .expect("batch");
+        for (w, v) in written.iter().zip(versions.iter_mut()) {
+            let row = w.as_ref().expect("written").as_ref().expect("a row");
+            *v += 1;
+            assert_eq!(row.version, *v);
+        }
+    }
+    assert_kept(&app, &ids[0], versions[0], bound, "first job");
+    assert_kept(&app, &ids[1], versions[1], bound, "second job");
+    // Its earlier events were written under the app's bound (32) before version 32:
+    // none trimmed; its batch reports keep 64, so none since.
+    assert_eq!(versions[2], 55);
+    assert_kept(&app, &ids[2], versions[2], wide, "third job");
+}
