@@ -256,8 +256,8 @@ pub fn run(bin: &str, out_path: &str, conns: usize, minutes: f64, backend: &str,
         },
         if postgres {
             "the size (`pg_total_relation_size`: table, indexes, TOAST) and dead tuples of `jobs` \
-             and `replay_records`, the size of `job_events` (it grows by one row per update, by \
-             design, until retention) and the autovacuum runs of the three"
+             and `replay_records`, the size of `job_events` (one row per update, each job keeping its \
+             newest `COORDINATOR_EVENTS_PER_JOB`) and the autovacuum runs of the three"
         } else {
             "the size of `bench.db-wal`"
         },
