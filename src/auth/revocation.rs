@@ -193,6 +193,11 @@ impl Revocations {
         self.len() == 0
     }
 
+    /// Ids held in memory now (at most [`Self::limit`]; none while in overflow).
+    pub fn held(&self) -> usize {
+        self.set.read().map(|s| s.ids.len()).unwrap_or(0)
+    }
+
     /// Woken when a revocation new to this instance is held (by a poll or locally).
     /// While the set is in overflow (every token checked against the database) it is
     /// not: streams then notice at their next keep-alive.
@@ -200,15 +205,36 @@ impl Revocations {
         &self.added
     }
 
-    /// Record a revocation made by this instance (effective at once here).
+    /// Record a revocation made by this instance (effective at once here). Its row is
+    /// already committed, so past the bound the set is dropped here and then, as a poll
+    /// would, and every check asks the database: memory stays bounded even while no
+    /// poll completes, now that the admin route is never refused for want of room.
     pub fn revoke_local(&self, jti: &str, expires_at: i64) {
+        let limit = self.limit();
         let added = match self.set.write() {
             Ok(mut s) if !s.overflow => match s.ids.get_mut(jti) {
                 Some(held) => {
                     *held = (*held).max(expires_at);
                     false
                 }
-                None => hold(&mut s.ids, jti.to_owned(), expires_at),
+                None => {
+                    if s.ids.len() >= limit {
+                        let now = now_millis();
+                        s.ids.retain(|_, e| *e > now);
+                    }
+                    if s.ids.len() >= limit {
+                        log::warn!(
+                            "more than {limit} active token revocations: checking each \
+                             token against the database until the set shrinks"
+                        );
+                        s.counted = s.ids.len().saturating_add(1);
+                        s.ids = HashMap::new();
+                        s.overflow = true;
+                        false
+                    } else {
+                        hold(&mut s.ids, jti.to_owned(), expires_at)
+                    }
+                }
             },
             _ => false,
         };

@@ -16,6 +16,7 @@ use crate::helpers::{captured_logs, jti_of, now_secs, Backend, Resp, TestApp};
 backend_tests!(
     a_revocation_written_by_a_clock_ten_seconds_behind_reaches_another_instance,
     revocations_are_capped_at_a_day_and_the_set_is_bounded,
+    the_set_stays_bounded_while_no_poll_completes,
     an_expired_webhook_secret_stops_working_while_cached,
     a_credential_read_that_raced_a_revocation_is_not_cached,
     a_job_token_names_its_caller_and_dies_with_it,
@@ -185,6 +186,48 @@ fn revocations_are_capped_at_a_day_and_the_set_is_bounded(b: Backend) {
     assert_eq!(get_job(&app, &t, &id).problem(401)["reason"], "revoked");
     assert!(gauge(&app) > i64::try_from(limit).unwrap());
 }
+/// The admin route is no longer refused when the set is full, so the bound on memory
+/// cannot wait for the next poll to notice: while no poll completes (a database that
+/// answers writes but whose reads are shed or slow, say) every revocation this instance
+/// makes, by hand or by a job's end, would otherwise stay in memory. Past the bound the
+/// set is dropped at once and each check asks the database, where every one of them is.
+fn the_set_stays_bounded_while_no_poll_completes(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    // An instance's set whose poller never runs: as if each poll failed.
+    let set = revocation::Revocations::new(app.state.db.clone());
+    set.set_limit(10);
+    let exp = now_millis() + 3_600_000;
+    let ids: Vec<String> = (0..50).map(|i| format!("flood-{i}")).collect();
+    actix_web::rt::System::new().block_on(async {
+        for id in &ids {
+            set.revoke(id.clone(), exp).await.expect("revoke");
+        }
+        // A job's end: its row committed with the job's change, then held here.
+        app.state
+            .db
+            .write_sync(|c| revoked::revoke_token(c, "job:x:1", exp, now_millis()))
+            .expect("job revocation");
+        set.revoke_local_all(&[("job:x:1".to_owned(), exp)]);
+        assert!(
+            set.held() <= set.limit(),
+            "{} ids held in memory past a bound of {}",
+            set.held(),
+            set.limit()
+        );
+        for id in ids.iter().chain(["job:x:1".to_owned()].iter()) {
+            let (jti, job, attempt) = match id.strip_prefix("job:") {
+                Some(_) => ("other", "x", 1),
+                None => (id.as_str(), "y", 1),
+            };
+            assert!(
+                set.is_revoked(jti, job, attempt).await.expect("check"),
+                "{id} not revoked"
+            );
+        }
+        assert!(!set.is_revoked("other", "y", 1).await.expect("check"));
+    });
+}
+
 // ---- item 2: a cached credential carries its expiry -------------------------------
 
 const WEBHOOK_BODY: &str = r#"{"issueNumber":7,"repository":"octo/widgets","action":"assigned"}"#;
