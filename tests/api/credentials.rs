@@ -17,6 +17,7 @@ backend_tests!(
     a_revocation_written_by_a_clock_ten_seconds_behind_reaches_another_instance,
     revocations_are_capped_at_a_day_and_the_set_is_bounded,
     the_set_stays_bounded_while_no_poll_completes,
+    a_revocation_made_with_the_sets_full_holds_on_both_instances_within_a_second,
     an_expired_webhook_secret_stops_working_while_cached,
     a_credential_read_that_raced_a_revocation_is_not_cached,
     a_job_token_names_its_caller_and_dies_with_it,
@@ -226,6 +227,50 @@ fn the_set_stays_bounded_while_no_poll_completes(b: Backend) {
         }
         assert!(!set.is_revoked("other", "y", 1).await.expect("check"));
     });
+}
+
+/// With both instances' sets full (and then past full), an operator's revocation on one
+/// holds there at once and on the other within a second.
+fn a_revocation_made_with_the_sets_full_holds_on_both_instances_within_a_second(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let other = app.sibling();
+    let limit = 5;
+    app.state.auth.revocations.set_limit(limit);
+    other.state.auth.revocations.set_limit(limit);
+    let exp = now_millis() + 3_600_000;
+    for i in 0..limit {
+        app.state
+            .db
+            .write_sync(|c| revoked::revoke_token(c, &format!("fill-{i}"), exp, now_millis()))
+            .expect("fill");
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        other.state.auth.revocations.held(),
+        limit,
+        "full, not past it"
+    );
+    for round in ["full", "past full"] {
+        let id = app.running_job();
+        let t = app.job_token(&id, "w", HOUR);
+        assert_eq!(get_job(&other, &t, &id).status, 200, "{round}");
+        let r = app.post_json("/admin/tokens/revoke", &json!({"jti": jti_of(&t)}));
+        assert_eq!(r.status, 200, "{round}: {}", r.body);
+        let started = Instant::now();
+        assert_eq!(
+            get_job(&app, &t, &id).problem(401)["reason"],
+            "revoked",
+            "{round}"
+        );
+        let r = poll_until(
+            Duration::from_secs(1),
+            || get_job(&other, &t, &id),
+            |r| r.status == 401,
+        );
+        assert_eq!(r.problem(401)["reason"], "revoked", "{round}");
+        assert!(started.elapsed() < Duration::from_secs(1), "{round}");
+    }
+    assert!(other.state.auth.revocations.held() <= limit);
 }
 
 // ---- item 2: a cached credential carries its expiry -------------------------------
