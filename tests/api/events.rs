@@ -16,8 +16,12 @@ use crate::helpers::{now_secs, Backend, TestApp};
 backend_tests!(
     progress_reports_and_state_changes_keep_only_the_newest_events,
     a_stream_resumed_before_the_oldest_kept_event_starts_there,
+    lease_expiries_trim_as_every_other_change,
 );
-crate::postgres_tests!(a_progress_batch_trims_each_job_by_its_own_version_and_bound);
+crate::postgres_tests!(
+    a_progress_batch_trims_each_job_by_its_own_version_and_bound,
+    a_progress_batch_with_several_reports_of_one_job_trims_each_version,
+);
 
 /// The seqs a job keeps after `version` events (every version is an event), written
 /// one by one under `bound`: the last trim was at the greatest multiple of the step
@@ -284,4 +288,87 @@ fn a_progress_batch_trims_each_job_by_its_own_version_and_bound(b: Backend) {
     // none trimmed; its batch reports keep 64, so none since.
     assert_eq!(versions[2], 55);
     assert_kept(&app, &ids[2], versions[2], wide, "third job");
+}
+
+/// Housekeeping's lease expiry is a change like any other: RUNNING (an operator's
+/// move) and expired again and again, the job keeps exactly its newest events.
+fn lease_expiries_trim_as_every_other_change(b: Backend) {
+    let bound = EventBound::new(16);
+    // Leases of a millisecond, expired by this test's calls, not by housekeeping.
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| {
+        c.events = bound;
+        c.lease = Duration::from_millis(1);
+        c.housekeeping_interval = Duration::from_secs(3600);
+    }) else {
+        return;
+    };
+    let id = app.create_job(&json!({"kind": "k", "queue": "lease", "maxAttempts": 100}));
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{id}/status"),
+        &json!({"status": "QUEUED"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut version = 2;
+    for round in 0..30 {
+        let r = app.patch_json(
+            &format!("/coordinator/jobs/{id}/status"),
+            &json!({"status": "RUNNING"}),
+        );
+        assert_eq!(r.status, 200, "round {round}: {}", r.body);
+        let db = app.state.db.clone();
+        let terms = Terms {
+            lease_ms: 1,
+            events: bound,
+        };
+        std::thread::sleep(Duration::from_millis(5));
+        let now = coordinator::db::now_millis();
+        let expired = actix_web::rt::System::new()
+            .block_on(db.write(move |c| coordinator::jobs::repo::expire_leases(c, now, 100, terms)))
+            .expect("expire");
+        assert_eq!(expired.len(), 1, "round {round}");
+        version += 2;
+        assert_eq!(expired[0].version, version, "round {round}");
+    }
+    assert_kept(&app, &id, version, bound, "after lease expiries");
+}
+
+/// PostgreSQL's progress batch with several reports of one job: the first goes into
+/// the statement, the later ones are written on their own after it, and each trims by
+/// its own new version, none skipped.
+fn a_progress_batch_with_several_reports_of_one_job_trims_each_version(b: Backend) {
+    let bound = EventBound::new(16);
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.events = bound) else {
+        return;
+    };
+    let ids: Vec<String> = (0..2).map(|_| app.running_job()).collect();
+    let mut versions = [3_i64, 3];
+    for round in 0..20 {
+        // Three reports of the first job around one of the second.
+        let order = [0, 1, 0, 0];
+        let reports: Vec<ProgressReport> = order
+            .iter()
+            .map(|&i| ProgressReport {
+                id: JobId::parse(&ids[i], "id").expect("job id"),
+                percent: round,
+                message: None,
+                terms: Terms {
+                    lease_ms: 60_000,
+                    events: bound,
+                },
+                attempt: None,
+                record: None,
+            })
+            .collect();
+        let db = app.state.db.clone();
+        let written = actix_web::rt::System::new()
+            .block_on(db.write(move |conn| progress_batch(conn, reports)))
+            .expect("batch");
+        for (w, &i) in written.iter().zip(order.iter()) {
+            let row = w.as_ref().expect("written").as_ref().expect("a row");
+            versions[i] += 1;
+            assert_eq!(row.version, versions[i], "round {round}");
+        }
+    }
+    assert_kept(&app, &ids[0], versions[0], bound, "three reports a batch");
+    assert_kept(&app, &ids[1], versions[1], bound, "one report a batch");
 }
