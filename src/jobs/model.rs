@@ -170,7 +170,10 @@ pub enum Change {
 /// with `seq <= seq - keep` (one contiguous range of the primary key), in the same
 /// statement or transaction. So a job holds at most `keep + step - 1` events (a job's
 /// `seq` has no holes: every version is an event), and the delete runs on one write in
-/// `step`, removing `step` rows at a time once the job is past `keep`.
+/// `step`, removing `step` rows at a time once the job is past `keep`. (On PostgreSQL,
+/// a progress statement that waited for the job's row lock behind more than `keep`
+/// writers cannot see their events and leaves a few for a later trim: see
+/// `docs/decisions.md`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventBound {
     // Read by reference by the statements that bind them (`jobs::statements`).
