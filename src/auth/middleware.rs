@@ -645,7 +645,9 @@ fn refuse(ctx: &AuthContext, peer: &Peer, e: ApiError, audit: &mut AuditRecord) 
             audit.reason = Some(why);
             false
         }
-        ApiError::TooManyRequests { .. } => {
+        // `Busy` here is the peer's bound on bodies being read: throttled, as it was
+        // counted before its detail was made its own.
+        ApiError::TooManyRequests { .. } | ApiError::Busy { .. } => {
             audit.reason = Some("throttled");
             false
         }

@@ -797,6 +797,18 @@ fn slow_unverified_bodies_hold_no_place_verified_requests_need(b: Backend) {
     assert!(r.head.contains("retry-after: 1"), "{}", r.head);
     assert!(r.body.contains("request bodies on their way"), "{}", r.body);
     assert!(started.elapsed() < Duration::from_secs(10));
+    // Counted and audited as before its detail was made honest: `throttled`, one of
+    // the documented reasons, not the catch-all `request refused`.
+    let metrics = app.get("/metrics").body;
+    let refused = |reason: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("coordinator_auth_outcomes_total{")
+                && l.contains(r#"outcome="deny""#)
+                && l.contains(&format!(r#"reason="{reason}""#))
+        })
+    };
+    assert!(refused("throttled"), "{metrics}");
+    assert!(!refused("request refused"), "{metrics}");
     // Requests that read no body before they are verified are not affected: API-key
     // ones, and signed ones without a body, even from the peer at its bound.
     let r = app.raw("GET", "/coordinator/health", &[("X-API-Key", &key)], b"");
