@@ -170,10 +170,10 @@ pub enum Change {
 /// with `seq <= seq - keep` (one contiguous range of the primary key), in the same
 /// statement or transaction. So a job holds at most `keep + step - 1` events (a job's
 /// `seq` has no holes: every version is an event), and the delete runs on one write in
-/// `step`, removing `step` rows at a time once the job is past `keep`. (On PostgreSQL,
-/// a progress statement that waited for the job's row lock behind more than `keep`
-/// writers cannot see their events and leaves a few for a later trim: see
-/// `docs/decisions.md`.)
+/// `step`, removing `step` rows at a time once the job is past `keep`. (On PostgreSQL
+/// the progress statement does not write a report whose job moved `keep` or more
+/// while it waited for the row lock, whose events its trim could not see:
+/// `statements::PgProgressBatch`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventBound {
     // Read by reference by the statements that bind them (`jobs::statements`).

@@ -636,8 +636,9 @@ fn on_attempt(row: &JobRow, attempt: Option<i32>) -> Result<(), StoreError> {
 }
 
 /// PostgreSQL's progress report in one statement, the worker's most frequent write;
-/// `None` when it does not apply (the job is not RUNNING, or the report would revoke
-/// tokens), and the general path answers instead.
+/// `None` when it does not apply (the job is not RUNNING, the report would revoke
+/// tokens, or the job moved `keep` or more while the statement waited for its lock,
+/// `PgProgressBatch`), and the general path answers instead.
 fn progress_pg(
     pg: &mut diesel::PgConnection,
     report: Report<'_>,

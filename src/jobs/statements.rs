@@ -266,7 +266,7 @@ impl Query for PgProgressBatch<'_> {
 impl QueryFragment<diesel::pg::Pg> for PgProgressBatch<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, diesel::pg::Pg>) -> QueryResult<()> {
         use diesel::sql_types::Array;
-        out.push_sql("WITH input AS (SELECT * FROM unnest(");
+        out.push_sql("WITH input AS (SELECT u.*, s.version AS seen FROM unnest(");
         out.push_bind_param::<Array<Text>, _>(&self.ids)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<Integer>, _>(&self.percents)?;
@@ -282,8 +282,16 @@ impl QueryFragment<diesel::pg::Pg> for PgProgressBatch<'_> {
         out.push_bind_param::<Array<BigInt>, _>(&self.keeps)?;
         out.push_sql(", ");
         out.push_bind_param::<Array<BigInt>, _>(&self.steps)?;
+        // `seen`: the job's version in the statement's snapshot. The trim's delete reads
+        // `job_events` with that snapshot, so it cannot see the events of the writers
+        // this statement waited behind for the row lock (versions above `seen`); a
+        // report whose new version would trim one of them (the job moved `keep` or
+        // more while it waited) is not written here, and the general path, which
+        // locks before it reads, writes it instead. The self-join is not locked, so
+        // the re-check after the wait compares the current version with `seen`.
         out.push_sql(
-            ") AS i(id, percent, message, lease_until, data, attempt, keep, step)), \
+            ") AS u(id, percent, message, lease_until, data, attempt, keep, step) \
+             JOIN jobs AS s ON s.id = u.id), \
              changed AS (UPDATE jobs SET version = jobs.version + 1, progress = i.percent, \
              message = COALESCE(i.message, jobs.message), updated_at = ",
         );
@@ -291,7 +299,7 @@ impl QueryFragment<diesel::pg::Pg> for PgProgressBatch<'_> {
         out.push_sql(
             ", lease_expires_at = i.lease_until FROM input AS i \
              WHERE jobs.id = i.id AND (i.attempt < 0 OR jobs.attempts = i.attempt) \
-             AND jobs.status = ",
+             AND jobs.version - i.seen < i.keep AND jobs.status = ",
         );
         out.push_bind_param::<Text, _>(JobStatus::Running.as_str())?;
         out.push_sql(" AND (jobs.attempts <> 1 OR jobs.started_at IS DISTINCT FROM ");

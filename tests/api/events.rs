@@ -21,6 +21,7 @@ backend_tests!(
 crate::postgres_tests!(
     a_progress_batch_trims_each_job_by_its_own_version_and_bound,
     a_progress_batch_with_several_reports_of_one_job_trims_each_version,
+    many_writers_of_one_job_never_push_it_past_the_bound,
 );
 
 /// The seqs a job keeps after `version` events (every version is an event), written
@@ -371,4 +372,75 @@ fn a_progress_batch_with_several_reports_of_one_job_trims_each_version(b: Backen
     }
     assert_kept(&app, &ids[0], versions[0], bound, "three reports a batch");
     assert_kept(&app, &ids[1], versions[1], bound, "one report a batch");
+}
+
+/// PostgreSQL: 40 connections report progress to one job at once, so most progress
+/// statements wait for its row lock, some behind many others (row-lock waiters are not
+/// served in order). A statement's trim reads `job_events` with the snapshot it began
+/// with, blind to the events of the writers it waited behind; without the guard in
+/// `PgProgressBatch` (`seen`) the job held up to 26 events under a bound of 16, and up
+/// to 83 under one of 67. A reader watching throughout never sees more than the bound.
+fn many_writers_of_one_job_never_push_it_past_the_bound(b: Backend) {
+    use coordinator::db::schema::job_events;
+    use coordinator::db::DbConnection;
+    use coordinator::jobs::model::Change;
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    for keep in [16, 64] {
+        let bound = EventBound::new(keep);
+        let Some(app) = crate::helpers::spawn_app_with(b, |c| c.events = bound) else {
+            return;
+        };
+        let id = app.running_job();
+        const WRITERS: usize = 40;
+        const EACH: usize = 25;
+        let url = app.db.url.clone();
+        let start = std::sync::Barrier::new(WRITERS);
+        let (most_seen, stop) = (AtomicI64::new(0), AtomicBool::new(false));
+        std::thread::scope(|s| {
+            let watcher = s.spawn(|| {
+                let mut conn = diesel::PgConnection::establish(&url).expect("connect");
+                while !stop.load(Ordering::Relaxed) {
+                    let n: i64 = job_events::table
+                        .filter(job_events::job_id.eq(&id))
+                        .count()
+                        .get_result(&mut conn)
+                        .expect("count");
+                    most_seen.fetch_max(n, Ordering::Relaxed);
+                }
+            });
+            let writers: Vec<_> = (0..WRITERS)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut conn = DbConnection::establish(&url).expect("connect");
+                        let job = JobId::parse(&id, "id").expect("id");
+                        let terms = Terms {
+                            lease_ms: 60_000,
+                            events: bound,
+                        };
+                        start.wait();
+                        for p in 0..EACH {
+                            let change = Change::Progress {
+                                percent: i32::try_from(p).expect("percent"),
+                                message: None,
+                            };
+                            coordinator::jobs::repo::apply(&mut conn, &job, &change, terms, None)
+                                .expect("progress");
+                        }
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.join().expect("writer");
+            }
+            stop.store(true, Ordering::Relaxed);
+            watcher.join().expect("watcher");
+        });
+        let most = most_seen.load(Ordering::Relaxed);
+        assert!(
+            most <= bound.most(),
+            "keep {keep}: {most} events held at once"
+        );
+        let version = 3 + i64::try_from(WRITERS * EACH).expect("version");
+        assert_kept(&app, &id, version, bound, "after the writers");
+    }
 }
