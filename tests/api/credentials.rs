@@ -816,6 +816,8 @@ fn dev_credentials_issued_again_end_the_lost_ones(b: Backend) {
     let file = dir.path().join("dev-credentials.env");
     let db = &app.state.db;
     let sealer = app.state.auth.store.sealer();
+    // Another caller's credentials, made by an operator: never the dev caller's to end.
+    let other_key = app.api_key("ops", &[Scope::HealthRead]);
     let mut last = String::new();
     for start in 0..10 {
         let _ = std::fs::remove_file(&file);
@@ -851,4 +853,13 @@ fn dev_credentials_issued_again_end_the_lost_ones(b: Backend) {
         .unwrap();
     let r = app.raw("GET", "/coordinator/health", &[("x-api-key", key)], b"");
     assert_eq!(r.status, 200, "{}", r.body);
+    let r = app.raw(
+        "GET",
+        "/coordinator/health",
+        &[("x-api-key", &other_key)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "another caller's key: {}", r.body);
+    let r = app.get("/coordinator/health");
+    assert_eq!(r.status, 200, "another caller's HMAC secret: {}", r.body);
 }
