@@ -374,6 +374,22 @@ pub struct ServeArgs {
     #[arg(long, env = "COORDINATOR_MAX_IN_FLIGHT", default_value_t = 32)]
     pub max_in_flight: usize,
 
+    /// Open connections this instance holds at most, over every HTTP worker (past it new
+    /// connections wait in the kernel's accept queue). 0: derived from the open-file
+    /// limit (raised to its hard limit at start), less a reserve for the database.
+    #[arg(long, env = "COORDINATOR_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Open connections one peer address (an IPv6 one by its /64) may hold; a further
+    /// one is closed at once. 0: no bound per peer. Behind a load balancer every
+    /// connection comes from it: raise this, or set 0.
+    #[arg(
+        long,
+        env = "COORDINATOR_MAX_CONNECTIONS_PER_PEER",
+        default_value_t = 256
+    )]
+    pub max_connections_per_peer: usize,
+
     /// Event-loop lag, in milliseconds, above which a worker lowers its in-flight limit;
     /// 0 keeps the limit at its ceiling.
     #[arg(long, env = "COORDINATOR_OVERLOAD_TARGET_MS", default_value_t = 5)]
@@ -556,6 +572,10 @@ pub struct Config {
     pub overload_target: Duration,
     /// Requests in progress per HTTP worker before 503 (`db::admission`).
     pub max_in_flight: usize,
+    /// Open connections of the instance at most; 0: derived from the open-file limit.
+    pub max_connections: usize,
+    /// Open connections per peer address at most; 0: no bound.
+    pub max_connections_per_peer: usize,
     pub master_key: Arc<MasterKey>,
     pub master_key_previous: Option<Arc<MasterKey>>,
     /// SHA-256 of the bootstrap API key (the key itself is not kept).
@@ -729,6 +749,18 @@ impl ServeArgs {
                 "must be between 1 and 100000",
             ));
         }
+        if self.max_connections > 1_000_000 {
+            return Err(bad(
+                "COORDINATOR_MAX_CONNECTIONS",
+                "must be at most 1000000",
+            ));
+        }
+        if self.max_connections_per_peer > 1_000_000 {
+            return Err(bad(
+                "COORDINATOR_MAX_CONNECTIONS_PER_PEER",
+                "must be at most 1000000",
+            ));
+        }
         if self.overload_target_ms > 1000 {
             return Err(bad(
                 "COORDINATOR_OVERLOAD_TARGET_MS",
@@ -817,6 +849,8 @@ impl ServeArgs {
             request_deadline: Duration::from_millis(self.request_deadline_ms),
             overload_target: Duration::from_millis(self.overload_target_ms),
             max_in_flight: self.max_in_flight,
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
             master_key,
             master_key_previous,
             bootstrap_api_key,
@@ -905,6 +939,8 @@ impl Config {
             request_deadline: Duration::from_secs(3),
             overload_target: Duration::from_millis(5),
             max_in_flight: 32,
+            max_connections: 0,
+            max_connections_per_peer: 256,
             master_key: Arc::new(MasterKey::generate()),
             master_key_previous: None,
             bootstrap_api_key: None,

@@ -31,6 +31,8 @@ pub struct Metrics {
     unverified_body_reads: IntGauge,
     unverified_body_reads_evicted: IntCounter,
     body_reads_sync: Mutex<()>,
+    connections_open: IntGauge,
+    connections_refused: IntCounter,
     /// Push (`jobs::notify`): waiting claims and open streams now, and changes
     /// received from the database, set at scrape time.
     pub push_open: IntGaugeVec,
@@ -238,6 +240,18 @@ impl Metrics {
         c.inc_by(evicted.saturating_sub(c.get()));
     }
 
+    /// Connections open now and those refused so far (`auth::throttle::Connections`),
+    /// under the same lock as the body reads: two scrapes must not both add.
+    pub fn observe_connections(&self, open: u64, refused: u64) {
+        let Ok(_one_at_a_time) = self.body_reads_sync.lock() else {
+            return;
+        };
+        self.connections_open
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+        let c = &self.connections_refused;
+        c.inc_by(refused.saturating_sub(c.get()));
+    }
+
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some("coordinator".into()), None)?;
         let http_requests = IntCounterVec::new(
@@ -307,6 +321,17 @@ impl Metrics {
         )?;
         registry.register(Box::new(unverified_body_reads.clone()))?;
         registry.register(Box::new(unverified_body_reads_evicted.clone()))?;
+        let connections_open = IntGauge::new(
+            "connections_open",
+            "Connections open on this instance (after the TLS handshake on HTTPS)",
+        )?;
+        let connections_refused = IntCounter::new(
+            "connections_refused_total",
+            "Connections closed at once because their peer address already held \
+             COORDINATOR_MAX_CONNECTIONS_PER_PEER",
+        )?;
+        registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
         let push_open = IntGaugeVec::new(
             Opts::new(
                 "push_open",
@@ -346,6 +371,8 @@ impl Metrics {
             unverified_body_reads,
             unverified_body_reads_evicted,
             body_reads_sync: Mutex::new(()),
+            connections_open,
+            connections_refused,
             push_open,
             push_received,
             push_wakeup,

@@ -103,6 +103,9 @@ impl Application {
             metrics: Arc::new(crate::metrics::Metrics::new()?),
             estimates: Default::default(),
             notifier,
+            connections: crate::auth::throttle::Connections::new(
+                u32::try_from(config.max_connections_per_peer).unwrap_or(u32::MAX),
+            ),
             door: crate::db::admission::DoorStats::new(
                 config.overload_target,
                 config.max_in_flight,
@@ -267,6 +270,129 @@ async fn close_on_signal(notifier: Arc<crate::jobs::notify::Notifier>) {
     notifier.close();
 }
 
+/// Open files kept for the database and the process itself when the connection bound
+/// is derived from the open-file limit: every pooled connection (SQLite opens the
+/// database, its WAL and its index for each) and the writer, notifier and backfill
+/// connections, the log, the certificate reloads, each worker's event loop.
+fn reserved_files(config: &Config) -> u64 {
+    u64::from(config.db.pool_size)
+        .saturating_mul(8)
+        .saturating_add(128)
+}
+
+/// The open-file limit after raising the soft limit to the hard one (what a service
+/// manager such as systemd usually leaves at 1,024 while allowing far more). Every
+/// connection is a descriptor; when they run out, accepting fails and so does opening
+/// a database connection: with the soft limit of 1,024, 1,000 idle connections from
+/// one address marked the database failing (review finding, 2026-12-06).
+#[allow(
+    unsafe_code,
+    reason = "getrlimit/setrlimit have no safe wrapper in std"
+)]
+pub fn open_file_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `raised` is a valid rlimit; raising the soft limit up to the hard one
+        // needs no privilege and changes nothing else.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    lim.rlim_cur
+}
+
+/// The instance's connection bound: `COORDINATOR_MAX_CONNECTIONS`, or the open-file
+/// limit less [`reserved_files`] (at least 64, at most actix's own 25,000 per worker).
+pub fn connection_bound(config: &Config, workers: usize) -> usize {
+    if config.max_connections > 0 {
+        return config.max_connections;
+    }
+    let free = open_file_limit().saturating_sub(reserved_files(config));
+    let most = workers.max(1).saturating_mul(25_000);
+    usize::try_from(free).unwrap_or(usize::MAX).clamp(64, most)
+}
+
+/// `on_connect`: count the connection against its peer's bound; past it, close it at
+/// once (a 503 is attempted on plain HTTP) and mark it so that nothing it may still
+/// carry runs ([`refuse_marked`]).
+fn count_connection(
+    connections: &Arc<crate::auth::throttle::Connections>,
+    conn: &dyn std::any::Any,
+    ext: &mut actix_web::dev::Extensions,
+) {
+    type Tcp = actix_web::rt::net::TcpStream;
+    type Tls = actix_tls::accept::rustls_0_23::TlsStream<Tcp>;
+    let (tcp, plain) = match conn.downcast_ref::<Tcp>() {
+        Some(t) => (t, true),
+        None => match conn.downcast_ref::<Tls>() {
+            Some(t) => (t.get_ref().0, false),
+            None => return,
+        },
+    };
+    let Ok(peer) = tcp.peer_addr() else {
+        return;
+    };
+    match connections.open(peer.ip()) {
+        Some(held) => {
+            ext.insert(held);
+        }
+        None => {
+            if plain {
+                let _ = tcp.try_write(&TOO_MANY_CONNECTIONS);
+            }
+            let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Both);
+            ext.insert(OverPeerBound);
+        }
+    }
+}
+
+/// The refusal of a connection past its peer's bound: the problem document any other
+/// 429 of the service would carry.
+fn over_peer_bound() -> crate::error::ApiError {
+    crate::error::ApiError::Busy {
+        what: "open connections for this address",
+        retry_after_secs: 1,
+    }
+}
+
+/// [`over_peer_bound`] as the raw HTTP/1.1 response written before the connection is
+/// closed (plain HTTP only), made once.
+static TOO_MANY_CONNECTIONS: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    let body = over_peer_bound().problem().to_string();
+    format!(
+        "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nConnection: close\r\n\
+         Content-Type: application/problem+json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+});
+
+/// Marks a connection closed for being past its peer's bound.
+struct OverPeerBound;
+
+/// Outermost middleware: a request on a connection past its peer's bound (one that
+/// arrived with the connection, before it was closed) is answered 429 without running.
+async fn refuse_marked(
+    req: ServiceRequest,
+    next: Next<BoxBody>,
+) -> Result<actix_web::dev::ServiceResponse<BoxBody>, actix_web::Error> {
+    if req.conn_data::<OverPeerBound>().is_some() {
+        return Ok(req.error_response(over_peer_bound()));
+    }
+    next.call(req).await
+}
+
 fn run(
     listener: TcpListener,
     tls: Option<rustls::ServerConfig>,
@@ -275,6 +401,13 @@ fn run(
     keep: fn(&RouteSpec) -> bool,
 ) -> anyhow::Result<Server> {
     let body_limit = config.body_limit;
+    let connections = state.connections.clone();
+    let workers = if config.workers > 0 {
+        config.workers
+    } else {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    };
+    let bound = connection_bound(config, workers);
     let mut server = HttpServer::new(move || {
         let (auth, metrics) = (state.auth.clone(), state.metrics.clone());
         let deadline = state.config.request_deadline;
@@ -303,6 +436,7 @@ fn run(
                     crate::db::admission::door(door.clone(), req, next)
                 },
             ))
+            .wrap(middleware::from_fn(refuse_marked))
     })
     .shutdown_timeout(config.shutdown_timeout.as_secs())
     // A client that closes its connection ends its request: the handler is dropped, so
@@ -311,7 +445,14 @@ fn run(
     // Database work is the only blocking work a worker runs, and no more of it runs at
     // once than the pool has turns (`db::load`), so a worker never needs more threads.
     .worker_max_blocking_threads(usize::try_from(config.db.pool_size).unwrap_or(16).max(1))
-    .on_connect(crate::tls::on_connect);
+    // Per worker: actix counts each worker's connections; past the bound a worker
+    // accepts no more until one closes (they wait in the kernel's accept queue), so
+    // descriptors stay for the database.
+    .max_connections(bound.div_ceil(workers).max(1))
+    .on_connect(move |conn, ext| {
+        count_connection(&connections, conn, ext);
+        crate::tls::on_connect(conn, ext);
+    });
     server = match tls {
         Some(tls) => server.listen_rustls_0_23(listener, tls)?,
         None => server.listen(listener)?,

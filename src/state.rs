@@ -25,6 +25,8 @@ pub struct AppState {
     pub progress: crate::jobs::progress::ProgressLog,
     /// Wake-ups for long-poll claims and event streams.
     pub notifier: Arc<crate::jobs::notify::Notifier>,
+    /// Open connections per peer address (`COORDINATOR_MAX_CONNECTIONS_PER_PEER`).
+    pub connections: Arc<crate::auth::throttle::Connections>,
     /// What the HTTP workers' doors (CPU overload shedding) report.
     pub door: Arc<crate::db::admission::DoorStats>,
 }

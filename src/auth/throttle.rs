@@ -155,6 +155,85 @@ pub fn peer_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Open connections per peer (keyed as [`peer_key`]), bounded so one address cannot
+/// hold every connection, and with them every file descriptor, of the instance. Each
+/// connection is counted from its accept (after the TLS handshake on HTTPS) until it
+/// closes; a connection past its peer's bound is closed at once, before a request is
+/// read. The map has an entry only for peers holding connections now.
+pub struct Connections {
+    per_peer: Mutex<HashMap<IpAddr, u32>>,
+    /// 0: no bound per peer (only the instance's).
+    max_per_peer: u32,
+    open: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// One counted connection; the count drops with it (it lives in the connection's data).
+pub struct ConnectionHeld {
+    connections: Arc<Connections>,
+    key: IpAddr,
+}
+
+impl Drop for ConnectionHeld {
+    fn drop(&mut self) {
+        self.connections.open.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut m) = self.connections.per_peer.lock() {
+            if let Some(n) = m.get_mut(&self.key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.key);
+                }
+            }
+        }
+    }
+}
+
+impl Connections {
+    /// `max_per_peer` connections per peer at most (0: no bound).
+    pub fn new(max_per_peer: u32) -> Arc<Self> {
+        Arc::new(Connections {
+            per_peer: Mutex::new(HashMap::new()),
+            max_per_peer,
+            open: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    /// Count a new connection from `ip`, or `None` when its peer already holds its bound
+    /// (the connection is then to be closed; it is counted as refused).
+    pub fn open(self: &Arc<Self>, ip: IpAddr) -> Option<ConnectionHeld> {
+        let key = peer_key(ip);
+        let mut m = self.per_peer.lock().ok()?;
+        let n = m.entry(key).or_insert(0);
+        if self.max_per_peer > 0 && *n >= self.max_per_peer {
+            if *n == 0 {
+                m.remove(&key);
+            }
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *n += 1;
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Some(ConnectionHeld {
+            connections: self.clone(),
+            key,
+        })
+    }
+
+    /// Connections counted now, and those refused so far (for `/metrics`).
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.open.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Peers holding connections now (the size of the map).
+    pub fn peers(&self) -> usize {
+        self.per_peer.lock().map_or(0, |m| m.len())
+    }
+}
+
 pub struct Throttle {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     /// Expensive verifications (a MAC over a body) a blocked peer may still start.
@@ -332,6 +411,34 @@ mod tests {
         assert!(t.blocked_for(ip("2001:db8::1234")).is_some());
         // ...and another /64 is not blocked.
         assert_eq!(t.blocked_for(ip("2001:db8:0:1::1")), None);
+    }
+
+    #[test]
+    fn connections_are_bounded_per_peer_and_counted_until_closed() {
+        let c = Connections::new(3);
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let held: Vec<ConnectionHeld> = (1..=3u16)
+            .map(|i| {
+                c.open(ip(&format!("2001:db8::{i:x}")))
+                    .expect("within the bound")
+            })
+            .collect();
+        // A fourth from the same /64 is refused; another peer is not affected.
+        assert!(c.open(ip("2001:db8::ff")).is_none());
+        let other = c.open(ip("10.0.0.1")).expect("another peer");
+        assert_eq!(c.counts(), (4, 1));
+        drop(other);
+        drop(held);
+        // Every connection closed: nothing is left, and the peer may connect again.
+        assert_eq!((c.counts().0, c.peers()), (0, 0));
+        assert!(c.open(ip("2001:db8::1")).is_some());
+        // 0: no bound per peer.
+        let c = Connections::new(0);
+        let held: Vec<ConnectionHeld> = (0..1000)
+            .map(|_| c.open(ip("10.0.0.1")).expect("unbounded"))
+            .collect();
+        assert_eq!(c.counts(), (1000, 0));
+        drop(held);
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .set(i64::try_from(state.auth.revocations.len()).unwrap_or(i64::MAX));
     let (reading, evicted) = state.auth.throttle.body_reads();
     m.observe_body_reads(reading, evicted);
+    let (open, refused) = state.connections.counts();
+    m.observe_connections(open, refused);
     let (waiting, streams) = state.notifier.counts();
     let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
     m.push_open

@@ -29,6 +29,7 @@ backend_tests!(
     slow_bodies_get_408,
     slow_unverified_bodies_hold_no_place_verified_requests_need,
     a_few_addresses_cannot_hold_every_body_place,
+    one_address_cannot_hold_every_connection,
     an_upload_that_keeps_arriving_outlasts_stalled_ones,
     a_slow_signed_upload_does_not_use_up_the_request_deadline,
     a_credential_revoked_while_its_body_arrives_is_refused_at_its_end,
@@ -622,6 +623,84 @@ fn a_few_addresses_cannot_hold_every_body_place(b: Backend) {
         .expect("write");
     let r = read_response(s);
     assert_eq!(r.status, 429, "{}", r.body);
+}
+
+/// Send `GET /livez` on an open keep-alive connection and read its answer (the whole
+/// of it: `{"status":"ok"}` ends the body), leaving the connection open.
+fn livez_keep_alive(s: &mut TcpStream) -> String {
+    s.write_all(b"GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).ends_with('}') {
+        let n = s.read(&mut buf).expect("read");
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Review finding (2026-12-06): open connections were bounded by nothing but actix's
+/// 25,000 per worker. Under the usual open-file soft limit of 1,024, one address holding
+/// 1,000 idle keep-alive connections (a `GET /livez` every 3 s, no credential) took every
+/// descriptor: accepting failed ("Too many open files"), SQLite could not open the
+/// database and it was marked failing, and every other client timed out for as long as
+/// they were held. Now one address holds at most `COORDINATOR_MAX_CONNECTIONS_PER_PEER`;
+/// a further connection is closed at once (429 when it can be written), and other
+/// addresses are served.
+fn one_address_cannot_hold_every_connection(b: Backend) {
+    const BOUND: usize = 8;
+    let Some(app) = spawn_app_with(b, |c| c.max_connections_per_peer = BOUND) else {
+        return;
+    };
+    let mut held: Vec<TcpStream> = (0..BOUND)
+        .map(|_| {
+            let mut s = connect_from(&app, 2);
+            assert!(livez_keep_alive(&mut s).starts_with("HTTP/1.1 200"));
+            s
+        })
+        .collect();
+    let bound = u64::try_from(BOUND).expect("fits");
+    assert_eq!(app.state.connections.counts(), (bound, 0));
+    // One more from the same address: closed at once, never served.
+    for _ in 0..3 {
+        let mut s = connect_from(&app, 2);
+        let _ = s.write_all(b"GET /livez HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 429"),
+            "a connection past the bound was served: {text}"
+        );
+        if !text.is_empty() {
+            assert!(text.contains("open connections for this address"), "{text}");
+        }
+    }
+    // The held ones still work, and another address is served.
+    assert!(livez_keep_alive(&mut held[0]).starts_with("HTTP/1.1 200"));
+    let mut other = connect_from(&app, 3);
+    assert!(livez_keep_alive(&mut other).starts_with("HTTP/1.1 200"));
+    let metrics = app.raw("GET", "/metrics", &[], b"").body;
+    let refused: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("coordinator_connections_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the refusal counter");
+    assert!(refused >= 3, "{metrics}");
+    // Closed connections are no longer counted: the address may connect again.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.state.connections.counts().0 > 3 {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            app.state.connections.counts()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut again = connect_from(&app, 2);
+    assert!(livez_keep_alive(&mut again).starts_with("HTTP/1.1 200"));
 }
 
 /// Follow-up review (2026-12-06): when every place was held, the oldest read of the
