@@ -97,6 +97,7 @@ impl Application {
             db: db.clone(),
             config: config.clone(),
             health: HealthCache::default(),
+            queue_list: Default::default(),
             progress: crate::jobs::progress::ProgressLog::start(db.clone()),
             creates: crate::jobs::creates::CreateLog::start(&db),
             ingests: crate::stitcher::ingest::IngestLog::start(&db),

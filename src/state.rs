@@ -14,6 +14,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub db: Db,
     pub health: HealthCache,
+    /// `GET /coordinator/queues`, one build shared by the requests waiting for it.
+    pub queue_list: crate::health::QueueListCache,
     pub auth: Arc<AuthContext>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub estimates: crate::stitcher::EstimateCache,

@@ -593,12 +593,22 @@ pub async fn heartbeat(
     ),
 )]
 pub async fn queues(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
-    let now = crate::db::now_millis();
-    let queues = state
-        .db
-        .read(move |conn| repo::list_queues(conn, now))
+    let body = state
+        .queue_list
+        .get(|| async {
+            let now = crate::db::now_millis();
+            let queues = state
+                .db
+                .read(move |conn| repo::list_queues(conn, now))
+                .await?;
+            serde_json::to_vec(&QueueList { queues })
+                .map(web::Bytes::from)
+                .map_err(|e| crate::error::StoreError::Internal(format!("queue list: {e}")))
+        })
         .await?;
-    Ok(HttpResponse::Ok().json(QueueList { queues }))
+    Ok(HttpResponse::Ok()
+        .content_type(actix_web::http::header::ContentType::json())
+        .body(body))
 }
 
 /// `PATCH /coordinator/queues/{queue}`
