@@ -432,6 +432,19 @@ impl Metrics {
         }
     }
 
+    /// Replace the depth series with these totals per status (all queues together).
+    pub fn set_status_depths(&self, totals: &BTreeMap<String, i64>) {
+        self.queue_depth.reset();
+        for (status, n) in totals {
+            // Statuses come from the job model's fixed set; anything else is summed.
+            let label = match status.as_str() {
+                "PENDING" | "QUEUED" | "RUNNING" => status.as_str(),
+                _ => "OTHER",
+            };
+            self.queue_depth.with_label_values(&[label]).add(*n);
+        }
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> Result<String, prometheus::Error> {
         let mut buf = Vec::new();

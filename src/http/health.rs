@@ -49,8 +49,8 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         state.door.delay(),
         state.door.shortest_request(),
     );
-    match snapshot(&state.db, &state.health).await {
-        Ok(r) => m.set_queue_depths(&r.report.queues),
+    match crate::health::status_totals(&state.db, &state.health).await {
+        Ok(totals) => m.set_status_depths(&totals),
         Err(e) => log::warn!("metrics: queue depths unavailable: {e}"),
     }
     let (connections, idle) = state.db.pool_state();

@@ -1544,6 +1544,22 @@ pub fn queue_depths(conn: &mut DbConnection) -> Result<Vec<(String, String, i64)
     Ok(rows)
 }
 
+/// Jobs per non-terminal status, all queues together (`/metrics`): one row per status,
+/// however many queues there are.
+pub fn status_depths(conn: &mut DbConnection) -> Result<Vec<(String, i64)>, StoreError> {
+    let open = [
+        JobStatus::Pending.as_str(),
+        JobStatus::Queued.as_str(),
+        JobStatus::Running.as_str(),
+    ];
+    let rows = jobs::table
+        .filter(jobs::status.eq_any(open))
+        .group_by(jobs::status)
+        .select((jobs::status, diesel::dsl::count_star()))
+        .load::<(String, i64)>(conn)?;
+    Ok(rows)
+}
+
 /// The earliest `run_at` of the QUEUED jobs due at `now`, if any: how long the oldest
 /// job that could run has waited (one scheduled for later, or waiting out a retry's
 /// backoff, is not waiting yet), as `GET /coordinator/queues` counts it per queue.
