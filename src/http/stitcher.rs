@@ -52,12 +52,17 @@ async fn answer(state: &AppState, job: JobRow, duplicate: bool) -> ApiResult<Htt
     let stats = match state.estimates.get(&job.queue, job.priority) {
         Some(s) => s,
         None => {
-            let (queue, priority, id) = (job.queue.clone(), job.priority, job.id.clone());
-            let s = state
+            let queue = job.queue.clone();
+            let counts = state
                 .db
-                .read(move |conn| jobs_repo::queue_stats(conn, &queue, priority, &id))
+                .read(move |conn| jobs_repo::queue_counts(conn, &queue))
                 .await?;
-            state.estimates.put(&job.queue, job.priority, s);
+            let mut s = counts.for_priority(job.priority);
+            // This job is counted too (it is QUEUED): it is not ahead of itself.
+            if job.status() == crate::jobs::JobStatus::Queued {
+                s.ahead = s.ahead.saturating_sub(1).max(0);
+            }
+            state.estimates.put(&job.queue, counts);
             s
         }
     };

@@ -1647,6 +1647,50 @@ pub struct QueueStats {
     pub avg_run_ms: Option<i64>,
 }
 
+/// A queue's figures for every priority at once: its QUEUED jobs counted by priority
+/// (highest first), jobs running, and the mean run time of its last 20 completed jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub by_priority: Vec<(i32, i64)>,
+    pub running: i64,
+    pub avg_run_ms: Option<i64>,
+}
+
+impl QueueCounts {
+    /// The figures for a job of this priority: the jobs queued with the same or a
+    /// higher one are ahead of it.
+    pub fn for_priority(&self, priority: i32) -> QueueStats {
+        QueueStats {
+            ahead: self
+                .by_priority
+                .iter()
+                .take_while(|(p, _)| *p >= priority)
+                .map(|(_, n)| *n)
+                .sum(),
+            running: self.running,
+            avg_run_ms: self.avg_run_ms,
+        }
+    }
+}
+
+/// [`QueueCounts`] of a queue: one read of its QUEUED jobs grouped by priority (the
+/// claim index's order), whatever priority is asked about later.
+pub fn queue_counts(conn: &mut DbConnection, queue: &str) -> Result<QueueCounts, StoreError> {
+    let by_priority: Vec<(i32, i64)> = jobs::table
+        .filter(jobs::queue.eq(queue))
+        .filter(jobs::status.eq(JobStatus::Queued.as_str()))
+        .group_by(jobs::priority)
+        .select((jobs::priority, diesel::dsl::count_star()))
+        .order(jobs::priority.desc())
+        .load(conn)?;
+    let stats = queue_stats(conn, queue, i32::MAX, "")?;
+    Ok(QueueCounts {
+        by_priority,
+        running: stats.running,
+        avg_run_ms: stats.avg_run_ms,
+    })
+}
+
 /// Jobs queued ahead of a job with this priority, jobs running, and the mean run time
 /// of the queue's last 20 completed jobs.
 pub fn queue_stats(

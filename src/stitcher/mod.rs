@@ -11,11 +11,18 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::jobs::repo::QueueStats;
+use crate::jobs::repo::{QueueCounts, QueueStats};
 
-/// Queue statistics behind `estimatedStartTime`, reused for 2 s per (queue, priority):
-/// an estimate does not need an exact count per delivery, and counting a long queue on
-/// every webhook would make ingestion slower the longer the queue gets.
+/// Queue statistics behind `estimatedStartTime`, reused for 2 s per queue: an estimate
+/// does not need an exact count per delivery, and counting a long queue on every webhook
+/// would make ingestion slower the longer the queue gets.
+///
+/// Per queue, not per (queue, priority): an entry holds the queued jobs counted by
+/// priority, and any priority's figure is a sum over it. Keyed by priority too, a
+/// dispatch caller cycling through the 2,001 priorities missed every time (and past
+/// 1,024 entries the cache was emptied): each dispatch counted the queue again, 19.8 ms
+/// at the median over 100,000 queued jobs instead of 0.6 ms (review finding,
+/// 2026-12-06).
 ///
 /// One delivery at a time refreshes an entry: the first to find it stale gets `None`
 /// (it counts and [`EstimateCache::put`]s), and the entry counts as fresh again for
@@ -25,8 +32,9 @@ use crate::jobs::repo::QueueStats;
 /// half-load p99 of webhooks to 100–300 ms. A refresh that fails leaves the stale
 /// figures for one more period, so an estimate is at most two periods old.
 pub struct EstimateCache {
-    entries: Mutex<HashMap<(String, i32), (Instant, QueueStats)>>,
+    entries: Mutex<HashMap<String, (Instant, std::sync::Arc<QueueCounts>)>>,
     ttl: Duration,
+    refreshes: std::sync::atomic::AtomicU64,
 }
 
 const ESTIMATE_TTL: Duration = Duration::from_secs(2);
@@ -43,6 +51,7 @@ impl EstimateCache {
         EstimateCache {
             entries: Mutex::default(),
             ttl,
+            refreshes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -50,16 +59,24 @@ impl EstimateCache {
     /// caller is the one to refresh them.
     pub fn get(&self, queue: &str, priority: i32) -> Option<QueueStats> {
         let mut e = self.entries.lock().ok()?;
-        let (at, stats) = e.get_mut(&(queue.to_owned(), priority))?;
+        let (at, counts) = e.get_mut(queue)?;
         if at.elapsed() >= self.ttl {
             // This caller refreshes; the others keep the stale figures meanwhile.
             *at = Instant::now();
             return None;
         }
-        Some(*stats)
+        Some(counts.for_priority(priority))
     }
 
-    pub fn put(&self, queue: &str, priority: i32, stats: QueueStats) {
+    /// Counts read so far (each a read of the queue).
+    pub fn refreshes(&self) -> u64 {
+        self.refreshes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn put(&self, queue: &str, counts: QueueCounts) {
+        self.refreshes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let counts = std::sync::Arc::new(counts);
         if let Ok(mut e) = self.entries.lock() {
             if e.len() >= MAX_ESTIMATES {
                 let ttl = self.ttl;
@@ -68,7 +85,7 @@ impl EstimateCache {
                     e.clear();
                 }
             }
-            e.insert((queue.to_owned(), priority), (Instant::now(), stats));
+            e.insert(queue.to_owned(), (Instant::now(), counts));
         }
     }
 }
@@ -77,9 +94,10 @@ impl EstimateCache {
 mod tests {
     use super::*;
 
-    fn stats(ahead: i64) -> QueueStats {
-        QueueStats {
-            ahead,
+    /// `ahead` jobs queued at priority 0.
+    fn stats(ahead: i64) -> QueueCounts {
+        QueueCounts {
+            by_priority: vec![(0, ahead)],
             running: 0,
             avg_run_ms: None,
         }
@@ -91,7 +109,7 @@ mod tests {
     fn one_caller_refreshes_a_stale_estimate_while_the_others_use_it() {
         let cache = EstimateCache::with_ttl(Duration::from_millis(50));
         assert!(cache.get("q", 0).is_none(), "nothing cached yet");
-        cache.put("q", 0, stats(1));
+        cache.put("q", stats(1));
         assert_eq!(cache.get("q", 0).map(|s| s.ahead), Some(1));
         std::thread::sleep(Duration::from_millis(60));
         assert!(cache.get("q", 0).is_none(), "the first caller refreshes");
@@ -100,8 +118,11 @@ mod tests {
             Some(1),
             "the others use the stale figures meanwhile"
         );
-        cache.put("q", 0, stats(2));
+        cache.put("q", stats(2));
         assert_eq!(cache.get("q", 0).map(|s| s.ahead), Some(2));
-        assert!(cache.get("q", 1).is_none(), "per priority");
+        // Every priority from the one entry: those above 0 have nothing ahead.
+        assert_eq!(cache.get("q", 1).map(|s| s.ahead), Some(0));
+        assert_eq!(cache.get("q", -5).map(|s| s.ahead), Some(2));
+        assert!(cache.get("other", 0).is_none(), "per queue");
     }
 }

@@ -21,6 +21,7 @@ backend_tests!(
     claim_takes_priority_then_age_and_hands_out_a_token,
     claiming_is_exactly_once_across_two_instances,
     lease_expiry_requeues_then_fails,
+    dispatches_of_any_priority_share_one_count_of_their_queue,
 );
 
 /// A caller holding `stitcher:webhook` with a webhook secret; returns the key bytes.
@@ -460,4 +461,28 @@ print(Webhook(secret).sign(msg_id, datetime.datetime.fromtimestamp(int(ts), tz=d
     let sig = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let r = deliver(&app, "msg_py", ts, &sig, BODY);
     assert_eq!(r.status, 202, "{}", r.body);
+}
+
+/// Review finding (2026-12-06): the estimate behind `estimatedStartTime` was cached per
+/// (queue, priority), so a dispatch caller cycling through priorities counted the
+/// queue on every dispatch (19.8 ms at the median over 100,000 queued jobs, against
+/// 0.6 ms with one priority). Now a queue's jobs are counted by priority once per
+/// period, and every priority's figure comes from that one count.
+fn dispatches_of_any_priority_share_one_count_of_their_queue(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let before = app.state.estimates.refreshes();
+    for i in 0..30 {
+        let r = app.post_json(
+            "/stitcher/dispatch",
+            &json!({"issueNumber": i + 1, "repository": "o/r", "queue": "est",
+                    "priority": i * 10 - 150}),
+        );
+        assert_eq!(r.status, 202, "{}", r.body);
+    }
+    let counted = app.state.estimates.refreshes() - before;
+    // One count, and one more if the 2 s period ran out meanwhile.
+    assert!(
+        counted <= 2,
+        "30 dispatches counted their queue {counted} times"
+    );
 }
