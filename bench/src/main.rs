@@ -265,6 +265,8 @@ fn start_server_env(bin: &str, db_url: &str, master_key: &str, env: &[(&str, &st
         .env("COORDINATOR_MASTER_KEY", master_key)
         .env("RUST_LOG", "info")
         .env("COORDINATOR_WORKERS", "2")
+        // The load generator is one address with up to 512 connections (and streams).
+        .env("COORDINATOR_MAX_CONNECTIONS_PER_PEER", "0")
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         // BENCH_SERVER_LOG=FILE keeps the logs of every server the run starts (for

@@ -228,6 +228,8 @@ fn start(
     .env("COORDINATOR_MASTER_KEY", key)
     .env("RUST_LOG", "info")
     .env("COORDINATOR_WORKERS", "2")
+    // The load generator is one address with up to 512 connections (and streams).
+    .env("COORDINATOR_MAX_CONNECTIONS_PER_PEER", "0")
     .env(
         "COORDINATOR_INSECURE_HTTP",
         if tls.is_some() { "false" } else { "true" },
