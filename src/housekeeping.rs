@@ -1,7 +1,8 @@
 //! Background housekeeping, bounded per pass and safe with several instances sharing a
 //! database, in this order: expire job leases (`jobs::repo::expire_leases`: back to
 //! QUEUED, or FAILED after the last attempt, with that attempt's tokens revoked), purge
-//! expired replay records (and on PostgreSQL vacuum their table now and then), trim
+//! expired replay records (and on PostgreSQL vacuum their table now and then), on
+//! PostgreSQL vacuum `job_events` once the event trims left enough dead rows, trim
 //! throttle state, on SQLite a passive WAL checkpoint (automatic ones are off so no
 //! request pays for one; most are the writer's backfill thread's and resets,
 //! `db/writer.rs`), (with `COORDINATOR_JOB_RETENTION_DAYS`) delete old finished jobs,
@@ -33,6 +34,8 @@ pub struct PassReport {
     pub leases_expired: usize,
     pub replays_purged: usize,
     pub jobs_deleted: usize,
+    /// PostgreSQL: `job_events` was vacuumed.
+    pub events_vacuumed: bool,
 }
 
 /// One pass. Each step runs even when another fails (its error is logged), so a
@@ -87,6 +90,12 @@ pub async fn pass(state: &AppState) -> PassReport {
         if let Err(e) = state.db.read(crate::db::replay::vacuum_replays).await {
             log::info!("housekeeping: replay table vacuum skipped: {e}");
         }
+    }
+    // PostgreSQL: the events the trims delete (`COORDINATOR_EVENTS_PER_JOB`) are
+    // reclaimed here, whether or not autovacuum runs.
+    match state.db.read(jobs_repo::vacuum_events_if_due).await {
+        Ok(ran) => report.events_vacuumed = ran,
+        Err(e) => log::info!("housekeeping: job_events vacuum skipped: {e}"),
     }
     state.auth.throttle.housekeeping();
     if let Err(e) = state.db.checkpoint().await {

@@ -42,7 +42,16 @@ pub fn command_line() -> String {
         .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
         .collect();
     parts.push("coordinator-bench".into());
-    parts.extend(std::env::args().skip(1));
+    // The peer's directory is a local copy outside this repository: named, not shown.
+    let mut after_peer = false;
+    for a in std::env::args().skip(1) {
+        parts.push(if after_peer {
+            "$PEER_DIR".into()
+        } else {
+            a.clone()
+        });
+        after_peer = a == "--peer";
+    }
     parts.join(" ")
 }
 
