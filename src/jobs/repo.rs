@@ -1529,15 +1529,17 @@ pub fn patch_queue(
         .ok_or_else(|| StoreError::Internal("queue row vanished".into()))
 }
 
+/// The statuses a job has not ended in, as stored.
+const OPEN_STATUSES: [&str; 3] = [
+    JobStatus::Pending.as_str(),
+    JobStatus::Queued.as_str(),
+    JobStatus::Running.as_str(),
+];
+
 /// Number of jobs per (queue, status) for the non-terminal statuses.
 pub fn queue_depths(conn: &mut DbConnection) -> Result<Vec<(String, String, i64)>, StoreError> {
-    let open = [
-        JobStatus::Pending.as_str(),
-        JobStatus::Queued.as_str(),
-        JobStatus::Running.as_str(),
-    ];
     let rows = jobs::table
-        .filter(jobs::status.eq_any(open))
+        .filter(jobs::status.eq_any(OPEN_STATUSES))
         .group_by((jobs::queue, jobs::status))
         .select((jobs::queue, jobs::status, diesel::dsl::count_star()))
         .load::<(String, String, i64)>(conn)?;
@@ -1547,13 +1549,8 @@ pub fn queue_depths(conn: &mut DbConnection) -> Result<Vec<(String, String, i64)
 /// Jobs per non-terminal status, all queues together (`/metrics`): one row per status,
 /// however many queues there are.
 pub fn status_depths(conn: &mut DbConnection) -> Result<Vec<(String, i64)>, StoreError> {
-    let open = [
-        JobStatus::Pending.as_str(),
-        JobStatus::Queued.as_str(),
-        JobStatus::Running.as_str(),
-    ];
     let rows = jobs::table
-        .filter(jobs::status.eq_any(open))
+        .filter(jobs::status.eq_any(OPEN_STATUSES))
         .group_by(jobs::status)
         .select((jobs::status, diesel::dsl::count_star()))
         .load::<(String, i64)>(conn)?;

@@ -36,7 +36,7 @@ impl JobStatus {
         JobStatus::Cancelled,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             JobStatus::Pending => "PENDING",
             JobStatus::Queued => "QUEUED",

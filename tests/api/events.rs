@@ -502,12 +502,7 @@ fn housekeeping_vacuums_the_events_the_trims_left_dead(b: Backend) {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    let vacuum = || {
-        app.state
-            .db
-            .write_sync(vacuum_events_if_due)
-            .unwrap()
-    };
+    let vacuum = || app.state.db.write_sync(vacuum_events_if_due).unwrap();
     // Below the threshold: left alone.
     churn(EVENTS_VACUUM_DEAD / 2);
     wait_for(EVENTS_VACUUM_DEAD / 2);
