@@ -235,6 +235,41 @@ fn a_stream_resumed_before_the_oldest_kept_event_starts_there(b: Backend) {
     assert_eq!(page["hasMore"], false);
 }
 
+/// One PostgreSQL progress batch straight through the store: a report of `percent` for
+/// each (job, bound), in order; the new version of each, every report written.
+fn run_batch<'a>(
+    app: &TestApp,
+    jobs: impl Iterator<Item = (&'a str, EventBound)>,
+    percent: i32,
+) -> Vec<i64> {
+    let reports: Vec<ProgressReport> = jobs
+        .map(|(id, events)| ProgressReport {
+            id: JobId::parse(id, "id").expect("job id"),
+            percent,
+            message: None,
+            terms: Terms {
+                lease_ms: 60_000,
+                events,
+            },
+            attempt: None,
+            record: None,
+        })
+        .collect();
+    let db = app.state.db.clone();
+    actix_web::rt::System::new()
+        .block_on(db.write(move |conn| progress_batch(conn, reports)))
+        .expect("batch")
+        .iter()
+        .map(|w| {
+            w.as_ref()
+                .expect("written")
+                .as_ref()
+                .expect("a row")
+                .version
+        })
+        .collect()
+}
+
 /// PostgreSQL's progress batch: several jobs in one statement, some of whose new
 /// versions trim and some not, each trimmed by its own report's bound.
 fn a_progress_batch_trims_each_job_by_its_own_version_and_bound(b: Backend) {
@@ -259,29 +294,10 @@ fn a_progress_batch_trims_each_job_by_its_own_version_and_bound(b: Backend) {
     let wide = EventBound::new(64);
     let bounds = [bound, bound, wide];
     for round in 0..50 {
-        let reports: Vec<ProgressReport> = ids
-            .iter()
-            .zip(bounds)
-            .map(|(id, events)| ProgressReport {
-                id: JobId::parse(id, "id").expect("job id"),
-                percent: round,
-                message: None,
-                terms: Terms {
-                    lease_ms: 60_000,
-                    events,
-                },
-                attempt: None,
-                record: None,
-            })
-            .collect();
-        let db = app.state.db.clone();
-        let written = actix_web::rt::System::new()
-            .block_on(db.write(move |conn| progress_batch(conn, reports)))
-            .expect("batch");
-        for (w, v) in written.iter().zip(versions.iter_mut()) {
-            let row = w.as_ref().expect("written").as_ref().expect("a row");
+        let written = run_batch(&app, ids.iter().map(String::as_str).zip(bounds), round);
+        for (version, v) in written.into_iter().zip(versions.iter_mut()) {
             *v += 1;
-            assert_eq!(row.version, *v);
+            assert_eq!(version, *v);
         }
     }
     assert_kept(&app, &ids[0], versions[0], bound, "first job");
@@ -347,28 +363,11 @@ fn a_progress_batch_with_several_reports_of_one_job_trims_each_version(b: Backen
     for round in 0..20 {
         // Three reports of the first job around one of the second.
         let order = [0, 1, 0, 0];
-        let reports: Vec<ProgressReport> = order
-            .iter()
-            .map(|&i| ProgressReport {
-                id: JobId::parse(&ids[i], "id").expect("job id"),
-                percent: round,
-                message: None,
-                terms: Terms {
-                    lease_ms: 60_000,
-                    events: bound,
-                },
-                attempt: None,
-                record: None,
-            })
-            .collect();
-        let db = app.state.db.clone();
-        let written = actix_web::rt::System::new()
-            .block_on(db.write(move |conn| progress_batch(conn, reports)))
-            .expect("batch");
-        for (w, &i) in written.iter().zip(order.iter()) {
-            let row = w.as_ref().expect("written").as_ref().expect("a row");
+        let jobs = order.iter().map(|&i| (ids[i].as_str(), bound));
+        let written = run_batch(&app, jobs, round);
+        for (version, &i) in written.into_iter().zip(order.iter()) {
             versions[i] += 1;
-            assert_eq!(row.version, versions[i], "round {round}");
+            assert_eq!(version, versions[i], "round {round}");
         }
     }
     assert_kept(&app, &ids[0], versions[0], bound, "three reports a batch");
