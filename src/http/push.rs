@@ -15,7 +15,7 @@ use crate::http::extract::JobIdParam;
 use crate::http::problem;
 use crate::jobs::model::{Change, JobId};
 use crate::jobs::notify::{QueueRecv, QueueSubscription, Refused, Slot, Subscription, Topic};
-use crate::jobs::repo;
+use crate::jobs::repo::{self, EventsAfter};
 use crate::jobs::row::EventRow;
 use crate::jobs::view::EventView;
 use crate::jobs::JobStatus;
@@ -244,8 +244,9 @@ pub struct JobEvents {
     pub has_more: bool,
 }
 
-/// Where a stream starts: `Last-Event-ID`, else `?after=`, else the beginning.
-fn after_of(req: &HttpRequest) -> ApiResult<i64> {
+/// Where a stream starts: `Last-Event-ID`, else `?after=`, else the beginning; with the
+/// name of the field it came from.
+fn after_of(req: &HttpRequest) -> ApiResult<(i64, &'static str)> {
     let parse = |v: &str, field: &str| {
         crate::jobs::request::digits::<i64>(v.trim())
             .ok_or_else(|| ApiError::bad_request(field, "must be an event seq (0 or more)"))
@@ -255,12 +256,29 @@ fn after_of(req: &HttpRequest) -> ApiResult<i64> {
         let v = h.to_str().map_err(|e| {
             ApiError::bad_request("Last-Event-ID", format!("must be an event seq ({e})"))
         })?;
-        return parse(v, "Last-Event-ID");
+        return Ok((parse(v, "Last-Event-ID")?, "Last-Event-ID"));
     }
     match pairs.first() {
-        Some((_, v)) => parse(v, "after"),
-        None => Ok(0),
+        Some((_, v)) => Ok((parse(v, "after")?, "after")),
+        None => Ok((0, "after")),
     }
+}
+
+/// The events a job has after `after`, checked against its newest: a `seq` the job has
+/// not reached was never sent by any instance (an event is sent only once committed),
+/// so it names some other job's stream or a made-up position. Waiting for the job to
+/// get there would silently skip every event up to it; the request is refused instead.
+fn not_past_newest(read: EventsAfter, after: i64, field: &str) -> ApiResult<EventsAfter> {
+    if after > read.newest {
+        return Err(ApiError::bad_request(
+            field,
+            format!(
+                "is past the job's newest event ({}): resume from a seq this job has sent",
+                read.newest
+            ),
+        ));
+    }
+    Ok(read)
 }
 
 fn wants_sse(req: &HttpRequest) -> bool {
@@ -389,18 +407,14 @@ struct Stream {
     last: i64,
     sub: Subscription,
     /// A read already made (the first, done before answering so a 404 is a 404).
-    pending: Option<(JobStatus, Vec<EventRow>)>,
+    pending: Option<EventsAfter>,
     /// Past the first read: what is sent now is live (counted in the wake-up metric).
     live: bool,
     done: bool,
     _slot: Slot,
 }
 
-async fn read_after(
-    state: &AppState,
-    id: &JobId,
-    after: i64,
-) -> ApiResult<(JobStatus, Vec<EventRow>)> {
+async fn read_after(state: &AppState, id: &JobId, after: i64) -> ApiResult<EventsAfter> {
     stream_read(state, || {
         let id = id.clone();
         async move {
@@ -419,7 +433,7 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
             // Shutting down: the client reconnects elsewhere with Last-Event-ID.
             return None;
         }
-        let (status, events) = match s.pending.take() {
+        let EventsAfter { status, events, .. } = match s.pending.take() {
             Some(p) => p,
             None => {
                 if !still_holds(&s.state, &s.principal, "event stream").await {
@@ -500,7 +514,8 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
         (`COORDINATOR_EVENTS_PER_JOB`, default 1000): a `Last-Event-ID` (or `after`) older \
         than the oldest one kept resumes at that one, the stream saying so first with a \
         comment `: gap: events A to B are no longer kept` (`seq` otherwise has no \
-        holes). Otherwise the events after `after` as JSON (at most \
+        holes); one past the job's newest event is a 400. Otherwise the events after \
+        `after` as JSON (at most \
         1000; `hasMore` when more follow: ask again with `after` = the last `seq`). A \
         job token may read only its own job (else 403).",
     params(
@@ -527,13 +542,14 @@ pub async fn job_events(
 ) -> ApiResult<HttpResponse> {
     let id = JobId::parse(&id, "id")?;
     principal.authorize_job(&id)?;
-    let after = after_of(&req)?;
+    let (after, field) = after_of(&req)?;
     if !wants_sse(&req) {
         // One more than a page: whether it is there says if more follow.
-        let (_, mut events) = state
+        let read = state
             .db
             .read(move |c| repo::events_after(c, &id, after, repo::EVENTS_PER_READ + 1))
             .await?;
+        let mut events = not_past_newest(read, after, field)?.events;
         let page = usize::try_from(repo::EVENTS_PER_READ).unwrap_or(usize::MAX);
         let has_more = events.len() > page;
         events.truncate(page);
@@ -548,7 +564,7 @@ pub async fn job_events(
         .map_err(|r| busy(r, true))?;
     let mut sub = state.notifier.subscribe(Topic::Job(id.to_string()));
     sub.mark_seen();
-    let first = read_after(&state, &id, after).await?;
+    let first = not_past_newest(read_after(&state, &id, after).await?, after, field)?;
     let stream = Stream {
         state: state.clone(),
         principal,

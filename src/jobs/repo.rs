@@ -475,17 +475,26 @@ pub fn find_with_events(
     Ok((job, events, truncated))
 }
 
-/// A job's events after `after` (oldest first, at most `limit`) and its status read
-/// before them (so a terminal status means no event after the last one returned).
+/// What [`events_after`] read: the job's status and newest `seq` (its version), both
+/// read before the events (so a terminal status means no event after the last one
+/// returned), and the events.
+#[derive(Debug)]
+pub struct EventsAfter {
+    pub status: JobStatus,
+    pub newest: i64,
+    pub events: Vec<EventRow>,
+}
+
+/// A job's events after `after` (oldest first, at most `limit`).
 pub fn events_after(
     conn: &mut DbConnection,
     id: &JobId,
     after: i64,
     limit: i64,
-) -> Result<(JobStatus, Vec<EventRow>), StoreError> {
-    let status: String = on_backend!(conn, |c| jobs::table
+) -> Result<EventsAfter, StoreError> {
+    let (status, newest): (String, i64) = on_backend!(conn, |c| jobs::table
         .find(id.as_str())
-        .select(jobs::status)
+        .select((jobs::status, jobs::version))
         .first(c)
         .optional())?
     .ok_or(StoreError::NotFound)?;
@@ -498,7 +507,11 @@ pub fn events_after(
         .limit(limit)
         .select(EventRow::as_select())
         .load(c))?;
-    Ok((status, events))
+    Ok(EventsAfter {
+        status,
+        newest,
+        events,
+    })
 }
 
 /// What a queue stream reads of one job: its events up to `upto`, after `after` when

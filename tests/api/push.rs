@@ -19,6 +19,7 @@ backend_tests!(
     wait_is_validated_and_zero_answers_at_once,
     a_stream_resumes_after_last_event_id_goes_live_and_ends_at_completed,
     events_without_accept_are_json,
+    a_resume_point_past_the_newest_event_is_refused,
     a_page_of_events_says_whether_more_follow,
     wake_up_latency,
     a_queue_stream_sees_its_queues_events_from_either_instance,
@@ -495,6 +496,57 @@ fn events_without_accept_are_json(backend: Backend) {
         b"",
     );
     assert_eq!(r.status, 403, "{}", r.body);
+}
+
+/// A `Last-Event-ID` (or `after`) past the job's newest event was never sent for this
+/// job: a stream that waited for it would skip every event up to it without a word, so
+/// it is a 400 naming the field. Up to the newest, it is a resume point as any other.
+fn a_resume_point_past_the_newest_event_is_refused(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app(b) else {
+        return;
+    };
+    let id = pending(&app, "j");
+    to_queued(&app, &id); // seq 2
+    let events = format!("/coordinator/jobs/{id}/events");
+    let r = app.get(&format!("{events}?after=2"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["events"], json!([]));
+    let p = app.get(&format!("{events}?after=3")).problem(400);
+    assert_eq!(p["field"], "after");
+    assert!(
+        p["detail"].as_str().unwrap().contains("newest event (2)"),
+        "{p}"
+    );
+    let key = app.api_key("reader", &[Scope::JobsRead]);
+    for (last, after) in [("3", None), ("9000000000", None), ("3", Some("1"))] {
+        let path = match after {
+            Some(a) => format!("{events}?after={a}"),
+            None => events.clone(),
+        };
+        let r = app.raw(
+            "GET",
+            &path,
+            &[
+                ("X-API-Key", &key),
+                ("Accept", "text/event-stream"),
+                ("Last-Event-ID", last),
+            ],
+            b"",
+        );
+        assert_eq!(r.problem(400)["field"], "Last-Event-ID", "{last}");
+    }
+    // Once the job moved past the resume point, the stream sends what follows (the job
+    // is cancelled: the stream ends after its last event).
+    let r = app.post_json(&format!("/coordinator/jobs/{id}/cancel"), &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = app.raw(
+        "GET",
+        &format!("{events}?after=2"),
+        &[("X-API-Key", &key), ("Accept", "text/event-stream")],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.starts_with("id: 3\nevent: "), "{}", r.body);
 }
 
 /// Wake-up latency from the QUEUED change's answer to the waiter's answer, on the
