@@ -15,6 +15,7 @@ pub mod housekeeping;
 pub mod http;
 pub mod jobs;
 pub mod metrics;
+pub mod request_id;
 pub mod startup;
 pub mod state;
 pub mod stitcher;

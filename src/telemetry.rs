@@ -8,17 +8,16 @@ use std::time::Instant;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{Error, HttpMessage};
+
+use crate::request_id::{RequestId, REQUEST_ID_HEADER};
 use serde::Serialize;
 use serde_json::json;
 
 /// Log targets whose messages are already JSON objects.
 pub const ACCESS_TARGET: &str = "access";
 pub const AUDIT_TARGET: &str = "audit";
-
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Build the logger (default level `info`, `RUST_LOG` overrides). Call `init` once in
 /// `main`; tests use `try_init`.
@@ -262,38 +261,6 @@ fn needs_escape(s: &str) -> bool {
     s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
-/// The request id of a request: the caller's `X-Request-Id` when it is well formed
-/// (1–128 of `[A-Za-z0-9._-]`), else a fresh UUIDv7.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub String);
-
-impl RequestId {
-    fn from_header(v: Option<&HeaderValue>) -> RequestId {
-        let ok = |s: &str| {
-            (1..=128).contains(&s.len())
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        };
-        match v.and_then(|v| v.to_str().ok()) {
-            Some(s) if ok(s) => RequestId(s.to_owned()),
-            _ => RequestId(fresh_v7().to_string()),
-        }
-    }
-}
-
-/// A UUIDv7 from the clock and the thread's RNG: no `getrandom` system call per request
-/// (what `Uuid::now_v7` makes). A request id needs to be unique and ordered by time, not
-/// unpredictable.
-fn fresh_v7() -> uuid::Uuid {
-    use rand::RngCore;
-    let millis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let mut random = [0u8; 10];
-    rand::thread_rng().fill_bytes(&mut random);
-    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
-}
-
 /// Put into a request's extensions by whoever wrote that request's log line (the auth
 /// guard's audit line), so the access log writes none.
 #[derive(Debug, Clone, Copy)]
@@ -345,10 +312,7 @@ pub async fn access_log(
         res.status().as_u16(),
         started.elapsed().as_secs_f64(),
     );
-    if let Ok(v) = HeaderValue::from_str(&rid.0) {
-        res.headers_mut()
-            .insert(HeaderName::from_static(REQUEST_ID_HEADER), v);
-    }
+    rid.stamp(res.headers_mut());
     if res.request().extensions().contains::<LineWritten>() {
         return Ok(res.map_into_boxed_body());
     }
@@ -420,36 +384,5 @@ mod tests {
         assert_eq!(level_of(Error, "coordinator::db", parse), "ERROR");
         assert_eq!(level_of(Warn, "actix_http::h1::dispatcher", parse), "WARN");
         assert_eq!(level_of(Info, "coordinator::cli", "listening"), "INFO");
-    }
-
-    #[test]
-    fn a_fresh_request_id_is_a_v7_of_now_and_never_repeats() {
-        let before = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_millis();
-        let ids: std::collections::HashSet<uuid::Uuid> = (0..1000).map(|_| fresh_v7()).collect();
-        assert_eq!(ids.len(), 1000);
-        for id in &ids {
-            assert_eq!(id.get_version_num(), 7);
-            let (secs, nanos) = id.get_timestamp().expect("v7 timestamp").to_unix();
-            let millis = u128::from(secs * 1000 + u64::from(nanos) / 1_000_000);
-            assert!(
-                millis >= before && millis < before + 60_000,
-                "{millis} vs {before}"
-            );
-        }
-    }
-
-    #[test]
-    fn a_caller_request_id_is_kept_only_when_well_formed() {
-        let id =
-            |v: &str| RequestId::from_header(Some(&HeaderValue::from_str(v).expect("value"))).0;
-        assert_eq!(id("abc-1.2_3"), "abc-1.2_3");
-        for bad in ["", "a b", "x/y", &"a".repeat(129)] {
-            let got = RequestId::from_header(HeaderValue::from_str(bad).ok().as_ref()).0;
-            assert_ne!(got, bad);
-            assert!(uuid::Uuid::parse_str(&got).is_ok());
-        }
     }
 }

@@ -35,7 +35,8 @@ use crate::db::admission;
 use crate::db::replay::Deferred;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::telemetry::{LineWritten, MatchedRoute, RequestId};
+use crate::request_id::RequestId;
+use crate::telemetry::{LineWritten, MatchedRoute};
 
 /// Which scheme a request uses (docs/design.md §4 order, first match wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

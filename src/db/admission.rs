@@ -434,7 +434,14 @@ pub async fn door<B: MessageBody + 'static>(
         // reconnect after every refusal costs both sides a TCP handshake, more than
         // the refusal itself. (A body still on its way still closes it.)
         actix_web::rt::task::yield_now().await;
-        return Ok(req.error_response(ApiError::Overloaded("server busy")));
+        // The refusal carries a request id as every other answer does (the access
+        // middleware, which stamps the others, runs inside the door).
+        let rid = crate::request_id::RequestId::from_header(
+            req.headers().get(crate::request_id::REQUEST_ID_HEADER),
+        );
+        let mut res = req.error_response(ApiError::Overloaded("server busy"));
+        rid.stamp(res.headers_mut());
+        return Ok(res);
     };
     req.extensions_mut().insert(PlaceRef(place.clone()));
     let _place = ReleaseOnDrop(place);

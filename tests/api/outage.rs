@@ -742,7 +742,7 @@ fn a_refusal_at_the_door_keeps_the_connection_open(b: Backend) {
     let key = app.api_key("door-worker", &[Scope::JobsUpdate]);
     let path = format!("/coordinator/jobs/{id}/progress");
     let mut lock = Lock::take(&app, &id);
-    let (status, close, second) = std::thread::scope(|s| {
+    let (head, second) = std::thread::scope(|s| {
         for i in 0..4 {
             let (app, key, path) = (&app, &key, &path);
             s.spawn(move || key_progress(app, key, path, &format!("held-{i}")));
@@ -756,25 +756,27 @@ fn a_refusal_at_the_door_keeps_the_connection_open(b: Backend) {
         let body = json!({"percent": 41, "message": "refused"}).to_string();
         let request = format!(
             "PATCH {path} HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {key}\r\n\
+             X-Request-Id: door-refusal-1\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         conn.write_all(request.as_bytes()).expect("send");
         let head = read_response(&mut conn);
-        let status = head.lines().next().unwrap_or("").to_owned();
-        let close = head.to_ascii_lowercase().contains("connection: close");
         conn.write_all(format!("GET /livez HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
             .expect("send the second request");
         let second = read_response(&mut conn);
         lock.release();
-        (
-            status,
-            close,
-            second.lines().next().unwrap_or("").to_owned(),
-        )
+        (head, second.lines().next().unwrap_or("").to_owned())
     });
-    assert!(status.contains(" 503 "), "{status}");
-    assert!(!close, "the refusal closed the connection");
+    let status = head.lines().next().unwrap_or("");
+    assert!(status.contains(" 503 "), "{head}");
+    let head = head.to_ascii_lowercase();
+    assert!(
+        !head.contains("connection: close"),
+        "the refusal closed the connection"
+    );
+    // The refusal carries the caller's request id, as every other answer does.
+    assert!(head.contains("x-request-id: door-refusal-1\r\n"), "{head}");
     assert!(
         second.contains(" 200 "),
         "second request on the connection: {second:?}"
