@@ -254,8 +254,9 @@ pub async fn fail(
     tag = "jobs",
     operation_id = "getJob",
     summary = "Read a job with its events",
-    description = "The job and its newest events, oldest first (`eventsTruncated` when \
-        older ones were left out). A job token may read only its own job (else 403).",
+    description = "The job and its newest events (at most 1000), oldest first \
+        (`eventsTruncated` when older ones were left out or are no longer kept: the \
+        first shown is not `seq` 1). A job token may read only its own job (else 403).",
     params(JobIdParam),
     responses(
         (status = 200, description = "The job with `events`.", body = JobView),

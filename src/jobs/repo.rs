@@ -457,7 +457,10 @@ pub fn find(conn: &mut DbConnection, id: &JobId) -> Result<JobRow, StoreError> {
     .ok_or(StoreError::NotFound)
 }
 
-/// The job with its newest events (oldest first); `true` when older ones were left out.
+/// The job with its newest events (oldest first, at most [`EVENTS_PER_READ`]); `true`
+/// when the history shown is not whole: older events were left out, or are no longer
+/// kept (`seq` starts at 1 and has no holes, so that is a first event past 1). It does
+/// not flip back as the event bound trims a long job's events.
 pub fn find_with_events(
     conn: &mut DbConnection,
     id: &JobId,
@@ -466,12 +469,11 @@ pub fn find_with_events(
     let mut events: Vec<EventRow> = on_backend!(conn, |c| job_events::table
         .filter(job_events::job_id.eq(id.as_str()))
         .order(job_events::seq.desc())
-        .limit(EVENTS_PER_READ + 1)
+        .limit(EVENTS_PER_READ)
         .select(EventRow::as_select())
         .load(c))?;
-    let truncated = events.len() > usize::try_from(EVENTS_PER_READ).unwrap_or(usize::MAX);
-    events.truncate(usize::try_from(EVENTS_PER_READ).unwrap_or(usize::MAX));
     events.reverse();
+    let truncated = events.first().is_some_and(|e| e.seq > 1);
     Ok((job, events, truncated))
 }
 
