@@ -24,6 +24,7 @@ mod ops;
 mod outage;
 mod pg_tls;
 mod push;
+mod races;
 mod routing;
 mod signing_vectors;
 mod stitcher;
