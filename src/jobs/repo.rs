@@ -1762,6 +1762,12 @@ impl QueueStats {
 
 /// Delete at most `limit` jobs that finished before `before` (ms), with their events
 /// and webhook deliveries; returns how many jobs went.
+///
+/// On PostgreSQL the jobs picked are locked as they are picked (`FOR UPDATE SKIP
+/// LOCKED`, which re-checks the condition on a row changed since the statement's
+/// snapshot): a job redriven between the pick and the delete is no longer old and
+/// finished, and must not go with them, and one being changed right now is left for a
+/// later pass. On SQLite the pick and the deletes are one write of the one writer.
 pub fn purge_finished(
     conn: &mut DbConnection,
     before: i64,
@@ -1774,12 +1780,15 @@ pub fn purge_finished(
         JobStatus::Cancelled.as_str(),
     ];
     conn.transaction(|conn| {
-        let ids: Vec<String> = jobs::table
+        let old = jobs::table
             .filter(jobs::status.eq_any(terminal))
             .filter(jobs::finished_at.lt(before))
             .select(jobs::id)
-            .limit(limit)
-            .load(conn)?;
+            .limit(limit);
+        let ids: Vec<String> = match conn {
+            DbConnection::Postgresql(pg) => old.for_update().skip_locked().load(pg)?,
+            DbConnection::Sqlite(lite) => old.load(lite)?,
+        };
         if ids.is_empty() {
             return Ok(0);
         }

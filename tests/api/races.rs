@@ -15,7 +15,10 @@ backend_tests!(
     concurrent_claims_hand_out_each_due_job_once,
     a_finished_job_keeps_its_result_and_is_redriven_once,
 );
-postgres_tests!(idempotent_creates_raced_on_two_instances_answer_alike);
+postgres_tests!(
+    idempotent_creates_raced_on_two_instances_answer_alike,
+    the_retention_purge_never_deletes_a_job_redriven_under_it,
+);
 
 /// One request of a race, sent when the race starts.
 type Racer<'a> = Box<dyn Fn() -> Resp + Sync + 'a>;
@@ -497,5 +500,71 @@ fn idempotent_creates_raced_on_two_instances_answer_alike(b: Backend) {
         }
         let id = docs[0]["id"].as_str().expect("id");
         assert_eq!(job(&second, id)["events"].as_array().map(Vec::len), Some(1));
+    }
+}
+
+/// The retention purge picks old finished jobs, then deletes them; a redrive that
+/// lands between the two (acknowledged: the job is QUEUED again) must not be deleted
+/// with them. PostgreSQL only: on SQLite both are writes of the one writer. A lock on
+/// the job's events (held by the test) stops the purge after its pick, where the
+/// redrive is sent.
+fn the_retention_purge_never_deletes_a_job_redriven_under_it(b: Backend) {
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+    let Some(app) = crate::app!(b) else { return };
+    let app = &app;
+    let id = queued_job(app, &json!({"kind": "k", "queue": "old"}));
+    let r = app.post_json("/coordinator/queues/old/claim", &json!({"worker": "w"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = app.post_json(
+        &format!("/coordinator/jobs/{id}/fail"),
+        &json!({"error": "e"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut holder = diesel::PgConnection::establish(&app.db.url).expect("connect");
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM job_events WHERE job_id = '{id}' FOR UPDATE"
+        ))
+        .expect("lock the events");
+    let id = id.as_str();
+    let (purged, redrive) = std::thread::scope(|s| {
+        let purge = s.spawn(|| {
+            // Every job finished before an hour from now is old enough.
+            let before = coordinator::db::now_millis() + 3_600_000;
+            app.state
+                .db
+                .write_sync(move |conn| coordinator::jobs::repo::purge_finished(conn, before, 100))
+        });
+        std::thread::sleep(Duration::from_millis(400));
+        let redrive =
+            s.spawn(|| app.request("POST", &format!("/coordinator/jobs/{id}/retry"), &[], b""));
+        std::thread::sleep(Duration::from_millis(400));
+        holder.batch_execute("COMMIT").expect("release");
+        (
+            purge.join().expect("purge").expect("purge ran"),
+            redrive.join().expect("redrive"),
+        )
+    });
+    let now = app.get(&format!("/coordinator/jobs/{id}"));
+    match redrive.status {
+        // The redrive was acknowledged: the job is QUEUED, with its history.
+        200 => {
+            assert_eq!(
+                now.status, 200,
+                "an acknowledged redrive was deleted: {}",
+                now.body
+            );
+            let j = now.json();
+            assert_eq!(j["status"], "QUEUED");
+            assert_history(&j);
+            assert_eq!(purged, 0);
+        }
+        // The purge went first: the job is gone, and the redrive said so.
+        404 => {
+            assert_eq!(now.status, 404, "{}", now.body);
+            assert_eq!(purged, 1);
+        }
+        s => panic!("redrive answered {s}: {}", redrive.body),
     }
 }
