@@ -646,6 +646,12 @@ fn on_attempt(row: &JobRow, attempt: Option<i32>) -> Result<(), StoreError> {
         Some(_) if row.status().is_terminal() && row.status() != JobStatus::Cancelled => {
             Err(StoreError::StaleAttempt)
         }
+        // Likewise an attempt that went back to QUEUED (handed back, failed with
+        // `retryable`, its lease run out) before the next claim: it has ended and its
+        // tokens are revoked, so 401 here as by the revocation, not a 409 (review,
+        // 2026-12-06). A QUEUED job's attempt 0 is the one not yet claimed, whose
+        // tokens (`token issue`) stay valid until the first claim.
+        Some(a) if a > 0 && row.status() == JobStatus::Queued => Err(StoreError::StaleAttempt),
         _ => Ok(()),
     }
 }

@@ -14,6 +14,7 @@ backend_tests!(
     racing_ends_of_a_running_job_decide_once,
     concurrent_claims_hand_out_each_due_job_once,
     a_finished_job_keeps_its_result_and_is_redriven_once,
+    a_requeued_attempts_token_is_refused_alike_on_every_instance,
 );
 postgres_tests!(
     idempotent_creates_raced_on_two_instances_answer_alike,
@@ -566,5 +567,60 @@ fn the_retention_purge_never_deletes_a_job_redriven_under_it(b: Backend) {
             assert_eq!(purged, 1);
         }
         s => panic!("redrive answered {s}: {}", redrive.body),
+    }
+}
+
+/// Once an attempt has gone back to QUEUED (a retryable failure, a hand back, a lease
+/// run out) and before the next claim, its token is refused 401 `revoked` on every
+/// instance: on the one that requeued it by the revocation, and on one that has not
+/// seen the revocation yet (within a second) by the write itself, not with a 409.
+fn a_requeued_attempts_token_is_refused_alike_on_every_instance(b: Backend) {
+    let Some(a) = crate::app!(b) else { return };
+    let other = a.sibling();
+    for (round, requeue) in [
+        r#"{"error":"e","retryable":true}"#,
+        r#"{"status":"QUEUED"}"#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let queue = format!("requeued{round}");
+        let id = queued_job(
+            &a,
+            &json!({"kind": "k", "queue": queue,
+                    "retryBackoff": {"baseMs": 3_600_000, "capMs": 3_600_000}}),
+        );
+        let r = a.post_json(
+            &format!("/coordinator/queues/{queue}/claim"),
+            &json!({"worker": "w"}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let token = r.json()["token"].as_str().expect("token").to_owned();
+        let path = format!("/coordinator/jobs/{id}");
+        let (method, route) = if round == 0 {
+            ("POST", "/fail")
+        } else {
+            ("PATCH", "/status")
+        };
+        let r = a.with_token(
+            &token,
+            method,
+            &format!("{path}{route}"),
+            requeue.as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["status"], "QUEUED");
+        for (method, route, body) in [
+            ("PATCH", "/progress", r#"{"percent":60}"#),
+            ("POST", "/heartbeat", "{}"),
+            ("POST", "/complete", r#"{"result":{"by":"old"}}"#),
+            ("PATCH", "/status", r#"{"status":"QUEUED"}"#),
+        ] {
+            for app in [&other, &a] {
+                let r = app.with_token(&token, method, &format!("{path}{route}"), body.as_bytes());
+                assert_eq!(r.problem(401)["reason"], "revoked", "{route}: {}", r.body);
+            }
+        }
+        assert_eq!(job(&a, &id)["status"], "QUEUED");
     }
 }
