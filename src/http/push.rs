@@ -122,15 +122,17 @@ async fn claim_detached(
         )
         .await;
         if let Err(Ok(Some(c))) = tx.send(r) {
-            give_back(&st, c.job.id).await;
+            give_back(&st, c.job.id, c.job.attempts).await;
         }
     }));
     rx.await
         .map_err(|e| ApiError::internal(anyhow::anyhow!("claim task ended without answer: {e}")))?
 }
 
-/// A job claimed for a client that has gone: back to QUEUED (its token revoked).
-async fn give_back(state: &AppState, id: String) {
+/// A job claimed for a client that has gone: back to QUEUED (its token revoked), if it
+/// is still on the attempt that claim made. (A job requeued and claimed again in
+/// between is someone else's attempt now: it is refused as a stale attempt and kept.)
+async fn give_back(state: &AppState, id: String, attempt: i32) {
     let Ok(id) = JobId::parse(&id, "id") else {
         return;
     };
@@ -143,7 +145,7 @@ async fn give_back(state: &AppState, id: String) {
         state,
         state
             .db
-            .write(move |conn| repo::apply(conn, &id, &change, terms, None)),
+            .write(move |conn| repo::apply(conn, &id, &change, terms, Some(attempt))),
     )
     .await;
     match r {
