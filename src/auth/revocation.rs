@@ -109,6 +109,9 @@ struct Sync {
     synced_at: Option<Instant>,
     full_at: Option<Instant>,
     gc_at: Instant,
+    /// The newest number the table had at the last poll (the overflow's polls read
+    /// only this, and wake the streams when it moved).
+    newest: i64,
 }
 
 #[derive(Default)]
@@ -165,6 +168,7 @@ impl Revocations {
                 synced_at: None,
                 full_at: None,
                 gc_at: Instant::now(),
+                newest: 0,
             }),
             limit: AtomicUsize::new(MAX_REVOCATIONS),
             added: tokio::sync::Notify::new(),
@@ -199,8 +203,11 @@ impl Revocations {
     }
 
     /// Woken when a revocation new to this instance is held (by a poll or locally).
-    /// While the set is in overflow (every token checked against the database) it is
-    /// not: streams then notice at their next keep-alive.
+    /// While the set is in overflow (every token checked against the database), when a
+    /// poll finds the table's newest revocation number moved: the streams check their
+    /// credential against the database then. (On PostgreSQL a revocation whose number
+    /// was taken before one already seen but committed after it moves nothing; a
+    /// stream of its token notices at the next revocation or its keep-alive.)
     pub fn added(&self) -> &tokio::sync::Notify {
         &self.added
     }
@@ -338,6 +345,16 @@ impl Revocations {
         let newest = if full {
             self.reload(now, limit).await?
         } else if overflow {
+            // Nothing is held, but open streams and waiting claims must still hear of
+            // a revocation within a poll, as they do when the set holds it.
+            let newest = self.db.read(revoked::max_revocation_seq).await?;
+            let moved = {
+                let mut s = self.sync.lock().map_err(poisoned)?;
+                std::mem::replace(&mut s.newest, newest) < newest
+            };
+            if moved {
+                self.added.notify_waiters();
+            }
             None
         } else {
             let mut added = false;
@@ -386,6 +403,7 @@ impl Revocations {
         }
         if let Some(n) = newest {
             s.seen.push_back((at, n));
+            s.newest = s.newest.max(n);
         }
         // Move the start of the next read up to the newest number seen `OVERLAP` ago.
         while let Some(&(t, n)) = s.seen.front() {

@@ -27,6 +27,7 @@ backend_tests!(
     streams_and_waiters_are_bounded_per_caller,
     an_open_stream_ends_once_its_credential_no_longer_holds,
     an_idle_stream_ends_soon_after_its_credential_goes,
+    an_idle_stream_ends_soon_after_its_revocation_with_the_set_in_overflow,
     a_waiting_claim_takes_no_job_once_its_caller_is_disabled,
     a_waiting_claim_ends_soon_after_its_credential_goes,
     a_queue_stream_without_jobs_read_carries_no_event_data,
@@ -1087,6 +1088,57 @@ fn an_open_stream_ends_once_its_credential_no_longer_holds(backend: Backend) {
 /// next keep-alive (15 s): a credential change, seen by the 250 ms polls as another
 /// instance's would be, wakes every open stream to check its own. A stream whose
 /// credential still holds stays open.
+/// With more active revocations than the in-memory set holds (every token is then
+/// checked against the database), a revocation made on another instance still ends an
+/// idle stream of the revoked token within a poll or two, not at its keep-alive.
+fn an_idle_stream_ends_soon_after_its_revocation_with_the_set_in_overflow(backend: Backend) {
+    let Some(app) = crate::app!(backend) else {
+        return;
+    };
+    let limit = 3;
+    app.state.auth.revocations.set_limit(limit);
+    let until = coordinator::db::now_millis() + 3_600_000;
+    for i in 0..=limit {
+        coordinator::auth::revocation::revoke_in_db(&app.state.db, &format!("fill-{i}"), until)
+            .expect("fill");
+    }
+    let started = Instant::now();
+    while app.state.auth.revocations.len() <= limit || app.state.auth.revocations.held() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "never overflowed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let id = pending(&app, "overflow");
+    to_queued(&app, &id);
+    let r = app.post_json(
+        "/coordinator/queues/overflow/claim",
+        &json!({"worker": "w"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let bearer = [("Authorization".to_owned(), format!("Bearer {token}"))];
+    let rx = sse_with(
+        &app.url(""),
+        &bearer,
+        &format!("/coordinator/jobs/{id}/events"),
+    )
+    .expect("opens");
+    for want in ["created", "status", "claimed"] {
+        assert_eq!(next_event(&rx).0, want);
+    }
+    std::thread::sleep(Duration::from_millis(300)); // idle, waiting
+    let jti = crate::helpers::jti_of(&token);
+    coordinator::auth::revocation::revoke_in_db(&app.state.db, &jti, until).expect("revoke");
+    // Well before the 15 s keep-alive, and with no event to wake it.
+    match rx.recv_timeout(Duration::from_secs(5)) {
+        Ok(Sse::End(_)) => {}
+        other => panic!("expected the stream to end, got {other:?}"),
+    }
+    assert_eq!(app.state.auth.revocations.held(), 0, "still in overflow");
+}
+
 fn an_idle_stream_ends_soon_after_its_credential_goes(backend: Backend) {
     let Some(app) = crate::app!(backend) else {
         return;
