@@ -2,6 +2,7 @@
 answers are also verified with the independent http-message-signatures library."""
 from __future__ import annotations
 
+import http.client
 from typing import Any, Dict
 
 import pytest
@@ -119,3 +120,29 @@ def test_rfc9421_appendix_b25(vectors: Dict[str, Any]) -> None:
                           ref["signature_params"])
     assert base == ref["signature_base"]
     assert sign_rfc9421(base64.b64decode(ref["key_base64"]), base) == ref["signature"]
+
+
+@pytest.mark.parametrize("url, port, rebuilt", [
+    ("https://Coordinator.Example:443/coordinator/health?x=1", 443,
+     "https://coordinator.example/coordinator/health?x=1"),
+    ("http://coordinator.example:80/coordinator/health", 80,
+     "http://coordinator.example/coordinator/health"),
+    ("http://user:pw@coordinator.example:8080/coordinator/jobs", 8080,
+     "http://coordinator.example:8080/coordinator/jobs"),
+])
+def test_rfc9421_auth_signs_the_target_uri_the_server_rebuilds(
+        url: str, port: int, rebuilt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server rebuilds ``@target-uri`` from the ``Host`` header it got (lower-cased,
+    a default port left out): http.client leaves a URL's default port and user info
+    out of ``Host``, so a signature over the URL as spelled would never verify."""
+    kind = http.client.HTTPSConnection if url.startswith("https") else http.client.HTTPConnection
+    conn = kind("coordinator.example", port)
+    conn.putrequest("GET", "/")  # buffered, not sent
+    host = next(line for line in conn._buffer if line.startswith(b"Host:"))  # type: ignore[attr-defined]
+    assert host.decode() == "Host: " + rebuilt.split("/")[2]
+    monkeypatch.setattr(signing.time, "time", lambda: 1700000000.0)
+    monkeypatch.setattr(signing, "new_nonce", lambda: "n1")
+    req = requests.Request("GET", url, auth=Rfc9421Auth("svc", "coh_x")).prepare()
+    params = req.headers["Signature-Input"].split("=", 1)[1]
+    base = signature_base("GET", rebuilt, {}, ["@method", "@target-uri"], params)
+    assert req.headers["Signature"] == f"sig1=:{sign_rfc9421('coh_x', base)}:"

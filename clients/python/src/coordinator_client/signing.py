@@ -249,6 +249,25 @@ def rfc9421_headers(
     return headers
 
 
+def _url_as_received(url: str) -> str:
+    """``url`` with the authority the server rebuilds ``@target-uri`` from: the
+    ``Host`` header as http.client sends it (no user info, no default port), lower
+    case. The rest (path, ``?query``) is left exactly as prepared."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = len(rest)
+    for c in "/?#":
+        i = rest.find(c)
+        if i != -1:
+            end = min(end, i)
+    host = rest[:end].rsplit("@", 1)[-1].lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme.lower())
+    if default and host.endswith(default):
+        host = host[: -len(default)]
+    return f"{scheme.lower()}://{host}{rest[end:]}"
+
+
 class Rfc9421Auth(requests.auth.AuthBase):
     """Signs each request with an RFC 9421 HMAC-SHA256 signature and an RFC 9530
     ``Content-Digest``; ``keyid`` is ``CALLER`` or ``CALLER:VERSION``."""
@@ -275,7 +294,9 @@ class Rfc9421Auth(requests.auth.AuthBase):
         r.headers.update(
             rfc9421_headers(
                 r.method or "GET",
-                r.url or "",
+                # As the server reads it back: http.client leaves a default port and
+                # any user info out of Host, and the server builds the URI from Host.
+                _url_as_received(r.url or ""),
                 r.body,
                 self.keyid,
                 self._secret,
