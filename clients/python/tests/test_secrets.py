@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, List, Set
 
 import pytest
 
-from coordinator_client import Client, TransportError
+from coordinator_client import Client, InvalidAnswer, TransportError
 
 CANARY = "LEAKCANARY7"
 
@@ -146,3 +146,22 @@ def test_a_credential_that_is_no_header_value_is_refused_unshown() -> None:
     with pytest.raises(ValueError) as e:
         c.auth.replace(f"tok_{CANARY}\n")  # type: ignore[union-attr]
     _check(e.value, [CANARY], frames=False)
+
+
+def test_an_unreadable_answer_never_shows_the_urls_user_info() -> None:
+    # A proxy's page with status 200 where JSON was expected; the base URL carries a
+    # password for that proxy (kept out of every message, as the Rust client does).
+    page = b"<html>maintenance</html>"
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: "
+                     + str(len(page)).encode() + b"\r\nConnection: close\r\n\r\n" + page)
+        conn.close()
+
+    url = _listener(answer).replace("http://", f"http://proxyuser:{CANARY}@")
+    c = Client(url, api_key="cok_x", retries=0, timeout=5)
+    with pytest.raises(InvalidAnswer) as e:
+        c.health()
+    assert "/coordinator/health" in str(e.value)
+    for text in (str(e.value), repr(e.value), "".join(traceback.format_exception(e.value))):
+        assert CANARY not in text, text

@@ -633,8 +633,9 @@ def _parse(resp: requests.Response) -> Any:
         return resp.json()
     except ValueError as e:
         ctype = resp.headers.get("Content-Type", "")
+        # The path, never the URL: a base URL's `user:password@` would be in it.
         raise InvalidAnswer(
-            f"{resp.request.method} {resp.url}: the answer ({resp.status_code}, "
+            f"{resp.request.method} {resp.request.path_url}: the answer ({resp.status_code}, "
             f"{ctype or 'no Content-Type'}) is not JSON: {e}") from e
 
 
