@@ -76,8 +76,9 @@ pub fn sign_v1(secret: &str, canonical: &str) -> String {
     hex::encode(hmac_sha256(secret.as_bytes(), canonical.as_bytes()))
 }
 
-/// The inputs of one `v1` signature that do not come from the request.
-#[derive(Clone, Debug)]
+/// The inputs of one `v1` signature that do not come from the request. Its `Debug`
+/// never shows the secret.
+#[derive(Clone)]
 pub struct V1Params<'a> {
     pub caller: &'a str,
     pub secret: &'a str,
@@ -85,6 +86,18 @@ pub struct V1Params<'a> {
     pub timestamp: &'a str,
     /// `""`: no nonce.
     pub nonce: &'a str,
+}
+
+impl std::fmt::Debug for V1Params<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("V1Params")
+            .field("caller", &self.caller)
+            .field("secret", &format_args!(".."))
+            .field("key_version", &self.key_version)
+            .field("timestamp", &self.timestamp)
+            .field("nonce", &self.nonce)
+            .finish()
+    }
 }
 
 /// The names of the `v1` signed string's seven lines, in order (as the server's 401

@@ -149,3 +149,29 @@ fn a_credential_that_is_no_header_value_is_refused_unshown() {
     }
     assert!(seen.lock().unwrap().is_empty(), "nothing is sent");
 }
+
+/// The signer's own types hold the secret too: their `Debug` (a `{:?}` in a caller's
+/// log line, a `dbg!`) shows the caller and the rest, never the secret.
+#[test]
+fn the_signing_parameters_debug_never_shows_the_secret() {
+    use coordinator_client::signing::V1Params;
+    let secret = format!("coh_{CANARY}");
+    let p = V1Params {
+        caller: "svc",
+        secret: &secret,
+        key_version: Some(2),
+        timestamp: "1700000000",
+        nonce: "n1",
+    };
+    for shown in [
+        format!("{p:?}"),
+        format!("{p:#?}"),
+        format!("{:?}", Some(&p)),
+    ] {
+        assert!(!shown.contains(CANARY), "{shown}");
+        assert!(
+            shown.contains("\"svc\"") && shown.contains("1700000000"),
+            "{shown}"
+        );
+    }
+}
