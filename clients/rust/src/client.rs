@@ -262,7 +262,10 @@ fn transport(method: &str, path: &str, t: &ureq::Transport) -> Error {
     Error::Transport(text)
 }
 
-/// Status, headers and (at most [`MAX_BODY`] of) the body.
+/// Status, headers and the body, at most [`MAX_BODY`] bytes: reading a longer one
+/// fails (an [`Error::Transport`], as a body cut off does; the Python client's
+/// `ResponseTooLarge`) with its rest unread, never its first 16 MiB passed off as the
+/// whole answer.
 fn read_response(method: &str, path: &str, resp: ureq::Response) -> Result<Response> {
     let status = resp.status();
     let headers: Vec<(String, String)> = resp
@@ -272,9 +275,15 @@ fn read_response(method: &str, path: &str, resp: ureq::Response) -> Result<Respo
         .collect();
     let mut body = Vec::new();
     resp.into_reader()
-        .take(MAX_BODY)
+        .take(MAX_BODY + 1)
         .read_to_end(&mut body)
         .map_err(|e| Error::Transport(format!("{method} {path}: reading: {e}")))?;
+    if u64::try_from(body.len()).unwrap_or(u64::MAX) > MAX_BODY {
+        return Err(Error::Transport(format!(
+            "{method} {path}: reading: the answer ({status}) is larger than {} MiB",
+            MAX_BODY / (1024 * 1024)
+        )));
+    }
     Ok(Response {
         status,
         headers,

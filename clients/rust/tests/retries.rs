@@ -316,3 +316,54 @@ fn a_stop_ends_the_pause_between_retries_and_starts_no_retry() {
     assert_eq!(e.kind(), Some(ProblemKind::Unavailable));
     assert_eq!(seen.lock().unwrap().len(), 2);
 }
+
+/// Answers every connection with a 200 of `len` bytes (after reading the request head).
+fn serve_body(len: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim_end().is_empty() {
+                    break;
+                }
+            }
+            let mut out = stream;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len}\r\n\
+                 Connection: close\r\n\r\n"
+            );
+            let _ = out.write_all(head.as_bytes());
+            let _ = out.write_all(&vec![b'a'; len]);
+        }
+    });
+    url
+}
+
+/// An answer past the 16 MiB cap is an error, never its first 16 MiB passed off as the
+/// whole answer (`call` printed the cut body and exited 0; `/metrics` read short).
+#[test]
+fn an_answer_past_the_cap_is_an_error_not_a_cut_body() {
+    const CAP: usize = 16 * 1024 * 1024;
+    let url = serve_body(CAP + 1);
+    let c = Client::new(&url, Credentials::None);
+    match c.open("/metrics") {
+        Err(Error::Transport(why)) => assert!(why.contains("16 MiB"), "{why}"),
+        Err(e) => panic!("{e}"),
+        Ok(r) => panic!("a cut body of {} bytes taken as the answer", r.body.len()),
+    }
+    match c.send_once("GET", "/metrics", b"", &[], |_, _| Ok(Vec::new())) {
+        Err(Error::Transport(why)) => assert!(why.contains("16 MiB"), "{why}"),
+        Err(e) => panic!("{e}"),
+        Ok(r) => panic!("a cut body of {} bytes taken as the answer", r.body.len()),
+    }
+    // The cap itself is read whole.
+    let url = serve_body(CAP);
+    let r = Client::new(&url, Credentials::None)
+        .open("/metrics")
+        .unwrap();
+    assert_eq!(r.body.len(), CAP);
+}
