@@ -258,3 +258,25 @@ def test_a_job_claimed_as_the_worker_stops_is_handed_back(fake) -> None:
     assert ran == []  # not run: the worker is stopping ...
     assert state.seen[-1] == ("PATCH", "/coordinator/jobs/j1/status")  # ... but handed back
     assert paths(state, "/claim") == ["/coordinator/queues/q/claim"]
+
+
+@pytest.mark.parametrize("result", [{"at": datetime(2026, 1, 1)}, {"x": float("nan")}, {1, 2}])
+def test_a_result_that_is_not_json_fails_the_job_and_the_worker_goes_on(fake, result) -> None:
+    url, state = fake
+    c = claim()
+    answers = [json.dumps({**c.job, "token": "tok_j1",
+                           "tokenExpiresAt": c.token_expires_at}).encode()]
+
+    def route(method: str, path: str) -> Tuple[int, Dict[str, str], bytes]:
+        if path.endswith("/claim"):
+            return (200, JSON, answers.pop()) if answers else (204, {}, b"")
+        return 200, JSON, json.dumps({**c.job, "status": "FAILED"}).encode()
+
+    state.route = route
+    w = Worker("q", lambda job: result, client=Client(url, api_key="k", retries=0),
+               handle_signals=False)
+    # Before: the TypeError (or the NaN the server refused) left the job RUNNING, and
+    # the TypeError ended `run` itself.
+    assert w.run(stop_when_idle=True) == 1
+    assert paths(state, "/complete") == []
+    assert paths(state, "/fail") == ["/coordinator/jobs/j1/fail"]

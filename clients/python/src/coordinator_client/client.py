@@ -261,8 +261,9 @@ class Client:
     ) -> requests.Response:
         """Send one request (retrying 503/429), raise a typed error for any status not
         in ``ok`` (a redirect is never followed: a 3xx raises too). ``json`` is
-        serialised once, compactly, and the exact bytes are both signed and sent. The
-        body is read whole, at most :data:`MAX_BODY` bytes (else
+        serialised once, compactly, and the exact bytes are both signed and sent (a
+        value JSON cannot hold, NaN included, raises ``TypeError`` or ``ValueError``
+        before anything is sent). The body is read whole, at most :data:`MAX_BODY` bytes (else
         :class:`ResponseTooLarge`). ``retries`` overrides the client's (0: one
         attempt)."""
         seg = _dot_segment(path)
@@ -272,7 +273,10 @@ class Client:
         method = method.upper()
         hdrs = dict(headers or {})
         if json is not None:
-            body = _json.dumps(json, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            # No NaN or Infinity: they are not JSON, and the server would refuse them
+            # (400) only after the request went out.
+            body = _json.dumps(json, separators=(",", ":"), ensure_ascii=False,
+                               allow_nan=False).encode("utf-8")
             hdrs.setdefault("Content-Type", "application/json")
         # No compression (as the Rust client): the cap bounds what is decoded too.
         hdrs.setdefault("Accept-Encoding", "identity")

@@ -337,7 +337,16 @@ class Worker:
                 tc.set_status(ctx.id, "QUEUED", "worker shutting down")
                 return
             if error is None:
-                tc.complete_job(ctx.id, outcome.get("result"))
+                try:
+                    tc.complete_job(ctx.id, outcome.get("result"))
+                except CoordinatorError:
+                    raise
+                except (TypeError, ValueError) as e:
+                    # Nothing was sent: the result cannot be JSON. Failing the job says
+                    # why; leaving it would keep it RUNNING until its lease ran out, and
+                    # the error would end the worker's loop.
+                    tc.fail_job(ctx.id, "the handler's result cannot be sent as JSON: "
+                                + _describe(e))
             elif isinstance(error, JobCancelled):
                 tc.set_status(ctx.id, "QUEUED", "handler cancelled")
             elif isinstance(error, self.retry_on) and ctx.attempt < ctx.max_attempts:
