@@ -189,6 +189,24 @@ pub fn json_time(ms: Option<i64>) -> Value {
     ms.map_or(Value::Null, |m| Value::String(rfc3339(m)))
 }
 
+/// Text the server sent, made safe to print on a terminal: every control character
+/// (C0, DEL, C1: escape sequences, carriage returns, line breaks) and every Unicode
+/// bidirectional override becomes `?`. A job's `message` and `error` are written by
+/// whoever holds its job token; printed as they came, an `ESC ]52` sequence would set
+/// the operator's clipboard, a `\r` or `ESC [2K` overwrite what the table shows.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+            if c.is_control() || bidi {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 /// Print rows as left-aligned columns on stdout.
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) -> anyhow::Result<()> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();

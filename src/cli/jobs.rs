@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::client::{self, ClientEnv, ConnArgs};
 use super::client::{VAR_API_KEY, VAR_CALLER, VAR_HMAC_SECRET};
-use super::common::{print_json, print_table};
+use super::common::{print_json, print_table, printable};
 
 /// How `jobs` and `queues` reach the server, and print (accepted before or after the
 /// subcommand).
@@ -59,7 +59,13 @@ fn failed(e: coordinator_client::Error) -> anyhow::Error {
                 .field()
                 .map(|f| format!(" (field {f})"))
                 .unwrap_or_default();
-            anyhow!("HTTP {} {}: {}{field}", p.status, p.title(), p.detail())
+            anyhow!(
+                "HTTP {} {}: {}{}",
+                p.status,
+                printable(p.title()),
+                printable(p.detail()),
+                printable(&field)
+            )
         }
         None => anyhow!("{e}"),
     }
@@ -135,8 +141,11 @@ fn parse_status(text: &str) -> Result<String, String> {
     }
 }
 
-fn text<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("-")
+/// A string member as it may be printed ([`printable`]); `-` when absent.
+fn text(v: &Value, key: &str) -> String {
+    v.get(key)
+        .and_then(Value::as_str)
+        .map_or_else(|| "-".to_owned(), printable)
 }
 
 fn number(v: &Value, key: &str) -> String {
@@ -173,13 +182,13 @@ impl JobsArgs {
                     .iter()
                     .map(|j| {
                         vec![
-                            text(j, "id").to_owned(),
-                            text(j, "status").to_owned(),
-                            text(j, "queue").to_owned(),
-                            text(j, "kind").to_owned(),
+                            text(j, "id"),
+                            text(j, "status"),
+                            text(j, "queue"),
+                            text(j, "kind"),
                             format!("{}/{}", number(j, "attempts"), number(j, "maxAttempts")),
                             format!("{}%", number(j, "progress")),
-                            text(j, "createdAt").to_owned(),
+                            text(j, "createdAt"),
                         ]
                     })
                     .collect();
@@ -190,7 +199,9 @@ impl JobsArgs {
                     &rows,
                 )?;
                 match page.get("nextCursor").and_then(Value::as_str) {
-                    Some(c) => eprintln!("{} job(s); more with --cursor {c}", rows.len()),
+                    Some(c) => {
+                        eprintln!("{} job(s); more with --cursor {}", rows.len(), printable(c))
+                    }
                     None => eprintln!("{} job(s)", rows.len()),
                 }
                 Ok(())
@@ -260,16 +271,16 @@ fn print_job(job: &Value) -> anyhow::Result<()> {
             let change = match (data.get("from"), data.get("to")) {
                 (Some(f), Some(t)) => format!(
                     "{} -> {}",
-                    f.as_str().unwrap_or("-"),
-                    t.as_str().unwrap_or("-")
+                    printable(f.as_str().unwrap_or("-")),
+                    printable(t.as_str().unwrap_or("-"))
                 ),
                 _ => String::new(),
             };
             vec![
                 number(e, "seq"),
-                text(e, "type").to_owned(),
+                text(e, "type"),
                 change,
-                text(e, "createdAt").to_owned(),
+                text(e, "createdAt"),
             ]
         })
         .collect();
@@ -371,7 +382,7 @@ fn queue_row(q: &Value) -> Vec<String> {
         .and_then(Value::as_i64)
         .map_or_else(|| "-".to_owned(), |ms| format!("{}s", ms / 1000));
     vec![
-        text(q, "queue").to_owned(),
+        text(q, "queue"),
         number(&depth, "PENDING"),
         number(&depth, "QUEUED"),
         number(&depth, "RUNNING"),
@@ -402,5 +413,29 @@ mod tests {
         let q = json!({"queue": "ci", "depth": {"PENDING": 1, "QUEUED": 2, "RUNNING": 3},
             "oldestQueuedAgeMs": 61_500, "paused": true, "maxRunning": null});
         assert_eq!(queue_row(&q), ["ci", "1", "2", "3", "61s", "true", "-"]);
+    }
+
+    /// A job's `message` and `error` come from whoever holds its token: printed for an
+    /// operator, no escape sequence, carriage return or bidi override gets through.
+    #[test]
+    fn server_text_reaches_the_terminal_without_control_characters() {
+        let job = json!({
+            "id": "j1",
+            "message": "ok\u{1b}]52;c;ZXZpbA==\u{7}\rDONE\u{1b}[2K",
+            "error": "a\u{202e}b\u{9b}c\nd",
+            "events": [{"seq": 1, "type": "status", "data": {"from": "RUNNING", "to": "x\u{1b}[8m"}}],
+        });
+        assert_eq!(text(&job, "message"), "ok?]52;c;ZXZpbA==??DONE?[2K");
+        assert_eq!(text(&job, "error"), "a?b?c?d");
+        assert_eq!(text(&job, "kind"), "-");
+        assert_eq!(text(&job, "id"), "j1");
+        let p = coordinator_client::Problem::new(
+            400,
+            json!({"title": "Bad\u{1b}[31m", "detail": "x\ry", "field": "f\u{7}"}),
+            None,
+        );
+        let shown = failed(coordinator_client::Error::Problem(p)).to_string();
+        assert_eq!(shown, "HTTP 400 Bad?[31m: x?y (field f?)");
+        assert_eq!(printable("naïve ✓ 日本"), "naïve ✓ 日本");
     }
 }
