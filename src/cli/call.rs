@@ -71,7 +71,8 @@ pub fn run(args: CallArgs) -> anyhow::Result<()> {
     };
     // Signed below, in `send_once`, for the exact target sent.
     let client = client::connect(&env, &args.conn, Credentials::None, what)?;
-    let url = format!("{}{}", client.base(), args.path);
+    // For messages: never a `user:password@` of the URL.
+    let url = client::without_user_info(&format!("{}{}", client.base(), args.path));
 
     let mut signed: Option<Signed> = None;
     let mut headers: Vec<(&str, &str)> = Vec::new();

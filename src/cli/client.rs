@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
+pub use coordinator_client::client::without_user_info;
 use coordinator_client::signing::{self, V1Params, V1Signature};
 use coordinator_client::{Client, ClientOptions, Credentials};
 
@@ -82,10 +83,10 @@ impl ClientEnv {
             .into());
         }
         let mut file = HashMap::new();
-        for item in dotenvy::from_path_iter(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?
-        {
-            let (k, v) = item.with_context(|| format!("cannot parse {}", path.display()))?;
+        // Never dotenvy's own parse error: it holds the line, secret and all.
+        let parse_error = |e| crate::cli::env_file::parse_error(&path, &path, e);
+        for item in dotenvy::from_path_iter(&path).map_err(parse_error)? {
+            let (k, v) = item.map_err(parse_error)?;
             file.insert(k, v);
         }
         let env = ClientEnv { file: Some(file) };
@@ -99,8 +100,9 @@ impl ClientEnv {
         if let Some(other) = env_var(VAR_URL) {
             if normalize_url(&other) != env.url() {
                 return Err(ConfigError(format!(
-                    "{VAR_URL} is set to {other}, but the credentials come from {}, which is \
+                    "{VAR_URL} is set to {}, but the credentials come from {}, which is \
                      for {}: unset {VAR_URL}, or set the credentials in the environment too",
+                    without_user_info(&other),
                     path.display(),
                     env.url()
                 ))
@@ -227,9 +229,10 @@ pub fn connect(
                 // anyone who sees it, a signed request within the timestamp window
                 // elsewhere.
                 eprintln!(
-                    "warning: sending {what} to {base} over plain http: anyone on the \
+                    "warning: sending {what} to {} over plain http: anyone on the \
                      path can read it; use an https:// {VAR_URL} (with --ca-file for a \
-                     private CA)"
+                     private CA)",
+                    without_user_info(&base)
                 );
             }
         }

@@ -53,19 +53,7 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
     let shown = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
     check_trusted(&path)
         .map_err(|why| ConfigError(format!("refusing {}: {why}", shown.display())))?;
-    let parse_error = |e: dotenvy::Error| match e {
-        // dotenvy's error holds the text it failed on, which may be a secret: name the
-        // line and its variable instead.
-        dotenvy::Error::LineParse(..) => ConfigError(format!(
-            "cannot parse {}{} (values are not shown)",
-            shown.display(),
-            first_bad_line(&path).map_or_else(String::new, |(n, name)| match name {
-                Some(name) => format!(": line {n} ({name})"),
-                None => format!(": line {n}"),
-            })
-        )),
-        other => ConfigError(format!("cannot read {}: {other}", shown.display())),
-    };
+    let parse_error = |e: dotenvy::Error| parse_error(&path, &shown, e);
     // Read once: the checks below and the loading see the same text.
     let bytes = std::fs::read(&path)
         .map_err(|e| ConfigError(format!("cannot read {}: {e}", shown.display())))?;
@@ -92,6 +80,23 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
     }
     dotenvy::from_read(body).map_err(parse_error)?;
     Ok(Some(shown))
+}
+
+/// A dotenvy error for the file at `path` (named `shown`), without its text: dotenvy's
+/// error holds the text it failed on, which may be a secret, so name the line and its
+/// variable instead.
+pub(crate) fn parse_error(path: &Path, shown: &Path, e: dotenvy::Error) -> ConfigError {
+    match e {
+        dotenvy::Error::LineParse(..) => ConfigError(format!(
+            "cannot parse {}{} (values are not shown)",
+            shown.display(),
+            first_bad_line(path).map_or_else(String::new, |(n, name)| match name {
+                Some(name) => format!(": line {n} ({name})"),
+                None => format!(": line {n}"),
+            })
+        )),
+        other => ConfigError(format!("cannot read {}: {other}", shown.display())),
+    }
 }
 
 /// The first variable the file sets twice. dotenvy takes the first value, a shell's

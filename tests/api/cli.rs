@@ -643,6 +643,32 @@ fn sign_reads_the_dev_credentials_file() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// Review finding (clients, 2026-12-06): a dev credentials file dotenvy could not
+/// parse was shown in the error, the line with the secret on it included.
+fn a_damaged_dev_credentials_file_is_not_echoed() {
+    let env = Env::new();
+    let dir = env.dir.path().join(".coordinator");
+    std::fs::create_dir_all(&dir).unwrap();
+    for damaged in [
+        "COORDINATOR_CALLER=dev\nCOORDINATOR_HMAC_SECRET=\"coh_LEAKSECRET7\nCOORDINATOR_URL=x\n",
+        "COORDINATOR_CALLER=dev\nCOORDINATOR_HMAC_SECRET=coh_LEAK SECRET7\\x\n",
+    ] {
+        std::fs::write(dir.join("dev-credentials.env"), damaged).unwrap();
+        for args in [
+            &["sign", "--method", "GET", "--path", "/"][..],
+            &["call", "GET", "/livez"][..],
+            &["jobs", "list"][..],
+        ] {
+            let out = env.bare().args(args).output().unwrap();
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+            assert!(err.contains("dev-credentials.env"), "{err}");
+            assert!(err.contains("values are not shown"), "{err}");
+            assert!(!err.contains("LEAK"), "{args:?}: {err}");
+        }
+    }
+}
+
 /// A `coordinator serve` child on a free port, killed on drop.
 struct Server {
     child: Child,
@@ -915,6 +941,45 @@ fn call_warns_before_sending_a_credential_over_plain_http_to_another_host() {
         err.contains("warning: sending an API key to http://0.0.0.0"),
         "{err}"
     );
+}
+
+/// Review finding (clients, 2026-12-06): a `user:password@` in COORDINATOR_URL (for a
+/// proxy in front) was echoed in `call`'s error and warning lines and `jobs`' errors.
+fn the_cli_never_shows_the_urls_password() {
+    let env = Env::new();
+    let key = ApiKey::generate();
+    let port = free_port(); // nothing listens there
+    for (url, args) in [
+        (
+            format!("http://proxy:LEAKPW7@0.0.0.0:{port}"),
+            &["call", "--api-key", "GET", "/coordinator/health"][..],
+        ),
+        (
+            format!("http://proxy:LEAKPW7@127.0.0.1:{port}"),
+            &["call", "--api-key", "GET", "/coordinator/health"][..],
+        ),
+        (
+            "http://proxy:LEAKPW7@127.0.0.1:99999".to_owned(),
+            &["call", "--api-key", "GET", "/coordinator/health"][..],
+        ),
+        (
+            "http://proxy:LEAKPW7@127.0.0.1:99999".to_owned(),
+            &["jobs", "--api-key", "list"][..],
+        ),
+    ] {
+        let out = env
+            .bare()
+            .env("COORDINATOR_URL", &url)
+            .env("COORDINATOR_CLIENT_API_KEY", key.expose_secret())
+            .args(args)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_ne!(out.status.code(), Some(0), "{url}: {err}");
+        assert!(!err.is_empty(), "{url}");
+        assert!(!err.contains("LEAKPW7"), "{url}: {err}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("LEAKPW7"));
+    }
 }
 
 /// Review finding: `call` exited 0 on a redirect it does not follow. Now exit 1, with
@@ -1739,9 +1804,11 @@ crate::plain_tests!(
     a_secret_that_cannot_be_written_fails_and_is_revoked,
     sign_matches_the_library,
     sign_reads_the_dev_credentials_file,
+    a_damaged_dev_credentials_file_is_not_echoed,
     call_signs_sends_and_explains,
     call_never_mixes_credential_sources,
     call_warns_before_sending_a_credential_over_plain_http_to_another_host,
+    the_cli_never_shows_the_urls_password,
     call_fails_on_a_redirect_and_names_its_location,
     serve_dev_shows_credentials_once_and_keeps_its_state_private,
     a_master_key_file_readable_by_others_gets_a_warning,

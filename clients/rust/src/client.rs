@@ -233,10 +233,23 @@ fn dot_segment(path: &str) -> Option<&str> {
     })
 }
 
+/// `url` without the `user:password@` of its authority: what a message may show of it.
+pub fn without_user_info(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://{host}{tail}"),
+        None => url.to_owned(),
+    }
+}
+
 fn sent_target(req: &ureq::Request, url: &str) -> Result<(String, String)> {
     let sent = req
         .request_url()
-        .map_err(|e| Error::Invalid(format!("{url}: {e}")))?;
+        .map_err(|e| Error::Invalid(format!("{}: {e}", without_user_info(url))))?;
     // ureq writes `?query` only when the query is not empty: `/path?` goes out as
     // `/path`, and is signed so.
     let target = match sent.as_url().query() {
@@ -1000,6 +1013,29 @@ mod tests {
             let req = agent.request("GET", url);
             let (_, t) = sent_target(&req, url).unwrap_or_default();
             assert_eq!(t, target, "{url}");
+        }
+    }
+
+    #[test]
+    fn a_url_is_shown_without_its_password() {
+        for (url, shown) in [
+            ("http://u:pw@h:1/a?b=c@d", "http://h:1/a?b=c@d"),
+            ("https://u@h", "https://h"),
+            ("http://h:1/a@b", "http://h:1/a@b"),
+            ("http://a@b@h?x", "http://h?x"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(without_user_info(url), shown, "{url}");
+        }
+        let c = Client::new("http://u:LEAKPW7@127.0.0.1:99999", Credentials::None);
+        match c.open("/livez") {
+            Err(Error::Invalid(why)) => {
+                assert!(
+                    !why.contains("LEAKPW7") && why.contains("127.0.0.1"),
+                    "{why}"
+                )
+            }
+            other => panic!("{other:?}"),
         }
     }
 
