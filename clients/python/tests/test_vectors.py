@@ -146,3 +146,26 @@ def test_rfc9421_auth_signs_the_target_uri_the_server_rebuilds(
     params = req.headers["Signature-Input"].split("=", 1)[1]
     base = signature_base("GET", rebuilt, {}, ["@method", "@target-uri"], params)
     assert req.headers["Signature"] == f"sig1=:{sign_rfc9421('coh_x', base)}:"
+
+
+@pytest.mark.parametrize("auth", [V1Auth("svc", "coh_x"), Rfc9421Auth("svc", "coh_x")])
+def test_a_text_body_is_signed_and_sent_as_the_same_utf8_bytes(auth: Any) -> None:
+    """requests before 2.32 leaves a ``str`` body a ``str`` (with ``Content-Length``
+    counting characters), which http.client sends as Latin-1 (or refuses): the
+    signers make it the UTF-8 bytes they sign."""
+    req = requests.Request("POST", "http://127.0.0.1:8080/coordinator/jobs",
+                           data=b"placeholder").prepare()
+    text = '{"kind":"build","payload":{"note":"naïve ✓"}}'
+    req.body = text  # as requests 2.25-2.31 prepare a str body
+    req.headers["Content-Length"] = str(len(text))
+    req = auth(req)
+    raw = text.encode("utf-8")
+    assert req.body == raw
+    assert req.headers["Content-Length"] == str(len(raw))
+    if isinstance(auth, V1Auth):
+        h = req.headers
+        canonical = canonical_v1("POST", "/coordinator/jobs", "svc", h["X-Coordinator-Timestamp"],
+                                 h["X-Coordinator-Nonce"], raw)
+        assert h["X-Coordinator-Signature"] == sign_v1("coh_x", canonical)
+    else:
+        assert req.headers["Content-Digest"] == signing.content_digest(raw)

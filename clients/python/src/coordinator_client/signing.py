@@ -5,7 +5,8 @@ Both are ``requests`` auth objects usable on their own::
     requests.get(url, auth=V1Auth("svc", secret))
 
 and both sign the request *as prepared*: the target is ``PreparedRequest.path_url``
-(what goes on the request line) and the body is the exact bytes sent. Each call signs
+(what goes on the request line) and the body is the exact bytes sent (a ``str`` body
+is sent as the UTF-8 bytes signed, whatever the version of requests). Each call signs
 afresh with a new timestamp and nonce, so a retried request is never a replay.
 """
 from __future__ import annotations
@@ -43,6 +44,16 @@ def _body_bytes(body: object) -> bytes:
     raise TypeError(
         "cannot sign a streamed or file body: pass the exact bytes (data=bytes or json=)"
     )
+
+
+def _send_as_signed(r: requests.PreparedRequest) -> None:
+    """Make a ``str`` body the UTF-8 bytes that are signed. requests before 2.32 leaves
+    it a ``str`` (its ``Content-Length`` counting characters), which http.client sends
+    as Latin-1, or refuses past U+00FF: a signature over the UTF-8 bytes would never
+    match what went out."""
+    if isinstance(r.body, str):
+        r.body = r.body.encode("utf-8")
+        r.headers["Content-Length"] = str(len(r.body))
 
 
 def new_nonce() -> str:
@@ -100,6 +111,7 @@ class V1Auth(requests.auth.AuthBase):
         self.key_version = key_version
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        _send_as_signed(r)
         r.headers.update(
             v1_headers(
                 r.method or "GET",
@@ -291,6 +303,7 @@ class Rfc9421Auth(requests.auth.AuthBase):
         self.digest = digest
 
     def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        _send_as_signed(r)
         r.headers.update(
             rfc9421_headers(
                 r.method or "GET",
