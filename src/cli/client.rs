@@ -360,6 +360,22 @@ pub fn parse_method(text: &str) -> Result<String, String> {
     }
 }
 
+/// Clap value parser for `sign`: a request target exactly as it goes on the request
+/// line, so ASCII only. `call` percent-encodes what it sends (and says so); `sign`
+/// cannot, and a signature over `/é` would match no request the server accepts (it
+/// refuses a raw non-ASCII target with a bare 400).
+pub fn parse_sent_target(text: &str) -> Result<String, String> {
+    let target = parse_target(text)?;
+    if !target.is_ascii() {
+        return Err(
+            "the path must be ASCII, as sent: percent-encode other characters as \
+                    UTF-8 (e.g. é as %C3%A9)"
+                .into(),
+        );
+    }
+    Ok(target)
+}
+
 /// Clap value parser: a request target, `/path` with an optional `?query`.
 pub fn parse_target(text: &str) -> Result<String, String> {
     if text.starts_with('/') && !text.bytes().any(|b| b.is_ascii_control() || b == b' ') {
@@ -477,5 +493,8 @@ mod tests {
         assert!(parse_target("/a?b=1").is_ok());
         assert!(parse_target("a").is_err());
         assert!(parse_target("/a b").is_err());
+        assert!(parse_target("/caf\u{e9}").is_ok()); // `call` encodes it
+        assert!(parse_sent_target("/caf\u{e9}").is_err());
+        assert!(parse_sent_target("/caf%C3%A9?x=%E2%9C%93").is_ok());
     }
 }

@@ -12,8 +12,9 @@ pub struct SignArgs {
     /// HTTP method (signed in upper case).
     #[arg(long, value_parser = client::parse_method)]
     pub method: String,
-    /// Request target exactly as it will be sent: path and `?query`, not re-encoded.
-    #[arg(long, value_parser = client::parse_target)]
+    /// Request target exactly as it will be sent: path and `?query`, not re-encoded
+    /// (ASCII: percent-encode anything else).
+    #[arg(long, value_parser = client::parse_sent_target)]
     pub path: String,
     #[command(flatten)]
     pub body: BodyArgs,
