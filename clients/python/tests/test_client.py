@@ -242,7 +242,7 @@ def test_a_claims_repr_never_shows_its_token(serve) -> None:
 # ---- configuration numbers ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("version", ["\u00b2", "\u0663", "3x", "-1", " 3"])
+@pytest.mark.parametrize("version", ["\u00b2", "\u0663", "3x", "-1", " 3", "0", "00"])
 def test_a_key_version_is_ascii_digits(version: str) -> None:
     env = {"COORDINATOR_URL": "http://127.0.0.1:1", "COORDINATOR_CALLER": "svc",
            "COORDINATOR_HMAC_SECRET": "coh_secret", "COORDINATOR_KEY_VERSION": version}

@@ -304,6 +304,17 @@ fn read_response(method: &str, path: &str, resp: ureq::Response) -> Result<Respo
     })
 }
 
+/// `COORDINATOR_KEY_VERSION`: a positive integer (versions start at 1), when set.
+fn key_version(value: Option<&str>) -> Result<Option<u32>> {
+    match value.map(str::parse::<u32>) {
+        None => Ok(None),
+        Some(Ok(v)) if v > 0 => Ok(Some(v)),
+        Some(_) => Err(Error::Invalid(
+            "COORDINATOR_KEY_VERSION must be a positive integer".into(),
+        )),
+    }
+}
+
 fn retry_after_secs(value: Option<&str>) -> Option<Duration> {
     let v = value?.trim();
     if let Ok(secs) = v.parse::<u64>() {
@@ -398,12 +409,7 @@ impl Client {
             ca_file: var("COORDINATOR_CA_FILE").map(PathBuf::from),
             ..ClientOptions::default()
         };
-        let key_version = match var("COORDINATOR_KEY_VERSION") {
-            Some(v) => Some(v.parse::<u32>().map_err(|_| {
-                Error::Invalid("COORDINATOR_KEY_VERSION must be a positive integer".into())
-            })?),
-            None => None,
-        };
+        let key_version = key_version(var("COORDINATOR_KEY_VERSION").as_deref())?;
         match (
             var("COORDINATOR_CALLER"),
             var("COORDINATOR_HMAC_SECRET"),
@@ -1013,6 +1019,18 @@ mod tests {
             let req = agent.request("GET", url);
             let (_, t) = sent_target(&req, url).unwrap_or_default();
             assert_eq!(t, target, "{url}");
+        }
+    }
+
+    #[test]
+    fn a_key_version_is_a_positive_integer() {
+        assert!(matches!(key_version(None), Ok(None)));
+        assert!(matches!(key_version(Some("3")), Ok(Some(3))));
+        for bad in ["0", "00", "-1", "3x", " 3", "\u{b2}"] {
+            assert!(
+                matches!(key_version(Some(bad)), Err(Error::Invalid(_))),
+                "{bad}"
+            );
         }
     }
 

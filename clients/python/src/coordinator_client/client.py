@@ -181,7 +181,7 @@ class Client:
         caller, secret = e.get("COORDINATOR_CALLER"), e.get("COORDINATOR_HMAC_SECRET")
         api_key = e.get("COORDINATOR_CLIENT_API_KEY")
         kv = e.get("COORDINATOR_KEY_VERSION")
-        if kv and not _ascii_digits(kv):
+        if kv and (not _ascii_digits(kv) or int(kv) == 0):  # versions start at 1
             raise ValueError("COORDINATOR_KEY_VERSION must be a positive integer")
         if prefer == "api_key" and api_key:
             return cls(url, api_key=api_key, **kwargs)
