@@ -176,16 +176,19 @@ pub fn server_config(tls: &TlsConfig, certs: Arc<CertReloader>) -> anyhow::Resul
     Ok(builder.with_cert_resolver(certs))
 }
 
-/// `HttpServer::on_connect`: the names of a client certificate the handshake verified,
-/// for every request of this connection. A verified certificate whose names cannot be
-/// read still attaches (with no names), so it is refused rather than ignored.
+/// `HttpServer::on_connect`: the names and validity of a client certificate the
+/// handshake verified (or a resumed session restored), for every request of this
+/// connection. A verified certificate whose names cannot be read still attaches (with
+/// no names), so it is refused rather than ignored.
 pub fn on_connect(conn: &dyn Any, ext: &mut Extensions) {
     type Tls = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
     let Some(tls) = conn.downcast_ref::<Tls>() else {
         return;
     };
     let (_, session) = tls.get_ref();
-    if let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) {
-        ext.insert(PeerCertificate::from_der(leaf).unwrap_or_default());
+    if let Some(chain) = session.peer_certificates().filter(|c| !c.is_empty()) {
+        ext.insert(PeerCertificate::from_chain(
+            chain.iter().map(|c| c.as_ref()),
+        ));
     }
 }

@@ -9,6 +9,7 @@ use super::audit::AuditRecord;
 use super::model::Scheme;
 use super::principal::{Held, Principal};
 use super::{fail, AuthContext};
+use crate::db::now_millis;
 use crate::error::ApiError;
 
 /// Which name in a verified client certificate names the caller.
@@ -88,12 +89,47 @@ pub struct PeerCertificate {
     pub common_names: Vec<String>,
     pub dns_names: Vec<String>,
     pub uris: Vec<String>,
+    /// When the certificate and the intermediates sent with it are all valid (unix
+    /// seconds, both inclusive). The handshake checked it once; a connection kept open,
+    /// or a TLS session resumed (rustls restores the first handshake's certificate
+    /// without checking it again), outlives that check, so every request checks it.
+    pub not_before: i64,
+    pub not_after: i64,
 }
 
 /// At most this many names of each kind are kept from one certificate.
 const MAX_NAMES: usize = 16;
 
 impl PeerCertificate {
+    /// The leaf's names ([`Self::from_der`]), valid only while every certificate of the
+    /// chain the client sent is. Anything unreadable gives no names (so no caller).
+    pub fn from_chain<'a>(chain: impl IntoIterator<Item = &'a [u8]>) -> PeerCertificate {
+        let mut chain = chain.into_iter();
+        let Some(mut out) = chain.next().and_then(PeerCertificate::from_der) else {
+            return PeerCertificate::default();
+        };
+        for der in chain {
+            let Some((from, until)) = validity_of(der) else {
+                return PeerCertificate::default();
+            };
+            out.not_before = out.not_before.max(from);
+            out.not_after = out.not_after.min(until);
+        }
+        out
+    }
+
+    /// Whether the certificate is valid at `now` (unix seconds), as the handshake
+    /// decided it for its own moment.
+    pub fn valid_at(&self, now: i64) -> Result<(), &'static str> {
+        if now < self.not_before {
+            Err("client certificate not yet valid")
+        } else if now > self.not_after {
+            Err("client certificate expired")
+        } else {
+            Ok(())
+        }
+    }
+
     /// The subject common names and the DNS / URI subject-alternative names of a DER
     /// certificate. Only called on certificates the handshake has verified; anything
     /// this reader does not understand yields no name (so no caller), never a panic.
@@ -103,13 +139,17 @@ impl PeerCertificate {
         if tbs.first() == Some(&der::VERSION) {
             tbs = der::skip(tbs)?;
         }
-        // serialNumber, signature, issuer, validity
-        for _ in 0..4 {
+        // serialNumber, signature, issuer
+        for _ in 0..3 {
             tbs = der::skip(tbs)?;
         }
-        let (_, subject, rest) = der::tlv(tbs, der::SEQUENCE)?;
+        let (_, validity, rest) = der::tlv(tbs, der::SEQUENCE)?;
+        let (not_before, not_after) = der::validity(validity)?;
+        let (_, subject, rest) = der::tlv(rest, der::SEQUENCE)?;
         let mut out = PeerCertificate {
             common_names: der::common_names(subject),
+            not_before,
+            not_after,
             ..PeerCertificate::default()
         };
         // subjectPublicKeyInfo, then the optional unique ids and [3] extensions
@@ -127,6 +167,20 @@ impl PeerCertificate {
     }
 }
 
+/// A DER certificate's validity (notBefore, notAfter), unix seconds.
+fn validity_of(der: &[u8]) -> Option<(i64, i64)> {
+    let (_, cert, _) = der::tlv(der, der::SEQUENCE)?;
+    let (_, mut tbs, _) = der::tlv(cert, der::SEQUENCE)?;
+    if tbs.first() == Some(&der::VERSION) {
+        tbs = der::skip(tbs)?;
+    }
+    for _ in 0..3 {
+        tbs = der::skip(tbs)?;
+    }
+    let (_, validity, _) = der::tlv(tbs, der::SEQUENCE)?;
+    der::validity(validity)
+}
+
 /// A minimal DER reader for the few certificate fields above.
 mod der {
     use super::{PeerCertificate, MAX_NAMES};
@@ -135,6 +189,8 @@ mod der {
     const SET: u8 = 0x31;
     const OID: u8 = 0x06;
     const OCTET_STRING: u8 = 0x04;
+    const UTC_TIME: u8 = 0x17;
+    const GENERALIZED_TIME: u8 = 0x18;
     pub const VERSION: u8 = 0xa0;
     pub const EXTENSIONS: u8 = 0xa3;
     const SAN_DNS: u8 = 0x82;
@@ -169,6 +225,51 @@ mod der {
 
     pub fn skip(input: &[u8]) -> Option<&[u8]> {
         any(input).map(|(_, _, rest)| rest)
+    }
+
+    /// `Validity ::= SEQUENCE { notBefore Time, notAfter Time }`, unix seconds.
+    pub fn validity(content: &[u8]) -> Option<(i64, i64)> {
+        let (tag, from, rest) = any(content)?;
+        let not_before = time(tag, from)?;
+        let (tag, until, _) = any(rest)?;
+        Some((not_before, time(tag, until)?))
+    }
+
+    /// UTCTime `YYMMDDHHMMSSZ` (RFC 5280: 50-99 are 19xx) or GeneralizedTime
+    /// `YYYYMMDDHHMMSSZ`, as unix seconds.
+    fn time(tag: u8, text: &[u8]) -> Option<i64> {
+        let (year, rest) = match (tag, text.len()) {
+            (UTC_TIME, 13) => {
+                let yy = digits(text.get(..2)?)?;
+                (if yy < 50 { 2000 + yy } else { 1900 + yy }, text.get(2..)?)
+            }
+            (GENERALIZED_TIME, 15) => (digits(text.get(..4)?)?, text.get(4..)?),
+            _ => return None,
+        };
+        if rest.last() != Some(&b'Z') {
+            return None;
+        }
+        let field = |i: usize| digits(rest.get(i..i + 2)?);
+        let (month, day) = (field(0)?, field(2)?);
+        let (hour, minute, second) = (field(4)?, field(6)?, field(8)?);
+        if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
+            return None;
+        }
+        // Days from 1970-01-01 to the date (Howard Hinnant's days_from_civil).
+        let y = if month <= 2 { year - 1 } else { year };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (month + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + day - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era * 146_097 + doe - 719_468;
+        Some(days * 86_400 + hour * 3_600 + minute * 60 + second)
+    }
+
+    fn digits(text: &[u8]) -> Option<i64> {
+        text.iter().try_fold(0i64, |acc, b| {
+            b.is_ascii_digit().then(|| acc * 10 + i64::from(b - b'0'))
+        })
     }
 
     /// Every CN attribute of a Name (a SEQUENCE OF SET OF AttributeTypeAndValue).
@@ -246,6 +347,7 @@ pub async fn verify(
     audit.scheme = Some(Scheme::ClientCert);
     let name = identity.caller_of(cert).map_err(fail)?;
     audit.caller = Some(name.into());
+    cert.valid_at(now_millis() / 1000).map_err(fail)?;
     let caller = ctx
         .store
         .caller(name)
@@ -260,7 +362,9 @@ pub async fn verify(
         scopes: caller.scopes.clone(),
         key_ref: None,
         job_id: None,
-        held: Held::Caller,
+        held: Held::ClientCert {
+            not_after: cert.not_after,
+        },
     })
 }
 
@@ -274,6 +378,7 @@ mod tests {
             common_names: s(cn),
             dns_names: s(dns),
             uris: s(uris),
+            ..PeerCertificate::default()
         }
     }
 
@@ -347,6 +452,33 @@ mod tests {
         assert_eq!(got.common_names, vec!["billing".to_owned()]);
         assert_eq!(got.dns_names, vec!["billing.c.example", "x.org"]);
         assert_eq!(got.uris, vec!["spiffe://x/ns/billing"]);
+        // rcgen's defaults: 1975-01-01 to 4096-01-01 (UTCTime and GeneralizedTime).
+        assert_eq!(
+            (got.not_before, got.not_after),
+            (157_766_400, 67_090_118_400)
+        );
+        assert_eq!(
+            got.valid_at(157_766_399),
+            Err("client certificate not yet valid")
+        );
+        assert_eq!(
+            got.valid_at(67_090_118_401),
+            Err("client certificate expired")
+        );
+        assert_eq!(got.valid_at(1_800_000_000), Ok(()));
+        // A chain is valid only while each certificate in it is.
+        let mut short = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        short.not_before = rcgen::date_time_ymd(2000, 2, 29);
+        short.not_after = rcgen::date_time_ymd(2049, 12, 31);
+        let short = short.self_signed(&key).expect("cert");
+        let chain = PeerCertificate::from_chain([c.der().as_ref(), short.der().as_ref()]);
+        assert_eq!(chain.common_names, vec!["billing".to_owned()]);
+        assert_eq!(
+            (chain.not_before, chain.not_after),
+            (951_782_400, 2_524_521_600)
+        );
+        let broken = PeerCertificate::from_chain([c.der().as_ref(), b"\x30\x00".as_slice()]);
+        assert_eq!(broken, PeerCertificate::default());
         // Truncated or garbage input gives no certificate, never a panic.
         for cut in 0..c.der().len() {
             let _ = PeerCertificate::from_der(c.der().get(..cut).unwrap_or_default());

@@ -51,8 +51,8 @@ pub enum Held {
     },
     /// The bootstrap key: valid while it is configured, which is for the process's life.
     Bootstrap,
-    /// Nothing beyond the caller itself (a client certificate).
-    Caller,
+    /// A client certificate, valid until `not_after` (unix seconds, inclusive).
+    ClientCert { not_after: i64 },
 }
 
 impl std::fmt::Debug for Held {
@@ -63,7 +63,7 @@ impl std::fmt::Debug for Held {
             Held::ApiKey { .. } => f.write_str("ApiKey([redacted])"),
             Held::Token { jti, .. } => write!(f, "Token({jti})"),
             Held::Bootstrap => f.write_str("Bootstrap"),
-            Held::Caller => f.write_str("Caller"),
+            Held::ClientCert { .. } => f.write_str("ClientCert"),
         }
     }
 }
@@ -109,7 +109,13 @@ impl Principal {
         };
         match &self.held {
             Held::Bootstrap => Ok(()),
-            Held::Caller => caller_enabled().await.map(drop),
+            Held::ClientCert { not_after } => {
+                caller_enabled().await?;
+                if now_millis() / 1000 > *not_after {
+                    return Err(fail("client certificate expired"));
+                }
+                Ok(())
+            }
             Held::Secret { version } => {
                 let entry = caller_enabled().await?;
                 let now = now_millis();
@@ -224,7 +230,7 @@ mod tests {
             scopes: [Scope::JobsUpdate].into(),
             key_ref: None,
             job_id: job.map(|j| JobId::parse(j, "id").expect("uuid")),
-            held: Held::Caller,
+            held: Held::Bootstrap,
         }
     }
 

@@ -860,3 +860,77 @@ fn http2_bodies_without_a_length_are_counted() {
 }
 
 crate::plain_tests!(http2_bodies_without_a_length_are_counted);
+
+/// A client certificate valid until `until` (unix seconds).
+fn client_cert_expiring_in(ca: &Ca, cn: &str, until: i64) -> Issued {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    let until = Duration::from_secs(u64::try_from(until).unwrap());
+    p.not_after = rcgen::date_time_ymd(1970, 1, 1) + until;
+    let key = KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        der: cert.der().clone(),
+        key_der: key.serialize_der(),
+    }
+}
+
+/// A client certificate authenticates only while it is valid: not on a connection
+/// kept open past its `notAfter`, and not on a TLS session resumed after it (rustls
+/// restores the first handshake's certificate on resumption without checking it
+/// again, and each resumption hands out new tickets carrying it).
+fn an_expired_client_certificate_is_refused_on_kept_and_resumed_connections(backend: Backend) {
+    let ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let files = TlsFiles::new(&ca.server(), Some(&clients));
+    let Some(app) = tls_app(backend, &files, true, Duration::from_secs(60)) else {
+        return;
+    };
+    let port = port_of(&app);
+    app.caller("svc-a", &[Scope::HealthRead]);
+    let until = now_secs() + 2;
+    let cert = client_cert_expiring_in(&clients, "svc-a", until);
+    let cfg = client(&ca, Some(&cert), &[]);
+    let mut kept = connect(&cfg, port, "localhost").unwrap();
+    let (status, body) = request(&mut kept, HEALTH, &[]).unwrap();
+    assert_eq!(status, 200, "{body}");
+    // The session tickets came with that answer: the next handshake resumes.
+    let mut resumed = connect(&cfg, port, "localhost").unwrap();
+    assert_eq!(
+        resumed.conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    assert_eq!(request(&mut resumed, HEALTH, &[]).unwrap().0, 200);
+
+    // Past notAfter (whole seconds, inclusive), well within the keep-alive timeout.
+    while now_secs() <= until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A session resumed after expiry carries the old certificate: refused too.
+    match connect(&cfg, port, "localhost").and_then(|mut t| request(&mut t, HEALTH, &[])) {
+        Ok((status, body)) => {
+            assert_eq!(status, 401, "resumed session after expiry: {body}");
+            assert!(body.contains("client certificate expired"), "{body}");
+        }
+        Err(e) => assert!(!e.is_empty()),
+    }
+    let (status, body) = request(&mut kept, HEALTH, &[]).unwrap();
+    assert_eq!(status, 401, "kept-alive connection after expiry: {body}");
+    assert!(body.contains("client certificate expired"), "{body}");
+    // A header credential next to it does not rescue it.
+    let svc = app.caller("svc-a", &[Scope::HealthRead]);
+    let (status, body) = request(&mut kept, HEALTH, &signed(&svc, HEALTH)).unwrap();
+    assert_eq!(status, 401, "{body}");
+    // A fresh handshake with it fails, as before.
+    let fresh = client(&ca, Some(&cert), &[]);
+    assert!(connect(&fresh, port, "localhost")
+        .and_then(|mut t| request(&mut t, HEALTH, &[]))
+        .is_err());
+}
+
+crate::backend_tests!(an_expired_client_certificate_is_refused_on_kept_and_resumed_connections);
