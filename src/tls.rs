@@ -6,8 +6,9 @@
 //! it for the current certificate, so installing a new one affects new handshakes only;
 //! established connections keep theirs and are never dropped. The files are re-read every
 //! `COORDINATOR_TLS_RELOAD_SECS` and at once on SIGHUP; a new pair is installed only when
-//! the files changed and the key matches the certificate, otherwise the old one stays and
-//! a warning is logged (a half-written file is picked up on the next check).
+//! the files changed, the key matches the certificate and the certificate is valid now,
+//! otherwise the old one stays and a warning is logged (a half-written file, or one
+//! issued for later, is picked up on a later check).
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::auth::client_cert::PeerCertificate;
+use crate::auth::client_cert::{validity_of, PeerCertificate};
 use crate::config::TlsConfig;
 
 /// The listener's certificate, replaceable while the server runs.
@@ -53,6 +54,24 @@ impl CertReloader {
         let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
         if *loaded == digest {
             return Ok(false);
+        }
+        // Not installed unless valid now: every new handshake would fail with it. A
+        // validity this reader cannot read is left to the clients, as before.
+        let now = crate::db::now_millis() / 1000;
+        match key.cert.first().and_then(|leaf| validity_of(leaf)) {
+            Some((_, until)) if now > until => {
+                return Err(format!(
+                    "{}: the certificate expired",
+                    self.cert_path.display()
+                ))
+            }
+            Some((from, _)) if now < from => {
+                return Err(format!(
+                    "{}: the certificate is not valid yet",
+                    self.cert_path.display()
+                ))
+            }
+            _ => {}
         }
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
         *loaded = digest;

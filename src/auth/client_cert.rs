@@ -168,7 +168,7 @@ impl PeerCertificate {
 }
 
 /// A DER certificate's validity (notBefore, notAfter), unix seconds.
-fn validity_of(der: &[u8]) -> Option<(i64, i64)> {
+pub fn validity_of(der: &[u8]) -> Option<(i64, i64)> {
     let (_, cert, _) = der::tlv(der, der::SEQUENCE)?;
     let (_, mut tbs, _) = der::tlv(cert, der::SEQUENCE)?;
     if tbs.first() == Some(&der::VERSION) {

@@ -934,3 +934,37 @@ fn an_expired_client_certificate_is_refused_on_kept_and_resumed_connections(back
 }
 
 crate::backend_tests!(an_expired_client_certificate_is_refused_on_kept_and_resumed_connections);
+
+/// A replacement certificate that is not valid now (an old file put back by mistake, or
+/// one issued for later) is not installed: new handshakes keep the current one, and the
+/// next check tries again. Installing it would fail every new handshake.
+fn a_replacement_certificate_that_is_not_valid_now_is_not_installed() {
+    let ca = Ca::new("test CA");
+    let files = TlsFiles::new(&ca.server(), None);
+    let Some(app) = tls_app(Backend::Sqlite, &files, false, Duration::from_secs(1)) else {
+        return;
+    };
+    let port = port_of(&app);
+    assert!(connect(&client(&ca, None, &[]), port, "localhost").is_ok());
+    files.install(&ca.issue("localhost", &["localhost"], false, true));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let seen = loop {
+        let logs = crate::helpers::captured_logs();
+        if let Some(line) = logs.lines().find(|l| {
+            l.contains("loaded a new certificate") || l.contains("keeping the current certificate")
+        }) {
+            break line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new files were never checked"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(seen.contains("expired"), "{seen}");
+    let served = connect(&client(&ca, None, &[]), port, "localhost")
+        .and_then(|mut t| request(&mut t, "/livez", &[]));
+    assert_eq!(served.map(|(s, _)| s), Ok(200));
+}
+
+crate::plain_tests!(a_replacement_certificate_that_is_not_valid_now_is_not_installed);
