@@ -46,6 +46,15 @@ impl ClientIdentity {
 
     /// The one caller the certificate names, or why it names none.
     pub fn caller_of<'a>(&self, cert: &'a PeerCertificate) -> Result<&'a str, &'static str> {
+        let all = match self {
+            ClientIdentity::CommonName => &cert.common_names,
+            ClientIdentity::SanDns(_) => &cert.dns_names,
+            ClientIdentity::SanUri(_) => &cert.uris,
+        };
+        // Past the bound a name was dropped, maybe another caller's.
+        if all.len() > MAX_NAMES {
+            return Err("client certificate has too many names");
+        }
         let mut names: Vec<&str> = match self {
             ClientIdentity::CommonName => cert.common_names.iter().map(String::as_str).collect(),
             ClientIdentity::SanDns(suffix) => cert
@@ -97,7 +106,8 @@ pub struct PeerCertificate {
     pub not_after: i64,
 }
 
-/// At most this many names of each kind are kept from one certificate.
+/// At most this many names of each kind are kept from one certificate; one more is kept
+/// to mark a kind that had more, which names no caller (`caller_of`).
 const MAX_NAMES: usize = 16;
 
 impl PeerCertificate {
@@ -160,9 +170,9 @@ impl PeerCertificate {
             }
             rest = after;
         }
-        out.common_names.truncate(MAX_NAMES);
-        out.dns_names.truncate(MAX_NAMES);
-        out.uris.truncate(MAX_NAMES);
+        out.common_names.truncate(MAX_NAMES + 1);
+        out.dns_names.truncate(MAX_NAMES + 1);
+        out.uris.truncate(MAX_NAMES + 1);
         Some(out)
     }
 }
@@ -290,7 +300,7 @@ mod der {
                 rdn = more;
             }
             name = rest;
-            if out.len() >= MAX_NAMES {
+            if out.len() > MAX_NAMES {
                 break;
             }
         }
@@ -430,6 +440,18 @@ mod tests {
         assert!(uri
             .caller_of(&cert(&[], &[], &["spiffe://y/ns/a"]))
             .is_err());
+        // A name past the bound may be another caller's: refused, not ignored.
+        let many: Vec<String> = (0..=MAX_NAMES).map(|i| format!("h{i}.other.org")).collect();
+        let mut many: Vec<&str> = many.iter().map(String::as_str).collect();
+        many[0] = "billing.c.example";
+        assert_eq!(
+            dns.caller_of(&cert(&[], &many, &[])),
+            Err("client certificate has too many names")
+        );
+        assert_eq!(
+            dns.caller_of(&cert(&[], &many[..MAX_NAMES], &[])),
+            Ok("billing")
+        );
     }
 
     #[test]

@@ -968,3 +968,36 @@ fn a_replacement_certificate_that_is_not_valid_now_is_not_installed() {
 }
 
 crate::plain_tests!(a_replacement_certificate_that_is_not_valid_now_is_not_installed);
+
+/// A certificate naming two callers is refused however many other names come between
+/// them: the names kept per certificate are bounded, and a bound that dropped the
+/// second caller's name made the certificate the first caller's.
+fn a_certificate_naming_two_callers_is_refused_whatever_their_place(backend: Backend) {
+    let ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let files = TlsFiles::new(&ca.server(), Some(&clients));
+    let mut tls = files.config(true, Duration::from_secs(60));
+    tls.client_identity = ClientIdentity::SanDns(".c.example".into());
+    let Some(app) = spawn_app_with(backend, |cfg| cfg.tls = Some(tls)) else {
+        return;
+    };
+    let port = port_of(&app);
+    app.caller("svc-a", &[Scope::HealthRead]);
+    app.caller("svc-b", &[Scope::HealthRead]);
+    let one = clients.issue("x", &["svc-a.c.example"], true, false);
+    let (status, body) = get(&client(&ca, Some(&one), &[]), port, HEALTH, &[]).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let two = clients.issue("x", &["svc-a.c.example", "svc-b.c.example"], true, false);
+    let (status, body) = get(&client(&ca, Some(&two), &[]), port, HEALTH, &[]).unwrap();
+    assert_eq!(status, 401, "{body}");
+    let mut names = vec!["svc-a.c.example".to_owned()];
+    names.extend((0..16).map(|i| format!("h{i}.other.example")));
+    names.push("svc-b.c.example".to_owned());
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let far = clients.issue("x", &names, true, false);
+    let (status, body) = get(&client(&ca, Some(&far), &[]), port, HEALTH, &[]).unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("too many names"), "{body}");
+}
+
+crate::backend_tests!(a_certificate_naming_two_callers_is_refused_whatever_their_place);
