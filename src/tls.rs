@@ -206,8 +206,10 @@ pub fn on_connect(conn: &dyn Any, ext: &mut Extensions) {
     };
     let (_, session) = tls.get_ref();
     if let Some(chain) = session.peer_certificates().filter(|c| !c.is_empty()) {
+        let now = crate::db::now_millis() / 1000;
         ext.insert(PeerCertificate::from_chain(
             chain.iter().map(|c| c.as_ref()),
+            now,
         ));
     }
 }

@@ -111,19 +111,21 @@ pub struct PeerCertificate {
 const MAX_NAMES: usize = 16;
 
 impl PeerCertificate {
-    /// The leaf's names ([`Self::from_der`]), valid only while every certificate of the
-    /// chain the client sent is. Anything unreadable gives no names (so no caller).
-    pub fn from_chain<'a>(chain: impl IntoIterator<Item = &'a [u8]>) -> PeerCertificate {
+    /// The leaf's names ([`Self::from_der`]), valid only while the leaf and the
+    /// intermediates sent with it are. An intermediate not valid at `now` (the
+    /// handshake's moment), or that this reader cannot read, cannot be on the path the
+    /// handshake verified (clients may send stale extras) and is left out. An
+    /// unreadable leaf gives no names (so no caller).
+    pub fn from_chain<'a>(chain: impl IntoIterator<Item = &'a [u8]>, now: i64) -> PeerCertificate {
         let mut chain = chain.into_iter();
         let Some(mut out) = chain.next().and_then(PeerCertificate::from_der) else {
             return PeerCertificate::default();
         };
-        for der in chain {
-            let Some((from, until)) = validity_of(der) else {
-                return PeerCertificate::default();
-            };
-            out.not_before = out.not_before.max(from);
-            out.not_after = out.not_after.min(until);
+        for (from, until) in chain.filter_map(validity_of) {
+            if from <= now && now <= until {
+                out.not_before = out.not_before.max(from);
+                out.not_after = out.not_after.min(until);
+            }
         }
         out
     }
@@ -493,14 +495,23 @@ mod tests {
         short.not_before = rcgen::date_time_ymd(2000, 2, 29);
         short.not_after = rcgen::date_time_ymd(2049, 12, 31);
         let short = short.self_signed(&key).expect("cert");
-        let chain = PeerCertificate::from_chain([c.der().as_ref(), short.der().as_ref()]);
+        let now = 1_800_000_000;
+        let chain = PeerCertificate::from_chain([c.der().as_ref(), short.der().as_ref()], now);
         assert_eq!(chain.common_names, vec!["billing".to_owned()]);
         assert_eq!(
             (chain.not_before, chain.not_after),
             (951_782_400, 2_524_521_600)
         );
-        let broken = PeerCertificate::from_chain([c.der().as_ref(), b"\x30\x00".as_slice()]);
-        assert_eq!(broken, PeerCertificate::default());
+        // An extra the handshake cannot have used (expired then, unreadable) is left out.
+        let later =
+            PeerCertificate::from_chain([c.der().as_ref(), short.der().as_ref()], 2_524_521_601);
+        assert_eq!(later, got);
+        let broken = PeerCertificate::from_chain([c.der().as_ref(), b"\x30\x00".as_slice()], now);
+        assert_eq!(broken, got);
+        assert_eq!(
+            PeerCertificate::from_chain([b"\x30\x00".as_slice()], now),
+            PeerCertificate::default()
+        );
         // Truncated or garbage input gives no certificate, never a panic.
         for cut in 0..c.der().len() {
             let _ = PeerCertificate::from_der(c.der().get(..cut).unwrap_or_default());

@@ -931,6 +931,26 @@ fn an_expired_client_certificate_is_refused_on_kept_and_resumed_connections(back
     assert!(connect(&fresh, port, "localhost")
         .and_then(|mut t| request(&mut t, HEALTH, &[]))
         .is_err());
+
+    // A stale extra certificate sent with a valid one (not on the verified path) does
+    // not make it expired.
+    let valid = clients.client("svc-a");
+    let stale = Ca::new("old CA").issue("old", &[], false, true);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    let with_extra = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![valid.der.clone(), stale.der.clone()],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(valid.key_der.clone())),
+    )
+    .unwrap();
+    let (status, body) = get(&Arc::new(with_extra), port, HEALTH, &[]).unwrap();
+    assert_eq!(status, 200, "{body}");
 }
 
 crate::backend_tests!(an_expired_client_certificate_is_refused_on_kept_and_resumed_connections);
