@@ -184,11 +184,26 @@ fn request(
     path: &str,
     headers: &[(String, String)],
 ) -> Result<(u16, String), String> {
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n");
+    send(tls, "GET", path, headers, "")
+}
+
+/// One HTTP/1.1 request with a body on a kept-alive connection: (status, body).
+fn send(
+    tls: &mut Tls,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &str,
+) -> Result<(u16, String), String> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
+    if !body.is_empty() {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
     req.push_str("\r\n");
+    req.push_str(body);
     tls.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
     tls.flush().map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
@@ -1021,3 +1036,102 @@ fn a_certificate_naming_two_callers_is_refused_whatever_their_place(backend: Bac
 }
 
 crate::backend_tests!(a_certificate_naming_two_callers_is_refused_whatever_their_place);
+
+/// A long-poll claim made with a client certificate alone outlives its request's
+/// authentication: disabling the certificate's caller ends it with 401 within a poll,
+/// with no job taken (the check a claim or stream makes again holds for certificates).
+fn a_certificate_claim_ends_once_its_caller_is_disabled(backend: Backend) {
+    let ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let files = TlsFiles::new(&ca.server(), Some(&clients));
+    let Some(app) = tls_app(backend, &files, true, Duration::from_secs(60)) else {
+        return;
+    };
+    let port = port_of(&app);
+    app.caller("certw", &[Scope::JobsUpdate]);
+    let cfg = client(&ca, Some(&clients.client("certw")), &[]);
+    let waiter = std::thread::spawn(move || {
+        let mut tls = connect(&cfg, port, "localhost").unwrap();
+        let json = [("Content-Type".to_owned(), "application/json".to_owned())];
+        let body = r#"{"worker":"c","wait":30}"#;
+        send(
+            &mut tls,
+            "POST",
+            "/coordinator/queues/cq/claim",
+            &json,
+            body,
+        )
+        .unwrap()
+    });
+    let end = Instant::now() + Duration::from_secs(20);
+    while app.state.notifier.parked() < 1 {
+        assert!(Instant::now() < end, "the claim never waited");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cut = Instant::now();
+    credentials::disable_caller(&app.state.db, "certw").unwrap();
+    let (status, body) = waiter.join().unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("caller disabled"), "{body}");
+    assert!(
+        cut.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        cut.elapsed()
+    );
+}
+
+crate::backend_tests!(a_certificate_claim_ends_once_its_caller_is_disabled);
+
+/// A long-poll claim made with a certificate that expires while it waits takes no job
+/// that arrives after: the claim checks its credential before each look, and a
+/// certificate's validity is part of it.
+fn a_certificate_claim_takes_no_job_once_the_certificate_expired(backend: Backend) {
+    let ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let files = TlsFiles::new(&ca.server(), Some(&clients));
+    let Some(app) = tls_app(backend, &files, true, Duration::from_secs(60)) else {
+        return;
+    };
+    let port = port_of(&app);
+    app.caller("certx", &[Scope::JobsUpdate]);
+    let until = now_secs() + 2;
+    let cfg = client(
+        &ca,
+        Some(&client_cert_expiring_in(&clients, "certx", until)),
+        &[],
+    );
+    let waiter = std::thread::spawn(move || {
+        let mut tls = connect(&cfg, port, "localhost").unwrap();
+        let json = [("Content-Type".to_owned(), "application/json".to_owned())];
+        let body = r#"{"worker":"c","wait":30}"#;
+        send(
+            &mut tls,
+            "POST",
+            "/coordinator/queues/xq/claim",
+            &json,
+            body,
+        )
+        .unwrap()
+    });
+    let end = Instant::now() + Duration::from_secs(20);
+    while app.state.notifier.parked() < 1 {
+        assert!(Instant::now() < end, "the claim never waited");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    while now_secs() <= until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let body = r#"{"issueNumber":1,"repository":"octo/widgets","queue":"xq"}"#;
+    let mut headers = app
+        .signer
+        .headers("POST", "/stitcher/dispatch", body.as_bytes(), now_secs());
+    headers.push(("Content-Type".into(), "application/json".into()));
+    let mut tls = connect(&client(&ca, None, &[]), port, "localhost").unwrap();
+    let (status, text) = send(&mut tls, "POST", "/stitcher/dispatch", &headers, body).unwrap();
+    assert_eq!(status, 202, "{text}");
+    let (status, body) = waiter.join().unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("client certificate expired"), "{body}");
+}
+
+crate::backend_tests!(a_certificate_claim_takes_no_job_once_the_certificate_expired);
