@@ -22,6 +22,7 @@ backend_tests!(
     claiming_is_exactly_once_across_two_instances,
     lease_expiry_requeues_then_fails,
     dispatches_of_any_priority_share_one_count_of_their_queue,
+    webhook_signature_and_timestamp_edges,
 );
 
 /// A caller holding `stitcher:webhook` with a webhook secret; returns the key bytes.
@@ -485,4 +486,75 @@ fn dispatches_of_any_priority_share_one_count_of_their_queue(b: Backend) {
         counted <= 2,
         "30 dispatches counted their queue {counted} times"
     );
+}
+
+/// The edges of the Standard Webhooks check, seen from outside: the window both ways,
+/// the signature list's syntax (only `v1,` + padded standard base64 of 32 bytes counts,
+/// any one listed may match), and a revoked secret's delivery replayed.
+fn webhook_signature_and_timestamp_edges(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let (_, key) = webhook_sender(&app, "stitcher-bot");
+    let sign = |id: &str, ts: i64| webhook::wire::sign(&key, id, &ts.to_string(), BODY.as_bytes());
+    let reason = |r: Resp| r.problem(401)["reason"].as_str().unwrap_or("").to_owned();
+    // The window holds both ways.
+    let ahead = now_secs() + 301;
+    assert_eq!(
+        reason(deliver(&app, "f1", ahead, &sign("f1", ahead), BODY)),
+        "timestamp out of range"
+    );
+    let soon = now_secs() + 290;
+    assert_eq!(
+        deliver(&app, "f2", soon, &sign("f2", soon), BODY).status,
+        202
+    );
+    // Syntax: another version tag, a space after the comma, unpadded or URL-safe
+    // base64, a MAC of another length: none counts.
+    let ts = now_secs();
+    let good = sign("s1", ts);
+    let b64 = good.strip_prefix("v1,").unwrap();
+    for bad in [
+        format!("V1,{b64}"),
+        format!("v2,{b64}"),
+        format!("v1, {b64}"),
+        format!("v1,{}", b64.trim_end_matches('=')),
+        format!("v1,{b64}="),
+        format!("v1,{}", &b64[..40]),
+    ] {
+        let r = deliver(&app, "s1", ts, &bad, BODY);
+        assert_eq!(r.status, 401, "{bad}: {}", r.body);
+        assert!(
+            !r.body.contains(b64),
+            "the signature is not echoed: {}",
+            r.body
+        );
+    }
+    if b64.contains(['+', '/']) {
+        let url_safe = b64.replace('+', "-").replace('/', "_");
+        assert_eq!(
+            deliver(&app, "s1", ts, &format!("v1,{url_safe}"), BODY).status,
+            401
+        );
+    }
+    // Several entries, one of them good, with unusable ones around it: it passes.
+    let mixed = format!("v1a,{b64}  v1,AAAA {good} v1,{}", &b64[..40]);
+    let first = deliver(&app, "s1", ts, &mixed, BODY);
+    assert_eq!(first.status, 202, "{}", first.body);
+    // A replay is the first delivery's job; once the secret is revoked, it is refused.
+    let again = deliver(&app, "s1", ts, &good, BODY);
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.json()["jobId"], first.json()["jobId"]);
+    credentials::revoke_secret(&app.state.db, "stitcher-bot", SecretKind::Webhook, 1).unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = deliver(&app, "s1", ts, &good, BODY);
+        if r.status == 401 {
+            break;
+        }
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(
+            std::time::Instant::now() < end,
+            "revoked secret still accepted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
