@@ -4,7 +4,8 @@
 # the package with its test extras into a fresh virtual environment and runs pytest.
 # Rust (clients/rust): cargo test, live tests included. Nothing is skipped: a missing
 # server, credential or package is a failure. The server is target/debug/coordinator,
-# which `cargo test` has built; then the server is stopped.
+# which `cargo test` has built (under $CARGO_TARGET_DIR when set, or $COORDINATOR_BIN);
+# then the server is stopped.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,8 +24,9 @@ cp -r "$root/clients/python" "$venv_dir/src"
 # shellcheck source=scripts/dev-server.sh
 . "$root/scripts/dev-server.sh"
 # Job tokens live 6 s here: a worker test runs a job longer than that, which only a
-# token renewed by a heartbeat can finish.
-dev_server_start client-tests "$port" COORDINATOR_TOKEN_TTL_SECS=6
+# token renewed by a heartbeat can finish. A job keeps its newest 16 events (the
+# least allowed): the watch tests make a gap with a few dozen.
+dev_server_start client-tests "$port" COORDINATOR_TOKEN_TTL_SECS=6 COORDINATOR_EVENTS_PER_JOB=16
 trap 'dev_server_cleanup; rm -rf "$venv_dir"' EXIT
 [ "$COORDINATOR_URL" = "$base" ] || { echo "unexpected COORDINATOR_URL=$COORDINATOR_URL" >&2; exit 1; }
 

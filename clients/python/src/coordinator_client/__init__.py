@@ -1,5 +1,6 @@
 """Client, worker loop and request signers for the coordinator service."""
 from .client import Claim, Client, Job
+from .events import JobEvent
 from .errors import (
     BadRequest,
     Conflict,
@@ -39,8 +40,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ApiKeyAuth", "BadRequest", "BearerAuth", "Claim", "Client", "Conflict",
     "CoordinatorError", "Forbidden", "InvalidAnswer", "Job", "JobCancelled", "JobContext",
-    "MethodNotAllowed", "NotFound", "PayloadTooLarge", "ProblemError", "RequestTimeout",
-    "ResponseTooLarge", "Retry", "Rfc9421Auth", "ServerError", "TooManyRequests",
+    "JobEvent", "MethodNotAllowed", "NotFound", "PayloadTooLarge", "ProblemError",
+    "RequestTimeout", "ResponseTooLarge", "Retry", "Rfc9421Auth", "ServerError", "TooManyRequests",
     "TransportError", "Unauthorized", "Unavailable", "V1Auth",
     "WebhookVerificationError", "Worker", "canonical_v1", "content_digest",
     "rfc9421_headers", "sign_rfc9421", "sign_v1", "sign_webhook", "signature_base",

@@ -8,17 +8,19 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 from urllib.parse import quote
 
 import requests
 
-from .errors import InvalidAnswer, ProblemError, ResponseTooLarge, TransportError, error_for
+from .errors import (CoordinatorError, InvalidAnswer, ProblemError, ResponseTooLarge, TooManyRequests,
+                     TransportError, Unavailable, error_for)
+from .events import TERMINAL, JobEvent, job_event, sse_events
 from .signing import ApiKeyAuth, BearerAuth, Rfc9421Auth, V1Auth
 from .webhooks import sign_webhook
 
-__all__ = ["Client", "Claim", "Job"]
+__all__ = ["Client", "Claim", "Job", "JobEvent"]
 
 #: A job as the server returns it (camelCase keys: id, kind, queue, status, progress,
 #: payload, result, error, attempts, maxAttempts, createdAt, …).
@@ -31,6 +33,11 @@ _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 #: (seconds): its long poll is made of such claims, the flag looked at between them, so
 #: a stop ends a waiting claim within this (as the Rust client's ``Client::STOP_POLL``).
 STOP_POLL = 2.0
+
+#: The longest a job's event stream may stay silent (seconds) before :meth:`Client.watch`
+#: takes the connection for dead and reconnects: the server sends a ``: keep-alive``
+#: comment every 15 s on an idle stream.
+STREAM_IDLE = 45.0
 
 #: Largest answer body read (as the Rust client); past it :class:`ResponseTooLarge`.
 MAX_BODY = 16 * 1024 * 1024
@@ -256,8 +263,9 @@ class Client:
         headers: Optional[Dict[str, str]] = None,
         auth: Any = "default",
         ok: Iterable[int] = (200, 201, 202, 204),
-        timeout: Optional[float] = None,
+        timeout: Union[None, float, Tuple[float, float]] = None,
         retries: Optional[int] = None,
+        stream: bool = False,
     ) -> requests.Response:
         """Send one request (retrying 503/429), raise a typed error for any status not
         in ``ok`` (a redirect is never followed: a 3xx raises too). ``json`` is
@@ -265,7 +273,8 @@ class Client:
         value JSON cannot hold, NaN included, raises ``TypeError`` or ``ValueError``
         before anything is sent). The body is read whole, at most :data:`MAX_BODY` bytes (else
         :class:`ResponseTooLarge`). ``retries`` overrides the client's (0: one
-        attempt)."""
+        attempt). With ``stream``, a success answer is returned with its body unread (the
+        caller reads and closes it)."""
         seg = _dot_segment(path)
         if seg is not None:
             raise ValueError(f"{path}: a path segment {seg!r} would be dropped by URL "
@@ -303,7 +312,7 @@ class Client:
                          and (may_resend or _is_problem(resp)))
                 if retry:
                     resp.close()  # its body is not needed
-                else:
+                elif not stream or resp.status_code not in tuple(ok):
                     _read_body(resp, method, path)
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as e:
@@ -386,6 +395,104 @@ class Client:
     def get_job(self, job_id: str) -> Job:
         """``GET /coordinator/jobs/{id}`` [jobs:read]: the job with its events."""
         return self._json("GET", f"/coordinator/jobs/{_seg(job_id)}")
+
+    def watch(self, job_id: str, after: Optional[int] = None, *,
+              reconnects: int = 10) -> Iterator[JobEvent]:
+        """``GET /coordinator/jobs/{id}/events`` as a live stream [jobs:read]: yields the
+        job's events after ``after`` (a ``seq``; ``None``: from the first kept) as
+        :class:`JobEvent`, in order, each once, until the job is terminal (COMPLETED,
+        FAILED, CANCELLED), then returns.
+
+        A dropped connection, a stream the server ended while the job is not terminal
+        (the instance shut down, a read failed) or one silent past :data:`STREAM_IDLE`
+        is opened again with ``Last-Event-ID`` — each connection signed afresh — after
+        a backoff (``backoff`` doubled per failure, jitter, capped at ``max_backoff``;
+        ``Retry-After`` of a 429 or 503 honoured, capped too). After ``reconnects``
+        failures in a row without an event in between, the last one is raised
+        (:class:`TransportError`, :class:`TooManyRequests`, :class:`Unavailable`). A
+        stream that ends cleanly without a terminal event is checked with
+        :meth:`get_job`.
+
+        Events the server no longer keeps (a job keeps its newest
+        ``COORDINATOR_EVENTS_PER_JOB``) cannot be sent: the first event after such a
+        hole carries ``gap=(first, last)``, the seqs missed. Error answers raise at once:
+        :class:`Unauthorized` (also on a reconnect once the credential is revoked or,
+        for a job token, once its job ended — such a watch may end so before it sees
+        the terminal event), :class:`Forbidden`, :class:`NotFound`,
+        :class:`BadRequest` (``field`` ``Last-Event-ID``: ``after`` is past the job's
+        newest event).
+
+        With a stop flag (:meth:`with_stop`) the generator returns once it is set: it is
+        looked at between events, at every keep-alive (within 15 s on an idle stream)
+        and ends a pause between reconnects at once."""
+        if after is not None and (isinstance(after, bool) or not isinstance(after, int)
+                                  or after < 0):
+            raise ValueError("after must be an event seq (0 or more)")
+        path = f"/coordinator/jobs/{_seg(job_id)}/events"
+        where = f"GET {path}"
+        last = 0 if after is None else after
+        status: Optional[str] = None  # the job's status after the newest event seen
+        terminal_read = False  # get_job saw the job terminal: the next end is the last
+        failures = 0
+        while not self._stopping():
+            failure: Optional[CoordinatorError] = None
+            wait_for: Optional[float] = None
+            clean_end = False
+            try:
+                resp = self.request(
+                    "GET", path, retries=0, stream=True, ok=(200,),
+                    headers={"Accept": "text/event-stream", "Last-Event-ID": str(last)},
+                    timeout=(self.timeout, max(self.timeout, STREAM_IDLE)))
+            except (TooManyRequests, Unavailable) as e:
+                failure, wait_for = e, retry_after_seconds(e.headers.get("Retry-After"))
+            except TransportError as e:
+                failure = e
+            else:
+                ctype = resp.headers.get("Content-Type", "")
+                if ctype.split(";", 1)[0].strip().lower() != "text/event-stream":
+                    resp.close()
+                    raise InvalidAnswer(f"{where}: the answer ({ctype or 'no Content-Type'}) "
+                                        "is not an event stream")
+                try:
+                    for sse in sse_events(resp.iter_content(chunk_size=None)):
+                        if self._stopping():
+                            return
+                        if sse is None:
+                            continue
+                        event = job_event(sse, where)
+                        if event.seq <= last:
+                            continue  # sent already (never yielded twice)
+                        if event.seq > last + 1:
+                            event = replace(event, gap=(last + 1, event.seq - 1))
+                        last = event.seq
+                        status = event.status or status
+                        failures = 0
+                        yield event
+                    clean_end = True
+                except (requests.RequestException, OSError) as e:
+                    failure = TransportError(f"{where}: the stream broke: "
+                                             f"{_transport_reason(e)}")
+                finally:
+                    resp.close()
+            if clean_end:
+                if terminal_read or status in TERMINAL:
+                    return
+                try:
+                    job = self.get_job(job_id)
+                except (TooManyRequests, Unavailable, TransportError) as e:
+                    failure = e
+                else:
+                    terminal_read = job.get("status") in TERMINAL
+                    if terminal_read:
+                        continue  # read what is left; the stream then ends at once
+            if failure is not None or clean_end:
+                failures += 1
+                if failures > reconnects:
+                    raise failure or TransportError(
+                        f"{where}: the stream ended {failures} times without an event")
+                if not self._pause(self._delay(failures - 1, None) if wait_for is None
+                                   else min(wait_for, self.max_backoff)):
+                    return
 
     def set_status(self, job_id: str, status: str, message: Optional[str] = None) -> Job:
         """``PATCH /coordinator/jobs/{id}/status`` [jobs:update]."""
