@@ -184,6 +184,9 @@ pub struct Client {
     base: String,
     credentials: Credentials,
     agent: ureq::Agent,
+    /// For event streams ([`Client::watch`]): no overall deadline, a read timeout of
+    /// [`crate::watch::STREAM_IDLE`] (or the client's timeout, if longer) instead.
+    stream_agent: ureq::Agent,
     timeout: Duration,
     pub retries: u32,
     pub backoff: Duration,
@@ -332,12 +335,7 @@ impl Client {
     /// the public roots for `https://`.
     pub fn new(base: &str, credentials: Credentials) -> Self {
         let options = ClientOptions::default();
-        Self::with_agent(
-            base,
-            credentials,
-            Self::agent_builder(&options),
-            options.timeout,
-        )
+        Self::with_agent(base, credentials, &options, None)
     }
 
     /// A client with [`ClientOptions`] (a private CA, another timeout). Fails when the
@@ -347,37 +345,39 @@ impl Client {
         credentials: Credentials,
         options: &ClientOptions,
     ) -> Result<Self> {
-        let mut builder = Self::agent_builder(options);
-        if let Some(path) = &options.ca_file {
-            builder = builder.tls_config(private_ca(path)?);
-        }
-        Ok(Self::with_agent(
-            base,
-            credentials,
-            builder,
-            options.timeout,
-        ))
-    }
-
-    fn agent_builder(options: &ClientOptions) -> ureq::AgentBuilder {
-        ureq::AgentBuilder::new()
-            // A redirect would carry a signature made for another target.
-            .redirects(0)
-            .timeout(options.timeout)
+        let tls = match &options.ca_file {
+            Some(path) => Some(private_ca(path)?),
+            None => None,
+        };
+        Ok(Self::with_agent(base, credentials, options, tls))
     }
 
     fn with_agent(
         base: &str,
         credentials: Credentials,
-        builder: ureq::AgentBuilder,
-        timeout: Duration,
+        options: &ClientOptions,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Self {
-        let agent = builder.build();
+        // A redirect would carry a signature made for another target.
+        let mut builder = ureq::AgentBuilder::new()
+            .redirects(0)
+            .timeout(options.timeout);
+        // A stream lives as long as its job: bounded by silence, not by a deadline.
+        let mut stream_builder = ureq::AgentBuilder::new()
+            .redirects(0)
+            .timeout_connect(options.timeout)
+            .timeout_write(options.timeout)
+            .timeout_read(options.timeout.max(crate::watch::STREAM_IDLE));
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls.clone());
+            stream_builder = stream_builder.tls_config(tls);
+        }
         Client {
-            timeout,
+            timeout: options.timeout,
             base: base.trim_end_matches('/').to_owned(),
             credentials,
-            agent,
+            agent: builder.build(),
+            stream_agent: stream_builder.build(),
             retries: 4,
             backoff: Duration::from_millis(250),
             max_backoff: Duration::from_secs(30),
@@ -461,6 +461,65 @@ impl Client {
 
     fn stopping(&self) -> bool {
         self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping()
+    }
+
+    /// The pause before a watch's reconnect; `false` when stopped.
+    pub(crate) fn pause_for_watch(&self, d: Duration) -> bool {
+        self.pause(d)
+    }
+
+    /// The backoff before a watch's `attempt`-th reconnect (from 0).
+    pub(crate) fn reconnect_delay(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        self.delay(attempt, retry_after)
+    }
+
+    /// Open a job's event stream (`path`) after `last`: one attempt, signed afresh; a
+    /// 2xx answer's body is left unread for the caller, any other is an
+    /// [`Error::Problem`].
+    pub(crate) fn open_stream(&self, path: &str, last: i64) -> Result<crate::watch::Reader> {
+        let url = format!("{}{path}", self.base);
+        let last = last.to_string();
+        let mut resigned = false;
+        loop {
+            let mut req = self.stream_agent.request("GET", &url);
+            let (full, target) = sent_target(&req, &url)?;
+            for (k, v) in self.credentials.headers("GET", &full, &target, &[])? {
+                req = req.set(&k, &v);
+            }
+            req = req
+                .set("Accept", "text/event-stream")
+                .set("Last-Event-ID", &last);
+            let resp = match req.call() {
+                Ok(r) => r,
+                Err(ureq::Error::Status(_, r)) => r,
+                Err(ureq::Error::Transport(t)) => return Err(transport("GET", path, &t)),
+            };
+            let status = resp.status();
+            if (200..300).contains(&status) {
+                let ctype = resp.content_type();
+                if !ctype.eq_ignore_ascii_case("text/event-stream") {
+                    return Err(Error::Invalid(format!(
+                        "GET {path}: the answer ({ctype}) is not an event stream"
+                    )));
+                }
+                return Ok(crate::watch::reader(resp));
+            }
+            let retry_after = retry_after_secs(resp.header("retry-after")).map(|d| d.as_secs());
+            let reason = resp.status_text().to_owned();
+            let Response { headers, body, .. } = read_response("GET", path, resp)?;
+            let problem = Problem::from_answer(status, &reason, headers, &body, retry_after);
+            // As `send`: ureq's own resend of a GET on a failed reused connection
+            // carries the headers already signed, refused as a replay.
+            if status == 401 && !resigned && problem.reason() == Some("replayed request") {
+                resigned = true;
+                continue;
+            }
+            return Err(Error::Problem(problem));
+        }
     }
 
     /// Wait before a retry; `false` when stopped (then no retry is sent).

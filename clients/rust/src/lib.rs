@@ -22,12 +22,14 @@
 pub mod client;
 pub mod error;
 pub mod signing;
+pub mod watch;
 pub mod webhooks;
 pub mod worker;
 
 pub use client::{encode_segment, Claim, Client, ClientOptions, Job, JobFilter, Response};
 pub use error::{Error, Problem, ProblemKind, Result};
 pub use signing::Credentials;
+pub use watch::{JobEvent, Watch};
 pub use webhooks::{sign_webhook, verify_webhook, WebhookError};
 pub use worker::{HandlerResult, JobContext, JobError, Worker};
 
