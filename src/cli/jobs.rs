@@ -85,6 +85,16 @@ pub enum JobsCommand {
     List(ListArgs),
     /// A job with its events (GET /coordinator/jobs/{id}, scope jobs:read).
     Get { id: String },
+    /// Follow a job live: one line per event as it happens, until the job ends (exit
+    /// 0). Reconnects with Last-Event-ID after a dropped connection or a server that
+    /// ended the stream; events the server no longer keeps are said on stderr
+    /// (GET /coordinator/jobs/{id}/events, scope jobs:read).
+    Watch {
+        id: String,
+        /// Only events after this seq (default: from the first kept).
+        #[arg(long, value_name = "SEQ", value_parser = clap::value_parser!(i64).range(0..))]
+        after: Option<i64>,
+    },
     /// Cancel a job that has not ended; its worker's token is revoked at once
     /// (scope jobs:update).
     Cancel {
@@ -213,6 +223,28 @@ impl JobsArgs {
                 }
                 print_job(&job)
             }
+            JobsCommand::Watch { id, after } => {
+                for event in client.watch(&id, after) {
+                    let event = event.map_err(failed)?;
+                    if let Some((first, last)) = event.gap {
+                        eprintln!("events {first} to {last} are no longer kept on the server");
+                    }
+                    if json {
+                        let line = serde_json::to_string(&event.to_json())
+                            .map_err(|e| anyhow!("cannot encode JSON output: {e}"))?;
+                        outln!("{line}")?;
+                    } else {
+                        let cells = event_row(&event.to_json());
+                        let cells: Vec<&str> = cells
+                            .iter()
+                            .map(String::as_str)
+                            .filter(|c| !c.is_empty())
+                            .collect();
+                        outln!("{}", cells.join("  "))?;
+                    }
+                }
+                Ok(())
+            }
             JobsCommand::Cancel { id, reason } => {
                 let job = client.cancel_job(&id, reason.as_deref()).map_err(failed)?;
                 if json {
@@ -264,27 +296,28 @@ fn print_job(job: &Value) -> anyhow::Result<()> {
         return Ok(());
     }
     outln!("")?;
-    let rows: Vec<Vec<String>> = events
-        .iter()
-        .map(|e| {
-            let data = e.get("data").cloned().unwrap_or(Value::Null);
-            let change = match (data.get("from"), data.get("to")) {
-                (Some(f), Some(t)) => format!(
-                    "{} -> {}",
-                    printable(f.as_str().unwrap_or("-")),
-                    printable(t.as_str().unwrap_or("-"))
-                ),
-                _ => String::new(),
-            };
-            vec![
-                number(e, "seq"),
-                text(e, "type"),
-                change,
-                text(e, "createdAt"),
-            ]
-        })
-        .collect();
+    let rows: Vec<Vec<String>> = events.iter().map(event_row).collect();
     print_table(&["SEQ", "EVENT", "CHANGE", "AT"], &rows)
+}
+
+/// An event's cells, as `jobs get` lists them and `jobs watch` prints them: seq, type,
+/// `from -> to` for a status change, time; server text made [`printable`].
+fn event_row(e: &Value) -> Vec<String> {
+    let data = e.get("data").cloned().unwrap_or(Value::Null);
+    let change = match (data.get("from"), data.get("to")) {
+        (Some(f), Some(t)) => format!(
+            "{} -> {}",
+            printable(f.as_str().unwrap_or("-")),
+            printable(t.as_str().unwrap_or("-"))
+        ),
+        _ => String::new(),
+    };
+    vec![
+        number(e, "seq"),
+        text(e, "type"),
+        change,
+        text(e, "createdAt"),
+    ]
 }
 
 #[derive(Debug, Args)]
@@ -429,6 +462,9 @@ mod tests {
         assert_eq!(text(&job, "error"), "a?b?c?d");
         assert_eq!(text(&job, "kind"), "-");
         assert_eq!(text(&job, "id"), "j1");
+        // As `jobs get` lists an event, so `jobs watch` prints it.
+        let row = event_row(&job["events"][0]);
+        assert_eq!(row, ["1", "status", "RUNNING -> x?[8m", "-"]);
         let p = coordinator_client::Problem::new(
             400,
             json!({"title": "Bad\u{1b}[31m", "detail": "x\ry", "field": "f\u{7}"}),

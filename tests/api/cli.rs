@@ -697,8 +697,12 @@ fn serve(env: &Env) -> Server {
 
 /// `serve` with these variables set as well.
 fn serve_with(env: &Env, vars: &[(&str, &str)]) -> Server {
-    let port = free_port();
-    let bind = format!("127.0.0.1:{port}");
+    serve_at(env, &format!("127.0.0.1:{}", free_port()), vars)
+}
+
+/// `serve` on `bind` (to start a server again where a client knows it).
+fn serve_at(env: &Env, bind: &str, vars: &[(&str, &str)]) -> Server {
+    let bind = bind.to_owned();
     let child = env
         .cmd(&["serve", "--bind", &bind, "--workers", "1"])
         .envs(vars.iter().copied())
@@ -1627,6 +1631,164 @@ fn jobs_and_queues_commands_on(env: &Env) {
     }
 }
 
+/// `jobs watch`: one line per event until the job ends (exit 0), across a restart of
+/// the server in the middle (the watch reconnects with Last-Event-ID: every event
+/// once, in order); `--json` lines; a gap said on stderr; a 401 as one line.
+fn jobs_watch_follows_a_job_across_a_restart() {
+    use std::io::BufRead as _;
+    let env = Env::new();
+    env.ok(&["caller", "add", "svc", "--scopes", "all"]);
+    let secret = kv(&env.ok(&["secret", "create", "svc"]))["COORDINATOR_HMAC_SECRET"].clone();
+    let svc = [
+        ("COORDINATOR_CALLER", "svc"),
+        ("COORDINATOR_HMAC_SECRET", secret.as_str()),
+    ];
+    let vars = [("COORDINATOR_EVENTS_PER_JOB", "16")];
+    let bind = format!("127.0.0.1:{}", free_port());
+    let server = serve_at(&env, &bind, &vars);
+    let send = |server: &Server, method: &str, path: &str, body: &str| {
+        check(
+            call(&env, server, &svc, &[method, path, "--body", body]),
+            &[method, path],
+        )
+    };
+    let started = |server: &Server| {
+        let id = create(&env, server, &svc, r#"{"kind":"build","queue":"ci"}"#);
+        send(
+            server,
+            "PATCH",
+            &format!("/coordinator/jobs/{id}/status"),
+            r#"{"status":"QUEUED"}"#,
+        );
+        send(
+            server,
+            "POST",
+            "/coordinator/queues/ci/claim",
+            r#"{"worker":"w"}"#,
+        );
+        id
+    };
+    let id = started(&server);
+
+    let mut watch = env
+        .bare()
+        .env("COORDINATOR_URL", &server.url)
+        .envs(svc.iter().copied())
+        .args(["jobs", "watch", &id])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let (lines, out) = (lines.clone(), watch.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                lines.lock().unwrap().push(line.unwrap());
+            }
+        })
+    };
+    let wait_for = |n: usize| {
+        let t0 = Instant::now();
+        while lines.lock().unwrap().len() < n {
+            assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", lines.lock());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(3); // created, status, claimed
+    drop(server); // killed: the watch's connection breaks
+    std::thread::sleep(Duration::from_millis(300));
+    let server = serve_at(&env, &bind, &vars);
+    let progress = format!("/coordinator/jobs/{id}/progress");
+    send(&server, "PATCH", &progress, r#"{"percent":50}"#);
+    wait_for(4);
+    send(
+        &server,
+        "POST",
+        &format!("/coordinator/jobs/{id}/complete"),
+        r#"{"result":{"ok":true}}"#,
+    );
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = watch.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "watch did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    reader.join().unwrap();
+    let lines = lines.lock().unwrap().clone();
+    assert!(status.success(), "{status:?} {lines:?}");
+    let seqs: Vec<&str> = lines
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(seqs, ["1", "2", "3", "4", "5"], "{lines:?}");
+    let kinds: Vec<&str> = lines
+        .iter()
+        .map(|l| l.split_whitespace().nth(1).unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["created", "status", "claimed", "progress", "completed"]
+    );
+    assert!(lines[4].contains("RUNNING -> COMPLETED"), "{lines:?}");
+
+    // --json: the same events, one JSON document a line; the job is over: exit 0.
+    let out = client(&env, &server, &svc, &["jobs", "watch", &id, "--json"]);
+    let text = check(out, &["jobs watch --json"]);
+    let events: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 5, "{text}");
+    assert_eq!(events[4]["type"], "completed");
+    assert_eq!(events[4]["data"]["result"]["ok"], true);
+    assert!(events[0]["createdAt"].is_string());
+
+    // A gap: the server keeps 16 events a job here.
+    let long = started(&server);
+    for p in 1..=24 {
+        let body = format!(r#"{{"percent":{p}}}"#);
+        send(
+            &server,
+            "PATCH",
+            &format!("/coordinator/jobs/{long}/progress"),
+            &body,
+        );
+    }
+    send(
+        &server,
+        "POST",
+        &format!("/coordinator/jobs/{long}/cancel"),
+        "{}",
+    );
+    let out = client(
+        &env,
+        &server,
+        &svc,
+        &["jobs", "watch", &long, "--after", "1"],
+    );
+    let err = stderr(&out);
+    let text = check(out, &["jobs watch --after 1"]);
+    assert!(
+        err.starts_with("events 2 to ") && err.contains(" are no longer kept"),
+        "{err}"
+    );
+    assert!(text.lines().last().unwrap().contains("cancelled"), "{text}");
+
+    // A wrong secret: one line, exit 1, no secret shown.
+    let wrong = HmacSecret::generate().expose_secret().to_owned();
+    let bad = [
+        ("COORDINATOR_CALLER", "svc"),
+        ("COORDINATOR_HMAC_SECRET", wrong.as_str()),
+    ];
+    let out = client(&env, &server, &bad, &["jobs", "watch", &id]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("HTTP 401"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains(&wrong) && stdout(&out).is_empty());
+}
+
 fn jobs_and_queues_commands_sqlite() {
     jobs_and_queues_commands_on(&Env::new());
 }
@@ -1817,6 +1979,7 @@ crate::plain_tests!(
     readme_shows_the_signing_examples_verbatim,
     tokens_issue_revoke_and_rotate,
     jobs_and_queues_commands_sqlite,
+    jobs_watch_follows_a_job_across_a_restart,
     call_and_jobs_speak_https_with_a_private_ca,
 );
 crate::postgres_tests!(
