@@ -481,6 +481,12 @@ impl Client {
     /// 2xx answer's body is left unread for the caller, any other is an
     /// [`Error::Problem`].
     pub(crate) fn open_stream(&self, path: &str, last: i64) -> Result<crate::watch::Reader> {
+        if let Some(seg) = dot_segment(path) {
+            return Err(Error::Invalid(format!(
+                "{path}: a path segment `{seg}` would be dropped by URL normalisation \
+                 (a job id cannot be only dots)"
+            )));
+        }
         let url = format!("{}{path}", self.base);
         let last = last.to_string();
         let mut resigned = false;

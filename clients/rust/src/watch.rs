@@ -123,8 +123,8 @@ impl std::fmt::Debug for Watch {
 }
 
 impl Client {
-    /// Follow job `id` live [jobs:read]: its events after `after` (a `seq`; `None`: from
-    /// the first kept), each once and in order, until the job is terminal. A dropped
+    /// Follow job `id` live [jobs:read]: its events after `after` (a `seq`; `None` or a
+    /// negative one: from the first kept), each once and in order, until the job is terminal. A dropped
     /// connection, a stream the server ended while the job is not terminal (the
     /// instance shut down) or one silent past [`STREAM_IDLE`] is opened again with
     /// `Last-Event-ID`, signed afresh, after a backoff (`backoff` doubled per failure,

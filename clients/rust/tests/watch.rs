@@ -283,6 +283,17 @@ fn an_error_answer_ends_the_watch_at_once() {
 }
 
 #[test]
+fn a_job_id_of_dots_is_refused_before_anything_is_sent() {
+    let (c, _) = quick("http://127.0.0.1:9");
+    let out: Vec<_> = c.watch("..", None).collect();
+    assert_eq!(out.len(), 1);
+    assert!(matches!(
+        out.into_iter().next().unwrap(),
+        Err(coordinator_client::Error::Invalid(_))
+    ));
+}
+
+#[test]
 fn a_stop_ends_the_watch() {
     let (url, _) = serve(vec![sse(&[progress(1), progress(2), done(3)], true)]);
     let stop = Arc::new(AtomicBool::new(false));
