@@ -45,6 +45,47 @@ impl Claim {
     }
 }
 
+/// A heartbeat's answer: the new lease (`leaseExpiresAt`, `cancelRequested`, in
+/// `answer`) and, when the server renewed the job token, its successor. Its `Debug`
+/// never shows the token.
+#[derive(Clone)]
+pub struct Heartbeat {
+    pub answer: Value,
+    /// The job token's successor: act with it from now on ([`Client::with_token`]).
+    pub token: Option<String>,
+    pub token_expires_at: Option<String>,
+}
+
+impl std::fmt::Debug for Heartbeat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Heartbeat")
+            .field("answer", &self.answer)
+            .field("token", &self.token.as_ref().map(|_| format_args!("..")))
+            .field("token_expires_at", &self.token_expires_at)
+            .finish()
+    }
+}
+
+impl Heartbeat {
+    /// The token and its expiry are taken out of the answer, so no copy of the token is
+    /// left where a `Debug` of the answer would show it.
+    fn from_answer(mut answer: Value) -> Heartbeat {
+        let mut take = |name: &str| {
+            answer
+                .as_object_mut()
+                .and_then(|o| o.remove(name))
+                .and_then(|v| v.as_str().map(str::to_owned))
+        };
+        let token = take("token");
+        let token_expires_at = take("tokenExpiresAt");
+        Heartbeat {
+            answer,
+            token,
+            token_expires_at,
+        }
+    }
+}
+
 /// An answer with a success status.
 #[derive(Clone, Debug)]
 pub struct Response {
@@ -812,18 +853,20 @@ impl Client {
 
     /// `POST /coordinator/jobs/{id}/heartbeat`: renews the lease. Servers without the
     /// route answer 404/405. Sent with a job token in the second half of its life, the
-    /// answer carries the token's successor as `token` (with `tokenExpiresAt`): act
-    /// with it from then on ([`Client::with_token`]; the [`crate::Worker`] does).
-    pub fn heartbeat(&self, id: &str) -> Result<Value> {
+    /// answer carries the token's successor ([`Heartbeat::token`]): act with it from
+    /// then on ([`Client::with_token`]; the [`crate::Worker`] does).
+    pub fn heartbeat(&self, id: &str) -> Result<Heartbeat> {
         let path = format!("/coordinator/jobs/{}/heartbeat", encode_segment(id));
         self.call("POST", &path, Some(&json!({})), &[])
+            .map(Heartbeat::from_answer)
     }
 
     /// [`Client::heartbeat`] as one attempt, no retry, within `timeout`: what the
     /// [`crate::Worker`] sends, bounded by the time left on the lease.
-    pub fn heartbeat_once(&self, id: &str, timeout: Duration) -> Result<Value> {
+    pub fn heartbeat_once(&self, id: &str, timeout: Duration) -> Result<Heartbeat> {
         let path = format!("/coordinator/jobs/{}/heartbeat", encode_segment(id));
         self.once("POST", &path, &json!({}), timeout)
+            .map(Heartbeat::from_answer)
     }
 
     /// [`Client::report_progress`] (without a message) as one attempt within `timeout`.

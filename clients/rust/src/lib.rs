@@ -26,7 +26,9 @@ pub mod watch;
 pub mod webhooks;
 pub mod worker;
 
-pub use client::{encode_segment, Claim, Client, ClientOptions, Job, JobFilter, Response};
+pub use client::{
+    encode_segment, Claim, Client, ClientOptions, Heartbeat, Job, JobFilter, Response,
+};
 pub use error::{Error, Problem, ProblemKind, Result};
 pub use signing::Credentials;
 pub use watch::{JobEvent, Watch};

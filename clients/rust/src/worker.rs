@@ -543,8 +543,8 @@ fn heartbeat(
         let sent = Instant::now();
         let mut result = Err(Error::Invalid("no heartbeat sent".into()));
         if route.load(Ordering::SeqCst) != ROUTE_NO {
-            result = ctx.client().heartbeat_once(&ctx.id, timeout).map(|answer| {
-                if let Some(token) = answer.get("token").and_then(Value::as_str) {
+            result = ctx.client().heartbeat_once(&ctx.id, timeout).map(|beat| {
+                if let Some(token) = beat.token.as_deref() {
                     ctx.renew(token);
                 }
             });

@@ -175,3 +175,51 @@ fn the_signing_parameters_debug_never_shows_the_secret() {
         );
     }
 }
+
+/// Answers every request with 200 and `body` (JSON), closing after each.
+fn answering_server(body: &'static str) -> String {
+    use std::io::Write;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            stream
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let _ = stream.read(&mut [0; 65536]);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
+/// A heartbeat that renewed the job token hands the successor over as a field of its
+/// own; neither the answer's `Debug` nor the rest of the answer shows it.
+#[test]
+fn a_renewed_token_never_shows_in_a_heartbeats_debug() {
+    let url = answering_server(
+        r#"{"leaseExpiresAt":"2026-12-06T16:00:00.000Z","cancelRequested":false,"token":"coj_LEAKCANARY7","tokenExpiresAt":"2026-12-06T17:00:00.000Z"}"#,
+    );
+    let c = client(&url, Credentials::Bearer("coj_old".into()));
+    let beat = c.heartbeat("0190a6e2-0000-7000-8000-000000000000").unwrap();
+    assert_eq!(beat.token.as_deref(), Some("coj_LEAKCANARY7"));
+    assert_eq!(
+        beat.token_expires_at.as_deref(),
+        Some("2026-12-06T17:00:00.000Z")
+    );
+    assert_eq!(beat.answer["leaseExpiresAt"], "2026-12-06T16:00:00.000Z");
+    for shown in [
+        format!("{beat:?}"),
+        format!("{beat:#?}"),
+        beat.answer.to_string(),
+    ] {
+        assert!(!shown.contains(CANARY), "{shown}");
+    }
+    assert!(format!("{beat:?}").contains("token: Some(..)"));
+}
