@@ -146,17 +146,7 @@ impl PeerCertificate {
     /// certificate. Only called on certificates the handshake has verified; anything
     /// this reader does not understand yields no name (so no caller), never a panic.
     pub fn from_der(der: &[u8]) -> Option<PeerCertificate> {
-        let (_, cert, _) = der::tlv(der, der::SEQUENCE)?;
-        let (_, mut tbs, _) = der::tlv(cert, der::SEQUENCE)?;
-        if tbs.first() == Some(&der::VERSION) {
-            tbs = der::skip(tbs)?;
-        }
-        // serialNumber, signature, issuer
-        for _ in 0..3 {
-            tbs = der::skip(tbs)?;
-        }
-        let (_, validity, rest) = der::tlv(tbs, der::SEQUENCE)?;
-        let (not_before, not_after) = der::validity(validity)?;
+        let ((not_before, not_after), rest) = validity_and_rest(der)?;
         let (_, subject, rest) = der::tlv(rest, der::SEQUENCE)?;
         let mut out = PeerCertificate {
             common_names: der::common_names(subject),
@@ -181,16 +171,23 @@ impl PeerCertificate {
 
 /// A DER certificate's validity (notBefore, notAfter), unix seconds.
 pub fn validity_of(der: &[u8]) -> Option<(i64, i64)> {
+    validity_and_rest(der).map(|(validity, _)| validity)
+}
+
+/// A DER certificate's validity, and the rest of its `tbsCertificate` from the subject
+/// on.
+fn validity_and_rest(der: &[u8]) -> Option<((i64, i64), &[u8])> {
     let (_, cert, _) = der::tlv(der, der::SEQUENCE)?;
     let (_, mut tbs, _) = der::tlv(cert, der::SEQUENCE)?;
     if tbs.first() == Some(&der::VERSION) {
         tbs = der::skip(tbs)?;
     }
+    // serialNumber, signature, issuer
     for _ in 0..3 {
         tbs = der::skip(tbs)?;
     }
-    let (_, validity, _) = der::tlv(tbs, der::SEQUENCE)?;
-    der::validity(validity)
+    let (_, validity, rest) = der::tlv(tbs, der::SEQUENCE)?;
+    Some((der::validity(validity)?, rest))
 }
 
 /// A minimal DER reader for the few certificate fields above.

@@ -1041,6 +1041,35 @@ fn a_certificate_naming_two_callers_is_refused_whatever_their_place(backend: Bac
 
 crate::backend_tests!(a_certificate_naming_two_callers_is_refused_whatever_their_place);
 
+/// A long-poll claim on `queue` (30 s) sent over TLS with `cfg`, returned once the
+/// server holds it waiting; joining it gives the answer's status and body.
+fn waiting_claim(
+    app: &TestApp,
+    cfg: Arc<rustls::ClientConfig>,
+    port: u16,
+    queue: &str,
+) -> std::thread::JoinHandle<(u16, String)> {
+    let path = format!("/coordinator/queues/{queue}/claim");
+    let waiter = std::thread::spawn(move || {
+        let mut tls = connect(&cfg, port, "localhost").unwrap();
+        let json = [("Content-Type".to_owned(), "application/json".to_owned())];
+        send(
+            &mut tls,
+            "POST",
+            &path,
+            &json,
+            r#"{"worker":"c","wait":30}"#,
+        )
+        .unwrap()
+    });
+    let end = Instant::now() + Duration::from_secs(20);
+    while app.state.notifier.parked() < 1 {
+        assert!(Instant::now() < end, "the claim never waited");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    waiter
+}
+
 /// A long-poll claim made with a client certificate alone outlives its request's
 /// authentication: disabling the certificate's caller ends it with 401 within a poll,
 /// with no job taken (the check a claim or stream makes again holds for certificates).
@@ -1054,24 +1083,7 @@ fn a_certificate_claim_ends_once_its_caller_is_disabled(backend: Backend) {
     let port = port_of(&app);
     app.caller("certw", &[Scope::JobsUpdate]);
     let cfg = client(&ca, Some(&clients.client("certw")), &[]);
-    let waiter = std::thread::spawn(move || {
-        let mut tls = connect(&cfg, port, "localhost").unwrap();
-        let json = [("Content-Type".to_owned(), "application/json".to_owned())];
-        let body = r#"{"worker":"c","wait":30}"#;
-        send(
-            &mut tls,
-            "POST",
-            "/coordinator/queues/cq/claim",
-            &json,
-            body,
-        )
-        .unwrap()
-    });
-    let end = Instant::now() + Duration::from_secs(20);
-    while app.state.notifier.parked() < 1 {
-        assert!(Instant::now() < end, "the claim never waited");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let waiter = waiting_claim(&app, cfg, port, "cq");
     let cut = Instant::now();
     credentials::disable_caller(&app.state.db, "certw").unwrap();
     let (status, body) = waiter.join().unwrap();
@@ -1104,24 +1116,7 @@ fn a_certificate_claim_takes_no_job_once_the_certificate_expired(backend: Backen
         Some(&client_cert_expiring_in(&clients, "certx", until)),
         &[],
     );
-    let waiter = std::thread::spawn(move || {
-        let mut tls = connect(&cfg, port, "localhost").unwrap();
-        let json = [("Content-Type".to_owned(), "application/json".to_owned())];
-        let body = r#"{"worker":"c","wait":30}"#;
-        send(
-            &mut tls,
-            "POST",
-            "/coordinator/queues/xq/claim",
-            &json,
-            body,
-        )
-        .unwrap()
-    });
-    let end = Instant::now() + Duration::from_secs(20);
-    while app.state.notifier.parked() < 1 {
-        assert!(Instant::now() < end, "the claim never waited");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let waiter = waiting_claim(&app, cfg, port, "xq");
     while now_secs() <= until {
         std::thread::sleep(Duration::from_millis(100));
     }
