@@ -60,8 +60,7 @@ impl Application {
         if ran > 0 {
             log::info!("applied {ran} migration(s)");
         }
-        let listener = TcpListener::bind(config.bind)
-            .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", config.bind))?;
+        let listener = TcpListener::bind(config.bind).map_err(|e| bind_error(config.bind, e))?;
         if tls.is_none() && !config.dev && !config.insecure_http {
             log::warn!(
                 "serving plain HTTP on {}: API keys, job tokens and payloads cross the network \
@@ -147,8 +146,7 @@ impl Application {
             ),
             // The dashboard stays with the API it calls (same origin, `connect-src 'self'`).
             Some(addr) => {
-                let probe_listener = TcpListener::bind(addr)
-                    .map_err(|e| anyhow::anyhow!("cannot bind {addr}: {e}"))?;
+                let probe_listener = TcpListener::bind(addr).map_err(|e| bind_error(addr, e))?;
                 let probe_port = probe_listener.local_addr()?.port();
                 let api = run(listener, api_tls, state.clone(), &config, |r| {
                     r.access != Access::Open || routes::is_page(r)
@@ -462,4 +460,17 @@ fn run(
         server = server.workers(config.workers);
     }
     Ok(server.run())
+}
+
+/// A listen address that cannot be bound, and what to do when it is taken.
+fn bind_error(addr: std::net::SocketAddr, e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        anyhow::anyhow!(
+            "cannot bind {addr}: {e}; another process listens there (another `coordinator \
+             serve`?): stop it, or choose another address (--bind / COORDINATOR_BIND, \
+             --metrics-bind / COORDINATOR_METRICS_BIND)"
+        )
+    } else {
+        anyhow::anyhow!("cannot bind {addr}: {e}")
+    }
 }

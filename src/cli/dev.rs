@@ -16,6 +16,43 @@ pub fn credentials_path() -> PathBuf {
     crate::config::Config::dev_dir().join("dev-credentials.env")
 }
 
+/// Hold `./.coordinator/serve.lock` for the life of this `serve --dev`. A second one in
+/// the same directory is refused: it would share the database with the first and point
+/// `dev-credentials.env` at its own address, which stays there after it stops, so
+/// `call` and `jobs` would go to a port nobody listens on while the first still runs.
+/// The kernel drops the lock when the process ends, however it ends.
+pub fn lock_dev_dir() -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = crate::config::Config::dev_dir().join("serve.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let url = std::fs::read_to_string(credentials_path())
+                .ok()
+                .and_then(|text| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix("COORDINATOR_URL=").map(str::to_owned))
+                })
+                .map(|url| format!(" at {url}"))
+                .unwrap_or_default();
+            Err(anyhow::anyhow!(
+                "another `coordinator serve --dev` is running in this directory{url}: \
+                 use that one, or stop it first (one dev server per directory; run \
+                 another one in another directory)"
+            ))
+        }
+        Err(e) => Err(anyhow::anyhow!("cannot lock {}: {e}", path.display())),
+    }
+}
+
 /// Create the dev caller and its credentials unless they exist. Returns the lines of
 /// the credentials file when they were created just now (to be shown once), `None`
 /// when they existed already (they are in `file`, not shown again).

@@ -180,9 +180,12 @@ fn classify(e: anyhow::Error) -> CliError {
 }
 
 fn serve(args: ServeArgs) -> Result<(), CliError> {
-    if args.dev {
+    let _dev_lock = if args.dev {
         crate::config::prepare_dev_dir()?;
-    }
+        Some(dev::lock_dev_dir()?)
+    } else {
+        None
+    };
     let config = args.validate()?;
     if config.dev {
         dev_bootstrap(&config)?;

@@ -1954,6 +1954,74 @@ fn call_and_jobs_speak_https_with_a_private_ca() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
 
+/// First-hour finding (2026-12-06): a second `serve --dev --bind OTHER` in the same
+/// directory ran beside the first on its database and pointed `dev-credentials.env` at
+/// its own address, which stayed there after it stopped: `call` and `jobs` then went
+/// to a closed port while the first server still ran. It is refused now, and a taken
+/// address says what to do.
+fn serve_dev_refuses_a_second_one_in_the_same_directory() {
+    let env = Env::new();
+    let bind = format!("127.0.0.1:{}", free_port());
+    let mut first = env
+        .bare()
+        .args(["serve", "--dev", "--bind", &bind, "--workers", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let file = env.dir.path().join(".coordinator/dev-credentials.env");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(&bind).is_err() || !file.exists() {
+        assert!(started.elapsed() < Duration::from_secs(30), "did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let other = format!("127.0.0.1:{}", free_port());
+    let mut second = env
+        .bare()
+        .args(["serve", "--dev", "--bind", &other, "--workers", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while second.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = second.kill(); // still running: the second server was not refused
+    let second = second.wait_with_output().unwrap();
+    let url = kv(&std::fs::read_to_string(&file).unwrap())["COORDINATOR_URL"].clone();
+    let _ = first.kill();
+    let _ = first.wait();
+    let err = stderr(&second);
+    assert!(!second.status.success(), "{err}");
+    assert!(
+        err.contains("another `coordinator serve --dev` is running in this directory"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("http://{bind}")), "{err}");
+    assert_eq!(
+        url,
+        format!("http://{bind}"),
+        "the first server's URL was replaced"
+    );
+
+    // Once the first has stopped, the directory is free again; an address another
+    // process holds is refused with what to do about it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let out = env
+        .bare()
+        .args(["serve", "--dev", "--bind", &taken, "--workers", "1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("another process listens there"), "{err}");
+    assert!(err.contains("--bind"), "{err}");
+}
+
 crate::plain_tests!(
     caller_add_list_disable,
     secrets_are_shown_once_and_rotate,
@@ -1976,6 +2044,7 @@ crate::plain_tests!(
     a_master_key_file_readable_by_others_gets_a_warning,
     dev_flag_uses_the_dev_state,
     serve_dev_with_tls_writes_an_https_url,
+    serve_dev_refuses_a_second_one_in_the_same_directory,
     readme_shows_the_signing_examples_verbatim,
     tokens_issue_revoke_and_rotate,
     jobs_and_queues_commands_sqlite,
