@@ -115,6 +115,15 @@ def test_progress_without_an_answer_is_not_fatal() -> None:
     assert not ctx.is_cancelled and ctx.percent == 0
 
 
+def test_cancelled_is_false_until_set() -> None:
+    # First-hour finding (2026-12-06): `job.cancelled` was a plain Event, always true,
+    # so a handler's `if job.cancelled: return` completed every job without running it.
+    ctx = JobContext(claim(), Client("http://127.0.0.1:1", token="t", retries=0))
+    assert not ctx.cancelled and not ctx.lost
+    ctx.cancelled.set()
+    assert ctx.cancelled and ctx.is_cancelled and not ctx.lost
+
+
 def test_a_lost_lease_cancels_the_job_and_a_stuck_heartbeat_blocks_nothing(fake) -> None:
     url, state = fake
     # Heartbeats never get an answer: the 2 s lease runs out without a renewal.

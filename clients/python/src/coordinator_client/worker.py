@@ -63,6 +63,15 @@ class JobCancelled(Exception):
     or the worker is stopping."""
 
 
+class Flag(threading.Event):
+    """A :class:`threading.Event` that is true only once set, so that
+    ``if job.cancelled:`` means what it says (a plain ``Event`` is always true, and a
+    handler written that way returned at once and completed every job)."""
+
+    def __bool__(self) -> bool:
+        return self.is_set()
+
+
 class JobContext:
     """What a handler gets: the job, its payload, a job-token client, progress
     reporting and the cancellation flag."""
@@ -76,9 +85,9 @@ class JobContext:
         self.attempt: int = int(claim.job.get("attempts", 1))
         self.max_attempts: int = int(claim.job.get("maxAttempts", 1))
         self.client = client
-        self.cancelled = threading.Event()
+        self.cancelled = Flag()
         #: Set when the server told us the job is no longer ours.
-        self.lost = threading.Event()
+        self.lost = Flag()
         self.percent: int = int(claim.job.get("progress", 0) or 0)
         #: The lease's length (from the server's timestamps), None when unknown.
         self.lease_length: Optional[float] = lease_length(claim)
