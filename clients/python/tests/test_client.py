@@ -267,3 +267,10 @@ def test_a_worker_heartbeats_often_enough_for_a_short_lease_or_token() -> None:
     assert w.beat_interval(long_token) == 2.0  # never longer than configured
     odd = Claim(job={"id": "j"}, token="t", token_expires_at="not a time")
     assert w.beat_interval(odd) == 2.0
+
+
+def test_from_env_without_credentials_says_where_the_dev_ones_are() -> None:
+    # First-hour finding (2026-12-06): the CLI reads .coordinator/dev-credentials.env by
+    # itself, the client does not, and its error did not say how to load the file.
+    with pytest.raises(ValueError, match=r"\. \.coordinator/dev-credentials\.env"):
+        Client.from_env({})

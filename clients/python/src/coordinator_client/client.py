@@ -198,6 +198,8 @@ class Client:
             return cls(url, api_key=api_key, **kwargs)
         raise ValueError(
             "set COORDINATOR_CALLER and COORDINATOR_HMAC_SECRET, or COORDINATOR_CLIENT_API_KEY"
+            " (for `coordinator serve --dev`, run in its directory:"
+            " `set -a; . .coordinator/dev-credentials.env; set +a`)"
         )
 
     def with_token(self, token: str) -> "Client":
