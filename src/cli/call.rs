@@ -62,7 +62,7 @@ pub fn run(args: CallArgs) -> anyhow::Result<()> {
     } else {
         &[VAR_CALLER, VAR_HMAC_SECRET]
     };
-    let env = ClientEnv::load(needed)?;
+    let env = ClientEnv::load(needed, true)?;
     let body = args.body.read()?;
     let (auth, what) = if args.api_key {
         (Auth::ApiKey(env.api_key()?), "an API key")

@@ -53,8 +53,9 @@ fn normalize_url(url: &str) -> String {
 }
 
 impl ClientEnv {
-    /// Load for a command that needs every variable in `needed`.
-    pub fn load(needed: &[&str]) -> anyhow::Result<Self> {
+    /// Load for a command that needs every variable in `needed`. `api_key_flag`: the
+    /// command has `--api-key` (`call`, `jobs`, `queues`), so an error can name it.
+    pub fn load(needed: &[&str], api_key_flag: bool) -> anyhow::Result<Self> {
         let set: Vec<&str> = CREDENTIAL_VARS
             .iter()
             .copied()
@@ -62,9 +63,23 @@ impl ClientEnv {
             .collect();
         if !set.is_empty() {
             if let Some(missing) = needed.iter().find(|n| env_var(n).is_none()) {
+                // The other credential is there: say which flag uses it.
+                let has = |n: &str| env_var(n).is_some();
+                let hint = match api_key_flag {
+                    true if !needed.contains(&VAR_API_KEY) && has(VAR_API_KEY) => {
+                        format!("; to send {VAR_API_KEY}, add --api-key")
+                    }
+                    true if needed.contains(&VAR_API_KEY)
+                        && has(VAR_CALLER)
+                        && has(VAR_HMAC_SECRET) =>
+                    {
+                        format!("; to sign with {VAR_HMAC_SECRET}, leave out --api-key")
+                    }
+                    _ => String::new(),
+                };
                 return Err(ConfigError(format!(
                     "{missing} is not set: {} is set, so the credentials come from the \
-                     environment only",
+                     environment only{hint}",
                     set.join(" and ")
                 ))
                 .into());

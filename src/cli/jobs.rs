@@ -35,7 +35,7 @@ impl RemoteArgs {
         } else {
             (&[VAR_CALLER, VAR_HMAC_SECRET], "a signed request")
         };
-        let env = ClientEnv::load(needed)?;
+        let env = ClientEnv::load(needed, true)?;
         let credentials = if self.api_key {
             Credentials::ApiKey(env.api_key()?.expose_secret().to_owned())
         } else {
@@ -51,8 +51,17 @@ impl RemoteArgs {
     }
 }
 
-/// A failed request as one line: the status, the problem's title and detail.
-fn failed(e: coordinator_client::Error) -> anyhow::Error {
+/// A failed request as one line: the status, the problem's title and detail; without
+/// an answer, the URL it went to (from the environment or the dev credentials file,
+/// which may name an address nobody listens on any more).
+fn failed(base: &str, e: coordinator_client::Error) -> anyhow::Error {
+    if let coordinator_client::Error::Transport(_) = e {
+        return anyhow!(
+            "no answer from {}: {e} (is `coordinator serve` running there? COORDINATOR_URL \
+             sets the address)",
+            client::without_user_info(base)
+        );
+    }
     match e.problem() {
         Some(p) => {
             let field = p
@@ -167,6 +176,8 @@ fn number(v: &Value, key: &str) -> String {
 impl JobsArgs {
     pub fn run(self) -> anyhow::Result<()> {
         let client = self.remote.client()?;
+        let base = client.base().to_owned();
+        let failed = |e| failed(&base, e);
         let json = self.remote.json;
         match self.command {
             JobsCommand::List(a) => {
@@ -361,6 +372,8 @@ fn parse_limit(text: &str) -> Result<Limit, String> {
 impl QueuesArgs {
     pub fn run(self) -> anyhow::Result<()> {
         let client = self.remote.client()?;
+        let base = client.base().to_owned();
+        let failed = |e| failed(&base, e);
         let json = self.remote.json;
         let changed = match self.command {
             QueuesCommand::List => {
@@ -470,7 +483,7 @@ mod tests {
             json!({"title": "Bad\u{1b}[31m", "detail": "x\ry", "field": "f\u{7}"}),
             None,
         );
-        let shown = failed(coordinator_client::Error::Problem(p)).to_string();
+        let shown = failed("", coordinator_client::Error::Problem(p)).to_string();
         assert_eq!(shown, "HTTP 400 Bad?[31m: x?y (field f?)");
         assert_eq!(printable("naïve ✓ 日本"), "naïve ✓ 日本");
     }

@@ -32,7 +32,7 @@ pub struct SignArgs {
 }
 
 pub fn run(args: SignArgs) -> anyhow::Result<()> {
-    let env = ClientEnv::load(&[VAR_CALLER, VAR_HMAC_SECRET])?;
+    let env = ClientEnv::load(&[VAR_CALLER, VAR_HMAC_SECRET], false)?;
     let creds = env.hmac()?;
     let body = args.body.read()?;
     let nonce = match (args.no_nonce, args.nonce) {

@@ -2022,6 +2022,58 @@ fn serve_dev_refuses_a_second_one_in_the_same_directory() {
     assert!(err.contains("--bind"), "{err}");
 }
 
+/// First-hour findings (2026-12-06): with only an API key in the environment, `jobs
+/// list` said `COORDINATOR_CALLER is not set` and not that `--api-key` sends the key;
+/// and `jobs`/`queues` against an address nobody listens on said `Connection refused`
+/// without the URL they tried (a stale one from dev-credentials.env, say).
+fn the_cli_names_the_flag_for_the_credential_and_the_url_without_an_answer() {
+    let env = Env::new();
+    let key = ApiKey::generate();
+    let secret = HmacSecret::generate();
+    let url = format!("http://127.0.0.1:{}", free_port()); // nothing listens there
+    let run = |vars: &[(&str, &str)], args: &[&str]| {
+        let mut c = env.bare();
+        c.env("COORDINATOR_URL", &url);
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        let out = c.args(args).output().unwrap();
+        (out.status.code(), stderr(&out))
+    };
+    let api_key = [("COORDINATOR_CLIENT_API_KEY", key.expose_secret())];
+    for args in [
+        &["jobs", "list"][..],
+        &["queues", "list"],
+        &["call", "GET", "/coordinator/health"],
+    ] {
+        let (code, err) = run(&api_key, args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains("add --api-key"), "{args:?}: {err}");
+    }
+    let signed = [
+        ("COORDINATOR_CALLER", "svc"),
+        ("COORDINATOR_HMAC_SECRET", secret.expose_secret()),
+    ];
+    let (code, err) = run(&signed, &["jobs", "list", "--api-key"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("leave out --api-key"), "{err}");
+
+    for args in [
+        &["jobs", "list"][..],
+        &["queues", "list"],
+        &["jobs", "get", "x1"],
+    ] {
+        let (code, err) = run(&signed, args);
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("no answer from {url}")),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("COORDINATOR_URL"), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
+}
+
 crate::plain_tests!(
     caller_add_list_disable,
     secrets_are_shown_once_and_rotate,
@@ -2045,6 +2097,7 @@ crate::plain_tests!(
     dev_flag_uses_the_dev_state,
     serve_dev_with_tls_writes_an_https_url,
     serve_dev_refuses_a_second_one_in_the_same_directory,
+    the_cli_names_the_flag_for_the_credential_and_the_url_without_an_answer,
     readme_shows_the_signing_examples_verbatim,
     tokens_issue_revoke_and_rotate,
     jobs_and_queues_commands_sqlite,
