@@ -321,7 +321,14 @@ fn event_row(e: &Value) -> Vec<String> {
             printable(f.as_str().unwrap_or("-")),
             printable(t.as_str().unwrap_or("-"))
         ),
-        _ => String::new(),
+        // A progress report: what it reported, else a live watch shows only its time.
+        _ => match data.get("percent").and_then(Value::as_u64) {
+            Some(p) => match data.get("message").and_then(Value::as_str) {
+                Some(m) => format!("{p}% {}", printable(m)),
+                None => format!("{p}%"),
+            },
+            None => String::new(),
+        },
     };
     vec![
         number(e, "seq"),

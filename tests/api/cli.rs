@@ -1733,6 +1733,8 @@ fn jobs_watch_follows_a_job_across_a_restart() {
         ["created", "status", "claimed", "progress", "completed"]
     );
     assert!(lines[4].contains("RUNNING -> COMPLETED"), "{lines:?}");
+    // First-hour finding (2026-12-06): a progress line showed only its time.
+    assert!(lines[3].contains("  50%  "), "{lines:?}");
 
     // --json: the same events, one JSON document a line; the job is over: exit 0.
     let out = client(&env, &server, &svc, &["jobs", "watch", &id, "--json"]);
