@@ -71,6 +71,16 @@ impl StoreArgs {
     pub fn open(&self) -> anyhow::Result<Db> {
         let cfg = self.config()?;
         if self.dev {
+            // Run in another directory than `serve --dev`, the command would act on a
+            // new state no server reads: say so (the command itself goes on).
+            let dir = crate::config::Config::dev_dir();
+            if !dir.exists() {
+                eprintln!(
+                    "note: created a new dev state in {} (no `serve --dev` has run in this \
+                     directory); a `serve --dev` running elsewhere does not see it",
+                    dir.display()
+                );
+            }
             crate::config::prepare_dev_dir()?;
             migrate::run_pending(&cfg)?;
         } else {

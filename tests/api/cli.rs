@@ -1221,8 +1221,23 @@ fn dev_flag_uses_the_dev_state() {
         let out = env.bare().args(args).arg("--dev").output().unwrap();
         check(out, args)
     };
-    dev(&["caller", "add", "svc", "--scopes", "jobs:read"]);
-    dev(&["secret", "create", "svc"]);
+    // First-hour finding (2026-12-06): run in another directory than `serve --dev`, an
+    // operator command silently made a new dev state that no server reads.
+    let out = env
+        .bare()
+        .args(["caller", "add", "svc", "--scopes", "jobs:read", "--dev"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("created a new dev state"), "{err}");
+    let out = env
+        .bare()
+        .args(["secret", "create", "svc", "--dev"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("new dev state"), "{}", stderr(&out));
     let dir = env.dir.path().join(".coordinator");
     assert!(Path::new(&dir.join("coordinator.db")).exists());
     assert!(Path::new(&dir.join("master.key")).exists());
