@@ -10,6 +10,8 @@ import threading
 import time
 from typing import Any, Dict, List
 
+import pytest
+
 from coordinator_client import Client, JobContext, Retry, Worker
 
 
@@ -32,7 +34,8 @@ def wait_for(pred, timeout: float = 15.0) -> Any:
     raise AssertionError("condition not met in time")
 
 
-def test_complete_on_return_fail_on_exception(client: Client, queue: str) -> None:
+def test_complete_on_return_fail_on_exception(client: Client, queue: str,
+                                              caplog: pytest.LogCaptureFixture) -> None:
     ok, bad = queued(client, queue, 2)
 
     def handler(job: JobContext) -> Dict[str, Any]:
@@ -46,6 +49,12 @@ def test_complete_on_return_fail_on_exception(client: Client, queue: str) -> Non
     done, failed = client.get_job(ok), client.get_job(bad)
     assert done["status"] == "COMPLETED" and done["result"] == {"seen": {"i": 0}}
     assert failed["status"] == "FAILED" and failed["error"] == "ValueError: broken input"
+    # The worker says so where it runs, with the traceback the job's `error` leaves out.
+    raised = [r for r in caplog.records
+              if r.name == "coordinator_client.worker" and r.levelname == "WARNING"
+              and bad in r.getMessage()]
+    assert len(raised) == 1, caplog.records
+    assert raised[0].exc_info is not None and raised[0].exc_info[0] is ValueError
 
 
 def test_retry_hands_back_until_the_last_attempt(client: Client, queue: str) -> None:

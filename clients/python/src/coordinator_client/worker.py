@@ -359,8 +359,15 @@ class Worker:
             elif isinstance(error, JobCancelled):
                 tc.set_status(ctx.id, "QUEUED", "handler cancelled")
             elif isinstance(error, self.retry_on) and ctx.attempt < ctx.max_attempts:
+                log.warning("job %s: the handler raised %s; handing it back for a retry",
+                            ctx.id, _describe(error))
                 tc.set_status(ctx.id, "QUEUED", _describe(error)[:4096])
             else:
+                # With its traceback: the job's `error` keeps only the message, and a
+                # worker whose handlers fail should say so where it runs (WARNING
+                # reaches stderr even when the application set up no logging).
+                log.warning("job %s: the handler raised; failing the job", ctx.id,
+                            exc_info=(type(error), error, error.__traceback__))
                 tc.fail_job(ctx.id, _describe(error))
         except (Conflict, Unauthorized, Forbidden, NotFound) as e:
             log.info("job %s changed under us: %s", ctx.id, e)
