@@ -444,7 +444,12 @@ impl Client {
     /// `serve --dev` writes to `.coordinator/dev-credentials.env`; `COORDINATOR_CA_FILE`
     /// names a private CA for `https://`.
     pub fn from_env() -> Result<Self> {
-        let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
+        Self::from_vars(|n| std::env::var(n).ok())
+    }
+
+    /// [`Client::from_env`] with `lookup` for the environment.
+    fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let var = |n: &str| lookup(n).filter(|v| !v.is_empty());
         let url = var("COORDINATOR_URL").unwrap_or_else(|| "http://127.0.0.1:8080".to_owned());
         let options = ClientOptions {
             ca_file: var("COORDINATOR_CA_FILE").map(PathBuf::from),
@@ -467,7 +472,9 @@ impl Client {
             ),
             (_, _, Some(k)) => Self::with_options(&url, Credentials::ApiKey(k), &options),
             _ => Err(Error::Invalid(
-                "set COORDINATOR_CALLER and COORDINATOR_HMAC_SECRET, or COORDINATOR_CLIENT_API_KEY"
+                "set COORDINATOR_CALLER and COORDINATOR_HMAC_SECRET, or \
+                 COORDINATOR_CLIENT_API_KEY (for `coordinator serve --dev`, run in its \
+                 directory: `set -a; . .coordinator/dev-credentials.env; set +a`)"
                     .into(),
             )),
         }
@@ -1140,6 +1147,34 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn from_env_without_credentials_says_how_to_load_the_dev_ones() {
+        let vars = |set: &'static [(&'static str, &'static str)]| {
+            move |n: &str| {
+                set.iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        for set in [
+            &[][..],
+            &[("COORDINATOR_CALLER", "dev")][..],
+            &[("COORDINATOR_CLIENT_API_KEY", "")][..],
+        ] {
+            match Client::from_vars(vars(set)) {
+                Err(Error::Invalid(m)) => {
+                    assert!(m.contains(". .coordinator/dev-credentials.env"), "{m}")
+                }
+                other => panic!("{set:?}: {other:?}"),
+            }
+        }
+        let c = Client::from_vars(vars(&[
+            ("COORDINATOR_URL", "http://127.0.0.1:1"),
+            ("COORDINATOR_CLIENT_API_KEY", "cok_x"),
+        ]));
+        assert!(c.is_ok());
     }
 
     #[test]
