@@ -49,13 +49,19 @@ pub async fn pass(state: &AppState) -> PassReport {
         .write(move |conn| jobs_repo::expire_leases(conn, now, LEASES_PER_PASS, terms))
         .await
     {
-        Ok(expired) => {
-            for row in &expired {
+        Ok(sweep) => {
+            for row in &sweep.expired {
                 state.notifier.row_changed(row);
                 state.metrics.transition(row.status());
                 state.auth.revocations.job_changed(row, now);
             }
-            report.leases_expired = expired.len();
+            report.leases_expired = sweep.expired.len();
+            if let Some(e) = sweep.stopped_by {
+                log::warn!(
+                    "housekeeping: lease expiry stopped after {} jobs: {e}",
+                    sweep.expired.len()
+                );
+            }
         }
         Err(e) => log::warn!("housekeeping: lease expiry failed: {e}"),
     }

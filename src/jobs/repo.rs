@@ -1628,14 +1628,28 @@ pub fn claim(
     })
 }
 
+/// What one lease sweep did.
+#[derive(Debug, Default)]
+pub struct LeaseSweep {
+    /// The jobs it moved, each committed: announce every one of them.
+    pub expired: Vec<JobRow>,
+    /// The error that stopped the sweep before its last job, if one did.
+    pub stopped_by: Option<StoreError>,
+}
+
 /// Requeue (or fail, after the last attempt) at most `limit` RUNNING jobs whose lease
 /// has run out. Safe with several instances: each job is re-checked under its lock.
+///
+/// Each job is its own transaction (a savepoint of the writer's batch on SQLite), so a
+/// failure part-way leaves the jobs before it moved. The sweep then stops and still
+/// returns them with the error: on PostgreSQL they are committed, and their wake-ups,
+/// counts and revocations must not be lost with the error (review, 2026-12-06).
 pub fn expire_leases(
     conn: &mut DbConnection,
     now: i64,
     limit: i64,
     terms: Terms,
-) -> Result<Vec<JobRow>, StoreError> {
+) -> Result<LeaseSweep, StoreError> {
     let ids: Vec<String> = jobs::table
         .filter(jobs::status.eq(JobStatus::Running.as_str()))
         .filter(jobs::lease_expires_at.lt(now))
@@ -1643,18 +1657,21 @@ pub fn expire_leases(
         .select(jobs::id)
         .limit(limit)
         .load(conn)?;
-    let mut out = Vec::new();
+    let mut sweep = LeaseSweep::default();
     for id in ids {
         let Ok(id) = JobId::parse(&id, "id") else {
             continue;
         };
         match apply(conn, &id, &Change::LeaseExpired, terms, None) {
-            Ok(row) => out.push(row),
+            Ok(row) => sweep.expired.push(row),
             Err(StoreError::Conflict(_) | StoreError::JobCancelled | StoreError::NotFound) => {}
-            Err(e) => return Err(e),
+            Err(e) => {
+                sweep.stopped_by = Some(e);
+                break;
+            }
         }
     }
-    Ok(out)
+    Ok(sweep)
 }
 
 /// Inputs of a start-time estimate for a queued job.

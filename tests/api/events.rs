@@ -346,7 +346,8 @@ fn lease_expiries_trim_as_every_other_change(b: Backend) {
         let now = coordinator::db::now_millis();
         let expired = actix_web::rt::System::new()
             .block_on(db.write(move |c| coordinator::jobs::repo::expire_leases(c, now, 100, terms)))
-            .expect("expire");
+            .expect("expire")
+            .expired;
         assert_eq!(expired.len(), 1, "round {round}");
         version += 2;
         assert_eq!(expired[0].version, version, "round {round}");

@@ -20,6 +20,7 @@ backend_tests!(
     a_retryable_failure_comes_back_after_its_backoff_and_the_old_token_is_refused,
     exhausted_attempts_fail_for_good,
     an_expired_lease_follows_the_retry_rule,
+    a_lease_sweep_stopped_part_way_announces_the_jobs_it_moved,
     redrive_puts_a_dead_job_back_with_a_fresh_budget,
     cancel_while_running_stops_the_worker_and_revokes_its_token,
     heartbeat_renews_the_lease_without_an_event,
@@ -462,6 +463,123 @@ fn an_expired_lease_follows_the_retry_rule(b: Backend) {
     assert_eq!(ev["data"]["to"], "QUEUED");
     assert_eq!(ev["data"]["runAt"], j["runAt"]);
     assert!(ms(&j["runAt"]) >= ms(&ev["createdAt"]));
+}
+
+/// `job_transitions_total{to="QUEUED"}` as `/metrics` shows it.
+fn queued_transitions(app: &TestApp) -> f64 {
+    let text = app.get("/metrics").body;
+    text.lines()
+        .find_map(|l| l.strip_prefix("coordinator_job_transitions_total{to=\"QUEUED\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A sweep that fails on its second job keeps the first one moved, and announces it:
+/// on PostgreSQL each job is its own transaction, so the first was committed, and its
+/// wake-up, count and revocation were lost with the error (review, 2026-12-06). The
+/// second job's update is refused by a trigger, so the sweep fails there every pass.
+fn a_lease_sweep_stopped_part_way_announces_the_jobs_it_moved(b: Backend) {
+    use diesel::{Connection, RunQueryDsl};
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| {
+        c.housekeeping_interval = Duration::from_millis(50);
+    }) else {
+        return;
+    };
+    let first = queued_job(&app, json!({"kind": "k", "queue": "sw", "maxAttempts": 3}));
+    let second = queued_job(&app, json!({"kind": "k", "queue": "sw", "maxAttempts": 3}));
+    let c1 = claim(&app, "sw").expect("first claimed");
+    let c2 = claim(&app, "sw").expect("second claimed");
+    let mut ids = [c1["id"].as_str(), c2["id"].as_str()];
+    ids.sort_unstable();
+    let mut want = [Some(first.as_str()), Some(second.as_str())];
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    let before = queued_transitions(&app);
+    // Both leases run out at once, the first job's earlier (the sweep's order), and
+    // from then on the second job cannot leave RUNNING.
+    let sql = |trigger: &str| {
+        vec![
+            format!("UPDATE jobs SET lease_expires_at = 1 WHERE id = '{first}'"),
+            format!("UPDATE jobs SET lease_expires_at = 2 WHERE id = '{second}'"),
+            trigger.to_owned(),
+        ]
+    };
+    match b {
+        Backend::Sqlite => {
+            let path = app.db.sqlite_path().expect("sqlite path");
+            let mut c = diesel::SqliteConnection::establish(path).expect("open sqlite");
+            diesel::sql_query("PRAGMA busy_timeout = 10000")
+                .execute(&mut c)
+                .expect("busy timeout");
+            let trigger = format!(
+                "CREATE TRIGGER refuse_second BEFORE UPDATE ON jobs \
+                 WHEN OLD.id = '{second}' AND OLD.status = 'RUNNING' \
+                 BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+            );
+            c.transaction(|c| {
+                for q in sql(&trigger) {
+                    diesel::sql_query(q).execute(c)?;
+                }
+                Ok::<_, diesel::result::Error>(())
+            })
+            .expect("set up the sweep");
+        }
+        Backend::Postgres => {
+            let mut c = diesel::PgConnection::establish(&app.db.url).expect("open postgres");
+            let trigger = format!(
+                "CREATE TRIGGER refuse_second BEFORE UPDATE ON jobs FOR EACH ROW \
+                 WHEN (OLD.id = '{second}' AND OLD.status = 'RUNNING') \
+                 EXECUTE FUNCTION refuse_by_test()"
+            );
+            c.transaction(|c| {
+                diesel::sql_query(
+                    "CREATE FUNCTION refuse_by_test() RETURNS trigger LANGUAGE plpgsql \
+                     AS $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
+                )
+                .execute(c)?;
+                for q in sql(&trigger) {
+                    diesel::sql_query(q).execute(c)?;
+                }
+                Ok::<_, diesel::result::Error>(())
+            })
+            .expect("set up the sweep");
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let j = app.get(&format!("/coordinator/jobs/{first}")).json();
+        if j["status"] == "QUEUED" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first job never left RUNNING: {}",
+            j["status"]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Counted once it is committed, by the same pass.
+    loop {
+        if queued_transitions(&app) >= before + 1.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first job's move was never counted ({before} before)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let j = app.get(&format!("/coordinator/jobs/{second}")).json();
+    assert_eq!(j["status"], "RUNNING", "the trigger held the second job");
+    // The first attempt's token is refused at once on this instance.
+    let t1 = if c1["id"].as_str() == Some(first.as_str()) {
+        &c1
+    } else {
+        &c2
+    };
+    let token = t1["token"].as_str().expect("token");
+    app.with_token(token, "GET", &format!("/coordinator/jobs/{first}"), b"")
+        .problem(401);
 }
 
 fn redrive_puts_a_dead_job_back_with_a_fresh_budget(b: Backend) {
