@@ -359,7 +359,7 @@ pub struct ServeArgs {
     #[arg(long, env = "COORDINATOR_WORKERS", default_value_t = 0)]
     pub workers: usize,
 
-    /// Seconds in-flight requests get to finish on SIGINT/SIGTERM.
+    /// Seconds in-flight requests get to finish on SIGTERM (SIGINT stops at once).
     #[arg(long, env = "COORDINATOR_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
 
