@@ -802,8 +802,15 @@ impl ServeArgs {
                 "must be between 1 and 86400",
             ));
         }
-        crate::jobs::request::validate_queue(&self.webhook_queue, "queue")
-            .map_err(|e| bad("COORDINATOR_WEBHOOK_QUEUE", e))?;
+        // The rule's own words, not the HTTP error's ("bad request: queue: …").
+        crate::jobs::request::validate_queue(&self.webhook_queue, "queue").map_err(
+            |e| match e {
+                crate::error::ApiError::BadRequest { detail, .. } => {
+                    bad("COORDINATOR_WEBHOOK_QUEUE", detail)
+                }
+                other => bad("COORDINATOR_WEBHOOK_QUEUE", other),
+            },
+        )?;
         if !(1..=3600).contains(&self.housekeeping_secs) {
             return Err(bad(
                 "COORDINATOR_HOUSEKEEPING_SECS",
@@ -1043,6 +1050,36 @@ mod tests {
                 e.as_deref(),
                 Some("invalid COORDINATOR_EVENTS_PER_JOB: must be between 16 and 100000"),
                 "{bad}"
+            );
+        }
+    }
+
+    /// A bad `COORDINATOR_WEBHOOK_QUEUE` is one line like every other bad setting:
+    /// the variable and the rule, not the HTTP error the same check gives a request
+    /// (`invalid COORDINATOR_WEBHOOK_QUEUE: bad request: queue: must be …`).
+    #[test]
+    fn a_bad_webhook_queue_names_the_variable_and_the_rule() {
+        for queue in ["..", "a/b", ""] {
+            let cli = crate::cli::Cli::try_parse_from([
+                "coordinator",
+                "serve",
+                "--database-url",
+                "sqlite://x.db",
+                "--webhook-queue",
+                queue,
+            ])
+            .unwrap_or_else(|e| panic!("{e}"));
+            let crate::cli::Command::Serve(args) = cli.command else {
+                panic!("not serve");
+            };
+            let e = args.validate().err().map(|e| e.to_string());
+            assert_eq!(
+                e.as_deref(),
+                Some(
+                    "invalid COORDINATOR_WEBHOOK_QUEUE: must be 1-64 characters of letters, \
+                     digits, '_', '.' or '-', not only dots"
+                ),
+                "{queue:?}"
             );
         }
     }
