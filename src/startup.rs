@@ -323,7 +323,7 @@ pub fn connection_bound(config: &Config, workers: usize) -> usize {
 }
 
 /// `on_connect`: count the connection against its peer's bound; past it, close it at
-/// once (a 503 is attempted on plain HTTP) and mark it so that nothing it may still
+/// once (a 429 is attempted on plain HTTP) and mark it so that nothing it may still
 /// carry runs ([`refuse_marked`]).
 fn count_connection(
     connections: &Arc<crate::auth::throttle::Connections>,
@@ -347,10 +347,14 @@ fn count_connection(
             ext.insert(held);
         }
         None => {
+            let sock = socket2::SockRef::from(tcp);
             if plain {
-                let _ = tcp.try_write(&TOO_MANY_CONNECTIONS);
+                // Straight to the socket: tokio's `try_write` answers `WouldBlock` on a
+                // connection whose first readiness event has not been polled yet, which
+                // is every connection here, so nothing was ever written.
+                let _ = sock.send(&TOO_MANY_CONNECTIONS);
             }
-            let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Both);
+            let _ = sock.shutdown(std::net::Shutdown::Both);
             ext.insert(OverPeerBound);
         }
     }

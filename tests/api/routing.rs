@@ -677,6 +677,16 @@ fn one_address_cannot_hold_every_connection(b: Backend) {
             assert!(text.contains("open connections for this address"), "{text}");
         }
     }
+    // A client that reads before it writes gets the 429 operations.md describes
+    // (review, 2026-12-06: tokio's `try_write` had written nothing, every time).
+    let mut s = connect_from(&app, 2);
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 429") && text.contains("open connections for this address"),
+        "a connection past the bound was closed without its 429: {text:?}"
+    );
     // The held ones still work, and another address is served.
     assert!(livez_keep_alive(&mut held[0]).starts_with("HTTP/1.1 200"));
     let mut other = connect_from(&app, 3);
