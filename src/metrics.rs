@@ -100,7 +100,7 @@ impl DbMetrics {
         let queue_wait = GaugeVec::new(
             Opts::new(
                 "db_queue_standing_wait_seconds",
-                "Shortest wait for a turn over the last interval, per queue: a standing queue ",
+                "Shortest wait for a turn over the last interval, per queue: above 0 means a standing queue",
             ),
             &["queue"],
         )?;
