@@ -181,6 +181,28 @@ try {
   await page.locator('#queues-table tr[data-queue="uiq"] td').filter({ hasText: 'active' })
     .waitFor({ timeout: 5000 });
   step('pause and resume from the UI with an admin key');
+  // Limit a queue: the row's Limit button fills the form under the table; empty removes
+  // the limit again.
+  const uiq = async () => (await call('GET', '/coordinator/queues')).queues
+    .find((q) => q.queue === 'uiq');
+  await page.locator('#queues-table tr[data-queue="uiq"] button.limit').click();
+  assert.equal(await page.inputValue('#limit-queue'), 'uiq');
+  await page.fill('#limit-value', '3');
+  await page.click('#limit-set');
+  await page.locator('#queues-table tr[data-queue="uiq"] td').filter({ hasText: '/ 3' })
+    .waitFor({ timeout: 5000 });
+  assert.equal((await uiq()).maxRunning, 3);
+  await page.fill('#limit-value', '0');
+  await page.click('#limit-set');
+  assert.equal(await page.$eval('#limit-value', (e) => e.validity.valid), false,
+    '0 is not a limit');
+  assert.equal((await uiq()).maxRunning, 3, 'an invalid limit is not sent');
+  await page.fill('#limit-value', '');
+  await page.click('#limit-set');
+  await page.locator('#queues-table tr[data-queue="uiq"] td').filter({ hasText: '/ ∞' })
+    .waitFor({ timeout: 5000 });
+  assert.equal((await uiq()).maxRunning, null);
+  step('limit a queue from the UI and remove the limit');
   // Live: the queue stream of every queue; a change made through the API shows without a
   // reload (no poll is scheduled while the stream is open: the next timed re-read is 30 s
   // away).
@@ -265,6 +287,25 @@ try {
   await phone.close();
   step('phone width: no horizontal scrolling');
 
+  // The system's dark mode darkens the page (and its form controls).
+  const dark = await browser.newContext({ viewport: { width: 1280, height: 900 }, colorScheme: 'dark' });
+  const darkPage = await dark.newPage();
+  darkPage.on('pageerror', (e) => failures.push(`page error: ${e.message}`));
+  await darkPage.goto(`${base}/ui/`);
+  await darkPage.fill('#api-key', adminKey);
+  await darkPage.click('#key-use');
+  await darkPage.goto(`${base}/ui/#/queues`);
+  await darkPage.locator('#queues-table tr[data-queue="uiq"] button.limit').waitFor({ timeout: 5000 });
+  const [bg, fg] = await darkPage.evaluate(() => {
+    const st = getComputedStyle(document.documentElement);
+    return [st.backgroundColor, st.color];
+  });
+  const lum = (c) => c.match(/\d+/g).slice(0, 3).map(Number).reduce((a, b) => a + b, 0);
+  assert.ok(lum(bg) < 100 && lum(fg) > 500, `dark page: background ${bg}, text ${fg}`);
+  await darkPage.screenshot({ path: `${shots}/queues-dark.png`, fullPage: true });
+  await dark.close();
+  step('dark mode follows the system');
+
   // A key without admin: no pause button (and no cancel button without jobs:update).
   const ro = await browser.newContext({ viewport: { width: 1280, height: 900 } });
   const roPage = await ro.newPage();
@@ -275,6 +316,7 @@ try {
   await roPage.locator('#queues-table tr[data-queue="uiq"]').waitFor({ timeout: 5000 });
   await roPage.getByText('Your key lacks admin').waitFor();
   assert.equal(await roPage.locator('#queues-table button').count(), 0, 'no pause button');
+  assert.ok(await roPage.locator('#limit-form').isHidden(), 'no limit form');
   await roPage.screenshot({ path: `${shots}/queues-read-only.png`, fullPage: true });
   await roPage.goto(`${base}/ui/#/job/${evil.id}`);
   await roPage.locator('#job-status').filter({ hasText: 'QUEUED' }).waitFor({ timeout: 5000 });

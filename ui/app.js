@@ -278,7 +278,24 @@
         el('th', { scope: 'col' }, 'Actions'))),
       body);
     const state = el('p', { class: 'muted' });
-    replace(view(), el('h2', {}, 'Queues'), state, table);
+    // Setting a queue's limit: one form under the table (a live refresh replaces the
+    // rows, never what is being typed here). Any queue name may be given, so a limit
+    // can be set before the queue has jobs. Shown only to a key with admin.
+    const limitQueue = el('input', { id: 'limit-queue', required: true, maxlength: 64,
+      autocomplete: 'off', spellcheck: 'false' });
+    const limitValue = el('input', { id: 'limit-value', type: 'number', min: 1, max: 1000000,
+      step: 1, placeholder: 'no limit' });
+    const limitForm = el('form', {
+      id: 'limit-form', class: 'filters', hidden: true,
+      onsubmit: (e) => {
+        e.preventDefault();
+        setLimit(gen, limitQueue.value, limitValue, load);
+      },
+    },
+    el('label', {}, 'Queue', limitQueue),
+    el('label', {}, 'Max running (empty: no limit)', limitValue),
+    el('button', { type: 'submit', id: 'limit-set' }, 'Set limit'));
+    replace(view(), el('h2', {}, 'Queues'), state, table, limitForm);
 
     let dirty = false; // a stream event arrived while a read was under way
     const load = async () => {
@@ -290,8 +307,9 @@
         body.replaceChildren();
         return schedule(gen, load, LIST_POLL_MS * 2);
       }
-      replace(state, s.admin ? 'Your key has admin: you can pause and resume queues.'
+      replace(state, s.admin ? 'Your key has admin: you can pause, resume and limit queues.'
         : 'Your key lacks admin: queues are read-only.');
+      limitForm.hidden = !s.admin;
       const queues = r.data.queues || [];
       const rows = queues.map((q) => {
         const actions = el('td', { 'data-label': 'Actions' });
@@ -301,6 +319,14 @@
             type: 'button', class: 'pause', 'aria-label': label,
             onclick: () => setPaused(gen, q.queue, !q.paused, load),
           }, q.paused ? 'Resume' : 'Pause'));
+          actions.append(' ', el('button', {
+            type: 'button', class: 'limit', 'aria-label': 'Limit ' + q.queue,
+            onclick: () => {
+              limitQueue.value = q.queue;
+              limitValue.value = q.maxRunning === null ? '' : String(q.maxRunning);
+              limitValue.focus();
+            },
+          }, 'Limit'));
         }
         return el('tr', { 'data-queue': q.queue },
           el('th', { scope: 'row', 'data-label': 'Queue' },
@@ -356,8 +382,29 @@
   }
 
   async function setPaused(gen, queue, paused, reload) {
+    await patchQueue(gen, queue, { paused }, (paused ? 'Paused ' : 'Resumed ') + queue + '.',
+      reload);
+  }
+
+  /** `input` is the number field: empty removes the limit, anything it cannot read as
+   *  a number (its `badInput`: its value is then '' too) is refused here rather than
+   *  taken as "no limit". */
+  async function setLimit(gen, queue, input, reload) {
+    const text = input.value.trim();
+    const n = Number(text);
+    if (input.validity.badInput || (text !== '' && !(Number.isInteger(n) && n >= 1))) {
+      notice('Max running is a whole number from 1 to 1000000, or empty for no limit.', true);
+      return;
+    }
+    const maxRunning = text === '' ? null : n;
+    await patchQueue(gen, queue, { maxRunning }, maxRunning === null
+      ? 'Removed the limit of ' + queue + '.'
+      : 'Limited ' + queue + ' to ' + maxRunning + ' running.', reload);
+  }
+
+  async function patchQueue(gen, queue, patch, done, reload) {
     const asked = key();
-    const r = await api('PATCH', 'coordinator/queues/' + encodeURIComponent(queue), { paused });
+    const r = await api('PATCH', 'coordinator/queues/' + encodeURIComponent(queue), patch);
     if (r.status === 403) {
       // Only for the key that was refused: another may have been pasted meanwhile.
       if (key() === asked) scopes = Object.assign({}, scopes, { admin: false });
@@ -365,7 +412,7 @@
     } else if (!r.ok) {
       notice(problem(r), true);
     } else {
-      notice((paused ? 'Paused ' : 'Resumed ') + queue + '.');
+      notice(done);
     }
     if (gen === generation) reload();
   }
