@@ -104,6 +104,30 @@ pub(crate) fn is_connection_loss(e: &diesel::result::Error) -> bool {
     }
 }
 
+/// True when the database is up but will not store this write: the disk under it is
+/// full (PostgreSQL's "could not extend file …: No space left on device", SQLSTATE
+/// 53100, and its other writes that found no space), or it takes reads only (a
+/// PostgreSQL standby, or a database with `default_transaction_read_only`: SQLSTATE
+/// 25006; a SQLite file this process may not write). Answered 503 with `Retry-After`,
+/// as an outage is, but the connection is sound and reads go on, so it neither trips
+/// the health state nor discards the connection. (SQLite's own "database or disk is
+/// full" is older and counts as a connection loss, see [`is_connection_loss`].) The
+/// messages are PostgreSQL's in English (`lc_messages`), as for a connection loss:
+/// diesel does not hand over the SQLSTATE but for a few kinds.
+pub(crate) fn is_write_refused(e: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind as K, Error as E};
+    match e {
+        E::DatabaseError(K::ReadOnlyTransaction, _) => true,
+        E::DatabaseError(K::Unknown, info) => {
+            let m = info.message();
+            m.contains("No space left on device")
+                || m.contains("could not extend file")
+                || m.contains("attempt to write a readonly database")
+        }
+        _ => false,
+    }
+}
+
 pub(crate) fn is_busy(e: &diesel::result::Error) -> bool {
     use diesel::result::{DatabaseErrorKind as K, Error as E};
     match e {
@@ -359,7 +383,7 @@ impl From<StoreError> for ApiError {
             StoreError::Replayed => ApiError::unauthorized(AuthFailure::new("replayed request")),
             StoreError::StaleAttempt => ApiError::unauthorized(AuthFailure::new("revoked")),
             StoreError::Db(diesel::result::Error::NotFound) => ApiError::NotFound,
-            StoreError::Db(ref d) if is_connection_loss(d) || is_busy(d) => {
+            StoreError::Db(ref d) if is_connection_loss(d) || is_busy(d) || is_write_refused(d) => {
                 ApiError::Unavailable(d.to_string())
             }
             StoreError::Db(d) => ApiError::Internal(d.into()),
@@ -443,6 +467,48 @@ mod tests {
             StoreError::Replayed.shared(),
             StoreError::Replayed
         ));
+    }
+
+    /// A database that is up but takes no more writes (a full disk, a read-only
+    /// database) is a 503 with nothing of the cause in the body, not a 500.
+    #[test]
+    fn a_write_the_database_refuses_is_503() {
+        use diesel::result::{DatabaseErrorKind as K, Error as E};
+        let refused = [
+            E::DatabaseError(
+                K::Unknown,
+                Box::new(
+                    "could not extend file \"pg_tblspc/16387/PG_15/16388/16389\": \
+                     No space left on device"
+                        .to_owned(),
+                ),
+            ),
+            E::DatabaseError(
+                K::ReadOnlyTransaction,
+                Box::new("cannot execute UPDATE in a read-only transaction".to_owned()),
+            ),
+            E::DatabaseError(
+                K::Unknown,
+                Box::new("attempt to write a readonly database".to_owned()),
+            ),
+        ];
+        for e in refused {
+            assert!(is_write_refused(&e), "{e}");
+            assert!(!is_connection_loss(&e), "{e}");
+            let api = ApiError::from(StoreError::Db(e));
+            assert_eq!(api.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+            let body = api.problem().to_string();
+            assert!(
+                !body.contains("pg_tblspc") && !body.contains("read-only"),
+                "{body}"
+            );
+        }
+        let bug = E::DatabaseError(K::Unknown, Box::new("no such column: x".to_owned()));
+        assert!(!is_write_refused(&bug));
+        assert_eq!(
+            ApiError::from(StoreError::Db(bug)).status_code(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 
     #[test]

@@ -691,6 +691,35 @@ impl TestApp {
 }
 
 impl TestDb {
+    /// A SQLite database at `path` (its directory is the caller's to remove).
+    pub fn sqlite_at(path: &std::path::Path) -> Arc<TestDb> {
+        Arc::new(TestDb {
+            url: format!("sqlite://{}", path.display()),
+            admin_url: None,
+            name: String::new(),
+            _dir: None,
+        })
+    }
+
+    /// A PostgreSQL database created in this tablespace; `None` without PostgreSQL.
+    pub fn postgres_in(tablespace: &str) -> Option<Arc<TestDb>> {
+        let admin = postgres_admin_url()?;
+        let name = format!("coord_test_{}", uuid::Uuid::now_v7().simple());
+        let mut c = diesel::PgConnection::establish(&admin).expect("admin connection");
+        c.batch_execute(&format!(
+            "CREATE DATABASE \"{name}\" TABLESPACE \"{tablespace}\""
+        ))
+        .expect("create test database");
+        Some(Arc::new(TestDb {
+            url: replace_db_name(&admin, &name),
+            admin_url: Some(admin),
+            name,
+            _dir: None,
+        }))
+    }
+}
+
+impl TestDb {
     /// The PostgreSQL admin URL this database was created from (`None` for SQLite).
     pub fn admin_url(&self) -> Option<&str> {
         self.admin_url.as_deref()

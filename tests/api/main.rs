@@ -28,6 +28,7 @@ mod races;
 mod routing;
 mod signing_vectors;
 mod stitcher;
+mod storage;
 mod tls;
 mod tokens;
 mod ui;

@@ -1,0 +1,656 @@
+//! Storage faults (the review of 2026-12-06): the file system under the database fills
+//! up, or the database stops taking writes (a PostgreSQL that went read-only, as a
+//! standby does after a failover). What must hold, as for every fault: a write gets its
+//! answer or a 503 (problem+json with `Retry-After`, nothing about the database in the
+//! body), never a 500; no acknowledged write is lost, also across a restart; a signed
+//! request that was acknowledged is still refused when replayed; the service recovers
+//! by itself once the fault is gone.
+//!
+//! The disk-full tests mount a small tmpfs (root and `mount`, and for PostgreSQL a
+//! server on this machine that can use a directory here as a tablespace). Where that
+//! is not possible they are reported as ignored, never as passed (`REQUIRE_MOUNTS=1`:
+//! they fail instead).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use coordinator::auth::Scope;
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, RunQueryDsl};
+use serde_json::{json, Value};
+
+use crate::helpers::{
+    now_secs, postgres_admin_url, start, test_config, try_send, Backend, Resp, Test, TestApp,
+    TestDb,
+};
+
+inventory::submit! {
+    Test::new(module_path!(), "sqlite", "a_full_disk_is_503_never_500_and_loses_no_acknowledged_write",
+        || a_full_disk_is_503_never_500_and_loses_no_acknowledged_write(Backend::Sqlite))
+        .when(can_mount)
+}
+inventory::submit! {
+    Test::new(module_path!(), "postgres", "a_full_disk_is_503_never_500_and_loses_no_acknowledged_write",
+        || a_full_disk_is_503_never_500_and_loses_no_acknowledged_write(Backend::Postgres))
+        .on_postgres()
+        .when(can_mount_for_postgres)
+}
+
+crate::postgres_tests!(a_read_only_database_is_503_never_500_and_recovers);
+
+const JSON: (&str, &str) = ("content-type", "application/json");
+
+/// Words a 503 body must not contain: where the data lives, what the database said.
+const INTERNALS: &[&str] = &[
+    "/tmp",
+    "pg_tblspc",
+    "No space",
+    "disk",
+    "read-only",
+    "readonly",
+    "SQL",
+];
+
+// ---- the file system --------------------------------------------------------------------
+
+/// A tmpfs of a fixed size, mounted on a fresh directory; unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Result<Tmpfs, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        }
+        Ok(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Can this process mount a tmpfs? Panics when it cannot and `REQUIRE_MOUNTS=1`.
+fn can_mount() -> bool {
+    let ok = Tmpfs::mount("1m").is_ok();
+    if !ok && std::env::var("REQUIRE_MOUNTS").as_deref() == Ok("1") {
+        panic!("REQUIRE_MOUNTS=1 but this process cannot mount a tmpfs");
+    }
+    ok
+}
+
+/// A tmpfs, and a PostgreSQL server that runs on this machine as `postgres`, so a
+/// directory of the tmpfs can be its tablespace.
+fn can_mount_for_postgres() -> bool {
+    let Some(admin) = postgres_admin_url() else {
+        return false;
+    };
+    #[derive(diesel::QueryableByName)]
+    struct Dir {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        dir: String,
+    }
+    let local = diesel::PgConnection::establish(&admin)
+        .ok()
+        .and_then(|mut c| {
+            diesel::sql_query("SELECT current_setting('data_directory') AS dir")
+                .get_result::<Dir>(&mut c)
+                .ok()
+        })
+        .is_some_and(|d| Path::new(&d.dir).is_dir());
+    let has_user = std::process::Command::new("id")
+        .arg("postgres")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    local && has_user && can_mount()
+}
+
+/// Fill the file system `dir` is on with one file, until a write fails for want of
+/// space; returns the file.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).expect("filler");
+    for chunk in [1 << 20, 4096, 512] {
+        let buf = vec![0xa5u8; chunk];
+        loop {
+            match f.write_all(&buf) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+    }
+    path
+}
+
+/// A PostgreSQL tablespace in a directory of its own on `fs`, dropped (after the
+/// databases in it) when this is.
+struct Tablespace {
+    admin: String,
+    name: String,
+}
+
+impl Tablespace {
+    fn create(fs: &Tmpfs) -> Tablespace {
+        let admin = postgres_admin_url().expect("PostgreSQL");
+        let dir = fs.path().join("pg");
+        std::fs::create_dir(&dir).expect("tablespace dir");
+        let owned = std::process::Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(fs.path())
+            .arg(&dir)
+            .status()
+            .expect("chown");
+        assert!(owned.success(), "chown postgres {}", dir.display());
+        let name = format!("coord_ts_{}", uuid::Uuid::now_v7().simple());
+        let mut c = diesel::PgConnection::establish(&admin).expect("admin connection");
+        c.batch_execute(&format!(
+            "CREATE TABLESPACE \"{name}\" LOCATION '{}'",
+            dir.display()
+        ))
+        .expect("create tablespace");
+        Tablespace { admin, name }
+    }
+}
+
+impl Drop for Tablespace {
+    fn drop(&mut self) {
+        if let Ok(mut c) = diesel::PgConnection::establish(&self.admin) {
+            let _ = c.batch_execute(&format!("DROP TABLESPACE IF EXISTS \"{}\"", self.name));
+        }
+    }
+}
+
+// ---- requests -----------------------------------------------------------------------------
+
+/// One signed request exactly as sent (to send it again as a replay) and its answer.
+struct Sent {
+    method: &'static str,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: String,
+    answer: Result<Resp, String>,
+}
+
+impl Sent {
+    fn signed(app: &TestApp, method: &'static str, path: &str, body: &Value) -> Sent {
+        let body = body.to_string();
+        let mut headers = vec![(JSON.0.to_owned(), JSON.1.to_owned())];
+        headers.extend(
+            app.signer
+                .headers(method, path, body.as_bytes(), now_secs()),
+        );
+        let answer = send_as(app, method, path, &headers, &body);
+        Sent {
+            method,
+            path: path.to_owned(),
+            headers,
+            body,
+            answer,
+        }
+    }
+
+    fn again(&self, app: &TestApp) -> Result<Resp, String> {
+        send_as(app, self.method, &self.path, &self.headers, &self.body)
+    }
+
+    fn ok(&self) -> bool {
+        self.answer
+            .as_ref()
+            .is_ok_and(|r| (200..300).contains(&r.status))
+    }
+}
+
+fn send_as(
+    app: &TestApp,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: &str,
+) -> Result<Resp, String> {
+    let h: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    try_send(&app.url(path), method, &h, body.as_bytes())
+}
+
+/// `None` for a 2xx or a proper 503; otherwise what is wrong with the answer.
+fn not_2xx_or_503(what: &str, answer: &Result<Resp, String>) -> Option<String> {
+    let r = match answer {
+        Err(e) => return Some(format!("{what}: no answer: {e}")),
+        Ok(r) => r,
+    };
+    if (200..300).contains(&r.status) {
+        return None;
+    }
+    let ok = r.status == 503
+        && r.header("content-type") == Some("application/problem+json")
+        && r.header("retry-after").is_some()
+        && serde_json::from_str::<Value>(&r.body).is_ok_and(|p| p["status"] == 503)
+        && !INTERNALS.iter().any(|w| r.body.contains(w));
+    (!ok).then(|| format!("{what}: {} {:?} {}", r.status, r.headers, r.body))
+}
+
+/// What the writes of a test left acknowledged.
+#[derive(Default)]
+struct Acked {
+    /// Progress messages of the job.
+    messages: Vec<String>,
+    /// Jobs created (ids).
+    jobs: Vec<String>,
+    /// Signed requests that were acknowledged: each must be refused when replayed.
+    signed: Vec<Sent>,
+    refused: usize,
+    problems: Vec<String>,
+}
+
+impl Acked {
+    /// Write `n` times: a signed progress report, one with the API key, a signed create
+    /// (with an `Idempotency-Key`), in turn; record what was acknowledged.
+    fn write(&mut self, app: &TestApp, job: &str, key: &str, label: &str, n: usize) {
+        let path = format!("/coordinator/jobs/{job}/progress");
+        for i in 0..n {
+            let message = format!("{label}-{i}");
+            match i % 3 {
+                0 => {
+                    let body = json!({"percent": 50, "message": message});
+                    let s = Sent::signed(app, "PATCH", &path, &body);
+                    self.note(&message, &s.answer);
+                    if s.ok() {
+                        self.messages.push(message);
+                        self.signed.push(s);
+                    }
+                }
+                1 => {
+                    let body = json!({"percent": 50, "message": message}).to_string();
+                    let r = try_send(
+                        &app.url(&path),
+                        "PATCH",
+                        &[JSON, ("X-API-Key", key)],
+                        body.as_bytes(),
+                    );
+                    self.note(&message, &r);
+                    if r.as_ref().is_ok_and(|r| r.status == 200) {
+                        self.messages.push(message);
+                    }
+                }
+                _ => {
+                    let body =
+                        json!({"kind": "disk", "queue": "storage", "payload": {"m": message}});
+                    let s = Sent::signed(app, "POST", "/coordinator/jobs", &body);
+                    self.note(&message, &s.answer);
+                    if s.ok() {
+                        if let Ok(r) = &s.answer {
+                            self.jobs
+                                .push(r.json()["id"].as_str().unwrap_or_default().to_owned());
+                        }
+                        self.signed.push(s);
+                    }
+                }
+            }
+        }
+    }
+
+    fn note(&mut self, what: &str, answer: &Result<Resp, String>) {
+        if let Some(p) = not_2xx_or_503(what, answer) {
+            self.problems.push(p);
+        } else if answer.as_ref().is_ok_and(|r| r.status == 503) {
+            self.refused += 1;
+        }
+    }
+
+    /// Every acknowledged write is there: each progress message exactly once, with
+    /// the job's event `seq`s 1..n, and every created job.
+    fn check(&self, app: &TestApp, job: &str, when: &str) {
+        let events = events(app, job);
+        let seqs: Vec<i64> = events
+            .iter()
+            .map(|e| e["seq"].as_i64().unwrap_or(-1))
+            .collect();
+        let want: Vec<i64> = (1..=i64::try_from(events.len()).expect("len")).collect();
+        assert_eq!(seqs, want, "{when}: event seqs are not 1..n");
+        let messages: Vec<&str> = events
+            .iter()
+            .filter(|e| e["type"] == "progress")
+            .filter_map(|e| e["data"]["message"].as_str())
+            .collect();
+        let lost: Vec<&String> = self
+            .messages
+            .iter()
+            .filter(|m| messages.iter().filter(|x| **x == m.as_str()).count() != 1)
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "{when}: acknowledged progress lost or doubled: {lost:?}"
+        );
+        for id in &self.jobs {
+            let r = retry_503(|| app.get(&format!("/coordinator/jobs/{id}")));
+            assert_eq!(r.status, 200, "{when}: acknowledged job {id}: {}", r.body);
+        }
+    }
+
+    /// Every acknowledged signed request, sent again, is refused as a replay.
+    fn check_replays(&self, app: &TestApp, when: &str) {
+        for s in &self.signed {
+            let r = s.again(app).expect("answered");
+            let p = r.problem(401);
+            assert_eq!(
+                p["reason"], "replayed request",
+                "{when}: {} {}",
+                s.method, s.path
+            );
+        }
+    }
+}
+
+/// Send again while the answer is a 503 (a client honouring `Retry-After`), for at
+/// most 30 s: right after a fault the health state may still be probing.
+fn retry_503(mut send: impl FnMut() -> Resp) -> Resp {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = send();
+        if r.status != 503 || Instant::now() >= until {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every event of the job, oldest first (every page).
+fn events(app: &TestApp, id: &str) -> Vec<Value> {
+    let mut events: Vec<Value> = Vec::new();
+    loop {
+        let after = events.last().map_or(0, |e| e["seq"].as_i64().unwrap_or(-1));
+        let r = retry_503(|| app.get(&format!("/coordinator/jobs/{id}/events?after={after}")));
+        assert_eq!(r.status, 200, "{}", r.body);
+        let page = r.json();
+        events.extend(page["events"].as_array().expect("events").iter().cloned());
+        if page["hasMore"] != true {
+            return events;
+        }
+    }
+}
+
+/// Once the fault is gone: writes are taken again, without a restart (the first may
+/// still meet the fault's last refusals), and then every one of a run of them.
+fn writes_recover(app: &TestApp, job: &str, key: &str, acked: &mut Acked, label: &str) {
+    let path = format!("/coordinator/jobs/{job}/progress");
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let message = format!("{label}-first");
+        let s = Sent::signed(
+            app,
+            "PATCH",
+            &path,
+            &json!({"percent": 60, "message": message}),
+        );
+        if let Some(p) = not_2xx_or_503(&message, &s.answer) {
+            panic!("{p}");
+        }
+        if s.ok() {
+            acked.messages.push(message);
+            acked.signed.push(s);
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "writes still refused 30 s after the fault ended"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = acked.refused;
+    acked.write(app, job, key, label, 30);
+    assert!(acked.problems.is_empty(), "{}", acked.problems.join("\n"));
+    assert_eq!(
+        acked.refused, before,
+        "a write refused after the service had recovered"
+    );
+}
+
+// ---- the tests ----------------------------------------------------------------------------
+
+/// The file system under the database fills up while the service writes: every write
+/// gets a 2xx or a 503 problem, never a 500; once space is freed writes are taken
+/// again without a restart (SQLite's group-commit writer thread survived); every
+/// acknowledged write is there, and still there after a restart; acknowledged signed
+/// requests are still refused as replays.
+fn a_full_disk_is_503_never_500_and_loses_no_acknowledged_write(b: Backend) {
+    let fs = Tmpfs::mount(if b == Backend::Sqlite { "16m" } else { "24m" }).expect("mount");
+    let tablespace;
+    let db = match b {
+        Backend::Sqlite => TestDb::sqlite_at(&fs.path().join("test.db")),
+        Backend::Postgres => {
+            tablespace = Tablespace::create(&fs);
+            let Some(db) = TestDb::postgres_in(&tablespace.name) else {
+                return;
+            };
+            db
+        }
+    };
+    let mut cfg = test_config(&db);
+    cfg.auth_failures_per_minute = 100_000;
+    let app = start(b, db.clone(), cfg.clone());
+    let job = app.running_job();
+    let key = app.api_key("disk-worker", &[Scope::JobsUpdate, Scope::JobsRead]);
+    let mut acked = Acked::default();
+    acked.write(&app, &job, &key, "before", 9);
+    assert_eq!(acked.refused, 0, "{}", acked.problems.join("\n"));
+
+    let filler = fill(fs.path());
+    acked.write(&app, &job, &key, "full", 300);
+    assert!(
+        acked.refused > 0,
+        "no write was refused on a full disk: the test did not reach the fault"
+    );
+    let problems = std::mem::take(&mut acked.problems);
+    eprintln!(
+        "disk full: {} of 309 writes acknowledged, {} refused",
+        acked.messages.len() + acked.jobs.len(),
+        acked.refused
+    );
+    // Reads need no space (with an API key: a signed request's replay record is a
+    // write).
+    let r = retry_503(|| {
+        app.raw(
+            "GET",
+            &format!("/coordinator/jobs/{job}"),
+            &[("X-API-Key", &key)],
+            b"",
+        )
+    });
+    assert_eq!(r.status, 200, "a read while the disk is full: {}", r.body);
+
+    std::fs::remove_file(&filler).expect("free the space");
+    writes_recover(&app, &job, &key, &mut acked, "after");
+    assert!(
+        problems.is_empty(),
+        "{} bad answers while the disk was full:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+    acked.check(&app, &job, "after the space came back");
+    acked.check_replays(&app, "after the space came back");
+
+    drop(app);
+    if let Some(path) = db.sqlite_path() {
+        let mut c = diesel::SqliteConnection::establish(path).expect("open");
+        #[derive(diesel::QueryableByName)]
+        struct Check {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            integrity_check: String,
+        }
+        let check = diesel::sql_query("PRAGMA integrity_check")
+            .get_result::<Check>(&mut c)
+            .expect("integrity_check");
+        assert_eq!(check.integrity_check, "ok");
+    }
+    let app = start(b, db.clone(), cfg);
+    acked.check(&app, &job, "after a restart");
+    acked.check_replays(&app, "after a restart");
+}
+
+/// The database stops taking writes while it still answers reads: PostgreSQL with
+/// `default_transaction_read_only` (what a standby answers after a failover that left
+/// the service pointed at it). Writes get 503 problems, never a 500; reads go on; once
+/// it takes writes again they are taken without a restart; nothing acknowledged is lost.
+fn a_read_only_database_is_503_never_500_and_recovers(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.auth_failures_per_minute = 100_000)
+    else {
+        return;
+    };
+    let admin_url = app.db.admin_url().expect("admin url").to_owned();
+    let name = app.db.name().to_owned();
+    let job = app.running_job();
+    let key = app.api_key("ro-worker", &[Scope::JobsUpdate, Scope::JobsRead]);
+    let mut acked = Acked::default();
+    acked.write(&app, &job, &key, "before", 9);
+    assert_eq!(acked.refused, 0, "{}", acked.problems.join("\n"));
+
+    let read_only = |on: bool| {
+        let mut c = diesel::PgConnection::establish(&admin_url).expect("admin");
+        let set = if on {
+            "SET default_transaction_read_only = on"
+        } else {
+            "RESET default_transaction_read_only"
+        };
+        c.batch_execute(&format!("ALTER DATABASE \"{name}\" {set}"))
+            .expect("alter database");
+        // Sessions read the setting when they start.
+        c.batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+        ))
+        .expect("terminate sessions");
+    };
+    /// Resets the database when the test fails half-way (the harness drops it anyway).
+    struct Writable<F: Fn(bool)>(F);
+    impl<F: Fn(bool)> Drop for Writable<F> {
+        fn drop(&mut self) {
+            (self.0)(false);
+        }
+    }
+    read_only(true);
+    let guard = Writable(read_only);
+    // The sessions cut by the switch are answered 503 and the health state recovers;
+    // once it has, every write meets the read-only database itself. A read goes on
+    // (with an API key: a signed request's replay record is a write).
+    let r = retry_503(|| {
+        app.raw(
+            "GET",
+            &format!("/coordinator/jobs/{job}"),
+            &[("X-API-Key", &key)],
+            b"",
+        )
+    });
+    assert_eq!(r.status, 200, "a read of a read-only database: {}", r.body);
+    acked.write(&app, &job, &key, "read-only", 30);
+    assert!(
+        acked.refused > 0,
+        "no write was refused by a read-only database"
+    );
+    let problems = std::mem::take(&mut acked.problems);
+    drop(guard);
+    writes_recover(&app, &job, &key, &mut acked, "writable");
+    assert!(
+        problems.is_empty(),
+        "{} bad answers while the database was read-only:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+    acked.check(&app, &job, "after the database took writes again");
+    acked.check_replays(&app, "after the database took writes again");
+}
+
+crate::sqlite_tests!(
+    a_removed_wal_file_loses_no_acknowledged_write,
+    a_removed_shm_file_loses_no_acknowledged_write,
+);
+
+fn a_removed_wal_file_loses_no_acknowledged_write(b: Backend) {
+    removed_file_loses_no_acknowledged_write(b, "-wal");
+}
+
+fn a_removed_shm_file_loses_no_acknowledged_write(b: Backend) {
+    removed_file_loses_no_acknowledged_write(b, "-shm");
+}
+
+/// An operator (or a clean-up job) removes the SQLite WAL or its index (`-shm`) under
+/// the running server. Writes after that get a 2xx or a 503 problem, never a 500, and
+/// every acknowledged write is in the database once the server has stopped, checked
+/// by a server started on it again.
+fn removed_file_loses_no_acknowledged_write(b: Backend, suffix: &str) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.auth_failures_per_minute = 100_000)
+    else {
+        return;
+    };
+    let file = format!("{}{suffix}", app.db.sqlite_path().expect("SQLite"));
+    let job = app.running_job();
+    let key = app.api_key("wal-worker", &[Scope::JobsUpdate, Scope::JobsRead]);
+    let mut acked = Acked::default();
+    acked.write(&app, &job, &key, "before", 30);
+    assert_eq!(acked.refused, 0, "{}", acked.problems.join("\n"));
+    std::fs::remove_file(&file).expect("remove the file");
+    acked.write(&app, &job, &key, "removed", 60);
+    // Reads through connections opened after the removal.
+    for i in 0..20 {
+        let r = try_send(
+            &app.url(&format!("/coordinator/jobs/{job}")),
+            "GET",
+            &[("X-API-Key", &key)],
+            b"",
+        );
+        acked.note(&format!("read-{i}"), &r);
+    }
+    assert!(
+        acked.problems.is_empty(),
+        "{} bad answers after {file} was removed:\n{}",
+        acked.problems.len(),
+        acked.problems.join("\n")
+    );
+    eprintln!(
+        "{suffix} removed: {} writes acknowledged, {} refused",
+        acked.messages.len() + acked.jobs.len(),
+        acked.refused
+    );
+    let (db, cfg) = (app.db.clone(), app.config.clone());
+    drop(app);
+    let path = db.sqlite_path().expect("SQLite");
+    let mut c = diesel::SqliteConnection::establish(path).expect("open");
+    #[derive(diesel::QueryableByName)]
+    struct Check {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        integrity_check: String,
+    }
+    let check = diesel::sql_query("PRAGMA integrity_check")
+        .get_result::<Check>(&mut c)
+        .map(|c| c.integrity_check)
+        .unwrap_or_else(|e| e.to_string());
+    drop(c);
+    assert_eq!(check, "ok", "the database after {file} was removed");
+    let app = start(b, db, cfg);
+    acked.check(&app, &job, "after a restart");
+}
