@@ -278,6 +278,9 @@ pub struct Conn {
     pub conn: DbConnection,
     broken: bool,
     epoch: u64,
+    /// SQLite: the WAL and its index as this connection found them after its first
+    /// write (see [`Wal::still_the_files`]).
+    wal_files: Option<FileIds>,
 }
 
 /// Opens the variant matching the URL and applies per-connection SQLite pragmas.
@@ -395,6 +398,7 @@ impl ManageConnection for ConnectionManager {
                 conn,
                 broken: false,
                 epoch,
+                wal_files: None,
             }),
             Err(e) => {
                 // Another process holding the SQLite file's lock is load, not an outage.
@@ -460,9 +464,18 @@ const RESET_RETRY_AFTER_MS: u64 = 250;
 /// requests already waiting when the database fails are refused soon after.
 const WAIT_SLICE: Duration = Duration::from_millis(20);
 
+/// (device, inode) of the WAL file and of its index (`-shm`).
+type FileIds = [(u64, u64); 2];
+
 /// What the writer knows about the SQLite WAL file.
 struct Wal {
     path: std::path::PathBuf,
+    /// The WAL index (`-shm`).
+    shm: std::path::PathBuf,
+    /// Set once the WAL or its index was removed (or replaced) under the running
+    /// server: every operation is refused from then on (the health probe fails), until
+    /// a restart opens the files afresh.
+    removed: Arc<AtomicBool>,
     /// File size at the last measurement (after every write).
     bytes: AtomicU64,
     /// Largest file size measured.
@@ -497,9 +510,11 @@ pub(crate) enum WalReset {
 }
 
 impl Wal {
-    fn new(path: std::path::PathBuf) -> Self {
+    fn new(db_path: &str, removed: Arc<AtomicBool>) -> Self {
         Wal {
-            path,
+            path: format!("{db_path}-wal").into(),
+            shm: format!("{db_path}-shm").into(),
+            removed,
             bytes: AtomicU64::new(0),
             max_bytes: AtomicU64::new(0),
             frame_bytes: AtomicU64::new(0),
@@ -509,6 +524,28 @@ impl Wal {
             retry_at_ms: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             incomplete: AtomicU64::new(0),
+        }
+    }
+
+    /// Are the WAL and its index still the files the writing connection wrote through
+    /// (`seen`: their ids after its first write, recorded here)? While a connection is
+    /// open SQLite neither removes nor replaces them (the WAL goes when the last
+    /// connection closes, and ours is open), so a file missing, or another file under
+    /// its name, was removed under the server: its frames, acknowledged writes among
+    /// them, live on only in the copies still open, and a connection opened now reads
+    /// another WAL than the writer writes.
+    fn still_the_files(&self, seen: &mut Option<FileIds>) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+        match (id(&self.path), id(&self.shm), *seen) {
+            (Some(wal), Some(shm), Some(ids)) => ids == [wal, shm],
+            (_, _, Some(_)) => false,
+            (Some(wal), Some(shm), None) => {
+                *seen = Some([wal, shm]);
+                true
+            }
+            // Not in WAL mode (`sqlite_wal` could not switch): nothing to watch.
+            (_, _, None) => true,
         }
     }
 
@@ -585,9 +622,19 @@ struct Shared {
 }
 
 impl Shared {
-    /// After a write: is a reset of the SQLite WAL due (never on PostgreSQL)?
-    fn wal_after_write(&self) -> WalReset {
-        self.wal.as_ref().map_or(WalReset::No, Wal::after_write)
+    /// After a write committed on `c`, before it is acknowledged: is a reset of the
+    /// SQLite WAL due (never on PostgreSQL)? `Err` when the write cannot be
+    /// acknowledged: the WAL or its index was removed under the server and what it
+    /// held could not all be copied into the database file ([`rescue_removed_wal`]).
+    fn wal_after_write(&self, c: &mut Conn) -> Result<WalReset, String> {
+        let Some(wal) = &self.wal else {
+            return Ok(WalReset::No);
+        };
+        if wal.still_the_files(&mut c.wal_files) {
+            return Ok(wal.after_write());
+        }
+        c.broken = true;
+        rescue_removed_wal(self, wal, &mut c.conn).map(|()| WalReset::No)
     }
 
     fn busy_ms(&self) -> u64 {
@@ -637,7 +684,14 @@ impl Db {
     /// database that is down makes requests 503 instead of failing the build).
     pub fn new(cfg: &DbConfig) -> Self {
         let prober = ConnectionManager::new(cfg);
-        let health = DbHealth::new(Box::new(move || prober.probe()));
+        let wal_removed = Arc::new(AtomicBool::new(false));
+        let removed = wal_removed.clone();
+        let health = DbHealth::new(Box::new(move || {
+            if removed.load(Ordering::Acquire) {
+                return Err(WAL_REMOVED.into());
+            }
+            prober.probe()
+        }));
         let mk = |size: u32| {
             Pool::builder()
                 .max_size(size)
@@ -666,8 +720,8 @@ impl Db {
                 (read.clone(), g.clone(), g)
             }
         };
-        let wal = (cfg.url.backend() == Backend::Sqlite)
-            .then(|| Wal::new(format!("{}-wal", cfg.url.target()).into()));
+        let wal =
+            (cfg.url.backend() == Backend::Sqlite).then(|| Wal::new(cfg.url.target(), wal_removed));
         let backend = cfg.url.backend();
         let shared = Arc::new_cyclic(|me| Shared {
             health,
@@ -1050,10 +1104,11 @@ impl Db {
             }
         }
         drop(under_way);
-        let reset = if write && !c.broken {
-            self.shared.wal_after_write()
-        } else {
-            WalReset::No
+        let (r, reset) = match (write && !c.broken).then(|| self.shared.wal_after_write(&mut c)) {
+            Some(Ok(reset)) => (r, reset),
+            // Committed, but not where the database file will keep it: not acknowledged.
+            Some(Err(why)) if r.is_ok() => (Err(StoreError::Unavailable(why)), WalReset::No),
+            Some(Err(_)) | None => (r, WalReset::No),
         };
         (r, (reset != WalReset::No).then_some((c, reset)))
     }
@@ -1171,6 +1226,54 @@ struct CheckpointOutcome {
     log: i32,
     #[diesel(sql_type = diesel::sql_types::Integer)]
     checkpointed: i32,
+}
+
+/// What the log and the health probe say once the WAL was removed under the server.
+const WAL_REMOVED: &str = "the SQLite WAL file or its index (-wal, -shm) was removed while \
+     the server was running; every request is refused until the server is restarted";
+
+/// The WAL or its index was removed under the server (`Wal::still_the_files`): copy
+/// every frame into the database file through the writing connection, which still
+/// has the removed WAL open (a TRUNCATE checkpoint, waiting up to
+/// `URGENT_CHECKPOINT_BUSY_MS` for readers), so that what was acknowledged, and the
+/// write about to be, no longer depends on it. Then refuse everything until a
+/// restart: connections opened before and after the removal read different files,
+/// and a write now would go where new connections cannot read it. `Err` when the copy
+/// did not finish: the write must not be acknowledged.
+fn rescue_removed_wal(shared: &Shared, wal: &Wal, lite: &mut DbConnection) -> Result<(), String> {
+    let first = !wal.removed.swap(true, Ordering::AcqRel);
+    let copied = match lite {
+        DbConnection::Sqlite(lite) => {
+            let _turn = writer::checkpoint_turn(&shared.checkpointing, true);
+            lite.batch_execute(&format!(
+                "PRAGMA busy_timeout = {URGENT_CHECKPOINT_BUSY_MS};"
+            ))
+            .and_then(|()| {
+                diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .get_result::<CheckpointOutcome>(lite)
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|o| {
+                (o.busy == 0)
+                    .then_some(())
+                    .ok_or_else(|| "readers kept the checkpoint from finishing".to_owned())
+            })
+        }
+        DbConnection::Postgresql(_) => Ok(()),
+    };
+    if first {
+        match &copied {
+            Ok(()) => log::error!(
+                "{WAL_REMOVED}; every committed write was copied into the database file"
+            ),
+            Err(e) => log::error!(
+                "{WAL_REMOVED}; the last writes could not be copied into the database file \
+                 ({e}) and were not acknowledged"
+            ),
+        }
+    }
+    shared.health.trip(None, WAL_REMOVED);
+    copied.map_err(|e| format!("{WAL_REMOVED}: {e}"))
 }
 
 /// SQLite, on the writing connection after a write (the writer thread's, or a
@@ -1414,9 +1517,9 @@ mod tests {
     #[test]
     fn a_reset_readers_held_up_is_not_retried_at_once_unless_urgent() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("x.db-wal");
-        std::fs::write(&path, b"").expect("wal file");
-        let wal = Wal::new(path);
+        let db = dir.path().join("x.db");
+        std::fs::write(dir.path().join("x.db-wal"), b"").expect("wal file");
+        let wal = Wal::new(&db.to_string_lossy(), Arc::new(AtomicBool::new(false)));
         wal.frame_bytes.store(WAL_RESET_BYTES, Ordering::Relaxed);
         assert_eq!(wal.after_write(), WalReset::Due);
         wal.reset_done(false);

@@ -235,13 +235,16 @@ fn run(write: &DbPool, shared: &Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Wo
         let (replies, failed) = commit_batch(&mut conn.conn, batch);
         // A failed batch may leave the connection mid-transaction: open a fresh one.
         conn.broken |= failed;
-        let reset = if failed {
-            WalReset::No
+        let (reset, lost) = if failed {
+            (WalReset::No, None)
         } else {
-            shared.wal_after_write()
+            match shared.wal_after_write(&mut conn) {
+                Ok(reset) => (reset, None),
+                Err(why) => (WalReset::No, Some(why)),
+            }
         };
         for (reply, outcome) in replies {
-            reply(outcome.as_deref());
+            reply(outcome.as_deref().or(lost.as_deref()));
         }
         if reset != WalReset::No {
             // After the replies: the batch's requests never wait for the reset (which

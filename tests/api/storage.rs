@@ -431,6 +431,29 @@ fn writes_recover(app: &TestApp, job: &str, key: &str, acked: &mut Acked, label:
     );
 }
 
+/// Wait (at most 10 s) until this process holds no file of the SQLite database at
+/// `path` open: a stopped app's last threads (the WAL backfiller wakes every 100 ms)
+/// may still hold connections, and SQLite shares one WAL index per database file
+/// among all connections of a process, so an app started before they are gone would
+/// share the stopped one's files (a restart in production is a new process).
+fn wait_until_closed(path: &str) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        let open = std::fs::read_dir("/proc/self/fd")
+            .map(|fds| {
+                fds.flatten().any(|fd| {
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with(path))
+                })
+            })
+            .unwrap_or(false);
+        if !open {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 // ---- the tests ----------------------------------------------------------------------------
 
 /// The file system under the database fills up while the service writes: every write
@@ -497,6 +520,7 @@ fn a_full_disk_is_503_never_500_and_loses_no_acknowledged_write(b: Backend) {
 
     drop(app);
     if let Some(path) = db.sqlite_path() {
+        wait_until_closed(path);
         let mut c = diesel::SqliteConnection::establish(path).expect("open");
         #[derive(diesel::QueryableByName)]
         struct Check {
@@ -599,9 +623,11 @@ fn a_removed_shm_file_loses_no_acknowledged_write(b: Backend) {
 }
 
 /// An operator (or a clean-up job) removes the SQLite WAL or its index (`-shm`) under
-/// the running server. Writes after that get a 2xx or a 503 problem, never a 500, and
-/// every acknowledged write is in the database once the server has stopped, checked
-/// by a server started on it again.
+/// the running server. The next write finds it out: from then on every request gets a
+/// 503 problem (never a 500) and `/readyz` 503 until a restart; every acknowledged
+/// write is in the database file once the server has stopped (which passes SQLite's
+/// integrity check), and a server started on it again has all of them and takes
+/// writes.
 fn removed_file_loses_no_acknowledged_write(b: Backend, suffix: &str) {
     let Some(app) = crate::helpers::spawn_app_with(b, |c| c.auth_failures_per_minute = 100_000)
     else {
@@ -615,15 +641,38 @@ fn removed_file_loses_no_acknowledged_write(b: Backend, suffix: &str) {
     assert_eq!(acked.refused, 0, "{}", acked.problems.join("\n"));
     std::fs::remove_file(&file).expect("remove the file");
     acked.write(&app, &job, &key, "removed", 60);
-    // Reads through connections opened after the removal.
-    for i in 0..20 {
+    // A write acknowledged is what the next read shows (a read may be refused, never
+    // stale: a read connection opened after the removal must not see an older state).
+    let path = format!("/coordinator/jobs/{job}/progress");
+    for i in 0..40 {
+        let message = format!("read-your-write-{i}");
+        let body = json!({"percent": 70, "message": message}).to_string();
+        let w = try_send(
+            &app.url(&path),
+            "PATCH",
+            &[JSON, ("X-API-Key", &key)],
+            body.as_bytes(),
+        );
+        acked.note(&message, &w);
+        if !w.as_ref().is_ok_and(|r| r.status == 200) {
+            continue;
+        }
+        acked.messages.push(message.clone());
         let r = try_send(
             &app.url(&format!("/coordinator/jobs/{job}")),
             "GET",
             &[("X-API-Key", &key)],
             b"",
         );
-        acked.note(&format!("read-{i}"), &r);
+        acked.note(&format!("read after {message}"), &r);
+        if let Some(r) = r.as_ref().ok().filter(|r| r.status == 200) {
+            let shown = r.json()["message"].as_str().unwrap_or_default().to_owned();
+            if shown != message {
+                acked
+                    .problems
+                    .push(format!("stale read after {message}: shows {shown:?}"));
+            }
+        }
     }
     assert!(
         acked.problems.is_empty(),
@@ -631,14 +680,16 @@ fn removed_file_loses_no_acknowledged_write(b: Backend, suffix: &str) {
         acked.problems.len(),
         acked.problems.join("\n")
     );
-    eprintln!(
-        "{suffix} removed: {} writes acknowledged, {} refused",
-        acked.messages.len() + acked.jobs.len(),
-        acked.refused
+    assert!(
+        acked.refused > 0,
+        "no request refused after {file} was removed"
     );
+    let ready = app.raw("GET", "/readyz", &[], b"");
+    assert_eq!(ready.status, 503, "/readyz after {file} was removed");
     let (db, cfg) = (app.db.clone(), app.config.clone());
     drop(app);
     let path = db.sqlite_path().expect("SQLite");
+    wait_until_closed(path);
     let mut c = diesel::SqliteConnection::establish(path).expect("open");
     #[derive(diesel::QueryableByName)]
     struct Check {
@@ -653,4 +704,6 @@ fn removed_file_loses_no_acknowledged_write(b: Backend, suffix: &str) {
     assert_eq!(check, "ok", "the database after {file} was removed");
     let app = start(b, db, cfg);
     acked.check(&app, &job, "after a restart");
+    writes_recover(&app, &job, &key, &mut acked, "restarted");
+    acked.check(&app, &job, "after writes on the restarted server");
 }
