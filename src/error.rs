@@ -137,6 +137,9 @@ pub(crate) fn is_busy(e: &diesel::result::Error) -> bool {
                 || m.contains("database table is locked")
                 // PostgreSQL broke a lock cycle by failing this transaction: transient.
                 || m.contains("deadlock detected")
+                // PostgreSQL ended the statement: `lock_timeout`, `statement_timeout`
+                // (57014, 55P03; a database or role may set them), `pg_cancel_backend`.
+                || m.contains("canceling statement due to")
         }
         E::DatabaseError(K::SerializationFailure, _) => true,
         _ => false,
@@ -503,6 +506,11 @@ mod tests {
                 "{body}"
             );
         }
+        let cancelled = E::DatabaseError(
+            K::Unknown,
+            Box::new("canceling statement due to lock timeout".to_owned()),
+        );
+        assert!(is_busy(&cancelled) && !is_connection_loss(&cancelled));
         let bug = E::DatabaseError(K::Unknown, Box::new("no such column: x".to_owned()));
         assert!(!is_write_refused(&bug));
         assert_eq!(

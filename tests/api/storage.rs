@@ -37,7 +37,10 @@ inventory::submit! {
         .when(can_mount_for_postgres)
 }
 
-crate::postgres_tests!(a_read_only_database_is_503_never_500_and_recovers);
+crate::postgres_tests!(
+    a_read_only_database_is_503_never_500_and_recovers,
+    a_statement_cancelled_by_a_lock_timeout_is_503_never_500,
+);
 
 const JSON: (&str, &str) = ("content-type", "application/json");
 
@@ -707,4 +710,61 @@ fn removed_file_loses_no_acknowledged_write(b: Backend, suffix: &str) {
     assert_eq!(ready, 503, "/readyz after {file} was removed");
     writes_recover(&app, &job, &key, &mut acked, "restarted");
     acked.check(&app, &job, "after writes on the restarted server");
+}
+
+/// A statement PostgreSQL cancels (here: `lock_timeout`, set on the database as a DBA
+/// may, while another session holds the job's row; `statement_timeout` and
+/// `pg_cancel_backend` end a statement the same way, "canceling statement due to …")
+/// is load: 503 with `Retry-After`, never a 500, and writes go on once the lock is
+/// released.
+fn a_statement_cancelled_by_a_lock_timeout_is_503_never_500(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.auth_failures_per_minute = 100_000)
+    else {
+        return;
+    };
+    let (admin_url, name) = (
+        app.db.admin_url().expect("admin url").to_owned(),
+        app.db.name().to_owned(),
+    );
+    let job = app.running_job();
+    let key = app.api_key("lock-worker", &[Scope::JobsUpdate, Scope::JobsRead]);
+    let mut admin = diesel::PgConnection::establish(&admin_url).expect("admin");
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{name}\" SET lock_timeout = '100ms'; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+        ))
+        .expect("set lock_timeout");
+    let read = || {
+        app.raw(
+            "GET",
+            &format!("/coordinator/jobs/{job}"),
+            &[("X-API-Key", &key)],
+            b"",
+        )
+    };
+    assert_eq!(retry_503(read).status, 200);
+    let mut acked = Acked::default();
+    acked.write(&app, &job, &key, "before", 6);
+    assert_eq!(acked.refused, 0, "{}", acked.problems.join("\n"));
+
+    let mut lock = diesel::PgConnection::establish(&app.db.url).expect("connect");
+    lock.batch_execute(&format!(
+        "BEGIN; SELECT id FROM jobs WHERE id = '{job}' FOR UPDATE"
+    ))
+    .expect("lock the job's row");
+    acked.write(&app, &job, &key, "locked", 12);
+    let problems = std::mem::take(&mut acked.problems);
+    let refused = acked.refused;
+    lock.batch_execute("COMMIT").expect("release the row");
+    assert!(
+        problems.is_empty(),
+        "{} bad answers while the row was locked:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+    assert!(refused > 0, "no write waited out the lock timeout");
+    writes_recover(&app, &job, &key, &mut acked, "released");
+    acked.check(&app, &job, "after the lock was released");
 }
