@@ -370,9 +370,86 @@ fn docs_are_self_contained() {
                     problems.push(format!("{}: broken link ({link})", file.display()));
                 }
             }
+            // Every `#fragment` (in this file or another Markdown file) names a heading.
+            for link in markdown_links(&text) {
+                let Some((target, fragment)) = link.split_once('#') else {
+                    continue;
+                };
+                if link.contains("://") || !(target.is_empty() || target.ends_with(".md")) {
+                    continue;
+                }
+                let heading_text = if target.is_empty() {
+                    text.clone()
+                } else {
+                    std::fs::read_to_string(dir.join(target)).unwrap_or_default()
+                };
+                if !heading_slugs(&heading_text).iter().any(|s| s == fragment) {
+                    problems.push(format!("{}: no heading for ({link})", file.display()));
+                }
+            }
         }
     }
     assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// The anchors GitHub gives a Markdown file's headings: lower case, spaces to `-`,
+/// everything but letters, digits, `-` and `_` dropped (a repeated heading's `-1`
+/// suffixes are not made; none is linked).
+fn heading_slugs(text: &str) -> Vec<String> {
+    let mut fenced = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+        }
+        let Some(title) = line.strip_prefix('#') else {
+            continue;
+        };
+        if fenced {
+            continue;
+        }
+        let title = title.trim_start_matches('#');
+        if !title.starts_with(' ') {
+            continue;
+        }
+        out.push(
+            title
+                .trim()
+                .to_lowercase()
+                .chars()
+                .filter_map(|c| match c {
+                    ' ' => Some('-'),
+                    c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+                    _ => None,
+                })
+                .collect(),
+        );
+    }
+    out
+}
+
+/// docs/decisions.md opens with a list of its sections: every `## ` heading is in it.
+fn the_decisions_list_names_every_section() {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/decisions.md"))
+            .unwrap();
+    let listed: Vec<String> = markdown_links(&text)
+        .into_iter()
+        .filter_map(|l| l.strip_prefix('#').map(str::to_owned))
+        .collect();
+    let missing: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .filter(|h| {
+            !listed
+                .iter()
+                .any(|l| heading_slugs(&format!("## {h}")) == [l.clone()])
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "sections missing from the list at the top: {missing:#?}"
+    );
 }
 
 /// The targets of inline Markdown links, `[text](target)`.
@@ -783,6 +860,7 @@ crate::plain_tests!(
     dev_mode_ignores_database_url_and_master_key_in_the_environment,
     operator_commands_without_a_database_name_their_dev_flag,
     docs_are_self_contained,
+    the_decisions_list_names_every_section,
     dot_env_is_not_read_from_a_parent_directory,
     dot_env_in_the_working_directory_is_read_and_named,
     dot_env_writable_by_others_or_owned_by_another_user_is_refused,
