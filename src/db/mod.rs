@@ -52,9 +52,11 @@ pub mod queue;
 pub mod replay;
 pub mod revoked;
 pub mod schema;
+mod url;
+mod wal;
 mod writer;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,6 +69,10 @@ use diesel::{Connection, RunQueryDsl};
 use crate::error::StoreError;
 use health::{DbHealth, DbState};
 use load::{CancelOnDrop, Gate, Shed};
+pub use url::{one_line, DatabaseUrl};
+pub(crate) use wal::WalReset;
+use wal::{rescue_removed_wal, reset_wal, wal_reset, FileIds, ResetDue, Wal, WAL_REMOVED};
+pub use wal::{WAL_LIMIT_BYTES, WAL_RESET_BYTES};
 
 /// Validated database settings.
 #[derive(Debug, Clone)]
@@ -91,185 +97,6 @@ pub enum DbConnection {
 pub enum Backend {
     Postgres,
     Sqlite,
-}
-
-/// A validated database URL. Unknown schemes are refused, so a typo never creates an
-/// empty SQLite file somewhere.
-#[derive(Clone, PartialEq, Eq)]
-pub struct DatabaseUrl {
-    backend: Backend,
-    /// For Postgres the whole URL; for SQLite the file path.
-    target: String,
-}
-
-impl std::fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // A Postgres URL may carry a password: print only the backend.
-        write!(f, "DatabaseUrl({:?})", self.backend)
-    }
-}
-
-impl DatabaseUrl {
-    pub fn parse(raw: &str) -> Result<Self, String> {
-        if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
-            return Ok(DatabaseUrl {
-                backend: Backend::Postgres,
-                target: raw.to_owned(),
-            });
-        }
-        let path = raw
-            .strip_prefix("sqlite://")
-            .or_else(|| raw.strip_prefix("sqlite:"));
-        match path {
-            Some(p) if !p.is_empty() && !p.contains(":memory:") => Ok(DatabaseUrl {
-                backend: Backend::Sqlite,
-                target: p.to_owned(),
-            }),
-            Some(_) => Err("sqlite URL needs a file path, e.g. sqlite://./coordinator.db".into()),
-            None => Err("unknown scheme; expected postgres://, postgresql:// or sqlite://".into()),
-        }
-    }
-
-    /// PostgreSQL TLS policy, applied to the URL the service connects with: an explicit
-    /// `sslmode=prefer` or `allow` (TLS that silently falls back to plain text) is refused
-    /// unless `allow_downgrade`; a URL without `sslmode` gets `sslmode=verify-full` when
-    /// any host it names is not local (a Unix socket or a loopback address), so the
-    /// server's certificate is checked against `sslrootcert` (libpq's default
-    /// `~/.postgresql/root.crt`, or `sslrootcert=system`). SQLite URLs pass unchanged.
-    pub fn with_tls_policy(mut self, allow_downgrade: bool) -> Result<Self, String> {
-        if self.backend != Backend::Postgres {
-            return Ok(self);
-        }
-        let pg = pg_url::Parts::of(&self.target);
-        match pg.sslmode.as_deref() {
-            Some("prefer" | "allow") if !allow_downgrade => Err(format!(
-                "sslmode={} may connect without TLS; use sslmode=verify-full (or require, \
-                 verify-ca, disable), or set COORDINATOR_DB_ALLOW_TLS_DOWNGRADE=true",
-                pg.sslmode.as_deref().unwrap_or_default()
-            )),
-            Some("disable" | "allow" | "prefer" | "require" | "verify-ca" | "verify-full") => {
-                Ok(self)
-            }
-            Some(other) => Err(format!(
-                "unknown sslmode {other:?}; expected disable, require, verify-ca or verify-full"
-            )),
-            None if pg.all_hosts_local() => Ok(self),
-            None => {
-                let sep = if self.target.contains('?') { '&' } else { '?' };
-                self.target.push(sep);
-                self.target.push_str("sslmode=verify-full");
-                Ok(self)
-            }
-        }
-    }
-
-    /// The connection string libpq gets: the URL with bounds on the network added,
-    /// unless it names them itself. `connect_timeout` (the pool's wait, at least the
-    /// 2 s libpq allows): a host that does not answer would otherwise hold a pool
-    /// thread in `PQconnectdb` for good. TCP keepalives (idle 10 s, then 3 probes 5 s
-    /// apart) and `tcp_user_timeout` (20 s for sent data to be acknowledged): an
-    /// established connection whose peer vanished (a failed-over address, a host that
-    /// froze) fails within about half a minute instead of after the kernel's ~15 min of
-    /// retransmissions, is discarded by the pool, and its request answered 503. None of
-    /// this touches a slow query: the server acknowledges what it is sent. Unix sockets
-    /// ignore them.
-    pub fn pg_conninfo(&self, connect_timeout: Duration) -> String {
-        let secs = connect_timeout.as_secs().max(2);
-        let given = |name: &str| {
-            let query = self.target.split_once('?').map_or("", |(_, q)| q);
-            query
-                .split('&')
-                .any(|pair| pair.split_once('=').map_or(pair, |(k, _)| k) == name)
-        };
-        let mut out = self.target.clone();
-        for (name, value) in [
-            ("connect_timeout", secs.to_string()),
-            ("keepalives", "1".to_owned()),
-            ("keepalives_idle", "10".to_owned()),
-            ("keepalives_interval", "5".to_owned()),
-            ("keepalives_count", "3".to_owned()),
-            ("tcp_user_timeout", "20000".to_owned()),
-        ] {
-            if !given(name) {
-                out.push(if out.contains('?') { '&' } else { '?' });
-                out.push_str(name);
-                out.push('=');
-                out.push_str(&value);
-            }
-        }
-        out
-    }
-
-    /// The `sslmode` the URL asks for, if any.
-    pub fn sslmode(&self) -> Option<String> {
-        (self.backend == Backend::Postgres)
-            .then(|| pg_url::Parts::of(&self.target).sslmode)
-            .flatten()
-    }
-
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
-    /// The connection string handed to the driver (a file path for SQLite).
-    pub fn target(&self) -> &str {
-        &self.target
-    }
-}
-
-/// A driver message on one line (libpq's run over several: "connection to server … failed:
-/// SSL error: certificate verify failed\n").
-pub fn one_line(message: &str) -> String {
-    message.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// Just enough of a libpq connection URI to apply the TLS policy: the hosts (from the
-/// authority, or a `host=` parameter, which wins as in libpq) and `sslmode`.
-mod pg_url {
-    pub struct Parts {
-        pub hosts: Vec<String>,
-        pub sslmode: Option<String>,
-    }
-
-    impl Parts {
-        pub fn of(url: &str) -> Parts {
-            let rest = url.split_once("://").map_or(url, |(_, r)| r);
-            let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
-            let authority = before_query.split('/').next().unwrap_or_default();
-            let hostlist = authority.rsplit('@').next().unwrap_or_default();
-            let mut hosts: Vec<String> = hostlist.split(',').map(strip_port).collect();
-            let mut sslmode = None;
-            for pair in query.split('&') {
-                match pair.split_once('=') {
-                    Some(("sslmode", v)) => sslmode = Some(v.to_owned()),
-                    Some(("host", v)) => hosts = v.split(',').map(str::to_owned).collect(),
-                    _ => {}
-                }
-            }
-            Parts { hosts, sslmode }
-        }
-
-        /// Every host is a Unix socket directory, empty (libpq's default socket),
-        /// `localhost` or a loopback address.
-        pub fn all_hosts_local(&self) -> bool {
-            self.hosts.iter().all(|h| {
-                let h = h.trim_start_matches('[').trim_end_matches(']');
-                h.is_empty()
-                    || h.starts_with('/')
-                    || h.to_ascii_lowercase().starts_with("%2f")
-                    || h.eq_ignore_ascii_case("localhost")
-                    || h.parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback())
-            })
-        }
-    }
-
-    fn strip_port(host: &str) -> String {
-        if let Some(end) = host.find(']') {
-            return host.get(..=end).unwrap_or(host).to_owned();
-        }
-        host.split(':').next().unwrap_or(host).to_owned()
-    }
 }
 
 /// A pooled connection, a flag the pool reads to discard it after a connection loss,
@@ -298,7 +125,7 @@ impl ConnectionManager {
     pub fn new(cfg: &DbConfig) -> Self {
         ConnectionManager {
             url: cfg.url.clone(),
-            conninfo: match cfg.url.backend {
+            conninfo: match cfg.url.backend() {
                 Backend::Postgres => cfg.url.pg_conninfo(cfg.timeout),
                 Backend::Sqlite => String::new(),
             },
@@ -309,12 +136,12 @@ impl ConnectionManager {
     }
 
     pub fn establish(&self) -> Result<DbConnection, diesel::ConnectionError> {
-        match self.url.backend {
+        match self.url.backend() {
             Backend::Postgres => {
                 PgConnection::establish(&self.conninfo).map(DbConnection::Postgresql)
             }
             Backend::Sqlite => {
-                let mut c = SqliteConnection::establish(&self.url.target)?;
+                let mut c = SqliteConnection::establish(self.url.target())?;
                 let setup = |c: &mut SqliteConnection| -> diesel::QueryResult<()> {
                     c.batch_execute(&format!(
                         "PRAGMA busy_timeout = {};",
@@ -428,20 +255,6 @@ impl ManageConnection for ConnectionManager {
 
 pub type DbPool = Pool<ConnectionManager>;
 
-/// On SQLite the writer resets the WAL (a RESTART checkpoint, after replying) once it
-/// holds this many bytes of frames, as counted by the backfiller's last pass. The next
-/// write then starts over at the front of the file, overwriting blocks already
-/// allocated: no truncation, no fresh blocks for the file system to allocate, journal
-/// or discard. Every reset makes the writes queued behind it wait for a few fsyncs;
-/// why this size and not a larger one is in docs/decisions.md.
-pub const WAL_RESET_BYTES: u64 = 16 << 20;
-/// The `journal_size_limit`: a WAL file that grew past it (while resets could not run,
-/// or while the frame count lagged) is cut back to it when the WAL next restarts. The
-/// file keeps its size across resets, so only a file past this says anything about the
-/// frames in it: then a reset is due whatever the count says, and one frame count or
-/// file this far past it makes it urgent (the writer waits for the backfiller's turn
-/// instead of skipping). Keeps the WAL file below 64 MiB under continuous load.
-pub const WAL_LIMIT_BYTES: u64 = 24 << 20;
 /// The soft limit on all of SQLite's memory in this process (`PRAGMA soft_heap_limit`,
 /// which is process-wide): past it a connection's page cache reuses its own least
 /// recently used pages instead of growing. Without it the caches of the read pool's
@@ -449,157 +262,9 @@ pub const WAL_LIMIT_BYTES: u64 = 24 << 20;
 /// pages they have not cached, and so does the RSS. The writer fills its cache within
 /// seconds of the first writes, so in practice the budget binds the read connections.
 pub const SQLITE_MEMORY_BUDGET: u64 = 4 << 20;
-/// How long a RESTART checkpoint waits for readers still using the WAL before it gives
-/// up (the writer's connection is held meanwhile, so every queued write waits too).
-const CHECKPOINT_BUSY_MS: u64 = 100;
-/// The same wait once the reset is urgent (the WAL ran past its limit because readers
-/// kept the resets before from finishing): writes stall for up to this long rather than
-/// let the WAL grow without bound; the door and the request deadlines shed meanwhile.
-const URGENT_CHECKPOINT_BUSY_MS: u64 = 1000;
-/// After a reset that readers kept from finishing, a due one is not tried again for
-/// this long (an urgent one is): a long read must not stall every batch by
-/// `CHECKPOINT_BUSY_MS`.
-const RESET_RETRY_AFTER_MS: u64 = 250;
 /// A waiter for a pooled connection looks at the health state at least this often, so
 /// requests already waiting when the database fails are refused soon after.
 const WAIT_SLICE: Duration = Duration::from_millis(20);
-
-/// (device, inode) of the WAL file and of its index (`-shm`).
-type FileIds = [(u64, u64); 2];
-
-/// What the writer knows about the SQLite WAL file.
-struct Wal {
-    path: std::path::PathBuf,
-    /// The WAL index (`-shm`).
-    shm: std::path::PathBuf,
-    /// Set once the WAL or its index was removed (or replaced) under the running
-    /// server: every operation is refused from then on (the health probe fails), until
-    /// a restart opens the files afresh.
-    removed: Arc<AtomicBool>,
-    /// File size at the last measurement (after every write).
-    bytes: AtomicU64,
-    /// Largest file size measured.
-    max_bytes: AtomicU64,
-    /// Bytes of frames in the WAL as of the backfiller's last pass (0 after a reset).
-    frame_bytes: AtomicU64,
-    /// Writes measured so far: the backfiller skips its pass when none came since.
-    writes: AtomicU64,
-    /// `writes` when the last complete reset ran: until the next write (which starts
-    /// the WAL over) the WAL still reports its old frames, all copied back.
-    writes_at_reset: AtomicU64,
-    /// What `retry_at_ms` counts from.
-    opened: Instant,
-    /// No due (not urgent) reset before this, in ms since `opened` (set by an
-    /// incomplete one).
-    retry_at_ms: AtomicU64,
-    checkpoints: AtomicU64,
-    /// Resets that could not finish (readers kept the WAL busy).
-    incomplete: AtomicU64,
-}
-
-/// A WAL reset due after a write, with the connection that wrote (it runs the reset).
-type ResetDue = (PooledConnection<ConnectionManager>, WalReset);
-
-/// Is a WAL reset due after a write, and has the WAL run so far past it that the
-/// writer should wait for its turn rather than skip?
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum WalReset {
-    No,
-    Due,
-    Urgent,
-}
-
-impl Wal {
-    fn new(db_path: &str, removed: Arc<AtomicBool>) -> Self {
-        Wal {
-            path: format!("{db_path}-wal").into(),
-            shm: format!("{db_path}-shm").into(),
-            removed,
-            bytes: AtomicU64::new(0),
-            max_bytes: AtomicU64::new(0),
-            frame_bytes: AtomicU64::new(0),
-            writes: AtomicU64::new(0),
-            writes_at_reset: AtomicU64::new(u64::MAX),
-            opened: Instant::now(),
-            retry_at_ms: AtomicU64::new(0),
-            checkpoints: AtomicU64::new(0),
-            incomplete: AtomicU64::new(0),
-        }
-    }
-
-    /// Are the WAL and its index still the files the writing connection wrote through
-    /// (`seen`: their ids after its first write, recorded here)? While a connection is
-    /// open SQLite neither removes nor replaces them (the WAL goes when the last
-    /// connection closes, and ours is open), so a file missing, or another file under
-    /// its name, was removed under the server: its frames, acknowledged writes among
-    /// them, live on only in the copies still open, and a connection opened now reads
-    /// another WAL than the writer writes.
-    fn still_the_files(&self, seen: &mut Option<FileIds>) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-        match (id(&self.path), id(&self.shm), *seen) {
-            (Some(wal), Some(shm), Some(ids)) => ids == [wal, shm],
-            (_, _, Some(_)) => false,
-            (Some(wal), Some(shm), None) => {
-                *seen = Some([wal, shm]);
-                true
-            }
-            // Not in WAL mode (`sqlite_wal` could not switch): nothing to watch.
-            (_, _, None) => true,
-        }
-    }
-
-    fn measure(&self) -> u64 {
-        let n = std::fs::metadata(&self.path).map_or(0, |m| m.len());
-        self.bytes.store(n, Ordering::Relaxed);
-        self.max_bytes.fetch_max(n, Ordering::Relaxed);
-        n
-    }
-
-    /// After a write: measure the file and say whether a reset is due.
-    fn after_write(&self) -> WalReset {
-        self.writes.fetch_add(1, Ordering::Relaxed);
-        let file = self.measure();
-        match wal_reset(self.frame_bytes.load(Ordering::Relaxed), file) {
-            WalReset::Due if self.elapsed_ms() < self.retry_at_ms.load(Ordering::Relaxed) => {
-                WalReset::No
-            }
-            r => r,
-        }
-    }
-
-    fn elapsed_ms(&self) -> u64 {
-        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// Record a reset's outcome: the next due one may run at once, or after a pause.
-    fn reset_done(&self, complete: bool) {
-        let at = if complete {
-            self.frame_bytes.store(0, Ordering::Relaxed);
-            self.writes_at_reset
-                .store(self.writes.load(Ordering::Relaxed), Ordering::Relaxed);
-            0
-        } else {
-            self.incomplete.fetch_add(1, Ordering::Relaxed);
-            self.elapsed_ms().saturating_add(RESET_RETRY_AFTER_MS)
-        };
-        self.retry_at_ms.store(at, Ordering::Relaxed);
-    }
-}
-
-/// The reset rule: due at [`WAL_RESET_BYTES`] of frames or a file past
-/// [`WAL_LIMIT_BYTES`] (the frame count is only as fresh as the backfiller's last pass);
-/// urgent at the limit of frames or a file as far again past it.
-fn wal_reset(frame_bytes: u64, file_bytes: u64) -> WalReset {
-    let margin = WAL_LIMIT_BYTES - WAL_RESET_BYTES;
-    if frame_bytes >= WAL_LIMIT_BYTES || file_bytes >= WAL_LIMIT_BYTES + margin {
-        WalReset::Urgent
-    } else if frame_bytes >= WAL_RESET_BYTES || file_bytes > WAL_LIMIT_BYTES {
-        WalReset::Due
-    } else {
-        WalReset::No
-    }
-}
 
 /// State shared by every clone of one `Db`.
 struct Shared {
@@ -1216,113 +881,6 @@ fn checkout(
     }
 }
 
-/// A row of `PRAGMA wal_checkpoint(…)`: whether it could not finish, the frames in the
-/// WAL and how many of them are now in the database file.
-#[derive(diesel::QueryableByName)]
-struct CheckpointOutcome {
-    #[diesel(sql_type = diesel::sql_types::Integer)]
-    busy: i32,
-    #[diesel(sql_type = diesel::sql_types::Integer)]
-    log: i32,
-    #[diesel(sql_type = diesel::sql_types::Integer)]
-    checkpointed: i32,
-}
-
-/// What the log and the health probe say once the WAL was removed under the server.
-const WAL_REMOVED: &str = "the SQLite WAL file or its index (-wal, -shm) was removed while \
-     the server was running; every request is refused until the server is restarted";
-
-/// The WAL or its index was removed under the server (`Wal::still_the_files`): copy
-/// every frame into the database file through the writing connection, which still
-/// has the removed WAL open (a TRUNCATE checkpoint, waiting up to
-/// `URGENT_CHECKPOINT_BUSY_MS` for readers), so that what was acknowledged, and the
-/// write about to be, no longer depends on it. Then refuse everything until a
-/// restart: connections opened before and after the removal read different files,
-/// and a write now would go where new connections cannot read it. `Err` when the copy
-/// did not finish: the write must not be acknowledged.
-fn rescue_removed_wal(shared: &Shared, wal: &Wal, lite: &mut DbConnection) -> Result<(), String> {
-    let first = !wal.removed.swap(true, Ordering::AcqRel);
-    let copied = match lite {
-        DbConnection::Sqlite(lite) => {
-            let _turn = writer::checkpoint_turn(&shared.checkpointing, true);
-            lite.batch_execute(&format!(
-                "PRAGMA busy_timeout = {URGENT_CHECKPOINT_BUSY_MS};"
-            ))
-            .and_then(|()| {
-                diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)")
-                    .get_result::<CheckpointOutcome>(lite)
-            })
-            .map_err(|e| e.to_string())
-            .and_then(|o| {
-                (o.busy == 0)
-                    .then_some(())
-                    .ok_or_else(|| "readers kept the checkpoint from finishing".to_owned())
-            })
-        }
-        DbConnection::Postgresql(_) => Ok(()),
-    };
-    if first {
-        match &copied {
-            Ok(()) => log::error!(
-                "{WAL_REMOVED}; every committed write was copied into the database file"
-            ),
-            Err(e) => log::error!(
-                "{WAL_REMOVED}; the last writes could not be copied into the database file \
-                 ({e}) and were not acknowledged"
-            ),
-        }
-    }
-    shared.health.trip(None, WAL_REMOVED);
-    copied.map_err(|e| format!("{WAL_REMOVED}: {e}"))
-}
-
-/// SQLite, on the writing connection after a write (the writer thread's, or a
-/// synchronous write's): RESTART checkpoint, so the next write starts the WAL over at
-/// its front. It takes the checkpoint turn from the backfiller — skipping when a pass
-/// is running, unless the reset is urgent, when it waits for the pass to end. Readers
-/// still using the WAL are waited for at most `CHECKPOINT_BUSY_MS`
-/// (`URGENT_CHECKPOINT_BUSY_MS` when urgent); if they keep it, a later write tries
-/// again.
-fn reset_wal(shared: &Shared, mut c: PooledConnection<ConnectionManager>, reset: WalReset) {
-    let Some(wal) = &shared.wal else { return };
-    let urgent = reset == WalReset::Urgent;
-    let Some(_turn) = writer::checkpoint_turn(&shared.checkpointing, urgent) else {
-        return;
-    };
-    let DbConnection::Sqlite(lite) = &mut c.conn else {
-        return;
-    };
-    let busy_ms = shared.busy_ms();
-    let wait_ms = if urgent {
-        URGENT_CHECKPOINT_BUSY_MS
-    } else {
-        CHECKPOINT_BUSY_MS
-    };
-    let r = lite
-        .batch_execute(&format!("PRAGMA busy_timeout = {};", busy_ms.min(wait_ms)))
-        .and_then(|()| {
-            diesel::sql_query("PRAGMA wal_checkpoint(RESTART)")
-                .get_result::<CheckpointOutcome>(lite)
-        });
-    let restored = lite.batch_execute(&format!("PRAGMA busy_timeout = {busy_ms};"));
-    wal.checkpoints.fetch_add(1, Ordering::Relaxed);
-    match r {
-        Ok(o) if o.busy == 0 => wal.reset_done(true),
-        Ok(_) => {
-            wal.reset_done(false);
-            log::debug!("WAL reset incomplete: readers still use the WAL");
-        }
-        Err(e) => {
-            wal.reset_done(false);
-            log::warn!("WAL reset failed: {e}");
-        }
-    }
-    if restored.is_err() {
-        c.broken = true;
-    }
-    wal.measure();
-}
-
 /// Wrap one request's write for the SQLite writer: skipped when the request withdrew
 /// it (`taken` already set: its deadline passed while it was queued) or its client
 /// left; otherwise run in its savepoint, and answered only once the batch's commit is
@@ -1404,23 +962,6 @@ fn sqlite_immediate<T>(
     }
 }
 
-impl Db {
-    /// SQLite: copy the WAL back into the database file without blocking writers (a
-    /// PASSIVE checkpoint, run once per housekeeping pass). Automatic checkpoints are
-    /// off; most checkpoints are the writer's backfill thread's (every 100 ms) and its
-    /// RESTART resets (`reset_wal`), see `db/writer.rs`. PostgreSQL: nothing to do.
-    pub async fn checkpoint(&self) -> Result<(), StoreError> {
-        if self.backend != Backend::Sqlite {
-            return Ok(());
-        }
-        self.read(|conn| {
-            conn.batch_execute("PRAGMA wal_checkpoint(PASSIVE);")?;
-            Ok(())
-        })
-        .await
-    }
-}
-
 /// Process-wide setup of the database client libraries, first thing in `main`:
 /// libpq's OpenSSL is initialised without its exit-time cleanup. Without this, a
 /// process that exits while a pool thread is still inside libpq (r2d2 opening a
@@ -1441,30 +982,6 @@ pub fn now_millis() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wal_reset_is_due_on_the_frame_count_or_a_file_grown_past_the_limit() {
-        let (reset, limit) = (WAL_RESET_BYTES, WAL_LIMIT_BYTES);
-        // The file keeps its size after a reset (up to the journal size limit): a
-        // large file with few frames is no reason for another reset.
-        assert_eq!(wal_reset(0, limit), WalReset::No);
-        assert_eq!(wal_reset(reset - 1, limit), WalReset::No);
-        assert_eq!(wal_reset(reset, limit), WalReset::Due);
-        // A stale frame count: a file grown past the limit is enough.
-        assert_eq!(wal_reset(0, limit + 1), WalReset::Due);
-        assert_eq!(wal_reset(limit - 1, limit), WalReset::Due);
-        assert_eq!(wal_reset(limit, limit), WalReset::Urgent);
-        let far = limit + (limit - reset);
-        assert_eq!(wal_reset(0, far - 1), WalReset::Due);
-        assert_eq!(wal_reset(0, far), WalReset::Urgent);
-        const { assert!(WAL_RESET_BYTES < WAL_LIMIT_BYTES) };
-        const {
-            assert!(
-                2 * WAL_LIMIT_BYTES - WAL_RESET_BYTES <= 32 << 20,
-                "urgent well below 64 MiB"
-            )
-        };
-    }
 
     #[derive(diesel::QueryableByName)]
     struct Pragma {
@@ -1512,141 +1029,5 @@ mod tests {
             u64::try_from(limit.soft_heap_limit).ok(),
             Some(SQLITE_MEMORY_BUDGET)
         );
-    }
-
-    #[test]
-    fn a_reset_readers_held_up_is_not_retried_at_once_unless_urgent() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = dir.path().join("x.db");
-        std::fs::write(dir.path().join("x.db-wal"), b"").expect("wal file");
-        let wal = Wal::new(&db.to_string_lossy(), Arc::new(AtomicBool::new(false)));
-        wal.frame_bytes.store(WAL_RESET_BYTES, Ordering::Relaxed);
-        assert_eq!(wal.after_write(), WalReset::Due);
-        wal.reset_done(false);
-        assert_eq!(wal.incomplete.load(Ordering::Relaxed), 1);
-        assert_eq!(
-            wal.after_write(),
-            WalReset::No,
-            "paused after an incomplete reset"
-        );
-        wal.frame_bytes.store(WAL_LIMIT_BYTES, Ordering::Relaxed);
-        assert_eq!(
-            wal.after_write(),
-            WalReset::Urgent,
-            "an urgent one is not paused"
-        );
-        wal.frame_bytes.store(WAL_RESET_BYTES, Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(RESET_RETRY_AFTER_MS + 20));
-        assert_eq!(
-            wal.after_write(),
-            WalReset::Due,
-            "due again after the pause"
-        );
-        wal.reset_done(true);
-        assert_eq!(wal.frame_bytes.load(Ordering::Relaxed), 0);
-        assert_eq!(
-            wal.writes_at_reset.load(Ordering::Relaxed),
-            4,
-            "the backfiller learns after which write the reset ran"
-        );
-        assert_eq!(wal.after_write(), WalReset::No);
-    }
-
-    #[test]
-    fn url_scheme_picks_the_backend() {
-        assert_eq!(
-            DatabaseUrl::parse("postgres://u@h/db").map(|u| u.backend()),
-            Ok(Backend::Postgres)
-        );
-        assert_eq!(
-            DatabaseUrl::parse("postgresql://u@h/db").map(|u| u.backend()),
-            Ok(Backend::Postgres)
-        );
-        let s = DatabaseUrl::parse("sqlite://./x.db").expect("sqlite");
-        assert_eq!(s.backend(), Backend::Sqlite);
-        assert_eq!(s.target(), "./x.db");
-        assert!(DatabaseUrl::parse("mysql://h/db").is_err());
-        assert!(DatabaseUrl::parse("./x.db").is_err());
-        assert!(DatabaseUrl::parse("sqlite://").is_err());
-        assert!(DatabaseUrl::parse("sqlite::memory:").is_err());
-    }
-
-    #[test]
-    fn libpq_gets_network_bounds_the_url_does_not_set() {
-        let info = |url: &str| {
-            DatabaseUrl::parse(url)
-                .map(|u| u.pg_conninfo(Duration::from_secs(5)))
-                .unwrap_or_default()
-        };
-        assert_eq!(
-            info("postgres://u@db/c"),
-            "postgres://u@db/c?connect_timeout=5&keepalives=1&keepalives_idle=10&\
-             keepalives_interval=5&keepalives_count=3&tcp_user_timeout=20000"
-        );
-        // What the URL sets stays; the rest is added after it.
-        let own = info("postgres://u@db/c?sslmode=require&keepalives_idle=60&tcp_user_timeout=0");
-        assert!(own.starts_with("postgres://u@db/c?sslmode=require&keepalives_idle=60&tcp_user_timeout=0&connect_timeout=5&keepalives=1&keepalives_interval=5"), "{own}");
-        assert_eq!(own.matches("keepalives_idle").count(), 1, "{own}");
-        assert_eq!(own.matches("tcp_user_timeout").count(), 1, "{own}");
-        // libpq's smallest connect_timeout is 2 s.
-        let quick = DatabaseUrl::parse("postgres://u@db/c")
-            .map(|u| u.pg_conninfo(Duration::from_millis(500)))
-            .unwrap_or_default();
-        assert!(quick.contains("connect_timeout=2&"), "{quick}");
-    }
-
-    #[test]
-    fn postgres_tls_policy() {
-        let policy = |url: &str, allow: bool| {
-            DatabaseUrl::parse(url)
-                .and_then(|u| u.with_tls_policy(allow))
-                .map(|u| u.target().to_owned())
-        };
-        // A remote host without sslmode gets verify-full; local ones are left alone.
-        assert_eq!(
-            policy("postgres://u:p@db.example:5432/c", false).as_deref(),
-            Ok("postgres://u:p@db.example:5432/c?sslmode=verify-full")
-        );
-        assert_eq!(
-            policy("postgres://u@10.0.0.5/c?connect_timeout=3", false).as_deref(),
-            Ok("postgres://u@10.0.0.5/c?connect_timeout=3&sslmode=verify-full")
-        );
-        assert_eq!(
-            policy("postgres://u@localhost,db.example/c", false).as_deref(),
-            Ok("postgres://u@localhost,db.example/c?sslmode=verify-full")
-        );
-        for local in [
-            "postgres://u@127.0.0.1:5432/c",
-            "postgres://u@localhost/c",
-            "postgres://u@[::1]:5432/c",
-            "postgresql:///c",
-            "postgres://u@%2Fvar%2Frun%2Fpostgresql/c",
-            "postgres://u@/c?host=/var/run/postgresql",
-        ] {
-            assert_eq!(policy(local, false).as_deref(), Ok(local), "{local}");
-        }
-        // host= wins over the authority, as in libpq.
-        assert!(policy("postgres://u@localhost/c?host=db.example", false)
-            .is_ok_and(|t| t.ends_with("&sslmode=verify-full")));
-        // Explicit modes are kept; prefer/allow only when allowed.
-        for mode in ["disable", "require", "verify-ca", "verify-full"] {
-            let url = format!("postgres://u@db.example/c?sslmode={mode}");
-            assert_eq!(policy(&url, false), Ok(url.clone()));
-        }
-        for mode in ["prefer", "allow"] {
-            let url = format!("postgres://u@db.example/c?sslmode={mode}");
-            let err = policy(&url, false).expect_err("refused");
-            assert!(err.contains("COORDINATOR_DB_ALLOW_TLS_DOWNGRADE"), "{err}");
-            assert!(!err.contains('\n'));
-            assert_eq!(policy(&url, true), Ok(url.clone()));
-        }
-        assert!(policy("postgres://u@h/c?sslmode=verify_full", false).is_err());
-        assert_eq!(policy("sqlite://./x.db", false).as_deref(), Ok("./x.db"));
-    }
-
-    #[test]
-    fn debug_never_prints_the_url() {
-        let u = DatabaseUrl::parse("postgres://user:hunter2@h/db").expect("pg");
-        assert!(!format!("{u:?}").contains("hunter2"));
     }
 }

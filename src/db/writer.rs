@@ -33,7 +33,8 @@ use diesel::sqlite::SqliteConnection;
 use diesel::{QueryResult, RunQueryDsl};
 use tokio::sync::mpsc;
 
-use super::{CheckpointOutcome, DbConnection, DbPool, Shared, WalReset};
+use super::wal::CheckpointOutcome;
+use super::{DbConnection, DbPool, Shared, WalReset};
 use crate::error::StoreError;
 
 /// Most requests committed together.
