@@ -5,6 +5,8 @@
 //! [`PeerCertificate`]. Here the configured [`ClientIdentity`] turns those names into
 //! exactly one caller, which must exist and be enabled; its scopes are the caller's.
 
+use std::borrow::Cow;
+
 use super::audit::AuditRecord;
 use super::model::Scheme;
 use super::principal::{Held, Principal};
@@ -44,8 +46,11 @@ impl ClientIdentity {
         }
     }
 
-    /// The one caller the certificate names, or why it names none.
-    pub fn caller_of<'a>(&self, cert: &'a PeerCertificate) -> Result<&'a str, &'static str> {
+    /// The one caller the certificate names, or why it names none. DNS names are
+    /// case-insensitive (RFC 4343), so a DNS name is matched lower-cased, its caller part
+    /// too (`SVC-A.Clients.Example` is `svc-a`); common names and URIs are matched
+    /// exactly (a URI's path is case-sensitive, and neither is defined as a host name).
+    pub fn caller_of<'a>(&self, cert: &'a PeerCertificate) -> Result<Cow<'a, str>, &'static str> {
         let all = match self {
             ClientIdentity::CommonName => &cert.common_names,
             ClientIdentity::SanDns(_) => &cert.dns_names,
@@ -55,30 +60,43 @@ impl ClientIdentity {
         if all.len() > MAX_NAMES {
             return Err("client certificate has too many names");
         }
-        let mut names: Vec<&str> = match self {
-            ClientIdentity::CommonName => cert.common_names.iter().map(String::as_str).collect(),
+        let mut names: Vec<Cow<'a, str>> = match self {
+            ClientIdentity::CommonName => cert
+                .common_names
+                .iter()
+                .map(|n| Cow::Borrowed(n.as_str()))
+                .collect(),
             ClientIdentity::SanDns(suffix) => cert
                 .dns_names
                 .iter()
                 .filter_map(|n| {
-                    // DNS names compare case-insensitively; caller names are lower case.
+                    // The suffix is stored lower case (`parse`).
                     let cut = n.len().checked_sub(suffix.len())?;
                     let (head, tail) = (n.get(..cut)?, n.get(cut..)?);
-                    tail.eq_ignore_ascii_case(suffix).then_some(head)
+                    if !tail.eq_ignore_ascii_case(suffix) {
+                        return None;
+                    }
+                    Some(if head.bytes().any(|b| b.is_ascii_uppercase()) {
+                        Cow::Owned(head.to_ascii_lowercase())
+                    } else {
+                        Cow::Borrowed(head)
+                    })
                 })
                 .collect(),
             ClientIdentity::SanUri(prefix) => cert
                 .uris
                 .iter()
-                .filter_map(|u| u.strip_prefix(prefix.as_str()))
+                .filter_map(|u| u.strip_prefix(prefix.as_str()).map(Cow::Borrowed))
                 .collect(),
         };
+        // One caller named twice (`svc-a` and `SVC-A`, or anywhere in the list) is one.
+        names.sort_unstable();
         names.dedup();
-        match names.as_slice() {
-            [] => Err("client certificate names no caller"),
-            [one] if valid_caller_name(one) => Ok(one),
-            [_] => Err("client certificate names no valid caller"),
-            _ => Err("client certificate names more than one caller"),
+        match <[_; 1]>::try_from(names) {
+            Ok([one]) if valid_caller_name(&one) => Ok(one),
+            Ok(_) => Err("client certificate names no valid caller"),
+            Err(v) if v.is_empty() => Err("client certificate names no caller"),
+            Err(_) => Err("client certificate names more than one caller"),
         }
     }
 }
@@ -355,11 +373,11 @@ pub async fn verify(
 ) -> Result<Principal, ApiError> {
     audit.scheme = Some(Scheme::ClientCert);
     let name = identity.caller_of(cert).map_err(fail)?;
-    audit.caller = Some(name.into());
+    audit.caller = Some(name.as_ref().into());
     cert.valid_at(now_millis() / 1000).map_err(fail)?;
     let caller = ctx
         .store
-        .caller(name)
+        .caller(&name)
         .await?
         .ok_or_else(|| fail("unknown caller"))?;
     if caller.disabled {
@@ -417,21 +435,44 @@ mod tests {
     #[test]
     fn exactly_one_valid_caller_is_named() {
         let cn = ClientIdentity::CommonName;
-        assert_eq!(cn.caller_of(&cert(&["billing"], &[], &[])), Ok("billing"));
+        assert_eq!(
+            cn.caller_of(&cert(&["billing"], &[], &[])),
+            Ok("billing".into())
+        );
         assert!(cn.caller_of(&cert(&[], &["billing"], &[])).is_err());
         assert!(cn.caller_of(&cert(&["a", "b"], &[], &[])).is_err());
         assert!(cn.caller_of(&cert(&["Billing Service"], &[], &[])).is_err());
         let dns = ClientIdentity::SanDns(".c.example".into());
         assert_eq!(
             dns.caller_of(&cert(&["x"], &["billing.C.Example", "other.org"], &[])),
-            Ok("billing")
+            Ok("billing".into())
         );
+        // DNS names compare without case (RFC 4343), the caller part too; one caller
+        // spelt two ways is one caller, two callers are two whatever their case.
+        assert_eq!(
+            dns.caller_of(&cert(&[], &["BILLING.C.EXAMPLE"], &[])),
+            Ok("billing".into())
+        );
+        assert_eq!(
+            dns.caller_of(&cert(
+                &[],
+                &["billing.c.example", "x.org", "Billing.c.example"],
+                &[]
+            )),
+            Ok("billing".into())
+        );
+        assert_eq!(
+            dns.caller_of(&cert(&[], &["Billing.c.example", "ops.c.example"], &[])),
+            Err("client certificate names more than one caller")
+        );
+        // Only DNS names: a common name and a URI are still matched exactly.
+        assert!(cn.caller_of(&cert(&["BILLING"], &[], &[])).is_err());
         assert!(dns.caller_of(&cert(&[], &["a.b.c.example"], &[])).is_err());
         assert!(dns.caller_of(&cert(&[], &["c.example"], &[])).is_err());
         let uri = ClientIdentity::SanUri("spiffe://x/ns/".into());
         assert_eq!(
             uri.caller_of(&cert(&[], &[], &["spiffe://x/ns/billing"])),
-            Ok("billing")
+            Ok("billing".into())
         );
         assert!(uri
             .caller_of(&cert(&[], &[], &["spiffe://x/ns/a", "spiffe://x/ns/b"]))
@@ -449,7 +490,7 @@ mod tests {
         );
         assert_eq!(
             dns.caller_of(&cert(&[], &many[..MAX_NAMES], &[])),
-            Ok("billing")
+            Ok("billing".into())
         );
     }
 

@@ -1134,3 +1134,36 @@ fn a_certificate_claim_takes_no_job_once_the_certificate_expired(backend: Backen
 }
 
 crate::backend_tests!(a_certificate_claim_takes_no_job_once_the_certificate_expired);
+
+/// DNS names are case-insensitive (RFC 4343): a certificate naming
+/// `SVC-A.C.Example` is `svc-a`'s under `san-dns:.c.example`, as `svc-a.c.example`
+/// is. They used to be refused ("names no valid caller"): only the suffix was compared
+/// without case, and the upper-case caller part failed the caller-name rule. Both
+/// spellings of one caller are still one caller; two callers are still refused.
+fn an_upper_case_dns_name_names_its_caller(backend: Backend) {
+    let ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let files = TlsFiles::new(&ca.server(), Some(&clients));
+    let mut tls = files.config(true, Duration::from_secs(60));
+    tls.client_identity = ClientIdentity::SanDns(".c.example".into());
+    let Some(app) = spawn_app_with(backend, |cfg| cfg.tls = Some(tls)) else {
+        return;
+    };
+    let port = port_of(&app);
+    app.caller("svc-a", &[Scope::HealthRead]);
+    app.caller("svc-b", &[Scope::HealthRead]);
+    for names in [
+        &["SVC-A.C.Example"][..],
+        &["svc-a.c.example", "Svc-A.c.example"][..],
+    ] {
+        let cert = clients.issue("x", names, true, false);
+        let (status, body) = get(&client(&ca, Some(&cert), &[]), port, HEALTH, &[]).unwrap();
+        assert_eq!(status, 200, "{names:?}: {body}");
+    }
+    let two = clients.issue("x", &["SVC-A.c.example", "svc-b.c.example"], true, false);
+    let (status, body) = get(&client(&ca, Some(&two), &[]), port, HEALTH, &[]).unwrap();
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("more than one caller"), "{body}");
+}
+
+crate::backend_tests!(an_upper_case_dns_name_names_its_caller);
