@@ -42,6 +42,7 @@ pub async fn verify(
                 key_ref: Some(key_ref),
                 job_id: None,
                 held: Held::Bootstrap,
+                client_cert_until: None,
             });
         }
     }
@@ -88,5 +89,6 @@ pub async fn verify(
         held: Held::ApiKey {
             hash: found.hash.clone(),
         },
+        client_cert_until: None,
     })
 }

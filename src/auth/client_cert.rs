@@ -392,6 +392,7 @@ pub async fn verify(
         held: Held::ClientCert {
             not_after: cert.not_after,
         },
+        client_cert_until: None,
     })
 }
 

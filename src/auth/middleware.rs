@@ -402,7 +402,8 @@ fn spend_verification(ctx: &AuthContext, peer: &Peer) -> Result<(), ApiError> {
 /// refused whatever else it carries. Without credential headers it is the credential;
 /// with them, the headers are verified as always (a bad signature is refused, never
 /// downgraded to the certificate) and must name the same caller, and the header
-/// scheme's principal (its scopes, a job token's one job) is the one used.
+/// scheme's principal (its scopes, a job token's one job) is the one used, with the
+/// certificate's end of validity, which its later checks ([`Principal::recheck`]) cover.
 async fn authenticate(
     gate: &Gate,
     req: &mut ServiceRequest,
@@ -424,10 +425,13 @@ async fn authenticate(
         }
         other => other.map_err(fail)?,
     };
-    let (p, body_read) = authenticate_with(gate, choice, api_key, req, peer, audit).await?;
+    let (mut p, body_read) = authenticate_with(gate, choice, api_key, req, peer, audit).await?;
     if p.caller != by_cert.caller {
         return Err(fail("client certificate names another caller"));
     }
+    // The certificate stays part of the credential: what outlives this request (a
+    // stream, a waiting claim) checks it again with the header credential.
+    p.client_cert_until = Some(cert.not_after);
     Ok((p, body_read))
 }
 

@@ -23,6 +23,11 @@ pub struct Principal {
     pub job_id: Option<JobId>,
     /// The credential it was proved with, to check again later (see [`Principal::recheck`]).
     pub held: Held,
+    /// A client certificate that came with a header credential (which is `held`): the
+    /// end of its validity (unix seconds, inclusive). Both were checked when the request
+    /// came, and both are checked again (`None` without a certificate, and for a
+    /// certificate alone, which is `held` itself).
+    pub client_cert_until: Option<i64>,
 }
 
 /// The credential a principal was proved with, as much of it as checking it again
@@ -107,15 +112,21 @@ impl Principal {
                 None => Err(fail("unknown caller")),
             }
         };
+        let cert_holds = |not_after: i64| async move {
+            caller_enabled().await?;
+            if now_millis() / 1000 > not_after {
+                return Err(fail("client certificate expired"));
+            }
+            Ok(())
+        };
+        // A certificate next to a header credential: either one no longer holding ends
+        // what they opened together.
+        if let Some(not_after) = self.client_cert_until {
+            cert_holds(not_after).await?;
+        }
         match &self.held {
             Held::Bootstrap => Ok(()),
-            Held::ClientCert { not_after } => {
-                caller_enabled().await?;
-                if now_millis() / 1000 > *not_after {
-                    return Err(fail("client certificate expired"));
-                }
-                Ok(())
-            }
+            Held::ClientCert { not_after } => cert_holds(*not_after).await,
             Held::Secret { version } => {
                 let entry = caller_enabled().await?;
                 let now = now_millis();
@@ -231,6 +242,7 @@ mod tests {
             key_ref: None,
             job_id: job.map(|j| JobId::parse(j, "id").expect("uuid")),
             held: Held::Bootstrap,
+            client_cert_until: None,
         }
     }
 

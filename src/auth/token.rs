@@ -608,6 +608,7 @@ pub async fn verify_header(
             worker: claims.sub,
             key_version: version,
         },
+        client_cert_until: None,
         key_ref: Some(jti),
         job_id: Some(job_id),
     })

@@ -1049,18 +1049,27 @@ fn waiting_claim(
     port: u16,
     queue: &str,
 ) -> std::thread::JoinHandle<(u16, String)> {
+    waiting_claim_signed(app, cfg, port, queue, None)
+}
+
+/// The same, with the claim also signed by `signer` (a header credential next to the
+/// certificate).
+fn waiting_claim_signed(
+    app: &TestApp,
+    cfg: Arc<rustls::ClientConfig>,
+    port: u16,
+    queue: &str,
+    signer: Option<&Signer>,
+) -> std::thread::JoinHandle<(u16, String)> {
     let path = format!("/coordinator/queues/{queue}/claim");
+    let body = r#"{"worker":"c","wait":30}"#;
+    let mut headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
+    if let Some(s) = signer {
+        headers.extend(s.headers("POST", &path, body.as_bytes(), now_secs()));
+    }
     let waiter = std::thread::spawn(move || {
         let mut tls = connect(&cfg, port, "localhost").unwrap();
-        let json = [("Content-Type".to_owned(), "application/json".to_owned())];
-        send(
-            &mut tls,
-            "POST",
-            &path,
-            &json,
-            r#"{"worker":"c","wait":30}"#,
-        )
-        .unwrap()
+        send(&mut tls, "POST", &path, &headers, body).unwrap()
     });
     let end = Instant::now() + Duration::from_secs(20);
     while app.state.notifier.parked() < 1 {
@@ -1134,6 +1143,58 @@ fn a_certificate_claim_takes_no_job_once_the_certificate_expired(backend: Backen
 }
 
 crate::backend_tests!(a_certificate_claim_takes_no_job_once_the_certificate_expired);
+
+/// A job created on `queue` and made claimable, over a connection without a certificate.
+fn dispatch(app: &TestApp, ca: &Ca, port: u16, queue: &str) {
+    let body = format!(r#"{{"issueNumber":1,"repository":"octo/widgets","queue":"{queue}"}}"#);
+    let mut headers = app
+        .signer
+        .headers("POST", "/stitcher/dispatch", body.as_bytes(), now_secs());
+    headers.push(("Content-Type".into(), "application/json".into()));
+    let mut tls = connect(&client(ca, None, &[]), port, "localhost").unwrap();
+    let (status, text) = send(&mut tls, "POST", "/stitcher/dispatch", &headers, &body).unwrap();
+    assert_eq!(status, 202, "{text}");
+}
+
+/// A request with a client certificate AND a header credential is checked against both
+/// when it arrives; a long-poll claim (or a stream) used to check again only the header
+/// credential, so a certificate that expired while it waited kept it alive and it took
+/// the next job with a one-hour token. Now the later checks cover the certificate too.
+fn a_signed_certificate_claim_takes_no_job_once_the_certificate_expired(backend: Backend) {
+    let ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let files = TlsFiles::new(&ca.server(), Some(&clients));
+    let Some(app) = tls_app(backend, &files, true, Duration::from_secs(60)) else {
+        return;
+    };
+    let port = port_of(&app);
+    let signer = app.caller("certy", &[Scope::JobsUpdate]);
+    let until = now_secs() + 2;
+    let cfg = client(
+        &ca,
+        Some(&client_cert_expiring_in(&clients, "certy", until)),
+        &[],
+    );
+    let waiter = waiting_claim_signed(&app, cfg, port, "yq", Some(&signer));
+    while now_secs() <= until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    dispatch(&app, &ca, port, "yq");
+    let (status, body) = waiter.join().unwrap();
+    // (Not the body in the message: a 200 carries a job token.)
+    assert_eq!(status, 401, "the waiting claim was answered {status}");
+    assert!(body.contains("client certificate expired"), "{body}");
+    // The signature alone (no certificate) still claims: only the certificate went.
+    let path = "/coordinator/queues/yq/claim";
+    let claim = r#"{"worker":"c"}"#;
+    let mut headers = signer.headers("POST", path, claim.as_bytes(), now_secs());
+    headers.push(("Content-Type".into(), "application/json".into()));
+    let mut tls = connect(&client(&ca, None, &[]), port, "localhost").unwrap();
+    let (status, _) = send(&mut tls, "POST", path, &headers, claim).unwrap();
+    assert_eq!(status, 200);
+}
+
+crate::backend_tests!(a_signed_certificate_claim_takes_no_job_once_the_certificate_expired);
 
 /// DNS names are case-insensitive (RFC 4343): a certificate naming
 /// `SVC-A.C.Example` is `svc-a`'s under `san-dns:.c.example`, as `svc-a.c.example`

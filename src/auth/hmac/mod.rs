@@ -256,6 +256,7 @@ pub async fn finish(
         held: Held::Secret {
             version: matched.version,
         },
+        client_cert_until: None,
     })
 }
 
@@ -426,5 +427,6 @@ pub async fn finish_http_sig(
         held: Held::Secret {
             version: matched.version,
         },
+        client_cert_until: None,
     })
 }

@@ -138,5 +138,6 @@ pub fn finish(
         key_ref: Some(key_ref),
         job_id: None,
         held: Held::WebhookSecret { version: k.version },
+        client_cert_until: None,
     })
 }
