@@ -5,6 +5,7 @@ use std::future::{ready, Ready};
 use actix_web::{dev::Payload, FromRequest, HttpMessage, HttpRequest};
 
 use super::model::Scheme;
+use super::revocation::TokenRevoked;
 use super::{fail, AuthContext, Scope};
 use crate::db::now_millis;
 use crate::error::ApiError;
@@ -60,6 +61,16 @@ pub enum Held {
     ClientCert { not_after: i64 },
 }
 
+/// How far a credential still holds ([`Principal::standing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Holds,
+    /// A job token revoked only under its attempt's id, which a job change writes when
+    /// the attempt ends (the job's end, a requeue, a lease expiry; an operator may too).
+    /// Unexpired, its key active, its caller enabled, its own id not revoked.
+    AttemptEnded,
+}
+
 impl std::fmt::Debug for Held {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -105,6 +116,17 @@ impl Principal {
     }
 
     pub async fn recheck(&self, ctx: &AuthContext) -> Result<(), ApiError> {
+        match self.standing(ctx).await? {
+            Standing::Holds => Ok(()),
+            Standing::AttemptEnded => Err(fail("revoked")),
+        }
+    }
+
+    /// [`Self::recheck`], telling apart a job token revoked only under its attempt's
+    /// id (everything else about it holds): an event stream of its own job may then
+    /// still send what led up to the job's end (`http::push`), if the job has ended on
+    /// that attempt.
+    pub async fn standing(&self, ctx: &AuthContext) -> Result<Standing, ApiError> {
         let caller_enabled = || async {
             match ctx.store.caller(&self.caller).await? {
                 Some(c) if c.disabled => Err(fail("caller disabled")),
@@ -124,7 +146,7 @@ impl Principal {
         if let Some(not_after) = self.client_cert_until {
             cert_holds(not_after).await?;
         }
-        match &self.held {
+        let holds = match &self.held {
             Held::Bootstrap => Ok(()),
             Held::ClientCert { not_after } => cert_holds(*not_after).await,
             Held::Secret { version } => {
@@ -192,17 +214,20 @@ impl Principal {
                     return Err(fail("expired"));
                 }
                 let job = self.job_id.as_ref().map_or("", JobId::as_str);
-                if ctx.revocations.is_revoked(jti, job, *attempt).await? {
-                    return Err(fail("revoked"));
-                }
-                if self.caller == super::api_key::BOOTSTRAP_CALLER
-                    && ctx.settings.bootstrap_key_hash.is_some()
+                let ended = match ctx.revocations.token_revoked(jti, job, *attempt).await? {
+                    TokenRevoked::Yes => return Err(fail("revoked")),
+                    TokenRevoked::AttemptOnly => Standing::AttemptEnded,
+                    TokenRevoked::No => Standing::Holds,
+                };
+                if self.caller != super::api_key::BOOTSTRAP_CALLER
+                    || ctx.settings.bootstrap_key_hash.is_none()
                 {
-                    return Ok(());
+                    caller_enabled().await?;
                 }
-                caller_enabled().await.map(drop)
+                return Ok(ended);
             }
-        }
+        };
+        holds.map(|()| Standing::Holds)
     }
 
     pub fn has_scope(&self, scope: Scope) -> bool {

@@ -124,6 +124,16 @@ struct Set {
     counted: usize,
 }
 
+/// How a job token stands against the revocations ([`Revocations::token_revoked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRevoked {
+    No,
+    /// Under its attempt's id only (`job:<id>:<attempt>`).
+    AttemptOnly,
+    /// Under its own `jti` or the job-wide id.
+    Yes,
+}
+
 pub struct Revocations {
     db: Db,
     set: RwLock<Set>,
@@ -306,6 +316,45 @@ impl Revocations {
                 revoked::any_revoked(conn, &[jti.as_str(), jk.as_str(), ak.as_str()], now)
             })
             .await
+    }
+
+    /// Which of a token's ids is revoked, for what outlives its request (an event
+    /// stream): its attempt's id alone is what a job change writes when that attempt
+    /// ends (`jobs::repo::token_revocation`: the job's end, a requeue, a lease expiry),
+    /// though an operator may write it by hand too; its `jti` or the job-wide id only an
+    /// operator writes. Errors mean the state cannot be known.
+    pub async fn token_revoked(
+        &self,
+        jti: &str,
+        job_id: &str,
+        attempt: i32,
+    ) -> Result<TokenRevoked, StoreError> {
+        let now = now_millis();
+        let jk = job_key(job_id);
+        let ak = attempt_key(job_id, attempt);
+        let (by_hand, attempt_ended) = 'known: {
+            if self.fresh() {
+                let s = self.set.read().map_err(poisoned)?;
+                if !s.overflow {
+                    let hit = |k: &str| s.ids.get(k).is_some_and(|e| *e > now);
+                    break 'known (hit(jti) || hit(&jk), hit(&ak));
+                }
+            }
+            let jti = jti.to_owned();
+            self.db
+                .read(move |conn| {
+                    Ok((
+                        revoked::any_revoked(conn, &[jti.as_str(), jk.as_str()], now)?,
+                        revoked::any_revoked(conn, &[ak.as_str()], now)?,
+                    ))
+                })
+                .await?
+        };
+        Ok(match (by_hand, attempt_ended) {
+            (true, _) => TokenRevoked::Yes,
+            (false, true) => TokenRevoked::AttemptOnly,
+            (false, false) => TokenRevoked::No,
+        })
     }
 
     /// Was this job cancelled? Asked only once a token for it turned out revoked, so

@@ -9,6 +9,7 @@ use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::future::{select, Either};
 
+use crate::auth::principal::Standing;
 use crate::auth::{Principal, Scope};
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::JobIdParam;
@@ -226,7 +227,7 @@ pub async fn long_claim(
             .await
         {
             Wait::Woken(at) => Some(at),
-            Wait::TimeUp | Wait::End => None,
+            Wait::TimeUp | Wait::End | Wait::AttemptEnded => None,
         };
     }
 }
@@ -338,6 +339,9 @@ enum Wait<T> {
     TimeUp,
     /// The instance is shutting down, or the credential no longer holds.
     End,
+    /// The credential is a job token revoked only under its attempt's id
+    /// ([`Standing::AttemptEnded`]): the next look decides.
+    AttemptEnded,
 }
 
 /// Wait for `next` (a stream's next change, a claimable job), at most until `until`. A
@@ -371,8 +375,10 @@ async fn wait_for_change<T>(
                 changed = Box::pin(Principal::credentials_changed(&state.auth));
                 let spread = rand::Rng::gen_range(&mut rand::thread_rng(), 0..CHECK_SPREAD_MS);
                 actix_web::rt::time::sleep(Duration::from_millis(spread)).await;
-                if !still_holds(state, principal, what).await {
-                    return Wait::End;
+                match standing(state, principal, what).await {
+                    Some(Standing::Holds) => {}
+                    Some(Standing::AttemptEnded) => return Wait::AttemptEnded,
+                    None => return Wait::End,
                 }
             }
             Either::Right((Either::Left(_), _)) => return Wait::TimeUp,
@@ -389,15 +395,34 @@ const CHECK_SPREAD_MS: u64 = 250;
 /// of a stream after its first, so a disabled caller or a revoked credential gets no
 /// event written after that (within the credential store's 250 ms poll).
 async fn still_holds(state: &AppState, principal: &Principal, what: &str) -> bool {
-    // Tried again while the database sheds load, as a read is: a burst of rechecks
-    // must not end the streams it touches.
-    match stream_read(state, || principal.recheck(&state.auth)).await {
-        Ok(()) => true,
-        Err(e) => {
-            log::info!("push: {what} of caller {} ended: {e}", principal.caller);
+    match standing(state, principal, what).await {
+        Some(Standing::Holds) => true,
+        Some(Standing::AttemptEnded) => {
+            ended(principal, what);
             false
         }
+        None => false,
     }
+}
+
+/// How far that credential holds; `None` (logged) when it does not.
+async fn standing(state: &AppState, principal: &Principal, what: &str) -> Option<Standing> {
+    // Tried again while the database sheds load, as a read is: a burst of rechecks
+    // must not end the streams it touches.
+    match stream_read(state, || principal.standing(&state.auth)).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log::info!("push: {what} of caller {} ended: {e}", principal.caller);
+            None
+        }
+    }
+}
+
+fn ended(principal: &Principal, what: &str) {
+    log::info!(
+        "push: {what} of caller {} ended: revoked (its attempt ended)",
+        principal.caller
+    );
 }
 
 /// The state of one open stream.
@@ -414,6 +439,27 @@ struct Stream {
     live: bool,
     done: bool,
     _slot: Slot,
+}
+
+/// A read of a stream whose job token was revoked under its attempt's id alone
+/// ([`Standing::AttemptEnded`]). That id is written when the attempt ends, so if the
+/// job, read with these events, has ended (terminal) on the token's own attempt, its
+/// end revoked the token: the stream still sends what was committed up to that end —
+/// the events up to the job's `version` read with its status, never one written after
+/// (a retry) — and whether more of them are left to read. Otherwise (a requeue or a
+/// lease expiry with attempts left, or the job moved on to a later attempt) `None`: the
+/// stream ends without sending more, as for any other revocation. A revocation of the
+/// same id by hand is not told apart, and need not be: once the job has ended on that
+/// attempt, its end has revoked the id too.
+fn to_own_end(principal: &Principal, mut read: EventsAfter) -> Option<(EventsAfter, bool)> {
+    let attempt = principal.token_attempt()?;
+    if !read.status.is_terminal() || read.attempts != attempt {
+        return None;
+    }
+    let newest = read.newest;
+    read.events.retain(|e| e.seq <= newest);
+    let more = read.events.last().is_some_and(|e| e.seq < newest);
+    Some((read, more))
 }
 
 async fn read_after(state: &AppState, id: &JobId, after: i64) -> ApiResult<EventsAfter> {
@@ -435,25 +481,35 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
             // Shutting down: the client reconnects elsewhere with Last-Event-ID.
             return None;
         }
-        let EventsAfter { status, events, .. } = match s.pending.take() {
-            Some(p) => p,
+        let (EventsAfter { status, events, .. }, full) = match s.pending.take() {
+            Some(p) => (p, None),
             None => {
-                if !still_holds(&s.state, &s.principal, "event stream").await {
-                    return None;
-                }
+                let standing = standing(&s.state, &s.principal, "event stream").await?;
                 s.live = true;
                 s.sub.mark_seen();
-                match read_after(&s.state, &s.id, s.last).await {
+                let read = match read_after(&s.state, &s.id, s.last).await {
                     Ok(p) => p,
                     Err(e) => {
                         // The client reconnects with Last-Event-ID and misses nothing.
                         log::warn!("push: event stream of {} ended: {e}", s.id);
                         return None;
                     }
+                };
+                match standing {
+                    Standing::Holds => (read, None),
+                    Standing::AttemptEnded => match to_own_end(&s.principal, read) {
+                        Some((read, more)) => (read, Some(more)),
+                        None => {
+                            ended(&s.principal, "event stream");
+                            return None;
+                        }
+                    },
                 }
             }
         };
-        let full = i64::try_from(events.len()).unwrap_or(i64::MAX) >= EVENTS_PER_CHUNK;
+        // More to read before the end: a read to its job's end says; else a full chunk.
+        let full = full
+            .unwrap_or_else(|| i64::try_from(events.len()).unwrap_or(i64::MAX) >= EVENTS_PER_CHUNK);
         if let Some(first) = events.first() {
             let mut out = String::new();
             if let Some(gap) = gap_comment(s.last, first.seq) {
@@ -484,7 +540,9 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
         )
         .await
         {
-            Wait::Woken(_) => true,
+            // Its token's attempt ended: the next look reads, and ends the stream unless
+            // the job ended on that attempt.
+            Wait::Woken(_) | Wait::AttemptEnded => true,
             Wait::TimeUp => false,
             Wait::End => return None,
         };
@@ -508,8 +566,9 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
         `Last-Event-ID` (or `?after=`), then live as they happen on any instance, until \
         the job is terminal (the stream then ends; also when the instance shuts down: \
         reconnect with `Last-Event-ID`). The credential is checked again before every \
-        read: once its caller is disabled or it is revoked or expired (a job token is \
-        revoked when its job ends), the stream ends without sending more. An idle \
+        read: once its caller is disabled or it is revoked or expired, the stream ends \
+        without sending more. A job token is revoked when its job ends: its own job's \
+        stream still sends every event up to the terminal one, then ends. An idle \
         stream gets a `: keep-alive` comment \
         every 15 s. Open streams per caller and per instance are bounded (429 with \
         `Retry-After` beyond). A job keeps only its newest events \
@@ -640,7 +699,8 @@ async fn queue_step(mut s: QueueStream) -> Option<(Result<Bytes, actix_web::Erro
     .await
     {
         Wait::Woken(r) => Some(r),
-        Wait::TimeUp => None,
+        // Not the queue stream's to settle: `still_holds` below ends it.
+        Wait::TimeUp | Wait::AttemptEnded => None,
         Wait::End => return None,
     };
     if !still_holds(&s.state, &s.principal, "queue stream").await {

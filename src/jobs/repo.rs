@@ -483,6 +483,8 @@ pub fn find_with_events(
 #[derive(Debug)]
 pub struct EventsAfter {
     pub status: JobStatus,
+    /// The job's attempt, read with its status.
+    pub attempts: i32,
     pub newest: i64,
     pub events: Vec<EventRow>,
 }
@@ -494,9 +496,9 @@ pub fn events_after(
     after: i64,
     limit: i64,
 ) -> Result<EventsAfter, StoreError> {
-    let (status, newest): (String, i64) = on_backend!(conn, |c| jobs::table
+    let (status, attempts, newest): (String, i32, i64) = on_backend!(conn, |c| jobs::table
         .find(id.as_str())
-        .select((jobs::status, jobs::version))
+        .select((jobs::status, jobs::attempts, jobs::version))
         .first(c)
         .optional())?
     .ok_or(StoreError::NotFound)?;
@@ -511,6 +513,7 @@ pub fn events_after(
         .load(c))?;
     Ok(EventsAfter {
         status,
+        attempts,
         newest,
         events,
     })

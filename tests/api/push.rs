@@ -26,6 +26,8 @@ backend_tests!(
     a_burst_that_sheds_stream_reads_ends_no_stream_silently,
     streams_and_waiters_are_bounded_per_caller,
     an_open_stream_ends_once_its_credential_no_longer_holds,
+    a_token_stream_sees_its_own_jobs_end_before_it_ends,
+    a_token_stream_ends_at_once_when_its_attempt_ends_otherwise,
     an_idle_stream_ends_soon_after_its_credential_goes,
     an_idle_stream_ends_soon_after_its_revocation_with_the_set_in_overflow,
     a_waiting_claim_takes_no_job_once_its_caller_is_disabled,
@@ -1324,4 +1326,122 @@ fn a_queue_stream_without_jobs_read_carries_no_event_data(backend: Backend) {
     assert!(created["data"].is_object(), "{created}");
     let (_, status) = next_event(&full);
     assert_eq!(status["data"]["message"], "secret-ish message", "{status}");
+}
+
+/// A claimed job (on `queue`, created by `app`), its token, and the token's own stream
+/// of it, read up to the claim.
+fn token_stream(app: &TestApp, queue: &str, body: Value) -> (String, String, mpsc::Receiver<Sse>) {
+    let id = app.create_job(&body);
+    to_queued(app, &id);
+    let r = app.post_json(
+        &format!("/coordinator/queues/{queue}/claim"),
+        &json!({"worker": "w"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let bearer = [("Authorization".to_owned(), format!("Bearer {token}"))];
+    let rx = sse_with(
+        &app.url(""),
+        &bearer,
+        &format!("/coordinator/jobs/{id}/events"),
+    )
+    .expect("opens");
+    for want in ["created", "status", "claimed"] {
+        assert_eq!(next_event(&rx).0, want);
+    }
+    (id, token, rx)
+}
+
+/// The job's end revokes its token (its attempt's id), and the token's own stream used
+/// to notice that before it read the terminal event: a worker watching its job with its
+/// token never saw how the job ended. Now a token revoked by its own job's end gets
+/// every event up to the terminal one, then a clean end — whichever instance ended the
+/// job (on the other, the revocation and the event arrive in either order).
+fn a_token_stream_sees_its_own_jobs_end_before_it_ends(backend: Backend) {
+    let Some(a) = crate::app!(backend) else {
+        return;
+    };
+    let b = a.sibling();
+    let ends = |rx: &mpsc::Receiver<Sse>, want: &str| {
+        assert_eq!(next_event(rx).0, want);
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Sse::End(true)) => {}
+            other => panic!("after {want}: expected a clean end, got {other:?}"),
+        }
+    };
+    // Completed with the token, on the stream's instance.
+    let (id, token, rx) = token_stream(&a, "own1", json!({"kind": "k", "queue": "own1"}));
+    let r = a.with_token(
+        &token,
+        "PATCH",
+        &format!("/coordinator/jobs/{id}/progress"),
+        b"{\"percent\":50}",
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(next_event(&rx).0, "progress");
+    std::thread::sleep(Duration::from_millis(300)); // idle, waiting
+    let r = a.with_token(
+        &token,
+        "POST",
+        &format!("/coordinator/jobs/{id}/complete"),
+        b"{}",
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    ends(&rx, "completed");
+    // Failed (its last attempt) with the token, through the other instance.
+    let (id, token, rx) = token_stream(
+        &a,
+        "own2",
+        json!({"kind": "k", "queue": "own2", "maxAttempts": 1}),
+    );
+    let r = b.with_token(
+        &token,
+        "POST",
+        &format!("/coordinator/jobs/{id}/fail"),
+        b"{\"error\":\"x\"}",
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    ends(&rx, "failed");
+    // Cancelled by an operator, through the other instance.
+    let (id, _token, rx) = token_stream(&a, "own3", json!({"kind": "k", "queue": "own3"}));
+    let r = b.post_json(&format!("/coordinator/jobs/{id}/cancel"), &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    ends(&rx, "cancelled");
+}
+
+/// What a job's end does not excuse: a token revoked by hand, or its attempt's id revoked
+/// by hand while the job goes on, still ends its stream before any later event.
+fn a_token_stream_ends_at_once_when_its_attempt_ends_otherwise(backend: Backend) {
+    let Some(app) = crate::app!(backend) else {
+        return;
+    };
+    // Revoked by hand, then the job completes: the completion is not sent.
+    let (id, token, rx) = token_stream(&app, "oth1", json!({"kind": "k", "queue": "oth1"}));
+    let r = app.post_json(
+        "/admin/tokens/revoke",
+        &json!({"jti": crate::helpers::jti_of(&token)}),
+    );
+    assert!(r.status < 300, "{}", r.body);
+    until_refused("revoked job token", || {
+        app.with_token(&token, "GET", &format!("/coordinator/jobs/{id}"), b"")
+    });
+    let r = app.post_json(&format!("/coordinator/jobs/{id}/complete"), &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    ends_without_another_event(&rx, "a token revoked by hand");
+    // The attempt's id revoked by hand (an operator may), the job still running.
+    let (id, token, rx) = token_stream(&app, "oth2", json!({"kind": "k", "queue": "oth2"}));
+    let r = app.post_json(
+        "/admin/tokens/revoke",
+        &json!({"jti": format!("job:{id}:1")}),
+    );
+    assert!(r.status < 300, "{}", r.body);
+    until_refused("attempt revoked by hand", || {
+        app.with_token(&token, "GET", &format!("/coordinator/jobs/{id}"), b"")
+    });
+    let r = app.patch_json(
+        &format!("/coordinator/jobs/{id}/progress"),
+        &json!({"percent": 70}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    ends_without_another_event(&rx, "an attempt revoked by hand");
 }
