@@ -1228,3 +1228,86 @@ fn an_upper_case_dns_name_names_its_caller(backend: Backend) {
 }
 
 crate::backend_tests!(an_upper_case_dns_name_names_its_caller);
+
+/// Read from `tls` into `buf` until `want` is in it: false at the end of the connection
+/// or after 10 s (a stream's keep-alive comments would outlast any read timeout).
+fn read_until(tls: &mut Tls, buf: &mut String, want: &str) -> bool {
+    let end = Instant::now() + Duration::from_secs(10);
+    tls.sock
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut chunk = [0u8; 4096];
+    while !buf.contains(want) {
+        match tls.read(&mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => buf.push_str(&String::from_utf8_lossy(&chunk[..n])),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return false,
+        }
+        if Instant::now() > end {
+            return false;
+        }
+    }
+    true
+}
+
+/// The same for an event stream opened with a certificate and a signature: once the
+/// certificate expired, the next change ends the stream without being sent.
+fn a_signed_certificate_stream_ends_once_the_certificate_expired(backend: Backend) {
+    let ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let files = TlsFiles::new(&ca.server(), Some(&clients));
+    let Some(app) = tls_app(backend, &files, true, Duration::from_secs(60)) else {
+        return;
+    };
+    let port = port_of(&app);
+    let signer = app.caller("certz", &[Scope::JobsRead]);
+    let operator = |method: &str, path: &str, body: &str| {
+        let mut headers = app
+            .signer
+            .headers(method, path, body.as_bytes(), now_secs());
+        headers.push(("Content-Type".into(), "application/json".into()));
+        let mut tls = connect(&client(&ca, None, &[]), port, "localhost").unwrap();
+        send(&mut tls, method, path, &headers, body).unwrap()
+    };
+    let (status, created) = operator("POST", "/coordinator/jobs", r#"{"kind":"k","queue":"zq"}"#);
+    assert_eq!(status, 201, "{created}");
+    let created: serde_json::Value = serde_json::from_str(&created).unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+
+    let until = now_secs() + 2;
+    let cert = client_cert_expiring_in(&clients, "certz", until);
+    let mut tls = connect(&client(&ca, Some(&cert), &[]), port, "localhost").unwrap();
+    let path = format!("/coordinator/jobs/{id}/events");
+    let mut req =
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n");
+    for (k, v) in signer.headers("GET", &path, b"", now_secs()) {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    tls.write_all(req.as_bytes()).unwrap();
+    let mut seen = String::new();
+    assert!(read_until(&mut tls, &mut seen, "event: created"), "{seen}");
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    while now_secs() <= until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = operator(
+        "PATCH",
+        &format!("/coordinator/jobs/{id}/status"),
+        r#"{"status":"QUEUED"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    // The end of the chunked body, and no event of that change before it.
+    assert!(
+        read_until(&mut tls, &mut seen, "\r\n0\r\n\r\n"),
+        "the stream went on: {seen}"
+    );
+    assert!(!seen.contains("event: status"), "{seen}");
+}
+
+crate::backend_tests!(a_signed_certificate_stream_ends_once_the_certificate_expired);
