@@ -441,25 +441,49 @@ struct Stream {
     _slot: Slot,
 }
 
-/// A read of a stream whose job token was revoked under its attempt's id alone
-/// ([`Standing::AttemptEnded`]). That id is written when the attempt ends, so if the
-/// job, read with these events, has ended (terminal) on the token's own attempt, its
-/// end revoked the token: the stream still sends what was committed up to that end —
-/// the events up to the job's `version` read with its status, never one written after
-/// (a retry) — and whether more of them are left to read. Otherwise (a requeue or a
-/// lease expiry with attempts left, or the job moved on to a later attempt) `None`: the
-/// stream ends without sending more, as for any other revocation. A revocation of the
-/// same id by hand is not told apart, and need not be: once the job has ended on that
-/// attempt, its end has revoked the id too.
-fn to_own_end(principal: &Principal, mut read: EventsAfter) -> Option<(EventsAfter, bool)> {
-    let attempt = principal.token_attempt()?;
+/// Has the attempt a job token was issued for ended, as this read of its job shows?
+/// The same rule as the revocations a job change writes (`jobs::repo::token_revocation`):
+/// the job moved on to a later attempt, or it is terminal or back in the queue on this
+/// one (attempt 0, before any claim, ends when the first attempt starts).
+fn attempt_over(read: &EventsAfter, attempt: i32) -> bool {
+    read.attempts > attempt
+        || (read.attempts == attempt
+            && (read.status.is_terminal() || (attempt > 0 && read.status == JobStatus::Queued)))
+}
+
+/// What of a read a stream sends, and whether more is left to read before the job's
+/// end (`None`: as usual, a full chunk says). Events written after the job's status was
+/// read (`seq` past its `version`) wait for the next read, which their own wake-up
+/// brings: so the status describes every event sent with it.
+///
+/// A job token's attempt ends with a change whose revocation the stream may not hold
+/// yet when it reads (the check comes before the read, and another instance's
+/// revocation arrives by poll), or whose revocation it holds
+/// ([`Standing::AttemptEnded`]). Either way the read decides: if the job has ended
+/// (terminal) on the token's own attempt, that end revoked the token and the stream
+/// still sends what was committed up to it, then ends; otherwise (a requeue or a lease
+/// expiry with attempts left, the job on a later attempt, or the attempt's id revoked
+/// by hand while it runs) `None`: the stream ends without sending more. A revocation of
+/// that id by hand is not told apart from the job's end, and need not be: once the job
+/// has ended on that attempt, its end has revoked the id too.
+fn to_send(
+    principal: &Principal,
+    standing: Standing,
+    mut read: EventsAfter,
+) -> Option<(EventsAfter, Option<bool>)> {
+    let newest = read.newest;
+    read.events.retain(|e| e.seq <= newest);
+    let Some(attempt) = principal.token_attempt() else {
+        return Some((read, None));
+    };
+    if standing == Standing::Holds && !attempt_over(&read, attempt) {
+        return Some((read, None));
+    }
     if !read.status.is_terminal() || read.attempts != attempt {
         return None;
     }
-    let newest = read.newest;
-    read.events.retain(|e| e.seq <= newest);
     let more = read.events.last().is_some_and(|e| e.seq < newest);
-    Some((read, more))
+    Some((read, Some(more)))
 }
 
 async fn read_after(state: &AppState, id: &JobId, after: i64) -> ApiResult<EventsAfter> {
@@ -481,31 +505,28 @@ async fn step(mut s: Stream) -> Option<(Result<Bytes, actix_web::Error>, Stream)
             // Shutting down: the client reconnects elsewhere with Last-Event-ID.
             return None;
         }
-        let (EventsAfter { status, events, .. }, full) = match s.pending.take() {
-            Some(p) => (p, None),
+        let (read, standing) = match s.pending.take() {
+            // Checked by the guard a moment ago.
+            Some(p) => (p, Standing::Holds),
             None => {
                 let standing = standing(&s.state, &s.principal, "event stream").await?;
                 s.live = true;
                 s.sub.mark_seen();
-                let read = match read_after(&s.state, &s.id, s.last).await {
-                    Ok(p) => p,
+                match read_after(&s.state, &s.id, s.last).await {
+                    Ok(p) => (p, standing),
                     Err(e) => {
                         // The client reconnects with Last-Event-ID and misses nothing.
                         log::warn!("push: event stream of {} ended: {e}", s.id);
                         return None;
                     }
-                };
-                match standing {
-                    Standing::Holds => (read, None),
-                    Standing::AttemptEnded => match to_own_end(&s.principal, read) {
-                        Some((read, more)) => (read, Some(more)),
-                        None => {
-                            ended(&s.principal, "event stream");
-                            return None;
-                        }
-                    },
                 }
             }
+        };
+        let Some((EventsAfter { status, events, .. }, full)) =
+            to_send(&s.principal, standing, read)
+        else {
+            ended(&s.principal, "event stream");
+            return None;
         };
         // More to read before the end: a read to its job's end says; else a full chunk.
         let full = full

@@ -1409,8 +1409,9 @@ fn a_token_stream_sees_its_own_jobs_end_before_it_ends(backend: Backend) {
     ends(&rx, "cancelled");
 }
 
-/// What a job's end does not excuse: a token revoked by hand, or its attempt's id revoked
-/// by hand while the job goes on, still ends its stream before any later event.
+/// What a job's end does not excuse: a token revoked by hand, its attempt's id revoked
+/// by hand while the job goes on, or its attempt ended by a requeue, still ends its
+/// stream before any later event.
 fn a_token_stream_ends_at_once_when_its_attempt_ends_otherwise(backend: Backend) {
     let Some(app) = crate::app!(backend) else {
         return;
@@ -1444,4 +1445,14 @@ fn a_token_stream_ends_at_once_when_its_attempt_ends_otherwise(backend: Backend)
     );
     assert_eq!(r.status, 200, "{}", r.body);
     ends_without_another_event(&rx, "an attempt revoked by hand");
+    // Requeued by an operator: the attempt ended, the job did not. The requeue's own
+    // event used to reach the old token's stream now and then: the stream checks its
+    // credential, then reads, and a requeue committed in between was read before its
+    // revocation was held.
+    for i in 0..5 {
+        let queue = format!("oth3-{i}");
+        let (id, _token, rx) = token_stream(&app, &queue, json!({"kind": "k", "queue": queue}));
+        to_queued(&app, &id);
+        ends_without_another_event(&rx, "a requeued job's old token");
+    }
 }
