@@ -908,7 +908,49 @@ pub async fn queue_events(
 
 #[cfg(test)]
 mod tests {
-    use super::accepts_sse;
+    use super::{accepts_sse, attempt_over, EventsAfter, JobStatus};
+
+    #[test]
+    fn a_tokens_attempt_is_over_as_its_revocation_says() {
+        let read = |status, attempts| EventsAfter {
+            status,
+            attempts,
+            newest: 0,
+            events: Vec::new(),
+        };
+        use JobStatus::*;
+        // Attempt 2's token: over once the job ended or was requeued on attempt 2, or
+        // moved on; not while it runs on it.
+        for (status, attempts, over) in [
+            (Running, 2, false),
+            (Completed, 2, true),
+            (Failed, 2, true),
+            (Cancelled, 2, true),
+            (Queued, 2, true),
+            (Running, 3, true),
+            (Queued, 3, true),
+        ] {
+            assert_eq!(
+                attempt_over(&read(status, attempts), 2),
+                over,
+                "{status:?} {attempts}"
+            );
+        }
+        // A token issued before any claim (attempt 0): over when the first attempt
+        // starts, or the job ends unclaimed; not while it waits in the queue.
+        for (status, attempts, over) in [
+            (Pending, 0, false),
+            (Queued, 0, false),
+            (Cancelled, 0, true),
+            (Running, 1, true),
+        ] {
+            assert_eq!(
+                attempt_over(&read(status, attempts), 0),
+                over,
+                "{status:?} {attempts}"
+            );
+        }
+    }
 
     #[test]
     fn accept_names_the_stream_case_insensitively_and_not_refused() {
