@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::db::{Db, DbConnection};
 use crate::error::StoreError;
-use crate::jobs::repo;
+use crate::jobs::{queues, repo};
 use serde::Serialize;
 
 /// How long a health snapshot is served before it is refreshed.
@@ -200,7 +200,7 @@ pub async fn status_totals(db: &Db, cache: &HealthCache) -> Result<Arc<StatusTot
             return Ok(Arc::clone(totals));
         }
     }
-    let totals: StatusTotals = db.read(repo::status_depths).await?.into_iter().collect();
+    let totals: StatusTotals = db.read(queues::status_depths).await?.into_iter().collect();
     let totals = Arc::new(totals);
     *last = Some((Instant::now(), Arc::clone(&totals)));
     Ok(totals)
@@ -211,8 +211,8 @@ async fn take_snapshot(db: &Db) -> Result<HealthReport, StoreError> {
     let (depths, oldest, now) = db
         .read(|conn| {
             let now = crate::db::now_millis();
-            let depths = repo::queue_depths(conn)?;
-            let oldest = repo::oldest_due_run_at(conn, now)?;
+            let depths = queues::queue_depths(conn)?;
+            let oldest = queues::oldest_due_run_at(conn, now)?;
             Ok((depths, oldest, now))
         })
         .await?;

@@ -1,5 +1,5 @@
 //! Background housekeeping, bounded per pass and safe with several instances sharing a
-//! database, in this order: expire job leases (`jobs::repo::expire_leases`: back to
+//! database, in this order: expire job leases (`jobs::upkeep::expire_leases`: back to
 //! QUEUED, or FAILED after the last attempt, with that attempt's tokens revoked), purge
 //! expired replay records (and on PostgreSQL vacuum their table now and then), on
 //! PostgreSQL vacuum `job_events` once the event trims left enough dead rows, trim
@@ -14,7 +14,7 @@ use std::time::Duration;
 use actix_web::web;
 
 use crate::db::now_millis;
-use crate::jobs::repo as jobs_repo;
+use crate::jobs::upkeep as jobs_upkeep;
 use crate::state::AppState;
 
 const LEASES_PER_PASS: i64 = 100;
@@ -46,7 +46,7 @@ pub async fn pass(state: &AppState) -> PassReport {
     let now = now_millis();
     match state
         .db
-        .write(move |conn| jobs_repo::expire_leases(conn, now, LEASES_PER_PASS, terms))
+        .write(move |conn| jobs_upkeep::expire_leases(conn, now, LEASES_PER_PASS, terms))
         .await
     {
         Ok(sweep) => {
@@ -99,7 +99,7 @@ pub async fn pass(state: &AppState) -> PassReport {
     }
     // PostgreSQL: the events the trims delete (`COORDINATOR_EVENTS_PER_JOB`) are
     // reclaimed here, whether or not autovacuum runs.
-    match state.db.read(jobs_repo::vacuum_events_if_due).await {
+    match state.db.read(jobs_upkeep::vacuum_events_if_due).await {
         Ok(ran) => report.events_vacuumed = ran,
         Err(e) => log::info!("housekeeping: job_events vacuum skipped: {e}"),
     }
@@ -111,7 +111,7 @@ pub async fn pass(state: &AppState) -> PassReport {
         let before = now.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
         match state
             .db
-            .write(move |conn| jobs_repo::purge_finished(conn, before, JOBS_PER_PASS))
+            .write(move |conn| jobs_upkeep::purge_finished(conn, before, JOBS_PER_PASS))
             .await
         {
             Ok(n) => report.jobs_deleted = n,

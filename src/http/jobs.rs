@@ -10,6 +10,7 @@ use crate::http::extract::{JsonBody, RawBody};
 use crate::http::idempotency::IdempotencyKey;
 use crate::http::problem;
 use crate::jobs::model::{Change, JobId};
+use crate::jobs::queues;
 use crate::jobs::repo::{self, ProgressReport};
 use crate::jobs::request::{
     validate_message, BatchCreate, CancelJob, CompleteJob, CreateJob, FailJob, ListFilter,
@@ -600,7 +601,7 @@ pub async fn queues(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
             let now = crate::db::now_millis();
             let queues = state
                 .db
-                .read(move |conn| repo::list_queues(conn, now))
+                .read(move |conn| queues::list_queues(conn, now))
                 .await?;
             serde_json::to_vec(&QueueList { queues })
                 .map(web::Bytes::from)
@@ -645,7 +646,7 @@ pub async fn patch_queue(
     let q = queue.clone();
     let view = state
         .db
-        .write(move |conn| repo::patch_queue(conn, &q, body.paused, body.max_running))
+        .write(move |conn| queues::patch_queue(conn, &q, body.paused, body.max_running))
         .await?;
     state.notifier.queue_changed(&queue);
     Ok(HttpResponse::Ok().json(view))

@@ -8,7 +8,7 @@ use crate::http::extract::{parse_json, single_header, RawBody};
 use crate::http::idempotency::IdempotencyKey;
 use crate::http::problem;
 use crate::jobs::model::rfc3339;
-use crate::jobs::repo as jobs_repo;
+use crate::jobs::queues as jobs_queues;
 use crate::jobs::row::JobRow;
 use crate::state::AppState;
 use crate::stitcher::model::{DispatchRequest, DispatchResult, WebhookPayload};
@@ -55,7 +55,7 @@ async fn answer(state: &AppState, job: JobRow, duplicate: bool) -> ApiResult<Htt
             let queue = job.queue.clone();
             let counts = state
                 .db
-                .read(move |conn| jobs_repo::queue_counts(conn, &queue))
+                .read(move |conn| jobs_queues::queue_counts(conn, &queue))
                 .await?;
             let mut s = counts.for_priority(job.priority);
             // This job is counted too (it is QUEUED): it is not ahead of itself.

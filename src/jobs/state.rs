@@ -10,7 +10,7 @@
 //!
 //! What each change does to the row (attempts, lease, `run_at` after a backoff, the
 //! event it appends) is `jobs::repo::apply_to_row`, under the row lock taken by
-//! `jobs::repo::apply`. The lease sweep is `jobs::repo::expire_leases`, run by each
+//! `jobs::repo::apply`. The lease sweep is `jobs::upkeep::expire_leases`, run by each
 //! housekeeping pass (`housekeeping::pass`), which also revokes the attempt's tokens.
 
 use serde::{Deserialize, Serialize};

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::jobs::repo::{QueueCounts, QueueStats};
+use crate::jobs::queues::{QueueCounts, QueueStats};
 
 /// Queue statistics behind `estimatedStartTime`, reused for 2 s per queue: an estimate
 /// does not need an exact count per delivery, and counting a long queue on every webhook

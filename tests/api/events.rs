@@ -345,7 +345,9 @@ fn lease_expiries_trim_as_every_other_change(b: Backend) {
         std::thread::sleep(Duration::from_millis(5));
         let now = coordinator::db::now_millis();
         let expired = actix_web::rt::System::new()
-            .block_on(db.write(move |c| coordinator::jobs::repo::expire_leases(c, now, 100, terms)))
+            .block_on(
+                db.write(move |c| coordinator::jobs::upkeep::expire_leases(c, now, 100, terms)),
+            )
             .expect("expire")
             .expired;
         assert_eq!(expired.len(), 1, "round {round}");
@@ -454,7 +456,7 @@ fn many_writers_of_one_job_never_push_it_past_the_bound(b: Backend) {
 /// (it is off on some servers; here, for the table); housekeeping vacuums `job_events`
 /// once they pass the threshold, and not before.
 fn housekeeping_vacuums_the_events_the_trims_left_dead(b: Backend) {
-    use coordinator::jobs::repo::{vacuum_events_if_due, EVENTS_VACUUM_DEAD};
+    use coordinator::jobs::upkeep::{vacuum_events_if_due, EVENTS_VACUUM_DEAD};
     use diesel::connection::SimpleConnection;
     let Some(app) = crate::app!(b) else { return };
     // Autovacuum must not reclaim them first, wherever this runs (a throwaway database).

@@ -132,7 +132,7 @@ fn retention_deletes_only_old_finished_jobs(b: Backend) {
     let gone = app
         .state
         .db
-        .write_sync(|c| coordinator::jobs::repo::purge_finished(c, now, 100))
+        .write_sync(|c| coordinator::jobs::upkeep::purge_finished(c, now, 100))
         .unwrap();
     assert_eq!(gone, 1);
     app.get(&format!("/coordinator/jobs/{done}")).problem(404);

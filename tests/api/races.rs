@@ -179,7 +179,7 @@ fn racing_ends_of_a_running_job_decide_once(b: Backend) {
             let sweep = s.spawn(|| {
                 barrier.wait();
                 app.state.db.write_sync(|conn| {
-                    coordinator::jobs::repo::expire_leases(
+                    coordinator::jobs::upkeep::expire_leases(
                         conn,
                         coordinator::db::now_millis(),
                         100,
@@ -535,7 +535,7 @@ fn the_retention_purge_never_deletes_a_job_redriven_under_it(b: Backend) {
             let before = coordinator::db::now_millis() + 3_600_000;
             app.state
                 .db
-                .write_sync(move |conn| coordinator::jobs::repo::purge_finished(conn, before, 100))
+                .write_sync(move |conn| coordinator::jobs::upkeep::purge_finished(conn, before, 100))
         });
         std::thread::sleep(Duration::from_millis(400));
         let redrive =
