@@ -533,9 +533,9 @@ fn the_retention_purge_never_deletes_a_job_redriven_under_it(b: Backend) {
         let purge = s.spawn(|| {
             // Every job finished before an hour from now is old enough.
             let before = coordinator::db::now_millis() + 3_600_000;
-            app.state
-                .db
-                .write_sync(move |conn| coordinator::jobs::upkeep::purge_finished(conn, before, 100))
+            app.state.db.write_sync(move |conn| {
+                coordinator::jobs::upkeep::purge_finished(conn, before, 100)
+            })
         });
         std::thread::sleep(Duration::from_millis(400));
         let redrive =

@@ -1008,21 +1008,28 @@ fn a_replacement_certificate_that_is_not_valid_now_is_not_installed() {
 
 crate::plain_tests!(a_replacement_certificate_that_is_not_valid_now_is_not_installed);
 
-/// A certificate naming two callers is refused however many other names come between
-/// them: the names kept per certificate are bounded, and a bound that dropped the
-/// second caller's name made the certificate the first caller's.
-fn a_certificate_naming_two_callers_is_refused_whatever_their_place(backend: Backend) {
+/// A server that names callers by DNS SANs under `.c.example`, with callers `svc-a` and
+/// `svc-b` (`health:read`): the app, its server CA, the client CA and the port.
+fn two_dns_named_callers(backend: Backend) -> Option<(TestApp, Ca, Ca, u16)> {
     let ca = Ca::new("server CA");
     let clients = Ca::new("client CA");
     let files = TlsFiles::new(&ca.server(), Some(&clients));
     let mut tls = files.config(true, Duration::from_secs(60));
     tls.client_identity = ClientIdentity::SanDns(".c.example".into());
-    let Some(app) = spawn_app_with(backend, |cfg| cfg.tls = Some(tls)) else {
-        return;
-    };
+    let app = spawn_app_with(backend, |cfg| cfg.tls = Some(tls))?;
     let port = port_of(&app);
     app.caller("svc-a", &[Scope::HealthRead]);
     app.caller("svc-b", &[Scope::HealthRead]);
+    Some((app, ca, clients, port))
+}
+
+/// A certificate naming two callers is refused however many other names come between
+/// them: the names kept per certificate are bounded, and a bound that dropped the
+/// second caller's name made the certificate the first caller's.
+fn a_certificate_naming_two_callers_is_refused_whatever_their_place(backend: Backend) {
+    let Some((_app, ca, clients, port)) = two_dns_named_callers(backend) else {
+        return;
+    };
     let one = clients.issue("x", &["svc-a.c.example"], true, false);
     let (status, body) = get(&client(&ca, Some(&one), &[]), port, HEALTH, &[]).unwrap();
     assert_eq!(status, 200, "{body}");
@@ -1202,17 +1209,9 @@ crate::backend_tests!(a_signed_certificate_claim_takes_no_job_once_the_certifica
 /// without case, and the upper-case caller part failed the caller-name rule. Both
 /// spellings of one caller are still one caller; two callers are still refused.
 fn an_upper_case_dns_name_names_its_caller(backend: Backend) {
-    let ca = Ca::new("server CA");
-    let clients = Ca::new("client CA");
-    let files = TlsFiles::new(&ca.server(), Some(&clients));
-    let mut tls = files.config(true, Duration::from_secs(60));
-    tls.client_identity = ClientIdentity::SanDns(".c.example".into());
-    let Some(app) = spawn_app_with(backend, |cfg| cfg.tls = Some(tls)) else {
+    let Some((_app, ca, clients, port)) = two_dns_named_callers(backend) else {
         return;
     };
-    let port = port_of(&app);
-    app.caller("svc-a", &[Scope::HealthRead]);
-    app.caller("svc-b", &[Scope::HealthRead]);
     for names in [
         &["SVC-A.C.Example"][..],
         &["svc-a.c.example", "Svc-A.c.example"][..],
