@@ -1139,24 +1139,11 @@ fn an_idle_stream_ends_soon_after_its_revocation_with_the_set_in_overflow(backen
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let id = pending(&app, "overflow");
-    to_queued(&app, &id);
-    let r = app.post_json(
-        "/coordinator/queues/overflow/claim",
-        &json!({"worker": "w"}),
+    let (_, token, rx) = token_stream(
+        &app,
+        "overflow",
+        json!({"kind": "build", "queue": "overflow"}),
     );
-    assert_eq!(r.status, 200, "{}", r.body);
-    let token = r.json()["token"].as_str().expect("token").to_owned();
-    let bearer = [("Authorization".to_owned(), format!("Bearer {token}"))];
-    let rx = sse_with(
-        &app.url(""),
-        &bearer,
-        &format!("/coordinator/jobs/{id}/events"),
-    )
-    .expect("opens");
-    for want in ["created", "status", "claimed"] {
-        assert_eq!(next_event(&rx).0, want);
-    }
     std::thread::sleep(Duration::from_millis(300)); // idle, waiting
     let jti = crate::helpers::jti_of(&token);
     coordinator::auth::revocation::revoke_in_db(&app.state.db, &jti, until).expect("revoke");
