@@ -615,6 +615,7 @@ fn a_read_only_database_is_503_never_500_and_recovers(b: Backend) {
 crate::sqlite_tests!(
     a_removed_wal_file_loses_no_acknowledged_write,
     a_removed_shm_file_loses_no_acknowledged_write,
+    a_removed_wal_of_a_symlinked_database_loses_no_acknowledged_write,
 );
 
 fn a_removed_wal_file_loses_no_acknowledged_write(b: Backend) {
@@ -623,6 +624,23 @@ fn a_removed_wal_file_loses_no_acknowledged_write(b: Backend) {
 
 fn a_removed_shm_file_loses_no_acknowledged_write(b: Backend) {
     removed_file_loses_no_acknowledged_write(b, "-shm");
+}
+
+/// The same with `COORDINATOR_DATABASE_URL` naming a symbolic link to the database
+/// file (a data directory linked into place): SQLite resolves the link and keeps its
+/// WAL and index next to the file it names, not next to the link.
+fn a_removed_wal_of_a_symlinked_database_loses_no_acknowledged_write(b: Backend) {
+    let Some(db) = TestDb::create(b) else {
+        return;
+    };
+    let links = tempfile::tempdir().expect("tempdir");
+    let link = links.path().join("linked.db");
+    std::os::unix::fs::symlink(db.sqlite_path().expect("SQLite"), &link).expect("symlink");
+    let mut cfg = test_config(&db);
+    cfg.auth_failures_per_minute = 100_000;
+    cfg.db.url =
+        coordinator::db::DatabaseUrl::parse(&format!("sqlite://{}", link.display())).expect("url");
+    removed_file_loses_no_acknowledged_write_on(b, start(b, db, cfg), "-wal");
 }
 
 /// An operator (or a clean-up job) removes the SQLite WAL or its index (`-shm`) under
@@ -636,6 +654,10 @@ fn removed_file_loses_no_acknowledged_write(b: Backend, suffix: &str) {
     else {
         return;
     };
+    removed_file_loses_no_acknowledged_write_on(b, app, suffix);
+}
+
+fn removed_file_loses_no_acknowledged_write_on(b: Backend, app: TestApp, suffix: &str) {
     let file = format!("{}{suffix}", app.db.sqlite_path().expect("SQLite"));
     let job = app.running_job();
     let key = app.api_key("wal-worker", &[Scope::JobsUpdate, Scope::JobsRead]);
