@@ -5,7 +5,7 @@
 //! is in docs/decisions.md ("SQLite WAL bound").
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use diesel::connection::SimpleConnection;
@@ -46,9 +46,12 @@ pub(super) type FileIds = [(u64, u64); 2];
 
 /// What the writer knows about the SQLite WAL file.
 pub(super) struct Wal {
-    pub(super) path: std::path::PathBuf,
-    /// The WAL index (`-shm`).
-    pub(super) shm: std::path::PathBuf,
+    /// The database file as configured, perhaps through a symbolic link.
+    db: std::path::PathBuf,
+    /// The WAL and its index (`-shm`) where SQLite keeps them: next to the file the
+    /// configured path resolves to, since SQLite follows symbolic links (a data
+    /// directory or file linked into place). Resolved once the database file exists.
+    files: OnceLock<(std::path::PathBuf, std::path::PathBuf)>,
     /// Set once the WAL or its index was removed (or replaced) under the running
     /// server: every operation is refused from then on (the health probe fails), until
     /// a restart opens the files afresh.
@@ -89,8 +92,8 @@ pub(crate) enum WalReset {
 impl Wal {
     pub(super) fn new(db_path: &str, removed: Arc<AtomicBool>) -> Self {
         Wal {
-            path: format!("{db_path}-wal").into(),
-            shm: format!("{db_path}-shm").into(),
+            db: db_path.into(),
+            files: OnceLock::new(),
             removed,
             bytes: AtomicU64::new(0),
             max_bytes: AtomicU64::new(0),
@@ -113,8 +116,12 @@ impl Wal {
     /// another WAL than the writer writes.
     pub(super) fn still_the_files(&self, seen: &mut Option<FileIds>) -> bool {
         use std::os::unix::fs::MetadataExt;
+        // No database file yet: nothing was written through these files.
+        let Some((wal, shm)) = self.files() else {
+            return true;
+        };
         let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-        match (id(&self.path), id(&self.shm), *seen) {
+        match (id(wal), id(shm), *seen) {
             (Some(wal), Some(shm), Some(ids)) => ids == [wal, shm],
             (_, _, Some(_)) => false,
             (Some(wal), Some(shm), None) => {
@@ -126,8 +133,29 @@ impl Wal {
         }
     }
 
+    /// The WAL and its index as SQLite names them: the configured path with its
+    /// symbolic links resolved (as SQLite does when it opens the file), and `-wal`,
+    /// `-shm`. Before the review of 2026-12-06 they were looked for next to the path
+    /// as configured: through a link nothing is there, so a removed WAL went unnoticed
+    /// and the WAL's size read 0.
+    fn files(&self) -> Option<&(std::path::PathBuf, std::path::PathBuf)> {
+        if let Some(f) = self.files.get() {
+            return Some(f);
+        }
+        let real = std::fs::canonicalize(&self.db).ok()?;
+        let beside = |suffix: &str| {
+            let mut name = real.clone().into_os_string();
+            name.push(suffix);
+            std::path::PathBuf::from(name)
+        };
+        Some(self.files.get_or_init(|| (beside("-wal"), beside("-shm"))))
+    }
+
     pub(super) fn measure(&self) -> u64 {
-        let n = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+        let n = self
+            .files()
+            .and_then(|(wal, _)| std::fs::metadata(wal).ok())
+            .map_or(0, |m| m.len());
         self.bytes.store(n, Ordering::Relaxed);
         self.max_bytes.fetch_max(n, Ordering::Relaxed);
         n
@@ -345,6 +373,7 @@ mod tests {
     fn a_reset_readers_held_up_is_not_retried_at_once_unless_urgent() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("x.db");
+        std::fs::write(&db, b"").expect("database file");
         std::fs::write(dir.path().join("x.db-wal"), b"").expect("wal file");
         let wal = Wal::new(&db.to_string_lossy(), Arc::new(AtomicBool::new(false)));
         wal.frame_bytes.store(WAL_RESET_BYTES, Ordering::Relaxed);
