@@ -115,22 +115,11 @@ impl Wal {
     /// them, live on only in the copies still open, and a connection opened now reads
     /// another WAL than the writer writes.
     pub(super) fn still_the_files(&self, seen: &mut Option<FileIds>) -> bool {
-        use std::os::unix::fs::MetadataExt;
         // No database file yet: nothing was written through these files.
         let Some((wal, shm)) = self.files() else {
             return true;
         };
-        let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-        match (id(wal), id(shm), *seen) {
-            (Some(wal), Some(shm), Some(ids)) => ids == [wal, shm],
-            (_, _, Some(_)) => false,
-            (Some(wal), Some(shm), None) => {
-                *seen = Some([wal, shm]);
-                true
-            }
-            // Not in WAL mode (`sqlite_wal` could not switch): nothing to watch.
-            (_, _, None) => true,
-        }
+        same_files([file_id(wal), file_id(shm)], seen)
     }
 
     /// The WAL and its index as SQLite names them: the configured path with its
@@ -189,6 +178,42 @@ impl Wal {
             self.elapsed_ms().saturating_add(RESET_RETRY_AFTER_MS)
         };
         self.retry_at_ms.store(at, Ordering::Relaxed);
+    }
+}
+
+/// (device, inode) of a file; `Ok(None)` when nothing is under that name.
+fn file_id(path: &std::path::Path) -> std::io::Result<Option<(u64, u64)>> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(Some((m.dev(), m.ino()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`Wal::still_the_files`] on the ids found now. Only a file missing or another file
+/// under its name is a removal: a `stat` that fails otherwise (permissions changed on
+/// the directory for a moment, `EIO`/`ESTALE` on a network file system, no memory)
+/// says nothing about SQLite's open files and must not take the server out of service
+/// until a restart; the next write looks again.
+fn same_files(now: [std::io::Result<Option<(u64, u64)>>; 2], seen: &mut Option<FileIds>) -> bool {
+    let [wal, shm] = now;
+    let (wal, shm) = match (wal, shm) {
+        (Ok(wal), Ok(shm)) => (wal, shm),
+        (Err(e), _) | (_, Err(e)) => {
+            log::warn!("cannot tell whether the SQLite WAL is still in place: {e}");
+            return true;
+        }
+    };
+    match (wal, shm, *seen) {
+        (Some(wal), Some(shm), Some(ids)) => ids == [wal, shm],
+        (_, _, Some(_)) => false,
+        (Some(wal), Some(shm), None) => {
+            *seen = Some([wal, shm]);
+            true
+        }
+        // Not in WAL mode (`sqlite_wal` could not switch): nothing to watch.
+        (_, _, None) => true,
     }
 }
 
@@ -344,6 +369,42 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// Only a missing or replaced file is a removal; a `stat` that fails otherwise is
+    /// no verdict (before: any error counted as "missing", and the server refused
+    /// everything until a restart).
+    #[test]
+    fn only_a_missing_or_replaced_file_is_a_removal() {
+        use std::io::{Error, ErrorKind};
+        let (wal, shm) = ((1, 10), (1, 11));
+        let mut seen = None;
+        assert!(same_files([Ok(Some(wal)), Ok(Some(shm))], &mut seen));
+        assert_eq!(seen, Some([wal, shm]), "recorded after the first write");
+        assert!(same_files([Ok(Some(wal)), Ok(Some(shm))], &mut seen));
+        for kind in [ErrorKind::PermissionDenied, ErrorKind::Other] {
+            assert!(
+                same_files([Err(Error::from(kind)), Ok(Some(shm))], &mut seen),
+                "{kind:?}"
+            );
+            assert!(
+                same_files([Ok(Some(wal)), Err(Error::from(kind))], &mut seen),
+                "{kind:?}"
+            );
+        }
+        assert_eq!(seen, Some([wal, shm]));
+        assert!(!same_files([Ok(None), Ok(Some(shm))], &mut seen), "removed");
+        assert!(!same_files([Ok(Some(wal)), Ok(None)], &mut seen), "removed");
+        assert!(
+            !same_files([Ok(Some((1, 12))), Ok(Some(shm))], &mut seen),
+            "replaced"
+        );
+        let mut none = None;
+        assert!(
+            same_files([Ok(None), Ok(None)], &mut none),
+            "not in WAL mode"
+        );
+        assert_eq!(none, None);
+    }
 
     #[test]
     fn wal_reset_is_due_on_the_frame_count_or_a_file_grown_past_the_limit() {
