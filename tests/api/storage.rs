@@ -616,7 +616,46 @@ crate::sqlite_tests!(
     a_removed_wal_file_loses_no_acknowledged_write,
     a_removed_shm_file_loses_no_acknowledged_write,
     a_removed_wal_of_a_symlinked_database_loses_no_acknowledged_write,
+    a_removed_database_file_takes_the_instance_out_of_service,
 );
+
+/// The database file itself removed (or replaced) under the running server: SQLite
+/// refuses every write on the connections that still have the old file open
+/// ("attempt to write a readonly database", `SQLITE_READONLY_DBMOVED`), which is the
+/// message of a read-only file, a 503 that trips nothing. Nothing written from then on
+/// can last, so the instance must say so (`/readyz` 503) until a restart, as for a
+/// removed WAL, rather than stay ready and refuse every write for good.
+fn a_removed_database_file_takes_the_instance_out_of_service(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.auth_failures_per_minute = 100_000)
+    else {
+        return;
+    };
+    let job = app.running_job();
+    let key = app.api_key("db-worker", &[Scope::JobsUpdate, Scope::JobsRead]);
+    let mut acked = Acked::default();
+    acked.write(&app, &job, &key, "before", 5);
+    assert_eq!(acked.refused, 0, "{}", acked.problems.join("\n"));
+    let before = acked.messages.len();
+    std::fs::remove_file(app.db.sqlite_path().expect("SQLite")).expect("remove the file");
+    acked.write(&app, &job, &key, "removed", 10);
+    // Written into the removed file: gone with it, so never acknowledged.
+    assert_eq!(
+        acked.messages.len(),
+        before,
+        "writes acknowledged into the removed database file"
+    );
+    assert!(
+        acked.problems.is_empty(),
+        "bad answers after the database file was removed:\n{}",
+        acked.problems.join("\n")
+    );
+    assert!(acked.refused > 0, "no write refused after the removal");
+    assert_eq!(
+        app.raw("GET", "/readyz", &[], b"").status,
+        503,
+        "/readyz after the database file was removed"
+    );
+}
 
 fn a_removed_wal_file_loses_no_acknowledged_write(b: Backend) {
     removed_file_loses_no_acknowledged_write(b, "-wal");
