@@ -71,7 +71,7 @@ use health::{DbHealth, DbState};
 use load::{CancelOnDrop, Gate, Shed};
 pub use url::{one_line, DatabaseUrl};
 pub(crate) use wal::WalReset;
-use wal::{rescue_removed_wal, reset_wal, wal_reset, FileIds, ResetDue, Wal, WAL_REMOVED};
+use wal::{rescue_removed_wal, reset_wal, wal_reset, FileIds, Files, ResetDue, Wal, WAL_REMOVED};
 pub use wal::{WAL_LIMIT_BYTES, WAL_RESET_BYTES};
 
 /// Validated database settings.
@@ -295,11 +295,12 @@ impl Shared {
         let Some(wal) = &self.wal else {
             return Ok(WalReset::No);
         };
-        if wal.still_the_files(&mut c.wal_files) {
+        let found = wal.still_the_files(&mut c.wal_files);
+        if found == Files::Same {
             return Ok(wal.after_write());
         }
         c.broken = true;
-        rescue_removed_wal(self, wal, &mut c.conn).map(|()| WalReset::No)
+        rescue_removed_wal(self, wal, &mut c.conn, found).map(|()| WalReset::No)
     }
 
     fn busy_ms(&self) -> u64 {

@@ -41,8 +41,19 @@ const URGENT_CHECKPOINT_BUSY_MS: u64 = 1000;
 /// `CHECKPOINT_BUSY_MS`.
 const RESET_RETRY_AFTER_MS: u64 = 250;
 
-/// (device, inode) of the WAL file and of its index (`-shm`).
-pub(super) type FileIds = [(u64, u64); 2];
+/// (device, inode) of the database file, the WAL file and the WAL index (`-shm`).
+pub(super) type FileIds = [(u64, u64); 3];
+
+/// What [`Wal::still_the_files`] found.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Files {
+    Same,
+    /// The WAL or its index was removed or replaced.
+    WalRemoved,
+    /// The database file itself was: whatever is written through the connections
+    /// still open goes into a file nobody will open again.
+    DatabaseRemoved,
+}
 
 /// What the writer knows about the SQLite WAL file.
 pub(super) struct Wal {
@@ -51,7 +62,7 @@ pub(super) struct Wal {
     /// The WAL and its index (`-shm`) where SQLite keeps them: next to the file the
     /// configured path resolves to, since SQLite follows symbolic links (a data
     /// directory or file linked into place). Resolved once the database file exists.
-    files: OnceLock<(std::path::PathBuf, std::path::PathBuf)>,
+    files: OnceLock<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)>,
     /// Set once the WAL or its index was removed (or replaced) under the running
     /// server: every operation is refused from then on (the health probe fails), until
     /// a restart opens the files afresh.
@@ -114,12 +125,15 @@ impl Wal {
     /// its name, was removed under the server: its frames, acknowledged writes among
     /// them, live on only in the copies still open, and a connection opened now reads
     /// another WAL than the writer writes.
-    pub(super) fn still_the_files(&self, seen: &mut Option<FileIds>) -> bool {
+    /// The database file is watched the same way (review, 2026-12-06): SQLite keeps
+    /// writing into a removed one through its open descriptors, and acknowledged
+    /// every write into it.
+    pub(super) fn still_the_files(&self, seen: &mut Option<FileIds>) -> Files {
         // No database file yet: nothing was written through these files.
-        let Some((wal, shm)) = self.files() else {
-            return true;
+        let Some((db, wal, shm)) = self.files() else {
+            return Files::Same;
         };
-        same_files([file_id(wal), file_id(shm)], seen)
+        same_files([file_id(db), file_id(wal), file_id(shm)], seen)
     }
 
     /// The WAL and its index as SQLite names them: the configured path with its
@@ -127,7 +141,7 @@ impl Wal {
     /// `-shm`. Before the review of 2026-12-06 they were looked for next to the path
     /// as configured: through a link nothing is there, so a removed WAL went unnoticed
     /// and the WAL's size read 0.
-    fn files(&self) -> Option<&(std::path::PathBuf, std::path::PathBuf)> {
+    fn files(&self) -> Option<&(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
         if let Some(f) = self.files.get() {
             return Some(f);
         }
@@ -137,13 +151,16 @@ impl Wal {
             name.push(suffix);
             std::path::PathBuf::from(name)
         };
-        Some(self.files.get_or_init(|| (beside("-wal"), beside("-shm"))))
+        Some(
+            self.files
+                .get_or_init(|| (real.clone(), beside("-wal"), beside("-shm"))),
+        )
     }
 
     pub(super) fn measure(&self) -> u64 {
         let n = self
             .files()
-            .and_then(|(wal, _)| std::fs::metadata(wal).ok())
+            .and_then(|(_, wal, _)| std::fs::metadata(wal).ok())
             .map_or(0, |m| m.len());
         self.bytes.store(n, Ordering::Relaxed);
         self.max_bytes.fetch_max(n, Ordering::Relaxed);
@@ -196,24 +213,25 @@ fn file_id(path: &std::path::Path) -> std::io::Result<Option<(u64, u64)>> {
 /// the directory for a moment, `EIO`/`ESTALE` on a network file system, no memory)
 /// says nothing about SQLite's open files and must not take the server out of service
 /// until a restart; the next write looks again.
-fn same_files(now: [std::io::Result<Option<(u64, u64)>>; 2], seen: &mut Option<FileIds>) -> bool {
-    let [wal, shm] = now;
-    let (wal, shm) = match (wal, shm) {
-        (Ok(wal), Ok(shm)) => (wal, shm),
-        (Err(e), _) | (_, Err(e)) => {
-            log::warn!("cannot tell whether the SQLite WAL is still in place: {e}");
-            return true;
+fn same_files(now: [std::io::Result<Option<(u64, u64)>>; 3], seen: &mut Option<FileIds>) -> Files {
+    let [db, wal, shm] = now;
+    let (db, wal, shm) = match (db, wal, shm) {
+        (Ok(db), Ok(wal), Ok(shm)) => (db, wal, shm),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            log::warn!("cannot tell whether the SQLite files are still in place: {e}");
+            return Files::Same;
         }
     };
-    match (wal, shm, *seen) {
-        (Some(wal), Some(shm), Some(ids)) => ids == [wal, shm],
-        (_, _, Some(_)) => false,
-        (Some(wal), Some(shm), None) => {
-            *seen = Some([wal, shm]);
-            true
+    match (db, wal, shm, *seen) {
+        (db, _, _, Some(ids)) if db != Some(ids[0]) => Files::DatabaseRemoved,
+        (_, Some(wal), Some(shm), Some(ids)) if [wal, shm] == [ids[1], ids[2]] => Files::Same,
+        (_, _, _, Some(_)) => Files::WalRemoved,
+        (Some(db), Some(wal), Some(shm), None) => {
+            *seen = Some([db, wal, shm]);
+            Files::Same
         }
         // Not in WAL mode (`sqlite_wal` could not switch): nothing to watch.
-        (_, _, None) => true,
+        (_, _, _, None) => Files::Same,
     }
 }
 
@@ -245,7 +263,7 @@ pub(super) struct CheckpointOutcome {
 
 /// What the log and the health probe say once the WAL was removed under the server.
 pub(super) const WAL_REMOVED: &str =
-    "the SQLite WAL file or its index (-wal, -shm) was removed while \
+    "the SQLite database file, its WAL or its index (-wal, -shm) was removed while \
      the server was running; every request is refused until the server is restarted";
 
 /// The WAL or its index was removed under the server (`Wal::still_the_files`): copy
@@ -256,13 +274,20 @@ pub(super) const WAL_REMOVED: &str =
 /// restart: connections opened before and after the removal read different files,
 /// and a write now would go where new connections cannot read it. `Err` when the copy
 /// did not finish: the write must not be acknowledged.
+///
+/// The database file itself removed: nothing can be rescued (the copy would go into
+/// the removed file too), and the write is never acknowledged.
 pub(super) fn rescue_removed_wal(
     shared: &Shared,
     wal: &Wal,
     lite: &mut DbConnection,
+    found: Files,
 ) -> Result<(), String> {
     let first = !wal.removed.swap(true, Ordering::AcqRel);
     let copied = match lite {
+        _ if found == Files::DatabaseRemoved => {
+            Err("the database file itself is gone, with what was written to it".to_owned())
+        }
         DbConnection::Sqlite(lite) => {
             let _turn = writer::checkpoint_turn(&shared.checkpointing, true);
             lite.batch_execute(&format!(
@@ -376,34 +401,62 @@ mod tests {
     #[test]
     fn only_a_missing_or_replaced_file_is_a_removal() {
         use std::io::{Error, ErrorKind};
-        let (wal, shm) = ((1, 10), (1, 11));
+        let (db, wal, shm) = ((1, 9), (1, 10), (1, 11));
         let mut seen = None;
-        assert!(same_files([Ok(Some(wal)), Ok(Some(shm))], &mut seen));
-        assert_eq!(seen, Some([wal, shm]), "recorded after the first write");
-        assert!(same_files([Ok(Some(wal)), Ok(Some(shm))], &mut seen));
+        let same = Files::Same;
+        assert_eq!(
+            same_files([Ok(Some(db)), Ok(Some(wal)), Ok(Some(shm))], &mut seen),
+            same
+        );
+        assert_eq!(seen, Some([db, wal, shm]), "recorded after the first write");
+        assert_eq!(
+            same_files([Ok(Some(db)), Ok(Some(wal)), Ok(Some(shm))], &mut seen),
+            same
+        );
         for kind in [ErrorKind::PermissionDenied, ErrorKind::Other] {
-            assert!(
-                same_files([Err(Error::from(kind)), Ok(Some(shm))], &mut seen),
-                "{kind:?}"
+            let e = || Err(Error::from(kind));
+            assert_eq!(
+                same_files([e(), Ok(Some(wal)), Ok(Some(shm))], &mut seen),
+                same
             );
-            assert!(
-                same_files([Ok(Some(wal)), Err(Error::from(kind))], &mut seen),
-                "{kind:?}"
+            assert_eq!(
+                same_files([Ok(Some(db)), e(), Ok(Some(shm))], &mut seen),
+                same
+            );
+            assert_eq!(
+                same_files([Ok(Some(db)), Ok(Some(wal)), e()], &mut seen),
+                same
             );
         }
-        assert_eq!(seen, Some([wal, shm]));
-        assert!(!same_files([Ok(None), Ok(Some(shm))], &mut seen), "removed");
-        assert!(!same_files([Ok(Some(wal)), Ok(None)], &mut seen), "removed");
-        assert!(
-            !same_files([Ok(Some((1, 12))), Ok(Some(shm))], &mut seen),
-            "replaced"
+        assert_eq!(seen, Some([db, wal, shm]));
+        let wal_gone = Files::WalRemoved;
+        assert_eq!(
+            same_files([Ok(Some(db)), Ok(None), Ok(Some(shm))], &mut seen),
+            wal_gone
+        );
+        assert_eq!(
+            same_files([Ok(Some(db)), Ok(Some(wal)), Ok(None)], &mut seen),
+            wal_gone
+        );
+        assert_eq!(
+            same_files([Ok(Some(db)), Ok(Some((1, 12))), Ok(Some(shm))], &mut seen),
+            wal_gone
+        );
+        let db_gone = Files::DatabaseRemoved;
+        assert_eq!(
+            same_files([Ok(None), Ok(Some(wal)), Ok(Some(shm))], &mut seen),
+            db_gone
+        );
+        assert_eq!(
+            same_files([Ok(Some((1, 13))), Ok(None), Ok(Some(shm))], &mut seen),
+            db_gone
         );
         let mut none = None;
-        assert!(
-            same_files([Ok(None), Ok(None)], &mut none),
-            "not in WAL mode"
+        assert_eq!(
+            same_files([Ok(Some(db)), Ok(None), Ok(None)], &mut none),
+            same
         );
-        assert_eq!(none, None);
+        assert_eq!(none, None, "not in WAL mode");
     }
 
     #[test]
