@@ -57,6 +57,15 @@ pub async fn pass(state: &AppState) -> PassReport {
             }
             report.leases_expired = sweep.expired.len();
             if let Some(e) = sweep.stopped_by {
+                // The sweep answered `Ok` to keep the jobs it moved, so the pool did not
+                // see the error: a lost connection trips the health state here (the
+                // connection is then checked before its next use, as after any trip).
+                if e.is_connection_loss() {
+                    state
+                        .db
+                        .health()
+                        .trip(None, &format!("connection lost: {e}"));
+                }
                 log::warn!(
                     "housekeeping: lease expiry stopped after {} jobs: {e}",
                     sweep.expired.len()
