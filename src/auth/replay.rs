@@ -109,9 +109,10 @@ impl ReplayLog {
     async fn record(&self, row: ReplayRow) -> Result<bool, StoreError> {
         match &self.batcher {
             Some(b) => b.submit(row).await,
+            // One `INSERT OR IGNORE`: no savepoint needed around it.
             None => self
                 .db
-                .write(move |conn| insert_replays(conn, std::slice::from_ref(&row)))
+                .write_one_statement(move |conn| insert_replays(conn, std::slice::from_ref(&row)))
                 .await?
                 .first()
                 .copied()

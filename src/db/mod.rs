@@ -535,6 +535,18 @@ impl Db {
         self.run_async(true, f).await
     }
 
+    /// [`Db::write`] for work that either writes whole or fails in a way that fails
+    /// its batch anyway — one statement — and writes nothing when it answers
+    /// `StoreError::Replayed`: in SQLite's writer it runs without a savepoint of its
+    /// own ([`writer::Work::bare`]). Elsewhere the same as `write`.
+    pub async fn write_one_statement<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.dispatch(true, true, f).await
+    }
+
     /// Wait (at most `within`) until no admitted write is queued or running — on SQLite
     /// until the group-commit writer has committed and answered everything handed to
     /// it: the shutdown's flush. `false` when some were still under way.
@@ -581,10 +593,13 @@ impl Db {
         F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
     {
         let (deferred, row) = self.deferred_record(write).await?;
+        // With a record in front the work needs no savepoint of its own from the
+        // writer: `record_then` keeps the record and gives the write its own.
+        let bare = row.is_some();
         // One closure type per call site, deferred record or not: `dispatch` is
         // generic over it, and a second instance per call site doubles the code.
         let r = self
-            .dispatch(write, move |conn| match &row {
+            .dispatch(write, bare, move |conn| match &row {
                 Some(row) => replay::record_then(conn, row, f),
                 None => f(conn).map(Ok),
             })
@@ -633,7 +648,7 @@ impl Db {
                 Err(e) => Err(e),
             },
             None => {
-                self.dispatch(true, move |conn| replay::record(conn, &row))
+                self.dispatch(true, true, move |conn| replay::record(conn, &row))
                     .await
             }
         };
@@ -643,8 +658,9 @@ impl Db {
 
     /// Admission (health, deadline, queue bound) on the async side, then the work on
     /// the blocking pool. The reply is sent before any WAL checkpoint the write makes
-    /// due, so no request waits for one.
-    async fn dispatch<T, F>(&self, write: bool, f: F) -> Result<T, StoreError>
+    /// due, so no request waits for one. `bare`: the work may run without a savepoint
+    /// of its own in SQLite's writer ([`writer::Work::bare`]).
+    async fn dispatch<T, F>(&self, write: bool, bare: bool, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
@@ -664,7 +680,7 @@ impl Db {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if let (true, Some(writer)) = (write, &self.shared.writer) {
             let taken = Arc::new(AtomicBool::new(false));
-            let work = group_work(gate.clone(), permit, taken.clone(), gone, f, tx);
+            let work = group_work(gate.clone(), permit, (taken.clone(), gone), bare, f, tx);
             if writer.send(work).is_err() {
                 return Err(StoreError::Internal("the SQLite writer stopped".into()));
             }
@@ -884,13 +900,13 @@ fn checkout(
 
 /// Wrap one request's write for the SQLite writer: skipped when the request withdrew
 /// it (`taken` already set: its deadline passed while it was queued) or its client
-/// left; otherwise run in its savepoint, and answered only once the batch's commit is
-/// known.
+/// left; otherwise run in its savepoint (or `bare`, without one: [`writer::Work::bare`]),
+/// and answered only once the batch's commit is known.
 fn group_work<T, F>(
     gate: Arc<Gate>,
     permit: load::Permit,
-    taken: Arc<AtomicBool>,
-    gone: Arc<AtomicBool>,
+    (taken, gone): (Arc<AtomicBool>, Arc<AtomicBool>),
+    bare: bool,
     f: F,
     tx: tokio::sync::oneshot::Sender<Result<T, StoreError>>,
 ) -> writer::Work
@@ -898,7 +914,8 @@ where
     T: Send + 'static,
     F: FnOnce(&mut DbConnection) -> Result<T, StoreError> + Send + 'static,
 {
-    Box::new(move |slot| {
+    let run = Box::new(move |slot: writer::Slot<'_>| {
+        let mut ran = false;
         let r = match slot {
             writer::Slot::Refused(e) => Err(e),
             // Withdrawn by the request (which has answered already and counted it).
@@ -909,10 +926,19 @@ where
             }
             writer::Slot::Run(conn) => {
                 permit.started();
+                ran = true;
                 f(conn)
             }
         };
-        let ok = r.is_ok();
+        let step = match &r {
+            Ok(_) => writer::Step::Keep,
+            Err(_) if !bare => writer::Step::Undo,
+            // Bare work that did not run, or found its record already there
+            // (`INSERT OR IGNORE` wrote nothing), left nothing behind.
+            Err(StoreError::Replayed) => writer::Step::Keep,
+            Err(_) if !ran => writer::Step::Keep,
+            Err(e) => writer::Step::Broken(e.to_string()),
+        };
         let reply: writer::Reply = Box::new(move |failed| {
             let r = match (r, failed) {
                 (Ok(_), Some(why)) => Err(StoreError::Unavailable(why.to_owned())),
@@ -921,8 +947,9 @@ where
             let _ = tx.send(r);
             drop(permit);
         });
-        (ok, reply)
-    })
+        (step, reply)
+    });
+    writer::Work { bare, run }
 }
 
 pub(crate) fn deadline_passed() -> StoreError {

@@ -3,7 +3,8 @@
 //! database's per-commit ceiling. Instead one writer thread per instance takes every
 //! write that has queued up, opens one `BEGIN IMMEDIATE` transaction, runs each
 //! request's work in its own savepoint (a failing request rolls back to its savepoint
-//! and never sinks the batch), commits once, and only then answers each request. No
+//! and never sinks the batch; work that cannot fail alone runs without one, see
+//! [`Work::bare`]), commits once, and only then answers each request. No
 //! write is acknowledged before the commit that makes it durable; when the commit
 //! fails, every request of the batch gets the error.
 //!
@@ -198,8 +199,33 @@ pub(super) enum Slot<'a> {
 /// committed, otherwise why it did not.
 pub(super) type Reply = Box<dyn FnOnce(Option<&str>) + Send>;
 
-/// One request's work. Returns whether it succeeded (keep its savepoint) and its reply.
-pub(super) type Work = Box<dyn FnOnce(Slot<'_>) -> (bool, Reply) + Send>;
+/// How a request's work ended, and so what becomes of what it wrote.
+pub(super) enum Step {
+    /// Keep it (release the savepoint).
+    Keep,
+    /// Undo it (roll back to the savepoint): the request failed, the batch goes on.
+    Undo,
+    /// A work without a savepoint failed after it may have written: nothing of the
+    /// batch can be acknowledged.
+    Broken(String),
+}
+
+/// One request's work: run with its connection, it returns how it ended and its reply.
+pub(super) struct Work {
+    /// Run without a savepoint of its own. For work that either succeeds or fails in a
+    /// way that sinks the batch anyway (an I/O error, a full disk), and that leaves
+    /// nothing behind when it refuses (a replay record found already there): a single
+    /// statement, which SQLite applies whole or not at all, or a replay record with the
+    /// request's write in a savepoint of its own behind it (`replay::record_then`).
+    /// Saves two statements per request and the savepoint's page copies (its statement
+    /// journal) on the writer thread, which every write of the instance goes through.
+    pub(super) bare: bool,
+    pub(super) run: Run,
+}
+
+/// A request's work proper: given its connection (or why there is none), how it ended
+/// and its reply.
+pub(super) type Run = Box<dyn FnOnce(Slot<'_>) -> (Step, Reply) + Send>;
 
 type Tm = AnsiTransactionManager;
 
@@ -257,7 +283,7 @@ fn run(write: &DbPool, shared: &Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Wo
 
 fn refuse_all(batch: Vec<Work>, why: impl Fn() -> StoreError) {
     for work in batch {
-        let (_, reply) = work(Slot::Refused(why()));
+        let (_, reply) = (work.run)(Slot::Refused(why()));
         reply(None);
     }
 }
@@ -281,30 +307,37 @@ fn commit_batch(conn: &mut DbConnection, batch: Vec<Work>) -> (Vec<(Reply, Optio
     let began = broken.is_none();
     for work in batch {
         if let Some(why) = &broken {
-            let (_, reply) = work(Slot::Refused(StoreError::Unavailable(why.clone())));
+            let (_, reply) = (work.run)(Slot::Refused(StoreError::Unavailable(why.clone())));
             replies.push((reply, None));
             continue;
         }
-        if let Err(why) = on_lite(
-            conn,
-            <Tm as TransactionManager<SqliteConnection>>::begin_transaction,
-        ) {
-            let (_, reply) = work(Slot::Refused(StoreError::Unavailable(why.clone())));
-            replies.push((reply, None));
-            broken = Some(why);
-            continue;
+        if !work.bare {
+            if let Err(why) = on_lite(
+                conn,
+                <Tm as TransactionManager<SqliteConnection>>::begin_transaction,
+            ) {
+                let (_, reply) = (work.run)(Slot::Refused(StoreError::Unavailable(why.clone())));
+                replies.push((reply, None));
+                broken = Some(why);
+                continue;
+            }
         }
-        let (ok, reply) = work(Slot::Run(conn));
-        let closed = if ok {
-            on_lite(
+        let (step, reply) = (work.run)(Slot::Run(conn));
+        let closed = match (step, work.bare) {
+            // A savepoint still open here is rolled back with the batch.
+            (Step::Broken(why), _) => Err(why),
+            (Step::Keep, true) => Ok(()),
+            (Step::Undo, true) => {
+                Err("a request's work without a savepoint could not be undone".into())
+            }
+            (Step::Keep, false) => on_lite(
                 conn,
                 <Tm as TransactionManager<SqliteConnection>>::commit_transaction,
-            )
-        } else {
-            on_lite(
+            ),
+            (Step::Undo, false) => on_lite(
                 conn,
                 <Tm as TransactionManager<SqliteConnection>>::rollback_transaction,
-            )
+            ),
         };
         // A savepoint that could not be released or rolled back leaves the transaction
         // in an unknown state: nothing of it may be acknowledged.
