@@ -66,6 +66,13 @@ pub struct DbArgs {
     #[arg(long, env = "COORDINATOR_DB_ALLOW_TLS_DOWNGRADE", default_value_t = false,
           num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub db_allow_tls_downgrade: bool,
+
+    /// Start on a database that has migrations this binary does not know (migrated by
+    /// a newer release: a rollback). Refused at start without this flag; set it only
+    /// when the newer release says its schema is compatible with this one.
+    #[arg(long, env = "COORDINATOR_DB_ALLOW_NEWER_SCHEMA", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub db_allow_newer_schema: bool,
 }
 
 /// Redacted: a PostgreSQL URL may carry a password, so only its scheme is shown.
@@ -81,6 +88,7 @@ impl std::fmt::Debug for DbArgs {
             .field("sqlite_busy_timeout_ms", &self.sqlite_busy_timeout_ms)
             .field("sqlite_synchronous", &self.sqlite_synchronous)
             .field("db_allow_tls_downgrade", &self.db_allow_tls_downgrade)
+            .field("db_allow_newer_schema", &self.db_allow_newer_schema)
             .finish()
     }
 }
@@ -695,6 +703,7 @@ impl DbArgs {
             timeout: Duration::from_secs(self.db_timeout_secs),
             sqlite_busy_timeout: Duration::from_millis(self.sqlite_busy_timeout_ms),
             sqlite_synchronous_full: self.sqlite_synchronous == "full",
+            allow_newer_schema: self.db_allow_newer_schema,
         })
     }
 }
@@ -938,6 +947,7 @@ impl Config {
                 timeout: Duration::from_secs(5),
                 sqlite_busy_timeout: Duration::from_millis(5000),
                 sqlite_synchronous_full: false,
+                allow_newer_schema: false,
             },
             body_limit: 1_048_576,
             body_read_timeout: Duration::from_secs(10),

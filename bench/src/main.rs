@@ -99,6 +99,7 @@ fn store_at(dir: std::path::PathBuf, db_url: String) -> FreshStore {
         timeout: Duration::from_secs(5),
         sqlite_busy_timeout: Duration::from_secs(5),
         sqlite_synchronous_full: false,
+        allow_newer_schema: false,
     };
     coordinator::db::migrate::run_pending(&cfg).expect("migrate");
     let db = Db::new(&cfg);
@@ -763,6 +764,7 @@ fn bench_backend(
         timeout: Duration::from_secs(5),
         sqlite_busy_timeout: Duration::from_secs(5),
         sqlite_synchronous_full: false,
+        allow_newer_schema: false,
     };
     coordinator::db::migrate::run_pending(&cfg).expect("migrate");
     let db = Db::new(&cfg);

@@ -157,6 +157,7 @@ fn run_backend(backend: &'static str, bin: &str, db_url: &str, pg: Option<(&str,
         timeout: Duration::from_secs(5),
         sqlite_busy_timeout: Duration::from_secs(5),
         sqlite_synchronous_full: false,
+        allow_newer_schema: false,
     };
     coordinator::db::migrate::run_pending(&store_cfg).expect("migrate");
     let db = coordinator::db::Db::new(&store_cfg);

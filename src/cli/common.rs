@@ -113,7 +113,8 @@ fn ensure_migrated(cfg: &DbConfig) -> anyhow::Result<()> {
     if pending {
         bail!("the database has pending migrations; run `coordinator migrate` first");
     }
-    Ok(())
+    // A database a newer release migrated is refused as `serve` refuses it.
+    migrate::refuse_newer(&mut conn, cfg.allow_newer_schema)
 }
 
 /// A store error as an operator message; `what` names the thing looked up.

@@ -83,6 +83,9 @@ pub struct DbConfig {
     pub sqlite_busy_timeout: Duration,
     /// `PRAGMA synchronous = FULL` instead of NORMAL.
     pub sqlite_synchronous_full: bool,
+    /// Start on a schema with migrations this binary does not embed (see
+    /// [`migrate::run_pending`]).
+    pub allow_newer_schema: bool,
 }
 
 /// One connection type for both backends; the variant is chosen by the URL scheme.
@@ -1030,6 +1033,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             sqlite_busy_timeout: Duration::from_millis(1234),
             sqlite_synchronous_full: false,
+            allow_newer_schema: false,
         };
         let DbConnection::Sqlite(mut c) = ConnectionManager::new(&cfg).establish().expect("open")
         else {

@@ -538,6 +538,43 @@ fn an_unmigrated_database_is_refused() {
     assert!(!env.dir.path().join("fresh.db").exists(), "no stray file");
 }
 
+/// A rollback on the command line: `migrate` and an operator command of this (older)
+/// binary on a database a newer release migrated are refused with one line naming the
+/// unknown version and the override, and work with the override (`migrate` then has
+/// nothing to apply).
+fn a_database_migrated_by_a_newer_release_is_refused() {
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+    let env = Env::new();
+    let path = env.db_url.strip_prefix("sqlite://").unwrap();
+    diesel::SqliteConnection::establish(path)
+        .unwrap()
+        .batch_execute("INSERT INTO __diesel_schema_migrations (version) VALUES ('29991231000001')")
+        .unwrap();
+    for args in [&["migrate"][..], &["caller", "list"][..]] {
+        let out = env.cmd(args).output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains("29991231000001"), "{args:?}: {err}");
+        assert!(
+            err.contains("COORDINATOR_DB_ALLOW_NEWER_SCHEMA"),
+            "{args:?}: {err}"
+        );
+    }
+    let allowed = |args: &[&str]| {
+        check(
+            env.cmd(args)
+                .env("COORDINATOR_DB_ALLOW_NEWER_SCHEMA", "true")
+                .output()
+                .unwrap(),
+            args,
+        )
+    };
+    allowed(&["migrate"]);
+    allowed(&["caller", "list"]);
+}
+
 fn sign_env(env: &Env, secret: &str) -> Command {
     let mut c = env.bare();
     c.env("COORDINATOR_CALLER", "svc")
@@ -2099,6 +2136,7 @@ crate::plain_tests!(
     api_keys_issue_list_revoke,
     config_errors_exit_2_with_one_line,
     an_unmigrated_database_is_refused,
+    a_database_migrated_by_a_newer_release_is_refused,
     help_never_shows_the_database_password,
     a_secret_that_cannot_be_written_fails_and_is_revoked,
     sign_matches_the_library,

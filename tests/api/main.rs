@@ -32,6 +32,7 @@ mod storage;
 mod tls;
 mod tokens;
 mod ui;
+mod upgrade;
 mod writes;
 
 /// Run every collected test with libtest-mimic (the same command-line filters and
