@@ -9,7 +9,10 @@ use diesel::Connection;
 use crate::backend_tests;
 use crate::helpers::{start, test_config, Backend, TestDb};
 
-backend_tests!(an_older_binary_refuses_a_schema_migrated_by_a_newer_one);
+backend_tests!(
+    an_older_binary_refuses_a_schema_migrated_by_a_newer_one,
+    what_the_first_schema_holds_is_served_after_the_upgrade,
+);
 
 /// A migration version newer than every one this binary embeds.
 const NEWER: &str = "29991231000001";
@@ -78,4 +81,298 @@ fn an_older_binary_refuses_a_schema_migrated_by_a_newer_one(b: Backend) {
     assert_eq!(r.status, 200, "{}", r.body);
     let id = app.create_job(&serde_json::json!({"kind": "k"}));
     assert_eq!(app.get(&format!("/coordinator/jobs/{id}")).status, 200);
+}
+
+/// The last migration of the first release (2026-11-24): every later one changed a
+/// table this test fills (`revoked_tokens` rebuilt with `seq`, `jobs` gained the
+/// lifecycle columns and lost an index, `replay_records` re-keyed on SQLite).
+const FIRST_RELEASE: &str = "2026-11-24-000004_webhook_deliveries";
+
+/// Apply the embedded migrations up to and including `last` only.
+fn migrate_up_to<DB, C>(c: &mut C, source: diesel_migrations::EmbeddedMigrations, last: &str)
+where
+    DB: diesel::backend::Backend,
+    C: diesel_migrations::MigrationHarness<DB>,
+    diesel_migrations::EmbeddedMigrations: diesel::migration::MigrationSource<DB>,
+{
+    use diesel::migration::MigrationSource;
+    let all = MigrationSource::<DB>::migrations(&source).expect("migrations");
+    c.applied_migrations().expect("bookkeeping table");
+    let older: Vec<_> = all
+        .iter()
+        .filter(|m| m.name().to_string().as_str() <= last)
+        .collect();
+    assert!(
+        !older.is_empty() && older.len() < all.len(),
+        "{last} not found"
+    );
+    for m in older {
+        c.run_migration(m.as_ref()).expect("older migration");
+    }
+}
+
+/// A database at the first release's schema, filled the way that release filled it,
+/// then served by this one: every job shows with its fields (`runAt` is its creation,
+/// the lifecycle migration's rule), a queued one can be claimed, an idempotent create
+/// finds its job, the API key authenticates, a revoked job token stays revoked (and one
+/// not revoked works), a recorded signed request stays a replay (and a fresh signature
+/// works), and a recorded webhook delivery stays a duplicate of its job.
+///
+/// Rows of tables whose columns have not changed since (callers, secrets, API keys,
+/// the token-signing key) are written with today's library functions; rows of tables a
+/// migration changed (`jobs`, `job_events`, `revoked_tokens`, `replay_records`,
+/// `webhook_deliveries`) in plain SQL in the first release's shape.
+fn what_the_first_schema_holds_is_served_after_the_upgrade(b: Backend) {
+    use coordinator::auth::credentials::{self, SecretKind};
+    use coordinator::auth::Scope;
+    use coordinator::crypto::seal::Sealer;
+    use coordinator::db::migrate::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+    use serde_json::json;
+
+    let Some(db) = TestDb::create(b) else { return };
+    let cfg = test_config(&db);
+    match b {
+        Backend::Sqlite => {
+            let path = db.sqlite_path().expect("sqlite url");
+            let mut c = diesel::SqliteConnection::establish(path).expect("open sqlite");
+            migrate_up_to(&mut c, SQLITE_MIGRATIONS, FIRST_RELEASE);
+        }
+        Backend::Postgres => {
+            let mut c = diesel::PgConnection::establish(&db.url).expect("open postgres");
+            migrate_up_to(&mut c, POSTGRES_MIGRATIONS, FIRST_RELEASE);
+        }
+    }
+
+    // Credentials, through a store on the old schema.
+    let sealer = Sealer::new((*cfg.master_key).clone(), None).expect("sealer");
+    let store = coordinator::db::Db::new(&cfg.db);
+    credentials::add_caller(&store, "old-svc", &Scope::ALL).expect("caller");
+    let hmac = credentials::add_secret(&store, &sealer, "old-svc", SecretKind::Hmac, None, None)
+        .expect("hmac secret");
+    let signer = crate::helpers::Signer {
+        caller: "old-svc".to_owned(),
+        secret: hmac.plaintext.to_string(),
+        key_version: None,
+    };
+    let api_key = credentials::issue_key(&store, "old-svc", None, None)
+        .expect("api key")
+        .key
+        .expose_secret()
+        .to_owned();
+    credentials::add_caller(&store, "old-hook", &[Scope::StitcherWebhook]).expect("caller");
+    let hook =
+        credentials::add_secret(&store, &sealer, "old-hook", SecretKind::Webhook, None, None)
+            .expect("webhook secret");
+    let hook_key = coordinator::crypto::credential::WebhookSecret::parse(&hook.plaintext)
+        .expect("whsec")
+        .key_bytes()
+        .to_vec();
+    coordinator::auth::token::ensure_signing_key(&store, &sealer).expect("signing key");
+    let keys = store
+        .write_sync(|conn| coordinator::auth::token::load_keys(conn, &sealer))
+        .expect("token keys");
+    let key = keys.first().expect("a signing key");
+
+    // Jobs in every status, in the first release's columns.
+    let now = coordinator::db::now_millis();
+    let t0 = now - 3_600_000;
+    let ids: Vec<String> = (0..6).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    let [pending, queued, running, completed, failed, cancelled] =
+        <[String; 6]>::try_from(ids.clone()).expect("six ids");
+    let create_body =
+        br#"{"kind":"build","queue":"old-q","priority":5,"payload":{"n":1},"maxAttempts":4}"#;
+    let create_hash = coordinator::crypto::sha256_hex(create_body);
+    let lease = now + 600_000;
+    let mut sql = format!(
+        "INSERT INTO jobs (id, kind, queue, priority, status, progress, message, payload, \
+           result, error, gate_results, created_by, idempotency_key, request_hash, attempts, \
+           max_attempts, version, worker, lease_expires_at, created_at, updated_at, \
+           started_at, finished_at, tokens_until) VALUES \
+         ('{pending}', 'build', 'old-q', 5, 'PENDING', 0, NULL, '{{\"n\":1}}', NULL, NULL, \
+           NULL, 'old-svc', 'idem-1', '{create_hash}', 0, 4, 1, NULL, NULL, {t0}, {t0}, \
+           NULL, NULL, NULL), \
+         ('{queued}', 'build', 'old-q', 0, 'QUEUED', 0, NULL, '{{\"deliveryId\":\"msg_old\"}}', \
+           NULL, NULL, NULL, 'old-hook', NULL, NULL, 0, 3, 2, NULL, NULL, {t1}, {t1}, NULL, \
+           NULL, NULL), \
+         ('{running}', 'build', 'run-q', 0, 'RUNNING', 40, 'half way', '{{}}', NULL, NULL, \
+           NULL, 'old-svc', NULL, NULL, 1, 3, 4, 'w-old', {lease}, {t0}, {now}, {t0}, NULL, \
+           {tokens}), \
+         ('{completed}', 'build', 'done-q', 0, 'COMPLETED', 100, 'done', '{{}}', \
+           '{{\"ok\":true}}', NULL, NULL, 'old-svc', NULL, NULL, 1, 3, 5, 'w-old', NULL, {t0}, \
+           {now}, {t0}, {now}, NULL), \
+         ('{failed}', 'build', 'done-q', 0, 'FAILED', 10, NULL, '{{}}', NULL, 'boom', \
+           '{{\"lint\":\"red\"}}', 'old-svc', NULL, NULL, 3, 3, 9, 'w-old', NULL, {t0}, {now}, \
+           {t0}, {now}, NULL), \
+         ('{cancelled}', 'build', 'done-q', 0, 'CANCELLED', 0, 'stop', '{{}}', NULL, NULL, \
+           NULL, 'old-svc', NULL, NULL, 0, 3, 2, NULL, NULL, {t0}, {now}, NULL, {now}, NULL);",
+        t1 = t0 + 1,
+        tokens = now + 3_600_000,
+    );
+    for id in &ids {
+        sql.push_str(&format!(
+            "INSERT INTO job_events (job_id, seq, event_type, data, created_at) VALUES \
+             ('{id}', 1, 'created', '{{\"to\":\"PENDING\"}}', {t0});"
+        ));
+    }
+    // A job token of the running attempt revoked by hand, and one not revoked.
+    let token = |jti: &str| {
+        let claims = json!({
+            "iss": coordinator::auth::token::ISSUER, "sub": "w-old", "cal": "old-svc",
+            "jid": running, "scope": "jobs:update jobs:read", "jti": jti,
+            "iat": now / 1000, "exp": now / 1000 + 3600, "att": 1,
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        header.kid = Some(format!("v{}", key.version));
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(&key.key),
+        )
+        .expect("token")
+    };
+    let (revoked, kept) = (token("jti-revoked-before"), token("jti-kept"));
+    sql.push_str(&format!(
+        "INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
+         VALUES ('jti-revoked-before', {}, {now});",
+        now + 3_600_000
+    ));
+    // A signed request recorded as seen (the first release's replay key).
+    let target = format!("/coordinator/jobs/{completed}");
+    let seen = signer.headers("GET", &target, b"", crate::helpers::now_secs());
+    let sig = &seen
+        .iter()
+        .find(|(k, _)| k == "X-Coordinator-Signature")
+        .expect("signature")
+        .1;
+    sql.push_str(&format!(
+        "INSERT INTO replay_records (caller, signature_hash, expires_at) \
+         VALUES ('old-svc', '{}', {});",
+        coordinator::crypto::sha256_hex(sig.as_bytes()),
+        (crate::helpers::now_secs() + 360) * 1000
+    ));
+    // The webhook delivery that created the queued job.
+    sql.push_str(&format!(
+        "INSERT INTO webhook_deliveries (caller, delivery_id, received_at, payload, job_id) \
+         VALUES ('old-hook', 'msg_old', {t0}, '{{}}', '{queued}');"
+    ));
+    store
+        .write_sync(|conn| Ok(conn.batch_execute(&sql)?))
+        .expect("first-release rows");
+    drop(store);
+
+    // The current release migrates and serves it.
+    let app = start(b, db, cfg);
+    assert_eq!(app.raw("GET", "/readyz", &[], b"").status, 200);
+    let expected = [
+        (
+            &pending,
+            "PENDING",
+            json!({"n": 1}),
+            json!(null),
+            json!(null),
+        ),
+        (
+            &queued,
+            "QUEUED",
+            json!({"deliveryId": "msg_old"}),
+            json!(null),
+            json!(null),
+        ),
+        (&running, "RUNNING", json!({}), json!(null), json!(null)),
+        (
+            &completed,
+            "COMPLETED",
+            json!({}),
+            json!({"ok": true}),
+            json!(null),
+        ),
+        (&failed, "FAILED", json!({}), json!(null), json!("boom")),
+        (&cancelled, "CANCELLED", json!({}), json!(null), json!(null)),
+    ];
+    for (id, status, payload, result, error) in expected {
+        let r = app.get(&format!("/coordinator/jobs/{id}"));
+        assert_eq!(r.status, 200, "{status}: {}", r.body);
+        let j = r.json();
+        assert_eq!(j["status"], status, "{j}");
+        assert_eq!(j["payload"], payload, "{j}");
+        assert_eq!(j["result"], result, "{j}");
+        assert_eq!(j["error"], error, "{j}");
+        assert_eq!(
+            j["runAt"], j["createdAt"],
+            "{status}: runAt is the creation: {j}"
+        );
+        assert_eq!(j["events"][0]["type"], "created", "{j}");
+    }
+    let j = app.get(&format!("/coordinator/jobs/{failed}")).json();
+    assert_eq!(j["gateResults"], json!({"lint": "red"}), "{j}");
+    assert_eq!(
+        (j["attempts"].as_i64(), j["maxAttempts"].as_i64()),
+        (Some(3), Some(3))
+    );
+    let j = app.get(&format!("/coordinator/jobs/{running}")).json();
+    assert_eq!(
+        (j["progress"].as_i64(), j["message"].as_str()),
+        (Some(40), Some("half way"))
+    );
+    assert!(j["leaseExpiresAt"].is_string(), "{j}");
+
+    // The queued job is claimable; the idempotent create finds the pending one.
+    let r = app.post_json(
+        "/coordinator/queues/old-q/claim",
+        &json!({"worker": "w-new"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["id"], queued.as_str());
+    let r = app.signed_by(
+        &signer,
+        "POST",
+        "/coordinator/jobs",
+        &[
+            ("content-type", "application/json"),
+            ("Idempotency-Key", "idem-1"),
+        ],
+        create_body,
+    );
+    assert!(r.status < 300, "{}", r.body);
+    assert_eq!(r.json()["id"], pending.as_str(), "{}", r.body);
+
+    // Credentials.
+    let r = app.raw("GET", &target, &[("x-api-key", &api_key)], b"");
+    assert_eq!(r.status, 200, "API key: {}", r.body);
+    let seen: Vec<(&str, &str)> = seen.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let r = app.raw("GET", &target, &seen, b"");
+    assert_eq!(
+        r.status, 401,
+        "a request recorded before the upgrade: {}",
+        r.body
+    );
+    assert_eq!(app.signed_by(&signer, "GET", &target, &[], b"").status, 200);
+    let path = format!("/coordinator/jobs/{running}");
+    let r = app.with_token(&kept, "GET", &path, b"");
+    assert_eq!(r.status, 200, "a token not revoked: {}", r.body);
+    let r = app.with_token(&revoked, "GET", &path, b"");
+    assert_eq!(
+        r.status, 401,
+        "a token revoked before the upgrade: {}",
+        r.body
+    );
+
+    // The delivery stays a duplicate of its job.
+    let ts = crate::helpers::now_secs().to_string();
+    let body = r#"{"issueNumber":1,"repository":"octo/old","action":"assigned"}"#;
+    let sig = coordinator::auth::webhook::wire::sign(&hook_key, "msg_old", &ts, body.as_bytes());
+    let r = app.raw(
+        "POST",
+        "/stitcher/webhook",
+        &[
+            ("webhook-id", "msg_old"),
+            ("webhook-timestamp", &ts),
+            ("webhook-signature", &sig),
+            ("content-type", "application/json"),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["duplicate"], true, "{}", r.body);
+    assert_eq!(r.json()["jobId"], queued.as_str(), "{}", r.body);
 }
