@@ -199,4 +199,187 @@ mod tests {
         assert!(!sqlite.is_empty());
         assert_eq!(sqlite, list("postgres"));
     }
+
+    /// Released before the rule below was written down (2026-12-06): they index or
+    /// rewrite `jobs`/`revoked_tokens` inside the migration's transaction. Never add to it.
+    const LOCKING_BEFORE_THE_RULE: &[&str] = &[
+        "2026-11-24-000004_webhook_deliveries",
+        "2026-11-25-000001_revocation_seq",
+        "2026-11-26-000001_job_lifecycle",
+    ];
+
+    /// What in one `up.sql` would break or stall instances of the previous release
+    /// still serving during a rolling upgrade on PostgreSQL (docs/decisions.md,
+    /// "Upgrades and rollbacks"): a contracting statement without a `-- contract:` line
+    /// saying why the previous release no longer uses what it removes, a `NOT NULL`
+    /// column without a default (their inserts leave it out), and an index built, or
+    /// rows rewritten, on a table that existed before, outside `CONCURRENTLY`
+    /// (writes to it wait for the migration's commit).
+    fn expand_only_findings(up: &str) -> Vec<String> {
+        let contract_marked = up
+            .lines()
+            .any(|l| l.trim_start().starts_with("-- contract:"));
+        let code: String = up
+            .lines()
+            .map(|l| l.split("--").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let statements: Vec<String> = code
+            .split(';')
+            .map(|s| {
+                s.split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .to_uppercase()
+            })
+            .filter(|s| !s.is_empty())
+            .collect();
+        let created: Vec<String> = statements
+            .iter()
+            .filter_map(|s| s.strip_prefix("CREATE TABLE "))
+            .filter_map(|s| s.split([' ', '(']).next().map(str::to_owned))
+            .collect();
+        let existing = |table: &str| !created.iter().any(|c| c == table);
+        let mut found = Vec::new();
+        for s in &statements {
+            let contracting = [" DROP COLUMN ", "DROP TABLE ", " RENAME ", " ALTER COLUMN "]
+                .iter()
+                .any(|k| format!(" {s} ").contains(k));
+            if contracting && !contract_marked {
+                found.push(format!("contracts without a `-- contract:` line: {s}"));
+            }
+            let adds_required = s.contains(" ADD COLUMN ")
+                && s.contains(" NOT NULL")
+                && !s.contains(" DEFAULT ")
+                && !s.contains(" GENERATED ");
+            if adds_required {
+                found.push(format!("a NOT NULL column without a default: {s}"));
+            }
+            let index_on = s
+                .strip_prefix("CREATE UNIQUE INDEX ")
+                .or_else(|| s.strip_prefix("CREATE INDEX "))
+                .filter(|rest| !rest.starts_with("CONCURRENTLY"))
+                .and_then(|rest| rest.split(" ON ").nth(1))
+                .and_then(|rest| rest.split([' ', '(']).next());
+            let rewrites = s
+                .strip_prefix("UPDATE ")
+                .or_else(|| s.strip_prefix("DELETE FROM "))
+                .and_then(|rest| rest.split(' ').next());
+            if let Some(t) = index_on.or(rewrites).filter(|t| existing(t)) {
+                found.push(format!("locks {t} until the migration commits: {s}"));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn the_expand_only_check_finds_what_it_is_for() {
+        assert!(expand_only_findings("ALTER TABLE jobs ADD COLUMN x BIGINT;").is_empty());
+        assert!(expand_only_findings(
+            "ALTER TABLE jobs ADD COLUMN x BIGINT NOT NULL DEFAULT 0;\n\
+             CREATE TABLE t (a TEXT NOT NULL);\nCREATE INDEX t_a ON t (a);\n\
+             CREATE INDEX CONCURRENTLY jobs_x ON jobs (x);"
+        )
+        .is_empty());
+        for bad in [
+            "ALTER TABLE jobs DROP COLUMN worker;",
+            "ALTER TABLE jobs RENAME COLUMN worker TO holder;",
+            "ALTER TABLE jobs ALTER COLUMN worker SET NOT NULL;",
+            "DROP TABLE queues;",
+            "ALTER TABLE jobs ADD COLUMN x BIGINT NOT NULL;",
+            "CREATE INDEX jobs_x ON jobs (x);",
+            "UPDATE jobs SET x = 1;",
+        ] {
+            assert_eq!(expand_only_findings(bad).len(), 1, "{bad}");
+        }
+        let marked = "-- contract: the previous release no longer reads it\n\
+                      ALTER TABLE jobs DROP COLUMN worker;";
+        assert!(expand_only_findings(marked).is_empty());
+    }
+
+    /// Every PostgreSQL migration keeps the previous release working while it runs
+    /// and after (expand/contract; docs/decisions.md, "Upgrades and rollbacks").
+    #[test]
+    fn postgres_migrations_keep_the_previous_release_working() {
+        let mut dirs: Vec<_> = std::fs::read_dir("migrations/postgres")
+            .expect("migrations dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .collect();
+        dirs.sort();
+        let mut found = Vec::new();
+        for dir in dirs {
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let up = std::fs::read_to_string(dir.join("up.sql")).expect("up.sql");
+            found.extend(
+                expand_only_findings(&up)
+                    .into_iter()
+                    .filter(|f| {
+                        !(f.starts_with("locks ") && LOCKING_BEFORE_THE_RULE.contains(&&*name))
+                    })
+                    .map(|f| format!("{name}: {f}")),
+            );
+        }
+        assert!(found.is_empty(), "{found:#?}");
+    }
+
+    /// One line per column and per index of a SQLite schema (diesel's table left out).
+    fn sqlite_schema(c: &mut diesel::SqliteConnection) -> Vec<String> {
+        use diesel::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct Line {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            line: String,
+        }
+        diesel::sql_query(
+            "SELECT m.name || '.' || p.cid || ' ' || p.name || ' ' || p.type || ' ' || \
+               p.\"notnull\" || ' ' || COALESCE(p.dflt_value, '-') || ' ' || p.pk AS line \
+             FROM sqlite_master m JOIN pragma_table_info(m.name) p \
+             WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' \
+               AND m.name NOT LIKE '__diesel%' \
+             UNION ALL SELECT 'index ' || name || ': ' || sql FROM sqlite_master \
+             WHERE type = 'index' AND sql IS NOT NULL ORDER BY 1",
+        )
+        .load::<Line>(c)
+        .expect("schema")
+        .into_iter()
+        .map(|l| l.line)
+        .collect()
+    }
+
+    /// `down.sql` is not used by the service (there is no revert command), but it is
+    /// what `diesel migration revert` runs: each one must give back the schema as it
+    /// was before its `up.sql`, and the migrations must apply again after.
+    #[test]
+    fn every_sqlite_down_migration_restores_the_schema_before_it() {
+        use diesel::migration::MigrationSource;
+        use diesel::Connection;
+        use diesel_migrations::MigrationHarness;
+        let mut c = diesel::SqliteConnection::establish(":memory:").expect("memory db");
+        c.applied_migrations().expect("bookkeeping table");
+        let all = MigrationSource::<diesel::sqlite::Sqlite>::migrations(&super::SQLITE_MIGRATIONS)
+            .expect("migrations");
+        let mut before = vec![sqlite_schema(&mut c)];
+        for m in &all {
+            c.run_migration(m.as_ref()).expect("up");
+            before.push(sqlite_schema(&mut c));
+        }
+        for (i, m) in all.iter().enumerate().rev() {
+            c.revert_migration(m.as_ref())
+                .unwrap_or_else(|e| panic!("{}: down.sql fails: {e}", m.name()));
+            assert_eq!(
+                sqlite_schema(&mut c),
+                before[i],
+                "{}: down.sql leaves another schema",
+                m.name()
+            );
+        }
+        let again = c
+            .run_pending_migrations(super::SQLITE_MIGRATIONS)
+            .expect("up again");
+        assert_eq!(again.len(), all.len());
+    }
 }

@@ -376,3 +376,63 @@ fn what_the_first_schema_holds_is_served_after_the_upgrade(b: Backend) {
     assert_eq!(r.json()["duplicate"], true, "{}", r.body);
     assert_eq!(r.json()["jobId"], queued.as_str(), "{}", r.body);
 }
+
+crate::postgres_tests!(every_postgres_down_migration_restores_the_schema_before_it);
+
+/// One line per column and per index of the PostgreSQL schema (diesel's table left out).
+fn pg_schema(c: &mut diesel::PgConnection) -> Vec<String> {
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Line {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        line: String,
+    }
+    diesel::sql_query(
+        "SELECT table_name || '.' || column_name || ' ' || data_type || ' ' || is_nullable \
+           || ' ' || COALESCE(column_default, '-') || ' ' || is_identity AS line \
+         FROM information_schema.columns \
+         WHERE table_schema = 'public' AND table_name <> '__diesel_schema_migrations' \
+         UNION ALL SELECT 'index ' || indexname || ': ' || indexdef FROM pg_indexes \
+         WHERE schemaname = 'public' AND tablename <> '__diesel_schema_migrations' \
+         ORDER BY 1",
+    )
+    .load::<Line>(c)
+    .expect("schema")
+    .into_iter()
+    .map(|l| l.line)
+    .collect()
+}
+
+/// As `db::migrate::tests::every_sqlite_down_migration_restores_the_schema_before_it`
+/// (a unit test: SQLite in memory) for PostgreSQL: each `down.sql` gives back the schema
+/// as it was before its `up.sql`, and everything applies again after. The service has
+/// no revert command; `diesel migration revert` runs these.
+fn every_postgres_down_migration_restores_the_schema_before_it(b: Backend) {
+    use coordinator::db::migrate::POSTGRES_MIGRATIONS;
+    use diesel::migration::MigrationSource;
+    use diesel_migrations::MigrationHarness;
+    let Some(db) = TestDb::create(b) else { return };
+    let mut c = diesel::PgConnection::establish(&db.url).expect("open postgres");
+    c.applied_migrations().expect("bookkeeping table");
+    let all =
+        MigrationSource::<diesel::pg::Pg>::migrations(&POSTGRES_MIGRATIONS).expect("migrations");
+    let mut before = vec![pg_schema(&mut c)];
+    for m in &all {
+        c.run_migration(m.as_ref()).expect("up");
+        before.push(pg_schema(&mut c));
+    }
+    for (i, m) in all.iter().enumerate().rev() {
+        c.revert_migration(m.as_ref())
+            .unwrap_or_else(|e| panic!("{}: down.sql fails: {e}", m.name()));
+        assert_eq!(
+            pg_schema(&mut c),
+            before[i],
+            "{}: down.sql leaves another schema",
+            m.name()
+        );
+    }
+    let again = c
+        .run_pending_migrations(POSTGRES_MIGRATIONS)
+        .expect("up again");
+    assert_eq!(again.len(), all.len());
+}
