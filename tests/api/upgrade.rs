@@ -77,6 +77,12 @@ fn an_older_binary_refuses_a_schema_migrated_by_a_newer_one(b: Backend) {
     let mut allowed = cfg;
     allowed.db.allow_newer_schema = true;
     let app = start(b, db, allowed);
+    let logs = crate::helpers::captured_logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains(NEWER) && l.contains("COORDINATOR_DB_ALLOW_NEWER_SCHEMA")),
+        "one warning names the unknown version and the override"
+    );
     let r = app.raw("GET", "/readyz", &[], b"");
     assert_eq!(r.status, 200, "{}", r.body);
     let id = app.create_job(&serde_json::json!({"kind": "k"}));
