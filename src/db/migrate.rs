@@ -22,6 +22,13 @@ pub const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migration
 /// Arbitrary constant naming the migration lock ("coord" in ASCII).
 const MIGRATION_LOCK_ID: i64 = 0x0063_6f6f_7264;
 
+/// PostgreSQL: the longest a migration's statement waits for a table lock (not the
+/// migration lock, taken before). A migration's `ALTER TABLE` waiting for a transaction
+/// that holds the table makes every later statement on that table, from every instance,
+/// wait behind it; past this the migration gives up and the start fails instead (the
+/// supervisor starts the instance again).
+pub const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A migration failure carried through diesel's transaction API.
@@ -64,7 +71,15 @@ pub fn run_pending(cfg: &DbConfig) -> anyhow::Result<usize> {
     })?;
     run_on(&mut conn, cfg.allow_newer_schema).map_err(|e| match e.downcast::<NewerSchema>() {
         Ok(newer) => anyhow::Error::new(*newer),
-        Err(e) => anyhow::anyhow!("migration failed: {e}"),
+        Err(e) if e.to_string().contains("lock timeout") => anyhow::anyhow!(
+            "migration failed: it waited more than {} s for a lock on a table it changes, \
+             held by another transaction (a long query, a report, pg_dump); that migration \
+             was rolled back, the ones before it stay applied. Start again once that \
+             transaction ends ({})",
+            LOCK_TIMEOUT.as_secs(),
+            super::one_line(&e.to_string())
+        ),
+        Err(e) => anyhow::anyhow!("migration failed: {}", super::one_line(&e.to_string())),
     })
 }
 
@@ -159,14 +174,23 @@ fn run_on(conn: &mut DbConnection, allow_newer: bool) -> Result<usize, BoxError>
             // Lock first: even the pending check creates diesel's bookkeeping table,
             // which races when instances start together on an empty database.
             c.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_ID})"))?;
-            let ran = newer_in(c, POSTGRES_MIGRATIONS)
+            // After the migration lock: instances starting together wait for it as long
+            // as the first one migrates.
+            let ran = c
+                .batch_execute(&format!(
+                    "SET lock_timeout = '{}ms'",
+                    LOCK_TIMEOUT.as_millis()
+                ))
+                .map_err(BoxError::from)
+                .and_then(|()| newer_in(c, POSTGRES_MIGRATIONS))
                 .and_then(|found| check_newer(found, allow_newer))
                 .and_then(|()| {
                     c.run_pending_migrations(POSTGRES_MIGRATIONS)
                         .map(|v| v.len())
                 });
-            let unlock =
-                c.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_ID})"));
+            let unlock = c.batch_execute(&format!(
+                "RESET lock_timeout; SELECT pg_advisory_unlock({MIGRATION_LOCK_ID})"
+            ));
             let ran = ran?;
             unlock?;
             Ok(ran)

@@ -383,7 +383,10 @@ fn what_the_first_schema_holds_is_served_after_the_upgrade(b: Backend) {
     assert_eq!(r.json()["jobId"], queued.as_str(), "{}", r.body);
 }
 
-crate::postgres_tests!(every_postgres_down_migration_restores_the_schema_before_it);
+crate::postgres_tests!(
+    every_postgres_down_migration_restores_the_schema_before_it,
+    a_migration_behind_a_long_transaction_gives_up_instead_of_stalling_every_instance,
+);
 
 /// One line per column and per index of the PostgreSQL schema (diesel's table left out).
 fn pg_schema(c: &mut diesel::PgConnection) -> Vec<String> {
@@ -441,4 +444,53 @@ fn every_postgres_down_migration_restores_the_schema_before_it(b: Backend) {
         .run_pending_migrations(POSTGRES_MIGRATIONS)
         .expect("up again");
     assert_eq!(again.len(), all.len());
+}
+
+/// A rolling upgrade while something holds a table the migration changes (a report, a
+/// `pg_dump`, any open transaction that read it): the migration's `ALTER TABLE` waits for
+/// its exclusive lock, and every later statement on that table, from every instance,
+/// queues behind the waiting `ALTER`. Without a bound that is an outage as long as the
+/// other transaction. The migration now gives up after `db::migrate::LOCK_TIMEOUT`
+/// (the instance fails to start, with one line, and its supervisor starts it again);
+/// before, `run_pending` waited as long as the transaction stayed open (this test gave up
+/// on it after 30 s).
+fn a_migration_behind_a_long_transaction_gives_up_instead_of_stalling_every_instance(b: Backend) {
+    use coordinator::db::migrate::POSTGRES_MIGRATIONS;
+    use diesel::migration::MigrationSource;
+    use diesel_migrations::MigrationHarness;
+    let Some(db) = TestDb::create(b) else { return };
+    let cfg = test_config(&db);
+    coordinator::db::migrate::run_pending(&cfg.db).expect("migrate");
+    // The newest migration (an `ALTER TABLE replay_records`) is pending again.
+    let mut c = diesel::PgConnection::establish(&db.url).expect("open postgres");
+    let all =
+        MigrationSource::<diesel::pg::Pg>::migrations(&POSTGRES_MIGRATIONS).expect("migrations");
+    let last = all.last().expect("a migration");
+    c.revert_migration(last.as_ref())
+        .expect("revert the newest");
+    // Another session reads the table in a transaction it keeps open.
+    let mut holder = diesel::PgConnection::establish(&db.url).expect("open postgres");
+    holder
+        .batch_execute("BEGIN; SELECT count(*) FROM replay_records;")
+        .expect("hold");
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let db_cfg = cfg.db.clone();
+    std::thread::spawn(move || {
+        let _ =
+            tx.send(coordinator::db::migrate::run_pending(&db_cfg).map_err(|e| format!("{e:#}")));
+    });
+    let answer = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the migration still waits for its lock after 30 s");
+    let err = answer.expect_err("the migration cannot have taken its lock");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("lock"), "{err}");
+
+    // Once the other transaction ends, the next start migrates.
+    holder.batch_execute("COMMIT").expect("release");
+    assert_eq!(
+        coordinator::db::migrate::run_pending(&cfg.db).expect("migrate"),
+        1
+    );
 }
