@@ -442,4 +442,93 @@ mod tests {
             pass.passes
         );
     }
+
+    /// A work that writes `v` into `t` (a unique column), with or without a savepoint;
+    /// what its reply was told goes into `told`.
+    fn insert(bare: bool, v: i64, told: &std::sync::Arc<Mutex<Vec<(i64, bool)>>>) -> Work {
+        let told = told.clone();
+        let run: Run = Box::new(move |slot| {
+            let step = match slot {
+                Slot::Run(DbConnection::Sqlite(c)) => {
+                    match c.batch_execute(&format!("INSERT INTO t (v) VALUES ({v})")) {
+                        Ok(()) => Step::Keep,
+                        Err(e) if bare => Step::Broken(e.to_string()),
+                        Err(_) => Step::Undo,
+                    }
+                }
+                _ => Step::Keep,
+            };
+            let reply: Reply = Box::new(move |failed| {
+                told.lock().expect("told").push((v, failed.is_none()));
+            });
+            (step, reply)
+        });
+        Work { bare, run }
+    }
+
+    fn stored(c: &mut DbConnection) -> Vec<i64> {
+        #[derive(diesel::QueryableByName)]
+        struct V {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            v: i64,
+        }
+        let DbConnection::Sqlite(c) = c else {
+            panic!("sqlite")
+        };
+        diesel::sql_query("SELECT v FROM t ORDER BY v")
+            .load::<V>(c)
+            .expect("read")
+            .into_iter()
+            .map(|r| r.v)
+            .collect()
+    }
+
+    #[test]
+    fn bare_work_keeps_its_write_and_its_failure_sinks_the_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut lite = open(&dir.path().join("x.db"));
+        lite.batch_execute("CREATE TABLE t (v INTEGER NOT NULL UNIQUE)")
+            .expect("table");
+        let mut conn = DbConnection::Sqlite(lite);
+        let told = std::sync::Arc::new(Mutex::new(Vec::new()));
+
+        // A failing request with a savepoint rolls back alone; bare work beside it
+        // commits with the batch.
+        let batch = vec![
+            insert(false, 1, &told),
+            insert(true, 2, &told),
+            insert(false, 2, &told),
+            insert(true, 3, &told),
+        ];
+        let (replies, failed) = commit_batch(&mut conn, batch);
+        assert!(!failed);
+        for (reply, outcome) in replies {
+            reply(outcome.as_deref());
+        }
+        assert_eq!(stored(&mut conn), [1, 2, 3]);
+        // The batch committed: every reply is told so (the third request's own
+        // failure is its work's answer, which the reply carries in real work).
+        assert_eq!(
+            std::mem::take(&mut *told.lock().expect("told")),
+            [(1, true), (2, true), (2, true), (3, true)]
+        );
+
+        // Bare work that fails after it ran may have left part of a write: nothing of
+        // its batch is kept, before or after it, and every request is told.
+        let batch = vec![
+            insert(false, 4, &told),
+            insert(true, 1, &told),
+            insert(false, 5, &told),
+        ];
+        let (replies, failed) = commit_batch(&mut conn, batch);
+        assert!(failed, "the batch failed as a whole");
+        for (reply, outcome) in replies {
+            reply(outcome.as_deref());
+        }
+        assert_eq!(stored(&mut conn), [1, 2, 3], "nothing of the batch is kept");
+        assert_eq!(
+            std::mem::take(&mut *told.lock().expect("told")),
+            [(4, false), (1, false), (5, false)]
+        );
+    }
 }
