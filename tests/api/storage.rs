@@ -37,6 +37,8 @@ inventory::submit! {
         .when(can_mount_for_postgres)
 }
 
+crate::backend_tests!(a_damaged_database_is_503_never_500);
+
 crate::postgres_tests!(
     a_read_only_database_is_503_never_500_and_recovers,
     a_statement_cancelled_by_a_lock_timeout_is_503_never_500,
@@ -53,6 +55,9 @@ const INTERNALS: &[&str] = &[
     "read-only",
     "readonly",
     "SQL",
+    "malformed",
+    "invalid page",
+    "zero page",
 ];
 
 // ---- the file system --------------------------------------------------------------------
@@ -828,4 +833,180 @@ fn a_statement_cancelled_by_a_lock_timeout_is_503_never_500(b: Backend) {
     assert!(refused > 0, "no write waited out the lock timeout");
     writes_recover(&app, &job, &key, &mut acked, "released");
     acked.check(&app, &job, "after the lock was released");
+}
+
+/// The database reports damaged data while the service runs. SQLite: pages of the
+/// `jobs` table overwritten in the file ("database disk image is malformed",
+/// `SQLITE_CORRUPT`); PostgreSQL: what it answers for a damaged index (XX002) and then a
+/// damaged table page (XX001), raised by triggers on the write path. Every answer is a
+/// 2xx or a 503 problem with nothing of the cause in the body, never a 500; no write
+/// that needs the damaged table is acknowledged; the log names the cause. SQLite takes
+/// the instance out of service until a restart (`/readyz` 503, reads refused too);
+/// PostgreSQL, shared by every instance, stays ready and goes on reading.
+fn a_damaged_database_is_503_never_500(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.auth_failures_per_minute = 100_000)
+    else {
+        return;
+    };
+    let job = app.running_job();
+    let key = app.api_key("damage-worker", &[Scope::JobsUpdate, Scope::JobsRead]);
+    let mut acked = Acked::default();
+    // 150 jobs and 300 progress reports: the tables span many pages.
+    acked.write(&app, &job, &key, "before", 450);
+    assert_eq!(acked.refused, 0, "{}", acked.problems.join("\n"));
+    let before = acked.messages.len() + acked.jobs.len();
+
+    // Kept open to the end: its close must not be the file's last (which would remove
+    // the WAL under the server).
+    let (_sqlite, mut pg) = match b {
+        Backend::Sqlite => (
+            Some(damage_sqlite(app.db.sqlite_path().expect("SQLite"))),
+            None,
+        ),
+        Backend::Postgres => {
+            let mut c = diesel::PgConnection::establish(&app.db.url).expect("connect");
+            c.batch_execute(
+                "CREATE FUNCTION coord_damaged() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN \
+                   IF TG_TABLE_NAME = 'jobs' THEN \
+                     RAISE EXCEPTION 'invalid page in block 7 of relation base/16384/16397' \
+                       USING ERRCODE = 'XX001'; \
+                   END IF; \
+                   RAISE EXCEPTION 'index \"job_events_pkey\" contains unexpected zero page at block 3' \
+                     USING ERRCODE = 'XX002'; \
+                 END $$; \
+                 CREATE TRIGGER damaged BEFORE INSERT OR UPDATE ON job_events \
+                   FOR EACH ROW EXECUTE FUNCTION coord_damaged();",
+            )
+            .expect("damage job_events");
+            (None, Some(c))
+        }
+    };
+    acked.write(&app, &job, &key, "damaged", 30);
+    if let Some(c) = &mut pg {
+        c.batch_execute(
+            "CREATE TRIGGER damaged BEFORE INSERT OR UPDATE ON jobs \
+               FOR EACH ROW EXECUTE FUNCTION coord_damaged();",
+        )
+        .expect("damage jobs");
+        acked.write(&app, &job, &key, "damaged-table", 30);
+    }
+    let read = try_send(
+        &app.url(&format!("/coordinator/jobs/{job}")),
+        "GET",
+        &[("X-API-Key", &key)],
+        b"",
+    );
+    acked.note("a read", &read);
+    assert!(
+        acked.problems.is_empty(),
+        "{} bad answers from a damaged database:\n{}",
+        acked.problems.len(),
+        acked.problems.join("\n")
+    );
+    assert_eq!(
+        acked.messages.len() + acked.jobs.len(),
+        before,
+        "writes acknowledged though the table they need is damaged"
+    );
+    let ready = app.raw("GET", "/readyz", &[], b"").status;
+    let logs = crate::helpers::captured_logs();
+    let logged = |cause: &str| {
+        std::env::var_os("TEST_LOG").is_some() || logs.lines().any(|l| l.contains(cause))
+    };
+    match b {
+        Backend::Sqlite => {
+            assert_eq!(ready, 503, "/readyz with a damaged database file");
+            assert_eq!(
+                read.map(|r| r.status).ok(),
+                Some(503),
+                "a read after the damage"
+            );
+            assert!(
+                logged("until the server is restarted"),
+                "no ERROR line names the damage"
+            );
+        }
+        Backend::Postgres => {
+            assert_eq!(ready, 200, "/readyz: a damaged relation is no outage");
+            assert_eq!(
+                read.map(|r| r.status).ok(),
+                Some(200),
+                "a read after the damage"
+            );
+            assert!(logged("invalid page in block 7") && logged("unexpected zero page"));
+        }
+    }
+}
+
+/// Overwrite the root page of the `jobs` table in the SQLite file of a running server
+/// with garbage, so that every use of the table meets it: first every frame is copied
+/// into the file and the WAL emptied (else a newer copy of the page in the WAL would
+/// hide the damage), then, after the overwrite, one write through SQLite, so that
+/// every connection of the server drops the pages it cached. Returns the connection,
+/// to be kept open.
+fn damage_sqlite(path: &str) -> diesel::SqliteConnection {
+    #[derive(diesel::QueryableByName)]
+    struct Checkpoint {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        busy: i32,
+    }
+    #[derive(diesel::QueryableByName)]
+    struct Root {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        rootpage: i64,
+    }
+    #[derive(diesel::QueryableByName)]
+    struct PageSize {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        page_size: i64,
+    }
+    let mut c = diesel::SqliteConnection::establish(path).expect("open");
+    c.batch_execute("PRAGMA busy_timeout = 5000")
+        .expect("busy timeout");
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let done = diesel::sql_query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .get_result::<Checkpoint>(&mut c)
+            .is_ok_and(|o| o.busy == 0);
+        if done {
+            break;
+        }
+        assert!(Instant::now() < until, "the WAL could not be emptied");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let root = diesel::sql_query(
+        "SELECT rootpage FROM sqlite_master WHERE type = 'table' AND name = 'jobs'",
+    )
+    .get_result::<Root>(&mut c)
+    .expect("root page")
+    .rootpage;
+    let page = diesel::sql_query("PRAGMA page_size")
+        .get_result::<PageSize>(&mut c)
+        .expect("page size")
+        .page_size;
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .expect("open the file");
+        let at = u64::try_from((root - 1) * page).expect("offset");
+        f.seek(SeekFrom::Start(at)).expect("seek");
+        f.write_all(&vec![0xa5u8; usize::try_from(page).expect("page")])
+            .expect("overwrite");
+        f.sync_all().expect("sync");
+    }
+    c.batch_execute("PRAGMA user_version = 7").expect("a write");
+    #[derive(diesel::QueryableByName)]
+    struct Check {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        quick_check: String,
+    }
+    let check = diesel::sql_query("PRAGMA quick_check")
+        .get_result::<Check>(&mut c)
+        .map(|c| c.quick_check)
+        .unwrap_or_else(|e| e.to_string());
+    assert_ne!(check, "ok", "the file is not damaged");
+    c
 }
