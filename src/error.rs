@@ -73,6 +73,15 @@ impl StoreError {
         matches!(self, StoreError::Db(e) if is_unique_violation(e))
     }
 
+    /// See [`is_damage`]; also a batch's failure passed on as text.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            StoreError::Db(e) => is_damage(e),
+            StoreError::Unavailable(m) | StoreError::Internal(m) => is_damage_message(m),
+            _ => false,
+        }
+    }
+
     /// True when the error means the connection (or the server behind it) is gone,
     /// so the pooled connection must be discarded and the request answered with 503.
     pub fn is_connection_loss(&self) -> bool {
@@ -126,6 +135,79 @@ pub(crate) fn is_write_refused(e: &diesel::result::Error) -> bool {
         }
         _ => false,
     }
+}
+
+/// True when the database reports that its own files are damaged: SQLite's
+/// `SQLITE_CORRUPT` ("database disk image is malformed", "malformed database schema")
+/// and `SQLITE_NOTADB` ("file is not a database"); PostgreSQL's `data_corrupted`
+/// (SQLSTATE XX001: "invalid page in block …", "missing chunk number … for toast
+/// value", "found xmin … from before relfrozenxid") and `index_corrupted` (XX002:
+/// "index … contains unexpected zero page", "… contains corrupted page"). Answered 503
+/// `unavailable` with `Retry-After`, not 500: it is the store that cannot serve, not
+/// a bug of this request. What else follows is the storage layer's (`db::damaged`):
+/// on SQLite the instance is taken out of service until a restart, on PostgreSQL it
+/// is not. As elsewhere, PostgreSQL's messages are matched in English; diesel does not
+/// hand over the SQLSTATE for these.
+pub(crate) fn is_damage(e: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind as K, Error as E};
+    match e {
+        E::DatabaseError(K::Unknown, info) => is_damage_message(info.message()),
+        _ => false,
+    }
+}
+
+/// [`is_damage`] on a message already turned into text (a batch's shared failure).
+pub(crate) fn is_damage_message(m: &str) -> bool {
+    const DAMAGE: &[&str] = &[
+        // SQLite
+        "database disk image is malformed",
+        "malformed database schema",
+        "file is not a database",
+        // PostgreSQL, XX001
+        "invalid page in block",
+        "missing chunk number",
+        "unexpected chunk number",
+        "from before relfrozenxid",
+        "from before relminmxid",
+        // PostgreSQL, XX002
+        "contains unexpected zero page",
+        "contains corrupted page",
+    ];
+    DAMAGE.iter().any(|d| m.contains(d))
+}
+
+/// The last time (unix seconds) an ERROR line said the database is damaged: each
+/// request that meets the damage is answered 503 and logged at WARN; one line a
+/// minute at ERROR names the cause for the operator without flooding the log.
+static DAMAGE_LOGGED_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Log at ERROR that the database is damaged, unless a line said so in the last
+/// minute; with `follows` (what the service does about it) always, and the minute
+/// starts again. `true` when logged.
+pub(crate) fn log_damage(why: &str, follows: Option<&str>) -> bool {
+    use std::sync::atomic::Ordering;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let force = follows.is_some();
+    let last = DAMAGE_LOGGED_AT.load(Ordering::Acquire);
+    let due = force
+        || (now >= last.saturating_add(60)
+            && DAMAGE_LOGGED_AT
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok());
+    if force {
+        DAMAGE_LOGGED_AT.store(now, Ordering::Release);
+    }
+    if due {
+        log::error!(
+            "the database reports damaged data ({why}){}: check it (SQLite: PRAGMA \
+             integrity_check; PostgreSQL: amcheck, REINDEX) and restore what is damaged \
+             from a backup",
+            follows.unwrap_or_default()
+        );
+    }
+    due
 }
 
 pub(crate) fn is_busy(e: &diesel::result::Error) -> bool {
@@ -336,7 +418,10 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         match self {
             ApiError::Internal(e) => log::error!("internal error: {e:#}"),
-            ApiError::Unavailable(why) => log::warn!("database unavailable: {why}"),
+            // A damaged database is said at ERROR (once a minute), else WARN.
+            ApiError::Unavailable(why) if !(is_damage_message(why) && log_damage(why, None)) => {
+                log::warn!("database unavailable: {why}");
+            }
             // Counted in `coordinator_db_shed_total`; a line per refusal would add
             // to the overload.
             ApiError::Overloaded(why) => log::debug!("request shed: {why}"),
@@ -386,7 +471,9 @@ impl From<StoreError> for ApiError {
             StoreError::Replayed => ApiError::unauthorized(AuthFailure::new("replayed request")),
             StoreError::StaleAttempt => ApiError::unauthorized(AuthFailure::new("revoked")),
             StoreError::Db(diesel::result::Error::NotFound) => ApiError::NotFound,
-            StoreError::Db(ref d) if is_connection_loss(d) || is_busy(d) || is_write_refused(d) => {
+            StoreError::Db(ref d)
+                if is_connection_loss(d) || is_busy(d) || is_write_refused(d) || is_damage(d) =>
+            {
                 ApiError::Unavailable(d.to_string())
             }
             StoreError::Db(d) => ApiError::Internal(d.into()),
@@ -517,6 +604,39 @@ mod tests {
             ApiError::from(StoreError::Db(bug)).status_code(),
             StatusCode::INTERNAL_SERVER_ERROR
         );
+    }
+
+    /// A database that reports its own files damaged (SQLite's `SQLITE_CORRUPT` and
+    /// `SQLITE_NOTADB`, PostgreSQL's XX001 and XX002) cannot serve: 503, with nothing of
+    /// the cause in the body. It is neither a connection loss nor a refused write.
+    #[test]
+    fn a_damaged_database_is_503() {
+        use diesel::result::{DatabaseErrorKind as K, Error as E};
+        let damaged = [
+            "database disk image is malformed",
+            "malformed database schema (jobs_queue_idx) - invalid rootpage",
+            "file is not a database",
+            "invalid page in block 7 of relation base/16384/16397",
+            "index \"jobs_pkey\" contains unexpected zero page at block 3",
+            "index \"jobs_pkey\" contains corrupted page at block 12",
+            "missing chunk number 0 for toast value 16411 in pg_toast_16397",
+        ];
+        for m in damaged {
+            let e = E::DatabaseError(K::Unknown, Box::new(m.to_owned()));
+            assert!(is_damage(&e), "{m}");
+            assert!(!is_connection_loss(&e) && !is_write_refused(&e), "{m}");
+            let store = StoreError::Db(e);
+            assert!(store.is_damage() && store.shared().is_damage(), "{m}");
+            let api = ApiError::from(store);
+            assert_eq!(api.status_code(), StatusCode::SERVICE_UNAVAILABLE, "{m}");
+            let body = api.problem().to_string();
+            assert!(
+                !body.contains("malformed") && !body.contains("page") && !body.contains("16397"),
+                "{body}"
+            );
+        }
+        let bug = E::DatabaseError(K::Unknown, Box::new("no such table: jobs".to_owned()));
+        assert!(!is_damage(&bug));
     }
 
     #[test]

@@ -101,6 +101,9 @@ pub struct DbHealth {
     probe: ProbeFn,
     /// A probe started on a suspected stall has not returned yet.
     suspect_probing: std::sync::atomic::AtomicBool,
+    /// Out of service until a restart ([`DbHealth::retire`]): the probe never lets
+    /// traffic through again.
+    retired: std::sync::atomic::AtomicBool,
     /// Operations under way ([`DbHealth::under_way`]).
     under_way: AtomicU64,
     /// When one last finished, or started with none under way (ms since `born`).
@@ -133,6 +136,7 @@ impl DbHealth {
             }),
             probe,
             suspect_probing: std::sync::atomic::AtomicBool::new(false),
+            retired: std::sync::atomic::AtomicBool::new(false),
             under_way: AtomicU64::new(0),
             last_sign_ms: AtomicU64::new(0),
             born: Instant::now(),
@@ -309,6 +313,21 @@ impl DbHealth {
         }
     }
 
+    /// Take the instance out of service until a restart: trip the state (every
+    /// request refused at once, `/readyz` 503) and never recover, whatever the probe
+    /// says (a damaged SQLite file answers the probe's query on its first page while
+    /// the pages it cannot read stay damaged). `true` the first time.
+    pub fn retire(self: &Arc<Self>, why: &str) -> bool {
+        let first = !self.retired.swap(true, Ordering::AcqRel);
+        self.trip(None, why);
+        first
+    }
+
+    /// See [`DbHealth::retire`].
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
     /// Mark healthy (the probe succeeded).
     fn recover(&self, backoff: Duration) {
         let down_for = match self.timeline.lock() {
@@ -338,8 +357,17 @@ fn probe_loop(health: &Weak<DbHealth>, start: Duration) {
     loop {
         std::thread::sleep(backoff);
         let Some(h) = health.upgrade() else { return };
+        if h.is_retired() {
+            // Out of service until a restart: failing for good, nothing to probe.
+            h.state.store(u8::from(DbState::Failing), Ordering::Release);
+            return;
+        }
         h.state.store(u8::from(DbState::Probing), Ordering::Release);
         match (h.probe)() {
+            Ok(()) if h.is_retired() => {
+                h.state.store(u8::from(DbState::Failing), Ordering::Release);
+                return;
+            }
             Ok(()) => {
                 h.recover(backoff);
                 return;
@@ -409,6 +437,33 @@ mod tests {
         h.trip(Some(e0), "stale");
         assert!(h.is_healthy());
         assert_eq!(h.trips(), 1);
+    }
+
+    /// Retired (a damaged SQLite file): refused from then on, though the probe
+    /// answers, also when it was already failing for another reason.
+    #[test]
+    fn a_retired_state_never_recovers() {
+        let probes = Arc::new(AtomicU64::new(0));
+        let p = probes.clone();
+        let h = DbHealth::new(Box::new(move || {
+            p.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }));
+        assert!(h.retire("damaged"));
+        assert!(!h.retire("damaged again"), "the first time only");
+        assert!(h.admit().is_err());
+        std::thread::sleep(PROBE_MAX * 3);
+        assert_eq!(h.state(), DbState::Failing);
+        assert!(h.admit().is_err(), "still refused: retired until a restart");
+        assert_eq!(h.trips(), 1);
+
+        // Already failing (an outage) when the damage is found: it stays failing too.
+        let h = DbHealth::new(Box::new(|| Ok(())));
+        let e = h.epoch();
+        h.trip(Some(e), "outage");
+        h.retire("damaged");
+        std::thread::sleep(PROBE_MAX * 3);
+        assert!(h.admit().is_err());
     }
 
     #[test]

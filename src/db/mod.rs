@@ -234,6 +234,14 @@ impl ManageConnection for ConnectionManager {
                 // Another process holding the SQLite file's lock is load, not an outage.
                 let busy = matches!(&e, diesel::ConnectionError::CouldntSetupConfiguration(d)
                     if crate::error::is_busy(d));
+                // Not a database any more ("file is not a database"): out of service.
+                if let (Some(h), diesel::ConnectionError::CouldntSetupConfiguration(d)) =
+                    (&self.health, &e)
+                {
+                    if crate::error::is_damage(d) {
+                        damaged(h, self.url.backend(), &d.to_string());
+                    }
+                }
                 if let (Some(h), false) = (&self.health, busy) {
                     h.trip(
                         None,
@@ -683,7 +691,16 @@ impl Db {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if let (true, Some(writer)) = (write, &self.shared.writer) {
             let taken = Arc::new(AtomicBool::new(false));
-            let work = group_work(gate.clone(), permit, (taken.clone(), gone), bare, f, tx);
+            let health = self.shared.health.clone();
+            let work = group_work(
+                gate.clone(),
+                permit,
+                (taken.clone(), gone),
+                bare,
+                health,
+                f,
+                tx,
+            );
             if writer.send(work).is_err() {
                 return Err(StoreError::Internal("the SQLite writer stopped".into()));
             }
@@ -786,6 +803,8 @@ impl Db {
                 self.shared
                     .health
                     .trip(Some(c.epoch), &format!("connection lost: {e}"));
+            } else if e.is_damage() {
+                damaged(&self.shared.health, self.backend, &e.to_string());
             }
         }
         drop(under_way);
@@ -910,6 +929,7 @@ fn group_work<T, F>(
     permit: load::Permit,
     (taken, gone): (Arc<AtomicBool>, Arc<AtomicBool>),
     bare: bool,
+    health: Arc<DbHealth>,
     f: F,
     tx: tokio::sync::oneshot::Sender<Result<T, StoreError>>,
 ) -> writer::Work
@@ -930,7 +950,11 @@ where
             writer::Slot::Run(conn) => {
                 permit.started();
                 ran = true;
-                f(conn)
+                let r = f(conn);
+                if let Some(e) = r.as_ref().err().filter(|e| e.is_damage()) {
+                    damaged(&health, Backend::Sqlite, &e.to_string());
+                }
+                r
             }
         };
         let step = match &r {
@@ -953,6 +977,29 @@ where
         (step, reply)
     });
     writer::Work { bare, run }
+}
+
+/// The database reported damaged files (`error::is_damage`; the request is answered
+/// 503). SQLite: the instance is taken out of service until a restart
+/// ([`DbHealth::retire`]: every request refused, `/readyz` 503), with one ERROR line.
+/// The file is this instance's alone and does not mend itself; SQLite reads a damaged
+/// b-tree page as damaged only when it meets it, and writing on into a file whose
+/// free-page list or b-trees are damaged can spread the damage to pages that were
+/// sound. PostgreSQL: nothing more (the answer's log line names the cause, at ERROR
+/// once a minute): the database is shared by every instance, so failing readiness
+/// would take all of them away for the sake of one relation, a restart mends nothing,
+/// and PostgreSQL itself refuses what it cannot read. docs/decisions.md, "A damaged
+/// database".
+fn damaged(health: &Arc<DbHealth>, backend: Backend, why: &str) {
+    if backend != Backend::Sqlite {
+        return;
+    }
+    if health.retire(&format!("damaged database file: {}", one_line(why))) {
+        crate::error::log_damage(
+            why,
+            Some("; every request is refused until the server is restarted"),
+        );
+    }
 }
 
 pub(crate) fn deadline_passed() -> StoreError {

@@ -260,6 +260,14 @@ fn run(write: &DbPool, shared: &Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Wo
             }
         };
         let (replies, failed) = commit_batch(&mut conn.conn, batch);
+        // The batch failed as a whole because the file is damaged (at a savepoint or
+        // the commit; a request's own damage is seen in its work, `group_work`).
+        if let Some(why) = replies
+            .iter()
+            .find_map(|(_, o)| o.as_deref().filter(|w| crate::error::is_damage_message(w)))
+        {
+            super::damaged(&shared.health, super::Backend::Sqlite, why);
+        }
         // A failed batch may leave the connection mid-transaction: open a fresh one.
         conn.broken |= failed;
         let (reset, lost) = if failed {
