@@ -39,6 +39,12 @@ inventory::submit! {
 
 crate::backend_tests!(a_damaged_database_is_503_never_500);
 
+inventory::submit! {
+    Test::new(module_path!(), "sqlite", "a_read_only_database_file_is_503_never_500_and_recovers",
+        || a_read_only_database_file_is_503_never_500_and_recovers(Backend::Sqlite))
+        .when(can_mount)
+}
+
 crate::postgres_tests!(
     a_read_only_database_is_503_never_500_and_recovers,
     a_statement_cancelled_by_a_lock_timeout_is_503_never_500,
@@ -89,6 +95,47 @@ impl Tmpfs {
 
     fn path(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// A read-only bind mount of a directory (the same files, which nothing may write
+/// through it); unmounted when dropped.
+struct ReadOnlyView {
+    dir: tempfile::TempDir,
+}
+
+impl ReadOnlyView {
+    fn of(source: &Path) -> ReadOnlyView {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for args in [
+            vec!["--bind".to_owned(), source.display().to_string()],
+            vec!["-o".to_owned(), "remount,bind,ro".to_owned()],
+        ] {
+            let out = std::process::Command::new("mount")
+                .args(&args)
+                .arg(dir.path())
+                .output()
+                .expect("mount");
+            assert!(
+                out.status.success(),
+                "mount {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        ReadOnlyView { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for ReadOnlyView {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
@@ -1009,4 +1056,130 @@ fn damage_sqlite(path: &str) -> diesel::SqliteConnection {
         .unwrap_or_else(|e| e.to_string());
     assert_ne!(check, "ok", "the file is not damaged");
     c
+}
+
+/// Point the symbolic link `link` at `target`, in one step (a rename over it).
+fn relink(link: &Path, target: &Path) {
+    let tmp = link.with_extension("next");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).expect("symlink");
+    std::fs::rename(&tmp, link).expect("relink");
+}
+
+/// The SQLite database file becomes one this process may not write while the server
+/// runs, and then writable again. As root permissions do not bite and a file system
+/// cannot be made read-only while the server holds files open on it for writing, the
+/// server opens the database through a symbolic link, which is pointed at a read-only
+/// bind mount of the same directory: connections opened from then on open the same
+/// file read-only, as after a `chmod 0444` or a read-only remount; the ones open
+/// already keep writing. One batch of the group-commit writer is made to fail (another
+/// connection holds the write lock past the busy timeout), so the writer opens a new
+/// connection, read-only. Writes are then 503 problems, never 500; once the link points
+/// at the writable directory again, writes are taken again without a restart (a
+/// connection that opened read-only must not stay in the pool for good), reads show
+/// them, and nothing acknowledged is lost.
+fn a_read_only_database_file_is_503_never_500_and_recovers(b: Backend) {
+    let fs = Tmpfs::mount("16m").expect("mount");
+    let file = fs.path().join("test.db");
+    let db = TestDb::sqlite_at(&file);
+    let view = ReadOnlyView::of(fs.path());
+    let links = tempfile::tempdir().expect("tempdir");
+    let link = links.path().join("db.sqlite");
+    relink(&link, &file);
+    let mut cfg = test_config(&db);
+    cfg.auth_failures_per_minute = 100_000;
+    cfg.db.sqlite_busy_timeout = Duration::from_millis(200);
+    cfg.db.url =
+        coordinator::db::DatabaseUrl::parse(&format!("sqlite://{}", link.display())).expect("url");
+    let app = start(b, db, cfg);
+    let job = app.running_job();
+    let key = app.api_key("ro-file-worker", &[Scope::JobsUpdate, Scope::JobsRead]);
+    let mut acked = Acked::default();
+    acked.write(&app, &job, &key, "before", 9);
+    assert_eq!(acked.refused, 0, "{}", acked.problems.join("\n"));
+
+    relink(&link, &view.path().join("test.db"));
+    // Another session holds the write lock past the busy timeout: the writer's batch
+    // fails and its connection is replaced, by one opened read-only.
+    let mut lock = diesel::SqliteConnection::establish(&file.to_string_lossy()).expect("open");
+    lock.batch_execute("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    acked.write(&app, &job, &key, "locked", 3);
+    lock.batch_execute("COMMIT")
+        .expect("release the write lock");
+    acked.write(&app, &job, &key, "read-only", 30);
+    // Reads at once, so that the read pool opens connections now, read-only.
+    let reads: Vec<Result<Resp, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                s.spawn(|| {
+                    try_send(
+                        &app.url(&format!("/coordinator/jobs/{job}")),
+                        "GET",
+                        &[("X-API-Key", &key)],
+                        b"",
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("reader"))
+            .collect()
+    });
+    for r in &reads {
+        acked.note("a read while read-only", r);
+    }
+    let problems = std::mem::take(&mut acked.problems);
+    let refused = acked.refused;
+    assert!(
+        problems.is_empty(),
+        "{} bad answers while the file was read-only:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+    assert!(refused > 3, "no write refused while the file was read-only");
+
+    relink(&link, &file);
+    writes_recover(&app, &job, &key, &mut acked, "writable");
+    // A write acknowledged is what the next read shows.
+    let message = acked.messages.last().expect("a write").clone();
+    let r = app.raw(
+        "GET",
+        &format!("/coordinator/jobs/{job}"),
+        &[("X-API-Key", &key)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["message"], message.as_str());
+    acked.check(&app, &job, "after the file was writable again");
+    acked.check_replays(&app, "after the file was writable again");
+    // The WAL backfill runs on the read pool's connections: it copies every frame into
+    // the database file again (a connection that opened read-only cannot, and must
+    // not stay in the pool for good).
+    let shm = format!("{}-shm", file.display());
+    let until = Instant::now() + Duration::from_millis(1500);
+    let (mut frames, mut copied) = (0, 0);
+    while Instant::now() < until {
+        (frames, copied) = wal_backfill(&shm);
+        if copied == frames {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        copied, frames,
+        "WAL frames left uncopied 1.5 s after the last write"
+    );
+    drop(lock);
+    drop(app);
+}
+
+/// The WAL's frame count and how many of them are copied into the database file, as
+/// the WAL index (`-shm`) says: `mxFrame` of its header, `nBackfill` after the two
+/// copies of the header (SQLite's `wal.c`; native byte order).
+fn wal_backfill(shm: &str) -> (u32, u32) {
+    let bytes = std::fs::read(shm).expect("read the WAL index");
+    let word = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    (word(16), word(96))
 }
