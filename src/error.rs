@@ -73,6 +73,11 @@ impl StoreError {
         matches!(self, StoreError::Db(e) if is_unique_violation(e))
     }
 
+    /// See [`is_write_refused`].
+    pub fn is_write_refused(&self) -> bool {
+        matches!(self, StoreError::Db(e) if is_write_refused(e))
+    }
+
     /// See [`is_damage`]; also a batch's failure passed on as text.
     pub fn is_damage(&self) -> bool {
         match self {

@@ -805,6 +805,10 @@ impl Db {
                     .trip(Some(c.epoch), &format!("connection lost: {e}"));
             } else if e.is_damage() {
                 damaged(&self.shared.health, self.backend, &e.to_string());
+            } else if e.is_write_refused() && self.backend == Backend::Sqlite {
+                // Opened while the file could not be written: SQLite fell back to
+                // read-only for good. A fresh one writes once the file can be written.
+                c.broken = true;
             }
         }
         drop(under_way);

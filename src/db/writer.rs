@@ -123,7 +123,14 @@ pub(super) fn start_backfiller(read: DbPool, shared: Weak<Shared>) -> std::io::R
                         frames_seen = if reset { 0 } else { frames };
                         wal.frame_bytes.store(frames_seen, Ordering::Relaxed);
                     }
-                    Err(e) => log::debug!("WAL backfill: {e}"),
+                    Err(e) => {
+                        // A connection opened while the file could not be written
+                        // stays read-only (SQLite's fallback) and can never copy the
+                        // WAL: replaced, so the next pass gets another, or a fresh one
+                        // once the file can be written again.
+                        c.broken |= crate::error::is_write_refused(&e);
+                        log::debug!("WAL backfill: {e}");
+                    }
                 }
             }
         })
