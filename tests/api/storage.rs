@@ -46,6 +46,7 @@ inventory::submit! {
 }
 
 crate::postgres_tests!(
+    a_progress_batch_cut_mid_way_answers_each_report_as_committed,
     a_read_only_database_is_503_never_500_and_recovers,
     a_statement_cancelled_by_a_lock_timeout_is_503_never_500,
 );
@@ -1182,4 +1183,82 @@ fn wal_backfill(shm: &str) -> (u32, u32) {
     let bytes = std::fs::read(shm).expect("read the WAL index");
     let word = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
     (word(16), word(96))
+}
+
+/// PostgreSQL's progress batch without replay records (API keys, job tokens) writes
+/// outside a transaction: its statement commits the first report of each job, and a
+/// later report of the same job is written on its own after it. The connection is cut
+/// between the two (a trigger ends its own session on the later report's event): the
+/// first report is committed and must be answered so, the later one 503; never a 503
+/// for a committed report, which a client would send again and double.
+fn a_progress_batch_cut_mid_way_answers_each_report_as_committed(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.auth_failures_per_minute = 100_000)
+    else {
+        return;
+    };
+    let job = app.running_job();
+    let busy = [app.running_job(), app.running_job()];
+    let key = app.api_key("cut-worker", &[Scope::JobsUpdate, Scope::JobsRead]);
+    let mut c = diesel::PgConnection::establish(&app.db.url).expect("connect");
+    c.batch_execute(
+        "CREATE FUNCTION coord_cut() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           IF NEW.data LIKE '%hold-the-batcher%' THEN PERFORM pg_sleep(0.6); END IF; \
+           IF NEW.data LIKE '%cut-here%' THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF; \
+           RETURN NEW; \
+         END $$; \
+         CREATE TRIGGER cut BEFORE INSERT ON job_events \
+           FOR EACH ROW EXECUTE FUNCTION coord_cut();",
+    )
+    .expect("trigger");
+    let report = |id: &str, message: &str| {
+        let body = json!({"percent": 40, "message": message}).to_string();
+        try_send(
+            &app.url(&format!("/coordinator/jobs/{id}/progress")),
+            "PATCH",
+            &[JSON, ("X-API-Key", &key)],
+            body.as_bytes(),
+        )
+    };
+    let (first, later) = std::thread::scope(|s| {
+        // Both batching threads busy for a while, so the next two reports queue up and
+        // are taken as one batch.
+        let holds: Vec<_> = busy
+            .iter()
+            .map(|id| s.spawn(|| report(id, "hold-the-batcher")))
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let first = s.spawn(|| report(&job, "first"));
+        std::thread::sleep(Duration::from_millis(50));
+        let later = s.spawn(|| report(&job, "cut-here"));
+        for h in holds {
+            let r = h.join().expect("hold");
+            assert!(r.is_ok_and(|r| r.status == 200), "a report holding a thread");
+        }
+        (
+            first.join().expect("first"),
+            later.join().expect("later"),
+        )
+    });
+    let status = |r: &Result<Resp, String>| r.as_ref().map_or(0, |r| r.status);
+    for (what, r) in [("first", &first), ("cut-here", &later)] {
+        if let Some(p) = not_2xx_or_503(what, r) {
+            panic!("{p}");
+        }
+    }
+    assert_eq!(status(&later), 503, "the report whose connection was cut");
+    let messages: Vec<String> = events(&app, &job)
+        .iter()
+        .filter(|e| e["type"] == "progress")
+        .filter_map(|e| e["data"]["message"].as_str().map(str::to_owned))
+        .collect();
+    let committed = messages.iter().filter(|m| *m == "first").count();
+    assert_eq!(committed, 1, "the first report is not there once: {messages:?}");
+    assert_eq!(
+        status(&first),
+        200,
+        "the first report was committed, and answered {:?}",
+        first.map(|r| r.body)
+    );
+    assert!(!messages.iter().any(|m| m == "cut-here"));
 }
