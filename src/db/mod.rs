@@ -785,6 +785,7 @@ impl Db {
             return (Err(client_gone_error()), None);
         }
         let under_way = watched.then(|| self.shared.health.under_way());
+        LOST.with(|l| l.borrow_mut().take());
         let r = if write {
             outbox::clear();
             let r = sqlite_immediate(&mut c.conn, f);
@@ -797,6 +798,12 @@ impl Db {
         } else {
             f(&mut c.conn)
         };
+        if let Some(why) = LOST.with(|l| l.borrow_mut().take()) {
+            c.broken = true;
+            self.shared
+                .health
+                .trip(Some(c.epoch), &format!("connection lost: {why}"));
+        }
         if let Err(e) = &r {
             if e.is_connection_loss() {
                 c.broken = true;
@@ -1004,6 +1011,20 @@ fn damaged(health: &Arc<DbHealth>, backend: Backend, why: &str) {
             Some("; every request is refused until the server is restarted"),
         );
     }
+}
+
+thread_local! {
+    /// A connection loss that work on this thread answered item by item instead of
+    /// returning it (a batch whose earlier items had committed on their own,
+    /// `jobs::repo::progress_batch`): set by [`connection_lost`], taken by `run_sync`.
+    static LOST: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Work that met a connection loss but returns `Ok` (each item answered with its own
+/// outcome) says so here: the connection is then discarded and the health state
+/// tripped, as when the loss is the work's error.
+pub fn connection_lost(why: &StoreError) {
+    LOST.with(|l| *l.borrow_mut() = Some(why.to_string()));
 }
 
 pub(crate) fn deadline_passed() -> StoreError {

@@ -873,13 +873,19 @@ pub fn progress_batch(
             r => r?,
         }
     };
-    // A lost connection is the whole batch's failure (the pool discards the
-    // connection and the health state trips), as for any write.
+    // A lost connection: the pool discards the connection and the health state trips,
+    // as for any write. In a transaction nothing of the batch committed, so it is the
+    // whole batch's failure. Without one, each report before the loss committed on its
+    // own: it is answered as committed (a 503 would have its client send it again and
+    // double its event), and each report from the loss on gets the loss (503).
     if let Some((_, Err(e))) = answers
         .iter()
         .find(|(_, r)| r.as_ref().is_err_and(StoreError::is_connection_loss))
     {
-        return Err(e.shared());
+        if !records.is_empty() {
+            return Err(e.shared());
+        }
+        crate::db::connection_lost(e);
     }
     answers.sort_unstable_by_key(|&(i, _)| i);
     Ok(answers.into_iter().map(|(_, r)| r).collect())

@@ -1233,12 +1233,12 @@ fn a_progress_batch_cut_mid_way_answers_each_report_as_committed(b: Backend) {
         let later = s.spawn(|| report(&job, "cut-here"));
         for h in holds {
             let r = h.join().expect("hold");
-            assert!(r.is_ok_and(|r| r.status == 200), "a report holding a thread");
+            assert!(
+                r.is_ok_and(|r| r.status == 200),
+                "a report holding a thread"
+            );
         }
-        (
-            first.join().expect("first"),
-            later.join().expect("later"),
-        )
+        (first.join().expect("first"), later.join().expect("later"))
     });
     let status = |r: &Result<Resp, String>| r.as_ref().map_or(0, |r| r.status);
     for (what, r) in [("first", &first), ("cut-here", &later)] {
@@ -1253,7 +1253,10 @@ fn a_progress_batch_cut_mid_way_answers_each_report_as_committed(b: Backend) {
         .filter_map(|e| e["data"]["message"].as_str().map(str::to_owned))
         .collect();
     let committed = messages.iter().filter(|m| *m == "first").count();
-    assert_eq!(committed, 1, "the first report is not there once: {messages:?}");
+    assert_eq!(
+        committed, 1,
+        "the first report is not there once: {messages:?}"
+    );
     assert_eq!(
         status(&first),
         200,
