@@ -482,6 +482,9 @@ impl From<StoreError> for ApiError {
                 ApiError::Unavailable(d.to_string())
             }
             StoreError::Db(d) => ApiError::Internal(d.into()),
+            // A damaged database met by work that words its errors itself (the health
+            // report, the readiness check's migration look-up).
+            StoreError::Internal(why) if is_damage_message(&why) => ApiError::Unavailable(why),
             StoreError::Internal(why) => ApiError::Internal(anyhow::anyhow!(why)),
         }
     }
@@ -640,6 +643,11 @@ mod tests {
                 "{body}"
             );
         }
+        let worded = StoreError::Internal("health report: database disk image is malformed".into());
+        assert_eq!(
+            ApiError::from(worded).status_code(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         let bug = E::DatabaseError(K::Unknown, Box::new("no such table: jobs".to_owned()));
         assert!(!is_damage(&bug));
     }
