@@ -1232,11 +1232,12 @@ fn a_progress_batch_cut_mid_way_answers_each_report_as_committed(b: Backend) {
         std::thread::sleep(Duration::from_millis(50));
         let later = s.spawn(|| report(&job, "cut-here"));
         for h in holds {
+            // Only there for the timing: on a slow machine one may come late, after
+            // the cut tripped the health state.
             let r = h.join().expect("hold");
-            assert!(
-                r.is_ok_and(|r| r.status == 200),
-                "a report holding a thread"
-            );
+            if let Some(p) = not_2xx_or_503("a report holding a thread", &r) {
+                panic!("{p}");
+            }
         }
         (first.join().expect("first"), later.join().expect("later"))
     });
