@@ -546,4 +546,98 @@ mod tests {
             [(4, false), (1, false), (5, false)]
         );
     }
+
+    /// A work whose statement makes SQLite roll back the whole transaction (as
+    /// `SQLITE_FULL`, `SQLITE_IOERR` or `SQLITE_NOMEM` may): a trigger's
+    /// `RAISE(ROLLBACK)`, run through `execute`, after which diesel still counts the
+    /// savepoints it opened. `bare` as [`insert`]; with `record_then`, a replay record in
+    /// front and the failing statement in its savepoint, as a signed write.
+    fn rolls_back_all(
+        bare: bool,
+        record_then: bool,
+        told: &std::sync::Arc<Mutex<Vec<(i64, bool)>>>,
+    ) -> Work {
+        let told = told.clone();
+        let run: Run = Box::new(move |slot| {
+            let boom = |c: &mut DbConnection| {
+                diesel::sql_query("INSERT INTO boom (v) VALUES (1)")
+                    .execute(c)
+                    .map(drop)
+                    .map_err(StoreError::from)
+            };
+            let step = match slot {
+                Slot::Run(c) if record_then => {
+                    let row = crate::db::replay::ReplayRow::new("c", "sig", 1, 2);
+                    match crate::db::replay::record_then(c, &row, boom) {
+                        Ok(_) => Step::Keep,
+                        Err(StoreError::Replayed) => Step::Keep,
+                        Err(e) => Step::Broken(e.to_string()),
+                    }
+                }
+                Slot::Run(c) => match boom(c) {
+                    Ok(()) => Step::Keep,
+                    Err(e) if bare => Step::Broken(e.to_string()),
+                    Err(_) => Step::Undo,
+                },
+                Slot::Refused(_) => Step::Keep,
+            };
+            let reply: Reply = Box::new(move |failed| {
+                told.lock().expect("told").push((-1, failed.is_none()));
+            });
+            (step, reply)
+        });
+        Work { bare, run }
+    }
+
+    /// SQLite may end the whole transaction on an error inside a batch. The works after
+    /// it must not run in autocommit mode (each statement committed on its own) and be
+    /// acknowledged, nor may anything before it: the batch fails as a whole, whichever
+    /// kind of work met the error.
+    #[test]
+    fn a_transaction_sqlite_rolled_back_inside_a_batch_fails_the_batch() {
+        use diesel_migrations::MigrationHarness;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.db");
+        let mut lite = open(&path);
+        lite.run_pending_migrations(crate::db::migrate::SQLITE_MIGRATIONS)
+            .expect("migrations");
+        lite.batch_execute(
+            "CREATE TABLE t (v INTEGER NOT NULL UNIQUE); \
+             CREATE TABLE boom (v INTEGER); \
+             CREATE TRIGGER boom BEFORE INSERT ON boom BEGIN SELECT RAISE(ROLLBACK, 'gone'); END;",
+        )
+        .expect("tables");
+        drop(lite);
+        let told = std::sync::Arc::new(Mutex::new(Vec::new()));
+        for (bare, record_then) in [(true, false), (false, false), (true, true)] {
+            // A fresh connection per batch, as the writer takes after a failed one.
+            let mut conn = DbConnection::Sqlite(open(&path));
+            let batch = vec![
+                insert(false, 10, &told),
+                insert(true, 11, &told),
+                rolls_back_all(bare, record_then, &told),
+                insert(false, 12, &told),
+                insert(true, 13, &told),
+            ];
+            let (replies, failed) = commit_batch(&mut conn, batch);
+            for (reply, outcome) in replies {
+                reply(outcome.as_deref());
+            }
+            let what = format!("bare {bare}, record_then {record_then}");
+            assert!(failed, "{what}: the batch failed as a whole");
+            let mut conn = DbConnection::Sqlite(open(&path));
+            assert_eq!(stored(&mut conn), Vec::<i64>::new(), "{what}: nothing kept");
+            assert_eq!(
+                std::mem::take(&mut *told.lock().expect("told")),
+                [
+                    (10, false),
+                    (11, false),
+                    (-1, false),
+                    (12, false),
+                    (13, false)
+                ],
+                "{what}: nothing acknowledged"
+            );
+        }
+    }
 }
