@@ -40,6 +40,11 @@ inventory::submit! {
 crate::backend_tests!(a_damaged_database_is_503_never_500);
 
 inventory::submit! {
+    Test::new(module_path!(), "sqlite", "a_damaged_database_met_by_signed_writes_only_takes_the_instance_out",
+        || a_damaged_database_met_by_signed_writes_only_takes_the_instance_out(Backend::Sqlite))
+}
+
+inventory::submit! {
     Test::new(module_path!(), "sqlite", "a_read_only_database_file_is_503_never_500_and_recovers",
         || a_read_only_database_file_is_503_never_500_and_recovers(Backend::Sqlite))
         .when(can_mount)
@@ -987,6 +992,49 @@ fn a_damaged_database_is_503_never_500(b: Backend) {
     }
 }
 
+/// SQLite: the damage met only by signed writes, whose replay record rides in front of
+/// the write (`replay::record_then`, the write's error inside the work's `Ok`): the
+/// instance is taken out of service all the same, at the first one (`/readyz` 503 at
+/// once, with no read in between), and no such write is acknowledged. (PostgreSQL keeps
+/// serving a damaged relation: `a_damaged_database_is_503_never_500`.)
+fn a_damaged_database_met_by_signed_writes_only_takes_the_instance_out(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.auth_failures_per_minute = 100_000)
+    else {
+        return;
+    };
+    let job = app.running_job();
+    let key = app.api_key("damage-signed", &[Scope::JobsUpdate, Scope::JobsRead]);
+    let mut acked = Acked::default();
+    acked.write(&app, &job, &key, "before", 450);
+    assert_eq!(acked.refused, 0, "{}", acked.problems.join("\n"));
+    assert_eq!(app.raw("GET", "/readyz", &[], b"").status, 200);
+    // The events' table: the report reads its job first, unharmed, and meets the
+    // damage only in its write, behind its replay record.
+    let _sqlite = damage_sqlite_table(app.db.sqlite_path().expect("SQLite"), "job_events");
+    let mut answers = Vec::new();
+    for i in 0..6 {
+        let body = json!({"percent": 60, "message": format!("after-{i}")});
+        let s = Sent::signed(
+            &app,
+            "PATCH",
+            &format!("/coordinator/jobs/{job}/progress"),
+            &body,
+        );
+        acked.note(&format!("after-{i}"), &s.answer);
+        answers.push(s.answer.map(|r| r.status).unwrap_or_default());
+    }
+    assert!(acked.problems.is_empty(), "{}", acked.problems.join("\n"));
+    assert!(
+        answers.iter().all(|s| *s == 503),
+        "a signed write acknowledged into a damaged table: {answers:?}"
+    );
+    assert_eq!(
+        app.raw("GET", "/readyz", &[], b"").status,
+        503,
+        "/readyz after signed writes met the damaged file"
+    );
+}
+
 /// Overwrite the root page of the `jobs` table in the SQLite file of a running server
 /// with garbage, so that every use of the table meets it: first every frame is copied
 /// into the file and the WAL emptied (else a newer copy of the page in the WAL would
@@ -994,6 +1042,11 @@ fn a_damaged_database_is_503_never_500(b: Backend) {
 /// every connection of the server drops the pages it cached. Returns the connection,
 /// to be kept open.
 fn damage_sqlite(path: &str) -> diesel::SqliteConnection {
+    damage_sqlite_table(path, "jobs")
+}
+
+/// [`damage_sqlite`] with the root page of `table`.
+fn damage_sqlite_table(path: &str, table: &str) -> diesel::SqliteConnection {
     #[derive(diesel::QueryableByName)]
     struct Checkpoint {
         #[diesel(sql_type = diesel::sql_types::Integer)]
@@ -1023,12 +1076,12 @@ fn damage_sqlite(path: &str) -> diesel::SqliteConnection {
         assert!(Instant::now() < until, "the WAL could not be emptied");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let root = diesel::sql_query(
-        "SELECT rootpage FROM sqlite_master WHERE type = 'table' AND name = 'jobs'",
-    )
-    .get_result::<Root>(&mut c)
-    .expect("root page")
-    .rootpage;
+    let root =
+        diesel::sql_query("SELECT rootpage FROM sqlite_master WHERE type = 'table' AND name = ?")
+            .bind::<diesel::sql_types::Text, _>(table)
+            .get_result::<Root>(&mut c)
+            .expect("root page")
+            .rootpage;
     let page = diesel::sql_query("PRAGMA page_size")
         .get_result::<PageSize>(&mut c)
         .expect("page size")
