@@ -618,6 +618,14 @@ impl Db {
         if let Some(d) = deferred {
             d.settle(replay::verdict_of(&r));
         }
+        // The request's own write met a damaged file behind its record: the writer kept
+        // the record and saw the work succeed (`record_then` returns the write's error
+        // inside `Ok`), so neither it nor `group_work` sees the damage. Same as there.
+        if let Ok(Err(e)) = &r {
+            if e.is_damage() {
+                damaged(&self.shared.health, self.backend, &e.to_string());
+            }
+        }
         r?
     }
 
@@ -1085,6 +1093,42 @@ pub fn now_millis() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A signed write on SQLite whose own work meets a damaged file, behind its replay
+    /// record (`replay::record_then`, the write's error inside `Ok`): the instance is
+    /// taken out of service as for any other work that meets it (`damaged`), and the
+    /// request is answered with the damage (503).
+    #[actix_web::test]
+    async fn a_signed_write_that_meets_damage_retires_a_sqlite_instance() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d.db");
+        let url = DatabaseUrl::parse(&format!("sqlite://{}", path.display())).expect("url");
+        let cfg = DbConfig {
+            url,
+            pool_size: 2,
+            timeout: Duration::from_secs(5),
+            sqlite_busy_timeout: Duration::from_secs(1),
+            sqlite_synchronous_full: false,
+            allow_newer_schema: false,
+        };
+        migrate::run_pending(&cfg).expect("migrations");
+        let db = Db::new(&cfg);
+        let malformed = || {
+            StoreError::Db(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::Unknown,
+                Box::new("database disk image is malformed".to_owned()),
+            ))
+        };
+        let deferred = replay::Deferred::new(replay::ReplayRow::new("c", "sig", 1, 2), None);
+        let r = deferred
+            .scope(db.write(move |_| Err::<(), _>(malformed())))
+            .await;
+        assert!(r.is_err_and(|e| e.is_damage()));
+        assert!(
+            db.shared.health.is_retired(),
+            "a damaged file met behind a replay record left the instance in service"
+        );
+    }
 
     #[derive(diesel::QueryableByName)]
     struct Pragma {
