@@ -1094,6 +1094,44 @@ pub fn now_millis() -> i64 {
 mod tests {
     use super::*;
 
+    fn sqlite_cfg(dir: &std::path::Path) -> DbConfig {
+        let url =
+            DatabaseUrl::parse(&format!("sqlite://{}", dir.join("d.db").display())).expect("url");
+        DbConfig {
+            url,
+            pool_size: 2,
+            timeout: Duration::from_secs(5),
+            sqlite_busy_timeout: Duration::from_secs(1),
+            sqlite_synchronous_full: false,
+            allow_newer_schema: false,
+        }
+    }
+
+    /// `LOST` (`connection_lost`) is the work's word about its own connection: one left
+    /// on a blocking thread by anything else is never taken for the next work's, which
+    /// would discard its sound connection and trip the health state.
+    #[test]
+    fn a_connection_loss_said_outside_a_work_is_not_the_next_works() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = sqlite_cfg(dir.path());
+        migrate::run_pending(&cfg).expect("migrations");
+        let db = Db::new(&cfg);
+        connection_lost(&StoreError::Unavailable("said by nobody's work".into()));
+        db.write_sync(|_| Ok(())).expect("write");
+        assert_eq!(
+            db.shared.health.trips(),
+            0,
+            "a stale loss tripped the state"
+        );
+        db.write_sync(|_| {
+            connection_lost(&StoreError::Unavailable("cut".into()));
+            Ok(())
+        })
+        .expect("answered item by item");
+        assert_eq!(db.shared.health.trips(), 1, "the work's own loss trips it");
+        assert!(LOST.with(|l| l.borrow().is_none()), "taken");
+    }
+
     /// A signed write on SQLite whose own work meets a damaged file, behind its replay
     /// record (`replay::record_then`, the write's error inside `Ok`): the instance is
     /// taken out of service as for any other work that meets it (`damaged`), and the
@@ -1101,16 +1139,7 @@ mod tests {
     #[actix_web::test]
     async fn a_signed_write_that_meets_damage_retires_a_sqlite_instance() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("d.db");
-        let url = DatabaseUrl::parse(&format!("sqlite://{}", path.display())).expect("url");
-        let cfg = DbConfig {
-            url,
-            pool_size: 2,
-            timeout: Duration::from_secs(5),
-            sqlite_busy_timeout: Duration::from_secs(1),
-            sqlite_synchronous_full: false,
-            allow_newer_schema: false,
-        };
+        let cfg = sqlite_cfg(dir.path());
         migrate::run_pending(&cfg).expect("migrations");
         let db = Db::new(&cfg);
         let malformed = || {
