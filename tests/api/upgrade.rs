@@ -384,6 +384,7 @@ fn what_the_first_schema_holds_is_served_after_the_upgrade(b: Backend) {
 }
 
 crate::postgres_tests!(
+    a_concurrent_index_build_behind_a_long_transaction_waits_and_is_valid,
     every_postgres_down_migration_restores_the_schema_before_it,
     a_migration_behind_a_long_transaction_gives_up_instead_of_stalling_every_instance,
 );
@@ -493,4 +494,81 @@ fn a_migration_behind_a_long_transaction_gives_up_instead_of_stalling_every_inst
         coordinator::db::migrate::run_pending(&cfg.db).expect("migrate"),
         1
     );
+}
+
+/// Copy a migrations folder (each migration a folder of files).
+fn copy_migrations(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).expect("read migrations") {
+        let entry = entry.expect("entry");
+        let dir = to.join(entry.file_name());
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        for file in std::fs::read_dir(entry.path()).expect("read migration") {
+            let file = file.expect("file");
+            std::fs::copy(file.path(), dir.join(file.file_name())).expect("copy");
+        }
+    }
+}
+
+/// The rule's way to index a table that exists (docs/decisions.md, "PostgreSQL
+/// migrations only expand"): `CREATE INDEX CONCURRENTLY` in a migration that runs
+/// outside a transaction. Such a build waits for every transaction older than it (a
+/// report, `pg_dump`); it blocks no reader or writer meanwhile, so it must not be given
+/// up after `db::migrate::LOCK_TIMEOUT`: a build cancelled half-way leaves an invalid
+/// index behind, and the next start's run of the same migration finds it "already
+/// exists" (start refused for good) or, with `IF NOT EXISTS`, keeps it invalid. Before:
+/// cancelled after 5 s ("canceling statement due to lock timeout"), the index invalid.
+fn a_concurrent_index_build_behind_a_long_transaction_waits_and_is_valid(b: Backend) {
+    use diesel::RunQueryDsl;
+    let Some(db) = TestDb::create(b) else { return };
+    let cfg = test_config(&db);
+    coordinator::db::migrate::run_pending(&cfg.db).expect("migrate");
+    // The embedded migrations and, after them, one that builds an index concurrently.
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy_migrations(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres"),
+        dir.path(),
+    );
+    let cic = dir.path().join("2999-12-31-000001_jobs_by_kind");
+    std::fs::create_dir_all(&cic).expect("mkdir");
+    std::fs::write(
+        cic.join("up.sql"),
+        "CREATE INDEX CONCURRENTLY jobs_by_kind ON jobs (kind)",
+    )
+    .expect("up");
+    std::fs::write(cic.join("down.sql"), "DROP INDEX jobs_by_kind").expect("down");
+    std::fs::write(cic.join("metadata.toml"), "run_in_transaction = false\n").expect("meta");
+    let source = diesel_migrations::FileBasedMigrations::from_path(dir.path()).expect("source");
+
+    // Another session keeps a snapshot open for longer than the lock timeout.
+    let held = coordinator::db::migrate::LOCK_TIMEOUT + std::time::Duration::from_secs(2);
+    let url = db.url.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let mut c = diesel::PgConnection::establish(&url).expect("open postgres");
+        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM jobs;")
+            .expect("hold");
+        ready_tx.send(()).expect("ready");
+        std::thread::sleep(held);
+        c.batch_execute("COMMIT").expect("release");
+    });
+    ready_rx.recv().expect("holder");
+    let mut c = diesel::PgConnection::establish(&db.url).expect("open postgres");
+    let ran = coordinator::db::migrate::run_postgres(&mut c, &source, false);
+    holder.join().expect("holder");
+    assert_eq!(
+        ran.map_err(|e| e.to_string()),
+        Ok(1),
+        "the concurrent build was given up"
+    );
+    #[derive(diesel::QueryableByName)]
+    struct Valid {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        indisvalid: bool,
+    }
+    let valid = diesel::sql_query(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'jobs_by_kind'::regclass",
+    )
+    .get_result::<Valid>(&mut c)
+    .expect("the index");
+    assert!(valid.indisvalid, "an invalid index was left behind");
 }
