@@ -320,6 +320,10 @@ impl DbHealth {
     pub fn retire(self: &Arc<Self>, why: &str) -> bool {
         let first = !self.retired.swap(true, Ordering::AcqRel);
         self.trip(None, why);
+        // Also when a probe is under way (a trip before), whose success would otherwise
+        // let traffic through again: `recover` only moves a probing state to healthy.
+        self.state
+            .store(u8::from(DbState::Failing), Ordering::Release);
         first
     }
 
@@ -341,8 +345,20 @@ impl DbHealth {
         // Operations stuck since before the trip get a full period again before they
         // count as a new stall.
         self.last_sign_ms.store(self.now_ms(), Ordering::Release);
-        self.state
-            .store(u8::from(DbState::Healthy), Ordering::Release);
+        // From probing only: a retirement since the probe looked (`retire`) has set it
+        // failing, and stays.
+        if self
+            .state
+            .compare_exchange(
+                u8::from(DbState::Probing),
+                u8::from(DbState::Healthy),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            return;
+        }
         log::info!(
             "database reachable again after {:.3} s; letting traffic through",
             down_for.unwrap_or_default().as_secs_f64()
@@ -464,6 +480,20 @@ mod tests {
         h.retire("damaged");
         std::thread::sleep(PROBE_MAX * 3);
         assert!(h.admit().is_err());
+    }
+
+    /// Retired while a probe (after an outage) is under way, after the probe looked
+    /// and before its success lets traffic through: it stays refused.
+    #[test]
+    fn a_retirement_during_a_successful_probe_holds() {
+        let h = DbHealth::new(Box::new(|| Ok(())));
+        // As `probe_loop` leaves it while its probe runs, once the probe has answered and
+        // `is_retired` said no.
+        h.state.store(u8::from(DbState::Probing), Ordering::Release);
+        assert!(h.retire("damaged"));
+        h.recover(PROBE_MIN);
+        assert_eq!(h.state(), DbState::Failing);
+        assert!(h.admit().is_err(), "a retired instance let traffic through");
     }
 
     #[test]
