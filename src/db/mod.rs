@@ -549,7 +549,10 @@ impl Db {
     /// [`Db::write`] for work that either writes whole or fails in a way that fails
     /// its batch anyway — one statement — and writes nothing when it answers
     /// `StoreError::Replayed`: in SQLite's writer it runs without a savepoint of its
-    /// own ([`writer::Work::bare`]). Elsewhere the same as `write`.
+    /// own ([`writer::Work::bare`]). Elsewhere the same as `write`, but for the request's
+    /// deferred replay record, which it neither writes nor waits for: it is how that
+    /// record itself is written (`auth::replay::ReplayLog`), so any other work must go
+    /// through `write`.
     pub async fn write_one_statement<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
