@@ -37,6 +37,18 @@ inventory::submit! {
         .when(can_mount_for_postgres)
 }
 
+inventory::submit! {
+    Test::new(module_path!(), "sqlite", "a_full_disk_under_concurrent_signed_reads_and_writes_loses_nothing_acknowledged",
+        || a_full_disk_under_concurrent_signed_reads_and_writes_loses_nothing_acknowledged(Backend::Sqlite))
+        .when(can_mount)
+}
+inventory::submit! {
+    Test::new(module_path!(), "postgres", "a_full_disk_under_concurrent_signed_reads_and_writes_loses_nothing_acknowledged",
+        || a_full_disk_under_concurrent_signed_reads_and_writes_loses_nothing_acknowledged(Backend::Postgres))
+        .on_postgres()
+        .when(can_mount_for_postgres)
+}
+
 crate::backend_tests!(a_damaged_database_is_503_never_500);
 
 inventory::submit! {
@@ -886,6 +898,108 @@ fn a_statement_cancelled_by_a_lock_timeout_is_503_never_500(b: Backend) {
     assert!(refused > 0, "no write waited out the lock timeout");
     writes_recover(&app, &job, &key, &mut acked, "released");
     acked.check(&app, &job, "after the lock was released");
+}
+
+impl Acked {
+    /// Take in what another thread's writes left acknowledged.
+    fn merge(&mut self, other: Acked) {
+        self.messages.extend(other.messages);
+        self.jobs.extend(other.jobs);
+        self.signed.extend(other.signed);
+        self.refused += other.refused;
+        self.problems.extend(other.problems);
+    }
+}
+
+/// A signed read (its replay record is the only thing it writes: on SQLite a work
+/// without a savepoint of its own in the group-commit writer, `Work::bare`).
+fn signed_read(app: &TestApp, path: &str) -> Sent {
+    let headers: Vec<(String, String)> = app.signer.headers("GET", path, b"", now_secs());
+    let answer = send_as(app, "GET", path, &headers, "");
+    Sent {
+        method: "GET",
+        path: path.to_owned(),
+        headers,
+        body: String::new(),
+        answer,
+    }
+}
+
+/// [`a_full_disk_is_503_never_500_and_loses_no_acknowledged_write`] with the requests
+/// sent at once from several threads, so that SQLite's writer batches signed reads
+/// (a replay record alone, no savepoint), signed writes (a record in front of the
+/// change) and API-key writes (a savepoint each) together while the disk fills: a
+/// batch one of them sinks must acknowledge none of them. Every answer is a 2xx or a
+/// 503, every acknowledged write is there once, and every acknowledged signed request,
+/// reads included, is refused as a replay afterwards (its record committed).
+fn a_full_disk_under_concurrent_signed_reads_and_writes_loses_nothing_acknowledged(b: Backend) {
+    let fs = Tmpfs::mount(if b == Backend::Sqlite { "16m" } else { "24m" }).expect("mount");
+    let tablespace;
+    let db = match b {
+        Backend::Sqlite => TestDb::sqlite_at(&fs.path().join("test.db")),
+        Backend::Postgres => {
+            tablespace = Tablespace::create(&fs);
+            let Some(db) = TestDb::postgres_in(&tablespace.name) else {
+                return;
+            };
+            db
+        }
+    };
+    let mut cfg = test_config(&db);
+    cfg.auth_failures_per_minute = 100_000;
+    let app = start(b, db.clone(), cfg);
+    let job = app.running_job();
+    let key = app.api_key("disk-concurrent", &[Scope::JobsUpdate, Scope::JobsRead]);
+    let mut acked = Acked::default();
+    acked.write(&app, &job, &key, "before", 6);
+    assert_eq!(acked.refused, 0, "{}", acked.problems.join("\n"));
+
+    let filler = fill(fs.path());
+    let read_path = format!("/coordinator/jobs/{job}");
+    let threads: Vec<Acked> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let (app, job, key, read_path) = (&app, &job, &key, &read_path);
+                s.spawn(move || {
+                    let mut mine = Acked::default();
+                    for i in 0..25 {
+                        if t % 2 == 0 {
+                            let r = signed_read(app, read_path);
+                            mine.note(&format!("read-{t}-{i}"), &r.answer);
+                            if r.ok() {
+                                mine.signed.push(r);
+                            }
+                        } else {
+                            mine.write(app, job, key, &format!("full-{t}-{i}"), 3);
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("sender"))
+            .collect()
+    });
+    for t in threads {
+        acked.merge(t);
+    }
+    assert!(
+        acked.refused > 0,
+        "nothing was refused on a full disk: the test did not reach the fault"
+    );
+    let problems = std::mem::take(&mut acked.problems);
+    std::fs::remove_file(&filler).expect("free the space");
+    writes_recover(&app, &job, &key, &mut acked, "after");
+    assert!(
+        problems.is_empty(),
+        "{} bad answers while the disk was full:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+    acked.check(&app, &job, "after the space came back");
+    acked.check_replays(&app, "after the space came back");
 }
 
 /// The database reports damaged data while the service runs. SQLite: pages of the
