@@ -64,6 +64,7 @@ inventory::submit! {
 
 crate::postgres_tests!(
     a_progress_batch_cut_mid_way_answers_each_report_as_committed,
+    a_progress_batch_of_several_jobs_cut_mid_way_answers_each_report_as_committed,
     a_read_only_database_is_503_never_500_and_recovers,
     a_statement_cancelled_by_a_lock_timeout_is_503_never_500,
 );
@@ -1432,4 +1433,133 @@ fn a_progress_batch_cut_mid_way_answers_each_report_as_committed(b: Backend) {
         first.map(|r| r.body)
     );
     assert!(!messages.iter().any(|m| m == "cut-here"));
+}
+
+/// [`a_progress_batch_cut_mid_way_answers_each_report_as_committed`] with two jobs and
+/// reports of both after the cut, in one batch without replay records (API keys):
+/// `a-first`, `b-first`, `cut-here` (job a), `a-after`, `b-after`. Each job's first
+/// report goes into the batch's statement and commits; the later ones are written on
+/// their own in arrival order, and the connection is cut in the first of them. So
+/// exactly the two first reports are committed and answered 200, and every report from
+/// the cut on, of either job, is a 503 and not there (none a 500: the dead
+/// connection's later errors count as its loss too). Then, once the service has
+/// recovered, a batch whose statement itself meets the cut (`cut-here` as job a's
+/// first report, with `b-again`) commits nothing and answers every report 503.
+fn a_progress_batch_of_several_jobs_cut_mid_way_answers_each_report_as_committed(b: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.auth_failures_per_minute = 100_000)
+    else {
+        return;
+    };
+    let (job_a, job_b) = (app.running_job(), app.running_job());
+    let busy = [app.running_job(), app.running_job()];
+    let key = app.api_key("cut-several", &[Scope::JobsUpdate, Scope::JobsRead]);
+    let mut c = diesel::PgConnection::establish(&app.db.url).expect("connect");
+    c.batch_execute(
+        "CREATE FUNCTION coord_cut() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           IF NEW.data LIKE '%hold-the-batcher%' THEN PERFORM pg_sleep(0.8); END IF; \
+           IF NEW.data LIKE '%cut-here%' THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF; \
+           RETURN NEW; \
+         END $$; \
+         CREATE TRIGGER cut BEFORE INSERT ON job_events \
+           FOR EACH ROW EXECUTE FUNCTION coord_cut();",
+    )
+    .expect("trigger");
+    let report = |id: &str, message: &str| {
+        let body = json!({"percent": 40, "message": message}).to_string();
+        try_send(
+            &app.url(&format!("/coordinator/jobs/{id}/progress")),
+            "PATCH",
+            &[JSON, ("X-API-Key", &key)],
+            body.as_bytes(),
+        )
+    };
+    // One batch of `sent` (in this order) behind two reports holding both threads.
+    let batch = |sent: &[(&str, &str)]| -> Vec<Result<Resp, String>> {
+        std::thread::scope(|s| {
+            let holds: Vec<_> = busy
+                .iter()
+                .map(|id| s.spawn(|| report(id, "hold-the-batcher")))
+                .collect();
+            std::thread::sleep(Duration::from_millis(200));
+            let mut answers = Vec::new();
+            for (id, message) in sent {
+                answers.push(s.spawn(|| report(id, message)));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            for h in holds {
+                // Only there for the timing (see the test above).
+                let r = h.join().expect("hold");
+                if let Some(p) = not_2xx_or_503("a report holding a thread", &r) {
+                    panic!("{p}");
+                }
+            }
+            answers
+                .into_iter()
+                .map(|h| h.join().expect("report"))
+                .collect()
+        })
+    };
+    let messages = |id: &str| -> Vec<String> {
+        events(&app, id)
+            .iter()
+            .filter(|e| e["type"] == "progress")
+            .filter_map(|e| e["data"]["message"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let status = |r: &Result<Resp, String>| r.as_ref().map_or(0, |r| r.status);
+
+    let sent = [
+        (job_a.as_str(), "a-first"),
+        (job_b.as_str(), "b-first"),
+        (job_a.as_str(), "cut-here"),
+        (job_a.as_str(), "a-after"),
+        (job_b.as_str(), "b-after"),
+    ];
+    let answers = batch(&sent);
+    for ((_, m), r) in sent.iter().zip(&answers) {
+        if let Some(p) = not_2xx_or_503(m, r) {
+            panic!("{p}");
+        }
+    }
+    let (a, b_) = (messages(&job_a), messages(&job_b));
+    let there = |m: &str| a.iter().chain(&b_).filter(|x| *x == m).count();
+    for ((_, m), r) in sent.iter().zip(&answers) {
+        let want = if m.ends_with("-first") {
+            (1, 200)
+        } else {
+            (0, 503)
+        };
+        assert_eq!(
+            (there(m), status(r)),
+            want,
+            "{m}: (times stored, answer); job a {a:?}, job b {b_:?}"
+        );
+    }
+
+    // Once the service takes reports again: the cut in the batch's statement.
+    let r = retry_503(|| {
+        let body = json!({"percent": 40, "message": "recovered"}).to_string();
+        crate::helpers::send(
+            &app.url(&format!("/coordinator/jobs/{job_b}/progress")),
+            "PATCH",
+            &[JSON, ("X-API-Key", &key)],
+            body.as_bytes(),
+        )
+    });
+    assert_eq!(r.status, 200, "{}", r.body);
+    let sent = [(job_a.as_str(), "cut-here"), (job_b.as_str(), "b-again")];
+    let answers = batch(&sent);
+    let (a, b_) = (messages(&job_a), messages(&job_b));
+    for ((_, m), r) in sent.iter().zip(&answers) {
+        if let Some(p) = not_2xx_or_503(m, r) {
+            panic!("{p}");
+        }
+        let stored = a.iter().chain(&b_).filter(|x| *x == m).count();
+        assert_eq!(
+            (stored, status(r)),
+            (0, 503),
+            "{m} in a statement that was cut: (times stored, answer)"
+        );
+    }
 }
