@@ -181,38 +181,17 @@ pub(crate) fn is_damage_message(m: &str) -> bool {
     DAMAGE.iter().any(|d| m.contains(d))
 }
 
-/// The last time (unix seconds) an ERROR line said the database is damaged: each
-/// request that meets the damage is answered 503 and logged at WARN; one line a
-/// minute at ERROR names the cause for the operator without flooding the log.
-static DAMAGE_LOGGED_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Log at ERROR that the database is damaged, unless a line said so in the last
-/// minute; with `follows` (what the service does about it) always, and the minute
-/// starts again. `true` when logged.
-pub(crate) fn log_damage(why: &str, follows: Option<&str>) -> bool {
-    use std::sync::atomic::Ordering;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let force = follows.is_some();
-    let last = DAMAGE_LOGGED_AT.load(Ordering::Acquire);
-    let due = force
-        || (now >= last.saturating_add(60)
-            && DAMAGE_LOGGED_AT
-                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok());
-    if force {
-        DAMAGE_LOGGED_AT.store(now, Ordering::Release);
-    }
-    if due {
-        log::error!(
-            "the database reports damaged data ({why}){}: check it (SQLite: PRAGMA \
-             integrity_check; PostgreSQL: amcheck, REINDEX) and restore what is damaged \
-             from a backup",
-            follows.unwrap_or_default()
-        );
-    }
-    due
+/// Say at ERROR that the database is damaged, with `follows` (what the service does
+/// about it). How often is the caller's: once a minute per instance
+/// (`db::DbHealth::damage_line_due`), each request that meets the damage being
+/// answered 503 with a WARN line of its own.
+pub(crate) fn log_damage(why: &str, follows: Option<&str>) {
+    log::error!(
+        "the database reports damaged data ({why}){}: check it (SQLite: PRAGMA \
+         integrity_check; PostgreSQL: amcheck, REINDEX) and restore what is damaged \
+         from a backup",
+        follows.unwrap_or_default()
+    );
 }
 
 pub(crate) fn is_busy(e: &diesel::result::Error) -> bool {
@@ -423,10 +402,9 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         match self {
             ApiError::Internal(e) => log::error!("internal error: {e:#}"),
-            // A damaged database is said at ERROR (once a minute), else WARN.
-            ApiError::Unavailable(why) if !(is_damage_message(why) && log_damage(why, None)) => {
-                log::warn!("database unavailable: {why}");
-            }
+            // A damaged database is said at ERROR too, by the storage layer
+            // (`db::damaged`), which knows how long ago it last said so.
+            ApiError::Unavailable(why) => log::warn!("database unavailable: {why}"),
             // Counted in `coordinator_db_shed_total`; a line per refusal would add
             // to the overload.
             ApiError::Overloaded(why) => log::debug!("request shed: {why}"),

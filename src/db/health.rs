@@ -90,6 +90,9 @@ struct Timeline {
     last_backoff: Duration,
 }
 
+/// At most one ERROR line a minute says the database is damaged.
+const DAMAGE_LINE_EVERY_MS: u64 = 60_000;
+
 /// The shared state (one per `Db`, so one per application instance).
 pub struct DbHealth {
     state: AtomicU8,
@@ -108,6 +111,9 @@ pub struct DbHealth {
     under_way: AtomicU64,
     /// When one last finished, or started with none under way (ms since `born`).
     last_sign_ms: AtomicU64,
+    /// When an ERROR line last said the database is damaged (ms since `born`, plus 1:
+    /// 0 is never), see [`DbHealth::damage_line_due`].
+    damage_said_ms: AtomicU64,
     born: Instant,
 }
 
@@ -139,6 +145,7 @@ impl DbHealth {
             retired: std::sync::atomic::AtomicBool::new(false),
             under_way: AtomicU64::new(0),
             last_sign_ms: AtomicU64::new(0),
+            damage_said_ms: AtomicU64::new(0),
             born: Instant::now(),
         })
     }
@@ -327,6 +334,23 @@ impl DbHealth {
         first
     }
 
+    /// Whether to say at ERROR that the database is damaged: when `always` (what the
+    /// service does about it follows), else at most once a minute per instance, so that
+    /// the operator sees it without a line per request.
+    pub fn damage_line_due(&self, always: bool) -> bool {
+        let now = self.now_ms().saturating_add(1);
+        if always {
+            self.damage_said_ms.store(now, Ordering::Release);
+            return true;
+        }
+        let last = self.damage_said_ms.load(Ordering::Acquire);
+        (last == 0 || now >= last.saturating_add(DAMAGE_LINE_EVERY_MS))
+            && self
+                .damage_said_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+
     /// See [`DbHealth::retire`].
     pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
@@ -494,6 +518,34 @@ mod tests {
         h.recover(PROBE_MIN);
         assert_eq!(h.state(), DbState::Failing);
         assert!(h.admit().is_err(), "a retired instance let traffic through");
+    }
+
+    /// The once-a-minute damage line is each instance's own (it was a process-wide
+    /// static: one server's line kept another's quiet, as two in one test process).
+    #[test]
+    fn the_damage_line_is_due_once_a_minute_per_instance() {
+        let a = DbHealth::new(Box::new(|| Ok(())));
+        let b = DbHealth::new(Box::new(|| Ok(())));
+        assert!(a.damage_line_due(false), "the first is said");
+        assert!(
+            !a.damage_line_due(false),
+            "then not again within the minute"
+        );
+        assert!(b.damage_line_due(false), "another instance says its own");
+        assert!(
+            a.damage_line_due(true),
+            "what the service does about it is always said"
+        );
+        assert!(!a.damage_line_due(false));
+        // A minute on: an instance born 61 s ago whose last line was at its birth.
+        let mut c = DbHealth::new(Box::new(|| Ok(())));
+        let born = Instant::now()
+            .checked_sub(Duration::from_secs(61))
+            .expect("an uptime over a minute");
+        Arc::get_mut(&mut c).expect("one owner").born = born;
+        c.damage_said_ms.store(1, Ordering::Release);
+        assert!(c.damage_line_due(false), "said again after a minute");
+        assert!(!c.damage_line_due(false));
     }
 
     #[test]

@@ -1014,9 +1014,14 @@ where
 /// database".
 fn damaged(health: &Arc<DbHealth>, backend: Backend, why: &str) {
     if backend != Backend::Sqlite {
+        if health.damage_line_due(false) {
+            crate::error::log_damage(why, None);
+        }
         return;
     }
-    if health.retire(&format!("damaged database file: {}", one_line(why))) {
+    if health.retire(&format!("damaged database file: {}", one_line(why)))
+        && health.damage_line_due(true)
+    {
         crate::error::log_damage(
             why,
             Some("; every request is refused until the server is restarted"),
