@@ -7,11 +7,11 @@
 //! `GET /coordinator/health`).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::db::health::DbState;
@@ -381,6 +381,14 @@ impl Metrics {
     }
 
     pub fn observe_request(&self, route: &str, method: &str, status: u16, seconds: f64) {
+        self.count_request(route, method, status);
+        self.http_latency
+            .with_label_values(&[route])
+            .observe(seconds);
+    }
+
+    /// Count one request in `http_requests_total`.
+    fn count_request(&self, route: &str, method: &str, status: u16) {
         // Methods outside the usual set are folded so a client cannot mint series.
         let method = match method {
             "GET" | "POST" | "PATCH" | "PUT" | "DELETE" | "HEAD" | "OPTIONS" => method,
@@ -393,9 +401,16 @@ impl Metrics {
         self.http_requests
             .with_label_values(&[route, method, code])
             .inc();
-        self.http_latency
-            .with_label_values(&[route])
-            .observe(seconds);
+    }
+
+    /// The request series of one route, for its guard to keep (see [`RouteSeries`]).
+    pub fn route_series(self: &Arc<Self>, route: &'static str) -> RouteSeries {
+        RouteSeries {
+            metrics: self.clone(),
+            route,
+            latency: OnceLock::new(),
+            ok: Default::default(),
+        }
     }
 
     pub fn auth_outcome(&self, scheme: &str, outcome: &str, reason: &str) {
@@ -453,6 +468,51 @@ impl Metrics {
     }
 }
 
+/// The methods with series of their own; any other is counted as `OTHER`.
+const METHODS: [&str; 7] = ["GET", "POST", "PATCH", "PUT", "DELETE", "HEAD", "OPTIONS"];
+
+/// One route's request series, kept by its guard (`auth::middleware::Gate`) so that a
+/// request does not look them up by their labels (a hash of the label values and a
+/// read lock, per series, per request): its latency histogram and its `200` counters.
+/// Each is looked up on the first request that needs it, as `with_label_values` would
+/// create it then, so `/metrics` shows the same series; any other status goes through
+/// [`Metrics::observe_request`].
+pub struct RouteSeries {
+    metrics: Arc<Metrics>,
+    route: &'static str,
+    latency: OnceLock<Histogram>,
+    /// `http_requests_total` with status 200, per method in [`METHODS`] order.
+    ok: [OnceLock<IntCounter>; 7],
+}
+
+impl RouteSeries {
+    pub fn route(&self) -> &'static str {
+        self.route
+    }
+
+    /// As [`Metrics::observe_request`] for this route.
+    pub fn observe(&self, method: &str, status: u16, seconds: f64) {
+        let m = &self.metrics;
+        let ok = METHODS
+            .iter()
+            .position(|known| *known == method)
+            .and_then(|i| self.ok.get(i))
+            .filter(|_| status == 200);
+        match ok {
+            Some(counter) => counter
+                .get_or_init(|| {
+                    m.http_requests
+                        .with_label_values(&[self.route, method, "200"])
+                })
+                .inc(),
+            None => m.count_request(self.route, method, status),
+        }
+        self.latency
+            .get_or_init(|| m.http_latency.with_label_values(&[self.route]))
+            .observe(seconds);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,6 +561,29 @@ mod tests {
             "no queue name: {text}"
         );
         assert!(text.contains("coordinator_auth_outcomes_total"));
+    }
+
+    /// A route's kept series count as the label lookups do: the same text, and no
+    /// series before the request that makes it.
+    #[test]
+    fn route_series_write_what_the_label_lookups_write() {
+        let by_labels = Metrics::new().expect("metrics");
+        let kept = Arc::new(Metrics::new().expect("metrics"));
+        let series = kept.route_series("/coordinator/jobs");
+        assert_eq!(by_labels.render().ok(), kept.render().ok());
+        for (method, status) in [
+            ("GET", 200),
+            ("GET", 200),
+            ("POST", 201),
+            ("POST", 200),
+            ("BREW", 200),
+            ("OPTIONS", 200),
+            ("GET", 404),
+        ] {
+            by_labels.observe_request("/coordinator/jobs", method, status, 0.002);
+            series.observe(method, status, 0.002);
+            assert_eq!(by_labels.render().ok(), kept.render().ok());
+        }
     }
 
     #[test]

@@ -266,17 +266,18 @@ fn needs_escape(s: &str) -> bool {
 #[derive(Debug, Clone, Copy)]
 pub struct LineWritten;
 
-/// The pattern of the route that ran, put into the request extensions by that route's
-/// guard (so the access log never matches the path a second time).
-#[derive(Debug, Clone, Copy)]
-pub struct MatchedRoute(pub &'static str);
+/// The route that ran (its pattern and request series), put into the request
+/// extensions by that route's guard (so the access log never matches the path a second
+/// time, nor looks the series up by their labels).
+#[derive(Clone)]
+pub struct MatchedRoute(pub std::sync::Arc<crate::metrics::RouteSeries>);
 
 /// The route pattern of a request that has been routed (never the raw path), or
 /// `unmatched`.
 pub fn route_of(req: &actix_web::HttpRequest) -> &'static str {
     req.extensions()
         .get::<MatchedRoute>()
-        .map_or("unmatched", |r| r.0)
+        .map_or("unmatched", |r| r.0.route())
 }
 
 /// An access line (field order is the line's).
@@ -305,13 +306,18 @@ pub async fn access_log(
     req.extensions_mut().insert(rid.clone());
     let method = req.method().clone();
     let mut res = next.call(req).await?;
-    let route = route_of(res.request());
-    metrics.observe_request(
-        route,
-        method.as_str(),
-        res.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
+    let matched = res.request().extensions().get::<MatchedRoute>().cloned();
+    let (status, seconds) = (res.status().as_u16(), started.elapsed().as_secs_f64());
+    let route = match &matched {
+        Some(MatchedRoute(series)) => {
+            series.observe(method.as_str(), status, seconds);
+            series.route()
+        }
+        None => {
+            metrics.observe_request("unmatched", method.as_str(), status, seconds);
+            "unmatched"
+        }
+    };
     rid.stamp(res.headers_mut());
     if res.request().extensions().contains::<LineWritten>() {
         return Ok(res.map_into_boxed_body());
