@@ -377,6 +377,24 @@ mod tests {
         assert_eq!(now_rfc3339().len(), 24);
     }
 
+    /// Escaped exactly when `serde_json` would change the text, wherever the byte lies.
+    #[test]
+    fn needs_escape_is_what_serde_json_escapes() {
+        let chars = (0u32..0x80).chain([0xe9, 0x540d, 0x1f600]);
+        for c in chars.filter_map(char::from_u32) {
+            for text in [
+                c.to_string(),
+                format!("/coordinator/{c}"),
+                format!("{c}{}", "x".repeat(40)),
+            ] {
+                let plain = format!("\"{text}\"");
+                let serde = serde_json::to_string(&text).expect("json");
+                assert_eq!(needs_escape(&text), serde != plain, "{c:?}");
+            }
+        }
+        assert!(!needs_escape(""));
+    }
+
     #[test]
     fn a_request_actix_cannot_parse_is_a_warning() {
         use log::Level::{Error, Info, Warn};
