@@ -40,9 +40,11 @@ measure() {
       && curl -sf "http://127.0.0.1:$port/livez" >/dev/null && break
     sleep 1
   done
-  python3 - "$port" "$path" "$auth" "$dir/out.txt" "$n" <<'PY'
+  python3 - "$port" "$path" "$auth" "$dir/out.txt" "$n" "$(cat "$dir/pid")" <<'PY'
 import hashlib, hmac, http.client, json, subprocess, sys, time, uuid
 port, path, auth, creds, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+# callgrind_control without a process id steers every callgrind run of the user.
+pid = sys.argv[6]
 env = dict(l.strip().split("=", 1) for l in open(creds) if "=" in l)
 conn = http.client.HTTPConnection("127.0.0.1", int(port))
 def call(method, target, body, hdrs):
@@ -89,11 +91,11 @@ def send(k):
         if r.status not in (200, 201):
             sys.exit(f"{path}: {r.status}")
 send(300)
-subprocess.run(["callgrind_control", "-i", "on"], check=True, capture_output=True)
+subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
 send(n)
-subprocess.run(["callgrind_control", "-i", "off"], check=True, capture_output=True)
+subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
 PY
-  callgrind_control -d >/dev/null 2>&1 || true
+  callgrind_control -d "$(cat "$dir/pid")" >/dev/null 2>&1 || true
   kill "$(cat "$dir/pid")" 2>/dev/null || true
   for _ in $(seq 1 30); do kill -0 "$(cat "$dir/pid")" 2>/dev/null || break; sleep 1; done
   local total=0 f ir
