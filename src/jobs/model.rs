@@ -191,9 +191,17 @@ impl EventBound {
     /// The largest setting: 100 000 events of a few hundred bytes is tens of MiB per
     /// job, the most one `jobs:update` caller should be able to pin per job.
     pub const MAX: i64 = 100_000;
-    /// The longest step: the rows one trim deletes at most (once a job is past
+    /// The longest step: the rows one trim deletes in steady state (once a job is past
     /// `keep`).
     pub const MAX_STEP: i64 = 64;
+    /// The most rows one trim deletes, the job's oldest first: a backlog (after an
+    /// upgrade from a release without the bound, or after `keep` was lowered) drains
+    /// over the job's later trimming writes, `MAX_TRIM - step` (960 or more) each, in
+    /// place of one delete of the whole backlog — about 1 s per million events on
+    /// SQLite, every write of the instance waiting behind it. 1 024 rows (16 longest
+    /// steps) cost about a millisecond there; in steady state a trim deletes `step`
+    /// rows (at most [`Self::MAX_STEP`]), so the bound never binds.
+    pub const MAX_TRIM: i64 = 16 * Self::MAX_STEP;
 
     /// Keep the newest `keep` events (clamped to [`Self::MIN`]..=[`Self::MAX`]); the
     /// step is `keep / 16`, at least 1 and at most [`Self::MAX_STEP`], so a job holds
@@ -223,6 +231,18 @@ impl EventBound {
     /// `None` when that write trims nothing. The statements compute the same in SQL.
     pub fn trim_upto(&self, seq: i64) -> Option<i64> {
         (seq > self.keep && seq % self.step == 0).then(|| seq - self.keep)
+    }
+
+    /// The newest `seq` the write of event `seq` actually deletes when the job's oldest
+    /// event is `oldest`: [`Self::trim_upto`], but at most [`Self::MAX_TRIM`] events
+    /// from the oldest on (`None` when it deletes nothing). The statements compute
+    /// the same in SQL (`seq < oldest + MAX_TRIM`, the oldest one probe of the
+    /// primary key).
+    pub fn trim_bounded(&self, oldest: i64, seq: i64) -> Option<i64> {
+        let upto = self
+            .trim_upto(seq)?
+            .min(oldest.saturating_add(Self::MAX_TRIM - 1));
+        (upto >= oldest).then_some(upto)
     }
 }
 
@@ -298,5 +318,43 @@ mod tests {
             assert!(i64::try_from(kept.len()).unwrap_or(i64::MAX) <= b.most());
         }
         assert_eq!(kept.last(), Some(&2_000));
+    }
+
+    /// A backlog far past `keep` (20 000 events under a bound of 100): each trimming
+    /// write deletes at most `MAX_TRIM` of its oldest events, never one of the newest
+    /// `keep`, and later writes drain it to the steady state, where the bound never
+    /// binds (the same deletes as `trim_upto`).
+    #[test]
+    fn a_bounded_trim_drains_a_backlog_from_its_oldest_event() {
+        let b = EventBound::new(100);
+        let (mut oldest, mut seq) = (1_i64, 20_000_i64);
+        let mut trims = 0;
+        while seq - oldest + 1 > b.most() {
+            seq += 1;
+            if let Some(upto) = b.trim_bounded(oldest, seq) {
+                assert!(upto - oldest < EventBound::MAX_TRIM);
+                assert!(upto <= seq - b.keep(), "never one of the newest keep");
+                oldest = upto + 1;
+                trims += 1;
+            }
+            assert!(trims < 100, "drains");
+        }
+        assert_eq!(trims, 20, "19 900 past keep, 1 018 net each");
+        // Steady state: every trim deletes what `trim_upto` says.
+        for _ in 0..1_000 {
+            seq += 1;
+            assert_eq!(
+                b.trim_bounded(oldest, seq),
+                b.trim_upto(seq).filter(|u| *u >= oldest)
+            );
+            if let Some(upto) = b.trim_bounded(oldest, seq) {
+                oldest = upto + 1;
+            }
+            assert!(seq - oldest < b.most());
+        }
+        let b = EventBound::new(EventBound::MAX);
+        assert_eq!(b.trim_bounded(1, 100_032), Some(32));
+        assert_eq!(b.trim_bounded(1, 200_000), Some(EventBound::MAX_TRIM));
+        assert_eq!(b.trim_bounded(500, 100_032), None, "nothing that old");
     }
 }
