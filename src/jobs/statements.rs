@@ -222,7 +222,13 @@ impl QueryFragment<diesel::pg::Pg> for PgChange<'_> {
         out.push_bind_param::<BigInt, _>(&r.version)?;
         out.push_sql(" % ");
         out.push_bind_param::<BigInt, _>(&self.events.step)?;
-        out.push_sql(" = 0) SELECT 1 FROM changed");
+        // At most `MAX_TRIM` rows, the job's oldest first (its oldest: one probe of the
+        // primary key), so a backlog drains over later trims.
+        out.push_sql(" = 0 AND seq < (SELECT min(seq) FROM job_events WHERE job_id = ");
+        out.push_bind_param::<Text, _>(&r.id)?;
+        out.push_sql(") + ");
+        out.push_bind_param::<BigInt, _>(&EventBound::MAX_TRIM)?;
+        out.push_sql(") SELECT 1 FROM changed");
         Ok(())
     }
 }
@@ -315,8 +321,16 @@ impl QueryFragment<diesel::pg::Pg> for PgProgressBatch<'_> {
         out.push_sql(
             " FROM changed), trim AS (DELETE FROM job_events USING changed AS c \
              WHERE c.version > c.event_keep AND c.version % c.event_step = 0 \
-             AND job_events.job_id = c.id AND job_events.seq <= c.version - c.event_keep)",
+             AND job_events.job_id = c.id AND job_events.seq <= c.version - c.event_keep \
+             AND job_events.seq < (SELECT min(o.seq) FROM job_events AS o \
+             WHERE o.job_id = c.id) + ",
         );
+        // At most `MAX_TRIM` rows per job, its oldest first. The oldest is read with
+        // the statement's snapshot, which may still hold rows a trim it waited behind
+        // deleted: then this one deletes fewer, never more, and never a row above its
+        // own `version - keep` (the `seen` rule above is unchanged).
+        out.push_bind_param::<BigInt, _>(&EventBound::MAX_TRIM)?;
+        out.push_sql(")");
         // The CTE is named `jobs` in the final SELECT, so the table's qualified column
         // names (the same list as `LockJob`'s) read it.
         out.push_sql(" SELECT ");

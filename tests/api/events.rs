@@ -17,6 +17,7 @@ backend_tests!(
     progress_reports_and_state_changes_keep_only_the_newest_events,
     a_stream_resumed_before_the_oldest_kept_event_starts_there,
     lease_expiries_trim_as_every_other_change,
+    a_backlog_drains_at_most_max_trim_events_a_trim,
 );
 crate::postgres_tests!(
     a_progress_batch_trims_each_job_by_its_own_version_and_bound,
@@ -531,4 +532,59 @@ fn housekeeping_vacuums_the_events_the_trims_left_dead(b: Backend) {
     wait_for(EVENTS_VACUUM_DEAD * 2);
     let report = actix_web::rt::System::new().block_on(coordinator::housekeeping::pass(&app.state));
     assert!(report.events_vacuumed, "{report:?}");
+}
+
+/// A job with a backlog far past `keep` (20 000 events, as after an upgrade from a
+/// release without the bound or a lowered `COORDINATOR_EVENTS_PER_JOB`): one trimming
+/// write deletes at most `EventBound::MAX_TRIM` of its oldest events and keeps every
+/// one of the newest `keep`; later writes drain the backlog to the steady state.
+fn a_backlog_drains_at_most_max_trim_events_a_trim(b: Backend) {
+    let bound = EventBound::new(100);
+    assert_eq!(bound.step(), 6);
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.events = bound) else {
+        return;
+    };
+    let id = app.running_job(); // 3 events
+    const BACKLOG: i64 = 20_000;
+    let db = app.state.db.clone();
+    let job = id.clone();
+    actix_web::rt::System::new()
+        .block_on(db.write(move |conn| {
+            diesel::sql_query(format!(
+                "WITH RECURSIVE s(n) AS (SELECT 4 UNION ALL SELECT n + 1 FROM s \
+                 WHERE n < {BACKLOG}) INSERT INTO job_events \
+                 (job_id, seq, event_type, data, created_at) \
+                 SELECT '{job}', n, 'progress', '{{}}', 0 FROM s"
+            ))
+            .execute(conn)?;
+            diesel::sql_query(format!(
+                "UPDATE jobs SET version = {BACKLOG} WHERE id = '{job}'"
+            ))
+            .execute(conn)?;
+            Ok(())
+        }))
+        .expect("backlog");
+    let report = |version: &mut i64| {
+        let r = app.patch_json(
+            &format!("/coordinator/jobs/{id}/progress"),
+            &json!({"percent": 1}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        *version += 1;
+    };
+    let mut version = BACKLOG;
+    // 20 001 to 20 003 trim nothing; 20 004 trims.
+    for _ in 0..4 {
+        report(&mut version);
+    }
+    let after = stored(&app, &id);
+    let max = EventBound::MAX_TRIM;
+    assert_eq!(after.first(), Some(&(max + 1)), "the oldest {max} only");
+    assert_eq!(after.last(), Some(&version));
+    assert_eq!(i64::try_from(after.len()).expect("len"), version - max);
+    // Enough further writes: 19 900 past keep, 1 018 net a trim, a trim in 6 writes.
+    for _ in 0..(6 * 21) {
+        report(&mut version);
+    }
+    assert_kept(&app, &id, version, bound, "after the backlog drained");
 }
