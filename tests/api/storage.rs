@@ -1353,6 +1353,40 @@ fn wal_backfill(shm: &str) -> (u32, u32) {
     (word(16), word(96))
 }
 
+/// A trigger on `job_events` that holds a report whose message says `hold-the-batcher`
+/// for `hold` seconds (keeping a batching thread busy) and ends its own session on one
+/// that says `cut-here`.
+fn cut_trigger(app: &crate::helpers::TestApp, hold: f64) {
+    let mut c = diesel::PgConnection::establish(&app.db.url).expect("connect");
+    c.batch_execute(&format!(
+        "CREATE FUNCTION coord_cut() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           IF NEW.data LIKE '%hold-the-batcher%' THEN PERFORM pg_sleep({hold}); END IF; \
+           IF NEW.data LIKE '%cut-here%' THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF; \
+           RETURN NEW; \
+         END $$; \
+         CREATE TRIGGER cut BEFORE INSERT ON job_events \
+           FOR EACH ROW EXECUTE FUNCTION coord_cut();"
+    ))
+    .expect("trigger");
+}
+
+/// An API-key progress report of `percent` 40 with `message`.
+fn api_report(
+    app: &crate::helpers::TestApp,
+    key: &str,
+    id: &str,
+    message: &str,
+) -> Result<Resp, String> {
+    let body = json!({"percent": 40, "message": message}).to_string();
+    try_send(
+        &app.url(&format!("/coordinator/jobs/{id}/progress")),
+        "PATCH",
+        &[JSON, ("X-API-Key", key)],
+        body.as_bytes(),
+    )
+}
+
 /// PostgreSQL's progress batch without replay records (API keys, job tokens) writes
 /// outside a transaction: its statement commits the first report of each job, and a
 /// later report of the same job is written on its own after it. The connection is cut
@@ -1367,27 +1401,8 @@ fn a_progress_batch_cut_mid_way_answers_each_report_as_committed(b: Backend) {
     let job = app.running_job();
     let busy = [app.running_job(), app.running_job()];
     let key = app.api_key("cut-worker", &[Scope::JobsUpdate, Scope::JobsRead]);
-    let mut c = diesel::PgConnection::establish(&app.db.url).expect("connect");
-    c.batch_execute(
-        "CREATE FUNCTION coord_cut() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN \
-           IF NEW.data LIKE '%hold-the-batcher%' THEN PERFORM pg_sleep(0.6); END IF; \
-           IF NEW.data LIKE '%cut-here%' THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF; \
-           RETURN NEW; \
-         END $$; \
-         CREATE TRIGGER cut BEFORE INSERT ON job_events \
-           FOR EACH ROW EXECUTE FUNCTION coord_cut();",
-    )
-    .expect("trigger");
-    let report = |id: &str, message: &str| {
-        let body = json!({"percent": 40, "message": message}).to_string();
-        try_send(
-            &app.url(&format!("/coordinator/jobs/{id}/progress")),
-            "PATCH",
-            &[JSON, ("X-API-Key", &key)],
-            body.as_bytes(),
-        )
-    };
+    cut_trigger(&app, 0.6);
+    let report = |id: &str, message: &str| api_report(&app, &key, id, message);
     let (first, later) = std::thread::scope(|s| {
         // Both batching threads busy for a while, so the next two reports queue up and
         // are taken as one batch.
@@ -1453,27 +1468,8 @@ fn a_progress_batch_of_several_jobs_cut_mid_way_answers_each_report_as_committed
     let (job_a, job_b) = (app.running_job(), app.running_job());
     let busy = [app.running_job(), app.running_job()];
     let key = app.api_key("cut-several", &[Scope::JobsUpdate, Scope::JobsRead]);
-    let mut c = diesel::PgConnection::establish(&app.db.url).expect("connect");
-    c.batch_execute(
-        "CREATE FUNCTION coord_cut() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN \
-           IF NEW.data LIKE '%hold-the-batcher%' THEN PERFORM pg_sleep(0.8); END IF; \
-           IF NEW.data LIKE '%cut-here%' THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF; \
-           RETURN NEW; \
-         END $$; \
-         CREATE TRIGGER cut BEFORE INSERT ON job_events \
-           FOR EACH ROW EXECUTE FUNCTION coord_cut();",
-    )
-    .expect("trigger");
-    let report = |id: &str, message: &str| {
-        let body = json!({"percent": 40, "message": message}).to_string();
-        try_send(
-            &app.url(&format!("/coordinator/jobs/{id}/progress")),
-            "PATCH",
-            &[JSON, ("X-API-Key", &key)],
-            body.as_bytes(),
-        )
-    };
+    cut_trigger(&app, 0.8);
+    let report = |id: &str, message: &str| api_report(&app, &key, id, message);
     // One batch of `sent` (in this order) behind two reports holding both threads.
     let batch = |sent: &[(&str, &str)]| -> Vec<Result<Resp, String>> {
         std::thread::scope(|s| {
