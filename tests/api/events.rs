@@ -24,6 +24,7 @@ crate::postgres_tests!(
     a_progress_batch_with_several_reports_of_one_job_trims_each_version,
     many_writers_of_one_job_never_push_it_past_the_bound,
     housekeeping_vacuums_the_events_the_trims_left_dead,
+    a_trim_of_a_backlog_reads_one_primary_key_range_per_job,
 );
 
 /// The seqs a job keeps after `version` events (every version is an event), written
@@ -587,4 +588,133 @@ fn a_backlog_drains_at_most_max_trim_events_a_trim(b: Backend) {
         report(&mut version);
     }
     assert_kept(&app, &id, version, bound, "after the backlog drained");
+}
+
+/// `EXPLAIN (ANALYZE, …)` of a statement: runs it and gives its plan, one line a row.
+struct Explain<Q>(Q);
+
+impl<Q: diesel::query_builder::QueryFragment<diesel::pg::Pg>>
+    diesel::query_builder::QueryFragment<diesel::pg::Pg> for Explain<Q>
+{
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> QueryResult<()> {
+        out.push_sql("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) ");
+        self.0.walk_ast(out.reborrow())
+    }
+}
+
+impl<Q> diesel::query_builder::QueryId for Explain<Q> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Q> diesel::query_builder::Query for Explain<Q> {
+    type SqlType = diesel::sql_types::Text;
+}
+
+impl<Q> RunQueryDsl<diesel::PgConnection> for Explain<Q> {}
+
+/// The trims of PostgreSQL's two statements that add events (a progress batch, and
+/// every other change) on jobs with a 200 000-event backlog, as the planner sees them
+/// once the table is analyzed: each job's delete is one index range of the primary key
+/// with both upper bounds (`version - keep` and the oldest plus `MAX_TRIM`) in the index
+/// condition, and the oldest is one probe of it. No sequential scan of `job_events`,
+/// and no row read and filtered out: a scan ranged by `version - keep` alone would read
+/// the whole backlog. Each job loses exactly its `MAX_TRIM` oldest events.
+fn a_trim_of_a_backlog_reads_one_primary_key_range_per_job(b: Backend) {
+    use coordinator::db::schema::jobs;
+    use coordinator::jobs::row::JobRow;
+    use coordinator::jobs::statements::{PgChange, PgProgressBatch, ANY_ATTEMPT};
+    let bound = EventBound::new(100);
+    let Some(app) = crate::helpers::spawn_app_with(b, |c| c.events = bound) else {
+        return;
+    };
+    const BACKLOG: i64 = 200_000;
+    // The next version trims: 200 004 % 6 = 0.
+    let version = BACKLOG + 3;
+    assert_eq!((version + 1) % bound.step(), 0);
+    let ids: Vec<String> = (0..3).map(|_| app.running_job()).collect();
+    let mut c = diesel::PgConnection::establish(&app.db.url).expect("connect");
+    for id in &ids {
+        diesel::sql_query(format!(
+            "INSERT INTO job_events (job_id, seq, event_type, data, created_at) \
+             SELECT '{id}', n, 'progress', '{{}}', 0 FROM generate_series(4, {version}) n"
+        ))
+        .execute(&mut c)
+        .expect("backlog");
+        diesel::sql_query(format!(
+            "UPDATE jobs SET version = {version} WHERE id = '{id}'"
+        ))
+        .execute(&mut c)
+        .expect("version");
+    }
+    diesel::sql_query("ANALYZE job_events")
+        .execute(&mut c)
+        .expect("analyze");
+    let oldest = |c: &mut diesel::PgConnection, id: &str| -> i64 {
+        use coordinator::db::schema::job_events;
+        job_events::table
+            .filter(job_events::job_id.eq(id))
+            .select(diesel::dsl::min(job_events::seq))
+            .first::<Option<i64>>(c)
+            .expect("oldest")
+            .expect("an event")
+    };
+    // The delete's index condition (the only one with `seq <=`) holds both bounds,
+    // so its scan stops at the oldest plus `MAX_TRIM`; nothing read is filtered out.
+    let check = |plan: &[String], what: &str| {
+        let text = plan.join("\n");
+        assert!(!text.contains("Seq Scan on job_events"), "{what}:\n{text}");
+        assert!(!text.contains("Rows Removed"), "{what}:\n{text}");
+        let conds: Vec<&String> = plan
+            .iter()
+            .filter(|l| l.contains("Index Cond:") && l.contains("seq <="))
+            .collect();
+        assert_eq!(conds.len(), 1, "{what}:\n{text}");
+        assert!(conds[0].contains("seq < ("), "{what}: both bounds:\n{text}");
+        assert!(
+            text.contains("using job_events_pkey on job_events"),
+            "{what}:\n{text}"
+        );
+    };
+    // A progress batch of two of the jobs.
+    let now = coordinator::db::now_millis();
+    let batch = PgProgressBatch {
+        ids: vec![&ids[0], &ids[1]],
+        percents: vec![1, 1],
+        messages: vec![None, None],
+        lease_until: vec![now + 60_000; 2],
+        data: vec!["{}".to_owned(); 2],
+        attempts: vec![ANY_ATTEMPT; 2],
+        keeps: vec![bound.keep(); 2],
+        steps: vec![bound.step(); 2],
+        now,
+    };
+    let plan = Explain(batch)
+        .load::<String>(&mut c)
+        .expect("explain the batch");
+    check(&plan, "progress batch");
+    for id in &ids[..2] {
+        assert_eq!(oldest(&mut c, id), 1 + EventBound::MAX_TRIM, "{id}");
+    }
+    // Every other change: the third job, one more version.
+    let mut row = jobs::table
+        .find(&ids[2])
+        .first::<JobRow>(&mut c)
+        .expect("row");
+    row.version += 1;
+    let change = PgChange {
+        row: &row,
+        event_type: "progress",
+        data: "{}".to_owned(),
+        now,
+        events: bound,
+    };
+    let plan = Explain(change)
+        .load::<String>(&mut c)
+        .expect("explain the change");
+    check(&plan, "change");
+    assert_eq!(oldest(&mut c, &ids[2]), 1 + EventBound::MAX_TRIM);
 }
