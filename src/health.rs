@@ -80,8 +80,11 @@ pub struct ProbeStatus {
 /// The cached snapshot and the lock that makes refreshes single-flight.
 #[derive(Default)]
 pub struct HealthCache {
+    /// The last snapshot and when it was stored.
     snapshot: Mutex<Option<(Instant, Arc<Snapshot>)>>,
-    refresh: single_flight::Flag,
+    /// Held by the one request that takes a snapshot; the others that need one wait
+    /// for it here and use what it took.
+    refresh: tokio::sync::Mutex<()>,
     /// Snapshots taken so far.
     taken: std::sync::atomic::AtomicU64,
     /// `/metrics`' totals per status, and when they were read.
@@ -90,32 +93,6 @@ pub struct HealthCache {
 
 /// Jobs per non-terminal status, all queues together.
 pub type StatusTotals = BTreeMap<String, i64>;
-
-mod single_flight {
-    //! A flag that lets one request at a time refresh the snapshot.
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    #[derive(Default)]
-    pub struct Flag(AtomicBool);
-
-    impl Flag {
-        /// Try to become the one refresher; `None` when another request refreshes.
-        pub fn try_lock(&self) -> Option<Guard<'_>> {
-            self.0
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                .ok()
-                .map(|_| Guard(&self.0))
-        }
-    }
-
-    pub struct Guard<'a>(&'a AtomicBool);
-
-    impl Drop for Guard<'_> {
-        fn drop(&mut self) {
-            self.0.store(false, Ordering::Release);
-        }
-    }
-}
 
 impl HealthCache {
     /// Health snapshots taken so far (each one a `GROUP BY` of every queue).
@@ -128,6 +105,15 @@ impl HealthCache {
         guard
             .as_ref()
             .filter(|(at, _)| at.elapsed() < max_age)
+            .map(|(_, r)| Arc::clone(r))
+    }
+
+    /// The snapshot stored at or after `since`, if any.
+    fn since(&self, since: Instant) -> Option<Arc<Snapshot>> {
+        let guard = self.snapshot.lock().ok()?;
+        guard
+            .as_ref()
+            .filter(|(at, _)| *at >= since)
             .map(|(_, r)| Arc::clone(r))
     }
 
@@ -250,25 +236,33 @@ pub fn migrations_pending(conn: &mut DbConnection) -> Result<bool, StoreError> {
     crate::db::migrate::has_pending(conn).map_err(|e| StoreError::Internal(e.to_string()))
 }
 
-/// The health snapshot, at most `SNAPSHOT_TTL` old (one refresher at a time). While
-/// the database is failing there is none: a cached "ok" must not outlive the outage.
+/// The health snapshot, at most `SNAPSHOT_TTL` old. One request at a time takes a
+/// new one: while it does, the others get the previous one if it is at most
+/// `5 × SNAPSHOT_TTL` old, and otherwise wait for it and share what it took (or, if it
+/// failed, take theirs one after the other). Before, each request that found no recent
+/// snapshot took its own, so a snapshot slower than 5 s (100,000 queues) or the first
+/// one after a start ran once per waiting request. While the database is failing there
+/// is none: a cached "ok" must not outlive the outage.
 pub async fn snapshot(db: &Db, cache: &HealthCache) -> Result<Arc<Snapshot>, StoreError> {
     db.health().admit()?;
     if let Some(r) = cache.fresh(SNAPSHOT_TTL) {
         return Ok(r);
     }
-    let Some(_refreshing) = cache.refresh.try_lock() else {
-        // Someone else is refreshing: serve the previous snapshot if it is recent.
-        if let Some(r) = cache.fresh(SNAPSHOT_TTL * 5) {
-            return Ok(r);
+    let arrived = Instant::now();
+    let _refreshing = match cache.refresh.try_lock() {
+        Ok(g) => g,
+        Err(_) => {
+            // Someone else is refreshing: serve the previous snapshot if it is recent.
+            if let Some(r) = cache.fresh(SNAPSHOT_TTL * 5) {
+                return Ok(r);
+            }
+            let g = cache.refresh.lock().await;
+            if let Some(r) = cache.since(arrived) {
+                return Ok(r);
+            }
+            db.health().admit()?;
+            g
         }
-        cache
-            .taken
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return take_snapshot(db)
-            .await
-            .and_then(Snapshot::new)
-            .map(Arc::new);
     };
     cache
         .taken

@@ -8,7 +8,8 @@ use crate::helpers::Backend;
 backend_tests!(
     probes_answer,
     health_reports_queue_depths,
-    metrics_count_depths_without_the_per_queue_snapshot
+    metrics_count_depths_without_the_per_queue_snapshot,
+    requests_that_find_no_snapshot_share_the_one_being_taken,
 );
 
 fn probes_answer(b: Backend) {
@@ -138,4 +139,28 @@ fn metrics_count_depths_without_the_per_queue_snapshot(b: Backend) {
     let h = app.get("/coordinator/health").json();
     assert_eq!(h["queues"]["mq4"]["PENDING"], 1, "{h}");
     assert_eq!(app.state.health.snapshots_taken(), before + 1);
+}
+
+/// Review note (2026-12-06), fixed: while one request took the health snapshot, every
+/// other that found none recent (the first after a start, or after a snapshot slower
+/// than 5 s: 100,000 queues) took its own, one `GROUP BY` of every queue each. Now they
+/// wait for the one being taken and share it. Sixteen at once on a fresh cache (each
+/// polled before any read returns): one snapshot, the same for all.
+fn requests_that_find_no_snapshot_share_the_one_being_taken(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    for i in 0..20 {
+        app.create_job(&json!({"kind": "a", "queue": format!("sq{i}")}));
+    }
+    let cache = coordinator::health::HealthCache::default();
+    let db = app.state.db.clone();
+    let snapshots = actix_web::rt::System::new().block_on(futures_util::future::join_all(
+        (0..16).map(|_| coordinator::health::snapshot(&db, &cache)),
+    ));
+    assert_eq!(cache.snapshots_taken(), 1);
+    let first = snapshots[0].as_ref().expect("a snapshot");
+    for s in &snapshots {
+        let s = s.as_ref().expect("a snapshot");
+        assert!(std::sync::Arc::ptr_eq(s, first));
+    }
+    assert_eq!(first.report.queues["sq19"]["PENDING"], 1);
 }
