@@ -528,6 +528,33 @@ fn wait_until_closed(path: &str) {
     }
 }
 
+/// A database on a small tmpfs (16 MiB for SQLite's file, 24 MiB for a PostgreSQL
+/// tablespace), to be filled; `None` where PostgreSQL is not there. Its fields drop in
+/// order: the database, its tablespace, the mount.
+struct SmallDisk {
+    db: std::sync::Arc<TestDb>,
+    _tablespace: Option<Tablespace>,
+    fs: Tmpfs,
+}
+
+impl SmallDisk {
+    fn new(b: Backend) -> Option<SmallDisk> {
+        let fs = Tmpfs::mount(if b == Backend::Sqlite { "16m" } else { "24m" }).expect("mount");
+        let (db, tablespace) = match b {
+            Backend::Sqlite => (TestDb::sqlite_at(&fs.path().join("test.db")), None),
+            Backend::Postgres => {
+                let tablespace = Tablespace::create(&fs);
+                (TestDb::postgres_in(&tablespace.name)?, Some(tablespace))
+            }
+        };
+        Some(SmallDisk {
+            db,
+            _tablespace: tablespace,
+            fs,
+        })
+    }
+}
+
 // ---- the tests ----------------------------------------------------------------------------
 
 /// The file system under the database fills up while the service writes: every write
@@ -536,19 +563,11 @@ fn wait_until_closed(path: &str) {
 /// acknowledged write is there, and still there after a restart; acknowledged signed
 /// requests are still refused as replays.
 fn a_full_disk_is_503_never_500_and_loses_no_acknowledged_write(b: Backend) {
-    let fs = Tmpfs::mount(if b == Backend::Sqlite { "16m" } else { "24m" }).expect("mount");
-    let tablespace;
-    let db = match b {
-        Backend::Sqlite => TestDb::sqlite_at(&fs.path().join("test.db")),
-        Backend::Postgres => {
-            tablespace = Tablespace::create(&fs);
-            let Some(db) = TestDb::postgres_in(&tablespace.name) else {
-                return;
-            };
-            db
-        }
+    let Some(disk) = SmallDisk::new(b) else {
+        return;
     };
-    let mut cfg = test_config(&db);
+    let (fs, db) = (&disk.fs, &disk.db);
+    let mut cfg = test_config(db);
     cfg.auth_failures_per_minute = 100_000;
     let app = start(b, db.clone(), cfg.clone());
     let job = app.running_job();
@@ -934,19 +953,11 @@ fn signed_read(app: &TestApp, path: &str) -> Sent {
 /// 503, every acknowledged write is there once, and every acknowledged signed request,
 /// reads included, is refused as a replay afterwards (its record committed).
 fn a_full_disk_under_concurrent_signed_reads_and_writes_loses_nothing_acknowledged(b: Backend) {
-    let fs = Tmpfs::mount(if b == Backend::Sqlite { "16m" } else { "24m" }).expect("mount");
-    let tablespace;
-    let db = match b {
-        Backend::Sqlite => TestDb::sqlite_at(&fs.path().join("test.db")),
-        Backend::Postgres => {
-            tablespace = Tablespace::create(&fs);
-            let Some(db) = TestDb::postgres_in(&tablespace.name) else {
-                return;
-            };
-            db
-        }
+    let Some(disk) = SmallDisk::new(b) else {
+        return;
     };
-    let mut cfg = test_config(&db);
+    let (fs, db) = (&disk.fs, &disk.db);
+    let mut cfg = test_config(db);
     cfg.auth_failures_per_minute = 100_000;
     let app = start(b, db.clone(), cfg);
     let job = app.running_job();
