@@ -131,8 +131,20 @@ pub fn any_revoked(conn: &mut DbConnection, ids: &[&str], now: i64) -> Result<bo
     Ok(n > 0)
 }
 
-/// Delete at most about `limit` revocations past their expiry.
+/// How long past its expiry (on the purging instance's clock) a revocation is kept:
+/// the clock difference between instances that the security model tolerates
+/// (docs/security.md, "Clock skew"; the replay records' margin,
+/// `auth::hmac::CLOCK_SKEW_MARGIN_SECS`). A token expires on the clock of the instance
+/// that checks it, so an instance whose clock runs ahead must not purge a revocation
+/// the others still need: before this margin (review, 2026-12-06) one 45 s ahead
+/// purged a finished job's revocation while its token still verified for 45 s on the
+/// others, which accepted it again from the database.
+pub const PURGE_MARGIN_MS: i64 = 60_000;
+
+/// Delete at most about `limit` revocations whose expiry passed more than
+/// [`PURGE_MARGIN_MS`] before `now`.
 pub fn purge_revoked(conn: &mut DbConnection, now: i64, limit: i64) -> Result<usize, StoreError> {
+    let now = now.saturating_sub(PURGE_MARGIN_MS);
     let cutoff: Option<i64> = revoked_tokens::table
         .filter(revoked_tokens::expires_at.lt(now))
         .order(revoked_tokens::expires_at)

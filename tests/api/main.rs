@@ -19,6 +19,7 @@ mod http_sig;
 mod jobs;
 mod lifecycle;
 mod logs;
+mod multi;
 mod openapi;
 mod ops;
 mod outage;

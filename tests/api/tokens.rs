@@ -364,7 +364,7 @@ fn double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired(b: Backend) 
     let purged = app
         .state
         .db
-        .write_sync(|c| revoked::purge_revoked(c, now, 100))
+        .write_sync(|c| revoked::purge_revoked(c, now + revoked::PURGE_MARGIN_MS, 100))
         .unwrap();
     assert_eq!(purged, 2);
     let left: Vec<String> = app
@@ -390,7 +390,7 @@ fn double_revoke_keeps_the_later_expiry_and_gc_removes_only_expired(b: Backend) 
     let purged = app
         .state
         .db
-        .write_sync(|c| revoked::purge_revoked(c, now, 2))
+        .write_sync(|c| revoked::purge_revoked(c, now + revoked::PURGE_MARGIN_MS, 2))
         .unwrap();
     assert_eq!(purged, 2);
 }
