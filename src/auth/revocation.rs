@@ -10,10 +10,15 @@
 //! order. A PostgreSQL identity can commit out of order: a transaction that took
 //! number 10 may become visible after one that took 11 has been read. So the poll does
 //! not start after the newest number it has seen, but after the newest number it had
-//! seen `OVERLAP` ago (by this instance's own monotonic clock): every row of the last
-//! couple of seconds is read again, and a revocation is only missed if its transaction
-//! stays uncommitted for longer than that after a later one committed, which the full
-//! reload (`FULL_RELOAD`) then repairs.
+//! seen `OVERLAP` ago (by this instance's own monotonic clock), and on PostgreSQL only
+//! once every transaction that was writing to the table when that number was seen has
+//! ended (`db::revoked::writers`: a writer takes its table lock before its number, so
+//! one that took a lower number and had not committed is among them). Every row since
+//! is read again meanwhile. A revocation is only missed if its transaction stays open
+//! for `STALL_LIMIT` after a later one committed, which the full reload
+//! (`FULL_RELOAD`) then repairs. Before (review, 2026-12-06) the 3 s overlap alone
+//! decided, and a revocation committed more than 3 s after taking its number (a slow
+//! database, a lock wait) was missed by every other instance for up to 10 minutes.
 //!
 //! Memory is bounded: past `limit()` active ids (default `MAX_REVOCATIONS`) the set is
 //! dropped and every check asks the database (an indexed primary-key lookup) until a
@@ -49,6 +54,10 @@ pub const MAX_STALENESS: Duration = Duration::from_secs(1);
 /// Rows numbered after the newest one seen this long ago are read again each poll
 /// (PostgreSQL may commit a lower number after a higher one has been read).
 const OVERLAP: Duration = Duration::from_secs(3);
+/// A transaction still writing to the table this long after a number was seen no
+/// longer holds the poll back (a session left open must not freeze it): logged, and
+/// left to the full reload.
+const STALL_LIMIT: Duration = Duration::from_secs(60);
 /// After a full reload, the poll starts this many numbers below the newest one, for
 /// transactions that took a number before the reload and commit after it.
 const SEQ_MARGIN: i64 = 1024;
@@ -104,14 +113,23 @@ pub fn revoke_in_db(db: &Db, jti: &str, expires_at: i64) -> Result<(), StoreErro
 struct Sync {
     /// Every row numbered up to here is taken as read; the poll reads the rows above.
     confirmed: i64,
-    /// `(when, newest number seen)` of the recent polls, oldest first.
-    seen: VecDeque<(Instant, i64)>,
+    /// `(when, newest number seen, transactions writing to the table just before)` of
+    /// the recent polls, oldest first.
+    seen: VecDeque<Seen>,
     synced_at: Option<Instant>,
     full_at: Option<Instant>,
     gc_at: Instant,
     /// The newest number the table had at the last poll (the overflow's polls read
     /// only this, and wake the streams when it moved).
     newest: i64,
+}
+
+/// What one poll saw: when, the newest number, and the transactions that were writing
+/// to the table before it read (PostgreSQL; none on SQLite).
+struct Seen {
+    at: Instant,
+    newest: i64,
+    writers: Vec<String>,
 }
 
 #[derive(Default)]
@@ -391,8 +409,11 @@ impl Revocations {
             )
         };
         let now = now_millis();
-        let newest = if full {
-            self.reload(now, limit).await?
+        // The newest number read, and the transactions writing to the table just before
+        // the read (`None`: not asked).
+        let (newest, writers_now): (Option<i64>, Option<Vec<String>>) = if full {
+            let (n, w) = self.reload(now, limit).await?;
+            (Some(n), Some(w))
         } else if overflow {
             // Nothing is held, but open streams and waiting claims must still hear of
             // a revocation within a poll, as they do when the set holds it.
@@ -404,12 +425,17 @@ impl Revocations {
             if moved {
                 self.added.notify_waiters();
             }
-            None
+            (None, None)
         } else {
             let mut added = false;
-            let rows = self
+            // The writers first: one that took a number below a row read here and had
+            // not committed is among them.
+            let (rows, writers) = self
                 .db
-                .read(move |conn| revoked::revoked_after(conn, low, cap(limit)))
+                .read(move |conn| {
+                    let writers = revoked::writers(conn)?;
+                    Ok((revoked::revoked_after(conn, low, cap(limit))?, writers))
+                })
                 .await?;
             let newest = rows.iter().map(|r| r.2).max();
             let mut set = self.set.write().map_err(poisoned)?;
@@ -434,7 +460,7 @@ impl Revocations {
             if added {
                 self.added.notify_waiters();
             }
-            newest
+            (newest, Some(writers))
         };
         if gc {
             let purged = self
@@ -451,15 +477,36 @@ impl Revocations {
             s.full_at = Some(at);
         }
         if let Some(n) = newest {
-            s.seen.push_back((at, n));
+            s.seen.push_back(Seen {
+                at,
+                newest: n,
+                writers: writers_now.clone().unwrap_or_default(),
+            });
             s.newest = s.newest.max(n);
         }
-        // Move the start of the next read up to the newest number seen `OVERLAP` ago.
-        while let Some(&(t, n)) = s.seen.front() {
-            if at.duration_since(t) < OVERLAP {
+        // Move the start of the next read up to the newest number seen `OVERLAP` ago,
+        // once no transaction that was writing then still is (checked before this
+        // poll's read, so what those wrote was read).
+        while let Some(front) = s.seen.front() {
+            let age = at.duration_since(front.at);
+            if age < OVERLAP {
                 break;
             }
-            s.confirmed = s.confirmed.max(n);
+            let open = match &writers_now {
+                Some(w) => front.writers.iter().any(|x| w.contains(x)),
+                None => !front.writers.is_empty(),
+            };
+            if open && age < STALL_LIMIT {
+                break;
+            }
+            if open {
+                log::warn!(
+                    "a transaction writing token revocations has been open for over {} s: \
+                     the poll moves on, and the next full reload reads what it commits",
+                    STALL_LIMIT.as_secs()
+                );
+            }
+            s.confirmed = s.confirmed.max(front.newest);
             s.seen.pop_front();
         }
         s.synced_at = Some(at);
@@ -470,12 +517,14 @@ impl Revocations {
     }
 
     /// Load every active revocation (or, past the limit, only count them); returns the
-    /// newest number assigned before the load.
-    async fn reload(&self, now: i64, limit: usize) -> Result<Option<i64>, StoreError> {
+    /// newest number assigned before the load, and the transactions writing to the
+    /// table before it.
+    async fn reload(&self, now: i64, limit: usize) -> Result<(i64, Vec<String>), StoreError> {
         let mut added = false;
-        let (max_seq, rows, counted) = self
+        let (max_seq, rows, counted, writers) = self
             .db
             .read(move |conn| {
+                let writers = revoked::writers(conn)?;
                 let max_seq = revoked::max_revocation_seq(conn)?;
                 let rows = revoked::revoked_active(conn, now, cap(limit))?;
                 let counted = if rows.len() > limit {
@@ -483,7 +532,7 @@ impl Revocations {
                 } else {
                     0
                 };
-                Ok((max_seq, rows, counted))
+                Ok((max_seq, rows, counted, writers))
             })
             .await?;
         let mut set = self.set.write().map_err(poisoned)?;
@@ -516,7 +565,7 @@ impl Revocations {
         }
         let mut s = self.sync.lock().map_err(poisoned)?;
         s.confirmed = s.confirmed.max(max_seq.saturating_sub(SEQ_MARGIN));
-        Ok(Some(max_seq))
+        Ok((max_seq, writers))
     }
 
     pub async fn run_poller(self: Arc<Self>) {

@@ -113,6 +113,32 @@ pub fn count_revoked_active(conn: &mut DbConnection, now: i64) -> Result<i64, St
         .get_result(conn)?)
 }
 
+/// PostgreSQL: the transactions (virtual ids) other than this session's that are
+/// writing to `revoked_tokens` now. A writer takes the table's `ROW EXCLUSIVE` lock when
+/// its statement starts, before the identity gives its row a number, and holds it until
+/// it commits or rolls back; so a transaction that took a number and has not committed
+/// is among them. SQLite has one writer at a time, whose numbers commit in order: none.
+pub fn writers(conn: &mut DbConnection) -> Result<Vec<String>, StoreError> {
+    #[derive(QueryableByName)]
+    struct Writer {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        vxid: String,
+    }
+    match conn {
+        DbConnection::Postgresql(pg) => Ok(diesel::sql_query(PG_WRITERS)
+            .load::<Writer>(pg)?
+            .into_iter()
+            .map(|w| w.vxid)
+            .collect()),
+        DbConnection::Sqlite(_) => Ok(Vec::new()),
+    }
+}
+
+const PG_WRITERS: &str = "SELECT virtualtransaction AS vxid FROM pg_locks \
+     WHERE locktype = 'relation' AND relation = 'revoked_tokens'::regclass \
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+     AND mode = 'RowExclusiveLock' AND pid <> pg_backend_pid()";
+
 /// The highest sequence number assigned so far (0 for an empty table).
 pub fn max_revocation_seq(conn: &mut DbConnection) -> Result<i64, StoreError> {
     let max: Option<i64> = revoked_tokens::table

@@ -5,10 +5,15 @@
 
 use std::time::Duration;
 
-use crate::backend_tests;
-use crate::helpers::{spawn_app_with, Backend};
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, RunQueryDsl};
+use serde_json::json;
+
+use crate::helpers::{jti_of, spawn_app_with, Backend};
+use crate::{backend_tests, postgres_tests};
 
 backend_tests!(a_purge_by_an_instance_whose_clock_is_ahead_keeps_revocations_others_need,);
+postgres_tests!(a_revocation_committed_late_still_reaches_every_instance,);
 
 /// Review finding: the revocation purge deleted every row whose expiry had passed on
 /// the purging instance's clock, with no margin. An instance whose clock is 45 s ahead
@@ -47,4 +52,72 @@ fn a_purge_by_an_instance_whose_clock_is_ahead_keeps_revocations_others_need(b: 
         r.body
     );
     assert_eq!(r.problem(401)["reason"], "revoked");
+}
+
+/// Review finding: on PostgreSQL the revocation poll took every number up to the
+/// newest it had seen 3 s earlier as read. A revocation whose transaction took its
+/// number and then committed more than 3 s later (a slow or stalled database, a lock
+/// wait), after a later revocation was already seen, was never read by the other
+/// instances' incremental polls: the token worked there until the next full reload,
+/// up to 10 minutes. Here the revoking transaction is held up by a lock on the same id
+/// (a stand-in for any stall between taking the number and committing).
+fn a_revocation_committed_late_still_reaches_every_instance(b: Backend) {
+    // The held-up revocation answers when it commits, not at the request's deadline.
+    let Some(a) = spawn_app_with(b, |c| c.request_deadline = Duration::from_secs(30)) else {
+        return;
+    };
+    let other = a.sibling();
+    let id = a.running_job();
+    let t = a.job_token(&id, "w", Duration::from_secs(3600));
+    let jti = jti_of(&t);
+    let path = format!("/coordinator/jobs/{id}");
+    assert_eq!(other.with_token(&t, "GET", &path, b"").status, 200);
+
+    // Something else holds the id's key: the revocation below takes its number, then
+    // waits for this transaction to end.
+    let mut blocker = diesel::PgConnection::establish(&a.db.url).unwrap();
+    blocker
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
+             VALUES ('{jti}', 1, 1)"
+        ))
+        .unwrap();
+    std::thread::scope(|s| {
+        let late = s.spawn(|| a.post_json("/admin/tokens/revoke", &json!({"jti": jti})));
+        std::thread::sleep(Duration::from_millis(500));
+        // A later revocation commits and every instance sees it.
+        let r = a.post_json("/admin/tokens/revoke", &json!({"jti": "someone-else"}));
+        assert_eq!(r.status, 200, "{}", r.body);
+        std::thread::sleep(Duration::from_millis(4500));
+        blocker.batch_execute("ROLLBACK").unwrap();
+        let r = late.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    });
+    let late_below_seen: bool = diesel::sql_query(
+        "SELECT (SELECT seq FROM revoked_tokens WHERE jti = $1) < \
+                (SELECT seq FROM revoked_tokens WHERE jti = 'someone-else') AS v",
+    )
+    .bind::<diesel::sql_types::Text, _>(&jti)
+    .get_result::<Flag>(&mut blocker)
+    .unwrap()
+    .v;
+    assert!(
+        late_below_seen,
+        "the held-up revocation took its number first"
+    );
+    // Committed now, with a number below one the other instance has seen for 4 s.
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = other.with_token(&t, "GET", &path, b"");
+    assert_eq!(
+        r.status, 401,
+        "a revoked token still accepted by the other instance: {}",
+        r.body
+    );
+    assert_eq!(r.problem(401)["reason"], "revoked");
+}
+
+#[derive(diesel::QueryableByName)]
+struct Flag {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    v: bool,
 }
