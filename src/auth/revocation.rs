@@ -462,17 +462,23 @@ impl Revocations {
             }
             (newest, Some(writers))
         };
+        // The set is as current as the read just made, however long the purge below
+        // takes: stamped now, a purge held up for seconds (a slow database, a row lock)
+        // cannot make a set that old count as fresh for another second. Nor does a
+        // failed purge fail the poll whose read succeeded.
+        let at = Instant::now();
         if gc {
-            let purged = self
+            match self
                 .db
                 .write(move |conn| revoked::purge_revoked(conn, now, GC_BATCH))
-                .await?;
-            if purged > 0 {
-                log::info!("purged {purged} expired token revocations");
+                .await
+            {
+                Ok(0) => {}
+                Ok(purged) => log::info!("purged {purged} expired token revocations"),
+                Err(e) => log::warn!("token revocation purge failed: {e}"),
             }
         }
         let mut s = self.sync.lock().map_err(poisoned)?;
-        let at = Instant::now();
         if full {
             s.full_at = Some(at);
         }
