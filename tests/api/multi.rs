@@ -14,6 +14,7 @@ use crate::{backend_tests, postgres_tests};
 
 backend_tests!(a_purge_by_an_instance_whose_clock_is_ahead_keeps_revocations_others_need,);
 postgres_tests!(a_revocation_committed_late_still_reaches_every_instance,);
+backend_tests!(a_webhook_delivery_sent_to_two_instances_at_once_makes_one_job,);
 
 /// Review finding: the revocation purge deleted every row whose expiry had passed on
 /// the purging instance's clock, with no margin. An instance whose clock is 45 s ahead
@@ -120,4 +121,63 @@ fn a_revocation_committed_late_still_reaches_every_instance(b: Backend) {
 struct Flag {
     #[diesel(sql_type = diesel::sql_types::Bool)]
     v: bool,
+}
+
+/// Checked, sound: one Standard Webhooks delivery sent to two instances at the same
+/// moment makes one job; the other instance answers it as a duplicate of that job.
+fn a_webhook_delivery_sent_to_two_instances_at_once_makes_one_job(b: Backend) {
+    use coordinator::auth::credentials::{self, SecretKind};
+    use coordinator::auth::{webhook, Scope};
+    let Some(a) = crate::app!(b) else { return };
+    let other = a.sibling();
+    let _ = credentials::add_caller(&a.state.db, "bot", &[Scope::StitcherWebhook]);
+    let s = credentials::add_secret(
+        &a.state.db,
+        a.state.auth.store.sealer(),
+        "bot",
+        SecretKind::Webhook,
+        None,
+        None,
+    )
+    .unwrap();
+    let key = coordinator::crypto::credential::WebhookSecret::parse(&s.plaintext)
+        .unwrap()
+        .key_bytes()
+        .to_vec();
+    let body = r#"{"issueNumber":7,"repository":"octo/widgets","action":"assigned"}"#;
+    for round in 0..8 {
+        let id = format!("msg_{round}");
+        let ts = crate::helpers::now_secs().to_string();
+        let sig = webhook::wire::sign(&key, &id, &ts, body.as_bytes());
+        let headers = [
+            ("webhook-id", id.as_str()),
+            ("webhook-timestamp", ts.as_str()),
+            ("webhook-signature", sig.as_str()),
+            ("content-type", "application/json"),
+        ];
+        let barrier = std::sync::Barrier::new(2);
+        let mut rs: Vec<crate::helpers::Resp> = std::thread::scope(|s| {
+            let hs: Vec<_> = [&a, &other]
+                .into_iter()
+                .map(|inst| {
+                    let (barrier, headers) = (&barrier, &headers);
+                    s.spawn(move || {
+                        barrier.wait();
+                        inst.raw("POST", "/stitcher/webhook/bot", headers, body.as_bytes())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        rs.sort_by_key(|r| r.status);
+        assert_eq!(
+            (rs[0].status, rs[1].status),
+            (200, 202),
+            "round {round}: {} / {}",
+            rs[0].body,
+            rs[1].body
+        );
+        assert_eq!(rs[0].json()["duplicate"], true);
+        assert_eq!(rs[0].json()["jobId"], rs[1].json()["jobId"]);
+    }
 }
