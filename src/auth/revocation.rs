@@ -11,10 +11,11 @@
 //! number 10 may become visible after one that took 11 has been read. So the poll does
 //! not start after the newest number it has seen, but after the newest number it had
 //! seen `OVERLAP` ago (by this instance's own monotonic clock), and on PostgreSQL only
-//! once every transaction that was writing to the table when that number was seen has
-//! ended (`db::revoked::writers`: a writer takes its table lock before its number, so
-//! one that took a lower number and had not committed is among them). Every row since
-//! is read again meanwhile. A revocation is only missed if its transaction stays open
+//! once every transaction that was writing to the table just after that number was
+//! read has ended, as a list taken before a later read shows (`db::revoked::writers`:
+//! a writer takes its table lock before its number, so one that took a lower number
+//! and had not committed then is on the list; once it is off a list taken before a
+//! read, what it committed is in that read). Every row since is read again meanwhile. A revocation is only missed if its transaction stays open
 //! for `STALL_LIMIT` after a later one committed, which the full reload
 //! (`FULL_RELOAD`) then repairs. Before (review, 2026-12-06) the 3 s overlap alone
 //! decided, and a revocation committed more than 3 s after taking its number (a slow
@@ -113,9 +114,11 @@ pub fn revoke_in_db(db: &Db, jti: &str, expires_at: i64) -> Result<(), StoreErro
 struct Sync {
     /// Every row numbered up to here is taken as read; the poll reads the rows above.
     confirmed: i64,
-    /// `(when, newest number seen, transactions writing to the table just before)` of
-    /// the recent polls, oldest first.
+    /// What the recent polls saw, oldest first.
     seen: VecDeque<Seen>,
+    /// The transactions writing to the table just after the last poll's read (so
+    /// before the next one's); `None` before the first.
+    writers: Option<Vec<String>>,
     synced_at: Option<Instant>,
     full_at: Option<Instant>,
     gc_at: Instant,
@@ -125,7 +128,7 @@ struct Sync {
 }
 
 /// What one poll saw: when, the newest number, and the transactions that were writing
-/// to the table before it read (PostgreSQL; none on SQLite).
+/// to the table just after it read (PostgreSQL; none on SQLite).
 struct Seen {
     at: Instant,
     newest: i64,
@@ -193,6 +196,7 @@ impl Revocations {
             sync: Mutex::new(Sync {
                 confirmed: 0,
                 seen: VecDeque::new(),
+                writers: None,
                 synced_at: None,
                 full_at: None,
                 gc_at: Instant::now(),
@@ -409,7 +413,7 @@ impl Revocations {
             )
         };
         let now = now_millis();
-        // The newest number read, and the transactions writing to the table just before
+        // The newest number read, and the transactions writing to the table just after
         // the read (`None`: not asked).
         let (newest, writers_now): (Option<i64>, Option<Vec<String>>) = if full {
             let (n, w) = self.reload(now, limit).await?;
@@ -428,13 +432,13 @@ impl Revocations {
             (None, None)
         } else {
             let mut added = false;
-            // The writers first: one that took a number below a row read here and had
-            // not committed is among them.
+            // The writers after the rows: one that took a number below a row read here
+            // and had not committed is still among them.
             let (rows, writers) = self
                 .db
                 .read(move |conn| {
-                    let writers = revoked::writers(conn)?;
-                    Ok((revoked::revoked_after(conn, low, cap(limit))?, writers))
+                    let rows = revoked::revoked_after(conn, low, cap(limit))?;
+                    Ok((rows, revoked::writers(conn)?))
                 })
                 .await?;
             let newest = rows.iter().map(|r| r.2).max();
@@ -482,23 +486,21 @@ impl Revocations {
         if full {
             s.full_at = Some(at);
         }
-        if let Some(n) = newest {
-            s.seen.push_back(Seen {
-                at,
-                newest: n,
-                writers: writers_now.clone().unwrap_or_default(),
-            });
-            s.newest = s.newest.max(n);
-        }
         // Move the start of the next read up to the newest number seen `OVERLAP` ago,
-        // once no transaction that was writing then still is (checked before this
-        // poll's read, so what those wrote was read).
+        // once no transaction writing just after it was read still was at the end of
+        // the previous poll: that list was taken before this poll's read, so what
+        // those transactions committed is in it.
+        let before = if writers_now.is_some() {
+            std::mem::replace(&mut s.writers, writers_now.clone())
+        } else {
+            s.writers.clone()
+        };
         while let Some(front) = s.seen.front() {
             let age = at.duration_since(front.at);
             if age < OVERLAP {
                 break;
             }
-            let open = match &writers_now {
+            let open = match &before {
                 Some(w) => front.writers.iter().any(|x| w.contains(x)),
                 None => !front.writers.is_empty(),
             };
@@ -515,6 +517,14 @@ impl Revocations {
             s.confirmed = s.confirmed.max(front.newest);
             s.seen.pop_front();
         }
+        if let Some(n) = newest {
+            s.seen.push_back(Seen {
+                at,
+                newest: n,
+                writers: writers_now.unwrap_or_default(),
+            });
+            s.newest = s.newest.max(n);
+        }
         s.synced_at = Some(at);
         if gc {
             s.gc_at = at;
@@ -524,13 +534,12 @@ impl Revocations {
 
     /// Load every active revocation (or, past the limit, only count them); returns the
     /// newest number assigned before the load, and the transactions writing to the
-    /// table before it.
+    /// table after it.
     async fn reload(&self, now: i64, limit: usize) -> Result<(i64, Vec<String>), StoreError> {
         let mut added = false;
         let (max_seq, rows, counted, writers) = self
             .db
             .read(move |conn| {
-                let writers = revoked::writers(conn)?;
                 let max_seq = revoked::max_revocation_seq(conn)?;
                 let rows = revoked::revoked_active(conn, now, cap(limit))?;
                 let counted = if rows.len() > limit {
@@ -538,7 +547,7 @@ impl Revocations {
                 } else {
                     0
                 };
-                Ok((max_seq, rows, counted, writers))
+                Ok((max_seq, rows, counted, revoked::writers(conn)?))
             })
             .await?;
         let mut set = self.set.write().map_err(poisoned)?;
