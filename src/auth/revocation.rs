@@ -119,6 +119,9 @@ struct Sync {
     /// The transactions writing to the table just after the last poll's read (so
     /// before the next one's); `None` before the first.
     writers: Option<Vec<String>>,
+    /// When the poll last said it moved on past an open writer (said at most once per
+    /// `STALL_LIMIT`: while one stays open, every poll's number would say it again).
+    stall_logged: Option<Instant>,
     synced_at: Option<Instant>,
     full_at: Option<Instant>,
     gc_at: Instant,
@@ -197,6 +200,7 @@ impl Revocations {
                 confirmed: 0,
                 seen: VecDeque::new(),
                 writers: None,
+                stall_logged: None,
                 synced_at: None,
                 full_at: None,
                 gc_at: Instant::now(),
@@ -495,6 +499,7 @@ impl Revocations {
         } else {
             s.writers.clone()
         };
+        let s = &mut *s;
         while let Some(front) = s.seen.front() {
             let age = at.duration_since(front.at);
             if age < OVERLAP {
@@ -507,7 +512,11 @@ impl Revocations {
             if open && age < STALL_LIMIT {
                 break;
             }
-            if open {
+            if open
+                && s.stall_logged
+                    .is_none_or(|t| at.duration_since(t) >= STALL_LIMIT)
+            {
+                s.stall_logged = Some(at);
                 log::warn!(
                     "a transaction writing token revocations has been open for over {} s: \
                      the poll moves on, and the next full reload reads what it commits",
