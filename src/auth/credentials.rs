@@ -148,7 +148,9 @@ fn generate(kind: SecretKind) -> zeroize::Zeroizing<String> {
 }
 
 /// Add a new version of a caller's secret. With `grace`, every older active version
-/// expires at now + grace (rotation); without it older versions stay as they are.
+/// expires at now + grace (rotation), or is revoked when the grace is zero (an expiry
+/// of "now" would be compared with each instance's own clock); without it older
+/// versions stay as they are.
 pub fn add_secret(
     db: &Db,
     sealer: &Sealer,
@@ -186,7 +188,9 @@ pub fn add_secret(
                 let version = repo::next_secret_version(conn, caller, purpose.as_str())?;
                 let row = seal_row(sealer, caller, purpose, version, &plaintext, expires_at)?;
                 repo::insert_secret(conn, &row)?;
-                if let Some(g) = grace {
+                if ends_the_others {
+                    repo::revoke_older(conn, caller, purpose.as_str(), version, now)?;
+                } else if let Some(g) = grace {
                     repo::expire_older(
                         conn,
                         caller,

@@ -209,6 +209,28 @@ pub fn expire_older(
     Ok(n)
 }
 
+/// Revoke every active older version at once (a rotation with no grace). A revocation
+/// ends a version on every instance whatever its clock; an expiry of "now" is compared
+/// with each instance's own clock, so it left the older versions working for the
+/// clock difference on an instance behind the host that rotated (review, 2026-12-06).
+pub fn revoke_older(
+    conn: &mut DbConnection,
+    caller: &str,
+    purpose: &str,
+    below_version: i32,
+    now: i64,
+) -> Result<usize, StoreError> {
+    Ok(diesel::update(
+        sealed_secrets::table
+            .filter(sealed_secrets::caller.eq(caller))
+            .filter(sealed_secrets::purpose.eq(purpose))
+            .filter(sealed_secrets::version.lt(below_version))
+            .filter(sealed_secrets::revoked_at.is_null()),
+    )
+    .set(sealed_secrets::revoked_at.eq(Some(now)))
+    .execute(conn)?)
+}
+
 pub fn revoke_secret(
     conn: &mut DbConnection,
     caller: &str,

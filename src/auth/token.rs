@@ -154,7 +154,8 @@ pub fn ensure_signing_key(db: &Db, sealer: &Sealer) -> Result<(), StoreError> {
     })
 }
 
-/// Add a new signing key version; older keys keep verifying until now + grace.
+/// Add a new signing key version; older keys keep verifying until now + grace, and
+/// are revoked at once with no grace.
 pub fn rotate_signing_key(db: &Db, sealer: &Sealer, grace: Duration) -> Result<i32, StoreError> {
     use diesel::Connection;
     super::credentials::retry_on_version_race(|| {
@@ -164,9 +165,15 @@ pub fn rotate_signing_key(db: &Db, sealer: &Sealer, grace: Duration) -> Result<i
                 let purpose = Purpose::TokenSigning.as_str();
                 let version = repo::next_secret_version(conn, KEY_OWNER, purpose)?;
                 repo::insert_secret(conn, &seal_new_key(sealer, version)?)?;
-                let until = now_millis()
-                    .saturating_add(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX));
-                repo::expire_older(conn, KEY_OWNER, purpose, version, until)?;
+                let now = now_millis();
+                if grace.is_zero() {
+                    // Ended on every instance whatever its clock (`repo::revoke_older`).
+                    repo::revoke_older(conn, KEY_OWNER, purpose, version, now)?;
+                } else {
+                    let until =
+                        now.saturating_add(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX));
+                    repo::expire_older(conn, KEY_OWNER, purpose, version, until)?;
+                }
                 Ok(version)
             })
         })

@@ -15,6 +15,7 @@ use crate::{backend_tests, postgres_tests};
 backend_tests!(a_purge_by_an_instance_whose_clock_is_ahead_keeps_revocations_others_need,);
 postgres_tests!(a_revocation_committed_late_still_reaches_every_instance,);
 backend_tests!(a_webhook_delivery_sent_to_two_instances_at_once_makes_one_job,);
+backend_tests!(a_rotation_with_no_grace_ends_the_old_versions_whatever_the_clocks,);
 
 /// Review finding: the revocation purge deleted every row whose expiry had passed on
 /// the purging instance's clock, with no margin. An instance whose clock is 45 s ahead
@@ -180,4 +181,58 @@ fn a_webhook_delivery_sent_to_two_instances_at_once_makes_one_job(b: Backend) {
         assert_eq!(rs[0].json()["duplicate"], true);
         assert_eq!(rs[0].json()["jobId"], rs[1].json()["jobId"]);
     }
+}
+
+/// Review finding: `--grace 0s` (operations.md: after a suspected compromise, "every
+/// outstanding token is refused at once") wrote the older versions' expiry as the
+/// rotating process's `now`, and every instance compares an expiry with its own clock.
+/// An instance whose clock is behind the host that rotated (within the tolerated
+/// 60 s) kept accepting the retired signing key's tokens, and the retired HMAC secret,
+/// for that difference. Emulated here: the expiry a host 30 s ahead would have written.
+fn a_rotation_with_no_grace_ends_the_old_versions_whatever_the_clocks(b: Backend) {
+    use coordinator::auth::credentials::{self, SecretKind};
+    use coordinator::auth::Scope;
+    let Some(a) = crate::app!(b) else { return };
+    let id = a.running_job();
+    let t = a.job_token(&id, "w", Duration::from_secs(3600));
+    let path = format!("/coordinator/jobs/{id}");
+    assert_eq!(a.with_token(&t, "GET", &path, b"").status, 200);
+    let old = a.caller("leaky", &[Scope::JobsRead]);
+    assert_eq!(a.signed_by(&old, "GET", &path, &[], b"").status, 200);
+
+    let sealer = a.state.auth.store.sealer();
+    coordinator::auth::token::rotate_signing_key(&a.state.db, sealer, Duration::ZERO).unwrap();
+    credentials::add_secret(
+        &a.state.db,
+        sealer,
+        "leaky",
+        SecretKind::Hmac,
+        Some(Duration::ZERO),
+        None,
+    )
+    .unwrap();
+    a.state
+        .db
+        .write_sync(|c| {
+            diesel::sql_query(
+                "UPDATE sealed_secrets SET expires_at = expires_at + 30000 \
+                 WHERE expires_at IS NOT NULL",
+            )
+            .execute(c)?;
+            coordinator::auth::repo::bump_generation(c)
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let r = a.with_token(&t, "GET", &path, b"");
+    assert_eq!(
+        r.status, 401,
+        "a token of the retired key accepted: {}",
+        r.body
+    );
+    let r = a.signed_by(&old, "GET", &path, &[], b"");
+    assert_eq!(
+        r.status, 401,
+        "the retired HMAC secret accepted: {}",
+        r.body
+    );
 }
