@@ -91,16 +91,24 @@ pub fn insert_replays(
 
 /// [`insert_replays`] on PostgreSQL: one statement ([`PgInsertReplays`]), in whatever
 /// transaction `pg` is in (the progress log's batch writes its reports' records in
-/// its own, `jobs::repo::progress_batch`).
+/// its own, `jobs::repo::progress_batch`). The records go in key order, so two
+/// instances' batches holding the same new signatures wait for each other instead of
+/// deadlocking (each would hold the rows it inserted first and wait for the other's:
+/// one batch aborted, every request in it 503).
 pub fn insert_replays_pg(
     pg: &mut diesel::PgConnection,
     rows: &[ReplayRow],
 ) -> QueryResult<Vec<bool>> {
+    let mut sorted: Vec<&ReplayRow> = rows.iter().collect();
+    sorted.sort_unstable_by(|a, b| {
+        (a.caller.as_str(), a.signature_hash.as_str())
+            .cmp(&(b.caller.as_str(), b.signature_hash.as_str()))
+    });
     let inserted: Vec<(String, String)> = PgInsertReplays {
-        callers: rows.iter().map(|r| r.caller.as_str()).collect(),
-        hashes: rows.iter().map(|r| r.signature_hash.as_str()).collect(),
-        expires: rows.iter().map(|r| r.expires_at).collect(),
-        signed: rows.iter().map(|r| r.signed_at).collect(),
+        callers: sorted.iter().map(|r| r.caller.as_str()).collect(),
+        hashes: sorted.iter().map(|r| r.signature_hash.as_str()).collect(),
+        expires: sorted.iter().map(|r| r.expires_at).collect(),
+        signed: sorted.iter().map(|r| r.signed_at).collect(),
     }
     .load(pg)?;
     let mut fresh: HashSet<(String, String)> = inserted.into_iter().collect();
