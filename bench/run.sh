@@ -11,6 +11,8 @@
 #   bench/run.sh --tls              HTTPS vs plain HTTP: keep-alive req/s, new connections/s (issue 21)
 #   bench/run.sh --push             idle waiters, long-poll cycles, 1 000 streams (issue 16)
 #   bench/run.sh --lifecycle        list pages at 10 k / 1 M jobs, claims/s ± maxRunning, batch creates (issue 15)
+#   bench/run.sh --life             a job's whole life over HTTP (create, queue, claim, complete) ÷ /livez
+#   bench/run.sh --life --soak MINUTES [--backend postgres]   whole lives for MINUTES, the table growing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TEST_POSTGRES_URL="${TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"

@@ -10,7 +10,9 @@
 //! `--peer DIR` (side by side with the Node peer, issue 14), `--soak MINUTES` (issue 14),
 //! `--overload` (0.5×/1×/2× the sustainable rate, issue 20), `--push` (idle waiters,
 //! long-poll cycles and open streams, issue 16), `--lifecycle` (list pages at 10 k and
-//! 1 M jobs, claims/s with and without `maxRunning`, batch vs single creates, issue 15);
+//! 1 M jobs, claims/s with and without `maxRunning`, batch vs single creates, issue 15),
+//! `--life` (a job's whole life over HTTP against `/livez`, design §9) and
+//! `--life --soak MINUTES [--backend B]` (whole lives while the table grows);
 //! `--signers` (issue 17) prints the
 //! client crate's signer against the previous one; `--only create,webhook` (words:
 //! livez, health-hmac, health-key, progress, create, webhook, token) runs just those
@@ -32,6 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod drive;
+mod life;
 mod lifecycle;
 mod overload;
 mod peer;
@@ -1186,6 +1189,17 @@ fn main() {
                 .unwrap_or_else(|| panic!("{flag} needs a value"))
         })
     };
+    if args.iter().any(|a| a == "--life") {
+        match value("--soak") {
+            Some(minutes) => {
+                let minutes: f64 = minutes.parse().expect("--soak MINUTES");
+                let backend = value("--backend").unwrap_or_else(|| "sqlite".into());
+                life::soak(&bin, &out, conns, minutes, &backend, &admin_url);
+            }
+            None => life::run(&bin, &out, conns, duration, &backends, &admin_url),
+        }
+        return;
+    }
     if let Some(minutes) = value("--soak") {
         let minutes: f64 = minutes.parse().expect("--soak MINUTES");
         let backend = value("--backend").unwrap_or_else(|| "sqlite".into());
@@ -1246,7 +1260,7 @@ fn main() {
     if let (Some(other), None) = (args.first(), &only) {
         panic!(
             "unknown argument {other}: use --soak MINUTES, --peer DIR, --webhooks, --overload, \
-             --pgbench, --signers, --tls, --push, --lifecycle, --only SCENARIOS or none"
+             --pgbench, --signers, --tls, --push, --lifecycle, --life [--soak MINUTES], --only SCENARIOS or none"
         );
     }
 
