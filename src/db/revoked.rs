@@ -29,12 +29,28 @@ pub fn attempt_key(job_id: &str, attempt: i32) -> String {
 /// moves is deleted and inserted again, so it gets a new `seq` from the database and
 /// every instance's incremental poll sees it again. `now` is only recorded
 /// (`revoked_at`, for operators): no instance orders or filters by it.
+///
+/// The common case, an id not revoked yet (every attempt's end), is one statement that
+/// inserts unless the id is there (no savepoint, no read first: on PostgreSQL three
+/// round trips fewer in every completion); only an id already revoked takes the
+/// transaction below.
 pub fn revoke_token(
     conn: &mut DbConnection,
     jti: &str,
     expires_at: i64,
     now: i64,
 ) -> Result<(), StoreError> {
+    let inserted = super::on_backend!(conn, |c| diesel::insert_into(revoked_tokens::table)
+        .values((
+            revoked_tokens::jti.eq(jti),
+            revoked_tokens::expires_at.eq(expires_at),
+            revoked_tokens::revoked_at.eq(now),
+        ))
+        .on_conflict_do_nothing()
+        .execute(c))?;
+    if inserted == 1 {
+        return Ok(());
+    }
     let mut tries = 0;
     loop {
         let r: Result<(), StoreError> = conn.transaction(|conn| {
