@@ -2,7 +2,7 @@
 //! database, in this order: expire job leases (`jobs::upkeep::expire_leases`: back to
 //! QUEUED, or FAILED after the last attempt, with that attempt's tokens revoked), purge
 //! expired replay records (and on PostgreSQL vacuum their table now and then), on
-//! PostgreSQL vacuum `job_events` once the event trims left enough dead rows, trim
+//! PostgreSQL vacuum `jobs` and `job_events` once changes and trims left enough dead rows, trim
 //! throttle state, on SQLite a passive WAL checkpoint (automatic ones are off so no
 //! request pays for one; most are the writer's backfill thread's and resets,
 //! `db/writer.rs`), (with `COORDINATOR_JOB_RETENTION_DAYS`) delete old finished jobs,
@@ -34,8 +34,8 @@ pub struct PassReport {
     pub leases_expired: usize,
     pub replays_purged: usize,
     pub jobs_deleted: usize,
-    /// PostgreSQL: `job_events` was vacuumed.
-    pub events_vacuumed: bool,
+    /// PostgreSQL: the tables of jobs vacuumed.
+    pub vacuumed: Vec<jobs_upkeep::Vacuumed>,
 }
 
 /// One pass. Each step runs even when another fails (its error is logged), so a
@@ -106,11 +106,18 @@ pub async fn pass(state: &AppState) -> PassReport {
             log::info!("housekeeping: replay table vacuum skipped: {e}");
         }
     }
-    // PostgreSQL: the events the trims delete (`COORDINATOR_EVENTS_PER_JOB`) are
-    // reclaimed here, whether or not autovacuum runs.
-    match state.db.read(jobs_upkeep::vacuum_events_if_due).await {
-        Ok(ran) => report.events_vacuumed = ran,
-        Err(e) => log::info!("housekeeping: job_events vacuum skipped: {e}"),
+    // PostgreSQL: the old versions of changed jobs and the events the trims delete
+    // (`COORDINATOR_EVENTS_PER_JOB`) are reclaimed here, whether or not autovacuum runs.
+    for what in jobs_upkeep::Vacuumed::ALL {
+        match state
+            .db
+            .read(move |c| jobs_upkeep::vacuum_if_due(c, what))
+            .await
+        {
+            Ok(true) => report.vacuumed.push(what),
+            Ok(false) => {}
+            Err(e) => log::info!("housekeeping: {} vacuum skipped: {e}", what.table()),
+        }
     }
     state.auth.throttle.housekeeping();
     if let Err(e) = state.db.checkpoint().await {

@@ -1,6 +1,6 @@
 //! Housekeeping's job storage: expired leases back to QUEUED (or FAILED), the
-//! retention purge of finished jobs, and the vacuum of the events the trims left dead
-//! on PostgreSQL. Run by `housekeeping`; each job's own change goes through
+//! retention purge of finished jobs, and on PostgreSQL the vacuum of the rows the
+//! jobs' changes and the events' trims left dead. Run by `housekeeping`; each job's own change goes through
 //! `repo::apply`, as every other change does.
 
 use diesel::prelude::*;
@@ -98,22 +98,47 @@ pub fn purge_finished(
     })
 }
 
-/// PostgreSQL: `job_events` dead tuples at which housekeeping vacuums the table
-/// ([`vacuum_events_if_due`]), at the least; and at least this share of its live rows.
-pub const EVENTS_VACUUM_DEAD: i64 = 10_000;
-const EVENTS_VACUUM_SHARE: i64 = 5;
+/// PostgreSQL: dead tuples at which housekeeping vacuums a table of jobs
+/// ([`vacuum_if_due`]), at the least; and at least this share of its live rows.
+pub const VACUUM_DEAD: i64 = 10_000;
+const VACUUM_SHARE: i64 = 5;
 
-/// PostgreSQL: `VACUUM job_events` when its dead tuples (the trims' and retention's
-/// deletes, `pg_stat_user_tables`) reach [`EVENTS_VACUUM_DEAD`] and a fifth of its live
-/// rows; `true` when it ran. Autovacuum may be off or slow to start, and without a
-/// vacuum the trims leave their dead tuples in the table and in the primary key, where
-/// every later trim of the job walks through them: a 10-minute soak at ~6 000 updates/s
-/// grew the table past 400 MiB for ~35 000 live events while its rate fell from 6 600 to
-/// 4 200/s. Gives up at once when another instance (or autovacuum) holds the table. No
-/// `ANALYZE`, as for `replay_records` (`db::replay::vacuum_replays`).
-pub fn vacuum_events_if_due(conn: &mut DbConnection) -> Result<bool, StoreError> {
+/// The tables housekeeping vacuums on PostgreSQL when their dead tuples pile up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vacuumed {
+    /// Every change of a job leaves its row's old versions dead (a life of create,
+    /// queue, claim and completion about seven): without a vacuum they pile up in the
+    /// table and in the claim's index, whose every claim walks through them. A
+    /// 10-minute soak of whole lives with autovacuum off (`coordinator-bench --life
+    /// --soak 10 --backend postgres`, 2026-12-07) had 141 000 dead rows for 48 000 live
+    /// ones after two minutes while its rate fell from 425 to ~190 jobs/s.
+    Jobs,
+    /// The event trims' and the retention's deletes: without a vacuum every later trim
+    /// of the job walks through them. A 10-minute soak at ~6 000 updates/s grew the
+    /// table past 400 MiB for ~35 000 live events while its rate fell from 6 600 to
+    /// 4 200/s.
+    JobEvents,
+}
+
+impl Vacuumed {
+    pub const ALL: [Vacuumed; 2] = [Vacuumed::Jobs, Vacuumed::JobEvents];
+
+    pub fn table(self) -> &'static str {
+        match self {
+            Vacuumed::Jobs => "jobs",
+            Vacuumed::JobEvents => "job_events",
+        }
+    }
+}
+
+/// PostgreSQL: `VACUUM` the table when its dead tuples (`pg_stat_user_tables`) reach
+/// [`VACUUM_DEAD`] and a fifth of its live rows; `true` when it ran. Autovacuum may be
+/// off or slow to start (it is off on this project's test server), and nothing else
+/// reclaims them. Gives up at once when another instance (or autovacuum) holds the
+/// table. No `ANALYZE`, as for `replay_records` (`db::replay::vacuum_replays`).
+pub fn vacuum_if_due(conn: &mut DbConnection, what: Vacuumed) -> Result<bool, StoreError> {
     use diesel::connection::SimpleConnection;
-    use diesel::sql_types::BigInt;
+    use diesel::sql_types::{BigInt, Text};
     #[derive(QueryableByName)]
     struct Counts {
         #[diesel(sql_type = BigInt)]
@@ -126,16 +151,18 @@ pub fn vacuum_events_if_due(conn: &mut DbConnection) -> Result<bool, StoreError>
     };
     let counts: Option<Counts> = diesel::sql_query(
         "SELECT n_dead_tup AS dead, n_live_tup AS live FROM pg_stat_user_tables \
-         WHERE relid = 'job_events'::regclass",
+         WHERE relid = $1::regclass",
     )
+    .bind::<Text, _>(what.table())
     .get_result(pg)
     .optional()?;
     let Some(c) = counts else { return Ok(false) };
-    if c.dead < EVENTS_VACUUM_DEAD || c.dead.saturating_mul(EVENTS_VACUUM_SHARE) < c.live {
+    if c.dead < VACUUM_DEAD || c.dead.saturating_mul(VACUUM_SHARE) < c.live {
         return Ok(false);
     }
     pg.batch_execute("SET lock_timeout = '100ms'")?;
-    let r = pg.batch_execute("VACUUM job_events");
+    // The name is one of two constants, never input.
+    let r = pg.batch_execute(&format!("VACUUM {}", what.table()));
     pg.batch_execute("RESET lock_timeout")?;
     r?;
     Ok(true)
