@@ -2,8 +2,8 @@
 //! database, in this order: expire job leases (`jobs::upkeep::expire_leases`: back to
 //! QUEUED, or FAILED after the last attempt, with that attempt's tokens revoked), purge
 //! expired replay records (and on PostgreSQL vacuum their table now and then), on
-//! PostgreSQL vacuum `jobs` and `job_events` once changes and trims left enough dead rows, trim
-//! throttle state, on SQLite a passive WAL checkpoint (automatic ones are off so no
+//! PostgreSQL vacuum `jobs` and `job_events` once changes and trims left enough dead
+//! rows, trim throttle state, on SQLite a passive WAL checkpoint (automatic ones are off so no
 //! request pays for one; most are the writer's backfill thread's and resets,
 //! `db/writer.rs`), (with `COORDINATOR_JOB_RETENTION_DAYS`) delete old finished jobs,
 //! and last hand the memory the allocator keeps after it was freed back to the system.

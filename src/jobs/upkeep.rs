@@ -1,7 +1,7 @@
 //! Housekeeping's job storage: expired leases back to QUEUED (or FAILED), the
 //! retention purge of finished jobs, and on PostgreSQL the vacuum of the rows the
-//! jobs' changes and the events' trims left dead. Run by `housekeeping`; each job's own change goes through
-//! `repo::apply`, as every other change does.
+//! jobs' changes and the events' trims left dead. Run by `housekeeping`; each job's own
+//! change goes through `repo::apply`, as every other change does.
 
 use diesel::prelude::*;
 
@@ -133,7 +133,7 @@ impl Vacuumed {
 
 /// PostgreSQL: `VACUUM` the table when its dead tuples (`pg_stat_user_tables`) reach
 /// [`VACUUM_DEAD`] and a fifth of its live rows; `true` when it ran. Autovacuum may be
-/// off or slow to start (it is off on this project's test server), and nothing else
+/// off or slow to start (it is off on some servers), and nothing else
 /// reclaims them. Gives up at once when another instance (or autovacuum) holds the
 /// table. No `ANALYZE`, as for `replay_records` (`db::replay::vacuum_replays`).
 pub fn vacuum_if_due(conn: &mut DbConnection, what: Vacuumed) -> Result<bool, StoreError> {
