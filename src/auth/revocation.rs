@@ -401,6 +401,12 @@ impl Revocations {
     /// One poll: incremental (or a full reload every `FULL_RELOAD`), and the occasional
     /// bounded purge of the table.
     pub async fn poll(&self) -> Result<(), StoreError> {
+        // The set is as current as the moment the read was asked, not the moment its
+        // answer came: an answer held up on its way back (a congested or hostile path
+        // from the database) must not make a set that old count as fresh for another
+        // `MAX_STALENESS` (third security review, 2026-12-07: a token revoked while
+        // the answer was on its way was accepted again).
+        let asked = Instant::now();
         let limit = self.limit();
         let overflow = self.set.read().map_err(poisoned)?.overflow;
         let (low, full, gc) = {
@@ -534,7 +540,7 @@ impl Revocations {
             });
             s.newest = s.newest.max(n);
         }
-        s.synced_at = Some(at);
+        s.synced_at = Some(asked);
         if gc {
             s.gc_at = at;
         }

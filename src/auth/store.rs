@@ -374,6 +374,12 @@ impl CredentialStore {
     /// One poll: read the generation, drop the cache when it moved, and read the
     /// directory of the new generation.
     pub async fn poll(&self) -> Result<(), StoreError> {
+        // Current as of the moment the generation was asked for, not the moment the
+        // answer came: an answer held up on its way back (a congested or hostile path
+        // from the database) must not make a cache that old usable for another
+        // `MAX_STALENESS` (third security review, 2026-12-07: an API key revoked while
+        // the answer was on its way was accepted again).
+        let asked = Instant::now();
         let g = self.db.read(repo::generation).await?;
         let (moved, unread) = {
             let mut c = self.cache.lock().map_err(poisoned)?;
@@ -387,7 +393,7 @@ impl CredentialStore {
             self.dropped.notify_waiters();
         }
         if let Ok(mut s) = self.synced_at.lock() {
-            *s = Some(Instant::now());
+            *s = Some(asked);
         }
         if unread {
             self.read_directory().await?;

@@ -785,6 +785,29 @@ pub fn jti_of(token: &str) -> String {
 pub struct Relay {
     pub port: u16,
     held: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answers: std::sync::Arc<AnswerHold>,
+}
+
+/// The hold of the database's answers alone ([`Relay::hold_answers`]): queries reach the
+/// database and run, what it answers waits. `passed` is the moment (µs since `epoch`)
+/// before which an answer read from the database goes through
+/// ([`Relay::pass_held_answers`]).
+struct AnswerHold {
+    on: std::sync::atomic::AtomicBool,
+    epoch: std::time::Instant,
+    passed: std::sync::atomic::AtomicU64,
+}
+
+impl AnswerHold {
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether an answer read at `read_at` must still wait.
+    fn holds(&self, read_at: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.on.load(Ordering::Acquire) && read_at >= self.passed.load(Ordering::Acquire)
+    }
 }
 
 impl Relay {
@@ -796,20 +819,28 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind relay");
         let port = listener.local_addr().expect("addr").port();
         let held = Arc::new(AtomicBool::new(false));
+        let answers = Arc::new(AnswerHold {
+            on: AtomicBool::new(false),
+            epoch: std::time::Instant::now(),
+            passed: std::sync::atomic::AtomicU64::new(0),
+        });
         let h = held.clone();
+        let a = answers.clone();
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 let Ok(server) = TcpStream::connect(&upstream) else {
                     continue;
                 };
-                for (mut from, mut to) in [
+                for (mut from, mut to, is_answer) in [
                     (
                         client.try_clone().expect("clone"),
                         server.try_clone().expect("clone"),
+                        false,
                     ),
-                    (server, client),
+                    (server, client, true),
                 ] {
                     let held = h.clone();
+                    let answers = a.clone();
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16 * 1024];
                         loop {
@@ -817,7 +848,10 @@ impl Relay {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => n,
                             };
-                            while held.load(Ordering::Acquire) {
+                            let read_at = answers.now();
+                            while held.load(Ordering::Acquire)
+                                || (is_answer && answers.holds(read_at))
+                            {
                                 std::thread::sleep(std::time::Duration::from_millis(5));
                             }
                             if to.write_all(&buf[..n]).is_err() {
@@ -829,7 +863,11 @@ impl Relay {
                 }
             }
         });
-        Relay { port, held }
+        Relay {
+            port,
+            held,
+            answers,
+        }
     }
 
     /// A relay to the host of this PostgreSQL URL, and the same URL through it.
@@ -843,5 +881,22 @@ impl Relay {
 
     pub fn hold(&self, on: bool) {
         self.held.store(on, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Hold (or pass again) what the database answers, not what is sent to it: a query
+    /// runs at once, its answer arrives late (a slow or congested path back).
+    pub fn hold_answers(&self, on: bool) {
+        self.answers
+            .on
+            .store(on, std::sync::atomic::Ordering::Release);
+    }
+
+    /// While answers are held: let those already read from the database through, and
+    /// keep holding every later one.
+    pub fn pass_held_answers(&self) {
+        let now = self.answers.now();
+        self.answers
+            .passed
+            .store(now, std::sync::atomic::Ordering::Release);
     }
 }

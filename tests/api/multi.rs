@@ -17,6 +17,7 @@ postgres_tests!(a_revocation_committed_late_still_reaches_every_instance,);
 postgres_tests!(replay_batches_of_the_same_signatures_in_opposite_orders_never_deadlock,);
 backend_tests!(a_webhook_delivery_sent_to_two_instances_at_once_makes_one_job,);
 backend_tests!(a_rotation_with_no_grace_ends_the_old_versions_whatever_the_clocks,);
+postgres_tests!(a_poll_answered_late_does_not_make_a_stale_cache_current,);
 
 /// Review finding: the revocation purge deleted every row whose expiry had passed on
 /// the purging instance's clock, with no margin. An instance whose clock is 45 s ahead
@@ -300,4 +301,123 @@ fn replay_batches_of_the_same_signatures_in_opposite_orders_never_deadlock(b: Ba
             );
         }
     }
+}
+
+/// Third security review (2026-12-07): the credential store and the revocation set
+/// counted as current from the moment a poll's answer *arrived*, not from when it was
+/// asked. A poll whose answer the path back from PostgreSQL held up (congestion, or
+/// someone on that path delaying packets) made a cache as old as its question current
+/// again for another 2 s (credentials) or 1 s (revocations): a job token and an API key
+/// revoked on another instance while the answer was on its way were accepted here
+/// after the revocation, past the staleness bounds docs/security.md states. Now a poll
+/// stamps the moment it asked, so an answer older than the bound leaves the cache
+/// stale (every check asks the database, or answers 503).
+fn a_poll_answered_late_does_not_make_a_stale_cache_current(b: Backend) {
+    use crate::helpers::Relay;
+    use coordinator::auth::credentials;
+    use coordinator::auth::Scope;
+    let mut relay = None;
+    let Some(a) = spawn_app_with(b, |c| {
+        let (r, through) = Relay::in_front_of(c.db.url.target());
+        c.db.url = coordinator::db::DatabaseUrl::parse(&through).expect("relay url");
+        relay = Some(r);
+    }) else {
+        return;
+    };
+    let relay = relay.expect("relay");
+    // The other instance talks to the database directly.
+    let mut direct = a.config.clone();
+    direct.db.url = coordinator::db::DatabaseUrl::parse(&a.db.url).expect("db url");
+    let other = crate::helpers::start(b, a.db.clone(), direct);
+    let key = a.api_key("late-poll", &[Scope::JobsRead]);
+    let id = a.running_job();
+    let t = a.job_token(&id, "w", Duration::from_secs(3600));
+    // A path no route serves: 404 once authenticated, with no database work of its
+    // own, so the answer says what authentication decided.
+    let by_key = || a.raw("GET", "/nowhere", &[("X-API-Key", key.as_str())], b"");
+    let by_token = || a.with_token(&t, "GET", "/nowhere", b"");
+    // Cached here once the polls have seen the credentials' own changes (an entry read
+    // at a generation the cache has not reached yet is not kept).
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(by_key().status, 404, "{}", by_key().body);
+    assert_eq!(by_token().status, 404, "{}", by_token().body);
+
+    struct Release<'a>(&'a Relay);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.hold_answers(false);
+        }
+    }
+    let _release = Release(&relay);
+    // `revoke` runs on the other instance while the answers of the polls asked here
+    // just before are held; once every bound has passed, the answers asked before the
+    // revocation are let through (`passes` times, a pause between: a poll of several
+    // statements asks its next one only when the one before is answered), then `ask`
+    // runs while every later answer is still held, and last everything passes again.
+    let round =
+        |revoke: &dyn Fn(), passes: usize, ask: &(dyn Fn() -> crate::helpers::Resp + Sync)| {
+            relay.hold_answers(true);
+            std::thread::sleep(Duration::from_millis(500));
+            revoke();
+            // Both caches are past their bound (2 s, 1 s) when the answers come.
+            std::thread::sleep(Duration::from_millis(2700));
+            for _ in 0..passes {
+                relay.pass_held_answers();
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            std::thread::scope(|s| {
+                let r = s.spawn(ask);
+                // A check that asks the database waits for its answer: let all through.
+                std::thread::sleep(Duration::from_millis(1500));
+                relay.hold_answers(false);
+                r.join().unwrap()
+            })
+        };
+
+    // A token revocation (the auth generation does not move): the revocation poll asks
+    // for the rows, then for the transactions writing them, so two passes.
+    let r = round(
+        &|| {
+            let r = other.post_json("/admin/tokens/revoke", &json!({"jti": jti_of(&t)}));
+            assert_eq!(r.status, 200, "{}", r.body);
+        },
+        2,
+        &by_token,
+    );
+    assert!(
+        matches!(r.status, 401 | 503),
+        "a job token revoked 3 s ago accepted from a set a late poll made current: {} {}",
+        r.status,
+        r.body
+    );
+
+    // Back to normal before the next round: the key works again here.
+    let again = std::time::Instant::now();
+    while by_key().status != 404 {
+        assert!(
+            again.elapsed() < Duration::from_secs(15),
+            "the key never worked again"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // An API key revoked: the generation poll is one statement, one pass.
+    let r = round(
+        &|| {
+            let row = credentials::list_keys(&other.state.db, Some("late-poll"))
+                .unwrap()
+                .into_iter()
+                .next()
+                .expect("the key");
+            credentials::revoke_key(&other.state.db, &row.id).expect("revoke the key");
+        },
+        1,
+        &by_key,
+    );
+    assert!(
+        matches!(r.status, 401 | 503),
+        "an API key revoked 3 s ago accepted from a cache a late poll made current: {} {}",
+        r.status,
+        r.body
+    );
 }
