@@ -89,6 +89,11 @@ pub struct HealthCache {
     taken: std::sync::atomic::AtomicU64,
     /// `/metrics`' totals per status, and when they were read.
     totals: tokio::sync::Mutex<Option<(Instant, Arc<StatusTotals>)>>,
+    /// When the last readiness check that found the database ready started. Held
+    /// across a check: the probes that arrive meanwhile wait for it (see [`readiness`]).
+    ready: tokio::sync::Mutex<Option<Instant>>,
+    /// Readiness checks run so far.
+    ready_checks: std::sync::atomic::AtomicU64,
 }
 
 /// Jobs per non-terminal status, all queues together.
@@ -98,6 +103,11 @@ impl HealthCache {
     /// Health snapshots taken so far (each one a `GROUP BY` of every queue).
     pub fn snapshots_taken(&self) -> u64 {
         self.taken.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Readiness checks run so far (each one three statements on a pool connection).
+    pub fn readiness_checks(&self) -> u64 {
+        self.ready_checks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn fresh(&self, max_age: Duration) -> Option<Arc<Snapshot>> {
@@ -227,6 +237,35 @@ async fn take_snapshot(db: &Db) -> Result<HealthReport, StoreError> {
         }),
         generated_at: crate::jobs::model::rfc3339(now),
     })
+}
+
+/// `/readyz`'s check: whether a migration is still pending (`true`: not ready), or why
+/// the database cannot say. The route is open and never refused at the door, and the
+/// check is three statements on a pool connection (the ping, and diesel's
+/// `CREATE TABLE IF NOT EXISTS` and `SELECT` of applied migrations): one per probe let
+/// anyone with a few dozen connections keep the pool busy, and the database queue
+/// then refused authenticated requests (third security review, 2026-12-07). So one
+/// check runs at a time, the probes that arrive meanwhile wait for it, and a check
+/// that found the database ready answers every probe of the next [`SNAPSHOT_TTL`]. A
+/// failure is never reused, and the health state is asked first at every probe: an
+/// outage it knows of is not ready at once.
+pub async fn readiness(db: &Db, cache: &HealthCache) -> Result<bool, StoreError> {
+    db.health().admit()?;
+    let mut last = cache.ready.lock().await;
+    if last.is_some_and(|at| at.elapsed() < SNAPSHOT_TTL) {
+        return Ok(false);
+    }
+    db.health().admit()?;
+    let started = Instant::now();
+    cache
+        .ready_checks
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pending = db.read(migrations_pending).await;
+    *last = match pending {
+        Ok(false) => Some(started),
+        _ => None,
+    };
+    pending
 }
 
 /// Readiness, asked of one connection: the database answers, and whether a migration

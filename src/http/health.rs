@@ -131,10 +131,9 @@ const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
     ),
 )]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if let Err(e) = state.db.health().admit() {
-        return not_ready(&e.to_string());
-    }
-    let ready = state.db.read(crate::health::migrations_pending);
+    // Shared by the probes that arrive together, reused for a second once ready
+    // (`health::readiness`: the route is open and never refused at the door).
+    let ready = crate::health::readiness(&state.db, &state.health);
     // A database that stopped answering holds the query; the probe's client should
     // not wait for the stall watch to notice (`db::health::STALL_AFTER`).
     match actix_web::rt::time::timeout(READY_WITHIN, ready).await {

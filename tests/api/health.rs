@@ -10,6 +10,7 @@ backend_tests!(
     health_reports_queue_depths,
     metrics_count_depths_without_the_per_queue_snapshot,
     requests_that_find_no_snapshot_share_the_one_being_taken,
+    unauthenticated_readiness_probes_cannot_crowd_out_authenticated_reads,
 );
 
 fn probes_answer(b: Backend) {
@@ -163,4 +164,65 @@ fn requests_that_find_no_snapshot_share_the_one_being_taken(b: Backend) {
         assert!(std::sync::Arc::ptr_eq(s, first));
     }
     assert_eq!(first.report.queues["sq19"]["PENDING"], 1);
+}
+
+/// Third security review (2026-12-07): `/readyz` is open, never refused or counted by
+/// the door, and each probe ran three statements on a pool connection (the ping, and
+/// diesel's pending-migration check: `CREATE TABLE IF NOT EXISTS` and a `SELECT`).
+/// Anyone who could open a few dozen connections kept every connection of the pool
+/// busy with probes, and the database queue then refused authenticated requests
+/// (503 `overloaded`). Now probes arriving together share one check, and a check that
+/// found the database ready answers the probes of the next moment.
+fn unauthenticated_readiness_probes_cannot_crowd_out_authenticated_reads(b: Backend) {
+    use coordinator::auth::Scope;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+    let Some(app) = crate::app!(b) else { return };
+    let id = app.create_job(&json!({"kind": "k"}));
+    let key = app.api_key("reader", &[Scope::JobsRead]);
+    let path = format!("/coordinator/jobs/{id}");
+    let read = || app.raw("GET", &path, &[("X-API-Key", key.as_str())], b"");
+    // The key is cached once the poll has seen its creation.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(read().status, 200, "{}", read().body);
+    let stop = AtomicBool::new(false);
+    let probes = AtomicUsize::new(0);
+    let (refused, answered) = std::thread::scope(|s| {
+        for _ in 0..24 {
+            let (stop, probes, url) = (&stop, &probes, app.url("/readyz"));
+            s.spawn(move || {
+                // One keep-alive connection per prober, as a client flooding would.
+                let agent = ureq::AgentBuilder::new()
+                    .timeout(Duration::from_secs(10))
+                    .build();
+                while !stop.load(Ordering::Acquire) {
+                    let _ = agent.get(&url).call();
+                    probes.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        let started = Instant::now();
+        let (mut refused, mut answered) = (Vec::new(), 0);
+        while started.elapsed() < Duration::from_secs(4) {
+            let r = read();
+            answered += 1;
+            if r.status != 200 {
+                refused.push(format!("{} {}", r.status, r.body));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::Release);
+        (refused, answered)
+    });
+    assert!(
+        probes.load(Ordering::Relaxed) > 1000,
+        "the probes did not run: {}",
+        probes.load(Ordering::Relaxed)
+    );
+    assert!(
+        refused.is_empty(),
+        "{} of {answered} authenticated reads refused under a flood of open readiness probes: {:?}",
+        refused.len(),
+        refused.iter().take(3).collect::<Vec<_>>()
+    );
 }
