@@ -49,11 +49,28 @@ impl DatabaseUrl {
     /// any host it names is not local (a Unix socket or a loopback address), so the
     /// server's certificate is checked against `sslrootcert` (libpq's default
     /// `~/.postgresql/root.crt`, or `sslrootcert=system`). SQLite URLs pass unchanged.
-    pub fn with_tls_policy(mut self, allow_downgrade: bool) -> Result<Self, String> {
+    ///
+    /// Where libpq connects is judged as libpq judges it (third security review,
+    /// 2026-12-07): `hostaddr` (it, not `host`, is where libpq connects), percent-encoded
+    /// parameter names and values, a `service`, and the `PGHOST`, `PGHOSTADDR` and
+    /// `PGSERVICE` variables libpq falls back to. Before, `postgres://u@localhost/c?
+    /// hostaddr=10.0.0.5`, `…?%68ost=db.example`, or `postgresql:///c` with
+    /// `PGHOST=db.example` were taken for local and kept libpq's default `prefer`: a
+    /// remote server over a connection anyone on the path could downgrade to plain text.
+    pub fn with_tls_policy(self, allow_downgrade: bool) -> Result<Self, String> {
+        self.with_tls_policy_in(allow_downgrade, |name| std::env::var(name).ok())
+    }
+
+    /// [`Self::with_tls_policy`] with libpq's environment read through `env`.
+    fn with_tls_policy_in(
+        mut self,
+        allow_downgrade: bool,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, String> {
         if self.backend != Backend::Postgres {
             return Ok(self);
         }
-        let pg = pg_url::Parts::of(&self.target);
+        let pg = pg_url::Parts::of(&self.target, env);
         match pg.sslmode.as_deref() {
             Some("prefer" | "allow") if !allow_downgrade => Err(format!(
                 "sslmode={} may connect without TLS; use sslmode=verify-full (or require, \
@@ -116,7 +133,7 @@ impl DatabaseUrl {
     /// The `sslmode` the URL asks for, if any.
     pub fn sslmode(&self) -> Option<String> {
         (self.backend == Backend::Postgres)
-            .then(|| pg_url::Parts::of(&self.target).sslmode)
+            .then(|| pg_url::Parts::of(&self.target, |_| None).sslmode)
             .flatten()
     }
 
@@ -141,30 +158,103 @@ pub fn one_line(message: &str) -> String {
 mod pg_url {
     pub struct Parts {
         pub hosts: Vec<String>,
+        /// `hostaddr`: where libpq connects when given.
+        pub hostaddrs: Vec<String>,
+        /// A `service` names settings in a file this check does not read.
+        pub service: bool,
         pub sslmode: Option<String>,
     }
 
+    /// `%XX` decoded, as libpq decodes a URI's parameter names and values (left as it
+    /// is when it is not valid UTF-8 once decoded).
+    fn decode(raw: &str) -> String {
+        let bytes = raw.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while let Some(&b) = bytes.get(i) {
+            let hex = |j: usize| {
+                bytes
+                    .get(j)
+                    .and_then(|c| char::from(*c).to_digit(16))
+                    .and_then(|d| u8::try_from(d).ok())
+            };
+            match (b, hex(i + 1), hex(i + 2)) {
+                (b'%', Some(hi), Some(lo)) => {
+                    out.push(hi * 16 + lo);
+                    i += 3;
+                }
+                _ => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8(out).unwrap_or_else(|_| raw.to_owned())
+    }
+
     impl Parts {
-        pub fn of(url: &str) -> Parts {
+        /// The parts of `url` as libpq reads them, with `env` for the variables it
+        /// falls back to when the URL leaves a parameter out.
+        pub fn of(url: &str, env: impl Fn(&str) -> Option<String>) -> Parts {
             let rest = url.split_once("://").map_or(url, |(_, r)| r);
             let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
             let authority = before_query.split('/').next().unwrap_or_default();
             let hostlist = authority.rsplit('@').next().unwrap_or_default();
             let mut hosts: Vec<String> = hostlist.split(',').map(strip_port).collect();
+            let (mut hostaddrs, mut service) = (Vec::new(), false);
             let mut sslmode = None;
+            // libpq decodes both the names and the values of a URI's parameters.
+            let list = |v: &str| -> Vec<String> {
+                v.split(',')
+                    .map(str::to_owned)
+                    .filter(|h| !h.is_empty())
+                    .collect()
+            };
             for pair in query.split('&') {
-                match pair.split_once('=') {
-                    Some(("sslmode", v)) => sslmode = Some(v.to_owned()),
-                    Some(("host", v)) => hosts = v.split(',').map(str::to_owned).collect(),
+                let Some((k, v)) = pair.split_once('=') else {
+                    continue;
+                };
+                let (k, v) = (decode(k), decode(v));
+                match k.as_str() {
+                    "sslmode" => sslmode = Some(v),
+                    "host" => hosts = v.split(',').map(str::to_owned).collect(),
+                    "hostaddr" => hostaddrs = list(&v),
+                    "service" => service = !v.is_empty(),
                     _ => {}
                 }
             }
-            Parts { hosts, sslmode }
+            // What the URL leaves out, libpq takes from its environment.
+            if hosts.iter().all(String::is_empty) {
+                if let Some(h) = env("PGHOST").filter(|h| !h.is_empty()) {
+                    hosts = h.split(',').map(str::to_owned).collect();
+                }
+            }
+            if hostaddrs.is_empty() {
+                hostaddrs = env("PGHOSTADDR").map(|v| list(&v)).unwrap_or_default();
+            }
+            service |= env("PGSERVICE").is_some_and(|v| !v.is_empty());
+            Parts {
+                hosts,
+                hostaddrs,
+                service,
+                sslmode,
+            }
         }
 
-        /// Every host is a Unix socket directory, empty (libpq's default socket),
-        /// `localhost` or a loopback address.
+        /// Every address libpq connects to is local: a Unix socket directory, empty
+        /// (libpq's default socket), `localhost` or a loopback address. With a
+        /// `hostaddr` it connects there (`host` then only names the server), and a
+        /// service file's settings are not known here: not local.
         pub fn all_hosts_local(&self) -> bool {
+            if self.service {
+                return false;
+            }
+            if !self.hostaddrs.is_empty() {
+                return self.hostaddrs.iter().all(|a| {
+                    a.parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+                });
+            }
             self.hosts.iter().all(|h| {
                 let h = h.trim_start_matches('[').trim_end_matches(']');
                 h.is_empty()
@@ -279,6 +369,83 @@ mod tests {
         }
         assert!(policy("postgres://u@h/c?sslmode=verify_full", false).is_err());
         assert_eq!(policy("sqlite://./x.db", false).as_deref(), Ok("./x.db"));
+    }
+
+    /// Third security review (2026-12-07): the policy judged "local" on the URL's
+    /// `host` alone, where libpq connects to `hostaddr`, decodes percent-encoded
+    /// parameter names, and reads a service file: remote servers were left on libpq's
+    /// default `prefer` (TLS that falls back to plain text).
+    #[test]
+    fn the_tls_policy_sees_where_libpq_connects() {
+        let policy = |url: &str| {
+            DatabaseUrl::parse(url)
+                .and_then(|u| u.with_tls_policy_in(false, |_| None))
+                .map(|u| u.target().to_owned())
+        };
+        for remote in [
+            "postgres://u@localhost/c?hostaddr=10.0.0.5",
+            "postgres://u@127.0.0.1/c?hostaddr=127.0.0.1,10.0.0.5",
+            "postgres://u@localhost/c?%68ost=db.example",
+            "postgres://u@localhost/c?host=%64b.example",
+            "postgres://u@localhost/c?service=prod",
+        ] {
+            assert!(
+                policy(remote).is_ok_and(|t| t.ends_with("sslmode=verify-full")),
+                "{remote}: {:?}",
+                policy(remote)
+            );
+        }
+        // A downgrade spelled with an encoded name is still one.
+        assert!(policy("postgres://u@db.example/c?ssl%6Dode=prefer").is_err());
+        assert!(policy("postgres://u@db.example/c?sslmode=%70refer").is_err());
+        // Local stays local.
+        for local in [
+            "postgres://u@localhost/c?hostaddr=127.0.0.1",
+            "postgres://u@db.example/c?hostaddr=::1&sslmode=disable",
+        ] {
+            assert_eq!(policy(local).as_deref(), Ok(local), "{local}");
+        }
+    }
+
+    /// The same, for what libpq takes from its environment when the URL leaves it out.
+    #[test]
+    fn the_tls_policy_sees_libpqs_environment() {
+        let policy = |url: &str, vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            DatabaseUrl::parse(url)
+                .and_then(|u| {
+                    u.with_tls_policy_in(false, |name| {
+                        vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+                    })
+                })
+                .map(|u| u.target().to_owned())
+        };
+        let verified =
+            |t: Result<String, String>| t.is_ok_and(|t| t.ends_with("sslmode=verify-full"));
+        assert!(verified(policy(
+            "postgresql:///c",
+            &[("PGHOST", "db.example")]
+        )));
+        assert!(verified(policy(
+            "postgres://u@localhost/c",
+            &[("PGHOSTADDR", "10.0.0.5")]
+        )));
+        assert!(verified(policy(
+            "postgres://u@localhost/c",
+            &[("PGSERVICE", "prod")]
+        )));
+        // The URL's own host wins over PGHOST, and local variables stay local.
+        assert_eq!(
+            policy("postgres://u@localhost/c", &[("PGHOST", "db.example")]).as_deref(),
+            Ok("postgres://u@localhost/c")
+        );
+        assert_eq!(
+            policy("postgresql:///c", &[("PGHOST", "/var/run/postgresql")]).as_deref(),
+            Ok("postgresql:///c")
+        );
     }
 
     #[test]
