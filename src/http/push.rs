@@ -40,6 +40,7 @@ fn busy(r: Refused, stream: bool) -> ApiError {
         (true, Refused::Instance) => "open event streams on this instance",
         (false, Refused::Caller) => "waiting claims for this caller",
         (false, Refused::Instance) => "waiting claims on this instance",
+        (_, Refused::JobToken) => "open event streams for this job's tokens",
     };
     ApiError::Busy {
         what,
@@ -640,9 +641,11 @@ pub async fn job_events(
             has_more,
         }));
     }
+    // A job token's streams count against its caller and, within that, its job.
+    let token_of = principal.job_id.as_ref().map(JobId::as_str);
     let slot = state
         .notifier
-        .stream_slot(&principal.caller)
+        .stream_slot(&principal.caller, token_of)
         .map_err(|r| busy(r, true))?;
     let mut sub = state.notifier.subscribe(Topic::Job(id.to_string()));
     sub.mark_seen();
@@ -878,7 +881,7 @@ pub async fn queue_events(
     }
     let slot = state
         .notifier
-        .stream_slot(&principal.caller)
+        .stream_slot(&principal.caller, None)
         .map_err(|r| busy(r, true))?;
     let sub = state.notifier.subscribe_queue(&queue);
     let stream = QueueStream {

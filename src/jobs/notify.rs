@@ -44,6 +44,11 @@ pub const MAX_STREAMS: usize = 1024;
 pub const MAX_WAITING_CLAIMS_PER_CALLER: usize = 256;
 /// Default: event streams one caller may hold open on one instance.
 pub const MAX_STREAMS_PER_CALLER: usize = 64;
+/// Event streams one job's tokens may hold open on one instance, within their caller's
+/// bound: a worker watches its own job, and a reconnect may overlap the stream it
+/// replaces. Without it one job token could hold every stream of its caller (third
+/// security review, 2026-12-07).
+pub const MAX_STREAMS_PER_JOB_TOKEN: usize = 4;
 /// Changes a queue stream may fall behind by before it is dropped (slow consumer).
 pub const QUEUE_STREAM_BUFFER: usize = 256;
 /// The queue "name" of a stream of every queue (not a valid queue name).
@@ -119,6 +124,8 @@ pub enum Refused {
     Instance,
     /// This caller holds its bound on this instance.
     Caller,
+    /// This job's tokens hold [`MAX_STREAMS_PER_JOB_TOKEN`] streams on this instance.
+    JobToken,
 }
 
 /// One change of a job of a watched queue, as a queue stream receives it. `seq` 0 and
@@ -146,6 +153,8 @@ pub struct Notifier {
     /// Subscribers inside [`Subscription::changed`] now: they have looked and wait.
     parked: AtomicUsize,
     /// (waiting claims, open streams) per caller; a caller with none has no entry.
+    /// Also the streams of each job's tokens, under `job:<id>` (never a caller name:
+    /// those hold no `:`).
     per_caller: Mutex<HashMap<String, [usize; 2]>>,
     limits: PushLimits,
     /// `true` once the instance is shutting down: waits and streams end.
@@ -268,6 +277,8 @@ pub struct Slot {
     notifier: Arc<Notifier>,
     stream: bool,
     caller: String,
+    /// `job:<id>` for a stream opened with that job's token.
+    token: Option<String>,
 }
 
 impl Drop for Slot {
@@ -280,14 +291,16 @@ impl Drop for Slot {
         n.fetch_sub(1, Ordering::AcqRel);
         if let Ok(mut per) = self.notifier.per_caller.lock() {
             let i = usize::from(self.stream);
-            let empty = per.get_mut(&self.caller).is_some_and(|c| {
-                if let Some(v) = c.get_mut(i) {
-                    *v = v.saturating_sub(1);
+            for key in std::iter::once(&self.caller).chain(self.token.as_ref()) {
+                let empty = per.get_mut(key).is_some_and(|c| {
+                    if let Some(v) = c.get_mut(i) {
+                        *v = v.saturating_sub(1);
+                    }
+                    c.iter().all(|v| *v == 0)
+                });
+                if empty {
+                    per.remove(key);
                 }
-                c.iter().all(|v| *v == 0)
-            });
-            if empty {
-                per.remove(&self.caller);
             }
         }
     }
@@ -383,7 +396,12 @@ impl Notifier {
         }
     }
 
-    fn take(self: &Arc<Self>, stream: bool, caller: &str) -> Result<Slot, Refused> {
+    fn take(
+        self: &Arc<Self>,
+        stream: bool,
+        caller: &str,
+        token_of: Option<&str>,
+    ) -> Result<Slot, Refused> {
         let (n, max, per_max) = if stream {
             (
                 &self.streams,
@@ -402,34 +420,50 @@ impl Notifier {
             .per_caller
             .lock()
             .map_err(|_poisoned| Refused::Instance)?;
-        let mine = per.get(caller).and_then(|c| c.get(i)).copied().unwrap_or(0);
-        if mine >= per_max {
+        let held = |key: &str| per.get(key).and_then(|c| c.get(i)).copied().unwrap_or(0);
+        if held(caller) >= per_max {
             return Err(Refused::Caller);
         }
-        // Counted under the per-caller lock, so the two bounds are checked together.
+        let token = token_of.map(|job| format!("job:{job}"));
+        if token
+            .as_deref()
+            .is_some_and(|t| held(t) >= MAX_STREAMS_PER_JOB_TOKEN)
+        {
+            return Err(Refused::JobToken);
+        }
+        // Counted under the per-caller lock, so the bounds are checked together.
         if n.load(Ordering::Acquire) >= max {
             return Err(Refused::Instance);
         }
         n.fetch_add(1, Ordering::AcqRel);
-        if let Some(v) = per.entry(caller.to_owned()).or_insert([0, 0]).get_mut(i) {
-            *v += 1;
+        for key in std::iter::once(caller).chain(token.as_deref()) {
+            if let Some(v) = per.entry(key.to_owned()).or_insert([0, 0]).get_mut(i) {
+                *v += 1;
+            }
         }
         Ok(Slot {
             notifier: self.clone(),
             stream,
             caller: caller.to_owned(),
+            token,
         })
     }
 
     /// A waiting-claim slot for `caller`, refused at the instance's or the caller's
     /// bound.
     pub fn waiting_slot(self: &Arc<Self>, caller: &str) -> Result<Slot, Refused> {
-        self.take(false, caller)
+        self.take(false, caller, None)
     }
 
-    /// An open-stream slot for `caller`, refused at either bound.
-    pub fn stream_slot(self: &Arc<Self>, caller: &str) -> Result<Slot, Refused> {
-        self.take(true, caller)
+    /// An open-stream slot for `caller`, refused at either bound; `token_of`: the job
+    /// whose token opens it, which also counts against that job's tokens' bound
+    /// ([`MAX_STREAMS_PER_JOB_TOKEN`]).
+    pub fn stream_slot(
+        self: &Arc<Self>,
+        caller: &str,
+        token_of: Option<&str>,
+    ) -> Result<Slot, Refused> {
+        self.take(true, caller, token_of)
     }
 
     /// Waiting claims and open streams now.
@@ -957,9 +991,9 @@ mod tests {
         assert_eq!(n.waiting_slot("c").err(), Some(Refused::Instance));
         drop(s1);
         assert!(n.waiting_slot("a").is_ok());
-        let t = n.stream_slot("a");
+        let t = n.stream_slot("a", None);
         assert!(t.is_ok());
-        assert_eq!(n.stream_slot("b").err(), Some(Refused::Instance));
+        assert_eq!(n.stream_slot("b", None).err(), Some(Refused::Instance));
         drop((s2, s3, t));
         assert_eq!(n.counts(), (0, 0));
         assert!(n.per_caller.lock().map(|p| p.is_empty()).unwrap_or(false));

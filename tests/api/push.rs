@@ -34,6 +34,7 @@ backend_tests!(
     a_waiting_claim_ends_soon_after_its_credential_goes,
     a_queue_stream_without_jobs_read_carries_no_event_data,
     shutdown_ends_streams_and_waiting_claims_and_loses_no_write,
+    a_job_token_cannot_take_every_stream_of_its_caller,
 );
 crate::postgres_tests!(a_notification_leaves_after_its_write_commits_never_for_a_failed_one);
 
@@ -1469,4 +1470,49 @@ fn a_token_stream_ends_at_once_when_its_attempt_ends_otherwise(backend: Backend)
         to_queued(&app, &id);
         ends_without_another_event(&rx, "a requeued job's old token");
     }
+}
+
+/// Third security review (2026-12-07): a job token's streams counted against its
+/// caller's bound only, so the holder of one job's token (a worker, or whoever found
+/// its token) could open every stream its caller may hold on the instance: the caller's
+/// own streams, every other worker's and the dashboard's, were refused 429 for as long
+/// as the token lived. Now one job's tokens hold at most a few of their caller's
+/// streams (`MAX_STREAMS_PER_JOB_TOKEN`).
+fn a_job_token_cannot_take_every_stream_of_its_caller(backend: Backend) {
+    let Some(app) = crate::helpers::spawn_app_with(backend, |c| {
+        c.push.streams_per_caller = 8;
+    }) else {
+        return;
+    };
+    let id = pending(&app, "tok");
+    to_queued(&app, &id);
+    let r = app.post_json("/coordinator/queues/tok/claim", &json!({"worker": "w"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let token = r.json()["token"].as_str().expect("token").to_owned();
+    let bearer = [("Authorization".to_owned(), format!("Bearer {token}"))];
+    let path = format!("/coordinator/jobs/{id}/events");
+    // The token opens streams of its job until it is refused.
+    let mut held = Vec::new();
+    let refused = loop {
+        match sse_with(&app.url(""), &bearer, &path) {
+            Ok(rx) => held.push(rx),
+            Err(r) => break r,
+        }
+        assert!(held.len() <= 8, "more streams than the caller's bound");
+    };
+    let p = refused.problem(429);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert!(
+        held.len() < 8,
+        "one job token held all {} streams of its caller: {p}",
+        held.len()
+    );
+    // The caller itself (here its HMAC secret) can still open one.
+    let own = sse(&app.url(""), &app.signer, "/coordinator/queues/tok/events");
+    assert!(
+        own.is_ok(),
+        "the caller refused its own stream while one job token holds {}: {:?}",
+        held.len(),
+        own.err()
+    );
 }
