@@ -401,12 +401,6 @@ impl Revocations {
     /// One poll: incremental (or a full reload every `FULL_RELOAD`), and the occasional
     /// bounded purge of the table.
     pub async fn poll(&self) -> Result<(), StoreError> {
-        // The set is as current as the moment the read was asked, not the moment its
-        // answer came: an answer held up on its way back (a congested or hostile path
-        // from the database) must not make a set that old count as fresh for another
-        // `MAX_STALENESS` (third security review, 2026-12-07: a token revoked while
-        // the answer was on its way was accepted again).
-        let asked = Instant::now();
         let limit = self.limit();
         let overflow = self.set.read().map_err(poisoned)?.overflow;
         let (low, full, gc) = {
@@ -425,13 +419,22 @@ impl Revocations {
         let now = now_millis();
         // The newest number read, and the transactions writing to the table just after
         // the read (`None`: not asked).
-        let (newest, writers_now): (Option<i64>, Option<Vec<String>>) = if full {
-            let (n, w) = self.reload(now, limit).await?;
-            (Some(n), Some(w))
+        // And when that read was asked (on the connection, after any wait for one): the
+        // set is as current as that moment, not the moment the answer came. An answer
+        // held up on its way back (a congested or hostile path from the database) must
+        // not make a set that old count as fresh for another `MAX_STALENESS` (third
+        // security review, 2026-12-07: a token revoked while the answer was on its way
+        // was accepted again).
+        let (newest, writers_now, asked): (Option<i64>, Option<Vec<String>>, Instant) = if full {
+            let (n, w, asked) = self.reload(now, limit).await?;
+            (Some(n), Some(w), asked)
         } else if overflow {
             // Nothing is held, but open streams and waiting claims must still hear of
             // a revocation within a poll, as they do when the set holds it.
-            let newest = self.db.read(revoked::max_revocation_seq).await?;
+            let (asked, newest) = self
+                .db
+                .read(|conn| Ok((Instant::now(), revoked::max_revocation_seq(conn)?)))
+                .await?;
             let moved = {
                 let mut s = self.sync.lock().map_err(poisoned)?;
                 std::mem::replace(&mut s.newest, newest) < newest
@@ -439,16 +442,17 @@ impl Revocations {
             if moved {
                 self.added.notify_waiters();
             }
-            (None, None)
+            (None, None, asked)
         } else {
             let mut added = false;
             // The writers after the rows: one that took a number below a row read here
             // and had not committed is still among them.
-            let (rows, writers) = self
+            let (asked, rows, writers) = self
                 .db
                 .read(move |conn| {
+                    let asked = Instant::now();
                     let rows = revoked::revoked_after(conn, low, cap(limit))?;
-                    Ok((rows, revoked::writers(conn)?))
+                    Ok((asked, rows, revoked::writers(conn)?))
                 })
                 .await?;
             let newest = rows.iter().map(|r| r.2).max();
@@ -474,7 +478,7 @@ impl Revocations {
             if added {
                 self.added.notify_waiters();
             }
-            (newest, Some(writers))
+            (newest, Some(writers), asked)
         };
         // The set is as current as the read just made, however long the purge below
         // takes: stamped now, a purge held up for seconds (a slow database, a row lock)
@@ -548,13 +552,18 @@ impl Revocations {
     }
 
     /// Load every active revocation (or, past the limit, only count them); returns the
-    /// newest number assigned before the load, and the transactions writing to the
-    /// table after it.
-    async fn reload(&self, now: i64, limit: usize) -> Result<(i64, Vec<String>), StoreError> {
+    /// newest number assigned before the load, the transactions writing to the table
+    /// after it, and when the load was asked (on the connection).
+    async fn reload(
+        &self,
+        now: i64,
+        limit: usize,
+    ) -> Result<(i64, Vec<String>, Instant), StoreError> {
         let mut added = false;
-        let (max_seq, rows, counted, writers) = self
+        let (asked, max_seq, rows, counted, writers) = self
             .db
             .read(move |conn| {
+                let asked = Instant::now();
                 let max_seq = revoked::max_revocation_seq(conn)?;
                 let rows = revoked::revoked_active(conn, now, cap(limit))?;
                 let counted = if rows.len() > limit {
@@ -562,7 +571,7 @@ impl Revocations {
                 } else {
                     0
                 };
-                Ok((max_seq, rows, counted, revoked::writers(conn)?))
+                Ok((asked, max_seq, rows, counted, revoked::writers(conn)?))
             })
             .await?;
         let mut set = self.set.write().map_err(poisoned)?;
@@ -595,7 +604,7 @@ impl Revocations {
         }
         let mut s = self.sync.lock().map_err(poisoned)?;
         s.confirmed = s.confirmed.max(max_seq.saturating_sub(SEQ_MARGIN));
-        Ok((max_seq, writers))
+        Ok((max_seq, writers, asked))
     }
 
     pub async fn run_poller(self: Arc<Self>) {

@@ -374,13 +374,16 @@ impl CredentialStore {
     /// One poll: read the generation, drop the cache when it moved, and read the
     /// directory of the new generation.
     pub async fn poll(&self) -> Result<(), StoreError> {
-        // Current as of the moment the generation was asked for, not the moment the
-        // answer came: an answer held up on its way back (a congested or hostile path
-        // from the database) must not make a cache that old usable for another
-        // `MAX_STALENESS` (third security review, 2026-12-07: an API key revoked while
-        // the answer was on its way was accepted again).
-        let asked = Instant::now();
-        let g = self.db.read(repo::generation).await?;
+        // Current as of the moment the generation was asked for (on the connection,
+        // after any wait for one), not the moment the answer came: an answer held up on
+        // its way back (a congested or hostile path from the database) must not make a
+        // cache that old usable for another `MAX_STALENESS` (third security review,
+        // 2026-12-07: an API key revoked while the answer was on its way was accepted
+        // again).
+        let (asked, g) = self
+            .db
+            .read(|conn| Ok((Instant::now(), repo::generation(conn)?)))
+            .await?;
         let (moved, unread) = {
             let mut c = self.cache.lock().map_err(poisoned)?;
             let moved = c.generation != g;
