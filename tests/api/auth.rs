@@ -467,12 +467,12 @@ fn concurrent_replays_of_a_write_create_one_job(b: Backend) {
     let statuses = race(&app, &other, 16, 201, |t| {
         send_with(t, "POST", "/coordinator/jobs", &h, &[JSON_CT], body)
     });
+    let created = one_through(&statuses, 201);
     assert_eq!(
-        statuses.iter().filter(|&&s| s == 201).count(),
-        1,
-        "{statuses:?}"
+        job_count(&app),
+        i64::try_from(created).unwrap(),
+        "one job, not more"
     );
-    assert_eq!(job_count(&app), 1, "one job, not more");
 }
 
 /// A claim with a `wait` runs its attempts in a task of their own (so a client that
@@ -529,15 +529,23 @@ fn concurrent_replays_let_exactly_one_through(b: Backend) {
     let statuses = race(&app, &other, 8, 200, |t| {
         send_with(t, "GET", path, &h, &[], b"")
     });
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 200).count(),
-        1,
-        "{statuses:?}"
-    );
+    one_through(&statuses, 200);
+}
+
+/// How many of a race's answers are `ok`: exactly one, or none when the database queue
+/// of a loaded test machine shed a racer (503): the one whose record was written and
+/// whose work was then shed burns the signature, as any failed request does, and none
+/// gets through. Never two.
+fn one_through(statuses: &[u16], ok: u16) -> usize {
+    let through = statuses.iter().filter(|&&s| s == ok).count();
+    let shed = statuses.iter().filter(|&&s| s == 503).count();
+    assert!(through == 1 || (through == 0 && shed > 0), "{statuses:?}");
+    through
 }
 
 /// Send the same signed request (`send`) `n` times at once, alternately to `app` and
-/// `other`; every answer but `ok` must be a 401 replay. The statuses, in no order.
+/// `other`; every answer but `ok` must be a 401 replay, or a 503 `overloaded` (the
+/// database queue of a loaded test machine shedding it). The statuses, in no order.
 fn race(
     app: &TestApp,
     other: &TestApp,
@@ -551,7 +559,9 @@ fn race(
                 let send = &send;
                 sc.spawn(move || {
                     let r = send(if i % 2 == 0 { app } else { other });
-                    if r.status != ok {
+                    if r.status == 503 {
+                        assert!(r.body.contains("overloaded"), "{}", r.body);
+                    } else if r.status != ok {
                         assert_401(&r, "replayed request");
                     }
                     r.status
