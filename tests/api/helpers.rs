@@ -879,6 +879,18 @@ impl Relay {
         (r, through)
     }
 
+    /// An app on a fresh database that it reaches through a relay (the relay with it);
+    /// `None` when the backend is unavailable.
+    pub fn app_behind(b: Backend) -> Option<(TestApp, Relay)> {
+        let mut relay = None;
+        let app = spawn_app_with(b, |c| {
+            let (r, through) = Relay::in_front_of(c.db.url.target());
+            c.db.url = coordinator::db::DatabaseUrl::parse(&through).expect("relay url");
+            relay = Some(r);
+        })?;
+        Some((app, relay.expect("relay")))
+    }
+
     pub fn hold(&self, on: bool) {
         self.held.store(on, std::sync::atomic::Ordering::Release);
     }

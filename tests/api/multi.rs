@@ -316,15 +316,9 @@ fn a_poll_answered_late_does_not_make_a_stale_cache_current(b: Backend) {
     use crate::helpers::Relay;
     use coordinator::auth::credentials;
     use coordinator::auth::Scope;
-    let mut relay = None;
-    let Some(a) = spawn_app_with(b, |c| {
-        let (r, through) = Relay::in_front_of(c.db.url.target());
-        c.db.url = coordinator::db::DatabaseUrl::parse(&through).expect("relay url");
-        relay = Some(r);
-    }) else {
+    let Some((a, relay)) = Relay::app_behind(b) else {
         return;
     };
-    let relay = relay.expect("relay");
     // The other instance talks to the database directly.
     let mut direct = a.config.clone();
     direct.db.url = coordinator::db::DatabaseUrl::parse(&a.db.url).expect("db url");

@@ -179,15 +179,9 @@ fn metric(app: &TestApp, line_prefix: &str) -> Option<f64> {
 /// database answers again traffic resumes without a restart, and what was acknowledged
 /// is stored.
 fn a_database_that_stops_answering_is_refused_at_once_and_recovers(b: Backend) {
-    let mut relay = None;
-    let Some(app) = crate::helpers::spawn_app_with(b, |c| {
-        let (r, through) = Relay::in_front_of(c.db.url.target());
-        c.db.url = coordinator::db::DatabaseUrl::parse(&through).expect("relay url");
-        relay = Some(r);
-    }) else {
+    let Some((app, relay)) = Relay::app_behind(b) else {
         return;
     };
-    let relay = relay.expect("relay");
     let relay = &relay;
     let id = app.running_job();
     let key = app.api_key("stall-worker", &[Scope::JobsUpdate, Scope::HealthRead]);
