@@ -258,6 +258,10 @@ struct Sent {
 /// bad credential; then the app recovers on its own, and no acknowledged write is lost.
 fn unreachable_database_is_503_never_500_and_recovers(b: Backend) {
     let Some(app) = crate::helpers::spawn_app_with(b, |c| {
+        // Every event kept: the checks read them all from 1 (a fast host writes more
+        // than the default 1 000 a job keeps; CI saw seqs from 179 on, 2026-12-07).
+        c.events =
+            coordinator::jobs::model::EventBound::new(coordinator::jobs::model::EventBound::MAX);
         // The stream of bad credentials must not turn into 429s for this one peer.
         c.auth_failures_per_minute = 100_000;
         // Wait at most 1 s for a connection before answering 503.
@@ -488,6 +492,10 @@ fn unreachable_database_is_503_never_500_and_recovers(b: Backend) {
 fn locked_database_file_is_503_or_a_wait_never_corruption(b: Backend) {
     let busy = Duration::from_millis(300);
     let Some(app) = crate::helpers::spawn_app_with(b, |c| {
+        // Every event kept: the checks read them all from 1 (a fast host writes more
+        // than the default 1 000 a job keeps; CI saw seqs from 179 on, 2026-12-07).
+        c.events =
+            coordinator::jobs::model::EventBound::new(coordinator::jobs::model::EventBound::MAX);
         c.db.sqlite_busy_timeout = busy;
         c.auth_failures_per_minute = 100_000;
     }) else {
@@ -772,6 +780,10 @@ fn same_signed_request_on_two_instances_is_accepted_once(b: Backend) {
 /// 200 must be stored.
 fn connections_killed_mid_request_are_503_never_500(b: Backend) {
     let Some(app) = crate::helpers::spawn_app_with(b, |c| {
+        // Every event kept: the checks read them all from 1 (a fast host writes more
+        // than the default 1 000 a job keeps; CI saw seqs from 179 on, 2026-12-07).
+        c.events =
+            coordinator::jobs::model::EventBound::new(coordinator::jobs::model::EventBound::MAX);
         c.auth_failures_per_minute = 100_000;
         c.db.timeout = Duration::from_secs(1);
     }) else {
