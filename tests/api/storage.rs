@@ -1582,10 +1582,19 @@ fn a_progress_batch_of_several_jobs_cut_mid_way_answers_each_report_as_committed
             panic!("{p}");
         }
         let stored = a.iter().chain(&b_).filter(|x| *x == m).count();
-        assert_eq!(
-            (stored, status(r)),
-            (0, 503),
-            "{m} in a statement that was cut: (times stored, answer)"
+        // The cut report is never stored. The other one shares its batch (then cut with
+        // it: not stored, 503) unless it arrived after that batch had started (then in a
+        // batch of its own: stored once, 200; CI saw this once, 2026-12-07). Either
+        // way its answer says what was stored.
+        let allowed: &[(usize, u16)] = if *m == "cut-here" {
+            &[(0, 503)]
+        } else {
+            &[(0, 503), (1, 200)]
+        };
+        assert!(
+            allowed.contains(&(stored, status(r))),
+            "{m} in a statement that was cut: (times stored, answer) = {:?}",
+            (stored, status(r))
         );
     }
 }
