@@ -10,13 +10,14 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use serde_json::{json, Value};
 
-use crate::backend_tests;
 use crate::helpers::{captured_logs, jti_of, now_secs, Backend, Resp, TestApp};
+use crate::{backend_tests, postgres_tests};
 
 backend_tests!(
     a_revocation_written_by_a_clock_ten_seconds_behind_reaches_another_instance,
     revocations_are_capped_at_a_day_and_the_set_is_bounded,
     the_set_stays_bounded_while_no_poll_completes,
+    past_the_bound_a_filter_answers_from_memory_and_misses_no_revocation,
     a_revocation_made_with_the_sets_full_holds_on_both_instances_within_a_second,
     an_expired_webhook_secret_stops_working_while_cached,
     a_credential_read_that_raced_a_revocation_is_not_cached,
@@ -29,6 +30,8 @@ backend_tests!(
     instances_starting_together_make_one_signing_key,
     dev_credentials_issued_again_end_the_lost_ones,
 );
+
+postgres_tests!(a_revocation_made_here_while_a_filter_is_built_is_in_the_new_one);
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -227,6 +230,151 @@ fn the_set_stays_bounded_while_no_poll_completes(b: Backend) {
         }
         assert!(!set.is_revoked("other", "y", 1).await.expect("check"));
     });
+}
+
+/// Past the bound the set holds a Bloom filter of every active revocation instead of
+/// the ids. A token it does not hold is answered from memory: here with the table
+/// renamed away, where before (the set dropped, every check asked the database) each
+/// check failed. Every id revoked stays held, through the builds from the table as it
+/// grows past the filter's size, with revocations made on this instance while a build
+/// reads the table, and a revoked token is still refused (its possible hit is asked of
+/// the database).
+fn past_the_bound_a_filter_answers_from_memory_and_misses_no_revocation(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    // An instance's set, polled here by hand.
+    let set = revocation::Revocations::new(app.state.db.clone());
+    set.set_limit(10);
+    let exp = now_millis() + 3_600_000;
+    let fill = |from: usize, to: usize| {
+        app.state
+            .db
+            .write_sync(move |c| {
+                for i in from..to {
+                    revoked::revoke_token(c, &format!("fill-{i}"), exp, now_millis())?;
+                }
+                Ok(())
+            })
+            .expect("fill");
+    };
+    let rename = |from: &str, to: &str| {
+        app.state
+            .db
+            .write_sync(|c| {
+                diesel::sql_query(format!("ALTER TABLE {from} RENAME TO {to}")).execute(c)?;
+                Ok(())
+            })
+            .expect("rename");
+    };
+    actix_web::rt::System::new().block_on(async {
+        fill(0, 50);
+        set.poll().await.expect("first poll, a full load");
+        assert_eq!(set.held(), 0, "past the bound, no ids held");
+        assert!(set.len() >= 50, "gauge {}", set.len());
+        // Past the filter's size (1 024 ids at least): the next polls build a larger
+        // one from the table, while this instance revokes more.
+        fill(50, 3000);
+        let local: Vec<String> = (0..40).map(|i| format!("local-{i}")).collect();
+        let revoking = async {
+            for id in &local {
+                set.revoke(id.clone(), exp).await.expect("revoke");
+            }
+        };
+        let polling = async {
+            for _ in 0..3 {
+                set.poll().await.expect("poll");
+            }
+        };
+        futures_util::future::join(revoking, polling).await;
+        set.poll().await.expect("poll");
+        let missing: Vec<String> = (0..3000)
+            .map(|i| format!("fill-{i}"))
+            .chain(local.iter().cloned())
+            .filter(|id| !set.holds(id))
+            .collect();
+        assert!(missing.is_empty(), "not held: {missing:?}");
+        assert!(set.is_revoked("fill-2999", "y", 1).await.expect("check"));
+        assert!(set.is_revoked("local-39", "y", 1).await.expect("check"));
+
+        // Tokens not revoked, with the table gone: answered from memory, all but the
+        // rare possible hit (which asks the database, and fails here).
+        set.poll().await.expect("poll");
+        rename("revoked_tokens", "revoked_tokens_away");
+        let mut answered = 0;
+        for i in 0..200 {
+            match set
+                .is_revoked(&format!("other-{i}"), &format!("job-{i}"), 1)
+                .await
+            {
+                Ok(false) => answered += 1,
+                Ok(true) => panic!("other-{i} revoked"),
+                Err(_) => {}
+            }
+        }
+        rename("revoked_tokens_away", "revoked_tokens");
+        assert!(
+            answered >= 190,
+            "only {answered} of 200 answered from memory"
+        );
+    });
+}
+
+/// A filter built from the table replaces the one in place, so what this instance
+/// revoked while the table was read must be in the new one: between the swap and the
+/// next poll no row read would bring it back. The build is held here by a lock on the
+/// table (PostgreSQL only: a SQLite reader never waits for a writer), and the ids
+/// revoked meanwhile have no row, so only the hand-over can put them in the new filter.
+fn a_revocation_made_here_while_a_filter_is_built_is_in_the_new_one(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let set = revocation::Revocations::new(app.state.db.clone());
+    set.set_limit(10);
+    let exp = now_millis() + 3_600_000;
+    let fill = |from: usize, to: usize| {
+        app.state
+            .db
+            .write_sync(move |c| {
+                for i in from..to {
+                    revoked::revoke_token(c, &format!("fill-{i}"), exp, now_millis())?;
+                }
+                Ok(())
+            })
+            .expect("fill");
+    };
+    fill(0, 20);
+    let mut lock = diesel::PgConnection::establish(&app.db.url).expect("open postgres");
+    // Fewer than the bound (10): past it a build is dropped and the old filter kept.
+    let local: Vec<String> = (0..8).map(|i| format!("local-{i}")).collect();
+    actix_web::rt::System::new().block_on(async {
+        set.poll()
+            .await
+            .expect("first poll, a full load past the bound");
+        assert_eq!(set.held(), 0);
+        fill(20, 2000);
+        set.poll().await.expect("poll that reads them");
+        lock.batch_execute("BEGIN; LOCK TABLE revoked_tokens IN ACCESS EXCLUSIVE MODE")
+            .expect("lock");
+        // 2 000 ids in a filter sized for 1 024: this poll builds a larger one, and
+        // waits for the lock.
+        let building = async { set.poll().await.expect("poll that builds") };
+        let revoking = async {
+            actix_web::rt::time::sleep(Duration::from_millis(300)).await;
+            for id in &local {
+                set.revoke_local(id, exp);
+            }
+            lock.batch_execute("COMMIT").expect("unlock");
+        };
+        futures_util::future::join(building, revoking).await;
+    });
+    let missing: Vec<&String> = local.iter().filter(|id| !set.holds(id)).collect();
+    assert!(missing.is_empty(), "lost in the hand-over: {missing:?}");
+    let gone: Vec<usize> = (0..2000)
+        .filter(|i| !set.holds(&format!("fill-{i}")))
+        .collect();
+    assert!(
+        gone.is_empty(),
+        "{} of the table's ids not held: {:?}",
+        gone.len(),
+        &gone[..gone.len().min(20)]
+    );
 }
 
 /// With both instances' sets full (and then past full), an operator's revocation on one
