@@ -232,6 +232,19 @@ fn the_set_stays_bounded_while_no_poll_completes(b: Backend) {
     });
 }
 
+/// Revoke `fill-<i>` for each `i` in `range`, in the table only (as another instance).
+fn fill_revocations(app: &TestApp, range: std::ops::Range<usize>, exp: i64) {
+    app.state
+        .db
+        .write_sync(move |c| {
+            for i in range {
+                revoked::revoke_token(c, &format!("fill-{i}"), exp, now_millis())?;
+            }
+            Ok(())
+        })
+        .expect("fill");
+}
+
 /// Past the bound the set holds a Bloom filter of every active revocation instead of
 /// the ids. A token it does not hold is answered from memory: here with the table
 /// renamed away, where before (the set dropped, every check asked the database) each
@@ -245,17 +258,7 @@ fn past_the_bound_a_filter_answers_from_memory_and_misses_no_revocation(b: Backe
     let set = revocation::Revocations::new(app.state.db.clone());
     set.set_limit(10);
     let exp = now_millis() + 3_600_000;
-    let fill = |from: usize, to: usize| {
-        app.state
-            .db
-            .write_sync(move |c| {
-                for i in from..to {
-                    revoked::revoke_token(c, &format!("fill-{i}"), exp, now_millis())?;
-                }
-                Ok(())
-            })
-            .expect("fill");
-    };
+    let fill = |from, to| fill_revocations(&app, from..to, exp);
     let rename = |from: &str, to: &str| {
         app.state
             .db
@@ -328,17 +331,7 @@ fn a_revocation_made_here_while_a_filter_is_built_is_in_the_new_one(b: Backend) 
     let set = revocation::Revocations::new(app.state.db.clone());
     set.set_limit(10);
     let exp = now_millis() + 3_600_000;
-    let fill = |from: usize, to: usize| {
-        app.state
-            .db
-            .write_sync(move |c| {
-                for i in from..to {
-                    revoked::revoke_token(c, &format!("fill-{i}"), exp, now_millis())?;
-                }
-                Ok(())
-            })
-            .expect("fill");
-    };
+    let fill = |from, to| fill_revocations(&app, from..to, exp);
     fill(0, 20);
     let mut lock = diesel::PgConnection::establish(&app.db.url).expect("open postgres");
     // Fewer than the bound (10): past it a build is dropped and the old filter kept.
