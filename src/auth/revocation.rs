@@ -69,8 +69,9 @@ const OVERLAP: Duration = Duration::from_secs(3);
 /// longer holds the poll back (a session left open must not freeze it): logged, and
 /// left to the full reload.
 const STALL_LIMIT: Duration = Duration::from_secs(60);
-/// After a full reload, the poll starts this many numbers below the newest one, for
-/// transactions that took a number before the reload and commit after it.
+/// After the first full load, the poll starts this many numbers below the newest one,
+/// for transactions that took a number before the load and commit after it (later
+/// loads leave the start to the writers, as the incremental polls do).
 const SEQ_MARGIN: i64 = 1024;
 /// A full reload this often catches anything the incremental poll could not.
 const FULL_RELOAD: Duration = Duration::from_secs(600);
@@ -790,7 +791,17 @@ impl Revocations {
             self.added.notify_waiters();
         }
         let mut s = self.sync.lock().map_err(poisoned)?;
-        s.confirmed = s.confirmed.max(max_seq.saturating_sub(SEQ_MARGIN));
+        // Only the first load starts the cursor just below the newest number. A later
+        // one leaves it to the poll's writers (`seen`): a transaction that took a
+        // number before the load and commits after it is read by the next polls
+        // (fourth security review, 2026-12-07: every load moved the cursor to
+        // `SEQ_MARGIN` below the newest, past any writer still open; with a filter
+        // rebuilt whenever it is outgrown, a revocation that committed after a
+        // rebuild, with more than 1 024 numbered after its own, was missed here until
+        // the next load).
+        if s.full_at.is_none() {
+            s.confirmed = s.confirmed.max(max_seq.saturating_sub(SEQ_MARGIN));
+        }
         Ok((max_seq, writers, asked))
     }
 

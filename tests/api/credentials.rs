@@ -31,7 +31,10 @@ backend_tests!(
     dev_credentials_issued_again_end_the_lost_ones,
 );
 
-postgres_tests!(a_revocation_made_here_while_a_filter_is_built_is_in_the_new_one);
+postgres_tests!(
+    a_revocation_made_here_while_a_filter_is_built_is_in_the_new_one,
+    a_revocation_committed_late_is_read_after_a_rebuild_of_the_filter,
+);
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -368,6 +371,58 @@ fn a_revocation_made_here_while_a_filter_is_built_is_in_the_new_one(b: Backend) 
         gone.len(),
         &gone[..gone.len().min(20)]
     );
+}
+
+/// Revocations `fill-<from>`..`fill-<to>` written as another instance would, one
+/// statement each.
+fn fill_revocations(app: &TestApp, from: usize, to: usize, exp: i64) {
+    app.state
+        .db
+        .write_sync(move |c| {
+            for i in from..to {
+                revoked::revoke_token(c, &format!("fill-{i}"), exp, now_millis())?;
+            }
+            Ok(())
+        })
+        .expect("fill");
+}
+
+/// A full load moved the cursor to 1 024 numbers below the newest, past any
+/// transaction still open (PostgreSQL numbers rows when written, not when committed).
+/// With a filter rebuilt whenever it is outgrown, that is any time: a revocation that
+/// took its number before 1 024 others and committed after the build was never read
+/// by this instance's polls (until the next build), whatever the writers said.
+fn a_revocation_committed_late_is_read_after_a_rebuild_of_the_filter(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let set = revocation::Revocations::new(app.state.db.clone());
+    set.set_limit(10);
+    let exp = now_millis() + 3_600_000;
+    fill_revocations(&app, 0, 20, exp);
+    let mut late = diesel::PgConnection::establish(&app.db.url).expect("open postgres");
+    actix_web::rt::System::new().block_on(async {
+        set.poll()
+            .await
+            .expect("first poll, a full load past the bound");
+        late.batch_execute(&format!(
+            "BEGIN; INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
+             VALUES ('late', {exp}, {})",
+            now_millis()
+        ))
+        .expect("open a revoking transaction");
+        fill_revocations(&app, 20, 1200, exp);
+        set.poll()
+            .await
+            .expect("poll that reads them (the filter is outgrown)");
+        set.poll().await.expect("poll that builds a larger filter");
+        late.batch_execute("COMMIT")
+            .expect("commit the late revocation");
+        for _ in 0..3 {
+            actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+            set.poll().await.expect("poll");
+        }
+        assert!(set.holds("late"), "the late revocation was never read");
+        assert!(set.is_revoked("late", "y", 1).await.expect("check"));
+    });
 }
 
 /// With both instances' sets full (and then past full), an operator's revocation on one
