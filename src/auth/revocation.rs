@@ -163,10 +163,11 @@ struct Set {
     /// More active revocations than the limit: `ids` is empty and this holds every
     /// active id known (and some expired ones, until the next build).
     filter: Option<Filter>,
-    /// While a poll builds a new filter from the table: the ids this instance revoked
-    /// meanwhile, for the new one (`None` when none is being built; at most `limit()`,
-    /// past which the build is dropped and the old filter kept, `spoiled`).
-    during: Option<Vec<String>>,
+    /// While a poll loads the table: the ids (and their expiries) this instance put in
+    /// the filter meanwhile, for the new filter or the ids the load ends with (`None`
+    /// when none is under way; at most `limit()`, past which the load is dropped, the
+    /// old filter kept and the poll fails, `spoiled`).
+    during: Option<Vec<(String, i64)>>,
     spoiled: bool,
 }
 
@@ -257,7 +258,7 @@ impl Set {
         // A filter being built meanwhile needs them too (they leave `ids`).
         if let Some(during) = self.during.as_mut() {
             if during.len().saturating_add(self.ids.len()) <= limit {
-                during.extend(self.ids.keys().cloned());
+                during.extend(self.ids.iter().map(|(k, e)| (k.clone(), *e)));
             } else {
                 self.spoiled = true;
             }
@@ -266,10 +267,10 @@ impl Set {
     }
 
     /// Hold `id` in the filter (and for one being built); whether it is new.
-    fn filter_insert(&mut self, id: &str, limit: usize) -> bool {
+    fn filter_insert(&mut self, id: &str, exp: i64, limit: usize) -> bool {
         if let Some(during) = self.during.as_mut() {
             if during.len() < limit {
-                during.push(id.to_owned());
+                during.push((id.to_owned(), exp));
             } else {
                 self.spoiled = true;
             }
@@ -392,7 +393,7 @@ impl Revocations {
     pub fn revoke_local(&self, jti: &str, expires_at: i64) {
         let limit = self.limit();
         let added = match self.set.write() {
-            Ok(mut s) if s.filter.is_some() => s.filter_insert(jti, limit),
+            Ok(mut s) if s.filter.is_some() => s.filter_insert(jti, expires_at, limit),
             Ok(mut s) => match s.ids.get_mut(jti) {
                 Some(held) => {
                     *held = (*held).max(expires_at);
@@ -405,7 +406,7 @@ impl Revocations {
                     }
                     if s.ids.len() >= limit {
                         s.pass_bound(limit);
-                        s.filter_insert(jti, limit)
+                        s.filter_insert(jti, expires_at, limit)
                     } else {
                         hold(&mut s.ids, jti.to_owned(), expires_at)
                     }
@@ -623,7 +624,7 @@ impl Revocations {
             for (jti, exp, _) in rows {
                 if exp > now {
                     added |= if set.filter.is_some() {
-                        set.filter_insert(&jti, limit)
+                        set.filter_insert(&jti, exp, limit)
                     } else {
                         hold(&mut set.ids, jti, exp)
                     };
@@ -750,17 +751,28 @@ impl Revocations {
             })
             .await?;
         let past_bound = rows.len() > limit || usize::try_from(count).map_or(true, |c| c > limit);
+        let filter = if past_bound {
+            Some(self.build_filter(now, count).await?)
+        } else {
+            None
+        };
         let mut added = false;
-        if past_bound {
-            let mut filter = self.build_filter(now, count).await?;
+        {
             let mut set = self.set.write().map_err(poisoned)?;
             let during = set.during.take().unwrap_or_default();
-            let spoiled = std::mem::take(&mut set.spoiled);
-            if spoiled {
-                // More revocations here than the bound while it was built: the filter
-                // in place holds them all, and stays until the next build.
-                log::warn!("token revocation filter rebuilt while {limit} were revoked here: kept the old one");
-            } else {
+            if std::mem::take(&mut set.spoiled) {
+                // More revocations here than the bound while the table was read: the
+                // filter in place holds them all and stays, but it lacks what other
+                // instances revoked since the last poll, and the cursor has not moved
+                // past them. Not a refresh (fourth security review, 2026-12-07: the
+                // set was stamped as current as this read, and the cursor moved past
+                // rows it never read, for up to 10 minutes).
+                return Err(StoreError::Internal(format!(
+                    "token revocations reloaded while more than {limit} were revoked \
+                     here: kept the filter in place, the next poll loads again"
+                )));
+            }
+            if let Some(mut filter) = filter {
                 if set.filter.is_none() {
                     log::warn!(
                         "more than {limit} active token revocations: holding them in a \
@@ -768,22 +780,27 @@ impl Revocations {
                          shrinks"
                     );
                 }
-                for id in during.iter().chain(set.ids.keys()) {
+                for id in during.iter().map(|(id, _)| id).chain(set.ids.keys()) {
                     filter.insert(id);
                 }
                 set.ids = HashMap::new();
                 set.filter = Some(filter);
                 added = true;
-            }
-        } else {
-            let mut set = self.set.write().map_err(poisoned)?;
-            if set.filter.take().is_some() {
-                log::info!("token revocations back under {limit}: held in memory again");
-            }
-            set.ids.retain(|_, e| *e > now);
-            for (jti, exp, _) in rows {
-                if hold(&mut set.ids, jti, exp) {
-                    added = true;
+            } else {
+                if set.filter.take().is_some() {
+                    log::info!("token revocations back under {limit}: held in memory again");
+                }
+                set.ids.retain(|_, e| *e > now);
+                // What this instance revoked during the read went into the filter just
+                // dropped (fourth security review, 2026-12-07: it was lost, answered
+                // "not revoked" here until a poll read its row).
+                for (jti, exp) in during
+                    .into_iter()
+                    .chain(rows.into_iter().map(|(jti, exp, _)| (jti, exp)))
+                {
+                    if exp > now && hold(&mut set.ids, jti, exp) {
+                        added = true;
+                    }
                 }
             }
         }

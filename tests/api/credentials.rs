@@ -33,6 +33,8 @@ backend_tests!(
 
 postgres_tests!(
     a_revocation_made_here_while_a_filter_is_built_is_in_the_new_one,
+    a_build_dropped_for_the_revocations_made_meanwhile_does_not_count_as_current,
+    a_revocation_made_here_while_the_set_returns_to_its_ids_is_kept,
     a_revocation_committed_late_is_read_after_a_rebuild_of_the_filter,
 );
 
@@ -385,6 +387,97 @@ fn fill_revocations(app: &TestApp, from: usize, to: usize, exp: i64) {
             Ok(())
         })
         .expect("fill");
+}
+
+/// A build of the filter that more revocations made here than the bound spoiled is
+/// dropped and the old filter kept. That filter lacks what other instances revoked
+/// since the last poll, so the poll must not count as a refresh (before: the set was
+/// stamped as current as the build's read, and the cursor moved 1 024 numbers below
+/// the newest: the rows in between were missed, until the next build, up to 10 min).
+fn a_build_dropped_for_the_revocations_made_meanwhile_does_not_count_as_current(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let set = revocation::Revocations::new(app.state.db.clone());
+    set.set_limit(10);
+    let exp = now_millis() + 3_600_000;
+    fill_revocations(&app, 0, 20, exp);
+    let mut lock = diesel::PgConnection::establish(&app.db.url).expect("open postgres");
+    actix_web::rt::System::new().block_on(async {
+        set.poll()
+            .await
+            .expect("first poll, a full load past the bound");
+        fill_revocations(&app, 20, 1100, exp);
+        set.poll()
+            .await
+            .expect("poll that reads them (the filter is outgrown)");
+        // Revoked elsewhere after that poll, and more than a second before the checks.
+        fill_revocations(&app, 1100, 2300, exp);
+        actix_web::rt::time::sleep(Duration::from_millis(1200)).await;
+        lock.batch_execute("BEGIN; LOCK TABLE revoked_tokens IN ACCESS EXCLUSIVE MODE")
+            .expect("lock");
+        let building = async {
+            // Fails or not; what it leaves is what counts.
+            let _ = set.poll().await;
+        };
+        let revoking = async {
+            actix_web::rt::time::sleep(Duration::from_millis(300)).await;
+            for i in 0..11 {
+                set.revoke_local(&format!("local-{i}"), exp);
+            }
+            lock.batch_execute("COMMIT").expect("unlock");
+        };
+        futures_util::future::join(building, revoking).await;
+        let mut accepted = Vec::new();
+        for i in 1100..2300 {
+            let id = format!("fill-{i}");
+            if !set.is_revoked(&id, "y", 1).await.expect("check") {
+                accepted.push(i);
+            }
+        }
+        assert!(
+            accepted.is_empty(),
+            "{} revoked ids accepted: {:?}",
+            accepted.len(),
+            &accepted[..accepted.len().min(20)]
+        );
+    });
+}
+
+/// A build that finds the table back under the bound returns to the ids. What this
+/// instance revoked while the table was read went into the filter being dropped, so
+/// it must come along (before: lost, and answered "not revoked" from memory until a
+/// poll read its row back).
+fn a_revocation_made_here_while_the_set_returns_to_its_ids_is_kept(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let set = revocation::Revocations::new(app.state.db.clone());
+    set.set_limit(10);
+    let short = now_millis() + 4_000;
+    let exp = now_millis() + 3_600_000;
+    fill_revocations(&app, 0, 20, short);
+    let mut lock = diesel::PgConnection::establish(&app.db.url).expect("open postgres");
+    actix_web::rt::System::new().block_on(async {
+        set.poll()
+            .await
+            .expect("first poll, a full load past the bound");
+        fill_revocations(&app, 20, 1100, short);
+        set.poll()
+            .await
+            .expect("poll that reads them (the filter is outgrown)");
+        while now_millis() <= short + 200 {
+            actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+        }
+        lock.batch_execute("BEGIN; LOCK TABLE revoked_tokens IN ACCESS EXCLUSIVE MODE")
+            .expect("lock");
+        // Every revocation expired: this build goes back to the ids.
+        let building = async { set.poll().await.expect("poll that builds") };
+        let revoking = async {
+            actix_web::rt::time::sleep(Duration::from_millis(300)).await;
+            set.revoke_local("local-0", exp);
+            lock.batch_execute("COMMIT").expect("unlock");
+        };
+        futures_util::future::join(building, revoking).await;
+        assert!(set.holds("local-0"), "lost on the way back to the ids");
+        assert!(set.is_revoked("local-0", "y", 1).await.expect("check"));
+    });
 }
 
 /// A full load moved the cursor to 1 024 numbers below the newest, past any
