@@ -192,7 +192,7 @@ where
 {
     // Lock first: even the pending check creates diesel's bookkeeping table, which
     // races when instances start together on an empty database.
-    c.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_ID})"))?;
+    lock_migrations(c)?;
     // After the migration lock: instances starting together wait for it as long as the
     // first one migrates.
     let ran = newer_in(c, source)
@@ -217,6 +217,36 @@ where
     unlock?;
     Ok(ran)
 }
+
+/// Take the migration lock, trying every [`LOCK_RETRY`] instead of waiting inside
+/// `pg_advisory_lock`: a session waiting there is a statement in progress, and a
+/// `CREATE INDEX CONCURRENTLY` run by the instance that holds the lock waits for every
+/// such statement to end, while they wait for its lock: a deadlock, which PostgreSQL
+/// broke by cancelling the build and left its invalid index behind, failing the next
+/// instance's run with "already exists"
+/// (`ops::postgres::instances_starting_together_on_an_empty_database`, with the first
+/// concurrent build, `…_jobs_queued`). Between tries a waiting session holds no snapshot.
+fn lock_migrations(c: &mut diesel::PgConnection) -> Result<(), BoxError> {
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Got {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        got: bool,
+    }
+    loop {
+        let g: Got = diesel::sql_query(format!(
+            "SELECT pg_try_advisory_lock({MIGRATION_LOCK_ID}) AS got"
+        ))
+        .get_result(c)?;
+        if g.got {
+            return Ok(());
+        }
+        std::thread::sleep(LOCK_RETRY);
+    }
+}
+
+/// How often an instance waiting for another's migrations tries the lock again.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 
 fn run_on(conn: &mut DbConnection, allow_newer: bool) -> Result<usize, BoxError> {
     match conn {
