@@ -3,80 +3,121 @@
 
 use diesel::pg::Pg;
 use diesel::prelude::*;
-use diesel::query_builder::{AstPass, QueryFragment};
+use diesel::query_builder::{AstPass, Query, QueryFragment};
 use diesel::sql_types::{BigInt, Text};
 use diesel::sqlite::Sqlite;
 
-use super::schema::jobs;
 use super::DbConnection;
 use crate::error::StoreError;
 
-/// Lock the best QUEUED job of `queue` (priority, then age) that is due (`run_at` not
-/// in the future) inside the caller's transaction and bump its version; `None` when
-/// the queue has no due job.
+/// The stored form of the QUEUED status, written into the claim's SQL as a literal (not
+/// a parameter) so that PostgreSQL and SQLite can use the partial index `jobs_queued`
+/// (`… WHERE status = 'QUEUED'`), whose predicate a bound parameter does not imply. The
+/// job model owns the status names; `jobs::repo`'s tests check this is its QUEUED.
+pub const QUEUED: &str = "QUEUED";
+
+/// Lock the best QUEUED job of `queue` (priority, then age, then id) that is due
+/// (`run_at` not in the future) inside the caller's transaction and bump its version;
+/// `None` when the queue has no due job.
+///
+/// The pick reads the partial index `jobs_queued` (queue, priority DESC, created_at, id)
+/// of the QUEUED jobs only, whose order is the claim's: the first due entry it finds is
+/// the job, however many jobs wait and however many finished ones the queue has had.
+/// Without it, PostgreSQL (with no column statistics, as with autovacuum off, or stale
+/// ones) chose any index on (queue, status) and sorted every QUEUED job of the queue
+/// for each claim: a backlog made every claim slower (docs/decisions.md, "The claim
+/// reads an index of the QUEUED jobs only").
+///
+/// Having the index is not enough on PostgreSQL: with no column statistics (autovacuum
+/// off: nothing runs `ANALYZE`) the planner estimates a row or two for any queue and
+/// status, and once housekeeping's `VACUUM` has told it the table's size it may find a
+/// bitmap scan of all the queue's QUEUED jobs plus a sort of them as cheap as reading the
+/// index in order, and keep that plan (`coordinator-bench --life --soak 3 --backend
+/// postgres`, 2026-12-07: the fastest claim from 1.5 ms to 25 ms
+/// within two minutes, the backlog of jobs whose claims the door refused growing). So
+/// the claim's transaction forbids sorts first ([`PICK_BY_INDEX_ORDER`]); the one plan
+/// left is the index read in order, whatever the statistics say.
 ///
 /// PostgreSQL: `SELECT … FOR UPDATE SKIP LOCKED`, so concurrent claimers take different
 /// rows. SQLite: the first statement is the `UPDATE`, which takes the database write
 /// lock, so the choice cannot change under us until commit.
-/// `queued` is the stored form of the QUEUED status (the job model owns it).
 pub fn lock_next_queued(
     conn: &mut DbConnection,
     queue: &str,
-    queued: &str,
 ) -> Result<Option<String>, StoreError> {
     let now = super::now_millis();
     match conn {
         DbConnection::Postgresql(pg) => {
-            let id: Option<String> = jobs::table
-                .filter(jobs::queue.eq(queue))
-                .filter(jobs::status.eq(queued))
-                .filter(jobs::run_at.le(now))
-                .order((
-                    jobs::priority.desc(),
-                    jobs::created_at.asc(),
-                    jobs::id.asc(),
-                ))
-                .select(jobs::id)
-                .limit(1)
-                .for_update()
-                .skip_locked()
-                .first(pg)
-                .optional()?;
+            use diesel::connection::SimpleConnection;
+            pg.batch_execute(PICK_BY_INDEX_ORDER)?;
+            let id: Option<String> = NextQueued { queue, now }.get_result(pg).optional()?;
             if let Some(id) = &id {
                 BumpVersion(id).execute(pg)?;
             }
             Ok(id)
         }
         DbConnection::Sqlite(lite) => {
-            let best = || {
-                jobs::table
-                    .filter(jobs::queue.eq(queue))
-                    .filter(jobs::status.eq(queued))
-                    .filter(jobs::run_at.le(now))
-                    .order((
-                        jobs::priority.desc(),
-                        jobs::created_at.asc(),
-                        jobs::id.asc(),
-                    ))
-                    .select(jobs::id)
-                    .limit(1)
-            };
-            let n = BumpNextQueued { queue, queued, now }.execute(lite)?;
-            if n == 0 {
-                return Ok(None);
-            }
-            Ok(best().first(lite).optional()?)
+            Ok(BumpNextQueued { queue, now }.get_result(lite).optional()?)
         }
     }
 }
 
-// The two version bumps as statement types with a static query id, so that diesel keeps
-// them prepared on each connection (it never caches its own UPDATE or a `sql_query`).
+/// PostgreSQL: run before the pick, inside the claim's transaction (`LOCAL`: it ends with
+/// it): no sort, so the only plan for the pick's `ORDER BY … LIMIT 1` is a read of
+/// `jobs_queued` in its order. The claim's other statements read rows by key and sort
+/// nothing.
+const PICK_BY_INDEX_ORDER: &str =
+    "SET LOCAL enable_sort = off; SET LOCAL enable_incremental_sort = off";
+
+// The claim's statements as types with a static query id, so that diesel keeps them
+// prepared on each connection (it never caches its own UPDATE or a `sql_query`).
+
+/// The claim's pick, after `WHERE` up to the end of its `ORDER BY` (binds: the queue,
+/// then the time).
+fn push_pick<'b, DB>(
+    queue: &'b &'b str,
+    now: &'b i64,
+    out: &mut AstPass<'_, 'b, DB>,
+) -> QueryResult<()>
+where
+    DB: diesel::backend::Backend
+        + diesel::sql_types::HasSqlType<Text>
+        + diesel::sql_types::HasSqlType<BigInt>,
+    str: diesel::serialize::ToSql<Text, DB>,
+    i64: diesel::serialize::ToSql<BigInt, DB>,
+{
+    out.push_sql("SELECT id FROM jobs WHERE queue = ");
+    out.push_bind_param::<Text, _>(*queue)?;
+    out.push_sql(" AND status = '");
+    out.push_sql(QUEUED);
+    out.push_sql("' AND run_at <= ");
+    out.push_bind_param::<BigInt, _>(now)?;
+    out.push_sql(" ORDER BY priority DESC, created_at, id LIMIT 1");
+    Ok(())
+}
+
+/// PostgreSQL: `SELECT id … LIMIT 1 FOR UPDATE SKIP LOCKED`, the best due QUEUED job.
+struct NextQueued<'a> {
+    queue: &'a str,
+    now: i64,
+}
 
 /// PostgreSQL: `UPDATE jobs SET version = version + 1 WHERE id = ?` (the row is locked).
 struct BumpVersion<'a>(&'a str);
 
-prepared_statement!(BumpVersion, BumpNextQueued);
+prepared_statement!(NextQueued, BumpVersion, BumpNextQueued);
+
+impl Query for NextQueued<'_> {
+    type SqlType = Text;
+}
+
+impl QueryFragment<Pg> for NextQueued<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        push_pick(&self.queue, &self.now, &mut out)?;
+        out.push_sql(" FOR UPDATE SKIP LOCKED");
+        Ok(())
+    }
+}
 
 impl QueryFragment<Pg> for BumpVersion<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
@@ -85,25 +126,61 @@ impl QueryFragment<Pg> for BumpVersion<'_> {
     }
 }
 
-/// SQLite: bump the version of the best due job of `queue` in state `queued`, as its
-/// first statement (which takes the write lock).
+/// SQLite: bump the version of the best due QUEUED job of `queue` and return its id, as
+/// its first statement (which takes the write lock).
 struct BumpNextQueued<'a> {
     queue: &'a str,
-    queued: &'a str,
     now: i64,
+}
+
+impl Query for BumpNextQueued<'_> {
+    type SqlType = Text;
 }
 
 impl QueryFragment<Sqlite> for BumpNextQueued<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
-        out.push_sql(
-            "UPDATE jobs SET version = version + 1 WHERE id = (SELECT id FROM jobs WHERE queue = ",
-        );
-        out.push_bind_param::<Text, _>(self.queue)?;
-        out.push_sql(" AND status = ");
-        out.push_bind_param::<Text, _>(self.queued)?;
-        out.push_sql(" AND run_at <= ");
-        out.push_bind_param::<BigInt, _>(&self.now)?;
-        out.push_sql(" ORDER BY priority DESC, created_at, id LIMIT 1)");
+        out.push_sql("UPDATE jobs SET version = version + 1 WHERE id = (");
+        push_pick(&self.queue, &self.now, &mut out)?;
+        out.push_sql(") RETURNING id");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use diesel::prelude::*;
+    use diesel::sql_types::{BigInt, Text};
+    use diesel_migrations::MigrationHarness;
+
+    use super::BumpNextQueued;
+
+    #[derive(QueryableByName)]
+    struct Step {
+        #[diesel(sql_type = Text)]
+        detail: String,
+    }
+
+    /// SQLite's claim finds its job with one search of the partial index of QUEUED jobs,
+    /// whose order is the claim's: no sort of the queue's jobs (`USE TEMP B-TREE`), which
+    /// the index on (queue, status, priority, created_at) left for the id.
+    #[test]
+    fn the_sqlite_claim_reads_the_queued_index_in_its_order() {
+        let mut c = SqliteConnection::establish(":memory:").expect("sqlite");
+        c.run_pending_migrations(crate::db::migrate::SQLITE_MIGRATIONS)
+            .expect("migrations");
+        let stmt = BumpNextQueued { queue: "q", now: 0 };
+        let sql = diesel::debug_query::<diesel::sqlite::Sqlite, _>(&stmt).to_string();
+        let sql = sql.split(" -- binds").next().expect("the statement");
+        let plan: Vec<String> = diesel::sql_query(format!("EXPLAIN QUERY PLAN {sql}"))
+            .bind::<Text, _>("q")
+            .bind::<BigInt, _>(0)
+            .load::<Step>(&mut c)
+            .expect("plan")
+            .into_iter()
+            .map(|s| s.detail)
+            .collect();
+        let text = plan.join("\n");
+        assert!(text.contains("USING INDEX jobs_queued (queue=?)"), "{text}");
+        assert!(!text.contains("TEMP B-TREE"), "{text}");
     }
 }

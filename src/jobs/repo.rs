@@ -1456,8 +1456,7 @@ pub fn claim(
     if !queue_admits(conn, queue)? {
         return Ok(None);
     }
-    let Some(id) = crate::db::queue::lock_next_queued(conn, queue, JobStatus::Queued.as_str())?
-    else {
+    let Some(id) = crate::db::queue::lock_next_queued(conn, queue)? else {
         return Ok(None);
     };
     let id = JobId::parse(&id, "id")
@@ -1518,6 +1517,16 @@ mod tests {
             .first::<(Option<i64>, Option<i64>, i64)>(c)
             .expect("seqs");
         (lo.unwrap_or(0), hi.unwrap_or(0), n)
+    }
+
+    /// The claim's SQL names the QUEUED status as a literal (the predicate of the
+    /// partial index it reads): it must be the model's QUEUED, or no claim finds a job.
+    #[test]
+    fn the_claims_literal_is_the_stored_queued_status() {
+        assert_eq!(
+            crate::db::queue::QUEUED,
+            crate::jobs::state::JobStatus::Queued.as_str()
+        );
     }
 
     /// The bounded trim deletes one range of the primary key, and finds the job's

@@ -462,13 +462,17 @@ fn a_migration_behind_a_long_transaction_gives_up_instead_of_stalling_every_inst
     let Some(db) = TestDb::create(b) else { return };
     let cfg = test_config(&db);
     coordinator::db::migrate::run_pending(&cfg.db).expect("migrate");
-    // The newest migration (an `ALTER TABLE replay_records`) is pending again.
+    // A migration that takes a table lock in its transaction (an `ALTER TABLE
+    // replay_records`) is pending again. (Not the newest: that one builds an index
+    // `CONCURRENTLY`, outside a transaction, and waits as long as it must.)
     let mut c = diesel::PgConnection::establish(&db.url).expect("open postgres");
     let all =
         MigrationSource::<diesel::pg::Pg>::migrations(&POSTGRES_MIGRATIONS).expect("migrations");
-    let last = all.last().expect("a migration");
-    c.revert_migration(last.as_ref())
-        .expect("revert the newest");
+    let altering = all
+        .iter()
+        .find(|m| m.name().to_string() == "2026-12-04-000002_replay_records_by_time")
+        .expect("the replay_records migration");
+    c.revert_migration(altering.as_ref()).expect("revert it");
     // Another session reads the table in a transaction it keeps open.
     let mut holder = diesel::PgConnection::establish(&db.url).expect("open postgres");
     holder
