@@ -379,20 +379,6 @@ fn a_revocation_made_here_while_a_filter_is_built_is_in_the_new_one(b: Backend) 
     );
 }
 
-/// Revocations `fill-<from>`..`fill-<to>` written as another instance would, one
-/// statement each.
-fn fill_revocations(app: &TestApp, from: usize, to: usize, exp: i64) {
-    app.state
-        .db
-        .write_sync(move |c| {
-            for i in from..to {
-                revoked::revoke_token(c, &format!("fill-{i}"), exp, now_millis())?;
-            }
-            Ok(())
-        })
-        .expect("fill");
-}
-
 /// A build of the filter that more revocations made here than the bound spoiled is
 /// dropped and the old filter kept. That filter lacks what other instances revoked
 /// since the last poll, so the poll must not count as a refresh (before: the set was
@@ -403,18 +389,18 @@ fn a_build_dropped_for_the_revocations_made_meanwhile_does_not_count_as_current(
     let set = revocation::Revocations::new(app.state.db.clone());
     set.set_limit(10);
     let exp = now_millis() + 3_600_000;
-    fill_revocations(&app, 0, 20, exp);
+    fill_revocations(&app, 0..20, exp);
     let mut lock = diesel::PgConnection::establish(&app.db.url).expect("open postgres");
     actix_web::rt::System::new().block_on(async {
         set.poll()
             .await
             .expect("first poll, a full load past the bound");
-        fill_revocations(&app, 20, 1100, exp);
+        fill_revocations(&app, 20..1100, exp);
         set.poll()
             .await
             .expect("poll that reads them (the filter is outgrown)");
         // Revoked elsewhere after that poll, and more than a second before the checks.
-        fill_revocations(&app, 1100, 2300, exp);
+        fill_revocations(&app, 1100..2300, exp);
         actix_web::rt::time::sleep(Duration::from_millis(1200)).await;
         lock.batch_execute("BEGIN; LOCK TABLE revoked_tokens IN ACCESS EXCLUSIVE MODE")
             .expect("lock");
@@ -456,13 +442,13 @@ fn a_revocation_made_here_while_the_set_returns_to_its_ids_is_kept(b: Backend) {
     set.set_limit(10);
     let short = now_millis() + 4_000;
     let exp = now_millis() + 3_600_000;
-    fill_revocations(&app, 0, 20, short);
+    fill_revocations(&app, 0..20, short);
     let mut lock = diesel::PgConnection::establish(&app.db.url).expect("open postgres");
     actix_web::rt::System::new().block_on(async {
         set.poll()
             .await
             .expect("first poll, a full load past the bound");
-        fill_revocations(&app, 20, 1100, short);
+        fill_revocations(&app, 20..1100, short);
         set.poll()
             .await
             .expect("poll that reads them (the filter is outgrown)");
@@ -494,7 +480,7 @@ fn a_revocation_committed_late_is_read_after_a_rebuild_of_the_filter(b: Backend)
     let set = revocation::Revocations::new(app.state.db.clone());
     set.set_limit(10);
     let exp = now_millis() + 3_600_000;
-    fill_revocations(&app, 0, 20, exp);
+    fill_revocations(&app, 0..20, exp);
     let mut late = diesel::PgConnection::establish(&app.db.url).expect("open postgres");
     actix_web::rt::System::new().block_on(async {
         set.poll()
@@ -506,7 +492,7 @@ fn a_revocation_committed_late_is_read_after_a_rebuild_of_the_filter(b: Backend)
             now_millis()
         ))
         .expect("open a revoking transaction");
-        fill_revocations(&app, 20, 1200, exp);
+        fill_revocations(&app, 20..1200, exp);
         set.poll()
             .await
             .expect("poll that reads them (the filter is outgrown)");
