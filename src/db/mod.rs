@@ -1216,3 +1216,26 @@ mod tests {
         );
     }
 }
+
+/// What the storage modules' SQLite plan tests share: a migrated in-memory database and
+/// one step of `EXPLAIN QUERY PLAN`.
+#[cfg(test)]
+pub(crate) mod plan_tests {
+    use diesel::prelude::*;
+    use diesel_migrations::MigrationHarness;
+
+    /// One step of SQLite's `EXPLAIN QUERY PLAN`.
+    #[derive(QueryableByName)]
+    pub(crate) struct Step {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        pub(crate) detail: String,
+    }
+
+    /// An in-memory SQLite database with every migration run.
+    pub(crate) fn migrated_sqlite() -> SqliteConnection {
+        let mut c = SqliteConnection::establish(":memory:").expect("sqlite");
+        c.run_pending_migrations(crate::db::migrate::SQLITE_MIGRATIONS)
+            .expect("migrations");
+        c
+    }
+}

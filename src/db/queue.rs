@@ -148,26 +148,18 @@ impl QueryFragment<Sqlite> for BumpNextQueued<'_> {
 
 #[cfg(test)]
 mod tests {
+    use crate::db::plan_tests::{migrated_sqlite, Step};
     use diesel::prelude::*;
     use diesel::sql_types::{BigInt, Text};
-    use diesel_migrations::MigrationHarness;
 
     use super::BumpNextQueued;
-
-    #[derive(QueryableByName)]
-    struct Step {
-        #[diesel(sql_type = Text)]
-        detail: String,
-    }
 
     /// SQLite's claim finds its job with one search of the partial index of QUEUED jobs,
     /// whose order is the claim's: no sort of the queue's jobs (`USE TEMP B-TREE`), which
     /// the index on (queue, status, priority, created_at) left for the id.
     #[test]
     fn the_sqlite_claim_reads_the_queued_index_in_its_order() {
-        let mut c = SqliteConnection::establish(":memory:").expect("sqlite");
-        c.run_pending_migrations(crate::db::migrate::SQLITE_MIGRATIONS)
-            .expect("migrations");
+        let mut c = migrated_sqlite();
         let stmt = BumpNextQueued { queue: "q", now: 0 };
         let sql = diesel::debug_query::<diesel::sqlite::Sqlite, _>(&stmt).to_string();
         let sql = sql.split(" -- binds").next().expect("the statement");

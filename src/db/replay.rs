@@ -596,23 +596,15 @@ pub fn record_then<T>(
 
 #[cfg(test)]
 mod tests {
+    use crate::db::plan_tests::{migrated_sqlite, Step};
     use diesel::prelude::*;
-    use diesel::sql_types::{BigInt, Text};
-    use diesel_migrations::MigrationHarness;
-
-    #[derive(QueryableByName)]
-    struct Step {
-        #[diesel(sql_type = Text)]
-        detail: String,
-    }
+    use diesel::sql_types::BigInt;
 
     /// The SQLite purge reads and deletes a range of the primary key: no scan of the
     /// table, no other index (there is none).
     #[test]
     fn the_sqlite_purge_searches_the_primary_key() {
-        let mut c = SqliteConnection::establish(":memory:").expect("sqlite");
-        c.run_pending_migrations(crate::db::migrate::SQLITE_MIGRATIONS)
-            .expect("migrations");
+        let mut c = migrated_sqlite();
         for (sql, binds) in [(super::SQLITE_PURGE_CUTOFF, 3), (super::SQLITE_PURGE, 2)] {
             let mut q = diesel::sql_query(format!("EXPLAIN QUERY PLAN {sql}")).into_boxed();
             for v in 0..binds {

@@ -1475,24 +1475,16 @@ pub fn claim(
 
 #[cfg(test)]
 mod tests {
+    use crate::db::plan_tests::{migrated_sqlite, Step};
     use diesel::connection::SimpleConnection;
     use diesel::prelude::*;
     use diesel::sql_types::Text;
-    use diesel_migrations::MigrationHarness;
 
     use super::{trim_lite, EventBound, SQLITE_TRIM};
 
-    #[derive(QueryableByName)]
-    struct Step {
-        #[diesel(sql_type = Text)]
-        detail: String,
-    }
-
     /// A job's `n` events, `seq` 1 to `n`, written straight into `job_events`.
     fn backlog(n: i64) -> SqliteConnection {
-        let mut c = SqliteConnection::establish(":memory:").expect("sqlite");
-        c.run_pending_migrations(crate::db::migrate::SQLITE_MIGRATIONS)
-            .expect("migrations");
+        let mut c = migrated_sqlite();
         c.batch_execute("PRAGMA foreign_keys = OFF")
             .expect("pragma");
         add(&mut c, 1, n);
