@@ -1220,7 +1220,7 @@ mod tests {
 /// What the storage modules' SQLite plan tests share: a migrated in-memory database and
 /// one step of `EXPLAIN QUERY PLAN`.
 #[cfg(test)]
-pub(crate) mod plan_tests {
+pub mod plan_tests {
     use diesel::prelude::*;
     use diesel_migrations::MigrationHarness;
 
