@@ -1,12 +1,15 @@
 //! Picking the next job of a queue, with different SQL on each backend (the other
 //! backend-specific statements are listed in `db`'s module documentation).
 
+use diesel::deserialize::FromSqlRow;
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment};
 use diesel::sql_types::{BigInt, Text};
 use diesel::sqlite::Sqlite;
+use diesel::Table;
 
+use super::schema::jobs;
 use super::DbConnection;
 use crate::error::StoreError;
 
@@ -15,6 +18,9 @@ use crate::error::StoreError;
 /// (`… WHERE status = 'QUEUED'`), whose predicate a bound parameter does not imply. The
 /// job model owns the status names; `jobs::repo`'s tests check this is its QUEUED.
 pub const QUEUED: &str = "QUEUED";
+
+/// The SQL types of a `jobs` row, every column in the table's order.
+pub type JobColumns = diesel::dsl::SqlTypeOf<<jobs::table as Table>::AllColumns>;
 
 /// Lock the best QUEUED job of `queue` (priority, then age, then id) that is due
 /// (`run_at` not in the future) inside the caller's transaction and bump its version;
@@ -38,27 +44,28 @@ pub const QUEUED: &str = "QUEUED";
 /// the claim's transaction forbids sorts first ([`PICK_BY_INDEX_ORDER`]); the one plan
 /// left is the index read in order, whatever the statistics say.
 ///
-/// PostgreSQL: `SELECT … FOR UPDATE SKIP LOCKED`, so concurrent claimers take different
-/// rows. SQLite: the first statement is the `UPDATE`, which takes the database write
-/// lock, so the choice cannot change under us until commit.
-pub fn lock_next_queued(
-    conn: &mut DbConnection,
-    queue: &str,
-) -> Result<Option<String>, StoreError> {
+/// PostgreSQL: the pick is a subquery `FOR UPDATE SKIP LOCKED`, so concurrent claimers
+/// take different rows. SQLite: the statement is an `UPDATE`, which takes the database
+/// write lock, so the choice cannot change under us until commit. On both the version
+/// bump and the read of the whole row are the same statement as the pick: one round trip
+/// instead of three (pick, bump, read; docs/decisions.md, "The claim picks, locks and
+/// reads its job in one statement").
+///
+/// `R` is the job's row type (`jobs::row::JobRow`, which reads the columns by position
+/// in the table's order).
+pub fn lock_next_queued<R>(conn: &mut DbConnection, queue: &str) -> Result<Option<R>, StoreError>
+where
+    R: FromSqlRow<JobColumns, Pg> + FromSqlRow<JobColumns, Sqlite> + 'static,
+{
     let now = super::now_millis();
+    let next = BumpNextQueued { queue, now };
     match conn {
         DbConnection::Postgresql(pg) => {
             use diesel::connection::SimpleConnection;
             pg.batch_execute(PICK_BY_INDEX_ORDER)?;
-            let id: Option<String> = NextQueued { queue, now }.get_result(pg).optional()?;
-            if let Some(id) = &id {
-                BumpVersion(id).execute(pg)?;
-            }
-            Ok(id)
+            Ok(next.get_result::<R>(pg).optional()?)
         }
-        DbConnection::Sqlite(lite) => {
-            Ok(BumpNextQueued { queue, now }.get_result(lite).optional()?)
-        }
+        DbConnection::Sqlite(lite) => Ok(next.get_result::<R>(lite).optional()?),
     }
 }
 
@@ -96,53 +103,51 @@ where
     Ok(())
 }
 
-/// PostgreSQL: `SELECT id … LIMIT 1 FOR UPDATE SKIP LOCKED`, the best due QUEUED job.
-struct NextQueued<'a> {
-    queue: &'a str,
-    now: i64,
-}
+prepared_statement!(BumpNextQueued);
 
-/// PostgreSQL: `UPDATE jobs SET version = version + 1 WHERE id = ?` (the row is locked).
-struct BumpVersion<'a>(&'a str);
-
-prepared_statement!(NextQueued, BumpVersion, BumpNextQueued);
-
-impl Query for NextQueued<'_> {
-    type SqlType = Text;
-}
-
-impl QueryFragment<Pg> for NextQueued<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        push_pick(&self.queue, &self.now, &mut out)?;
-        out.push_sql(" FOR UPDATE SKIP LOCKED");
-        Ok(())
-    }
-}
-
-impl QueryFragment<Pg> for BumpVersion<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql("UPDATE jobs SET version = version + 1 WHERE id = ");
-        out.push_bind_param::<Text, _>(self.0)
-    }
-}
-
-/// SQLite: bump the version of the best due QUEUED job of `queue` and return its id, as
-/// its first statement (which takes the write lock).
+/// `UPDATE jobs SET version = version + 1 WHERE id = (<the pick>) RETURNING <every
+/// column>`: bump the version of the best due QUEUED job of `queue` and read it. On
+/// PostgreSQL the pick locks its row `FOR UPDATE SKIP LOCKED` (an `InitPlan`, run
+/// once); on SQLite the `UPDATE` is the transaction's first statement and takes the
+/// write lock.
 struct BumpNextQueued<'a> {
     queue: &'a str,
     now: i64,
 }
 
 impl Query for BumpNextQueued<'_> {
-    type SqlType = Text;
+    type SqlType = JobColumns;
+}
+
+impl QueryFragment<Pg> for BumpNextQueued<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.push(" FOR UPDATE SKIP LOCKED", &mut out)
+    }
 }
 
 impl QueryFragment<Sqlite> for BumpNextQueued<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        self.push("", &mut out)
+    }
+}
+
+impl<'a> BumpNextQueued<'a> {
+    /// The statement, with `lock` after the pick.
+    fn push<'b, DB>(&'b self, lock: &'static str, out: &mut AstPass<'_, 'b, DB>) -> QueryResult<()>
+    where
+        DB: diesel::backend::Backend
+            + diesel::sql_types::HasSqlType<Text>
+            + diesel::sql_types::HasSqlType<BigInt>,
+        str: diesel::serialize::ToSql<Text, DB>,
+        i64: diesel::serialize::ToSql<BigInt, DB>,
+        <jobs::table as Table>::AllColumns: QueryFragment<DB>,
+    {
         out.push_sql("UPDATE jobs SET version = version + 1 WHERE id = (");
-        push_pick(&self.queue, &self.now, &mut out)?;
-        out.push_sql(") RETURNING id");
-        Ok(())
+        push_pick(&self.queue, &self.now, out)?;
+        out.push_sql(lock);
+        // The columns in the table's order, which the row type reads by position.
+        out.push_sql(") RETURNING ");
+        jobs::all_columns.walk_ast(out.reborrow())
     }
 }
 

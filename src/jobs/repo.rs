@@ -1456,12 +1456,9 @@ pub fn claim(
     if !queue_admits(conn, queue)? {
         return Ok(None);
     }
-    let Some(id) = crate::db::queue::lock_next_queued(conn, queue)? else {
+    let Some(row) = crate::db::queue::lock_next_queued::<JobRow>(conn, queue)? else {
         return Ok(None);
     };
-    let id = JobId::parse(&id, "id")
-        .map_err(|e| StoreError::Internal(format!("bad job id in database: {e}")))?;
-    let row = find(conn, &id)?;
     let row = apply_locked(
         conn,
         row,

@@ -1463,9 +1463,10 @@ fn a_claim_from_a_long_queue_reads_its_first_job_only(b: Backend) {
         // has no column statistics).
         c.batch_execute("VACUUM jobs").expect("vacuum");
         c.batch_execute("BEGIN").expect("begin");
-        let picked = coordinator::db::queue::lock_next_queued(&mut c, "deep")
-            .expect("pick")
-            .expect("a job");
+        let picked: coordinator::jobs::row::JobRow =
+            coordinator::db::queue::lock_next_queued(&mut c, "deep")
+                .expect("pick")
+                .expect("a job");
         let read: Read = diesel::sql_query(
             "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) AS fetched \
              FROM pg_stat_xact_user_tables WHERE relname = 'jobs'",
@@ -1474,7 +1475,7 @@ fn a_claim_from_a_long_queue_reads_its_first_job_only(b: Backend) {
         .expect("reads");
         // Not kept: the claims below take it over HTTP.
         c.batch_execute("ROLLBACK").expect("rollback");
-        assert_eq!(picked, id_of(1));
+        assert_eq!(picked.id, id_of(1));
         assert!(
             read.fetched <= 10,
             "the pick fetched {} rows of jobs for one",
