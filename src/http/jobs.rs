@@ -3,7 +3,7 @@
 
 use actix_web::{http::StatusCode, web, HttpRequest, HttpResponse};
 
-use crate::auth::Principal;
+use crate::auth::{Principal, Scope};
 use crate::error::{ApiError, ApiResult};
 use crate::http::extract::JobIdParam;
 use crate::http::extract::{JsonBody, RawBody};
@@ -30,7 +30,9 @@ use crate::state::AppState;
     operation_id = "createJob",
     summary = "Create a job (PENDING)",
     description = "With `Idempotency-Key`, a retry with the same body returns the first \
-        result (and `Idempotent-Replayed: true`); the same key with another body is a 409.",
+        job as it is now (and `Idempotent-Replayed: true`; without `jobs:read`, its \
+        `message`, `result`, `error` and `gateResults` are null); the same key with \
+        another body is a 409.",
     params(IdempotencyKey),
     request_body(content = CreateJob, content_type = "application/json"),
     responses(
@@ -50,6 +52,7 @@ pub async fn create(
     let input: CreateJob = crate::http::extract::parse_json(&body)?;
     let job = input.validate()?;
     let idem = crate::http::idempotency::from_request(&req, &body)?;
+    let reads = principal.has_scope(Scope::JobsRead);
     let out = state.creates.create(job, principal.caller, idem).await?;
     let mut resp = HttpResponse::build(StatusCode::CREATED);
     if out.created {
@@ -58,7 +61,18 @@ pub async fn create(
     } else {
         resp.insert_header(("Idempotent-Replayed", "true"));
     }
-    Ok(resp.json(JobView::from(out.job)))
+    Ok(resp.json(replayed_view(out.job, !out.created && !reads)))
+}
+
+/// A created job's view; a replayed one (`hide`) without what was written into it
+/// since, for a principal without `jobs:read` ([`JobView::without_outcome`]).
+fn replayed_view(row: crate::jobs::row::JobRow, hide: bool) -> JobView {
+    let view = JobView::from(row);
+    if hide {
+        view.without_outcome()
+    } else {
+        view
+    }
 }
 
 async fn change(
@@ -661,8 +675,9 @@ pub async fn patch_queue(
     summary = "Create up to 1000 jobs in one transaction",
     description = "All or none. Each job may carry its own `idempotencyKey` (shared with \
         the `Idempotency-Key` of single creates, per caller): a key seen before returns \
-        that job (`created: false`), also for a repeat within the batch; the same key with \
-        different contents is a 409 for the whole batch. Answered in request order. The \
+        that job (`created: false`; without `jobs:read`, its `message`, `result`, `error` \
+        and `gateResults` are null), also for a repeat within the batch; the same key \
+        with different contents is a 409 for the whole batch. Answered in request order. The \
         body limit applies to the whole batch.",
     request_body(content = BatchCreate, content_type = "application/json"),
     responses(
@@ -715,6 +730,7 @@ pub async fn batch(
         };
         items.push((new, idem));
     }
+    let reads = principal.has_scope(Scope::JobsRead);
     let created_by = principal.caller;
     let out = state
         .db
@@ -728,7 +744,7 @@ pub async fn batch(
         }
         jobs.push(BatchItem {
             created: c.created,
-            job: JobView::from(c.job),
+            job: replayed_view(c.job, !c.created && !reads),
         });
     }
     Ok(HttpResponse::Ok().json(BatchCreated { jobs }))

@@ -126,6 +126,22 @@ impl From<JobRow> for JobView {
     }
 }
 
+impl JobView {
+    /// The job without what was written into it after its creation (the message,
+    /// result, error and gate results): what an idempotent replay shows a principal
+    /// that may create jobs but not read them. A replay answers with the job as it is
+    /// now, and `jobs:create` alone must not read what `GET` refuses it (fifth
+    /// security review, 2026-12-07).
+    #[must_use]
+    pub fn without_outcome(mut self) -> Self {
+        self.message = None;
+        self.result = Value::Null;
+        self.error = None;
+        self.gate_results = Value::Null;
+        self
+    }
+}
+
 /// The backoff between retries: the delay before retry `n` is a uniform random
 /// duration between 0 and `min(capMs, baseMs × 2^(n-1))`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]

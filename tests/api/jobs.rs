@@ -9,6 +9,7 @@ backend_tests!(
     job_life_cycle_records_every_event,
     create_defaults_and_validation,
     idempotency_key_returns_the_first_job,
+    a_replay_shows_a_key_without_jobs_read_nothing_a_worker_wrote,
     concurrent_idempotent_creates_make_one_job,
     illegal_transitions_are_conflicts,
     progress_only_while_running,
@@ -154,6 +155,125 @@ fn idempotency_key_returns_the_first_job(b: Backend) {
     ];
     let third = app.request("POST", "/coordinator/jobs", &h2, body.as_bytes());
     assert_ne!(third.json()["id"], first.json()["id"]);
+}
+
+/// An idempotent replay answers with the job as it is now. A key that may create jobs
+/// but not read them (`jobs:create` without `jobs:read`) must not learn through a
+/// replay what it could not `GET`: the message, result, error and gate results its
+/// caller's workers wrote (fifth security review, 2026-12-07: a create-only key that
+/// knew a deterministic key and body, `build-<sha>`, read the finished job's result).
+/// A key holding `jobs:read` still gets the whole job; single creates and batches alike.
+fn a_replay_shows_a_key_without_jobs_read_nothing_a_worker_wrote(b: Backend) {
+    use coordinator::auth::{credentials, Scope};
+    let Some(app) = crate::app!(b) else { return };
+    let all = [Scope::JobsCreate, Scope::JobsRead, Scope::JobsUpdate];
+    let full = app.api_key("producer", &all);
+    let create_only =
+        credentials::issue_key(&app.state.db, "producer", Some(&[Scope::JobsCreate]), None)
+            .expect("key")
+            .key
+            .expose_secret()
+            .to_owned();
+    let send = |key: &str, method: &str, path: &str, extra: &[(&str, &str)], body: &str| {
+        let mut h = vec![("x-api-key", key), ("content-type", "application/json")];
+        h.extend_from_slice(extra);
+        app.raw(method, path, &h, body.as_bytes())
+    };
+    // The create-only key cannot read a job.
+    let body = json!({"kind": "build", "queue": "rp", "payload": {"sha": "abc"}}).to_string();
+    let idem = [("Idempotency-Key", "build-abc")];
+    let first = send(&full, "POST", "/coordinator/jobs", &idem, &body);
+    assert_eq!(first.status, 201, "{}", first.body);
+    let id = first.json()["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        send(
+            &create_only,
+            "GET",
+            &format!("/coordinator/jobs/{id}"),
+            &[],
+            ""
+        )
+        .status,
+        403
+    );
+    // Its worker runs it to the end (a message, then a result).
+    let finish = |id: &str| {
+        for (s, msg) in [("QUEUED", "queued"), ("RUNNING", "token=hunter2")] {
+            let r = send(
+                &full,
+                "PATCH",
+                &format!("/coordinator/jobs/{id}/status"),
+                &[],
+                &json!({"status": s, "message": msg}).to_string(),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+        let r = send(
+            &full,
+            "POST",
+            &format!("/coordinator/jobs/{id}/complete"),
+            &[],
+            &json!({"result": {"artifact": "s3://private/x.tar"}}).to_string(),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    finish(&id);
+    let outcome = |j: &serde_json::Value| {
+        (
+            j["message"].clone(),
+            j["result"].clone(),
+            j["error"].clone(),
+            j["gateResults"].clone(),
+        )
+    };
+    let nothing = (json!(null), json!(null), json!(null), json!(null));
+    let replay = send(&create_only, "POST", "/coordinator/jobs", &idem, &body);
+    assert_eq!(replay.status, 201, "{}", replay.body);
+    assert_eq!(replay.header("idempotent-replayed"), Some("true"));
+    let j = replay.json();
+    assert_eq!(
+        (j["id"].as_str(), j["status"].as_str()),
+        (Some(id.as_str()), Some("COMPLETED"))
+    );
+    assert_eq!(
+        outcome(&j),
+        nothing,
+        "a create-only key read the outcome: {j}"
+    );
+    // The key that may read gets the job as it is.
+    let j = send(&full, "POST", "/coordinator/jobs", &idem, &body).json();
+    assert_eq!(
+        j["result"],
+        json!({"artifact": "s3://private/x.tar"}),
+        "{j}"
+    );
+    // The same through a batch item's key.
+    let batch =
+        json!({"jobs": [{"kind": "build", "queue": "rp", "idempotencyKey": "b-abc"}]}).to_string();
+    let r = send(&full, "POST", "/coordinator/jobs/batch", &[], &batch);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let bid = r.json()["jobs"][0]["job"]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    finish(&bid);
+    let r = send(&create_only, "POST", "/coordinator/jobs/batch", &[], &batch);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let item = &r.json()["jobs"][0];
+    assert_eq!(
+        (item["created"].as_bool(), item["job"]["id"].as_str()),
+        (Some(false), Some(bid.as_str()))
+    );
+    assert_eq!(
+        outcome(&item["job"]),
+        nothing,
+        "a create-only key read the outcome: {item}"
+    );
+    let r = send(&full, "POST", "/coordinator/jobs/batch", &[], &batch);
+    assert_eq!(
+        r.json()["jobs"][0]["job"]["result"],
+        json!({"artifact": "s3://private/x.tar"})
+    );
 }
 
 fn concurrent_idempotent_creates_make_one_job(b: Backend) {
