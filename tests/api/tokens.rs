@@ -26,6 +26,7 @@ backend_tests!(
     a_jobs_end_revokes_only_its_last_attempt,
     a_token_of_a_key_rotated_a_moment_ago_verifies_at_once,
     a_token_that_would_be_refused_at_once_is_not_issued,
+    a_token_outlives_the_key_that_claimed_it_until_its_job_or_caller_ends,
 );
 
 fn a_requeued_job_refuses_the_previous_workers_token(b: Backend) {
@@ -812,4 +813,97 @@ fn a_token_that_would_be_refused_at_once_is_not_issued(b: Backend) {
     );
     assert_eq!(r.status, 200, "{}", r.body);
     refused(issue(&id));
+}
+
+/// A job token is bound to its caller, not to the key or secret version its claim was
+/// made with: revoking a leaked key stops new claims, but the jobs it claimed stay with
+/// whoever holds their tokens (renewed by heartbeats while each job runs). Residual
+/// risk of the fifth security review (2026-12-07, decisions.md): a credential
+/// rotation must not end the jobs in flight. This pins the behaviour and the two ways
+/// the leak runbook (operations.md, "A leaked credential") takes such jobs back:
+/// cancel them, or disable the caller.
+fn a_token_outlives_the_key_that_claimed_it_until_its_job_or_caller_ends(b: Backend) {
+    use coordinator::auth::{credentials, Scope};
+    let Some(app) = crate::app!(b) else { return };
+    let scopes = [Scope::JobsCreate, Scope::JobsUpdate, Scope::JobsRead];
+    credentials::add_caller(&app.state.db, "leaky", &scopes).expect("caller");
+    let issue = || credentials::issue_key(&app.state.db, "leaky", None, None).expect("key");
+    let claim_with = |key: &str, queue: &str| {
+        let id = app.create_job(&json!({"kind": "k", "queue": queue}));
+        let r = app.patch_json(
+            &format!("/coordinator/jobs/{id}/status"),
+            &json!({"status": "QUEUED"}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = app.raw(
+            "POST",
+            &format!("/coordinator/queues/{queue}/claim"),
+            &[("x-api-key", key), ("content-type", "application/json")],
+            br#"{"worker":"thief"}"#,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        (id, r.json()["token"].as_str().expect("token").to_owned())
+    };
+    let beat = |token: &str, id: &str| {
+        app.with_token(
+            token,
+            "POST",
+            &format!("/coordinator/jobs/{id}/heartbeat"),
+            b"",
+        )
+    };
+    let refused_within = |f: &dyn Fn() -> u16, want: u16| {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = f();
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < until, "still {got}, want {want}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // Revoking the key that claimed: no new claim, the token still holds its job.
+    let leaked = issue();
+    let key = leaked.key.expose_secret().to_owned();
+    let (id, token) = claim_with(&key, "leak1");
+    credentials::revoke_key(&app.state.db, &leaked.row.id).expect("revoke");
+    let claim_again = || {
+        app.raw(
+            "POST",
+            "/coordinator/queues/leak1/claim",
+            &[
+                ("x-api-key", key.as_str()),
+                ("content-type", "application/json"),
+            ],
+            br#"{"worker":"thief"}"#,
+        )
+        .status
+    };
+    refused_within(&claim_again, 401);
+    assert_eq!(beat(&token, &id).status, 200, "the residual this test pins");
+    // The runbook's first way: cancel the job. Its token can no longer move it.
+    let r = app.post_json(&format!("/coordinator/jobs/{id}/cancel"), &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    beat(&token, &id).problem(409);
+    let r = app.with_token(
+        &token,
+        "POST",
+        &format!("/coordinator/jobs/{id}/complete"),
+        br#"{"result":{"forged":true}}"#,
+    );
+    r.problem(409);
+    assert_eq!(
+        app.get(&format!("/coordinator/jobs/{id}")).json()["result"],
+        Value::Null
+    );
+    // The second: disable the caller, which ends every token it holds.
+    let other = issue();
+    let (id2, token2) = claim_with(&other.key.expose_secret().to_owned(), "leak2");
+    credentials::disable_caller(&app.state.db, "leaky").expect("disable");
+    refused_within(&|| beat(&token2, &id2).status, 401);
+    assert_eq!(
+        beat(&token2, &id2).problem(401)["reason"],
+        "caller disabled"
+    );
 }
