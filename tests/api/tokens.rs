@@ -899,7 +899,7 @@ fn a_token_outlives_the_key_that_claimed_it_until_its_job_or_caller_ends(b: Back
     );
     // The second: disable the caller, which ends every token it holds.
     let other = issue();
-    let (id2, token2) = claim_with(&other.key.expose_secret().to_owned(), "leak2");
+    let (id2, token2) = claim_with(other.key.expose_secret(), "leak2");
     credentials::disable_caller(&app.state.db, "leaky").expect("disable");
     refused_within(&|| beat(&token2, &id2).status, 401);
     assert_eq!(
