@@ -436,6 +436,10 @@ pub fn issue(
         ));
     }
     db.write_sync(|conn| {
+        // A command run with a stray master key opens no signing key: say so, rather
+        // than "no active token-signing key" while one is there (sixth security
+        // review, 2026-12-07).
+        super::credentials::refuse_a_foreign_master_key(conn, sealer)?;
         let keys = load_keys(conn, sealer)?;
         conn.transaction(|conn| {
             // Hold the row so no claim or requeue slips between the check and the mint.

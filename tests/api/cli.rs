@@ -1390,6 +1390,49 @@ fn tokens_issue_revoke_and_rotate() {
     assert!(String::from_utf8_lossy(&missing.stdout).is_empty());
 }
 
+/// Sixth security review (2026-12-07): `token issue` run with a master key that is not
+/// the one the database's secrets are sealed under (a stray `COORDINATOR_MASTER_KEY`
+/// in the shell) failed with `internal: no active token-signing key` and an ERROR line
+/// about one key version, while the database holds an active key: the operator was sent
+/// to look for a missing key (or to rotate one) instead of at the master key. Now it is
+/// refused before anything is read or written, naming the master key, as `secret
+/// create` and `token rotate-key` are.
+fn token_issue_with_a_stray_master_key_names_the_master_key() {
+    let env = Env::new();
+    env.ok(&["caller", "add", "svc", "--scopes", "all"]);
+    let key = kv(&env.ok(&["key", "issue", "svc"]))["COORDINATOR_CLIENT_API_KEY"].clone();
+    let server = serve(&env);
+    let created: Value = serde_json::from_reader(
+        ureq::AgentBuilder::new()
+            .build()
+            .post(&format!("{}/coordinator/jobs", server.url))
+            .set("X-API-Key", &key)
+            .send_string(r#"{"kind":"k"}"#)
+            .unwrap()
+            .into_reader(),
+    )
+    .unwrap();
+    let job = created["id"].as_str().unwrap().to_owned();
+    let stray = MasterKey::generate();
+    let out = env
+        .cmd(&["token", "issue", "--job", &job, "--worker", "w1"])
+        .env("COORDINATOR_MASTER_KEY", stray.to_base64().as_str())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(out.stdout.is_empty(), "a token was printed");
+    assert!(
+        err.contains(&format!("this command's master key ({})", stray.key_id())),
+        "the master key is not named: {err}"
+    );
+    assert!(err.contains("nothing was written"), "{err}");
+    assert!(!err.contains("no active token-signing key"), "{err}");
+    // The right key still issues.
+    let ok = kv(&env.ok(&["token", "issue", "--job", &job, "--worker", "w1"]));
+    assert!(ok["COORDINATOR_JOB_TOKEN"].starts_with("ey"));
+}
+
 // ---- jobs and queues (issue 15 item 10) -------------------------------------------
 
 /// The binary as a client of `server` with `creds`, in the temporary directory.
@@ -2155,6 +2198,7 @@ crate::plain_tests!(
     the_cli_names_the_flag_for_the_credential_and_the_url_without_an_answer,
     readme_shows_the_signing_examples_verbatim,
     tokens_issue_revoke_and_rotate,
+    token_issue_with_a_stray_master_key_names_the_master_key,
     jobs_and_queues_commands_sqlite,
     jobs_watch_follows_a_job_across_a_restart,
     call_and_jobs_speak_https_with_a_private_ca,
