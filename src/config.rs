@@ -188,14 +188,48 @@ fn read_key_file(path: &std::path::Path) -> Result<MasterKey, ConfigError> {
 /// The dev master key under `./.coordinator/master.key`, generated (0600) if absent.
 fn dev_master_key() -> Result<MasterKey, ConfigError> {
     prepare_dev_dir()?;
-    let path = Config::dev_dir().join("master.key");
+    let dir = Config::dev_dir();
+    let path = dir.join("master.key");
     if path.exists() {
         return read_key_file(&path);
+    }
+    // Secrets in the dev database were sealed under the key that is gone: a new key
+    // would open none of them, and once written it would stay, so every later start
+    // would fail too (sixth security review, 2026-12-07).
+    if dev_db_holds_sealed_secrets(&dir.join("coordinator.db")) {
+        return Err(ConfigError(format!(
+            "{} is missing, but the dev database beside it holds secrets sealed under \
+             that key, which a new key would not open. Put the key file back, or remove \
+             {} to start a new dev state (nothing was written)",
+            path.display(),
+            dir.display()
+        )));
     }
     let key = MasterKey::generate();
     crate::config::write_private(&path, key.to_base64().as_bytes())
         .map_err(|e| ConfigError(format!("cannot write {}: {e}", path.display())))?;
     Ok(key)
+}
+
+/// Whether the dev database holds any sealed secret: then some master key sealed it,
+/// and only the dev key file held it. `false` when the database is new, not migrated,
+/// or cannot be read (a key is then made, as before).
+fn dev_db_holds_sealed_secrets(db: &std::path::Path) -> bool {
+    use diesel::{Connection, RunQueryDsl};
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let (Some(path), true) = (db.to_str(), db.is_file()) else {
+        return false;
+    };
+    let Ok(mut conn) = diesel::SqliteConnection::establish(path) else {
+        return false;
+    };
+    diesel::sql_query("SELECT count(*) AS n FROM sealed_secrets")
+        .get_result::<Count>(&mut conn)
+        .is_ok_and(|c| c.n > 0)
 }
 
 /// Make `./.coordinator/` private, whether it is new or not: the directory 0700 and

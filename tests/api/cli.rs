@@ -1182,6 +1182,52 @@ fn serve_dev_shows_credentials_once_and_keeps_its_state_private() {
     assert!(out.stdout.is_empty());
 }
 
+/// Sixth security review (2026-12-07): with `./.coordinator/master.key` gone (deleted,
+/// or not copied along with the database), `serve --dev` wrote a new key beside a
+/// database sealed under the old one, then refused to start telling the user to set
+/// `COORDINATOR_MASTER_KEY_PREVIOUS`, which `--dev` ignores. The new key file stayed,
+/// so every later start failed the same way. Now nothing is written and the refusal
+/// says what to do: put the key back, or start a new dev state.
+fn serve_dev_without_its_master_key_writes_no_new_one() {
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join(".coordinator");
+    serve_dev_once(work.path());
+    let key_file = state.join("master.key");
+    let saved = std::fs::read(&key_file).unwrap();
+    std::fs::remove_file(&key_file).unwrap();
+
+    let out = Command::new(BIN)
+        .env_clear()
+        .current_dir(work.path())
+        .args(["serve", "--dev", "--bind", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(out.stdout.is_empty());
+    assert!(!key_file.exists(), "a new master key was written: {err}");
+    assert!(err.contains("master.key is missing"), "{err}");
+    assert!(!err.contains("COORDINATOR_MASTER_KEY_PREVIOUS"), "{err}");
+    // Operator commands on the dev state are refused the same way.
+    let out = Command::new(BIN)
+        .env_clear()
+        .current_dir(work.path())
+        .args(["secret", "list", "--dev"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", stderr(&out));
+    assert!(!key_file.exists());
+
+    // With the key back, the state opens as before.
+    std::fs::write(&key_file, saved).unwrap();
+    set_mode(&key_file, 0o600);
+    let (stdout, err) = serve_dev_once(work.path());
+    assert!(!stdout.contains("COORDINATOR_"), "{stdout}");
+    assert!(err.contains("dev-credentials.env"), "{err}");
+}
+
 /// A master key file that other users can read gets a warning.
 fn a_master_key_file_readable_by_others_gets_a_warning() {
     let env = Env::new();
@@ -2191,6 +2237,7 @@ crate::plain_tests!(
     the_cli_never_shows_the_urls_password,
     call_fails_on_a_redirect_and_names_its_location,
     serve_dev_shows_credentials_once_and_keeps_its_state_private,
+    serve_dev_without_its_master_key_writes_no_new_one,
     a_master_key_file_readable_by_others_gets_a_warning,
     dev_flag_uses_the_dev_state,
     serve_dev_with_tls_writes_an_https_url,
