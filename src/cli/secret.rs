@@ -318,6 +318,25 @@ fn prefixes(args: &ListArgs, rows: &[SecretRow]) -> anyhow::Result<Option<Vec<Op
         return Ok(None);
     }
     let sealer = args.store.sealer(&args.keys)?;
+    // A stray master key opens nothing: say so, or every PREFIX is `-` as if the
+    // secrets had none (sixth security review, 2026-12-07).
+    let now = now_millis();
+    let mut unknown: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.is_active(now) && !sealer.knows_key_id(&r.master_key_id))
+        .map(|r| r.master_key_id.as_str())
+        .collect();
+    unknown.sort_unstable();
+    unknown.dedup();
+    if !unknown.is_empty() {
+        eprintln!(
+            "note: this command's master key ({}) is not the one active secrets are sealed \
+             under ({}), so their PREFIX is `-`; check COORDINATOR_MASTER_KEY / \
+             COORDINATOR_MASTER_KEY_FILE",
+            sealer.current_key_id(),
+            unknown.join(", ")
+        );
+    }
     Ok(Some(
         rows.iter()
             .map(|row| {

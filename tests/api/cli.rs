@@ -1228,6 +1228,37 @@ fn serve_dev_without_its_master_key_writes_no_new_one() {
     assert!(err.contains("dev-credentials.env"), "{err}");
 }
 
+/// Sixth security review (2026-12-07): `secret list` with a master key that is not
+/// the one the rows are sealed under showed `-` for every prefix and nothing else, as
+/// if the secrets had none. Now stderr names the master key and the ids it lacks, and
+/// the listing itself is unchanged.
+fn secret_list_with_a_stray_master_key_says_so() {
+    let env = Env::new();
+    env.ok(&["caller", "add", "svc", "--scopes", "all"]);
+    env.ok(&["secret", "create", "svc"]);
+    let sealed_under = env.json(&["secret", "list"])[0]["masterKeyId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stray = MasterKey::generate();
+    let out = env
+        .cmd(&["secret", "list"])
+        .env("COORDINATOR_MASTER_KEY", stray.to_base64().as_str())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("svc"));
+    assert!(
+        err.contains(&stray.key_id()),
+        "the master key is not named: {err}"
+    );
+    assert!(err.contains(&sealed_under), "{err}");
+    // With the right key: prefixes, and no such note.
+    let out = env.cmd(&["secret", "list"]).output().unwrap();
+    assert!(!stderr(&out).contains("master key"), "{}", stderr(&out));
+}
+
 /// A master key file that other users can read gets a warning.
 fn a_master_key_file_readable_by_others_gets_a_warning() {
     let env = Env::new();
@@ -2221,6 +2252,7 @@ crate::plain_tests!(
     caller_add_list_disable,
     secrets_are_shown_once_and_rotate,
     rewrap_moves_rows_to_the_new_master_key,
+    secret_list_with_a_stray_master_key_says_so,
     rotate_without_grace_says_the_older_versions_stopped,
     api_keys_issue_list_revoke,
     config_errors_exit_2_with_one_line,
