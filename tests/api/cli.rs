@@ -1477,19 +1477,13 @@ fn tokens_issue_revoke_and_rotate() {
 fn token_issue_with_a_stray_master_key_names_the_master_key() {
     let env = Env::new();
     env.ok(&["caller", "add", "svc", "--scopes", "all"]);
-    let key = kv(&env.ok(&["key", "issue", "svc"]))["COORDINATOR_CLIENT_API_KEY"].clone();
+    let secret = kv(&env.ok(&["secret", "create", "svc"]))["COORDINATOR_HMAC_SECRET"].clone();
     let server = serve(&env);
-    let created: Value = serde_json::from_reader(
-        ureq::AgentBuilder::new()
-            .build()
-            .post(&format!("{}/coordinator/jobs", server.url))
-            .set("X-API-Key", &key)
-            .send_string(r#"{"kind":"k"}"#)
-            .unwrap()
-            .into_reader(),
-    )
-    .unwrap();
-    let job = created["id"].as_str().unwrap().to_owned();
+    let svc = [
+        ("COORDINATOR_CALLER", "svc"),
+        ("COORDINATOR_HMAC_SECRET", secret.as_str()),
+    ];
+    let job = create(&env, &server, &svc, r#"{"kind":"k"}"#);
     let stray = MasterKey::generate();
     let out = env
         .cmd(&["token", "issue", "--job", &job, "--worker", "w1"])
