@@ -76,33 +76,8 @@ where
 const PICK_BY_INDEX_ORDER: &str =
     "SET LOCAL enable_sort = off; SET LOCAL enable_incremental_sort = off";
 
-// The claim's statements as types with a static query id, so that diesel keeps them
+// The claim's statement as a type with a static query id, so that diesel keeps it
 // prepared on each connection (it never caches its own UPDATE or a `sql_query`).
-
-/// The claim's pick, after `WHERE` up to the end of its `ORDER BY` (binds: the queue,
-/// then the time).
-fn push_pick<'b, DB>(
-    queue: &'b &'b str,
-    now: &'b i64,
-    out: &mut AstPass<'_, 'b, DB>,
-) -> QueryResult<()>
-where
-    DB: diesel::backend::Backend
-        + diesel::sql_types::HasSqlType<Text>
-        + diesel::sql_types::HasSqlType<BigInt>,
-    str: diesel::serialize::ToSql<Text, DB>,
-    i64: diesel::serialize::ToSql<BigInt, DB>,
-{
-    out.push_sql("SELECT id FROM jobs WHERE queue = ");
-    out.push_bind_param::<Text, _>(*queue)?;
-    out.push_sql(" AND status = '");
-    out.push_sql(QUEUED);
-    out.push_sql("' AND run_at <= ");
-    out.push_bind_param::<BigInt, _>(now)?;
-    out.push_sql(" ORDER BY priority DESC, created_at, id LIMIT 1");
-    Ok(())
-}
-
 prepared_statement!(BumpNextQueued);
 
 /// `UPDATE jobs SET version = version + 1 WHERE id = (<the pick>) RETURNING <every
@@ -131,8 +106,8 @@ impl QueryFragment<Sqlite> for BumpNextQueued<'_> {
     }
 }
 
-impl<'a> BumpNextQueued<'a> {
-    /// The statement, with `lock` after the pick.
+impl BumpNextQueued<'_> {
+    /// The statement, with `lock` after the pick (binds: the queue, then the time).
     fn push<'b, DB>(&'b self, lock: &'static str, out: &mut AstPass<'_, 'b, DB>) -> QueryResult<()>
     where
         DB: diesel::backend::Backend
@@ -142,8 +117,15 @@ impl<'a> BumpNextQueued<'a> {
         i64: diesel::serialize::ToSql<BigInt, DB>,
         <jobs::table as Table>::AllColumns: QueryFragment<DB>,
     {
-        out.push_sql("UPDATE jobs SET version = version + 1 WHERE id = (");
-        push_pick(&self.queue, &self.now, out)?;
+        out.push_sql(
+            "UPDATE jobs SET version = version + 1 WHERE id = (SELECT id FROM jobs WHERE queue = ",
+        );
+        out.push_bind_param::<Text, _>(self.queue)?;
+        out.push_sql(" AND status = '");
+        out.push_sql(QUEUED);
+        out.push_sql("' AND run_at <= ");
+        out.push_bind_param::<BigInt, _>(&self.now)?;
+        out.push_sql(" ORDER BY priority DESC, created_at, id LIMIT 1");
         out.push_sql(lock);
         // The columns in the table's order, which the row type reads by position.
         out.push_sql(") RETURNING ");
