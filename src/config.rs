@@ -159,19 +159,21 @@ impl KeyArgs {
 }
 
 fn read_key_file(path: &std::path::Path) -> Result<MasterKey, ConfigError> {
-    // The file's text is the key itself: wiped when dropped, as the key is.
-    let text = std::fs::read_to_string(path)
-        .map(zeroize::Zeroizing::new)
-        .map_err(|e| {
-            bad(
-                "COORDINATOR_MASTER_KEY_FILE",
-                format!("cannot read {}: {e}", path.display()),
-            )
-        })?;
+    let cannot_read = |e: std::io::Error| {
+        bad(
+            "COORDINATOR_MASTER_KEY_FILE",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    };
+    // The file's text is the key itself: wiped when dropped, as the key is. The mode
+    // looked at is the open file's, the one the key is read from.
+    let mut file = std::fs::File::open(path).map_err(cannot_read)?;
+    let mut text = zeroize::Zeroizing::new(String::new());
+    std::io::Read::read_to_string(&mut file, &mut text).map_err(cannot_read)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(path) {
+        if let Ok(meta) = file.metadata() {
             let mode = meta.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
                 eprintln!(

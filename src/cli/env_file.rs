@@ -51,14 +51,17 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
         }
     };
     let shown = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
-    check_trusted(&path)
-        .map_err(|why| ConfigError(format!("refusing {}: {why}", shown.display())))?;
-    let parse_error = |e: dotenvy::Error| parse_error(&path, &shown, e);
-    // Read once: the checks below and the loading see the same text.
-    let bytes = std::fs::read(&path)
+    let refused = |why: String| ConfigError(format!("refusing {}: {why}", shown.display()));
+    // One open file for the checks and the text: checked by path and then read by path,
+    // the file could be swapped in between by whoever can write its directory.
+    let mut file = open_no_wait(&path).map_err(|e| refused(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| refused(e.to_string()))?;
+    check_trusted(&meta).map_err(refused)?;
+    let mut bytes = zeroize::Zeroizing::new(Vec::new());
+    std::io::Read::read_to_end(&mut file, &mut bytes)
         .map_err(|e| ConfigError(format!("cannot read {}: {e}", shown.display())))?;
-    let text = zeroize::Zeroizing::new(bytes);
-    let body = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&text);
+    let body = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    let parse_error = |e: dotenvy::Error| parse_error_in(body, &shown, e);
     let entries = dotenvy::from_read_iter(body)
         .collect::<Result<Vec<(String, String)>, _>>()
         .map_err(parse_error)?;
@@ -74,7 +77,7 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
             shown.display()
         ))
     })?;
-    warn_if_readable(&path, &shown, &entries);
+    warn_if_readable(&meta, &shown, &entries);
     if explicit.is_some() {
         warn_overridden(&shown, &entries);
     }
@@ -82,15 +85,32 @@ pub fn load(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
     Ok(Some(shown))
 }
 
+/// Open `path` for reading without waiting: a FIFO or a device opened plainly would
+/// block until something writes to it, before its type could be checked.
+fn open_no_wait(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut opts, libc::O_NONBLOCK);
+    opts.open(path)
+}
+
 /// A dotenvy error for the file at `path` (named `shown`), without its text: dotenvy's
 /// error holds the text it failed on, which may be a secret, so name the line and its
 /// variable instead.
 pub(crate) fn parse_error(path: &Path, shown: &Path, e: dotenvy::Error) -> ConfigError {
+    // Secrets, likely: wiped when dropped.
+    let text = zeroize::Zeroizing::new(std::fs::read(path).unwrap_or_default());
+    parse_error_in(&text, shown, e)
+}
+
+/// [`parse_error`] for a file whose text is `text`.
+fn parse_error_in(text: &[u8], shown: &Path, e: dotenvy::Error) -> ConfigError {
     match e {
         dotenvy::Error::LineParse(..) => ConfigError(format!(
             "cannot parse {}{} (values are not shown)",
             shown.display(),
-            first_bad_line(path).map_or_else(String::new, |(n, name)| match name {
+            first_bad_line(text).map_or_else(String::new, |(n, name)| match name {
                 Some(name) => format!(": line {n} ({name})"),
                 None => format!(": line {n}"),
             })
@@ -142,13 +162,14 @@ fn holds_secret(name: &str, value: &str) -> bool {
 
 /// A file with secrets that other users can read: one line on stderr, as for a
 /// readable `COORDINATOR_MASTER_KEY_FILE` (write access is refused above).
-fn warn_if_readable<V: AsRef<str>>(path: &Path, shown: &Path, entries: &[(String, V)]) {
+fn warn_if_readable<V: AsRef<str>>(
+    meta: &std::fs::Metadata,
+    shown: &Path,
+    entries: &[(String, V)],
+) {
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;
-        let Ok(meta) = std::fs::metadata(path) else {
-            return;
-        };
         let mode = meta.mode() & 0o7777;
         if mode & 0o044 == 0 {
             return;
@@ -162,7 +183,7 @@ fn warn_if_readable<V: AsRef<str>>(path: &Path, shown: &Path, entries: &[(String
         }
     }
     #[cfg(not(unix))]
-    let _ = (path, shown, entries);
+    let _ = (meta, shown, entries);
 }
 
 /// Variables of an explicit `--env-file` that the environment sets to something else:
@@ -185,9 +206,8 @@ fn warn_overridden<V: AsRef<str>>(shown: &Path, entries: &[(String, V)]) {
 /// sets: where the file's parse error most likely is (a quoted value over several lines
 /// is valid in the file but not line by line, so this is looked up only once the file
 /// as a whole failed).
-fn first_bad_line(path: &Path) -> Option<(usize, Option<String>)> {
-    // Secrets, likely: wiped when dropped.
-    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).ok()?);
+fn first_bad_line(text: &[u8]) -> Option<(usize, Option<String>)> {
+    let text = std::str::from_utf8(text).ok()?;
     text.lines().enumerate().find_map(|(i, line)| {
         let bad = dotenvy::from_read_iter(line.as_bytes()).any(|item| item.is_err());
         bad.then(|| (i + 1, variable_of(line).map(str::to_owned)))
@@ -214,10 +234,9 @@ fn variable_of(line: &str) -> Option<&str> {
     plain.then_some(name)
 }
 
-/// A file we may take settings from: a regular file (after following a symlink) that
-/// only its owner can write, and that owner is us.
-fn check_trusted(path: &Path) -> Result<(), String> {
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+/// A file we may take settings from (`meta` of the open file): a regular file (after
+/// following a symlink) that only its owner can write, and that owner is us.
+fn check_trusted(meta: &std::fs::Metadata) -> Result<(), String> {
     if !meta.is_file() {
         return Err("not a regular file".into());
     }
@@ -303,5 +322,32 @@ mod tests {
         assert_eq!(variable_of("A-B=x"), None);
         assert_eq!(variable_of("abcDEF0="), None);
         assert_eq!(variable_of("no equals sign"), None);
+    }
+
+    /// The file is opened before its type is checked (checks and text come from one
+    /// open file), so the open must not wait: a FIFO opened plainly blocks until a
+    /// writer comes.
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().expect("dir");
+        let fifo = dir.path().join("fifo.env");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(load(Some(&path)).map_err(|ConfigError(m)| m));
+        });
+        let answer = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("load waited for a writer");
+        let Err(msg) = answer else {
+            panic!("a FIFO was loaded")
+        };
+        assert!(msg.contains("not a regular file"), "{msg}");
     }
 }
