@@ -53,6 +53,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::auth::hmac::CLOCK_SKEW_MARGIN_SECS;
 use crate::db::revoked::{self, attempt_key, job_key};
 use crate::db::{now_millis, Db};
 use crate::error::{ApiError, StoreError};
@@ -92,10 +93,13 @@ const GC_BATCH: i64 = 10_000;
 /// Default bound of the in-memory set: active revocations held per instance. Job
 /// tokens live at most 24 h, and so (capped) do revocations.
 pub const MAX_REVOCATIONS: usize = 100_000;
-/// How long a revocation made by hand lasts: 24 h (the longest a job token lives) and
-/// 1 s (until the revocation reaches every instance, a heartbeat there may still renew
-/// the token).
-pub const REVOCATION_MS: i64 = 24 * 3600 * 1000 + 1000;
+/// How long a revocation made by hand lasts: 24 h (the longest a job token lives), 1 s
+/// (until the revocation reaches every instance, a heartbeat there may still renew the
+/// token) and the clock difference between instances that the security model tolerates
+/// ([`CLOCK_SKEW_MARGIN_SECS`]): a successor renewed on an instance whose clock runs
+/// ahead of the revoking one's carries an `exp` that much later (review findings,
+/// 2026-12-06 and 2026-12-07).
+pub const REVOCATION_MS: i64 = 24 * 3600 * 1000 + 1000 + CLOCK_SKEW_MARGIN_SECS * 1000;
 
 /// When a revocation made by hand (`token revoke`, `POST /admin/tokens/revoke`) ends:
 /// always now + [`REVOCATION_MS`]. An `expiresAt` is still checked (RFC 3339, in the

@@ -52,8 +52,8 @@ pub struct RevokeArgs {
     /// The token id (`jti` claim).
     pub jti: String,
     /// Accepted for compatibility (RFC 3339, in the future), but a revocation always
-    /// lasts 24 h + 1 s: the longest a token with that id, renewed successors
-    /// included, can live after it.
+    /// lasts 24 h + 61 s: the longest a token with that id, renewed successors
+    /// included, can live after it, with 60 s for the instances' clock differences.
     #[arg(long)]
     pub expires_at: Option<String>,
     #[command(flatten)]

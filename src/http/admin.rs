@@ -19,8 +19,9 @@ pub struct RevokeToken {
     #[schema(min_length = 1, max_length = 128, pattern = "^[!-~]+$")]
     pub jti: String,
     /// RFC 3339, in the future (else 400). Accepted for compatibility: a revocation
-    /// always lasts now + 24 h + 1 s, the longest a token with this id (its renewed
-    /// successors included) can live after it. Revoking twice keeps the later expiry.
+    /// always lasts now + 24 h + 61 s: the longest a token with this id (its renewed
+    /// successors included) can live after it, with 60 s for the instances' clock
+    /// differences. Revoking twice keeps the later expiry.
     #[schema(format = DateTime)]
     pub expires_at: Option<String>,
 }
