@@ -49,7 +49,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -173,6 +173,10 @@ struct Set {
     /// old filter kept and the poll fails, `spoiled`).
     during: Option<Vec<(String, i64)>>,
     spoiled: bool,
+    /// While a load builds a filter from the table: the new filter. Every active id
+    /// this instance revokes or reads meanwhile goes into it too, so it misses nothing
+    /// learnt during the build, however many (no list, no bound to spoil it).
+    next: Option<Filter>,
 }
 
 /// A Bloom filter of revoked ids: no false negatives, so an id it does not hold is
@@ -247,6 +251,7 @@ impl Drop for Building<'_> {
         if let Ok(mut s) = self.0.write() {
             s.during = None;
             s.spoiled = false;
+            s.next = None;
         }
     }
 }
@@ -268,6 +273,13 @@ impl Set {
             }
         }
         self.ids = HashMap::new();
+    }
+
+    /// Put `id` (an active revocation) into the filter being built, if one is.
+    fn next_insert(&mut self, id: &str) {
+        if let Some(next) = self.next.as_mut() {
+            next.insert(id);
+        }
     }
 
     /// Hold `id` in the filter (and for one being built); whether it is new.
@@ -298,6 +310,8 @@ pub struct Revocations {
     set: RwLock<Set>,
     sync: Mutex<Sync>,
     limit: AtomicUsize,
+    /// Rows per read when a filter is built from the table.
+    build_page: AtomicI64,
     /// Woken when an id the set did not hold is added (open streams check their
     /// credential again then, not at their next keep-alive).
     added: tokio::sync::Notify,
@@ -342,6 +356,7 @@ impl Revocations {
                 gc_more: false,
             }),
             limit: AtomicUsize::new(MAX_REVOCATIONS),
+            build_page: AtomicI64::new(FILTER_PAGE),
             added: tokio::sync::Notify::new(),
         }
     }
@@ -354,6 +369,11 @@ impl Revocations {
     /// Change the bound (embedding and tests; the next poll applies it).
     pub fn set_limit(&self, limit: usize) {
         self.limit.store(limit.max(1), Ordering::Relaxed);
+    }
+
+    /// Change the rows per read of a filter's build (tests: a slow build).
+    pub fn set_build_page(&self, rows: i64) {
+        self.build_page.store(rows.max(1), Ordering::Relaxed);
     }
 
     /// Number of active revocations known (for the `revoked_tokens` gauge). Past the
@@ -396,7 +416,11 @@ impl Revocations {
     /// the admin route is never refused for want of room.
     pub fn revoke_local(&self, jti: &str, expires_at: i64) {
         let limit = self.limit();
-        let added = match self.set.write() {
+        let mut set = self.set.write();
+        if let Ok(s) = set.as_mut() {
+            s.next_insert(jti);
+        }
+        let added = match set {
             Ok(mut s) if s.filter.is_some() => s.filter_insert(jti, expires_at, limit),
             Ok(mut s) => match s.ids.get_mut(jti) {
                 Some(held) => {
@@ -556,8 +580,8 @@ impl Revocations {
         }
     }
 
-    /// One poll: incremental (or a full reload every `FULL_RELOAD`), and the occasional
-    /// bounded purge of the table.
+    /// One poll: incremental (after a full reload every `FULL_RELOAD`, or when the
+    /// filter is outgrown), and the occasional bounded purge of the table.
     pub async fn poll(&self) -> Result<(), StoreError> {
         let limit = self.limit();
         // A filter past the ids it was sized for is built again, larger, at once.
@@ -568,88 +592,32 @@ impl Revocations {
             .filter
             .as_ref()
             .is_some_and(Filter::outgrown);
-        let (low, full, gc) = {
+        let (first, full, gc) = {
             let s = self.sync.lock().map_err(poisoned)?;
             (
-                s.confirmed,
+                s.full_at.is_none(),
                 outgrown || s.full_at.is_none_or(|t| t.elapsed() >= FULL_RELOAD),
                 s.gc_more || s.gc_at.elapsed() >= GC_EVERY,
             )
         };
         let now = now_millis();
-        // The newest number read, and the transactions writing to the table just after
-        // the read (`None`: not asked).
-        // And when that read was asked (on the connection, after any wait for one): the
-        // set is as current as that moment, not the moment the answer came. An answer
-        // held up on its way back (a congested or hostile path from the database) must
-        // not make a set that old count as fresh for another `MAX_STALENESS` (third
-        // security review, 2026-12-07: a token revoked while the answer was on its way
-        // was accepted again).
-        let mut stamp = true;
-        let (newest, writers_now, asked): (Option<i64>, Option<Vec<String>>, Instant) = if full {
-            let (n, w, asked) = self.reload(now, limit).await?;
-            (Some(n), Some(w), asked)
+        if first {
+            // The first load sets the cursor; nothing is current before it ends.
+            let (newest, writers, asked) = self.reload(now, limit, false).await?;
+            self.advance(Some(newest), Some(writers), asked, true)?;
         } else {
-            let mut added = false;
-            // The writers after the rows: one that took a number below a row read here
-            // and had not committed is still among them. Every row above `low`, page by
-            // page, up to `MAX_POLL_ROWS`: a set that did not read them all is not as
-            // current as its read and is not stamped so.
-            let (asked, rows, complete, writers) = self
-                .db
-                .read(move |conn| {
-                    let asked = Instant::now();
-                    let mut rows = Vec::new();
-                    let mut after = low;
-                    let complete = loop {
-                        let page = revoked::revoked_after(conn, after, FILTER_PAGE)?;
-                        let last = page.len() < usize::try_from(FILTER_PAGE).unwrap_or(0);
-                        after = page.last().map_or(after, |r| r.2);
-                        rows.extend(page);
-                        if last {
-                            break true;
-                        }
-                        if rows.len() >= MAX_POLL_ROWS {
-                            break false;
-                        }
-                    };
-                    Ok((asked, rows, complete, revoked::writers(conn)?))
-                })
-                .await?;
-            if !complete {
-                stamp = false;
-                log::warn!(
-                    "more than {MAX_POLL_ROWS} token revocations in one poll: each token \
-                     is checked against the database until the poll catches up"
-                );
+            if full {
+                // Later loads keep the set current meanwhile: incremental polls run
+                // beside a filter's build (`reload`), and the cursor stays theirs.
+                self.reload(now, limit, true).await?;
             }
-            let newest = rows.iter().map(|r| r.2).max();
-            let mut set = self.set.write().map_err(poisoned)?;
-            for (jti, exp, _) in rows {
-                if exp > now {
-                    added |= if set.filter.is_some() {
-                        set.filter_insert(&jti, exp, limit)
-                    } else {
-                        hold(&mut set.ids, jti, exp)
-                    };
-                }
-            }
-            if set.filter.is_none() && set.ids.len() > limit {
-                set.ids.retain(|_, e| *e > now);
-                if set.ids.len() > limit {
-                    set.pass_bound(limit);
-                }
-            }
-            drop(set);
-            if added {
-                self.added.notify_waiters();
-            }
-            (newest, Some(writers), asked)
-        };
+            self.incremental(now, limit).await?;
+        }
         // The set is as current as the read just made, however long the purge below
-        // takes: stamped now, a purge held up for seconds (a slow database, a row lock)
-        // cannot make a set that old count as fresh for another second. Nor does a
-        // failed purge fail the poll whose read succeeded.
+        // takes (`advance` stamped it with the read's time): a purge held up for
+        // seconds (a slow database, a row lock) cannot make a set that old count as
+        // fresh for another second. Nor does a failed purge fail the poll whose read
+        // succeeded.
         let at = Instant::now();
         // A purge that removed a whole batch leaves more: the next poll purges again
         // (before, one batch per `GC_EVERY` fell behind any deployment ending more than
@@ -673,10 +641,89 @@ impl Revocations {
         if full {
             s.full_at = Some(at);
         }
-        // Move the start of the next read up to the newest number seen `OVERLAP` ago,
-        // once no transaction writing just after it was read still was at the end of
-        // the previous poll: that list was taken before this poll's read, so what
-        // those transactions committed is in it.
+        if gc {
+            s.gc_at = at;
+            s.gc_more = gc_more;
+        }
+        Ok(())
+    }
+
+    /// Read every row numbered after the cursor, page by page (up to `MAX_POLL_ROWS`),
+    /// into the set (and into a filter being built), then move the cursor.
+    async fn incremental(&self, now: i64, limit: usize) -> Result<(), StoreError> {
+        let low = self.sync.lock().map_err(poisoned)?.confirmed;
+        let mut added = false;
+        // The writers after the rows: one that took a number below a row read here
+        // and had not committed is still among them. Every row above `low`, page by
+        // page, up to `MAX_POLL_ROWS`: a set that did not read them all is not as
+        // current as its read and is not stamped so.
+        let (asked, rows, complete, writers) = self
+            .db
+            .read(move |conn| {
+                let asked = Instant::now();
+                let mut rows = Vec::new();
+                let mut after = low;
+                let complete = loop {
+                    let page = revoked::revoked_after(conn, after, FILTER_PAGE)?;
+                    let last = page.len() < usize::try_from(FILTER_PAGE).unwrap_or(0);
+                    after = page.last().map_or(after, |r| r.2);
+                    rows.extend(page);
+                    if last {
+                        break true;
+                    }
+                    if rows.len() >= MAX_POLL_ROWS {
+                        break false;
+                    }
+                };
+                Ok((asked, rows, complete, revoked::writers(conn)?))
+            })
+            .await?;
+        if !complete {
+            log::warn!(
+                "more than {MAX_POLL_ROWS} token revocations in one poll: each token \
+                 is checked against the database until the poll catches up"
+            );
+        }
+        let newest = rows.iter().map(|r| r.2).max();
+        let mut set = self.set.write().map_err(poisoned)?;
+        for (jti, exp, _) in rows {
+            if exp > now {
+                set.next_insert(&jti);
+                added |= if set.filter.is_some() {
+                    set.filter_insert(&jti, exp, limit)
+                } else {
+                    hold(&mut set.ids, jti, exp)
+                };
+            }
+        }
+        if set.filter.is_none() && set.ids.len() > limit {
+            set.ids.retain(|_, e| *e > now);
+            if set.ids.len() > limit {
+                set.pass_bound(limit);
+            }
+        }
+        drop(set);
+        if added {
+            self.added.notify_waiters();
+        }
+        self.advance(newest, Some(writers), asked, complete)
+    }
+
+    /// After a read: move the start of the next read up to the newest number seen
+    /// `OVERLAP` ago, once no transaction writing just after it was read still was at
+    /// the end of the previous read (that list was taken before this read, so what
+    /// those transactions committed is in it); remember this read (`newest`, the
+    /// transactions writing after it); and, when it read everything (`stamp`), count
+    /// the set as current as the moment the read was `asked`.
+    fn advance(
+        &self,
+        newest: Option<i64>,
+        writers_now: Option<Vec<String>>,
+        asked: Instant,
+        stamp: bool,
+    ) -> Result<(), StoreError> {
+        let at = Instant::now();
+        let mut s = self.sync.lock().map_err(poisoned)?;
         let before = if writers_now.is_some() {
             std::mem::replace(&mut s.writers, writers_now.clone())
         } else {
@@ -717,11 +764,9 @@ impl Revocations {
             });
         }
         if stamp {
-            s.synced_at = Some(asked);
-        }
-        if gc {
-            s.gc_at = at;
-            s.gc_more = gc_more;
+            // Never back: a load's read may have been asked before the incremental
+            // reads that ran beside it.
+            s.synced_at = Some(s.synced_at.map_or(asked, |t| t.max(asked)));
         }
         Ok(())
     }
@@ -730,12 +775,18 @@ impl Revocations {
     /// the table page by page; returns the newest number assigned before the load, the
     /// transactions writing to the table after it, and when the load was asked (on the
     /// connection). The set is as current as that moment: a row committed before it is
-    /// in every page read after it, and a revocation this instance makes while the
-    /// filter is built is kept for it (`Set::during`).
+    /// in every page read after it, and a revocation this instance makes or reads while
+    /// the filter is built goes into it too (`Set::during` until the build starts,
+    /// `Set::next` from then on). With `keep_fresh`, incremental polls run while the
+    /// filter is built, so the set in use stays current (before, 2026-12-07: a build
+    /// of millions of rows held the poll for tens of seconds, during which every
+    /// job-token check asked the database, and revocations made here meanwhile past the
+    /// bound dropped the build, which then started again at the next poll).
     async fn reload(
         &self,
         now: i64,
         limit: usize,
+        keep_fresh: bool,
     ) -> Result<(i64, Vec<String>, Instant), StoreError> {
         // From here on, a revocation this instance makes is kept for a filter this load
         // may build (until the guard goes, on every way out).
@@ -756,7 +807,7 @@ impl Revocations {
             .await?;
         let past_bound = rows.len() > limit || usize::try_from(count).map_or(true, |c| c > limit);
         let filter = if past_bound {
-            Some(self.build_filter(now, count).await?)
+            Some(self.build_filter(now, count, limit, keep_fresh).await?)
         } else {
             None
         };
@@ -776,7 +827,7 @@ impl Revocations {
                      here: kept the filter in place, the next poll loads again"
                 )));
             }
-            if let Some(mut filter) = filter {
+            if let Some(filter) = filter {
                 if set.filter.is_none() {
                     log::warn!(
                         "more than {limit} active token revocations: holding them in a \
@@ -784,9 +835,8 @@ impl Revocations {
                          shrinks"
                     );
                 }
-                for id in during.iter().map(|(id, _)| id).chain(set.ids.keys()) {
-                    filter.insert(id);
-                }
+                // What this instance held, revoked or read meanwhile is in it already
+                // (`build_filter`).
                 set.ids = HashMap::new();
                 set.filter = Some(filter);
                 added = true;
@@ -828,28 +878,85 @@ impl Revocations {
 
     /// A filter of every active revocation in the table, room for four times the
     /// `count` there now, read page by page in number order (each page its own short
-    /// read, so no connection is held for the whole table).
-    async fn build_filter(&self, now: i64, count: i64) -> Result<Filter, StoreError> {
-        let mut filter = Filter::sized_for(
-            usize::try_from(count)
-                .unwrap_or(usize::MAX)
-                .saturating_mul(4),
-        );
+    /// read, so no connection is held for the whole table). It starts with the ids
+    /// held now and those revoked here since the load began (`Set::during`), and
+    /// every id this instance revokes or reads until it is done goes into it as well
+    /// (`Set::next`): rows another instance commits during the build with a number
+    /// the build has passed are read by the incremental polls, which run beside it
+    /// with `keep_fresh` and otherwise right after it.
+    async fn build_filter(
+        &self,
+        now: i64,
+        count: i64,
+        limit: usize,
+        keep_fresh: bool,
+    ) -> Result<Filter, StoreError> {
+        {
+            let mut set = self.set.write().map_err(poisoned)?;
+            let mut next = Filter::sized_for(
+                usize::try_from(count)
+                    .unwrap_or(usize::MAX)
+                    .saturating_mul(4),
+            );
+            // `during` ends here (nothing more can spoil this build): from now on the
+            // ids go straight into the new filter.
+            for (id, _) in set.during.take().iter().flatten() {
+                next.insert(id);
+            }
+            for id in set.ids.keys() {
+                next.insert(id);
+            }
+            set.next = Some(next);
+        }
+        let pages = self.read_into_next(now);
+        if keep_fresh {
+            let fresh = async {
+                loop {
+                    actix_web::rt::time::sleep(POLL_INTERVAL).await;
+                    if let Err(e) = self.incremental(now_millis(), limit).await {
+                        log::warn!("revocation poll during a filter build failed: {e}");
+                    }
+                }
+            };
+            tokio::select! {
+                done = pages => done?,
+                () = fresh => {}
+            }
+        } else {
+            pages.await?;
+        }
+        self.set
+            .write()
+            .map_err(poisoned)?
+            .next
+            .take()
+            .ok_or_else(|| StoreError::Internal("the filter being built was dropped".into()))
+    }
+
+    /// Read the table into `Set::next`, page by page in number order.
+    async fn read_into_next(&self, now: i64) -> Result<(), StoreError> {
+        let page_rows = self.build_page.load(Ordering::Relaxed).max(1);
         let mut after = 0;
         loop {
             let page = self
                 .db
-                .read(move |conn| revoked::revoked_after(conn, after, FILTER_PAGE))
+                .read(move |conn| revoked::revoked_after(conn, after, page_rows))
                 .await?;
-            let last = page.len() < usize::try_from(FILTER_PAGE).unwrap_or(0);
+            let last = page.len() < usize::try_from(page_rows).unwrap_or(0);
             after = page.last().map_or(after, |r| r.2);
-            for (id, exp, _) in &page {
-                if *exp > now {
-                    filter.insert(id);
+            {
+                let mut set = self.set.write().map_err(poisoned)?;
+                let next = set.next.as_mut().ok_or_else(|| {
+                    StoreError::Internal("the filter being built was dropped".into())
+                })?;
+                for (id, exp, _) in &page {
+                    if *exp > now {
+                        next.insert(id);
+                    }
                 }
             }
             if last {
-                return Ok(filter);
+                return Ok(());
             }
         }
     }

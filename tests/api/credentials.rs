@@ -18,6 +18,7 @@ backend_tests!(
     revocations_are_capped_at_a_day_and_the_set_is_bounded,
     the_set_stays_bounded_while_no_poll_completes,
     past_the_bound_a_filter_answers_from_memory_and_misses_no_revocation,
+    a_filter_build_keeps_the_set_current_while_it_reads_the_table,
     a_revocation_made_with_the_sets_full_holds_on_both_instances_within_a_second,
     an_expired_webhook_secret_stops_working_while_cached,
     a_credential_read_that_raced_a_revocation_is_not_cached,
@@ -507,6 +508,90 @@ fn a_revocation_committed_late_is_read_after_a_rebuild_of_the_filter(b: Backend)
         assert!(set.holds("late"), "the late revocation was never read");
         assert!(set.is_revoked("late", "y", 1).await.expect("check"));
     });
+}
+
+/// While a filter is built again from the table (every 10 minutes, or when it is
+/// outgrown), incremental polls keep the set in use current: a revocation another
+/// instance commits during the build is held within a poll or two, before the build
+/// ends, and the new filter has it too. Before (2026-12-07), the build held the poll
+/// for as long as it read the table (tens of seconds at the millions of rows a busy
+/// instance's one-hour tokens leave), and every job-token check asked the database
+/// meanwhile; the whole-life soak lost half its rate then. Here the build reads one
+/// row at a time through many expired rows (which no filter holds), so it outlasts a
+/// few polls while the filter in use stays far from saturated.
+fn a_filter_build_keeps_the_set_current_while_it_reads_the_table(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let set = revocation::Revocations::new(app.state.db.clone());
+    set.set_limit(10);
+    set.set_build_page(1);
+    let exp = now_millis() + 3_600_000;
+    fill_revocations(&app, 0..20, exp);
+    actix_web::rt::System::new().block_on(async {
+        set.poll()
+            .await
+            .expect("first poll, a full load past the bound");
+        // Past the 1 024 ids the first filter was sized for (so the next poll builds
+        // a larger one), behind 20 000 rows that expired already.
+        let past = now_millis() - 1000;
+        app.state
+            .db
+            .write_sync(move |c| {
+                for i in 0..20_000 {
+                    revoked::revoke_token(c, &format!("expired-{i}"), past, past)?;
+                }
+                Ok(())
+            })
+            .expect("expired rows");
+        fill_revocations(&app, 20..1100, exp);
+        set.poll()
+            .await
+            .expect("poll that reads them (the filter is outgrown)");
+        // The filter in use is not saturated: it tells ids apart.
+        let strays = (0..100)
+            .filter(|i| set.holds(&format!("never-{i}")))
+            .count();
+        assert!(strays < 10, "{strays} of 100 ids never revoked seem held");
+        let done = std::cell::Cell::new(false);
+        let building = async {
+            set.poll().await.expect("poll that builds a larger filter");
+            done.set(true);
+        };
+        let watching = async {
+            actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+            assert!(!done.get(), "the build ended before the test could revoke");
+            assert!(!set.holds("elsewhere"), "held before it was revoked");
+            app.state
+                .db
+                .write_sync(|c| revoked::revoke_token(c, "elsewhere", exp, now_millis()))
+                .expect("revoke elsewhere");
+            let started = Instant::now();
+            while !set.holds("elsewhere") {
+                assert!(
+                    !done.get(),
+                    "held only once the build ended ({:?} after it was revoked)",
+                    started.elapsed()
+                );
+                actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "held {:?} after it was revoked",
+                started.elapsed()
+            );
+        };
+        futures_util::future::join(building, watching).await;
+        assert!(done.get());
+        assert!(set.holds("elsewhere"), "not in the new filter");
+        assert!(set.is_revoked("elsewhere", "y", 1).await.expect("check"));
+    });
+    let gone: Vec<usize> = (0..1100)
+        .filter(|i| !set.holds(&format!("fill-{i}")))
+        .collect();
+    assert!(
+        gone.is_empty(),
+        "{} of the table's ids not held",
+        gone.len()
+    );
 }
 
 /// With both instances' sets full (and then past full), an operator's revocation on one
