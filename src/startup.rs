@@ -322,22 +322,17 @@ pub fn connection_bound(config: &Config, workers: usize) -> usize {
     usize::try_from(free).unwrap_or(usize::MAX).clamp(64, most)
 }
 
-/// `on_connect`: count the connection against its peer's bound; past it, close it at
-/// once (a 429 is attempted on plain HTTP) and mark it so that nothing it may still
-/// carry runs ([`refuse_marked`]).
+/// `on_connect` of the plain-HTTP listeners: count the connection against its peer's
+/// bound; past it, close it at once (a 429 is attempted first) and mark it so that
+/// nothing it may still carry runs ([`refuse_marked`]). HTTPS connections are counted
+/// before their handshake, by `tls::serve_connection`.
 fn count_connection(
     connections: &Arc<crate::auth::throttle::Connections>,
     conn: &dyn std::any::Any,
     ext: &mut actix_web::dev::Extensions,
 ) {
-    type Tcp = actix_web::rt::net::TcpStream;
-    type Tls = actix_tls::accept::rustls_0_23::TlsStream<Tcp>;
-    let (tcp, plain) = match conn.downcast_ref::<Tcp>() {
-        Some(t) => (t, true),
-        None => match conn.downcast_ref::<Tls>() {
-            Some(t) => (t.get_ref().0, false),
-            None => return,
-        },
+    let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() else {
+        return;
     };
     let Ok(peer) = tcp.peer_addr() else {
         return;
@@ -348,12 +343,10 @@ fn count_connection(
         }
         None => {
             let sock = socket2::SockRef::from(tcp);
-            if plain {
-                // Straight to the socket: tokio's `try_write` answers `WouldBlock` on a
-                // connection whose first readiness event has not been polled yet, which
-                // is every connection here, so nothing was ever written.
-                let _ = sock.send(&TOO_MANY_CONNECTIONS);
-            }
+            // Straight to the socket: tokio's `try_write` answers `WouldBlock` on a
+            // connection whose first readiness event has not been polled yet, which
+            // is every connection here, so nothing was ever written.
+            let _ = sock.send(&TOO_MANY_CONNECTIONS);
             let _ = sock.shutdown(std::net::Shutdown::Both);
             ext.insert(OverPeerBound);
         }
@@ -396,6 +389,51 @@ async fn refuse_marked(
     next.call(req).await
 }
 
+/// The application a worker serves: the routes `keep` selects, behind the door, the
+/// request deadline and the access log, with the refusal of a marked connection
+/// outermost.
+fn app(
+    state: &web::Data<AppState>,
+    keep: fn(&RouteSpec) -> bool,
+) -> App<
+    impl actix_web::dev::ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<BoxBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let (auth, metrics) = (state.auth.clone(), state.metrics.clone());
+    let deadline = state.config.request_deadline;
+    // One door per worker (it measures that worker's event-loop lag).
+    let door = crate::db::admission::Door::new(state.door.clone());
+    App::new()
+        .app_data(state.clone())
+        .app_data(web::PayloadConfig::new(state.config.body_limit))
+        .configure(|cfg| routes::register(cfg, keep, &auth, &metrics))
+        .default_service(routes::unmatched(auth.clone(), metrics.clone()))
+        .wrap(middleware::from_fn(
+            move |req: ServiceRequest, next: Next<BoxBody>| {
+                crate::telemetry::access_log(metrics.clone(), req, next)
+            },
+        ))
+        // The request's database deadline counts from its arrival.
+        .wrap(middleware::from_fn(
+            move |req: ServiceRequest, next: Next<BoxBody>| {
+                crate::db::load::deadline(deadline, req, next)
+            },
+        ))
+        // Outermost, before routing, authentication and the access line: a refusal
+        // under CPU overload costs no MAC, no body read, no log write (it is counted).
+        .wrap(middleware::from_fn(
+            move |req: ServiceRequest, next: Next<_>| {
+                crate::db::admission::door(door.clone(), req, next)
+            },
+        ))
+        .wrap(middleware::from_fn(refuse_marked))
+}
+
 fn run(
     listener: TcpListener,
     tls: Option<rustls::ServerConfig>,
@@ -403,67 +441,115 @@ fn run(
     config: &Config,
     keep: fn(&RouteSpec) -> bool,
 ) -> anyhow::Result<Server> {
-    let body_limit = config.body_limit;
-    let connections = state.connections.clone();
     let workers = if config.workers > 0 {
         config.workers
     } else {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     };
     let bound = connection_bound(config, workers);
-    let mut server = HttpServer::new(move || {
-        let (auth, metrics) = (state.auth.clone(), state.metrics.clone());
-        let deadline = state.config.request_deadline;
-        // One door per worker (it measures that worker's event-loop lag).
-        let door = crate::db::admission::Door::new(state.door.clone());
-        App::new()
-            .app_data(state.clone())
-            .app_data(web::PayloadConfig::new(body_limit))
-            .configure(|cfg| routes::register(cfg, keep, &auth, &metrics))
-            .default_service(routes::unmatched(auth.clone(), metrics.clone()))
-            .wrap(middleware::from_fn(
-                move |req: ServiceRequest, next: Next<BoxBody>| {
-                    crate::telemetry::access_log(metrics.clone(), req, next)
-                },
-            ))
-            // The request's database deadline counts from its arrival.
-            .wrap(middleware::from_fn(
-                move |req: ServiceRequest, next: Next<BoxBody>| {
-                    crate::db::load::deadline(deadline, req, next)
-                },
-            ))
-            // Outermost, before routing, authentication and the access line: a refusal
-            // under CPU overload costs no MAC, no body read, no log write (it is counted).
-            .wrap(middleware::from_fn(
-                move |req: ServiceRequest, next: Next<_>| {
-                    crate::db::admission::door(door.clone(), req, next)
-                },
-            ))
-            .wrap(middleware::from_fn(refuse_marked))
-    })
-    .shutdown_timeout(config.shutdown_timeout.as_secs())
-    // A client that closes its connection ends its request: the handler is dropped, so
-    // a long-poll claim stops waiting (see `http::push`).
-    .h1_allow_half_closed(false)
-    // Database work is the only blocking work a worker runs, and no more of it runs at
-    // once than the pool has turns (`db::load`), so a worker never needs more threads.
-    .worker_max_blocking_threads(usize::try_from(config.db.pool_size).unwrap_or(16).max(1))
-    // Per worker: actix counts each worker's connections; past the bound a worker
-    // accepts no more until one closes (they wait in the kernel's accept queue), so
-    // descriptors stay for the database.
-    .max_connections(bound.div_ceil(workers).max(1))
-    .on_connect(move |conn, ext| {
-        count_connection(&connections, conn, ext);
-        crate::tls::on_connect(conn, ext);
-    });
-    server = match tls {
-        Some(tls) => server.listen_rustls_0_23(listener, tls)?,
-        None => server.listen(listener)?,
-    };
+    if let Some(tls) = tls {
+        return https(
+            listener,
+            tls,
+            state,
+            config,
+            keep,
+            bound.div_ceil(workers).max(1),
+        );
+    }
+    let connections = state.connections.clone();
+    let mut server = HttpServer::new(move || app(&state, keep))
+        .shutdown_timeout(config.shutdown_timeout.as_secs())
+        // A client that closes its connection ends its request: the handler is dropped,
+        // so a long-poll claim stops waiting (see `http::push`).
+        .h1_allow_half_closed(false)
+        // Database work is the only blocking work a worker runs, and no more of it runs
+        // at once than the pool has turns (`db::load`), so a worker never needs more
+        // threads.
+        .worker_max_blocking_threads(usize::try_from(config.db.pool_size).unwrap_or(16).max(1))
+        // Per worker: actix counts each worker's connections; past the bound a worker
+        // accepts no more until one closes (they wait in the kernel's accept queue), so
+        // descriptors stay for the database.
+        .max_connections(bound.div_ceil(workers).max(1))
+        .on_connect(move |conn, ext| count_connection(&connections, conn, ext))
+        .listen(listener)?;
     if config.workers > 0 {
         server = server.workers(config.workers);
     }
     Ok(server.run())
+}
+
+/// The HTTPS listener, put together as actix-web's `HttpServer` puts it (the same HTTP
+/// settings, h2 and HTTP/1.1 by ALPN), except for the handshake: each connection is
+/// counted against its address from its accept, and only then handed to its handshake
+/// (`tls::serve_connection`). `HttpServer` counted it after the handshake, and its
+/// acceptor holds at most 256 handshakes per worker at once, each for up to 3 s, so one
+/// address that opened sockets and sent nothing held every place and no other client
+/// got through (seventh security review, 2026-12-07).
+fn https(
+    listener: TcpListener,
+    mut tls: rustls::ServerConfig,
+    state: web::Data<AppState>,
+    config: &Config,
+    keep: fn(&RouteSpec) -> bool,
+    per_worker: usize,
+) -> anyhow::Result<Server> {
+    let addr = listener.local_addr()?;
+    // As actix offers them: h2 first, then HTTP/1.1.
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let mut builder = actix_server::Server::build();
+    // Tells open connections to finish once a graceful stop begins, as `HttpServer` does.
+    let stopping = builder.graceful_shutdown_signal();
+    let factory = move || {
+        let (state, acceptor, stopping) = (state.clone(), acceptor.clone(), stopping.clone());
+        actix_service::fn_factory(move || {
+            let stopping = stopping.clone();
+            let http = actix_http::HttpService::build()
+                .graceful_shutdown_signal(move || {
+                    let stopping = stopping.clone();
+                    async move { stopping.notified().await }
+                })
+                .keep_alive(actix_http::KeepAlive::default())
+                .client_request_timeout(std::time::Duration::from_secs(5))
+                .client_disconnect_timeout(std::time::Duration::from_secs(1))
+                // As on the plain listener: a client that closes ends its request.
+                .h1_allow_half_closed(false)
+                .on_connect_ext(
+                    |io: &crate::tls::Stream, ext: &mut actix_http::Extensions| {
+                        crate::tls::on_connect(io, ext);
+                    },
+                )
+                // What `HttpServer` gives an HTTPS app: secure, its address as the host.
+                .finish(actix_service::map_config(app(&state, keep), move |()| {
+                    actix_web::dev::AppConfig::__priv_test_new(true, addr.to_string(), addr)
+                }));
+            let made = actix_service::ServiceFactory::new_service(&http, ());
+            let (acceptor, connections) = (acceptor.clone(), state.connections.clone());
+            async move {
+                let http = std::rc::Rc::new(made.await?);
+                Ok::<_, ()>(actix_service::fn_service(
+                    move |tcp: actix_web::rt::net::TcpStream| {
+                        crate::tls::serve_connection(
+                            tcp,
+                            acceptor.clone(),
+                            connections.clone(),
+                            http.clone(),
+                        )
+                    },
+                ))
+            }
+        })
+    };
+    builder = builder
+        .shutdown_timeout(config.shutdown_timeout.as_secs())
+        .worker_max_blocking_threads(usize::try_from(config.db.pool_size).unwrap_or(16).max(1))
+        .max_concurrent_connections(per_worker)
+        .listen("coordinator-https", listener, factory)?;
+    if config.workers > 0 {
+        builder = builder.workers(config.workers);
+    }
+    Ok(builder.run())
 }
 
 /// A listen address that cannot be bound, and what to do when it is taken.

@@ -1,5 +1,5 @@
 //! HTTPS on the service listener (rustls, ring): TLS 1.3 and 1.2 with rustls' AEAD-only
-//! suites, ALPN `h2` and `http/1.1` (added by actix), a certificate that is reloaded
+//! suites, ALPN `h2` and `http/1.1`, a certificate that is reloaded
 //! from its files without a restart, and optional client certificates (mutual TLS).
 //!
 //! Reload: [`CertReloader`] is the listener's certificate resolver. Every handshake asks
@@ -9,13 +9,19 @@
 //! the files changed, the key matches the certificate and the certificate is valid now,
 //! otherwise the old one stays and a warning is logged (a half-written file, or one
 //! issued for later, is picked up on a later check).
+//!
+//! Accept: each connection is counted against its address before its handshake
+//! ([`serve_connection`]), which then has 3 s; the listener itself is put together in
+//! `startup` with actix's HTTP service.
 
-use std::any::Any;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use actix_web::dev::Extensions;
+use actix_http::Extensions;
+use actix_web::rt::net::TcpStream;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
@@ -23,6 +29,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::auth::client_cert::{validity_of, PeerCertificate};
+use crate::auth::throttle::Connections;
 use crate::config::TlsConfig;
 
 /// The listener's certificate, replaceable while the server runs.
@@ -195,15 +202,59 @@ pub fn server_config(tls: &TlsConfig, certs: Arc<CertReloader>) -> anyhow::Resul
     Ok(builder.with_cert_resolver(certs))
 }
 
-/// `HttpServer::on_connect`: the names and validity of a client certificate the
-/// handshake verified (or a resumed session restored), for every request of this
+/// An HTTPS connection once its handshake is done.
+pub type Stream = actix_tls::accept::rustls_0_23::TlsStream<TcpStream>;
+
+/// Longest a client has for its handshake (what actix's own acceptor allows).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One HTTPS connection, from its accept to its end: counted against its address first
+/// (past the address's bound it is closed at once, before any handshake work), then its
+/// handshake within [`HANDSHAKE_TIMEOUT`], then HTTP as actix serves it (`http`: h2 or
+/// HTTP/1.1 as ALPN chose). The count drops when the connection ends.
+///
+/// There is no shared pool of handshake places: actix's acceptor allowed 256 handshakes
+/// per worker at once and stopped accepting at that number, so sockets that never sent
+/// a ClientHello, from one address, kept every other client out (seventh security
+/// review, 2026-12-07). Now what a connection waiting for its handshake holds is its
+/// place under its address's bound and the instance's, as any other connection.
+pub async fn serve_connection<H>(
+    tcp: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    connections: Arc<Connections>,
+    http: Rc<H>,
+) -> Result<(), ()>
+where
+    H: actix_service::Service<(Stream, actix_http::Protocol, Option<SocketAddr>), Response = ()>,
+{
+    let peer = tcp.peer_addr().ok();
+    let _held = match peer {
+        Some(peer) => match connections.open(peer.ip()) {
+            Some(held) => Some(held),
+            // Nothing can be answered before a handshake: the socket is closed.
+            None => return Ok(()),
+        },
+        None => None,
+    };
+    let tls = match actix_web::rt::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        // A failed or slow handshake: closed, as actix's acceptor does.
+        Ok(Err(_)) | Err(_) => return Ok(()),
+    };
+    let protocol = match tls.get_ref().1.alpn_protocol() {
+        Some(p) if p == b"h2" => actix_http::Protocol::Http2,
+        _ => actix_http::Protocol::Http1,
+    };
+    // The dispatcher's own errors (a client that went away) end the connection only.
+    let _ = http.call((Stream::from(tls), protocol, peer)).await;
+    Ok(())
+}
+
+/// The HTTPS listener's `on_connect`: the names and validity of a client certificate
+/// the handshake verified (or a resumed session restored), for every request of this
 /// connection. A verified certificate whose names cannot be read still attaches (with
 /// no names), so it is refused rather than ignored.
-pub fn on_connect(conn: &dyn Any, ext: &mut Extensions) {
-    type Tls = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
-    let Some(tls) = conn.downcast_ref::<Tls>() else {
-        return;
-    };
+pub fn on_connect(tls: &Stream, ext: &mut Extensions) {
     let (_, session) = tls.get_ref();
     if let Some(chain) = session.peer_certificates().filter(|c| !c.is_empty()) {
         let now = crate::db::now_millis() / 1000;

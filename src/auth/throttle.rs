@@ -157,7 +157,7 @@ pub fn peer_key(ip: IpAddr) -> IpAddr {
 
 /// Open connections per peer (keyed as [`peer_key`]), bounded so one address cannot
 /// hold every connection, and with them every file descriptor, of the instance. Each
-/// connection is counted from its accept (after the TLS handshake on HTTPS) until it
+/// connection is counted from its accept (on HTTPS before its handshake) until it
 /// closes; a connection past its peer's bound is closed at once, before a request is
 /// read. The map has an entry only for peers holding connections now.
 pub struct Connections {

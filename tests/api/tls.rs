@@ -1310,3 +1310,75 @@ fn a_signed_certificate_stream_ends_once_the_certificate_expired(backend: Backen
 }
 
 crate::backend_tests!(a_signed_certificate_stream_ends_once_the_certificate_expired);
+
+/// One address that opens TCP connections to the HTTPS port and never sends a
+/// ClientHello cannot keep everyone else from completing a handshake. Such connections
+/// took actix's handshake places (256 per worker, each held up to the 3 s handshake
+/// timeout) before the per-address connection bound saw them (it counted after the
+/// handshake), so a few hundred idle sockets, renewed as they timed out, held every
+/// place and a valid client's handshake waited behind them (seventh security review,
+/// 2026-12-07).
+fn idle_handshakes_from_one_address_do_not_hold_every_place() {
+    let ca = Ca::new("test CA");
+    let files = TlsFiles::new(&ca.server(), None);
+    let tls = files.config(false, Duration::from_secs(60));
+    let Some(app) = spawn_app_with(Backend::Sqlite, |cfg| {
+        cfg.tls = Some(tls);
+        cfg.max_connections_per_peer = 64;
+    }) else {
+        return;
+    };
+    let port = port_of(&app);
+    let cfg = client(&ca, None, &[b"http/1.1"]);
+    assert_eq!(get(&cfg, port, "/livez", &[]).unwrap().0, 200);
+    // The flood: 600 idle sockets from 127.0.0.2 (more than 2 workers × 256 places),
+    // each replaced as soon as the server closes it.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let open = || {
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .ok()?;
+                s.bind(&std::net::SocketAddr::from(([127, 0, 0, 2], 0)).into())
+                    .ok()?;
+                s.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+                    .ok()?;
+                s.set_nonblocking(true).ok()?;
+                Some(s)
+            };
+            let mut held: Vec<socket2::Socket> = (0..600).filter_map(|_| open()).collect();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Drop the ones the server closed (a read of 0 bytes) and open others.
+                held.retain(|s| {
+                    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                    matches!(s.recv(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                });
+                while held.len() < 600 {
+                    match open() {
+                        Some(s) => held.push(s),
+                        None => break,
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    // Another address's client: each handshake and request within a second.
+    let mut slow = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = get(&cfg, port, "/livez", &[]);
+        let took = t.elapsed();
+        if r.as_ref().map(|r| r.0) != Ok(200) || took > Duration::from_secs(1) {
+            slow.push((took, r.map(|r| r.0)));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    assert!(slow.is_empty(), "{slow:?}");
+}
+
+crate::plain_tests!(idle_handshakes_from_one_address_do_not_hold_every_place);
