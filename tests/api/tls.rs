@@ -1382,3 +1382,26 @@ fn idle_handshakes_from_one_address_do_not_hold_every_place() {
 }
 
 crate::plain_tests!(idle_handshakes_from_one_address_do_not_hold_every_place);
+
+/// A certificate the client CA issued for another purpose (a server's: its extended key
+/// usage lists `serverAuth` only) names no caller even when its common name is one: the
+/// handshake refuses it, so a CA shared with servers does not turn their certificates
+/// into client credentials (seventh security review, 2026-12-07: checked, sound).
+fn a_server_certificate_of_the_client_ca_is_no_client_certificate() {
+    let ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let files = TlsFiles::new(&ca.server(), Some(&clients));
+    let Some(app) = tls_app(Backend::Sqlite, &files, true, Duration::from_secs(60)) else {
+        return;
+    };
+    let port = port_of(&app);
+    app.caller("svc-a", &[Scope::HealthRead]);
+    let with = |cert: &Issued| client(&ca, Some(cert), &[]);
+    let (status, body) = get(&with(&clients.client("svc-a")), port, HEALTH, &[]).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let server_purpose = clients.issue("svc-a", &["svc-a"], false, false);
+    let r = get(&with(&server_purpose), port, HEALTH, &[]);
+    assert!(r.is_err(), "{r:?}");
+}
+
+crate::plain_tests!(a_server_certificate_of_the_client_ca_is_no_client_certificate);
