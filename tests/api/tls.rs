@@ -1331,8 +1331,9 @@ fn idle_handshakes_from_one_address_do_not_hold_every_place() {
     let port = port_of(&app);
     let cfg = client(&ca, None, &[b"http/1.1"]);
     assert_eq!(get(&cfg, port, "/livez", &[]).unwrap().0, 200);
-    // The flood: 600 idle sockets from 127.0.0.2 (more than 2 workers × 256 places),
-    // each replaced as soon as the server closes it.
+    // The flood: 1000 idle sockets from 127.0.0.2 (more than 2 workers × 256 places),
+    // those the server closed replaced, up to 25 every 20 ms.
+    const FLOOD: usize = 1000;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flood = {
         let stop = stop.clone();
@@ -1342,19 +1343,23 @@ fn idle_handshakes_from_one_address_do_not_hold_every_place() {
                     .ok()?;
                 s.bind(&std::net::SocketAddr::from(([127, 0, 0, 2], 0)).into())
                     .ok()?;
-                s.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+                let to = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                s.connect_timeout(&to.into(), Duration::from_millis(100))
                     .ok()?;
                 s.set_nonblocking(true).ok()?;
                 Some(s)
             };
-            let mut held: Vec<socket2::Socket> = (0..600).filter_map(|_| open()).collect();
+            let mut held: Vec<socket2::Socket> = (0..FLOOD).filter_map(|_| open()).collect();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                // Drop the ones the server closed (a read of 0 bytes) and open others.
+                // Drop the ones the server closed (a read of 0 bytes, or an error).
                 held.retain(|s| {
                     let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
                     matches!(s.recv(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
                 });
-                while held.len() < 600 {
+                for _ in 0..25 {
+                    if held.len() >= FLOOD {
+                        break;
+                    }
                     match open() {
                         Some(s) => held.push(s),
                         None => break,
