@@ -521,6 +521,11 @@ fn https(
                     },
                 )
                 // What `HttpServer` gives an HTTPS app: secure, its address as the host.
+                // actix-web has no other public constructor for it (this one is
+                // `doc(hidden)` and semver-exempt, kept for actix-test): an actix-web
+                // update that drops it fails to compile here, never silently.
+                // `AppConfig::default()` would compile but call the connection plain
+                // HTTP (`ConnectionInfo::scheme`).
                 .finish(actix_service::map_config(app(&state, keep), move |()| {
                     actix_web::dev::AppConfig::__priv_test_new(true, addr.to_string(), addr)
                 }));
