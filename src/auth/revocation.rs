@@ -28,8 +28,9 @@
 //! check in a hundred or fewer) asks the database (an indexed primary-key lookup). The
 //! filter only grows between builds, so a poll builds a new one from the table, page
 //! by page, when the old one is past the ids it was sized for and every `FULL_RELOAD`
-//! (dropping what expired); a build that finds the table back under the bound goes
-//! back to the ids. Before (until 2026-12-07) the set was dropped past the bound and
+//! (dropping what expired), while incremental polls go on beside it and keep the set in
+//! use current (what they read, and what is revoked here, goes into both filters); a
+//! build that finds the table back under the bound goes back to the ids. Before (until 2026-12-07) the set was dropped past the bound and
 //! every job-token check asked the database: at 1 h token lifetimes that was any
 //! deployment ending more than ~28 jobs a second, and the whole-life soak lost a
 //! fifth of its rate after its first half minute. No revocation is ever refused for
@@ -656,7 +657,13 @@ impl Revocations {
         // The writers after the rows: one that took a number below a row read here
         // and had not committed is still among them. Every row above `low`, page by
         // page, up to `MAX_POLL_ROWS`: a set that did not read them all is not as
-        // current as its read and is not stamped so.
+        // current as its read and is not stamped so. And when the read was asked (on
+        // the connection, after any wait for one): the set is as current as that
+        // moment, not the moment the answer came. An answer held up on its way back
+        // (a congested or hostile path from the database) must not make a set that
+        // old count as fresh for another `MAX_STALENESS` (third security review,
+        // 2026-12-07: a token revoked while the answer was on its way was accepted
+        // again).
         let (asked, rows, complete, writers) = self
             .db
             .read(move |conn| {
