@@ -10,7 +10,7 @@
 //!
 //! The writer also drives WAL checkpointing (automatic checkpoints are off): a RESTART
 //! checkpoint between batches once the WAL holds [`super::WAL_RESET_BYTES`] of frames
-//! (`reset_wal` in `db/mod.rs`, also run after a write made outside this thread, such
+//! (`reset_wal` in `db/wal.rs`, also run after a write made outside this thread, such
 //! as `Db::write_sync`; `wal_reset` there decides when one is due), after which the
 //! next write starts the WAL over at the front of the same file (a TRUNCATE frees the
 //! file's blocks, which can wait for the device to discard them, and hands every later
