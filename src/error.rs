@@ -8,9 +8,11 @@
 //! `Retry-After` included: a 429 carries its own `retry_after_secs` (the time left of
 //! a blocked peer's block, `auth::throttle::Throttle::blocked_for` and `record_failure`,
 //! in whole seconds rounded up; 1 for a peer at its bound on bodies being read, in
-//! `auth::middleware`; 1 at a bound on waiting claims or streams, `http::push`), and
-//! every 503 (`Unavailable`, `Overloaded`, `BodyEvicted`) says 1. The one other
-//! `Retry-After` is `/readyz`'s own 503 (`http::health`).
+//! `auth::middleware`; 1 at a bound on waiting claims or streams, `http::push`; 1 for
+//! a connection past its address's bound, `startup`), and every 503 (`Unavailable`,
+//! `Overloaded`, `BodyEvicted`) says 1. Two answers set it themselves: `/readyz`'s
+//! own 503 (`http::health`), and the raw 429 written to a plain-HTTP connection past
+//! its address's bound before it is closed (`startup`'s `TOO_MANY_CONNECTIONS`).
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
@@ -183,7 +185,7 @@ pub(crate) fn is_damage_message(m: &str) -> bool {
 
 /// Say at ERROR that the database is damaged, with `follows` (what the service does
 /// about it). How often is the caller's: once a minute per instance
-/// (`db::DbHealth::damage_line_due`), each request that meets the damage being
+/// (`db::health::DbHealth::damage_line_due`), each request that meets the damage being
 /// answered 503 with a WARN line of its own.
 pub(crate) fn log_damage(why: &str, follows: Option<&str>) {
     log::error!(
