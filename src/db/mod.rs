@@ -3,10 +3,12 @@
 //!
 //! Backend-specific SQL is an explicit `match` on the connection variant (or
 //! `on_backend!`), written beside the storage it belongs to: in `db/` the claim
-//! (`queue.rs`), the migration lock (`migrate.rs`), the replay records (`replay.rs`) and
-//! PostgreSQL's notifications (`outbox.rs`); outside it the job write path
-//! (`jobs::repo`, `jobs::statements`), PostgreSQL's `LISTEN` (`jobs::notify`), the
-//! caller row lock (`auth::repo`) and deliveries (`stitcher::repo`).
+//! (`queue.rs`), the migration lock (`migrate.rs`), the replay records (`replay.rs`),
+//! the open revocation writers (`revoked.rs`) and PostgreSQL's notifications
+//! (`outbox.rs`); outside it the job write path (`jobs::repo`, `jobs::statements`), the
+//! queue row lock of a claim (`jobs::queues`), the retention purge's `SKIP LOCKED` and
+//! the vacuum (`jobs::upkeep`), PostgreSQL's `LISTEN` (`jobs::notify`), the caller row
+//! lock (`auth::repo`) and deliveries (`stitcher::repo`).
 
 /// Marks hand-written statement types (each a `QueryFragment` with one fixed SQL text
 /// and one lifetime parameter) as statements diesel keeps prepared on each connection:
