@@ -1,8 +1,9 @@
 //! Stitcher ingestion: webhook deliveries (processed exactly once) and manual dispatch,
 //! both turning into QUEUED jobs. The HTTP handlers are in `http::stitcher`; here are
-//! the request bodies (`model`), delivery storage and its deduplication on the
-//! `(caller, delivery_id)` key (`repo`), the group commit of deliveries on PostgreSQL
-//! (`ingest`), and the cache behind `estimatedStartTime` ([`EstimateCache`]).
+//! the request bodies, the answer and the delivery row (`model`), delivery storage and
+//! its deduplication on the `(caller, delivery_id)` key (`repo`), the group commit of
+//! deliveries on PostgreSQL (`ingest`), and the cache behind `estimatedStartTime`
+//! ([`EstimateCache`]).
 pub mod ingest;
 pub mod model;
 pub mod repo;

@@ -1,4 +1,5 @@
-//! Stitcher request bodies, validated at the edge.
+//! Stitcher request bodies, validated at the edge; the answer to a webhook or dispatch
+//! (`DispatchResult`); and the `webhook_deliveries` row (`DeliveryRow`).
 
 use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
