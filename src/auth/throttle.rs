@@ -10,6 +10,10 @@
 //! header checks without any secret (a caller's name is not one), and then the server
 //! waits for its body. Those waits are bounded per instance and per peer, so one peer
 //! sending bodies slowly cannot take every place.
+//!
+//! And the count of open connections per peer ([`Connections`],
+//! `COORDINATOR_MAX_CONNECTIONS_PER_PEER`), taken when a connection is accepted: by
+//! `startup`'s `count_connection` on plain HTTP, by `tls::serve_connection` on HTTPS.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
