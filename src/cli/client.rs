@@ -1,6 +1,7 @@
 //! Client-side credentials for `sign`, `call`, `jobs` and `queues`, and the `v1`
 //! signing `sign` and `call` share: the coordinator-client crate's signer
-//! (`coordinator_client::signing`), never the server's `auth::hmac::wire`. The unit test
+//! (`coordinator_client::signing`), never the server's `auth::hmac::wire` (of which it
+//! uses only the caller-name rule, `is_valid_caller_name`). The unit test
 //! `signs_like_the_server` below and tests/api/signing_vectors.rs hold the two to the
 //! same signed string.
 //!
