@@ -1,7 +1,9 @@
 //! Logging: env_logger with one JSON object per line, the request id, and the access
-//! log middleware. Every request gets one line, written after the response: the audit
-//! line when the auth guard ran (it carries the request's status, latency and id), else
-//! the access line.
+//! log middleware. Every request that reaches it gets one line, written after the
+//! response: the audit line when the auth guard ran (it carries the request's status,
+//! latency and id), else the access line. The refusals outside it write none: the
+//! door's 503 (`db::admission`, counted in `coordinator_db_shed_total`) and the 429 of a
+//! connection past its address's bound (`startup`'s `refuse_marked`).
 
 use std::io::Write;
 use std::time::Instant;
