@@ -1,5 +1,7 @@
 //! The request id: the caller's `X-Request-Id` when it is well formed, else a fresh
-//! UUIDv7; sent back on every answer and written on the request's log line.
+//! UUIDv7; sent back on every answer and written on the request's log line. (Not on
+//! the 429 of a connection past its address's bound, `startup`'s `refuse_marked`,
+//! answered outside both the door and the access log.)
 
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 
