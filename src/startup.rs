@@ -412,7 +412,7 @@ fn app(
         .app_data(state.clone())
         .app_data(web::PayloadConfig::new(state.config.body_limit))
         .configure(|cfg| routes::register(cfg, keep, &auth, &metrics))
-        .default_service(routes::unmatched(auth.clone(), metrics.clone()))
+        .default_service(routes::unmatched(keep, auth.clone(), metrics.clone()))
         .wrap(middleware::from_fn(
             move |req: ServiceRequest, next: Next<BoxBody>| {
                 crate::telemetry::access_log(metrics.clone(), req, next)

@@ -164,8 +164,23 @@ fn method_guard(spec: &RouteSpec) -> actix_web::guard::AnyGuard {
 }
 
 /// What answers when no route matched: authenticated like any route, then 404; no
-/// handler runs.
-pub fn unmatched(auth: Arc<AuthContext>, metrics: Arc<Metrics>) -> actix_web::Route {
+/// handler runs. On a listener whose routes (those `keep` selects) are all open, the
+/// probe listener of `--metrics-bind`, a plain 404: no credential is good for anything
+/// there, so none sent to it by mistake (in clear, on that plain-HTTP port) is read,
+/// verified or counted against its caller (seventh security review, 2026-12-07, a
+/// residual closed on 2026-12-07).
+pub fn unmatched(
+    keep: fn(&RouteSpec) -> bool,
+    auth: Arc<AuthContext>,
+    metrics: Arc<Metrics>,
+) -> actix_web::Route {
+    if ROUTES
+        .iter()
+        .filter(|r| keep(r))
+        .all(|r| matches!(r.access, Access::Open))
+    {
+        return web::to(not_found);
+    }
     let fallback = Arc::new(Gate::new(auth, metrics, UNMATCHED));
     web::to(not_found).wrap(middleware::from_fn(
         move |req: ServiceRequest, next: Next<BoxBody>| guard(fallback.clone(), req, next),
