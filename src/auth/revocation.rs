@@ -813,14 +813,24 @@ impl Revocations {
             })
             .await?;
         let past_bound = rows.len() > limit || usize::try_from(count).map_or(true, |c| c > limit);
-        let filter = if past_bound {
-            Some(self.build_filter(now, count, limit, keep_fresh).await?)
-        } else {
-            None
-        };
+        if past_bound {
+            self.build_filter(now, count, limit, keep_fresh).await?;
+        }
         let mut added = false;
         {
             let mut set = self.set.write().map_err(poisoned)?;
+            // The new filter leaves `next` under the lock that puts it in place. Taken
+            // under a lock of its own (review, 2026-12-07), an id revoked here between
+            // the two went only into the set about to be replaced (neither `next` nor
+            // `during` was there to keep it) and was answered "not revoked" from a set
+            // stamped fresh until a poll read its row again.
+            let filter = if past_bound {
+                Some(set.next.take().ok_or_else(|| {
+                    StoreError::Internal("the filter being built was dropped".into())
+                })?)
+            } else {
+                None
+            };
             let during = set.during.take().unwrap_or_default();
             if std::mem::take(&mut set.spoiled) {
                 // More revocations here than the bound while the table was read: the
@@ -890,14 +900,15 @@ impl Revocations {
     /// every id this instance revokes or reads until it is done goes into it as well
     /// (`Set::next`): rows another instance commits during the build with a number
     /// the build has passed are read by the incremental polls, which run beside it
-    /// with `keep_fresh` and otherwise right after it.
+    /// with `keep_fresh` and otherwise right after it. The filter is left in `next`,
+    /// for the caller to take under the lock that puts it in place.
     async fn build_filter(
         &self,
         now: i64,
         count: i64,
         limit: usize,
         keep_fresh: bool,
-    ) -> Result<Filter, StoreError> {
+    ) -> Result<(), StoreError> {
         {
             let mut set = self.set.write().map_err(poisoned)?;
             let mut next = Filter::sized_for(
@@ -932,12 +943,7 @@ impl Revocations {
         } else {
             pages.await?;
         }
-        self.set
-            .write()
-            .map_err(poisoned)?
-            .next
-            .take()
-            .ok_or_else(|| StoreError::Internal("the filter being built was dropped".into()))
+        Ok(())
     }
 
     /// Read the table into `Set::next`, page by page in number order.
