@@ -131,21 +131,7 @@ fn revocations_are_capped_at_a_day_and_the_set_is_bounded(b: Backend) {
     assert_eq!(limit, revocation::MAX_REVOCATIONS);
     let fill = limit - 1; // `far` is the other one
     let exp = now_millis() + 3_600_000;
-    let sql = match b {
-        Backend::Sqlite => format!(
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {fill}) \
-             INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
-             SELECT 'bulk-' || i, {exp}, 0 FROM n"
-        ),
-        Backend::Postgres => format!(
-            "INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
-             SELECT 'bulk-' || i, {exp}, 0 FROM generate_series(1, {fill}) AS i"
-        ),
-    };
-    app.state
-        .db
-        .write_sync(|c| Ok(c.batch_execute(&sql)?))
-        .unwrap();
+    bulk_revocations(&app, b, fill, exp);
     let started = Instant::now();
     while gauge(&app) < i64::try_from(limit).unwrap() {
         assert!(
@@ -611,21 +597,7 @@ fn a_revocation_made_here_while_a_built_filter_is_put_in_place_is_kept(b: Backen
     let Some(app) = crate::app!(b) else { return };
     let exp = now_millis() + 3_600_000;
     let fill = 50_000;
-    let sql = match b {
-        Backend::Sqlite => format!(
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {fill}) \
-             INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
-             SELECT 'bulk-' || i, {exp}, 0 FROM n"
-        ),
-        Backend::Postgres => format!(
-            "INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
-             SELECT 'bulk-' || i, {exp}, 0 FROM generate_series(1, {fill}) AS i"
-        ),
-    };
-    app.state
-        .db
-        .write_sync(|c| Ok(c.batch_execute(&sql)?))
-        .expect("fill");
+    bulk_revocations(&app, b, fill, exp);
     let system = actix_web::rt::System::new();
     let started = Instant::now();
     let mut rounds = 0;
@@ -1310,4 +1282,24 @@ fn dev_credentials_issued_again_end_the_lost_ones(b: Backend) {
     assert_eq!(r.status, 200, "another caller's key: {}", r.body);
     let r = app.get("/coordinator/health");
     assert_eq!(r.status, 200, "another caller's HMAC secret: {}", r.body);
+}
+
+/// Write `fill` active revocations (`bulk-1` … `bulk-<fill>`, until `exp`) straight
+/// into the table, the way other instances' revocations arrive.
+fn bulk_revocations(app: &crate::helpers::TestApp, b: Backend, fill: usize, exp: i64) {
+    let sql = match b {
+        Backend::Sqlite => format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {fill}) \
+             INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
+             SELECT 'bulk-' || i, {exp}, 0 FROM n"
+        ),
+        Backend::Postgres => format!(
+            "INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
+             SELECT 'bulk-' || i, {exp}, 0 FROM generate_series(1, {fill}) AS i"
+        ),
+    };
+    app.state
+        .db
+        .write_sync(|c| Ok(c.batch_execute(&sql)?))
+        .expect("fill the revocation table");
 }
