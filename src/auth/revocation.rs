@@ -15,26 +15,35 @@
 //! read has ended, as a list taken before a later read shows (`db::revoked::writers`:
 //! a writer takes its table lock before its number, so one that took a lower number
 //! and had not committed then is on the list; once it is off a list taken before a
-//! read, what it committed is in that read). Every row since is read again meanwhile. A revocation is only missed if its transaction stays open
-//! for `STALL_LIMIT` after a later one committed, which the full reload
-//! (`FULL_RELOAD`) then repairs. Before (review, 2026-12-06) the 3 s overlap alone
-//! decided, and a revocation committed more than 3 s after taking its number (a slow
-//! database, a lock wait) was missed by every other instance for up to 10 minutes.
+//! read, what it committed is in that read). Every row since is read again meanwhile.
+//! A writer still open `STALL_LIMIT` after a later number was seen no longer holds the
+//! cursor back; the poll remembers it, and once it is off a list, a full reload reads
+//! what it committed (so does one open during the first load, whose cursor starts
+//! `SEQ_MARGIN` below the newest number). Before (review, 2026-12-06) the 3 s overlap
+//! alone decided, and a revocation committed more than 3 s after taking its number (a
+//! slow database, a lock wait) was missed by every other instance for up to 10
+//! minutes; until 2026-12-07 a stalled writer's was left to the next periodic reload.
 //!
 //! Memory is bounded: past `limit()` active ids (default `MAX_REVOCATIONS`) the set
-//! keeps, instead of the ids, a Bloom filter of every active id it knows ([`Filter`],
-//! at most `MAX_FILTER_BITS`, 16 MiB). An id the filter does not hold is not revoked,
-//! answered from memory as before; one it may hold (a revoked token, or about one
-//! check in a hundred or fewer) asks the database (an indexed primary-key lookup). The
-//! filter only grows between builds, so a poll builds a new one from the table, page
-//! by page, when the old one is past the ids it was sized for and every `FULL_RELOAD`
-//! (dropping what expired), while incremental polls go on beside it and keep the set in
-//! use current (what they read, and what is revoked here, goes into both filters); a
-//! build that finds the table back under the bound goes back to the ids. Before (until 2026-12-07) the set was dropped past the bound and
-//! every job-token check asked the database: at 1 h token lifetimes that was any
-//! deployment ending more than ~28 jobs a second, and the whole-life soak lost a
-//! fifth of its rate after its first half minute. No revocation is ever refused for
-//! want of room: an operator's must work most when the set is full.
+//! keeps, instead of the ids, Bloom filters of every active id it knows, one per
+//! 10-minute window of expiry times ([`Filter`], at most `MAX_FILTER_BITS`, 32 MiB).
+//! An id no window holds is not revoked, answered from memory as before; one a window
+//! may hold (a revoked token, or about one check in a thousand or fewer) asks the
+//! database (an indexed primary-key lookup). A window is dropped once its expiries
+//! have passed, so what expires leaves memory without a read. A filter cannot grow, so
+//! a poll builds a new one from the table, page by page, when the old one holds more
+//! than one window was sized for, while incremental polls go on beside it and keep the
+//! set in use current (what they read, and what is revoked here, goes into both
+//! filters); a build that finds the table back under the bound goes back to the ids.
+//! Past the ramp-up the windows are at their largest and no build is needed: a full
+//! reload runs only for a stalled writer, a filter shrunk under half the bound, and
+//! once an hour (`FULL_RELOAD`). Before (until 2026-12-07) the set was dropped past
+//! the bound and every job-token check asked the database: at 1 h token lifetimes that
+//! was any deployment ending more than ~28 jobs a second, and the whole-life soak lost
+//! a fifth of its rate after its first half minute; then one filter was built from the
+//! whole table every 10 minutes to drop what expired, 30–50 s of CPU at millions of
+//! rows. No revocation is ever refused for want of room: an operator's must work most
+//! when the set is full.
 //!
 //! Revocation lives here and in `db::revoked`, nowhere else: that module stores the
 //! `revoked_tokens` table and names the ids a job's tokens are revoked under
@@ -49,7 +58,8 @@
 //! ([`revocation_expiry`]).
 
 use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -69,21 +79,33 @@ pub const MAX_STALENESS: Duration = Duration::from_secs(1);
 const OVERLAP: Duration = Duration::from_secs(3);
 /// A transaction still writing to the table this long after a number was seen no
 /// longer holds the poll back (a session left open must not freeze it): logged, and
-/// left to the full reload.
+/// once it has ended, a full reload reads what it committed (the default; tests
+/// shorten it, [`Revocations::set_stall_limit`]).
 const STALL_LIMIT: Duration = Duration::from_secs(60);
 /// After the first full load, the poll starts this many numbers below the newest one,
 /// for transactions that took a number before the load and commit after it (later
-/// loads leave the start to the writers, as the incremental polls do).
+/// loads leave the start to the writers, as the incremental polls do; a writer open
+/// during the first load is waited out and then repaired by a reload, as a stalled
+/// one is).
 const SEQ_MARGIN: i64 = 1024;
-/// A full reload this often catches anything the incremental poll could not.
-const FULL_RELOAD: Duration = Duration::from_secs(600);
+/// A full reload at least this often, belt and braces: nothing the incremental poll
+/// misses is known that a stalled writer's repair does not read (before 2026-12-07,
+/// every 10 minutes, which was also what dropped expired ids from the filter).
+const FULL_RELOAD: Duration = Duration::from_secs(3600);
+/// A filter holding fewer than half the bound is loaded again (back to the ids if the
+/// table is under it) at most this often.
+const SHRINK_EVERY: Duration = Duration::from_secs(600);
 /// Past the bound: the filter's bits per id it is sized for (about 1 % false
-/// positives when it holds that many, far fewer before), the most bits it may take
-/// (16 MiB: past ~13 M active revocations its false positives grow, each a database
-/// read, and memory stays put), the fewest ids it is sized for, and the page in which a
-/// build reads the table.
+/// positives in a window that holds that many, far fewer before), the width of its
+/// windows of expiry times (an expired id stays in memory at most this long), the most
+/// bits one window may take (4 MiB: 3.3 M ids) and all of them together (32 MiB:
+/// past that two windows are merged, and past ~27 M active revocations false
+/// positives grow, each a database read, while memory stays put), the fewest ids a
+/// window is sized for, and the page in which a build reads the table.
 const FILTER_BITS_PER_ID: usize = 10;
-const MAX_FILTER_BITS: usize = 1 << 27;
+const WINDOW_MS: i64 = 600_000;
+const MAX_WINDOW_BITS: usize = 1 << 25;
+const MAX_FILTER_BITS: usize = 1 << 28;
 const MIN_FILTER_IDS: usize = 1024;
 const FILTER_PAGE: i64 = 10_000;
 /// The most rows one incremental poll reads (ten pages).
@@ -147,6 +169,17 @@ struct Sync {
     /// When the poll last said it moved on past an open writer (said at most once per
     /// `STALL_LIMIT`: while one stays open, every poll's number would say it again).
     stall_logged: Option<Instant>,
+    /// How long an open writer holds the poll back ([`STALL_LIMIT`]).
+    stall_limit: Duration,
+    /// Writers the poll moved on past while they were still open (stalled, or open
+    /// during the first load): once none of them is writing any more, a full reload
+    /// reads what they committed. Before (until 2026-12-07) that was left to the next
+    /// periodic reload, up to 10 minutes later.
+    stalled: Vec<String>,
+    /// Repairs asked for and done (a reload that started before a repair was asked for
+    /// does not do it).
+    repairs_due: u64,
+    repairs_done: u64,
     synced_at: Option<Instant>,
     full_at: Option<Instant>,
     gc_at: Instant,
@@ -165,8 +198,10 @@ struct Seen {
 #[derive(Default)]
 struct Set {
     ids: HashMap<String, i64>,
+    /// The width of the filter's windows of expiry times (`WINDOW_MS`).
+    window_ms: i64,
     /// More active revocations than the limit: `ids` is empty and this holds every
-    /// active id known (and some expired ones, until the next build).
+    /// active id known (and expired ones until their window ends).
     filter: Option<Filter>,
     /// While a poll loads the table: the ids (and their expiries) this instance put in
     /// the filter meanwhile, for the new filter or the ids the load ends with (`None`
@@ -180,55 +215,145 @@ struct Set {
     next: Option<Filter>,
 }
 
-/// A Bloom filter of revoked ids: no false negatives, so an id it does not hold is
-/// not revoked; one it may hold is asked of the database. Keyed by a random
-/// per-process hasher, so nobody can choose ids that collide on every instance.
+/// Bloom filters of revoked ids, one per window of expiry times: no false negatives,
+/// so an id none of them holds is not revoked; one that may hold it is asked of the
+/// database. An id goes into the window its revocation's expiry falls in
+/// ([`WINDOW_MS`] wide), and a window is dropped as soon as every expiry in it has
+/// passed ([`Filter::drop_expired`], each poll): what expired leaves memory without a
+/// read of the table. Before (until 2026-12-07) one filter held every id, and only a
+/// build from the whole table, every 10 minutes, dropped what had expired: at the
+/// millions of revocations a busy instance's one-hour tokens leave, that read took
+/// 30–50 s of a 2-core host's CPU each time, and the whole-life soak's rate halved
+/// while it ran. Keyed by a random per-process hasher, so nobody can choose ids that
+/// collide on every instance.
 struct Filter {
-    bloom: fastbloom::BloomFilter<RandomState>,
-    /// The ids it was sized for (past them its false positives grow).
-    capacity: usize,
-    /// Ids inserted that it did not already seem to hold (for the gauge and the
-    /// capacity; an id re-read by the poll's overlap is not counted twice).
+    hasher: RandomState,
+    /// By the end of their window (ms): every id in one expires before its end.
+    windows: BTreeMap<i64, Window>,
+    /// The width of a window (`WINDOW_MS`; tests shorten it).
+    window_ms: i64,
+    /// The ids each window is sized for (all the same, so two can be merged).
+    window_ids: usize,
+    /// The most bits all windows may take together (past it two are merged).
+    max_bits: usize,
+    /// Ids inserted into the windows still held that their window did not already seem
+    /// to hold (for the gauge and the size of the next build; an id re-read by the
+    /// poll's overlap is not counted twice).
+    inserted: usize,
+}
+
+struct Window {
+    bloom: fastbloom::BloomFilter,
     inserted: usize,
 }
 
 impl Filter {
-    /// Sized for `ids` (at least `MIN_FILTER_IDS`, at most what `MAX_FILTER_BITS` holds).
-    fn sized_for(ids: usize) -> Filter {
-        let capacity = ids.clamp(MIN_FILTER_IDS, MAX_FILTER_BITS / FILTER_BITS_PER_ID);
+    /// Windows sized for `ids` each (at least `MIN_FILTER_IDS`, at most what
+    /// `MAX_WINDOW_BITS` holds), `MAX_FILTER_BITS` in all.
+    fn sized_for(ids: usize, window_ms: i64) -> Filter {
+        Filter::with_budget(ids, window_ms, MAX_FILTER_BITS)
+    }
+
+    fn with_budget(ids: usize, window_ms: i64, max_bits: usize) -> Filter {
         Filter {
-            bloom: fastbloom::BloomFilter::with_num_bits(capacity * FILTER_BITS_PER_ID)
-                .hasher(RandomState::new())
-                .expected_items(capacity),
-            capacity,
+            hasher: RandomState::new(),
+            window_ms: window_ms.max(1),
+            windows: BTreeMap::new(),
+            window_ids: ids.clamp(MIN_FILTER_IDS, MAX_WINDOW_BITS / FILTER_BITS_PER_ID),
+            max_bits,
             inserted: 0,
         }
     }
 
-    /// Hold `id`; whether it is new (not already seemingly held).
-    fn insert(&mut self, id: &str) -> bool {
-        let had = self.bloom.insert(id);
-        if !had {
+    fn window_bits(&self) -> usize {
+        self.window_ids * FILTER_BITS_PER_ID
+    }
+
+    /// Hold `id`, revoked until `exp`; whether it is new (not already seemingly held
+    /// by its window).
+    fn insert(&mut self, id: &str, exp: i64) -> bool {
+        let hash = self.hasher.hash_one(id);
+        // The end of the window `exp` falls in: later than it, a multiple of the width.
+        let end = exp
+            .div_euclid(self.window_ms)
+            .saturating_add(1)
+            .saturating_mul(self.window_ms);
+        if !self.windows.contains_key(&end) {
+            if self.windows.len().saturating_add(1) * self.window_bits() > self.max_bits {
+                self.merge_two();
+            }
+            let bloom = fastbloom::BloomFilter::with_num_bits(self.window_bits())
+                .expected_items(self.window_ids);
+            self.windows.insert(end, Window { bloom, inserted: 0 });
+        }
+        let Some(w) = self.windows.get_mut(&end) else {
+            return false;
+        };
+        let new = !w.bloom.insert_hash(hash);
+        if new {
+            w.inserted = w.inserted.saturating_add(1);
             self.inserted = self.inserted.saturating_add(1);
         }
-        !had
+        new
+    }
+
+    /// Out of room for another window: the two neighbours holding the fewest ids
+    /// together become one, kept until the later end (an id is kept longer, never
+    /// dropped sooner). Far windows hold few (an operator's revocations, a day long),
+    /// so memory stays bounded while the busy ones keep their own.
+    fn merge_two(&mut self) {
+        // Neighbours by end: (earlier end, later end, ids in both).
+        let pair = self
+            .windows
+            .iter()
+            .zip(self.windows.iter().skip(1))
+            .map(|((a, wa), (b, wb))| (*a, *b, wa.inserted.saturating_add(wb.inserted)))
+            .min_by_key(|p| p.2);
+        let Some(pair) = pair else {
+            return;
+        };
+        let Some(earlier) = self.windows.remove(&pair.0) else {
+            return;
+        };
+        if let Some(later) = self.windows.get_mut(&pair.1) {
+            // Same size (`window_ids`), so the union holds both sets.
+            later.bloom.union(&earlier.bloom);
+            later.inserted = later.inserted.saturating_add(earlier.inserted);
+        }
     }
 
     fn may_hold(&self, id: &str) -> bool {
-        self.bloom.contains(id)
+        let hash = self.hasher.hash_one(id);
+        self.windows.values().any(|w| w.bloom.contains_hash(hash))
     }
 
-    /// Past the ids it was sized for, and a larger one would be allowed.
+    /// Drop every window whose expiries have all passed by `now` (an id whose
+    /// expiry is not after `now` is not revoked: the ids' own rule).
+    fn drop_expired(&mut self, now: i64) {
+        while let Some(entry) = self.windows.first_entry() {
+            if *entry.key() > now {
+                break;
+            }
+            let w = entry.remove();
+            self.inserted = self.inserted.saturating_sub(w.inserted);
+        }
+    }
+
+    /// More ids held than one window is sized for, and larger windows would be
+    /// allowed: a build from the table sizes them again.
     fn outgrown(&self) -> bool {
-        self.inserted > self.capacity && self.capacity < MAX_FILTER_BITS / FILTER_BITS_PER_ID
+        self.inserted > self.window_ids && self.window_ids < MAX_WINDOW_BITS / FILTER_BITS_PER_ID
     }
 
     /// A filter for a set about to pass the bound: its ids, room for four times as
     /// many.
-    fn from_ids<'a>(ids: impl ExactSizeIterator<Item = &'a String>) -> Filter {
-        let mut f = Filter::sized_for(ids.len().saturating_mul(4));
-        for id in ids {
-            f.insert(id);
+    fn from_ids<'a>(
+        ids: impl ExactSizeIterator<Item = (&'a String, &'a i64)>,
+        window_ms: i64,
+    ) -> Filter {
+        let mut f = Filter::sized_for(ids.len().saturating_mul(4), window_ms);
+        for (id, exp) in ids {
+            f.insert(id, *exp);
         }
         f
     }
@@ -264,7 +389,7 @@ impl Set {
             "more than {limit} active token revocations: holding them in a Bloom filter \
              (a possible hit asks the database) until the set shrinks"
         );
-        self.filter = Some(Filter::from_ids(self.ids.keys()));
+        self.filter = Some(Filter::from_ids(self.ids.iter(), self.window_ms));
         // A filter being built meanwhile needs them too (they leave `ids`).
         if let Some(during) = self.during.as_mut() {
             if during.len().saturating_add(self.ids.len()) <= limit {
@@ -277,9 +402,9 @@ impl Set {
     }
 
     /// Put `id` (an active revocation) into the filter being built, if one is.
-    fn next_insert(&mut self, id: &str) {
+    fn next_insert(&mut self, id: &str, exp: i64) {
         if let Some(next) = self.next.as_mut() {
-            next.insert(id);
+            next.insert(id, exp);
         }
     }
 
@@ -292,7 +417,7 @@ impl Set {
                 self.spoiled = true;
             }
         }
-        self.filter.as_mut().is_some_and(|f| f.insert(id))
+        self.filter.as_mut().is_some_and(|f| f.insert(id, exp))
     }
 }
 
@@ -345,12 +470,19 @@ impl Revocations {
     pub fn new(db: Db) -> Self {
         Revocations {
             db,
-            set: RwLock::new(Set::default()),
+            set: RwLock::new(Set {
+                window_ms: WINDOW_MS,
+                ..Set::default()
+            }),
             sync: Mutex::new(Sync {
                 confirmed: 0,
                 seen: VecDeque::new(),
                 writers: None,
                 stall_logged: None,
+                stall_limit: STALL_LIMIT,
+                stalled: Vec::new(),
+                repairs_due: 0,
+                repairs_done: 0,
                 synced_at: None,
                 full_at: None,
                 gc_at: Instant::now(),
@@ -372,14 +504,29 @@ impl Revocations {
         self.limit.store(limit.max(1), Ordering::Relaxed);
     }
 
+    /// Change the width of the filter's windows of expiry times, for filters made from
+    /// now on (tests: expiries seconds apart in windows of their own).
+    pub fn set_window(&self, width: Duration) {
+        if let Ok(mut s) = self.set.write() {
+            s.window_ms = i64::try_from(width.as_millis()).unwrap_or(WINDOW_MS).max(1);
+        }
+    }
+
+    /// Change how long an open writer holds the poll back (tests: a stall).
+    pub fn set_stall_limit(&self, limit: Duration) {
+        if let Ok(mut s) = self.sync.lock() {
+            s.stall_limit = limit;
+        }
+    }
+
     /// Change the rows per read of a filter's build (tests: a slow build).
     pub fn set_build_page(&self, rows: i64) {
         self.build_page.store(rows.max(1), Ordering::Relaxed);
     }
 
     /// Number of active revocations known (for the `revoked_tokens` gauge). Past the
-    /// bound, the ids the filter holds: those it was built with and added since (some
-    /// of them expired since its build).
+    /// bound, the ids the filter's windows hold (some of them expired, until their
+    /// window ends).
     pub fn len(&self) -> usize {
         self.set
             .read()
@@ -419,7 +566,7 @@ impl Revocations {
         let limit = self.limit();
         let mut set = self.set.write();
         if let Ok(s) = set.as_mut() {
-            s.next_insert(jti);
+            s.next_insert(jti, expires_at);
         }
         let added = match set {
             Ok(mut s) if s.filter.is_some() => s.filter_insert(jti, expires_at, limit),
@@ -581,36 +728,65 @@ impl Revocations {
         }
     }
 
-    /// One poll: incremental (after a full reload every `FULL_RELOAD`, or when the
-    /// filter is outgrown), and the occasional bounded purge of the table.
+    /// One poll: drop the filter's windows that expired, read incrementally (after a
+    /// full reload when one is due: the filter outgrown, a stalled writer ended, the
+    /// filter shrunk under half the bound, or `FULL_RELOAD` passed), and the
+    /// occasional bounded purge of the table.
     pub async fn poll(&self) -> Result<(), StoreError> {
         let limit = self.limit();
-        // A filter past the ids it was sized for is built again, larger, at once.
-        let outgrown = self
-            .set
-            .read()
-            .map_err(poisoned)?
-            .filter
-            .as_ref()
-            .is_some_and(Filter::outgrown);
-        let (first, full, gc) = {
+        let now = now_millis();
+        // What expired leaves memory here, without a read; a filter past the ids it
+        // was sized for is built again, larger, at once; one under half the bound may
+        // go back to the ids.
+        let (outgrown, shrunk) = {
+            let mut set = self.set.write().map_err(poisoned)?;
+            if let Some(f) = set.filter.as_mut() {
+                f.drop_expired(now);
+            }
+            if let Some(f) = set.next.as_mut() {
+                f.drop_expired(now);
+            }
+            set.filter
+                .as_ref()
+                .map_or((false, false), |f| (f.outgrown(), f.inserted < limit / 2))
+        };
+        let (first, full, gc, repair) = {
             let s = self.sync.lock().map_err(poisoned)?;
+            let repair = (s.repairs_due > s.repairs_done).then_some(s.repairs_due);
             (
                 s.full_at.is_none(),
-                outgrown || s.full_at.is_none_or(|t| t.elapsed() >= FULL_RELOAD),
+                outgrown
+                    || repair.is_some()
+                    || s.full_at.is_none_or(|t| {
+                        t.elapsed() >= FULL_RELOAD || (shrunk && t.elapsed() >= SHRINK_EVERY)
+                    }),
                 s.gc_more || s.gc_at.elapsed() >= GC_EVERY,
+                repair,
             )
         };
-        let now = now_millis();
         if first {
-            // The first load sets the cursor; nothing is current before it ends.
+            // The first load sets the cursor; nothing is current before it ends. A
+            // writer open during it may have taken a number below where the cursor
+            // starts: once it ends, a reload reads what it committed.
             let (newest, writers, asked) = self.reload(now, limit, false).await?;
+            {
+                let mut s = self.sync.lock().map_err(poisoned)?;
+                for w in &writers {
+                    if !s.stalled.contains(w) {
+                        s.stalled.push(w.clone());
+                    }
+                }
+            }
             self.advance(Some(newest), Some(writers), asked, true)?;
         } else {
             if full {
                 // Later loads keep the set current meanwhile: incremental polls run
                 // beside a filter's build (`reload`), and the cursor stays theirs.
                 self.reload(now, limit, true).await?;
+                if let Some(due) = repair {
+                    let mut s = self.sync.lock().map_err(poisoned)?;
+                    s.repairs_done = s.repairs_done.max(due);
+                }
             }
             self.incremental(now, limit).await?;
         }
@@ -695,7 +871,7 @@ impl Revocations {
         let mut set = self.set.write().map_err(poisoned)?;
         for (jti, exp, _) in rows {
             if exp > now {
-                set.next_insert(&jti);
+                set.next_insert(&jti, exp);
                 added |= if set.filter.is_some() {
                     set.filter_insert(&jti, exp, limit)
                 } else {
@@ -746,22 +922,42 @@ impl Revocations {
                 Some(w) => front.writers.iter().any(|x| w.contains(x)),
                 None => !front.writers.is_empty(),
             };
-            if open && age < STALL_LIMIT {
+            if open && age < s.stall_limit {
                 break;
             }
-            if open
-                && s.stall_logged
-                    .is_none_or(|t| at.duration_since(t) >= STALL_LIMIT)
-            {
-                s.stall_logged = Some(at);
-                log::warn!(
-                    "a transaction writing token revocations has been open for over {} s: \
-                     the poll moves on, and the next full reload reads what it commits",
-                    STALL_LIMIT.as_secs()
-                );
+            if open {
+                // Moving on past it: once it has ended, a reload reads what it
+                // committed (it may have taken a number the cursor passes now).
+                for w in &front.writers {
+                    let still = before.as_ref().is_none_or(|b| b.contains(w));
+                    if still && !s.stalled.contains(w) {
+                        s.stalled.push(w.clone());
+                    }
+                }
+                if s.stall_logged
+                    .is_none_or(|t| at.duration_since(t) >= s.stall_limit)
+                {
+                    s.stall_logged = Some(at);
+                    log::warn!(
+                        "a transaction writing token revocations has been open for over \
+                         {} s: the poll moves on, and reloads the table once it has ended",
+                        s.stall_limit.as_secs()
+                    );
+                }
             }
             s.confirmed = s.confirmed.max(front.newest);
             s.seen.pop_front();
+        }
+        // The writers moved on past that were open after the previous read and are no
+        // longer after this one have ended before the next read starts: that read,
+        // a full reload, finds what they committed.
+        if let Some(now_writing) = &writers_now {
+            if !s.stalled.is_empty() {
+                s.stalled.retain(|w| now_writing.contains(w));
+                if s.stalled.is_empty() {
+                    s.repairs_due = s.repairs_due.saturating_add(1);
+                }
+            }
         }
         if let Some(n) = newest {
             s.seen.push_back(Seen {
@@ -915,14 +1111,15 @@ impl Revocations {
                 usize::try_from(count)
                     .unwrap_or(usize::MAX)
                     .saturating_mul(4),
+                set.window_ms,
             );
             // `during` ends here (nothing more can spoil this build): from now on the
             // ids go straight into the new filter.
-            for (id, _) in set.during.take().iter().flatten() {
-                next.insert(id);
+            for (id, exp) in set.during.take().iter().flatten() {
+                next.insert(id, *exp);
             }
-            for id in set.ids.keys() {
-                next.insert(id);
+            for (id, exp) in &set.ids {
+                next.insert(id, *exp);
             }
             set.next = Some(next);
         }
@@ -964,7 +1161,7 @@ impl Revocations {
                 })?;
                 for (id, exp, _) in &page {
                     if *exp > now {
-                        next.insert(id);
+                        next.insert(id, *exp);
                     }
                 }
             }
@@ -982,5 +1179,108 @@ impl Revocations {
                 log::warn!("revocation poll failed: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(i: usize) -> i64 {
+        i64::try_from(i).expect("a small index")
+    }
+
+    fn ids(range: std::ops::Range<usize>) -> Vec<String> {
+        range.map(|i| format!("job:{i}:1")).collect()
+    }
+
+    #[test]
+    fn a_window_is_dropped_once_its_expiries_have_passed_and_no_other_is() {
+        let mut f = Filter::sized_for(1024, 1000);
+        let all = ids(0..3000);
+        // Expiries 500..3499: windows ending at 1000, 2000, 3000 and 4000.
+        for (i, id) in all.iter().enumerate() {
+            f.insert(id, 500 + n(i));
+        }
+        assert_eq!(f.windows.len(), 4);
+        // Less the few a window seemed to hold already (about 1 % when full).
+        assert!(f.inserted > 2950, "{} inserted", f.inserted);
+        for now in [999, 1000, 1999, 2000, 2500, 3000, 3499] {
+            f.drop_expired(now);
+            // No false negative: every id still revoked at `now` is held.
+            let lost: Vec<&String> = all
+                .iter()
+                .enumerate()
+                .filter(|(i, id)| 500 + n(*i) > now && !f.may_hold(id))
+                .map(|(_, id)| id)
+                .collect();
+            assert!(lost.is_empty(), "at {now}: {lost:?}");
+        }
+        // At 3499 the windows ending at 1000, 2000 and 3000 are gone, with their ids.
+        assert_eq!(f.windows.len(), 1);
+        assert!((490..=500).contains(&f.inserted), "{} inserted", f.inserted);
+        let kept = all[..2500].iter().filter(|id| f.may_hold(id)).count();
+        assert!(kept < 25, "{kept} of 2 500 expired ids still seem held");
+        f.drop_expired(4000);
+        assert!(f.windows.is_empty());
+        assert_eq!(f.inserted, 0);
+    }
+
+    #[test]
+    fn out_of_room_the_windows_holding_fewest_merge_and_nothing_active_is_lost() {
+        // Room for three windows of 1 024 ids.
+        let mut f = Filter::with_budget(1024, 1000, 3 * 1024 * FILTER_BITS_PER_ID);
+        let all = ids(0..1200);
+        let exp = |i: usize| -> i64 {
+            // Two busy windows (ending at 1000 and 2000), then one id in each of ten
+            // windows far out (an operator's revocations).
+            match i {
+                0..=599 => 100 + n(i),
+                600..=1189 => 1000 + (n(i) - 600),
+                _ => 100_000 + 1000 * (n(i) - 1190),
+            }
+        };
+        for (i, id) in all.iter().enumerate() {
+            f.insert(id, exp(i));
+        }
+        assert!(f.windows.len() <= 3, "{} windows", f.windows.len());
+        assert!(f.windows.len() * f.window_bits() <= 3 * 1024 * FILTER_BITS_PER_ID);
+        for now in [0, 500, 1000, 1500, 2000, 50_000, 100_500, 104_500, 109_000] {
+            f.drop_expired(now);
+            let lost: Vec<&String> = all
+                .iter()
+                .enumerate()
+                .filter(|(i, id)| exp(*i) > now && !f.may_hold(id))
+                .map(|(_, id)| id)
+                .collect();
+            assert!(lost.is_empty(), "at {now}: {lost:?}");
+        }
+        // The far ones merged with each other, not with the busy windows: those were
+        // still dropped when they expired.
+        f.drop_expired(2000);
+        let kept = all[..1190].iter().filter(|id| f.may_hold(id)).count();
+        assert!(kept < 24, "{kept} of 1 190 expired ids still seem held");
+    }
+
+    #[test]
+    fn a_filter_is_outgrown_past_its_windows_size_until_they_are_the_largest() {
+        let mut f = Filter::sized_for(1024, 1000);
+        let mut n = 0;
+        for id in ids(0..2000) {
+            if f.outgrown() {
+                break;
+            }
+            assert!(f.inserted <= 1024, "not outgrown at {}", f.inserted);
+            f.insert(&id, 500);
+            n += 1;
+        }
+        assert!(f.outgrown(), "never outgrown");
+        assert_eq!(f.inserted, 1025);
+        assert!(n < 1050, "{n} ids for 1 025 new ones");
+        let mut largest = Filter::sized_for(usize::MAX, 1000);
+        assert_eq!(largest.window_ids, MAX_WINDOW_BITS / FILTER_BITS_PER_ID);
+        assert!(largest.window_bits() <= MAX_WINDOW_BITS);
+        largest.inserted = usize::MAX;
+        assert!(!largest.outgrown(), "no larger filter is allowed");
     }
 }

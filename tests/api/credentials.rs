@@ -20,6 +20,7 @@ backend_tests!(
     past_the_bound_a_filter_answers_from_memory_and_misses_no_revocation,
     a_filter_build_keeps_the_set_current_while_it_reads_the_table,
     a_revocation_made_here_while_a_built_filter_is_put_in_place_is_kept,
+    expired_revocations_leave_the_filter_without_a_read,
     a_revocation_made_with_the_sets_full_holds_on_both_instances_within_a_second,
     an_expired_webhook_secret_stops_working_while_cached,
     a_credential_read_that_raced_a_revocation_is_not_cached,
@@ -38,6 +39,7 @@ postgres_tests!(
     a_build_dropped_for_the_revocations_made_meanwhile_does_not_count_as_current,
     a_revocation_made_here_while_the_set_returns_to_its_ids_is_kept,
     a_revocation_committed_late_is_read_after_a_rebuild_of_the_filter,
+    a_revocation_whose_writer_stalled_is_read_once_the_writer_ends,
 );
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -497,8 +499,8 @@ fn a_revocation_committed_late_is_read_after_a_rebuild_of_the_filter(b: Backend)
     });
 }
 
-/// While a filter is built again from the table (every 10 minutes, or when it is
-/// outgrown), incremental polls keep the set in use current: a revocation another
+/// While a filter is built again from the table (when it is outgrown, a stalled
+/// writer has ended, or an hour has passed), incremental polls keep the set in use current: a revocation another
 /// instance commits during the build is held within a poll or two, before the build
 /// ends, and the new filter has it too. Before (2026-12-07), the build held the poll
 /// for as long as it read the table (tens of seconds at the millions of rows a busy
@@ -647,6 +649,107 @@ fn a_revocation_made_here_while_a_built_filter_is_put_in_place_is_kept(b: Backen
         );
         assert_eq!(set.held(), 0, "past the bound, no ids held");
     }
+}
+
+/// Past the bound, what expired leaves the filter without a read of the table: each
+/// window of expiry times is dropped once its expiries have passed. Before
+/// (2026-12-07) only a build from the whole table, every 10 minutes, dropped them; at a
+/// busy instance's millions of one-hour revocations that read took 30–50 s of CPU each
+/// time. Here the table is renamed away after the first load, so nothing is read, and
+/// still the 50 expired ids leave while the 30 active ones stay.
+fn expired_revocations_leave_the_filter_without_a_read(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let set = revocation::Revocations::new(app.state.db.clone());
+    set.set_limit(10);
+    set.set_window(Duration::from_millis(500));
+    let short = now_millis() + 1_500;
+    let exp = now_millis() + 3_600_000;
+    fill_revocations(&app, 0..50, short);
+    app.state
+        .db
+        .write_sync(move |c| {
+            for i in 0..30 {
+                revoked::revoke_token(c, &format!("long-{i}"), exp, now_millis())?;
+            }
+            Ok(())
+        })
+        .expect("long revocations");
+    let rename = |from: &str, to: &str| {
+        app.state
+            .db
+            .write_sync(|c| {
+                diesel::sql_query(format!("ALTER TABLE {from} RENAME TO {to}")).execute(c)?;
+                Ok(())
+            })
+            .expect("rename");
+    };
+    actix_web::rt::System::new().block_on(async {
+        set.poll()
+            .await
+            .expect("first poll, a full load past the bound");
+        assert_eq!(set.held(), 0, "past the bound, no ids held");
+        assert_eq!(set.len(), 80, "gauge");
+        rename("revoked_tokens", "revoked_tokens_away");
+        while now_millis() <= short + 600 {
+            actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Its read fails (no table); what expired has left by then.
+        assert!(
+            set.poll().await.is_err(),
+            "a poll read a table renamed away"
+        );
+        rename("revoked_tokens_away", "revoked_tokens");
+    });
+    assert_eq!(set.len(), 30, "gauge after the short revocations expired");
+    let lost: Vec<usize> = (0..30)
+        .filter(|i| !set.holds(&format!("long-{i}")))
+        .collect();
+    assert!(lost.is_empty(), "active revocations lost: {lost:?}");
+    let kept = (0..50).filter(|i| set.holds(&format!("fill-{i}"))).count();
+    assert!(kept < 5, "{kept} of 50 expired ids still seem held");
+}
+
+/// A PostgreSQL transaction that took its revocation's number and stays open past
+/// the stall limit no longer holds the poll back, so the cursor passes its number
+/// before it commits. Once it has ended, a reload reads what it committed. Before
+/// (2026-12-07) that was left to the periodic full reload, up to 10 minutes later,
+/// and every token it revoked was accepted here meanwhile. (The limit is 60 s; here
+/// 1 s.)
+fn a_revocation_whose_writer_stalled_is_read_once_the_writer_ends(b: Backend) {
+    let Some(app) = crate::app!(b) else { return };
+    let set = revocation::Revocations::new(app.state.db.clone());
+    set.set_stall_limit(Duration::from_secs(1));
+    let exp = now_millis() + 3_600_000;
+    fill_revocations(&app, 0..20, exp);
+    let mut late = diesel::PgConnection::establish(&app.db.url).expect("open postgres");
+    actix_web::rt::System::new().block_on(async {
+        set.poll().await.expect("first poll, a full load");
+        late.batch_execute(&format!(
+            "BEGIN; INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
+             VALUES ('late', {exp}, {})",
+            now_millis()
+        ))
+        .expect("open a revoking transaction");
+        fill_revocations(&app, 20..40, exp);
+        // Past the 3 s overlap and the stall limit: the cursor moves past 'late'.
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(5_000) {
+            set.poll().await.expect("poll");
+            actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(set.holds("fill-39"));
+        late.batch_execute("COMMIT")
+            .expect("commit the late revocation");
+        for _ in 0..3 {
+            set.poll().await.expect("poll");
+            actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            set.holds("late"),
+            "the stalled writer's revocation was never read"
+        );
+        assert!(set.is_revoked("late", "y", 1).await.expect("check"));
+    });
 }
 
 /// With both instances' sets full (and then past full), an operator's revocation on one
