@@ -26,17 +26,19 @@
 //!
 //! Memory is bounded: past `limit()` active ids (default `MAX_REVOCATIONS`) the set
 //! keeps, instead of the ids, Bloom filters of every active id it knows, one per
-//! 10-minute window of expiry times ([`Filter`], at most `MAX_FILTER_BITS`, 32 MiB).
-//! An id no window holds is not revoked, answered from memory as before; one a window
-//! may hold (a revoked token, or about one check in a thousand or fewer) asks the
-//! database (an indexed primary-key lookup). A window is dropped once its expiries
+//! 10-minute window of expiry times ([`Filter`], at most `MAX_FILTER_BITS`, 32 MiB, and
+//! a second filter while one is built). An id no window holds is not revoked, answered
+//! from memory as before; one a window may hold (a revoked token, or a few checks in a
+//! thousand at ~10 M active revocations of 1 h) asks the database (an indexed
+//! primary-key lookup). A window is dropped once its expiries
 //! have passed, so what expires leaves memory without a read. A filter cannot grow, so
 //! a poll builds a new one from the table, page by page, when the old one holds more
 //! than one window was sized for, while incremental polls go on beside it and keep the
 //! set in use current (what they read, and what is revoked here, goes into both
 //! filters); a build that finds the table back under the bound goes back to the ids.
 //! Past the ramp-up the windows are at their largest and no build is needed: a full
-//! reload runs only for a stalled writer, a filter shrunk under half the bound, and
+//! reload runs only to repair (a stalled writer ended, a writer open during the first
+//! load ended, the wall clock went back), for a filter shrunk under half the bound, and
 //! once an hour (`FULL_RELOAD`). Before (until 2026-12-07) the set was dropped past
 //! the bound and every job-token check asked the database: at 1 h token lifetimes that
 //! was any deployment ending more than ~28 jobs a second, and the whole-life soak lost
@@ -88,16 +90,20 @@ const STALL_LIMIT: Duration = Duration::from_secs(60);
 /// during the first load is waited out and then repaired by a reload, as a stalled
 /// one is).
 const SEQ_MARGIN: i64 = 1024;
-/// A full reload at least this often, belt and braces: nothing the incremental poll
-/// misses is known that a stalled writer's repair does not read (before 2026-12-07,
-/// every 10 minutes, which was also what dropped expired ids from the filter).
+/// The wall clock going back more than this asks for a full reload (what was dropped
+/// as expired may be active again).
+const CLOCK_STEP_MS: i64 = 1000;
+/// A full reload at least this often, belt and braces: no miss of the incremental poll
+/// is known that the repairs do not read (before 2026-12-07, every 10 minutes, which
+/// was also what dropped expired ids from the filter).
 const FULL_RELOAD: Duration = Duration::from_secs(3600);
 /// A filter holding fewer than half the bound is loaded again (back to the ids if the
 /// table is under it) at most this often.
 const SHRINK_EVERY: Duration = Duration::from_secs(600);
 /// Past the bound: the filter's bits per id it is sized for (about 1 % false
 /// positives in a window that holds that many, far fewer before), the width of its
-/// windows of expiry times (an expired id stays in memory at most this long), the most
+/// windows of expiry times (an expired id stays in memory until its window ends, later
+/// if windows were merged for room, or a build or a poll is under way), the most
 /// bits one window may take (4 MiB: 3.3 M ids) and all of them together (32 MiB:
 /// past that two windows are merged, and past ~27 M active revocations false
 /// positives grow, each a database read, while memory stays put), the fewest ids a
@@ -107,6 +113,8 @@ const WINDOW_MS: i64 = 600_000;
 const MAX_WINDOW_BITS: usize = 1 << 25;
 const MAX_FILTER_BITS: usize = 1 << 28;
 const MIN_FILTER_IDS: usize = 1024;
+/// A paced build rests once its pages have taken this long, for as long.
+const PACE_STEP: Duration = Duration::from_millis(20);
 const FILTER_PAGE: i64 = 10_000;
 /// The most rows one incremental poll reads (ten pages).
 const MAX_POLL_ROWS: usize = 100_000;
@@ -180,6 +188,8 @@ struct Sync {
     /// does not do it).
     repairs_due: u64,
     repairs_done: u64,
+    /// The latest wall-clock time a poll saw (a clock going back asks for a repair).
+    latest_now: i64,
     synced_at: Option<Instant>,
     full_at: Option<Instant>,
     gc_at: Instant,
@@ -266,7 +276,7 @@ impl Filter {
     }
 
     fn window_bits(&self) -> usize {
-        self.window_ids * FILTER_BITS_PER_ID
+        self.window_ids.saturating_mul(FILTER_BITS_PER_ID)
     }
 
     /// Hold `id`, revoked until `exp`; whether it is new (not already seemingly held
@@ -279,7 +289,13 @@ impl Filter {
             .saturating_add(1)
             .saturating_mul(self.window_ms);
         if !self.windows.contains_key(&end) {
-            if self.windows.len().saturating_add(1) * self.window_bits() > self.max_bits {
+            if self
+                .windows
+                .len()
+                .saturating_add(1)
+                .saturating_mul(self.window_bits())
+                > self.max_bits
+            {
                 self.merge_two();
             }
             let bloom = fastbloom::BloomFilter::with_num_bits(self.window_bits())
@@ -339,10 +355,11 @@ impl Filter {
         }
     }
 
-    /// More ids held than one window is sized for, and larger windows would be
+    /// A window holds more ids than it was sized for, and larger windows would be
     /// allowed: a build from the table sizes them again.
     fn outgrown(&self) -> bool {
-        self.inserted > self.window_ids && self.window_ids < MAX_WINDOW_BITS / FILTER_BITS_PER_ID
+        self.window_ids < MAX_WINDOW_BITS / FILTER_BITS_PER_ID
+            && self.windows.values().any(|w| w.inserted > self.window_ids)
     }
 
     /// A filter for a set about to pass the bound: its ids, room for four times as
@@ -483,6 +500,7 @@ impl Revocations {
                 stalled: Vec::new(),
                 repairs_due: 0,
                 repairs_done: 0,
+                latest_now: 0,
                 synced_at: None,
                 full_at: None,
                 gc_at: Instant::now(),
@@ -751,7 +769,19 @@ impl Revocations {
                 .map_or((false, false), |f| (f.outgrown(), f.inserted < limit / 2))
         };
         let (first, full, gc, repair) = {
-            let s = self.sync.lock().map_err(poisoned)?;
+            let mut s = self.sync.lock().map_err(poisoned)?;
+            // The wall clock went back: what a poll dropped as expired (a window, an
+            // id) may be active again, and a token it revoked valid again. A reload
+            // reads them back (review, 2026-12-07: a forward step, even a brief one,
+            // dropped every window it passed until the hourly reload).
+            if now < s.latest_now.saturating_sub(CLOCK_STEP_MS) {
+                log::warn!(
+                    "the wall clock went back {} ms: reloading the token revocations",
+                    s.latest_now.saturating_sub(now)
+                );
+                s.repairs_due = s.repairs_due.saturating_add(1);
+            }
+            s.latest_now = s.latest_now.max(now);
             let repair = (s.repairs_due > s.repairs_done).then_some(s.repairs_due);
             (
                 s.full_at.is_none(),
@@ -768,7 +798,7 @@ impl Revocations {
             // The first load sets the cursor; nothing is current before it ends. A
             // writer open during it may have taken a number below where the cursor
             // starts: once it ends, a reload reads what it committed.
-            let (newest, writers, asked) = self.reload(now, limit, false).await?;
+            let (newest, writers, asked) = self.reload(now, limit, false, false).await?;
             {
                 let mut s = self.sync.lock().map_err(poisoned)?;
                 for w in &writers {
@@ -782,9 +812,14 @@ impl Revocations {
             if full {
                 // Later loads keep the set current meanwhile: incremental polls run
                 // beside a filter's build (`reload`), and the cursor stays theirs.
-                self.reload(now, limit, true).await?;
+                // Paced unless it repairs (`read_into_next`).
+                self.reload(now, limit, true, repair.is_none()).await?;
+                // Done, whatever the incremental read below does (before, review
+                // 2026-12-07: stamped at the poll's end only, so a failed read after it
+                // made every following poll load the whole table again).
+                let mut s = self.sync.lock().map_err(poisoned)?;
+                s.full_at = Some(Instant::now());
                 if let Some(due) = repair {
-                    let mut s = self.sync.lock().map_err(poisoned)?;
                     s.repairs_done = s.repairs_done.max(due);
                 }
             }
@@ -945,18 +980,31 @@ impl Revocations {
                     );
                 }
             }
-            s.confirmed = s.confirmed.max(front.newest);
+            // A read that stopped at its cap covered the numbers up to its newest only:
+            // what the writers gone since committed above that is not read yet, so the
+            // cursor moves no further (before, review 2026-12-07: it moved to the
+            // front's newest, past rows no read had covered).
+            let reach = if stamp {
+                front.newest
+            } else {
+                front.newest.min(newest.unwrap_or(s.confirmed))
+            };
+            s.confirmed = s.confirmed.max(reach);
+            if reach < front.newest {
+                break;
+            }
             s.seen.pop_front();
         }
-        // The writers moved on past that were open after the previous read and are no
-        // longer after this one have ended before the next read starts: that read,
-        // a full reload, finds what they committed.
+        // A writer moved on past that is no longer writing after this read has ended
+        // before the next read starts: that read, a full reload, finds what it
+        // committed. Each one that ends asks for one (repairs asked for during a reload
+        // are done by the next): before (review, 2026-12-07) only the last of them did,
+        // so a session left open held back every other's repair until the hourly reload.
         if let Some(now_writing) = &writers_now {
-            if !s.stalled.is_empty() {
-                s.stalled.retain(|w| now_writing.contains(w));
-                if s.stalled.is_empty() {
-                    s.repairs_due = s.repairs_due.saturating_add(1);
-                }
+            let was = s.stalled.len();
+            s.stalled.retain(|w| now_writing.contains(w));
+            if s.stalled.len() < was {
+                s.repairs_due = s.repairs_due.saturating_add(1);
             }
         }
         if let Some(n) = newest {
@@ -976,41 +1024,51 @@ impl Revocations {
 
     /// Load every active revocation: the ids, or past the limit a filter built from
     /// the table page by page; returns the newest number assigned before the load, the
-    /// transactions writing to the table after it, and when the load was asked (on the
-    /// connection). The set is as current as that moment: a row committed before it is
+    /// transactions writing to the table right after it was read (before the rows), and
+    /// when the load was asked (on the connection). The set is as current as that moment: a row committed before it is
     /// in every page read after it, and a revocation this instance makes or reads while
     /// the filter is built goes into it too (`Set::during` until the build starts,
     /// `Set::next` from then on). With `keep_fresh`, incremental polls run while the
     /// filter is built, so the set in use stays current (before, 2026-12-07: a build
     /// of millions of rows held the poll for tens of seconds, during which every
     /// job-token check asked the database, and revocations made here meanwhile past the
-    /// bound dropped the build, which then started again at the next poll).
+    /// bound dropped the build, which then started again at the next poll). With
+    /// `paced` too, the build rests between its pages (`read_into_next`).
     async fn reload(
         &self,
         now: i64,
         limit: usize,
         keep_fresh: bool,
+        paced: bool,
     ) -> Result<(i64, Vec<String>, Instant), StoreError> {
         // From here on, a revocation this instance makes is kept for a filter this load
         // may build (until the guard goes, on every way out).
         let _building = Building::start(&self.set)?;
+        // The writers are listed right after the newest number and before the rows are
+        // read: a number up to the newest was either committed before the list (so it
+        // is in the rows) or its writer is on it (so the first load waits it out and
+        // repairs it). Listed after the rows (review, 2026-12-07), a writer that
+        // committed in between was on neither, below where the first load starts the
+        // cursor, and missed until the next periodic reload.
         let (asked, max_seq, count, rows, writers) = self
             .db
             .read(move |conn| {
                 let asked = Instant::now();
                 let max_seq = revoked::max_revocation_seq(conn)?;
+                let writers = revoked::writers(conn)?;
                 let count = revoked::count_revoked_active(conn, now)?;
                 let rows = if usize::try_from(count).is_ok_and(|c| c <= limit) {
                     revoked::revoked_active(conn, now, cap(limit))?
                 } else {
                     Vec::new()
                 };
-                Ok((asked, max_seq, count, rows, revoked::writers(conn)?))
+                Ok((asked, max_seq, count, rows, writers))
             })
             .await?;
         let past_bound = rows.len() > limit || usize::try_from(count).map_or(true, |c| c > limit);
         if past_bound {
-            self.build_filter(now, count, limit, keep_fresh).await?;
+            self.build_filter(now, count, limit, keep_fresh, keep_fresh && paced)
+                .await?;
         }
         let mut added = false;
         {
@@ -1104,6 +1162,7 @@ impl Revocations {
         count: i64,
         limit: usize,
         keep_fresh: bool,
+        paced: bool,
     ) -> Result<(), StoreError> {
         {
             let mut set = self.set.write().map_err(poisoned)?;
@@ -1123,7 +1182,7 @@ impl Revocations {
             }
             set.next = Some(next);
         }
-        let pages = self.read_into_next(now);
+        let pages = self.read_into_next(now, paced);
         if keep_fresh {
             let fresh = async {
                 loop {
@@ -1143,11 +1202,17 @@ impl Revocations {
         Ok(())
     }
 
-    /// Read the table into `Set::next`, page by page in number order.
-    async fn read_into_next(&self, now: i64) -> Result<(), StoreError> {
+    /// Read the table into `Set::next`, page by page in number order; `paced`, resting
+    /// after each stretch of pages as long as they took, so a build of millions of rows
+    /// takes about half of a core for twice as long rather than all of one (the
+    /// 70-minute whole-life soak, 2026-12-07: each full read of ~9 M rows halved the
+    /// rate for 30–50 s). A repair is not paced: a revocation may be missing meanwhile.
+    async fn read_into_next(&self, now: i64, paced: bool) -> Result<(), StoreError> {
         let page_rows = self.build_page.load(Ordering::Relaxed).max(1);
         let mut after = 0;
+        let mut owed = Duration::ZERO;
         loop {
+            let started = Instant::now();
             let page = self
                 .db
                 .read(move |conn| revoked::revoked_after(conn, after, page_rows))
@@ -1167,6 +1232,12 @@ impl Revocations {
             }
             if last {
                 return Ok(());
+            }
+            if paced {
+                owed += started.elapsed();
+                if owed >= PACE_STEP {
+                    actix_web::rt::time::sleep(std::mem::take(&mut owed)).await;
+                }
             }
         }
     }
