@@ -228,6 +228,27 @@ fn the_set_stays_bounded_while_no_poll_completes(b: Backend) {
     });
 }
 
+/// Begin a transaction on `conn` that revokes `jti` (its row numbered) and leave it open.
+fn open_revoking(conn: &mut diesel::PgConnection, jti: &str, exp: i64) {
+    conn.batch_execute(&format!(
+        "BEGIN; INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
+         VALUES ('{jti}', {exp}, {})",
+        now_millis()
+    ))
+    .expect("open a revoking transaction");
+}
+
+/// Rename a table (to take it away from the service, and to give it back).
+fn rename_table(app: &TestApp, from: &str, to: &str) {
+    app.state
+        .db
+        .write_sync(|c| {
+            diesel::sql_query(format!("ALTER TABLE {from} RENAME TO {to}")).execute(c)?;
+            Ok(())
+        })
+        .expect("rename");
+}
+
 /// Revoke `fill-<i>` for each `i` in `range`, in the table only (as another instance).
 fn fill_revocations(app: &TestApp, range: std::ops::Range<usize>, exp: i64) {
     app.state
@@ -255,15 +276,7 @@ fn past_the_bound_a_filter_answers_from_memory_and_misses_no_revocation(b: Backe
     set.set_limit(10);
     let exp = now_millis() + 3_600_000;
     let fill = |from, to| fill_revocations(&app, from..to, exp);
-    let rename = |from: &str, to: &str| {
-        app.state
-            .db
-            .write_sync(|c| {
-                diesel::sql_query(format!("ALTER TABLE {from} RENAME TO {to}")).execute(c)?;
-                Ok(())
-            })
-            .expect("rename");
-    };
+    let rename = |from: &str, to: &str| rename_table(&app, from, to);
     actix_web::rt::System::new().block_on(async {
         fill(0, 50);
         set.poll().await.expect("first poll, a full load");
@@ -477,12 +490,7 @@ fn a_revocation_committed_late_is_read_after_a_rebuild_of_the_filter(b: Backend)
         set.poll()
             .await
             .expect("first poll, a full load past the bound");
-        late.batch_execute(&format!(
-            "BEGIN; INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
-             VALUES ('late', {exp}, {})",
-            now_millis()
-        ))
-        .expect("open a revoking transaction");
+        open_revoking(&mut late, "late", exp);
         fill_revocations(&app, 20..1200, exp);
         set.poll()
             .await
@@ -674,15 +682,7 @@ fn expired_revocations_leave_the_filter_without_a_read(b: Backend) {
             Ok(())
         })
         .expect("long revocations");
-    let rename = |from: &str, to: &str| {
-        app.state
-            .db
-            .write_sync(|c| {
-                diesel::sql_query(format!("ALTER TABLE {from} RENAME TO {to}")).execute(c)?;
-                Ok(())
-            })
-            .expect("rename");
-    };
+    let rename = |from: &str, to: &str| rename_table(&app, from, to);
     actix_web::rt::System::new().block_on(async {
         set.poll()
             .await
@@ -727,19 +727,8 @@ fn a_revocation_whose_writer_stalled_is_read_once_the_writer_ends(b: Backend) {
     let mut stuck = diesel::PgConnection::establish(&app.db.url).expect("open postgres");
     actix_web::rt::System::new().block_on(async {
         set.poll().await.expect("first poll, a full load");
-        stuck
-            .batch_execute(&format!(
-                "BEGIN; INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
-                 VALUES ('stuck', {exp}, {})",
-                now_millis()
-            ))
-            .expect("open a transaction left open");
-        late.batch_execute(&format!(
-            "BEGIN; INSERT INTO revoked_tokens (jti, expires_at, revoked_at) \
-             VALUES ('late', {exp}, {})",
-            now_millis()
-        ))
-        .expect("open a revoking transaction");
+        open_revoking(&mut stuck, "stuck", exp);
+        open_revoking(&mut late, "late", exp);
         fill_revocations(&app, 20..40, exp);
         // Past the 3 s overlap and the stall limit: the cursor moves past 'late'.
         let started = Instant::now();
