@@ -1401,6 +1401,31 @@ fn cut_trigger(app: &crate::helpers::TestApp, hold: f64) {
     .expect("trigger");
 }
 
+/// Occupy both batching threads with a `hold-the-batcher` report each, then wait
+/// 200 ms, so that the reports sent next queue up and are taken as one batch. The
+/// second hold is sent 50 ms after the first, once a thread sits in the first's
+/// trigger: sent together, both could be taken as one batch by one thread, leaving the
+/// other free to write the next reports one by one (the test then flaked).
+fn hold_both_threads<'s, F>(
+    s: &'s std::thread::Scope<'s, '_>,
+    busy: &'s [String; 2],
+    report: &'s F,
+) -> Vec<std::thread::ScopedJoinHandle<'s, Result<Resp, String>>>
+where
+    F: Fn(&str, &str) -> Result<Resp, String> + Sync,
+{
+    let holds = busy
+        .iter()
+        .map(|id| {
+            let h = s.spawn(move || report(id, "hold-the-batcher"));
+            std::thread::sleep(Duration::from_millis(50));
+            h
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(150));
+    holds
+}
+
 /// An API-key progress report of `percent` 40 with `message`.
 fn api_report(
     app: &crate::helpers::TestApp,
@@ -1436,11 +1461,7 @@ fn a_progress_batch_cut_mid_way_answers_each_report_as_committed(b: Backend) {
     let (first, later) = std::thread::scope(|s| {
         // Both batching threads busy for a while, so the next two reports queue up and
         // are taken as one batch.
-        let holds: Vec<_> = busy
-            .iter()
-            .map(|id| s.spawn(|| report(id, "hold-the-batcher")))
-            .collect();
-        std::thread::sleep(Duration::from_millis(200));
+        let holds = hold_both_threads(s, &busy, &report);
         let first = s.spawn(|| report(&job, "first"));
         std::thread::sleep(Duration::from_millis(50));
         let later = s.spawn(|| report(&job, "cut-here"));
@@ -1503,11 +1524,7 @@ fn a_progress_batch_of_several_jobs_cut_mid_way_answers_each_report_as_committed
     // One batch of `sent` (in this order) behind two reports holding both threads.
     let batch = |sent: &[(&str, &str)]| -> Vec<Result<Resp, String>> {
         std::thread::scope(|s| {
-            let holds: Vec<_> = busy
-                .iter()
-                .map(|id| s.spawn(|| report(id, "hold-the-batcher")))
-                .collect();
-            std::thread::sleep(Duration::from_millis(200));
+            let holds = hold_both_threads(s, &busy, &report);
             let mut answers = Vec::new();
             for (id, message) in sent {
                 answers.push(s.spawn(|| report(id, message)));
