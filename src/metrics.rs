@@ -26,6 +26,8 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     pub pool_connections: IntGaugeVec,
     pub revoked_tokens: IntGauge,
+    /// Full reads of the revocations table by why (`auth::revocation`), at scrape time.
+    revocation_reloads: IntCounterVec,
     /// Bodies on their way before their requests are verified, and those whose place
     /// went to a peer holding fewer (`auth::throttle`), set at scrape time.
     unverified_body_reads: IntGauge,
@@ -252,6 +254,18 @@ impl Metrics {
         c.inc_by(refused.saturating_sub(c.get()));
     }
 
+    /// The revocation set's full reads so far, by reason (`Revocations::reloads`),
+    /// under the same lock as the body reads: two scrapes must not both add.
+    pub fn observe_revocation_reloads(&self, counts: &[(&str, u64)]) {
+        let Ok(_one_at_a_time) = self.body_reads_sync.lock() else {
+            return;
+        };
+        for (reason, n) in counts {
+            let c = self.revocation_reloads.with_label_values(&[*reason]);
+            c.inc_by(n.saturating_sub(c.get()));
+        }
+    }
+
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some("coordinator".into()), None)?;
         let http_requests = IntCounterVec::new(
@@ -309,6 +323,17 @@ impl Metrics {
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(pool_connections.clone()))?;
         registry.register(Box::new(revoked_tokens.clone()))?;
+        let revocation_reloads = IntCounterVec::new(
+            Opts::new(
+                "revocation_reloads_total",
+                "Full reads of the token revocations table, by reason: first (at start), \
+                 repair (a writer the poll moved past ended, or the clock went back), \
+                 outgrown (the Bloom filter is built larger), periodic (hourly), shrunk \
+                 (the ids may fit in memory again)",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(revocation_reloads.clone()))?;
         let unverified_body_reads = IntGauge::new(
             "unverified_body_reads",
             "Request bodies being read before their request is verified (HMAC, RFC 9421, \
@@ -368,6 +393,7 @@ impl Metrics {
             queue_depth,
             pool_connections,
             revoked_tokens,
+            revocation_reloads,
             unverified_body_reads,
             unverified_body_reads_evicted,
             body_reads_sync: Mutex::new(()),

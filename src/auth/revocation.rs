@@ -190,11 +190,48 @@ struct Sync {
     repairs_done: u64,
     /// The latest wall-clock time a poll saw (a clock going back asks for a repair).
     latest_now: i64,
+    /// Full reads of the table so far, by why each ran (`Reload::ALL`'s order).
+    reloads: [u64; 5],
     synced_at: Option<Instant>,
     full_at: Option<Instant>,
     gc_at: Instant,
     /// The last purge removed a whole batch: purge again at the next poll.
     gc_more: bool,
+}
+
+/// Why a poll read the whole table (`revocation_reloads_total{reason}`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Reload {
+    /// The first load, at start.
+    First,
+    /// A writer the poll had moved on past ended, or the wall clock went back.
+    Repair,
+    /// The filter holds more ids than it was sized for.
+    Outgrown,
+    /// `FULL_RELOAD` passed: belt and braces.
+    Periodic,
+    /// The filter holds under half the bound: the ids may fit in memory again.
+    Shrunk,
+}
+
+impl Reload {
+    const ALL: [Reload; 5] = [
+        Reload::First,
+        Reload::Repair,
+        Reload::Outgrown,
+        Reload::Periodic,
+        Reload::Shrunk,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Reload::First => "first",
+            Reload::Repair => "repair",
+            Reload::Outgrown => "outgrown",
+            Reload::Periodic => "periodic",
+            Reload::Shrunk => "shrunk",
+        }
+    }
 }
 
 /// What one poll saw: when, the newest number, and the transactions that were writing
@@ -501,6 +538,7 @@ impl Revocations {
                 repairs_due: 0,
                 repairs_done: 0,
                 latest_now: 0,
+                reloads: [0; 5],
                 synced_at: None,
                 full_at: None,
                 gc_at: Instant::now(),
@@ -540,6 +578,18 @@ impl Revocations {
     /// Change the rows per read of a filter's build (tests: a slow build).
     pub fn set_build_page(&self, rows: i64) {
         self.build_page.store(rows.max(1), Ordering::Relaxed);
+    }
+
+    /// Full reads of the table so far, by why each ran (for the
+    /// `revocation_reloads_total` counter): an operator sees how often the set read
+    /// the whole table, and why.
+    pub fn reloads(&self) -> [(&'static str, u64); 5] {
+        let counts = self.sync.lock().map(|s| s.reloads).unwrap_or_default();
+        let mut out = [("", 0); 5];
+        for ((slot, why), n) in out.iter_mut().zip(Reload::ALL).zip(counts) {
+            *slot = (why.as_str(), n);
+        }
+        out
     }
 
     /// Number of active revocations known (for the `revoked_tokens` gauge). Past the
@@ -783,13 +833,29 @@ impl Revocations {
             }
             s.latest_now = s.latest_now.max(now);
             let repair = (s.repairs_due > s.repairs_done).then_some(s.repairs_due);
+            let why = match s.full_at {
+                None => Some(Reload::First),
+                Some(_) if repair.is_some() => Some(Reload::Repair),
+                Some(_) if outgrown => Some(Reload::Outgrown),
+                Some(t) if t.elapsed() >= FULL_RELOAD => Some(Reload::Periodic),
+                Some(t) if shrunk && t.elapsed() >= SHRINK_EVERY => Some(Reload::Shrunk),
+                Some(_) => None,
+            };
+            if let Some(why) = why {
+                let at = Reload::ALL.iter().position(|r| *r == why);
+                if let Some(n) = at.and_then(|i| s.reloads.get_mut(i)) {
+                    *n = n.saturating_add(1);
+                }
+                if why != Reload::First {
+                    log::info!(
+                        "token revocations: reading the whole table ({})",
+                        why.as_str()
+                    );
+                }
+            }
             (
                 s.full_at.is_none(),
-                outgrown
-                    || repair.is_some()
-                    || s.full_at.is_none_or(|t| {
-                        t.elapsed() >= FULL_RELOAD || (shrunk && t.elapsed() >= SHRINK_EVERY)
-                    }),
+                why.is_some(),
                 s.gc_more || s.gc_at.elapsed() >= GC_EVERY,
                 repair,
             )

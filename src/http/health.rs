@@ -62,6 +62,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .set(i64::from(connections.saturating_sub(idle)));
     m.revoked_tokens
         .set(i64::try_from(state.auth.revocations.len()).unwrap_or(i64::MAX));
+    m.observe_revocation_reloads(&state.auth.revocations.reloads());
     let (reading, evicted) = state.auth.throttle.body_reads();
     m.observe_body_reads(reading, evicted);
     let (open, refused) = state.connections.counts();

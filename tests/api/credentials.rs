@@ -725,8 +725,15 @@ fn a_revocation_whose_writer_stalled_is_read_once_the_writer_ends(b: Backend) {
     fill_revocations(&app, 0..20, exp);
     let mut late = diesel::PgConnection::establish(&app.db.url).expect("open postgres");
     let mut stuck = diesel::PgConnection::establish(&app.db.url).expect("open postgres");
+    let reloads = |why: &str| {
+        set.reloads()
+            .iter()
+            .find(|(w, _)| *w == why)
+            .map_or(u64::MAX, |r| r.1)
+    };
     actix_web::rt::System::new().block_on(async {
         set.poll().await.expect("first poll, a full load");
+        assert_eq!((reloads("first"), reloads("repair")), (1, 0));
         open_revoking(&mut stuck, "stuck", exp);
         open_revoking(&mut late, "late", exp);
         fill_revocations(&app, 20..40, exp);
@@ -737,6 +744,11 @@ fn a_revocation_whose_writer_stalled_is_read_once_the_writer_ends(b: Backend) {
             actix_web::rt::time::sleep(Duration::from_millis(200)).await;
         }
         assert!(set.holds("fill-39"));
+        assert_eq!(
+            reloads("repair"),
+            0,
+            "a repair while the writer is still open"
+        );
         late.batch_execute("COMMIT")
             .expect("commit the late revocation");
         for _ in 0..3 {
@@ -748,6 +760,11 @@ fn a_revocation_whose_writer_stalled_is_read_once_the_writer_ends(b: Backend) {
             "the stalled writer's revocation was never read"
         );
         assert!(set.is_revoked("late", "y", 1).await.expect("check"));
+        assert_eq!(
+            (reloads("first"), reloads("repair"), reloads("periodic")),
+            (1, 1, 0),
+            "one full read to repair, counted as such"
+        );
     });
     stuck
         .batch_execute("ROLLBACK")

@@ -60,6 +60,20 @@ fn metrics_move_when_requests_happen(b: Backend) {
     assert!(after.contains("coordinator_http_request_duration_seconds_bucket"));
     assert!(after.contains("coordinator_db_pool_connections"));
     assert!(after.contains("coordinator_revoked_tokens"));
+    // Every reason of the revocation set's full reads is there from the first scrape,
+    // and no repair ran: nothing stalled.
+    for reason in ["first", "repair", "outgrown", "periodic", "shrunk"] {
+        let name = format!(r#"coordinator_revocation_reloads_total{{reason="{reason}"}}"#);
+        assert!(after.contains(&name), "{name}: {after}");
+    }
+    let reloads = |reason: &str| {
+        metric(
+            &after,
+            &format!(r#"coordinator_revocation_reloads_total{{reason="{reason}"}}"#),
+        )
+    };
+    assert!(reloads("first") <= 1.0);
+    assert_eq!(reloads("repair"), 0.0);
     // No caller-supplied strings: the raw path with the job id never appears.
     assert!(!after.contains(&id));
 }
