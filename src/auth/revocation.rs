@@ -190,8 +190,9 @@ struct Sync {
     repairs_done: u64,
     /// The latest wall-clock time a poll saw (a clock going back asks for a repair).
     latest_now: i64,
-    /// Full reads of the table so far, by why each ran (`Reload::ALL`'s order).
-    reloads: [u64; 5],
+    /// Full reads of the table so far that succeeded, by why each ran (`Reload::ALL`'s
+    /// order).
+    reloads: [u64; Reload::ALL.len()],
     synced_at: Option<Instant>,
     full_at: Option<Instant>,
     gc_at: Instant,
@@ -230,6 +231,16 @@ impl Reload {
             Reload::Outgrown => "outgrown",
             Reload::Periodic => "periodic",
             Reload::Shrunk => "shrunk",
+        }
+    }
+}
+
+impl Sync {
+    /// One more full read of the table that succeeded, for `why`.
+    fn count(&mut self, why: Reload) {
+        let at = Reload::ALL.iter().position(|r| *r == why);
+        if let Some(n) = at.and_then(|i| self.reloads.get_mut(i)) {
+            *n = n.saturating_add(1);
         }
     }
 }
@@ -538,7 +549,7 @@ impl Revocations {
                 repairs_due: 0,
                 repairs_done: 0,
                 latest_now: 0,
-                reloads: [0; 5],
+                reloads: [0; Reload::ALL.len()],
                 synced_at: None,
                 full_at: None,
                 gc_at: Instant::now(),
@@ -583,9 +594,9 @@ impl Revocations {
     /// Full reads of the table so far, by why each ran (for the
     /// `revocation_reloads_total` counter): an operator sees how often the set read
     /// the whole table, and why.
-    pub fn reloads(&self) -> [(&'static str, u64); 5] {
+    pub fn reloads(&self) -> [(&'static str, u64); Reload::ALL.len()] {
         let counts = self.sync.lock().map(|s| s.reloads).unwrap_or_default();
-        let mut out = [("", 0); 5];
+        let mut out = [("", 0); Reload::ALL.len()];
         for ((slot, why), n) in out.iter_mut().zip(Reload::ALL).zip(counts) {
             *slot = (why.as_str(), n);
         }
@@ -841,21 +852,9 @@ impl Revocations {
                 Some(t) if shrunk && t.elapsed() >= SHRINK_EVERY => Some(Reload::Shrunk),
                 Some(_) => None,
             };
-            if let Some(why) = why {
-                let at = Reload::ALL.iter().position(|r| *r == why);
-                if let Some(n) = at.and_then(|i| s.reloads.get_mut(i)) {
-                    *n = n.saturating_add(1);
-                }
-                if why != Reload::First {
-                    log::info!(
-                        "token revocations: reading the whole table ({})",
-                        why.as_str()
-                    );
-                }
-            }
             (
                 s.full_at.is_none(),
-                why.is_some(),
+                why,
                 s.gc_more || s.gc_at.elapsed() >= GC_EVERY,
                 repair,
             )
@@ -874,11 +873,13 @@ impl Revocations {
                 }
             }
             self.advance(Some(newest), Some(writers), asked, true)?;
+            self.sync.lock().map_err(poisoned)?.count(Reload::First);
         } else {
-            if full {
+            if let Some(why) = full {
                 // Later loads keep the set current meanwhile: incremental polls run
                 // beside a filter's build (`reload`), and the cursor stays theirs.
                 // Paced unless it repairs (`read_into_next`).
+                let started = Instant::now();
                 self.reload(now, limit, true, repair.is_none()).await?;
                 // Done, whatever the incremental read below does (before, review
                 // 2026-12-07: stamped at the poll's end only, so a failed read after it
@@ -888,6 +889,13 @@ impl Revocations {
                 if let Some(due) = repair {
                     s.repairs_done = s.repairs_done.max(due);
                 }
+                // Counted once it succeeded: a failing one is tried again every poll.
+                s.count(why);
+                log::info!(
+                    "token revocations: read the whole table ({}) in {} ms",
+                    why.as_str(),
+                    started.elapsed().as_millis()
+                );
             }
             self.incremental(now, limit).await?;
         }
@@ -916,7 +924,7 @@ impl Revocations {
             }
         }
         let mut s = self.sync.lock().map_err(poisoned)?;
-        if full {
+        if full.is_some() {
             s.full_at = Some(at);
         }
         if gc {
