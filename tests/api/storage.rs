@@ -1401,28 +1401,45 @@ fn cut_trigger(app: &crate::helpers::TestApp, hold: f64) {
     .expect("trigger");
 }
 
-/// Occupy both batching threads with a `hold-the-batcher` report each, then wait
-/// 200 ms, so that the reports sent next queue up and are taken as one batch. The
-/// second hold is sent 50 ms after the first, once a thread sits in the first's
-/// trigger: sent together, both could be taken as one batch by one thread, leaving the
-/// other free to write the next reports one by one (the test then flaked).
+/// Occupy both batching threads with a `hold-the-batcher` report each, so that the
+/// reports sent next queue up and are taken as one batch. The second hold is sent only
+/// once the first sits in its trigger (PostgreSQL shows a session of this database in
+/// `pg_sleep`): sent together, both could be taken as one batch by one thread, leaving
+/// the other free to write the next reports one by one (the test then flaked, about 1
+/// run in 12). Returns once both sleep, plus 50 ms.
 fn hold_both_threads<'s, F>(
     s: &'s std::thread::Scope<'s, '_>,
+    db_url: &str,
     busy: &'s [String; 2],
     report: &'s F,
 ) -> Vec<std::thread::ScopedJoinHandle<'s, Result<Resp, String>>>
 where
     F: Fn(&str, &str) -> Result<Resp, String> + Sync,
 {
-    let holds = busy
-        .iter()
-        .map(|id| {
-            let h = s.spawn(move || report(id, "hold-the-batcher"));
-            std::thread::sleep(Duration::from_millis(50));
-            h
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(150));
+    #[derive(diesel::QueryableByName)]
+    struct Sleeping {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut pg = diesel::PgConnection::establish(db_url).expect("connect");
+    let mut sleeping = || {
+        diesel::sql_query(
+            "SELECT count(*) AS n FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event = 'PgSleep'",
+        )
+        .get_result::<Sleeping>(&mut pg)
+        .expect("pg_stat_activity")
+        .n
+    };
+    let mut holds = Vec::new();
+    for (n, id) in (1..).zip(busy) {
+        holds.push(s.spawn(move || report(id, "hold-the-batcher")));
+        let started = Instant::now();
+        while sleeping() < n && started.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(50));
     holds
 }
 
@@ -1461,7 +1478,7 @@ fn a_progress_batch_cut_mid_way_answers_each_report_as_committed(b: Backend) {
     let (first, later) = std::thread::scope(|s| {
         // Both batching threads busy for a while, so the next two reports queue up and
         // are taken as one batch.
-        let holds = hold_both_threads(s, &busy, &report);
+        let holds = hold_both_threads(s, &app.db.url, &busy, &report);
         let first = s.spawn(|| report(&job, "first"));
         std::thread::sleep(Duration::from_millis(50));
         let later = s.spawn(|| report(&job, "cut-here"));
@@ -1524,7 +1541,7 @@ fn a_progress_batch_of_several_jobs_cut_mid_way_answers_each_report_as_committed
     // One batch of `sent` (in this order) behind two reports holding both threads.
     let batch = |sent: &[(&str, &str)]| -> Vec<Result<Resp, String>> {
         std::thread::scope(|s| {
-            let holds = hold_both_threads(s, &busy, &report);
+            let holds = hold_both_threads(s, &app.db.url, &busy, &report);
             let mut answers = Vec::new();
             for (id, message) in sent {
                 answers.push(s.spawn(|| report(id, message)));
